@@ -1,0 +1,564 @@
+//! `weirctl`: run queries against Weir and look at its sources from a shell.
+
+use std::error::Error;
+use std::fmt;
+use std::io::{self, BufWriter, Write};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tonic::Status;
+use weir_client::output::{Format, RowWriter};
+use weir_client::weir_proto::v1::{
+    Capabilities, Column, ColumnInfo, ColumnType, DescribeTableResponse, Row, TableInfo, TableKind,
+    Value,
+};
+use weir_client::{describe_status, parse_param, ClientError, WeirClient};
+
+#[derive(Parser)]
+#[command(version, about = "Command line client for Weir")]
+struct Cli {
+    /// Server address, "http://host:port" or "host:port".
+    #[arg(
+        long,
+        env = "WEIR_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    addr: String,
+    /// API key, sent as a bearer token.
+    #[arg(
+        long,
+        env = "WEIR_API_KEY",
+        default_value = "demo",
+        hide_env_values = true,
+        global = true
+    )]
+    key: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
+    format: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one SQL statement and print its result as it streams in.
+    Query {
+        /// Name of the source.
+        source: String,
+        /// The statement, with the engine's placeholders ($1, ? or @P1).
+        sql: String,
+        /// A positional parameter (repeat for each placeholder): 42, 1.5, true,
+        /// null, text, or typed as int:, uint:, float:, bool:, str:, decimal:,
+        /// bytes:HEX, date:YYYY-MM-DD, ts:RFC3339, uuid:, json:.
+        #[arg(long = "param", short = 'p', value_name = "P", value_parser = parse_param)]
+        params: Vec<Value>,
+    },
+    /// List the sources the API key can use.
+    Sources,
+    /// List the tables of a source.
+    Tables {
+        /// Name of the source.
+        source: String,
+        /// Only this schema (default: every non-system schema).
+        #[arg(long)]
+        schema: Option<String>,
+    },
+    /// Show a table's columns, keys and indexes.
+    Describe {
+        /// Name of the source.
+        source: String,
+        table: String,
+        /// Schema of the table (default: the source's default schema).
+        #[arg(long)]
+        schema: Option<String>,
+    },
+    /// Test the connection to a source and measure a round trip.
+    Ping {
+        /// Name of the source.
+        source: String,
+    },
+}
+
+/// Why a command failed; printed as one `error:` line.
+enum Failure {
+    Connect(ClientError),
+    Rpc(Status),
+    Output(io::Error),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::Connect(e)
+    }
+}
+
+impl From<Status> for Failure {
+    fn from(s: Status) -> Self {
+        Failure::Rpc(s)
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Self {
+        Failure::Output(e)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Transport errors say little at the top ("transport error"); the
+            // cause, such as "Connection refused", is further down the chain.
+            Failure::Connect(e) => {
+                write!(f, "{e}")?;
+                let mut last = String::new();
+                let mut source = e.source();
+                while let Some(cause) = source {
+                    // Some layers repeat their cause's message.
+                    let text = cause.to_string();
+                    if text != last {
+                        write!(f, ": {text}")?;
+                    }
+                    last = text;
+                    source = cause.source();
+                }
+                Ok(())
+            }
+            Failure::Rpc(status) => f.write_str(&describe_status(status)),
+            Failure::Output(e) => write!(f, "cannot write output: {e}"),
+        }
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`weirctl query ... | head`): not an error.
+        Err(Failure::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {failure}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let client = WeirClient::connect(&cli.addr, &cli.key).await?;
+    let mut out = BufWriter::new(io::stdout().lock());
+    match cli.command {
+        Command::Query {
+            source,
+            sql,
+            params,
+        } => query(&client, cli.format, &source, &sql, params, &mut out).await,
+        Command::Sources => sources(&client, cli.format, &mut out).await,
+        Command::Tables { source, schema } => {
+            let tables = client
+                .list_tables(&source, schema.as_deref().unwrap_or_default())
+                .await?;
+            print_tables(cli.format, &tables, &mut out)
+        }
+        Command::Describe {
+            source,
+            table,
+            schema,
+        } => {
+            let schema = schema.unwrap_or_default();
+            let description = client.describe_table(&source, &schema, &table).await?;
+            let info = description.table.clone().unwrap_or(TableInfo {
+                schema,
+                name: table,
+                ..Default::default()
+            });
+            print_description(cli.format, &info, &description, &mut out)
+        }
+        Command::Ping { source } => ping(&client, cli.format, &source, &mut out).await,
+    }
+}
+
+async fn query(
+    client: &WeirClient,
+    format: Format,
+    source: &str,
+    sql: &str,
+    params: Vec<Value>,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    let mut stream = client.execute_stream(source, sql, params).await?;
+    let mut writer = RowWriter::new(format, stream.columns(), out);
+    let mut rows = 0;
+    while let Some(batch) = stream.next_batch().await? {
+        rows += batch.len();
+        writer.write_rows(&batch)?;
+    }
+    writer.finish()?;
+    if format == Format::Table {
+        let affected = stream.stats().and_then(|s| s.rows_affected);
+        let summary = match (stream.columns().is_empty(), affected) {
+            (false, _) => format!("({rows} {})", plural(rows as u64, "row")),
+            (true, Some(n)) => format!("{n} {} affected", plural(n, "row")),
+            (true, None) => "OK".to_owned(),
+        };
+        eprintln!("{summary}");
+    }
+    Ok(())
+}
+
+async fn sources(client: &WeirClient, format: Format, out: &mut impl Write) -> Result<(), Failure> {
+    let sources = client.list_sources().await?;
+    let columns = [
+        column("name", ColumnType::String),
+        column("engine", ColumnType::String),
+        column("version", ColumnType::String),
+        column("healthy", ColumnType::Bool),
+        column("read_only", ColumnType::Bool),
+        column("capabilities", ColumnType::String),
+    ];
+    let rows: Vec<Row> = sources
+        .iter()
+        .map(|s| {
+            row([
+                s.name.as_str().into(),
+                label(s.engine().as_str_name(), "ENGINE_").into(),
+                s.server_version.as_str().into(),
+                s.healthy.into(),
+                s.read_only.into(),
+                s.capabilities
+                    .as_ref()
+                    .map(capability_summary)
+                    .unwrap_or_default()
+                    .into(),
+            ])
+        })
+        .collect();
+    print_rows(format, &columns, &rows, out)
+}
+
+fn print_tables(format: Format, tables: &[TableInfo], out: &mut impl Write) -> Result<(), Failure> {
+    let columns = [
+        column("schema", ColumnType::String),
+        column("name", ColumnType::String),
+        column("kind", ColumnType::String),
+        column("rows", ColumnType::Int),
+        column("comment", ColumnType::String),
+    ];
+    let rows: Vec<Row> = tables
+        .iter()
+        .map(|t| {
+            row([
+                t.schema.as_str().into(),
+                t.name.as_str().into(),
+                label(t.kind().as_str_name(), "TABLE_KIND_").into(),
+                t.row_estimate.map_or_else(Value::null, Value::from),
+                t.comment.as_str().into(),
+            ])
+        })
+        .collect();
+    print_rows(format, &columns, &rows, out)
+}
+
+fn print_description(
+    format: Format,
+    table: &TableInfo,
+    description: &DescribeTableResponse,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    if format == Format::Json {
+        writeln!(out, "{}", description_json(table, description))?;
+        return Ok(out.flush()?);
+    }
+    if format == Format::Table {
+        let kind = match table.kind() {
+            TableKind::Unspecified => "table".to_owned(),
+            kind => label(kind.as_str_name(), "TABLE_KIND_"),
+        };
+        let name = qualified(&table.schema, &table.name);
+        writeln!(out, "{} {name}", capitalize(&kind))?;
+    }
+    let columns = [
+        column("column", ColumnType::String),
+        column("native_type", ColumnType::String),
+        column("type", ColumnType::String),
+        column("nullable", ColumnType::Bool),
+        column("default", ColumnType::String),
+    ];
+    let rows: Vec<Row> = description
+        .columns
+        .iter()
+        .map(|c| {
+            let meta = c.column.clone().unwrap_or_default();
+            row([
+                meta.name.as_str().into(),
+                meta.native_type.as_str().into(),
+                type_name(&meta).into(),
+                meta.nullable.into(),
+                default_value(c),
+            ])
+        })
+        .collect();
+    print_rows(format, &columns, &rows, out)?;
+    // CSV holds one table only: the column list.
+    if format == Format::Table {
+        write_constraints(description, out)?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+fn write_constraints(description: &DescribeTableResponse, out: &mut impl Write) -> io::Result<()> {
+    if let Some(pk) = &description.primary_key {
+        writeln!(
+            out,
+            "\nPrimary key: {} ({})",
+            pk.name,
+            pk.columns.join(", ")
+        )?;
+    }
+    if !description.foreign_keys.is_empty() {
+        writeln!(out, "\nForeign keys:")?;
+        for fk in &description.foreign_keys {
+            write!(
+                out,
+                "  {} ({}) REFERENCES {} ({})",
+                fk.name,
+                fk.columns.join(", "),
+                qualified(&fk.referenced_schema, &fk.referenced_table),
+                fk.referenced_columns.join(", ")
+            )?;
+            if !fk.on_update.is_empty() {
+                write!(out, " ON UPDATE {}", fk.on_update)?;
+            }
+            if !fk.on_delete.is_empty() {
+                write!(out, " ON DELETE {}", fk.on_delete)?;
+            }
+            writeln!(out)?;
+        }
+    }
+    if !description.indexes.is_empty() {
+        writeln!(out, "\nIndexes:")?;
+        for index in &description.indexes {
+            let kind = if index.primary {
+                " PRIMARY KEY"
+            } else if index.unique {
+                " UNIQUE"
+            } else {
+                ""
+            };
+            let method = if index.method.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", index.method)
+            };
+            writeln!(
+                out,
+                "  {}{kind}{method} ({})",
+                index.name,
+                index.columns.join(", ")
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn description_json(table: &TableInfo, description: &DescribeTableResponse) -> serde_json::Value {
+    let columns: Vec<_> = description
+        .columns
+        .iter()
+        .map(|c| {
+            let meta = c.column.clone().unwrap_or_default();
+            json!({
+                "name": meta.name,
+                "native_type": meta.native_type,
+                "type": type_name(&meta),
+                "nullable": meta.nullable,
+                "default": (!c.default_expression.is_empty()).then_some(&c.default_expression),
+            })
+        })
+        .collect();
+    let foreign_keys: Vec<_> = description
+        .foreign_keys
+        .iter()
+        .map(|fk| {
+            json!({
+                "name": fk.name,
+                "columns": fk.columns,
+                "referenced_schema": fk.referenced_schema,
+                "referenced_table": fk.referenced_table,
+                "referenced_columns": fk.referenced_columns,
+                "on_update": fk.on_update,
+                "on_delete": fk.on_delete,
+            })
+        })
+        .collect();
+    let indexes: Vec<_> = description
+        .indexes
+        .iter()
+        .map(|i| {
+            json!({
+                "name": i.name,
+                "columns": i.columns,
+                "unique": i.unique,
+                "primary": i.primary,
+                "method": i.method,
+            })
+        })
+        .collect();
+    json!({
+        "schema": table.schema,
+        "table": table.name,
+        "kind": label(table.kind().as_str_name(), "TABLE_KIND_"),
+        "columns": columns,
+        "primary_key": description.primary_key.as_ref().map(|pk| json!({
+            "name": pk.name,
+            "columns": pk.columns,
+        })),
+        "foreign_keys": foreign_keys,
+        "indexes": indexes,
+    })
+}
+
+async fn ping(
+    client: &WeirClient,
+    format: Format,
+    source: &str,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    let response = client.test_connection(source).await?;
+    let round_trip_ms = response.round_trip.map_or_else(Value::null, |d| {
+        let ms = d.seconds as f64 * 1e3 + f64::from(d.nanos) / 1e6;
+        // Microsecond precision is plenty for a network round trip.
+        Value::from((ms * 1e3).round() / 1e3)
+    });
+    let columns = [
+        column("engine", ColumnType::String),
+        column("version", ColumnType::String),
+        column("database", ColumnType::String),
+        column("user", ColumnType::String),
+        column("round_trip_ms", ColumnType::Float),
+    ];
+    let rows = [row([
+        label(response.engine().as_str_name(), "ENGINE_").into(),
+        response.server_version.as_str().into(),
+        response.database.as_str().into(),
+        response.user.as_str().into(),
+        round_trip_ms,
+    ])];
+    print_rows(format, &columns, &rows, out)
+}
+
+fn print_rows(
+    format: Format,
+    columns: &[Column],
+    rows: &[Row],
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    let mut writer = RowWriter::new(format, columns, out);
+    writer.write_rows(rows)?;
+    writer.finish()?;
+    Ok(())
+}
+
+fn column(name: &str, r#type: ColumnType) -> Column {
+    Column {
+        name: name.to_owned(),
+        r#type: r#type.into(),
+        nullable: true,
+        ..Default::default()
+    }
+}
+
+fn row<const N: usize>(values: [Value; N]) -> Row {
+    Row {
+        values: values.into(),
+    }
+}
+
+/// "ENGINE_POSTGRES" -> "postgres", "TABLE_KIND_MATERIALIZED_VIEW" ->
+/// "materialized view".
+fn label(proto_name: &str, prefix: &str) -> String {
+    proto_name
+        .strip_prefix(prefix)
+        .unwrap_or(proto_name)
+        .to_ascii_lowercase()
+        .replace('_', " ")
+}
+
+fn capitalize(s: &str) -> String {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .map(|first| first.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
+/// The normalized type, with the element type for lists: "INT",
+/// "TIMESTAMP_TZ", "LIST<TEXT>".
+fn type_name(column: &Column) -> String {
+    let name = |t: ColumnType| {
+        let n = t.as_str_name();
+        n.strip_prefix("COLUMN_TYPE_").unwrap_or(n).to_owned()
+    };
+    match column.r#type() {
+        ColumnType::List => format!("LIST<{}>", name(column.element_type())),
+        t => name(t),
+    }
+}
+
+fn default_value(column: &ColumnInfo) -> Value {
+    if column.default_expression.is_empty() {
+        Value::null()
+    } else {
+        column.default_expression.as_str().into()
+    }
+}
+
+fn qualified(schema: &str, table: &str) -> String {
+    if schema.is_empty() {
+        table.to_owned()
+    } else {
+        format!("{schema}.{table}")
+    }
+}
+
+/// For example "query, transactions, bulk (append/upsert), change streams,
+/// params $1".
+fn capability_summary(c: &Capabilities) -> String {
+    let mut parts = Vec::new();
+    if c.query {
+        parts.push("query".to_owned());
+    }
+    if c.transactions {
+        parts.push("transactions".to_owned());
+    }
+    let modes: Vec<String> = c
+        .bulk_load_modes()
+        .map(|m| label(m.as_str_name(), "BULK_LOAD_MODE_"))
+        .filter(|m| m != "unspecified")
+        .collect();
+    if !modes.is_empty() {
+        parts.push(format!("bulk ({})", modes.join("/")));
+    }
+    if c.change_streams {
+        parts.push("change streams".to_owned());
+    }
+    if c.kafka {
+        parts.push("kafka".to_owned());
+    }
+    if !c.parameter_style.is_empty() {
+        parts.push(format!("params {}", c.parameter_style));
+    }
+    parts.join(", ")
+}
+
+fn plural(n: u64, word: &str) -> String {
+    if n == 1 {
+        word.to_owned()
+    } else {
+        format!("{word}s")
+    }
+}

@@ -1,0 +1,571 @@
+//! The connection to a Weir server and typed wrappers around its RPCs.
+
+use std::time::Duration;
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status, Streaming};
+use weir_proto::v1::execute_stream_response::Payload;
+use weir_proto::v1::query_service_client::QueryServiceClient;
+use weir_proto::v1::schema_service_client::SchemaServiceClient;
+use weir_proto::v1::{
+    BeginTransactionRequest, Column, CommitRequest, DescribeTableRequest, DescribeTableResponse,
+    ExecuteRequest, ExecuteResponse, ExecuteStreamRequest, ExecuteStreamResponse, IsolationLevel,
+    ListSchemasRequest, ListSourcesRequest, ListTablesRequest, QueryStats, RollbackRequest, Row,
+    SchemaInfo, SourceInfo, TableInfo, TestConnectionRequest, TestConnectionResponse, Value,
+};
+
+/// A channel that authenticates every call with the API key.
+pub type AuthChannel = InterceptedService<Channel, ApiKeyInterceptor>;
+
+/// Unary results may be larger than tonic's 4 MiB default; the server enforces
+/// its own per-tenant cap and reports RESOURCE_EXHAUSTED beyond it.
+const MAX_DECODING_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+
+/// Without a timeout, connecting to an address that drops packets hangs for
+/// the OS's TCP timeout, which is minutes.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors from [`WeirClient::connect`]; call errors are [`tonic::Status`].
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The address is not a valid URI.
+    #[error("invalid server address {addr:?}")]
+    InvalidAddress {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The key holds characters that a header cannot carry.
+    #[error("the API key is not a valid header value (it must be visible ASCII)")]
+    InvalidApiKey,
+    /// The server could not be reached.
+    #[error("cannot connect to {addr}")]
+    Transport {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// Adds `authorization: Bearer <key>` to every request.
+#[derive(Clone, Debug)]
+pub struct ApiKeyInterceptor {
+    header: MetadataValue<Ascii>,
+}
+
+impl ApiKeyInterceptor {
+    /// Fails when the key cannot be sent as a header value.
+    pub fn new(api_key: &str) -> Result<Self, ClientError> {
+        let mut header: MetadataValue<Ascii> = format!("Bearer {api_key}")
+            .parse()
+            .map_err(|_| ClientError::InvalidApiKey)?;
+        // Keeps the key out of Debug output and out of HPACK's index.
+        header.set_sensitive(true);
+        Ok(Self { header })
+    }
+}
+
+impl Interceptor for ApiKeyInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.header.clone());
+        Ok(request)
+    }
+}
+
+/// A connected, authenticated client. Cloning is cheap and clones share the
+/// underlying HTTP/2 connection.
+#[derive(Clone, Debug)]
+pub struct WeirClient {
+    query: QueryServiceClient<AuthChannel>,
+    schema: SchemaServiceClient<AuthChannel>,
+}
+
+impl WeirClient {
+    /// Connects to `addr` ("http://host:port", or "host:port" for plain
+    /// HTTP/2) and authenticates every call with `api_key`.
+    pub async fn connect(addr: &str, api_key: &str) -> Result<WeirClient, ClientError> {
+        let interceptor = ApiKeyInterceptor::new(api_key)?;
+        let addr = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint =
+            Endpoint::from_shared(addr.clone()).map_err(|source| ClientError::InvalidAddress {
+                addr: addr.clone(),
+                source,
+            })?;
+        let channel = endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|source| ClientError::Transport { addr, source })?;
+        let query = QueryServiceClient::with_interceptor(channel.clone(), interceptor.clone())
+            .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
+        let schema = SchemaServiceClient::with_interceptor(channel, interceptor)
+            .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
+        Ok(WeirClient { query, schema })
+    }
+
+    /// The generated QueryService client, for calls the helpers do not cover.
+    pub fn query(&self) -> QueryServiceClient<AuthChannel> {
+        self.query.clone()
+    }
+
+    /// The generated SchemaService client, for calls the helpers do not cover.
+    pub fn schema(&self) -> SchemaServiceClient<AuthChannel> {
+        self.schema.clone()
+    }
+
+    /// Runs one statement in autocommit mode and returns its whole result.
+    pub async fn execute(
+        &self,
+        source: &str,
+        sql: &str,
+        params: Vec<Value>,
+    ) -> Result<ExecuteResponse, Status> {
+        self.execute_in(&[], source, sql, params).await
+    }
+
+    /// Runs one statement in the transaction `tx_id` (from [`Self::begin`]);
+    /// an empty `tx_id` means autocommit.
+    pub async fn execute_in(
+        &self,
+        tx_id: &[u8],
+        source: &str,
+        sql: &str,
+        params: Vec<Value>,
+    ) -> Result<ExecuteResponse, Status> {
+        let request = ExecuteRequest {
+            source: source.to_owned(),
+            sql: sql.to_owned(),
+            params,
+            transaction_id: tx_id.to_vec(),
+            options: None,
+        };
+        Ok(self.query().execute(request).await?.into_inner())
+    }
+
+    /// Runs one statement and streams its result in batches.
+    pub async fn execute_stream(
+        &self,
+        source: &str,
+        sql: &str,
+        params: Vec<Value>,
+    ) -> Result<ResultStream, Status> {
+        let request = ExecuteStreamRequest {
+            source: source.to_owned(),
+            sql: sql.to_owned(),
+            params,
+            ..Default::default()
+        };
+        let stream = self.query().execute_stream(request).await?.into_inner();
+        ResultStream::new(stream).await
+    }
+
+    /// Opens a transaction and returns its handle.
+    pub async fn begin(
+        &self,
+        source: &str,
+        isolation: IsolationLevel,
+        read_only: bool,
+    ) -> Result<Vec<u8>, Status> {
+        let request = BeginTransactionRequest {
+            source: source.to_owned(),
+            isolation: isolation.into(),
+            read_only,
+            options: None,
+        };
+        let response = self.query().begin_transaction(request).await?;
+        Ok(response.into_inner().transaction_id)
+    }
+
+    /// Commits the transaction `tx_id`.
+    pub async fn commit(&self, tx_id: &[u8]) -> Result<(), Status> {
+        let request = CommitRequest {
+            transaction_id: tx_id.to_vec(),
+        };
+        self.query().commit(request).await?;
+        Ok(())
+    }
+
+    /// Rolls the transaction `tx_id` back.
+    pub async fn rollback(&self, tx_id: &[u8]) -> Result<(), Status> {
+        let request = RollbackRequest {
+            transaction_id: tx_id.to_vec(),
+        };
+        self.query().rollback(request).await?;
+        Ok(())
+    }
+
+    /// The tenant's sources.
+    pub async fn list_sources(&self) -> Result<Vec<SourceInfo>, Status> {
+        let response = self.schema().list_sources(ListSourcesRequest {}).await?;
+        Ok(response.into_inner().sources)
+    }
+
+    /// Reaches the source and measures a round trip.
+    pub async fn test_connection(&self, source: &str) -> Result<TestConnectionResponse, Status> {
+        let request = TestConnectionRequest {
+            source: source.to_owned(),
+        };
+        Ok(self.schema().test_connection(request).await?.into_inner())
+    }
+
+    /// The source's schemas, without the engine's system schemas.
+    pub async fn list_schemas(&self, source: &str) -> Result<Vec<SchemaInfo>, Status> {
+        let request = ListSchemasRequest {
+            source: source.to_owned(),
+            include_system: false,
+        };
+        Ok(self
+            .schema()
+            .list_schemas(request)
+            .await?
+            .into_inner()
+            .schemas)
+    }
+
+    /// Tables of `schema`, or of every non-system schema when it is empty.
+    pub async fn list_tables(&self, source: &str, schema: &str) -> Result<Vec<TableInfo>, Status> {
+        let request = ListTablesRequest {
+            source: source.to_owned(),
+            schema: schema.to_owned(),
+        };
+        Ok(self
+            .schema()
+            .list_tables(request)
+            .await?
+            .into_inner()
+            .tables)
+    }
+
+    /// Describes `table`; an empty `schema` means the source's default one.
+    pub async fn describe_table(
+        &self,
+        source: &str,
+        schema: &str,
+        table: &str,
+    ) -> Result<DescribeTableResponse, Status> {
+        let request = DescribeTableRequest {
+            source: source.to_owned(),
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+        };
+        Ok(self.schema().describe_table(request).await?.into_inner())
+    }
+}
+
+/// The result of `ExecuteStream`: columns up front, then row batches, then
+/// statistics.
+#[derive(Debug)]
+pub struct ResultStream {
+    stream: Streaming<ExecuteStreamResponse>,
+    columns: Vec<Column>,
+    stats: Option<QueryStats>,
+    done: bool,
+}
+
+impl ResultStream {
+    /// Reads the leading `ResultMetadata` message of an `ExecuteStream` call,
+    /// for callers that issue the call themselves through [`WeirClient::query`].
+    pub async fn new(mut stream: Streaming<ExecuteStreamResponse>) -> Result<Self, Status> {
+        let Some(first) = stream.message().await? else {
+            return Err(protocol_violation(
+                "the stream ended before result metadata",
+            ));
+        };
+        let columns = match first.payload {
+            Some(Payload::Metadata(metadata)) => metadata.columns,
+            Some(Payload::Batch(_)) => {
+                return Err(protocol_violation(
+                    "a row batch came before the result metadata",
+                ))
+            }
+            Some(Payload::Stats(_)) => {
+                return Err(protocol_violation(
+                    "statistics came before the result metadata",
+                ))
+            }
+            None => return Err(protocol_violation("a message had no payload")),
+        };
+        Ok(ResultStream {
+            stream,
+            columns,
+            stats: None,
+            done: false,
+        })
+    }
+
+    /// The result's columns, known before any row arrives.
+    pub fn columns(&self) -> &[Column] {
+        &self.columns
+    }
+
+    /// The next batch of rows, or `None` once the stream ended with its
+    /// statistics.
+    pub async fn next_batch(&mut self) -> Result<Option<Vec<Row>>, Status> {
+        while !self.done {
+            let Some(message) = self.stream.message().await? else {
+                self.done = true;
+                if self.stats.is_none() {
+                    // Catches a stream cut short without a gRPC error.
+                    return Err(protocol_violation("the stream ended without statistics"));
+                }
+                break;
+            };
+            match (message.payload, &self.stats) {
+                (Some(Payload::Batch(batch)), None) => return Ok(Some(batch.rows)),
+                (Some(Payload::Stats(stats)), None) => self.stats = Some(stats),
+                (Some(Payload::Metadata(_)), _) => {
+                    return Err(protocol_violation("result metadata came twice"))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(protocol_violation("a message came after the statistics"))
+                }
+                (None, _) => return Err(protocol_violation("a message had no payload")),
+            }
+        }
+        Ok(None)
+    }
+
+    /// The statistics, once [`Self::next_batch`] has returned `None`.
+    pub fn stats(&self) -> Option<&QueryStats> {
+        self.stats.as_ref()
+    }
+}
+
+fn protocol_violation(what: &str) -> Status {
+    Status::internal(format!(
+        "protocol violation in ExecuteStream response: {what}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::transport::Server;
+    use tonic::{Code, Response};
+    use weir_proto::v1::query_service_server::{QueryService, QueryServiceServer};
+    use weir_proto::v1::{
+        BeginTransactionResponse, CommitResponse, ResultMetadata, RollbackResponse, RowBatch,
+    };
+
+    use super::*;
+
+    /// A QueryService that plays the ExecuteStream script named by the SQL
+    /// text and answers Execute with the authorization header it received.
+    struct Fake;
+
+    fn message(payload: Payload) -> Result<ExecuteStreamResponse, Status> {
+        Ok(ExecuteStreamResponse {
+            payload: Some(payload),
+        })
+    }
+
+    fn metadata() -> Result<ExecuteStreamResponse, Status> {
+        message(Payload::Metadata(ResultMetadata {
+            columns: vec![Column {
+                name: "n".into(),
+                ..Default::default()
+            }],
+        }))
+    }
+
+    fn batch(n: i64) -> Result<ExecuteStreamResponse, Status> {
+        message(Payload::Batch(RowBatch {
+            rows: vec![Row {
+                values: vec![n.into()],
+            }],
+        }))
+    }
+
+    fn stats() -> Result<ExecuteStreamResponse, Status> {
+        message(Payload::Stats(QueryStats {
+            rows_returned: 2,
+            ..Default::default()
+        }))
+    }
+
+    fn script(name: &str) -> Vec<Result<ExecuteStreamResponse, Status>> {
+        match name {
+            "ok" => vec![metadata(), batch(1), batch(2), stats()],
+            "batch first" => vec![batch(1)],
+            "empty" => vec![],
+            "no stats" => vec![metadata(), batch(1)],
+            "metadata twice" => vec![metadata(), metadata()],
+            "batch after stats" => vec![metadata(), stats(), batch(1)],
+            "fails midway" => vec![metadata(), batch(1), Err(Status::aborted("deadlock"))],
+            _ => vec![Err(Status::invalid_argument("unknown script"))],
+        }
+    }
+
+    #[tonic::async_trait]
+    impl QueryService for Fake {
+        async fn execute(
+            &self,
+            request: Request<ExecuteRequest>,
+        ) -> Result<Response<ExecuteResponse>, Status> {
+            let auth = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            Ok(Response::new(ExecuteResponse {
+                rows: vec![Row {
+                    values: vec![auth.into()],
+                }],
+                ..Default::default()
+            }))
+        }
+
+        type ExecuteStreamStream =
+            tokio_stream::Iter<std::vec::IntoIter<Result<ExecuteStreamResponse, Status>>>;
+
+        async fn execute_stream(
+            &self,
+            request: Request<ExecuteStreamRequest>,
+        ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
+            let sql = request.into_inner().sql;
+            Ok(Response::new(tokio_stream::iter(script(&sql))))
+        }
+
+        async fn begin_transaction(
+            &self,
+            _: Request<BeginTransactionRequest>,
+        ) -> Result<Response<BeginTransactionResponse>, Status> {
+            Err(Status::unimplemented("not faked"))
+        }
+
+        async fn commit(
+            &self,
+            _: Request<CommitRequest>,
+        ) -> Result<Response<CommitResponse>, Status> {
+            Err(Status::unimplemented("not faked"))
+        }
+
+        async fn rollback(
+            &self,
+            _: Request<RollbackRequest>,
+        ) -> Result<Response<RollbackResponse>, Status> {
+            Err(Status::unimplemented("not faked"))
+        }
+    }
+
+    async fn fake_client() -> WeirClient {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a local port");
+        let addr = listener.local_addr().expect("local address");
+        tokio::spawn(
+            Server::builder()
+                .add_service(QueryServiceServer::new(Fake))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        // Without a scheme, as users may type it.
+        WeirClient::connect(&addr.to_string(), "secret")
+            .await
+            .expect("connect to the fake")
+    }
+
+    async fn stream_error(client: &WeirClient, script: &str) -> Status {
+        match client.execute_stream("src", script, vec![]).await {
+            Ok(_) => panic!("{script}: the stream was accepted"),
+            Err(status) => status,
+        }
+    }
+
+    async fn batch_error(client: &WeirClient, script: &str) -> Status {
+        let mut stream = client
+            .execute_stream("src", script, vec![])
+            .await
+            .expect("the stream starts");
+        loop {
+            match stream.next_batch().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("{script}: the stream ended without error"),
+                Err(status) => return status,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_call_carries_the_api_key() {
+        let client = fake_client().await;
+        let response = client.execute("src", "", vec![]).await.expect("execute");
+        assert_eq!(response.rows[0].values[0], Value::from("Bearer secret"));
+    }
+
+    #[tokio::test]
+    async fn result_stream_yields_columns_batches_then_stats() {
+        let client = fake_client().await;
+        let mut stream = client
+            .execute_stream("src", "ok", vec![])
+            .await
+            .expect("execute_stream");
+        assert_eq!(stream.columns()[0].name, "n");
+        assert!(stream.stats().is_none());
+        let mut values = Vec::new();
+        while let Some(rows) = stream.next_batch().await.expect("next_batch") {
+            values.extend(rows.into_iter().flat_map(|r| r.values));
+        }
+        assert_eq!(values, [Value::from(1i64), Value::from(2i64)]);
+        assert_eq!(stream.stats().map(|s| s.rows_returned), Some(2));
+        assert_eq!(stream.next_batch().await.expect("after the end"), None);
+    }
+
+    #[tokio::test]
+    async fn result_stream_requires_metadata_first() {
+        let client = fake_client().await;
+        for script in ["batch first", "empty"] {
+            let status = stream_error(&client, script).await;
+            assert_eq!(status.code(), Code::Internal, "{script}");
+            assert!(status.message().contains("protocol violation"), "{script}");
+        }
+    }
+
+    #[tokio::test]
+    async fn result_stream_rejects_out_of_order_messages() {
+        let client = fake_client().await;
+        for script in ["no stats", "metadata twice", "batch after stats"] {
+            let status = batch_error(&client, script).await;
+            assert_eq!(status.code(), Code::Internal, "{script}");
+            assert!(status.message().contains("protocol violation"), "{script}");
+        }
+    }
+
+    #[tokio::test]
+    async fn result_stream_passes_server_errors_through() {
+        let client = fake_client().await;
+        let status = batch_error(&client, "fails midway").await;
+        assert_eq!(status.code(), Code::Aborted);
+        assert_eq!(status.message(), "deadlock");
+    }
+
+    #[tokio::test]
+    async fn connect_reports_bad_input_and_unreachable_servers() {
+        assert!(matches!(
+            WeirClient::connect("127.0.0.1:1", "bad\nkey").await,
+            Err(ClientError::InvalidApiKey)
+        ));
+        assert!(matches!(
+            WeirClient::connect("http://[::1", "key").await,
+            Err(ClientError::InvalidAddress { .. })
+        ));
+        // A port that was just free has nothing listening.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a local port");
+        let addr = listener.local_addr().expect("local address");
+        drop(listener);
+        assert!(matches!(
+            WeirClient::connect(&format!("http://{addr}"), "key").await,
+            Err(ClientError::Transport { .. })
+        ));
+    }
+}

@@ -1,0 +1,136 @@
+//! One-line descriptions of gRPC errors for people.
+
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+/// Describes `status` on one line, for example
+/// `NOT_FOUND: source "x" not found (reason SOURCE_NOT_FOUND)`, appending the
+/// `google.rpc.ErrorInfo` reason and metadata (such as `sqlstate`) when the
+/// status carries them.
+pub fn describe_status(status: &Status) -> String {
+    let mut line = code_name(status.code()).to_owned();
+    // Engine messages may span lines (PostgreSQL's DETAIL and HINT).
+    let message = status
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if !message.is_empty() {
+        line.push_str(": ");
+        line.push_str(&message);
+    }
+    if let Some(info) = status.get_error_details().error_info() {
+        let mut details = Vec::new();
+        if !info.reason.is_empty() {
+            details.push(format!("reason {}", info.reason));
+        }
+        // Sorted so that the line is the same on every run.
+        let mut metadata: Vec<_> = info.metadata.iter().collect();
+        metadata.sort();
+        details.extend(metadata.into_iter().map(|(k, v)| format!("{k} {v}")));
+        if !details.is_empty() {
+            line.push_str(&format!(" ({})", details.join(", ")));
+        }
+    }
+    line
+}
+
+/// The canonical upper-case name, as in the gRPC specification.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tonic_types::ErrorDetails;
+
+    use super::*;
+
+    fn with_info(code: Code, message: &str, reason: &str, metadata: &[(&str, &str)]) -> Status {
+        let metadata: HashMap<String, String> = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Status::with_error_details(
+            code,
+            message,
+            ErrorDetails::with_error_info(reason, "weir", metadata),
+        )
+    }
+
+    #[test]
+    fn appends_the_error_info_reason() {
+        let status = with_info(
+            Code::NotFound,
+            r#"source "x" not found"#,
+            "SOURCE_NOT_FOUND",
+            &[],
+        );
+        assert_eq!(
+            describe_status(&status),
+            r#"NOT_FOUND: source "x" not found (reason SOURCE_NOT_FOUND)"#
+        );
+    }
+
+    #[test]
+    fn appends_metadata_sorted_by_key() {
+        let status = with_info(
+            Code::InvalidArgument,
+            r#"relation "t" does not exist"#,
+            "SQL_ERROR",
+            &[("sqlstate", "42P01"), ("position", "15")],
+        );
+        assert_eq!(
+            describe_status(&status),
+            r#"INVALID_ARGUMENT: relation "t" does not exist (reason SQL_ERROR, position 15, sqlstate 42P01)"#
+        );
+    }
+
+    #[test]
+    fn plain_status_has_no_details() {
+        let status = Status::unauthenticated("invalid API key");
+        assert_eq!(describe_status(&status), "UNAUTHENTICATED: invalid API key");
+        assert_eq!(
+            describe_status(&Status::deadline_exceeded("")),
+            "DEADLINE_EXCEEDED"
+        );
+    }
+
+    #[test]
+    fn multi_line_messages_become_one_line() {
+        let status = Status::failed_precondition("duplicate key\nDETAIL:  Key (id)=(1) exists.\n");
+        assert_eq!(
+            describe_status(&status),
+            "FAILED_PRECONDITION: duplicate key DETAIL:  Key (id)=(1) exists."
+        );
+    }
+
+    #[test]
+    fn code_names_are_upper_snake_case() {
+        assert_eq!(code_name(Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
+        assert_eq!(code_name(Code::Ok), "OK");
+        assert_eq!(code_name(Code::Unavailable), "UNAVAILABLE");
+    }
+}

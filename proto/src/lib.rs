@@ -1,0 +1,13 @@
+//! Generated code for the `weir.v1` API, shared by the server and every Rust
+//! client.
+
+/// The `weir.v1` package: messages, `*_client` and `*_server` modules.
+pub mod v1 {
+    tonic::include_proto!("weir.v1");
+}
+
+pub mod value;
+
+/// Encoded `FileDescriptorSet` of the API, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/weir_descriptor.bin"));

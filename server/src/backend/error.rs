@@ -1,0 +1,68 @@
+//! Errors raised by backends, classified so that every engine maps to the
+//! same gRPC codes.
+
+use std::time::Duration;
+
+/// What kind of failure an engine reported, independent of the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineErrorKind {
+    /// Syntax errors, bad data, wrong parameters: the caller must change the request.
+    InvalidArgument,
+    /// Unknown table, column or function.
+    NotFound,
+    /// Unique violation.
+    AlreadyExists,
+    /// Other constraint violations, read-only transactions, aborted transaction state.
+    FailedPrecondition,
+    PermissionDenied,
+    /// Serialization failures, deadlocks, lock timeouts: retry the transaction.
+    Aborted,
+    /// The engine is out of a resource (connections, disk, memory).
+    ResourceExhausted,
+    /// Connection lost, server shutting down.
+    Unavailable,
+    /// The engine cancelled the statement on its own timeout.
+    DeadlineExceeded,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// An error the engine reported, with its own code (SQLSTATE, errno).
+    #[error("{message}")]
+    Engine {
+        kind: EngineErrorKind,
+        code: String,
+        message: String,
+    },
+    /// The engine could not be reached. The message never contains hosts or credentials.
+    #[error("source unreachable: {0}")]
+    Unavailable(String),
+    /// Every pooled connection stayed busy for the whole acquire timeout.
+    #[error("all {max_size} connections of the source are busy")]
+    PoolExhausted { max_size: u32, waited: Duration },
+    /// A result column of a type Weir cannot represent.
+    #[error("column \"{column}\" has type {type_name}, which Weir cannot represent; cast it in SQL (for example {column}::text)")]
+    UnsupportedType { column: String, type_name: String },
+    /// A parameter that cannot be bound to the type the engine expects.
+    #[error("parameter {index}: {message}")]
+    Parameter { index: usize, message: String },
+    /// The transaction is running another statement.
+    #[error("the transaction is busy with another statement")]
+    Busy,
+    /// A request the engine cannot serve as asked (wrong object, bad option).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("internal backend error: {0}")]
+    Internal(String),
+}
+
+impl BackendError {
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::Engine {
+            kind: EngineErrorKind::NotFound,
+            code: String::new(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! PostgreSQL through tokio-postgres and a bb8 pool, with a prepared-statement
+//! cache per connection and cancellation of abandoned statements.
+
+mod schema;
+pub mod types;
+
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bb8::{Pool, PooledConnection, RunError};
+use futures::Stream;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{CancelToken, Client, NoTls};
+
+use crate::backend::{
+    BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, QueryStream,
+    Row, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo,
+    TxOptions,
+};
+use crate::config::SourceConfig;
+use types::{PgParam, PgValue};
+
+/// Prepared statements kept per connection; the cache is cleared when full.
+const STATEMENT_CACHE_SIZE: usize = 256;
+
+pub struct PgConn {
+    client: Client,
+    cancel: CancelToken,
+    statements: HashMap<String, tokio_postgres::Statement>,
+    /// Set between BEGIN and COMMIT/ROLLBACK: a connection returned to the
+    /// pool in that state is discarded rather than reused.
+    in_transaction: bool,
+}
+
+impl PgConn {
+    async fn prepare(
+        &mut self,
+        sql: &str,
+    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        if self.statements.len() >= STATEMENT_CACHE_SIZE {
+            self.statements.clear();
+        }
+        self.statements.insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+}
+
+pub struct PgManager {
+    config: tokio_postgres::Config,
+}
+
+impl bb8::ManageConnection for PgManager {
+    type Connection = PgConn;
+    type Error = tokio_postgres::Error;
+
+    async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
+        let (client, connection) = self.config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres connection closed");
+            }
+        });
+        let cancel = client.cancel_token();
+        Ok(PgConn {
+            client,
+            cancel,
+            statements: HashMap::new(),
+            in_transaction: false,
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut PgConn) -> Result<(), tokio_postgres::Error> {
+        conn.client.simple_query("").await.map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        conn.client.is_closed() || conn.in_transaction
+    }
+}
+
+pub struct PostgresSource {
+    pool: Pool<PgManager>,
+    max_size: u32,
+    read_only: bool,
+}
+
+impl PostgresSource {
+    pub fn new(config: &SourceConfig) -> Result<Self, BackendError> {
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(config.host.as_deref().unwrap_or("localhost"))
+            .port(config.port.unwrap_or(5432))
+            .user(config.user.as_deref().unwrap_or("postgres"))
+            .application_name("weir")
+            .connect_timeout(config.pool.connect_timeout);
+        if let Some(db) = &config.database {
+            pg.dbname(db);
+        }
+        if let Some(password) = config.password().map_err(BackendError::Invalid)? {
+            pg.password(password);
+        }
+        if config.read_only {
+            // Enforced by the engine for every statement, whatever its text.
+            pg.options("-c default_transaction_read_only=on");
+        }
+        let pool = Pool::builder()
+            .max_size(config.pool.max_size)
+            .min_idle(config.pool.min_idle)
+            .idle_timeout(config.pool.idle_timeout)
+            .connection_timeout(config.pool.acquire_timeout)
+            .test_on_check_out(false)
+            .retry_connection(false)
+            .build_unchecked(PgManager { config: pg });
+        Ok(Self {
+            pool,
+            max_size: config.pool.max_size,
+            read_only: config.read_only,
+        })
+    }
+
+    async fn lease(&self) -> Result<PooledConnection<'static, PgManager>, BackendError> {
+        let started = Instant::now();
+        self.pool.get_owned().await.map_err(|e| match e {
+            RunError::User(e) => map_error(e),
+            RunError::TimedOut => BackendError::PoolExhausted {
+                max_size: self.max_size,
+                waited: started.elapsed(),
+            },
+        })
+    }
+}
+
+/// A connection held for one statement: from the pool, or a transaction's.
+enum Lease {
+    Pooled(PooledConnection<'static, PgManager>),
+    Transaction(OwnedMutexGuard<PooledConnection<'static, PgManager>>),
+}
+
+impl Deref for Lease {
+    type Target = PgConn;
+    fn deref(&self) -> &PgConn {
+        match self {
+            Lease::Pooled(c) => c,
+            Lease::Transaction(c) => c,
+        }
+    }
+}
+
+impl DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut PgConn {
+        match self {
+            Lease::Pooled(c) => c,
+            Lease::Transaction(c) => c,
+        }
+    }
+}
+
+/// Keeps the connection until the statement is over. Dropped early (client
+/// gone, deadline passed), it cancels the statement in the engine and waits
+/// for the connection to be idle again before anyone else can use it.
+struct StatementGuard {
+    lease: Option<Lease>,
+}
+
+impl StatementGuard {
+    fn finish(&mut self) {
+        self.lease = None;
+    }
+}
+
+impl Drop for StatementGuard {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Err(e) = lease.cancel.cancel_query(NoTls).await {
+                tracing::warn!(error = %e, "could not cancel an abandoned postgres statement");
+            }
+            // Responses of the cancelled statement arrive before this one's.
+            let _ = lease.client.simple_query("").await;
+            drop(lease);
+        });
+    }
+}
+
+async fn run(mut lease: Lease, statement: Statement) -> Result<QueryStream, BackendError> {
+    let prepared = match lease.prepare(&statement.sql).await {
+        Ok(p) => p,
+        Err(e) => return Err(map_error(e)),
+    };
+    let expected = prepared.params().len();
+    if statement.params.len() != expected {
+        return Err(BackendError::Invalid(format!(
+            "the statement has {expected} parameter(s) but {} were given",
+            statement.params.len()
+        )));
+    }
+    let columns = prepared
+        .columns()
+        .iter()
+        .map(types::column)
+        .collect::<Result<Vec<_>, _>>()?;
+    // Armed from here: dropping this future mid-call cancels the statement.
+    let mut guard = StatementGuard { lease: Some(lease) };
+    let started = match guard.lease.as_ref() {
+        Some(l) => {
+            l.client
+                .query_raw(&prepared, statement.params.iter().map(PgParam))
+                .await
+        }
+        None => return Err(BackendError::Internal("statement lease missing".into())),
+    };
+    let inner = match started {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(l) = guard.lease.as_mut() {
+                l.statements.remove(&statement.sql);
+            }
+            guard.finish();
+            return Err(map_error(e));
+        }
+    };
+    Ok(QueryStream {
+        columns,
+        rows: Box::pin(PgRowStream {
+            inner: Box::pin(inner),
+            guard,
+            rows_affected: None,
+            width: prepared.columns().len(),
+        }),
+    })
+}
+
+struct PgRowStream {
+    inner: Pin<Box<tokio_postgres::RowStream>>,
+    guard: StatementGuard,
+    rows_affected: Option<u64>,
+    width: usize,
+}
+
+impl Stream for PgRowStream {
+    type Item = Result<Row, BackendError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match this.inner.as_mut().poll_next(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                this.rows_affected = this.inner.rows_affected();
+                this.guard.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.guard.finish();
+                Poll::Ready(Some(Err(map_error(e))))
+            }
+            Poll::Ready(Some(Ok(row))) => {
+                let mut values = Vec::with_capacity(this.width);
+                for i in 0..this.width {
+                    match row.try_get::<_, PgValue>(i) {
+                        Ok(v) => values.push(v.0),
+                        Err(e) => {
+                            let name = row
+                                .columns()
+                                .get(i)
+                                .map(|c| c.name().to_string())
+                                .unwrap_or_default();
+                            let source = std::error::Error::source(&e)
+                                .map(|s| s.to_string())
+                                .unwrap_or_default();
+                            return Poll::Ready(Some(Err(BackendError::Invalid(format!(
+                                "column \"{name}\": {source}"
+                            )))));
+                        }
+                    }
+                }
+                Poll::Ready(Some(Ok(values)))
+            }
+        }
+    }
+}
+
+impl RowStream for PgRowStream {
+    fn rows_affected(&self) -> Option<u64> {
+        self.rows_affected
+    }
+}
+
+#[async_trait]
+impl SqlSource for PostgresSource {
+    fn engine(&self) -> Engine {
+        Engine::Postgres
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            transactions: true,
+            isolation_levels: vec![
+                Isolation::ReadUncommitted,
+                Isolation::ReadCommitted,
+                Isolation::RepeatableRead,
+                Isolation::Serializable,
+            ],
+            change_streams: false,
+            parameter_style: "$1",
+        }
+    }
+
+    async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
+        run(Lease::Pooled(self.lease().await?), statement).await
+    }
+
+    async fn begin(&self, options: TxOptions) -> Result<Box<dyn SqlTransaction>, BackendError> {
+        let mut conn = self.lease().await?;
+        let mut sql = String::from("BEGIN");
+        sql.push_str(match options.isolation {
+            Isolation::EngineDefault => "",
+            Isolation::ReadUncommitted => " ISOLATION LEVEL READ UNCOMMITTED",
+            Isolation::ReadCommitted => " ISOLATION LEVEL READ COMMITTED",
+            Isolation::RepeatableRead => " ISOLATION LEVEL REPEATABLE READ",
+            Isolation::Serializable => " ISOLATION LEVEL SERIALIZABLE",
+        });
+        if options.read_only || self.read_only {
+            sql.push_str(" READ ONLY");
+        }
+        conn.in_transaction = true;
+        conn.client.batch_execute(&sql).await.map_err(map_error)?;
+        Ok(Box::new(PgTransaction {
+            conn: Arc::new(Mutex::new(conn)),
+        }))
+    }
+
+    async fn connection_info(&self) -> Result<ConnectionInfo, BackendError> {
+        let conn = self.lease().await?;
+        let started = Instant::now();
+        conn.client.simple_query("").await.map_err(map_error)?;
+        let round_trip = started.elapsed();
+        let row = conn
+            .client
+            .query_one("SELECT current_setting('server_version'), current_database()::text, current_user::text", &[])
+            .await
+            .map_err(map_error)?;
+        Ok(ConnectionInfo {
+            server_version: format!("PostgreSQL {}", row.get::<_, String>(0)),
+            database: row.get(1),
+            user: row.get(2),
+            round_trip,
+        })
+    }
+
+    async fn list_schemas(&self, include_system: bool) -> Result<Vec<SchemaInfo>, BackendError> {
+        schema::list_schemas(&self.lease().await?.client, include_system)
+            .await
+            .map_err(map_error)
+    }
+
+    async fn list_tables(&self, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
+        schema::list_tables(&self.lease().await?.client, schema)
+            .await
+            .map_err(map_error)
+    }
+
+    async fn describe_table(
+        &self,
+        schema: Option<&str>,
+        table: &str,
+    ) -> Result<TableDescription, BackendError> {
+        schema::describe_table(&self.lease().await?.client, schema, table).await
+    }
+}
+
+struct PgTransaction {
+    conn: Arc<Mutex<PooledConnection<'static, PgManager>>>,
+}
+
+impl PgTransaction {
+    fn lock(&self) -> Result<OwnedMutexGuard<PooledConnection<'static, PgManager>>, BackendError> {
+        self.conn
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| BackendError::Busy)
+    }
+
+    async fn end(&self, sql: &str) -> Result<(), BackendError> {
+        let mut conn = self.lock()?;
+        conn.client.batch_execute(sql).await.map_err(map_error)?;
+        conn.in_transaction = false;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SqlTransaction for PgTransaction {
+    async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
+        run(Lease::Transaction(self.lock()?), statement).await
+    }
+
+    async fn commit(&self) -> Result<(), BackendError> {
+        self.end("COMMIT").await
+    }
+
+    async fn rollback(&self) -> Result<(), BackendError> {
+        self.end("ROLLBACK").await
+    }
+}
+
+/// Classifies a tokio-postgres error. Connection errors never carry the
+/// host list or credentials into the message.
+pub(crate) fn map_error(e: tokio_postgres::Error) -> BackendError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code().to_string();
+        let mut message = db.message().to_string();
+        if let Some(detail) = db.detail() {
+            message.push_str(": ");
+            message.push_str(detail);
+        }
+        if let Some(tokio_postgres::error::ErrorPosition::Original(p)) = db.position() {
+            message.push_str(&format!(" (at character {p})"));
+        }
+        let kind = classify(db.code());
+        if code.starts_with("28") || code == "3D000" {
+            return BackendError::Unavailable(format!(
+                "the database rejected Weir's connection: {message} (SQLSTATE {code})"
+            ));
+        }
+        return BackendError::Engine {
+            kind,
+            code,
+            message,
+        };
+    }
+    if e.is_closed() {
+        return BackendError::Unavailable("the connection to the database was lost".into());
+    }
+    // Connect and I/O errors: describe the cause, never the target.
+    let cause = std::error::Error::source(&e)
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| e.to_string());
+    BackendError::Unavailable(cause)
+}
+
+fn classify(state: &SqlState) -> EngineErrorKind {
+    use EngineErrorKind as K;
+    let code = state.code();
+    match code {
+        "42P01" | "42883" | "3F000" | "42704" => K::NotFound,
+        "23505" => K::AlreadyExists,
+        "42501" | "25006" => K::PermissionDenied,
+        "40001" | "40P01" | "55P03" => K::Aborted,
+        "57014" => K::DeadlineExceeded,
+        _ => match &code[..2] {
+            "42" | "22" | "0A" | "54" | "2F" | "34" | "26" => K::InvalidArgument,
+            "23" | "25" | "P0" | "55" | "2B" | "2D" | "39" | "38" => K::FailedPrecondition,
+            "40" => K::Aborted,
+            "53" => K::ResourceExhausted,
+            "08" | "57" | "58" => K::Unavailable,
+            _ => K::Internal,
+        },
+    }
+}

@@ -1,0 +1,475 @@
+//! PostgreSQL type mapping: result columns are decoded from the binary wire
+//! format into `Value`s; parameters are sent in text format so that the
+//! server's own input functions parse them for whatever type it inferred.
+
+use std::error::Error as StdError;
+use std::fmt::Write as _;
+
+use bytes::BytesMut;
+use chrono::{DateTime, Duration as ChronoDuration, NaiveDate, NaiveDateTime, NaiveTime};
+use postgres_protocol::types as wire;
+use tokio_postgres::types::{Format, FromSql, IsNull, Kind, ToSql, Type};
+
+use crate::backend::{Column, ColumnType, Value};
+
+type BoxError = Box<dyn StdError + Sync + Send>;
+
+/// The normalized type of a PostgreSQL type, or `None` when Weir has no
+/// lossless mapping for it.
+pub fn column_type(ty: &Type) -> Option<(ColumnType, Option<ColumnType>)> {
+    let simple = |t| Some((t, None));
+    match *ty {
+        Type::BOOL => simple(ColumnType::Bool),
+        Type::INT2 | Type::INT4 | Type::INT8 | Type::OID => simple(ColumnType::Int),
+        Type::FLOAT4 | Type::FLOAT8 => simple(ColumnType::Float),
+        Type::NUMERIC => simple(ColumnType::Decimal),
+        Type::TEXT
+        | Type::VARCHAR
+        | Type::BPCHAR
+        | Type::NAME
+        | Type::CHAR
+        | Type::UNKNOWN
+        | Type::XML => simple(ColumnType::String),
+        Type::INET | Type::CIDR | Type::MACADDR => simple(ColumnType::String),
+        Type::BYTEA => simple(ColumnType::Bytes),
+        Type::DATE => simple(ColumnType::Date),
+        Type::TIME | Type::TIMETZ => simple(ColumnType::Time),
+        Type::TIMESTAMP => simple(ColumnType::Timestamp),
+        Type::TIMESTAMPTZ => simple(ColumnType::TimestampTz),
+        Type::INTERVAL => simple(ColumnType::Interval),
+        Type::UUID => simple(ColumnType::Uuid),
+        Type::JSON | Type::JSONB => simple(ColumnType::Json),
+        _ => match ty.kind() {
+            Kind::Enum(_) => simple(ColumnType::String),
+            Kind::Domain(inner) => column_type(inner),
+            Kind::Array(elem) => column_type(elem).map(|(t, _)| (ColumnType::List, Some(t))),
+            // citext is an extension type whose binary form is text.
+            Kind::Simple if ty.name() == "citext" => simple(ColumnType::String),
+            _ => None,
+        },
+    }
+}
+
+/// Result column metadata. Fails for types that cannot be represented, before any row is sent.
+pub fn column(c: &tokio_postgres::Column) -> Result<Column, crate::backend::BackendError> {
+    let ty = c.type_();
+    let (column_type, element_type) =
+        column_type(ty).ok_or_else(|| crate::backend::BackendError::UnsupportedType {
+            column: c.name().to_string(),
+            type_name: ty.name().to_string(),
+        })?;
+    let mut col = Column::new(c.name(), ty.name(), column_type);
+    col.element_type = element_type;
+    (col.precision, col.scale, col.max_length) = typmod_details(ty, c.type_modifier());
+    Ok(col)
+}
+
+/// Precision, scale and maximum length encoded in a type modifier.
+pub fn typmod_details(ty: &Type, typmod: i32) -> (Option<i32>, Option<i32>, Option<i64>) {
+    if typmod < 4 {
+        return (None, None, None);
+    }
+    let m = typmod - 4;
+    match *ty {
+        Type::NUMERIC => (Some((m >> 16) & 0xffff), Some(m & 0xffff), None),
+        Type::VARCHAR | Type::BPCHAR => (None, None, Some(i64::from(m))),
+        _ => (None, None, None),
+    }
+}
+
+/// A decoded result cell.
+pub struct PgValue(pub Value);
+
+impl<'a> FromSql<'a> for PgValue {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        decode(ty, raw).map(PgValue)
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Self, BoxError> {
+        Ok(PgValue(Value::Null))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+fn pg_epoch() -> NaiveDateTime {
+    NaiveDate::from_ymd_opt(2000, 1, 1)
+        .unwrap_or_default()
+        .and_time(NaiveTime::MIN)
+}
+
+fn timestamp(micros: i64) -> Result<NaiveDateTime, BoxError> {
+    if micros == i64::MAX || micros == i64::MIN {
+        return Err("infinite timestamps cannot be represented; cast to text".into());
+    }
+    pg_epoch()
+        .checked_add_signed(ChronoDuration::microseconds(micros))
+        .ok_or_else(|| "timestamp out of range".into())
+}
+
+fn time_of_day(micros: i64) -> Result<NaiveTime, BoxError> {
+    let secs = u32::try_from(micros.div_euclid(1_000_000)).map_err(|_| "time out of range")?;
+    let nanos =
+        u32::try_from(micros.rem_euclid(1_000_000) * 1000).map_err(|_| "time out of range")?;
+    // 24:00:00 is a valid PostgreSQL time; chrono represents it as a leap second.
+    if secs == 86_400 {
+        return NaiveTime::from_hms_nano_opt(23, 59, 59, 1_000_000_000 + nanos)
+            .ok_or_else(|| "time out of range".into());
+    }
+    NaiveTime::from_num_seconds_from_midnight_opt(secs, nanos)
+        .ok_or_else(|| "time out of range".into())
+}
+
+fn decode(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
+    Ok(match *ty {
+        Type::BOOL => Value::Bool(wire::bool_from_sql(raw)?),
+        Type::INT2 => Value::Int(i64::from(wire::int2_from_sql(raw)?)),
+        Type::INT4 => Value::Int(i64::from(wire::int4_from_sql(raw)?)),
+        Type::INT8 => Value::Int(wire::int8_from_sql(raw)?),
+        Type::OID => Value::Int(i64::from(wire::oid_from_sql(raw)?)),
+        Type::FLOAT4 => Value::Float(f64::from(wire::float4_from_sql(raw)?)),
+        Type::FLOAT8 => Value::Float(wire::float8_from_sql(raw)?),
+        Type::NUMERIC => Value::Decimal(numeric_to_string(raw)?),
+        Type::CHAR => Value::Text(String::from_utf8_lossy(raw).into_owned()),
+        Type::BYTEA => Value::Bytes(raw.to_vec()),
+        Type::DATE => {
+            let days = wire::date_from_sql(raw)?;
+            if days == i32::MAX || days == i32::MIN {
+                return Err("infinite dates cannot be represented; cast to text".into());
+            }
+            let date = pg_epoch()
+                .date()
+                .checked_add_signed(ChronoDuration::days(i64::from(days)));
+            Value::Date(date.ok_or("date out of range")?)
+        }
+        Type::TIME => Value::Time(time_of_day(wire::time_from_sql(raw)?)?, None),
+        Type::TIMETZ => {
+            if raw.len() != 12 {
+                return Err("invalid timetz length".into());
+            }
+            let micros = wire::time_from_sql(&raw[..8])?;
+            // PostgreSQL stores the offset in seconds west of UTC.
+            let west = wire::int4_from_sql(&raw[8..])?;
+            Value::Time(time_of_day(micros)?, Some(-west))
+        }
+        Type::TIMESTAMP => Value::Timestamp(timestamp(wire::timestamp_from_sql(raw)?)?),
+        Type::TIMESTAMPTZ => {
+            let ts = timestamp(wire::timestamp_from_sql(raw)?)?;
+            Value::TimestampTz(DateTime::from_naive_utc_and_offset(ts, chrono::Utc))
+        }
+        Type::INTERVAL => {
+            if raw.len() != 16 {
+                return Err("invalid interval length".into());
+            }
+            Value::Interval {
+                microseconds: wire::int8_from_sql(&raw[..8])?,
+                days: wire::int4_from_sql(&raw[8..12])?,
+                months: wire::int4_from_sql(&raw[12..])?,
+            }
+        }
+        Type::UUID => Value::Uuid(uuid::Uuid::from_bytes(wire::uuid_from_sql(raw)?)),
+        Type::JSON => Value::Json(wire::text_from_sql(raw)?.to_string()),
+        Type::JSONB => match raw.split_first() {
+            Some((1, rest)) => Value::Json(std::str::from_utf8(rest)?.to_string()),
+            _ => return Err("unsupported jsonb format version".into()),
+        },
+        Type::INET | Type::CIDR => {
+            let inet = wire::inet_from_sql(raw)?;
+            Value::Text(format!("{}/{}", inet.addr(), inet.netmask()))
+        }
+        Type::MACADDR => {
+            let m = wire::macaddr_from_sql(raw)?;
+            Value::Text(
+                m.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            )
+        }
+        _ => match ty.kind() {
+            Kind::Domain(inner) => decode(inner, raw)?,
+            Kind::Array(elem) => decode_array(elem, raw)?,
+            Kind::Enum(_) => Value::Text(wire::text_from_sql(raw)?.to_string()),
+            Kind::Simple if ty.name() == "citext" => {
+                Value::Text(wire::text_from_sql(raw)?.to_string())
+            }
+            _ => {
+                return Err(
+                    format!("type {} cannot be represented; cast it to text", ty.name()).into(),
+                )
+            }
+        },
+    })
+}
+
+fn decode_array(elem: &Type, raw: &[u8]) -> Result<Value, BoxError> {
+    use fallible_iterator::FallibleIterator;
+    use postgres_protocol::types::ArrayDimension;
+
+    let array = wire::array_from_sql(raw)?;
+    let dims: Vec<ArrayDimension> = array.dimensions().collect()?;
+    let mut flat = Vec::new();
+    let mut values = array.values();
+    while let Some(v) = values.next()? {
+        flat.push(match v {
+            Some(bytes) => decode(elem, bytes)?,
+            None => Value::Null,
+        });
+    }
+    if dims.is_empty() {
+        return Ok(Value::List(Vec::new()));
+    }
+    // Nest row-major values by dimension, innermost first.
+    let mut level = flat;
+    for d in dims.iter().skip(1).rev() {
+        let len = usize::try_from(d.len).map_err(|_| "invalid array dimension")?;
+        if len == 0 {
+            return Ok(Value::List(Vec::new()));
+        }
+        let mut grouped = Vec::with_capacity(level.len() / len);
+        let mut it = level.into_iter();
+        loop {
+            let chunk: Vec<Value> = it.by_ref().take(len).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            grouped.push(Value::List(chunk));
+        }
+        level = grouped;
+    }
+    Ok(Value::List(level))
+}
+
+/// Renders PostgreSQL's binary NUMERIC (base-10000 digits) as exact decimal text.
+fn numeric_to_string(raw: &[u8]) -> Result<String, BoxError> {
+    let read = |i: usize| -> Result<i16, BoxError> {
+        raw.get(i..i + 2)
+            .map(|b| i16::from_be_bytes([b[0], b[1]]))
+            .ok_or_else(|| "numeric too short".into())
+    };
+    let ndigits = usize::try_from(read(0)?).map_err(|_| "invalid numeric")?;
+    let weight = i32::from(read(2)?);
+    let sign = read(4)? as u16;
+    let dscale = usize::try_from(read(6)?).map_err(|_| "invalid numeric")?;
+    match sign {
+        0xC000 => return Ok("NaN".into()),
+        0xD000 => return Ok("Infinity".into()),
+        0xF000 => return Ok("-Infinity".into()),
+        _ => {}
+    }
+    let mut digits = Vec::with_capacity(ndigits);
+    for i in 0..ndigits {
+        digits.push(read(8 + 2 * i)?);
+    }
+    let digit = |i: i32| -> i16 {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| digits.get(i).copied())
+            .unwrap_or(0)
+    };
+    let mut s = String::with_capacity(ndigits * 4 + 4);
+    if sign == 0x4000 {
+        s.push('-');
+    }
+    if weight < 0 {
+        s.push('0');
+    } else {
+        for i in 0..=weight {
+            if i == 0 {
+                let _ = write!(s, "{}", digit(i));
+            } else {
+                let _ = write!(s, "{:04}", digit(i));
+            }
+        }
+    }
+    if dscale > 0 {
+        s.push('.');
+        let mut frac = String::with_capacity(dscale + 4);
+        let mut i = weight + 1;
+        while frac.len() < dscale {
+            let _ = write!(frac, "{:04}", digit(i));
+            i += 1;
+        }
+        frac.truncate(dscale);
+        s.push_str(&frac);
+    }
+    Ok(s)
+}
+
+/// A parameter, sent as text so PostgreSQL parses it for the type it expects
+/// (an integer literal binds to int4, numeric or text alike).
+#[derive(Debug)]
+pub struct PgParam<'a>(pub &'a Value);
+
+impl ToSql for PgParam<'_> {
+    fn to_sql(&self, _ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
+        if matches!(self.0, Value::Null) {
+            return Ok(IsNull::Yes);
+        }
+        let mut text = String::new();
+        write_text(self.0, &mut text, false);
+        if text.contains('\0') {
+            return Err("text values cannot contain NUL characters in PostgreSQL".into());
+        }
+        out.extend_from_slice(text.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _ty: &Type) -> Format {
+        Format::Text
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+/// PostgreSQL's text input form of a value; `in_array` quotes elements as
+/// array literals require.
+fn write_text(v: &Value, out: &mut String, in_array: bool) {
+    let start = out.len();
+    match v {
+        Value::Null => out.push_str("NULL"),
+        Value::Bool(b) => out.push_str(if *b { "t" } else { "f" }),
+        Value::Int(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Value::UInt(u) => {
+            let _ = write!(out, "{u}");
+        }
+        Value::Float(f) => {
+            if f.is_nan() {
+                out.push_str("NaN");
+            } else if f.is_infinite() {
+                out.push_str(if *f > 0.0 { "Infinity" } else { "-Infinity" });
+            } else {
+                let _ = write!(out, "{f:?}");
+            }
+        }
+        Value::Text(s) | Value::Decimal(s) | Value::Json(s) => out.push_str(s),
+        Value::Bytes(b) => {
+            out.push_str("\\x");
+            for byte in b {
+                let _ = write!(out, "{byte:02x}");
+            }
+        }
+        Value::Date(d) => {
+            let _ = write!(out, "{}", d.format("%Y-%m-%d"));
+        }
+        Value::Time(t, offset) => {
+            let _ = write!(out, "{}", t.format("%H:%M:%S%.f"));
+            if let Some(o) = offset {
+                let sign = if *o < 0 { '-' } else { '+' };
+                let o = o.unsigned_abs();
+                let _ = write!(
+                    out,
+                    "{sign}{:02}:{:02}:{:02}",
+                    o / 3600,
+                    (o % 3600) / 60,
+                    o % 60
+                );
+            }
+        }
+        Value::Timestamp(t) => {
+            let _ = write!(out, "{}", t.format("%Y-%m-%d %H:%M:%S%.f"));
+        }
+        Value::TimestampTz(t) => {
+            let _ = write!(out, "{}", t.format("%Y-%m-%d %H:%M:%S%.f+00"));
+        }
+        Value::Interval {
+            months,
+            days,
+            microseconds,
+        } => {
+            let _ = write!(
+                out,
+                "{months} months {days} days {microseconds} microseconds"
+            );
+        }
+        Value::Uuid(u) => {
+            let _ = write!(out, "{u}");
+        }
+        Value::List(items) => {
+            out.push('{');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_text(item, out, true);
+            }
+            out.push('}');
+            return;
+        }
+    }
+    if in_array && !matches!(v, Value::Null) {
+        let element = out.split_off(start);
+        out.push('"');
+        for c in element.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numeric(ndigits: i16, weight: i16, sign: u16, dscale: i16, digits: &[i16]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for x in [ndigits, weight, sign as i16, dscale] {
+            v.extend_from_slice(&x.to_be_bytes());
+        }
+        for d in digits {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn numeric_text() {
+        assert_eq!(
+            numeric_to_string(&numeric(2, 1, 0, 2, &[12, 3456])).unwrap(),
+            "123456.00"
+        );
+        assert_eq!(
+            numeric_to_string(&numeric(2, 0, 0x4000, 4, &[1, 2300])).unwrap(),
+            "-1.2300"
+        );
+        assert_eq!(
+            numeric_to_string(&numeric(1, -2, 0, 6, &[12])).unwrap(),
+            "0.000012"
+        );
+        assert_eq!(numeric_to_string(&numeric(0, 0, 0, 0, &[])).unwrap(), "0");
+        assert_eq!(
+            numeric_to_string(&numeric(0, 0, 0xC000, 0, &[])).unwrap(),
+            "NaN"
+        );
+        assert_eq!(
+            numeric_to_string(&numeric(1, 2, 0, 0, &[7])).unwrap(),
+            "700000000"
+        );
+    }
+
+    #[test]
+    fn array_literals_quote_elements() {
+        let mut s = String::new();
+        write_text(
+            &Value::List(vec![
+                Value::Text("a\"b".into()),
+                Value::Null,
+                Value::Text("c,d".into()),
+            ]),
+            &mut s,
+            false,
+        );
+        assert_eq!(s, r#"{"a\"b",NULL,"c,d"}"#);
+    }
+}

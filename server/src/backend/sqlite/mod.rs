@@ -1,0 +1,642 @@
+//! Embedded SQLite (bundled, nothing to install). SQLite calls block, so every
+//! statement runs on tokio's blocking pool and hands rows over through a
+//! bounded channel: a slow client slows the statement instead of growing memory.
+
+mod demo;
+mod schema;
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{NaiveDate, NaiveDateTime};
+use futures::Stream;
+use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{mpsc, oneshot, Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
+
+use crate::backend::{
+    BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind,
+    Isolation, QueryStream, Row, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement,
+    TableDescription, TableInfo, TxOptions, Value,
+};
+use crate::config::SourceConfig;
+
+/// Rows handed from the blocking thread to the async side at a time.
+const CHUNK_ROWS: usize = 256;
+/// SQLite VM instructions between checks for cancellation.
+const PROGRESS_OPS: i32 = 10_000;
+
+struct Pool {
+    path: String,
+    read_only: bool,
+    idle: parking_lot::Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+    max_size: u32,
+    acquire_timeout: Duration,
+    /// Keeps the temporary file of a ":memory:" source alive.
+    _temp: Option<tempfile::TempPath>,
+}
+
+impl Pool {
+    fn open(&self) -> Result<Connection, BackendError> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(map_error)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(map_error)?;
+        conn.execute_batch("PRAGMA foreign_keys = ON")
+            .map_err(map_error)?;
+        if self.read_only {
+            // Enforced by SQLite for every statement, whatever its text.
+            conn.execute_batch("PRAGMA query_only = ON")
+                .map_err(map_error)?;
+        }
+        Ok(conn)
+    }
+
+    async fn lease(self: &Arc<Self>) -> Result<Lease, BackendError> {
+        let started = Instant::now();
+        let permit =
+            tokio::time::timeout(self.acquire_timeout, self.permits.clone().acquire_owned())
+                .await
+                .map_err(|_| BackendError::PoolExhausted {
+                    max_size: self.max_size,
+                    waited: started.elapsed(),
+                })?
+                .map_err(|_| BackendError::Internal("sqlite pool closed".into()))?;
+        let idle = self.idle.lock().pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => {
+                let pool = self.clone();
+                tokio::task::spawn_blocking(move || pool.open())
+                    .await
+                    .map_err(|e| BackendError::Internal(e.to_string()))??
+            }
+        };
+        Ok(Lease {
+            conn: Some(conn),
+            pool: self.clone(),
+            _permit: permit,
+        })
+    }
+}
+
+/// A pooled connection, returned to the pool on drop unless it was left
+/// inside a transaction.
+struct Lease {
+    conn: Option<Connection>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    fn conn(&self) -> Result<&Connection, BackendError> {
+        self.conn
+            .as_ref()
+            .ok_or_else(|| BackendError::Internal("sqlite connection missing".into()))
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if conn.is_autocommit() {
+                self.pool.idle.lock().push(conn);
+            }
+        }
+    }
+}
+
+/// The connection a statement runs on: from the pool, or a transaction's.
+enum Hold {
+    Pooled(Lease),
+    Transaction(OwnedMutexGuard<Lease>),
+}
+
+impl Hold {
+    fn conn(&self) -> Result<&Connection, BackendError> {
+        match self {
+            Hold::Pooled(l) => l.conn(),
+            Hold::Transaction(l) => l.conn(),
+        }
+    }
+}
+
+pub struct SqliteSource {
+    pool: Arc<Pool>,
+    label: String,
+}
+
+impl SqliteSource {
+    pub fn open(name: &str, config: &SourceConfig) -> Result<Self, BackendError> {
+        let configured = config.path.clone().unwrap_or_else(|| ":memory:".into());
+        // A private temporary file instead of SQLite's in-memory mode, so the
+        // pool's connections share one database with WAL concurrency.
+        let (path, temp, label) = if configured == ":memory:" {
+            let file = tempfile::Builder::new()
+                .prefix(&format!("weir-{name}-"))
+                .suffix(".db")
+                .tempfile()
+                .map_err(|e| {
+                    BackendError::Internal(format!("cannot create a temporary database: {e}"))
+                })?;
+            let temp = file.into_temp_path();
+            (
+                temp.to_string_lossy().into_owned(),
+                Some(temp),
+                format!("{name} (temporary)"),
+            )
+        } else {
+            let label = Path::new(&configured)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (configured, None, label)
+        };
+        let pool = Arc::new(Pool {
+            path,
+            read_only: config.read_only,
+            idle: parking_lot::Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(config.pool.max_size as usize)),
+            max_size: config.pool.max_size,
+            acquire_timeout: config.pool.acquire_timeout,
+            _temp: temp,
+        });
+        let setup = Connection::open(&pool.path).map_err(map_error)?;
+        setup
+            .execute_batch("PRAGMA journal_mode = WAL")
+            .map_err(map_error)?;
+        if config.demo_data {
+            demo::seed(&setup).map_err(map_error)?;
+        }
+        Ok(Self { pool, label })
+    }
+
+    /// Runs `f` on a pooled connection on the blocking pool.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let lease = self.pool.lease().await?;
+        tokio::task::spawn_blocking(move || f(lease.conn()?))
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?
+    }
+}
+
+#[async_trait]
+impl SqlSource for SqliteSource {
+    fn engine(&self) -> Engine {
+        Engine::Sqlite
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            transactions: true,
+            // SQLite transactions are always serializable, which satisfies every level.
+            isolation_levels: vec![
+                Isolation::ReadUncommitted,
+                Isolation::ReadCommitted,
+                Isolation::RepeatableRead,
+                Isolation::Serializable,
+            ],
+            change_streams: false,
+            parameter_style: "?",
+        }
+    }
+
+    async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
+        start(Hold::Pooled(self.pool.lease().await?), statement).await
+    }
+
+    async fn begin(&self, options: TxOptions) -> Result<Box<dyn SqlTransaction>, BackendError> {
+        let lease = self.pool.lease().await?;
+        let read_only = options.read_only || self.pool.read_only;
+        let lease = tokio::task::spawn_blocking(move || {
+            let conn = lease.conn()?;
+            // IMMEDIATE takes the write lock up front, so a read-write
+            // transaction cannot fail later on a lock upgrade.
+            let sql = if read_only {
+                "PRAGMA query_only = ON; BEGIN"
+            } else {
+                "BEGIN IMMEDIATE"
+            };
+            conn.execute_batch(sql).map_err(map_error)?;
+            Ok::<_, BackendError>(lease)
+        })
+        .await
+        .map_err(|e| BackendError::Internal(e.to_string()))??;
+        Ok(Box::new(SqliteTransaction {
+            lease: Arc::new(Mutex::new(lease)),
+            restore_writes: read_only && !self.pool.read_only,
+        }))
+    }
+
+    async fn connection_info(&self) -> Result<ConnectionInfo, BackendError> {
+        let label = self.label.clone();
+        self.with_conn(move |conn| {
+            let started = Instant::now();
+            let version: String = conn
+                .query_row("SELECT sqlite_version()", [], |r| r.get(0))
+                .map_err(map_error)?;
+            Ok(ConnectionInfo {
+                server_version: format!("SQLite {version}"),
+                database: label,
+                user: String::new(),
+                round_trip: started.elapsed(),
+            })
+        })
+        .await
+    }
+
+    async fn list_schemas(&self, _include_system: bool) -> Result<Vec<SchemaInfo>, BackendError> {
+        self.with_conn(schema::list_schemas).await
+    }
+
+    async fn list_tables(&self, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
+        let schema = schema.map(str::to_string);
+        self.with_conn(move |c| schema::list_tables(c, schema.as_deref()))
+            .await
+    }
+
+    async fn describe_table(
+        &self,
+        schema: Option<&str>,
+        table: &str,
+    ) -> Result<TableDescription, BackendError> {
+        let (schema, table) = (schema.map(str::to_string), table.to_string());
+        self.with_conn(move |c| schema::describe_table(c, schema.as_deref(), &table))
+            .await
+    }
+}
+
+struct SqliteTransaction {
+    lease: Arc<Mutex<Lease>>,
+    /// A read-only transaction on a writable source switched query_only on.
+    restore_writes: bool,
+}
+
+impl SqliteTransaction {
+    async fn end(&self, sql: &'static str) -> Result<(), BackendError> {
+        let guard = self
+            .lease
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| BackendError::Busy)?;
+        let restore = self.restore_writes;
+        tokio::task::spawn_blocking(move || {
+            let conn = guard.conn()?;
+            conn.execute_batch(sql).map_err(map_error)?;
+            if restore {
+                conn.execute_batch("PRAGMA query_only = OFF")
+                    .map_err(map_error)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| BackendError::Internal(e.to_string()))?
+    }
+}
+
+#[async_trait]
+impl SqlTransaction for SqliteTransaction {
+    async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
+        let guard = self
+            .lease
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| BackendError::Busy)?;
+        start(Hold::Transaction(guard), statement).await
+    }
+
+    async fn commit(&self) -> Result<(), BackendError> {
+        self.end("COMMIT").await
+    }
+
+    async fn rollback(&self) -> Result<(), BackendError> {
+        self.end("ROLLBACK").await
+    }
+}
+
+enum Chunk {
+    Rows(Vec<Row>),
+    Done(Option<u64>),
+}
+
+/// Starts a statement on the blocking pool and returns once its columns are known.
+async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendError> {
+    let (meta_tx, meta_rx) = oneshot::channel();
+    let (rows_tx, rows_rx) = mpsc::channel(2);
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let flag = cancelled.clone();
+    tokio::task::spawn_blocking(move || {
+        let result = hold.conn().and_then(|conn| {
+            conn.progress_handler(PROGRESS_OPS, Some(move || flag.load(Ordering::Relaxed)));
+            let outcome = execute(conn, &statement, meta_tx, &rows_tx);
+            conn.progress_handler(PROGRESS_OPS, None::<fn() -> bool>);
+            outcome
+        });
+        if let Err(e) = result {
+            let _ = rows_tx.blocking_send(Err(e));
+        }
+        drop(hold);
+    });
+    let columns = match meta_rx.await {
+        Ok(Ok(columns)) => columns,
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            // The worker failed before describing the result; its error is in the row channel.
+            let mut rx = rows_rx;
+            return Err(match rx.recv().await {
+                Some(Err(e)) => e,
+                _ => BackendError::Internal("sqlite worker ended unexpectedly".into()),
+            });
+        }
+    };
+    let stream = SqliteRowStream {
+        rx: rows_rx,
+        buffer: Vec::new().into_iter(),
+        cancelled,
+        done: false,
+        rows_affected: None,
+    };
+    Ok(QueryStream {
+        columns,
+        rows: Box::pin(stream),
+    })
+}
+
+fn execute(
+    conn: &Connection,
+    statement: &Statement,
+    meta: oneshot::Sender<Result<Vec<Column>, BackendError>>,
+    rows_tx: &mpsc::Sender<Result<Chunk, BackendError>>,
+) -> Result<(), BackendError> {
+    let mut prepared = match conn.prepare(&statement.sql) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = meta.send(Err(map_error(e)));
+            return Ok(());
+        }
+    };
+    let expected = prepared.parameter_count();
+    if expected != statement.params.len() {
+        let _ = meta.send(Err(BackendError::Invalid(format!(
+            "the statement has {expected} parameter(s) but {} were given",
+            statement.params.len()
+        ))));
+        return Ok(());
+    }
+    for (i, p) in statement.params.iter().enumerate() {
+        let value = match to_sql(p) {
+            Ok(v) => v,
+            Err(message) => {
+                let _ = meta.send(Err(BackendError::Parameter {
+                    index: i + 1,
+                    message,
+                }));
+                return Ok(());
+            }
+        };
+        if let Err(e) = prepared.raw_bind_parameter(i + 1, value) {
+            let _ = meta.send(Err(map_error(e)));
+            return Ok(());
+        }
+    }
+    let columns: Vec<Column> = prepared
+        .columns()
+        .iter()
+        .map(|c| column(c.name(), c.decl_type()))
+        .collect();
+    let types: Vec<ColumnType> = columns.iter().map(|c| c.column_type).collect();
+    let names: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
+    let returns_rows = !columns.is_empty();
+    if meta.send(Ok(columns)).is_err() {
+        return Ok(());
+    }
+    let mut rows = prepared.raw_query();
+    let mut chunk = Vec::with_capacity(CHUNK_ROWS);
+    while let Some(row) = rows.next().map_err(map_error)? {
+        let mut values = Vec::with_capacity(types.len());
+        for (i, ty) in types.iter().enumerate() {
+            let raw = row.get_ref(i).map_err(map_error)?;
+            values.push(
+                from_sql(raw, *ty)
+                    .map_err(|m| BackendError::Invalid(format!("column \"{}\": {m}", names[i])))?,
+            );
+        }
+        chunk.push(values);
+        if chunk.len() == CHUNK_ROWS {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_ROWS));
+            if rows_tx.blocking_send(Ok(Chunk::Rows(full))).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    drop(rows);
+    if !chunk.is_empty() && rows_tx.blocking_send(Ok(Chunk::Rows(chunk))).is_err() {
+        return Ok(());
+    }
+    let affected = (!returns_rows).then(|| conn.changes());
+    let _ = rows_tx.blocking_send(Ok(Chunk::Done(affected)));
+    Ok(())
+}
+
+struct SqliteRowStream {
+    rx: mpsc::Receiver<Result<Chunk, BackendError>>,
+    buffer: std::vec::IntoIter<Row>,
+    cancelled: Arc<AtomicBool>,
+    done: bool,
+    rows_affected: Option<u64>,
+}
+
+impl Stream for SqliteRowStream {
+    type Item = Result<Row, BackendError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(row) = self.buffer.next() {
+                return Poll::Ready(Some(Ok(row)));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(Chunk::Rows(rows)))) => self.buffer = rows.into_iter(),
+                Poll::Ready(Some(Ok(Chunk::Done(affected)))) => {
+                    self.rows_affected = affected;
+                    self.done = true;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(BackendError::Internal(
+                        "sqlite worker ended unexpectedly".into(),
+                    ))));
+                }
+            }
+        }
+    }
+}
+
+impl RowStream for SqliteRowStream {
+    fn rows_affected(&self) -> Option<u64> {
+        self.rows_affected
+    }
+}
+
+impl Drop for SqliteRowStream {
+    fn drop(&mut self) {
+        // Interrupts a statement still running when the caller gives up.
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Column metadata from the declared type, following SQLite's affinity rules.
+fn column(name: &str, decl: Option<&str>) -> Column {
+    let Some(decl) = decl else {
+        return Column::new(name, "", ColumnType::Dynamic);
+    };
+    let upper = decl.to_ascii_uppercase();
+    let ty = if upper.starts_with("BOOL") {
+        ColumnType::Bool
+    } else if upper == "DATE" {
+        ColumnType::Date
+    } else if upper.starts_with("DATETIME") || upper.starts_with("TIMESTAMP") {
+        ColumnType::Timestamp
+    } else if upper == "JSON" {
+        ColumnType::Json
+    } else if upper.contains("INT") {
+        ColumnType::Int
+    } else if upper.contains("CHAR") || upper.contains("CLOB") || upper.contains("TEXT") {
+        ColumnType::String
+    } else if upper.contains("REAL") || upper.contains("FLOA") || upper.contains("DOUB") {
+        ColumnType::Float
+    } else if upper.starts_with("DECIMAL") || upper.starts_with("NUMERIC") {
+        ColumnType::Decimal
+    } else {
+        ColumnType::Dynamic
+    };
+    Column::new(name, decl, ty)
+}
+
+/// Converts a stored value for a column of declared type `ty`. SQLite lets
+/// any column hold anything, so values that do not fit their declared type
+/// fail clearly rather than changing type mid-result.
+fn from_sql(raw: ValueRef<'_>, ty: ColumnType) -> Result<Value, String> {
+    let text = |b: &[u8]| {
+        std::str::from_utf8(b)
+            .map(str::to_string)
+            .map_err(|_| "text is not valid UTF-8".to_string())
+    };
+    Ok(match (raw, ty) {
+        (ValueRef::Null, _) => Value::Null,
+        (ValueRef::Integer(i), ColumnType::Bool) => Value::Bool(i != 0),
+        (ValueRef::Integer(i), ColumnType::Decimal) => Value::Decimal(i.to_string()),
+        (ValueRef::Real(f), ColumnType::Decimal) => Value::Decimal(f.to_string()),
+        (ValueRef::Text(t), ColumnType::Date) => {
+            let s = text(t)?;
+            Value::Date(
+                NaiveDate::parse_from_str(&s, "%Y-%m-%d")
+                    .map_err(|_| format!("'{s}' is not a date (YYYY-MM-DD)"))?,
+            )
+        }
+        (ValueRef::Text(t), ColumnType::Timestamp) => {
+            let s = text(t)?;
+            let parsed = NaiveDateTime::parse_from_str(&s, "%Y-%m-%d %H:%M:%S%.f")
+                .or_else(|_| NaiveDateTime::parse_from_str(&s, "%Y-%m-%dT%H:%M:%S%.f"));
+            Value::Timestamp(
+                parsed.map_err(|_| format!("'{s}' is not a timestamp (YYYY-MM-DD HH:MM:SS)"))?,
+            )
+        }
+        (ValueRef::Text(t), ColumnType::Json) => Value::Json(text(t)?),
+        (ValueRef::Integer(i), _) => Value::Int(i),
+        (ValueRef::Real(f), _) => Value::Float(f),
+        (ValueRef::Text(t), _) => Value::Text(text(t)?),
+        (ValueRef::Blob(b), _) => Value::Bytes(b.to_vec()),
+    })
+}
+
+/// Binds a value as the SQLite storage class that represents it.
+fn to_sql(v: &Value) -> Result<SqlValue, String> {
+    Ok(match v {
+        Value::Null => SqlValue::Null,
+        Value::Bool(b) => SqlValue::Integer(i64::from(*b)),
+        Value::Int(i) => SqlValue::Integer(*i),
+        Value::UInt(u) => SqlValue::Integer(
+            i64::try_from(*u)
+                .map_err(|_| format!("{u} is larger than SQLite's 64-bit integers"))?,
+        ),
+        Value::Float(f) => SqlValue::Real(*f),
+        Value::Text(s) | Value::Decimal(s) | Value::Json(s) => SqlValue::Text(s.clone()),
+        Value::Bytes(b) => SqlValue::Blob(b.clone()),
+        Value::Date(d) => SqlValue::Text(d.format("%Y-%m-%d").to_string()),
+        Value::Time(t, _) => SqlValue::Text(t.format("%H:%M:%S%.f").to_string()),
+        Value::Timestamp(t) => SqlValue::Text(t.format("%Y-%m-%d %H:%M:%S%.f").to_string()),
+        Value::TimestampTz(t) => SqlValue::Text(t.to_rfc3339()),
+        Value::Uuid(u) => SqlValue::Text(u.to_string()),
+        Value::Interval { .. } => return Err("SQLite has no interval type".into()),
+        Value::List(_) => return Err("SQLite has no array type".into()),
+    })
+}
+
+fn map_error(e: rusqlite::Error) -> BackendError {
+    use rusqlite::ErrorCode as C;
+    use EngineErrorKind as K;
+    let (err, message) = match e {
+        rusqlite::Error::SqliteFailure(err, message) => {
+            (err, message.unwrap_or_else(|| err.to_string()))
+        }
+        // Prepare errors carry the offending offset in the SQL text.
+        rusqlite::Error::SqlInputError {
+            error, msg, offset, ..
+        } => (error, format!("{msg} (at offset {offset})")),
+        rusqlite::Error::InvalidParameterCount(given, expected) => {
+            return BackendError::Invalid(format!(
+                "the statement has {expected} parameter(s) but {given} were given"
+            ));
+        }
+        other => {
+            return BackendError::Engine {
+                kind: K::InvalidArgument,
+                code: String::new(),
+                message: other.to_string(),
+            }
+        }
+    };
+    let kind = match err.code {
+        C::ConstraintViolation => match err.extended_code {
+            // SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE
+            1555 | 2067 => K::AlreadyExists,
+            _ => K::FailedPrecondition,
+        },
+        C::DatabaseBusy | C::DatabaseLocked => K::Aborted,
+        C::ReadOnly => K::PermissionDenied,
+        C::OperationInterrupted => K::DeadlineExceeded,
+        C::CannotOpen | C::SystemIoFailure | C::DatabaseCorrupt | C::NotADatabase => K::Unavailable,
+        C::DiskFull | C::OutOfMemory | C::TooBig => K::ResourceExhausted,
+        C::TypeMismatch | C::ParameterOutOfRange => K::InvalidArgument,
+        _ if message.starts_with("no such table") => K::NotFound,
+        C::Unknown => K::InvalidArgument,
+        _ => K::Internal,
+    };
+    BackendError::Engine {
+        kind,
+        code: err.extended_code.to_string(),
+        message,
+    }
+}

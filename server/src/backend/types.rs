@@ -1,0 +1,207 @@
+//! Domain types shared by every engine: values, columns, statements and
+//! schema descriptions.
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+
+/// A typed value, engine-independent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Text(String),
+    Bytes(Vec<u8>),
+    /// Exact decimal as text.
+    Decimal(String),
+    Date(NaiveDate),
+    /// Time of day; the offset (seconds east of UTC) for time-with-time-zone.
+    Time(NaiveTime, Option<i32>),
+    /// Wall-clock timestamp without a zone.
+    Timestamp(NaiveDateTime),
+    TimestampTz(DateTime<Utc>),
+    Interval {
+        months: i32,
+        days: i32,
+        microseconds: i64,
+    },
+    Uuid(uuid::Uuid),
+    /// JSON document text.
+    Json(String),
+    List(Vec<Value>),
+}
+
+pub type Row = Vec<Value>;
+
+/// The normalized family of a column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    Bool,
+    Int,
+    UInt,
+    Float,
+    Decimal,
+    String,
+    Bytes,
+    Date,
+    Time,
+    Timestamp,
+    TimestampTz,
+    Interval,
+    Uuid,
+    Json,
+    List,
+    /// Each value carries its own type (SQLite expressions).
+    Dynamic,
+    /// Described by DescribeTable, but its values cannot be represented:
+    /// selecting it fails with a message that suggests a cast.
+    Unsupported,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    pub name: String,
+    pub native_type: String,
+    pub column_type: ColumnType,
+    pub element_type: Option<ColumnType>,
+    pub nullable: bool,
+    pub precision: Option<i32>,
+    pub scale: Option<i32>,
+    pub max_length: Option<i64>,
+}
+
+impl Column {
+    pub fn new(
+        name: impl Into<String>,
+        native_type: impl Into<String>,
+        column_type: ColumnType,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            native_type: native_type.into(),
+            column_type,
+            element_type: None,
+            nullable: true,
+            precision: None,
+            scale: None,
+            max_length: None,
+        }
+    }
+}
+
+/// A statement and its positional parameters.
+#[derive(Debug, Clone)]
+pub struct Statement {
+    pub sql: String,
+    pub params: Vec<Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    #[default]
+    EngineDefault,
+    ReadUncommitted,
+    ReadCommitted,
+    RepeatableRead,
+    Serializable,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TxOptions {
+    pub isolation: Isolation,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Debug, Clone)]
+pub struct Capabilities {
+    pub transactions: bool,
+    pub isolation_levels: Vec<Isolation>,
+    pub change_streams: bool,
+    pub parameter_style: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub server_version: String,
+    pub database: String,
+    pub user: String,
+    /// One round trip to the engine on a pooled connection.
+    pub round_trip: std::time::Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchemaInfo {
+    pub name: String,
+    pub system: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableKind {
+    Table,
+    View,
+    MaterializedView,
+    ForeignTable,
+    PartitionedTable,
+}
+
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    pub schema: String,
+    pub name: String,
+    pub kind: TableKind,
+    pub row_estimate: Option<i64>,
+    pub comment: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ColumnInfo {
+    pub column: Column,
+    pub ordinal: i32,
+    pub default_expression: String,
+    pub comment: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PrimaryKey {
+    pub name: String,
+    pub columns: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ForeignKey {
+    pub name: String,
+    pub columns: Vec<String>,
+    pub referenced_schema: String,
+    pub referenced_table: String,
+    pub referenced_columns: Vec<String>,
+    pub on_update: String,
+    pub on_delete: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Index {
+    pub name: String,
+    pub columns: Vec<String>,
+    pub unique: bool,
+    pub primary: bool,
+    pub method: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TableDescription {
+    pub table: TableInfo,
+    pub columns: Vec<ColumnInfo>,
+    pub primary_key: Option<PrimaryKey>,
+    pub foreign_keys: Vec<ForeignKey>,
+    pub indexes: Vec<Index>,
+    /// Whether WatchChanges can follow this table, and why not.
+    pub change_stream_ready: bool,
+    pub change_stream_reason: String,
+}

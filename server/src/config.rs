@@ -1,0 +1,429 @@
+//! Typed configuration: a TOML file (or the built-in demo configuration),
+//! overridden by `WEIR__SECTION__KEY` environment variables, validated once at
+//! start with errors that name the offending key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+
+/// The configuration used when `weir` starts without `--config`: one local
+/// tenant `demo` (API key `demo`) with an embedded SQLite source seeded with
+/// sample data. Local use only: the key is public.
+pub const DEMO_CONFIG: &str = r#"
+[tenants.demo]
+api_keys = [{ id = "demo", sha256 = "2a97516c354b68848cdbd8f54a226a0a55b21ed138e207ad6c5cbb9c00aa5aea" }]
+
+[tenants.demo.sources.demo]
+engine = "sqlite"
+path = ":memory:"
+demo_data = true
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// Tenants by id.
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Largest request message accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// How often every source is probed for gRPC health and `ListSources`.
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
+    /// How long open streams may run after a shutdown signal before they are cut.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_request_bytes: 16 * 1024 * 1024,
+            health_check_interval: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantConfig {
+    pub api_keys: Vec<ApiKeyConfig>,
+    pub limits: LimitsConfig,
+    /// Sources by name; names are private to the tenant.
+    pub sources: BTreeMap<String, SourceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// A label for logs and audit (never the key itself).
+    pub id: String,
+    /// Hex SHA-256 of the key, as printed by `weir hash-key`.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Sustained requests per second (token refill rate).
+    pub requests_per_second: u32,
+    /// Requests that may arrive at once above the sustained rate.
+    pub burst: u32,
+    /// Calls in progress at once, streams included.
+    pub max_concurrent_requests: u32,
+    /// Rows a unary `Execute` may return; larger results fail (use ExecuteStream).
+    pub max_rows_per_response: u64,
+    /// Encoded bytes a unary `Execute` may return.
+    pub max_bytes_per_response: u64,
+    /// Longest a statement may run (a shorter gRPC deadline wins).
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// An unused transaction is rolled back after this long.
+    #[serde(with = "humantime_serde")]
+    pub transaction_idle_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 100,
+            burst: 200,
+            max_concurrent_requests: 32,
+            max_rows_per_response: 10_000,
+            max_bytes_per_response: 16 * 1024 * 1024,
+            statement_timeout: Duration::from_secs(30),
+            transaction_idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    Postgres,
+    Sqlite,
+}
+
+/// One source. Engine-specific keys are checked by `validate`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub engine: EngineKind,
+    /// Writes are refused by the engine (read-only sessions), not by parsing SQL.
+    #[serde(default)]
+    pub read_only: bool,
+    /// gRPC health reports NOT_SERVING while a required source is unreachable.
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    // PostgreSQL
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub database: Option<String>,
+    pub user: Option<String>,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
+    /// File holding the password (a mounted Kubernetes Secret).
+    pub password_file: Option<PathBuf>,
+    // SQLite
+    /// Database file, or ":memory:" for a private in-memory database.
+    pub path: Option<String>,
+    /// Seed the database with the demo data set (customers, products, orders).
+    #[serde(default)]
+    pub demo_data: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub max_size: u32,
+    pub min_idle: u32,
+    /// Longest a call waits for a free connection before RESOURCE_EXHAUSTED.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// Longest a new connection may take to open.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Idle connections above `min_idle` are closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_size: 8,
+            min_idle: 0,
+            acquire_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (or the demo configuration when `None`), applies
+    /// `WEIR__...` environment overrides and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let base = match path {
+            Some(p) => Figment::from(Toml::file_exact(p)),
+            None => Figment::from(Toml::string(DEMO_CONFIG)),
+        };
+        Self::from_figment(base.merge(Env::prefixed("WEIR__").split("__")))
+    }
+
+    /// Parses a TOML text (tests, embedded configurations) without environment overrides.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(text)))
+    }
+
+    fn from_figment(f: Figment) -> Result<Self, ConfigError> {
+        let config: Config = f.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.max_request_bytes < 1024 {
+            return Err(invalid("server.max_request_bytes", "must be at least 1024"));
+        }
+        let mut seen_keys = std::collections::HashSet::new();
+        for (tenant_id, tenant) in &self.tenants {
+            let t = format!("tenants.{tenant_id}");
+            check_name(&t, tenant_id)?;
+            for (i, key) in tenant.api_keys.iter().enumerate() {
+                let k = format!("{t}.api_keys[{i}].sha256");
+                let bytes = hex::decode(&key.sha256)
+                    .map_err(|_| invalid(&k, "must be 64 hex digits (see `weir hash-key`)"))?;
+                if bytes.len() != 32 {
+                    return Err(invalid(&k, "must be 64 hex digits (see `weir hash-key`)"));
+                }
+                if !seen_keys.insert(bytes) {
+                    return Err(invalid(&k, "the same key is configured twice"));
+                }
+            }
+            tenant.limits.validate(&format!("{t}.limits"))?;
+            for (name, source) in &tenant.sources {
+                let s = format!("{t}.sources.{name}");
+                check_name(&s, name)?;
+                source.validate(&s)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Tenant and source names appear in metrics and handles: keep them plain.
+fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            "names are 1-63 characters of a-z, 0-9, '_' and '-'",
+        ))
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let positive = [
+            ("requests_per_second", u64::from(self.requests_per_second)),
+            ("burst", u64::from(self.burst)),
+            (
+                "max_concurrent_requests",
+                u64::from(self.max_concurrent_requests),
+            ),
+            ("max_rows_per_response", self.max_rows_per_response),
+            ("max_bytes_per_response", self.max_bytes_per_response),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(invalid(format!("{key}.{name}"), "must be greater than 0"));
+            }
+        }
+        for (name, value) in [
+            ("statement_timeout", self.statement_timeout),
+            ("transaction_idle_timeout", self.transaction_idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(format!("{key}.{name}"), "must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SourceConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if self.pool.max_size == 0 {
+            return Err(invalid(
+                format!("{key}.pool.max_size"),
+                "must be greater than 0",
+            ));
+        }
+        if self.pool.min_idle > self.pool.max_size {
+            return Err(invalid(
+                format!("{key}.pool.min_idle"),
+                "must not exceed pool.max_size",
+            ));
+        }
+        let (allowed, required): (&[&str], &[&str]) = match self.engine {
+            EngineKind::Postgres => (
+                &[
+                    "host",
+                    "port",
+                    "database",
+                    "user",
+                    "password_env",
+                    "password_file",
+                ],
+                &["host", "user"],
+            ),
+            EngineKind::Sqlite => (&["path", "demo_data"], &["path"]),
+        };
+        let present = [
+            ("host", self.host.is_some()),
+            ("port", self.port.is_some()),
+            ("database", self.database.is_some()),
+            ("user", self.user.is_some()),
+            ("password_env", self.password_env.is_some()),
+            ("password_file", self.password_file.is_some()),
+            ("path", self.path.is_some()),
+            ("demo_data", self.demo_data),
+        ];
+        for (name, set) in present {
+            if set && !allowed.contains(&name) {
+                return Err(invalid(
+                    format!("{key}.{name}"),
+                    format!("not a setting of engine {:?}", self.engine),
+                ));
+            }
+            if !set && required.contains(&name) {
+                return Err(invalid(
+                    format!("{key}.{name}"),
+                    "is required for this engine",
+                ));
+            }
+        }
+        if self.password_env.is_some() && self.password_file.is_some() {
+            return Err(invalid(
+                format!("{key}.password_file"),
+                "set either password_env or password_file",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the password from its environment variable or file, if one is configured.
+    pub fn password(&self) -> Result<Option<String>, String> {
+        if let Some(var) = &self.password_env {
+            return std::env::var(var)
+                .map(Some)
+                .map_err(|_| format!("environment variable {var} (password_env) is not set"));
+        }
+        if let Some(path) = &self.password_file {
+            return std::fs::read_to_string(path)
+                .map(|s| Some(s.trim_end_matches(['\r', '\n']).to_string()))
+                .map_err(|e| format!("cannot read password_file {}: {e}", path.display()));
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_config_is_valid() {
+        let c = Config::from_toml(DEMO_CONFIG).expect("demo config");
+        let demo = &c.tenants["demo"];
+        assert_eq!(demo.sources["demo"].engine, EngineKind::Sqlite);
+        assert_eq!(c.server.listen.port(), 50051);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::from_toml("[server]\nlisten_addr = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn engine_specific_keys_are_checked() {
+        let err = Config::from_toml(
+            "[tenants.a.sources.s]\nengine = \"sqlite\"\npath = \"x\"\nhost = \"h\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("tenants.a.sources.s.host"), "{err}");
+        let err = Config::from_toml("[tenants.a.sources.s]\nengine = \"postgres\"\nuser = \"u\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tenants.a.sources.s.host") && err.contains("required"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = Config::from_toml("[tenants.a.limits]\nburst = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tenants.a.limits.burst"), "{err}");
+        let err = Config::from_toml("[tenants.A]\n").unwrap_err().to_string();
+        assert!(err.contains("tenants.A"), "{err}");
+        let err = Config::from_toml("[tenants.a]\napi_keys = [{ id = \"k\", sha256 = \"zz\" }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("api_keys[0].sha256"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        let c = Config::from_toml("[tenants.a.limits]\nstatement_timeout = \"250ms\"\n")
+            .expect("config");
+        assert_eq!(
+            c.tenants["a"].limits.statement_timeout,
+            Duration::from_millis(250)
+        );
+    }
+}

@@ -1,0 +1,205 @@
+//! The gateway's error kinds and their one conversion to `tonic::Status`,
+//! with google.rpc details: `ErrorInfo` (a stable reason and the engine's
+//! code), `RetryInfo` where waiting helps, `BadRequest` for invalid fields.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::backend::{BackendError, EngineErrorKind};
+
+/// `ErrorInfo.domain` of every Weir error.
+pub const ERROR_DOMAIN: &str = "weir.dev";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("missing or invalid API key: send metadata 'authorization: Bearer <key>'")]
+    Unauthenticated,
+    /// The same answer for unknown sources and other tenants' sources.
+    #[error("source \"{0}\" not found")]
+    SourceNotFound(String),
+    #[error("transaction not found: it was committed, rolled back, timed out, or belongs to another caller")]
+    TransactionNotFound,
+    #[error("invalid {field}: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    #[error("rate limit of {rate} requests per second exceeded; retry in {retry_after:?}")]
+    RateLimited { rate: u32, retry_after: Duration },
+    #[error("too many concurrent requests (limit {limit}); retry when a call finishes")]
+    TooManyConcurrent { limit: u32 },
+    #[error(
+        "result exceeds the unary {what} limit of {limit}; use ExecuteStream or narrow the query"
+    )]
+    ResultTooLarge { what: &'static str, limit: u64 },
+    #[error("statement exceeded its time limit of {0:?} and was cancelled")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn info(reason: &str, metadata: Vec<(&str, String)>) -> ErrorDetails {
+    let metadata: std::collections::HashMap<String, String> = metadata
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata)
+}
+
+fn engine_code(kind: EngineErrorKind) -> (Code, &'static str) {
+    use EngineErrorKind as K;
+    match kind {
+        K::InvalidArgument => (Code::InvalidArgument, "ENGINE_INVALID_ARGUMENT"),
+        K::NotFound => (Code::NotFound, "ENGINE_OBJECT_NOT_FOUND"),
+        K::AlreadyExists => (Code::AlreadyExists, "ENGINE_UNIQUE_VIOLATION"),
+        K::FailedPrecondition => (Code::FailedPrecondition, "ENGINE_FAILED_PRECONDITION"),
+        K::PermissionDenied => (Code::PermissionDenied, "ENGINE_PERMISSION_DENIED"),
+        K::Aborted => (Code::Aborted, "ENGINE_ABORTED"),
+        K::ResourceExhausted => (Code::ResourceExhausted, "ENGINE_RESOURCE_EXHAUSTED"),
+        K::Unavailable => (Code::Unavailable, "ENGINE_UNAVAILABLE"),
+        K::DeadlineExceeded => (Code::DeadlineExceeded, "ENGINE_TIMEOUT"),
+        K::Internal => (Code::Internal, "ENGINE_ERROR"),
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let message = e.to_string();
+        let (code, details) = match &e {
+            Error::Unauthenticated => (Code::Unauthenticated, info("UNAUTHENTICATED", vec![])),
+            Error::SourceNotFound(_) => (Code::NotFound, info("SOURCE_NOT_FOUND", vec![])),
+            Error::TransactionNotFound => (Code::NotFound, info("TRANSACTION_NOT_FOUND", vec![])),
+            Error::InvalidArgument { field, message } => {
+                let mut d = ErrorDetails::with_bad_request_violation(*field, message.clone());
+                d.set_error_info(
+                    "INVALID_ARGUMENT",
+                    ERROR_DOMAIN,
+                    std::collections::HashMap::new(),
+                );
+                (Code::InvalidArgument, d)
+            }
+            Error::RateLimited { retry_after, rate } => {
+                let mut d = info("RATE_LIMITED", vec![("limit", rate.to_string())]);
+                d.set_retry_info(Some(*retry_after));
+                (Code::ResourceExhausted, d)
+            }
+            Error::TooManyConcurrent { limit } => {
+                let mut d = info("CONCURRENCY_LIMITED", vec![("limit", limit.to_string())]);
+                d.set_retry_info(Some(Duration::from_millis(100)));
+                (Code::ResourceExhausted, d)
+            }
+            Error::ResultTooLarge { what, limit } => (
+                Code::ResourceExhausted,
+                info(
+                    "RESULT_TOO_LARGE",
+                    vec![("limit", limit.to_string()), ("unit", what.to_string())],
+                ),
+            ),
+            Error::Timeout(limit) => (
+                Code::DeadlineExceeded,
+                info(
+                    "STATEMENT_TIMEOUT",
+                    vec![("limit_ms", limit.as_millis().to_string())],
+                ),
+            ),
+            Error::Backend(b) => match b {
+                BackendError::Engine { kind, code, .. } => {
+                    let (grpc, reason) = engine_code(*kind);
+                    let mut meta = vec![];
+                    if !code.is_empty() {
+                        meta.push(("engine_code", code.clone()));
+                    }
+                    let mut d = info(reason, meta);
+                    if matches!(
+                        kind,
+                        EngineErrorKind::Aborted | EngineErrorKind::Unavailable
+                    ) {
+                        d.set_retry_info(Some(Duration::from_millis(100)));
+                    }
+                    (grpc, d)
+                }
+                BackendError::Unavailable(_) => {
+                    let mut d = info("SOURCE_UNAVAILABLE", vec![]);
+                    d.set_retry_info(Some(Duration::from_secs(1)));
+                    (Code::Unavailable, d)
+                }
+                BackendError::PoolExhausted { max_size, waited } => {
+                    let mut d = info(
+                        "POOL_EXHAUSTED",
+                        vec![
+                            ("pool_size", max_size.to_string()),
+                            ("waited_ms", waited.as_millis().to_string()),
+                        ],
+                    );
+                    d.set_retry_info(Some(Duration::from_millis(200)));
+                    (Code::ResourceExhausted, d)
+                }
+                BackendError::UnsupportedType { .. } => {
+                    (Code::InvalidArgument, info("UNSUPPORTED_TYPE", vec![]))
+                }
+                BackendError::Parameter { .. } => {
+                    (Code::InvalidArgument, info("INVALID_PARAMETER", vec![]))
+                }
+                BackendError::Busy => (Code::FailedPrecondition, info("TRANSACTION_BUSY", vec![])),
+                BackendError::Invalid(_) => {
+                    (Code::InvalidArgument, info("INVALID_REQUEST", vec![]))
+                }
+                BackendError::Internal(_) => (Code::Internal, info("INTERNAL", vec![])),
+            },
+        };
+        let message = match &e {
+            Error::Backend(BackendError::Engine { code, .. }) if !code.is_empty() => {
+                format!("{message} (engine code {code})")
+            }
+            _ => message,
+        };
+        Status::with_error_details(code, message, details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_carries_retry_info() {
+        let status = Status::from(Error::RateLimited {
+            rate: 5,
+            retry_after: Duration::from_millis(150),
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let details = status.get_error_details();
+        assert_eq!(
+            details.retry_info().and_then(|r| r.retry_delay),
+            Some(Duration::from_millis(150))
+        );
+        assert_eq!(
+            details.error_info().map(|i| i.reason.as_str()),
+            Some("RATE_LIMITED")
+        );
+    }
+
+    #[test]
+    fn engine_errors_keep_their_code() {
+        let status = Status::from(Error::Backend(BackendError::Engine {
+            kind: EngineErrorKind::InvalidArgument,
+            code: "42601".into(),
+            message: "syntax error at or near \"selec\"".into(),
+        }));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("42601"));
+        let info = status
+            .get_error_details()
+            .error_info()
+            .cloned()
+            .expect("error info");
+        assert_eq!(
+            info.metadata.get("engine_code").map(String::as_str),
+            Some("42601")
+        );
+    }
+}

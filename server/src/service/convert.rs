@@ -1,0 +1,406 @@
+//! Conversions between protobuf messages and domain types. Incoming values
+//! are validated here, once; outgoing values cannot fail.
+
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Timelike};
+use weir_proto::v1 as pb;
+use weir_proto::v1::value::Kind;
+
+use crate::backend::{self as domain, ColumnType, Isolation, Value};
+use crate::error::Error;
+
+/// Deepest list nesting accepted in a parameter (PostgreSQL allows 6 dimensions).
+const MAX_LIST_DEPTH: usize = 6;
+
+fn bad(field: &'static str, message: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
+pub fn params(values: Vec<pb::Value>) -> Result<Vec<Value>, Error> {
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            value_from_proto(v, 0).map_err(|m| bad("params", format!("parameter {}: {m}", i + 1)))
+        })
+        .collect()
+}
+
+fn value_from_proto(v: pb::Value, depth: usize) -> Result<Value, String> {
+    Ok(match v.kind {
+        None | Some(Kind::Null(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(b),
+        Some(Kind::Int64Value(i)) => Value::Int(i),
+        Some(Kind::Uint64Value(u)) => Value::UInt(u),
+        Some(Kind::DoubleValue(f)) => Value::Float(f),
+        Some(Kind::StringValue(s)) => Value::Text(s),
+        Some(Kind::BytesValue(b)) => Value::Bytes(b),
+        Some(Kind::DecimalValue(s)) => {
+            if !is_decimal(&s) {
+                return Err(format!("'{s}' is not a decimal number"));
+            }
+            Value::Decimal(s)
+        }
+        Some(Kind::DateValue(d)) => Value::Date(
+            u32::try_from(d.month)
+                .ok()
+                .zip(u32::try_from(d.day).ok())
+                .and_then(|(m, day)| NaiveDate::from_ymd_opt(d.year, m, day))
+                .ok_or_else(|| format!("{}-{}-{} is not a valid date", d.year, d.month, d.day))?,
+        ),
+        Some(Kind::TimeValue(t)) => {
+            let time = [t.hours, t.minutes, t.seconds, t.nanos]
+                .map(u32::try_from)
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+                .ok()
+                .and_then(|p| NaiveTime::from_hms_nano_opt(p[0], p[1], p[2], p[3]))
+                .ok_or("not a valid time of day")?;
+            Value::Time(time, t.utc_offset_seconds)
+        }
+        Some(Kind::TimestampValue(ts)) => {
+            let nanos =
+                u32::try_from(ts.nanos).map_err(|_| "timestamp nanos must be 0..999999999")?;
+            Value::TimestampTz(
+                DateTime::from_timestamp(ts.seconds, nanos).ok_or("timestamp out of range")?,
+            )
+        }
+        Some(Kind::IntervalValue(i)) => Value::Interval {
+            months: i.months,
+            days: i.days,
+            microseconds: i.microseconds,
+        },
+        Some(Kind::UuidValue(s)) => {
+            Value::Uuid(uuid::Uuid::parse_str(&s).map_err(|_| format!("'{s}' is not a UUID"))?)
+        }
+        Some(Kind::JsonValue(s)) => {
+            serde_json::from_str::<serde::de::IgnoredAny>(&s)
+                .map_err(|e| format!("invalid JSON: {e}"))?;
+            Value::Json(s)
+        }
+        Some(Kind::ListValue(l)) => {
+            if depth >= MAX_LIST_DEPTH {
+                return Err(format!("lists nest at most {MAX_LIST_DEPTH} deep"));
+            }
+            Value::List(
+                l.values
+                    .into_iter()
+                    .map(|v| value_from_proto(v, depth + 1))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+    })
+}
+
+fn is_decimal(s: &str) -> bool {
+    let body = s.strip_prefix(['-', '+']).unwrap_or(s);
+    if matches!(body, "NaN" | "Infinity") {
+        return true;
+    }
+    let (mantissa, exponent) = match body.split_once(['e', 'E']) {
+        Some((m, e)) => (m, Some(e)),
+        None => (body, None),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = |p: &str| p.chars().all(|c| c.is_ascii_digit());
+    let exponent_ok = exponent.is_none_or(|e| {
+        let e = e.strip_prefix(['-', '+']).unwrap_or(e);
+        !e.is_empty() && digits(e)
+    });
+    !(int.is_empty() && frac.is_empty()) && digits(int) && digits(frac) && exponent_ok
+}
+
+pub fn value(v: Value) -> pb::Value {
+    let kind = match v {
+        Value::Null => Kind::Null(true),
+        Value::Bool(b) => Kind::BoolValue(b),
+        Value::Int(i) => Kind::Int64Value(i),
+        Value::UInt(u) => Kind::Uint64Value(u),
+        Value::Float(f) => Kind::DoubleValue(f),
+        Value::Text(s) => Kind::StringValue(s),
+        Value::Bytes(b) => Kind::BytesValue(b),
+        Value::Decimal(s) => Kind::DecimalValue(s),
+        Value::Date(d) => Kind::DateValue(pb::Date {
+            year: d.year(),
+            month: d.month() as i32,
+            day: d.day() as i32,
+        }),
+        Value::Time(t, offset) => Kind::TimeValue(time_of_day(t, offset)),
+        Value::Timestamp(t) => Kind::TimestampValue(timestamp(t.and_utc())),
+        Value::TimestampTz(t) => Kind::TimestampValue(timestamp(t)),
+        Value::Interval {
+            months,
+            days,
+            microseconds,
+        } => Kind::IntervalValue(pb::Interval {
+            months,
+            days,
+            microseconds,
+        }),
+        Value::Uuid(u) => Kind::UuidValue(u.to_string()),
+        Value::Json(s) => Kind::JsonValue(s),
+        Value::List(items) => Kind::ListValue(pb::ListValue {
+            values: items.into_iter().map(value).collect(),
+        }),
+    };
+    pb::Value { kind: Some(kind) }
+}
+
+fn time_of_day(t: NaiveTime, offset: Option<i32>) -> pb::TimeOfDay {
+    let nanos = t.nanosecond();
+    // chrono writes PostgreSQL's 24:00:00 as a leap second of 23:59:59.
+    if nanos >= 1_000_000_000 && t.hour() == 23 && t.minute() == 59 && t.second() == 59 {
+        return pb::TimeOfDay {
+            hours: 24,
+            minutes: 0,
+            seconds: 0,
+            nanos: (nanos - 1_000_000_000) as i32,
+            utc_offset_seconds: offset,
+        };
+    }
+    pb::TimeOfDay {
+        hours: t.hour() as i32,
+        minutes: t.minute() as i32,
+        seconds: t.second() as i32,
+        nanos: nanos.min(999_999_999) as i32,
+        utc_offset_seconds: offset,
+    }
+}
+
+fn timestamp(t: DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos().min(999_999_999) as i32,
+    }
+}
+
+pub fn row(values: domain::Row) -> pb::Row {
+    pb::Row {
+        values: values.into_iter().map(value).collect(),
+    }
+}
+
+fn column_type(t: ColumnType) -> pb::ColumnType {
+    use pb::ColumnType as P;
+    match t {
+        ColumnType::Bool => P::Bool,
+        ColumnType::Int => P::Int,
+        ColumnType::UInt => P::Uint,
+        ColumnType::Float => P::Float,
+        ColumnType::Decimal => P::Decimal,
+        ColumnType::String => P::String,
+        ColumnType::Bytes => P::Bytes,
+        ColumnType::Date => P::Date,
+        ColumnType::Time => P::Time,
+        ColumnType::Timestamp => P::Timestamp,
+        ColumnType::TimestampTz => P::TimestampTz,
+        ColumnType::Interval => P::Interval,
+        ColumnType::Uuid => P::Uuid,
+        ColumnType::Json => P::Json,
+        ColumnType::List => P::List,
+        ColumnType::Dynamic => P::Dynamic,
+        ColumnType::Unsupported => P::Unspecified,
+    }
+}
+
+pub fn column(c: domain::Column) -> pb::Column {
+    pb::Column {
+        name: c.name,
+        native_type: c.native_type,
+        r#type: column_type(c.column_type) as i32,
+        element_type: c
+            .element_type
+            .map(column_type)
+            .unwrap_or(pb::ColumnType::Unspecified) as i32,
+        nullable: c.nullable,
+        precision: c.precision,
+        scale: c.scale,
+        max_length: c.max_length,
+    }
+}
+
+pub fn isolation(level: i32) -> Result<Isolation, Error> {
+    use pb::IsolationLevel as L;
+    Ok(
+        match L::try_from(level)
+            .map_err(|_| bad("isolation", format!("unknown isolation level {level}")))?
+        {
+            L::Unspecified => Isolation::EngineDefault,
+            L::ReadUncommitted => Isolation::ReadUncommitted,
+            L::ReadCommitted => Isolation::ReadCommitted,
+            L::RepeatableRead => Isolation::RepeatableRead,
+            L::Serializable => Isolation::Serializable,
+        },
+    )
+}
+
+pub fn isolation_to_proto(level: Isolation) -> pb::IsolationLevel {
+    use pb::IsolationLevel as L;
+    match level {
+        Isolation::EngineDefault => L::Unspecified,
+        Isolation::ReadUncommitted => L::ReadUncommitted,
+        Isolation::ReadCommitted => L::ReadCommitted,
+        Isolation::RepeatableRead => L::RepeatableRead,
+        Isolation::Serializable => L::Serializable,
+    }
+}
+
+pub fn engine(e: domain::Engine) -> pb::Engine {
+    match e {
+        domain::Engine::Postgres => pb::Engine::Postgres,
+        domain::Engine::Sqlite => pb::Engine::Sqlite,
+    }
+}
+
+pub fn duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 0,
+    })
+}
+
+pub fn table(t: domain::TableInfo) -> pb::TableInfo {
+    let kind = match t.kind {
+        domain::TableKind::Table => pb::TableKind::Table,
+        domain::TableKind::View => pb::TableKind::View,
+        domain::TableKind::MaterializedView => pb::TableKind::MaterializedView,
+        domain::TableKind::ForeignTable => pb::TableKind::ForeignTable,
+        domain::TableKind::PartitionedTable => pb::TableKind::PartitionedTable,
+    };
+    pb::TableInfo {
+        schema: t.schema,
+        name: t.name,
+        kind: kind as i32,
+        row_estimate: t.row_estimate,
+        comment: t.comment,
+    }
+}
+
+pub fn description(d: domain::TableDescription) -> pb::DescribeTableResponse {
+    pb::DescribeTableResponse {
+        table: Some(table(d.table)),
+        columns: d
+            .columns
+            .into_iter()
+            .map(|c| pb::ColumnInfo {
+                column: Some(column(c.column)),
+                ordinal: c.ordinal,
+                default_expression: c.default_expression,
+                comment: c.comment,
+            })
+            .collect(),
+        primary_key: d.primary_key.map(|pk| pb::PrimaryKey {
+            name: pk.name,
+            columns: pk.columns,
+        }),
+        foreign_keys: d
+            .foreign_keys
+            .into_iter()
+            .map(|f| pb::ForeignKey {
+                name: f.name,
+                columns: f.columns,
+                referenced_schema: f.referenced_schema,
+                referenced_table: f.referenced_table,
+                referenced_columns: f.referenced_columns,
+                on_update: f.on_update,
+                on_delete: f.on_delete,
+            })
+            .collect(),
+        indexes: d
+            .indexes
+            .into_iter()
+            .map(|i| pb::Index {
+                name: i.name,
+                columns: i.columns,
+                unique: i.unique,
+                primary: i.primary,
+                method: i.method,
+            })
+            .collect(),
+        change_streams: Some(pb::ChangeStreamReadiness {
+            ready: d.change_stream_ready,
+            reason: d.change_stream_reason,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_are_checked() {
+        for ok in [
+            "0",
+            "-1.50",
+            "+3",
+            ".5",
+            "1e10",
+            "2.5E-3",
+            "NaN",
+            "-Infinity",
+        ] {
+            assert!(is_decimal(ok), "{ok}");
+        }
+        for bad in ["", "1.2.3", "abc", "1e", "--1", "1;drop"] {
+            assert!(!is_decimal(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn values_round_trip() {
+        let values = vec![
+            Value::Null,
+            Value::Bool(true),
+            Value::Int(-7),
+            Value::UInt(u64::MAX),
+            Value::Float(1.5),
+            Value::Text("héllo".into()),
+            Value::Bytes(vec![0, 255]),
+            Value::Decimal("12.340".into()),
+            Value::Date(NaiveDate::from_ymd_opt(2024, 2, 29).expect("date")),
+            Value::Interval {
+                months: 1,
+                days: 2,
+                microseconds: 3,
+            },
+            Value::Uuid(uuid::Uuid::nil()),
+            Value::Json("{\"a\":1}".into()),
+            Value::List(vec![Value::Int(1), Value::Null]),
+        ];
+        for v in values {
+            assert_eq!(value_from_proto(value(v.clone()), 0).expect("valid"), v);
+        }
+    }
+
+    #[test]
+    fn invalid_params_name_the_parameter() {
+        let bad_date = pb::Value {
+            kind: Some(Kind::DateValue(pb::Date {
+                year: 2023,
+                month: 2,
+                day: 30,
+            })),
+        };
+        let err = params(vec![pb::Value::default(), bad_date])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("parameter 2") && err.contains("not a valid date"),
+            "{err}"
+        );
+        let mut nested = pb::Value {
+            kind: Some(Kind::Int64Value(1)),
+        };
+        for _ in 0..10 {
+            nested = pb::Value {
+                kind: Some(Kind::ListValue(pb::ListValue {
+                    values: vec![nested],
+                })),
+            };
+        }
+        assert!(params(vec![nested]).is_err());
+    }
+}

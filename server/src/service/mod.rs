@@ -1,0 +1,61 @@
+//! gRPC services: proto requests become validated domain calls on the
+//! caller's own sources; engines are reached only through backend traits.
+
+pub mod convert;
+pub mod query;
+pub mod schema;
+pub mod transactions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::Request;
+
+use crate::error::Error;
+use crate::tenant::{Caller, Source};
+
+/// The caller the auth layer attached; its absence is an authentication failure.
+pub fn caller<T>(request: &Request<T>) -> Result<Caller, Error> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or(Error::Unauthenticated)
+}
+
+/// One of the caller's sources; unknown and foreign names get the same answer.
+pub fn source(caller: &Caller, name: &str) -> Result<Arc<Source>, Error> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument {
+            field: "source",
+            message: "a source name is required".into(),
+        });
+    }
+    caller
+        .tenant
+        .source(name)
+        .cloned()
+        .ok_or_else(|| Error::SourceNotFound(name.to_string()))
+}
+
+/// Parses the gRPC `grpc-timeout` header ("100m", "5S", ...).
+fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = amount.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// The time a statement may take: the tenant's limit, or the caller's deadline if sooner.
+pub fn statement_timeout<T>(request: &Request<T>, caller: &Caller) -> Duration {
+    let limit = caller.tenant.limits.statement_timeout;
+    grpc_timeout(request).map_or(limit, |d| d.min(limit))
+}

@@ -1,0 +1,353 @@
+//! QueryService: unary and streaming statements, and transactions.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use weir_proto::v1 as pb;
+use weir_proto::v1::query_service_server::QueryService;
+
+use super::convert;
+use super::transactions::{OpenTransaction, Transactions};
+use super::{caller, source, statement_timeout};
+use crate::backend::{QueryStream, Statement, TxOptions};
+use crate::error::{Error, Result};
+use crate::tenant::Caller;
+
+/// Batches of a result stream are cut at about this many encoded bytes.
+const BATCH_BYTES: usize = 1024 * 1024;
+/// Rows per batch when the caller does not say.
+const DEFAULT_BATCH_ROWS: usize = 1000;
+/// Largest row count a caller may ask for per batch.
+const MAX_BATCH_ROWS: usize = 100_000;
+/// Batches buffered between the engine and the client.
+const STREAM_BUFFER: usize = 4;
+
+pub struct QueryApi {
+    transactions: Arc<Transactions>,
+}
+
+impl QueryApi {
+    pub fn new(transactions: Arc<Transactions>) -> Self {
+        Self { transactions }
+    }
+}
+
+/// What a statement runs on, resolved before it starts.
+struct Target {
+    transaction: Option<Arc<OpenTransaction>>,
+    statement: Statement,
+    caller: Caller,
+    source: String,
+}
+
+impl QueryApi {
+    fn target(
+        &self,
+        caller: Caller,
+        source_name: &str,
+        tx_id: &[u8],
+        sql: String,
+        params: Vec<pb::Value>,
+    ) -> Result<Target> {
+        if sql.trim().is_empty() {
+            return Err(Error::InvalidArgument {
+                field: "sql",
+                message: "the statement is empty".into(),
+            });
+        }
+        let statement = Statement {
+            sql,
+            params: convert::params(params)?,
+        };
+        let transaction = if tx_id.is_empty() {
+            source(&caller, source_name)?;
+            None
+        } else {
+            let tx = self.transactions.get(&caller, tx_id)?;
+            if !source_name.is_empty() && source_name != tx.source {
+                return Err(Error::InvalidArgument {
+                    field: "source",
+                    message: format!("the transaction belongs to source \"{}\"", tx.source),
+                });
+            }
+            Some(tx)
+        };
+        let source = transaction
+            .as_ref()
+            .map_or_else(|| source_name.to_string(), |t| t.source.clone());
+        Ok(Target {
+            transaction,
+            statement,
+            caller,
+            source,
+        })
+    }
+}
+
+impl Target {
+    async fn start(&self) -> Result<QueryStream> {
+        let stream = match &self.transaction {
+            Some(tx) => tx.tx.query(self.statement.clone()).await?,
+            None => {
+                source(&self.caller, &self.source)?
+                    .backend
+                    .query(self.statement.clone())
+                    .await?
+            }
+        };
+        Ok(stream)
+    }
+
+    fn finished(&self) {
+        if let Some(tx) = &self.transaction {
+            tx.touch();
+        }
+    }
+}
+
+fn stats(
+    rows: u64,
+    bytes: u64,
+    affected: Option<u64>,
+    started: Instant,
+    first_row: Option<Duration>,
+) -> pb::QueryStats {
+    let elapsed = started.elapsed();
+    pb::QueryStats {
+        rows_returned: rows,
+        rows_affected: affected,
+        bytes_returned: bytes,
+        elapsed: Some(convert::duration(elapsed)),
+        time_to_first_row: Some(convert::duration(first_row.unwrap_or(elapsed))),
+    }
+}
+
+async fn execute_unary(target: &Target, started: Instant) -> Result<pb::ExecuteResponse> {
+    let limits = &target.caller.tenant.limits;
+    let mut query = target.start().await?;
+    let mut rows = Vec::new();
+    let mut bytes = 0u64;
+    let mut first_row = None;
+    while let Some(row) = query.rows.next().await {
+        first_row.get_or_insert_with(|| started.elapsed());
+        let row = convert::row(row?);
+        bytes += row.encoded_len() as u64;
+        rows.push(row);
+        if rows.len() as u64 > limits.max_rows_per_response {
+            return Err(Error::ResultTooLarge {
+                what: "rows",
+                limit: limits.max_rows_per_response,
+            });
+        }
+        if bytes > limits.max_bytes_per_response {
+            return Err(Error::ResultTooLarge {
+                what: "bytes",
+                limit: limits.max_bytes_per_response,
+            });
+        }
+    }
+    let affected = query.rows.rows_affected();
+    Ok(pb::ExecuteResponse {
+        columns: query.columns.into_iter().map(convert::column).collect(),
+        stats: Some(stats(
+            rows.len() as u64,
+            bytes,
+            affected,
+            started,
+            first_row,
+        )),
+        rows,
+    })
+}
+
+type StreamSender = mpsc::Sender<Result<pb::ExecuteStreamResponse, Status>>;
+
+fn message(
+    payload: pb::execute_stream_response::Payload,
+) -> Result<pb::ExecuteStreamResponse, Status> {
+    Ok(pb::ExecuteStreamResponse {
+        payload: Some(payload),
+    })
+}
+
+/// Streams a result in bounded batches. Returns early, dropping (and so
+/// cancelling) the statement, as soon as the client goes away.
+async fn execute_stream(
+    target: &Target,
+    batch_rows: usize,
+    tx: &StreamSender,
+    started: Instant,
+) -> Result<()> {
+    use pb::execute_stream_response::Payload;
+    let mut query = target.start().await?;
+    let columns = std::mem::take(&mut query.columns)
+        .into_iter()
+        .map(convert::column)
+        .collect();
+    if tx
+        .send(message(Payload::Metadata(pb::ResultMetadata { columns })))
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    let (mut total_rows, mut total_bytes, mut first_row) = (0u64, 0u64, None);
+    let mut batch = Vec::with_capacity(batch_rows.min(DEFAULT_BATCH_ROWS));
+    let mut batch_bytes = 0usize;
+    loop {
+        let next = tokio::select! {
+            biased;
+            row = query.rows.next() => row,
+            () = tx.closed() => return Ok(()),
+        };
+        let Some(row) = next else { break };
+        first_row.get_or_insert_with(|| started.elapsed());
+        let row = convert::row(row?);
+        batch_bytes += row.encoded_len();
+        batch.push(row);
+        if batch.len() >= batch_rows || batch_bytes >= BATCH_BYTES {
+            total_rows += batch.len() as u64;
+            total_bytes += batch_bytes as u64;
+            let rows = std::mem::replace(
+                &mut batch,
+                Vec::with_capacity(batch_rows.min(DEFAULT_BATCH_ROWS)),
+            );
+            batch_bytes = 0;
+            if tx
+                .send(message(Payload::Batch(pb::RowBatch { rows })))
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    }
+    if !batch.is_empty() {
+        total_rows += batch.len() as u64;
+        total_bytes += batch_bytes as u64;
+        if tx
+            .send(message(Payload::Batch(pb::RowBatch { rows: batch })))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+    let affected = query.rows.rows_affected();
+    let _ = tx
+        .send(message(Payload::Stats(stats(
+            total_rows,
+            total_bytes,
+            affected,
+            started,
+            first_row,
+        ))))
+        .await;
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl QueryService for QueryApi {
+    async fn execute(
+        &self,
+        request: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<pb::ExecuteResponse>, Status> {
+        let started = Instant::now();
+        let caller = caller(&request)?;
+        let timeout = statement_timeout(&request, &caller);
+        let r = request.into_inner();
+        let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params)?;
+        let result = tokio::time::timeout(timeout, execute_unary(&target, started)).await;
+        target.finished();
+        let response = result.map_err(|_| Error::Timeout(timeout))??;
+        Ok(Response::new(response))
+    }
+
+    type ExecuteStreamStream = ReceiverStream<Result<pb::ExecuteStreamResponse, Status>>;
+
+    async fn execute_stream(
+        &self,
+        request: Request<pb::ExecuteStreamRequest>,
+    ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
+        let started = Instant::now();
+        let caller = caller(&request)?;
+        let timeout = statement_timeout(&request, &caller);
+        let r = request.into_inner();
+        let batch_rows = match r.max_batch_rows as usize {
+            0 => DEFAULT_BATCH_ROWS,
+            n => n.min(MAX_BATCH_ROWS),
+        };
+        let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(
+            async move {
+                let result = tokio::time::timeout(
+                    timeout,
+                    execute_stream(&target, batch_rows, &tx, started),
+                )
+                .await;
+                target.finished();
+                let outcome = result.map_err(|_| Error::Timeout(timeout)).and_then(|r| r);
+                if let Err(e) = outcome {
+                    tracing::info!(error = %e, "stream ended with an error");
+                    let _ = tx.send(Err(e.into())).await;
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn begin_transaction(
+        &self,
+        request: Request<pb::BeginTransactionRequest>,
+    ) -> Result<Response<pb::BeginTransactionResponse>, Status> {
+        let caller = caller(&request)?;
+        let timeout = statement_timeout(&request, &caller);
+        let r = request.into_inner();
+        let source = source(&caller, &r.source)?;
+        let options = TxOptions {
+            isolation: convert::isolation(r.isolation)?,
+            read_only: r.read_only,
+        };
+        let tx = tokio::time::timeout(timeout, source.backend.begin(options))
+            .await
+            .map_err(|_| Error::Timeout(timeout))?
+            .map_err(Error::from)?;
+        let transaction_id = self.transactions.insert(&caller, &source.name, tx);
+        Ok(Response::new(pb::BeginTransactionResponse {
+            transaction_id,
+            idle_timeout: Some(convert::duration(
+                caller.tenant.limits.transaction_idle_timeout,
+            )),
+        }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        let caller = caller(&request)?;
+        self.transactions
+            .finish(&caller, &request.get_ref().transaction_id, true)
+            .await?;
+        Ok(Response::new(pb::CommitResponse {}))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::RollbackResponse>, Status> {
+        let caller = caller(&request)?;
+        self.transactions
+            .finish(&caller, &request.get_ref().transaction_id, false)
+            .await?;
+        Ok(Response::new(pb::RollbackResponse {}))
+    }
+}

@@ -1,0 +1,151 @@
+//! SchemaService: sources, their capabilities, and what is in them.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use weir_proto::v1 as pb;
+use weir_proto::v1::schema_service_server::SchemaService;
+
+use super::{caller, convert, source, statement_timeout};
+use crate::error::Error;
+use crate::tenant::{Source, SourceStatus};
+
+pub struct SchemaApi;
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn source_info(s: &Arc<Source>) -> pb::SourceInfo {
+    let status = s.status.read().clone();
+    let caps = s.backend.capabilities();
+    pb::SourceInfo {
+        name: s.name.clone(),
+        engine: convert::engine(s.backend.engine()) as i32,
+        server_version: status.server_version,
+        read_only: s.config.read_only,
+        healthy: status.healthy,
+        capabilities: Some(pb::Capabilities {
+            query: true,
+            transactions: caps.transactions,
+            isolation_levels: caps
+                .isolation_levels
+                .into_iter()
+                .map(|l| convert::isolation_to_proto(l) as i32)
+                .collect(),
+            bulk_load_modes: Vec::new(),
+            change_streams: caps.change_streams,
+            kafka: false,
+            parameter_style: caps.parameter_style.to_string(),
+        }),
+    }
+}
+
+/// Runs a catalog call under the caller's statement timeout.
+async fn timed<T>(
+    timeout: std::time::Duration,
+    f: impl std::future::Future<Output = Result<T, crate::backend::BackendError>>,
+) -> Result<T, Error> {
+    Ok(tokio::time::timeout(timeout, f)
+        .await
+        .map_err(|_| Error::Timeout(timeout))??)
+}
+
+#[tonic::async_trait]
+impl SchemaService for SchemaApi {
+    async fn list_sources(
+        &self,
+        request: Request<pb::ListSourcesRequest>,
+    ) -> Result<Response<pb::ListSourcesResponse>, Status> {
+        let caller = caller(&request)?;
+        let sources = caller.tenant.sources().map(source_info).collect();
+        Ok(Response::new(pb::ListSourcesResponse { sources }))
+    }
+
+    async fn test_connection(
+        &self,
+        request: Request<pb::TestConnectionRequest>,
+    ) -> Result<Response<pb::TestConnectionResponse>, Status> {
+        let caller = caller(&request)?;
+        let timeout = statement_timeout(&request, &caller);
+        let source = source(&caller, &request.get_ref().source)?;
+        let result = timed(timeout, source.backend.connection_info()).await;
+        *source.status.write() = match &result {
+            Ok(info) => SourceStatus {
+                healthy: true,
+                server_version: info.server_version.clone(),
+            },
+            Err(_) => SourceStatus {
+                healthy: false,
+                server_version: source.status.read().server_version.clone(),
+            },
+        };
+        let info = result?;
+        Ok(Response::new(pb::TestConnectionResponse {
+            engine: convert::engine(source.backend.engine()) as i32,
+            server_version: info.server_version,
+            round_trip: Some(convert::duration(info.round_trip)),
+            database: info.database,
+            user: info.user,
+        }))
+    }
+
+    async fn list_schemas(
+        &self,
+        request: Request<pb::ListSchemasRequest>,
+    ) -> Result<Response<pb::ListSchemasResponse>, Status> {
+        let caller = caller(&request)?;
+        let timeout = statement_timeout(&request, &caller);
+        let r = request.get_ref();
+        let source = source(&caller, &r.source)?;
+        let schemas = timed(timeout, source.backend.list_schemas(r.include_system)).await?;
+        Ok(Response::new(pb::ListSchemasResponse {
+            schemas: schemas
+                .into_iter()
+                .map(|s| pb::SchemaInfo {
+                    name: s.name,
+                    system: s.system,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_tables(
+        &self,
+        request: Request<pb::ListTablesRequest>,
+    ) -> Result<Response<pb::ListTablesResponse>, Status> {
+        let caller = caller(&request)?;
+        let timeout = statement_timeout(&request, &caller);
+        let r = request.get_ref();
+        let source = source(&caller, &r.source)?;
+        let tables = timed(timeout, source.backend.list_tables(non_empty(&r.schema))).await?;
+        Ok(Response::new(pb::ListTablesResponse {
+            tables: tables.into_iter().map(convert::table).collect(),
+        }))
+    }
+
+    async fn describe_table(
+        &self,
+        request: Request<pb::DescribeTableRequest>,
+    ) -> Result<Response<pb::DescribeTableResponse>, Status> {
+        let caller = caller(&request)?;
+        let timeout = statement_timeout(&request, &caller);
+        let r = request.get_ref();
+        if r.table.is_empty() {
+            return Err(Error::InvalidArgument {
+                field: "table",
+                message: "a table name is required".into(),
+            }
+            .into());
+        }
+        let source = source(&caller, &r.source)?;
+        let description = timed(
+            timeout,
+            source
+                .backend
+                .describe_table(non_empty(&r.schema), &r.table),
+        )
+        .await?;
+        Ok(Response::new(convert::description(description)))
+    }
+}

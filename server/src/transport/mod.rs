@@ -1,0 +1,57 @@
+//! The gRPC server: transport settings, then auth, then limits, then the
+//! services; health and reflection on the same port.
+
+pub mod auth;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use weir_proto::v1::query_service_server::QueryServiceServer;
+use weir_proto::v1::schema_service_server::SchemaServiceServer;
+
+use crate::config::Config;
+use crate::limits::admission::AdmissionLayer;
+use crate::service::query::QueryApi;
+use crate::service::schema::SchemaApi;
+use crate::service::transactions::Transactions;
+use crate::tenant::Tenants;
+use auth::AuthLayer;
+
+pub async fn serve(
+    config: &Config,
+    listener: TcpListener,
+    tenants: Arc<Tenants>,
+    transactions: Arc<Transactions>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let max = config.server.max_request_bytes;
+    let query = QueryServiceServer::new(QueryApi::new(transactions)).max_decoding_message_size(max);
+    let schema = SchemaServiceServer::new(SchemaApi).max_decoding_message_size(max);
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(weir_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1();
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(weir_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha();
+    let (reflection_v1, reflection_v1alpha) = (reflection_v1?, reflection_v1alpha?);
+    Server::builder()
+        .tcp_nodelay(true)
+        .layer(AuthLayer::new(tenants))
+        .layer(AdmissionLayer)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(query)
+        .add_service(schema)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

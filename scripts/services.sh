@@ -1,0 +1,50 @@
+# Helpers for scripts/test: make sure the servers the tests use are installed
+# and running. Each check is cheap when the server is already up.
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    as_root apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_build_tools() {
+  command -v cargo >/dev/null || { echo "error: cargo is required (https://rustup.rs)"; exit 1; }
+  command -v cc >/dev/null || apt_install build-essential
+}
+
+pg_ready() {
+  pg_isready -q -h "${WEIR_TEST_PG_HOST:-127.0.0.1}" -p "${WEIR_TEST_PG_PORT:-5432}" 2>/dev/null
+}
+
+ensure_postgres() {
+  if [ -n "${WEIR_TEST_PG_HOST:-}" ] && [ "${WEIR_TEST_PG_HOST}" != 127.0.0.1 ] && [ "${WEIR_TEST_PG_HOST}" != localhost ]; then
+    return 0 # an external server was named: use it as it is
+  fi
+  if ! pg_ready; then
+    if [ -z "$(ls /etc/postgresql 2>/dev/null)" ]; then
+      echo "installing PostgreSQL..."
+      apt_install postgresql postgresql-client
+    fi
+    local version
+    version="$(ls /etc/postgresql | sort -V | tail -n 1)"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    for _ in $(seq 1 50); do pg_ready && break; sleep 0.2; done
+    pg_ready || { echo "error: PostgreSQL did not start"; exit 1; }
+  fi
+  # A fresh installation asks TCP clients for a password: give the test user one,
+  # and make sure the test database exists. Both are no-ops where already done.
+  local password="${WEIR_TEST_PG_PASSWORD:-postgres}" user="${WEIR_TEST_PG_USER:-postgres}" db="${WEIR_TEST_PG_DATABASE:-test}"
+  if command -v runuser >/dev/null && id postgres >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    runuser -u postgres -- psql -q -c "ALTER ROLE \"$user\" PASSWORD '$password'" >/dev/null 2>&1 || true
+    if ! runuser -u postgres -- psql -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'" 2>/dev/null | grep -q 1; then
+      runuser -u postgres -- createdb -O "$user" "$db" >/dev/null 2>&1 || true
+    fi
+  fi
+}

@@ -1,0 +1,166 @@
+//! Test harness: the real gateway on port 0, reached through the real client,
+//! in front of real engines (PostgreSQL from WEIR_TEST_PG_*, embedded SQLite).
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::WeirClient;
+use weir_server::Config;
+
+pub struct TestServer {
+    pub addr: String,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(toml: &str) -> TestServer {
+        let config = Config::from_toml(toml).expect("test configuration is valid");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let addr = format!("http://{}", listener.local_addr().expect("local addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(weir_server::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            stop: Some(stop),
+            handle: Some(handle),
+        }
+    }
+
+    pub async fn client(&self, key: &str) -> WeirClient {
+        WeirClient::connect(&self.addr, key)
+            .await
+            .expect("connect to the test server")
+    }
+
+    /// Stops the server and waits for it to finish draining.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            handle
+                .await
+                .expect("server task")
+                .expect("server ran cleanly");
+        }
+    }
+}
+
+pub fn key_hash(key: &str) -> String {
+    hex::encode(weir_server::tenant::hash_key(key))
+}
+
+/// A tenant section: `id` with API key `key-<id>`, extra limit lines and sources.
+pub fn tenant(id: &str, limits: &str, sources: &str) -> String {
+    format!(
+        "[tenants.{id}]\napi_keys = [{{ id = \"k\", sha256 = \"{}\" }}]\n[tenants.{id}.limits]\n{limits}\n{sources}\n",
+        key_hash(&format!("key-{id}"))
+    )
+}
+
+pub fn sqlite_demo(tenant: &str, name: &str) -> String {
+    format!("[tenants.{tenant}.sources.{name}]\nengine = \"sqlite\"\npath = \":memory:\"\ndemo_data = true\n")
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// A PostgreSQL source section for the test server (WEIR_TEST_PG_* variables).
+pub fn postgres(tenant: &str, name: &str, extra: &str) -> String {
+    let password = if std::env::var("WEIR_TEST_PG_PASSWORD").is_ok() {
+        "password_env = \"WEIR_TEST_PG_PASSWORD\"\n"
+    } else {
+        ""
+    };
+    format!(
+        "[tenants.{tenant}.sources.{name}]\nengine = \"postgres\"\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndatabase = \"{}\"\n{password}{extra}\n",
+        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_PG_PORT", "5432"),
+        env_or("WEIR_TEST_PG_USER", "postgres"),
+        env_or("WEIR_TEST_PG_DATABASE", "test"),
+    )
+}
+
+/// A direct connection to the test PostgreSQL, for setup and for checking
+/// what the gateway did (pg_stat_activity).
+pub async fn pg_direct() -> tokio_postgres::Client {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&env_or("WEIR_TEST_PG_HOST", "127.0.0.1"))
+        .port(env_or("WEIR_TEST_PG_PORT", "5432").parse().expect("port"))
+        .user(&env_or("WEIR_TEST_PG_USER", "postgres"))
+        .dbname(&env_or("WEIR_TEST_PG_DATABASE", "test"));
+    if let Ok(p) = std::env::var("WEIR_TEST_PG_PASSWORD") {
+        config.password(p);
+    }
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect(
+        "PostgreSQL for tests is not reachable: run ./scripts/test, or set WEIR_TEST_PG_HOST/PORT/USER/PASSWORD/DATABASE",
+    );
+    tokio::spawn(connection);
+    client
+}
+
+/// Waits until no backend of the gateway runs a statement containing `needle`.
+pub async fn wait_until_gone(pg: &tokio_postgres::Client, needle: &str, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let running: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weir' AND state = 'active' AND query LIKE '%' || $1 || '%'",
+                &[&needle],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if running == 0 {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}
+
+pub fn engine_code(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .and_then(|i| i.metadata.get("engine_code").cloned())
+        .unwrap_or_default()
+}
+
+pub fn int(v: &pb::Value) -> i64 {
+    match v.kind {
+        Some(pb::value::Kind::Int64Value(i)) => i,
+        ref other => panic!("expected an int64 value, got {other:?}"),
+    }
+}
+
+pub fn text(v: &pb::Value) -> &str {
+    match &v.kind {
+        Some(pb::value::Kind::StringValue(s)) => s,
+        other => panic!("expected a string value, got {other:?}"),
+    }
+}
+
+pub fn is_null(v: &pb::Value) -> bool {
+    matches!(v.kind, Some(pb::value::Kind::Null(_)) | None)
+}

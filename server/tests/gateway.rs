@@ -1,0 +1,587 @@
+//! The gateway on its embedded SQLite source: queries, schema, transactions,
+//! authentication, isolation between tenants, limits and errors.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tonic::Code;
+use tonic_types::StatusExt;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::weir_proto::v1::IsolationLevel;
+
+fn two_tenants() -> String {
+    let mut toml = tenant("alpha", "", &sqlite_demo("alpha", "shop"));
+    toml.push_str(&tenant("beta", "", &sqlite_demo("beta", "crm")));
+    toml
+}
+
+#[tokio::test]
+async fn demo_configuration_serves_the_demo_source() {
+    let server = TestServer::start(weir_server::config::DEMO_CONFIG).await;
+    let client = server.client("demo").await;
+    let result = client
+        .execute("demo", "SELECT count(*) AS n FROM customers", vec![])
+        .await
+        .expect("query the demo data");
+    assert_eq!(result.columns[0].name, "n");
+    assert_eq!(int(&result.rows[0].values[0]), 500);
+    let tables = client.list_tables("demo", "").await.expect("tables");
+    let names: Vec<_> = tables.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "customers",
+            "order_items",
+            "order_totals",
+            "orders",
+            "products"
+        ]
+    );
+    let orders = tables.iter().find(|t| t.name == "orders").expect("orders");
+    assert_eq!(orders.row_estimate, Some(3000));
+    assert_eq!(
+        tables
+            .iter()
+            .find(|t| t.name == "order_totals")
+            .map(|t| t.kind),
+        Some(pb::TableKind::View as i32)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn typed_parameters_and_values() {
+    let server = TestServer::start(&two_tenants()).await;
+    let client = server.client("key-alpha").await;
+    let r = client
+        .execute(
+            "shop",
+            "SELECT id, name, price, signed_up, vip FROM customers JOIN products ON products.id = customers.id WHERE customers.id = ?",
+            vec![7i64.into()],
+        )
+        .await;
+    // Ambiguous column names are the engine's error, reported as such.
+    let err = r.expect_err("ambiguous column");
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let r = client
+        .execute(
+            "shop",
+            "SELECT id, name, signed_up, vip FROM customers WHERE id = ? AND country <> ?",
+            vec![7i64.into(), "XX".into()],
+        )
+        .await
+        .expect("customer 7");
+    assert_eq!(r.rows.len(), 1);
+    let row = &r.rows[0].values;
+    assert_eq!(int(&row[0]), 7);
+    assert!(
+        matches!(row[2].kind, Some(pb::value::Kind::DateValue(_))),
+        "DATE column gives a date: {:?}",
+        row[2]
+    );
+    assert!(
+        matches!(row[3].kind, Some(pb::value::Kind::BoolValue(_))),
+        "BOOLEAN column gives a bool"
+    );
+    let types: Vec<_> = r.columns.iter().map(|c| c.r#type).collect();
+    assert_eq!(
+        types,
+        [
+            pb::ColumnType::Int as i32,
+            pb::ColumnType::String as i32,
+            pb::ColumnType::Date as i32,
+            pb::ColumnType::Bool as i32
+        ]
+    );
+
+    let r = client
+        .execute(
+            "shop",
+            "SELECT ? IS NULL, typeof(?), ?",
+            vec![pb::Value::null(), 2.5f64.into(), vec![1u8, 2, 3].into()],
+        )
+        .await
+        .expect("null and blob parameters");
+    let row = &r.rows[0].values;
+    assert_eq!(int(&row[0]), 1);
+    assert_eq!(text(&row[1]), "real");
+    assert_eq!(
+        row[2].kind,
+        Some(pb::value::Kind::BytesValue(vec![1, 2, 3]))
+    );
+
+    let err = client
+        .execute("shop", "SELECT ?", vec![])
+        .await
+        .expect_err("missing parameter");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("1 parameter"), "{}", err.message());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn statements_report_rows_affected_and_streams_end_with_stats() {
+    let server = TestServer::start(&two_tenants()).await;
+    let client = server.client("key-alpha").await;
+    let r = client
+        .execute(
+            "shop",
+            "UPDATE products SET stock = stock + 1 WHERE category = ?",
+            vec!["books".into()],
+        )
+        .await
+        .expect("update");
+    let affected = r
+        .stats
+        .and_then(|s| s.rows_affected)
+        .expect("rows affected");
+    let count = client
+        .execute(
+            "shop",
+            "SELECT count(*) FROM products WHERE category = 'books'",
+            vec![],
+        )
+        .await
+        .expect("count");
+    assert_eq!(affected as i64, int(&count.rows[0].values[0]));
+
+    let mut stream = client
+        .execute_stream(
+            "shop",
+            "SELECT * FROM order_items ORDER BY order_id",
+            vec![],
+        )
+        .await
+        .expect("stream");
+    assert_eq!(stream.columns().len(), 4);
+    let mut rows = 0;
+    let mut batches = 0;
+    while let Some(batch) = stream.next_batch().await.expect("batch") {
+        assert!(
+            batch.len() <= 1000,
+            "default batches hold at most 1000 rows"
+        );
+        rows += batch.len();
+        batches += 1;
+    }
+    let stats = stream.stats().expect("stats come last");
+    assert_eq!(stats.rows_returned as usize, rows);
+    assert!(
+        rows > 8000 && batches >= 9,
+        "{rows} rows in {batches} batches"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn schema_calls_describe_the_source() {
+    let server = TestServer::start(&two_tenants()).await;
+    let client = server.client("key-alpha").await;
+    let sources = client.list_sources().await.expect("sources");
+    assert_eq!(sources.len(), 1);
+    assert_eq!(sources[0].name, "shop");
+    assert_eq!(sources[0].engine, pb::Engine::Sqlite as i32);
+    assert_eq!(
+        sources[0]
+            .capabilities
+            .as_ref()
+            .map(|c| c.parameter_style.as_str()),
+        Some("?")
+    );
+
+    let ping = client.test_connection("shop").await.expect("ping");
+    assert!(
+        ping.server_version.starts_with("SQLite 3."),
+        "{}",
+        ping.server_version
+    );
+
+    let schemas = client.list_schemas("shop").await.expect("schemas");
+    assert_eq!(
+        schemas.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["main"]
+    );
+
+    let d = client
+        .describe_table("shop", "", "order_items")
+        .await
+        .expect("describe");
+    let pk = d.primary_key.expect("primary key");
+    assert_eq!(pk.columns, ["order_id", "product_id"]);
+    assert_eq!(d.foreign_keys.len(), 2);
+    let to_orders = d
+        .foreign_keys
+        .iter()
+        .find(|f| f.referenced_table == "orders")
+        .expect("fk to orders");
+    assert_eq!(to_orders.on_delete, "CASCADE");
+    let price = d
+        .columns
+        .iter()
+        .find(|c| c.column.as_ref().is_some_and(|c| c.name == "unit_price"))
+        .expect("unit_price");
+    let col = price.column.as_ref().expect("column");
+    assert_eq!(col.native_type, "DECIMAL(10,2)");
+    assert_eq!(col.r#type, pb::ColumnType::Decimal as i32);
+    assert!(!col.nullable);
+    assert!(!d.change_streams.expect("readiness").ready);
+
+    let err = client
+        .describe_table("shop", "", "nope")
+        .await
+        .expect_err("unknown table");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .execute("shop", "SELECT * FROM nope", vec![])
+        .await
+        .expect_err("unknown table");
+    assert_eq!(err.code(), Code::NotFound);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn transactions_commit_and_roll_back() {
+    let server = TestServer::start(&two_tenants()).await;
+    let client = server.client("key-alpha").await;
+    let tx = client
+        .begin("shop", IsolationLevel::Serializable, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(
+            &tx,
+            "shop",
+            "INSERT INTO products VALUES (1001, 'SKU-TX1', 'Rolled back', 'toys', 1.00, 1)",
+            vec![],
+        )
+        .await
+        .expect("insert in tx");
+    let seen = client
+        .execute_in(
+            &tx,
+            "",
+            "SELECT count(*) FROM products WHERE id = 1001",
+            vec![],
+        )
+        .await
+        .expect("read own write");
+    assert_eq!(int(&seen.rows[0].values[0]), 1);
+    client.rollback(&tx).await.expect("rollback");
+    let after = client
+        .execute(
+            "shop",
+            "SELECT count(*) FROM products WHERE id = 1001",
+            vec![],
+        )
+        .await
+        .expect("count");
+    assert_eq!(int(&after.rows[0].values[0]), 0);
+    assert_eq!(
+        client
+            .commit(&tx)
+            .await
+            .expect_err("handle is spent")
+            .code(),
+        Code::NotFound
+    );
+
+    let tx = client
+        .begin("shop", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(
+            &tx,
+            "shop",
+            "INSERT INTO products VALUES (1002, 'SKU-TX2', 'Committed', 'toys', 1.00, 1)",
+            vec![],
+        )
+        .await
+        .expect("insert");
+    client.commit(&tx).await.expect("commit");
+    let after = client
+        .execute("shop", "SELECT name FROM products WHERE id = 1002", vec![])
+        .await
+        .expect("read");
+    assert_eq!(text(&after.rows[0].values[0]), "Committed");
+
+    let tx = client
+        .begin("shop", IsolationLevel::Unspecified, true)
+        .await
+        .expect("read-only begin");
+    let err = client
+        .execute_in(&tx, "shop", "DELETE FROM products", vec![])
+        .await
+        .expect_err("read-only transaction");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    client.rollback(&tx).await.expect("rollback");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tenants_are_isolated() {
+    let server = TestServer::start(&two_tenants()).await;
+    let alpha = server.client("key-alpha").await;
+    let beta = server.client("key-beta").await;
+
+    let foreign = alpha
+        .execute("crm", "SELECT 1", vec![])
+        .await
+        .expect_err("beta's source");
+    let unknown = alpha
+        .execute("nope", "SELECT 1", vec![])
+        .await
+        .expect_err("unknown source");
+    assert_eq!(foreign.code(), Code::NotFound);
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert_eq!(
+        foreign.message().replace("crm", "X"),
+        unknown.message().replace("nope", "X"),
+        "same answer either way"
+    );
+    assert_eq!(reason(&foreign), "SOURCE_NOT_FOUND");
+
+    let tx = alpha
+        .begin("shop", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let err = beta
+        .execute_in(&tx, "", "SELECT 1", vec![])
+        .await
+        .expect_err("alpha's transaction");
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(
+        beta.rollback(&tx)
+            .await
+            .expect_err("alpha's transaction")
+            .code(),
+        Code::NotFound
+    );
+    alpha
+        .rollback(&tx)
+        .await
+        .expect("the owner can still use it");
+    let forged = alpha
+        .execute_in(b"not-a-handle", "", "SELECT 1", vec![])
+        .await
+        .expect_err("forged handle");
+    assert_eq!(forged.code(), Code::NotFound);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_keys_are_unauthenticated_and_health_needs_none() {
+    let server = TestServer::start(&two_tenants()).await;
+    for key in ["wrong", "", "key-gamma"] {
+        let client = server.client(if key.is_empty() { "x" } else { key }).await;
+        let err = client.list_sources().await.expect_err("bad key");
+        assert_eq!(err.code(), Code::Unauthenticated, "{key}");
+        assert!(!err.message().contains("alpha") && !err.message().contains("shop"));
+    }
+    let channel = tonic::transport::Channel::from_shared(server.addr.clone())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health without a key");
+    assert_eq!(
+        r.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    let mut raw =
+        weir_client::weir_proto::v1::schema_service_client::SchemaServiceClient::new(channel);
+    let err = raw
+        .list_sources(pb::ListSourcesRequest {})
+        .await
+        .expect_err("no key at all");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let request_id = err
+        .metadata()
+        .get("x-request-id")
+        .expect("request id echoed on errors too");
+    assert!(!request_id.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limit_answers_with_a_retry_delay() {
+    let toml = tenant(
+        "slow",
+        "requests_per_second = 2\nburst = 3",
+        &sqlite_demo("slow", "db"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-slow").await;
+    for _ in 0..3 {
+        client.list_sources().await.expect("within the burst");
+    }
+    let err = client.list_sources().await.expect_err("over the rate");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&err), "RATE_LIMITED");
+    let delay = err
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo");
+    assert!(
+        delay > Duration::ZERO && delay <= Duration::from_millis(500),
+        "{delay:?}"
+    );
+    tokio::time::sleep(delay).await;
+    client
+        .list_sources()
+        .await
+        .expect("admitted after the advised delay");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn concurrency_limit_counts_open_streams() {
+    let toml = tenant(
+        "one",
+        "max_concurrent_requests = 1",
+        &sqlite_demo("one", "db"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-one").await;
+    let mut open = client.query();
+    let request = pb::ExecuteStreamRequest {
+        source: "db".into(),
+        sql: "SELECT * FROM order_items".into(),
+        max_batch_rows: 10,
+        ..Default::default()
+    };
+    let mut stream = open
+        .execute_stream(request)
+        .await
+        .expect("first stream")
+        .into_inner();
+    assert!(stream.message().await.expect("metadata").is_some());
+    let err = client
+        .list_sources()
+        .await
+        .expect_err("the stream holds the only slot");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&err), "CONCURRENCY_LIMITED");
+    drop(stream);
+    let mut admitted = false;
+    for _ in 0..50 {
+        if client.list_sources().await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(admitted, "the slot is released when the stream is dropped");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unary_results_are_capped_not_truncated() {
+    let toml = tenant(
+        "capped",
+        "max_rows_per_response = 100\nmax_bytes_per_response = 100000",
+        &sqlite_demo("capped", "db"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-capped").await;
+    let err = client
+        .execute("db", "SELECT * FROM orders", vec![])
+        .await
+        .expect_err("3000 rows > 100");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&err), "RESULT_TOO_LARGE");
+    assert!(err.message().contains("ExecuteStream"), "{}", err.message());
+    assert!(
+        err.get_error_details().retry_info().is_none(),
+        "retrying cannot help"
+    );
+    let ok = client
+        .execute("db", "SELECT * FROM orders LIMIT 100", vec![])
+        .await
+        .expect("at the cap");
+    assert_eq!(ok.rows.len(), 100);
+    let err = client
+        .execute("db", "SELECT zeroblob(200000)", vec![])
+        .await
+        .expect_err("bytes cap");
+    assert_eq!(reason(&err), "RESULT_TOO_LARGE");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn statement_timeout_cancels_sqlite_work() {
+    let toml = tenant(
+        "t",
+        "statement_timeout = \"300ms\"",
+        &sqlite_demo("t", "db"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-t").await;
+    let started = std::time::Instant::now();
+    let slow =
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+    let err = client
+        .execute("db", slow, vec![])
+        .await
+        .expect_err("endless query");
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert_eq!(reason(&err), "STATEMENT_TIMEOUT");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // The interrupted connection is healthy and back in the pool.
+    for _ in 0..10 {
+        client
+            .execute("db", "SELECT 1", vec![])
+            .await
+            .expect("pool still serves");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_are_rejected_with_the_field() {
+    let server = TestServer::start(&two_tenants()).await;
+    let client = server.client("key-alpha").await;
+    let err = client
+        .execute("shop", "   ", vec![])
+        .await
+        .expect_err("empty sql");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let violations = err
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.clone())
+        .unwrap_or_default();
+    assert_eq!(violations.first().map(|v| v.field.as_str()), Some("sql"));
+    let bad_uuid = pb::Value {
+        kind: Some(pb::value::Kind::UuidValue("nope".into())),
+    };
+    let err = client
+        .execute("shop", "SELECT ?", vec![bad_uuid])
+        .await
+        .expect_err("bad uuid");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("parameter 1"), "{}", err.message());
+    let err = client
+        .execute("", "SELECT 1", vec![])
+        .await
+        .expect_err("no source");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = client
+        .execute("shop", "selec 1", vec![])
+        .await
+        .expect_err("syntax");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(!engine_code(&err).is_empty(), "engine code attached");
+    server.stop().await;
+}

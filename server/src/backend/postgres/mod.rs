@@ -88,8 +88,30 @@ impl bb8::ManageConnection for PgManager {
     }
 }
 
+/// Publishes connection failures, so that callers waiting for a connection
+/// learn at once that the database is unreachable instead of waiting out
+/// the acquire timeout and mistaking it for a busy pool.
+#[derive(Debug, Clone)]
+struct ConnectErrors(Arc<tokio::sync::watch::Sender<String>>);
+
+impl bb8::ErrorSink<tokio_postgres::Error> for ConnectErrors {
+    fn sink(&self, error: tokio_postgres::Error) {
+        let message = match map_error(error) {
+            BackendError::Unavailable(m) => m,
+            other => other.to_string(),
+        };
+        tracing::warn!(error = %message, "cannot open a postgres connection");
+        self.0.send_replace(message);
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
+        Box::new(self.clone())
+    }
+}
+
 pub struct PostgresSource {
     pool: Pool<PgManager>,
+    connect_errors: ConnectErrors,
     max_size: u32,
     read_only: bool,
 }
@@ -112,7 +134,9 @@ impl PostgresSource {
             // Enforced by the engine for every statement, whatever its text.
             pg.options("-c default_transaction_read_only=on");
         }
+        let connect_errors = ConnectErrors(Arc::new(tokio::sync::watch::channel(String::new()).0));
         let pool = Pool::builder()
+            .error_sink(Box::new(connect_errors.clone()))
             .max_size(config.pool.max_size)
             .min_idle(config.pool.min_idle)
             .idle_timeout(config.pool.idle_timeout)
@@ -122,6 +146,7 @@ impl PostgresSource {
             .build_unchecked(PgManager { config: pg });
         Ok(Self {
             pool,
+            connect_errors,
             max_size: config.pool.max_size,
             read_only: config.read_only,
         })
@@ -129,13 +154,14 @@ impl PostgresSource {
 
     async fn lease(&self) -> Result<PooledConnection<'static, PgManager>, BackendError> {
         let started = Instant::now();
-        self.pool.get_owned().await.map_err(|e| match e {
-            RunError::User(e) => map_error(e),
-            RunError::TimedOut => BackendError::PoolExhausted {
-                max_size: self.max_size,
-                waited: started.elapsed(),
-            },
-        })
+        let mut failures = self.connect_errors.0.subscribe();
+        tokio::select! {
+            got = self.pool.get_owned() => got.map_err(|e| match e {
+                RunError::User(e) => map_error(e),
+                RunError::TimedOut => BackendError::PoolExhausted { max_size: self.max_size, waited: started.elapsed() },
+            }),
+            Ok(()) = failures.changed() => Err(BackendError::Unavailable(failures.borrow().clone())),
+        }
     }
 }
 

@@ -39,6 +39,8 @@ pub fn column_type(ty: &Type) -> Option<(ColumnType, Option<ColumnType>)> {
         Type::INTERVAL => simple(ColumnType::Interval),
         Type::UUID => simple(ColumnType::Uuid),
         Type::JSON | Type::JSONB => simple(ColumnType::Json),
+        // Functions returning void (pg_sleep, ...) yield NULL.
+        Type::VOID => simple(ColumnType::Dynamic),
         _ => match ty.kind() {
             Kind::Enum(_) => simple(ColumnType::String),
             Kind::Domain(inner) => column_type(inner),
@@ -132,7 +134,11 @@ fn decode(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
         Type::FLOAT4 => Value::Float(f64::from(wire::float4_from_sql(raw)?)),
         Type::FLOAT8 => Value::Float(wire::float8_from_sql(raw)?),
         Type::NUMERIC => Value::Decimal(numeric_to_string(raw)?),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN | Type::XML => {
+            Value::Text(wire::text_from_sql(raw)?.to_string())
+        }
         Type::CHAR => Value::Text(String::from_utf8_lossy(raw).into_owned()),
+        Type::VOID => Value::Null,
         Type::BYTEA => Value::Bytes(raw.to_vec()),
         Type::DATE => {
             let days = wire::date_from_sql(raw)?;

@@ -1,0 +1,750 @@
+//! The gateway in front of a real PostgreSQL: every type, parameters,
+//! transactions, cancellation, timeouts, schema and engine errors.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tonic::Code;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::weir_proto::v1::value::Kind;
+use weir_client::weir_proto::v1::IsolationLevel;
+
+fn config(limits: &str) -> String {
+    let mut toml = tenant(
+        "acme",
+        limits,
+        &postgres(
+            "acme",
+            "pg",
+            "[tenants.acme.sources.pg.pool]\nmax_size = 4\n",
+        ),
+    );
+    toml.push_str(&tenant("other", "", &sqlite_demo("other", "lite")));
+    toml
+}
+
+async fn setup(sql: &str) {
+    pg_direct()
+        .await
+        .batch_execute(sql)
+        .await
+        .expect("setup SQL");
+}
+
+fn kind(v: &pb::Value) -> &Kind {
+    v.kind.as_ref().expect("value kind set")
+}
+
+#[tokio::test]
+async fn every_type_maps_to_a_value() {
+    setup(
+        "DROP TABLE IF EXISTS weir_types; DROP TYPE IF EXISTS weir_mood; DROP DOMAIN IF EXISTS weir_positive;
+         CREATE TYPE weir_mood AS ENUM ('sad', 'happy');
+         CREATE DOMAIN weir_positive AS int4 CHECK (VALUE > 0);
+         CREATE TABLE weir_types (
+            b bool, i2 int2, i4 int4, i8 int8, n numeric(12,4), n_big numeric, f4 float4, f8 float8,
+            t text, vc varchar(10), c char(3), by bytea, d date, tm time, tmtz timetz, ts timestamp, tstz timestamptz,
+            iv interval, u uuid, j json, jb jsonb, ai int4[], at text[], a2 int8[][], e weir_mood, dom weir_positive,
+            o oid, ip inet, nul int4);
+         INSERT INTO weir_types VALUES (
+            true, -32768, 2147483647, -9223372036854775808, 12345678.9012, 123456789012345678901234567890.123456789,
+            1.5, 2.25, 'héllo', 'short', 'ab', '\\x00ff10', '2024-02-29', '23:59:59.5', '10:00:00+02', '2024-01-02 03:04:05.678901',
+            '2024-01-02 03:04:05+00', '1 year 2 months 3 days 04:05:06.5', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+            '{\"a\": [1, 2]}', '{\"b\": null}', '{1,NULL,3}', '{\"x,y\",\"q\\\"z\"}', '{{1,2},{3,4}}', 'happy', 7,
+            42, '192.168.0.1/24', NULL);",
+    )
+    .await;
+    let server = TestServer::start(&config("")).await;
+    let client = server.client("key-acme").await;
+    let r = client
+        .execute("pg", "SELECT * FROM weir_types", vec![])
+        .await
+        .expect("select every type");
+    let v = &r.rows[0].values;
+    let col = |name: &str| r.columns.iter().position(|c| c.name == name).expect(name);
+    let at = |name: &str| kind(&v[col(name)]);
+
+    assert_eq!(at("b"), &Kind::BoolValue(true));
+    assert_eq!(at("i2"), &Kind::Int64Value(-32768));
+    assert_eq!(at("i4"), &Kind::Int64Value(2147483647));
+    assert_eq!(at("i8"), &Kind::Int64Value(i64::MIN));
+    assert_eq!(at("n"), &Kind::DecimalValue("12345678.9012".into()));
+    assert_eq!(
+        at("n_big"),
+        &Kind::DecimalValue("123456789012345678901234567890.123456789".into())
+    );
+    assert_eq!(at("f4"), &Kind::DoubleValue(1.5));
+    assert_eq!(at("f8"), &Kind::DoubleValue(2.25));
+    assert_eq!(at("t"), &Kind::StringValue("héllo".into()));
+    assert_eq!(at("vc"), &Kind::StringValue("short".into()));
+    assert_eq!(at("c"), &Kind::StringValue("ab ".into()));
+    assert_eq!(at("by"), &Kind::BytesValue(vec![0, 255, 16]));
+    assert_eq!(
+        at("d"),
+        &Kind::DateValue(pb::Date {
+            year: 2024,
+            month: 2,
+            day: 29
+        })
+    );
+    assert_eq!(
+        at("tm"),
+        &Kind::TimeValue(pb::TimeOfDay {
+            hours: 23,
+            minutes: 59,
+            seconds: 59,
+            nanos: 500_000_000,
+            utc_offset_seconds: None
+        })
+    );
+    assert_eq!(
+        at("tmtz"),
+        &Kind::TimeValue(pb::TimeOfDay {
+            hours: 10,
+            minutes: 0,
+            seconds: 0,
+            nanos: 0,
+            utc_offset_seconds: Some(7200)
+        })
+    );
+    assert_eq!(
+        at("ts"),
+        &Kind::TimestampValue(prost_types::Timestamp {
+            seconds: 1_704_164_645,
+            nanos: 678_901_000
+        })
+    );
+    assert_eq!(
+        at("tstz"),
+        &Kind::TimestampValue(prost_types::Timestamp {
+            seconds: 1_704_164_645,
+            nanos: 0
+        })
+    );
+    assert_eq!(
+        at("iv"),
+        &Kind::IntervalValue(pb::Interval {
+            months: 14,
+            days: 3,
+            microseconds: 14_706_500_000
+        })
+    );
+    assert_eq!(
+        at("u"),
+        &Kind::UuidValue("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".into())
+    );
+    assert_eq!(at("j"), &Kind::JsonValue("{\"a\": [1, 2]}".into()));
+    assert_eq!(at("jb"), &Kind::JsonValue("{\"b\": null}".into()));
+    let list = |values: Vec<Kind>| {
+        Kind::ListValue(pb::ListValue {
+            values: values
+                .into_iter()
+                .map(|k| pb::Value { kind: Some(k) })
+                .collect(),
+        })
+    };
+    assert_eq!(
+        at("ai"),
+        &list(vec![
+            Kind::Int64Value(1),
+            Kind::Null(true),
+            Kind::Int64Value(3)
+        ])
+    );
+    assert_eq!(
+        at("at"),
+        &list(vec![
+            Kind::StringValue("x,y".into()),
+            Kind::StringValue("q\"z".into())
+        ])
+    );
+    assert_eq!(
+        at("a2"),
+        &list(vec![
+            list(vec![Kind::Int64Value(1), Kind::Int64Value(2)]),
+            list(vec![Kind::Int64Value(3), Kind::Int64Value(4)])
+        ])
+    );
+    assert_eq!(at("e"), &Kind::StringValue("happy".into()));
+    assert_eq!(at("dom"), &Kind::Int64Value(7));
+    assert_eq!(at("o"), &Kind::Int64Value(42));
+    assert_eq!(at("ip"), &Kind::StringValue("192.168.0.1/24".into()));
+    assert!(is_null(&v[col("nul")]));
+
+    let meta = |name: &str| &r.columns[col(name)];
+    assert_eq!(meta("n").r#type, pb::ColumnType::Decimal as i32);
+    assert_eq!((meta("n").precision, meta("n").scale), (Some(12), Some(4)));
+    assert_eq!(meta("vc").max_length, Some(10));
+    assert_eq!(meta("tstz").r#type, pb::ColumnType::TimestampTz as i32);
+    assert_eq!(meta("ts").r#type, pb::ColumnType::Timestamp as i32);
+    assert_eq!(meta("ai").r#type, pb::ColumnType::List as i32);
+    assert_eq!(meta("ai").element_type, pb::ColumnType::Int as i32);
+    assert_eq!(meta("e").native_type, "weir_mood");
+
+    // Types without a lossless mapping fail clearly, naming the column and a fix.
+    let err = client
+        .execute("pg", "SELECT int4range(1, 5) AS r", vec![])
+        .await
+        .expect_err("range type");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(reason(&err), "UNSUPPORTED_TYPE");
+    assert!(
+        err.message().contains("\"r\"") && err.message().contains("::text"),
+        "{}",
+        err.message()
+    );
+    let ok = client
+        .execute("pg", "SELECT int4range(1, 5)::text AS r", vec![])
+        .await
+        .expect("cast works");
+    assert_eq!(text(&ok.rows[0].values[0]), "[1,5)");
+    // Infinity cannot become a Timestamp: a clear error, not a wrong value.
+    let err = client
+        .execute("pg", "SELECT 'infinity'::timestamptz", vec![])
+        .await
+        .expect_err("infinite timestamp");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("infinite"), "{}", err.message());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn parameters_are_bound_by_the_engine() {
+    let server = TestServer::start(&config("")).await;
+    let client = server.client("key-acme").await;
+    let ts = pb::Value {
+        kind: Some(Kind::TimestampValue(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 5_000,
+        })),
+    };
+    let date = pb::Value {
+        kind: Some(Kind::DateValue(pb::Date {
+            year: 1999,
+            month: 12,
+            day: 31,
+        })),
+    };
+    let dec = pb::Value {
+        kind: Some(Kind::DecimalValue("-0.000123".into())),
+    };
+    let uuid = pb::Value {
+        kind: Some(Kind::UuidValue(
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".into(),
+        )),
+    };
+    let json = pb::Value {
+        kind: Some(Kind::JsonValue("{\"k\": 1}".into())),
+    };
+    let arr = pb::Value {
+        kind: Some(Kind::ListValue(pb::ListValue {
+            values: vec!["a\"b".into(), pb::Value::null(), "c".into()],
+        })),
+    };
+    let r = client
+        .execute(
+            "pg",
+            "SELECT $1::int4 + 1, $2::numeric * 2, $3::timestamptz, $4::date, $5::uuid, $6::jsonb -> 'k', $7::text[], $8::bytea, $9::bool, $10::text IS NULL, $11::float8",
+            vec![41i64.into(), dec, ts, date, uuid, json, arr, vec![0u8, 1, 2].into(), true.into(), pb::Value::null(), 0.5f64.into()],
+        )
+        .await
+        .expect("typed parameters");
+    let v = &r.rows[0].values;
+    assert_eq!(int(&v[0]), 42);
+    assert_eq!(kind(&v[1]), &Kind::DecimalValue("-0.000246".into()));
+    assert_eq!(
+        kind(&v[2]),
+        &Kind::TimestampValue(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 5_000
+        })
+    );
+    assert_eq!(
+        kind(&v[3]),
+        &Kind::DateValue(pb::Date {
+            year: 1999,
+            month: 12,
+            day: 31
+        })
+    );
+    assert_eq!(
+        kind(&v[4]),
+        &Kind::UuidValue("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".into())
+    );
+    assert_eq!(kind(&v[5]), &Kind::JsonValue("1".into()));
+    let Kind::ListValue(list) = kind(&v[6]) else {
+        panic!("text[] is a list")
+    };
+    assert_eq!(text(&list.values[0]), "a\"b");
+    assert!(is_null(&list.values[1]));
+    assert_eq!(kind(&v[7]), &Kind::BytesValue(vec![0, 1, 2]));
+    assert_eq!(kind(&v[8]), &Kind::BoolValue(true));
+    assert_eq!(kind(&v[9]), &Kind::BoolValue(true));
+    assert_eq!(kind(&v[10]), &Kind::DoubleValue(0.5));
+
+    // A parameter is data, never SQL.
+    let hostile = "1; DROP TABLE weir_types; --";
+    let r = client
+        .execute("pg", "SELECT $1::text", vec![hostile.into()])
+        .await
+        .expect("bound as text");
+    assert_eq!(text(&r.rows[0].values[0]), hostile);
+
+    let err = client
+        .execute("pg", "SELECT $1::int4", vec!["forty-two".into()])
+        .await
+        .expect_err("not an int");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(engine_code(&err), "22P02");
+    let err = client
+        .execute("pg", "SELECT $1::int4, $2::int4", vec![1i64.into()])
+        .await
+        .expect_err("too few");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("2 parameter"), "{}", err.message());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn engine_errors_keep_their_sqlstate() {
+    let server = TestServer::start(&config("")).await;
+    let client = server.client("key-acme").await;
+    let err = client
+        .execute("pg", "selec 1", vec![])
+        .await
+        .expect_err("syntax");
+    assert_eq!(
+        (err.code(), engine_code(&err).as_str()),
+        (Code::InvalidArgument, "42601")
+    );
+    assert!(err.message().contains("42601"));
+    let err = client
+        .execute("pg", "SELECT * FROM weir_missing_table", vec![])
+        .await
+        .expect_err("unknown table");
+    assert_eq!(
+        (err.code(), engine_code(&err).as_str()),
+        (Code::NotFound, "42P01")
+    );
+    let err = client
+        .execute("pg", "SELECT 1/0", vec![])
+        .await
+        .expect_err("division by zero");
+    assert_eq!(
+        (err.code(), engine_code(&err).as_str()),
+        (Code::InvalidArgument, "22012")
+    );
+    setup("DROP TABLE IF EXISTS weir_unique; CREATE TABLE weir_unique (id int PRIMARY KEY); INSERT INTO weir_unique VALUES (1);").await;
+    let err = client
+        .execute("pg", "INSERT INTO weir_unique VALUES (1)", vec![])
+        .await
+        .expect_err("duplicate key");
+    assert_eq!(
+        (err.code(), engine_code(&err).as_str()),
+        (Code::AlreadyExists, "23505")
+    );
+    // Errors mid-stream arrive as the stream's status.
+    let mut stream = client
+        .execute_stream(
+            "pg",
+            "SELECT 10 / (5000 - g) FROM generate_series(1, 10000) g",
+            vec![],
+        )
+        .await
+        .expect("stream starts");
+    let err = loop {
+        match stream.next_batch().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream should fail"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(engine_code(&err), "22012");
+    // The connection pool is unharmed.
+    let r = client
+        .execute("pg", "SELECT 1", vec![])
+        .await
+        .expect("still serving");
+    assert_eq!(int(&r.rows[0].values[0]), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn transactions_commit_roll_back_and_expire() {
+    setup("DROP TABLE IF EXISTS weir_tx; CREATE TABLE weir_tx (id int PRIMARY KEY, note text);")
+        .await;
+    let server = TestServer::start(&config("transaction_idle_timeout = \"1s\"")).await;
+    let client = server.client("key-acme").await;
+
+    let tx = client
+        .begin("pg", IsolationLevel::RepeatableRead, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(
+            &tx,
+            "pg",
+            "INSERT INTO weir_tx VALUES ($1, $2)",
+            vec![1i64.into(), "rolled back".into()],
+        )
+        .await
+        .expect("insert");
+    let level = client
+        .execute_in(&tx, "pg", "SHOW transaction_isolation", vec![])
+        .await
+        .expect("isolation");
+    assert_eq!(text(&level.rows[0].values[0]), "repeatable read");
+    let outside = client
+        .execute("pg", "SELECT count(*) FROM weir_tx", vec![])
+        .await
+        .expect("outside");
+    assert_eq!(
+        int(&outside.rows[0].values[0]),
+        0,
+        "uncommitted rows are invisible outside"
+    );
+    client.rollback(&tx).await.expect("rollback");
+
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "pg", "INSERT INTO weir_tx VALUES (2, 'kept')", vec![])
+        .await
+        .expect("insert");
+    let mut stream = weir_client::ResultStream::new(
+        client
+            .query()
+            .execute_stream(pb::ExecuteStreamRequest {
+                transaction_id: tx.clone(),
+                sql: "SELECT note FROM weir_tx".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("stream in tx")
+            .into_inner(),
+    )
+    .await
+    .expect("metadata");
+    let batch = stream.next_batch().await.expect("batch").expect("rows");
+    assert_eq!(text(&batch[0].values[0]), "kept");
+    while stream.next_batch().await.expect("drain").is_some() {}
+    client.commit(&tx).await.expect("commit");
+    let rows = client
+        .execute("pg", "SELECT id FROM weir_tx ORDER BY id", vec![])
+        .await
+        .expect("after commit");
+    assert_eq!(
+        rows.rows
+            .iter()
+            .map(|r| int(&r.values[0]))
+            .collect::<Vec<_>>(),
+        [2]
+    );
+
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, true)
+        .await
+        .expect("read-only");
+    let err = client
+        .execute_in(&tx, "pg", "DELETE FROM weir_tx", vec![])
+        .await
+        .expect_err("read-only");
+    assert_eq!(
+        (err.code(), engine_code(&err).as_str()),
+        (Code::PermissionDenied, "25006")
+    );
+    client.rollback(&tx).await.expect("rollback");
+
+    // An idle transaction is rolled back and its connection returned.
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(
+            &tx,
+            "pg",
+            "INSERT INTO weir_tx VALUES (3, 'abandoned')",
+            vec![],
+        )
+        .await
+        .expect("insert");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let err = client
+        .execute_in(&tx, "pg", "SELECT 1", vec![])
+        .await
+        .expect_err("expired");
+    assert_eq!(err.code(), Code::NotFound);
+    let rows = client
+        .execute("pg", "SELECT count(*) FROM weir_tx WHERE id = 3", vec![])
+        .await
+        .expect("count");
+    assert_eq!(int(&rows.rows[0].values[0]), 0);
+    let pg = pg_direct().await;
+    let idle_in_tx: i64 = pg
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weir' AND state LIKE 'idle in transaction%'", &[])
+        .await
+        .expect("activity")
+        .get(0);
+    assert_eq!(idle_in_tx, 0, "no connection is left inside a transaction");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cancelled_and_timed_out_statements_stop_in_the_engine() {
+    let server = TestServer::start(&config("statement_timeout = \"1s\"")).await;
+    let client = server.client("key-acme").await;
+    let pg = pg_direct().await;
+
+    // The tenant's statement timeout.
+    let started = std::time::Instant::now();
+    let err = client
+        .execute("pg", "SELECT pg_sleep(30) AS timeout_probe", vec![])
+        .await
+        .expect_err("timeout");
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert_eq!(reason(&err), "STATEMENT_TIMEOUT");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        wait_until_gone(&pg, "timeout_probe", Duration::from_secs(5)).await,
+        "statement still running after timeout"
+    );
+
+    // The caller's own deadline on a stream.
+    let mut request = tonic::Request::new(pb::ExecuteStreamRequest {
+        source: "pg".into(),
+        sql: "SELECT pg_sleep(0.6) AS deadline_probe".into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let outcome = async {
+        let mut s = client.query().execute_stream(request).await?.into_inner();
+        while s.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    }
+    .await;
+    assert!(outcome.is_err(), "the deadline passes first");
+    assert!(wait_until_gone(&pg, "deadline_probe", Duration::from_secs(5)).await);
+
+    // Cancellation leaves every pooled connection usable.
+    for _ in 0..8 {
+        let r = client
+            .execute("pg", "SELECT 1", vec![])
+            .await
+            .expect("pool serves after cancellations");
+        assert_eq!(int(&r.rows[0].values[0]), 1);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_dropped_half_way_is_cancelled() {
+    let server = TestServer::start(&config("")).await;
+    let client = server.client("key-acme").await;
+    let pg = pg_direct().await;
+    // A client that drops a large stream half way.
+    let mut stream = client
+        .execute_stream(
+            "pg",
+            "SELECT g, pg_sleep(0.0001) AS drop_probe FROM generate_series(1, 100000) g",
+            vec![],
+        )
+        .await
+        .expect("stream");
+    let first = stream.next_batch().await.expect("batch").expect("rows");
+    assert!(!first.is_empty());
+    drop(stream);
+    assert!(
+        wait_until_gone(&pg, "drop_probe", Duration::from_secs(5)).await,
+        "abandoned statement was not cancelled"
+    );
+
+    for _ in 0..8 {
+        let r = client
+            .execute("pg", "SELECT 1", vec![])
+            .await
+            .expect("pool serves after cancellations");
+        assert_eq!(int(&r.rows[0].values[0]), 1);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn schema_calls_read_the_catalog() {
+    setup(
+        "DROP SCHEMA IF EXISTS weir_shop CASCADE; CREATE SCHEMA weir_shop;
+         CREATE TABLE weir_shop.customers (id bigint PRIMARY KEY, email text NOT NULL UNIQUE, credit numeric(10,2) DEFAULT 0);
+         COMMENT ON TABLE weir_shop.customers IS 'people who buy';
+         CREATE TABLE weir_shop.orders (id bigserial PRIMARY KEY, customer_id bigint NOT NULL REFERENCES weir_shop.customers(id) ON DELETE CASCADE, tags text[]);
+         CREATE INDEX orders_by_customer ON weir_shop.orders (customer_id);
+         CREATE VIEW weir_shop.big_customers AS SELECT * FROM weir_shop.customers WHERE credit > 100;
+         INSERT INTO weir_shop.customers SELECT g, 'c' || g || '@x', g FROM generate_series(1, 500) g; ANALYZE weir_shop.customers;",
+    )
+    .await;
+    let server = TestServer::start(&config("")).await;
+    let client = server.client("key-acme").await;
+
+    let sources = client.list_sources().await.expect("sources");
+    assert_eq!(sources[0].engine, pb::Engine::Postgres as i32);
+    let ping = client.test_connection("pg").await.expect("ping");
+    assert!(
+        ping.server_version.starts_with("PostgreSQL "),
+        "{}",
+        ping.server_version
+    );
+    assert!(!ping.database.is_empty() && !ping.user.is_empty());
+    let sources = client.list_sources().await.expect("sources");
+    assert!(sources[0].healthy && sources[0].server_version.starts_with("PostgreSQL"));
+
+    let schemas = client.list_schemas("pg").await.expect("schemas");
+    assert!(schemas.iter().any(|s| s.name == "weir_shop"));
+    assert!(
+        !schemas.iter().any(|s| s.name == "pg_catalog"),
+        "system schemas are left out"
+    );
+
+    let tables = client.list_tables("pg", "weir_shop").await.expect("tables");
+    let names: Vec<_> = tables.iter().map(|t| (t.name.as_str(), t.kind)).collect();
+    assert_eq!(
+        names,
+        [
+            ("big_customers", pb::TableKind::View as i32),
+            ("customers", pb::TableKind::Table as i32),
+            ("orders", pb::TableKind::Table as i32)
+        ]
+    );
+    let customers = &tables[1];
+    assert_eq!(customers.row_estimate, Some(500));
+    assert_eq!(customers.comment, "people who buy");
+
+    let d = client
+        .describe_table("pg", "weir_shop", "orders")
+        .await
+        .expect("describe");
+    let cols: Vec<_> = d
+        .columns
+        .iter()
+        .filter_map(|c| c.column.as_ref())
+        .map(|c| (c.name.as_str(), c.native_type.as_str(), c.nullable))
+        .collect();
+    assert_eq!(
+        cols,
+        [
+            ("id", "bigint", false),
+            ("customer_id", "bigint", false),
+            ("tags", "text[]", true)
+        ]
+    );
+    assert!(d.columns[0].default_expression.starts_with("nextval("));
+    assert_eq!(
+        d.columns[2]
+            .column
+            .as_ref()
+            .map(|c| (c.r#type, c.element_type)),
+        Some((pb::ColumnType::List as i32, pb::ColumnType::String as i32))
+    );
+    assert_eq!(
+        d.primary_key.as_ref().map(|p| p.columns.clone()),
+        Some(vec!["id".to_string()])
+    );
+    let fk = &d.foreign_keys[0];
+    assert_eq!(
+        (
+            fk.referenced_schema.as_str(),
+            fk.referenced_table.as_str(),
+            fk.on_delete.as_str()
+        ),
+        ("weir_shop", "customers", "CASCADE")
+    );
+    assert_eq!(fk.columns, ["customer_id"]);
+    let idx = d
+        .indexes
+        .iter()
+        .find(|i| i.name == "orders_by_customer")
+        .expect("index");
+    assert_eq!(
+        (idx.columns.clone(), idx.unique, idx.method.as_str()),
+        (vec!["customer_id".to_string()], false, "btree")
+    );
+    assert!(d.indexes.iter().any(|i| i.primary));
+    assert!(d.change_streams.is_some());
+
+    let d = client
+        .describe_table("pg", "weir_shop", "customers")
+        .await
+        .expect("describe");
+    let credit = d
+        .columns
+        .iter()
+        .filter_map(|c| c.column.as_ref())
+        .find(|c| c.name == "credit")
+        .expect("credit");
+    assert_eq!((credit.precision, credit.scale), (Some(10), Some(2)));
+    assert!(d.indexes.iter().any(|i| i.unique && i.columns == ["email"]));
+
+    let err = client
+        .describe_table("pg", "weir_shop", "nope")
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .describe_table("pg", "", "")
+        .await
+        .expect_err("no table");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn read_only_sources_refuse_writes_in_the_engine() {
+    let toml = tenant("ro", "", &postgres("ro", "pg", "read_only = true\n"));
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-ro").await;
+    let err = client
+        .execute("pg", "CREATE TABLE weir_ro_probe (id int)", vec![])
+        .await
+        .expect_err("read-only source");
+    assert_eq!(
+        (err.code(), engine_code(&err).as_str()),
+        (Code::PermissionDenied, "25006")
+    );
+    let r = client
+        .execute("pg", "SELECT 1", vec![])
+        .await
+        .expect("reads work");
+    assert_eq!(int(&r.rows[0].values[0]), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_unavailable_without_leaking_where() {
+    let toml = tenant(
+        "down",
+        "",
+        "[tenants.down.sources.pg]\nengine = \"postgres\"\nhost = \"127.0.0.1\"\nport = 1\nuser = \"secret_user\"\n[tenants.down.sources.pg.pool]\nconnect_timeout = \"1s\"\n",
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-down").await;
+    let err = client
+        .execute("pg", "SELECT 1", vec![])
+        .await
+        .expect_err("nothing listens on port 1");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(reason(&err), "SOURCE_UNAVAILABLE");
+    for secret in ["127.0.0.1", "secret_user", ":1"] {
+        assert!(
+            !err.message().contains(secret),
+            "message leaks {secret}: {}",
+            err.message()
+        );
+    }
+    let err = client.test_connection("pg").await.expect_err("ping fails");
+    assert_eq!(err.code(), Code::Unavailable);
+    let sources = client.list_sources().await.expect("listing still works");
+    assert!(!sources[0].healthy);
+    server.stop().await;
+}

@@ -93,10 +93,10 @@ pub fn postgres(tenant: &str, name: &str, extra: &str) -> String {
 pub async fn pg_direct() -> tokio_postgres::Client {
     let mut config = tokio_postgres::Config::new();
     config
-        .host(&env_or("WEIR_TEST_PG_HOST", "127.0.0.1"))
+        .host(env_or("WEIR_TEST_PG_HOST", "127.0.0.1"))
         .port(env_or("WEIR_TEST_PG_PORT", "5432").parse().expect("port"))
-        .user(&env_or("WEIR_TEST_PG_USER", "postgres"))
-        .dbname(&env_or("WEIR_TEST_PG_DATABASE", "test"));
+        .user(env_or("WEIR_TEST_PG_USER", "postgres"))
+        .dbname(env_or("WEIR_TEST_PG_DATABASE", "test"));
     if let Ok(p) = std::env::var("WEIR_TEST_PG_PASSWORD") {
         config.password(p);
     }

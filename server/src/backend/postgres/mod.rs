@@ -166,6 +166,8 @@ impl PostgresSource {
 }
 
 /// A connection held for one statement: from the pool, or a transaction's.
+// One per running statement; boxing the larger variant would allocate per statement.
+#[allow(clippy::large_enum_variant)]
 enum Lease {
     Pooled(PooledConnection<'static, PgManager>),
     Transaction(OwnedMutexGuard<PooledConnection<'static, PgManager>>),

@@ -450,8 +450,8 @@ mod tests {
             "-1.2300"
         );
         assert_eq!(
-            numeric_to_string(&numeric(1, -2, 0, 6, &[12])).unwrap(),
-            "0.000012"
+            numeric_to_string(&numeric(1, -2, 0, 8, &[12])).unwrap(),
+            "0.00000012"
         );
         assert_eq!(numeric_to_string(&numeric(0, 0, 0, 0, &[])).unwrap(), "0");
         assert_eq!(

@@ -118,6 +118,8 @@ impl Drop for Lease {
 }
 
 /// The connection a statement runs on: from the pool, or a transaction's.
+// One per running statement; boxing the larger variant would allocate per statement.
+#[allow(clippy::large_enum_variant)]
 enum Hold {
     Pooled(Lease),
     Transaction(OwnedMutexGuard<Lease>),

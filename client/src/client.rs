@@ -11,10 +11,10 @@ use weir_proto::v1::execute_stream_response::Payload;
 use weir_proto::v1::query_service_client::QueryServiceClient;
 use weir_proto::v1::schema_service_client::SchemaServiceClient;
 use weir_proto::v1::{
-    BeginTransactionRequest, Column, CommitRequest, DescribeTableRequest, DescribeTableResponse,
-    ExecuteRequest, ExecuteResponse, ExecuteStreamRequest, ExecuteStreamResponse, IsolationLevel,
-    ListSchemasRequest, ListSourcesRequest, ListTablesRequest, QueryStats, RollbackRequest, Row,
-    SchemaInfo, SourceInfo, TableInfo, TestConnectionRequest, TestConnectionResponse, Value,
+    BeginTransactionRequest, Column, CommitRequest, DescribeTableRequest, DescribeTableResponse, ExecuteRequest,
+    ExecuteResponse, ExecuteStreamRequest, ExecuteStreamResponse, IsolationLevel, ListSchemasRequest,
+    ListSourcesRequest, ListTablesRequest, QueryStats, RollbackRequest, Row, SchemaInfo, SourceInfo, TableInfo,
+    TestConnectionRequest, TestConnectionResponse, Value,
 };
 
 /// A channel that authenticates every call with the API key.
@@ -70,9 +70,7 @@ impl ApiKeyInterceptor {
 
 impl Interceptor for ApiKeyInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.header.clone());
+        request.metadata_mut().insert("authorization", self.header.clone());
         Ok(request)
     }
 }
@@ -95,11 +93,10 @@ impl WeirClient {
         } else {
             format!("http://{addr}")
         };
-        let endpoint =
-            Endpoint::from_shared(addr.clone()).map_err(|source| ClientError::InvalidAddress {
-                addr: addr.clone(),
-                source,
-            })?;
+        let endpoint = Endpoint::from_shared(addr.clone()).map_err(|source| ClientError::InvalidAddress {
+            addr: addr.clone(),
+            source,
+        })?;
         let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .connect()
@@ -123,12 +120,7 @@ impl WeirClient {
     }
 
     /// Runs one statement in autocommit mode and returns its whole result.
-    pub async fn execute(
-        &self,
-        source: &str,
-        sql: &str,
-        params: Vec<Value>,
-    ) -> Result<ExecuteResponse, Status> {
+    pub async fn execute(&self, source: &str, sql: &str, params: Vec<Value>) -> Result<ExecuteResponse, Status> {
         self.execute_in(&[], source, sql, params).await
     }
 
@@ -152,12 +144,7 @@ impl WeirClient {
     }
 
     /// Runs one statement and streams its result in batches.
-    pub async fn execute_stream(
-        &self,
-        source: &str,
-        sql: &str,
-        params: Vec<Value>,
-    ) -> Result<ResultStream, Status> {
+    pub async fn execute_stream(&self, source: &str, sql: &str, params: Vec<Value>) -> Result<ResultStream, Status> {
         let request = ExecuteStreamRequest {
             source: source.to_owned(),
             sql: sql.to_owned(),
@@ -169,12 +156,7 @@ impl WeirClient {
     }
 
     /// Opens a transaction and returns its handle.
-    pub async fn begin(
-        &self,
-        source: &str,
-        isolation: IsolationLevel,
-        read_only: bool,
-    ) -> Result<Vec<u8>, Status> {
+    pub async fn begin(&self, source: &str, isolation: IsolationLevel, read_only: bool) -> Result<Vec<u8>, Status> {
         let request = BeginTransactionRequest {
             source: source.to_owned(),
             isolation: isolation.into(),
@@ -223,12 +205,7 @@ impl WeirClient {
             source: source.to_owned(),
             include_system: false,
         };
-        Ok(self
-            .schema()
-            .list_schemas(request)
-            .await?
-            .into_inner()
-            .schemas)
+        Ok(self.schema().list_schemas(request).await?.into_inner().schemas)
     }
 
     /// Tables of `schema`, or of every non-system schema when it is empty.
@@ -237,12 +214,7 @@ impl WeirClient {
             source: source.to_owned(),
             schema: schema.to_owned(),
         };
-        Ok(self
-            .schema()
-            .list_tables(request)
-            .await?
-            .into_inner()
-            .tables)
+        Ok(self.schema().list_tables(request).await?.into_inner().tables)
     }
 
     /// Describes `table`; an empty `schema` means the source's default one.
@@ -276,22 +248,12 @@ impl ResultStream {
     /// for callers that issue the call themselves through [`WeirClient::query`].
     pub async fn new(mut stream: Streaming<ExecuteStreamResponse>) -> Result<Self, Status> {
         let Some(first) = stream.message().await? else {
-            return Err(protocol_violation(
-                "the stream ended before result metadata",
-            ));
+            return Err(protocol_violation("the stream ended before result metadata"));
         };
         let columns = match first.payload {
             Some(Payload::Metadata(metadata)) => metadata.columns,
-            Some(Payload::Batch(_)) => {
-                return Err(protocol_violation(
-                    "a row batch came before the result metadata",
-                ))
-            }
-            Some(Payload::Stats(_)) => {
-                return Err(protocol_violation(
-                    "statistics came before the result metadata",
-                ))
-            }
+            Some(Payload::Batch(_)) => return Err(protocol_violation("a row batch came before the result metadata")),
+            Some(Payload::Stats(_)) => return Err(protocol_violation("statistics came before the result metadata")),
             None => return Err(protocol_violation("a message had no payload")),
         };
         Ok(ResultStream {
@@ -322,12 +284,8 @@ impl ResultStream {
             match (message.payload, &self.stats) {
                 (Some(Payload::Batch(batch)), None) => return Ok(Some(batch.rows)),
                 (Some(Payload::Stats(stats)), None) => self.stats = Some(stats),
-                (Some(Payload::Metadata(_)), _) => {
-                    return Err(protocol_violation("result metadata came twice"))
-                }
-                (Some(_), Some(_)) => {
-                    return Err(protocol_violation("a message came after the statistics"))
-                }
+                (Some(Payload::Metadata(_)), _) => return Err(protocol_violation("result metadata came twice")),
+                (Some(_), Some(_)) => return Err(protocol_violation("a message came after the statistics")),
                 (None, _) => return Err(protocol_violation("a message had no payload")),
             }
         }
@@ -341,9 +299,7 @@ impl ResultStream {
 }
 
 fn protocol_violation(what: &str) -> Status {
-    Status::internal(format!(
-        "protocol violation in ExecuteStream response: {what}"
-    ))
+    Status::internal(format!("protocol violation in ExecuteStream response: {what}"))
 }
 
 #[cfg(test)]
@@ -352,9 +308,7 @@ mod tests {
     use tonic::transport::Server;
     use tonic::{Code, Response};
     use weir_proto::v1::query_service_server::{QueryService, QueryServiceServer};
-    use weir_proto::v1::{
-        BeginTransactionResponse, CommitResponse, ResultMetadata, RollbackResponse, RowBatch,
-    };
+    use weir_proto::v1::{BeginTransactionResponse, CommitResponse, ResultMetadata, RollbackResponse, RowBatch};
 
     use super::*;
 
@@ -363,9 +317,7 @@ mod tests {
     struct Fake;
 
     fn message(payload: Payload) -> Result<ExecuteStreamResponse, Status> {
-        Ok(ExecuteStreamResponse {
-            payload: Some(payload),
-        })
+        Ok(ExecuteStreamResponse { payload: Some(payload) })
     }
 
     fn metadata() -> Result<ExecuteStreamResponse, Status> {
@@ -379,9 +331,7 @@ mod tests {
 
     fn batch(n: i64) -> Result<ExecuteStreamResponse, Status> {
         message(Payload::Batch(RowBatch {
-            rows: vec![Row {
-                values: vec![n.into()],
-            }],
+            rows: vec![Row { values: vec![n.into()] }],
         }))
     }
 
@@ -407,10 +357,7 @@ mod tests {
 
     #[tonic::async_trait]
     impl QueryService for Fake {
-        async fn execute(
-            &self,
-            request: Request<ExecuteRequest>,
-        ) -> Result<Response<ExecuteResponse>, Status> {
+        async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
             let auth = request
                 .metadata()
                 .get("authorization")
@@ -424,8 +371,7 @@ mod tests {
             }))
         }
 
-        type ExecuteStreamStream =
-            tokio_stream::Iter<std::vec::IntoIter<Result<ExecuteStreamResponse, Status>>>;
+        type ExecuteStreamStream = tokio_stream::Iter<std::vec::IntoIter<Result<ExecuteStreamResponse, Status>>>;
 
         async fn execute_stream(
             &self,
@@ -442,17 +388,11 @@ mod tests {
             Err(Status::unimplemented("not faked"))
         }
 
-        async fn commit(
-            &self,
-            _: Request<CommitRequest>,
-        ) -> Result<Response<CommitResponse>, Status> {
+        async fn commit(&self, _: Request<CommitRequest>) -> Result<Response<CommitResponse>, Status> {
             Err(Status::unimplemented("not faked"))
         }
 
-        async fn rollback(
-            &self,
-            _: Request<RollbackRequest>,
-        ) -> Result<Response<RollbackResponse>, Status> {
+        async fn rollback(&self, _: Request<RollbackRequest>) -> Result<Response<RollbackResponse>, Status> {
             Err(Status::unimplemented("not faked"))
         }
     }

@@ -49,9 +49,7 @@ impl<W: Write> RowWriter<W> {
     pub fn new(format: Format, columns: &[Column], out: W) -> Self {
         let state = match format {
             Format::Table => State::Table { widths: None },
-            Format::Csv => State::Csv {
-                header_written: false,
-            },
+            Format::Csv => State::Csv { header_written: false },
             Format::Json => State::Json {
                 keys: json_keys(columns),
             },
@@ -65,11 +63,7 @@ impl<W: Write> RowWriter<W> {
 
     /// Writes a batch and flushes, so each batch shows as soon as it arrives.
     pub fn write_rows(&mut self, rows: &[Row]) -> io::Result<()> {
-        let RowWriter {
-            out,
-            columns,
-            state,
-        } = self;
+        let RowWriter { out, columns, state } = self;
         // A statement without a result set (INSERT, DDL) has nothing to show;
         // an empty batch must not fix the table's widths.
         if columns.is_empty() || rows.is_empty() {
@@ -79,11 +73,7 @@ impl<W: Write> RowWriter<W> {
             State::Table { widths } => {
                 let cells: Vec<Vec<String>> = rows
                     .iter()
-                    .map(|row| {
-                        (0..columns.len())
-                            .map(|i| table_cell(value_at(row, i)))
-                            .collect()
-                    })
+                    .map(|row| (0..columns.len()).map(|i| table_cell(value_at(row, i))).collect())
                     .collect();
                 let widths = match widths {
                     Some(widths) => widths,
@@ -104,9 +94,7 @@ impl<W: Write> RowWriter<W> {
                     *header_written = true;
                 }
                 for row in rows {
-                    let fields: Vec<String> = (0..columns.len())
-                        .map(|i| csv_field(value_at(row, i)))
-                        .collect();
+                    let fields: Vec<String> = (0..columns.len()).map(|i| csv_field(value_at(row, i))).collect();
                     writeln!(out, "{}", fields.join(","))?;
                 }
             }
@@ -140,9 +128,7 @@ impl<W: Write> RowWriter<W> {
                     let widths = header_widths(&self.columns);
                     write_table_header(&mut self.out, &self.columns, &widths)?;
                 }
-                State::Csv {
-                    header_written: false,
-                } => write_csv_header(&mut self.out, &self.columns)?,
+                State::Csv { header_written: false } => write_csv_header(&mut self.out, &self.columns)?,
                 _ => {}
             }
         }
@@ -186,10 +172,7 @@ fn width(text: &str) -> usize {
 }
 
 fn header_widths(columns: &[Column]) -> Vec<usize> {
-    columns
-        .iter()
-        .map(|c| width(&escape_controls(&c.name)))
-        .collect()
+    columns.iter().map(|c| width(&escape_controls(&c.name))).collect()
 }
 
 fn column_widths(mut widths: Vec<usize>, rows: &[Vec<String>]) -> Vec<usize> {
@@ -209,23 +192,14 @@ fn is_numeric(column: &Column) -> bool {
     )
 }
 
-fn write_table_header(
-    out: &mut impl Write,
-    columns: &[Column],
-    widths: &[usize],
-) -> io::Result<()> {
+fn write_table_header(out: &mut impl Write, columns: &[Column], widths: &[usize]) -> io::Result<()> {
     let names: Vec<String> = columns.iter().map(|c| escape_controls(&c.name)).collect();
     write_table_line(out, &names, widths, columns)?;
     let dashes: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
     writeln!(out, "{}", dashes.join("-+-"))
 }
 
-fn write_table_line(
-    out: &mut impl Write,
-    cells: &[String],
-    widths: &[usize],
-    columns: &[Column],
-) -> io::Result<()> {
+fn write_table_line(out: &mut impl Write, cells: &[String], widths: &[usize], columns: &[Column]) -> io::Result<()> {
     let mut line = String::new();
     let last = cells.len().saturating_sub(1);
     for (i, ((cell, w), column)) in cells.iter().zip(widths).zip(columns).enumerate() {
@@ -310,9 +284,7 @@ fn write_json_value(buf: &mut Vec<u8>, value: &Value) -> io::Result<()> {
             None => serde_json::to_writer(&mut *buf, &value.to_string())?,
         },
         Kind::BytesValue(bytes) => serde_json::to_writer(&mut *buf, &hex::encode(bytes))?,
-        Kind::StringValue(s) | Kind::DecimalValue(s) | Kind::UuidValue(s) => {
-            serde_json::to_writer(&mut *buf, s)?
-        }
+        Kind::StringValue(s) | Kind::DecimalValue(s) | Kind::UuidValue(s) => serde_json::to_writer(&mut *buf, s)?,
         Kind::JsonValue(text) => {
             if serde_json::from_str::<serde_json::Value>(text).is_ok() {
                 // Copied rather than re-serialized, which would round large
@@ -396,10 +368,7 @@ mod tests {
             (column("uint", ColumnType::Uint), u64::MAX.into()),
             (column("float", ColumnType::Float), 1.5.into()),
             (column("text", ColumnType::String), "a,\"b\"\nc".into()),
-            (
-                column("bytes", ColumnType::Bytes),
-                vec![0xde, 0xad, 0x01].into(),
-            ),
+            (column("bytes", ColumnType::Bytes), vec![0xde, 0xad, 0x01].into()),
             (
                 column("decimal", ColumnType::Decimal),
                 Kind::DecimalValue("-12345.6789".into()).into(),
@@ -456,9 +425,7 @@ mod tests {
     fn render(format: Format, columns: &[Column], batches: &[Vec<Row>]) -> String {
         let mut writer = RowWriter::new(format, columns, Vec::new());
         for batch in batches {
-            writer
-                .write_rows(batch)
-                .expect("writing to a Vec cannot fail");
+            writer.write_rows(batch).expect("writing to a Vec cannot fail");
         }
         let bytes = writer.finish().expect("writing to a Vec cannot fail");
         String::from_utf8(bytes).expect("output is UTF-8")
@@ -513,11 +480,7 @@ list      | [1, NULL, 3]
             row(vec![1i64.into(), "ann".into(), "x".into()]),
             row(vec![100i64.into(), "bo".into(), Value::null()]),
         ];
-        let second = vec![row(vec![
-            123456i64.into(),
-            "christopher".into(),
-            "y".into(),
-        ])];
+        let second = vec![row(vec![123456i64.into(), "christopher".into(), "y".into()])];
         let expected = concat!(
             " id | name | note\n",
             "----+------+-----\n",
@@ -526,23 +489,14 @@ list      | [1, NULL, 3]
             // Later batches keep the widths and overflow them.
             "123456 | christopher | y\n",
         );
-        assert_eq!(
-            render(Format::Table, &columns, &[vec![], first, second]),
-            expected
-        );
+        assert_eq!(render(Format::Table, &columns, &[vec![], first, second]), expected);
     }
 
     #[test]
     fn table_of_an_empty_result_still_has_a_header() {
-        let columns = [
-            column("a", ColumnType::Int),
-            column("bee", ColumnType::String),
-        ];
+        let columns = [column("a", ColumnType::Int), column("bee", ColumnType::String)];
         assert_eq!(render(Format::Table, &columns, &[]), "a | bee\n--+----\n");
-        assert_eq!(
-            render(Format::Table, &columns, &[vec![]]),
-            "a | bee\n--+----\n"
-        );
+        assert_eq!(render(Format::Table, &columns, &[vec![]]), "a | bee\n--+----\n");
     }
 
     #[test]
@@ -556,14 +510,8 @@ list      | [1, NULL, 3]
     fn missing_values_of_short_rows_are_null() {
         let columns = [column("a", ColumnType::Int), column("b", ColumnType::Int)];
         let rows = vec![row(vec![1i64.into()])];
-        assert_eq!(
-            render(Format::Csv, &columns, std::slice::from_ref(&rows)),
-            "a,b\n1,\n"
-        );
-        assert_eq!(
-            render(Format::Json, &columns, &[rows]),
-            "{\"a\":1,\"b\":null}\n"
-        );
+        assert_eq!(render(Format::Csv, &columns, std::slice::from_ref(&rows)), "a,b\n1,\n");
+        assert_eq!(render(Format::Json, &columns, &[rows]), "{\"a\":1,\"b\":null}\n");
     }
 
     #[test]
@@ -580,10 +528,7 @@ null,bool,int,uint,float,text,bytes,decimal,date,time,timestamp,interval,uuid,js
 
     #[test]
     fn csv_tells_null_from_empty_text_and_quotes_headers() {
-        let columns = [
-            column("a,b", ColumnType::String),
-            column("c", ColumnType::String),
-        ];
+        let columns = [column("a,b", ColumnType::String), column("c", ColumnType::String)];
         let rows = vec![
             row(vec![Value::null(), "".into()]),
             row(vec!["x\ry".into(), " padded ".into()]),
@@ -618,13 +563,8 @@ null,bool,int,uint,float,text,bytes,decimal,date,time,timestamp,interval,uuid,js
     fn json_keeps_embedded_json_exact_and_falls_back_to_a_string() {
         let columns = [column("doc", ColumnType::Json)];
         let rows = vec![
-            row(vec![Kind::JsonValue(
-                "[12345678901234567890123, 1e400]".into(),
-            )
-            .into()]),
-            row(vec![
-                Kind::JsonValue("{\n  \"k\": \"a  b\"\n}".into()).into()
-            ]),
+            row(vec![Kind::JsonValue("[12345678901234567890123, 1e400]".into()).into()]),
+            row(vec![Kind::JsonValue("{\n  \"k\": \"a  b\"\n}".into()).into()]),
             row(vec![Kind::JsonValue("not json".into()).into()]),
         ];
         // 1e400 does not fit a double, so that document is not checked as
@@ -663,12 +603,7 @@ null,bool,int,uint,float,text,bytes,decimal,date,time,timestamp,interval,uuid,js
             column("id_2", ColumnType::Int),
             column("say \"hi\"", ColumnType::Int),
         ];
-        let rows = vec![row(vec![
-            1i64.into(),
-            2i64.into(),
-            3i64.into(),
-            4i64.into(),
-        ])];
+        let rows = vec![row(vec![1i64.into(), 2i64.into(), 3i64.into(), 4i64.into()])];
         assert_eq!(
             render(Format::Json, &columns, &[rows]),
             "{\"id\":1,\"id_2\":2,\"id_2_2\":3,\"say \\\"hi\\\"\":4}\n"

@@ -91,10 +91,8 @@ fn parse_decimal(s: &str) -> Result<Value, String> {
     let (mantissa, exponent) = unsigned.split_once(['e', 'E']).unwrap_or((unsigned, "0"));
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let is_digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
-    let numeric = is_digits(int)
-        && is_digits(frac)
-        && !(int.is_empty() && frac.is_empty())
-        && exponent.parse::<i32>().is_ok();
+    let numeric =
+        is_digits(int) && is_digits(frac) && !(int.is_empty() && frac.is_empty()) && exponent.parse::<i32>().is_ok();
     if special || numeric {
         Ok(Kind::DecimalValue(s.to_owned()).into())
     } else {
@@ -203,10 +201,7 @@ mod tests {
     #[test]
     fn numeric_prefixes() {
         assert_eq!(kind("int:-5"), Kind::Int64Value(-5));
-        assert_eq!(
-            kind("uint:18446744073709551615"),
-            Kind::Uint64Value(u64::MAX)
-        );
+        assert_eq!(kind("uint:18446744073709551615"), Kind::Uint64Value(u64::MAX));
         assert_eq!(kind("float:2"), Kind::DoubleValue(2.0));
         assert!(matches!(kind("float:NaN"), Kind::DoubleValue(f) if f.is_nan()));
         assert!(error("int:1.5").starts_with("invalid int parameter \"1.5\": "));
@@ -246,10 +241,7 @@ mod tests {
             "NaN",
             "-Infinity",
         ] {
-            assert_eq!(
-                kind(&format!("decimal:{s}")),
-                Kind::DecimalValue(s.to_owned())
-            );
+            assert_eq!(kind(&format!("decimal:{s}")), Kind::DecimalValue(s.to_owned()));
         }
         for s in ["", ".", "-", "1,5", "1e", "1.2.3", "abc", "0x10"] {
             assert!(
@@ -285,10 +277,7 @@ mod tests {
     fn ts_prefix_takes_rfc3339_with_any_offset() {
         let ts = |seconds, nanos| Kind::TimestampValue(prost_types::Timestamp { seconds, nanos });
         assert_eq!(kind("ts:2023-11-14T22:13:20Z"), ts(1_700_000_000, 0));
-        assert_eq!(
-            kind("ts:2023-11-14T23:13:20.25+01:00"),
-            ts(1_700_000_000, 250_000_000)
-        );
+        assert_eq!(kind("ts:2023-11-14T23:13:20.25+01:00"), ts(1_700_000_000, 250_000_000));
         assert_eq!(kind("ts:1969-12-31T23:59:59.5Z"), ts(-1, 500_000_000));
         assert_eq!(kind("ts:2016-12-31T23:59:60Z"), ts(1_483_228_800, 0));
         assert!(error("ts:2023-11-14").starts_with("invalid ts parameter"));
@@ -313,10 +302,7 @@ mod tests {
     #[test]
     fn json_prefix_validates_and_keeps_the_text() {
         let text = r#"{"a": [1, 2.50, 12345678901234567890123]}"#;
-        assert_eq!(
-            kind(&format!("json:{text}")),
-            Kind::JsonValue(text.to_owned())
-        );
+        assert_eq!(kind(&format!("json:{text}")), Kind::JsonValue(text.to_owned()));
         assert_eq!(kind("json:null"), Kind::JsonValue("null".to_owned()));
         assert!(error("json:{").starts_with("invalid json parameter"));
     }

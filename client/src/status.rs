@@ -69,25 +69,13 @@ mod tests {
     use super::*;
 
     fn with_info(code: Code, message: &str, reason: &str, metadata: &[(&str, &str)]) -> Status {
-        let metadata: HashMap<String, String> = metadata
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Status::with_error_details(
-            code,
-            message,
-            ErrorDetails::with_error_info(reason, "weir", metadata),
-        )
+        let metadata: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, "weir", metadata))
     }
 
     #[test]
     fn appends_the_error_info_reason() {
-        let status = with_info(
-            Code::NotFound,
-            r#"source "x" not found"#,
-            "SOURCE_NOT_FOUND",
-            &[],
-        );
+        let status = with_info(Code::NotFound, r#"source "x" not found"#, "SOURCE_NOT_FOUND", &[]);
         assert_eq!(
             describe_status(&status),
             r#"NOT_FOUND: source "x" not found (reason SOURCE_NOT_FOUND)"#
@@ -112,10 +100,7 @@ mod tests {
     fn plain_status_has_no_details() {
         let status = Status::unauthenticated("invalid API key");
         assert_eq!(describe_status(&status), "UNAUTHENTICATED: invalid API key");
-        assert_eq!(
-            describe_status(&Status::deadline_exceeded("")),
-            "DEADLINE_EXCEEDED"
-        );
+        assert_eq!(describe_status(&Status::deadline_exceeded("")), "DEADLINE_EXCEEDED");
     }
 
     #[test]

@@ -28,27 +28,18 @@ fn date(year: i32, month: i32, day: i32) -> String {
 }
 
 fn timestamp(seconds: i64, nanos: i32) -> String {
-    show(Kind::TimestampValue(prost_types::Timestamp {
-        seconds,
-        nanos,
-    }))
+    show(Kind::TimestampValue(prost_types::Timestamp { seconds, nanos }))
 }
 
 #[test]
 fn from_impls_pick_the_matching_variant() {
     assert_eq!(Value::from(1i64).kind, Some(Kind::Int64Value(1)));
     assert_eq!(Value::from(-1i32).kind, Some(Kind::Int64Value(-1)));
-    assert_eq!(
-        Value::from(u64::MAX).kind,
-        Some(Kind::Uint64Value(u64::MAX))
-    );
+    assert_eq!(Value::from(u64::MAX).kind, Some(Kind::Uint64Value(u64::MAX)));
     assert_eq!(Value::from(0.5).kind, Some(Kind::DoubleValue(0.5)));
     assert_eq!(Value::from(true).kind, Some(Kind::BoolValue(true)));
     assert_eq!(Value::from("a").kind, Some(Kind::StringValue("a".into())));
-    assert_eq!(
-        Value::from(String::from("b")).kind,
-        Some(Kind::StringValue("b".into()))
-    );
+    assert_eq!(Value::from(String::from("b")).kind, Some(Kind::StringValue("b".into())));
     assert_eq!(Value::from(vec![1u8]).kind, Some(Kind::BytesValue(vec![1])));
     assert_eq!(Value::null().kind, Some(Kind::Null(true)));
 }
@@ -65,15 +56,10 @@ fn scalars() {
     assert_eq!(Value::from(false).to_string(), "false");
     assert_eq!(Value::from(i64::MIN).to_string(), "-9223372036854775808");
     assert_eq!(Value::from(u64::MAX).to_string(), "18446744073709551615");
-    assert_eq!(
-        Value::from("naïve, \"quoted\"").to_string(),
-        "naïve, \"quoted\""
-    );
+    assert_eq!(Value::from("naïve, \"quoted\"").to_string(), "naïve, \"quoted\"");
     assert_eq!(show(Kind::DecimalValue("-0.10".into())), "-0.10");
     assert_eq!(
-        show(Kind::UuidValue(
-            "123e4567-e89b-12d3-a456-426614174000".into()
-        )),
+        show(Kind::UuidValue("123e4567-e89b-12d3-a456-426614174000".into())),
         "123e4567-e89b-12d3-a456-426614174000"
     );
     assert_eq!(show(Kind::JsonValue(r#"{"a": 1}"#.into())), r#"{"a": 1}"#);
@@ -115,24 +101,15 @@ fn times_are_iso_8601_with_trimmed_fractions() {
     assert_eq!(time(1, 2, 3, 1_000, None), "01:02:03.000001");
     assert_eq!(time(10, 0, 0, 0, Some(0)), "10:00:00+00:00");
     assert_eq!(time(10, 0, 0, 0, Some(19_800)), "10:00:00+05:30");
-    assert_eq!(
-        time(10, 0, 0, 250_000_000, Some(-3_600)),
-        "10:00:00.25-01:00"
-    );
+    assert_eq!(time(10, 0, 0, 250_000_000, Some(-3_600)), "10:00:00.25-01:00");
     assert_eq!(time(10, 0, 0, 0, Some(-(3_600 + 75))), "10:00:00-01:01:15");
 }
 
 #[test]
 fn timestamps_are_rfc3339_in_utc() {
     assert_eq!(timestamp(0, 0), "1970-01-01T00:00:00Z");
-    assert_eq!(
-        timestamp(1_700_000_000, 123_000_000),
-        "2023-11-14T22:13:20.123Z"
-    );
-    assert_eq!(
-        timestamp(1_700_000_000, 1_000),
-        "2023-11-14T22:13:20.000001Z"
-    );
+    assert_eq!(timestamp(1_700_000_000, 123_000_000), "2023-11-14T22:13:20.123Z");
+    assert_eq!(timestamp(1_700_000_000, 1_000), "2023-11-14T22:13:20.000001Z");
     assert_eq!(timestamp(-1, 500_000_000), "1969-12-31T23:59:59.500Z");
 }
 
@@ -147,10 +124,7 @@ fn intervals_look_like_postgresql() {
     assert_eq!(interval(0, 1, -3_600_000_000), "1 day -01:00:00");
     assert_eq!(interval(-14, 0, 0), "-1 years -2 mons");
     assert_eq!(interval(0, 0, -1_500_000), "-00:00:01.5");
-    assert_eq!(
-        interval(0, 0, 100 * 3_600_000_000 + 61_000_001),
-        "100:01:01.000001"
-    );
+    assert_eq!(interval(0, 0, 100 * 3_600_000_000 + 61_000_001), "100:01:01.000001");
     assert_eq!(interval(0, 0, i64::MIN), "-2562047788:00:54.775808");
 }
 

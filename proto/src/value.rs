@@ -57,10 +57,7 @@ impl fmt::Display for Value {
             Kind::Int64Value(i) => write!(f, "{i}"),
             Kind::Uint64Value(u) => write!(f, "{u}"),
             Kind::DoubleValue(d) => fmt_double(f, *d),
-            Kind::StringValue(s)
-            | Kind::DecimalValue(s)
-            | Kind::UuidValue(s)
-            | Kind::JsonValue(s) => f.write_str(s),
+            Kind::StringValue(s) | Kind::DecimalValue(s) | Kind::UuidValue(s) | Kind::JsonValue(s) => f.write_str(s),
             Kind::BytesValue(bytes) => {
                 f.write_str("\\x")?;
                 bytes.iter().try_for_each(|b| write!(f, "{b:02x}"))

@@ -223,8 +223,8 @@ impl Config {
             check_name(&t, tenant_id)?;
             for (i, key) in tenant.api_keys.iter().enumerate() {
                 let k = format!("{t}.api_keys[{i}].sha256");
-                let bytes = hex::decode(&key.sha256)
-                    .map_err(|_| invalid(&k, "must be 64 hex digits (see `weir hash-key`)"))?;
+                let bytes =
+                    hex::decode(&key.sha256).map_err(|_| invalid(&k, "must be 64 hex digits (see `weir hash-key`)"))?;
                 if bytes.len() != 32 {
                     return Err(invalid(&k, "must be 64 hex digits (see `weir hash-key`)"));
                 }
@@ -253,10 +253,7 @@ fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        Err(invalid(
-            key,
-            "names are 1-63 characters of a-z, 0-9, '_' and '-'",
-        ))
+        Err(invalid(key, "names are 1-63 characters of a-z, 0-9, '_' and '-'"))
     }
 }
 
@@ -265,10 +262,7 @@ impl LimitsConfig {
         let positive = [
             ("requests_per_second", u64::from(self.requests_per_second)),
             ("burst", u64::from(self.burst)),
-            (
-                "max_concurrent_requests",
-                u64::from(self.max_concurrent_requests),
-            ),
+            ("max_concurrent_requests", u64::from(self.max_concurrent_requests)),
             ("max_rows_per_response", self.max_rows_per_response),
             ("max_bytes_per_response", self.max_bytes_per_response),
         ];
@@ -292,27 +286,14 @@ impl LimitsConfig {
 impl SourceConfig {
     fn validate(&self, key: &str) -> Result<(), ConfigError> {
         if self.pool.max_size == 0 {
-            return Err(invalid(
-                format!("{key}.pool.max_size"),
-                "must be greater than 0",
-            ));
+            return Err(invalid(format!("{key}.pool.max_size"), "must be greater than 0"));
         }
         if self.pool.min_idle > self.pool.max_size {
-            return Err(invalid(
-                format!("{key}.pool.min_idle"),
-                "must not exceed pool.max_size",
-            ));
+            return Err(invalid(format!("{key}.pool.min_idle"), "must not exceed pool.max_size"));
         }
         let (allowed, required): (&[&str], &[&str]) = match self.engine {
             EngineKind::Postgres => (
-                &[
-                    "host",
-                    "port",
-                    "database",
-                    "user",
-                    "password_env",
-                    "password_file",
-                ],
+                &["host", "port", "database", "user", "password_env", "password_file"],
                 &["host", "user"],
             ),
             EngineKind::Sqlite => (&["path", "demo_data"], &["path"]),
@@ -335,10 +316,7 @@ impl SourceConfig {
                 ));
             }
             if !set && required.contains(&name) {
-                return Err(invalid(
-                    format!("{key}.{name}"),
-                    "is required for this engine",
-                ));
+                return Err(invalid(format!("{key}.{name}"), "is required for this engine"));
             }
         }
         if self.password_env.is_some() && self.password_file.is_some() {
@@ -388,11 +366,9 @@ mod tests {
 
     #[test]
     fn engine_specific_keys_are_checked() {
-        let err = Config::from_toml(
-            "[tenants.a.sources.s]\nengine = \"sqlite\"\npath = \"x\"\nhost = \"h\"\n",
-        )
-        .unwrap_err()
-        .to_string();
+        let err = Config::from_toml("[tenants.a.sources.s]\nengine = \"sqlite\"\npath = \"x\"\nhost = \"h\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("tenants.a.sources.s.host"), "{err}");
         let err = Config::from_toml("[tenants.a.sources.s]\nengine = \"postgres\"\nuser = \"u\"\n")
             .unwrap_err()
@@ -419,11 +395,7 @@ mod tests {
 
     #[test]
     fn durations_parse() {
-        let c = Config::from_toml("[tenants.a.limits]\nstatement_timeout = \"250ms\"\n")
-            .expect("config");
-        assert_eq!(
-            c.tenants["a"].limits.statement_timeout,
-            Duration::from_millis(250)
-        );
+        let c = Config::from_toml("[tenants.a.limits]\nstatement_timeout = \"250ms\"\n").expect("config");
+        assert_eq!(c.tenants["a"].limits.statement_timeout, Duration::from_millis(250));
     }
 }

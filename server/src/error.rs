@@ -22,17 +22,12 @@ pub enum Error {
     #[error("transaction not found: it was committed, rolled back, timed out, or belongs to another caller")]
     TransactionNotFound,
     #[error("invalid {field}: {message}")]
-    InvalidArgument {
-        field: &'static str,
-        message: String,
-    },
+    InvalidArgument { field: &'static str, message: String },
     #[error("rate limit of {rate} requests per second exceeded; retry in {retry_after:?}")]
     RateLimited { rate: u32, retry_after: Duration },
     #[error("too many concurrent requests (limit {limit}); retry when a call finishes")]
     TooManyConcurrent { limit: u32 },
-    #[error(
-        "result exceeds the unary {what} limit of {limit}; use ExecuteStream or narrow the query"
-    )]
+    #[error("result exceeds the unary {what} limit of {limit}; use ExecuteStream or narrow the query")]
     ResultTooLarge { what: &'static str, limit: u64 },
     #[error("statement exceeded its time limit of {0:?} and was cancelled")]
     Timeout(Duration),
@@ -43,10 +38,8 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn info(reason: &str, metadata: Vec<(&str, String)>) -> ErrorDetails {
-    let metadata: std::collections::HashMap<String, String> = metadata
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+    let metadata: std::collections::HashMap<String, String> =
+        metadata.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata)
 }
 
@@ -75,11 +68,7 @@ impl From<Error> for Status {
             Error::TransactionNotFound => (Code::NotFound, info("TRANSACTION_NOT_FOUND", vec![])),
             Error::InvalidArgument { field, message } => {
                 let mut d = ErrorDetails::with_bad_request_violation(*field, message.clone());
-                d.set_error_info(
-                    "INVALID_ARGUMENT",
-                    ERROR_DOMAIN,
-                    std::collections::HashMap::new(),
-                );
+                d.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, std::collections::HashMap::new());
                 (Code::InvalidArgument, d)
             }
             Error::RateLimited { retry_after, rate } => {
@@ -101,10 +90,7 @@ impl From<Error> for Status {
             ),
             Error::Timeout(limit) => (
                 Code::DeadlineExceeded,
-                info(
-                    "STATEMENT_TIMEOUT",
-                    vec![("limit_ms", limit.as_millis().to_string())],
-                ),
+                info("STATEMENT_TIMEOUT", vec![("limit_ms", limit.as_millis().to_string())]),
             ),
             Error::Backend(b) => match b {
                 BackendError::Engine { kind, code, .. } => {
@@ -114,10 +100,7 @@ impl From<Error> for Status {
                         meta.push(("engine_code", code.clone()));
                     }
                     let mut d = info(reason, meta);
-                    if matches!(
-                        kind,
-                        EngineErrorKind::Aborted | EngineErrorKind::Unavailable
-                    ) {
+                    if matches!(kind, EngineErrorKind::Aborted | EngineErrorKind::Unavailable) {
                         d.set_retry_info(Some(Duration::from_millis(100)));
                     }
                     (grpc, d)
@@ -138,16 +121,10 @@ impl From<Error> for Status {
                     d.set_retry_info(Some(Duration::from_millis(200)));
                     (Code::ResourceExhausted, d)
                 }
-                BackendError::UnsupportedType { .. } => {
-                    (Code::InvalidArgument, info("UNSUPPORTED_TYPE", vec![]))
-                }
-                BackendError::Parameter { .. } => {
-                    (Code::InvalidArgument, info("INVALID_PARAMETER", vec![]))
-                }
+                BackendError::UnsupportedType { .. } => (Code::InvalidArgument, info("UNSUPPORTED_TYPE", vec![])),
+                BackendError::Parameter { .. } => (Code::InvalidArgument, info("INVALID_PARAMETER", vec![])),
                 BackendError::Busy => (Code::FailedPrecondition, info("TRANSACTION_BUSY", vec![])),
-                BackendError::Invalid(_) => {
-                    (Code::InvalidArgument, info("INVALID_REQUEST", vec![]))
-                }
+                BackendError::Invalid(_) => (Code::InvalidArgument, info("INVALID_REQUEST", vec![])),
                 BackendError::Internal(_) => (Code::Internal, info("INTERNAL", vec![])),
             },
         };
@@ -177,10 +154,7 @@ mod tests {
             details.retry_info().and_then(|r| r.retry_delay),
             Some(Duration::from_millis(150))
         );
-        assert_eq!(
-            details.error_info().map(|i| i.reason.as_str()),
-            Some("RATE_LIMITED")
-        );
+        assert_eq!(details.error_info().map(|i| i.reason.as_str()), Some("RATE_LIMITED"));
     }
 
     #[test]
@@ -192,14 +166,7 @@ mod tests {
         }));
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains("42601"));
-        let info = status
-            .get_error_details()
-            .error_info()
-            .cloned()
-            .expect("error info");
-        assert_eq!(
-            info.metadata.get("engine_code").map(String::as_str),
-            Some("42601")
-        );
+        let info = status.get_error_details().error_info().cloned().expect("error info");
+        assert_eq!(info.metadata.get("engine_code").map(String::as_str), Some("42601"));
     }
 }

@@ -19,8 +19,7 @@ pub async fn probe_all(tenants: &Tenants) -> bool {
     let mut required_ok = true;
     for tenant in tenants.all() {
         for source in tenant.sources() {
-            let result =
-                tokio::time::timeout(PROBE_TIMEOUT, source.backend.connection_info()).await;
+            let result = tokio::time::timeout(PROBE_TIMEOUT, source.backend.connection_info()).await;
             let healthy = matches!(result, Ok(Ok(_)));
             let mut status = source.status.write();
             if let Ok(Ok(info)) = result {
@@ -30,11 +29,7 @@ pub async fn probe_all(tenants: &Tenants) -> bool {
                 };
             } else {
                 if status.healthy {
-                    tracing::warn!(
-                        tenant = tenant.id,
-                        source = source.name,
-                        "source became unreachable"
-                    );
+                    tracing::warn!(tenant = tenant.id, source = source.name, "source became unreachable");
                 }
                 status.healthy = false;
             }

@@ -69,14 +69,7 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, tenants = tenants.all().len(), "weir listening");
     }
-    let served = transport::serve(
-        &config,
-        listener,
-        tenants,
-        transactions.clone(),
-        health_service,
-        signal,
-    );
+    let served = transport::serve(&config, listener, tenants, transactions.clone(), health_service, signal);
     let result = tokio::select! {
         r = served => r,
         () = deadline => {

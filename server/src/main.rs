@@ -8,11 +8,7 @@ use tracing_subscriber::EnvFilter;
 use weir_server::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "weir",
-    version,
-    about = "Multi-tenant gRPC gateway to databases"
-)]
+#[command(name = "weir", version, about = "Multi-tenant gRPC gateway to databases")]
 struct Args {
     /// TOML configuration file; without it Weir serves the local demo configuration.
     #[arg(long, env = "WEIR_CONFIG")]
@@ -45,11 +41,7 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
 }
 
@@ -57,14 +49,13 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -101,7 +92,9 @@ async fn main() -> std::process::ExitCode {
         }
     };
     if args.config.is_none() {
-        tracing::warn!("no --config given: serving the local demo configuration (tenant 'demo', API key 'demo'); do not expose it");
+        tracing::warn!(
+            "no --config given: serving the local demo configuration (tenant 'demo', API key 'demo'); do not expose it"
+        );
     }
     let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
         Ok(l) => l,

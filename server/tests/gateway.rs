@@ -31,21 +31,12 @@ async fn demo_configuration_serves_the_demo_source() {
     let names: Vec<_> = tables.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(
         names,
-        [
-            "customers",
-            "order_items",
-            "order_totals",
-            "orders",
-            "products"
-        ]
+        ["customers", "order_items", "order_totals", "orders", "products"]
     );
     let orders = tables.iter().find(|t| t.name == "orders").expect("orders");
     assert_eq!(orders.row_estimate, Some(3000));
     assert_eq!(
-        tables
-            .iter()
-            .find(|t| t.name == "order_totals")
-            .map(|t| t.kind),
+        tables.iter().find(|t| t.name == "order_totals").map(|t| t.kind),
         Some(pb::TableKind::View as i32)
     );
     server.stop().await;
@@ -108,10 +99,7 @@ async fn typed_parameters_and_values() {
     let row = &r.rows[0].values;
     assert_eq!(int(&row[0]), 1);
     assert_eq!(text(&row[1]), "real");
-    assert_eq!(
-        row[2].kind,
-        Some(pb::value::Kind::BytesValue(vec![1, 2, 3]))
-    );
+    assert_eq!(row[2].kind, Some(pb::value::Kind::BytesValue(vec![1, 2, 3])));
 
     let err = client
         .execute("shop", "SELECT ?", vec![])
@@ -134,45 +122,28 @@ async fn statements_report_rows_affected_and_streams_end_with_stats() {
         )
         .await
         .expect("update");
-    let affected = r
-        .stats
-        .and_then(|s| s.rows_affected)
-        .expect("rows affected");
+    let affected = r.stats.and_then(|s| s.rows_affected).expect("rows affected");
     let count = client
-        .execute(
-            "shop",
-            "SELECT count(*) FROM products WHERE category = 'books'",
-            vec![],
-        )
+        .execute("shop", "SELECT count(*) FROM products WHERE category = 'books'", vec![])
         .await
         .expect("count");
     assert_eq!(affected as i64, int(&count.rows[0].values[0]));
 
     let mut stream = client
-        .execute_stream(
-            "shop",
-            "SELECT * FROM order_items ORDER BY order_id",
-            vec![],
-        )
+        .execute_stream("shop", "SELECT * FROM order_items ORDER BY order_id", vec![])
         .await
         .expect("stream");
     assert_eq!(stream.columns().len(), 4);
     let mut rows = 0;
     let mut batches = 0;
     while let Some(batch) = stream.next_batch().await.expect("batch") {
-        assert!(
-            batch.len() <= 1000,
-            "default batches hold at most 1000 rows"
-        );
+        assert!(batch.len() <= 1000, "default batches hold at most 1000 rows");
         rows += batch.len();
         batches += 1;
     }
     let stats = stream.stats().expect("stats come last");
     assert_eq!(stats.rows_returned as usize, rows);
-    assert!(
-        rows > 8000 && batches >= 9,
-        "{rows} rows in {batches} batches"
-    );
+    assert!(rows > 8000 && batches >= 9, "{rows} rows in {batches} batches");
     server.stop().await;
 }
 
@@ -185,25 +156,15 @@ async fn schema_calls_describe_the_source() {
     assert_eq!(sources[0].name, "shop");
     assert_eq!(sources[0].engine, pb::Engine::Sqlite as i32);
     assert_eq!(
-        sources[0]
-            .capabilities
-            .as_ref()
-            .map(|c| c.parameter_style.as_str()),
+        sources[0].capabilities.as_ref().map(|c| c.parameter_style.as_str()),
         Some("?")
     );
 
     let ping = client.test_connection("shop").await.expect("ping");
-    assert!(
-        ping.server_version.starts_with("SQLite 3."),
-        "{}",
-        ping.server_version
-    );
+    assert!(ping.server_version.starts_with("SQLite 3."), "{}", ping.server_version);
 
     let schemas = client.list_schemas("shop").await.expect("schemas");
-    assert_eq!(
-        schemas.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-        ["main"]
-    );
+    assert_eq!(schemas.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["main"]);
 
     let d = client
         .describe_table("shop", "", "order_items")
@@ -260,31 +221,18 @@ async fn transactions_commit_and_roll_back() {
         .await
         .expect("insert in tx");
     let seen = client
-        .execute_in(
-            &tx,
-            "",
-            "SELECT count(*) FROM products WHERE id = 1001",
-            vec![],
-        )
+        .execute_in(&tx, "", "SELECT count(*) FROM products WHERE id = 1001", vec![])
         .await
         .expect("read own write");
     assert_eq!(int(&seen.rows[0].values[0]), 1);
     client.rollback(&tx).await.expect("rollback");
     let after = client
-        .execute(
-            "shop",
-            "SELECT count(*) FROM products WHERE id = 1001",
-            vec![],
-        )
+        .execute("shop", "SELECT count(*) FROM products WHERE id = 1001", vec![])
         .await
         .expect("count");
     assert_eq!(int(&after.rows[0].values[0]), 0);
     assert_eq!(
-        client
-            .commit(&tx)
-            .await
-            .expect_err("handle is spent")
-            .code(),
+        client.commit(&tx).await.expect_err("handle is spent").code(),
         Code::NotFound
     );
 
@@ -354,16 +302,10 @@ async fn tenants_are_isolated() {
         .expect_err("alpha's transaction");
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(
-        beta.rollback(&tx)
-            .await
-            .expect_err("alpha's transaction")
-            .code(),
+        beta.rollback(&tx).await.expect_err("alpha's transaction").code(),
         Code::NotFound
     );
-    alpha
-        .rollback(&tx)
-        .await
-        .expect("the owner can still use it");
+    alpha.rollback(&tx).await.expect("the owner can still use it");
     let forged = alpha
         .execute_in(b"not-a-handle", "", "SELECT 1", vec![])
         .await
@@ -388,9 +330,7 @@ async fn bad_keys_are_unauthenticated_and_health_needs_none() {
         .expect("connect");
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let r = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
         .await
         .expect("health without a key");
     assert_eq!(
@@ -398,8 +338,7 @@ async fn bad_keys_are_unauthenticated_and_health_needs_none() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 
-    let mut raw =
-        weir_client::weir_proto::v1::schema_service_client::SchemaServiceClient::new(channel);
+    let mut raw = weir_client::weir_proto::v1::schema_service_client::SchemaServiceClient::new(channel);
     let err = raw
         .list_sources(pb::ListSourcesRequest {})
         .await
@@ -415,11 +354,7 @@ async fn bad_keys_are_unauthenticated_and_health_needs_none() {
 
 #[tokio::test]
 async fn rate_limit_answers_with_a_retry_delay() {
-    let toml = tenant(
-        "slow",
-        "requests_per_second = 2\nburst = 3",
-        &sqlite_demo("slow", "db"),
-    );
+    let toml = tenant("slow", "requests_per_second = 2\nburst = 3", &sqlite_demo("slow", "db"));
     let server = TestServer::start(&toml).await;
     let client = server.client("key-slow").await;
     for _ in 0..3 {
@@ -438,20 +373,13 @@ async fn rate_limit_answers_with_a_retry_delay() {
         "{delay:?}"
     );
     tokio::time::sleep(delay).await;
-    client
-        .list_sources()
-        .await
-        .expect("admitted after the advised delay");
+    client.list_sources().await.expect("admitted after the advised delay");
     server.stop().await;
 }
 
 #[tokio::test]
 async fn concurrency_limit_counts_open_streams() {
-    let toml = tenant(
-        "one",
-        "max_concurrent_requests = 1",
-        &sqlite_demo("one", "db"),
-    );
+    let toml = tenant("one", "max_concurrent_requests = 1", &sqlite_demo("one", "db"));
     let server = TestServer::start(&toml).await;
     let client = server.client("key-one").await;
     let mut open = client.query();
@@ -461,16 +389,9 @@ async fn concurrency_limit_counts_open_streams() {
         max_batch_rows: 10,
         ..Default::default()
     };
-    let mut stream = open
-        .execute_stream(request)
-        .await
-        .expect("first stream")
-        .into_inner();
+    let mut stream = open.execute_stream(request).await.expect("first stream").into_inner();
     assert!(stream.message().await.expect("metadata").is_some());
-    let err = client
-        .list_sources()
-        .await
-        .expect_err("the stream holds the only slot");
+    let err = client.list_sources().await.expect_err("the stream holds the only slot");
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert_eq!(reason(&err), "CONCURRENCY_LIMITED");
     drop(stream);
@@ -502,10 +423,7 @@ async fn unary_results_are_capped_not_truncated() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert_eq!(reason(&err), "RESULT_TOO_LARGE");
     assert!(err.message().contains("ExecuteStream"), "{}", err.message());
-    assert!(
-        err.get_error_details().retry_info().is_none(),
-        "retrying cannot help"
-    );
+    assert!(err.get_error_details().retry_info().is_none(), "retrying cannot help");
     let ok = client
         .execute("db", "SELECT * FROM orders LIMIT 100", vec![])
         .await
@@ -521,20 +439,12 @@ async fn unary_results_are_capped_not_truncated() {
 
 #[tokio::test]
 async fn statement_timeout_cancels_sqlite_work() {
-    let toml = tenant(
-        "t",
-        "statement_timeout = \"300ms\"",
-        &sqlite_demo("t", "db"),
-    );
+    let toml = tenant("t", "statement_timeout = \"300ms\"", &sqlite_demo("t", "db"));
     let server = TestServer::start(&toml).await;
     let client = server.client("key-t").await;
     let started = std::time::Instant::now();
-    let slow =
-        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
-    let err = client
-        .execute("db", slow, vec![])
-        .await
-        .expect_err("endless query");
+    let slow = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+    let err = client.execute("db", slow, vec![]).await.expect_err("endless query");
     assert_eq!(err.code(), Code::DeadlineExceeded);
     assert_eq!(reason(&err), "STATEMENT_TIMEOUT");
     assert!(started.elapsed() < Duration::from_secs(3));
@@ -552,10 +462,7 @@ async fn statement_timeout_cancels_sqlite_work() {
 async fn invalid_requests_are_rejected_with_the_field() {
     let server = TestServer::start(&two_tenants()).await;
     let client = server.client("key-alpha").await;
-    let err = client
-        .execute("shop", "   ", vec![])
-        .await
-        .expect_err("empty sql");
+    let err = client.execute("shop", "   ", vec![]).await.expect_err("empty sql");
     assert_eq!(err.code(), Code::InvalidArgument);
     let violations = err
         .get_error_details()
@@ -572,15 +479,9 @@ async fn invalid_requests_are_rejected_with_the_field() {
         .expect_err("bad uuid");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("parameter 1"), "{}", err.message());
-    let err = client
-        .execute("", "SELECT 1", vec![])
-        .await
-        .expect_err("no source");
+    let err = client.execute("", "SELECT 1", vec![]).await.expect_err("no source");
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = client
-        .execute("shop", "selec 1", vec![])
-        .await
-        .expect_err("syntax");
+    let err = client.execute("shop", "selec 1", vec![]).await.expect_err("syntax");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(!engine_code(&err).is_empty(), "engine code attached");
     server.stop().await;

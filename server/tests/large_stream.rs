@@ -45,10 +45,7 @@ async fn a_million_rows_stream_in_bounded_memory() {
     let baseline = rss_bytes();
     let mut peak = baseline;
     let started = Instant::now();
-    let mut stream = client
-        .execute_stream("pg", SQL, vec![])
-        .await
-        .expect("stream");
+    let mut stream = client.execute_stream("pg", SQL, vec![]).await.expect("stream");
     let (mut count, mut sum) = (0i64, 0i64);
     while let Some(batch) = stream.next_batch().await.expect("batch") {
         for row in &batch {
@@ -60,11 +57,7 @@ async fn a_million_rows_stream_in_bounded_memory() {
     }
     let gateway_elapsed = started.elapsed();
     assert_eq!(count, ROWS);
-    assert_eq!(
-        sum,
-        ROWS * (ROWS + 1) / 2,
-        "every row arrived once, in order or not"
-    );
+    assert_eq!(sum, ROWS * (ROWS + 1) / 2, "every row arrived once, in order or not");
     let stats = stream.stats().expect("stats");
     assert_eq!(stats.rows_returned, ROWS as u64);
 

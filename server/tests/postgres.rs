@@ -15,22 +15,14 @@ fn config(limits: &str) -> String {
     let mut toml = tenant(
         "acme",
         limits,
-        &postgres(
-            "acme",
-            "pg",
-            "[tenants.acme.sources.pg.pool]\nmax_size = 4\n",
-        ),
+        &postgres("acme", "pg", "[tenants.acme.sources.pg.pool]\nmax_size = 4\n"),
     );
     toml.push_str(&tenant("other", "", &sqlite_demo("other", "lite")));
     toml
 }
 
 async fn setup(sql: &str) {
-    pg_direct()
-        .await
-        .batch_execute(sql)
-        .await
-        .expect("setup SQL");
+    pg_direct().await.batch_execute(sql).await.expect("setup SQL");
 }
 
 fn kind(v: &pb::Value) -> &Kind {
@@ -131,34 +123,21 @@ async fn every_type_maps_to_a_value() {
             microseconds: 14_706_500_000
         })
     );
-    assert_eq!(
-        at("u"),
-        &Kind::UuidValue("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".into())
-    );
+    assert_eq!(at("u"), &Kind::UuidValue("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".into()));
     assert_eq!(at("j"), &Kind::JsonValue("{\"a\": [1, 2]}".into()));
     assert_eq!(at("jb"), &Kind::JsonValue("{\"b\": null}".into()));
     let list = |values: Vec<Kind>| {
         Kind::ListValue(pb::ListValue {
-            values: values
-                .into_iter()
-                .map(|k| pb::Value { kind: Some(k) })
-                .collect(),
+            values: values.into_iter().map(|k| pb::Value { kind: Some(k) }).collect(),
         })
     };
     assert_eq!(
         at("ai"),
-        &list(vec![
-            Kind::Int64Value(1),
-            Kind::Null(true),
-            Kind::Int64Value(3)
-        ])
+        &list(vec![Kind::Int64Value(1), Kind::Null(true), Kind::Int64Value(3)])
     );
     assert_eq!(
         at("at"),
-        &list(vec![
-            Kind::StringValue("x,y".into()),
-            Kind::StringValue("q\"z".into())
-        ])
+        &list(vec![Kind::StringValue("x,y".into()), Kind::StringValue("q\"z".into())])
     );
     assert_eq!(
         at("a2"),
@@ -231,9 +210,7 @@ async fn parameters_are_bound_by_the_engine() {
         kind: Some(Kind::DecimalValue("-0.000123".into())),
     };
     let uuid = pb::Value {
-        kind: Some(Kind::UuidValue(
-            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".into(),
-        )),
+        kind: Some(Kind::UuidValue("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".into())),
     };
     let json = pb::Value {
         kind: Some(Kind::JsonValue("{\"k\": 1}".into())),
@@ -311,10 +288,7 @@ async fn parameters_are_bound_by_the_engine() {
 async fn engine_errors_keep_their_sqlstate() {
     let server = TestServer::start(&config("")).await;
     let client = server.client("key-acme").await;
-    let err = client
-        .execute("pg", "selec 1", vec![])
-        .await
-        .expect_err("syntax");
+    let err = client.execute("pg", "selec 1", vec![]).await.expect_err("syntax");
     assert_eq!(
         (err.code(), engine_code(&err).as_str()),
         (Code::InvalidArgument, "42601")
@@ -324,10 +298,7 @@ async fn engine_errors_keep_their_sqlstate() {
         .execute("pg", "SELECT * FROM weir_missing_table", vec![])
         .await
         .expect_err("unknown table");
-    assert_eq!(
-        (err.code(), engine_code(&err).as_str()),
-        (Code::NotFound, "42P01")
-    );
+    assert_eq!((err.code(), engine_code(&err).as_str()), (Code::NotFound, "42P01"));
     let err = client
         .execute("pg", "SELECT 1/0", vec![])
         .await
@@ -341,17 +312,10 @@ async fn engine_errors_keep_their_sqlstate() {
         .execute("pg", "INSERT INTO weir_unique VALUES (1)", vec![])
         .await
         .expect_err("duplicate key");
-    assert_eq!(
-        (err.code(), engine_code(&err).as_str()),
-        (Code::AlreadyExists, "23505")
-    );
+    assert_eq!((err.code(), engine_code(&err).as_str()), (Code::AlreadyExists, "23505"));
     // Errors mid-stream arrive as the stream's status.
     let mut stream = client
-        .execute_stream(
-            "pg",
-            "SELECT 10 / (5000 - g) FROM generate_series(1, 10000) g",
-            vec![],
-        )
+        .execute_stream("pg", "SELECT 10 / (5000 - g) FROM generate_series(1, 10000) g", vec![])
         .await
         .expect("stream starts");
     let err = loop {
@@ -363,18 +327,14 @@ async fn engine_errors_keep_their_sqlstate() {
     };
     assert_eq!(engine_code(&err), "22012");
     // The connection pool is unharmed.
-    let r = client
-        .execute("pg", "SELECT 1", vec![])
-        .await
-        .expect("still serving");
+    let r = client.execute("pg", "SELECT 1", vec![]).await.expect("still serving");
     assert_eq!(int(&r.rows[0].values[0]), 1);
     server.stop().await;
 }
 
 #[tokio::test]
 async fn transactions_commit_roll_back_and_expire() {
-    setup("DROP TABLE IF EXISTS weir_tx; CREATE TABLE weir_tx (id int PRIMARY KEY, note text);")
-        .await;
+    setup("DROP TABLE IF EXISTS weir_tx; CREATE TABLE weir_tx (id int PRIMARY KEY, note text);").await;
     let server = TestServer::start(&config("transaction_idle_timeout = \"1s\"")).await;
     let client = server.client("key-acme").await;
 
@@ -437,13 +397,7 @@ async fn transactions_commit_roll_back_and_expire() {
         .execute("pg", "SELECT id FROM weir_tx ORDER BY id", vec![])
         .await
         .expect("after commit");
-    assert_eq!(
-        rows.rows
-            .iter()
-            .map(|r| int(&r.values[0]))
-            .collect::<Vec<_>>(),
-        [2]
-    );
+    assert_eq!(rows.rows.iter().map(|r| int(&r.values[0])).collect::<Vec<_>>(), [2]);
 
     let tx = client
         .begin("pg", IsolationLevel::Unspecified, true)
@@ -465,12 +419,7 @@ async fn transactions_commit_roll_back_and_expire() {
         .await
         .expect("begin");
     client
-        .execute_in(
-            &tx,
-            "pg",
-            "INSERT INTO weir_tx VALUES (3, 'abandoned')",
-            vec![],
-        )
+        .execute_in(&tx, "pg", "INSERT INTO weir_tx VALUES (3, 'abandoned')", vec![])
         .await
         .expect("insert");
     tokio::time::sleep(Duration::from_millis(2000)).await;
@@ -641,10 +590,7 @@ async fn schema_calls_read_the_catalog() {
     );
     assert!(d.columns[0].default_expression.starts_with("nextval("));
     assert_eq!(
-        d.columns[2]
-            .column
-            .as_ref()
-            .map(|c| (c.r#type, c.element_type)),
+        d.columns[2].column.as_ref().map(|c| (c.r#type, c.element_type)),
         Some((pb::ColumnType::List as i32, pb::ColumnType::String as i32))
     );
     assert_eq!(
@@ -691,10 +637,7 @@ async fn schema_calls_read_the_catalog() {
         .await
         .expect_err("unknown");
     assert_eq!(err.code(), Code::NotFound);
-    let err = client
-        .describe_table("pg", "", "")
-        .await
-        .expect_err("no table");
+    let err = client.describe_table("pg", "", "").await.expect_err("no table");
     assert_eq!(err.code(), Code::InvalidArgument);
     server.stop().await;
 }
@@ -712,10 +655,7 @@ async fn read_only_sources_refuse_writes_in_the_engine() {
         (err.code(), engine_code(&err).as_str()),
         (Code::PermissionDenied, "25006")
     );
-    let r = client
-        .execute("pg", "SELECT 1", vec![])
-        .await
-        .expect("reads work");
+    let r = client.execute("pg", "SELECT 1", vec![]).await.expect("reads work");
     assert_eq!(int(&r.rows[0].values[0]), 1);
     server.stop().await;
 }

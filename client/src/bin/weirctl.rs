@@ -10,8 +10,7 @@ use serde_json::json;
 use tonic::Status;
 use weir_client::output::{Format, RowWriter};
 use weir_client::weir_proto::v1::{
-    Capabilities, Column, ColumnInfo, ColumnType, DescribeTableResponse, Row, TableInfo, TableKind,
-    Value,
+    Capabilities, Column, ColumnInfo, ColumnType, DescribeTableResponse, Row, TableInfo, TableKind, Value,
 };
 use weir_client::{describe_status, parse_param, ClientError, WeirClient};
 
@@ -19,12 +18,7 @@ use weir_client::{describe_status, parse_param, ClientError, WeirClient};
 #[command(version, about = "Command line client for Weir")]
 struct Cli {
     /// Server address, "http://host:port" or "host:port".
-    #[arg(
-        long,
-        env = "WEIR_ADDR",
-        default_value = "http://127.0.0.1:50051",
-        global = true
-    )]
+    #[arg(long, env = "WEIR_ADDR", default_value = "http://127.0.0.1:50051", global = true)]
     addr: String,
     /// API key, sent as a bearer token.
     #[arg(
@@ -151,11 +145,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let client = WeirClient::connect(&cli.addr, &cli.key).await?;
     let mut out = BufWriter::new(io::stdout().lock());
     match cli.command {
-        Command::Query {
-            source,
-            sql,
-            params,
-        } => query(&client, cli.format, &source, &sql, params, &mut out).await,
+        Command::Query { source, sql, params } => query(&client, cli.format, &source, &sql, params, &mut out).await,
         Command::Sources => sources(&client, cli.format, &mut out).await,
         Command::Tables { source, schema } => {
             let tables = client
@@ -163,11 +153,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await?;
             print_tables(cli.format, &tables, &mut out)
         }
-        Command::Describe {
-            source,
-            table,
-            schema,
-        } => {
+        Command::Describe { source, table, schema } => {
             let schema = schema.unwrap_or_default();
             let description = client.describe_table(&source, &schema, &table).await?;
             let info = description.table.clone().unwrap_or(TableInfo {
@@ -312,12 +298,7 @@ fn print_description(
 
 fn write_constraints(description: &DescribeTableResponse, out: &mut impl Write) -> io::Result<()> {
     if let Some(pk) = &description.primary_key {
-        writeln!(
-            out,
-            "\nPrimary key: {} ({})",
-            pk.name,
-            pk.columns.join(", ")
-        )?;
+        writeln!(out, "\nPrimary key: {} ({})", pk.name, pk.columns.join(", "))?;
     }
     if !description.foreign_keys.is_empty() {
         writeln!(out, "\nForeign keys:")?;
@@ -354,12 +335,7 @@ fn write_constraints(description: &DescribeTableResponse, out: &mut impl Write) 
             } else {
                 format!(" {}", index.method)
             };
-            writeln!(
-                out,
-                "  {}{kind}{method} ({})",
-                index.name,
-                index.columns.join(", ")
-            )?;
+            writeln!(out, "  {}{kind}{method} ({})", index.name, index.columns.join(", "))?;
         }
     }
     Ok(())
@@ -422,12 +398,7 @@ fn description_json(table: &TableInfo, description: &DescribeTableResponse) -> s
     })
 }
 
-async fn ping(
-    client: &WeirClient,
-    format: Format,
-    source: &str,
-    out: &mut impl Write,
-) -> Result<(), Failure> {
+async fn ping(client: &WeirClient, format: Format, source: &str, out: &mut impl Write) -> Result<(), Failure> {
     let response = client.test_connection(source).await?;
     let round_trip_ms = response.round_trip.map_or_else(Value::null, |d| {
         let ms = d.seconds as f64 * 1e3 + f64::from(d.nanos) / 1e6;
@@ -451,12 +422,7 @@ async fn ping(
     print_rows(format, &columns, &rows, out)
 }
 
-fn print_rows(
-    format: Format,
-    columns: &[Column],
-    rows: &[Row],
-    out: &mut impl Write,
-) -> Result<(), Failure> {
+fn print_rows(format: Format, columns: &[Column], rows: &[Row], out: &mut impl Write) -> Result<(), Failure> {
     let mut writer = RowWriter::new(format, columns, out);
     writer.write_rows(rows)?;
     writer.finish()?;
@@ -473,9 +439,7 @@ fn column(name: &str, r#type: ColumnType) -> Column {
 }
 
 fn row<const N: usize>(values: [Value; N]) -> Row {
-    Row {
-        values: values.into(),
-    }
+    Row { values: values.into() }
 }
 
 /// "ENGINE_POSTGRES" -> "postgres", "TABLE_KIND_MATERIALIZED_VIEW" ->

@@ -43,11 +43,7 @@ pub trait SqlSource: Send + Sync + 'static {
     async fn connection_info(&self) -> Result<ConnectionInfo, BackendError>;
     async fn list_schemas(&self, include_system: bool) -> Result<Vec<SchemaInfo>, BackendError>;
     async fn list_tables(&self, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError>;
-    async fn describe_table(
-        &self,
-        schema: Option<&str>,
-        table: &str,
-    ) -> Result<TableDescription, BackendError>;
+    async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError>;
 }
 
 /// An open transaction. Statements run one at a time: a statement issued

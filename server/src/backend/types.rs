@@ -72,11 +72,7 @@ pub struct Column {
 }
 
 impl Column {
-    pub fn new(
-        name: impl Into<String>,
-        native_type: impl Into<String>,
-        column_type: ColumnType,
-    ) -> Self {
+    pub fn new(name: impl Into<String>, native_type: impl Into<String>, column_type: ColumnType) -> Self {
         Self {
             name: name.into(),
             native_type: native_type.into(),
@@ -106,6 +102,14 @@ pub enum Isolation {
     RepeatableRead,
     Serializable,
 }
+
+/// Every isolation level, for engines that honour (or exceed) them all.
+pub const ALL_ISOLATION_LEVELS: [Isolation; 4] = [
+    Isolation::ReadUncommitted,
+    Isolation::ReadCommitted,
+    Isolation::RepeatableRead,
+    Isolation::Serializable,
+];
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TxOptions {

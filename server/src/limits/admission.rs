@@ -43,10 +43,7 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         // Calls without a caller (health, reflection) are not tenant calls.
-        let admitted = req
-            .extensions()
-            .get::<Caller>()
-            .map(|c| c.tenant.limiter.admit());
+        let admitted = req.extensions().get::<Caller>().map(|c| c.tenant.limiter.admit());
         let permit = match admitted {
             None => None,
             Some(Ok(permit)) => Some(permit),

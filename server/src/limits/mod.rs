@@ -36,13 +36,13 @@ impl TenantLimiter {
     /// Admits one call: takes a token and a concurrency slot that is held
     /// until the returned permit is dropped (the end of the response).
     pub fn admit(&self) -> Result<OwnedSemaphorePermit, Error> {
-        let permit =
-            self.concurrency
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| Error::TooManyConcurrent {
-                    limit: self.max_concurrent,
-                })?;
+        let permit = self
+            .concurrency
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::TooManyConcurrent {
+                limit: self.max_concurrent,
+            })?;
         if let Err(not_until) = self.rate.check() {
             let retry_after = not_until.wait_time_from(DefaultClock::default().now());
             return Err(Error::RateLimited {
@@ -72,8 +72,7 @@ mod tests {
         match limiter.admit() {
             Err(Error::RateLimited { retry_after, .. }) => {
                 assert!(
-                    retry_after > std::time::Duration::ZERO
-                        && retry_after <= std::time::Duration::from_millis(100)
+                    retry_after > std::time::Duration::ZERO && retry_after <= std::time::Duration::from_millis(100)
                 );
             }
             other => panic!("expected rate limit, got {:?}", other.map(|_| ())),
@@ -88,10 +87,7 @@ mod tests {
         };
         let limiter = TenantLimiter::new(&limits);
         let held = limiter.admit().expect("first");
-        assert!(matches!(
-            limiter.admit(),
-            Err(Error::TooManyConcurrent { limit: 1 })
-        ));
+        assert!(matches!(limiter.admit(), Err(Error::TooManyConcurrent { limit: 1 })));
         drop(held);
         assert!(limiter.admit().is_ok());
     }

@@ -22,9 +22,7 @@ pub fn params(values: Vec<pb::Value>) -> Result<Vec<Value>, Error> {
     values
         .into_iter()
         .enumerate()
-        .map(|(i, v)| {
-            value_from_proto(v, 0).map_err(|m| bad("params", format!("parameter {}: {m}", i + 1)))
-        })
+        .map(|(i, v)| value_from_proto(v, 0).map_err(|m| bad("params", format!("parameter {}: {m}", i + 1))))
         .collect()
 }
 
@@ -61,23 +59,17 @@ fn value_from_proto(v: pb::Value, depth: usize) -> Result<Value, String> {
             Value::Time(time, t.utc_offset_seconds)
         }
         Some(Kind::TimestampValue(ts)) => {
-            let nanos =
-                u32::try_from(ts.nanos).map_err(|_| "timestamp nanos must be 0..999999999")?;
-            Value::TimestampTz(
-                DateTime::from_timestamp(ts.seconds, nanos).ok_or("timestamp out of range")?,
-            )
+            let nanos = u32::try_from(ts.nanos).map_err(|_| "timestamp nanos must be 0..999999999")?;
+            Value::TimestampTz(DateTime::from_timestamp(ts.seconds, nanos).ok_or("timestamp out of range")?)
         }
         Some(Kind::IntervalValue(i)) => Value::Interval {
             months: i.months,
             days: i.days,
             microseconds: i.microseconds,
         },
-        Some(Kind::UuidValue(s)) => {
-            Value::Uuid(uuid::Uuid::parse_str(&s).map_err(|_| format!("'{s}' is not a UUID"))?)
-        }
+        Some(Kind::UuidValue(s)) => Value::Uuid(uuid::Uuid::parse_str(&s).map_err(|_| format!("'{s}' is not a UUID"))?),
         Some(Kind::JsonValue(s)) => {
-            serde_json::from_str::<serde::de::IgnoredAny>(&s)
-                .map_err(|e| format!("invalid JSON: {e}"))?;
+            serde_json::from_str::<serde::de::IgnoredAny>(&s).map_err(|e| format!("invalid JSON: {e}"))?;
             Value::Json(s)
         }
         Some(Kind::ListValue(l)) => {
@@ -210,10 +202,7 @@ pub fn column(c: domain::Column) -> pb::Column {
         name: c.name,
         native_type: c.native_type,
         r#type: column_type(c.column_type) as i32,
-        element_type: c
-            .element_type
-            .map(column_type)
-            .unwrap_or(pb::ColumnType::Unspecified) as i32,
+        element_type: c.element_type.map(column_type).unwrap_or(pb::ColumnType::Unspecified) as i32,
         nullable: c.nullable,
         precision: c.precision,
         scale: c.scale,
@@ -224,9 +213,7 @@ pub fn column(c: domain::Column) -> pb::Column {
 pub fn isolation(level: i32) -> Result<Isolation, Error> {
     use pb::IsolationLevel as L;
     Ok(
-        match L::try_from(level)
-            .map_err(|_| bad("isolation", format!("unknown isolation level {level}")))?
-        {
+        match L::try_from(level).map_err(|_| bad("isolation", format!("unknown isolation level {level}")))? {
             L::Unspecified => Isolation::EngineDefault,
             L::ReadUncommitted => Isolation::ReadUncommitted,
             L::ReadCommitted => Isolation::ReadCommitted,
@@ -332,16 +319,7 @@ mod tests {
 
     #[test]
     fn decimals_are_checked() {
-        for ok in [
-            "0",
-            "-1.50",
-            "+3",
-            ".5",
-            "1e10",
-            "2.5E-3",
-            "NaN",
-            "-Infinity",
-        ] {
+        for ok in ["0", "-1.50", "+3", ".5", "1e10", "2.5E-3", "NaN", "-Infinity"] {
             assert!(is_decimal(ok), "{ok}");
         }
         for bad in ["", "1.2.3", "abc", "1e", "--1", "1;drop"] {
@@ -384,21 +362,14 @@ mod tests {
                 day: 30,
             })),
         };
-        let err = params(vec![pb::Value::default(), bad_date])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("parameter 2") && err.contains("not a valid date"),
-            "{err}"
-        );
+        let err = params(vec![pb::Value::default(), bad_date]).unwrap_err().to_string();
+        assert!(err.contains("parameter 2") && err.contains("not a valid date"), "{err}");
         let mut nested = pb::Value {
             kind: Some(Kind::Int64Value(1)),
         };
         for _ in 0..10 {
             nested = pb::Value {
-                kind: Some(Kind::ListValue(pb::ListValue {
-                    values: vec![nested],
-                })),
+                kind: Some(Kind::ListValue(pb::ListValue { values: vec![nested] })),
             };
         }
         assert!(params(vec![nested]).is_err());

@@ -155,35 +155,20 @@ async fn execute_unary(target: &Target, started: Instant) -> Result<pb::ExecuteR
     let affected = query.rows.rows_affected();
     Ok(pb::ExecuteResponse {
         columns: query.columns.into_iter().map(convert::column).collect(),
-        stats: Some(stats(
-            rows.len() as u64,
-            bytes,
-            affected,
-            started,
-            first_row,
-        )),
+        stats: Some(stats(rows.len() as u64, bytes, affected, started, first_row)),
         rows,
     })
 }
 
 type StreamSender = mpsc::Sender<Result<pb::ExecuteStreamResponse, Status>>;
 
-fn message(
-    payload: pb::execute_stream_response::Payload,
-) -> Result<pb::ExecuteStreamResponse, Status> {
-    Ok(pb::ExecuteStreamResponse {
-        payload: Some(payload),
-    })
+fn message(payload: pb::execute_stream_response::Payload) -> Result<pb::ExecuteStreamResponse, Status> {
+    Ok(pb::ExecuteStreamResponse { payload: Some(payload) })
 }
 
 /// Streams a result in bounded batches. Returns early, dropping (and so
 /// cancelling) the statement, as soon as the client goes away.
-async fn execute_stream(
-    target: &Target,
-    batch_rows: usize,
-    tx: &StreamSender,
-    started: Instant,
-) -> Result<()> {
+async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, started: Instant) -> Result<()> {
     use pb::execute_stream_response::Payload;
     let mut query = target.start().await?;
     let columns = std::mem::take(&mut query.columns)
@@ -214,16 +199,9 @@ async fn execute_stream(
         if batch.len() >= batch_rows || batch_bytes >= BATCH_BYTES {
             total_rows += batch.len() as u64;
             total_bytes += batch_bytes as u64;
-            let rows = std::mem::replace(
-                &mut batch,
-                Vec::with_capacity(batch_rows.min(DEFAULT_BATCH_ROWS)),
-            );
+            let rows = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows.min(DEFAULT_BATCH_ROWS)));
             batch_bytes = 0;
-            if tx
-                .send(message(Payload::Batch(pb::RowBatch { rows })))
-                .await
-                .is_err()
-            {
+            if tx.send(message(Payload::Batch(pb::RowBatch { rows }))).await.is_err() {
                 return Ok(());
             }
         }
@@ -254,10 +232,7 @@ async fn execute_stream(
 
 #[tonic::async_trait]
 impl QueryService for QueryApi {
-    async fn execute(
-        &self,
-        request: Request<pb::ExecuteRequest>,
-    ) -> Result<Response<pb::ExecuteResponse>, Status> {
+    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::ExecuteResponse>, Status> {
         let started = Instant::now();
         let caller = caller(&request)?;
         let timeout = statement_timeout(&request, &caller);
@@ -287,11 +262,7 @@ impl QueryService for QueryApi {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(
             async move {
-                let result = tokio::time::timeout(
-                    timeout,
-                    execute_stream(&target, batch_rows, &tx, started),
-                )
-                .await;
+                let result = tokio::time::timeout(timeout, execute_stream(&target, batch_rows, &tx, started)).await;
                 target.finished();
                 let outcome = result.map_err(|_| Error::Timeout(timeout)).and_then(|r| r);
                 if let Err(e) = outcome {
@@ -323,16 +294,11 @@ impl QueryService for QueryApi {
         let transaction_id = self.transactions.insert(&caller, &source.name, tx);
         Ok(Response::new(pb::BeginTransactionResponse {
             transaction_id,
-            idle_timeout: Some(convert::duration(
-                caller.tenant.limits.transaction_idle_timeout,
-            )),
+            idle_timeout: Some(convert::duration(caller.tenant.limits.transaction_idle_timeout)),
         }))
     }
 
-    async fn commit(
-        &self,
-        request: Request<pb::CommitRequest>,
-    ) -> Result<Response<pb::CommitResponse>, Status> {
+    async fn commit(&self, request: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
         let caller = caller(&request)?;
         self.transactions
             .finish(&caller, &request.get_ref().transaction_id, true)
@@ -340,10 +306,7 @@ impl QueryService for QueryApi {
         Ok(Response::new(pb::CommitResponse {}))
     }
 
-    async fn rollback(
-        &self,
-        request: Request<pb::RollbackRequest>,
-    ) -> Result<Response<pb::RollbackResponse>, Status> {
+    async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::RollbackResponse>, Status> {
         let caller = caller(&request)?;
         self.transactions
             .finish(&caller, &request.get_ref().transaction_id, false)

@@ -139,13 +139,7 @@ impl SchemaService for SchemaApi {
             .into());
         }
         let source = source(&caller, &r.source)?;
-        let description = timed(
-            timeout,
-            source
-                .backend
-                .describe_table(non_empty(&r.schema), &r.table),
-        )
-        .await?;
+        let description = timed(timeout, source.backend.describe_table(non_empty(&r.schema), &r.table)).await?;
         Ok(Response::new(convert::description(description)))
     }
 }

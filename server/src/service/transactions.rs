@@ -70,12 +70,7 @@ impl Transactions {
     /// was busy with a statement; after any other outcome it is gone.
     pub async fn finish(&self, caller: &Caller, handle: &[u8], commit: bool) -> Result<(), Error> {
         let key = key(caller, handle)?;
-        let entry = self
-            .open
-            .lock()
-            .get(&key)
-            .cloned()
-            .ok_or(Error::TransactionNotFound)?;
+        let entry = self.open.lock().get(&key).cloned().ok_or(Error::TransactionNotFound)?;
         let result = if commit {
             entry.tx.commit().await
         } else {
@@ -102,11 +97,7 @@ impl Transactions {
                 .collect()
         };
         for (tenant, entry) in expired {
-            tracing::info!(
-                tenant,
-                source = entry.source,
-                "rolling back an idle transaction"
-            );
+            tracing::info!(tenant, source = entry.source, "rolling back an idle transaction");
             // A statement still streaming holds the connection; it is
             // discarded (and so rolled back by the engine) when it ends.
             if let Err(e) = entry.tx.rollback().await {

@@ -69,9 +69,8 @@ impl Tenants {
         for (id, t) in &config.tenants {
             let mut sources = HashMap::new();
             for (name, source) in &t.sources {
-                let backend = backend::connect(name, source).map_err(|e| {
-                    BackendError::Invalid(format!("tenant {id}, source {name}: {e}"))
-                })?;
+                let backend = backend::connect(name, source)
+                    .map_err(|e| BackendError::Invalid(format!("tenant {id}, source {name}: {e}")))?;
                 sources.insert(
                     name.clone(),
                     Arc::new(Source {

@@ -50,24 +50,15 @@ pub struct Auth<S> {
 fn request_id(req: &http::Request<Body>) -> HeaderValue {
     req.headers()
         .get(REQUEST_ID_HEADER)
-        .filter(|v| {
-            v.len() <= 64
-                && v.to_str()
-                    .is_ok_and(|s| s.chars().all(|c| c.is_ascii_graphic()))
-        })
+        .filter(|v| v.len() <= 64 && v.to_str().is_ok_and(|s| s.chars().all(|c| c.is_ascii_graphic())))
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-                .unwrap_or(HeaderValue::from_static("unknown"))
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(HeaderValue::from_static("unknown"))
         })
 }
 
 fn bearer(req: &http::Request<Body>) -> Option<&str> {
-    let value = req
-        .headers()
-        .get(http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
+    let value = req.headers().get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, key) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
@@ -105,8 +96,7 @@ where
                 None => {
                     let _enter = span.enter();
                     tracing::info!("call rejected: missing or unknown API key");
-                    let mut response =
-                        tonic::Status::from(Error::Unauthenticated).into_http::<Body>();
+                    let mut response = tonic::Status::from(Error::Unauthenticated).into_http::<Body>();
                     response.headers_mut().insert(REQUEST_ID_HEADER, id);
                     return Box::pin(async move { Ok(response) });
                 }

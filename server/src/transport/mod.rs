@@ -25,9 +25,7 @@ pub async fn serve(
     listener: TcpListener,
     tenants: Arc<Tenants>,
     transactions: Arc<Transactions>,
-    health: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let max = config.server.max_request_bytes;

@@ -44,10 +44,7 @@ impl TestServer {
             let _ = stop.send(());
         }
         if let Some(handle) = self.handle.take() {
-            handle
-                .await
-                .expect("server task")
-                .expect("server ran cleanly");
+            handle.await.expect("server task").expect("server ran cleanly");
         }
     }
 }

@@ -19,9 +19,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{CancelToken, Client, NoTls};
 
 use crate::backend::{
-    BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, QueryStream,
-    Row, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo,
-    TxOptions,
+    BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, QueryStream, Row, RowStream,
+    SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, ALL_ISOLATION_LEVELS,
 };
 use crate::config::SourceConfig;
 use types::{PgParam, PgValue};
@@ -39,10 +38,7 @@ pub struct PgConn {
 }
 
 impl PgConn {
-    async fn prepare(
-        &mut self,
-        sql: &str,
-    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+    async fn prepare(&mut self, sql: &str) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
@@ -301,14 +297,8 @@ impl Stream for PgRowStream {
                     match row.try_get::<_, PgValue>(i) {
                         Ok(v) => values.push(v.0),
                         Err(e) => {
-                            let name = row
-                                .columns()
-                                .get(i)
-                                .map(|c| c.name().to_string())
-                                .unwrap_or_default();
-                            let source = std::error::Error::source(&e)
-                                .map(|s| s.to_string())
-                                .unwrap_or_default();
+                            let name = row.columns().get(i).map(|c| c.name().to_string()).unwrap_or_default();
+                            let source = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
                             return Poll::Ready(Some(Err(BackendError::Invalid(format!(
                                 "column \"{name}\": {source}"
                             )))));
@@ -336,12 +326,7 @@ impl SqlSource for PostgresSource {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             transactions: true,
-            isolation_levels: vec![
-                Isolation::ReadUncommitted,
-                Isolation::ReadCommitted,
-                Isolation::RepeatableRead,
-                Isolation::Serializable,
-            ],
+            isolation_levels: ALL_ISOLATION_LEVELS.to_vec(),
             change_streams: false,
             parameter_style: "$1",
         }
@@ -378,7 +363,10 @@ impl SqlSource for PostgresSource {
         let round_trip = started.elapsed();
         let row = conn
             .client
-            .query_one("SELECT current_setting('server_version'), current_database()::text, current_user::text", &[])
+            .query_one(
+                "SELECT current_setting('server_version'), current_database()::text, current_user::text",
+                &[],
+            )
             .await
             .map_err(map_error)?;
         Ok(ConnectionInfo {
@@ -401,11 +389,7 @@ impl SqlSource for PostgresSource {
             .map_err(map_error)
     }
 
-    async fn describe_table(
-        &self,
-        schema: Option<&str>,
-        table: &str,
-    ) -> Result<TableDescription, BackendError> {
+    async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
         schema::describe_table(&self.lease().await?.client, schema, table).await
     }
 }
@@ -416,10 +400,7 @@ struct PgTransaction {
 
 impl PgTransaction {
     fn lock(&self) -> Result<OwnedMutexGuard<PooledConnection<'static, PgManager>>, BackendError> {
-        self.conn
-            .clone()
-            .try_lock_owned()
-            .map_err(|_| BackendError::Busy)
+        self.conn.clone().try_lock_owned().map_err(|_| BackendError::Busy)
     }
 
     async fn end(&self, sql: &str) -> Result<(), BackendError> {
@@ -464,11 +445,7 @@ pub(crate) fn map_error(e: tokio_postgres::Error) -> BackendError {
                 "the database rejected Weir's connection: {message} (SQLSTATE {code})"
             ));
         }
-        return BackendError::Engine {
-            kind,
-            code,
-            message,
-        };
+        return BackendError::Engine { kind, code, message };
     }
     if e.is_closed() {
         return BackendError::Unavailable("the connection to the database was lost".into());

@@ -6,17 +6,13 @@ use tokio_postgres::Client;
 use super::map_error;
 use super::types::{column_type, typmod_details};
 use crate::backend::{
-    BackendError, Column, ColumnInfo, ColumnType, ForeignKey, Index, PrimaryKey, SchemaInfo,
-    TableDescription, TableInfo, TableKind,
+    BackendError, Column, ColumnInfo, ColumnType, ForeignKey, Index, PrimaryKey, SchemaInfo, TableDescription,
+    TableInfo, TableKind,
 };
 
-const SYSTEM_SCHEMA: &str =
-    "(n.nspname IN ('pg_catalog', 'information_schema') OR n.nspname LIKE 'pg\\_%')";
+const SYSTEM_SCHEMA: &str = "(n.nspname IN ('pg_catalog', 'information_schema') OR n.nspname LIKE 'pg\\_%')";
 
-pub async fn list_schemas(
-    client: &Client,
-    include_system: bool,
-) -> Result<Vec<SchemaInfo>, tokio_postgres::Error> {
+pub async fn list_schemas(client: &Client, include_system: bool) -> Result<Vec<SchemaInfo>, tokio_postgres::Error> {
     let sql = format!("SELECT n.nspname::text, {SYSTEM_SCHEMA} FROM pg_namespace n ORDER BY 1");
     let rows = client.query(&sql, &[]).await?;
     Ok(rows
@@ -39,17 +35,15 @@ fn table_kind(relkind: &str) -> TableKind {
     }
 }
 
-const TABLE_COLUMNS: &str =
-    "n.nspname::text, c.relname::text, c.relkind::text, c.reltuples::float8, \
+const TABLE_COLUMNS: &str = "n.nspname::text, c.relname::text, c.relkind::text, c.reltuples::float8, \
      COALESCE(obj_description(c.oid, 'pg_class'), '')";
 
 fn table_info(r: &tokio_postgres::Row) -> TableInfo {
     let kind = table_kind(r.get::<_, &str>(2));
     let reltuples: f64 = r.get(3);
     // reltuples is -1 for tables never analyzed, and meaningless for views.
-    let row_estimate = (reltuples >= 0.0
-        && matches!(kind, TableKind::Table | TableKind::MaterializedView))
-    .then_some(reltuples as i64);
+    let row_estimate = (reltuples >= 0.0 && matches!(kind, TableKind::Table | TableKind::MaterializedView))
+        .then_some(reltuples as i64);
     TableInfo {
         schema: r.get(0),
         name: r.get(1),
@@ -59,10 +53,7 @@ fn table_info(r: &tokio_postgres::Row) -> TableInfo {
     }
 }
 
-pub async fn list_tables(
-    client: &Client,
-    schema: Option<&str>,
-) -> Result<Vec<TableInfo>, tokio_postgres::Error> {
+pub async fn list_tables(client: &Client, schema: Option<&str>) -> Result<Vec<TableInfo>, tokio_postgres::Error> {
     let sql = format!(
         "SELECT {TABLE_COLUMNS} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p') \
@@ -73,12 +64,7 @@ pub async fn list_tables(
 }
 
 /// Normalized type of a catalog type, after resolving domains.
-fn catalog_type(
-    oid: u32,
-    typtype: &str,
-    typname: &str,
-    elem: u32,
-) -> (ColumnType, Option<ColumnType>) {
+fn catalog_type(oid: u32, typtype: &str, typname: &str, elem: u32) -> (ColumnType, Option<ColumnType>) {
     if let Some(t) = Type::from_oid(oid).as_ref().and_then(column_type) {
         return t;
     }
@@ -86,10 +72,7 @@ fn catalog_type(
         return (ColumnType::String, None);
     }
     if elem != 0 && typname.starts_with('_') {
-        let element = Type::from_oid(elem)
-            .as_ref()
-            .and_then(column_type)
-            .map(|(t, _)| t);
+        let element = Type::from_oid(elem).as_ref().and_then(column_type).map(|(t, _)| t);
         return (ColumnType::List, element);
     }
     (ColumnType::Unsupported, None)
@@ -116,17 +99,12 @@ pub async fn describe_table(
          WHERE c.relname = $2::text AND c.relkind IN ('r', 'v', 'm', 'f', 'p') \
          AND n.nspname = COALESCE($1::text, current_schema())"
     );
-    let row = client
-        .query_opt(&sql, &[&schema, &table])
-        .await
-        .map_err(map_error)?;
+    let row = client.query_opt(&sql, &[&schema, &table]).await.map_err(map_error)?;
     let Some(row) = row else {
         let qualified = schema
             .map(|s| format!("{s}.{table}"))
             .unwrap_or_else(|| table.to_string());
-        return Err(BackendError::not_found(format!(
-            "table \"{qualified}\" not found"
-        )));
+        return Err(BackendError::not_found(format!("table \"{qualified}\" not found")));
     };
     let info = table_info(&row);
     let oid: u32 = row.get(5);
@@ -158,7 +136,12 @@ pub async fn describe_table(
             if let Some(ty) = Type::from_oid(base_oid) {
                 (column.precision, column.scale, column.max_length) = typmod_details(&ty, r.get(6));
             }
-            ColumnInfo { column, ordinal: r.get(4), default_expression: r.get(3), comment: r.get(5) }
+            ColumnInfo {
+                column,
+                ordinal: r.get(4),
+                default_expression: r.get(3),
+                comment: r.get(5),
+            }
         })
         .collect::<Vec<_>>();
 
@@ -213,7 +196,13 @@ pub async fn describe_table(
         .await
         .map_err(map_error)?
         .iter()
-        .map(|r| Index { name: r.get(0), unique: r.get(1), primary: r.get(2), method: r.get(3), columns: r.get(4) })
+        .map(|r| Index {
+            name: r.get(0),
+            unique: r.get(1),
+            primary: r.get(2),
+            method: r.get(3),
+            columns: r.get(4),
+        })
         .collect();
 
     let (change_stream_ready, change_stream_reason) = if info.kind != TableKind::Table {

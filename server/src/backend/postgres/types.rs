@@ -23,13 +23,9 @@ pub fn column_type(ty: &Type) -> Option<(ColumnType, Option<ColumnType>)> {
         Type::INT2 | Type::INT4 | Type::INT8 | Type::OID => simple(ColumnType::Int),
         Type::FLOAT4 | Type::FLOAT8 => simple(ColumnType::Float),
         Type::NUMERIC => simple(ColumnType::Decimal),
-        Type::TEXT
-        | Type::VARCHAR
-        | Type::BPCHAR
-        | Type::NAME
-        | Type::CHAR
-        | Type::UNKNOWN
-        | Type::XML => simple(ColumnType::String),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::CHAR | Type::UNKNOWN | Type::XML => {
+            simple(ColumnType::String)
+        }
         Type::INET | Type::CIDR | Type::MACADDR => simple(ColumnType::String),
         Type::BYTEA => simple(ColumnType::Bytes),
         Type::DATE => simple(ColumnType::Date),
@@ -55,11 +51,10 @@ pub fn column_type(ty: &Type) -> Option<(ColumnType, Option<ColumnType>)> {
 /// Result column metadata. Fails for types that cannot be represented, before any row is sent.
 pub fn column(c: &tokio_postgres::Column) -> Result<Column, crate::backend::BackendError> {
     let ty = c.type_();
-    let (column_type, element_type) =
-        column_type(ty).ok_or_else(|| crate::backend::BackendError::UnsupportedType {
-            column: c.name().to_string(),
-            type_name: ty.name().to_string(),
-        })?;
+    let (column_type, element_type) = column_type(ty).ok_or_else(|| crate::backend::BackendError::UnsupportedType {
+        column: c.name().to_string(),
+        type_name: ty.name().to_string(),
+    })?;
     let mut col = Column::new(c.name(), ty.name(), column_type);
     col.element_type = element_type;
     (col.precision, col.scale, col.max_length) = typmod_details(ty, c.type_modifier());
@@ -113,15 +108,13 @@ fn timestamp(micros: i64) -> Result<NaiveDateTime, BoxError> {
 
 fn time_of_day(micros: i64) -> Result<NaiveTime, BoxError> {
     let secs = u32::try_from(micros.div_euclid(1_000_000)).map_err(|_| "time out of range")?;
-    let nanos =
-        u32::try_from(micros.rem_euclid(1_000_000) * 1000).map_err(|_| "time out of range")?;
+    let nanos = u32::try_from(micros.rem_euclid(1_000_000) * 1000).map_err(|_| "time out of range")?;
     // 24:00:00 is a valid PostgreSQL time; chrono represents it as a leap second.
     if secs == 86_400 {
         return NaiveTime::from_hms_nano_opt(23, 59, 59, 1_000_000_000 + nanos)
             .ok_or_else(|| "time out of range".into());
     }
-    NaiveTime::from_num_seconds_from_midnight_opt(secs, nanos)
-        .ok_or_else(|| "time out of range".into())
+    NaiveTime::from_num_seconds_from_midnight_opt(secs, nanos).ok_or_else(|| "time out of range".into())
 }
 
 fn decode(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
@@ -187,25 +180,14 @@ fn decode(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
         }
         Type::MACADDR => {
             let m = wire::macaddr_from_sql(raw)?;
-            Value::Text(
-                m.iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(":"),
-            )
+            Value::Text(m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"))
         }
         _ => match ty.kind() {
             Kind::Domain(inner) => decode(inner, raw)?,
             Kind::Array(elem) => decode_array(elem, raw)?,
             Kind::Enum(_) => Value::Text(wire::text_from_sql(raw)?.to_string()),
-            Kind::Simple if ty.name() == "citext" => {
-                Value::Text(wire::text_from_sql(raw)?.to_string())
-            }
-            _ => {
-                return Err(
-                    format!("type {} cannot be represented; cast it to text", ty.name()).into(),
-                )
-            }
+            Kind::Simple if ty.name() == "citext" => Value::Text(wire::text_from_sql(raw)?.to_string()),
+            _ => return Err(format!("type {} cannot be represented; cast it to text", ty.name()).into()),
         },
     })
 }
@@ -371,13 +353,7 @@ fn write_text(v: &Value, out: &mut String, in_array: bool) {
             if let Some(o) = offset {
                 let sign = if *o < 0 { '-' } else { '+' };
                 let o = o.unsigned_abs();
-                let _ = write!(
-                    out,
-                    "{sign}{:02}:{:02}:{:02}",
-                    o / 3600,
-                    (o % 3600) / 60,
-                    o % 60
-                );
+                let _ = write!(out, "{sign}{:02}:{:02}:{:02}", o / 3600, (o % 3600) / 60, o % 60);
             }
         }
         Value::Timestamp(t) => {
@@ -391,10 +367,7 @@ fn write_text(v: &Value, out: &mut String, in_array: bool) {
             days,
             microseconds,
         } => {
-            let _ = write!(
-                out,
-                "{months} months {days} days {microseconds} microseconds"
-            );
+            let _ = write!(out, "{months} months {days} days {microseconds} microseconds");
         }
         Value::Uuid(u) => {
             let _ = write!(out, "{u}");
@@ -449,30 +422,17 @@ mod tests {
             numeric_to_string(&numeric(2, 0, 0x4000, 4, &[1, 2300])).unwrap(),
             "-1.2300"
         );
-        assert_eq!(
-            numeric_to_string(&numeric(1, -2, 0, 8, &[12])).unwrap(),
-            "0.00000012"
-        );
+        assert_eq!(numeric_to_string(&numeric(1, -2, 0, 8, &[12])).unwrap(), "0.00000012");
         assert_eq!(numeric_to_string(&numeric(0, 0, 0, 0, &[])).unwrap(), "0");
-        assert_eq!(
-            numeric_to_string(&numeric(0, 0, 0xC000, 0, &[])).unwrap(),
-            "NaN"
-        );
-        assert_eq!(
-            numeric_to_string(&numeric(1, 2, 0, 0, &[7])).unwrap(),
-            "700000000"
-        );
+        assert_eq!(numeric_to_string(&numeric(0, 0, 0xC000, 0, &[])).unwrap(), "NaN");
+        assert_eq!(numeric_to_string(&numeric(1, 2, 0, 0, &[7])).unwrap(), "700000000");
     }
 
     #[test]
     fn array_literals_quote_elements() {
         let mut s = String::new();
         write_text(
-            &Value::List(vec![
-                Value::Text("a\"b".into()),
-                Value::Null,
-                Value::Text("c,d".into()),
-            ]),
+            &Value::List(vec![Value::Text("a\"b".into()), Value::Null, Value::Text("c,d".into())]),
             &mut s,
             false,
         );

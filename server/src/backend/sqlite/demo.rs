@@ -88,20 +88,11 @@ const COUNTRIES: &[&str] = &["DE", "FR", "GB", "US", "NL", "SE", "JP", "BR", "IN
 const CATEGORIES: &[&str] = &[
     "books", "games", "garden", "kitchen", "music", "office", "sports", "toys",
 ];
-const ADJECTIVES: &[&str] = &[
-    "Classic", "Compact", "Deluxe", "Eco", "Mini", "Pro", "Smart", "Vintage",
-];
+const ADJECTIVES: &[&str] = &["Classic", "Compact", "Deluxe", "Eco", "Mini", "Pro", "Smart", "Vintage"];
 const NOUNS: &[&str] = &[
     "Lamp", "Kettle", "Chair", "Puzzle", "Racket", "Notebook", "Speaker", "Planter", "Mug", "Kite",
 ];
-const STATUSES: &[&str] = &[
-    "pending",
-    "paid",
-    "shipped",
-    "shipped",
-    "shipped",
-    "cancelled",
-];
+const STATUSES: &[&str] = &["pending", "paid", "shipped", "shipped", "shipped", "cancelled"];
 
 pub const CUSTOMERS: i64 = 500;
 pub const PRODUCTS: i64 = 120;
@@ -139,11 +130,7 @@ pub fn seed(conn: &Connection) -> rusqlite::Result<()> {
         for id in 1..=CUSTOMERS {
             let (first, last) = (rng.pick(FIRST), rng.pick(LAST));
             let name = format!("{first} {last}");
-            let email = format!(
-                "{}.{}{id}@example.com",
-                first.to_lowercase(),
-                last.to_lowercase()
-            );
+            let email = format!("{}.{}{id}@example.com", first.to_lowercase(), last.to_lowercase());
             let signed_up = format!(
                 "20{:02}-{:02}-{:02}",
                 18 + rng.below(7),

@@ -20,9 +20,9 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot, Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{
-    BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind,
-    Isolation, QueryStream, Row, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement,
-    TableDescription, TableInfo, TxOptions, Value,
+    BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, QueryStream, Row,
+    RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, Value,
+    ALL_ISOLATION_LEVELS,
 };
 use crate::config::SourceConfig;
 
@@ -46,33 +46,27 @@ impl Pool {
     fn open(&self) -> Result<Connection, BackendError> {
         let conn = Connection::open_with_flags(
             &self.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(map_error)?;
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(map_error)?;
-        conn.execute_batch("PRAGMA foreign_keys = ON")
-            .map_err(map_error)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(map_error)?;
+        conn.execute_batch("PRAGMA foreign_keys = ON").map_err(map_error)?;
         if self.read_only {
             // Enforced by SQLite for every statement, whatever its text.
-            conn.execute_batch("PRAGMA query_only = ON")
-                .map_err(map_error)?;
+            conn.execute_batch("PRAGMA query_only = ON").map_err(map_error)?;
         }
         Ok(conn)
     }
 
     async fn lease(self: &Arc<Self>) -> Result<Lease, BackendError> {
         let started = Instant::now();
-        let permit =
-            tokio::time::timeout(self.acquire_timeout, self.permits.clone().acquire_owned())
-                .await
-                .map_err(|_| BackendError::PoolExhausted {
-                    max_size: self.max_size,
-                    waited: started.elapsed(),
-                })?
-                .map_err(|_| BackendError::Internal("sqlite pool closed".into()))?;
+        let permit = tokio::time::timeout(self.acquire_timeout, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| BackendError::PoolExhausted {
+                max_size: self.max_size,
+                waited: started.elapsed(),
+            })?
+            .map_err(|_| BackendError::Internal("sqlite pool closed".into()))?;
         let idle = self.idle.lock().pop();
         let conn = match idle {
             Some(c) => c,
@@ -149,9 +143,7 @@ impl SqliteSource {
                 .prefix(&format!("weir-{name}-"))
                 .suffix(".db")
                 .tempfile()
-                .map_err(|e| {
-                    BackendError::Internal(format!("cannot create a temporary database: {e}"))
-                })?;
+                .map_err(|e| BackendError::Internal(format!("cannot create a temporary database: {e}")))?;
             let temp = file.into_temp_path();
             (
                 temp.to_string_lossy().into_owned(),
@@ -175,9 +167,7 @@ impl SqliteSource {
             _temp: temp,
         });
         let setup = Connection::open(&pool.path).map_err(map_error)?;
-        setup
-            .execute_batch("PRAGMA journal_mode = WAL")
-            .map_err(map_error)?;
+        setup.execute_batch("PRAGMA journal_mode = WAL").map_err(map_error)?;
         if config.demo_data {
             demo::seed(&setup).map_err(map_error)?;
         }
@@ -206,12 +196,7 @@ impl SqlSource for SqliteSource {
         Capabilities {
             transactions: true,
             // SQLite transactions are always serializable, which satisfies every level.
-            isolation_levels: vec![
-                Isolation::ReadUncommitted,
-                Isolation::ReadCommitted,
-                Isolation::RepeatableRead,
-                Isolation::Serializable,
-            ],
+            isolation_levels: ALL_ISOLATION_LEVELS.to_vec(),
             change_streams: false,
             parameter_style: "?",
         }
@@ -267,15 +252,10 @@ impl SqlSource for SqliteSource {
 
     async fn list_tables(&self, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
         let schema = schema.map(str::to_string);
-        self.with_conn(move |c| schema::list_tables(c, schema.as_deref()))
-            .await
+        self.with_conn(move |c| schema::list_tables(c, schema.as_deref())).await
     }
 
-    async fn describe_table(
-        &self,
-        schema: Option<&str>,
-        table: &str,
-    ) -> Result<TableDescription, BackendError> {
+    async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
         let (schema, table) = (schema.map(str::to_string), table.to_string());
         self.with_conn(move |c| schema::describe_table(c, schema.as_deref(), &table))
             .await
@@ -290,18 +270,13 @@ struct SqliteTransaction {
 
 impl SqliteTransaction {
     async fn end(&self, sql: &'static str) -> Result<(), BackendError> {
-        let guard = self
-            .lease
-            .clone()
-            .try_lock_owned()
-            .map_err(|_| BackendError::Busy)?;
+        let guard = self.lease.clone().try_lock_owned().map_err(|_| BackendError::Busy)?;
         let restore = self.restore_writes;
         tokio::task::spawn_blocking(move || {
             let conn = guard.conn()?;
             conn.execute_batch(sql).map_err(map_error)?;
             if restore {
-                conn.execute_batch("PRAGMA query_only = OFF")
-                    .map_err(map_error)?;
+                conn.execute_batch("PRAGMA query_only = OFF").map_err(map_error)?;
             }
             Ok(())
         })
@@ -313,11 +288,7 @@ impl SqliteTransaction {
 #[async_trait]
 impl SqlTransaction for SqliteTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        let guard = self
-            .lease
-            .clone()
-            .try_lock_owned()
-            .map_err(|_| BackendError::Busy)?;
+        let guard = self.lease.clone().try_lock_owned().map_err(|_| BackendError::Busy)?;
         start(Hold::Transaction(guard), statement).await
     }
 
@@ -403,10 +374,7 @@ fn execute(
         let value = match to_sql(p) {
             Ok(v) => v,
             Err(message) => {
-                let _ = meta.send(Err(BackendError::Parameter {
-                    index: i + 1,
-                    message,
-                }));
+                let _ = meta.send(Err(BackendError::Parameter { index: i + 1, message }));
                 return Ok(());
             }
         };
@@ -432,10 +400,8 @@ fn execute(
         let mut values = Vec::with_capacity(types.len());
         for (i, ty) in types.iter().enumerate() {
             let raw = row.get_ref(i).map_err(map_error)?;
-            values.push(
-                from_sql(raw, *ty)
-                    .map_err(|m| BackendError::Invalid(format!("column \"{}\": {m}", names[i])))?,
-            );
+            values
+                .push(from_sql(raw, *ty).map_err(|m| BackendError::Invalid(format!("column \"{}\": {m}", names[i])))?);
         }
         chunk.push(values);
         if chunk.len() == CHUNK_ROWS {
@@ -553,17 +519,14 @@ fn from_sql(raw: ValueRef<'_>, ty: ColumnType) -> Result<Value, String> {
         (ValueRef::Text(t), ColumnType::Date) => {
             let s = text(t)?;
             Value::Date(
-                NaiveDate::parse_from_str(&s, "%Y-%m-%d")
-                    .map_err(|_| format!("'{s}' is not a date (YYYY-MM-DD)"))?,
+                NaiveDate::parse_from_str(&s, "%Y-%m-%d").map_err(|_| format!("'{s}' is not a date (YYYY-MM-DD)"))?,
             )
         }
         (ValueRef::Text(t), ColumnType::Timestamp) => {
             let s = text(t)?;
             let parsed = NaiveDateTime::parse_from_str(&s, "%Y-%m-%d %H:%M:%S%.f")
                 .or_else(|_| NaiveDateTime::parse_from_str(&s, "%Y-%m-%dT%H:%M:%S%.f"));
-            Value::Timestamp(
-                parsed.map_err(|_| format!("'{s}' is not a timestamp (YYYY-MM-DD HH:MM:SS)"))?,
-            )
+            Value::Timestamp(parsed.map_err(|_| format!("'{s}' is not a timestamp (YYYY-MM-DD HH:MM:SS)"))?)
         }
         (ValueRef::Text(t), ColumnType::Json) => Value::Json(text(t)?),
         (ValueRef::Integer(i), _) => Value::Int(i),
@@ -579,10 +542,9 @@ fn to_sql(v: &Value) -> Result<SqlValue, String> {
         Value::Null => SqlValue::Null,
         Value::Bool(b) => SqlValue::Integer(i64::from(*b)),
         Value::Int(i) => SqlValue::Integer(*i),
-        Value::UInt(u) => SqlValue::Integer(
-            i64::try_from(*u)
-                .map_err(|_| format!("{u} is larger than SQLite's 64-bit integers"))?,
-        ),
+        Value::UInt(u) => {
+            SqlValue::Integer(i64::try_from(*u).map_err(|_| format!("{u} is larger than SQLite's 64-bit integers"))?)
+        }
         Value::Float(f) => SqlValue::Real(*f),
         Value::Text(s) | Value::Decimal(s) | Value::Json(s) => SqlValue::Text(s.clone()),
         Value::Bytes(b) => SqlValue::Blob(b.clone()),
@@ -600,13 +562,9 @@ fn map_error(e: rusqlite::Error) -> BackendError {
     use rusqlite::ErrorCode as C;
     use EngineErrorKind as K;
     let (err, message) = match e {
-        rusqlite::Error::SqliteFailure(err, message) => {
-            (err, message.unwrap_or_else(|| err.to_string()))
-        }
+        rusqlite::Error::SqliteFailure(err, message) => (err, message.unwrap_or_else(|| err.to_string())),
         // Prepare errors carry the offending offset in the SQL text.
-        rusqlite::Error::SqlInputError {
-            error, msg, offset, ..
-        } => (error, format!("{msg} (at offset {offset})")),
+        rusqlite::Error::SqlInputError { error, msg, offset, .. } => (error, format!("{msg} (at offset {offset})")),
         rusqlite::Error::InvalidParameterCount(given, expected) => {
             return BackendError::Invalid(format!(
                 "the statement has {expected} parameter(s) but {given} were given"

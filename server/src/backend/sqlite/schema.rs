@@ -5,25 +5,16 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{column, map_error};
 use crate::backend::{
-    BackendError, ColumnInfo, ForeignKey, Index, PrimaryKey, SchemaInfo, TableDescription,
-    TableInfo, TableKind,
+    BackendError, ColumnInfo, ForeignKey, Index, PrimaryKey, SchemaInfo, TableDescription, TableInfo, TableKind,
 };
 
 pub fn list_schemas(conn: &Connection) -> Result<Vec<SchemaInfo>, BackendError> {
     let mut stmt = conn
         .prepare("SELECT name FROM pragma_database_list WHERE name <> 'temp' ORDER BY seq")
         .map_err(map_error)?;
-    let names = stmt
-        .query_map([], |r| r.get::<_, String>(0))
-        .map_err(map_error)?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(map_error)?;
     names
-        .map(|n| {
-            n.map(|name| SchemaInfo {
-                name,
-                system: false,
-            })
-            .map_err(map_error)
-        })
+        .map(|n| n.map(|name| SchemaInfo { name, system: false }).map_err(map_error))
         .collect()
 }
 
@@ -53,11 +44,7 @@ fn row_estimate(conn: &Connection, schema: &str, table: &str) -> Result<Option<i
     .map_err(map_error)
 }
 
-fn tables(
-    conn: &Connection,
-    schema: Option<&str>,
-    name: Option<&str>,
-) -> Result<Vec<TableInfo>, BackendError> {
+fn tables(conn: &Connection, schema: Option<&str>, name: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
     let mut stmt = conn
         .prepare(
             "SELECT schema, name, type FROM pragma_table_list \
@@ -67,11 +54,7 @@ fn tables(
         .map_err(map_error)?;
     let rows = stmt
         .query_map(params![schema, name], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
         })
         .map_err(map_error)?
         .collect::<Result<Vec<_>, _>>()
@@ -99,23 +82,14 @@ fn tables(
         .collect()
 }
 
-pub fn list_tables(
-    conn: &Connection,
-    schema: Option<&str>,
-) -> Result<Vec<TableInfo>, BackendError> {
+pub fn list_tables(conn: &Connection, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
     tables(conn, schema, None)
 }
 
-pub fn describe_table(
-    conn: &Connection,
-    schema: Option<&str>,
-    table: &str,
-) -> Result<TableDescription, BackendError> {
+pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
     let schema = schema.unwrap_or("main");
     let Some(info) = tables(conn, Some(schema), Some(table))?.into_iter().next() else {
-        return Err(BackendError::not_found(format!(
-            "table \"{schema}.{table}\" not found"
-        )));
+        return Err(BackendError::not_found(format!("table \"{schema}.{table}\" not found")));
     };
 
     let mut stmt = conn
@@ -201,11 +175,7 @@ pub fn describe_table(
         .map_err(map_error)?;
     let index_rows = stmt
         .query_map(params![table, schema], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, bool>(1)?,
-                r.get::<_, String>(2)?,
-            ))
+            Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?, r.get::<_, String>(2)?))
         })
         .map_err(map_error)?
         .collect::<Result<Vec<_>, _>>()

@@ -50,8 +50,12 @@ pub async fn monitor(tenants: Arc<Tenants>, reporter: HealthReporter, interval: 
         } else {
             ServingStatus::NotServing
         };
-        for name in SERVICES {
-            reporter.set_service_status(name, status).await;
-        }
+        set_all(&reporter, status).await;
+    }
+}
+
+pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
+    for name in SERVICES {
+        reporter.set_service_status(name, status).await;
     }
 }

@@ -37,7 +37,7 @@ pub async fn run(
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let monitor = tokio::spawn(health::monitor(
         tenants.clone(),
-        reporter,
+        reporter.clone(),
         config.server.health_check_interval,
     ));
     let reaper = {
@@ -52,9 +52,13 @@ pub async fn run(
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_probes = monitor.abort_handle();
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: no new calls; draining calls in progress");
+        // Load balancers stop sending before the listener closes.
+        stop_probes.abort();
+        health::set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
         let _ = stop_tx.send(true);
     };
     let grace = config.server.shutdown_grace;

@@ -1,6 +1,7 @@
 //! Engine-independent backend interface. Services talk to these traits only;
 //! engines never see protobuf types.
 
+pub mod channel;
 pub mod error;
 pub mod postgres;
 pub mod sqlite;

@@ -221,6 +221,7 @@ impl Drop for StatementGuard {
 }
 
 async fn run(mut lease: Lease, statement: Statement) -> Result<QueryStream, BackendError> {
+    types::check_params(&statement.params)?;
     let prepared = match lease.prepare(&statement.sql).await {
         Ok(p) => p,
         Err(e) => return Err(map_error(e)),

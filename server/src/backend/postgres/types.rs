@@ -10,7 +10,7 @@ use chrono::{DateTime, Duration as ChronoDuration, NaiveDate, NaiveDateTime, Nai
 use postgres_protocol::types as wire;
 use tokio_postgres::types::{Format, FromSql, IsNull, Kind, ToSql, Type};
 
-use crate::backend::{Column, ColumnType, Value};
+use crate::backend::{BackendError, Column, ColumnType, Value};
 
 type BoxError = Box<dyn StdError + Sync + Send>;
 
@@ -49,9 +49,9 @@ pub fn column_type(ty: &Type) -> Option<(ColumnType, Option<ColumnType>)> {
 }
 
 /// Result column metadata. Fails for types that cannot be represented, before any row is sent.
-pub fn column(c: &tokio_postgres::Column) -> Result<Column, crate::backend::BackendError> {
+pub fn column(c: &tokio_postgres::Column) -> Result<Column, BackendError> {
     let ty = c.type_();
-    let (column_type, element_type) = column_type(ty).ok_or_else(|| crate::backend::BackendError::UnsupportedType {
+    let (column_type, element_type) = column_type(ty).ok_or_else(|| BackendError::UnsupportedType {
         column: c.name().to_string(),
         type_name: ty.name().to_string(),
     })?;
@@ -286,6 +286,24 @@ fn numeric_to_string(raw: &[u8]) -> Result<String, BoxError> {
     Ok(s)
 }
 
+/// PostgreSQL text cannot hold NUL characters; refuse them before sending.
+pub fn check_params(params: &[Value]) -> Result<(), BackendError> {
+    fn has_nul(v: &Value) -> bool {
+        match v {
+            Value::Text(s) | Value::Decimal(s) | Value::Json(s) => s.contains('\0'),
+            Value::List(items) => items.iter().any(has_nul),
+            _ => false,
+        }
+    }
+    match params.iter().position(has_nul) {
+        Some(i) => Err(BackendError::Parameter {
+            index: i + 1,
+            message: "PostgreSQL text cannot contain NUL characters; send binary data as bytes".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// A parameter, sent as text so PostgreSQL parses it for the type it expects
 /// (an integer literal binds to int4, numeric or text alike).
 #[derive(Debug)]
@@ -298,9 +316,6 @@ impl ToSql for PgParam<'_> {
         }
         let mut text = String::new();
         write_text(self.0, &mut text, false);
-        if text.contains('\0') {
-            return Err("text values cannot contain NUL characters in PostgreSQL".into());
-        }
         out.extend_from_slice(text.as_bytes());
         Ok(IsNull::No)
     }

@@ -6,28 +6,23 @@ mod demo;
 mod schema;
 
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{NaiveDate, NaiveDateTime};
-use futures::Stream;
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OpenFlags};
-use tokio::sync::{mpsc, oneshot, Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
+use crate::backend::channel::{self, Worker, CHUNK_ROWS};
 use crate::backend::{
-    BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, QueryStream, Row,
-    RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, Value,
-    ALL_ISOLATION_LEVELS,
+    BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, QueryStream, SchemaInfo,
+    SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, Value, ALL_ISOLATION_LEVELS,
 };
 use crate::config::SourceConfig;
 
-/// Rows handed from the blocking thread to the async side at a time.
-const CHUNK_ROWS: usize = 256;
 /// SQLite VM instructions between checks for cancellation.
 const PROGRESS_OPS: i32 = 10_000;
 
@@ -301,87 +296,40 @@ impl SqlTransaction for SqliteTransaction {
     }
 }
 
-enum Chunk {
-    Rows(Vec<Row>),
-    Done(Option<u64>),
-}
-
 /// Starts a statement on the blocking pool and returns once its columns are known.
 async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendError> {
-    let (meta_tx, meta_rx) = oneshot::channel();
-    let (rows_tx, rows_rx) = mpsc::channel(2);
     let cancelled = Arc::new(AtomicBool::new(false));
     let flag = cancelled.clone();
+    // Interrupts a statement still running when the caller gives up.
+    let (mut worker, pending) = channel::channel(Some(Box::new(move || cancelled.store(true, Ordering::Relaxed))));
     tokio::task::spawn_blocking(move || {
-        let result = hold.conn().and_then(|conn| {
+        let outcome = hold.conn().and_then(|conn| {
             conn.progress_handler(PROGRESS_OPS, Some(move || flag.load(Ordering::Relaxed)));
-            let outcome = execute(conn, &statement, meta_tx, &rows_tx);
+            let outcome = execute(conn, &statement, &mut worker);
             conn.progress_handler(PROGRESS_OPS, None::<fn() -> bool>);
             outcome
         });
-        if let Err(e) = result {
-            let _ = rows_tx.blocking_send(Err(e));
-        }
+        // Release the connection (and a transaction's lock) before the caller
+        // learns the statement is over, so its next call finds it free.
         drop(hold);
+        worker.finish_blocking(outcome);
     });
-    let columns = match meta_rx.await {
-        Ok(Ok(columns)) => columns,
-        Ok(Err(e)) => return Err(e),
-        Err(_) => {
-            // The worker failed before describing the result; its error is in the row channel.
-            let mut rx = rows_rx;
-            return Err(match rx.recv().await {
-                Some(Err(e)) => e,
-                _ => BackendError::Internal("sqlite worker ended unexpectedly".into()),
-            });
-        }
-    };
-    let stream = SqliteRowStream {
-        rx: rows_rx,
-        buffer: Vec::new().into_iter(),
-        cancelled,
-        done: false,
-        rows_affected: None,
-    };
-    Ok(QueryStream {
-        columns,
-        rows: Box::pin(stream),
-    })
+    pending.started().await
 }
 
-fn execute(
-    conn: &Connection,
-    statement: &Statement,
-    meta: oneshot::Sender<Result<Vec<Column>, BackendError>>,
-    rows_tx: &mpsc::Sender<Result<Chunk, BackendError>>,
-) -> Result<(), BackendError> {
-    let mut prepared = match conn.prepare(&statement.sql) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = meta.send(Err(map_error(e)));
-            return Ok(());
-        }
-    };
+/// Runs the statement, sending its columns and rows; returns rows affected.
+fn execute(conn: &Connection, statement: &Statement, worker: &mut Worker) -> Result<Option<u64>, BackendError> {
+    let mut prepared = conn.prepare(&statement.sql).map_err(map_error)?;
     let expected = prepared.parameter_count();
     if expected != statement.params.len() {
-        let _ = meta.send(Err(BackendError::Invalid(format!(
+        return Err(BackendError::Invalid(format!(
             "the statement has {expected} parameter(s) but {} were given",
             statement.params.len()
-        ))));
-        return Ok(());
+        )));
     }
     for (i, p) in statement.params.iter().enumerate() {
-        let value = match to_sql(p) {
-            Ok(v) => v,
-            Err(message) => {
-                let _ = meta.send(Err(BackendError::Parameter { index: i + 1, message }));
-                return Ok(());
-            }
-        };
-        if let Err(e) = prepared.raw_bind_parameter(i + 1, value) {
-            let _ = meta.send(Err(map_error(e)));
-            return Ok(());
-        }
+        let value = to_sql(p).map_err(|message| BackendError::Parameter { index: i + 1, message })?;
+        prepared.raw_bind_parameter(i + 1, value).map_err(map_error)?;
     }
     let columns: Vec<Column> = prepared
         .columns()
@@ -391,8 +339,8 @@ fn execute(
     let types: Vec<ColumnType> = columns.iter().map(|c| c.column_type).collect();
     let names: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
     let returns_rows = !columns.is_empty();
-    if meta.send(Ok(columns)).is_err() {
-        return Ok(());
+    if !worker.describe(columns) {
+        return Ok(None);
     }
     let mut rows = prepared.raw_query();
     let mut chunk = Vec::with_capacity(CHUNK_ROWS);
@@ -400,78 +348,20 @@ fn execute(
         let mut values = Vec::with_capacity(types.len());
         for (i, ty) in types.iter().enumerate() {
             let raw = row.get_ref(i).map_err(map_error)?;
-            values
-                .push(from_sql(raw, *ty).map_err(|m| BackendError::Invalid(format!("column \"{}\": {m}", names[i])))?);
+            let value =
+                from_sql(raw, *ty).map_err(|m| BackendError::Invalid(format!("column \"{}\": {m}", names[i])))?;
+            values.push(value);
         }
         chunk.push(values);
-        if chunk.len() == CHUNK_ROWS {
-            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_ROWS));
-            if rows_tx.blocking_send(Ok(Chunk::Rows(full))).is_err() {
-                return Ok(());
-            }
+        if chunk.len() == CHUNK_ROWS && !worker.send_blocking(std::mem::take(&mut chunk)) {
+            return Ok(None);
         }
     }
     drop(rows);
-    if !chunk.is_empty() && rows_tx.blocking_send(Ok(Chunk::Rows(chunk))).is_err() {
-        return Ok(());
+    if !chunk.is_empty() && !worker.send_blocking(chunk) {
+        return Ok(None);
     }
-    let affected = (!returns_rows).then(|| conn.changes());
-    let _ = rows_tx.blocking_send(Ok(Chunk::Done(affected)));
-    Ok(())
-}
-
-struct SqliteRowStream {
-    rx: mpsc::Receiver<Result<Chunk, BackendError>>,
-    buffer: std::vec::IntoIter<Row>,
-    cancelled: Arc<AtomicBool>,
-    done: bool,
-    rows_affected: Option<u64>,
-}
-
-impl Stream for SqliteRowStream {
-    type Item = Result<Row, BackendError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            if let Some(row) = self.buffer.next() {
-                return Poll::Ready(Some(Ok(row)));
-            }
-            if self.done {
-                return Poll::Ready(None);
-            }
-            match self.rx.poll_recv(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(Chunk::Rows(rows)))) => self.buffer = rows.into_iter(),
-                Poll::Ready(Some(Ok(Chunk::Done(affected)))) => {
-                    self.rows_affected = affected;
-                    self.done = true;
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    self.done = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                Poll::Ready(None) => {
-                    self.done = true;
-                    return Poll::Ready(Some(Err(BackendError::Internal(
-                        "sqlite worker ended unexpectedly".into(),
-                    ))));
-                }
-            }
-        }
-    }
-}
-
-impl RowStream for SqliteRowStream {
-    fn rows_affected(&self) -> Option<u64> {
-        self.rows_affected
-    }
-}
-
-impl Drop for SqliteRowStream {
-    fn drop(&mut self) {
-        // Interrupts a statement still running when the caller gives up.
-        self.cancelled.store(true, Ordering::Relaxed);
-    }
+    Ok((!returns_rows).then(|| conn.changes()))
 }
 
 /// Column metadata from the declared type, following SQLite's affinity rules.
@@ -551,7 +441,8 @@ fn to_sql(v: &Value) -> Result<SqlValue, String> {
         Value::Date(d) => SqlValue::Text(d.format("%Y-%m-%d").to_string()),
         Value::Time(t, _) => SqlValue::Text(t.format("%H:%M:%S%.f").to_string()),
         Value::Timestamp(t) => SqlValue::Text(t.format("%Y-%m-%d %H:%M:%S%.f").to_string()),
-        Value::TimestampTz(t) => SqlValue::Text(t.to_rfc3339()),
+        // SQLite has no zones: store UTC in the form its date functions read.
+        Value::TimestampTz(t) => SqlValue::Text(t.naive_utc().format("%Y-%m-%d %H:%M:%S%.f").to_string()),
         Value::Uuid(u) => SqlValue::Text(u.to_string()),
         Value::Interval { .. } => return Err("SQLite has no interval type".into()),
         Value::List(_) => return Err("SQLite has no array type".into()),

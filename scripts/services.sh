@@ -48,3 +48,35 @@ ensure_postgres() {
     fi
   fi
 }
+
+mysql_ready() {
+  mariadb-admin ping -h 127.0.0.1 -P "${WEIR_TEST_MYSQL_PORT:-3306}" --silent >/dev/null 2>&1 ||
+    mysqladmin ping -h 127.0.0.1 -P "${WEIR_TEST_MYSQL_PORT:-3306}" --silent >/dev/null 2>&1
+}
+
+ensure_mariadb() {
+  if [ -n "${WEIR_TEST_MYSQL_HOST:-}" ] && [ "${WEIR_TEST_MYSQL_HOST}" != 127.0.0.1 ] && [ "${WEIR_TEST_MYSQL_HOST}" != localhost ]; then
+    return 0
+  fi
+  if ! mysql_ready; then
+    if [ ! -x /usr/sbin/mariadbd ] && [ ! -x /usr/sbin/mysqld ]; then
+      echo "installing MariaDB..."
+      apt_install mariadb-server mariadb-client
+    fi
+    as_root mkdir -p /run/mysqld
+    as_root chown mysql:mysql /run/mysqld 2>/dev/null || true
+    as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql
+    for _ in $(seq 1 100); do mysql_ready && break; sleep 0.2; done
+    mysql_ready || { echo "error: MariaDB did not start"; exit 1; }
+  fi
+  # A fresh installation lets root in only through the socket: create the
+  # test user and database through it. No-ops where already done.
+  local user="${WEIR_TEST_MYSQL_USER:-weir}" password="${WEIR_TEST_MYSQL_PASSWORD:-weir}" db="${WEIR_TEST_MYSQL_DATABASE:-test}"
+  if [ "$(id -u)" = 0 ]; then
+    mariadb -uroot -e "CREATE DATABASE IF NOT EXISTS \`$db\`;
+      CREATE USER IF NOT EXISTS '$user'@'%' IDENTIFIED BY '$password';
+      CREATE USER IF NOT EXISTS '$user'@'localhost' IDENTIFIED BY '$password';
+      GRANT ALL PRIVILEGES ON *.* TO '$user'@'%';
+      GRANT ALL PRIVILEGES ON *.* TO '$user'@'localhost';"
+  fi
+}

@@ -130,6 +130,8 @@ impl Default for LimitsConfig {
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     Postgres,
+    /// MySQL or MariaDB.
+    Mysql,
     Sqlite,
 }
 
@@ -155,6 +157,9 @@ pub struct SourceConfig {
     pub password_env: Option<String>,
     /// File holding the password (a mounted Kubernetes Secret).
     pub password_file: Option<PathBuf>,
+    /// Connect with TLS, verifying the server's certificate (MySQL).
+    #[serde(default)]
+    pub tls: bool,
     // SQLite
     /// Database file, or ":memory:" for a private in-memory database.
     pub path: Option<String>,
@@ -296,6 +301,18 @@ impl SourceConfig {
                 &["host", "port", "database", "user", "password_env", "password_file"],
                 &["host", "user"],
             ),
+            EngineKind::Mysql => (
+                &[
+                    "host",
+                    "port",
+                    "database",
+                    "user",
+                    "password_env",
+                    "password_file",
+                    "tls",
+                ],
+                &["host", "user"],
+            ),
             EngineKind::Sqlite => (&["path", "demo_data"], &["path"]),
         };
         let present = [
@@ -307,6 +324,7 @@ impl SourceConfig {
             ("password_file", self.password_file.is_some()),
             ("path", self.path.is_some()),
             ("demo_data", self.demo_data),
+            ("tls", self.tls),
         ];
         for (name, set) in present {
             if set && !allowed.contains(&name) {

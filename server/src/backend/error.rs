@@ -66,3 +66,23 @@ impl BackendError {
         }
     }
 }
+
+/// Classifies an SQLSTATE (PostgreSQL's, or MySQL's as it reports them).
+pub fn classify_sqlstate(code: &str) -> EngineErrorKind {
+    use EngineErrorKind as K;
+    match code {
+        "42P01" | "42883" | "3F000" | "42704" | "42S02" => K::NotFound,
+        "23505" => K::AlreadyExists,
+        "42501" | "25006" => K::PermissionDenied,
+        "40001" | "40P01" | "55P03" => K::Aborted,
+        "57014" => K::DeadlineExceeded,
+        _ => match code.get(..2).unwrap_or_default() {
+            "42" | "22" | "0A" | "54" | "2F" | "34" | "26" | "07" | "21" => K::InvalidArgument,
+            "23" | "25" | "P0" | "55" | "2B" | "2D" | "39" | "38" => K::FailedPrecondition,
+            "40" => K::Aborted,
+            "53" => K::ResourceExhausted,
+            "08" | "57" | "58" => K::Unavailable,
+            _ => K::Internal,
+        },
+    }
+}

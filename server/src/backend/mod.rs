@@ -3,6 +3,7 @@
 
 pub mod channel;
 pub mod error;
+pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
 pub mod types;
@@ -61,6 +62,7 @@ pub trait SqlTransaction: Send + Sync {
 pub fn connect(name: &str, config: &SourceConfig) -> Result<Arc<dyn SqlSource>, BackendError> {
     Ok(match config.engine {
         EngineKind::Postgres => Arc::new(postgres::PostgresSource::new(config)?),
+        EngineKind::Mysql => Arc::new(mysql::MysqlSource::new(config)?),
         EngineKind::Sqlite => Arc::new(sqlite::SqliteSource::open(name, config)?),
     })
 }

@@ -120,6 +120,7 @@ pub struct TxOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     Postgres,
+    Mysql,
     Sqlite,
 }
 

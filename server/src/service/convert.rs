@@ -237,6 +237,7 @@ pub fn isolation_to_proto(level: Isolation) -> pb::IsolationLevel {
 pub fn engine(e: domain::Engine) -> pb::Engine {
     match e {
         domain::Engine::Postgres => pb::Engine::Postgres,
+        domain::Engine::Mysql => pb::Engine::Mysql,
         domain::Engine::Sqlite => pb::Engine::Sqlite,
     }
 }

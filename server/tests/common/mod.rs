@@ -65,6 +65,16 @@ pub fn sqlite_demo(tenant: &str, name: &str) -> String {
     format!("[tenants.{tenant}.sources.{name}]\nengine = \"sqlite\"\npath = \":memory:\"\ndemo_data = true\n")
 }
 
+/// Gives a password variable the documented default, so that sources can
+/// always name it in `password_env` (set before any server starts).
+fn default_env(name: &str, default: &str) {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock();
+    if std::env::var_os(name).is_none() {
+        std::env::set_var(name, default);
+    }
+}
+
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
@@ -160,4 +170,30 @@ pub fn text(v: &pb::Value) -> &str {
 
 pub fn is_null(v: &pb::Value) -> bool {
     matches!(v.kind, Some(pb::value::Kind::Null(_)) | None)
+}
+
+/// A MySQL/MariaDB source section for the test server (WEIR_TEST_MYSQL_* variables).
+pub fn mysql(tenant: &str, name: &str, extra: &str) -> String {
+    default_env("WEIR_TEST_MYSQL_PASSWORD", "weir");
+    format!(
+        "[tenants.{tenant}.sources.{name}]\nengine = \"mysql\"\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndatabase = \"{}\"\npassword_env = \"WEIR_TEST_MYSQL_PASSWORD\"\n{extra}\n",
+        env_or("WEIR_TEST_MYSQL_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_MYSQL_PORT", "3306"),
+        env_or("WEIR_TEST_MYSQL_USER", "weir"),
+        env_or("WEIR_TEST_MYSQL_DATABASE", "test"),
+    )
+}
+
+/// A direct connection to the test MySQL/MariaDB.
+pub async fn mysql_direct() -> mysql_async::Conn {
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(env_or("WEIR_TEST_MYSQL_HOST", "127.0.0.1"))
+        .tcp_port(env_or("WEIR_TEST_MYSQL_PORT", "3306").parse().expect("port"))
+        .user(Some(env_or("WEIR_TEST_MYSQL_USER", "weir")))
+        .pass(Some(env_or("WEIR_TEST_MYSQL_PASSWORD", "weir")))
+        .db_name(Some(env_or("WEIR_TEST_MYSQL_DATABASE", "test")))
+        .prefer_socket(false);
+    mysql_async::Conn::new(opts).await.expect(
+        "MariaDB for tests is not reachable: run ./scripts/test, or set WEIR_TEST_MYSQL_HOST/PORT/USER/PASSWORD/DATABASE",
+    )
 }

@@ -15,12 +15,12 @@ use async_trait::async_trait;
 use bb8::{Pool, PooledConnection, RunError};
 use futures::Stream;
 use tokio::sync::{Mutex, OwnedMutexGuard};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{CancelToken, Client, NoTls};
 
+use crate::backend::error::classify_sqlstate;
 use crate::backend::{
-    BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, QueryStream, Row, RowStream,
-    SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, ALL_ISOLATION_LEVELS,
+    BackendError, Capabilities, ConnectionInfo, Engine, Isolation, QueryStream, Row, RowStream, SchemaInfo, SqlSource,
+    SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, ALL_ISOLATION_LEVELS,
 };
 use crate::config::SourceConfig;
 use types::{PgParam, PgValue};
@@ -440,7 +440,7 @@ pub(crate) fn map_error(e: tokio_postgres::Error) -> BackendError {
         if let Some(tokio_postgres::error::ErrorPosition::Original(p)) = db.position() {
             message.push_str(&format!(" (at character {p})"));
         }
-        let kind = classify(db.code());
+        let kind = classify_sqlstate(db.code().code());
         if code.starts_with("28") || code == "3D000" {
             return BackendError::Unavailable(format!(
                 "the database rejected Weir's connection: {message} (SQLSTATE {code})"
@@ -456,24 +456,4 @@ pub(crate) fn map_error(e: tokio_postgres::Error) -> BackendError {
         .map(|s| s.to_string())
         .unwrap_or_else(|| e.to_string());
     BackendError::Unavailable(cause)
-}
-
-fn classify(state: &SqlState) -> EngineErrorKind {
-    use EngineErrorKind as K;
-    let code = state.code();
-    match code {
-        "42P01" | "42883" | "3F000" | "42704" => K::NotFound,
-        "23505" => K::AlreadyExists,
-        "42501" | "25006" => K::PermissionDenied,
-        "40001" | "40P01" | "55P03" => K::Aborted,
-        "57014" => K::DeadlineExceeded,
-        _ => match &code[..2] {
-            "42" | "22" | "0A" | "54" | "2F" | "34" | "26" => K::InvalidArgument,
-            "23" | "25" | "P0" | "55" | "2B" | "2D" | "39" | "38" => K::FailedPrecondition,
-            "40" => K::Aborted,
-            "53" => K::ResourceExhausted,
-            "08" | "57" | "58" => K::Unavailable,
-            _ => K::Internal,
-        },
-    }
 }

@@ -380,6 +380,8 @@ fn column(name: &str, decl: Option<&str>) -> Column {
         ColumnType::Json
     } else if upper.contains("INT") {
         ColumnType::Int
+    } else if upper.contains("BLOB") {
+        ColumnType::Bytes
     } else if upper.contains("CHAR") || upper.contains("CLOB") || upper.contains("TEXT") {
         ColumnType::String
     } else if upper.contains("REAL") || upper.contains("FLOA") || upper.contains("DOUB") {

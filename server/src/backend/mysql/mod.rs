@@ -1,0 +1,345 @@
+//! MySQL and MariaDB through mysql_async and its pool. A statement runs in a
+//! task that owns the connection and streams rows through a bounded channel;
+//! when the caller goes away the task kills the statement on the server.
+
+mod schema;
+pub mod types;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, SslOpts};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use crate::backend::channel::{self, Worker, CHUNK_ROWS};
+use crate::backend::error::classify_sqlstate;
+use crate::backend::{
+    BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, QueryStream, SchemaInfo, SqlSource,
+    SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, ALL_ISOLATION_LEVELS,
+};
+use crate::config::SourceConfig;
+
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE_SIZE: usize = 256;
+
+pub struct MysqlSource {
+    pool: Pool,
+    opts: Opts,
+    config: SourceConfig,
+}
+
+impl MysqlSource {
+    pub fn new(config: &SourceConfig) -> Result<Self, BackendError> {
+        let constraints = PoolConstraints::new(config.pool.min_idle as usize, config.pool.max_size as usize)
+            .ok_or_else(|| BackendError::Invalid("pool.min_idle must not exceed pool.max_size".into()))?;
+        let mut setup = vec!["SET NAMES utf8mb4".to_string(), "SET time_zone = '+00:00'".to_string()];
+        if config.read_only {
+            // Enforced by the engine for every statement, whatever its text.
+            setup.push("SET SESSION TRANSACTION READ ONLY".into());
+        }
+        let mut builder = OptsBuilder::default()
+            .ip_or_hostname(config.host.clone().unwrap_or_else(|| "localhost".into()))
+            .tcp_port(config.port.unwrap_or(3306))
+            .user(config.user.clone())
+            .pass(config.password().map_err(BackendError::Invalid)?)
+            .db_name(config.database.clone())
+            .prefer_socket(false)
+            .stmt_cache_size(STATEMENT_CACHE_SIZE)
+            .setup(setup)
+            .pool_opts(
+                PoolOpts::default()
+                    .with_constraints(constraints)
+                    .with_inactive_connection_ttl(config.pool.idle_timeout),
+            );
+        if config.tls {
+            builder = builder.ssl_opts(SslOpts::default());
+        }
+        let opts = Opts::from(builder);
+        Ok(Self {
+            pool: Pool::new(opts.clone()),
+            opts,
+            config: config.clone(),
+        })
+    }
+
+    async fn conn(&self) -> Result<Conn, BackendError> {
+        let started = Instant::now();
+        let connect = tokio::time::timeout(self.config.pool.acquire_timeout, self.pool.get_conn()).await;
+        match connect {
+            Ok(conn) => conn.map_err(map_error),
+            Err(_) => Err(BackendError::PoolExhausted {
+                max_size: self.config.pool.max_size,
+                waited: started.elapsed(),
+            }),
+        }
+    }
+}
+
+/// The connection a statement runs on: from the pool, or a transaction's.
+enum Hold {
+    Pooled(Conn),
+    Transaction(OwnedMutexGuard<Conn>),
+}
+
+impl Hold {
+    fn conn(&mut self) -> &mut Conn {
+        match self {
+            Hold::Pooled(c) => c,
+            Hold::Transaction(c) => c,
+        }
+    }
+}
+
+/// Starts a statement in a task that owns the connection until it ends.
+async fn start(hold: Hold, statement: Statement, opts: Opts) -> Result<QueryStream, BackendError> {
+    let (mut worker, pending) = channel::channel(None);
+    tokio::spawn(async move {
+        let mut hold = hold;
+        let outcome = execute(hold.conn(), &statement, &mut worker, &opts).await;
+        // Release the connection (and a transaction's lock) before the caller
+        // learns the statement is over, so its next call finds it free.
+        drop(hold);
+        worker.finish(outcome).await;
+    });
+    pending.started().await
+}
+
+/// Runs a statement, streaming its rows; returns rows affected.
+async fn execute(
+    conn: &mut Conn,
+    statement: &Statement,
+    worker: &mut Worker,
+    opts: &Opts,
+) -> Result<Option<u64>, BackendError> {
+    let prepared = conn.prep(statement.sql.as_str()).await.map_err(map_error)?;
+    let expected = usize::from(prepared.num_params());
+    if expected != statement.params.len() {
+        return Err(BackendError::Invalid(format!(
+            "the statement has {expected} parameter(s) but {} were given",
+            statement.params.len()
+        )));
+    }
+    let params = statement
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| types::param(p).map_err(|message| BackendError::Parameter { index: i + 1, message }))
+        .collect::<Result<Vec<_>, _>>()?;
+    let params = if params.is_empty() {
+        Params::Empty
+    } else {
+        Params::Positional(params)
+    };
+    let connection_id = conn.id();
+    let exec = conn.exec_iter(prepared, params);
+    tokio::pin!(exec);
+    let mut result = tokio::select! {
+        biased;
+        r = &mut exec => r.map_err(map_error)?,
+        () = worker.closed() => {
+            kill(opts, connection_id).await;
+            // Let the interrupted statement finish so the connection stays usable.
+            let _ = exec.await;
+            return Ok(None);
+        }
+    };
+    let described: Vec<_> = result.columns_ref().iter().map(types::column).collect();
+    let decoders: Vec<_> = described.iter().map(|(_, d)| *d).collect();
+    let names: Vec<_> = described.iter().map(|(c, _)| c.name.clone()).collect();
+    let returns_rows = !described.is_empty();
+    if !worker.describe(described.into_iter().map(|(c, _)| c).collect()) {
+        kill(opts, connection_id).await;
+        return Ok(None);
+    }
+    let mut chunk = Vec::with_capacity(CHUNK_ROWS);
+    loop {
+        let next = tokio::select! {
+            biased;
+            row = result.next() => row.map_err(map_error)?,
+            () = worker.closed() => {
+                kill(opts, connection_id).await;
+                return Ok(None);
+            }
+        };
+        let Some(row) = next else { break };
+        let mut values = Vec::with_capacity(decoders.len());
+        for (i, raw) in row.unwrap_raw().into_iter().enumerate() {
+            let decode = decoders.get(i).copied().unwrap_or(types::Decode::Text);
+            let value = types::decode(raw.unwrap_or(mysql_async::Value::NULL), decode).map_err(|m| {
+                BackendError::Invalid(format!("column \"{}\": {m}", names.get(i).map_or("?", String::as_str)))
+            })?;
+            values.push(value);
+        }
+        chunk.push(values);
+        if chunk.len() == CHUNK_ROWS && !worker.send(std::mem::take(&mut chunk)).await {
+            kill(opts, connection_id).await;
+            return Ok(None);
+        }
+    }
+    let affected = result.affected_rows();
+    drop(result);
+    if !chunk.is_empty() && !worker.send(chunk).await {
+        return Ok(None);
+    }
+    Ok((!returns_rows).then_some(affected))
+}
+
+/// Stops a statement the caller abandoned, from a separate connection.
+async fn kill(opts: &Opts, connection_id: u32) {
+    let killed = async {
+        let mut conn = Conn::new(opts.clone()).await?;
+        conn.query_drop(format!("KILL QUERY {connection_id}")).await?;
+        conn.disconnect().await
+    };
+    if let Err(e) = killed.await {
+        tracing::warn!(error = %e, "could not kill an abandoned mysql statement");
+    }
+}
+
+#[async_trait]
+impl SqlSource for MysqlSource {
+    fn engine(&self) -> Engine {
+        Engine::Mysql
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            transactions: true,
+            isolation_levels: ALL_ISOLATION_LEVELS.to_vec(),
+            change_streams: false,
+            parameter_style: "?",
+        }
+    }
+
+    async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
+        start(Hold::Pooled(self.conn().await?), statement, self.opts.clone()).await
+    }
+
+    async fn begin(&self, options: TxOptions) -> Result<Box<dyn SqlTransaction>, BackendError> {
+        let mut conn = self.conn().await?;
+        let level = match options.isolation {
+            Isolation::EngineDefault => None,
+            Isolation::ReadUncommitted => Some("READ UNCOMMITTED"),
+            Isolation::ReadCommitted => Some("READ COMMITTED"),
+            Isolation::RepeatableRead => Some("REPEATABLE READ"),
+            Isolation::Serializable => Some("SERIALIZABLE"),
+        };
+        if let Some(level) = level {
+            conn.query_drop(format!("SET TRANSACTION ISOLATION LEVEL {level}"))
+                .await
+                .map_err(map_error)?;
+        }
+        let start = if options.read_only || self.config.read_only {
+            "START TRANSACTION READ ONLY"
+        } else {
+            "START TRANSACTION"
+        };
+        conn.query_drop(start).await.map_err(map_error)?;
+        Ok(Box::new(MysqlTransaction {
+            conn: Arc::new(Mutex::new(conn)),
+            source: self.opts.clone(),
+        }))
+    }
+
+    async fn connection_info(&self) -> Result<ConnectionInfo, BackendError> {
+        let mut conn = self.conn().await?;
+        let started = Instant::now();
+        conn.query_drop("DO 1").await.map_err(map_error)?;
+        let round_trip = started.elapsed();
+        let row: Option<(String, Option<String>, String)> = conn
+            .query_first("SELECT VERSION(), DATABASE(), CURRENT_USER()")
+            .await
+            .map_err(map_error)?;
+        let (version, database, user) = row.ok_or_else(|| BackendError::Internal("no version row".into()))?;
+        Ok(ConnectionInfo {
+            server_version: flavour(&version),
+            database: database.unwrap_or_default(),
+            user,
+            round_trip,
+        })
+    }
+
+    async fn list_schemas(&self, include_system: bool) -> Result<Vec<SchemaInfo>, BackendError> {
+        schema::list_schemas(&mut self.conn().await?, include_system).await
+    }
+
+    async fn list_tables(&self, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
+        schema::list_tables(&mut self.conn().await?, schema).await
+    }
+
+    async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
+        schema::describe_table(&mut self.conn().await?, schema, table).await
+    }
+}
+
+/// "10.11.19-MariaDB-0+deb12u1" → "MariaDB 10.11.19"; otherwise "MySQL 8.0.36".
+fn flavour(version: &str) -> String {
+    let number = version.split(['-', ' ']).next().unwrap_or(version);
+    if version.to_ascii_lowercase().contains("mariadb") {
+        format!("MariaDB {number}")
+    } else {
+        format!("MySQL {number}")
+    }
+}
+
+struct MysqlTransaction {
+    conn: Arc<Mutex<Conn>>,
+    source: Opts,
+}
+
+impl MysqlTransaction {
+    fn lock(&self) -> Result<OwnedMutexGuard<Conn>, BackendError> {
+        self.conn.clone().try_lock_owned().map_err(|_| BackendError::Busy)
+    }
+}
+
+#[async_trait]
+impl SqlTransaction for MysqlTransaction {
+    async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
+        start(Hold::Transaction(self.lock()?), statement, self.source.clone()).await
+    }
+
+    async fn commit(&self) -> Result<(), BackendError> {
+        self.lock()?.query_drop("COMMIT").await.map_err(map_error)
+    }
+
+    async fn rollback(&self) -> Result<(), BackendError> {
+        self.lock()?.query_drop("ROLLBACK").await.map_err(map_error)
+    }
+}
+
+/// Classifies a mysql_async error by errno first, then by SQLSTATE.
+pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
+    use EngineErrorKind as K;
+    match e {
+        mysql_async::Error::Server(s) => {
+            let kind = match s.code {
+                1146 | 1305 | 1049 | 1051 => K::NotFound,
+                1064 | 1054 | 1292 | 1366 | 1406 | 1264 | 1365 | 1110 | 1136 => K::InvalidArgument,
+                1062 | 1586 => K::AlreadyExists,
+                1048 | 1451 | 1452 | 3819 | 4025 => K::FailedPrecondition,
+                1213 | 1205 | 1180 | 1181 => K::Aborted,
+                1317 | 3024 | 1969 => K::DeadlineExceeded,
+                1792 | 1290 | 1142 | 1143 | 1044 | 1227 => K::PermissionDenied,
+                1040 | 1203 | 1041 | 1114 => K::ResourceExhausted,
+                1045 | 1698 => {
+                    return BackendError::Unavailable(format!(
+                        "the database rejected Weir's connection: {} (errno {})",
+                        s.message, s.code
+                    ))
+                }
+                _ => classify_sqlstate(&s.state),
+            };
+            BackendError::Engine {
+                kind,
+                code: s.code.to_string(),
+                message: s.message,
+            }
+        }
+        mysql_async::Error::Io(e) => BackendError::Unavailable(e.to_string()),
+        mysql_async::Error::Driver(e) => BackendError::Unavailable(e.to_string()),
+        other => BackendError::Internal(other.to_string()),
+    }
+}

@@ -1,0 +1,266 @@
+//! Catalog queries behind SchemaService for MySQL/MariaDB (databases are
+//! schemas), from information_schema with bound parameters.
+
+use mysql_async::prelude::Queryable;
+use mysql_async::Conn;
+
+use super::map_error;
+use crate::backend::{
+    BackendError, Column, ColumnInfo, ColumnType, ForeignKey, Index, PrimaryKey, SchemaInfo, TableDescription,
+    TableInfo, TableKind,
+};
+
+const SYSTEM_SCHEMAS: [&str; 4] = ["mysql", "information_schema", "performance_schema", "sys"];
+
+pub async fn list_schemas(conn: &mut Conn, include_system: bool) -> Result<Vec<SchemaInfo>, BackendError> {
+    let names: Vec<String> = conn
+        .query("SELECT SCHEMA_NAME FROM information_schema.SCHEMATA ORDER BY 1")
+        .await
+        .map_err(map_error)?;
+    Ok(names
+        .into_iter()
+        .map(|name| SchemaInfo {
+            system: SYSTEM_SCHEMAS.contains(&name.as_str()),
+            name,
+        })
+        .filter(|s| include_system || !s.system)
+        .collect())
+}
+
+type TableRow = (String, String, String, Option<u64>, String);
+
+const TABLE_COLUMNS: &str =
+    "SELECT TABLE_SCHEMA, TABLE_NAME, TABLE_TYPE, TABLE_ROWS, TABLE_COMMENT FROM information_schema.TABLES";
+
+fn table_info((schema, name, kind, rows, comment): TableRow) -> TableInfo {
+    let kind = if kind.contains("VIEW") {
+        TableKind::View
+    } else {
+        TableKind::Table
+    };
+    let row_estimate = (kind == TableKind::Table)
+        .then_some(rows)
+        .flatten()
+        .and_then(|r| i64::try_from(r).ok());
+    TableInfo {
+        schema,
+        name,
+        kind,
+        row_estimate,
+        comment,
+    }
+}
+
+pub async fn list_tables(conn: &mut Conn, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
+    let rows: Vec<TableRow> = match schema {
+        Some(s) => {
+            conn.exec(format!("{TABLE_COLUMNS} WHERE TABLE_SCHEMA = ? ORDER BY 1, 2"), (s,))
+                .await
+        }
+        None => {
+            let excluded = SYSTEM_SCHEMAS.map(|s| format!("'{s}'")).join(", ");
+            conn.query(format!(
+                "{TABLE_COLUMNS} WHERE TABLE_SCHEMA NOT IN ({excluded}) ORDER BY 1, 2"
+            ))
+            .await
+        }
+    }
+    .map_err(map_error)?;
+    Ok(rows.into_iter().map(table_info).collect())
+}
+
+/// Normalized type from information_schema's DATA_TYPE and COLUMN_TYPE.
+fn column_type(data_type: &str, column_type: &str) -> ColumnType {
+    match data_type {
+        "bigint" if column_type.contains("unsigned") => ColumnType::UInt,
+        "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint" | "year" => ColumnType::Int,
+        "decimal" | "numeric" => ColumnType::Decimal,
+        "float" | "double" | "real" => ColumnType::Float,
+        "bit" => ColumnType::UInt,
+        "date" => ColumnType::Date,
+        "datetime" => ColumnType::Timestamp,
+        "timestamp" => ColumnType::TimestampTz,
+        "time" => ColumnType::Time,
+        "json" => ColumnType::Json,
+        "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "geometry" | "point"
+        | "linestring" | "polygon" => ColumnType::Bytes,
+        _ => ColumnType::String,
+    }
+}
+
+type ColumnRow = (
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    u64,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+    String,
+);
+
+pub async fn describe_table(
+    conn: &mut Conn,
+    schema: Option<&str>,
+    table: &str,
+) -> Result<TableDescription, BackendError> {
+    let found: Option<TableRow> = conn
+        .exec_first(
+            format!("{TABLE_COLUMNS} WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?"),
+            (schema, table),
+        )
+        .await
+        .map_err(map_error)?;
+    let Some(found) = found else {
+        let qualified = schema
+            .map(|s| format!("{s}.{table}"))
+            .unwrap_or_else(|| table.to_string());
+        return Err(BackendError::not_found(format!("table \"{qualified}\" not found")));
+    };
+    let info = table_info(found);
+    let key = (info.schema.clone(), info.name.clone());
+
+    let rows: Vec<ColumnRow> = conn
+        .exec(
+            "SELECT COLUMN_NAME, COLUMN_TYPE, DATA_TYPE, IS_NULLABLE, COLUMN_DEFAULT, ORDINAL_POSITION, \
+                    NUMERIC_PRECISION, NUMERIC_SCALE, CHARACTER_MAXIMUM_LENGTH, COLUMN_COMMENT \
+             FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            key.clone(),
+        )
+        .await
+        .map_err(map_error)?;
+    let columns = rows
+        .into_iter()
+        .map(
+            |(name, native, data_type, nullable, default, ordinal, precision, scale, length, comment)| {
+                let mut column = Column::new(name, native.clone(), column_type(&data_type, &native));
+                column.nullable = nullable == "YES";
+                if column.column_type == ColumnType::Decimal {
+                    column.precision = precision.and_then(|p| i32::try_from(p).ok());
+                    column.scale = scale.and_then(|s| i32::try_from(s).ok());
+                }
+                column.max_length = length.and_then(|l| i64::try_from(l).ok());
+                // MariaDB reports "no default" as the text NULL.
+                let default_expression = default.filter(|d| d != "NULL").unwrap_or_default();
+                ColumnInfo {
+                    column,
+                    ordinal: i32::try_from(ordinal).unwrap_or(i32::MAX),
+                    default_expression,
+                    comment,
+                }
+            },
+        )
+        .collect();
+
+    type KeyRow = (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let keys: Vec<KeyRow> = conn
+        .exec(
+            "SELECT k.CONSTRAINT_NAME, k.COLUMN_NAME, k.REFERENCED_TABLE_SCHEMA, k.REFERENCED_TABLE_NAME, \
+                    k.REFERENCED_COLUMN_NAME, r.UPDATE_RULE, r.DELETE_RULE \
+             FROM information_schema.KEY_COLUMN_USAGE k \
+             LEFT JOIN information_schema.REFERENTIAL_CONSTRAINTS r \
+               ON r.CONSTRAINT_SCHEMA = k.CONSTRAINT_SCHEMA AND r.CONSTRAINT_NAME = k.CONSTRAINT_NAME \
+              AND r.TABLE_NAME = k.TABLE_NAME \
+             WHERE k.TABLE_SCHEMA = ? AND k.TABLE_NAME = ? \
+               AND (k.CONSTRAINT_NAME = 'PRIMARY' OR k.REFERENCED_TABLE_NAME IS NOT NULL) \
+             ORDER BY k.CONSTRAINT_NAME, k.ORDINAL_POSITION",
+            key.clone(),
+        )
+        .await
+        .map_err(map_error)?;
+    let mut primary_key: Option<PrimaryKey> = None;
+    let mut foreign_keys: Vec<ForeignKey> = Vec::new();
+    for (name, column, ref_schema, ref_table, ref_column, on_update, on_delete) in keys {
+        if name == "PRIMARY" {
+            primary_key
+                .get_or_insert_with(|| PrimaryKey {
+                    name: name.clone(),
+                    columns: Vec::new(),
+                })
+                .columns
+                .push(column);
+            continue;
+        }
+        match foreign_keys.last_mut() {
+            Some(fk) if fk.name == name => {
+                fk.columns.push(column);
+                fk.referenced_columns.push(ref_column.unwrap_or_default());
+            }
+            _ => foreign_keys.push(ForeignKey {
+                name,
+                columns: vec![column],
+                referenced_schema: ref_schema.unwrap_or_default(),
+                referenced_table: ref_table.unwrap_or_default(),
+                referenced_columns: vec![ref_column.unwrap_or_default()],
+                on_update: on_update.unwrap_or_else(|| "NO ACTION".into()),
+                on_delete: on_delete.unwrap_or_else(|| "NO ACTION".into()),
+            }),
+        }
+    }
+
+    let index_rows: Vec<(String, i64, Option<String>, String)> = conn
+        .exec(
+            "SELECT INDEX_NAME, NON_UNIQUE, COLUMN_NAME, INDEX_TYPE FROM information_schema.STATISTICS \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY INDEX_NAME, SEQ_IN_INDEX",
+            key,
+        )
+        .await
+        .map_err(map_error)?;
+    let mut indexes: Vec<Index> = Vec::new();
+    for (name, non_unique, column, method) in index_rows {
+        let column = column.unwrap_or_else(|| "<expression>".into());
+        match indexes.last_mut() {
+            Some(i) if i.name == name => i.columns.push(column),
+            _ => indexes.push(Index {
+                primary: name == "PRIMARY",
+                unique: non_unique == 0,
+                name,
+                columns: vec![column],
+                method: method.to_ascii_lowercase(),
+            }),
+        }
+    }
+
+    let binlog: Option<(i64, String, String)> = conn
+        .query_first("SELECT @@log_bin, @@binlog_format, @@binlog_row_image")
+        .await
+        .map_err(map_error)?;
+    let (change_stream_ready, change_stream_reason) = match binlog {
+        _ if info.kind != TableKind::Table => (false, "only base tables can be watched".to_string()),
+        Some((1, format, image)) if format == "ROW" && image == "FULL" => {
+            if primary_key.is_some() {
+                (true, String::new())
+            } else {
+                (false, "the table has no primary key".to_string())
+            }
+        }
+        Some((1, format, image)) => (
+            false,
+            format!("binlog_format is {format} and binlog_row_image {image}; change streams need ROW and FULL"),
+        ),
+        _ => (
+            false,
+            "the binary log is off (log_bin); change streams need it with binlog_format = ROW".to_string(),
+        ),
+    };
+
+    Ok(TableDescription {
+        table: info,
+        columns,
+        primary_key,
+        foreign_keys,
+        indexes,
+        change_stream_ready,
+        change_stream_reason,
+    })
+}

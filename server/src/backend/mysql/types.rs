@@ -1,0 +1,218 @@
+//! MySQL/MariaDB type mapping (binary protocol). Sessions run with
+//! `time_zone = '+00:00'`, so TIMESTAMP values are UTC instants.
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime};
+use mysql_async::consts::{ColumnFlags, ColumnType as My};
+use mysql_async::Value as MyValue;
+
+use crate::backend::{Column, ColumnType, Value};
+
+/// MySQL's character set number for binary strings.
+const BINARY_CHARSET: u16 = 63;
+
+/// How the values of one result column are decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decode {
+    Int,
+    UInt,
+    Float,
+    Decimal,
+    Text,
+    Bytes,
+    Bit,
+    Date,
+    DateTime,
+    Timestamp,
+    Time,
+    Json,
+    Null,
+}
+
+pub fn column(c: &mysql_async::Column) -> (Column, Decode) {
+    let flags = c.flags();
+    let unsigned = flags.contains(ColumnFlags::UNSIGNED_FLAG);
+    let binary = c.character_set() == BINARY_CHARSET;
+    let (native, ty, decode) = match c.column_type() {
+        My::MYSQL_TYPE_TINY => ("TINYINT", ColumnType::Int, Decode::Int),
+        My::MYSQL_TYPE_SHORT => ("SMALLINT", ColumnType::Int, Decode::Int),
+        My::MYSQL_TYPE_INT24 => ("MEDIUMINT", ColumnType::Int, Decode::Int),
+        My::MYSQL_TYPE_LONG => ("INT", ColumnType::Int, Decode::Int),
+        // Only BIGINT UNSIGNED can exceed int64.
+        My::MYSQL_TYPE_LONGLONG if unsigned => ("BIGINT", ColumnType::UInt, Decode::UInt),
+        My::MYSQL_TYPE_LONGLONG => ("BIGINT", ColumnType::Int, Decode::Int),
+        My::MYSQL_TYPE_YEAR => ("YEAR", ColumnType::Int, Decode::Int),
+        My::MYSQL_TYPE_FLOAT => ("FLOAT", ColumnType::Float, Decode::Float),
+        My::MYSQL_TYPE_DOUBLE => ("DOUBLE", ColumnType::Float, Decode::Float),
+        My::MYSQL_TYPE_DECIMAL | My::MYSQL_TYPE_NEWDECIMAL => ("DECIMAL", ColumnType::Decimal, Decode::Decimal),
+        My::MYSQL_TYPE_DATE | My::MYSQL_TYPE_NEWDATE => ("DATE", ColumnType::Date, Decode::Date),
+        My::MYSQL_TYPE_DATETIME | My::MYSQL_TYPE_DATETIME2 => ("DATETIME", ColumnType::Timestamp, Decode::DateTime),
+        My::MYSQL_TYPE_TIMESTAMP | My::MYSQL_TYPE_TIMESTAMP2 => {
+            ("TIMESTAMP", ColumnType::TimestampTz, Decode::Timestamp)
+        }
+        My::MYSQL_TYPE_TIME | My::MYSQL_TYPE_TIME2 => ("TIME", ColumnType::Time, Decode::Time),
+        My::MYSQL_TYPE_BIT => ("BIT", ColumnType::UInt, Decode::Bit),
+        My::MYSQL_TYPE_JSON => ("JSON", ColumnType::Json, Decode::Json),
+        My::MYSQL_TYPE_NULL => ("NULL", ColumnType::Dynamic, Decode::Null),
+        My::MYSQL_TYPE_GEOMETRY => ("GEOMETRY", ColumnType::Bytes, Decode::Bytes),
+        _ if flags.contains(ColumnFlags::ENUM_FLAG) => ("ENUM", ColumnType::String, Decode::Text),
+        _ if flags.contains(ColumnFlags::SET_FLAG) => ("SET", ColumnType::String, Decode::Text),
+        My::MYSQL_TYPE_TINY_BLOB | My::MYSQL_TYPE_MEDIUM_BLOB | My::MYSQL_TYPE_LONG_BLOB | My::MYSQL_TYPE_BLOB => {
+            if binary {
+                ("BLOB", ColumnType::Bytes, Decode::Bytes)
+            } else {
+                ("TEXT", ColumnType::String, Decode::Text)
+            }
+        }
+        My::MYSQL_TYPE_STRING => {
+            if binary {
+                ("BINARY", ColumnType::Bytes, Decode::Bytes)
+            } else {
+                ("CHAR", ColumnType::String, Decode::Text)
+            }
+        }
+        _ => {
+            if binary {
+                ("VARBINARY", ColumnType::Bytes, Decode::Bytes)
+            } else {
+                ("VARCHAR", ColumnType::String, Decode::Text)
+            }
+        }
+    };
+    let native = if unsigned {
+        format!("{native} UNSIGNED")
+    } else {
+        native.to_string()
+    };
+    let mut col = Column::new(c.name_str(), native, ty);
+    col.nullable = !flags.contains(ColumnFlags::NOT_NULL_FLAG);
+    if decode == Decode::Decimal {
+        // column_length counts digits plus sign and point.
+        let scale = i32::from(c.decimals());
+        let length = i32::try_from(c.column_length()).unwrap_or(i32::MAX);
+        col.precision = Some(length - i32::from(scale > 0) - i32::from(!unsigned));
+        col.scale = Some(scale);
+    }
+    (col, decode)
+}
+
+fn date(y: u16, m: u8, d: u8) -> Option<NaiveDate> {
+    NaiveDate::from_ymd_opt(i32::from(y), u32::from(m), u32::from(d))
+}
+
+fn time(h: u8, i: u8, s: u8, us: u32) -> Option<NaiveTime> {
+    NaiveTime::from_hms_micro_opt(u32::from(h), u32::from(i), u32::from(s), us)
+}
+
+fn text(bytes: Vec<u8>) -> Result<String, String> {
+    String::from_utf8(bytes).map_err(|_| "text is not valid UTF-8".to_string())
+}
+
+/// Decodes one value. Zero dates ('0000-00-00', and dates with a zero month
+/// or day, which MariaDB accepts in some SQL modes) become NULL.
+pub fn decode(v: MyValue, as_: Decode) -> Result<Value, String> {
+    Ok(match (v, as_) {
+        (MyValue::NULL, _) => Value::Null,
+        (MyValue::Int(i), Decode::UInt) => Value::UInt(u64::try_from(i).map_err(|_| format!("{i} is negative"))?),
+        (MyValue::UInt(u), Decode::UInt | Decode::Bit) => Value::UInt(u),
+        (MyValue::Int(i), _) => Value::Int(i),
+        (MyValue::UInt(u), _) => Value::Int(i64::try_from(u).map_err(|_| format!("{u} does not fit in int64"))?),
+        (MyValue::Float(f), _) => Value::Float(f64::from(f)),
+        (MyValue::Double(f), _) => Value::Float(f),
+        (MyValue::Bytes(b), Decode::Decimal) => Value::Decimal(text(b)?),
+        (MyValue::Bytes(b), Decode::Json) => Value::Json(text(b)?),
+        (MyValue::Bytes(b), Decode::Bytes) => Value::Bytes(b),
+        (MyValue::Bytes(b), Decode::Bit) => {
+            if b.len() > 8 {
+                return Err("BIT values wider than 64 bits cannot be represented".into());
+            }
+            Value::UInt(b.iter().fold(0u64, |acc, byte| (acc << 8) | u64::from(*byte)))
+        }
+        (MyValue::Bytes(b), _) => Value::Text(text(b)?),
+        (MyValue::Date(y, m, d, h, i, s, us), kind) => {
+            let Some(day) = date(y, m, d) else {
+                return Ok(Value::Null);
+            };
+            let at = NaiveDateTime::new(day, time(h, i, s, us).ok_or("invalid time of day")?);
+            match kind {
+                Decode::Date => Value::Date(day),
+                Decode::Timestamp => Value::TimestampTz(DateTime::from_naive_utc_and_offset(at, chrono::Utc)),
+                _ => Value::Timestamp(at),
+            }
+        }
+        (MyValue::Time(negative, days, h, i, s, us), _) => {
+            if negative || days > 0 {
+                return Err("TIME values outside 00:00:00..23:59:59 cannot be a time of day; CAST it AS CHAR".into());
+            }
+            Value::Time(time(h, i, s, us).ok_or("invalid time of day")?, None)
+        }
+    })
+}
+
+/// Converts a parameter; MySQL parses text for the type it expects.
+pub fn param(v: &Value) -> Result<MyValue, String> {
+    use chrono::{Datelike, Timelike};
+    let date = |d: NaiveDate, t: NaiveTime| {
+        MyValue::Date(
+            u16::try_from(d.year()).unwrap_or(0),
+            d.month() as u8,
+            d.day() as u8,
+            t.hour() as u8,
+            t.minute() as u8,
+            t.second() as u8,
+            t.nanosecond() / 1000,
+        )
+    };
+    Ok(match v {
+        Value::Null => MyValue::NULL,
+        Value::Bool(b) => MyValue::Int(i64::from(*b)),
+        Value::Int(i) => MyValue::Int(*i),
+        Value::UInt(u) => MyValue::UInt(*u),
+        Value::Float(f) => MyValue::Double(*f),
+        Value::Text(s) | Value::Decimal(s) | Value::Json(s) => MyValue::Bytes(s.clone().into_bytes()),
+        Value::Bytes(b) => MyValue::Bytes(b.clone()),
+        Value::Date(d) => date(*d, NaiveTime::MIN),
+        Value::Timestamp(t) => date(t.date(), t.time()),
+        Value::TimestampTz(t) => date(t.date_naive(), t.time()),
+        Value::Time(t, _) => MyValue::Time(
+            false,
+            0,
+            t.hour() as u8,
+            t.minute() as u8,
+            t.second() as u8,
+            t.nanosecond() / 1000,
+        ),
+        Value::Uuid(u) => MyValue::Bytes(u.to_string().into_bytes()),
+        Value::Interval { .. } => return Err("MySQL has no interval type".into()),
+        Value::List(_) => return Err("MySQL has no array type".into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_dates_are_null() {
+        assert_eq!(
+            decode(MyValue::Date(0, 0, 0, 0, 0, 0, 0), Decode::Date).unwrap(),
+            Value::Null
+        );
+        assert_eq!(
+            decode(MyValue::Date(2020, 0, 1, 0, 0, 0, 0), Decode::DateTime).unwrap(),
+            Value::Null
+        );
+    }
+
+    #[test]
+    fn bits_and_unsigned() {
+        assert_eq!(
+            decode(MyValue::Bytes(vec![1, 0]), Decode::Bit).unwrap(),
+            Value::UInt(256)
+        );
+        assert_eq!(
+            decode(MyValue::UInt(u64::MAX), Decode::UInt).unwrap(),
+            Value::UInt(u64::MAX)
+        );
+        assert!(decode(MyValue::Time(true, 0, 1, 0, 0, 0), Decode::Time).is_err());
+    }
+}

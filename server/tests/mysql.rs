@@ -1,0 +1,314 @@
+//! MySQL/MariaDB specifics beyond the conformance suite: every column type,
+//! unsigned integers, zero dates, isolation levels and the server flavour.
+
+mod common;
+
+use common::*;
+use mysql_async::prelude::Queryable;
+use tonic::Code;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::weir_proto::v1::value::Kind;
+use weir_client::weir_proto::v1::IsolationLevel;
+
+fn config() -> String {
+    tenant("shop", "", &mysql("shop", "maria", ""))
+}
+
+#[tokio::test]
+async fn every_mysql_type_maps_to_a_value() {
+    let mut direct = mysql_direct().await;
+    direct
+        .query_drop(
+            "DROP TABLE IF EXISTS weir_my_types;
+             CREATE TABLE weir_my_types (
+               ti TINYINT, tiu TINYINT UNSIGNED, si SMALLINT, mi MEDIUMINT, i INT, iu INT UNSIGNED,
+               bi BIGINT, biu BIGINT UNSIGNED, de DECIMAL(30,10), fl FLOAT, db DOUBLE,
+               ch CHAR(3), vc VARCHAR(20), tx TEXT, bn BINARY(2), vb VARBINARY(8), bl BLOB,
+               d DATE, t TIME(3), dt DATETIME(6), ts TIMESTAMP(6) NULL, y YEAR, j JSON,
+               e ENUM('small','large'), st SET('a','b','c'), bt BIT(10), n INT
+             ) DEFAULT CHARSET = utf8mb4;
+             INSERT INTO weir_my_types VALUES (
+               -128, 255, -32768, -8388608, -2147483648, 4294967295,
+               -9223372036854775808, 18446744073709551615, 12345678901234567890.0123456789, 1.5, 2.25,
+               'ab', 'vär 😀', 'long text', x'0102', x'ff00', x'deadbeef',
+               '2024-02-29', '13:14:15.678', '2024-01-02 03:04:05.123456', '2024-01-02 03:04:05', 2024, '{\"a\": 1}',
+               'large', 'a,c', b'1000000001', NULL)",
+        )
+        .await
+        .expect("setup");
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    let r = client
+        .execute("maria", "SELECT * FROM weir_my_types", vec![])
+        .await
+        .expect("select every type");
+    let col = |name: &str| r.columns.iter().position(|c| c.name == name).expect(name);
+    let at = |name: &str| r.rows[0].values[col(name)].kind.clone().expect("kind");
+
+    assert_eq!(at("ti"), Kind::Int64Value(-128));
+    assert_eq!(at("tiu"), Kind::Int64Value(255));
+    assert_eq!(at("si"), Kind::Int64Value(-32768));
+    assert_eq!(at("mi"), Kind::Int64Value(-8388608));
+    assert_eq!(at("i"), Kind::Int64Value(-2147483648));
+    assert_eq!(at("iu"), Kind::Int64Value(4294967295));
+    assert_eq!(at("bi"), Kind::Int64Value(i64::MIN));
+    assert_eq!(
+        at("biu"),
+        Kind::Uint64Value(u64::MAX),
+        "BIGINT UNSIGNED keeps its full range"
+    );
+    assert_eq!(at("de"), Kind::DecimalValue("12345678901234567890.0123456789".into()));
+    assert_eq!(at("fl"), Kind::DoubleValue(1.5));
+    assert_eq!(at("db"), Kind::DoubleValue(2.25));
+    assert_eq!(at("ch"), Kind::StringValue("ab".into()));
+    assert_eq!(at("vc"), Kind::StringValue("vär 😀".into()), "utf8mb4 throughout");
+    assert_eq!(at("tx"), Kind::StringValue("long text".into()));
+    assert_eq!(at("bn"), Kind::BytesValue(vec![1, 2]));
+    assert_eq!(at("vb"), Kind::BytesValue(vec![0xff, 0]));
+    assert_eq!(at("bl"), Kind::BytesValue(vec![0xde, 0xad, 0xbe, 0xef]));
+    assert_eq!(
+        at("d"),
+        Kind::DateValue(pb::Date {
+            year: 2024,
+            month: 2,
+            day: 29
+        })
+    );
+    assert_eq!(
+        at("t"),
+        Kind::TimeValue(pb::TimeOfDay {
+            hours: 13,
+            minutes: 14,
+            seconds: 15,
+            nanos: 678_000_000,
+            utc_offset_seconds: None
+        })
+    );
+    assert_eq!(
+        at("dt"),
+        Kind::TimestampValue(prost_types::Timestamp {
+            seconds: 1_704_164_645,
+            nanos: 123_456_000
+        })
+    );
+    // Sessions run in UTC, so TIMESTAMP values are UTC instants.
+    assert_eq!(
+        at("ts"),
+        Kind::TimestampValue(prost_types::Timestamp {
+            seconds: 1_704_164_645,
+            nanos: 0
+        })
+    );
+    assert_eq!(at("y"), Kind::Int64Value(2024));
+    // MariaDB's JSON is LONGTEXT with a check: it arrives as text.
+    assert_eq!(at("j"), Kind::StringValue("{\"a\": 1}".into()));
+    assert_eq!(at("e"), Kind::StringValue("large".into()));
+    assert_eq!(at("st"), Kind::StringValue("a,c".into()));
+    assert_eq!(at("bt"), Kind::Uint64Value(513));
+    assert!(is_null(&r.rows[0].values[col("n")]));
+
+    let meta = |name: &str| &r.columns[col(name)];
+    assert_eq!(meta("biu").native_type, "BIGINT UNSIGNED");
+    assert_eq!(meta("biu").r#type, pb::ColumnType::Uint as i32);
+    assert_eq!((meta("de").precision, meta("de").scale), (Some(30), Some(10)));
+    assert_eq!(meta("ts").r#type, pb::ColumnType::TimestampTz as i32);
+    assert_eq!(meta("dt").r#type, pb::ColumnType::Timestamp as i32);
+    assert_eq!(meta("e").native_type, "ENUM");
+
+    // Out-of-day TIME values fail clearly instead of wrapping around.
+    let err = client
+        .execute("maria", "SELECT CAST('-01:00:00' AS TIME) AS neg", vec![])
+        .await
+        .expect_err("negative time");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("neg") && err.message().contains("CAST"),
+        "{}",
+        err.message()
+    );
+
+    let d = client
+        .describe_table("maria", "", "weir_my_types")
+        .await
+        .expect("describe");
+    let described = |name: &str| {
+        d.columns
+            .iter()
+            .filter_map(|c| c.column.as_ref())
+            .find(|c| c.name == name)
+            .cloned()
+            .expect(name)
+    };
+    assert_eq!(described("biu").r#type, pb::ColumnType::Uint as i32);
+    assert_eq!(described("de").native_type, "decimal(30,10)");
+    assert_eq!((described("de").precision, described("de").scale), (Some(30), Some(10)));
+    assert_eq!(described("vc").max_length, Some(20));
+    assert!(
+        !d.change_streams.expect("readiness").ready,
+        "no binlog here, no primary key"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn zero_dates_become_null() {
+    let mut direct = mysql_direct().await;
+    direct
+        .query_drop(
+            "SET SESSION sql_mode = '';
+             DROP TABLE IF EXISTS weir_my_zero;
+             CREATE TABLE weir_my_zero (d DATE, dt DATETIME);
+             INSERT INTO weir_my_zero VALUES ('0000-00-00', '0000-00-00 00:00:00'), ('2024-00-10', '2024-01-01 00:00:00')",
+        )
+        .await
+        .expect("setup");
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    let r = client
+        .execute("maria", "SELECT d, dt FROM weir_my_zero", vec![])
+        .await
+        .expect("zero dates");
+    assert!(is_null(&r.rows[0].values[0]) && is_null(&r.rows[0].values[1]));
+    assert!(is_null(&r.rows[1].values[0]), "a zero month is not a date either");
+    assert!(!is_null(&r.rows[1].values[1]));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn parameters_of_every_kind_bind() {
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    let ts = pb::Value {
+        kind: Some(Kind::TimestampValue(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        })),
+    };
+    let date = pb::Value {
+        kind: Some(Kind::DateValue(pb::Date {
+            year: 1999,
+            month: 12,
+            day: 31,
+        })),
+    };
+    let dec = pb::Value {
+        kind: Some(Kind::DecimalValue("-0.000123".into())),
+    };
+    let r = client
+        .execute(
+            "maria",
+            "SELECT ? + 1, CAST(? AS DECIMAL(10,6)) * 2, CAST(? AS DATETIME), CAST(? AS DATE), ?, HEX(?), ? IS NULL, ?",
+            vec![
+                41i64.into(),
+                dec,
+                ts,
+                date,
+                "héllo".into(),
+                vec![0u8, 255].into(),
+                pb::Value::null(),
+                u64::MAX.into(),
+            ],
+        )
+        .await
+        .expect("typed parameters");
+    let v: Vec<_> = r.rows[0].values.iter().map(|v| v.kind.clone().expect("kind")).collect();
+    assert_eq!(v[0], Kind::Int64Value(42));
+    assert_eq!(v[1], Kind::DecimalValue("-0.000246".into()));
+    assert_eq!(
+        v[2],
+        Kind::TimestampValue(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0
+        })
+    );
+    assert_eq!(
+        v[3],
+        Kind::DateValue(pb::Date {
+            year: 1999,
+            month: 12,
+            day: 31
+        })
+    );
+    assert_eq!(v[4], Kind::StringValue("héllo".into()));
+    assert_eq!(v[5], Kind::StringValue("00FF".into()));
+    assert_eq!(v[6], Kind::Int64Value(1));
+    assert_eq!(v[7], Kind::Uint64Value(u64::MAX));
+    let err = client
+        .execute(
+            "maria",
+            "SELECT ?",
+            vec![pb::Value {
+                kind: Some(Kind::IntervalValue(pb::Interval::default())),
+            }],
+        )
+        .await
+        .expect_err("no interval type");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(reason(&err), "INVALID_PARAMETER");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn isolation_levels_and_flavour() {
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    let ping = client.test_connection("maria").await.expect("ping");
+    assert!(
+        ping.server_version.starts_with("MariaDB 10."),
+        "{}",
+        ping.server_version
+    );
+    assert_eq!(ping.database, "test");
+    let sources = client.list_sources().await.expect("sources");
+    assert_eq!(sources[0].engine, pb::Engine::Mysql as i32);
+    // Isolation is observable: only READ COMMITTED sees a row committed
+    // by someone else after the transaction's first read.
+    let mut direct = mysql_direct().await;
+    direct
+        .query_drop(
+            "CREATE TABLE IF NOT EXISTS weir_my_iso (id INT PRIMARY KEY) ENGINE = InnoDB; DELETE FROM weir_my_iso",
+        )
+        .await
+        .expect("setup");
+    for (level, sees_new_row) in [
+        (IsolationLevel::RepeatableRead, false),
+        (IsolationLevel::ReadCommitted, true),
+    ] {
+        let tx = client.begin("maria", level, false).await.expect("begin");
+        let count = "SELECT COUNT(*) FROM weir_my_iso";
+        let before = int(&client.execute_in(&tx, "maria", count, vec![]).await.expect("read").rows[0].values[0]);
+        direct
+            .query_drop("INSERT INTO weir_my_iso SELECT COALESCE(MAX(id), 0) + 1 FROM weir_my_iso")
+            .await
+            .expect("insert");
+        let after = int(&client.execute_in(&tx, "maria", count, vec![]).await.expect("read").rows[0].values[0]);
+        assert_eq!(after == before + 1, sees_new_row, "{level:?}");
+        client.rollback(&tx).await.expect("rollback");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn read_only_sources_refuse_writes_in_the_engine() {
+    let mut direct = mysql_direct().await;
+    direct
+        .query_drop("CREATE TABLE IF NOT EXISTS weir_my_ro (id INT)")
+        .await
+        .expect("setup");
+    let server = TestServer::start(&tenant("ro", "", &mysql("ro", "maria", "read_only = true\n"))).await;
+    let client = server.client("key-ro").await;
+    let err = client
+        .execute("maria", "INSERT INTO weir_my_ro VALUES (1)", vec![])
+        .await
+        .expect_err("read-only source");
+    assert_eq!(
+        (err.code(), engine_code(&err).as_str()),
+        (Code::PermissionDenied, "1792")
+    );
+    let r = client
+        .execute("maria", "SELECT COUNT(*) FROM weir_my_ro", vec![])
+        .await
+        .expect("reads work");
+    assert_eq!(int(&r.rows[0].values[0]), 0);
+    server.stop().await;
+}

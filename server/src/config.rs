@@ -43,6 +43,8 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub metrics: MetricsConfig,
+    pub telemetry: TelemetryConfig,
     /// Tenants by id.
     pub tenants: BTreeMap<String, TenantConfig>,
 }
@@ -71,6 +73,34 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve Prometheus `/metrics`, `/healthz` and `/readyz`.
+    pub enabled: bool,
+    /// HTTP listen address of the metrics endpoint.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint for traces (for example http://otel-collector:4317);
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is used when unset. No endpoint, no tracing cost.
+    pub otlp_endpoint: Option<String>,
+    /// service.name of exported spans; OTEL_SERVICE_NAME or "weir" when unset.
+    pub service_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use crate::metrics::{PoolLabels, Readiness, SourceLabels, METRICS};
 use crate::tenant::{SourceStatus, Tenants};
 
 /// gRPC health names that follow the gateway's overall state.
@@ -21,6 +22,21 @@ pub async fn probe_all(tenants: &Tenants) -> bool {
         for source in tenant.sources() {
             let result = tokio::time::timeout(PROBE_TIMEOUT, source.backend.connection_info()).await;
             let healthy = matches!(result, Ok(Ok(_)));
+            let labels = SourceLabels {
+                tenant: tenant.id.clone(),
+                source: source.name.clone(),
+            };
+            METRICS.source_up.get_or_create(&labels).set(i64::from(healthy));
+            if let Some(pool) = source.backend.pool_status() {
+                for (state, n) in [("idle", pool.idle), ("in_use", pool.open.saturating_sub(pool.idle))] {
+                    let labels = PoolLabels {
+                        tenant: tenant.id.clone(),
+                        source: source.name.clone(),
+                        state,
+                    };
+                    METRICS.pool_connections.get_or_create(&labels).set(i64::from(n));
+                }
+            }
             let mut status = source.status.write();
             if let Ok(Ok(info)) = result {
                 *status = SourceStatus {
@@ -41,16 +57,21 @@ pub async fn probe_all(tenants: &Tenants) -> bool {
     required_ok
 }
 
-pub async fn monitor(tenants: Arc<Tenants>, reporter: HealthReporter, interval: Duration) {
+pub async fn monitor(tenants: Arc<Tenants>, reporter: HealthReporter, readiness: Readiness, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
-        let status = if probe_all(&tenants).await {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        set_all(&reporter, status).await;
+        let ready = probe_all(&tenants).await;
+        readiness.set(ready);
+        set_all(
+            &reporter,
+            if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            },
+        )
+        .await;
     }
 }
 

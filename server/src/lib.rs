@@ -8,7 +8,9 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod limits;
+pub mod metrics;
 pub mod service;
+pub mod telemetry;
 pub mod tenant;
 pub mod transport;
 
@@ -19,25 +21,34 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 pub use config::Config;
+use metrics::Readiness;
 use service::transactions::Transactions;
 use tenant::Tenants;
 
 /// How often idle transactions are looked for.
 const REAP_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Runs the gateway on `listener` until `shutdown` completes, then drains
-/// calls for up to `server.shutdown_grace` and rolls back open transactions.
+/// Where the gateway listens: gRPC, and optionally the metrics/health HTTP port.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub metrics: Option<TcpListener>,
+}
+
+/// Runs the gateway until `shutdown` completes, then drains calls for up to
+/// `server.shutdown_grace` and rolls back open transactions.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let tenants = Arc::new(Tenants::build(&config)?);
     let transactions = Arc::new(Transactions::default());
+    let readiness = Readiness::default();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let monitor = tokio::spawn(health::monitor(
         tenants.clone(),
         reporter.clone(),
+        readiness.clone(),
         config.server.health_check_interval,
     ));
     let reaper = {
@@ -52,12 +63,22 @@ pub async fn run(
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_server = listeners.metrics.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "metrics, /healthz and /readyz listening");
+        }
+        let mut stop = stop_rx.clone();
+        tokio::spawn(metrics::serve(listener, readiness.clone(), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }))
+    });
     let stop_probes = monitor.abort_handle();
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: no new calls; draining calls in progress");
         // Load balancers stop sending before the listener closes.
         stop_probes.abort();
+        readiness.set(false);
         health::set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
         let _ = stop_tx.send(true);
     };
@@ -70,10 +91,17 @@ pub async fn run(
             std::future::pending::<()>().await;
         }
     };
-    if let Ok(addr) = listener.local_addr() {
+    if let Ok(addr) = listeners.grpc.local_addr() {
         tracing::info!(%addr, tenants = tenants.all().len(), "weir listening");
     }
-    let served = transport::serve(&config, listener, tenants, transactions.clone(), health_service, signal);
+    let served = transport::serve(
+        &config,
+        listeners.grpc,
+        tenants,
+        transactions.clone(),
+        health_service,
+        signal,
+    );
     let result = tokio::select! {
         r = served => r,
         () = deadline => {
@@ -83,6 +111,9 @@ pub async fn run(
     };
     monitor.abort();
     reaper.abort();
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     transactions.rollback_all().await;
     result
 }

@@ -2,10 +2,11 @@
 
 use std::io::Read;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use tracing_subscriber::EnvFilter;
-use weir_server::Config;
+use clap::{Parser, Subcommand};
+use weir_server::telemetry::{self, LogFormat};
+use weir_server::{Config, Listeners};
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Multi-tenant gRPC gateway to databases")]
@@ -13,36 +14,17 @@ struct Args {
     /// TOML configuration file; without it Weir serves the local demo configuration.
     #[arg(long, env = "WEIR_CONFIG")]
     config: Option<PathBuf>,
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "WEIR_LOG_FORMAT")]
-    log_format: LogFormat,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"], env = "WEIR_LOG_FORMAT")]
+    log_format: String,
     #[command(subcommand)]
     command: Option<Command>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Print the SHA-256 of an API key for `api_keys[].sha256` (reads stdin without KEY).
     HashKey { key: Option<String> },
-}
-
-fn init_logging(format: LogFormat) {
-    // h2, hyper and tower trace every frame; keep them quiet unless asked.
-    let filter = EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
-    }
 }
 
 async fn shutdown_signal() {
@@ -66,7 +48,7 @@ async fn shutdown_signal() {
 }
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(Command::HashKey { key }) = args.command {
         let key = match key {
@@ -75,20 +57,31 @@ async fn main() -> std::process::ExitCode {
                 let mut s = String::new();
                 if let Err(e) = std::io::stdin().read_to_string(&mut s) {
                     eprintln!("error: cannot read the key from stdin: {e}");
-                    return std::process::ExitCode::FAILURE;
+                    return ExitCode::FAILURE;
                 }
                 s.trim_end_matches(['\r', '\n']).to_string()
             }
         };
         println!("{}", hex::encode(weir_server::tenant::hash_key(&key)));
-        return std::process::ExitCode::SUCCESS;
+        return ExitCode::SUCCESS;
     }
-    init_logging(args.log_format);
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!("{e}");
-            return std::process::ExitCode::from(2);
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let format = if args.log_format == "json" {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    let telemetry = match telemetry::init(format, &config.telemetry) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot start logging or tracing: {e}");
+            return ExitCode::FAILURE;
         }
     };
     if args.config.is_none() {
@@ -96,18 +89,34 @@ async fn main() -> std::process::ExitCode {
             "no --config given: serving the local demo configuration (tenant 'demo', API key 'demo'); do not expose it"
         );
     }
-    let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
-        Ok(l) => l,
+    let code = match bind(&config).await {
+        Ok(listeners) => match weir_server::run(config, listeners, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Err(e) => {
-            tracing::error!(listen = %config.server.listen, "cannot listen: {e}");
-            return std::process::ExitCode::FAILURE;
+            tracing::error!("{e}");
+            ExitCode::FAILURE
         }
     };
-    match weir_server::run(config, listener, shutdown_signal()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    telemetry.shutdown();
+    code
+}
+
+async fn bind(config: &Config) -> Result<Listeners, String> {
+    let grpc = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on server.listen {}: {e}", config.server.listen))?;
+    let metrics = if config.metrics.enabled {
+        let listener = tokio::net::TcpListener::bind(config.metrics.listen)
+            .await
+            .map_err(|e| format!("cannot listen on metrics.listen {}: {e}", config.metrics.listen))?;
+        Some(listener)
+    } else {
+        None
+    };
+    Ok(Listeners { grpc, metrics })
 }

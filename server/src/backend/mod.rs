@@ -46,6 +46,10 @@ pub trait SqlSource: Send + Sync + 'static {
     async fn list_schemas(&self, include_system: bool) -> Result<Vec<SchemaInfo>, BackendError>;
     async fn list_tables(&self, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError>;
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError>;
+    /// Connections open and idle, for metrics; `None` where the pool does not tell.
+    fn pool_status(&self) -> Option<PoolStatus> {
+        None
+    }
 }
 
 /// An open transaction. Statements run one at a time: a statement issued

@@ -210,3 +210,9 @@ pub struct TableDescription {
     pub change_stream_ready: bool,
     pub change_stream_reason: String,
 }
+
+#[derive(Debug, Clone, Copy)]
+pub struct PoolStatus {
+    pub open: u32,
+    pub idle: u32,
+}

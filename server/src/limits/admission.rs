@@ -11,6 +11,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
+use crate::error::Error;
+use crate::metrics::{LimitLabels, METRICS};
 use crate::tenant::Caller;
 
 #[derive(Clone, Default)]
@@ -49,6 +51,19 @@ where
             Some(Ok(permit)) => Some(permit),
             Some(Err(e)) => {
                 tracing::info!(error = %e, "call rejected by tenant limits");
+                if let Some(caller) = req.extensions().get::<Caller>() {
+                    let limit = match e {
+                        Error::RateLimited { .. } => "rate",
+                        _ => "concurrency",
+                    };
+                    METRICS
+                        .rejections
+                        .get_or_create(&LimitLabels {
+                            tenant: caller.tenant.id.clone(),
+                            limit,
+                        })
+                        .inc();
+                }
                 let response = tonic::Status::from(e).into_http();
                 return Box::pin(async move { Ok(response) });
             }

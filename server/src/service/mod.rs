@@ -31,11 +31,22 @@ pub fn source(caller: &Caller, name: &str) -> Result<Arc<Source>, Error> {
             message: "a source name is required".into(),
         });
     }
-    caller
+    let source = caller
         .tenant
         .source(name)
         .cloned()
-        .ok_or_else(|| Error::SourceNotFound(name.to_string()))
+        .ok_or_else(|| Error::SourceNotFound(name.to_string()))?;
+    record_source(caller, name);
+    Ok(source)
+}
+
+/// Names the source and its engine on the call's span.
+pub fn record_source(caller: &Caller, name: &str) {
+    if let Some(source) = caller.tenant.source(name) {
+        let span = tracing::Span::current();
+        span.record("source", name);
+        span.record("engine", format!("{:?}", source.backend.engine()).to_lowercase());
+    }
 }
 
 /// Parses the gRPC `grpc-timeout` header ("100m", "5S", ...).

@@ -17,6 +17,7 @@ use super::transactions::{OpenTransaction, Transactions};
 use super::{caller, source, statement_timeout};
 use crate::backend::{QueryStream, Statement, TxOptions};
 use crate::error::{Error, Result};
+use crate::metrics::METRICS;
 use crate::tenant::Caller;
 
 /// Batches of a result stream are cut at about this many encoded bytes.
@@ -81,6 +82,9 @@ impl QueryApi {
         let source = transaction
             .as_ref()
             .map_or_else(|| source_name.to_string(), |t| t.source.clone());
+        if transaction.is_some() {
+            super::record_source(&caller, &source);
+        }
         Ok(Target {
             transaction,
             statement,
@@ -109,6 +113,14 @@ impl Target {
             tx.touch();
         }
     }
+
+    /// Counts what was returned, in metrics and on the call's span.
+    fn returned(&self, rows: u64, bytes: u64) {
+        METRICS.record_result(&self.caller.tenant.id, &self.source, rows, bytes);
+        let span = tracing::Span::current();
+        span.record("rows", rows);
+        span.record("bytes", bytes);
+    }
 }
 
 fn stats(
@@ -130,7 +142,7 @@ fn stats(
 
 async fn execute_unary(target: &Target, started: Instant) -> Result<pb::ExecuteResponse> {
     let limits = &target.caller.tenant.limits;
-    let mut query = target.start().await?;
+    let mut query = target.start().instrument(tracing::info_span!("engine.start")).await?;
     let mut rows = Vec::new();
     let mut bytes = 0u64;
     let mut first_row = None;
@@ -153,6 +165,7 @@ async fn execute_unary(target: &Target, started: Instant) -> Result<pb::ExecuteR
         }
     }
     let affected = query.rows.rows_affected();
+    target.returned(rows.len() as u64, bytes);
     Ok(pb::ExecuteResponse {
         columns: query.columns.into_iter().map(convert::column).collect(),
         stats: Some(stats(rows.len() as u64, bytes, affected, started, first_row)),
@@ -170,7 +183,8 @@ fn message(payload: pb::execute_stream_response::Payload) -> Result<pb::ExecuteS
 /// cancelling) the statement, as soon as the client goes away.
 async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, started: Instant) -> Result<()> {
     use pb::execute_stream_response::Payload;
-    let mut query = target.start().await?;
+    let _active = METRICS.stream_started(&target.caller.tenant.id);
+    let mut query = target.start().instrument(tracing::info_span!("engine.start")).await?;
     let columns = std::mem::take(&mut query.columns)
         .into_iter()
         .map(convert::column)
@@ -218,6 +232,7 @@ async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, s
         }
     }
     let affected = query.rows.rows_affected();
+    target.returned(total_rows, total_bytes);
     let _ = tx
         .send(message(Payload::Stats(stats(
             total_rows,

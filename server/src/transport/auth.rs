@@ -1,18 +1,23 @@
 //! The auth layer: gives every call a request id (echoed in `x-request-id`)
-//! and a tracing span, and turns the bearer key of `weir.v1` calls into a
-//! `Caller` in the request extensions. Health and reflection need no key.
+//! and a tracing span (continuing an incoming W3C `traceparent`), turns the
+//! bearer key of `weir.v1` calls into a `Caller` in the request extensions,
+//! and records each call's outcome when its response body ends.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
 use http::HeaderValue;
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::body::Body;
 use tower::{Layer, Service};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::Error;
+use crate::metrics::METRICS;
 use crate::tenant::Tenants;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -63,6 +68,22 @@ fn bearer(req: &http::Request<Body>) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+fn status_code(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    Some(tonic::Code::from_i32(value))
+}
+
 impl<S> Service<http::Request<Body>> for Auth<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
@@ -77,25 +98,38 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let started = Instant::now();
         let id = request_id(&req);
         let method = req.uri().path().to_string();
         let span = tracing::info_span!(
             "call",
+            otel.name = %method,
             request_id = id.to_str().unwrap_or_default(),
             method = %method,
             tenant = tracing::field::Empty,
             key_id = tracing::field::Empty,
+            source = tracing::field::Empty,
+            engine = tracing::field::Empty,
+            rows = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+            code = tracing::field::Empty,
         );
-        if method.starts_with(API_PREFIX) {
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+        let _ = span.set_parent(parent);
+        let api_call = method.starts_with(API_PREFIX);
+        let mut tenant = String::new();
+        if api_call {
             match bearer(&req).and_then(|key| self.tenants.authenticate(key)) {
                 Some(caller) => {
                     span.record("tenant", caller.tenant.id.as_str());
                     span.record("key_id", &*caller.key_id);
+                    tenant = caller.tenant.id.clone();
                     req.extensions_mut().insert(caller);
                 }
                 None => {
                     let _enter = span.enter();
                     tracing::info!("call rejected: missing or unknown API key");
+                    METRICS.record_call("", &method, tonic::Code::Unauthenticated, started.elapsed());
                     let mut response = tonic::Status::from(Error::Unauthenticated).into_http::<Body>();
                     response.headers_mut().insert(REQUEST_ID_HEADER, id);
                     return Box::pin(async move { Ok(response) });
@@ -104,24 +138,75 @@ where
         }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let body_span = span.clone();
         Box::pin(
             async move {
-                let started = Instant::now();
                 let mut response = inner.call(req).await?;
                 response.headers_mut().insert(REQUEST_ID_HEADER, id);
-                let grpc_status = response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("0");
-                tracing::debug!(
-                    grpc_status,
-                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                    "call answered"
-                );
-                Ok(response)
+                if !api_call {
+                    return Ok(response);
+                }
+                let code = status_code(response.headers());
+                Ok(response.map(|body| {
+                    Body::new(ObservedBody {
+                        inner: body,
+                        code,
+                        tenant,
+                        method,
+                        started,
+                        span: body_span,
+                    })
+                }))
             }
             .instrument(span),
         )
+    }
+}
+
+/// A response body that records the call's outcome (from the trailers, or
+/// CANCELLED if the client left first) and duration when it is dropped.
+struct ObservedBody {
+    inner: Body,
+    code: Option<tonic::Code>,
+    tenant: String,
+    method: String,
+    started: Instant,
+    span: tracing::Span,
+}
+
+impl HttpBody for ObservedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(code) = frame.trailers_ref().and_then(status_code) {
+                self.code = Some(code);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(tonic::Code::Cancelled);
+        let elapsed = self.started.elapsed();
+        METRICS.record_call(&self.tenant, &self.method, code, elapsed);
+        self.span.record("code", format!("{code:?}"));
+        let _enter = self.span.enter();
+        tracing::debug!(code = ?code, elapsed_ms = elapsed.as_secs_f64() * 1e3, "call finished");
     }
 }

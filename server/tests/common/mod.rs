@@ -8,10 +8,12 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use weir_client::weir_proto::v1 as pb;
 use weir_client::WeirClient;
-use weir_server::Config;
+use weir_server::{Config, Listeners};
 
 pub struct TestServer {
     pub addr: String,
+    /// Base URL of the metrics/health HTTP port.
+    pub metrics_url: String,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -21,12 +23,19 @@ impl TestServer {
         let config = Config::from_toml(toml).expect("test configuration is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = format!("http://{}", listener.local_addr().expect("local addr"));
+        let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let metrics_url = format!("http://{}", metrics.local_addr().expect("local addr"));
         let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(weir_server::run(config, listener, async move {
+        let listeners = Listeners {
+            grpc: listener,
+            metrics: Some(metrics),
+        };
+        let handle = tokio::spawn(weir_server::run(config, listeners, async move {
             let _ = stopped.await;
         }));
         TestServer {
             addr,
+            metrics_url,
             stop: Some(stop),
             handle: Some(handle),
         }

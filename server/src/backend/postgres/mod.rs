@@ -19,8 +19,8 @@ use tokio_postgres::{CancelToken, Client, NoTls};
 
 use crate::backend::error::classify_sqlstate;
 use crate::backend::{
-    BackendError, Capabilities, ConnectionInfo, Engine, Isolation, QueryStream, Row, RowStream, SchemaInfo, SqlSource,
-    SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, ALL_ISOLATION_LEVELS,
+    BackendError, Capabilities, ConnectionInfo, Engine, Isolation, PoolStatus, QueryStream, Row, RowStream, SchemaInfo,
+    SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, ALL_ISOLATION_LEVELS,
 };
 use crate::config::SourceConfig;
 use types::{PgParam, PgValue};
@@ -392,6 +392,14 @@ impl SqlSource for PostgresSource {
 
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
         schema::describe_table(&self.lease().await?.client, schema, table).await
+    }
+
+    fn pool_status(&self) -> Option<PoolStatus> {
+        let state = self.pool.state();
+        Some(PoolStatus {
+            open: state.connections,
+            idle: state.idle_connections,
+        })
     }
 }
 

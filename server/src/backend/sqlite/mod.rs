@@ -18,8 +18,9 @@ use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::channel::{self, Worker, CHUNK_ROWS};
 use crate::backend::{
-    BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, QueryStream, SchemaInfo,
-    SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, Value, ALL_ISOLATION_LEVELS,
+    BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, PoolStatus, QueryStream,
+    SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, Value,
+    ALL_ISOLATION_LEVELS,
 };
 use crate::config::SourceConfig;
 
@@ -254,6 +255,18 @@ impl SqlSource for SqliteSource {
         let (schema, table) = (schema.map(str::to_string), table.to_string());
         self.with_conn(move |c| schema::describe_table(c, schema.as_deref(), &table))
             .await
+    }
+
+    fn pool_status(&self) -> Option<PoolStatus> {
+        let idle = self.pool.idle.lock().len() as u32;
+        let in_use = self
+            .pool
+            .max_size
+            .saturating_sub(self.pool.permits.available_permits() as u32);
+        Some(PoolStatus {
+            open: idle + in_use,
+            idle,
+        })
     }
 }
 

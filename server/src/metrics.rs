@@ -1,0 +1,226 @@
+//! Prometheus metrics, served with `/healthz` and `/readyz` on their own
+//! HTTP port so that scraping never competes with gRPC traffic.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub tenant: String,
+    pub method: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub tenant: String,
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub tenant: String,
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub tenant: String,
+    pub source: String,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub tenant: String,
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    pub tenant: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub calls: Family<CallLabels, Counter>,
+    pub call_seconds: Family<MethodLabels, Histogram>,
+    pub rows: Family<SourceLabels, Counter>,
+    pub bytes: Family<SourceLabels, Counter>,
+    pub rejections: Family<LimitLabels, Counter>,
+    pub active_streams: Family<TenantLabels, Gauge>,
+    pub pool_connections: Family<PoolLabels, Gauge>,
+    pub source_up: Family<SourceLabels, Gauge>,
+}
+
+fn call_histogram() -> Histogram {
+    // 0.5 ms to about 65 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("weir");
+        let calls = Family::<CallLabels, Counter>::default();
+        let call_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(call_histogram as fn() -> Histogram);
+        let rows = Family::<SourceLabels, Counter>::default();
+        let bytes = Family::<SourceLabels, Counter>::default();
+        let rejections = Family::<LimitLabels, Counter>::default();
+        let active_streams = Family::<TenantLabels, Gauge>::default();
+        let pool_connections = Family::<PoolLabels, Gauge>::default();
+        let source_up = Family::<SourceLabels, Gauge>::default();
+        registry.register("calls", "gRPC calls by tenant, method and status code", calls.clone());
+        registry.register(
+            "call_duration_seconds",
+            "Time from admission to the end of the response",
+            call_seconds.clone(),
+        );
+        registry.register("rows", "Rows returned to callers", rows.clone());
+        registry.register("bytes", "Encoded bytes of rows returned to callers", bytes.clone());
+        registry.register(
+            "limiter_rejections",
+            "Calls rejected by a tenant limit",
+            rejections.clone(),
+        );
+        registry.register("active_streams", "Result streams in progress", active_streams.clone());
+        registry.register(
+            "pool_connections",
+            "Pooled connections per source by state",
+            pool_connections.clone(),
+        );
+        registry.register(
+            "source_up",
+            "1 when the last health probe reached the source",
+            source_up.clone(),
+        );
+        Self {
+            registry,
+            calls,
+            call_seconds,
+            rows,
+            bytes,
+            rejections,
+            active_streams,
+            pool_connections,
+            source_up,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+
+    pub fn record_call(&self, tenant: &str, method: &str, code: tonic::Code, elapsed: Duration) {
+        let code = format!("{code:?}");
+        self.calls
+            .get_or_create(&CallLabels {
+                tenant: tenant.into(),
+                method: method.into(),
+                code,
+            })
+            .inc();
+        self.call_seconds
+            .get_or_create(&MethodLabels {
+                tenant: tenant.into(),
+                method: method.into(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_result(&self, tenant: &str, source: &str, rows: u64, bytes: u64) {
+        let labels = SourceLabels {
+            tenant: tenant.into(),
+            source: source.into(),
+        };
+        self.rows.get_or_create(&labels).inc_by(rows);
+        self.bytes.get_or_create(&labels).inc_by(bytes);
+    }
+
+    pub fn stream_started(&self, tenant: &str) -> StreamGauge {
+        let gauge = self
+            .active_streams
+            .get_or_create(&TenantLabels { tenant: tenant.into() })
+            .clone();
+        gauge.inc();
+        StreamGauge(gauge)
+    }
+}
+
+/// Counts a stream as active until dropped.
+pub struct StreamGauge(Gauge);
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The process-wide metrics (one registry per process, as Prometheus expects).
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// Readiness: configuration loaded and every required source reachable.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+    fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        METRICS.encode(),
+    )
+}
+
+async fn ready(State(readiness): State<Readiness>) -> impl IntoResponse {
+    if readiness.get() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: a required source is unreachable or the server is stopping\n",
+        )
+    }
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    readiness: Readiness,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(readiness);
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        tracing::error!(error = %e, "metrics server failed");
+    }
+}

@@ -31,6 +31,8 @@ pub enum Error {
     ResultTooLarge { what: &'static str, limit: u64 },
     #[error("statement exceeded its time limit of {0:?} and was cancelled")]
     Timeout(Duration),
+    #[error("the server is shutting down; retry on another replica")]
+    ShuttingDown,
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -92,6 +94,11 @@ impl From<Error> for Status {
                 Code::DeadlineExceeded,
                 info("STATEMENT_TIMEOUT", vec![("limit_ms", limit.as_millis().to_string())]),
             ),
+            Error::ShuttingDown => {
+                let mut d = info("SHUTTING_DOWN", vec![]);
+                d.set_retry_info(Some(Duration::from_secs(1)));
+                (Code::Unavailable, d)
+            }
             Error::Backend(b) => match b {
                 BackendError::Engine { kind, code, .. } => {
                     let (grpc, reason) = engine_code(*kind);

@@ -28,6 +28,9 @@ use tenant::Tenants;
 /// How often idle transactions are looked for.
 const REAP_INTERVAL: Duration = Duration::from_millis(500);
 
+/// How long cut streams may take to end before the server stops waiting.
+const CUT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Where the gateway listens: gRPC, and optionally the metrics/health HTTP port.
 pub struct Listeners {
     pub grpc: TcpListener,
@@ -94,19 +97,16 @@ pub async fn run(
     if let Ok(addr) = listeners.grpc.local_addr() {
         tracing::info!(%addr, tenants = tenants.all().len(), "weir listening");
     }
-    let served = transport::serve(
-        &config,
-        listeners.grpc,
-        tenants,
-        transactions.clone(),
-        health_service,
-        signal,
-    );
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+    let served =
+        transport::serve(&config, listeners.grpc, tenants, transactions.clone(), health_service, cut_rx, signal);
+    tokio::pin!(served);
     let result = tokio::select! {
-        r = served => r,
+        r = &mut served => r,
         () = deadline => {
-            tracing::warn!(?grace, "shutdown grace elapsed; cutting the remaining calls");
-            Ok(())
+            tracing::warn!(?grace, "shutdown grace elapsed; cutting the remaining streams");
+            let _ = cut_tx.send(true);
+            tokio::time::timeout(CUT_TIMEOUT, &mut served).await.unwrap_or(Ok(()))
         }
     };
     monitor.abort();

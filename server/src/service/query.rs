@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -31,11 +31,13 @@ const STREAM_BUFFER: usize = 4;
 
 pub struct QueryApi {
     transactions: Arc<Transactions>,
+    /// Becomes true when the shutdown grace period is over: streams still running are cut.
+    cut: watch::Receiver<bool>,
 }
 
 impl QueryApi {
-    pub fn new(transactions: Arc<Transactions>) -> Self {
-        Self { transactions }
+    pub fn new(transactions: Arc<Transactions>, cut: watch::Receiver<bool>) -> Self {
+        Self { transactions, cut }
     }
 }
 
@@ -275,11 +277,16 @@ impl QueryService for QueryApi {
         };
         let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params)?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let mut cut = self.cut.clone();
         tokio::spawn(
             async move {
-                let result = tokio::time::timeout(timeout, execute_stream(&target, batch_rows, &tx, started)).await;
+                let outcome = tokio::select! {
+                    r = tokio::time::timeout(timeout, execute_stream(&target, batch_rows, &tx, started)) => {
+                        r.map_err(|_| Error::Timeout(timeout)).and_then(|r| r)
+                    }
+                    Ok(_) = cut.wait_for(|cut| *cut) => Err(Error::ShuttingDown),
+                };
                 target.finished();
-                let outcome = result.map_err(|_| Error::Timeout(timeout)).and_then(|r| r);
                 if let Err(e) = outcome {
                     tracing::info!(error = %e, "stream ended with an error");
                     let _ = tx.send(Err(e.into())).await;

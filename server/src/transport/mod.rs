@@ -26,10 +26,11 @@ pub async fn serve(
     tenants: Arc<Tenants>,
     transactions: Arc<Transactions>,
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    cut: tokio::sync::watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let max = config.server.max_request_bytes;
-    let query = QueryServiceServer::new(QueryApi::new(transactions)).max_decoding_message_size(max);
+    let query = QueryServiceServer::new(QueryApi::new(transactions, cut)).max_decoding_message_size(max);
     let schema = SchemaServiceServer::new(SchemaApi).max_decoding_message_size(max);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(weir_proto::FILE_DESCRIPTOR_SET)

@@ -206,3 +206,26 @@ pub async fn mysql_direct() -> mysql_async::Conn {
         "MariaDB for tests is not reachable: run ./scripts/test, or set WEIR_TEST_MYSQL_HOST/PORT/USER/PASSWORD/DATABASE",
     )
 }
+
+/// A plain HTTP/1.0 GET (the metrics port), returning status and body.
+pub async fn http_get(base: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(host)
+        .await
+        .expect("connect to the metrics port");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}

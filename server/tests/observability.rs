@@ -1,0 +1,150 @@
+//! Metrics, health endpoints and graceful shutdown.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tonic::Code;
+use weir_client::weir_proto::v1::IsolationLevel;
+
+/// The value of one sample line of the exposition, by metric name and labels.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_count_calls_rows_and_rejections() {
+    let toml = tenant("obs", "requests_per_second = 1\nburst = 4", &sqlite_demo("obs", "shop"));
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-obs").await;
+    client.list_sources().await.expect("list");
+    let r = client
+        .execute("shop", "SELECT * FROM products LIMIT 7", vec![])
+        .await
+        .expect("query");
+    assert_eq!(r.rows.len(), 7);
+    client.execute("shop", "SELEC", vec![]).await.expect_err("bad sql");
+    client.list_sources().await.expect("last token");
+    let err = client.list_sources().await.expect_err("rate limited");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+
+    let (status, text) = http_get(&server.metrics_url, "/metrics").await;
+    assert_eq!(status, 200);
+    let calls = |method: &str, code: &str| {
+        sample(
+            &text,
+            "weir_calls_total",
+            &[("tenant", "obs"), ("method", method), ("code", code)],
+        )
+    };
+    assert_eq!(calls("/weir.v1.SchemaService/ListSources", "Ok"), 2.0, "{text}");
+    assert_eq!(calls("/weir.v1.QueryService/Execute", "Ok"), 1.0);
+    assert_eq!(calls("/weir.v1.QueryService/Execute", "InvalidArgument"), 1.0);
+    assert_eq!(calls("/weir.v1.SchemaService/ListSources", "ResourceExhausted"), 1.0);
+    assert_eq!(
+        sample(&text, "weir_rows_total", &[("tenant", "obs"), ("source", "shop")]),
+        7.0
+    );
+    assert!(sample(&text, "weir_bytes_total", &[("tenant", "obs"), ("source", "shop")]) > 0.0);
+    assert_eq!(
+        sample(
+            &text,
+            "weir_limiter_rejections_total",
+            &[("tenant", "obs"), ("limit", "rate")]
+        ),
+        1.0
+    );
+    assert!(sample(&text, "weir_call_duration_seconds_count", &[("tenant", "obs")]) >= 4.0);
+
+    let (status, _) = http_get(&server.metrics_url, "/healthz").await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _) = http_get(&server.metrics_url, "/readyz").await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, text) = http_get(&server.metrics_url, "/metrics").await;
+    assert_eq!(
+        sample(&text, "weir_source_up", &[("tenant", "obs"), ("source", "shop")]),
+        1.0
+    );
+    assert!(
+        text.contains("weir_pool_connections{tenant=\"obs\",source=\"shop\",state=\"idle\"}"),
+        "{text}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_streams_and_rolls_back_transactions() {
+    pg_direct()
+        .await
+        .batch_execute("CREATE TABLE IF NOT EXISTS weir_shutdown (note text)")
+        .await
+        .expect("setup");
+    let mut toml = tenant("bye", "", &postgres("bye", "pg", ""));
+    toml.push_str("[server]\nshutdown_grace = \"1s\"\n");
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-bye").await;
+    let marker = format!("shutdown-{}", std::process::id());
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(
+            &tx,
+            "pg",
+            "INSERT INTO weir_shutdown VALUES ($1)",
+            vec![marker.as_str().into()],
+        )
+        .await
+        .expect("insert in tx");
+    let mut stream = client
+        .execute_stream(
+            "pg",
+            "SELECT g, pg_sleep(0.001) FROM generate_series(1, 100000) g",
+            vec![],
+        )
+        .await
+        .expect("stream");
+    stream.next_batch().await.expect("first batch");
+
+    let started = Instant::now();
+    let stopping = tokio::spawn(server.stop());
+    // The stream ends (cut after the grace period) instead of hanging.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.next_batch().await {
+                Ok(Some(_)) => continue,
+                other => break other.map(|_| ()),
+            }
+        }
+    })
+    .await
+    .expect("the stream ended");
+    assert!(ended.is_err(), "a cut stream reports an error, not a clean end");
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("server stopped")
+        .expect("clean stop");
+    assert!(started.elapsed() < Duration::from_secs(8));
+
+    let pg = pg_direct().await;
+    let kept: i64 = pg
+        .query_one("SELECT count(*) FROM weir_shutdown WHERE note = $1", &[&marker])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(kept, 0, "the open transaction was rolled back");
+    assert!(wait_until_gone(&pg, "generate_series(1, 100000)", Duration::from_secs(5)).await);
+}

@@ -17,6 +17,8 @@ apt_install() {
 ensure_build_tools() {
   command -v cargo >/dev/null || { echo "error: cargo is required (https://rustup.rs)"; exit 1; }
   command -v cc >/dev/null || apt_install build-essential
+  # The SQL Server mock used by the tests links OpenSSL.
+  { command -v pkg-config >/dev/null && pkg-config --exists openssl; } || apt_install pkg-config libssl-dev
 }
 
 pg_ready() {

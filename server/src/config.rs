@@ -163,6 +163,8 @@ pub enum EngineKind {
     /// MySQL or MariaDB.
     Mysql,
     Sqlite,
+    /// Microsoft SQL Server or Azure SQL, with SQL Server authentication.
+    Mssql,
 }
 
 /// One source. Engine-specific keys are checked by `validate`.
@@ -187,9 +189,16 @@ pub struct SourceConfig {
     pub password_env: Option<String>,
     /// File holding the password (a mounted Kubernetes Secret).
     pub password_file: Option<PathBuf>,
-    /// Connect with TLS, verifying the server's certificate (MySQL).
+    /// Connect with TLS, verifying the server's certificate (MySQL, SQL
+    /// Server). Without it a SQL Server session is plaintext, the login's
+    /// password included, unless the server itself requires encryption.
     #[serde(default)]
     pub tls: bool,
+    /// SQL Server: accept the server's certificate without verifying it (a
+    /// fresh SQL Server presents a self-signed one). Still encrypted, but
+    /// open to an impostor on the network path.
+    #[serde(default)]
+    pub trust_server_certificate: bool,
     // SQLite
     /// Database file, or ":memory:" for a private in-memory database.
     pub path: Option<String>,
@@ -344,6 +353,19 @@ impl SourceConfig {
                 &["host", "user"],
             ),
             EngineKind::Sqlite => (&["path", "demo_data"], &["path"]),
+            EngineKind::Mssql => (
+                &[
+                    "host",
+                    "port",
+                    "database",
+                    "user",
+                    "password_env",
+                    "password_file",
+                    "tls",
+                    "trust_server_certificate",
+                ],
+                &["host", "user"],
+            ),
         };
         let present = [
             ("host", self.host.is_some()),
@@ -355,6 +377,7 @@ impl SourceConfig {
             ("path", self.path.is_some()),
             ("demo_data", self.demo_data),
             ("tls", self.tls),
+            ("trust_server_certificate", self.trust_server_certificate),
         ];
         for (name, set) in present {
             if set && !allowed.contains(&name) {

@@ -98,8 +98,15 @@ pub async fn run(
         tracing::info!(%addr, tenants = tenants.all().len(), "weir listening");
     }
     let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
-    let served =
-        transport::serve(&config, listeners.grpc, tenants, transactions.clone(), health_service, cut_rx, signal);
+    let served = transport::serve(
+        &config,
+        listeners.grpc,
+        tenants,
+        transactions.clone(),
+        health_service,
+        cut_rx,
+        signal,
+    );
     tokio::pin!(served);
     let result = tokio::select! {
         r = &mut served => r,

@@ -3,6 +3,7 @@
 
 pub mod channel;
 pub mod error;
+pub mod mssql;
 pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
@@ -68,5 +69,6 @@ pub fn connect(name: &str, config: &SourceConfig) -> Result<Arc<dyn SqlSource>, 
         EngineKind::Postgres => Arc::new(postgres::PostgresSource::new(config)?),
         EngineKind::Mysql => Arc::new(mysql::MysqlSource::new(config)?),
         EngineKind::Sqlite => Arc::new(sqlite::SqliteSource::open(name, config)?),
+        EngineKind::Mssql => Arc::new(mssql::MssqlSource::new(config)?),
     })
 }

@@ -122,6 +122,7 @@ pub enum Engine {
     Postgres,
     Mysql,
     Sqlite,
+    Mssql,
 }
 
 #[derive(Debug, Clone)]

@@ -120,8 +120,9 @@ impl Target {
     fn returned(&self, rows: u64, bytes: u64) {
         METRICS.record_result(&self.caller.tenant.id, &self.source, rows, bytes);
         let span = tracing::Span::current();
-        span.record("rows", rows);
-        span.record("bytes", bytes);
+        // Signed, so that trace exporters keep them as integers.
+        span.record("rows", i64::try_from(rows).unwrap_or(i64::MAX));
+        span.record("bytes", i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 }
 

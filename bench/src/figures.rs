@@ -1,0 +1,328 @@
+//! The figures of ../shared/benchmarks.md that exist so far: point lookups,
+//! full-table streaming and the server's memory while streaming.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::{pin_mut, StreamExt, TryStreamExt};
+use rand::Rng;
+use tokio_postgres::NoTls;
+use weir_client::weir_proto::v1::value::Kind;
+use weir_client::WeirClient;
+
+use crate::server::Weir;
+use crate::{median, Args, Figure};
+
+const LOOKUP: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+const STREAM: &str = "SELECT aid, bid, abalance, filler FROM pgbench_accounts";
+/// Callers share one HTTP/2 connection per this many, as a client pool would.
+const CALLERS_PER_CHANNEL: usize = 8;
+
+fn pg_config(args: &Args) -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.host(&args.pg_host)
+        .port(args.pg_port)
+        .user(&args.pg_user)
+        .dbname(&args.pg_database)
+        .password(&args.pg_password);
+    c
+}
+
+async fn pg(args: &Args) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = pg_config(args).connect(NoTls).await.context("connect to PostgreSQL")?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+fn pg_env(args: &Args, cmd: &mut std::process::Command) {
+    cmd.env("PGHOST", &args.pg_host)
+        .env("PGPORT", args.pg_port.to_string())
+        .env("PGUSER", &args.pg_user)
+        .env("PGPASSWORD", &args.pg_password)
+        .env("PGDATABASE", &args.pg_database);
+}
+
+/// `pgbench -i` at the run's scale, unless the table already has those rows.
+async fn prepare(args: &Args) -> anyhow::Result<i64> {
+    let rows = i64::from(args.scale()) * 100_000;
+    let client = pg(args).await?;
+    let existing = client
+        .query_one("SELECT count(*) FROM pgbench_accounts", &[])
+        .await
+        .map(|r| r.get::<_, i64>(0));
+    if existing.ok() != Some(rows) {
+        println!(
+            "preparing pgbench_accounts with {rows} rows (pgbench -i -s {})...",
+            args.scale()
+        );
+        let mut cmd = std::process::Command::new("pgbench");
+        cmd.args(["-i", "-q", "-s", &args.scale().to_string()]);
+        pg_env(args, &mut cmd);
+        let status = cmd
+            .status()
+            .context("run pgbench (apt-get install postgresql-contrib or postgresql)")?;
+        anyhow::ensure!(status.success(), "pgbench -i failed");
+    }
+    Ok(rows)
+}
+
+struct Lookups {
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn summarize(mut latencies: Vec<Duration>, elapsed: Duration) -> Lookups {
+    latencies.sort();
+    let at = |q: f64| {
+        let i = ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
+        latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    Lookups {
+        per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+    }
+}
+
+async fn direct_lookups(args: &Args, callers: usize, rows: i64) -> anyhow::Result<Lookups> {
+    let deadline = Instant::now() + args.lookup_duration();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let client = pg(args).await?;
+        tasks.push(tokio::spawn(async move {
+            let statement = client.prepare(LOOKUP).await?;
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let aid = rand::rng().random_range(1..=rows) as i32;
+                let t = Instant::now();
+                let row = client.query_one(&statement, &[&aid]).await?;
+                let _: i32 = row.get(0);
+                latencies.push(t.elapsed());
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(summarize(all, started.elapsed()))
+}
+
+async fn weir_lookups(args: &Args, weir: &Weir, callers: usize, rows: i64) -> anyhow::Result<Lookups> {
+    let mut clients = Vec::new();
+    for _ in 0..callers.div_ceil(CALLERS_PER_CHANNEL) {
+        clients.push(weir.client().await?);
+    }
+    let deadline = Instant::now() + args.lookup_duration();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..callers {
+        let client = clients[i / CALLERS_PER_CHANNEL].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let aid = rand::rng().random_range(1..=rows);
+                let t = Instant::now();
+                let r = client.execute("pg", LOOKUP, vec![aid.into()]).await?;
+                anyhow::ensure!(r.rows.len() == 1, "lookup of aid {aid} returned {} rows", r.rows.len());
+                latencies.push(t.elapsed());
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(summarize(all, started.elapsed()))
+}
+
+/// `pgbench -S -M prepared` over TCP with 8 clients: transactions per second.
+fn pgbench_select(args: &Args) -> anyhow::Result<f64> {
+    let mut cmd = std::process::Command::new("pgbench");
+    cmd.args([
+        "-S",
+        "-M",
+        "prepared",
+        "-n",
+        "-c",
+        "8",
+        "-j",
+        "2",
+        "-T",
+        &args.seconds.to_string(),
+    ]);
+    pg_env(args, &mut cmd);
+    let output = cmd.output().context("run pgbench")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .context("pgbench printed no tps")
+}
+
+/// Rows per second reading the whole table with tokio-postgres, decoding every value.
+async fn direct_stream(args: &Args) -> anyhow::Result<f64> {
+    let client = pg(args).await?;
+    let started = Instant::now();
+    let rows = client.query_raw(STREAM, std::iter::empty::<i32>()).await?;
+    pin_mut!(rows);
+    let mut n = 0u64;
+    let mut checksum = 0i64;
+    while let Some(row) = rows.try_next().await? {
+        let (aid, bid, abalance, filler): (i32, i32, i32, &str) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        checksum += i64::from(aid + bid + abalance) + filler.len() as i64;
+        n += 1;
+    }
+    std::hint::black_box(checksum);
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Rows per second of `COPY ... TO STDOUT` (text), counting lines.
+async fn direct_copy(args: &Args) -> anyhow::Result<f64> {
+    let client = pg(args).await?;
+    let started = Instant::now();
+    let stream = client.copy_out("COPY pgbench_accounts TO STDOUT").await?;
+    pin_mut!(stream);
+    let mut lines = 0u64;
+    while let Some(chunk) = stream.next().await {
+        lines += chunk?.iter().filter(|b| **b == b'\n').count() as u64;
+    }
+    Ok(lines as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Rows per second through ExecuteStream, decoding every value.
+async fn weir_stream(client: &WeirClient, sql: &str) -> anyhow::Result<(f64, u64)> {
+    let started = Instant::now();
+    let mut stream = client.execute_stream("pg", sql, vec![]).await?;
+    let mut n = 0u64;
+    let mut checksum = 0i64;
+    while let Some(batch) = stream.next_batch().await? {
+        for row in &batch {
+            for v in &row.values {
+                checksum += match &v.kind {
+                    Some(Kind::Int64Value(i)) => *i,
+                    Some(Kind::StringValue(s)) => s.len() as i64,
+                    _ => 0,
+                };
+            }
+        }
+        n += batch.len() as u64;
+    }
+    std::hint::black_box(checksum);
+    Ok((n as f64 / started.elapsed().as_secs_f64(), n))
+}
+
+async fn repeat<F, Fut>(runs: usize, mut f: F) -> anyhow::Result<f64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<f64>>,
+{
+    let mut values = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        values.push(f().await?);
+    }
+    Ok(median(values))
+}
+
+pub async fn all(args: &Args, weir: &Weir) -> anyhow::Result<Vec<Figure>> {
+    let rows = prepare(args).await?;
+    let args = Arc::new(args.clone());
+    let mut figures = Vec::new();
+
+    for callers in [1usize, 8, 64] {
+        println!("point lookups with {callers} callers...");
+        let (mut d_rps, mut w_rps, mut d50, mut w50, mut d99, mut w99) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..args.runs {
+            let d = direct_lookups(&args, callers, rows).await?;
+            let w = weir_lookups(&args, weir, callers, rows).await?;
+            d_rps.push(d.per_second);
+            w_rps.push(w.per_second);
+            d50.push(d.p50_ms);
+            w50.push(w.p50_ms);
+            d99.push(d.p99_ms);
+            w99.push(w.p99_ms);
+        }
+        let fig = |name: String, unit, direct, weir, higher_is_better| Figure {
+            name,
+            unit,
+            direct,
+            weir,
+            higher_is_better,
+        };
+        figures.push(fig(
+            format!("point lookups, {callers} callers"),
+            "/s",
+            median(d_rps),
+            median(w_rps),
+            true,
+        ));
+        figures.push(fig(
+            format!("p50 latency, {callers} callers"),
+            "ms",
+            median(d50),
+            median(w50),
+            false,
+        ));
+        figures.push(fig(
+            format!("p99 latency, {callers} callers"),
+            "ms",
+            median(d99),
+            median(w99),
+            false,
+        ));
+    }
+    println!("pgbench -S -M prepared, 8 clients...");
+    let pgbench = repeat(args.runs, || async { pgbench_select(&args) }).await?;
+    let weir8 = figures.get(3).map_or(0.0, |f| f.weir);
+    figures.push(Figure {
+        name: "point lookups, 8 callers, vs pgbench -S -M prepared".into(),
+        unit: "/s",
+        direct: pgbench,
+        weir: weir8,
+        higher_is_better: true,
+    });
+
+    println!("streaming {rows} rows...");
+    let client = weir.client().await?;
+    let direct = repeat(args.runs, || direct_stream(&args)).await?;
+    let copy = repeat(args.runs, || direct_copy(&args)).await?;
+    let through = repeat(args.runs, || async { Ok(weir_stream(&client, STREAM).await?.0) }).await?;
+    figures.push(Figure {
+        name: format!("stream {rows} rows vs query_raw"),
+        unit: "rows/s",
+        direct,
+        weir: through,
+        higher_is_better: true,
+    });
+    figures.push(Figure {
+        name: format!("stream {rows} rows vs COPY TO STDOUT"),
+        unit: "rows/s",
+        direct: copy,
+        weir: through,
+        higher_is_better: true,
+    });
+
+    let big: u64 = if args.quick { 1_000_000 } else { 10_000_000 };
+    println!("streaming {big} generated rows for the server's peak memory...");
+    let (_, n) = weir_stream(
+        &client,
+        &format!("SELECT g, md5(g::text) AS h FROM generate_series(1, {big}) g"),
+    )
+    .await?;
+    anyhow::ensure!(n == big, "expected {big} rows, got {n}");
+    let peak_mb = weir.peak_rss().map_or(0.0, |b| b as f64 / 1_048_576.0);
+    figures.push(Figure {
+        name: format!("server peak RSS streaming {big} rows (direct column: the 100 MB target)"),
+        unit: "MB",
+        direct: 100.0,
+        weir: peak_mb,
+        higher_is_better: false,
+    });
+    Ok(figures)
+}

@@ -1,0 +1,137 @@
+//! Starts the real `weir` binary as a child process, so that its memory can
+//! be measured apart from the load generator's.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+use weir_client::WeirClient;
+
+use crate::Args;
+
+pub const KEY: &str = "bench-key";
+
+pub struct Weir {
+    child: Child,
+    pub addr: String,
+    _config: tempfile::NamedTempFile,
+}
+
+fn binary(args: &Args) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &args.weir {
+        return Ok(path.clone());
+    }
+    let exe = std::env::current_exe()?;
+    Ok(exe.with_file_name("weir"))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Weir {
+    pub async fn start(args: &Args) -> anyhow::Result<Weir> {
+        let port = free_port()?;
+        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(KEY.as_bytes()));
+        let config = format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+
+[metrics]
+enabled = false
+
+[tenants.bench]
+api_keys = [{{ id = "bench", sha256 = "{hash}" }}]
+
+[tenants.bench.limits]
+requests_per_second = 10000000
+burst = 10000000
+max_concurrent_requests = 10000
+statement_timeout = "10m"
+
+[tenants.bench.sources.pg]
+engine = "postgres"
+host = "{host}"
+port = {pg_port}
+user = "{user}"
+database = "{db}"
+password_env = "WEIR_BENCH_PG_PASSWORD"
+
+[tenants.bench.sources.pg.pool]
+max_size = 64
+"#,
+            host = args.pg_host,
+            pg_port = args.pg_port,
+            user = args.pg_user,
+            db = args.pg_database,
+        );
+        let file = tempfile::Builder::new().suffix(".toml").tempfile()?;
+        std::fs::write(file.path(), config)?;
+        let path = binary(args)?;
+        let child = Command::new(&path)
+            .arg("--config")
+            .arg(file.path())
+            .env("WEIR_BENCH_PG_PASSWORD", &args.pg_password)
+            .env("WEIR_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {} (build it with `cargo build --release --bin weir`)",
+                    path.display()
+                )
+            })?;
+        let addr = format!("http://127.0.0.1:{port}");
+        let started = Instant::now();
+        while WeirClient::connect(&addr, KEY).await.is_err() {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "weir did not start listening on {addr}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Weir {
+            child,
+            addr,
+            _config: file,
+        })
+    }
+
+    pub async fn client(&self) -> anyhow::Result<WeirClient> {
+        Ok(WeirClient::connect(&self.addr, KEY).await?)
+    }
+
+    /// Peak resident memory of the server so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> Option<u64> {
+        let pid = self.child.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SIGTERM: the server drains and exits on its own.
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+        if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}

@@ -1,0 +1,1037 @@
+//! The gateway in front of SQL Server, through the real gRPC server and client.
+//!
+//! Without a SQL Server, `mock_*` tests run against mssql-mock-tds, a TDS
+//! server that answers canned queries: they prove the login, statements,
+//! parameters' arity check, error numbers, rows affected, cancellation by
+//! closing the connection, transactions' plumbing and TestConnection. The
+//! mock's TLS does not interoperate with tiberius (it answers the TLS
+//! handshake in TabularResult packets, where tiberius asserts PreLogin), so
+//! these sessions are plaintext; `tls = true` is shown to refuse such a server.
+//!
+//! `live_*` tests need a real SQL Server named by `WEIR_TEST_MSSQL_URL`, a
+//! `;`-separated list of `key=value` (values cannot contain `;`):
+//!
+//! ```text
+//! WEIR_TEST_MSSQL_URL='host=127.0.0.1;port=1433;user=sa;password=Secret_123;database=master;trust_server_certificate=true'
+//! ```
+//!
+//! Keys: `host` (required), `port` (1433), `user` (sa), `password`,
+//! `database` (the login's default), `tls` and `trust_server_certificate`
+//! (true/false, default false). They are marked ignored, so cargo names them
+//! as ignored unless run with `--include-ignored` (scripts/test does that
+//! when the variable is set).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use mssql_mock_tds::{
+    ColumnDefinition, ColumnValue, MockTdsServer, QueryRegistry, QueryResponse, Row as MockRow, SqlDataType,
+    TerminalError,
+};
+use tonic::Code;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::weir_proto::v1::value::Kind;
+use weir_client::weir_proto::v1::IsolationLevel;
+use weir_client::WeirClient;
+
+const LIVE: &str = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored";
+
+// A throwaway self-signed certificate (P-256, valid until 2126) for the
+// mock's TLS, whose handshake tiberius cannot complete. Not a secret.
+const MOCK_CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIBgDCCASWgAwIBAgIUYkiKUWCN3WxGWg/xeAf5vz2/po0wCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyMzEzNDE1OFoYDzIxMjYxMDMw
+MTM0MTU4WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAARS0Ne9//KVYCEgF3GFJBKG6/Ezrr7PcoYByt+6/oqwne3vGcnksf2Y
+TbYL62Z4sphxstItv8uThFh56MrQA4Eko1MwUTAdBgNVHQ4EFgQUNaF4h3U6PAM5
+8oO3JDGrxPllLMkwHwYDVR0jBBgwFoAUNaF4h3U6PAM58oO3JDGrxPllLMkwDwYD
+VR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNJADBGAiEA7M/2mG6wMzI5CGT2nyZ7
+Fq2YFM0BeQid8QU88VgibggCIQDzyY74sFQrzm0/MlPRO2hq6pUjCNQyvGYOVHZA
+YvzSSg==
+-----END CERTIFICATE-----
+";
+const MOCK_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgwzbBg9E944jvCLqN
+8FDSkST5tG3IY7+Bagjf1vHLmB6hRANCAARS0Ne9//KVYCEgF3GFJBKG6/Ezrr7P
+coYByt+6/oqwne3vGcnksf2YTbYL62Z4sphxstItv8uThFh56MrQA4Ek
+-----END PRIVATE KEY-----
+";
+
+/// A mock SQL Server on 127.0.0.1:0 (no TLS), stopped when dropped.
+struct Mock {
+    port: u16,
+    registry: std::sync::Arc<tokio::sync::Mutex<QueryRegistry>>,
+    connections: std::sync::Arc<tokio::sync::Mutex<mssql_mock_tds::ConnectionStore>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Mock {
+    async fn start() -> Mock {
+        Self::serve(MockTdsServer::new("127.0.0.1:0").await.expect("mock TDS server"))
+    }
+
+    async fn start_with_tls() -> Mock {
+        let identity =
+            mssql_mock_tds::create_test_identity(MOCK_CERT.as_bytes(), MOCK_KEY.as_bytes()).expect("test identity");
+        let server = MockTdsServer::new_with_tls("127.0.0.1:0", Some(identity))
+            .await
+            .expect("mock TDS server");
+        Self::serve(server)
+    }
+
+    fn serve(server: MockTdsServer) -> Mock {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let mock = Mock {
+            port: server.local_addr().port(),
+            registry: server.query_registry(),
+            connections: server.connection_store(),
+            _stop: stop,
+        };
+        tokio::spawn(server.run_with_shutdown(stopped));
+        mock
+    }
+
+    /// Answers statements containing `sql` (upper case: the mock matches the
+    /// upper-cased text inside the request).
+    async fn answer(&self, sql: &str, response: QueryResponse) {
+        self.registry.lock().await.register(sql, response);
+    }
+
+    async fn connections(&self) -> usize {
+        self.connections.lock().await.count()
+    }
+
+    /// One tenant `mock` with a source `db` on this server, whose pool has
+    /// one connection (so that replaced connections show in the count).
+    fn config(&self, limits: &str, extra: &str, pool: &str) -> String {
+        let source = format!(
+            "[tenants.mock.sources.db]\nengine = \"mssql\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"sa\"\n\
+             database = \"weirdb\"\n{extra}\n[tenants.mock.sources.db.pool]\nmax_size = 1\n{pool}\n",
+            self.port
+        );
+        tenant("mock", limits, &source)
+    }
+}
+
+fn int_column(name: &str, value: i32) -> QueryResponse {
+    QueryResponse::new(
+        vec![ColumnDefinition::new(name, SqlDataType::Int)],
+        vec![MockRow::new(vec![ColumnValue::Int(value)])],
+    )
+}
+
+#[tokio::test]
+async fn mock_serves_select_one_and_test_connection() {
+    let mock = Mock::start().await;
+    mock.answer("SELECT 1", int_column("one", 1)).await;
+    let version = ["16.0.4135.4", "Developer Edition (64-bit)", "weirdb", "sa"];
+    mock.answer(
+        // The version query of TestConnection.
+        "SERVERPROPERTY(",
+        QueryResponse::new(
+            ["version", "edition", "db", "who"]
+                .map(|n| ColumnDefinition::new(n, SqlDataType::NVarChar))
+                .to_vec(),
+            vec![MockRow::new(version.map(|v| ColumnValue::NVarChar(v.into())).to_vec())],
+        ),
+    )
+    .await;
+    let server = TestServer::start(&mock.config("", "", "")).await;
+    let client = server.client("key-mock").await;
+
+    let r = client.execute("db", "SELECT 1", vec![]).await.expect("SELECT 1");
+    assert_eq!(r.rows.len(), 1);
+    assert_eq!(int(&r.rows[0].values[0]), 1);
+    let column = &r.columns[0];
+    assert_eq!((column.name.as_str(), column.native_type.as_str()), ("one", "int"));
+    assert_eq!(column.r#type, pb::ColumnType::Int as i32);
+    assert_eq!(
+        r.stats.and_then(|s| s.rows_affected),
+        None,
+        "a result set reports no rows affected"
+    );
+
+    let ping = client.test_connection("db").await.expect("test connection");
+    assert_eq!(ping.engine, pb::Engine::Mssql as i32);
+    assert_eq!(ping.server_version, "SQL Server 16.0.4135.4 Developer Edition (64-bit)");
+    assert_eq!((ping.database.as_str(), ping.user.as_str()), ("weirdb", "sa"));
+    let sources = client.list_sources().await.expect("sources");
+    assert_eq!(sources[0].engine, pb::Engine::Mssql as i32);
+
+    let logins = mock
+        .connections
+        .lock()
+        .await
+        .all()
+        .values()
+        .cloned()
+        .collect::<Vec<_>>();
+    assert!(!logins.is_empty() && logins.iter().all(|c| c.authenticated));
+    assert!(logins.iter().all(|c| c.received_database.as_deref() == Some("weirdb")));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn mock_errors_keep_their_numbers_and_the_connection() {
+    let mock = Mock::start().await;
+    mock.answer("SELECT 1", int_column("one", 1)).await;
+    let errors = [
+        ("SELECT * FROM WEIR_MISSING", 208, Code::NotFound),
+        ("INSERT INTO WEIR_DUP", 2627, Code::AlreadyExists),
+        ("SELECT 7/0 AS WEIR_ZERO", 8134, Code::InvalidArgument),
+        ("UPDATE WEIR_LOCKED", 1205, Code::Aborted),
+    ];
+    for (sql, number, _) in errors {
+        let error = TerminalError::new(number, 16, format!("error {number} from the mock"));
+        mock.answer(sql, QueryResponse::error_only(error)).await;
+    }
+    let server = TestServer::start(&mock.config("", "", "")).await;
+    let client = server.client("key-mock").await;
+    for (sql, number, code) in errors {
+        let err = client.execute("db", sql, vec![]).await.expect_err(sql);
+        assert_eq!(
+            (err.code(), engine_code(&err)),
+            (code, number.to_string()),
+            "{sql}: {}",
+            err.message()
+        );
+        assert!(err.message().contains(&format!("error {number} from the mock")));
+    }
+    // Errors end their response: the one pooled connection serves on.
+    let r = client
+        .execute("db", "SELECT 1", vec![])
+        .await
+        .expect("SELECT 1 after errors");
+    assert_eq!(int(&r.rows[0].values[0]), 1);
+    assert_eq!(mock.connections().await, 1, "no connection was replaced");
+
+    // Placeholders and parameters must agree before anything is sent.
+    let err = client
+        .execute("db", "SELECT @P1 + @P2", vec![1i64.into()])
+        .await
+        .expect_err("missing parameter");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("2 parameter"), "{}", err.message());
+    let interval = pb::Value {
+        kind: Some(Kind::IntervalValue(pb::Interval {
+            months: 1,
+            days: 0,
+            microseconds: 0,
+        })),
+    };
+    let err = client
+        .execute("db", "SELECT @P1", vec![interval])
+        .await
+        .expect_err("interval parameter");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::InvalidArgument, "INVALID_PARAMETER")
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn mock_reports_rows_affected_of_statements_without_results() {
+    let mock = Mock::start().await;
+    // Asked after a statement that returned no result set.
+    mock.answer(
+        "SELECT ROWCOUNT_BIG()",
+        QueryResponse::new(
+            vec![ColumnDefinition::new("", SqlDataType::BigInt)],
+            vec![MockRow::new(vec![ColumnValue::BigInt(3)])],
+        ),
+    )
+    .await;
+    let server = TestServer::start(&mock.config("", "", "")).await;
+    let client = server.client("key-mock").await;
+    let r = client
+        .execute("db", "UPDATE weir_t SET x = @P1", vec![7i64.into()])
+        .await
+        .expect("update");
+    assert!(r.columns.is_empty() && r.rows.is_empty());
+    assert_eq!(r.stats.and_then(|s| s.rows_affected), Some(3));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn mock_abandoned_statements_close_their_connection() {
+    let mock = Mock::start().await;
+    mock.answer("SELECT 1", int_column("one", 1)).await;
+    mock.answer(
+        "WAITFOR DELAY",
+        int_column("late", 2).with_delay(Duration::from_secs(30)),
+    )
+    .await;
+    let server = TestServer::start(&mock.config("statement_timeout = \"300ms\"", "", "")).await;
+    let client = server.client("key-mock").await;
+    client.execute("db", "SELECT 1", vec![]).await.expect("warm the pool");
+    assert_eq!(mock.connections().await, 1);
+
+    let started = Instant::now();
+    let err = client
+        .execute("db", "WAITFOR DELAY '00:00:30'; SELECT 2 AS late", vec![])
+        .await
+        .expect_err("times out");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::DeadlineExceeded, "STATEMENT_TIMEOUT")
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The connection with the unfinished request was closed, not reused: the
+    // next statement logs in again on the pool's only slot.
+    let r = client.execute("db", "SELECT 1", vec![]).await.expect("pool serves");
+    assert_eq!(int(&r.rows[0].values[0]), 1);
+    assert_eq!(mock.connections().await, 2);
+
+    // Inside a transaction the same closes the transaction's connection.
+    let tx = client
+        .begin("db", IsolationLevel::Serializable, false)
+        .await
+        .expect("begin");
+    let err = client
+        .execute_in(&tx, "db", "WAITFOR DELAY '00:00:30'; SELECT 2 AS late", vec![])
+        .await
+        .expect_err("times out");
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    let err = client
+        .execute_in(&tx, "db", "SELECT 1", vec![])
+        .await
+        .expect_err("the transaction is gone");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    client
+        .rollback(&tx)
+        .await
+        .expect("rolling back a closed transaction succeeds");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn mock_transactions_and_read_only_sources() {
+    let mock = Mock::start().await;
+    mock.answer("SELECT 1", int_column("one", 1)).await;
+    let server = TestServer::start(&mock.config("", "", "")).await;
+    let client = server.client("key-mock").await;
+    let tx = client
+        .begin("db", IsolationLevel::RepeatableRead, false)
+        .await
+        .expect("begin");
+    let r = client
+        .execute_in(&tx, "db", "SELECT 1", vec![])
+        .await
+        .expect("in transaction");
+    assert_eq!(int(&r.rows[0].values[0]), 1);
+    client.commit(&tx).await.expect("commit");
+    let err = client
+        .begin("db", IsolationLevel::Unspecified, true)
+        .await
+        .expect_err("read-only transactions");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("read-only"), "{}", err.message());
+
+    // What the server is sent: the level with BEGIN, and its reset with COMMIT
+    // (seen here as errors the mock answers those exact batches with).
+    let seen = |what: &str| QueryResponse::error_only(TerminalError::new(50001, 16, format!("{what} seen")));
+    let begin = "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN TRANSACTION";
+    mock.answer(begin, seen("begin")).await;
+    mock.answer(
+        "COMMIT TRANSACTION; SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+        seen("commit"),
+    )
+    .await;
+    let err = client
+        .begin("db", IsolationLevel::Serializable, false)
+        .await
+        .expect_err("begin answered with an error");
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::FailedPrecondition, "begin seen (engine code 50001)")
+    );
+    let tx = client
+        .begin("db", IsolationLevel::ReadUncommitted, false)
+        .await
+        .expect("begin");
+    let err = client.commit(&tx).await.expect_err("commit answered with an error");
+    assert_eq!(err.message(), "commit seen (engine code 50001)");
+    let connections = mock.connections().await;
+    // A transaction that did not end cleanly does not go back to the pool.
+    client.execute("db", "SELECT 1", vec![]).await.expect("pool serves");
+    assert_eq!(mock.connections().await, connections + 1);
+    server.stop().await;
+
+    // A read-only source cannot be honoured by SQL Server: the gateway refuses to start.
+    let config = weir_server::Config::from_toml(&mock.config("", "read_only = true", "")).expect("valid");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listeners = weir_server::Listeners {
+        grpc: listener,
+        metrics: None,
+    };
+    let err = weir_server::run(config, listeners, std::future::pending())
+        .await
+        .expect_err("refused");
+    assert!(format!("{err:#}").contains("db_datareader"), "{err:#}");
+}
+
+#[tokio::test]
+async fn mock_without_tls_is_refused_when_tls_is_required() {
+    let mock = Mock::start().await;
+    mock.answer("SELECT 1", int_column("one", 1)).await;
+    let config = mock.config(
+        "",
+        "tls = true\ntrust_server_certificate = true",
+        "connect_timeout = \"1s\"",
+    );
+    let server = TestServer::start(&config).await;
+    let client = server.client("key-mock").await;
+    let err = client
+        .execute("db", "SELECT 1", vec![])
+        .await
+        .expect_err("no plaintext fallback");
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn handshakes_the_driver_cannot_complete_do_not_cost_pool_slots() {
+    // tiberius panics on this server's TLS handshake; the pool (one slot)
+    // must report it and stay usable rather than wait for a lost connection.
+    let mock = Mock::start_with_tls().await;
+    let server = TestServer::start(&mock.config("", "tls = true\ntrust_server_certificate = true", "")).await;
+    let client = server.client("key-mock").await;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let err = client
+            .execute("db", "SELECT 1", vec![])
+            .await
+            .expect_err("handshake fails");
+        assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+        assert!(err.message().contains("handshake"), "{}", err.message());
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_servers_are_unavailable() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let source =
+        format!("[tenants.mock.sources.db]\nengine = \"mssql\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"sa\"\n");
+    let server = TestServer::start(&tenant("mock", "", &source)).await;
+    let client = server.client("key-mock").await;
+    let started = Instant::now();
+    let err = client.test_connection("db").await.expect_err("nothing listens");
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "no wait for the acquire timeout"
+    );
+    server.stop().await;
+}
+
+// ---- live SQL Server ----
+
+/// The source section for the server in WEIR_TEST_MSSQL_URL.
+fn live_source(tenant: &str, extra: &str) -> String {
+    let url = std::env::var("WEIR_TEST_MSSQL_URL").expect(LIVE);
+    let mut keys = std::collections::HashMap::new();
+    for part in url.split(';').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .expect("WEIR_TEST_MSSQL_URL: key=value pairs separated by ';'");
+        keys.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+    }
+    let get = |k: &str, default: &str| keys.get(k).cloned().unwrap_or_else(|| default.to_string());
+    let mut toml = format!(
+        "[tenants.{tenant}.sources.db]\nengine = \"mssql\"\nhost = \"{}\"\nport = {}\nuser = \"{}\"\n\
+         tls = {}\ntrust_server_certificate = {}\n",
+        keys.get("host").expect("WEIR_TEST_MSSQL_URL needs host="),
+        get("port", "1433"),
+        get("user", "sa"),
+        get("tls", "false"),
+        get("trust_server_certificate", "false"),
+    );
+    if let Some(db) = keys.get("database") {
+        toml.push_str(&format!("database = \"{db}\"\n"));
+    }
+    if let Some(password) = keys.get("password") {
+        // Sources read passwords from the environment or a file, never the configuration.
+        static SET: std::sync::Once = std::sync::Once::new();
+        SET.call_once(|| std::env::set_var("WEIR_TEST_MSSQL_PASSWORD", password));
+        toml.push_str("password_env = \"WEIR_TEST_MSSQL_PASSWORD\"\n");
+    }
+    // Last: `extra` may open a sub-table such as the pool's.
+    toml.push_str(extra);
+    toml.push('\n');
+    toml
+}
+
+struct Live {
+    server: TestServer,
+    client: WeirClient,
+}
+
+impl Live {
+    async fn new(limits: &str, extra: &str) -> Live {
+        let server = TestServer::start(&tenant("live", limits, &live_source("live", extra))).await;
+        let client = server.client("key-live").await;
+        Live { server, client }
+    }
+
+    async fn run(&self, sql: &str) -> pb::ExecuteResponse {
+        self.client
+            .execute("db", sql, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    async fn fail(&self, sql: &str) -> tonic::Status {
+        self.client.execute("db", sql, vec![]).await.expect_err(sql)
+    }
+
+    async fn recreate(&self, drop_first: &[&str], ddl: &[&str]) {
+        for table in drop_first {
+            self.run(&format!("DROP TABLE IF EXISTS {table}")).await;
+        }
+        for statement in ddl {
+            self.run(statement).await;
+        }
+    }
+
+    /// Whether a request whose text contains `tag` still runs on the server.
+    async fn running(&self, tag: &str) -> bool {
+        let r = self
+            .client
+            .execute(
+                "db",
+                "SELECT COUNT(*) FROM sys.dm_exec_requests r CROSS APPLY sys.dm_exec_sql_text(r.sql_handle) t \
+                 WHERE t.text LIKE '%' + @P1 + '%' AND r.session_id <> @@SPID",
+                vec![tag.into()],
+            )
+            .await
+            .expect("dm_exec_requests");
+        int(&r.rows[0].values[0]) > 0
+    }
+}
+
+fn value(kind: Kind) -> pb::Value {
+    pb::Value { kind: Some(kind) }
+}
+
+fn timestamp(seconds: i64, nanos: i32) -> Kind {
+    Kind::TimestampValue(prost_types::Timestamp { seconds, nanos })
+}
+
+#[tokio::test]
+#[ignore = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]
+async fn live_types_round_trip() {
+    let live = Live::new("", "").await;
+    live.recreate(
+        &["weir_ms_types"],
+        &[
+            "CREATE TABLE weir_ms_types (id int PRIMARY KEY, b bit, ti tinyint, si smallint, i int, bi bigint, \
+           d decimal(38,10), n numeric(10,2), m money, sm smallmoney, r real, f float, c char(3), vc varchar(50), \
+           nc nchar(3), nv nvarchar(max), vmax varchar(max), bin binary(3), vb varbinary(max), dt date, tm time(7), \
+           dtm datetime, dt2 datetime2(7), sdt smalldatetime, dto datetimeoffset(7), u uniqueidentifier, x xml)",
+        ],
+    )
+    .await;
+    let placeholders: Vec<_> = (1..=27).map(|i| format!("@P{i}")).collect();
+    let insert = format!("INSERT INTO weir_ms_types VALUES ({})", placeholders.join(", "));
+    let long_text = "héllo ✓ ".repeat(700); // more than 4000 characters: nvarchar(max)
+    let long_bytes: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let uuid = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+    let day = pb::Date {
+        year: 2024,
+        month: 2,
+        day: 29,
+    };
+    let time = pb::TimeOfDay {
+        hours: 23,
+        minutes: 59,
+        seconds: 59,
+        nanos: 123_456_700,
+        utc_offset_seconds: None,
+    };
+    // 2024-01-02 03:04:05 UTC
+    let at = 1_704_164_645;
+    let params = vec![
+        1i64.into(),
+        true.into(),
+        255i64.into(),
+        (-32768i64).into(),
+        i64::from(i32::MIN).into(),
+        (-9_007_199_254_740_993i64).into(),
+        value(Kind::DecimalValue("-123456789012345678901234567.0123456789".into())),
+        value(Kind::DecimalValue("12.34".into())),
+        value(Kind::DecimalValue("123456789.1234".into())),
+        value(Kind::DecimalValue("-214748.3648".into())),
+        1.5f64.into(),
+        2.25f64.into(),
+        "abc".into(),
+        "héllo".into(),
+        "✓ok".into(),
+        long_text.as_str().into(),
+        "x".repeat(9000).as_str().into(),
+        vec![0u8, 1, 255].into(),
+        long_bytes.clone().into(),
+        value(Kind::DateValue(day)),
+        value(Kind::TimeValue(time)),
+        value(timestamp(at, 123_000_000)),
+        value(timestamp(at, 123_456_700)),
+        value(timestamp(at - 5, 0)),
+        value(timestamp(at, 123_456_700)),
+        value(Kind::UuidValue(uuid.into())),
+        "<a>1</a>".into(),
+    ];
+    let r = live.client.execute("db", &insert, params).await.expect("insert");
+    assert_eq!(r.stats.and_then(|s| s.rows_affected), Some(1));
+    // NULL parameters convert to every non-binary type; binary ones need a CAST.
+    let nulls = (0..5).map(|_| pb::Value::null()).collect::<Vec<_>>();
+    live.client
+        .execute(
+            "db",
+            "INSERT INTO weir_ms_types (id, i, d, dt, u, x, vb) VALUES (2, @P1, @P2, @P3, @P4, @P5, CAST(NULL AS varbinary(max)))",
+            nulls,
+        )
+        .await
+        .expect("insert NULLs");
+
+    let r = live.run("SELECT * FROM weir_ms_types ORDER BY id").await;
+    let v: Vec<_> = r.rows[0].values.iter().map(|v| v.kind.clone().expect("kind")).collect();
+    let expected = [
+        Kind::Int64Value(1),
+        Kind::BoolValue(true),
+        Kind::Int64Value(255),
+        Kind::Int64Value(-32768),
+        Kind::Int64Value(i64::from(i32::MIN)),
+        Kind::Int64Value(-9_007_199_254_740_993),
+        Kind::DecimalValue("-123456789012345678901234567.0123456789".into()),
+        Kind::DecimalValue("12.34".into()),
+        Kind::DecimalValue("123456789.1234".into()),
+        Kind::DecimalValue("-214748.3648".into()),
+        Kind::DoubleValue(1.5),
+        Kind::DoubleValue(2.25),
+        Kind::StringValue("abc".into()),
+        Kind::StringValue("héllo".into()),
+        Kind::StringValue("✓ok".into()),
+        Kind::StringValue(long_text.clone()),
+        Kind::StringValue("x".repeat(9000)),
+        Kind::BytesValue(vec![0, 1, 255]),
+        Kind::BytesValue(long_bytes),
+        Kind::DateValue(day),
+        Kind::TimeValue(time),
+        // datetime keeps 1/300 s: .123 is stored as 37/300 s.
+        timestamp(at, 123_333_333),
+        timestamp(at, 123_456_700),
+        timestamp(at - 5, 0),
+        timestamp(at, 123_456_700),
+        Kind::UuidValue(uuid.into()),
+        Kind::StringValue("<a>1</a>".into()),
+    ];
+    for (i, (got, want)) in v.iter().zip(expected.iter()).enumerate() {
+        assert_eq!(got, want, "column {}", r.columns[i].name);
+    }
+    assert!(r.rows[1].values[1..].iter().all(is_null), "NULLs stay NULL");
+    use pb::ColumnType as T;
+    let types: Vec<_> = r
+        .columns
+        .iter()
+        .map(|c| pb::ColumnType::try_from(c.r#type).expect("known"))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            T::Int,
+            T::Bool,
+            T::Int,
+            T::Int,
+            T::Int,
+            T::Int,
+            T::Decimal,
+            T::Decimal,
+            T::Decimal,
+            T::Decimal,
+            T::Float,
+            T::Float,
+            T::String,
+            T::String,
+            T::String,
+            T::String,
+            T::String,
+            T::Bytes,
+            T::Bytes,
+            T::Date,
+            T::Time,
+            T::Timestamp,
+            T::Timestamp,
+            T::Timestamp,
+            T::TimestampTz,
+            T::Uuid,
+            T::String
+        ]
+    );
+
+    // Values computed by the server: money exact, datetimeoffset as its UTC instant.
+    let r = live
+        .run(
+            "SELECT CAST(922337.2037 AS money) AS m, CAST(-0.0001 AS smallmoney) AS sm, \
+             CAST('2024-01-02T03:04:05.1234567+02:00' AS datetimeoffset) AS dto, CAST(0.5 AS decimal(38,37)) AS d, \
+             CAST('1753-01-01' AS datetime) AS old, NULL AS nothing",
+        )
+        .await;
+    let v: Vec<_> = r.rows[0].values.iter().map(|v| v.kind.clone().expect("kind")).collect();
+    assert_eq!(v[0], Kind::DecimalValue("922337.2037".into()));
+    assert_eq!(v[1], Kind::DecimalValue("-0.0001".into()));
+    assert_eq!(v[2], timestamp(at - 7200, 123_456_700));
+    assert_eq!(v[3], Kind::DecimalValue(format!("0.5{}", "0".repeat(36))));
+    assert_eq!(v[4], timestamp(-6_847_804_800, 0));
+    assert!(is_null(&r.rows[0].values[5]));
+    assert_eq!(r.columns[0].native_type, "money");
+
+    let r = live.run("UPDATE weir_ms_types SET i = 5").await;
+    assert_eq!(r.stats.and_then(|s| s.rows_affected), Some(2));
+    live.server.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]
+async fn live_parameters_are_data_not_sql() {
+    let live = Live::new("", "").await;
+    let hostile = "x'); DROP TABLE weir_ms_types; --";
+    let r = live
+        .client
+        .execute(
+            "db",
+            "SELECT @P1 AS s, @P2 + 1 AS n",
+            vec![hostile.into(), 41i64.into()],
+        )
+        .await
+        .expect("parameters");
+    assert_eq!(text(&r.rows[0].values[0]), hostile);
+    assert_eq!(int(&r.rows[0].values[1]), 42);
+    let err = live
+        .client
+        .execute("db", "SELECT @P1 AS s, @P2 + 1 AS n", vec![hostile.into()])
+        .await
+        .expect_err("missing parameter");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("2 parameter"), "{}", err.message());
+    let err = live
+        .client
+        .execute("db", "SELECT 1", vec![1i64.into()])
+        .await
+        .expect_err("unused parameter");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let r = live
+        .client
+        .execute("db", "SELECT '@P9' AS literal, @P1 AS p", vec![7i64.into()])
+        .await
+        .expect("placeholders in literals are text");
+    assert_eq!(text(&r.rows[0].values[0]), "@P9");
+    live.server.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]
+async fn live_transactions_commit_roll_back_and_isolate() {
+    // One connection: the isolation level must be reset before it is reused.
+    let live = Live::new("", "[tenants.live.sources.db.pool]\nmax_size = 1").await;
+    live.recreate(
+        &["weir_ms_tx"],
+        &["CREATE TABLE weir_ms_tx (id int PRIMARY KEY, note varchar(20))"],
+    )
+    .await;
+    let client = &live.client;
+    let insert = "INSERT INTO weir_ms_tx VALUES (@P1, @P2)";
+    let count = "SELECT COUNT(*) FROM weir_ms_tx";
+    let level = "SELECT CAST(transaction_isolation_level AS int) FROM sys.dm_exec_sessions WHERE session_id = @@SPID";
+
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "db", insert, vec![1i64.into(), "gone".into()])
+        .await
+        .expect("insert");
+    let inside = client.execute_in(&tx, "db", count, vec![]).await.expect("count");
+    assert_eq!(int(&inside.rows[0].values[0]), 1, "a transaction sees its own writes");
+    client.rollback(&tx).await.expect("rollback");
+    assert_eq!(int(&live.run(count).await.rows[0].values[0]), 0, "rolled back");
+
+    let levels = [
+        (IsolationLevel::ReadUncommitted, 1),
+        (IsolationLevel::ReadCommitted, 2),
+        (IsolationLevel::RepeatableRead, 3),
+        (IsolationLevel::Serializable, 4),
+    ];
+    for (i, (isolation, expected)) in levels.into_iter().enumerate() {
+        let tx = client.begin("db", isolation, false).await.expect("begin");
+        let r = client.execute_in(&tx, "db", level, vec![]).await.expect("level");
+        assert_eq!(int(&r.rows[0].values[0]), expected, "{isolation:?}");
+        client
+            .execute_in(&tx, "db", insert, vec![(i as i64 + 10).into(), "kept".into()])
+            .await
+            .expect("insert");
+        // A failed statement leaves the transaction open.
+        let err = client
+            .execute_in(&tx, "db", insert, vec![(i as i64 + 10).into(), "dup".into()])
+            .await
+            .expect_err("duplicate");
+        assert_eq!(
+            (err.code(), engine_code(&err)),
+            (Code::AlreadyExists, "2627".to_string())
+        );
+        client.commit(&tx).await.expect("commit");
+        assert_eq!(
+            int(&live.run(level).await.rows[0].values[0]),
+            2,
+            "read committed again after {isolation:?}"
+        );
+        assert_eq!(
+            client.commit(&tx).await.expect_err("spent handle").code(),
+            Code::NotFound
+        );
+    }
+    assert_eq!(int(&live.run(count).await.rows[0].values[0]), 4, "committed");
+
+    let err = client
+        .begin("db", IsolationLevel::Unspecified, true)
+        .await
+        .expect_err("read-only");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // A statement that leaves a transaction open is an error, and its connection is not reused.
+    let err = live.fail("BEGIN TRANSACTION").await;
+    assert_eq!(engine_code(&err), "266", "{}", err.message());
+    assert_eq!(int(&live.run("SELECT @@TRANCOUNT").await.rows[0].values[0]), 0);
+    live.server.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]
+async fn live_errors_map_with_their_numbers() {
+    let live = Live::new("", "").await;
+    live.recreate(
+        &["weir_ms_child", "weir_ms_unique"],
+        &[
+            "CREATE TABLE weir_ms_unique (id int PRIMARY KEY, v int NOT NULL)",
+            "INSERT INTO weir_ms_unique VALUES (1, 1)",
+            "CREATE TABLE weir_ms_child (id int PRIMARY KEY, parent int REFERENCES weir_ms_unique (id))",
+        ],
+    )
+    .await;
+    let cases = [
+        ("SELECT FROM weir_ms_unique", Code::InvalidArgument, "156"),
+        ("SELECT 1 +", Code::InvalidArgument, "102"),
+        ("SELECT * FROM weir_ms_missing", Code::NotFound, "208"),
+        ("INSERT INTO weir_ms_unique VALUES (1, 1)", Code::AlreadyExists, "2627"),
+        (
+            "INSERT INTO weir_ms_unique VALUES (2, NULL)",
+            Code::FailedPrecondition,
+            "515",
+        ),
+        (
+            "INSERT INTO weir_ms_child VALUES (1, 99)",
+            Code::FailedPrecondition,
+            "547",
+        ),
+        ("SELECT 1 / 0", Code::InvalidArgument, "8134"),
+        ("SELECT CAST('x' AS int)", Code::InvalidArgument, "245"),
+        (
+            "RAISERROR('a rule of the application', 16, 1)",
+            Code::FailedPrecondition,
+            "50000",
+        ),
+    ];
+    for (sql, code, number) in cases {
+        let err = live.fail(sql).await;
+        assert_eq!(
+            (err.code(), engine_code(&err)),
+            (code, number.to_string()),
+            "{sql}: {}",
+            err.message()
+        );
+    }
+    for _ in 0..4 {
+        assert_eq!(int(&live.run("SELECT 1").await.rows[0].values[0]), 1);
+    }
+    live.server.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]
+async fn live_schema_is_listed_and_described() {
+    let live = Live::new("", "").await;
+    live.run("DROP VIEW IF EXISTS weir_ms_view").await;
+    live.recreate(
+        &["weir_ms_kid", "weir_ms_parent"],
+        &[
+            "CREATE TABLE weir_ms_parent (id int PRIMARY KEY, name nvarchar(20) NOT NULL, amount decimal(10,2))",
+            "INSERT INTO weir_ms_parent VALUES (1, N'a', 1.5), (2, N'b', NULL), (3, N'c', 2)",
+            "CREATE TABLE weir_ms_kid (id int CONSTRAINT weir_ms_kid_pk PRIMARY KEY, parent_id int NOT NULL, \
+             note nvarchar(20) DEFAULT N'none', CONSTRAINT weir_ms_kid_fk FOREIGN KEY (parent_id) \
+             REFERENCES weir_ms_parent (id) ON DELETE CASCADE)",
+            "CREATE INDEX weir_ms_kid_note ON weir_ms_kid (note)",
+            "CREATE VIEW weir_ms_view AS SELECT id FROM weir_ms_parent",
+        ],
+    )
+    .await;
+    let client = &live.client;
+    let ping = client.test_connection("db").await.expect("ping");
+    assert!(
+        ping.server_version.starts_with("SQL Server "),
+        "{}",
+        ping.server_version
+    );
+    assert!(!ping.user.is_empty() && !ping.database.is_empty());
+
+    let schemas = client.list_schemas("db").await.expect("schemas");
+    assert!(schemas.iter().any(|s| s.name == "dbo"));
+    assert!(schemas
+        .iter()
+        .all(|s| !s.system && s.name != "sys" && s.name != "db_owner"));
+
+    let tables = client.list_tables("db", "dbo").await.expect("tables");
+    let find = |name: &str| {
+        tables
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("{name} listed"))
+    };
+    assert_eq!(find("weir_ms_parent").kind, pb::TableKind::Table as i32);
+    assert_eq!(find("weir_ms_parent").row_estimate, Some(3));
+    assert_eq!(find("weir_ms_view").kind, pb::TableKind::View as i32);
+    assert_eq!(find("weir_ms_view").row_estimate, None);
+    assert!(client
+        .list_tables("db", "")
+        .await
+        .expect("all")
+        .iter()
+        .any(|t| t.name == "weir_ms_kid"));
+
+    let d = client.describe_table("db", "", "weir_ms_kid").await.expect("describe");
+    let columns: Vec<_> = d
+        .columns
+        .iter()
+        .filter_map(|c| c.column.as_ref())
+        .map(|c| (c.name.as_str(), c.native_type.as_str(), c.nullable))
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            ("id", "int", false),
+            ("parent_id", "int", false),
+            ("note", "nvarchar(20)", true)
+        ]
+    );
+    assert_eq!(d.columns[2].default_expression, "N'none'");
+    assert_eq!(d.columns[2].column.as_ref().and_then(|c| c.max_length), Some(20));
+    let pk = d.primary_key.expect("primary key");
+    assert_eq!(
+        (pk.name.as_str(), pk.columns.as_slice()),
+        ("weir_ms_kid_pk", ["id".to_string()].as_slice())
+    );
+    assert_eq!(d.foreign_keys.len(), 1);
+    let fk = &d.foreign_keys[0];
+    assert_eq!(
+        (fk.name.as_str(), fk.referenced_schema.as_str()),
+        ("weir_ms_kid_fk", "dbo")
+    );
+    assert_eq!(
+        (fk.referenced_table.as_str(), fk.on_delete.as_str()),
+        ("weir_ms_parent", "CASCADE")
+    );
+    assert_eq!(
+        (fk.columns.as_slice(), fk.referenced_columns.as_slice()),
+        (["parent_id".to_string()].as_slice(), ["id".to_string()].as_slice())
+    );
+    assert!(d
+        .indexes
+        .iter()
+        .any(|i| i.name == "weir_ms_kid_note" && i.columns == ["note"] && !i.unique && !i.primary));
+    assert!(d
+        .indexes
+        .iter()
+        .any(|i| i.name == "weir_ms_kid_pk" && i.primary && i.unique && i.method == "clustered"));
+
+    let parent = client
+        .describe_table("db", "dbo", "weir_ms_parent")
+        .await
+        .expect("describe");
+    let amount = parent.columns[2].column.as_ref().expect("column");
+    assert_eq!(
+        (amount.r#type, amount.precision, amount.scale),
+        (pb::ColumnType::Decimal as i32, Some(10), Some(2))
+    );
+    let err = client
+        .describe_table("db", "", "weir_ms_missing")
+        .await
+        .expect_err("unknown table");
+    assert_eq!(err.code(), Code::NotFound);
+    live.server.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]
+async fn live_streams_and_cancellation() {
+    let live = Live::new("", "").await;
+    let n = 100_000i64;
+    let mut stream = live
+        .client
+        .execute_stream(
+            "db",
+            &format!(
+                "SELECT TOP ({n}) CAST(ROW_NUMBER() OVER (ORDER BY (SELECT NULL)) AS bigint) AS g \
+                 FROM sys.all_columns a CROSS JOIN sys.all_columns b"
+            ),
+            vec![],
+        )
+        .await
+        .expect("stream");
+    let (mut count, mut sum) = (0i64, 0i64);
+    while let Some(batch) = stream.next_batch().await.expect("batch") {
+        count += batch.len() as i64;
+        sum += batch.iter().map(|r| int(&r.values[0])).sum::<i64>();
+    }
+    assert_eq!((count, sum), (n, n * (n + 1) / 2));
+
+    // A second gateway whose tenant allows a statement one second.
+    let hurried = Live::new("statement_timeout = \"1s\"", "").await;
+    let err = hurried
+        .fail("WAITFOR DELAY '00:00:30'; SELECT 1 AS weir_timeout_probe")
+        .await;
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::DeadlineExceeded, "STATEMENT_TIMEOUT")
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while live.running("weir_timeout_probe").await {
+        assert!(Instant::now() < deadline, "the statement still runs on the server");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(int(&hurried.run("SELECT 1").await.rows[0].values[0]), 1);
+    hurried.server.stop().await;
+
+    let mut stream = live
+        .client
+        .execute_stream(
+            "db",
+            "SELECT a.object_id AS weir_drop_probe, b.column_id FROM sys.all_columns a CROSS JOIN sys.all_columns b",
+            vec![],
+        )
+        .await
+        .expect("stream");
+    assert!(!stream.next_batch().await.expect("batch").expect("rows").is_empty());
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while live.running("weir_drop_probe").await {
+        assert!(Instant::now() < deadline, "the abandoned statement still runs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(int(&live.run("SELECT 1").await.rows[0].values[0]), 1);
+    live.server.stop().await;
+}

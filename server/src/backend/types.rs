@@ -133,6 +133,18 @@ pub struct Capabilities {
     pub parameter_style: &'static str,
 }
 
+impl Capabilities {
+    /// A SQL engine with transactions at every isolation level (or stronger).
+    pub fn sql(parameter_style: &'static str) -> Self {
+        Self {
+            transactions: true,
+            isolation_levels: ALL_ISOLATION_LEVELS.to_vec(),
+            change_streams: false,
+            parameter_style,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     pub server_version: String,

@@ -27,7 +27,7 @@ use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 use crate::backend::channel::{self, Worker, CHUNK_ROWS};
 use crate::backend::{
     BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, PoolStatus, QueryStream,
-    SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, ALL_ISOLATION_LEVELS,
+    SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
 };
 use crate::config::SourceConfig;
 use types::Param;
@@ -455,12 +455,7 @@ impl SqlSource for MssqlSource {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            transactions: true,
-            isolation_levels: ALL_ISOLATION_LEVELS.to_vec(),
-            change_streams: false,
-            parameter_style: "@P1",
-        }
+        Capabilities::sql("@P1")
     }
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
@@ -684,7 +679,7 @@ mod tests {
             begin_batch(Isolation::RepeatableRead),
             "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; BEGIN TRANSACTION"
         );
-        for level in ALL_ISOLATION_LEVELS {
+        for level in crate::backend::ALL_ISOLATION_LEVELS {
             assert!(begin_batch(level).ends_with("; BEGIN TRANSACTION"), "{level:?}");
             let (commit, rollback) = end_batches(level);
             assert!(commit.starts_with("COMMIT TRANSACTION;") && commit.ends_with(RESET_ISOLATION));

@@ -17,7 +17,7 @@ use crate::backend::channel::{self, Worker, CHUNK_ROWS};
 use crate::backend::error::classify_sqlstate;
 use crate::backend::{
     BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, QueryStream, SchemaInfo, SqlSource,
-    SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, ALL_ISOLATION_LEVELS,
+    SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
 };
 use crate::config::SourceConfig;
 
@@ -205,12 +205,7 @@ impl SqlSource for MysqlSource {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            transactions: true,
-            isolation_levels: ALL_ISOLATION_LEVELS.to_vec(),
-            change_streams: false,
-            parameter_style: "?",
-        }
+        Capabilities::sql("?")
     }
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {

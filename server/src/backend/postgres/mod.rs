@@ -20,7 +20,7 @@ use tokio_postgres::{CancelToken, Client, NoTls};
 use crate::backend::error::classify_sqlstate;
 use crate::backend::{
     BackendError, Capabilities, ConnectionInfo, Engine, Isolation, PoolStatus, QueryStream, Row, RowStream, SchemaInfo,
-    SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, ALL_ISOLATION_LEVELS,
+    SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
 };
 use crate::config::SourceConfig;
 use types::{PgParam, PgValue};
@@ -325,12 +325,7 @@ impl SqlSource for PostgresSource {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            transactions: true,
-            isolation_levels: ALL_ISOLATION_LEVELS.to_vec(),
-            change_streams: false,
-            parameter_style: "$1",
-        }
+        Capabilities::sql("$1")
     }
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {

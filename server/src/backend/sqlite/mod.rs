@@ -20,7 +20,6 @@ use crate::backend::channel::{self, Worker, CHUNK_ROWS};
 use crate::backend::{
     BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, PoolStatus, QueryStream,
     SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, Value,
-    ALL_ISOLATION_LEVELS,
 };
 use crate::config::SourceConfig;
 
@@ -189,13 +188,8 @@ impl SqlSource for SqliteSource {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            transactions: true,
-            // SQLite transactions are always serializable, which satisfies every level.
-            isolation_levels: ALL_ISOLATION_LEVELS.to_vec(),
-            change_streams: false,
-            parameter_style: "?",
-        }
+        // SQLite transactions are always serializable, which satisfies every level.
+        Capabilities::sql("?")
     }
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {

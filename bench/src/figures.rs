@@ -43,9 +43,14 @@ fn pg_env(args: &Args, cmd: &mut std::process::Command) {
         .env("PGDATABASE", &args.pg_database);
 }
 
+/// Rows of the accounts table at the run's scale.
+pub fn rows(args: &Args) -> i64 {
+    i64::from(args.scale()) * 100_000
+}
+
 /// `pgbench -i` at the run's scale, unless the table already has those rows.
 async fn prepare(args: &Args) -> anyhow::Result<i64> {
-    let rows = i64::from(args.scale()) * 100_000;
+    let rows = rows(args);
     let client = pg(args).await?;
     let existing = client
         .query_one("SELECT count(*) FROM pgbench_accounts", &[])
@@ -196,9 +201,9 @@ async fn direct_copy(args: &Args) -> anyhow::Result<f64> {
 }
 
 /// Rows per second through ExecuteStream, decoding every value.
-async fn weir_stream(client: &WeirClient, sql: &str) -> anyhow::Result<(f64, u64)> {
+async fn weir_stream(client: &WeirClient, source: &str, sql: &str) -> anyhow::Result<(f64, u64)> {
     let started = Instant::now();
-    let mut stream = client.execute_stream("pg", sql, vec![]).await?;
+    let mut stream = client.execute_stream(source, sql, vec![]).await?;
     let mut n = 0u64;
     let mut checksum = 0i64;
     while let Some(batch) = stream.next_batch().await? {
@@ -217,6 +222,94 @@ async fn weir_stream(client: &WeirClient, sql: &str) -> anyhow::Result<(f64, u64
     Ok((n as f64 / started.elapsed().as_secs_f64(), n))
 }
 
+/// The same accounts in an SQLite file, for the embedded engine's figure.
+pub async fn prepare_sqlite(path: &std::path::Path, rows: i64) -> anyhow::Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = rusqlite::Connection::open(&path)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS bench_accounts (aid INTEGER PRIMARY KEY, bid INTEGER, abalance INTEGER, filler CHAR(84))",
+        )?;
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare("INSERT INTO bench_accounts VALUES (?1, ?2, 0, ?3)")?;
+            let filler = " ".repeat(84);
+            for aid in 1..=rows {
+                insert.execute(rusqlite::params![aid, (aid - 1) / 100_000 + 1, filler])?;
+            }
+        }
+        tx.commit()?;
+        Ok::<_, anyhow::Error>(())
+    })
+    .await?
+}
+
+async fn mysql(args: &Args) -> anyhow::Result<mysql_async::Conn> {
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(args.mysql_host.clone())
+        .tcp_port(args.mysql_port)
+        .user(Some(args.mysql_user.clone()))
+        .pass(Some(args.mysql_password.clone()))
+        .db_name(Some(args.mysql_database.clone()))
+        .prefer_socket(false);
+    Ok(mysql_async::Conn::new(opts).await.context("connect to MariaDB")?)
+}
+
+/// The accounts in MariaDB, generated with its sequence engine.
+async fn prepare_mysql(args: &Args, rows: i64) -> anyhow::Result<()> {
+    use mysql_async::prelude::Queryable;
+    let mut conn = mysql(args).await?;
+    conn.query_drop(
+        "CREATE TABLE IF NOT EXISTS bench_accounts (aid INT PRIMARY KEY, bid INT, abalance INT, filler CHAR(84))",
+    )
+    .await?;
+    let existing: Option<i64> = conn.query_first("SELECT COUNT(*) FROM bench_accounts").await?;
+    if existing != Some(rows) {
+        conn.query_drop("TRUNCATE bench_accounts").await?;
+        conn.query_drop(format!(
+            "INSERT INTO bench_accounts SELECT seq, (seq - 1) DIV 100000 + 1, 0, '' FROM seq_1_to_{rows}"
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Rows per second streaming the accounts from MariaDB with mysql_async, decoding every value.
+async fn direct_mysql_stream(args: &Args) -> anyhow::Result<f64> {
+    use mysql_async::prelude::Queryable;
+    let mut conn = mysql(args).await?;
+    let started = Instant::now();
+    let mut result = conn.exec_iter("SELECT aid, bid, abalance, filler FROM bench_accounts", ()).await?;
+    let mut n = 0u64;
+    let mut checksum = 0i64;
+    while let Some(row) = result.next().await? {
+        let (aid, bid, abalance, filler): (i64, i64, i64, String) = mysql_async::from_row(row);
+        checksum += aid + bid + abalance + filler.len() as i64;
+        n += 1;
+    }
+    std::hint::black_box(checksum);
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Rows per second reading the accounts from SQLite with rusqlite, decoding every value.
+async fn direct_sqlite_stream(path: std::path::PathBuf) -> anyhow::Result<f64> {
+    tokio::task::spawn_blocking(move || {
+        let conn = rusqlite::Connection::open(&path)?;
+        let started = Instant::now();
+        let mut stmt = conn.prepare("SELECT aid, bid, abalance, filler FROM bench_accounts")?;
+        let mut rows = stmt.query([])?;
+        let (mut n, mut checksum) = (0u64, 0i64);
+        while let Some(row) = rows.next()? {
+            let (aid, bid, abalance, filler): (i64, i64, i64, String) = (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+            checksum += aid + bid + abalance + filler.len() as i64;
+            n += 1;
+        }
+        std::hint::black_box(checksum);
+        Ok::<_, anyhow::Error>(n as f64 / started.elapsed().as_secs_f64())
+    })
+    .await?
+}
+
 async fn repeat<F, Fut>(runs: usize, mut f: F) -> anyhow::Result<f64>
 where
     F: FnMut() -> Fut,
@@ -229,7 +322,7 @@ where
     Ok(median(values))
 }
 
-pub async fn all(args: &Args, weir: &Weir) -> anyhow::Result<Vec<Figure>> {
+pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::Result<Vec<Figure>> {
     let rows = prepare(args).await?;
     let args = Arc::new(args.clone());
     let mut figures = Vec::new();
@@ -292,7 +385,7 @@ pub async fn all(args: &Args, weir: &Weir) -> anyhow::Result<Vec<Figure>> {
     let client = weir.client().await?;
     let direct = repeat(args.runs, || direct_stream(&args)).await?;
     let copy = repeat(args.runs, || direct_copy(&args)).await?;
-    let through = repeat(args.runs, || async { Ok(weir_stream(&client, STREAM).await?.0) }).await?;
+    let through = repeat(args.runs, || async { Ok(weir_stream(&client, "pg", STREAM).await?.0) }).await?;
     figures.push(Figure {
         name: format!("stream {rows} rows vs query_raw"),
         unit: "rows/s",
@@ -308,10 +401,21 @@ pub async fn all(args: &Args, weir: &Weir) -> anyhow::Result<Vec<Figure>> {
         higher_is_better: true,
     });
 
+    println!("streaming {rows} rows from MariaDB and SQLite...");
+    prepare_mysql(&args, rows).await?;
+    let accounts = "SELECT aid, bid, abalance, filler FROM bench_accounts";
+    let direct = repeat(args.runs, || direct_mysql_stream(&args)).await?;
+    let through = repeat(args.runs, || async { Ok(weir_stream(&client, "maria", accounts).await?.0) }).await?;
+    figures.push(Figure { name: format!("MariaDB: stream {rows} rows vs mysql_async"), unit: "rows/s", direct, weir: through, higher_is_better: true });
+    let direct = repeat(args.runs, || direct_sqlite_stream(sqlite.to_path_buf())).await?;
+    let through = repeat(args.runs, || async { Ok(weir_stream(&client, "lite", accounts).await?.0) }).await?;
+    figures.push(Figure { name: format!("SQLite: stream {rows} rows vs rusqlite"), unit: "rows/s", direct, weir: through, higher_is_better: true });
+
     let big: u64 = if args.quick { 1_000_000 } else { 10_000_000 };
     println!("streaming {big} generated rows for the server's peak memory...");
     let (_, n) = weir_stream(
         &client,
+        "pg",
         &format!("SELECT g, md5(g::text) AS h FROM generate_series(1, {big}) g"),
     )
     .await?;

@@ -42,6 +42,16 @@ pub struct Args {
     pub pg_password: String,
     #[arg(long, env = "WEIR_TEST_PG_DATABASE", default_value = "test")]
     pub pg_database: String,
+    #[arg(long, env = "WEIR_TEST_MYSQL_HOST", default_value = "127.0.0.1")]
+    pub mysql_host: String,
+    #[arg(long, env = "WEIR_TEST_MYSQL_PORT", default_value_t = 3306)]
+    pub mysql_port: u16,
+    #[arg(long, env = "WEIR_TEST_MYSQL_USER", default_value = "weir")]
+    pub mysql_user: String,
+    #[arg(long, env = "WEIR_TEST_MYSQL_PASSWORD", default_value = "weir")]
+    pub mysql_password: String,
+    #[arg(long, env = "WEIR_TEST_MYSQL_DATABASE", default_value = "test")]
+    pub mysql_database: String,
 }
 
 impl Args {
@@ -122,8 +132,10 @@ fn report(args: &Args, figures: &[Figure]) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse().normalize();
-    let weir = server::Weir::start(&args).await?;
-    let figures = figures::all(&args, &weir).await;
+    let sqlite = tempfile::Builder::new().prefix("weir-bench-").suffix(".db").tempfile()?.into_temp_path();
+    figures::prepare_sqlite(&sqlite, figures::rows(&args)).await?;
+    let weir = server::Weir::start(&args, &sqlite).await?;
+    let figures = figures::all(&args, &weir, &sqlite).await;
     weir.stop().await;
     let figures = figures?;
     let text = report(&args, &figures);

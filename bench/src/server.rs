@@ -32,7 +32,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Weir {
-    pub async fn start(args: &Args) -> anyhow::Result<Weir> {
+    pub async fn start(args: &Args, sqlite_path: &std::path::Path) -> anyhow::Result<Weir> {
         let port = free_port()?;
         let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(KEY.as_bytes()));
         let config = format!(
@@ -62,11 +62,28 @@ password_env = "WEIR_BENCH_PG_PASSWORD"
 
 [tenants.bench.sources.pg.pool]
 max_size = 64
+
+[tenants.bench.sources.maria]
+engine = "mysql"
+host = "{my_host}"
+port = {my_port}
+user = "{my_user}"
+database = "{my_db}"
+password_env = "WEIR_BENCH_MYSQL_PASSWORD"
+
+[tenants.bench.sources.lite]
+engine = "sqlite"
+path = "{sqlite}"
 "#,
             host = args.pg_host,
             pg_port = args.pg_port,
             user = args.pg_user,
             db = args.pg_database,
+            my_host = args.mysql_host,
+            my_port = args.mysql_port,
+            my_user = args.mysql_user,
+            my_db = args.mysql_database,
+            sqlite = sqlite_path.display(),
         );
         let file = tempfile::Builder::new().suffix(".toml").tempfile()?;
         std::fs::write(file.path(), config)?;
@@ -75,6 +92,7 @@ max_size = 64
             .arg("--config")
             .arg(file.path())
             .env("WEIR_BENCH_PG_PASSWORD", &args.pg_password)
+            .env("WEIR_BENCH_MYSQL_PASSWORD", &args.mysql_password)
             .env("WEIR_LOG", "warn")
             .stdout(Stdio::null())
             .kill_on_drop(true)

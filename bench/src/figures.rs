@@ -279,7 +279,9 @@ async fn direct_mysql_stream(args: &Args) -> anyhow::Result<f64> {
     use mysql_async::prelude::Queryable;
     let mut conn = mysql(args).await?;
     let started = Instant::now();
-    let mut result = conn.exec_iter("SELECT aid, bid, abalance, filler FROM bench_accounts", ()).await?;
+    let mut result = conn
+        .exec_iter("SELECT aid, bid, abalance, filler FROM bench_accounts", ())
+        .await?;
     let mut n = 0u64;
     let mut checksum = 0i64;
     while let Some(row) = result.next().await? {
@@ -300,7 +302,8 @@ async fn direct_sqlite_stream(path: std::path::PathBuf) -> anyhow::Result<f64> {
         let mut rows = stmt.query([])?;
         let (mut n, mut checksum) = (0u64, 0i64);
         while let Some(row) = rows.next()? {
-            let (aid, bid, abalance, filler): (i64, i64, i64, String) = (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+            let (aid, bid, abalance, filler): (i64, i64, i64, String) =
+                (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
             checksum += aid + bid + abalance + filler.len() as i64;
             n += 1;
         }
@@ -405,11 +408,29 @@ pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::
     prepare_mysql(&args, rows).await?;
     let accounts = "SELECT aid, bid, abalance, filler FROM bench_accounts";
     let direct = repeat(args.runs, || direct_mysql_stream(&args)).await?;
-    let through = repeat(args.runs, || async { Ok(weir_stream(&client, "maria", accounts).await?.0) }).await?;
-    figures.push(Figure { name: format!("MariaDB: stream {rows} rows vs mysql_async"), unit: "rows/s", direct, weir: through, higher_is_better: true });
+    let through = repeat(args.runs, || async {
+        Ok(weir_stream(&client, "maria", accounts).await?.0)
+    })
+    .await?;
+    figures.push(Figure {
+        name: format!("MariaDB: stream {rows} rows vs mysql_async"),
+        unit: "rows/s",
+        direct,
+        weir: through,
+        higher_is_better: true,
+    });
     let direct = repeat(args.runs, || direct_sqlite_stream(sqlite.to_path_buf())).await?;
-    let through = repeat(args.runs, || async { Ok(weir_stream(&client, "lite", accounts).await?.0) }).await?;
-    figures.push(Figure { name: format!("SQLite: stream {rows} rows vs rusqlite"), unit: "rows/s", direct, weir: through, higher_is_better: true });
+    let through = repeat(args.runs, || async {
+        Ok(weir_stream(&client, "lite", accounts).await?.0)
+    })
+    .await?;
+    figures.push(Figure {
+        name: format!("SQLite: stream {rows} rows vs rusqlite"),
+        unit: "rows/s",
+        direct,
+        weir: through,
+        higher_is_better: true,
+    });
 
     let big: u64 = if args.quick { 1_000_000 } else { 10_000_000 };
     println!("streaming {big} generated rows for the server's peak memory...");

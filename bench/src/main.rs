@@ -132,7 +132,11 @@ fn report(args: &Args, figures: &[Figure]) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse().normalize();
-    let sqlite = tempfile::Builder::new().prefix("weir-bench-").suffix(".db").tempfile()?.into_temp_path();
+    let sqlite = tempfile::Builder::new()
+        .prefix("weir-bench-")
+        .suffix(".db")
+        .tempfile()?
+        .into_temp_path();
     figures::prepare_sqlite(&sqlite, figures::rows(&args)).await?;
     let weir = server::Weir::start(&args, &sqlite).await?;
     let figures = figures::all(&args, &weir, &sqlite).await;

@@ -16,6 +16,8 @@ use crate::{median, Args, Figure};
 
 const LOOKUP: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
 const STREAM: &str = "SELECT aid, bid, abalance, filler FROM pgbench_accounts";
+/// Connections of the direct pool and of the gateway's pool.
+pub const POOL_SIZE: usize = 32;
 /// Callers share one HTTP/2 connection per this many, as a client pool would.
 const CALLERS_PER_CHANNEL: usize = 8;
 
@@ -92,18 +94,25 @@ fn summarize(mut latencies: Vec<Duration>, elapsed: Duration) -> Lookups {
 }
 
 async fn direct_lookups(args: &Args, callers: usize, rows: i64) -> anyhow::Result<Lookups> {
+    // A pool of at most POOL_SIZE connections, like the gateway's own.
+    let mut clients = Vec::new();
+    for _ in 0..callers.min(POOL_SIZE) {
+        let client = pg(args).await?;
+        let statement = client.prepare(LOOKUP).await?;
+        clients.push(Arc::new((client, statement)));
+    }
     let deadline = Instant::now() + args.lookup_duration();
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..callers {
-        let client = pg(args).await?;
+    for i in 0..callers {
+        let conn = clients[i % clients.len()].clone();
         tasks.push(tokio::spawn(async move {
-            let statement = client.prepare(LOOKUP).await?;
+            let (client, statement) = &*conn;
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
                 let aid = rand::rng().random_range(1..=rows) as i32;
                 let t = Instant::now();
-                let row = client.query_one(&statement, &[&aid]).await?;
+                let row = client.query_one(statement, &[&aid]).await?;
                 let _: i32 = row.get(0);
                 latencies.push(t.elapsed());
             }

@@ -61,7 +61,7 @@ database = "{db}"
 password_env = "WEIR_BENCH_PG_PASSWORD"
 
 [tenants.bench.sources.pg.pool]
-max_size = 64
+max_size = {pool}
 
 [tenants.bench.sources.maria]
 engine = "mysql"
@@ -79,6 +79,7 @@ path = "{sqlite}"
             pg_port = args.pg_port,
             user = args.pg_user,
             db = args.pg_database,
+            pool = crate::figures::POOL_SIZE,
             my_host = args.mysql_host,
             my_port = args.mysql_port,
             my_user = args.mysql_user,

@@ -261,7 +261,7 @@ async fn mysql(args: &Args) -> anyhow::Result<mysql_async::Conn> {
         .pass(Some(args.mysql_password.clone()))
         .db_name(Some(args.mysql_database.clone()))
         .prefer_socket(false);
-    Ok(mysql_async::Conn::new(opts).await.context("connect to MariaDB")?)
+    mysql_async::Conn::new(opts).await.context("connect to MariaDB")
 }
 
 /// The accounts in MariaDB, generated with its sequence engine.

@@ -5,6 +5,7 @@ pub mod channel;
 pub mod error;
 pub mod mssql;
 pub mod mysql;
+pub mod pool;
 pub mod postgres;
 pub mod sqlite;
 pub mod types;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bb8::{Pool, PooledConnection, RunError};
+use bb8::PooledConnection;
 use futures::{FutureExt, TryStreamExt};
 use tiberius::{AuthMethod, Client, ColumnData, EncryptionLevel, Query, QueryItem};
 use tokio::net::TcpStream;
@@ -25,6 +25,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
 use crate::backend::channel::{self, Worker, CHUNK_ROWS};
+use crate::backend::pool::FailFastPool;
 use crate::backend::{
     BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, PoolStatus, QueryStream,
     SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
@@ -151,31 +152,8 @@ impl bb8::ManageConnection for Manager {
     }
 }
 
-/// Publishes connection failures, so that callers waiting for a connection
-/// learn at once that the server is unreachable instead of waiting out the
-/// acquire timeout and mistaking it for a busy pool.
-#[derive(Debug, Clone)]
-struct ConnectErrors(Arc<tokio::sync::watch::Sender<String>>);
-
-impl bb8::ErrorSink<tiberius::error::Error> for ConnectErrors {
-    fn sink(&self, error: tiberius::error::Error) {
-        let message = match map_error(error) {
-            BackendError::Unavailable(m) => m,
-            other => other.to_string(),
-        };
-        tracing::warn!(error = %message, "cannot open a SQL Server connection");
-        self.0.send_replace(message);
-    }
-
-    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tiberius::error::Error>> {
-        Box::new(self.clone())
-    }
-}
-
 pub struct MssqlSource {
-    pool: Pool<Manager>,
-    connect_errors: ConnectErrors,
-    max_size: u32,
+    pool: FailFastPool<Manager>,
 }
 
 impl MssqlSource {
@@ -205,36 +183,20 @@ impl MssqlSource {
         if config.trust_server_certificate {
             tds.trust_cert();
         }
-        let connect_errors = ConnectErrors(Arc::new(tokio::sync::watch::channel(String::new()).0));
-        let pool = Pool::builder()
-            .error_sink(Box::new(connect_errors.clone()))
-            .max_size(config.pool.max_size)
-            .min_idle(config.pool.min_idle)
-            .idle_timeout(config.pool.idle_timeout)
-            .connection_timeout(config.pool.acquire_timeout)
-            .test_on_check_out(false)
-            .retry_connection(false)
-            .build_unchecked(Manager {
+        let pool = FailFastPool::new(
+            Manager {
                 config: tds,
                 connect_timeout: config.pool.connect_timeout,
-            });
-        Ok(Self {
-            pool,
-            connect_errors,
-            max_size: config.pool.max_size,
-        })
+            },
+            &config.pool,
+            "mssql",
+            map_error,
+        );
+        Ok(Self { pool })
     }
 
     async fn lease(&self) -> Result<Conn, BackendError> {
-        let started = Instant::now();
-        let mut failures = self.connect_errors.0.subscribe();
-        tokio::select! {
-            got = self.pool.get_owned() => got.map_err(|e| match e {
-                RunError::User(e) => map_error(e),
-                RunError::TimedOut => BackendError::PoolExhausted { max_size: self.max_size, waited: started.elapsed() },
-            }),
-            Ok(()) = failures.changed() => Err(BackendError::Unavailable(failures.borrow().clone())),
-        }
+        self.pool.lease().await
     }
 }
 
@@ -519,11 +481,7 @@ impl SqlSource for MssqlSource {
     }
 
     fn pool_status(&self) -> Option<PoolStatus> {
-        let state = self.pool.state();
-        Some(PoolStatus {
-            open: state.connections,
-            idle: state.idle_connections,
-        })
+        Some(self.pool.status())
     }
 }
 

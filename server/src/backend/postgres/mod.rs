@@ -12,12 +12,13 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bb8::{Pool, PooledConnection, RunError};
+use bb8::PooledConnection;
 use futures::Stream;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_postgres::{CancelToken, Client, NoTls};
 
 use crate::backend::error::classify_sqlstate;
+use crate::backend::pool::FailFastPool;
 use crate::backend::{
     BackendError, Capabilities, ConnectionInfo, Engine, Isolation, PoolStatus, QueryStream, Row, RowStream, SchemaInfo,
     SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
@@ -84,31 +85,8 @@ impl bb8::ManageConnection for PgManager {
     }
 }
 
-/// Publishes connection failures, so that callers waiting for a connection
-/// learn at once that the database is unreachable instead of waiting out
-/// the acquire timeout and mistaking it for a busy pool.
-#[derive(Debug, Clone)]
-struct ConnectErrors(Arc<tokio::sync::watch::Sender<String>>);
-
-impl bb8::ErrorSink<tokio_postgres::Error> for ConnectErrors {
-    fn sink(&self, error: tokio_postgres::Error) {
-        let message = match map_error(error) {
-            BackendError::Unavailable(m) => m,
-            other => other.to_string(),
-        };
-        tracing::warn!(error = %message, "cannot open a postgres connection");
-        self.0.send_replace(message);
-    }
-
-    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
-        Box::new(self.clone())
-    }
-}
-
 pub struct PostgresSource {
-    pool: Pool<PgManager>,
-    connect_errors: ConnectErrors,
-    max_size: u32,
+    pool: FailFastPool<PgManager>,
     read_only: bool,
 }
 
@@ -130,34 +108,15 @@ impl PostgresSource {
             // Enforced by the engine for every statement, whatever its text.
             pg.options("-c default_transaction_read_only=on");
         }
-        let connect_errors = ConnectErrors(Arc::new(tokio::sync::watch::channel(String::new()).0));
-        let pool = Pool::builder()
-            .error_sink(Box::new(connect_errors.clone()))
-            .max_size(config.pool.max_size)
-            .min_idle(config.pool.min_idle)
-            .idle_timeout(config.pool.idle_timeout)
-            .connection_timeout(config.pool.acquire_timeout)
-            .test_on_check_out(false)
-            .retry_connection(false)
-            .build_unchecked(PgManager { config: pg });
+        let pool = FailFastPool::new(PgManager { config: pg }, &config.pool, "postgres", map_error);
         Ok(Self {
             pool,
-            connect_errors,
-            max_size: config.pool.max_size,
             read_only: config.read_only,
         })
     }
 
     async fn lease(&self) -> Result<PooledConnection<'static, PgManager>, BackendError> {
-        let started = Instant::now();
-        let mut failures = self.connect_errors.0.subscribe();
-        tokio::select! {
-            got = self.pool.get_owned() => got.map_err(|e| match e {
-                RunError::User(e) => map_error(e),
-                RunError::TimedOut => BackendError::PoolExhausted { max_size: self.max_size, waited: started.elapsed() },
-            }),
-            Ok(()) = failures.changed() => Err(BackendError::Unavailable(failures.borrow().clone())),
-        }
+        self.pool.lease().await
     }
 }
 
@@ -390,11 +349,7 @@ impl SqlSource for PostgresSource {
     }
 
     fn pool_status(&self) -> Option<PoolStatus> {
-        let state = self.pool.state();
-        Some(PoolStatus {
-            open: state.connections,
-            idle: state.idle_connections,
-        })
+        Some(self.pool.status())
     }
 }
 

@@ -1,0 +1,106 @@
+//! A bb8 pool that fails fast: callers waiting for a connection learn at
+//! once that the database is unreachable (UNAVAILABLE with the cause)
+//! instead of waiting out the acquire timeout and mistaking it for a busy
+//! pool. Shared by the engines pooled with bb8.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bb8::{ManageConnection, Pool, PooledConnection, RunError};
+
+use super::{BackendError, PoolStatus};
+use crate::config::PoolConfig;
+
+/// Publishes connection failures to the callers waiting in `lease`.
+struct ConnectErrors<E> {
+    latest: Arc<tokio::sync::watch::Sender<String>>,
+    map: fn(E) -> BackendError,
+    engine: &'static str,
+}
+
+impl<E> Clone for ConnectErrors<E> {
+    fn clone(&self) -> Self {
+        Self {
+            latest: self.latest.clone(),
+            map: self.map,
+            engine: self.engine,
+        }
+    }
+}
+
+impl<E> std::fmt::Debug for ConnectErrors<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectErrors").field("engine", &self.engine).finish()
+    }
+}
+
+impl<E: Send + 'static> bb8::ErrorSink<E> for ConnectErrors<E> {
+    fn sink(&self, error: E) {
+        let message = match (self.map)(error) {
+            BackendError::Unavailable(m) => m,
+            other => other.to_string(),
+        };
+        tracing::warn!(engine = self.engine, error = %message, "cannot open a connection");
+        self.latest.send_replace(message);
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<E>> {
+        Box::new(self.clone())
+    }
+}
+
+pub struct FailFastPool<M: ManageConnection> {
+    pool: Pool<M>,
+    failures: Arc<tokio::sync::watch::Sender<String>>,
+    max_size: u32,
+    map: fn(M::Error) -> BackendError,
+}
+
+impl<M: ManageConnection> FailFastPool<M> {
+    /// Connections open lazily, so a source that is down at start does not stop the gateway.
+    pub fn new(manager: M, config: &PoolConfig, engine: &'static str, map: fn(M::Error) -> BackendError) -> Self {
+        let failures = Arc::new(tokio::sync::watch::channel(String::new()).0);
+        let sink = ConnectErrors {
+            latest: failures.clone(),
+            map,
+            engine,
+        };
+        let pool = Pool::builder()
+            .error_sink(Box::new(sink))
+            .max_size(config.max_size)
+            .min_idle(config.min_idle)
+            .idle_timeout(config.idle_timeout)
+            .connection_timeout(config.acquire_timeout)
+            // A round trip per checkout would double the cost of short calls;
+            // broken connections are found by `has_broken` instead.
+            .test_on_check_out(false)
+            .retry_connection(false)
+            .build_unchecked(manager);
+        Self {
+            pool,
+            failures,
+            max_size: config.max_size,
+            map,
+        }
+    }
+
+    pub async fn lease(&self) -> Result<PooledConnection<'static, M>, BackendError> {
+        let started = Instant::now();
+        let mut failures = self.failures.subscribe();
+        tokio::select! {
+            got = self.pool.get_owned() => got.map_err(|e| match e {
+                RunError::User(e) => (self.map)(e),
+                RunError::TimedOut => BackendError::PoolExhausted { max_size: self.max_size, waited: started.elapsed() },
+            }),
+            Ok(()) = failures.changed() => Err(BackendError::Unavailable(failures.borrow().clone())),
+        }
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let state = self.pool.state();
+        PoolStatus {
+            open: state.connections,
+            idle: state.idle_connections,
+        }
+    }
+}

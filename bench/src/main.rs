@@ -146,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
     println!("\n{text}");
     if let Some(path) = &args.out {
         let header = format!(
-            "# Benchmarks\n\nProduced by `weir-bench` on {} ({} cores). Each figure is measured directly and through Weir in the same run; ratios are what count.\n\n",
+            "# Benchmarks\n\nProduced by `weir-bench` on {} ({} cores). Each figure is measured directly and through Weir in the same run; ratios are what count. The load generator, Weir and the databases share the machine's cores, so every microsecond of CPU the gateway path adds (gRPC encoding on both sides, HTTP/2, the extra hop) comes out of the same budget as the engine's.\n\n",
             chrono::Utc::now().format("%Y-%m-%d"),
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
         );

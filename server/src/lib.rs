@@ -60,7 +60,7 @@ pub async fn run(
             let mut ticker = tokio::time::interval(REAP_INTERVAL);
             loop {
                 ticker.tick().await;
-                transactions.reap_idle().await;
+                transactions.reap_idle();
             }
         })
     };

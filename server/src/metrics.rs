@@ -173,6 +173,32 @@ impl Drop for StreamGauge {
     }
 }
 
+/// Paths of the API's methods. Any other path is labelled "unknown", so that
+/// callers cannot create unbounded label values.
+const METHODS: [&str; 17] = [
+    "/weir.v1.QueryService/Execute",
+    "/weir.v1.QueryService/ExecuteStream",
+    "/weir.v1.QueryService/BeginTransaction",
+    "/weir.v1.QueryService/Commit",
+    "/weir.v1.QueryService/Rollback",
+    "/weir.v1.SchemaService/ListSources",
+    "/weir.v1.SchemaService/TestConnection",
+    "/weir.v1.SchemaService/ListSchemas",
+    "/weir.v1.SchemaService/ListTables",
+    "/weir.v1.SchemaService/DescribeTable",
+    "/weir.v1.BulkLoadService/Load",
+    "/weir.v1.StreamService/Produce",
+    "/weir.v1.StreamService/Consume",
+    "/weir.v1.StreamService/CommitOffsets",
+    "/weir.v1.StreamService/ListTopics",
+    "/weir.v1.StreamService/WatchChanges",
+    "/weir.v1.StreamService/DeleteSubscription",
+];
+
+pub fn method_label(path: &str) -> &'static str {
+    METHODS.iter().find(|m| **m == path).copied().unwrap_or("unknown")
+}
+
 /// The process-wide metrics (one registry per process, as Prometheus expects).
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 

@@ -486,3 +486,27 @@ async fn invalid_requests_are_rejected_with_the_field() {
     assert!(!engine_code(&err).is_empty(), "engine code attached");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn sqlite_sources_cannot_reach_other_files() {
+    let server = TestServer::start(&two_tenants()).await;
+    let client = server.client("key-alpha").await;
+    let other = std::env::temp_dir().join(format!("weir-attach-probe-{}.db", std::process::id()));
+    let attach = format!("ATTACH DATABASE '{}' AS other", other.display());
+    let err = client
+        .execute("shop", &attach, vec![])
+        .await
+        .expect_err("attach is refused");
+    assert!(
+        err.message().contains("too many attached databases"),
+        "{}",
+        err.message()
+    );
+    let vacuum = format!("VACUUM INTO '{}'", other.display());
+    client
+        .execute("shop", &vacuum, vec![])
+        .await
+        .expect_err("vacuum into is refused");
+    assert!(!other.exists(), "no file was written");
+    server.stop().await;
+}

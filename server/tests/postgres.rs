@@ -688,3 +688,89 @@ async fn an_unreachable_database_is_unavailable_without_leaking_where() {
     assert!(!sources[0].healthy);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_callers_session_state_does_not_reach_the_next_caller() {
+    pg_direct()
+        .await
+        .batch_execute("CREATE TABLE IF NOT EXISTS weir_session (id int)")
+        .await
+        .expect("setup");
+    let toml = tenant(
+        "solo",
+        "",
+        &postgres("solo", "pg", "[tenants.solo.sources.pg.pool]\nmax_size = 1\n"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-solo").await;
+    let marker = i64::from(std::process::id());
+    // A bare BEGIN outside a Weir transaction must not leave the pooled connection inside one.
+    client
+        .execute("pg", "BEGIN", vec![])
+        .await
+        .expect("begin as a statement");
+    client
+        .execute("pg", "INSERT INTO weir_session VALUES ($1)", vec![marker.into()])
+        .await
+        .expect("insert");
+    client
+        .execute("pg", "SET application_name = 'changed'", vec![])
+        .await
+        .expect("set");
+    let name = client
+        .execute("pg", "SHOW application_name", vec![])
+        .await
+        .expect("show");
+    assert_eq!(
+        text(&name.rows[0].values[0]),
+        "weir",
+        "settings are reset between callers"
+    );
+    let seen: i64 = pg_direct()
+        .await
+        .query_one("SELECT count(*) FROM weir_session WHERE id = $1", &[&(marker as i32)])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        seen, 1,
+        "the insert was committed, not swallowed by a leftover transaction"
+    );
+    server.stop().await;
+
+    let toml = tenant(
+        "ro2",
+        "",
+        &postgres(
+            "ro2",
+            "pg",
+            "read_only = true\n[tenants.ro2.sources.pg.pool]\nmax_size = 1\n",
+        ),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-ro2").await;
+    client
+        .execute(
+            "pg",
+            "SELECT set_config('default_transaction_read_only', 'off', false)",
+            vec![],
+        )
+        .await
+        .expect("a caller may change its session");
+    let err = client
+        .execute("pg", "INSERT INTO weir_session VALUES (0)", vec![])
+        .await
+        .expect_err("still read-only");
+    assert_eq!(engine_code(&err), "25006");
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let err = client
+        .execute_in(&tx, "pg", "SET TRANSACTION READ WRITE", vec![])
+        .await
+        .expect_err("mode is fixed");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    client.rollback(&tx).await.expect("rollback");
+    server.stop().await;
+}

@@ -11,6 +11,15 @@ use crate::error::Error;
 /// Deepest list nesting accepted in a parameter (PostgreSQL allows 6 dimensions).
 const MAX_LIST_DEPTH: usize = 6;
 
+/// A caller's value as quoted in an error: short enough for a gRPC trailer.
+fn quote(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        Some((end, _)) => format!("'{}…'", &s[..end]),
+        None => format!("'{s}'"),
+    }
+}
+
 fn bad(field: &'static str, message: impl Into<String>) -> Error {
     Error::InvalidArgument {
         field,
@@ -37,7 +46,7 @@ fn value_from_proto(v: pb::Value, depth: usize) -> Result<Value, String> {
         Some(Kind::BytesValue(b)) => Value::Bytes(b),
         Some(Kind::DecimalValue(s)) => {
             if !is_decimal(&s) {
-                return Err(format!("'{s}' is not a decimal number"));
+                return Err(format!("{} is not a decimal number", quote(&s)));
             }
             Value::Decimal(s)
         }
@@ -67,7 +76,9 @@ fn value_from_proto(v: pb::Value, depth: usize) -> Result<Value, String> {
             days: i.days,
             microseconds: i.microseconds,
         },
-        Some(Kind::UuidValue(s)) => Value::Uuid(uuid::Uuid::parse_str(&s).map_err(|_| format!("'{s}' is not a UUID"))?),
+        Some(Kind::UuidValue(s)) => {
+            Value::Uuid(uuid::Uuid::parse_str(&s).map_err(|_| format!("{} is not a UUID", quote(&s)))?)
+        }
         Some(Kind::JsonValue(s)) => {
             serde_json::from_str::<serde::de::IgnoredAny>(&s).map_err(|e| format!("invalid JSON: {e}"))?;
             Value::Json(s)

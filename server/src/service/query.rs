@@ -286,6 +286,8 @@ impl QueryService for QueryApi {
                         r.map_err(|_| Error::Timeout(timeout)).and_then(|r| r)
                     }
                     Ok(_) = cut.wait_for(|cut| *cut) => Err(Error::ShuttingDown),
+                    // The client left before the first row: stop waiting for the engine too.
+                    () = tx.closed() => Ok(()),
                 };
                 target.finished();
                 if let Err(e) = outcome {

@@ -15,6 +15,9 @@ use crate::tenant::Caller;
 
 type Handle = [u8; 16];
 
+/// Longest an idle transaction's rollback may take before its connection is dropped.
+const REAP_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct OpenTransaction {
     pub tx: Arc<dyn SqlTransaction>,
     pub source: String,
@@ -82,8 +85,10 @@ impl Transactions {
         Ok(result?)
     }
 
-    /// Rolls back transactions idle past their timeout.
-    pub async fn reap_idle(&self) {
+    /// Rolls back transactions idle past their timeout. Each rollback runs
+    /// on its own, bounded in time, so one hung database cannot hold up the
+    /// others; a transaction still running a statement is not idle and stays.
+    pub fn reap_idle(self: &Arc<Self>) {
         let now = Instant::now();
         let expired: Vec<_> = {
             let mut open = self.open.lock();
@@ -93,16 +98,26 @@ impl Transactions {
                 .map(|(k, _)| k.clone())
                 .collect();
             keys.into_iter()
-                .filter_map(|k| open.remove(&k).map(|e| (k.0, e)))
+                .filter_map(|k| open.remove(&k).map(|e| (k, e)))
                 .collect()
         };
-        for (tenant, entry) in expired {
-            tracing::info!(tenant, source = entry.source, "rolling back an idle transaction");
-            // A statement still streaming holds the connection; it is
-            // discarded (and so rolled back by the engine) when it ends.
-            if let Err(e) = entry.tx.rollback().await {
-                tracing::debug!(error = %e, "idle transaction rollback deferred");
-            }
+        for (key, entry) in expired {
+            let registry = self.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(REAP_ROLLBACK_TIMEOUT, entry.tx.rollback()).await {
+                    Ok(Err(BackendError::Busy)) => {
+                        entry.touch();
+                        registry.open.lock().insert(key, entry);
+                    }
+                    Ok(_) => tracing::info!(tenant = key.0, source = entry.source, "rolled back an idle transaction"),
+                    // Dropping the transaction discards its connection: the engine rolls back.
+                    Err(_) => tracing::warn!(
+                        tenant = key.0,
+                        source = entry.source,
+                        "idle transaction rollback timed out"
+                    ),
+                }
+            });
         }
     }
 

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::Error;
-use crate::metrics::METRICS;
+use crate::metrics::{method_label, METRICS};
 use crate::tenant::Tenants;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -129,7 +129,12 @@ where
                 None => {
                     let _enter = span.enter();
                     tracing::info!("call rejected: missing or unknown API key");
-                    METRICS.record_call("", &method, tonic::Code::Unauthenticated, started.elapsed());
+                    METRICS.record_call(
+                        "",
+                        method_label(&method),
+                        tonic::Code::Unauthenticated,
+                        started.elapsed(),
+                    );
                     let mut response = tonic::Status::from(Error::Unauthenticated).into_http::<Body>();
                     response.headers_mut().insert(REQUEST_ID_HEADER, id);
                     return Box::pin(async move { Ok(response) });
@@ -152,7 +157,7 @@ where
                         inner: body,
                         code,
                         tenant,
-                        method,
+                        method: method_label(&method),
                         started,
                         span: body_span,
                     })
@@ -169,7 +174,7 @@ struct ObservedBody {
     inner: Body,
     code: Option<tonic::Code>,
     tenant: String,
-    method: String,
+    method: &'static str,
     started: Instant,
     span: tracing::Span,
 }
@@ -204,7 +209,7 @@ impl Drop for ObservedBody {
     fn drop(&mut self) {
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
         let elapsed = self.started.elapsed();
-        METRICS.record_call(&self.tenant, &self.method, code, elapsed);
+        METRICS.record_call(&self.tenant, self.method, code, elapsed);
         self.span.record("code", format!("{code:?}"));
         let _enter = self.span.enter();
         tracing::debug!(code = ?code, elapsed_ms = elapsed.as_secs_f64() * 1e3, "call finished");

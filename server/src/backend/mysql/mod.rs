@@ -21,6 +21,8 @@ use crate::backend::{
 };
 use crate::config::SourceConfig;
 
+/// How long stopping an abandoned statement may take to connect.
+const KILL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE_SIZE: usize = 256;
 
@@ -189,7 +191,14 @@ async fn execute(
 /// Stops a statement the caller abandoned, from a separate connection.
 async fn kill(opts: &Opts, connection_id: u32) {
     let killed = async {
-        let mut conn = Conn::new(opts.clone()).await?;
+        let mut conn = match tokio::time::timeout(KILL_CONNECT_TIMEOUT, Conn::new(opts.clone())).await {
+            Ok(conn) => conn?,
+            Err(_) => {
+                return Err(mysql_async::Error::Other(
+                    "timed out connecting to kill a statement".into(),
+                ))
+            }
+        };
         conn.query_drop(format!("KILL QUERY {connection_id}")).await?;
         conn.disconnect().await
     };
@@ -320,10 +329,12 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
                 1792 | 1290 | 1142 | 1143 | 1044 | 1227 => K::PermissionDenied,
                 1040 | 1203 | 1041 | 1114 => K::ResourceExhausted,
                 1045 | 1698 => {
+                    // The engine's text names hosts and logins: log it, do not return it.
+                    tracing::warn!(errno = s.code, detail = %s.message, "the database rejected Weir's connection");
                     return BackendError::Unavailable(format!(
-                        "the database rejected Weir's connection: {} (errno {})",
-                        s.message, s.code
-                    ))
+                        "the database rejected Weir's connection (errno {})",
+                        s.code
+                    ));
                 }
                 _ => classify_sqlstate(&s.state),
             };

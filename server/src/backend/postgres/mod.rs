@@ -26,6 +26,8 @@ use crate::backend::{
 use crate::config::SourceConfig;
 use types::{PgParam, PgValue};
 
+/// Longer statements are prepared each time, so the cache stays small whatever callers send.
+const MAX_CACHED_SQL: usize = 16 * 1024;
 /// Prepared statements kept per connection; the cache is cleared when full.
 const STATEMENT_CACHE_SIZE: usize = 256;
 
@@ -44,6 +46,9 @@ impl PgConn {
             return Ok(s.clone());
         }
         let statement = self.client.prepare(sql).await?;
+        if sql.len() > MAX_CACHED_SQL {
+            return Ok(statement);
+        }
         if self.statements.len() >= STATEMENT_CACHE_SIZE {
             self.statements.clear();
         }
@@ -155,10 +160,32 @@ struct StatementGuard {
 }
 
 impl StatementGuard {
+    /// The statement is over. A pooled connection is reset before it goes
+    /// back: a caller's own BEGIN, SET, advisory lock, LISTEN or temporary
+    /// table must not reach the next caller (nor undo a read-only default).
+    /// The caller does not wait for the reset; the connection does.
     fn finish(&mut self) {
-        self.lease = None;
+        match self.lease.take() {
+            Some(Lease::Pooled(conn)) => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        if let Err(e) = conn.client.batch_execute(SESSION_RESET).await {
+                            tracing::debug!(error = %e, "session reset failed; the connection is dropped");
+                            let mut conn = conn;
+                            conn.in_transaction = true;
+                        }
+                    });
+                }
+            }
+            Some(Lease::Transaction(_)) | None => {}
+        }
     }
 }
+
+/// Returns a session to its connect-time state without dropping the
+/// prepared statements (DISCARD ALL would empty the statement cache).
+const SESSION_RESET: &str = "ROLLBACK; RESET ALL; SET SESSION AUTHORIZATION DEFAULT; UNLISTEN *; \
+     SELECT pg_advisory_unlock_all(); DISCARD TEMP";
 
 impl Drop for StatementGuard {
     fn drop(&mut self) {
@@ -305,6 +332,10 @@ impl SqlSource for PostgresSource {
             sql.push_str(" READ ONLY");
         }
         conn.in_transaction = true;
+        if options.read_only || self.read_only {
+            // A first query fixes the access mode: SET TRANSACTION READ WRITE now fails.
+            sql.push_str("; SELECT 1");
+        }
         conn.client.batch_execute(&sql).await.map_err(map_error)?;
         Ok(Box::new(PgTransaction {
             conn: Arc::new(Mutex::new(conn)),
@@ -400,9 +431,9 @@ pub(crate) fn map_error(e: tokio_postgres::Error) -> BackendError {
         }
         let kind = classify_sqlstate(db.code().code());
         if code.starts_with("28") || code == "3D000" {
-            return BackendError::Unavailable(format!(
-                "the database rejected Weir's connection: {message} (SQLSTATE {code})"
-            ));
+            // The engine's text names hosts and logins: log it, do not return it.
+            tracing::warn!(sqlstate = %code, detail = %message, "the database rejected Weir's connection");
+            return BackendError::Unavailable(format!("the database rejected Weir's connection (SQLSTATE {code})"));
         }
         return BackendError::Engine { kind, code, message };
     }

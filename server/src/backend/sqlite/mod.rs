@@ -39,17 +39,19 @@ struct Pool {
 
 impl Pool {
     fn open(&self) -> Result<Connection, BackendError> {
-        let conn = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(map_error)?;
+        let access = if self.read_only {
+            // Enforced by SQLite for every statement, whatever its text.
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
+        };
+        let conn =
+            Connection::open_with_flags(&self.path, access | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(map_error)?;
+        // ATTACH and VACUUM INTO would reach any file the gateway can read or write.
+        conn.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_ATTACHED, 0)
+            .map_err(map_error)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(map_error)?;
         conn.execute_batch("PRAGMA foreign_keys = ON").map_err(map_error)?;
-        if self.read_only {
-            // Enforced by SQLite for every statement, whatever its text.
-            conn.execute_batch("PRAGMA query_only = ON").map_err(map_error)?;
-        }
         Ok(conn)
     }
 
@@ -276,11 +278,13 @@ impl SqliteTransaction {
         let restore = self.restore_writes;
         tokio::task::spawn_blocking(move || {
             let conn = guard.conn()?;
-            conn.execute_batch(sql).map_err(map_error)?;
+            let ended = conn.execute_batch(sql).map_err(map_error);
+            // Restored even when the statement failed (a caller may have ended
+            // the transaction itself), or later writers would find it read-only.
             if restore {
                 conn.execute_batch("PRAGMA query_only = OFF").map_err(map_error)?;
             }
-            Ok(())
+            ended
         })
         .await
         .map_err(|e| BackendError::Internal(e.to_string()))?

@@ -36,8 +36,6 @@ use weir_client::weir_proto::v1::value::Kind;
 use weir_client::weir_proto::v1::IsolationLevel;
 use weir_client::WeirClient;
 
-const LIVE: &str = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored";
-
 // A throwaway self-signed certificate (P-256, valid until 2126) for the
 // mock's TLS, whose handshake tiberius cannot complete. Not a secret.
 const MOCK_CERT: &str = "-----BEGIN CERTIFICATE-----
@@ -435,40 +433,6 @@ async fn unreachable_servers_are_unavailable() {
 // ---- live SQL Server ----
 
 /// The source section for the server in WEIR_TEST_MSSQL_URL.
-fn live_source(tenant: &str, extra: &str) -> String {
-    let url = std::env::var("WEIR_TEST_MSSQL_URL").expect(LIVE);
-    let mut keys = std::collections::HashMap::new();
-    for part in url.split(';').filter(|p| !p.trim().is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .expect("WEIR_TEST_MSSQL_URL: key=value pairs separated by ';'");
-        keys.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-    }
-    let get = |k: &str, default: &str| keys.get(k).cloned().unwrap_or_else(|| default.to_string());
-    let mut toml = format!(
-        "[tenants.{tenant}.sources.db]\nengine = \"mssql\"\nhost = \"{}\"\nport = {}\nuser = \"{}\"\n\
-         tls = {}\ntrust_server_certificate = {}\n",
-        keys.get("host").expect("WEIR_TEST_MSSQL_URL needs host="),
-        get("port", "1433"),
-        get("user", "sa"),
-        get("tls", "false"),
-        get("trust_server_certificate", "false"),
-    );
-    if let Some(db) = keys.get("database") {
-        toml.push_str(&format!("database = \"{db}\"\n"));
-    }
-    if let Some(password) = keys.get("password") {
-        // Sources read passwords from the environment or a file, never the configuration.
-        static SET: std::sync::Once = std::sync::Once::new();
-        SET.call_once(|| std::env::set_var("WEIR_TEST_MSSQL_PASSWORD", password));
-        toml.push_str("password_env = \"WEIR_TEST_MSSQL_PASSWORD\"\n");
-    }
-    // Last: `extra` may open a sub-table such as the pool's.
-    toml.push_str(extra);
-    toml.push('\n');
-    toml
-}
-
 struct Live {
     server: TestServer,
     client: WeirClient,
@@ -476,7 +440,7 @@ struct Live {
 
 impl Live {
     async fn new(limits: &str, extra: &str) -> Live {
-        let server = TestServer::start(&tenant("live", limits, &live_source("live", extra))).await;
+        let server = TestServer::start(&tenant("live", limits, &mssql_live("live", "db", extra))).await;
         let client = server.client("key-live").await;
         Live { server, client }
     }

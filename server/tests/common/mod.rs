@@ -229,3 +229,43 @@ pub async fn http_get(base: &str, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// A SQL Server source from `WEIR_TEST_MSSQL_URL`, a `;`-separated list of
+/// `key=value` (values cannot contain `;`):
+/// `host=127.0.0.1;port=1433;user=sa;password=Secret_123;database=master;trust_server_certificate=true`.
+/// Keys: `host` (required), `port` (1433), `user` (sa), `password`,
+/// `database` (the login's default), `tls` and `trust_server_certificate`
+/// (true/false, default false). Tests that use it are marked ignored and run
+/// with `--include-ignored` (scripts/test does that when the variable is set).
+pub fn mssql_live(tenant: &str, name: &str, extra: &str) -> String {
+    let url = std::env::var("WEIR_TEST_MSSQL_URL").expect("set WEIR_TEST_MSSQL_URL to run the SQL Server tests");
+    let mut keys = std::collections::HashMap::new();
+    for part in url.split(';').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .expect("WEIR_TEST_MSSQL_URL: key=value pairs separated by ';'");
+        keys.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+    }
+    let get = |k: &str, default: &str| keys.get(k).cloned().unwrap_or_else(|| default.to_string());
+    let mut toml = format!(
+        "[tenants.{tenant}.sources.{name}]\nengine = \"mssql\"\nhost = \"{}\"\nport = {}\nuser = \"{}\"\n\
+         tls = {}\ntrust_server_certificate = {}\n",
+        keys.get("host").expect("WEIR_TEST_MSSQL_URL needs host="),
+        get("port", "1433"),
+        get("user", "sa"),
+        get("tls", "false"),
+        get("trust_server_certificate", "false"),
+    );
+    if let Some(db) = keys.get("database") {
+        toml.push_str(&format!("database = \"{db}\"\n"));
+    }
+    if let Some(password) = keys.get("password") {
+        // Sources read passwords from the environment or a file, never the configuration.
+        default_env("WEIR_TEST_MSSQL_PASSWORD", password);
+        toml.push_str("password_env = \"WEIR_TEST_MSSQL_PASSWORD\"\n");
+    }
+    // Last: `extra` may open a sub-table such as the pool's.
+    toml.push_str(extra);
+    toml.push('\n');
+    toml
+}

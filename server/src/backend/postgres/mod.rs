@@ -38,6 +38,10 @@ pub struct PgConn {
     /// Set between BEGIN and COMMIT/ROLLBACK: a connection returned to the
     /// pool in that state is discarded rather than reused.
     in_transaction: bool,
+    /// A caller's statement ran since the last reset: its BEGIN, SET,
+    /// advisory locks, LISTEN or temporary tables must not reach the next
+    /// caller (nor undo a read-only default).
+    needs_reset: bool,
 }
 
 impl PgConn {
@@ -78,6 +82,7 @@ impl bb8::ManageConnection for PgManager {
             cancel,
             statements: HashMap::new(),
             in_transaction: false,
+            needs_reset: false,
         })
     }
 
@@ -160,25 +165,8 @@ struct StatementGuard {
 }
 
 impl StatementGuard {
-    /// The statement is over. A pooled connection is reset before it goes
-    /// back: a caller's own BEGIN, SET, advisory lock, LISTEN or temporary
-    /// table must not reach the next caller (nor undo a read-only default).
-    /// The caller does not wait for the reset; the connection does.
     fn finish(&mut self) {
-        match self.lease.take() {
-            Some(Lease::Pooled(conn)) => {
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    runtime.spawn(async move {
-                        if let Err(e) = conn.client.batch_execute(SESSION_RESET).await {
-                            tracing::debug!(error = %e, "session reset failed; the connection is dropped");
-                            let mut conn = conn;
-                            conn.in_transaction = true;
-                        }
-                    });
-                }
-            }
-            Some(Lease::Transaction(_)) | None => {}
-        }
+        self.lease = None;
     }
 }
 
@@ -208,6 +196,15 @@ impl Drop for StatementGuard {
 
 async fn run(mut lease: Lease, statement: Statement) -> Result<QueryStream, BackendError> {
     types::check_params(&statement.params)?;
+    // A pooled session is reset before its next statement; when the statement
+    // is already prepared the reset travels in the same round trip.
+    let pooled = matches!(lease, Lease::Pooled(_));
+    let mut reset_first = pooled && lease.needs_reset;
+    if reset_first && !lease.statements.contains_key(&statement.sql) {
+        lease.client.batch_execute(SESSION_RESET).await.map_err(map_error)?;
+        reset_first = false;
+    }
+    lease.needs_reset |= pooled;
     let prepared = match lease.prepare(&statement.sql).await {
         Ok(p) => p,
         Err(e) => return Err(map_error(e)),
@@ -228,9 +225,14 @@ async fn run(mut lease: Lease, statement: Statement) -> Result<QueryStream, Back
     let mut guard = StatementGuard { lease: Some(lease) };
     let started = match guard.lease.as_ref() {
         Some(l) => {
-            l.client
-                .query_raw(&prepared, statement.params.iter().map(PgParam))
-                .await
+            let query = l.client.query_raw(&prepared, statement.params.iter().map(PgParam));
+            if reset_first {
+                let (reset, query) = futures::join!(l.client.batch_execute(SESSION_RESET), query);
+                reset.map_err(map_error)?;
+                query
+            } else {
+                query.await
+            }
         }
         None => return Err(BackendError::Internal("statement lease missing".into())),
     };

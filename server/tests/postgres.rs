@@ -774,3 +774,58 @@ async fn a_callers_session_state_does_not_reach_the_next_caller() {
     client.rollback(&tx).await.expect("rollback");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn many_cancelled_calls_leak_no_connections() {
+    let toml = tenant(
+        "churn",
+        "",
+        &postgres("churn", "pg", "[tenants.churn.sources.pg.pool]\nmax_size = 3\n"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-churn").await;
+    let mut calls = Vec::new();
+    for i in 0..200u64 {
+        let mut query = client.query();
+        calls.push(tokio::spawn(async move {
+            let mut request = tonic::Request::new(pb::ExecuteStreamRequest {
+                source: "pg".into(),
+                sql: "SELECT pg_sleep(0.05) AS churn_probe".into(),
+                ..Default::default()
+            });
+            // Some calls give up while waiting for a connection, some mid-statement.
+            request.set_timeout(Duration::from_millis(5 + i % 40));
+            let _ = async {
+                let mut s = query.execute_stream(request).await?.into_inner();
+                while s.message().await?.is_some() {}
+                Ok::<_, tonic::Status>(())
+            }
+            .await;
+        }));
+    }
+    for call in calls {
+        call.await.expect("call task");
+    }
+    let pg = pg_direct().await;
+    assert!(
+        wait_until_gone(&pg, "churn_probe", Duration::from_secs(10)).await,
+        "cancelled statements still run"
+    );
+    let open: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weir' AND query LIKE '%churn_probe%'",
+            &[],
+        )
+        .await
+        .expect("activity")
+        .get(0);
+    assert!(open <= 3, "{open} connections for a pool of 3");
+    for _ in 0..10 {
+        let r = client
+            .execute("pg", "SELECT 1", vec![])
+            .await
+            .expect("the pool still serves");
+        assert_eq!(int(&r.rows[0].values[0]), 1);
+    }
+    server.stop().await;
+}

@@ -334,6 +334,8 @@ impl SqlSource for PostgresSource {
             sql.push_str(" READ ONLY");
         }
         conn.in_transaction = true;
+        // Whatever the transaction SETs lasts past COMMIT: reset before the next caller.
+        conn.needs_reset = true;
         if options.read_only || self.read_only {
             // A first query fixes the access mode: SET TRANSACTION READ WRITE now fails.
             sql.push_str("; SELECT 1");

@@ -327,8 +327,7 @@ async fn engine_errors_keep_their_sqlstate() {
     };
     assert_eq!(engine_code(&err), "22012");
     // The connection pool is unharmed.
-    let r = client.execute("pg", "SELECT 1", vec![]).await.expect("still serving");
-    assert_eq!(int(&r.rows[0].values[0]), 1);
+    assert_serves(&client, "pg", 1).await;
     server.stop().await;
 }
 
@@ -480,45 +479,7 @@ async fn cancelled_and_timed_out_statements_stop_in_the_engine() {
     assert!(wait_until_gone(&pg, "deadline_probe", Duration::from_secs(5)).await);
 
     // Cancellation leaves every pooled connection usable.
-    for _ in 0..8 {
-        let r = client
-            .execute("pg", "SELECT 1", vec![])
-            .await
-            .expect("pool serves after cancellations");
-        assert_eq!(int(&r.rows[0].values[0]), 1);
-    }
-    server.stop().await;
-}
-
-#[tokio::test]
-async fn a_stream_dropped_half_way_is_cancelled() {
-    let server = TestServer::start(&config("")).await;
-    let client = server.client("key-acme").await;
-    let pg = pg_direct().await;
-    // A client that drops a large stream half way.
-    let mut stream = client
-        .execute_stream(
-            "pg",
-            "SELECT g, pg_sleep(0.0001) AS drop_probe FROM generate_series(1, 100000) g",
-            vec![],
-        )
-        .await
-        .expect("stream");
-    let first = stream.next_batch().await.expect("batch").expect("rows");
-    assert!(!first.is_empty());
-    drop(stream);
-    assert!(
-        wait_until_gone(&pg, "drop_probe", Duration::from_secs(5)).await,
-        "abandoned statement was not cancelled"
-    );
-
-    for _ in 0..8 {
-        let r = client
-            .execute("pg", "SELECT 1", vec![])
-            .await
-            .expect("pool serves after cancellations");
-        assert_eq!(int(&r.rows[0].values[0]), 1);
-    }
+    assert_serves(&client, "pg", 8).await;
     server.stop().await;
 }
 
@@ -820,12 +781,6 @@ async fn many_cancelled_calls_leak_no_connections() {
         .expect("activity")
         .get(0);
     assert!(open <= 3, "{open} connections for a pool of 3");
-    for _ in 0..10 {
-        let r = client
-            .execute("pg", "SELECT 1", vec![])
-            .await
-            .expect("the pool still serves");
-        assert_eq!(int(&r.rows[0].values[0]), 1);
-    }
+    assert_serves(&client, "pg", 10).await;
     server.stop().await;
 }

@@ -269,3 +269,15 @@ pub fn mssql_live(tenant: &str, name: &str, extra: &str) -> String {
     toml.push('\n');
     toml
 }
+
+/// The source still answers `SELECT 1`, `times` times in a row: no pooled
+/// connection was left broken or busy.
+pub async fn assert_serves(client: &WeirClient, source: &str, times: usize) {
+    for _ in 0..times {
+        let r = client
+            .execute(source, "SELECT 1", vec![])
+            .await
+            .expect("the source still serves");
+        assert_eq!(int(&r.rows[0].values[0]), 1);
+    }
+}

@@ -2,19 +2,22 @@
 
 use std::time::Duration;
 
+use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status, Streaming};
+use weir_proto::v1::bulk_load_service_client::BulkLoadServiceClient;
 use weir_proto::v1::execute_stream_response::Payload;
+use weir_proto::v1::load_request::Message as LoadMessage;
 use weir_proto::v1::query_service_client::QueryServiceClient;
 use weir_proto::v1::schema_service_client::SchemaServiceClient;
 use weir_proto::v1::{
     BeginTransactionRequest, Column, CommitRequest, DescribeTableRequest, DescribeTableResponse, ExecuteRequest,
     ExecuteResponse, ExecuteStreamRequest, ExecuteStreamResponse, IsolationLevel, ListSchemasRequest,
-    ListSourcesRequest, ListTablesRequest, QueryStats, RollbackRequest, Row, SchemaInfo, SourceInfo, TableInfo,
-    TestConnectionRequest, TestConnectionResponse, Value,
+    ListSourcesRequest, ListTablesRequest, LoadHeader, LoadRequest, LoadResponse, LoadRows, QueryStats,
+    RollbackRequest, Row, SchemaInfo, SourceInfo, TableInfo, TestConnectionRequest, TestConnectionResponse, Value,
 };
 
 /// A channel that authenticates every call with the API key.
@@ -81,6 +84,7 @@ impl Interceptor for ApiKeyInterceptor {
 pub struct WeirClient {
     query: QueryServiceClient<AuthChannel>,
     schema: SchemaServiceClient<AuthChannel>,
+    bulk: BulkLoadServiceClient<AuthChannel>,
 }
 
 impl WeirClient {
@@ -104,9 +108,11 @@ impl WeirClient {
             .map_err(|source| ClientError::Transport { addr, source })?;
         let query = QueryServiceClient::with_interceptor(channel.clone(), interceptor.clone())
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
-        let schema = SchemaServiceClient::with_interceptor(channel, interceptor)
+        let schema = SchemaServiceClient::with_interceptor(channel.clone(), interceptor.clone())
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
-        Ok(WeirClient { query, schema })
+        let bulk = BulkLoadServiceClient::with_interceptor(channel, interceptor)
+            .max_encoding_message_size(MAX_DECODING_MESSAGE_SIZE);
+        Ok(WeirClient { query, schema, bulk })
     }
 
     /// The generated QueryService client, for calls the helpers do not cover.
@@ -117,6 +123,29 @@ impl WeirClient {
     /// The generated SchemaService client, for calls the helpers do not cover.
     pub fn schema(&self) -> SchemaServiceClient<AuthChannel> {
         self.schema.clone()
+    }
+
+    /// The generated BulkLoadService client, for calls the helpers do not cover.
+    pub fn bulk(&self) -> BulkLoadServiceClient<AuthChannel> {
+        self.bulk.clone()
+    }
+
+    /// Loads row batches into a table: the header goes first, then every
+    /// batch `rows` yields. The server commits only when the stream ends;
+    /// dropping the returned future before then rolls the load back.
+    pub async fn load(
+        &self,
+        header: LoadHeader,
+        rows: impl Stream<Item = Vec<Row>> + Send + 'static,
+    ) -> Result<LoadResponse, Status> {
+        let first = LoadRequest {
+            message: Some(LoadMessage::Header(header)),
+        };
+        let batches = rows.map(|rows| LoadRequest {
+            message: Some(LoadMessage::Rows(LoadRows { rows })),
+        });
+        let requests = tokio_stream::once(first).chain(batches);
+        Ok(self.bulk().load(requests).await?.into_inner())
     }
 
     /// Runs one statement in autocommit mode and returns its whole result.

@@ -45,6 +45,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub metrics: MetricsConfig,
     pub telemetry: TelemetryConfig,
+    pub bulk: BulkConfig,
     /// Tenants by id.
     pub tenants: BTreeMap<String, TenantConfig>,
 }
@@ -103,6 +104,23 @@ pub struct TelemetryConfig {
     pub service_name: Option<String>,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BulkConfig {
+    /// Table in each target database where committed `load_id`s are recorded,
+    /// in the same transaction as the rows they loaded. Created on first use
+    /// in the connection's default schema.
+    pub load_id_table: String,
+}
+
+impl Default for BulkConfig {
+    fn default() -> Self {
+        Self {
+            load_id_table: "weir_load_ids".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantConfig {
@@ -140,6 +158,14 @@ pub struct LimitsConfig {
     /// An unused transaction is rolled back after this long.
     #[serde(with = "humantime_serde")]
     pub transaction_idle_timeout: Duration,
+    /// Bulk loads in progress at once.
+    pub max_concurrent_loads: u32,
+    /// Rows one load may carry; more fails the load (RESOURCE_EXHAUSTED) and rolls it back.
+    pub max_rows_per_load: u64,
+    /// Sustained rows per second across the tenant's loads; faster senders are slowed, not refused.
+    pub load_rows_per_second: u32,
+    /// Sustained request bytes per second across the tenant's loads; likewise slowed.
+    pub load_bytes_per_second: u32,
 }
 
 impl Default for LimitsConfig {
@@ -152,6 +178,10 @@ impl Default for LimitsConfig {
             max_bytes_per_response: 16 * 1024 * 1024,
             statement_timeout: Duration::from_secs(30),
             transaction_idle_timeout: Duration::from_secs(60),
+            max_concurrent_loads: 4,
+            max_rows_per_load: 100_000_000,
+            load_rows_per_second: 2_000_000,
+            load_bytes_per_second: 512 * 1024 * 1024,
         }
     }
 }
@@ -261,6 +291,18 @@ impl Config {
         if self.server.max_request_bytes < 1024 {
             return Err(invalid("server.max_request_bytes", "must be at least 1024"));
         }
+        let table = &self.bulk.load_id_table;
+        let plain = table.len() <= 63
+            && table.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && table
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !plain {
+            return Err(invalid(
+                "bulk.load_id_table",
+                "a table name of 1-63 characters a-z, 0-9 and '_', not starting with a digit",
+            ));
+        }
         let mut seen_keys = std::collections::HashSet::new();
         for (tenant_id, tenant) in &self.tenants {
             let t = format!("tenants.{tenant_id}");
@@ -309,6 +351,10 @@ impl LimitsConfig {
             ("max_concurrent_requests", u64::from(self.max_concurrent_requests)),
             ("max_rows_per_response", self.max_rows_per_response),
             ("max_bytes_per_response", self.max_bytes_per_response),
+            ("max_concurrent_loads", u64::from(self.max_concurrent_loads)),
+            ("max_rows_per_load", self.max_rows_per_load),
+            ("load_rows_per_second", u64::from(self.load_rows_per_second)),
+            ("load_bytes_per_second", u64::from(self.load_bytes_per_second)),
         ];
         for (name, value) in positive {
             if value == 0 {

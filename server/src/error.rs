@@ -33,6 +33,12 @@ pub enum Error {
     Timeout(Duration),
     #[error("the server is shutting down; retry on another replica")]
     ShuttingDown,
+    #[error("too many bulk loads in progress (limit {limit}); retry when one finishes")]
+    TooManyLoads { limit: u32 },
+    #[error("the load exceeds the limit of {limit} rows per load and was rolled back; split it into several loads")]
+    LoadTooLarge { limit: u64 },
+    #[error("the load did not finish within {0:?} and was rolled back")]
+    LoadTimeout(Duration),
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -99,6 +105,22 @@ impl From<Error> for Status {
                 d.set_retry_info(Some(Duration::from_secs(1)));
                 (Code::Unavailable, d)
             }
+            Error::TooManyLoads { limit } => {
+                let mut d = info("LOAD_CONCURRENCY_LIMITED", vec![("limit", limit.to_string())]);
+                d.set_retry_info(Some(Duration::from_secs(1)));
+                (Code::ResourceExhausted, d)
+            }
+            Error::LoadTooLarge { limit } => (
+                Code::ResourceExhausted,
+                info(
+                    "LOAD_TOO_LARGE",
+                    vec![("limit", limit.to_string()), ("unit", "rows".into())],
+                ),
+            ),
+            Error::LoadTimeout(limit) => (
+                Code::DeadlineExceeded,
+                info("LOAD_TIMEOUT", vec![("limit_ms", limit.as_millis().to_string())]),
+            ),
             Error::Backend(b) => match b {
                 BackendError::Engine { kind, code, .. } => {
                     let (grpc, reason) = engine_code(*kind);
@@ -132,11 +154,36 @@ impl From<Error> for Status {
                 BackendError::Parameter { .. } => (Code::InvalidArgument, info("INVALID_PARAMETER", vec![])),
                 BackendError::Busy => (Code::FailedPrecondition, info("TRANSACTION_BUSY", vec![])),
                 BackendError::Invalid(_) => (Code::InvalidArgument, info("INVALID_REQUEST", vec![])),
+                BackendError::Row {
+                    index,
+                    column,
+                    code,
+                    message,
+                } => {
+                    let field = match column {
+                        Some(c) => format!("rows[{index}].{c}"),
+                        None => format!("rows[{index}]"),
+                    };
+                    let mut d = ErrorDetails::with_bad_request_violation(field, message.clone());
+                    let mut meta = vec![("row_index", index.to_string())];
+                    if let Some(c) = column {
+                        meta.push(("column", c.clone()));
+                    }
+                    if !code.is_empty() {
+                        meta.push(("engine_code", code.clone()));
+                    }
+                    let meta: std::collections::HashMap<String, String> =
+                        meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                    d.set_error_info("BAD_ROW", ERROR_DOMAIN, meta);
+                    (Code::InvalidArgument, d)
+                }
+                BackendError::LoadAbandoned => (Code::Aborted, info("LOAD_ABANDONED", vec![])),
+                BackendError::LoadIdReused(_) => (Code::FailedPrecondition, info("LOAD_ID_REUSED", vec![])),
                 BackendError::Internal(_) => (Code::Internal, info("INTERNAL", vec![])),
             },
         };
         let message = match &e {
-            Error::Backend(BackendError::Engine { code, .. }) if !code.is_empty() => {
+            Error::Backend(BackendError::Engine { code, .. } | BackendError::Row { code, .. }) if !code.is_empty() => {
                 format!("{message} (engine code {code})")
             }
             _ => message,

@@ -53,6 +53,21 @@ pub enum BackendError {
     /// A request the engine cannot serve as asked (wrong object, bad option).
     #[error("{0}")]
     Invalid(String),
+    /// A bulk-load row that cannot be stored; `index` is 0-based in the whole load.
+    #[error("row {index}{}: {message}", column.as_ref().map(|c| format!(", column \"{c}\"")).unwrap_or_default())]
+    Row {
+        index: u64,
+        column: Option<String>,
+        /// The engine's code (SQLSTATE, errno), empty when Weir found the fault itself.
+        code: String,
+        message: String,
+    },
+    /// The rows of a load stopped coming before the load was complete; it was rolled back.
+    #[error("the load ended before its last row and was rolled back")]
+    LoadAbandoned,
+    /// A load id that committed for another table.
+    #[error("load_id was already used for a load into {0}; use a new load_id for another table")]
+    LoadIdReused(String),
     #[error("internal backend error: {0}")]
     Internal(String),
 }

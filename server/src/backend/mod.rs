@@ -1,6 +1,7 @@
 //! Engine-independent backend interface. Services talk to these traits only;
 //! engines never see protobuf types.
 
+pub mod bulk;
 pub mod channel;
 pub mod error;
 pub mod mssql;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::Stream;
 
+pub use bulk::{LoadMode, LoadOutcome, LoadSpec, RowFeed};
 pub use error::{BackendError, EngineErrorKind};
 pub use types::*;
 
@@ -48,6 +50,9 @@ pub trait SqlSource: Send + Sync + 'static {
     async fn list_schemas(&self, include_system: bool) -> Result<Vec<SchemaInfo>, BackendError>;
     async fn list_tables(&self, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError>;
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError>;
+    /// Loads `rows` into the table through the engine's bulk path, in one
+    /// transaction that commits only when the feed ends complete.
+    async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError>;
     /// Connections open and idle, for metrics; `None` where the pool does not tell.
     fn pool_status(&self) -> Option<PoolStatus> {
         None

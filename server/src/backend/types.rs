@@ -131,6 +131,7 @@ pub struct Capabilities {
     pub isolation_levels: Vec<Isolation>,
     pub change_streams: bool,
     pub parameter_style: &'static str,
+    pub load_modes: Vec<super::LoadMode>,
 }
 
 impl Capabilities {
@@ -141,6 +142,7 @@ impl Capabilities {
             isolation_levels: ALL_ISOLATION_LEVELS.to_vec(),
             change_streams: false,
             parameter_style,
+            load_modes: super::bulk::ALL_LOAD_MODES.to_vec(),
         }
     }
 }

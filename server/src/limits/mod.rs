@@ -19,6 +19,37 @@ pub struct TenantLimiter {
     rps: u32,
     concurrency: Arc<Semaphore>,
     max_concurrent: u32,
+    loads: Arc<Semaphore>,
+    max_loads: u32,
+    /// Cost buckets of loads: rows and request bytes, one second of burst each.
+    load_rows: DefaultDirectRateLimiter,
+    load_bytes: DefaultDirectRateLimiter,
+}
+
+/// A bucket whose burst is one second's worth.
+fn per_second(n: u32) -> DefaultDirectRateLimiter {
+    let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+    RateLimiter::direct(Quota::per_second(n).allow_burst(n))
+}
+
+/// Takes `cost` tokens, waiting for them rather than refusing: a load that
+/// sends faster than its tenant's rate is slowed down by backpressure.
+async fn take(bucket: &DefaultDirectRateLimiter, cost: u64) {
+    let mut left = cost;
+    while left > 0 {
+        // Charged in pieces no larger than the burst, which the bucket can always grant.
+        let mut piece = u32::try_from(left).unwrap_or(u32::MAX);
+        loop {
+            let Some(n) = NonZeroU32::new(piece) else {
+                return;
+            };
+            match bucket.until_n_ready(n).await {
+                Ok(()) => break,
+                Err(_) => piece /= 2,
+            }
+        }
+        left -= u64::from(piece);
+    }
 }
 
 impl TenantLimiter {
@@ -30,7 +61,25 @@ impl TenantLimiter {
             rps: rps.get(),
             concurrency: Arc::new(Semaphore::new(limits.max_concurrent_requests as usize)),
             max_concurrent: limits.max_concurrent_requests,
+            loads: Arc::new(Semaphore::new(limits.max_concurrent_loads as usize)),
+            max_loads: limits.max_concurrent_loads,
+            load_rows: per_second(limits.load_rows_per_second),
+            load_bytes: per_second(limits.load_bytes_per_second),
         }
+    }
+
+    /// Admits one bulk load; its slot is held until the permit is dropped.
+    pub fn admit_load(&self) -> Result<OwnedSemaphorePermit, Error> {
+        self.loads
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::TooManyLoads { limit: self.max_loads })
+    }
+
+    /// Charges rows and bytes of a load, waiting while the tenant is over its rate.
+    pub async fn charge_load(&self, rows: u64, bytes: u64) {
+        take(&self.load_rows, rows).await;
+        take(&self.load_bytes, bytes).await;
     }
 
     /// Admits one call: takes a token and a concurrency slot that is held
@@ -77,6 +126,36 @@ mod tests {
             }
             other => panic!("expected rate limit, got {:?}", other.map(|_| ())),
         }
+    }
+
+    #[tokio::test]
+    async fn loads_are_slowed_to_their_rate() {
+        let limits = LimitsConfig {
+            load_rows_per_second: 1000,
+            ..LimitsConfig::default()
+        };
+        let limiter = TenantLimiter::new(&limits);
+        let started = std::time::Instant::now();
+        // One second of burst, then 500 more rows at 1000 rows/s; charges above the burst are split.
+        limiter.charge_load(1000, 10).await;
+        limiter.charge_load(500, 10).await;
+        let waited = started.elapsed();
+        assert!(waited >= std::time::Duration::from_millis(400), "{waited:?}");
+        limiter.charge_load(1500, 0).await;
+        assert!(started.elapsed() >= std::time::Duration::from_millis(1900));
+    }
+
+    #[test]
+    fn load_slots_are_limited() {
+        let limits = LimitsConfig {
+            max_concurrent_loads: 1,
+            ..LimitsConfig::default()
+        };
+        let limiter = TenantLimiter::new(&limits);
+        let held = limiter.admit_load().expect("first");
+        assert!(matches!(limiter.admit_load(), Err(Error::TooManyLoads { limit: 1 })));
+        drop(held);
+        assert!(limiter.admit_load().is_ok());
     }
 
     #[test]

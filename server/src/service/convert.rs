@@ -5,7 +5,7 @@ use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Timelike};
 use weir_proto::v1 as pb;
 use weir_proto::v1::value::Kind;
 
-use crate::backend::{self as domain, ColumnType, Isolation, Value};
+use crate::backend::{self as domain, ColumnType, Isolation, LoadMode, Value};
 use crate::error::Error;
 
 /// Deepest list nesting accepted in a parameter (PostgreSQL allows 6 dimensions).
@@ -95,6 +95,93 @@ fn value_from_proto(v: pb::Value, depth: usize) -> Result<Value, String> {
             )
         }
     })
+}
+
+/// A value of a bulk-load row, checked against the column it goes into.
+/// Only lossless conversions happen here (an integer into a float or
+/// decimal column, a timestamp into a zoneless one as UTC wall-clock time);
+/// anything else is refused with a message naming what was expected.
+pub fn value_for_column(v: pb::Value, column: &domain::Column) -> Result<Value, String> {
+    use ColumnType as T;
+    let value = value_from_proto(v, 0)?;
+    let fits = match (&value, column.column_type) {
+        (Value::Null, _) => {
+            if !column.nullable {
+                return Err("NULL into a NOT NULL column".into());
+            }
+            true
+        }
+        (_, T::Dynamic | T::Unsupported) => true,
+        (Value::TimestampTz(t), T::Timestamp) => return Ok(Value::Timestamp(t.naive_utc())),
+        (Value::Int(i), T::UInt) if *i < 0 => return Err(format!("{i} into an unsigned column")),
+        // BOOLEAN is an integer type in MySQL and SQLite.
+        (Value::Bool(b), T::Int | T::UInt) => return Ok(Value::Int(i64::from(*b))),
+        (Value::Text(s), T::Json) => {
+            serde_json::from_str::<serde::de::IgnoredAny>(s).map_err(|e| format!("invalid JSON: {e}"))?;
+            true
+        }
+        (Value::Bool(_), T::Bool)
+        | (Value::Int(_) | Value::UInt(_), T::Int | T::UInt)
+        | (Value::Int(_) | Value::UInt(_) | Value::Float(_) | Value::Decimal(_), T::Float | T::Decimal)
+        | (Value::Text(_) | Value::Uuid(_) | Value::Decimal(_) | Value::Json(_), T::String)
+        | (Value::Text(_), T::Uuid)
+        | (Value::Bytes(_), T::Bytes)
+        | (Value::Date(_), T::Date)
+        | (Value::Time(..), T::Time)
+        | (Value::TimestampTz(_), T::TimestampTz)
+        | (Value::Interval { .. }, T::Interval)
+        | (Value::Uuid(_), T::Uuid)
+        | (Value::Json(_), T::Json)
+        | (Value::List(_), T::List) => true,
+        _ => false,
+    };
+    if fits {
+        Ok(value)
+    } else {
+        Err(format!(
+            "a {} value cannot go into a column of type {} ({:?})",
+            kind_name(&value),
+            column.native_type,
+            column.column_type
+        ))
+    }
+}
+
+fn kind_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Int(_) => "int64",
+        Value::UInt(_) => "uint64",
+        Value::Float(_) => "double",
+        Value::Text(_) => "string",
+        Value::Bytes(_) => "bytes",
+        Value::Decimal(_) => "decimal",
+        Value::Date(_) => "date",
+        Value::Time(..) => "time",
+        Value::Timestamp(_) | Value::TimestampTz(_) => "timestamp",
+        Value::Interval { .. } => "interval",
+        Value::Uuid(_) => "uuid",
+        Value::Json(_) => "json",
+        Value::List(_) => "list",
+    }
+}
+
+pub fn load_mode(mode: i32) -> Result<LoadMode, Error> {
+    use pb::BulkLoadMode as M;
+    match M::try_from(mode).map_err(|_| bad("header.mode", format!("unknown load mode {mode}")))? {
+        M::Unspecified | M::Append => Ok(LoadMode::Append),
+        M::Upsert => Ok(LoadMode::Upsert),
+        M::Replace => Ok(LoadMode::Replace),
+    }
+}
+
+pub fn load_mode_to_proto(mode: LoadMode) -> pb::BulkLoadMode {
+    match mode {
+        LoadMode::Append => pb::BulkLoadMode::Append,
+        LoadMode::Upsert => pb::BulkLoadMode::Upsert,
+        LoadMode::Replace => pb::BulkLoadMode::Replace,
+    }
 }
 
 fn is_decimal(s: &str) -> bool {

@@ -1,6 +1,7 @@
 //! gRPC services: proto requests become validated domain calls on the
 //! caller's own sources; engines are reached only through backend traits.
 
+pub mod bulk;
 pub mod convert;
 pub mod query;
 pub mod schema;

@@ -33,7 +33,11 @@ fn source_info(s: &Arc<Source>) -> pb::SourceInfo {
                 .into_iter()
                 .map(|l| convert::isolation_to_proto(l) as i32)
                 .collect(),
-            bulk_load_modes: Vec::new(),
+            bulk_load_modes: caps
+                .load_modes
+                .into_iter()
+                .map(|m| convert::load_mode_to_proto(m) as i32)
+                .collect(),
             change_streams: caps.change_streams,
             kafka: false,
             parameter_style: caps.parameter_style.to_string(),

@@ -9,11 +9,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
+use weir_proto::v1::bulk_load_service_server::BulkLoadServiceServer;
 use weir_proto::v1::query_service_server::QueryServiceServer;
 use weir_proto::v1::schema_service_server::SchemaServiceServer;
 
 use crate::config::Config;
 use crate::limits::admission::AdmissionLayer;
+use crate::service::bulk::BulkApi;
 use crate::service::query::QueryApi;
 use crate::service::schema::SchemaApi;
 use crate::service::transactions::Transactions;
@@ -32,6 +34,7 @@ pub async fn serve(
     let max = config.server.max_request_bytes;
     let query = QueryServiceServer::new(QueryApi::new(transactions, cut)).max_decoding_message_size(max);
     let schema = SchemaServiceServer::new(SchemaApi).max_decoding_message_size(max);
+    let bulk = BulkLoadServiceServer::new(BulkApi::new(config.bulk.clone())).max_decoding_message_size(max);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(weir_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -49,6 +52,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(query)
         .add_service(schema)
+        .add_service(bulk)
         // Without TCP_NODELAY, Nagle's algorithm holds the last frames of a
         // response back until the peer's delayed ACK, about 40 ms.
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)

@@ -9,6 +9,7 @@
 //! its response has been read to the end, and the pool closes broken
 //! connections instead of reusing them.
 
+mod bulk;
 mod schema;
 pub mod types;
 
@@ -27,8 +28,8 @@ use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 use crate::backend::channel::{self, Worker, CHUNK_ROWS};
 use crate::backend::pool::FailFastPool;
 use crate::backend::{
-    BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, PoolStatus, QueryStream,
-    SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
+    BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec, PoolStatus,
+    QueryStream, RowFeed, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
 };
 use crate::config::SourceConfig;
 use types::Param;
@@ -478,6 +479,11 @@ impl SqlSource for MssqlSource {
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
         let mut conn = self.lease().await?;
         schema::describe_table(&mut conn, schema, table).await
+    }
+
+    async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
+        let mut conn = self.lease().await?;
+        bulk::load(&mut conn, spec, rows).await
     }
 
     fn pool_status(&self) -> Option<PoolStatus> {

@@ -2,6 +2,7 @@
 //! task that owns the connection and streams rows through a bounded channel;
 //! when the caller goes away the task kills the statement on the server.
 
+mod bulk;
 mod schema;
 pub mod types;
 
@@ -16,8 +17,8 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use crate::backend::channel::{self, Worker, CHUNK_ROWS};
 use crate::backend::error::classify_sqlstate;
 use crate::backend::{
-    BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, QueryStream, SchemaInfo, SqlSource,
-    SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
+    BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec, QueryStream,
+    RowFeed, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
 };
 use crate::config::SourceConfig;
 
@@ -275,6 +276,10 @@ impl SqlSource for MysqlSource {
 
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
         schema::describe_table(&mut self.conn().await?, schema, table).await
+    }
+
+    async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
+        bulk::load(&mut self.conn().await?, spec, rows).await
     }
 }
 

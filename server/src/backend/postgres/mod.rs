@@ -1,6 +1,7 @@
 //! PostgreSQL through tokio-postgres and a bb8 pool, with a prepared-statement
 //! cache per connection and cancellation of abandoned statements.
 
+mod bulk;
 mod schema;
 pub mod types;
 
@@ -20,8 +21,8 @@ use tokio_postgres::{CancelToken, Client, NoTls};
 use crate::backend::error::classify_sqlstate;
 use crate::backend::pool::FailFastPool;
 use crate::backend::{
-    BackendError, Capabilities, ConnectionInfo, Engine, Isolation, PoolStatus, QueryStream, Row, RowStream, SchemaInfo,
-    SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
+    BackendError, Capabilities, ConnectionInfo, Engine, Isolation, LoadOutcome, LoadSpec, PoolStatus, QueryStream, Row,
+    RowFeed, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
 };
 use crate::config::SourceConfig;
 use types::{PgParam, PgValue};
@@ -381,6 +382,11 @@ impl SqlSource for PostgresSource {
 
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
         schema::describe_table(&self.lease().await?.client, schema, table).await
+    }
+
+    async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
+        let mut conn = self.lease().await?;
+        bulk::load(&mut conn, spec, rows).await
     }
 
     fn pool_status(&self) -> Option<PoolStatus> {

@@ -333,7 +333,7 @@ impl ToSql for PgParam<'_> {
 
 /// PostgreSQL's text input form of a value; `in_array` quotes elements as
 /// array literals require.
-fn write_text(v: &Value, out: &mut String, in_array: bool) {
+pub(super) fn write_text(v: &Value, out: &mut String, in_array: bool) {
     let start = out.len();
     match v {
         Value::Null => out.push_str("NULL"),

@@ -2,6 +2,7 @@
 //! statement runs on tokio's blocking pool and hands rows over through a
 //! bounded channel: a slow client slows the statement instead of growing memory.
 
+mod bulk;
 mod demo;
 mod schema;
 
@@ -18,8 +19,9 @@ use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::channel::{self, Worker, CHUNK_ROWS};
 use crate::backend::{
-    BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, PoolStatus, QueryStream,
-    SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, Value,
+    BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, LoadOutcome, LoadSpec,
+    PoolStatus, QueryStream, RowFeed, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo,
+    TxOptions, Value,
 };
 use crate::config::SourceConfig;
 
@@ -251,6 +253,10 @@ impl SqlSource for SqliteSource {
         let (schema, table) = (schema.map(str::to_string), table.to_string());
         self.with_conn(move |c| schema::describe_table(c, schema.as_deref(), &table))
             .await
+    }
+
+    async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
+        self.with_conn(move |conn| bulk::load(conn, &spec, rows)).await
     }
 
     fn pool_status(&self) -> Option<PoolStatus> {

@@ -1,0 +1,379 @@
+//! Bulk loads, engine-independent: what to load, the rows as they arrive,
+//! and what came of it. Each engine turns a `LoadSpec` into its own bulk
+//! path inside one transaction, so a load either commits whole or leaves
+//! the table as it was.
+
+use tokio::sync::mpsc;
+
+use super::{BackendError, Column, Row};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadMode {
+    /// Insert every row.
+    Append,
+    /// Insert, or update the row with the same conflict key.
+    Upsert,
+    /// Empty the table, then insert, in the same transaction.
+    Replace,
+}
+
+/// Every mode, for engines that support them all.
+pub const ALL_LOAD_MODES: [LoadMode; 3] = [LoadMode::Append, LoadMode::Upsert, LoadMode::Replace];
+
+/// The committed-load record that makes a retried `load_id` load nothing.
+#[derive(Debug, Clone)]
+pub struct Receipt {
+    /// Table holding the records (`bulk.load_id_table`).
+    pub table: String,
+    pub tenant: String,
+    pub load_id: String,
+    /// The load's target, so that a load id reused for another table is refused.
+    pub target: String,
+}
+
+/// What a load writes, validated against the table's real columns.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// `None` for the connection's default schema.
+    pub schema: Option<String>,
+    pub table: String,
+    /// Target columns with their engine types, in the order row values come in.
+    pub columns: Vec<Column>,
+    pub mode: LoadMode,
+    /// Columns of the unique key an upsert matches on (a subset of `columns`).
+    pub conflict: Vec<String>,
+    pub receipt: Option<Receipt>,
+    /// Rows per engine statement or COPY chunk.
+    pub batch_rows: usize,
+}
+
+impl LoadSpec {
+    /// Non-key columns, which an upsert overwrites.
+    pub fn update_columns(&self) -> impl Iterator<Item = &Column> {
+        self.columns.iter().filter(|c| !self.conflict.contains(&c.name))
+    }
+
+    /// The schema-qualified target, quoted with `quote`.
+    pub fn qualified(&self, quote: fn(&str) -> String) -> String {
+        match &self.schema {
+            Some(s) => format!("{}.{}", quote(s), quote(&self.table)),
+            None => quote(&self.table),
+        }
+    }
+
+    /// The target columns as a quoted, comma-separated list.
+    pub fn column_list(&self, quote: fn(&str) -> String) -> String {
+        self.columns
+            .iter()
+            .map(|c| quote(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Quotes an identifier between `open` and `close`, doubling `close` inside
+/// it: `"a""b"`, `` `a``b` ``, `[a]]b]`.
+pub fn quote_ident(name: &str, open: char, close: char) -> String {
+    let mut quoted = String::with_capacity(name.len() + 2);
+    quoted.push(open);
+    for c in name.chars() {
+        if c == close {
+            quoted.push(close);
+        }
+        quoted.push(c);
+    }
+    quoted.push(close);
+    quoted
+}
+
+/// Standard SQL's double-quoted identifier (PostgreSQL, SQLite).
+pub fn quote_ansi(name: &str) -> String {
+    quote_ident(name, '"', '"')
+}
+
+/// What a load did, or what the first load with the same id did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOutcome {
+    pub inserted: u64,
+    pub updated: u64,
+    pub bytes: u64,
+    /// The engine path, for example "postgres-copy".
+    pub engine_path: String,
+    /// The load id had committed before: nothing was loaded this time.
+    pub replayed: bool,
+}
+
+/// Rows of a load in arrival order, with the index of the first row.
+pub struct Batch {
+    pub first_row: u64,
+    pub rows: Vec<Row>,
+}
+
+enum Feed {
+    Rows(Vec<Row>, u64),
+    End,
+}
+
+/// The rows of a load as the client sends them. It ends with `Ok(None)`
+/// only when the sender said the load is complete: a sender that goes away
+/// without saying so (client gone, limit reached, bad row) yields
+/// `BackendError::LoadAbandoned`, and the engine rolls back.
+pub struct RowFeed {
+    rx: mpsc::Receiver<Feed>,
+    next_row: u64,
+    bytes: u64,
+}
+
+/// The sending side, held by the service.
+pub struct RowSender {
+    tx: mpsc::Sender<Feed>,
+}
+
+/// A feed that buffers at most `depth` batches between client and engine.
+pub fn row_feed(depth: usize) -> (RowSender, RowFeed) {
+    let (tx, rx) = mpsc::channel(depth.max(1));
+    (
+        RowSender { tx },
+        RowFeed {
+            rx,
+            next_row: 0,
+            bytes: 0,
+        },
+    )
+}
+
+impl RowSender {
+    /// Hands a batch of `bytes` request bytes to the engine; false once the engine has stopped.
+    pub async fn send(&self, rows: Vec<Row>, bytes: u64) -> bool {
+        self.tx.send(Feed::Rows(rows, bytes)).await.is_ok()
+    }
+
+    /// Marks the load complete: the engine may commit.
+    pub async fn finish(self) -> bool {
+        self.tx.send(Feed::End).await.is_ok()
+    }
+}
+
+impl RowFeed {
+    fn accept(&mut self, item: Option<Feed>) -> Result<Option<Batch>, BackendError> {
+        match item {
+            Some(Feed::Rows(rows, bytes)) => {
+                let first_row = self.next_row;
+                self.next_row += rows.len() as u64;
+                self.bytes += bytes;
+                Ok(Some(Batch { first_row, rows }))
+            }
+            Some(Feed::End) => Ok(None),
+            None => Err(BackendError::LoadAbandoned),
+        }
+    }
+
+    pub async fn next(&mut self) -> Result<Option<Batch>, BackendError> {
+        let item = self.rx.recv().await;
+        self.accept(item)
+    }
+
+    /// For engines whose calls block (SQLite); never from an async task.
+    pub fn blocking_next(&mut self) -> Result<Option<Batch>, BackendError> {
+        let item = self.rx.blocking_recv();
+        self.accept(item)
+    }
+
+    /// Rows received so far.
+    pub fn rows(&self) -> u64 {
+        self.next_row
+    }
+
+    /// Request bytes received so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// A row the engine rejected, located from the engine's own report.
+pub fn row_error(index: u64, column: Option<String>, code: String, message: String) -> BackendError {
+    BackendError::Row {
+        index,
+        column,
+        code,
+        message,
+    }
+}
+
+/// How an engine spells the receipt table and its statements.
+pub struct Dialect {
+    pub quote: fn(&str) -> String,
+    /// The i-th (1-based) parameter placeholder.
+    pub placeholder: fn(usize) -> String,
+    /// Column types: a short key string, a longer text, a 64-bit integer, a timestamp with its default.
+    pub key_type: &'static str,
+    pub text_type: &'static str,
+    pub int_type: &'static str,
+    pub timestamp: &'static str,
+    /// Creates the table unless it exists; `{table}` (quoted), `{name}` (plain) and `{body}` are filled in.
+    pub create_new: &'static str,
+    /// Inserts a row unless its key exists; `{table}`, `{columns}`, `{values}` and `{key}` are filled in.
+    pub insert_new: &'static str,
+}
+
+/// The statements that record committed load ids in `Receipt::table`.
+/// Parameters in order of appearance (so `?` placeholders work too): claim
+/// and lookup take tenant, load id (and target); record takes rows
+/// inserted, rows updated, bytes, engine path, then tenant and load id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptSql {
+    pub create: String,
+    /// Inserts the load's record, or nothing when the id is taken (waiting
+    /// for a concurrent load with the same id to end first).
+    pub claim: String,
+    /// Reads target, rows inserted, rows updated, bytes and engine path.
+    pub lookup: String,
+    /// Stores the outcome: rows inserted, rows updated, bytes, engine path.
+    pub record: String,
+}
+
+impl ReceiptSql {
+    pub fn new(table: &str, d: &Dialect) -> Self {
+        let t = (d.quote)(table);
+        let q = d.quote;
+        let p = d.placeholder;
+        let key_at = |i: usize| format!("{} = {} AND {} = {}", q("tenant"), p(i), q("load_id"), p(i + 1));
+        let key = key_at(1);
+        let body = format!(
+            "{tenant} {k} NOT NULL, {id} {k} NOT NULL, {target} {x} NOT NULL, \
+             {ins} {i} NOT NULL DEFAULT 0, {upd} {i} NOT NULL DEFAULT 0, {bytes} {i} NOT NULL DEFAULT 0, \
+             {path} {k} NOT NULL DEFAULT '', {at} {ts}, PRIMARY KEY ({tenant}, {id})",
+            tenant = q("tenant"),
+            id = q("load_id"),
+            target = q("target"),
+            ins = q("rows_inserted"),
+            upd = q("rows_updated"),
+            bytes = q("bytes"),
+            path = q("engine_path"),
+            at = q("committed_at"),
+            k = d.key_type,
+            x = d.text_type,
+            i = d.int_type,
+            ts = d.timestamp,
+        );
+        let create = d
+            .create_new
+            .replace("{table}", &t)
+            .replace("{name}", table)
+            .replace("{body}", &body);
+        let claim = d
+            .insert_new
+            .replace("{table}", &t)
+            .replace("{columns}", &[q("tenant"), q("load_id"), q("target")].join(", "))
+            .replace("{values}", &[p(1), p(2), p(3)].join(", "))
+            .replace("{key}", &key);
+        let lookup = format!(
+            "SELECT {}, {}, {}, {}, {} FROM {t} WHERE {key}",
+            q("target"),
+            q("rows_inserted"),
+            q("rows_updated"),
+            q("bytes"),
+            q("engine_path")
+        );
+        let record = format!(
+            "UPDATE {t} SET {} = {}, {} = {}, {} = {}, {} = {} WHERE {}",
+            q("rows_inserted"),
+            p(1),
+            q("rows_updated"),
+            p(2),
+            q("bytes"),
+            p(3),
+            q("engine_path"),
+            p(4),
+            key_at(5)
+        );
+        Self {
+            create,
+            claim,
+            lookup,
+            record,
+        }
+    }
+}
+
+/// What a receipt lookup found: the first load's outcome, or a refusal
+/// when the id was used for another table.
+pub fn replay(
+    receipt: &Receipt,
+    target: String,
+    inserted: i64,
+    updated: i64,
+    bytes: i64,
+    engine_path: String,
+) -> Result<LoadOutcome, BackendError> {
+    if target != receipt.target {
+        return Err(BackendError::LoadIdReused(target));
+    }
+    let count = |n: i64| u64::try_from(n).unwrap_or_default();
+    Ok(LoadOutcome {
+        inserted: count(inserted),
+        updated: count(updated),
+        bytes: count(bytes),
+        engine_path,
+        replayed: true,
+    })
+}
+
+/// Converts an outcome's counts for storing in a signed 64-bit column.
+pub fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{ColumnType, Value};
+
+    #[test]
+    fn identifiers_are_quoted_with_the_closing_quote_doubled() {
+        assert_eq!(quote_ident("a\"b", '"', '"'), "\"a\"\"b\"");
+        assert_eq!(quote_ident("x`; DROP TABLE t; --", '`', '`'), "`x``; DROP TABLE t; --`");
+        assert_eq!(quote_ident("a]b[c", '[', ']'), "[a]]b[c]");
+    }
+
+    #[test]
+    fn spec_lists_columns_and_update_columns() {
+        let spec = LoadSpec {
+            schema: Some("s".into()),
+            table: "t".into(),
+            columns: ["id", "name", "score"]
+                .iter()
+                .map(|n| Column::new(*n, "int", ColumnType::Int))
+                .collect(),
+            mode: LoadMode::Upsert,
+            conflict: vec!["id".into()],
+            receipt: None,
+            batch_rows: 10,
+        };
+        let q = |n: &str| quote_ident(n, '"', '"');
+        assert_eq!(spec.qualified(q), "\"s\".\"t\"");
+        assert_eq!(spec.column_list(q), "\"id\", \"name\", \"score\"");
+        let updates: Vec<_> = spec.update_columns().map(|c| c.name.as_str()).collect();
+        assert_eq!(updates, ["name", "score"]);
+    }
+
+    #[tokio::test]
+    async fn a_feed_without_its_end_is_abandoned() {
+        let (tx, mut feed) = row_feed(2);
+        assert!(tx.send(vec![vec![Value::Int(1)], vec![Value::Int(2)]], 10).await);
+        drop(tx);
+        let batch = feed.next().await.expect("first batch").expect("rows");
+        assert_eq!((batch.first_row, batch.rows.len()), (0, 2));
+        assert!(matches!(feed.next().await, Err(BackendError::LoadAbandoned)));
+
+        let (tx, mut feed) = row_feed(2);
+        assert!(tx.send(vec![vec![Value::Int(1)]], 4).await);
+        assert!(tx.send(vec![vec![Value::Int(2)]], 4).await);
+        let done = tokio::spawn(tx.finish());
+        assert_eq!(feed.next().await.expect("batch").map(|b| b.first_row), Some(0));
+        assert_eq!(feed.next().await.expect("batch").map(|b| b.first_row), Some(1));
+        assert!(feed.next().await.expect("end").is_none());
+        assert!(done.await.expect("task"));
+        assert_eq!((feed.rows(), feed.bytes()), (2, 8));
+    }
+}

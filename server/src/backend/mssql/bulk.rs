@@ -1,0 +1,402 @@
+//! SQL Server bulk loads: TDS bulk insert (`INSERT BULK`, tiberius
+//! `bulk_insert`) into a session temporary table, then one `INSERT ...
+//! SELECT` (APPEND, REPLACE after DELETE) or `MERGE` (UPSERT) into the
+//! target, all in one transaction.
+//!
+//! The staging table's column types follow the values Weir sends (bigint,
+//! float, nvarchar(max) for exact decimals, ...), not the target's: TDS
+//! bulk rows must match their column types exactly, and SQL Server's own
+//! conversions then apply when the rows move into the target.
+
+use tiberius::{ColumnData, TokenRow};
+
+use super::types::param;
+use super::MssqlConn;
+use crate::backend::bulk::{self, Dialect, LoadSpec, ReceiptSql, RowFeed};
+use crate::backend::{BackendError, Column, ColumnType, LoadMode, LoadOutcome, Value};
+
+/// Session temporary table of a load; dropped before commit, and by the
+/// rollback (SQL Server's DDL is transactional) otherwise.
+const STAGE: &str = "#weir_load_stage";
+
+pub fn quote(name: &str) -> String {
+    bulk::quote_ident(name, '[', ']')
+}
+
+const DIALECT: Dialect = Dialect {
+    quote,
+    placeholder: |i| format!("@P{i}"),
+    key_type: "nvarchar(255)",
+    text_type: "nvarchar(max)",
+    int_type: "bigint",
+    timestamp: "datetime2 NOT NULL DEFAULT SYSUTCDATETIME()",
+    create_new: "IF OBJECT_ID(N'{name}', N'U') IS NULL CREATE TABLE {table} ({body})",
+    insert_new: "INSERT INTO {table} ({columns}) SELECT {values} WHERE NOT EXISTS \
+        (SELECT 1 FROM {table} WITH (UPDLOCK, HOLDLOCK) WHERE {key}); SELECT CAST(@@ROWCOUNT AS bigint)",
+};
+
+/// The type a staging column is sent as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    BigInt,
+    Bit,
+    Float,
+    Text,
+    Binary,
+    Date,
+    Time,
+    DateTime2,
+    DateTimeOffset,
+    Guid,
+}
+
+impl Stage {
+    fn of(column: &Column) -> Self {
+        match column.column_type {
+            ColumnType::Bool => Stage::Bit,
+            ColumnType::Int | ColumnType::UInt => Stage::BigInt,
+            ColumnType::Float => Stage::Float,
+            ColumnType::Bytes => Stage::Binary,
+            ColumnType::Date => Stage::Date,
+            ColumnType::Time => Stage::Time,
+            ColumnType::Timestamp => Stage::DateTime2,
+            ColumnType::TimestampTz => Stage::DateTimeOffset,
+            ColumnType::Uuid => Stage::Guid,
+            // Exact decimals, text, JSON and anything else go as text, converted by SQL Server.
+            _ => Stage::Text,
+        }
+    }
+
+    fn sql(self) -> &'static str {
+        match self {
+            Stage::BigInt => "bigint",
+            Stage::Bit => "bit",
+            Stage::Float => "float",
+            Stage::Text => "nvarchar(max)",
+            Stage::Binary => "varbinary(max)",
+            Stage::Date => "date",
+            Stage::Time => "time(7)",
+            Stage::DateTime2 => "datetime2(7)",
+            Stage::DateTimeOffset => "datetimeoffset(7)",
+            Stage::Guid => "uniqueidentifier",
+        }
+    }
+
+    fn null(self) -> ColumnData<'static> {
+        match self {
+            Stage::BigInt => ColumnData::I64(None),
+            Stage::Bit => ColumnData::Bit(None),
+            Stage::Float => ColumnData::F64(None),
+            Stage::Text => ColumnData::String(None),
+            Stage::Binary => ColumnData::Binary(None),
+            Stage::Date => ColumnData::Date(None),
+            Stage::Time => ColumnData::Time(None),
+            Stage::DateTime2 => ColumnData::DateTime2(None),
+            Stage::DateTimeOffset => ColumnData::DateTimeOffset(None),
+            Stage::Guid => ColumnData::Guid(None),
+        }
+    }
+
+    /// The value as this staging type expects it.
+    fn value(self, v: &Value) -> Result<ColumnData<'static>, String> {
+        let text = |s: String| ColumnData::String(Some(s.into()));
+        Ok(match (self, v) {
+            (_, Value::Null) => self.null(),
+            (Stage::BigInt, Value::UInt(u)) => ColumnData::I64(Some(
+                i64::try_from(*u).map_err(|_| format!("{u} is beyond SQL Server's bigint"))?,
+            )),
+            (Stage::Float, Value::Int(i)) => ColumnData::F64(Some(*i as f64)),
+            (Stage::Float, Value::UInt(u)) => ColumnData::F64(Some(*u as f64)),
+            (Stage::Float, Value::Decimal(d)) => {
+                ColumnData::F64(Some(d.parse().map_err(|_| format!("'{d}' is not a number"))?))
+            }
+            (Stage::Text, Value::Decimal(d)) => text(d.clone()),
+            (Stage::Text, Value::Int(i)) => text(i.to_string()),
+            (Stage::Text, Value::UInt(u)) => text(u.to_string()),
+            (Stage::Text, Value::Float(f)) => text(format!("{f:?}")),
+            (Stage::Text, Value::Uuid(u)) => text(u.to_string()),
+            (Stage::Guid, Value::Text(s)) => ColumnData::Guid(Some(
+                uuid::Uuid::parse_str(s).map_err(|_| format!("'{s}' is not a UUID"))?,
+            )),
+            _ => param(v)?,
+        })
+    }
+}
+
+/// `CREATE TABLE #stage (...)` with one nullable column per loaded column.
+fn create_stage(spec: &LoadSpec) -> String {
+    let columns: Vec<String> = spec
+        .columns
+        .iter()
+        .map(|c| format!("{} {} NULL", quote(&c.name), Stage::of(c).sql()))
+        .collect();
+    format!("CREATE TABLE {STAGE} ({})", columns.join(", "))
+}
+
+/// Moves the staged rows into the target; the batch's one result row is
+/// (rows inserted, rows updated).
+fn move_rows(spec: &LoadSpec) -> String {
+    let target = spec.qualified(quote);
+    let columns = spec.column_list(quote);
+    if spec.mode != LoadMode::Upsert {
+        return format!(
+            "INSERT INTO {target} ({columns}) SELECT {columns} FROM {STAGE}; \
+             SELECT CAST(ROWCOUNT_BIG() AS bigint), CAST(0 AS bigint)"
+        );
+    }
+    let on: Vec<String> = spec
+        .conflict
+        .iter()
+        .map(|c| format!("t.{0} = s.{0}", quote(c)))
+        .collect();
+    let sets: Vec<String> = spec
+        .update_columns()
+        .map(|c| format!("t.{0} = s.{0}", quote(&c.name)))
+        .collect();
+    let matched = if sets.is_empty() {
+        String::new()
+    } else {
+        format!(" WHEN MATCHED THEN UPDATE SET {}", sets.join(", "))
+    };
+    let values: Vec<String> = spec.columns.iter().map(|c| format!("s.{}", quote(&c.name))).collect();
+    // HOLDLOCK: without it two concurrent MERGEs can both decide to insert the same key.
+    format!(
+        "DECLARE @weir_actions TABLE (action nvarchar(10)); \
+         MERGE INTO {target} WITH (HOLDLOCK) AS t USING {STAGE} AS s ON {}{matched} \
+         WHEN NOT MATCHED BY TARGET THEN INSERT ({columns}) VALUES ({}) \
+         OUTPUT $action INTO @weir_actions; \
+         SELECT CAST(COUNT(CASE WHEN action = 'INSERT' THEN 1 END) AS bigint), \
+         CAST(COUNT(CASE WHEN action = 'UPDATE' THEN 1 END) AS bigint) FROM @weir_actions",
+        on.join(" AND "),
+        values.join(", ")
+    )
+}
+
+fn text(s: &str) -> ColumnData<'static> {
+    ColumnData::String(Some(s.to_string().into()))
+}
+
+fn count(row: Option<&tiberius::Row>, i: usize) -> u64 {
+    row.and_then(|r| r.try_get::<i64, _>(i).ok().flatten())
+        .and_then(|n| u64::try_from(n).ok())
+        .unwrap_or_default()
+}
+
+/// Sends the feed's rows through TDS bulk insert into the staging table.
+async fn bulk_rows(conn: &mut MssqlConn, spec: &LoadSpec, feed: &mut RowFeed) -> Result<(), BackendError> {
+    let stages: Vec<Stage> = spec.columns.iter().map(Stage::of).collect();
+    conn.broken = true;
+    let mut request = conn.client.bulk_insert(STAGE).await.map_err(super::map_error)?;
+    while let Some(batch) = feed.next().await? {
+        for (i, row) in batch.rows.iter().enumerate() {
+            let index = batch.first_row + i as u64;
+            let mut token = TokenRow::new();
+            for (c, (value, stage)) in row.iter().zip(&stages).enumerate() {
+                let data = stage.value(value).map_err(|message| {
+                    bulk::row_error(
+                        index,
+                        spec.columns.get(c).map(|c| c.name.clone()),
+                        String::new(),
+                        message,
+                    )
+                })?;
+                token.push(data);
+            }
+            request
+                .send(token)
+                .await
+                .map_err(|e| bulk::row_error(index, None, String::new(), e.to_string()))?;
+        }
+    }
+    request.finalize().await.map_err(super::map_error)?;
+    conn.broken = false;
+    Ok(())
+}
+
+async fn load_in_transaction(
+    conn: &mut MssqlConn,
+    spec: &LoadSpec,
+    feed: &mut RowFeed,
+    receipts: Option<&ReceiptSql>,
+) -> Result<LoadOutcome, BackendError> {
+    if let (Some(sql), Some(r)) = (receipts, &spec.receipt) {
+        let claimed = conn
+            .fetch(&sql.claim, vec![text(&r.tenant), text(&r.load_id), text(&r.target)])
+            .await?;
+        if count(claimed.first(), 0) == 0 {
+            let rows = conn.fetch(&sql.lookup, vec![text(&r.tenant), text(&r.load_id)]).await?;
+            let row = rows
+                .first()
+                .ok_or_else(|| BackendError::Internal("a claimed load id has no record".into()))?;
+            let get_text = |i| row.try_get::<&str, _>(i).ok().flatten().unwrap_or_default().to_string();
+            let get_int = |i| row.try_get::<i64, _>(i).ok().flatten().unwrap_or_default();
+            return bulk::replay(r, get_text(0), get_int(1), get_int(2), get_int(3), get_text(4));
+        }
+    }
+    if spec.mode == LoadMode::Replace {
+        conn.batch(&format!("DELETE FROM {}", spec.qualified(quote))).await?;
+    }
+    conn.batch(&create_stage(spec)).await?;
+    bulk_rows(conn, spec, feed).await?;
+    let counts = conn.fetch(&move_rows(spec), vec![]).await?;
+    conn.batch(&format!("DROP TABLE {STAGE}")).await?;
+    let path = match spec.mode {
+        LoadMode::Append => "mssql-bulk-insert",
+        LoadMode::Replace => "mssql-delete-bulk-insert",
+        LoadMode::Upsert => "mssql-bulk-insert-merge",
+    };
+    let outcome = LoadOutcome {
+        inserted: count(counts.first(), 0),
+        updated: count(counts.first(), 1),
+        bytes: feed.bytes(),
+        engine_path: path.to_string(),
+        replayed: false,
+    };
+    if let (Some(sql), Some(r)) = (receipts, &spec.receipt) {
+        let n = |v: u64| ColumnData::I64(Some(bulk::signed(v)));
+        conn.fetch(
+            &sql.record,
+            vec![
+                n(outcome.inserted),
+                n(outcome.updated),
+                n(outcome.bytes),
+                text(&outcome.engine_path),
+                text(&r.tenant),
+                text(&r.load_id),
+            ],
+        )
+        .await?;
+    }
+    Ok(outcome)
+}
+
+/// Runs a whole load: the receipt table first, then one transaction.
+pub async fn load(conn: &mut MssqlConn, spec: LoadSpec, mut feed: RowFeed) -> Result<LoadOutcome, BackendError> {
+    let receipts = spec.receipt.as_ref().map(|r| ReceiptSql::new(&r.table, &DIALECT));
+    if let Some(sql) = &receipts {
+        conn.batch(&sql.create).await?;
+    }
+    conn.in_transaction = true;
+    conn.batch("BEGIN TRANSACTION").await?;
+    let result = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref()).await;
+    let end = match &result {
+        Ok(outcome) if !outcome.replayed => "COMMIT",
+        _ => "IF @@TRANCOUNT > 0 ROLLBACK",
+    };
+    // A connection left mid-request (`broken`) is closed by the pool, which rolls back on the server.
+    if !conn.broken {
+        match conn.batch(end).await {
+            Ok(()) => conn.in_transaction = false,
+            Err(e) if result.is_ok() => return Err(e),
+            Err(_) => {}
+        }
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(mode: LoadMode) -> LoadSpec {
+        let mut columns = vec![
+            Column::new("id", "int", ColumnType::Int),
+            Column::new("price", "decimal(10,2)", ColumnType::Decimal),
+            Column::new("na]me", "nvarchar(50)", ColumnType::String),
+        ];
+        columns[0].nullable = false;
+        LoadSpec {
+            schema: Some("dbo".into()),
+            table: "items".into(),
+            columns,
+            mode,
+            conflict: if mode == LoadMode::Upsert {
+                vec!["id".into()]
+            } else {
+                vec![]
+            },
+            receipt: None,
+            batch_rows: 1000,
+        }
+    }
+
+    #[test]
+    fn the_stage_has_one_typed_column_per_loaded_column() {
+        assert_eq!(
+            create_stage(&spec(LoadMode::Append)),
+            "CREATE TABLE #weir_load_stage ([id] bigint NULL, [price] nvarchar(max) NULL, [na]]me] nvarchar(max) NULL)"
+        );
+    }
+
+    #[test]
+    fn appends_insert_from_the_stage() {
+        assert_eq!(
+            move_rows(&spec(LoadMode::Append)),
+            "INSERT INTO [dbo].[items] ([id], [price], [na]]me]) SELECT [id], [price], [na]]me] FROM #weir_load_stage; \
+             SELECT CAST(ROWCOUNT_BIG() AS bigint), CAST(0 AS bigint)"
+        );
+    }
+
+    #[test]
+    fn upserts_merge_and_count_their_actions() {
+        let sql = move_rows(&spec(LoadMode::Upsert));
+        assert!(
+            sql.contains(
+                "MERGE INTO [dbo].[items] WITH (HOLDLOCK) AS t USING #weir_load_stage AS s ON t.[id] = s.[id] \
+             WHEN MATCHED THEN UPDATE SET t.[price] = s.[price], t.[na]]me] = s.[na]]me] \
+             WHEN NOT MATCHED BY TARGET THEN INSERT ([id], [price], [na]]me]) VALUES (s.[id], s.[price], s.[na]]me]) \
+             OUTPUT $action INTO @weir_actions;"
+            ),
+            "{sql}"
+        );
+        assert!(sql.ends_with("FROM @weir_actions"));
+        let mut keys_only = spec(LoadMode::Upsert);
+        keys_only.columns.truncate(1);
+        assert!(!move_rows(&keys_only).contains("WHEN MATCHED"));
+    }
+
+    #[test]
+    fn receipts_claim_under_a_key_lock() {
+        let sql = ReceiptSql::new("weir_load_ids", &DIALECT);
+        assert!(sql
+            .create
+            .starts_with("IF OBJECT_ID(N'weir_load_ids', N'U') IS NULL CREATE TABLE [weir_load_ids] ([tenant] nvarchar(255) NOT NULL"));
+        assert_eq!(
+            sql.claim,
+            "INSERT INTO [weir_load_ids] ([tenant], [load_id], [target]) SELECT @P1, @P2, @P3 WHERE NOT EXISTS \
+             (SELECT 1 FROM [weir_load_ids] WITH (UPDLOCK, HOLDLOCK) WHERE [tenant] = @P1 AND [load_id] = @P2); \
+             SELECT CAST(@@ROWCOUNT AS bigint)"
+        );
+    }
+
+    #[test]
+    fn values_take_their_staging_type() {
+        let stage = |c: ColumnType| Stage::of(&Column::new("c", "x", c));
+        assert!(matches!(
+            stage(ColumnType::Int).value(&Value::Int(7)),
+            Ok(ColumnData::I64(Some(7)))
+        ));
+        assert!(matches!(
+            stage(ColumnType::Int).value(&Value::Null),
+            Ok(ColumnData::I64(None))
+        ));
+        assert!(matches!(
+            stage(ColumnType::Decimal).value(&Value::Decimal("12.50".into())),
+            Ok(ColumnData::String(Some(s))) if s == "12.50"
+        ));
+        assert!(
+            matches!(stage(ColumnType::Decimal).value(&Value::Int(3)), Ok(ColumnData::String(Some(s))) if s == "3")
+        );
+        assert!(matches!(stage(ColumnType::Float).value(&Value::Int(2)), Ok(ColumnData::F64(Some(f))) if f == 2.0));
+        assert!(matches!(
+            stage(ColumnType::Bool).value(&Value::Bool(true)),
+            Ok(ColumnData::Bit(Some(true)))
+        ));
+        assert!(matches!(
+            stage(ColumnType::Uuid).value(&Value::Null),
+            Ok(ColumnData::Guid(None))
+        ));
+        assert!(stage(ColumnType::Uuid).value(&Value::Text("nope".into())).is_err());
+        assert!(stage(ColumnType::Int).value(&Value::UInt(u64::MAX)).is_err());
+    }
+}

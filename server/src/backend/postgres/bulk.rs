@@ -1,0 +1,283 @@
+//! PostgreSQL bulk loads: `COPY ... FROM STDIN` in text format inside one
+//! transaction, straight into the table (APPEND, REPLACE after TRUNCATE) or
+//! into a temporary table merged with `INSERT ... ON CONFLICT` (UPSERT).
+//!
+//! Text rather than binary COPY: every value then goes through the
+//! column type's own input function, exactly as parameters do, so enums,
+//! domains, arrays, ranges and extension types load without a per-type
+//! binary encoder, and a bad value is reported by PostgreSQL with its line
+//! and column.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::SinkExt;
+use tokio_postgres::error::DbError;
+
+use super::types::write_text;
+use super::{map_error, PgConn};
+use crate::backend::bulk::{self, Dialect, LoadSpec, ReceiptSql, RowFeed};
+use crate::backend::{BackendError, LoadMode, LoadOutcome, Value};
+
+/// COPY data is sent in chunks of about this size.
+const CHUNK_BYTES: usize = 256 * 1024;
+/// Name of the staging table of an upsert (temporary, dropped at commit).
+const STAGE: &str = "weir_load_stage";
+
+use bulk::quote_ansi as quote;
+
+const DIALECT: Dialect = Dialect {
+    quote,
+    placeholder: |i| format!("${i}"),
+    key_type: "text",
+    text_type: "text",
+    int_type: "bigint",
+    timestamp: "timestamptz NOT NULL DEFAULT now()",
+    create_new: "CREATE TABLE IF NOT EXISTS {table} ({body})",
+    insert_new: "INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING",
+};
+
+/// Appends one value in COPY text format: `\N` for NULL, and the value's
+/// text form with backslash, tab, newline and carriage return escaped.
+fn write_field(value: &Value, scratch: &mut String, out: &mut BytesMut) -> Result<(), String> {
+    if matches!(value, Value::Null) {
+        out.put_slice(b"\\N");
+        return Ok(());
+    }
+    scratch.clear();
+    write_text(value, scratch, false);
+    if scratch.contains('\0') {
+        return Err("PostgreSQL text cannot contain NUL characters; send binary data as bytes".into());
+    }
+    for b in scratch.bytes() {
+        match b {
+            b'\\' => out.put_slice(b"\\\\"),
+            b'\t' => out.put_slice(b"\\t"),
+            b'\n' => out.put_slice(b"\\n"),
+            b'\r' => out.put_slice(b"\\r"),
+            _ => out.put_u8(b),
+        }
+    }
+    Ok(())
+}
+
+/// The row and column of a COPY error, from its context line
+/// (`COPY t, line 3, column n: "abc"`); lines count from 1.
+fn copy_position(db: &DbError) -> Option<(u64, Option<String>)> {
+    let context = db.where_()?;
+    let rest = &context[context.find(", line ")? + ", line ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let line: u64 = digits.parse().ok()?;
+    let column = rest[digits.len()..].strip_prefix(", column ").map(|c| {
+        let end = c.find(':').unwrap_or(c.len());
+        c[..end].to_string()
+    });
+    Some((line.checked_sub(1)?, column))
+}
+
+/// Maps an error of the COPY to the row it names, when it names one.
+fn copy_error(e: tokio_postgres::Error) -> BackendError {
+    if let Some((index, column)) = e.as_db_error().and_then(copy_position) {
+        if let BackendError::Engine { code, message, .. } = map_error(e) {
+            return bulk::row_error(index, column, code, message);
+        }
+        return BackendError::Internal("unclassified COPY error".into());
+    }
+    map_error(e)
+}
+
+/// Streams the feed's rows into `COPY target (columns) FROM STDIN`; returns the rows copied.
+async fn copy_rows(conn: &PgConn, target: &str, spec: &LoadSpec, feed: &mut RowFeed) -> Result<u64, BackendError> {
+    let sql = format!("COPY {target} ({}) FROM STDIN", spec.column_list(quote));
+    let sink = conn.client.copy_in::<_, Bytes>(&sql).await.map_err(map_error)?;
+    futures::pin_mut!(sink);
+    let mut buffer = BytesMut::with_capacity(CHUNK_BYTES + 4096);
+    let mut scratch = String::new();
+    while let Some(batch) = feed.next().await? {
+        for (i, row) in batch.rows.iter().enumerate() {
+            for (c, value) in row.iter().enumerate() {
+                if c > 0 {
+                    buffer.put_u8(b'\t');
+                }
+                write_field(value, &mut scratch, &mut buffer).map_err(|message| {
+                    let column = spec.columns.get(c).map(|c| c.name.clone());
+                    bulk::row_error(batch.first_row + i as u64, column, String::new(), message)
+                })?;
+            }
+            buffer.put_u8(b'\n');
+            if buffer.len() >= CHUNK_BYTES {
+                sink.send(buffer.split().freeze()).await.map_err(copy_error)?;
+            }
+        }
+    }
+    if !buffer.is_empty() {
+        sink.send(buffer.split().freeze()).await.map_err(copy_error)?;
+    }
+    sink.as_mut().finish().await.map_err(copy_error)
+}
+
+/// Merges the staging table into the target; returns (inserted, updated).
+async fn merge(conn: &PgConn, target: &str, spec: &LoadSpec) -> Result<(u64, u64), BackendError> {
+    let columns = spec.column_list(quote);
+    let conflict = spec.conflict.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+    let updates: Vec<String> = spec
+        .update_columns()
+        .map(|c| format!("{0} = EXCLUDED.{0}", quote(&c.name)))
+        .collect();
+    let action = if updates.is_empty() {
+        // Only key columns: nothing to update, and a DO UPDATE would have to set something.
+        "NOTHING".to_string()
+    } else {
+        format!("UPDATE SET {}", updates.join(", "))
+    };
+    // xmax is 0 for a freshly inserted row version and set for an updated one.
+    let sql = format!(
+        "WITH merged AS (INSERT INTO {target} ({columns}) SELECT {columns} FROM {STAGE} \
+         ON CONFLICT ({conflict}) DO {action} RETURNING (xmax = 0) AS inserted) \
+         SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM merged"
+    );
+    let row = conn.client.query_one(&sql, &[]).await.map_err(map_error)?;
+    let count = |i| u64::try_from(row.get::<_, i64>(i)).unwrap_or_default();
+    Ok((count(0), count(1)))
+}
+
+/// Everything between BEGIN and COMMIT; the caller rolls back on error.
+async fn load_in_transaction(
+    conn: &PgConn,
+    spec: &LoadSpec,
+    feed: &mut RowFeed,
+    receipts: Option<&ReceiptSql>,
+) -> Result<LoadOutcome, BackendError> {
+    let client = &conn.client;
+    if let (Some(sql), Some(r)) = (receipts, &spec.receipt) {
+        let claimed = client
+            .execute(&sql.claim, &[&r.tenant, &r.load_id, &r.target])
+            .await
+            .map_err(map_error)?;
+        if claimed == 0 {
+            let row = client
+                .query_one(&sql.lookup, &[&r.tenant, &r.load_id])
+                .await
+                .map_err(map_error)?;
+            return bulk::replay(r, row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        }
+    }
+    let target = spec.qualified(quote);
+    let (inserted, updated, path) = match spec.mode {
+        LoadMode::Append => (copy_rows(conn, &target, spec, feed).await?, 0, "postgres-copy"),
+        LoadMode::Replace => {
+            client
+                .batch_execute(&format!("TRUNCATE {target}"))
+                .await
+                .map_err(map_error)?;
+            (copy_rows(conn, &target, spec, feed).await?, 0, "postgres-truncate-copy")
+        }
+        LoadMode::Upsert => {
+            // Only the loaded columns, with their types and no constraints:
+            // the target's own constraints apply when the rows are merged.
+            client
+                .batch_execute(&format!(
+                    "CREATE TEMPORARY TABLE {STAGE} ON COMMIT DROP AS SELECT {} FROM {target} WITH NO DATA",
+                    spec.column_list(quote)
+                ))
+                .await
+                .map_err(map_error)?;
+            copy_rows(conn, STAGE, spec, feed).await?;
+            let (inserted, updated) = merge(conn, &target, spec).await?;
+            (inserted, updated, "postgres-copy-merge")
+        }
+    };
+    let outcome = LoadOutcome {
+        inserted,
+        updated,
+        bytes: feed.bytes(),
+        engine_path: path.to_string(),
+        replayed: false,
+    };
+    if let (Some(sql), Some(r)) = (receipts, &spec.receipt) {
+        client
+            .execute(
+                &sql.record,
+                &[
+                    &bulk::signed(inserted),
+                    &bulk::signed(updated),
+                    &bulk::signed(outcome.bytes),
+                    &outcome.engine_path,
+                    &r.tenant,
+                    &r.load_id,
+                ],
+            )
+            .await
+            .map_err(map_error)?;
+    }
+    Ok(outcome)
+}
+
+/// Runs a whole load on `conn`: the receipt table first (outside the
+/// transaction, as DDL racing with another replica), then one transaction.
+pub async fn load(conn: &mut PgConn, spec: LoadSpec, mut feed: RowFeed) -> Result<LoadOutcome, BackendError> {
+    let receipts = spec.receipt.as_ref().map(|r| ReceiptSql::new(&r.table, &DIALECT));
+    if let Some(sql) = &receipts {
+        if let Err(e) = conn.client.batch_execute(&sql.create).await {
+            // Two first loads may race to create it: either way it exists now.
+            let raced = e
+                .as_db_error()
+                .is_some_and(|d| matches!(d.code().code(), "23505" | "42P07"));
+            if !raced {
+                return Err(map_error(e));
+            }
+        }
+    }
+    // From BEGIN until COMMIT or ROLLBACK succeeds, a dropped connection is discarded, never reused.
+    conn.in_transaction = true;
+    conn.needs_reset = true;
+    conn.client.batch_execute("BEGIN").await.map_err(map_error)?;
+    let result = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref()).await;
+    let end = match &result {
+        Ok(outcome) if !outcome.replayed => "COMMIT",
+        _ => "ROLLBACK",
+    };
+    match conn.client.batch_execute(end).await {
+        Ok(()) => conn.in_transaction = false,
+        // A failed COMMIT loaded nothing: report it rather than the outcome.
+        Err(e) if result.is_ok() => return Err(map_error(e)),
+        Err(_) => {}
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(v: Value) -> String {
+        let mut out = BytesMut::new();
+        write_field(&v, &mut String::new(), &mut out).expect("encodes");
+        String::from_utf8(out.to_vec()).expect("utf-8")
+    }
+
+    #[test]
+    fn copy_text_escapes_what_copy_reads_specially() {
+        assert_eq!(field(Value::Null), "\\N");
+        assert_eq!(field(Value::Text("a\tb\nc\\d\re".into())), "a\\tb\\nc\\\\d\\re");
+        assert_eq!(field(Value::Text("\\N".into())), "\\\\N");
+        assert_eq!(field(Value::Bytes(vec![0xde, 0xad])), "\\\\xdead");
+        assert_eq!(
+            field(Value::List(vec![Value::Text("x y".into()), Value::Null])),
+            "{\"x y\",NULL}"
+        );
+        let mut out = BytesMut::new();
+        assert!(write_field(&Value::Text("a\0b".into()), &mut String::new(), &mut out).is_err());
+    }
+
+    #[test]
+    fn receipt_statements_are_quoted_and_numbered() {
+        let sql = ReceiptSql::new("weir_load_ids", &DIALECT);
+        assert!(sql
+            .create
+            .starts_with("CREATE TABLE IF NOT EXISTS \"weir_load_ids\" (\"tenant\" text NOT NULL"));
+        assert_eq!(
+            sql.claim,
+            "INSERT INTO \"weir_load_ids\" (\"tenant\", \"load_id\", \"target\") VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+        );
+        assert!(sql.record.ends_with("WHERE \"tenant\" = $5 AND \"load_id\" = $6"));
+    }
+}

@@ -1,0 +1,610 @@
+//! BulkLoadService: a header, then row batches, into one engine transaction.
+//! The header is checked against the table's real columns before any row is
+//! read; rows are checked against those columns as they arrive, charged to
+//! the tenant's load rate (slowing the client, not refusing it), and handed
+//! to the engine through a bounded feed. Whatever stops a load early (a bad
+//! row, a limit, the client going away, a deadline) ends the feed without
+//! its completion mark, and the engine rolls back.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prost::Message;
+use tonic::{Request, Response, Status, Streaming};
+use weir_proto::v1 as pb;
+use weir_proto::v1::bulk_load_service_server::BulkLoadService;
+use weir_proto::v1::load_request::Message as LoadMessage;
+
+use super::{caller, convert, grpc_timeout, source};
+use crate::backend::bulk::{row_feed, Receipt, RowSender};
+use crate::backend::{BackendError, Column, LoadMode, LoadOutcome, LoadSpec, Row, TableDescription};
+use crate::config::BulkConfig;
+use crate::error::{Error, Result};
+use crate::tenant::{Caller, Source};
+
+/// Rows per engine batch when the caller gives no hint.
+const DEFAULT_BATCH_ROWS: usize = 5000;
+/// Largest batch hint honoured.
+const MAX_BATCH_ROWS: usize = 100_000;
+/// Batches buffered between the client and the engine.
+const FEED_DEPTH: usize = 4;
+/// Skipped rows reported back in `row_errors`; later ones are counted only.
+const MAX_REPORTED_ROW_ERRORS: usize = 1000;
+/// Longest accepted `load_id`.
+const MAX_LOAD_ID: usize = 200;
+
+pub struct BulkApi {
+    config: BulkConfig,
+}
+
+impl BulkApi {
+    pub fn new(config: BulkConfig) -> Self {
+        Self { config }
+    }
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
+/// The checked header: everything the load needs except the table's columns.
+struct Header {
+    source: String,
+    schema: Option<String>,
+    table: String,
+    columns: Vec<String>,
+    mode: LoadMode,
+    conflict: Vec<String>,
+    load_id: Option<String>,
+    batch_rows: usize,
+    skip_bad_rows: bool,
+}
+
+impl TryFrom<pb::LoadHeader> for Header {
+    type Error = Error;
+
+    fn try_from(h: pb::LoadHeader) -> Result<Self> {
+        if h.table.is_empty() {
+            return Err(bad("header.table", "a table name is required"));
+        }
+        if h.columns.is_empty() {
+            return Err(bad("header.columns", "name the columns the row values go into"));
+        }
+        let mode = convert::load_mode(h.mode)?;
+        match mode {
+            LoadMode::Upsert if h.conflict_columns.is_empty() => {
+                return Err(bad(
+                    "header.conflict_columns",
+                    "an UPSERT needs the columns of a unique key",
+                ));
+            }
+            LoadMode::Append | LoadMode::Replace if !h.conflict_columns.is_empty() => {
+                return Err(bad("header.conflict_columns", "conflict columns apply to UPSERT only"));
+            }
+            _ => {}
+        }
+        if h.load_id.len() > MAX_LOAD_ID {
+            return Err(bad(
+                "header.load_id",
+                format!("at most {MAX_LOAD_ID} bytes (a UUID is a good load id)"),
+            ));
+        }
+        let batch_rows = match h.batch_size_hint {
+            0 => DEFAULT_BATCH_ROWS,
+            n => (n as usize).min(MAX_BATCH_ROWS),
+        };
+        let skip_bad_rows = match pb::BadRowPolicy::try_from(h.bad_rows) {
+            Ok(pb::BadRowPolicy::Unspecified) => false,
+            Ok(pb::BadRowPolicy::Skip) => true,
+            Err(_) => return Err(bad("header.bad_rows", format!("unknown policy {}", h.bad_rows))),
+        };
+        Ok(Header {
+            source: h.source,
+            schema: (!h.schema.is_empty()).then_some(h.schema),
+            table: h.table,
+            columns: h.columns,
+            mode,
+            conflict: h.conflict_columns,
+            load_id: (!h.load_id.is_empty()).then_some(h.load_id),
+            batch_rows,
+            skip_bad_rows,
+        })
+    }
+}
+
+/// Finds a requested column among the table's: exactly, or else by a
+/// case-insensitive match that is unambiguous (CSV headers rarely match case).
+fn find_column<'a>(table: &'a TableDescription, name: &str) -> Option<&'a Column> {
+    let columns = || table.columns.iter().map(|c| &c.column);
+    if let Some(c) = columns().find(|c| c.name == name) {
+        return Some(c);
+    }
+    let mut folded = columns().filter(|c| c.name.eq_ignore_ascii_case(name));
+    match (folded.next(), folded.next()) {
+        (Some(c), None) => Some(c),
+        _ => None,
+    }
+}
+
+fn display_table(schema: Option<&str>, table: &str) -> String {
+    match schema {
+        Some(s) => format!("{s}.{table}"),
+        None => table.to_string(),
+    }
+}
+
+/// The load's columns with their engine types, and the upsert key, checked
+/// against the table as it is now.
+fn resolve(header: &Header, table: &TableDescription) -> Result<(Vec<Column>, Vec<String>)> {
+    let name = display_table(header.schema.as_deref(), &header.table);
+    let mut columns: Vec<Column> = Vec::with_capacity(header.columns.len());
+    for requested in &header.columns {
+        let column = find_column(table, requested).ok_or_else(|| {
+            let known: Vec<_> = table.columns.iter().map(|c| c.column.name.as_str()).collect();
+            bad(
+                "header.columns",
+                format!(
+                    "{name} has no column \"{requested}\"; its columns are {}",
+                    known.join(", ")
+                ),
+            )
+        })?;
+        if columns.iter().any(|c| c.name == column.name) {
+            return Err(bad(
+                "header.columns",
+                format!("column \"{}\" is named twice", column.name),
+            ));
+        }
+        columns.push(column.clone());
+    }
+    let mut conflict = Vec::with_capacity(header.conflict.len());
+    for requested in &header.conflict {
+        let column = columns
+            .iter()
+            .find(|c| c.name == *requested || c.name.eq_ignore_ascii_case(requested));
+        match column {
+            Some(c) if !conflict.contains(&c.name) => conflict.push(c.name.clone()),
+            Some(c) => {
+                return Err(bad(
+                    "header.conflict_columns",
+                    format!("column \"{}\" is named twice", c.name),
+                ))
+            }
+            None => {
+                return Err(bad(
+                    "header.conflict_columns",
+                    format!("conflict column \"{requested}\" must also be one of the loaded columns"),
+                ))
+            }
+        }
+    }
+    if !conflict.is_empty() {
+        let same = |key: &[String]| key.len() == conflict.len() && key.iter().all(|k| conflict.contains(k));
+        let keyed = table.primary_key.as_ref().is_some_and(|pk| same(&pk.columns))
+            || table.indexes.iter().any(|i| i.unique && same(&i.columns));
+        if !keyed {
+            return Err(bad(
+                "header.conflict_columns",
+                format!(
+                    "{name} has no primary key or unique index on ({}); an UPSERT matches rows on one",
+                    conflict.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok((columns, conflict))
+}
+
+/// Rows skipped under BAD_ROW_POLICY_SKIP, to report them and to translate
+/// the engine's row numbers (which count only the rows it received) back
+/// into the caller's.
+#[derive(Default)]
+struct Skipped {
+    indexes: Vec<u64>,
+    reported: Vec<pb::RowError>,
+}
+
+impl Skipped {
+    fn add(&mut self, index: u64, column: Option<&str>, message: String) {
+        self.indexes.push(index);
+        if self.reported.len() < MAX_REPORTED_ROW_ERRORS {
+            self.reported.push(pb::RowError {
+                row_index: index,
+                column: column.unwrap_or_default().to_string(),
+                message,
+            });
+        }
+    }
+
+    /// The caller's index of the engine's `sent`-th row.
+    fn caller_index(&self, sent: u64) -> u64 {
+        let mut index = sent;
+        for &skipped in &self.indexes {
+            if skipped <= index {
+                index += 1;
+            } else {
+                break;
+            }
+        }
+        index
+    }
+
+    fn translate(&self, e: BackendError) -> BackendError {
+        match e {
+            BackendError::Row {
+                index,
+                column,
+                code,
+                message,
+            } => BackendError::Row {
+                index: self.caller_index(index),
+                column,
+                code,
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Converts one row; the error names the column at fault.
+fn convert_row(row: pb::Row, columns: &[Column]) -> std::result::Result<Row, (Option<&str>, String)> {
+    if row.values.len() != columns.len() {
+        return Err((
+            None,
+            format!(
+                "has {} values, but the load names {} columns",
+                row.values.len(),
+                columns.len()
+            ),
+        ));
+    }
+    row.values
+        .into_iter()
+        .zip(columns)
+        .map(|(v, c)| convert::value_for_column(v, c).map_err(|m| (Some(c.name.as_str()), m)))
+        .collect()
+}
+
+/// Reads the row batches of the stream into the engine's feed until the
+/// stream ends; returns early with the reason when the load must stop.
+async fn feed_rows(
+    stream: &mut Streaming<pb::LoadRequest>,
+    sender: &RowSender,
+    caller: &Caller,
+    columns: &[Column],
+    skip_bad_rows: bool,
+    skipped: &mut Skipped,
+) -> Result<bool> {
+    let limits = &caller.tenant.limits;
+    let mut received = 0u64;
+    loop {
+        let message = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(true),
+            // The client went away or reset the call: nothing is committed.
+            Err(status) => {
+                tracing::info!(code = ?status.code(), "the client ended the load before its end; rolling back");
+                return Err(Error::Backend(BackendError::LoadAbandoned));
+            }
+        };
+        let rows = match message.message {
+            Some(LoadMessage::Rows(rows)) => rows.rows,
+            Some(LoadMessage::Header(_)) => return Err(bad("header", "a load has one header, in its first message")),
+            None => continue,
+        };
+        let bytes = rows.iter().map(|r| r.encoded_len() as u64).sum::<u64>();
+        let first = received;
+        received += rows.len() as u64;
+        if received > limits.max_rows_per_load {
+            return Err(Error::LoadTooLarge {
+                limit: limits.max_rows_per_load,
+            });
+        }
+        let mut batch = Vec::with_capacity(rows.len());
+        for (i, row) in rows.into_iter().enumerate() {
+            let index = first + i as u64;
+            match convert_row(row, columns) {
+                Ok(values) => batch.push(values),
+                Err((column, message)) if skip_bad_rows => skipped.add(index, column, message),
+                Err((column, message)) => {
+                    return Err(Error::Backend(BackendError::Row {
+                        index,
+                        column: column.map(str::to_string),
+                        code: String::new(),
+                        message,
+                    }))
+                }
+            }
+        }
+        caller.tenant.limiter.charge_load(batch.len() as u64, bytes).await;
+        if !sender.send(batch, bytes).await {
+            // The engine stopped (an error, or a replayed load id): its result says why.
+            return Ok(false);
+        }
+    }
+}
+
+impl BulkApi {
+    async fn run(&self, caller: Caller, mut stream: Streaming<pb::LoadRequest>) -> Result<pb::LoadResponse> {
+        let started = Instant::now();
+        let header = match stream.message().await {
+            Ok(Some(pb::LoadRequest {
+                message: Some(LoadMessage::Header(h)),
+            })) => Header::try_from(h)?,
+            Ok(_) => return Err(bad("header", "the first message of a load must be its header")),
+            Err(_) => return Err(Error::Backend(BackendError::LoadAbandoned)),
+        };
+        let source: Arc<Source> = source(&caller, &header.source)?;
+        let _slot = caller.tenant.limiter.admit_load()?;
+        let table = tokio::time::timeout(
+            caller.tenant.limits.statement_timeout,
+            source.backend.describe_table(header.schema.as_deref(), &header.table),
+        )
+        .await
+        .map_err(|_| Error::Timeout(caller.tenant.limits.statement_timeout))??;
+        let (columns, conflict) = resolve(&header, &table)?;
+        let target = display_table(header.schema.as_deref(), &header.table);
+        let spec = LoadSpec {
+            schema: header.schema.clone(),
+            table: header.table.clone(),
+            columns: columns.clone(),
+            mode: header.mode,
+            conflict,
+            receipt: header.load_id.clone().map(|load_id| Receipt {
+                table: self.config.load_id_table.clone(),
+                tenant: caller.tenant.id.clone(),
+                load_id,
+                target,
+            }),
+            batch_rows: header.batch_rows,
+        };
+        let (sender, feed) = row_feed(FEED_DEPTH);
+        // The engine side runs on its own task: if this call is dropped (client
+        // gone, deadline), the feed closes and that task rolls back cleanly.
+        let backend = source.backend.clone();
+        let engine = tokio::spawn(async move { backend.load(spec, feed).await });
+        let mut skipped = Skipped::default();
+        let fed = feed_rows(
+            &mut stream,
+            &sender,
+            &caller,
+            &columns,
+            header.skip_bad_rows,
+            &mut skipped,
+        )
+        .await;
+        match fed {
+            Ok(true) => {
+                sender.finish().await;
+            }
+            Ok(false) => drop(sender),
+            Err(e) => {
+                drop(sender);
+                // Wait for the rollback, so the table is as it was when the caller hears of it.
+                let _ = engine.await;
+                return Err(e);
+            }
+        }
+        let outcome: LoadOutcome = engine
+            .await
+            .map_err(|e| Error::Backend(BackendError::Internal(format!("load task failed: {e}"))))?
+            .map_err(|e| Error::Backend(skipped.translate(e)))?;
+        let span = tracing::Span::current();
+        span.record(
+            "rows",
+            i64::try_from(outcome.inserted + outcome.updated).unwrap_or(i64::MAX),
+        );
+        span.record("bytes", i64::try_from(outcome.bytes).unwrap_or(i64::MAX));
+        Ok(pb::LoadResponse {
+            rows_inserted: outcome.inserted,
+            rows_updated: outcome.updated,
+            bytes_received: outcome.bytes,
+            elapsed: Some(convert::duration(started.elapsed())),
+            engine_path: outcome.engine_path,
+            replayed: outcome.replayed,
+            row_errors: skipped.reported,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl BulkLoadService for BulkApi {
+    async fn load(&self, request: Request<Streaming<pb::LoadRequest>>) -> Result<Response<pb::LoadResponse>, Status> {
+        let caller = caller(&request)?;
+        let deadline = grpc_timeout(&request);
+        let run = self.run(caller, request.into_inner());
+        let response = match deadline {
+            Some(limit) => tokio::time::timeout(limit, run)
+                .await
+                .map_err(|_| Error::LoadTimeout(limit))?,
+            None => run.await,
+        }?;
+        Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{ColumnInfo, ColumnType, Index, PrimaryKey, TableInfo, TableKind};
+
+    fn table() -> TableDescription {
+        let column = |name: &str, ordinal| ColumnInfo {
+            column: Column::new(name, "integer", ColumnType::Int),
+            ordinal,
+            default_expression: String::new(),
+            comment: String::new(),
+        };
+        TableDescription {
+            table: TableInfo {
+                schema: "public".into(),
+                name: "t".into(),
+                kind: TableKind::Table,
+                row_estimate: None,
+                comment: String::new(),
+            },
+            columns: vec![column("id", 1), column("Code", 2), column("v", 3)],
+            primary_key: Some(PrimaryKey {
+                name: "t_pkey".into(),
+                columns: vec!["id".into()],
+            }),
+            foreign_keys: vec![],
+            indexes: vec![Index {
+                name: "t_code".into(),
+                columns: vec!["Code".into()],
+                unique: true,
+                primary: false,
+                method: "btree".into(),
+            }],
+            change_stream_ready: false,
+            change_stream_reason: String::new(),
+        }
+    }
+
+    fn header(columns: &[&str], mode: LoadMode, conflict: &[&str]) -> Header {
+        Header {
+            source: "s".into(),
+            schema: None,
+            table: "t".into(),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            mode,
+            conflict: conflict.iter().map(|c| c.to_string()).collect(),
+            load_id: None,
+            batch_rows: 10,
+            skip_bad_rows: false,
+        }
+    }
+
+    fn message(e: Error) -> String {
+        e.to_string()
+    }
+
+    #[test]
+    fn columns_resolve_to_the_tables_own_names() {
+        let (columns, _) = resolve(&header(&["v", "code"], LoadMode::Append, &[]), &table()).expect("resolves");
+        let names: Vec<_> = columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["v", "Code"]);
+        let err = message(resolve(&header(&["id", "nope"], LoadMode::Append, &[]), &table()).unwrap_err());
+        assert!(
+            err.contains("no column \"nope\"") && err.contains("id, Code, v"),
+            "{err}"
+        );
+        let err = message(resolve(&header(&["id", "ID"], LoadMode::Append, &[]), &table()).unwrap_err());
+        assert!(err.contains("named twice"), "{err}");
+    }
+
+    #[test]
+    fn upserts_need_a_unique_key_among_the_loaded_columns() {
+        let (_, conflict) = resolve(&header(&["id", "v"], LoadMode::Upsert, &["id"]), &table()).expect("pk");
+        assert_eq!(conflict, ["id"]);
+        assert!(resolve(&header(&["code", "v"], LoadMode::Upsert, &["CODE"]), &table()).is_ok());
+        let err = message(resolve(&header(&["id", "v"], LoadMode::Upsert, &["v"]), &table()).unwrap_err());
+        assert!(err.contains("no primary key or unique index on (v)"), "{err}");
+        let err = message(resolve(&header(&["v"], LoadMode::Upsert, &["id"]), &table()).unwrap_err());
+        assert!(err.contains("must also be one of the loaded columns"), "{err}");
+    }
+
+    #[test]
+    fn headers_are_checked() {
+        let ok = pb::LoadHeader {
+            source: "s".into(),
+            table: "t".into(),
+            columns: vec!["a".into()],
+            ..Default::default()
+        };
+        assert!(Header::try_from(ok.clone()).is_ok());
+        let cases = [
+            pb::LoadHeader {
+                table: String::new(),
+                ..ok.clone()
+            },
+            pb::LoadHeader {
+                columns: vec![],
+                ..ok.clone()
+            },
+            pb::LoadHeader {
+                mode: pb::BulkLoadMode::Upsert as i32,
+                ..ok.clone()
+            },
+            pb::LoadHeader {
+                conflict_columns: vec!["a".into()],
+                ..ok.clone()
+            },
+            pb::LoadHeader { mode: 99, ..ok.clone() },
+            pb::LoadHeader {
+                load_id: "x".repeat(201),
+                ..ok.clone()
+            },
+        ];
+        for case in cases {
+            assert!(matches!(Header::try_from(case), Err(Error::InvalidArgument { .. })));
+        }
+    }
+
+    #[test]
+    fn engine_row_numbers_skip_over_skipped_rows() {
+        let mut skipped = Skipped::default();
+        for i in [1, 2, 5] {
+            skipped.add(i, None, "bad".into());
+        }
+        // Sent rows 0,1,2,3,.. are the caller's rows 0,3,4,6,..
+        let mapped: Vec<_> = (0..4).map(|i| skipped.caller_index(i)).collect();
+        assert_eq!(mapped, [0, 3, 4, 6]);
+    }
+
+    #[test]
+    fn rows_are_checked_against_their_columns() {
+        let mut columns = vec![
+            Column::new("id", "int4", ColumnType::Int),
+            Column::new("at", "timestamp", ColumnType::Timestamp),
+        ];
+        columns[0].nullable = false;
+        let int = |i| pb::Value {
+            kind: Some(pb::value::Kind::Int64Value(i)),
+        };
+        let text = |s: &str| pb::Value {
+            kind: Some(pb::value::Kind::StringValue(s.into())),
+        };
+        let ts = pb::Value {
+            kind: Some(pb::value::Kind::TimestampValue(prost_types::Timestamp {
+                seconds: 0,
+                nanos: 0,
+            })),
+        };
+        let null = pb::Value { kind: None };
+        let row = convert_row(
+            pb::Row {
+                values: vec![int(1), ts],
+            },
+            &columns,
+        )
+        .expect("fits");
+        assert!(matches!(row[1], crate::backend::Value::Timestamp(_)));
+        let (column, message) = convert_row(
+            pb::Row {
+                values: vec![text("x"), null.clone()],
+            },
+            &columns,
+        )
+        .unwrap_err();
+        assert_eq!(column, Some("id"));
+        assert!(
+            message.contains("string value cannot go into a column of type int4"),
+            "{message}"
+        );
+        let (column, message) = convert_row(
+            pb::Row {
+                values: vec![null.clone(), null],
+            },
+            &columns,
+        )
+        .unwrap_err();
+        assert_eq!((column, message.as_str()), (Some("id"), "NULL into a NOT NULL column"));
+        let (column, _) = convert_row(pb::Row { values: vec![int(1)] }, &columns).unwrap_err();
+        assert_eq!(column, None);
+    }
+}

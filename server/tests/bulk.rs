@@ -1,0 +1,739 @@
+//! Bulk loads through the real gRPC server into real engines: every mode,
+//! the common types, a million rows, bad rows anywhere in a load, clients
+//! that vanish mid-load, retried load ids, unknown tables and columns, and
+//! the tenant's load limits. After every failure the table must be exactly
+//! as it was.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::weir_proto::v1::value::Kind;
+use weir_client::WeirClient;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Engine {
+    Postgres,
+    Mysql,
+    Sqlite,
+    Mssql,
+}
+
+impl Engine {
+    fn source(self, tenant_id: &str, limits: &str) -> String {
+        let source = match self {
+            Engine::Postgres => postgres(tenant_id, "db", ""),
+            Engine::Mysql => mysql(tenant_id, "db", ""),
+            Engine::Sqlite => format!("[tenants.{tenant_id}.sources.db]\nengine = \"sqlite\"\npath = \":memory:\"\n"),
+            Engine::Mssql => mssql_live(tenant_id, "db", ""),
+        };
+        tenant(tenant_id, limits, &source)
+    }
+
+    fn text_type(self) -> &'static str {
+        match self {
+            Engine::Mysql => "VARCHAR(200)",
+            Engine::Mssql => "NVARCHAR(200)",
+            _ => "TEXT",
+        }
+    }
+}
+
+struct Ctx {
+    engine: Engine,
+    server: TestServer,
+    client: WeirClient,
+}
+
+impl Ctx {
+    async fn new(engine: Engine, limits: &str) -> Ctx {
+        let server = TestServer::start(&engine.source("bulk", limits)).await;
+        let client = server.client("key-bulk").await;
+        Ctx { engine, server, client }
+    }
+
+    async fn exec(&self, sql: &str) -> pb::ExecuteResponse {
+        self.client
+            .execute("db", sql, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{:?}: {sql}: {}", self.engine, e.message()))
+    }
+
+    /// A fresh table `name` (id, name, score) with a CHECK on score and `rows` rows already in it.
+    async fn table(&self, name: &str, rows: i64) {
+        self.exec(&format!("DROP TABLE IF EXISTS {name}")).await;
+        self.exec(&format!(
+            "CREATE TABLE {name} (id INT PRIMARY KEY, name {} NOT NULL, score INT CHECK (score >= 0))",
+            self.engine.text_type()
+        ))
+        .await;
+        for i in 0..rows {
+            self.exec(&format!("INSERT INTO {name} VALUES ({}, 'old{i}', {i})", 1_000_000 + i))
+                .await;
+        }
+    }
+
+    /// Every row of the table, as "id:name:score" text, in id order.
+    async fn contents(&self, name: &str) -> Vec<String> {
+        let r = self
+            .exec(&format!("SELECT id, name, score FROM {name} ORDER BY id"))
+            .await;
+        r.rows
+            .iter()
+            .map(|row| {
+                let score = if is_null(&row.values[2]) {
+                    "null".to_string()
+                } else {
+                    int(&row.values[2]).to_string()
+                };
+                format!("{}:{}:{score}", int(&row.values[0]), text(&row.values[1]))
+            })
+            .collect()
+    }
+
+    async fn load(
+        &self,
+        header: pb::LoadHeader,
+        batches: Vec<Vec<pb::Row>>,
+    ) -> Result<pb::LoadResponse, tonic::Status> {
+        self.client.load(header, tokio_stream::iter(batches)).await
+    }
+}
+
+fn header(table: &str, mode: pb::BulkLoadMode) -> pb::LoadHeader {
+    pb::LoadHeader {
+        source: "db".into(),
+        table: table.into(),
+        columns: vec!["id".into(), "name".into(), "score".into()],
+        mode: mode as i32,
+        ..Default::default()
+    }
+}
+
+fn v(kind: Kind) -> pb::Value {
+    pb::Value { kind: Some(kind) }
+}
+
+fn row(id: i64, name: &str, score: i64) -> pb::Row {
+    pb::Row {
+        values: vec![
+            v(Kind::Int64Value(id)),
+            v(Kind::StringValue(name.into())),
+            v(Kind::Int64Value(score)),
+        ],
+    }
+}
+
+fn rows(range: std::ops::Range<i64>) -> Vec<pb::Row> {
+    range.map(|i| row(i, &format!("n{i}"), i)).collect()
+}
+
+fn metadata(status: &tonic::Status, key: &str) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .and_then(|i| i.metadata.get(key).cloned())
+        .unwrap_or_default()
+}
+
+async fn every_mode_appends_upserts_and_replaces(engine: Engine) {
+    let ctx = Ctx::new(engine, "").await;
+    ctx.table("weir_bulk_modes", 0).await;
+    let r = ctx
+        .load(
+            header("weir_bulk_modes", pb::BulkLoadMode::Append),
+            vec![rows(0..2), rows(2..3)],
+        )
+        .await
+        .expect("append");
+    assert_eq!((r.rows_inserted, r.rows_updated, r.replayed), (3, 0, false));
+    assert!(!r.engine_path.is_empty() && r.bytes_received > 0);
+
+    let mut upsert = header("weir_bulk_modes", pb::BulkLoadMode::Upsert);
+    upsert.conflict_columns = vec!["id".into()];
+    let r = ctx
+        .load(upsert, vec![vec![row(1, "changed", 10), row(7, "new", 7)]])
+        .await
+        .expect("upsert");
+    assert_eq!((r.rows_inserted, r.rows_updated), (1, 1), "{engine:?}");
+    assert_eq!(
+        ctx.contents("weir_bulk_modes").await,
+        ["0:n0:0", "1:changed:10", "2:n2:2", "7:new:7"]
+    );
+
+    let r = ctx
+        .load(header("weir_bulk_modes", pb::BulkLoadMode::Replace), vec![rows(5..7)])
+        .await
+        .expect("replace");
+    assert_eq!(r.rows_inserted, 2);
+    assert_eq!(ctx.contents("weir_bulk_modes").await, ["5:n5:5", "6:n6:6"]);
+
+    // Columns may be named in any order and case; the rest take their defaults.
+    let mut partial = header("weir_bulk_modes", pb::BulkLoadMode::Append);
+    partial.columns = vec!["NAME".into(), "Id".into()];
+    let r = ctx
+        .load(
+            partial,
+            vec![vec![pb::Row {
+                values: vec![v(Kind::StringValue("p".into())), v(Kind::Int64Value(9))],
+            }]],
+        )
+        .await
+        .expect("partial columns");
+    assert_eq!(r.rows_inserted, 1);
+    assert_eq!(
+        ctx.contents("weir_bulk_modes").await.last().map(String::as_str),
+        Some("9:p:null")
+    );
+
+    // A load with no rows commits nothing and succeeds.
+    let r = ctx
+        .load(header("weir_bulk_modes", pb::BulkLoadMode::Append), vec![])
+        .await
+        .expect("empty load");
+    assert_eq!(r.rows_inserted, 0);
+    ctx.server.stop().await;
+}
+
+/// Column DDL, the value sent, and the value read back when it differs.
+fn typed_columns(engine: Engine) -> Vec<(&'static str, &'static str, pb::Value, Option<pb::Value>)> {
+    let date = v(Kind::DateValue(pb::Date {
+        year: 2024,
+        month: 2,
+        day: 29,
+    }));
+    let ts = v(Kind::TimestampValue(prost_types::Timestamp {
+        seconds: 1_700_000_000,
+        nanos: 123_456_000,
+    }));
+    let time = v(Kind::TimeValue(pb::TimeOfDay {
+        hours: 13,
+        minutes: 14,
+        seconds: 15,
+        nanos: 500_000_000,
+        utc_offset_seconds: None,
+    }));
+    let uuid = "6f1c6b4e-2d1a-4b8e-9a7e-3c2b1a0f9e8d";
+    let json = r#"{"a":[1,2]}"#;
+    let mut cols = vec![
+        ("b", "BOOLEAN", v(Kind::BoolValue(true)), None),
+        ("i", "BIGINT", v(Kind::Int64Value(-9_000_000_000)), None),
+        ("f", "DOUBLE PRECISION", v(Kind::DoubleValue(1.5)), None),
+        ("d", "DECIMAL(12,3)", v(Kind::DecimalValue("12345.678".into())), None),
+        (
+            "s",
+            "TEXT",
+            v(Kind::StringValue("tab\tnew\nline \\ 'q' \"dq\" é".into())),
+            None,
+        ),
+        ("dt", "DATE", date, None),
+    ];
+    match engine {
+        Engine::Postgres => cols.extend([
+            ("bin", "BYTEA", v(Kind::BytesValue(vec![0, 1, 254, 255])), None),
+            ("tm", "TIME", time, None),
+            ("ts", "TIMESTAMP", ts.clone(), None),
+            ("tstz", "TIMESTAMPTZ", ts, None),
+            ("u", "UUID", v(Kind::UuidValue(uuid.into())), None),
+            (
+                "j",
+                "JSONB",
+                v(Kind::JsonValue(json.into())),
+                Some(v(Kind::JsonValue(r#"{"a": [1, 2]}"#.into()))),
+            ),
+            (
+                "arr",
+                "INT[]",
+                v(Kind::ListValue(pb::ListValue {
+                    values: vec![v(Kind::Int64Value(1)), v(Kind::Null(true))],
+                })),
+                None,
+            ),
+            (
+                "iv",
+                "INTERVAL",
+                v(Kind::IntervalValue(pb::Interval {
+                    months: 1,
+                    days: 2,
+                    microseconds: 3_000_000,
+                })),
+                None,
+            ),
+        ]),
+        Engine::Mysql => {
+            // MariaDB's BOOLEAN is TINYINT(1): true reads back as 1.
+            cols[0].3 = Some(v(Kind::Int64Value(1)));
+            cols[2].1 = "DOUBLE";
+            cols.extend([
+                ("bin", "BLOB", v(Kind::BytesValue(vec![0, 1, 254, 255])), None),
+                ("tm", "TIME(6)", time, None),
+                ("ts", "DATETIME(6)", ts, None),
+                (
+                    "u",
+                    "CHAR(36)",
+                    v(Kind::UuidValue(uuid.into())),
+                    Some(v(Kind::StringValue(uuid.into()))),
+                ),
+            ]);
+        }
+        Engine::Sqlite => {
+            cols[0].3 = None;
+            cols[2].1 = "REAL";
+            cols.extend([
+                ("bin", "BLOB", v(Kind::BytesValue(vec![0, 1, 254, 255])), None),
+                ("ts", "TIMESTAMP", ts, None),
+                ("j", "JSON", v(Kind::JsonValue(json.into())), None),
+            ]);
+        }
+        Engine::Mssql => {
+            cols[0].1 = "BIT";
+            cols[2].1 = "FLOAT";
+            cols[4].1 = "NVARCHAR(MAX)";
+            cols.extend([
+                ("bin", "VARBINARY(MAX)", v(Kind::BytesValue(vec![0, 1, 254, 255])), None),
+                ("ts", "DATETIME2", ts, None),
+                ("u", "UNIQUEIDENTIFIER", v(Kind::UuidValue(uuid.into())), None),
+            ]);
+        }
+    }
+    cols
+}
+
+async fn every_common_type_round_trips(engine: Engine) {
+    let ctx = Ctx::new(engine, "").await;
+    let cols = typed_columns(engine);
+    let ddl: Vec<String> = cols.iter().map(|(n, t, _, _)| format!("{n} {t}")).collect();
+    ctx.exec("DROP TABLE IF EXISTS weir_bulk_types").await;
+    ctx.exec(&format!(
+        "CREATE TABLE weir_bulk_types (id INT PRIMARY KEY, {})",
+        ddl.join(", ")
+    ))
+    .await;
+    let mut columns = vec!["id".to_string()];
+    columns.extend(cols.iter().map(|(n, ..)| n.to_string()));
+    let mut values = vec![v(Kind::Int64Value(1))];
+    values.extend(cols.iter().map(|(_, _, value, _)| value.clone()));
+    let mut nulls = vec![v(Kind::Int64Value(2))];
+    nulls.extend(cols.iter().map(|_| v(Kind::Null(true))));
+    let load = pb::LoadHeader {
+        source: "db".into(),
+        table: "weir_bulk_types".into(),
+        columns: columns.clone(),
+        ..Default::default()
+    };
+    let r = ctx
+        .load(load, vec![vec![pb::Row { values }, pb::Row { values: nulls }]])
+        .await
+        .unwrap_or_else(|e| panic!("{engine:?}: {}", e.message()));
+    assert_eq!(r.rows_inserted, 2);
+    let back = ctx
+        .exec(&format!(
+            "SELECT {} FROM weir_bulk_types ORDER BY id",
+            columns.join(", ")
+        ))
+        .await;
+    for (i, (name, _, sent, expected)) in cols.iter().enumerate() {
+        let got = &back.rows[0].values[i + 1];
+        assert_eq!(got, expected.as_ref().unwrap_or(sent), "{engine:?}: column {name}");
+        assert!(is_null(&back.rows[1].values[i + 1]), "{engine:?}: column {name} NULL");
+    }
+    ctx.server.stop().await;
+}
+
+async fn a_million_rows_load_in_one_call(engine: Engine) {
+    let ctx = Ctx::new(engine, "").await;
+    ctx.exec("DROP TABLE IF EXISTS weir_bulk_million").await;
+    ctx.exec("CREATE TABLE weir_bulk_million (id INT PRIMARY KEY, v BIGINT NOT NULL)")
+        .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        for start in (0..1_000_000i64).step_by(10_000) {
+            let batch = (start..start + 10_000)
+                .map(|i| pb::Row {
+                    values: vec![v(Kind::Int64Value(i)), v(Kind::Int64Value(i * 3))],
+                })
+                .collect();
+            if tx.send(batch).await.is_err() {
+                return;
+            }
+        }
+    });
+    let load = pb::LoadHeader {
+        source: "db".into(),
+        table: "weir_bulk_million".into(),
+        columns: vec!["id".into(), "v".into()],
+        ..Default::default()
+    };
+    let r = ctx.client.load(load, ReceiverStream::new(rx)).await.expect("1M rows");
+    assert_eq!(r.rows_inserted, 1_000_000);
+    let check = ctx
+        .exec("SELECT COUNT(*), SUM(v), MIN(id), MAX(id) FROM weir_bulk_million")
+        .await;
+    let cells = &check.rows[0].values;
+    assert_eq!(int(&cells[0]), 1_000_000);
+    let sum = match &cells[1].kind {
+        Some(Kind::Int64Value(i)) => i.to_string(),
+        Some(Kind::DecimalValue(d)) => d.clone(),
+        other => panic!("sum: {other:?}"),
+    };
+    assert_eq!(sum, (3 * (999_999i64 * 1_000_000 / 2)).to_string());
+    assert_eq!((int(&cells[2]), int(&cells[3])), (0, 999_999));
+    ctx.server.stop().await;
+}
+
+async fn a_bad_row_anywhere_leaves_the_table_unchanged(engine: Engine) {
+    let ctx = Ctx::new(engine, "").await;
+    ctx.table("weir_bulk_bad", 3).await;
+    let before = ctx.contents("weir_bulk_bad").await;
+    for at in [0usize, 500, 999] {
+        // Found by the engine: a CHECK constraint.
+        let mut batch = rows(0..1000);
+        batch[at] = row(at as i64, "bad", -1);
+        let err = ctx
+            .load(
+                header("weir_bulk_bad", pb::BulkLoadMode::Append),
+                batch.chunks(300).map(<[_]>::to_vec).collect(),
+            )
+            .await
+            .expect_err("a CHECK violation fails the load");
+        assert_eq!(err.code(), Code::InvalidArgument, "{engine:?}: {}", err.message());
+        assert_eq!(reason(&err), "BAD_ROW");
+        assert_eq!(
+            metadata(&err, "row_index"),
+            at.to_string(),
+            "{engine:?}: {}",
+            err.message()
+        );
+        assert!(
+            !engine_code(&err).is_empty(),
+            "{engine:?}: the engine's code is attached"
+        );
+        assert_eq!(ctx.contents("weir_bulk_bad").await, before, "{engine:?}: row {at}");
+
+        // Found by the gateway: a value of the wrong type, named by column.
+        let mut batch = rows(0..1000);
+        batch[at].values[2] = v(Kind::StringValue("x".into()));
+        let err = ctx
+            .load(header("weir_bulk_bad", pb::BulkLoadMode::Replace), vec![batch])
+            .await
+            .expect_err("a string into an integer column");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(metadata(&err, "row_index"), at.to_string());
+        assert!(err.message().contains("column \"score\""), "{}", err.message());
+        assert_eq!(
+            ctx.contents("weir_bulk_bad").await,
+            before,
+            "{engine:?}: replace at row {at}"
+        );
+    }
+    // A duplicate of an existing key, under REPLACE (which first empties the table).
+    let err = ctx
+        .load(
+            header("weir_bulk_bad", pb::BulkLoadMode::Replace),
+            vec![vec![row(1, "a", 1), row(1, "b", 2)]],
+        )
+        .await
+        .expect_err("duplicate key");
+    assert_eq!(err.code(), Code::InvalidArgument, "{engine:?}: {}", err.message());
+    assert_eq!(metadata(&err, "row_index"), "1", "{engine:?}: {}", err.message());
+    assert_eq!(ctx.contents("weir_bulk_bad").await, before);
+
+    // NULL into a NOT NULL column, and a row of the wrong width.
+    let mut null_name = row(5, "", 5);
+    null_name.values[1] = v(Kind::Null(true));
+    let err = ctx
+        .load(
+            header("weir_bulk_bad", pb::BulkLoadMode::Append),
+            vec![vec![row(4, "a", 1), null_name]],
+        )
+        .await
+        .expect_err("NULL into NOT NULL");
+    assert_eq!(metadata(&err, "column"), "name");
+    let err = ctx
+        .load(
+            header("weir_bulk_bad", pb::BulkLoadMode::Append),
+            vec![vec![pb::Row {
+                values: vec![v(Kind::Int64Value(1))],
+            }]],
+        )
+        .await
+        .expect_err("short row");
+    assert!(err.message().contains("has 1 values"), "{}", err.message());
+    assert_eq!(ctx.contents("weir_bulk_bad").await, before);
+    assert_serves(&ctx.client, "db", 3).await;
+    ctx.server.stop().await;
+}
+
+async fn bad_rows_can_be_skipped_and_reported(engine: Engine) {
+    let ctx = Ctx::new(engine, "").await;
+    ctx.table("weir_bulk_skip", 0).await;
+    let mut batch = rows(0..10);
+    batch[3].values[2] = v(Kind::StringValue("x".into()));
+    batch[8].values.pop();
+    let mut load = header("weir_bulk_skip", pb::BulkLoadMode::Append);
+    load.bad_rows = pb::BadRowPolicy::Skip as i32;
+    let r = ctx.load(load, vec![batch]).await.expect("skips");
+    assert_eq!(r.rows_inserted, 8);
+    let skipped: Vec<_> = r.row_errors.iter().map(|e| (e.row_index, e.column.as_str())).collect();
+    assert_eq!(skipped, [(3, "score"), (8, "")]);
+    assert_eq!(ctx.contents("weir_bulk_skip").await.len(), 8);
+
+    // An engine error after skipped rows still names the caller's row.
+    let mut batch = rows(100..110);
+    batch[1].values[2] = v(Kind::StringValue("x".into()));
+    batch[6] = row(106, "bad", -5);
+    let mut load = header("weir_bulk_skip", pb::BulkLoadMode::Append);
+    load.bad_rows = pb::BadRowPolicy::Skip as i32;
+    let err = ctx.load(load, vec![batch]).await.expect_err("CHECK violation");
+    assert_eq!(metadata(&err, "row_index"), "6", "{engine:?}: {}", err.message());
+    assert_eq!(ctx.contents("weir_bulk_skip").await.len(), 8);
+    ctx.server.stop().await;
+}
+
+async fn a_client_that_vanishes_mid_load_changes_nothing(engine: Engine) {
+    let ctx = Ctx::new(engine, "").await;
+    ctx.table("weir_bulk_gone", 5).await;
+    let before = ctx.contents("weir_bulk_gone").await;
+    for mode in [pb::BulkLoadMode::Append, pb::BulkLoadMode::Replace] {
+        let addr = ctx.server.addr.clone();
+        // A client process that dies mid-load: its own runtime, dropped with
+        // the call in flight, so its socket closes without ending the stream.
+        let crashed = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("client runtime");
+            let tx = runtime.block_on(async move {
+                let client = WeirClient::connect(&addr, "key-bulk").await.expect("connect");
+                let (tx, rx) = tokio::sync::mpsc::channel(8);
+                tokio::spawn(async move {
+                    client
+                        .load(header("weir_bulk_gone", mode), ReceiverStream::new(rx))
+                        .await
+                });
+                for i in 0..5 {
+                    tx.send(rows(i * 100..(i + 1) * 100)).await.expect("send");
+                }
+                // Let the rows reach the engine (visible to the load's own transaction only).
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                tx
+            });
+            drop(runtime);
+            drop(tx);
+        });
+        crashed.join().expect("client thread");
+        // The rollback is asynchronous; the table must stay as it was for good.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(ctx.contents("weir_bulk_gone").await, before, "{engine:?} {mode:?}");
+    }
+    // Locks and connections were released: another load goes through.
+    let r = ctx
+        .load(header("weir_bulk_gone", pb::BulkLoadMode::Append), vec![rows(0..10)])
+        .await
+        .expect("a load after the abandoned ones");
+    assert_eq!(r.rows_inserted, 10);
+    assert_serves(&ctx.client, "db", 3).await;
+    ctx.server.stop().await;
+}
+
+async fn a_retried_load_id_loads_once(engine: Engine) {
+    let ctx = Ctx::new(engine, "").await;
+    ctx.table("weir_bulk_once", 0).await;
+    ctx.table("weir_bulk_other", 0).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut load = header("weir_bulk_once", pb::BulkLoadMode::Append);
+    load.load_id = id.clone();
+    let first = ctx.load(load.clone(), vec![rows(0..3)]).await.expect("first");
+    assert_eq!((first.rows_inserted, first.replayed), (3, false));
+    let again = ctx.load(load.clone(), vec![rows(0..3)]).await.expect("retry");
+    assert!(again.replayed, "{engine:?}");
+    assert_eq!(
+        (again.rows_inserted, again.bytes_received, again.engine_path.as_str()),
+        (3, first.bytes_received, first.engine_path.as_str())
+    );
+    assert_eq!(ctx.contents("weir_bulk_once").await.len(), 3);
+
+    // A failed load does not use up its id.
+    let failed_id = uuid::Uuid::new_v4().to_string();
+    let mut failing = header("weir_bulk_once", pb::BulkLoadMode::Append);
+    failing.load_id = failed_id.clone();
+    ctx.load(failing.clone(), vec![vec![row(50, "x", -1)]])
+        .await
+        .expect_err("CHECK violation");
+    let r = ctx
+        .load(failing, vec![vec![row(50, "x", 1)]])
+        .await
+        .expect("retry after a failure");
+    assert_eq!((r.rows_inserted, r.replayed), (1, false));
+
+    // The same id for another table is refused, not silently replayed.
+    let mut other = header("weir_bulk_other", pb::BulkLoadMode::Append);
+    other.load_id = id;
+    let err = ctx.load(other, vec![rows(0..3)]).await.expect_err("reused id");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(ctx.contents("weir_bulk_other").await.is_empty());
+    ctx.server.stop().await;
+}
+
+async fn unknown_tables_and_columns_load_nothing(engine: Engine) {
+    let ctx = Ctx::new(engine, "").await;
+    ctx.table("weir_bulk_names", 1).await;
+    let err = ctx
+        .load(
+            header("weir_bulk_no_such_table", pb::BulkLoadMode::Append),
+            vec![rows(0..1)],
+        )
+        .await
+        .expect_err("unknown table");
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+    let mut load = header("weir_bulk_names", pb::BulkLoadMode::Append);
+    load.columns[2] = "score\"; DROP TABLE weir_bulk_names; --".into();
+    let err = ctx.load(load, vec![rows(0..1)]).await.expect_err("unknown column");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("its columns are id, name, score"),
+        "{}",
+        err.message()
+    );
+    let mut load = header("weir_bulk_names", pb::BulkLoadMode::Upsert);
+    load.conflict_columns = vec!["name".into()];
+    let err = ctx
+        .load(load, vec![rows(0..1)])
+        .await
+        .expect_err("no unique key on name");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(ctx.contents("weir_bulk_names").await.len(), 1);
+    ctx.server.stop().await;
+}
+
+async fn load_limits_are_enforced(engine: Engine) {
+    let ctx = Ctx::new(
+        engine,
+        "max_rows_per_load = 100\nmax_concurrent_loads = 1\nload_rows_per_second = 200",
+    )
+    .await;
+    ctx.table("weir_bulk_limits", 2).await;
+    let before = ctx.contents("weir_bulk_limits").await;
+    let err = ctx
+        .load(
+            header("weir_bulk_limits", pb::BulkLoadMode::Replace),
+            vec![rows(0..60), rows(60..120)],
+        )
+        .await
+        .expect_err("over max_rows_per_load");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&err), "LOAD_TOO_LARGE");
+    assert_eq!(ctx.contents("weir_bulk_limits").await, before);
+
+    // A second load while one is open is refused with a retry delay.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let client = ctx.client.clone();
+    let open = tokio::spawn(async move {
+        client
+            .load(
+                header("weir_bulk_limits", pb::BulkLoadMode::Append),
+                ReceiverStream::new(rx),
+            )
+            .await
+    });
+    tx.send(rows(0..1)).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = ctx
+        .load(header("weir_bulk_limits", pb::BulkLoadMode::Append), vec![rows(10..11)])
+        .await
+        .expect_err("second concurrent load");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&err), "LOAD_CONCURRENCY_LIMITED");
+    {
+        use tonic_types::StatusExt;
+        assert!(err.get_error_details().retry_info().is_some());
+    }
+    drop(tx);
+    assert_eq!(
+        open.await.expect("task").expect("the open load commits").rows_inserted,
+        1
+    );
+
+    // Over the row rate, loads are slowed down, not refused: the first two
+    // spend the burst of 200 rows, the third waits for 100 rows at 200/s.
+    let started = Instant::now();
+    for start in [100, 200, 300] {
+        let r = ctx
+            .load(
+                header("weir_bulk_limits", pb::BulkLoadMode::Append),
+                vec![rows(start..start + 100)],
+            )
+            .await
+            .expect("slowed, not refused");
+        assert_eq!(r.rows_inserted, 100);
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    ctx.server.stop().await;
+}
+
+macro_rules! suite {
+    ($module:ident, $engine:expr $(, #[$attr:meta])?) => {
+        mod $module {
+            use super::*;
+            #[tokio::test]
+            $(#[$attr])?
+            async fn every_mode_appends_upserts_and_replaces() {
+                super::every_mode_appends_upserts_and_replaces($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn every_common_type_round_trips() {
+                super::every_common_type_round_trips($engine).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$attr])?
+            async fn a_million_rows_load_in_one_call() {
+                super::a_million_rows_load_in_one_call($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn a_bad_row_anywhere_leaves_the_table_unchanged() {
+                super::a_bad_row_anywhere_leaves_the_table_unchanged($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn bad_rows_can_be_skipped_and_reported() {
+                super::bad_rows_can_be_skipped_and_reported($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn a_client_that_vanishes_mid_load_changes_nothing() {
+                super::a_client_that_vanishes_mid_load_changes_nothing($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn a_retried_load_id_loads_once() {
+                super::a_retried_load_id_loads_once($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn unknown_tables_and_columns_load_nothing() {
+                super::unknown_tables_and_columns_load_nothing($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn load_limits_are_enforced() {
+                super::load_limits_are_enforced($engine).await
+            }
+        }
+    };
+}
+
+suite!(postgres, Engine::Postgres);
+suite!(mysql, Engine::Mysql);
+suite!(sqlite, Engine::Sqlite);
+suite!(mssql, Engine::Mssql, #[ignore = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]);

@@ -16,7 +16,7 @@ use weir_proto::v1::schema_service_client::SchemaServiceClient;
 use weir_proto::v1::{
     BeginTransactionRequest, Column, CommitRequest, DescribeTableRequest, DescribeTableResponse, ExecuteRequest,
     ExecuteResponse, ExecuteStreamRequest, ExecuteStreamResponse, IsolationLevel, ListSchemasRequest,
-    ListSourcesRequest, ListTablesRequest, LoadHeader, LoadRequest, LoadResponse, LoadRows, QueryStats,
+    ListSourcesRequest, ListTablesRequest, LoadAbort, LoadHeader, LoadRequest, LoadResponse, LoadRows, QueryStats,
     RollbackRequest, Row, SchemaInfo, SourceInfo, TableInfo, TestConnectionRequest, TestConnectionResponse, Value,
 };
 
@@ -131,19 +131,40 @@ impl WeirClient {
     }
 
     /// Loads row batches into a table: the header goes first, then every
-    /// batch `rows` yields. The server commits only when the stream ends;
-    /// dropping the returned future before then rolls the load back.
+    /// batch `rows` yields. The server commits only when the stream ends.
     pub async fn load(
         &self,
         header: LoadHeader,
         rows: impl Stream<Item = Vec<Row>> + Send + 'static,
     ) -> Result<LoadResponse, Status> {
+        self.load_or_abort(header, rows.map(Ok)).await
+    }
+
+    /// Like [`Self::load`], for input that can turn out bad part way: an
+    /// `Err(reason)` aborts the load (nothing is committed, the call fails
+    /// with ABORTED) and ends the stream.
+    pub async fn load_or_abort(
+        &self,
+        header: LoadHeader,
+        rows: impl Stream<Item = Result<Vec<Row>, String>> + Send + 'static,
+    ) -> Result<LoadResponse, Status> {
         let first = LoadRequest {
             message: Some(LoadMessage::Header(header)),
         };
-        let batches = rows.map(|rows| LoadRequest {
-            message: Some(LoadMessage::Rows(LoadRows { rows })),
-        });
+        // Up to and including the first abort.
+        let mut aborted = false;
+        let batches = rows
+            .take_while(move |batch| {
+                let more = !aborted;
+                aborted |= batch.is_err();
+                more
+            })
+            .map(|batch| LoadRequest {
+                message: Some(match batch {
+                    Ok(rows) => LoadMessage::Rows(LoadRows { rows }),
+                    Err(reason) => LoadMessage::Abort(LoadAbort { reason }),
+                }),
+            });
         let requests = tokio_stream::once(first).chain(batches);
         Ok(self.bulk().load(requests).await?.into_inner())
     }

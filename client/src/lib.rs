@@ -3,6 +3,7 @@
 //! shared with the `weirctl` command line.
 
 mod client;
+pub mod load_input;
 pub mod output;
 mod params;
 mod status;

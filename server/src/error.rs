@@ -39,6 +39,8 @@ pub enum Error {
     LoadTooLarge { limit: u64 },
     #[error("the load did not finish within {0:?} and was rolled back")]
     LoadTimeout(Duration),
+    #[error("the client aborted the load ({0}); nothing was loaded")]
+    LoadAborted(String),
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -117,6 +119,7 @@ impl From<Error> for Status {
                     vec![("limit", limit.to_string()), ("unit", "rows".into())],
                 ),
             ),
+            Error::LoadAborted(_) => (Code::Aborted, info("LOAD_ABORTED", vec![])),
             Error::LoadTimeout(limit) => (
                 Code::DeadlineExceeded,
                 info("LOAD_TIMEOUT", vec![("limit_ms", limit.as_millis().to_string())]),

@@ -531,6 +531,23 @@ async fn a_client_that_vanishes_mid_load_changes_nothing(engine: Engine) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(ctx.contents("weir_bulk_gone").await, before, "{engine:?} {mode:?}");
     }
+    // A client that finds its own input bad part way aborts explicitly.
+    let batches = vec![
+        Ok(rows(0..100)),
+        Err("line 101: not a number".to_string()),
+        Ok(rows(100..200)),
+    ];
+    let err = ctx
+        .client
+        .load_or_abort(
+            header("weir_bulk_gone", pb::BulkLoadMode::Replace),
+            tokio_stream::iter(batches),
+        )
+        .await
+        .expect_err("aborted");
+    assert_eq!(err.code(), Code::Aborted);
+    assert!(err.message().contains("line 101: not a number"), "{}", err.message());
+    assert_eq!(ctx.contents("weir_bulk_gone").await, before);
     // Locks and connections were released: another load goes through.
     let r = ctx
         .load(header("weir_bulk_gone", pb::BulkLoadMode::Append), vec![rows(0..10)])

@@ -2,15 +2,17 @@
 
 use std::error::Error;
 use std::fmt;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use tonic::Status;
+use weir_client::load_input::{match_columns, CsvReader, JsonLinesReader, RowReader};
 use weir_client::output::{Format, RowWriter};
 use weir_client::weir_proto::v1::{
-    Capabilities, Column, ColumnInfo, ColumnType, DescribeTableResponse, Row, TableInfo, TableKind, Value,
+    BadRowPolicy, BulkLoadMode, Capabilities, Column, ColumnInfo, ColumnType, DescribeTableResponse, LoadHeader, Row,
+    TableInfo, TableKind, Value,
 };
 use weir_client::{describe_status, parse_param, ClientError, WeirClient};
 
@@ -69,6 +71,38 @@ enum Command {
         #[arg(long)]
         schema: Option<String>,
     },
+    /// Load a CSV (with a header line) or JSON Lines file into a table, in
+    /// one transaction: a bad value anywhere loads nothing.
+    Load {
+        /// Name of the source.
+        source: String,
+        table: String,
+        /// The file; "-" reads standard input.
+        file: std::path::PathBuf,
+        /// Schema of the table (default: the source's default schema).
+        #[arg(long)]
+        schema: Option<String>,
+        #[arg(long, value_enum, default_value_t = LoadMode::Append)]
+        mode: LoadMode,
+        /// Unique key columns an upsert matches on, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        conflict: Vec<String>,
+        /// Idempotency key: rerunning the same load with it loads nothing again.
+        #[arg(long)]
+        load_id: Option<String>,
+        /// Input format (default: from the file's extension, else CSV).
+        #[arg(long, value_enum)]
+        input: Option<InputFormat>,
+        /// CSV text that means NULL.
+        #[arg(long, default_value = "")]
+        null: String,
+        /// Rows per message sent to the server.
+        #[arg(long, default_value_t = 5000)]
+        batch_rows: usize,
+        /// Skip rows the server finds invalid and report them, instead of failing the load.
+        #[arg(long)]
+        skip_bad_rows: bool,
+    },
     /// Test the connection to a source and measure a round trip.
     Ping {
         /// Name of the source.
@@ -76,11 +110,25 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LoadMode {
+    Append,
+    Upsert,
+    Replace,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum InputFormat {
+    Csv,
+    Jsonl,
+}
+
 /// Why a command failed; printed as one `error:` line.
 enum Failure {
     Connect(ClientError),
     Rpc(Status),
     Output(io::Error),
+    Input(String),
 }
 
 impl From<ClientError> for Failure {
@@ -123,6 +171,7 @@ impl fmt::Display for Failure {
             }
             Failure::Rpc(status) => f.write_str(&describe_status(status)),
             Failure::Output(e) => write!(f, "cannot write output: {e}"),
+            Failure::Input(message) => f.write_str(message),
         }
     }
 }
@@ -164,7 +213,189 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print_description(cli.format, &info, &description, &mut out)
         }
         Command::Ping { source } => ping(&client, cli.format, &source, &mut out).await,
+        Command::Load {
+            source,
+            table,
+            file,
+            schema,
+            mode,
+            conflict,
+            load_id,
+            input,
+            null,
+            batch_rows,
+            skip_bad_rows,
+        } => {
+            let header = LoadHeader {
+                source,
+                schema: schema.unwrap_or_default(),
+                table,
+                mode: match mode {
+                    LoadMode::Append => BulkLoadMode::Append,
+                    LoadMode::Upsert => BulkLoadMode::Upsert,
+                    LoadMode::Replace => BulkLoadMode::Replace,
+                } as i32,
+                conflict_columns: conflict,
+                load_id: load_id.unwrap_or_default(),
+                bad_rows: if skip_bad_rows {
+                    BadRowPolicy::Skip as i32
+                } else {
+                    BadRowPolicy::Unspecified as i32
+                },
+                ..Default::default()
+            };
+            let format_in = input.unwrap_or_else(|| match file.extension().and_then(|e| e.to_str()) {
+                Some("jsonl" | "ndjson" | "json") => InputFormat::Jsonl,
+                _ => InputFormat::Csv,
+            });
+            load(
+                &client,
+                cli.format,
+                header,
+                &file,
+                format_in,
+                &null,
+                batch_rows.max(1),
+                &mut out,
+            )
+            .await
+        }
     }
+}
+
+fn open_input(file: &std::path::Path) -> Result<Box<dyn io::Read + Send>, Failure> {
+    if file.as_os_str() == "-" {
+        return Ok(Box::new(io::stdin()));
+    }
+    std::fs::File::open(file)
+        .map(|f| Box::new(f) as Box<dyn io::Read + Send>)
+        .map_err(|e| Failure::Input(format!("cannot open {}: {e}", file.display())))
+}
+
+/// Reads the file on a blocking thread into typed row batches and streams
+/// them to the server; a value that does not parse aborts the load, so
+/// nothing is committed. Progress goes to stderr when it is a terminal.
+#[allow(clippy::too_many_arguments)]
+async fn load(
+    client: &WeirClient,
+    format: Format,
+    mut header: LoadHeader,
+    file: &std::path::Path,
+    input: InputFormat,
+    null: &str,
+    batch_rows: usize,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let description = client
+        .describe_table(&header.source, &header.schema, &header.table)
+        .await?;
+    let table_columns: Vec<Column> = description.columns.iter().filter_map(|c| c.column.clone()).collect();
+    let reader = open_input(file)?;
+    let mut rows: Box<dyn RowReader> = match input {
+        InputFormat::Csv => Box::new(CsvReader::new(reader, null).map_err(|e| Failure::Input(e.to_string()))?),
+        InputFormat::Jsonl => {
+            Box::new(JsonLinesReader::new(io::BufReader::new(reader)).map_err(|e| Failure::Input(e.to_string()))?)
+        }
+    };
+    let columns = match_columns(rows.column_names(), &table_columns).map_err(Failure::Input)?;
+    header.columns = columns.iter().map(|c| c.name.clone()).collect();
+    let (rows_read, bytes_read) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let progress = (rows_read.clone(), bytes_read.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut batch = Vec::with_capacity(batch_rows);
+        while let Some(row) = rows.next_row(&columns) {
+            match row {
+                Ok(row) => batch.push(row),
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e.to_string()));
+                    return;
+                }
+            }
+            if batch.len() == batch_rows {
+                progress.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                progress.1.store(rows.bytes_read(), Ordering::Relaxed);
+                if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                    return;
+                }
+            }
+        }
+        progress.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        progress.1.store(rows.bytes_read(), Ordering::Relaxed);
+        if !batch.is_empty() {
+            let _ = tx.blocking_send(Ok(batch));
+        }
+    });
+    let started = std::time::Instant::now();
+    let ticker = io::stderr().is_terminal().then(|| {
+        let (rows_read, bytes_read) = (rows_read.clone(), bytes_read.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                let rows = rows_read.load(Ordering::Relaxed);
+                let rate = rows as f64 / started.elapsed().as_secs_f64().max(0.001);
+                eprint!(
+                    "\r{rows} rows, {:.1} MB, {rate:.0} rows/s   ",
+                    bytes_read.load(Ordering::Relaxed) as f64 / 1e6
+                );
+            }
+        })
+    });
+    let result = client
+        .load_or_abort(header, tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    if let Some(ticker) = ticker {
+        ticker.abort();
+        eprintln!();
+    }
+    let response = result?;
+    let seconds = response.elapsed.map_or(started.elapsed().as_secs_f64(), |d| {
+        d.seconds as f64 + f64::from(d.nanos) / 1e9
+    });
+    let loaded = response.rows_inserted + response.rows_updated;
+    if format == Format::Json {
+        let summary = json!({
+            "rows_inserted": response.rows_inserted,
+            "rows_updated": response.rows_updated,
+            "bytes": response.bytes_received,
+            "seconds": seconds,
+            "engine_path": response.engine_path,
+            "replayed": response.replayed,
+            "row_errors": response.row_errors.iter().map(|e| json!({
+                "row_index": e.row_index, "column": e.column, "message": e.message,
+            })).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{summary}")?;
+        return Ok(out.flush()?);
+    }
+    for e in &response.row_errors {
+        let column = if e.column.is_empty() {
+            String::new()
+        } else {
+            format!(", column \"{}\"", e.column)
+        };
+        writeln!(out, "skipped row {}{column}: {}", e.row_index, e.message)?;
+    }
+    if response.replayed {
+        writeln!(
+            out,
+            "load id already committed: nothing loaded again (that load: {} inserted, {} updated)",
+            response.rows_inserted, response.rows_updated
+        )?;
+    } else {
+        writeln!(
+            out,
+            "loaded {loaded} {} ({} inserted, {} updated) in {seconds:.2} s, {:.0} rows/s, via {}",
+            plural(loaded, "row"),
+            response.rows_inserted,
+            response.rows_updated,
+            loaded as f64 / seconds.max(0.001),
+            response.engine_path
+        )?;
+    }
+    Ok(out.flush()?)
 }
 
 async fn query(

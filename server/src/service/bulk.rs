@@ -294,6 +294,10 @@ async fn feed_rows(
         let rows = match message.message {
             Some(LoadMessage::Rows(rows)) => rows.rows,
             Some(LoadMessage::Header(_)) => return Err(bad("header", "a load has one header, in its first message")),
+            Some(LoadMessage::Abort(abort)) => {
+                let reason: String = abort.reason.chars().take(200).collect();
+                return Err(Error::LoadAborted(reason));
+            }
             None => continue,
         };
         let bytes = rows.iter().map(|r| r.encoded_len() as u64).sum::<u64>();

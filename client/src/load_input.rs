@@ -1,0 +1,436 @@
+//! Reading a file to load: CSV with a header line, or JSON Lines (one
+//! object per line), converted into typed rows using the table's column
+//! types from `DescribeTable`, so that the server receives integers,
+//! decimals, dates and so on rather than text. A value that does not parse
+//! is reported with its line and column.
+
+use std::io::{BufRead, Read};
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Timelike};
+use weir_proto::v1::value::Kind;
+use weir_proto::v1::{Column, ColumnType, Date, ListValue, Row, TimeOfDay, Value};
+
+/// A value or line that cannot be loaded, located in the input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}{}: {message}", column.as_ref().map(|c| format!(", column \"{c}\"")).unwrap_or_default())]
+pub struct InputError {
+    /// 1-based line of the file.
+    pub line: u64,
+    pub column: Option<String>,
+    pub message: String,
+}
+
+/// The file's columns matched to the table's (by exact name, else
+/// case-insensitively), in file order.
+pub fn match_columns(names: &[String], table: &[Column]) -> Result<Vec<Column>, String> {
+    names
+        .iter()
+        .map(|name| {
+            table
+                .iter()
+                .find(|c| c.name == *name)
+                .or_else(|| table.iter().find(|c| c.name.eq_ignore_ascii_case(name)))
+                .cloned()
+                .ok_or_else(|| {
+                    let known: Vec<_> = table.iter().map(|c| c.name.as_str()).collect();
+                    format!(
+                        "the table has no column \"{name}\"; its columns are {}",
+                        known.join(", ")
+                    )
+                })
+        })
+        .collect()
+}
+
+fn value(kind: Kind) -> Value {
+    Value { kind: Some(kind) }
+}
+
+fn null() -> Value {
+    value(Kind::Null(true))
+}
+
+fn timestamp(s: &str) -> Result<prost_types::Timestamp, String> {
+    let utc = DateTime::parse_from_rfc3339(s)
+        .map(|t| t.to_utc())
+        .or_else(|_| {
+            ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M"]
+                .iter()
+                .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
+                .map(|t| t.and_utc())
+                .ok_or(())
+        })
+        .map_err(|_| format!("'{s}' is not a timestamp (RFC 3339, or YYYY-MM-DD HH:MM:SS taken as UTC)"))?;
+    Ok(prost_types::Timestamp {
+        seconds: utc.timestamp(),
+        nanos: utc.timestamp_subsec_nanos() as i32,
+    })
+}
+
+/// A text field as a value of the column's type; `null` is the text that means NULL.
+pub fn from_text(text: &str, column: &Column, null_marker: &str) -> Result<Value, String> {
+    if text == null_marker {
+        return Ok(null());
+    }
+    let ty = ColumnType::try_from(column.r#type).unwrap_or(ColumnType::String);
+    let bad = |what: &str| format!("'{text}' is not {what}");
+    Ok(value(match ty {
+        ColumnType::Bool => Kind::BoolValue(match text.to_ascii_lowercase().as_str() {
+            "true" | "t" | "1" | "yes" | "y" => true,
+            "false" | "f" | "0" | "no" | "n" => false,
+            _ => return Err(bad("a boolean (true/false, t/f, 1/0)")),
+        }),
+        ColumnType::Int => Kind::Int64Value(text.trim().parse().map_err(|_| bad("an integer"))?),
+        ColumnType::Uint => Kind::Uint64Value(text.trim().parse().map_err(|_| bad("an unsigned integer"))?),
+        ColumnType::Float => Kind::DoubleValue(text.trim().parse().map_err(|_| bad("a number"))?),
+        ColumnType::Decimal => {
+            let t = text.trim();
+            t.parse::<f64>().map_err(|_| bad("a decimal number"))?;
+            Kind::DecimalValue(t.to_string())
+        }
+        ColumnType::Bytes => {
+            let hex_text = text.strip_prefix("\\x").unwrap_or(text);
+            Kind::BytesValue(hex::decode(hex_text).map_err(|_| bad("hex bytes (optionally \\x-prefixed)"))?)
+        }
+        ColumnType::Date => {
+            let d = NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d").map_err(|_| bad("a date (YYYY-MM-DD)"))?;
+            Kind::DateValue(Date {
+                year: chrono::Datelike::year(&d),
+                month: chrono::Datelike::month(&d) as i32,
+                day: chrono::Datelike::day(&d) as i32,
+            })
+        }
+        ColumnType::Time => {
+            let t = NaiveTime::parse_from_str(text.trim(), "%H:%M:%S%.f")
+                .or_else(|_| NaiveTime::parse_from_str(text.trim(), "%H:%M"))
+                .map_err(|_| bad("a time of day (HH:MM:SS)"))?;
+            Kind::TimeValue(TimeOfDay {
+                hours: t.hour() as i32,
+                minutes: t.minute() as i32,
+                seconds: t.second() as i32,
+                nanos: t.nanosecond() as i32,
+                utc_offset_seconds: None,
+            })
+        }
+        ColumnType::Timestamp | ColumnType::TimestampTz => Kind::TimestampValue(timestamp(text.trim())?),
+        ColumnType::Uuid => Kind::UuidValue(text.trim().to_ascii_lowercase()),
+        ColumnType::Json => {
+            serde_json::from_str::<serde_json::Value>(text).map_err(|e| format!("invalid JSON: {e}"))?;
+            Kind::JsonValue(text.to_string())
+        }
+        ColumnType::List => {
+            let parsed: serde_json::Value =
+                serde_json::from_str(text).map_err(|_| bad("a list (a JSON array such as [1,2])"))?;
+            return from_json(&parsed, column);
+        }
+        // Text, and types the server parses itself (intervals, network addresses, ...).
+        _ => Kind::StringValue(text.to_string()),
+    }))
+}
+
+/// A JSON value as a value of the column's type.
+pub fn from_json(json: &serde_json::Value, column: &Column) -> Result<Value, String> {
+    use serde_json::Value as J;
+    let ty = ColumnType::try_from(column.r#type).unwrap_or(ColumnType::String);
+    Ok(match (json, ty) {
+        (J::Null, _) => null(),
+        (J::Bool(b), _) => value(Kind::BoolValue(*b)),
+        (J::Number(n), ColumnType::Int) => value(Kind::Int64Value(
+            n.as_i64().ok_or_else(|| format!("{n} is not a 64-bit integer"))?,
+        )),
+        (J::Number(n), ColumnType::Uint) => value(Kind::Uint64Value(
+            n.as_u64().ok_or_else(|| format!("{n} is not an unsigned integer"))?,
+        )),
+        (J::Number(n), ColumnType::Decimal) => value(Kind::DecimalValue(n.to_string())),
+        (J::Number(n), ColumnType::Float | ColumnType::Dynamic) => value(Kind::DoubleValue(
+            n.as_f64().ok_or_else(|| format!("{n} is not a number"))?,
+        )),
+        (J::Array(items), ColumnType::List) => {
+            let element = Column {
+                r#type: column.element_type,
+                ..column.clone()
+            };
+            let values = items.iter().map(|i| from_json(i, &element)).collect::<Result<_, _>>()?;
+            value(Kind::ListValue(ListValue { values }))
+        }
+        (J::String(s), _) => from_text(s, column, "\u{0}")?,
+        (other, ColumnType::Json) => value(Kind::JsonValue(other.to_string())),
+        (other, ColumnType::String) => value(Kind::StringValue(other.to_string())),
+        (other, _) => return Err(format!("{other} does not fit a column of type {}", column.native_type)),
+    })
+}
+
+/// A source of rows: the column names it carries and the rows themselves.
+pub trait RowReader: Send {
+    fn column_names(&self) -> &[String];
+    /// The next row, converted for `columns` (the table's columns in file order).
+    fn next_row(&mut self, columns: &[Column]) -> Option<Result<Row, InputError>>;
+    /// Bytes read so far.
+    fn bytes_read(&self) -> u64;
+}
+
+pub struct CsvReader<R: Read> {
+    records: csv::Reader<R>,
+    names: Vec<String>,
+    record: csv::StringRecord,
+    null_marker: String,
+}
+
+impl<R: Read + Send> CsvReader<R> {
+    pub fn new(input: R, null_marker: &str) -> Result<Self, InputError> {
+        let mut records = csv::ReaderBuilder::new().has_headers(true).from_reader(input);
+        let names = records
+            .headers()
+            .map_err(|e| InputError {
+                line: 1,
+                column: None,
+                message: format!("cannot read the CSV header: {e}"),
+            })?
+            .iter()
+            .map(str::to_string)
+            .collect();
+        Ok(Self {
+            records,
+            names,
+            record: csv::StringRecord::new(),
+            null_marker: null_marker.to_string(),
+        })
+    }
+}
+
+impl<R: Read + Send> RowReader for CsvReader<R> {
+    fn column_names(&self) -> &[String] {
+        &self.names
+    }
+
+    fn next_row(&mut self, columns: &[Column]) -> Option<Result<Row, InputError>> {
+        match self.records.read_record(&mut self.record) {
+            Ok(false) => None,
+            Err(e) => Some(Err(InputError {
+                line: e.position().map_or(0, |p| p.line()),
+                column: None,
+                message: e.to_string(),
+            })),
+            Ok(true) => {
+                let line = self.record.position().map_or(0, |p| p.line());
+                if self.record.len() != columns.len() {
+                    return Some(Err(InputError {
+                        line,
+                        column: None,
+                        message: format!("{} fields, but the header names {}", self.record.len(), columns.len()),
+                    }));
+                }
+                let values = self
+                    .record
+                    .iter()
+                    .zip(columns)
+                    .map(|(field, c)| {
+                        from_text(field, c, &self.null_marker).map_err(|message| InputError {
+                            line,
+                            column: Some(c.name.clone()),
+                            message,
+                        })
+                    })
+                    .collect::<Result<_, _>>();
+                Some(values.map(|values| Row { values }))
+            }
+        }
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.records.position().byte()
+    }
+}
+
+pub struct JsonLinesReader<R: BufRead> {
+    lines: R,
+    names: Vec<String>,
+    /// The first object, read to learn the column names.
+    first: Option<serde_json::Map<String, serde_json::Value>>,
+    line: u64,
+    bytes: u64,
+    buffer: String,
+}
+
+impl<R: BufRead + Send> JsonLinesReader<R> {
+    /// Reads the first object: its keys are the columns of the load.
+    pub fn new(lines: R) -> Result<Self, InputError> {
+        let mut reader = Self {
+            lines,
+            names: Vec::new(),
+            first: None,
+            line: 0,
+            bytes: 0,
+            buffer: String::new(),
+        };
+        if let Some(first) = reader.read_object().transpose()? {
+            reader.names = first.keys().cloned().collect();
+            reader.first = Some(first);
+        }
+        Ok(reader)
+    }
+
+    fn read_object(&mut self) -> Option<Result<serde_json::Map<String, serde_json::Value>, InputError>> {
+        loop {
+            self.buffer.clear();
+            let n = match self.lines.read_line(&mut self.buffer) {
+                Ok(0) => return None,
+                Ok(n) => n,
+                Err(e) => {
+                    return Some(Err(InputError {
+                        line: self.line + 1,
+                        column: None,
+                        message: e.to_string(),
+                    }))
+                }
+            };
+            self.line += 1;
+            self.bytes += n as u64;
+            if self.buffer.trim().is_empty() {
+                continue;
+            }
+            return Some(match serde_json::from_str(&self.buffer) {
+                Ok(serde_json::Value::Object(map)) => Ok(map),
+                Ok(_) => Err(InputError {
+                    line: self.line,
+                    column: None,
+                    message: "each line must be a JSON object".into(),
+                }),
+                Err(e) => Err(InputError {
+                    line: self.line,
+                    column: None,
+                    message: format!("invalid JSON: {e}"),
+                }),
+            });
+        }
+    }
+}
+
+impl<R: BufRead + Send> RowReader for JsonLinesReader<R> {
+    fn column_names(&self) -> &[String] {
+        &self.names
+    }
+
+    fn next_row(&mut self, columns: &[Column]) -> Option<Result<Row, InputError>> {
+        let object = match self.first.take() {
+            Some(first) => first,
+            None => match self.read_object()? {
+                Ok(o) => o,
+                Err(e) => return Some(Err(e)),
+            },
+        };
+        let line = self.line;
+        if let Some(extra) = object.keys().find(|k| !self.names.contains(k)) {
+            return Some(Err(InputError {
+                line,
+                column: Some(extra.clone()),
+                message: "a key the first line does not have".into(),
+            }));
+        }
+        let values = self
+            .names
+            .iter()
+            .zip(columns)
+            .map(|(name, c)| {
+                object
+                    .get(name)
+                    .map_or(Ok(null()), |j| from_json(j, c))
+                    .map_err(|message| InputError {
+                        line,
+                        column: Some(c.name.clone()),
+                        message,
+                    })
+            })
+            .collect::<Result<_, _>>();
+        Some(values.map(|values| Row { values }))
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(name: &str, ty: ColumnType) -> Column {
+        Column {
+            name: name.into(),
+            native_type: format!("{ty:?}"),
+            r#type: ty as i32,
+            nullable: true,
+            ..Default::default()
+        }
+    }
+
+    fn kinds(row: &Row) -> Vec<Option<Kind>> {
+        row.values.iter().map(|v| v.kind.clone()).collect()
+    }
+
+    #[test]
+    fn csv_fields_take_the_column_types() {
+        let table = vec![
+            col("id", ColumnType::Int),
+            col("price", ColumnType::Decimal),
+            col("day", ColumnType::Date),
+        ];
+        let input = "ID,price,day\n1,12.50,2024-02-29\n2,,2024-03-01\n3,x,2024-03-02\n";
+        let mut reader = CsvReader::new(input.as_bytes(), "").expect("header");
+        let columns = match_columns(reader.column_names(), &table).expect("columns");
+        let first = reader.next_row(&columns).expect("row").expect("parses");
+        assert_eq!(
+            kinds(&first),
+            vec![
+                Some(Kind::Int64Value(1)),
+                Some(Kind::DecimalValue("12.50".into())),
+                Some(Kind::DateValue(Date {
+                    year: 2024,
+                    month: 2,
+                    day: 29
+                })),
+            ]
+        );
+        let second = reader.next_row(&columns).expect("row").expect("parses");
+        assert_eq!(second.values[1].kind, Some(Kind::Null(true)));
+        let err = reader.next_row(&columns).expect("row").expect_err("x is no decimal");
+        assert_eq!((err.line, err.column.as_deref()), (4, Some("price")));
+        assert!(reader.next_row(&columns).is_none());
+        assert!(match_columns(&["nope".into()], &table)
+            .unwrap_err()
+            .contains("id, price, day"));
+    }
+
+    #[test]
+    fn json_lines_take_the_column_types() {
+        let table = vec![
+            col("id", ColumnType::Int),
+            col("at", ColumnType::TimestampTz),
+            col("tags", ColumnType::List),
+            col("doc", ColumnType::Json),
+        ];
+        let input =
+            "{\"id\": 1, \"at\": \"2024-01-01T00:00:00Z\", \"tags\": [\"a\"], \"doc\": {\"k\": 1}}\n\n{\"id\": 2.5}\n";
+        let mut reader = JsonLinesReader::new(input.as_bytes()).expect("first line");
+        let columns = match_columns(reader.column_names(), &table).expect("columns");
+        let first = reader.next_row(&columns).expect("row").expect("parses");
+        let at = |name: &str| {
+            let i = columns.iter().position(|c| c.name == name).expect("column");
+            first.values[i].kind.clone()
+        };
+        assert_eq!(at("id"), Some(Kind::Int64Value(1)));
+        assert_eq!(
+            at("at"),
+            Some(Kind::TimestampValue(prost_types::Timestamp {
+                seconds: 1_704_067_200,
+                nanos: 0
+            }))
+        );
+        assert_eq!(at("doc"), Some(Kind::JsonValue("{\"k\":1}".into())));
+        let err = reader
+            .next_row(&columns)
+            .expect("row")
+            .expect_err("2.5 is not an integer");
+        assert_eq!((err.line, err.column.as_deref()), (3, Some("id")));
+    }
+}

@@ -31,13 +31,13 @@ fn pg_config(args: &Args) -> tokio_postgres::Config {
     c
 }
 
-async fn pg(args: &Args) -> anyhow::Result<tokio_postgres::Client> {
+pub async fn pg(args: &Args) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = pg_config(args).connect(NoTls).await.context("connect to PostgreSQL")?;
     tokio::spawn(connection);
     Ok(client)
 }
 
-fn pg_env(args: &Args, cmd: &mut std::process::Command) {
+pub fn pg_env(args: &Args, cmd: &mut std::process::Command) {
     cmd.env("PGHOST", &args.pg_host)
         .env("PGPORT", args.pg_port.to_string())
         .env("PGUSER", &args.pg_user)
@@ -435,6 +435,45 @@ pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::
     .await?;
     figures.push(Figure {
         name: format!("SQLite: stream {rows} rows vs rusqlite"),
+        unit: "rows/s",
+        direct,
+        weir: through,
+        higher_is_better: true,
+    });
+
+    println!("loading {rows} rows into PostgreSQL and MariaDB...");
+    let dir = tempfile::tempdir()?;
+    let file = crate::load::export(&args, dir.path()).await?;
+    pg(&args)
+        .await?
+        .batch_execute("CREATE TABLE IF NOT EXISTS bench_load (LIKE pgbench_accounts)")
+        .await?;
+    let direct = repeat(args.runs, || crate::load::direct_pg_copy(&args, &file, rows)).await?;
+    let through = repeat(args.runs, || crate::load::weir_load(&client, "pg", "bench_load", &file)).await?;
+    figures.push(Figure {
+        name: format!("PostgreSQL: load {rows} rows vs psql \\copy"),
+        unit: "rows/s",
+        direct,
+        weir: through,
+        higher_is_better: true,
+    });
+    {
+        use mysql_async::prelude::Queryable;
+        mysql(&args)
+            .await?
+            .query_drop("CREATE TABLE IF NOT EXISTS bench_load (aid INT, bid INT, abalance INT, filler CHAR(84))")
+            .await?;
+    }
+    let direct = repeat(args.runs, || async {
+        crate::load::direct_mysql_load(&args, &file, rows)
+    })
+    .await?;
+    let through = repeat(args.runs, || {
+        crate::load::weir_load(&client, "maria", "bench_load", &file)
+    })
+    .await?;
+    figures.push(Figure {
+        name: format!("MariaDB: load {rows} rows vs LOAD DATA LOCAL INFILE"),
         unit: "rows/s",
         direct,
         weir: through,

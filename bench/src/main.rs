@@ -4,6 +4,7 @@
 //! one run, no conclusions.
 
 mod figures;
+mod load;
 mod server;
 
 use std::path::PathBuf;

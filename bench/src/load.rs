@@ -1,0 +1,127 @@
+//! Bulk-load figures: the accounts, exported once to a text file, loaded
+//! by the engine's own client (`psql \copy`, `mariadb ... LOAD DATA LOCAL
+//! INFILE`) and through Weir's `Load`, whose client parses the same file
+//! into typed rows as it streams them.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use futures::StreamExt;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::weir_proto::v1::value::Kind;
+use weir_client::WeirClient;
+
+use crate::Args;
+
+/// Rows per message sent to Weir.
+const BATCH_ROWS: usize = 5000;
+
+/// Writes the accounts table as COPY text (tab-separated) and returns its path.
+pub async fn export(args: &Args, dir: &Path) -> anyhow::Result<PathBuf> {
+    let client = crate::figures::pg(args).await?;
+    let path = dir.join("accounts.tsv");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    let stream = client
+        .copy_out("COPY (SELECT aid, bid, abalance, filler FROM pgbench_accounts ORDER BY aid) TO STDOUT")
+        .await?;
+    futures::pin_mut!(stream);
+    while let Some(chunk) = stream.next().await {
+        file.write_all(&chunk?)?;
+    }
+    file.flush()?;
+    Ok(path)
+}
+
+/// The file's lines as typed row batches, parsed on a blocking thread.
+fn batches(path: PathBuf) -> tokio_stream::wrappers::ReceiverStream<Vec<pb::Row>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let int = |s: &str| -> anyhow::Result<pb::Value> {
+            Ok(pb::Value {
+                kind: Some(Kind::Int64Value(s.parse()?)),
+            })
+        };
+        let mut batch = Vec::with_capacity(BATCH_ROWS);
+        for line in std::io::BufReader::new(std::fs::File::open(path)?).lines() {
+            let line = line?;
+            let mut fields = line.split('\t');
+            let mut next = || fields.next().context("short line");
+            let values = vec![
+                int(next()?)?,
+                int(next()?)?,
+                int(next()?)?,
+                pb::Value {
+                    kind: Some(Kind::StringValue(next()?.to_string())),
+                },
+            ];
+            batch.push(pb::Row { values });
+            if batch.len() == BATCH_ROWS && tx.blocking_send(std::mem::take(&mut batch)).is_err() {
+                return Ok(());
+            }
+        }
+        if !batch.is_empty() {
+            let _ = tx.blocking_send(batch);
+        }
+        Ok(())
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Rows per second loading the file through Weir into `table` of `source`.
+pub async fn weir_load(client: &WeirClient, source: &str, table: &str, path: &Path) -> anyhow::Result<f64> {
+    let header = pb::LoadHeader {
+        source: source.into(),
+        table: table.into(),
+        columns: ["aid", "bid", "abalance", "filler"].map(String::from).to_vec(),
+        mode: pb::BulkLoadMode::Replace as i32,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let r = client.load(header, batches(path.to_path_buf())).await?;
+    Ok(r.rows_inserted as f64 / started.elapsed().as_secs_f64())
+}
+
+fn timed(mut cmd: std::process::Command, what: &str) -> anyhow::Result<std::time::Duration> {
+    let started = Instant::now();
+    let out = cmd.output().with_context(|| format!("run {what}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(started.elapsed())
+}
+
+/// Rows per second of `psql \copy bench_load FROM file` (after emptying the table).
+pub async fn direct_pg_copy(args: &Args, path: &Path, rows: i64) -> anyhow::Result<f64> {
+    crate::figures::pg(args)
+        .await?
+        .batch_execute("TRUNCATE bench_load")
+        .await?;
+    let mut cmd = std::process::Command::new("psql");
+    crate::figures::pg_env(args, &mut cmd);
+    cmd.args(["-v", "ON_ERROR_STOP=1", "-c"])
+        .arg(format!("\\copy bench_load FROM '{}'", path.display()));
+    Ok(rows as f64 / timed(cmd, "psql \\copy")?.as_secs_f64())
+}
+
+/// Rows per second of the mariadb client's `LOAD DATA LOCAL INFILE` (after emptying the table).
+pub fn direct_mysql_load(args: &Args, path: &Path, rows: i64) -> anyhow::Result<f64> {
+    let client = if Path::new("/usr/bin/mariadb").exists() {
+        "mariadb"
+    } else {
+        "mysql"
+    };
+    let mut cmd = std::process::Command::new(client);
+    cmd.env("MYSQL_PWD", &args.mysql_password)
+        .args(["--local-infile=1", "--protocol=TCP", "-h", &args.mysql_host])
+        .arg(format!("-P{}", args.mysql_port))
+        .args(["-u", &args.mysql_user, &args.mysql_database, "-e"])
+        .arg(format!(
+            "TRUNCATE bench_load; LOAD DATA LOCAL INFILE '{}' INTO TABLE bench_load",
+            path.display()
+        ));
+    Ok(rows as f64 / timed(cmd, "LOAD DATA LOCAL INFILE")?.as_secs_f64())
+}

@@ -103,6 +103,19 @@ pub struct LoadOutcome {
     pub replayed: bool,
 }
 
+impl LoadOutcome {
+    /// A load that ran: its counts, the bytes its feed received, and the engine path.
+    pub fn loaded(inserted: u64, updated: u64, feed: &RowFeed, engine_path: &str) -> Self {
+        Self {
+            inserted,
+            updated,
+            bytes: feed.bytes(),
+            engine_path: engine_path.to_string(),
+            replayed: false,
+        }
+    }
+}
+
 /// Rows of a load in arrival order, with the index of the first row.
 pub struct Batch {
     pub first_row: u64,

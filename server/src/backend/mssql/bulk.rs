@@ -245,13 +245,7 @@ async fn load_in_transaction(
         LoadMode::Replace => "mssql-delete-bulk-insert",
         LoadMode::Upsert => "mssql-bulk-insert-merge",
     };
-    let outcome = LoadOutcome {
-        inserted: count(counts.first(), 0),
-        updated: count(counts.first(), 1),
-        bytes: feed.bytes(),
-        engine_path: path.to_string(),
-        replayed: false,
-    };
+    let outcome = LoadOutcome::loaded(count(counts.first(), 0), count(counts.first(), 1), feed, path);
     if let (Some(sql), Some(r)) = (receipts, &spec.receipt) {
         let n = |v: u64| ColumnData::I64(Some(bulk::signed(v)));
         conn.fetch(

@@ -235,13 +235,7 @@ async fn load_in_transaction(
         LoadMode::Replace => "mysql-delete-multirow-insert",
         LoadMode::Upsert => "mysql-insert-on-duplicate-key-update",
     };
-    let outcome = LoadOutcome {
-        inserted: writer.inserted,
-        updated: writer.updated,
-        bytes: feed.bytes(),
-        engine_path: path.to_string(),
-        replayed: false,
-    };
+    let outcome = LoadOutcome::loaded(writer.inserted, writer.updated, feed, path);
     if let (Some(sql), Some(r)) = (receipts, &spec.receipt) {
         conn.exec_drop(
             sql.record.as_str(),

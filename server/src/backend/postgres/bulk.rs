@@ -185,13 +185,7 @@ async fn load_in_transaction(
             (inserted, updated, "postgres-copy-merge")
         }
     };
-    let outcome = LoadOutcome {
-        inserted,
-        updated,
-        bytes: feed.bytes(),
-        engine_path: path.to_string(),
-        replayed: false,
-    };
+    let outcome = LoadOutcome::loaded(inserted, updated, feed, path);
     if let (Some(sql), Some(r)) = (receipts, &spec.receipt) {
         client
             .execute(

@@ -154,13 +154,7 @@ fn load_in_transaction(
         LoadMode::Replace => "sqlite-delete-insert",
         LoadMode::Upsert => "sqlite-insert-on-conflict",
     };
-    let outcome = LoadOutcome {
-        inserted,
-        updated,
-        bytes: feed.bytes(),
-        engine_path: path.to_string(),
-        replayed: false,
-    };
+    let outcome = LoadOutcome::loaded(inserted, updated, feed, path);
     if let (Some(sql), Some(r)) = (receipts, &spec.receipt) {
         conn.execute(
             &sql.record,

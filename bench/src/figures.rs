@@ -338,7 +338,23 @@ pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::
     let rows = prepare(args).await?;
     let args = Arc::new(args.clone());
     let mut figures = Vec::new();
+    let client = weir.client().await?;
+    if args.wants("lookups") {
+        lookups(&args, weir, rows, &mut figures).await?;
+    }
+    if args.wants("stream") {
+        stream(&args, &client, sqlite, rows, &mut figures).await?;
+    }
+    if args.wants("load") {
+        load(&args, &client, rows, &mut figures).await?;
+    }
+    if args.wants("memory") {
+        memory(&args, weir, &client, &mut figures).await?;
+    }
+    Ok(figures)
+}
 
+async fn lookups(args: &Arc<Args>, weir: &Weir, rows: i64, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
     for callers in [1usize, 8, 64] {
         println!("point lookups with {callers} callers...");
         let (mut d_rps, mut w_rps, mut d50, mut w50, mut d99, mut w99) =
@@ -392,9 +408,17 @@ pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::
         weir: weir8,
         higher_is_better: true,
     });
+    Ok(())
+}
 
+async fn stream(
+    args: &Arc<Args>,
+    client: &WeirClient,
+    sqlite: &std::path::Path,
+    rows: i64,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
     println!("streaming {rows} rows...");
-    let client = weir.client().await?;
     let direct = repeat(args.runs, || direct_stream(&args)).await?;
     let copy = repeat(args.runs, || direct_copy(&args)).await?;
     let through = repeat(args.runs, || async { Ok(weir_stream(&client, "pg", STREAM).await?.0) }).await?;
@@ -441,6 +465,10 @@ pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::
         higher_is_better: true,
     });
 
+    Ok(())
+}
+
+async fn load(args: &Arc<Args>, client: &WeirClient, rows: i64, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
     println!("loading {rows} rows into PostgreSQL and MariaDB...");
     let dir = tempfile::tempdir()?;
     let file = crate::load::export(&args, dir.path()).await?;
@@ -480,6 +508,10 @@ pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::
         higher_is_better: true,
     });
 
+    Ok(())
+}
+
+async fn memory(args: &Arc<Args>, weir: &Weir, client: &WeirClient, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
     let big: u64 = if args.quick { 1_000_000 } else { 10_000_000 };
     println!("streaming {big} generated rows for the server's peak memory...");
     let (_, n) = weir_stream(
@@ -497,5 +529,5 @@ pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::
         weir: peak_mb,
         higher_is_better: false,
     });
-    Ok(figures)
+    Ok(())
 }

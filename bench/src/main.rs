@@ -27,6 +27,9 @@ pub struct Args {
     /// Seconds per point-lookup run.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    /// Only these groups of figures (comma-separated): lookups, stream, load, memory. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// Also write the results as Markdown to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -62,6 +65,11 @@ impl Args {
             self.seconds = 1;
         }
         self
+    }
+
+    /// Whether the run includes the figures of `group`.
+    pub fn wants(&self, group: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|g| g == group)
     }
 
     pub fn lookup_duration(&self) -> Duration {

@@ -35,25 +35,43 @@ const DIALECT: Dialect = Dialect {
     insert_new: "INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING",
 };
 
-/// Appends one value in COPY text format: `\N` for NULL, and the value's
-/// text form with backslash, tab, newline and carriage return escaped.
+/// Appends `text` with what COPY's text format reads specially escaped:
+/// backslash, tab, newline and carriage return. Runs without any are copied whole.
+fn write_escaped(text: &str, out: &mut BytesMut) -> Result<(), String> {
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            0 => return Err("PostgreSQL text cannot contain NUL characters; send binary data as bytes".into()),
+            _ => continue,
+        };
+        out.put_slice(&bytes[start..i]);
+        out.put_slice(escaped);
+        start = i + 1;
+    }
+    out.put_slice(&bytes[start..]);
+    Ok(())
+}
+
+/// Appends one value in COPY text format: `\N` for NULL, else the value's
+/// text form (as parameters are sent), escaped.
 fn write_field(value: &Value, scratch: &mut String, out: &mut BytesMut) -> Result<(), String> {
-    if matches!(value, Value::Null) {
-        out.put_slice(b"\\N");
-        return Ok(());
-    }
-    scratch.clear();
-    write_text(value, scratch, false);
-    if scratch.contains('\0') {
-        return Err("PostgreSQL text cannot contain NUL characters; send binary data as bytes".into());
-    }
-    for b in scratch.bytes() {
-        match b {
-            b'\\' => out.put_slice(b"\\\\"),
-            b'\t' => out.put_slice(b"\\t"),
-            b'\n' => out.put_slice(b"\\n"),
-            b'\r' => out.put_slice(b"\\r"),
-            _ => out.put_u8(b),
+    use std::fmt::Write as _;
+    match value {
+        Value::Null => out.put_slice(b"\\N"),
+        // The common cases skip the intermediate text.
+        Value::Int(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Value::Text(s) => write_escaped(s, out)?,
+        other => {
+            scratch.clear();
+            write_text(other, scratch, false);
+            write_escaped(scratch, out)?;
         }
     }
     Ok(())

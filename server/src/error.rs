@@ -41,6 +41,15 @@ pub enum Error {
     LoadTimeout(Duration),
     #[error("the client aborted the load ({0}); nothing was loaded")]
     LoadAborted(String),
+    #[error("too many Kafka consumers open (limit {limit}); retry when one ends")]
+    TooManyConsumers { limit: u32 },
+    #[error("record {index} has {size} bytes, more than the limit of {limit}")]
+    RecordTooLarge { index: usize, size: usize, limit: u64 },
+    /// Topics outside the tenant's allow-list get the same answer as topics that do not exist.
+    #[error("topic \"{0}\" not found")]
+    TopicNotFound(String),
+    #[error("{0} is not available on this server yet")]
+    NotImplemented(&'static str),
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -66,6 +75,12 @@ fn engine_code(kind: EngineErrorKind) -> (Code, &'static str) {
         K::Unavailable => (Code::Unavailable, "ENGINE_UNAVAILABLE"),
         K::DeadlineExceeded => (Code::DeadlineExceeded, "ENGINE_TIMEOUT"),
         K::Internal => (Code::Internal, "ENGINE_ERROR"),
+    }
+}
+
+impl From<BackendError> for Status {
+    fn from(e: BackendError) -> Status {
+        Error::from(e).into()
     }
 }
 
@@ -120,6 +135,17 @@ impl From<Error> for Status {
                 ),
             ),
             Error::LoadAborted(_) => (Code::Aborted, info("LOAD_ABORTED", vec![])),
+            Error::TooManyConsumers { limit } => {
+                let mut d = info("CONSUMER_CONCURRENCY_LIMITED", vec![("limit", limit.to_string())]);
+                d.set_retry_info(Some(Duration::from_secs(1)));
+                (Code::ResourceExhausted, d)
+            }
+            Error::RecordTooLarge { limit, .. } => (
+                Code::InvalidArgument,
+                info("RECORD_TOO_LARGE", vec![("limit", limit.to_string())]),
+            ),
+            Error::TopicNotFound(_) => (Code::NotFound, info("TOPIC_NOT_FOUND", vec![])),
+            Error::NotImplemented(_) => (Code::Unimplemented, info("NOT_IMPLEMENTED", vec![])),
             Error::LoadTimeout(limit) => (
                 Code::DeadlineExceeded,
                 info("LOAD_TIMEOUT", vec![("limit_ms", limit.as_millis().to_string())]),
@@ -181,6 +207,7 @@ impl From<Error> for Status {
                     (Code::InvalidArgument, d)
                 }
                 BackendError::LoadAbandoned => (Code::Aborted, info("LOAD_ABANDONED", vec![])),
+                BackendError::WrongKind(_) => (Code::FailedPrecondition, info("WRONG_SOURCE_KIND", vec![])),
                 BackendError::LoadIdReused(_) => (Code::FailedPrecondition, info("LOAD_ID_REUSED", vec![])),
                 BackendError::Internal(_) => (Code::Internal, info("INTERNAL", vec![])),
             },

@@ -68,6 +68,9 @@ pub enum BackendError {
     /// A load id that committed for another table.
     #[error("load_id was already used for a load into {0}; use a new load_id for another table")]
     LoadIdReused(String),
+    /// A call aimed at the other kind of source (SQL versus topics).
+    #[error("{0}")]
+    WrongKind(&'static str),
     #[error("internal backend error: {0}")]
     Internal(String),
 }

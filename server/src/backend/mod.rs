@@ -4,11 +4,13 @@
 pub mod bulk;
 pub mod channel;
 pub mod error;
+pub mod kafka;
 pub mod mssql;
 pub mod mysql;
 pub mod pool;
 pub mod postgres;
 pub mod sqlite;
+pub mod topics;
 pub mod types;
 
 use std::pin::Pin;
@@ -19,6 +21,7 @@ use futures::Stream;
 
 pub use bulk::{LoadMode, LoadOutcome, LoadSpec, RowFeed};
 pub use error::{BackendError, EngineErrorKind};
+pub use topics::TopicSource;
 pub use types::*;
 
 use crate::config::{EngineKind, SourceConfig};
@@ -68,13 +71,72 @@ pub trait SqlTransaction: Send + Sync {
     async fn rollback(&self) -> Result<(), BackendError>;
 }
 
+/// A source's backend: SQL, or topics. Services ask for the kind a call
+/// needs and get FAILED_PRECONDITION for the other.
+#[derive(Clone)]
+pub enum Backend {
+    Sql(Arc<dyn SqlSource>),
+    Topics(Arc<dyn TopicSource>),
+}
+
+impl Backend {
+    pub fn engine(&self) -> Engine {
+        match self {
+            Backend::Sql(s) => s.engine(),
+            Backend::Topics(_) => Engine::Kafka,
+        }
+    }
+
+    pub fn capabilities(&self) -> Capabilities {
+        match self {
+            Backend::Sql(s) => s.capabilities(),
+            Backend::Topics(t) => t.capabilities(),
+        }
+    }
+
+    pub async fn connection_info(&self) -> Result<ConnectionInfo, BackendError> {
+        match self {
+            Backend::Sql(s) => s.connection_info().await,
+            Backend::Topics(t) => t.connection_info().await,
+        }
+    }
+
+    pub fn pool_status(&self) -> Option<PoolStatus> {
+        match self {
+            Backend::Sql(s) => s.pool_status(),
+            Backend::Topics(_) => None,
+        }
+    }
+
+    /// The SQL backend, or why this source has none.
+    pub fn sql(&self) -> Result<&Arc<dyn SqlSource>, BackendError> {
+        match self {
+            Backend::Sql(s) => Ok(s),
+            Backend::Topics(_) => Err(BackendError::WrongKind(
+                "this is a Kafka source: use StreamService (Produce, Consume, ListTopics)",
+            )),
+        }
+    }
+
+    /// The topic backend, or why this source has none.
+    pub fn topics(&self) -> Result<&Arc<dyn TopicSource>, BackendError> {
+        match self {
+            Backend::Topics(t) => Ok(t),
+            Backend::Sql(_) => Err(BackendError::WrongKind(
+                "this is a SQL source: use QueryService, SchemaService or BulkLoadService",
+            )),
+        }
+    }
+}
+
 /// Builds the backend for a configured source. Pools connect lazily, so a
 /// source that is down at start does not stop the gateway.
-pub fn connect(name: &str, config: &SourceConfig) -> Result<Arc<dyn SqlSource>, BackendError> {
+pub fn connect(name: &str, config: &SourceConfig) -> Result<Backend, BackendError> {
     Ok(match config.engine {
-        EngineKind::Postgres => Arc::new(postgres::PostgresSource::new(config)?),
-        EngineKind::Mysql => Arc::new(mysql::MysqlSource::new(config)?),
-        EngineKind::Sqlite => Arc::new(sqlite::SqliteSource::open(name, config)?),
-        EngineKind::Mssql => Arc::new(mssql::MssqlSource::new(config)?),
+        EngineKind::Postgres => Backend::Sql(Arc::new(postgres::PostgresSource::new(config)?)),
+        EngineKind::Mysql => Backend::Sql(Arc::new(mysql::MysqlSource::new(config)?)),
+        EngineKind::Sqlite => Backend::Sql(Arc::new(sqlite::SqliteSource::open(name, config)?)),
+        EngineKind::Mssql => Backend::Sql(Arc::new(mssql::MssqlSource::new(config)?)),
+        EngineKind::Kafka => Backend::Topics(Arc::new(kafka::KafkaSource::new(config)?)),
     })
 }

@@ -123,10 +123,15 @@ pub enum Engine {
     Mysql,
     Sqlite,
     Mssql,
+    Kafka,
 }
 
 #[derive(Debug, Clone)]
 pub struct Capabilities {
+    /// SQL statements (QueryService, SchemaService, BulkLoadService).
+    pub query: bool,
+    /// Kafka topics (StreamService produce/consume).
+    pub kafka: bool,
     pub transactions: bool,
     pub isolation_levels: Vec<Isolation>,
     pub change_streams: bool,
@@ -138,6 +143,8 @@ impl Capabilities {
     /// A SQL engine with transactions at every isolation level (or stronger).
     pub fn sql(parameter_style: &'static str) -> Self {
         Self {
+            query: true,
+            kafka: false,
             transactions: true,
             isolation_levels: ALL_ISOLATION_LEVELS.to_vec(),
             change_streams: false,
@@ -147,13 +154,16 @@ impl Capabilities {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ConnectionInfo {
     pub server_version: String,
     pub database: String,
     pub user: String,
     /// One round trip to the engine on a pooled connection.
     pub round_trip: std::time::Duration,
+    /// Kafka: brokers in the cluster, and its id.
+    pub brokers: u32,
+    pub cluster_id: String,
 }
 
 #[derive(Debug, Clone)]

@@ -24,6 +24,11 @@ pub struct TenantLimiter {
     /// Cost buckets of loads: rows and request bytes, one second of burst each.
     load_rows: DefaultDirectRateLimiter,
     load_bytes: DefaultDirectRateLimiter,
+    consumers: Arc<Semaphore>,
+    max_consumers: u32,
+    /// Cost buckets of Kafka records, produced and consumed.
+    stream_records: DefaultDirectRateLimiter,
+    stream_bytes: DefaultDirectRateLimiter,
 }
 
 /// A bucket whose burst is one second's worth.
@@ -65,7 +70,27 @@ impl TenantLimiter {
             max_loads: limits.max_concurrent_loads,
             load_rows: per_second(limits.load_rows_per_second),
             load_bytes: per_second(limits.load_bytes_per_second),
+            consumers: Arc::new(Semaphore::new(limits.max_concurrent_consumers as usize)),
+            max_consumers: limits.max_concurrent_consumers,
+            stream_records: per_second(limits.stream_records_per_second),
+            stream_bytes: per_second(limits.stream_bytes_per_second),
         }
+    }
+
+    /// Admits one Kafka consumer; its slot is held until the permit is dropped.
+    pub fn admit_consumer(&self) -> Result<OwnedSemaphorePermit, Error> {
+        self.consumers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::TooManyConsumers {
+                limit: self.max_consumers,
+            })
+    }
+
+    /// Charges Kafka records and their bytes, waiting while the tenant is over its rate.
+    pub async fn charge_records(&self, records: u64, bytes: u64) {
+        take(&self.stream_records, records).await;
+        take(&self.stream_bytes, bytes).await;
     }
 
     /// Admits one bulk load; its slot is held until the permit is dropped.

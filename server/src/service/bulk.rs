@@ -346,7 +346,10 @@ impl BulkApi {
         let _slot = caller.tenant.limiter.admit_load()?;
         let table = tokio::time::timeout(
             caller.tenant.limits.statement_timeout,
-            source.backend.describe_table(header.schema.as_deref(), &header.table),
+            source
+                .backend
+                .sql()?
+                .describe_table(header.schema.as_deref(), &header.table),
         )
         .await
         .map_err(|_| Error::Timeout(caller.tenant.limits.statement_timeout))??;
@@ -369,7 +372,7 @@ impl BulkApi {
         let (sender, feed) = row_feed(FEED_DEPTH);
         // The engine side runs on its own task: if this call is dropped (client
         // gone, deadline), the feed closes and that task rolls back cleanly.
-        let backend = source.backend.clone();
+        let backend = source.backend.sql()?.clone();
         let engine = tokio::spawn(async move { backend.load(spec, feed).await });
         let mut skipped = Skipped::default();
         let fed = feed_rows(

@@ -337,6 +337,7 @@ pub fn engine(e: domain::Engine) -> pb::Engine {
         domain::Engine::Postgres => pb::Engine::Postgres,
         domain::Engine::Mysql => pb::Engine::Mysql,
         domain::Engine::Sqlite => pb::Engine::Sqlite,
+        domain::Engine::Kafka => pb::Engine::Kafka,
         domain::Engine::Mssql => pb::Engine::Mssql,
     }
 }

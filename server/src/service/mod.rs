@@ -5,6 +5,7 @@ pub mod bulk;
 pub mod convert;
 pub mod query;
 pub mod schema;
+pub mod stream;
 pub mod transactions;
 
 use std::sync::Arc;

@@ -103,6 +103,7 @@ impl Target {
             None => {
                 source(&self.caller, &self.source)?
                     .backend
+                    .sql()?
                     .query(self.statement.clone())
                     .await?
             }
@@ -312,7 +313,7 @@ impl QueryService for QueryApi {
             isolation: convert::isolation(r.isolation)?,
             read_only: r.read_only,
         };
-        let tx = tokio::time::timeout(timeout, source.backend.begin(options))
+        let tx = tokio::time::timeout(timeout, source.backend.sql()?.begin(options))
             .await
             .map_err(|_| Error::Timeout(timeout))?
             .map_err(Error::from)?;

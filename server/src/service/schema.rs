@@ -26,7 +26,7 @@ fn source_info(s: &Arc<Source>) -> pb::SourceInfo {
         read_only: s.config.read_only,
         healthy: status.healthy,
         capabilities: Some(pb::Capabilities {
-            query: true,
+            query: caps.query,
             transactions: caps.transactions,
             isolation_levels: caps
                 .isolation_levels
@@ -39,7 +39,7 @@ fn source_info(s: &Arc<Source>) -> pb::SourceInfo {
                 .map(|m| convert::load_mode_to_proto(m) as i32)
                 .collect(),
             change_streams: caps.change_streams,
-            kafka: false,
+            kafka: caps.kafka,
             parameter_style: caps.parameter_style.to_string(),
         }),
     }
@@ -91,6 +91,8 @@ impl SchemaService for SchemaApi {
             round_trip: Some(convert::duration(info.round_trip)),
             database: info.database,
             user: info.user,
+            brokers: info.brokers,
+            cluster_id: info.cluster_id,
         }))
     }
 
@@ -102,7 +104,7 @@ impl SchemaService for SchemaApi {
         let timeout = statement_timeout(&request, &caller);
         let r = request.get_ref();
         let source = source(&caller, &r.source)?;
-        let schemas = timed(timeout, source.backend.list_schemas(r.include_system)).await?;
+        let schemas = timed(timeout, source.backend.sql()?.list_schemas(r.include_system)).await?;
         Ok(Response::new(pb::ListSchemasResponse {
             schemas: schemas
                 .into_iter()
@@ -122,7 +124,7 @@ impl SchemaService for SchemaApi {
         let timeout = statement_timeout(&request, &caller);
         let r = request.get_ref();
         let source = source(&caller, &r.source)?;
-        let tables = timed(timeout, source.backend.list_tables(non_empty(&r.schema))).await?;
+        let tables = timed(timeout, source.backend.sql()?.list_tables(non_empty(&r.schema))).await?;
         Ok(Response::new(pb::ListTablesResponse {
             tables: tables.into_iter().map(convert::table).collect(),
         }))
@@ -143,7 +145,11 @@ impl SchemaService for SchemaApi {
             .into());
         }
         let source = source(&caller, &r.source)?;
-        let description = timed(timeout, source.backend.describe_table(non_empty(&r.schema), &r.table)).await?;
+        let description = timed(
+            timeout,
+            source.backend.sql()?.describe_table(non_empty(&r.schema), &r.table),
+        )
+        .await?;
         Ok(Response::new(convert::description(description)))
     }
 }

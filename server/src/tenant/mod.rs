@@ -6,7 +6,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
 
-use crate::backend::{self, BackendError, SqlSource};
+use crate::backend::{self, Backend, BackendError};
 use crate::config::{Config, LimitsConfig, SourceConfig};
 use crate::limits::TenantLimiter;
 
@@ -20,7 +20,7 @@ pub struct SourceStatus {
 pub struct Source {
     pub name: String,
     pub config: SourceConfig,
-    pub backend: Arc<dyn SqlSource>,
+    pub backend: Backend,
     pub status: RwLock<SourceStatus>,
 }
 

@@ -12,12 +12,14 @@ use tonic::transport::Server;
 use weir_proto::v1::bulk_load_service_server::BulkLoadServiceServer;
 use weir_proto::v1::query_service_server::QueryServiceServer;
 use weir_proto::v1::schema_service_server::SchemaServiceServer;
+use weir_proto::v1::stream_service_server::StreamServiceServer;
 
 use crate::config::Config;
 use crate::limits::admission::AdmissionLayer;
 use crate::service::bulk::BulkApi;
 use crate::service::query::QueryApi;
 use crate::service::schema::SchemaApi;
+use crate::service::stream::StreamApi;
 use crate::service::transactions::Transactions;
 use crate::tenant::Tenants;
 use auth::AuthLayer;
@@ -32,6 +34,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let max = config.server.max_request_bytes;
+    let stream = StreamServiceServer::new(StreamApi::new(cut.clone())).max_decoding_message_size(max);
     let query = QueryServiceServer::new(QueryApi::new(transactions, cut)).max_decoding_message_size(max);
     let schema = SchemaServiceServer::new(SchemaApi).max_decoding_message_size(max);
     let bulk = BulkLoadServiceServer::new(BulkApi::new(config.bulk.clone())).max_decoding_message_size(max);
@@ -53,6 +56,7 @@ pub async fn serve(
         .add_service(query)
         .add_service(schema)
         .add_service(bulk)
+        .add_service(stream)
         // Without TCP_NODELAY, Nagle's algorithm holds the last frames of a
         // response back until the peer's delayed ACK, about 40 ms.
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)

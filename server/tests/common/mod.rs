@@ -281,3 +281,39 @@ pub async fn assert_serves(client: &WeirClient, source: &str, times: usize) {
         assert_eq!(int(&r.rows[0].values[0]), 1);
     }
 }
+
+/// The Kafka-protocol broker for tests (WEIR_TEST_KAFKA_BOOTSTRAP, default 127.0.0.1:9092).
+pub fn kafka_bootstrap() -> String {
+    env_or("WEIR_TEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+}
+
+/// A Kafka source section: the test broker, topics under `prefix`, short
+/// group session timeouts so that joins take seconds, not tens of seconds.
+pub fn kafka(tenant: &str, name: &str, prefix: &str) -> String {
+    format!(
+        "[tenants.{tenant}.sources.{name}]\nengine = \"kafka\"\nbootstrap_servers = \"{}\"\ntopic_prefix = \"{prefix}\"\n\
+         [tenants.{tenant}.sources.{name}.kafka_options]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+        kafka_bootstrap()
+    )
+}
+
+/// Creates a topic on the test broker through the Kafka admin API.
+pub async fn create_topic(name: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .create()
+        .expect("admin client");
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics(
+            [&topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("the Kafka broker for tests is not reachable: run ./scripts/test, or set WEIR_TEST_KAFKA_BOOTSTRAP");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e:?}"));
+    }
+}

@@ -463,6 +463,7 @@ impl SqlSource for MssqlSource {
             database: text(2),
             user: text(3),
             round_trip,
+            ..Default::default()
         })
     }
 

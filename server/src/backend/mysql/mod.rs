@@ -263,6 +263,7 @@ impl SqlSource for MysqlSource {
             database: database.unwrap_or_default(),
             user,
             round_trip,
+            ..Default::default()
         })
     }
 

@@ -365,6 +365,7 @@ impl SqlSource for PostgresSource {
             database: row.get(1),
             user: row.get(2),
             round_trip,
+            ..Default::default()
         })
     }
 

@@ -235,6 +235,7 @@ impl SqlSource for SqliteSource {
                 database: label,
                 user: String::new(),
                 round_trip: started.elapsed(),
+                ..Default::default()
             })
         })
         .await

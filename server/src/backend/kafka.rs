@@ -1,0 +1,437 @@
+//! Kafka through librdkafka (rdkafka): one idempotent producer per source,
+//! shared by every call; one consumer per `Consume` call, which leaves its
+//! group when the call ends. librdkafka's metadata and watermark calls
+//! block, so they run on the blocking pool.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use super::topics::{
+    Ack, ConsumeSpec, InRecord, OutRecord, PartitionInfo, PartitionOffset, RecordStream, Start, TopicInfo, TopicSource,
+};
+use super::{BackendError, Capabilities, ConnectionInfo, EngineErrorKind};
+use crate::config::SourceConfig;
+
+/// Longest a metadata, watermark or offset lookup may take.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// Records per batch handed to a consumer's caller at most.
+const BATCH_RECORDS: usize = 500;
+/// A batch is handed over after this long even when not full.
+const BATCH_WAIT: Duration = Duration::from_millis(20);
+/// Batches buffered between a consumer and its caller; the consumer stops
+/// reading when they are full, so memory stays bounded by librdkafka's
+/// prefetch queue (`queued.max.messages.kbytes`) plus these.
+const CONSUMER_BUFFER: usize = 2;
+
+pub struct KafkaSource {
+    base: ClientConfig,
+    producer: FutureProducer,
+    topics: Vec<String>,
+    prefix: Option<String>,
+    /// Live consumers by group, so that CommitOffsets for a group being
+    /// consumed on this replica commits through its member.
+    consumers: Mutex<HashMap<String, Weak<StreamConsumer>>>,
+}
+
+impl KafkaSource {
+    pub fn new(config: &SourceConfig) -> Result<Self, BackendError> {
+        let mut base = ClientConfig::new();
+        base.set(
+            "bootstrap.servers",
+            config.bootstrap_servers.clone().unwrap_or_default(),
+        )
+        .set("client.id", "weir")
+        // librdkafka logs through its own callbacks; keep the noise down.
+        .set("log_level", "3");
+        if let Some(user) = &config.user {
+            base.set("sasl.username", user);
+        }
+        if let Some(password) = config.password().map_err(BackendError::Invalid)? {
+            base.set("sasl.password", password);
+        }
+        for (k, v) in &config.kafka_options {
+            base.set(k, v);
+        }
+        let mut producer = base.clone();
+        producer.set("enable.idempotence", "true").set("acks", "all");
+        or_default(&mut producer, "message.timeout.ms", "10000");
+        or_default(&mut producer, "linger.ms", "5");
+        let producer = producer
+            .create()
+            .map_err(|e| BackendError::Invalid(format!("Kafka producer settings: {e}")))?;
+        Ok(Self {
+            base,
+            producer,
+            topics: config.topics.clone(),
+            prefix: config.topic_prefix.clone().filter(|p| !p.is_empty()),
+            consumers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn consumer_config(&self, group: &str) -> ClientConfig {
+        let mut c = self.base.clone();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        or_default(&mut c, "session.timeout.ms", "10000");
+        or_default(&mut c, "queued.max.messages.kbytes", "16384");
+        c
+    }
+
+    /// Runs a blocking librdkafka call on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(FutureProducer) -> Result<T, KafkaError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || f(producer))
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?
+            .map_err(map_error)
+    }
+}
+
+/// Sets `key` unless the source's `kafka_options` did.
+fn or_default(config: &mut ClientConfig, key: &str, value: &str) {
+    if config.get(key).is_none() {
+        config.set(key, value);
+    }
+}
+
+/// A topic named in the allow-list, or under its prefix.
+fn allowed(topics: &[String], prefix: Option<&str>, topic: &str) -> bool {
+    topics.iter().any(|t| t == topic) || prefix.is_some_and(|p| topic.starts_with(p))
+}
+
+/// Classifies a librdkafka error; the text never carries credentials.
+pub fn map_error(e: KafkaError) -> BackendError {
+    use RDKafkaErrorCode as C;
+    let Some(code) = e.rdkafka_error_code() else {
+        return BackendError::Internal(e.to_string());
+    };
+    let kind = match code {
+        C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => {
+            return BackendError::not_found("topic not found");
+        }
+        C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidMessage | C::InvalidArgument => {
+            EngineErrorKind::InvalidArgument
+        }
+        C::MessageTimedOut
+        | C::AllBrokersDown
+        | C::BrokerTransportFailure
+        | C::NetworkException
+        | C::LeaderNotAvailable
+        | C::NotLeaderForPartition
+        | C::RequestTimedOut
+        | C::OperationTimedOut
+        | C::BrokerNotAvailable
+        | C::CoordinatorNotAvailable
+        | C::NotCoordinator => EngineErrorKind::Unavailable,
+        C::TopicAuthorizationFailed | C::GroupAuthorizationFailed | C::ClusterAuthorizationFailed => {
+            EngineErrorKind::PermissionDenied
+        }
+        C::UnknownMemberId | C::IllegalGeneration | C::RebalanceInProgress => EngineErrorKind::FailedPrecondition,
+        C::OffsetOutOfRange => EngineErrorKind::InvalidArgument,
+        _ => EngineErrorKind::Internal,
+    };
+    if kind == EngineErrorKind::Unavailable {
+        return BackendError::Unavailable(format!("the Kafka cluster did not answer ({code:?})"));
+    }
+    BackendError::Engine {
+        kind,
+        code: format!("{code:?}"),
+        message: e.to_string(),
+    }
+}
+
+fn owned_headers(headers: &[(String, Vec<u8>)]) -> Option<OwnedHeaders> {
+    if headers.is_empty() {
+        return None;
+    }
+    let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+    for (key, value) in headers {
+        owned = owned.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    Some(owned)
+}
+
+fn record<M: Message>(m: &M) -> InRecord {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    InRecord {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}
+
+struct KafkaRecords {
+    rx: mpsc::Receiver<Result<Vec<InRecord>, BackendError>>,
+    consumer: Arc<StreamConsumer>,
+}
+
+#[async_trait]
+impl RecordStream for KafkaRecords {
+    async fn next(&mut self) -> Option<Result<Vec<InRecord>, BackendError>> {
+        self.rx.recv().await
+    }
+
+    fn commit(&self, delivered: &[InRecord]) -> Result<(), BackendError> {
+        let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+        for r in delivered {
+            let offset = next.entry((r.topic.as_str(), r.partition)).or_insert(0);
+            *offset = (*offset).max(r.offset + 1);
+        }
+        if next.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in next {
+            tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+                .map_err(map_error)?;
+        }
+        self.consumer.commit(&tpl, CommitMode::Async).map_err(map_error)
+    }
+}
+
+/// Reads records into batches until the caller goes away.
+async fn pump(consumer: Arc<StreamConsumer>, tx: mpsc::Sender<Result<Vec<InRecord>, BackendError>>) {
+    loop {
+        let first = tokio::select! {
+            m = consumer.recv() => m,
+            () = tx.closed() => return,
+        };
+        let mut batch = match first {
+            Ok(m) => vec![record(&m)],
+            Err(e) => {
+                let _ = tx.send(Err(map_error(e))).await;
+                return;
+            }
+        };
+        let deadline = Instant::now() + BATCH_WAIT;
+        while batch.len() < BATCH_RECORDS {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(record(&m)),
+                Ok(Err(e)) => {
+                    let _ = tx.send(Ok(batch)).await;
+                    let _ = tx.send(Err(map_error(e))).await;
+                    return;
+                }
+                Err(_) => break,
+            }
+        }
+        // Waits while the caller is slow: the consumer stops reading.
+        if tx.send(Ok(batch)).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[async_trait]
+impl TopicSource for KafkaSource {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            query: false,
+            kafka: true,
+            transactions: false,
+            isolation_levels: vec![],
+            change_streams: false,
+            parameter_style: "",
+            load_modes: vec![],
+        }
+    }
+
+    async fn connection_info(&self) -> Result<ConnectionInfo, BackendError> {
+        let started = Instant::now();
+        let (brokers, cluster_id) = self
+            .blocking(|p| {
+                let client = rdkafka::producer::Producer::client(&p);
+                let metadata = client.fetch_metadata(None, METADATA_TIMEOUT)?;
+                let cluster = client.fetch_cluster_id(METADATA_TIMEOUT).unwrap_or_default();
+                Ok((metadata.brokers().len() as u32, cluster))
+            })
+            .await?;
+        Ok(ConnectionInfo {
+            server_version: format!("Kafka ({brokers} brokers)"),
+            database: cluster_id.clone(),
+            round_trip: started.elapsed(),
+            brokers,
+            cluster_id,
+            ..Default::default()
+        })
+    }
+
+    fn allows(&self, topic: &str) -> bool {
+        allowed(&self.topics, self.prefix.as_deref(), topic)
+    }
+
+    async fn produce(&self, topic: &str, records: Vec<OutRecord>) -> Result<Vec<Ack>, BackendError> {
+        let sends = records.iter().map(|r| {
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+            if let Some(k) = &r.key {
+                record = record.key(k.as_slice());
+            }
+            if let Some(v) = &r.value {
+                record = record.payload(v.as_slice());
+            }
+            if let Some(p) = r.partition {
+                record = record.partition(p);
+            }
+            if let Some(t) = r.timestamp_ms {
+                record = record.timestamp(t);
+            }
+            if let Some(h) = owned_headers(&r.headers) {
+                record = record.headers(h);
+            }
+            self.producer.send(record, Duration::from_secs(5))
+        });
+        // Every record is in flight at once; the answer waits for all of them.
+        let results = futures::future::join_all(sends).await;
+        results
+            .into_iter()
+            .map(|r| {
+                r.map(|d| Ack {
+                    partition: d.partition,
+                    offset: d.offset,
+                })
+                .map_err(|(e, _)| map_error(e))
+            })
+            .collect()
+    }
+
+    async fn consume(&self, spec: ConsumeSpec) -> Result<Box<dyn RecordStream>, BackendError> {
+        let mut config = self.consumer_config(&spec.group);
+        let reset = match spec.start {
+            Start::Latest => "latest",
+            _ => "earliest",
+        };
+        config.set("auto.offset.reset", reset);
+        let consumer: StreamConsumer = config
+            .create()
+            .map_err(|e| BackendError::Invalid(format!("Kafka consumer settings: {e}")))?;
+        let consumer = Arc::new(consumer);
+        let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
+        match &spec.start {
+            Start::Earliest | Start::Latest => consumer.subscribe(&topics).map_err(map_error)?,
+            Start::Offsets(offsets) => {
+                let mut tpl = TopicPartitionList::new();
+                for o in offsets {
+                    tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.offset))
+                        .map_err(map_error)?;
+                }
+                consumer.assign(&tpl).map_err(map_error)?;
+            }
+            Start::Timestamp(ms) => {
+                let (c, ms, names) = (consumer.clone(), *ms, spec.topics.clone());
+                let tpl = tokio::task::spawn_blocking(move || {
+                    let mut wanted = TopicPartitionList::new();
+                    for topic in &names {
+                        let metadata = c.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+                        for t in metadata.topics() {
+                            for p in t.partitions() {
+                                wanted.add_partition_offset(topic, p.id(), Offset::Offset(ms))?;
+                            }
+                        }
+                    }
+                    c.offsets_for_times(wanted, METADATA_TIMEOUT)
+                })
+                .await
+                .map_err(|e| BackendError::Internal(e.to_string()))?
+                .map_err(map_error)?;
+                consumer.assign(&tpl).map_err(map_error)?;
+            }
+        }
+        {
+            let mut live = self.consumers.lock();
+            live.retain(|_, c| c.strong_count() > 0);
+            live.insert(spec.group.clone(), Arc::downgrade(&consumer));
+        }
+        let (tx, rx) = mpsc::channel(CONSUMER_BUFFER);
+        tokio::spawn(pump(consumer.clone(), tx));
+        Ok(Box::new(KafkaRecords { rx, consumer }))
+    }
+
+    async fn commit(&self, group: &str, offsets: Vec<PartitionOffset>) -> Result<(), BackendError> {
+        let mut tpl = TopicPartitionList::new();
+        for o in &offsets {
+            tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.offset))
+                .map_err(map_error)?;
+        }
+        let live = self.consumers.lock().get(group).and_then(Weak::upgrade);
+        if let Some(consumer) = live {
+            return tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+                .await
+                .map_err(|e| BackendError::Internal(e.to_string()))?
+                .map_err(map_error);
+        }
+        // No member here: commit as a standalone client of the group (the
+        // broker accepts that while the group has no live members).
+        let consumer: BaseConsumer = self
+            .consumer_config(group)
+            .create()
+            .map_err(|e| BackendError::Invalid(format!("Kafka consumer settings: {e}")))?;
+        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?
+            .map_err(map_error)
+    }
+
+    async fn list_topics(&self) -> Result<Vec<TopicInfo>, BackendError> {
+        let topics: Vec<String> = self.topics.clone();
+        let prefix = self.prefix.clone();
+        self.blocking(move |p| {
+            let client = rdkafka::producer::Producer::client(&p);
+            let metadata = client.fetch_metadata(None, METADATA_TIMEOUT)?;
+            let mut out = Vec::new();
+            for t in metadata.topics() {
+                if !allowed(&topics, prefix.as_deref(), t.name()) || t.error().is_some() {
+                    continue;
+                }
+                let mut partitions = Vec::new();
+                for p in t.partitions() {
+                    let (low, high) = client.fetch_watermarks(t.name(), p.id(), METADATA_TIMEOUT)?;
+                    partitions.push(PartitionInfo {
+                        id: p.id(),
+                        leader: p.leader(),
+                        replicas: p.replicas().to_vec(),
+                        low,
+                        high,
+                    });
+                }
+                partitions.sort_by_key(|p| p.id);
+                out.push(TopicInfo {
+                    name: t.name().to_string(),
+                    partitions,
+                });
+            }
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })
+        .await
+    }
+}

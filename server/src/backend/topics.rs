@@ -1,0 +1,125 @@
+//! Topic sources (Kafka), engine-independent: records out and in, start
+//! positions, topic metadata. No pretend schema of a topic: these sources
+//! sit behind their own trait, not `SqlSource`.
+
+use async_trait::async_trait;
+
+use super::{BackendError, Capabilities, ConnectionInfo};
+
+/// A record to produce.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutRecord {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Explicit partition; `None` lets the partitioner choose by key.
+    pub partition: Option<i32>,
+    /// Milliseconds since the epoch; `None` for the broker's time.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl OutRecord {
+    /// Bytes the record carries (key, value and headers).
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.value.as_ref().map_or(0, Vec::len)
+            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+}
+
+/// Where a produced record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A consumed record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl InRecord {
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.value.as_ref().map_or(0, Vec::len)
+            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+}
+
+/// A topic partition and an offset (the next record to read, for commits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// The group's committed offsets, else the earliest record.
+    Earliest,
+    /// The group's committed offsets, else only new records.
+    Latest,
+    /// Exactly these partitions, from these offsets.
+    Offsets(Vec<PartitionOffset>),
+    /// Every partition of the topics, from the first record at or after this time (ms).
+    Timestamp(i64),
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumeSpec {
+    pub topics: Vec<String>,
+    /// The group id on the broker, already namespaced for the tenant.
+    pub group: String,
+    pub start: Start,
+}
+
+/// Records as they arrive, in batches. Dropping it leaves the group.
+#[async_trait]
+pub trait RecordStream: Send {
+    /// The next batch; `None` when the stream ended.
+    async fn next(&mut self) -> Option<Result<Vec<InRecord>, BackendError>>;
+    /// Commits, for the stream's group, the offsets after these records
+    /// (the ones delivered to the client).
+    fn commit(&self, delivered: &[InRecord]) -> Result<(), BackendError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionInfo {
+    pub id: i32,
+    pub leader: i32,
+    pub replicas: Vec<i32>,
+    pub low: i64,
+    pub high: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    pub name: String,
+    pub partitions: Vec<PartitionInfo>,
+}
+
+#[async_trait]
+pub trait TopicSource: Send + Sync + 'static {
+    fn capabilities(&self) -> Capabilities;
+    /// Reaches the cluster: broker count and cluster id.
+    async fn connection_info(&self) -> Result<ConnectionInfo, BackendError>;
+    /// Whether the tenant may use `topic` at all. Topics it may not use
+    /// are answered exactly like topics that do not exist.
+    fn allows(&self, topic: &str) -> bool;
+    /// Produces `records` to `topic`; answers once the broker acknowledged every one.
+    async fn produce(&self, topic: &str, records: Vec<OutRecord>) -> Result<Vec<Ack>, BackendError>;
+    async fn consume(&self, spec: ConsumeSpec) -> Result<Box<dyn RecordStream>, BackendError>;
+    /// Commits offsets for a group (already namespaced).
+    async fn commit(&self, group: &str, offsets: Vec<PartitionOffset>) -> Result<(), BackendError>;
+    /// The allowed topics that exist, with partitions and watermarks.
+    async fn list_topics(&self) -> Result<Vec<TopicInfo>, BackendError>;
+}

@@ -1,0 +1,363 @@
+//! StreamService, Kafka part: produce, consume as a server stream, commit
+//! offsets, list topics. Every topic is checked against the source's
+//! allow-list first (a topic outside it is NOT_FOUND, exactly like one that
+//! does not exist), and consumer groups are namespaced per tenant so that
+//! two tenants can never join each other's groups.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use weir_proto::v1 as pb;
+use weir_proto::v1::stream_service_server::StreamService;
+
+use super::{caller, source};
+use crate::backend::topics::{ConsumeSpec, InRecord, OutRecord, PartitionOffset, Start};
+use crate::backend::TopicSource;
+use crate::error::{Error, Result};
+use crate::metrics::METRICS;
+use crate::tenant::Caller;
+
+/// Longest accepted consumer group name, before namespacing.
+const MAX_GROUP: usize = 200;
+/// Response batches buffered for a slow client before the consumer pauses.
+const CONSUME_BUFFER: usize = 2;
+
+pub struct StreamApi {
+    /// Becomes true when the shutdown grace period is over: consumers still running are cut.
+    cut: watch::Receiver<bool>,
+}
+
+impl StreamApi {
+    pub fn new(cut: watch::Receiver<bool>) -> Self {
+        Self { cut }
+    }
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
+fn topics_of(caller: &Caller, name: &str) -> Result<Arc<dyn TopicSource>> {
+    Ok(source(caller, name)?.backend.topics()?.clone())
+}
+
+fn check_topic(topics: &dyn TopicSource, topic: &str) -> Result<()> {
+    if topic.is_empty() {
+        return Err(bad("topic", "a topic name is required"));
+    }
+    if !topics.allows(topic) {
+        return Err(Error::TopicNotFound(topic.to_string()));
+    }
+    Ok(())
+}
+
+/// The group's id on the broker: the tenant's namespace, then the caller's name.
+fn group_id(caller: &Caller, group: &str) -> Result<String> {
+    let plain = !group.is_empty()
+        && group.len() <= MAX_GROUP
+        && group
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !plain {
+        return Err(bad(
+            "group",
+            format!("1-{MAX_GROUP} characters of A-Z, a-z, 0-9, '.', '_' and '-'"),
+        ));
+    }
+    Ok(format!("weir.{}.{group}", caller.tenant.id))
+}
+
+fn timestamp_ms(t: &prost_types::Timestamp) -> i64 {
+    t.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos) / 1_000_000)
+}
+
+fn out_record(r: pb::ProducerRecord) -> OutRecord {
+    OutRecord {
+        key: (!r.key.is_empty()).then_some(r.key),
+        value: Some(r.value),
+        headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+        partition: r.partition,
+        timestamp_ms: r.timestamp.as_ref().map(timestamp_ms),
+    }
+}
+
+fn in_record(r: InRecord) -> pb::ConsumedRecord {
+    pb::ConsumedRecord {
+        topic: r.topic,
+        partition: r.partition,
+        offset: r.offset,
+        timestamp: r.timestamp_ms.map(|ms| prost_types::Timestamp {
+            seconds: ms.div_euclid(1000),
+            nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+        }),
+        key: r.key.unwrap_or_default(),
+        value: r.value.unwrap_or_default(),
+        headers: r
+            .headers
+            .into_iter()
+            .map(|(key, value)| pb::RecordHeader { key, value })
+            .collect(),
+    }
+}
+
+fn partition_offsets(topics: &dyn TopicSource, offsets: Vec<pb::PartitionOffset>) -> Result<Vec<PartitionOffset>> {
+    offsets
+        .into_iter()
+        .map(|o| {
+            check_topic(topics, &o.topic)?;
+            if o.partition < 0 || o.offset < 0 {
+                return Err(bad("offsets", "partitions and offsets are never negative"));
+            }
+            Ok(PartitionOffset {
+                topic: o.topic,
+                partition: o.partition,
+                offset: o.offset,
+            })
+        })
+        .collect()
+}
+
+fn start(topics: &dyn TopicSource, start: Option<pb::StartPosition>) -> Result<Start> {
+    use pb::start_position::Position;
+    Ok(match start.and_then(|s| s.position) {
+        None | Some(Position::Earliest(_)) => Start::Earliest,
+        Some(Position::Latest(_)) => Start::Latest,
+        Some(Position::Offsets(o)) => Start::Offsets(partition_offsets(topics, o.offsets)?),
+        Some(Position::Timestamp(t)) => Start::Timestamp(timestamp_ms(&t)),
+    })
+}
+
+type ConsumeSender = mpsc::Sender<std::result::Result<pb::ConsumeResponse, Status>>;
+
+/// Moves records from the consumer to the client until the client goes
+/// away, `max_records` are sent, or the server shuts down.
+async fn deliver(
+    caller: Caller,
+    mut records: Box<dyn crate::backend::topics::RecordStream>,
+    auto_commit: bool,
+    max_records: u64,
+    tx: ConsumeSender,
+    mut cut: watch::Receiver<bool>,
+) {
+    let mut sent = 0u64;
+    loop {
+        let batch = tokio::select! {
+            b = records.next() => b,
+            () = tx.closed() => return,
+            () = async { let _ = cut.wait_for(|c| *c).await; } => {
+                let _ = tx.send(Err(Status::from(Error::ShuttingDown))).await;
+                return;
+            }
+        };
+        let mut batch = match batch {
+            None => return,
+            Some(Err(e)) => {
+                let _ = tx.send(Err(Status::from(e))).await;
+                return;
+            }
+            Some(Ok(b)) => b,
+        };
+        if max_records > 0 {
+            batch.truncate(usize::try_from(max_records - sent).unwrap_or(usize::MAX));
+        }
+        let bytes: usize = batch.iter().map(InRecord::size).sum();
+        caller
+            .tenant
+            .limiter
+            .charge_records(batch.len() as u64, bytes as u64)
+            .await;
+        sent += batch.len() as u64;
+        METRICS.record_result(&caller.tenant.id, "kafka", batch.len() as u64, bytes as u64);
+        // Offsets are committed only for what reached the client's stream.
+        let delivered = auto_commit.then(|| batch.clone());
+        let response = pb::ConsumeResponse {
+            records: batch.into_iter().map(in_record).collect(),
+        };
+        if tx.send(Ok(response)).await.is_err() {
+            return;
+        }
+        if let Some(delivered) = delivered {
+            if let Err(e) = records.commit(&delivered) {
+                let _ = tx.send(Err(Status::from(e))).await;
+                return;
+            }
+        }
+        if max_records > 0 && sent >= max_records {
+            return;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl StreamService for StreamApi {
+    async fn produce(
+        &self,
+        request: Request<pb::ProduceRequest>,
+    ) -> std::result::Result<Response<pb::ProduceResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let topics = topics_of(&caller, &r.source)?;
+        check_topic(topics.as_ref(), &r.topic)?;
+        let limit = caller.tenant.limits.max_record_bytes;
+        let records: Vec<OutRecord> = r.records.into_iter().map(out_record).collect();
+        let mut bytes = 0u64;
+        for (index, record) in records.iter().enumerate() {
+            let size = record.size();
+            if size as u64 > limit {
+                return Err(Error::RecordTooLarge { index, size, limit }.into());
+            }
+            bytes += size as u64;
+        }
+        caller.tenant.limiter.charge_records(records.len() as u64, bytes).await;
+        let acks = topics.produce(&r.topic, records).await?;
+        Ok(Response::new(pb::ProduceResponse {
+            acks: acks
+                .into_iter()
+                .map(|a| pb::RecordAck {
+                    partition: a.partition,
+                    offset: a.offset,
+                })
+                .collect(),
+        }))
+    }
+
+    type ConsumeStream = ReceiverStream<std::result::Result<pb::ConsumeResponse, Status>>;
+
+    async fn consume(
+        &self,
+        request: Request<pb::ConsumeRequest>,
+    ) -> std::result::Result<Response<Self::ConsumeStream>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let topics = topics_of(&caller, &r.source)?;
+        if r.topics.is_empty() {
+            return Err(bad("topics", "name at least one topic").into());
+        }
+        for t in &r.topics {
+            check_topic(topics.as_ref(), t)?;
+        }
+        let spec = ConsumeSpec {
+            topics: r.topics,
+            group: group_id(&caller, &r.group)?,
+            start: start(topics.as_ref(), r.start)?,
+        };
+        let auto_commit = match pb::CommitMode::try_from(r.commit_mode) {
+            Ok(pb::CommitMode::Unspecified) => true,
+            Ok(pb::CommitMode::Manual) => false,
+            Err(_) => return Err(bad("commit_mode", format!("unknown commit mode {}", r.commit_mode)).into()),
+        };
+        let permit = caller.tenant.limiter.admit_consumer()?;
+        let records = topics.consume(spec).await?;
+        let (tx, rx) = mpsc::channel(CONSUME_BUFFER);
+        let cut = self.cut.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _active = METRICS.stream_started(&caller.tenant.id);
+            deliver(caller, records, auto_commit, r.max_records, tx, cut).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn commit_offsets(
+        &self,
+        request: Request<pb::CommitOffsetsRequest>,
+    ) -> std::result::Result<Response<pb::CommitOffsetsResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let topics = topics_of(&caller, &r.source)?;
+        let group = group_id(&caller, &r.group)?;
+        if r.offsets.is_empty() {
+            return Err(bad("offsets", "name at least one partition offset").into());
+        }
+        let offsets = partition_offsets(topics.as_ref(), r.offsets)?;
+        topics.commit(&group, offsets).await?;
+        Ok(Response::new(pb::CommitOffsetsResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        request: Request<pb::ListTopicsRequest>,
+    ) -> std::result::Result<Response<pb::ListTopicsResponse>, Status> {
+        let caller = caller(&request)?;
+        let topics = topics_of(&caller, &request.get_ref().source)?;
+        let listed = topics.list_topics().await?;
+        Ok(Response::new(pb::ListTopicsResponse {
+            topics: listed
+                .into_iter()
+                .map(|t| pb::TopicInfo {
+                    name: t.name,
+                    partitions: t
+                        .partitions
+                        .into_iter()
+                        .map(|p| pb::PartitionInfo {
+                            partition: p.id,
+                            leader: p.leader,
+                            replicas: p.replicas,
+                            low_watermark: p.low,
+                            high_watermark: p.high,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    type WatchChangesStream = ReceiverStream<std::result::Result<pb::WatchChangesResponse, Status>>;
+
+    async fn watch_changes(
+        &self,
+        _request: Request<Streaming<pb::WatchChangesRequest>>,
+    ) -> std::result::Result<Response<Self::WatchChangesStream>, Status> {
+        Err(Error::NotImplemented("WatchChanges (database change streams)").into())
+    }
+
+    async fn delete_subscription(
+        &self,
+        _request: Request<pb::DeleteSubscriptionRequest>,
+    ) -> std::result::Result<Response<pb::DeleteSubscriptionResponse>, Status> {
+        Err(Error::NotImplemented("DeleteSubscription (database change streams)").into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_times_convert_both_ways() {
+        let t = prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 123_000_000,
+        };
+        let ms = timestamp_ms(&t);
+        assert_eq!(ms, 1_700_000_000_123);
+        let back = in_record(InRecord {
+            topic: "t".into(),
+            partition: 0,
+            offset: 1,
+            timestamp_ms: Some(ms),
+            key: None,
+            value: Some(b"v".to_vec()),
+            headers: vec![("h".into(), b"1".to_vec())],
+        });
+        assert_eq!(back.timestamp, Some(t));
+        assert!(back.key.is_empty());
+    }
+
+    #[test]
+    fn empty_keys_mean_no_key() {
+        let r = out_record(pb::ProducerRecord {
+            key: vec![],
+            value: b"x".to_vec(),
+            ..Default::default()
+        });
+        assert_eq!((r.key, r.value), (None, Some(b"x".to_vec())));
+    }
+}

@@ -1,0 +1,321 @@
+//! Kafka through the real gRPC server against a real Kafka-protocol broker
+//! (tansu, started by ./scripts/test): produce and consume back exactly what
+//! was sent, commits and resumes, start positions, per-tenant topic and
+//! group isolation, limits, and the wrong kind of source.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tonic::Code;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::WeirClient;
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn server(limits: &str) -> (TestServer, WeirClient) {
+    let config = tenant("ka", limits, &kafka("ka", "events", "weir-a-"))
+        + &tenant("kb", "", &kafka("kb", "events", "weir-b-"))
+        // Shares tenant a's topics, not its consumer groups.
+        + &tenant("kc", "", &kafka("kc", "events", "weir-a-"))
+        + &sqlite_demo("ka", "demo");
+    let server = TestServer::start(&config).await;
+    let client = server.client("key-ka").await;
+    (server, client)
+}
+
+fn record(i: usize) -> pb::ProducerRecord {
+    pb::ProducerRecord {
+        key: format!("k{}", i % 3).into_bytes(),
+        value: format!("value {i}").into_bytes(),
+        headers: vec![pb::RecordHeader {
+            key: "n".into(),
+            value: i.to_string().into_bytes(),
+        }],
+        ..Default::default()
+    }
+}
+
+async fn produce(
+    client: &WeirClient,
+    topic: &str,
+    records: Vec<pb::ProducerRecord>,
+) -> Result<pb::ProduceResponse, tonic::Status> {
+    let mut stream = client.stream();
+    stream
+        .produce(pb::ProduceRequest {
+            source: "events".into(),
+            topic: topic.into(),
+            records,
+            options: None,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn consume_request(topic: &str, group: &str, max: u64, manual: bool) -> pb::ConsumeRequest {
+    pb::ConsumeRequest {
+        source: "events".into(),
+        topics: vec![topic.into()],
+        group: group.into(),
+        start: Some(pb::StartPosition {
+            position: Some(pb::start_position::Position::Earliest(true)),
+        }),
+        commit_mode: if manual {
+            pb::CommitMode::Manual as i32
+        } else {
+            pb::CommitMode::Unspecified as i32
+        },
+        max_records: max,
+        options: None,
+    }
+}
+
+/// Every record of a Consume call (which must end by itself, through max_records).
+async fn consume(client: &WeirClient, request: pb::ConsumeRequest) -> Vec<pb::ConsumedRecord> {
+    let mut stream = client.stream().consume(request).await.expect("consume").into_inner();
+    let mut records = Vec::new();
+    let within = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(batch) = stream.message().await.expect("consume stream") {
+            records.extend(batch.records);
+        }
+    });
+    within.await.expect("the records arrive within a minute");
+    records
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produced_records_come_back_exactly() {
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-exact-");
+    create_topic(&topic, 1).await;
+    let sent: Vec<_> = (0..25).map(record).collect();
+    let mut acks = produce(&client, &topic, sent[..24].to_vec())
+        .await
+        .expect("produce")
+        .acks;
+    // A call of its own for the last record: tansu reports the high
+    // watermark as the last record batch's base offset + 1.
+    acks.extend(
+        produce(&client, &topic, sent[24..].to_vec())
+            .await
+            .expect("produce")
+            .acks,
+    );
+    assert_eq!(acks.len(), 25);
+    let offsets: Vec<i64> = acks.iter().map(|a| a.offset).collect();
+    assert_eq!(offsets, (0..25).collect::<Vec<i64>>(), "acks in request order");
+
+    let got = consume(&client, consume_request(&topic, "exact", 25, false)).await;
+    assert_eq!(got.len(), 25);
+    for (i, (g, s)) in got.iter().zip(&sent).enumerate() {
+        assert_eq!((g.offset, &g.key, &g.value), (i as i64, &s.key, &s.value));
+        assert_eq!(g.headers.len(), 1);
+        assert_eq!(
+            (g.headers[0].key.as_str(), &g.headers[0].value),
+            ("n", &s.headers[0].value)
+        );
+        assert_eq!(g.topic, topic);
+        assert!(g.timestamp.is_some());
+    }
+
+    let listed = client
+        .stream()
+        .list_topics(pb::ListTopicsRequest {
+            source: "events".into(),
+        })
+        .await
+        .expect("list topics")
+        .into_inner();
+    let mine = listed
+        .topics
+        .iter()
+        .find(|t| t.name == topic)
+        .expect("the topic is listed");
+    assert_eq!(mine.partitions.len(), 1);
+    assert_eq!(mine.partitions[0].high_watermark, 25, "{mine:?}");
+    assert!(
+        listed.topics.iter().all(|t| t.name.starts_with("weir-a-")),
+        "only the tenant's topics"
+    );
+
+    let ping = client.test_connection("events").await.expect("test connection");
+    assert!(ping.brokers >= 1, "{ping:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_resume_where_the_group_left_off() {
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-commit-");
+    create_topic(&topic, 1).await;
+    produce(&client, &topic, (0..30).map(record).collect())
+        .await
+        .expect("produce");
+
+    // Automatic commits: what was delivered is not delivered again.
+    let first = consume(&client, consume_request(&topic, "auto", 10, false)).await;
+    let second = consume(&client, consume_request(&topic, "auto", 10, false)).await;
+    assert_eq!(first.last().map(|r| r.offset), Some(9));
+    assert_eq!(
+        second.first().map(|r| r.offset),
+        Some(10),
+        "resumed after the delivered records"
+    );
+
+    // Manual commits: nothing is committed until CommitOffsets says so.
+    let seen = consume(&client, consume_request(&topic, "manual", 5, true)).await;
+    assert_eq!(seen.last().map(|r| r.offset), Some(4));
+    let again = consume(&client, consume_request(&topic, "manual", 5, true)).await;
+    assert_eq!(again.first().map(|r| r.offset), Some(0), "nothing was committed");
+    client
+        .stream()
+        .commit_offsets(pb::CommitOffsetsRequest {
+            source: "events".into(),
+            group: "manual".into(),
+            offsets: vec![pb::PartitionOffset {
+                topic: topic.clone(),
+                partition: 0,
+                offset: 5,
+            }],
+        })
+        .await
+        .expect("commit");
+    let resumed = consume(&client, consume_request(&topic, "manual", 25, true)).await;
+    let offsets: Vec<i64> = resumed.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, (5..30).collect::<Vec<i64>>(), "nothing lost, nothing repeated");
+
+    // Explicit offsets start exactly there.
+    let mut from = consume_request(&topic, "explicit", 3, true);
+    from.start = Some(pb::StartPosition {
+        position: Some(pb::start_position::Position::Offsets(pb::PartitionOffsets {
+            offsets: vec![pb::PartitionOffset {
+                topic: topic.clone(),
+                partition: 0,
+                offset: 20,
+            }],
+        })),
+    });
+    let explicit = consume(&client, from).await;
+    assert_eq!(explicit.iter().map(|r| r.offset).collect::<Vec<_>>(), [20, 21, 22]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_see_only_their_topics_and_groups() {
+    let (server, a) = server("").await;
+    let b = server.client("key-kb").await;
+    let theirs = unique("weir-b-private-");
+    create_topic(&theirs, 1).await;
+    produce(&b, &theirs, (0..3).map(record).collect())
+        .await
+        .expect("b produces");
+    // Tenant a cannot produce to, consume from or commit on b's topic: it does not exist for a.
+    let err = produce(&a, &theirs, vec![record(0)]).await.expect_err("not a's topic");
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(reason(&err), "TOPIC_NOT_FOUND");
+    let err = a
+        .stream()
+        .consume(consume_request(&theirs, "g", 1, false))
+        .await
+        .expect_err("not a's topic");
+    assert_eq!(err.code(), Code::NotFound);
+
+    // The same group name in two tenants is two groups: what tenant a's
+    // group committed does not move tenant c's.
+    let c = server.client("key-kc").await;
+    let shared = unique("weir-a-shared-");
+    create_topic(&shared, 1).await;
+    produce(&a, &shared, (0..4).map(record).collect())
+        .await
+        .expect("produce");
+    let first = consume(&a, consume_request(&shared, "same", 4, false)).await;
+    assert_eq!(first.len(), 4);
+    let other = consume(&c, consume_request(&shared, "same", 4, false)).await;
+    assert_eq!(
+        other.first().map(|r| r.offset),
+        Some(0),
+        "c's group starts from the beginning"
+    );
+    produce(&a, &shared, vec![record(4)]).await.expect("produce");
+    let resumed = consume(&a, consume_request(&shared, "same", 1, false)).await;
+    assert_eq!(resumed[0].offset, 4, "a's group resumed after its own commit");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_wrong_kinds_of_source_are_refused() {
+    let (server, client) = server("max_record_bytes = 100\nmax_concurrent_consumers = 1").await;
+    let topic = unique("weir-a-limits-");
+    create_topic(&topic, 1).await;
+    let big = pb::ProducerRecord {
+        value: vec![b'x'; 200],
+        ..Default::default()
+    };
+    let err = produce(&client, &topic, vec![record(0), big])
+        .await
+        .expect_err("too large");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(reason(&err), "RECORD_TOO_LARGE");
+    assert!(err.message().contains("record 1"), "{}", err.message());
+
+    let open = client
+        .stream()
+        .consume(consume_request(&topic, "one", 0, false))
+        .await
+        .expect("first consumer");
+    let err = client
+        .stream()
+        .consume(consume_request(&topic, "two", 0, false))
+        .await
+        .expect_err("second consumer");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&err), "CONSUMER_CONCURRENCY_LIMITED");
+    drop(open);
+
+    let err = client
+        .execute("events", "SELECT 1", vec![])
+        .await
+        .expect_err("SQL on Kafka");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let mut stream = client.stream();
+    let err = stream
+        .produce(pb::ProduceRequest {
+            source: "demo".into(),
+            topic: "t".into(),
+            records: vec![record(0)],
+            options: None,
+        })
+        .await
+        .expect_err("Kafka on SQL");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = stream
+        .consume(consume_request(&topic, "bad group!", 1, false))
+        .await
+        .expect_err("bad group name");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_unavailable() {
+    let config = tenant(
+        "kz",
+        "",
+        "[tenants.kz.sources.events]\nengine = \"kafka\"\nbootstrap_servers = \"127.0.0.1:1\"\ntopics = [\"t\"]\n\
+         [tenants.kz.sources.events.kafka_options]\n\"message.timeout.ms\" = \"1500\"\n",
+    );
+    let server = TestServer::start(&config).await;
+    let client = server.client("key-kz").await;
+    let err = produce(&client, "t", vec![record(0)]).await.expect_err("no broker");
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        !err.message().contains("127.0.0.1"),
+        "no addresses in errors: {}",
+        err.message()
+    );
+    server.stop().await;
+}

@@ -157,8 +157,9 @@ async fn commits_resume_where_the_group_left_off() {
         .expect("produce");
 
     // Automatic commits: what was delivered is not delivered again.
-    let first = consume(&client, consume_request(&topic, "auto", 10, false)).await;
-    let second = consume(&client, consume_request(&topic, "auto", 10, false)).await;
+    let (auto, manual) = (unique("auto-"), unique("manual-"));
+    let first = consume(&client, consume_request(&topic, &auto, 10, false)).await;
+    let second = consume(&client, consume_request(&topic, &auto, 10, false)).await;
     assert_eq!(first.last().map(|r| r.offset), Some(9));
     assert_eq!(
         second.first().map(|r| r.offset),
@@ -167,15 +168,15 @@ async fn commits_resume_where_the_group_left_off() {
     );
 
     // Manual commits: nothing is committed until CommitOffsets says so.
-    let seen = consume(&client, consume_request(&topic, "manual", 5, true)).await;
+    let seen = consume(&client, consume_request(&topic, &manual, 5, true)).await;
     assert_eq!(seen.last().map(|r| r.offset), Some(4));
-    let again = consume(&client, consume_request(&topic, "manual", 5, true)).await;
+    let again = consume(&client, consume_request(&topic, &manual, 5, true)).await;
     assert_eq!(again.first().map(|r| r.offset), Some(0), "nothing was committed");
     client
         .stream()
         .commit_offsets(pb::CommitOffsetsRequest {
             source: "events".into(),
-            group: "manual".into(),
+            group: manual.clone(),
             offsets: vec![pb::PartitionOffset {
                 topic: topic.clone(),
                 partition: 0,
@@ -184,7 +185,7 @@ async fn commits_resume_where_the_group_left_off() {
         })
         .await
         .expect("commit");
-    let resumed = consume(&client, consume_request(&topic, "manual", 25, true)).await;
+    let resumed = consume(&client, consume_request(&topic, &manual, 25, true)).await;
     let offsets: Vec<i64> = resumed.iter().map(|r| r.offset).collect();
     assert_eq!(offsets, (5..30).collect::<Vec<i64>>(), "nothing lost, nothing repeated");
 
@@ -232,16 +233,17 @@ async fn tenants_see_only_their_topics_and_groups() {
     produce(&a, &shared, (0..4).map(record).collect())
         .await
         .expect("produce");
-    let first = consume(&a, consume_request(&shared, "same", 4, false)).await;
+    let same = unique("same-");
+    let first = consume(&a, consume_request(&shared, &same, 4, false)).await;
     assert_eq!(first.len(), 4);
-    let other = consume(&c, consume_request(&shared, "same", 4, false)).await;
+    let other = consume(&c, consume_request(&shared, &same, 4, false)).await;
     assert_eq!(
         other.first().map(|r| r.offset),
         Some(0),
         "c's group starts from the beginning"
     );
     produce(&a, &shared, vec![record(4)]).await.expect("produce");
-    let resumed = consume(&a, consume_request(&shared, "same", 1, false)).await;
+    let resumed = consume(&a, consume_request(&shared, &same, 1, false)).await;
     assert_eq!(resumed[0].offset, 4, "a's group resumed after its own commit");
     server.stop().await;
 }
@@ -317,5 +319,136 @@ async fn an_unreachable_broker_is_unavailable() {
         "no addresses in errors: {}",
         err.message()
     );
+    server.stop().await;
+}
+
+/// A server whose Kafka source is librdkafka's in-process mock cluster.
+async fn mock_server(
+    cluster: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    topic: &str,
+) -> (TestServer, WeirClient) {
+    let config = tenant(
+        "km",
+        "",
+        &format!(
+            "[tenants.km.sources.events]\nengine = \"kafka\"\nbootstrap_servers = \"{}\"\ntopics = [\"{topic}\"]\n\
+             [tenants.km.sources.events.kafka_options]\n\"session.timeout.ms\" = \"6000\"\n\"message.timeout.ms\" = \"30000\"\n",
+            cluster.bootstrap_servers()
+        ),
+    );
+    let server = TestServer::start(&config).await;
+    let client = server.client("key-km").await;
+    (server, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_shares_partitions_between_its_consumers() {
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-shared-group-");
+    create_topic(&topic, 2).await;
+    // A group of its own per run: a broker kept running between runs still knows the old members.
+    let group = unique("sharing-");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let mut streams = Vec::new();
+    for consumer in 0..2 {
+        let mut stream = client
+            .stream()
+            .consume(consume_request(&topic, &group, 0, false))
+            .await
+            .expect("consume")
+            .into_inner();
+        let tx = tx.clone();
+        streams.push(tokio::spawn(async move {
+            while let Ok(Some(batch)) = stream.message().await {
+                for r in batch.records {
+                    let _ = tx.send((consumer, r.partition, r.offset)).await;
+                }
+            }
+        }));
+    }
+    // Both members join and the group settles before anything is produced.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let records: Vec<_> = (0..20)
+        .map(|i| pb::ProducerRecord {
+            partition: Some((i % 2) as i32),
+            ..record(i)
+        })
+        .collect();
+    produce(&client, &topic, records).await.expect("produce");
+    let mut seen = Vec::new();
+    while seen.len() < 20 {
+        let got = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
+        let Ok(Some(next)) = got else {
+            panic!("only {} of 20 records arrived: {seen:?}", seen.len());
+        };
+        seen.push(next);
+    }
+    for s in &streams {
+        s.abort();
+    }
+    let mut delivered: Vec<(i32, i64)> = seen.iter().map(|(_, p, o)| (*p, *o)).collect();
+    delivered.sort();
+    let expected: Vec<(i32, i64)> = (0..2).flat_map(|p| (0..10).map(move |o| (p, o))).collect();
+    assert_eq!(delivered, expected, "every record once");
+    for consumer in 0..2 {
+        let partitions: std::collections::BTreeSet<i32> = seen
+            .iter()
+            .filter(|(c, _, _)| *c == consumer)
+            .map(|(_, p, _)| *p)
+            .collect();
+        assert_eq!(partitions.len(), 1, "consumer {consumer} owns one partition: {seen:?}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_rides_out_a_broker_restart() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("outage", 1, 1).expect("topic");
+    let (server, client) = mock_server(&cluster, "outage").await;
+    produce(&client, "outage", (0..5).map(record).collect())
+        .await
+        .expect("produce");
+    let mut stream = client
+        .stream()
+        .consume(consume_request("outage", "riders", 10, false))
+        .await
+        .expect("consume")
+        .into_inner();
+    let mut offsets = Vec::new();
+    while offsets.len() < 5 {
+        let batch = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("records before the outage")
+            .expect("stream")
+            .expect("open");
+        offsets.extend(batch.records.iter().map(|r| r.offset));
+    }
+    cluster.broker_down(1).expect("broker down");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.broker_up(1).expect("broker up");
+    produce(&client, "outage", (5..10).map(record).collect())
+        .await
+        .expect("produce after the outage");
+    while offsets.len() < 10 {
+        match tokio::time::timeout(Duration::from_secs(30), stream.message()).await {
+            Ok(Ok(Some(batch))) => offsets.extend(batch.records.iter().map(|r| r.offset)),
+            // Ending with UNAVAILABLE is also acceptable, but then nothing may be lost on resume.
+            Ok(Err(status)) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                break;
+            }
+            other => panic!("the stream neither resumed nor ended cleanly: {other:?}"),
+        }
+    }
+    if offsets.len() < 10 {
+        let rest = consume(
+            &client,
+            consume_request("outage", "riders", (10 - offsets.len()) as u64, false),
+        )
+        .await;
+        offsets.extend(rest.iter().map(|r| r.offset));
+    }
+    assert_eq!(offsets, (0..10).collect::<Vec<i64>>(), "nothing lost, nothing repeated");
     server.stop().await;
 }

@@ -103,6 +103,44 @@ enum Command {
         #[arg(long)]
         skip_bad_rows: bool,
     },
+    /// Produce records to a Kafka topic: the VALUES given, else the lines of
+    /// --file, else the lines of standard input.
+    Produce {
+        /// Name of the Kafka source.
+        source: String,
+        topic: String,
+        values: Vec<String>,
+        /// Read one record per line from this file.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+        /// Key of every record (--key is the API key).
+        #[arg(long)]
+        record_key: Option<String>,
+    },
+    /// Consume records from a Kafka topic and print them as they arrive.
+    Consume {
+        /// Name of the Kafka source.
+        source: String,
+        topic: String,
+        /// Consumer group (namespaced for your tenant).
+        #[arg(long)]
+        group: String,
+        /// Where a group without committed offsets starts: earliest, latest,
+        /// or an RFC 3339 time (the first record at or after it).
+        #[arg(long, default_value = "earliest")]
+        from: String,
+        /// Stop after this many records (default: run until interrupted).
+        #[arg(long)]
+        max: Option<u64>,
+        /// Do not commit offsets (commit with CommitOffsets instead).
+        #[arg(long)]
+        manual: bool,
+    },
+    /// List a Kafka source's topics with partitions and watermarks.
+    Topics {
+        /// Name of the Kafka source.
+        source: String,
+    },
     /// Test the connection to a source and measure a round trip.
     Ping {
         /// Name of the source.
@@ -213,6 +251,37 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print_description(cli.format, &info, &description, &mut out)
         }
         Command::Ping { source } => ping(&client, cli.format, &source, &mut out).await,
+        Command::Produce {
+            source,
+            topic,
+            values,
+            file,
+            record_key,
+        } => produce(&client, cli.format, &source, &topic, values, file, record_key, &mut out).await,
+        Command::Consume {
+            source,
+            topic,
+            group,
+            from,
+            max,
+            manual,
+        } => {
+            let request = weir_client::weir_proto::v1::ConsumeRequest {
+                source,
+                topics: vec![topic],
+                group,
+                start: Some(start_position(&from)?),
+                commit_mode: if manual {
+                    weir_client::weir_proto::v1::CommitMode::Manual as i32
+                } else {
+                    weir_client::weir_proto::v1::CommitMode::Unspecified as i32
+                },
+                max_records: max.unwrap_or(0),
+                options: None,
+            };
+            consume(&client, cli.format, request, &mut out).await
+        }
+        Command::Topics { source } => topics(&client, cli.format, &source, &mut out).await,
         Command::Load {
             source,
             table,
@@ -261,6 +330,163 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             .await
         }
     }
+}
+
+/// Records per Produce call when reading lines.
+const PRODUCE_BATCH: usize = 1000;
+
+#[allow(clippy::too_many_arguments)]
+async fn produce(
+    client: &WeirClient,
+    format: Format,
+    source: &str,
+    topic: &str,
+    values: Vec<String>,
+    file: Option<std::path::PathBuf>,
+    key: Option<String>,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    use std::io::BufRead;
+    use weir_client::weir_proto::v1::{ProduceRequest, ProducerRecord};
+    let lines: Box<dyn Iterator<Item = io::Result<String>>> = if !values.is_empty() {
+        Box::new(values.into_iter().map(Ok))
+    } else if let Some(path) = &file {
+        Box::new(io::BufReader::new(open_input(path)?).lines())
+    } else {
+        Box::new(io::stdin().lock().lines())
+    };
+    let key = key.map(String::into_bytes).unwrap_or_default();
+    let (mut produced, mut last) = (0u64, None);
+    let mut batch = Vec::with_capacity(PRODUCE_BATCH);
+    let mut lines = lines.peekable();
+    while lines.peek().is_some() {
+        batch.clear();
+        for line in lines.by_ref().take(PRODUCE_BATCH) {
+            let line = line.map_err(|e| Failure::Input(format!("cannot read the records: {e}")))?;
+            batch.push(ProducerRecord {
+                key: key.clone(),
+                value: line.into_bytes(),
+                ..Default::default()
+            });
+        }
+        let request = ProduceRequest {
+            source: source.to_string(),
+            topic: topic.to_string(),
+            records: std::mem::take(&mut batch),
+            options: None,
+        };
+        let acks = client.stream().produce(request).await?.into_inner().acks;
+        produced += acks.len() as u64;
+        last = acks.last().copied().or(last);
+    }
+    if format == Format::Json {
+        let last = last.map(|a| json!({"partition": a.partition, "offset": a.offset}));
+        writeln!(out, "{}", json!({"produced": produced, "last": last}))?;
+    } else {
+        let at = last.map_or(String::new(), |a| {
+            format!(", last at partition {} offset {}", a.partition, a.offset)
+        });
+        writeln!(out, "produced {produced} {} to {topic}{at}", plural(produced, "record"))?;
+    }
+    Ok(out.flush()?)
+}
+
+fn start_position(from: &str) -> Result<weir_client::weir_proto::v1::StartPosition, Failure> {
+    use weir_client::weir_proto::v1::start_position::Position;
+    let position = match from {
+        "earliest" => Position::Earliest(true),
+        "latest" => Position::Latest(true),
+        time => {
+            let t = chrono::DateTime::parse_from_rfc3339(time).map_err(|_| {
+                Failure::Input(format!(
+                    "--from takes earliest, latest or an RFC 3339 time, not '{time}'"
+                ))
+            })?;
+            Position::Timestamp(prost_types::Timestamp {
+                seconds: t.timestamp(),
+                nanos: t.timestamp_subsec_nanos() as i32,
+            })
+        }
+    };
+    Ok(weir_client::weir_proto::v1::StartPosition {
+        position: Some(position),
+    })
+}
+
+/// Text when it is UTF-8, else hex.
+fn bytes_text(b: &[u8]) -> String {
+    std::str::from_utf8(b).map_or_else(|_| format!("\\x{}", hex::encode(b)), str::to_string)
+}
+
+async fn consume(
+    client: &WeirClient,
+    format: Format,
+    request: weir_client::weir_proto::v1::ConsumeRequest,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    let mut stream = client.stream().consume(request).await?.into_inner();
+    while let Some(batch) = stream.message().await? {
+        for r in batch.records {
+            if format == Format::Json {
+                let headers: serde_json::Map<String, serde_json::Value> = r
+                    .headers
+                    .iter()
+                    .map(|h| (h.key.clone(), json!(bytes_text(&h.value))))
+                    .collect();
+                let line = json!({
+                    "topic": r.topic,
+                    "partition": r.partition,
+                    "offset": r.offset,
+                    "timestamp_ms": r.timestamp.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000),
+                    "key": bytes_text(&r.key),
+                    "value": bytes_text(&r.value),
+                    "headers": headers,
+                });
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(
+                    out,
+                    "{}/{}@{}\t{}\t{}",
+                    r.topic,
+                    r.partition,
+                    r.offset,
+                    bytes_text(&r.key),
+                    bytes_text(&r.value)
+                )?;
+            }
+        }
+        // Records show up as they arrive, not when a buffer fills.
+        out.flush()?;
+    }
+    Ok(())
+}
+
+async fn topics(client: &WeirClient, format: Format, source: &str, out: &mut impl Write) -> Result<(), Failure> {
+    let listed = client
+        .stream()
+        .list_topics(weir_client::weir_proto::v1::ListTopicsRequest {
+            source: source.to_string(),
+        })
+        .await?
+        .into_inner();
+    let columns = [
+        column("topic", ColumnType::String),
+        column("partitions", ColumnType::Int),
+        column("records", ColumnType::Int),
+    ];
+    let rows: Vec<Row> = listed
+        .topics
+        .iter()
+        .map(|t| {
+            let records: i64 = t.partitions.iter().map(|p| p.high_watermark - p.low_watermark).sum();
+            row([
+                Value::from(t.name.as_str()),
+                Value::from(t.partitions.len() as i64),
+                Value::from(records),
+            ])
+        })
+        .collect();
+    print_rows(format, &columns, &rows, out)
 }
 
 fn open_input(file: &std::path::Path) -> Result<Box<dyn io::Read + Send>, Failure> {

@@ -348,6 +348,9 @@ pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::
     if args.wants("load") {
         load(&args, &client, rows, &mut figures).await?;
     }
+    if args.wants("kafka") {
+        crate::kafka::figures(&args, &client, &mut figures).await?;
+    }
     if args.wants("memory") {
         memory(&args, weir, &client, &mut figures).await?;
     }

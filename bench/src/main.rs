@@ -4,6 +4,7 @@
 //! one run, no conclusions.
 
 mod figures;
+mod kafka;
 mod load;
 mod server;
 
@@ -27,7 +28,7 @@ pub struct Args {
     /// Seconds per point-lookup run.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
-    /// Only these groups of figures (comma-separated): lookups, stream, load, memory. Default: all.
+    /// Only these groups of figures (comma-separated): lookups, stream, load, kafka, memory. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Also write the results as Markdown to this file.
@@ -56,6 +57,8 @@ pub struct Args {
     pub mysql_password: String,
     #[arg(long, env = "WEIR_TEST_MYSQL_DATABASE", default_value = "test")]
     pub mysql_database: String,
+    #[arg(long, env = "WEIR_TEST_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    pub kafka_bootstrap: String,
 }
 
 impl Args {

@@ -51,6 +51,8 @@ requests_per_second = 10000000
 burst = 10000000
 max_concurrent_requests = 10000
 statement_timeout = "10m"
+stream_records_per_second = 100000000
+stream_bytes_per_second = 2000000000
 
 [tenants.bench.sources.pg]
 engine = "postgres"
@@ -74,7 +76,13 @@ password_env = "WEIR_BENCH_MYSQL_PASSWORD"
 [tenants.bench.sources.lite]
 engine = "sqlite"
 path = "{sqlite}"
+
+[tenants.bench.sources.kafka]
+engine = "kafka"
+bootstrap_servers = "{kafka}"
+topic_prefix = "weir-bench-"
 "#,
+            kafka = args.kafka_bootstrap,
             host = args.pg_host,
             pg_port = args.pg_port,
             user = args.pg_user,

@@ -14,8 +14,8 @@
 ARG RUST_VERSION=1
 
 FROM rust:${RUST_VERSION}-bookworm AS builder
-# gcc and make build the bundled SQLite (and any other bundled C library);
-# pkg-config, OpenSSL and zlib headers are for C dependencies that look for them.
+# gcc and make build the bundled SQLite and librdkafka; librdkafka links
+# OpenSSL (for Kafka TLS and SASL) and zlib.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc make pkg-config libssl-dev zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -32,11 +32,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM debian:bookworm-slim
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="weir" \
-      org.opencontainers.image.description="Weir: a multi-tenant gRPC gateway to databases" \
+      org.opencontainers.image.description="Weir: a multi-tenant gRPC gateway to databases and Kafka" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 65532 weir \
  && useradd --system --uid 65532 --gid 65532 --home-dir /nonexistent --no-create-home \

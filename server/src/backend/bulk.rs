@@ -116,6 +116,11 @@ impl LoadOutcome {
     }
 }
 
+/// Whether a load's transaction ends in COMMIT: it ran, and was not a replay.
+pub fn commits(result: &Result<LoadOutcome, BackendError>) -> bool {
+    matches!(result, Ok(outcome) if !outcome.replayed)
+}
+
 /// Rows of a load in arrival order, with the index of the first row.
 pub struct Batch {
     pub first_row: u64,

@@ -343,7 +343,7 @@ impl BulkApi {
             Err(_) => return Err(Error::Backend(BackendError::LoadAbandoned)),
         };
         let source: Arc<Source> = source(&caller, &header.source)?;
-        let _slot = caller.tenant.limiter.admit_load()?;
+        let slot = caller.tenant.limiter.admit_load()?;
         let table = tokio::time::timeout(
             caller.tenant.limits.statement_timeout,
             source
@@ -373,7 +373,11 @@ impl BulkApi {
         // The engine side runs on its own task: if this call is dropped (client
         // gone, deadline), the feed closes and that task rolls back cleanly.
         let backend = source.backend.sql()?.clone();
-        let engine = tokio::spawn(async move { backend.load(spec, feed).await });
+        // The load's slot is held until its rollback or commit is over, even if this call is gone.
+        let engine = tokio::spawn(async move {
+            let _slot = slot;
+            backend.load(spec, feed).await
+        });
         let mut skipped = Skipped::default();
         let fed = feed_rows(
             &mut stream,

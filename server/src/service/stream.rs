@@ -140,6 +140,7 @@ type ConsumeSender = mpsc::Sender<std::result::Result<pb::ConsumeResponse, Statu
 /// away, `max_records` are sent, or the server shuts down.
 async fn deliver(
     caller: Caller,
+    source: String,
     mut records: Box<dyn crate::backend::topics::RecordStream>,
     auto_commit: bool,
     max_records: u64,
@@ -174,7 +175,7 @@ async fn deliver(
             .charge_records(batch.len() as u64, bytes as u64)
             .await;
         sent += batch.len() as u64;
-        METRICS.record_result(&caller.tenant.id, "kafka", batch.len() as u64, bytes as u64);
+        METRICS.record_result(&caller.tenant.id, &source, batch.len() as u64, bytes as u64);
         // Offsets are committed only for what reached the client's stream.
         let delivered = auto_commit.then(|| batch.clone());
         let response = pb::ConsumeResponse {
@@ -260,7 +261,7 @@ impl StreamService for StreamApi {
         tokio::spawn(async move {
             let _permit = permit;
             let _active = METRICS.stream_started(&caller.tenant.id);
-            deliver(caller, records, auto_commit, r.max_records, tx, cut).await;
+            deliver(caller, r.source, records, auto_commit, r.max_records, tx, cut).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -273,9 +273,10 @@ pub async fn load(conn: &mut MssqlConn, spec: LoadSpec, mut feed: RowFeed) -> Re
     conn.in_transaction = true;
     conn.batch("BEGIN TRANSACTION").await?;
     let result = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref()).await;
-    let end = match &result {
-        Ok(outcome) if !outcome.replayed => "COMMIT",
-        _ => "IF @@TRANCOUNT > 0 ROLLBACK",
+    let end = if bulk::commits(&result) {
+        "COMMIT"
+    } else {
+        "IF @@TRANCOUNT > 0 ROLLBACK"
     };
     // A connection left mid-request (`broken`) is closed by the pool, which rolls back on the server.
     if !conn.broken {

@@ -243,10 +243,7 @@ pub async fn load(conn: &mut PgConn, spec: LoadSpec, mut feed: RowFeed) -> Resul
     conn.needs_reset = true;
     conn.client.batch_execute("BEGIN").await.map_err(map_error)?;
     let result = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref()).await;
-    let end = match &result {
-        Ok(outcome) if !outcome.replayed => "COMMIT",
-        _ => "ROLLBACK",
-    };
+    let end = if bulk::commits(&result) { "COMMIT" } else { "ROLLBACK" };
     match conn.client.batch_execute(end).await {
         Ok(()) => conn.in_transaction = false,
         // A failed COMMIT loaded nothing: report it rather than the outcome.

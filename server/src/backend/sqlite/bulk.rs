@@ -177,10 +177,7 @@ pub fn load(conn: &Connection, spec: &LoadSpec, mut feed: RowFeed) -> Result<Loa
     let receipts = spec.receipt.as_ref().map(|r| ReceiptSql::new(&r.table, &DIALECT));
     conn.execute_batch("BEGIN IMMEDIATE").map_err(map_error)?;
     let result = load_in_transaction(conn, spec, &mut feed, receipts.as_ref());
-    let end = match &result {
-        Ok(outcome) if !outcome.replayed => "COMMIT",
-        _ => "ROLLBACK",
-    };
+    let end = if bulk::commits(&result) { "COMMIT" } else { "ROLLBACK" };
     match conn.execute_batch(end) {
         Ok(()) => result,
         Err(e) if result.is_ok() => Err(map_error(e)),

@@ -107,3 +107,19 @@ ensure_kafka() {
   for _ in $(seq 1 50); do kafka_ready && break; sleep 0.2; done
   kafka_ready || { echo "error: tansu did not start (see ${TMPDIR:-/tmp}/weir-tansu.log)"; exit 1; }
 }
+
+redis_ready() {
+  redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG
+}
+
+# Redis for the global-limit tests: started when not running, installed first when missing.
+ensure_redis() {
+  if [ -n "${WEIR_TEST_REDIS_URL:-}" ]; then
+    return 0 # an external Redis was named: use it as it is
+  fi
+  redis_ready && return 0
+  command -v redis-server >/dev/null || { echo "installing Redis..."; apt_install redis-server; }
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+  for _ in $(seq 1 50); do redis_ready && break; sleep 0.1; done
+  redis_ready || { echo "error: Redis did not start"; exit 1; }
+}

@@ -46,6 +46,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub telemetry: TelemetryConfig,
     pub bulk: BulkConfig,
+    pub limits: GlobalLimitsConfig,
     /// Tenants by id.
     pub tenants: BTreeMap<String, TenantConfig>,
 }
@@ -102,6 +103,40 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<String>,
     /// service.name of exported spans; OTEL_SERVICE_NAME or "weir" when unset.
     pub service_name: Option<String>,
+}
+
+/// What a global-limit check does when Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisFailure {
+    /// Admit on the local (per-replica) limits alone, counting the failure in metrics.
+    #[default]
+    FailOpen,
+    /// Refuse the call with UNAVAILABLE.
+    FailClosed,
+}
+
+/// Limits shared by every replica.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GlobalLimitsConfig {
+    /// Redis holding every tenant's request-rate bucket ("redis://host:6379/0").
+    /// Unset: every limit counts per replica.
+    pub redis_url: Option<String>,
+    /// Longest a check may wait for Redis before `on_redis_failure` applies.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    pub on_redis_failure: RedisFailure,
+}
+
+impl Default for GlobalLimitsConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            redis_timeout: Duration::from_millis(50),
+            on_redis_failure: RedisFailure::FailOpen,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -318,6 +353,14 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.server.max_request_bytes < 1024 {
             return Err(invalid("server.max_request_bytes", "must be at least 1024"));
+        }
+        if let Some(url) = &self.limits.redis_url {
+            if redis::Client::open(url.as_str()).is_err() {
+                return Err(invalid("limits.redis_url", "not a Redis URL (redis://host:port/db)"));
+            }
+        }
+        if self.limits.redis_timeout.is_zero() {
+            return Err(invalid("limits.redis_timeout", "must be greater than 0"));
         }
         let table = &self.bulk.load_id_table;
         let plain = table.len() <= 63

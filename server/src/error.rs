@@ -50,6 +50,8 @@ pub enum Error {
     TopicNotFound(String),
     #[error("{0} is not available on this server yet")]
     NotImplemented(&'static str),
+    #[error("the shared rate limits cannot be checked (Redis is unreachable); retry shortly")]
+    GlobalLimitsUnavailable,
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -146,6 +148,11 @@ impl From<Error> for Status {
             ),
             Error::TopicNotFound(_) => (Code::NotFound, info("TOPIC_NOT_FOUND", vec![])),
             Error::NotImplemented(_) => (Code::Unimplemented, info("NOT_IMPLEMENTED", vec![])),
+            Error::GlobalLimitsUnavailable => {
+                let mut d = info("GLOBAL_LIMITS_UNAVAILABLE", vec![]);
+                d.set_retry_info(Some(Duration::from_secs(1)));
+                (Code::Unavailable, d)
+            }
             Error::LoadTimeout(limit) => (
                 Code::DeadlineExceeded,
                 info("LOAD_TIMEOUT", vec![("limit_ms", limit.as_millis().to_string())]),

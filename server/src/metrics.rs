@@ -65,6 +65,8 @@ pub struct Metrics {
     pub active_streams: Family<TenantLabels, Gauge>,
     pub pool_connections: Family<PoolLabels, Gauge>,
     pub source_up: Family<SourceLabels, Gauge>,
+    /// Global-limit checks that could not reach Redis.
+    pub global_limit_failures: Counter,
 }
 
 fn call_histogram() -> Histogram {
@@ -83,6 +85,12 @@ impl Metrics {
         let active_streams = Family::<TenantLabels, Gauge>::default();
         let pool_connections = Family::<PoolLabels, Gauge>::default();
         let source_up = Family::<SourceLabels, Gauge>::default();
+        let global_limit_failures = Counter::default();
+        registry.register(
+            "global_limit_failures",
+            "Global-limit checks that could not reach Redis (admitted with fail_open, refused with fail_closed)",
+            global_limit_failures.clone(),
+        );
         registry.register("calls", "gRPC calls by tenant, method and status code", calls.clone());
         registry.register(
             "call_duration_seconds",
@@ -117,6 +125,7 @@ impl Metrics {
             active_streams,
             pool_connections,
             source_up,
+            global_limit_failures,
         }
     }
 

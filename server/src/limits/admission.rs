@@ -3,6 +3,7 @@
 //! a stream counts for as long as it runs.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
@@ -11,23 +12,57 @@ use tokio::sync::OwnedSemaphorePermit;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
+use super::global::GlobalLimiter;
 use crate::error::Error;
 use crate::metrics::{LimitLabels, METRICS};
 use crate::tenant::Caller;
 
 #[derive(Clone, Default)]
-pub struct AdmissionLayer;
+pub struct AdmissionLayer {
+    /// The tenant buckets shared by all replicas, when Redis is configured.
+    global: Option<Arc<GlobalLimiter>>,
+}
+
+impl AdmissionLayer {
+    pub fn new(global: Option<Arc<GlobalLimiter>>) -> Self {
+        Self { global }
+    }
+}
 
 impl<S> Layer<S> for AdmissionLayer {
     type Service = Admission<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Admission { inner }
+        Admission {
+            inner,
+            global: self.global.clone(),
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct Admission<S> {
     inner: S,
+    global: Option<Arc<GlobalLimiter>>,
+}
+
+/// Counts a rejection and answers it.
+fn reject(caller: Option<&Caller>, e: Error) -> http::Response<Body> {
+    tracing::info!(error = %e, "call rejected by tenant limits");
+    if let Some(caller) = caller {
+        let limit = match e {
+            Error::RateLimited { .. } => "rate",
+            Error::GlobalLimitsUnavailable => "global_unavailable",
+            _ => "concurrency",
+        };
+        METRICS
+            .rejections
+            .get_or_create(&LimitLabels {
+                tenant: caller.tenant.id.clone(),
+                limit,
+            })
+            .inc();
+    }
+    tonic::Status::from(e).into_http()
 }
 
 impl<S> Service<http::Request<Body>> for Admission<S>
@@ -50,27 +85,27 @@ where
             None => None,
             Some(Ok(permit)) => Some(permit),
             Some(Err(e)) => {
-                tracing::info!(error = %e, "call rejected by tenant limits");
-                if let Some(caller) = req.extensions().get::<Caller>() {
-                    let limit = match e {
-                        Error::RateLimited { .. } => "rate",
-                        _ => "concurrency",
-                    };
-                    METRICS
-                        .rejections
-                        .get_or_create(&LimitLabels {
-                            tenant: caller.tenant.id.clone(),
-                            limit,
-                        })
-                        .inc();
-                }
-                let response = tonic::Status::from(e).into_http();
+                let response = reject(req.extensions().get::<Caller>(), e);
                 return Box::pin(async move { Ok(response) });
             }
+        };
+        // Admitted locally; the shared bucket is asked next, when there is one.
+        let global = match (&self.global, req.extensions().get::<Caller>()) {
+            (Some(g), Some(caller)) => Some((g.clone(), caller.clone())),
+            _ => None,
         };
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
+            if let Some((global, caller)) = global {
+                let limits = &caller.tenant.limits;
+                if let Err(e) = global
+                    .admit(&caller.tenant.id, limits.requests_per_second, limits.burst)
+                    .await
+                {
+                    return Ok(reject(Some(&caller), e));
+                }
+            }
             let response = inner.call(req).await?;
             Ok(match permit {
                 Some(permit) => response.map(|body| {

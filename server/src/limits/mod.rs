@@ -3,6 +3,7 @@
 //! delay after which a retry can succeed, never an unbounded queue.
 
 pub mod admission;
+pub mod global;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;

@@ -317,3 +317,8 @@ pub async fn create_topic(name: &str, partitions: i32) {
         r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e:?}"));
     }
 }
+
+/// The Redis for tests (WEIR_TEST_REDIS_URL, default redis://127.0.0.1:6379/0).
+pub fn redis_url() -> String {
+    env_or("WEIR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+}

@@ -91,3 +91,58 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
     assert!(!err.message().contains("127.0.0.1"), "{}", err.message());
     closed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_admit_the_configured_rate_under_overload() {
+    let id = tenant_id();
+    let (rate, burst) = (40u32, 40u32);
+    let limits = format!("requests_per_second = {rate}\nburst = {burst}\nmax_concurrent_requests = 1000");
+    let redis = format!("redis_url = \"{}\"", redis_url());
+    let (a, b) = (
+        TestServer::start(&config(&id, &limits, &redis)).await,
+        TestServer::start(&config(&id, &limits, &redis)).await,
+    );
+    let key = format!("key-{id}");
+    let clients = [a.client(&key).await, b.client(&key).await];
+    let window = std::time::Duration::from_secs(10);
+    let started = tokio::time::Instant::now();
+    let mut callers = Vec::new();
+    // Eight callers, four per replica, each as fast as it can: far above the rate.
+    for i in 0..8 {
+        let client = clients[i % 2].clone();
+        callers.push(tokio::spawn(async move {
+            let (mut ok, mut refused) = (0u64, 0u64);
+            while started.elapsed() < window {
+                match client.execute("demo", "SELECT 1", vec![]).await {
+                    Ok(_) => ok += 1,
+                    Err(s) if s.code() == Code::ResourceExhausted => refused += 1,
+                    Err(s) => panic!("unexpected {s:?}"),
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    let (mut ok, mut refused) = (0u64, 0u64);
+    for c in callers {
+        let (o, r) = c.await.expect("caller");
+        ok += o;
+        refused += r;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let expected = f64::from(burst) + f64::from(rate) * elapsed;
+    let deviation = (ok as f64 - expected) / expected;
+    println!(
+        "admitted {ok} (expected {expected:.0}, {:+.1} %), refused {refused}",
+        deviation * 100.0
+    );
+    assert!(
+        refused as f64 >= 5.0 * ok as f64,
+        "the test must overload: {ok} admitted, {refused} refused"
+    );
+    assert!(
+        deviation.abs() <= 0.05,
+        "admitted {ok}, expected {expected:.0} within 5 %"
+    );
+    a.stop().await;
+    b.stop().await;
+}

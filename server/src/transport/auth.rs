@@ -128,7 +128,7 @@ where
                 }
                 None => {
                     let _enter = span.enter();
-                    tracing::info!("call rejected: missing or unknown API key");
+                    tracing::info!(target: AUDIT, method = %method, code = ?tonic::Code::Unauthenticated, duration_ms = 0.0, "call");
                     METRICS.record_call(
                         "",
                         method_label(&method),
@@ -167,6 +167,9 @@ where
         )
     }
 }
+
+/// The tracing target of the audit log.
+pub const AUDIT: &str = "weir::audit";
 
 /// A response body that records the call's outcome (from the trailers, or
 /// CANCELLED if the client left first) and duration when it is dropped.
@@ -212,6 +215,9 @@ impl Drop for ObservedBody {
         METRICS.record_call(&self.tenant, self.method, code, elapsed);
         self.span.record("code", format!("{code:?}"));
         let _enter = self.span.enter();
-        tracing::debug!(code = ?code, elapsed_ms = elapsed.as_secs_f64() * 1e3, "call finished");
+        // One line per call on its own target, so that it can be shipped (or
+        // silenced, WEIR_LOG=weir::audit=off) separately; the call span adds
+        // request id, tenant, key id, source, rows and bytes.
+        tracing::info!(target: AUDIT, method = self.method, code = ?code, duration_ms = elapsed.as_secs_f64() * 1e3, "call");
     }
 }

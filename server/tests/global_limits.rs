@@ -146,3 +146,51 @@ async fn two_replicas_admit_the_configured_rate_under_overload() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cost_buckets_are_shared_too() {
+    use weir_client::weir_proto::v1 as pb;
+    let id = tenant_id();
+    // One second of burst: 1,000 rows. Two replicas loading 1,000 rows each at
+    // once must together wait about a second for the second thousand.
+    let limits = "load_rows_per_second = 1000";
+    let redis = format!("redis_url = \"{}\"", redis_url());
+    let (a, b) = (
+        TestServer::start(&config(&id, limits, &redis)).await,
+        TestServer::start(&config(&id, limits, &redis)).await,
+    );
+    let key = format!("key-{id}");
+    let clients = [a.client(&key).await, b.client(&key).await];
+    for c in &clients {
+        c.execute("demo", "CREATE TABLE shared_cost (n INTEGER)", vec![])
+            .await
+            .expect("table");
+    }
+    let rows: Vec<pb::Row> = (0..1000)
+        .map(|i| pb::Row {
+            values: vec![pb::Value {
+                kind: Some(pb::value::Kind::Int64Value(i)),
+            }],
+        })
+        .collect();
+    let header = pb::LoadHeader {
+        source: "demo".into(),
+        table: "shared_cost".into(),
+        columns: vec!["n".into()],
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let loads = clients
+        .iter()
+        .map(|c| c.load(header.clone(), tokio_stream::iter(vec![rows.clone()])));
+    for r in futures::future::join_all(loads).await {
+        assert_eq!(r.expect("load").rows_inserted, 1000);
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(800),
+        "shared rows bucket: {elapsed:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}

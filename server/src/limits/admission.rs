@@ -3,7 +3,6 @@
 //! a stream counts for as long as it runs.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
@@ -12,37 +11,23 @@ use tokio::sync::OwnedSemaphorePermit;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use super::global::GlobalLimiter;
 use crate::error::Error;
 use crate::metrics::{LimitLabels, METRICS};
 use crate::tenant::Caller;
 
 #[derive(Clone, Default)]
-pub struct AdmissionLayer {
-    /// The tenant buckets shared by all replicas, when Redis is configured.
-    global: Option<Arc<GlobalLimiter>>,
-}
-
-impl AdmissionLayer {
-    pub fn new(global: Option<Arc<GlobalLimiter>>) -> Self {
-        Self { global }
-    }
-}
+pub struct AdmissionLayer;
 
 impl<S> Layer<S> for AdmissionLayer {
     type Service = Admission<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Admission {
-            inner,
-            global: self.global.clone(),
-        }
+        Admission { inner }
     }
 }
 
 #[derive(Clone)]
 pub struct Admission<S> {
     inner: S,
-    global: Option<Arc<GlobalLimiter>>,
 }
 
 /// Counts a rejection and answers it.
@@ -90,19 +75,12 @@ where
             }
         };
         // Admitted locally; the shared bucket is asked next, when there is one.
-        let global = match (&self.global, req.extensions().get::<Caller>()) {
-            (Some(g), Some(caller)) => Some((g.clone(), caller.clone())),
-            _ => None,
-        };
+        let caller = req.extensions().get::<Caller>().cloned();
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            if let Some((global, caller)) = global {
-                let limits = &caller.tenant.limits;
-                if let Err(e) = global
-                    .admit(&caller.tenant.id, limits.requests_per_second, limits.burst)
-                    .await
-                {
+            if let Some(caller) = caller {
+                if let Err(e) = caller.tenant.limiter.admit_shared().await {
                     return Ok(reject(Some(&caller), e));
                 }
             }

@@ -14,16 +14,17 @@ use crate::config::{GlobalLimitsConfig, RedisFailure};
 use crate::error::Error;
 
 /// GCRA: the bucket is one key holding the theoretical arrival time (µs).
-/// KEYS[1] = bucket; ARGV = emission interval (µs), tolerance (µs).
+/// KEYS[1] = bucket; ARGV = emission interval (µs), tolerance (µs), cost.
 /// Returns {1, 0} when admitted, {0, µs until a retry can succeed} otherwise.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local new_tat = tat + interval
+local new_tat = tat + interval * cost
 local allow_at = new_tat - tolerance
 if allow_at > now then
   return {0, allow_at - now}
@@ -54,7 +55,7 @@ impl GlobalLimiter {
         })
     }
 
-    async fn check(&self, key: &str, rate: u32, burst: u32) -> redis::RedisResult<(i64, i64)> {
+    async fn check(&self, key: &str, rate: u32, burst: u32, cost: u32) -> redis::RedisResult<(i64, i64)> {
         let conn = self
             .conn
             .get_or_try_init(|| async {
@@ -62,34 +63,75 @@ impl GlobalLimiter {
                 ConnectionManager::new(client).await
             })
             .await?;
-        let interval = 1_000_000 / i64::from(rate.max(1));
+        // Microseconds per token; rates above 1,000,000/s round to 1 µs.
+        let interval = (1_000_000 / i64::from(rate.max(1))).max(1);
         let tolerance = interval * i64::from(burst.max(1));
         let mut conn = conn.clone();
         self.script
             .key(key)
             .arg(interval)
             .arg(tolerance)
+            .arg(cost)
             .invoke_async(&mut conn)
             .await
     }
 
-    /// Takes one token from the tenant's shared bucket.
-    pub async fn admit(&self, tenant: &str, rate: u32, burst: u32) -> Result<(), Error> {
-        let key = format!("weir:rate:{tenant}");
-        let checked = tokio::time::timeout(self.timeout, self.check(&key, rate, burst)).await;
-        let failure = match checked {
-            Ok(Ok((1, _))) => return Ok(()),
-            Ok(Ok((_, wait_us))) => {
-                return Err(Error::RateLimited {
-                    rate,
-                    retry_after: Duration::from_micros(u64::try_from(wait_us).unwrap_or(0)),
-                })
-            }
+    /// Asks bucket `name` of the tenant for `cost` tokens: `Ok(None)` when
+    /// admitted, `Ok(Some(wait))` when not yet, `Err` when Redis did not answer.
+    async fn take(
+        &self,
+        name: &str,
+        tenant: &str,
+        rate: u32,
+        burst: u32,
+        cost: u32,
+    ) -> Result<Option<Duration>, String> {
+        let key = format!("weir:{name}:{tenant}");
+        match tokio::time::timeout(self.timeout, self.check(&key, rate, burst, cost)).await {
+            Ok(Ok((1, _))) => Ok(None),
+            Ok(Ok((_, wait_us))) => Ok(Some(Duration::from_micros(u64::try_from(wait_us).unwrap_or(0)))),
             // The error text names no password: redis-rs does not print the URL.
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {:?}", self.timeout),
+            Ok(Err(e)) => {
+                crate::metrics::METRICS.global_limit_failures.inc();
+                Err(e.to_string())
+            }
+            Err(_) => {
+                crate::metrics::METRICS.global_limit_failures.inc();
+                Err(format!("no answer within {:?}", self.timeout))
+            }
+        }
+    }
+
+    /// Takes `cost` units from a cost bucket (rows, bytes, records), waiting
+    /// while the tenant is over its rate. Cost buckets slow, never refuse:
+    /// without Redis they fall back to the local bucket, whatever
+    /// `on_redis_failure` says.
+    pub async fn charge(&self, name: &str, tenant: &str, rate: u32, cost: u64) {
+        let mut left = cost;
+        while left > 0 {
+            // Pieces no larger than the burst (one second's worth), which the bucket can grant.
+            let piece = u32::try_from(left.min(u64::from(rate.max(1)))).unwrap_or(u32::MAX);
+            loop {
+                match self.take(name, tenant, rate, rate, piece).await {
+                    Ok(None) => break,
+                    Ok(Some(wait)) => tokio::time::sleep(wait).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, bucket = name, "Redis unavailable for a shared cost bucket: local limits only");
+                        return;
+                    }
+                }
+            }
+            left -= u64::from(piece);
+        }
+    }
+
+    /// Takes one token from the tenant's shared request bucket.
+    pub async fn admit(&self, tenant: &str, rate: u32, burst: u32) -> Result<(), Error> {
+        let failure = match self.take("rate", tenant, rate, burst, 1).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(retry_after)) => return Err(Error::RateLimited { rate, retry_after }),
+            Err(e) => e,
         };
-        crate::metrics::METRICS.global_limit_failures.inc();
         match self.on_failure {
             RedisFailure::FailOpen => {
                 tracing::warn!(error = %failure, "Redis unavailable for global limits: admitting on local limits only");

@@ -14,6 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::LimitsConfig;
 use crate::error::Error;
+use global::GlobalLimiter;
 
 pub struct TenantLimiter {
     rate: DefaultDirectRateLimiter,
@@ -30,6 +31,10 @@ pub struct TenantLimiter {
     /// Cost buckets of Kafka records, produced and consumed.
     stream_records: DefaultDirectRateLimiter,
     stream_bytes: DefaultDirectRateLimiter,
+    /// The buckets shared by every replica through Redis, when configured.
+    shared: Option<Arc<GlobalLimiter>>,
+    tenant: String,
+    limits: LimitsConfig,
 }
 
 /// A bucket whose burst is one second's worth.
@@ -59,7 +64,7 @@ async fn take(bucket: &DefaultDirectRateLimiter, cost: u64) {
 }
 
 impl TenantLimiter {
-    pub fn new(limits: &LimitsConfig) -> Self {
+    pub fn new(tenant: &str, limits: &LimitsConfig, shared: Option<Arc<GlobalLimiter>>) -> Self {
         let rps = NonZeroU32::new(limits.requests_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN);
         Self {
@@ -75,6 +80,27 @@ impl TenantLimiter {
             max_consumers: limits.max_concurrent_consumers,
             stream_records: per_second(limits.stream_records_per_second),
             stream_bytes: per_second(limits.stream_bytes_per_second),
+            shared,
+            tenant: tenant.to_string(),
+            limits: limits.clone(),
+        }
+    }
+
+    /// After `admit`: the request-rate bucket shared by every replica, when there is one.
+    pub async fn admit_shared(&self) -> Result<(), Error> {
+        match &self.shared {
+            Some(g) => {
+                g.admit(&self.tenant, self.limits.requests_per_second, self.limits.burst)
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Charges the shared bucket `name` after the local one.
+    async fn charge_shared(&self, name: &str, rate: u32, cost: u64) {
+        if let Some(g) = &self.shared {
+            g.charge(name, &self.tenant, rate, cost).await;
         }
     }
 
@@ -92,6 +118,10 @@ impl TenantLimiter {
     pub async fn charge_records(&self, records: u64, bytes: u64) {
         take(&self.stream_records, records).await;
         take(&self.stream_bytes, bytes).await;
+        self.charge_shared("stream_records", self.limits.stream_records_per_second, records)
+            .await;
+        self.charge_shared("stream_bytes", self.limits.stream_bytes_per_second, bytes)
+            .await;
     }
 
     /// Admits one bulk load; its slot is held until the permit is dropped.
@@ -106,6 +136,10 @@ impl TenantLimiter {
     pub async fn charge_load(&self, rows: u64, bytes: u64) {
         take(&self.load_rows, rows).await;
         take(&self.load_bytes, bytes).await;
+        self.charge_shared("load_rows", self.limits.load_rows_per_second, rows)
+            .await;
+        self.charge_shared("load_bytes", self.limits.load_bytes_per_second, bytes)
+            .await;
     }
 
     /// Admits one call: takes a token and a concurrency slot that is held
@@ -140,7 +174,7 @@ mod tests {
             burst: 3,
             ..LimitsConfig::default()
         };
-        let limiter = TenantLimiter::new(&limits);
+        let limiter = TenantLimiter::new("t", &limits, None);
         for _ in 0..3 {
             drop(limiter.admit().expect("within burst"));
         }
@@ -160,7 +194,7 @@ mod tests {
             load_rows_per_second: 1000,
             ..LimitsConfig::default()
         };
-        let limiter = TenantLimiter::new(&limits);
+        let limiter = TenantLimiter::new("t", &limits, None);
         let started = std::time::Instant::now();
         // One second of burst, then 500 more rows at 1000 rows/s; charges above the burst are split.
         limiter.charge_load(1000, 10).await;
@@ -177,7 +211,7 @@ mod tests {
             max_concurrent_loads: 1,
             ..LimitsConfig::default()
         };
-        let limiter = TenantLimiter::new(&limits);
+        let limiter = TenantLimiter::new("t", &limits, None);
         let held = limiter.admit_load().expect("first");
         assert!(matches!(limiter.admit_load(), Err(Error::TooManyLoads { limit: 1 })));
         drop(held);
@@ -190,7 +224,7 @@ mod tests {
             max_concurrent_requests: 1,
             ..LimitsConfig::default()
         };
-        let limiter = TenantLimiter::new(&limits);
+        let limiter = TenantLimiter::new("t", &limits, None);
         let held = limiter.admit().expect("first");
         assert!(matches!(limiter.admit(), Err(Error::TooManyConcurrent { limit: 1 })));
         drop(held);

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::backend::{self, Backend, BackendError};
 use crate::config::{Config, LimitsConfig, SourceConfig};
+use crate::limits::global::GlobalLimiter;
 use crate::limits::TenantLimiter;
 
 /// Live state of a source, refreshed by the health checker.
@@ -66,6 +67,7 @@ impl Tenants {
     pub fn build(config: &Config) -> Result<Self, BackendError> {
         let mut by_key = HashMap::new();
         let mut all = Vec::new();
+        let shared = GlobalLimiter::new(&config.limits).map(Arc::new);
         for (id, t) in &config.tenants {
             let mut sources = HashMap::new();
             for (name, source) in &t.sources {
@@ -84,7 +86,7 @@ impl Tenants {
             let tenant = Arc::new(Tenant {
                 id: id.clone(),
                 limits: t.limits.clone(),
-                limiter: TenantLimiter::new(&t.limits),
+                limiter: TenantLimiter::new(id, &t.limits, shared.clone()),
                 sources,
             });
             for key in &t.api_keys {

@@ -16,7 +16,6 @@ use weir_proto::v1::stream_service_server::StreamServiceServer;
 
 use crate::config::Config;
 use crate::limits::admission::AdmissionLayer;
-use crate::limits::global::GlobalLimiter;
 use crate::service::bulk::BulkApi;
 use crate::service::query::QueryApi;
 use crate::service::schema::SchemaApi;
@@ -50,7 +49,7 @@ pub async fn serve(
     let (reflection_v1, reflection_v1alpha) = (reflection_v1?, reflection_v1alpha?);
     Server::builder()
         .layer(AuthLayer::new(tenants))
-        .layer(AdmissionLayer::new(GlobalLimiter::new(&config.limits).map(Arc::new)))
+        .layer(AdmissionLayer)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -15,6 +15,18 @@ fn config(id: &str, limits: &str, redis: &str) -> String {
     format!("[limits]\n{redis}\n") + &tenant(id, limits, &sqlite_demo(id, "demo"))
 }
 
+/// Two replicas of one configuration sharing the test Redis, and a client of each.
+async fn replicas(id: &str, limits: &str) -> (TestServer, TestServer, [weir_client::WeirClient; 2]) {
+    let redis = format!("redis_url = \"{}\"", redis_url());
+    let (a, b) = (
+        TestServer::start(&config(id, limits, &redis)).await,
+        TestServer::start(&config(id, limits, &redis)).await,
+    );
+    let key = format!("key-{id}");
+    let clients = [a.client(&key).await, b.client(&key).await];
+    (a, b, clients)
+}
+
 /// Calls `SELECT 1` `n` times, alternating between the clients; counts the admitted ones.
 async fn admitted(clients: &[weir_client::WeirClient], n: usize) -> (usize, Vec<tonic::Status>) {
     let (mut ok, mut rejected) = (0, Vec::new());
@@ -31,14 +43,7 @@ async fn admitted(clients: &[weir_client::WeirClient], n: usize) -> (usize, Vec<
 async fn two_replicas_share_one_bucket() {
     let id = tenant_id();
     // Slow refill, so that the test's own duration adds at most a token or two.
-    let limits = "requests_per_second = 2\nburst = 10";
-    let redis = format!("redis_url = \"{}\"", redis_url());
-    let (a, b) = (
-        TestServer::start(&config(&id, limits, &redis)).await,
-        TestServer::start(&config(&id, limits, &redis)).await,
-    );
-    let key = format!("key-{id}");
-    let clients = [a.client(&key).await, b.client(&key).await];
+    let (a, b, clients) = replicas(&id, "requests_per_second = 2\nburst = 10").await;
     let (ok, rejected) = admitted(&clients, 30).await;
     // Each replica alone would admit its own burst of 10: 20 together.
     assert!((10..=12).contains(&ok), "admitted {ok} of 30 across two replicas");
@@ -97,13 +102,7 @@ async fn two_replicas_admit_the_configured_rate_under_overload() {
     let id = tenant_id();
     let (rate, burst) = (40u32, 40u32);
     let limits = format!("requests_per_second = {rate}\nburst = {burst}\nmax_concurrent_requests = 1000");
-    let redis = format!("redis_url = \"{}\"", redis_url());
-    let (a, b) = (
-        TestServer::start(&config(&id, &limits, &redis)).await,
-        TestServer::start(&config(&id, &limits, &redis)).await,
-    );
-    let key = format!("key-{id}");
-    let clients = [a.client(&key).await, b.client(&key).await];
+    let (a, b, clients) = replicas(&id, &limits).await;
     let window = std::time::Duration::from_secs(10);
     let started = tokio::time::Instant::now();
     let mut callers = Vec::new();
@@ -153,14 +152,7 @@ async fn cost_buckets_are_shared_too() {
     let id = tenant_id();
     // One second of burst: 1,000 rows. Two replicas loading 1,000 rows each at
     // once must together wait about a second for the second thousand.
-    let limits = "load_rows_per_second = 1000";
-    let redis = format!("redis_url = \"{}\"", redis_url());
-    let (a, b) = (
-        TestServer::start(&config(&id, limits, &redis)).await,
-        TestServer::start(&config(&id, limits, &redis)).await,
-    );
-    let key = format!("key-{id}");
-    let clients = [a.client(&key).await, b.client(&key).await];
+    let (a, b, clients) = replicas(&id, "load_rows_per_second = 1000").await;
     for c in &clients {
         c.execute("demo", "CREATE TABLE shared_cost (n INTEGER)", vec![])
             .await

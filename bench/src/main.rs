@@ -6,6 +6,7 @@
 mod figures;
 mod kafka;
 mod load;
+mod neighbour;
 mod server;
 
 use std::path::PathBuf;
@@ -28,7 +29,7 @@ pub struct Args {
     /// Seconds per point-lookup run.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
-    /// Only these groups of figures (comma-separated): lookups, stream, load, kafka, memory. Default: all.
+    /// Only these groups of figures (comma-separated): lookups, stream, load, kafka, neighbour, memory. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Also write the results as Markdown to this file.

@@ -12,6 +12,10 @@ use weir_client::WeirClient;
 use crate::Args;
 
 pub const KEY: &str = "bench-key";
+/// The API key of the tenant that floods the gateway in the noisy-neighbour figure.
+pub const NOISY_KEY: &str = "noisy-key";
+/// That tenant's request rate and burst.
+pub const NOISY_RATE: u32 = 200;
 
 pub struct Weir {
     child: Child,
@@ -35,6 +39,7 @@ impl Weir {
     pub async fn start(args: &Args, sqlite_path: &std::path::Path) -> anyhow::Result<Weir> {
         let port = free_port()?;
         let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(KEY.as_bytes()));
+        let noisy_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(NOISY_KEY.as_bytes()));
         let config = format!(
             r#"
 [server]
@@ -77,12 +82,29 @@ password_env = "WEIR_BENCH_MYSQL_PASSWORD"
 engine = "sqlite"
 path = "{sqlite}"
 
+[tenants.noisy]
+api_keys = [{{ id = "noisy", sha256 = "{noisy_hash}" }}]
+
+[tenants.noisy.limits]
+requests_per_second = {noisy_rate}
+burst = {noisy_rate}
+max_concurrent_requests = 10000
+
+[tenants.noisy.sources.pg]
+engine = "postgres"
+host = "{host}"
+port = {pg_port}
+user = "{user}"
+database = "{db}"
+password_env = "WEIR_BENCH_PG_PASSWORD"
+
 [tenants.bench.sources.kafka]
 engine = "kafka"
 bootstrap_servers = "{kafka}"
 topic_prefix = "weir-bench-"
 "#,
             kafka = args.kafka_bootstrap,
+            noisy_rate = NOISY_RATE,
             host = args.pg_host,
             pg_port = args.pg_port,
             user = args.pg_user,
@@ -129,7 +151,11 @@ topic_prefix = "weir-bench-"
     }
 
     pub async fn client(&self) -> anyhow::Result<WeirClient> {
-        Ok(WeirClient::connect(&self.addr, KEY).await?)
+        self.client_for(KEY).await
+    }
+
+    pub async fn client_for(&self, key: &str) -> anyhow::Result<WeirClient> {
+        Ok(WeirClient::connect(&self.addr, key).await?)
     }
 
     /// Peak resident memory of the server so far (VmHWM), in bytes.

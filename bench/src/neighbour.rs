@@ -1,0 +1,114 @@
+//! Tenant isolation figures: a quiet tenant's p99 latency alone and while
+//! another tenant floods the gateway at many times its quota, and the rate
+//! the flooding tenant is actually admitted at compared with its configured
+//! rate.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use weir_client::WeirClient;
+
+use crate::server::{Weir, NOISY_KEY, NOISY_RATE};
+use crate::{median, Args, Figure};
+
+const LOOKUP: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+/// The quiet tenant: this many callers, one lookup each per interval.
+const QUIET_CALLERS: usize = 2;
+const QUIET_INTERVAL: Duration = Duration::from_millis(5);
+/// The noisy tenant's callers, each as fast as it can.
+const NOISY_CALLERS: usize = 16;
+
+/// The quiet tenant's p99 (ms) at its normal pace; fails if any call is refused.
+async fn quiet_p99(args: &Args, client: &WeirClient, rows: i64) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + args.lookup_duration();
+    let mut tasks = Vec::new();
+    for _ in 0..QUIET_CALLERS {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut tick = tokio::time::interval(QUIET_INTERVAL);
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let aid = rand::rng().random_range(1..=rows);
+                let t = Instant::now();
+                client.execute("pg", LOOKUP, vec![aid.into()]).await?;
+                latencies.push(t.elapsed());
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    all.sort();
+    let i = ((all.len() as f64 * 0.99) as usize).min(all.len().saturating_sub(1));
+    Ok(all.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3))
+}
+
+/// Floods with the noisy tenant until `stop`; returns (admitted, refused).
+fn flood(noisy: WeirClient, rows: i64, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, u64)> {
+    let (admitted, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..NOISY_CALLERS {
+            let (noisy, stop, admitted, refused) = (noisy.clone(), stop.clone(), admitted.clone(), refused.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let aid = rand::rng().random_range(1..=rows);
+                    match noisy.execute("pg", LOOKUP, vec![aid.into()]).await {
+                        Ok(_) => admitted.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => refused.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        (admitted.load(Ordering::Relaxed), refused.load(Ordering::Relaxed))
+    })
+}
+
+pub async fn figures(args: &Args, weir: &Weir, rows: i64, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
+    println!("noisy neighbour: a quiet tenant alone, then beside a flood...");
+    let quiet = weir.client().await?;
+    let noisy = weir.client_for(NOISY_KEY).await?;
+    let (mut alone, mut beside, mut admitted_rates, mut overload) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..args.runs {
+        alone.push(quiet_p99(args, &quiet, rows).await?);
+        // The noisy bucket starts full: let it drain first, so the admitted
+        // rate measured is the sustained one.
+        let stop = Arc::new(AtomicBool::new(false));
+        let flooding = flood(noisy.clone(), rows, stop.clone());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let started = Instant::now();
+        anyhow::ensure!(!flooding.is_finished(), "the flood stopped early");
+        beside.push(quiet_p99(args, &quiet, rows).await?);
+        stop.store(true, Ordering::Relaxed);
+        let (admitted, refused) = flooding.await?;
+        // The whole flood, its first second included.
+        let elapsed = started.elapsed().as_secs_f64() + 1.0;
+        // A full bucket's burst, then the sustained rate.
+        admitted_rates.push((admitted as f64 - f64::from(NOISY_RATE)) / elapsed);
+        overload.push((admitted + refused) as f64 / elapsed / f64::from(NOISY_RATE));
+    }
+    let overload = median(overload);
+    figures.push(Figure {
+        name: format!("noisy neighbour: quiet tenant p99 alone (direct) vs beside a flood at {overload:.0}x its quota"),
+        unit: "ms",
+        direct: median(alone),
+        weir: median(beside),
+        higher_is_better: false,
+    });
+    figures.push(Figure {
+        name: format!("limiter: admitted rate of the flooding tenant vs its configured {NOISY_RATE}/s"),
+        unit: "/s",
+        direct: f64::from(NOISY_RATE),
+        weir: median(admitted_rates),
+        higher_is_better: true,
+    });
+    Ok(())
+}

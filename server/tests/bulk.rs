@@ -558,6 +558,41 @@ async fn a_client_that_vanishes_mid_load_changes_nothing(engine: Engine) {
     ctx.server.stop().await;
 }
 
+async fn a_load_past_its_deadline_changes_nothing(engine: Engine) {
+    use weir_client::weir_proto::v1::load_request::Message as LoadMessage;
+    let ctx = Ctx::new(engine, "").await;
+    ctx.table("weir_bulk_deadline", 2).await;
+    let before = ctx.contents("weir_bulk_deadline").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::LoadRequest {
+        message: Some(LoadMessage::Header(header(
+            "weir_bulk_deadline",
+            pb::BulkLoadMode::Replace,
+        ))),
+    })
+    .await
+    .expect("header");
+    tx.send(pb::LoadRequest {
+        message: Some(LoadMessage::Rows(pb::LoadRows { rows: rows(0..100) })),
+    })
+    .await
+    .expect("rows");
+    // The stream then stalls, open, past the call's deadline. The deadline
+    // goes as the header alone, so that the server (not the client) ends it.
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "500m".parse().expect("header value"));
+    let err = ctx.client.bulk().load(request).await.expect_err("past its deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{engine:?}: {}", err.message());
+    assert_eq!(reason(&err), "LOAD_TIMEOUT");
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ctx.contents("weir_bulk_deadline").await, before, "{engine:?}");
+    assert_serves(&ctx.client, "db", 3).await;
+    ctx.server.stop().await;
+}
+
 async fn a_retried_load_id_loads_once(engine: Engine) {
     let ctx = Ctx::new(engine, "").await;
     ctx.table("weir_bulk_once", 0).await;
@@ -730,6 +765,11 @@ macro_rules! suite {
             $(#[$attr])?
             async fn a_client_that_vanishes_mid_load_changes_nothing() {
                 super::a_client_that_vanishes_mid_load_changes_nothing($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn a_load_past_its_deadline_changes_nothing() {
+                super::a_load_past_its_deadline_changes_nothing($engine).await
             }
             #[tokio::test]
             $(#[$attr])?

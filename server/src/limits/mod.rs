@@ -19,15 +19,12 @@ use global::GlobalLimiter;
 pub struct TenantLimiter {
     rate: DefaultDirectRateLimiter,
     rps: u32,
-    concurrency: Arc<Semaphore>,
-    max_concurrent: u32,
-    loads: Arc<Semaphore>,
-    max_loads: u32,
+    concurrency: Slots,
+    loads: Slots,
     /// Cost buckets of loads: rows and request bytes, one second of burst each.
     load_rows: DefaultDirectRateLimiter,
     load_bytes: DefaultDirectRateLimiter,
-    consumers: Arc<Semaphore>,
-    max_consumers: u32,
+    consumers: Slots,
     /// Cost buckets of Kafka records, produced and consumed.
     stream_records: DefaultDirectRateLimiter,
     stream_bytes: DefaultDirectRateLimiter,
@@ -35,6 +32,26 @@ pub struct TenantLimiter {
     shared: Option<Arc<GlobalLimiter>>,
     tenant: String,
     limits: LimitsConfig,
+}
+
+/// A cap on things in progress at once (calls, loads, consumers).
+struct Slots {
+    semaphore: Arc<Semaphore>,
+    limit: u32,
+}
+
+impl Slots {
+    fn new(limit: u32) -> Self {
+        Self {
+            semaphore: Arc::new(Semaphore::new(limit as usize)),
+            limit,
+        }
+    }
+
+    /// A slot held until the permit is dropped, or the error `full` makes of the limit.
+    fn take(&self, full: fn(u32) -> Error) -> Result<OwnedSemaphorePermit, Error> {
+        self.semaphore.clone().try_acquire_owned().map_err(|_| full(self.limit))
+    }
 }
 
 /// A bucket whose burst is one second's worth.
@@ -70,14 +87,11 @@ impl TenantLimiter {
         Self {
             rate: RateLimiter::direct(Quota::per_second(rps).allow_burst(burst)),
             rps: rps.get(),
-            concurrency: Arc::new(Semaphore::new(limits.max_concurrent_requests as usize)),
-            max_concurrent: limits.max_concurrent_requests,
-            loads: Arc::new(Semaphore::new(limits.max_concurrent_loads as usize)),
-            max_loads: limits.max_concurrent_loads,
+            concurrency: Slots::new(limits.max_concurrent_requests),
+            loads: Slots::new(limits.max_concurrent_loads),
             load_rows: per_second(limits.load_rows_per_second),
             load_bytes: per_second(limits.load_bytes_per_second),
-            consumers: Arc::new(Semaphore::new(limits.max_concurrent_consumers as usize)),
-            max_consumers: limits.max_concurrent_consumers,
+            consumers: Slots::new(limits.max_concurrent_consumers),
             stream_records: per_second(limits.stream_records_per_second),
             stream_bytes: per_second(limits.stream_bytes_per_second),
             shared,
@@ -106,12 +120,7 @@ impl TenantLimiter {
 
     /// Admits one Kafka consumer; its slot is held until the permit is dropped.
     pub fn admit_consumer(&self) -> Result<OwnedSemaphorePermit, Error> {
-        self.consumers
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Error::TooManyConsumers {
-                limit: self.max_consumers,
-            })
+        self.consumers.take(|limit| Error::TooManyConsumers { limit })
     }
 
     /// Charges Kafka records and their bytes, waiting while the tenant is over its rate.
@@ -126,10 +135,7 @@ impl TenantLimiter {
 
     /// Admits one bulk load; its slot is held until the permit is dropped.
     pub fn admit_load(&self) -> Result<OwnedSemaphorePermit, Error> {
-        self.loads
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Error::TooManyLoads { limit: self.max_loads })
+        self.loads.take(|limit| Error::TooManyLoads { limit })
     }
 
     /// Charges rows and bytes of a load, waiting while the tenant is over its rate.
@@ -145,13 +151,7 @@ impl TenantLimiter {
     /// Admits one call: takes a token and a concurrency slot that is held
     /// until the returned permit is dropped (the end of the response).
     pub fn admit(&self) -> Result<OwnedSemaphorePermit, Error> {
-        let permit = self
-            .concurrency
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Error::TooManyConcurrent {
-                limit: self.max_concurrent,
-            })?;
+        let permit = self.concurrency.take(|limit| Error::TooManyConcurrent { limit })?;
         if let Err(not_until) = self.rate.check() {
             let retry_after = not_until.wait_time_from(DefaultClock::default().now());
             return Err(Error::RateLimited {

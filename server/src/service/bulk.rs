@@ -30,6 +30,8 @@ const MAX_BATCH_ROWS: usize = 100_000;
 const FEED_DEPTH: usize = 4;
 /// Skipped rows reported back in `row_errors`; later ones are counted only.
 const MAX_REPORTED_ROW_ERRORS: usize = 1000;
+/// How long before the caller's deadline a load gives up and says so.
+const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(20);
 /// Longest accepted `load_id`.
 const MAX_LOAD_ID: usize = 200;
 
@@ -429,7 +431,9 @@ impl BulkLoadService for BulkApi {
         let deadline = grpc_timeout(&request);
         let run = self.run(caller, request.into_inner());
         let response = match deadline {
-            Some(limit) => tokio::time::timeout(limit, run)
+            // A little ahead of the transport, which cuts an expired call with
+            // a bare CANCELLED: this way the caller learns why, with a reason.
+            Some(limit) => tokio::time::timeout(limit.saturating_sub(DEADLINE_MARGIN), run)
                 .await
                 .map_err(|_| Error::LoadTimeout(limit))?,
             None => run.await,

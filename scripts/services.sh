@@ -45,9 +45,43 @@ ensure_postgres() {
   local password="${WEIR_TEST_PG_PASSWORD:-postgres}" user="${WEIR_TEST_PG_USER:-postgres}" db="${WEIR_TEST_PG_DATABASE:-test}"
   if command -v runuser >/dev/null && id postgres >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     runuser -u postgres -- psql -q -c "ALTER ROLE \"$user\" PASSWORD '$password'" >/dev/null 2>&1 || true
+    ensure_pg_logical
     if ! runuser -u postgres -- psql -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'" 2>/dev/null | grep -q 1; then
       runuser -u postgres -- createdb -O "$user" "$db" >/dev/null 2>&1 || true
     fi
+  fi
+}
+
+# Change streams need logical decoding; wal_level takes effect only on a restart.
+ensure_pg_logical() {
+  local level version
+  level="$(runuser -u postgres -- psql -tAc "SHOW wal_level" 2>/dev/null || true)"
+  [ "$level" = logical ] && return 0
+  version="$(ls /etc/postgresql | sort -V | tail -n 1)"
+  echo "enabling logical decoding in PostgreSQL $version (restart)..."
+  as_root mkdir -p "/etc/postgresql/$version/main/conf.d"
+  printf 'wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20\n' |
+    as_root tee "/etc/postgresql/$version/main/conf.d/weir-logical.conf" >/dev/null
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main restart
+  for _ in $(seq 1 50); do pg_ready && break; sleep 0.2; done
+  pg_ready || { echo "error: PostgreSQL did not restart"; exit 1; }
+}
+
+# Binlog change streams need ROW format with full images; MariaDB reads
+# the .cnf only at start, so a running server without the binlog is restarted.
+# The file is passed explicitly at start: not every my.cnf includes mariadb.conf.d.
+mariadb_binlog_cnf=/etc/mysql/mariadb.conf.d/90-weir-binlog.cnf
+ensure_mariadb_binlog() {
+  local cnf="$mariadb_binlog_cnf"
+  if [ ! -f "$cnf" ]; then
+    as_root mkdir -p /etc/mysql/mariadb.conf.d
+    printf '[mariadbd]\nserver_id = 1\nlog_bin = /var/lib/mysql/mysql-bin\nbinlog_format = ROW\nbinlog_row_image = FULL\nexpire_logs_days = 1\n' |
+      as_root tee "$cnf" >/dev/null
+  fi
+  if mysql_ready && [ "$(mariadb -uroot -N -e "SELECT @@log_bin" 2>/dev/null)" != 1 ]; then
+    echo "enabling the MariaDB binlog (restart)..."
+    mariadb-admin -uroot shutdown 2>/dev/null || as_root pkill -x mariadbd || true
+    for _ in $(seq 1 100); do mysql_ready || break; sleep 0.2; done
   fi
 }
 
@@ -60,14 +94,16 @@ ensure_mariadb() {
   if [ -n "${WEIR_TEST_MYSQL_HOST:-}" ] && [ "${WEIR_TEST_MYSQL_HOST}" != 127.0.0.1 ] && [ "${WEIR_TEST_MYSQL_HOST}" != localhost ]; then
     return 0
   fi
+  if [ ! -x /usr/sbin/mariadbd ] && [ ! -x /usr/sbin/mysqld ]; then
+    echo "installing MariaDB..."
+    apt_install mariadb-server mariadb-client
+  fi
+  ensure_mariadb_binlog
   if ! mysql_ready; then
-    if [ ! -x /usr/sbin/mariadbd ] && [ ! -x /usr/sbin/mysqld ]; then
-      echo "installing MariaDB..."
-      apt_install mariadb-server mariadb-client
-    fi
     as_root mkdir -p /run/mysqld
     as_root chown mysql:mysql /run/mysqld 2>/dev/null || true
-    as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql
+    as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- \
+      --defaults-extra-file="$mariadb_binlog_cnf" --user=mysql
     for _ in $(seq 1 100); do mysql_ready && break; sleep 0.2; done
     mysql_ready || { echo "error: MariaDB did not start"; exit 1; }
   fi

@@ -7,10 +7,12 @@ pub mod load_input;
 pub mod output;
 mod params;
 mod status;
+mod watch;
 
 pub use client::{ApiKeyInterceptor, AuthChannel, ClientError, ResultStream, WeirClient};
 pub use params::parse_param;
 pub use status::{code_name, describe_status};
+pub use watch::ChangeWatch;
 pub use weir_proto;
 
 /// Tests of `Display for Value`, which lives in `weir-proto` for the orphan

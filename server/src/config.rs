@@ -46,6 +46,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub telemetry: TelemetryConfig,
     pub bulk: BulkConfig,
+    pub changes: ChangesConfig,
     pub limits: GlobalLimitsConfig,
     /// Tenants by id.
     pub tenants: BTreeMap<String, TenantConfig>,
@@ -156,6 +157,30 @@ impl Default for BulkConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChangesConfig {
+    /// How often an idle change stream asks the database for new changes.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// A quiet stream sends a heartbeat with an advancing position this often.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Most row changes read from the database in one poll (whole
+    /// transactions are always read, so one can exceed it).
+    pub max_changes_per_poll: u32,
+}
+
+impl Default for ChangesConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(50),
+            heartbeat_interval: Duration::from_secs(5),
+            max_changes_per_poll: 10_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantConfig {
@@ -205,9 +230,12 @@ pub struct LimitsConfig {
     pub max_concurrent_consumers: u32,
     /// Largest Kafka record produced (key, value and headers), in bytes.
     pub max_record_bytes: u64,
-    /// Sustained Kafka records per second, produced and consumed together; faster callers are slowed.
+    /// Change streams (`WatchChanges`) open at once.
+    pub max_concurrent_subscriptions: u32,
+    /// Sustained StreamService records per second: Kafka records produced and
+    /// consumed, and change events, together; faster callers are slowed.
     pub stream_records_per_second: u32,
-    /// Sustained Kafka record bytes per second, likewise.
+    /// Sustained StreamService bytes per second, likewise.
     pub stream_bytes_per_second: u32,
 }
 
@@ -227,6 +255,7 @@ impl Default for LimitsConfig {
             load_bytes_per_second: 512 * 1024 * 1024,
             max_concurrent_consumers: 8,
             max_record_bytes: 1024 * 1024,
+            max_concurrent_subscriptions: 4,
             stream_records_per_second: 200_000,
             stream_bytes_per_second: 256 * 1024 * 1024,
         }
@@ -362,6 +391,17 @@ impl Config {
         if self.limits.redis_timeout.is_zero() {
             return Err(invalid("limits.redis_timeout", "must be greater than 0"));
         }
+        for (name, value) in [
+            ("changes.poll_interval", self.changes.poll_interval),
+            ("changes.heartbeat_interval", self.changes.heartbeat_interval),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(name, "must be greater than 0"));
+            }
+        }
+        if self.changes.max_changes_per_poll == 0 {
+            return Err(invalid("changes.max_changes_per_poll", "must be greater than 0"));
+        }
         let table = &self.bulk.load_id_table;
         let plain = table.len() <= 63
             && table.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
@@ -428,6 +468,7 @@ impl LimitsConfig {
             ("load_bytes_per_second", u64::from(self.load_bytes_per_second)),
             ("max_concurrent_consumers", u64::from(self.max_concurrent_consumers)),
             ("max_record_bytes", self.max_record_bytes),
+            ("max_concurrent_subscriptions", u64::from(self.max_concurrent_subscriptions)),
             ("stream_records_per_second", u64::from(self.stream_records_per_second)),
             ("stream_bytes_per_second", u64::from(self.stream_bytes_per_second)),
         ];

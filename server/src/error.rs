@@ -43,13 +43,13 @@ pub enum Error {
     LoadAborted(String),
     #[error("too many Kafka consumers open (limit {limit}); retry when one ends")]
     TooManyConsumers { limit: u32 },
+    #[error("too many change streams open (limit {limit}); retry when one ends")]
+    TooManySubscriptions { limit: u32 },
     #[error("record {index} has {size} bytes, more than the limit of {limit}")]
     RecordTooLarge { index: usize, size: usize, limit: u64 },
     /// Topics outside the tenant's allow-list get the same answer as topics that do not exist.
     #[error("topic \"{0}\" not found")]
     TopicNotFound(String),
-    #[error("{0} is not available on this server yet")]
-    NotImplemented(&'static str),
     #[error("the shared rate limits cannot be checked (Redis is unreachable); retry shortly")]
     GlobalLimitsUnavailable,
     #[error(transparent)]
@@ -142,12 +142,16 @@ impl From<Error> for Status {
                 d.set_retry_info(Some(Duration::from_secs(1)));
                 (Code::ResourceExhausted, d)
             }
+            Error::TooManySubscriptions { limit } => {
+                let mut d = info("SUBSCRIPTION_CONCURRENCY_LIMITED", vec![("limit", limit.to_string())]);
+                d.set_retry_info(Some(Duration::from_secs(1)));
+                (Code::ResourceExhausted, d)
+            }
             Error::RecordTooLarge { limit, .. } => (
                 Code::InvalidArgument,
                 info("RECORD_TOO_LARGE", vec![("limit", limit.to_string())]),
             ),
             Error::TopicNotFound(_) => (Code::NotFound, info("TOPIC_NOT_FOUND", vec![])),
-            Error::NotImplemented(_) => (Code::Unimplemented, info("NOT_IMPLEMENTED", vec![])),
             Error::GlobalLimitsUnavailable => {
                 let mut d = info("GLOBAL_LIMITS_UNAVAILABLE", vec![]);
                 d.set_retry_info(Some(Duration::from_secs(1)));
@@ -216,6 +220,15 @@ impl From<Error> for Status {
                 BackendError::LoadAbandoned => (Code::Aborted, info("LOAD_ABANDONED", vec![])),
                 BackendError::WrongKind(_) => (Code::FailedPrecondition, info("WRONG_SOURCE_KIND", vec![])),
                 BackendError::LoadIdReused(_) => (Code::FailedPrecondition, info("LOAD_ID_REUSED", vec![])),
+                BackendError::ChangesNotReady(_) => {
+                    (Code::FailedPrecondition, info("CHANGE_STREAMS_NOT_READY", vec![]))
+                }
+                BackendError::SubscriptionActive(_) => (Code::AlreadyExists, info("SUBSCRIPTION_ACTIVE", vec![])),
+                BackendError::SubscriptionTakenOver(_) => {
+                    (Code::Aborted, info("SUBSCRIPTION_TAKEN_OVER", vec![]))
+                }
+                BackendError::SubscriptionNotFound(_) => (Code::NotFound, info("SUBSCRIPTION_NOT_FOUND", vec![])),
+                BackendError::PositionNotRetained(_) => (Code::OutOfRange, info("POSITION_NOT_RETAINED", vec![])),
                 BackendError::Internal(_) => (Code::Internal, info("INTERNAL", vec![])),
             },
         };

@@ -71,6 +71,20 @@ pub enum BackendError {
     /// A call aimed at the other kind of source (SQL versus topics).
     #[error("{0}")]
     WrongKind(&'static str),
+    /// The source (or one of its tables) cannot stream changes as configured; says what to change.
+    #[error("{0}")]
+    ChangesNotReady(String),
+    /// Another consumer is reading the subscription.
+    #[error("subscription \"{0}\" has a live consumer; pass take_over to replace it")]
+    SubscriptionActive(String),
+    /// A newer consumer took the subscription over with `take_over`.
+    #[error("subscription \"{0}\" was taken over by another consumer")]
+    SubscriptionTakenOver(String),
+    #[error("subscription \"{0}\" not found")]
+    SubscriptionNotFound(String),
+    /// A resume position before what the database still retains.
+    #[error("{0}")]
+    PositionNotRetained(String),
     #[error("internal backend error: {0}")]
     Internal(String),
 }

@@ -2,6 +2,7 @@
 //! engines never see protobuf types.
 
 pub mod bulk;
+pub mod changes;
 pub mod channel;
 pub mod error;
 pub mod kafka;
@@ -20,6 +21,7 @@ use async_trait::async_trait;
 use futures::Stream;
 
 pub use bulk::{LoadMode, LoadOutcome, LoadSpec, RowFeed};
+pub use changes::{ChangeFeed, WatchSpec};
 pub use error::{BackendError, EngineErrorKind};
 pub use topics::TopicSource;
 pub use types::*;
@@ -56,6 +58,20 @@ pub trait SqlSource: Send + Sync + 'static {
     /// Loads `rows` into the table through the engine's bulk path, in one
     /// transaction that commits only when the feed ends complete.
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError>;
+    /// Starts streaming the changes of `spec.tables`, creating the
+    /// subscription's engine state on first use.
+    async fn watch(&self, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
+        let _ = spec;
+        Err(self.no_change_streams())
+    }
+    /// Drops the subscription's engine state so the engine stops retaining changes for it.
+    async fn delete_subscription(&self, id: &str, name: &str) -> Result<(), BackendError> {
+        let _ = (id, name);
+        Err(self.no_change_streams())
+    }
+    fn no_change_streams(&self) -> BackendError {
+        BackendError::ChangesNotReady(format!("{:?} sources have no change streams", self.engine()))
+    }
     /// Connections open and idle, for metrics; `None` where the pool does not tell.
     fn pool_status(&self) -> Option<PoolStatus> {
         None

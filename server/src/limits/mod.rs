@@ -25,7 +25,8 @@ pub struct TenantLimiter {
     load_rows: DefaultDirectRateLimiter,
     load_bytes: DefaultDirectRateLimiter,
     consumers: Slots,
-    /// Cost buckets of Kafka records, produced and consumed.
+    subscriptions: Slots,
+    /// Cost buckets of Kafka records and change events, produced and consumed.
     stream_records: DefaultDirectRateLimiter,
     stream_bytes: DefaultDirectRateLimiter,
     /// The buckets shared by every replica through Redis, when configured.
@@ -92,6 +93,7 @@ impl TenantLimiter {
             load_rows: per_second(limits.load_rows_per_second),
             load_bytes: per_second(limits.load_bytes_per_second),
             consumers: Slots::new(limits.max_concurrent_consumers),
+            subscriptions: Slots::new(limits.max_concurrent_subscriptions),
             stream_records: per_second(limits.stream_records_per_second),
             stream_bytes: per_second(limits.stream_bytes_per_second),
             shared,
@@ -123,7 +125,12 @@ impl TenantLimiter {
         self.consumers.take(|limit| Error::TooManyConsumers { limit })
     }
 
-    /// Charges Kafka records and their bytes, waiting while the tenant is over its rate.
+    /// Admits one change stream; its slot is held until the permit is dropped.
+    pub fn admit_subscription(&self) -> Result<OwnedSemaphorePermit, Error> {
+        self.subscriptions.take(|limit| Error::TooManySubscriptions { limit })
+    }
+
+    /// Charges Kafka records (or change events) and their bytes, waiting while the tenant is over its rate.
     pub async fn charge_records(&self, records: u64, bytes: u64) {
         take(&self.stream_records, records).await;
         take(&self.stream_bytes, bytes).await;

@@ -259,7 +259,7 @@ fn time_of_day(t: NaiveTime, offset: Option<i32>) -> pb::TimeOfDay {
     }
 }
 
-fn timestamp(t: DateTime<chrono::Utc>) -> prost_types::Timestamp {
+pub fn timestamp(t: DateTime<chrono::Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
         nanos: t.timestamp_subsec_nanos().min(999_999_999) as i32,

@@ -2,6 +2,7 @@
 //! caller's own sources; engines are reached only through backend traits.
 
 pub mod bulk;
+pub mod changes;
 pub mod convert;
 pub mod query;
 pub mod schema;
@@ -49,6 +50,24 @@ pub fn record_source(caller: &Caller, name: &str) {
         span.record("source", name);
         span.record("engine", format!("{:?}", source.backend.engine()).to_lowercase());
     }
+}
+
+/// Checks a caller-chosen name (consumer group, subscription): 1 to `max`
+/// characters of A-Z, a-z, 0-9, '.', '_' and '-', so it is safe in every
+/// engine's namespace.
+pub fn check_plain_name(field: &'static str, name: &str, max: usize) -> Result<(), Error> {
+    let plain = !name.is_empty()
+        && name.len() <= max
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !plain {
+        return Err(Error::InvalidArgument {
+            field,
+            message: format!("1-{max} characters of A-Z, a-z, 0-9, '.', '_' and '-'"),
+        });
+    }
+    Ok(())
 }
 
 /// Parses the gRPC `grpc-timeout` header ("100m", "5S", ...).

@@ -12,9 +12,10 @@ use tonic::{Request, Response, Status, Streaming};
 use weir_proto::v1 as pb;
 use weir_proto::v1::stream_service_server::StreamService;
 
-use super::{caller, source};
+use super::{caller, changes, check_plain_name, source};
 use crate::backend::topics::{ConsumeSpec, InRecord, OutRecord, PartitionOffset, Start};
 use crate::backend::TopicSource;
+use crate::config::ChangesConfig;
 use crate::error::{Error, Result};
 use crate::metrics::METRICS;
 use crate::tenant::Caller;
@@ -27,11 +28,12 @@ const CONSUME_BUFFER: usize = 2;
 pub struct StreamApi {
     /// Becomes true when the shutdown grace period is over: consumers still running are cut.
     cut: watch::Receiver<bool>,
+    changes: ChangesConfig,
 }
 
 impl StreamApi {
-    pub fn new(cut: watch::Receiver<bool>) -> Self {
-        Self { cut }
+    pub fn new(cut: watch::Receiver<bool>, changes: ChangesConfig) -> Self {
+        Self { cut, changes }
     }
 }
 
@@ -58,17 +60,7 @@ fn check_topic(topics: &dyn TopicSource, topic: &str) -> Result<()> {
 
 /// The group's id on the broker: the tenant's namespace, then the caller's name.
 fn group_id(caller: &Caller, group: &str) -> Result<String> {
-    let plain = !group.is_empty()
-        && group.len() <= MAX_GROUP
-        && group
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if !plain {
-        return Err(bad(
-            "group",
-            format!("1-{MAX_GROUP} characters of A-Z, a-z, 0-9, '.', '_' and '-'"),
-        ));
-    }
+    check_plain_name("group", group, MAX_GROUP)?;
     Ok(format!("weir.{}.{group}", caller.tenant.id))
 }
 
@@ -314,16 +306,18 @@ impl StreamService for StreamApi {
 
     async fn watch_changes(
         &self,
-        _request: Request<Streaming<pb::WatchChangesRequest>>,
+        request: Request<Streaming<pb::WatchChangesRequest>>,
     ) -> std::result::Result<Response<Self::WatchChangesStream>, Status> {
-        Err(Error::NotImplemented("WatchChanges (database change streams)").into())
+        let rx = changes::watch(request, &self.changes, self.cut.clone()).await?;
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn delete_subscription(
         &self,
-        _request: Request<pb::DeleteSubscriptionRequest>,
+        request: Request<pb::DeleteSubscriptionRequest>,
     ) -> std::result::Result<Response<pb::DeleteSubscriptionResponse>, Status> {
-        Err(Error::NotImplemented("DeleteSubscription (database change streams)").into())
+        changes::delete(request).await?;
+        Ok(Response::new(pb::DeleteSubscriptionResponse {}))
     }
 }
 

@@ -2,6 +2,8 @@
 //! cache per connection and cancellation of abandoned statements.
 
 mod bulk;
+mod changes;
+mod pgoutput;
 mod schema;
 pub mod types;
 
@@ -21,8 +23,8 @@ use tokio_postgres::{CancelToken, Client, NoTls};
 use crate::backend::error::classify_sqlstate;
 use crate::backend::pool::FailFastPool;
 use crate::backend::{
-    BackendError, Capabilities, ConnectionInfo, Engine, Isolation, LoadOutcome, LoadSpec, PoolStatus, QueryStream, Row,
-    RowFeed, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
+    BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, Isolation, LoadOutcome, LoadSpec, PoolStatus, QueryStream, Row,
+    RowFeed, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, WatchSpec,
 };
 use crate::config::SourceConfig;
 use types::{PgParam, PgValue};
@@ -99,6 +101,10 @@ impl bb8::ManageConnection for PgManager {
 pub struct PostgresSource {
     pool: FailFastPool<PgManager>,
     read_only: bool,
+    /// For change streams, which hold a session of their own (slot reads and
+    /// the subscription's advisory lock). Not read-only: watching a read-only
+    /// source still creates its slot and publication.
+    changes: tokio_postgres::Config,
 }
 
 impl PostgresSource {
@@ -115,6 +121,7 @@ impl PostgresSource {
         if let Some(password) = config.password().map_err(BackendError::Invalid)? {
             pg.password(password);
         }
+        let changes = pg.clone();
         if config.read_only {
             // Enforced by the engine for every statement, whatever its text.
             pg.options("-c default_transaction_read_only=on");
@@ -123,6 +130,7 @@ impl PostgresSource {
         Ok(Self {
             pool,
             read_only: config.read_only,
+            changes,
         })
     }
 
@@ -314,7 +322,10 @@ impl SqlSource for PostgresSource {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::sql("$1")
+        Capabilities {
+            change_streams: true,
+            ..Capabilities::sql("$1")
+        }
     }
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
@@ -388,6 +399,14 @@ impl SqlSource for PostgresSource {
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
         let mut conn = self.lease().await?;
         bulk::load(&mut conn, spec, rows).await
+    }
+
+    async fn watch(&self, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
+        changes::watch(&self.changes, spec).await
+    }
+
+    async fn delete_subscription(&self, id: &str, name: &str) -> Result<(), BackendError> {
+        changes::delete(&self.changes, id, name).await
     }
 
     fn pool_status(&self) -> Option<PoolStatus> {

@@ -50,14 +50,18 @@ pub fn column_type(ty: &Type) -> Option<(ColumnType, Option<ColumnType>)> {
 
 /// Result column metadata. Fails for types that cannot be represented, before any row is sent.
 pub fn column(c: &tokio_postgres::Column) -> Result<Column, BackendError> {
-    let ty = c.type_();
+    column_of(c.name(), c.type_(), c.type_modifier())
+}
+
+/// Column metadata from a name, type and type modifier (result columns and change-stream relations alike).
+pub fn column_of(name: &str, ty: &Type, typmod: i32) -> Result<Column, BackendError> {
     let (column_type, element_type) = column_type(ty).ok_or_else(|| BackendError::UnsupportedType {
-        column: c.name().to_string(),
+        column: name.to_string(),
         type_name: ty.name().to_string(),
     })?;
-    let mut col = Column::new(c.name(), ty.name(), column_type);
+    let mut col = Column::new(name, ty.name(), column_type);
     col.element_type = element_type;
-    (col.precision, col.scale, col.max_length) = typmod_details(ty, c.type_modifier());
+    (col.precision, col.scale, col.max_length) = typmod_details(ty, typmod);
     Ok(col)
 }
 
@@ -91,7 +95,7 @@ impl<'a> FromSql<'a> for PgValue {
     }
 }
 
-fn pg_epoch() -> NaiveDateTime {
+pub(super) fn pg_epoch() -> NaiveDateTime {
     NaiveDate::from_ymd_opt(2000, 1, 1)
         .unwrap_or_default()
         .and_time(NaiveTime::MIN)
@@ -117,7 +121,7 @@ fn time_of_day(micros: i64) -> Result<NaiveTime, BoxError> {
     NaiveTime::from_num_seconds_from_midnight_opt(secs, nanos).ok_or_else(|| "time out of range".into())
 }
 
-fn decode(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
+pub(super) fn decode(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
     Ok(match *ty {
         Type::BOOL => Value::Bool(wire::bool_from_sql(raw)?),
         Type::INT2 => Value::Int(i64::from(wire::int2_from_sql(raw)?)),

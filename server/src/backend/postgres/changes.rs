@@ -1,0 +1,761 @@
+//! PostgreSQL change streams: one logical replication slot (`pgoutput`, binary
+//! tuples) and one publication per subscription, read over an ordinary
+//! connection with `pg_logical_slot_peek_binary_changes`. Peeking never
+//! consumes: the slot advances (`pg_replication_slot_advance`) only to a
+//! position the client acknowledged, so a crash loses nothing.
+//!
+//! Positions are (LSN, sequence): a row change is (commit LSN of its
+//! transaction, its index in the transaction from 1); a commit or heartbeat is
+//! (LSN past it, 0), meaning "everything before this LSN". Advancing the slot
+//! to a position's LSN never skips an unacknowledged transaction: the slot
+//! skips only transactions whose commit record starts before that LSN.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::{pin_mut, TryStreamExt};
+use tokio::sync::mpsc;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, NoTls};
+
+use super::pgoutput::{self, lsn_text, Datum, Message, Relation};
+use super::types::{column_of, decode, pg_epoch, PgValue};
+use super::map_error;
+use crate::backend::bulk::quote_ansi;
+use crate::backend::changes::{ChangeFeed, ChangeItem, ChangeOp, Position, RowChange, TableName, WatchSpec};
+use crate::backend::{BackendError, Column, Row, Value};
+
+/// First key of the two-key advisory locks that make a subscription single-consumer.
+const LOCK_CLASS: i32 = 0x5745_4952; // "WEIR"
+/// Items buffered between the reading task and a slow client.
+const FEED_BUFFER: usize = 256;
+/// How long a take-over waits for the old consumer's connection to end.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct PgPos {
+    lsn: u64,
+    seq: u32,
+}
+
+impl PgPos {
+    fn encode(self) -> Position {
+        let mut b = Vec::with_capacity(12);
+        b.extend_from_slice(&self.lsn.to_be_bytes());
+        b.extend_from_slice(&self.seq.to_be_bytes());
+        Position(b)
+    }
+
+    fn decode(p: &Position) -> Result<Self, BackendError> {
+        let bytes: [u8; 12] = p
+            .0
+            .as_slice()
+            .try_into()
+            .map_err(|_| BackendError::Invalid("not a PostgreSQL change position".into()))?;
+        let (lsn, seq) = bytes.split_at(8);
+        Ok(PgPos {
+            lsn: u64::from_be_bytes(lsn.try_into().unwrap_or_default()),
+            seq: u32::from_be_bytes(seq.try_into().unwrap_or_default()),
+        })
+    }
+}
+
+/// A watched table as the catalog describes it.
+struct Watched {
+    qualified: String,
+    primary_key: Arc<[String]>,
+}
+
+/// A relation as pgoutput announced it, with its columns resolved to Weir's types.
+struct Rel {
+    schema: String,
+    table: String,
+    columns: Arc<[Column]>,
+    types: Vec<Type>,
+    primary_key: Arc<[String]>,
+}
+
+async fn connect(config: &tokio_postgres::Config) -> Result<Client, BackendError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(map_error)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "change stream connection closed");
+        }
+    });
+    Ok(client)
+}
+
+fn lsn_sql(expr: &str) -> String {
+    format!("(({expr}) - '0/0'::pg_lsn)::int8")
+}
+
+async fn current_lsn(client: &Client) -> Result<u64, BackendError> {
+    let row = client
+        .query_one(&format!("SELECT {}", lsn_sql("pg_current_wal_lsn()")), &[])
+        .await
+        .map_err(map_error)?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
+async fn check_wal_level(client: &Client) -> Result<(), BackendError> {
+    let level: String = client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .map_err(map_error)?
+        .get(0);
+    if level != "logical" {
+        return Err(BackendError::ChangesNotReady(format!(
+            "PostgreSQL has wal_level = {level}; change streams need wal_level = logical \
+             (set it in postgresql.conf and restart the server)"
+        )));
+    }
+    Ok(())
+}
+
+/// Resolves each table and checks it can be published without breaking the
+/// application's own UPDATEs and DELETEs (which need a replica identity).
+async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, Watched>, BackendError> {
+    let mut out = HashMap::new();
+    for t in tables {
+        let name = match &t.schema {
+            Some(s) => format!("{}.{}", quote_ansi(s), quote_ansi(&t.table)),
+            None => quote_ansi(&t.table),
+        };
+        let row = client
+            .query_opt(
+                "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text, c.relreplident::text,
+                        ARRAY(SELECT a.attname::text FROM pg_index i
+                              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                              WHERE i.indrelid = c.oid AND i.indisprimary
+                              ORDER BY array_position(i.indkey::int2[], a.attnum))
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.oid = to_regclass($1)",
+                &[&name],
+            )
+            .await
+            .map_err(map_error)?
+            .ok_or_else(|| BackendError::not_found(format!("table {name} not found")))?;
+        let (oid, schema, table): (u32, String, String) = (row.get(0), row.get(1), row.get(2));
+        let (kind, identity, primary_key): (String, String, Vec<String>) = (row.get(3), row.get(4), row.get(5));
+        let qualified = format!("{}.{}", quote_ansi(&schema), quote_ansi(&table));
+        if kind != "r" && kind != "p" {
+            return Err(BackendError::Invalid(format!(
+                "{qualified} is not an ordinary table; only tables can be watched"
+            )));
+        }
+        let identified = match identity.as_str() {
+            "f" | "i" => true,
+            "d" => !primary_key.is_empty(),
+            _ => false,
+        };
+        if !identified {
+            return Err(BackendError::ChangesNotReady(format!(
+                "table {qualified} has no primary key (nor REPLICA IDENTITY FULL or USING INDEX): \
+                 its updates and deletes cannot be identified; add a primary key or run \
+                 ALTER TABLE {qualified} REPLICA IDENTITY FULL"
+            )));
+        }
+        out.insert(
+            oid,
+            Watched {
+                qualified,
+                primary_key: primary_key.into(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+const LOCK_ARGS: &str = "$1::int4, hashtext($2)";
+/// The `pg_locks` row of that lock ($1 class, $2 subscription id); the
+/// second key shows as an unsigned oid.
+const LOCK_ROW: &str = "locktype = 'advisory' AND objsubid = 2 AND classid = $1::int4::int8::oid \
+     AND objid = ((hashtext($2)::int8 + 4294967296) % 4294967296)::oid";
+
+/// Takes the subscription's advisory lock on `client`'s session; with
+/// `take_over`, ends the session holding it first.
+async fn lock(client: &Client, spec_id: &str, name: &str, take_over: bool) -> Result<(), BackendError> {
+    let try_lock = format!("SELECT pg_try_advisory_lock({LOCK_ARGS})");
+    let locked = |row: tokio_postgres::Row| row.get::<_, bool>(0);
+    if locked(client.query_one(&try_lock, &[&LOCK_CLASS, &spec_id]).await.map_err(map_error)?) {
+        return Ok(());
+    }
+    if !take_over {
+        return Err(BackendError::SubscriptionActive(name.to_string()));
+    }
+    client
+        .execute(
+            &format!("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE {LOCK_ROW} AND pid <> pg_backend_pid()"),
+            &[&LOCK_CLASS, &spec_id],
+        )
+        .await
+        .map_err(map_error)?;
+    let deadline = Instant::now() + TAKE_OVER_WAIT;
+    while Instant::now() < deadline {
+        if locked(client.query_one(&try_lock, &[&LOCK_CLASS, &spec_id]).await.map_err(map_error)?) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(BackendError::SubscriptionActive(name.to_string()))
+}
+
+/// Whether another session takes the subscription's lock within a moment:
+/// how a consumer whose session was ended tells a take-over from an outage.
+async fn taken_over(config: &tokio_postgres::Config, spec_id: &str) -> bool {
+    let Ok(client) = connect(config).await else {
+        return false;
+    };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        let held = client
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE {LOCK_ROW} AND granted)"),
+                &[&LOCK_CLASS, &spec_id],
+            )
+            .await;
+        match held {
+            Ok(row) if row.get::<_, bool>(0) => return true,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// The slot's acknowledged LSN, creating slot and publication on first use.
+/// An existing publication is pointed at the requested tables.
+async fn ensure_slot(client: &Client, id: &str, watched: &HashMap<u32, Watched>) -> Result<u64, BackendError> {
+    let mut tables: Vec<&str> = watched.values().map(|w| w.qualified.as_str()).collect();
+    tables.sort_unstable();
+    let list = tables.join(", ");
+    let publication = quote_ansi(id);
+    let published: Option<Vec<u32>> = client
+        .query_opt(
+            "SELECT ARRAY(SELECT prrelid FROM pg_publication_rel WHERE prpubid = p.oid ORDER BY 1)
+             FROM pg_publication p WHERE pubname = $1",
+            &[&id],
+        )
+        .await
+        .map_err(map_error)?
+        .map(|r| r.get(0));
+    match published {
+        None => client
+            .batch_execute(&format!("CREATE PUBLICATION {publication} FOR TABLE {list}"))
+            .await
+            .map_err(map_error)?,
+        Some(mut oids) => {
+            let mut wanted: Vec<u32> = watched.keys().copied().collect();
+            wanted.sort_unstable();
+            oids.sort_unstable();
+            if oids != wanted {
+                client
+                    .batch_execute(&format!("ALTER PUBLICATION {publication} SET TABLE {list}"))
+                    .await
+                    .map_err(map_error)?;
+            }
+        }
+    }
+    let confirmed = client
+        .query_opt(
+            &format!(
+                "SELECT {} FROM pg_replication_slots WHERE slot_name = $1",
+                lsn_sql("confirmed_flush_lsn")
+            ),
+            &[&id],
+        )
+        .await
+        .map_err(map_error)?;
+    if let Some(row) = confirmed {
+        return Ok(row.get::<_, i64>(0) as u64);
+    }
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT {} FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                lsn_sql("lsn")
+            ),
+            &[&id],
+        )
+        .await
+        .map_err(map_error)?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
+fn commit_time(micros: i64) -> Option<DateTime<Utc>> {
+    pg_epoch()
+        .checked_add_signed(chrono::Duration::microseconds(micros))
+        .map(|t| DateTime::from_naive_utc_and_offset(t, Utc))
+}
+
+/// The transaction being read.
+struct Txn {
+    final_lsn: u64,
+    xid: String,
+    commit_time: Option<DateTime<Utc>>,
+    seq: u32,
+    /// Its Begin was delivered (sent lazily, before its first delivered change).
+    begun: bool,
+}
+
+struct Reader {
+    client: Client,
+    config: tokio_postgres::Config,
+    spec: WatchSpec,
+    watched: HashMap<u32, Watched>,
+    relations: HashMap<u32, Rel>,
+    types: HashMap<u32, Type>,
+    /// What the slot has acknowledged.
+    confirmed: u64,
+    /// The last position delivered (or the resume point): later items only.
+    delivered: PgPos,
+    acked: PgPos,
+    tx: mpsc::Sender<Result<ChangeItem, BackendError>>,
+    last_sent: Instant,
+}
+
+/// The task ends when the client goes away; `Err(())` then, to stop reading.
+type Sent = Result<(), ()>;
+
+impl Reader {
+    async fn send(&mut self, item: ChangeItem) -> Sent {
+        self.last_sent = Instant::now();
+        self.tx.send(Ok(item)).await.map_err(|_| ())
+    }
+
+    async fn type_of(&mut self, oid: u32) -> Result<Type, BackendError> {
+        if let Some(t) = Type::from_oid(oid).or_else(|| self.types.get(&oid).cloned()) {
+            return Ok(t);
+        }
+        // Enums, domains and extension types: let the driver resolve them.
+        let name: String = self
+            .client
+            .query_one("SELECT format_type($1, NULL)", &[&oid])
+            .await
+            .map_err(map_error)?
+            .get(0);
+        let statement = self
+            .client
+            .prepare(&format!("SELECT NULL::{name}"))
+            .await
+            .map_err(map_error)?;
+        let ty = statement.columns()[0].type_().clone();
+        self.types.insert(oid, ty.clone());
+        Ok(ty)
+    }
+
+    async fn relation(&mut self, r: Relation) -> Result<(), BackendError> {
+        let mut columns = Vec::with_capacity(r.columns.len());
+        let mut types = Vec::with_capacity(r.columns.len());
+        for c in &r.columns {
+            let ty = self.type_of(c.type_oid).await?;
+            columns.push(column_of(&c.name, &ty, c.typmod)?);
+            types.push(ty);
+        }
+        let primary_key = match self.watched.get(&r.id) {
+            Some(w) if !w.primary_key.is_empty() => w.primary_key.clone(),
+            _ => r.columns.iter().filter(|c| c.key).map(|c| c.name.clone()).collect(),
+        };
+        self.relations.insert(
+            r.id,
+            Rel {
+                schema: r.schema,
+                table: r.name,
+                columns: columns.into(),
+                types,
+                primary_key,
+            },
+        );
+        Ok(())
+    }
+
+    /// Acknowledgements received so far move the slot.
+    async fn apply_acks(&mut self, acks: &mut mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
+        while let Ok(p) = acks.try_recv() {
+            self.acked = self.acked.max(PgPos::decode(&p)?);
+        }
+        if self.acked.lsn > self.confirmed {
+            self.client
+                .execute(
+                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                    &[&self.spec.id, &lsn_text(self.acked.lsn)],
+                )
+                .await
+                .map_err(map_error)?;
+            self.confirmed = self.acked.lsn;
+        }
+        Ok(())
+    }
+
+    /// The current rows of every watched table as SNAPSHOT_READ, consistent
+    /// with the LSN returned: transactions committing before it are in the
+    /// snapshot, the rest come from the slot. Writers to the tables are
+    /// held off only while the snapshot is taken, not while it is read.
+    async fn snapshot(&mut self) -> Result<Result<u64, ()>, BackendError> {
+        let locker = connect(&self.config).await?;
+        let mut tables: Vec<(u32, String)> = self.watched.iter().map(|(o, w)| (*o, w.qualified.clone())).collect();
+        tables.sort();
+        let list: Vec<&str> = tables.iter().map(|(_, q)| q.as_str()).collect();
+        locker
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ; LOCK TABLE {} IN SHARE MODE",
+                list.join(", ")
+            ))
+            .await
+            .map_err(map_error)?;
+        let row = locker
+            .query_one(
+                &format!("SELECT {}, pg_export_snapshot()", lsn_sql("pg_current_wal_lsn()")),
+                &[],
+            )
+            .await
+            .map_err(map_error)?;
+        let (lsn, snapshot): (i64, String) = (row.get(0), row.get(1));
+        self.client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+                snapshot.replace('\'', "''")
+            ))
+            .await
+            .map_err(map_error)?;
+        locker.batch_execute("COMMIT").await.map_err(map_error)?;
+        drop(locker);
+        let position = PgPos { lsn: lsn as u64, seq: 0 }.encode();
+        for (oid, qualified) in &tables {
+            let statement = self
+                .client
+                .prepare(&format!("SELECT * FROM {qualified}"))
+                .await
+                .map_err(map_error)?;
+            let columns: Arc<[Column]> = statement
+                .columns()
+                .iter()
+                .map(super::types::column)
+                .collect::<Result<Vec<_>, _>>()?
+                .into();
+            let primary_key = self.watched.get(oid).map(|w| w.primary_key.clone()).unwrap_or_default();
+            let (schema, table) = split_qualified(&self.client, *oid).await?;
+            let rows = self
+                .client
+                .query_raw(&statement, std::iter::empty::<&(dyn ToSql + Sync)>())
+                .await
+                .map_err(map_error)?;
+            pin_mut!(rows);
+            while let Some(row) = rows.try_next().await.map_err(map_error)? {
+                let mut values = Vec::with_capacity(columns.len());
+                for i in 0..columns.len() {
+                    values.push(row.try_get::<_, PgValue>(i).map_err(map_error)?.0);
+                }
+                let change = RowChange {
+                    op: ChangeOp::SnapshotRead,
+                    schema: schema.clone(),
+                    table: table.clone(),
+                    columns: columns.clone(),
+                    before: None,
+                    after: Some(values),
+                    primary_key: primary_key.clone(),
+                    txid: String::new(),
+                    commit_time: None,
+                    position: position.clone(),
+                };
+                if self.send(ChangeItem::Change(change)).await.is_err() {
+                    return Ok(Err(()));
+                }
+            }
+        }
+        self.client.batch_execute("COMMIT").await.map_err(map_error)?;
+        Ok(Ok(lsn as u64))
+    }
+
+    fn values(&self, rel: &Rel, tuple: &[Datum<'_>], fill: Option<&Row>) -> Result<Row, BackendError> {
+        let mut row = Vec::with_capacity(tuple.len());
+        for (i, d) in tuple.iter().enumerate() {
+            let column = || rel.columns.get(i).map(|c| c.name.clone()).unwrap_or_default();
+            row.push(match d {
+                Datum::Null => Value::Null,
+                // Not resent by PostgreSQL; known only from a full old row.
+                Datum::Unchanged => fill.and_then(|r| r.get(i).cloned()).unwrap_or(Value::Null),
+                Datum::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+                Datum::Binary(b) => {
+                    let ty = rel
+                        .types
+                        .get(i)
+                        .ok_or_else(|| BackendError::Internal("tuple wider than its relation".into()))?;
+                    decode(ty, b).map_err(|e| BackendError::UnsupportedType {
+                        column: column(),
+                        type_name: format!("{} ({e})", ty.name()),
+                    })?
+                }
+            });
+        }
+        Ok(row)
+    }
+
+    /// Reads what the slot holds up to now and delivers what is new. Returns
+    /// whether everything before `upto` was read (so a heartbeat may claim it).
+    async fn poll(&mut self, limit: &mut i32) -> Result<Result<(u64, bool), ()>, BackendError> {
+        let upto = current_lsn(&self.client).await?;
+        let publication = self.spec.id.clone();
+        let rows = self
+            .client
+            .query_raw(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
+                 'proto_version', '1', 'publication_names', $4, 'binary', 'true')",
+                [
+                    &self.spec.id as &(dyn ToSql + Sync),
+                    &lsn_text(upto),
+                    &*limit,
+                    &publication,
+                ],
+            )
+            .await
+            .map_err(map_error)?;
+        pin_mut!(rows);
+        let (mut read, mut behind) = (0i32, 0i32);
+        let mut txn: Option<Txn> = None;
+        while let Some(row) = rows.try_next().await.map_err(map_error)? {
+            read += 1;
+            let data: &[u8] = row.try_get(0).map_err(map_error)?;
+            let message = pgoutput::parse(data).map_err(BackendError::Internal)?;
+            let (rel_id, op, old, new) = match message {
+                Message::Begin {
+                    final_lsn,
+                    commit_time: ts,
+                    xid,
+                } => {
+                    txn = Some(Txn {
+                        final_lsn,
+                        xid: xid.to_string(),
+                        commit_time: commit_time(ts),
+                        seq: 0,
+                        begun: false,
+                    });
+                    continue;
+                }
+                Message::Commit { end_lsn, .. } => {
+                    let Some(t) = txn.take() else { continue };
+                    let position = PgPos { lsn: end_lsn, seq: 0 };
+                    if position <= self.delivered {
+                        behind = read;
+                        continue;
+                    }
+                    if t.begun {
+                        let item = ChangeItem::Commit {
+                            txid: t.xid,
+                            commit_time: t.commit_time,
+                            position: position.encode(),
+                            events: u64::from(t.seq),
+                        };
+                        if self.send(item).await.is_err() {
+                            return Ok(Err(()));
+                        }
+                    }
+                    self.delivered = position;
+                    continue;
+                }
+                Message::Relation(r) => {
+                    self.relation(r).await?;
+                    continue;
+                }
+                Message::Insert { relation, new } => (relation, ChangeOp::Insert, None, Some(new)),
+                // A key-only old row carries NULL for every non-key column.
+                Message::Update { relation, old, new, .. } => (relation, ChangeOp::Update, old, Some(new)),
+                Message::Delete { relation, old, .. } => (relation, ChangeOp::Delete, Some(old), None),
+                Message::Truncate { relations } => {
+                    for relation in relations {
+                        if self.change(&mut txn, relation, ChangeOp::Truncate, None, None).await? {
+                            return Ok(Err(()));
+                        }
+                    }
+                    continue;
+                }
+                Message::Other => continue,
+            };
+            if self.change(&mut txn, rel_id, op, old, new).await? {
+                return Ok(Err(()));
+            }
+        }
+        let complete = read < *limit;
+        // Rows already delivered are read again until acknowledged: ask for
+        // enough to get past them next time.
+        *limit = behind.saturating_add(self.spec.max_changes_per_poll.min(i32::MAX as u32) as i32);
+        Ok(Ok((upto, complete)))
+    }
+
+    /// Delivers one row change; `true` when the client has gone.
+    async fn change(
+        &mut self,
+        txn: &mut Option<Txn>,
+        relation: u32,
+        op: ChangeOp,
+        old: Option<Vec<Datum<'_>>>,
+        new: Option<Vec<Datum<'_>>>,
+    ) -> Result<bool, BackendError> {
+        let Some(t) = txn.as_mut() else {
+            return Ok(false);
+        };
+        t.seq += 1;
+        let position = PgPos {
+            lsn: t.final_lsn,
+            seq: t.seq,
+        };
+        if position <= self.delivered {
+            return Ok(false);
+        }
+        let Some(rel) = self.relations.get(&relation) else {
+            return Err(BackendError::Internal(format!("change for unannounced relation {relation}")));
+        };
+        let before = old.as_deref().map(|o| self.values(rel, o, None)).transpose()?;
+        let after = new.as_deref().map(|n| self.values(rel, n, before.as_ref())).transpose()?;
+        let change = RowChange {
+            op,
+            schema: rel.schema.clone(),
+            table: rel.table.clone(),
+            columns: rel.columns.clone(),
+            before,
+            after,
+            primary_key: rel.primary_key.clone(),
+            txid: t.xid.clone(),
+            commit_time: t.commit_time,
+            position: position.encode(),
+        };
+        if !t.begun {
+            t.begun = true;
+            let begin = ChangeItem::Begin {
+                txid: t.xid.clone(),
+                commit_time: t.commit_time,
+                position: PgPos {
+                    lsn: t.final_lsn,
+                    seq: 0,
+                }
+                .encode(),
+            };
+            if self.send(begin).await.is_err() {
+                return Ok(true);
+            }
+        }
+        self.delivered = position;
+        Ok(self.send(ChangeItem::Change(change)).await.is_err())
+    }
+
+    async fn run(mut self, mut acks: mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
+        if self.spec.snapshot {
+            match self.snapshot().await? {
+                Ok(lsn) => self.delivered = self.delivered.max(PgPos { lsn, seq: 0 }),
+                Err(()) => return Ok(()),
+            }
+        }
+        let mut limit = self.spec.max_changes_per_poll.min(i32::MAX as u32) as i32;
+        loop {
+            self.apply_acks(&mut acks).await?;
+            let before = self.delivered;
+            let Ok((upto, complete)) = self.poll(&mut limit).await? else {
+                return Ok(());
+            };
+            let heartbeat = PgPos { lsn: upto, seq: 0 };
+            if complete && heartbeat > self.delivered && self.last_sent.elapsed() >= self.spec.heartbeat_interval {
+                self.delivered = heartbeat;
+                if self.send(ChangeItem::Heartbeat { position: heartbeat.encode() }).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if complete && self.delivered == before {
+                tokio::select! {
+                    () = tokio::time::sleep(self.spec.poll_interval) => {}
+                    () = self.tx.closed() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Schema and table name of a relation, unquoted.
+async fn split_qualified(client: &Client, oid: u32) -> Result<(String, String), BackendError> {
+    let row = client
+        .query_one(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+            &[&oid],
+        )
+        .await
+        .map_err(map_error)?;
+    Ok((row.get(0), row.get(1)))
+}
+
+pub(super) async fn watch(config: &tokio_postgres::Config, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
+    let client = connect(config).await?;
+    check_wal_level(&client).await?;
+    let watched = resolve(&client, &spec.tables).await?;
+    lock(&client, &spec.id, &spec.name, spec.take_over).await?;
+    let confirmed = ensure_slot(&client, &spec.id, &watched).await?;
+    let mut delivered = PgPos {
+        lsn: confirmed,
+        seq: 0,
+    };
+    if let Some(resume) = &spec.resume {
+        let pos = PgPos::decode(resume)?;
+        if pos.lsn < confirmed {
+            return Err(BackendError::PositionNotRetained(format!(
+                "the position is before what subscription \"{}\" has acknowledged ({}); \
+                 those changes are no longer retained; resume without a position to continue from there",
+                spec.name,
+                lsn_text(confirmed)
+            )));
+        }
+        if pos.lsn > current_lsn(&client).await? {
+            return Err(BackendError::Invalid("the resume position is ahead of the database".into()));
+        }
+        delivered = pos;
+    }
+    let (tx, items) = mpsc::channel(FEED_BUFFER);
+    let (acks, ack_rx) = mpsc::unbounded_channel();
+    let reader = Reader {
+        client,
+        config: config.clone(),
+        watched,
+        relations: HashMap::new(),
+        types: HashMap::new(),
+        confirmed,
+        delivered,
+        acked: delivered,
+        tx: tx.clone(),
+        last_sent: Instant::now(),
+        spec,
+    };
+    let config = config.clone();
+    tokio::spawn(async move {
+        let (id, name) = (reader.spec.id.clone(), reader.spec.name.clone());
+        if let Err(e) = reader.run(ack_rx).await {
+            // A take-over ends this session from outside: say so rather than "connection closed".
+            let e = if !tx.is_closed() && taken_over(&config, &id).await {
+                BackendError::SubscriptionTakenOver(name)
+            } else {
+                e
+            };
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    Ok(ChangeFeed { items, acks })
+}
+
+pub(super) async fn delete(config: &tokio_postgres::Config, id: &str, name: &str) -> Result<(), BackendError> {
+    let client = connect(config).await?;
+    lock(&client, id, name, false).await?;
+    let slot = client
+        .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&id])
+        .await
+        .map_err(map_error)?;
+    let publication = client
+        .execute("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&id])
+        .await
+        .map_err(map_error)?;
+    if slot == 0 && publication == 0 {
+        return Err(BackendError::SubscriptionNotFound(name.to_string()));
+    }
+    client
+        .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ansi(id)))
+        .await
+        .map_err(map_error)
+}

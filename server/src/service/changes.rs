@@ -1,0 +1,347 @@
+//! StreamService, change-stream part: `WatchChanges` (a bidirectional
+//! stream: one `WatchStart`, then acknowledgements; change events back) and
+//! `DeleteSubscription`. Subscriptions are namespaced per tenant, and the
+//! positions handed out carry the tenant and subscription they belong to,
+//! so one tenant can neither resume nor acknowledge another's stream.
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Status, Streaming};
+use weir_proto::v1 as pb;
+
+use super::{caller, check_plain_name, convert, source};
+use crate::backend::changes::{ChangeItem, ChangeOp, Position, RowChange, TableName};
+use crate::backend::WatchSpec;
+use crate::config::ChangesConfig;
+use crate::error::{Error, Result};
+use crate::metrics::METRICS;
+use crate::tenant::Caller;
+
+/// Longest subscription name.
+const MAX_SUBSCRIPTION: usize = 100;
+/// Most tables one subscription watches.
+const MAX_TABLES: usize = 100;
+/// First byte of every position Weir hands out; a new layout gets a new one.
+const POSITION_VERSION: u8 = 1;
+/// Responses buffered for a slow client before the engine's reader waits.
+const WATCH_BUFFER: usize = 64;
+
+type WatchSender = mpsc::Sender<std::result::Result<pb::WatchChangesResponse, Status>>;
+
+fn bad(field: &'static str, message: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
+fn check_subscription(name: &str) -> Result<()> {
+    check_plain_name("subscription", name, MAX_SUBSCRIPTION)
+}
+
+/// The subscription's name in the engine: readable, unique per tenant (by
+/// the hash), and a plain identifier of at most 63 bytes on every engine.
+pub fn subscription_id(tenant: &str, name: &str) -> String {
+    fn plain(s: &str, max: usize) -> String {
+        s.chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .take(max)
+            .collect()
+    }
+    let digest = Sha256::digest(format!("{tenant}\0{name}").as_bytes());
+    format!("weir_{}_{}_{}", plain(tenant, 20), plain(name, 24), hex::encode(&digest[..6]))
+}
+
+/// A position as the client sees it: version, tenant, subscription, then the engine's bytes.
+fn encode_position(tenant: &str, subscription: &str, p: &Position) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + tenant.len() + subscription.len() + p.0.len());
+    out.push(POSITION_VERSION);
+    for part in [tenant, subscription] {
+        out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        out.extend_from_slice(part.as_bytes());
+    }
+    out.extend_from_slice(&p.0);
+    out
+}
+
+fn decode_position(field: &'static str, tenant: &str, subscription: &str, bytes: &[u8]) -> Result<Position> {
+    let foreign = || bad(field, format!("not a position of subscription \"{subscription}\""));
+    let (&version, mut rest) = bytes.split_first().ok_or_else(foreign)?;
+    if version != POSITION_VERSION {
+        return Err(foreign());
+    }
+    for expected in [tenant, subscription] {
+        let (len, tail) = rest.split_at_checked(2).ok_or_else(foreign)?;
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        let (part, tail) = tail.split_at_checked(len).ok_or_else(foreign)?;
+        if part != expected.as_bytes() {
+            return Err(foreign());
+        }
+        rest = tail;
+    }
+    Ok(Position(rest.to_vec()))
+}
+
+fn tables(refs: Vec<pb::TableRef>) -> Result<Vec<TableName>> {
+    if refs.is_empty() || refs.len() > MAX_TABLES {
+        return Err(bad("tables", format!("name 1-{MAX_TABLES} tables to watch")));
+    }
+    refs.into_iter()
+        .map(|t| {
+            if t.table.is_empty() {
+                return Err(bad("tables", "every table needs a name"));
+            }
+            Ok(TableName {
+                schema: (!t.schema.is_empty()).then_some(t.schema),
+                table: t.table,
+            })
+        })
+        .collect()
+}
+
+struct Stamp<'a> {
+    tenant: &'a str,
+    subscription: &'a str,
+}
+
+impl Stamp<'_> {
+    fn position(&self, p: &Position) -> Vec<u8> {
+        encode_position(self.tenant, self.subscription, p)
+    }
+
+    fn response(&self, item: ChangeItem) -> pb::WatchChangesResponse {
+        use pb::watch_changes_response::Message;
+        let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(convert::timestamp);
+        let message = match item {
+            ChangeItem::Begin {
+                txid,
+                commit_time,
+                position,
+            } => Message::Transaction(pb::TransactionBoundary {
+                begin: true,
+                transaction_id: txid,
+                commit_time: time(commit_time),
+                position: self.position(&position),
+                event_count: 0,
+            }),
+            ChangeItem::Commit {
+                txid,
+                commit_time,
+                position,
+                events,
+            } => Message::Transaction(pb::TransactionBoundary {
+                begin: false,
+                transaction_id: txid,
+                commit_time: time(commit_time),
+                position: self.position(&position),
+                event_count: events,
+            }),
+            ChangeItem::Heartbeat { position } => Message::Heartbeat(pb::Heartbeat {
+                position: self.position(&position),
+                server_time: Some(convert::timestamp(chrono::Utc::now())),
+            }),
+            ChangeItem::Change(c) => Message::Change(self.change(c)),
+        };
+        pb::WatchChangesResponse { message: Some(message) }
+    }
+
+    fn change(&self, c: RowChange) -> pb::ChangeEvent {
+        let op = match c.op {
+            ChangeOp::Insert => pb::ChangeOperation::Insert,
+            ChangeOp::Update => pb::ChangeOperation::Update,
+            ChangeOp::Delete => pb::ChangeOperation::Delete,
+            ChangeOp::SnapshotRead => pb::ChangeOperation::SnapshotRead,
+            ChangeOp::Truncate => pb::ChangeOperation::Truncate,
+        };
+        pb::ChangeEvent {
+            op: op as i32,
+            position: self.position(&c.position),
+            schema: c.schema,
+            table: c.table,
+            columns: c.columns.iter().cloned().map(convert::column).collect(),
+            before: c.before.map(convert::row),
+            after: c.after.map(convert::row),
+            primary_key: c.primary_key.to_vec(),
+            transaction_id: c.txid,
+            commit_time: c.commit_time.map(convert::timestamp),
+        }
+    }
+}
+
+pub async fn watch(
+    request: Request<Streaming<pb::WatchChangesRequest>>,
+    config: &ChangesConfig,
+    cut: watch::Receiver<bool>,
+) -> Result<mpsc::Receiver<std::result::Result<pb::WatchChangesResponse, Status>>> {
+    use pb::watch_changes_request::Message;
+    let caller = caller(&request)?;
+    let mut inbound = request.into_inner();
+    let first = inbound
+        .message()
+        .await
+        .map_err(|e| bad("start", format!("could not read the first message: {}", e.message())))?;
+    let Some(Message::Start(start)) = first.and_then(|m| m.message) else {
+        return Err(bad("start", "the first message must be a WatchStart"));
+    };
+    let sql = source(&caller, &start.source)?.backend.sql()?.clone();
+    check_subscription(&start.subscription)?;
+    let tenant = caller.tenant.id.clone();
+    let resume = (!start.resume_position.is_empty())
+        .then(|| decode_position("resume_position", &tenant, &start.subscription, &start.resume_position))
+        .transpose()?;
+    let spec = WatchSpec {
+        id: subscription_id(&tenant, &start.subscription),
+        name: start.subscription.clone(),
+        tables: tables(start.tables)?,
+        resume: resume.clone(),
+        snapshot: start.snapshot,
+        take_over: start.take_over,
+        poll_interval: config.poll_interval,
+        heartbeat_interval: config.heartbeat_interval,
+        max_changes_per_poll: config.max_changes_per_poll,
+    };
+    let permit = caller.tenant.limiter.admit_subscription()?;
+    let feed = sql.watch(spec).await?;
+    let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _active = METRICS.stream_started(&caller.tenant.id);
+        let pump = Pump {
+            caller: &caller,
+            source: &start.source,
+            subscription: &start.subscription,
+            delivered: resume,
+        };
+        pump.run(feed, inbound, tx, cut).await;
+    });
+    Ok(rx)
+}
+
+struct Pump<'a> {
+    caller: &'a Caller,
+    source: &'a str,
+    subscription: &'a str,
+    /// The latest position sent: an acknowledgement may not pass it.
+    delivered: Option<Position>,
+}
+
+impl Pump<'_> {
+    fn ack(&self, bytes: &[u8]) -> Result<Position> {
+        let p = decode_position("ack.position", &self.caller.tenant.id, self.subscription, bytes)?;
+        if self.delivered.as_ref().is_none_or(|d| &p > d) {
+            return Err(bad("ack.position", "acknowledges a position that was not delivered yet"));
+        }
+        Ok(p)
+    }
+
+    async fn run(
+        mut self,
+        mut feed: crate::backend::ChangeFeed,
+        mut inbound: Streaming<pb::WatchChangesRequest>,
+        tx: WatchSender,
+        mut cut: watch::Receiver<bool>,
+    ) {
+        use pb::watch_changes_request::Message;
+        let stamp = Stamp {
+            tenant: &self.caller.tenant.id,
+            subscription: self.subscription,
+        };
+        // A client may half-close once it has nothing more to acknowledge.
+        let mut listening = true;
+        loop {
+            tokio::select! {
+                item = feed.items.recv() => {
+                    let item = match item {
+                        None => return,
+                        Some(Err(e)) => {
+                            let _ = tx.send(Err(Status::from(e))).await;
+                            return;
+                        }
+                        Some(Ok(item)) => item,
+                    };
+                    self.delivered = Some(item.position().clone());
+                    let is_change = matches!(item, ChangeItem::Change(_));
+                    let response = stamp.response(item);
+                    if is_change {
+                        let bytes = prost::Message::encoded_len(&response) as u64;
+                        self.caller.tenant.limiter.charge_records(1, bytes).await;
+                        METRICS.record_result(&self.caller.tenant.id, self.source, 1, bytes);
+                    }
+                    if tx.send(Ok(response)).await.is_err() {
+                        return;
+                    }
+                }
+                message = inbound.message(), if listening => match message {
+                    Ok(Some(pb::WatchChangesRequest { message: Some(Message::Ack(ack)) })) => {
+                        match self.ack(&ack.position) {
+                            // The reader is gone only when the stream is ending anyway.
+                            Ok(p) => { let _ = feed.acks.send(p); }
+                            Err(e) => {
+                                let _ = tx.send(Err(Status::from(e))).await;
+                                return;
+                            }
+                        }
+                    }
+                    Ok(Some(_)) => {
+                        let _ = tx.send(Err(bad("message", "after WatchStart, send only WatchAck").into())).await;
+                        return;
+                    }
+                    Ok(None) => listening = false,
+                    Err(_) => return,
+                },
+                () = tx.closed() => return,
+                () = async { let _ = cut.wait_for(|c| *c).await; } => {
+                    let _ = tx.send(Err(Status::from(Error::ShuttingDown))).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+pub async fn delete(request: Request<pb::DeleteSubscriptionRequest>) -> Result<()> {
+    let caller = caller(&request)?;
+    let r = request.into_inner();
+    let sql = source(&caller, &r.source)?.backend.sql()?.clone();
+    check_subscription(&r.subscription)?;
+    sql.delete_subscription(&subscription_id(&caller.tenant.id, &r.subscription), &r.subscription)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscription_ids_are_plain_unique_and_short() {
+        let a = subscription_id("acme", "orders");
+        assert!(a.starts_with("weir_acme_orders_"));
+        assert_ne!(a, subscription_id("acme2", "orders"));
+        // Names that sanitize alike still differ by the hash.
+        assert_ne!(subscription_id("a-b", "x"), subscription_id("a_b", "x"));
+        let long = subscription_id(&"T".repeat(200), &"s.".repeat(50));
+        assert!(long.len() <= 63, "{}", long.len());
+        assert!(long.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+    }
+
+    #[test]
+    fn positions_are_bound_to_tenant_and_subscription() {
+        let p = Position(vec![0, 1, 2, 3]);
+        let bytes = encode_position("acme", "orders", &p);
+        assert_eq!(decode_position("f", "acme", "orders", &bytes).ok(), Some(p));
+        assert!(decode_position("f", "other", "orders", &bytes).is_err());
+        assert!(decode_position("f", "acme", "other", &bytes).is_err());
+        for cut in 0..bytes.len() - 4 {
+            assert!(decode_position("f", "acme", "orders", &bytes[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn subscription_names_are_checked() {
+        assert!(check_subscription("orders.v2_x-y").is_ok());
+        for bad in ["", "a b", "a;drop", "é", &"x".repeat(101)] {
+            assert!(check_subscription(bad).is_err(), "{bad:?}");
+        }
+    }
+}

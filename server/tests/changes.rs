@@ -1,0 +1,611 @@
+//! Change streams (`WatchChanges`) through the real gRPC server against real
+//! engines: PostgreSQL with wal_level = logical and MariaDB with a ROW
+//! binlog, both set up by ./scripts/test. Writes go through the gateway's
+//! own QueryService; the events must match them exactly.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use tonic::Code;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::weir_proto::v1::watch_changes_response::Message;
+use weir_client::{ChangeWatch, WeirClient};
+
+/// How long a test waits for an event that must come.
+const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Copy, Debug)]
+enum Engine {
+    Postgres,
+    Mysql,
+}
+
+impl Engine {
+    fn source(self, tenant_id: &str) -> String {
+        match self {
+            Engine::Postgres => postgres(tenant_id, "db", ""),
+            Engine::Mysql => mysql(tenant_id, "db", ""),
+        }
+    }
+
+    fn text_type(self) -> &'static str {
+        match self {
+            Engine::Mysql => "VARCHAR(200)",
+            Engine::Postgres => "TEXT",
+        }
+    }
+}
+
+struct Ctx {
+    engine: Engine,
+    server: TestServer,
+    client: WeirClient,
+    /// Unique per test run: tables and subscriptions never collide.
+    tag: String,
+}
+
+const CONFIG: &str = "[changes]\npoll_interval = \"20ms\"\nheartbeat_interval = \"300ms\"\n";
+
+impl Ctx {
+    async fn new(engine: Engine) -> Ctx {
+        let config = format!(
+            "{CONFIG}{}{}{}",
+            tenant("cs", "", &engine.source("cs")),
+            tenant("other", "", &engine.source("other")),
+            sqlite_demo("cs", "lite")
+        );
+        let server = TestServer::start(&config).await;
+        let client = server.client("key-cs").await;
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+        Ctx {
+            engine,
+            server,
+            client,
+            tag,
+        }
+    }
+
+    fn name(&self, base: &str) -> String {
+        format!("{base}_{}", self.tag)
+    }
+
+    async fn sql(&self, sql: &str) {
+        self.client
+            .execute("db", sql, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+
+    /// A keyed table `name(id INT PRIMARY KEY, v TEXT, n DECIMAL)`.
+    async fn table(&self, base: &str) -> String {
+        let name = self.name(base);
+        self.sql(&format!(
+            "CREATE TABLE {name} (id INT PRIMARY KEY, v {}, n DECIMAL(10,2))",
+            self.engine.text_type()
+        ))
+        .await;
+        name
+    }
+
+    fn start(&self, tables: &[&str], subscription: &str) -> pb::WatchStart {
+        pb::WatchStart {
+            source: "db".into(),
+            tables: tables
+                .iter()
+                .map(|t| pb::TableRef {
+                    schema: String::new(),
+                    table: (*t).into(),
+                })
+                .collect(),
+            subscription: subscription.into(),
+            ..Default::default()
+        }
+    }
+
+    async fn watch(&self, start: pb::WatchStart) -> ChangeWatch {
+        self.client.watch(start).await.expect("WatchChanges starts")
+    }
+
+    async fn delete(&self, subscription: &str) -> Result<(), tonic::Status> {
+        self.client
+            .stream()
+            .delete_subscription(pb::DeleteSubscriptionRequest {
+                source: "db".into(),
+                subscription: subscription.into(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes the subscriptions (retrying while the server still ends
+    /// their dropped streams) so no slot keeps retaining WAL, then the tables.
+    async fn finish(self, subscriptions: &[&str], tables: &[&str]) {
+        for s in subscriptions {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                match self.delete(s).await {
+                    Ok(()) => break,
+                    Err(e) if e.code() == Code::NotFound => break,
+                    Err(e) if tokio::time::Instant::now() > deadline => panic!("subscription {s} stays: {e:?}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+        for t in tables {
+            self.sql(&format!("DROP TABLE {t}")).await;
+        }
+        self.server.stop().await;
+    }
+}
+
+/// Reads responses until `n` change events arrived; returns every response.
+async fn read_changes(watch: &mut ChangeWatch, n: usize) -> Vec<Message> {
+    let mut out = Vec::new();
+    let mut changes = 0;
+    while changes < n {
+        let next = tokio::time::timeout(WAIT, watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {changes} of {n} changes arrived in {WAIT:?}"))
+            .expect("the stream stays healthy")
+            .expect("the stream stays open");
+        let message = next.message.expect("a response carries a message");
+        changes += usize::from(matches!(message, Message::Change(_)));
+        out.push(message);
+    }
+    out
+}
+
+fn changes(messages: &[Message]) -> Vec<&pb::ChangeEvent> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            Message::Change(c) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn op(c: &pb::ChangeEvent) -> pb::ChangeOperation {
+    pb::ChangeOperation::try_from(c.op).expect("a known operation")
+}
+
+/// The value of column `name` in a row of event `c`.
+fn col<'a>(c: &'a pb::ChangeEvent, row: &'a pb::Row, name: &str) -> &'a pb::Value {
+    let i = c
+        .columns
+        .iter()
+        .position(|col| col.name == name)
+        .unwrap_or_else(|| panic!("no column {name}"));
+    &row.values[i]
+}
+
+fn id_of(c: &pb::ChangeEvent) -> i64 {
+    let row = c.after.as_ref().or(c.before.as_ref()).expect("a row");
+    int(col(c, row, "id"))
+}
+
+fn decimal(v: &pb::Value) -> &str {
+    match &v.kind {
+        Some(pb::value::Kind::DecimalValue(d)) => d,
+        other => panic!("expected a decimal, got {other:?}"),
+    }
+}
+
+async fn inserts_updates_deletes_and_transactions_arrive_in_commit_order(engine: Engine) {
+    let ctx = Ctx::new(engine).await;
+    let t = ctx.table("orders").await;
+    let sub = ctx.name("order-feed");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'one', 1.50)")).await;
+    let tx = ctx.client.begin("db", pb::IsolationLevel::Unspecified, false).await.expect("begin");
+    for sql in [
+        format!("INSERT INTO {t} VALUES (2, 'two', NULL)"),
+        format!("INSERT INTO {t} VALUES (3, 'three', 3)"),
+        format!("UPDATE {t} SET v = 'uno', n = 1.25 WHERE id = 1"),
+    ] {
+        ctx.client.execute_in(&tx, "db", &sql, vec![]).await.expect("statement in transaction");
+    }
+    ctx.client.commit(&tx).await.expect("commit");
+    ctx.sql(&format!("DELETE FROM {t} WHERE id = 2")).await;
+
+    let messages = read_changes(&mut watch, 5).await;
+    let events = changes(&messages);
+    let ops: Vec<_> = events.iter().map(|c| (op(c), id_of(c))).collect();
+    use pb::ChangeOperation as O;
+    assert_eq!(
+        ops,
+        [(O::Insert, 1), (O::Insert, 2), (O::Insert, 3), (O::Update, 1), (O::Delete, 2)]
+    );
+    for c in &events {
+        assert_eq!(c.table, t);
+        assert_eq!(c.primary_key, ["id"]);
+        assert!(c.commit_time.is_some(), "commit time on {c:?}");
+        assert!(!c.transaction_id.is_empty());
+    }
+    let first = events[0].after.as_ref().expect("insert has an after row");
+    assert_eq!(text(col(events[0], first, "v")), "one");
+    assert_eq!(decimal(col(events[0], first, "n")), "1.50");
+    assert!(is_null(col(events[1], events[1].after.as_ref().expect("after"), "n")));
+    let update = events[3].after.as_ref().expect("update has an after row");
+    assert_eq!(text(col(events[3], update, "v")), "uno");
+    assert_eq!(decimal(col(events[3], update, "n")), "1.25");
+    let deleted = events[4].before.as_ref().expect("delete has a before row");
+    assert_eq!(int(col(events[4], deleted, "id")), 2);
+    assert!(events[4].after.is_none());
+
+    // The three statements of the transaction come between one begin and one commit.
+    let txids: Vec<_> = events.iter().map(|c| c.transaction_id.clone()).collect();
+    assert!(txids[1] == txids[2] && txids[2] == txids[3]);
+    assert!(txids[0] != txids[1] && txids[3] != txids[4]);
+    let boundaries: Vec<_> = messages
+        .iter()
+        .filter_map(|m| match m {
+            Message::Transaction(b) if b.transaction_id == txids[1] => Some((b.begin, b.event_count)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(boundaries, [(true, 0), (false, 3)], "{messages:?}");
+    // Positions only ever grow.
+    let positions: Vec<_> = events.iter().map(|c| c.position.clone()).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "positions grow");
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
+async fn a_consumer_resumed_from_its_last_ack_gets_every_later_change_once(engine: Engine) {
+    let ctx = Ctx::new(engine).await;
+    let t = ctx.table("resumed").await;
+    let sub = ctx.name("resume");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    for i in 1..=10 {
+        ctx.sql(&format!("INSERT INTO {t} VALUES ({i}, 'v{i}', {i})")).await;
+    }
+    let first = read_changes(&mut watch, 5).await;
+    let fifth = changes(&first)[4].clone();
+    assert_eq!(id_of(&fifth), 5);
+    watch.ack(fifth.position.clone()).await.expect("ack");
+    // Let the ack reach the server before the client "crashes".
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(watch);
+
+    for i in 11..=15 {
+        ctx.sql(&format!("INSERT INTO {t} VALUES ({i}, 'v{i}', {i})")).await;
+    }
+    let mut start = ctx.start(&[&t], &sub);
+    start.resume_position = fifth.position.clone();
+    let mut resumed = ctx.watch(start).await;
+    let rest = read_changes(&mut resumed, 10).await;
+    let ids: Vec<_> = changes(&rest).iter().map(|c| id_of(c)).collect();
+    assert_eq!(ids, (6..=15).collect::<Vec<_>>());
+
+    // Acknowledge the last commit: a resume without a position starts after it.
+    let last_txid = changes(&rest)[9].transaction_id.clone();
+    let last_commit = tokio::time::timeout(WAIT, async {
+        loop {
+            let m = resumed.next().await.expect("healthy").expect("open").message.expect("message");
+            if let Message::Transaction(b) = m {
+                if !b.begin && b.transaction_id == last_txid {
+                    return b.position;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the last transaction's commit boundary");
+    resumed.ack(last_commit).await.expect("ack");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(resumed);
+    let mut again = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (16, 'v16', 16)")).await;
+    let next = read_changes(&mut again, 1).await;
+    assert_eq!(id_of(changes(&next)[0]), 16, "nothing before the acknowledged commit comes again");
+    drop(again);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
+async fn a_snapshot_then_stream_misses_and_doubles_nothing(engine: Engine) {
+    let ctx = Ctx::new(engine).await;
+    let t = ctx.table("snap").await;
+    let sub = ctx.name("snap");
+    ctx.sql(&format!(
+        "INSERT INTO {t} (id, v, n) VALUES {}",
+        (1..=500).map(|i| format!("({i}, 'start', {i})")).collect::<Vec<_>>().join(", ")
+    ))
+    .await;
+
+    // Writers keep changing the table while the snapshot is taken and read.
+    let writer = {
+        let client = ctx.client.clone();
+        let t = t.clone();
+        tokio::spawn(async move {
+            for round in 0..150i64 {
+                let id = 1 + (round * 37) % 700;
+                let sql = match round % 3 {
+                    0 => format!("UPDATE {t} SET v = 'r{round}' WHERE id = {id}"),
+                    1 => format!("DELETE FROM {t} WHERE id = {id}"),
+                    _ => format!("INSERT INTO {t} (id, v, n) VALUES ({}, 'new', 0)", 1000 + round),
+                };
+                client.execute("db", &sql, vec![]).await.expect("concurrent write");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut start = ctx.start(&[&t], &sub);
+    start.snapshot = true;
+    let mut watch = ctx.watch(start).await;
+    writer.await.expect("writer");
+    ctx.sql(&format!("INSERT INTO {t} (id, v, n) VALUES (99999, 'end', 0)")).await;
+
+    let mut state: BTreeMap<i64, String> = BTreeMap::new();
+    let mut streaming = false;
+    loop {
+        let message = tokio::time::timeout(WAIT, watch.next())
+            .await
+            .expect("the end marker arrives")
+            .expect("healthy stream")
+            .expect("open stream")
+            .message
+            .expect("message");
+        let Message::Change(c) = message else { continue };
+        let id = id_of(&c);
+        match op(&c) {
+            pb::ChangeOperation::SnapshotRead => {
+                assert!(!streaming, "snapshot rows come before streamed changes");
+                assert!(state.insert(id, text(col(&c, c.after.as_ref().expect("row"), "v")).to_string()).is_none());
+            }
+            pb::ChangeOperation::Insert => {
+                streaming = true;
+                let v = text(col(&c, c.after.as_ref().expect("row"), "v")).to_string();
+                assert!(state.insert(id, v).is_none(), "insert of {id} doubles a snapshot row");
+            }
+            pb::ChangeOperation::Update => {
+                streaming = true;
+                let v = text(col(&c, c.after.as_ref().expect("row"), "v")).to_string();
+                assert!(state.insert(id, v).is_some(), "update of {id}, which the replay lacks");
+            }
+            pb::ChangeOperation::Delete => {
+                streaming = true;
+                assert!(state.remove(&id).is_some(), "delete of {id}, which the replay lacks");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        if id == 99999 {
+            break;
+        }
+    }
+    let table = ctx
+        .client
+        .execute("db", &format!("SELECT id, v FROM {t} ORDER BY id"), vec![])
+        .await
+        .expect("read table");
+    let actual: BTreeMap<i64, String> = table
+        .rows
+        .iter()
+        .map(|r| (int(&r.values[0]), text(&r.values[1]).to_string()))
+        .collect();
+    assert_eq!(state, actual, "the replayed stream equals the table");
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
+async fn one_consumer_per_subscription_unless_taken_over(engine: Engine) {
+    let ctx = Ctx::new(engine).await;
+    let t = ctx.table("single").await;
+    let sub = ctx.name("single");
+    let mut first = ctx.watch(ctx.start(&[&t], &sub)).await;
+    let second = ctx.client.watch(ctx.start(&[&t], &sub)).await;
+    let e = second.err().expect("a second consumer is refused");
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert_eq!(reason(&e), "SUBSCRIPTION_ACTIVE");
+
+    let mut start = ctx.start(&[&t], &sub);
+    start.take_over = true;
+    let mut taker = ctx.watch(start).await;
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match first.next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(e) => return Some(e),
+            }
+        }
+    })
+    .await
+    .expect("the first consumer is ended");
+    let e = ended.expect("with an error");
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert_eq!(reason(&e), "SUBSCRIPTION_TAKEN_OVER");
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'x', 1)")).await;
+    assert_eq!(id_of(changes(&read_changes(&mut taker, 1).await)[0]), 1);
+    drop(taker);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
+async fn heartbeats_advance_a_quiet_subscription(engine: Engine) {
+    let ctx = Ctx::new(engine).await;
+    let t = ctx.table("quiet").await;
+    let noisy = ctx.table("noisy").await;
+    let sub = ctx.name("quiet");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    // Changes to a table nobody watches still move the log on.
+    ctx.sql(&format!("INSERT INTO {noisy} VALUES (1, 'x', 1)")).await;
+    let heartbeat = tokio::time::timeout(WAIT, async {
+        loop {
+            let m = watch.next().await.expect("healthy").expect("open").message.expect("message");
+            match m {
+                Message::Heartbeat(h) => return h,
+                other => panic!("only heartbeats on a quiet table, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a heartbeat comes");
+    assert!(heartbeat.server_time.is_some());
+    watch.ack(heartbeat.position.clone()).await.expect("ack heartbeat");
+    // The acknowledged heartbeat position is a valid resume point.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(watch);
+    let mut start = ctx.start(&[&t], &sub);
+    start.resume_position = heartbeat.position;
+    let mut resumed = ctx.watch(start).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (7, 'x', 1)")).await;
+    assert_eq!(id_of(changes(&read_changes(&mut resumed, 1).await)[0]), 7);
+    drop(resumed);
+    ctx.finish(&[&sub], &[&t, &noisy]).await;
+}
+
+async fn deleting_a_subscription_releases_the_engine_state(engine: Engine) {
+    let ctx = Ctx::new(engine).await;
+    let t = ctx.table("deleted").await;
+    let sub = ctx.name("deleted");
+    let watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    let busy = ctx.delete(&sub).await.expect_err("a live subscription is not deleted");
+    assert_eq!(busy.code(), Code::AlreadyExists);
+    drop(watch);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // The server notices the closed stream shortly after.
+    while ctx.delete(&sub).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the subscription was never released");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!engine_state_exists(engine, &sub).await, "slot or stored state left behind");
+    let gone = ctx.delete(&sub).await.expect_err("deleted twice");
+    assert_eq!(gone.code(), Code::NotFound);
+    assert_eq!(reason(&gone), "SUBSCRIPTION_NOT_FOUND");
+    ctx.finish(&[], &[&t]).await;
+}
+
+/// Whether the engine still keeps anything for the subscription.
+async fn engine_state_exists(engine: Engine, subscription: &str) -> bool {
+    let id = weir_server::service::changes::subscription_id("cs", subscription);
+    match engine {
+        Engine::Postgres => {
+            let pg = pg_direct().await;
+            let slots: i64 = pg
+                .query_one(
+                    "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1)
+                          + (SELECT count(*) FROM pg_publication WHERE pubname = $1)",
+                    &[&id],
+                )
+                .await
+                .expect("catalog")
+                .get(0);
+            slots > 0
+        }
+        Engine::Mysql => {
+            use mysql_async::prelude::Queryable;
+            let mut conn = mysql_direct().await;
+            let n: Option<i64> = conn
+                .exec_first("SELECT COUNT(*) FROM weir_change_positions WHERE subscription = ?", (id,))
+                .await
+                .unwrap_or(Some(0));
+            n.unwrap_or(0) > 0
+        }
+    }
+}
+
+async fn bad_requests_get_clear_errors(engine: Engine) {
+    let ctx = Ctx::new(engine).await;
+    let t = ctx.table("errs").await;
+    let keyless = ctx.name("keyless");
+    ctx.sql(&format!("CREATE TABLE {keyless} (a INT, b INT)")).await;
+    let sub = ctx.name("errs");
+
+    let status = |r: Result<ChangeWatch, tonic::Status>| r.err().expect("refused");
+    let e = status(ctx.client.watch(ctx.start(&[&keyless], &sub)).await);
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(reason(&e), "CHANGE_STREAMS_NOT_READY");
+    assert!(e.message().contains("primary key"), "{}", e.message());
+
+    let e = status(ctx.client.watch(ctx.start(&["no_such_table_x"], &sub)).await);
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    let e = status(ctx.client.watch(ctx.start(&[&t], "bad name;drop")).await);
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    let e = status(ctx.client.watch(ctx.start(&[], &sub)).await);
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    let mut lite = ctx.start(&["customers"], &sub);
+    lite.source = "lite".into();
+    let e = status(ctx.client.watch(lite).await);
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // A position from another tenant's subscription of the same name is refused.
+    let other = ctx.server.client("key-other").await;
+    let mut theirs = other.watch(ctx.start(&[&t], &sub)).await.expect("other tenant's watch");
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'x', 1)")).await;
+    let their_position = changes(&read_changes(&mut theirs, 1).await)[0].position.clone();
+    drop(theirs);
+    let mut start = ctx.start(&[&t], &sub);
+    start.resume_position = their_position.clone();
+    let e = status(ctx.client.watch(start).await);
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // Acknowledging something never delivered ends the stream with INVALID_ARGUMENT.
+    let mut mine = ctx.watch(ctx.start(&[&t], &sub)).await;
+    mine.ack(their_position).await.expect("ack is sent");
+    let e = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Err(e) = mine.next().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    let other_ctx_sub = sub.clone();
+    let _ = other
+        .stream()
+        .delete_subscription(pb::DeleteSubscriptionRequest {
+            source: "db".into(),
+            subscription: other_ctx_sub,
+        })
+        .await;
+    ctx.finish(&[&sub], &[&t, &keyless]).await;
+}
+
+macro_rules! suite {
+    ($module:ident, $engine:expr) => {
+        mod $module {
+            use super::*;
+            #[tokio::test]
+            async fn inserts_updates_deletes_and_transactions_arrive_in_commit_order() {
+                super::inserts_updates_deletes_and_transactions_arrive_in_commit_order($engine).await
+            }
+            #[tokio::test]
+            async fn a_consumer_resumed_from_its_last_ack_gets_every_later_change_once() {
+                super::a_consumer_resumed_from_its_last_ack_gets_every_later_change_once($engine).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_snapshot_then_stream_misses_and_doubles_nothing() {
+                super::a_snapshot_then_stream_misses_and_doubles_nothing($engine).await
+            }
+            #[tokio::test]
+            async fn one_consumer_per_subscription_unless_taken_over() {
+                super::one_consumer_per_subscription_unless_taken_over($engine).await
+            }
+            #[tokio::test]
+            async fn heartbeats_advance_a_quiet_subscription() {
+                super::heartbeats_advance_a_quiet_subscription($engine).await
+            }
+            #[tokio::test]
+            async fn deleting_a_subscription_releases_the_engine_state() {
+                super::deleting_a_subscription_releases_the_engine_state($engine).await
+            }
+            #[tokio::test]
+            async fn bad_requests_get_clear_errors() {
+                super::bad_requests_get_clear_errors($engine).await
+            }
+        }
+    };
+}
+
+suite!(postgres_changes, Engine::Postgres);

@@ -468,7 +468,10 @@ impl LimitsConfig {
             ("load_bytes_per_second", u64::from(self.load_bytes_per_second)),
             ("max_concurrent_consumers", u64::from(self.max_concurrent_consumers)),
             ("max_record_bytes", self.max_record_bytes),
-            ("max_concurrent_subscriptions", u64::from(self.max_concurrent_subscriptions)),
+            (
+                "max_concurrent_subscriptions",
+                u64::from(self.max_concurrent_subscriptions),
+            ),
             ("stream_records_per_second", u64::from(self.stream_records_per_second)),
             ("stream_bytes_per_second", u64::from(self.stream_bytes_per_second)),
         ];

@@ -224,9 +224,7 @@ impl From<Error> for Status {
                     (Code::FailedPrecondition, info("CHANGE_STREAMS_NOT_READY", vec![]))
                 }
                 BackendError::SubscriptionActive(_) => (Code::AlreadyExists, info("SUBSCRIPTION_ACTIVE", vec![])),
-                BackendError::SubscriptionTakenOver(_) => {
-                    (Code::Aborted, info("SUBSCRIPTION_TAKEN_OVER", vec![]))
-                }
+                BackendError::SubscriptionTakenOver(_) => (Code::Aborted, info("SUBSCRIPTION_TAKEN_OVER", vec![])),
                 BackendError::SubscriptionNotFound(_) => (Code::NotFound, info("SUBSCRIPTION_NOT_FOUND", vec![])),
                 BackendError::PositionNotRetained(_) => (Code::OutOfRange, info("POSITION_NOT_RETAINED", vec![])),
                 BackendError::Internal(_) => (Code::Internal, info("INTERNAL", vec![])),

@@ -146,16 +146,22 @@ async fn read_changes(watch: &mut ChangeWatch, n: usize) -> Vec<Message> {
     let mut out = Vec::new();
     let mut changes = 0;
     while changes < n {
-        let next = tokio::time::timeout(WAIT, watch.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {changes} of {n} changes arrived in {WAIT:?}"))
-            .expect("the stream stays healthy")
-            .expect("the stream stays open");
-        let message = next.message.expect("a response carries a message");
+        let message = next_message(watch).await;
         changes += usize::from(matches!(message, Message::Change(_)));
         out.push(message);
     }
     out
+}
+
+/// The next response's message, which must come within `WAIT`.
+async fn next_message(watch: &mut ChangeWatch) -> Message {
+    tokio::time::timeout(WAIT, watch.next())
+        .await
+        .expect("a response within the wait")
+        .expect("the stream stays healthy")
+        .expect("the stream stays open")
+        .message
+        .expect("a response carries a message")
 }
 
 fn changes(messages: &[Message]) -> Vec<&pb::ChangeEvent> {
@@ -201,13 +207,20 @@ async fn inserts_updates_deletes_and_transactions_arrive_in_commit_order(engine:
     let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
 
     ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'one', 1.50)")).await;
-    let tx = ctx.client.begin("db", pb::IsolationLevel::Unspecified, false).await.expect("begin");
+    let tx = ctx
+        .client
+        .begin("db", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
     for sql in [
         format!("INSERT INTO {t} VALUES (2, 'two', NULL)"),
         format!("INSERT INTO {t} VALUES (3, 'three', 3)"),
         format!("UPDATE {t} SET v = 'uno', n = 1.25 WHERE id = 1"),
     ] {
-        ctx.client.execute_in(&tx, "db", &sql, vec![]).await.expect("statement in transaction");
+        ctx.client
+            .execute_in(&tx, "db", &sql, vec![])
+            .await
+            .expect("statement in transaction");
     }
     ctx.client.commit(&tx).await.expect("commit");
     ctx.sql(&format!("DELETE FROM {t} WHERE id = 2")).await;
@@ -218,7 +231,13 @@ async fn inserts_updates_deletes_and_transactions_arrive_in_commit_order(engine:
     use pb::ChangeOperation as O;
     assert_eq!(
         ops,
-        [(O::Insert, 1), (O::Insert, 2), (O::Insert, 3), (O::Update, 1), (O::Delete, 2)]
+        [
+            (O::Insert, 1),
+            (O::Insert, 2),
+            (O::Insert, 3),
+            (O::Update, 1),
+            (O::Delete, 2)
+        ]
     );
     for c in &events {
         assert_eq!(c.table, t);
@@ -284,25 +303,24 @@ async fn a_consumer_resumed_from_its_last_ack_gets_every_later_change_once(engin
 
     // Acknowledge the last commit: a resume without a position starts after it.
     let last_txid = changes(&rest)[9].transaction_id.clone();
-    let last_commit = tokio::time::timeout(WAIT, async {
-        loop {
-            let m = resumed.next().await.expect("healthy").expect("open").message.expect("message");
-            if let Message::Transaction(b) = m {
-                if !b.begin && b.transaction_id == last_txid {
-                    return b.position;
-                }
+    let last_commit = loop {
+        if let Message::Transaction(b) = next_message(&mut resumed).await {
+            if !b.begin && b.transaction_id == last_txid {
+                break b.position;
             }
         }
-    })
-    .await
-    .expect("the last transaction's commit boundary");
+    };
     resumed.ack(last_commit).await.expect("ack");
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(resumed);
     let mut again = ctx.watch(ctx.start(&[&t], &sub)).await;
     ctx.sql(&format!("INSERT INTO {t} VALUES (16, 'v16', 16)")).await;
     let next = read_changes(&mut again, 1).await;
-    assert_eq!(id_of(changes(&next)[0]), 16, "nothing before the acknowledged commit comes again");
+    assert_eq!(
+        id_of(changes(&next)[0]),
+        16,
+        "nothing before the acknowledged commit comes again"
+    );
     drop(again);
     ctx.finish(&[&sub], &[&t]).await;
 }
@@ -313,7 +331,10 @@ async fn a_snapshot_then_stream_misses_and_doubles_nothing(engine: Engine) {
     let sub = ctx.name("snap");
     ctx.sql(&format!(
         "INSERT INTO {t} (id, v, n) VALUES {}",
-        (1..=500).map(|i| format!("({i}, 'start', {i})")).collect::<Vec<_>>().join(", ")
+        (1..=500)
+            .map(|i| format!("({i}, 'start', {i})"))
+            .collect::<Vec<_>>()
+            .join(", ")
     ))
     .await;
 
@@ -339,24 +360,22 @@ async fn a_snapshot_then_stream_misses_and_doubles_nothing(engine: Engine) {
     start.snapshot = true;
     let mut watch = ctx.watch(start).await;
     writer.await.expect("writer");
-    ctx.sql(&format!("INSERT INTO {t} (id, v, n) VALUES (99999, 'end', 0)")).await;
+    ctx.sql(&format!("INSERT INTO {t} (id, v, n) VALUES (99999, 'end', 0)"))
+        .await;
 
     let mut state: BTreeMap<i64, String> = BTreeMap::new();
     let mut streaming = false;
     loop {
-        let message = tokio::time::timeout(WAIT, watch.next())
-            .await
-            .expect("the end marker arrives")
-            .expect("healthy stream")
-            .expect("open stream")
-            .message
-            .expect("message");
-        let Message::Change(c) = message else { continue };
+        let Message::Change(c) = next_message(&mut watch).await else {
+            continue;
+        };
         let id = id_of(&c);
         match op(&c) {
             pb::ChangeOperation::SnapshotRead => {
                 assert!(!streaming, "snapshot rows come before streamed changes");
-                assert!(state.insert(id, text(col(&c, c.after.as_ref().expect("row"), "v")).to_string()).is_none());
+                assert!(state
+                    .insert(id, text(col(&c, c.after.as_ref().expect("row"), "v")).to_string())
+                    .is_none());
             }
             pb::ChangeOperation::Insert => {
                 streaming = true;
@@ -434,17 +453,10 @@ async fn heartbeats_advance_a_quiet_subscription(engine: Engine) {
     let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
     // Changes to a table nobody watches still move the log on.
     ctx.sql(&format!("INSERT INTO {noisy} VALUES (1, 'x', 1)")).await;
-    let heartbeat = tokio::time::timeout(WAIT, async {
-        loop {
-            let m = watch.next().await.expect("healthy").expect("open").message.expect("message");
-            match m {
-                Message::Heartbeat(h) => return h,
-                other => panic!("only heartbeats on a quiet table, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("a heartbeat comes");
+    let heartbeat = match next_message(&mut watch).await {
+        Message::Heartbeat(h) => h,
+        other => panic!("only heartbeats on a quiet table, got {other:?}"),
+    };
     assert!(heartbeat.server_time.is_some());
     watch.ack(heartbeat.position.clone()).await.expect("ack heartbeat");
     // The acknowledged heartbeat position is a valid resume point.
@@ -470,10 +482,16 @@ async fn deleting_a_subscription_releases_the_engine_state(engine: Engine) {
     let deadline = tokio::time::Instant::now() + WAIT;
     // The server notices the closed stream shortly after.
     while ctx.delete(&sub).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "the subscription was never released");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the subscription was never released"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(!engine_state_exists(engine, &sub).await, "slot or stored state left behind");
+    assert!(
+        !engine_state_exists(engine, &sub).await,
+        "slot or stored state left behind"
+    );
     let gone = ctx.delete(&sub).await.expect_err("deleted twice");
     assert_eq!(gone.code(), Code::NotFound);
     assert_eq!(reason(&gone), "SUBSCRIPTION_NOT_FOUND");
@@ -501,7 +519,10 @@ async fn engine_state_exists(engine: Engine, subscription: &str) -> bool {
             use mysql_async::prelude::Queryable;
             let mut conn = mysql_direct().await;
             let n: Option<i64> = conn
-                .exec_first("SELECT COUNT(*) FROM weir_change_positions WHERE subscription = ?", (id,))
+                .exec_first(
+                    "SELECT COUNT(*) FROM weir_change_positions WHERE subscription = ?",
+                    (id,),
+                )
                 .await
                 .unwrap_or(Some(0));
             n.unwrap_or(0) > 0
@@ -609,3 +630,4 @@ macro_rules! suite {
 }
 
 suite!(postgres_changes, Engine::Postgres);
+suite!(mysql_changes, Engine::Mysql);

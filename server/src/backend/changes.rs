@@ -24,6 +24,34 @@ pub struct TableName {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Position(pub Vec<u8>);
 
+impl Position {
+    /// Big-endian fields of the given byte widths (at most 8 each), so that
+    /// byte order is the order of the field tuple.
+    pub fn pack<const N: usize>(widths: [usize; N], fields: [u64; N]) -> Position {
+        let mut out = Vec::with_capacity(widths.iter().sum());
+        for (width, field) in widths.into_iter().zip(fields) {
+            out.extend_from_slice(&field.to_be_bytes()[8 - width..]);
+        }
+        Position(out)
+    }
+
+    /// The fields `pack` wrote, or `None` for bytes of another length.
+    pub fn unpack<const N: usize>(&self, widths: [usize; N]) -> Option<[u64; N]> {
+        if self.0.len() != widths.iter().sum::<usize>() {
+            return None;
+        }
+        let mut out = [0u64; N];
+        let mut at = 0;
+        for (slot, width) in out.iter_mut().zip(widths) {
+            *slot = self.0[at..at + width]
+                .iter()
+                .fold(0, |acc, b| (acc << 8) | u64::from(*b));
+            at += width;
+        }
+        Some(out)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct WatchSpec {
     /// Unique per tenant and subscription, and safe as an engine identifier
@@ -66,6 +94,33 @@ pub struct RowChange {
     pub position: Position,
 }
 
+/// What every row of one table's snapshot shares.
+pub struct SnapshotTable {
+    pub schema: String,
+    pub table: String,
+    pub columns: Arc<[Column]>,
+    pub primary_key: Arc<[String]>,
+    /// Where streaming continues once the snapshot is read.
+    pub position: Position,
+}
+
+impl SnapshotTable {
+    pub fn row(&self, values: Row) -> ChangeItem {
+        ChangeItem::Change(RowChange {
+            op: ChangeOp::SnapshotRead,
+            schema: self.schema.clone(),
+            table: self.table.clone(),
+            columns: self.columns.clone(),
+            before: None,
+            after: Some(values),
+            primary_key: self.primary_key.clone(),
+            txid: String::new(),
+            commit_time: None,
+            position: self.position.clone(),
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum ChangeItem {
     Begin {
@@ -82,7 +137,9 @@ pub enum ChangeItem {
     },
     /// Nothing to report up to `position`; acknowledging it lets the engine
     /// release the log it retains for quiet tables.
-    Heartbeat { position: Position },
+    Heartbeat {
+        position: Position,
+    },
 }
 
 impl ChangeItem {
@@ -102,4 +159,20 @@ pub struct ChangeFeed {
     pub items: mpsc::Receiver<Result<ChangeItem, BackendError>>,
     /// Positions the client acknowledged, in order.
     pub acks: mpsc::UnboundedSender<Position>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_positions_round_trip_and_sort_as_their_fields() {
+        let widths = [4, 8, 4];
+        let a = Position::pack(widths, [1, 500, 2]);
+        let b = Position::pack(widths, [1, 501, 0]);
+        let c = Position::pack(widths, [2, 4, 0]);
+        assert!(a < b && b < c);
+        assert_eq!(c.unpack(widths), Some([2, 4, 0]));
+        assert_eq!(Position(vec![1, 2]).unpack(widths), None);
+    }
 }

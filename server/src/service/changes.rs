@@ -44,12 +44,23 @@ fn check_subscription(name: &str) -> Result<()> {
 pub fn subscription_id(tenant: &str, name: &str) -> String {
     fn plain(s: &str, max: usize) -> String {
         s.chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
             .take(max)
             .collect()
     }
     let digest = Sha256::digest(format!("{tenant}\0{name}").as_bytes());
-    format!("weir_{}_{}_{}", plain(tenant, 20), plain(name, 24), hex::encode(&digest[..6]))
+    format!(
+        "weir_{}_{}_{}",
+        plain(tenant, 20),
+        plain(name, 24),
+        hex::encode(&digest[..6])
+    )
 }
 
 /// A position as the client sees it: version, tenant, subscription, then the engine's bytes.
@@ -229,7 +240,10 @@ impl Pump<'_> {
     fn ack(&self, bytes: &[u8]) -> Result<Position> {
         let p = decode_position("ack.position", &self.caller.tenant.id, self.subscription, bytes)?;
         if self.delivered.as_ref().is_none_or(|d| &p > d) {
-            return Err(bad("ack.position", "acknowledges a position that was not delivered yet"));
+            return Err(bad(
+                "ack.position",
+                "acknowledges a position that was not delivered yet",
+            ));
         }
         Ok(p)
     }
@@ -322,7 +336,9 @@ mod tests {
         assert_ne!(subscription_id("a-b", "x"), subscription_id("a_b", "x"));
         let long = subscription_id(&"T".repeat(200), &"s.".repeat(50));
         assert!(long.len() <= 63, "{}", long.len());
-        assert!(long.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+        assert!(long
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
     }
 
     #[test]

@@ -34,7 +34,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let max = config.server.max_request_bytes;
-    let stream = StreamServiceServer::new(StreamApi::new(cut.clone(), config.changes.clone())).max_decoding_message_size(max);
+    let stream =
+        StreamServiceServer::new(StreamApi::new(cut.clone(), config.changes.clone())).max_decoding_message_size(max);
     let query = QueryServiceServer::new(QueryApi::new(transactions, cut)).max_decoding_message_size(max);
     let schema = SchemaServiceServer::new(SchemaApi).max_decoding_message_size(max);
     let bulk = BulkLoadServiceServer::new(BulkApi::new(config.bulk.clone())).max_decoding_message_size(max);

@@ -3,6 +3,7 @@
 //! when the caller goes away the task kills the statement on the server.
 
 mod bulk;
+mod changes;
 mod schema;
 pub mod types;
 
@@ -17,8 +18,9 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use crate::backend::channel::{self, Worker, CHUNK_ROWS};
 use crate::backend::error::classify_sqlstate;
 use crate::backend::{
-    BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec, QueryStream,
-    RowFeed, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
+    BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec,
+    QueryStream, RowFeed, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
+    WatchSpec,
 };
 use crate::config::SourceConfig;
 
@@ -30,6 +32,8 @@ const STATEMENT_CACHE_SIZE: usize = 256;
 pub struct MysqlSource {
     pool: Pool,
     opts: Opts,
+    /// For change streams: the same server, without the read-only session setting.
+    change_opts: Opts,
     config: SourceConfig,
 }
 
@@ -37,7 +41,8 @@ impl MysqlSource {
     pub fn new(config: &SourceConfig) -> Result<Self, BackendError> {
         let constraints = PoolConstraints::new(config.pool.min_idle as usize, config.pool.max_size as usize)
             .ok_or_else(|| BackendError::Invalid("pool.min_idle must not exceed pool.max_size".into()))?;
-        let mut setup = vec!["SET NAMES utf8mb4".to_string(), "SET time_zone = '+00:00'".to_string()];
+        let base_setup = vec!["SET NAMES utf8mb4".to_string(), "SET time_zone = '+00:00'".to_string()];
+        let mut setup = base_setup.clone();
         if config.read_only {
             // Enforced by the engine for every statement, whatever its text.
             setup.push("SET SESSION TRANSACTION READ ONLY".into());
@@ -59,10 +64,12 @@ impl MysqlSource {
         if config.tls {
             builder = builder.ssl_opts(SslOpts::default());
         }
+        let change_opts = Opts::from(builder.clone().setup(base_setup));
         let opts = Opts::from(builder);
         Ok(Self {
             pool: Pool::new(opts.clone()),
             opts,
+            change_opts,
             config: config.clone(),
         })
     }
@@ -215,7 +222,10 @@ impl SqlSource for MysqlSource {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::sql("?")
+        Capabilities {
+            change_streams: true,
+            ..Capabilities::sql("?")
+        }
     }
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
@@ -281,6 +291,14 @@ impl SqlSource for MysqlSource {
 
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
         bulk::load(&mut self.conn().await?, spec, rows).await
+    }
+
+    async fn watch(&self, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
+        changes::watch(&self.change_opts, spec).await
+    }
+
+    async fn delete_subscription(&self, id: &str, name: &str) -> Result<(), BackendError> {
+        changes::delete(&self.change_opts, id, name).await
     }
 }
 

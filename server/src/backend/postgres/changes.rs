@@ -20,11 +20,13 @@ use tokio::sync::mpsc;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
 
+use super::map_error;
 use super::pgoutput::{self, lsn_text, Datum, Message, Relation};
 use super::types::{column_of, decode, pg_epoch, PgValue};
-use super::map_error;
 use crate::backend::bulk::quote_ansi;
-use crate::backend::changes::{ChangeFeed, ChangeItem, ChangeOp, Position, RowChange, TableName, WatchSpec};
+use crate::backend::changes::{
+    ChangeFeed, ChangeItem, ChangeOp, Position, RowChange, SnapshotTable, TableName, WatchSpec,
+};
 use crate::backend::{BackendError, Column, Row, Value};
 
 /// First key of the two-key advisory locks that make a subscription single-consumer.
@@ -33,6 +35,9 @@ const LOCK_CLASS: i32 = 0x5745_4952; // "WEIR"
 const FEED_BUFFER: usize = 256;
 /// How long a take-over waits for the old consumer's connection to end.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(5);
+/// How long a new consumer waits for the subscription's lock: a consumer
+/// that reconnects at once finds its old session still ending.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct PgPos {
@@ -49,11 +54,10 @@ impl PgPos {
     }
 
     fn decode(p: &Position) -> Result<Self, BackendError> {
-        let bytes: [u8; 12] = p
-            .0
-            .as_slice()
-            .try_into()
-            .map_err(|_| BackendError::Invalid("not a PostgreSQL change position".into()))?;
+        let bytes: [u8; 12] =
+            p.0.as_slice()
+                .try_into()
+                .map_err(|_| BackendError::Invalid("not a PostgreSQL change position".into()))?;
         let (lsn, seq) = bytes.split_at(8);
         Ok(PgPos {
             lsn: u64::from_be_bytes(lsn.try_into().unwrap_or_default()),
@@ -174,30 +178,43 @@ const LOCK_ARGS: &str = "$1::int4, hashtext($2)";
 const LOCK_ROW: &str = "locktype = 'advisory' AND objsubid = 2 AND classid = $1::int4::int8::oid \
      AND objid = ((hashtext($2)::int8 + 4294967296) % 4294967296)::oid";
 
+/// Tries the subscription's advisory lock until `wait` has passed.
+async fn try_lock_for(client: &Client, spec_id: &str, wait: Duration) -> Result<bool, BackendError> {
+    let try_lock = format!("SELECT pg_try_advisory_lock({LOCK_ARGS})");
+    let deadline = Instant::now() + wait;
+    loop {
+        let row = client
+            .query_one(&try_lock, &[&LOCK_CLASS, &spec_id])
+            .await
+            .map_err(map_error)?;
+        if row.get::<_, bool>(0) {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Takes the subscription's advisory lock on `client`'s session; with
 /// `take_over`, ends the session holding it first.
 async fn lock(client: &Client, spec_id: &str, name: &str, take_over: bool) -> Result<(), BackendError> {
-    let try_lock = format!("SELECT pg_try_advisory_lock({LOCK_ARGS})");
-    let locked = |row: tokio_postgres::Row| row.get::<_, bool>(0);
-    if locked(client.query_one(&try_lock, &[&LOCK_CLASS, &spec_id]).await.map_err(map_error)?) {
+    let wait = if take_over { Duration::ZERO } else { LOCK_WAIT };
+    if try_lock_for(client, spec_id, wait).await? {
         return Ok(());
     }
-    if !take_over {
-        return Err(BackendError::SubscriptionActive(name.to_string()));
-    }
-    client
-        .execute(
-            &format!("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE {LOCK_ROW} AND pid <> pg_backend_pid()"),
-            &[&LOCK_CLASS, &spec_id],
-        )
-        .await
-        .map_err(map_error)?;
-    let deadline = Instant::now() + TAKE_OVER_WAIT;
-    while Instant::now() < deadline {
-        if locked(client.query_one(&try_lock, &[&LOCK_CLASS, &spec_id]).await.map_err(map_error)?) {
+    if take_over {
+        client
+            .execute(
+                &format!("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE {LOCK_ROW} AND pid <> pg_backend_pid()"),
+                &[&LOCK_CLASS, &spec_id],
+            )
+            .await
+            .map_err(map_error)?;
+        if try_lock_for(client, spec_id, TAKE_OVER_WAIT).await? {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Err(BackendError::SubscriptionActive(name.to_string()))
 }
@@ -422,7 +439,11 @@ impl Reader {
             .map_err(map_error)?;
         locker.batch_execute("COMMIT").await.map_err(map_error)?;
         drop(locker);
-        let position = PgPos { lsn: lsn as u64, seq: 0 }.encode();
+        let position = PgPos {
+            lsn: lsn as u64,
+            seq: 0,
+        }
+        .encode();
         for (oid, qualified) in &tables {
             let statement = self
                 .client
@@ -435,8 +456,14 @@ impl Reader {
                 .map(super::types::column)
                 .collect::<Result<Vec<_>, _>>()?
                 .into();
-            let primary_key = self.watched.get(oid).map(|w| w.primary_key.clone()).unwrap_or_default();
             let (schema, table) = split_qualified(&self.client, *oid).await?;
+            let snapshot = SnapshotTable {
+                schema,
+                table,
+                columns: columns.clone(),
+                primary_key: self.watched.get(oid).map(|w| w.primary_key.clone()).unwrap_or_default(),
+                position: position.clone(),
+            };
             let rows = self
                 .client
                 .query_raw(&statement, std::iter::empty::<&(dyn ToSql + Sync)>())
@@ -448,19 +475,7 @@ impl Reader {
                 for i in 0..columns.len() {
                     values.push(row.try_get::<_, PgValue>(i).map_err(map_error)?.0);
                 }
-                let change = RowChange {
-                    op: ChangeOp::SnapshotRead,
-                    schema: schema.clone(),
-                    table: table.clone(),
-                    columns: columns.clone(),
-                    before: None,
-                    after: Some(values),
-                    primary_key: primary_key.clone(),
-                    txid: String::new(),
-                    commit_time: None,
-                    position: position.clone(),
-                };
-                if self.send(ChangeItem::Change(change)).await.is_err() {
+                if self.send(snapshot.row(values)).await.is_err() {
                     return Ok(Err(()));
                 }
             }
@@ -605,10 +620,15 @@ impl Reader {
             return Ok(false);
         }
         let Some(rel) = self.relations.get(&relation) else {
-            return Err(BackendError::Internal(format!("change for unannounced relation {relation}")));
+            return Err(BackendError::Internal(format!(
+                "change for unannounced relation {relation}"
+            )));
         };
         let before = old.as_deref().map(|o| self.values(rel, o, None)).transpose()?;
-        let after = new.as_deref().map(|n| self.values(rel, n, before.as_ref())).transpose()?;
+        let after = new
+            .as_deref()
+            .map(|n| self.values(rel, n, before.as_ref()))
+            .transpose()?;
         let change = RowChange {
             op,
             schema: rel.schema.clone(),
@@ -657,7 +677,13 @@ impl Reader {
             let heartbeat = PgPos { lsn: upto, seq: 0 };
             if complete && heartbeat > self.delivered && self.last_sent.elapsed() >= self.spec.heartbeat_interval {
                 self.delivered = heartbeat;
-                if self.send(ChangeItem::Heartbeat { position: heartbeat.encode() }).await.is_err() {
+                if self
+                    .send(ChangeItem::Heartbeat {
+                        position: heartbeat.encode(),
+                    })
+                    .await
+                    .is_err()
+                {
                     return Ok(());
                 }
             }
@@ -690,10 +716,7 @@ pub(super) async fn watch(config: &tokio_postgres::Config, spec: WatchSpec) -> R
     let watched = resolve(&client, &spec.tables).await?;
     lock(&client, &spec.id, &spec.name, spec.take_over).await?;
     let confirmed = ensure_slot(&client, &spec.id, &watched).await?;
-    let mut delivered = PgPos {
-        lsn: confirmed,
-        seq: 0,
-    };
+    let mut delivered = PgPos { lsn: confirmed, seq: 0 };
     if let Some(resume) = &spec.resume {
         let pos = PgPos::decode(resume)?;
         if pos.lsn < confirmed {
@@ -705,7 +728,9 @@ pub(super) async fn watch(config: &tokio_postgres::Config, spec: WatchSpec) -> R
             )));
         }
         if pos.lsn > current_lsn(&client).await? {
-            return Err(BackendError::Invalid("the resume position is ahead of the database".into()));
+            return Err(BackendError::Invalid(
+                "the resume position is ahead of the database".into(),
+            ));
         }
         delivered = pos;
     }
@@ -744,7 +769,10 @@ pub(super) async fn delete(config: &tokio_postgres::Config, id: &str, name: &str
     let client = connect(config).await?;
     lock(&client, id, name, false).await?;
     let slot = client
-        .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&id])
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&id],
+        )
         .await
         .map_err(map_error)?;
     let publication = client

@@ -23,8 +23,9 @@ use tokio_postgres::{CancelToken, Client, NoTls};
 use crate::backend::error::classify_sqlstate;
 use crate::backend::pool::FailFastPool;
 use crate::backend::{
-    BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, Isolation, LoadOutcome, LoadSpec, PoolStatus, QueryStream, Row,
-    RowFeed, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions, WatchSpec,
+    BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, Isolation, LoadOutcome, LoadSpec, PoolStatus,
+    QueryStream, Row, RowFeed, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
+    TableInfo, TxOptions, WatchSpec,
 };
 use crate::config::SourceConfig;
 use types::{PgParam, PgValue};

@@ -259,7 +259,8 @@ mod tests {
     const RELATION: &[u8] = b"R\x00\x00\x40\x03public\x00cdc_t\x00d\x00\x03\x01id\x00\x00\x00\x00\x17\xff\xff\xff\xff\x00v\x00\x00\x00\x00\x19\xff\xff\xff\xff\x00n\x00\x00\x00\x06\xa4\xff\xff\xff\xff";
     const INSERT: &[u8] = b"I\x00\x00\x40\x03N\x00\x03b\x00\x00\x00\x04\x00\x00\x00\x01b\x00\x00\x00\x01ab\x00\x00\x00\x0c\x00\x02\x00\x00\x00\x00\x00\x01\x00\x01\x13\x88";
     const DELETE: &[u8] = b"D\x00\x00\x40\x03K\x00\x03b\x00\x00\x00\x04\x00\x00\x00\x02nn";
-    const COMMIT: &[u8] = b"C\x00\x00\x00\x00\x00\x01\xd9\xf3\x68\x00\x00\x00\x00\x01\xd9\xf3\x98\x00\x03\x04\x99\x12\x19\x01\xc8";
+    const COMMIT: &[u8] =
+        b"C\x00\x00\x00\x00\x00\x01\xd9\xf3\x68\x00\x00\x00\x00\x01\xd9\xf3\x98\x00\x03\x04\x99\x12\x19\x01\xc8";
 
     #[test]
     fn parses_a_transaction() {
@@ -270,8 +271,15 @@ mod tests {
         let Message::Relation(rel) = parse(RELATION).expect("relation") else {
             panic!("not a relation")
         };
-        assert_eq!((rel.id, rel.schema.as_str(), rel.name.as_str(), rel.identity), (16387, "public", "cdc_t", b'd'));
-        let names: Vec<_> = rel.columns.iter().map(|c| (c.name.as_str(), c.key, c.type_oid)).collect();
+        assert_eq!(
+            (rel.id, rel.schema.as_str(), rel.name.as_str(), rel.identity),
+            (16387, "public", "cdc_t", b'd')
+        );
+        let names: Vec<_> = rel
+            .columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.key, c.type_oid))
+            .collect();
         assert_eq!(names, [("id", true, 23), ("v", false, 25), ("n", false, 1700)]);
         let Message::Insert { relation, new } = parse(INSERT).expect("insert") else {
             panic!("not an insert")

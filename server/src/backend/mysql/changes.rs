@@ -1,0 +1,917 @@
+//! MySQL/MariaDB change streams from the binary log (ROW format, full row
+//! images), read as a replica with mysql_async's binlog stream.
+//!
+//! The binlog is not retained per consumer, so the acknowledged position is
+//! stored in a table of the source's database (`weir_change_positions`);
+//! a resume without a position continues from it. The subscription's lock
+//! (`GET_LOCK`) is taken on the binlog connection itself, so it lives
+//! exactly as long as the stream and holds across gateway replicas.
+//!
+//! Positions are (binlog file number, offset, sequence): a row change is
+//! (file, offset where its transaction starts, index from 1); a commit or
+//! heartbeat is (file, offset just past it, 0). Reading resumes at the
+//! offset and skips what the position already covers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use mysql_async::binlog::events::{EventData, RowsEventData};
+use mysql_async::binlog::value::BinlogValue;
+use mysql_async::prelude::Queryable;
+use mysql_async::{BinlogStreamRequest, Conn, Opts, Value as MyValue};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::types::{self, Decode};
+use super::{map_error, schema};
+use crate::backend::changes::{
+    ChangeFeed, ChangeItem, ChangeOp, Position, RowChange, SnapshotTable, TableName, WatchSpec,
+};
+use crate::backend::{BackendError, Column, ColumnType, Row, Value};
+
+/// Where acknowledged positions are kept, in the source's database.
+const POSITIONS_TABLE: &str = "weir_change_positions";
+const FEED_BUFFER: usize = 256;
+/// How long a take-over waits for the old consumer's session to end.
+const TAKE_OVER_WAIT: u32 = 5;
+/// How long a new consumer waits for the subscription's lock: a consumer
+/// that reconnects at once finds its old session still ending.
+const LOCK_WAIT: u32 = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct BinlogPos {
+    file: u32,
+    offset: u64,
+    seq: u32,
+}
+
+const BINLOG_POSITION: [usize; 3] = [4, 8, 4];
+
+impl BinlogPos {
+    fn encode(self) -> Position {
+        Position::pack(
+            BINLOG_POSITION,
+            [u64::from(self.file), self.offset, u64::from(self.seq)],
+        )
+    }
+
+    fn decode(p: &Position) -> Result<Self, BackendError> {
+        let [file, offset, seq] = p
+            .unpack(BINLOG_POSITION)
+            .ok_or_else(|| BackendError::Invalid("not a MySQL change position".into()))?;
+        Ok(BinlogPos {
+            file: file as u32,
+            offset,
+            seq: seq as u32,
+        })
+    }
+}
+
+/// Binlog file names are `<base>.<number>`.
+fn split_file(name: &str) -> Result<(String, u32), BackendError> {
+    name.rsplit_once('.')
+        .and_then(|(base, n)| Some((base.to_string(), n.parse().ok()?)))
+        .ok_or_else(|| BackendError::Internal(format!("unexpected binlog file name {name:?}")))
+}
+
+fn file_name(base: &str, number: u32) -> String {
+    format!("{base}.{number:06}")
+}
+
+/// A replica id per subscription: the server ends an older dump with the same id.
+fn server_id(id: &str) -> u32 {
+    let digest = Sha256::digest(id.as_bytes());
+    0x4000_0000 | (u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & 0x3fff_ffff)
+}
+
+/// The labels of an `enum('a','b')` or `set(...)` column type.
+fn labels(native: &str) -> Vec<String> {
+    let Some(inner) = native.split_once('(').and_then(|(_, rest)| rest.strip_suffix(')')) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut chars = inner.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\'' {
+            continue;
+        }
+        let mut label = String::new();
+        while let Some(c) = chars.next() {
+            if c == '\'' {
+                if chars.peek() == Some(&'\'') {
+                    chars.next();
+                    label.push('\'');
+                    continue;
+                }
+                break;
+            }
+            label.push(c);
+        }
+        out.push(label);
+    }
+    out
+}
+
+/// How the binlog's raw value of a column becomes a `Value`.
+#[derive(Debug, Clone)]
+enum Shape {
+    Plain(Decode),
+    /// Unsigned integers of this many bits: the binlog carries them signed.
+    Unsigned(u32),
+    Enum(Vec<String>),
+    Set(Vec<String>),
+}
+
+fn shape(c: &Column) -> Shape {
+    let native = c.native_type.to_ascii_lowercase();
+    let unsigned = native.contains("unsigned");
+    let word = native.split(['(', ' ']).next().unwrap_or_default();
+    match word {
+        "enum" => return Shape::Enum(labels(&c.native_type)),
+        "set" => return Shape::Set(labels(&c.native_type)),
+        "bit" => return Shape::Plain(Decode::Bit),
+        _ => {}
+    }
+    if unsigned {
+        if let Some(bits) = match word {
+            "tinyint" => Some(8),
+            "smallint" => Some(16),
+            "mediumint" => Some(24),
+            "int" | "integer" => Some(32),
+            "bigint" => Some(64),
+            _ => None,
+        } {
+            return Shape::Unsigned(bits);
+        }
+    }
+    Shape::Plain(match c.column_type {
+        ColumnType::Int => Decode::Int,
+        ColumnType::UInt => Decode::UInt,
+        ColumnType::Float => Decode::Float,
+        ColumnType::Decimal => Decode::Decimal,
+        ColumnType::Bytes => Decode::Bytes,
+        ColumnType::Date => Decode::Date,
+        ColumnType::Timestamp => Decode::DateTime,
+        ColumnType::TimestampTz => Decode::Timestamp,
+        ColumnType::Time => Decode::Time,
+        ColumnType::Json => Decode::Json,
+        _ => Decode::Text,
+    })
+}
+
+fn convert(v: BinlogValue<'_>, shape: &Shape) -> Result<Value, String> {
+    let v = match v {
+        BinlogValue::Value(v) => v,
+        BinlogValue::Jsonb(j) => {
+            let json = serde_json::Value::try_from(j).map_err(|e| format!("binary JSON: {e}"))?;
+            return Ok(Value::Json(json.to_string()));
+        }
+        BinlogValue::JsonDiff(_) => {
+            return Err("partial JSON updates are not supported; set binlog_row_value_options = ''".into())
+        }
+    };
+    Ok(match (v, shape.clone()) {
+        (MyValue::NULL, _) => Value::Null,
+        (MyValue::Int(i), Shape::Unsigned(bits)) => {
+            let raw = if bits == 64 {
+                i as u64
+            } else {
+                (i as u64) & ((1u64 << bits) - 1)
+            };
+            if bits == 64 {
+                Value::UInt(raw)
+            } else {
+                Value::Int(raw as i64)
+            }
+        }
+        (MyValue::Int(i), Shape::Enum(labels)) => match usize::try_from(i) {
+            // Index 0 is the empty string MySQL stores for invalid values.
+            Ok(0) => Value::Text(String::new()),
+            Ok(n) => Value::Text(labels.get(n - 1).cloned().ok_or("enum index out of range")?),
+            Err(_) => return Err("negative enum index".into()),
+        },
+        (MyValue::Bytes(mask), Shape::Set(labels)) => {
+            let bits = mask.iter().rev().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+            let chosen: Vec<&str> = labels
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i < 64 && bits & (1 << i) != 0)
+                .map(|(_, l)| l.as_str())
+                .collect();
+            Value::Text(chosen.join(","))
+        }
+        // TIMESTAMP columns come as seconds since the epoch, with a fraction.
+        (MyValue::Bytes(b), Shape::Plain(Decode::Timestamp)) => {
+            let text = String::from_utf8(b).map_err(|_| "invalid TIMESTAMP")?;
+            let (secs, frac) = text.split_once('.').unwrap_or((&text, "0"));
+            let secs: i64 = secs.parse().map_err(|_| "invalid TIMESTAMP")?;
+            let micros: u32 = format!("{frac:0<6}")[..6].parse().map_err(|_| "invalid TIMESTAMP")?;
+            Value::TimestampTz(DateTime::from_timestamp(secs, micros * 1000).ok_or("TIMESTAMP out of range")?)
+        }
+        (MyValue::Int(secs), Shape::Plain(Decode::Timestamp)) => {
+            Value::TimestampTz(DateTime::from_timestamp(secs, 0).ok_or("TIMESTAMP out of range")?)
+        }
+        (v, Shape::Plain(decode)) => types::decode(v, decode)?,
+        (v, _) => types::decode(v, Decode::Text)?,
+    })
+}
+
+struct Watched {
+    columns: Arc<[Column]>,
+    shapes: Vec<Shape>,
+    primary_key: Arc<[String]>,
+    schema: String,
+    table: String,
+}
+
+/// Checks the binlog settings, naming the one to change.
+async fn check_binlog(conn: &mut Conn) -> Result<(), BackendError> {
+    let row: Option<(i64, String, String)> = conn
+        .query_first("SELECT @@log_bin, @@binlog_format, @@binlog_row_image")
+        .await
+        .map_err(map_error)?;
+    match row {
+        Some((1, format, image)) if format == "ROW" && image == "FULL" => Ok(()),
+        Some((1, format, image)) => Err(BackendError::ChangesNotReady(format!(
+            "the server has binlog_format = {format} and binlog_row_image = {image}; change streams need \
+             binlog_format = ROW and binlog_row_image = FULL"
+        ))),
+        _ => Err(BackendError::ChangesNotReady(
+            "the server's binary log is off; change streams need log_bin on, with binlog_format = ROW and \
+             binlog_row_image = FULL (set them in the server configuration and restart)"
+                .into(),
+        )),
+    }
+}
+
+async fn resolve(conn: &mut Conn, tables: &[TableName]) -> Result<HashMap<(String, String), Watched>, BackendError> {
+    let mut out = HashMap::new();
+    for t in tables {
+        let d = schema::describe_table(conn, t.schema.as_deref(), &t.table).await?;
+        if !d.change_stream_ready {
+            return Err(BackendError::ChangesNotReady(format!(
+                "table {}.{} cannot be watched: {}",
+                d.table.schema, d.table.name, d.change_stream_reason
+            )));
+        }
+        let columns: Vec<Column> = d.columns.into_iter().map(|c| c.column).collect();
+        out.insert(
+            (d.table.schema.clone(), d.table.name.clone()),
+            Watched {
+                shapes: columns.iter().map(shape).collect(),
+                columns: columns.into(),
+                primary_key: d.primary_key.map(|p| p.columns).unwrap_or_default().into(),
+                schema: d.table.schema,
+                table: d.table.name,
+            },
+        );
+    }
+    Ok(out)
+}
+
+async fn current_position(conn: &mut Conn) -> Result<(String, u64), BackendError> {
+    let row: Option<mysql_async::Row> = conn.query_first("SHOW MASTER STATUS").await.map_err(map_error)?;
+    let mut row = row.ok_or_else(|| BackendError::ChangesNotReady("the server's binary log is off".into()))?;
+    let file: String = row
+        .take(0)
+        .ok_or_else(|| BackendError::Internal("SHOW MASTER STATUS".into()))?;
+    let pos: u64 = row
+        .take(1)
+        .ok_or_else(|| BackendError::Internal("SHOW MASTER STATUS".into()))?;
+    Ok((file, pos))
+}
+
+async fn ensure_positions_table(conn: &mut Conn) -> Result<(), BackendError> {
+    conn.query_drop(format!(
+        "CREATE TABLE IF NOT EXISTS {POSITIONS_TABLE} (
+           subscription VARCHAR(64) NOT NULL PRIMARY KEY,
+           binlog_file VARCHAR(255) NOT NULL,
+           binlog_offset BIGINT UNSIGNED NOT NULL,
+           event_seq INT UNSIGNED NOT NULL,
+           updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6)
+         )"
+    ))
+    .await
+    .map_err(map_error)
+}
+
+async fn store(conn: &mut Conn, id: &str, base: &str, p: BinlogPos) -> Result<(), BackendError> {
+    conn.exec_drop(
+        format!(
+            "INSERT INTO {POSITIONS_TABLE} (subscription, binlog_file, binlog_offset, event_seq) VALUES (?, ?, ?, ?)
+             ON DUPLICATE KEY UPDATE binlog_file = VALUES(binlog_file), binlog_offset = VALUES(binlog_offset),
+             event_seq = VALUES(event_seq)"
+        ),
+        (id, file_name(base, p.file), p.offset, p.seq),
+    )
+    .await
+    .map_err(map_error)
+}
+
+async fn stored(conn: &mut Conn, id: &str) -> Result<Option<BinlogPos>, BackendError> {
+    let row: Option<(String, u64, u32)> = conn
+        .exec_first(
+            format!("SELECT binlog_file, binlog_offset, event_seq FROM {POSITIONS_TABLE} WHERE subscription = ?"),
+            (id,),
+        )
+        .await
+        .map_err(map_error)?;
+    row.map(|(file, offset, seq)| {
+        Ok(BinlogPos {
+            file: split_file(&file)?.1,
+            offset,
+            seq,
+        })
+    })
+    .transpose()
+}
+
+/// Takes the subscription's lock on `conn`'s session; with `take_over`,
+/// ends the session holding it first.
+async fn lock(conn: &mut Conn, id: &str, name: &str, take_over: bool) -> Result<(), BackendError> {
+    let wait = if take_over { 0 } else { LOCK_WAIT };
+    let got: Option<Option<i64>> = conn
+        .exec_first("SELECT GET_LOCK(?, ?)", (id, wait))
+        .await
+        .map_err(map_error)?;
+    if got.flatten() == Some(1) {
+        return Ok(());
+    }
+    if !take_over {
+        return Err(BackendError::SubscriptionActive(name.to_string()));
+    }
+    let holder: Option<Option<u64>> = conn
+        .exec_first("SELECT IS_USED_LOCK(?)", (id,))
+        .await
+        .map_err(map_error)?;
+    if let Some(holder) = holder.flatten() {
+        // Already gone is fine: the lock is then free.
+        let _ = conn.query_drop(format!("KILL CONNECTION {holder}")).await;
+    }
+    let got: Option<Option<i64>> = conn
+        .exec_first("SELECT GET_LOCK(?, ?)", (id, TAKE_OVER_WAIT))
+        .await
+        .map_err(map_error)?;
+    if got.flatten() == Some(1) {
+        Ok(())
+    } else {
+        Err(BackendError::SubscriptionActive(name.to_string()))
+    }
+}
+
+/// Whether a session other than `own` holds the subscription's lock within a moment.
+async fn taken_over(opts: &Opts, id: &str, own: u32) -> bool {
+    let Ok(mut conn) = Conn::new(opts.clone()).await else {
+        return false;
+    };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        let holder: Result<Option<Option<u64>>, _> = conn.exec_first("SELECT IS_USED_LOCK(?)", (id,)).await;
+        match holder {
+            Ok(Some(Some(holder))) if holder != u64::from(own) => return true,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+struct Txn {
+    begin: u64,
+    file: u32,
+    seq: u32,
+    begun: bool,
+    time: Option<DateTime<Utc>>,
+}
+
+impl Txn {
+    fn id(&self) -> String {
+        format!("{}:{}", self.file, self.begin)
+    }
+}
+
+struct Reader {
+    spec: WatchSpec,
+    /// Writes acknowledged positions (the binlog connection cannot run queries).
+    writer: Conn,
+    base: String,
+    watched: HashMap<(String, String), Watched>,
+    tx: mpsc::Sender<Result<ChangeItem, BackendError>>,
+    delivered: BinlogPos,
+    acked: BinlogPos,
+    file: u32,
+    /// Offset just past the last event read.
+    end: u64,
+    last_sent: Instant,
+}
+
+type Sent = Result<(), ()>;
+
+impl Reader {
+    async fn send(&mut self, item: ChangeItem) -> Sent {
+        self.last_sent = Instant::now();
+        self.tx.send(Ok(item)).await.map_err(|_| ())
+    }
+
+    async fn store_acks(
+        &mut self,
+        acks: &mut mpsc::UnboundedReceiver<Position>,
+        stored: &mut BinlogPos,
+    ) -> Result<(), BackendError> {
+        while let Ok(p) = acks.try_recv() {
+            self.acked = self.acked.max(BinlogPos::decode(&p)?);
+        }
+        if self.acked > *stored {
+            store(&mut self.writer, &self.spec.id, &self.base, self.acked).await?;
+            *stored = self.acked;
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&mut self, conn: &mut Conn) -> Result<Result<BinlogPos, ()>, BackendError> {
+        conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .await
+            .map_err(map_error)?;
+        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+            .await
+            .map_err(map_error)?;
+        // MariaDB reports the binlog position its consistent snapshot corresponds to.
+        let status: Vec<(String, String)> = conn
+            .query("SHOW STATUS LIKE 'binlog_snapshot_%'")
+            .await
+            .map_err(map_error)?;
+        let value = |name: &str| {
+            status
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        let (Some(file), Some(offset)) = (value("binlog_snapshot_file"), value("binlog_snapshot_position")) else {
+            return Err(BackendError::ChangesNotReady(
+                "a snapshot needs the server's binlog_snapshot_file status (MariaDB, Percona Server); \
+                 start without snapshot on this server"
+                    .into(),
+            ));
+        };
+        let at = BinlogPos {
+            file: split_file(&file)?.1,
+            offset: offset
+                .parse()
+                .map_err(|_| BackendError::Internal("binlog_snapshot_position".into()))?,
+            seq: 0,
+        };
+        let position = at.encode();
+        let mut tables: Vec<_> = self.watched.keys().cloned().collect();
+        tables.sort();
+        for key in tables {
+            let Some(w) = self.watched.get(&key) else { continue };
+            let (columns, shapes) = (w.columns.clone(), w.shapes.clone());
+            let snapshot = SnapshotTable {
+                schema: w.schema.clone(),
+                table: w.table.clone(),
+                columns: w.columns.clone(),
+                primary_key: w.primary_key.clone(),
+                position: position.clone(),
+            };
+            let list: Vec<String> = columns.iter().map(|c| super::bulk::quote(&c.name)).collect();
+            let sql = format!(
+                "SELECT {} FROM {}.{}",
+                list.join(", "),
+                super::bulk::quote(&snapshot.schema),
+                super::bulk::quote(&snapshot.table)
+            );
+            // Prepared, so values come typed (the text protocol returns every value as text).
+            let mut result = conn.exec_iter(sql, ()).await.map_err(map_error)?;
+            while let Some(mut row) = result.next().await.map_err(map_error)? {
+                let mut values = Vec::with_capacity(columns.len());
+                for (i, shape) in shapes.iter().enumerate() {
+                    let raw = row.take(i).unwrap_or(MyValue::NULL);
+                    values.push(
+                        snapshot_value(raw, shape).map_err(|message| BackendError::UnsupportedType {
+                            column: columns[i].name.clone(),
+                            type_name: format!("{} ({message})", columns[i].native_type),
+                        })?,
+                    );
+                }
+                if self.send(snapshot.row(values)).await.is_err() {
+                    return Ok(Err(()));
+                }
+            }
+        }
+        conn.query_drop("COMMIT").await.map_err(map_error)?;
+        Ok(Ok(at))
+    }
+}
+
+/// Query results use the text of ENUM and SET values; everything else decodes as in queries.
+fn snapshot_value(raw: MyValue, shape: &Shape) -> Result<Value, String> {
+    match shape {
+        Shape::Plain(decode) => types::decode(raw, *decode),
+        Shape::Unsigned(64) => types::decode(raw, Decode::UInt),
+        Shape::Unsigned(_) => types::decode(raw, Decode::Int),
+        Shape::Enum(_) | Shape::Set(_) => types::decode(raw, Decode::Text),
+    }
+}
+
+impl Reader {
+    fn row(&self, w: &Watched, row: Option<mysql_async::binlog::row::BinlogRow>) -> Result<Option<Row>, BackendError> {
+        let Some(row) = row else { return Ok(None) };
+        let mut values = Vec::with_capacity(w.columns.len());
+        for (i, v) in row.unwrap().into_iter().enumerate() {
+            let (Some(column), Some(shape)) = (w.columns.get(i), w.shapes.get(i)) else {
+                return Err(BackendError::ChangesNotReady(format!(
+                    "the binlog row of {}.{} has more columns than the table had when the stream started; \
+                     restart the stream after schema changes",
+                    w.schema, w.table
+                )));
+            };
+            values.push(convert(v, shape).map_err(|message| BackendError::UnsupportedType {
+                column: column.name.clone(),
+                type_name: format!("{} ({message})", column.native_type),
+            })?);
+        }
+        Ok(Some(values))
+    }
+
+    /// Delivers one event's row changes; `Err(())` when the client has gone.
+    async fn rows(
+        &mut self,
+        txn: &mut Option<Txn>,
+        stream: &mysql_async::BinlogStream,
+        rows: &RowsEventData<'_>,
+    ) -> Result<Sent, BackendError> {
+        let Some(tme) = stream.get_tme(rows.table_id()) else {
+            return Ok(Ok(()));
+        };
+        let key = (tme.database_name().into_owned(), tme.table_name().into_owned());
+        let Some(w) = self.watched.get(&key) else {
+            return Ok(Ok(()));
+        };
+        let op = match rows {
+            RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => ChangeOp::Insert,
+            RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => ChangeOp::Delete,
+            _ => ChangeOp::Update,
+        };
+        let mut changes = Vec::new();
+        for r in rows.rows(tme) {
+            let (before, after) = r.map_err(|e| BackendError::Internal(format!("binlog rows: {e}")))?;
+            changes.push((self.row(w, before)?, self.row(w, after)?));
+        }
+        let (columns, primary_key, schema, table) = (
+            w.columns.clone(),
+            w.primary_key.clone(),
+            w.schema.clone(),
+            w.table.clone(),
+        );
+        let Some(t) = txn.as_mut() else {
+            return Ok(Ok(()));
+        };
+        for (before, after) in changes {
+            t.seq += 1;
+            let position = BinlogPos {
+                file: t.file,
+                offset: t.begin,
+                seq: t.seq,
+            };
+            if position <= self.delivered {
+                continue;
+            }
+            if !t.begun {
+                t.begun = true;
+                let begin = ChangeItem::Begin {
+                    txid: t.id(),
+                    commit_time: t.time,
+                    position: BinlogPos { seq: 0, ..position }.encode(),
+                };
+                self.last_sent = Instant::now();
+                if self.tx.send(Ok(begin)).await.is_err() {
+                    return Ok(Err(()));
+                }
+            }
+            self.delivered = position;
+            let change = RowChange {
+                op,
+                schema: schema.clone(),
+                table: table.clone(),
+                columns: columns.clone(),
+                before,
+                after,
+                primary_key: primary_key.clone(),
+                txid: t.id(),
+                commit_time: t.time,
+                position: position.encode(),
+            };
+            self.last_sent = Instant::now();
+            if self.tx.send(Ok(ChangeItem::Change(change))).await.is_err() {
+                return Ok(Err(()));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Ends the transaction being read at the commit event ending at `end`.
+    async fn commit(&mut self, txn: &mut Option<Txn>, end: u64) -> Sent {
+        let Some(t) = txn.take() else { return Ok(()) };
+        let position = BinlogPos {
+            file: self.file,
+            offset: end,
+            seq: 0,
+        };
+        if t.begun && position > self.delivered {
+            let item = ChangeItem::Commit {
+                txid: t.id(),
+                commit_time: t.time,
+                position: position.encode(),
+                events: u64::from(t.seq),
+            };
+            self.send(item).await?;
+        }
+        self.delivered = self.delivered.max(position);
+        Ok(())
+    }
+
+    /// Streams until the client goes or the stream fails; the caller stores
+    /// the acknowledgements still pending afterwards.
+    async fn run(
+        &mut self,
+        mut conn: Conn,
+        acks: &mut mpsc::UnboundedReceiver<Position>,
+        stored: &mut BinlogPos,
+    ) -> Result<(), BackendError> {
+        if self.spec.snapshot {
+            match self.snapshot(&mut conn).await? {
+                Ok(at) => self.delivered = self.delivered.max(at),
+                Err(()) => return Ok(()),
+            }
+        }
+        let start = self.delivered;
+        self.file = start.file;
+        self.end = start.offset;
+        // Keeps the connection alive on a quiet server (nanoseconds).
+        let period = self.spec.heartbeat_interval.as_nanos().min(u128::from(u64::MAX / 2)) as u64;
+        conn.query_drop(format!("SET @master_heartbeat_period = {period}"))
+            .await
+            .map_err(map_error)?;
+        let file = file_name(&self.base, start.file);
+        let request = BinlogStreamRequest::new(server_id(&self.spec.id))
+            .with_filename(file.as_bytes())
+            .with_pos(start.offset);
+        let mut stream = conn.get_binlog_stream(request).await.map_err(map_error)?;
+        let mut txn: Option<Txn> = None;
+        let mut ticker = tokio::time::interval(self.spec.heartbeat_interval.min(Duration::from_secs(1)));
+        loop {
+            let event = tokio::select! {
+                e = stream.next() => e,
+                _ = ticker.tick() => {
+                    self.store_acks(acks, stored).await?;
+                    let heartbeat = BinlogPos { file: self.file, offset: self.end, seq: 0 };
+                    if txn.is_none() && heartbeat > self.delivered
+                        && self.last_sent.elapsed() >= self.spec.heartbeat_interval
+                    {
+                        self.delivered = heartbeat;
+                        if self.send(ChangeItem::Heartbeat { position: heartbeat.encode() }).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    continue;
+                }
+                () = self.tx.closed() => return Ok(()),
+            };
+            let event = match event {
+                None => return Err(BackendError::Unavailable("the binlog stream ended".into())),
+                Some(e) => e.map_err(map_error)?,
+            };
+            let header = event.header();
+            let (log_pos, size) = (u64::from(header.log_pos()), u64::from(header.event_size()));
+            let data = event
+                .read_data()
+                .map_err(|e| BackendError::Internal(format!("binlog event: {e}")))?;
+            match data {
+                // The first, artificial rotate names the requested file (with its checksum
+                // still attached): only real rotates move to another file.
+                Some(EventData::RotateEvent(r)) if log_pos > 0 || header.timestamp() > 0 => {
+                    self.file = split_file(&r.name())?.1;
+                    self.end = r.position();
+                    continue;
+                }
+                Some(EventData::QueryEvent(q)) if q.query().eq_ignore_ascii_case("BEGIN") => {
+                    txn = Some(Txn {
+                        begin: log_pos.saturating_sub(size),
+                        file: self.file,
+                        seq: 0,
+                        begun: false,
+                        time: DateTime::from_timestamp(i64::from(header.timestamp()), 0),
+                    });
+                }
+                Some(EventData::RowsEvent(rows)) => {
+                    if self.rows(&mut txn, &stream, &rows).await?.is_err() {
+                        return Ok(());
+                    }
+                }
+                // Non-transactional tables end their statement group with a COMMIT query.
+                Some(EventData::XidEvent(_)) => {
+                    if self.commit(&mut txn, log_pos).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(EventData::QueryEvent(q)) if q.query().eq_ignore_ascii_case("COMMIT") => {
+                    if self.commit(&mut txn, log_pos).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ => {}
+            }
+            // Artificial events (the first rotate, heartbeats) carry no position.
+            if log_pos > 0 {
+                self.end = log_pos;
+            }
+        }
+    }
+}
+
+/// `opts` are the source's, without its read-only session setting: a
+/// read-only source still records its subscriptions' positions.
+pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
+    let mut setup = Conn::new(opts.clone()).await.map_err(map_error)?;
+    check_binlog(&mut setup).await?;
+    let watched = resolve(&mut setup, &spec.tables).await?;
+    ensure_positions_table(&mut setup).await?;
+    // The binlog connection holds the lock for as long as it streams.
+    let mut conn = Conn::new(opts.clone()).await.map_err(map_error)?;
+    lock(&mut conn, &spec.id, &spec.name, spec.take_over).await?;
+    let (current_file, current_offset) = current_position(&mut setup).await?;
+    let (base, current_number) = split_file(&current_file)?;
+    let current = BinlogPos {
+        file: current_number,
+        offset: current_offset,
+        seq: 0,
+    };
+    let stored_position = match stored(&mut setup, &spec.id).await? {
+        Some(p) => p,
+        None => {
+            store(&mut setup, &spec.id, &base, current).await?;
+            current
+        }
+    };
+    let start = match &spec.resume {
+        Some(resume) => {
+            let p = BinlogPos::decode(resume)?;
+            if p < stored_position {
+                return Err(BackendError::PositionNotRetained(format!(
+                    "the position is before what subscription \"{}\" has acknowledged ({}:{}); \
+                     resume without a position to continue from there",
+                    spec.name,
+                    file_name(&base, stored_position.file),
+                    stored_position.offset
+                )));
+            }
+            if p > current {
+                return Err(BackendError::Invalid(
+                    "the resume position is ahead of the database".into(),
+                ));
+            }
+            p
+        }
+        None => stored_position,
+    };
+    let logs: Vec<mysql_async::Row> = setup.query("SHOW BINARY LOGS").await.map_err(map_error)?;
+    let oldest = logs
+        .into_iter()
+        .filter_map(|mut r| r.take::<String, _>(0))
+        .filter_map(|name| split_file(&name).ok().map(|(_, n)| n))
+        .min();
+    if oldest.is_some_and(|o| start.file < o) {
+        return Err(BackendError::PositionNotRetained(format!(
+            "binlog file {} has been purged; the subscription's changes since then are gone. \
+             Delete the subscription and start again (with a snapshot)",
+            file_name(&base, start.file)
+        )));
+    }
+    let (tx, items) = mpsc::channel(FEED_BUFFER);
+    let (acks, ack_rx) = mpsc::unbounded_channel();
+    let reader = Reader {
+        writer: setup,
+        base,
+        watched,
+        tx: tx.clone(),
+        delivered: start,
+        acked: start,
+        file: start.file,
+        end: start.offset,
+        last_sent: Instant::now(),
+        spec,
+    };
+    let opts = opts.clone();
+    let own = conn.id();
+    tokio::spawn(async move {
+        let (id, name) = (reader.spec.id.clone(), reader.spec.name.clone());
+        let (mut reader, mut ack_rx, mut stored) = (reader, ack_rx, stored_position);
+        let mut outcome = reader.run(conn, &mut ack_rx, &mut stored).await;
+        let flushed = reader.store_acks(&mut ack_rx, &mut stored).await;
+        if outcome.is_ok() {
+            outcome = flushed;
+        }
+        // A dump thread notices a closed socket only when it next writes, and
+        // holds the subscription's lock until then: end it now.
+        if let Ok(mut c) = Conn::new(opts.clone()).await {
+            let _ = c.query_drop(format!("KILL CONNECTION {own}")).await;
+        }
+        if let Err(e) = outcome {
+            tracing::debug!(subscription = %name, error = %e, "change stream ended");
+            // A take-over ends this session from outside: say so rather than "connection lost".
+            let e = if !tx.is_closed() && taken_over(&opts, &id, own).await {
+                BackendError::SubscriptionTakenOver(name)
+            } else {
+                e
+            };
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    Ok(ChangeFeed { items, acks })
+}
+
+pub(super) async fn delete(opts: &Opts, id: &str, name: &str) -> Result<(), BackendError> {
+    let mut conn = Conn::new(opts.clone()).await.map_err(map_error)?;
+    lock(&mut conn, id, name, false).await?;
+    ensure_positions_table(&mut conn).await?;
+    conn.exec_drop(format!("DELETE FROM {POSITIONS_TABLE} WHERE subscription = ?"), (id,))
+        .await
+        .map_err(map_error)?;
+    if conn.affected_rows() == 0 {
+        return Err(BackendError::SubscriptionNotFound(name.to_string()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_order_as_the_binlog() {
+        let p = |file, offset, seq| BinlogPos { file, offset, seq };
+        let mut all = vec![p(2, 4, 0), p(1, 900, 0), p(1, 500, 2), p(1, 500, 1), p(1, 500, 0)];
+        let mut encoded: Vec<Position> = all.iter().map(|x| x.encode()).collect();
+        all.sort();
+        encoded.sort();
+        assert_eq!(encoded, all.iter().map(|x| x.encode()).collect::<Vec<_>>());
+        assert_eq!(BinlogPos::decode(&p(7, 123, 4).encode()).ok(), Some(p(7, 123, 4)));
+        assert!(BinlogPos::decode(&Position(vec![1, 2, 3])).is_err());
+    }
+
+    #[test]
+    fn file_names_split_and_join() {
+        let (base, n) = split_file("mysql-bin.000042").expect("name");
+        assert_eq!((base.as_str(), n), ("mysql-bin", 42));
+        assert_eq!(file_name(&base, n), "mysql-bin.000042");
+        assert!(split_file("nonumber").is_err());
+    }
+
+    #[test]
+    fn enum_and_set_labels_are_parsed_with_quotes() {
+        assert_eq!(labels("enum('a','b c','it''s')"), ["a", "b c", "it's"]);
+        assert_eq!(labels("set('x','y')"), ["x", "y"]);
+        let set = Shape::Set(labels("set('x','y','z')"));
+        assert_eq!(
+            convert(BinlogValue::Value(MyValue::Bytes(vec![0b101])), &set).ok(),
+            Some(Value::Text("x,z".into()))
+        );
+        let e = Shape::Enum(labels("enum('a','b')"));
+        assert_eq!(
+            convert(BinlogValue::Value(MyValue::Int(2)), &e).ok(),
+            Some(Value::Text("b".into()))
+        );
+    }
+
+    #[test]
+    fn unsigned_integers_are_restored_from_the_binlog_sign() {
+        assert_eq!(
+            convert(BinlogValue::Value(MyValue::Int(-1)), &Shape::Unsigned(32)).ok(),
+            Some(Value::Int(4_294_967_295))
+        );
+        assert_eq!(
+            convert(BinlogValue::Value(MyValue::Int(-1)), &Shape::Unsigned(64)).ok(),
+            Some(Value::UInt(u64::MAX))
+        );
+        let ts = convert(
+            BinlogValue::Value(MyValue::Bytes(b"1700000000.25".to_vec())),
+            &Shape::Plain(Decode::Timestamp),
+        );
+        assert_eq!(
+            ts.ok(),
+            Some(Value::TimestampTz(
+                DateTime::from_timestamp(1_700_000_000, 250_000_000).expect("time")
+            ))
+        );
+    }
+
+    #[test]
+    fn replica_ids_are_stable_and_never_the_servers_own() {
+        assert_eq!(server_id("weir_a"), server_id("weir_a"));
+        assert_ne!(server_id("weir_a"), server_id("weir_b"));
+        assert!(server_id("weir_a") >= 0x4000_0000);
+    }
+}

@@ -4,7 +4,7 @@
 //! binlog position) only to positions the client acknowledged.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
@@ -150,6 +150,36 @@ impl ChangeItem {
             | ChangeItem::Heartbeat { position } => position,
             ChangeItem::Change(c) => &c.position,
         }
+    }
+}
+
+/// An engine reader's side of the feed: items out, and when it last sent one
+/// (a quiet stream sends heartbeats).
+pub struct Outbox {
+    tx: mpsc::Sender<Result<ChangeItem, BackendError>>,
+    last_sent: Instant,
+}
+
+impl Outbox {
+    pub fn new(tx: mpsc::Sender<Result<ChangeItem, BackendError>>) -> Self {
+        Self {
+            tx,
+            last_sent: Instant::now(),
+        }
+    }
+
+    /// `Err(())` when the client has gone: the reader stops.
+    pub async fn send(&mut self, item: ChangeItem) -> Result<(), ()> {
+        self.last_sent = Instant::now();
+        self.tx.send(Ok(item)).await.map_err(|_| ())
+    }
+
+    pub fn idle(&self) -> Duration {
+        self.last_sent.elapsed()
+    }
+
+    pub async fn closed(&self) {
+        self.tx.closed().await
     }
 }
 

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use super::types::{self, Decode};
 use super::{map_error, schema};
 use crate::backend::changes::{
-    ChangeFeed, ChangeItem, ChangeOp, Position, RowChange, SnapshotTable, TableName, WatchSpec,
+    ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName, WatchSpec,
 };
 use crate::backend::{BackendError, Column, ColumnType, Row, Value};
 
@@ -399,23 +399,18 @@ struct Reader {
     writer: Conn,
     base: String,
     watched: HashMap<(String, String), Watched>,
-    tx: mpsc::Sender<Result<ChangeItem, BackendError>>,
+    out: Outbox,
     delivered: BinlogPos,
     acked: BinlogPos,
     file: u32,
     /// Offset just past the last event read.
     end: u64,
-    last_sent: Instant,
 }
 
+/// `Err(())` when the client has gone.
 type Sent = Result<(), ()>;
 
 impl Reader {
-    async fn send(&mut self, item: ChangeItem) -> Sent {
-        self.last_sent = Instant::now();
-        self.tx.send(Ok(item)).await.map_err(|_| ())
-    }
-
     async fn store_acks(
         &mut self,
         acks: &mut mpsc::UnboundedReceiver<Position>,
@@ -496,7 +491,7 @@ impl Reader {
                         })?,
                     );
                 }
-                if self.send(snapshot.row(values)).await.is_err() {
+                if self.out.send(snapshot.row(values)).await.is_err() {
                     return Ok(Err(()));
                 }
             }
@@ -586,8 +581,7 @@ impl Reader {
                     commit_time: t.time,
                     position: BinlogPos { seq: 0, ..position }.encode(),
                 };
-                self.last_sent = Instant::now();
-                if self.tx.send(Ok(begin)).await.is_err() {
+                if self.out.send(begin).await.is_err() {
                     return Ok(Err(()));
                 }
             }
@@ -604,8 +598,7 @@ impl Reader {
                 commit_time: t.time,
                 position: position.encode(),
             };
-            self.last_sent = Instant::now();
-            if self.tx.send(Ok(ChangeItem::Change(change))).await.is_err() {
+            if self.out.send(ChangeItem::Change(change)).await.is_err() {
                 return Ok(Err(()));
             }
         }
@@ -627,7 +620,7 @@ impl Reader {
                 position: position.encode(),
                 events: u64::from(t.seq),
             };
-            self.send(item).await?;
+            self.out.send(item).await?;
         }
         self.delivered = self.delivered.max(position);
         Ok(())
@@ -669,16 +662,16 @@ impl Reader {
                     self.store_acks(acks, stored).await?;
                     let heartbeat = BinlogPos { file: self.file, offset: self.end, seq: 0 };
                     if txn.is_none() && heartbeat > self.delivered
-                        && self.last_sent.elapsed() >= self.spec.heartbeat_interval
+                        && self.out.idle() >= self.spec.heartbeat_interval
                     {
                         self.delivered = heartbeat;
-                        if self.send(ChangeItem::Heartbeat { position: heartbeat.encode() }).await.is_err() {
+                        if self.out.send(ChangeItem::Heartbeat { position: heartbeat.encode() }).await.is_err() {
                             return Ok(());
                         }
                     }
                     continue;
                 }
-                () = self.tx.closed() => return Ok(()),
+                () = self.out.closed() => return Ok(()),
             };
             let event = match event {
                 None => return Err(BackendError::Unavailable("the binlog stream ended".into())),
@@ -796,12 +789,11 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
         writer: setup,
         base,
         watched,
-        tx: tx.clone(),
+        out: Outbox::new(tx.clone()),
         delivered: start,
         acked: start,
         file: start.file,
         end: start.offset,
-        last_sent: Instant::now(),
         spec,
     };
     let opts = opts.clone();

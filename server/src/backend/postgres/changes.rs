@@ -25,7 +25,7 @@ use super::pgoutput::{self, lsn_text, Datum, Message, Relation};
 use super::types::{column_of, decode, pg_epoch, PgValue};
 use crate::backend::bulk::quote_ansi;
 use crate::backend::changes::{
-    ChangeFeed, ChangeItem, ChangeOp, Position, RowChange, SnapshotTable, TableName, WatchSpec,
+    ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName, WatchSpec,
 };
 use crate::backend::{BackendError, Column, Row, Value};
 
@@ -329,19 +329,11 @@ struct Reader {
     /// The last position delivered (or the resume point): later items only.
     delivered: PgPos,
     acked: PgPos,
-    tx: mpsc::Sender<Result<ChangeItem, BackendError>>,
-    last_sent: Instant,
+    out: Outbox,
 }
 
-/// The task ends when the client goes away; `Err(())` then, to stop reading.
-type Sent = Result<(), ()>;
 
 impl Reader {
-    async fn send(&mut self, item: ChangeItem) -> Sent {
-        self.last_sent = Instant::now();
-        self.tx.send(Ok(item)).await.map_err(|_| ())
-    }
-
     async fn type_of(&mut self, oid: u32) -> Result<Type, BackendError> {
         if let Some(t) = Type::from_oid(oid).or_else(|| self.types.get(&oid).cloned()) {
             return Ok(t);
@@ -475,7 +467,7 @@ impl Reader {
                 for i in 0..columns.len() {
                     values.push(row.try_get::<_, PgValue>(i).map_err(map_error)?.0);
                 }
-                if self.send(snapshot.row(values)).await.is_err() {
+                if self.out.send(snapshot.row(values)).await.is_err() {
                     return Ok(Err(()));
                 }
             }
@@ -563,7 +555,7 @@ impl Reader {
                             position: position.encode(),
                             events: u64::from(t.seq),
                         };
-                        if self.send(item).await.is_err() {
+                        if self.out.send(item).await.is_err() {
                             return Ok(Err(()));
                         }
                     }
@@ -652,12 +644,12 @@ impl Reader {
                 }
                 .encode(),
             };
-            if self.send(begin).await.is_err() {
+            if self.out.send(begin).await.is_err() {
                 return Ok(true);
             }
         }
         self.delivered = position;
-        Ok(self.send(ChangeItem::Change(change)).await.is_err())
+        Ok(self.out.send(ChangeItem::Change(change)).await.is_err())
     }
 
     async fn run(mut self, mut acks: mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
@@ -675,9 +667,10 @@ impl Reader {
                 return Ok(());
             };
             let heartbeat = PgPos { lsn: upto, seq: 0 };
-            if complete && heartbeat > self.delivered && self.last_sent.elapsed() >= self.spec.heartbeat_interval {
+            if complete && heartbeat > self.delivered && self.out.idle() >= self.spec.heartbeat_interval {
                 self.delivered = heartbeat;
                 if self
+                    .out
                     .send(ChangeItem::Heartbeat {
                         position: heartbeat.encode(),
                     })
@@ -690,7 +683,7 @@ impl Reader {
             if complete && self.delivered == before {
                 tokio::select! {
                     () = tokio::time::sleep(self.spec.poll_interval) => {}
-                    () = self.tx.closed() => return Ok(()),
+                    () = self.out.closed() => return Ok(()),
                 }
             }
         }
@@ -745,8 +738,7 @@ pub(super) async fn watch(config: &tokio_postgres::Config, spec: WatchSpec) -> R
         confirmed,
         delivered,
         acked: delivered,
-        tx: tx.clone(),
-        last_sent: Instant::now(),
+        out: Outbox::new(tx.clone()),
         spec,
     };
     let config = config.clone();

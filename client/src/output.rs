@@ -137,6 +137,21 @@ impl<W: Write> RowWriter<W> {
     }
 }
 
+/// One row as a JSON object keyed by column name, as in the JSON format.
+pub fn row_json(columns: &[Column], row: &Row) -> io::Result<String> {
+    let mut line = vec![b'{'];
+    for (i, key) in json_keys(columns).iter().enumerate() {
+        if i > 0 {
+            line.push(b',');
+        }
+        line.extend_from_slice(key.as_bytes());
+        line.push(b':');
+        write_json_value(&mut line, value_at(row, i))?;
+    }
+    line.push(b'}');
+    String::from_utf8(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 fn value_at(row: &Row, i: usize) -> &Value {
     row.values.get(i).unwrap_or(&MISSING)
 }

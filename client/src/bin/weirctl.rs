@@ -9,10 +9,12 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tonic::Status;
 use weir_client::load_input::{match_columns, CsvReader, JsonLinesReader, RowReader};
+use weir_client::output;
 use weir_client::output::{Format, RowWriter};
 use weir_client::weir_proto::v1::{
-    BadRowPolicy, BulkLoadMode, Capabilities, Column, ColumnInfo, ColumnType, DescribeTableResponse, LoadHeader, Row,
-    TableInfo, TableKind, Value,
+    BadRowPolicy, BulkLoadMode, Capabilities, ChangeEvent, ChangeOperation, Column, ColumnInfo, ColumnType,
+    DeleteSubscriptionRequest, DescribeTableResponse, LoadHeader, Row, TableInfo, TableKind, TableRef, Value,
+    WatchStart,
 };
 use weir_client::{describe_status, parse_param, ClientError, WeirClient};
 
@@ -135,6 +137,40 @@ enum Command {
         /// Do not commit offsets (commit with CommitOffsets instead).
         #[arg(long)]
         manual: bool,
+    },
+    /// Follow row changes of tables as JSON lines, acknowledging each as it
+    /// is printed. Restarted with the same --state file, it resumes exactly
+    /// after the last change it printed.
+    Watch {
+        /// Name of the SQL source.
+        source: String,
+        /// Tables to watch, as `table` or `schema.table`.
+        #[arg(required = true)]
+        tables: Vec<String>,
+        /// Subscription name (namespaced for your tenant).
+        #[arg(long)]
+        subscription: String,
+        /// Stream the tables' current rows first.
+        #[arg(long)]
+        snapshot: bool,
+        /// Resume after this position (hex, as printed in "position").
+        #[arg(long)]
+        from: Option<String>,
+        /// File keeping the last acknowledged position: read at start, written as it advances.
+        #[arg(long)]
+        state: Option<std::path::PathBuf>,
+        /// Replace a consumer already reading the subscription.
+        #[arg(long)]
+        take_over: bool,
+        /// Stop after this many changes (default: run until interrupted).
+        #[arg(long)]
+        max: Option<u64>,
+    },
+    /// Delete a change-stream subscription so the database stops keeping changes for it.
+    Unwatch {
+        /// Name of the SQL source.
+        source: String,
+        subscription: String,
     },
     /// List a Kafka source's topics with partitions and watermarks.
     Topics {
@@ -282,6 +318,45 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             consume(&client, cli.format, request, &mut out).await
         }
         Command::Topics { source } => topics(&client, cli.format, &source, &mut out).await,
+        Command::Watch {
+            source,
+            tables,
+            subscription,
+            snapshot,
+            from,
+            state,
+            take_over,
+            max,
+        } => {
+            let resume = match (from, &state) {
+                (Some(hex_position), _) => {
+                    hex::decode(hex_position.trim()).map_err(|_| Failure::Input("--from must be hex".into()))?
+                }
+                (None, Some(path)) if path.exists() => {
+                    let text = std::fs::read_to_string(path)?;
+                    hex::decode(text.trim())
+                        .map_err(|_| Failure::Input(format!("{} does not hold a position", path.display())))?
+                }
+                _ => Vec::new(),
+            };
+            let start = WatchStart {
+                source,
+                tables: tables.iter().map(|t| table_ref(t)).collect(),
+                subscription,
+                resume_position: resume,
+                snapshot,
+                take_over,
+                options: None,
+            };
+            watch(&client, start, state, max, &mut out).await
+        }
+        Command::Unwatch { source, subscription } => {
+            client
+                .stream()
+                .delete_subscription(DeleteSubscriptionRequest { source, subscription })
+                .await?;
+            Ok(())
+        }
         Command::Load {
             source,
             table,
@@ -457,6 +532,86 @@ async fn consume(
         }
         // Records show up as they arrive, not when a buffer fills.
         out.flush()?;
+    }
+    Ok(())
+}
+
+fn table_ref(name: &str) -> TableRef {
+    match name.split_once('.') {
+        Some((schema, table)) => TableRef {
+            schema: schema.into(),
+            table: table.into(),
+        },
+        None => TableRef {
+            schema: String::new(),
+            table: name.into(),
+        },
+    }
+}
+
+fn change_json(c: &ChangeEvent) -> Result<serde_json::Value, Failure> {
+    let op = ChangeOperation::try_from(c.op).map_or("unknown", |o| match o {
+        ChangeOperation::Insert => "insert",
+        ChangeOperation::Update => "update",
+        ChangeOperation::Delete => "delete",
+        ChangeOperation::SnapshotRead => "snapshot",
+        ChangeOperation::Truncate => "truncate",
+        ChangeOperation::Unspecified => "unknown",
+    });
+    let row = |r: &Option<Row>| -> Result<serde_json::Value, Failure> {
+        Ok(match r {
+            Some(r) => serde_json::from_str(&output::row_json(&c.columns, r)?).map_err(io::Error::from)?,
+            None => serde_json::Value::Null,
+        })
+    };
+    Ok(json!({
+        "op": op,
+        "schema": c.schema,
+        "table": c.table,
+        "transaction": c.transaction_id,
+        "commit_time": c.commit_time.as_ref().map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000),
+        "key": c.primary_key,
+        "before": row(&c.before)?,
+        "after": row(&c.after)?,
+        "position": hex::encode(&c.position),
+    }))
+}
+
+async fn watch(
+    client: &WeirClient,
+    start: WatchStart,
+    state: Option<std::path::PathBuf>,
+    max: Option<u64>,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    use weir_client::weir_proto::v1::watch_changes_response::Message;
+    let mut stream = client.watch(start).await?;
+    let mut printed = 0u64;
+    while let Some(response) = stream.next().await? {
+        let (position, line) = match response.message {
+            Some(Message::Change(c)) => {
+                printed += 1;
+                (c.position.clone(), Some(change_json(&c)?))
+            }
+            Some(Message::Transaction(b)) => {
+                let line = (!b.begin).then(|| json!({"op": "commit", "transaction": b.transaction_id, "events": b.event_count, "position": hex::encode(&b.position)}));
+                (b.position, line)
+            }
+            Some(Message::Heartbeat(h)) => (h.position, None),
+            None => continue,
+        };
+        if let Some(line) = line {
+            writeln!(out, "{line}")?;
+            out.flush()?;
+        }
+        // Acknowledged once printed: a restart resumes right after it.
+        stream.ack(position.clone()).await?;
+        if let Some(path) = &state {
+            std::fs::write(path, hex::encode(&position))?;
+        }
+        if max.is_some_and(|m| printed >= m) {
+            break;
+        }
     }
     Ok(())
 }

@@ -332,7 +332,6 @@ struct Reader {
     out: Outbox,
 }
 
-
 impl Reader {
     async fn type_of(&mut self, oid: u32) -> Result<Type, BackendError> {
         if let Some(t) = Type::from_oid(oid).or_else(|| self.types.get(&oid).cloned()) {

@@ -351,6 +351,9 @@ pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::
     if args.wants("kafka") {
         crate::kafka::figures(&args, &client, &mut figures).await?;
     }
+    if args.wants("changes") {
+        crate::changes::figures(&args, &client, &mut figures).await?;
+    }
     if args.wants("neighbour") {
         crate::neighbour::figures(&args, weir, rows, &mut figures).await?;
     }

@@ -3,6 +3,7 @@
 //! (see docs/benchmarks.md). `--quick` is the CI smoke mode: small data,
 //! one run, no conclusions.
 
+mod changes;
 mod figures;
 mod kafka;
 mod load;
@@ -29,7 +30,7 @@ pub struct Args {
     /// Seconds per point-lookup run.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
-    /// Only these groups of figures (comma-separated): lookups, stream, load, kafka, neighbour, memory. Default: all.
+    /// Only these groups of figures (comma-separated): lookups, stream, load, kafka, changes, neighbour, memory. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Also write the results as Markdown to this file.

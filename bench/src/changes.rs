@@ -59,15 +59,19 @@ fn markers(bytes: &[u8], from: usize) -> Vec<(usize, usize)> {
     out
 }
 
+/// Drops the bench's subscription, if a previous run left it.
+async fn delete_subscription(client: &WeirClient) {
+    let request = pb::DeleteSubscriptionRequest {
+        source: "pg".into(),
+        subscription: SUBSCRIPTION.into(),
+    };
+    // NOT_FOUND is the usual answer.
+    let _ = client.stream().delete_subscription(request).await;
+}
+
 async fn setup(args: &Args, client: &WeirClient) -> anyhow::Result<tokio_postgres::Client> {
     let pg = pg(args).await?;
-    let _ = client
-        .stream()
-        .delete_subscription(pb::DeleteSubscriptionRequest {
-            source: "pg".into(),
-            subscription: SUBSCRIPTION.into(),
-        })
-        .await;
+    delete_subscription(client).await;
     // One statement per call: a slot cannot be created in a transaction that wrote.
     for sql in [
         format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{SLOT}'"),
@@ -311,13 +315,7 @@ pub async fn figures(args: &Args, client: &WeirClient, figures: &mut Vec<Figure>
         median(wt),
         true,
     );
-    let _ = client
-        .stream()
-        .delete_subscription(pb::DeleteSubscriptionRequest {
-            source: "pg".into(),
-            subscription: SUBSCRIPTION.into(),
-        })
-        .await;
+    delete_subscription(client).await;
     for sql in [
         format!("SELECT pg_drop_replication_slot('{SLOT}')"),
         format!("DROP PUBLICATION {SLOT}"),

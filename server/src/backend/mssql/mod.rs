@@ -10,6 +10,7 @@
 //! connections instead of reusing them.
 
 mod bulk;
+mod changes;
 mod schema;
 pub mod types;
 
@@ -28,8 +29,9 @@ use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 use crate::backend::channel::{self, Worker, CHUNK_ROWS};
 use crate::backend::pool::FailFastPool;
 use crate::backend::{
-    BackendError, Capabilities, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec, PoolStatus,
-    QueryStream, RowFeed, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
+    BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec,
+    PoolStatus, QueryStream, RowFeed, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo,
+    TxOptions, WatchSpec,
 };
 use crate::config::SourceConfig;
 use types::Param;
@@ -155,6 +157,8 @@ impl bb8::ManageConnection for Manager {
 
 pub struct MssqlSource {
     pool: FailFastPool<Manager>,
+    /// Opens the sessions change streams hold for their lifetime (outside the pool).
+    changes: Manager,
 }
 
 impl MssqlSource {
@@ -184,6 +188,10 @@ impl MssqlSource {
         if config.trust_server_certificate {
             tds.trust_cert();
         }
+        let changes = Manager {
+            config: tds.clone(),
+            connect_timeout: config.pool.connect_timeout,
+        };
         let pool = FailFastPool::new(
             Manager {
                 config: tds,
@@ -193,7 +201,7 @@ impl MssqlSource {
             "mssql",
             map_error,
         );
-        Ok(Self { pool })
+        Ok(Self { pool, changes })
     }
 
     async fn lease(&self) -> Result<Conn, BackendError> {
@@ -418,7 +426,18 @@ impl SqlSource for MssqlSource {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::sql("@P1")
+        Capabilities {
+            change_streams: true,
+            ..Capabilities::sql("@P1")
+        }
+    }
+
+    async fn watch(&self, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
+        changes::watch(&self.changes, spec).await
+    }
+
+    async fn delete_subscription(&self, id: &str, name: &str) -> Result<(), BackendError> {
+        changes::delete(&self.changes, id, name).await
     }
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {

@@ -248,6 +248,10 @@ fn referential_action(desc: &str) -> String {
     desc.replace('_', " ")
 }
 
+/// Whether CDC is on for the database and tracks the table (@P1: object id).
+const CDC_READINESS_SQL: &str = "SELECT CAST(d.is_cdc_enabled AS int), CAST(t.is_tracked_by_cdc AS int) \
+     FROM sys.databases d CROSS JOIN sys.tables t WHERE d.database_id = DB_ID() AND t.object_id = @P1";
+
 pub async fn describe_table(
     conn: &mut MssqlConn,
     schema: Option<&str>,
@@ -336,14 +340,33 @@ pub async fn describe_table(
         }
     }
 
+    let cdc = conn.fetch(CDC_READINESS_SQL, id()).await?;
+    let (db_cdc, table_cdc) = cdc
+        .first()
+        .map(|r| (r.get::<i32, _>(0) == Some(1), r.get::<i32, _>(1) == Some(1)))
+        .unwrap_or_default();
+    let (change_stream_ready, change_stream_reason) = if !db_cdc {
+        (
+            false,
+            "Change Data Capture is off for the database (sys.sp_cdc_enable_db)".to_string(),
+        )
+    } else if !table_cdc {
+        (
+            false,
+            "the table is not tracked by CDC (sys.sp_cdc_enable_table)".to_string(),
+        )
+    } else {
+        (true, String::new())
+    };
+
     Ok(TableDescription {
         table: info,
         columns,
         primary_key,
         foreign_keys,
         indexes,
-        change_stream_ready: false,
-        change_stream_reason: "Weir cannot follow changes of SQL Server tables".to_string(),
+        change_stream_ready,
+        change_stream_reason,
     })
 }
 

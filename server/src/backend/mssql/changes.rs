@@ -1,0 +1,612 @@
+//! SQL Server change streams from Change Data Capture: the change tables of
+//! each watched table's capture instance, read with
+//! `cdc.fn_cdc_get_all_changes_<instance>` and polled with backoff.
+//!
+//! Positions are (commit LSN, sequence value), both `binary(10)`, whose
+//! byte order is log order; a commit or heartbeat has the sequence value
+//! `0xFF…`, meaning "all of this LSN". The acknowledged position is stored
+//! in `weir_change_positions` in the source's database, and the
+//! subscription's single consumer holds a session-owned `sp_getapplock`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bb8::ManageConnection;
+use chrono::{DateTime, Utc};
+use tiberius::ColumnData;
+use tokio::sync::mpsc;
+
+use super::bulk::quote;
+use super::{schema, types, Manager, MssqlConn};
+use crate::backend::changes::{ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, WatchSpec};
+use crate::backend::{BackendError, Column, Row, Value};
+
+const POSITIONS_TABLE: &str = "weir_change_positions";
+const FEED_BUFFER: usize = 256;
+/// The longest pause between polls of a quiet subscription.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long a new consumer waits for the subscription's lock (milliseconds).
+const LOCK_WAIT_MS: i32 = 2000;
+/// The sequence value of a whole-LSN position (commit, heartbeat).
+const ALL: [u8; 10] = [0xFF; 10];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct CdcPos {
+    lsn: [u8; 10],
+    seqval: [u8; 10],
+}
+
+impl CdcPos {
+    fn encode(self) -> Position {
+        let mut b = self.lsn.to_vec();
+        b.extend_from_slice(&self.seqval);
+        Position(b)
+    }
+
+    fn decode(p: &Position) -> Result<Self, BackendError> {
+        let bad = || BackendError::Invalid("not a SQL Server change position".into());
+        let (lsn, seqval) = p.0.split_at_checked(10).ok_or_else(bad)?;
+        Ok(CdcPos {
+            lsn: lsn.try_into().map_err(|_| bad())?,
+            seqval: seqval.try_into().map_err(|_| bad())?,
+        })
+    }
+
+    fn whole(lsn: [u8; 10]) -> Self {
+        CdcPos { lsn, seqval: ALL }
+    }
+}
+
+fn lsn(bytes: &[u8]) -> Result<[u8; 10], BackendError> {
+    bytes
+        .try_into()
+        .map_err(|_| BackendError::Internal(format!("a CDC LSN of {} bytes", bytes.len())))
+}
+
+/// The change query of one capture instance: old and new images of
+/// updates (operations 3 and 4), in log order.
+fn changes_sql(instance: &str, columns: &[Column]) -> String {
+    let list: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
+    format!(
+        "SELECT __$start_lsn, __$seqval, __$operation, sys.fn_cdc_map_lsn_to_time(__$start_lsn), {} \
+         FROM cdc.{}(@P1, @P2, N'all update old') ORDER BY __$start_lsn, __$seqval, __$operation",
+        list.join(", "),
+        quote(&format!("fn_cdc_get_all_changes_{instance}"))
+    )
+}
+
+const CAPTURE_INSTANCE_SQL: &str = "SELECT TOP 1 capture_instance FROM cdc.change_tables \
+     WHERE source_object_id = OBJECT_ID(@P1) ORDER BY create_date DESC";
+const CDC_ENABLED_SQL: &str = "SELECT CAST(is_cdc_enabled AS int) FROM sys.databases WHERE database_id = DB_ID()";
+const MAX_LSN_SQL: &str = "SELECT sys.fn_cdc_get_max_lsn()";
+const MIN_LSN_SQL: &str = "SELECT sys.fn_cdc_get_min_lsn(@P1)";
+const LOCK_SQL: &str = "DECLARE @r int; EXEC @r = sp_getapplock @Resource = @P1, @LockMode = 'Exclusive', \
+     @LockOwner = 'Session', @LockTimeout = @P2; SELECT @r";
+
+fn positions_table_sql() -> String {
+    format!(
+        "IF OBJECT_ID(N'{POSITIONS_TABLE}') IS NULL CREATE TABLE {POSITIONS_TABLE} (\
+         subscription nvarchar(64) NOT NULL PRIMARY KEY, position varbinary(64) NOT NULL, holder int NULL, \
+         updated_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME())"
+    )
+}
+
+fn store_sql() -> String {
+    format!(
+        "MERGE {POSITIONS_TABLE} WITH (HOLDLOCK) AS t USING (SELECT @P1 AS subscription) AS s \
+         ON t.subscription = s.subscription \
+         WHEN MATCHED THEN UPDATE SET position = @P2, holder = @@SPID, updated_at = SYSUTCDATETIME() \
+         WHEN NOT MATCHED THEN INSERT (subscription, position, holder) VALUES (@P1, @P2, @@SPID);"
+    )
+}
+
+/// One change-table row: operation 1 delete, 2 insert, 3 update (old), 4 update (new).
+struct CdcRow {
+    lsn: [u8; 10],
+    seqval: [u8; 10],
+    op: u8,
+    time: Option<DateTime<Utc>>,
+    table: usize,
+    values: Row,
+}
+
+/// Row changes from change-table rows in log order; an update's old and
+/// new images (same LSN and sequence value) become one change.
+fn pair(rows: Vec<CdcRow>) -> Vec<(CdcPos, ChangeOp, Option<Row>, Option<Row>, usize, Option<DateTime<Utc>>)> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut old: Option<CdcRow> = None;
+    for r in rows {
+        let pos = CdcPos {
+            lsn: r.lsn,
+            seqval: r.seqval,
+        };
+        match r.op {
+            1 => out.push((pos, ChangeOp::Delete, Some(r.values), None, r.table, r.time)),
+            2 => out.push((pos, ChangeOp::Insert, None, Some(r.values), r.table, r.time)),
+            3 => old = Some(r),
+            _ => {
+                let before = old
+                    .take()
+                    .filter(|o| o.lsn == r.lsn && o.seqval == r.seqval && o.table == r.table)
+                    .map(|o| o.values);
+                out.push((pos, ChangeOp::Update, before, Some(r.values), r.table, r.time));
+            }
+        }
+    }
+    out
+}
+
+/// The pause before the next poll: back to the base after changes, doubling while quiet.
+fn next_pause(current: Duration, got_changes: bool, base: Duration) -> Duration {
+    if got_changes {
+        base
+    } else {
+        (current * 2).min(MAX_BACKOFF.max(base))
+    }
+}
+
+struct Watched {
+    instance: String,
+    schema: String,
+    table: String,
+    columns: Arc<[Column]>,
+    decoders: Vec<types::Decode>,
+    primary_key: Arc<[String]>,
+    sql: String,
+}
+
+async fn first_bytes(
+    conn: &mut MssqlConn,
+    sql: &str,
+    params: Vec<ColumnData<'static>>,
+) -> Result<Option<Vec<u8>>, BackendError> {
+    let rows = conn.fetch(sql, params).await?;
+    Ok(rows
+        .into_iter()
+        .next()
+        .and_then(|r| r.get::<&[u8], _>(0).map(<[u8]>::to_vec)))
+}
+
+async fn max_lsn(conn: &mut MssqlConn) -> Result<[u8; 10], BackendError> {
+    let bytes = first_bytes(conn, MAX_LSN_SQL, vec![]).await?.ok_or_else(|| {
+        BackendError::ChangesNotReady(
+            "CDC has no log position yet: is the SQL Server Agent capture job running?".into(),
+        )
+    })?;
+    lsn(&bytes)
+}
+
+fn text(s: &str) -> ColumnData<'static> {
+    ColumnData::String(Some(s.to_string().into()))
+}
+
+fn bytes(b: &[u8]) -> ColumnData<'static> {
+    ColumnData::Binary(Some(b.to_vec().into()))
+}
+
+async fn resolve(conn: &mut MssqlConn, spec: &WatchSpec) -> Result<Vec<Watched>, BackendError> {
+    let enabled = conn.fetch(CDC_ENABLED_SQL, vec![]).await?;
+    if enabled.first().and_then(|r| r.get::<i32, _>(0)) != Some(1) {
+        return Err(BackendError::ChangesNotReady(
+            "Change Data Capture is off for this database; run EXEC sys.sp_cdc_enable_db (and keep the SQL Server \
+             Agent running)"
+                .into(),
+        ));
+    }
+    let mut out = Vec::new();
+    for t in &spec.tables {
+        let d = schema::describe_table(conn, t.schema.as_deref(), &t.table).await?;
+        let qualified = format!("{}.{}", quote(&d.table.schema), quote(&d.table.name));
+        let rows = conn.fetch(CAPTURE_INSTANCE_SQL, vec![text(&qualified)]).await?;
+        let Some(instance) = rows.first().and_then(|r| r.get::<&str, _>(0)).map(str::to_string) else {
+            return Err(BackendError::ChangesNotReady(format!(
+                "table {qualified} has no CDC capture instance; run EXEC sys.sp_cdc_enable_table \
+                 @source_schema = N'{}', @source_name = N'{}', @role_name = NULL",
+                d.table.schema.replace('\'', "''"),
+                d.table.name.replace('\'', "''")
+            )));
+        };
+        let columns: Vec<Column> = d.columns.into_iter().map(|c| c.column).collect();
+        let decoders = columns
+            .iter()
+            .map(|c| {
+                if c.native_type.contains("money") {
+                    types::Decode::Money
+                } else {
+                    types::Decode::Plain
+                }
+            })
+            .collect();
+        out.push(Watched {
+            sql: changes_sql(&instance, &columns),
+            instance,
+            schema: d.table.schema,
+            table: d.table.name,
+            columns: columns.into(),
+            decoders,
+            primary_key: d.primary_key.map(|p| p.columns).unwrap_or_default().into(),
+        });
+    }
+    Ok(out)
+}
+
+/// Takes the subscription's applock within `wait_ms`; sp_getapplock answers >= 0 when granted.
+async fn try_lock(conn: &mut MssqlConn, id: &str, wait_ms: i32) -> Result<bool, BackendError> {
+    let rows = conn
+        .fetch(LOCK_SQL, vec![text(id), ColumnData::I32(Some(wait_ms))])
+        .await?;
+    Ok(rows.first().and_then(|r| r.get::<i32, _>(0)).is_some_and(|r| r >= 0))
+}
+
+async fn lock(conn: &mut MssqlConn, id: &str, name: &str, take_over: bool) -> Result<(), BackendError> {
+    if try_lock(conn, id, if take_over { 0 } else { LOCK_WAIT_MS }).await? {
+        return Ok(());
+    }
+    if take_over {
+        let rows = conn
+            .fetch(
+                &format!("SELECT holder FROM {POSITIONS_TABLE} WHERE subscription = @P1"),
+                vec![text(id)],
+            )
+            .await?;
+        if let Some(holder) = rows.first().and_then(|r| r.get::<i32, _>(0)) {
+            // A number from our own table, never caller input; gone already is fine.
+            let _ = conn.batch(&format!("KILL {holder}")).await;
+        }
+        if try_lock(conn, id, 5000).await? {
+            return Ok(());
+        }
+    }
+    Err(BackendError::SubscriptionActive(name.to_string()))
+}
+
+struct Reader {
+    spec: WatchSpec,
+    conn: MssqlConn,
+    watched: Vec<Watched>,
+    out: Outbox,
+    delivered: CdcPos,
+    acked: CdcPos,
+    stored: CdcPos,
+}
+
+impl Reader {
+    async fn store(&mut self) -> Result<(), BackendError> {
+        if self.acked > self.stored {
+            let p = self.acked.encode();
+            self.conn
+                .fetch(&store_sql(), vec![text(&self.spec.id), bytes(&p.0)])
+                .await?;
+            self.stored = self.acked;
+        }
+        Ok(())
+    }
+
+    async fn read(&mut self, from: [u8; 10], to: [u8; 10]) -> Result<Vec<CdcRow>, BackendError> {
+        let mut all = Vec::new();
+        for (table, w) in self.watched.iter().enumerate() {
+            // Changes CDC cleanup removed are gone: reading starts at what is left.
+            let min = first_bytes(&mut self.conn, MIN_LSN_SQL, vec![text(&w.instance)]).await?;
+            let min = min.map(|m| lsn(&m)).transpose()?.unwrap_or([0; 10]);
+            let start = from.max(min);
+            if start > to {
+                continue;
+            }
+            let rows = self.conn.fetch(&w.sql, vec![bytes(&start), bytes(&to)]).await?;
+            for row in rows {
+                let mut cells = row.into_iter();
+                let (Some(ColumnData::Binary(Some(l))), Some(ColumnData::Binary(Some(s))), Some(op), Some(time)) =
+                    (cells.next(), cells.next(), cells.next(), cells.next())
+                else {
+                    return Err(BackendError::Internal("unexpected CDC row shape".into()));
+                };
+                let op = match op {
+                    ColumnData::I32(Some(o)) => o as u8,
+                    other => return Err(BackendError::Internal(format!("CDC operation {other:?}"))),
+                };
+                let time = match types::decode(time, types::Decode::Plain) {
+                    Ok(Value::Timestamp(t)) => Some(DateTime::from_naive_utc_and_offset(t, Utc)),
+                    _ => None,
+                };
+                let mut values = Vec::with_capacity(w.columns.len());
+                for (i, data) in cells.enumerate() {
+                    let decode = w.decoders.get(i).copied().unwrap_or(types::Decode::Plain);
+                    values.push(types::decode(data, decode).map_err(|m| {
+                        BackendError::Invalid(format!(
+                            "column \"{}\": {m}",
+                            w.columns.get(i).map_or("?", |c| c.name.as_str())
+                        ))
+                    })?);
+                }
+                all.push(CdcRow {
+                    lsn: lsn(&l)?,
+                    seqval: lsn(&s)?,
+                    op,
+                    time,
+                    table,
+                    values,
+                });
+            }
+        }
+        all.sort_by(|a, b| (a.lsn, a.seqval, a.op).cmp(&(b.lsn, b.seqval, b.op)));
+        Ok(all)
+    }
+
+    /// Delivers the changes after `delivered`, a transaction (one LSN) at a time.
+    async fn deliver(&mut self, rows: Vec<CdcRow>) -> Result<Result<bool, ()>, BackendError> {
+        let mut any = false;
+        let mut current: Option<([u8; 10], u64, Option<DateTime<Utc>>)> = None;
+        for (pos, op, before, after, table, time) in pair(rows) {
+            if pos <= self.delivered {
+                continue;
+            }
+            if current.is_some_and(|(l, _, _)| l != pos.lsn) {
+                if self.commit(&mut current).await.is_err() {
+                    return Ok(Err(()));
+                }
+            }
+            let txid = hex::encode(pos.lsn);
+            if current.is_none() {
+                current = Some((pos.lsn, 0, time));
+                let begin = ChangeItem::Begin {
+                    txid: txid.clone(),
+                    commit_time: time,
+                    position: CdcPos {
+                        lsn: pos.lsn,
+                        seqval: [0; 10],
+                    }
+                    .encode(),
+                };
+                if self.out.send(begin).await.is_err() {
+                    return Ok(Err(()));
+                }
+            }
+            if let Some(c) = current.as_mut() {
+                c.1 += 1;
+            }
+            let w = &self.watched[table];
+            let change = RowChange {
+                op,
+                schema: w.schema.clone(),
+                table: w.table.clone(),
+                columns: w.columns.clone(),
+                before,
+                after,
+                primary_key: w.primary_key.clone(),
+                txid,
+                commit_time: time,
+                position: pos.encode(),
+            };
+            self.delivered = pos;
+            any = true;
+            if self.out.send(ChangeItem::Change(change)).await.is_err() {
+                return Ok(Err(()));
+            }
+        }
+        if self.commit(&mut current).await.is_err() {
+            return Ok(Err(()));
+        }
+        Ok(Ok(any))
+    }
+
+    async fn commit(&mut self, current: &mut Option<([u8; 10], u64, Option<DateTime<Utc>>)>) -> Result<(), ()> {
+        let Some((l, events, time)) = current.take() else {
+            return Ok(());
+        };
+        let position = CdcPos::whole(l);
+        self.delivered = position;
+        self.out
+            .send(ChangeItem::Commit {
+                txid: hex::encode(l),
+                commit_time: time,
+                position: position.encode(),
+                events,
+            })
+            .await
+    }
+
+    async fn run(mut self, mut acks: mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
+        if self.spec.snapshot {
+            return Err(BackendError::ChangesNotReady(
+                "snapshots are not available on SQL Server sources; read the table with ExecuteStream, then \
+                 watch from the position of the first heartbeat"
+                    .into(),
+            ));
+        }
+        let mut pause = self.spec.poll_interval;
+        loop {
+            while let Ok(p) = acks.try_recv() {
+                self.acked = self.acked.max(CdcPos::decode(&p)?);
+            }
+            self.store().await?;
+            let to = max_lsn(&mut self.conn).await?;
+            let rows = self.read(self.delivered.lsn, to).await?;
+            let Ok(any) = self.deliver(rows).await? else {
+                return Ok(());
+            };
+            let heartbeat = CdcPos::whole(to);
+            if heartbeat > self.delivered && self.out.idle() >= self.spec.heartbeat_interval {
+                self.delivered = heartbeat;
+                if self
+                    .out
+                    .send(ChangeItem::Heartbeat {
+                        position: heartbeat.encode(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
+            pause = next_pause(pause, any, self.spec.poll_interval);
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.out.closed() => return Ok(()),
+            }
+        }
+    }
+}
+
+pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
+    let mut conn = manager.connect().await.map_err(super::map_error)?;
+    let watched = resolve(&mut conn, &spec).await?;
+    conn.batch(&positions_table_sql()).await?;
+    lock(&mut conn, &spec.id, &spec.name, spec.take_over).await?;
+    let stored_bytes = first_bytes(
+        &mut conn,
+        &format!("SELECT position FROM {POSITIONS_TABLE} WHERE subscription = @P1"),
+        vec![text(&spec.id)],
+    )
+    .await?;
+    let stored = match stored_bytes {
+        Some(b) => CdcPos::decode(&Position(b))?,
+        None => {
+            let now = CdcPos::whole(max_lsn(&mut conn).await?);
+            conn.fetch(&store_sql(), vec![text(&spec.id), bytes(&now.encode().0)])
+                .await?;
+            now
+        }
+    };
+    let start = match &spec.resume {
+        Some(p) => {
+            let p = CdcPos::decode(p)?;
+            if p < stored {
+                return Err(BackendError::PositionNotRetained(format!(
+                    "the position is before what subscription \"{}\" has acknowledged; resume without a position",
+                    spec.name
+                )));
+            }
+            p
+        }
+        None => stored,
+    };
+    let (tx, items) = mpsc::channel(FEED_BUFFER);
+    let (acks, ack_rx) = mpsc::unbounded_channel();
+    let reader = Reader {
+        spec,
+        conn,
+        watched,
+        out: Outbox::new(tx.clone()),
+        delivered: start,
+        acked: start,
+        stored,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = reader.run(ack_rx).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    Ok(ChangeFeed { items, acks })
+}
+
+pub(super) async fn delete(manager: &Manager, id: &str, name: &str) -> Result<(), BackendError> {
+    let mut conn = manager.connect().await.map_err(super::map_error)?;
+    conn.batch(&positions_table_sql()).await?;
+    lock(&mut conn, id, name, false).await?;
+    let rows = conn
+        .fetch(
+            &format!("DELETE FROM {POSITIONS_TABLE} OUTPUT deleted.subscription WHERE subscription = @P1"),
+            vec![text(id)],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Err(BackendError::SubscriptionNotFound(name.to_string()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ColumnType;
+
+    fn row(lsn: u8, seq: u8, op: u8, v: i64) -> CdcRow {
+        let mut l = [0u8; 10];
+        l[9] = lsn;
+        let mut s = [0u8; 10];
+        s[9] = seq;
+        CdcRow {
+            lsn: l,
+            seqval: s,
+            op,
+            time: None,
+            table: 0,
+            values: vec![Value::Int(v)],
+        }
+    }
+
+    #[test]
+    fn the_change_query_reads_old_and_new_images_in_log_order() {
+        let columns = [
+            Column::new("id", "int", ColumnType::Int),
+            Column::new("odd]name", "nvarchar", ColumnType::String),
+        ];
+        let sql = changes_sql("dbo_orders", &columns);
+        assert_eq!(
+            sql,
+            "SELECT __$start_lsn, __$seqval, __$operation, sys.fn_cdc_map_lsn_to_time(__$start_lsn), [id], [odd]]name] \
+             FROM cdc.[fn_cdc_get_all_changes_dbo_orders](@P1, @P2, N'all update old') \
+             ORDER BY __$start_lsn, __$seqval, __$operation"
+        );
+    }
+
+    #[test]
+    fn update_images_pair_and_other_operations_stand_alone() {
+        let rows = vec![row(1, 1, 2, 10), row(1, 2, 3, 10), row(1, 2, 4, 11), row(2, 1, 1, 11)];
+        let changes: Vec<_> = pair(rows)
+            .into_iter()
+            .map(|(p, op, before, after, _, _)| (p.lsn[9], p.seqval[9], op, before, after))
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                (1, 1, ChangeOp::Insert, None, Some(vec![Value::Int(10)])),
+                (
+                    1,
+                    2,
+                    ChangeOp::Update,
+                    Some(vec![Value::Int(10)]),
+                    Some(vec![Value::Int(11)])
+                ),
+                (2, 1, ChangeOp::Delete, Some(vec![Value::Int(11)]), None),
+            ]
+        );
+    }
+
+    #[test]
+    fn positions_order_by_lsn_then_sequence_and_whole_lsns_last() {
+        let a = CdcPos {
+            lsn: [0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
+            seqval: [0, 0, 0, 0, 0, 0, 0, 0, 0, 9],
+        };
+        let whole = CdcPos::whole(a.lsn);
+        let next = CdcPos {
+            lsn: [0, 0, 0, 0, 0, 0, 0, 0, 0, 6],
+            seqval: [0; 10],
+        };
+        assert!(a < whole && whole < next);
+        assert!(a.encode() < whole.encode() && whole.encode() < next.encode());
+        assert_eq!(CdcPos::decode(&whole.encode()).ok(), Some(whole));
+        assert!(CdcPos::decode(&Position(vec![1; 12])).is_err());
+        assert!(lsn(&[0; 9]).is_err());
+    }
+
+    #[test]
+    fn polling_backs_off_while_quiet_and_resets_on_changes() {
+        let base = Duration::from_millis(50);
+        let mut pause = base;
+        for _ in 0..10 {
+            pause = next_pause(pause, false, base);
+        }
+        assert_eq!(pause, MAX_BACKOFF);
+        assert_eq!(next_pause(pause, true, base), base);
+        assert_eq!(next_pause(base, false, base), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn state_sql_is_one_statement_each() {
+        assert!(positions_table_sql().starts_with("IF OBJECT_ID(N'weir_change_positions') IS NULL CREATE TABLE"));
+        assert!(store_sql().starts_with("MERGE weir_change_positions WITH (HOLDLOCK)"));
+        assert!(LOCK_SQL.contains("@LockOwner = 'Session'"));
+    }
+}

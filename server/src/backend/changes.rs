@@ -174,8 +174,20 @@ impl Outbox {
         self.tx.send(Ok(item)).await.map_err(|_| ())
     }
 
-    pub fn idle(&self) -> Duration {
-        self.last_sent.elapsed()
+    /// Sends a heartbeat at `at` when it is past `delivered` and nothing was
+    /// sent for `every`, moving `delivered` there.
+    pub async fn heartbeat<P: Ord + Copy>(
+        &mut self,
+        delivered: &mut P,
+        at: P,
+        every: Duration,
+        encode: fn(P) -> Position,
+    ) -> Result<(), ()> {
+        if at <= *delivered || self.last_sent.elapsed() < every {
+            return Ok(());
+        }
+        *delivered = at;
+        self.send(ChangeItem::Heartbeat { position: encode(at) }).await
     }
 
     pub async fn closed(&self) {

@@ -424,19 +424,12 @@ impl Reader {
             let Ok(any) = self.deliver(rows).await? else {
                 return Ok(());
             };
-            let heartbeat = CdcPos::whole(to);
-            if heartbeat > self.delivered && self.out.idle() >= self.spec.heartbeat_interval {
-                self.delivered = heartbeat;
-                if self
-                    .out
-                    .send(ChangeItem::Heartbeat {
-                        position: heartbeat.encode(),
-                    })
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
+            let every = self.spec.heartbeat_interval;
+            let beat = self
+                .out
+                .heartbeat(&mut self.delivered, CdcPos::whole(to), every, CdcPos::encode);
+            if beat.await.is_err() {
+                return Ok(());
             }
             pause = next_pause(pause, any, self.spec.poll_interval);
             tokio::select! {

@@ -660,12 +660,11 @@ impl Reader {
                 e = stream.next() => e,
                 _ = ticker.tick() => {
                     self.store_acks(acks, stored).await?;
-                    let heartbeat = BinlogPos { file: self.file, offset: self.end, seq: 0 };
-                    if txn.is_none() && heartbeat > self.delivered
-                        && self.out.idle() >= self.spec.heartbeat_interval
-                    {
-                        self.delivered = heartbeat;
-                        if self.out.send(ChangeItem::Heartbeat { position: heartbeat.encode() }).await.is_err() {
+                    // Inside a transaction the log offset is no place to resume from.
+                    if txn.is_none() {
+                        let at = BinlogPos { file: self.file, offset: self.end, seq: 0 };
+                        let every = self.spec.heartbeat_interval;
+                        if self.out.heartbeat(&mut self.delivered, at, every, BinlogPos::encode).await.is_err() {
                             return Ok(());
                         }
                     }

@@ -665,14 +665,12 @@ impl Reader {
             let Ok((upto, complete)) = self.poll(&mut limit).await? else {
                 return Ok(());
             };
-            let heartbeat = PgPos { lsn: upto, seq: 0 };
-            if complete && heartbeat > self.delivered && self.out.idle() >= self.spec.heartbeat_interval {
-                self.delivered = heartbeat;
+            // Only a complete read may claim that nothing came before `upto`.
+            if complete {
+                let (at, every) = (PgPos { lsn: upto, seq: 0 }, self.spec.heartbeat_interval);
                 if self
                     .out
-                    .send(ChangeItem::Heartbeat {
-                        position: heartbeat.encode(),
-                    })
+                    .heartbeat(&mut self.delivered, at, every, PgPos::encode)
                     .await
                     .is_err()
                 {

@@ -78,7 +78,8 @@ ensure_mariadb_binlog() {
     printf '[mariadbd]\nserver_id = 1\nlog_bin = /var/lib/mysql/mysql-bin\nbinlog_format = ROW\nbinlog_row_image = FULL\nexpire_logs_days = 1\n' |
       as_root tee "$cnf" >/dev/null
   fi
-  if mysql_ready && [ "$(mariadb -uroot -N -e "SELECT @@log_bin" 2>/dev/null)" != 1 ]; then
+  # Only root can ask (socket login): elsewhere the server is taken as configured.
+  if [ "$(id -u)" = 0 ] && mysql_ready && [ "$(mariadb -uroot -N -e "SELECT @@log_bin" 2>/dev/null)" != 1 ]; then
     echo "enabling the MariaDB binlog (restart)..."
     mariadb-admin -uroot shutdown 2>/dev/null || as_root pkill -x mariadbd || true
     for _ in $(seq 1 100); do mysql_ready || break; sleep 0.2; done

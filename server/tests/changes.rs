@@ -623,6 +623,62 @@ async fn bad_requests_get_clear_errors(engine: Engine) {
     ctx.finish(&[&sub], &[&t, &keyless]).await;
 }
 
+/// A port of the second servers ./scripts/test starts without change streams.
+fn plain_port(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run ./scripts/test, which starts a PostgreSQL without logical decoding and a MariaDB without binlog")
+    })
+}
+
+/// Servers that cannot stream changes say which setting is missing.
+#[tokio::test]
+async fn servers_without_logical_decoding_or_binlog_say_what_to_change() {
+    let pg = postgres("np", "db", "").replace(
+        &format!(
+            "port = {}",
+            std::env::var("WEIR_TEST_PG_PORT").unwrap_or_else(|_| "5432".into())
+        ),
+        &format!("port = {}", plain_port("WEIR_TEST_PG_PLAIN_PORT")),
+    );
+    let my = mysql("np", "my", "").replace(
+        &format!(
+            "port = {}",
+            std::env::var("WEIR_TEST_MYSQL_PORT").unwrap_or_else(|_| "3306".into())
+        ),
+        &format!("port = {}", plain_port("WEIR_TEST_MYSQL_PLAIN_PORT")),
+    );
+    let server = TestServer::start(&tenant("np", "", &(pg + &my))).await;
+    let client = server.client("key-np").await;
+    let table = format!("plain_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    for (source, setting) in [("db", "wal_level"), ("my", "binary log")] {
+        client
+            .execute(source, &format!("CREATE TABLE {table} (id INT PRIMARY KEY)"), vec![])
+            .await
+            .expect("create table");
+        let start = pb::WatchStart {
+            source: source.into(),
+            tables: vec![pb::TableRef {
+                schema: String::new(),
+                table: table.clone(),
+            }],
+            subscription: "s".into(),
+            ..Default::default()
+        };
+        let e = client.watch(start).await.err().expect("refused");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{source}: {e:?}");
+        assert_eq!(reason(&e), "CHANGE_STREAMS_NOT_READY");
+        assert!(e.message().contains(setting), "{source}: {}", e.message());
+        let d = client.describe_table(source, "", &table).await.expect("describe");
+        let readiness = d.change_streams.expect("readiness");
+        assert!(!readiness.ready, "{source}");
+        client
+            .execute(source, &format!("DROP TABLE {table}"), vec![])
+            .await
+            .expect("drop");
+    }
+    server.stop().await;
+}
+
 macro_rules! suite {
     ($module:ident, $engine:expr $(, #[$attr:meta])?) => {
         mod $module {

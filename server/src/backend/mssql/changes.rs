@@ -364,7 +364,9 @@ impl Reader {
             if let Some(c) = current.as_mut() {
                 c.1 += 1;
             }
-            let w = &self.watched[table];
+            let Some(w) = self.watched.get(table) else {
+                return Err(BackendError::Internal("a change of an unknown table".into()));
+            };
             let change = RowChange {
                 op,
                 schema: w.schema.clone(),

@@ -515,6 +515,7 @@ impl Reader {
     fn row(&self, w: &Watched, row: Option<mysql_async::binlog::row::BinlogRow>) -> Result<Option<Row>, BackendError> {
         let Some(row) = row else { return Ok(None) };
         let mut values = Vec::with_capacity(w.columns.len());
+        // `BinlogRow::unwrap` hands over the row's values; it cannot panic.
         for (i, v) in row.unwrap().into_iter().enumerate() {
             let (Some(column), Some(shape)) = (w.columns.get(i), w.shapes.get(i)) else {
                 return Err(BackendError::ChangesNotReady(format!(

@@ -349,7 +349,11 @@ impl Reader {
             .prepare(&format!("SELECT NULL::{name}"))
             .await
             .map_err(map_error)?;
-        let ty = statement.columns()[0].type_().clone();
+        let ty = statement
+            .columns()
+            .first()
+            .map(|c| c.type_().clone())
+            .ok_or_else(|| BackendError::Internal(format!("type {name} has no column")))?;
         self.types.insert(oid, ty.clone());
         Ok(ty)
     }

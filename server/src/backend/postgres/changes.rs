@@ -35,10 +35,6 @@ const LOCK_CLASS: i32 = 0x5745_4952; // "WEIR"
 const FEED_BUFFER: usize = 256;
 /// How long a take-over waits for the old consumer's connection to end.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(5);
-/// Acknowledgements move the slot at most this often (and when the stream
-/// ends): an advance decodes WAL much as a peek does, so one per poll would
-/// double the reading work.
-const ADVANCE_EVERY: Duration = Duration::from_secs(1);
 /// How long a new consumer waits for the subscription's lock: a consumer
 /// that reconnects at once finds its old session still ending.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
@@ -328,9 +324,8 @@ struct Reader {
     watched: HashMap<u32, Watched>,
     relations: HashMap<u32, Rel>,
     types: HashMap<u32, Type>,
-    /// What the slot has acknowledged, and when it was last moved.
+    /// What the slot has acknowledged.
     confirmed: u64,
-    advanced: Instant,
     /// The last position delivered (or the resume point): later items only.
     delivered: PgPos,
     acked: PgPos,
@@ -388,17 +383,12 @@ impl Reader {
         Ok(())
     }
 
-    /// Acknowledgements received so far move the slot, if `ADVANCE_EVERY` has passed or `now`.
-    async fn apply_acks(
-        &mut self,
-        acks: &mut mpsc::UnboundedReceiver<Position>,
-        now: bool,
-    ) -> Result<(), BackendError> {
+    /// Acknowledgements received so far move the slot.
+    async fn apply_acks(&mut self, acks: &mut mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
         while let Ok(p) = acks.try_recv() {
             self.acked = self.acked.max(PgPos::decode(&p)?);
         }
-        if self.acked.lsn > self.confirmed && (now || self.advanced.elapsed() >= ADVANCE_EVERY) {
-            self.advanced = Instant::now();
+        if self.acked.lsn > self.confirmed {
             self.client
                 .execute(
                     "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
@@ -665,8 +655,7 @@ impl Reader {
         Ok(self.out.send(ChangeItem::Change(change)).await.is_err())
     }
 
-    /// Reads until the client goes or reading fails; the caller then applies the last acknowledgements.
-    async fn run(&mut self, acks: &mut mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
+    async fn run(mut self, mut acks: mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
         if self.spec.snapshot {
             match self.snapshot().await? {
                 Ok(lsn) => self.delivered = self.delivered.max(PgPos { lsn, seq: 0 }),
@@ -675,7 +664,7 @@ impl Reader {
         }
         let mut limit = self.spec.max_changes_per_poll.min(i32::MAX as u32) as i32;
         loop {
-            self.apply_acks(acks, false).await?;
+            self.apply_acks(&mut acks).await?;
             let before = self.delivered;
             let Ok((upto, complete)) = self.poll(&mut limit).await? else {
                 return Ok(());
@@ -748,7 +737,6 @@ pub(super) async fn watch(config: &tokio_postgres::Config, spec: WatchSpec) -> R
         relations: HashMap::new(),
         types: HashMap::new(),
         confirmed,
-        advanced: Instant::now(),
         delivered,
         acked: delivered,
         out: Outbox::new(tx.clone()),
@@ -757,11 +745,7 @@ pub(super) async fn watch(config: &tokio_postgres::Config, spec: WatchSpec) -> R
     let config = config.clone();
     tokio::spawn(async move {
         let (id, name) = (reader.spec.id.clone(), reader.spec.name.clone());
-        let (mut reader, mut ack_rx) = (reader, ack_rx);
-        let outcome = reader.run(&mut ack_rx).await;
-        // Fails only when the session is gone, and then `outcome` says why.
-        let _ = reader.apply_acks(&mut ack_rx, true).await;
-        if let Err(e) = outcome {
+        if let Err(e) = reader.run(ack_rx).await {
             // A take-over ends this session from outside: say so rather than "connection closed".
             let e = if !tx.is_closed() && taken_over(&config, &id).await {
                 BackendError::SubscriptionTakenOver(name)

@@ -297,6 +297,8 @@ pub struct SourceConfig {
     pub password_env: Option<String>,
     /// File holding the password (a mounted Kubernetes Secret).
     pub password_file: Option<PathBuf>,
+    /// The password sealed by `weir seal` (AES-256-GCM under a key from WEIR_SEAL_KEYS).
+    pub password_sealed: Option<String>,
     /// Connect with TLS, verifying the server's certificate (MySQL, SQL
     /// Server). Without it a SQL Server session is plaintext, the login's
     /// password included, unless the server itself requires encryption.
@@ -500,47 +502,22 @@ impl SourceConfig {
         if self.pool.min_idle > self.pool.max_size {
             return Err(invalid(format!("{key}.pool.min_idle"), "must not exceed pool.max_size"));
         }
-        let (allowed, required): (&[&str], &[&str]) = match self.engine {
-            EngineKind::Postgres => (
-                &["host", "port", "database", "user", "password_env", "password_file"],
-                &["host", "user"],
-            ),
-            EngineKind::Mysql => (
-                &[
-                    "host",
-                    "port",
-                    "database",
-                    "user",
-                    "password_env",
-                    "password_file",
-                    "tls",
-                ],
-                &["host", "user"],
-            ),
-            EngineKind::Sqlite => (&["path", "demo_data"], &["path"]),
+        const PASSWORDS: &[&str] = &["password_env", "password_file", "password_sealed"];
+        const SERVER: &[&str] = &["host", "port", "database", "user"];
+        let (allowed, required): (Vec<&str>, &[&str]) = match self.engine {
+            EngineKind::Postgres => ([SERVER, PASSWORDS].concat(), &["host", "user"]),
+            EngineKind::Mysql => ([SERVER, PASSWORDS, &["tls"]].concat(), &["host", "user"]),
+            EngineKind::Sqlite => (vec!["path", "demo_data"], &["path"]),
             EngineKind::Mssql => (
-                &[
-                    "host",
-                    "port",
-                    "database",
-                    "user",
-                    "password_env",
-                    "password_file",
-                    "tls",
-                    "trust_server_certificate",
-                ],
+                [SERVER, PASSWORDS, &["tls", "trust_server_certificate"]].concat(),
                 &["host", "user"],
             ),
             EngineKind::Kafka => (
-                &[
-                    "bootstrap_servers",
-                    "topics",
-                    "topic_prefix",
-                    "kafka_options",
-                    "user",
-                    "password_env",
-                    "password_file",
-                ],
+                [
+                    &["bootstrap_servers", "topics", "topic_prefix", "kafka_options", "user"],
+                    PASSWORDS,
+                ]
+                .concat(),
                 &["bootstrap_servers"],
             ),
         };
@@ -551,6 +528,7 @@ impl SourceConfig {
             ("user", self.user.is_some()),
             ("password_env", self.password_env.is_some()),
             ("password_file", self.password_file.is_some()),
+            ("password_sealed", self.password_sealed.is_some()),
             ("path", self.path.is_some()),
             ("demo_data", self.demo_data),
             ("tls", self.tls),
@@ -585,7 +563,7 @@ impl SourceConfig {
             {
                 return Err(invalid(
                     format!("{key}.kafka_options.{secret}"),
-                    "secrets do not belong in the configuration file: use password_env or password_file",
+                    "secrets do not belong in the configuration file: use password_env, password_file or password_sealed",
                 ));
             }
             if self.read_only {
@@ -595,10 +573,15 @@ impl SourceConfig {
                 ));
             }
         }
-        if self.password_env.is_some() && self.password_file.is_some() {
+        let ways = [
+            self.password_env.is_some(),
+            self.password_file.is_some(),
+            self.password_sealed.is_some(),
+        ];
+        if ways.iter().filter(|set| **set).count() > 1 {
             return Err(invalid(
-                format!("{key}.password_file"),
-                "set either password_env or password_file",
+                format!("{key}.password_env"),
+                "set one of password_env, password_file and password_sealed",
             ));
         }
         Ok(())
@@ -615,6 +598,11 @@ impl SourceConfig {
             return std::fs::read_to_string(path)
                 .map(|s| Some(s.trim_end_matches(['\r', '\n']).to_string()))
                 .map_err(|e| format!("cannot read password_file {}: {e}", path.display()));
+        }
+        if let Some(sealed) = &self.password_sealed {
+            return crate::sealed::open(sealed)
+                .map(Some)
+                .map_err(|e| format!("password_sealed: {e}"));
         }
         Ok(None)
     }

@@ -25,6 +25,20 @@ struct Args {
 enum Command {
     /// Print the SHA-256 of an API key for `api_keys[].sha256` (reads stdin without KEY).
     HashKey { key: Option<String> },
+    /// Seal a password read from stdin for `password_sealed`, with the newest
+    /// key in WEIR_SEAL_KEYS (`v1=<base64>,v2=<base64>`).
+    Seal {
+        /// Print a new random key for WEIR_SEAL_KEYS instead.
+        #[arg(long)]
+        generate_key: bool,
+    },
+}
+
+/// The first line of stdin, without its line ending.
+fn read_stdin_line() -> Result<String, std::io::Error> {
+    let mut s = String::new();
+    std::io::stdin().read_to_string(&mut s)?;
+    Ok(s.trim_end_matches(['\r', '\n']).to_string())
 }
 
 async fn shutdown_signal() {
@@ -50,20 +64,39 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Command::HashKey { key }) = args.command {
-        let key = match key {
-            Some(k) => k,
-            None => {
-                let mut s = String::new();
-                if let Err(e) = std::io::stdin().read_to_string(&mut s) {
+    match args.command {
+        Some(Command::HashKey { key }) => {
+            let key = match key.map_or_else(read_stdin_line, Ok) {
+                Ok(k) => k,
+                Err(e) => {
                     eprintln!("error: cannot read the key from stdin: {e}");
                     return ExitCode::FAILURE;
                 }
-                s.trim_end_matches(['\r', '\n']).to_string()
-            }
-        };
-        println!("{}", hex::encode(weir_server::tenant::hash_key(&key)));
-        return ExitCode::SUCCESS;
+            };
+            println!("{}", hex::encode(weir_server::tenant::hash_key(&key)));
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Seal { generate_key: true }) => {
+            println!("{}", weir_server::sealed::generate_key());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Seal { generate_key: false }) => {
+            // From stdin only: an argument would stay in the shell's history.
+            let sealed = read_stdin_line()
+                .map_err(|e| format!("cannot read the password from stdin: {e}"))
+                .and_then(|secret| weir_server::sealed::seal(&secret).map_err(|e| e.to_string()));
+            return match sealed {
+                Ok(s) => {
+                    println!("{s}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
     }
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,

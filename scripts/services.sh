@@ -162,39 +162,38 @@ ensure_redis() {
 }
 
 # A second PostgreSQL (wal_level = replica) and MariaDB (no binlog), so the
-# tests can check the errors of servers that cannot stream changes. Root
-# only; they live under /tmp and are started once per boot.
+# tests can check the errors of servers that cannot stream changes. They
+# live under /tmp and are started once per boot (as root, or through sudo).
 plain_pg_port=5434
 plain_mysql_port=3307
 ensure_plain_servers() {
-  [ "$(id -u)" = 0 ] || return 0
-  local bin dir=/tmp/weir-pg-plain
+  local bin dir=/tmp/weir-pg-plain mdir=/tmp/weir-mariadb-plain
   bin="/usr/lib/postgresql/$(ls /etc/postgresql | sort -V | tail -n 1)/bin"
+  as_postgres() { as_root runuser -u postgres -- "$@"; }
   if ! pg_isready -q -h 127.0.0.1 -p "$plain_pg_port" 2>/dev/null; then
-    if [ ! -f "$dir/PG_VERSION" ]; then
-      mkdir -p "$dir" && chown postgres "$dir"
-      runuser -u postgres -- "$bin/initdb" -D "$dir" -A trust -U postgres >/dev/null
+    if ! as_root test -f "$dir/PG_VERSION"; then
+      as_root mkdir -p "$dir" && as_root chown postgres "$dir"
+      as_postgres "$bin/initdb" -D "$dir" -A trust -U postgres >/dev/null
     fi
-    runuser -u postgres -- "$bin/pg_ctl" -D "$dir" -l "$dir/log" -w start \
+    as_postgres "$bin/pg_ctl" -D "$dir" -l "$dir/log" -w start \
       -o "-p $plain_pg_port -c listen_addresses=127.0.0.1 -c unix_socket_directories=/tmp -c wal_level=replica" >/dev/null
   fi
-  if ! runuser -u postgres -- psql -h /tmp -p "$plain_pg_port" -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1; then
-    runuser -u postgres -- createdb -h /tmp -p "$plain_pg_port" test
+  if ! as_postgres psql -h /tmp -p "$plain_pg_port" -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1; then
+    as_postgres createdb -h /tmp -p "$plain_pg_port" test
   fi
-  local mdir=/tmp/weir-mariadb-plain
   if ! mariadb-admin ping -h 127.0.0.1 -P "$plain_mysql_port" --silent >/dev/null 2>&1; then
-    if [ ! -d "$mdir/mysql" ]; then
-      mariadb-install-db --no-defaults --user=mysql --datadir="$mdir" --skip-test-db >/dev/null 2>&1
+    if ! as_root test -d "$mdir/mysql"; then
+      as_root mariadb-install-db --no-defaults --user=mysql --datadir="$mdir" --skip-test-db >/dev/null 2>&1
     fi
     # --pidfile: the main server runs the same binary.
-    start-stop-daemon --start --background --pidfile "$mdir.pid" --exec /usr/sbin/mariadbd -- --no-defaults --user=mysql \
-      --datadir="$mdir" --port="$plain_mysql_port" --bind-address=127.0.0.1 --socket="$mdir.sock" \
+    as_root start-stop-daemon --start --background --pidfile "$mdir.pid" --exec /usr/sbin/mariadbd -- --no-defaults \
+      --user=mysql --datadir="$mdir" --port="$plain_mysql_port" --bind-address=127.0.0.1 --socket="$mdir.sock" \
       --pid-file="$mdir.pid" --skip-log-bin
     for _ in $(seq 1 100); do
       mariadb-admin ping -h 127.0.0.1 -P "$plain_mysql_port" --silent >/dev/null 2>&1 && break
       sleep 0.2
     done
-    mariadb --socket="$mdir.sock" -uroot -e "CREATE DATABASE IF NOT EXISTS test;
+    as_root mariadb --socket="$mdir.sock" -uroot -e "CREATE DATABASE IF NOT EXISTS test;
       CREATE USER IF NOT EXISTS 'weir'@'%' IDENTIFIED BY 'weir'; GRANT ALL PRIVILEGES ON *.* TO 'weir'@'%';"
   fi
   export WEIR_TEST_PG_PLAIN_PORT="$plain_pg_port" WEIR_TEST_MYSQL_PLAIN_PORT="$plain_mysql_port"

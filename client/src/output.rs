@@ -102,16 +102,8 @@ impl<W: Write> RowWriter<W> {
                 let mut line = Vec::new();
                 for row in rows {
                     line.clear();
-                    line.push(b'{');
-                    for (i, key) in keys.iter().enumerate() {
-                        if i > 0 {
-                            line.push(b',');
-                        }
-                        line.extend_from_slice(key.as_bytes());
-                        line.push(b':');
-                        write_json_value(&mut line, value_at(row, i))?;
-                    }
-                    line.extend_from_slice(b"}\n");
+                    write_json_object(&mut line, keys, row)?;
+                    line.push(b'\n');
                     out.write_all(&line)?;
                 }
             }
@@ -139,17 +131,24 @@ impl<W: Write> RowWriter<W> {
 
 /// One row as a JSON object keyed by column name, as in the JSON format.
 pub fn row_json(columns: &[Column], row: &Row) -> io::Result<String> {
-    let mut line = vec![b'{'];
-    for (i, key) in json_keys(columns).iter().enumerate() {
+    let mut line = Vec::new();
+    write_json_object(&mut line, &json_keys(columns), row)?;
+    String::from_utf8(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// `{"key":value,...}` for one row; `keys` are already JSON-quoted.
+fn write_json_object(line: &mut Vec<u8>, keys: &[String], row: &Row) -> io::Result<()> {
+    line.push(b'{');
+    for (i, key) in keys.iter().enumerate() {
         if i > 0 {
             line.push(b',');
         }
         line.extend_from_slice(key.as_bytes());
         line.push(b':');
-        write_json_value(&mut line, value_at(row, i))?;
+        write_json_value(line, value_at(row, i))?;
     }
     line.push(b'}');
-    String::from_utf8(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    Ok(())
 }
 
 fn value_at(row: &Row, i: usize) -> &Value {

@@ -57,7 +57,7 @@ impl Ctx {
     async fn new(engine: Engine) -> Ctx {
         let config = format!(
             "{CONFIG}{}{}{}",
-            tenant("cs", "", &engine.source("cs")),
+            tenant("cs", "max_concurrent_subscriptions = 2", &engine.source("cs")),
             tenant("other", "", &engine.source("other")),
             sqlite_demo("cs", "lite")
         );
@@ -172,6 +172,21 @@ async fn next_message(watch: &mut ChangeWatch) -> Message {
         .expect("the stream stays open")
         .message
         .expect("a response carries a message")
+}
+
+/// The error that ends the stream, which must come within `WAIT`; events before it are skipped.
+async fn stream_error(watch: &mut ChangeWatch) -> tonic::Status {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match watch.next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without an error"),
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends with an error")
 }
 
 fn changes(messages: &[Message]) -> Vec<&pb::ChangeEvent> {
@@ -442,18 +457,7 @@ async fn one_consumer_per_subscription_unless_taken_over(engine: Engine) {
     let mut start = ctx.start(&[&t], &sub);
     start.take_over = true;
     let mut taker = ctx.watch(start).await;
-    let ended = tokio::time::timeout(WAIT, async {
-        loop {
-            match first.next().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(e) => return Some(e),
-            }
-        }
-    })
-    .await
-    .expect("the first consumer is ended");
-    let e = ended.expect("with an error");
+    let e = stream_error(&mut first).await;
     assert_eq!(e.code(), Code::Aborted, "{e:?}");
     assert_eq!(reason(&e), "SUBSCRIPTION_TAKEN_OVER");
     ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'x', 1)")).await;
@@ -559,6 +563,94 @@ async fn engine_state_exists(ctx: &Ctx, subscription: &str) -> bool {
     }
 }
 
+/// Ends the engine session that reads `subscription`, as a database restart
+/// or a network cut would.
+async fn kill_reader(ctx: &Ctx, subscription: &str) {
+    let id = weir_server::service::changes::subscription_id("cs", subscription);
+    match ctx.engine {
+        Engine::Postgres => {
+            let pg = pg_direct().await;
+            let killed: i64 = pg
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory'
+                       AND objsubid = 2 AND classid = 1464158546::int8::oid
+                       AND objid = ((hashtext($1)::int8 + 4294967296) % 4294967296)::oid",
+                    &[&id],
+                )
+                .await
+                .expect("terminate")
+                .get(0);
+            assert_eq!(killed, 1, "one session reads the subscription");
+        }
+        Engine::Mysql => {
+            use mysql_async::prelude::Queryable;
+            let mut conn = mysql_direct().await;
+            let holder: Option<Option<u64>> = conn.exec_first("SELECT IS_USED_LOCK(?)", (id,)).await.expect("lock");
+            let holder = holder.flatten().expect("one session reads the subscription");
+            conn.query_drop(format!("KILL CONNECTION {holder}"))
+                .await
+                .expect("kill");
+        }
+        Engine::Mssql => {
+            let sql = "DECLARE @s int = (SELECT holder FROM weir_change_positions WHERE subscription = @P1); \
+                       DECLARE @k nvarchar(40) = N'KILL ' + CAST(@s AS nvarchar(20)); EXEC (@k)";
+            let param = pb::Value {
+                kind: Some(pb::value::Kind::StringValue(id)),
+            };
+            ctx.client.execute("db", sql, vec![param]).await.expect("kill");
+        }
+    }
+}
+
+async fn a_lost_database_session_ends_the_stream_and_a_resume_loses_nothing(engine: Engine) {
+    let ctx = Ctx::new(engine).await;
+    let t = ctx.table("lost").await;
+    let sub = ctx.name("lost");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'a', 1)")).await;
+    let first = changes(&read_changes(&mut watch, 1).await)[0].clone();
+    watch.ack(first.position.clone()).await.expect("ack");
+    kill_reader(&ctx, &sub).await;
+    let ended = stream_error(&mut watch).await;
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    // Written while nobody reads: kept by the database, delivered on resume.
+    ctx.sql(&format!("INSERT INTO {t} VALUES (2, 'b', 2)")).await;
+    let mut start = ctx.start(&[&t], &sub);
+    start.resume_position = first.position;
+    let mut resumed = ctx.watch(start).await;
+    assert_eq!(id_of(changes(&read_changes(&mut resumed, 1).await)[0]), 2);
+    drop(resumed);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
+async fn limits_and_silent_callers_get_clear_errors(engine: Engine) {
+    let ctx = Ctx::new(engine).await;
+    let t = ctx.table("limits").await;
+    let (a, b, c) = (ctx.name("lim-a"), ctx.name("lim-b"), ctx.name("lim-c"));
+    // The tenant may hold two change streams at once.
+    let first = ctx.watch(ctx.start(&[&t], &a)).await;
+    let second = ctx.watch(ctx.start(&[&t], &b)).await;
+    let e = ctx
+        .client
+        .watch(ctx.start(&[&t], &c))
+        .await
+        .err()
+        .expect("a third is refused");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert_eq!(reason(&e), "SUBSCRIPTION_CONCURRENCY_LIMITED");
+    drop((first, second));
+    // A call that never sends its WatchStart is ended, not kept open.
+    let silent = ctx
+        .client
+        .stream()
+        .watch_changes(futures::stream::pending::<pb::WatchChangesRequest>())
+        .await
+        .err()
+        .expect("a call without WatchStart is refused");
+    assert_eq!(silent.code(), Code::InvalidArgument, "{silent:?}");
+    ctx.finish(&[&a, &b], &[&t]).await;
+}
+
 async fn bad_requests_get_clear_errors(engine: Engine) {
     let ctx = Ctx::new(engine).await;
     let t = ctx.table("errs").await;
@@ -601,15 +693,7 @@ async fn bad_requests_get_clear_errors(engine: Engine) {
     // Acknowledging something never delivered ends the stream with INVALID_ARGUMENT.
     let mut mine = ctx.watch(ctx.start(&[&t], &sub)).await;
     mine.ack(their_position).await.expect("ack is sent");
-    let e = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Err(e) = mine.next().await {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("the stream ends");
+    let e = stream_error(&mut mine).await;
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
     let other_ctx_sub = sub.clone();
@@ -712,6 +796,16 @@ macro_rules! suite {
             $(#[$attr])?
             async fn deleting_a_subscription_releases_the_engine_state() {
                 super::deleting_a_subscription_releases_the_engine_state($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn a_lost_database_session_ends_the_stream_and_a_resume_loses_nothing() {
+                super::a_lost_database_session_ends_the_stream_and_a_resume_loses_nothing($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn limits_and_silent_callers_get_clear_errors() {
+                super::limits_and_silent_callers_get_clear_errors($engine).await
             }
             #[tokio::test]
             $(#[$attr])?

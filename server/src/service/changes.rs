@@ -23,6 +23,9 @@ const MAX_SUBSCRIPTION: usize = 100;
 const MAX_TABLES: usize = 100;
 /// First byte of every position Weir hands out; a new layout gets a new one.
 const POSITION_VERSION: u8 = 1;
+/// How long a call may take to send its WatchStart: a caller that never does
+/// would otherwise hold a concurrency slot for good.
+const START_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Responses buffered for a slow client before the engine's reader waits.
 const WATCH_BUFFER: usize = 64;
 
@@ -187,9 +190,9 @@ pub async fn watch(
     use pb::watch_changes_request::Message;
     let caller = caller(&request)?;
     let mut inbound = request.into_inner();
-    let first = inbound
-        .message()
+    let first = tokio::time::timeout(START_WAIT, inbound.message())
         .await
+        .map_err(|_| bad("start", format!("no WatchStart within {START_WAIT:?}")))?
         .map_err(|e| bad("start", format!("could not read the first message: {}", e.message())))?;
     let Some(Message::Start(start)) = first.and_then(|m| m.message) else {
         return Err(bad("start", "the first message must be a WatchStart"));

@@ -173,9 +173,9 @@ fn convert(v: BinlogValue<'_>, shape: &Shape) -> Result<Value, String> {
             return Err("partial JSON updates are not supported; set binlog_row_value_options = ''".into())
         }
     };
-    Ok(match (v, shape.clone()) {
+    Ok(match (v, shape) {
         (MyValue::NULL, _) => Value::Null,
-        (MyValue::Int(i), Shape::Unsigned(bits)) => {
+        (MyValue::Int(i), &Shape::Unsigned(bits)) => {
             let raw = if bits == 64 {
                 i as u64
             } else {
@@ -208,13 +208,16 @@ fn convert(v: BinlogValue<'_>, shape: &Shape) -> Result<Value, String> {
             let text = String::from_utf8(b).map_err(|_| "invalid TIMESTAMP")?;
             let (secs, frac) = text.split_once('.').unwrap_or((&text, "0"));
             let secs: i64 = secs.parse().map_err(|_| "invalid TIMESTAMP")?;
-            let micros: u32 = format!("{frac:0<6}")[..6].parse().map_err(|_| "invalid TIMESTAMP")?;
+            let micros: u32 = format!("{frac:0<6}")
+                .get(..6)
+                .and_then(|m| m.parse().ok())
+                .ok_or("invalid TIMESTAMP")?;
             Value::TimestampTz(DateTime::from_timestamp(secs, micros * 1000).ok_or("TIMESTAMP out of range")?)
         }
         (MyValue::Int(secs), Shape::Plain(Decode::Timestamp)) => {
             Value::TimestampTz(DateTime::from_timestamp(secs, 0).ok_or("TIMESTAMP out of range")?)
         }
-        (v, Shape::Plain(decode)) => types::decode(v, decode)?,
+        (v, &Shape::Plain(decode)) => types::decode(v, decode)?,
         (v, _) => types::decode(v, Decode::Text)?,
     })
 }
@@ -513,10 +516,11 @@ fn snapshot_value(raw: MyValue, shape: &Shape) -> Result<Value, String> {
 
 impl Reader {
     fn row(&self, w: &Watched, row: Option<mysql_async::binlog::row::BinlogRow>) -> Result<Option<Row>, BackendError> {
-        let Some(row) = row else { return Ok(None) };
+        let Some(mut row) = row else { return Ok(None) };
         let mut values = Vec::with_capacity(w.columns.len());
-        // `BinlogRow::unwrap` hands over the row's values; it cannot panic.
-        for (i, v) in row.unwrap().into_iter().enumerate() {
+        for i in 0..row.len() {
+            // A column missing from the row image (not FULL) is reported as NULL.
+            let v = row.take(i).unwrap_or(BinlogValue::Value(MyValue::NULL));
             let (Some(column), Some(shape)) = (w.columns.get(i), w.shapes.get(i)) else {
                 return Err(BackendError::ChangesNotReady(format!(
                     "the binlog row of {}.{} has more columns than the table had when the stream started; \

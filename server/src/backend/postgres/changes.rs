@@ -68,6 +68,8 @@ impl PgPos {
 
 /// A watched table as the catalog describes it.
 struct Watched {
+    schema: String,
+    table: String,
     qualified: String,
     primary_key: Arc<[String]>,
 }
@@ -164,6 +166,8 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
         out.insert(
             oid,
             Watched {
+                schema,
+                table,
                 qualified,
                 primary_key: primary_key.into(),
             },
@@ -451,12 +455,12 @@ impl Reader {
                 .map(super::types::column)
                 .collect::<Result<Vec<_>, _>>()?
                 .into();
-            let (schema, table) = split_qualified(&self.client, *oid).await?;
+            let Some(w) = self.watched.get(oid) else { continue };
             let snapshot = SnapshotTable {
-                schema,
-                table,
+                schema: w.schema.clone(),
+                table: w.table.clone(),
                 columns: columns.clone(),
-                primary_key: self.watched.get(oid).map(|w| w.primary_key.clone()).unwrap_or_default(),
+                primary_key: w.primary_key.clone(),
                 position: position.clone(),
             };
             let rows = self
@@ -689,19 +693,6 @@ impl Reader {
             }
         }
     }
-}
-
-/// Schema and table name of a relation, unquoted.
-async fn split_qualified(client: &Client, oid: u32) -> Result<(String, String), BackendError> {
-    let row = client
-        .query_one(
-            "SELECT n.nspname::text, c.relname::text FROM pg_class c
-             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
-            &[&oid],
-        )
-        .await
-        .map_err(map_error)?;
-    Ok((row.get(0), row.get(1)))
 }
 
 pub(super) async fn watch(config: &tokio_postgres::Config, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {

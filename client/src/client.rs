@@ -6,7 +6,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status, Streaming};
 use weir_proto::v1::bulk_load_service_client::BulkLoadServiceClient;
 use weir_proto::v1::execute_stream_response::Payload;
@@ -45,6 +45,9 @@ pub enum ClientError {
     /// The key holds characters that a header cannot carry.
     #[error("the API key is not a valid header value (it must be visible ASCII)")]
     InvalidApiKey,
+    /// The TLS settings cannot be used.
+    #[error("invalid TLS settings")]
+    Tls(#[source] tonic::transport::Error),
     /// The server could not be reached.
     #[error("cannot connect to {addr}")]
     Transport {
@@ -54,10 +57,11 @@ pub enum ClientError {
     },
 }
 
-/// Adds `authorization: Bearer <key>` to every request.
+/// Adds `authorization: Bearer <key>` (an API key or a JWT) to every request.
 #[derive(Clone, Debug)]
 pub struct ApiKeyInterceptor {
-    header: MetadataValue<Ascii>,
+    /// None with client-certificate authentication alone.
+    header: Option<MetadataValue<Ascii>>,
 }
 
 impl ApiKeyInterceptor {
@@ -68,15 +72,34 @@ impl ApiKeyInterceptor {
             .map_err(|_| ClientError::InvalidApiKey)?;
         // Keeps the key out of Debug output and out of HPACK's index.
         header.set_sensitive(true);
-        Ok(Self { header })
+        Ok(Self { header: Some(header) })
+    }
+
+    /// Sends no bearer token (the client certificate authenticates).
+    pub fn none() -> Self {
+        Self { header: None }
     }
 }
 
 impl Interceptor for ApiKeyInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert("authorization", self.header.clone());
+        if let Some(header) = &self.header {
+            request.metadata_mut().insert("authorization", header.clone());
+        }
         Ok(request)
     }
+}
+
+/// TLS to the server: the CA that signed its certificate, and optionally a
+/// client certificate for mutual TLS.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// PEM CA certificate(s) the server's certificate is verified against.
+    pub ca_pem: Vec<u8>,
+    /// PEM client certificate chain and private key, for mutual TLS.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the server's certificate must carry, when it is not the address's host.
+    pub domain: Option<String>,
 }
 
 /// A connected, authenticated client. Cloning is cheap and clones share the
@@ -93,16 +116,40 @@ impl WeirClient {
     /// Connects to `addr` ("http://host:port", or "host:port" for plain
     /// HTTP/2) and authenticates every call with `api_key`.
     pub async fn connect(addr: &str, api_key: &str) -> Result<WeirClient, ClientError> {
-        let interceptor = ApiKeyInterceptor::new(api_key)?;
+        Self::connect_with(addr, Some(api_key), None).await
+    }
+
+    /// Connects with an optional bearer token (API key or JWT) and optional
+    /// TLS ("https://host:port"); with a client certificate the token may be left out.
+    pub async fn connect_with(
+        addr: &str,
+        bearer: Option<&str>,
+        tls: Option<TlsOptions>,
+    ) -> Result<WeirClient, ClientError> {
+        let interceptor = match bearer {
+            Some(token) => ApiKeyInterceptor::new(token)?,
+            None => ApiKeyInterceptor::none(),
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let addr = if addr.contains("://") {
             addr.to_owned()
         } else {
-            format!("http://{addr}")
+            format!("{scheme}://{addr}")
         };
-        let endpoint = Endpoint::from_shared(addr.clone()).map_err(|source| ClientError::InvalidAddress {
+        let mut endpoint = Endpoint::from_shared(addr.clone()).map_err(|source| ClientError::InvalidAddress {
             addr: addr.clone(),
             source,
         })?;
+        if let Some(tls) = tls {
+            let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(tls.ca_pem));
+            if let Some((cert, key)) = tls.identity_pem {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = tls.domain {
+                config = config.domain_name(domain);
+            }
+            endpoint = endpoint.tls_config(config).map_err(ClientError::Tls)?;
+        }
         let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .connect()

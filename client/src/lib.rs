@@ -9,7 +9,7 @@ mod params;
 mod status;
 mod watch;
 
-pub use client::{ApiKeyInterceptor, AuthChannel, ClientError, ResultStream, WeirClient};
+pub use client::{ApiKeyInterceptor, AuthChannel, ClientError, ResultStream, TlsOptions, WeirClient};
 pub use params::parse_param;
 pub use status::{code_name, describe_status};
 pub use watch::ChangeWatch;

@@ -48,11 +48,15 @@ pub struct Config {
     pub bulk: BulkConfig,
     pub changes: ChangesConfig,
     pub limits: GlobalLimitsConfig,
+    pub auth: AuthConfig,
     /// Tenants by id.
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// The file this configuration was read from, reread on SIGHUP or when it changes.
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// gRPC listen address.
@@ -65,6 +69,74 @@ pub struct ServerConfig {
     /// How long open streams may run after a shutdown signal before they are cut.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How often the configuration file and the TLS files are checked for
+    /// changes (a ConfigMap or Secret update); SIGHUP reloads at once.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// Data calls in progress at once across all tenants. Calls beyond it
+    /// wait, by priority and fairly across tenants, for `max_queue_wait`.
+    pub max_concurrent_requests: u32,
+    /// Longest a call waits for a free slot before RESOURCE_EXHAUSTED.
+    #[serde(with = "humantime_serde")]
+    pub max_queue_wait: Duration,
+    /// Serve gRPC over TLS (and mutual TLS with `client_ca_file`).
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key of the server (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA certificates that client certificates are verified against;
+    /// a verified certificate authenticates as the tenant whose
+    /// `client_identities` name its subject CN or a SAN.
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse connections without a client certificate (otherwise callers
+    /// without one authenticate by API key or JWT).
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
+/// Ways to authenticate besides API keys.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Bearer JWTs from one trusted issuer.
+    pub jwt: Option<JwtConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (one of the token's audiences).
+    pub audience: String,
+    /// Signature algorithm: HS256/384/512, RS256/384/512, PS256/384/512, ES256/384 or EdDSA.
+    pub algorithm: String,
+    /// HS*: environment variable holding the shared secret.
+    pub secret_env: Option<String>,
+    /// HS*: file holding the shared secret.
+    pub secret_file: Option<PathBuf>,
+    /// RS*, PS*, ES*, EdDSA: PEM public key of the issuer.
+    pub public_key_file: Option<PathBuf>,
+    /// Claim naming the tenant.
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+fn default_tenant_claim() -> String {
+    "tenant".into()
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
 }
 
 impl Default for ServerConfig {
@@ -74,11 +146,15 @@ impl Default for ServerConfig {
             max_request_bytes: 16 * 1024 * 1024,
             health_check_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            reload_interval: Duration::from_secs(5),
+            max_concurrent_requests: 1024,
+            max_queue_wait: Duration::from_secs(1),
+            tls: None,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Serve Prometheus `/metrics`, `/healthz` and `/readyz`.
@@ -96,7 +172,7 @@ impl Default for MetricsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// OTLP/gRPC endpoint for traces (for example http://otel-collector:4317);
@@ -118,7 +194,7 @@ pub enum RedisFailure {
 }
 
 /// Limits shared by every replica.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GlobalLimitsConfig {
     /// Redis holding every tenant's request-rate bucket ("redis://host:6379/0").
@@ -140,7 +216,7 @@ impl Default for GlobalLimitsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BulkConfig {
     /// Table in each target database where committed `load_id`s are recorded,
@@ -157,7 +233,7 @@ impl Default for BulkConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChangesConfig {
     /// How often an idle change stream asks the database for new changes.
@@ -185,6 +261,11 @@ impl Default for ChangesConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TenantConfig {
     pub api_keys: Vec<ApiKeyConfig>,
+    /// mTLS: client-certificate identities of this tenant, each matched
+    /// exactly against the subject CN and every DNS, URI and email SAN.
+    pub client_identities: Vec<String>,
+    /// Put each call's SQL text in the audit log (off: it may hold personal data).
+    pub audit_sql: bool,
     pub limits: LimitsConfig,
     /// Sources by name; names are private to the tenant.
     pub sources: BTreeMap<String, SourceConfig>,
@@ -199,7 +280,7 @@ pub struct ApiKeyConfig {
     pub sha256: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Sustained requests per second (token refill rate).
@@ -237,6 +318,23 @@ pub struct LimitsConfig {
     pub stream_records_per_second: u32,
     /// Sustained StreamService bytes per second, likewise.
     pub stream_bytes_per_second: u32,
+    /// `ExecuteStream` result streams open at once.
+    pub max_concurrent_streams: u32,
+    /// Transactions open at once.
+    pub max_open_transactions: u32,
+    /// Share of the gateway's slots, relative to other tenants, when calls wait for one.
+    pub weight: u32,
+    /// Highest priority the tenant's calls may ask for; higher requests are lowered to it.
+    pub max_priority: Priority,
+}
+
+/// Scheduling priority of a call (`RequestOptions.priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    Medium,
+    High,
 }
 
 impl Default for LimitsConfig {
@@ -258,6 +356,10 @@ impl Default for LimitsConfig {
             max_concurrent_subscriptions: 4,
             stream_records_per_second: 200_000,
             stream_bytes_per_second: 256 * 1024 * 1024,
+            max_concurrent_streams: 16,
+            max_open_transactions: 16,
+            weight: 1,
+            max_priority: Priority::Medium,
         }
     }
 }
@@ -276,7 +378,7 @@ pub enum EngineKind {
 }
 
 /// One source. Engine-specific keys are checked by `validate`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     pub engine: EngineKind,
@@ -331,7 +433,7 @@ pub struct SourceConfig {
     pub kafka_options: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     pub max_size: u32,
@@ -367,7 +469,9 @@ impl Config {
             Some(p) => Figment::from(Toml::file_exact(p)),
             None => Figment::from(Toml::string(DEMO_CONFIG)),
         };
-        Self::from_figment(base.merge(Env::prefixed("WEIR__").split("__")))
+        let mut config = Self::from_figment(base.merge(Env::prefixed("WEIR__").split("__")))?;
+        config.path = path.map(Path::to_path_buf);
+        Ok(config)
     }
 
     /// Parses a TOML text (tests, embedded configurations) without environment overrides.
@@ -401,6 +505,20 @@ impl Config {
                 return Err(invalid(name, "must be greater than 0"));
             }
         }
+        for (name, value) in [
+            ("server.reload_interval", self.server.reload_interval),
+            ("server.max_queue_wait", self.server.max_queue_wait),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(name, "must be greater than 0"));
+            }
+        }
+        if self.server.max_concurrent_requests == 0 {
+            return Err(invalid("server.max_concurrent_requests", "must be greater than 0"));
+        }
+        if let Some(jwt) = &self.auth.jwt {
+            crate::transport::jwt::JwtVerifier::new(jwt).map_err(|e| invalid("auth.jwt", e))?;
+        }
         if self.changes.max_changes_per_poll == 0 {
             return Err(invalid("changes.max_changes_per_poll", "must be greater than 0"));
         }
@@ -417,6 +535,7 @@ impl Config {
             ));
         }
         let mut seen_keys = std::collections::HashSet::new();
+        let mut seen_identities = std::collections::HashSet::new();
         for (tenant_id, tenant) in &self.tenants {
             let t = format!("tenants.{tenant_id}");
             check_name(&t, tenant_id)?;
@@ -429,6 +548,17 @@ impl Config {
                 }
                 if !seen_keys.insert(bytes) {
                     return Err(invalid(&k, "the same key is configured twice"));
+                }
+            }
+            for (i, identity) in tenant.client_identities.iter().enumerate() {
+                if identity.is_empty() {
+                    return Err(invalid(format!("{t}.client_identities[{i}]"), "must not be empty"));
+                }
+                if !seen_identities.insert(identity.as_str()) {
+                    return Err(invalid(
+                        format!("{t}.client_identities[{i}]"),
+                        "the same identity is configured for two tenants",
+                    ));
                 }
             }
             tenant.limits.validate(&format!("{t}.limits"))?;
@@ -476,6 +606,9 @@ impl LimitsConfig {
             ),
             ("stream_records_per_second", u64::from(self.stream_records_per_second)),
             ("stream_bytes_per_second", u64::from(self.stream_bytes_per_second)),
+            ("max_concurrent_streams", u64::from(self.max_concurrent_streams)),
+            ("max_open_transactions", u64::from(self.max_open_transactions)),
+            ("weight", u64::from(self.weight)),
         ];
         for (name, value) in positive {
             if value == 0 {

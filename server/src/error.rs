@@ -52,6 +52,12 @@ pub enum Error {
     TopicNotFound(String),
     #[error("the shared rate limits cannot be checked (Redis is unreachable); retry shortly")]
     GlobalLimitsUnavailable,
+    #[error("the gateway is saturated: no slot came free within {waited:?}; retry in {retry_after:?} or with a higher priority")]
+    GatewayBusy { waited: Duration, retry_after: Duration },
+    #[error("too many result streams open (limit {limit}); retry when one ends")]
+    TooManyStreams { limit: u32 },
+    #[error("too many transactions open (limit {limit}); commit or roll back one first")]
+    TooManyTransactions { limit: u32 },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -152,6 +158,21 @@ impl From<Error> for Status {
                 info("RECORD_TOO_LARGE", vec![("limit", limit.to_string())]),
             ),
             Error::TopicNotFound(_) => (Code::NotFound, info("TOPIC_NOT_FOUND", vec![])),
+            Error::GatewayBusy { waited, retry_after } => {
+                let mut d = info("GATEWAY_SATURATED", vec![("waited_ms", waited.as_millis().to_string())]);
+                d.set_retry_info(Some(*retry_after));
+                (Code::ResourceExhausted, d)
+            }
+            Error::TooManyStreams { limit } => {
+                let mut d = info("STREAM_CONCURRENCY_LIMITED", vec![("limit", limit.to_string())]);
+                d.set_retry_info(Some(Duration::from_secs(1)));
+                (Code::ResourceExhausted, d)
+            }
+            Error::TooManyTransactions { limit } => {
+                let mut d = info("TRANSACTION_LIMIT", vec![("limit", limit.to_string())]);
+                d.set_retry_info(Some(Duration::from_secs(1)));
+                (Code::ResourceExhausted, d)
+            }
             Error::GlobalLimitsUnavailable => {
                 let mut d = info("GLOBAL_LIMITS_UNAVAILABLE", vec![]);
                 d.set_retry_info(Some(Duration::from_secs(1)));

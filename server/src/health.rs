@@ -9,6 +9,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::metrics::{PoolLabels, Readiness, SourceLabels, METRICS};
+use crate::tenant::reload::Registry;
 use crate::tenant::{SourceStatus, Tenants};
 
 /// gRPC health names that follow the gateway's overall state.
@@ -57,11 +58,11 @@ pub async fn probe_all(tenants: &Tenants) -> bool {
     required_ok
 }
 
-pub async fn monitor(tenants: Arc<Tenants>, reporter: HealthReporter, readiness: Readiness, interval: Duration) {
+pub async fn monitor(tenants: Arc<Registry>, reporter: HealthReporter, readiness: Readiness, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
-        let ready = probe_all(&tenants).await;
+        let ready = probe_all(&tenants.current()).await;
         readiness.set(ready);
         set_all(
             &reporter,

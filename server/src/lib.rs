@@ -24,7 +24,8 @@ use tokio::net::TcpListener;
 pub use config::Config;
 use metrics::Readiness;
 use service::transactions::Transactions;
-use tenant::Tenants;
+use tenant::reload::{self, Registry};
+use transport::tls::TlsReloader;
 
 /// How often idle transactions are looked for.
 const REAP_INTERVAL: Duration = Duration::from_millis(500);
@@ -45,7 +46,15 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let tenants = Arc::new(Tenants::build(&config)?);
+    let tls = match &config.server.tls {
+        Some(files) => Some(Arc::new(TlsReloader::new(files).map_err(anyhow::Error::msg)?)),
+        None => None,
+    };
+    let tenants = Arc::new(Registry::new(&config, tls.clone())?);
+    let watcher = config
+        .path
+        .clone()
+        .map(|path| tokio::spawn(reload::watch(tenants.clone(), path, config.server.reload_interval)));
     let transactions = Arc::new(Transactions::default());
     let readiness = Readiness::default();
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -96,13 +105,14 @@ pub async fn run(
         }
     };
     if let Ok(addr) = listeners.grpc.local_addr() {
-        tracing::info!(%addr, tenants = tenants.all().len(), "weir listening");
+        tracing::info!(%addr, tenants = tenants.current().all().len(), tls = tls.is_some(), "weir listening");
     }
     let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
     let served = transport::serve(
         &config,
         listeners.grpc,
         tenants,
+        tls,
         transactions.clone(),
         health_service,
         cut_rx,
@@ -119,6 +129,9 @@ pub async fn run(
     };
     monitor.abort();
     reaper.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     if let Some(server) = metrics_server {
         let _ = server.await;
     }

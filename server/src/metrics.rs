@@ -67,6 +67,19 @@ pub struct Metrics {
     pub source_up: Family<SourceLabels, Gauge>,
     /// Global-limit checks that could not reach Redis.
     pub global_limit_failures: Counter,
+    /// Configuration reloads by outcome ("applied", "rejected").
+    pub config_reloads: Family<OutcomeLabels, Counter>,
+    /// Calls waiting for a gateway slot, per tenant.
+    pub queued: Family<TenantLabels, Gauge>,
+    /// Time calls waited for a gateway slot.
+    pub queue_seconds: Family<TenantLabels, Histogram>,
+    /// Time streams and loads were slowed by their tenant's cost buckets.
+    pub throttled_seconds: Family<LimitLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
 }
 
 fn call_histogram() -> Histogram {
@@ -86,6 +99,26 @@ impl Metrics {
         let pool_connections = Family::<PoolLabels, Gauge>::default();
         let source_up = Family::<SourceLabels, Gauge>::default();
         let global_limit_failures = Counter::default();
+        let config_reloads = Family::<OutcomeLabels, Counter>::default();
+        let queued = Family::<TenantLabels, Gauge>::default();
+        let queue_seconds = Family::<TenantLabels, Histogram>::new_with_constructor(call_histogram as fn() -> Histogram);
+        let throttled_seconds = Family::<LimitLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by outcome (applied, rejected)",
+            config_reloads.clone(),
+        );
+        registry.register("queued_calls", "Calls waiting for a gateway slot", queued.clone());
+        registry.register(
+            "queue_wait_seconds",
+            "Time calls waited for a gateway slot",
+            queue_seconds.clone(),
+        );
+        registry.register(
+            "throttled_seconds",
+            "Time streams and loads were slowed by their tenant's cost buckets",
+            throttled_seconds.clone(),
+        );
         registry.register(
             "global_limit_failures",
             "Global-limit checks that could not reach Redis (admitted with fail_open, refused with fail_closed)",
@@ -126,6 +159,10 @@ impl Metrics {
             pool_connections,
             source_up,
             global_limit_failures,
+            config_reloads,
+            queued,
+            queue_seconds,
+            throttled_seconds,
         }
     }
 

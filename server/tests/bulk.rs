@@ -713,7 +713,9 @@ async fn load_limits_are_enforced(engine: Engine) {
 
     // Over the row rate, loads are slowed down, not refused: the first two
     // spend the burst of 200 rows, the third waits for 100 rows at 200/s.
+    // The response says how long the load was held back.
     let started = Instant::now();
+    let mut throttled = Vec::new();
     for start in [100, 200, 300] {
         let r = ctx
             .load(
@@ -723,12 +725,16 @@ async fn load_limits_are_enforced(engine: Engine) {
             .await
             .expect("slowed, not refused");
         assert_eq!(r.rows_inserted, 100);
+        let t = r.throttled.expect("throttled is always set");
+        throttled.push(Duration::new(t.seconds as u64, t.nanos as u32));
     }
     assert!(
         started.elapsed() >= Duration::from_millis(400),
         "{:?}",
         started.elapsed()
     );
+    assert_eq!(throttled[0], Duration::ZERO, "{throttled:?}");
+    assert!(throttled[2] >= Duration::from_millis(300), "{throttled:?}");
     ctx.server.stop().await;
 }
 

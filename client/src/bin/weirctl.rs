@@ -3,6 +3,7 @@
 use std::error::Error;
 use std::fmt;
 use std::io::{self, BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -16,7 +17,7 @@ use weir_client::weir_proto::v1::{
     DeleteSubscriptionRequest, DescribeTableResponse, LoadHeader, Row, TableInfo, TableKind, TableRef, Value,
     WatchStart,
 };
-use weir_client::{describe_status, parse_param, ClientError, WeirClient};
+use weir_client::{describe_status, parse_param, ClientError, TlsOptions, WeirClient};
 
 #[derive(Parser)]
 #[command(version, about = "Command line client for Weir")]
@@ -33,6 +34,18 @@ struct Cli {
         global = true
     )]
     key: String,
+    /// Connect with TLS, verifying the server against this PEM CA certificate.
+    #[arg(long, env = "WEIR_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; with it, --key is not sent unless given explicitly.
+    #[arg(long, env = "WEIR_CLIENT_CERT", global = true, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, env = "WEIR_CLIENT_KEY", global = true, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Name the server's certificate must carry, when it is not the address's host.
+    #[arg(long, global = true)]
+    tls_domain: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
     format: Format,
@@ -264,8 +277,30 @@ async fn main() -> ExitCode {
     }
 }
 
+fn read_file(path: &Path) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|e| Failure::Input(format!("cannot read {}: {e}", path.display())))
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let client = WeirClient::connect(&cli.addr, &cli.key).await?;
+    let tls = match &cli.ca_cert {
+        Some(ca) => Some(TlsOptions {
+            ca_pem: read_file(ca)?,
+            identity_pem: match (&cli.client_cert, &cli.client_key) {
+                (Some(cert), Some(key)) => Some((read_file(cert)?, read_file(key)?)),
+                _ => None,
+            },
+            domain: cli.tls_domain.clone(),
+        }),
+        None if cli.client_cert.is_some() => {
+            return Err(Failure::Input("--client-cert needs --ca-cert (mutual TLS)".into()));
+        }
+        None => None,
+    };
+    // With a client certificate the demo key default is not sent; an explicit key still is.
+    let explicit_key = std::env::args().any(|a| a == "--key" || a.starts_with("--key="))
+        || std::env::var_os("WEIR_API_KEY").is_some();
+    let bearer = (cli.client_cert.is_none() || explicit_key).then_some(cli.key.as_str());
+    let client = WeirClient::connect_with(&cli.addr, bearer, tls).await?;
     let mut out = BufWriter::new(io::stdout().lock());
     match cli.command {
         Command::Query { source, sql, params } => query(&client, cli.format, &source, &sql, params, &mut out).await,

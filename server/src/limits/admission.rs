@@ -30,22 +30,30 @@ pub struct Admission<S> {
     inner: S,
 }
 
+/// Counts a call refused by a limit, by tenant and limit.
+pub fn count_rejection(caller: &Caller, e: &Error) {
+    tracing::info!(error = %e, "call rejected by tenant limits");
+    let limit = match e {
+        Error::RateLimited { .. } => "rate",
+        Error::GlobalLimitsUnavailable => "global_unavailable",
+        Error::GatewayBusy { .. } => "gateway_queue",
+        Error::TooManyStreams { .. } => "streams",
+        Error::TooManyTransactions { .. } => "transactions",
+        _ => "concurrency",
+    };
+    METRICS
+        .rejections
+        .get_or_create(&LimitLabels {
+            tenant: caller.tenant.id.clone(),
+            limit,
+        })
+        .inc();
+}
+
 /// Counts a rejection and answers it.
 fn reject(caller: Option<&Caller>, e: Error) -> http::Response<Body> {
-    tracing::info!(error = %e, "call rejected by tenant limits");
     if let Some(caller) = caller {
-        let limit = match e {
-            Error::RateLimited { .. } => "rate",
-            Error::GlobalLimitsUnavailable => "global_unavailable",
-            _ => "concurrency",
-        };
-        METRICS
-            .rejections
-            .get_or_create(&LimitLabels {
-                tenant: caller.tenant.id.clone(),
-                limit,
-            })
-            .inc();
+        count_rejection(caller, &e);
     }
     tonic::Status::from(e).into_http()
 }

@@ -4,9 +4,11 @@
 
 pub mod admission;
 pub mod global;
+pub mod scheduler;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -14,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::LimitsConfig;
 use crate::error::Error;
+use crate::metrics::{LimitLabels, METRICS};
 use global::GlobalLimiter;
 
 pub struct TenantLimiter {
@@ -26,6 +29,7 @@ pub struct TenantLimiter {
     load_bytes: DefaultDirectRateLimiter,
     consumers: Slots,
     subscriptions: Slots,
+    streams: Slots,
     /// Cost buckets of Kafka records and change events, produced and consumed.
     stream_records: DefaultDirectRateLimiter,
     stream_bytes: DefaultDirectRateLimiter,
@@ -94,6 +98,7 @@ impl TenantLimiter {
             load_bytes: per_second(limits.load_bytes_per_second),
             consumers: Slots::new(limits.max_concurrent_consumers),
             subscriptions: Slots::new(limits.max_concurrent_subscriptions),
+            streams: Slots::new(limits.max_concurrent_streams),
             stream_records: per_second(limits.stream_records_per_second),
             stream_bytes: per_second(limits.stream_bytes_per_second),
             shared,
@@ -130,14 +135,39 @@ impl TenantLimiter {
         self.subscriptions.take(|limit| Error::TooManySubscriptions { limit })
     }
 
-    /// Charges Kafka records (or change events) and their bytes, waiting while the tenant is over its rate.
-    pub async fn charge_records(&self, records: u64, bytes: u64) {
+    /// Admits one `ExecuteStream`; its slot is held until the permit is dropped.
+    pub fn admit_stream(&self) -> Result<OwnedSemaphorePermit, Error> {
+        self.streams.take(|limit| Error::TooManyStreams { limit })
+    }
+
+    /// Charges Kafka records (or change events) and their bytes, waiting
+    /// while the tenant is over its rate; returns how long it waited.
+    pub async fn charge_records(&self, records: u64, bytes: u64) -> Duration {
+        let started = Instant::now();
         take(&self.stream_records, records).await;
         take(&self.stream_bytes, bytes).await;
         self.charge_shared("stream_records", self.limits.stream_records_per_second, records)
             .await;
         self.charge_shared("stream_bytes", self.limits.stream_bytes_per_second, bytes)
             .await;
+        self.throttled("stream", started)
+    }
+
+    /// The time since `started` if it is a wait worth reporting, counted in metrics.
+    fn throttled(&self, limit: &'static str, started: Instant) -> Duration {
+        let waited = started.elapsed();
+        // Below this it is the cost of the checks, not a wait.
+        if waited < Duration::from_micros(500) {
+            return Duration::ZERO;
+        }
+        METRICS
+            .throttled_seconds
+            .get_or_create(&LimitLabels {
+                tenant: self.tenant.clone(),
+                limit,
+            })
+            .inc_by(waited.as_secs_f64());
+        waited
     }
 
     /// Admits one bulk load; its slot is held until the permit is dropped.
@@ -145,14 +175,17 @@ impl TenantLimiter {
         self.loads.take(|limit| Error::TooManyLoads { limit })
     }
 
-    /// Charges rows and bytes of a load, waiting while the tenant is over its rate.
-    pub async fn charge_load(&self, rows: u64, bytes: u64) {
+    /// Charges rows and bytes of a load, waiting while the tenant is over
+    /// its rate; returns how long it waited.
+    pub async fn charge_load(&self, rows: u64, bytes: u64) -> Duration {
+        let started = Instant::now();
         take(&self.load_rows, rows).await;
         take(&self.load_bytes, bytes).await;
         self.charge_shared("load_rows", self.limits.load_rows_per_second, rows)
             .await;
         self.charge_shared("load_bytes", self.limits.load_bytes_per_second, bytes)
             .await;
+        self.throttled("load", started)
     }
 
     /// Admits one call: takes a token and a concurrency slot that is held

@@ -7,7 +7,7 @@
 //! its completion mark, and the engine rolls back.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
@@ -15,7 +15,7 @@ use weir_proto::v1 as pb;
 use weir_proto::v1::bulk_load_service_server::BulkLoadService;
 use weir_proto::v1::load_request::Message as LoadMessage;
 
-use super::{caller, convert, grpc_timeout, source};
+use super::{caller, convert, grpc_timeout, source, Gate};
 use crate::backend::bulk::{row_feed, Receipt, RowSender};
 use crate::backend::{BackendError, Column, LoadMode, LoadOutcome, LoadSpec, Row, TableDescription};
 use crate::config::BulkConfig;
@@ -37,11 +37,12 @@ const MAX_LOAD_ID: usize = 200;
 
 pub struct BulkApi {
     config: BulkConfig,
+    gate: Gate,
 }
 
 impl BulkApi {
-    pub fn new(config: BulkConfig) -> Self {
-        Self { config }
+    pub fn new(config: BulkConfig, gate: Gate) -> Self {
+        Self { config, gate }
     }
 }
 
@@ -280,6 +281,7 @@ async fn feed_rows(
     columns: &[Column],
     skip_bad_rows: bool,
     skipped: &mut Skipped,
+    throttled: &mut Duration,
 ) -> Result<bool> {
     let limits = &caller.tenant.limits;
     let mut received = 0u64;
@@ -326,7 +328,7 @@ async fn feed_rows(
                 }
             }
         }
-        caller.tenant.limiter.charge_load(batch.len() as u64, bytes).await;
+        *throttled += caller.tenant.limiter.charge_load(batch.len() as u64, bytes).await;
         if !sender.send(batch, bytes).await {
             // The engine stopped (an error, or a replayed load id): its result says why.
             return Ok(false);
@@ -339,13 +341,18 @@ impl BulkApi {
         let started = Instant::now();
         let header = match stream.message().await {
             Ok(Some(pb::LoadRequest {
-                message: Some(LoadMessage::Header(h)),
-            })) => Header::try_from(h)?,
+                message: Some(LoadMessage::Header(mut h)),
+            })) => {
+                let options = h.options.take();
+                (Header::try_from(h)?, options)
+            }
             Ok(_) => return Err(bad("header", "the first message of a load must be its header")),
             Err(_) => return Err(Error::Backend(BackendError::LoadAbandoned)),
         };
+        let (header, options) = header;
         let source: Arc<Source> = source(&caller, &header.source)?;
         let slot = caller.tenant.limiter.admit_load()?;
+        let admitted = self.gate.admit(&caller, options.as_ref()).await?;
         let table = tokio::time::timeout(
             caller.tenant.limits.statement_timeout,
             source
@@ -377,10 +384,11 @@ impl BulkApi {
         let backend = source.backend.sql()?.clone();
         // The load's slot is held until its rollback or commit is over, even if this call is gone.
         let engine = tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, admitted);
             backend.load(spec, feed).await
         });
         let mut skipped = Skipped::default();
+        let mut throttled = Duration::ZERO;
         let fed = feed_rows(
             &mut stream,
             &sender,
@@ -388,6 +396,7 @@ impl BulkApi {
             &columns,
             header.skip_bad_rows,
             &mut skipped,
+            &mut throttled,
         )
         .await;
         match fed {
@@ -420,6 +429,7 @@ impl BulkApi {
             engine_path: outcome.engine_path,
             replayed: outcome.replayed,
             row_errors: skipped.reported,
+            throttled: Some(convert::duration(throttled)),
         })
     }
 }

@@ -123,7 +123,8 @@ impl Stamp<'_> {
         encode_position(self.tenant, self.subscription, p)
     }
 
-    fn response(&self, item: ChangeItem) -> pb::WatchChangesResponse {
+    /// The message for `item`; boundaries and heartbeats carry the time the stream has been throttled so far.
+    fn response(&self, item: ChangeItem, throttled: std::time::Duration) -> pb::WatchChangesResponse {
         use pb::watch_changes_response::Message;
         let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(convert::timestamp);
         let message = match item {
@@ -137,6 +138,7 @@ impl Stamp<'_> {
                 commit_time: time(commit_time),
                 position: self.position(&position),
                 event_count: 0,
+                throttled: Some(convert::duration(throttled)),
             }),
             ChangeItem::Commit {
                 txid,
@@ -149,10 +151,12 @@ impl Stamp<'_> {
                 commit_time: time(commit_time),
                 position: self.position(&position),
                 event_count: events,
+                throttled: Some(convert::duration(throttled)),
             }),
             ChangeItem::Heartbeat { position } => Message::Heartbeat(pb::Heartbeat {
                 position: self.position(&position),
                 server_time: Some(convert::timestamp(chrono::Utc::now())),
+                throttled: Some(convert::duration(throttled)),
             }),
             ChangeItem::Change(c) => Message::Change(self.change(c)),
         };
@@ -265,6 +269,7 @@ impl Pump<'_> {
         };
         // A client may half-close once it has nothing more to acknowledge.
         let mut listening = true;
+        let mut throttled = std::time::Duration::ZERO;
         loop {
             tokio::select! {
                 item = feed.items.recv() => {
@@ -278,10 +283,10 @@ impl Pump<'_> {
                     };
                     self.delivered = Some(item.position().clone());
                     let is_change = matches!(item, ChangeItem::Change(_));
-                    let response = stamp.response(item);
+                    let response = stamp.response(item, throttled);
                     if is_change {
                         let bytes = prost::Message::encoded_len(&response) as u64;
-                        self.caller.tenant.limiter.charge_records(1, bytes).await;
+                        throttled += self.caller.tenant.limiter.charge_records(1, bytes).await;
                         METRICS.record_result(&self.caller.tenant.id, self.source, 1, bytes);
                     }
                     if tx.send(Ok(response)).await.is_err() {

@@ -13,9 +13,52 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::Request;
+use weir_proto::v1 as pb;
 
+use crate::config::Priority;
 use crate::error::Error;
+use crate::limits::scheduler::{Scheduler, Slot};
 use crate::tenant::{Caller, Source};
+
+/// The gateway-wide slots every data call takes before it reaches a backend.
+#[derive(Clone)]
+pub struct Gate {
+    scheduler: Arc<Scheduler>,
+}
+
+/// A call's gateway slot and how long it waited for it.
+pub struct Admitted {
+    _slot: Slot,
+    pub queued: Duration,
+}
+
+impl Gate {
+    pub fn new(scheduler: Arc<Scheduler>) -> Self {
+        Self { scheduler }
+    }
+
+    /// Waits for a slot at the call's priority, lowered to the tenant's maximum.
+    pub async fn admit(&self, caller: &Caller, options: Option<&pb::RequestOptions>) -> Result<Admitted, Error> {
+        let asked = match options.map(|o| o.priority()) {
+            Some(pb::Priority::Low) => Priority::Low,
+            Some(pb::Priority::High) => Priority::High,
+            _ => Priority::Medium,
+        };
+        let priority = asked.min(caller.tenant.limits.max_priority);
+        let started = std::time::Instant::now();
+        let slot = self
+            .scheduler
+            .acquire(&caller.tenant.id, caller.tenant.limits.weight, priority)
+            .await;
+        if let Err(e) = &slot {
+            crate::limits::admission::count_rejection(caller, e);
+        }
+        Ok(Admitted {
+            _slot: slot?,
+            queued: started.elapsed(),
+        })
+    }
+}
 
 /// The caller the auth layer attached; its absence is an authentication failure.
 pub fn caller<T>(request: &Request<T>) -> Result<Caller, Error> {

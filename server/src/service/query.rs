@@ -14,7 +14,7 @@ use weir_proto::v1::query_service_server::QueryService;
 
 use super::convert;
 use super::transactions::{OpenTransaction, Transactions};
-use super::{caller, source, statement_timeout};
+use super::{caller, source, statement_timeout, Gate};
 use crate::backend::{QueryStream, Statement, TxOptions};
 use crate::error::{Error, Result};
 use crate::metrics::METRICS;
@@ -33,11 +33,16 @@ pub struct QueryApi {
     transactions: Arc<Transactions>,
     /// Becomes true when the shutdown grace period is over: streams still running are cut.
     cut: watch::Receiver<bool>,
+    gate: Gate,
 }
 
 impl QueryApi {
-    pub fn new(transactions: Arc<Transactions>, cut: watch::Receiver<bool>) -> Self {
-        Self { transactions, cut }
+    pub fn new(transactions: Arc<Transactions>, cut: watch::Receiver<bool>, gate: Gate) -> Self {
+        Self {
+            transactions,
+            cut,
+            gate,
+        }
     }
 }
 
@@ -63,6 +68,9 @@ impl QueryApi {
                 field: "sql",
                 message: "the statement is empty".into(),
             });
+        }
+        if caller.tenant.audit_sql {
+            tracing::Span::current().record("sql", sql.as_str());
         }
         let statement = Statement {
             sql,
@@ -127,24 +135,27 @@ impl Target {
     }
 }
 
-fn stats(
-    rows: u64,
-    bytes: u64,
-    affected: Option<u64>,
+/// When a call started and how long it waited for a gateway slot.
+#[derive(Clone, Copy)]
+struct Timing {
     started: Instant,
-    first_row: Option<Duration>,
-) -> pb::QueryStats {
-    let elapsed = started.elapsed();
+    queued: Duration,
+}
+
+fn stats(rows: u64, bytes: u64, affected: Option<u64>, timing: Timing, first_row: Option<Duration>) -> pb::QueryStats {
+    let elapsed = timing.started.elapsed();
     pb::QueryStats {
         rows_returned: rows,
         rows_affected: affected,
         bytes_returned: bytes,
         elapsed: Some(convert::duration(elapsed)),
         time_to_first_row: Some(convert::duration(first_row.unwrap_or(elapsed))),
+        queued: Some(convert::duration(timing.queued)),
     }
 }
 
-async fn execute_unary(target: &Target, started: Instant) -> Result<pb::ExecuteResponse> {
+async fn execute_unary(target: &Target, timing: Timing) -> Result<pb::ExecuteResponse> {
+    let started = timing.started;
     let limits = &target.caller.tenant.limits;
     let mut query = target.start().instrument(tracing::info_span!("engine.start")).await?;
     let mut rows = Vec::new();
@@ -172,7 +183,7 @@ async fn execute_unary(target: &Target, started: Instant) -> Result<pb::ExecuteR
     target.returned(rows.len() as u64, bytes);
     Ok(pb::ExecuteResponse {
         columns: query.columns.into_iter().map(convert::column).collect(),
-        stats: Some(stats(rows.len() as u64, bytes, affected, started, first_row)),
+        stats: Some(stats(rows.len() as u64, bytes, affected, timing, first_row)),
         rows,
     })
 }
@@ -185,8 +196,9 @@ fn message(payload: pb::execute_stream_response::Payload) -> Result<pb::ExecuteS
 
 /// Streams a result in bounded batches. Returns early, dropping (and so
 /// cancelling) the statement, as soon as the client goes away.
-async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, started: Instant) -> Result<()> {
+async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, timing: Timing) -> Result<()> {
     use pb::execute_stream_response::Payload;
+    let started = timing.started;
     let _active = METRICS.stream_started(&target.caller.tenant.id);
     let mut query = target.start().instrument(tracing::info_span!("engine.start")).await?;
     let columns = std::mem::take(&mut query.columns)
@@ -242,7 +254,7 @@ async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, s
             total_rows,
             total_bytes,
             affected,
-            started,
+            timing,
             first_row,
         ))))
         .await;
@@ -256,8 +268,13 @@ impl QueryService for QueryApi {
         let caller = caller(&request)?;
         let timeout = statement_timeout(&request, &caller);
         let r = request.into_inner();
+        let admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
+        let timing = Timing {
+            started,
+            queued: admitted.queued,
+        };
         let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params)?;
-        let result = tokio::time::timeout(timeout, execute_unary(&target, started)).await;
+        let result = tokio::time::timeout(timeout, execute_unary(&target, timing)).await;
         target.finished();
         let response = result.map_err(|_| Error::Timeout(timeout))??;
         Ok(Response::new(response))
@@ -277,13 +294,21 @@ impl QueryService for QueryApi {
             0 => DEFAULT_BATCH_ROWS,
             n => n.min(MAX_BATCH_ROWS),
         };
+        let stream_slot = caller.tenant.limiter.admit_stream()?;
+        let admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
+        let timing = Timing {
+            started,
+            queued: admitted.queued,
+        };
         let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params)?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let mut cut = self.cut.clone();
         tokio::spawn(
             async move {
+                // Both slots are held until the stream ends.
+                let _slots = (stream_slot, admitted);
                 let outcome = tokio::select! {
-                    r = tokio::time::timeout(timeout, execute_stream(&target, batch_rows, &tx, started)) => {
+                    r = tokio::time::timeout(timeout, execute_stream(&target, batch_rows, &tx, timing)) => {
                         r.map_err(|_| Error::Timeout(timeout)).and_then(|r| r)
                     }
                     Ok(_) = cut.wait_for(|cut| *cut) => Err(Error::ShuttingDown),
@@ -309,6 +334,8 @@ impl QueryService for QueryApi {
         let timeout = statement_timeout(&request, &caller);
         let r = request.into_inner();
         let source = source(&caller, &r.source)?;
+        self.transactions.check_room(&caller)?;
+        let _admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
         let options = TxOptions {
             isolation: convert::isolation(r.isolation)?,
             read_only: r.read_only,
@@ -317,7 +344,7 @@ impl QueryService for QueryApi {
             .await
             .map_err(|_| Error::Timeout(timeout))?
             .map_err(Error::from)?;
-        let transaction_id = self.transactions.insert(&caller, &source.name, tx);
+        let transaction_id = self.transactions.insert(&caller, &source.name, tx).await?;
         Ok(Response::new(pb::BeginTransactionResponse {
             transaction_id,
             idle_timeout: Some(convert::duration(caller.tenant.limits.transaction_idle_timeout)),

@@ -6,11 +6,19 @@ use tonic::{Request, Response, Status};
 use weir_proto::v1 as pb;
 use weir_proto::v1::schema_service_server::SchemaService;
 
-use super::{caller, convert, source, statement_timeout};
+use super::{caller, convert, source, statement_timeout, Gate};
 use crate::error::Error;
 use crate::tenant::{Source, SourceStatus};
 
-pub struct SchemaApi;
+pub struct SchemaApi {
+    gate: Gate,
+}
+
+impl SchemaApi {
+    pub fn new(gate: Gate) -> Self {
+        Self { gate }
+    }
+}
 
 fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
@@ -73,6 +81,7 @@ impl SchemaService for SchemaApi {
         let caller = caller(&request)?;
         let timeout = statement_timeout(&request, &caller);
         let source = source(&caller, &request.get_ref().source)?;
+        let _admitted = self.gate.admit(&caller, None).await?;
         let result = timed(timeout, source.backend.connection_info()).await;
         *source.status.write() = match &result {
             Ok(info) => SourceStatus {
@@ -104,6 +113,7 @@ impl SchemaService for SchemaApi {
         let timeout = statement_timeout(&request, &caller);
         let r = request.get_ref();
         let source = source(&caller, &r.source)?;
+        let _admitted = self.gate.admit(&caller, None).await?;
         let schemas = timed(timeout, source.backend.sql()?.list_schemas(r.include_system)).await?;
         Ok(Response::new(pb::ListSchemasResponse {
             schemas: schemas
@@ -124,6 +134,7 @@ impl SchemaService for SchemaApi {
         let timeout = statement_timeout(&request, &caller);
         let r = request.get_ref();
         let source = source(&caller, &r.source)?;
+        let _admitted = self.gate.admit(&caller, None).await?;
         let tables = timed(timeout, source.backend.sql()?.list_tables(non_empty(&r.schema))).await?;
         Ok(Response::new(pb::ListTablesResponse {
             tables: tables.into_iter().map(convert::table).collect(),
@@ -145,6 +156,7 @@ impl SchemaService for SchemaApi {
             .into());
         }
         let source = source(&caller, &r.source)?;
+        let _admitted = self.gate.admit(&caller, None).await?;
         let description = timed(
             timeout,
             source.backend.sql()?.describe_table(non_empty(&r.schema), &r.table),

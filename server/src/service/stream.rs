@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use weir_proto::v1 as pb;
 use weir_proto::v1::stream_service_server::StreamService;
 
-use super::{caller, changes, check_plain_name, source};
+use super::{caller, changes, check_plain_name, convert, source, Gate};
 use crate::backend::topics::{ConsumeSpec, InRecord, OutRecord, PartitionOffset, Start};
 use crate::backend::TopicSource;
 use crate::config::ChangesConfig;
@@ -29,11 +29,12 @@ pub struct StreamApi {
     /// Becomes true when the shutdown grace period is over: consumers still running are cut.
     cut: watch::Receiver<bool>,
     changes: ChangesConfig,
+    gate: Gate,
 }
 
 impl StreamApi {
-    pub fn new(cut: watch::Receiver<bool>, changes: ChangesConfig) -> Self {
-        Self { cut, changes }
+    pub fn new(cut: watch::Receiver<bool>, changes: ChangesConfig, gate: Gate) -> Self {
+        Self { cut, changes, gate }
     }
 }
 
@@ -140,6 +141,7 @@ async fn deliver(
     mut cut: watch::Receiver<bool>,
 ) {
     let mut sent = 0u64;
+    let mut throttled = std::time::Duration::ZERO;
     loop {
         let batch = tokio::select! {
             b = records.next() => b,
@@ -161,7 +163,7 @@ async fn deliver(
             batch.truncate(usize::try_from(max_records - sent).unwrap_or(usize::MAX));
         }
         let bytes: usize = batch.iter().map(InRecord::size).sum();
-        caller
+        throttled += caller
             .tenant
             .limiter
             .charge_records(batch.len() as u64, bytes as u64)
@@ -172,6 +174,7 @@ async fn deliver(
         let delivered = auto_commit.then(|| batch.clone());
         let response = pb::ConsumeResponse {
             records: batch.into_iter().map(in_record).collect(),
+            throttled: Some(convert::duration(throttled)),
         };
         if tx.send(Ok(response)).await.is_err() {
             return;
@@ -208,7 +211,8 @@ impl StreamService for StreamApi {
             }
             bytes += size as u64;
         }
-        caller.tenant.limiter.charge_records(records.len() as u64, bytes).await;
+        let _admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
+        let throttled = caller.tenant.limiter.charge_records(records.len() as u64, bytes).await;
         let acks = topics.produce(&r.topic, records).await?;
         Ok(Response::new(pb::ProduceResponse {
             acks: acks
@@ -218,6 +222,7 @@ impl StreamService for StreamApi {
                     offset: a.offset,
                 })
                 .collect(),
+            throttled: Some(convert::duration(throttled)),
         }))
     }
 

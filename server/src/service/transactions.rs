@@ -41,8 +41,24 @@ fn key(caller: &Caller, handle: &[u8]) -> Result<(String, Handle), Error> {
     Ok((caller.tenant.id.clone(), handle))
 }
 
+fn open_of(open: &HashMap<(String, Handle), Arc<OpenTransaction>>, caller: &Caller) -> u32 {
+    let n = open.keys().filter(|(tenant, _)| *tenant == caller.tenant.id).count();
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 impl Transactions {
-    pub fn insert(&self, caller: &Caller, source: &str, tx: Box<dyn SqlTransaction>) -> Vec<u8> {
+    /// Refuses a new transaction when the tenant has its maximum open.
+    pub fn check_room(&self, caller: &Caller) -> Result<(), Error> {
+        let limit = caller.tenant.limits.max_open_transactions;
+        if open_of(&self.open.lock(), caller) >= limit {
+            return Err(Error::TooManyTransactions { limit });
+        }
+        Ok(())
+    }
+
+    /// Registers an opened transaction; one that lost a race for the
+    /// tenant's last place is rolled back and refused.
+    pub async fn insert(&self, caller: &Caller, source: &str, tx: Box<dyn SqlTransaction>) -> Result<Vec<u8>, Error> {
         let mut handle = [0u8; 16];
         rand::rng().fill_bytes(&mut handle);
         let entry = OpenTransaction {
@@ -51,10 +67,21 @@ impl Transactions {
             idle_timeout: caller.tenant.limits.transaction_idle_timeout,
             last_used: Mutex::new(Instant::now()),
         };
-        self.open
-            .lock()
-            .insert((caller.tenant.id.clone(), handle), Arc::new(entry));
-        handle.to_vec()
+        let refused = {
+            let mut open = self.open.lock();
+            let limit = caller.tenant.limits.max_open_transactions;
+            if open_of(&open, caller) >= limit {
+                Some((entry, limit))
+            } else {
+                open.insert((caller.tenant.id.clone(), handle), Arc::new(entry));
+                None
+            }
+        };
+        if let Some((entry, limit)) = refused {
+            let _ = entry.tx.rollback().await;
+            return Err(Error::TooManyTransactions { limit });
+        }
+        Ok(handle.to_vec())
     }
 
     /// The caller's transaction; another tenant's handle is simply not found.

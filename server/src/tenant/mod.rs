@@ -1,4 +1,8 @@
-//! Tenants, their API keys (kept only as SHA-256 hashes) and their sources.
+//! Tenants, the ways they authenticate (API keys kept only as SHA-256
+//! hashes, JWTs, client certificates) and their sources. The whole set is
+//! one immutable snapshot; a reload builds the next one beside it.
+
+pub mod reload;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,9 +11,10 @@ use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
 
 use crate::backend::{self, Backend, BackendError};
-use crate::config::{Config, LimitsConfig, SourceConfig};
+use crate::config::{Config, GlobalLimitsConfig, LimitsConfig, SourceConfig};
 use crate::limits::global::GlobalLimiter;
 use crate::limits::TenantLimiter;
+use crate::transport::jwt::{looks_like_jwt, JwtVerifier};
 
 /// Live state of a source, refreshed by the health checker.
 #[derive(Debug, Clone, Default)]
@@ -23,12 +28,16 @@ pub struct Source {
     pub config: SourceConfig,
     pub backend: Backend,
     pub status: RwLock<SourceStatus>,
+    /// SHA-256 of the password as read, so a reload notices a rotated Secret.
+    secret: [u8; 32],
 }
 
 pub struct Tenant {
     pub id: String,
     pub limits: LimitsConfig,
-    pub limiter: TenantLimiter,
+    pub limiter: Arc<TenantLimiter>,
+    /// Put SQL text in the audit log.
+    pub audit_sql: bool,
     sources: HashMap<String, Arc<Source>>,
 }
 
@@ -50,43 +59,105 @@ impl Tenant {
 #[derive(Clone)]
 pub struct Caller {
     pub tenant: Arc<Tenant>,
+    /// The API key's id, `jwt:<sub>` or `cert:<name>`: for logs, never a secret.
     pub key_id: Arc<str>,
 }
 
 pub struct Tenants {
     by_key: HashMap<[u8; 32], Caller>,
+    /// Client-certificate names (mTLS) and the tenant each one is.
+    by_identity: HashMap<String, Arc<Tenant>>,
+    jwt: Option<JwtVerifier>,
     all: Vec<Arc<Tenant>>,
+    shared: Option<Arc<GlobalLimiter>>,
+    global: GlobalLimitsConfig,
+}
+
+/// What changed in a reload, for its log line.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub sources_kept: usize,
+    pub sources_new: usize,
+    pub sources_dropped: usize,
 }
 
 pub fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
+fn secret_hash(source: &SourceConfig) -> Result<[u8; 32], String> {
+    Ok(source
+        .password()?
+        .map_or([0; 32], |p| Sha256::digest(p.as_bytes()).into()))
+}
+
 impl Tenants {
     /// Builds every tenant and its source pools (which connect lazily).
     pub fn build(config: &Config) -> Result<Self, BackendError> {
+        Self::rebuild(config, None).map(|(t, _)| t)
+    }
+
+    /// Builds the tenants of `config`, keeping from `previous` every source
+    /// whose settings and password are unchanged (its pool and open
+    /// connections go on serving) and every limiter whose limits are (its
+    /// buckets and slots in use stay counted).
+    pub fn rebuild(config: &Config, previous: Option<&Tenants>) -> Result<(Self, Changes), BackendError> {
+        let mut changes = Changes::default();
         let mut by_key = HashMap::new();
+        let mut by_identity = HashMap::new();
         let mut all = Vec::new();
-        let shared = GlobalLimiter::new(&config.limits).map(Arc::new);
+        let same_global = previous.filter(|p| p.global == config.limits);
+        let shared = match same_global {
+            Some(p) => p.shared.clone(),
+            None => GlobalLimiter::new(&config.limits).map(Arc::new),
+        };
+        let jwt = config
+            .auth
+            .jwt
+            .as_ref()
+            .map(JwtVerifier::new)
+            .transpose()
+            .map_err(|e| BackendError::Invalid(format!("auth.jwt: {e}")))?;
         for (id, t) in &config.tenants {
+            let old = previous.and_then(|p| p.all.iter().find(|o| &o.id == id));
             let mut sources = HashMap::new();
             for (name, source) in &t.sources {
-                let backend = backend::connect(name, source)
-                    .map_err(|e| BackendError::Invalid(format!("tenant {id}, source {name}: {e}")))?;
-                sources.insert(
-                    name.clone(),
-                    Arc::new(Source {
-                        name: name.clone(),
-                        config: source.clone(),
-                        backend,
-                        status: RwLock::default(),
-                    }),
-                );
+                let context = |e: String| BackendError::Invalid(format!("tenant {id}, source {name}: {e}"));
+                let secret = secret_hash(source).map_err(context)?;
+                let kept = old
+                    .and_then(|o| o.sources.get(name))
+                    .filter(|o| o.config == *source && o.secret == secret);
+                let source = match kept {
+                    Some(s) => {
+                        changes.sources_kept += 1;
+                        s.clone()
+                    }
+                    None => {
+                        changes.sources_new += 1;
+                        let backend = backend::connect(name, source).map_err(|e| context(e.to_string()))?;
+                        Arc::new(Source {
+                            name: name.clone(),
+                            config: source.clone(),
+                            backend,
+                            status: RwLock::default(),
+                            secret,
+                        })
+                    }
+                };
+                sources.insert(name.clone(), source);
             }
+            if let Some(o) = old {
+                changes.sources_dropped += o.sources.keys().filter(|n| !sources.contains_key(*n)).count();
+            }
+            let limiter = match old {
+                Some(o) if o.limits == t.limits && same_global.is_some() => o.limiter.clone(),
+                _ => Arc::new(TenantLimiter::new(id, &t.limits, shared.clone())),
+            };
             let tenant = Arc::new(Tenant {
                 id: id.clone(),
                 limits: t.limits.clone(),
-                limiter: TenantLimiter::new(id, &t.limits, shared.clone()),
+                limiter,
+                audit_sql: t.audit_sql,
                 sources,
             });
             for key in &t.api_keys {
@@ -102,14 +173,79 @@ impl Tenants {
                     );
                 }
             }
+            for identity in &t.client_identities {
+                by_identity.insert(identity.clone(), tenant.clone());
+            }
             all.push(tenant);
         }
-        Ok(Self { by_key, all })
+        if let Some(p) = previous {
+            changes.sources_dropped += p
+                .all
+                .iter()
+                .filter(|o| !config.tenants.contains_key(&o.id))
+                .map(|o| o.sources.len())
+                .sum::<usize>();
+        }
+        Ok((
+            Self {
+                by_key,
+                by_identity,
+                jwt,
+                all,
+                shared,
+                global: config.limits.clone(),
+            },
+            changes,
+        ))
     }
 
-    /// Looks a presented key up by its hash; the same `None` for every failure.
-    pub fn authenticate(&self, key: &str) -> Option<Caller> {
-        self.by_key.get(&hash_key(key)).cloned()
+    /// The caller a bearer token (API key or JWT) and a verified client
+    /// certificate's names make; the same `Err` for every failure, with the
+    /// reason for the server's log only. When both are presented they must
+    /// be the same tenant's.
+    pub fn authenticate(&self, bearer: Option<&str>, identities: &[String]) -> Result<Caller, String> {
+        let by_cert = identities
+            .iter()
+            .find_map(|name| self.by_identity.get(name).map(|t| (name, t)));
+        let Some(token) = bearer else {
+            return match by_cert {
+                Some((name, tenant)) => Ok(Caller {
+                    tenant: tenant.clone(),
+                    key_id: format!("cert:{name}").into(),
+                }),
+                None if identities.is_empty() => Err("no credentials".into()),
+                None => Err(format!("no tenant has a client identity among {identities:?}")),
+            };
+        };
+        let caller = self.bearer(token)?;
+        match by_cert {
+            Some((_, tenant)) if tenant.id != caller.tenant.id => Err(format!(
+                "the bearer token is tenant {}'s, the client certificate tenant {}'s",
+                caller.tenant.id, tenant.id
+            )),
+            _ => Ok(caller),
+        }
+    }
+
+    fn bearer(&self, token: &str) -> Result<Caller, String> {
+        if let Some(caller) = self.by_key.get(&hash_key(token)) {
+            return Ok(caller.clone());
+        }
+        match &self.jwt {
+            Some(jwt) if looks_like_jwt(token) => {
+                let identity = jwt.verify(token).map_err(|e| format!("JWT rejected: {e}"))?;
+                let tenant = self
+                    .all
+                    .iter()
+                    .find(|t| t.id == identity.tenant)
+                    .ok_or_else(|| format!("JWT for unknown tenant {:?}", identity.tenant))?;
+                Ok(Caller {
+                    tenant: tenant.clone(),
+                    key_id: format!("jwt:{}", identity.subject).into(),
+                })
+            }
+            _ => Err("unknown API key".into()),
+        }
     }
 
     pub fn all(&self) -> &[Arc<Tenant>] {

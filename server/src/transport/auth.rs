@@ -18,7 +18,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::Error;
 use crate::metrics::{method_label, METRICS};
-use crate::tenant::Tenants;
+use super::tls::PeerInfo;
+use crate::tenant::reload::Registry;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Paths of the gateway's own API; everything else (health, reflection) is public.
@@ -26,11 +27,11 @@ const API_PREFIX: &str = "/weir.";
 
 #[derive(Clone)]
 pub struct AuthLayer {
-    tenants: Arc<Tenants>,
+    tenants: Arc<Registry>,
 }
 
 impl AuthLayer {
-    pub fn new(tenants: Arc<Tenants>) -> Self {
+    pub fn new(tenants: Arc<Registry>) -> Self {
         Self { tenants }
     }
 }
@@ -48,7 +49,7 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Clone)]
 pub struct Auth<S> {
     inner: S,
-    tenants: Arc<Tenants>,
+    tenants: Arc<Registry>,
 }
 
 /// A caller-supplied id is kept when it is short and printable; otherwise a new one is made.
@@ -112,6 +113,7 @@ where
             engine = tracing::field::Empty,
             rows = tracing::field::Empty,
             bytes = tracing::field::Empty,
+            sql = tracing::field::Empty,
             code = tracing::field::Empty,
         );
         let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
@@ -119,16 +121,22 @@ where
         let api_call = method.starts_with(API_PREFIX);
         let mut tenant = String::new();
         if api_call {
-            match bearer(&req).and_then(|key| self.tenants.authenticate(key)) {
-                Some(caller) => {
+            let identities = req
+                .extensions()
+                .get::<PeerInfo>()
+                .map(|p| p.identities.clone())
+                .unwrap_or_default();
+            match self.tenants.current().authenticate(bearer(&req), &identities) {
+                Ok(caller) => {
                     span.record("tenant", caller.tenant.id.as_str());
                     span.record("key_id", &*caller.key_id);
                     tenant = caller.tenant.id.clone();
                     req.extensions_mut().insert(caller);
                 }
-                None => {
+                Err(reason) => {
                     let _enter = span.enter();
-                    tracing::info!(target: AUDIT, method = %method, code = ?tonic::Code::Unauthenticated, duration_ms = 0.0, "call");
+                    // The reason is for the operator; the caller gets one answer for every failure.
+                    tracing::info!(target: AUDIT, method = %method, code = ?tonic::Code::Unauthenticated, reason = %reason, duration_ms = 0.0, "call");
                     METRICS.record_call(
                         "",
                         method_label(&method),

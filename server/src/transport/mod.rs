@@ -2,6 +2,8 @@
 //! services; health and reflection on the same port.
 
 pub mod auth;
+pub mod jwt;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,29 +18,36 @@ use weir_proto::v1::stream_service_server::StreamServiceServer;
 
 use crate::config::Config;
 use crate::limits::admission::AdmissionLayer;
+use crate::limits::scheduler::Scheduler;
+use crate::service::Gate;
 use crate::service::bulk::BulkApi;
 use crate::service::query::QueryApi;
 use crate::service::schema::SchemaApi;
 use crate::service::stream::StreamApi;
 use crate::service::transactions::Transactions;
-use crate::tenant::Tenants;
+use crate::tenant::reload::Registry;
 use auth::AuthLayer;
 
 pub async fn serve(
     config: &Config,
     listener: TcpListener,
-    tenants: Arc<Tenants>,
+    tenants: Arc<Registry>,
+    tls: Option<Arc<tls::TlsReloader>>,
     transactions: Arc<Transactions>,
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     cut: tokio::sync::watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let max = config.server.max_request_bytes;
-    let stream =
-        StreamServiceServer::new(StreamApi::new(cut.clone(), config.changes.clone())).max_decoding_message_size(max);
-    let query = QueryServiceServer::new(QueryApi::new(transactions, cut)).max_decoding_message_size(max);
-    let schema = SchemaServiceServer::new(SchemaApi).max_decoding_message_size(max);
-    let bulk = BulkLoadServiceServer::new(BulkApi::new(config.bulk.clone())).max_decoding_message_size(max);
+    let gate = Gate::new(Scheduler::new(
+        config.server.max_concurrent_requests,
+        config.server.max_queue_wait,
+    ));
+    let stream = StreamServiceServer::new(StreamApi::new(cut.clone(), config.changes.clone(), gate.clone()))
+        .max_decoding_message_size(max);
+    let query = QueryServiceServer::new(QueryApi::new(transactions, cut, gate.clone())).max_decoding_message_size(max);
+    let schema = SchemaServiceServer::new(SchemaApi::new(gate.clone())).max_decoding_message_size(max);
+    let bulk = BulkLoadServiceServer::new(BulkApi::new(config.bulk.clone(), gate)).max_decoding_message_size(max);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(weir_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -48,7 +57,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha();
     let (reflection_v1, reflection_v1alpha) = (reflection_v1?, reflection_v1alpha?);
-    Server::builder()
+    let router = Server::builder()
         .layer(AuthLayer::new(tenants))
         .layer(AdmissionLayer)
         .add_service(health)
@@ -57,10 +66,20 @@ pub async fn serve(
         .add_service(query)
         .add_service(schema)
         .add_service(bulk)
-        .add_service(stream)
+        .add_service(stream);
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
+                .await?;
+        }
         // Without TCP_NODELAY, Nagle's algorithm holds the last frames of a
         // response back until the peer's delayed ACK, about 40 ms.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-        .await?;
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+                .await?;
+        }
+    }
     Ok(())
 }

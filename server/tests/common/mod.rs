@@ -20,7 +20,15 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(toml: &str) -> TestServer {
-        let config = Config::from_toml(toml).expect("test configuration is valid");
+        Self::start_config(Config::from_toml(toml).expect("test configuration is valid")).await
+    }
+
+    /// Starts on a configuration file, which is then watched for changes.
+    pub async fn start_file(path: &std::path::Path) -> TestServer {
+        Self::start_config(Config::load(Some(path)).expect("test configuration is valid")).await
+    }
+
+    pub async fn start_config(config: Config) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = format!("http://{}", listener.local_addr().expect("local addr"));
         let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
@@ -39,6 +47,11 @@ impl TestServer {
             stop: Some(stop),
             handle: Some(handle),
         }
+    }
+
+    /// "127.0.0.1:port", for building other URLs (https).
+    pub fn host_port(&self) -> &str {
+        self.addr.trim_start_matches("http://")
     }
 
     pub async fn client(&self, key: &str) -> WeirClient {
@@ -321,4 +334,72 @@ pub async fn create_topic(name: &str, partitions: i32) {
 /// The Redis for tests (WEIR_TEST_REDIS_URL, default redis://127.0.0.1:6379/0).
 pub fn redis_url() -> String {
     env_or("WEIR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+}
+
+/// The real `weir` binary in a child process with JSON logs on stderr,
+/// for what only a process shows: signals, the log lines themselves.
+pub struct WeirProcess {
+    child: std::process::Child,
+    logs: std::sync::mpsc::Receiver<serde_json::Value>,
+    pub addr: String,
+}
+
+impl WeirProcess {
+    /// Starts `weir` with `args` on a free port and waits until it listens.
+    pub fn start(args: &[&str]) -> WeirProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["--log-format", "json"])
+            .args(args)
+            .env("WEIR__SERVER__LISTEN", "127.0.0.1:0")
+            .env("WEIR__METRICS__ENABLED", "false")
+            .env("WEIR_LOG", "warn,weir::audit=info,weir_server=info")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start weir");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, logs) = std::sync::mpsc::channel::<serde_json::Value>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let mut process = WeirProcess {
+            child,
+            logs,
+            addr: String::new(),
+        };
+        let listening = process.next_log(|l| l["message"] == "weir listening");
+        process.addr = listening["addr"].as_str().expect("addr").to_string();
+        process
+    }
+
+    /// The next log line that satisfies `pred` (within 20 s).
+    pub fn next_log(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        loop {
+            let line = self
+                .logs
+                .recv_timeout(Duration::from_secs(20))
+                .expect("a log line within 20 s");
+            if pred(&line) {
+                return line;
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for WeirProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,299 @@
+//! Gateway-wide admission: at most `capacity` data calls run at once across
+//! all tenants. When all slots are taken, calls wait: the highest priority
+//! first, and within a priority the tenants share by weighted fair queueing
+//! (the waiting tenant that has received least per unit of weight goes
+//! next), each tenant's own calls in arrival order. A call that waits past
+//! `max_wait` is refused with the time after which a retry may find room.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::config::Priority;
+use crate::error::Error;
+use crate::metrics::{TenantLabels, METRICS};
+
+pub struct Scheduler {
+    capacity: usize,
+    max_wait: Duration,
+    state: Mutex<State>,
+}
+
+struct Waiter {
+    id: u64,
+    grant: oneshot::Sender<()>,
+}
+
+#[derive(Default)]
+struct State {
+    running: usize,
+    /// Waiting calls by priority, then tenant.
+    waiting: BTreeMap<Priority, HashMap<Arc<str>, VecDeque<Waiter>>>,
+    /// Each tenant's virtual finish time: slots received divided by weight.
+    virtual_time: HashMap<Arc<str>, f64>,
+    weights: HashMap<Arc<str>, u32>,
+    /// The virtual time of the last grant; a tenant that starts waiting
+    /// after being idle starts here, so idleness is not saved up as credit.
+    clock: f64,
+    next_id: u64,
+}
+
+impl State {
+    fn charge(&mut self, tenant: &str) {
+        let weight = f64::from(self.weights.get(tenant).copied().unwrap_or(1).max(1));
+        let start = self.enter(tenant);
+        if let Some(vt) = self.virtual_time.get_mut(tenant) {
+            *vt = start + 1.0 / weight;
+        }
+        self.clock = start;
+    }
+
+    /// The tenant's virtual time, brought up to the clock: a tenant that was
+    /// idle re-enters at the current virtual time.
+    fn enter(&mut self, tenant: &str) -> f64 {
+        let clock = self.clock;
+        match self.virtual_time.get_mut(tenant) {
+            Some(vt) => {
+                *vt = vt.max(clock);
+                *vt
+            }
+            None => {
+                self.virtual_time.insert(Arc::from(tenant), clock);
+                clock
+            }
+        }
+    }
+
+    /// The next waiter to run: highest priority, then least virtual time.
+    fn pop(&mut self) -> Option<(Arc<str>, Waiter)> {
+        let (&priority, tenants) = self.waiting.iter_mut().next_back()?;
+        let tenant = tenants
+            .keys()
+            .min_by(|a, b| {
+                let va = self.virtual_time.get(*a).copied().unwrap_or(self.clock);
+                let vb = self.virtual_time.get(*b).copied().unwrap_or(self.clock);
+                va.total_cmp(&vb)
+            })?
+            .clone();
+        let queue = tenants.get_mut(&tenant)?;
+        let waiter = queue.pop_front()?;
+        if queue.is_empty() {
+            tenants.remove(&tenant);
+        }
+        if tenants.is_empty() {
+            self.waiting.remove(&priority);
+        }
+        Some((tenant, waiter))
+    }
+
+    fn remove(&mut self, priority: Priority, tenant: &str, id: u64) -> bool {
+        let Some(tenants) = self.waiting.get_mut(&priority) else {
+            return false;
+        };
+        let Some(queue) = tenants.get_mut(tenant) else {
+            return false;
+        };
+        let before = queue.len();
+        queue.retain(|w| w.id != id);
+        let removed = queue.len() != before;
+        if queue.is_empty() {
+            tenants.remove(tenant);
+        }
+        if tenants.is_empty() {
+            self.waiting.remove(&priority);
+        }
+        removed
+    }
+}
+
+/// A running call's slot, handed to the next waiter when dropped.
+pub struct Slot {
+    scheduler: Arc<Scheduler>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.scheduler.release();
+    }
+}
+
+impl Scheduler {
+    pub fn new(capacity: u32, max_wait: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            capacity: capacity.max(1) as usize,
+            max_wait,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// Waits for a slot for one call of `tenant`.
+    pub async fn acquire(self: &Arc<Self>, tenant: &str, weight: u32, priority: Priority) -> Result<Slot, Error> {
+        let (id, granted) = {
+            let mut state = self.state.lock();
+            if state.weights.get(tenant) != Some(&weight) {
+                state.weights.insert(Arc::from(tenant), weight);
+            }
+            if state.running < self.capacity && state.waiting.is_empty() {
+                state.running += 1;
+                state.charge(tenant);
+                return Ok(Slot {
+                    scheduler: self.clone(),
+                });
+            }
+            let id = state.next_id;
+            state.next_id += 1;
+            let (grant, granted) = oneshot::channel();
+            state.enter(tenant);
+            let tenants = state.waiting.entry(priority).or_default();
+            if !tenants.contains_key(tenant) {
+                tenants.insert(Arc::from(tenant), VecDeque::new());
+            }
+            if let Some(queue) = tenants.get_mut(tenant) {
+                queue.push_back(Waiter { id, grant });
+            }
+            (id, granted)
+        };
+        let labels = TenantLabels {
+            tenant: tenant.to_string(),
+        };
+        let gauge = METRICS.queued.get_or_create(&labels).clone();
+        gauge.inc();
+        let started = Instant::now();
+        // Dropping this future (the caller went away) drops the receiver; the grant then passes on.
+        let outcome = tokio::time::timeout(self.max_wait, granted).await;
+        gauge.dec();
+        METRICS
+            .queue_seconds
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(Ok(())) => Ok(Slot {
+                scheduler: self.clone(),
+            }),
+            _ => {
+                let removed = self.state.lock().remove(priority, tenant, id);
+                if !removed {
+                    // Granted just as the wait ended: the slot is ours, so pass it on.
+                    self.release();
+                }
+                Err(Error::GatewayBusy {
+                    waited: started.elapsed(),
+                    retry_after: self.max_wait / 4,
+                })
+            }
+        }
+    }
+
+    /// Hands a finished call's slot to the next waiter that is still there.
+    fn release(&self) {
+        let mut state = self.state.lock();
+        while let Some((tenant, waiter)) = state.pop() {
+            state.charge(&tenant);
+            if waiter.grant.send(()).is_ok() {
+                return;
+            }
+        }
+        state.running = state.running.saturating_sub(1);
+    }
+
+    /// Calls running now.
+    pub fn running(&self) -> usize {
+        self.state.lock().running
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fills the scheduler, queues `waiters`, then frees slots one at a time and records who got each.
+    async fn order(capacity: u32, waiters: Vec<(&'static str, u32, Priority)>) -> Vec<&'static str> {
+        let scheduler = Scheduler::new(capacity, Duration::from_secs(10));
+        let mut held = Vec::new();
+        for _ in 0..capacity {
+            held.push(scheduler.acquire("filler", 1, Priority::Medium).await.expect("free"));
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (tenant, weight, priority) in waiters {
+            let s = scheduler.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let slot = s.acquire(tenant, weight, priority).await.expect("granted");
+                let _ = tx.send((tenant, slot));
+            });
+            // Queue in a known order.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        drop(tx);
+        let mut got = Vec::new();
+        drop(held.pop());
+        while let Some((tenant, slot)) = rx.recv().await {
+            got.push(tenant);
+            drop(slot);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn free_slots_are_taken_at_once() {
+        let s = Scheduler::new(2, Duration::from_millis(10));
+        let a = s.acquire("a", 1, Priority::Low).await.expect("slot");
+        let _b = s.acquire("b", 1, Priority::Low).await.expect("slot");
+        assert_eq!(s.running(), 2);
+        match s.acquire("c", 1, Priority::High).await {
+            Err(Error::GatewayBusy { retry_after, .. }) => assert!(retry_after > Duration::ZERO),
+            other => panic!("expected GatewayBusy, got {:?}", other.map(|_| ())),
+        }
+        drop(a);
+        assert_eq!(s.running(), 1);
+        assert!(s.acquire("c", 1, Priority::High).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn higher_priority_goes_first() {
+        let got = order(
+            1,
+            vec![
+                ("low", 1, Priority::Low),
+                ("medium", 1, Priority::Medium),
+                ("high", 1, Priority::High),
+            ],
+        )
+        .await;
+        assert_eq!(got, vec!["high", "medium", "low"]);
+    }
+
+    #[tokio::test]
+    async fn tenants_share_by_weight() {
+        // a queues 6 calls before b queues 6: fair queueing interleaves them.
+        let mut waiters = vec![("a", 1, Priority::Medium); 6];
+        waiters.extend(vec![("b", 1, Priority::Medium); 6]);
+        let got = order(1, waiters).await;
+        let first_half = &got[..6];
+        let a = first_half.iter().filter(|t| **t == "a").count();
+        assert!((2..=4).contains(&a), "{got:?}");
+        // Weight 3 against 1: a gets three of every four slots while both wait.
+        let mut waiters = vec![("a", 3, Priority::Medium); 9];
+        waiters.extend(vec![("b", 1, Priority::Medium); 9]);
+        let got = order(1, waiters).await;
+        let a = got[..8].iter().filter(|t| **t == "a").count();
+        assert!((5..=7).contains(&a), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_left_does_not_take_a_slot() {
+        let s = Scheduler::new(1, Duration::from_secs(10));
+        let held = s.acquire("a", 1, Priority::Medium).await.expect("slot");
+        let s2 = s.clone();
+        let gone = tokio::spawn(async move { s2.acquire("b", 1, Priority::High).await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        gone.abort();
+        let _ = gone.await;
+        drop(held);
+        assert_eq!(s.running(), 0);
+        assert!(s.acquire("c", 1, Priority::Low).await.is_ok());
+    }
+}

@@ -1,0 +1,161 @@
+//! Hot reload. The tenants in force are one snapshot behind a lock; a reload
+//! (SIGHUP, or a change of the configuration file or of a file it names,
+//! such as a ConfigMap or Secret update) builds the next snapshot beside it
+//! and swaps it in. Calls in progress keep the snapshot they started with,
+//! so they finish on the pools they began on; sources whose settings did
+//! not change are carried over with their pools. A configuration that does
+//! not load or validate is refused, logged, and the old one stays.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use sha2::{Digest, Sha256};
+
+use super::{Changes, Tenants};
+use crate::backend::BackendError;
+use crate::config::Config;
+use crate::metrics::{OutcomeLabels, METRICS};
+use crate::transport::tls::TlsReloader;
+
+pub struct Registry {
+    current: RwLock<Arc<Tenants>>,
+    /// The configuration in force, to name settings a reload cannot change.
+    running: Mutex<Config>,
+    tls: Option<Arc<TlsReloader>>,
+}
+
+impl Registry {
+    pub fn new(config: &Config, tls: Option<Arc<TlsReloader>>) -> Result<Self, BackendError> {
+        Ok(Self {
+            current: RwLock::new(Arc::new(Tenants::build(config)?)),
+            running: Mutex::new(config.clone()),
+            tls,
+        })
+    }
+
+    /// The tenants in force; a call keeps what it got for its whole life.
+    pub fn current(&self) -> Arc<Tenants> {
+        self.current.read().clone()
+    }
+
+    /// Puts `config` in force: tenants, keys, limits, sources, authentication and TLS files.
+    pub fn apply(&self, config: Config) -> Result<Changes, String> {
+        let mut running = self.running.lock();
+        let restart: Vec<&str> = [
+            ("server.listen", running.server.listen != config.server.listen),
+            (
+                "server.tls (on or off)",
+                running.server.tls.is_some() != config.server.tls.is_some(),
+            ),
+            ("server.max_request_bytes", running.server.max_request_bytes != config.server.max_request_bytes),
+            (
+                "server.max_concurrent_requests",
+                running.server.max_concurrent_requests != config.server.max_concurrent_requests,
+            ),
+            ("server.max_queue_wait", running.server.max_queue_wait != config.server.max_queue_wait),
+            ("metrics", running.metrics != config.metrics),
+            ("telemetry", running.telemetry != config.telemetry),
+            ("bulk", running.bulk != config.bulk),
+            ("changes", running.changes != config.changes),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect();
+        if !restart.is_empty() {
+            tracing::warn!(settings = ?restart, "these settings changed but take effect only after a restart");
+        }
+        if let (Some(tls), Some(files)) = (&self.tls, &config.server.tls) {
+            tls.reload(files)?;
+        }
+        let (tenants, changes) = Tenants::rebuild(&config, Some(&self.current())).map_err(|e| e.to_string())?;
+        *self.current.write() = Arc::new(tenants);
+        *running = config;
+        Ok(changes)
+    }
+
+    /// Fingerprint of the configuration file and every file it names
+    /// (certificates, keys, password and secret files).
+    fn fingerprint(&self, path: &Path) -> [u8; 32] {
+        let running = self.running.lock();
+        let mut files: Vec<&Path> = vec![path];
+        if let Some(tls) = &running.server.tls {
+            files.extend([tls.cert_file.as_path(), tls.key_file.as_path()]);
+            files.extend(tls.client_ca_file.as_deref());
+        }
+        if let Some(jwt) = &running.auth.jwt {
+            files.extend(jwt.secret_file.as_deref());
+            files.extend(jwt.public_key_file.as_deref());
+        }
+        for tenant in running.tenants.values() {
+            files.extend(tenant.sources.values().filter_map(|s| s.password_file.as_deref()));
+        }
+        let mut hash = Sha256::new();
+        for file in files {
+            // A missing file hashes as empty: its return is a change too.
+            hash.update(std::fs::read(file).unwrap_or_default());
+            hash.update([0]);
+        }
+        hash.finalize().into()
+    }
+
+    /// Rereads `path` and applies it, logging and counting the outcome.
+    pub fn reload_from(&self, path: &Path) {
+        let result = Config::load(Some(path))
+            .map_err(|e| e.to_string())
+            .and_then(|config| self.apply(config));
+        match result {
+            Ok(c) => {
+                METRICS.config_reloads.get_or_create(&OutcomeLabels { outcome: "applied" }).inc();
+                tracing::info!(
+                    path = %path.display(),
+                    sources_kept = c.sources_kept,
+                    sources_new = c.sources_new,
+                    sources_dropped = c.sources_dropped,
+                    "configuration reloaded"
+                );
+            }
+            Err(e) => {
+                METRICS.config_reloads.get_or_create(&OutcomeLabels { outcome: "rejected" }).inc();
+                tracing::error!(path = %path.display(), error = %e, "configuration reload refused; the previous configuration stays in force");
+            }
+        }
+    }
+}
+
+/// Reloads on SIGHUP and whenever the fingerprint of the configuration's files changes.
+pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration) {
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut seen = registry.fingerprint(&path);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let signalled = async {
+            match hangup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let signalled = std::future::pending::<Option<()>>();
+        let forced = tokio::select! {
+            _ = signalled => true,
+            _ = ticker.tick() => false,
+        };
+        let now = registry.fingerprint(&path);
+        if forced || now != seen {
+            if forced {
+                tracing::info!("SIGHUP: reloading the configuration");
+            }
+            // Reading and connecting may block briefly; keep it off the reactor's hot path.
+            let r = registry.clone();
+            let p = path.clone();
+            let _ = tokio::task::spawn_blocking(move || r.reload_from(&p)).await;
+            // The files the new configuration names are watched from now on.
+            seen = registry.fingerprint(&path);
+        }
+    }
+}

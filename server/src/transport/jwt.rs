@@ -1,0 +1,215 @@
+//! Bearer JWTs from one trusted issuer: the signature (with the one
+//! configured algorithm, so a token cannot choose a weaker one), `iss`,
+//! `aud`, `exp` and `nbf`, then the claim that names the tenant.
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+use crate::config::JwtConfig;
+
+pub struct JwtVerifier {
+    key: DecodingKey,
+    validation: Validation,
+    tenant_claim: String,
+}
+
+/// Who a verified token speaks for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct JwtIdentity {
+    pub tenant: String,
+    /// `sub`, for the audit log; empty when the token has none.
+    pub subject: String,
+}
+
+fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}
+
+impl JwtVerifier {
+    pub fn new(config: &JwtConfig) -> Result<Self, String> {
+        let algorithm: Algorithm = config
+            .algorithm
+            .parse()
+            .map_err(|_| format!("algorithm {:?} is not one of HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA", config.algorithm))?;
+        let hmac = matches!(algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
+        let key = if hmac {
+            if config.public_key_file.is_some() {
+                return Err(format!("{algorithm:?} takes secret_env or secret_file, not public_key_file"));
+            }
+            let secret = match (&config.secret_env, &config.secret_file) {
+                (Some(var), None) => std::env::var(var)
+                    .map_err(|_| format!("environment variable {var} (secret_env) is not set"))?
+                    .into_bytes(),
+                (None, Some(path)) => {
+                    let mut bytes = read(path, "secret_file")?;
+                    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                        bytes.pop();
+                    }
+                    bytes
+                }
+                _ => return Err(format!("{algorithm:?} needs exactly one of secret_env and secret_file")),
+            };
+            // RFC 7518 §3.2: a key at least as long as the hash.
+            if secret.len() < 32 {
+                return Err("the HMAC secret must be at least 32 bytes".into());
+            }
+            DecodingKey::from_secret(&secret)
+        } else {
+            if config.secret_env.is_some() || config.secret_file.is_some() {
+                return Err(format!("{algorithm:?} takes public_key_file, not a secret"));
+            }
+            let path = config
+                .public_key_file
+                .as_ref()
+                .ok_or_else(|| format!("{algorithm:?} needs public_key_file"))?;
+            let pem = read(path, "public_key_file")?;
+            let key = match algorithm {
+                Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&pem),
+                Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
+                _ => DecodingKey::from_rsa_pem(&pem),
+            };
+            key.map_err(|e| format!("public_key_file {}: {e}", path.display()))?
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.set_issuer(&[&config.issuer]);
+        validation.set_audience(&[&config.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.validate_nbf = true;
+        validation.leeway = config.leeway.as_secs();
+        Ok(Self {
+            key,
+            validation,
+            tenant_claim: config.tenant_claim.clone(),
+        })
+    }
+
+    /// The tenant and subject of a valid token; the reason it is not valid
+    /// otherwise (for the server's log only: callers get one answer for every failure).
+    pub fn verify(&self, token: &str) -> Result<JwtIdentity, String> {
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
+            .map_err(|e| e.to_string())?;
+        let tenant = data
+            .claims
+            .get(&self.tenant_claim)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("the token has no string claim {:?}", self.tenant_claim))?;
+        let subject = data.claims.get("sub").and_then(Value::as_str).unwrap_or_default();
+        Ok(JwtIdentity {
+            tenant: tenant.to_string(),
+            subject: subject.to_string(),
+        })
+    }
+}
+
+/// A JWT is three base64url parts; anything else is tried as an API key.
+pub fn looks_like_jwt(token: &str) -> bool {
+    token.starts_with("eyJ") && token.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn verifier() -> JwtVerifier {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("secret");
+        std::fs::write(&path, format!("{SECRET}\n")).expect("write");
+        JwtVerifier::new(&JwtConfig {
+            issuer: "https://issuer.example".into(),
+            audience: "weir".into(),
+            algorithm: "HS256".into(),
+            secret_env: None,
+            secret_file: Some(path),
+            public_key_file: None,
+            tenant_claim: "tenant".into(),
+            leeway: Duration::from_secs(0),
+        })
+        .expect("verifier")
+    }
+
+    fn token(claims: Value, secret: &str, algorithm: Algorithm) -> String {
+        encode(
+            &Header::new(algorithm),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("encode")
+    }
+
+    fn now() -> i64 {
+        chrono::Utc::now().timestamp()
+    }
+
+    #[test]
+    fn good_and_bad_tokens() {
+        let v = verifier();
+        let good = json!({"iss": "https://issuer.example", "aud": "weir", "exp": now() + 60, "tenant": "acme", "sub": "svc"});
+        let t = token(good.clone(), SECRET, Algorithm::HS256);
+        assert!(looks_like_jwt(&t));
+        assert_eq!(
+            v.verify(&t),
+            Ok(JwtIdentity {
+                tenant: "acme".into(),
+                subject: "svc".into()
+            })
+        );
+        let mut expired = good.clone();
+        expired["exp"] = json!(now() - 10);
+        assert!(v.verify(&token(expired, SECRET, Algorithm::HS256)).is_err());
+        let mut audience = good.clone();
+        audience["aud"] = json!("other");
+        assert!(v.verify(&token(audience, SECRET, Algorithm::HS256)).is_err());
+        let mut issuer = good.clone();
+        issuer["iss"] = json!("https://evil.example");
+        assert!(v.verify(&token(issuer, SECRET, Algorithm::HS256)).is_err());
+        let mut no_tenant = good.clone();
+        no_tenant.as_object_mut().expect("object").remove("tenant");
+        assert!(v.verify(&token(no_tenant, SECRET, Algorithm::HS256)).is_err());
+        let mut not_yet = good.clone();
+        not_yet["nbf"] = json!(now() + 600);
+        assert!(v.verify(&token(not_yet, SECRET, Algorithm::HS256)).is_err());
+        // Another key, and another algorithm than the configured one.
+        assert!(v
+            .verify(&token(good.clone(), "another secret that is long enough!!", Algorithm::HS256))
+            .is_err());
+        assert!(v.verify(&token(good, SECRET, Algorithm::HS512)).is_err());
+        assert!(!looks_like_jwt("an-api-key"));
+    }
+
+    #[test]
+    fn configuration_errors_are_named() {
+        let base = JwtConfig {
+            issuer: "i".into(),
+            audience: "a".into(),
+            algorithm: "HS256".into(),
+            secret_env: Some("WEIR_TEST_JWT_SECRET_THAT_IS_NOT_SET".into()),
+            secret_file: None,
+            public_key_file: None,
+            tenant_claim: "tenant".into(),
+            leeway: Duration::from_secs(30),
+        };
+        let err = JwtVerifier::new(&base).err().unwrap_or_default();
+        assert!(err.contains("WEIR_TEST_JWT_SECRET_THAT_IS_NOT_SET"), "{err}");
+        let err = JwtVerifier::new(&JwtConfig {
+            algorithm: "none".into(),
+            ..base.clone()
+        })
+        .err()
+        .unwrap_or_default();
+        assert!(err.contains("not one of"), "{err}");
+        let err = JwtVerifier::new(&JwtConfig {
+            algorithm: "RS256".into(),
+            ..base
+        })
+        .err()
+        .unwrap_or_default();
+        assert!(err.contains("public_key_file"), "{err}");
+    }
+}

@@ -1,0 +1,199 @@
+//! Hot reload of the real `weir` process: a change of its configuration
+//! file (written as Kubernetes does, by an atomic rename) or SIGHUP puts
+//! new tenants, keys, limits and sources in force without a restart and
+//! without dropping calls in progress; a broken file is refused and logged
+//! and the old configuration stays.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{key_hash, postgres, reason, WeirProcess};
+use tonic::Code;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::WeirClient;
+
+struct ConfigFile {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl ConfigFile {
+    fn new(text: &str) -> ConfigFile {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("weir.toml");
+        let file = ConfigFile { _dir: dir, path };
+        file.write(text);
+        file
+    }
+
+    /// Replaces the file in one step, as a ConfigMap update does.
+    fn write(&self, text: &str) {
+        let next = self.path.with_extension("next");
+        std::fs::write(&next, text).expect("write");
+        std::fs::rename(&next, &self.path).expect("rename");
+    }
+
+    fn path(&self) -> &str {
+        self.path.to_str().expect("utf-8 path")
+    }
+}
+
+/// A tenant with the given keys (`key-<name>` for each) and a SQLite source.
+fn tenant(id: &str, keys: &[&str], extra: &str) -> String {
+    let keys: Vec<String> = keys
+        .iter()
+        .map(|k| format!("{{ id = \"{k}\", sha256 = \"{}\" }}", key_hash(&format!("key-{k}"))))
+        .collect();
+    format!(
+        "[tenants.{id}]\napi_keys = [{}]\n{extra}\n[tenants.{id}.sources.demo]\nengine = \"sqlite\"\npath = \":memory:\"\ndemo_data = true\n",
+        keys.join(", ")
+    )
+}
+
+const FAST: &str = "[server]\nreload_interval = \"100ms\"\n";
+
+fn start(file: &ConfigFile) -> WeirProcess {
+    WeirProcess::start(&["--config", file.path()])
+}
+
+fn reloaded(weir: &WeirProcess) -> serde_json::Value {
+    weir.next_log(|l| l["message"] == "configuration reloaded")
+}
+
+async fn works(weir: &WeirProcess, key: &str) -> Result<(), tonic::Status> {
+    let client = WeirClient::connect(&weir.addr, key).await.expect("connect");
+    client.execute("demo", "SELECT 1", vec![]).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn a_key_revoked_in_the_file_stops_working_on_the_next_call() {
+    let file = ConfigFile::new(&format!("{FAST}{}", tenant("a", &["a1", "a2"], "")));
+    let weir = start(&file);
+    works(&weir, "key-a1").await.expect("a1");
+    works(&weir, "key-a2").await.expect("a2");
+    file.write(&format!("{FAST}{}", tenant("a", &["a1"], "")));
+    let line = reloaded(&weir);
+    assert_eq!(line["sources_kept"], 1, "the unchanged source keeps its pool: {line}");
+    let err = works(&weir, "key-a2").await.expect_err("revoked");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    works(&weir, "key-a1").await.expect("a1 still works");
+}
+
+#[tokio::test]
+async fn a_broken_file_is_refused_and_the_old_configuration_stays() {
+    let good = format!("{FAST}{}", tenant("a", &["a1"], ""));
+    let file = ConfigFile::new(&good);
+    let weir = start(&file);
+    for broken in [
+        "[tenants.a\nthis is not TOML".to_string(),
+        // Valid TOML, invalid configuration: the error names the key.
+        format!("{FAST}{}\n[tenants.a.limits]\nburst = 0\n", tenant("a", &[], "")),
+    ] {
+        file.write(&broken);
+        let refused = weir.next_log(|l| l["message"].as_str().is_some_and(|m| m.starts_with("configuration reload refused")));
+        assert_eq!(refused["level"], "ERROR");
+        let error = refused["error"].as_str().unwrap_or_default().to_string();
+        assert!(!error.is_empty(), "the reason is logged: {refused}");
+        works(&weir, "key-a1").await.expect("the old configuration serves");
+    }
+    file.write(&format!("{FAST}{}", tenant("a", &["a1", "a2"], "")));
+    reloaded(&weir);
+    works(&weir, "key-a2").await.expect("a good file is taken again");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sighup_reloads_at_once() {
+    // Checked only hourly: the signal, not the poll, makes this reload.
+    let slow = "[server]\nreload_interval = \"1h\"\n";
+    let file = ConfigFile::new(&format!("{slow}{}", tenant("a", &["a1"], "")));
+    let weir = start(&file);
+    let err = works(&weir, "key-b1").await.expect_err("no tenant b yet");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    file.write(&format!("{slow}{}{}", tenant("a", &["a1"], ""), tenant("b", &["b1"], "")));
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &weir.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+    let line = reloaded(&weir);
+    assert_eq!(line["sources_new"], 1, "{line}");
+    works(&weir, "key-b1").await.expect("tenant b after SIGHUP");
+}
+
+#[tokio::test]
+async fn audit_sql_is_switched_on_per_tenant_by_reload() {
+    let file = ConfigFile::new(&format!("{FAST}{}", tenant("a", &["a1"], "")));
+    let weir = start(&file);
+    let audit = |sql: &'static str| {
+        let weir = &weir;
+        async move {
+            let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("connect");
+            client.execute("demo", sql, vec![]).await.expect("execute");
+            weir.next_log(|l| l["target"] == "weir::audit")
+        }
+    };
+    let line = audit("SELECT 1 AS quiet").await;
+    assert!(line["span"].get("sql").is_none(), "{line}");
+    file.write(&format!("{FAST}{}", tenant("a", &["a1"], "audit_sql = true")));
+    reloaded(&weir);
+    let line = audit("SELECT 2 AS loud").await;
+    assert_eq!(line["span"]["sql"], "SELECT 2 AS loud", "{line}");
+}
+
+fn pg_config(pool_size: u32) -> String {
+    format!(
+        "{FAST}[tenants.a]\napi_keys = [{{ id = \"a1\", sha256 = \"{}\" }}]\n{}",
+        key_hash("key-a1"),
+        postgres(
+            "a",
+            "pg",
+            &format!("[tenants.a.sources.pg.pool]\nmax_size = {pool_size}\nacquire_timeout = \"300ms\"\n")
+        )
+    )
+}
+
+#[tokio::test]
+async fn a_new_pool_size_applies_without_dropping_a_stream_in_progress() {
+    let file = ConfigFile::new(&pg_config(1));
+    let weir = start(&file);
+    let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("connect");
+    // With one connection, a second transaction cannot get one.
+    let held = client
+        .begin("pg", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect("first");
+    let err = client
+        .begin("pg", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect_err("the pool has one connection");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(reason(&err), "POOL_EXHAUSTED");
+    client.rollback(&held).await.expect("rollback");
+
+    let mut stream = client
+        .execute_stream("pg", "SELECT g FROM generate_series(1, 300000) g", vec![])
+        .await
+        .expect("stream");
+    let mut rows = stream.next_batch().await.expect("first batch").map_or(0, |b| b.len());
+    assert!(rows > 0);
+    file.write(&pg_config(2));
+    let line = reloaded(&weir);
+    assert_eq!(line["sources_new"], 1, "a changed source gets a new pool: {line}");
+    // The new pool has two connections while the stream still holds the old pool's one.
+    let t1 = client
+        .begin("pg", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect("new pool, first");
+    let t2 = client
+        .begin("pg", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect("new pool, second");
+    while let Some(batch) = stream.next_batch().await.expect("the stream goes on") {
+        rows += batch.len();
+    }
+    assert_eq!(rows, 300_000, "every row of the stream that began before the reload");
+    client.commit(&t1).await.expect("commit");
+    client.commit(&t2).await.expect("commit");
+}

@@ -1,0 +1,301 @@
+//! Authentication beyond API keys, through the real server: TLS, mutual TLS
+//! with the tenant taken from the client certificate's subject or SAN,
+//! certificate reload, and JWT bearer tokens (issuer, audience, expiry,
+//! tenant claim). Every failure gets the same UNAUTHENTICATED answer.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{key_hash, sqlite_demo, TestServer};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
+use tonic::Code;
+use weir_client::{TlsOptions, WeirClient};
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let key = KeyPair::generate().expect("key");
+    let pem = params.self_signed(&key).expect("self-signed").pem();
+    Ca {
+        issuer: Issuer::new(params, key),
+        pem,
+    }
+}
+
+/// A certificate and its key (PEM) signed by `ca`.
+fn leaf(ca: &Ca, common_name: &str, sans: &[SanType], client: bool) -> (String, String) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.distinguished_name.push(DnType::CommonName, common_name);
+    params.subject_alt_names = sans.to_vec();
+    params.extended_key_usages = vec![if client {
+        ExtendedKeyUsagePurpose::ClientAuth
+    } else {
+        ExtendedKeyUsagePurpose::ServerAuth
+    }];
+    let key = KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &ca.issuer).expect("signed");
+    (cert.pem(), key.serialize_pem())
+}
+
+fn dns(name: &str) -> SanType {
+    SanType::DnsName(name.try_into().expect("dns name"))
+}
+
+fn uri(name: &str) -> SanType {
+    SanType::URI(name.try_into().expect("uri"))
+}
+
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn new() -> Files {
+        Files {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let next = path.with_extension("next");
+        std::fs::write(&next, text).expect("write");
+        std::fs::rename(&next, &path).expect("rename");
+        path
+    }
+}
+
+fn toml_path(p: &Path) -> String {
+    p.to_str().expect("utf-8 path").replace('\\', "\\\\")
+}
+
+/// Tenant `a` (API key `key-a`, identity `orders.internal`) and tenant `b`
+/// (identity `spiffe://cluster/ns/b/sa/app`), each with a source named after it.
+fn tenants() -> String {
+    format!(
+        "[tenants.a]\napi_keys = [{{ id = \"k\", sha256 = \"{}\" }}]\nclient_identities = [\"orders.internal\"]\n{}\
+         [tenants.b]\nclient_identities = [\"spiffe://cluster/ns/b/sa/app\"]\n{}",
+        key_hash("key-a"),
+        sqlite_demo("a", "a_db"),
+        sqlite_demo("b", "b_db"),
+    )
+}
+
+fn tls_section(files: &Files, server_ca: &Ca, client_ca: &Ca, require: bool) -> String {
+    let (cert, key) = leaf(server_ca, "weir", &[dns("localhost")], false);
+    let cert = files.write("server.crt", &cert);
+    let key = files.write("server.key", &key);
+    let client_ca = files.write("client-ca.crt", &client_ca.pem);
+    format!(
+        "[server]\nreload_interval = \"100ms\"\n[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\nrequire_client_cert = {require}\n",
+        toml_path(&cert),
+        toml_path(&key),
+        toml_path(&client_ca)
+    )
+}
+
+fn tls(ca: &Ca, identity: Option<(String, String)>) -> TlsOptions {
+    TlsOptions {
+        ca_pem: ca.pem.clone().into_bytes(),
+        identity_pem: identity.map(|(c, k)| (c.into_bytes(), k.into_bytes())),
+        domain: Some("localhost".into()),
+    }
+}
+
+async fn connect(server: &TestServer, bearer: Option<&str>, tls: TlsOptions) -> Result<WeirClient, String> {
+    WeirClient::connect_with(&format!("https://{}", server.host_port()), bearer, Some(tls))
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// The sources the caller sees: which tenant it was taken for.
+async fn sources(client: &WeirClient) -> Result<Vec<String>, tonic::Status> {
+    Ok(client.list_sources().await?.into_iter().map(|s| s.name).collect())
+}
+
+/// A connection that could not be made, or made but cannot call.
+async fn refused(connected: Result<WeirClient, String>) -> bool {
+    match connected {
+        Err(_) => true,
+        Ok(c) => sources(&c).await.is_err(),
+    }
+}
+
+#[tokio::test]
+async fn mutual_tls_takes_the_tenant_from_the_certificate() {
+    let (server_ca, client_ca, other_ca) = (ca("server ca"), ca("client ca"), ca("other ca"));
+    let files = Files::new();
+    let config = format!("{}{}", tls_section(&files, &server_ca, &client_ca, false), tenants());
+    let path = files.write("weir.toml", &config);
+    let server = TestServer::start_file(&path).await;
+
+    // Plain HTTP/2 to a TLS port does not get through.
+    let plain = WeirClient::connect(&server.addr, "key-a").await.map_err(|e| e.to_string());
+    assert!(refused(plain).await, "plain HTTP/2 to a TLS port");
+    // TLS without a client certificate: the API key authenticates.
+    let by_key = connect(&server, Some("key-a"), tls(&server_ca, None)).await.expect("tls");
+    assert_eq!(sources(&by_key).await.expect("by key"), vec!["a_db"]);
+    // A client certificate alone: DNS SAN for a, URI SAN (SPIFFE) for b.
+    let a_cert = leaf(&client_ca, "orders", &[dns("orders.internal")], true);
+    let a = connect(&server, None, tls(&server_ca, Some(a_cert.clone()))).await.expect("mtls a");
+    assert_eq!(sources(&a).await.expect("a by certificate"), vec!["a_db"]);
+    let b_cert = leaf(&client_ca, "app", &[uri("spiffe://cluster/ns/b/sa/app")], true);
+    let b = connect(&server, None, tls(&server_ca, Some(b_cert.clone()))).await.expect("mtls b");
+    assert_eq!(sources(&b).await.expect("b by certificate"), vec!["b_db"]);
+    // The subject CN counts too.
+    let cn = leaf(&client_ca, "orders.internal", &[], true);
+    let by_cn = connect(&server, None, tls(&server_ca, Some(cn))).await.expect("mtls cn");
+    assert_eq!(sources(&by_cn).await.expect("a by CN"), vec!["a_db"]);
+
+    // A verified certificate that names no tenant, and a key of one tenant
+    // with the certificate of another: the same answer as a bad key.
+    let stranger = leaf(&client_ca, "stranger", &[dns("stranger.internal")], true);
+    let stranger = connect(&server, None, tls(&server_ca, Some(stranger))).await.expect("tls");
+    let unknown = sources(&stranger).await.expect_err("no tenant");
+    let mixed = connect(&server, Some("key-a"), tls(&server_ca, Some(b_cert))).await.expect("tls");
+    let mixed = sources(&mixed).await.expect_err("key and certificate disagree");
+    let bad_key = connect(&server, Some("not-a-key"), tls(&server_ca, None)).await.expect("tls");
+    let bad_key = sources(&bad_key).await.expect_err("bad key");
+    for err in [&unknown, &mixed, &bad_key] {
+        assert_eq!(err.code(), Code::Unauthenticated);
+        assert_eq!(err.message(), bad_key.message(), "one answer for every failure");
+    }
+
+    // A certificate from a CA the server does not trust fails the handshake.
+    let forged = leaf(&other_ca, "orders", &[dns("orders.internal")], true);
+    assert!(
+        refused(connect(&server, None, tls(&server_ca, Some(forged))).await).await,
+        "an untrusted client certificate is refused"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_required_client_certificate_is_required() {
+    let (server_ca, client_ca) = (ca("server ca"), ca("client ca"));
+    let files = Files::new();
+    let config = format!("{}{}", tls_section(&files, &server_ca, &client_ca, true), tenants());
+    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
+    assert!(
+        refused(connect(&server, Some("key-a"), tls(&server_ca, None)).await).await,
+        "no client certificate, no connection"
+    );
+    let a_cert = leaf(&client_ca, "orders", &[dns("orders.internal")], true);
+    let a = connect(&server, None, tls(&server_ca, Some(a_cert))).await.expect("mtls");
+    assert_eq!(sources(&a).await.expect("a"), vec!["a_db"]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_renewed_server_certificate_is_used_for_new_connections() {
+    let (old_ca, new_ca, client_ca) = (ca("old ca"), ca("new ca"), ca("client ca"));
+    let files = Files::new();
+    let config = format!("{}{}", tls_section(&files, &old_ca, &client_ca, false), tenants());
+    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
+    let before = connect(&server, Some("key-a"), tls(&old_ca, None)).await.expect("old certificate");
+    sources(&before).await.expect("works");
+    assert!(
+        connect(&server, Some("key-a"), tls(&new_ca, None)).await.is_err(),
+        "not yet the new certificate"
+    );
+    // cert-manager renews: both files are replaced.
+    let (cert, key) = leaf(&new_ca, "weir", &[dns("localhost")], false);
+    files.write("server.key", &key);
+    files.write("server.crt", &cert);
+    let mut renewed = None;
+    for _ in 0..50 {
+        if let Ok(c) = connect(&server, Some("key-a"), tls(&new_ca, None)).await {
+            renewed = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let renewed = renewed.expect("new connections get the renewed certificate");
+    sources(&renewed).await.expect("works");
+    // The connection made before the renewal goes on.
+    sources(&before).await.expect("an open connection keeps working");
+    server.stop().await;
+}
+
+mod jwt {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    fn now() -> i64 {
+        chrono::Utc::now().timestamp()
+    }
+
+    #[tokio::test]
+    async fn tokens_are_checked_for_signature_issuer_audience_expiry_and_tenant() {
+        // ES256: the issuer's public key in the configuration, as with an identity provider.
+        let signing = KeyPair::generate().expect("key");
+        let files = Files::new();
+        let public = files.write("issuer.pub", &signing.public_key_pem());
+        let config = format!(
+            "[auth.jwt]\nissuer = \"https://id.example\"\naudience = \"weir\"\nalgorithm = \"ES256\"\npublic_key_file = \"{}\"\nleeway = \"0s\"\n{}",
+            toml_path(&public),
+            tenants()
+        );
+        let server = TestServer::start(&config).await;
+        let key = EncodingKey::from_ec_pem(signing.serialize_pem().as_bytes()).expect("encoding key");
+        let token = |claims: Value| encode(&Header::new(Algorithm::ES256), &claims, &key).expect("token");
+        let good = json!({"iss": "https://id.example", "aud": "weir", "exp": now() + 300, "sub": "svc-1", "tenant": "b"});
+        let client = |token: String| {
+            let addr = server.addr.clone();
+            async move {
+                WeirClient::connect_with(&addr, Some(&token), None)
+                    .await
+                    .expect("connect")
+            }
+        };
+        let b = client(token(good.clone())).await;
+        assert_eq!(sources(&b).await.expect("valid token"), vec!["b_db"]);
+
+        let bad_key = sources(&client("not-a-key".into()).await)
+            .await
+            .expect_err("bad key");
+        let mut cases = Vec::new();
+        let mut expired = good.clone();
+        expired["exp"] = json!(now() - 5);
+        cases.push(("expired", token(expired)));
+        let mut audience = good.clone();
+        audience["aud"] = json!("someone-else");
+        cases.push(("wrong audience", token(audience)));
+        let mut issuer = good.clone();
+        issuer["iss"] = json!("https://evil.example");
+        cases.push(("wrong issuer", token(issuer)));
+        let mut stranger = good.clone();
+        stranger["tenant"] = json!("nobody");
+        cases.push(("unknown tenant", token(stranger)));
+        let other = KeyPair::generate().expect("key");
+        let forged_key = EncodingKey::from_ec_pem(other.serialize_pem().as_bytes()).expect("key");
+        cases.push((
+            "another signer",
+            encode(&Header::new(Algorithm::ES256), &good, &forged_key).expect("token"),
+        ));
+        let hmac = EncodingKey::from_secret(signing.public_key_pem().as_bytes());
+        cases.push((
+            "algorithm switched to HS256",
+            encode(&Header::new(Algorithm::HS256), &good, &hmac).expect("token"),
+        ));
+        for (what, token) in cases {
+            let err = sources(&client(token).await).await.expect_err(what);
+            assert_eq!(err.code(), Code::Unauthenticated, "{what}");
+            assert_eq!(err.message(), bad_key.message(), "{what}: one answer for every failure");
+        }
+        // API keys keep working beside JWTs.
+        let a = WeirClient::connect(&server.addr, "key-a").await.expect("connect");
+        assert_eq!(sources(&a).await.expect("key"), vec!["a_db"]);
+        server.stop().await;
+    }
+}

@@ -49,6 +49,8 @@ pub struct Config {
     pub changes: ChangesConfig,
     pub limits: GlobalLimitsConfig,
     pub auth: AuthConfig,
+    /// Caps on database servers shared by several sources, by "host:port".
+    pub backend_hosts: BTreeMap<String, BackendHostConfig>,
     /// Tenants by id.
     pub tenants: BTreeMap<String, TenantConfig>,
     /// The file this configuration was read from, reread on SIGHUP or when it changes.
@@ -99,6 +101,18 @@ pub struct TlsConfig {
     #[serde(default)]
     pub require_client_cert: bool,
 }
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendHostConfig {
+    /// Connections all sources on this server may open together, at most;
+    /// keep it below the server's own max_connections.
+    pub max_connections: u32,
+}
+
+/// Change streams open sessions of their own beside the pool: a reader, a
+/// lock or position store, and a snapshot, at most.
+pub const SESSIONS_PER_CHANGE_STREAM: u32 = 3;
 
 /// Ways to authenticate besides API keys.
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
@@ -534,6 +548,7 @@ impl Config {
                 "a table name of 1-63 characters a-z, 0-9 and '_', not starting with a digit",
             ));
         }
+        self.check_backend_hosts()?;
         let mut seen_keys = std::collections::HashSet::new();
         let mut seen_identities = std::collections::HashSet::new();
         for (tenant_id, tenant) in &self.tenants {
@@ -566,6 +581,48 @@ impl Config {
                 let s = format!("{t}.sources.{name}");
                 check_name(&s, name)?;
                 source.validate(&s)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Every configured database server's cap must hold even with every
+    /// pool full and every change stream open, so tenants together cannot
+    /// exhaust the server's connections.
+    fn check_backend_hosts(&self) -> Result<(), ConfigError> {
+        for (host, cap) in &self.backend_hosts {
+            let key = format!("backend_hosts.\"{host}\".max_connections");
+            if cap.max_connections == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+            let mut total = 0u64;
+            let mut parts = Vec::new();
+            for (tenant_id, tenant) in &self.tenants {
+                for (name, source) in &tenant.sources {
+                    if source.host_port().as_deref() != Some(host.as_str()) {
+                        continue;
+                    }
+                    let streams = if source.engine == EngineKind::Kafka {
+                        0
+                    } else {
+                        u64::from(tenant.limits.max_concurrent_subscriptions) * u64::from(SESSIONS_PER_CHANGE_STREAM)
+                    };
+                    let n = u64::from(source.pool.max_size) + streams;
+                    total += n;
+                    parts.push(format!("tenants.{tenant_id}.sources.{name}: {n}"));
+                }
+            }
+            if total > u64::from(cap.max_connections) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "the sources on {host} may open up to {total} connections ({}; pool.max_size plus {SESSIONS_PER_CHANGE_STREAM} per change stream the tenant may open), more than {}; lower pool.max_size or max_concurrent_subscriptions",
+                        parts.join(", "),
+                        cap.max_connections
+                    ),
+                ));
             }
         }
         Ok(())
@@ -720,6 +777,17 @@ impl SourceConfig {
         Ok(())
     }
 
+    /// "host:port" of a database server source, with the engine's default port.
+    pub fn host_port(&self) -> Option<String> {
+        let port = self.port.or(match self.engine {
+            EngineKind::Postgres => Some(5432),
+            EngineKind::Mysql => Some(3306),
+            EngineKind::Mssql => Some(1433),
+            EngineKind::Sqlite | EngineKind::Kafka => None,
+        })?;
+        Some(format!("{}:{port}", self.host.as_deref()?))
+    }
+
     /// Reads the password from its environment variable or file, if one is configured.
     pub fn password(&self) -> Result<Option<String>, String> {
         if let Some(var) = &self.password_env {
@@ -788,6 +856,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("api_keys[0].sha256"), "{err}");
+    }
+
+    #[test]
+    fn backend_host_caps_hold_with_every_pool_full() {
+        let source = |tenant: &str, size: u32| {
+            format!("[tenants.{tenant}.sources.pg]\nengine = \"postgres\"\nhost = \"db\"\nuser = \"u\"\n[tenants.{tenant}.sources.pg.pool]\nmax_size = {size}\n")
+        };
+        let limits = |tenant: &str| format!("[tenants.{tenant}.limits]\nmax_concurrent_subscriptions = 1\n");
+        // 2 x (10 pooled + 3 for one change stream) = 26.
+        let base = format!("{}{}{}{}", source("a", 10), limits("a"), source("b", 10), limits("b"));
+        Config::from_toml(&format!("{base}[backend_hosts.\"db:5432\"]\nmax_connections = 26\n")).expect("fits");
+        let err = Config::from_toml(&format!("{base}[backend_hosts.\"db:5432\"]\nmax_connections = 25\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("backend_hosts.\"db:5432\"") && err.contains("26") && err.contains("tenants.b.sources.pg: 13"),
+            "{err}"
+        );
+        // Another port is another server.
+        Config::from_toml(&format!("{base}[backend_hosts.\"db:5433\"]\nmax_connections = 1\n")).expect("other server");
     }
 
     #[test]

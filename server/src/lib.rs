@@ -112,7 +112,6 @@ pub async fn run(
         &config,
         listeners.grpc,
         tenants,
-        tls,
         transactions.clone(),
         health_service,
         cut_rx,

@@ -645,8 +645,7 @@ async fn limits_and_silent_callers_get_clear_errors(engine: Engine) {
         .stream()
         .watch_changes(futures::stream::pending::<pb::WatchChangesRequest>())
         .await
-        .err()
-        .expect("a call without WatchStart is refused");
+        .expect_err("a call without WatchStart is refused");
     assert_eq!(silent.code(), Code::InvalidArgument, "{silent:?}");
     ctx.finish(&[&a, &b], &[&t]).await;
 }

@@ -35,6 +35,11 @@ impl Registry {
         })
     }
 
+    /// The server's TLS configuration, when it serves TLS.
+    pub fn tls(&self) -> Option<Arc<TlsReloader>> {
+        self.tls.clone()
+    }
+
     /// The tenants in force; a call keeps what it got for its whole life.
     pub fn current(&self) -> Arc<Tenants> {
         self.current.read().clone()

@@ -32,7 +32,6 @@ pub async fn serve(
     config: &Config,
     listener: TcpListener,
     tenants: Arc<Registry>,
-    tls: Option<Arc<tls::TlsReloader>>,
     transactions: Arc<Transactions>,
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     cut: tokio::sync::watch::Receiver<bool>,
@@ -57,6 +56,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha();
     let (reflection_v1, reflection_v1alpha) = (reflection_v1?, reflection_v1alpha?);
+    let tls = tenants.tls();
     let router = Server::builder()
         .layer(AuthLayer::new(tenants))
         .layer(AdmissionLayer)

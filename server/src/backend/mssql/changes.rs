@@ -110,9 +110,15 @@ struct CdcRow {
     values: Row,
 }
 
+/// One row change: position, operation, before and after images, table index, commit time.
+type Paired = (CdcPos, ChangeOp, Option<Row>, Option<Row>, usize, Option<DateTime<Utc>>);
+
+/// The transaction being delivered: commit LSN, events so far, commit time.
+type OpenTxn = Option<([u8; 10], u64, Option<DateTime<Utc>>)>;
+
 /// Row changes from change-table rows in log order; an update's old and
 /// new images (same LSN and sequence value) become one change.
-fn pair(rows: Vec<CdcRow>) -> Vec<(CdcPos, ChangeOp, Option<Row>, Option<Row>, usize, Option<DateTime<Utc>>)> {
+fn pair(rows: Vec<CdcRow>) -> Vec<Paired> {
     let mut out = Vec::with_capacity(rows.len());
     let mut old: Option<CdcRow> = None;
     for r in rows {
@@ -328,22 +334,20 @@ impl Reader {
                 });
             }
         }
-        all.sort_by(|a, b| (a.lsn, a.seqval, a.op).cmp(&(b.lsn, b.seqval, b.op)));
+        all.sort_by_key(|a| (a.lsn, a.seqval, a.op));
         Ok(all)
     }
 
     /// Delivers the changes after `delivered`, a transaction (one LSN) at a time.
     async fn deliver(&mut self, rows: Vec<CdcRow>) -> Result<Result<bool, ()>, BackendError> {
         let mut any = false;
-        let mut current: Option<([u8; 10], u64, Option<DateTime<Utc>>)> = None;
+        let mut current: OpenTxn = None;
         for (pos, op, before, after, table, time) in pair(rows) {
             if pos <= self.delivered {
                 continue;
             }
-            if current.is_some_and(|(l, _, _)| l != pos.lsn) {
-                if self.commit(&mut current).await.is_err() {
-                    return Ok(Err(()));
-                }
+            if current.is_some_and(|(l, _, _)| l != pos.lsn) && self.commit(&mut current).await.is_err() {
+                return Ok(Err(()));
             }
             let txid = hex::encode(pos.lsn);
             if current.is_none() {
@@ -391,7 +395,7 @@ impl Reader {
         Ok(Ok(any))
     }
 
-    async fn commit(&mut self, current: &mut Option<([u8; 10], u64, Option<DateTime<Utc>>)>) -> Result<(), ()> {
+    async fn commit(&mut self, current: &mut OpenTxn) -> Result<(), ()> {
         let Some((l, events, time)) = current.take() else {
             return Ok(());
         };

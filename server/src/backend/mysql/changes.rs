@@ -686,7 +686,8 @@ impl Reader {
             let data = event
                 .read_data()
                 .map_err(|e| BackendError::Internal(format!("binlog event: {e}")))?;
-            match data {
+            // True when the client went away and the stream is over.
+            let ended = match data {
                 // The first, artificial rotate names the requested file (with its checksum
                 // still attached): only real rotates move to another file.
                 Some(EventData::RotateEvent(r)) if log_pos > 0 || header.timestamp() > 0 => {
@@ -702,24 +703,18 @@ impl Reader {
                         begun: false,
                         time: DateTime::from_timestamp(i64::from(header.timestamp()), 0),
                     });
+                    false
                 }
-                Some(EventData::RowsEvent(rows)) => {
-                    if self.rows(&mut txn, &stream, &rows).await?.is_err() {
-                        return Ok(());
-                    }
-                }
+                Some(EventData::RowsEvent(rows)) => self.rows(&mut txn, &stream, &rows).await?.is_err(),
+                Some(EventData::XidEvent(_)) => self.commit(&mut txn, log_pos).await.is_err(),
                 // Non-transactional tables end their statement group with a COMMIT query.
-                Some(EventData::XidEvent(_)) => {
-                    if self.commit(&mut txn, log_pos).await.is_err() {
-                        return Ok(());
-                    }
-                }
                 Some(EventData::QueryEvent(q)) if q.query().eq_ignore_ascii_case("COMMIT") => {
-                    if self.commit(&mut txn, log_pos).await.is_err() {
-                        return Ok(());
-                    }
+                    self.commit(&mut txn, log_pos).await.is_err()
                 }
-                _ => {}
+                _ => false,
+            };
+            if ended {
+                return Ok(());
             }
             // Artificial events (the first rotate, heartbeats) carry no position.
             if log_pos > 0 {
@@ -849,7 +844,7 @@ mod tests {
     #[test]
     fn positions_order_as_the_binlog() {
         let p = |file, offset, seq| BinlogPos { file, offset, seq };
-        let mut all = vec![p(2, 4, 0), p(1, 900, 0), p(1, 500, 2), p(1, 500, 1), p(1, 500, 0)];
+        let mut all = [p(2, 4, 0), p(1, 900, 0), p(1, 500, 2), p(1, 500, 1), p(1, 500, 0)];
         let mut encoded: Vec<Position> = all.iter().map(|x| x.encode()).collect();
         all.sort();
         encoded.sort();

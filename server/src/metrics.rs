@@ -101,7 +101,8 @@ impl Metrics {
         let global_limit_failures = Counter::default();
         let config_reloads = Family::<OutcomeLabels, Counter>::default();
         let queued = Family::<TenantLabels, Gauge>::default();
-        let queue_seconds = Family::<TenantLabels, Histogram>::new_with_constructor(call_histogram as fn() -> Histogram);
+        let queue_seconds =
+            Family::<TenantLabels, Histogram>::new_with_constructor(call_histogram as fn() -> Histogram);
         let throttled_seconds = Family::<LimitLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
         registry.register(
             "config_reloads",

@@ -24,7 +24,17 @@ async fn every_call_leaves_one_audit_line() {
     assert_eq!(audit["span"]["source"], "demo");
     assert_eq!(audit["span"]["rows"], 1);
     assert!(audit["duration_ms"].as_f64().is_some());
-    assert!(audit["span"].get("sql").is_none(), "SQL text only when the tenant enables it");
+    assert!(
+        audit["span"].get("sql").is_none(),
+        "SQL text only when the tenant enables it"
+    );
+    client.describe_table("demo", "", "customers").await.expect("describe");
+    let described = weir.next_log(|l| l["target"] == "weir::audit");
+    assert_eq!(described["method"], "/weir.v1.SchemaService/DescribeTable");
+    assert_eq!(
+        described["span"]["object"], "customers",
+        "the table is named: {described}"
+    );
 
     let stranger = WeirClient::connect(&weir.addr, "not-a-key").await.expect("connect");
     stranger

@@ -138,31 +138,47 @@ async fn mutual_tls_takes_the_tenant_from_the_certificate() {
     let server = TestServer::start_file(&path).await;
 
     // Plain HTTP/2 to a TLS port does not get through.
-    let plain = WeirClient::connect(&server.addr, "key-a").await.map_err(|e| e.to_string());
+    let plain = WeirClient::connect(&server.addr, "key-a")
+        .await
+        .map_err(|e| e.to_string());
     assert!(refused(plain).await, "plain HTTP/2 to a TLS port");
     // TLS without a client certificate: the API key authenticates.
-    let by_key = connect(&server, Some("key-a"), tls(&server_ca, None)).await.expect("tls");
+    let by_key = connect(&server, Some("key-a"), tls(&server_ca, None))
+        .await
+        .expect("tls");
     assert_eq!(sources(&by_key).await.expect("by key"), vec!["a_db"]);
     // A client certificate alone: DNS SAN for a, URI SAN (SPIFFE) for b.
     let a_cert = leaf(&client_ca, "orders", &[dns("orders.internal")], true);
-    let a = connect(&server, None, tls(&server_ca, Some(a_cert.clone()))).await.expect("mtls a");
+    let a = connect(&server, None, tls(&server_ca, Some(a_cert.clone())))
+        .await
+        .expect("mtls a");
     assert_eq!(sources(&a).await.expect("a by certificate"), vec!["a_db"]);
     let b_cert = leaf(&client_ca, "app", &[uri("spiffe://cluster/ns/b/sa/app")], true);
-    let b = connect(&server, None, tls(&server_ca, Some(b_cert.clone()))).await.expect("mtls b");
+    let b = connect(&server, None, tls(&server_ca, Some(b_cert.clone())))
+        .await
+        .expect("mtls b");
     assert_eq!(sources(&b).await.expect("b by certificate"), vec!["b_db"]);
     // The subject CN counts too.
     let cn = leaf(&client_ca, "orders.internal", &[], true);
-    let by_cn = connect(&server, None, tls(&server_ca, Some(cn))).await.expect("mtls cn");
+    let by_cn = connect(&server, None, tls(&server_ca, Some(cn)))
+        .await
+        .expect("mtls cn");
     assert_eq!(sources(&by_cn).await.expect("a by CN"), vec!["a_db"]);
 
     // A verified certificate that names no tenant, and a key of one tenant
     // with the certificate of another: the same answer as a bad key.
     let stranger = leaf(&client_ca, "stranger", &[dns("stranger.internal")], true);
-    let stranger = connect(&server, None, tls(&server_ca, Some(stranger))).await.expect("tls");
+    let stranger = connect(&server, None, tls(&server_ca, Some(stranger)))
+        .await
+        .expect("tls");
     let unknown = sources(&stranger).await.expect_err("no tenant");
-    let mixed = connect(&server, Some("key-a"), tls(&server_ca, Some(b_cert))).await.expect("tls");
+    let mixed = connect(&server, Some("key-a"), tls(&server_ca, Some(b_cert)))
+        .await
+        .expect("tls");
     let mixed = sources(&mixed).await.expect_err("key and certificate disagree");
-    let bad_key = connect(&server, Some("not-a-key"), tls(&server_ca, None)).await.expect("tls");
+    let bad_key = connect(&server, Some("not-a-key"), tls(&server_ca, None))
+        .await
+        .expect("tls");
     let bad_key = sources(&bad_key).await.expect_err("bad key");
     for err in [&unknown, &mixed, &bad_key] {
         assert_eq!(err.code(), Code::Unauthenticated);
@@ -189,7 +205,9 @@ async fn a_required_client_certificate_is_required() {
         "no client certificate, no connection"
     );
     let a_cert = leaf(&client_ca, "orders", &[dns("orders.internal")], true);
-    let a = connect(&server, None, tls(&server_ca, Some(a_cert))).await.expect("mtls");
+    let a = connect(&server, None, tls(&server_ca, Some(a_cert)))
+        .await
+        .expect("mtls");
     assert_eq!(sources(&a).await.expect("a"), vec!["a_db"]);
     server.stop().await;
 }
@@ -200,7 +218,9 @@ async fn a_renewed_server_certificate_is_used_for_new_connections() {
     let files = Files::new();
     let config = format!("{}{}", tls_section(&files, &old_ca, &client_ca, false), tenants());
     let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
-    let before = connect(&server, Some("key-a"), tls(&old_ca, None)).await.expect("old certificate");
+    let before = connect(&server, Some("key-a"), tls(&old_ca, None))
+        .await
+        .expect("old certificate");
     sources(&before).await.expect("works");
     assert!(
         connect(&server, Some("key-a"), tls(&new_ca, None)).await.is_err(),
@@ -249,7 +269,8 @@ mod jwt {
         let server = TestServer::start(&config).await;
         let key = EncodingKey::from_ec_pem(signing.serialize_pem().as_bytes()).expect("encoding key");
         let token = |claims: Value| encode(&Header::new(Algorithm::ES256), &claims, &key).expect("token");
-        let good = json!({"iss": "https://id.example", "aud": "weir", "exp": now() + 300, "sub": "svc-1", "tenant": "b"});
+        let good =
+            json!({"iss": "https://id.example", "aud": "weir", "exp": now() + 300, "sub": "svc-1", "tenant": "b"});
         let client = |token: String| {
             let addr = server.addr.clone();
             async move {
@@ -261,9 +282,7 @@ mod jwt {
         let b = client(token(good.clone())).await;
         assert_eq!(sources(&b).await.expect("valid token"), vec!["b_db"]);
 
-        let bad_key = sources(&client("not-a-key".into()).await)
-            .await
-            .expect_err("bad key");
+        let bad_key = sources(&client("not-a-key".into()).await).await.expect_err("bad key");
         let mut cases = Vec::new();
         let mut expired = good.clone();
         expired["exp"] = json!(now() - 5);

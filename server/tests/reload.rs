@@ -91,7 +91,11 @@ async fn a_broken_file_is_refused_and_the_old_configuration_stays() {
         format!("{FAST}{}\n[tenants.a.limits]\nburst = 0\n", tenant("a", &[], "")),
     ] {
         file.write(&broken);
-        let refused = weir.next_log(|l| l["message"].as_str().is_some_and(|m| m.starts_with("configuration reload refused")));
+        let refused = weir.next_log(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("configuration reload refused"))
+        });
         assert_eq!(refused["level"], "ERROR");
         let error = refused["error"].as_str().unwrap_or_default().to_string();
         assert!(!error.is_empty(), "the reason is logged: {refused}");
@@ -111,7 +115,11 @@ async fn sighup_reloads_at_once() {
     let weir = start(&file);
     let err = works(&weir, "key-b1").await.expect_err("no tenant b yet");
     assert_eq!(err.code(), Code::Unauthenticated);
-    file.write(&format!("{slow}{}{}", tenant("a", &["a1"], ""), tenant("b", &["b1"], "")));
+    file.write(&format!(
+        "{slow}{}{}",
+        tenant("a", &["a1"], ""),
+        tenant("b", &["b1"], "")
+    ));
     let status = std::process::Command::new("kill")
         .args(["-HUP", &weir.pid().to_string()])
         .status()

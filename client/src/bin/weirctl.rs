@@ -297,8 +297,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         None => None,
     };
     // With a client certificate the demo key default is not sent; an explicit key still is.
-    let explicit_key = std::env::args().any(|a| a == "--key" || a.starts_with("--key="))
-        || std::env::var_os("WEIR_API_KEY").is_some();
+    let explicit_key =
+        std::env::args().any(|a| a == "--key" || a.starts_with("--key=")) || std::env::var_os("WEIR_API_KEY").is_some();
     let bearer = (cli.client_cert.is_none() || explicit_key).then_some(cli.key.as_str());
     let client = WeirClient::connect_with(&cli.addr, bearer, tls).await?;
     let mut out = BufWriter::new(io::stdout().lock());

@@ -15,7 +15,7 @@ use weir_proto::v1 as pb;
 use weir_proto::v1::bulk_load_service_server::BulkLoadService;
 use weir_proto::v1::load_request::Message as LoadMessage;
 
-use super::{caller, convert, grpc_timeout, source, Gate};
+use super::{caller, convert, display_table, grpc_timeout, source, Gate};
 use crate::backend::bulk::{row_feed, Receipt, RowSender};
 use crate::backend::{BackendError, Column, LoadMode, LoadOutcome, LoadSpec, Row, TableDescription};
 use crate::config::BulkConfig;
@@ -129,13 +129,6 @@ fn find_column<'a>(table: &'a TableDescription, name: &str) -> Option<&'a Column
     match (folded.next(), folded.next()) {
         (Some(c), None) => Some(c),
         _ => None,
-    }
-}
-
-fn display_table(schema: Option<&str>, table: &str) -> String {
-    match schema {
-        Some(s) => format!("{s}.{table}"),
-        None => table.to_string(),
     }
 }
 
@@ -364,6 +357,7 @@ impl BulkApi {
         .map_err(|_| Error::Timeout(caller.tenant.limits.statement_timeout))??;
         let (columns, conflict) = resolve(&header, &table)?;
         let target = display_table(header.schema.as_deref(), &header.table);
+        super::record_object(&target);
         let spec = LoadSpec {
             schema: header.schema.clone(),
             table: header.table.clone(),

@@ -207,10 +207,16 @@ pub async fn watch(
     let resume = (!start.resume_position.is_empty())
         .then(|| decode_position("resume_position", &tenant, &start.subscription, &start.resume_position))
         .transpose()?;
+    let tables = tables(start.tables)?;
+    let names: Vec<String> = tables
+        .iter()
+        .map(|t| super::display_table(t.schema.as_deref(), &t.table))
+        .collect();
+    super::record_object(&names.join(","));
     let spec = WatchSpec {
         id: subscription_id(&tenant, &start.subscription),
         name: start.subscription.clone(),
-        tables: tables(start.tables)?,
+        tables,
         resume: resume.clone(),
         snapshot: start.snapshot,
         take_over: start.take_over,

@@ -95,6 +95,19 @@ pub fn record_source(caller: &Caller, name: &str) {
     }
 }
 
+/// The table as the caller named it, for receipts, messages and the audit log.
+pub fn display_table(schema: Option<&str>, table: &str) -> String {
+    match schema {
+        Some(s) => format!("{s}.{table}"),
+        None => table.to_string(),
+    }
+}
+
+/// Names the table(s) or topic(s) a call works on, for its span and audit line.
+pub fn record_object(name: &str) {
+    tracing::Span::current().record("object", name);
+}
+
 /// Checks a caller-chosen name (consumer group, subscription): 1 to `max`
 /// characters of A-Z, a-z, 0-9, '.', '_' and '-', so it is safe in every
 /// engine's namespace.

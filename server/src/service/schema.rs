@@ -156,6 +156,7 @@ impl SchemaService for SchemaApi {
             .into());
         }
         let source = source(&caller, &r.source)?;
+        super::record_object(&r.table);
         let _admitted = self.gate.admit(&caller, None).await?;
         let description = timed(
             timeout,

@@ -201,6 +201,7 @@ impl StreamService for StreamApi {
         let r = request.into_inner();
         let topics = topics_of(&caller, &r.source)?;
         check_topic(topics.as_ref(), &r.topic)?;
+        super::record_object(&r.topic);
         let limit = caller.tenant.limits.max_record_bytes;
         let records: Vec<OutRecord> = r.records.into_iter().map(out_record).collect();
         let mut bytes = 0u64;
@@ -241,6 +242,7 @@ impl StreamService for StreamApi {
         for t in &r.topics {
             check_topic(topics.as_ref(), t)?;
         }
+        super::record_object(&r.topics.join(","));
         let spec = ConsumeSpec {
             topics: r.topics,
             group: group_id(&caller, &r.group)?,

@@ -54,12 +54,18 @@ impl Registry {
                 "server.tls (on or off)",
                 running.server.tls.is_some() != config.server.tls.is_some(),
             ),
-            ("server.max_request_bytes", running.server.max_request_bytes != config.server.max_request_bytes),
+            (
+                "server.max_request_bytes",
+                running.server.max_request_bytes != config.server.max_request_bytes,
+            ),
             (
                 "server.max_concurrent_requests",
                 running.server.max_concurrent_requests != config.server.max_concurrent_requests,
             ),
-            ("server.max_queue_wait", running.server.max_queue_wait != config.server.max_queue_wait),
+            (
+                "server.max_queue_wait",
+                running.server.max_queue_wait != config.server.max_queue_wait,
+            ),
             ("metrics", running.metrics != config.metrics),
             ("telemetry", running.telemetry != config.telemetry),
             ("bulk", running.bulk != config.bulk),
@@ -112,7 +118,10 @@ impl Registry {
             .and_then(|config| self.apply(config));
         match result {
             Ok(c) => {
-                METRICS.config_reloads.get_or_create(&OutcomeLabels { outcome: "applied" }).inc();
+                METRICS
+                    .config_reloads
+                    .get_or_create(&OutcomeLabels { outcome: "applied" })
+                    .inc();
                 tracing::info!(
                     path = %path.display(),
                     sources_kept = c.sources_kept,
@@ -122,7 +131,10 @@ impl Registry {
                 );
             }
             Err(e) => {
-                METRICS.config_reloads.get_or_create(&OutcomeLabels { outcome: "rejected" }).inc();
+                METRICS
+                    .config_reloads
+                    .get_or_create(&OutcomeLabels { outcome: "rejected" })
+                    .inc();
                 tracing::error!(path = %path.display(), error = %e, "configuration reload refused; the previous configuration stays in force");
             }
         }

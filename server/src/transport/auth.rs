@@ -16,9 +16,9 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::tls::PeerInfo;
 use crate::error::Error;
 use crate::metrics::{method_label, METRICS};
-use super::tls::PeerInfo;
 use crate::tenant::reload::Registry;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -111,6 +111,7 @@ where
             key_id = tracing::field::Empty,
             source = tracing::field::Empty,
             engine = tracing::field::Empty,
+            object = tracing::field::Empty,
             rows = tracing::field::Empty,
             bytes = tracing::field::Empty,
             sql = tracing::field::Empty,

@@ -27,14 +27,18 @@ fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
 
 impl JwtVerifier {
     pub fn new(config: &JwtConfig) -> Result<Self, String> {
-        let algorithm: Algorithm = config
-            .algorithm
-            .parse()
-            .map_err(|_| format!("algorithm {:?} is not one of HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA", config.algorithm))?;
+        let algorithm: Algorithm = config.algorithm.parse().map_err(|_| {
+            format!(
+                "algorithm {:?} is not one of HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA",
+                config.algorithm
+            )
+        })?;
         let hmac = matches!(algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
         let key = if hmac {
             if config.public_key_file.is_some() {
-                return Err(format!("{algorithm:?} takes secret_env or secret_file, not public_key_file"));
+                return Err(format!(
+                    "{algorithm:?} takes secret_env or secret_file, not public_key_file"
+                ));
             }
             let secret = match (&config.secret_env, &config.secret_file) {
                 (Some(var), None) => std::env::var(var)
@@ -150,7 +154,8 @@ mod tests {
     #[test]
     fn good_and_bad_tokens() {
         let v = verifier();
-        let good = json!({"iss": "https://issuer.example", "aud": "weir", "exp": now() + 60, "tenant": "acme", "sub": "svc"});
+        let good =
+            json!({"iss": "https://issuer.example", "aud": "weir", "exp": now() + 60, "tenant": "acme", "sub": "svc"});
         let t = token(good.clone(), SECRET, Algorithm::HS256);
         assert!(looks_like_jwt(&t));
         assert_eq!(
@@ -177,7 +182,11 @@ mod tests {
         assert!(v.verify(&token(not_yet, SECRET, Algorithm::HS256)).is_err());
         // Another key, and another algorithm than the configured one.
         assert!(v
-            .verify(&token(good.clone(), "another secret that is long enough!!", Algorithm::HS256))
+            .verify(&token(
+                good.clone(),
+                "another secret that is long enough!!",
+                Algorithm::HS256
+            ))
             .is_err());
         assert!(v.verify(&token(good, SECRET, Algorithm::HS512)).is_err());
         assert!(!looks_like_jwt("an-api-key"));

@@ -19,12 +19,12 @@ use weir_proto::v1::stream_service_server::StreamServiceServer;
 use crate::config::Config;
 use crate::limits::admission::AdmissionLayer;
 use crate::limits::scheduler::Scheduler;
-use crate::service::Gate;
 use crate::service::bulk::BulkApi;
 use crate::service::query::QueryApi;
 use crate::service::schema::SchemaApi;
 use crate::service::stream::StreamApi;
 use crate::service::transactions::Transactions;
+use crate::service::Gate;
 use crate::tenant::reload::Registry;
 use auth::AuthLayer;
 

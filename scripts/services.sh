@@ -198,3 +198,22 @@ ensure_plain_servers() {
   fi
   export WEIR_TEST_PG_PLAIN_PORT="$plain_pg_port" WEIR_TEST_MYSQL_PLAIN_PORT="$plain_mysql_port"
 }
+
+# Stops one of those servers (pg or mysql), for the fault tests, which then
+# start it again with ensure_plain_servers.
+stop_plain_server() {
+  case "$1" in
+    pg)
+      local bin="/usr/lib/postgresql/$(ls /etc/postgresql | sort -V | tail -n 1)/bin"
+      as_root runuser -u postgres -- "$bin/pg_ctl" -D /tmp/weir-pg-plain -m fast -w stop >/dev/null
+      ;;
+    mysql)
+      as_root mariadb-admin --socket=/tmp/weir-mariadb-plain.sock -uroot shutdown
+      for _ in $(seq 1 100); do
+        mariadb-admin ping -h 127.0.0.1 -P "$plain_mysql_port" --silent >/dev/null 2>&1 || break
+        sleep 0.1
+      done
+      ;;
+    *) echo "stop_plain_server: pg or mysql" >&2; return 2 ;;
+  esac
+}

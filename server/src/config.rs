@@ -81,6 +81,10 @@ pub struct ServerConfig {
     /// Longest a call waits for a free slot before RESOURCE_EXHAUSTED.
     #[serde(with = "humantime_serde")]
     pub max_queue_wait: Duration,
+    /// A server stream whose client takes no message for this long is
+    /// ended (DEADLINE_EXCEEDED, STREAM_STALLED) and its statement cancelled.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
     /// Serve gRPC over TLS (and mutual TLS with `client_ca_file`).
     pub tls: Option<TlsConfig>,
 }
@@ -163,6 +167,7 @@ impl Default for ServerConfig {
             reload_interval: Duration::from_secs(5),
             max_concurrent_requests: 1024,
             max_queue_wait: Duration::from_secs(1),
+            stream_idle_timeout: Duration::from_secs(60),
             tls: None,
         }
     }
@@ -522,6 +527,7 @@ impl Config {
         for (name, value) in [
             ("server.reload_interval", self.server.reload_interval),
             ("server.max_queue_wait", self.server.max_queue_wait),
+            ("server.stream_idle_timeout", self.server.stream_idle_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(name, "must be greater than 0"));

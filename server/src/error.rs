@@ -21,6 +21,10 @@ pub enum Error {
     SourceNotFound(String),
     #[error("transaction not found: it was committed, rolled back, timed out, or belongs to another caller")]
     TransactionNotFound,
+    #[error(
+        "the transaction's database session was lost ({0}); it was rolled back: run it again from BeginTransaction"
+    )]
+    TransactionLost(String),
     #[error("invalid {field}: {message}")]
     InvalidArgument { field: &'static str, message: String },
     #[error("rate limit of {rate} requests per second exceeded; retry in {retry_after:?}")]
@@ -54,6 +58,10 @@ pub enum Error {
     GlobalLimitsUnavailable,
     #[error("the gateway is saturated: no slot came free within {waited:?}; retry in {retry_after:?} or with a higher priority")]
     GatewayBusy { waited: Duration, retry_after: Duration },
+    #[error(
+        "the client took no message for {0:?}, so the stream was ended (and its statement cancelled); read it faster"
+    )]
+    StreamStalled(Duration),
     #[error("too many result streams open (limit {limit}); retry when one ends")]
     TooManyStreams { limit: u32 },
     #[error("too many transactions open (limit {limit}); commit or roll back one first")]
@@ -63,6 +71,16 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Inside a transaction a lost session loses the transaction: ABORTED, not UNAVAILABLE.
+    pub fn in_transaction(self) -> Error {
+        match self {
+            Error::Backend(e) if e.is_unavailable() => Error::TransactionLost(e.to_string()),
+            other => other,
+        }
+    }
+}
 
 fn info(reason: &str, metadata: Vec<(&str, String)>) -> ErrorDetails {
     let metadata: std::collections::HashMap<String, String> =
@@ -99,6 +117,11 @@ impl From<Error> for Status {
             Error::Unauthenticated => (Code::Unauthenticated, info("UNAUTHENTICATED", vec![])),
             Error::SourceNotFound(_) => (Code::NotFound, info("SOURCE_NOT_FOUND", vec![])),
             Error::TransactionNotFound => (Code::NotFound, info("TRANSACTION_NOT_FOUND", vec![])),
+            Error::TransactionLost(_) => {
+                let mut d = info("TRANSACTION_LOST", vec![]);
+                d.set_retry_info(Some(Duration::from_secs(1)));
+                (Code::Aborted, d)
+            }
             Error::InvalidArgument { field, message } => {
                 let mut d = ErrorDetails::with_bad_request_violation(*field, message.clone());
                 d.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, std::collections::HashMap::new());
@@ -163,6 +186,10 @@ impl From<Error> for Status {
                 d.set_retry_info(Some(*retry_after));
                 (Code::ResourceExhausted, d)
             }
+            Error::StreamStalled(idle) => (
+                Code::DeadlineExceeded,
+                info("STREAM_STALLED", vec![("idle_ms", idle.as_millis().to_string())]),
+            ),
             Error::TooManyStreams { limit } => {
                 let mut d = info("STREAM_CONCURRENCY_LIMITED", vec![("limit", limit.to_string())]);
                 d.set_retry_info(Some(Duration::from_secs(1)));
@@ -198,6 +225,11 @@ impl From<Error> for Status {
                 BackendError::Unavailable(_) => {
                     let mut d = info("SOURCE_UNAVAILABLE", vec![]);
                     d.set_retry_info(Some(Duration::from_secs(1)));
+                    (Code::Unavailable, d)
+                }
+                BackendError::CircuitOpen { retry_after, .. } => {
+                    let mut d = info("SOURCE_CIRCUIT_OPEN", vec![]);
+                    d.set_retry_info(Some(*retry_after));
                     (Code::Unavailable, d)
                 }
                 BackendError::PoolExhausted { max_size, waited } => {

@@ -28,6 +28,9 @@ pub async fn probe_all(tenants: &Tenants) -> bool {
                 source: source.name.clone(),
             };
             METRICS.source_up.get_or_create(&labels).set(i64::from(healthy));
+            if let Some(state) = source.backend.circuit() {
+                METRICS.circuit_state.get_or_create(&labels).set(state as i64);
+            }
             if let Some(pool) = source.backend.pool_status() {
                 for (state, n) in [("idle", pool.idle), ("in_use", pool.open.saturating_sub(pool.idle))] {
                     let labels = PoolLabels {

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub source_up: Family<SourceLabels, Gauge>,
     /// Global-limit checks that could not reach Redis.
     pub global_limit_failures: Counter,
+    /// Circuit breaker per source: 0 closed, 1 open (failing fast), 2 half-open (probing).
+    pub circuit_state: Family<SourceLabels, Gauge>,
     /// Configuration reloads by outcome ("applied", "rejected").
     pub config_reloads: Family<OutcomeLabels, Counter>,
     /// Calls waiting for a gateway slot, per tenant.
@@ -100,6 +102,12 @@ impl Metrics {
         let source_up = Family::<SourceLabels, Gauge>::default();
         let global_limit_failures = Counter::default();
         let config_reloads = Family::<OutcomeLabels, Counter>::default();
+        let circuit_state = Family::<SourceLabels, Gauge>::default();
+        registry.register(
+            "source_circuit_state",
+            "Circuit breaker of each source: 0 closed, 1 open (calls fail fast), 2 half-open (probing)",
+            circuit_state.clone(),
+        );
         let queued = Family::<TenantLabels, Gauge>::default();
         let queue_seconds =
             Family::<TenantLabels, Histogram>::new_with_constructor(call_histogram as fn() -> Histogram);
@@ -161,6 +169,7 @@ impl Metrics {
             source_up,
             global_limit_failures,
             config_reloads,
+            circuit_state,
             queued,
             queue_seconds,
             throttled_seconds,

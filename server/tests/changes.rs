@@ -707,29 +707,11 @@ async fn bad_requests_get_clear_errors(engine: Engine) {
 }
 
 /// A port of the second servers ./scripts/test starts without change streams.
-fn plain_port(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set: run ./scripts/test, which starts a PostgreSQL without logical decoding and a MariaDB without binlog")
-    })
-}
-
 /// Servers that cannot stream changes say which setting is missing.
 #[tokio::test]
 async fn servers_without_logical_decoding_or_binlog_say_what_to_change() {
-    let pg = postgres("np", "db", "").replace(
-        &format!(
-            "port = {}",
-            std::env::var("WEIR_TEST_PG_PORT").unwrap_or_else(|_| "5432".into())
-        ),
-        &format!("port = {}", plain_port("WEIR_TEST_PG_PLAIN_PORT")),
-    );
-    let my = mysql("np", "my", "").replace(
-        &format!(
-            "port = {}",
-            std::env::var("WEIR_TEST_MYSQL_PORT").unwrap_or_else(|_| "3306".into())
-        ),
-        &format!("port = {}", plain_port("WEIR_TEST_MYSQL_PLAIN_PORT")),
-    );
+    let pg = common::plain_postgres("np", "db", "");
+    let my = common::plain_mysql("np", "my", "");
     let server = TestServer::start(&tenant("np", "", &(pg + &my))).await;
     let client = server.client("key-np").await;
     let table = format!("plain_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);

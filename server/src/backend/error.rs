@@ -38,6 +38,9 @@ pub enum BackendError {
     /// The engine could not be reached. The message never contains hosts or credentials.
     #[error("source unreachable: {0}")]
     Unavailable(String),
+    /// The source failed to connect repeatedly; calls fail fast until a probe succeeds.
+    #[error("source unreachable ({cause}); failing fast until the next connection attempt in {retry_after:?}")]
+    CircuitOpen { cause: String, retry_after: Duration },
     /// Every pooled connection stayed busy for the whole acquire timeout.
     #[error("all {max_size} connections of the source are busy")]
     PoolExhausted { max_size: u32, waited: Duration },
@@ -90,6 +93,19 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// The engine could not be reached or its session was lost.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Unavailable(_)
+                | BackendError::CircuitOpen { .. }
+                | BackendError::Engine {
+                    kind: EngineErrorKind::Unavailable,
+                    ..
+                }
+        )
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::Engine {
             kind: EngineErrorKind::NotFound,

@@ -1,6 +1,7 @@
 //! Engine-independent backend interface. Services talk to these traits only;
 //! engines never see protobuf types.
 
+pub mod breaker;
 pub mod bulk;
 pub mod changes;
 pub mod channel;
@@ -76,6 +77,10 @@ pub trait SqlSource: Send + Sync + 'static {
     fn pool_status(&self) -> Option<PoolStatus> {
         None
     }
+    /// The source's circuit breaker, for metrics; `None` for embedded engines.
+    fn circuit(&self) -> Option<breaker::CircuitState> {
+        None
+    }
 }
 
 /// An open transaction. Statements run one at a time: a statement issued
@@ -120,6 +125,13 @@ impl Backend {
     pub fn pool_status(&self) -> Option<PoolStatus> {
         match self {
             Backend::Sql(s) => s.pool_status(),
+            Backend::Topics(_) => None,
+        }
+    }
+
+    pub fn circuit(&self) -> Option<breaker::CircuitState> {
+        match self {
+            Backend::Sql(s) => s.circuit(),
             Backend::Topics(_) => None,
         }
     }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use bb8::{ManageConnection, Pool, PooledConnection, RunError};
 
+use super::breaker::{Breaker, CircuitState};
 use super::{BackendError, PoolStatus};
 use crate::config::PoolConfig;
 
@@ -54,6 +55,7 @@ pub struct FailFastPool<M: ManageConnection> {
     failures: Arc<tokio::sync::watch::Sender<String>>,
     max_size: u32,
     map: fn(M::Error) -> BackendError,
+    breaker: Breaker,
 }
 
 impl<M: ManageConnection> FailFastPool<M> {
@@ -81,19 +83,27 @@ impl<M: ManageConnection> FailFastPool<M> {
             failures,
             max_size: config.max_size,
             map,
+            breaker: Breaker::default(),
         }
     }
 
     pub async fn lease(&self) -> Result<PooledConnection<'static, M>, BackendError> {
+        self.breaker.admit()?;
         let started = Instant::now();
         let mut failures = self.failures.subscribe();
-        tokio::select! {
+        let leased = tokio::select! {
             got = self.pool.get_owned() => got.map_err(|e| match e {
                 RunError::User(e) => (self.map)(e),
                 RunError::TimedOut => BackendError::PoolExhausted { max_size: self.max_size, waited: started.elapsed() },
             }),
             Ok(()) = failures.changed() => Err(BackendError::Unavailable(failures.borrow().clone())),
-        }
+        };
+        self.breaker.record(&leased);
+        leased
+    }
+
+    pub fn circuit(&self) -> CircuitState {
+        self.breaker.state()
     }
 
     pub fn status(&self) -> PoolStatus {

@@ -5,11 +5,11 @@
 //! so one tenant can neither resume nor acknowledge another's stream.
 
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch};
-use tonic::{Request, Status, Streaming};
+use tokio::sync::watch;
+use tonic::{Request, Streaming};
 use weir_proto::v1 as pb;
 
-use super::{caller, check_plain_name, convert, source};
+use super::{caller, check_plain_name, convert, source, StreamIn, StreamOut};
 use crate::backend::changes::{ChangeItem, ChangeOp, Position, RowChange, TableName};
 use crate::backend::WatchSpec;
 use crate::config::ChangesConfig;
@@ -29,7 +29,7 @@ const START_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Responses buffered for a slow client before the engine's reader waits.
 const WATCH_BUFFER: usize = 64;
 
-type WatchSender = mpsc::Sender<std::result::Result<pb::WatchChangesResponse, Status>>;
+type WatchSender = StreamOut<pb::WatchChangesResponse>;
 
 fn bad(field: &'static str, message: impl Into<String>) -> Error {
     Error::InvalidArgument {
@@ -190,7 +190,8 @@ pub async fn watch(
     request: Request<Streaming<pb::WatchChangesRequest>>,
     config: &ChangesConfig,
     cut: watch::Receiver<bool>,
-) -> Result<mpsc::Receiver<std::result::Result<pb::WatchChangesResponse, Status>>> {
+    stream_idle: std::time::Duration,
+) -> Result<StreamIn<pb::WatchChangesResponse>> {
     use pb::watch_changes_request::Message;
     let caller = caller(&request)?;
     let mut inbound = request.into_inner();
@@ -226,7 +227,7 @@ pub async fn watch(
     };
     let permit = caller.tenant.limiter.admit_subscription()?;
     let feed = sql.watch(spec).await?;
-    let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+    let (tx, rx) = StreamOut::channel(WATCH_BUFFER, stream_idle);
     tokio::spawn(async move {
         let _permit = permit;
         let _active = METRICS.stream_started(&caller.tenant.id);
@@ -282,7 +283,7 @@ impl Pump<'_> {
                     let item = match item {
                         None => return,
                         Some(Err(e)) => {
-                            let _ = tx.send(Err(Status::from(e))).await;
+                            tx.fail(e);
                             return;
                         }
                         Some(Ok(item)) => item,
@@ -295,8 +296,14 @@ impl Pump<'_> {
                         throttled += self.caller.tenant.limiter.charge_records(1, bytes).await;
                         METRICS.record_result(&self.caller.tenant.id, self.source, 1, bytes);
                     }
-                    if tx.send(Ok(response)).await.is_err() {
-                        return;
+                    match tx.send(response).await {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        // Unacknowledged changes are sent again on resume.
+                        Err(e) => {
+                            tx.fail(e);
+                            return;
+                        }
                     }
                 }
                 message = inbound.message(), if listening => match message {
@@ -305,13 +312,13 @@ impl Pump<'_> {
                             // The reader is gone only when the stream is ending anyway.
                             Ok(p) => { let _ = feed.acks.send(p); }
                             Err(e) => {
-                                let _ = tx.send(Err(Status::from(e))).await;
+                                tx.fail(e);
                                 return;
                             }
                         }
                     }
                     Ok(Some(_)) => {
-                        let _ = tx.send(Err(bad("message", "after WatchStart, send only WatchAck").into())).await;
+                        tx.fail(bad("message", "after WatchStart, send only WatchAck"));
                         return;
                     }
                     Ok(None) => listening = false,
@@ -319,7 +326,7 @@ impl Pump<'_> {
                 },
                 () = tx.closed() => return,
                 () = async { let _ = cut.wait_for(|c| *c).await; } => {
-                    let _ = tx.send(Err(Status::from(Error::ShuttingDown))).await;
+                    tx.fail(Error::ShuttingDown);
                     return;
                 }
             }

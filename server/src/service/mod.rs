@@ -9,10 +9,16 @@ pub mod schema;
 pub mod stream;
 pub mod transactions;
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tonic::Request;
+use futures::Stream;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Status};
 use weir_proto::v1 as pb;
 
 use crate::config::Priority;
@@ -92,6 +98,72 @@ pub fn record_source(caller: &Caller, name: &str) {
         let span = tracing::Span::current();
         span.record("source", name);
         span.record("engine", format!("{:?}", source.backend.engine()).to_lowercase());
+    }
+}
+
+/// The sending side of a server stream. It gives up on a client that takes
+/// nothing for `idle`: a stalled reader must not hold a statement, a
+/// connection and buffered rows for ever. Errors that end the stream are
+/// kept aside and follow the buffered messages, so ending never blocks on
+/// a full buffer and a stream cut short never ends with OK.
+pub struct StreamOut<T> {
+    tx: mpsc::Sender<Result<T, Status>>,
+    last: Arc<Mutex<Option<Status>>>,
+    idle: Duration,
+}
+
+/// The response side of a [`StreamOut`]: its messages, then its closing error, if any.
+pub struct StreamIn<T> {
+    rx: ReceiverStream<Result<T, Status>>,
+    last: Arc<Mutex<Option<Status>>>,
+}
+
+impl<T> StreamOut<T> {
+    pub fn channel(buffer: usize, idle: Duration) -> (StreamOut<T>, StreamIn<T>) {
+        let (tx, rx) = mpsc::channel(buffer);
+        let last = Arc::new(Mutex::new(None));
+        (
+            StreamOut {
+                tx,
+                last: last.clone(),
+                idle,
+            },
+            StreamIn {
+                rx: ReceiverStream::new(rx),
+                last,
+            },
+        )
+    }
+
+    /// `Ok(true)` when sent, `Ok(false)` when the client has gone, and
+    /// `Err` when the client took nothing for the idle time.
+    pub async fn send(&self, item: T) -> Result<bool, Error> {
+        match tokio::time::timeout(self.idle, self.tx.send(Ok(item))).await {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(_)) => Ok(false),
+            Err(_) => Err(Error::StreamStalled(self.idle)),
+        }
+    }
+
+    /// Ends the stream with `error`, after the messages already buffered.
+    pub fn fail(&self, error: impl Into<Status>) {
+        *self.last.lock() = Some(error.into());
+    }
+
+    /// Completes when the client has gone.
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
+}
+
+impl<T> Stream for StreamIn<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match Pin::new(&mut self.rx).poll_next(cx) {
+            Poll::Ready(None) => Poll::Ready(self.last.lock().take().map(Err)),
+            other => other,
+        }
     }
 }
 

@@ -5,8 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use prost::Message;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use weir_proto::v1 as pb;
@@ -14,7 +13,7 @@ use weir_proto::v1::query_service_server::QueryService;
 
 use super::convert;
 use super::transactions::{OpenTransaction, Transactions};
-use super::{caller, source, statement_timeout, Gate};
+use super::{caller, source, statement_timeout, Gate, StreamIn, StreamOut};
 use crate::backend::{QueryStream, Statement, TxOptions};
 use crate::error::{Error, Result};
 use crate::metrics::METRICS;
@@ -34,14 +33,17 @@ pub struct QueryApi {
     /// Becomes true when the shutdown grace period is over: streams still running are cut.
     cut: watch::Receiver<bool>,
     gate: Gate,
+    /// A result stream whose client takes nothing for this long is ended.
+    stream_idle: Duration,
 }
 
 impl QueryApi {
-    pub fn new(transactions: Arc<Transactions>, cut: watch::Receiver<bool>, gate: Gate) -> Self {
+    pub fn new(transactions: Arc<Transactions>, cut: watch::Receiver<bool>, gate: Gate, stream_idle: Duration) -> Self {
         Self {
             transactions,
             cut,
             gate,
+            stream_idle,
         }
     }
 }
@@ -125,6 +127,15 @@ impl Target {
         }
     }
 
+    /// The error as the caller should see it: in a transaction, a lost session is a lost transaction.
+    fn lost(&self, e: Error) -> Error {
+        if self.transaction.is_some() {
+            e.in_transaction()
+        } else {
+            e
+        }
+    }
+
     /// Counts what was returned, in metrics and on the call's span.
     fn returned(&self, rows: u64, bytes: u64) {
         METRICS.record_result(&self.caller.tenant.id, &self.source, rows, bytes);
@@ -188,14 +199,14 @@ async fn execute_unary(target: &Target, timing: Timing) -> Result<pb::ExecuteRes
     })
 }
 
-type StreamSender = mpsc::Sender<Result<pb::ExecuteStreamResponse, Status>>;
+type StreamSender = StreamOut<pb::ExecuteStreamResponse>;
 
-fn message(payload: pb::execute_stream_response::Payload) -> Result<pb::ExecuteStreamResponse, Status> {
-    Ok(pb::ExecuteStreamResponse { payload: Some(payload) })
+fn message(payload: pb::execute_stream_response::Payload) -> pb::ExecuteStreamResponse {
+    pb::ExecuteStreamResponse { payload: Some(payload) }
 }
 
 /// Streams a result in bounded batches. Returns early, dropping (and so
-/// cancelling) the statement, as soon as the client goes away.
+/// cancelling) the statement, as soon as the client goes away or stops reading.
 async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, timing: Timing) -> Result<()> {
     use pb::execute_stream_response::Payload;
     let started = timing.started;
@@ -205,10 +216,9 @@ async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, t
         .into_iter()
         .map(convert::column)
         .collect();
-    if tx
+    if !tx
         .send(message(Payload::Metadata(pb::ResultMetadata { columns })))
-        .await
-        .is_err()
+        .await?
     {
         return Ok(());
     }
@@ -231,7 +241,7 @@ async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, t
             total_bytes += batch_bytes as u64;
             let rows = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows.min(DEFAULT_BATCH_ROWS)));
             batch_bytes = 0;
-            if tx.send(message(Payload::Batch(pb::RowBatch { rows }))).await.is_err() {
+            if !tx.send(message(Payload::Batch(pb::RowBatch { rows }))).await? {
                 return Ok(());
             }
         }
@@ -239,25 +249,20 @@ async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, t
     if !batch.is_empty() {
         total_rows += batch.len() as u64;
         total_bytes += batch_bytes as u64;
-        if tx
-            .send(message(Payload::Batch(pb::RowBatch { rows: batch })))
-            .await
-            .is_err()
-        {
+        if !tx.send(message(Payload::Batch(pb::RowBatch { rows: batch }))).await? {
             return Ok(());
         }
     }
     let affected = query.rows.rows_affected();
     target.returned(total_rows, total_bytes);
-    let _ = tx
-        .send(message(Payload::Stats(stats(
-            total_rows,
-            total_bytes,
-            affected,
-            timing,
-            first_row,
-        ))))
-        .await;
+    tx.send(message(Payload::Stats(stats(
+        total_rows,
+        total_bytes,
+        affected,
+        timing,
+        first_row,
+    ))))
+    .await?;
     Ok(())
 }
 
@@ -276,11 +281,13 @@ impl QueryService for QueryApi {
         let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params)?;
         let result = tokio::time::timeout(timeout, execute_unary(&target, timing)).await;
         target.finished();
-        let response = result.map_err(|_| Error::Timeout(timeout))??;
+        let response = result
+            .map_err(|_| Error::Timeout(timeout))?
+            .map_err(|e| target.lost(e))?;
         Ok(Response::new(response))
     }
 
-    type ExecuteStreamStream = ReceiverStream<Result<pb::ExecuteStreamResponse, Status>>;
+    type ExecuteStreamStream = StreamIn<pb::ExecuteStreamResponse>;
 
     async fn execute_stream(
         &self,
@@ -301,7 +308,7 @@ impl QueryService for QueryApi {
             queued: admitted.queued,
         };
         let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params)?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (tx, rx) = StreamOut::channel(STREAM_BUFFER, self.stream_idle);
         let mut cut = self.cut.clone();
         tokio::spawn(
             async move {
@@ -318,12 +325,12 @@ impl QueryService for QueryApi {
                 target.finished();
                 if let Err(e) = outcome {
                     tracing::info!(error = %e, "stream ended with an error");
-                    let _ = tx.send(Err(e.into())).await;
+                    tx.fail(target.lost(e));
                 }
             }
             .instrument(tracing::Span::current()),
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 
     async fn begin_transaction(

@@ -6,13 +6,12 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 use weir_proto::v1 as pb;
 use weir_proto::v1::stream_service_server::StreamService;
 
-use super::{caller, changes, check_plain_name, convert, source, Gate};
+use super::{caller, changes, check_plain_name, convert, source, Gate, StreamIn, StreamOut};
 use crate::backend::topics::{ConsumeSpec, InRecord, OutRecord, PartitionOffset, Start};
 use crate::backend::TopicSource;
 use crate::config::ChangesConfig;
@@ -30,11 +29,23 @@ pub struct StreamApi {
     cut: watch::Receiver<bool>,
     changes: ChangesConfig,
     gate: Gate,
+    /// A stream whose client takes nothing for this long is ended.
+    stream_idle: std::time::Duration,
 }
 
 impl StreamApi {
-    pub fn new(cut: watch::Receiver<bool>, changes: ChangesConfig, gate: Gate) -> Self {
-        Self { cut, changes, gate }
+    pub fn new(
+        cut: watch::Receiver<bool>,
+        changes: ChangesConfig,
+        gate: Gate,
+        stream_idle: std::time::Duration,
+    ) -> Self {
+        Self {
+            cut,
+            changes,
+            gate,
+            stream_idle,
+        }
     }
 }
 
@@ -127,7 +138,7 @@ fn start(topics: &dyn TopicSource, start: Option<pb::StartPosition>) -> Result<S
     })
 }
 
-type ConsumeSender = mpsc::Sender<std::result::Result<pb::ConsumeResponse, Status>>;
+type ConsumeSender = StreamOut<pb::ConsumeResponse>;
 
 /// Moves records from the consumer to the client until the client goes
 /// away, `max_records` are sent, or the server shuts down.
@@ -147,14 +158,14 @@ async fn deliver(
             b = records.next() => b,
             () = tx.closed() => return,
             () = async { let _ = cut.wait_for(|c| *c).await; } => {
-                let _ = tx.send(Err(Status::from(Error::ShuttingDown))).await;
+                tx.fail(Error::ShuttingDown);
                 return;
             }
         };
         let mut batch = match batch {
             None => return,
             Some(Err(e)) => {
-                let _ = tx.send(Err(Status::from(e))).await;
+                tx.fail(e);
                 return;
             }
             Some(Ok(b)) => b,
@@ -176,12 +187,18 @@ async fn deliver(
             records: batch.into_iter().map(in_record).collect(),
             throttled: Some(convert::duration(throttled)),
         };
-        if tx.send(Ok(response)).await.is_err() {
-            return;
+        match tx.send(response).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            // Not committed: a consumer that resumes gets these records again.
+            Err(e) => {
+                tx.fail(e);
+                return;
+            }
         }
         if let Some(delivered) = delivered {
             if let Err(e) = records.commit(&delivered) {
-                let _ = tx.send(Err(Status::from(e))).await;
+                tx.fail(e);
                 return;
             }
         }
@@ -227,7 +244,7 @@ impl StreamService for StreamApi {
         }))
     }
 
-    type ConsumeStream = ReceiverStream<std::result::Result<pb::ConsumeResponse, Status>>;
+    type ConsumeStream = StreamIn<pb::ConsumeResponse>;
 
     async fn consume(
         &self,
@@ -255,14 +272,14 @@ impl StreamService for StreamApi {
         };
         let permit = caller.tenant.limiter.admit_consumer()?;
         let records = topics.consume(spec).await?;
-        let (tx, rx) = mpsc::channel(CONSUME_BUFFER);
+        let (tx, rx) = StreamOut::channel(CONSUME_BUFFER, self.stream_idle);
         let cut = self.cut.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _active = METRICS.stream_started(&caller.tenant.id);
             deliver(caller, r.source, records, auto_commit, r.max_records, tx, cut).await;
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 
     async fn commit_offsets(
@@ -309,14 +326,14 @@ impl StreamService for StreamApi {
         }))
     }
 
-    type WatchChangesStream = ReceiverStream<std::result::Result<pb::WatchChangesResponse, Status>>;
+    type WatchChangesStream = StreamIn<pb::WatchChangesResponse>;
 
     async fn watch_changes(
         &self,
         request: Request<Streaming<pb::WatchChangesRequest>>,
     ) -> std::result::Result<Response<Self::WatchChangesStream>, Status> {
-        let rx = changes::watch(request, &self.changes, self.cut.clone()).await?;
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let rx = changes::watch(request, &self.changes, self.cut.clone(), self.stream_idle).await?;
+        Ok(Response::new(rx))
     }
 
     async fn delete_subscription(

@@ -109,7 +109,11 @@ impl Transactions {
         if !matches!(result, Err(BackendError::Busy)) {
             self.open.lock().remove(&key);
         }
-        Ok(result?)
+        match result {
+            // The engine rolled back a transaction whose session it lost: what was asked for holds.
+            Err(e) if !commit && e.is_unavailable() => Ok(()),
+            other => other.map_err(|e| Error::from(e).in_transaction()),
+        }
     }
 
     /// Rolls back transactions idle past their timeout. Each rollback runs

@@ -42,9 +42,11 @@ pub async fn serve(
         config.server.max_concurrent_requests,
         config.server.max_queue_wait,
     ));
-    let stream = StreamServiceServer::new(StreamApi::new(cut.clone(), config.changes.clone(), gate.clone()))
+    let idle = config.server.stream_idle_timeout;
+    let stream = StreamServiceServer::new(StreamApi::new(cut.clone(), config.changes.clone(), gate.clone(), idle))
         .max_decoding_message_size(max);
-    let query = QueryServiceServer::new(QueryApi::new(transactions, cut, gate.clone())).max_decoding_message_size(max);
+    let query =
+        QueryServiceServer::new(QueryApi::new(transactions, cut, gate.clone(), idle)).max_decoding_message_size(max);
     let schema = SchemaServiceServer::new(SchemaApi::new(gate.clone())).max_decoding_message_size(max);
     let bulk = BulkLoadServiceServer::new(BulkApi::new(config.bulk.clone(), gate)).max_decoding_message_size(max);
     let reflection_v1 = tonic_reflection::server::Builder::configure()

@@ -403,3 +403,27 @@ impl Drop for WeirProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The port of a second test server (PostgreSQL without logical decoding,
+/// MariaDB without binlog) that `./scripts/test` starts.
+pub fn plain_port(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run ./scripts/test, which starts a PostgreSQL without logical decoding and a MariaDB without binlog")
+    })
+}
+
+/// A source section on the second PostgreSQL (WEIR_TEST_PG_PLAIN_PORT).
+pub fn plain_postgres(tenant: &str, name: &str, extra: &str) -> String {
+    postgres(tenant, name, extra).replace(
+        &format!("port = {}", env_or("WEIR_TEST_PG_PORT", "5432")),
+        &format!("port = {}", plain_port("WEIR_TEST_PG_PLAIN_PORT")),
+    )
+}
+
+/// A source section on the second MariaDB (WEIR_TEST_MYSQL_PLAIN_PORT).
+pub fn plain_mysql(tenant: &str, name: &str, extra: &str) -> String {
+    mysql(tenant, name, extra).replace(
+        &format!("port = {}", env_or("WEIR_TEST_MYSQL_PORT", "3306")),
+        &format!("port = {}", plain_port("WEIR_TEST_MYSQL_PLAIN_PORT")),
+    )
+}

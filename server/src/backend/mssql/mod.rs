@@ -509,6 +509,10 @@ impl SqlSource for MssqlSource {
     fn pool_status(&self) -> Option<PoolStatus> {
         Some(self.pool.status())
     }
+
+    fn circuit(&self) -> Option<crate::backend::breaker::CircuitState> {
+        Some(self.pool.circuit())
+    }
 }
 
 struct MssqlTransaction {

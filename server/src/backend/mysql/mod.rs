@@ -15,6 +15,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, SslOpts};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use crate::backend::breaker::{Breaker, CircuitState};
 use crate::backend::channel::{self, Worker, CHUNK_ROWS};
 use crate::backend::error::classify_sqlstate;
 use crate::backend::{
@@ -35,6 +36,7 @@ pub struct MysqlSource {
     /// For change streams: the same server, without the read-only session setting.
     change_opts: Opts,
     config: SourceConfig,
+    breaker: Breaker,
 }
 
 impl MysqlSource {
@@ -71,19 +73,23 @@ impl MysqlSource {
             opts,
             change_opts,
             config: config.clone(),
+            breaker: Breaker::default(),
         })
     }
 
     async fn conn(&self) -> Result<Conn, BackendError> {
+        self.breaker.admit()?;
         let started = Instant::now();
         let connect = tokio::time::timeout(self.config.pool.acquire_timeout, self.pool.get_conn()).await;
-        match connect {
+        let conn = match connect {
             Ok(conn) => conn.map_err(map_error),
             Err(_) => Err(BackendError::PoolExhausted {
                 max_size: self.config.pool.max_size,
                 waited: started.elapsed(),
             }),
-        }
+        };
+        self.breaker.record(&conn);
+        conn
     }
 }
 
@@ -256,6 +262,10 @@ impl SqlSource for MysqlSource {
             conn: Arc::new(Mutex::new(conn)),
             source: self.opts.clone(),
         }))
+    }
+
+    fn circuit(&self) -> Option<CircuitState> {
+        Some(self.breaker.state())
     }
 
     async fn connection_info(&self) -> Result<ConnectionInfo, BackendError> {

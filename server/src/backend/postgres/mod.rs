@@ -413,6 +413,10 @@ impl SqlSource for PostgresSource {
     fn pool_status(&self) -> Option<PoolStatus> {
         Some(self.pool.status())
     }
+
+    fn circuit(&self) -> Option<crate::backend::breaker::CircuitState> {
+        Some(self.pool.circuit())
+    }
 }
 
 struct PgTransaction {

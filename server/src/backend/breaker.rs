@@ -1,0 +1,191 @@
+//! A circuit breaker per source. After `FAILURES` connection failures in a
+//! row the source is known to be down: calls fail fast with UNAVAILABLE and
+//! the time until the next probe, instead of each one waiting out a connect
+//! attempt and piling load on a database that is starting up. When the open
+//! period is over, one call probes (half-open): success closes the breaker,
+//! failure opens it again for twice as long, with jitter, up to `MAX_OPEN`.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rand::Rng;
+
+use super::BackendError;
+
+/// Consecutive connection failures that open the breaker.
+const FAILURES: u32 = 3;
+/// The first open period, doubled after each failed probe.
+const FIRST_OPEN: Duration = Duration::from_millis(500);
+const MAX_OPEN: Duration = Duration::from_secs(30);
+
+/// The breaker's state, as the `weir_source_circuit_state` metric shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    Closed = 0,
+    Open = 1,
+    HalfOpen = 2,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+        period: Duration,
+    },
+    /// One probe is out; `period` is the open period that preceded it.
+    Probing {
+        period: Duration,
+    },
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    phase: Mutex<Phase>,
+    /// The last connection error, for the fail-fast answer.
+    cause: Mutex<String>,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Self {
+            phase: Mutex::new(Phase::Closed { failures: 0 }),
+            cause: Mutex::new(String::new()),
+        }
+    }
+}
+
+/// `period` with ±20 % jitter, so replicas do not probe in step.
+fn jittered(period: Duration) -> Duration {
+    period.mul_f64(rand::rng().random_range(0.8..1.2))
+}
+
+impl Breaker {
+    /// Whether a call may try to connect: `Err` (fail fast) while open, or
+    /// while another call is probing.
+    pub fn admit(&self) -> Result<(), BackendError> {
+        let mut phase = self.phase.lock();
+        let refuse = |retry_after: Duration| BackendError::CircuitOpen {
+            cause: self.cause.lock().clone(),
+            retry_after,
+        };
+        match *phase {
+            Phase::Closed { .. } => Ok(()),
+            Phase::Open { until, period } => {
+                let now = Instant::now();
+                if now < until {
+                    return Err(refuse(until - now));
+                }
+                *phase = Phase::Probing { period };
+                Ok(())
+            }
+            Phase::Probing { .. } => Err(refuse(Duration::from_millis(100))),
+        }
+    }
+
+    /// A connection was made (or the source answered).
+    pub fn success(&self) {
+        *self.phase.lock() = Phase::Closed { failures: 0 };
+    }
+
+    /// A connection attempt failed because the source could not be reached.
+    pub fn failure(&self, cause: &str) {
+        *self.cause.lock() = cause.to_string();
+        let mut phase = self.phase.lock();
+        let open = |period: Duration| Phase::Open {
+            until: Instant::now() + jittered(period),
+            period,
+        };
+        *phase = match *phase {
+            Phase::Closed { failures } if failures + 1 < FAILURES => Phase::Closed { failures: failures + 1 },
+            Phase::Closed { .. } => {
+                tracing::warn!(
+                    error = cause,
+                    "source unreachable {FAILURES} times in a row: failing fast until it answers a probe"
+                );
+                open(FIRST_OPEN)
+            }
+            Phase::Probing { period } => open((period * 2).min(MAX_OPEN)),
+            // A call admitted before the breaker opened failed too: the period stands.
+            Phase::Open { until, period } => Phase::Open { until, period },
+        };
+    }
+
+    /// Counts the outcome of one connection attempt.
+    pub fn record<T>(&self, result: &Result<T, BackendError>) {
+        match result {
+            Ok(_) => self.success(),
+            Err(BackendError::Unavailable(cause)) => self.failure(cause),
+            // A busy pool or an engine error says the source is up.
+            Err(BackendError::PoolExhausted { .. } | BackendError::CircuitOpen { .. }) => {}
+            Err(_) => self.success(),
+        }
+    }
+
+    pub fn state(&self) -> CircuitState {
+        match *self.phase.lock() {
+            Phase::Closed { .. } => CircuitState::Closed,
+            Phase::Open { .. } => CircuitState::Open,
+            Phase::Probing { .. } => CircuitState::HalfOpen,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn down(b: &Breaker) {
+        b.record::<()>(&Err(BackendError::Unavailable("connection refused".into())));
+    }
+
+    #[test]
+    fn opens_after_repeated_failures_and_probes_half_open() {
+        let b = Breaker::default();
+        down(&b);
+        down(&b);
+        assert!(b.admit().is_ok(), "two failures are not yet an outage");
+        down(&b);
+        assert_eq!(b.state(), CircuitState::Open);
+        match b.admit() {
+            Err(BackendError::CircuitOpen { retry_after, cause }) => {
+                assert!(retry_after <= FIRST_OPEN.mul_f64(1.2));
+                assert_eq!(cause, "connection refused");
+            }
+            other => panic!("expected fail-fast, got {other:?}"),
+        }
+        std::thread::sleep(FIRST_OPEN.mul_f64(1.25));
+        assert!(b.admit().is_ok(), "one probe after the open period");
+        assert_eq!(b.state(), CircuitState::HalfOpen);
+        assert!(b.admit().is_err(), "only one probe at a time");
+        // The probe fails: open again, for longer.
+        down(&b);
+        match b.admit() {
+            Err(BackendError::CircuitOpen { retry_after, .. }) => assert!(retry_after > FIRST_OPEN.mul_f64(1.2)),
+            other => panic!("expected fail-fast, got {other:?}"),
+        }
+        // A success closes it at once.
+        b.success();
+        assert_eq!(b.state(), CircuitState::Closed);
+        assert!(b.admit().is_ok());
+    }
+
+    #[test]
+    fn busy_pools_and_engine_errors_do_not_count() {
+        let b = Breaker::default();
+        for _ in 0..10 {
+            b.record::<()>(&Err(BackendError::PoolExhausted {
+                max_size: 1,
+                waited: Duration::ZERO,
+            }));
+        }
+        assert_eq!(b.state(), CircuitState::Closed);
+        down(&b);
+        down(&b);
+        b.record::<()>(&Err(BackendError::Invalid("bad".into())));
+        down(&b);
+        assert_eq!(b.state(), CircuitState::Closed, "the source answered in between");
+    }
+}

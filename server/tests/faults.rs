@@ -1,0 +1,364 @@
+//! Faults, with real servers: PostgreSQL and MariaDB stopped and started
+//! under the gateway (the second, "plain" servers that `./scripts/test`
+//! starts, so no other test loses its database), a source that is down at
+//! start-up, thousands of cancelled calls, and a client that stops reading.
+//! The gateway is never restarted: it must recover by itself.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{http_get, plain_mysql, plain_postgres, reason, sqlite_demo, tenant, TestServer};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::WeirClient;
+
+/// One fault at a time: the tests stop shared servers.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn services(command: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
+    let status = Command::new("bash")
+        .arg("-c")
+        .arg(format!(". {script}; {command}"))
+        .status()
+        .expect("run scripts/services.sh");
+    assert!(status.success(), "{command} failed");
+}
+
+fn stop(engine: &str) {
+    services(&format!("stop_plain_server {engine}"));
+}
+
+fn start_again() {
+    services("ensure_plain_servers");
+}
+
+/// Starts the stopped servers again even when a test fails half-way.
+struct Restart;
+
+impl Drop for Restart {
+    fn drop(&mut self) {
+        start_again();
+    }
+}
+
+const FAST: &str = "[server]\nhealth_check_interval = \"200ms\"\n";
+const POOL: &str = "required = true\n[POOL]\nmax_size = 4\nacquire_timeout = \"2s\"\nconnect_timeout = \"1s\"\n";
+
+fn pool(tenant: &str, source: &str) -> String {
+    POOL.replace("POOL", &format!("tenants.{tenant}.sources.{source}.pool"))
+}
+
+/// Retries `sql` until it succeeds, for up to 20 s; returns how long it took.
+async fn until_it_serves(client: &WeirClient, source: &str, sql: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        match client.execute(source, sql, vec![]).await {
+            Ok(_) => return started.elapsed(),
+            Err(e) if started.elapsed() < Duration::from_secs(20) => {
+                assert!(
+                    matches!(e.code(), Code::Unavailable | Code::ResourceExhausted),
+                    "while the database comes back: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the source did not come back: {e:?}"),
+        }
+    }
+}
+
+async fn ready(server: &TestServer) -> u16 {
+    http_get(&server.metrics_url, "/readyz").await.0
+}
+
+/// Waits for `/readyz` to answer `status`.
+async fn readiness_becomes(server: &TestServer, status: u16) {
+    for _ in 0..100 {
+        if ready(server).await == status {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("/readyz did not become {status}");
+}
+
+fn rows(range: std::ops::Range<i64>) -> Vec<pb::Row> {
+    range
+        .map(|i| pb::Row {
+            values: vec![pb::Value {
+                kind: Some(pb::value::Kind::Int64Value(i)),
+            }],
+        })
+        .collect()
+}
+
+/// A database that stops under the gateway: the stream, the transaction and
+/// the load in progress fail with a clear code, nothing partial is
+/// committed, other sources go on serving, calls fail fast while it is
+/// down, and the gateway serves again by itself once it is back.
+async fn database_restart(engine: &str, section: String) {
+    let _serial = SERIAL.lock().await;
+    let config = format!(
+        "{FAST}{}",
+        tenant("f", "", &(section + &pool("f", "db") + &sqlite_demo("f", "demo")))
+    );
+    let server = TestServer::start(&config).await;
+    let client = server.client("key-f").await;
+    let table = format!("fault_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    client
+        .execute("db", &format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY)"), vec![])
+        .await
+        .expect("create");
+    client
+        .execute("db", &format!("INSERT INTO {table} VALUES (1), (2), (3)"), vec![])
+        .await
+        .expect("insert");
+    readiness_becomes(&server, 200).await;
+
+    let tx = client
+        .begin("db", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "db", &format!("INSERT INTO {table} VALUES (4)"), vec![])
+        .await
+        .expect("insert in the transaction");
+    let big = if engine == "pg" {
+        "SELECT g FROM generate_series(1, 5000000) g".to_string()
+    } else {
+        // Rows for a while: a cross join of the catalogue (MariaDB caps recursive CTEs at 1000 rounds).
+        "SELECT a.COLUMN_NAME, b.COLUMN_NAME FROM information_schema.COLUMNS a, information_schema.COLUMNS b"
+            .to_string()
+    };
+    let mut stream = client.execute_stream("db", &big, vec![]).await.expect("stream");
+    stream.next_batch().await.expect("first batch");
+    let (load_tx, load_rx) = tokio::sync::mpsc::channel(1);
+    let loader = {
+        let client = client.clone();
+        let header = pb::LoadHeader {
+            source: "db".into(),
+            table: table.clone(),
+            columns: vec!["id".into()],
+            ..Default::default()
+        };
+        tokio::spawn(async move { client.load(header, ReceiverStream::new(load_rx)).await })
+    };
+    load_tx.send(rows(100..200)).await.expect("first rows");
+
+    let _restart = Restart;
+    stop(engine);
+
+    // The stream in progress ends with UNAVAILABLE.
+    let ended = loop {
+        match stream.next_batch().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("a stream cut by the database must not end as complete"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    // The transaction is lost: ABORTED, with a retry delay.
+    let lost = client.commit(&tx).await.expect_err("the transaction's session is gone");
+    assert_eq!(lost.code(), Code::Aborted, "{lost:?}");
+    assert_eq!(reason(&lost), "TRANSACTION_LOST");
+    // The load fails.
+    let _ = load_tx.send(rows(200..300)).await;
+    drop(load_tx);
+    let load = loader.await.expect("load task");
+    assert!(load.is_err(), "a load whose database stopped cannot commit: {load:?}");
+    // Other sources go on serving; the required source makes the replica unready.
+    client
+        .execute("demo", "SELECT 1", vec![])
+        .await
+        .expect("another source serves");
+    readiness_becomes(&server, 503).await;
+    // Once the source is known to be down, calls fail fast with a retry delay.
+    let mut fast = None;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let e = client.execute("db", "SELECT 1", vec![]).await.expect_err("down");
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        if reason(&e) == "SOURCE_CIRCUIT_OPEN" {
+            use tonic_types::StatusExt;
+            assert!(e.get_error_details().retry_info().is_some(), "{e:?}");
+            fast = Some(started.elapsed());
+            break;
+        }
+    }
+    let fast = fast.expect("the circuit opens after repeated failures");
+    assert!(fast < Duration::from_millis(200), "failing fast took {fast:?}");
+    let (_, metrics) = http_get(&server.metrics_url, "/metrics").await;
+    assert!(
+        metrics.contains("weir_source_circuit_state{tenant=\"f\",source=\"db\"} 1")
+            || metrics.contains("weir_source_circuit_state{tenant=\"f\",source=\"db\"} 2"),
+        "the breaker's state is a metric"
+    );
+
+    start_again();
+    let back = until_it_serves(&client, "db", "SELECT 1").await;
+    eprintln!("{engine}: serving again {back:?} after the database was back");
+    readiness_becomes(&server, 200).await;
+    // Nothing of the transaction or the load was committed.
+    let count = client
+        .execute("db", &format!("SELECT COUNT(*) FROM {table}"), vec![])
+        .await
+        .expect("count");
+    assert_eq!(common::int(&count.rows[0].values[0]), 3);
+    client
+        .execute("db", &format!("DROP TABLE {table}"), vec![])
+        .await
+        .expect("drop");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn postgres_restart_mid_stream_transaction_and_load() {
+    database_restart("pg", plain_postgres("f", "db", "")).await;
+}
+
+#[tokio::test]
+async fn mariadb_restart_mid_stream_transaction_and_load() {
+    database_restart("mysql", plain_mysql("f", "db", "")).await;
+}
+
+#[tokio::test]
+async fn a_source_down_at_start_does_not_stop_the_gateway_and_recovers() {
+    let _serial = SERIAL.lock().await;
+    let _restart = Restart;
+    stop("pg");
+    let section = plain_postgres("s", "db", "") + &pool("s", "db") + &sqlite_demo("s", "demo");
+    let server = TestServer::start(&format!("{FAST}{}", tenant("s", "", &section))).await;
+    let client = server.client("key-s").await;
+    client
+        .execute("demo", "SELECT 1", vec![])
+        .await
+        .expect("the other source serves");
+    let e = client.execute("db", "SELECT 1", vec![]).await.expect_err("down");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    readiness_becomes(&server, 503).await;
+    let sources = client.list_sources().await.expect("list");
+    let db = sources.iter().find(|s| s.name == "db").expect("db listed");
+    assert!(!db.healthy);
+    start_again();
+    until_it_serves(&client, "db", "SELECT 1").await;
+    readiness_becomes(&server, 200).await;
+    server.stop().await;
+}
+
+/// Cancelled calls, expired deadlines and abandoned streams return their
+/// connections: after two thousand of them the pool is idle, no statement is
+/// left running, and the source still serves.
+#[tokio::test]
+async fn thousands_of_cancelled_calls_leak_no_connection() {
+    let section =
+        common::postgres("l", "db", "") + "[tenants.l.sources.db.pool]\nmax_size = 16\nacquire_timeout = \"5s\"\n";
+    let limits =
+        "requests_per_second = 100000\nburst = 100000\nmax_concurrent_requests = 512\nmax_concurrent_streams = 512";
+    let server = TestServer::start(&format!("{FAST}{}", tenant("l", limits, &section))).await;
+    let client = server.client("key-l").await;
+    let marker = format!("leak_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let sql = format!("SELECT pg_sleep(0.2), '{marker}'");
+    let stream_sql = format!("SELECT g, '{marker}' FROM generate_series(1, 100000) g");
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..2000u32 {
+        let client = client.clone();
+        let (sql, stream_sql) = (sql.clone(), stream_sql.clone());
+        tasks.spawn(async move {
+            match i % 3 {
+                // The client gives up: the call is cancelled mid-statement.
+                0 => {
+                    let _ = tokio::time::timeout(Duration::from_millis(20), client.execute("db", &sql, vec![])).await;
+                }
+                // A gRPC deadline the server enforces.
+                1 => {
+                    let mut request = tonic::Request::new(pb::ExecuteRequest {
+                        source: "db".into(),
+                        sql,
+                        ..Default::default()
+                    });
+                    request.set_timeout(Duration::from_millis(30));
+                    let _ = client.query().execute(request).await;
+                }
+                // A stream dropped after its first batch.
+                _ => {
+                    if let Ok(mut s) = client.execute_stream("db", &stream_sql, vec![]).await {
+                        let _ = s.next_batch().await;
+                    }
+                }
+            }
+        });
+        while tasks.len() >= 100 {
+            tasks.join_next().await;
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    eprintln!("2000 abandoned calls in {:?}", started.elapsed());
+    let pg = common::pg_direct().await;
+    assert!(
+        common::wait_until_gone(&pg, &marker, Duration::from_secs(10)).await,
+        "every abandoned statement was cancelled in the database"
+    );
+    // The pool has all its connections back: sixteen calls can hold one each at once.
+    let holders: Vec<_> = (0..16)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.execute("db", "SELECT pg_sleep(0.3)", vec![]).await })
+        })
+        .collect();
+    for h in holders {
+        h.await.expect("task").expect("a free connection for each");
+    }
+    let open: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weir' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0);
+    assert!(open <= 16, "no more connections than the pool's size: {open}");
+    server.stop().await;
+}
+
+/// A client that stops reading a large stream: the server stops the stream
+/// after `stream_idle_timeout`, cancels the statement, and says why.
+#[tokio::test]
+async fn a_stalled_stream_is_ended_and_its_statement_cancelled() {
+    let section = common::postgres("z", "db", "");
+    let config = format!(
+        "[server]\nstream_idle_timeout = \"500ms\"\n{}",
+        tenant("z", "statement_timeout = \"60s\"", &section)
+    );
+    let server = TestServer::start(&config).await;
+    let client = server.client("key-z").await;
+    let marker = format!("stall_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut stream = client
+        .execute_stream(
+            "db",
+            &format!("SELECT g, repeat('x', 200) AS pad, '{marker}' FROM generate_series(1, 20000000) g"),
+            vec![],
+        )
+        .await
+        .expect("stream");
+    stream.next_batch().await.expect("first batch");
+    // Stop reading. The server's buffers and the HTTP/2 window fill, then it waits 500 ms.
+    let pg = common::pg_direct().await;
+    assert!(
+        common::wait_until_gone(&pg, &marker, Duration::from_secs(10)).await,
+        "the stalled stream's statement was cancelled"
+    );
+    let ended = loop {
+        match stream.next_batch().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("a stalled stream must not end as complete"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    assert_eq!(reason(&ended), "STREAM_STALLED");
+    server.stop().await;
+}

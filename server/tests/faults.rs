@@ -85,6 +85,17 @@ async fn readiness_becomes(server: &TestServer, status: u16) {
     panic!("/readyz did not become {status}");
 }
 
+/// Reads a stream to its end, which must be an error, not a complete result.
+async fn stream_error(stream: &mut weir_client::ResultStream) -> tonic::Status {
+    loop {
+        match stream.next_batch().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("a stream cut short must not end as complete"),
+            Err(e) => return e,
+        }
+    }
+}
+
 fn rows(range: std::ops::Range<i64>) -> Vec<pb::Row> {
     range
         .map(|i| pb::Row {
@@ -152,13 +163,7 @@ async fn database_restart(engine: &str, section: String) {
     stop(engine);
 
     // The stream in progress ends with UNAVAILABLE.
-    let ended = loop {
-        match stream.next_batch().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("a stream cut by the database must not end as complete"),
-            Err(e) => break e,
-        }
-    };
+    let ended = stream_error(&mut stream).await;
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
     // The transaction is lost: ABORTED, with a retry delay.
     let lost = client.commit(&tx).await.expect_err("the transaction's session is gone");
@@ -351,13 +356,7 @@ async fn a_stalled_stream_is_ended_and_its_statement_cancelled() {
         common::wait_until_gone(&pg, &marker, Duration::from_secs(10)).await,
         "the stalled stream's statement was cancelled"
     );
-    let ended = loop {
-        match stream.next_batch().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("a stalled stream must not end as complete"),
-            Err(e) => break e,
-        }
-    };
+    let ended = stream_error(&mut stream).await;
     assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
     assert_eq!(reason(&ended), "STREAM_STALLED");
     server.stop().await;

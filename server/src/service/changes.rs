@@ -296,14 +296,9 @@ impl Pump<'_> {
                         throttled += self.caller.tenant.limiter.charge_records(1, bytes).await;
                         METRICS.record_result(&self.caller.tenant.id, self.source, 1, bytes);
                     }
-                    match tx.send(response).await {
-                        Ok(true) => {}
-                        Ok(false) => return,
-                        // Unacknowledged changes are sent again on resume.
-                        Err(e) => {
-                            tx.fail(e);
-                            return;
-                        }
+                    // What was not acknowledged is sent again on resume.
+                    if !tx.deliver(response).await {
+                        return;
                     }
                 }
                 message = inbound.message(), if listening => match message {

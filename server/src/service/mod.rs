@@ -145,6 +145,18 @@ impl<T> StreamOut<T> {
         }
     }
 
+    /// Sends `item`; `false` when the stream is over (the client went away,
+    /// or stopped reading, which then ends the stream with STREAM_STALLED).
+    pub async fn deliver(&self, item: T) -> bool {
+        match self.send(item).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                self.fail(e);
+                false
+            }
+        }
+    }
+
     /// Ends the stream with `error`, after the messages already buffered.
     pub fn fail(&self, error: impl Into<Status>) {
         *self.last.lock() = Some(error.into());

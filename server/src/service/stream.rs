@@ -187,14 +187,9 @@ async fn deliver(
             records: batch.into_iter().map(in_record).collect(),
             throttled: Some(convert::duration(throttled)),
         };
-        match tx.send(response).await {
-            Ok(true) => {}
-            Ok(false) => return,
-            // Not committed: a consumer that resumes gets these records again.
-            Err(e) => {
-                tx.fail(e);
-                return;
-            }
+        // Not delivered, not committed: a consumer that resumes gets these records again.
+        if !tx.deliver(response).await {
+            return;
         }
         if let Some(delivered) = delivered {
             if let Err(e) = records.commit(&delivered) {

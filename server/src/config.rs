@@ -819,6 +819,27 @@ impl SourceConfig {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any text is a configuration or an error naming why; never a panic.
+        #[test]
+        fn any_text_loads_or_errs(text in ".{0,200}") {
+            let _ = Config::from_toml(&text);
+        }
+
+        /// Limits of any size are accepted or refused by name; zero is always refused.
+        #[test]
+        fn any_limit_value_is_checked(key in proptest::sample::select(vec![
+            "requests_per_second", "burst", "max_concurrent_requests", "max_concurrent_streams",
+            "max_open_transactions", "weight", "max_rows_per_load", "stream_records_per_second",
+        ]), value in proptest::num::i64::ANY) {
+            let result = Config::from_toml(&format!("[tenants.a.limits]\n{key} = {value}\n"));
+            if value <= 0 {
+                let err = result.err().map(|e| e.to_string()).unwrap_or_default();
+                proptest::prop_assert!(err.contains(key), "{}", err);
+            }
+        }
+    }
+
     #[test]
     fn demo_config_is_valid() {
         let c = Config::from_toml(DEMO_CONFIG).expect("demo config");

@@ -209,79 +209,7 @@ impl From<Error> for Status {
                 Code::DeadlineExceeded,
                 info("LOAD_TIMEOUT", vec![("limit_ms", limit.as_millis().to_string())]),
             ),
-            Error::Backend(b) => match b {
-                BackendError::Engine { kind, code, .. } => {
-                    let (grpc, reason) = engine_code(*kind);
-                    let mut meta = vec![];
-                    if !code.is_empty() {
-                        meta.push(("engine_code", code.clone()));
-                    }
-                    let mut d = info(reason, meta);
-                    if matches!(kind, EngineErrorKind::Aborted | EngineErrorKind::Unavailable) {
-                        d.set_retry_info(Some(Duration::from_millis(100)));
-                    }
-                    (grpc, d)
-                }
-                BackendError::Unavailable(_) => {
-                    let mut d = info("SOURCE_UNAVAILABLE", vec![]);
-                    d.set_retry_info(Some(Duration::from_secs(1)));
-                    (Code::Unavailable, d)
-                }
-                BackendError::CircuitOpen { retry_after, .. } => {
-                    let mut d = info("SOURCE_CIRCUIT_OPEN", vec![]);
-                    d.set_retry_info(Some(*retry_after));
-                    (Code::Unavailable, d)
-                }
-                BackendError::PoolExhausted { max_size, waited } => {
-                    let mut d = info(
-                        "POOL_EXHAUSTED",
-                        vec![
-                            ("pool_size", max_size.to_string()),
-                            ("waited_ms", waited.as_millis().to_string()),
-                        ],
-                    );
-                    d.set_retry_info(Some(Duration::from_millis(200)));
-                    (Code::ResourceExhausted, d)
-                }
-                BackendError::UnsupportedType { .. } => (Code::InvalidArgument, info("UNSUPPORTED_TYPE", vec![])),
-                BackendError::Parameter { .. } => (Code::InvalidArgument, info("INVALID_PARAMETER", vec![])),
-                BackendError::Busy => (Code::FailedPrecondition, info("TRANSACTION_BUSY", vec![])),
-                BackendError::Invalid(_) => (Code::InvalidArgument, info("INVALID_REQUEST", vec![])),
-                BackendError::Row {
-                    index,
-                    column,
-                    code,
-                    message,
-                } => {
-                    let field = match column {
-                        Some(c) => format!("rows[{index}].{c}"),
-                        None => format!("rows[{index}]"),
-                    };
-                    let mut d = ErrorDetails::with_bad_request_violation(field, message.clone());
-                    let mut meta = vec![("row_index", index.to_string())];
-                    if let Some(c) = column {
-                        meta.push(("column", c.clone()));
-                    }
-                    if !code.is_empty() {
-                        meta.push(("engine_code", code.clone()));
-                    }
-                    let meta: std::collections::HashMap<String, String> =
-                        meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-                    d.set_error_info("BAD_ROW", ERROR_DOMAIN, meta);
-                    (Code::InvalidArgument, d)
-                }
-                BackendError::LoadAbandoned => (Code::Aborted, info("LOAD_ABANDONED", vec![])),
-                BackendError::WrongKind(_) => (Code::FailedPrecondition, info("WRONG_SOURCE_KIND", vec![])),
-                BackendError::LoadIdReused(_) => (Code::FailedPrecondition, info("LOAD_ID_REUSED", vec![])),
-                BackendError::ChangesNotReady(_) => {
-                    (Code::FailedPrecondition, info("CHANGE_STREAMS_NOT_READY", vec![]))
-                }
-                BackendError::SubscriptionActive(_) => (Code::AlreadyExists, info("SUBSCRIPTION_ACTIVE", vec![])),
-                BackendError::SubscriptionTakenOver(_) => (Code::Aborted, info("SUBSCRIPTION_TAKEN_OVER", vec![])),
-                BackendError::SubscriptionNotFound(_) => (Code::NotFound, info("SUBSCRIPTION_NOT_FOUND", vec![])),
-                BackendError::PositionNotRetained(_) => (Code::OutOfRange, info("POSITION_NOT_RETAINED", vec![])),
-                BackendError::Internal(_) => (Code::Internal, info("INTERNAL", vec![])),
-            },
+            Error::Backend(b) => backend_parts(b),
         };
         let message = match &e {
             Error::Backend(BackendError::Engine { code, .. } | BackendError::Row { code, .. }) if !code.is_empty() => {
@@ -290,6 +218,99 @@ impl From<Error> for Status {
             _ => message,
         };
         Status::with_error_details(code, message, details)
+    }
+}
+
+/// The code and details of a backend error.
+fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
+    match b {
+        BackendError::Engine { kind, code, .. } => {
+            let (grpc, reason) = engine_code(*kind);
+            let mut meta = vec![];
+            if !code.is_empty() {
+                meta.push(("engine_code", code.clone()));
+            }
+            let mut d = info(reason, meta);
+            if matches!(kind, EngineErrorKind::Aborted | EngineErrorKind::Unavailable) {
+                d.set_retry_info(Some(Duration::from_millis(100)));
+            }
+            (grpc, d)
+        }
+        BackendError::Unavailable(_) => {
+            let mut d = info("SOURCE_UNAVAILABLE", vec![]);
+            d.set_retry_info(Some(Duration::from_secs(1)));
+            (Code::Unavailable, d)
+        }
+        BackendError::CircuitOpen { retry_after, .. } => {
+            let mut d = info("SOURCE_CIRCUIT_OPEN", vec![]);
+            d.set_retry_info(Some(*retry_after));
+            (Code::Unavailable, d)
+        }
+        BackendError::PoolExhausted { max_size, waited } => {
+            let mut d = info(
+                "POOL_EXHAUSTED",
+                vec![
+                    ("pool_size", max_size.to_string()),
+                    ("waited_ms", waited.as_millis().to_string()),
+                ],
+            );
+            d.set_retry_info(Some(Duration::from_millis(200)));
+            (Code::ResourceExhausted, d)
+        }
+        BackendError::UnsupportedType { .. } => (Code::InvalidArgument, info("UNSUPPORTED_TYPE", vec![])),
+        BackendError::Parameter { .. } => (Code::InvalidArgument, info("INVALID_PARAMETER", vec![])),
+        BackendError::Busy => (Code::FailedPrecondition, info("TRANSACTION_BUSY", vec![])),
+        BackendError::Invalid(_) => (Code::InvalidArgument, info("INVALID_REQUEST", vec![])),
+        BackendError::Row {
+            index,
+            column,
+            code,
+            message,
+        } => {
+            let field = match column {
+                Some(c) => format!("rows[{index}].{c}"),
+                None => format!("rows[{index}]"),
+            };
+            let mut d = ErrorDetails::with_bad_request_violation(field, message.clone());
+            let mut meta = vec![("row_index", index.to_string())];
+            if let Some(c) = column {
+                meta.push(("column", c.clone()));
+            }
+            if !code.is_empty() {
+                meta.push(("engine_code", code.clone()));
+            }
+            let meta: std::collections::HashMap<String, String> =
+                meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            d.set_error_info("BAD_ROW", ERROR_DOMAIN, meta);
+            (Code::InvalidArgument, d)
+        }
+        BackendError::LoadAbandoned => (Code::Aborted, info("LOAD_ABANDONED", vec![])),
+        BackendError::WrongKind(_) => (Code::FailedPrecondition, info("WRONG_SOURCE_KIND", vec![])),
+        BackendError::LoadIdReused(_) => (Code::FailedPrecondition, info("LOAD_ID_REUSED", vec![])),
+        BackendError::ChangesNotReady(_) => (Code::FailedPrecondition, info("CHANGE_STREAMS_NOT_READY", vec![])),
+        BackendError::SubscriptionActive(_) => (Code::AlreadyExists, info("SUBSCRIPTION_ACTIVE", vec![])),
+        BackendError::SubscriptionTakenOver(_) => (Code::Aborted, info("SUBSCRIPTION_TAKEN_OVER", vec![])),
+        BackendError::SubscriptionNotFound(_) => (Code::NotFound, info("SUBSCRIPTION_NOT_FOUND", vec![])),
+        BackendError::PositionNotRetained(_) => (Code::OutOfRange, info("POSITION_NOT_RETAINED", vec![])),
+        BackendError::Internal(_) => (Code::Internal, info("INTERNAL", vec![])),
+
+        BackendError::ProducePartial {
+            cause,
+            acknowledged,
+            failed,
+        } => {
+            // The cause's code and reason, and which records to send again.
+            let (code, mut d) = backend_parts(cause);
+            let list = |v: &[usize]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+            let (reason, mut meta) = d
+                .error_info()
+                .map(|i| (i.reason.clone(), i.metadata.clone()))
+                .unwrap_or_default();
+            meta.insert("failed_records".into(), list(failed));
+            meta.insert("acknowledged_records".into(), list(acknowledged));
+            d.set_error_info(reason, ERROR_DOMAIN, meta);
+            (code, d)
+        }
     }
 }
 

@@ -106,6 +106,14 @@ pub fn generate_key() -> String {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Anything in password_sealed opens or is refused; never a panic.
+        #[test]
+        fn any_sealed_text_opens_or_errs(text in "(weir-sealed:v[0-9]{1,3}:)?[A-Za-z0-9+/=]{0,120}") {
+            let _ = open_with(&[(1, [7u8; 32])], &text);
+        }
+    }
+
     fn keys(text: &str) -> Vec<(u32, [u8; 32])> {
         parse_keys(text).expect("keys")
     }

@@ -361,3 +361,114 @@ async fn a_stalled_stream_is_ended_and_its_statement_cancelled() {
     assert_eq!(reason(&ended), "STREAM_STALLED");
     server.stop().await;
 }
+
+/// The gateway's Kafka source on librdkafka's mock cluster, whose broker
+/// can be taken down and brought back.
+mod kafka_broker {
+    use rdkafka::mocking::MockCluster;
+
+    use super::*;
+
+    async fn produce(client: &WeirClient, values: &[&str]) -> Result<pb::ProduceResponse, tonic::Status> {
+        let request = pb::ProduceRequest {
+            source: "events".into(),
+            topic: "loss.events".into(),
+            records: values
+                .iter()
+                .map(|v| pb::ProducerRecord {
+                    value: v.as_bytes().to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+            options: None,
+        };
+        Ok(client.stream().produce(request).await?.into_inner())
+    }
+
+    /// Reads `n` records of group `g` from its committed offsets (committing them).
+    async fn consume(client: &WeirClient, n: u64) -> Vec<String> {
+        let request = pb::ConsumeRequest {
+            source: "events".into(),
+            topics: vec!["loss.events".into()],
+            group: "g".into(),
+            start: Some(pb::StartPosition {
+                position: Some(pb::start_position::Position::Earliest(true)),
+            }),
+            max_records: n,
+            ..Default::default()
+        };
+        let mut stream = client.stream().consume(request).await.expect("consume").into_inner();
+        let mut values = Vec::new();
+        while let Some(batch) = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("records within 30 s")
+            .expect("consume stream")
+        {
+            values.extend(
+                batch
+                    .records
+                    .into_iter()
+                    .map(|r| String::from_utf8_lossy(&r.value).into_owned()),
+            );
+        }
+        values
+    }
+
+    #[tokio::test]
+    async fn broker_loss_fails_only_unacknowledged_records_and_consumers_resume() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("loss.events", 1, 1).expect("topic");
+        let source = format!(
+            "[tenants.k.sources.events]\nengine = \"kafka\"\nbootstrap_servers = \"{}\"\ntopic_prefix = \"loss.\"\n\
+             [tenants.k.sources.events.kafka_options]\n\"message.timeout.ms\" = \"2000\"\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+            cluster.bootstrap_servers()
+        );
+        let server = TestServer::start(&tenant("k", "", &source)).await;
+        let client = server.client("key-k").await;
+        let acked = produce(&client, &["a1", "a2", "a3"]).await.expect("acknowledged");
+        assert_eq!(acked.acks.len(), 3);
+        assert_eq!(consume(&client, 3).await, vec!["a1", "a2", "a3"]);
+
+        cluster.broker_down(1).expect("broker down");
+        let e = produce(&client, &["b1", "b2"]).await.expect_err("no broker");
+        assert!(matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded), "{e:?}");
+        {
+            use tonic_types::StatusExt;
+            let info = e.get_error_details().error_info().cloned().expect("error info");
+            assert_eq!(
+                info.metadata.get("failed_records").map(String::as_str),
+                Some("0,1"),
+                "{e:?}"
+            );
+            assert_eq!(
+                info.metadata.get("acknowledged_records").map(String::as_str),
+                Some(""),
+                "{e:?}"
+            );
+        }
+
+        cluster.broker_up(1).expect("broker up");
+        let started = Instant::now();
+        loop {
+            match produce(&client, &["c1", "c2"]).await {
+                Ok(r) => {
+                    assert_eq!(r.acks.len(), 2);
+                    break;
+                }
+                Err(e) if started.elapsed() < Duration::from_secs(20) => {
+                    assert!(matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded), "{e:?}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("the broker came back but produce still fails: {e:?}"),
+            }
+        }
+        // The group resumes after what it committed, and the records reported
+        // as failed were not written behind the caller's back.
+        let after = consume(&client, 2).await;
+        assert!(
+            after.iter().all(|v| v.starts_with('c')),
+            "resumed from the committed offset, without the failed records: {after:?}"
+        );
+        server.stop().await;
+    }
+}

@@ -347,6 +347,33 @@ mod tests {
     use super::*;
     use crate::backend::{ColumnType, Value};
 
+    proptest::proptest! {
+        /// Whatever the name (quotes, semicolons, comments, Unicode), its
+        /// quoted form is one identifier: it ends only at its last character,
+        /// and undoing the doubling gives the name back.
+        #[test]
+        fn any_name_quotes_to_one_identifier(name in ".*", pick in 0usize..3) {
+            let (open, close) = [('"', '"'), ('`', '`'), ('[', ']')][pick];
+            let quoted = quote_ident(&name, open, close);
+            let inner: Vec<char> = quoted.chars().skip(1).collect();
+            proptest::prop_assert_eq!(quoted.chars().next(), Some(open));
+            let mut back = String::new();
+            let mut i = 0;
+            while i + 1 < inner.len() {
+                if inner[i] == close {
+                    // Inside, a closing quote only ever comes doubled.
+                    proptest::prop_assert_eq!(inner[i + 1], close);
+                    i += 1;
+                }
+                back.push(inner[i]);
+                i += 1;
+            }
+            proptest::prop_assert_eq!(i + 1, inner.len());
+            proptest::prop_assert_eq!(inner[i], close);
+            proptest::prop_assert_eq!(back, name);
+        }
+    }
+
     #[test]
     fn identifiers_are_quoted_with_the_closing_quote_doubled() {
         assert_eq!(quote_ident("a\"b", '"', '"'), "\"a\"\"b\"");

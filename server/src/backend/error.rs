@@ -41,6 +41,14 @@ pub enum BackendError {
     /// The source failed to connect repeatedly; calls fail fast until a probe succeeds.
     #[error("source unreachable ({cause}); failing fast until the next connection attempt in {retry_after:?}")]
     CircuitOpen { cause: String, retry_after: Duration },
+    /// Records of a produce call that the broker did not acknowledge; the
+    /// others were. `failed` and `acknowledged` are indexes in the call.
+    #[error("{} of {} records were not acknowledged ({cause}); send those again", failed.len(), failed.len() + acknowledged.len())]
+    ProducePartial {
+        cause: Box<BackendError>,
+        acknowledged: Vec<usize>,
+        failed: Vec<usize>,
+    },
     /// Every pooled connection stayed busy for the whole acquire timeout.
     #[error("all {max_size} connections of the source are busy")]
     PoolExhausted { max_size: u32, waited: Duration },

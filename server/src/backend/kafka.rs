@@ -312,16 +312,31 @@ impl TopicSource for KafkaSource {
         });
         // Every record is in flight at once; the answer waits for all of them.
         let results = futures::future::join_all(sends).await;
-        results
-            .into_iter()
-            .map(|r| {
-                r.map(|d| Ack {
-                    partition: d.partition,
-                    offset: d.offset,
-                })
-                .map_err(|(e, _)| map_error(e))
-            })
-            .collect()
+        let (mut acks, mut acknowledged, mut failed, mut cause) = (Vec::new(), Vec::new(), Vec::new(), None);
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(d) => {
+                    acknowledged.push(i);
+                    acks.push(Ack {
+                        partition: d.partition,
+                        offset: d.offset,
+                    });
+                }
+                Err((e, _)) => {
+                    failed.push(i);
+                    cause.get_or_insert_with(|| map_error(e));
+                }
+            }
+        }
+        match cause {
+            None => Ok(acks),
+            // Only the records the broker did not acknowledge are reported as failed.
+            Some(cause) => Err(BackendError::ProducePartial {
+                cause: Box::new(cause),
+                acknowledged,
+                failed,
+            }),
+        }
     }
 
     async fn consume(&self, spec: ConsumeSpec) -> Result<Box<dyn RecordStream>, BackendError> {

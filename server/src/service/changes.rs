@@ -343,6 +343,36 @@ pub async fn delete(request: Request<pb::DeleteSubscriptionRequest>) -> Result<(
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Positions come back exactly for their own tenant and subscription, and never for another's.
+        #[test]
+        fn positions_round_trip_and_stay_bound(
+            tenant in "[a-z]{1,10}", other in "[a-z]{1,10}", sub in "[a-z]{1,10}",
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+        ) {
+            let p = Position(bytes);
+            let encoded = encode_position(&tenant, &sub, &p);
+            proptest::prop_assert_eq!(decode_position("p", &tenant, &sub, &encoded).ok(), Some(p));
+            if other != tenant {
+                proptest::prop_assert!(decode_position("p", &other, &sub, &encoded).is_err());
+            }
+        }
+
+        /// Forged bytes are refused or read as some position of the caller's own; never a panic.
+        #[test]
+        fn forged_positions_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..128)) {
+            let _ = decode_position("p", "t", "s", &bytes);
+        }
+
+        /// Subscription ids are plain identifiers of at most 63 bytes, whatever the names.
+        #[test]
+        fn subscription_ids_are_always_plain(tenant in ".{0,80}", name in ".{0,80}") {
+            let id = subscription_id(&tenant, &name);
+            proptest::prop_assert!(id.len() <= 63);
+            proptest::prop_assert!(id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+        }
+    }
+
     #[test]
     fn subscription_ids_are_plain_unique_and_short() {
         let a = subscription_id("acme", "orders");

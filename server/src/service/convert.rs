@@ -418,6 +418,47 @@ pub fn description(d: domain::TableDescription) -> pb::DescribeTableResponse {
 mod tests {
     use super::*;
 
+    fn arbitrary_value() -> impl proptest::strategy::Strategy<Value = pb::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(Kind::BoolValue),
+            any::<i64>().prop_map(Kind::Int64Value),
+            any::<u64>().prop_map(Kind::Uint64Value),
+            any::<f64>().prop_map(Kind::DoubleValue),
+            ".*".prop_map(Kind::StringValue),
+            proptest::collection::vec(any::<u8>(), 0..32).prop_map(Kind::BytesValue),
+            ".*".prop_map(Kind::DecimalValue),
+            ".*".prop_map(Kind::UuidValue),
+            ".*".prop_map(Kind::JsonValue),
+            (any::<i32>(), any::<i32>(), any::<i32>()).prop_map(|(year, month, day)| Kind::DateValue(pb::Date {
+                year,
+                month,
+                day
+            })),
+            (any::<i64>(), any::<i32>())
+                .prop_map(|(seconds, nanos)| Kind::TimestampValue(prost_types::Timestamp { seconds, nanos })),
+        ]
+        .prop_map(|k| pb::Value { kind: Some(k) });
+        // Lists nest deeper than any engine allows.
+        leaf.prop_recursive(40, 200, 4, |inner| {
+            proptest::collection::vec(inner, 0..4).prop_map(|values| pb::Value {
+                kind: Some(Kind::ListValue(pb::ListValue { values })),
+            })
+        })
+    }
+
+    proptest::proptest! {
+        /// Any parameter a client can send is converted or refused with INVALID_ARGUMENT; never a panic.
+        #[test]
+        fn any_parameter_converts_or_is_refused(values in proptest::collection::vec(arbitrary_value(), 0..4)) {
+            match params(values) {
+                Ok(_) => {}
+                Err(Error::InvalidArgument { field, .. }) => proptest::prop_assert_eq!(field, "params"),
+                Err(other) => proptest::prop_assert!(false, "unexpected error {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn decimals_are_checked() {
         for ok in ["0", "-1.50", "+3", ".5", "1e10", "2.5E-3", "NaN", "-Infinity"] {

@@ -45,10 +45,16 @@ impl Gate {
 
     /// Waits for a slot at the call's priority, lowered to the tenant's maximum.
     pub async fn admit(&self, caller: &Caller, options: Option<&pb::RequestOptions>) -> Result<Admitted, Error> {
-        let asked = match options.map(|o| o.priority()) {
-            Some(pb::Priority::Low) => Priority::Low,
-            Some(pb::Priority::High) => Priority::High,
-            _ => Priority::Medium,
+        let asked = match options.map(|o| pb::Priority::try_from(o.priority)) {
+            Some(Ok(pb::Priority::Low)) => Priority::Low,
+            Some(Ok(pb::Priority::High)) => Priority::High,
+            None | Some(Ok(pb::Priority::Unspecified | pb::Priority::Medium)) => Priority::Medium,
+            Some(Err(_)) => {
+                return Err(Error::InvalidArgument {
+                    field: "options.priority",
+                    message: "unknown priority; use LOW, MEDIUM or HIGH".into(),
+                })
+            }
         };
         let priority = asked.min(caller.tenant.limits.max_priority);
         let started = std::time::Instant::now();

@@ -171,8 +171,11 @@ pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration) {
             let r = registry.clone();
             let p = path.clone();
             let _ = tokio::task::spawn_blocking(move || r.reload_from(&p)).await;
-            // The files the new configuration names are watched from now on.
-            seen = registry.fingerprint(&path);
+            // What was read, not what is there now: a change written during
+            // the reload is picked up by the next check. (A reload that names
+            // other files changes the fingerprint too, and the next check
+            // reloads once more, to the same effect.)
+            seen = now;
         }
     }
 }

@@ -80,6 +80,20 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// tonic answers a request message that does not decode (invalid UTF-8, a
+/// value nested past prost's recursion limit, a truncated field) with
+/// INTERNAL; it is the caller's input that is wrong, so it is INVALID_ARGUMENT.
+fn caller_input_errors_are_invalid_argument(headers: &mut http::HeaderMap) {
+    let internal = headers.get("grpc-status").is_some_and(|v| v == "13");
+    let decode = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.starts_with("failed%20to%20decode") || m.starts_with("failed to decode"));
+    if internal && decode {
+        headers.insert("grpc-status", HeaderValue::from_static("3"));
+    }
+}
+
 fn status_code(headers: &http::HeaderMap) -> Option<tonic::Code> {
     let value = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
     Some(tonic::Code::from_i32(value))
@@ -156,6 +170,7 @@ where
         Box::pin(
             async move {
                 let mut response = inner.call(req).await?;
+                caller_input_errors_are_invalid_argument(response.headers_mut());
                 response.headers_mut().insert(REQUEST_ID_HEADER, id);
                 if !api_call {
                     return Ok(response);
@@ -199,10 +214,13 @@ impl HttpBody for ObservedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(code) = frame.trailers_ref().and_then(status_code) {
-                self.code = Some(code);
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled {
+            if let Some(trailers) = frame.trailers_mut() {
+                caller_input_errors_are_invalid_argument(trailers);
+                if let Some(code) = status_code(trailers) {
+                    self.code = Some(code);
+                }
             }
         }
         polled

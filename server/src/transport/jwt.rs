@@ -119,6 +119,14 @@ mod tests {
 
     use super::*;
 
+    proptest::proptest! {
+        /// Any bearer token is verified or refused; never a panic.
+        #[test]
+        fn any_token_is_refused_without_panic(token in "(eyJ)?[A-Za-z0-9_.-]{0,200}") {
+            proptest::prop_assert!(verifier().verify(&token).is_err());
+        }
+    }
+
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn verifier() -> JwtVerifier {

@@ -253,6 +253,25 @@ pub fn lsn_text(lsn: u64) -> String {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Whatever the server sends, the parser answers or errs; it never panics or reads past the end.
+        #[test]
+        fn any_bytes_parse_or_err(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = parse(&bytes);
+        }
+
+        /// The same for every message tag with an arbitrary body.
+        #[test]
+        fn any_body_of_each_message_parses_or_errs(
+            tag in proptest::sample::select(b"BCRIUDTYOM".to_vec()),
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..128),
+        ) {
+            let mut bytes = vec![tag];
+            bytes.extend(body);
+            let _ = parse(&bytes);
+        }
+    }
+
     /// Messages captured from PostgreSQL 15 (`INSERT INTO t VALUES (1, 'a', 1.5)`
     /// on `t(id int primary key, v text, n numeric)`).
     const BEGIN: &[u8] = b"B\x00\x00\x00\x00\x01\xd9\xf3\x68\x00\x03\x04\x99\x12\x19\x01\xc8\x00\x00\x02\xda";

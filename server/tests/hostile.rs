@@ -1,0 +1,294 @@
+//! Hostile input through the real server: oversized and malformed messages,
+//! identifiers built to inject SQL, forged handles, unknown enum values and
+//! absurd sizes. Each gets a clear error and changes nothing; the server
+//! goes on serving.
+
+mod common;
+
+use common::{mysql, postgres, reason, sqlite_demo, tenant, TestServer};
+use tonic::Code;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::WeirClient;
+
+fn config() -> String {
+    format!(
+        "[server]\nmax_request_bytes = 65536\n{}{}",
+        tenant(
+            "h",
+            "",
+            &(sqlite_demo("h", "demo") + &postgres("h", "pg", "") + &mysql("h", "my", ""))
+        ),
+        tenant("o", "", &sqlite_demo("o", "demo"))
+    )
+}
+
+/// Names that try to leave their quotes, end the statement or hide what they are.
+const NASTY: &[&str] = &[
+    "customers\"; DROP TABLE customers; --",
+    "customers`; DROP TABLE customers; --",
+    "customers]; DROP TABLE customers; --",
+    "customers' OR '1'='1",
+    "customers/*",
+    "cust\u{202e}sremo", // right-to-left override
+    "customers\u{0000}", // NUL
+    "сustomers",         // Cyrillic с
+    "customers\u{200b}", // zero-width space
+];
+
+/// A load of nothing into `table`'s `column`, which must be refused.
+async fn load_refused(client: &WeirClient, source: &str, table: &str, column: &str) -> tonic::Status {
+    let header = pb::LoadHeader {
+        source: source.into(),
+        table: table.into(),
+        columns: vec![column.into()],
+        ..Default::default()
+    };
+    client
+        .load(header, tokio_stream::iter(Vec::<Vec<pb::Row>>::new()))
+        .await
+        .expect_err("no such table or column")
+}
+
+#[tokio::test]
+async fn identifiers_are_quoted_or_refused_never_injected() {
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-h").await;
+    let table = format!("hostile_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    for source in ["pg", "my"] {
+        client
+            .execute(source, &format!("CREATE TABLE {table} (id INT PRIMARY KEY)"), vec![])
+            .await
+            .expect("create");
+    }
+    for source in ["demo", "pg", "my"] {
+        let real = if source == "demo" {
+            "customers".to_string()
+        } else {
+            table.clone()
+        };
+        for nasty in NASTY {
+            let name = nasty.replace("customers", &real);
+            let e = client
+                .describe_table(source, "", &name)
+                .await
+                .expect_err("no such table");
+            assert!(
+                matches!(e.code(), Code::NotFound | Code::InvalidArgument),
+                "{source} {name:?}: {e:?}"
+            );
+            let e = load_refused(&client, source, &name, "id").await;
+            assert!(
+                matches!(e.code(), Code::NotFound | Code::InvalidArgument),
+                "{source} {name:?}: {e:?}"
+            );
+            // A hostile column name of a real table.
+            let e = load_refused(&client, source, &real, &nasty.replace("customers", "id")).await;
+            assert!(
+                matches!(e.code(), Code::NotFound | Code::InvalidArgument),
+                "{source} column {nasty:?}: {e:?}"
+            );
+        }
+        // The tables are all still there.
+        client.describe_table(source, "", &real).await.expect("untouched");
+    }
+    // Subscription and consumer-group names are refused unless plain.
+    for nasty in NASTY {
+        let start = pb::WatchChangesRequest {
+            message: Some(pb::watch_changes_request::Message::Start(pb::WatchStart {
+                source: "pg".into(),
+                subscription: (*nasty).into(),
+                tables: vec![pb::TableRef {
+                    schema: String::new(),
+                    table: table.clone(),
+                }],
+                ..Default::default()
+            })),
+        };
+        let e = client
+            .stream()
+            .watch_changes(tokio_stream::iter(vec![start]))
+            .await
+            .expect_err("not a plain name");
+        assert_eq!(e.code(), Code::InvalidArgument, "{nasty:?}: {e:?}");
+    }
+    for source in ["pg", "my"] {
+        client
+            .execute(source, &format!("DROP TABLE {table}"), vec![])
+            .await
+            .expect("drop");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn forged_handles_and_unknown_enums_are_refused() {
+    let server = TestServer::start(&config()).await;
+    let h = server.client("key-h").await;
+    let o = server.client("key-o").await;
+    // Another tenant's handle, random handles, and handles of the wrong size.
+    let theirs = o
+        .begin("demo", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    // (An empty handle means no transaction: autocommit.)
+    for handle in [theirs.clone(), vec![0u8; 16], vec![0xff; 1000], vec![1]] {
+        let e = h
+            .execute_in(&handle, "demo", "SELECT 1", vec![])
+            .await
+            .expect_err("not this caller's transaction");
+        assert_eq!(e.code(), Code::NotFound, "{handle:?}: {e:?}");
+        assert_eq!(reason(&e), "TRANSACTION_NOT_FOUND");
+        let e = h.commit(&handle).await.expect_err("not this caller's transaction");
+        assert_eq!(e.code(), Code::NotFound);
+    }
+    o.commit(&theirs).await.expect("the owner still commits");
+
+    let e = h
+        .query()
+        .begin_transaction(pb::BeginTransactionRequest {
+            source: "demo".into(),
+            isolation: 99,
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown isolation");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = h
+        .query()
+        .execute(pb::ExecuteRequest {
+            source: "demo".into(),
+            sql: "SELECT 1".into(),
+            options: Some(pb::RequestOptions {
+                priority: 77,
+                tag: String::new(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown priority");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let load = pb::LoadHeader {
+        source: "demo".into(),
+        table: "customers".into(),
+        columns: vec!["id".into()],
+        mode: 42,
+        ..Default::default()
+    };
+    let e = h
+        .load(load, tokio_stream::iter(Vec::<Vec<pb::Row>>::new()))
+        .await
+        .expect_err("unknown load mode");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // An absurd batch size is capped, not obeyed.
+    let mut stream = h
+        .query()
+        .execute_stream(pb::ExecuteStreamRequest {
+            source: "demo".into(),
+            sql: "SELECT * FROM customers".into(),
+            max_batch_rows: u32::MAX,
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut messages = 0;
+    while let Some(m) = stream.message().await.expect("message") {
+        messages += 1;
+        assert!(m.payload.is_some());
+    }
+    assert!(messages >= 2, "metadata, rows and stats arrive");
+    server.stop().await;
+}
+
+/// A message type with `bytes` where the API has `string`, to send what a
+/// correct client never would.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawExecute {
+    #[prost(string, tag = "1")]
+    source: String,
+    #[prost(bytes = "vec", tag = "2")]
+    sql: Vec<u8>,
+}
+
+async fn raw_execute(server: &TestServer, body: RawExecute) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(server.addr.clone())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let mut request = tonic::Request::new(body);
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer key-h".parse().expect("header"));
+    let path = http::uri::PathAndQuery::from_static("/weir.v1.QueryService/Execute");
+    let codec = tonic_prost::ProstCodec::<RawExecute, pb::ExecuteResponse>::default();
+    grpc.unary(request, path, codec).await.expect_err("refused")
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_messages_are_invalid_arguments() {
+    let server = TestServer::start(&config()).await;
+    // Invalid UTF-8 in a string field.
+    let e = raw_execute(
+        &server,
+        RawExecute {
+            source: "demo".into(),
+            sql: vec![b'S', 0xff, 0xfe, b'1'],
+        },
+    )
+    .await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // Larger than server.max_request_bytes.
+    let client = server.client("key-h").await;
+    let e = client
+        .execute("demo", &format!("SELECT '{}'", "x".repeat(100_000)), vec![])
+        .await
+        .expect_err("too large");
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    // Nested deeper than the decoder allows.
+    let mut value = pb::Value {
+        kind: Some(pb::value::Kind::Int64Value(1)),
+    };
+    for _ in 0..200 {
+        value = pb::Value {
+            kind: Some(pb::value::Kind::ListValue(pb::ListValue { values: vec![value] })),
+        };
+    }
+    let e = client
+        .execute("demo", "SELECT ?", vec![value])
+        .await
+        .expect_err("too deep");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // And the server serves on.
+    client.execute("demo", "SELECT 1", vec![]).await.expect("still serving");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unauthenticated_callers_learn_nothing() {
+    let server = TestServer::start(&config()).await;
+    let mut answers = Vec::new();
+    let long = "k".repeat(10_000);
+    for key in ["x", "key-nobody", "KEY-H", "Bearer key-h", long.as_str()] {
+        let client = WeirClient::connect(&server.addr, key).await.expect("connect");
+        for call in 0..2 {
+            let e = if call == 0 {
+                client.list_sources().await.map(|_| ()).expect_err("refused")
+            } else {
+                client
+                    .execute("demo", "SELECT 1", vec![])
+                    .await
+                    .map(|_| ())
+                    .expect_err("refused")
+            };
+            assert_eq!(e.code(), Code::Unauthenticated, "{key:?}");
+            answers.push(e.message().to_string());
+            assert!(!e.message().contains("demo") && !e.message().contains("sqlite"));
+        }
+    }
+    answers.dedup();
+    assert_eq!(answers.len(), 1, "one answer for every failure: {answers:?}");
+    server.stop().await;
+}

@@ -689,10 +689,22 @@ async fn a_callers_session_state_does_not_reach_the_next_caller() {
     );
     // State left by statements that look like plain queries is found too.
     let left_behind = [
-        ("SELECT set_config('application_name', 'sneaky', false)", "SELECT current_setting('application_name') = 'weir'"),
-        ("SELECT pg_advisory_lock(4242)", "SELECT NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())"),
-        ("LISTEN weir_channel", "SELECT NOT EXISTS (SELECT 1 FROM pg_listening_channels())"),
-        ("CREATE TEMP TABLE weir_scratch (x int)", "SELECT NOT EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = pg_my_temp_schema())"),
+        (
+            "SELECT set_config('application_name', 'sneaky', false)",
+            "SELECT current_setting('application_name') = 'weir'",
+        ),
+        (
+            "SELECT pg_advisory_lock(4242)",
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())",
+        ),
+        (
+            "LISTEN weir_channel",
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_listening_channels())",
+        ),
+        (
+            "CREATE TEMP TABLE weir_scratch (x int)",
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = pg_my_temp_schema())",
+        ),
     ];
     for (leave, check) in left_behind {
         client.execute("pg", leave, vec![]).await.expect(leave);

@@ -46,6 +46,13 @@ pub struct PgConn {
     /// advisory locks, LISTEN or temporary tables must not reach the next
     /// caller (nor undo a read-only default).
     needs_reset: bool,
+    /// The session may be inside a transaction block, so its reset starts
+    /// with ROLLBACK. A statement that returns rows (SELECT, SHOW, ...
+    /// RETURNING) cannot open one, whatever functions it calls; only the
+    /// others can (BEGIN, but also a plain INSERT as far as the driver can
+    /// tell). Without this, every reset would write "there is no transaction
+    /// in progress" to the database's log.
+    needs_rollback: bool,
 }
 
 impl PgConn {
@@ -87,6 +94,7 @@ impl bb8::ManageConnection for PgManager {
             statements: HashMap::new(),
             in_transaction: false,
             needs_reset: false,
+            needs_rollback: false,
         })
     }
 
@@ -182,7 +190,10 @@ impl StatementGuard {
 
 /// Returns a session to its connect-time state without dropping the
 /// prepared statements (DISCARD ALL would empty the statement cache).
-const SESSION_RESET: &str = "ROLLBACK; RESET ALL; SET SESSION AUTHORIZATION DEFAULT; UNLISTEN *; \
+const SESSION_RESET: &str = "RESET ALL; SET SESSION AUTHORIZATION DEFAULT; UNLISTEN *; \
+     SELECT pg_advisory_unlock_all(); DISCARD TEMP";
+/// The same for a session that may be inside a transaction block.
+const SESSION_RESET_WITH_ROLLBACK: &str = "ROLLBACK; RESET ALL; SET SESSION AUTHORIZATION DEFAULT; UNLISTEN *; \
      SELECT pg_advisory_unlock_all(); DISCARD TEMP";
 
 impl Drop for StatementGuard {
@@ -210,8 +221,16 @@ async fn run(mut lease: Lease, statement: Statement) -> Result<QueryStream, Back
     // is already prepared the reset travels in the same round trip.
     let pooled = matches!(lease, Lease::Pooled(_));
     let mut reset_first = pooled && lease.needs_reset;
+    let reset = if lease.needs_rollback {
+        SESSION_RESET_WITH_ROLLBACK
+    } else {
+        SESSION_RESET
+    };
+    // After the reset, the block (if any) is gone; this statement may open one.
+    let mut block_after = lease.needs_rollback && !reset_first;
     if reset_first && !lease.statements.contains_key(&statement.sql) {
-        lease.client.batch_execute(SESSION_RESET).await.map_err(map_error)?;
+        lease.client.batch_execute(reset).await.map_err(map_error)?;
+        lease.needs_rollback = false;
         reset_first = false;
     }
     lease.needs_reset |= pooled;
@@ -231,13 +250,14 @@ async fn run(mut lease: Lease, statement: Statement) -> Result<QueryStream, Back
         .iter()
         .map(types::column)
         .collect::<Result<Vec<_>, _>>()?;
+    block_after |= pooled && columns.is_empty();
     // Armed from here: dropping this future mid-call cancels the statement.
     let mut guard = StatementGuard { lease: Some(lease) };
     let started = match guard.lease.as_ref() {
         Some(l) => {
             let query = l.client.query_raw(&prepared, statement.params.iter().map(PgParam));
             if reset_first {
-                let (reset, query) = futures::join!(l.client.batch_execute(SESSION_RESET), query);
+                let (reset, query) = futures::join!(l.client.batch_execute(reset), query);
                 reset.map_err(map_error)?;
                 query
             } else {
@@ -246,6 +266,10 @@ async fn run(mut lease: Lease, statement: Statement) -> Result<QueryStream, Back
         }
         None => return Err(BackendError::Internal("statement lease missing".into())),
     };
+    // The reset (if any) went through; until the next one, this is what is known.
+    if let Some(l) = guard.lease.as_mut() {
+        l.needs_rollback = block_after;
+    }
     let inner = match started {
         Ok(s) => s,
         Err(e) => {

@@ -88,6 +88,13 @@ fn info(reason: &str, metadata: Vec<(&str, String)>) -> ErrorDetails {
     ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata)
 }
 
+/// A per-tenant cap on things in progress: retry once one of them ends.
+fn at_cap(reason: &str, limit: u32) -> (Code, ErrorDetails) {
+    let mut d = info(reason, vec![("limit", limit.to_string())]);
+    d.set_retry_info(Some(Duration::from_secs(1)));
+    (Code::ResourceExhausted, d)
+}
+
 fn engine_code(kind: EngineErrorKind) -> (Code, &'static str) {
     use EngineErrorKind as K;
     match kind {
@@ -153,11 +160,7 @@ impl From<Error> for Status {
                 d.set_retry_info(Some(Duration::from_secs(1)));
                 (Code::Unavailable, d)
             }
-            Error::TooManyLoads { limit } => {
-                let mut d = info("LOAD_CONCURRENCY_LIMITED", vec![("limit", limit.to_string())]);
-                d.set_retry_info(Some(Duration::from_secs(1)));
-                (Code::ResourceExhausted, d)
-            }
+            Error::TooManyLoads { limit } => at_cap("LOAD_CONCURRENCY_LIMITED", *limit),
             Error::LoadTooLarge { limit } => (
                 Code::ResourceExhausted,
                 info(
@@ -166,16 +169,8 @@ impl From<Error> for Status {
                 ),
             ),
             Error::LoadAborted(_) => (Code::Aborted, info("LOAD_ABORTED", vec![])),
-            Error::TooManyConsumers { limit } => {
-                let mut d = info("CONSUMER_CONCURRENCY_LIMITED", vec![("limit", limit.to_string())]);
-                d.set_retry_info(Some(Duration::from_secs(1)));
-                (Code::ResourceExhausted, d)
-            }
-            Error::TooManySubscriptions { limit } => {
-                let mut d = info("SUBSCRIPTION_CONCURRENCY_LIMITED", vec![("limit", limit.to_string())]);
-                d.set_retry_info(Some(Duration::from_secs(1)));
-                (Code::ResourceExhausted, d)
-            }
+            Error::TooManyConsumers { limit } => at_cap("CONSUMER_CONCURRENCY_LIMITED", *limit),
+            Error::TooManySubscriptions { limit } => at_cap("SUBSCRIPTION_CONCURRENCY_LIMITED", *limit),
             Error::RecordTooLarge { limit, .. } => (
                 Code::InvalidArgument,
                 info("RECORD_TOO_LARGE", vec![("limit", limit.to_string())]),
@@ -190,16 +185,8 @@ impl From<Error> for Status {
                 Code::DeadlineExceeded,
                 info("STREAM_STALLED", vec![("idle_ms", idle.as_millis().to_string())]),
             ),
-            Error::TooManyStreams { limit } => {
-                let mut d = info("STREAM_CONCURRENCY_LIMITED", vec![("limit", limit.to_string())]);
-                d.set_retry_info(Some(Duration::from_secs(1)));
-                (Code::ResourceExhausted, d)
-            }
-            Error::TooManyTransactions { limit } => {
-                let mut d = info("TRANSACTION_LIMIT", vec![("limit", limit.to_string())]);
-                d.set_retry_info(Some(Duration::from_secs(1)));
-                (Code::ResourceExhausted, d)
-            }
+            Error::TooManyStreams { limit } => at_cap("STREAM_CONCURRENCY_LIMITED", *limit),
+            Error::TooManyTransactions { limit } => at_cap("TRANSACTION_LIMIT", *limit),
             Error::GlobalLimitsUnavailable => {
                 let mut d = info("GLOBAL_LIMITS_UNAVAILABLE", vec![]);
                 d.set_retry_info(Some(Duration::from_secs(1)));

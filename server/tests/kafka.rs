@@ -302,6 +302,58 @@ async fn limits_and_wrong_kinds_of_source_are_refused() {
     server.stop().await;
 }
 
+/// Over `stream_records_per_second` a caller is slowed, not refused, and
+/// told so: `throttled` in the produce answer and, growing, on the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_stream_says_so() {
+    let (server, client) = server("stream_records_per_second = 100").await;
+    let topic = unique("weir-a-throttle-");
+    create_topic(&topic, 1).await;
+    let as_duration = |d: Option<prost_types::Duration>| {
+        let d = d.expect("throttled is always set");
+        Duration::new(d.seconds as u64, d.nanos as u32)
+    };
+    // The first 100 records are the bucket's burst.
+    let first = produce(&client, &topic, (0..100).map(record).collect())
+        .await
+        .expect("within the burst");
+    assert_eq!(as_duration(first.throttled), Duration::ZERO);
+    // 100 more wait about a second.
+    let second = produce(&client, &topic, (100..200).map(record).collect())
+        .await
+        .expect("slowed, not refused");
+    assert_eq!(second.acks.len(), 100);
+    assert!(
+        as_duration(second.throttled) >= Duration::from_millis(500),
+        "{:?}",
+        second.throttled
+    );
+    // Reading them back costs from the same budget, and the stream reports it.
+    let mut stream = client
+        .stream()
+        .consume(consume_request(&topic, "slow", 200, false))
+        .await
+        .expect("consume")
+        .into_inner();
+    let (mut read, mut last) = (0, Duration::ZERO);
+    while let Some(batch) = tokio::time::timeout(Duration::from_secs(60), stream.message())
+        .await
+        .expect("records within a minute")
+        .expect("consume stream")
+    {
+        read += batch.records.len();
+        let so_far = as_duration(batch.throttled);
+        assert!(so_far >= last, "a running total");
+        last = so_far;
+    }
+    assert_eq!(read, 200);
+    assert!(
+        last >= Duration::from_millis(500),
+        "the consumer was slowed too: {last:?}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_broker_is_unavailable() {
     let config = tenant(

@@ -52,6 +52,30 @@ impl Position {
     }
 }
 
+/// Checks a resume position against what the subscription has acknowledged
+/// (`acked`, shown as `acked_text`; earlier changes are no longer retained)
+/// and, where the engine can tell, what the database has written (`head`).
+pub fn check_resume<P: PartialOrd>(
+    subscription: &str,
+    resume: &P,
+    acked: &P,
+    acked_text: &str,
+    head: Option<&P>,
+) -> Result<(), BackendError> {
+    if resume < acked {
+        return Err(BackendError::PositionNotRetained(format!(
+            "the position is before what subscription \"{subscription}\" has acknowledged ({acked_text}); \
+             those changes are no longer retained; resume without a position to continue from there"
+        )));
+    }
+    if head.is_some_and(|h| resume > h) {
+        return Err(BackendError::Invalid(
+            "the resume position is ahead of the database".into(),
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone)]
 pub struct WatchSpec {
     /// Unique per tenant and subscription, and safe as an engine identifier
@@ -216,5 +240,21 @@ mod tests {
         assert!(a < b && b < c);
         assert_eq!(c.unpack(widths), Some([2, 4, 0]));
         assert_eq!(Position(vec![1, 2]).unpack(widths), None);
+    }
+
+    #[test]
+    fn resume_positions_must_lie_between_the_ack_and_the_head() {
+        assert!(check_resume("s", &5, &5, "5", Some(&9)).is_ok());
+        assert!(check_resume("s", &9, &5, "5", Some(&9)).is_ok());
+        match check_resume("s", &4, &5, "0/5", Some(&9)) {
+            Err(BackendError::PositionNotRetained(m)) => assert!(m.contains("\"s\"") && m.contains("0/5"), "{m}"),
+            other => panic!("expected PositionNotRetained, got {other:?}"),
+        }
+        assert!(matches!(
+            check_resume("s", &10, &5, "5", Some(&9)),
+            Err(BackendError::Invalid(_))
+        ));
+        // Without a known head, only the lower bound is checked.
+        assert!(check_resume("s", &10, &5, "5", None).is_ok());
     }
 }

@@ -332,7 +332,7 @@ async fn feed_rows(
 impl BulkApi {
     async fn run(&self, caller: Caller, mut stream: Streaming<pb::LoadRequest>) -> Result<pb::LoadResponse> {
         let started = Instant::now();
-        let header = match stream.message().await {
+        let (header, options) = match stream.message().await {
             Ok(Some(pb::LoadRequest {
                 message: Some(LoadMessage::Header(mut h)),
             })) => {
@@ -342,7 +342,6 @@ impl BulkApi {
             Ok(_) => return Err(bad("header", "the first message of a load must be its header")),
             Err(_) => return Err(Error::Backend(BackendError::LoadAbandoned)),
         };
-        let (header, options) = header;
         let source: Arc<Source> = source(&caller, &header.source)?;
         let slot = caller.tenant.limiter.admit_load()?;
         let admitted = self.gate.admit(&caller, options.as_ref()).await?;

@@ -145,7 +145,13 @@ impl Registry {
 pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration) {
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut seen = registry.fingerprint(&path);
+    // Reading the files blocks: it runs on the blocking pool, not a runtime worker.
+    let fingerprint = |registry: Arc<Registry>, path: PathBuf| async move {
+        tokio::task::spawn_blocking(move || registry.fingerprint(&path))
+            .await
+            .unwrap_or_default()
+    };
+    let mut seen = fingerprint(registry.clone(), path.clone()).await;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -162,14 +168,12 @@ pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration) {
             _ = signalled => true,
             _ = ticker.tick() => false,
         };
-        let now = registry.fingerprint(&path);
+        let now = fingerprint(registry.clone(), path.clone()).await;
         if forced || now != seen {
             if forced {
                 tracing::info!("SIGHUP: reloading the configuration");
             }
-            // Reading and connecting may block briefly; keep it off the reactor's hot path.
-            let r = registry.clone();
-            let p = path.clone();
+            let (r, p) = (registry.clone(), path.clone());
             let _ = tokio::task::spawn_blocking(move || r.reload_from(&p)).await;
             // What was read, not what is there now: a change written during
             // the reload is picked up by the next check. (A reload that names

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::bulk::quote;
 use super::{schema, types, Manager, MssqlConn};
-use crate::backend::changes::{ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, WatchSpec};
+use crate::backend::changes::{check_resume, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, WatchSpec};
 use crate::backend::{BackendError, Column, Row, Value};
 
 const POSITIONS_TABLE: &str = "weir_change_positions";
@@ -469,12 +469,7 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
     let start = match &spec.resume {
         Some(p) => {
             let p = CdcPos::decode(p)?;
-            if p < stored {
-                return Err(BackendError::PositionNotRetained(format!(
-                    "the position is before what subscription \"{}\" has acknowledged; resume without a position",
-                    spec.name
-                )));
-            }
+            check_resume(&spec.name, &p, &stored, &hex::encode(stored.lsn), None)?;
             p
         }
         None => stored,

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use super::types::{self, Decode};
 use super::{map_error, schema};
 use crate::backend::changes::{
-    ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName, WatchSpec,
+    check_resume, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName, WatchSpec,
 };
 use crate::backend::{BackendError, Column, ColumnType, Row, Value};
 
@@ -751,20 +751,8 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
     let start = match &spec.resume {
         Some(resume) => {
             let p = BinlogPos::decode(resume)?;
-            if p < stored_position {
-                return Err(BackendError::PositionNotRetained(format!(
-                    "the position is before what subscription \"{}\" has acknowledged ({}:{}); \
-                     resume without a position to continue from there",
-                    spec.name,
-                    file_name(&base, stored_position.file),
-                    stored_position.offset
-                )));
-            }
-            if p > current {
-                return Err(BackendError::Invalid(
-                    "the resume position is ahead of the database".into(),
-                ));
-            }
+            let acked = format!("{}:{}", file_name(&base, stored_position.file), stored_position.offset);
+            check_resume(&spec.name, &p, &stored_position, &acked, Some(&current))?;
             p
         }
         None => stored_position,

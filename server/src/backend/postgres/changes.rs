@@ -25,7 +25,7 @@ use super::pgoutput::{self, lsn_text, Datum, Message, Relation};
 use super::types::{column_of, decode, pg_epoch, PgValue};
 use crate::backend::bulk::quote_ansi;
 use crate::backend::changes::{
-    ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName, WatchSpec,
+    check_resume, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName, WatchSpec,
 };
 use crate::backend::{BackendError, Column, Row, Value};
 
@@ -704,19 +704,8 @@ pub(super) async fn watch(config: &tokio_postgres::Config, spec: WatchSpec) -> R
     let mut delivered = PgPos { lsn: confirmed, seq: 0 };
     if let Some(resume) = &spec.resume {
         let pos = PgPos::decode(resume)?;
-        if pos.lsn < confirmed {
-            return Err(BackendError::PositionNotRetained(format!(
-                "the position is before what subscription \"{}\" has acknowledged ({}); \
-                 those changes are no longer retained; resume without a position to continue from there",
-                spec.name,
-                lsn_text(confirmed)
-            )));
-        }
-        if pos.lsn > current_lsn(&client).await? {
-            return Err(BackendError::Invalid(
-                "the resume position is ahead of the database".into(),
-            ));
-        }
+        let head = current_lsn(&client).await?;
+        check_resume(&spec.name, &pos.lsn, &confirmed, &lsn_text(confirmed), Some(&head))?;
         delivered = pos;
     }
     let (tx, items) = mpsc::channel(FEED_BUFFER);

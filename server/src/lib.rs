@@ -51,10 +51,16 @@ pub async fn run(
         None => None,
     };
     let tenants = Arc::new(Registry::new(&config, tls.clone())?);
-    let watcher = config
-        .path
-        .clone()
-        .map(|path| tokio::spawn(reload::watch(tenants.clone(), path, config.server.reload_interval)));
+    let watcher = config.path.clone().map(|path| {
+        // Taken now, before the server listens, so that no later change is missed.
+        let seen = tenants.fingerprint(&path);
+        tokio::spawn(reload::watch(
+            tenants.clone(),
+            path,
+            config.server.reload_interval,
+            seen,
+        ))
+    });
     let transactions = Arc::new(Transactions::default());
     let readiness = Readiness::default();
     let (reporter, health_service) = tonic_health::server::health_reporter();

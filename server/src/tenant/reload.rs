@@ -88,7 +88,7 @@ impl Registry {
 
     /// Fingerprint of the configuration file and every file it names
     /// (certificates, keys, password and secret files).
-    fn fingerprint(&self, path: &Path) -> [u8; 32] {
+    pub fn fingerprint(&self, path: &Path) -> [u8; 32] {
         let running = self.running.lock();
         let mut files: Vec<&Path> = vec![path];
         if let Some(tls) = &running.server.tls {
@@ -142,7 +142,9 @@ impl Registry {
 }
 
 /// Reloads on SIGHUP and whenever the fingerprint of the configuration's files changes.
-pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration) {
+/// `seen` is the fingerprint taken when the configuration in force was
+/// loaded, before the server listened: a change made after that is a change.
+pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration, mut seen: [u8; 32]) {
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     // Reading the files blocks: it runs on the blocking pool, not a runtime worker.
@@ -151,7 +153,6 @@ pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration) {
             .await
             .unwrap_or_default()
     };
-    let mut seen = fingerprint(registry.clone(), path.clone()).await;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

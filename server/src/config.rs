@@ -430,6 +430,10 @@ pub struct SourceConfig {
     /// open to an impostor on the network path.
     #[serde(default)]
     pub trust_server_certificate: bool,
+    /// PostgreSQL: when a pooled session is reset for its next caller.
+    /// Default `auto`: after every statement but plain reads (see
+    /// docs/configuration.md); `always`: after every statement.
+    pub session_reset: Option<SessionReset>,
     // SQLite
     /// Database file, or ":memory:" for a private in-memory database.
     pub path: Option<String>,
@@ -450,6 +454,18 @@ pub struct SourceConfig {
     /// give sasl.username and sasl.password.
     #[serde(default)]
     pub kafka_options: BTreeMap<String, String>,
+}
+
+/// When a pooled PostgreSQL session is returned to its connect-time state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionReset {
+    /// After every statement except a read that calls only built-in
+    /// functions known to leave the session alone.
+    Auto,
+    /// After every statement, for databases whose views or policies call
+    /// functions that change session state.
+    Always,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -701,7 +717,7 @@ impl SourceConfig {
         const PASSWORDS: &[&str] = &["password_env", "password_file", "password_sealed"];
         const SERVER: &[&str] = &["host", "port", "database", "user"];
         let (allowed, required): (Vec<&str>, &[&str]) = match self.engine {
-            EngineKind::Postgres => ([SERVER, PASSWORDS].concat(), &["host", "user"]),
+            EngineKind::Postgres => ([SERVER, PASSWORDS, &["session_reset"]].concat(), &["host", "user"]),
             EngineKind::Mysql => ([SERVER, PASSWORDS, &["tls"]].concat(), &["host", "user"]),
             EngineKind::Sqlite => (vec!["path", "demo_data"], &["path"]),
             EngineKind::Mssql => (
@@ -729,6 +745,7 @@ impl SourceConfig {
             ("demo_data", self.demo_data),
             ("tls", self.tls),
             ("trust_server_certificate", self.trust_server_certificate),
+            ("session_reset", self.session_reset.is_some()),
             ("bootstrap_servers", self.bootstrap_servers.is_some()),
             ("topics", !self.topics.is_empty()),
             ("topic_prefix", self.topic_prefix.is_some()),

@@ -708,6 +708,9 @@ async fn a_callers_session_state_does_not_reach_the_next_caller() {
     ];
     for (leave, check) in left_behind {
         client.execute("pg", leave, vec![]).await.expect(leave);
+        // A plain read next (its reset travels with it once it is prepared)
+        // leaves nothing of its own for the check to find.
+        client.execute("pg", "SELECT 1", vec![]).await.expect("plain read");
         let clean = client.execute("pg", check, vec![]).await.expect(check);
         assert!(
             matches!(clean.rows[0].values[0].kind, Some(pb::value::Kind::BoolValue(true))),
@@ -760,6 +763,42 @@ async fn a_callers_session_state_does_not_reach_the_next_caller() {
         .expect_err("mode is fixed");
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
     client.rollback(&tx).await.expect("rollback");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn session_reset_always_covers_reads_through_views() {
+    // A view can hide a session-changing function from any reading of the
+    // statement's text: `session_reset = "always"` resets after it too.
+    pg_direct()
+        .await
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION weir_sneaky() RETURNS text LANGUAGE sql AS \
+             $$ SELECT set_config('application_name', 'sneaky', false) $$; \
+             CREATE OR REPLACE VIEW weir_sneaky_view AS SELECT weir_sneaky() AS v",
+        )
+        .await
+        .expect("setup");
+    let toml = tenant(
+        "always",
+        "",
+        &postgres(
+            "always",
+            "pg",
+            "session_reset = \"always\"\n[tenants.always.sources.pg.pool]\nmax_size = 1\n",
+        ),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-always").await;
+    client
+        .execute("pg", "SELECT v FROM weir_sneaky_view", vec![])
+        .await
+        .expect("read the view");
+    let name = client
+        .execute("pg", "SELECT current_setting('application_name')", vec![])
+        .await
+        .expect("setting");
+    assert_eq!(text(&name.rows[0].values[0]), "weir", "the view's setting was reset");
     server.stop().await;
 }
 

@@ -5,6 +5,7 @@ mod bulk;
 mod changes;
 mod pgoutput;
 mod schema;
+mod session;
 pub mod types;
 
 use std::collections::HashMap;
@@ -27,7 +28,7 @@ use crate::backend::{
     QueryStream, Row, RowFeed, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
     TableInfo, TxOptions, WatchSpec,
 };
-use crate::config::SourceConfig;
+use crate::config::{SessionReset, SourceConfig};
 use types::{PgParam, PgValue};
 
 /// Longer statements are prepared each time, so the cache stays small whatever callers send.
@@ -35,10 +36,18 @@ const MAX_CACHED_SQL: usize = 16 * 1024;
 /// Prepared statements kept per connection; the cache is cleared when full.
 const STATEMENT_CACHE_SIZE: usize = 256;
 
+/// A statement prepared on one connection.
+#[derive(Clone)]
+struct Prepared {
+    statement: tokio_postgres::Statement,
+    /// It cannot change the session (see `session`): no reset is needed after it.
+    leaves_session: bool,
+}
+
 pub struct PgConn {
     client: Client,
     cancel: CancelToken,
-    statements: HashMap<String, tokio_postgres::Statement>,
+    statements: HashMap<String, Prepared>,
     /// Set between BEGIN and COMMIT/ROLLBACK: a connection returned to the
     /// pool in that state is discarded rather than reused.
     in_transaction: bool,
@@ -56,19 +65,22 @@ pub struct PgConn {
 }
 
 impl PgConn {
-    async fn prepare(&mut self, sql: &str) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+    async fn prepare(&mut self, sql: &str) -> Result<Prepared, tokio_postgres::Error> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let statement = self.client.prepare(sql).await?;
+        let prepared = Prepared {
+            statement: self.client.prepare(sql).await?,
+            leaves_session: session::leaves_session_unchanged(sql),
+        };
         if sql.len() > MAX_CACHED_SQL {
-            return Ok(statement);
+            return Ok(prepared);
         }
         if self.statements.len() >= STATEMENT_CACHE_SIZE {
             self.statements.clear();
         }
-        self.statements.insert(sql.to_string(), statement.clone());
-        Ok(statement)
+        self.statements.insert(sql.to_string(), prepared.clone());
+        Ok(prepared)
     }
 }
 
@@ -110,6 +122,7 @@ impl bb8::ManageConnection for PgManager {
 pub struct PostgresSource {
     pool: FailFastPool<PgManager>,
     read_only: bool,
+    session_reset: SessionReset,
     /// For change streams, which hold a session of their own (slot reads and
     /// the subscription's advisory lock). Not read-only: watching a read-only
     /// source still creates its slot and publication.
@@ -139,6 +152,7 @@ impl PostgresSource {
         Ok(Self {
             pool,
             read_only: config.read_only,
+            session_reset: config.session_reset.unwrap_or(SessionReset::Auto),
             changes,
         })
     }
@@ -215,13 +229,13 @@ impl Drop for StatementGuard {
     }
 }
 
-async fn run(mut lease: Lease, statement: Statement) -> Result<QueryStream, BackendError> {
+async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Result<QueryStream, BackendError> {
     types::check_params(&statement.params)?;
     // A pooled session is reset before its next statement; when the statement
     // is already prepared the reset travels in the same round trip.
     let pooled = matches!(lease, Lease::Pooled(_));
     let mut reset_first = pooled && lease.needs_reset;
-    let reset = if lease.needs_rollback {
+    let reset_sql = if lease.needs_rollback {
         SESSION_RESET_WITH_ROLLBACK
     } else {
         SESSION_RESET
@@ -229,15 +243,21 @@ async fn run(mut lease: Lease, statement: Statement) -> Result<QueryStream, Back
     // After the reset, the block (if any) is gone; this statement may open one.
     let mut block_after = lease.needs_rollback && !reset_first;
     if reset_first && !lease.statements.contains_key(&statement.sql) {
-        lease.client.batch_execute(reset).await.map_err(map_error)?;
+        lease.client.batch_execute(reset_sql).await.map_err(map_error)?;
         lease.needs_rollback = false;
+        lease.needs_reset = false;
         reset_first = false;
     }
-    lease.needs_reset |= pooled;
-    let prepared = match lease.prepare(&statement.sql).await {
+    let Prepared {
+        statement: prepared,
+        leaves_session,
+    } = match lease.prepare(&statement.sql).await {
         Ok(p) => p,
         Err(e) => return Err(map_error(e)),
     };
+    // What the session needs once this statement has run.
+    let dirty_after = pooled && (reset == SessionReset::Always || !leaves_session);
+    lease.needs_reset |= dirty_after;
     let expected = prepared.params().len();
     if statement.params.len() != expected {
         return Err(BackendError::Invalid(format!(
@@ -257,7 +277,7 @@ async fn run(mut lease: Lease, statement: Statement) -> Result<QueryStream, Back
         Some(l) => {
             let query = l.client.query_raw(&prepared, statement.params.iter().map(PgParam));
             if reset_first {
-                let (reset, query) = futures::join!(l.client.batch_execute(reset), query);
+                let (reset, query) = futures::join!(l.client.batch_execute(reset_sql), query);
                 reset.map_err(map_error)?;
                 query
             } else {
@@ -269,6 +289,9 @@ async fn run(mut lease: Lease, statement: Statement) -> Result<QueryStream, Back
     // The reset (if any) went through; until the next one, this is what is known.
     if let Some(l) = guard.lease.as_mut() {
         l.needs_rollback = block_after;
+        if reset_first {
+            l.needs_reset = dirty_after;
+        }
     }
     let inner = match started {
         Ok(s) => s,
@@ -354,7 +377,7 @@ impl SqlSource for PostgresSource {
     }
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        run(Lease::Pooled(self.lease().await?), statement).await
+        run(Lease::Pooled(self.lease().await?), statement, self.session_reset).await
     }
 
     async fn begin(&self, options: TxOptions) -> Result<Box<dyn SqlTransaction>, BackendError> {
@@ -463,7 +486,7 @@ impl PgTransaction {
 #[async_trait]
 impl SqlTransaction for PgTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        run(Lease::Transaction(self.lock()?), statement).await
+        run(Lease::Transaction(self.lock()?), statement, SessionReset::Always).await
     }
 
     async fn commit(&self) -> Result<(), BackendError> {

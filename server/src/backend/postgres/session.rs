@@ -1,0 +1,310 @@
+//! Which statements leave a pooled session as they found it.
+//!
+//! A pooled PostgreSQL session is reset before its next caller (settings,
+//! role, LISTEN, advisory locks, temporary tables). The reset costs the
+//! engine more than a point lookup, so it is skipped after statements that
+//! cannot have changed the session: one read-only query (SELECT, WITH,
+//! VALUES, TABLE, SHOW) whose function calls are all built-ins known to
+//! leave the session alone. Anything else, including every call to a
+//! function not on the list (`set_config`, `pg_advisory_lock`, user
+//! functions), is followed by the reset. The lexer errs toward "changed":
+//! what it cannot read is reset.
+//!
+//! What no text can show: a view, rule or row-level-security policy that
+//! calls a session-changing function. `session_reset = "always"` on the
+//! source resets after every statement for databases that have such objects.
+
+/// Read-only statement kinds.
+const READ_ONLY_STARTS: &[&str] = &["select", "with", "values", "table", "show"];
+
+/// Words that make a read-only-looking statement write or create something
+/// (`SELECT ... INTO` makes a table, a temporary one with `INTO TEMP`;
+/// data-modifying CTEs can fire triggers, which are user code).
+const WRITES: &[&str] = &["into", "insert", "update", "delete", "merge", "copy", "call", "do"];
+
+/// Keywords that may stand before `(` without calling a function.
+const KEYWORDS: &[&str] = &[
+    "all", "and", "any", "array", "as", "between", "by", "case", "cast", "coalesce", "cube", "distinct", "else",
+    "except", "exists", "extract", "filter", "from", "greatest", "grouping", "groups", "having", "ilike", "in",
+    "intersect", "is", "join", "lateral", "least", "like", "not", "nullif", "on", "or", "over", "overlay",
+    "partition", "position", "range", "rollup", "row", "rows", "select", "sets", "similar", "some", "substring",
+    "then", "treat", "trim", "union", "using", "values", "when", "where", "with", "within",
+    // Type names with a modifier, as in `::numeric(10, 2)`.
+    "bit", "char", "character", "decimal", "float", "interval", "numeric", "time", "timestamp", "varchar",
+    "varying",
+];
+
+/// Built-in functions that read their arguments and the database, and
+/// change nothing in the session.
+const PURE_FUNCTIONS: &[&str] = &[
+    "abs", "age", "array_agg", "array_length", "array_position", "array_to_string", "avg", "bit_and", "bit_or",
+    "bool_and", "bool_or", "btrim", "cardinality", "ceil", "ceiling", "char_length", "concat", "concat_ws", "count",
+    "cume_dist", "current_setting", "date_part", "date_trunc", "decode", "dense_rank", "encode", "every", "exp",
+    "first_value", "floor", "format", "gen_random_uuid", "generate_series", "initcap", "json_agg", "json_array_length",
+    "json_build_array", "json_build_object", "json_object_agg", "jsonb_agg", "jsonb_array_elements",
+    "jsonb_array_length", "jsonb_build_array", "jsonb_build_object", "jsonb_each", "jsonb_extract_path",
+    "jsonb_extract_path_text", "jsonb_object_agg", "jsonb_set", "jsonb_typeof", "lag", "last_value", "lead", "left",
+    "length", "ln", "log", "lower", "lpad", "ltrim", "make_date", "make_interval", "make_timestamp", "max", "md5",
+    "min", "mod", "mode", "now", "nth_value", "ntile", "octet_length", "percent_rank", "percentile_cont",
+    "percentile_disc", "power", "rank", "regexp_replace", "regexp_match", "repeat", "replace", "reverse", "right",
+    "round", "row_number", "row_to_json", "rpad", "rtrim", "sign", "split_part", "sqrt", "starts_with", "stddev",
+    "string_agg", "strpos", "substr", "sum", "to_char", "to_date", "to_json", "to_jsonb", "to_number",
+    "to_timestamp", "trunc", "unnest", "upper", "variance",
+];
+
+/// True when `sql` is one read-only statement that calls no function able
+/// to change the session, so the session needs no reset after it.
+pub fn leaves_session_unchanged(sql: &str) -> bool {
+    let mut lexer = Lexer { s: sql.as_bytes(), i: 0 };
+    let mut first = true;
+    // The word just read and whether it was qualified by a schema other than pg_catalog.
+    let mut previous: Option<(String, bool)> = None;
+    loop {
+        let Some(token) = lexer.next() else {
+            return false;
+        };
+        match token {
+            Token::End => return !first,
+            Token::Word(w) => {
+                if first && !READ_ONLY_STARTS.contains(&w.as_str()) {
+                    return false;
+                }
+                first = false;
+                if WRITES.contains(&w.as_str()) {
+                    return false;
+                }
+                previous = Some((w, false));
+                continue;
+            }
+            Token::Dot => {
+                // `schema.function(`: only pg_catalog's own functions are known.
+                if let Some(Token::Word(w)) = lexer.peek() {
+                    lexer.next();
+                    let foreign = previous.take().is_none_or(|(schema, _)| schema != "pg_catalog");
+                    previous = Some((w, foreign));
+                    continue;
+                }
+            }
+            Token::Open => {
+                if let Some((name, foreign)) = &previous {
+                    let known = KEYWORDS.contains(&name.as_str()) || PURE_FUNCTIONS.contains(&name.as_str());
+                    if *foreign || !known {
+                        return false;
+                    }
+                }
+            }
+            // A quoted name before `(` calls a function by its exact name: unknown.
+            Token::QuotedName => {
+                if matches!(lexer.peek(), Some(Token::Open)) {
+                    return false;
+                }
+            }
+            Token::Semicolon => return lexer.next() == Some(Token::End) && !first,
+            Token::Other => {}
+        }
+        first = false;
+        previous = None;
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Token {
+    Word(String),
+    QuotedName,
+    Open,
+    Dot,
+    Semicolon,
+    Other,
+    End,
+}
+
+struct Lexer<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Lexer<'_> {
+    fn peek(&mut self) -> Option<Token> {
+        let at = self.i;
+        let token = self.next();
+        self.i = at;
+        token
+    }
+
+    /// The next token; None for text the lexer cannot read (an unclosed
+    /// quote or comment), which the caller takes as "changed".
+    fn next(&mut self) -> Option<Token> {
+        self.skip_space()?;
+        let Some(&c) = self.s.get(self.i) else {
+            return Some(Token::End);
+        };
+        self.i += 1;
+        Some(match c {
+            b'(' => Token::Open,
+            b'.' if !self.s.get(self.i).is_some_and(u8::is_ascii_digit) => Token::Dot,
+            b';' => Token::Semicolon,
+            b'\'' => {
+                let escapes = self.i >= 2 && matches!(self.s[self.i - 2], b'e' | b'E');
+                self.quoted(b'\'', escapes)?;
+                Token::Other
+            }
+            b'"' => {
+                self.quoted(b'"', false)?;
+                Token::QuotedName
+            }
+            b'$' => {
+                self.dollar()?;
+                Token::Other
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                let start = self.i - 1;
+                while self
+                    .s
+                    .get(self.i)
+                    .is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80)
+                {
+                    self.i += 1;
+                }
+                let word = String::from_utf8_lossy(&self.s[start..self.i]).to_ascii_lowercase();
+                // E'...' and U&'...' strings start with a letter.
+                if self.s.get(self.i) == Some(&b'\'') && matches!(word.as_str(), "e" | "b" | "x" | "n") {
+                    return Some(Token::Other);
+                }
+                Token::Word(word)
+            }
+            _ => Token::Other,
+        })
+    }
+
+    /// Skips spaces and comments; None inside an unclosed block comment.
+    fn skip_space(&mut self) -> Option<()> {
+        loop {
+            match (self.s.get(self.i), self.s.get(self.i + 1)) {
+                (Some(c), _) if c.is_ascii_whitespace() => self.i += 1,
+                (Some(b'-'), Some(b'-')) => {
+                    while self.s.get(self.i).is_some_and(|&c| c != b'\n') {
+                        self.i += 1;
+                    }
+                }
+                (Some(b'/'), Some(b'*')) => {
+                    // Block comments nest in PostgreSQL.
+                    let mut depth = 0usize;
+                    loop {
+                        match (self.s.get(self.i), self.s.get(self.i + 1)) {
+                            (None, _) => return None,
+                            (Some(b'/'), Some(b'*')) => {
+                                depth += 1;
+                                self.i += 2;
+                            }
+                            (Some(b'*'), Some(b'/')) => {
+                                depth -= 1;
+                                self.i += 2;
+                                if depth == 0 {
+                                    break;
+                                }
+                            }
+                            _ => self.i += 1,
+                        }
+                    }
+                }
+                _ => return Some(()),
+            }
+        }
+    }
+
+    /// Skips to the end of a quoted string or name ('' or "" inside it is
+    /// the quote itself; with `escapes`, a backslash escapes the next byte).
+    fn quoted(&mut self, quote: u8, escapes: bool) -> Option<()> {
+        loop {
+            let c = *self.s.get(self.i)?;
+            self.i += 1;
+            if escapes && c == b'\\' {
+                self.i += 1;
+            } else if c == quote {
+                if self.s.get(self.i) == Some(&quote) {
+                    self.i += 1;
+                } else {
+                    return Some(());
+                }
+            }
+        }
+    }
+
+    /// A parameter ($1) or a dollar-quoted string ($$...$$, $tag$...$tag$).
+    fn dollar(&mut self) -> Option<()> {
+        if self.s.get(self.i).is_some_and(u8::is_ascii_digit) {
+            while self.s.get(self.i).is_some_and(u8::is_ascii_digit) {
+                self.i += 1;
+            }
+            return Some(());
+        }
+        let start = self.i - 1;
+        while self.s.get(self.i).is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_') {
+            self.i += 1;
+        }
+        if self.s.get(self.i) != Some(&b'$') {
+            return None;
+        }
+        self.i += 1;
+        let tag = &self.s[start..self.i];
+        let body = &self.s[self.i..];
+        let end = body.windows(tag.len()).position(|w| w == tag)?;
+        self.i += end + tag.len();
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::leaves_session_unchanged as neutral;
+
+    #[test]
+    fn plain_reads_leave_the_session_alone() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "select count(*), max(x) from t where y in (1, 2) and exists (select 1 from u)",
+            "WITH a AS (SELECT 1 AS x) SELECT x FROM a",
+            "SELECT lower(name) || 'set_config(' FROM t -- pg_advisory_lock(1)\n",
+            "SELECT 1::numeric(10, 2), pg_catalog.upper('a'), $$ LISTEN x $$, E'it\\'s'",
+            "SELECT 1;",
+            "VALUES (1), (2)",
+            "TABLE customers",
+            "SHOW search_path",
+            "SELECT /* nested /* comment */ set_config( */ 1",
+            "SELECT row_number() OVER (PARTITION BY a ORDER BY b) FROM t",
+            "SELECT \"Name\" FROM \"Mixed\".\"Table\"",
+            "SELECT 1.5 + .5",
+        ] {
+            assert!(neutral(sql), "{sql}");
+        }
+    }
+
+    #[test]
+    fn anything_that_may_change_the_session_is_reset() {
+        for sql in [
+            "SELECT set_config('application_name', 'x', false)",
+            "SELECT pg_advisory_lock(4242)",
+            "select PG_ADVISORY_LOCK(1)",
+            "SELECT my_function()",
+            "SELECT public.lower('a')",
+            "SELECT \"lower\"('a')",
+            "SELECT * INTO TEMP t FROM u",
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+            "SELECT nextval('s')",
+            "SET application_name = 'x'",
+            "BEGIN",
+            "LISTEN ch",
+            "CREATE TEMP TABLE t (x int)",
+            "INSERT INTO t VALUES (1)",
+            "SELECT 1; SET role = x",
+            "SELECT 'unclosed",
+            "SELECT /* unclosed",
+            "SELECT $tag$ unclosed",
+            "",
+            "   ",
+            ";",
+        ] {
+            assert!(!neutral(sql), "{sql}");
+        }
+    }
+}

@@ -17,6 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["."])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("weir_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        // Hand-written so that the server can send rows it has already encoded.
+        .extern_path(".weir.v1.RowBatch", "crate::row_batch::RowBatch")
+        .compile_fds(fds)?;
     Ok(())
 }

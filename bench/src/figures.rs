@@ -11,6 +11,7 @@ use tokio_postgres::NoTls;
 use weir_client::weir_proto::v1::value::Kind;
 use weir_client::WeirClient;
 
+use crate::cpu::Cpu;
 use crate::server::Weir;
 use crate::{median, Args, Figure};
 
@@ -78,9 +79,21 @@ struct Lookups {
     per_second: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU of the client, gateway and PostgreSQL per lookup.
+    cpu_per_call: Cpu,
 }
 
-fn summarize(mut latencies: Vec<Duration>, elapsed: Duration) -> Lookups {
+/// The CPU of `cpu` divided over `calls`.
+fn per_call(cpu: Cpu, calls: usize) -> Cpu {
+    let n = u32::try_from(calls.max(1)).unwrap_or(u32::MAX);
+    Cpu {
+        client: cpu.client / n,
+        gateway: cpu.gateway / n,
+        database: cpu.database / n,
+    }
+}
+
+fn summarize(mut latencies: Vec<Duration>, elapsed: Duration, cpu: Cpu) -> Lookups {
     latencies.sort();
     let at = |q: f64| {
         let i = ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
@@ -90,6 +103,7 @@ fn summarize(mut latencies: Vec<Duration>, elapsed: Duration) -> Lookups {
         per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
         p50_ms: at(0.5),
         p99_ms: at(0.99),
+        cpu_per_call: per_call(cpu, latencies.len()),
     }
 }
 
@@ -101,6 +115,7 @@ async fn direct_lookups(args: &Args, callers: usize, rows: i64) -> anyhow::Resul
         let statement = client.prepare(LOOKUP).await?;
         clients.push(Arc::new((client, statement)));
     }
+    let cpu = Cpu::now(None, "postgres");
     let deadline = Instant::now() + args.lookup_duration();
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -123,7 +138,8 @@ async fn direct_lookups(args: &Args, callers: usize, rows: i64) -> anyhow::Resul
     for t in tasks {
         all.extend(t.await??);
     }
-    Ok(summarize(all, started.elapsed()))
+    let elapsed = started.elapsed();
+    Ok(summarize(all, elapsed, Cpu::now(None, "postgres").since(&cpu)))
 }
 
 async fn weir_lookups(args: &Args, weir: &Weir, callers: usize, rows: i64) -> anyhow::Result<Lookups> {
@@ -131,6 +147,7 @@ async fn weir_lookups(args: &Args, weir: &Weir, callers: usize, rows: i64) -> an
     for _ in 0..callers.div_ceil(CALLERS_PER_CHANNEL) {
         clients.push(weir.client().await?);
     }
+    let cpu = Cpu::now(weir.pid(), "postgres");
     let deadline = Instant::now() + args.lookup_duration();
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -152,7 +169,8 @@ async fn weir_lookups(args: &Args, weir: &Weir, callers: usize, rows: i64) -> an
     for t in tasks {
         all.extend(t.await??);
     }
-    Ok(summarize(all, started.elapsed()))
+    let elapsed = started.elapsed();
+    Ok(summarize(all, elapsed, Cpu::now(weir.pid(), "postgres").since(&cpu)))
 }
 
 /// `pgbench -S -M prepared` over TCP with 8 clients: transactions per second.
@@ -322,6 +340,12 @@ async fn direct_sqlite_stream(path: std::path::PathBuf) -> anyhow::Result<f64> {
     .await?
 }
 
+/// The run whose total CPU is the median.
+fn median_cpu(mut runs: Vec<Cpu>) -> Cpu {
+    runs.sort_by_key(Cpu::total);
+    runs.get(runs.len() / 2).copied().unwrap_or_default()
+}
+
 async fn repeat<F, Fut>(runs: usize, mut f: F) -> anyhow::Result<f64>
 where
     F: FnMut() -> Fut,
@@ -343,7 +367,7 @@ pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::
         lookups(&args, weir, rows, &mut figures).await?;
     }
     if args.wants("stream") {
-        stream(&args, &client, sqlite, rows, &mut figures).await?;
+        stream(&args, &client, weir.pid(), sqlite, rows, &mut figures).await?;
     }
     if args.wants("load") {
         load(&args, &client, rows, &mut figures).await?;
@@ -368,9 +392,12 @@ async fn lookups(args: &Arc<Args>, weir: &Weir, rows: i64, figures: &mut Vec<Fig
         println!("point lookups with {callers} callers...");
         let (mut d_rps, mut w_rps, mut d50, mut w50, mut d99, mut w99) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut d_cpu, mut w_cpu) = (vec![], vec![]);
         for _ in 0..args.runs {
             let d = direct_lookups(args, callers, rows).await?;
             let w = weir_lookups(args, weir, callers, rows).await?;
+            d_cpu.push(d.cpu_per_call);
+            w_cpu.push(w.cpu_per_call);
             d_rps.push(d.per_second);
             w_rps.push(w.per_second);
             d50.push(d.p50_ms);
@@ -406,10 +433,26 @@ async fn lookups(args: &Arc<Args>, weir: &Weir, rows: i64, figures: &mut Vec<Fig
             median(w99),
             false,
         ));
+        let (d_cpu, w_cpu) = (median_cpu(d_cpu), median_cpu(w_cpu));
+        figures.push(fig(
+            format!("CPU per lookup (all processes), {callers} callers"),
+            "µs",
+            d_cpu.total().as_secs_f64() * 1e6,
+            w_cpu.total().as_secs_f64() * 1e6,
+            false,
+        ));
+        crate::detail(format!(
+            "point lookups, {callers} callers: direct {}; Weir {}",
+            d_cpu.per(1.0, "PostgreSQL"),
+            w_cpu.per(1.0, "PostgreSQL")
+        ));
     }
     println!("pgbench -S -M prepared, 8 clients...");
     let pgbench = repeat(args.runs, || async { pgbench_select(args) }).await?;
-    let weir8 = figures.get(3).map_or(0.0, |f| f.weir);
+    let weir8 = figures
+        .iter()
+        .find(|f| f.name == "point lookups, 8 callers")
+        .map_or(0.0, |f| f.weir);
     figures.push(Figure {
         name: "point lookups, 8 callers, vs pgbench -S -M prepared".into(),
         unit: "/s",
@@ -423,14 +466,26 @@ async fn lookups(args: &Arc<Args>, weir: &Weir, rows: i64, figures: &mut Vec<Fig
 async fn stream(
     args: &Arc<Args>,
     client: &WeirClient,
+    gateway: Option<u32>,
     sqlite: &std::path::Path,
     rows: i64,
     figures: &mut Vec<Figure>,
 ) -> anyhow::Result<()> {
     println!("streaming {rows} rows...");
+    let before = Cpu::now(None, "postgres");
     let direct = repeat(args.runs, || direct_stream(args)).await?;
+    let direct_cpu = Cpu::now(None, "postgres").since(&before);
     let copy = repeat(args.runs, || direct_copy(args)).await?;
+    let before = Cpu::now(gateway, "postgres");
     let through = repeat(args.runs, || async { Ok(weir_stream(client, "pg", STREAM).await?.0) }).await?;
+    let weir_cpu = Cpu::now(gateway, "postgres").since(&before);
+    // Per 1,000 rows, over all runs.
+    let thousands = (rows as f64 * args.runs as f64 / 1000.0).max(1.0);
+    crate::detail(format!(
+        "stream {rows} rows, per 1,000 rows: query_raw {}; Weir {}",
+        direct_cpu.per(thousands, "PostgreSQL"),
+        weir_cpu.per(thousands, "PostgreSQL")
+    ));
     figures.push(Figure {
         name: format!("stream {rows} rows vs query_raw"),
         unit: "rows/s",

@@ -4,6 +4,7 @@
 //! one run, no conclusions.
 
 mod changes;
+mod cpu;
 mod figures;
 mod kafka;
 mod load;
@@ -111,6 +112,17 @@ impl Figure {
     }
 }
 
+/// Lines that explain figures (where the CPU went), printed as they are
+/// measured and listed again under the report's table.
+static DETAILS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+pub fn detail(line: String) {
+    println!("  {line}");
+    if let Ok(mut details) = DETAILS.lock() {
+        details.push(line);
+    }
+}
+
 pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
@@ -129,6 +141,14 @@ fn report(args: &Args, figures: &[Figure]) -> String {
             f.unit,
             f.ratio()
         ));
+    }
+    if let Ok(details) = DETAILS.lock() {
+        if !details.is_empty() {
+            out.push_str("\nWhere the CPU went (per call or per row, median run):\n\n");
+            for line in details.iter() {
+                out.push_str(&format!("- {line}\n"));
+            }
+        }
     }
     out.push_str(&format!(
         "\nMode: {}, {} run(s) per figure (median), {} s per lookup run.\n",

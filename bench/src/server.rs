@@ -158,6 +158,11 @@ topic_prefix = "weir-bench-"
         Ok(WeirClient::connect(&self.addr, key).await?)
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Peak resident memory of the server so far (VmHWM), in bytes.
     pub fn peak_rss(&self) -> Option<u64> {
         let pid = self.child.id()?;

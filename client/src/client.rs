@@ -444,6 +444,7 @@ mod tests {
     fn batch(n: i64) -> Result<ExecuteStreamResponse, Status> {
         message(Payload::Batch(RowBatch {
             rows: vec![Row { values: vec![n.into()] }],
+            ..Default::default()
         }))
     }
 

@@ -4,8 +4,10 @@
 /// The `weir.v1` package: messages, `*_client` and `*_server` modules.
 pub mod v1 {
     tonic::include_proto!("weir.v1");
+    pub use crate::row_batch::RowBatch;
 }
 
+pub mod row_batch;
 pub mod value;
 
 /// Encoded `FileDescriptorSet` of the API, for gRPC server reflection.

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::watch;
@@ -10,6 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use weir_proto::v1 as pb;
 use weir_proto::v1::query_service_server::QueryService;
+use weir_proto::v1::RowBatch;
 
 use super::convert;
 use super::transactions::{OpenTransaction, Transactions};
@@ -201,6 +203,13 @@ async fn execute_unary(target: &Target, timing: Timing) -> Result<pb::ExecuteRes
 
 type StreamSender = StreamOut<pb::ExecuteStreamResponse>;
 
+fn encoded_batch(encoded: Bytes) -> pb::ExecuteStreamResponse {
+    message(pb::execute_stream_response::Payload::Batch(RowBatch {
+        rows: Vec::new(),
+        encoded,
+    }))
+}
+
 fn message(payload: pb::execute_stream_response::Payload) -> pb::ExecuteStreamResponse {
     pb::ExecuteStreamResponse { payload: Some(payload) }
 }
@@ -223,8 +232,10 @@ async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, t
         return Ok(());
     }
     let (mut total_rows, mut total_bytes, mut first_row) = (0u64, 0u64, None);
-    let mut batch = Vec::with_capacity(batch_rows.min(DEFAULT_BATCH_ROWS));
-    let mut batch_bytes = 0usize;
+    // Rows are encoded as they arrive, on this task: each row's values are
+    // freed while still in cache, and the response task only copies bytes.
+    let mut batch = BytesMut::new();
+    let mut batch_len = 0usize;
     loop {
         let next = tokio::select! {
             biased;
@@ -233,23 +244,21 @@ async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, t
         };
         let Some(row) = next else { break };
         first_row.get_or_insert_with(|| started.elapsed());
-        let row = convert::row(row?);
-        batch_bytes += row.encoded_len();
-        batch.push(row);
-        if batch.len() >= batch_rows || batch_bytes >= BATCH_BYTES {
-            total_rows += batch.len() as u64;
-            total_bytes += batch_bytes as u64;
-            let rows = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows.min(DEFAULT_BATCH_ROWS)));
-            batch_bytes = 0;
-            if !tx.send(message(Payload::Batch(pb::RowBatch { rows }))).await? {
+        RowBatch::push_encoded(&mut batch, &convert::row(row?));
+        batch_len += 1;
+        if batch_len >= batch_rows || batch.len() >= BATCH_BYTES {
+            total_rows += batch_len as u64;
+            total_bytes += batch.len() as u64;
+            batch_len = 0;
+            if !tx.send(encoded_batch(batch.split().freeze())).await? {
                 return Ok(());
             }
         }
     }
-    if !batch.is_empty() {
-        total_rows += batch.len() as u64;
-        total_bytes += batch_bytes as u64;
-        if !tx.send(message(Payload::Batch(pb::RowBatch { rows: batch }))).await? {
+    if batch_len > 0 {
+        total_rows += batch_len as u64;
+        total_bytes += batch.len() as u64;
+        if !tx.send(encoded_batch(batch.freeze())).await? {
             return Ok(());
         }
     }

@@ -3,6 +3,7 @@
 //! all three share, a ratio of rates is a ratio of CPU spent per call, so
 //! the report says where that CPU went.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// Clock ticks per second of /proc/<pid>/stat times (USER_HZ, 100 on Linux).
@@ -13,6 +14,16 @@ pub struct Cpu {
     pub client: Duration,
     pub gateway: Duration,
     pub database: Duration,
+}
+
+/// CPU used so far by each process, to take differences from.
+pub struct Snapshot {
+    client: Duration,
+    gateway: Option<(u32, Duration)>,
+    database: &'static str,
+    /// By pid: backends come and go with connections, so only the CPU of
+    /// processes alive at both ends (or started in between) is counted.
+    database_pids: HashMap<u32, Duration>,
 }
 
 /// utime + stime of one process, from the fields after its `(comm)`.
@@ -30,50 +41,77 @@ fn pid_cpu(pid: u32) -> Duration {
         .unwrap_or_default()
 }
 
-/// Every process named `name` (the database server's backends and helpers).
-fn named_cpu(name: &str) -> Duration {
+/// Every process named `name` (the database server's backends and helpers), by pid.
+fn named_cpu(name: &str) -> HashMap<u32, Duration> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Duration::ZERO;
+        return HashMap::new();
     };
     entries
         .flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|s| s.split_once('(').and_then(|(_, rest)| rest.rsplit_once(')')).map(|(comm, _)| comm) == Some(name))
-        .filter_map(|s| process_cpu(&s))
-        .sum()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let comm = stat.split_once('(')?.1.rsplit_once(')')?.0;
+            (comm == name).then_some((pid, process_cpu(&stat)?))
+        })
+        .collect()
+}
+
+impl Snapshot {
+    /// CPU used so far by this process, `gateway` and the processes named `database`.
+    pub fn now(gateway: Option<u32>, database: &'static str) -> Snapshot {
+        Snapshot {
+            client: pid_cpu(std::process::id()),
+            gateway: gateway.map(|pid| (pid, pid_cpu(pid))),
+            database,
+            database_pids: named_cpu(database),
+        }
+    }
+
+    /// CPU used from this snapshot until now.
+    pub fn elapsed(&self) -> Cpu {
+        let later = Snapshot::now(self.gateway.map(|(pid, _)| pid), self.database);
+        let database = later
+            .database_pids
+            .iter()
+            .map(|(pid, cpu)| cpu.saturating_sub(self.database_pids.get(pid).copied().unwrap_or_default()))
+            .sum();
+        Cpu {
+            client: later.client.saturating_sub(self.client),
+            gateway: match (later.gateway, self.gateway) {
+                (Some((_, after)), Some((_, before))) => after.saturating_sub(before),
+                _ => Duration::ZERO,
+            },
+            database,
+        }
+    }
+}
+
+impl std::ops::AddAssign for Cpu {
+    fn add_assign(&mut self, other: Cpu) {
+        self.client += other.client;
+        self.gateway += other.gateway;
+        self.database += other.database;
+    }
 }
 
 impl Cpu {
-    /// CPU used so far by this process, `gateway` and the processes named `database`.
-    pub fn now(gateway: Option<u32>, database: &str) -> Cpu {
-        Cpu {
-            client: pid_cpu(std::process::id()),
-            gateway: gateway.map(pid_cpu).unwrap_or_default(),
-            database: named_cpu(database),
-        }
-    }
-
-    /// CPU used between `earlier` and `self`.
-    pub fn since(&self, earlier: &Cpu) -> Cpu {
-        Cpu {
-            client: self.client.saturating_sub(earlier.client),
-            gateway: self.gateway.saturating_sub(earlier.gateway),
-            database: self.database.saturating_sub(earlier.database),
-        }
-    }
-
     pub fn total(&self) -> Duration {
         self.client + self.gateway + self.database
     }
 
-    /// "client 12.0 µs, gateway 30.1 µs, PostgreSQL 40.2 µs" per unit of work.
+    /// "client 12.0 µs, gateway 30.1 µs, PostgreSQL 40.2 µs" per unit of
+    /// work; no gateway figure where there is no gateway.
     pub fn per(&self, units: f64, database: &str) -> String {
         let us = |d: Duration| d.as_secs_f64() * 1e6 / units.max(1.0);
+        let gateway = if self.gateway.is_zero() {
+            String::new()
+        } else {
+            format!(", gateway {:.1} µs", us(self.gateway))
+        };
         format!(
-            "client {:.1} µs, gateway {:.1} µs, {database} {:.1} µs",
+            "client {:.1} µs{gateway}, {database} {:.1} µs",
             us(self.client),
-            us(self.gateway),
             us(self.database)
         )
     }

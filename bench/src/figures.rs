@@ -11,7 +11,7 @@ use tokio_postgres::NoTls;
 use weir_client::weir_proto::v1::value::Kind;
 use weir_client::WeirClient;
 
-use crate::cpu::Cpu;
+use crate::cpu::{Cpu, Snapshot};
 use crate::server::Weir;
 use crate::{median, Args, Figure};
 
@@ -115,7 +115,7 @@ async fn direct_lookups(args: &Args, callers: usize, rows: i64) -> anyhow::Resul
         let statement = client.prepare(LOOKUP).await?;
         clients.push(Arc::new((client, statement)));
     }
-    let cpu = Cpu::now(None, "postgres");
+    let cpu = Snapshot::now(None, "postgres");
     let deadline = Instant::now() + args.lookup_duration();
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -139,7 +139,7 @@ async fn direct_lookups(args: &Args, callers: usize, rows: i64) -> anyhow::Resul
         all.extend(t.await??);
     }
     let elapsed = started.elapsed();
-    Ok(summarize(all, elapsed, Cpu::now(None, "postgres").since(&cpu)))
+    Ok(summarize(all, elapsed, cpu.elapsed()))
 }
 
 async fn weir_lookups(args: &Args, weir: &Weir, callers: usize, rows: i64) -> anyhow::Result<Lookups> {
@@ -147,7 +147,7 @@ async fn weir_lookups(args: &Args, weir: &Weir, callers: usize, rows: i64) -> an
     for _ in 0..callers.div_ceil(CALLERS_PER_CHANNEL) {
         clients.push(weir.client().await?);
     }
-    let cpu = Cpu::now(weir.pid(), "postgres");
+    let cpu = Snapshot::now(weir.pid(), "postgres");
     let deadline = Instant::now() + args.lookup_duration();
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -170,7 +170,7 @@ async fn weir_lookups(args: &Args, weir: &Weir, callers: usize, rows: i64) -> an
         all.extend(t.await??);
     }
     let elapsed = started.elapsed();
-    Ok(summarize(all, elapsed, Cpu::now(weir.pid(), "postgres").since(&cpu)))
+    Ok(summarize(all, elapsed, cpu.elapsed()))
 }
 
 /// `pgbench -S -M prepared` over TCP with 8 clients: transactions per second.
@@ -198,8 +198,11 @@ fn pgbench_select(args: &Args) -> anyhow::Result<f64> {
 }
 
 /// Rows per second reading the whole table with tokio-postgres, decoding every value.
-async fn direct_stream(args: &Args) -> anyhow::Result<f64> {
+/// `spent` gains the CPU of the run, taken while its connection (and so its
+/// database backend) is still open.
+async fn direct_stream(args: &Args, spent: &std::sync::Mutex<Cpu>) -> anyhow::Result<f64> {
     let client = pg(args).await?;
+    let cpu = Snapshot::now(None, "postgres");
     let started = Instant::now();
     let rows = client.query_raw(STREAM, std::iter::empty::<i32>()).await?;
     pin_mut!(rows);
@@ -211,7 +214,11 @@ async fn direct_stream(args: &Args) -> anyhow::Result<f64> {
         n += 1;
     }
     std::hint::black_box(checksum);
-    Ok(n as f64 / started.elapsed().as_secs_f64())
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    if let Ok(mut spent) = spent.lock() {
+        *spent += cpu.elapsed();
+    }
+    Ok(rate)
 }
 
 /// Rows per second of `COPY ... TO STDOUT` (text), counting lines.
@@ -472,13 +479,13 @@ async fn stream(
     figures: &mut Vec<Figure>,
 ) -> anyhow::Result<()> {
     println!("streaming {rows} rows...");
-    let before = Cpu::now(None, "postgres");
-    let direct = repeat(args.runs, || direct_stream(args)).await?;
-    let direct_cpu = Cpu::now(None, "postgres").since(&before);
+    let spent = std::sync::Mutex::new(Cpu::default());
+    let direct = repeat(args.runs, || direct_stream(args, &spent)).await?;
+    let direct_cpu = spent.into_inner().unwrap_or_default();
     let copy = repeat(args.runs, || direct_copy(args)).await?;
-    let before = Cpu::now(gateway, "postgres");
+    let before = Snapshot::now(gateway, "postgres");
     let through = repeat(args.runs, || async { Ok(weir_stream(client, "pg", STREAM).await?.0) }).await?;
-    let weir_cpu = Cpu::now(gateway, "postgres").since(&before);
+    let weir_cpu = before.elapsed();
     // Per 1,000 rows, over all runs.
     let thousands = (rows as f64 * args.runs as f64 / 1000.0).max(1.0);
     crate::detail(format!(

@@ -3,7 +3,7 @@
 //! already in wire form. On the wire it is the message of `query.proto`
 //! (`repeated Row rows = 1`); clients decode it into `rows` as before.
 
-use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{self, DecodeContext, WireType};
 use prost::{DecodeError, Message};
 
@@ -14,20 +14,10 @@ use crate::v1::Row;
 pub struct RowBatch {
     /// Rows as messages: what a decoded batch holds.
     pub rows: Vec<Row>,
-    /// Rows already encoded as `rows` fields (see [`RowBatch::push_encoded`]),
-    /// sent ahead of `rows` as they are. Empty in a decoded batch.
+    /// Rows already encoded as `rows` fields (field 1, length-delimited
+    /// `Row` messages), sent ahead of `rows` as they are. Empty in a
+    /// decoded batch.
     pub encoded: Bytes,
-}
-
-impl RowBatch {
-    /// Appends `row` to `buf` as one `rows` field and returns the bytes
-    /// written; a batch built from such a buffer goes out without
-    /// re-encoding.
-    pub fn push_encoded(buf: &mut BytesMut, row: &Row) -> usize {
-        let before = buf.len();
-        encoding::message::encode(1, row, buf);
-        buf.len() - before
-    }
 }
 
 impl Message for RowBatch {
@@ -86,15 +76,13 @@ mod tests {
 
     #[test]
     fn encoded_rows_decode_as_rows() {
-        let mut buf = BytesMut::new();
-        let mut written = 0;
+        let mut buf = Vec::new();
         for i in 0..3 {
-            written += RowBatch::push_encoded(&mut buf, &row(i, "x"));
+            encoding::message::encode(1, &row(i, "x"), &mut buf);
         }
-        assert_eq!(written, buf.len());
         let batch = RowBatch {
             rows: vec![row(3, "later")],
-            encoded: buf.freeze(),
+            encoded: buf.into(),
         };
         let wire = batch.encode_to_vec();
         assert_eq!(wire.len(), batch.encoded_len());

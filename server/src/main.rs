@@ -8,11 +8,6 @@ use clap::{Parser, Subcommand};
 use weir_server::telemetry::{self, LogFormat};
 use weir_server::{Config, Listeners};
 
-/// Rows are built on one worker thread and freed on another once encoded;
-/// glibc's per-arena locks then showed in every streaming profile.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Multi-tenant gRPC gateway to databases")]
 struct Args {

@@ -17,6 +17,7 @@ pub mod types;
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use futures::Stream;
@@ -29,11 +30,37 @@ pub use types::*;
 
 use crate::config::{EngineKind, SourceConfig};
 
+/// Takes a row's values one at a time, so that an engine can hand over text
+/// straight from its receive buffer instead of copying it into a `Value`.
+pub trait RowSink {
+    fn value(&mut self, value: Value);
+    /// A text value (what would be `Value::Text`), borrowed.
+    fn text(&mut self, text: &str);
+}
+
 /// Rows of a running statement. Dropping it before the end cancels the
 /// statement in the engine.
 pub trait RowStream: Stream<Item = Result<Row, BackendError>> + Send {
     /// Rows inserted/updated/deleted, known once the stream has ended.
     fn rows_affected(&self) -> Option<u64>;
+
+    /// The next row, given value by value to `sink` (`Some(Ok(()))` once a
+    /// row is complete). Engines that can lend their text override it.
+    fn poll_next_into(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        sink: &mut dyn RowSink,
+    ) -> Poll<Option<Result<(), BackendError>>> {
+        self.poll_next(cx).map(|next| {
+            next.map(|row| {
+                row.map(|values| {
+                    for value in values {
+                        sink.value(value);
+                    }
+                })
+            })
+        })
+    }
 }
 
 /// A statement that has started: its columns, then its rows.

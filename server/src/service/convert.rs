@@ -1,7 +1,9 @@
 //! Conversions between protobuf messages and domain types. Incoming values
 //! are validated here, once; outgoing values cannot fail.
 
+use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Timelike};
+use prost::encoding::{self, WireType};
 use weir_proto::v1 as pb;
 use weir_proto::v1::value::Kind;
 
@@ -266,6 +268,46 @@ pub fn timestamp(t: DateTime<chrono::Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// Encodes result rows as `RowBatch.rows` fields while the engine hands
+/// their values over: no `pb::Row` is built, and borrowed text is copied
+/// once, into the batch.
+#[derive(Default)]
+pub struct RowEncoder {
+    /// The `Row.values` fields of the row in progress.
+    row: BytesMut,
+}
+
+impl domain::RowSink for RowEncoder {
+    fn value(&mut self, v: Value) {
+        encoding::message::encode(1, &value(v), &mut self.row);
+    }
+
+    fn text(&mut self, text: &str) {
+        // Value { kind: string_value (field 6) }, as prost writes a oneof string.
+        let kind_len = encoding::key_len(6) + encoding::encoded_len_varint(text.len() as u64) + text.len();
+        encoding::encode_key(1, WireType::LengthDelimited, &mut self.row);
+        encoding::encode_varint(kind_len as u64, &mut self.row);
+        encoding::encode_key(6, WireType::LengthDelimited, &mut self.row);
+        encoding::encode_varint(text.len() as u64, &mut self.row);
+        self.row.put_slice(text.as_bytes());
+    }
+}
+
+impl RowEncoder {
+    /// Appends the row in progress to `batch` as one `RowBatch.rows` field.
+    pub fn finish_row(&mut self, batch: &mut BytesMut) {
+        encoding::encode_key(1, WireType::LengthDelimited, batch);
+        encoding::encode_varint(self.row.len() as u64, batch);
+        batch.put_slice(&self.row);
+        self.row.clear();
+    }
+
+    /// Drops a row that failed half-way.
+    pub fn discard_row(&mut self) {
+        self.row.clear();
+    }
+}
+
 pub fn row(values: domain::Row) -> pb::Row {
     pb::Row {
         values: values.into_iter().map(value).collect(),
@@ -417,6 +459,43 @@ pub fn description(d: domain::TableDescription) -> pb::DescribeTableResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::RowSink;
+
+    #[test]
+    fn encoded_rows_are_the_rows_prost_would_write() {
+        use prost::Message;
+        let mut encoder = RowEncoder::default();
+        let mut batch = BytesMut::new();
+        // One row with lent text, one with owned values only, one with empty text.
+        encoder.value(Value::Int(7));
+        encoder.text("héllo");
+        encoder.value(Value::Null);
+        encoder.value(Value::Text("owned".into()));
+        encoder.finish_row(&mut batch);
+        encoder.value(Value::Float(1.5));
+        encoder.finish_row(&mut batch);
+        encoder.text("");
+        encoder.value(Value::Decimal("x".into()));
+        encoder.discard_row();
+        encoder.text("");
+        encoder.finish_row(&mut batch);
+        let want = pb::RowBatch {
+            rows: vec![
+                row(vec![
+                    Value::Int(7),
+                    Value::Text("héllo".into()),
+                    Value::Null,
+                    Value::Text("owned".into()),
+                ]),
+                row(vec![Value::Float(1.5)]),
+                row(vec![Value::Text(String::new())]),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(batch.to_vec(), want.encode_to_vec());
+        let decoded = pb::RowBatch::decode(batch.freeze()).expect("decodes");
+        assert_eq!(decoded.rows, want.rows);
+    }
 
     fn arbitrary_value() -> impl proptest::strategy::Strategy<Value = pb::Value> {
         use proptest::prelude::*;

@@ -1,5 +1,6 @@
 //! QueryService: unary and streaming statements, and transactions.
 
+use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -236,15 +237,20 @@ async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, t
     // freed while still in cache, and the response task only copies bytes.
     let mut batch = BytesMut::new();
     let mut batch_len = 0usize;
+    let mut encoder = convert::RowEncoder::default();
     loop {
         let next = tokio::select! {
             biased;
-            row = query.rows.next() => row,
+            row = poll_fn(|cx| query.rows.as_mut().poll_next_into(cx, &mut encoder)) => row,
             () = tx.closed() => return Ok(()),
         };
         let Some(row) = next else { break };
         first_row.get_or_insert_with(|| started.elapsed());
-        RowBatch::push_encoded(&mut batch, &convert::row(row?));
+        if let Err(e) = row {
+            encoder.discard_row();
+            return Err(e.into());
+        }
+        encoder.finish_row(&mut batch);
         batch_len += 1;
         if batch_len >= batch_rows || batch.len() >= BATCH_BYTES {
             total_rows += batch_len as u64;

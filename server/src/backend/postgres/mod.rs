@@ -342,13 +342,7 @@ impl Stream for PgRowStream {
                 for i in 0..this.width {
                     match row.try_get::<_, PgValue>(i) {
                         Ok(v) => values.push(v.0),
-                        Err(e) => {
-                            let name = row.columns().get(i).map(|c| c.name().to_string()).unwrap_or_default();
-                            let source = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
-                            return Poll::Ready(Some(Err(BackendError::Invalid(format!(
-                                "column \"{name}\": {source}"
-                            )))));
-                        }
+                        Err(e) => return Poll::Ready(Some(Err(column_error(&row, i, &e)))),
                     }
                 }
                 Poll::Ready(Some(Ok(values)))
@@ -357,9 +351,57 @@ impl Stream for PgRowStream {
     }
 }
 
+/// A value that did not decode, named by its column.
+fn column_error(row: &tokio_postgres::Row, i: usize, e: &tokio_postgres::Error) -> BackendError {
+    let name = row.columns().get(i).map(|c| c.name().to_string()).unwrap_or_default();
+    let source = std::error::Error::source(e).map(|s| s.to_string()).unwrap_or_default();
+    BackendError::Invalid(format!("column \"{name}\": {source}"))
+}
+
+/// Types whose binary form is the UTF-8 text itself (what `&str` decodes).
+fn lends_text(ty: &tokio_postgres::types::Type) -> bool {
+    use tokio_postgres::types::Type;
+    matches!(*ty, Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME)
+}
+
 impl RowStream for PgRowStream {
     fn rows_affected(&self) -> Option<u64> {
         self.rows_affected
+    }
+
+    fn poll_next_into(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        sink: &mut dyn crate::backend::RowSink,
+    ) -> Poll<Option<Result<(), BackendError>>> {
+        let this = &mut *self;
+        let row = match this.inner.as_mut().poll_next(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                this.rows_affected = this.inner.rows_affected();
+                this.guard.finish();
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.guard.finish();
+                return Poll::Ready(Some(Err(map_error(e))));
+            }
+            Poll::Ready(Some(Ok(row))) => row,
+        };
+        for (i, column) in row.columns().iter().enumerate() {
+            let decoded = if lends_text(column.type_()) {
+                row.try_get::<_, Option<&str>>(i).map(|text| match text {
+                    Some(text) => sink.text(text),
+                    None => sink.value(crate::backend::Value::Null),
+                })
+            } else {
+                row.try_get::<_, PgValue>(i).map(|v| sink.value(v.0))
+            };
+            if let Err(e) = decoded {
+                return Poll::Ready(Some(Err(column_error(&row, i, &e))));
+            }
+        }
+        Poll::Ready(Some(Ok(())))
     }
 }
 

@@ -15,14 +15,17 @@
 //! source resets after every statement for databases that have such objects.
 
 /// Read-only statement kinds.
+#[rustfmt::skip]
 const READ_ONLY_STARTS: &[&str] = &["select", "with", "values", "table", "show"];
 
 /// Words that make a read-only-looking statement write or create something
 /// (`SELECT ... INTO` makes a table, a temporary one with `INTO TEMP`;
 /// data-modifying CTEs can fire triggers, which are user code).
+#[rustfmt::skip]
 const WRITES: &[&str] = &["into", "insert", "update", "delete", "merge", "copy", "call", "do"];
 
 /// Keywords that may stand before `(` without calling a function.
+#[rustfmt::skip]
 const KEYWORDS: &[&str] = &[
     "all", "and", "any", "array", "as", "between", "by", "case", "cast", "coalesce", "cube", "distinct", "else",
     "except", "exists", "extract", "filter", "from", "greatest", "grouping", "groups", "having", "ilike", "in",
@@ -36,6 +39,7 @@ const KEYWORDS: &[&str] = &[
 
 /// Built-in functions that read their arguments and the database, and
 /// change nothing in the session.
+#[rustfmt::skip]
 const PURE_FUNCTIONS: &[&str] = &[
     "abs", "age", "array_agg", "array_length", "array_position", "array_to_string", "avg", "bit_and", "bit_or",
     "bool_and", "bool_or", "btrim", "cardinality", "ceil", "ceiling", "char_length", "concat", "concat_ws", "count",
@@ -55,7 +59,10 @@ const PURE_FUNCTIONS: &[&str] = &[
 /// True when `sql` is one read-only statement that calls no function able
 /// to change the session, so the session needs no reset after it.
 pub fn leaves_session_unchanged(sql: &str) -> bool {
-    let mut lexer = Lexer { s: sql.as_bytes(), i: 0 };
+    let mut lexer = Lexer {
+        s: sql.as_bytes(),
+        i: 0,
+    };
     let mut first = true;
     // The word just read and whether it was qualified by a schema other than pg_catalog.
     let mut previous: Option<(String, bool)> = None;
@@ -239,7 +246,11 @@ impl Lexer<'_> {
             return Some(());
         }
         let start = self.i - 1;
-        while self.s.get(self.i).is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_') {
+        while self
+            .s
+            .get(self.i)
+            .is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_')
+        {
             self.i += 1;
         }
         if self.s.get(self.i) != Some(&b'$') {

@@ -332,6 +332,29 @@ async fn engine_errors_keep_their_sqlstate() {
 }
 
 #[tokio::test]
+async fn streamed_rows_are_the_rows_of_execute() {
+    // ExecuteStream encodes rows as they arrive, with text lent straight from
+    // the driver's buffer; Execute builds messages. Both must say the same.
+    let server = TestServer::start(&config("")).await;
+    let client = server.client("key-acme").await;
+    let sql = "SELECT g, 'héllo ' || g AS t, ('v' || g)::varchar(10) AS v, 'x'::char(3) AS c, \
+               'pg_class'::name AS n, CASE WHEN g % 2 = 0 THEN NULL ELSE 'odd' END AS maybe, '' AS empty, \
+               g::numeric / 3 AS d, '2024-01-02 03:04:05+00'::timestamptz AS ts, ARRAY['a', NULL] AS arr, \
+               '{\"k\": 1}'::jsonb AS j, NULL::text AS nothing \
+               FROM generate_series(1, 2500) g ORDER BY g";
+    let unary = client.execute("pg", sql, vec![]).await.expect("execute");
+    let mut stream = client.execute_stream("pg", sql, vec![]).await.expect("stream");
+    let mut streamed = Vec::new();
+    while let Some(batch) = stream.next_batch().await.expect("batch") {
+        streamed.extend(batch);
+    }
+    assert_eq!(streamed.len(), 2500);
+    assert_eq!(text(&streamed[0].values[1]), "héllo 1");
+    assert_eq!(streamed, unary.rows);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn transactions_commit_roll_back_and_expire() {
     setup("DROP TABLE IF EXISTS weir_tx; CREATE TABLE weir_tx (id int PRIMARY KEY, note text);").await;
     let server = TestServer::start(&config("transaction_idle_timeout = \"1s\"")).await;

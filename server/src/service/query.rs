@@ -256,7 +256,10 @@ async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, t
             total_rows += batch_len as u64;
             total_bytes += batch.len() as u64;
             batch_len = 0;
-            if !tx.send(encoded_batch(batch.split().freeze())).await? {
+            let full = batch.split().freeze();
+            // The next batch is about as large: one allocation, no regrowth.
+            batch.reserve(full.len() + full.len() / 8);
+            if !tx.send(encoded_batch(full)).await? {
                 return Ok(());
             }
         }

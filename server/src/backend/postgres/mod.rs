@@ -51,9 +51,10 @@ pub struct PgConn {
     /// Set between BEGIN and COMMIT/ROLLBACK: a connection returned to the
     /// pool in that state is discarded rather than reused.
     in_transaction: bool,
-    /// A caller's statement ran since the last reset: its BEGIN, SET,
-    /// advisory locks, LISTEN or temporary tables must not reach the next
-    /// caller (nor undo a read-only default).
+    /// A statement that may have changed the session ran since the last
+    /// reset: its BEGIN, SET, advisory locks, LISTEN or temporary tables must
+    /// not reach the next caller (nor undo a read-only default). Plain reads
+    /// do not set it (see `session`), unless `session_reset = "always"`.
     needs_reset: bool,
     /// The session may be inside a transaction block, so its reset starts
     /// with ROLLBACK. A statement that returns rows (SELECT, SHOW, ...

@@ -36,6 +36,8 @@ pub trait RowSink {
     fn value(&mut self, value: Value);
     /// A text value (what would be `Value::Text`), borrowed.
     fn text(&mut self, text: &str);
+    /// An integer (what would be `Value::Int`), the commonest column type.
+    fn int(&mut self, value: i64);
 }
 
 /// Rows of a running statement. Dropping it before the end cancels the

@@ -291,6 +291,15 @@ impl domain::RowSink for RowEncoder {
         encoding::encode_varint(text.len() as u64, &mut self.row);
         self.row.put_slice(text.as_bytes());
     }
+
+    fn int(&mut self, v: i64) {
+        // Value { kind: int64_value (field 3) }.
+        let kind_len = encoding::key_len(3) + encoding::encoded_len_varint(v as u64);
+        encoding::encode_key(1, WireType::LengthDelimited, &mut self.row);
+        encoding::encode_varint(kind_len as u64, &mut self.row);
+        encoding::encode_key(3, WireType::Varint, &mut self.row);
+        encoding::encode_varint(v as u64, &mut self.row);
+    }
 }
 
 impl RowEncoder {
@@ -473,6 +482,9 @@ mod tests {
         encoder.value(Value::Text("owned".into()));
         encoder.finish_row(&mut batch);
         encoder.value(Value::Float(1.5));
+        for i in [0, 1, -1, i64::MAX, i64::MIN] {
+            encoder.int(i);
+        }
         encoder.finish_row(&mut batch);
         encoder.text("");
         encoder.value(Value::Decimal("x".into()));
@@ -487,7 +499,14 @@ mod tests {
                     Value::Null,
                     Value::Text("owned".into()),
                 ]),
-                row(vec![Value::Float(1.5)]),
+                row(vec![
+                    Value::Float(1.5),
+                    Value::Int(0),
+                    Value::Int(1),
+                    Value::Int(-1),
+                    Value::Int(i64::MAX),
+                    Value::Int(i64::MIN),
+                ]),
                 row(vec![Value::Text(String::new())]),
             ],
             ..Default::default()

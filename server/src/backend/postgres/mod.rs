@@ -19,14 +19,15 @@ use async_trait::async_trait;
 use bb8::PooledConnection;
 use futures::Stream;
 use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio_postgres::types::Type;
 use tokio_postgres::{CancelToken, Client, NoTls};
 
 use crate::backend::error::classify_sqlstate;
 use crate::backend::pool::FailFastPool;
 use crate::backend::{
     BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, Isolation, LoadOutcome, LoadSpec, PoolStatus,
-    QueryStream, Row, RowFeed, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
-    TableInfo, TxOptions, WatchSpec,
+    QueryStream, Row, RowFeed, RowSink, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
+    TableInfo, TxOptions, Value, WatchSpec,
 };
 use crate::config::{SessionReset, SourceConfig};
 use types::{PgParam, PgValue};
@@ -359,10 +360,11 @@ fn column_error(row: &tokio_postgres::Row, i: usize, e: &tokio_postgres::Error) 
     BackendError::Invalid(format!("column \"{name}\": {source}"))
 }
 
-/// Types whose binary form is the UTF-8 text itself (what `&str` decodes).
-fn lends_text(ty: &tokio_postgres::types::Type) -> bool {
-    use tokio_postgres::types::Type;
-    matches!(*ty, Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME)
+fn put_int(sink: &mut dyn RowSink, value: Option<i64>) {
+    match value {
+        Some(v) => sink.int(v),
+        None => sink.value(Value::Null),
+    }
 }
 
 impl RowStream for PgRowStream {
@@ -370,10 +372,12 @@ impl RowStream for PgRowStream {
         self.rows_affected
     }
 
+    /// Text and integer columns skip `Value`: text is lent from the
+    /// driver's buffer, integers go straight to the sink.
     fn poll_next_into(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        sink: &mut dyn crate::backend::RowSink,
+        sink: &mut dyn RowSink,
     ) -> Poll<Option<Result<(), BackendError>>> {
         let this = &mut *self;
         let row = match this.inner.as_mut().poll_next(cx) {
@@ -390,13 +394,21 @@ impl RowStream for PgRowStream {
             Poll::Ready(Some(Ok(row))) => row,
         };
         for (i, column) in row.columns().iter().enumerate() {
-            let decoded = if lends_text(column.type_()) {
-                row.try_get::<_, Option<&str>>(i).map(|text| match text {
-                    Some(text) => sink.text(text),
-                    None => sink.value(crate::backend::Value::Null),
-                })
-            } else {
-                row.try_get::<_, PgValue>(i).map(|v| sink.value(v.0))
+            let decoded = match *column.type_() {
+                Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
+                    row.try_get::<_, Option<&str>>(i).map(|v| match v {
+                        Some(text) => sink.text(text),
+                        None => sink.value(Value::Null),
+                    })
+                }
+                Type::INT4 => row
+                    .try_get::<_, Option<i32>>(i)
+                    .map(|v| put_int(sink, v.map(i64::from))),
+                Type::INT8 => row.try_get::<_, Option<i64>>(i).map(|v| put_int(sink, v)),
+                Type::INT2 => row
+                    .try_get::<_, Option<i16>>(i)
+                    .map(|v| put_int(sink, v.map(i64::from))),
+                _ => row.try_get::<_, PgValue>(i).map(|v| sink.value(v.0)),
             };
             if let Err(e) = decoded {
                 return Poll::Ready(Some(Err(column_error(&row, i, &e))));

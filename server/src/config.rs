@@ -886,6 +886,23 @@ mod tests {
             err.contains("tenants.a.sources.s.host") && err.contains("required"),
             "{err}"
         );
+        // The session reset is PostgreSQL's; a value it does not know is refused.
+        let err = Config::from_toml(
+            "[tenants.a.sources.s]\nengine = \"mysql\"\nhost = \"h\"\nuser = \"u\"\nsession_reset = \"always\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("tenants.a.sources.s.session_reset"), "{err}");
+        let err = Config::from_toml(
+            "[tenants.a.sources.s]\nengine = \"postgres\"\nhost = \"h\"\nuser = \"u\"\nsession_reset = \"sometimes\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("session_reset") || err.contains("sometimes"), "{err}");
+        let ok = Config::from_toml(
+            "[tenants.a.sources.s]\nengine = \"postgres\"\nhost = \"h\"\nuser = \"u\"\nsession_reset = \"always\"\n",
+        );
+        assert!(ok.is_ok(), "{:?}", ok.err());
     }
 
     #[test]

@@ -351,6 +351,33 @@ async fn streamed_rows_are_the_rows_of_execute() {
     assert_eq!(streamed.len(), 2500);
     assert_eq!(text(&streamed[0].values[1]), "héllo 1");
     assert_eq!(streamed, unary.rows);
+    // A value that cannot be decoded mid-stream ends the stream with an
+    // error naming its column, after the rows before it; the pool is unharmed.
+    let mut stream = client
+        .execute_stream(
+            "pg",
+            "SELECT g, CASE WHEN g = 1500 THEN 'infinity'::date ELSE DATE '2024-01-01' END AS day \
+             FROM generate_series(1, 2000) g ORDER BY g",
+            vec![],
+        )
+        .await
+        .expect("stream starts");
+    let mut before = 0;
+    let err = loop {
+        match stream.next_batch().await {
+            Ok(Some(batch)) => before += batch.len(),
+            Ok(None) => panic!("the stream should fail"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("\"day\"") && err.message().contains("infinite"),
+        "{}",
+        err.message()
+    );
+    assert!(before < 1500, "{before} rows arrived before the bad one");
+    assert_serves(&client, "pg", 1).await;
     server.stop().await;
 }
 

@@ -40,6 +40,21 @@ pub trait RowSink {
     fn int(&mut self, value: i64);
 }
 
+/// A row collected as owned values.
+impl RowSink for Row {
+    fn value(&mut self, value: Value) {
+        self.push(value);
+    }
+
+    fn text(&mut self, text: &str) {
+        self.push(Value::Text(text.to_owned()));
+    }
+
+    fn int(&mut self, value: i64) {
+        self.push(Value::Int(value));
+    }
+}
+
 /// Rows of a running statement. Dropping it before the end cancels the
 /// statement in the engine.
 pub trait RowStream: Stream<Item = Result<Row, BackendError>> + Send {
@@ -47,7 +62,8 @@ pub trait RowStream: Stream<Item = Result<Row, BackendError>> + Send {
     fn rows_affected(&self) -> Option<u64>;
 
     /// The next row, given value by value to `sink` (`Some(Ok(()))` once a
-    /// row is complete). Engines that can lend their text override it.
+    /// row is complete). Engines that can lend their text override it (and
+    /// may then collect their own rows through it: `Row` is a sink).
     fn poll_next_into(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

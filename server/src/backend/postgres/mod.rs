@@ -326,30 +326,11 @@ struct PgRowStream {
 impl Stream for PgRowStream {
     type Item = Result<Row, BackendError>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        match this.inner.as_mut().poll_next(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => {
-                this.rows_affected = this.inner.rows_affected();
-                this.guard.finish();
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.guard.finish();
-                Poll::Ready(Some(Err(map_error(e))))
-            }
-            Poll::Ready(Some(Ok(row))) => {
-                let mut values = Vec::with_capacity(this.width);
-                for i in 0..this.width {
-                    match row.try_get::<_, PgValue>(i) {
-                        Ok(v) => values.push(v.0),
-                        Err(e) => return Poll::Ready(Some(Err(column_error(&row, i, &e)))),
-                    }
-                }
-                Poll::Ready(Some(Ok(values)))
-            }
-        }
+    /// The values of the next row, decoded as for a stream (one decoder for both).
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut values = Vec::with_capacity(self.width);
+        self.poll_next_into(cx, &mut values)
+            .map(|next| next.map(|row| row.map(|()| values)))
     }
 }
 

@@ -142,7 +142,13 @@ async fn direct_lookups(args: &Args, callers: usize, rows: i64) -> anyhow::Resul
     Ok(summarize(all, elapsed, cpu.elapsed()))
 }
 
-async fn weir_lookups(args: &Args, weir: &Weir, callers: usize, rows: i64) -> anyhow::Result<Lookups> {
+async fn weir_lookups(
+    args: &Args,
+    weir: &Weir,
+    source: &'static str,
+    callers: usize,
+    rows: i64,
+) -> anyhow::Result<Lookups> {
     let mut clients = Vec::new();
     for _ in 0..callers.div_ceil(CALLERS_PER_CHANNEL) {
         clients.push(weir.client().await?);
@@ -158,7 +164,7 @@ async fn weir_lookups(args: &Args, weir: &Weir, callers: usize, rows: i64) -> an
             while Instant::now() < deadline {
                 let aid = rand::rng().random_range(1..=rows);
                 let t = Instant::now();
-                let r = client.execute("pg", LOOKUP, vec![aid.into()]).await?;
+                let r = client.execute(source, LOOKUP, vec![aid.into()]).await?;
                 anyhow::ensure!(r.rows.len() == 1, "lookup of aid {aid} returned {} rows", r.rows.len());
                 latencies.push(t.elapsed());
             }
@@ -394,65 +400,84 @@ pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::
     Ok(figures)
 }
 
+/// The medians of several lookup runs of one kind.
+#[derive(Default)]
+struct Runs {
+    per_second: Vec<f64>,
+    p50_ms: Vec<f64>,
+    p99_ms: Vec<f64>,
+    cpu: Vec<Cpu>,
+}
+
+impl Runs {
+    fn push(&mut self, l: Lookups) {
+        self.per_second.push(l.per_second);
+        self.p50_ms.push(l.p50_ms);
+        self.p99_ms.push(l.p99_ms);
+        self.cpu.push(l.cpu_per_call);
+    }
+}
+
+/// The figures of one way through Weir against the direct runs.
+fn lookup_figures(label: &str, direct: &Runs, weir: Runs, figures: &mut Vec<Figure>) {
+    let fig = |name: String, unit, direct: &[f64], weir: Vec<f64>, higher_is_better| Figure {
+        name,
+        unit,
+        direct: median(direct.to_vec()),
+        weir: median(weir),
+        higher_is_better,
+    };
+    figures.push(fig(
+        format!("point lookups, {label}"),
+        "/s",
+        &direct.per_second,
+        weir.per_second,
+        true,
+    ));
+    figures.push(fig(
+        format!("p50 latency, {label}"),
+        "ms",
+        &direct.p50_ms,
+        weir.p50_ms,
+        false,
+    ));
+    figures.push(fig(
+        format!("p99 latency, {label}"),
+        "ms",
+        &direct.p99_ms,
+        weir.p99_ms,
+        false,
+    ));
+    let (d_cpu, w_cpu) = (median_cpu(direct.cpu.clone()), median_cpu(weir.cpu));
+    figures.push(fig(
+        format!("CPU per lookup (all processes), {label}"),
+        "µs",
+        &[d_cpu.total().as_secs_f64() * 1e6],
+        vec![w_cpu.total().as_secs_f64() * 1e6],
+        false,
+    ));
+    crate::detail(format!(
+        "point lookups, {label}: direct {}; Weir {}",
+        d_cpu.per(1.0, "PostgreSQL"),
+        w_cpu.per(1.0, "PostgreSQL")
+    ));
+}
+
 async fn lookups(args: &Arc<Args>, weir: &Weir, rows: i64, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
     for callers in [1usize, 8, 64] {
         println!("point lookups with {callers} callers...");
-        let (mut d_rps, mut w_rps, mut d50, mut w50, mut d99, mut w99) =
-            (vec![], vec![], vec![], vec![], vec![], vec![]);
-        let (mut d_cpu, mut w_cpu) = (vec![], vec![]);
+        let (mut direct, mut pooled, mut shared) = (Runs::default(), Runs::default(), Runs::default());
         for _ in 0..args.runs {
-            let d = direct_lookups(args, callers, rows).await?;
-            let w = weir_lookups(args, weir, callers, rows).await?;
-            d_cpu.push(d.cpu_per_call);
-            w_cpu.push(w.cpu_per_call);
-            d_rps.push(d.per_second);
-            w_rps.push(w.per_second);
-            d50.push(d.p50_ms);
-            w50.push(w.p50_ms);
-            d99.push(d.p99_ms);
-            w99.push(w.p99_ms);
+            direct.push(direct_lookups(args, callers, rows).await?);
+            pooled.push(weir_lookups(args, weir, "pg", callers, rows).await?);
+            shared.push(weir_lookups(args, weir, "pg_multiplexed", callers, rows).await?);
         }
-        let fig = |name: String, unit, direct, weir, higher_is_better| Figure {
-            name,
-            unit,
-            direct,
-            weir,
-            higher_is_better,
-        };
-        figures.push(fig(
-            format!("point lookups, {callers} callers"),
-            "/s",
-            median(d_rps),
-            median(w_rps),
-            true,
-        ));
-        figures.push(fig(
-            format!("p50 latency, {callers} callers"),
-            "ms",
-            median(d50),
-            median(w50),
-            false,
-        ));
-        figures.push(fig(
-            format!("p99 latency, {callers} callers"),
-            "ms",
-            median(d99),
-            median(w99),
-            false,
-        ));
-        let (d_cpu, w_cpu) = (median_cpu(d_cpu), median_cpu(w_cpu));
-        figures.push(fig(
-            format!("CPU per lookup (all processes), {callers} callers"),
-            "µs",
-            d_cpu.total().as_secs_f64() * 1e6,
-            w_cpu.total().as_secs_f64() * 1e6,
-            false,
-        ));
-        crate::detail(format!(
-            "point lookups, {callers} callers: direct {}; Weir {}",
-            d_cpu.per(1.0, "PostgreSQL"),
-            w_cpu.per(1.0, "PostgreSQL")
-        ));
+        lookup_figures(&format!("{callers} callers"), &direct, pooled, figures);
+        let label = format!(
+            "{callers} callers, multiplexed ({} shared connections)",
+            crate::server::MULTIPLEXED
+        );
+        lookup_figures(&label, &direct, shared, figures);
     }
     println!("pgbench -S -M prepared, 8 clients...");
     let pgbench = repeat(args.runs, || async { pgbench_select(args) }).await?;

@@ -12,6 +12,8 @@ use weir_client::WeirClient;
 use crate::Args;
 
 pub const KEY: &str = "bench-key";
+/// Shared connections of the multiplexed PostgreSQL source.
+pub const MULTIPLEXED: u32 = 2;
 /// The API key of the tenant that floods the gateway in the noisy-neighbour figure.
 pub const NOISY_KEY: &str = "noisy-key";
 /// That tenant's request rate and burst.
@@ -40,6 +42,30 @@ impl Weir {
         let port = free_port()?;
         let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(KEY.as_bytes()));
         let noisy_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(NOISY_KEY.as_bytes()));
+        // The PostgreSQL sources differ only in name and extra settings.
+        let pg_source = |table: &str, extra: &str| {
+            format!(
+                "[{table}]\nengine = \"postgres\"\nhost = \"{host}\"\nport = {port}\nuser = \"{user}\"\n\
+                 database = \"{db}\"\npassword_env = \"WEIR_BENCH_PG_PASSWORD\"\n{extra}",
+                host = args.pg_host,
+                port = args.pg_port,
+                user = args.pg_user,
+                db = args.pg_database,
+            )
+        };
+        let pool = format!("max_size = {}\n", crate::figures::POOL_SIZE);
+        let pg = pg_source(
+            "tenants.bench.sources.pg",
+            &format!("[tenants.bench.sources.pg.pool]\n{pool}"),
+        );
+        let pg_multiplexed = pg_source(
+            "tenants.bench.sources.pg_multiplexed",
+            &format!(
+                "[tenants.bench.sources.pg_multiplexed.pool]\n{pool}\
+                 [tenants.bench.sources.pg_multiplexed.multiplex]\nconnections = {MULTIPLEXED}\n"
+            ),
+        );
+        let noisy_pg = pg_source("tenants.noisy.sources.pg", "");
         let config = format!(
             r#"
 [server]
@@ -59,16 +85,8 @@ statement_timeout = "10m"
 stream_records_per_second = 100000000
 stream_bytes_per_second = 2000000000
 
-[tenants.bench.sources.pg]
-engine = "postgres"
-host = "{host}"
-port = {pg_port}
-user = "{user}"
-database = "{db}"
-password_env = "WEIR_BENCH_PG_PASSWORD"
-
-[tenants.bench.sources.pg.pool]
-max_size = {pool}
+{pg}
+{pg_multiplexed}
 
 [tenants.bench.sources.maria]
 engine = "mysql"
@@ -90,13 +108,7 @@ requests_per_second = {noisy_rate}
 burst = {noisy_rate}
 max_concurrent_requests = 10000
 
-[tenants.noisy.sources.pg]
-engine = "postgres"
-host = "{host}"
-port = {pg_port}
-user = "{user}"
-database = "{db}"
-password_env = "WEIR_BENCH_PG_PASSWORD"
+{noisy_pg}
 
 [tenants.bench.sources.kafka]
 engine = "kafka"
@@ -105,11 +117,6 @@ topic_prefix = "weir-bench-"
 "#,
             kafka = args.kafka_bootstrap,
             noisy_rate = NOISY_RATE,
-            host = args.pg_host,
-            pg_port = args.pg_port,
-            user = args.pg_user,
-            db = args.pg_database,
-            pool = crate::figures::POOL_SIZE,
             my_host = args.mysql_host,
             my_port = args.mysql_port,
             my_user = args.mysql_user,

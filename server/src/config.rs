@@ -434,6 +434,9 @@ pub struct SourceConfig {
     /// Default `auto`: after every statement but plain reads (see
     /// docs/configuration.md); `always`: after every statement.
     pub session_reset: Option<SessionReset>,
+    /// PostgreSQL: unary plain reads share a few pipelined connections
+    /// instead of taking one each (off unless set).
+    pub multiplex: Option<MultiplexConfig>,
     // SQLite
     /// Database file, or ":memory:" for a private in-memory database.
     pub path: Option<String>,
@@ -466,6 +469,25 @@ pub enum SessionReset {
     /// After every statement, for databases whose views or policies call
     /// functions that change session state.
     Always,
+}
+
+/// Pipelined PostgreSQL connections shared by unary plain reads.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultiplexConfig {
+    /// Shared connections, taken from `pool.max_size`.
+    pub connections: u32,
+    /// The engine ends a shared statement that runs longer: a caller that
+    /// leaves cannot cancel it (a cancel would hit whichever statement runs
+    /// on that session), and the statements behind it wait for it.
+    #[serde(default = "MultiplexConfig::default_statement_timeout", with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+impl MultiplexConfig {
+    fn default_statement_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -717,7 +739,10 @@ impl SourceConfig {
         const PASSWORDS: &[&str] = &["password_env", "password_file", "password_sealed"];
         const SERVER: &[&str] = &["host", "port", "database", "user"];
         let (allowed, required): (Vec<&str>, &[&str]) = match self.engine {
-            EngineKind::Postgres => ([SERVER, PASSWORDS, &["session_reset"]].concat(), &["host", "user"]),
+            EngineKind::Postgres => (
+                [SERVER, PASSWORDS, &["session_reset", "multiplex"]].concat(),
+                &["host", "user"],
+            ),
             EngineKind::Mysql => ([SERVER, PASSWORDS, &["tls"]].concat(), &["host", "user"]),
             EngineKind::Sqlite => (vec!["path", "demo_data"], &["path"]),
             EngineKind::Mssql => (
@@ -746,6 +771,7 @@ impl SourceConfig {
             ("tls", self.tls),
             ("trust_server_certificate", self.trust_server_certificate),
             ("session_reset", self.session_reset.is_some()),
+            ("multiplex", self.multiplex.is_some()),
             ("bootstrap_servers", self.bootstrap_servers.is_some()),
             ("topics", !self.topics.is_empty()),
             ("topic_prefix", self.topic_prefix.is_some()),
@@ -760,6 +786,26 @@ impl SourceConfig {
             }
             if !set && required.contains(&name) {
                 return Err(invalid(format!("{key}.{name}"), "is required for this engine"));
+            }
+        }
+        if let Some(multiplex) = &self.multiplex {
+            if multiplex.connections == 0 || multiplex.connections >= self.pool.max_size {
+                return Err(invalid(
+                    format!("{key}.multiplex.connections"),
+                    "must be at least 1 and less than pool.max_size (the rest serve everything else)",
+                ));
+            }
+            if multiplex.statement_timeout.is_zero() {
+                return Err(invalid(
+                    format!("{key}.multiplex.statement_timeout"),
+                    "must be greater than 0",
+                ));
+            }
+            if self.session_reset == Some(SessionReset::Always) {
+                return Err(invalid(
+                    format!("{key}.multiplex"),
+                    "shares sessions between plain reads, which session_reset = \"always\" says are not safe to share",
+                ));
             }
         }
         if self.engine == EngineKind::Kafka {
@@ -903,6 +949,44 @@ mod tests {
             "[tenants.a.sources.s]\nengine = \"postgres\"\nhost = \"h\"\nuser = \"u\"\nsession_reset = \"always\"\n",
         );
         assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    #[test]
+    fn multiplexing_is_checked() {
+        let pg = "[tenants.a.sources.s]\nengine = \"postgres\"\nhost = \"h\"\nuser = \"u\"\n";
+        let config = Config::from_toml(&format!("{pg}[tenants.a.sources.s.multiplex]\nconnections = 2\n")).unwrap();
+        let multiplex = config.tenants["a"].sources["s"].multiplex.clone().unwrap();
+        assert_eq!(multiplex.connections, 2);
+        assert_eq!(multiplex.statement_timeout, Duration::from_secs(5));
+        for (extra, key) in [
+            // The pool (8 by default) must keep a connection for everything else.
+            (
+                "[tenants.a.sources.s.multiplex]\nconnections = 8\n",
+                "multiplex.connections",
+            ),
+            (
+                "[tenants.a.sources.s.multiplex]\nconnections = 0\n",
+                "multiplex.connections",
+            ),
+            (
+                "[tenants.a.sources.s.multiplex]\nconnections = 1\nstatement_timeout = \"0s\"\n",
+                "multiplex.statement_timeout",
+            ),
+            (
+                "session_reset = \"always\"\n[tenants.a.sources.s.multiplex]\nconnections = 1\n",
+                "multiplex",
+            ),
+        ] {
+            let err = Config::from_toml(&format!("{pg}{extra}")).unwrap_err().to_string();
+            assert!(err.contains(&format!("tenants.a.sources.s.{key}")), "{extra}: {err}");
+        }
+        let err = Config::from_toml(
+            "[tenants.a.sources.s]\nengine = \"mysql\"\nhost = \"h\"\nuser = \"u\"\n\
+             [tenants.a.sources.s.multiplex]\nconnections = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("tenants.a.sources.s.multiplex"), "{err}");
     }
 
     #[test]

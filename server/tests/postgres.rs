@@ -900,3 +900,78 @@ async fn many_cancelled_calls_leak_no_connections() {
     assert_serves(&client, "pg", 10).await;
     server.stop().await;
 }
+
+/// The application name of the source's sessions, as `sql` sees it.
+const APP: &str = "SELECT current_setting('application_name')";
+
+#[tokio::test]
+async fn multiplexed_reads_share_sessions_and_nothing_else_does() {
+    let toml = tenant(
+        "mux",
+        "",
+        &postgres(
+            "mux",
+            "pg",
+            "[tenants.mux.sources.pg.pool]\nmax_size = 3\n\
+             [tenants.mux.sources.pg.multiplex]\nconnections = 1\nstatement_timeout = \"300ms\"\n",
+        ),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-mux").await;
+    // Many callers pipelined on one session each get their own answer.
+    let calls: Vec<_> = (0..24i64)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let sql = "SELECT $1::int8 * 2, current_setting('application_name')";
+                (i, client.execute("pg", sql, vec![i.into()]).await)
+            })
+        })
+        .collect();
+    for call in calls {
+        let (i, result) = call.await.expect("task");
+        let rows = result.expect("shared read").rows;
+        assert_eq!(int(&rows[0].values[0]), i * 2, "caller {i} got another caller's row");
+        assert_eq!(text(&rows[0].values[1]), "weir-multiplexed");
+    }
+    // Whatever may change a session keeps a connection of its own (and its
+    // reset), and so do streams and transactions.
+    let set = "SELECT set_config('application_name', 'changed', false)";
+    client.execute("pg", set, vec![]).await.expect("set_config");
+    let shared = client.execute("pg", APP, vec![]).await.expect("shared read");
+    assert_eq!(text(&shared.rows[0].values[0]), "weir-multiplexed");
+    let mut stream = client.execute_stream("pg", APP, vec![]).await.expect("stream");
+    let rows = stream.next_batch().await.expect("batch").expect("rows");
+    assert_eq!(text(&rows[0].values[0]), "weir", "a stream runs on a pooled session");
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let in_tx = client.execute_in(&tx, "pg", APP, vec![]).await.expect("read in tx");
+    assert_eq!(text(&in_tx.rows[0].values[0]), "weir");
+    client.rollback(&tx).await.expect("rollback");
+    // A caller cannot cancel a shared statement, so the engine's timeout ends it.
+    let err = client
+        .execute("pg", "SELECT count(*) FROM generate_series(1, 2000000000)", vec![])
+        .await
+        .expect_err("past the shared statement timeout");
+    assert_eq!(
+        (err.code(), engine_code(&err).as_str()),
+        (Code::DeadlineExceeded, "57014")
+    );
+    assert_serves(&client, "pg", 1).await;
+    // A shared session that the server ends is replaced, and the read that
+    // found it gone is sent again.
+    let direct = pg_direct().await;
+    let killed = direct
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'weir-multiplexed'",
+            &[],
+        )
+        .await
+        .expect("terminate");
+    assert_eq!(killed.len(), 1, "one shared session");
+    let shared = client.execute("pg", APP, vec![]).await.expect("read after the kill");
+    assert_eq!(text(&shared.rows[0].values[0]), "weir-multiplexed");
+    server.stop().await;
+}

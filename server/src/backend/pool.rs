@@ -106,6 +106,11 @@ impl<M: ManageConnection> FailFastPool<M> {
         leased
     }
 
+    /// The source's circuit breaker, for connections opened outside the pool.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
     pub fn circuit(&self) -> CircuitState {
         self.breaker.state()
     }

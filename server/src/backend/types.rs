@@ -91,6 +91,10 @@ impl Column {
 pub struct Statement {
     pub sql: String,
     pub params: Vec<Value>,
+    /// The caller takes the whole result at once (unary Execute), so the
+    /// statement may share a pipelined connection: a slow reader of a
+    /// stream would hold up every statement behind it.
+    pub whole_result: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -80,6 +80,7 @@ impl QueryApi {
         let statement = Statement {
             sql,
             params: convert::params(params)?,
+            whole_result: false,
         };
         let transaction = if tx_id.is_empty() {
             source(&caller, source_name)?;
@@ -296,7 +297,8 @@ impl QueryService for QueryApi {
             started,
             queued: admitted.queued,
         };
-        let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params)?;
+        let mut target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params)?;
+        target.statement.whole_result = true;
         let result = tokio::time::timeout(timeout, execute_unary(&target, timing)).await;
         target.finished();
         let response = result

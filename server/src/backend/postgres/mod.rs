@@ -3,6 +3,7 @@
 
 mod bulk;
 mod changes;
+mod multiplex;
 mod pgoutput;
 mod schema;
 mod session;
@@ -25,11 +26,12 @@ use tokio_postgres::{CancelToken, Client, NoTls};
 use crate::backend::error::classify_sqlstate;
 use crate::backend::pool::FailFastPool;
 use crate::backend::{
-    BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, Isolation, LoadOutcome, LoadSpec, PoolStatus,
-    QueryStream, Row, RowFeed, RowSink, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
-    TableInfo, TxOptions, Value, WatchSpec,
+    BackendError, Capabilities, ChangeFeed, Column, ConnectionInfo, Engine, Isolation, LoadOutcome, LoadSpec,
+    PoolStatus, QueryStream, Row, RowFeed, RowSink, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement,
+    TableDescription, TableInfo, TxOptions, Value, WatchSpec,
 };
-use crate::config::{SessionReset, SourceConfig};
+use crate::config::{PoolConfig, SessionReset, SourceConfig};
+use multiplex::{InFlight, Multiplexer};
 use types::{PgParam, PgValue};
 
 /// Longer statements are prepared each time, so the cache stays small whatever callers send.
@@ -125,6 +127,8 @@ pub struct PostgresSource {
     pool: FailFastPool<PgManager>,
     read_only: bool,
     session_reset: SessionReset,
+    /// Shared connections for unary plain reads, when configured.
+    multiplex: Option<Multiplexer>,
     /// For change streams, which hold a session of their own (slot reads and
     /// the subscription's advisory lock). Not read-only: watching a read-only
     /// source still creates its slot and publication.
@@ -146,15 +150,24 @@ impl PostgresSource {
             pg.password(password);
         }
         let changes = pg.clone();
+        let mut options = Vec::new();
         if config.read_only {
             // Enforced by the engine for every statement, whatever its text.
-            pg.options("-c default_transaction_read_only=on");
+            options.push("-c default_transaction_read_only=on".to_string());
+            pg.options(options.join(" "));
         }
-        let pool = FailFastPool::new(PgManager { config: pg }, &config.pool, "postgres", map_error);
+        let multiplex = config.multiplex.as_ref().map(|m| Multiplexer::new(&pg, &options, m));
+        // The shared connections count against the pool's size.
+        let pool_config = PoolConfig {
+            max_size: config.pool.max_size - config.multiplex.as_ref().map_or(0, |m| m.connections),
+            ..config.pool.clone()
+        };
+        let pool = FailFastPool::new(PgManager { config: pg }, &pool_config, "postgres", map_error);
         Ok(Self {
             pool,
             read_only: config.read_only,
             session_reset: config.session_reset.unwrap_or(SessionReset::Auto),
+            multiplex,
             changes,
         })
     }
@@ -231,6 +244,18 @@ impl Drop for StatementGuard {
     }
 }
 
+/// The result columns of a prepared statement, once its parameters are known to fit.
+fn describe(prepared: &tokio_postgres::Statement, statement: &Statement) -> Result<Vec<Column>, BackendError> {
+    let expected = prepared.params().len();
+    if statement.params.len() != expected {
+        return Err(BackendError::Invalid(format!(
+            "the statement has {expected} parameter(s) but {} were given",
+            statement.params.len()
+        )));
+    }
+    prepared.columns().iter().map(types::column).collect()
+}
+
 async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Result<QueryStream, BackendError> {
     types::check_params(&statement.params)?;
     // A pooled session is reset before its next statement; when the statement
@@ -260,18 +285,7 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
     // What the session needs once this statement has run.
     let dirty_after = pooled && (reset == SessionReset::Always || !leaves_session);
     lease.needs_reset |= dirty_after;
-    let expected = prepared.params().len();
-    if statement.params.len() != expected {
-        return Err(BackendError::Invalid(format!(
-            "the statement has {expected} parameter(s) but {} were given",
-            statement.params.len()
-        )));
-    }
-    let columns = prepared
-        .columns()
-        .iter()
-        .map(types::column)
-        .collect::<Result<Vec<_>, _>>()?;
+    let columns = describe(&prepared, &statement)?;
     block_after |= pooled && columns.is_empty();
     // Armed from here: dropping this future mid-call cancels the statement.
     let mut guard = StatementGuard { lease: Some(lease) };
@@ -312,6 +326,7 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
             guard,
             rows_affected: None,
             width: prepared.columns().len(),
+            in_flight: None,
         }),
     })
 }
@@ -321,6 +336,8 @@ struct PgRowStream {
     guard: StatementGuard,
     rows_affected: Option<u64>,
     width: usize,
+    /// Set on a shared connection: counts the statement until it is over.
+    in_flight: Option<InFlight>,
 }
 
 impl Stream for PgRowStream {
@@ -366,10 +383,12 @@ impl RowStream for PgRowStream {
             Poll::Ready(None) => {
                 this.rows_affected = this.inner.rows_affected();
                 this.guard.finish();
+                this.in_flight = None;
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e))) => {
                 this.guard.finish();
+                this.in_flight = None;
                 return Poll::Ready(Some(Err(map_error(e))));
             }
             Poll::Ready(Some(Ok(row))) => row,
@@ -413,6 +432,11 @@ impl SqlSource for PostgresSource {
     }
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
+        if let Some(multiplex) = &self.multiplex {
+            if statement.whole_result && session::leaves_session_unchanged(&statement.sql) {
+                return multiplex.query(statement, self.pool.breaker()).await;
+            }
+        }
         run(Lease::Pooled(self.lease().await?), statement, self.session_reset).await
     }
 
@@ -494,7 +518,9 @@ impl SqlSource for PostgresSource {
     }
 
     fn pool_status(&self) -> Option<PoolStatus> {
-        Some(self.pool.status())
+        let mut status = self.pool.status();
+        status.open += self.multiplex.as_ref().map_or(0, Multiplexer::open);
+        Some(status)
     }
 
     fn circuit(&self) -> Option<crate::backend::breaker::CircuitState> {

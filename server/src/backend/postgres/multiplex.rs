@@ -1,0 +1,197 @@
+//! Multiplexing: unary plain reads share a few connections instead of taking
+//! one each. tokio-postgres pipelines what is sent on one client (each
+//! statement goes out without waiting for the previous result), so the
+//! engine reads several statements per wake-up and the gateway sends them in
+//! one write; on a machine short of cores that wake-up is most of a point
+//! lookup's cost. Only statements that cannot change the session (see
+//! `session`) are shared, so no session state passes between callers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio_postgres::{Client, NoTls};
+
+use super::{describe, map_error, PgRowStream, StatementGuard, MAX_CACHED_SQL, STATEMENT_CACHE_SIZE};
+use crate::backend::breaker::Breaker;
+use crate::backend::{BackendError, QueryStream, Statement};
+use crate::config::MultiplexConfig;
+
+/// One shared connection and the statements prepared on it.
+struct Session {
+    client: Client,
+    statements: Mutex<HashMap<String, tokio_postgres::Statement>>,
+}
+
+impl Session {
+    async fn prepare(&self, sql: &str) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        if let Some(s) = self.statements.lock().get(sql) {
+            return Ok(s.clone());
+        }
+        // Two callers may prepare the same text at once; both statements work.
+        let statement = self.client.prepare(sql).await?;
+        if sql.len() <= MAX_CACHED_SQL {
+            let mut statements = self.statements.lock();
+            if statements.len() >= STATEMENT_CACHE_SIZE {
+                statements.clear();
+            }
+            statements.insert(sql.to_string(), statement.clone());
+        }
+        Ok(statement)
+    }
+}
+
+struct Slot {
+    /// Opened on first use and again after the connection is lost.
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    /// Statements sent on this slot whose results are not all read.
+    in_flight: AtomicUsize,
+}
+
+/// Counts a statement against its slot until its result is read or dropped.
+pub(super) struct InFlight {
+    slot: Arc<Slot>,
+    /// Keeps the client, and so the connection, open while rows arrive.
+    _session: Arc<Session>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.slot.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Multiplexer {
+    config: tokio_postgres::Config,
+    slots: Vec<Arc<Slot>>,
+}
+
+impl Multiplexer {
+    /// `base` is the source's connection settings; `options` its session
+    /// options (read-only), to which the shared statement timeout is added.
+    pub fn new(base: &tokio_postgres::Config, options: &[String], multiplex: &MultiplexConfig) -> Self {
+        let mut config = base.clone();
+        let mut options = options.to_vec();
+        options.push(format!(
+            "-c statement_timeout={}",
+            multiplex.statement_timeout.as_millis().max(1)
+        ));
+        // Tells operators in pg_stat_activity which sessions are shared.
+        config.application_name("weir-multiplexed").options(options.join(" "));
+        let slots = (0..multiplex.connections)
+            .map(|_| {
+                Arc::new(Slot {
+                    session: tokio::sync::Mutex::new(None),
+                    in_flight: AtomicUsize::new(0),
+                })
+            })
+            .collect();
+        Self { config, slots }
+    }
+
+    /// Shared connections open now.
+    pub fn open(&self) -> u32 {
+        let open = self
+            .slots
+            .iter()
+            .filter(|s| s.session.try_lock().map_or(true, |g| g.is_some()))
+            .count();
+        u32::try_from(open).unwrap_or(u32::MAX)
+    }
+
+    /// The slot with the fewest statements in flight, so that a slow read
+    /// holds up as few others as possible.
+    fn pick(&self) -> Result<&Arc<Slot>, BackendError> {
+        self.slots
+            .iter()
+            .min_by_key(|s| s.in_flight.load(Ordering::Relaxed))
+            .ok_or_else(|| BackendError::Internal("multiplexing has no connections".into()))
+    }
+
+    async fn session(&self, slot: &Slot, breaker: &Breaker) -> Result<Arc<Session>, BackendError> {
+        let mut current = slot.session.lock().await;
+        if let Some(session) = current.as_ref().filter(|s| !s.client.is_closed()) {
+            return Ok(session.clone());
+        }
+        *current = None;
+        breaker.admit()?;
+        let connected = self.config.connect(NoTls).await.map_err(map_error);
+        breaker.record(&connected);
+        let (client, connection) = connected?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "shared postgres connection closed");
+            }
+        });
+        let session = Arc::new(Session {
+            client,
+            statements: Mutex::new(HashMap::new()),
+        });
+        *current = Some(session.clone());
+        Ok(session)
+    }
+
+    /// Runs `statement` on the least busy shared connection. A caller that
+    /// leaves early does not cancel it: the engine's statement timeout does.
+    pub async fn query(&self, statement: Statement, breaker: &Breaker) -> Result<QueryStream, BackendError> {
+        super::types::check_params(&statement.params)?;
+        let mut retried = false;
+        loop {
+            let slot = self.pick()?;
+            let session = self.session(slot, breaker).await?;
+            slot.in_flight.fetch_add(1, Ordering::Relaxed);
+            let in_flight = InFlight {
+                slot: slot.clone(),
+                _session: session.clone(),
+            };
+            let started = match session.prepare(&statement.sql).await {
+                Ok(prepared) => match describe(&prepared, &statement) {
+                    Ok(columns) => {
+                        let params = statement.params.iter().map(super::PgParam);
+                        let rows = session.client.query_raw(&prepared, params).await;
+                        rows.map(|rows| (prepared, columns, rows))
+                    }
+                    Err(e) => return Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            let (prepared, columns, inner) = match started {
+                Ok(started) => started,
+                // A plain read changes nothing, so it may be sent again on a
+                // new connection when the shared one was lost under it.
+                Err(e) if !retried && connection_lost(&e) => {
+                    retried = true;
+                    let mut current = slot.session.lock().await;
+                    if current.as_ref().is_some_and(|s| Arc::ptr_eq(s, &session)) {
+                        *current = None;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    // The table may have changed under a cached statement.
+                    session.statements.lock().remove(&statement.sql);
+                    return Err(map_error(e));
+                }
+            };
+            return Ok(QueryStream {
+                columns,
+                rows: Box::pin(PgRowStream {
+                    inner: Box::pin(inner),
+                    guard: StatementGuard { lease: None },
+                    rows_affected: None,
+                    width: prepared.columns().len(),
+                    in_flight: Some(in_flight),
+                }),
+            });
+        }
+    }
+}
+
+/// The session ended under the statement (closed, or ended by the server:
+/// 57P01 admin_shutdown, 57P02 crash_shutdown).
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || e.as_db_error()
+            .is_some_and(|db| matches!(db.code().code(), "57P01" | "57P02"))
+}

@@ -473,10 +473,11 @@ async fn lookups(args: &Arc<Args>, weir: &Weir, rows: i64, figures: &mut Vec<Fig
             shared.push(weir_lookups(args, weir, "pg_multiplexed", callers, rows).await?);
         }
         lookup_figures(&format!("{callers} callers"), &direct, pooled, figures);
-        let label = format!(
-            "{callers} callers, multiplexed ({} shared connections)",
-            crate::server::MULTIPLEXED
-        );
+        let shared_connections = match crate::server::MULTIPLEXED {
+            1 => "1 shared connection".to_string(),
+            n => format!("{n} shared connections"),
+        };
+        let label = format!("{callers} callers, multiplexed ({shared_connections})");
         lookup_figures(&label, &direct, shared, figures);
     }
     println!("pgbench -S -M prepared, 8 clients...");

@@ -13,7 +13,7 @@ use crate::Args;
 
 pub const KEY: &str = "bench-key";
 /// Shared connections of the multiplexed PostgreSQL source.
-pub const MULTIPLEXED: u32 = 2;
+pub const MULTIPLEXED: u32 = 1;
 /// The API key of the tenant that floods the gateway in the noisy-neighbour figure.
 pub const NOISY_KEY: &str = "noisy-key";
 /// That tenant's request rate and burst.

@@ -132,11 +132,15 @@ fn report(args: &Args, figures: &[Figure]) -> String {
     let mut out = String::new();
     out.push_str("| figure | direct | Weir | ratio (Weir vs direct, >1 is better) |\n| --- | ---: | ---: | ---: |\n");
     for f in figures {
+        // Latencies are fractions of a millisecond: one decimal would hide them.
+        let digits = if f.unit == "ms" { 2 } else { 1 };
         out.push_str(&format!(
-            "| {} | {:.1} {} | {:.1} {} | {:.2} |\n",
+            "| {} | {:.*} {} | {:.*} {} | {:.2} |\n",
             f.name,
+            digits,
             f.direct,
             f.unit,
+            digits,
             f.weir,
             f.unit,
             f.ratio()

@@ -28,6 +28,11 @@ pub type AuthChannel = InterceptedService<Channel, ApiKeyInterceptor>;
 /// its own per-tenant cap and reports RESOURCE_EXHAUSTED beyond it.
 const MAX_DECODING_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 
+/// Frames of up to this size may come from the server (HTTP/2's default is
+/// 16 KiB): a result batch of about 1 MiB then goes out in a few writes
+/// instead of 64, and is read in a few.
+const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+
 /// Without a timeout, connecting to an address that drops packets hangs for
 /// the OS's TCP timeout, which is minutes.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -152,6 +157,7 @@ impl WeirClient {
         }
         let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
+            .max_frame_size(MAX_FRAME_SIZE)
             .connect()
             .await
             .map_err(|source| ClientError::Transport { addr, source })?;

@@ -3,11 +3,13 @@
 use std::time::Duration;
 
 use tokio_stream::{Stream, StreamExt};
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status, Streaming};
+use weir_proto::raw::{RawExecuteStreamResponse, RawPayload, RawRows};
 use weir_proto::v1::bulk_load_service_client::BulkLoadServiceClient;
 use weir_proto::v1::execute_stream_response::Payload;
 use weir_proto::v1::load_request::Message as LoadMessage;
@@ -111,6 +113,8 @@ pub struct TlsOptions {
 /// underlying HTTP/2 connection.
 #[derive(Clone, Debug)]
 pub struct WeirClient {
+    /// For calls made without a generated client (raw result streams).
+    channel: AuthChannel,
     query: QueryServiceClient<AuthChannel>,
     schema: SchemaServiceClient<AuthChannel>,
     bulk: BulkLoadServiceClient<AuthChannel>,
@@ -161,6 +165,7 @@ impl WeirClient {
             .connect()
             .await
             .map_err(|source| ClientError::Transport { addr, source })?;
+        let auth_channel = InterceptedService::new(channel.clone(), interceptor.clone());
         let query = QueryServiceClient::with_interceptor(channel.clone(), interceptor.clone())
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
         let schema = SchemaServiceClient::with_interceptor(channel.clone(), interceptor.clone())
@@ -171,6 +176,7 @@ impl WeirClient {
             .max_encoding_message_size(MAX_DECODING_MESSAGE_SIZE)
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
         Ok(WeirClient {
+            channel: auth_channel,
             query,
             schema,
             bulk,
@@ -273,6 +279,36 @@ impl WeirClient {
         ResultStream::new(stream).await
     }
 
+    /// Like [`Self::execute_stream`], with each batch left in wire form: its
+    /// values are read on demand, text and bytes borrowed from the batch
+    /// instead of copied into a `String` each. For large results read value
+    /// by value.
+    pub async fn execute_stream_raw(
+        &self,
+        source: &str,
+        sql: &str,
+        params: Vec<Value>,
+    ) -> Result<ResultStream<RawExecuteStreamResponse>, Status> {
+        let request = ExecuteStreamRequest {
+            source: source.to_owned(),
+            sql: sql.to_owned(),
+            params,
+            ..Default::default()
+        };
+        let mut grpc =
+            tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(format!("the connection is not ready: {e}")))?;
+        let codec = tonic_prost::ProstCodec::<ExecuteStreamRequest, RawExecuteStreamResponse>::default();
+        let path = PathAndQuery::from_static("/weir.v1.QueryService/ExecuteStream");
+        let stream = grpc
+            .server_streaming(Request::new(request), path, codec)
+            .await?
+            .into_inner();
+        ResultStream::new(stream).await
+    }
+
     /// Opens a transaction and returns its handle.
     pub async fn begin(&self, source: &str, isolation: IsolationLevel, read_only: bool) -> Result<Vec<u8>, Status> {
         let request = BeginTransactionRequest {
@@ -352,26 +388,65 @@ impl WeirClient {
 }
 
 /// The result of `ExecuteStream`: columns up front, then row batches, then
-/// statistics.
+/// statistics. `M` is how the messages are decoded: into [`Row`]s (the
+/// default), or left in wire form ([`RawExecuteStreamResponse`], from
+/// [`WeirClient::execute_stream_raw`]).
 #[derive(Debug)]
-pub struct ResultStream {
-    stream: Streaming<ExecuteStreamResponse>,
+pub struct ResultStream<M = ExecuteStreamResponse> {
+    stream: Streaming<M>,
     columns: Vec<Column>,
     stats: Option<QueryStats>,
     done: bool,
 }
 
-impl ResultStream {
+/// What one `ExecuteStream` message carries, however its rows are decoded.
+pub enum Part<B> {
+    Metadata(Vec<Column>),
+    Batch(B),
+    Stats(QueryStats),
+}
+
+/// A decoding of `ExecuteStreamResponse`.
+pub trait StreamMessage {
+    /// What a batch of rows decodes to.
+    type Batch;
+    /// The message's payload; `None` when it has none.
+    fn into_part(self) -> Option<Part<Self::Batch>>;
+}
+
+impl StreamMessage for ExecuteStreamResponse {
+    type Batch = Vec<Row>;
+    fn into_part(self) -> Option<Part<Vec<Row>>> {
+        Some(match self.payload? {
+            Payload::Metadata(m) => Part::Metadata(m.columns),
+            Payload::Batch(b) => Part::Batch(b.rows),
+            Payload::Stats(s) => Part::Stats(s),
+        })
+    }
+}
+
+impl StreamMessage for RawExecuteStreamResponse {
+    type Batch = RawRows;
+    fn into_part(self) -> Option<Part<RawRows>> {
+        Some(match self.payload? {
+            RawPayload::Metadata(m) => Part::Metadata(m.columns),
+            RawPayload::Batch(b) => Part::Batch(b),
+            RawPayload::Stats(s) => Part::Stats(s),
+        })
+    }
+}
+
+impl<M: StreamMessage> ResultStream<M> {
     /// Reads the leading `ResultMetadata` message of an `ExecuteStream` call,
     /// for callers that issue the call themselves through [`WeirClient::query`].
-    pub async fn new(mut stream: Streaming<ExecuteStreamResponse>) -> Result<Self, Status> {
+    pub async fn new(mut stream: Streaming<M>) -> Result<Self, Status> {
         let Some(first) = stream.message().await? else {
             return Err(protocol_violation("the stream ended before result metadata"));
         };
-        let columns = match first.payload {
-            Some(Payload::Metadata(metadata)) => metadata.columns,
-            Some(Payload::Batch(_)) => return Err(protocol_violation("a row batch came before the result metadata")),
-            Some(Payload::Stats(_)) => return Err(protocol_violation("statistics came before the result metadata")),
+        let columns = match first.into_part() {
+            Some(Part::Metadata(columns)) => columns,
+            Some(Part::Batch(_)) => return Err(protocol_violation("a row batch came before the result metadata")),
+            Some(Part::Stats(_)) => return Err(protocol_violation("statistics came before the result metadata")),
             None => return Err(protocol_violation("a message had no payload")),
         };
         Ok(ResultStream {
@@ -389,7 +464,7 @@ impl ResultStream {
 
     /// The next batch of rows, or `None` once the stream ended with its
     /// statistics.
-    pub async fn next_batch(&mut self) -> Result<Option<Vec<Row>>, Status> {
+    pub async fn next_batch(&mut self) -> Result<Option<M::Batch>, Status> {
         while !self.done {
             let Some(message) = self.stream.message().await? else {
                 self.done = true;
@@ -399,10 +474,10 @@ impl ResultStream {
                 }
                 break;
             };
-            match (message.payload, &self.stats) {
-                (Some(Payload::Batch(batch)), None) => return Ok(Some(batch.rows)),
-                (Some(Payload::Stats(stats)), None) => self.stats = Some(stats),
-                (Some(Payload::Metadata(_)), _) => return Err(protocol_violation("result metadata came twice")),
+            match (message.into_part(), &self.stats) {
+                (Some(Part::Batch(batch)), None) => return Ok(Some(batch)),
+                (Some(Part::Stats(stats)), None) => self.stats = Some(stats),
+                (Some(Part::Metadata(_)), _) => return Err(protocol_violation("result metadata came twice")),
                 (Some(_), Some(_)) => return Err(protocol_violation("a message came after the statistics")),
                 (None, _) => return Err(protocol_violation("a message had no payload")),
             }

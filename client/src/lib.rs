@@ -9,11 +9,14 @@ mod params;
 mod status;
 mod watch;
 
-pub use client::{ApiKeyInterceptor, AuthChannel, ClientError, ResultStream, TlsOptions, WeirClient};
+pub use client::{
+    ApiKeyInterceptor, AuthChannel, ClientError, Part, ResultStream, StreamMessage, TlsOptions, WeirClient,
+};
 pub use params::parse_param;
 pub use status::{code_name, describe_status};
 pub use watch::ChangeWatch;
 pub use weir_proto;
+pub use weir_proto::raw::{RawDecodeError, RawRows, RowRef, ValueRef};
 
 /// Tests of `Display for Value`, which lives in `weir-proto` for the orphan
 /// rule but is exercised here with the formats built on it.

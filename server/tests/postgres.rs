@@ -351,6 +351,20 @@ async fn streamed_rows_are_the_rows_of_execute() {
     assert_eq!(streamed.len(), 2500);
     assert_eq!(text(&streamed[0].values[1]), "héllo 1");
     assert_eq!(streamed, unary.rows);
+    // Read in wire form, value by value, the rows are the same too.
+    let mut raw = client.execute_stream_raw("pg", sql, vec![]).await.expect("raw stream");
+    assert_eq!(raw.columns(), stream.columns());
+    let mut read = Vec::new();
+    while let Some(batch) = raw.next_batch().await.expect("batch") {
+        for row in batch.iter() {
+            let values = row.expect("row").values().map(|v| v.expect("value").to_value());
+            read.push(pb::Row {
+                values: values.collect(),
+            });
+        }
+    }
+    assert_eq!(read, unary.rows);
+    assert_eq!(raw.stats().map(|s| s.rows_returned), Some(2500));
     // A value that cannot be decoded mid-stream ends the stream with an
     // error naming its column, after the rows before it; the pool is unharmed.
     let mut stream = client

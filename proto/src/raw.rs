@@ -1,0 +1,441 @@
+//! `ExecuteStream` responses whose rows stay in wire form until they are
+//! read: a batch is kept as the bytes it arrived in, and each value is read
+//! from them on demand, text and bytes borrowed rather than copied into a
+//! `String` per value. The same wire messages as `ExecuteStreamResponse`,
+//! decoded differently, for clients that read large results value by value.
+
+use prost::bytes::{Buf, BufMut, Bytes};
+use prost::encoding::{self, DecodeContext, WireType};
+use prost::{DecodeError, Message};
+
+use crate::v1::value::Kind;
+use crate::v1::{QueryStats, ResultMetadata, Value};
+
+/// A row or value of a [`RawRows`] that does not decode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawDecodeError(String);
+
+impl std::fmt::Display for RawDecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a result row does not decode: {}", self.0)
+    }
+}
+
+impl std::error::Error for RawDecodeError {}
+
+impl From<DecodeError> for RawDecodeError {
+    fn from(e: DecodeError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+fn bad(what: &str) -> RawDecodeError {
+    RawDecodeError(what.to_string())
+}
+
+/// `ExecuteStreamResponse` with its row batches left undecoded.
+#[derive(Clone, PartialEq, Default, Debug)]
+pub struct RawExecuteStreamResponse {
+    pub payload: Option<RawPayload>,
+}
+
+#[derive(Clone, PartialEq, Debug)]
+pub enum RawPayload {
+    Metadata(ResultMetadata),
+    Batch(RawRows),
+    Stats(QueryStats),
+}
+
+impl Message for RawExecuteStreamResponse {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        match &self.payload {
+            Some(RawPayload::Metadata(m)) => encoding::message::encode(1, m, buf),
+            Some(RawPayload::Batch(rows)) => encoding::bytes::encode(2, &rows.bytes, buf),
+            Some(RawPayload::Stats(s)) => encoding::message::encode(3, s, buf),
+            None => {}
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        match tag {
+            1 => {
+                let mut m = match self.payload.take() {
+                    Some(RawPayload::Metadata(m)) => m,
+                    _ => ResultMetadata::default(),
+                };
+                encoding::message::merge(wire_type, &mut m, buf, ctx)?;
+                self.payload = Some(RawPayload::Metadata(m));
+            }
+            2 => {
+                let mut bytes = Bytes::new();
+                encoding::bytes::merge(wire_type, &mut bytes, buf, ctx)?;
+                self.payload = Some(RawPayload::Batch(RawRows { bytes }));
+            }
+            3 => {
+                let mut s = match self.payload.take() {
+                    Some(RawPayload::Stats(s)) => s,
+                    _ => QueryStats::default(),
+                };
+                encoding::message::merge(wire_type, &mut s, buf, ctx)?;
+                self.payload = Some(RawPayload::Stats(s));
+            }
+            _ => encoding::skip_field(wire_type, tag, buf, ctx)?,
+        }
+        Ok(())
+    }
+
+    fn encoded_len(&self) -> usize {
+        match &self.payload {
+            Some(RawPayload::Metadata(m)) => encoding::message::encoded_len(1, m),
+            Some(RawPayload::Batch(rows)) => encoding::bytes::encoded_len(2, &rows.bytes),
+            Some(RawPayload::Stats(s)) => encoding::message::encoded_len(3, s),
+            None => 0,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.payload = None;
+    }
+}
+
+/// A batch of rows as received: a `RowBatch` message.
+#[derive(Clone, PartialEq, Default, Debug)]
+pub struct RawRows {
+    bytes: Bytes,
+}
+
+impl RawRows {
+    /// The rows, each read when the iterator reaches it.
+    pub fn iter(&self) -> Rows<'_> {
+        Rows { rest: &self.bytes }
+    }
+}
+
+/// Reads the next field of a message: its number, wire type and, for
+/// length-delimited fields, its contents.
+fn next_field<'a>(rest: &mut &'a [u8]) -> Result<(u32, WireType, &'a [u8]), RawDecodeError> {
+    let (tag, wire_type) = encoding::decode_key(rest)?;
+    let body: &[u8] = match wire_type {
+        WireType::LengthDelimited => {
+            let len = usize::try_from(encoding::decode_varint(rest)?).map_err(|_| bad("length out of range"))?;
+            if len > rest.len() {
+                return Err(bad("buffer underflow"));
+            }
+            let (body, after) = rest.split_at(len);
+            *rest = after;
+            body
+        }
+        WireType::Varint => {
+            let start = *rest;
+            encoding::decode_varint(rest)?;
+            &start[..start.len() - rest.len()]
+        }
+        WireType::SixtyFourBit | WireType::ThirtyTwoBit => {
+            let n = if wire_type == WireType::SixtyFourBit { 8 } else { 4 };
+            if rest.len() < n {
+                return Err(bad("buffer underflow"));
+            }
+            let (body, after) = rest.split_at(n);
+            *rest = after;
+            body
+        }
+        WireType::StartGroup | WireType::EndGroup => return Err(bad("groups are not used by weir.v1")),
+    };
+    Ok((tag, wire_type, body))
+}
+
+/// The rows of a [`RawRows`].
+pub struct Rows<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Rows<'a> {
+    type Item = Result<RowRef<'a>, RawDecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        next_of_field_1(&mut self.rest, "RowBatch.rows").map(|r| r.map(|bytes| RowRef { bytes }))
+    }
+}
+
+/// The next occurrence of field 1 (`rows` of a batch, `values` of a row),
+/// skipping fields a newer server may add, as prost would. After an error
+/// there is nothing more to read.
+fn next_of_field_1<'a>(rest: &mut &'a [u8], what: &str) -> Option<Result<&'a [u8], RawDecodeError>> {
+    while !rest.is_empty() {
+        match next_field(rest) {
+            Ok((1, WireType::LengthDelimited, body)) => return Some(Ok(body)),
+            Ok((1, _, _)) => {
+                *rest = &[];
+                return Some(Err(RawDecodeError(format!("{what} is not length-delimited"))));
+            }
+            Ok(_) => continue,
+            Err(e) => {
+                *rest = &[];
+                return Some(Err(e));
+            }
+        }
+    }
+    None
+}
+
+/// One row, borrowed from its batch.
+#[derive(Clone, Copy, Debug)]
+pub struct RowRef<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> RowRef<'a> {
+    /// The row's values, in column order.
+    pub fn values(&self) -> Values<'a> {
+        Values { rest: self.bytes }
+    }
+}
+
+/// The values of a [`RowRef`].
+pub struct Values<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Values<'a> {
+    type Item = Result<ValueRef<'a>, RawDecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        next_of_field_1(&mut self.rest, "Row.values").map(|r| r.and_then(ValueRef::read))
+    }
+}
+
+/// One value: scalars and text as they are on the wire, borrowed from the
+/// batch; dates, times, timestamps, intervals and arrays decoded.
+#[derive(Clone, PartialEq, Debug)]
+pub enum ValueRef<'a> {
+    Null,
+    Bool(bool),
+    Int64(i64),
+    Uint64(u64),
+    Double(f64),
+    String(&'a str),
+    Bytes(&'a [u8]),
+    Decimal(&'a str),
+    Uuid(&'a str),
+    Json(&'a str),
+    /// A date, time, timestamp, interval or array value.
+    Other(Kind),
+}
+
+fn text(body: &[u8]) -> Result<&str, RawDecodeError> {
+    std::str::from_utf8(body).map_err(|_| bad("invalid UTF-8 in a string value"))
+}
+
+fn varint(mut body: &[u8]) -> Result<u64, RawDecodeError> {
+    Ok(encoding::decode_varint(&mut body)?)
+}
+
+impl<'a> ValueRef<'a> {
+    /// Reads a `Value` message. The last kind wins, as in prost.
+    fn read(message: &'a [u8]) -> Result<Self, RawDecodeError> {
+        let mut rest = message;
+        let mut value = ValueRef::Null;
+        while !rest.is_empty() {
+            let (tag, wire_type, body) = next_field(&mut rest)?;
+            let expected = match tag {
+                1..=4 => WireType::Varint,
+                5 => WireType::SixtyFourBit,
+                6..=15 => WireType::LengthDelimited,
+                _ => continue,
+            };
+            if wire_type != expected {
+                return Err(RawDecodeError(format!("Value field {tag} has the wrong wire type")));
+            }
+            value = match tag {
+                1 => ValueRef::Null,
+                2 => ValueRef::Bool(varint(body)? != 0),
+                // Two's complement, as int64 is encoded.
+                3 => ValueRef::Int64(varint(body)? as i64),
+                4 => ValueRef::Uint64(varint(body)?),
+                5 => ValueRef::Double(f64::from_le_bytes(
+                    body.try_into().map_err(|_| bad("buffer underflow"))?,
+                )),
+                6 => ValueRef::String(text(body)?),
+                7 => ValueRef::Bytes(body),
+                8 => ValueRef::Decimal(text(body)?),
+                13 => ValueRef::Uuid(text(body)?),
+                14 => ValueRef::Json(text(body)?),
+                // Messages: decoded with prost, on their own.
+                _ => match Value::decode(message)?.kind {
+                    Some(kind) => ValueRef::Other(kind),
+                    None => ValueRef::Null,
+                },
+            };
+        }
+        Ok(value)
+    }
+
+    /// The value as a message, copying what it borrows.
+    pub fn to_value(&self) -> Value {
+        let kind = match self {
+            ValueRef::Null => Kind::Null(true),
+            ValueRef::Bool(b) => Kind::BoolValue(*b),
+            ValueRef::Int64(i) => Kind::Int64Value(*i),
+            ValueRef::Uint64(u) => Kind::Uint64Value(*u),
+            ValueRef::Double(d) => Kind::DoubleValue(*d),
+            ValueRef::String(s) => Kind::StringValue((*s).to_owned()),
+            ValueRef::Bytes(b) => Kind::BytesValue(b.to_vec()),
+            ValueRef::Decimal(s) => Kind::DecimalValue((*s).to_owned()),
+            ValueRef::Uuid(s) => Kind::UuidValue((*s).to_owned()),
+            ValueRef::Json(s) => Kind::JsonValue((*s).to_owned()),
+            ValueRef::Other(kind) => kind.clone(),
+        };
+        Value { kind: Some(kind) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::execute_stream_response::Payload;
+    use crate::v1::{Date, ExecuteStreamResponse, ListValue, Row, RowBatch};
+
+    fn every_kind() -> Vec<Value> {
+        let kinds = vec![
+            Kind::Null(true),
+            Kind::BoolValue(true),
+            Kind::BoolValue(false),
+            Kind::Int64Value(i64::MIN),
+            Kind::Int64Value(-1),
+            Kind::Int64Value(i64::MAX),
+            Kind::Uint64Value(u64::MAX),
+            Kind::DoubleValue(-2.5),
+            Kind::DoubleValue(f64::INFINITY),
+            Kind::StringValue(String::new()),
+            Kind::StringValue("grüße, 世界".into()),
+            Kind::BytesValue(vec![0, 1, 255]),
+            Kind::DecimalValue("-12345.6789".into()),
+            Kind::DateValue(Date {
+                year: 2026,
+                month: 12,
+                day: 3,
+            }),
+            Kind::TimestampValue(prost_types::Timestamp {
+                seconds: 1_764_720_000,
+                nanos: 5,
+            }),
+            Kind::UuidValue("123e4567-e89b-12d3-a456-426614174000".into()),
+            Kind::JsonValue("{\"a\":[1,2]}".into()),
+            Kind::ListValue(ListValue {
+                values: vec![
+                    Value {
+                        kind: Some(Kind::Int64Value(7)),
+                    },
+                    Value { kind: None },
+                ],
+            }),
+        ];
+        kinds.into_iter().map(|k| Value { kind: Some(k) }).collect()
+    }
+
+    /// What `to_value` gives for a value prost decodes as `value`.
+    fn normalized(value: &Value) -> Value {
+        match &value.kind {
+            None => Value {
+                kind: Some(Kind::Null(true)),
+            },
+            Some(_) => value.clone(),
+        }
+    }
+
+    #[test]
+    fn raw_rows_read_as_prost_decodes_them() {
+        let rows = vec![
+            Row { values: every_kind() },
+            Row { values: vec![] },
+            Row {
+                values: vec![Value { kind: None }],
+            },
+        ];
+        let wire = ExecuteStreamResponse {
+            payload: Some(Payload::Batch(RowBatch {
+                rows: rows.clone(),
+                encoded: Bytes::new(),
+            })),
+        }
+        .encode_to_vec();
+        let raw = RawExecuteStreamResponse::decode(wire.as_slice()).expect("decodes");
+        let Some(RawPayload::Batch(batch)) = &raw.payload else {
+            panic!("a batch: {raw:?}");
+        };
+        let read: Vec<Vec<Value>> = batch
+            .iter()
+            .map(|row| {
+                row.expect("row")
+                    .values()
+                    .map(|v| v.expect("value").to_value())
+                    .collect()
+            })
+            .collect();
+        let want: Vec<Vec<Value>> = rows.iter().map(|r| r.values.iter().map(normalized).collect()).collect();
+        assert_eq!(read, want);
+        // Borrowed, not copied.
+        let first = batch.iter().next().expect("row").expect("row");
+        let text = first.values().nth(10).expect("value").expect("value");
+        assert_eq!(text, ValueRef::String("grüße, 世界"));
+        // And the same bytes again when encoded.
+        assert_eq!(raw.encode_to_vec(), wire);
+    }
+
+    #[test]
+    fn metadata_and_stats_decode_as_messages() {
+        for payload in [
+            Payload::Metadata(ResultMetadata::default()),
+            Payload::Stats(QueryStats {
+                rows_returned: 3,
+                ..Default::default()
+            }),
+        ] {
+            let wire = ExecuteStreamResponse {
+                payload: Some(payload.clone()),
+            }
+            .encode_to_vec();
+            let raw = RawExecuteStreamResponse::decode(wire.as_slice()).expect("decodes");
+            match (payload, raw.payload) {
+                (Payload::Metadata(a), Some(RawPayload::Metadata(b))) => assert_eq!(a, b),
+                (Payload::Stats(a), Some(RawPayload::Stats(b))) => assert_eq!(a, b),
+                (a, b) => panic!("{a:?} read as {b:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn broken_rows_are_errors_not_panics() {
+        // A row field that claims more bytes than there are.
+        let batch = RawRows {
+            bytes: Bytes::from_static(&[0x0a, 0x05, 0x0a, 0x02]),
+        };
+        assert!(batch.iter().next().expect("an item").is_err());
+        // A string value that is not UTF-8.
+        let batch = RawRows {
+            bytes: Bytes::from_static(&[0x0a, 0x06, 0x0a, 0x04, 0x32, 0x02, 0xff, 0xfe]),
+        };
+        let row = batch.iter().next().expect("a row").expect("row");
+        assert!(row.values().next().expect("a value").is_err());
+        // Every prefix of a valid batch reads to an end without panicking.
+        let wire = RowBatch {
+            rows: vec![Row { values: every_kind() }],
+            encoded: Bytes::new(),
+        }
+        .encode_to_vec();
+        for end in 0..wire.len() {
+            let batch = RawRows {
+                bytes: Bytes::copy_from_slice(&wire[..end]),
+            };
+            for row in batch.iter().flatten() {
+                for _ in row.values() {}
+            }
+        }
+    }
+}

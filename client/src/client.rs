@@ -400,6 +400,7 @@ pub struct ResultStream<M = ExecuteStreamResponse> {
 }
 
 /// What one `ExecuteStream` message carries, however its rows are decoded.
+#[derive(Debug)]
 pub enum Part<B> {
     Metadata(Vec<Column>),
     Batch(B),

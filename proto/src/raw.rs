@@ -75,6 +75,10 @@ impl Message for RawExecuteStreamResponse {
             2 => {
                 let mut bytes = Bytes::new();
                 encoding::bytes::merge(wire_type, &mut bytes, buf, ctx)?;
+                // A message field that comes twice is merged: the rows add up.
+                if let Some(RawPayload::Batch(earlier)) = self.payload.take() {
+                    bytes = [earlier.bytes, bytes].concat().into();
+                }
                 self.payload = Some(RawPayload::Batch(RawRows { bytes }));
             }
             3 => {
@@ -386,6 +390,38 @@ mod tests {
         assert_eq!(text, ValueRef::String("grüße, 世界"));
         // And the same bytes again when encoded.
         assert_eq!(raw.encode_to_vec(), wire);
+    }
+
+    #[test]
+    fn a_batch_in_two_fields_keeps_every_row() {
+        let batch = |i| {
+            ExecuteStreamResponse {
+                payload: Some(Payload::Batch(RowBatch {
+                    rows: vec![Row {
+                        values: vec![Value {
+                            kind: Some(Kind::Int64Value(i)),
+                        }],
+                    }],
+                    encoded: Bytes::new(),
+                })),
+            }
+            .encode_to_vec()
+        };
+        let wire = [batch(1), batch(2)].concat();
+        let raw = RawExecuteStreamResponse::decode(wire.as_slice()).expect("decodes");
+        let Some(RawPayload::Batch(rows)) = raw.payload else {
+            panic!("a batch");
+        };
+        let mut read = Vec::new();
+        for row in rows.iter() {
+            for value in row.expect("row").values() {
+                read.push(value.expect("value").to_value());
+            }
+        }
+        let int = |i| Value {
+            kind: Some(Kind::Int64Value(i)),
+        };
+        assert_eq!(read, vec![int(1), int(2)]);
     }
 
     #[test]

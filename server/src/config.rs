@@ -795,6 +795,12 @@ impl SourceConfig {
                     "must be at least 1 and less than pool.max_size (the rest serve everything else)",
                 ));
             }
+            if self.pool.min_idle > self.pool.max_size - multiplex.connections {
+                return Err(invalid(
+                    format!("{key}.pool.min_idle"),
+                    "must not exceed pool.max_size less multiplex.connections (the pool's own connections)",
+                ));
+            }
             if multiplex.statement_timeout.is_zero() {
                 return Err(invalid(
                     format!("{key}.multiplex.statement_timeout"),
@@ -967,6 +973,10 @@ mod tests {
             (
                 "[tenants.a.sources.s.multiplex]\nconnections = 0\n",
                 "multiplex.connections",
+            ),
+            (
+                "[tenants.a.sources.s.pool]\nmin_idle = 8\n[tenants.a.sources.s.multiplex]\nconnections = 2\n",
+                "pool.min_idle",
             ),
             (
                 "[tenants.a.sources.s.multiplex]\nconnections = 1\nstatement_timeout = \"0s\"\n",

@@ -974,8 +974,7 @@ async fn multiplexed_reads_share_sessions_and_nothing_else_does() {
         (Code::DeadlineExceeded, "57014")
     );
     assert_serves(&client, "pg", 1).await;
-    // A shared session that the server ends is replaced, and the read that
-    // found it gone is sent again.
+    // A shared session that the server ends is replaced on the next call.
     let direct = pg_direct().await;
     let killed = direct
         .query(
@@ -985,6 +984,21 @@ async fn multiplexed_reads_share_sessions_and_nothing_else_does() {
         .await
         .expect("terminate");
     assert_eq!(killed.len(), 1, "one shared session");
+    for _ in 0..100 {
+        let left = direct
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'weir-multiplexed'",
+                &[],
+            )
+            .await
+            .expect("activity");
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The gateway reads the server's goodbye as soon as it is sent.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let shared = client.execute("pg", APP, vec![]).await.expect("read after the kill");
     assert_eq!(text(&shared.rows[0].values[0]), "weir-multiplexed");
     server.stop().await;

@@ -156,7 +156,10 @@ impl PostgresSource {
             options.push("-c default_transaction_read_only=on".to_string());
             pg.options(options.join(" "));
         }
-        let multiplex = config.multiplex.as_ref().map(|m| Multiplexer::new(&pg, &options, m));
+        let multiplex = config
+            .multiplex
+            .as_ref()
+            .map(|m| Multiplexer::new(&pg, &options, m, config.read_only));
         // The shared connections count against the pool's size.
         let pool_config = PoolConfig {
             max_size: config.pool.max_size - config.multiplex.as_ref().map_or(0, |m| m.connections),

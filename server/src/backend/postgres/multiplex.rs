@@ -7,7 +7,7 @@
 //! `session`) are shared, so no session state passes between callers.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -45,15 +45,29 @@ impl Session {
 struct Slot {
     /// Opened on first use and again after the connection is lost.
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
-    /// Statements sent on this slot whose results are not all read.
+    /// Statements on this slot whose results are not all read, counting
+    /// those waiting for it to connect.
     in_flight: AtomicUsize,
+    /// Connected, as far as the last call knows: a slot that is not is
+    /// chosen only when none is.
+    open: AtomicBool,
 }
 
 /// Counts a statement against its slot until its result is read or dropped.
 pub(super) struct InFlight {
     slot: Arc<Slot>,
     /// Keeps the client, and so the connection, open while rows arrive.
-    _session: Arc<Session>,
+    _session: Option<Arc<Session>>,
+}
+
+impl InFlight {
+    fn new(slot: &Arc<Slot>) -> Self {
+        slot.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self {
+            slot: slot.clone(),
+            _session: None,
+        }
+    }
 }
 
 impl Drop for InFlight {
@@ -65,12 +79,28 @@ impl Drop for InFlight {
 pub struct Multiplexer {
     config: tokio_postgres::Config,
     slots: Vec<Arc<Slot>>,
+    /// The engine refuses writes: any statement may be sent twice.
+    read_only: bool,
+}
+
+/// Where a statement was when its connection was lost.
+#[derive(PartialEq)]
+enum Stage {
+    /// Preparing: the statement has not run.
+    Prepare,
+    /// Bound and executed: it may have run.
+    Run,
 }
 
 impl Multiplexer {
     /// `base` is the source's connection settings; `options` its session
     /// options (read-only), to which the shared statement timeout is added.
-    pub fn new(base: &tokio_postgres::Config, options: &[String], multiplex: &MultiplexConfig) -> Self {
+    pub fn new(
+        base: &tokio_postgres::Config,
+        options: &[String],
+        multiplex: &MultiplexConfig,
+        read_only: bool,
+    ) -> Self {
         let mut config = base.clone();
         let mut options = options.to_vec();
         options.push(format!(
@@ -84,28 +114,30 @@ impl Multiplexer {
                 Arc::new(Slot {
                     session: tokio::sync::Mutex::new(None),
                     in_flight: AtomicUsize::new(0),
+                    open: AtomicBool::new(false),
                 })
             })
             .collect();
-        Self { config, slots }
+        Self {
+            config,
+            slots,
+            read_only,
+        }
     }
 
     /// Shared connections open now.
     pub fn open(&self) -> u32 {
-        let open = self
-            .slots
-            .iter()
-            .filter(|s| s.session.try_lock().map_or(true, |g| g.is_some()))
-            .count();
+        let open = self.slots.iter().filter(|s| s.open.load(Ordering::Relaxed)).count();
         u32::try_from(open).unwrap_or(u32::MAX)
     }
 
-    /// The slot with the fewest statements in flight, so that a slow read
-    /// holds up as few others as possible.
+    /// An open slot with the fewest statements in flight, so that a slow read
+    /// holds up as few others as possible and a connection being (re)opened
+    /// holds up none while others are open.
     fn pick(&self) -> Result<&Arc<Slot>, BackendError> {
         self.slots
             .iter()
-            .min_by_key(|s| s.in_flight.load(Ordering::Relaxed))
+            .min_by_key(|s| (!s.open.load(Ordering::Relaxed), s.in_flight.load(Ordering::Relaxed)))
             .ok_or_else(|| BackendError::Internal("multiplexing has no connections".into()))
     }
 
@@ -115,6 +147,7 @@ impl Multiplexer {
             return Ok(session.clone());
         }
         *current = None;
+        slot.open.store(false, Ordering::Relaxed);
         breaker.admit()?;
         let connected = self.config.connect(NoTls).await.map_err(map_error);
         breaker.record(&connected);
@@ -129,6 +162,7 @@ impl Multiplexer {
             statements: Mutex::new(HashMap::new()),
         });
         *current = Some(session.clone());
+        slot.open.store(true, Ordering::Relaxed);
         Ok(session)
     }
 
@@ -139,28 +173,28 @@ impl Multiplexer {
         let mut retried = false;
         loop {
             let slot = self.pick()?;
+            // Counted while it waits for a connection, so others go elsewhere.
+            let mut in_flight = InFlight::new(slot);
             let session = self.session(slot, breaker).await?;
-            slot.in_flight.fetch_add(1, Ordering::Relaxed);
-            let in_flight = InFlight {
-                slot: slot.clone(),
-                _session: session.clone(),
-            };
+            in_flight._session = Some(session.clone());
             let started = match session.prepare(&statement.sql).await {
                 Ok(prepared) => match describe(&prepared, &statement) {
                     Ok(columns) => {
                         let params = statement.params.iter().map(super::PgParam);
                         let rows = session.client.query_raw(&prepared, params).await;
-                        rows.map(|rows| (prepared, columns, rows))
+                        rows.map(|rows| (prepared, columns, rows)).map_err(|e| (Stage::Run, e))
                     }
                     Err(e) => return Err(e),
                 },
-                Err(e) => Err(e),
+                Err(e) => Err((Stage::Prepare, e)),
             };
             let (prepared, columns, inner) = match started {
                 Ok(started) => started,
-                // A plain read changes nothing, so it may be sent again on a
-                // new connection when the shared one was lost under it.
-                Err(e) if !retried && connection_lost(&e) => {
+                // Sent again on a new connection when the shared one was lost
+                // before the statement ran, or when the engine refuses writes.
+                // Otherwise it may have run: a view or policy can hide a
+                // function with effects that the session lexer cannot see.
+                Err((stage, e)) if !retried && connection_lost(&e) && (stage == Stage::Prepare || self.read_only) => {
                     retried = true;
                     let mut current = slot.session.lock().await;
                     if current.as_ref().is_some_and(|s| Arc::ptr_eq(s, &session)) {
@@ -168,7 +202,7 @@ impl Multiplexer {
                     }
                     continue;
                 }
-                Err(e) => {
+                Err((_, e)) => {
                     // The table may have changed under a cached statement.
                     session.statements.lock().remove(&statement.sql);
                     return Err(map_error(e));

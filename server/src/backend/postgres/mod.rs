@@ -330,6 +330,7 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
             rows_affected: None,
             width: prepared.columns().len(),
             in_flight: None,
+            first: None,
         }),
     })
 }
@@ -341,6 +342,8 @@ struct PgRowStream {
     width: usize,
     /// Set on a shared connection: counts the statement until it is over.
     in_flight: Option<InFlight>,
+    /// The first row (or the end: `Some(None)`), already read.
+    first: Option<Option<tokio_postgres::Row>>,
 }
 
 impl Stream for PgRowStream {
@@ -381,7 +384,11 @@ impl RowStream for PgRowStream {
         sink: &mut dyn RowSink,
     ) -> Poll<Option<Result<(), BackendError>>> {
         let this = &mut *self;
-        let row = match this.inner.as_mut().poll_next(cx) {
+        let next = match this.first.take() {
+            Some(first) => Poll::Ready(first.map(Ok)),
+            None => this.inner.as_mut().poll_next(cx),
+        };
+        let row = match next {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => {
                 this.rows_affected = this.inner.rows_affected();

@@ -7,9 +7,11 @@
 //! `session`) are shared, so no session state passes between callers.
 
 use std::collections::HashMap;
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use futures::Stream;
 use parking_lot::Mutex;
 use tokio_postgres::{Client, NoTls};
 
@@ -181,14 +183,24 @@ impl Multiplexer {
                 Ok(prepared) => match describe(&prepared, &statement) {
                     Ok(columns) => {
                         let params = statement.params.iter().map(super::PgParam);
-                        let rows = session.client.query_raw(&prepared, params).await;
-                        rows.map(|rows| (prepared, columns, rows)).map_err(|e| (Stage::Run, e))
+                        match session.client.query_raw(&prepared, params).await {
+                            // The first row is awaited here, so that a
+                            // connection lost before any row can be handled below.
+                            Ok(rows) => {
+                                let mut rows = Box::pin(rows);
+                                match poll_fn(|cx| rows.as_mut().poll_next(cx)).await {
+                                    Some(Err(e)) => Err((Stage::Run, e)),
+                                    first => Ok((prepared, columns, rows, first.and_then(Result::ok))),
+                                }
+                            }
+                            Err(e) => Err((Stage::Run, e)),
+                        }
                     }
                     Err(e) => return Err(e),
                 },
                 Err(e) => Err((Stage::Prepare, e)),
             };
-            let (prepared, columns, inner) = match started {
+            let (prepared, columns, inner, first) = match started {
                 Ok(started) => started,
                 // Sent again on a new connection when the shared one was lost
                 // before the statement ran, or when the engine refuses writes.
@@ -211,11 +223,12 @@ impl Multiplexer {
             return Ok(QueryStream {
                 columns,
                 rows: Box::pin(PgRowStream {
-                    inner: Box::pin(inner),
+                    inner,
                     guard: StatementGuard { lease: None },
                     rows_affected: None,
                     width: prepared.columns().len(),
                     in_flight: Some(in_flight),
+                    first: Some(first),
                 }),
             });
         }

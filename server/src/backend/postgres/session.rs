@@ -50,7 +50,7 @@ const PURE_FUNCTIONS: &[&str] = &[
     "jsonb_extract_path_text", "jsonb_object_agg", "jsonb_set", "jsonb_typeof", "lag", "last_value", "lead", "left",
     "length", "ln", "log", "lower", "lpad", "ltrim", "make_date", "make_interval", "make_timestamp", "max", "md5",
     "min", "mod", "mode", "now", "nth_value", "ntile", "octet_length", "percent_rank", "percentile_cont",
-    "percentile_disc", "power", "rank", "regexp_replace", "regexp_match", "repeat", "replace", "reverse", "right",
+    "percentile_disc", "pg_backend_pid", "power", "rank", "regexp_replace", "regexp_match", "repeat", "replace", "reverse", "right",
     "round", "row_number", "row_to_json", "rpad", "rtrim", "sign", "split_part", "sqrt", "starts_with", "stddev",
     "string_agg", "strpos", "substr", "sum", "to_char", "to_date", "to_json", "to_jsonb", "to_number",
     "to_timestamp", "trunc", "unnest", "upper", "variance",

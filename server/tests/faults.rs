@@ -110,11 +110,16 @@ fn rows(range: std::ops::Range<i64>) -> Vec<pb::Row> {
 /// the load in progress fail with a clear code, nothing partial is
 /// committed, other sources go on serving, calls fail fast while it is
 /// down, and the gateway serves again by itself once it is back.
-async fn database_restart(engine: &str, section: String) {
+/// `after_pool` adds tables of the source after its pool's.
+async fn database_restart(engine: &str, section: String, after_pool: &str) {
     let _serial = SERIAL.lock().await;
     let config = format!(
         "{FAST}{}",
-        tenant("f", "", &(section + &pool("f", "db") + &sqlite_demo("f", "demo")))
+        tenant(
+            "f",
+            "",
+            &(section + &pool("f", "db") + after_pool + &sqlite_demo("f", "demo"))
+        )
     );
     let server = TestServer::start(&config).await;
     let client = server.client("key-f").await;
@@ -221,12 +226,20 @@ async fn database_restart(engine: &str, section: String) {
 
 #[tokio::test]
 async fn postgres_restart_mid_stream_transaction_and_load() {
-    database_restart("pg", plain_postgres("f", "db", "")).await;
+    database_restart("pg", plain_postgres("f", "db", ""), "").await;
+}
+
+/// The same with plain reads on a shared, pipelined connection: lost with
+/// the server, failing fast while it is down, and opened again after.
+#[tokio::test]
+async fn postgres_restart_with_multiplexed_reads() {
+    let multiplex = "[tenants.f.sources.db.multiplex]\nconnections = 1\n";
+    database_restart("pg", plain_postgres("f", "db", ""), multiplex).await;
 }
 
 #[tokio::test]
 async fn mariadb_restart_mid_stream_transaction_and_load() {
-    database_restart("mysql", plain_mysql("f", "db", "")).await;
+    database_restart("mysql", plain_mysql("f", "db", ""), "").await;
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use parking_lot::Mutex;
@@ -50,9 +51,20 @@ struct Slot {
     /// Statements on this slot whose results are not all read, counting
     /// those waiting for it to connect.
     in_flight: AtomicUsize,
-    /// Connected, as far as the last call knows: a slot that is not is
-    /// chosen only when none is.
+    /// Connected, as far as the last call knows.
     open: AtomicBool,
+    /// Its last connection attempt failed: until then, it is chosen only
+    /// when every slot is failing.
+    failed_until: Mutex<Option<Instant>>,
+}
+
+/// How long a slot that could not connect is passed over.
+const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
+
+impl Slot {
+    fn avoided(&self) -> bool {
+        !self.open.load(Ordering::Relaxed) && self.failed_until.lock().is_some_and(|t| Instant::now() < t)
+    }
 }
 
 /// Counts a statement against its slot until its result is read or dropped.
@@ -117,6 +129,7 @@ impl Multiplexer {
                     session: tokio::sync::Mutex::new(None),
                     in_flight: AtomicUsize::new(0),
                     open: AtomicBool::new(false),
+                    failed_until: Mutex::new(None),
                 })
             })
             .collect();
@@ -133,13 +146,13 @@ impl Multiplexer {
         u32::try_from(open).unwrap_or(u32::MAX)
     }
 
-    /// An open slot with the fewest statements in flight, so that a slow read
-    /// holds up as few others as possible and a connection being (re)opened
-    /// holds up none while others are open.
+    /// The slot with the fewest statements in flight (counting those waiting
+    /// for it to connect), so that a slow read or a reconnect holds up as few
+    /// others as possible; one that just failed to connect only as a last resort.
     fn pick(&self) -> Result<&Arc<Slot>, BackendError> {
         self.slots
             .iter()
-            .min_by_key(|s| (!s.open.load(Ordering::Relaxed), s.in_flight.load(Ordering::Relaxed)))
+            .min_by_key(|s| (s.avoided(), s.in_flight.load(Ordering::Relaxed)))
             .ok_or_else(|| BackendError::Internal("multiplexing has no connections".into()))
     }
 
@@ -153,6 +166,7 @@ impl Multiplexer {
         breaker.admit()?;
         let connected = self.config.connect(NoTls).await.map_err(map_error);
         breaker.record(&connected);
+        *slot.failed_until.lock() = connected.is_err().then(|| Instant::now() + CONNECT_BACKOFF);
         let (client, connection) = connected?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -173,11 +187,20 @@ impl Multiplexer {
     pub async fn query(&self, statement: Statement, breaker: &Breaker) -> Result<QueryStream, BackendError> {
         super::types::check_params(&statement.params)?;
         let mut retried = false;
+        let mut connect_failures = 0;
         loop {
             let slot = self.pick()?;
             // Counted while it waits for a connection, so others go elsewhere.
             let mut in_flight = InFlight::new(slot);
-            let session = self.session(slot, breaker).await?;
+            let session = match self.session(slot, breaker).await {
+                Ok(session) => session,
+                // Nothing was sent: another slot that is open can take it.
+                Err(_) if connect_failures < self.slots.len() && self.open() > 0 => {
+                    connect_failures += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             in_flight._session = Some(session.clone());
             let started = match session.prepare(&statement.sql).await {
                 Ok(prepared) => match describe(&prepared, &statement) {
@@ -241,4 +264,76 @@ fn connection_lost(e: &tokio_postgres::Error) -> bool {
     e.is_closed()
         || e.as_db_error()
             .is_some_and(|db| matches!(db.code().code(), "57P01" | "57P02"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn multiplexer(config: &tokio_postgres::Config, connections: u32) -> Multiplexer {
+        let multiplex = MultiplexConfig {
+            connections,
+            statement_timeout: Duration::from_secs(1),
+        };
+        Multiplexer::new(config, &[], &multiplex, false)
+    }
+
+    fn picked(m: &Multiplexer) -> usize {
+        let slot = m.pick().expect("a slot");
+        m.slots.iter().position(|s| Arc::ptr_eq(s, slot)).expect("one of them")
+    }
+
+    #[test]
+    fn reads_go_to_the_least_busy_slot_and_around_one_that_cannot_connect() {
+        let m = multiplexer(&tokio_postgres::Config::new(), 3);
+        assert_eq!(picked(&m), 0);
+        // Statements in flight, or waiting for their slot to connect, count.
+        let first = InFlight::new(&m.slots[0]);
+        assert_eq!(picked(&m), 1);
+        let second = InFlight::new(&m.slots[1]);
+        assert_eq!(picked(&m), 2);
+        drop((first, second));
+        assert_eq!(picked(&m), 0);
+        // A slot that just failed to connect is passed over, however idle...
+        *m.slots[0].failed_until.lock() = Some(Instant::now() + CONNECT_BACKOFF);
+        let busy: Vec<_> = (0..5).map(|_| InFlight::new(&m.slots[1])).collect();
+        assert_eq!(picked(&m), 2);
+        // ...until its back-off is over,
+        *m.slots[0].failed_until.lock() = Some(Instant::now());
+        assert_eq!(picked(&m), 0);
+        // ...or every slot is failing: then the least busy again.
+        for slot in &m.slots {
+            *slot.failed_until.lock() = Some(Instant::now() + CONNECT_BACKOFF);
+        }
+        assert_eq!(picked(&m), 0);
+        drop(busy);
+        assert!(m.slots.iter().all(|s| s.in_flight.load(Ordering::Relaxed) == 0));
+    }
+
+    #[tokio::test]
+    async fn a_server_that_cannot_be_reached_is_unavailable_and_passed_over() {
+        let mut config = tokio_postgres::Config::new();
+        // Nothing listens on port 1.
+        config
+            .host("127.0.0.1")
+            .port(1)
+            .user("nobody")
+            .connect_timeout(Duration::from_secs(2));
+        let m = multiplexer(&config, 2);
+        let statement = Statement {
+            sql: "SELECT 1".into(),
+            params: vec![],
+            whole_result: true,
+        };
+        let err = m
+            .query(statement, &Breaker::default())
+            .await
+            .err()
+            .expect("nothing to connect to");
+        assert!(matches!(err, BackendError::Unavailable(_)), "{err:?}");
+        assert_eq!(m.open(), 0);
+        assert!(m.slots[0].avoided(), "the slot that failed waits out its back-off");
+        assert_eq!(picked(&m), 1);
+        assert_eq!(m.slots[0].in_flight.load(Ordering::Relaxed), 0, "nothing left counted");
+    }
 }

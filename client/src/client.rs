@@ -269,12 +269,7 @@ impl WeirClient {
 
     /// Runs one statement and streams its result in batches.
     pub async fn execute_stream(&self, source: &str, sql: &str, params: Vec<Value>) -> Result<ResultStream, Status> {
-        let request = ExecuteStreamRequest {
-            source: source.to_owned(),
-            sql: sql.to_owned(),
-            params,
-            ..Default::default()
-        };
+        let request = stream_request(source, sql, params);
         let stream = self.query().execute_stream(request).await?.into_inner();
         ResultStream::new(stream).await
     }
@@ -289,12 +284,7 @@ impl WeirClient {
         sql: &str,
         params: Vec<Value>,
     ) -> Result<ResultStream<RawExecuteStreamResponse>, Status> {
-        let request = ExecuteStreamRequest {
-            source: source.to_owned(),
-            sql: sql.to_owned(),
-            params,
-            ..Default::default()
-        };
+        let request = stream_request(source, sql, params);
         let mut grpc =
             tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
         grpc.ready()
@@ -489,6 +479,15 @@ impl<M: StreamMessage> ResultStream<M> {
     /// The statistics, once [`Self::next_batch`] has returned `None`.
     pub fn stats(&self) -> Option<&QueryStats> {
         self.stats.as_ref()
+    }
+}
+
+fn stream_request(source: &str, sql: &str, params: Vec<Value>) -> ExecuteStreamRequest {
+    ExecuteStreamRequest {
+        source: source.to_owned(),
+        sql: sql.to_owned(),
+        params,
+        ..Default::default()
     }
 }
 

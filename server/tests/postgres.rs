@@ -1032,13 +1032,15 @@ async fn a_shared_read_lost_while_running_is_resent_only_where_writes_are_imposs
             let sql = sql.clone();
             tokio::spawn(async move { client.execute(source, &sql, vec![]).await })
         };
-        // End the shared backend while it runs this statement.
+        // End the shared backend while it runs this statement (well past
+        // preparing it: a read lost while being prepared is always resent).
         let mut killed = false;
         for _ in 0..200 {
             let ended = direct
                 .query(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE application_name = 'weir-multiplexed' AND state = 'active' AND query = $1",
+                     WHERE application_name = 'weir-multiplexed' AND state = 'active' AND query = $1 \
+                     AND clock_timestamp() - query_start > interval '300 milliseconds'",
                     &[&sql],
                 )
                 .await
@@ -1065,5 +1067,79 @@ async fn a_shared_read_lost_while_running_is_resent_only_where_writes_are_imposs
         // The source serves again either way.
         assert_serves(&client, source, 1).await;
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shared_reads_that_fail_or_are_abandoned_leave_the_connection_serving_the_right_rows() {
+    // One shared connection, so every read below is pipelined behind the one before.
+    let toml = tenant(
+        "gone",
+        "max_rows_per_response = 10",
+        &postgres(
+            "gone",
+            "pg",
+            "[tenants.gone.sources.pg.multiplex]\nconnections = 1\nstatement_timeout = \"1500ms\"\n",
+        ),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-gone").await;
+    let lookup = "SELECT $1::int8 + 1";
+    let check = |client: weir_client::WeirClient, i: i64| async move {
+        let r = client.execute("pg", lookup, vec![i.into()]).await.expect("lookup");
+        assert_eq!(
+            (r.rows.len(), int(&r.rows[0].values[0])),
+            (1, i + 1),
+            "rows of another read"
+        );
+    };
+    // A result over the row cap: refused; its remaining rows reach no one else.
+    let err = client
+        .execute("pg", "SELECT g FROM generate_series(1, 100000) g", vec![])
+        .await
+        .expect_err("over the cap");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    check(client.clone(), 1).await;
+    // Bad input: a parameter count that does not fit, a table that does not exist.
+    let err = client.execute("pg", lookup, vec![]).await.expect_err("no parameter");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = client
+        .execute("pg", "SELECT * FROM weir_no_such_table", vec![])
+        .await
+        .expect_err("missing table");
+    assert_eq!((err.code(), engine_code(&err).as_str()), (Code::NotFound, "42P01"));
+    check(client.clone(), 2).await;
+    // A caller that gives up: it gets DEADLINE_EXCEEDED at its own deadline;
+    // the statement runs on until the shared statement timeout ends it, and
+    // the reads queued behind it then get their own rows.
+    let long = "SELECT count(*) FROM generate_series(1, 2000000000) AS abandoned";
+    let mut request = tonic::Request::new(pb::ExecuteRequest {
+        source: "pg".into(),
+        sql: long.into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let err = client.query().execute(request).await.expect_err("gave up");
+    // The client's own timer or the server's, whichever fires first.
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1), "at the caller's deadline");
+    let queued: Vec<_> = (10..20).map(|i| tokio::spawn(check(client.clone(), i))).collect();
+    for call in queued {
+        call.await.expect("queued read");
+    }
+    let direct = pg_direct().await;
+    let running = direct
+        .query(
+            "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query = $1",
+            &[&long],
+        )
+        .await
+        .expect("activity");
+    assert!(running.is_empty(), "the engine ended the abandoned statement");
+    check(client.clone(), 3).await;
     server.stop().await;
 }

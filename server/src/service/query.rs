@@ -67,6 +67,7 @@ impl QueryApi {
         tx_id: &[u8],
         sql: String,
         params: Vec<pb::Value>,
+        whole_result: bool,
     ) -> Result<Target> {
         if sql.trim().is_empty() {
             return Err(Error::InvalidArgument {
@@ -80,7 +81,7 @@ impl QueryApi {
         let statement = Statement {
             sql,
             params: convert::params(params)?,
-            whole_result: false,
+            whole_result,
         };
         let transaction = if tx_id.is_empty() {
             source(&caller, source_name)?;
@@ -297,8 +298,7 @@ impl QueryService for QueryApi {
             started,
             queued: admitted.queued,
         };
-        let mut target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params)?;
-        target.statement.whole_result = true;
+        let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, true)?;
         let result = tokio::time::timeout(timeout, execute_unary(&target, timing)).await;
         target.finished();
         let response = result
@@ -327,7 +327,7 @@ impl QueryService for QueryApi {
             started,
             queued: admitted.queued,
         };
-        let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params)?;
+        let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, false)?;
         let (tx, rx) = StreamOut::channel(STREAM_BUFFER, self.stream_idle);
         let mut cut = self.cut.clone();
         tokio::spawn(

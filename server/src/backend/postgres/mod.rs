@@ -77,15 +77,20 @@ impl PgConn {
             statement: self.client.prepare(sql).await?,
             leaves_session: session::leaves_session_unchanged(sql),
         };
-        if sql.len() > MAX_CACHED_SQL {
-            return Ok(prepared);
-        }
-        if self.statements.len() >= STATEMENT_CACHE_SIZE {
-            self.statements.clear();
-        }
-        self.statements.insert(sql.to_string(), prepared.clone());
+        cache_statement(&mut self.statements, sql, prepared.clone());
         Ok(prepared)
     }
+}
+
+/// Keeps what was prepared for `sql`, within the cache's bounds.
+fn cache_statement<T>(statements: &mut HashMap<String, T>, sql: &str, prepared: T) {
+    if sql.len() > MAX_CACHED_SQL {
+        return;
+    }
+    if statements.len() >= STATEMENT_CACHE_SIZE {
+        statements.clear();
+    }
+    statements.insert(sql.to_string(), prepared);
 }
 
 pub struct PgManager {

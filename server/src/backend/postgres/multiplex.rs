@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,9 +17,9 @@ use futures::Stream;
 use parking_lot::Mutex;
 use tokio_postgres::{Client, NoTls};
 
-use super::{describe, map_error, PgRowStream, StatementGuard, MAX_CACHED_SQL, STATEMENT_CACHE_SIZE};
+use super::{cache_statement, describe, map_error, PgRowStream, StatementGuard};
 use crate::backend::breaker::Breaker;
-use crate::backend::{BackendError, QueryStream, Statement};
+use crate::backend::{BackendError, Column, QueryStream, Statement};
 use crate::config::MultiplexConfig;
 
 /// One shared connection and the statements prepared on it.
@@ -34,15 +35,46 @@ impl Session {
         }
         // Two callers may prepare the same text at once; both statements work.
         let statement = self.client.prepare(sql).await?;
-        if sql.len() <= MAX_CACHED_SQL {
-            let mut statements = self.statements.lock();
-            if statements.len() >= STATEMENT_CACHE_SIZE {
-                statements.clear();
-            }
-            statements.insert(sql.to_string(), statement.clone());
-        }
+        cache_statement(&mut self.statements.lock(), sql, statement.clone());
         Ok(statement)
     }
+
+    /// Sends `statement` and reads its first row, so that a session lost
+    /// before any row arrived can still be handled by the caller.
+    async fn start(&self, statement: &Statement) -> Result<Started, (Stage, BackendError)> {
+        let prepared = self
+            .prepare(&statement.sql)
+            .await
+            .map_err(|e| (Stage::Prepare, map_error(e)))?;
+        let columns = describe(&prepared, statement).map_err(|e| (Stage::Prepare, e))?;
+        let params = statement.params.iter().map(super::PgParam);
+        let rows = self
+            .client
+            .query_raw(&prepared, params)
+            .await
+            .map_err(|e| (Stage::Run, map_error(e)))?;
+        let mut rows = Box::pin(rows);
+        let first = match poll_fn(|cx| rows.as_mut().poll_next(cx)).await {
+            Some(Err(e)) => return Err((Stage::Run, map_error(e))),
+            Some(Ok(row)) => Some(row),
+            None => None,
+        };
+        Ok(Started {
+            width: prepared.columns().len(),
+            columns,
+            rows,
+            first,
+        })
+    }
+}
+
+/// A statement running on a shared session.
+struct Started {
+    columns: Vec<Column>,
+    width: usize,
+    rows: Pin<Box<tokio_postgres::RowStream>>,
+    /// `None` when the result has no rows.
+    first: Option<tokio_postgres::Row>,
 }
 
 struct Slot {
@@ -202,68 +234,39 @@ impl Multiplexer {
                 Err(e) => return Err(e),
             };
             in_flight._session = Some(session.clone());
-            let started = match session.prepare(&statement.sql).await {
-                Ok(prepared) => match describe(&prepared, &statement) {
-                    Ok(columns) => {
-                        let params = statement.params.iter().map(super::PgParam);
-                        match session.client.query_raw(&prepared, params).await {
-                            // The first row is awaited here, so that a
-                            // connection lost before any row can be handled below.
-                            Ok(rows) => {
-                                let mut rows = Box::pin(rows);
-                                match poll_fn(|cx| rows.as_mut().poll_next(cx)).await {
-                                    Some(Err(e)) => Err((Stage::Run, e)),
-                                    first => Ok((prepared, columns, rows, first.and_then(Result::ok))),
-                                }
-                            }
-                            Err(e) => Err((Stage::Run, e)),
-                        }
-                    }
-                    Err(e) => return Err(e),
-                },
-                Err(e) => Err((Stage::Prepare, e)),
-            };
-            let (prepared, columns, inner, first) = match started {
-                Ok(started) => started,
+            match session.start(&statement).await {
+                Ok(started) => {
+                    return Ok(QueryStream {
+                        columns: started.columns,
+                        rows: Box::pin(PgRowStream {
+                            inner: started.rows,
+                            guard: StatementGuard { lease: None },
+                            rows_affected: None,
+                            width: started.width,
+                            in_flight: Some(in_flight),
+                            first: Some(started.first),
+                        }),
+                    })
+                }
                 // Sent again on a new connection when the shared one was lost
                 // before the statement ran, or when the engine refuses writes.
                 // Otherwise it may have run: a view or policy can hide a
                 // function with effects that the session lexer cannot see.
-                Err((stage, e)) if !retried && connection_lost(&e) && (stage == Stage::Prepare || self.read_only) => {
+                Err((stage, e)) if !retried && e.is_unavailable() && (stage == Stage::Prepare || self.read_only) => {
                     retried = true;
                     let mut current = slot.session.lock().await;
                     if current.as_ref().is_some_and(|s| Arc::ptr_eq(s, &session)) {
                         *current = None;
                     }
-                    continue;
                 }
                 Err((_, e)) => {
                     // The table may have changed under a cached statement.
                     session.statements.lock().remove(&statement.sql);
-                    return Err(map_error(e));
+                    return Err(e);
                 }
-            };
-            return Ok(QueryStream {
-                columns,
-                rows: Box::pin(PgRowStream {
-                    inner,
-                    guard: StatementGuard { lease: None },
-                    rows_affected: None,
-                    width: prepared.columns().len(),
-                    in_flight: Some(in_flight),
-                    first: Some(first),
-                }),
-            });
+            }
         }
     }
-}
-
-/// The session ended under the statement (closed, or ended by the server:
-/// 57P01 admin_shutdown, 57P02 crash_shutdown).
-fn connection_lost(e: &tokio_postgres::Error) -> bool {
-    e.is_closed()
-        || e.as_db_error()
-            .is_some_and(|db| matches!(db.code().code(), "57P01" | "57P02"))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status, Streaming};
 use weir_proto::raw::{RawExecuteStreamResponse, RawPayload, RawRows};
 use weir_proto::v1::bulk_load_service_client::BulkLoadServiceClient;
@@ -23,8 +23,10 @@ use weir_proto::v1::{
     RollbackRequest, Row, SchemaInfo, SourceInfo, TableInfo, TestConnectionRequest, TestConnectionResponse, Value,
 };
 
+use crate::transport::{H2Channel, Settings, Transport};
+
 /// A channel that authenticates every call with the API key.
-pub type AuthChannel = InterceptedService<Channel, ApiKeyInterceptor>;
+pub type AuthChannel = InterceptedService<Transport, ApiKeyInterceptor>;
 
 /// Unary results may be larger than tonic's 4 MiB default; the server enforces
 /// its own per-tenant cap and reports RESOURCE_EXHAUSTED beyond it.
@@ -47,7 +49,7 @@ pub enum ClientError {
     InvalidAddress {
         addr: String,
         #[source]
-        source: tonic::transport::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The key holds characters that a header cannot carry.
     #[error("the API key is not a valid header value (it must be visible ASCII)")]
@@ -60,7 +62,7 @@ pub enum ClientError {
     Transport {
         addr: String,
         #[source]
-        source: tonic::transport::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -145,26 +147,55 @@ impl WeirClient {
         } else {
             format!("{scheme}://{addr}")
         };
-        let mut endpoint = Endpoint::from_shared(addr.clone()).map_err(|source| ClientError::InvalidAddress {
+        let invalid = |source: Box<dyn std::error::Error + Send + Sync>| ClientError::InvalidAddress {
             addr: addr.clone(),
             source,
-        })?;
-        if let Some(tls) = tls {
-            let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(tls.ca_pem));
-            if let Some((cert, key)) = tls.identity_pem {
-                config = config.identity(Identity::from_pem(cert, key));
+        };
+        let endpoint = Endpoint::from_shared(addr.clone()).map_err(|e| invalid(e.into()))?;
+        let unreachable = |source: Box<dyn std::error::Error + Send + Sync>| ClientError::Transport {
+            addr: addr.clone(),
+            source,
+        };
+        let channel = match tls {
+            Some(tls) => {
+                let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(tls.ca_pem));
+                if let Some((cert, key)) = tls.identity_pem {
+                    config = config.identity(Identity::from_pem(cert, key));
+                }
+                if let Some(domain) = tls.domain {
+                    config = config.domain_name(domain);
+                }
+                let channel = endpoint
+                    .tls_config(config)
+                    .map_err(ClientError::Tls)?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .max_frame_size(MAX_FRAME_SIZE)
+                    .connect()
+                    .await
+                    .map_err(|e| unreachable(e.into()))?;
+                Transport::Tls(channel)
             }
-            if let Some(domain) = tls.domain {
-                config = config.domain_name(domain);
+            None => {
+                let uri = endpoint.uri();
+                if uri.scheme_str() != Some("http") {
+                    return Err(invalid(
+                        "an https:// address needs TLS settings (a CA certificate)".into(),
+                    ));
+                }
+                let authority = uri
+                    .authority()
+                    .cloned()
+                    .ok_or_else(|| invalid("the address has no host".into()))?;
+                let settings = Settings {
+                    connect_timeout: CONNECT_TIMEOUT,
+                    max_frame_size: MAX_FRAME_SIZE,
+                };
+                let channel = H2Channel::connect(authority, settings)
+                    .await
+                    .map_err(|e| unreachable(e.into()))?;
+                Transport::Plain(channel)
             }
-            endpoint = endpoint.tls_config(config).map_err(ClientError::Tls)?;
-        }
-        let channel = endpoint
-            .connect_timeout(CONNECT_TIMEOUT)
-            .max_frame_size(MAX_FRAME_SIZE)
-            .connect()
-            .await
-            .map_err(|source| ClientError::Transport { addr, source })?;
+        };
         let auth_channel = InterceptedService::new(channel.clone(), interceptor.clone());
         let query = QueryServiceClient::with_interceptor(channel.clone(), interceptor.clone())
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
@@ -592,10 +623,7 @@ mod tests {
     }
 
     async fn fake_client() -> WeirClient {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a local port");
-        let addr = listener.local_addr().expect("local address");
+        let (listener, addr) = local_listener().await;
         tokio::spawn(
             Server::builder()
                 .add_service(QueryServiceServer::new(Fake))
@@ -681,6 +709,94 @@ mod tests {
         assert_eq!(status.message(), "deadlock");
     }
 
+    async fn local_listener() -> (tokio::net::TcpListener, std::net::SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a local port");
+        let addr = listener.local_addr().expect("local address");
+        (listener, addr)
+    }
+
+    /// Serves the fake on `listener` until the returned sender fires or drops.
+    fn serve(listener: tokio::net::TcpListener) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let _ = Server::builder()
+                .add_service(QueryServiceServer::new(Fake))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        (stop, server)
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_is_opened_again_by_the_next_call() {
+        let (listener, addr) = local_listener().await;
+        let (stop, server) = serve(listener);
+        let client = WeirClient::connect(&addr.to_string(), "secret")
+            .await
+            .expect("connect to the fake");
+        let response = client.execute("src", "x", vec![]).await.expect("served");
+        assert_eq!(response.rows[0].values[0], Value::from("Bearer secret"));
+
+        let _ = stop.send(());
+        server.await.expect("the server stops");
+        let status = client.execute("src", "x", vec![]).await.expect_err("nothing serves");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("cannot connect"), "{status:?}");
+
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind the port again");
+        let (_stop, _server) = serve(listener);
+        for value in concurrently(&client).await {
+            assert_eq!(value, Value::from("Bearer secret"));
+        }
+    }
+
+    /// Eight calls at once on a client whose connection must be opened again.
+    async fn concurrently(client: &WeirClient) -> Vec<Value> {
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move { client.execute("src", "x", vec![]).await })
+            })
+            .collect();
+        let mut served = Vec::new();
+        for call in calls {
+            let response = call.await.expect("the call task").expect("served by the new server");
+            served.push(response.rows[0].values[0].clone());
+        }
+        served
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_fails_the_call_at_its_deadline() {
+        let (listener, addr) = local_listener().await;
+        // Accepts connections and holds them open without a word.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let client = WeirClient::connect(&addr.to_string(), "secret").await.expect("connect");
+        let mut request = Request::new(ExecuteRequest::default());
+        request.set_timeout(Duration::from_millis(100));
+        let started = std::time::Instant::now();
+        let status = client.query().execute(request).await.expect_err("no answer comes");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn an_https_address_without_tls_settings_is_refused() {
+        assert!(matches!(
+            WeirClient::connect("https://127.0.0.1:1", "key").await,
+            Err(ClientError::InvalidAddress { .. })
+        ));
+    }
+
     #[tokio::test]
     async fn connect_reports_bad_input_and_unreachable_servers() {
         assert!(matches!(
@@ -692,10 +808,7 @@ mod tests {
             Err(ClientError::InvalidAddress { .. })
         ));
         // A port that was just free has nothing listening.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a local port");
-        let addr = listener.local_addr().expect("local address");
+        let (listener, addr) = local_listener().await;
         drop(listener);
         assert!(matches!(
             WeirClient::connect(&format!("http://{addr}"), "key").await,

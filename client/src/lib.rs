@@ -7,6 +7,7 @@ pub mod load_input;
 pub mod output;
 mod params;
 mod status;
+mod transport;
 mod watch;
 
 pub use client::{
@@ -14,6 +15,7 @@ pub use client::{
 };
 pub use params::parse_param;
 pub use status::{code_name, describe_status};
+pub use transport::{H2Channel, Transport};
 pub use watch::ChangeWatch;
 pub use weir_proto;
 pub use weir_proto::raw::{RawDecodeError, RawRows, RowRef, ValueRef};

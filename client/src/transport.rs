@@ -1,0 +1,417 @@
+//! How calls reach the server. Plain-text connections use [`H2Channel`]: each
+//! call goes straight onto one `h2` connection, and a unary call's request
+//! and response are driven by the caller's own task. tonic's `Channel` hands
+//! every call through a buffer task and hyper's dispatch task, and spawns a
+//! task per response; on a busy machine each hand-over can wake another
+//! thread, and together they cost more CPU than the call itself. TLS
+//! connections keep tonic's `Channel`, which carries the TLS handshake.
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{Reason, RecvStream, SendStream};
+use http::uri::{Authority, Scheme, Uri};
+use http::{HeaderValue, Request, Response};
+use http_body::{Body as _, Frame};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tonic::body::Body;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type CallFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+
+/// HTTP/2 settings of a connection.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings {
+    pub connect_timeout: Duration,
+    /// Largest frame the server may send.
+    pub max_frame_size: u32,
+}
+
+/// hyper's defaults, which tonic's `Channel` uses: a result stream is not
+/// held up by HTTP/2's 64 KiB default windows.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+static USER_AGENT: HeaderValue = HeaderValue::from_static(concat!("weir-client/", env!("CARGO_PKG_VERSION")));
+
+/// The connection every call of a [`crate::WeirClient`] and its clones uses.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    /// Plain-text HTTP/2, straight on `h2`.
+    Plain(H2Channel),
+    /// TLS, through tonic's `Channel`.
+    Tls(Channel),
+}
+
+impl tower::Service<Request<Body>> for Transport {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = CallFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self {
+            // Calls wait for the connection's stream limit inside `call`.
+            Transport::Plain(_) => Poll::Ready(Ok(())),
+            Transport::Tls(channel) => channel.poll_ready(cx).map_err(Into::into),
+        }
+    }
+
+    fn call(&mut self, request: Request<Body>) -> CallFuture {
+        match self {
+            Transport::Plain(channel) => Box::pin(channel.clone().call(request)),
+            Transport::Tls(channel) => {
+                let call = channel.call(request);
+                Box::pin(async move { call.await.map_err(Into::into) })
+            }
+        }
+    }
+}
+
+/// One HTTP/2 connection, opened again by the next call after it is lost.
+#[derive(Clone)]
+pub struct H2Channel {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for H2Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Channel")
+            .field("authority", &self.shared.authority)
+            .finish()
+    }
+}
+
+struct Shared {
+    authority: Authority,
+    settings: Settings,
+    /// The open connection and its number; None once it is known to be lost.
+    current: Mutex<Option<(u64, SendRequest<Bytes>)>>,
+    /// Held while connecting, so that callers who find the connection lost
+    /// at the same moment open one new connection, not one each.
+    connecting: tokio::sync::Mutex<u64>,
+}
+
+impl H2Channel {
+    /// Opens the connection to `authority` ("host:port").
+    pub(crate) async fn connect(authority: Authority, settings: Settings) -> Result<H2Channel, Status> {
+        let channel = H2Channel {
+            shared: Arc::new(Shared {
+                authority,
+                settings,
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(0),
+            }),
+        };
+        channel.sender().await?;
+        Ok(channel)
+    }
+
+    fn current(&self) -> Option<(u64, SendRequest<Bytes>)> {
+        self.shared.current.lock().ok()?.clone()
+    }
+
+    /// The open connection, or a new one when the last was lost.
+    async fn sender(&self) -> Result<(u64, SendRequest<Bytes>), Status> {
+        if let Some(current) = self.current() {
+            return Ok(current);
+        }
+        let mut generation = self.shared.connecting.lock().await;
+        if let Some(current) = self.current() {
+            return Ok(current);
+        }
+        let sender = open(&self.shared.authority, self.shared.settings).await?;
+        *generation += 1;
+        if let Ok(mut current) = self.shared.current.lock() {
+            *current = Some((*generation, sender.clone()));
+        }
+        Ok((*generation, sender))
+    }
+
+    /// Forgets connection `generation` (unless a newer one replaced it).
+    fn lost(&self, generation: u64) {
+        if let Ok(mut current) = self.shared.current.lock() {
+            if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+                *current = None;
+            }
+        }
+    }
+
+    /// Sends the request's head once a connection can take another stream.
+    /// A connection found lost while waiting has sent nothing of the
+    /// request, so it is tried once more on a new connection.
+    async fn open_stream(&self, head: Request<()>) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), Status> {
+        let mut retried = false;
+        loop {
+            let (generation, sender) = self.sender().await?;
+            match sender.ready().await {
+                Ok(mut sender) => {
+                    return sender.send_request(head, false).map_err(|e| {
+                        // A connection going away takes no new streams: the
+                        // next call opens another.
+                        if e.is_go_away() || e.is_io() {
+                            self.lost(generation);
+                        }
+                        status(e)
+                    });
+                }
+                Err(e) => {
+                    self.lost(generation);
+                    if retried {
+                        return Err(status(e));
+                    }
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    /// The request head with the origin h2 needs (tonic gives a path only).
+    fn head(&self, parts: http::request::Parts) -> Request<()> {
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(self.shared.authority.clone());
+        uri.path_and_query = parts.uri.path_and_query().cloned();
+        let mut request = Request::from_parts(parts, ());
+        if let Ok(uri) = Uri::from_parts(uri) {
+            *request.uri_mut() = uri;
+        }
+        request
+            .headers_mut()
+            .entry(http::header::USER_AGENT)
+            .or_insert_with(|| USER_AGENT.clone());
+        request
+    }
+
+    /// The call, failing with DEADLINE_EXCEEDED once its `grpc-timeout` has
+    /// passed without an answer, as a gRPC client must: a server that
+    /// cannot be reached or does not answer does not hold the caller longer.
+    async fn call(self, request: Request<Body>) -> Result<Response<Body>, BoxError> {
+        match grpc_timeout(request.headers()) {
+            None => self.start(request).await,
+            Some(timeout) => match tokio::time::timeout(timeout, self.start(request)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "the call's deadline of {timeout:?} passed before the server answered"
+                ))
+                .into()),
+            },
+        }
+    }
+
+    async fn start(self, request: Request<Body>) -> Result<Response<Body>, BoxError> {
+        let (head, body) = request.into_parts();
+        let (response, send) = self.open_stream(self.head(head)).await?;
+        let (cancel, cancelled) = oneshot::channel();
+        let mut upload = Upload { body, send, cancelled };
+        // A unary request body is ready at once and goes out from this task;
+        // only a stream that is still open moves to a task of its own.
+        match poll_fn(|cx| Poll::Ready(Pin::new(&mut upload).poll(cx))).await {
+            Poll::Ready(Err(e)) => return Err(e.into()),
+            Poll::Ready(Ok(())) => {}
+            Poll::Pending => {
+                tokio::spawn(upload);
+            }
+        }
+        let response = response.await.map_err(status)?;
+        Ok(response.map(|recv| {
+            Body::new(Download {
+                recv,
+                data_done: false,
+                _cancel: cancel,
+            })
+        }))
+    }
+}
+
+/// The `grpc-timeout` header: up to 8 digits and a unit.
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+async fn open(authority: &Authority, settings: Settings) -> Result<SendRequest<Bytes>, Status> {
+    let unavailable = |e: &dyn std::fmt::Display| Status::unavailable(format!("cannot connect to {authority}: {e}"));
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let port = authority.port_u16().unwrap_or(80);
+    let handshake = async {
+        let tcp = TcpStream::connect((host, port)).await.map_err(|e| unavailable(&e))?;
+        // Calls are small and latency-bound; Nagle would hold them back.
+        tcp.set_nodelay(true).map_err(|e| unavailable(&e))?;
+        h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(settings.max_frame_size)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .handshake(tcp)
+            .await
+            .map_err(|e| unavailable(&e))
+    };
+    let (sender, connection) = tokio::time::timeout(settings.connect_timeout, handshake)
+        .await
+        .map_err(|_| unavailable(&format!("no answer within {:?}", settings.connect_timeout)))??;
+    // Its end is seen by the calls: a lost connection fails their streams.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// A transport error as a gRPC status: a lost connection is UNAVAILABLE, as
+/// tonic's `Channel` reports it, so callers retry alike on either transport.
+fn status(e: h2::Error) -> Status {
+    let code = if e.is_io() || e.is_go_away() {
+        Code::Unavailable
+    } else {
+        match e.reason() {
+            Some(Reason::REFUSED_STREAM) => Code::Unavailable,
+            Some(Reason::CANCEL) => Code::Cancelled,
+            Some(Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
+            Some(Reason::INADEQUATE_SECURITY) => Code::PermissionDenied,
+            Some(_) => Code::Internal,
+            None => Code::Unknown,
+        }
+    };
+    Status::new(code, format!("HTTP/2 stream to the Weir server: {e}"))
+}
+
+/// Sends a request body, keeping at most one frame beyond the stream's
+/// window buffered.
+struct Upload {
+    body: Body,
+    send: SendStream<Bytes>,
+    /// Closed when the caller drops the response: the stream is reset
+    /// rather than kept open by a request stream that never ends.
+    cancelled: oneshot::Receiver<()>,
+}
+
+impl Future for Upload {
+    type Output = Result<(), Status>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        let this = &mut *self;
+        loop {
+            if Pin::new(&mut this.cancelled).poll(cx).is_ready() {
+                this.send.send_reset(Reason::CANCEL);
+                return Poll::Ready(Ok(()));
+            }
+            // The server answered (or refused) early; the rest is not wanted.
+            if this.send.poll_reset(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            if this.send.capacity() == 0 {
+                this.send.reserve_capacity(1);
+                match ready!(this.send.poll_capacity(cx)) {
+                    Some(Ok(_)) => {}
+                    // Closed: the response says why.
+                    None | Some(Err(_)) => return Poll::Ready(Ok(())),
+                }
+            }
+            let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                None => {
+                    let _ = this.send.send_data(Bytes::new(), true);
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Err(e)) => {
+                    this.send.send_reset(Reason::CANCEL);
+                    return Poll::Ready(Err(e));
+                }
+                Some(Ok(frame)) => frame,
+            };
+            let sent = match frame.into_data() {
+                Ok(data) => this.send.send_data(data, this.body.is_end_stream()),
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) => this.send.send_trailers(trailers),
+                    Err(_) => Ok(()),
+                },
+            };
+            if sent.is_err() || this.body.is_end_stream() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// A response body read straight from the h2 stream.
+struct Download {
+    recv: RecvStream,
+    data_done: bool,
+    /// Dropped with the body, which stops the request's upload.
+    _cancel: oneshot::Sender<()>,
+}
+
+impl http_body::Body for Download {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Read by the caller now: the server may send as much again.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(status(e)))),
+                None => this.data_done = true,
+            }
+        }
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(status(e)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout_of(value: &str) -> Option<Duration> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("grpc-timeout", HeaderValue::from_str(value).expect("a header value"));
+        grpc_timeout(&headers)
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit_and_bad_ones_ignored() {
+        assert_eq!(timeout_of("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout_of("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout_of("4S"), Some(Duration::from_secs(4)));
+        assert_eq!(timeout_of("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(timeout_of("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(timeout_of("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "m", "123456789m", "12x", "-1m", "1.5S", "S5"] {
+            assert_eq!(timeout_of(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+}

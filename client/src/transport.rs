@@ -208,17 +208,33 @@ impl H2Channel {
     }
 
     async fn start(self, request: Request<Body>) -> Result<Response<Body>, BoxError> {
-        let (head, body) = request.into_parts();
-        let (response, send) = self.open_stream(self.head(head)).await?;
+        let (head, mut body) = request.into_parts();
+        // Read before the stream opens: opening it wakes the connection task,
+        // which then finds the whole of a unary request queued and writes it
+        // in one go, instead of the headers alone and the message after.
+        let (ready, ended) = ready_frames(&mut body).await?;
+        let (response, mut send) = self.open_stream(self.head(head)).await?;
+        let last = ready.len();
+        for (i, frame) in ready.into_iter().enumerate() {
+            // A failed send shows in the response, which says why.
+            let _ = match frame.into_data() {
+                Ok(data) => send.send_data(data, ended && i + 1 == last),
+                Err(frame) => frame.into_trailers().map_or(Ok(()), |t| send.send_trailers(t)),
+            };
+        }
+        if ended && last == 0 {
+            let _ = send.send_data(Bytes::new(), true);
+        }
         let (cancel, cancelled) = oneshot::channel();
-        let mut upload = Upload { body, send, cancelled };
-        // A unary request body is ready at once and goes out from this task;
-        // only a stream that is still open moves to a task of its own.
-        match poll_fn(|cx| Poll::Ready(Pin::new(&mut upload).poll(cx))).await {
-            Poll::Ready(Err(e)) => return Err(e.into()),
-            Poll::Ready(Ok(())) => {}
-            Poll::Pending => {
-                tokio::spawn(upload);
+        if !ended {
+            // A request stream goes on from a task of its own once it waits.
+            let mut upload = Upload { body, send, cancelled };
+            match poll_fn(|cx| Poll::Ready(Pin::new(&mut upload).poll(cx))).await {
+                Poll::Ready(Err(e)) => return Err(e.into()),
+                Poll::Ready(Ok(())) => {}
+                Poll::Pending => {
+                    tokio::spawn(upload);
+                }
             }
         }
         let response = response.await.map_err(status)?;
@@ -230,6 +246,25 @@ impl H2Channel {
             })
         }))
     }
+}
+
+/// The first frames `body` has ready without waiting (at most two: a unary
+/// request's message), and whether the body ended after them.
+async fn ready_frames(body: &mut Body) -> Result<(Vec<Frame<Bytes>>, bool), Status> {
+    let mut frames = Vec::with_capacity(2);
+    let ended = poll_fn(|cx| {
+        while frames.len() < 2 {
+            match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => frames.push(frame),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(true)),
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Ok(false))
+    })
+    .await?;
+    Ok((frames, ended))
 }
 
 /// The `grpc-timeout` header: up to 8 digits and a unit.

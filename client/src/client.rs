@@ -7,7 +7,6 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status, Streaming};
 use weir_proto::raw::{RawExecuteStreamResponse, RawPayload, RawRows};
 use weir_proto::v1::bulk_load_service_client::BulkLoadServiceClient;
@@ -23,10 +22,10 @@ use weir_proto::v1::{
     RollbackRequest, Row, SchemaInfo, SourceInfo, TableInfo, TestConnectionRequest, TestConnectionResponse, Value,
 };
 
-use crate::transport::{H2Channel, Settings, Transport};
+use crate::transport::{H2Channel, Settings, Tls};
 
 /// A channel that authenticates every call with the API key.
-pub type AuthChannel = InterceptedService<Transport, ApiKeyInterceptor>;
+pub type AuthChannel = InterceptedService<H2Channel, ApiKeyInterceptor>;
 
 /// Unary results may be larger than tonic's 4 MiB default; the server enforces
 /// its own per-tenant cap and reports RESOURCE_EXHAUSTED beyond it.
@@ -56,7 +55,7 @@ pub enum ClientError {
     InvalidApiKey,
     /// The TLS settings cannot be used.
     #[error("invalid TLS settings")]
-    Tls(#[source] tonic::transport::Error),
+    Tls(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The server could not be reached.
     #[error("cannot connect to {addr}")]
     Transport {
@@ -151,51 +150,35 @@ impl WeirClient {
             addr: addr.clone(),
             source,
         };
-        let endpoint = Endpoint::from_shared(addr.clone()).map_err(|e| invalid(e.into()))?;
-        let unreachable = |source: Box<dyn std::error::Error + Send + Sync>| ClientError::Transport {
-            addr: addr.clone(),
-            source,
-        };
-        let channel = match tls {
-            Some(tls) => {
-                let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(tls.ca_pem));
-                if let Some((cert, key)) = tls.identity_pem {
-                    config = config.identity(Identity::from_pem(cert, key));
-                }
-                if let Some(domain) = tls.domain {
-                    config = config.domain_name(domain);
-                }
-                let channel = endpoint
-                    .tls_config(config)
-                    .map_err(ClientError::Tls)?
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .max_frame_size(MAX_FRAME_SIZE)
-                    .connect()
-                    .await
-                    .map_err(|e| unreachable(e.into()))?;
-                Transport::Tls(channel)
+        let uri: http::Uri = addr.parse().map_err(|e: http::uri::InvalidUri| invalid(e.into()))?;
+        if uri.scheme_str() != Some(scheme) {
+            return Err(invalid(match tls {
+                Some(_) => "TLS settings need an https:// address".into(),
+                None => "an https:// address needs TLS settings (a CA certificate)".into(),
+            }));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| invalid("the address has no host".into()))?;
+        let tls = match tls {
+            Some(options) => {
+                let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+                Some(Tls::new(options, host).map_err(ClientError::Tls)?)
             }
-            None => {
-                let uri = endpoint.uri();
-                if uri.scheme_str() != Some("http") {
-                    return Err(invalid(
-                        "an https:// address needs TLS settings (a CA certificate)".into(),
-                    ));
-                }
-                let authority = uri
-                    .authority()
-                    .cloned()
-                    .ok_or_else(|| invalid("the address has no host".into()))?;
-                let settings = Settings {
-                    connect_timeout: CONNECT_TIMEOUT,
-                    max_frame_size: MAX_FRAME_SIZE,
-                };
-                let channel = H2Channel::connect(authority, settings)
-                    .await
-                    .map_err(|e| unreachable(e.into()))?;
-                Transport::Plain(channel)
-            }
+            None => None,
         };
+        let settings = Settings {
+            connect_timeout: CONNECT_TIMEOUT,
+            max_frame_size: MAX_FRAME_SIZE,
+            tls,
+        };
+        let channel = H2Channel::connect(authority, settings)
+            .await
+            .map_err(|source| ClientError::Transport {
+                addr: addr.clone(),
+                source: source.into(),
+            })?;
         let auth_channel = InterceptedService::new(channel.clone(), interceptor.clone());
         let query = QueryServiceClient::with_interceptor(channel.clone(), interceptor.clone())
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
@@ -790,10 +773,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_https_address_without_tls_settings_is_refused() {
+    async fn tls_settings_and_the_scheme_must_agree_and_be_usable() {
         assert!(matches!(
             WeirClient::connect("https://127.0.0.1:1", "key").await,
             Err(ClientError::InvalidAddress { .. })
+        ));
+        let no_ca = TlsOptions {
+            ca_pem: b"not a certificate".to_vec(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            WeirClient::connect_with("http://127.0.0.1:1", Some("key"), Some(no_ca.clone())).await,
+            Err(ClientError::InvalidAddress { .. })
+        ));
+        assert!(matches!(
+            WeirClient::connect_with("127.0.0.1:1", Some("key"), Some(no_ca)).await,
+            Err(ClientError::Tls(_))
         ));
     }
 

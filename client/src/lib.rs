@@ -15,7 +15,7 @@ pub use client::{
 };
 pub use params::parse_param;
 pub use status::{code_name, describe_status};
-pub use transport::{H2Channel, Transport};
+pub use transport::H2Channel;
 pub use watch::ChangeWatch;
 pub use weir_proto;
 pub use weir_proto::raw::{RawDecodeError, RawRows, RowRef, ValueRef};

@@ -1,10 +1,8 @@
-//! How calls reach the server. Plain-text connections use [`H2Channel`]: each
-//! call goes straight onto one `h2` connection, and a unary call's request
-//! and response are driven by the caller's own task. tonic's `Channel` hands
-//! every call through a buffer task and hyper's dispatch task, and spawns a
-//! task per response; on a busy machine each hand-over can wake another
-//! thread, and together they cost more CPU than the call itself. TLS
-//! connections keep tonic's `Channel`, which carries the TLS handshake.
+//! How calls reach the server: straight onto one `h2` connection (over
+//! TLS when asked), so that a unary call's request and response are driven
+//! by the caller's own task. tonic's `Channel` hands every call through a
+//! buffer task and hyper's dispatch task, and spawns a task per response; on
+//! a busy machine each hand-over can wake another thread.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -18,21 +16,68 @@ use h2::{Reason, RecvStream, SendStream};
 use http::uri::{Authority, Scheme, Uri};
 use http::{HeaderValue, Request, Response};
 use http_body::{Body as _, Frame};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tokio_rustls::TlsConnector;
 use tonic::body::Body;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
+
+use crate::client::TlsOptions;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type CallFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
 
-/// HTTP/2 settings of a connection.
-#[derive(Clone, Copy, Debug)]
+/// How to open a connection.
+#[derive(Clone)]
 pub(crate) struct Settings {
     pub connect_timeout: Duration,
     /// Largest frame the server may send.
     pub max_frame_size: u32,
+    /// None for plain-text HTTP/2.
+    pub tls: Option<Tls>,
+}
+
+/// A TLS client configuration and the name the server's certificate must carry.
+#[derive(Clone)]
+pub(crate) struct Tls {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl Tls {
+    /// Trusts only `options.ca_pem`, presents the client certificate if
+    /// given, and checks the server's certificate for `options.domain` or
+    /// else the address's `host`.
+    pub(crate) fn new(options: TlsOptions, host: &str) -> Result<Tls, BoxError> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&options.ca_pem) {
+            roots.add(cert?)?;
+        }
+        if roots.is_empty() {
+            return Err("the CA file holds no PEM certificate".into());
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let mut config = match options.identity_pem {
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_slice_iter(&cert).collect::<Result<Vec<_>, _>>()?;
+                builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(&key)?)?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let name = options.domain.unwrap_or_else(|| host.to_owned());
+        Ok(Tls {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name: ServerName::try_from(name)?,
+        })
+    }
 }
 
 /// hyper's defaults, which tonic's `Channel` uses: a result stream is not
@@ -43,36 +88,18 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 static USER_AGENT: HeaderValue = HeaderValue::from_static(concat!("weir-client/", env!("CARGO_PKG_VERSION")));
 
-/// The connection every call of a [`crate::WeirClient`] and its clones uses.
-#[derive(Clone, Debug)]
-pub enum Transport {
-    /// Plain-text HTTP/2, straight on `h2`.
-    Plain(H2Channel),
-    /// TLS, through tonic's `Channel`.
-    Tls(Channel),
-}
-
-impl tower::Service<Request<Body>> for Transport {
+impl tower::Service<Request<Body>> for H2Channel {
     type Response = Response<Body>;
     type Error = BoxError;
     type Future = CallFuture;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        match self {
-            // Calls wait for the connection's stream limit inside `call`.
-            Transport::Plain(_) => Poll::Ready(Ok(())),
-            Transport::Tls(channel) => channel.poll_ready(cx).map_err(Into::into),
-        }
+    /// Calls wait for the connection's stream limit inside `call`.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<Body>) -> CallFuture {
-        match self {
-            Transport::Plain(channel) => Box::pin(channel.clone().call(request)),
-            Transport::Tls(channel) => {
-                let call = channel.call(request);
-                Box::pin(async move { call.await.map_err(Into::into) })
-            }
-        }
+        Box::pin(self.clone().call(request))
     }
 }
 
@@ -128,7 +155,7 @@ impl H2Channel {
         if let Some(current) = self.current() {
             return Ok(current);
         }
-        let sender = open(&self.shared.authority, self.shared.settings).await?;
+        let sender = open(&self.shared.authority, &self.shared.settings).await?;
         *generation += 1;
         if let Ok(mut current) = self.shared.current.lock() {
             *current = Some((*generation, sender.clone()));
@@ -177,7 +204,10 @@ impl H2Channel {
     /// The request head with the origin h2 needs (tonic gives a path only).
     fn head(&self, parts: http::request::Parts) -> Request<()> {
         let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
+        uri.scheme = Some(match self.shared.settings.tls {
+            Some(_) => Scheme::HTTPS,
+            None => Scheme::HTTP,
+        });
         uri.authority = Some(self.shared.authority.clone());
         uri.path_and_query = parts.uri.path_and_query().cloned();
         let mut request = Request::from_parts(parts, ());
@@ -286,28 +316,48 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
-async fn open(authority: &Authority, settings: Settings) -> Result<SendRequest<Bytes>, Status> {
+async fn open(authority: &Authority, settings: &Settings) -> Result<SendRequest<Bytes>, Status> {
     let unavailable = |e: &dyn std::fmt::Display| Status::unavailable(format!("cannot connect to {authority}: {e}"));
     let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    let port = authority.port_u16().unwrap_or(80);
-    let handshake = async {
+    let port = authority
+        .port_u16()
+        .unwrap_or(if settings.tls.is_some() { 443 } else { 80 });
+    let connect = async {
         let tcp = TcpStream::connect((host, port)).await.map_err(|e| unavailable(&e))?;
         // Calls are small and latency-bound; Nagle would hold them back.
         tcp.set_nodelay(true).map_err(|e| unavailable(&e))?;
-        h2::client::Builder::new()
-            .enable_push(false)
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(settings.max_frame_size)
-            .max_send_buffer_size(MAX_SEND_BUFFER)
-            .handshake(tcp)
-            .await
-            .map_err(|e| unavailable(&e))
+        match &settings.tls {
+            None => handshake(tcp, settings).await,
+            Some(tls) => {
+                let tls = tls
+                    .connector
+                    .connect(tls.server_name.clone(), tcp)
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                handshake(tls, settings).await
+            }
+        }
+        .map_err(|e| unavailable(&e))
     };
-    let (sender, connection) = tokio::time::timeout(settings.connect_timeout, handshake)
+    tokio::time::timeout(settings.connect_timeout, connect)
         .await
-        .map_err(|_| unavailable(&format!("no answer within {:?}", settings.connect_timeout)))??;
-    // Its end is seen by the calls: a lost connection fails their streams.
+        .map_err(|_| unavailable(&format!("no answer within {:?}", settings.connect_timeout)))?
+}
+
+/// The HTTP/2 handshake on `io`; the connection is then driven by a task of
+/// its own, whose end the calls see: a lost connection fails their streams.
+async fn handshake<T>(io: T, settings: &Settings) -> Result<SendRequest<Bytes>, h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = h2::client::Builder::new()
+        .enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(settings.max_frame_size)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .handshake(io)
+        .await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });

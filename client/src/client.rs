@@ -175,9 +175,9 @@ impl WeirClient {
         };
         let channel = H2Channel::connect(authority, settings)
             .await
-            .map_err(|source| ClientError::Transport {
+            .map_err(|reason| ClientError::Transport {
                 addr: addr.clone(),
-                source: source.into(),
+                source: reason.into(),
             })?;
         let auth_channel = InterceptedService::new(channel.clone(), interceptor.clone());
         let query = QueryServiceClient::with_interceptor(channel.clone(), interceptor.clone())

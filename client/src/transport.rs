@@ -129,7 +129,8 @@ struct Shared {
 
 impl H2Channel {
     /// Opens the connection to `authority` ("host:port").
-    pub(crate) async fn connect(authority: Authority, settings: Settings) -> Result<H2Channel, Status> {
+    /// Opens the connection to `authority`; the error says why it could not.
+    pub(crate) async fn connect(authority: Authority, settings: Settings) -> Result<H2Channel, String> {
         let channel = H2Channel {
             shared: Arc::new(Shared {
                 authority,
@@ -138,7 +139,7 @@ impl H2Channel {
                 connecting: tokio::sync::Mutex::new(0),
             }),
         };
-        channel.sender().await?;
+        channel.connected().await?;
         Ok(channel)
     }
 
@@ -148,6 +149,13 @@ impl H2Channel {
 
     /// The open connection, or a new one when the last was lost.
     async fn sender(&self) -> Result<(u64, SendRequest<Bytes>), Status> {
+        self.connected()
+            .await
+            .map_err(|reason| Status::unavailable(format!("cannot connect to {}: {reason}", self.shared.authority)))
+    }
+
+    /// Like [`Self::sender`], failing with the reason alone.
+    async fn connected(&self) -> Result<(u64, SendRequest<Bytes>), String> {
         if let Some(current) = self.current() {
             return Ok(current);
         }
@@ -316,16 +324,16 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
-async fn open(authority: &Authority, settings: &Settings) -> Result<SendRequest<Bytes>, Status> {
-    let unavailable = |e: &dyn std::fmt::Display| Status::unavailable(format!("cannot connect to {authority}: {e}"));
+/// A new connection, or why there is none.
+async fn open(authority: &Authority, settings: &Settings) -> Result<SendRequest<Bytes>, String> {
     let host = authority.host().trim_start_matches('[').trim_end_matches(']');
     let port = authority
         .port_u16()
         .unwrap_or(if settings.tls.is_some() { 443 } else { 80 });
     let connect = async {
-        let tcp = TcpStream::connect((host, port)).await.map_err(|e| unavailable(&e))?;
+        let tcp = TcpStream::connect((host, port)).await.map_err(|e| e.to_string())?;
         // Calls are small and latency-bound; Nagle would hold them back.
-        tcp.set_nodelay(true).map_err(|e| unavailable(&e))?;
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
         match &settings.tls {
             None => handshake(tcp, settings).await,
             Some(tls) => {
@@ -333,15 +341,15 @@ async fn open(authority: &Authority, settings: &Settings) -> Result<SendRequest<
                     .connector
                     .connect(tls.server_name.clone(), tcp)
                     .await
-                    .map_err(|e| unavailable(&e))?;
+                    .map_err(|e| e.to_string())?;
                 handshake(tls, settings).await
             }
         }
-        .map_err(|e| unavailable(&e))
+        .map_err(|e| e.to_string())
     };
     tokio::time::timeout(settings.connect_timeout, connect)
         .await
-        .map_err(|_| unavailable(&format!("no answer within {:?}", settings.connect_timeout)))?
+        .map_err(|_| format!("no answer within {:?}", settings.connect_timeout))?
 }
 
 /// The HTTP/2 handshake on `io`; the connection is then driven by a task of

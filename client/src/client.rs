@@ -737,6 +737,30 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_connection_lost_mid_call_fails_the_call_as_unavailable_and_the_next_call_reconnects() {
+        let (listener, addr) = local_listener().await;
+        // The first connection takes one call and dies before answering it.
+        let dies = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let mut connection = h2::server::handshake(socket).await.expect("HTTP/2 handshake");
+            let call = connection.accept().await;
+            assert!(matches!(call, Some(Ok(_))), "the call arrived");
+            drop(connection);
+            listener
+        });
+        let client = WeirClient::connect(&addr.to_string(), "secret").await.expect("connect");
+        let status = client.execute("src", "x", vec![]).await.expect_err("no answer");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+        let (_stop, _server) = serve(dies.await.expect("the first connection ends"));
+        let response = client
+            .execute("src", "x", vec![])
+            .await
+            .expect("served on a new connection");
+        assert_eq!(response.rows[0].values[0], Value::from("Bearer secret"));
+    }
+
     /// Eight calls at once on a client whose connection must be opened again.
     async fn concurrently(client: &WeirClient) -> Vec<Value> {
         let calls: Vec<_> = (0..8)

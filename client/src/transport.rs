@@ -255,10 +255,7 @@ impl H2Channel {
         let last = ready.len();
         for (i, frame) in ready.into_iter().enumerate() {
             // A failed send shows in the response, which says why.
-            let _ = match frame.into_data() {
-                Ok(data) => send.send_data(data, ended && i + 1 == last),
-                Err(frame) => frame.into_trailers().map_or(Ok(()), |t| send.send_trailers(t)),
-            };
+            let _ = send_frame(&mut send, frame, ended && i + 1 == last);
         }
         if ended && last == 0 {
             let _ = send.send_data(Bytes::new(), true);
@@ -305,23 +302,9 @@ async fn ready_frames(body: &mut Body) -> Result<(Vec<Frame<Bytes>>, bool), Stat
     Ok((frames, ended))
 }
 
-/// The `grpc-timeout` header: up to 8 digits and a unit.
+/// The call's deadline, from its `grpc-timeout` header.
 fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    weir_proto::deadline::parse_grpc_timeout(headers.get("grpc-timeout")?.to_str().ok()?)
 }
 
 /// A new connection, or why there is none.
@@ -433,17 +416,20 @@ impl Future for Upload {
                 }
                 Some(Ok(frame)) => frame,
             };
-            let sent = match frame.into_data() {
-                Ok(data) => this.send.send_data(data, this.body.is_end_stream()),
-                Err(frame) => match frame.into_trailers() {
-                    Ok(trailers) => this.send.send_trailers(trailers),
-                    Err(_) => Ok(()),
-                },
-            };
-            if sent.is_err() || this.body.is_end_stream() {
+            let end = this.body.is_end_stream();
+            if send_frame(&mut this.send, frame, end).is_err() || end {
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+}
+
+/// Sends one request body frame; `end` ends the stream with a data frame
+/// (trailers end it anyway).
+fn send_frame(send: &mut SendStream<Bytes>, frame: Frame<Bytes>, end: bool) -> Result<(), h2::Error> {
+    match frame.into_data() {
+        Ok(data) => send.send_data(data, end),
+        Err(frame) => frame.into_trailers().map_or(Ok(()), |t| send.send_trailers(t)),
     }
 }
 
@@ -481,30 +467,5 @@ impl http_body::Body for Download {
 
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn timeout_of(value: &str) -> Option<Duration> {
-        let mut headers = http::HeaderMap::new();
-        headers.insert("grpc-timeout", HeaderValue::from_str(value).expect("a header value"));
-        grpc_timeout(&headers)
-    }
-
-    #[test]
-    fn grpc_timeouts_are_read_in_every_unit_and_bad_ones_ignored() {
-        assert_eq!(timeout_of("2H"), Some(Duration::from_secs(7200)));
-        assert_eq!(timeout_of("3M"), Some(Duration::from_secs(180)));
-        assert_eq!(timeout_of("4S"), Some(Duration::from_secs(4)));
-        assert_eq!(timeout_of("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(timeout_of("99999999u"), Some(Duration::from_micros(99_999_999)));
-        assert_eq!(timeout_of("7n"), Some(Duration::from_nanos(7)));
-        for bad in ["", "m", "123456789m", "12x", "-1m", "1.5S", "S5"] {
-            assert_eq!(timeout_of(bad), None, "{bad:?}");
-        }
-        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
     }
 }

@@ -7,6 +7,7 @@ pub mod v1 {
     pub use crate::row_batch::RowBatch;
 }
 
+pub mod deadline;
 pub mod raw;
 pub mod row_batch;
 pub mod value;

@@ -216,20 +216,9 @@ pub fn check_plain_name(field: &'static str, name: &str, max: usize) -> Result<(
     Ok(())
 }
 
-/// Parses the gRPC `grpc-timeout` header ("100m", "5S", ...).
+/// The caller's deadline, from the `grpc-timeout` header.
 fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
-    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
-    let amount: u64 = amount.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount.saturating_mul(3600)),
-        "M" => Duration::from_secs(amount.saturating_mul(60)),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
+    weir_proto::deadline::parse_grpc_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)
 }
 
 /// The time a statement may take: the tenant's limit, or the caller's deadline if sooner.

@@ -729,6 +729,13 @@ impl LimitsConfig {
 }
 
 impl SourceConfig {
+    /// The pool's own connections: `pool.max_size` less those that
+    /// multiplexing shares out.
+    pub fn own_pool_size(&self) -> u32 {
+        let shared = self.multiplex.as_ref().map_or(0, |m| m.connections);
+        self.pool.max_size.saturating_sub(shared)
+    }
+
     fn validate(&self, key: &str) -> Result<(), ConfigError> {
         if self.pool.max_size == 0 {
             return Err(invalid(format!("{key}.pool.max_size"), "must be greater than 0"));
@@ -795,7 +802,7 @@ impl SourceConfig {
                     "must be at least 1 and less than pool.max_size (the rest serve everything else)",
                 ));
             }
-            if self.pool.min_idle > self.pool.max_size - multiplex.connections {
+            if self.pool.min_idle > self.own_pool_size() {
                 return Err(invalid(
                     format!("{key}.pool.min_idle"),
                     "must not exceed pool.max_size less multiplex.connections (the pool's own connections)",

@@ -17,6 +17,10 @@ const FAILURES: u32 = 3;
 /// The first open period, doubled after each failed probe.
 const FIRST_OPEN: Duration = Duration::from_millis(500);
 const MAX_OPEN: Duration = Duration::from_secs(30);
+/// A probe not heard back from within this is taken as lost: its caller gave
+/// up (a deadline, a cancel) before the connect attempt ended, and without a
+/// limit the breaker would refuse every call until the process restarts.
+const PROBE_LIMIT: Duration = Duration::from_secs(30);
 
 /// The breaker's state, as the `weir_source_circuit_state` metric shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,15 +39,17 @@ enum Phase {
         until: Instant,
         period: Duration,
     },
-    /// One probe is out; `period` is the open period that preceded it.
+    /// One probe is out since `since`; `period` is the open period that preceded it.
     Probing {
         period: Duration,
+        since: Instant,
     },
 }
 
 #[derive(Debug)]
 pub struct Breaker {
     phase: Mutex<Phase>,
+    probe_limit: Duration,
     /// The last connection error, for the fail-fast answer.
     cause: Mutex<String>,
 }
@@ -52,6 +58,7 @@ impl Default for Breaker {
     fn default() -> Self {
         Self {
             phase: Mutex::new(Phase::Closed { failures: 0 }),
+            probe_limit: PROBE_LIMIT,
             cause: Mutex::new(String::new()),
         }
     }
@@ -78,10 +85,17 @@ impl Breaker {
                 if now < until {
                     return Err(refuse(until - now));
                 }
-                *phase = Phase::Probing { period };
+                *phase = Phase::Probing { period, since: now };
                 Ok(())
             }
-            Phase::Probing { .. } => Err(refuse(Duration::from_millis(100))),
+            Phase::Probing { period, since } => {
+                let now = Instant::now();
+                if now.duration_since(since) < self.probe_limit {
+                    return Err(refuse(Duration::from_millis(100)));
+                }
+                *phase = Phase::Probing { period, since: now };
+                Ok(())
+            }
         }
     }
 
@@ -107,7 +121,7 @@ impl Breaker {
                 );
                 open(FIRST_OPEN)
             }
-            Phase::Probing { period } => open((period * 2).min(MAX_OPEN)),
+            Phase::Probing { period, .. } => open((period * 2).min(MAX_OPEN)),
             // A call admitted before the breaker opened failed too: the period stands.
             Phase::Open { until, period } => Phase::Open { until, period },
         };
@@ -170,6 +184,26 @@ mod tests {
         b.success();
         assert_eq!(b.state(), CircuitState::Closed);
         assert!(b.admit().is_ok());
+    }
+
+    #[test]
+    fn a_probe_whose_caller_gave_up_is_replaced_after_the_probe_limit() {
+        let b = Breaker {
+            probe_limit: Duration::from_millis(50),
+            ..Breaker::default()
+        };
+        for _ in 0..FAILURES {
+            down(&b);
+        }
+        std::thread::sleep(FIRST_OPEN.mul_f64(1.25));
+        assert!(b.admit().is_ok(), "the probe");
+        // Its caller never reports back.
+        assert!(b.admit().is_err(), "while the probe may still answer");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(b.admit().is_ok(), "a new probe once the first is taken as lost");
+        assert_eq!(b.state(), CircuitState::HalfOpen);
+        b.success();
+        assert_eq!(b.state(), CircuitState::Closed);
     }
 
     #[test]

@@ -167,7 +167,7 @@ impl PostgresSource {
             .map(|m| Multiplexer::new(&pg, &options, m, config.read_only));
         // The shared connections count against the pool's size.
         let pool_config = PoolConfig {
-            max_size: config.pool.max_size - config.multiplex.as_ref().map_or(0, |m| m.connections),
+            max_size: config.own_pool_size(),
             ..config.pool.clone()
         };
         let pool = FailFastPool::new(PgManager { config: pg }, &pool_config, "postgres", map_error);

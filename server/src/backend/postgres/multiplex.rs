@@ -122,6 +122,18 @@ impl Drop for InFlight {
     }
 }
 
+/// The shared session itself was lost (its connection closed, or the server
+/// ended it), rather than the statement failing on a live one: only then is
+/// the session replaced and the statement sent again.
+fn session_lost(e: &BackendError) -> bool {
+    match e {
+        BackendError::Unavailable(_) => true,
+        // admin_shutdown, crash_shutdown, cannot_connect_now
+        BackendError::Engine { code, .. } => matches!(code.as_str(), "57P01" | "57P02" | "57P03"),
+        _ => false,
+    }
+}
+
 pub struct Multiplexer {
     config: tokio_postgres::Config,
     slots: Vec<Arc<Slot>>,
@@ -198,6 +210,9 @@ impl Multiplexer {
         breaker.admit()?;
         let connected = self.config.connect(NoTls).await.map_err(map_error);
         breaker.record(&connected);
+        if let Err(e) = &connected {
+            tracing::warn!(error = %e, "cannot open a shared postgres connection");
+        }
         *slot.failed_until.lock() = connected.is_err().then(|| Instant::now() + CONNECT_BACKOFF);
         let (client, connection) = connected?;
         tokio::spawn(async move {
@@ -252,7 +267,7 @@ impl Multiplexer {
                 // before the statement ran, or when the engine refuses writes.
                 // Otherwise it may have run: a view or policy can hide a
                 // function with effects that the session lexer cannot see.
-                Err((stage, e)) if !retried && e.is_unavailable() && (stage == Stage::Prepare || self.read_only) => {
+                Err((stage, e)) if !retried && session_lost(&e) && (stage == Stage::Prepare || self.read_only) => {
                     retried = true;
                     let mut current = slot.session.lock().await;
                     if current.as_ref().is_some_and(|s| Arc::ptr_eq(s, &session)) {

@@ -1072,6 +1072,40 @@ async fn a_shared_read_lost_while_running_is_resent_only_where_writes_are_imposs
 }
 
 #[tokio::test]
+async fn reads_go_to_the_shared_connection_that_a_left_read_does_not_hold() {
+    let toml = tenant(
+        "left",
+        "max_rows_per_response = 10",
+        &postgres(
+            "left",
+            "pg",
+            "[tenants.left.sources.pg.multiplex]\nconnections = 2\nstatement_timeout = \"3s\"\n",
+        ),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-left").await;
+    // Both shared connections open and idle.
+    assert_serves(&client, "pg", 2).await;
+    // Refused at its 11th row; the engine goes on sending rows for about 3 s.
+    let err = client
+        .execute("pg", "SELECT generate_series(1, 500000000) AS left_running", vec![])
+        .await
+        .expect_err("over the row cap");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // Meanwhile reads take the other shared connection instead of queueing.
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        assert_serves(&client, "pg", 1).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "a read waited {:?} behind the one left running",
+            started.elapsed()
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn shared_reads_that_fail_or_are_abandoned_leave_the_connection_serving_the_right_rows() {
     // One shared connection, so every read below is pipelined behind the one before.
     let toml = tenant(

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bb8::PooledConnection;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_postgres::types::Type;
 use tokio_postgres::{CancelToken, Client, NoTls};
@@ -330,7 +330,7 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
     Ok(QueryStream {
         columns,
         rows: Box::pin(PgRowStream {
-            inner: Box::pin(inner),
+            inner: Some(Box::pin(inner)),
             guard,
             rows_affected: None,
             width: prepared.columns().len(),
@@ -341,7 +341,8 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
 }
 
 struct PgRowStream {
-    inner: Pin<Box<tokio_postgres::RowStream>>,
+    /// Taken only when a shared read is dropped before its end.
+    inner: Option<Pin<Box<tokio_postgres::RowStream>>>,
     guard: StatementGuard,
     rows_affected: Option<u64>,
     width: usize,
@@ -359,6 +360,23 @@ impl Stream for PgRowStream {
         let mut values = Vec::with_capacity(self.width);
         self.poll_next_into(cx, &mut values)
             .map(|next| next.map(|row| row.map(|()| values)))
+    }
+}
+
+/// A shared read that its caller left before the end still occupies its
+/// connection (it cannot be cancelled): it stays counted against its slot,
+/// so that new reads go to a free one, until its rows are read off.
+impl Drop for PgRowStream {
+    fn drop(&mut self) {
+        let (Some(in_flight), Some(mut rows)) = (self.in_flight.take(), self.inner.take()) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                while let Some(Ok(_)) = rows.next().await {}
+                drop(in_flight);
+            });
+        }
     }
 }
 
@@ -391,12 +409,15 @@ impl RowStream for PgRowStream {
         let this = &mut *self;
         let next = match this.first.take() {
             Some(first) => Poll::Ready(first.map(Ok)),
-            None => this.inner.as_mut().poll_next(cx),
+            None => match this.inner.as_mut() {
+                Some(inner) => inner.as_mut().poll_next(cx),
+                None => Poll::Ready(None),
+            },
         };
         let row = match next {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => {
-                this.rows_affected = this.inner.rows_affected();
+                this.rows_affected = this.inner.as_ref().and_then(|inner| inner.rows_affected());
                 this.guard.finish();
                 this.in_flight = None;
                 return Poll::Ready(None);

@@ -254,7 +254,7 @@ impl Multiplexer {
                     return Ok(QueryStream {
                         columns: started.columns,
                         rows: Box::pin(PgRowStream {
-                            inner: started.rows,
+                            inner: Some(started.rows),
                             guard: StatementGuard { lease: None },
                             rows_affected: None,
                             width: started.width,

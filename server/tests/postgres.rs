@@ -1071,8 +1071,12 @@ async fn a_shared_read_lost_while_running_is_resent_only_where_writes_are_imposs
     server.stop().await;
 }
 
-#[tokio::test]
-async fn reads_go_to_the_shared_connection_that_a_left_read_does_not_hold() {
+/// A shared read that its caller leaves runs on until the shared statement
+/// timeout (3 s here): meanwhile reads go to the other shared connection
+/// instead of queueing behind it.
+async fn reads_go_to_the_shared_connection_that_a_left_read_does_not_hold(
+    leave: impl AsyncFnOnce(&weir_client::WeirClient),
+) {
     let toml = tenant(
         "left",
         "max_rows_per_response = 10",
@@ -1086,13 +1090,7 @@ async fn reads_go_to_the_shared_connection_that_a_left_read_does_not_hold() {
     let client = server.client("key-left").await;
     // Both shared connections open and idle.
     assert_serves(&client, "pg", 2).await;
-    // Refused at its 11th row; the engine goes on sending rows for about 3 s.
-    let err = client
-        .execute("pg", "SELECT generate_series(1, 500000000) AS left_running", vec![])
-        .await
-        .expect_err("over the row cap");
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    // Meanwhile reads take the other shared connection instead of queueing.
+    leave(&client).await;
     for _ in 0..5 {
         let started = std::time::Instant::now();
         assert_serves(&client, "pg", 1).await;
@@ -1102,6 +1100,102 @@ async fn reads_go_to_the_shared_connection_that_a_left_read_does_not_hold() {
             started.elapsed()
         );
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reads_go_to_the_shared_connection_that_a_read_left_after_its_first_rows_holds_no_more() {
+    reads_go_to_the_shared_connection_that_a_left_read_does_not_hold(async |client| {
+        // Refused at its 11th row; the engine goes on sending rows.
+        let err = client
+            .execute("pg", "SELECT generate_series(1, 500000000) AS left_running", vec![])
+            .await
+            .expect_err("over the row cap");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reads_go_to_the_shared_connection_that_a_read_left_before_its_first_row_holds_no_more() {
+    reads_go_to_the_shared_connection_that_a_left_read_does_not_hold(async |client| {
+        // The caller's deadline passes long before the count's one row.
+        let mut request = tonic::Request::new(pb::ExecuteRequest {
+            source: "pg".into(),
+            sql: "SELECT count(*) FROM generate_series(1, 2000000000) AS left_waiting".into(),
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_millis(200));
+        let err = client.query().execute(request).await.expect_err("gave up");
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn statements_prepared_before_their_table_changed_are_prepared_again() {
+    setup(
+        "DROP TABLE IF EXISTS weir_altered; CREATE TABLE weir_altered (a int4); INSERT INTO weir_altered VALUES (1);",
+    )
+    .await;
+    let pooled = postgres("ddl", "pooled", "[tenants.ddl.sources.pooled.pool]\nmax_size = 4\n");
+    let shared = postgres(
+        "ddl",
+        "shared",
+        "[tenants.ddl.sources.shared.multiplex]\nconnections = 2\nstatement_timeout = \"5s\"\n",
+    );
+    let server = TestServer::start(&tenant("ddl", "", &format!("{pooled}{shared}"))).await;
+    let client = server.client("key-ddl").await;
+    // Slow enough that four at once take four pooled connections, or both
+    // shared ones, and each prepares `t.*` with the table's columns of now.
+    let read = "SELECT t.* FROM weir_altered t, pg_sleep(0.1)";
+    let read_everywhere = |source: &'static str, width: usize| {
+        let client = client.clone();
+        async move {
+            let calls: Vec<_> = (0..4)
+                .map(|_| {
+                    let client = client.clone();
+                    tokio::spawn(async move { client.execute(source, read, vec![]).await })
+                })
+                .collect();
+            for call in calls {
+                let result = call.await.expect("task").unwrap_or_else(|e| panic!("{source}: {e:?}"));
+                assert_eq!(result.columns.len(), width, "{source}: the table's columns of now");
+            }
+        }
+    };
+    for source in ["pooled", "shared"] {
+        read_everywhere(source, 1).await;
+    }
+    setup("ALTER TABLE weir_altered ADD COLUMN b text DEFAULT 'added'").await;
+    for source in ["pooled", "shared"] {
+        read_everywhere(source, 2).await;
+    }
+    // Inside a transaction the statement cannot be run again for the
+    // caller: the transaction is aborted, and the caller told to run it again.
+    setup("ALTER TABLE weir_altered ADD COLUMN c int8").await;
+    let tx = client
+        .begin("pooled", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let err = client
+        .execute_in(&tx, "pooled", read, vec![])
+        .await
+        .expect_err("a plan prepared before the change");
+    assert_eq!(
+        (err.code(), engine_code(&err).as_str()),
+        (Code::Aborted, "0A000"),
+        "{err:?}"
+    );
+    assert!(err.message().contains("run the transaction again"), "{err:?}");
+    client.rollback(&tx).await.expect("rollback");
+    let tx = client
+        .begin("pooled", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin again");
+    let result = client.execute_in(&tx, "pooled", read, vec![]).await.expect("run again");
+    assert_eq!(result.columns.len(), 3);
+    client.commit(&tx).await.expect("commit");
     server.stop().await;
 }
 

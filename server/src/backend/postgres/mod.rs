@@ -18,12 +18,12 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bb8::PooledConnection;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_postgres::types::Type;
 use tokio_postgres::{CancelToken, Client, NoTls};
 
-use crate::backend::error::classify_sqlstate;
+use crate::backend::error::{classify_sqlstate, EngineErrorKind};
 use crate::backend::pool::FailFastPool;
 use crate::backend::{
     BackendError, Capabilities, ChangeFeed, Column, ConnectionInfo, Engine, Isolation, LoadOutcome, LoadSpec,
@@ -93,6 +93,17 @@ fn cache_statement<T>(statements: &mut HashMap<String, T>, sql: &str, prepared: 
     statements.insert(sql.to_string(), prepared);
 }
 
+/// Opens a session whose connection is driven by a task of its own.
+async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
 pub struct PgManager {
     config: tokio_postgres::Config,
 }
@@ -102,12 +113,7 @@ impl bb8::ManageConnection for PgManager {
     type Error = tokio_postgres::Error;
 
     async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
-        let (client, connection) = self.config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres connection closed");
-            }
-        });
+        let client = connect(&self.config).await?;
         let cancel = client.cancel_token();
         Ok(PgConn {
             client,
@@ -283,66 +289,78 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
         lease.needs_reset = false;
         reset_first = false;
     }
-    let Prepared {
-        statement: prepared,
-        leaves_session,
-    } = match lease.prepare(&statement.sql).await {
-        Ok(p) => p,
-        Err(e) => return Err(map_error(e)),
-    };
-    // What the session needs once this statement has run.
-    let dirty_after = pooled && (reset == SessionReset::Always || !leaves_session);
-    lease.needs_reset |= dirty_after;
-    let columns = describe(&prepared, &statement)?;
-    block_after |= pooled && columns.is_empty();
-    // Armed from here: dropping this future mid-call cancels the statement.
-    let mut guard = StatementGuard { lease: Some(lease) };
-    let started = match guard.lease.as_ref() {
-        Some(l) => {
-            let query = l.client.query_raw(&prepared, statement.params.iter().map(PgParam));
+    // A statement whose table changed since it was prepared here is refused
+    // before it runs: outside a transaction it is prepared again and rerun.
+    let mut replanned = !pooled;
+    loop {
+        let Prepared {
+            statement: prepared,
+            leaves_session,
+        } = match lease.prepare(&statement.sql).await {
+            Ok(p) => p,
+            Err(e) => return Err(map_error(e)),
+        };
+        // What the session needs once this statement has run.
+        let dirty_after = pooled && (reset == SessionReset::Always || !leaves_session);
+        lease.needs_reset |= dirty_after;
+        let columns = describe(&prepared, &statement)?;
+        block_after |= pooled && columns.is_empty();
+        // Armed from here: dropping this future mid-call cancels the statement.
+        let mut guard = StatementGuard { lease: Some(lease) };
+        let started = match guard.lease.as_ref() {
+            Some(l) => {
+                let query = l.client.query_raw(&prepared, statement.params.iter().map(PgParam));
+                if reset_first {
+                    let (reset, query) = futures::join!(l.client.batch_execute(reset_sql), query);
+                    reset.map_err(map_error)?;
+                    query
+                } else {
+                    query.await
+                }
+            }
+            None => return Err(BackendError::Internal("statement lease missing".into())),
+        };
+        // The reset (if any) went through; until the next one, this is what is known.
+        if let Some(l) = guard.lease.as_mut() {
+            l.needs_rollback = block_after;
             if reset_first {
-                let (reset, query) = futures::join!(l.client.batch_execute(reset_sql), query);
-                reset.map_err(map_error)?;
-                query
-            } else {
-                query.await
+                l.needs_reset = dirty_after;
             }
         }
-        None => return Err(BackendError::Internal("statement lease missing".into())),
-    };
-    // The reset (if any) went through; until the next one, this is what is known.
-    if let Some(l) = guard.lease.as_mut() {
-        l.needs_rollback = block_after;
-        if reset_first {
-            l.needs_reset = dirty_after;
-        }
-    }
-    let inner = match started {
-        Ok(s) => s,
-        Err(e) => {
-            if let Some(l) = guard.lease.as_mut() {
+        reset_first = false;
+        let inner = match started {
+            Ok(s) => s,
+            Err(e) => {
+                let e = map_error(e);
+                // The statement is over: the connection goes back as it is.
+                let Some(mut l) = guard.lease.take() else {
+                    return Err(e);
+                };
                 l.statements.remove(&statement.sql);
+                if !replanned && plan_went_stale(&e) {
+                    replanned = true;
+                    lease = l;
+                    continue;
+                }
+                return Err(e);
             }
-            guard.finish();
-            return Err(map_error(e));
-        }
-    };
-    Ok(QueryStream {
-        columns,
-        rows: Box::pin(PgRowStream {
-            inner: Some(Box::pin(inner)),
-            guard,
-            rows_affected: None,
-            width: prepared.columns().len(),
-            in_flight: None,
-            first: None,
-        }),
-    })
+        };
+        return Ok(QueryStream {
+            columns,
+            rows: Box::pin(PgRowStream {
+                inner: Box::pin(inner),
+                guard,
+                rows_affected: None,
+                width: prepared.columns().len(),
+                in_flight: None,
+                first: None,
+            }),
+        });
+    }
 }
 
 struct PgRowStream {
-    /// Taken only when a shared read is dropped before its end.
-    inner: Option<Pin<Box<tokio_postgres::RowStream>>>,
+    inner: Pin<Box<tokio_postgres::RowStream>>,
     guard: StatementGuard,
     rows_affected: Option<u64>,
     width: usize,
@@ -350,6 +368,16 @@ struct PgRowStream {
     in_flight: Option<InFlight>,
     /// The first row (or the end: `Some(None)`), already read.
     first: Option<Option<tokio_postgres::Row>>,
+}
+
+impl PgRowStream {
+    /// The engine is done with the statement.
+    fn over(&mut self) {
+        self.guard.finish();
+        if let Some(in_flight) = self.in_flight.take() {
+            in_flight.finish();
+        }
+    }
 }
 
 impl Stream for PgRowStream {
@@ -360,23 +388,6 @@ impl Stream for PgRowStream {
         let mut values = Vec::with_capacity(self.width);
         self.poll_next_into(cx, &mut values)
             .map(|next| next.map(|row| row.map(|()| values)))
-    }
-}
-
-/// A shared read that its caller left before the end still occupies its
-/// connection (it cannot be cancelled): it stays counted against its slot,
-/// so that new reads go to a free one, until its rows are read off.
-impl Drop for PgRowStream {
-    fn drop(&mut self) {
-        let (Some(in_flight), Some(mut rows)) = (self.in_flight.take(), self.inner.take()) else {
-            return;
-        };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                while let Some(Ok(_)) = rows.next().await {}
-                drop(in_flight);
-            });
-        }
     }
 }
 
@@ -409,22 +420,17 @@ impl RowStream for PgRowStream {
         let this = &mut *self;
         let next = match this.first.take() {
             Some(first) => Poll::Ready(first.map(Ok)),
-            None => match this.inner.as_mut() {
-                Some(inner) => inner.as_mut().poll_next(cx),
-                None => Poll::Ready(None),
-            },
+            None => this.inner.as_mut().poll_next(cx),
         };
         let row = match next {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => {
-                this.rows_affected = this.inner.as_ref().and_then(|inner| inner.rows_affected());
-                this.guard.finish();
-                this.in_flight = None;
+                this.rows_affected = this.inner.rows_affected();
+                this.over();
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e))) => {
-                this.guard.finish();
-                this.in_flight = None;
+                this.over();
                 return Poll::Ready(Some(Err(map_error(e))));
             }
             Poll::Ready(Some(Ok(row))) => row,
@@ -555,7 +561,10 @@ impl SqlSource for PostgresSource {
 
     fn pool_status(&self) -> Option<PoolStatus> {
         let mut status = self.pool.status();
-        status.open += self.multiplex.as_ref().map_or(0, Multiplexer::open);
+        if let Some(multiplex) = &self.multiplex {
+            status.open += multiplex.open();
+            status.idle += multiplex.idle();
+        }
         Some(status)
     }
 
@@ -596,6 +605,16 @@ impl SqlTransaction for PgTransaction {
     }
 }
 
+/// What the engine says when a prepared statement's result columns changed
+/// (ALTER TABLE under `SELECT *`). It checks this when binding, before the
+/// statement runs, so running it again after a new prepare is safe.
+const STALE_PLAN: (&str, &str) = ("0A000", "cached plan must not change result type");
+
+fn plan_went_stale(e: &BackendError) -> bool {
+    matches!(e, BackendError::Engine { code, message, .. }
+        if code == STALE_PLAN.0 && message.starts_with(STALE_PLAN.1))
+}
+
 /// Classifies a tokio-postgres error. Connection errors never carry the
 /// host list or credentials into the message.
 pub(crate) fn map_error(e: tokio_postgres::Error) -> BackendError {
@@ -609,7 +628,14 @@ pub(crate) fn map_error(e: tokio_postgres::Error) -> BackendError {
         if let Some(tokio_postgres::error::ErrorPosition::Original(p)) = db.position() {
             message.push_str(&format!(" (at character {p})"));
         }
-        let kind = classify_sqlstate(db.code().code());
+        let mut kind = classify_sqlstate(db.code().code());
+        if code == STALE_PLAN.0 && db.message() == STALE_PLAN.1 {
+            // Only inside a transaction does the caller see it (elsewhere the
+            // statement is prepared again): the transaction is over, and
+            // running it again works.
+            kind = EngineErrorKind::Aborted;
+            message.push_str(": a table it reads changed since it was prepared; run the transaction again");
+        }
         if code.starts_with("28") || code == "3D000" {
             // The engine's text names hosts and logins: log it, do not return it.
             tracing::warn!(sqlstate = %code, detail = %message, "the database rejected Weir's connection");

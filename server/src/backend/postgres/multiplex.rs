@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use futures::Stream;
 use parking_lot::Mutex;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-use super::{cache_statement, describe, map_error, PgRowStream, StatementGuard};
+use super::{cache_statement, describe, map_error, plan_went_stale, PgRowStream, StatementGuard};
 use crate::backend::breaker::Breaker;
 use crate::backend::{BackendError, Column, QueryStream, Statement};
 use crate::config::MultiplexConfig;
@@ -99,11 +99,13 @@ impl Slot {
     }
 }
 
-/// Counts a statement against its slot until its result is read or dropped.
+/// Counts a statement against its slot until the engine is done with it.
 pub(super) struct InFlight {
     slot: Arc<Slot>,
-    /// Keeps the client, and so the connection, open while rows arrive.
-    _session: Option<Arc<Session>>,
+    /// Where it was sent. Keeps the client, and so the connection, open while rows arrive.
+    session: Option<Arc<Session>>,
+    /// Its result was read to the end or it failed.
+    over: bool,
 }
 
 impl InFlight {
@@ -111,14 +113,37 @@ impl InFlight {
         slot.in_flight.fetch_add(1, Ordering::Relaxed);
         Self {
             slot: slot.clone(),
-            _session: None,
+            session: None,
+            over: false,
         }
+    }
+
+    pub(super) fn finish(mut self) {
+        self.over = true;
     }
 }
 
+/// A shared statement that its caller left (deadline, row cap, dropped
+/// stream), before or after its first row, runs on: it cannot be cancelled
+/// without cancelling the others on its connection. It stays counted, so new
+/// reads go to a free connection, until an empty query sent behind it is
+/// answered, which the engine does only once it is over.
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.slot.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let slot = self.slot.clone();
+        let left = self.session.take().filter(|_| !self.over);
+        let runtime = tokio::runtime::Handle::try_current();
+        match (left, runtime) {
+            (Some(session), Ok(runtime)) => {
+                runtime.spawn(async move {
+                    let _ = session.client.simple_query("").await;
+                    slot.in_flight.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            _ => {
+                slot.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -186,8 +211,17 @@ impl Multiplexer {
 
     /// Shared connections open now.
     pub fn open(&self) -> u32 {
-        let open = self.slots.iter().filter(|s| s.open.load(Ordering::Relaxed)).count();
-        u32::try_from(open).unwrap_or(u32::MAX)
+        self.count(|s| s.open.load(Ordering::Relaxed))
+    }
+
+    /// Shared connections open with no statement on them.
+    pub fn idle(&self) -> u32 {
+        self.count(|s| s.open.load(Ordering::Relaxed) && s.in_flight.load(Ordering::Relaxed) == 0)
+    }
+
+    fn count(&self, which: impl Fn(&Slot) -> bool) -> u32 {
+        let n = self.slots.iter().filter(|s| which(s)).count();
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 
     /// The slot with the fewest statements in flight (counting those waiting
@@ -208,18 +242,13 @@ impl Multiplexer {
         *current = None;
         slot.open.store(false, Ordering::Relaxed);
         breaker.admit()?;
-        let connected = self.config.connect(NoTls).await.map_err(map_error);
+        let connected = super::connect(&self.config).await.map_err(map_error);
         breaker.record(&connected);
         if let Err(e) = &connected {
             tracing::warn!(error = %e, "cannot open a shared postgres connection");
         }
         *slot.failed_until.lock() = connected.is_err().then(|| Instant::now() + CONNECT_BACKOFF);
-        let (client, connection) = connected?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "shared postgres connection closed");
-            }
-        });
+        let client = connected?;
         let session = Arc::new(Session {
             client,
             statements: Mutex::new(HashMap::new()),
@@ -235,6 +264,8 @@ impl Multiplexer {
         super::types::check_params(&statement.params)?;
         let mut retried = false;
         let mut connect_failures = 0;
+        // Each shared connection may hold a statement prepared before its table changed.
+        let mut replans = 0;
         loop {
             let slot = self.pick()?;
             // Counted while it waits for a connection, so others go elsewhere.
@@ -248,13 +279,23 @@ impl Multiplexer {
                 }
                 Err(e) => return Err(e),
             };
-            in_flight._session = Some(session.clone());
-            match session.start(&statement).await {
+            in_flight.session = Some(session.clone());
+            let started = session.start(&statement).await;
+            if let Err((_, e)) = &started {
+                // The statement was refused or its session lost: nothing runs on.
+                in_flight.over = true;
+                session.statements.lock().remove(&statement.sql);
+                if plan_went_stale(e) && replans < self.slots.len() {
+                    replans += 1;
+                    continue;
+                }
+            }
+            match started {
                 Ok(started) => {
                     return Ok(QueryStream {
                         columns: started.columns,
                         rows: Box::pin(PgRowStream {
-                            inner: Some(started.rows),
+                            inner: started.rows,
                             guard: StatementGuard { lease: None },
                             rows_affected: None,
                             width: started.width,
@@ -274,11 +315,7 @@ impl Multiplexer {
                         *current = None;
                     }
                 }
-                Err((_, e)) => {
-                    // The table may have changed under a cached statement.
-                    session.statements.lock().remove(&statement.sql);
-                    return Err(e);
-                }
+                Err((_, e)) => return Err(e),
             }
         }
     }
@@ -326,6 +363,18 @@ mod tests {
         assert_eq!(picked(&m), 0);
         drop(busy);
         assert!(m.slots.iter().all(|s| s.in_flight.load(Ordering::Relaxed) == 0));
+    }
+
+    #[test]
+    fn shared_connections_are_idle_when_open_with_nothing_on_them() {
+        let m = multiplexer(&tokio_postgres::Config::new(), 3);
+        assert_eq!((m.open(), m.idle()), (0, 0));
+        m.slots[0].open.store(true, Ordering::Relaxed);
+        m.slots[1].open.store(true, Ordering::Relaxed);
+        let running = InFlight::new(&m.slots[1]);
+        assert_eq!((m.open(), m.idle()), (2, 1));
+        running.finish();
+        assert_eq!((m.open(), m.idle()), (2, 2));
     }
 
     #[tokio::test]

@@ -1012,6 +1012,95 @@ async fn multiplexed_reads_share_sessions_and_nothing_else_does() {
 }
 
 #[tokio::test]
+async fn reads_go_on_when_one_of_two_shared_connections_is_killed() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let toml = tenant(
+        "failover",
+        "requests_per_second = 100000",
+        &postgres(
+            "failover",
+            "pg",
+            "[tenants.failover.sources.pg.multiplex]\nconnections = 2\nstatement_timeout = \"5s\"\n",
+        ),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-failover").await;
+    let (killed, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    // Eight callers read their own numbers back until told to stop.
+    let callers: Vec<_> = (0..8i64)
+        .map(|caller| {
+            let (client, killed, stop) = (client.clone(), killed.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut served_after_kill, mut lost) = (0, 0);
+                for i in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let after_kill = killed.load(Ordering::Relaxed);
+                    let n = caller * 1_000_000 + i;
+                    match client.execute("pg", "SELECT $1::int8", vec![n.into()]).await {
+                        Ok(r) => {
+                            assert_eq!(int(&r.rows[0].values[0]), n, "caller {caller} got another caller's row");
+                            served_after_kill += usize::from(after_kill);
+                        }
+                        // Sent on the killed connection: it may have run, so it is not sent again.
+                        Err(e) => {
+                            assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                            lost += 1;
+                        }
+                    }
+                }
+                (served_after_kill, lost)
+            })
+        })
+        .collect();
+    let direct = pg_direct().await;
+    let shared_pids = || async {
+        let rows = direct
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'weir-multiplexed' ORDER BY pid",
+                &[],
+            )
+            .await
+            .expect("activity");
+        rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>()
+    };
+    let mut pids = Vec::new();
+    for _ in 0..100 {
+        pids = shared_pids().await;
+        if pids.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pids.len(), 2, "both shared connections in use under load");
+    let terminated: bool = direct
+        .query_one("SELECT pg_terminate_backend($1)", &[&pids[0]])
+        .await
+        .expect("terminate")
+        .get(0);
+    assert!(terminated);
+    killed.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut lost = 0;
+    for caller in callers {
+        let (served, caller_lost) = caller.await.expect("caller");
+        assert!(served > 0, "a caller was not served after the kill");
+        lost += caller_lost;
+    }
+    // At most the reads that were on the killed connection, one per caller.
+    assert!(lost <= 8, "{lost} reads lost");
+    // The lost connection was replaced.
+    let after = shared_pids().await;
+    assert!(!after.contains(&pids[0]), "the killed session is gone: {after:?}");
+    assert_serves(&client, "pg", 4).await;
+    assert_eq!(shared_pids().await.len(), 2, "two shared connections again");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_shared_read_lost_while_running_is_resent_only_where_writes_are_impossible() {
     // A read on a shared connection whose backend ends mid-statement: it may
     // have run, so it is sent again only on a read-only source (a view could

@@ -148,7 +148,7 @@ fn report(args: &Args, figures: &[Figure]) -> String {
     }
     if let Ok(details) = DETAILS.lock() {
         if !details.is_empty() {
-            out.push_str("\nWhere the CPU went (per call or per row, median run):\n\n");
+            out.push_str("\nWhere the CPU and memory went (per call or per row, median run):\n\n");
             for line in details.iter() {
                 out.push_str(&format!("- {line}\n"));
             }

@@ -158,11 +158,7 @@ topic_prefix = "weir-bench-"
     }
 
     pub async fn client(&self) -> anyhow::Result<WeirClient> {
-        self.client_for(KEY).await
-    }
-
-    pub async fn client_for(&self, key: &str) -> anyhow::Result<WeirClient> {
-        Ok(WeirClient::connect(&self.addr, key).await?)
+        Ok(WeirClient::connect(&self.addr, KEY).await?)
     }
 
     /// The server's process id, while it runs.
@@ -172,11 +168,20 @@ topic_prefix = "weir-bench-"
 
     /// Peak resident memory of the server so far (VmHWM), in bytes.
     pub fn peak_rss(&self) -> Option<u64> {
+        self.memory("VmHWM:")
+    }
+
+    /// Resident memory of the server now (VmRSS), in bytes.
+    pub fn rss(&self) -> Option<u64> {
+        self.memory("VmRSS:")
+    }
+
+    fn memory(&self, field: &str) -> Option<u64> {
         let pid = self.child.id()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let kb: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .find_map(|l| l.strip_prefix(field))?
             .split_whitespace()
             .next()?
             .parse()

@@ -61,8 +61,26 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// mysql_async keeps up to 128 spent packet buffers for reuse, each of up to
+/// 4 MiB by default: after a few bulk loads into MySQL, tens of megabytes
+/// held for good. Unless the operator sets it, each kept buffer is cut to this.
+const MYSQL_BUFFER_SIZE_CAP: &str = "65536";
+
+fn main() -> ExitCode {
+    // Set before the runtime starts any thread; the driver reads it once.
+    if std::env::var_os("MYSQL_ASYNC_BUFFER_SIZE_CAP").is_none() {
+        std::env::set_var("MYSQL_ASYNC_BUFFER_SIZE_CAP", MYSQL_BUFFER_SIZE_CAP);
+    }
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(weir_main()),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn weir_main() -> ExitCode {
     let args = Args::parse();
     match args.command {
         Some(Command::HashKey { key }) => {

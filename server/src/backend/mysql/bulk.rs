@@ -7,8 +7,6 @@
 //! the whole load". A failed multi-row statement is undone by the engine on
 //! its own; the rows are then tried one by one to name the failing row.
 
-use std::borrow::Cow;
-
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Params};
 
@@ -103,11 +101,24 @@ fn params(rows: &[Row], first_row: u64) -> Result<Params, BackendError> {
     Ok(Params::Positional(values))
 }
 
+/// Runs a statement prepared for this call only. A multi-row INSERT has
+/// thousands of placeholders, whose descriptions the driver keeps with each
+/// statement it caches: left in the connection's cache, the statements of
+/// past loads would hold megabytes per connection.
+async fn exec_once(conn: &mut Conn, sql: &str, params: Params) -> Result<(), mysql_async::Error> {
+    let statement = conn.prep(sql).await?;
+    let result = conn.exec_drop(&statement, params).await;
+    conn.close(statement).await?;
+    result
+}
+
 /// Rows buffered into full statements.
 struct Writer<'s> {
     spec: &'s LoadSpec,
     per_statement: usize,
     full_sql: String,
+    /// The full-size INSERT, prepared at its first use and closed by `close`.
+    full: Option<mysql_async::Statement>,
     pending: Vec<Row>,
     pending_first: u64,
     inserted: u64,
@@ -121,6 +132,7 @@ impl<'s> Writer<'s> {
             spec,
             per_statement,
             full_sql: insert_sql(spec, per_statement),
+            full: None,
             pending: Vec::with_capacity(per_statement),
             pending_first: 0,
             inserted: 0,
@@ -146,13 +158,20 @@ impl<'s> Writer<'s> {
             return Ok(());
         }
         let rows = std::mem::take(&mut self.pending);
-        let sql: Cow<'_, str> = if rows.len() == self.per_statement {
-            Cow::Borrowed(&self.full_sql)
-        } else {
-            Cow::Owned(insert_sql(self.spec, rows.len()))
-        };
         let first = self.pending_first;
-        match conn.exec_drop(sql.as_ref(), params(&rows, first)?).await {
+        let values = params(&rows, first)?;
+        let executed = if rows.len() == self.per_statement {
+            let full = match self.full.take() {
+                Some(statement) => statement,
+                None => conn.prep(self.full_sql.as_str()).await.map_err(map_error)?,
+            };
+            let executed = conn.exec_drop(&full, values).await;
+            self.full = Some(full);
+            executed
+        } else {
+            exec_once(conn, &insert_sql(self.spec, rows.len()), values).await
+        };
+        match executed {
             Ok(()) => {
                 let n = rows.len() as u64;
                 // Each conflicting row counts as a duplicate, changed or not.
@@ -167,6 +186,16 @@ impl<'s> Writer<'s> {
                 Ok(())
             }
             Err(e) => Err(locate(conn, self.spec, &rows, first, map_error(e)).await),
+        }
+    }
+
+    /// Closes the full-size statement, so that it leaves the connection's cache.
+    async fn close(&mut self, conn: &mut Conn) {
+        if let Some(full) = self.full.take() {
+            if let Err(e) = conn.close(full).await {
+                // The connection is broken: the pool drops it, and its cache with it.
+                tracing::debug!(error = %e, "could not close a bulk insert statement");
+            }
         }
     }
 }
@@ -226,10 +255,9 @@ async fn load_in_transaction(
             .map_err(map_error)?;
     }
     let mut writer = Writer::new(spec);
-    while let Some(batch) = feed.next().await? {
-        writer.push(conn, batch.first_row, batch.rows).await?;
-    }
-    writer.flush(conn).await?;
+    let written = write_all(&mut writer, conn, feed).await;
+    writer.close(conn).await;
+    written?;
     let path = match spec.mode {
         LoadMode::Append => "mysql-multirow-insert",
         LoadMode::Replace => "mysql-delete-multirow-insert",
@@ -252,6 +280,13 @@ async fn load_in_transaction(
         .map_err(map_error)?;
     }
     Ok(outcome)
+}
+
+async fn write_all(writer: &mut Writer<'_>, conn: &mut Conn, feed: &mut RowFeed) -> Result<(), BackendError> {
+    while let Some(batch) = feed.next().await? {
+        writer.push(conn, batch.first_row, batch.rows).await?;
+    }
+    writer.flush(conn).await
 }
 
 /// Runs a whole load: the receipt table first (DDL commits implicitly, so

@@ -1013,8 +1013,9 @@ async fn multiplexed_reads_share_sessions_and_nothing_else_does() {
 
 #[tokio::test]
 async fn reads_go_on_when_one_of_two_shared_connections_is_killed() {
+    use std::collections::HashSet;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
     let toml = tenant(
         "failover",
         "requests_per_second = 100000",
@@ -1026,11 +1027,15 @@ async fn reads_go_on_when_one_of_two_shared_connections_is_killed() {
     );
     let server = TestServer::start(&toml).await;
     let client = server.client("key-failover").await;
+    // Each read names the shared session it ran on (other tests' shared
+    // sessions run beside these, so they are told apart this way only).
+    let read = "SELECT $1::int8, pg_backend_pid()";
+    let sessions = Arc::new(Mutex::new(HashSet::new()));
     let (killed, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     // Eight callers read their own numbers back until told to stop.
     let callers: Vec<_> = (0..8i64)
         .map(|caller| {
-            let (client, killed, stop) = (client.clone(), killed.clone(), stop.clone());
+            let (client, sessions, killed, stop) = (client.clone(), sessions.clone(), killed.clone(), stop.clone());
             tokio::spawn(async move {
                 let (mut served_after_kill, mut lost) = (0, 0);
                 for i in 0.. {
@@ -1039,9 +1044,10 @@ async fn reads_go_on_when_one_of_two_shared_connections_is_killed() {
                     }
                     let after_kill = killed.load(Ordering::Relaxed);
                     let n = caller * 1_000_000 + i;
-                    match client.execute("pg", "SELECT $1::int8", vec![n.into()]).await {
+                    match client.execute("pg", read, vec![n.into()]).await {
                         Ok(r) => {
                             assert_eq!(int(&r.rows[0].values[0]), n, "caller {caller} got another caller's row");
+                            sessions.lock().expect("sessions").insert(int(&r.rows[0].values[1]));
                             served_after_kill += usize::from(after_kill);
                         }
                         // Sent on the killed connection: it may have run, so it is not sent again.
@@ -1055,28 +1061,19 @@ async fn reads_go_on_when_one_of_two_shared_connections_is_killed() {
             })
         })
         .collect();
-    let direct = pg_direct().await;
-    let shared_pids = || async {
-        let rows = direct
-            .query(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = 'weir-multiplexed' ORDER BY pid",
-                &[],
-            )
-            .await
-            .expect("activity");
-        rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>()
-    };
-    let mut pids = Vec::new();
+    let seen = || sessions.lock().expect("sessions").iter().copied().collect::<Vec<_>>();
     for _ in 0..100 {
-        pids = shared_pids().await;
-        if pids.len() == 2 {
+        if seen().len() == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(pids.len(), 2, "both shared connections in use under load");
+    let before = seen();
+    assert_eq!(before.len(), 2, "both shared connections in use under load");
+    let victim = i32::try_from(before[0]).expect("a pid");
+    let direct = pg_direct().await;
     let terminated: bool = direct
-        .query_one("SELECT pg_terminate_backend($1)", &[&pids[0]])
+        .query_one("SELECT pg_terminate_backend($1)", &[&victim])
         .await
         .expect("terminate")
         .get(0);
@@ -1092,11 +1089,33 @@ async fn reads_go_on_when_one_of_two_shared_connections_is_killed() {
     }
     // At most the reads that were on the killed connection, one per caller.
     assert!(lost <= 8, "{lost} reads lost");
-    // The lost connection was replaced.
-    let after = shared_pids().await;
-    assert!(!after.contains(&pids[0]), "the killed session is gone: {after:?}");
-    assert_serves(&client, "pg", 4).await;
-    assert_eq!(shared_pids().await.len(), 2, "two shared connections again");
+    // The lost connection was replaced: slow reads at once take both shared
+    // connections, neither of them the killed one.
+    let slow: Vec<_> = (0..4)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let r = client
+                    .execute(
+                        "pg",
+                        "SELECT pg_backend_pid(), count(*) FROM generate_series(1, 1000000)",
+                        vec![],
+                    )
+                    .await
+                    .expect("read after the kill");
+                int(&r.rows[0].values[0])
+            })
+        })
+        .collect();
+    let mut after = HashSet::new();
+    for read in slow {
+        after.insert(read.await.expect("read"));
+    }
+    assert_eq!(after.len(), 2, "two shared connections again: {after:?}");
+    assert!(
+        !after.contains(&i64::from(victim)),
+        "the killed session is gone: {after:?}"
+    );
     server.stop().await;
 }
 
@@ -1237,7 +1256,8 @@ async fn statements_prepared_before_their_table_changed_are_prepared_again() {
     let client = server.client("key-ddl").await;
     // Slow enough that four at once take four pooled connections, or both
     // shared ones, and each prepares `t.*` with the table's columns of now.
-    let read = "SELECT t.* FROM weir_altered t, pg_sleep(0.1)";
+    let read = "SELECT current_setting('application_name') AS app, t.* FROM weir_altered t \
+                WHERE (SELECT count(*) FROM generate_series(1, 300000)) > 0";
     let read_everywhere = |source: &'static str, width: usize| {
         let client = client.clone();
         async move {
@@ -1250,15 +1270,17 @@ async fn statements_prepared_before_their_table_changed_are_prepared_again() {
             for call in calls {
                 let result = call.await.expect("task").unwrap_or_else(|e| panic!("{source}: {e:?}"));
                 assert_eq!(result.columns.len(), width, "{source}: the table's columns of now");
+                let app = if source == "shared" { "weir-multiplexed" } else { "weir" };
+                assert_eq!(text(&result.rows[0].values[0]), app, "on the {source} connections");
             }
         }
     };
     for source in ["pooled", "shared"] {
-        read_everywhere(source, 1).await;
+        read_everywhere(source, 2).await;
     }
     setup("ALTER TABLE weir_altered ADD COLUMN b text DEFAULT 'added'").await;
     for source in ["pooled", "shared"] {
-        read_everywhere(source, 2).await;
+        read_everywhere(source, 3).await;
     }
     // Inside a transaction the statement cannot be run again for the
     // caller: the transaction is aborted, and the caller told to run it again.
@@ -1283,7 +1305,7 @@ async fn statements_prepared_before_their_table_changed_are_prepared_again() {
         .await
         .expect("begin again");
     let result = client.execute_in(&tx, "pooled", read, vec![]).await.expect("run again");
-    assert_eq!(result.columns.len(), 3);
+    assert_eq!(result.columns.len(), 4);
     client.commit(&tx).await.expect("commit");
     server.stop().await;
 }

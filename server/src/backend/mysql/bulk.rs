@@ -107,9 +107,9 @@ fn params(rows: &[Row], first_row: u64) -> Result<Params, BackendError> {
 /// past loads would hold megabytes per connection.
 async fn exec_once(conn: &mut Conn, sql: &str, params: Params) -> Result<(), mysql_async::Error> {
     let statement = conn.prep(sql).await?;
-    let result = conn.exec_drop(&statement, params).await;
-    conn.close(statement).await?;
-    result
+    let executed = conn.exec_drop(&statement, params).await;
+    // The statement's own error first: it names the bad row.
+    executed.and(conn.close(statement).await)
 }
 
 /// Rows buffered into full statements.

@@ -22,7 +22,7 @@ use weir_proto::v1::{
     RollbackRequest, Row, SchemaInfo, SourceInfo, TableInfo, TestConnectionRequest, TestConnectionResponse, Value,
 };
 
-use crate::transport::{H2Channel, Settings, Tls};
+use crate::transport::{self, H2Channel, Settings, Tls};
 
 /// A channel that authenticates every call with the API key.
 pub type AuthChannel = InterceptedService<H2Channel, ApiKeyInterceptor>;
@@ -162,10 +162,7 @@ impl WeirClient {
             .cloned()
             .ok_or_else(|| invalid("the address has no host".into()))?;
         let tls = match tls {
-            Some(options) => {
-                let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-                Some(Tls::new(options, host).map_err(ClientError::Tls)?)
-            }
+            Some(options) => Some(Tls::new(options, transport::host(&authority)).map_err(ClientError::Tls)?),
             None => None,
         };
         let settings = Settings {

@@ -128,8 +128,7 @@ struct Shared {
 }
 
 impl H2Channel {
-    /// Opens the connection to `authority` ("host:port").
-    /// Opens the connection to `authority`; the error says why it could not.
+    /// Opens the connection to `authority` ("host:port"); the error says why it could not.
     pub(crate) async fn connect(authority: Authority, settings: Settings) -> Result<H2Channel, String> {
         let channel = H2Channel {
             shared: Arc::new(Shared {
@@ -307,9 +306,14 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     weir_proto::deadline::parse_grpc_timeout(headers.get("grpc-timeout")?.to_str().ok()?)
 }
 
+/// The address's host, an IPv6 one without its brackets.
+pub(crate) fn host(authority: &Authority) -> &str {
+    authority.host().trim_start_matches('[').trim_end_matches(']')
+}
+
 /// A new connection, or why there is none.
 async fn open(authority: &Authority, settings: &Settings) -> Result<SendRequest<Bytes>, String> {
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = host(authority);
     let port = authority
         .port_u16()
         .unwrap_or(if settings.tls.is_some() { 443 } else { 80 });

@@ -101,22 +101,22 @@ fn params(rows: &[Row], first_row: u64) -> Result<Params, BackendError> {
     Ok(Params::Positional(values))
 }
 
-/// Runs a statement prepared for this call only. A multi-row INSERT has
-/// thousands of placeholders, whose descriptions the driver keeps with each
-/// statement it caches: left in the connection's cache, the statements of
-/// past loads would hold megabytes per connection.
-async fn exec_once(conn: &mut Conn, sql: &str, params: Params) -> Result<(), mysql_async::Error> {
-    let statement = conn.prep(sql).await?;
-    let executed = conn.exec_drop(&statement, params).await;
-    // The statement's own error first: it names the bad row.
-    executed.and(conn.close(statement).await)
+/// Closes a statement the load prepared. A multi-row INSERT has thousands of
+/// placeholders, whose descriptions the driver keeps with each statement in
+/// its per-connection cache: left there, the statements of past loads would
+/// hold megabytes per connection, and count against the server's
+/// `max_prepared_stmt_count`.
+async fn close(conn: &mut Conn, statement: mysql_async::Statement) {
+    if let Err(e) = conn.close(statement).await {
+        // The connection is broken: the pool drops it, and its cache with it.
+        tracing::debug!(error = %e, "could not close a bulk insert statement");
+    }
 }
 
 /// Rows buffered into full statements.
 struct Writer<'s> {
     spec: &'s LoadSpec,
     per_statement: usize,
-    full_sql: String,
     /// The full-size INSERT, prepared at its first use and closed by `close`.
     full: Option<mysql_async::Statement>,
     pending: Vec<Row>,
@@ -131,7 +131,6 @@ impl<'s> Writer<'s> {
         Self {
             spec,
             per_statement,
-            full_sql: insert_sql(spec, per_statement),
             full: None,
             pending: Vec::with_capacity(per_statement),
             pending_first: 0,
@@ -160,17 +159,19 @@ impl<'s> Writer<'s> {
         let rows = std::mem::take(&mut self.pending);
         let first = self.pending_first;
         let values = params(&rows, first)?;
-        let executed = if rows.len() == self.per_statement {
-            let full = match self.full.take() {
-                Some(statement) => statement,
-                None => conn.prep(self.full_sql.as_str()).await.map_err(map_error)?,
-            };
-            let executed = conn.exec_drop(&full, values).await;
-            self.full = Some(full);
-            executed
-        } else {
-            exec_once(conn, &insert_sql(self.spec, rows.len()), values).await
+        // A statement that cannot be prepared names no row: only what fails
+        // when it runs is located.
+        let full = rows.len() == self.per_statement;
+        let statement = match &self.full {
+            Some(statement) if full => statement.clone(),
+            _ => conn.prep(insert_sql(self.spec, rows.len())).await.map_err(map_error)?,
         };
+        let executed = conn.exec_drop(&statement, values).await;
+        if full {
+            self.full = Some(statement);
+        } else {
+            close(conn, statement).await;
+        }
         match executed {
             Ok(()) => {
                 let n = rows.len() as u64;
@@ -189,13 +190,10 @@ impl<'s> Writer<'s> {
         }
     }
 
-    /// Closes the full-size statement, so that it leaves the connection's cache.
+    /// Closes the full-size statement once the load is over.
     async fn close(&mut self, conn: &mut Conn) {
         if let Some(full) = self.full.take() {
-            if let Err(e) = conn.close(full).await {
-                // The connection is broken: the pool drops it, and its cache with it.
-                tracing::debug!(error = %e, "could not close a bulk insert statement");
-            }
+            close(conn, full).await;
         }
     }
 }

@@ -130,19 +130,15 @@ impl InFlight {
 /// answered, which the engine does only once it is over.
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let slot = self.slot.clone();
         let left = self.session.take().filter(|_| !self.over);
-        let runtime = tokio::runtime::Handle::try_current();
-        match (left, runtime) {
-            (Some(session), Ok(runtime)) => {
-                runtime.spawn(async move {
-                    let _ = session.client.simple_query("").await;
-                    slot.in_flight.fetch_sub(1, Ordering::Relaxed);
-                });
-            }
-            _ => {
+        if let (Some(session), Ok(runtime)) = (left, tokio::runtime::Handle::try_current()) {
+            let slot = self.slot.clone();
+            runtime.spawn(async move {
+                let _ = session.client.simple_query("").await;
                 slot.in_flight.fetch_sub(1, Ordering::Relaxed);
-            }
+            });
+        } else {
+            self.slot.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

@@ -919,6 +919,13 @@ async fn many_cancelled_calls_leak_no_connections() {
 /// The application name of the source's sessions, as `sql` sees it.
 const APP: &str = "SELECT current_setting('application_name')";
 
+/// The `multiplex` section of a PostgreSQL source.
+fn multiplex(tenant: &str, source: &str, connections: u32, statement_timeout: &str) -> String {
+    format!(
+        "[tenants.{tenant}.sources.{source}.multiplex]\nconnections = {connections}\nstatement_timeout = \"{statement_timeout}\"\n"
+    )
+}
+
 #[tokio::test]
 async fn multiplexed_reads_share_sessions_and_nothing_else_does() {
     let toml = tenant(
@@ -927,8 +934,10 @@ async fn multiplexed_reads_share_sessions_and_nothing_else_does() {
         &postgres(
             "mux",
             "pg",
-            "[tenants.mux.sources.pg.pool]\nmax_size = 3\n\
-             [tenants.mux.sources.pg.multiplex]\nconnections = 1\nstatement_timeout = \"300ms\"\n",
+            &format!(
+                "[tenants.mux.sources.pg.pool]\nmax_size = 3\n{}",
+                multiplex("mux", "pg", 1, "300ms")
+            ),
         ),
     );
     let server = TestServer::start(&toml).await;
@@ -1019,11 +1028,7 @@ async fn reads_go_on_when_one_of_two_shared_connections_is_killed() {
     let toml = tenant(
         "failover",
         "requests_per_second = 100000",
-        &postgres(
-            "failover",
-            "pg",
-            "[tenants.failover.sources.pg.multiplex]\nconnections = 2\nstatement_timeout = \"5s\"\n",
-        ),
+        &postgres("failover", "pg", &multiplex("failover", "pg", 2, "5s")),
     );
     let server = TestServer::start(&toml).await;
     let client = server.client("key-failover").await;
@@ -1124,12 +1129,11 @@ async fn a_shared_read_lost_while_running_is_resent_only_where_writes_are_imposs
     // A read on a shared connection whose backend ends mid-statement: it may
     // have run, so it is sent again only on a read-only source (a view could
     // hide a function with effects from the session lexer).
-    let multiplex =
-        |name: &str| format!("[tenants.lost.sources.{name}.multiplex]\nconnections = 1\nstatement_timeout = \"60s\"\n");
+    let shared = |name: &str| multiplex("lost", name, 1, "60s");
     let sources = format!(
         "{}{}",
-        postgres("lost", "ro", &format!("read_only = true\n{}", multiplex("ro"))),
-        postgres("lost", "rw", &multiplex("rw")),
+        postgres("lost", "ro", &format!("read_only = true\n{}", shared("ro"))),
+        postgres("lost", "rw", &shared("rw")),
     );
     let server = TestServer::start(&tenant("lost", "statement_timeout = \"60s\"", &sources)).await;
     let client = server.client("key-lost").await;
@@ -1188,11 +1192,7 @@ async fn reads_go_to_the_shared_connection_that_a_left_read_does_not_hold(
     let toml = tenant(
         "left",
         "max_rows_per_response = 10",
-        &postgres(
-            "left",
-            "pg",
-            "[tenants.left.sources.pg.multiplex]\nconnections = 2\nstatement_timeout = \"3s\"\n",
-        ),
+        &postgres("left", "pg", &multiplex("left", "pg", 2, "3s")),
     );
     let server = TestServer::start(&toml).await;
     let client = server.client("key-left").await;
@@ -1247,11 +1247,7 @@ async fn statements_prepared_before_their_table_changed_are_prepared_again() {
     )
     .await;
     let pooled = postgres("ddl", "pooled", "[tenants.ddl.sources.pooled.pool]\nmax_size = 4\n");
-    let shared = postgres(
-        "ddl",
-        "shared",
-        "[tenants.ddl.sources.shared.multiplex]\nconnections = 2\nstatement_timeout = \"5s\"\n",
-    );
+    let shared = postgres("ddl", "shared", &multiplex("ddl", "shared", 2, "5s"));
     let server = TestServer::start(&tenant("ddl", "", &format!("{pooled}{shared}"))).await;
     let client = server.client("key-ddl").await;
     // Slow enough that four at once take four pooled connections, or both
@@ -1316,11 +1312,7 @@ async fn shared_reads_that_fail_or_are_abandoned_leave_the_connection_serving_th
     let toml = tenant(
         "gone",
         "max_rows_per_response = 10",
-        &postgres(
-            "gone",
-            "pg",
-            "[tenants.gone.sources.pg.multiplex]\nconnections = 1\nstatement_timeout = \"1500ms\"\n",
-        ),
+        &postgres("gone", "pg", &multiplex("gone", "pg", 1, "1500ms")),
     );
     let server = TestServer::start(&toml).await;
     let client = server.client("key-gone").await;

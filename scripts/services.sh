@@ -46,6 +46,7 @@ ensure_postgres() {
   if command -v runuser >/dev/null && id postgres >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     runuser -u postgres -- psql -q -c "ALTER ROLE \"$user\" PASSWORD '$password'" >/dev/null 2>&1 || true
     ensure_pg_logical
+    ensure_pg_password_logins
     if ! runuser -u postgres -- psql -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'" 2>/dev/null | grep -q 1; then
       runuser -u postgres -- createdb -O "$user" "$db" >/dev/null 2>&1 || true
     fi
@@ -65,6 +66,26 @@ ensure_pg_logical() {
   as_root pg_ctlcluster --skip-systemctl-redirect "$version" main restart
   for _ in $(seq 1 50); do pg_ready && break; sleep 0.2; done
   pg_ready || { echo "error: PostgreSQL did not restart"; exit 1; }
+}
+
+# Two logins that must give a password over TCP, whatever the rest of
+# pg_hba.conf says: weir_scram (SCRAM-SHA-256) and weir_md5 (an MD5-stored
+# password), for the tests of Weir's own replication-protocol login.
+ensure_pg_password_logins() {
+  local hba
+  hba="$(runuser -u postgres -- psql -tAc "SHOW hba_file")"
+  if ! as_root grep -q weir_scram "$hba"; then
+    { printf 'host all weir_scram 127.0.0.1/32 scram-sha-256\nhost all weir_md5 127.0.0.1/32 md5\n'; as_root cat "$hba"; } >/tmp/weir-pg_hba.conf
+    as_root cp /tmp/weir-pg_hba.conf "$hba" && rm -f /tmp/weir-pg_hba.conf
+    runuser -u postgres -- psql -q -c "SELECT pg_reload_conf()" >/dev/null
+  fi
+  runuser -u postgres -- psql -q >/dev/null <<'SQL'
+SELECT 'CREATE ROLE weir_scram' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'weir_scram') \gexec
+SELECT 'CREATE ROLE weir_md5' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'weir_md5') \gexec
+ALTER ROLE weir_scram LOGIN SUPERUSER PASSWORD 'weir-scram';
+SET password_encryption = 'md5';
+ALTER ROLE weir_md5 LOGIN SUPERUSER PASSWORD 'weir-md5';
+SQL
 }
 
 # Binlog change streams need ROW format with full images; MariaDB reads

@@ -255,15 +255,13 @@ impl Default for BulkConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChangesConfig {
-    /// How often an idle change stream asks the database for new changes.
+    /// How often an idle SQL Server change stream asks for new changes
+    /// (PostgreSQL and MySQL push theirs).
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     /// A quiet stream sends a heartbeat with an advancing position this often.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
-    /// Most row changes read from the database in one poll (whole
-    /// transactions are always read, so one can exceed it).
-    pub max_changes_per_poll: u32,
 }
 
 impl Default for ChangesConfig {
@@ -271,7 +269,6 @@ impl Default for ChangesConfig {
         Self {
             poll_interval: Duration::from_millis(50),
             heartbeat_interval: Duration::from_secs(5),
-            max_changes_per_poll: 10_000,
         }
     }
 }
@@ -576,9 +573,6 @@ impl Config {
         }
         if let Some(jwt) = &self.auth.jwt {
             crate::transport::jwt::JwtVerifier::new(jwt).map_err(|e| invalid("auth.jwt", e))?;
-        }
-        if self.changes.max_changes_per_poll == 0 {
-            return Err(invalid("changes.max_changes_per_poll", "must be greater than 0"));
         }
         let table = &self.bulk.load_id_table;
         let plain = table.len() <= 63

@@ -55,9 +55,19 @@ const CONFIG: &str = "[changes]\npoll_interval = \"20ms\"\nheartbeat_interval = 
 
 impl Ctx {
     async fn new(engine: Engine) -> Ctx {
+        Ctx::with_changes(engine, CONFIG).await
+    }
+
+    /// With `changes` as the server's `[changes]` section.
+    async fn with_changes(engine: Engine, changes: &str) -> Ctx {
+        Ctx::with_source(engine, changes, &engine.source("cs")).await
+    }
+
+    /// With `source` as the tested tenant's source `db`.
+    async fn with_source(engine: Engine, changes: &str, source: &str) -> Ctx {
         let config = format!(
-            "{CONFIG}{}{}{}",
-            tenant("cs", "max_concurrent_subscriptions = 2", &engine.source("cs")),
+            "{changes}{}{}{}",
+            tenant("cs", "max_concurrent_subscriptions = 2", source),
             tenant("other", "", &engine.source("other")),
             sqlite_demo("cs", "lite")
         );
@@ -742,6 +752,67 @@ async fn servers_without_logical_decoding_or_binlog_say_what_to_change() {
             .expect("drop");
     }
     server.stop().await;
+}
+
+/// PostgreSQL pushes each transaction over a replication connection as it
+/// commits: nothing waits for `poll_interval` (an hour here), and between
+/// changes the slot stays held by that connection's walsender.
+#[tokio::test]
+async fn postgres_pushes_each_change_as_it_commits() {
+    let ctx = Ctx::with_changes(
+        Engine::Postgres,
+        "[changes]\npoll_interval = \"1h\"\nheartbeat_interval = \"300ms\"\n",
+    )
+    .await;
+    let t = ctx.table("pushed").await;
+    let sub = ctx.name("pushed");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    for id in 1..=3 {
+        ctx.sql(&format!("INSERT INTO {t} VALUES ({id}, 'x', 1)")).await;
+        assert_eq!(id_of(changes(&read_changes(&mut watch, 1).await)[0]), id);
+    }
+    let slot = weir_server::service::changes::subscription_id("cs", &sub);
+    let reader: String = pg_direct()
+        .await
+        .query_one(
+            "SELECT a.backend_type FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid
+             WHERE s.slot_name::text = $1",
+            &[&slot],
+        )
+        .await
+        .expect("the slot is held")
+        .get(0);
+    assert_eq!(reader, "walsender");
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
+/// Weir logs in to the replication connection by itself (tokio-postgres does
+/// not speak that protocol): with SCRAM-SHA-256, and with an MD5-stored
+/// password. ./scripts/test sets up both logins and makes them give a password.
+#[tokio::test]
+async fn postgres_change_streams_log_in_with_scram_and_md5() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    for (user, password) in [("weir_scram", "weir-scram"), ("weir_md5", "weir-md5")] {
+        let file = dir.path().join(user);
+        std::fs::write(&file, password).expect("password file");
+        let source = format!(
+            "[tenants.cs.sources.db]\nengine = \"postgres\"\nhost = \"{}\"\nport = {}\nuser = \"{user}\"\n\
+             database = \"{}\"\npassword_file = \"{}\"\n",
+            env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
+            env_or("WEIR_TEST_PG_PORT", "5432"),
+            env_or("WEIR_TEST_PG_DATABASE", "test"),
+            file.display()
+        );
+        let ctx = Ctx::with_source(Engine::Postgres, CONFIG, &source).await;
+        let t = ctx.table(user).await;
+        let sub = ctx.name(user);
+        let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+        ctx.sql(&format!("INSERT INTO {t} VALUES (7, 'x', 1)")).await;
+        assert_eq!(id_of(changes(&read_changes(&mut watch, 1).await)[0]), 7, "{user}");
+        drop(watch);
+        ctx.finish(&[&sub], &[&t]).await;
+    }
 }
 
 macro_rules! suite {

@@ -90,7 +90,6 @@ pub struct WatchSpec {
     pub take_over: bool,
     pub poll_interval: Duration,
     pub heartbeat_interval: Duration,
-    pub max_changes_per_poll: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

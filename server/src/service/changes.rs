@@ -223,7 +223,6 @@ pub async fn watch(
         take_over: start.take_over,
         poll_interval: config.poll_interval,
         heartbeat_interval: config.heartbeat_interval,
-        max_changes_per_poll: config.max_changes_per_poll,
     };
     let permit = caller.tenant.limiter.admit_subscription()?;
     let feed = sql.watch(spec).await?;

@@ -97,7 +97,7 @@ fn default_env(name: &str, default: &str) {
     }
 }
 
-fn env_or(name: &str, default: &str) -> String {
+pub fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 

@@ -1,14 +1,16 @@
 //! PostgreSQL change streams: one logical replication slot (`pgoutput`, binary
-//! tuples) and one publication per subscription, read over an ordinary
-//! connection with `pg_logical_slot_peek_binary_changes`. Peeking never
-//! consumes: the slot advances (`pg_replication_slot_advance`) only to a
-//! position the client acknowledged, so a crash loses nothing.
+//! tuples) and one publication per subscription, read over a replication
+//! connection (`START_REPLICATION`): the server pushes each transaction as it
+//! decodes it. The slot's confirmed position moves only to what the client
+//! acknowledged, so a crash loses nothing. An ordinary connection beside it
+//! holds the subscription's lock, takes snapshots and resolves types.
 //!
 //! Positions are (LSN, sequence): a row change is (commit LSN of its
 //! transaction, its index in the transaction from 1); a commit or heartbeat is
-//! (LSN past it, 0), meaning "everything before this LSN". Advancing the slot
-//! to a position's LSN never skips an unacknowledged transaction: the slot
-//! skips only transactions whose commit record starts before that LSN.
+//! (LSN past it, 0), meaning "everything before this LSN". Confirming a
+//! position's LSN, or starting the stream there, never skips an
+//! unacknowledged transaction: the slot skips only transactions whose commit
+//! record starts before that LSN.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use tokio_postgres::{Client, NoTls};
 
 use super::map_error;
 use super::pgoutput::{self, lsn_text, Datum, Message, Relation};
+use super::replication::{slot_held, Event, Replication, SLOT_RETRY};
 use super::types::{column_of, decode, pg_epoch, PgValue};
 use crate::backend::bulk::quote_ansi;
 use crate::backend::changes::{
@@ -209,9 +212,15 @@ async fn lock(client: &Client, spec_id: &str, name: &str, take_over: bool) -> Re
         return Ok(());
     }
     if take_over {
+        // The old consumer's two sessions: the one holding the lock, and the
+        // replication session reading the slot (named as the subscription id).
         client
             .execute(
-                &format!("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE {LOCK_ROW} AND pid <> pg_backend_pid()"),
+                &format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE {LOCK_ROW} AND pid <> pg_backend_pid() \
+                     UNION ALL SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                     WHERE slot_name::text = $2 AND active_pid IS NOT NULL"
+                ),
                 &[&LOCK_CLASS, &spec_id],
             )
             .await
@@ -328,8 +337,6 @@ struct Reader {
     watched: HashMap<u32, Watched>,
     relations: HashMap<u32, Rel>,
     types: HashMap<u32, Type>,
-    /// What the slot has acknowledged.
-    confirmed: u64,
     /// The last position delivered (or the resume point): later items only.
     delivered: PgPos,
     acked: PgPos,
@@ -384,24 +391,6 @@ impl Reader {
                 primary_key,
             },
         );
-        Ok(())
-    }
-
-    /// Acknowledgements received so far move the slot.
-    async fn apply_acks(&mut self, acks: &mut mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
-        while let Ok(p) = acks.try_recv() {
-            self.acked = self.acked.max(PgPos::decode(&p)?);
-        }
-        if self.acked.lsn > self.confirmed {
-            self.client
-                .execute(
-                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-                    &[&self.spec.id, &lsn_text(self.acked.lsn)],
-                )
-                .await
-                .map_err(map_error)?;
-            self.confirmed = self.acked.lsn;
-        }
         Ok(())
     }
 
@@ -507,95 +496,113 @@ impl Reader {
         Ok(row)
     }
 
-    /// Reads what the slot holds up to now and delivers what is new. Returns
-    /// whether everything before `upto` was read (so a heartbeat may claim it).
-    async fn poll(&mut self, limit: &mut i32) -> Result<Result<(u64, bool), ()>, BackendError> {
-        let upto = current_lsn(&self.client).await?;
-        let publication = self.spec.id.clone();
-        let rows = self
-            .client
-            .query_raw(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
-                 'proto_version', '1', 'publication_names', $4, 'binary', 'true')",
-                [
-                    &self.spec.id as &(dyn ToSql + Sync),
-                    &lsn_text(upto),
-                    &*limit,
-                    &publication,
-                ],
-            )
-            .await
-            .map_err(map_error)?;
-        pin_mut!(rows);
-        let (mut read, mut behind) = (0i32, 0i32);
+    /// Delivers what the slot's stream brings until the client goes (`Ok`)
+    /// or the database fails.
+    async fn stream(
+        &mut self,
+        repl: &mut Replication,
+        acks: &mut mpsc::UnboundedReceiver<Position>,
+    ) -> Result<(), BackendError> {
+        let every = self.spec.heartbeat_interval;
+        let mut tick = tokio::time::interval(every.min(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut txn: Option<Txn> = None;
-        while let Some(row) = rows.try_next().await.map_err(map_error)? {
-            read += 1;
-            let data: &[u8] = row.try_get(0).map_err(map_error)?;
-            let message = pgoutput::parse(data).map_err(BackendError::Internal)?;
-            let (rel_id, op, old, new) = match message {
-                Message::Begin {
-                    final_lsn,
-                    commit_time: ts,
-                    xid,
-                } => {
-                    txn = Some(Txn {
-                        final_lsn,
-                        xid: xid.to_string(),
-                        commit_time: commit_time(ts),
-                        seq: 0,
-                        begun: false,
-                    });
+        loop {
+            let event = tokio::select! {
+                () = self.out.closed() => return Ok(()),
+                ack = acks.recv() => {
+                    let Some(p) = ack else { return Ok(()) };
+                    self.acked = self.acked.max(PgPos::decode(&p)?);
+                    repl.confirm(self.acked.lsn);
                     continue;
                 }
-                Message::Commit { end_lsn, .. } => {
-                    let Some(t) = txn.take() else { continue };
-                    let position = PgPos { lsn: end_lsn, seq: 0 };
-                    if position <= self.delivered {
-                        behind = read;
-                        continue;
+                _ = tick.tick() => {
+                    // That session holds the subscription's lock: without it,
+                    // another consumer could start.
+                    if self.client.is_closed() {
+                        return Err(BackendError::Unavailable("the connection to the database was lost".into()));
                     }
-                    if t.begun {
-                        let item = ChangeItem::Commit {
-                            txid: t.xid,
-                            commit_time: t.commit_time,
-                            position: position.encode(),
-                            events: u64::from(t.seq),
-                        };
-                        if self.out.send(item).await.is_err() {
-                            return Ok(Err(()));
-                        }
-                    }
-                    self.delivered = position;
+                    // Its answer, a keepalive, gives a quiet stream its heartbeat.
+                    repl.ask_position();
                     continue;
                 }
-                Message::Relation(r) => {
-                    self.relation(r).await?;
-                    continue;
-                }
-                Message::Insert { relation, new } => (relation, ChangeOp::Insert, None, Some(new)),
-                // A key-only old row carries NULL for every non-key column.
-                Message::Update { relation, old, new, .. } => (relation, ChangeOp::Update, old, Some(new)),
-                Message::Delete { relation, old, .. } => (relation, ChangeOp::Delete, Some(old), None),
-                Message::Truncate { relations } => {
-                    for relation in relations {
-                        if self.change(&mut txn, relation, ChangeOp::Truncate, None, None).await? {
-                            return Ok(Err(()));
-                        }
-                    }
-                    continue;
-                }
-                Message::Other => continue,
+                event = repl.next() => event?,
             };
-            if self.change(&mut txn, rel_id, op, old, new).await? {
-                return Ok(Err(()));
+            let gone = match event {
+                // Every transaction committed before `wal_end` has been sent.
+                Event::Keepalive { wal_end } if txn.is_none() => {
+                    let at = PgPos { lsn: wal_end, seq: 0 };
+                    self.out
+                        .heartbeat(&mut self.delivered, at, every, PgPos::encode)
+                        .await
+                        .is_err()
+                }
+                Event::Keepalive { .. } => false,
+                Event::Data(data) => self.message(&mut txn, &data).await?,
+            };
+            if gone {
+                return Ok(());
             }
         }
-        let complete = read < *limit;
-        // Rows already delivered are read again until acknowledged: ask for
-        // enough to get past them next time.
-        *limit = behind.saturating_add(self.spec.max_changes_per_poll.min(i32::MAX as u32) as i32);
-        Ok(Ok((upto, complete)))
+    }
+
+    /// Delivers what one pgoutput message brings; `true` when the client has gone.
+    async fn message(&mut self, txn: &mut Option<Txn>, data: &[u8]) -> Result<bool, BackendError> {
+        let message = pgoutput::parse(data).map_err(BackendError::Internal)?;
+        let (rel_id, op, old, new) = match message {
+            Message::Begin {
+                final_lsn,
+                commit_time: ts,
+                xid,
+            } => {
+                *txn = Some(Txn {
+                    final_lsn,
+                    xid: xid.to_string(),
+                    commit_time: commit_time(ts),
+                    seq: 0,
+                    begun: false,
+                });
+                return Ok(false);
+            }
+            Message::Commit { end_lsn, .. } => {
+                let Some(t) = txn.take() else { return Ok(false) };
+                let position = PgPos { lsn: end_lsn, seq: 0 };
+                if position <= self.delivered {
+                    return Ok(false);
+                }
+                if t.begun {
+                    let item = ChangeItem::Commit {
+                        txid: t.xid,
+                        commit_time: t.commit_time,
+                        position: position.encode(),
+                        events: u64::from(t.seq),
+                    };
+                    if self.out.send(item).await.is_err() {
+                        return Ok(true);
+                    }
+                }
+                self.delivered = position;
+                return Ok(false);
+            }
+            Message::Relation(r) => {
+                self.relation(r).await?;
+                return Ok(false);
+            }
+            Message::Insert { relation, new } => (relation, ChangeOp::Insert, None, Some(new)),
+            // A key-only old row carries NULL for every non-key column.
+            Message::Update { relation, old, new, .. } => (relation, ChangeOp::Update, old, Some(new)),
+            Message::Delete { relation, old, .. } => (relation, ChangeOp::Delete, Some(old), None),
+            Message::Truncate { relations } => {
+                for relation in relations {
+                    if self.change(txn, relation, ChangeOp::Truncate, None, None).await? {
+                        return Ok(true);
+                    }
+                }
+                return Ok(false);
+            }
+            Message::Other => return Ok(false),
+        };
+        self.change(txn, rel_id, op, old, new).await
     }
 
     /// Delivers one row change; `true` when the client has gone.
@@ -666,32 +673,8 @@ impl Reader {
                 Err(()) => return Ok(()),
             }
         }
-        let mut limit = self.spec.max_changes_per_poll.min(i32::MAX as u32) as i32;
-        loop {
-            self.apply_acks(&mut acks).await?;
-            let before = self.delivered;
-            let Ok((upto, complete)) = self.poll(&mut limit).await? else {
-                return Ok(());
-            };
-            // Only a complete read may claim that nothing came before `upto`.
-            if complete {
-                let (at, every) = (PgPos { lsn: upto, seq: 0 }, self.spec.heartbeat_interval);
-                if self
-                    .out
-                    .heartbeat(&mut self.delivered, at, every, PgPos::encode)
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
-            }
-            if complete && self.delivered == before {
-                tokio::select! {
-                    () = tokio::time::sleep(self.spec.poll_interval) => {}
-                    () = self.out.closed() => return Ok(()),
-                }
-            }
-        }
+        let mut repl = Replication::start(&self.config, &self.spec.id, self.delivered.lsn, self.acked.lsn).await?;
+        self.stream(&mut repl, &mut acks).await
     }
 }
 
@@ -716,7 +699,6 @@ pub(super) async fn watch(config: &tokio_postgres::Config, spec: WatchSpec) -> R
         watched,
         relations: HashMap::new(),
         types: HashMap::new(),
-        confirmed,
         delivered,
         acked: delivered,
         out: Outbox::new(tx.clone()),
@@ -741,13 +723,21 @@ pub(super) async fn watch(config: &tokio_postgres::Config, spec: WatchSpec) -> R
 pub(super) async fn delete(config: &tokio_postgres::Config, id: &str, name: &str) -> Result<(), BackendError> {
     let client = connect(config).await?;
     lock(&client, id, name, false).await?;
-    let slot = client
-        .execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&id],
-        )
-        .await
-        .map_err(map_error)?;
+    // A reader that just ended may hold the slot a moment longer.
+    let deadline = Instant::now() + SLOT_RETRY;
+    let slot = loop {
+        let dropped = client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&id],
+            )
+            .await
+            .map_err(map_error);
+        match dropped {
+            Err(e) if slot_held(&e, deadline) => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => break other?,
+        }
+    };
     let publication = client
         .execute("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&id])
         .await

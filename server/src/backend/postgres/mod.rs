@@ -5,6 +5,7 @@ mod bulk;
 mod changes;
 mod multiplex;
 mod pgoutput;
+mod replication;
 mod schema;
 mod session;
 pub mod types;
@@ -619,29 +620,11 @@ fn plan_went_stale(e: &BackendError) -> bool {
 /// host list or credentials into the message.
 pub(crate) fn map_error(e: tokio_postgres::Error) -> BackendError {
     if let Some(db) = e.as_db_error() {
-        let code = db.code().code().to_string();
-        let mut message = db.message().to_string();
-        if let Some(detail) = db.detail() {
-            message.push_str(": ");
-            message.push_str(detail);
-        }
-        if let Some(tokio_postgres::error::ErrorPosition::Original(p)) = db.position() {
-            message.push_str(&format!(" (at character {p})"));
-        }
-        let mut kind = classify_sqlstate(db.code().code());
-        if code == STALE_PLAN.0 && db.message() == STALE_PLAN.1 {
-            // Only inside a transaction does the caller see it (elsewhere the
-            // statement is prepared again): the transaction is over, and
-            // running it again works.
-            kind = EngineErrorKind::Aborted;
-            message.push_str(": a table it reads changed since it was prepared; run the transaction again");
-        }
-        if code.starts_with("28") || code == "3D000" {
-            // The engine's text names hosts and logins: log it, do not return it.
-            tracing::warn!(sqlstate = %code, detail = %message, "the database rejected Weir's connection");
-            return BackendError::Unavailable(format!("the database rejected Weir's connection (SQLSTATE {code})"));
-        }
-        return BackendError::Engine { kind, code, message };
+        let position = match db.position() {
+            Some(tokio_postgres::error::ErrorPosition::Original(p)) => Some(*p),
+            _ => None,
+        };
+        return engine_error(db.code().code(), db.message(), db.detail(), position);
     }
     if e.is_closed() {
         return BackendError::Unavailable("the connection to the database was lost".into());
@@ -651,4 +634,34 @@ pub(crate) fn map_error(e: tokio_postgres::Error) -> BackendError {
         .map(|s| s.to_string())
         .unwrap_or_else(|| e.to_string());
     BackendError::Unavailable(cause)
+}
+
+/// An error PostgreSQL reported, as callers see it (SQLSTATE attached).
+pub(crate) fn engine_error(code: &str, text: &str, detail: Option<&str>, position: Option<u32>) -> BackendError {
+    let mut message = text.to_string();
+    if let Some(detail) = detail {
+        message.push_str(": ");
+        message.push_str(detail);
+    }
+    if let Some(p) = position {
+        message.push_str(&format!(" (at character {p})"));
+    }
+    let mut kind = classify_sqlstate(code);
+    if code == STALE_PLAN.0 && text == STALE_PLAN.1 {
+        // Only inside a transaction does the caller see it (elsewhere the
+        // statement is prepared again): the transaction is over, and
+        // running it again works.
+        kind = EngineErrorKind::Aborted;
+        message.push_str(": a table it reads changed since it was prepared; run the transaction again");
+    }
+    if code.starts_with("28") || code == "3D000" {
+        // The engine's text names hosts and logins: log it, do not return it.
+        tracing::warn!(sqlstate = %code, detail = %message, "the database rejected Weir's connection");
+        return BackendError::Unavailable(format!("the database rejected Weir's connection (SQLSTATE {code})"));
+    }
+    BackendError::Engine {
+        kind,
+        code: code.to_string(),
+        message,
+    }
 }

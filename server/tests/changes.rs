@@ -787,6 +787,113 @@ async fn postgres_pushes_each_change_as_it_commits() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// Tenant cs's PostgreSQL source `db` on the test server's host, at `port`.
+fn pg_source(port: &str, user: &str, password: &str) -> String {
+    format!(
+        "[tenants.cs.sources.db]\nengine = \"postgres\"\nhost = \"{}\"\nport = {port}\nuser = \"{user}\"\n\
+         database = \"{}\"\n{password}\n",
+        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_PG_DATABASE", "test"),
+    )
+}
+
+/// A TCP proxy that can stop carrying bytes while every connection stays
+/// open, as a cut network does.
+struct Proxy {
+    port: u16,
+    frozen: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (frozen, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (from_client, to_client) = inbound.into_split();
+                let (from_server, to_server) = outbound.into_split();
+                tokio::spawn(carry(from_client, to_server, rx.clone()));
+                tokio::spawn(carry(from_server, to_client, rx.clone()));
+            }
+        });
+        Proxy { port, frozen }
+    }
+
+    fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+}
+
+async fn carry(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Bytes read while frozen are held, not lost.
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A network that stops carrying packets leaves every socket open: TCP
+/// alone would notice after many minutes. The reader asks the server for its
+/// position every second, and ends the stream with UNAVAILABLE once 30 s
+/// pass without an answer.
+#[tokio::test]
+async fn postgres_stream_ends_when_the_network_goes_silent() {
+    let target = format!(
+        "{}:{}",
+        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_PG_PORT", "5432")
+    );
+    let proxy = Proxy::start(target).await;
+    let password = if std::env::var("WEIR_TEST_PG_PASSWORD").is_ok() {
+        "password_env = \"WEIR_TEST_PG_PASSWORD\""
+    } else {
+        ""
+    };
+    let source = pg_source(
+        &proxy.port.to_string(),
+        &env_or("WEIR_TEST_PG_USER", "postgres"),
+        password,
+    );
+    let ctx = Ctx::with_source(Engine::Postgres, CONFIG, &source).await;
+    let t = ctx.table("silent").await;
+    let sub = ctx.name("silent");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'a', 1)")).await;
+    assert_eq!(id_of(changes(&read_changes(&mut watch, 1).await)[0]), 1);
+
+    proxy.freeze(true);
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match watch.next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without an error"),
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends within a minute of the network going silent");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("did not answer"), "{ended:?}");
+    proxy.freeze(false);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// Weir logs in to the replication connection by itself (tokio-postgres does
 /// not speak that protocol): with SCRAM-SHA-256, and with an MD5-stored
 /// password. ./scripts/test sets up both logins and makes them give a password.
@@ -796,13 +903,10 @@ async fn postgres_change_streams_log_in_with_scram_and_md5() {
     for (user, password) in [("weir_scram", "weir-scram"), ("weir_md5", "weir-md5")] {
         let file = dir.path().join(user);
         std::fs::write(&file, password).expect("password file");
-        let source = format!(
-            "[tenants.cs.sources.db]\nengine = \"postgres\"\nhost = \"{}\"\nport = {}\nuser = \"{user}\"\n\
-             database = \"{}\"\npassword_file = \"{}\"\n",
-            env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
-            env_or("WEIR_TEST_PG_PORT", "5432"),
-            env_or("WEIR_TEST_PG_DATABASE", "test"),
-            file.display()
+        let source = pg_source(
+            &env_or("WEIR_TEST_PG_PORT", "5432"),
+            user,
+            &format!("password_file = \"{}\"", file.display()),
         );
         let ctx = Ctx::with_source(Engine::Postgres, CONFIG, &source).await;
         let t = ctx.table(user).await;

@@ -38,6 +38,9 @@ const LOCK_CLASS: i32 = 0x5745_4952; // "WEIR"
 const FEED_BUFFER: usize = 256;
 /// How long a take-over waits for the old consumer's connection to end.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(5);
+/// How long the replication connection may stay silent while the reader
+/// asks for the server's position every second.
+const SILENCE: Duration = Duration::from_secs(30);
 /// How long a new consumer waits for the subscription's lock: a consumer
 /// that reconnects at once finds its old session still ending.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
@@ -234,25 +237,31 @@ async fn lock(client: &Client, spec_id: &str, name: &str, take_over: bool) -> Re
 
 /// Whether another session takes the subscription's lock within a moment:
 /// how a consumer whose session was ended tells a take-over from an outage.
+/// Bounded: in an outage the database may not answer at all.
 async fn taken_over(config: &tokio_postgres::Config, spec_id: &str) -> bool {
-    let Ok(client) = connect(config).await else {
-        return false;
-    };
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < deadline {
-        let held = client
-            .query_one(
-                &format!("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE {LOCK_ROW} AND granted)"),
-                &[&LOCK_CLASS, &spec_id],
-            )
-            .await;
-        match held {
-            Ok(row) if row.get::<_, bool>(0) => return true,
-            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(_) => return false,
+    let check = async {
+        let Ok(client) = connect(config).await else {
+            return false;
+        };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            let held = client
+                .query_one(
+                    &format!("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE {LOCK_ROW} AND granted)"),
+                    &[&LOCK_CLASS, &spec_id],
+                )
+                .await;
+            match held {
+                Ok(row) if row.get::<_, bool>(0) => return true,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(_) => return false,
+            }
         }
-    }
-    false
+        false
+    };
+    tokio::time::timeout(Duration::from_secs(3), check)
+        .await
+        .unwrap_or(false)
 }
 
 /// The slot's acknowledged LSN, creating slot and publication on first use.
@@ -507,6 +516,8 @@ impl Reader {
         let mut tick = tokio::time::interval(every.min(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut txn: Option<Txn> = None;
+        // When the reader last waited for the server and heard from it.
+        let mut heard = Instant::now();
         loop {
             let event = tokio::select! {
                 () = self.out.closed() => return Ok(()),
@@ -521,6 +532,14 @@ impl Reader {
                     // another consumer could start.
                     if self.client.is_closed() {
                         return Err(BackendError::Unavailable("the connection to the database was lost".into()));
+                    }
+                    // A cut network can leave both sockets open for many
+                    // minutes; the server answers each `ask_position` at once.
+                    if heard.elapsed() > SILENCE {
+                        return Err(BackendError::Unavailable(format!(
+                            "the database did not answer on the replication connection for {} s",
+                            SILENCE.as_secs()
+                        )));
                     }
                     // Its answer, a keepalive, gives a quiet stream its heartbeat.
                     repl.ask_position();
@@ -543,6 +562,7 @@ impl Reader {
             if gone {
                 return Ok(());
             }
+            heard = Instant::now();
         }
     }
 

@@ -27,6 +27,9 @@ const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// How long to wait for a slot that an ending reader still holds: its
 /// server process releases it as it exits.
 pub(super) const SLOT_RETRY: Duration = Duration::from_secs(5);
+/// PostgreSQL allocates no more than 1 GiB for a value, so no message it
+/// sends is much larger; a length beyond this is a broken stream.
+const MAX_MESSAGE: usize = (1 << 30) + (1 << 20);
 /// SQLSTATE `object_in_use`: the slot is active for another process.
 const OBJECT_IN_USE: &str = "55006";
 // Authentication request codes.
@@ -214,7 +217,7 @@ async fn next_frame(read: &mut ReadHalf<Box<dyn Io>>, buf: &mut BytesMut) -> Res
     loop {
         if buf.len() >= 5 {
             let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-            if len < 4 {
+            if !(4..=MAX_MESSAGE).contains(&len) {
                 return Err(protocol_error("a malformed message"));
             }
             if buf.len() > len {
@@ -467,6 +470,48 @@ mod tests {
         assert_eq!(&out[22..30], &0x08u64.to_be_bytes());
         assert_eq!(&out[30..38], &7i64.to_be_bytes());
         assert_eq!(out[38], 1);
+    }
+
+    /// `bytes` as the server's side of a connection that then closes.
+    fn server_sends(bytes: &[u8]) -> ReadHalf<Box<dyn Io>> {
+        let (ours, mut theirs) = tokio::io::duplex(7);
+        let bytes = bytes.to_vec();
+        tokio::spawn(async move {
+            // Small writes into a small pipe: messages arrive in pieces.
+            for piece in bytes.chunks(3) {
+                if theirs.write_all(piece).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let io: Box<dyn Io> = Box::new(ours);
+        tokio::io::split(io).0
+    }
+
+    #[tokio::test]
+    async fn messages_arriving_in_pieces_are_read_whole_and_a_cut_one_is_an_error() {
+        let mut bytes = vec![b'd', 0, 0, 0, 9, b'k', 1, 2, 3, 4];
+        bytes.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+        bytes.extend_from_slice(&[b'd', 0, 0, 0, 40, b'w']);
+        let mut read = server_sends(&bytes);
+        let mut buf = BytesMut::new();
+        let (tag, body) = next_frame(&mut read, &mut buf).await.expect("first");
+        assert_eq!((tag, &body[..]), (b'd', &[b'k', 1, 2, 3, 4][..]));
+        let (tag, body) = next_frame(&mut read, &mut buf).await.expect("second");
+        assert_eq!((tag, &body[..]), (b'Z', &b"I"[..]));
+        let cut = next_frame(&mut read, &mut buf).await;
+        assert!(matches!(cut, Err(BackendError::Unavailable(_))), "{cut:?}");
+    }
+
+    #[tokio::test]
+    async fn a_length_no_server_sends_is_refused_before_any_allocation() {
+        for len in [0u32, 3, u32::MAX] {
+            let mut bytes = vec![b'd'];
+            bytes.extend_from_slice(&len.to_be_bytes());
+            let mut read = server_sends(&bytes);
+            let e = next_frame(&mut read, &mut BytesMut::new()).await;
+            assert!(matches!(e, Err(BackendError::Internal(_))), "{len}: {e:?}");
+        }
     }
 
     #[test]

@@ -186,7 +186,11 @@ async fn next_message(watch: &mut ChangeWatch) -> Message {
 
 /// The error that ends the stream, which must come within `WAIT`; events before it are skipped.
 async fn stream_error(watch: &mut ChangeWatch) -> tonic::Status {
-    tokio::time::timeout(WAIT, async {
+    stream_error_within(watch, WAIT).await
+}
+
+async fn stream_error_within(watch: &mut ChangeWatch, wait: Duration) -> tonic::Status {
+    tokio::time::timeout(wait, async {
         loop {
             match watch.next().await {
                 Ok(Some(_)) => continue,
@@ -877,17 +881,7 @@ async fn postgres_stream_ends_when_the_network_goes_silent() {
     assert_eq!(id_of(changes(&read_changes(&mut watch, 1).await)[0]), 1);
 
     proxy.freeze(true);
-    let ended = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            match watch.next().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("the stream ended without an error"),
-                Err(e) => return e,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends within a minute of the network going silent");
+    let ended = stream_error_within(&mut watch, Duration::from_secs(60)).await;
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
     assert!(ended.message().contains("did not answer"), "{ended:?}");
     proxy.freeze(false);

@@ -26,8 +26,8 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p weir-server --bin weir \
- && install -D -m 0755 target/release/weir /out/weir
+    cargo build --profile production --locked -p weir-server --bin weir \
+ && install -D -m 0755 target/production/weir /out/weir
 
 FROM debian:bookworm-slim
 ARG VERSION=0.1.0

@@ -32,6 +32,19 @@ pub enum Value {
     List(Vec<Value>),
 }
 
+impl Value {
+    /// Bytes it takes in memory, its heap part included.
+    pub fn size(&self) -> usize {
+        let heap = match self {
+            Value::Text(s) | Value::Decimal(s) | Value::Json(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            Value::List(items) => items.iter().map(Value::size).sum(),
+            _ => 0,
+        };
+        std::mem::size_of::<Value>() + heap
+    }
+}
+
 pub type Row = Vec<Value>;
 
 /// The normalized family of a column.

@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
-use crate::backend::channel::{self, Worker, CHUNK_ROWS};
+use crate::backend::channel::{self, Gather, Worker};
 use crate::backend::pool::FailFastPool;
 use crate::backend::{
     BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec,
@@ -343,7 +343,7 @@ async fn execute(
     if !worker.describe(described.into_iter().map(|(c, _)| c).collect()) {
         return Ok(None);
     }
-    let mut chunk = Vec::with_capacity(CHUNK_ROWS);
+    let mut gather = Gather::default();
     loop {
         let item = tokio::select! {
             biased;
@@ -371,16 +371,17 @@ async fn execute(
             })?;
             values.push(value);
         }
-        chunk.push(values);
-        if chunk.len() == CHUNK_ROWS && !worker.send(std::mem::take(&mut chunk)).await {
-            return Ok(None);
+        if let Some(chunk) = gather.push(values) {
+            if !worker.send(chunk).await {
+                return Ok(None);
+            }
         }
     }
     drop(stream);
     conn.broken = false;
-    if !chunk.is_empty() {
+    if let Some(rest) = gather.rest() {
         // Whether the caller is still there no longer matters.
-        let _ = worker.send(chunk).await;
+        let _ = worker.send(rest).await;
     }
     Ok(None)
 }

@@ -16,7 +16,7 @@ use mysql_async::{Conn, Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOp
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::backend::breaker::{Breaker, CircuitState};
-use crate::backend::channel::{self, Worker, CHUNK_ROWS};
+use crate::backend::channel::{self, Gather, Worker};
 use crate::backend::error::classify_sqlstate;
 use crate::backend::{
     BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec,
@@ -169,7 +169,7 @@ async fn execute(
         kill(opts, connection_id).await;
         return Ok(None);
     }
-    let mut chunk = Vec::with_capacity(CHUNK_ROWS);
+    let mut gather = Gather::default();
     loop {
         let next = tokio::select! {
             biased;
@@ -188,16 +188,19 @@ async fn execute(
             })?;
             values.push(value);
         }
-        chunk.push(values);
-        if chunk.len() == CHUNK_ROWS && !worker.send(std::mem::take(&mut chunk)).await {
-            kill(opts, connection_id).await;
-            return Ok(None);
+        if let Some(chunk) = gather.push(values) {
+            if !worker.send(chunk).await {
+                kill(opts, connection_id).await;
+                return Ok(None);
+            }
         }
     }
     let affected = result.affected_rows();
     drop(result);
-    if !chunk.is_empty() && !worker.send(chunk).await {
-        return Ok(None);
+    if let Some(rest) = gather.rest() {
+        if !worker.send(rest).await {
+            return Ok(None);
+        }
     }
     Ok((!returns_rows).then_some(affected))
 }

@@ -17,7 +17,7 @@ use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
-use crate::backend::channel::{self, Worker, CHUNK_ROWS};
+use crate::backend::channel::{self, Gather, Worker};
 use crate::backend::{
     BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, LoadOutcome, LoadSpec,
     PoolStatus, QueryStream, RowFeed, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo,
@@ -361,7 +361,7 @@ fn execute(conn: &Connection, statement: &Statement, worker: &mut Worker) -> Res
         return Ok(None);
     }
     let mut rows = prepared.raw_query();
-    let mut chunk = Vec::with_capacity(CHUNK_ROWS);
+    let mut gather = Gather::default();
     while let Some(row) = rows.next().map_err(map_error)? {
         let mut values = Vec::with_capacity(types.len());
         for (i, ty) in types.iter().enumerate() {
@@ -370,13 +370,14 @@ fn execute(conn: &Connection, statement: &Statement, worker: &mut Worker) -> Res
                 from_sql(raw, *ty).map_err(|m| BackendError::Invalid(format!("column \"{}\": {m}", names[i])))?;
             values.push(value);
         }
-        chunk.push(values);
-        if chunk.len() == CHUNK_ROWS && !worker.send_blocking(std::mem::take(&mut chunk)) {
-            return Ok(None);
+        if let Some(chunk) = gather.push(values) {
+            if !worker.send_blocking(chunk) {
+                return Ok(None);
+            }
         }
     }
     drop(rows);
-    if !chunk.is_empty() && !worker.send_blocking(chunk) {
+    if gather.rest().is_some_and(|rest| !worker.send_blocking(rest)) {
         return Ok(None);
     }
     Ok((!returns_rows).then(|| conn.changes()))

@@ -888,6 +888,41 @@ async fn postgres_stream_ends_when_the_network_goes_silent() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// A restart or failover ends the server's WAL sender first: the stream ends
+/// with UNAVAILABLE, and a resume from the last acknowledgement gets every
+/// later change once.
+#[tokio::test]
+async fn postgres_a_killed_wal_sender_ends_the_stream_and_a_resume_loses_nothing() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let t = ctx.table("walsender").await;
+    let sub = ctx.name("walsender");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'a', 1)")).await;
+    let first = changes(&read_changes(&mut watch, 1).await)[0].clone();
+    watch.ack(first.position.clone()).await.expect("ack");
+    let slot = weir_server::service::changes::subscription_id("cs", &sub);
+    let killed: i64 = pg_direct()
+        .await
+        .query_one(
+            "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots
+             WHERE slot_name::text = $1 AND active_pid IS NOT NULL",
+            &[&slot],
+        )
+        .await
+        .expect("terminate")
+        .get(0);
+    assert_eq!(killed, 1, "one WAL sender reads the slot");
+    let ended = stream_error(&mut watch).await;
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    ctx.sql(&format!("INSERT INTO {t} VALUES (2, 'b', 2)")).await;
+    let mut start = ctx.start(&[&t], &sub);
+    start.resume_position = first.position;
+    let mut resumed = ctx.watch(start).await;
+    assert_eq!(id_of(changes(&read_changes(&mut resumed, 1).await)[0]), 2);
+    drop(resumed);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// Weir logs in to the replication connection by itself (tokio-postgres does
 /// not speak that protocol): with SCRAM-SHA-256, and with an MD5-stored
 /// password. ./scripts/test sets up both logins and makes them give a password.

@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use futures::{pin_mut, TryStreamExt};
 use tokio::sync::mpsc;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::map_error;
 use super::pgoutput::{self, lsn_text, Datum, Message, Relation};
@@ -89,14 +89,9 @@ struct Rel {
     primary_key: Arc<[String]>,
 }
 
+/// A session of its own, driven like the pool's.
 async fn connect(config: &tokio_postgres::Config) -> Result<Client, BackendError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(map_error)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "change stream connection closed");
-        }
-    });
-    Ok(client)
+    super::connect(config).await.map_err(map_error)
 }
 
 fn lsn_sql(expr: &str) -> String {

@@ -4,7 +4,7 @@
 //! this part of the protocol, so this module does, with postgres-protocol's
 //! messages and authentication.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
@@ -15,6 +15,7 @@ use tokio_postgres::config::Host;
 
 use super::engine_error;
 use super::pgoutput::lsn_text;
+use super::types::pg_epoch;
 use crate::backend::bulk::quote_ansi;
 use crate::backend::BackendError;
 
@@ -22,8 +23,6 @@ use crate::backend::BackendError;
 /// `wal_sender_timeout` (60 s by default); a status report goes out at least
 /// this often, whether or not the reader keeps up.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
-/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
-const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// How long to wait for a slot that an ending reader still holds: its
 /// server process releases it as it exits.
 pub(super) const SLOT_RETRY: Duration = Duration::from_secs(5);
@@ -53,7 +52,7 @@ pub(super) enum Event {
 
 /// What the reader reports to the server: how far it has received
 /// (`written`) and what the slot may forget (`flushed`).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Status {
     written: u64,
     flushed: u64,
@@ -205,11 +204,11 @@ fn encode_status(status: Status, now: i64, out: &mut BytesMut) {
     out.put_u8(u8::from(status.reply));
 }
 
+/// Microseconds since PostgreSQL's epoch, as status updates carry the time.
 fn now_micros() -> i64 {
-    let since_unix = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since_unix.as_micros()).unwrap_or(i64::MAX) - PG_EPOCH_MICROS
+    (chrono::Utc::now().naive_utc() - pg_epoch())
+        .num_microseconds()
+        .unwrap_or(i64::MAX)
 }
 
 /// Reads one whole backend message: its tag and body.

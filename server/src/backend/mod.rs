@@ -81,6 +81,19 @@ pub trait RowStream: Stream<Item = Result<Row, BackendError>> + Send {
     }
 }
 
+/// `Stream::poll_next` of a row stream that overrides `poll_next_into`
+/// (else the two would call each other): the next row, collected as owned values.
+pub fn collect_row<S: RowStream + ?Sized>(
+    stream: Pin<&mut S>,
+    cx: &mut Context<'_>,
+    width: usize,
+) -> Poll<Option<Result<Row, BackendError>>> {
+    let mut values = Row::with_capacity(width);
+    stream
+        .poll_next_into(cx, &mut values)
+        .map(|next| next.map(|row| row.map(|()| values)))
+}
+
 /// A statement that has started: its columns, then its rows.
 pub struct QueryStream {
     pub columns: Vec<Column>,

@@ -30,8 +30,8 @@ use crate::backend::channel::{self, Gather, Worker};
 use crate::backend::pool::FailFastPool;
 use crate::backend::{
     BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec,
-    PoolStatus, QueryStream, RowFeed, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo,
-    TxOptions, WatchSpec,
+    PoolStatus, QueryStream, RowFeed, RowSink, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
+    TableInfo, TxOptions, WatchSpec,
 };
 use crate::config::SourceConfig;
 use types::Param;
@@ -363,15 +363,14 @@ async fn execute(
                 return Err(map_error(e));
             }
         };
-        let mut values = Vec::with_capacity(decoders.len());
         for (i, data) in row.into_iter().enumerate() {
             let decode = decoders.get(i).copied().unwrap_or(types::Decode::Plain);
             let value = types::decode(data, decode).map_err(|m| {
                 BackendError::Invalid(format!("column \"{}\": {m}", names.get(i).map_or("?", String::as_str)))
             })?;
-            values.push(value);
+            gather.value(value);
         }
-        if let Some(chunk) = gather.push(values) {
+        if let Some(chunk) = gather.end_row() {
             if !worker.send(chunk).await {
                 return Ok(None);
             }

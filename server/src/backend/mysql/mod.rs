@@ -20,8 +20,8 @@ use crate::backend::channel::{self, Gather, Worker};
 use crate::backend::error::classify_sqlstate;
 use crate::backend::{
     BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec,
-    QueryStream, RowFeed, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo, TxOptions,
-    WatchSpec,
+    QueryStream, RowFeed, RowSink, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo,
+    TxOptions, WatchSpec,
 };
 use crate::config::SourceConfig;
 
@@ -180,15 +180,14 @@ async fn execute(
             }
         };
         let Some(row) = next else { break };
-        let mut values = Vec::with_capacity(decoders.len());
         for (i, raw) in row.unwrap_raw().into_iter().enumerate() {
             let decode = decoders.get(i).copied().unwrap_or(types::Decode::Text);
             let value = types::decode(raw.unwrap_or(mysql_async::Value::NULL), decode).map_err(|m| {
                 BackendError::Invalid(format!("column \"{}\": {m}", names.get(i).map_or("?", String::as_str)))
             })?;
-            values.push(value);
+            gather.value(value);
         }
-        if let Some(chunk) = gather.push(values) {
+        if let Some(chunk) = gather.end_row() {
             if !worker.send(chunk).await {
                 kill(opts, connection_id).await;
                 return Ok(None);

@@ -386,9 +386,8 @@ impl Stream for PgRowStream {
 
     /// The values of the next row, decoded as for a stream (one decoder for both).
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let mut values = Vec::with_capacity(self.width);
-        self.poll_next_into(cx, &mut values)
-            .map(|next| next.map(|row| row.map(|()| values)))
+        let width = self.width;
+        super::collect_row(self, cx, width)
     }
 }
 

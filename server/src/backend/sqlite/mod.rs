@@ -20,8 +20,8 @@ use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 use crate::backend::channel::{self, Gather, Worker};
 use crate::backend::{
     BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, LoadOutcome, LoadSpec,
-    PoolStatus, QueryStream, RowFeed, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo,
-    TxOptions, Value,
+    PoolStatus, QueryStream, RowFeed, RowSink, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
+    TableInfo, TxOptions, Value,
 };
 use crate::config::SourceConfig;
 
@@ -363,14 +363,11 @@ fn execute(conn: &Connection, statement: &Statement, worker: &mut Worker) -> Res
     let mut rows = prepared.raw_query();
     let mut gather = Gather::default();
     while let Some(row) = rows.next().map_err(map_error)? {
-        let mut values = Vec::with_capacity(types.len());
         for (i, ty) in types.iter().enumerate() {
             let raw = row.get_ref(i).map_err(map_error)?;
-            let value =
-                from_sql(raw, *ty).map_err(|m| BackendError::Invalid(format!("column \"{}\": {m}", names[i])))?;
-            values.push(value);
+            put(raw, *ty, &mut gather).map_err(|m| BackendError::Invalid(format!("column \"{}\": {m}", names[i])))?;
         }
-        if let Some(chunk) = gather.push(values) {
+        if let Some(chunk) = gather.end_row() {
             if !worker.send_blocking(chunk) {
                 return Ok(None);
             }
@@ -413,16 +410,12 @@ fn column(name: &str, decl: Option<&str>) -> Column {
     Column::new(name, decl, ty)
 }
 
-/// Converts a stored value for a column of declared type `ty`. SQLite lets
-/// any column hold anything, so values that do not fit their declared type
-/// fail clearly rather than changing type mid-result.
-fn from_sql(raw: ValueRef<'_>, ty: ColumnType) -> Result<Value, String> {
-    let text = |b: &[u8]| {
-        std::str::from_utf8(b)
-            .map(str::to_string)
-            .map_err(|_| "text is not valid UTF-8".to_string())
-    };
-    Ok(match (raw, ty) {
+/// Gives a stored value, converted for a column of declared type `ty`, to
+/// `sink`. SQLite lets any column hold anything, so values that do not fit
+/// their declared type fail clearly rather than changing type mid-result.
+fn put(raw: ValueRef<'_>, ty: ColumnType, sink: &mut impl RowSink) -> Result<(), String> {
+    let text = |b| std::str::from_utf8(b).map_err(|_| "text is not valid UTF-8".to_string());
+    let value = match (raw, ty) {
         (ValueRef::Null, _) => Value::Null,
         (ValueRef::Integer(i), ColumnType::Bool) => Value::Bool(i != 0),
         (ValueRef::Integer(i), ColumnType::Decimal) => Value::Decimal(i.to_string()),
@@ -430,21 +423,30 @@ fn from_sql(raw: ValueRef<'_>, ty: ColumnType) -> Result<Value, String> {
         (ValueRef::Text(t), ColumnType::Date) => {
             let s = text(t)?;
             Value::Date(
-                NaiveDate::parse_from_str(&s, "%Y-%m-%d").map_err(|_| format!("'{s}' is not a date (YYYY-MM-DD)"))?,
+                NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|_| format!("'{s}' is not a date (YYYY-MM-DD)"))?,
             )
         }
         (ValueRef::Text(t), ColumnType::Timestamp) => {
             let s = text(t)?;
-            let parsed = NaiveDateTime::parse_from_str(&s, "%Y-%m-%d %H:%M:%S%.f")
-                .or_else(|_| NaiveDateTime::parse_from_str(&s, "%Y-%m-%dT%H:%M:%S%.f"));
+            let parsed = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f")
+                .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f"));
             Value::Timestamp(parsed.map_err(|_| format!("'{s}' is not a timestamp (YYYY-MM-DD HH:MM:SS)"))?)
         }
-        (ValueRef::Text(t), ColumnType::Json) => Value::Json(text(t)?),
-        (ValueRef::Integer(i), _) => Value::Int(i),
+        (ValueRef::Text(t), ColumnType::Json) => Value::Json(text(t)?.to_string()),
+        // The commonest two are lent, not built.
+        (ValueRef::Integer(i), _) => {
+            sink.int(i);
+            return Ok(());
+        }
+        (ValueRef::Text(t), _) => {
+            sink.text(text(t)?);
+            return Ok(());
+        }
         (ValueRef::Real(f), _) => Value::Float(f),
-        (ValueRef::Text(t), _) => Value::Text(text(t)?),
         (ValueRef::Blob(b), _) => Value::Bytes(b.to_vec()),
-    })
+    };
+    sink.value(value);
+    Ok(())
 }
 
 /// Binds a value as the SQLite storage class that represents it.

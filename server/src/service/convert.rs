@@ -37,6 +37,7 @@ pub fn params(values: Vec<pb::Value>) -> Result<Vec<Value>, Error> {
         .collect()
 }
 
+#[inline]
 fn value_from_proto(v: pb::Value, depth: usize) -> Result<Value, String> {
     Ok(match v.kind {
         None | Some(Kind::Null(_)) => Value::Null,

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{key_hash, postgres, reason, WeirProcess};
+use common::{kafka, key_hash, postgres, reason, WeirProcess};
 use tonic::Code;
 use weir_client::weir_proto::v1 as pb;
 use weir_client::WeirClient;
@@ -204,4 +204,41 @@ async fn a_new_pool_size_applies_without_dropping_a_stream_in_progress() {
     assert_eq!(rows, 300_000, "every row of the stream that began before the reload");
     client.commit(&t1).await.expect("commit");
     client.commit(&t2).await.expect("commit");
+}
+
+/// Threads of the process named `name`.
+fn threads_named(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the process's threads")
+        .filter_map(Result::ok)
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .count()
+}
+
+#[tokio::test]
+async fn a_removed_kafka_source_leaves_no_thread_behind() {
+    let with = format!(
+        "{FAST}{}{}",
+        tenant("a", &["a1"], ""),
+        kafka("a", "events", "weir-reload-")
+    );
+    let file = ConfigFile::new(&with);
+    let weir = start(&file);
+    // Each Kafka source's producer has a thread that serves its delivery reports.
+    assert_eq!(threads_named(weir.pid(), "weir-kafka-poll"), 1);
+    file.write(&format!("{FAST}{}", tenant("a", &["a1"], "")));
+    let line = reloaded(&weir);
+    assert_eq!(line["sources_dropped"], 1, "{line}");
+    // It polls for up to a second at a time, then sees that its producer is gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while threads_named(weir.pid(), "weir-kafka-poll") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removed source's delivery thread is still running"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    works(&weir, "key-a1")
+        .await
+        .expect("the tenant's other source still works");
 }

@@ -1,7 +1,9 @@
 //! Kafka through librdkafka (rdkafka): one idempotent producer per source,
-//! shared by every call; one consumer per `Consume` call, which leaves its
+//! shared by every call (see `producer`); one consumer per `Consume` call, which leaves its
 //! group when the call ends. librdkafka's metadata and watermark calls
 //! block, so they run on the blocking pool.
+
+mod producer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -13,9 +15,10 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
+
+use producer::{Producer, Record};
 
 use super::topics::{
     Ack, ConsumeSpec, InRecord, OutRecord, PartitionInfo, PartitionOffset, RecordStream, Start, TopicInfo, TopicSource,
@@ -36,7 +39,7 @@ const CONSUMER_BUFFER: usize = 2;
 
 pub struct KafkaSource {
     base: ClientConfig,
-    producer: FutureProducer,
+    producer: Arc<Producer>,
     topics: Vec<String>,
     prefix: Option<String>,
     /// Live consumers by group, so that CommitOffsets for a group being
@@ -67,12 +70,11 @@ impl KafkaSource {
         producer.set("enable.idempotence", "true").set("acks", "all");
         or_default(&mut producer, "message.timeout.ms", "10000");
         or_default(&mut producer, "linger.ms", "5");
-        let producer = producer
-            .create()
-            .map_err(|e| BackendError::Invalid(format!("Kafka producer settings: {e}")))?;
+        let producer =
+            Producer::new(&producer).map_err(|e| BackendError::Invalid(format!("Kafka producer settings: {e}")))?;
         Ok(Self {
             base,
-            producer,
+            producer: Arc::new(producer),
             topics: config.topics.clone(),
             prefix: config.topic_prefix.clone().filter(|p| !p.is_empty()),
             consumers: Mutex::new(HashMap::new()),
@@ -92,7 +94,7 @@ impl KafkaSource {
     /// Runs a blocking librdkafka call on the blocking pool.
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(FutureProducer) -> Result<T, KafkaError> + Send + 'static,
+        f: impl FnOnce(Arc<Producer>) -> Result<T, KafkaError> + Send + 'static,
     ) -> Result<T, BackendError> {
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || f(producer))
@@ -270,7 +272,7 @@ impl TopicSource for KafkaSource {
         let started = Instant::now();
         let (brokers, cluster_id) = self
             .blocking(|p| {
-                let client = rdkafka::producer::Producer::client(&p);
+                let client = p.client();
                 let metadata = client.fetch_metadata(None, METADATA_TIMEOUT)?;
                 let cluster = client.fetch_cluster_id(METADATA_TIMEOUT).unwrap_or_default();
                 Ok((metadata.brokers().len() as u32, cluster))
@@ -292,22 +294,14 @@ impl TopicSource for KafkaSource {
 
     async fn produce(&self, topic: &str, records: Vec<OutRecord>) -> Result<Vec<Ack>, BackendError> {
         let sends = records.iter().map(|r| {
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
-            if let Some(k) = &r.key {
-                record = record.key(k.as_slice());
-            }
-            if let Some(v) = &r.value {
-                record = record.payload(v.as_slice());
-            }
-            if let Some(p) = r.partition {
-                record = record.partition(p);
-            }
-            if let Some(t) = r.timestamp_ms {
-                record = record.timestamp(t);
-            }
-            if let Some(h) = owned_headers(&r.headers) {
-                record = record.headers(h);
-            }
+            let record = Record {
+                topic,
+                key: r.key.as_deref(),
+                payload: r.value.as_deref(),
+                partition: r.partition,
+                timestamp: r.timestamp_ms,
+                headers: owned_headers(&r.headers),
+            };
             self.producer.send(record, Duration::from_secs(5))
         });
         // Every record is in flight at once; the answer waits for all of them.
@@ -322,7 +316,7 @@ impl TopicSource for KafkaSource {
                         offset: d.offset,
                     });
                 }
-                Err((e, _)) => {
+                Err(e) => {
                     failed.push(i);
                     cause.get_or_insert_with(|| map_error(e));
                 }
@@ -420,7 +414,7 @@ impl TopicSource for KafkaSource {
         let topics: Vec<String> = self.topics.clone();
         let prefix = self.prefix.clone();
         self.blocking(move |p| {
-            let client = rdkafka::producer::Producer::client(&p);
+            let client = p.client();
             let metadata = client.fetch_metadata(None, METADATA_TIMEOUT)?;
             let mut out = Vec::new();
             for t in metadata.topics() {

@@ -1,0 +1,126 @@
+//! The source's producer, whose delivery reports one thread serves.
+//!
+//! Not rdkafka's `FutureProducer`: its thread waits at most 100 ms per poll
+//! and then, its remaining wait rounded down to 0 ms, spins through the last
+//! millisecond of each: about 1 % of a core per idle Kafka source. This one
+//! waits up to a second, so that cost is a tenth; a report is handled as soon
+//! as it arrives either way.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::Client;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
+use rdkafka::ClientContext;
+use tokio::sync::oneshot;
+
+/// Longest wait of one poll: also how long the thread outlives its producer.
+const POLL_WAIT: Duration = Duration::from_secs(1);
+/// Pause before queueing again when librdkafka's queue is full.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(10);
+
+/// Where the broker stored a record.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+type Report = oneshot::Sender<KafkaResult<Delivery>>;
+
+/// Hands each delivery report to the call that produced the record.
+pub struct Deliveries;
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Box<Report>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, report: Box<Report>) {
+        let outcome = match result {
+            Ok(m) => Ok(Delivery {
+                partition: m.partition(),
+                offset: m.offset(),
+            }),
+            Err((e, _)) => Err(e.clone()),
+        };
+        // The call may have gone away; the record is stored all the same.
+        let _ = report.send(outcome);
+    }
+}
+
+/// What one record carries.
+pub struct Record<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    pub partition: Option<i32>,
+    pub timestamp: Option<i64>,
+    pub headers: Option<OwnedHeaders>,
+}
+
+pub struct Producer {
+    inner: Arc<BaseProducer<Deliveries>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Producer {
+    pub fn new(config: &ClientConfig) -> KafkaResult<Self> {
+        let inner = Arc::new(config.create_with_context::<_, BaseProducer<Deliveries>>(Deliveries)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (polled, stopped) = (inner.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("weir-kafka-poll".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    polled.poll(POLL_WAIT);
+                }
+            })
+            .map_err(|e| KafkaError::ClientCreation(format!("cannot start the delivery thread: {e}")))?;
+        Ok(Self { inner, stop })
+    }
+
+    /// For metadata and watermark lookups.
+    pub fn client(&self) -> &Client<Deliveries> {
+        self.inner.client()
+    }
+
+    /// Queues the record and waits for the broker's answer. A full queue is
+    /// retried until `queue_timeout` has passed.
+    pub async fn send(&self, record: Record<'_>, queue_timeout: Duration) -> KafkaResult<Delivery> {
+        let started = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        let mut base: BaseRecord<'_, [u8], [u8], Box<Report>> = BaseRecord::with_opaque_to(record.topic, Box::new(tx));
+        base.key = record.key;
+        base.payload = record.payload;
+        base.partition = record.partition;
+        base.timestamp = record.timestamp;
+        base.headers = record.headers;
+        loop {
+            match self.inner.send(base) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if started.elapsed() < queue_timeout =>
+                {
+                    base = back;
+                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+        // librdkafka reports every queued record, if only as purged when the producer goes.
+        rx.await.unwrap_or(Err(KafkaError::Canceled))
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        // The thread ends within POLL_WAIT and drops the last reference,
+        // which purges what is still queued.
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

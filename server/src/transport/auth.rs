@@ -54,6 +54,15 @@ pub struct Auth<S> {
 
 /// A caller-supplied id is kept when it is short and printable; otherwise a new one is made.
 fn request_id(req: &http::Request<Body>) -> HeaderValue {
+    let mut id = new_or_given_id(req);
+    // Sent as never-indexed: a value that differs on every response would
+    // only churn both ends' HPACK tables (each insert evicts an older entry,
+    // and every lookup walks the chain of earlier ids).
+    id.set_sensitive(true);
+    id
+}
+
+fn new_or_given_id(req: &http::Request<Body>) -> HeaderValue {
     req.headers()
         .get(REQUEST_ID_HEADER)
         .filter(|v| v.len() <= 64 && v.to_str().is_ok_and(|s| s.chars().all(|c| c.is_ascii_graphic())))
@@ -250,5 +259,31 @@ impl Drop for ObservedBody {
         // silenced, WEIR_LOG=weir::audit=off) separately; the call span adds
         // request id, tenant, key id, source, rows and bytes.
         tracing::info!(target: AUDIT, method = self.method, code = ?code, duration_ms = elapsed.as_secs_f64() * 1e3, "call");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(id: Option<&str>) -> http::Request<Body> {
+        let mut req = http::Request::new(Body::empty());
+        if let Some(id) = id {
+            req.headers_mut()
+                .insert(REQUEST_ID_HEADER, HeaderValue::from_str(id).expect("header value"));
+        }
+        req
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made_and_never_indexed() {
+        let given = request_id(&request(Some("order-4711")));
+        assert_eq!(given, "order-4711");
+        let made = request_id(&request(None));
+        assert_eq!(made.len(), 36, "a UUID: {made:?}");
+        let refused = request_id(&request(Some("has space")));
+        assert_ne!(refused, "has space");
+        // Never-indexed in HPACK: unique values would only churn the tables.
+        assert!(given.is_sensitive() && made.is_sensitive() && refused.is_sensitive());
     }
 }

@@ -143,6 +143,19 @@ pub enum Engine {
     Kafka,
 }
 
+impl Engine {
+    /// Lower-case name, as logs and traces show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Postgres => "postgres",
+            Engine::Mysql => "mysql",
+            Engine::Sqlite => "sqlite",
+            Engine::Mssql => "mssql",
+            Engine::Kafka => "kafka",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Capabilities {
     /// SQL statements (QueryService, SchemaService, BulkLoadService).

@@ -103,7 +103,7 @@ pub fn record_source(caller: &Caller, name: &str) {
     if let Some(source) = caller.tenant.source(name) {
         let span = tracing::Span::current();
         span.record("source", name);
-        span.record("engine", format!("{:?}", source.backend.engine()).to_lowercase());
+        span.record("engine", source.backend.engine().name());
     }
 }
 

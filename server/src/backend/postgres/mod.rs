@@ -475,7 +475,7 @@ impl SqlSource for PostgresSource {
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
         if let Some(multiplex) = &self.multiplex {
-            if statement.whole_result && session::leaves_session_unchanged(&statement.sql) {
+            if statement.whole_result && multiplex.shares(&statement.sql) {
                 return multiplex.query(statement, self.pool.breaker()).await;
             }
         }

@@ -160,6 +160,9 @@ pub struct Multiplexer {
     slots: Vec<Arc<Slot>>,
     /// The engine refuses writes: any statement may be sent twice.
     read_only: bool,
+    /// Whether each statement text seen may be shared: lexing it again on
+    /// every call cost more than the rest of the choice.
+    shareable: Mutex<HashMap<String, bool>>,
 }
 
 /// Where a statement was when its connection was lost.
@@ -202,7 +205,18 @@ impl Multiplexer {
             config,
             slots,
             read_only,
+            shareable: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether `sql` cannot change the session, so it may run on a shared one.
+    pub fn shares(&self, sql: &str) -> bool {
+        if let Some(&verdict) = self.shareable.lock().get(sql) {
+            return verdict;
+        }
+        let verdict = super::session::leaves_session_unchanged(sql);
+        cache_statement(&mut self.shareable.lock(), sql, verdict);
+        verdict
     }
 
     /// Shared connections open now.
@@ -332,6 +346,17 @@ mod tests {
     fn picked(m: &Multiplexer) -> usize {
         let slot = m.pick().expect("a slot");
         m.slots.iter().position(|s| Arc::ptr_eq(s, slot)).expect("one of them")
+    }
+
+    #[test]
+    fn the_verdict_on_a_statement_is_the_lexers_and_is_kept() {
+        let m = multiplexer(&tokio_postgres::Config::new(), 1);
+        for _ in 0..2 {
+            assert!(m.shares("SELECT abalance FROM pgbench_accounts WHERE aid = $1"));
+            assert!(!m.shares("SELECT set_config('role', 'x', false)"));
+            assert!(!m.shares("SET search_path = x"));
+        }
+        assert_eq!(m.shareable.lock().len(), 3);
     }
 
     #[test]

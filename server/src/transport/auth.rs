@@ -99,6 +99,20 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
 // Named once: a lookup by `&str` parses the name on every call.
 const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+const GRPC_DETAILS: http::HeaderName = http::HeaderName::from_static("grpc-status-details-bin");
+
+/// What every status leaving the gateway gets, in headers or trailers.
+fn settle_status(headers: &mut http::HeaderMap) {
+    caller_input_errors_are_invalid_argument(headers);
+    // An error's message and details differ from call to call (a retry
+    // delay, a row, a request id): sent never-indexed, as the request id
+    // is, so that a flood of refusals does not churn the HPACK tables.
+    for name in [GRPC_MESSAGE, GRPC_DETAILS] {
+        if let Some(value) = headers.get_mut(name) {
+            value.set_sensitive(true);
+        }
+    }
+}
 
 fn caller_input_errors_are_invalid_argument(headers: &mut http::HeaderMap) {
     let internal = headers.get(GRPC_STATUS).is_some_and(|v| v == "13");
@@ -187,7 +201,7 @@ where
         Box::pin(
             async move {
                 let mut response = inner.call(req).await?;
-                caller_input_errors_are_invalid_argument(response.headers_mut());
+                settle_status(response.headers_mut());
                 response.headers_mut().insert(REQUEST_ID_HEADER, id);
                 if !api_call {
                     return Ok(response);
@@ -234,7 +248,7 @@ impl HttpBody for ObservedBody {
         let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &mut polled {
             if let Some(trailers) = frame.trailers_mut() {
-                caller_input_errors_are_invalid_argument(trailers);
+                settle_status(trailers);
                 if let Some(code) = status_code(trailers) {
                     self.code = Some(code);
                 }
@@ -289,5 +303,27 @@ mod tests {
         assert_ne!(refused, "has space");
         // Never-indexed in HPACK: unique values would only churn the tables.
         assert!(given.is_sensitive() && made.is_sensitive() && refused.is_sensitive());
+    }
+
+    #[test]
+    fn statuses_keep_their_code_and_send_varying_values_never_indexed() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(GRPC_STATUS, HeaderValue::from_static("8"));
+        headers.insert(GRPC_MESSAGE, HeaderValue::from_static("rate%20limited"));
+        headers.insert(GRPC_DETAILS, HeaderValue::from_static("CAgSDHJhdGU"));
+        settle_status(&mut headers);
+        assert_eq!(headers[GRPC_STATUS], "8");
+        assert!(!headers[GRPC_STATUS].is_sensitive());
+        assert!(headers[GRPC_MESSAGE].is_sensitive() && headers[GRPC_DETAILS].is_sensitive());
+
+        // A request the server could not decode is the caller's error.
+        let mut headers = http::HeaderMap::new();
+        headers.insert(GRPC_STATUS, HeaderValue::from_static("13"));
+        headers.insert(
+            GRPC_MESSAGE,
+            HeaderValue::from_static("failed%20to%20decode%20Protobuf"),
+        );
+        settle_status(&mut headers);
+        assert_eq!(headers[GRPC_STATUS], "3");
     }
 }

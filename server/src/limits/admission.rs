@@ -2,11 +2,15 @@
 //! limits and holds the concurrency slot until the response body ends, so
 //! a stream counts for as long as it runs.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use parking_lot::Mutex;
 use tokio::sync::OwnedSemaphorePermit;
 use tonic::body::Body;
 use tower::{Layer, Service};
@@ -50,12 +54,38 @@ pub fn count_rejection(caller: &Caller, e: &Error) {
         .inc();
 }
 
+/// Rate-limit answers by (rate, retry delay in whole milliseconds). Under a
+/// flood the same few go out thousands of times a second, and building one
+/// (message, details, their encodings) cost a third of answering a refusal.
+static RATE_LIMITED: LazyLock<Mutex<HashMap<(u32, u64), http::HeaderMap>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+/// Distinct answers kept at most (slow rates give long delays, in many steps).
+const RATE_LIMITED_KEPT: usize = 1024;
+
 /// Counts a rejection and answers it.
 fn reject(caller: Option<&Caller>, e: Error) -> http::Response<Body> {
     if let Some(caller) = caller {
         count_rejection(caller, &e);
     }
-    tonic::Status::from(e).into_http()
+    let Error::RateLimited { rate, retry_after } = e else {
+        return tonic::Status::from(e).into_http();
+    };
+    // Rounded up: a caller told to wait a little longer loses nothing.
+    let millis = u64::try_from(retry_after.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+    let mut kept = RATE_LIMITED.lock();
+    if kept.len() >= RATE_LIMITED_KEPT {
+        kept.clear();
+    }
+    let headers = kept.entry((rate, millis)).or_insert_with(|| {
+        let e = Error::RateLimited {
+            rate,
+            retry_after: Duration::from_millis(millis),
+        };
+        tonic::Status::from(e).into_http::<Body>().into_parts().0.headers
+    });
+    let mut response = http::Response::new(Body::empty());
+    *response.headers_mut() = headers.clone();
+    response
 }
 
 impl<S> Service<http::Request<Body>> for Admission<S>
@@ -129,5 +159,37 @@ impl HttpBody for PermitBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::StatusExt;
+
+    use super::*;
+
+    fn refusal(rate: u32, retry_after: Duration) -> tonic::Status {
+        let response = reject(None, Error::RateLimited { rate, retry_after });
+        tonic::Status::from_header_map(response.headers()).expect("a status")
+    }
+
+    #[test]
+    fn rate_limit_answers_are_kept_and_round_the_delay_up() {
+        let first = refusal(7, Duration::from_micros(2_100));
+        assert_eq!(first.code(), tonic::Code::ResourceExhausted);
+        let delay = first.get_error_details().retry_info().and_then(|r| r.retry_delay);
+        assert_eq!(delay, Some(Duration::from_millis(3)));
+        assert!(first.message().contains("7 requests per second"), "{}", first.message());
+        // Another delay within the same millisecond gets the same answer.
+        let again = refusal(7, Duration::from_micros(2_900));
+        assert_eq!(again.message(), first.message());
+        assert_eq!(again.details(), first.details());
+        assert_eq!(
+            refusal(7, Duration::from_millis(40))
+                .get_error_details()
+                .retry_info()
+                .and_then(|r| r.retry_delay),
+            Some(Duration::from_millis(40))
+        );
     }
 }

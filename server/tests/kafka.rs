@@ -354,6 +354,28 @@ async fn a_throttled_stream_says_so() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_producer_queue_delays_records_without_losing_or_reordering_them() {
+    // librdkafka's queue holds 3 records here: a call of 300 waits for room again and again.
+    let source = kafka("kq", "events", "weir-q-") + "\"queue.buffering.max.messages\" = \"3\"\n";
+    let server = TestServer::start(&tenant("kq", "", &source)).await;
+    let client = server.client("key-kq").await;
+    let topic = unique("weir-q-full-");
+    create_topic(&topic, 1).await;
+    let sent: Vec<_> = (0..300).map(record).collect();
+    let acks = produce(&client, &topic, sent.clone()).await.expect("produce").acks;
+    let offsets: Vec<i64> = acks.iter().map(|a| a.offset).collect();
+    assert_eq!(
+        offsets,
+        (0..300).collect::<Vec<i64>>(),
+        "every record, in request order"
+    );
+    let got = consume(&client, consume_request(&topic, "full", 300, false)).await;
+    let values: Vec<&Vec<u8>> = got.iter().map(|g| &g.value).collect();
+    assert_eq!(values, sent.iter().map(|s| &s.value).collect::<Vec<_>>());
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_broker_is_unavailable() {
     let config = tenant(

@@ -94,17 +94,21 @@ pub fn source(caller: &Caller, name: &str) -> Result<Arc<Source>, Error> {
         .source(name)
         .cloned()
         .ok_or_else(|| Error::SourceNotFound(name.to_string()))?;
-    record_source(caller, name);
+    name_on_span(name, &source);
     Ok(source)
 }
 
 /// Names the source and its engine on the call's span.
 pub fn record_source(caller: &Caller, name: &str) {
     if let Some(source) = caller.tenant.source(name) {
-        let span = tracing::Span::current();
-        span.record("source", name);
-        span.record("engine", source.backend.engine().name());
+        name_on_span(name, source);
     }
+}
+
+fn name_on_span(name: &str, source: &Source) {
+    let span = tracing::Span::current();
+    span.record("source", name);
+    span.record("engine", source.backend.engine().name());
 }
 
 /// The sending side of a server stream. It gives up on a client that takes

@@ -293,19 +293,19 @@ impl TopicSource for KafkaSource {
     }
 
     async fn produce(&self, topic: &str, records: Vec<OutRecord>) -> Result<Vec<Ack>, BackendError> {
-        let sends = records.iter().map(|r| {
-            let record = Record {
+        let queued: Vec<Record<'_>> = records
+            .iter()
+            .map(|r| Record {
                 topic,
                 key: r.key.as_deref(),
                 payload: r.value.as_deref(),
                 partition: r.partition,
                 timestamp: r.timestamp_ms,
                 headers: owned_headers(&r.headers),
-            };
-            self.producer.send(record, Duration::from_secs(5))
-        });
-        // Every record is in flight at once; the answer waits for all of them.
-        let results = futures::future::join_all(sends).await;
+            })
+            .collect();
+        // The answer waits for every record's acknowledgement.
+        let results = self.producer.send_all(queued, Duration::from_secs(5)).await;
         let (mut acks, mut acknowledged, mut failed, mut cause) = (Vec::new(), Vec::new(), Vec::new(), None);
         for (i, r) in results.into_iter().enumerate() {
             match r {

@@ -89,9 +89,41 @@ impl Producer {
         self.inner.client()
     }
 
-    /// Queues the record and waits for the broker's answer. A full queue is
-    /// retried until `queue_timeout` has passed.
-    pub async fn send(&self, record: Record<'_>, queue_timeout: Duration) -> KafkaResult<Delivery> {
+    /// Queues the records in their order, then waits for the broker's
+    /// answer to each. A full queue is waited on (up to `queue_timeout` per
+    /// record) before the next record is queued: queueing them all at once,
+    /// the records retried after a full queue could go out in any order.
+    /// Once one record waited in vain, the rest are not queued.
+    pub async fn send_all<'a>(
+        &self,
+        records: impl IntoIterator<Item = Record<'a>>,
+        queue_timeout: Duration,
+    ) -> Vec<KafkaResult<Delivery>> {
+        let mut reports = Vec::new();
+        let mut stuck: Option<KafkaError> = None;
+        for record in records {
+            let queued = match &stuck {
+                Some(e) => Err(e.clone()),
+                None => self.queue(record, queue_timeout).await,
+            };
+            if let Err(e @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) = &queued {
+                stuck = Some(e.clone());
+            }
+            reports.push(queued);
+        }
+        // librdkafka reports every queued record, if only as purged when the producer goes.
+        let answers = reports
+            .into_iter()
+            .map(|queued| async move { queued?.await.unwrap_or(Err(KafkaError::Canceled)) });
+        futures::future::join_all(answers).await
+    }
+
+    /// Queues one record, waiting while the queue is full; returns where its report will arrive.
+    async fn queue(
+        &self,
+        record: Record<'_>,
+        queue_timeout: Duration,
+    ) -> KafkaResult<oneshot::Receiver<KafkaResult<Delivery>>> {
         let started = Instant::now();
         let (tx, rx) = oneshot::channel();
         let mut base: BaseRecord<'_, [u8], [u8], Box<Report>> = BaseRecord::with_opaque_to(record.topic, Box::new(tx));
@@ -102,7 +134,7 @@ impl Producer {
         base.headers = record.headers;
         loop {
             match self.inner.send(base) {
-                Ok(()) => break,
+                Ok(()) => return Ok(rx),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
                     if started.elapsed() < queue_timeout =>
                 {
@@ -112,8 +144,6 @@ impl Producer {
                 Err((e, _)) => return Err(e),
             }
         }
-        // librdkafka reports every queued record, if only as purged when the producer goes.
-        rx.await.unwrap_or(Err(KafkaError::Canceled))
     }
 }
 

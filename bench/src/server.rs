@@ -14,9 +14,12 @@ use crate::Args;
 pub const KEY: &str = "bench-key";
 /// Shared connections of the multiplexed PostgreSQL source.
 pub const MULTIPLEXED: u32 = 1;
-/// The API key of the tenant that floods the gateway in the noisy-neighbour figure.
+/// The API keys of the tenants that flood the gateway in the noisy-neighbour
+/// figures: one with the default `max_rate_wait` (calls over the rate wait
+/// for a turn that comes soon), one refused at once (`max_rate_wait = "0s"`).
 pub const NOISY_KEY: &str = "noisy-key";
-/// That tenant's request rate and burst.
+pub const EAGER_NOISY_KEY: &str = "eager-noisy-key";
+/// Those tenants' request rate and burst.
 pub const NOISY_RATE: u32 = 200;
 
 pub struct Weir {
@@ -40,8 +43,8 @@ fn free_port() -> anyhow::Result<u16> {
 impl Weir {
     pub async fn start(args: &Args, sqlite_path: &std::path::Path) -> anyhow::Result<Weir> {
         let port = free_port()?;
-        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(KEY.as_bytes()));
-        let noisy_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(NOISY_KEY.as_bytes()));
+        let key_hash = |key: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()));
+        let hash = key_hash(KEY);
         // The PostgreSQL sources differ only in name and extra settings.
         let pg_source = |table: &str, extra: &str| {
             format!(
@@ -65,7 +68,18 @@ impl Weir {
                  [tenants.bench.sources.pg_multiplexed.multiplex]\nconnections = {MULTIPLEXED}\n"
             ),
         );
-        let noisy_pg = pg_source("tenants.noisy.sources.pg", "");
+        // The flooding tenants differ only in name, key and extra limits.
+        let flooder = |id: &str, key: &str, extra: &str| {
+            format!(
+                "[tenants.{id}]\napi_keys = [{{ id = \"{id}\", sha256 = \"{hash}\" }}]\n\
+                 [tenants.{id}.limits]\nrequests_per_second = {NOISY_RATE}\nburst = {NOISY_RATE}\n\
+                 max_concurrent_requests = 10000\n{extra}\n{pg}",
+                hash = key_hash(key),
+                pg = pg_source(&format!("tenants.{id}.sources.pg"), ""),
+            )
+        };
+        let noisy = flooder("noisy", NOISY_KEY, "");
+        let eager = flooder("eager", EAGER_NOISY_KEY, "max_rate_wait = \"0s\"");
         let config = format!(
             r#"
 [server]
@@ -100,23 +114,14 @@ password_env = "WEIR_BENCH_MYSQL_PASSWORD"
 engine = "sqlite"
 path = "{sqlite}"
 
-[tenants.noisy]
-api_keys = [{{ id = "noisy", sha256 = "{noisy_hash}" }}]
-
-[tenants.noisy.limits]
-requests_per_second = {noisy_rate}
-burst = {noisy_rate}
-max_concurrent_requests = 10000
-
-{noisy_pg}
-
+{noisy}
+{eager}
 [tenants.bench.sources.kafka]
 engine = "kafka"
 bootstrap_servers = "{kafka}"
 topic_prefix = "weir-bench-"
 "#,
             kafka = args.kafka_bootstrap,
-            noisy_rate = NOISY_RATE,
             my_host = args.mysql_host,
             my_port = args.mysql_port,
             my_user = args.mysql_user,

@@ -303,6 +303,10 @@ pub struct LimitsConfig {
     pub requests_per_second: u32,
     /// Requests that may arrive at once above the sustained rate.
     pub burst: u32,
+    /// Over the rate, a call whose turn comes within this long (and before
+    /// its deadline) waits for it instead of being refused; zero refuses at once.
+    #[serde(with = "humantime_serde")]
+    pub max_rate_wait: Duration,
     /// Calls in progress at once, streams included.
     pub max_concurrent_requests: u32,
     /// Rows a unary `Execute` may return; larger results fail (use ExecuteStream).
@@ -358,6 +362,7 @@ impl Default for LimitsConfig {
         Self {
             requests_per_second: 100,
             burst: 200,
+            max_rate_wait: Duration::from_millis(250),
             max_concurrent_requests: 32,
             max_rows_per_response: 10_000,
             max_bytes_per_response: 16 * 1024 * 1024,
@@ -681,6 +686,9 @@ fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// The longest `max_rate_wait` allowed.
+const MAX_RATE_WAIT: Duration = Duration::from_secs(10);
+
 impl LimitsConfig {
     fn validate(&self, key: &str) -> Result<(), ConfigError> {
         let positive = [
@@ -717,6 +725,15 @@ impl LimitsConfig {
             if value.is_zero() {
                 return Err(invalid(format!("{key}.{name}"), "must be greater than 0"));
             }
+        }
+        // Waiting calls hold their concurrency slots: a long wait is a queue.
+        if self.max_rate_wait > MAX_RATE_WAIT {
+            return Err(invalid(
+                format!("{key}.max_rate_wait"),
+                format!(
+                    "at most {MAX_RATE_WAIT:?}; callers that can wait longer should retry after the RetryInfo delay"
+                ),
+            ));
         }
         Ok(())
     }
@@ -916,6 +933,16 @@ mod tests {
         let demo = &c.tenants["demo"];
         assert_eq!(demo.sources["demo"].engine, EngineKind::Sqlite);
         assert_eq!(c.server.listen.port(), 50051);
+    }
+
+    #[test]
+    fn max_rate_wait_may_be_zero_but_not_long() {
+        let parse = |v: &str| Config::from_toml(&format!("[tenants.a.limits]\nmax_rate_wait = \"{v}\"\n"));
+        let zero = parse("0s").expect("zero refuses at once");
+        assert_eq!(zero.tenants["a"].limits.max_rate_wait, Duration::ZERO);
+        let err = parse("11s").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("max_rate_wait"), "{err}");
+        assert_eq!(LimitsConfig::default().max_rate_wait, Duration::from_millis(250));
     }
 
     #[test]

@@ -378,6 +378,57 @@ async fn rate_limit_answers_with_a_retry_delay() {
 }
 
 #[tokio::test]
+async fn a_call_over_the_rate_waits_for_a_turn_that_comes_soon() {
+    // 20/s: a token every 50 ms, none in reserve after the first call. The
+    // default max_rate_wait (250 ms) covers the next four turns.
+    let toml = tenant(
+        "paced",
+        "requests_per_second = 20\nburst = 1",
+        &sqlite_demo("paced", "db"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-paced").await;
+    client.execute("db", "SELECT 1", vec![]).await.expect("the burst");
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.execute("db", "SELECT 1", vec![]).await })
+        })
+        .collect();
+    let mut queued = Vec::new();
+    for call in calls {
+        let response = call.await.expect("task").expect("admitted at its turn, not refused");
+        let waited = response.stats.and_then(|s| s.queued).expect("stats.queued");
+        queued.push(Duration::new(waited.seconds as u64, waited.nanos as u32));
+    }
+    queued.sort();
+    // Turns 50 ms apart: the last waited about 200 ms, and said so.
+    assert!(queued[0] >= Duration::from_millis(20), "{queued:?}");
+    assert!(queued[3] >= Duration::from_millis(150), "{queued:?}");
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    // A caller whose deadline comes before its turn is refused at once,
+    // with the delay after which it would be admitted at once.
+    let mut request = tonic::Request::new(pb::ExecuteRequest {
+        source: "db".into(),
+        sql: "SELECT 1".into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(10));
+    let asked = std::time::Instant::now();
+    let err = client.query().execute(request).await.expect_err("its turn is too late");
+    assert!(asked.elapsed() < Duration::from_millis(40), "{:?}", asked.elapsed());
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&err), "RATE_LIMITED");
+    assert!(err
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .is_some());
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn concurrency_limit_counts_open_streams() {
     let toml = tenant("one", "max_concurrent_requests = 1", &sqlite_demo("one", "db"));
     let server = TestServer::start(&toml).await;

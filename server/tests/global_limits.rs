@@ -101,7 +101,10 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
 async fn two_replicas_admit_the_configured_rate_under_overload() {
     let id = tenant_id();
     let (rate, burst) = (40u32, 40u32);
-    let limits = format!("requests_per_second = {rate}\nburst = {burst}\nmax_concurrent_requests = 1000");
+    // Refused at once, so that the callers overload the buckets.
+    let limits = format!(
+        "requests_per_second = {rate}\nburst = {burst}\nmax_concurrent_requests = 1000\nmax_rate_wait = \"0s\""
+    );
     let (a, b, clients) = replicas(&id, &limits).await;
     let window = std::time::Duration::from_secs(10);
     let started = tokio::time::Instant::now();
@@ -141,6 +144,37 @@ async fn two_replicas_admit_the_configured_rate_under_overload() {
     assert!(
         deviation.abs() <= 0.05,
         "admitted {ok}, expected {expected:.0} within 5 %"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_over_the_rate_wait_for_turns_of_the_shared_bucket() {
+    let id = tenant_id();
+    // 20/s across both replicas, one token in reserve, waits of up to 2 s.
+    let (a, b, clients) = replicas(&id, "requests_per_second = 20\nburst = 1\nmax_rate_wait = \"2s\"").await;
+    let started = std::time::Instant::now();
+    // Two callers per replica, five calls each: 20 calls. Each replica's own
+    // bucket would let its 10 through in half a second; the shared one takes
+    // about a second for all 20.
+    let callers = (0..4).map(|i| {
+        let client = clients[i % 2].clone();
+        tokio::spawn(async move {
+            for _ in 0..5 {
+                client.execute("demo", "SELECT 1", vec![]).await?;
+            }
+            Ok::<_, tonic::Status>(())
+        })
+    });
+    for r in futures::future::join_all(callers).await {
+        r.expect("caller")
+            .expect("every call waits for its turn; none is refused");
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(900),
+        "20 calls at 20/s across two replicas took {elapsed:?}"
     );
     a.stop().await;
     b.stop().await;

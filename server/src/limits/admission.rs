@@ -101,37 +101,45 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let deadline = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| weir_proto::deadline::parse_grpc_timeout(v.to_str().ok()?));
         // Calls without a caller (health, reflection) are not tenant calls.
-        let admitted = req.extensions().get::<Caller>().map(|c| c.tenant.limiter.admit());
-        let permit = match admitted {
+        let admitted = req
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.tenant.limiter.admit(deadline));
+        let turn = match admitted {
             None => None,
-            Some(Ok(permit)) => Some(permit),
+            Some(Ok(turn)) => Some(turn),
             Some(Err(e)) => {
                 let response = reject(req.extensions().get::<Caller>(), e);
                 return Box::pin(async move { Ok(response) });
             }
         };
-        // Admitted locally; the shared bucket is asked next, when there is one.
-        let caller = req.extensions().get::<Caller>().cloned();
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            if let Some(caller) = caller {
-                if let Err(e) = caller.tenant.limiter.admit_shared().await {
-                    return Ok(reject(Some(&caller), e));
+            let Some(turn) = turn else {
+                return inner.call(req).await;
+            };
+            // Admitted locally: the call waits for its turn, if it has one to
+            // wait for, and asks the shared bucket next, when there is one.
+            if let Some(caller) = req.extensions_mut().get_mut::<Caller>() {
+                match caller.tenant.limiter.wait_turn(turn.wait, deadline).await {
+                    Ok(waited) => caller.rate_wait = waited,
+                    Err(e) => return Ok(reject(Some(caller), e)),
                 }
             }
             let response = inner.call(req).await?;
-            Ok(match permit {
-                Some(permit) => response.map(|body| {
-                    Body::new(PermitBody {
-                        inner: body,
-                        _permit: permit,
-                    })
-                }),
-                None => response,
-            })
+            Ok(response.map(|body| {
+                Body::new(PermitBody {
+                    inner: body,
+                    _permit: turn.permit,
+                })
+            }))
         })
     }
 }

@@ -1,16 +1,18 @@
 //! Per-tenant admission: a token bucket for the request rate and a cap on
-//! calls in progress. Over a limit the answer is RESOURCE_EXHAUSTED with the
-//! delay after which a retry can succeed, never an unbounded queue.
+//! calls in progress. A call over the rate waits for its turn when the turn
+//! comes soon (`max_rate_wait`); otherwise, and over the other limits, the
+//! answer is RESOURCE_EXHAUSTED with the delay after which a retry can
+//! succeed, never an unbounded queue.
 
 pub mod admission;
 pub mod global;
+pub mod request_rate;
 pub mod scheduler;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -18,10 +20,10 @@ use crate::config::LimitsConfig;
 use crate::error::Error;
 use crate::metrics::{LimitLabels, METRICS};
 use global::GlobalLimiter;
+use request_rate::RequestRate;
 
 pub struct TenantLimiter {
-    rate: DefaultDirectRateLimiter,
-    rps: u32,
+    rate: RequestRate,
     concurrency: Slots,
     loads: Slots,
     /// Cost buckets of loads: rows and request bytes, one second of burst each.
@@ -87,11 +89,8 @@ async fn take(bucket: &DefaultDirectRateLimiter, cost: u64) {
 
 impl TenantLimiter {
     pub fn new(tenant: &str, limits: &LimitsConfig, shared: Option<Arc<GlobalLimiter>>) -> Self {
-        let rps = NonZeroU32::new(limits.requests_per_second).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN);
         Self {
-            rate: RateLimiter::direct(Quota::per_second(rps).allow_burst(burst)),
-            rps: rps.get(),
+            rate: RequestRate::new(limits.requests_per_second, limits.burst),
             concurrency: Slots::new(limits.max_concurrent_requests),
             loads: Slots::new(limits.max_concurrent_loads),
             load_rows: per_second(limits.load_rows_per_second),
@@ -104,17 +103,6 @@ impl TenantLimiter {
             shared,
             tenant: tenant.to_string(),
             limits: limits.clone(),
-        }
-    }
-
-    /// After `admit`: the request-rate bucket shared by every replica, when there is one.
-    pub async fn admit_shared(&self) -> Result<(), Error> {
-        match &self.shared {
-            Some(g) => {
-                g.admit(&self.tenant, self.limits.requests_per_second, self.limits.burst)
-                    .await
-            }
-            None => Ok(()),
         }
     }
 
@@ -188,19 +176,70 @@ impl TenantLimiter {
         self.throttled("load", started)
     }
 
-    /// Admits one call: takes a token and a concurrency slot that is held
-    /// until the returned permit is dropped (the end of the response).
-    pub fn admit(&self) -> Result<OwnedSemaphorePermit, Error> {
+    /// Admits one call: takes a concurrency slot, held until the returned
+    /// permit is dropped (the end of the response), and a token of the
+    /// request rate, now or at a turn the call waits for (`Turn::wait`)
+    /// when it comes within `max_rate_wait` and before the call's deadline.
+    pub fn admit(&self, deadline: Option<Duration>) -> Result<Turn, Error> {
         let permit = self.concurrency.take(|limit| Error::TooManyConcurrent { limit })?;
-        if let Err(not_until) = self.rate.check() {
-            let retry_after = not_until.wait_time_from(DefaultClock::default().now());
-            return Err(Error::RateLimited {
-                rate: self.rps,
-                retry_after,
-            });
+        match self.rate.reserve(self.max_wait(deadline, Duration::ZERO)) {
+            Ok(wait) => Ok(Turn { permit, wait }),
+            Err(retry_after) => Err(self.rate_limited(retry_after)),
         }
-        Ok(permit)
     }
+
+    /// After `admit`: waits for the call's turn, then takes a token of the
+    /// request-rate bucket shared by every replica, when there is one,
+    /// waiting for that turn too within what is left of `max_rate_wait`.
+    /// Returns how long the call waited.
+    pub async fn wait_turn(&self, wait: Duration, deadline: Option<Duration>) -> Result<Duration, Error> {
+        let started = Instant::now();
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        if let Some(g) = &self.shared {
+            let max_wait = self.max_wait(deadline, started.elapsed());
+            match g
+                .admit(
+                    &self.tenant,
+                    self.limits.requests_per_second,
+                    self.limits.burst,
+                    max_wait,
+                )
+                .await
+            {
+                Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.throttled("rate", started))
+    }
+
+    /// The longest a call that already waited `waited` may still wait for a
+    /// turn: what is left of `max_rate_wait`, ending before its deadline.
+    fn max_wait(&self, deadline: Option<Duration>, waited: Duration) -> Duration {
+        let left = self.limits.max_rate_wait.saturating_sub(waited);
+        // A turn at the deadline itself would leave the call no time to run.
+        deadline.map_or(left, |d| left.min(d.saturating_sub(waited).saturating_sub(TIME_TO_RUN)))
+    }
+
+    fn rate_limited(&self, retry_after: Duration) -> Error {
+        Error::RateLimited {
+            rate: self.limits.requests_per_second,
+            retry_after,
+        }
+    }
+}
+
+/// Left of a deadline after a wait for a turn, at the least, so that the call can still run.
+const TIME_TO_RUN: Duration = Duration::from_millis(1);
+
+/// A call admitted by its tenant's limits: its concurrency slot, and how
+/// long it must wait for its turn at the request rate.
+pub struct Turn {
+    pub permit: OwnedSemaphorePermit,
+    pub wait: Duration,
 }
 
 #[cfg(test)]
@@ -212,20 +251,58 @@ mod tests {
         let limits = LimitsConfig {
             requests_per_second: 10,
             burst: 3,
+            max_rate_wait: Duration::ZERO,
             ..LimitsConfig::default()
         };
         let limiter = TenantLimiter::new("t", &limits, None);
         for _ in 0..3 {
-            drop(limiter.admit().expect("within burst"));
+            let turn = limiter.admit(None).expect("within burst");
+            assert_eq!(turn.wait, Duration::ZERO);
         }
-        match limiter.admit() {
+        match limiter.admit(None) {
             Err(Error::RateLimited { retry_after, .. }) => {
-                assert!(
-                    retry_after > std::time::Duration::ZERO && retry_after <= std::time::Duration::from_millis(100)
-                );
+                assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_millis(100));
             }
-            other => panic!("expected rate limit, got {:?}", other.map(|_| ())),
+            other => panic!("expected rate limit, got {:?}", other.map(|t| t.wait)),
         }
+    }
+
+    #[tokio::test]
+    async fn over_the_rate_a_call_waits_for_a_turn_that_comes_soon_and_before_its_deadline() {
+        let limits = LimitsConfig {
+            requests_per_second: 10,
+            burst: 1,
+            max_rate_wait: Duration::from_millis(250),
+            ..LimitsConfig::default()
+        };
+        let limiter = TenantLimiter::new("t", &limits, None);
+        assert_eq!(limiter.admit(None).expect("the burst").wait, Duration::ZERO);
+        // The next token is due in 100 ms: too late for a call with 50 ms
+        // left, which is refused at once and takes no token...
+        let refused = limiter.admit(Some(Duration::from_millis(50)));
+        assert!(
+            matches!(refused, Err(Error::RateLimited { rate: 10, .. })),
+            "{:?}",
+            refused.map(|t| t.wait)
+        );
+        // ...while a call without a deadline takes that turn and waits for it.
+        let turn = limiter.admit(None).expect("a turn within 250 ms");
+        assert!(
+            turn.wait > Duration::from_millis(50) && turn.wait <= Duration::from_millis(100),
+            "{:?}",
+            turn.wait
+        );
+        // Turns are 100 ms apart: one more comes within 250 ms, the next does not.
+        assert!(limiter.admit(None).is_ok());
+        match limiter.admit(None) {
+            Err(Error::RateLimited { retry_after, .. }) => {
+                assert!(retry_after > Duration::from_millis(250), "{retry_after:?}");
+            }
+            other => panic!("expected rate limit, got {:?}", other.map(|t| t.wait)),
+        }
+        let started = Instant::now();
+        let waited = limiter.wait_turn(turn.wait, None).await.expect("no shared bucket");
+        assert!(started.elapsed() >= turn.wait && waited >= turn.wait, "{waited:?}");
     }
 
     #[tokio::test]
@@ -265,9 +342,12 @@ mod tests {
             ..LimitsConfig::default()
         };
         let limiter = TenantLimiter::new("t", &limits, None);
-        let held = limiter.admit().expect("first");
-        assert!(matches!(limiter.admit(), Err(Error::TooManyConcurrent { limit: 1 })));
+        let held = limiter.admit(None).expect("first");
+        assert!(matches!(
+            limiter.admit(None),
+            Err(Error::TooManyConcurrent { limit: 1 })
+        ));
         drop(held);
-        assert!(limiter.admit().is_ok());
+        assert!(limiter.admit(None).is_ok());
     }
 }

@@ -32,7 +32,7 @@ pub struct Gate {
     scheduler: Arc<Scheduler>,
 }
 
-/// A call's gateway slot and how long it waited for it.
+/// A call's gateway slot and how long it waited for it and for its turn at the tenant's rate.
 pub struct Admitted {
     _slot: Slot,
     pub queued: Duration,
@@ -67,7 +67,7 @@ impl Gate {
         }
         Ok(Admitted {
             _slot: slot?,
-            queued: started.elapsed(),
+            queued: caller.rate_wait + started.elapsed(),
         })
     }
 }

@@ -6,6 +6,7 @@ pub mod reload;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
@@ -61,6 +62,9 @@ pub struct Caller {
     pub tenant: Arc<Tenant>,
     /// The API key's id, `jwt:<sub>` or `cert:<name>`: for logs, never a secret.
     pub key_id: Arc<str>,
+    /// How long this call waited for its turn at the tenant's request rate
+    /// (set by the limits layer; reported in `QueryStats.queued`).
+    pub rate_wait: Duration,
 }
 
 pub struct Tenants {
@@ -169,6 +173,7 @@ impl Tenants {
                         Caller {
                             tenant: tenant.clone(),
                             key_id: key.id.as_str().into(),
+                            rate_wait: Duration::ZERO,
                         },
                     );
                 }
@@ -212,6 +217,7 @@ impl Tenants {
                 Some((name, tenant)) => Ok(Caller {
                     tenant: tenant.clone(),
                     key_id: format!("cert:{name}").into(),
+                    rate_wait: Duration::ZERO,
                 }),
                 None if identities.is_empty() => Err("no credentials".into()),
                 None => Err(format!("no tenant has a client identity among {identities:?}")),
@@ -242,6 +248,7 @@ impl Tenants {
                 Ok(Caller {
                     tenant: tenant.clone(),
                     key_id: format!("jwt:{}", identity.subject).into(),
+                    rate_wait: Duration::ZERO,
                 })
             }
             _ => Err("unknown API key".into()),

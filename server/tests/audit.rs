@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::WeirProcess;
+use common::{sqlite_demo, tenant, WeirProcess};
 use weir_client::WeirClient;
 
 #[tokio::test]
@@ -47,4 +47,29 @@ async fn every_call_leaves_one_audit_line() {
         !refused.to_string().contains("not-a-key"),
         "keys are never logged: {refused}"
     );
+}
+
+#[tokio::test]
+async fn a_refused_call_names_its_limit_in_its_audit_line() {
+    let config = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("config file");
+    let limits = "requests_per_second = 1\nburst = 1\nmax_rate_wait = \"0s\"";
+    std::fs::write(config.path(), tenant("tight", limits, &sqlite_demo("tight", "db"))).expect("write config");
+    let weir = WeirProcess::start(&["--config", config.path().to_str().expect("path")]);
+    let client = WeirClient::connect(&weir.addr, "key-tight").await.expect("connect");
+    client.execute("db", "SELECT 1", vec![]).await.expect("the burst");
+    let admitted = weir.next_log(|l| l["target"] == "weir::audit");
+    assert!(admitted["span"].get("limit").is_none(), "{admitted}");
+    client
+        .execute("db", "SELECT 1", vec![])
+        .await
+        .expect_err("over the rate");
+    // One line for the refusal, the audit line, which says which limit.
+    let refused = weir.next_log(|l| l["target"] != "weir::audit" || l["code"] != "Ok");
+    assert_eq!(refused["target"], "weir::audit", "no other line before it: {refused}");
+    assert_eq!(refused["code"], "ResourceExhausted");
+    assert_eq!(refused["span"]["limit"], "rate");
+    assert_eq!(refused["span"]["tenant"], "tight");
 }

@@ -34,9 +34,12 @@ pub struct Admission<S> {
     inner: S,
 }
 
-/// Counts a call refused by a limit, by tenant and limit.
+/// Counts a call refused by a limit, by tenant and limit, and names the
+/// limit on the call's span (its audit line). The refusal's own text is
+/// logged at debug only: under a flood an info line per refused call would
+/// double the log volume the audit lines already make.
 pub fn count_rejection(caller: &Caller, e: &Error) {
-    tracing::info!(error = %e, "call rejected by tenant limits");
+    tracing::debug!(error = %e, "call rejected by tenant limits");
     let limit = match e {
         Error::RateLimited { .. } => "rate",
         Error::GlobalLimitsUnavailable => "global_unavailable",
@@ -45,6 +48,7 @@ pub fn count_rejection(caller: &Caller, e: &Error) {
         Error::TooManyTransactions { .. } => "transactions",
         _ => "concurrency",
     };
+    tracing::Span::current().record("limit", limit);
     METRICS
         .rejections
         .get_or_create(&LimitLabels {

@@ -161,6 +161,7 @@ where
             bytes = tracing::field::Empty,
             sql = tracing::field::Empty,
             code = tracing::field::Empty,
+            limit = tracing::field::Empty,
         );
         let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
         let _ = span.set_parent(parent);

@@ -422,16 +422,19 @@ pub struct SourceConfig {
     pub password_file: Option<PathBuf>,
     /// The password sealed by `weir seal` (AES-256-GCM under a key from WEIR_SEAL_KEYS).
     pub password_sealed: Option<String>,
-    /// Connect with TLS, verifying the server's certificate (MySQL, SQL
-    /// Server). Without it a SQL Server session is plaintext, the login's
-    /// password included, unless the server itself requires encryption.
+    /// Connect with TLS, verifying the server's certificate (PostgreSQL,
+    /// MySQL, SQL Server). Without it a SQL Server session is plaintext, the
+    /// login's password included, unless the server itself requires encryption.
     #[serde(default)]
     pub tls: bool,
-    /// SQL Server: accept the server's certificate without verifying it (a
-    /// fresh SQL Server presents a self-signed one). Still encrypted, but
-    /// open to an impostor on the network path.
+    /// PostgreSQL, SQL Server: accept the server's certificate without
+    /// verifying it (a fresh SQL Server presents a self-signed one). Still
+    /// encrypted, but open to an impostor on the network path.
     #[serde(default)]
     pub trust_server_certificate: bool,
+    /// PostgreSQL: PEM file of the authorities that sign the server's
+    /// certificate (a cloud provider's bundle), instead of the public web roots.
+    pub tls_ca_file: Option<PathBuf>,
     /// PostgreSQL: when a pooled session is reset for its next caller.
     /// Default `auto`: after every statement but plain reads (see
     /// docs/configuration.md); `always`: after every statement.
@@ -758,7 +761,18 @@ impl SourceConfig {
         const SERVER: &[&str] = &["host", "port", "database", "user"];
         let (allowed, required): (Vec<&str>, &[&str]) = match self.engine {
             EngineKind::Postgres => (
-                [SERVER, PASSWORDS, &["session_reset", "multiplex"]].concat(),
+                [
+                    SERVER,
+                    PASSWORDS,
+                    &[
+                        "session_reset",
+                        "multiplex",
+                        "tls",
+                        "trust_server_certificate",
+                        "tls_ca_file",
+                    ],
+                ]
+                .concat(),
                 &["host", "user"],
             ),
             EngineKind::Mysql => ([SERVER, PASSWORDS, &["tls"]].concat(), &["host", "user"]),
@@ -788,6 +802,7 @@ impl SourceConfig {
             ("demo_data", self.demo_data),
             ("tls", self.tls),
             ("trust_server_certificate", self.trust_server_certificate),
+            ("tls_ca_file", self.tls_ca_file.is_some()),
             ("session_reset", self.session_reset.is_some()),
             ("multiplex", self.multiplex.is_some()),
             ("bootstrap_servers", self.bootstrap_servers.is_some()),
@@ -805,6 +820,22 @@ impl SourceConfig {
             if !set && required.contains(&name) {
                 return Err(invalid(format!("{key}.{name}"), "is required for this engine"));
             }
+        }
+        // PostgreSQL's TLS settings would be silently ignored with TLS off
+        // (SQL Server's trust applies also when the server asks for TLS).
+        for (name, set) in [
+            ("trust_server_certificate", self.trust_server_certificate),
+            ("tls_ca_file", self.tls_ca_file.is_some()),
+        ] {
+            if set && !self.tls && self.engine == EngineKind::Postgres {
+                return Err(invalid(format!("{key}.{name}"), "applies only with tls = true"));
+            }
+        }
+        if self.trust_server_certificate && self.tls_ca_file.is_some() {
+            return Err(invalid(
+                format!("{key}.tls_ca_file"),
+                "trust_server_certificate accepts any certificate: set one or the other",
+            ));
         }
         if let Some(multiplex) = &self.multiplex {
             if multiplex.connections == 0 || multiplex.connections >= self.pool.max_size {

@@ -9,6 +9,7 @@ pub mod error;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod pem;
 pub mod sealed;
 pub mod service;
 pub mod telemetry;

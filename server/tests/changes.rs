@@ -1008,3 +1008,28 @@ macro_rules! suite {
 suite!(postgres_changes, Engine::Postgres);
 suite!(mysql_changes, Engine::Mysql);
 suite!(mssql_changes, Engine::Mssql, #[ignore = "needs a SQL Server with CDC: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]);
+
+#[tokio::test]
+async fn a_postgres_change_stream_reads_over_tls_when_the_source_asks_for_it() {
+    let source = postgres("cs", "db", "tls = true\ntrust_server_certificate = true\n");
+    let ctx = Ctx::with_source(Engine::Postgres, CONFIG, &source).await;
+    let t = ctx.table("sealed").await;
+    let sub = ctx.name("sealed");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'a', 1)")).await;
+    assert_eq!(id_of(changes(&read_changes(&mut watch, 1).await)[0]), 1);
+    // The replication session reading the slot is the one encrypted.
+    let id = weir_server::service::changes::subscription_id("cs", &sub);
+    let encrypted: bool = pg_direct()
+        .await
+        .query_one(
+            "SELECT s.ssl FROM pg_replication_slots r JOIN pg_stat_ssl s ON s.pid = r.active_pid WHERE r.slot_name = $1",
+            &[&id],
+        )
+        .await
+        .expect("the slot is read by a session")
+        .get(0);
+    assert!(encrypted, "the replication session is in TLS");
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}

@@ -1375,3 +1375,56 @@ async fn shared_reads_that_fail_or_are_abandoned_leave_the_connection_serving_th
     check(client.clone(), 3).await;
     server.stop().await;
 }
+
+/// Whether the session that runs the statement is encrypted, as PostgreSQL sees it.
+const SESSION_IN_TLS: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+
+#[tokio::test]
+async fn tls_sessions_are_encrypted_and_the_server_certificate_is_verified() {
+    let ssl: String = pg_direct()
+        .await
+        .query_one("SHOW ssl", &[])
+        .await
+        .expect("SHOW ssl")
+        .get(0);
+    assert_eq!(
+        ssl, "on",
+        "the test PostgreSQL serves TLS (Debian's default, its snakeoil certificate)"
+    );
+    // The test server's certificate is self-signed (Debian's snakeoil, no
+    // subject alternative name): trusted as it is, only encrypted.
+    let snakeoil = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    let sources = [
+        postgres("acme", "trusting", "tls = true\ntrust_server_certificate = true\n"),
+        postgres(
+            "acme",
+            "shared",
+            "tls = true\ntrust_server_certificate = true\n[tenants.acme.sources.shared.pool]\nmax_size = 3\n\
+             [tenants.acme.sources.shared.multiplex]\nconnections = 1\n",
+        ),
+        postgres("acme", "verifying", "tls = true\n"),
+        postgres("acme", "own_ca", &format!("tls = true\ntls_ca_file = \"{snakeoil}\"\n")),
+        postgres("acme", "plain", ""),
+    ];
+    let server = TestServer::start(&tenant("acme", "", &sources.concat())).await;
+    let client = server.client("key-acme").await;
+    let in_tls = |r: pb::ExecuteResponse| matches!(kind(&r.rows[0].values[0]), Kind::BoolValue(true));
+    for source in ["trusting", "shared"] {
+        let r = client.execute(source, SESSION_IN_TLS, vec![]).await.expect(source);
+        assert!(in_tls(r), "{source}: the session is in TLS");
+    }
+    let r = client.execute("plain", SESSION_IN_TLS, vec![]).await.expect("plain");
+    assert!(!in_tls(r), "without tls the session is plaintext");
+    // Verified against the public roots, the self-signed certificate fails;
+    // against itself as the authority, its missing host name does.
+    for (source, why) in [
+        ("verifying", "is not signed by an authority Weir trusts"),
+        ("own_ca", "is not valid for the source's host"),
+    ] {
+        let err = client.execute(source, "SELECT 1", vec![]).await.expect_err(source);
+        assert_eq!(err.code(), Code::Unavailable, "{source}: {err:?}");
+        assert!(err.message().contains(why), "{source}: {}", err.message());
+        assert!(!err.message().contains("localhost"), "no host named: {}", err.message());
+    }
+    server.stop().await;
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::PrivateKeyDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -32,19 +32,9 @@ pub struct TlsReloader {
     current: RwLock<Arc<ServerConfig>>,
 }
 
-fn certificates(path: &std::path::Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{what} {}: no PEM certificate in it", path.display()));
-    }
-    Ok(certs)
-}
-
 /// Reads the files of `config` into a rustls configuration (HTTP/2 only).
 pub fn server_config(config: &TlsConfig) -> Result<ServerConfig, String> {
-    let chain = certificates(&config.cert_file, "server.tls.cert_file")?;
+    let chain = crate::pem::certificates(&config.cert_file, "server.tls.cert_file")?;
     let key = PrivateKeyDer::from_pem_file(&config.key_file)
         .map_err(|e| format!("server.tls.key_file {}: {e}", config.key_file.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -54,7 +44,7 @@ pub fn server_config(config: &TlsConfig) -> Result<ServerConfig, String> {
     let builder = match &config.client_ca_file {
         Some(path) => {
             let mut roots = RootCertStore::empty();
-            for cert in certificates(path, "server.tls.client_ca_file")? {
+            for cert in crate::pem::certificates(path, "server.tls.client_ca_file")? {
                 roots
                     .add(cert)
                     .map_err(|e| format!("server.tls.client_ca_file {}: {e}", path.display()))?;

@@ -694,7 +694,7 @@ mod tests {
         let err = Config::from_toml(
             "[tenants.a.sources.s]\nengine = \"postgres\"\nhost = \"h\"\nuser = \"u\"\ntrust_server_certificate = true\n",
         )
-        .expect_err("SQL Server only")
+        .expect_err("PostgreSQL: only with tls = true")
         .to_string();
         assert!(err.contains("trust_server_certificate"), "{err}");
         let err =

@@ -22,10 +22,10 @@ use tokio::sync::mpsc;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
-use super::map_error;
 use super::pgoutput::{self, lsn_text, Datum, Message, Relation};
 use super::replication::{slot_held, Event, Replication, SLOT_RETRY};
 use super::types::{column_of, decode, pg_epoch, PgValue};
+use super::{map_error, Target};
 use crate::backend::bulk::quote_ansi;
 use crate::backend::changes::{
     check_resume, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName, WatchSpec,
@@ -90,8 +90,8 @@ struct Rel {
 }
 
 /// A session of its own, driven like the pool's.
-async fn connect(config: &tokio_postgres::Config) -> Result<Client, BackendError> {
-    super::connect(config).await.map_err(map_error)
+async fn connect(target: &Target) -> Result<Client, BackendError> {
+    target.connect().await.map_err(map_error)
 }
 
 fn lsn_sql(expr: &str) -> String {
@@ -233,7 +233,7 @@ async fn lock(client: &Client, spec_id: &str, name: &str, take_over: bool) -> Re
 /// Whether another session takes the subscription's lock within a moment:
 /// how a consumer whose session was ended tells a take-over from an outage.
 /// Bounded: in an outage the database may not answer at all.
-async fn taken_over(config: &tokio_postgres::Config, spec_id: &str) -> bool {
+async fn taken_over(config: &Target, spec_id: &str) -> bool {
     let check = async {
         let Ok(client) = connect(config).await else {
             return false;
@@ -336,7 +336,7 @@ struct Txn {
 
 struct Reader {
     client: Client,
-    config: tokio_postgres::Config,
+    config: Target,
     spec: WatchSpec,
     watched: HashMap<u32, Watched>,
     relations: HashMap<u32, Rel>,
@@ -693,7 +693,7 @@ impl Reader {
     }
 }
 
-pub(super) async fn watch(config: &tokio_postgres::Config, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
+pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
     let client = connect(config).await?;
     check_wal_level(&client).await?;
     let watched = resolve(&client, &spec.tables).await?;
@@ -735,7 +735,7 @@ pub(super) async fn watch(config: &tokio_postgres::Config, spec: WatchSpec) -> R
     Ok(ChangeFeed { items, acks })
 }
 
-pub(super) async fn delete(config: &tokio_postgres::Config, id: &str, name: &str) -> Result<(), BackendError> {
+pub(super) async fn delete(config: &Target, id: &str, name: &str) -> Result<(), BackendError> {
     let client = connect(config).await?;
     lock(&client, id, name, false).await?;
     // A reader that just ended may hold the slot a moment longer.

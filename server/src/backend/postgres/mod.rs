@@ -8,6 +8,7 @@ mod pgoutput;
 mod replication;
 mod schema;
 mod session;
+mod tls;
 pub mod types;
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use async_trait::async_trait;
 use bb8::PooledConnection;
 use futures::Stream;
 use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::types::Type;
 use tokio_postgres::{CancelToken, Client, NoTls};
 
@@ -33,6 +35,7 @@ use crate::backend::{
 };
 use crate::config::{PoolConfig, SessionReset, SourceConfig};
 use multiplex::{InFlight, Multiplexer};
+use tls::Tls;
 use types::{PgParam, PgValue};
 
 /// Longer statements are prepared each time, so the cache stays small whatever callers send.
@@ -51,6 +54,8 @@ struct Prepared {
 pub struct PgConn {
     client: Client,
     cancel: CancelToken,
+    /// How `cancel` reaches the server (TLS or not, as the session itself).
+    target: Target,
     statements: HashMap<String, Prepared>,
     /// Set between BEGIN and COMMIT/ROLLBACK: a connection returned to the
     /// pool in that state is discarded rather than reused.
@@ -94,19 +99,54 @@ fn cache_statement<T>(statements: &mut HashMap<String, T>, sql: &str, prepared: 
     statements.insert(sql.to_string(), prepared);
 }
 
-/// Opens a session whose connection is driven by a task of its own.
-async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
+/// Where and how a session is opened: tokio-postgres's settings, and TLS
+/// when the source asks for it.
+#[derive(Clone)]
+pub struct Target {
+    pub config: tokio_postgres::Config,
+    pub tls: Option<Tls>,
+}
+
+impl Target {
+    /// A target without TLS.
+    #[cfg(test)]
+    fn plain(config: tokio_postgres::Config) -> Self {
+        Self { config, tls: None }
+    }
+
+    /// Opens a session whose connection is driven by a task of its own.
+    async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
+        match &self.tls {
+            Some(tls) => Ok(drive(self.config.connect(tls.clone()).await?)),
+            None => Ok(drive(self.config.connect(NoTls).await?)),
+        }
+    }
+
+    /// Asks the server to cancel what the session of `token` runs.
+    async fn cancel(&self, token: &CancelToken) -> Result<(), tokio_postgres::Error> {
+        match &self.tls {
+            Some(tls) => token.cancel_query(tls.clone()).await,
+            None => token.cancel_query(NoTls).await,
+        }
+    }
+}
+
+/// Spawns the task that drives a session's connection.
+fn drive<S, T>((client, connection): (Client, tokio_postgres::Connection<S, T>)) -> Client
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection closed");
         }
     });
-    Ok(client)
+    client
 }
 
 pub struct PgManager {
-    config: tokio_postgres::Config,
+    target: Target,
 }
 
 impl bb8::ManageConnection for PgManager {
@@ -114,11 +154,12 @@ impl bb8::ManageConnection for PgManager {
     type Error = tokio_postgres::Error;
 
     async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
-        let client = connect(&self.config).await?;
+        let client = self.target.connect().await?;
         let cancel = client.cancel_token();
         Ok(PgConn {
             client,
             cancel,
+            target: self.target.clone(),
             statements: HashMap::new(),
             in_transaction: false,
             needs_reset: false,
@@ -144,7 +185,7 @@ pub struct PostgresSource {
     /// For change streams, which hold a session of their own (slot reads and
     /// the subscription's advisory lock). Not read-only: watching a read-only
     /// source still creates its slot and publication.
-    changes: tokio_postgres::Config,
+    changes: Target,
 }
 
 impl PostgresSource {
@@ -161,23 +202,46 @@ impl PostgresSource {
         if let Some(password) = config.password().map_err(BackendError::Invalid)? {
             pg.password(password);
         }
-        let changes = pg.clone();
+        let tls = Tls::new(config).map_err(BackendError::Invalid)?;
+        pg.ssl_mode(if tls.is_some() {
+            SslMode::Require
+        } else {
+            SslMode::Disable
+        });
+        let changes = Target {
+            config: pg.clone(),
+            tls: tls.clone(),
+        };
         let mut options = Vec::new();
         if config.read_only {
             // Enforced by the engine for every statement, whatever its text.
             options.push("-c default_transaction_read_only=on".to_string());
             pg.options(options.join(" "));
         }
-        let multiplex = config
-            .multiplex
-            .as_ref()
-            .map(|m| Multiplexer::new(&pg, &options, m, config.read_only));
+        let multiplex = config.multiplex.as_ref().map(|m| {
+            Multiplexer::new(
+                &Target {
+                    config: pg.clone(),
+                    tls: tls.clone(),
+                },
+                &options,
+                m,
+                config.read_only,
+            )
+        });
         // The shared connections count against the pool's size.
         let pool_config = PoolConfig {
             max_size: config.own_pool_size(),
             ..config.pool.clone()
         };
-        let pool = FailFastPool::new(PgManager { config: pg }, &pool_config, "postgres", map_error);
+        let pool = FailFastPool::new(
+            PgManager {
+                target: Target { config: pg, tls },
+            },
+            &pool_config,
+            "postgres",
+            map_error,
+        );
         Ok(Self {
             pool,
             read_only: config.read_only,
@@ -249,7 +313,7 @@ impl Drop for StatementGuard {
             return;
         };
         runtime.spawn(async move {
-            if let Err(e) = lease.cancel.cancel_query(NoTls).await {
+            if let Err(e) = lease.target.cancel(&lease.cancel).await {
                 tracing::warn!(error = %e, "could not cancel an abandoned postgres statement");
             }
             // Responses of the cancelled statement arrive before this one's.

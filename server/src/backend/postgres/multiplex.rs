@@ -17,7 +17,7 @@ use futures::Stream;
 use parking_lot::Mutex;
 use tokio_postgres::Client;
 
-use super::{cache_statement, describe, map_error, plan_went_stale, PgRowStream, StatementGuard};
+use super::{cache_statement, describe, map_error, plan_went_stale, PgRowStream, StatementGuard, Target};
 use crate::backend::breaker::Breaker;
 use crate::backend::{BackendError, Column, QueryStream, Statement};
 use crate::config::MultiplexConfig;
@@ -156,7 +156,7 @@ fn session_lost(e: &BackendError) -> bool {
 }
 
 pub struct Multiplexer {
-    config: tokio_postgres::Config,
+    target: Target,
     slots: Vec<Arc<Slot>>,
     /// The engine refuses writes: any statement may be sent twice.
     read_only: bool,
@@ -177,20 +177,18 @@ enum Stage {
 impl Multiplexer {
     /// `base` is the source's connection settings; `options` its session
     /// options (read-only), to which the shared statement timeout is added.
-    pub fn new(
-        base: &tokio_postgres::Config,
-        options: &[String],
-        multiplex: &MultiplexConfig,
-        read_only: bool,
-    ) -> Self {
-        let mut config = base.clone();
+    pub fn new(base: &Target, options: &[String], multiplex: &MultiplexConfig, read_only: bool) -> Self {
+        let mut target = base.clone();
         let mut options = options.to_vec();
         options.push(format!(
             "-c statement_timeout={}",
             multiplex.statement_timeout.as_millis().max(1)
         ));
         // Tells operators in pg_stat_activity which sessions are shared.
-        config.application_name("weir-multiplexed").options(options.join(" "));
+        target
+            .config
+            .application_name("weir-multiplexed")
+            .options(options.join(" "));
         let slots = (0..multiplex.connections)
             .map(|_| {
                 Arc::new(Slot {
@@ -202,7 +200,7 @@ impl Multiplexer {
             })
             .collect();
         Self {
-            config,
+            target,
             slots,
             read_only,
             shareable: Mutex::new(HashMap::new()),
@@ -252,7 +250,7 @@ impl Multiplexer {
         *current = None;
         slot.open.store(false, Ordering::Relaxed);
         breaker.admit()?;
-        let connected = super::connect(&self.config).await.map_err(map_error);
+        let connected = self.target.connect().await.map_err(map_error);
         breaker.record(&connected);
         if let Err(e) = &connected {
             tracing::warn!(error = %e, "cannot open a shared postgres connection");
@@ -340,7 +338,7 @@ mod tests {
             connections,
             statement_timeout: Duration::from_secs(1),
         };
-        Multiplexer::new(config, &[], &multiplex, false)
+        Multiplexer::new(&Target::plain(config.clone()), &[], &multiplex, false)
     }
 
     fn picked(m: &Multiplexer) -> usize {

@@ -13,9 +13,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
 
-use super::engine_error;
 use super::pgoutput::lsn_text;
 use super::types::pg_epoch;
+use super::{engine_error, Target};
 use crate::backend::bulk::quote_ansi;
 use crate::backend::BackendError;
 
@@ -71,13 +71,8 @@ impl Replication {
     /// the same name) as pgoutput messages with binary tuples. `flushed` is
     /// what the slot may already forget; it must not be behind the slot's
     /// confirmed position (PostgreSQL 15 would move it back).
-    pub(super) async fn start(
-        config: &tokio_postgres::Config,
-        slot: &str,
-        start: u64,
-        flushed: u64,
-    ) -> Result<Self, BackendError> {
-        let mut conn = Conn::open(config).await?;
+    pub(super) async fn start(target: &Target, slot: &str, start: u64, flushed: u64) -> Result<Self, BackendError> {
+        let mut conn = Conn::open(target).await?;
         let command = format!(
             "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names '{}', binary 'true')",
             quote_ansi(slot),
@@ -280,8 +275,9 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(config: &tokio_postgres::Config) -> Result<Self, BackendError> {
-        let io = connect(config).await?;
+    async fn open(target: &Target) -> Result<Self, BackendError> {
+        let io = connect(target).await?;
+        let config = &target.config;
         let (read, write) = tokio::io::split(io);
         let mut conn = Conn {
             read,
@@ -410,6 +406,22 @@ impl Conn {
     }
 }
 
+/// Sends PostgreSQL's SSLRequest; the stream is ready for the TLS handshake
+/// once the server answered 'S'.
+async fn ask_for_tls(mut stream: tokio::net::TcpStream) -> std::io::Result<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    stream.write_all(&request).await?;
+    match stream.read_u8().await? {
+        b'S' => Ok(stream),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "the server does not accept TLS connections (ssl = off)",
+        )),
+    }
+}
+
 fn encode_error(e: std::io::Error) -> BackendError {
     BackendError::Internal(format!("cannot encode a message: {e}"))
 }
@@ -418,8 +430,10 @@ fn auth_error(e: std::io::Error) -> BackendError {
     BackendError::Unavailable(format!("the database's SCRAM authentication failed: {e}"))
 }
 
-/// The first of the configured hosts that accepts a connection.
-async fn connect(config: &tokio_postgres::Config) -> Result<Box<dyn Io>, BackendError> {
+/// The first of the configured hosts that accepts a connection, in TLS
+/// when the source asks for it.
+async fn connect(target: &Target) -> Result<Box<dyn Io>, BackendError> {
+    let config = &target.config;
     let ports = config.get_ports();
     let timeout = config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10));
     let mut last = BackendError::Unavailable("the source names no host".into());
@@ -430,7 +444,10 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Box<dyn Io>, Backend
                 Host::Tcp(name) => {
                     let s = tokio::net::TcpStream::connect((name.as_str(), port)).await?;
                     s.set_nodelay(true)?;
-                    Box::new(s)
+                    match &target.tls {
+                        Some(tls) => Box::new(tls.connect(name, ask_for_tls(s).await?).await?),
+                        None => Box::new(s),
+                    }
                 }
                 #[cfg(unix)]
                 Host::Unix(dir) => {
@@ -442,7 +459,7 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Box<dyn Io>, Backend
         match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(io)) => return Ok(io),
             // Connect errors name no host or credential.
-            Ok(Err(e)) => last = BackendError::Unavailable(format!("cannot connect to the database: {}", e.kind())),
+            Ok(Err(e)) => last = BackendError::Unavailable(format!("cannot connect to the database: {e}")),
             Err(_) => last = BackendError::Unavailable("connecting to the database timed out".into()),
         }
     }

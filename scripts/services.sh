@@ -46,6 +46,7 @@ ensure_postgres() {
   if command -v runuser >/dev/null && id postgres >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     runuser -u postgres -- psql -q -c "ALTER ROLE \"$user\" PASSWORD '$password'" >/dev/null 2>&1 || true
     ensure_pg_logical
+    ensure_pg_tls
     ensure_pg_password_logins
     if ! runuser -u postgres -- psql -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'" 2>/dev/null | grep -q 1; then
       runuser -u postgres -- createdb -O "$user" "$db" >/dev/null 2>&1 || true
@@ -66,6 +67,32 @@ ensure_pg_logical() {
   as_root pg_ctlcluster --skip-systemctl-redirect "$version" main restart
   for _ in $(seq 1 50); do pg_ready && break; sleep 0.2; done
   pg_ready || { echo "error: PostgreSQL did not restart"; exit 1; }
+}
+
+# The TLS tests need the server to offer TLS. Debian's packages turn it on
+# with the snakeoil certificate of ssl-cert; where that was not installed,
+# make the same kind of certificate (self-signed, CN=localhost, no
+# alternative names) in the data directory. ssl takes effect on a reload.
+ensure_pg_tls() {
+  [ "$(runuser -u postgres -- psql -tAc "SHOW ssl" 2>/dev/null || true)" = on ] && return 0
+  echo "turning on TLS in PostgreSQL..."
+  command -v openssl >/dev/null || apt_install openssl
+  local dir
+  dir="$(runuser -u postgres -- psql -tAc "SHOW data_directory")"
+  # As snakeoil: an end-entity certificate (CA:FALSE), which rustls accepts as its own authority.
+  printf '[req]\ndistinguished_name = dn\nx509_extensions = ext\nprompt = no\n[dn]\nCN = localhost\n[ext]\nbasicConstraints = CA:FALSE\n' >/tmp/weir-pg-tls.cnf
+  runuser -u postgres -- openssl req -x509 -config /tmp/weir-pg-tls.cnf -newkey rsa:2048 -nodes -days 3650 \
+    -keyout "$dir/weir-test.key" -out "$dir/weir-test.crt" >/dev/null 2>&1
+  rm -f /tmp/weir-pg-tls.cnf
+  sleep 1 # certificates are valid from the second they were made
+  runuser -u postgres -- psql -q >/dev/null <<SQL
+ALTER SYSTEM SET ssl_cert_file = '$dir/weir-test.crt';
+ALTER SYSTEM SET ssl_key_file = '$dir/weir-test.key';
+ALTER SYSTEM SET ssl = on;
+SELECT pg_reload_conf();
+SQL
+  sleep 0.5
+  [ "$(runuser -u postgres -- psql -tAc "SHOW ssl")" = on ] || { echo "error: PostgreSQL did not turn TLS on"; exit 1; }
 }
 
 # Two logins that must give a password over TCP, whatever the rest of

@@ -98,6 +98,7 @@ fn rejected(e: io::Error) -> io::Error {
             }
             C::NotValidForName | C::NotValidForNameContext { .. } => "is not valid for the source's host",
             C::Expired | C::ExpiredContext { .. } => "has expired",
+            C::NotValidYet | C::NotValidYetContext { .. } => "is not valid yet (are the clocks right?)",
             _ => "was rejected",
         },
         _ => return e,

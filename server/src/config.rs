@@ -831,6 +831,14 @@ impl SourceConfig {
                 return Err(invalid(format!("{key}.{name}"), "applies only with tls = true"));
             }
         }
+        // PostgreSQL does not speak TLS over a Unix socket (host = its directory).
+        let socket = self.host.as_deref().is_some_and(|h| h.starts_with('/'));
+        if self.tls && socket && self.engine == EngineKind::Postgres {
+            return Err(invalid(
+                format!("{key}.tls"),
+                "PostgreSQL offers no TLS over a Unix socket: name a TCP host, or leave tls off",
+            ));
+        }
         if self.trust_server_certificate && self.tls_ca_file.is_some() {
             return Err(invalid(
                 format!("{key}.tls_ca_file"),

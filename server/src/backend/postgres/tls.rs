@@ -231,6 +231,16 @@ mod tests {
             let err = source(keys).expect_err(keys);
             assert!(err.contains(named), "{keys}: {err}");
         }
+        let socket =
+            "[tenants.a.sources.s]\nengine = \"postgres\"\nhost = \"/run/postgresql\"\nuser = \"u\"\ntls = true\n";
+        let err = Config::from_toml(socket)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("tenants.a.sources.s.tls") && err.contains("Unix socket"),
+            "{err}"
+        );
         let missing = source("tls = true\ntls_ca_file = \"/nonexistent/ca.pem\"").expect("checked when read");
         let err = super::Tls::new(&missing).err().unwrap_or_default();
         assert!(

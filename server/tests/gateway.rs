@@ -429,6 +429,42 @@ async fn a_call_over_the_rate_waits_for_a_turn_that_comes_soon() {
 }
 
 #[tokio::test]
+async fn a_caller_that_leaves_while_waiting_for_its_turn_frees_its_slot() {
+    // 1/s with no reserve: the second call's turn is a second away, and it
+    // waits for it in the tenant's only concurrency slot.
+    let limits = "requests_per_second = 1\nburst = 1\nmax_rate_wait = \"5s\"\nmax_concurrent_requests = 1";
+    let server = TestServer::start(&tenant("leaver", limits, &sqlite_demo("leaver", "db"))).await;
+    let client = server.client("key-leaver").await;
+    client.execute("db", "SELECT 1", vec![]).await.expect("the burst");
+    let waiting = {
+        let client = client.clone();
+        tokio::spawn(async move { client.execute("db", "SELECT 1", vec![]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let err = client
+        .execute("db", "SELECT 1", vec![])
+        .await
+        .expect_err("the waiting call holds the slot");
+    assert_eq!(reason(&err), "CONCURRENCY_LIMITED");
+    // The waiting caller goes away (its stream is reset): the slot is free
+    // again, and the token it waited for is spent.
+    waiting.abort();
+    let _ = waiting.await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    client
+        .execute("db", "SELECT 1", vec![])
+        .await
+        .expect("the slot was freed; the call waits for the next turn");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1200),
+        "{:?}",
+        started.elapsed()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn concurrency_limit_counts_open_streams() {
     let toml = tenant("one", "max_concurrent_requests = 1", &sqlite_demo("one", "db"));
     let server = TestServer::start(&toml).await;

@@ -1411,6 +1411,7 @@ async fn tls_sessions_are_encrypted_and_the_server_certificate_is_verified() {
         postgres("acme", "verifying", "tls = true\n"),
         postgres("acme", "own_ca", &format!("tls = true\ntls_ca_file = \"{snakeoil}\"\n")),
         postgres("acme", "plain", ""),
+        plain_postgres("acme", "no_tls_server", "tls = true\n"),
     ];
     let server = TestServer::start(&tenant("acme", "", &sources.concat())).await;
     let client = server.client("key-acme").await;
@@ -1432,5 +1433,28 @@ async fn tls_sessions_are_encrypted_and_the_server_certificate_is_verified() {
         assert!(err.message().contains(why), "{source}: {}", err.message());
         assert!(!err.message().contains("localhost"), "no host named: {}", err.message());
     }
+    // A caller that leaves stops its statement: the cancel request goes over TLS too.
+    let mut request = tonic::Request::new(pb::ExecuteRequest {
+        source: "trusting".into(),
+        sql: "SELECT pg_sleep(20) AS tls_cancel_probe".into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(300));
+    client
+        .query()
+        .execute(request)
+        .await
+        .expect_err("the deadline passes first");
+    assert!(
+        wait_until_gone(&pg, "tls_cancel_probe", Duration::from_secs(5)).await,
+        "the statement was cancelled in the engine"
+    );
+    // A server that offers no TLS is refused, never used in plaintext.
+    let err = client
+        .execute("no_tls_server", "SELECT 1", vec![])
+        .await
+        .expect_err("no TLS there");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("TLS"), "{}", err.message());
     server.stop().await;
 }

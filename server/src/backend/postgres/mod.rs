@@ -55,7 +55,7 @@ pub struct PgConn {
     client: Client,
     cancel: CancelToken,
     /// How `cancel` reaches the server (TLS or not, as the session itself).
-    target: Target,
+    tls: Option<Tls>,
     statements: HashMap<String, Prepared>,
     /// Set between BEGIN and COMMIT/ROLLBACK: a connection returned to the
     /// pool in that state is discarded rather than reused.
@@ -121,13 +121,14 @@ impl Target {
             None => Ok(drive(self.config.connect(NoTls).await?)),
         }
     }
+}
 
-    /// Asks the server to cancel what the session of `token` runs.
-    async fn cancel(&self, token: &CancelToken) -> Result<(), tokio_postgres::Error> {
-        match &self.tls {
-            Some(tls) => token.cancel_query(tls.clone()).await,
-            None => token.cancel_query(NoTls).await,
-        }
+/// Asks the server to cancel what the session of `token` runs, over TLS
+/// when the session is.
+async fn cancel(token: &CancelToken, tls: Option<&Tls>) -> Result<(), tokio_postgres::Error> {
+    match tls {
+        Some(tls) => token.cancel_query(tls.clone()).await,
+        None => token.cancel_query(NoTls).await,
     }
 }
 
@@ -159,7 +160,7 @@ impl bb8::ManageConnection for PgManager {
         Ok(PgConn {
             client,
             cancel,
-            target: self.target.clone(),
+            tls: self.target.tls.clone(),
             statements: HashMap::new(),
             in_transaction: false,
             needs_reset: false,
@@ -313,7 +314,7 @@ impl Drop for StatementGuard {
             return;
         };
         runtime.spawn(async move {
-            if let Err(e) = lease.target.cancel(&lease.cancel).await {
+            if let Err(e) = cancel(&lease.cancel, lease.tls.as_ref()).await {
                 tracing::warn!(error = %e, "could not cancel an abandoned postgres statement");
             }
             // Responses of the cancelled statement arrive before this one's.

@@ -115,21 +115,38 @@ ALTER ROLE weir_md5 LOGIN SUPERUSER PASSWORD 'weir-md5';
 SQL
 }
 
-# Binlog change streams need ROW format with full images; MariaDB reads
-# the .cnf only at start, so a running server without the binlog is restarted.
+# Binlog change streams need ROW format with full images, and the TLS tests
+# a server that offers TLS with a certificate they can check. MariaDB reads
+# its .cnf only at start, so a running server without either is restarted.
 # The file is passed explicitly at start: not every my.cnf includes mariadb.conf.d.
-mariadb_binlog_cnf=/etc/mysql/mariadb.conf.d/90-weir-binlog.cnf
-ensure_mariadb_binlog() {
-  local cnf="$mariadb_binlog_cnf"
-  if [ ! -f "$cnf" ]; then
-    as_root mkdir -p /etc/mysql/mariadb.conf.d
-    printf '[mariadbd]\nserver_id = 1\nlog_bin = /var/lib/mysql/mysql-bin\nbinlog_format = ROW\nbinlog_row_image = FULL\nexpire_logs_days = 1\n' |
-      as_root tee "$cnf" >/dev/null
+mariadb_cnf=/etc/mysql/mariadb.conf.d/90-weir-test.cnf
+mariadb_tls=/etc/mysql/weir-tls
+ensure_mariadb_config() {
+  # A self-signed end-entity certificate for the name localhost only: the
+  # TLS tests connect to "localhost" to verify it and to 127.0.0.1 to see
+  # a wrong host refused.
+  if ! as_root test -f "$mariadb_tls/weir-test.crt"; then
+    command -v openssl >/dev/null || apt_install openssl
+    as_root mkdir -p "$mariadb_tls"
+    printf '[req]\ndistinguished_name = dn\nx509_extensions = ext\nprompt = no\n[dn]\nCN = localhost\n[ext]\nbasicConstraints = CA:FALSE\nsubjectAltName = DNS:localhost\n' >/tmp/weir-mariadb-tls.cnf
+    as_root openssl req -x509 -config /tmp/weir-mariadb-tls.cnf -newkey rsa:2048 -nodes -days 3650 \
+      -keyout "$mariadb_tls/weir-test.key" -out "$mariadb_tls/weir-test.crt" >/dev/null 2>&1
+    rm -f /tmp/weir-mariadb-tls.cnf
+    as_root chown -R mysql "$mariadb_tls" 2>/dev/null || true
+    as_root chmod 644 "$mariadb_tls/weir-test.crt"
+    sleep 1 # certificates are valid from the second they were made
+  fi
+  local want
+  want="$(printf '[mariadbd]\nserver_id = 1\nlog_bin = /var/lib/mysql/mysql-bin\nbinlog_format = ROW\nbinlog_row_image = FULL\nexpire_logs_days = 1\nssl_cert = %s/weir-test.crt\nssl_key = %s/weir-test.key\n' "$mariadb_tls" "$mariadb_tls")"
+  if [ "$(as_root cat "$mariadb_cnf" 2>/dev/null)" != "$want" ]; then
+    as_root mkdir -p "$(dirname "$mariadb_cnf")"
+    printf '%s\n' "$want" | as_root tee "$mariadb_cnf" >/dev/null
   fi
   # Only root can ask (socket login): elsewhere the server is taken as configured.
-  if [ "$(id -u)" = 0 ] && mysql_ready && [ "$(mariadb -uroot -N -e "SELECT @@log_bin" 2>/dev/null)" != 1 ]; then
-    echo "enabling the MariaDB binlog (restart)..."
-    mariadb-admin -uroot shutdown 2>/dev/null || as_root pkill -x mariadbd || true
+  if [ "$(id -u)" = 0 ] && mysql_ready &&
+    [ "$(mariadb -uroot -N -e "SELECT @@log_bin, @@ssl_cert" 2>/dev/null)" != "$(printf '1\t%s/weir-test.crt' "$mariadb_tls")" ]; then
+    echo "enabling the MariaDB binlog and TLS (restart)..."
+    mariadb-admin -uroot shutdown 2>/dev/null || as_root pkill -F /run/mysqld/mysqld.pid || true
     for _ in $(seq 1 100); do mysql_ready || break; sleep 0.2; done
   fi
 }
@@ -147,12 +164,13 @@ ensure_mariadb() {
     echo "installing MariaDB..."
     apt_install mariadb-server mariadb-client
   fi
-  ensure_mariadb_binlog
+  ensure_mariadb_config
   if ! mysql_ready; then
     as_root mkdir -p /run/mysqld
     as_root chown mysql:mysql /run/mysqld 2>/dev/null || true
-    as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- \
-      --defaults-extra-file="$mariadb_binlog_cnf" --user=mysql
+    # --pidfile: the second server (ensure_plain_servers) runs the same binary.
+    as_root start-stop-daemon --start --oknodo --background --pidfile /run/mysqld/mysqld.pid \
+      --exec /usr/sbin/mariadbd -- --defaults-extra-file="$mariadb_cnf" --user=mysql --pid-file=/run/mysqld/mysqld.pid
     for _ in $(seq 1 100); do mysql_ready && break; sleep 0.2; done
     mysql_ready || { echo "error: MariaDB did not start"; exit 1; }
   fi

@@ -427,13 +427,14 @@ pub struct SourceConfig {
     /// login's password included, unless the server itself requires encryption.
     #[serde(default)]
     pub tls: bool,
-    /// PostgreSQL, SQL Server: accept the server's certificate without
-    /// verifying it (a fresh SQL Server presents a self-signed one). Still
-    /// encrypted, but open to an impostor on the network path.
+    /// Accept the server's certificate without verifying it (a fresh SQL
+    /// Server presents a self-signed one). Still encrypted, but open to an
+    /// impostor on the network path.
     #[serde(default)]
     pub trust_server_certificate: bool,
-    /// PostgreSQL: PEM file of the authorities that sign the server's
-    /// certificate (a cloud provider's bundle), instead of the public web roots.
+    /// PEM file of the authorities that sign the server's certificate (a
+    /// cloud provider's bundle), instead of the public web roots (PostgreSQL,
+    /// MySQL) or the system's (SQL Server, which takes one certificate).
     pub tls_ca_file: Option<PathBuf>,
     /// PostgreSQL: when a pooled session is reset for its next caller.
     /// Default `auto`: after every statement but plain reads (see
@@ -775,10 +776,13 @@ impl SourceConfig {
                 .concat(),
                 &["host", "user"],
             ),
-            EngineKind::Mysql => ([SERVER, PASSWORDS, &["tls"]].concat(), &["host", "user"]),
+            EngineKind::Mysql => (
+                [SERVER, PASSWORDS, &["tls", "trust_server_certificate", "tls_ca_file"]].concat(),
+                &["host", "user"],
+            ),
             EngineKind::Sqlite => (vec!["path", "demo_data"], &["path"]),
             EngineKind::Mssql => (
-                [SERVER, PASSWORDS, &["tls", "trust_server_certificate"]].concat(),
+                [SERVER, PASSWORDS, &["tls", "trust_server_certificate", "tls_ca_file"]].concat(),
                 &["host", "user"],
             ),
             EngineKind::Kafka => (
@@ -821,13 +825,13 @@ impl SourceConfig {
                 return Err(invalid(format!("{key}.{name}"), "is required for this engine"));
             }
         }
-        // PostgreSQL's TLS settings would be silently ignored with TLS off
-        // (SQL Server's trust applies also when the server asks for TLS).
+        // PostgreSQL's and MySQL's TLS settings would be silently ignored with
+        // TLS off (SQL Server's apply also when the server asks for TLS).
         for (name, set) in [
             ("trust_server_certificate", self.trust_server_certificate),
             ("tls_ca_file", self.tls_ca_file.is_some()),
         ] {
-            if set && !self.tls && self.engine == EngineKind::Postgres {
+            if set && !self.tls && matches!(self.engine, EngineKind::Postgres | EngineKind::Mysql) {
                 return Err(invalid(format!("{key}.{name}"), "applies only with tls = true"));
             }
         }

@@ -312,3 +312,71 @@ async fn read_only_sources_refuse_writes_in_the_engine() {
     assert_eq!(int(&r.rows[0].values[0]), 0);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn tls_sessions_are_encrypted_and_the_server_certificate_is_verified() {
+    let mut direct = mysql_direct().await;
+    let (have_ssl, cert): (String, String) = direct
+        .query_first("SELECT @@have_ssl, @@ssl_cert")
+        .await
+        .expect("the server's TLS settings")
+        .expect("one row");
+    assert_eq!(
+        have_ssl, "YES",
+        "the test MariaDB serves TLS (scripts/services.sh turns it on)"
+    );
+    // Its certificate (made by scripts/services.sh) is self-signed for the
+    // name localhost only: trusted as its own authority it verifies when the
+    // source names localhost, and not when it names 127.0.0.1.
+    let host = format!("host = \"{}\"", env_or("WEIR_TEST_MYSQL_HOST", "127.0.0.1"));
+    let at_localhost = |name: &str, extra: &str| mysql("acme", name, extra).replace(&host, "host = \"localhost\"");
+    let own_ca = format!("tls = true\ntls_ca_file = \"{cert}\"\n");
+    let sources = [
+        at_localhost("verified", &own_ca),
+        mysql("acme", "trusting", "tls = true\ntrust_server_certificate = true\n"),
+        mysql("acme", "plain", ""),
+        mysql("acme", "web_roots", "tls = true\n"),
+        mysql("acme", "wrong_host", &own_ca),
+        plain_mysql("acme", "no_tls_server", "tls = true\ntrust_server_certificate = true\n"),
+    ];
+    let server = TestServer::start(&tenant("acme", "", &sources.concat())).await;
+    let client = server.client("key-acme").await;
+    let cipher = |source: &'static str| {
+        let client = &client;
+        async move {
+            let r = client
+                .execute(source, "SHOW SESSION STATUS LIKE 'Ssl_cipher'", vec![])
+                .await
+                .expect(source);
+            match r.rows[0].values[1].kind.clone() {
+                Some(Kind::StringValue(cipher)) => cipher,
+                other => panic!("{source}: {other:?}"),
+            }
+        }
+    };
+    for source in ["verified", "trusting"] {
+        assert!(!cipher(source).await.is_empty(), "{source}: the session is in TLS");
+    }
+    assert_eq!(cipher("plain").await, "", "without tls the session is plaintext");
+    for (source, why) in [
+        ("web_roots", "is not signed by an authority Weir trusts"),
+        ("wrong_host", "is not valid for the source's host"),
+    ] {
+        let err = client.execute(source, "SELECT 1", vec![]).await.expect_err(source);
+        assert_eq!(err.code(), Code::Unavailable, "{source}: {err:?}");
+        assert!(err.message().contains(why), "{source}: {}", err.message());
+        assert!(
+            !err.message().contains("localhost") && !err.message().contains("127.0.0.1"),
+            "no host named: {}",
+            err.message()
+        );
+    }
+    // A server that offers no TLS is refused, never used in plaintext.
+    let err = client
+        .execute("no_tls_server", "SELECT 1", vec![])
+        .await
+        .expect_err("no TLS there");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("SSL"), "{}", err.message());
+    server.stop().await;
+}

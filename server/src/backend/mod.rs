@@ -12,6 +12,7 @@ pub mod mysql;
 pub mod pool;
 pub mod postgres;
 pub mod sqlite;
+pub mod tls;
 pub mod topics;
 pub mod types;
 

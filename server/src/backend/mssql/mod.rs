@@ -187,6 +187,8 @@ impl MssqlSource {
         });
         if config.trust_server_certificate {
             tds.trust_cert();
+        } else if let Some(path) = &config.tls_ca_file {
+            tds.trust_cert_ca(sql_server_authority(path)?);
         }
         let changes = Manager {
             config: tds.clone(),
@@ -604,6 +606,23 @@ pub(crate) fn map_error(e: tiberius::error::Error) -> BackendError {
     }
 }
 
+/// tiberius trusts exactly one authority, read from a `.pem` or `.crt` file
+/// at each connection: check the file once, so that a wrong one fails the
+/// configuration instead of every connection.
+fn sql_server_authority(path: &std::path::Path) -> Result<String, BackendError> {
+    let certs = crate::pem::certificates(path, "tls_ca_file").map_err(BackendError::Invalid)?;
+    let pem = path
+        .extension()
+        .is_some_and(|ext| ext.eq_ignore_ascii_case("pem") || ext.eq_ignore_ascii_case("crt"));
+    if certs.len() != 1 || !pem {
+        return Err(BackendError::Invalid(format!(
+            "tls_ca_file {}: SQL Server takes one authority's certificate, in a .pem or .crt file",
+            path.display()
+        )));
+    }
+    Ok(path.display().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,6 +697,39 @@ mod tests {
             (commit.as_str(), rollback.as_str()),
             ("COMMIT TRANSACTION", "IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION")
         );
+    }
+
+    #[test]
+    fn a_trusted_authority_is_one_certificate_in_a_pem_file() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let pem = |n: usize| {
+            (0..n)
+                .map(|_| {
+                    rcgen::generate_simple_self_signed(vec!["db".to_string()])
+                        .expect("certificate")
+                        .cert
+                        .pem()
+                })
+                .collect::<String>()
+        };
+        let one = dir.path().join("ca.pem");
+        std::fs::write(&one, pem(1)).expect("write");
+        assert_eq!(sql_server_authority(&one).ok(), Some(one.display().to_string()));
+        let two = dir.path().join("bundle.crt");
+        std::fs::write(&two, pem(2)).expect("write");
+        let renamed = dir.path().join("ca.txt");
+        std::fs::write(&renamed, pem(1)).expect("write");
+        for (path, says) in [
+            (&two, "one authority"),
+            (&renamed, ".pem or .crt"),
+            (&dir.path().join("none.pem"), "none.pem"),
+        ] {
+            let err = match sql_server_authority(path) {
+                Err(BackendError::Invalid(message)) => message,
+                other => panic!("{}: {other:?}", path.display()),
+            };
+            assert!(err.contains("tls_ca_file") && err.contains(says), "{err}");
+        }
     }
 
     #[test]

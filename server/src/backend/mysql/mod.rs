@@ -64,7 +64,7 @@ impl MysqlSource {
                     .with_inactive_connection_ttl(config.pool.idle_timeout),
             );
         if config.tls {
-            builder = builder.ssl_opts(SslOpts::default());
+            builder = builder.ssl_opts(ssl_opts(config)?);
         }
         let change_opts = Opts::from(builder.clone().setup(base_setup));
         let opts = Opts::from(builder);
@@ -351,6 +351,35 @@ impl SqlTransaction for MysqlTransaction {
 }
 
 /// Classifies a mysql_async error by errno first, then by SQLSTATE.
+/// `tls = true`: verify the certificate and host against the public web
+/// roots, or against `tls_ca_file` alone (read once here, so that a bad file
+/// fails the configuration, not every connection); `trust_server_certificate`
+/// accepts any certificate and still encrypts.
+fn ssl_opts(config: &SourceConfig) -> Result<SslOpts, BackendError> {
+    let mut ssl = SslOpts::default().with_danger_accept_invalid_certs(config.trust_server_certificate);
+    if let Some(path) = &config.tls_ca_file {
+        let roots = crate::pem::certificates(path, "tls_ca_file").map_err(BackendError::Invalid)?;
+        ssl = ssl
+            .with_root_certs(roots.iter().map(|der| der.to_vec().into()).collect())
+            .with_disable_built_in_roots(true);
+    }
+    Ok(ssl)
+}
+
+/// A rejected certificate says why without naming hosts.
+fn io_error(e: mysql_async::IoError) -> BackendError {
+    let rustls = match &e {
+        mysql_async::IoError::Io(io) => crate::backend::tls::in_io(io),
+        mysql_async::IoError::Tls(mysql_async::TlsError::Tls(tls)) => Some(tls),
+        mysql_async::IoError::Tls(_) => None,
+    };
+    BackendError::Unavailable(
+        rustls
+            .and_then(crate::backend::tls::rejection)
+            .unwrap_or_else(|| e.to_string()),
+    )
+}
+
 pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
     use EngineErrorKind as K;
     match e {
@@ -380,8 +409,53 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
                 message: s.message,
             }
         }
-        mysql_async::Error::Io(e) => BackendError::Unavailable(e.to_string()),
+        mysql_async::Error::Io(e) => io_error(e),
         mysql_async::Error::Driver(e) => BackendError::Unavailable(e.to_string()),
         other => BackendError::Internal(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn source(keys: &str) -> Result<SourceConfig, String> {
+        let toml = format!("[tenants.a.sources.s]\nengine = \"mysql\"\nhost = \"h\"\nuser = \"u\"\n{keys}");
+        Config::from_toml(&toml)
+            .map(|c| c.tenants["a"].sources["s"].clone())
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn tls_settings_cover_pooled_sessions_and_change_streams() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["db".to_string()]).expect("certificate");
+        std::fs::write(&ca, cert.cert.pem()).expect("write");
+        let own_ca =
+            MysqlSource::new(&source(&format!("tls = true\ntls_ca_file = \"{}\"", ca.display())).expect("keys"))
+                .expect("source");
+        let trusting =
+            MysqlSource::new(&source("tls = true\ntrust_server_certificate = true").expect("keys")).expect("source");
+        for opts in [&own_ca.opts, &own_ca.change_opts] {
+            let ssl = opts.ssl_opts().expect("TLS");
+            assert!(ssl.disable_built_in_roots() && ssl.root_certs().len() == 1 && !ssl.accept_invalid_certs());
+        }
+        for opts in [&trusting.opts, &trusting.change_opts] {
+            let ssl = opts.ssl_opts().expect("TLS");
+            assert!(ssl.accept_invalid_certs() && !ssl.disable_built_in_roots());
+        }
+        let plain = MysqlSource::new(&source("").expect("keys")).expect("source");
+        assert!(plain.opts.ssl_opts().is_none() && plain.change_opts.ssl_opts().is_none());
+
+        let missing = source("tls = true\ntls_ca_file = \"/nonexistent/ca.pem\"").expect("checked when read");
+        assert!(
+            matches!(MysqlSource::new(&missing), Err(BackendError::Invalid(m)) if m.contains("tls_ca_file") && m.contains("/nonexistent/ca.pem"))
+        );
+        for keys in ["trust_server_certificate = true", "tls_ca_file = \"/x.pem\""] {
+            let err = source(keys).expect_err(keys);
+            assert!(err.contains("applies only with tls = true"), "{keys}: {err}");
+        }
     }
 }

@@ -87,26 +87,12 @@ where
     }
 }
 
-/// Says why a certificate was rejected without naming hosts (rustls's own
-/// text names the expected and the presented ones); other errors pass as they are.
+/// A rejected certificate says why without naming hosts; other errors pass as they are.
 fn rejected(e: io::Error) -> io::Error {
-    use rustls::CertificateError as C;
-    let why = match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
-        Some(rustls::Error::InvalidCertificate(c)) => match c {
-            C::UnknownIssuer => {
-                "is not signed by an authority Weir trusts: set the source's tls_ca_file to the authority's certificate"
-            }
-            C::NotValidForName | C::NotValidForNameContext { .. } => "is not valid for the source's host",
-            C::Expired | C::ExpiredContext { .. } => "has expired",
-            C::NotValidYet | C::NotValidYetContext { .. } => "is not valid yet (are the clocks right?)",
-            _ => "was rejected",
-        },
-        _ => return e,
-    };
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("the database's TLS certificate {why}"),
-    )
+    match crate::backend::tls::in_io(&e).and_then(crate::backend::tls::rejection) {
+        Some(why) => io::Error::new(io::ErrorKind::InvalidData, why),
+        None => e,
+    }
 }
 
 /// A connector for one server name.

@@ -131,13 +131,16 @@ topic_prefix = "weir-bench-"
         let file = tempfile::Builder::new().suffix(".toml").tempfile()?;
         std::fs::write(file.path(), config)?;
         let path = binary(args)?;
-        let child = Command::new(&path)
+        let mut child = Command::new(&path)
             .arg("--config")
             .arg(file.path())
             .env("WEIR_BENCH_PG_PASSWORD", &args.pg_password)
             .env("WEIR_BENCH_MYSQL_PASSWORD", &args.mysql_password)
-            .env("WEIR_LOG", "warn")
+            // Its default logging (an audit line per call), read from a
+            // pipe as a container runtime reads it: what a deployment pays.
+            .env_remove("WEIR_LOG")
             .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| {
@@ -146,6 +149,9 @@ topic_prefix = "weir-bench-"
                     path.display()
                 )
             })?;
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(drain_log(stderr));
+        }
         let addr = format!("http://127.0.0.1:{port}");
         let started = Instant::now();
         while WeirClient::connect(&addr, KEY).await.is_err() {
@@ -207,6 +213,17 @@ topic_prefix = "weir-bench-"
             .is_err()
         {
             let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// Reads the server's log as it comes; passes on its warnings and errors.
+async fn drain_log(stderr: tokio::process::ChildStderr) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.contains("WARN") || line.contains("ERROR") {
+            eprintln!("weir: {line}");
         }
     }
 }

@@ -142,5 +142,6 @@ pub async fn run(
         let _ = server.await;
     }
     transactions.rollback_all().await;
+    tracing::info!("weir stopped");
     result
 }

@@ -73,3 +73,51 @@ async fn a_refused_call_names_its_limit_in_its_audit_line() {
     assert_eq!(refused["span"]["limit"], "rate");
     assert_eq!(refused["span"]["tenant"], "tight");
 }
+
+#[tokio::test]
+async fn a_burst_of_calls_leaves_every_line_and_exit_writes_the_last_ones() {
+    let config = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("config file");
+    let limits = "requests_per_second = 100000\nburst = 100000";
+    std::fs::write(config.path(), tenant("busy", limits, &sqlite_demo("busy", "db"))).expect("write config");
+    let weir = WeirProcess::start(&["--config", config.path().to_str().expect("path")]);
+    let client = WeirClient::connect(&weir.addr, "key-busy").await.expect("connect");
+    // Lines are written by the server's log thread, in batches: a burst of
+    // calls from 8 callers must still leave one line per call.
+    const CALLERS: usize = 8;
+    const CALLS: usize = 250;
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                for _ in 0..CALLS {
+                    client.execute("db", "SELECT 1", vec![]).await.expect("execute");
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.expect("caller");
+    }
+    // Stopping the server writes what is left, up to its last line. The
+    // client's connection task runs meanwhile, to see the server's GOAWAY.
+    drop(client);
+    let stopping = std::time::Instant::now();
+    let lines = tokio::task::spawn_blocking(move || weir.stop()).await.expect("stopped");
+    assert!(
+        stopping.elapsed() < std::time::Duration::from_secs(5),
+        "an idle server stops without waiting out its grace period"
+    );
+    let calls = lines
+        .iter()
+        .filter(|l| l["target"] == "weir::audit" && l["method"] == "/weir.v1.QueryService/Execute")
+        .count();
+    assert_eq!(calls, CALLERS * CALLS, "one audit line per call");
+    assert!(
+        lines.last().is_some_and(|l| l["message"] == "weir stopped"),
+        "the last line, logged just before the process exits, is written: {:?}",
+        lines.last()
+    );
+}

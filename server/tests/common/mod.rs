@@ -395,6 +395,23 @@ impl WeirProcess {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Stops the server with SIGTERM and returns the log lines not read yet,
+    /// up to the end of its stderr.
+    pub fn stop(mut self) -> Vec<serde_json::Value> {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(sent.success());
+        let status = self.child.wait().expect("weir exits");
+        assert!(status.success(), "weir exits cleanly on SIGTERM: {status}");
+        let mut rest = Vec::new();
+        while let Ok(line) = self.logs.recv_timeout(Duration::from_secs(20)) {
+            rest.push(line);
+        }
+        rest
+    }
 }
 
 impl Drop for WeirProcess {

@@ -14,15 +14,28 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::TelemetryConfig;
 
+mod batch_writer;
+
+use batch_writer::{BatchWriter, Flusher};
+
+/// Log lines reach stderr within this time (warnings and errors at once).
+const LOG_INTERVAL: Duration = Duration::from_millis(100);
+/// Bytes of waiting lines that are written without waiting for the interval.
+const LOG_BATCH: usize = 64 * 1024;
+/// Bytes of waiting lines at which loggers wait for the writer.
+const LOG_LIMIT: usize = 16 * 1024 * 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-/// Keeps the trace pipeline alive; `shutdown` flushes what is pending.
+/// Keeps the trace pipeline and the log writer alive; `shutdown` (or
+/// dropping it) flushes what is pending.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    _log_writer: Flusher,
 }
 
 impl Telemetry {
@@ -107,7 +120,10 @@ fn provider(config: &TelemetryConfig) -> anyhow::Result<Option<SdkTracerProvider
 pub fn init(format: LogFormat, config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_env("WEIR_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let (writer, flusher) = BatchWriter::start(std::io::stderr(), LOG_INTERVAL, LOG_BATCH, LOG_LIMIT)?;
+    // Colours only on a terminal: a log collector would keep the escape codes.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(terminal).with_writer(writer);
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).boxed(),
@@ -121,5 +137,8 @@ pub fn init(format: LogFormat, config: &TelemetryConfig) -> anyhow::Result<Telem
         .with(fmt)
         .with(otel)
         .try_init()?;
-    Ok(Telemetry { provider })
+    Ok(Telemetry {
+        provider,
+        _log_writer: flusher,
+    })
 }

@@ -371,6 +371,36 @@ async fn tls_sessions_are_encrypted_and_the_server_certificate_is_verified() {
             err.message()
         );
     }
+    // A caller that leaves stops its statement: the KILL goes over TLS too.
+    let mut request = tonic::Request::new(pb::ExecuteRequest {
+        source: "verified".into(),
+        sql: "SELECT SLEEP(20) AS tls_kill_probe".into(),
+        ..Default::default()
+    });
+    request.set_timeout(std::time::Duration::from_millis(300));
+    client
+        .query()
+        .execute(request)
+        .await
+        .expect_err("the deadline passes first");
+    let started = std::time::Instant::now();
+    loop {
+        let running: Option<i64> = direct
+            .query_first(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+                 WHERE INFO LIKE '%tls_kill_probe%' AND ID <> CONNECTION_ID()",
+            )
+            .await
+            .expect("processlist");
+        if running == Some(0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "the statement was killed in the engine"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     // A server that offers no TLS is refused, never used in plaintext.
     let err = client
         .execute("no_tls_server", "SELECT 1", vec![])

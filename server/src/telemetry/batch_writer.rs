@@ -135,8 +135,11 @@ impl Write for Line<'_> {
             shared.wake.notify_one();
             state = shared.room.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
+        let before = state.pending.len();
         state.pending.extend_from_slice(buf);
-        let wake = self.urgent || state.pending.len() >= shared.batch;
+        // Only the line that makes the writer due wakes it: a wake-up is a
+        // system call, which is what this writer keeps off the logging thread.
+        let wake = (self.urgent && !state.urgent) || (before < shared.batch && state.pending.len() >= shared.batch);
         state.urgent |= self.urgent;
         drop(state);
         if wake {

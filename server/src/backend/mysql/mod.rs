@@ -350,7 +350,6 @@ impl SqlTransaction for MysqlTransaction {
     }
 }
 
-/// Classifies a mysql_async error by errno first, then by SQLSTATE.
 /// `tls = true`: verify the certificate and host against the public web
 /// roots, or against `tls_ca_file` alone (read once here, so that a bad file
 /// fails the configuration, not every connection); `trust_server_certificate`
@@ -380,6 +379,7 @@ fn io_error(e: mysql_async::IoError) -> BackendError {
     )
 }
 
+/// Classifies a mysql_async error by errno first, then by SQLSTATE.
 pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
     use EngineErrorKind as K;
     match e {

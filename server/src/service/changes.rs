@@ -14,7 +14,6 @@ use crate::backend::changes::{ChangeItem, ChangeOp, Position, RowChange, TableNa
 use crate::backend::WatchSpec;
 use crate::config::ChangesConfig;
 use crate::error::{Error, Result};
-use crate::metrics::METRICS;
 use crate::tenant::Caller;
 
 /// Longest subscription name.
@@ -229,7 +228,7 @@ pub async fn watch(
     let (tx, rx) = StreamOut::channel(WATCH_BUFFER, stream_idle);
     tokio::spawn(async move {
         let _permit = permit;
-        let _active = METRICS.stream_started(&caller.tenant.id);
+        let _active = caller.tenant.metrics.stream_started();
         let pump = Pump {
             caller: &caller,
             source: &start.source,
@@ -293,7 +292,7 @@ impl Pump<'_> {
                     if is_change {
                         let bytes = prost::Message::encoded_len(&response) as u64;
                         throttled += self.caller.tenant.limiter.charge_records(1, bytes).await;
-                        METRICS.record_result(&self.caller.tenant.id, self.source, 1, bytes);
+                        self.caller.tenant.count_returned(self.source, 1, bytes);
                     }
                     // What was not acknowledged is sent again on resume.
                     if !tx.deliver(response).await {

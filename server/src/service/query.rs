@@ -19,7 +19,6 @@ use super::transactions::{OpenTransaction, Transactions};
 use super::{caller, source, statement_timeout, Gate, StreamIn, StreamOut};
 use crate::backend::{QueryStream, Statement, TxOptions};
 use crate::error::{Error, Result};
-use crate::metrics::METRICS;
 use crate::tenant::Caller;
 
 /// Batches of a result stream are cut at about this many encoded bytes.
@@ -143,7 +142,7 @@ impl Target {
 
     /// Counts what was returned, in metrics and on the call's span.
     fn returned(&self, rows: u64, bytes: u64) {
-        METRICS.record_result(&self.caller.tenant.id, &self.source, rows, bytes);
+        self.caller.tenant.count_returned(&self.source, rows, bytes);
         let span = tracing::Span::current();
         // Signed, so that trace exporters keep them as integers.
         span.record("rows", i64::try_from(rows).unwrap_or(i64::MAX));
@@ -222,7 +221,7 @@ fn message(payload: pb::execute_stream_response::Payload) -> pb::ExecuteStreamRe
 async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, timing: Timing) -> Result<()> {
     use pb::execute_stream_response::Payload;
     let started = timing.started;
-    let _active = METRICS.stream_started(&target.caller.tenant.id);
+    let _active = target.caller.tenant.metrics.stream_started();
     let mut query = target.start().instrument(tracing::info_span!("engine.start")).await?;
     let columns = std::mem::take(&mut query.columns)
         .into_iter()

@@ -16,7 +16,6 @@ use crate::backend::topics::{ConsumeSpec, InRecord, OutRecord, PartitionOffset, 
 use crate::backend::TopicSource;
 use crate::config::ChangesConfig;
 use crate::error::{Error, Result};
-use crate::metrics::METRICS;
 use crate::tenant::Caller;
 
 /// Longest accepted consumer group name, before namespacing.
@@ -180,7 +179,7 @@ async fn deliver(
             .charge_records(batch.len() as u64, bytes as u64)
             .await;
         sent += batch.len() as u64;
-        METRICS.record_result(&caller.tenant.id, &source, batch.len() as u64, bytes as u64);
+        caller.tenant.count_returned(&source, batch.len() as u64, bytes as u64);
         // Offsets are committed only for what reached the client's stream.
         let delivered = auto_commit.then(|| batch.clone());
         let response = pb::ConsumeResponse {
@@ -271,7 +270,7 @@ impl StreamService for StreamApi {
         let cut = self.cut.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let _active = METRICS.stream_started(&caller.tenant.id);
+            let _active = caller.tenant.metrics.stream_started();
             deliver(caller, r.source, records, auto_commit, r.max_records, tx, cut).await;
         });
         Ok(Response::new(rx))

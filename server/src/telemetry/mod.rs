@@ -15,8 +15,10 @@ use tracing_subscriber::{EnvFilter, Layer};
 use crate::config::TelemetryConfig;
 
 mod batch_writer;
+mod plain;
 
 use batch_writer::{BatchWriter, Flusher};
+use plain::{PlainFields, UtcMicros};
 
 /// Log lines reach stderr within this time (warnings and errors at once).
 const LOG_INTERVAL: Duration = Duration::from_millis(100);
@@ -123,9 +125,14 @@ pub fn init(format: LogFormat, config: &TelemetryConfig) -> anyhow::Result<Telem
     let (writer, flusher) = BatchWriter::start(std::io::stderr(), LOG_INTERVAL, LOG_BATCH, LOG_LIMIT)?;
     // Colours only on a terminal: a log collector would keep the escape codes.
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer().with_ansi(terminal).with_writer(writer);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(terminal)
+        .with_writer(writer)
+        .with_timer(UtcMicros);
     let fmt = match format {
-        LogFormat::Text => fmt.boxed(),
+        LogFormat::Text if terminal => fmt.boxed(),
+        // The same lines without the styling machinery (see `plain`).
+        LogFormat::Text => fmt.fmt_fields(PlainFields).boxed(),
         LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).boxed(),
     };
     let provider = provider(config)?;

@@ -15,6 +15,7 @@ use crate::backend::{self, Backend, BackendError};
 use crate::config::{Config, GlobalLimitsConfig, LimitsConfig, SourceConfig};
 use crate::limits::global::GlobalLimiter;
 use crate::limits::TenantLimiter;
+use crate::metrics::{SourceMetrics, TenantMetrics};
 use crate::transport::jwt::{looks_like_jwt, JwtVerifier};
 
 /// Live state of a source, refreshed by the health checker.
@@ -31,6 +32,7 @@ pub struct Source {
     pub status: RwLock<SourceStatus>,
     /// SHA-256 of the password as read, so a reload notices a rotated Secret.
     secret: [u8; 32],
+    returned: SourceMetrics,
 }
 
 pub struct Tenant {
@@ -39,6 +41,7 @@ pub struct Tenant {
     pub limiter: Arc<TenantLimiter>,
     /// Put SQL text in the audit log.
     pub audit_sql: bool,
+    pub metrics: TenantMetrics,
     sources: HashMap<String, Arc<Source>>,
 }
 
@@ -47,6 +50,13 @@ impl Tenant {
     /// same NOT_FOUND whether the source is unknown or another tenant's.
     pub fn source(&self, name: &str) -> Option<&Arc<Source>> {
         self.sources.get(name)
+    }
+
+    /// Counts rows and bytes one of this tenant's sources returned to a caller.
+    pub fn count_returned(&self, source: &str, rows: u64, bytes: u64) {
+        if let Some(source) = self.sources.get(source) {
+            source.returned.returned(rows, bytes);
+        }
     }
 
     pub fn sources(&self) -> impl Iterator<Item = &Arc<Source>> {
@@ -145,6 +155,7 @@ impl Tenants {
                             backend,
                             status: RwLock::default(),
                             secret,
+                            returned: SourceMetrics::new(id, name),
                         })
                     }
                 };
@@ -162,6 +173,7 @@ impl Tenants {
                 limits: t.limits.clone(),
                 limiter,
                 audit_sql: t.audit_sql,
+                metrics: TenantMetrics::new(id),
                 sources,
             });
             for key in &t.api_keys {

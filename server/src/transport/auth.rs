@@ -18,8 +18,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::tls::PeerInfo;
 use crate::error::Error;
-use crate::metrics::{method_label, METRICS};
+use crate::metrics::{Method, TenantMetrics};
 use crate::tenant::reload::Registry;
+use crate::tenant::Tenant;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Paths of the gateway's own API; everything else (health, reflection) is public.
@@ -165,9 +166,8 @@ where
         );
         let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
         let _ = span.set_parent(parent);
-        let api_call = method.starts_with(API_PREFIX);
-        let mut tenant = String::new();
-        if api_call {
+        let mut tenant: Option<Arc<Tenant>> = None;
+        if method.starts_with(API_PREFIX) {
             let identities = req
                 .extensions()
                 .get::<PeerInfo>()
@@ -177,16 +177,15 @@ where
                 Ok(caller) => {
                     span.record("tenant", caller.tenant.id.as_str());
                     span.record("key_id", &*caller.key_id);
-                    tenant = caller.tenant.id.clone();
+                    tenant = Some(caller.tenant.clone());
                     req.extensions_mut().insert(caller);
                 }
                 Err(reason) => {
                     let _enter = span.enter();
                     // The reason is for the operator; the caller gets one answer for every failure.
                     tracing::info!(target: AUDIT, method = %method, code = ?tonic::Code::Unauthenticated, reason = %reason, duration_ms = 0.0, "call");
-                    METRICS.record_call(
-                        "",
-                        method_label(&method),
+                    TenantMetrics::anonymous().record_call(
+                        Method::of(&method),
                         tonic::Code::Unauthenticated,
                         started.elapsed(),
                     );
@@ -204,16 +203,16 @@ where
                 let mut response = inner.call(req).await?;
                 settle_status(response.headers_mut());
                 response.headers_mut().insert(REQUEST_ID_HEADER, id);
-                if !api_call {
+                let Some(tenant) = tenant else {
                     return Ok(response);
-                }
+                };
                 let code = status_code(response.headers());
                 Ok(response.map(|body| {
                     Body::new(ObservedBody {
                         inner: body,
                         code,
                         tenant,
-                        method: method_label(&method),
+                        method: Method::of(&method),
                         started,
                         span: body_span,
                     })
@@ -232,8 +231,8 @@ pub const AUDIT: &str = "weir::audit";
 struct ObservedBody {
     inner: Body,
     code: Option<tonic::Code>,
-    tenant: String,
-    method: &'static str,
+    tenant: Arc<Tenant>,
+    method: Method,
     started: Instant,
     span: tracing::Span,
 }
@@ -271,13 +270,13 @@ impl Drop for ObservedBody {
     fn drop(&mut self) {
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
         let elapsed = self.started.elapsed();
-        METRICS.record_call(&self.tenant, self.method, code, elapsed);
+        self.tenant.metrics.record_call(self.method, code, elapsed);
         self.span.record("code", format!("{code:?}"));
         let _enter = self.span.enter();
         // One line per call on its own target, so that it can be shipped (or
         // silenced, WEIR_LOG=weir::audit=off) separately; the call span adds
         // request id, tenant, key id, source, rows and bytes.
-        tracing::info!(target: AUDIT, method = self.method, code = ?code, duration_ms = elapsed.as_secs_f64() * 1e3, "call");
+        tracing::info!(target: AUDIT, method = self.method.label(), code = ?code, duration_ms = elapsed.as_secs_f64() * 1e3, "call");
     }
 }
 

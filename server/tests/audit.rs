@@ -50,6 +50,37 @@ async fn every_call_leaves_one_audit_line() {
 }
 
 #[tokio::test]
+async fn text_logs_carry_the_call_span_and_no_colour_codes() {
+    let weir = WeirProcess::start_logging("text", &[]);
+    let client = WeirClient::connect(&weir.addr, "demo").await.expect("connect");
+    client
+        .execute("demo", "SELECT 1 AS one", vec![])
+        .await
+        .expect("execute");
+    let audit = weir.next_log(|l| l.as_str().is_some_and(|l| l.contains(" weir::audit: ")));
+    let line = audit.as_str().expect("a text line");
+    // 2026-12-04T05:30:10.123456Z  INFO call{...}: weir::audit: call method=...
+    let (time, rest) = line.split_once(' ').expect("a timestamp");
+    assert_eq!(time.len(), "2026-12-04T05:30:10.123456Z".len(), "{line}");
+    assert!(time.ends_with('Z') && time.as_bytes()[10] == b'T', "{line}");
+    assert!(
+        rest.trim_start()
+            .starts_with("INFO call{otel.name=/weir.v1.QueryService/Execute request_id=\""),
+        "{line}"
+    );
+    for part in [
+        r#"tenant="demo" key_id="demo" source="demo" engine="sqlite" rows=1 bytes="#,
+        r#" code="Ok"}: weir::audit: call method="/weir.v1.QueryService/Execute" code=Ok duration_ms="#,
+    ] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    assert!(
+        !line.contains('\x1b'),
+        "no colour codes in a log that is not a terminal: {line}"
+    );
+}
+
+#[tokio::test]
 async fn a_refused_call_names_its_limit_in_its_audit_line() {
     let config = tempfile::Builder::new()
         .suffix(".toml")

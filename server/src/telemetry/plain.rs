@@ -97,7 +97,7 @@ impl Visit for PlainVisitor<'_> {
         if field.name() == "message" {
             self.message(format_args!("{value}"));
         } else {
-            self.field(field, |w| write!(w, "{value:?}"));
+            self.field(field, |w| quoted(w, value));
         }
     }
 
@@ -142,6 +142,22 @@ impl Visit for PlainVisitor<'_> {
         } else {
             self.field(field, |w| write!(w, "{value:?}"));
         }
+    }
+}
+
+/// `value` as `{:?}` writes it. Ids, names and methods are printable ASCII
+/// without quotes or backslashes, which need no escaping: copied whole, not
+/// checked character by character against Unicode's tables.
+fn quoted(w: &mut Writer<'_>, value: &str) -> fmt::Result {
+    if value
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        w.write_char('"')?;
+        w.write_str(value)?;
+        w.write_char('"')
+    } else {
+        write!(w, "{value:?}")
     }
 }
 
@@ -370,7 +386,13 @@ mod tests {
                 error = &error as &(dyn std::error::Error + 'static),
                 "call"
             );
-            tracing::warn!(sql = "SELECT 'a'", "a \x1b[31m message\u{9b} with {} escapes", 2);
+            tracing::warn!(
+                sql = "SELECT 'a'",
+                quote = "say \"hi\"\\ \n ok",
+                accent = "café",
+                "a \x1b[31m message\u{9b} with {} escapes",
+                2
+            );
         });
         assert_eq!(ours, theirs);
         assert!(

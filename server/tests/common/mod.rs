@@ -347,9 +347,14 @@ pub struct WeirProcess {
 impl WeirProcess {
     /// Starts `weir` with `args` on a free port and waits until it listens.
     pub fn start(args: &[&str]) -> WeirProcess {
+        Self::start_logging("json", args)
+    }
+
+    /// As `start`, with logs in `format`; a line that is not JSON is read as a string.
+    pub fn start_logging(format: &str, args: &[&str]) -> WeirProcess {
         use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["--log-format", "json"])
+            .args(["--log-format", format])
             .args(args)
             .env("WEIR__SERVER__LISTEN", "127.0.0.1:0")
             .env("WEIR__METRICS__ENABLED", "false")
@@ -362,10 +367,9 @@ impl WeirProcess {
         let (tx, logs) = std::sync::mpsc::channel::<serde_json::Value>();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str(&line) {
-                    if tx.send(v).is_err() {
-                        return;
-                    }
+                let v = serde_json::from_str(&line).unwrap_or(serde_json::Value::String(line));
+                if tx.send(v).is_err() {
+                    return;
                 }
             }
         });
@@ -374,8 +378,14 @@ impl WeirProcess {
             logs,
             addr: String::new(),
         };
-        let listening = process.next_log(|l| l["message"] == "weir listening");
-        process.addr = listening["addr"].as_str().expect("addr").to_string();
+        let listening = process.next_log(|l| {
+            l["message"] == "weir listening" || l.as_str().is_some_and(|l| l.contains(" weir listening "))
+        });
+        let addr = match listening.as_str() {
+            Some(text) => text.split_once("addr=").and_then(|(_, a)| a.split(' ').next()),
+            None => listening["addr"].as_str(),
+        };
+        process.addr = addr.expect("addr").to_string();
         process
     }
 

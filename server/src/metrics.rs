@@ -318,7 +318,7 @@ const METHODS: [&str; 17] = [
 ];
 
 /// The code's name as its `Debug` form writes it ("Ok", "InvalidArgument", ...).
-fn code_label(code: tonic::Code) -> &'static str {
+pub fn code_label(code: tonic::Code) -> &'static str {
     use tonic::Code as C;
     match code {
         C::Ok => "Ok",

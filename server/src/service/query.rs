@@ -19,7 +19,7 @@ use super::transactions::{OpenTransaction, Transactions};
 use super::{caller, source, statement_timeout, Gate, StreamIn, StreamOut};
 use crate::backend::{QueryStream, Statement, TxOptions};
 use crate::error::{Error, Result};
-use crate::tenant::Caller;
+use crate::tenant::{Caller, Source};
 
 /// Batches of a result stream are cut at about this many encoded bytes.
 const BATCH_BYTES: usize = 1024 * 1024;
@@ -50,12 +50,19 @@ impl QueryApi {
     }
 }
 
+/// Where a statement runs.
+enum Runs {
+    /// In the caller's open transaction.
+    InTransaction(Arc<OpenTransaction>),
+    /// On a pooled session of the source.
+    Pooled(Arc<Source>),
+}
+
 /// What a statement runs on, resolved before it starts.
 struct Target {
-    transaction: Option<Arc<OpenTransaction>>,
+    runs: Runs,
     statement: Statement,
     caller: Caller,
-    source: String,
 }
 
 impl QueryApi {
@@ -82,9 +89,8 @@ impl QueryApi {
             params: convert::params(params)?,
             whole_result,
         };
-        let transaction = if tx_id.is_empty() {
-            source(&caller, source_name)?;
-            None
+        let runs = if tx_id.is_empty() {
+            Runs::Pooled(source(&caller, source_name)?)
         } else {
             let tx = self.transactions.get(&caller, tx_id)?;
             if !source_name.is_empty() && source_name != tx.source {
@@ -93,47 +99,42 @@ impl QueryApi {
                     message: format!("the transaction belongs to source \"{}\"", tx.source),
                 });
             }
-            Some(tx)
+            super::record_source(&caller, &tx.source);
+            Runs::InTransaction(tx)
         };
-        let source = transaction
-            .as_ref()
-            .map_or_else(|| source_name.to_string(), |t| t.source.clone());
-        if transaction.is_some() {
-            super::record_source(&caller, &source);
-        }
         Ok(Target {
-            transaction,
+            runs,
             statement,
             caller,
-            source,
         })
     }
 }
 
 impl Target {
+    fn source(&self) -> &str {
+        match &self.runs {
+            Runs::InTransaction(tx) => &tx.source,
+            Runs::Pooled(source) => &source.name,
+        }
+    }
+
     async fn start(&self) -> Result<QueryStream> {
-        let stream = match &self.transaction {
-            Some(tx) => tx.tx.query(self.statement.clone()).await?,
-            None => {
-                source(&self.caller, &self.source)?
-                    .backend
-                    .sql()?
-                    .query(self.statement.clone())
-                    .await?
-            }
+        let stream = match &self.runs {
+            Runs::InTransaction(tx) => tx.tx.query(self.statement.clone()).await?,
+            Runs::Pooled(source) => source.backend.sql()?.query(self.statement.clone()).await?,
         };
         Ok(stream)
     }
 
     fn finished(&self) {
-        if let Some(tx) = &self.transaction {
+        if let Runs::InTransaction(tx) = &self.runs {
             tx.touch();
         }
     }
 
     /// The error as the caller should see it: in a transaction, a lost session is a lost transaction.
     fn lost(&self, e: Error) -> Error {
-        if self.transaction.is_some() {
+        if matches!(self.runs, Runs::InTransaction(_)) {
             e.in_transaction()
         } else {
             e
@@ -142,11 +143,12 @@ impl Target {
 
     /// Counts what was returned, in metrics and on the call's span.
     fn returned(&self, rows: u64, bytes: u64) {
-        self.caller.tenant.count_returned(&self.source, rows, bytes);
-        let span = tracing::Span::current();
+        self.caller.tenant.count_returned(self.source(), rows, bytes);
         // Signed, so that trace exporters keep them as integers.
-        span.record("rows", i64::try_from(rows).unwrap_or(i64::MAX));
-        span.record("bytes", i64::try_from(bytes).unwrap_or(i64::MAX));
+        super::record_pair(
+            ("rows", &i64::try_from(rows).unwrap_or(i64::MAX)),
+            ("bytes", &i64::try_from(bytes).unwrap_or(i64::MAX)),
+        );
     }
 }
 

@@ -18,7 +18,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::tls::PeerInfo;
 use crate::error::Error;
-use crate::metrics::{Method, TenantMetrics};
+use crate::metrics::{code_label, Method, TenantMetrics};
 use crate::tenant::reload::Registry;
 use crate::tenant::Tenant;
 
@@ -275,7 +275,7 @@ impl Drop for ObservedBody {
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
         let elapsed = self.started.elapsed();
         self.tenant.metrics.record_call(self.method, code, elapsed);
-        self.span.record("code", format!("{code:?}"));
+        self.span.record("code", code_label(code));
         let _enter = self.span.enter();
         // One line per call on its own target, so that it can be shipped (or
         // silenced, WEIR_LOG=weir::audit=off) separately; the call span adds

@@ -19,6 +19,7 @@ use super::transactions::{OpenTransaction, Transactions};
 use super::{caller, source, statement_timeout, Gate, StreamIn, StreamOut};
 use crate::backend::{QueryStream, Statement, TxOptions};
 use crate::error::{Error, Result};
+use crate::telemetry;
 use crate::tenant::{Caller, Source};
 
 /// Batches of a result stream are cut at about this many encoded bytes.
@@ -174,7 +175,7 @@ fn stats(rows: u64, bytes: u64, affected: Option<u64>, timing: Timing, first_row
 async fn execute_unary(target: &Target, timing: Timing) -> Result<pb::ExecuteResponse> {
     let started = timing.started;
     let limits = &target.caller.tenant.limits;
-    let mut query = target.start().instrument(tracing::info_span!("engine.start")).await?;
+    let mut query = target.start().instrument(telemetry::engine_span()).await?;
     let mut rows = Vec::new();
     let mut bytes = 0u64;
     let mut first_row = None;
@@ -224,7 +225,7 @@ async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, t
     use pb::execute_stream_response::Payload;
     let started = timing.started;
     let _active = target.caller.tenant.metrics.stream_started();
-    let mut query = target.start().instrument(tracing::info_span!("engine.start")).await?;
+    let mut query = target.start().instrument(telemetry::engine_span()).await?;
     let columns = std::mem::take(&mut query.columns)
         .into_iter()
         .map(convert::column)

@@ -558,17 +558,18 @@ async fn a_client_that_vanishes_mid_load_changes_nothing(engine: Engine) {
     ctx.server.stop().await;
 }
 
-async fn a_load_past_its_deadline_changes_nothing(engine: Engine) {
+/// The request stream of a REPLACE load into `table`, its header and 100
+/// rows sent and the stream left open (it ends when the sender is dropped).
+async fn open_load(
+    table: &str,
+) -> (
+    tokio::sync::mpsc::Sender<pb::LoadRequest>,
+    ReceiverStream<pb::LoadRequest>,
+) {
     use weir_client::weir_proto::v1::load_request::Message as LoadMessage;
-    let ctx = Ctx::new(engine, "").await;
-    ctx.table("weir_bulk_deadline", 2).await;
-    let before = ctx.contents("weir_bulk_deadline").await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(pb::LoadRequest {
-        message: Some(LoadMessage::Header(header(
-            "weir_bulk_deadline",
-            pb::BulkLoadMode::Replace,
-        ))),
+        message: Some(LoadMessage::Header(header(table, pb::BulkLoadMode::Replace))),
     })
     .await
     .expect("header");
@@ -577,9 +578,17 @@ async fn a_load_past_its_deadline_changes_nothing(engine: Engine) {
     })
     .await
     .expect("rows");
+    (tx, ReceiverStream::new(rx))
+}
+
+async fn a_load_past_its_deadline_changes_nothing(engine: Engine) {
+    let ctx = Ctx::new(engine, "").await;
+    ctx.table("weir_bulk_deadline", 2).await;
+    let before = ctx.contents("weir_bulk_deadline").await;
+    let (tx, requests) = open_load("weir_bulk_deadline").await;
     // The stream then stalls, open, past the call's deadline. The deadline
     // goes as the header alone, so that the server (not the client) ends it.
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    let mut request = tonic::Request::new(requests);
     request
         .metadata_mut()
         .insert("grpc-timeout", "500m".parse().expect("header value"));
@@ -591,6 +600,63 @@ async fn a_load_past_its_deadline_changes_nothing(engine: Engine) {
     assert_eq!(ctx.contents("weir_bulk_deadline").await, before, "{engine:?}");
     assert_serves(&ctx.client, "db", 3).await;
     ctx.server.stop().await;
+}
+
+/// Past the shutdown grace period, a load still receiving rows is rolled
+/// back and its caller told so (UNAVAILABLE, retry elsewhere), instead of
+/// being left hanging on a server that has stopped serving.
+async fn a_load_cut_by_shutdown_changes_nothing(engine: Engine) {
+    let with_grace = format!("{}[server]\nshutdown_grace = \"1s\"\n", engine.source("bulk", ""));
+    let server = TestServer::start(&with_grace).await;
+    let client = server.client("key-bulk").await;
+    let ctx = Ctx { engine, server, client };
+    ctx.table("weir_bulk_shutdown", 2).await;
+    let before = ctx.contents("weir_bulk_shutdown").await;
+    let (tx, requests) = open_load("weir_bulk_shutdown").await;
+    let mut bulk = ctx.client.bulk();
+    let call = tokio::spawn(async move { bulk.load(requests).await });
+    // The load is under way, its stream open, when the server is told to stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let stopping = tokio::spawn(ctx.server.stop());
+    let err = tokio::time::timeout(Duration::from_secs(8), call)
+        .await
+        .expect("the load ends after the grace period")
+        .expect("load task")
+        .expect_err("a cut load fails");
+    assert_eq!(err.code(), Code::Unavailable, "{engine:?}: {}", err.message());
+    assert_eq!(reason(&err), "SHUTTING_DOWN");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "not before the grace period"
+    );
+    tokio::time::timeout(Duration::from_secs(8), stopping)
+        .await
+        .expect("server stopped")
+        .expect("clean stop");
+    drop(tx);
+    // Read back through a second server: the rows the first one received are gone.
+    let server = TestServer::start(&engine.source("bulk", "")).await;
+    let client = server.client("key-bulk").await;
+    let ctx = Ctx { engine, server, client };
+    assert_eq!(ctx.contents("weir_bulk_shutdown").await, before, "{engine:?}");
+    ctx.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_load_cut_by_shutdown_changes_nothing_in_postgres() {
+    a_load_cut_by_shutdown_changes_nothing(Engine::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_load_cut_by_shutdown_changes_nothing_in_mysql() {
+    a_load_cut_by_shutdown_changes_nothing(Engine::Mysql).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]
+async fn a_load_cut_by_shutdown_changes_nothing_in_mssql() {
+    a_load_cut_by_shutdown_changes_nothing(Engine::Mssql).await;
 }
 
 async fn a_retried_load_id_loads_once(engine: Engine) {

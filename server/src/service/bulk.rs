@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 use weir_proto::v1 as pb;
 use weir_proto::v1::bulk_load_service_server::BulkLoadService;
@@ -38,11 +39,14 @@ const MAX_LOAD_ID: usize = 200;
 pub struct BulkApi {
     config: BulkConfig,
     gate: Gate,
+    /// Becomes true when the shutdown grace period is over: loads still
+    /// receiving rows are rolled back and their callers told to retry.
+    cut: watch::Receiver<bool>,
 }
 
 impl BulkApi {
-    pub fn new(config: BulkConfig, gate: Gate) -> Self {
-        Self { config, gate }
+    pub fn new(config: BulkConfig, gate: Gate, cut: watch::Receiver<bool>) -> Self {
+        Self { config, gate, cut }
     }
 }
 
@@ -382,16 +386,22 @@ impl BulkApi {
         });
         let mut skipped = Skipped::default();
         let mut throttled = Duration::ZERO;
-        let fed = feed_rows(
-            &mut stream,
-            &sender,
-            &caller,
-            &columns,
-            header.skip_bad_rows,
-            &mut skipped,
-            &mut throttled,
-        )
-        .await;
+        let mut cut = self.cut.clone();
+        let fed = tokio::select! {
+            fed = feed_rows(
+                &mut stream,
+                &sender,
+                &caller,
+                &columns,
+                header.skip_bad_rows,
+                &mut skipped,
+                &mut throttled,
+            ) => fed,
+            // A load that has all its rows commits; one still receiving
+            // them when the grace period ends is rolled back, and its caller
+            // hears so (instead of a reset connection) once it is.
+            Ok(_) = cut.wait_for(|cut| *cut) => Err(Error::ShuttingDown),
+        };
         match fed {
             Ok(true) => {
                 sender.finish().await;

@@ -45,10 +45,10 @@ pub async fn serve(
     let idle = config.server.stream_idle_timeout;
     let stream = StreamServiceServer::new(StreamApi::new(cut.clone(), config.changes.clone(), gate.clone(), idle))
         .max_decoding_message_size(max);
-    let query =
-        QueryServiceServer::new(QueryApi::new(transactions, cut, gate.clone(), idle)).max_decoding_message_size(max);
+    let query = QueryServiceServer::new(QueryApi::new(transactions, cut.clone(), gate.clone(), idle))
+        .max_decoding_message_size(max);
     let schema = SchemaServiceServer::new(SchemaApi::new(gate.clone())).max_decoding_message_size(max);
-    let bulk = BulkLoadServiceServer::new(BulkApi::new(config.bulk.clone(), gate)).max_decoding_message_size(max);
+    let bulk = BulkLoadServiceServer::new(BulkApi::new(config.bulk.clone(), gate, cut)).max_decoding_message_size(max);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(weir_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

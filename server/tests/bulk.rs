@@ -132,15 +132,6 @@ fn rows(range: std::ops::Range<i64>) -> Vec<pb::Row> {
     range.map(|i| row(i, &format!("n{i}"), i)).collect()
 }
 
-fn metadata(status: &tonic::Status, key: &str) -> String {
-    use tonic_types::StatusExt;
-    status
-        .get_error_details()
-        .error_info()
-        .and_then(|i| i.metadata.get(key).cloned())
-        .unwrap_or_default()
-}
-
 async fn every_mode_appends_upserts_and_replaces(engine: Engine) {
     let ctx = Ctx::new(engine, "").await;
     ctx.table("weir_bulk_modes", 0).await;
@@ -404,7 +395,7 @@ async fn a_bad_row_anywhere_leaves_the_table_unchanged(engine: Engine) {
         assert_eq!(err.code(), Code::InvalidArgument, "{engine:?}: {}", err.message());
         assert_eq!(reason(&err), "BAD_ROW");
         assert_eq!(
-            metadata(&err, "row_index"),
+            error_metadata(&err, "row_index"),
             at.to_string(),
             "{engine:?}: {}",
             err.message()
@@ -423,7 +414,7 @@ async fn a_bad_row_anywhere_leaves_the_table_unchanged(engine: Engine) {
             .await
             .expect_err("a string into an integer column");
         assert_eq!(err.code(), Code::InvalidArgument);
-        assert_eq!(metadata(&err, "row_index"), at.to_string());
+        assert_eq!(error_metadata(&err, "row_index"), at.to_string());
         assert!(err.message().contains("column \"score\""), "{}", err.message());
         assert_eq!(
             ctx.contents("weir_bulk_bad").await,
@@ -440,7 +431,7 @@ async fn a_bad_row_anywhere_leaves_the_table_unchanged(engine: Engine) {
         .await
         .expect_err("duplicate key");
     assert_eq!(err.code(), Code::InvalidArgument, "{engine:?}: {}", err.message());
-    assert_eq!(metadata(&err, "row_index"), "1", "{engine:?}: {}", err.message());
+    assert_eq!(error_metadata(&err, "row_index"), "1", "{engine:?}: {}", err.message());
     assert_eq!(ctx.contents("weir_bulk_bad").await, before);
 
     // NULL into a NOT NULL column, and a row of the wrong width.
@@ -453,7 +444,7 @@ async fn a_bad_row_anywhere_leaves_the_table_unchanged(engine: Engine) {
         )
         .await
         .expect_err("NULL into NOT NULL");
-    assert_eq!(metadata(&err, "column"), "name");
+    assert_eq!(error_metadata(&err, "column"), "name");
     let err = ctx
         .load(
             header("weir_bulk_bad", pb::BulkLoadMode::Append),
@@ -490,7 +481,7 @@ async fn bad_rows_can_be_skipped_and_reported(engine: Engine) {
     let mut load = header("weir_bulk_skip", pb::BulkLoadMode::Append);
     load.bad_rows = pb::BadRowPolicy::Skip as i32;
     let err = ctx.load(load, vec![batch]).await.expect_err("CHECK violation");
-    assert_eq!(metadata(&err, "row_index"), "6", "{engine:?}: {}", err.message());
+    assert_eq!(error_metadata(&err, "row_index"), "6", "{engine:?}: {}", err.message());
     assert_eq!(ctx.contents("weir_bulk_skip").await.len(), 8);
     ctx.server.stop().await;
 }

@@ -376,6 +376,32 @@ async fn a_full_producer_queue_delays_records_without_losing_or_reordering_them(
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_find_no_room_in_the_producer_queue_fail_as_unavailable() {
+    // Room for one record, which is held 7 s before it is sent: the second
+    // waits its 5 s for room in vain, and the third is not queued after it.
+    let source =
+        kafka("kw", "events", "weir-w-") + "\"queue.buffering.max.messages\" = \"1\"\n\"linger.ms\" = \"7000\"\n";
+    let server = TestServer::start(&tenant("kw", "", &source)).await;
+    let client = server.client("key-kw").await;
+    let topic = unique("weir-w-full-");
+    create_topic(&topic, 1).await;
+    let started = std::time::Instant::now();
+    let err = produce(&client, &topic, (0..3).map(record).collect())
+        .await
+        .expect_err("no room for the second record");
+    assert_eq!(err.code(), Code::Unavailable, "a transient overload: {}", err.message());
+    assert!(err.message().contains("queue stayed full"), "{}", err.message());
+    assert_eq!(error_metadata(&err, "acknowledged_records"), "0");
+    assert_eq!(error_metadata(&err, "failed_records"), "1,2");
+    assert!(started.elapsed() >= Duration::from_secs(5), "{:?}", started.elapsed());
+    // The acknowledged record is there once; the failed ones can be sent again.
+    let got = consume(&client, consume_request(&topic, "w", 1, false)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].value, record(0).value);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_broker_is_unavailable() {
     let config = tenant(

@@ -158,6 +158,16 @@ pub async fn wait_until_gone(pg: &tokio_postgres::Client, needle: &str, within: 
     }
 }
 
+/// One entry of the `ErrorInfo` metadata of a status ("" when absent).
+pub fn error_metadata(status: &tonic::Status, key: &str) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .and_then(|i| i.metadata.get(key).cloned())
+        .unwrap_or_default()
+}
+
 pub fn reason(status: &tonic::Status) -> String {
     use tonic_types::StatusExt;
     status

@@ -126,6 +126,13 @@ pub fn map_error(e: KafkaError) -> BackendError {
         C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => {
             return BackendError::not_found("topic not found");
         }
+        // Room in the producer's queue did not come within the wait: the
+        // cluster is not taking records as fast as they come. Transient.
+        C::QueueFull => {
+            return BackendError::Unavailable(
+                "the producer's queue stayed full: the Kafka cluster is not taking records as fast as they come".into(),
+            );
+        }
         C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidMessage | C::InvalidArgument => {
             EngineErrorKind::InvalidArgument
         }

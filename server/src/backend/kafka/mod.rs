@@ -120,7 +120,13 @@ fn allowed(topics: &[String], prefix: Option<&str>, topic: &str) -> bool {
 pub fn map_error(e: KafkaError) -> BackendError {
     use RDKafkaErrorCode as C;
     let Some(code) = e.rdkafka_error_code() else {
-        return BackendError::Internal(e.to_string());
+        return match e {
+            // The producer went (its source was removed or changed by a reload) before the broker answered.
+            KafkaError::Canceled => {
+                BackendError::Unavailable("the Kafka source was closed before the broker answered".into())
+            }
+            e => BackendError::Internal(e.to_string()),
+        };
     };
     let kind = match code {
         C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => {
@@ -128,6 +134,9 @@ pub fn map_error(e: KafkaError) -> BackendError {
         }
         // Room in the producer's queue did not come within the wait: the
         // cluster is not taking records as fast as they come. Transient.
+        C::PurgeQueue | C::PurgeInflight => {
+            return BackendError::Unavailable("the Kafka source was closed before the record was sent".into());
+        }
         C::QueueFull => {
             return BackendError::Unavailable(
                 "the producer's queue stayed full: the Kafka cluster is not taking records as fast as they come".into(),
@@ -449,5 +458,46 @@ impl TopicSource for KafkaSource {
             Ok(out)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::EngineErrorKind;
+
+    fn unavailable(e: KafkaError) -> String {
+        match map_error(e) {
+            BackendError::Unavailable(m) => m,
+            other => panic!("not UNAVAILABLE: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn transient_producer_failures_are_unavailable_and_say_why() {
+        use RDKafkaErrorCode as C;
+        assert!(unavailable(KafkaError::MessageProduction(C::QueueFull)).contains("queue stayed full"));
+        assert!(unavailable(KafkaError::Canceled).contains("closed before the broker answered"));
+        assert!(unavailable(KafkaError::MessageProduction(C::PurgeQueue)).contains("closed"));
+        assert!(unavailable(KafkaError::MessageProduction(C::PurgeInflight)).contains("closed"));
+        assert!(unavailable(KafkaError::MessageProduction(C::MessageTimedOut)).contains("did not answer"));
+    }
+
+    #[test]
+    fn a_records_own_faults_keep_their_kind_and_code() {
+        match map_error(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) {
+            BackendError::Engine { kind, code, .. } => {
+                assert_eq!(kind, EngineErrorKind::InvalidArgument);
+                assert_eq!(code, "MessageSizeTooLarge");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            map_error(KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition)),
+            BackendError::Engine {
+                kind: EngineErrorKind::NotFound,
+                ..
+            }
+        ));
     }
 }

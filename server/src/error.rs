@@ -285,6 +285,7 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
             cause,
             acknowledged,
             failed,
+            unknown,
         } => {
             // The cause's code and reason, and which records to send again.
             let (code, mut d) = backend_parts(cause);
@@ -294,6 +295,7 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
                 .map(|i| (i.reason.clone(), i.metadata.clone()))
                 .unwrap_or_default();
             meta.insert("failed_records".into(), list(failed));
+            meta.insert("unknown_records".into(), list(unknown));
             meta.insert("acknowledged_records".into(), list(acknowledged));
             d.set_error_info(reason, ERROR_DOMAIN, meta);
             (code, d)
@@ -318,6 +320,23 @@ mod tests {
             Some(Duration::from_millis(150))
         );
         assert_eq!(details.error_info().map(|i| i.reason.as_str()), Some("RATE_LIMITED"));
+    }
+
+    #[test]
+    fn a_partial_produce_lists_what_to_send_again() {
+        let status = Status::from(Error::Backend(BackendError::ProducePartial {
+            cause: Box::new(BackendError::Unavailable("the Kafka cluster did not answer".into())),
+            acknowledged: vec![0, 3],
+            failed: vec![1],
+            unknown: vec![2],
+        }));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("2 of 4 records"), "{}", status.message());
+        let info = status.get_error_details().error_info().cloned().expect("error info");
+        let meta = |k: &str| info.metadata.get(k).cloned().unwrap_or_default();
+        assert_eq!(meta("acknowledged_records"), "0,3");
+        assert_eq!(meta("failed_records"), "1");
+        assert_eq!(meta("unknown_records"), "2");
     }
 
     #[test]

@@ -559,8 +559,11 @@ async fn open_load(
 ) {
     use weir_client::weir_proto::v1::load_request::Message as LoadMessage;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
+    // Engine batches of 10 rows: the engine has rows of it soon after the call starts.
+    let mut first = header(table, pb::BulkLoadMode::Replace);
+    first.batch_size_hint = 10;
     tx.send(pb::LoadRequest {
-        message: Some(LoadMessage::Header(header(table, pb::BulkLoadMode::Replace))),
+        message: Some(LoadMessage::Header(first)),
     })
     .await
     .expect("header");

@@ -42,12 +42,19 @@ pub enum BackendError {
     #[error("source unreachable ({cause}); failing fast until the next connection attempt in {retry_after:?}")]
     CircuitOpen { cause: String, retry_after: Duration },
     /// Records of a produce call that the broker did not acknowledge; the
-    /// others were. `failed` and `acknowledged` are indexes in the call.
-    #[error("{} of {} records were not acknowledged ({cause}); send those again", failed.len(), failed.len() + acknowledged.len())]
+    /// others were. `failed`, `unknown` and `acknowledged` are indexes in the call.
+    #[error(
+        "{} of {} records were not acknowledged ({cause}); send again those listed as failed",
+        failed.len() + unknown.len(),
+        failed.len() + unknown.len() + acknowledged.len()
+    )]
     ProducePartial {
         cause: Box<BackendError>,
         acknowledged: Vec<usize>,
+        /// Not written.
         failed: Vec<usize>,
+        /// In flight when the producer closed: the broker may have written them.
+        unknown: Vec<usize>,
     },
     /// Every pooled connection stayed busy for the whole acquire timeout.
     #[error("all {max_size} connections of the source are busy")]

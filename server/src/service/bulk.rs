@@ -269,10 +269,31 @@ fn convert_row(row: pb::Row, columns: &[Column]) -> std::result::Result<Row, (Op
         .collect()
 }
 
+/// The client's messages, until the shutdown grace period is over.
+struct Incoming<'a> {
+    stream: &'a mut Streaming<pb::LoadRequest>,
+    /// Becomes true when the grace period is over.
+    cut: watch::Receiver<bool>,
+}
+
+impl Incoming<'_> {
+    /// The next message, or `ShuttingDown` once the grace period is over:
+    /// a load still receiving rows then is rolled back (one whose stream has
+    /// ended goes on to its commit).
+    async fn message(&mut self) -> Result<std::result::Result<Option<pb::LoadRequest>, Status>> {
+        tokio::select! {
+            // The cut first: a client that always has rows ready must still see it.
+            biased;
+            Ok(_) = self.cut.wait_for(|cut| *cut) => Err(Error::ShuttingDown),
+            message = self.stream.message() => Ok(message),
+        }
+    }
+}
+
 /// Reads the row batches of the stream into the engine's feed until the
 /// stream ends; returns early with the reason when the load must stop.
 async fn feed_rows(
-    stream: &mut Streaming<pb::LoadRequest>,
+    incoming: &mut Incoming<'_>,
     sender: &RowSender,
     caller: &Caller,
     columns: &[Column],
@@ -283,7 +304,7 @@ async fn feed_rows(
     let limits = &caller.tenant.limits;
     let mut received = 0u64;
     loop {
-        let message = match stream.message().await {
+        let message = match incoming.message().await? {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(true),
             // The client went away or reset the call: nothing is committed.
@@ -386,22 +407,20 @@ impl BulkApi {
         });
         let mut skipped = Skipped::default();
         let mut throttled = Duration::ZERO;
-        let mut cut = self.cut.clone();
-        let fed = tokio::select! {
-            fed = feed_rows(
-                &mut stream,
-                &sender,
-                &caller,
-                &columns,
-                header.skip_bad_rows,
-                &mut skipped,
-                &mut throttled,
-            ) => fed,
-            // A load that has all its rows commits; one still receiving
-            // them when the grace period ends is rolled back, and its caller
-            // hears so (instead of a reset connection) once it is.
-            Ok(_) = cut.wait_for(|cut| *cut) => Err(Error::ShuttingDown),
+        let mut incoming = Incoming {
+            stream: &mut stream,
+            cut: self.cut.clone(),
         };
+        let fed = feed_rows(
+            &mut incoming,
+            &sender,
+            &caller,
+            &columns,
+            header.skip_bad_rows,
+            &mut skipped,
+            &mut throttled,
+        )
+        .await;
         match fed {
             Ok(true) => {
                 sender.finish().await;

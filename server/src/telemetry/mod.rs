@@ -152,7 +152,6 @@ pub fn init(format: LogFormat, config: &TelemetryConfig) -> anyhow::Result<Telem
         LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).boxed(),
     };
     let provider = provider(config)?;
-    EXPORTING_TRACES.store(provider.is_some(), Ordering::Relaxed);
     let otel = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("weir")));
@@ -161,6 +160,7 @@ pub fn init(format: LogFormat, config: &TelemetryConfig) -> anyhow::Result<Telem
         .with(fmt)
         .with(otel)
         .try_init()?;
+    EXPORTING_TRACES.store(provider.is_some(), Ordering::Relaxed);
     Ok(Telemetry {
         provider,
         _log_writer: flusher,

@@ -60,6 +60,11 @@ impl PlainVisitor<'_> {
         if name.starts_with("log.") {
             return;
         }
+        // A message that is not text (a number, an error) is written bare too.
+        if name == "message" {
+            self.result = self.pad().and_then(|()| value(&mut self.writer));
+            return;
+        }
         self.result = self.write_field(name.strip_prefix("r#").unwrap_or(name), value);
     }
 
@@ -196,6 +201,8 @@ pub struct UtcMicros;
 /// The second last formatted on this thread and its text up to the '.'.
 type Prefix = (u64, [u8; PREFIX_LEN]);
 const PREFIX_LEN: usize = "2026-12-04T05:30:10.".len();
+/// 9999-12-31T23:59:59, the last second with a four-digit year.
+const LAST_SECOND: u64 = 253_402_300_799;
 
 thread_local! {
     static PREFIX: Cell<Option<Prefix>> = const { Cell::new(None) };
@@ -208,7 +215,11 @@ impl FormatTime for UtcMicros {
 }
 
 fn write_time(w: &mut impl fmt::Write, at: SystemTime) -> fmt::Result {
-    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    // A clock outside 1970-9999 is written as the nearest end of that range.
+    let since = at
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .min(std::time::Duration::from_micros(LAST_SECOND * 1_000_000 + 999_999));
     let second = since.as_secs();
     let prefix = match PREFIX.get() {
         Some((s, text)) if s == second => text,
@@ -292,6 +303,7 @@ mod tests {
         // The cached second is not reused for another one.
         assert_eq!(at(1_796_362_211, 5), "2026-12-04T05:30:11.000005Z");
         assert_eq!(at(4_107_542_400, 0), "2100-03-01T00:00:00.000000Z");
+        assert_eq!(at(LAST_SECOND + 10, 0), "9999-12-31T23:59:59.999999Z");
     }
 
     #[test]
@@ -386,6 +398,8 @@ mod tests {
                 error = &error as &(dyn std::error::Error + 'static),
                 "call"
             );
+            tracing::info!(message = 5_u64, answer = -42_i64);
+            tracing::info!(message = &error as &(dyn std::error::Error + 'static));
             tracing::warn!(
                 sql = "SELECT 'a'",
                 quote = "say \"hi\"\\ \n ok",

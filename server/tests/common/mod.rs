@@ -374,10 +374,16 @@ impl WeirProcess {
             .spawn()
             .expect("start weir");
         let stderr = child.stderr.take().expect("stderr");
+        let text = format == "text";
         let (tx, logs) = std::sync::mpsc::channel::<serde_json::Value>();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let v = serde_json::from_str(&line).unwrap_or(serde_json::Value::String(line));
+                // Other lines of a JSON log (a library's own output) are not log lines.
+                let v = match serde_json::from_str(&line) {
+                    Ok(v) => v,
+                    Err(_) if text => serde_json::Value::String(line),
+                    Err(_) => continue,
+                };
                 if tx.send(v).is_err() {
                     return;
                 }

@@ -132,11 +132,14 @@ pub fn map_error(e: KafkaError) -> BackendError {
         C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => {
             return BackendError::not_found("topic not found");
         }
-        // Room in the producer's queue did not come within the wait: the
-        // cluster is not taking records as fast as they come. Transient.
-        C::PurgeQueue | C::PurgeInflight => {
+        C::PurgeQueue => {
             return BackendError::Unavailable("the Kafka source was closed before the record was sent".into());
         }
+        C::PurgeInflight => {
+            return BackendError::Unavailable("the Kafka source was closed before the broker answered".into());
+        }
+        // Room in the producer's queue did not come within the wait: the
+        // cluster is not taking records as fast as they come. Transient.
         C::QueueFull => {
             return BackendError::Unavailable(
                 "the producer's queue stayed full: the Kafka cluster is not taking records as fast as they come".into(),
@@ -322,7 +325,8 @@ impl TopicSource for KafkaSource {
             .collect();
         // The answer waits for every record's acknowledgement.
         let results = self.producer.send_all(queued, Duration::from_secs(5)).await;
-        let (mut acks, mut acknowledged, mut failed, mut cause) = (Vec::new(), Vec::new(), Vec::new(), None);
+        let (mut acks, mut acknowledged, mut failed, mut unknown, mut cause) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), None);
         for (i, r) in results.into_iter().enumerate() {
             match r {
                 Ok(d) => {
@@ -333,7 +337,16 @@ impl TopicSource for KafkaSource {
                     });
                 }
                 Err(e) => {
-                    failed.push(i);
+                    // Purged in flight, or never reported: the broker may have written it.
+                    let in_flight = matches!(
+                        e,
+                        KafkaError::Canceled | KafkaError::MessageProduction(RDKafkaErrorCode::PurgeInflight)
+                    );
+                    if in_flight {
+                        unknown.push(i);
+                    } else {
+                        failed.push(i);
+                    }
                     cause.get_or_insert_with(|| map_error(e));
                 }
             }
@@ -345,6 +358,7 @@ impl TopicSource for KafkaSource {
                 cause: Box::new(cause),
                 acknowledged,
                 failed,
+                unknown,
             }),
         }
     }
@@ -478,8 +492,8 @@ mod tests {
         use RDKafkaErrorCode as C;
         assert!(unavailable(KafkaError::MessageProduction(C::QueueFull)).contains("queue stayed full"));
         assert!(unavailable(KafkaError::Canceled).contains("closed before the broker answered"));
-        assert!(unavailable(KafkaError::MessageProduction(C::PurgeQueue)).contains("closed"));
-        assert!(unavailable(KafkaError::MessageProduction(C::PurgeInflight)).contains("closed"));
+        assert!(unavailable(KafkaError::MessageProduction(C::PurgeQueue)).contains("before the record was sent"));
+        assert!(unavailable(KafkaError::MessageProduction(C::PurgeInflight)).contains("before the broker answered"));
         assert!(unavailable(KafkaError::MessageProduction(C::MessageTimedOut)).contains("did not answer"));
     }
 

@@ -111,14 +111,20 @@ fn name_on_span(name: &str, source: &Source) {
 
 /// Records two fields of the call's span in one pass through the
 /// subscriber's layers (each pass costs about as much as formatting them).
+/// The span is named by id: `Span::current()` would take a reference to it
+/// and give it back, two more passes.
 pub fn record_pair(first: (&str, &dyn tracing::Value), second: (&str, &dyn tracing::Value)) {
-    let span = tracing::Span::current();
-    let Some(fields) = span.metadata().map(|m| m.fields()) else {
-        return;
-    };
-    if let (Some(a), Some(b)) = (fields.field(first.0), fields.field(second.0)) {
-        span.record_all(&fields.value_set(&[(&a, Some(first.1)), (&b, Some(second.1))]));
-    }
+    tracing::dispatcher::get_default(|dispatch| {
+        let current = dispatch.current_span();
+        let (Some(id), Some(metadata)) = (current.id(), current.metadata()) else {
+            return;
+        };
+        let fields = metadata.fields();
+        if let (Some(a), Some(b)) = (fields.field(first.0), fields.field(second.0)) {
+            let values = [(&a, Some(first.1)), (&b, Some(second.1))];
+            dispatch.record(id, &tracing::span::Record::new(&fields.value_set(&values)));
+        }
+    });
 }
 
 /// The sending side of a server stream. It gives up on a client that takes

@@ -637,6 +637,58 @@ async fn a_load_cut_by_shutdown_changes_nothing(engine: Engine) {
     ctx.server.stop().await;
 }
 
+/// A load whose client has sent everything commits during shutdown, even
+/// when its rows are still waiting behind the tenant's load rate as the
+/// grace period ends.
+async fn a_load_sent_in_full_commits_during_shutdown(engine: Engine) {
+    // 100 rows at 40 rows/s: the last of them wait about 1.5 s, past the 1 s grace.
+    let with_grace = format!(
+        "{}[server]\nshutdown_grace = \"1s\"\n",
+        engine.source("bulk", "load_rows_per_second = 40")
+    );
+    let server = TestServer::start(&with_grace).await;
+    let client = server.client("key-bulk").await;
+    let ctx = Ctx { engine, server, client };
+    ctx.table("weir_bulk_sent", 2).await;
+    let (tx, requests) = open_load("weir_bulk_sent").await;
+    drop(tx);
+    let mut bulk = ctx.client.bulk();
+    let call = tokio::spawn(async move { bulk.load(requests).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(ctx.server.stop());
+    let loaded = tokio::time::timeout(Duration::from_secs(8), call)
+        .await
+        .expect("the load ends")
+        .expect("load task")
+        .unwrap_or_else(|e| panic!("{engine:?}: a load sent in full commits: {e:?}"));
+    assert_eq!(loaded.into_inner().rows_inserted, 100, "{engine:?}");
+    tokio::time::timeout(Duration::from_secs(8), stopping)
+        .await
+        .expect("server stopped")
+        .expect("clean stop");
+    let server = TestServer::start(&engine.source("bulk", "")).await;
+    let client = server.client("key-bulk").await;
+    let ctx = Ctx { engine, server, client };
+    assert_eq!(ctx.contents("weir_bulk_sent").await.len(), 100, "{engine:?}");
+    ctx.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_load_sent_in_full_commits_during_shutdown_in_postgres() {
+    a_load_sent_in_full_commits_during_shutdown(Engine::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_load_sent_in_full_commits_during_shutdown_in_mysql() {
+    a_load_sent_in_full_commits_during_shutdown(Engine::Mysql).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]
+async fn a_load_sent_in_full_commits_during_shutdown_in_mssql() {
+    a_load_sent_in_full_commits_during_shutdown(Engine::Mssql).await;
+}
+
 #[tokio::test]
 async fn a_load_cut_by_shutdown_changes_nothing_in_postgres() {
     a_load_cut_by_shutdown_changes_nothing(Engine::Postgres).await;

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use prost::Message;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
@@ -278,14 +279,20 @@ struct Incoming<'a> {
 
 impl Incoming<'_> {
     /// The next message, or `ShuttingDown` once the grace period is over:
-    /// a load still receiving rows then is rolled back (one whose stream has
-    /// ended goes on to its commit).
+    /// a load with rows still to come then is rolled back, and one whose
+    /// client has sent its last message goes on to its commit.
     async fn message(&mut self) -> Result<std::result::Result<Option<pb::LoadRequest>, Status>> {
         tokio::select! {
             // The cut first: a client that always has rows ready must still see it.
             biased;
-            Ok(_) = self.cut.wait_for(|cut| *cut) => Err(Error::ShuttingDown),
-            message = self.stream.message() => Ok(message),
+            Ok(_) = self.cut.wait_for(|cut| *cut) => {}
+            message = self.stream.message() => return Ok(message),
+        }
+        // Cut: what the client has sent already may be the stream's end
+        // (its last rows waited behind the tenant's load rate, say).
+        match self.stream.message().now_or_never() {
+            Some(Ok(None)) => Ok(Ok(None)),
+            _ => Err(Error::ShuttingDown),
         }
     }
 }

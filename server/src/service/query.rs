@@ -112,13 +112,6 @@ impl QueryApi {
 }
 
 impl Target {
-    fn source(&self) -> &str {
-        match &self.runs {
-            Runs::InTransaction(tx) => &tx.source,
-            Runs::Pooled(source) => &source.name,
-        }
-    }
-
     async fn start(&self) -> Result<QueryStream> {
         let stream = match &self.runs {
             Runs::InTransaction(tx) => tx.tx.query(self.statement.clone()).await?,
@@ -144,7 +137,10 @@ impl Target {
 
     /// Counts what was returned, in metrics and on the call's span.
     fn returned(&self, rows: u64, bytes: u64) {
-        self.caller.tenant.count_returned(self.source(), rows, bytes);
+        match &self.runs {
+            Runs::InTransaction(tx) => self.caller.tenant.count_returned(&tx.source, rows, bytes),
+            Runs::Pooled(source) => source.count_returned(rows, bytes),
+        }
         // Signed, so that trace exporters keep them as integers.
         super::record_pair(
             ("rows", &i64::try_from(rows).unwrap_or(i64::MAX)),

@@ -35,6 +35,13 @@ pub struct Source {
     returned: SourceMetrics,
 }
 
+impl Source {
+    /// Counts rows and bytes this source returned to a caller.
+    pub fn count_returned(&self, rows: u64, bytes: u64) {
+        self.returned.returned(rows, bytes);
+    }
+}
+
 pub struct Tenant {
     pub id: String,
     pub limits: LimitsConfig,
@@ -52,10 +59,10 @@ impl Tenant {
         self.sources.get(name)
     }
 
-    /// Counts rows and bytes one of this tenant's sources returned to a caller.
+    /// Counts rows and bytes one of this tenant's sources, named, returned to a caller.
     pub fn count_returned(&self, source: &str, rows: u64, bytes: u64) {
         if let Some(source) = self.sources.get(source) {
-            source.returned.returned(rows, bytes);
+            source.count_returned(rows, bytes);
         }
     }
 

@@ -227,9 +227,10 @@ ensure_redis() {
   redis_ready || { echo "error: Redis did not start"; exit 1; }
 }
 
-# A second PostgreSQL (wal_level = replica) and MariaDB (no binlog), so the
-# tests can check the errors of servers that cannot stream changes. They
-# live under /tmp and are started once per boot (as root, or through sudo).
+# A second PostgreSQL (wal_level = replica) and MariaDB (no binlog, no LOAD
+# DATA LOCAL), so the tests can check what Weir does with servers that cannot
+# stream changes or take LOCAL loads. They live under /tmp and are started
+# once per boot (as root, or through sudo).
 plain_pg_port=5434
 plain_mysql_port=3307
 ensure_plain_servers() {
@@ -254,7 +255,7 @@ ensure_plain_servers() {
     # --pidfile: the main server runs the same binary.
     as_root start-stop-daemon --start --background --pidfile "$mdir.pid" --exec /usr/sbin/mariadbd -- --no-defaults \
       --user=mysql --datadir="$mdir" --port="$plain_mysql_port" --bind-address=127.0.0.1 --socket="$mdir.sock" \
-      --pid-file="$mdir.pid" --skip-log-bin
+      --pid-file="$mdir.pid" --skip-log-bin --local-infile=0
     for _ in $(seq 1 100); do
       mariadb-admin ping -h 127.0.0.1 -P "$plain_mysql_port" --silent >/dev/null 2>&1 && break
       sleep 0.2
@@ -262,6 +263,9 @@ ensure_plain_servers() {
     as_root mariadb --socket="$mdir.sock" -uroot -e "CREATE DATABASE IF NOT EXISTS test;
       CREATE USER IF NOT EXISTS 'weir'@'%' IDENTIFIED BY 'weir'; GRANT ALL PRIVILEGES ON *.* TO 'weir'@'%';"
   fi
+  # It refuses LOAD DATA LOCAL too, for the tests of the loads' INSERT path
+  # (set here as well, for a server started by an older copy of this script).
+  as_root mariadb --socket="$mdir.sock" -uroot -e "SET GLOBAL local_infile = 0"
   export WEIR_TEST_PG_PLAIN_PORT="$plain_pg_port" WEIR_TEST_MYSQL_PLAIN_PORT="$plain_mysql_port"
 }
 

@@ -144,6 +144,9 @@ async fn every_mode_appends_upserts_and_replaces(engine: Engine) {
         .expect("append");
     assert_eq!((r.rows_inserted, r.rows_updated, r.replayed), (3, 0, false));
     assert!(!r.engine_path.is_empty() && r.bytes_received > 0);
+    if engine == Engine::Mysql {
+        assert_eq!(r.engine_path, "mysql-load-data-local");
+    }
 
     let mut upsert = header("weir_bulk_modes", pb::BulkLoadMode::Upsert);
     upsert.conflict_columns = vec!["id".into()];
@@ -162,6 +165,9 @@ async fn every_mode_appends_upserts_and_replaces(engine: Engine) {
         .await
         .expect("replace");
     assert_eq!(r.rows_inserted, 2);
+    if engine == Engine::Mysql {
+        assert_eq!(r.engine_path, "mysql-delete-load-data-local");
+    }
     assert_eq!(ctx.contents("weir_bulk_modes").await, ["5:n5:5", "6:n6:6"]);
 
     // Columns may be named in any order and case; the rest take their defaults.
@@ -264,6 +270,16 @@ fn typed_columns(engine: Engine) -> Vec<(&'static str, &'static str, pb::Value, 
                 ("bin", "BLOB", v(Kind::BytesValue(vec![0, 1, 254, 255])), None),
                 ("tm", "TIME(6)", time, None),
                 ("ts", "DATETIME(6)", ts, None),
+                // What LOAD DATA's text format would misread: bytes that
+                // need escaping, NUL in text, and BIT (sent as a number).
+                (
+                    "bin2",
+                    "VARBINARY(16)",
+                    v(Kind::BytesValue(b"\t\n\\\0\r\\N x".to_vec())),
+                    None,
+                ),
+                ("s0", "VARCHAR(20)", v(Kind::StringValue("nul\0here\r\\N".into())), None),
+                ("bits", "BIT(10)", v(Kind::Uint64Value(517)), None),
                 (
                     "u",
                     "CHAR(36)",
@@ -916,6 +932,36 @@ macro_rules! suite {
             }
         }
     };
+}
+
+/// A server that refuses `LOAD DATA LOCAL` (the second MariaDB runs with
+/// `local_infile` off) loads through INSERTs instead, and still names a bad row.
+#[tokio::test]
+async fn mysql_without_local_infile_loads_through_inserts() {
+    let server = TestServer::start(&tenant("bulk", "", &plain_mysql("bulk", "db", ""))).await;
+    let ctx = Ctx {
+        engine: Engine::Mysql,
+        client: server.client("key-bulk").await,
+        server,
+    };
+    ctx.table("weir_bulk_no_local", 0).await;
+    let r = ctx
+        .load(
+            header("weir_bulk_no_local", pb::BulkLoadMode::Append),
+            vec![rows(0..3), rows(3..5)],
+        )
+        .await
+        .expect("an append without LOCAL");
+    assert_eq!((r.rows_inserted, r.engine_path.as_str()), (5, "mysql-multirow-insert"));
+    let mut batch = rows(10..20);
+    batch[4] = row(14, "bad", -1);
+    let err = ctx
+        .load(header("weir_bulk_no_local", pb::BulkLoadMode::Append), vec![batch])
+        .await
+        .expect_err("a CHECK violation fails the load");
+    assert_eq!(error_metadata(&err, "row_index"), "4", "{}", err.message());
+    assert_eq!(ctx.contents("weir_bulk_no_local").await.len(), 5);
+    ctx.server.stop().await;
 }
 
 suite!(postgres, Engine::Postgres);

@@ -3,6 +3,7 @@
 //! path inside one transaction, so a load either commits whole or leaves
 //! the table as it was.
 
+use bytes::{BufMut, BytesMut};
 use tokio::sync::mpsc;
 
 use super::{BackendError, Column, Row};
@@ -84,6 +85,38 @@ pub fn quote_ident(name: &str, open: char, close: char) -> String {
     }
     quoted.push(close);
     quoted
+}
+
+/// Appends `bytes` escaped for tab-separated load text, the format of
+/// PostgreSQL's `COPY` and of MySQL's `LOAD DATA` defaults: backslash, tab,
+/// newline and carriage return get a backslash escape, NUL becomes `nul`.
+/// Returns false, with part of `bytes` written, at a NUL when `nul` is None.
+pub fn write_escaped(bytes: &[u8], nul: Option<&[u8]>, out: &mut BytesMut) -> bool {
+    // Most text needs no escape: one pass without an early exit, which the
+    // compiler vectorises, tells (tab, newline, return and NUL are below 0x20).
+    if !bytes.iter().fold(false, |any, &b| any | (b < 0x20) | (b == b'\\')) {
+        out.put_slice(bytes);
+        return true;
+    }
+    let mut start = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            0 => match nul {
+                Some(nul) => nul,
+                None => return false,
+            },
+            _ => continue,
+        };
+        out.put_slice(&bytes[start..i]);
+        out.put_slice(escaped);
+        start = i + 1;
+    }
+    out.put_slice(&bytes[start..]);
+    true
 }
 
 /// Standard SQL's double-quoted identifier (PostgreSQL, SQLite).

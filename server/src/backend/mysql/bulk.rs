@@ -1,16 +1,15 @@
-//! MySQL/MariaDB bulk loads: multi-row prepared `INSERT`s in one
-//! transaction, in strict mode, with `ON DUPLICATE KEY UPDATE` for upserts.
+//! MySQL/MariaDB bulk loads, in one transaction in strict mode: appends
+//! and replaces through `LOAD DATA LOCAL INFILE` (`load_data`), upserts
+//! through multi-row prepared `INSERT ... ON DUPLICATE KEY UPDATE`s.
 //!
-//! Not `LOAD DATA LOCAL INFILE`: with LOCAL the server cannot stop the
-//! client mid-file, so it turns bad values into warnings and keeps going
-//! (MySQL documents LOCAL as implying IGNORE), which breaks "a bad row fails
-//! the whole load". A failed multi-row statement is undone by the engine on
-//! its own; the rows are then tried one by one to name the failing row.
+//! The INSERTs here also check whatever `LOAD DATA` did not load cleanly:
+//! a failed multi-row statement is undone by the engine on its own, and the
+//! rows are then tried one by one to name the failing row.
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Params};
 
-use super::{map_error, types};
+use super::{load_data, map_error, types};
 use crate::backend::bulk::{self, Dialect, LoadSpec, ReceiptSql, RowFeed};
 use crate::backend::{BackendError, LoadMode, LoadOutcome, Row};
 
@@ -114,7 +113,7 @@ async fn close(conn: &mut Conn, statement: mysql_async::Statement) {
 }
 
 /// Rows buffered into full statements.
-struct Writer<'s> {
+pub(super) struct Writer<'s> {
     spec: &'s LoadSpec,
     per_statement: usize,
     /// The full-size INSERT, prepared at its first use and closed by `close`.
@@ -139,7 +138,7 @@ impl<'s> Writer<'s> {
         }
     }
 
-    async fn push(&mut self, conn: &mut Conn, first_row: u64, rows: Vec<Row>) -> Result<(), BackendError> {
+    pub(super) async fn push(&mut self, conn: &mut Conn, first_row: u64, rows: Vec<Row>) -> Result<(), BackendError> {
         for (i, row) in rows.into_iter().enumerate() {
             if self.pending.is_empty() {
                 self.pending_first = first_row + i as u64;
@@ -152,7 +151,7 @@ impl<'s> Writer<'s> {
         Ok(())
     }
 
-    async fn flush(&mut self, conn: &mut Conn) -> Result<(), BackendError> {
+    pub(super) async fn flush(&mut self, conn: &mut Conn) -> Result<(), BackendError> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -253,15 +252,20 @@ async fn load_in_transaction(
             .map_err(map_error)?;
     }
     let mut writer = Writer::new(spec);
-    let written = write_all(&mut writer, conn, feed).await;
-    writer.close(conn).await;
-    written?;
-    let path = match spec.mode {
-        LoadMode::Append => "mysql-multirow-insert",
-        LoadMode::Replace => "mysql-delete-multirow-insert",
-        LoadMode::Upsert => "mysql-insert-on-duplicate-key-update",
+    let written = match spec.mode {
+        LoadMode::Upsert => write_all(&mut writer, conn, feed).await.map(|()| (0, false)),
+        LoadMode::Append | LoadMode::Replace => load_data::load(conn, spec, feed, &mut writer).await,
     };
-    let outcome = LoadOutcome::loaded(writer.inserted, writer.updated, feed, path);
+    writer.close(conn).await;
+    let (loaded, load_data) = written?;
+    let path = match (spec.mode, load_data) {
+        (LoadMode::Append, true) => "mysql-load-data-local",
+        (LoadMode::Append, false) => "mysql-multirow-insert",
+        (LoadMode::Replace, true) => "mysql-delete-load-data-local",
+        (LoadMode::Replace, false) => "mysql-delete-multirow-insert",
+        (LoadMode::Upsert, _) => "mysql-insert-on-duplicate-key-update",
+    };
+    let outcome = LoadOutcome::loaded(loaded + writer.inserted, writer.updated, feed, path);
     if let (Some(sql), Some(r)) = (receipts, &spec.receipt) {
         conn.exec_drop(
             sql.record.as_str(),
@@ -280,7 +284,11 @@ async fn load_in_transaction(
     Ok(outcome)
 }
 
-async fn write_all(writer: &mut Writer<'_>, conn: &mut Conn, feed: &mut RowFeed) -> Result<(), BackendError> {
+pub(super) async fn write_all(
+    writer: &mut Writer<'_>,
+    conn: &mut Conn,
+    feed: &mut RowFeed,
+) -> Result<(), BackendError> {
     while let Some(batch) = feed.next().await? {
         writer.push(conn, batch.first_row, batch.rows).await?;
     }
@@ -296,9 +304,12 @@ pub async fn load(conn: &mut Conn, spec: LoadSpec, mut feed: RowFeed) -> Result<
     }
     // Strict mode turns bad values into errors instead of warnings; the
     // session's own mode comes back afterwards (and the pool resets sessions).
+    // Notes (a decimal rounded to the column's scale, say) are not counted
+    // as warnings, which make `load_data` check a chunk with INSERTs.
     conn.query_drop(
-        "SET @weir_sql_mode = @@SESSION.sql_mode, \
-         SESSION sql_mode = CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'STRICT_ALL_TABLES')",
+        "SET @weir_sql_mode = @@SESSION.sql_mode, @weir_sql_notes = @@SESSION.sql_notes, \
+         SESSION sql_mode = CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'STRICT_ALL_TABLES'), \
+         SESSION sql_notes = 0",
     )
     .await
     .map_err(map_error)?;
@@ -307,7 +318,7 @@ pub async fn load(conn: &mut Conn, spec: LoadSpec, mut feed: RowFeed) -> Result<
     let end = if bulk::commits(&result) { "COMMIT" } else { "ROLLBACK" };
     let ended = conn.query_drop(end).await.map_err(map_error);
     let restored = conn
-        .query_drop("SET SESSION sql_mode = @weir_sql_mode")
+        .query_drop("SET SESSION sql_mode = @weir_sql_mode, SESSION sql_notes = @weir_sql_notes")
         .await
         .map_err(map_error);
     match (result, ended, restored) {

@@ -4,6 +4,7 @@
 
 mod bulk;
 mod changes;
+mod load_data;
 mod schema;
 pub mod types;
 

@@ -1,6 +1,7 @@
 //! MySQL/MariaDB type mapping (binary protocol). Sessions run with
 //! `time_zone = '+00:00'`, so TIMESTAMP values are UTC instants.
 
+use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime};
 use mysql_async::consts::{ColumnFlags, ColumnType as My};
 use mysql_async::Value as MyValue;
@@ -148,6 +149,9 @@ pub fn decode(v: MyValue, as_: Decode) -> Result<Value, String> {
     })
 }
 
+const NO_INTERVAL: &str = "MySQL has no interval type";
+const NO_ARRAY: &str = "MySQL has no array type";
+
 /// Converts a parameter; MySQL parses text for the type it expects.
 pub fn param(v: &Value) -> Result<MyValue, String> {
     use chrono::{Datelike, Timelike};
@@ -182,9 +186,109 @@ pub fn param(v: &Value) -> Result<MyValue, String> {
             t.nanosecond() / 1000,
         ),
         Value::Uuid(u) => MyValue::Bytes(u.to_string().into_bytes()),
-        Value::Interval { .. } => return Err("MySQL has no interval type".into()),
-        Value::List(_) => return Err("MySQL has no array type".into()),
+        Value::Interval { .. } => return Err(NO_INTERVAL.into()),
+        Value::List(_) => return Err(NO_ARRAY.into()),
     })
+}
+
+/// How `LOAD DATA` receives a column: text it parses itself, or a user
+/// variable the statement converts, for what its text input would misread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadAs {
+    Text,
+    /// Binary strings, sent as hex and `UNHEX`ed: raw bytes would be read in the file's character set.
+    Hex,
+    /// BIT columns, sent as a number and `CAST`: as text they would store the digits' characters.
+    Number,
+}
+
+impl LoadAs {
+    pub fn of(column: &Column) -> Self {
+        if column.column_type == ColumnType::Bytes {
+            LoadAs::Hex
+        } else if column.native_type.to_ascii_lowercase().starts_with("bit") {
+            LoadAs::Number
+        } else {
+            LoadAs::Text
+        }
+    }
+}
+
+/// Appends a value as `LOAD DATA` reads it in its default text format:
+/// `\N` for NULL, else the text MySQL would parse the parameter from
+/// (dates, times and micro-seconds as `param` sends them), escaped.
+pub fn write_load_text(v: &Value, as_: LoadAs, scratch: &mut String, out: &mut BytesMut) -> Result<(), String> {
+    use chrono::{Datelike, Timelike};
+    use std::fmt::Write;
+    let datetime = |s: &mut String, d: NaiveDate, t: NaiveTime| {
+        write!(
+            s,
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}",
+            d.year(),
+            d.month(),
+            d.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.nanosecond() / 1000
+        )
+    };
+    scratch.clear();
+    let mut number = itoa::Buffer::new();
+    // Formatting into a String cannot fail: the results of write! are ignored.
+    let text: &[u8] = match v {
+        Value::Null => {
+            out.put_slice(b"\\N");
+            return Ok(());
+        }
+        Value::Text(s) | Value::Decimal(s) | Value::Json(s) => s.as_bytes(),
+        Value::Bytes(b) => b,
+        Value::Int(i) => number.format(*i).as_bytes(),
+        Value::UInt(u) => number.format(*u).as_bytes(),
+        Value::Bool(true) => b"1",
+        Value::Bool(false) => b"0",
+        Value::Float(f) => {
+            // Shortest text that reads back as the same double.
+            let _ = write!(scratch, "{f}");
+            scratch.as_bytes()
+        }
+        Value::Date(d) => {
+            let _ = write!(scratch, "{:04}-{:02}-{:02}", d.year(), d.month(), d.day());
+            scratch.as_bytes()
+        }
+        Value::Timestamp(t) => {
+            let _ = datetime(scratch, t.date(), t.time());
+            scratch.as_bytes()
+        }
+        Value::TimestampTz(t) => {
+            let _ = datetime(scratch, t.date_naive(), t.time());
+            scratch.as_bytes()
+        }
+        Value::Time(t, _) => {
+            let _ = write!(
+                scratch,
+                "{:02}:{:02}:{:02}.{:06}",
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.nanosecond() / 1000
+            );
+            scratch.as_bytes()
+        }
+        Value::Uuid(u) => {
+            let _ = write!(scratch, "{u}");
+            scratch.as_bytes()
+        }
+        Value::Interval { .. } => return Err(NO_INTERVAL.into()),
+        Value::List(_) => return Err(NO_ARRAY.into()),
+    };
+    if as_ == LoadAs::Hex {
+        out.put_slice(hex::encode(text).as_bytes());
+    } else {
+        // NUL is a value byte like any other to MySQL.
+        crate::backend::bulk::write_escaped(text, Some(b"\\0"), out);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -201,6 +305,39 @@ mod tests {
             decode(MyValue::Date(2020, 0, 1, 0, 0, 0, 0), Decode::DateTime).unwrap(),
             Value::Null
         );
+    }
+
+    #[test]
+    fn load_text_is_what_mysql_parses_escaped() {
+        use chrono::TimeZone;
+        let text = |v: Value, as_: LoadAs| {
+            let mut out = BytesMut::new();
+            write_load_text(&v, as_, &mut String::new(), &mut out).map(|()| String::from_utf8_lossy(&out).into_owned())
+        };
+        let day = NaiveDate::from_ymd_opt(2024, 2, 29).unwrap();
+        let at = day.and_hms_micro_opt(13, 14, 15, 500).unwrap();
+        let cases = [
+            (Value::Null, "\\N"),
+            (Value::Bool(true), "1"),
+            (Value::Int(-42), "-42"),
+            (Value::UInt(u64::MAX), "18446744073709551615"),
+            (Value::Float(0.1), "0.1"),
+            (Value::Text("a\tb\nc\\d\0e\rf".into()), "a\\tb\\nc\\\\d\\0e\\rf"),
+            (Value::Date(day), "2024-02-29"),
+            (Value::Timestamp(at), "2024-02-29 13:14:15.000500"),
+            (
+                Value::TimestampTz(chrono::Utc.from_utc_datetime(&at)),
+                "2024-02-29 13:14:15.000500",
+            ),
+            (Value::Time(at.time(), Some(3600)), "13:14:15.000500"),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(text(value.clone(), LoadAs::Text).unwrap(), expected, "{value:?}");
+        }
+        assert_eq!(text(Value::Bytes(vec![0, b'\t', 255]), LoadAs::Hex).unwrap(), "0009ff");
+        assert_eq!(text(Value::Text("é".into()), LoadAs::Hex).unwrap(), "c3a9");
+        assert_eq!(text(Value::Null, LoadAs::Hex).unwrap(), "\\N");
+        assert!(text(Value::List(vec![]), LoadAs::Text).is_err());
     }
 
     #[test]

@@ -35,34 +35,6 @@ const DIALECT: Dialect = Dialect {
     insert_new: "INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING",
 };
 
-/// Appends `text` with what COPY's text format reads specially escaped:
-/// backslash, tab, newline and carriage return. Runs without any are copied whole.
-fn write_escaped(text: &str, out: &mut BytesMut) -> Result<(), String> {
-    let bytes = text.as_bytes();
-    // Most text needs no escape: one pass without an early exit, which the
-    // compiler vectorises, tells (tab, newline, return and NUL are below 0x20).
-    if !bytes.iter().fold(false, |any, &b| any | (b < 0x20) | (b == b'\\')) {
-        out.put_slice(bytes);
-        return Ok(());
-    }
-    let mut start = 0;
-    for (i, b) in bytes.iter().enumerate() {
-        let escaped: &[u8] = match b {
-            b'\\' => b"\\\\",
-            b'\t' => b"\\t",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            0 => return Err("PostgreSQL text cannot contain NUL characters; send binary data as bytes".into()),
-            _ => continue,
-        };
-        out.put_slice(&bytes[start..i]);
-        out.put_slice(escaped);
-        start = i + 1;
-    }
-    out.put_slice(&bytes[start..]);
-    Ok(())
-}
-
 /// Appends one value in COPY text format: `\N` for NULL, else the value's
 /// text form (as parameters are sent), escaped.
 fn write_field(value: &Value, scratch: &mut String, out: &mut BytesMut) -> Result<(), String> {
@@ -78,6 +50,15 @@ fn write_field(value: &Value, scratch: &mut String, out: &mut BytesMut) -> Resul
         }
     }
     Ok(())
+}
+
+/// Appends text escaped for COPY; PostgreSQL text cannot hold NUL at all.
+fn write_escaped(text: &str, out: &mut BytesMut) -> Result<(), String> {
+    if bulk::write_escaped(text.as_bytes(), None, out) {
+        Ok(())
+    } else {
+        Err("PostgreSQL text cannot contain NUL characters; send binary data as bytes".into())
+    }
 }
 
 /// The row and column of a COPY error, from its context line

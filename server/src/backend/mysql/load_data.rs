@@ -1,0 +1,275 @@
+//! Appends and replaces through `LOAD DATA LOCAL INFILE`: the rows stream to
+//! the server as tab-separated text, a chunk per statement, each chunk
+//! behind a savepoint.
+//!
+//! With LOCAL the server cannot stop the client mid-file, so it turns bad
+//! values, duplicate keys and failed CHECKs into warnings and skips or
+//! coerces the row (MySQL documents LOCAL as implying IGNORE). A chunk that
+//! ends with any warning, or with fewer rows than it was sent, is therefore
+//! undone to its savepoint and loaded again through the strict-mode INSERTs
+//! of `bulk::Writer`, which stop at the first bad row and name it. A load
+//! thus commits exactly what the INSERTs would have, or nothing; the INSERTs
+//! only run where something is wrong.
+
+use std::io;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, InfileData};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::bulk::{quote, Writer};
+use super::map_error;
+use super::types::{write_load_text, LoadAs};
+use crate::backend::bulk::{self, Batch, LoadSpec, RowFeed};
+use crate::backend::BackendError;
+
+/// Rows per `LOAD DATA` statement at most. The chunk's rows are kept until
+/// it is loaded, for the INSERTs that name a bad row.
+const CHUNK_ROWS: u64 = 10_000;
+/// Bytes of text per statement at most (a client batch is never split).
+const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+/// Text is handed to the driver in pieces of about this size.
+const SEND_BYTES: usize = 256 * 1024;
+
+/// The statement that reads one chunk; hex literals for the separators, so
+/// that a session with `NO_BACKSLASH_ESCAPES` reads them the same.
+fn statement(spec: &LoadSpec) -> String {
+    let mut targets = Vec::with_capacity(spec.columns.len());
+    let mut conversions = Vec::new();
+    for (i, column) in spec.columns.iter().enumerate() {
+        let name = quote(&column.name);
+        match LoadAs::of(column) {
+            LoadAs::Text => targets.push(name),
+            LoadAs::Hex => {
+                targets.push(format!("@weir{i}"));
+                conversions.push(format!("{name} = UNHEX(@weir{i})"));
+            }
+            LoadAs::Number => {
+                targets.push(format!("@weir{i}"));
+                conversions.push(format!("{name} = CAST(@weir{i} AS UNSIGNED)"));
+            }
+        }
+    }
+    let mut sql = format!(
+        "LOAD DATA LOCAL INFILE 'weir' INTO TABLE {} CHARACTER SET utf8mb4 \
+         FIELDS TERMINATED BY X'09' ESCAPED BY X'5C' LINES TERMINATED BY X'0A' ({})",
+        spec.qualified(quote),
+        targets.join(", ")
+    );
+    if !conversions.is_empty() {
+        sql.push_str(" SET ");
+        sql.push_str(&conversions.join(", "));
+    }
+    sql
+}
+
+/// What the feeding side of one chunk did.
+#[derive(Default)]
+struct Fed {
+    rows: u64,
+    /// The feed said the load is complete.
+    ended: bool,
+    /// Why feeding stopped early: the load is abandoned, or a value cannot be sent.
+    error: Option<BackendError>,
+}
+
+/// Appends `batch` as lines of load text.
+fn encode(
+    spec: &LoadSpec,
+    load_as: &[LoadAs],
+    batch: &Batch,
+    scratch: &mut String,
+    out: &mut BytesMut,
+) -> Result<(), BackendError> {
+    for (i, row) in batch.rows.iter().enumerate() {
+        for (c, value) in row.iter().enumerate() {
+            if c > 0 {
+                out.put_u8(b'\t');
+            }
+            let as_ = load_as.get(c).copied().unwrap_or(LoadAs::Text);
+            write_load_text(value, as_, scratch, out).map_err(|message| {
+                let column = spec.columns.get(c).map(|c| c.name.clone());
+                bulk::row_error(batch.first_row + i as u64, column, String::new(), message)
+            })?;
+        }
+        out.put_u8(b'\n');
+    }
+    Ok(())
+}
+
+/// Moves one chunk of the feed into `text`, keeping its batches in `kept`.
+/// Every batch taken from the feed is in `kept` before the next wait, so
+/// the chunk's rows are all there even when this is stopped midway.
+async fn feed_chunk(
+    spec: &LoadSpec,
+    load_as: &[LoadAs],
+    feed: &mut RowFeed,
+    kept: &mut Vec<Batch>,
+    text: mpsc::Sender<io::Result<Bytes>>,
+    fed: &mut Fed,
+) {
+    let mut buffer = BytesMut::with_capacity(SEND_BYTES + 4096);
+    let mut scratch = String::new();
+    let mut sent = 0usize;
+    let stopped = loop {
+        let batch = match feed.next().await {
+            Ok(Some(batch)) => batch,
+            Ok(None) => {
+                fed.ended = true;
+                break None;
+            }
+            Err(e) => break Some(e),
+        };
+        let encoded = encode(spec, load_as, &batch, &mut scratch, &mut buffer);
+        fed.rows += batch.rows.len() as u64;
+        kept.push(batch);
+        if let Err(e) = encoded {
+            break Some(e);
+        }
+        if buffer.len() >= SEND_BYTES {
+            sent += buffer.len();
+            if text.send(Ok(buffer.split().freeze())).await.is_err() {
+                // The statement is over; what it did decides the chunk.
+                return;
+            }
+        }
+        if fed.rows >= CHUNK_ROWS || sent >= CHUNK_BYTES {
+            break None;
+        }
+    };
+    match stopped {
+        None => {
+            if !buffer.is_empty() {
+                let _ = text.send(Ok(buffer.freeze())).await;
+            }
+        }
+        Some(e) => {
+            // An error in the stream makes the driver end the file early;
+            // the load rolls back after.
+            fed.error = Some(e);
+            let _ = text.send(Err(io::Error::other("the load stopped"))).await;
+        }
+    }
+}
+
+/// Runs one `LOAD DATA` statement over the next chunk of the feed.
+async fn load_chunk(
+    conn: &mut Conn,
+    sql: &str,
+    spec: &LoadSpec,
+    load_as: &[LoadAs],
+    feed: &mut RowFeed,
+    kept: &mut Vec<Batch>,
+) -> (Result<(), mysql_async::Error>, Fed) {
+    let (tx, rx) = mpsc::channel(4);
+    // Taken by the driver when the server asks for the file; a connection
+    // given back to the pool loses a handler it did not take.
+    conn.set_infile_handler(async move { Ok(Box::pin(ReceiverStream::new(rx)) as InfileData) });
+    let mut fed = Fed::default();
+    let loaded = {
+        let mut feeding = std::pin::pin!(feed_chunk(spec, load_as, feed, kept, tx, &mut fed));
+        let mut load = std::pin::pin!(conn.query_drop(sql));
+        let mut fed_all = false;
+        loop {
+            tokio::select! {
+                loaded = &mut load => break loaded,
+                () = &mut feeding, if !fed_all => fed_all = true,
+            }
+        }
+    };
+    (loaded, fed)
+}
+
+/// Loads the whole feed: `LOAD DATA` chunk by chunk, and INSERTs for a
+/// chunk that `LOAD DATA` did not load cleanly. Returns the rows that
+/// `LOAD DATA` loaded (the writer counts its own), and whether the server
+/// took `LOAD DATA` at all.
+pub(super) async fn load(
+    conn: &mut Conn,
+    spec: &LoadSpec,
+    feed: &mut RowFeed,
+    writer: &mut Writer<'_>,
+) -> Result<(u64, bool), BackendError> {
+    let sql = statement(spec);
+    let load_as: Vec<LoadAs> = spec.columns.iter().map(LoadAs::of).collect();
+    let mut loaded = 0;
+    let mut kept = Vec::new();
+    loop {
+        conn.query_drop("SAVEPOINT weir_chunk").await.map_err(map_error)?;
+        kept.clear();
+        let (result, fed) = load_chunk(conn, &sql, spec, &load_as, feed, &mut kept).await;
+        if let Some(e) = fed.error {
+            return Err(e);
+        }
+        let refused = match result.map_err(map_error) {
+            Ok(()) if conn.get_warnings() == 0 && conn.affected_rows() == fed.rows => {
+                loaded += fed.rows;
+                if fed.ended {
+                    return Ok((loaded, true));
+                }
+                continue;
+            }
+            Ok(()) => {
+                tracing::debug!(
+                    warnings = conn.get_warnings(),
+                    "a LOAD DATA chunk did not load cleanly; loading it again with INSERTs"
+                );
+                None
+            }
+            // The engine refused the statement itself (LOCAL disabled on the
+            // server, say): the INSERTs below tell a bad row from that.
+            Err(e @ BackendError::Engine { .. }) => Some(e),
+            Err(e) => return Err(e),
+        };
+        if let Err(e) = conn.query_drop("ROLLBACK TO SAVEPOINT weir_chunk").await {
+            // A deadlock, say, has ended the whole transaction, savepoint and all.
+            return Err(refused.unwrap_or_else(|| map_error(e)));
+        }
+        for batch in kept.drain(..) {
+            writer.push(conn, batch.first_row, batch.rows).await?;
+        }
+        writer.flush(conn).await?;
+        if refused.is_some() {
+            // The INSERTs took what LOAD DATA would not: they take the rest.
+            tracing::debug!("LOAD DATA LOCAL refused by the server; the load goes on with INSERTs");
+            if !fed.ended {
+                super::bulk::write_all(writer, conn, feed).await?;
+            }
+            return Ok((loaded, loaded > 0));
+        }
+        if fed.ended {
+            return Ok((loaded, true));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Column, ColumnType, LoadMode};
+
+    #[test]
+    fn binary_and_bit_columns_go_through_variables() {
+        let spec = LoadSpec {
+            schema: Some("s".into()),
+            table: "t`x".into(),
+            columns: vec![
+                Column::new("id", "int(11)", ColumnType::Int),
+                Column::new("b", "blob", ColumnType::Bytes),
+                Column::new("f", "bit(8)", ColumnType::UInt),
+            ],
+            mode: LoadMode::Append,
+            conflict: vec![],
+            receipt: None,
+            batch_rows: 1000,
+        };
+        assert_eq!(
+            statement(&spec),
+            "LOAD DATA LOCAL INFILE 'weir' INTO TABLE `s`.`t``x` CHARACTER SET utf8mb4 \
+             FIELDS TERMINATED BY X'09' ESCAPED BY X'5C' LINES TERMINATED BY X'0A' \
+             (`id`, @weir1, @weir2) SET `b` = UNHEX(@weir1), `f` = CAST(@weir2 AS UNSIGNED)"
+        );
+    }
+}

@@ -964,6 +964,49 @@ async fn mysql_without_local_infile_loads_through_inserts() {
     ctx.server.stop().await;
 }
 
+/// A client that pauses mid-load for longer than the server waits for the
+/// next packet of a `LOAD DATA LOCAL` file (`net_read_timeout`, lowered to
+/// 4 s here) still loads every row: the pause ends a chunk, not the load.
+#[tokio::test]
+async fn mysql_loads_outlast_a_client_that_pauses() {
+    use mysql_async::prelude::Queryable;
+    let mut direct = mysql_direct().await;
+    let old: u64 = direct
+        .query_first("SELECT @@GLOBAL.net_read_timeout")
+        .await
+        .expect("read the server's wait")
+        .expect("a value");
+    direct
+        .query_drop("SET GLOBAL net_read_timeout = 4")
+        .await
+        .expect("lower the server's wait");
+    // The gateway's sessions start after this, with the lowered wait.
+    let ctx = Ctx::new(Engine::Mysql, "").await;
+    ctx.table("weir_bulk_pause", 0).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let client = tokio::spawn(async move {
+        let _ = tx.send(rows(0..5)).await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let _ = tx.send(rows(5..10)).await;
+    });
+    let loaded = ctx
+        .client
+        .load(
+            header("weir_bulk_pause", pb::BulkLoadMode::Append),
+            ReceiverStream::new(rx),
+        )
+        .await;
+    direct
+        .query_drop(format!("SET GLOBAL net_read_timeout = {old}"))
+        .await
+        .expect("restore the server's wait");
+    client.await.expect("the client task");
+    let r = loaded.expect("a load with a pause");
+    assert_eq!((r.rows_inserted, r.engine_path.as_str()), (10, "mysql-load-data-local"));
+    assert_eq!(ctx.contents("weir_bulk_pause").await.len(), 10);
+    ctx.server.stop().await;
+}
+
 suite!(postgres, Engine::Postgres);
 suite!(mysql, Engine::Mysql);
 suite!(sqlite, Engine::Sqlite);

@@ -313,6 +313,35 @@ async fn read_only_sources_refuse_writes_in_the_engine() {
     server.stop().await;
 }
 
+/// A statement's own `LOAD DATA LOCAL` asks the gateway for a file of its
+/// choosing: it is refused as a bad request, reads nothing, and the source
+/// goes on serving.
+#[tokio::test]
+async fn a_statements_own_load_data_local_reads_no_file() {
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    client
+        .execute("maria", "CREATE TABLE IF NOT EXISTS weir_my_infile (line TEXT)", vec![])
+        .await
+        .expect("setup");
+    let err = client
+        .execute(
+            "maria",
+            "LOAD DATA LOCAL INFILE '/etc/passwd' INTO TABLE weir_my_infile",
+            vec![],
+        )
+        .await
+        .expect_err("no file is read");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("BulkLoadService.Load"), "{}", err.message());
+    let r = client
+        .execute("maria", "SELECT COUNT(*) FROM weir_my_infile", vec![])
+        .await
+        .expect("the source still serves");
+    assert_eq!(int(&r.rows[0].values[0]), 0);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn tls_sessions_are_encrypted_and_the_server_certificate_is_verified() {
     let mut direct = mysql_direct().await;

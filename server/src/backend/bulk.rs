@@ -224,6 +224,11 @@ impl RowFeed {
         self.accept(item)
     }
 
+    /// Whether a batch (or the end) is waiting to be taken.
+    pub fn has_ready(&self) -> bool {
+        !self.rx.is_empty()
+    }
+
     /// For engines whose calls block (SQLite); never from an async task.
     pub fn blocking_next(&mut self) -> Result<Option<Batch>, BackendError> {
         let item = self.rx.blocking_recv();

@@ -12,6 +12,7 @@
 //! only run where something is wrong.
 
 use std::io;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use mysql_async::prelude::Queryable;
@@ -30,8 +31,11 @@ use crate::backend::BackendError;
 const CHUNK_ROWS: u64 = 10_000;
 /// Bytes of text per statement at most (a client batch is never split).
 const CHUNK_BYTES: usize = 4 * 1024 * 1024;
-/// Text is handed to the driver in pieces of about this size.
+/// Text is handed to the driver in pieces of about this size (or less, when the feed has nothing more ready).
 const SEND_BYTES: usize = 256 * 1024;
+/// A chunk ends when the feed brings nothing for this long, well within
+/// the server's wait for the file's next packet.
+const STALL: Duration = Duration::from_secs(2);
 
 /// The statement that reads one chunk; hex literals for the separators, so
 /// that a session with `NO_BACKSLASH_ESCAPES` reads them the same.
@@ -99,13 +103,17 @@ fn encode(
     Ok(())
 }
 
-/// Moves one chunk of the feed into `text`, keeping its batches in `kept`.
-/// Every batch taken from the feed is in `kept` before the next wait, so
-/// the chunk's rows are all there even when this is stopped midway.
+/// Moves one chunk of the feed, starting with `first`, into `text`, and
+/// keeps its batches in `kept`. Every batch taken from the feed is in
+/// `kept` before the next wait, so the chunk's rows are all there even when
+/// this is stopped midway. The server gives up on a file that stalls
+/// (`net_read_timeout`, 30 s by default), so text goes out whenever the
+/// feed has nothing ready, and the chunk ends when the feed stalls.
 async fn feed_chunk(
     spec: &LoadSpec,
     load_as: &[LoadAs],
     feed: &mut RowFeed,
+    first: Batch,
     kept: &mut Vec<Batch>,
     text: mpsc::Sender<io::Result<Bytes>>,
     fed: &mut Fed,
@@ -113,14 +121,19 @@ async fn feed_chunk(
     let mut buffer = BytesMut::with_capacity(SEND_BYTES + 4096);
     let mut scratch = String::new();
     let mut sent = 0usize;
+    let mut next = Some(first);
     let stopped = loop {
-        let batch = match feed.next().await {
-            Ok(Some(batch)) => batch,
-            Ok(None) => {
-                fed.ended = true;
-                break None;
-            }
-            Err(e) => break Some(e),
+        let batch = match next.take() {
+            Some(batch) => batch,
+            None => match tokio::time::timeout(STALL, feed.next()).await {
+                Ok(Ok(Some(batch))) => batch,
+                Ok(Ok(None)) => {
+                    fed.ended = true;
+                    break None;
+                }
+                Ok(Err(e)) => break Some(e),
+                Err(_stalled) => break None,
+            },
         };
         let encoded = encode(spec, load_as, &batch, &mut scratch, &mut buffer);
         fed.rows += batch.rows.len() as u64;
@@ -128,7 +141,7 @@ async fn feed_chunk(
         if let Err(e) = encoded {
             break Some(e);
         }
-        if buffer.len() >= SEND_BYTES {
+        if buffer.len() >= SEND_BYTES || !feed.has_ready() {
             sent += buffer.len();
             if text.send(Ok(buffer.split().freeze())).await.is_err() {
                 // The statement is over; what it did decides the chunk.
@@ -161,6 +174,7 @@ async fn load_chunk(
     spec: &LoadSpec,
     load_as: &[LoadAs],
     feed: &mut RowFeed,
+    first: Batch,
     kept: &mut Vec<Batch>,
 ) -> (Result<(), mysql_async::Error>, Fed) {
     let (tx, rx) = mpsc::channel(4);
@@ -169,7 +183,7 @@ async fn load_chunk(
     conn.set_infile_handler(async move { Ok(Box::pin(ReceiverStream::new(rx)) as InfileData) });
     let mut fed = Fed::default();
     let loaded = {
-        let mut feeding = std::pin::pin!(feed_chunk(spec, load_as, feed, kept, tx, &mut fed));
+        let mut feeding = std::pin::pin!(feed_chunk(spec, load_as, feed, first, kept, tx, &mut fed));
         let mut load = std::pin::pin!(conn.query_drop(sql));
         let mut fed_all = false;
         loop {
@@ -197,9 +211,14 @@ pub(super) async fn load(
     let mut loaded = 0;
     let mut kept = Vec::new();
     loop {
+        // A chunk's statement starts once it has rows to read: the server
+        // would time out a file that waits for a slow client.
+        let Some(first) = feed.next().await? else {
+            return Ok((loaded, true));
+        };
         conn.query_drop("SAVEPOINT weir_chunk").await.map_err(map_error)?;
         kept.clear();
-        let (result, fed) = load_chunk(conn, &sql, spec, &load_as, feed, &mut kept).await;
+        let (result, fed) = load_chunk(conn, &sql, spec, &load_as, feed, first, &mut kept).await;
         if let Some(e) = fed.error {
             return Err(e);
         }

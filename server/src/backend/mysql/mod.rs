@@ -411,6 +411,12 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
             }
         }
         mysql_async::Error::Io(e) => io_error(e),
+        // A statement's own `LOAD DATA LOCAL`: Weir answers only its loads' file requests.
+        mysql_async::Error::Driver(mysql_async::DriverError::LocalInfile(mysql_async::LocalInfileError::NoHandler)) => {
+            BackendError::Invalid(
+                "LOAD DATA LOCAL INFILE cannot read files through Weir; send the rows with BulkLoadService.Load".into(),
+            )
+        }
         mysql_async::Error::Driver(e) => BackendError::Unavailable(e.to_string()),
         other => BackendError::Internal(other.to_string()),
     }

@@ -26,12 +26,30 @@ pub struct Snapshot {
     database_pids: HashMap<u32, Duration>,
 }
 
-/// utime + stime of one process, from the fields after its `(comm)`.
-fn process_cpu(stat: &str) -> Option<Duration> {
+/// utime + stime of one process, from the fields after its `(comm)`; with
+/// `children`, also the times of the children it has waited for.
+fn stat_cpu(stat: &str, children: bool) -> Option<Duration> {
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5); the text after ")" starts at field 3.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Fields 14 to 17 of stat(5); the text after ")" starts at field 3.
+    let last = if children { 14 } else { 12 };
+    let mut ticks = 0u64;
+    for field in 11..=last {
+        ticks += fields.get(field)?.parse::<u64>().ok()?;
+    }
     Some(Duration::from_secs_f64(ticks as f64 / TICKS_PER_SECOND))
+}
+
+fn process_cpu(stat: &str) -> Option<Duration> {
+    stat_cpu(stat, false)
+}
+
+/// This process's CPU with that of the commands it ran and waited for
+/// (`psql`, `mariadb`: the direct clients of the load figures).
+fn own_cpu() -> Duration {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| stat_cpu(&s, true))
+        .unwrap_or_default()
 }
 
 fn pid_cpu(pid: u32) -> Duration {
@@ -52,7 +70,10 @@ fn named_cpu(name: &str) -> HashMap<u32, Duration> {
             let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
             let comm = stat.split_once('(')?.1.rsplit_once(')')?.0;
-            (comm == name).then_some((pid, process_cpu(&stat)?))
+            // With the children it has waited for: PostgreSQL's postmaster
+            // reaps its backends, so a backend that ended (a `psql`'s, say)
+            // still counts.
+            (comm == name).then_some((pid, stat_cpu(&stat, true)?))
         })
         .collect()
 }
@@ -61,7 +82,7 @@ impl Snapshot {
     /// CPU used so far by this process, `gateway` and the processes named `database`.
     pub fn now(gateway: Option<u32>, database: &'static str) -> Snapshot {
         Snapshot {
-            client: pid_cpu(std::process::id()),
+            client: own_cpu(),
             gateway: gateway.map(|pid| (pid, pid_cpu(pid))),
             database,
             database_pids: named_cpu(database),
@@ -124,7 +145,9 @@ mod tests {
     #[test]
     fn reads_user_and_system_time_after_the_command_name() {
         // A command name with spaces and parentheses, as comm may have.
-        let stat = "4242 (tokio (rt) x) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 9 0 100 200 300";
+        let stat = "4242 (tokio (rt) x) S 1 2 3 4 5 6 7 8 9 10 250 50 100 50 20 0 9 0 100 200 300";
         assert_eq!(process_cpu(stat), Some(Duration::from_secs(3)));
+        // With the children waited for (cutime, cstime).
+        assert_eq!(stat_cpu(stat, true), Some(Duration::from_millis(4500)));
     }
 }

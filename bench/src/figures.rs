@@ -383,7 +383,7 @@ pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::
         stream(&args, &client, weir.pid(), sqlite, rows, &mut figures).await?;
     }
     if args.wants("load") {
-        load(&args, &client, rows, &mut figures).await?;
+        load(&args, &client, weir.pid(), rows, &mut figures).await?;
     }
     if args.wants("kafka") {
         crate::kafka::figures(&args, &client, &mut figures).await?;
@@ -568,16 +568,53 @@ async fn stream(
     Ok(())
 }
 
-async fn load(args: &Arc<Args>, client: &WeirClient, rows: i64, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
+/// Runs `f` `runs` times (see `repeat`) and returns the median with the CPU
+/// the runs took, by process: the client (with the commands it ran), the
+/// gateway and the `database` server.
+async fn repeat_counting<F, Fut>(
+    runs: usize,
+    gateway: Option<u32>,
+    database: &'static str,
+    f: F,
+) -> anyhow::Result<(f64, Cpu)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<f64>>,
+{
+    let before = Snapshot::now(gateway, database);
+    let median = repeat(runs, f).await?;
+    Ok((median, before.elapsed()))
+}
+
+async fn load(
+    args: &Arc<Args>,
+    client: &WeirClient,
+    gateway: Option<u32>,
+    rows: i64,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
     println!("loading {rows} rows into PostgreSQL and MariaDB...");
     let dir = tempfile::tempdir()?;
     let file = crate::load::export(args, dir.path()).await?;
+    // Per 1,000 rows, over all runs.
+    let thousands = (rows as f64 * args.runs as f64 / 1000.0).max(1.0);
     pg(args)
         .await?
         .batch_execute("CREATE TABLE IF NOT EXISTS bench_load (LIKE pgbench_accounts)")
         .await?;
-    let direct = repeat(args.runs, || crate::load::direct_pg_copy(args, &file, rows)).await?;
-    let through = repeat(args.runs, || crate::load::weir_load(client, "pg", "bench_load", &file)).await?;
+    let (direct, direct_cpu) = repeat_counting(args.runs, None, "postgres", || {
+        crate::load::direct_pg_copy(args, &file, rows)
+    })
+    .await?;
+    let (through, weir_cpu) = repeat_counting(args.runs, gateway, "postgres", || {
+        crate::load::weir_load(client, "pg", "bench_load", &file)
+    })
+    .await?;
+    crate::detail(format!(
+        "PostgreSQL load {rows} rows, per 1,000 rows: psql \\copy {}; Weir {}",
+        direct_cpu.per(thousands, "PostgreSQL"),
+        weir_cpu.per(thousands, "PostgreSQL")
+    ));
     figures.push(Figure {
         name: format!("PostgreSQL: load {rows} rows vs psql \\copy"),
         unit: "rows/s",
@@ -592,14 +629,19 @@ async fn load(args: &Arc<Args>, client: &WeirClient, rows: i64, figures: &mut Ve
             .query_drop("CREATE TABLE IF NOT EXISTS bench_load (aid INT, bid INT, abalance INT, filler CHAR(84))")
             .await?;
     }
-    let direct = repeat(args.runs, || async {
+    let (direct, direct_cpu) = repeat_counting(args.runs, None, "mariadbd", || async {
         crate::load::direct_mysql_load(args, &file, rows)
     })
     .await?;
-    let through = repeat(args.runs, || {
+    let (through, weir_cpu) = repeat_counting(args.runs, gateway, "mariadbd", || {
         crate::load::weir_load(client, "maria", "bench_load", &file)
     })
     .await?;
+    crate::detail(format!(
+        "MariaDB load {rows} rows, per 1,000 rows: LOAD DATA LOCAL INFILE {}; Weir {}",
+        direct_cpu.per(thousands, "MariaDB"),
+        weir_cpu.per(thousands, "MariaDB")
+    ));
     figures.push(Figure {
         name: format!("MariaDB: load {rows} rows vs LOAD DATA LOCAL INFILE"),
         unit: "rows/s",

@@ -280,6 +280,9 @@ fn typed_columns(engine: Engine) -> Vec<(&'static str, &'static str, pb::Value, 
                 ),
                 ("s0", "VARCHAR(20)", v(Kind::StringValue("nul\0here\r\\N".into())), None),
                 ("bits", "BIT(10)", v(Kind::Uint64Value(517)), None),
+                // A text `0` would be read as the year 2000.
+                ("y0", "YEAR", v(Kind::Int64Value(0)), None),
+                ("y", "YEAR", v(Kind::Int64Value(2024)), None),
                 (
                     "u",
                     "CHAR(36)",
@@ -961,6 +964,57 @@ async fn mysql_without_local_infile_loads_through_inserts() {
         .expect_err("a CHECK violation fails the load");
     assert_eq!(error_metadata(&err, "row_index"), "4", "{}", err.message());
     assert_eq!(ctx.contents("weir_bulk_no_local").await.len(), 5);
+    ctx.server.stop().await;
+}
+
+/// Savepoints undo nothing in a table without transactions (MyISAM), so
+/// loads into one go through the strict INSERTs, which stop at a bad row.
+#[tokio::test]
+async fn mysql_loads_into_tables_without_transactions_use_inserts() {
+    let ctx = Ctx::new(Engine::Mysql, "").await;
+    ctx.exec("DROP TABLE IF EXISTS weir_bulk_myisam").await;
+    ctx.exec("CREATE TABLE weir_bulk_myisam (id INT PRIMARY KEY, name VARCHAR(20) NOT NULL, score INT) ENGINE=MyISAM")
+        .await;
+    let r = ctx
+        .load(header("weir_bulk_myisam", pb::BulkLoadMode::Append), vec![rows(0..3)])
+        .await
+        .expect("a MyISAM append");
+    assert_eq!((r.rows_inserted, r.engine_path.as_str()), (3, "mysql-multirow-insert"));
+    assert_eq!(ctx.contents("weir_bulk_myisam").await.len(), 3);
+    ctx.server.stop().await;
+}
+
+/// A batch bigger than the server's largest packet (`max_allowed_packet`,
+/// 16 MB here) reaches it in pieces.
+#[tokio::test]
+async fn mysql_loads_batches_larger_than_a_server_packet() {
+    let ctx = Ctx::new(Engine::Mysql, "").await;
+    ctx.exec("DROP TABLE IF EXISTS weir_bulk_big").await;
+    ctx.exec("CREATE TABLE weir_bulk_big (id INT PRIMARY KEY, b LONGBLOB)")
+        .await;
+    // Sent as hex, 6 MB of bytes per row is 12 MB of text: two rows make
+    // a 24 MB batch.
+    let blob: Vec<u8> = (0..6_000_000u32).map(|i| (i % 251) as u8).collect();
+    let batch = (0..2)
+        .map(|id| pb::Row {
+            values: vec![v(Kind::Int64Value(id)), v(Kind::BytesValue(blob.clone()))],
+        })
+        .collect();
+    let load = pb::LoadHeader {
+        source: "db".into(),
+        table: "weir_bulk_big".into(),
+        columns: vec!["id".into(), "b".into()],
+        ..Default::default()
+    };
+    let r = ctx.load(load, vec![batch]).await.expect("a 24 MB batch");
+    assert_eq!((r.rows_inserted, r.engine_path.as_str()), (2, "mysql-load-data-local"));
+    let back = ctx
+        .exec("SELECT LENGTH(b), HEX(SUBSTRING(b, 250, 4)) FROM weir_bulk_big ORDER BY id")
+        .await;
+    for row in &back.rows {
+        assert_eq!(int(&row.values[0]), 6_000_000);
+        assert_eq!(text(&row.values[1]), "F9FA0001");
+    }
     ctx.server.stop().await;
 }
 

@@ -50,9 +50,9 @@ fn statement(spec: &LoadSpec) -> String {
                 targets.push(format!("@weir{i}"));
                 conversions.push(format!("{name} = UNHEX(@weir{i})"));
             }
-            LoadAs::Number => {
+            LoadAs::Integer(cast) => {
                 targets.push(format!("@weir{i}"));
-                conversions.push(format!("{name} = CAST(@weir{i} AS UNSIGNED)"));
+                conversions.push(format!("{name} = CAST(@weir{i} AS {cast})"));
             }
         }
     }
@@ -67,6 +67,32 @@ fn statement(spec: &LoadSpec) -> String {
         sql.push_str(&conversions.join(", "));
     }
     sql
+}
+
+/// MySQL's and MariaDB's errors for a server that takes no LOCAL files.
+const LOCAL_DISABLED: [&str; 3] = [
+    "1148", // ER_NOT_ALLOWED_COMMAND
+    "3948", // MySQL 8: ER_CLIENT_LOCAL_FILES_DISABLED
+    "4166", // MariaDB: ER_LOAD_INFILE_CAPABILITY_DISABLED
+];
+
+fn local_disabled(e: &BackendError) -> bool {
+    matches!(e, BackendError::Engine { code, .. } if LOCAL_DISABLED.contains(&code.as_str()))
+}
+
+/// Whether the table's storage engine has transactions (InnoDB does; MyISAM,
+/// Aria and MEMORY do not). False for what is not a base table.
+async fn transactional(conn: &mut Conn, spec: &LoadSpec) -> Result<bool, BackendError> {
+    let engine: Option<String> = conn
+        .exec_first(
+            "SELECT e.TRANSACTIONS FROM information_schema.TABLES t \
+             JOIN information_schema.ENGINES e ON e.ENGINE = t.ENGINE \
+             WHERE t.TABLE_SCHEMA = COALESCE(?, DATABASE()) AND t.TABLE_NAME = ?",
+            (spec.schema.as_deref(), spec.table.as_str()),
+        )
+        .await
+        .map_err(map_error)?;
+    Ok(engine.as_deref() == Some("YES"))
 }
 
 /// What the feeding side of one chunk did.
@@ -122,47 +148,54 @@ async fn feed_chunk(
     let mut scratch = String::new();
     let mut sent = 0usize;
     let mut next = Some(first);
-    let stopped = loop {
+    loop {
         let batch = match next.take() {
             Some(batch) => batch,
             None => match tokio::time::timeout(STALL, feed.next()).await {
                 Ok(Ok(Some(batch))) => batch,
                 Ok(Ok(None)) => {
                     fed.ended = true;
-                    break None;
+                    break;
                 }
-                Ok(Err(e)) => break Some(e),
-                Err(_stalled) => break None,
+                Ok(Err(e)) => {
+                    fed.error = Some(e);
+                    break;
+                }
+                Err(_stalled) => break,
             },
         };
         let encoded = encode(spec, load_as, &batch, &mut scratch, &mut buffer);
         fed.rows += batch.rows.len() as u64;
         kept.push(batch);
         if let Err(e) = encoded {
-            break Some(e);
+            fed.error = Some(e);
+            break;
         }
-        if buffer.len() >= SEND_BYTES || !feed.has_ready() {
-            sent += buffer.len();
-            if text.send(Ok(buffer.split().freeze())).await.is_err() {
+        // Pieces of at most SEND_BYTES, each one packet: the server refuses
+        // packets over its max_allowed_packet, and a batch of large values
+        // can be bigger. LOAD DATA reads a byte stream, so a piece may end
+        // mid-row.
+        while buffer.len() >= SEND_BYTES || (!buffer.is_empty() && !feed.has_ready()) {
+            let piece = buffer.split_to(buffer.len().min(SEND_BYTES));
+            sent += piece.len();
+            if text.send(Ok(piece.freeze())).await.is_err() {
                 // The statement is over; what it did decides the chunk.
                 return;
             }
         }
         if fed.rows >= CHUNK_ROWS || sent >= CHUNK_BYTES {
-            break None;
+            break;
         }
-    };
-    match stopped {
-        None => {
-            if !buffer.is_empty() {
-                let _ = text.send(Ok(buffer.freeze())).await;
+    }
+    // Stopped by an error, the file still ends cleanly, with what was sent:
+    // the load rolls back after, and the connection stays usable (an error
+    // in the stream would make the driver close it).
+    if fed.error.is_none() {
+        while !buffer.is_empty() {
+            let piece = buffer.split_to(buffer.len().min(SEND_BYTES));
+            if text.send(Ok(piece.freeze())).await.is_err() {
+                return;
             }
-        }
-        Some(e) => {
-            // An error in the stream makes the driver end the file early;
-            // the load rolls back after.
-            fed.error = Some(e);
-            let _ = text.send(Err(io::Error::other("the load stopped"))).await;
         }
     }
 }
@@ -206,6 +239,12 @@ pub(super) async fn load(
     feed: &mut RowFeed,
     writer: &mut Writer<'_>,
 ) -> Result<(u64, bool), BackendError> {
+    if !transactional(conn, spec).await? {
+        // Savepoints undo nothing there, so a chunk could not be checked
+        // and loaded again.
+        super::bulk::write_all(writer, conn, feed).await?;
+        return Ok((0, false));
+    }
     let sql = statement(spec);
     let load_as: Vec<LoadAs> = spec.columns.iter().map(LoadAs::of).collect();
     let mut loaded = 0;
@@ -237,9 +276,8 @@ pub(super) async fn load(
                 );
                 None
             }
-            // The engine refused the statement itself (LOCAL disabled on the
-            // server, say): the INSERTs below tell a bad row from that.
-            Err(e @ BackendError::Engine { .. }) => Some(e),
+            // The server does not take LOCAL files: the INSERTs take the rest.
+            Err(e @ BackendError::Engine { .. }) if local_disabled(&e) => Some(e),
             Err(e) => return Err(e),
         };
         if let Err(e) = conn.query_drop("ROLLBACK TO SAVEPOINT weir_chunk").await {
@@ -278,6 +316,7 @@ mod tests {
                 Column::new("id", "int(11)", ColumnType::Int),
                 Column::new("b", "blob", ColumnType::Bytes),
                 Column::new("f", "bit(8)", ColumnType::UInt),
+                Column::new("y", "year(4)", ColumnType::Int),
             ],
             mode: LoadMode::Append,
             conflict: vec![],
@@ -288,7 +327,8 @@ mod tests {
             statement(&spec),
             "LOAD DATA LOCAL INFILE 'weir' INTO TABLE `s`.`t``x` CHARACTER SET utf8mb4 \
              FIELDS TERMINATED BY X'09' ESCAPED BY X'5C' LINES TERMINATED BY X'0A' \
-             (`id`, @weir1, @weir2) SET `b` = UNHEX(@weir1), `f` = CAST(@weir2 AS UNSIGNED)"
+             (`id`, @weir1, @weir2, @weir3) SET `b` = UNHEX(@weir1), `f` = CAST(@weir2 AS UNSIGNED), \
+             `y` = CAST(@weir3 AS SIGNED)"
         );
     }
 }

@@ -414,7 +414,9 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
         // A statement's own `LOAD DATA LOCAL`: Weir answers only its loads' file requests.
         mysql_async::Error::Driver(mysql_async::DriverError::LocalInfile(mysql_async::LocalInfileError::NoHandler)) => {
             BackendError::Invalid(
-                "LOAD DATA LOCAL INFILE cannot read files through Weir; send the rows with BulkLoadService.Load".into(),
+                "LOAD DATA LOCAL INFILE cannot read files through Weir, and the driver closed the session it ran on \
+                 (a transaction on it is rolled back); send the rows with BulkLoadService.Load"
+                    .into(),
             )
         }
         mysql_async::Error::Driver(e) => BackendError::Unavailable(e.to_string()),

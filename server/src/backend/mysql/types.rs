@@ -198,16 +198,20 @@ pub enum LoadAs {
     Text,
     /// Binary strings, sent as hex and `UNHEX`ed: raw bytes would be read in the file's character set.
     Hex,
-    /// BIT columns, sent as a number and `CAST`: as text they would store the digits' characters.
-    Number,
+    /// Sent as a number and `CAST` to this type: BIT columns would store
+    /// the digits' characters, and YEAR columns read a text `0` as 2000.
+    Integer(&'static str),
 }
 
 impl LoadAs {
     pub fn of(column: &Column) -> Self {
+        let native = column.native_type.to_ascii_lowercase();
         if column.column_type == ColumnType::Bytes {
             LoadAs::Hex
-        } else if column.native_type.to_ascii_lowercase().starts_with("bit") {
-            LoadAs::Number
+        } else if native.starts_with("bit") {
+            LoadAs::Integer("UNSIGNED")
+        } else if native.starts_with("year") {
+            LoadAs::Integer("SIGNED")
         } else {
             LoadAs::Text
         }

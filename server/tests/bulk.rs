@@ -967,6 +967,45 @@ async fn mysql_without_local_infile_loads_through_inserts() {
     ctx.server.stop().await;
 }
 
+/// A bad row in a later `LOAD DATA` chunk (10,000 rows each) is named by
+/// its index in the whole load, also when it clashes with a row of an
+/// earlier chunk: undoing the bad chunk to its savepoint keeps the chunks
+/// before it for the INSERTs that find the row. The load then rolls back whole.
+#[tokio::test]
+async fn mysql_bad_rows_in_later_chunks_are_named() {
+    let ctx = Ctx::new(Engine::Mysql, "").await;
+    ctx.table("weir_bulk_chunks", 2).await;
+    let before = ctx.contents("weir_bulk_chunks").await;
+    let load = |batch: Vec<pb::Row>| {
+        ctx.load(
+            header("weir_bulk_chunks", pb::BulkLoadMode::Append),
+            batch.chunks(1000).map(<[_]>::to_vec).collect(),
+        )
+    };
+    // The key of row 500, again at row 15,000.
+    let mut batch = rows(0..20_000);
+    batch[15_000] = row(500, "again", 1);
+    let err = load(batch).await.expect_err("a duplicate key across chunks");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert_eq!(error_metadata(&err, "row_index"), "15000", "{}", err.message());
+    assert_eq!(engine_code(&err), "1062");
+    // A CHECK violation, which LOAD DATA LOCAL would only warn about.
+    let mut batch = rows(0..20_000);
+    batch[12_345] = row(12_345, "bad", -1);
+    let err = load(batch).await.expect_err("a CHECK violation in the second chunk");
+    assert_eq!(error_metadata(&err, "row_index"), "12345", "{}", err.message());
+    assert_eq!(ctx.contents("weir_bulk_chunks").await, before);
+    // And a clean load of several chunks commits them all.
+    let r = load(rows(0..25_000)).await.expect("25,000 good rows");
+    assert_eq!(
+        (r.rows_inserted, r.engine_path.as_str()),
+        (25_000, "mysql-load-data-local")
+    );
+    let count = ctx.exec("SELECT COUNT(*) FROM weir_bulk_chunks").await;
+    assert_eq!(int(&count.rows[0].values[0]), 25_002);
+    ctx.server.stop().await;
+}
+
 /// Savepoints undo nothing in a table without transactions (MyISAM), so
 /// loads into one go through the strict INSERTs, which stop at a bad row.
 #[tokio::test]

@@ -70,10 +70,11 @@ fn named_cpu(name: &str) -> HashMap<u32, Duration> {
             let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
             let comm = stat.split_once('(')?.1.rsplit_once(')')?.0;
-            // With the children it has waited for: PostgreSQL's postmaster
-            // reaps its backends, so a backend that ended (a `psql`'s, say)
-            // still counts.
-            (comm == name).then_some((pid, stat_cpu(&stat, true)?))
+            // Without the children it has reaped: PostgreSQL's postmaster
+            // would bring in, at a moment of its choosing, the whole CPU of
+            // backends that ended (the direct pool's, after its phase) and
+            // of autovacuum workers.
+            (comm == name).then_some((pid, process_cpu(&stat)?))
         })
         .collect()
 }

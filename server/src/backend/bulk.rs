@@ -121,6 +121,30 @@ pub fn write_escaped(bytes: &[u8], nul: Option<&[u8]>, out: &mut BytesMut) -> bo
     true
 }
 
+/// Appends `batch` as tab-separated lines, each value written by `field`
+/// (given its column's index); a value it refuses fails the load naming
+/// its row and column.
+pub fn write_lines(
+    batch: &Batch,
+    columns: &[Column],
+    out: &mut BytesMut,
+    mut field: impl FnMut(usize, &super::Value, &mut BytesMut) -> Result<(), String>,
+) -> Result<(), BackendError> {
+    for (i, row) in batch.rows.iter().enumerate() {
+        for (c, value) in row.iter().enumerate() {
+            if c > 0 {
+                out.put_u8(b'\t');
+            }
+            field(c, value, out).map_err(|message| {
+                let column = columns.get(c).map(|c| c.name.clone());
+                row_error(batch.first_row + i as u64, column, String::new(), message)
+            })?;
+        }
+        out.put_u8(b'\n');
+    }
+    Ok(())
+}
+
 /// Standard SQL's double-quoted identifier (PostgreSQL, SQLite).
 pub fn quote_ansi(name: &str) -> String {
     quote_ident(name, '"', '"')

@@ -14,7 +14,7 @@
 use std::io;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, InfileData};
 use tokio::sync::mpsc;
@@ -39,12 +39,12 @@ const STALL: Duration = Duration::from_secs(2);
 
 /// The statement that reads one chunk; hex literals for the separators, so
 /// that a session with `NO_BACKSLASH_ESCAPES` reads them the same.
-fn statement(spec: &LoadSpec) -> String {
+fn statement(spec: &LoadSpec, load_as: &[LoadAs]) -> String {
     let mut targets = Vec::with_capacity(spec.columns.len());
     let mut conversions = Vec::new();
-    for (i, column) in spec.columns.iter().enumerate() {
+    for (i, (column, as_)) in spec.columns.iter().zip(load_as).enumerate() {
         let name = quote(&column.name);
-        match LoadAs::of(column) {
+        match as_ {
             LoadAs::Text => targets.push(name),
             LoadAs::Hex => {
                 targets.push(format!("@weir{i}"));
@@ -98,7 +98,6 @@ async fn transactional(conn: &mut Conn, spec: &LoadSpec) -> Result<bool, Backend
 /// What the feeding side of one chunk did.
 #[derive(Default)]
 struct Fed {
-    rows: u64,
     /// The feed said the load is complete.
     ended: bool,
     /// Why feeding stopped early: the load is abandoned, or a value cannot be sent.
@@ -113,20 +112,9 @@ fn encode(
     scratch: &mut String,
     out: &mut BytesMut,
 ) -> Result<(), BackendError> {
-    for (i, row) in batch.rows.iter().enumerate() {
-        for (c, value) in row.iter().enumerate() {
-            if c > 0 {
-                out.put_u8(b'\t');
-            }
-            let as_ = load_as.get(c).copied().unwrap_or(LoadAs::Text);
-            write_load_text(value, as_, scratch, out).map_err(|message| {
-                let column = spec.columns.get(c).map(|c| c.name.clone());
-                bulk::row_error(batch.first_row + i as u64, column, String::new(), message)
-            })?;
-        }
-        out.put_u8(b'\n');
-    }
-    Ok(())
+    bulk::write_lines(batch, &spec.columns, out, |c, value, out| {
+        write_load_text(value, load_as.get(c).copied().unwrap_or(LoadAs::Text), scratch, out)
+    })
 }
 
 /// Moves one chunk of the feed, starting with `first`, into `text`, and
@@ -147,6 +135,7 @@ async fn feed_chunk(
     let mut buffer = BytesMut::with_capacity(SEND_BYTES + 4096);
     let mut scratch = String::new();
     let mut sent = 0usize;
+    let mut rows = 0u64;
     let mut next = Some(first);
     loop {
         let batch = match next.take() {
@@ -165,7 +154,7 @@ async fn feed_chunk(
             },
         };
         let encoded = encode(spec, load_as, &batch, &mut scratch, &mut buffer);
-        fed.rows += batch.rows.len() as u64;
+        rows += batch.rows.len() as u64;
         kept.push(batch);
         if let Err(e) = encoded {
             fed.error = Some(e);
@@ -183,7 +172,7 @@ async fn feed_chunk(
                 return;
             }
         }
-        if fed.rows >= CHUNK_ROWS || sent >= CHUNK_BYTES {
+        if rows >= CHUNK_ROWS || sent >= CHUNK_BYTES {
             break;
         }
     }
@@ -245,8 +234,8 @@ pub(super) async fn load(
         super::bulk::write_all(writer, conn, feed).await?;
         return Ok((0, false));
     }
-    let sql = statement(spec);
     let load_as: Vec<LoadAs> = spec.columns.iter().map(LoadAs::of).collect();
+    let sql = statement(spec, &load_as);
     let mut loaded = 0;
     let mut kept = Vec::new();
     loop {
@@ -261,9 +250,10 @@ pub(super) async fn load(
         if let Some(e) = fed.error {
             return Err(e);
         }
+        let rows: u64 = kept.iter().map(|b| b.rows.len() as u64).sum();
         let refused = match result.map_err(map_error) {
-            Ok(()) if conn.get_warnings() == 0 && conn.affected_rows() == fed.rows => {
-                loaded += fed.rows;
+            Ok(()) if conn.get_warnings() == 0 && conn.affected_rows() == rows => {
+                loaded += rows;
                 if fed.ended {
                     return Ok((loaded, true));
                 }
@@ -323,8 +313,9 @@ mod tests {
             receipt: None,
             batch_rows: 1000,
         };
+        let load_as: Vec<LoadAs> = spec.columns.iter().map(LoadAs::of).collect();
         assert_eq!(
-            statement(&spec),
+            statement(&spec, &load_as),
             "LOAD DATA LOCAL INFILE 'weir' INTO TABLE `s`.`t``x` CHARACTER SET utf8mb4 \
              FIELDS TERMINATED BY X'09' ESCAPED BY X'5C' LINES TERMINATED BY X'0A' \
              (`id`, @weir1, @weir2, @weir3) SET `b` = UNHEX(@weir1), `f` = CAST(@weir2 AS UNSIGNED), \

@@ -287,7 +287,9 @@ pub fn write_load_text(v: &Value, as_: LoadAs, scratch: &mut String, out: &mut B
         Value::List(_) => return Err(NO_ARRAY.into()),
     };
     if as_ == LoadAs::Hex {
-        out.put_slice(hex::encode(text).as_bytes());
+        let start = out.len();
+        out.resize(start + 2 * text.len(), 0);
+        hex::encode_to_slice(text, &mut out[start..]).map_err(|e| e.to_string())?;
     } else {
         // NUL is a value byte like any other to MySQL.
         crate::backend::bulk::write_escaped(text, Some(b"\\0"), out);

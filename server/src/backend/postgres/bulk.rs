@@ -17,7 +17,7 @@ use super::{map_error, PgConn};
 use crate::backend::bulk::{self, Dialect, LoadSpec, ReceiptSql, RowFeed};
 use crate::backend::{BackendError, LoadMode, LoadOutcome, Value};
 
-/// COPY data is sent in chunks of about this size.
+/// COPY data is sent in chunks of at least this size (whole batches).
 const CHUNK_BYTES: usize = 256 * 1024;
 /// Name of the staging table of an upsert (temporary, dropped at commit).
 const STAGE: &str = "weir_load_stage";
@@ -94,20 +94,11 @@ async fn copy_rows(conn: &PgConn, target: &str, spec: &LoadSpec, feed: &mut RowF
     let mut buffer = BytesMut::with_capacity(CHUNK_BYTES + 4096);
     let mut scratch = String::new();
     while let Some(batch) = feed.next().await? {
-        for (i, row) in batch.rows.iter().enumerate() {
-            for (c, value) in row.iter().enumerate() {
-                if c > 0 {
-                    buffer.put_u8(b'\t');
-                }
-                write_field(value, &mut scratch, &mut buffer).map_err(|message| {
-                    let column = spec.columns.get(c).map(|c| c.name.clone());
-                    bulk::row_error(batch.first_row + i as u64, column, String::new(), message)
-                })?;
-            }
-            buffer.put_u8(b'\n');
-            if buffer.len() >= CHUNK_BYTES {
-                sink.send(buffer.split().freeze()).await.map_err(copy_error)?;
-            }
+        bulk::write_lines(&batch, &spec.columns, &mut buffer, |_, value, out| {
+            write_field(value, &mut scratch, out)
+        })?;
+        if buffer.len() >= CHUNK_BYTES {
+            sink.send(buffer.split().freeze()).await.map_err(copy_error)?;
         }
     }
     if !buffer.is_empty() {

@@ -2,6 +2,10 @@
 
 use std::time::Duration;
 
+use arrow_array::RecordBatch;
+use arrow_ipc::reader::StreamDecoder;
+use arrow_schema::SchemaRef;
+
 use tokio_stream::{Stream, StreamExt};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -19,7 +23,8 @@ use weir_proto::v1::{
     BeginTransactionRequest, Column, CommitRequest, DescribeTableRequest, DescribeTableResponse, ExecuteRequest,
     ExecuteResponse, ExecuteStreamRequest, ExecuteStreamResponse, IsolationLevel, ListSchemasRequest,
     ListSourcesRequest, ListTablesRequest, LoadAbort, LoadHeader, LoadRequest, LoadResponse, LoadRows, QueryStats,
-    RollbackRequest, Row, SchemaInfo, SourceInfo, TableInfo, TestConnectionRequest, TestConnectionResponse, Value,
+    ResultFormat, RollbackRequest, Row, SchemaInfo, SourceInfo, TableInfo, TestConnectionRequest,
+    TestConnectionResponse, Value,
 };
 
 use crate::transport::{self, H2Channel, Settings, Tls};
@@ -310,6 +315,26 @@ impl WeirClient {
         ResultStream::new(stream).await
     }
 
+    /// Like [`Self::execute_stream`], with the rows as Arrow record batches
+    /// (`RESULT_FORMAT_ARROW_IPC`): for analytics clients, and for wide
+    /// results read column by column.
+    pub async fn execute_stream_arrow(
+        &self,
+        source: &str,
+        sql: &str,
+        params: Vec<Value>,
+    ) -> Result<ArrowStream, Status> {
+        let request = ExecuteStreamRequest {
+            format: ResultFormat::ArrowIpc.into(),
+            ..stream_request(source, sql, params)
+        };
+        let stream = self.query().execute_stream(request).await?.into_inner();
+        Ok(ArrowStream {
+            rows: ResultStream::new(stream).await?,
+            decoder: StreamDecoder::new(),
+        })
+    }
+
     /// Opens a transaction and returns its handle.
     pub async fn begin(&self, source: &str, isolation: IsolationLevel, read_only: bool) -> Result<Vec<u8>, Status> {
         let request = BeginTransactionRequest {
@@ -405,6 +430,8 @@ pub struct ResultStream<M = ExecuteStreamResponse> {
 pub enum Part<B> {
     Metadata(Vec<Column>),
     Batch(B),
+    /// A piece of the Arrow IPC stream of a `RESULT_FORMAT_ARROW_IPC` call.
+    Arrow(Vec<u8>),
     Stats(QueryStats),
 }
 
@@ -422,6 +449,7 @@ impl StreamMessage for ExecuteStreamResponse {
         Some(match self.payload? {
             Payload::Metadata(m) => Part::Metadata(m.columns),
             Payload::Batch(b) => Part::Batch(b.rows),
+            Payload::ArrowIpc(piece) => Part::Arrow(piece),
             Payload::Stats(s) => Part::Stats(s),
         })
     }
@@ -447,7 +475,9 @@ impl<M: StreamMessage> ResultStream<M> {
         };
         let columns = match first.into_part() {
             Some(Part::Metadata(columns)) => columns,
-            Some(Part::Batch(_)) => return Err(protocol_violation("a row batch came before the result metadata")),
+            Some(Part::Batch(_) | Part::Arrow(_)) => {
+                return Err(protocol_violation("a row batch came before the result metadata"))
+            }
             Some(Part::Stats(_)) => return Err(protocol_violation("statistics came before the result metadata")),
             None => return Err(protocol_violation("a message had no payload")),
         };
@@ -467,6 +497,16 @@ impl<M: StreamMessage> ResultStream<M> {
     /// The next batch of rows, or `None` once the stream ended with its
     /// statistics.
     pub async fn next_batch(&mut self) -> Result<Option<M::Batch>, Status> {
+        match self.next_rows().await? {
+            Some(Part::Batch(batch)) => Ok(Some(batch)),
+            Some(_) => Err(protocol_violation("an Arrow IPC piece came in a stream of rows")),
+            None => Ok(None),
+        }
+    }
+
+    /// The next row batch or Arrow IPC piece, or `None` once the stream
+    /// ended with its statistics.
+    async fn next_rows(&mut self) -> Result<Option<Part<M::Batch>>, Status> {
         while !self.done {
             let Some(message) = self.stream.message().await? else {
                 self.done = true;
@@ -477,9 +517,9 @@ impl<M: StreamMessage> ResultStream<M> {
                 break;
             };
             match (message.into_part(), &self.stats) {
-                (Some(Part::Batch(batch)), None) => return Ok(Some(batch)),
                 (Some(Part::Stats(stats)), None) => self.stats = Some(stats),
                 (Some(Part::Metadata(_)), _) => return Err(protocol_violation("result metadata came twice")),
+                (Some(part), None) => return Ok(Some(part)),
                 (Some(_), Some(_)) => return Err(protocol_violation("a message came after the statistics")),
                 (None, _) => return Err(protocol_violation("a message had no payload")),
             }
@@ -490,6 +530,62 @@ impl<M: StreamMessage> ResultStream<M> {
     /// The statistics, once [`Self::next_batch`] has returned `None`.
     pub fn stats(&self) -> Option<&QueryStats> {
         self.stats.as_ref()
+    }
+}
+
+/// The result of `ExecuteStream` with `RESULT_FORMAT_ARROW_IPC`, from
+/// [`WeirClient::execute_stream_arrow`]: Weir's columns up front, then Arrow
+/// record batches, then statistics.
+pub struct ArrowStream {
+    rows: ResultStream,
+    decoder: StreamDecoder,
+}
+
+impl ArrowStream {
+    /// The result's columns as Weir describes them (engine type names included).
+    pub fn columns(&self) -> &[Column] {
+        self.rows.columns()
+    }
+
+    /// The Arrow schema, once the first piece has been read (it comes with
+    /// the first batch, or alone for an empty result).
+    pub fn schema(&self) -> Option<SchemaRef> {
+        self.decoder.schema()
+    }
+
+    /// The next record batch, or `None` once the stream ended with its statistics.
+    pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>, Status> {
+        loop {
+            let piece = match self.rows.next_rows().await? {
+                Some(Part::Arrow(piece)) => piece,
+                Some(_) => return Err(protocol_violation("a row batch came in an Arrow IPC stream")),
+                // The statistics came: the server's last piece must have ended a message.
+                None => {
+                    return match self.decoder.finish() {
+                        Ok(()) => Ok(None),
+                        Err(e) => Err(protocol_violation(&format!("the Arrow IPC stream was cut short: {e}"))),
+                    }
+                }
+            };
+            let mut buffer = arrow_buffer::Buffer::from(piece);
+            while !buffer.is_empty() {
+                let decoded = self
+                    .decoder
+                    .decode(&mut buffer)
+                    .map_err(|e| protocol_violation(&format!("an Arrow IPC piece does not decode: {e}")))?;
+                if let Some(batch) = decoded {
+                    if !buffer.is_empty() {
+                        return Err(protocol_violation("an Arrow IPC piece held more than one record batch"));
+                    }
+                    return Ok(Some(batch));
+                }
+            }
+        }
+    }
+
+    /// The statistics, once [`Self::next_batch`] has returned `None`.
+    pub fn stats(&self) -> Option<&QueryStats> {
+        self.rows.stats()
     }
 }
 

@@ -11,7 +11,7 @@ mod transport;
 mod watch;
 
 pub use client::{
-    ApiKeyInterceptor, AuthChannel, ClientError, Part, ResultStream, StreamMessage, TlsOptions, WeirClient,
+    ApiKeyInterceptor, ArrowStream, AuthChannel, ClientError, Part, ResultStream, StreamMessage, TlsOptions, WeirClient,
 };
 pub use params::parse_param;
 pub use status::{code_name, describe_status};
@@ -19,6 +19,7 @@ pub use transport::H2Channel;
 pub use watch::ChangeWatch;
 pub use weir_proto;
 pub use weir_proto::raw::{RawDecodeError, RawRows, RowRef, ValueRef};
+pub use {arrow_array, arrow_ipc, arrow_schema};
 
 /// Tests of `Display for Value`, which lives in `weir-proto` for the orphan
 /// rule but is exercised here with the formats built on it.

@@ -66,6 +66,17 @@ pub enum Error {
     TooManyStreams { limit: u32 },
     #[error("too many transactions open (limit {limit}); commit or roll back one first")]
     TooManyTransactions { limit: u32 },
+    /// A result asked for as Arrow IPC holds a column or value that its Arrow type cannot hold exactly.
+    #[error(
+        "{}column \"{column}\": {message}; cast the column in SQL, or ask for RESULT_FORMAT_ROWS",
+        row.map(|r| format!("row {r}, ")).unwrap_or_default()
+    )]
+    NotArrow {
+        /// 0-based in the whole result; None when the column itself has no Arrow type.
+        row: Option<u64>,
+        column: String,
+        message: String,
+    },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -176,6 +187,10 @@ impl From<Error> for Status {
                 info("RECORD_TOO_LARGE", vec![("limit", limit.to_string())]),
             ),
             Error::TopicNotFound(_) => (Code::NotFound, info("TOPIC_NOT_FOUND", vec![])),
+            Error::NotArrow { column, .. } => (
+                Code::InvalidArgument,
+                info("NOT_REPRESENTABLE_IN_ARROW", vec![("column", column.clone())]),
+            ),
             Error::GatewayBusy { waited, retry_after } => {
                 let mut d = info("GATEWAY_SATURATED", vec![("waited_ms", waited.as_millis().to_string())]);
                 d.set_retry_info(Some(*retry_after));

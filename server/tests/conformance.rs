@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tonic::Code;
+use weir_client::arrow_array::cast::AsArray;
+use weir_client::arrow_array::types::{Date32Type, Float64Type, Int64Type, TimestampMicrosecondType};
+use weir_client::arrow_array::Array;
+use weir_client::arrow_schema::{DataType, TimeUnit};
 use weir_client::weir_proto::v1 as pb;
 use weir_client::weir_proto::v1::value::Kind;
 use weir_client::weir_proto::v1::IsolationLevel;
@@ -572,6 +576,149 @@ async fn engine_errors_map_to_the_same_codes(engine: Engine) {
     ctx.server.stop().await;
 }
 
+/// An integer cell, whether its column is Int64 or (SQLite expressions) a
+/// union whose value is in its integer child.
+fn arrow_int(column: &dyn Array, row: usize) -> i64 {
+    match column.data_type() {
+        DataType::Union(..) => {
+            let union = column.as_union();
+            arrow_int(union.value(row).as_ref(), 0)
+        }
+        _ => column.as_primitive::<Int64Type>().value(row),
+    }
+}
+
+async fn arrow_results_hold_the_same_values(engine: Engine) {
+    let ctx = Ctx::new(engine, "").await;
+    ctx.recreate(
+        &["weir_conf_arrow"],
+        &[&engine.types_ddl().replace("weir_conf_types", "weir_conf_arrow")],
+    )
+    .await;
+    let insert = format!(
+        "INSERT INTO weir_conf_arrow VALUES (1, -9007199254740993, 12.34, 2.5, 'héllo ✓', {}, {}, '2024-02-29', '2024-01-02 03:04:05.123456')",
+        match engine {
+            Engine::Postgres => "'\\x0001ff'",
+            _ => "X'0001ff'",
+        },
+        match engine {
+            Engine::Postgres => "true",
+            _ => "1",
+        },
+    );
+    ctx.run(&insert).await;
+    ctx.run("INSERT INTO weir_conf_arrow (id) VALUES (2)").await;
+    let mut stream = ctx
+        .client
+        .execute_stream_arrow(
+            "db",
+            "SELECT id, i, d, f, t, b, flag, day, at FROM weir_conf_arrow ORDER BY id",
+            vec![],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{engine:?}: {e}"));
+    assert_eq!(stream.columns().len(), 9);
+    let batch = stream.next_batch().await.expect("batch").expect("one batch");
+    assert!(stream.next_batch().await.expect("end").is_none(), "{engine:?}");
+    assert_eq!(stream.stats().map(|s| s.rows_returned), Some(2));
+    assert_eq!(batch.num_rows(), 2);
+    let schema = batch.schema();
+    let types: Vec<_> = schema.fields().iter().map(|f| f.data_type().clone()).collect();
+    // MySQL's BOOLEAN is TINYINT(1), an integer column.
+    let flag_type = if engine == Engine::Mysql {
+        DataType::Int64
+    } else {
+        DataType::Boolean
+    };
+    assert_eq!(
+        types,
+        [
+            DataType::Int64,
+            DataType::Int64,
+            DataType::Utf8,
+            DataType::Float64,
+            DataType::Utf8,
+            DataType::Binary,
+            flag_type,
+            DataType::Date32,
+            DataType::Timestamp(TimeUnit::Microsecond, None),
+        ],
+        "{engine:?}"
+    );
+    let c = |i: usize| batch.column(i);
+    assert_eq!(c(0).as_primitive::<Int64Type>().value(0), 1);
+    assert_eq!(
+        c(1).as_primitive::<Int64Type>().value(0),
+        -9_007_199_254_740_993,
+        "{engine:?}: no float rounding"
+    );
+    assert_eq!(c(2).as_string::<i32>().value(0), "12.34", "{engine:?}");
+    assert_eq!(c(3).as_primitive::<Float64Type>().value(0), 2.5);
+    assert_eq!(c(4).as_string::<i32>().value(0), "héllo ✓");
+    assert_eq!(c(5).as_binary::<i32>().value(0), [0u8, 1, 255]);
+    match engine {
+        Engine::Mysql => assert_eq!(c(6).as_primitive::<Int64Type>().value(0), 1),
+        _ => assert!(c(6).as_boolean().value(0), "{engine:?}"),
+    }
+    // Days since 1970-01-01, and microseconds since its midnight.
+    assert_eq!(c(7).as_primitive::<Date32Type>().value(0), 19_782, "{engine:?}");
+    assert_eq!(
+        c(8).as_primitive::<TimestampMicrosecondType>().value(0),
+        1_704_164_645_123_456,
+        "{engine:?}"
+    );
+    assert!((1..9).all(|i| c(i).is_null(1)), "{engine:?}: NULLs stay NULL");
+    assert_eq!(
+        schema
+            .field(1)
+            .metadata()
+            .get("weir.native_type")
+            .map(|t| !t.is_empty()),
+        Some(true)
+    );
+
+    // A large result: whole Arrow batches, the last one short.
+    let n = 100_000i64;
+    let mut stream = ctx
+        .client
+        .execute_stream_arrow(
+            "db",
+            &format!("SELECT COUNT(*) AS n FROM ({}) s", engine.series(n as u32)),
+            vec![],
+        )
+        .await
+        .expect("count");
+    let batch = stream.next_batch().await.expect("batch").expect("a row");
+    assert_eq!(arrow_int(batch.column(0).as_ref(), 0), n, "{engine:?}");
+    let mut stream = ctx
+        .client
+        .execute_stream_arrow("db", &engine.series(n as u32), vec![])
+        .await
+        .expect("series");
+    let (mut count, mut sum, mut batches) = (0i64, 0i64, 0);
+    while let Some(batch) = stream.next_batch().await.expect("batch") {
+        batches += 1;
+        count += batch.num_rows() as i64;
+        sum += (0..batch.num_rows())
+            .map(|r| arrow_int(batch.column(0).as_ref(), r))
+            .sum::<i64>();
+    }
+    assert_eq!((count, sum), (n, n * (n + 1) / 2), "{engine:?}");
+    assert!(batches >= 2, "{engine:?}: {batches} batches");
+    assert_eq!(stream.stats().map(|s| s.rows_returned), Some(n as u64));
+
+    // An empty result still has its schema.
+    let mut stream = ctx
+        .client
+        .execute_stream_arrow("db", "SELECT id FROM weir_conf_arrow WHERE id < 0", vec![])
+        .await
+        .expect("empty");
+    assert!(stream.next_batch().await.expect("end").is_none(), "{engine:?}");
+    assert_eq!(stream.schema().map(|s| s.fields().len()), Some(1), "{engine:?}");
+    ctx.assert_pool_serves().await;
+    ctx.server.stop().await;
+}
+
 macro_rules! suite {
     ($module:ident, $engine:expr $(, #[$attr:meta])?) => {
         mod $module {
@@ -580,6 +727,11 @@ macro_rules! suite {
             $(#[$attr])?
             async fn round_trips_common_types() {
                 super::round_trips_common_types($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn arrow_results_hold_the_same_values() {
+                super::arrow_results_hold_the_same_values($engine).await
             }
             #[tokio::test]
             $(#[$attr])?

@@ -7,6 +7,13 @@ use std::time::Duration;
 
 use common::*;
 use tonic::Code;
+use weir_client::arrow_array::cast::AsArray;
+use weir_client::arrow_array::types::{
+    Date32Type, Float64Type, Int64Type, IntervalMonthDayNanoType, Time64NanosecondType, TimestampMicrosecondType,
+};
+use weir_client::arrow_array::Array;
+use weir_client::arrow_ipc::reader::StreamReader;
+use weir_client::arrow_schema::{DataType, TimeUnit};
 use weir_client::weir_proto::v1 as pb;
 use weir_client::weir_proto::v1::value::Kind;
 use weir_client::weir_proto::v1::IsolationLevel;
@@ -1456,5 +1463,165 @@ async fn tls_sessions_are_encrypted_and_the_server_certificate_is_verified() {
         .expect_err("no TLS there");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("TLS"), "{}", err.message());
+    server.stop().await;
+}
+
+/// Whether an Arrow cell holds what the row format's value says.
+fn arrow_cell_is(column: &dyn Array, row: usize, v: &pb::Value) -> bool {
+    use chrono::Datelike;
+    if column.is_null(row) || is_null(v) {
+        return column.is_null(row) && is_null(v);
+    }
+    match (column.data_type(), kind(v)) {
+        (DataType::Int64, Kind::Int64Value(i)) => column.as_primitive::<Int64Type>().value(row) == *i,
+        (DataType::Float64, Kind::DoubleValue(f)) => column.as_primitive::<Float64Type>().value(row) == *f,
+        (DataType::Boolean, Kind::BoolValue(b)) => column.as_boolean().value(row) == *b,
+        (DataType::Utf8, Kind::StringValue(s) | Kind::DecimalValue(s) | Kind::JsonValue(s)) => {
+            column.as_string::<i32>().value(row) == s
+        }
+        (DataType::Binary, Kind::BytesValue(b)) => column.as_binary::<i32>().value(row) == b.as_slice(),
+        (DataType::FixedSizeBinary(16), Kind::UuidValue(u)) => {
+            column.as_fixed_size_binary().value(row) == uuid::Uuid::parse_str(u).expect("uuid").as_bytes()
+        }
+        (DataType::Date32, Kind::DateValue(d)) => {
+            let day = chrono::NaiveDate::from_ymd_opt(d.year, d.month as u32, d.day as u32).expect("date");
+            column.as_primitive::<Date32Type>().value(row) == day.num_days_from_ce() - 719_163
+        }
+        (DataType::Timestamp(TimeUnit::Microsecond, _), Kind::TimestampValue(t)) => {
+            column.as_primitive::<TimestampMicrosecondType>().value(row)
+                == t.seconds * 1_000_000 + i64::from(t.nanos) / 1000
+        }
+        (DataType::Time64(TimeUnit::Nanosecond), Kind::TimeValue(t)) => {
+            let nanos = (i64::from(t.hours) * 3600 + i64::from(t.minutes) * 60 + i64::from(t.seconds)) * 1_000_000_000
+                + i64::from(t.nanos);
+            column.as_primitive::<Time64NanosecondType>().value(row) == nanos
+        }
+        (DataType::Interval(_), Kind::IntervalValue(i)) => {
+            let got = column.as_primitive::<IntervalMonthDayNanoType>().value(row);
+            (got.months, got.days, got.nanoseconds) == (i.months, i.days, i.microseconds * 1000)
+        }
+        (DataType::List(_), Kind::ListValue(items)) => {
+            let list = column.as_list::<i32>().value(row);
+            list.len() == items.values.len()
+                && items
+                    .values
+                    .iter()
+                    .enumerate()
+                    .all(|(i, item)| arrow_cell_is(list.as_ref(), i, item))
+        }
+        _ => false,
+    }
+}
+
+#[tokio::test]
+async fn arrow_results_hold_what_rows_hold() {
+    // RESULT_FORMAT_ARROW_IPC: each column's Arrow type holds exactly the
+    // values the row format gives, NULLs included, across batches.
+    let server = TestServer::start(&config("")).await;
+    let client = server.client("key-acme").await;
+    let sql = "SELECT g, g::int2 AS small, g::float4 / 4 AS f4, g % 3 = 0 AS b, 'héllo ' || g AS t, \
+               CASE WHEN g % 2 = 0 THEN NULL ELSE 'odd' END AS maybe, g::numeric / 3 AS d, 'NaN'::numeric AS nan, \
+               '2024-01-02 03:04:05.25+00'::timestamptz + g * interval '1 second' AS ts, \
+               '2024-01-02 03:04:05'::timestamp AS wall, '2024-02-29'::date - g AS day, '13:14:15.5'::time AS tod, \
+               make_interval(months => 1, days => g, secs => 1.5) AS iv, \
+               md5(g::text)::uuid AS u, decode(lpad(to_hex(g), 6, '0'), 'hex') AS bin, \
+               ARRAY[g, NULL, -g] AS ints, ARRAY['a', NULL] AS texts, '{\"k\": 1}'::jsonb AS j, NULL::text AS nothing \
+               FROM generate_series(1, 2500) g ORDER BY g";
+    let unary = client.execute("pg", sql, vec![]).await.expect("execute");
+    let request = pb::ExecuteStreamRequest {
+        source: "pg".into(),
+        sql: sql.into(),
+        format: pb::ResultFormat::ArrowIpc.into(),
+        max_batch_rows: 1000,
+        ..Default::default()
+    };
+    let mut pieces = Vec::new();
+    let mut stream = client
+        .query()
+        .execute_stream(request)
+        .await
+        .expect("stream")
+        .into_inner();
+    while let Some(m) = stream.message().await.expect("message") {
+        if let Some(pb::execute_stream_response::Payload::ArrowIpc(piece)) = m.payload {
+            pieces.push(piece);
+        }
+    }
+    // Schema with the first batch, three batches, the end marker alone.
+    assert_eq!(pieces.len(), 4);
+    // Joined, the pieces are one Arrow IPC stream, as any Arrow reader takes it.
+    let reader = StreamReader::try_new(std::io::Cursor::new(pieces.concat()), None).expect("IPC stream");
+    let batches: Vec<_> = reader.collect::<Result<_, _>>().expect("batches");
+    assert_eq!(
+        batches.iter().map(|b| b.num_rows()).collect::<Vec<_>>(),
+        [1000, 1000, 500]
+    );
+    let schema = batches[0].schema();
+    assert_eq!(schema.field(13).metadata()["ARROW:extension:name"], "arrow.uuid");
+    assert_eq!(schema.field(17).metadata()["ARROW:extension:name"], "arrow.json");
+    assert_eq!(schema.field(1).metadata()["weir.native_type"], "int2");
+    let mut row = 0;
+    for batch in &batches {
+        for r in 0..batch.num_rows() {
+            for (c, want) in unary.rows[row].values.iter().enumerate() {
+                let column = batch.column(c);
+                assert!(
+                    arrow_cell_is(column.as_ref(), r, want),
+                    "row {row}, column {}: {:?} in Arrow is not {want:?}",
+                    schema.field(c).name(),
+                    column.slice(r, 1)
+                );
+            }
+            row += 1;
+        }
+    }
+    assert_eq!(row, 2500);
+
+    // Values without an exact Arrow form fail the call by row and column.
+    for (sql, column, says) in [
+        (
+            "SELECT g, CASE WHEN g = 3 THEN '12:00+02'::timetz END AS tz FROM generate_series(1, 5) g",
+            "tz",
+            "time zone",
+        ),
+        ("SELECT ARRAY[[1, 2], [3, 4]] AS m", "m", "list"),
+    ] {
+        let mut stream = client
+            .execute_stream_arrow("pg", sql, vec![])
+            .await
+            .expect("stream starts");
+        let e = loop {
+            match stream.next_batch().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("{sql}: no error"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.code(), Code::InvalidArgument, "{sql}: {e:?}");
+        assert_eq!(reason(&e), "NOT_REPRESENTABLE_IN_ARROW");
+        assert!(
+            e.message().contains(&format!("column \"{column}\"")) && e.message().contains(says),
+            "{}",
+            e.message()
+        );
+    }
+    let e = client.execute_stream_arrow("pg", "SELECT 1 AS x", vec![]);
+    let mut stream = e.await.expect("the session is unharmed");
+    assert!(stream.next_batch().await.expect("batch").is_some());
+
+    // An unknown format is the caller's mistake.
+    let request = pb::ExecuteStreamRequest {
+        source: "pg".into(),
+        sql: "SELECT 1".into(),
+        format: 99,
+        ..Default::default()
+    };
+    let e = client
+        .query()
+        .execute_stream(request)
+        .await
+        .expect_err("unknown format");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("format"), "{}", e.message());
     server.stop().await;
 }

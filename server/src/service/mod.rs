@@ -1,6 +1,7 @@
 //! gRPC services: proto requests become validated domain calls on the
 //! caller's own sources; engines are reached only through backend traits.
 
+mod arrow_ipc;
 pub mod bulk;
 pub mod changes;
 pub mod convert;

@@ -14,10 +14,11 @@ use weir_proto::v1 as pb;
 use weir_proto::v1::query_service_server::QueryService;
 use weir_proto::v1::RowBatch;
 
+use super::arrow_ipc::ArrowBatches;
 use super::convert;
 use super::transactions::{OpenTransaction, Transactions};
 use super::{caller, source, statement_timeout, Gate, StreamIn, StreamOut};
-use crate::backend::{QueryStream, Statement, TxOptions};
+use crate::backend::{QueryStream, RowSink, Statement, TxOptions};
 use crate::error::{Error, Result};
 use crate::telemetry;
 use crate::tenant::{Caller, Source};
@@ -26,6 +27,8 @@ use crate::tenant::{Caller, Source};
 const BATCH_BYTES: usize = 1024 * 1024;
 /// Rows per batch when the caller does not say.
 const DEFAULT_BATCH_ROWS: usize = 1000;
+/// The same for Arrow IPC batches.
+const DEFAULT_ARROW_BATCH_ROWS: usize = 65_536;
 /// Largest row count a caller may ask for per batch.
 const MAX_BATCH_ROWS: usize = 100_000;
 /// Batches buffered between the engine and the client.
@@ -215,59 +218,155 @@ fn message(payload: pb::execute_stream_response::Payload) -> pb::ExecuteStreamRe
     pb::ExecuteStreamResponse { payload: Some(payload) }
 }
 
+/// How the rows of a stream are put into its messages: one implementation
+/// per `ResultFormat`, chosen once per call.
+trait Batches: RowSink + Send {
+    /// Ends the row whose values were given.
+    fn finish_row(&mut self) -> Result<()>;
+    /// Complete rows, and about how many bytes, in the batch in progress.
+    fn pending(&self) -> (usize, usize);
+    /// The batch in progress as a message, with its encoded size.
+    fn take(&mut self) -> Result<(pb::ExecuteStreamResponse, usize)>;
+    /// The message that ends the rows, in formats that have one.
+    fn end(&mut self) -> Result<Option<(pb::ExecuteStreamResponse, usize)>>;
+}
+
+/// `RowBatch` messages, each row encoded as it arrives.
+#[derive(Default)]
+struct RowBatches {
+    encoder: convert::RowEncoder,
+    batch: BytesMut,
+    rows: usize,
+}
+
+impl RowSink for RowBatches {
+    fn value(&mut self, value: crate::backend::Value) {
+        self.encoder.value(value);
+    }
+    fn text(&mut self, text: &str) {
+        self.encoder.text(text);
+    }
+    fn int(&mut self, value: i64) {
+        self.encoder.int(value);
+    }
+}
+
+impl Batches for RowBatches {
+    fn finish_row(&mut self) -> Result<()> {
+        self.encoder.finish_row(&mut self.batch);
+        self.rows += 1;
+        Ok(())
+    }
+
+    fn pending(&self) -> (usize, usize) {
+        (self.rows, self.batch.len())
+    }
+
+    fn take(&mut self) -> Result<(pb::ExecuteStreamResponse, usize)> {
+        let full = self.batch.split().freeze();
+        // The next batch is about as large: one allocation, no regrowth.
+        self.batch.reserve(full.len() + full.len() / 8);
+        self.rows = 0;
+        let size = full.len();
+        Ok((encoded_batch(full), size))
+    }
+
+    fn end(&mut self) -> Result<Option<(pb::ExecuteStreamResponse, usize)>> {
+        Ok(None)
+    }
+}
+
+fn arrow_piece(bytes: Vec<u8>) -> (pb::ExecuteStreamResponse, usize) {
+    let size = bytes.len();
+    (message(pb::execute_stream_response::Payload::ArrowIpc(bytes)), size)
+}
+
+impl Batches for ArrowBatches {
+    fn finish_row(&mut self) -> Result<()> {
+        ArrowBatches::finish_row(self)
+    }
+
+    fn pending(&self) -> (usize, usize) {
+        (self.rows(), self.bytes())
+    }
+
+    fn take(&mut self) -> Result<(pb::ExecuteStreamResponse, usize)> {
+        Ok(arrow_piece(ArrowBatches::take(self)?))
+    }
+
+    fn end(&mut self) -> Result<Option<(pb::ExecuteStreamResponse, usize)>> {
+        Ok(Some(arrow_piece(ArrowBatches::end(self)?)))
+    }
+}
+
 /// Streams a result in bounded batches. Returns early, dropping (and so
 /// cancelling) the statement, as soon as the client goes away or stops reading.
-async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, timing: Timing) -> Result<()> {
+async fn execute_stream(target: &Target, format: Format, tx: &StreamSender, timing: Timing) -> Result<()> {
     use pb::execute_stream_response::Payload;
-    let started = timing.started;
     let _active = target.caller.tenant.metrics.stream_started();
     let mut query = target.start().instrument(telemetry::engine_span()).await?;
-    let columns = std::mem::take(&mut query.columns)
-        .into_iter()
-        .map(convert::column)
-        .collect();
-    if !tx
-        .send(message(Payload::Metadata(pb::ResultMetadata { columns })))
-        .await?
-    {
+    let columns = std::mem::take(&mut query.columns);
+    let metadata = pb::ResultMetadata {
+        columns: columns.iter().cloned().map(convert::column).collect(),
+    };
+    // Checked before anything is sent: a column without an Arrow type fails the call whole.
+    let arrow = match format.arrow {
+        true => Some(ArrowBatches::new(&columns)?),
+        false => None,
+    };
+    if !tx.send(message(Payload::Metadata(metadata))).await? {
         return Ok(());
     }
+    match arrow {
+        Some(batches) => send_rows(target, query, batches, format.batch_rows, tx, timing).await,
+        None => send_rows(target, query, RowBatches::default(), format.batch_rows, tx, timing).await,
+    }
+}
+
+/// The rows of a started statement, then its statistics.
+async fn send_rows(
+    target: &Target,
+    mut query: QueryStream,
+    mut batches: impl Batches,
+    batch_rows: usize,
+    tx: &StreamSender,
+    timing: Timing,
+) -> Result<()> {
+    use pb::execute_stream_response::Payload;
     let (mut total_rows, mut total_bytes, mut first_row) = (0u64, 0u64, None);
     // Rows are encoded as they arrive, on this task: each row's values are
     // freed while still in cache, and the response task only copies bytes.
-    let mut batch = BytesMut::new();
-    let mut batch_len = 0usize;
-    let mut encoder = convert::RowEncoder::default();
     loop {
         let next = tokio::select! {
             biased;
-            row = poll_fn(|cx| query.rows.as_mut().poll_next_into(cx, &mut encoder)) => row,
+            row = poll_fn(|cx| query.rows.as_mut().poll_next_into(cx, &mut batches)) => row,
             () = tx.closed() => return Ok(()),
         };
         let Some(row) = next else { break };
-        first_row.get_or_insert_with(|| started.elapsed());
-        if let Err(e) = row {
-            encoder.discard_row();
-            return Err(e.into());
-        }
-        encoder.finish_row(&mut batch);
-        batch_len += 1;
-        if batch_len >= batch_rows || batch.len() >= BATCH_BYTES {
-            total_rows += batch_len as u64;
-            total_bytes += batch.len() as u64;
-            batch_len = 0;
-            let full = batch.split().freeze();
-            // The next batch is about as large: one allocation, no regrowth.
-            batch.reserve(full.len() + full.len() / 8);
-            if !tx.send(encoded_batch(full)).await? {
+        first_row.get_or_insert_with(|| timing.started.elapsed());
+        // A failed row ends the stream: what it left half-encoded is never sent.
+        row?;
+        batches.finish_row()?;
+        let (rows, bytes) = batches.pending();
+        if rows >= batch_rows || bytes >= BATCH_BYTES {
+            total_rows += rows as u64;
+            let (batch, size) = batches.take()?;
+            total_bytes += size as u64;
+            if !tx.send(batch).await? {
                 return Ok(());
             }
         }
     }
-    if batch_len > 0 {
-        total_rows += batch_len as u64;
-        total_bytes += batch.len() as u64;
-        if !tx.send(encoded_batch(batch.freeze())).await? {
+    let (rows, _) = batches.pending();
+    let mut last = Vec::with_capacity(2);
+    if rows > 0 {
+        total_rows += rows as u64;
+        last.push(batches.take()?);
+    }
+    last.extend(batches.end()?);
+    for (message, size) in last {
+        total_bytes += size as u64;
+        if !tx.send(message).await? {
             return Ok(());
         }
     }
@@ -282,6 +381,34 @@ async fn execute_stream(target: &Target, batch_rows: usize, tx: &StreamSender, t
     ))))
     .await?;
     Ok(())
+}
+
+/// What a stream's rows are encoded as, and how many go in a batch.
+#[derive(Clone, Copy)]
+struct Format {
+    arrow: bool,
+    batch_rows: usize,
+}
+
+impl Format {
+    fn of(request: &pb::ExecuteStreamRequest) -> Result<Format> {
+        let (arrow, default_rows) = match pb::ResultFormat::try_from(request.format) {
+            Ok(pb::ResultFormat::Unspecified | pb::ResultFormat::Rows) => (false, DEFAULT_BATCH_ROWS),
+            // Arrow readers work best on large batches; the byte cap still bounds them.
+            Ok(pb::ResultFormat::ArrowIpc) => (true, DEFAULT_ARROW_BATCH_ROWS),
+            Err(_) => {
+                return Err(Error::InvalidArgument {
+                    field: "format",
+                    message: format!("unknown result format {}", request.format),
+                })
+            }
+        };
+        let batch_rows = match request.max_batch_rows as usize {
+            0 => default_rows,
+            n => n.min(MAX_BATCH_ROWS),
+        };
+        Ok(Format { arrow, batch_rows })
+    }
 }
 
 #[tonic::async_trait]
@@ -315,10 +442,7 @@ impl QueryService for QueryApi {
         let caller = caller(&request)?;
         let timeout = statement_timeout(&request, &caller);
         let r = request.into_inner();
-        let batch_rows = match r.max_batch_rows as usize {
-            0 => DEFAULT_BATCH_ROWS,
-            n => n.min(MAX_BATCH_ROWS),
-        };
+        let format = Format::of(&r)?;
         let stream_slot = caller.tenant.limiter.admit_stream()?;
         let admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
         let timing = Timing {
@@ -333,7 +457,7 @@ impl QueryService for QueryApi {
                 // Both slots are held until the stream ends.
                 let _slots = (stream_slot, admitted);
                 let outcome = tokio::select! {
-                    r = tokio::time::timeout(timeout, execute_stream(&target, batch_rows, &tx, timing)) => {
+                    r = tokio::time::timeout(timeout, execute_stream(&target, format, &tx, timing)) => {
                         r.map_err(|_| Error::Timeout(timeout)).and_then(|r| r)
                     }
                     Ok(_) = cut.wait_for(|cut| *cut) => Err(Error::ShuttingDown),

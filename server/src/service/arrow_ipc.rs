@@ -1,0 +1,671 @@
+//! `ExecuteStream` results as Arrow IPC (`RESULT_FORMAT_ARROW_IPC`). The rows
+//! of a batch go into one column builder per result column and leave as one
+//! Arrow record batch message. The `arrow_ipc` pieces of a call, joined in
+//! order, are one Arrow IPC stream (the schema first, the end-of-stream
+//! marker last), which Arrow libraries read as it is, for example with
+//! `pyarrow.ipc.open_stream`.
+//!
+//! Each column has one Arrow type, fixed before the first row. A value that
+//! type cannot hold exactly ends the stream with INVALID_ARGUMENT naming the
+//! row and column, instead of being stored lossily.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    ArrayBuilder, BinaryBuilder, BooleanBuilder, Date32Builder, FixedSizeBinaryBuilder, Float64Builder, Int64Builder,
+    IntervalMonthDayNanoBuilder, StringBuilder, Time64NanosecondBuilder, TimestampMicrosecondBuilder, UInt64Builder,
+};
+use arrow_array::types::IntervalMonthDayNano;
+use arrow_array::{ArrayRef, ListArray, NullArray, RecordBatch, UnionArray};
+use arrow_buffer::{NullBufferBuilder, OffsetBuffer, ScalarBuffer};
+use arrow_ipc::writer::StreamWriter;
+use arrow_schema::{ArrowError, DataType, Field, FieldRef, IntervalUnit, Schema, SchemaRef, TimeUnit, UnionFields};
+use chrono::{Datelike, Timelike};
+
+use crate::backend::{BackendError, Column, ColumnType, RowSink, Value};
+use crate::error::{Error, Result};
+
+/// Days from 0001-01-01 (chrono's day 1) to 1970-01-01, Arrow's day 0.
+const UNIX_EPOCH_DAYS_FROM_CE: i32 = 719_163;
+/// Arrow's canonical extension names, for readers that know them.
+const EXTENSION_NAME: &str = "ARROW:extension:name";
+/// The engine's own type name, kept on each field.
+const NATIVE_TYPE: &str = "weir.native_type";
+
+/// The Arrow type of a column, and the extension that refines it.
+fn arrow_type(
+    t: ColumnType,
+    element: Option<ColumnType>,
+) -> std::result::Result<(DataType, Option<&'static str>), String> {
+    Ok(match t {
+        ColumnType::Bool => (DataType::Boolean, None),
+        ColumnType::Int => (DataType::Int64, None),
+        ColumnType::UInt => (DataType::UInt64, None),
+        ColumnType::Float => (DataType::Float64, None),
+        // Exact decimal text, as in rows: an engine's decimals can exceed
+        // Decimal128 and carry NaN, and many have no declared scale.
+        ColumnType::Decimal | ColumnType::String => (DataType::Utf8, None),
+        ColumnType::Json => (DataType::Utf8, Some("arrow.json")),
+        ColumnType::Bytes => (DataType::Binary, None),
+        ColumnType::Date => (DataType::Date32, None),
+        ColumnType::Time => (DataType::Time64(TimeUnit::Nanosecond), None),
+        ColumnType::Timestamp => (DataType::Timestamp(TimeUnit::Microsecond, None), None),
+        ColumnType::TimestampTz => (DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), None),
+        ColumnType::Interval => (DataType::Interval(IntervalUnit::MonthDayNano), None),
+        ColumnType::Uuid => (DataType::FixedSizeBinary(16), Some("arrow.uuid")),
+        ColumnType::List => {
+            let element = element.unwrap_or(ColumnType::Dynamic);
+            if element == ColumnType::List {
+                return Err("lists of lists have no fixed depth".into());
+            }
+            (DataType::List(Arc::new(item_field(element)?)), None)
+        }
+        ColumnType::Dynamic => (DataType::Union(dynamic_fields(), arrow_schema::UnionMode::Dense), None),
+        ColumnType::Unsupported => return Err("its type cannot be represented".into()),
+    })
+}
+
+fn item_field(t: ColumnType) -> std::result::Result<Field, String> {
+    let (data_type, extension) = arrow_type(t, None)?;
+    Ok(with_extension(Field::new("item", data_type, true), extension))
+}
+
+fn with_extension(field: Field, extension: Option<&'static str>) -> Field {
+    match extension {
+        Some(name) => {
+            let mut metadata = field.metadata().clone();
+            metadata.insert(EXTENSION_NAME.into(), name.into());
+            field.with_metadata(metadata)
+        }
+        None => field,
+    }
+}
+
+/// Type ids of the dense union that holds values typed value by value
+/// (SQLite's storage classes).
+const DYN_NULL: i8 = 0;
+const DYN_INT: i8 = 1;
+const DYN_FLOAT: i8 = 2;
+const DYN_TEXT: i8 = 3;
+const DYN_BYTES: i8 = 4;
+
+fn dynamic_fields() -> UnionFields {
+    let fields = [
+        Field::new("null", DataType::Null, true),
+        Field::new("int", DataType::Int64, true),
+        Field::new("float", DataType::Float64, true),
+        Field::new("text", DataType::Utf8, true),
+        Field::new("bytes", DataType::Binary, true),
+    ];
+    // Five distinct ids for five fields: nothing for try_new to refuse.
+    UnionFields::try_new([DYN_NULL, DYN_INT, DYN_FLOAT, DYN_TEXT, DYN_BYTES], fields)
+        .unwrap_or_else(|_| UnionFields::empty())
+}
+
+/// The Arrow schema of a result: one nullable field per column, named as
+/// the column, with the engine's type name in its metadata.
+pub fn schema(columns: &[Column]) -> Result<Schema> {
+    let fields = columns
+        .iter()
+        .map(|c| {
+            let (data_type, extension) =
+                arrow_type(c.column_type, c.element_type).map_err(|message| Error::NotArrow {
+                    row: None,
+                    column: c.name.clone(),
+                    message,
+                })?;
+            let field = Field::new(&c.name, data_type, true)
+                .with_metadata(HashMap::from([(NATIVE_TYPE.to_string(), c.native_type.clone())]));
+            Ok(with_extension(field, extension))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Schema::new(fields))
+}
+
+/// One column's values of the batch in progress.
+enum Builder {
+    Bool(BooleanBuilder),
+    Int(Int64Builder),
+    UInt(UInt64Builder),
+    Float(Float64Builder),
+    Text(StringBuilder),
+    Bytes(BinaryBuilder),
+    Date(Date32Builder),
+    Time(Time64NanosecondBuilder),
+    Timestamp(TimestampMicrosecondBuilder),
+    Interval(IntervalMonthDayNanoBuilder),
+    Uuid(FixedSizeBinaryBuilder),
+    List(Box<ListBuilder>),
+    Dynamic(Box<DynamicBuilder>),
+}
+
+struct ListBuilder {
+    field: FieldRef,
+    offsets: Vec<i32>,
+    nulls: NullBufferBuilder,
+    items: Builder,
+}
+
+#[derive(Default)]
+struct DynamicBuilder {
+    type_ids: Vec<i8>,
+    offsets: Vec<i32>,
+    nulls: usize,
+    ints: Int64Builder,
+    floats: Float64Builder,
+    texts: StringBuilder,
+    bytes: BinaryBuilder,
+}
+
+/// Why a value does not fit its column's Arrow type.
+type Misfit = String;
+
+fn misfit(value: &Value, builder: &Builder) -> Misfit {
+    format!(
+        "the value is of kind {}, which its {} column cannot hold",
+        super::convert::kind_name(value),
+        builder.kind()
+    )
+}
+
+fn micros(nanos: u32, what: &str) -> std::result::Result<i64, Misfit> {
+    if !nanos.is_multiple_of(1000) {
+        return Err(format!(
+            "{what} has digits below a microsecond, which Arrow's microsecond timestamps cannot hold"
+        ));
+    }
+    Ok(i64::from(nanos / 1000))
+}
+
+impl Builder {
+    fn new(data_type: &DataType) -> Builder {
+        match data_type {
+            DataType::Boolean => Builder::Bool(BooleanBuilder::new()),
+            DataType::Int64 => Builder::Int(Int64Builder::new()),
+            DataType::UInt64 => Builder::UInt(UInt64Builder::new()),
+            DataType::Float64 => Builder::Float(Float64Builder::new()),
+            DataType::Binary => Builder::Bytes(BinaryBuilder::new()),
+            DataType::Date32 => Builder::Date(Date32Builder::new()),
+            DataType::Time64(_) => Builder::Time(Time64NanosecondBuilder::new()),
+            DataType::Timestamp(_, zone) => {
+                Builder::Timestamp(TimestampMicrosecondBuilder::new().with_timezone_opt(zone.clone()))
+            }
+            DataType::Interval(_) => Builder::Interval(IntervalMonthDayNanoBuilder::new()),
+            DataType::FixedSizeBinary(width) => Builder::Uuid(FixedSizeBinaryBuilder::new(*width)),
+            DataType::List(field) => Builder::List(Box::new(ListBuilder {
+                field: field.clone(),
+                offsets: vec![0],
+                nulls: NullBufferBuilder::new(0),
+                items: Builder::new(field.data_type()),
+            })),
+            DataType::Union(..) => Builder::Dynamic(Box::default()),
+            // Utf8, and anything `arrow_type` might add later, as text.
+            _ => Builder::Text(StringBuilder::new()),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Builder::Bool(_) => "boolean",
+            Builder::Int(_) => "integer",
+            Builder::UInt(_) => "unsigned integer",
+            Builder::Float(_) => "float",
+            Builder::Text(_) => "text",
+            Builder::Bytes(_) => "bytes",
+            Builder::Date(_) => "date",
+            Builder::Time(_) => "time",
+            Builder::Timestamp(_) => "timestamp",
+            Builder::Interval(_) => "interval",
+            Builder::Uuid(_) => "UUID",
+            Builder::List(_) => "list",
+            Builder::Dynamic(_) => "dynamically typed",
+        }
+    }
+
+    fn null(&mut self) {
+        match self {
+            Builder::Bool(b) => b.append_null(),
+            Builder::Int(b) => b.append_null(),
+            Builder::UInt(b) => b.append_null(),
+            Builder::Float(b) => b.append_null(),
+            Builder::Text(b) => b.append_null(),
+            Builder::Bytes(b) => b.append_null(),
+            Builder::Date(b) => b.append_null(),
+            Builder::Time(b) => b.append_null(),
+            Builder::Timestamp(b) => b.append_null(),
+            Builder::Interval(b) => b.append_null(),
+            Builder::Uuid(b) => b.append_null(),
+            Builder::List(l) => {
+                let end = l.offsets.last().copied().unwrap_or(0);
+                l.offsets.push(end);
+                l.nulls.append_null();
+            }
+            Builder::Dynamic(d) => {
+                d.type_ids.push(DYN_NULL);
+                d.offsets.push(d.nulls as i32);
+                d.nulls += 1;
+            }
+        }
+    }
+
+    /// Text lent by the engine.
+    fn text(&mut self, text: &str) -> std::result::Result<(), Misfit> {
+        match self {
+            Builder::Text(b) => b.append_value(text),
+            Builder::Bytes(b) => b.append_value(text.as_bytes()),
+            Builder::Dynamic(d) => {
+                d.type_ids.push(DYN_TEXT);
+                d.offsets.push(d.texts.len() as i32);
+                d.texts.append_value(text);
+            }
+            other => return Err(misfit(&Value::Text(String::new()), other)),
+        }
+        Ok(())
+    }
+
+    fn int(&mut self, v: i64) -> std::result::Result<(), Misfit> {
+        match self {
+            Builder::Int(b) => b.append_value(v),
+            Builder::UInt(b) if v >= 0 => b.append_value(v as u64),
+            // Exact as text: a decimal column of an engine that stores whole numbers as integers.
+            Builder::Text(b) => b.append_value(itoa::Buffer::new().format(v)),
+            Builder::Dynamic(d) => {
+                d.type_ids.push(DYN_INT);
+                d.offsets.push(d.ints.len() as i32);
+                d.ints.append_value(v);
+            }
+            other => return Err(misfit(&Value::Int(v), other)),
+        }
+        Ok(())
+    }
+
+    fn value(&mut self, value: Value) -> std::result::Result<(), Misfit> {
+        match (self, value) {
+            (b, Value::Null) => b.null(),
+            (b, Value::Text(s) | Value::Decimal(s) | Value::Json(s)) => return b.text(&s),
+            (b, Value::Int(v)) => return b.int(v),
+            (Builder::Bool(b), Value::Bool(v)) => b.append_value(v),
+            (Builder::UInt(b), Value::UInt(v)) => b.append_value(v),
+            (Builder::Int(b), Value::UInt(v)) if v <= i64::MAX as u64 => b.append_value(v as i64),
+            (Builder::Text(b), Value::UInt(v)) => b.append_value(itoa::Buffer::new().format(v)),
+            (Builder::Float(b), Value::Float(v)) => b.append_value(v),
+            // Shortest text that reads back as the same float.
+            (Builder::Text(b), Value::Float(v)) => b.append_value(v.to_string()),
+            (Builder::Bytes(b), Value::Bytes(v)) => b.append_value(v),
+            (Builder::Date(b), Value::Date(d)) => b.append_value(d.num_days_from_ce() - UNIX_EPOCH_DAYS_FROM_CE),
+            (Builder::Time(_), Value::Time(_, Some(_))) => {
+                return Err("a time with a time zone has no Arrow type; cast it to time or text".into())
+            }
+            (Builder::Time(b), Value::Time(t, None)) => {
+                b.append_value(i64::from(t.num_seconds_from_midnight()) * 1_000_000_000 + i64::from(t.nanosecond()))
+            }
+            (Builder::Timestamp(b), Value::Timestamp(t)) => {
+                let utc = t.and_utc();
+                b.append_value(utc.timestamp() * 1_000_000 + micros(t.nanosecond(), "the timestamp")?)
+            }
+            (Builder::Timestamp(b), Value::TimestampTz(t)) => {
+                b.append_value(t.timestamp() * 1_000_000 + micros(t.nanosecond(), "the timestamp")?)
+            }
+            (
+                Builder::Interval(b),
+                Value::Interval {
+                    months,
+                    days,
+                    microseconds,
+                },
+            ) => {
+                let nanos = microseconds
+                    .checked_mul(1000)
+                    .ok_or("the interval's time part is too long for Arrow's nanosecond intervals")?;
+                b.append_value(IntervalMonthDayNano::new(months, days, nanos))
+            }
+            (Builder::Uuid(b), Value::Uuid(u)) => b.append_value(u.as_bytes()).map_err(|e| e.to_string())?,
+            (Builder::List(l), Value::List(items)) => {
+                for item in items {
+                    l.items.value(item)?;
+                }
+                let end = l.offsets.last().copied().unwrap_or(0);
+                let count = i32::try_from(l.items.len() - end as usize).map_err(|_| "the list is too long")?;
+                l.offsets.push(end + count);
+                l.nulls.append_non_null();
+            }
+            (Builder::Dynamic(d), Value::Float(v)) => {
+                d.type_ids.push(DYN_FLOAT);
+                d.offsets.push(d.floats.len() as i32);
+                d.floats.append_value(v);
+            }
+            (Builder::Dynamic(d), Value::Bytes(v)) => {
+                d.type_ids.push(DYN_BYTES);
+                d.offsets.push(d.bytes.len() as i32);
+                d.bytes.append_value(v);
+            }
+            (b, v) => return Err(misfit(&v, b)),
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Builder::Bool(b) => b.len(),
+            Builder::Int(b) => b.len(),
+            Builder::UInt(b) => b.len(),
+            Builder::Float(b) => b.len(),
+            Builder::Text(b) => b.len(),
+            Builder::Bytes(b) => b.len(),
+            Builder::Date(b) => b.len(),
+            Builder::Time(b) => b.len(),
+            Builder::Timestamp(b) => b.len(),
+            Builder::Interval(b) => b.len(),
+            Builder::Uuid(b) => b.len(),
+            Builder::List(l) => l.offsets.len() - 1,
+            Builder::Dynamic(d) => d.type_ids.len(),
+        }
+    }
+
+    /// The column's values so far, leaving the builder empty.
+    fn finish(&mut self) -> std::result::Result<ArrayRef, ArrowError> {
+        Ok(match self {
+            Builder::Bool(b) => Arc::new(b.finish()),
+            Builder::Int(b) => Arc::new(b.finish()),
+            Builder::UInt(b) => Arc::new(b.finish()),
+            Builder::Float(b) => Arc::new(b.finish()),
+            Builder::Text(b) => Arc::new(b.finish()),
+            Builder::Bytes(b) => Arc::new(b.finish()),
+            Builder::Date(b) => Arc::new(b.finish()),
+            Builder::Time(b) => Arc::new(b.finish()),
+            Builder::Timestamp(b) => Arc::new(b.finish()),
+            Builder::Interval(b) => Arc::new(b.finish()),
+            Builder::Uuid(b) => Arc::new(b.finish()),
+            Builder::List(l) => {
+                let offsets = std::mem::replace(&mut l.offsets, vec![0]);
+                Arc::new(ListArray::try_new(
+                    l.field.clone(),
+                    OffsetBuffer::new(ScalarBuffer::from(offsets)),
+                    l.items.finish()?,
+                    l.nulls.finish(),
+                )?)
+            }
+            Builder::Dynamic(d) => {
+                let children: Vec<ArrayRef> = vec![
+                    Arc::new(NullArray::new(std::mem::take(&mut d.nulls))),
+                    Arc::new(d.ints.finish()),
+                    Arc::new(d.floats.finish()),
+                    Arc::new(d.texts.finish()),
+                    Arc::new(d.bytes.finish()),
+                ];
+                Arc::new(UnionArray::try_new(
+                    dynamic_fields(),
+                    ScalarBuffer::from(std::mem::take(&mut d.type_ids)),
+                    Some(ScalarBuffer::from(std::mem::take(&mut d.offsets))),
+                    children,
+                )?)
+            }
+        })
+    }
+}
+
+/// Rows into Arrow record batches, written as pieces of one IPC stream.
+pub struct ArrowBatches {
+    schema: SchemaRef,
+    names: Vec<String>,
+    columns: Vec<Builder>,
+    /// Column of the next value of the row in progress.
+    next: usize,
+    /// Complete rows in the builders, and rows sent before them.
+    rows: usize,
+    rows_before: u64,
+    /// About how many bytes the builders hold.
+    bytes: usize,
+    /// The first value of the row in progress that did not fit.
+    misfit: Option<(usize, Misfit)>,
+    writer: StreamWriter<Vec<u8>>,
+}
+
+impl ArrowBatches {
+    pub fn new(columns: &[Column]) -> Result<Self> {
+        let schema = Arc::new(schema(columns)?);
+        let writer = StreamWriter::try_new(Vec::new(), &schema).map_err(internal)?;
+        Ok(ArrowBatches {
+            columns: schema.fields().iter().map(|f| Builder::new(f.data_type())).collect(),
+            names: columns.iter().map(|c| c.name.clone()).collect(),
+            schema,
+            next: 0,
+            rows: 0,
+            rows_before: 0,
+            bytes: 0,
+            misfit: None,
+            writer,
+        })
+    }
+
+    fn put(&mut self, size: usize, add: impl FnOnce(&mut Builder) -> std::result::Result<(), Misfit>) {
+        let column = self.next;
+        self.next += 1;
+        if self.misfit.is_some() {
+            return;
+        }
+        self.bytes += size;
+        let result = match self.columns.get_mut(column) {
+            Some(builder) => add(builder),
+            None => Err("the row has more values than the result has columns".into()),
+        };
+        if let Err(why) = result {
+            self.misfit = Some((column, why));
+        }
+    }
+
+    /// Ends the row whose values were given.
+    pub fn finish_row(&mut self) -> Result<()> {
+        if let Some((column, message)) = self.misfit.take() {
+            return Err(Error::NotArrow {
+                row: Some(self.rows_before + self.rows as u64),
+                column: self.names.get(column).cloned().unwrap_or_default(),
+                message,
+            });
+        }
+        self.next = 0;
+        self.rows += 1;
+        Ok(())
+    }
+
+    /// Complete rows waiting in the batch in progress.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// About how many bytes the batch in progress holds.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The IPC bytes written since the last call: the schema message comes
+    /// with the first.
+    fn written(&mut self) -> Vec<u8> {
+        std::mem::take(self.writer.get_mut())
+    }
+
+    /// The batch in progress as IPC bytes (after the schema, the first time).
+    pub fn take(&mut self) -> Result<Vec<u8>> {
+        let arrays = self
+            .columns
+            .iter_mut()
+            .map(Builder::finish)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(internal)?;
+        let batch = RecordBatch::try_new(self.schema.clone(), arrays).map_err(internal)?;
+        self.writer.write(&batch).map_err(internal)?;
+        self.rows_before += self.rows as u64;
+        self.rows = 0;
+        self.bytes = 0;
+        Ok(self.written())
+    }
+
+    /// What ends the stream: the schema too when no batch was sent, then the
+    /// end-of-stream marker.
+    pub fn end(&mut self) -> Result<Vec<u8>> {
+        self.writer.finish().map_err(internal)?;
+        Ok(self.written())
+    }
+}
+
+fn internal(e: ArrowError) -> Error {
+    Error::Backend(BackendError::Internal(format!("encoding an Arrow batch failed: {e}")))
+}
+
+impl RowSink for ArrowBatches {
+    fn value(&mut self, value: Value) {
+        let size = value.size();
+        self.put(size, |b| b.value(value));
+    }
+
+    fn text(&mut self, text: &str) {
+        self.put(text.len() + 4, |b| b.text(text));
+    }
+
+    fn int(&mut self, value: i64) {
+        self.put(8, |b| b.int(value));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int64Type, TimestampMicrosecondType};
+    use arrow_array::Array;
+    use arrow_ipc::reader::StreamReader;
+    use chrono::{NaiveDate, TimeZone, Utc};
+
+    use super::*;
+
+    fn read(pieces: &[Vec<u8>]) -> (SchemaRef, Vec<RecordBatch>) {
+        let stream = pieces.concat();
+        let reader = StreamReader::try_new(std::io::Cursor::new(stream), None).unwrap();
+        let schema = reader.schema();
+        (schema, reader.collect::<std::result::Result<Vec<_>, _>>().unwrap())
+    }
+
+    #[test]
+    fn typed_rows_read_back_as_the_same_values() {
+        let columns = vec![
+            Column::new("id", "int8", ColumnType::Int),
+            Column::new("name", "text", ColumnType::String),
+            Column::new("at", "timestamptz", ColumnType::TimestampTz),
+            Column {
+                element_type: Some(ColumnType::Int),
+                ..Column::new("tags", "_int4", ColumnType::List)
+            },
+            Column::new("price", "numeric", ColumnType::Decimal),
+            Column::new("u", "uuid", ColumnType::Uuid),
+        ];
+        let mut batches = ArrowBatches::new(&columns).unwrap();
+        let at = Utc.with_ymd_and_hms(2026, 12, 4, 10, 0, 0).unwrap();
+        let u = uuid::Uuid::from_u128(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10);
+        batches.int(1);
+        batches.text("ä");
+        batches.value(Value::TimestampTz(at));
+        batches.value(Value::List(vec![Value::Int(1), Value::Null, Value::Int(3)]));
+        batches.value(Value::Decimal("12.50".into()));
+        batches.value(Value::Uuid(u));
+        batches.finish_row().unwrap();
+        let first = batches.take().unwrap();
+        for _ in 0..2 {
+            for _ in 0..columns.len() {
+                batches.value(Value::Null);
+            }
+            batches.finish_row().unwrap();
+        }
+        let second = batches.take().unwrap();
+        let end = batches.end().unwrap();
+        let (schema, read) = read(&[first, second, end]);
+        assert_eq!(schema.field(0).metadata()[NATIVE_TYPE], "int8");
+        assert_eq!(schema.field(5).metadata()[EXTENSION_NAME], "arrow.uuid");
+        assert_eq!(read.len(), 2);
+        assert_eq!((read[0].num_rows(), read[1].num_rows()), (1, 2));
+        let b = &read[0];
+        assert_eq!(b.column(0).as_primitive::<Int64Type>().value(0), 1);
+        assert_eq!(b.column(1).as_string::<i32>().value(0), "ä");
+        assert_eq!(
+            b.column(2).as_primitive::<TimestampMicrosecondType>().value(0),
+            at.timestamp_micros()
+        );
+        let tags = b.column(3).as_list::<i32>().value(0);
+        let tags = tags.as_primitive::<Int64Type>();
+        assert_eq!((tags.value(0), tags.is_null(1), tags.value(2)), (1, true, 3));
+        assert_eq!(b.column(4).as_string::<i32>().value(0), "12.50");
+        assert_eq!(b.column(5).as_fixed_size_binary().value(0), u.as_bytes());
+        assert!((0..6).all(|c| read[1].column(c).null_count() == 2));
+    }
+
+    #[test]
+    fn an_empty_result_still_carries_its_schema() {
+        let mut batches = ArrowBatches::new(&[Column::new("d", "date", ColumnType::Date)]).unwrap();
+        let (schema, read) = read(&[batches.end().unwrap()]);
+        assert_eq!(schema.field(0).data_type(), &DataType::Date32);
+        assert!(read.is_empty());
+    }
+
+    #[test]
+    fn values_of_varying_types_go_into_a_union() {
+        let mut batches = ArrowBatches::new(&[Column::new("x", "", ColumnType::Dynamic)]).unwrap();
+        for v in [
+            Value::Int(7),
+            Value::Null,
+            Value::Text("a".into()),
+            Value::Float(1.5),
+            Value::Bytes(vec![0]),
+        ] {
+            batches.value(v);
+            batches.finish_row().unwrap();
+        }
+        let pieces = [batches.take().unwrap(), batches.end().unwrap()];
+        let (_, read) = read(&pieces);
+        let union = read[0].column(0).as_union();
+        assert_eq!(union.type_ids(), &[DYN_INT, DYN_NULL, DYN_TEXT, DYN_FLOAT, DYN_BYTES]);
+        assert_eq!(union.value(2).as_string::<i32>().value(0), "a");
+    }
+
+    #[test]
+    fn values_an_arrow_type_cannot_hold_name_their_row_and_column() {
+        let columns = [
+            Column::new("t", "timestamp", ColumnType::Timestamp),
+            Column::new("n", "int4", ColumnType::Int),
+        ];
+        let mut batches = ArrowBatches::new(&columns).unwrap();
+        let t = NaiveDate::from_ymd_opt(2026, 1, 1)
+            .unwrap()
+            .and_hms_nano_opt(0, 0, 0, 100)
+            .unwrap();
+        batches.value(Value::Timestamp(t.with_nanosecond(1000).unwrap()));
+        batches.int(1);
+        batches.finish_row().unwrap();
+        batches.value(Value::Timestamp(t));
+        batches.int(2);
+        let e = batches.finish_row().unwrap_err().to_string();
+        assert!(
+            e.contains("row 1") && e.contains("\"t\"") && e.contains("microsecond"),
+            "{e}"
+        );
+
+        let mut batches = ArrowBatches::new(&columns).unwrap();
+        batches.value(Value::Null);
+        batches.text("x");
+        let e = batches.finish_row().unwrap_err().to_string();
+        assert!(e.contains("row 0") && e.contains("\"n\"") && e.contains("kind string, which its integer column"), "{e}");
+
+        let time = Column::new("tz", "timetz", ColumnType::Time);
+        let mut batches = ArrowBatches::new(&[time]).unwrap();
+        batches.value(Value::Time(t.time(), Some(3600)));
+        assert!(batches.finish_row().unwrap_err().to_string().contains("time zone"));
+    }
+
+    #[test]
+    fn columns_without_an_arrow_type_are_refused_before_any_row() {
+        let nested = Column {
+            element_type: Some(ColumnType::List),
+            ..Column::new("m", "_int4", ColumnType::List)
+        };
+        let e = ArrowBatches::new(&[nested]).err().unwrap().to_string();
+        assert!(e.contains("\"m\""), "{e}");
+    }
+}

@@ -359,7 +359,7 @@ fn median_cpu(mut runs: Vec<Cpu>) -> Cpu {
     runs.get(runs.len() / 2).copied().unwrap_or_default()
 }
 
-async fn repeat<F, Fut>(runs: usize, mut f: F) -> anyhow::Result<f64>
+pub async fn repeat<F, Fut>(runs: usize, mut f: F) -> anyhow::Result<f64>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<f64>>,
@@ -381,6 +381,9 @@ pub async fn all(args: &Args, weir: &Weir, sqlite: &std::path::Path) -> anyhow::
     }
     if args.wants("stream") {
         stream(&args, &client, weir.pid(), sqlite, rows, &mut figures).await?;
+    }
+    if args.wants("formats") {
+        crate::result_formats::figures(&args, &client, weir.pid(), rows, &mut figures).await?;
     }
     if args.wants("load") {
         load(&args, &client, weir.pid(), rows, &mut figures).await?;

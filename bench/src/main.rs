@@ -9,6 +9,7 @@ mod figures;
 mod kafka;
 mod load;
 mod neighbour;
+mod result_formats;
 mod server;
 
 use std::path::PathBuf;
@@ -31,7 +32,7 @@ pub struct Args {
     /// Seconds per point-lookup run.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
-    /// Only these groups of figures (comma-separated): lookups, stream, load, kafka, changes, neighbour, memory. Default: all.
+    /// Only these groups of figures (comma-separated): lookups, stream, formats, load, kafka, changes, neighbour, memory. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Also write the results as Markdown to this file.

@@ -73,9 +73,16 @@ class Weir:
         return self.query.Execute(request, metadata=self.metadata, timeout=self.timeout)
 
     def execute_stream(
-        self, source: str, sql: str, params: list[Any] | None = None, max_batch_rows: int = 0
+        self,
+        source: str,
+        sql: str,
+        params: list[Any] | None = None,
+        max_batch_rows: int = 0,
+        result_format: int = query_pb2.RESULT_FORMAT_ROWS,
     ) -> Iterator[query_pb2.ExecuteStreamResponse]:
-        """Yields the stream's messages: metadata, row batches, stats.
+        """Yields the stream's messages: metadata, row batches (or, with
+        result_format=query_pb2.RESULT_FORMAT_ARROW_IPC, pieces of one Arrow
+        IPC stream), stats.
 
         Raises RuntimeError when the stream ends without stats: the rows
         received until then are incomplete.
@@ -85,6 +92,7 @@ class Weir:
             sql=sql,
             params=[to_value(p) for p in params or []],
             max_batch_rows=max_batch_rows,
+            format=result_format,
         )
         saw_stats = False
         for message in self.query.ExecuteStream(request, metadata=self.metadata, timeout=self.timeout):

@@ -75,6 +75,40 @@ def test_stream_orders(weir: client.Weir) -> None:
     assert all(len(r.values) == len(columns) for b in batches for r in b.rows)
 
 
+def test_stream_orders_as_arrow(weir: client.Weir) -> None:
+    # pyarrow, Arrow's reference implementation, reads the joined pieces as one IPC stream.
+    import pyarrow as pa
+
+    sql = (
+        "SELECT o.id, o.status, o.ordered_at, c.signed_up, c.vip, o.id * 2 AS twice "
+        "FROM orders o JOIN customers c ON c.id = o.customer_id ORDER BY o.id"
+    )
+    messages = list(
+        weir.execute_stream(SOURCE, sql, max_batch_rows=1000, result_format=client.query_pb2.RESULT_FORMAT_ARROW_IPC)
+    )
+    kinds = [m.WhichOneof("payload") for m in messages]
+    assert kinds == ["metadata"] + ["arrow_ipc"] * 4 + ["stats"], kinds
+    table = pa.ipc.open_stream(b"".join(m.arrow_ipc for m in messages[1:-1])).read_all()
+    assert table.num_rows == 3000
+    assert table.column_names == [c.name for c in messages[0].metadata.columns]
+    schema = table.schema
+    assert schema.field("id").type == pa.int64()
+    assert schema.field("status").type == pa.string()
+    assert schema.field("ordered_at").type == pa.timestamp("us")
+    assert schema.field("signed_up").type == pa.date32()
+    assert schema.field("vip").type == pa.bool_()
+    # SQLite declares no type for an expression: a union keeps each value's own.
+    assert pa.types.is_union(schema.field("twice").type)
+    assert schema.field("id").metadata[b"weir.native_type"] == b"INTEGER"
+    result = weir.execute(SOURCE, sql)
+    rows = client.rows(result.columns, result.rows)
+    assert table.column("id").to_pylist() == [r["id"] for r in rows]
+    assert table.column("status").to_pylist() == [r["status"] for r in rows]
+    assert table.column("vip").to_pylist() == [r["vip"] for r in rows]
+    assert table.column("twice").to_pylist() == [2 * r["id"] for r in rows]
+    assert messages[-1].stats.rows_returned == 3000
+
+
 def test_unknown_source_error_details(weir: client.Weir) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         weir.execute("no_such_source", "SELECT 1")

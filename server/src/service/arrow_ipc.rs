@@ -651,7 +651,10 @@ mod tests {
         batches.value(Value::Null);
         batches.text("x");
         let e = batches.finish_row().unwrap_err().to_string();
-        assert!(e.contains("row 0") && e.contains("\"n\"") && e.contains("kind string, which its integer column"), "{e}");
+        assert!(
+            e.contains("row 0") && e.contains("\"n\"") && e.contains("kind string, which its integer column"),
+            "{e}"
+        );
 
         let time = Column::new("tz", "timetz", ColumnType::Time);
         let mut batches = ArrowBatches::new(&[time]).unwrap();

@@ -1,0 +1,163 @@
+//! Results as Arrow IPC against results as rows: the same narrow (4
+//! columns) and wide (11 columns) results read with every value decoded,
+//! directly with tokio-postgres' `query_raw`, through Weir as rows, and
+//! through Weir as Arrow record batches.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use futures::{pin_mut, TryStreamExt};
+use weir_client::arrow_array::cast::AsArray;
+use weir_client::arrow_array::types::{Date32Type, Float64Type, Int64Type, TimestampMicrosecondType};
+use weir_client::arrow_array::{Array, RecordBatch};
+use weir_client::arrow_schema::DataType;
+use weir_client::{ValueRef, WeirClient};
+
+use crate::cpu::{Cpu, Snapshot};
+use crate::figures::{pg, repeat};
+use crate::{Args, Figure};
+
+const NARROW: &str = "SELECT aid, bid, abalance, filler FROM pgbench_accounts";
+const WIDE: &str = "SELECT aid, bid, abalance, filler, aid::int8 * 1000 AS big, aid::float8 / 7 AS ratio, \
+                    abalance::float8 AS bal, aid % 2 = 0 AS even, 'acct-' || aid AS label, \
+                    timestamptz '2024-01-01 00:00:00+00' + aid * interval '1 second' AS opened, \
+                    date '2024-01-01' + bid AS day FROM pgbench_accounts";
+
+/// Rows per second with `query_raw`, every value decoded.
+async fn direct(args: &Args, sql: &str, wide: bool, spent: &Mutex<Cpu>) -> anyhow::Result<f64> {
+    let client = pg(args).await?;
+    let cpu = Snapshot::now(None, "postgres");
+    let started = Instant::now();
+    let rows = client.query_raw(sql, std::iter::empty::<i32>()).await?;
+    pin_mut!(rows);
+    let (mut n, mut checksum) = (0u64, 0i64);
+    while let Some(row) = rows.try_next().await? {
+        let (aid, bid, abalance, filler): (i32, i32, i32, &str) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        checksum += i64::from(aid + bid + abalance) + filler.len() as i64;
+        if wide {
+            let (big, ratio, bal, even, label): (i64, f64, f64, bool, &str) =
+                (row.get(4), row.get(5), row.get(6), row.get(7), row.get(8));
+            let opened: chrono::DateTime<chrono::Utc> = row.get(9);
+            let day: chrono::NaiveDate = row.get(10);
+            checksum += big + (ratio + bal) as i64 + i64::from(even) + label.len() as i64;
+            checksum += opened.timestamp_subsec_micros() as i64 + i64::from(chrono::Datelike::day(&day));
+        }
+        n += 1;
+    }
+    std::hint::black_box(checksum);
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    if let Ok(mut spent) = spent.lock() {
+        *spent += cpu.elapsed();
+    }
+    Ok(rate)
+}
+
+/// Rows per second through Weir as rows, read value by value in wire form.
+async fn rows(client: &WeirClient, sql: &str) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut stream = client.execute_stream_raw("pg", sql, vec![]).await?;
+    let (mut n, mut checksum) = (0u64, 0i64);
+    while let Some(batch) = stream.next_batch().await? {
+        for row in batch.iter() {
+            for v in row?.values() {
+                checksum += match v? {
+                    ValueRef::Int64(i) => i,
+                    ValueRef::Double(f) => f as i64,
+                    ValueRef::Bool(b) => i64::from(b),
+                    ValueRef::String(s) => s.len() as i64,
+                    ValueRef::Other(kind) => std::hint::black_box(kind).encoded_len() as i64,
+                    _ => 0,
+                };
+            }
+            n += 1;
+        }
+    }
+    std::hint::black_box(checksum);
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Every value of a record batch, column by column.
+fn read_columns(batch: &RecordBatch) -> i64 {
+    let mut checksum = 0i64;
+    for column in batch.columns() {
+        let sum = match column.data_type() {
+            DataType::Int64 => wrapping_sum(column.as_primitive::<Int64Type>().iter().flatten()),
+            DataType::Float64 => column.as_primitive::<Float64Type>().iter().flatten().sum::<f64>() as i64,
+            DataType::Boolean => column.as_boolean().true_count() as i64,
+            DataType::Utf8 => column.as_string::<i32>().iter().flatten().map(|s| s.len() as i64).sum(),
+            DataType::Timestamp(..) => wrapping_sum(column.as_primitive::<TimestampMicrosecondType>().iter().flatten()),
+            DataType::Date32 => column
+                .as_primitive::<Date32Type>()
+                .iter()
+                .flatten()
+                .map(i64::from)
+                .sum(),
+            _ => column.len() as i64,
+        };
+        checksum = checksum.wrapping_add(sum);
+    }
+    checksum
+}
+
+fn wrapping_sum(values: impl Iterator<Item = i64>) -> i64 {
+    values.fold(0, i64::wrapping_add)
+}
+
+/// Rows per second through Weir as Arrow record batches, every value read.
+async fn arrow(client: &WeirClient, sql: &str) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut stream = client.execute_stream_arrow("pg", sql, vec![]).await?;
+    let (mut n, mut checksum) = (0u64, 0i64);
+    while let Some(batch) = stream.next_batch().await? {
+        checksum = checksum.wrapping_add(read_columns(&batch));
+        n += batch.num_rows() as u64;
+    }
+    std::hint::black_box(checksum);
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+pub async fn figures(
+    args: &Args,
+    client: &WeirClient,
+    gateway: Option<u32>,
+    rows_in_table: i64,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    // Per 1,000 rows, over all runs.
+    let thousands = (rows_in_table as f64 * args.runs as f64 / 1000.0).max(1.0);
+    for (name, sql, wide) in [("4 columns", NARROW, false), ("11 columns", WIDE, true)] {
+        println!("streaming {rows_in_table} rows of {name} as rows and as Arrow IPC...");
+        let spent = Mutex::new(Cpu::default());
+        let direct_rate = repeat(args.runs, || direct(args, sql, wide, &spent)).await?;
+        let direct_cpu = spent.into_inner().unwrap_or_default();
+        let before = Snapshot::now(gateway, "postgres");
+        let rows_rate = repeat(args.runs, || rows(client, sql)).await?;
+        let rows_cpu = before.elapsed();
+        let before = Snapshot::now(gateway, "postgres");
+        let arrow_rate = repeat(args.runs, || arrow(client, sql)).await?;
+        let arrow_cpu = before.elapsed();
+        crate::detail(format!(
+            "{name}, {rows_in_table} rows, per 1,000 rows: query_raw {}; Weir rows {}; Weir Arrow IPC {}",
+            direct_cpu.per(thousands, "PostgreSQL"),
+            rows_cpu.per(thousands, "PostgreSQL"),
+            arrow_cpu.per(thousands, "PostgreSQL")
+        ));
+        for (format, rate) in [("rows", rows_rate), ("Arrow IPC", arrow_rate)] {
+            figures.push(Figure {
+                name: format!("{name}: stream {rows_in_table} rows as {format} vs query_raw"),
+                unit: "rows/s",
+                direct: direct_rate,
+                weir: rate,
+                higher_is_better: true,
+            });
+        }
+        figures.push(Figure {
+            name: format!("{name}: Arrow IPC (Weir column) vs rows (direct column), both through Weir"),
+            unit: "rows/s",
+            direct: rows_rate,
+            weir: arrow_rate,
+            higher_is_better: true,
+        });
+    }
+    Ok(())
+}

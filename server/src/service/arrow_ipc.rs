@@ -17,7 +17,7 @@ use arrow_array::builder::{
     IntervalMonthDayNanoBuilder, StringBuilder, Time64NanosecondBuilder, TimestampMicrosecondBuilder, UInt64Builder,
 };
 use arrow_array::types::IntervalMonthDayNano;
-use arrow_array::{ArrayRef, ListArray, NullArray, RecordBatch, UnionArray};
+use arrow_array::{Array, ArrayRef, ListArray, NullArray, RecordBatch, UnionArray};
 use arrow_buffer::{NullBufferBuilder, OffsetBuffer, ScalarBuffer};
 use arrow_ipc::writer::StreamWriter;
 use arrow_schema::{ArrowError, DataType, Field, FieldRef, IntervalUnit, Schema, SchemaRef, TimeUnit, UnionFields};
@@ -179,29 +179,34 @@ fn micros(nanos: u32, what: &str) -> std::result::Result<i64, Misfit> {
 }
 
 impl Builder {
-    fn new(data_type: &DataType) -> Builder {
+    /// A builder with room for `rows` values and `data` bytes of text.
+    fn new(data_type: &DataType, rows: usize, data: usize) -> Builder {
         match data_type {
-            DataType::Boolean => Builder::Bool(BooleanBuilder::new()),
-            DataType::Int64 => Builder::Int(Int64Builder::new()),
-            DataType::UInt64 => Builder::UInt(UInt64Builder::new()),
-            DataType::Float64 => Builder::Float(Float64Builder::new()),
-            DataType::Binary => Builder::Bytes(BinaryBuilder::new()),
-            DataType::Date32 => Builder::Date(Date32Builder::new()),
-            DataType::Time64(_) => Builder::Time(Time64NanosecondBuilder::new()),
+            DataType::Boolean => Builder::Bool(BooleanBuilder::with_capacity(rows)),
+            DataType::Int64 => Builder::Int(Int64Builder::with_capacity(rows)),
+            DataType::UInt64 => Builder::UInt(UInt64Builder::with_capacity(rows)),
+            DataType::Float64 => Builder::Float(Float64Builder::with_capacity(rows)),
+            DataType::Binary => Builder::Bytes(BinaryBuilder::with_capacity(rows, data)),
+            DataType::Date32 => Builder::Date(Date32Builder::with_capacity(rows)),
+            DataType::Time64(_) => Builder::Time(Time64NanosecondBuilder::with_capacity(rows)),
             DataType::Timestamp(_, zone) => {
-                Builder::Timestamp(TimestampMicrosecondBuilder::new().with_timezone_opt(zone.clone()))
+                Builder::Timestamp(TimestampMicrosecondBuilder::with_capacity(rows).with_timezone_opt(zone.clone()))
             }
-            DataType::Interval(_) => Builder::Interval(IntervalMonthDayNanoBuilder::new()),
-            DataType::FixedSizeBinary(width) => Builder::Uuid(FixedSizeBinaryBuilder::new(*width)),
+            DataType::Interval(_) => Builder::Interval(IntervalMonthDayNanoBuilder::with_capacity(rows)),
+            DataType::FixedSizeBinary(width) => Builder::Uuid(FixedSizeBinaryBuilder::with_capacity(rows, *width)),
             DataType::List(field) => Builder::List(Box::new(ListBuilder {
                 field: field.clone(),
-                offsets: vec![0],
-                nulls: NullBufferBuilder::new(0),
-                items: Builder::new(field.data_type()),
+                offsets: {
+                    let mut offsets = Vec::with_capacity(rows + 1);
+                    offsets.push(0);
+                    offsets
+                },
+                nulls: NullBufferBuilder::new(rows),
+                items: Builder::new(field.data_type(), rows, data),
             })),
             DataType::Union(..) => Builder::Dynamic(Box::default()),
             // Utf8, and anything `arrow_type` might add later, as text.
-            _ => Builder::Text(StringBuilder::new()),
+            _ => Builder::Text(StringBuilder::with_capacity(rows, data)),
         }
     }
 
@@ -427,7 +432,11 @@ impl ArrowBatches {
         let schema = Arc::new(schema(columns)?);
         let writer = StreamWriter::try_new(Vec::new(), &schema).map_err(internal)?;
         Ok(ArrowBatches {
-            columns: schema.fields().iter().map(|f| Builder::new(f.data_type())).collect(),
+            columns: schema
+                .fields()
+                .iter()
+                .map(|f| Builder::new(f.data_type(), 0, 0))
+                .collect(),
             names: columns.iter().map(|c| c.name.clone()).collect(),
             schema,
             next: 0,
@@ -482,7 +491,9 @@ impl ArrowBatches {
     /// The IPC bytes written since the last call: the schema message comes
     /// with the first.
     fn written(&mut self) -> Vec<u8> {
-        std::mem::take(self.writer.get_mut())
+        // The next batch is about as large: room for it now, no regrowth.
+        let room = self.writer.get_ref().len();
+        std::mem::replace(self.writer.get_mut(), Vec::with_capacity(room))
     }
 
     /// The batch in progress as IPC bytes (after the schema, the first time).
@@ -493,6 +504,11 @@ impl ArrowBatches {
             .map(Builder::finish)
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(internal)?;
+        // Finished builders keep none of their buffers: the next batch, about
+        // as large, gets room for itself at once instead of growing into it.
+        for ((builder, field), array) in self.columns.iter_mut().zip(self.schema.fields()).zip(&arrays) {
+            *builder = Builder::new(field.data_type(), self.rows, array.get_buffer_memory_size());
+        }
         let batch = RecordBatch::try_new(self.schema.clone(), arrays).map_err(internal)?;
         self.writer.write(&batch).map_err(internal)?;
         self.rows_before += self.rows as u64;

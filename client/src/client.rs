@@ -332,6 +332,8 @@ impl WeirClient {
         Ok(ArrowStream {
             rows: ResultStream::new(stream).await?,
             decoder: StreamDecoder::new(),
+            unread: None,
+            ended: false,
         })
     }
 
@@ -539,7 +541,14 @@ impl<M: StreamMessage> ResultStream<M> {
 pub struct ArrowStream {
     rows: ResultStream,
     decoder: StreamDecoder,
+    /// Bytes of the last piece not decoded yet, and whether it was the last.
+    unread: Option<(arrow_buffer::Buffer, bool)>,
+    /// The end-of-stream marker was read.
+    ended: bool,
 }
+
+/// What ends an Arrow IPC stream: the continuation marker and a zero length.
+const END_OF_STREAM: [u8; 8] = [0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
 
 impl ArrowStream {
     /// The result's columns as Weir describes them (engine type names included).
@@ -556,28 +565,38 @@ impl ArrowStream {
     /// The next record batch, or `None` once the stream ended with its statistics.
     pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>, Status> {
         loop {
-            let piece = match self.rows.next_rows().await? {
-                Some(Part::Arrow(piece)) => piece,
-                Some(_) => return Err(protocol_violation("a row batch came in an Arrow IPC stream")),
-                // The statistics came: the server's last piece must have ended a message.
-                None => {
-                    return match self.decoder.finish() {
-                        Ok(()) => Ok(None),
-                        Err(e) => Err(protocol_violation(&format!("the Arrow IPC stream was cut short: {e}"))),
+            if let Some((mut buffer, last)) = self.unread.take() {
+                while !buffer.is_empty() {
+                    let decoded = self
+                        .decoder
+                        .decode(&mut buffer)
+                        .map_err(|e| protocol_violation(&format!("an Arrow IPC piece does not decode: {e}")))?;
+                    if let Some(batch) = decoded {
+                        // A piece may end inside the next message (a batch
+                        // without columns is read only when more bytes come).
+                        self.unread = Some((buffer, last));
+                        return Ok(Some(batch));
                     }
                 }
-            };
-            let mut buffer = arrow_buffer::Buffer::from(piece);
-            while !buffer.is_empty() {
-                let decoded = self
-                    .decoder
-                    .decode(&mut buffer)
-                    .map_err(|e| protocol_violation(&format!("an Arrow IPC piece does not decode: {e}")))?;
-                if let Some(batch) = decoded {
-                    if !buffer.is_empty() {
-                        return Err(protocol_violation("an Arrow IPC piece held more than one record batch"));
-                    }
-                    return Ok(Some(batch));
+                self.ended = last && self.decoder.finish().is_ok() && self.decoder.schema().is_some();
+                continue;
+            }
+            match self.rows.next_rows().await? {
+                Some(Part::Arrow(_)) if self.ended => {
+                    return Err(protocol_violation("an Arrow IPC piece came after the end of its stream"))
+                }
+                Some(Part::Arrow(piece)) => {
+                    // Only the last piece ends with the marker.
+                    let last = piece.ends_with(&END_OF_STREAM);
+                    self.unread = Some((arrow_buffer::Buffer::from(piece), last));
+                }
+                Some(_) => return Err(protocol_violation("a row batch came in an Arrow IPC stream")),
+                // The statistics came: the server's last piece must have ended the stream.
+                None if self.ended => return Ok(None),
+                None => {
+                    return Err(protocol_violation(
+                        "the statistics came before the end of the Arrow IPC stream (a server without Arrow IPC results sends rows instead)",
+                    ))
                 }
             }
         }

@@ -1585,6 +1585,7 @@ async fn arrow_results_hold_what_rows_hold() {
             "time zone",
         ),
         ("SELECT ARRAY[[1, 2], [3, 4]] AS m", "m", "list"),
+        ("SELECT '24:00'::time AS midnight", "midnight", "24:00:00"),
     ] {
         let mut stream = client
             .execute_stream_arrow("pg", sql, vec![])
@@ -1608,6 +1609,19 @@ async fn arrow_results_hold_what_rows_hold() {
     let e = client.execute_stream_arrow("pg", "SELECT 1 AS x", vec![]);
     let mut stream = e.await.expect("the session is unharmed");
     assert!(stream.next_batch().await.expect("batch").is_some());
+
+    // Rows without columns keep their count; a void column (no type of its own) is Null.
+    let mut stream = client
+        .execute_stream_arrow("pg", "SELECT FROM generate_series(1, 3)", vec![])
+        .await
+        .expect("no columns");
+    assert_eq!(stream.next_batch().await.expect("batch").map(|b| b.num_rows()), Some(3));
+    let mut stream = client
+        .execute_stream_arrow("pg", "SELECT pg_sleep(0) AS slept", vec![])
+        .await
+        .expect("untyped");
+    let batch = stream.next_batch().await.expect("batch").expect("a row");
+    assert_eq!(batch.schema().field(0).data_type(), &DataType::Null);
 
     // An unknown format is the caller's mistake.
     let request = pb::ExecuteStreamRequest {

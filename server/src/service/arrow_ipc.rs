@@ -5,9 +5,11 @@
 //! marker last), which Arrow libraries read as it is, for example with
 //! `pyarrow.ipc.open_stream`.
 //!
-//! Each column has one Arrow type, fixed before the first row. A value that
-//! type cannot hold exactly ends the stream with INVALID_ARGUMENT naming the
-//! row and column, instead of being stored lossily.
+//! Each column has one Arrow type: from its declared type, or, for a column
+//! typed value by value (SQLite expressions, NULL literals), from the values
+//! of the first batch. A value that type cannot hold exactly ends the stream
+//! with INVALID_ARGUMENT naming the row and column, instead of being stored
+//! lossily. The one rounding is to the microsecond, Arrow timestamps' unit.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,11 +18,14 @@ use arrow_array::builder::{
     ArrayBuilder, BinaryBuilder, BooleanBuilder, Date32Builder, FixedSizeBinaryBuilder, Float64Builder, Int64Builder,
     IntervalMonthDayNanoBuilder, StringBuilder, Time64NanosecondBuilder, TimestampMicrosecondBuilder, UInt64Builder,
 };
+use arrow_array::cast::AsArray;
 use arrow_array::types::IntervalMonthDayNano;
-use arrow_array::{Array, ArrayRef, ListArray, NullArray, RecordBatch, UnionArray};
+use arrow_array::{Array, ArrayRef, ListArray, NullArray, RecordBatch, RecordBatchOptions, UnionArray};
 use arrow_buffer::{NullBufferBuilder, OffsetBuffer, ScalarBuffer};
 use arrow_ipc::writer::StreamWriter;
-use arrow_schema::{ArrowError, DataType, Field, FieldRef, IntervalUnit, Schema, SchemaRef, TimeUnit, UnionFields};
+use arrow_schema::{
+    ArrowError, DataType, Field, FieldRef, IntervalUnit, Schema, SchemaRef, TimeUnit, UnionFields, UnionMode,
+};
 use chrono::{Datelike, Timelike};
 
 use crate::backend::{BackendError, Column, ColumnType, RowSink, Value};
@@ -61,7 +66,8 @@ fn arrow_type(
             }
             (DataType::List(Arc::new(item_field(element)?)), None)
         }
-        ColumnType::Dynamic => (DataType::Union(dynamic_fields(), arrow_schema::UnionMode::Dense), None),
+        // Decided by the first batch's values (`decide`); Null until then.
+        ColumnType::Dynamic => (DataType::Null, None),
         ColumnType::Unsupported => return Err("its type cannot be represented".into()),
     })
 }
@@ -81,6 +87,10 @@ fn with_extension(field: Field, extension: Option<&'static str>) -> Field {
         None => field,
     }
 }
+
+/// Whole numbers up to 2^53 are exact in a float.
+const MAX_EXACT_FLOAT_INT: u64 = 1 << 53;
+const NANOS_PER_DAY: i64 = 86_400 * 1_000_000_000;
 
 /// Type ids of the dense union that holds values typed value by value
 /// (SQLite's storage classes).
@@ -103,9 +113,9 @@ fn dynamic_fields() -> UnionFields {
         .unwrap_or_else(|_| UnionFields::empty())
 }
 
-/// The Arrow schema of a result: one nullable field per column, named as
+/// The Arrow fields of a result: one nullable field per column, named as
 /// the column, with the engine's type name in its metadata.
-pub fn schema(columns: &[Column]) -> Result<Schema> {
+fn fields(columns: &[Column]) -> Result<Vec<Field>> {
     let fields = columns
         .iter()
         .map(|c| {
@@ -120,7 +130,56 @@ pub fn schema(columns: &[Column]) -> Result<Schema> {
             Ok(with_extension(field, extension))
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Schema::new(fields))
+    Ok(fields)
+}
+
+/// The Arrow type of a column typed value by value, from its first batch:
+/// the values' one kind, floats for integers among floats (when each is
+/// exact as a float), a dense union of the kinds for other mixtures, and
+/// Null for nothing but NULLs.
+fn decided_type(values: &[Value]) -> DataType {
+    let mut kinds = values
+        .iter()
+        .filter(|v| !matches!(v, Value::Null))
+        .map(std::mem::discriminant);
+    let Some(first) = kinds.next() else {
+        return DataType::Null;
+    };
+    if kinds.clone().all(|k| k == first) {
+        let one = values.iter().find(|v| !matches!(v, Value::Null));
+        let column_type = match one {
+            Some(Value::Bool(_)) => ColumnType::Bool,
+            Some(Value::Int(_)) => ColumnType::Int,
+            Some(Value::UInt(_)) => ColumnType::UInt,
+            Some(Value::Float(_)) => ColumnType::Float,
+            Some(Value::Text(_)) => ColumnType::String,
+            Some(Value::Bytes(_)) => ColumnType::Bytes,
+            Some(Value::Decimal(_)) => ColumnType::Decimal,
+            Some(Value::Date(_)) => ColumnType::Date,
+            Some(Value::Time(..)) => ColumnType::Time,
+            Some(Value::Timestamp(_)) => ColumnType::Timestamp,
+            Some(Value::TimestampTz(_)) => ColumnType::TimestampTz,
+            Some(Value::Interval { .. }) => ColumnType::Interval,
+            Some(Value::Uuid(_)) => ColumnType::Uuid,
+            Some(Value::Json(_)) => ColumnType::Json,
+            // Lists have no element type to go by: the union refuses them by row.
+            Some(Value::List(_)) | Some(Value::Null) | None => ColumnType::Dynamic,
+        };
+        if let Ok((data_type, _)) = arrow_type(column_type, None) {
+            if column_type != ColumnType::Dynamic {
+                return data_type;
+            }
+        }
+    }
+    let exact_numbers = values.iter().all(|v| match v {
+        Value::Null | Value::Float(_) => true,
+        Value::Int(i) => i.unsigned_abs() <= MAX_EXACT_FLOAT_INT,
+        _ => false,
+    });
+    if exact_numbers {
+        return DataType::Float64;
+    }
+    DataType::Union(dynamic_fields(), UnionMode::Dense)
 }
 
 /// One column's values of the batch in progress.
@@ -133,11 +192,17 @@ enum Builder {
     Bytes(BinaryBuilder),
     Date(Date32Builder),
     Time(Time64NanosecondBuilder),
-    Timestamp(TimestampMicrosecondBuilder),
+    /// With a time zone (UTC) or without.
+    Timestamp(TimestampMicrosecondBuilder, bool),
     Interval(IntervalMonthDayNanoBuilder),
     Uuid(FixedSizeBinaryBuilder),
     List(Box<ListBuilder>),
+    /// Values of several kinds, each kept as its own (a dense union).
     Dynamic(Box<DynamicBuilder>),
+    /// Only NULLs: a column typed value by value whose first batch held nothing else.
+    Null(usize),
+    /// A column typed value by value, before its first batch decides its type.
+    Undecided(Vec<Value>),
 }
 
 struct ListBuilder {
@@ -169,13 +234,37 @@ fn misfit(value: &Value, builder: &Builder) -> Misfit {
     )
 }
 
-fn micros(nanos: u32, what: &str) -> std::result::Result<i64, Misfit> {
-    if !nanos.is_multiple_of(1000) {
-        return Err(format!(
-            "{what} has digits below a microsecond, which Arrow's microsecond timestamps cannot hold"
-        ));
+/// Microseconds since 1970, the nearest to `secs` and `nanos` (SQL Server's
+/// `datetime` ticks and `datetime2(7)`'s last digit are finer; rounded as a
+/// cast to `datetime2(6)` rounds them).
+fn micros(secs: i64, nanos: u32) -> std::result::Result<i64, Misfit> {
+    secs.checked_mul(1_000_000)
+        .and_then(|us| us.checked_add((i64::from(nanos) + 500) / 1000))
+        .ok_or_else(|| "the timestamp is out of Arrow's range".to_string())
+}
+
+/// Arrow's size of a value, for cutting batches at about `BATCH_BYTES`.
+fn arrow_size(value: &Value) -> usize {
+    match value {
+        Value::Null => 0,
+        Value::Bool(_) => 1,
+        Value::Date(_) => 4,
+        Value::Interval { .. } | Value::Uuid(_) => 16,
+        Value::Text(s) | Value::Decimal(s) | Value::Json(s) => s.len() + 4,
+        Value::Bytes(b) => b.len() + 4,
+        Value::List(items) => items.iter().map(arrow_size).sum::<usize>() + 4,
+        _ => 8,
     }
-    Ok(i64::from(nanos / 1000))
+}
+
+/// The bytes of variable-length data an array holds (not its capacity).
+fn data_bytes(array: &dyn Array) -> usize {
+    match array.data_type() {
+        DataType::Utf8 => array.as_string::<i32>().value_data().len(),
+        DataType::Binary => array.as_binary::<i32>().value_data().len(),
+        DataType::List(_) => data_bytes(array.as_list::<i32>().values().as_ref()),
+        _ => 0,
+    }
 }
 
 impl Builder {
@@ -189,9 +278,10 @@ impl Builder {
             DataType::Binary => Builder::Bytes(BinaryBuilder::with_capacity(rows, data)),
             DataType::Date32 => Builder::Date(Date32Builder::with_capacity(rows)),
             DataType::Time64(_) => Builder::Time(Time64NanosecondBuilder::with_capacity(rows)),
-            DataType::Timestamp(_, zone) => {
-                Builder::Timestamp(TimestampMicrosecondBuilder::with_capacity(rows).with_timezone_opt(zone.clone()))
-            }
+            DataType::Timestamp(_, zone) => Builder::Timestamp(
+                TimestampMicrosecondBuilder::with_capacity(rows).with_timezone_opt(zone.clone()),
+                zone.is_some(),
+            ),
             DataType::Interval(_) => Builder::Interval(IntervalMonthDayNanoBuilder::with_capacity(rows)),
             DataType::FixedSizeBinary(width) => Builder::Uuid(FixedSizeBinaryBuilder::with_capacity(rows, *width)),
             DataType::List(field) => Builder::List(Box::new(ListBuilder {
@@ -205,6 +295,7 @@ impl Builder {
                 items: Builder::new(field.data_type(), rows, data),
             })),
             DataType::Union(..) => Builder::Dynamic(Box::default()),
+            DataType::Null => Builder::Null(0),
             // Utf8, and anything `arrow_type` might add later, as text.
             _ => Builder::Text(StringBuilder::with_capacity(rows, data)),
         }
@@ -220,11 +311,13 @@ impl Builder {
             Builder::Bytes(_) => "bytes",
             Builder::Date(_) => "date",
             Builder::Time(_) => "time",
-            Builder::Timestamp(_) => "timestamp",
+            Builder::Timestamp(_, true) => "timestamp with time zone",
+            Builder::Timestamp(_, false) => "timestamp",
             Builder::Interval(_) => "interval",
             Builder::Uuid(_) => "UUID",
             Builder::List(_) => "list",
             Builder::Dynamic(_) => "dynamically typed",
+            Builder::Null(_) | Builder::Undecided(_) => "NULL (it held only NULLs in its first batch)",
         }
     }
 
@@ -238,9 +331,11 @@ impl Builder {
             Builder::Bytes(b) => b.append_null(),
             Builder::Date(b) => b.append_null(),
             Builder::Time(b) => b.append_null(),
-            Builder::Timestamp(b) => b.append_null(),
+            Builder::Timestamp(b, _) => b.append_null(),
             Builder::Interval(b) => b.append_null(),
             Builder::Uuid(b) => b.append_null(),
+            Builder::Null(n) => *n += 1,
+            Builder::Undecided(values) => values.push(Value::Null),
             Builder::List(l) => {
                 let end = l.offsets.last().copied().unwrap_or(0);
                 l.offsets.push(end);
@@ -258,7 +353,7 @@ impl Builder {
     fn text(&mut self, text: &str) -> std::result::Result<(), Misfit> {
         match self {
             Builder::Text(b) => b.append_value(text),
-            Builder::Bytes(b) => b.append_value(text.as_bytes()),
+            Builder::Undecided(values) => values.push(Value::Text(text.to_owned())),
             Builder::Dynamic(d) => {
                 d.type_ids.push(DYN_TEXT);
                 d.offsets.push(d.texts.len() as i32);
@@ -275,6 +370,9 @@ impl Builder {
             Builder::UInt(b) if v >= 0 => b.append_value(v as u64),
             // Exact as text: a decimal column of an engine that stores whole numbers as integers.
             Builder::Text(b) => b.append_value(itoa::Buffer::new().format(v)),
+            // Whole numbers a float holds exactly (a value-typed column whose first batch mixed both).
+            Builder::Float(b) if v.unsigned_abs() <= MAX_EXACT_FLOAT_INT => b.append_value(v as f64),
+            Builder::Undecided(values) => values.push(Value::Int(v)),
             Builder::Dynamic(d) => {
                 d.type_ids.push(DYN_INT);
                 d.offsets.push(d.ints.len() as i32);
@@ -288,6 +386,7 @@ impl Builder {
     fn value(&mut self, value: Value) -> std::result::Result<(), Misfit> {
         match (self, value) {
             (b, Value::Null) => b.null(),
+            (Builder::Undecided(values), v) => values.push(v),
             (b, Value::Text(s) | Value::Decimal(s) | Value::Json(s)) => return b.text(&s),
             (b, Value::Int(v)) => return b.int(v),
             (Builder::Bool(b), Value::Bool(v)) => b.append_value(v),
@@ -295,22 +394,34 @@ impl Builder {
             (Builder::Int(b), Value::UInt(v)) if v <= i64::MAX as u64 => b.append_value(v as i64),
             (Builder::Text(b), Value::UInt(v)) => b.append_value(itoa::Buffer::new().format(v)),
             (Builder::Float(b), Value::Float(v)) => b.append_value(v),
-            // Shortest text that reads back as the same float.
-            (Builder::Text(b), Value::Float(v)) => b.append_value(v.to_string()),
+            // Shortest text that reads back as the same float; the other
+            // values spelled as decimal text spells them.
+            (Builder::Text(b), Value::Float(v)) if v.is_finite() => b.append_value(v.to_string()),
+            (Builder::Text(b), Value::Float(v)) => b.append_value(if v.is_nan() {
+                "NaN"
+            } else if v > 0.0 {
+                "Infinity"
+            } else {
+                "-Infinity"
+            }),
             (Builder::Bytes(b), Value::Bytes(v)) => b.append_value(v),
             (Builder::Date(b), Value::Date(d)) => b.append_value(d.num_days_from_ce() - UNIX_EPOCH_DAYS_FROM_CE),
             (Builder::Time(_), Value::Time(_, Some(_))) => {
                 return Err("a time with a time zone has no Arrow type; cast it to time or text".into())
             }
             (Builder::Time(b), Value::Time(t, None)) => {
-                b.append_value(i64::from(t.num_seconds_from_midnight()) * 1_000_000_000 + i64::from(t.nanosecond()))
+                let nanos = i64::from(t.num_seconds_from_midnight()) * 1_000_000_000 + i64::from(t.nanosecond());
+                // chrono keeps PostgreSQL's 24:00:00 as a leap second past 23:59:59.
+                if nanos >= NANOS_PER_DAY {
+                    return Err("24:00:00 is past the end of Arrow's time of day; cast it to text".into());
+                }
+                b.append_value(nanos)
             }
-            (Builder::Timestamp(b), Value::Timestamp(t)) => {
-                let utc = t.and_utc();
-                b.append_value(utc.timestamp() * 1_000_000 + micros(t.nanosecond(), "the timestamp")?)
+            (Builder::Timestamp(b, false), Value::Timestamp(t)) => {
+                b.append_value(micros(t.and_utc().timestamp(), t.nanosecond())?)
             }
-            (Builder::Timestamp(b), Value::TimestampTz(t)) => {
-                b.append_value(t.timestamp() * 1_000_000 + micros(t.nanosecond(), "the timestamp")?)
+            (Builder::Timestamp(b, true), Value::TimestampTz(t)) => {
+                b.append_value(micros(t.timestamp(), t.nanosecond())?)
             }
             (
                 Builder::Interval(b),
@@ -360,11 +471,13 @@ impl Builder {
             Builder::Bytes(b) => b.len(),
             Builder::Date(b) => b.len(),
             Builder::Time(b) => b.len(),
-            Builder::Timestamp(b) => b.len(),
+            Builder::Timestamp(b, _) => b.len(),
             Builder::Interval(b) => b.len(),
             Builder::Uuid(b) => b.len(),
             Builder::List(l) => l.offsets.len() - 1,
             Builder::Dynamic(d) => d.type_ids.len(),
+            Builder::Null(n) => *n,
+            Builder::Undecided(values) => values.len(),
         }
     }
 
@@ -379,7 +492,10 @@ impl Builder {
             Builder::Bytes(b) => Arc::new(b.finish()),
             Builder::Date(b) => Arc::new(b.finish()),
             Builder::Time(b) => Arc::new(b.finish()),
-            Builder::Timestamp(b) => Arc::new(b.finish()),
+            Builder::Timestamp(b, _) => Arc::new(b.finish()),
+            Builder::Null(n) => Arc::new(NullArray::new(std::mem::take(n))),
+            // `decide` replaced it before any batch is finished.
+            Builder::Undecided(values) => Arc::new(NullArray::new(std::mem::take(values).len())),
             Builder::Interval(b) => Arc::new(b.finish()),
             Builder::Uuid(b) => Arc::new(b.finish()),
             Builder::List(l) => {
@@ -412,7 +528,11 @@ impl Builder {
 
 /// Rows into Arrow record batches, written as pieces of one IPC stream.
 pub struct ArrowBatches {
-    schema: SchemaRef,
+    /// The schema's fields; those of columns typed value by value change
+    /// when the first batch decides their type.
+    fields: Vec<Field>,
+    /// The schema and the stream it starts, once the types are all known.
+    writing: Option<(SchemaRef, StreamWriter<Vec<u8>>)>,
     names: Vec<String>,
     columns: Vec<Builder>,
     /// Column of the next value of the row in progress.
@@ -424,28 +544,60 @@ pub struct ArrowBatches {
     bytes: usize,
     /// The first value of the row in progress that did not fit.
     misfit: Option<(usize, Misfit)>,
-    writer: StreamWriter<Vec<u8>>,
 }
 
 impl ArrowBatches {
     pub fn new(columns: &[Column]) -> Result<Self> {
-        let schema = Arc::new(schema(columns)?);
-        let writer = StreamWriter::try_new(Vec::new(), &schema).map_err(internal)?;
+        let fields = fields(columns)?;
         Ok(ArrowBatches {
-            columns: schema
-                .fields()
+            columns: columns
                 .iter()
-                .map(|f| Builder::new(f.data_type(), 0, 0))
+                .zip(&fields)
+                .map(|(c, f)| match c.column_type {
+                    ColumnType::Dynamic => Builder::Undecided(Vec::new()),
+                    _ => Builder::new(f.data_type(), 0, 0),
+                })
                 .collect(),
             names: columns.iter().map(|c| c.name.clone()).collect(),
-            schema,
+            fields,
+            writing: None,
             next: 0,
             rows: 0,
             rows_before: 0,
             bytes: 0,
             misfit: None,
-            writer,
         })
+    }
+
+    /// Types the columns typed value by value from the values they hold
+    /// (the first batch's), and starts the stream with the schema.
+    fn start(&mut self) -> Result<(SchemaRef, StreamWriter<Vec<u8>>)> {
+        for ((builder, field), name) in self.columns.iter_mut().zip(&mut self.fields).zip(&self.names) {
+            let Builder::Undecided(values) = builder else { continue };
+            let data_type = decided_type(values);
+            let mut decided = Builder::new(&data_type, values.len(), 0);
+            for (row, value) in std::mem::take(values).into_iter().enumerate() {
+                decided.value(value).map_err(|message| Error::NotArrow {
+                    row: Some(self.rows_before + row as u64),
+                    column: name.clone(),
+                    message,
+                })?;
+            }
+            *builder = decided;
+            *field = field.clone().with_data_type(data_type);
+        }
+        let schema = Arc::new(Schema::new(self.fields.clone()));
+        let writer = StreamWriter::try_new(Vec::new(), &schema).map_err(internal)?;
+        Ok((schema, writer))
+    }
+
+    fn writing(&mut self) -> Result<&mut (SchemaRef, StreamWriter<Vec<u8>>)> {
+        if self.writing.is_none() {
+            self.writing = Some(self.start()?);
+        }
+        self.writing
+            .as_mut()
+            .ok_or_else(|| internal(ArrowError::InvalidArgumentError("no Arrow stream".into())))
     }
 
     fn put(&mut self, size: usize, add: impl FnOnce(&mut Builder) -> std::result::Result<(), Misfit>) {
@@ -490,14 +642,15 @@ impl ArrowBatches {
 
     /// The IPC bytes written since the last call: the schema message comes
     /// with the first.
-    fn written(&mut self) -> Vec<u8> {
+    fn written(writer: &mut StreamWriter<Vec<u8>>) -> Vec<u8> {
         // The next batch is about as large: room for it now, no regrowth.
-        let room = self.writer.get_ref().len();
-        std::mem::replace(self.writer.get_mut(), Vec::with_capacity(room))
+        let room = writer.get_ref().len();
+        std::mem::replace(writer.get_mut(), Vec::with_capacity(room))
     }
 
     /// The batch in progress as IPC bytes (after the schema, the first time).
     pub fn take(&mut self) -> Result<Vec<u8>> {
+        let schema = self.writing()?.0.clone();
         let arrays = self
             .columns
             .iter_mut()
@@ -506,22 +659,27 @@ impl ArrowBatches {
             .map_err(internal)?;
         // Finished builders keep none of their buffers: the next batch, about
         // as large, gets room for itself at once instead of growing into it.
-        for ((builder, field), array) in self.columns.iter_mut().zip(self.schema.fields()).zip(&arrays) {
-            *builder = Builder::new(field.data_type(), self.rows, array.get_buffer_memory_size());
+        for ((builder, field), array) in self.columns.iter_mut().zip(schema.fields()).zip(&arrays) {
+            *builder = Builder::new(field.data_type(), self.rows, data_bytes(array.as_ref()));
         }
-        let batch = RecordBatch::try_new(self.schema.clone(), arrays).map_err(internal)?;
-        self.writer.write(&batch).map_err(internal)?;
+        // The row count is given for results without columns (`SELECT FROM t`).
+        let options = RecordBatchOptions::new().with_row_count(Some(self.rows));
+        let batch = RecordBatch::try_new_with_options(schema, arrays, &options).map_err(internal)?;
+        let (_, writer) = self.writing()?;
+        writer.write(&batch).map_err(internal)?;
+        let piece = Self::written(writer);
         self.rows_before += self.rows as u64;
         self.rows = 0;
         self.bytes = 0;
-        Ok(self.written())
+        Ok(piece)
     }
 
     /// What ends the stream: the schema too when no batch was sent, then the
     /// end-of-stream marker.
     pub fn end(&mut self) -> Result<Vec<u8>> {
-        self.writer.finish().map_err(internal)?;
-        Ok(self.written())
+        let (_, writer) = self.writing()?;
+        writer.finish().map_err(internal)?;
+        Ok(Self::written(writer))
     }
 }
 
@@ -531,7 +689,7 @@ fn internal(e: ArrowError) -> Error {
 
 impl RowSink for ArrowBatches {
     fn value(&mut self, value: Value) {
-        let size = value.size();
+        let size = arrow_size(&value);
         self.put(size, |b| b.value(value));
     }
 
@@ -547,7 +705,7 @@ impl RowSink for ArrowBatches {
 #[cfg(test)]
 mod tests {
     use arrow_array::cast::AsArray;
-    use arrow_array::types::{Int64Type, TimestampMicrosecondType};
+    use arrow_array::types::{Float64Type, Int64Type, TimestampMicrosecondType};
     use arrow_array::Array;
     use arrow_ipc::reader::StreamReader;
     use chrono::{NaiveDate, TimeZone, Utc};
@@ -622,6 +780,67 @@ mod tests {
     }
 
     #[test]
+    fn columns_typed_value_by_value_take_the_type_of_their_first_batch() {
+        let read_one = |values: Vec<Value>| {
+            let mut batches = ArrowBatches::new(&[Column::new("x", "", ColumnType::Dynamic)]).unwrap();
+            for v in values {
+                batches.value(v);
+                batches.finish_row().unwrap();
+            }
+            let pieces = [batches.take().unwrap(), batches.end().unwrap()];
+            read(&pieces).1.remove(0).column(0).clone()
+        };
+        let ints = read_one(vec![Value::Int(1), Value::Null, Value::Int(3)]);
+        assert_eq!(ints.as_primitive::<Int64Type>().values(), &[1, 0, 3]);
+        assert!(ints.is_null(1));
+        let mixed = read_one(vec![Value::Int(2), Value::Float(0.5)]);
+        assert_eq!(mixed.as_primitive::<Float64Type>().values(), &[2.0, 0.5]);
+        assert_eq!(read_one(vec![Value::Null, Value::Null]).data_type(), &DataType::Null);
+        let texts = read_one(vec![Value::Text("a".into())]);
+        assert_eq!(texts.as_string::<i32>().value(0), "a");
+        // An integer a float cannot hold exactly keeps the union.
+        let big = read_one(vec![Value::Int(i64::MAX), Value::Float(0.5)]);
+        assert!(matches!(big.data_type(), DataType::Union(..)));
+
+        // A later batch must fit the type the first one chose.
+        let mut batches = ArrowBatches::new(&[Column::new("x", "", ColumnType::Dynamic)]).unwrap();
+        batches.int(1);
+        batches.finish_row().unwrap();
+        batches.take().unwrap();
+        batches.text("two");
+        let e = batches.finish_row().unwrap_err().to_string();
+        assert!(e.contains("row 1") && e.contains("integer column"), "{e}");
+        // With no rows at all the column is Null.
+        let mut batches = ArrowBatches::new(&[Column::new("x", "", ColumnType::Dynamic)]).unwrap();
+        let (schema, _) = read(&[batches.end().unwrap()]);
+        assert_eq!(schema.field(0).data_type(), &DataType::Null);
+    }
+
+    #[test]
+    fn results_without_columns_keep_their_row_count() {
+        let mut batches = ArrowBatches::new(&[]).unwrap();
+        for _ in 0..3 {
+            batches.finish_row().unwrap();
+        }
+        let (_, read) = read(&[batches.take().unwrap(), batches.end().unwrap()]);
+        assert_eq!(read[0].num_rows(), 3);
+    }
+
+    #[test]
+    fn sub_microsecond_digits_round_to_the_nearest_microsecond() {
+        let day = NaiveDate::from_ymd_opt(1969, 12, 31).unwrap();
+        let mut batches = ArrowBatches::new(&[Column::new("t", "datetime", ColumnType::Timestamp)]).unwrap();
+        // SQL Server datetime ticks (1/300 s), and a time just before 1970.
+        for nanos in [3_333_333, 6_666_667, 999_999_600] {
+            batches.value(Value::Timestamp(day.and_hms_nano_opt(23, 59, 59, nanos).unwrap()));
+            batches.finish_row().unwrap();
+        }
+        let (_, read) = read(&[batches.take().unwrap(), batches.end().unwrap()]);
+        let t = read[0].column(0).as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(t.values(), &[-996_667, -993_333, 0]);
+    }
+
+    #[test]
     fn values_of_varying_types_go_into_a_union() {
         let mut batches = ArrowBatches::new(&[Column::new("x", "", ColumnType::Dynamic)]).unwrap();
         for v in [
@@ -655,11 +874,11 @@ mod tests {
         batches.value(Value::Timestamp(t.with_nanosecond(1000).unwrap()));
         batches.int(1);
         batches.finish_row().unwrap();
-        batches.value(Value::Timestamp(t));
+        batches.value(Value::TimestampTz(t.and_utc()));
         batches.int(2);
         let e = batches.finish_row().unwrap_err().to_string();
         assert!(
-            e.contains("row 1") && e.contains("\"t\"") && e.contains("microsecond"),
+            e.contains("row 1") && e.contains("\"t\"") && e.contains("its timestamp column"),
             "{e}"
         );
 
@@ -671,6 +890,18 @@ mod tests {
             e.contains("row 0") && e.contains("\"n\"") && e.contains("kind string, which its integer column"),
             "{e}"
         );
+
+        // Text in a binary column (SQLite keeps any value in any column).
+        let mut batches = ArrowBatches::new(&[Column::new("b", "BLOB", ColumnType::Bytes)]).unwrap();
+        batches.text("x");
+        assert!(batches.finish_row().is_err());
+        // PostgreSQL's 24:00:00 is past Arrow's time of day.
+        let mut batches = ArrowBatches::new(&[Column::new("t", "time", ColumnType::Time)]).unwrap();
+        batches.value(Value::Time(
+            chrono::NaiveTime::from_hms_nano_opt(23, 59, 59, 1_000_000_000).unwrap(),
+            None,
+        ));
+        assert!(batches.finish_row().unwrap_err().to_string().contains("24:00:00"));
 
         let time = Column::new("tz", "timetz", ColumnType::Time);
         let mut batches = ArrowBatches::new(&[time]).unwrap();

@@ -172,6 +172,61 @@ async fn mock_serves_select_one_and_test_connection() {
 }
 
 #[tokio::test]
+async fn mock_results_read_as_arrow_hold_the_rows() {
+    // SQL Server's values, decoded from TDS by tiberius, through the Arrow
+    // result format: the same cells as the rows format, NULLs included. (The
+    // mock finds statements sent as RPCs by their upper-cased text.)
+    let mock = Mock::start().await;
+    let columns = vec![
+        ColumnDefinition::new("tiny", SqlDataType::TinyInt),
+        ColumnDefinition::new("small", SqlDataType::SmallInt),
+        ColumnDefinition::new("n", SqlDataType::Int),
+        ColumnDefinition::new("big", SqlDataType::BigInt),
+        ColumnDefinition::new("name", SqlDataType::NVarChar),
+    ];
+    let row = |i: i32| {
+        MockRow::new(vec![
+            ColumnValue::TinyInt(i as u8),
+            ColumnValue::SmallInt(-(i as i16)),
+            ColumnValue::Int(i * 1000),
+            ColumnValue::BigInt(i64::from(i) << 40),
+            ColumnValue::NVarChar(format!("näme {i}")),
+        ])
+    };
+    // The mock writes NULL as an IntN's: only the integer columns can carry one.
+    let nulls = MockRow::new(vec![
+        ColumnValue::Null,
+        ColumnValue::Null,
+        ColumnValue::Null,
+        ColumnValue::Null,
+        ColumnValue::NVarChar(String::new()),
+    ]);
+    mock.answer(
+        "SELECT * FROM SHAPES",
+        QueryResponse::new(columns, vec![row(1), nulls, row(2)]),
+    )
+    .await;
+    let server = TestServer::start(&mock.config("", "", "")).await;
+    let client = server.client("key-mock").await;
+    let rows = client
+        .execute("db", "SELECT * FROM SHAPES", vec![])
+        .await
+        .expect("rows");
+    let mut stream = client
+        .execute_stream_arrow("db", "SELECT * FROM SHAPES", vec![])
+        .await
+        .expect("arrow");
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next_batch().await.expect("batch") {
+        batches.push(batch);
+    }
+    assert_eq!(rows.rows.len(), 3, "{:?}", rows.columns);
+    assert_arrow_holds_rows(&batches, &rows.rows);
+    assert_eq!(stream.stats().map(|s| s.rows_returned), Some(3));
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn mock_errors_keep_their_numbers_and_the_connection() {
     let mock = Mock::start().await;
     mock.answer("SELECT 1", int_column("one", 1)).await;

@@ -85,6 +85,9 @@ pub struct ServerConfig {
     /// ended (DEADLINE_EXCEEDED, STREAM_STALLED) and its statement cancelled.
     #[serde(with = "humantime_serde")]
     pub stream_idle_timeout: Duration,
+    /// Compress responses with gzip or zstd for clients that accept them,
+    /// and accept requests so compressed. Read at start.
+    pub compression: bool,
     /// Serve gRPC over TLS (and mutual TLS with `client_ca_file`).
     pub tls: Option<TlsConfig>,
 }
@@ -168,6 +171,7 @@ impl Default for ServerConfig {
             max_concurrent_requests: 1024,
             max_queue_wait: Duration::from_secs(1),
             stream_idle_timeout: Duration::from_secs(60),
+            compression: true,
             tls: None,
         }
     }

@@ -66,6 +66,10 @@ impl Registry {
                 "server.max_queue_wait",
                 running.server.max_queue_wait != config.server.max_queue_wait,
             ),
+            (
+                "server.compression",
+                running.server.compression != config.server.compression,
+            ),
             ("metrics", running.metrics != config.metrics),
             ("telemetry", running.telemetry != config.telemetry),
             ("bulk", running.bulk != config.bulk),

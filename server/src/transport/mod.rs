@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use weir_proto::v1::bulk_load_service_server::BulkLoadServiceServer;
@@ -28,6 +29,24 @@ use crate::service::Gate;
 use crate::tenant::reload::Registry;
 use auth::AuthLayer;
 
+/// gzip and zstd, both ways, when `on`: a response is compressed only for a
+/// client whose `grpc-accept-encoding` names one (the first it names wins).
+/// A macro because each generated service has the methods, but no trait.
+macro_rules! compression {
+    ($service:expr, $on:expr) => {{
+        let service = $service;
+        if $on {
+            service
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd)
+                .send_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Zstd)
+        } else {
+            service
+        }
+    }};
+}
+
 pub async fn serve(
     config: &Config,
     listener: TcpListener,
@@ -43,12 +62,25 @@ pub async fn serve(
         config.server.max_queue_wait,
     ));
     let idle = config.server.stream_idle_timeout;
-    let stream = StreamServiceServer::new(StreamApi::new(cut.clone(), config.changes.clone(), gate.clone(), idle))
-        .max_decoding_message_size(max);
-    let query = QueryServiceServer::new(QueryApi::new(transactions, cut.clone(), gate.clone(), idle))
-        .max_decoding_message_size(max);
-    let schema = SchemaServiceServer::new(SchemaApi::new(gate.clone())).max_decoding_message_size(max);
-    let bulk = BulkLoadServiceServer::new(BulkApi::new(config.bulk.clone(), gate, cut)).max_decoding_message_size(max);
+    let on = config.server.compression;
+    let stream = compression!(
+        StreamServiceServer::new(StreamApi::new(cut.clone(), config.changes.clone(), gate.clone(), idle))
+            .max_decoding_message_size(max),
+        on
+    );
+    let query = compression!(
+        QueryServiceServer::new(QueryApi::new(transactions, cut.clone(), gate.clone(), idle))
+            .max_decoding_message_size(max),
+        on
+    );
+    let schema = compression!(
+        SchemaServiceServer::new(SchemaApi::new(gate.clone())).max_decoding_message_size(max),
+        on
+    );
+    let bulk = compression!(
+        BulkLoadServiceServer::new(BulkApi::new(config.bulk.clone(), gate, cut)).max_decoding_message_size(max),
+        on
+    );
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(weir_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -84,6 +84,8 @@ impl Weir {
             r#"
 [server]
 listen = "127.0.0.1:{port}"
+# Only for clients that ask: the compression figure's.
+compression = "zstd"
 
 [metrics]
 enabled = false

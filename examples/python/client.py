@@ -48,8 +48,12 @@ def auth(api_key: str) -> list[tuple[str, str]]:
 class Weir:
     """The two services on one channel, with the key attached to every call."""
 
-    def __init__(self, addr: str, api_key: str, timeout: float = 30.0):
-        self.channel = grpc.insecure_channel(target(addr))
+    def __init__(
+        self, addr: str, api_key: str, timeout: float = 30.0, compression: grpc.Compression = grpc.Compression.NoCompression
+    ):
+        # With grpc.Compression.Gzip, requests go compressed; answers are
+        # compressed where the server sets server.compression = "gzip".
+        self.channel = grpc.insecure_channel(target(addr), compression=compression)
         self.query = query_pb2_grpc.QueryServiceStub(self.channel)
         self.schema = schema_pb2_grpc.SchemaServiceStub(self.channel)
         self.metadata = auth(api_key)

@@ -109,6 +109,18 @@ def test_stream_orders_as_arrow(weir: client.Weir) -> None:
     assert messages[-1].stats.rows_returned == 3000
 
 
+def test_compressed_calls(weir: client.Weir) -> None:
+    # grpcio compresses its requests with gzip; Weir takes them (and answers
+    # plainly: this server does not set server.compression).
+    addr = os.environ["WEIR_ADDR"]
+    with client.Weir(addr, os.environ.get("WEIR_API_KEY", "demo"), compression=grpc.Compression.Gzip) as gz:
+        messages = list(gz.execute_stream(SOURCE, "SELECT * FROM orders", max_batch_rows=500))
+        assert sum(len(m.batch.rows) for m in messages if m.WhichOneof("payload") == "batch") == 3000
+        plain = weir.execute(SOURCE, "SELECT count(*), max(status) FROM orders")
+        zipped = gz.execute(SOURCE, "SELECT count(*), max(status) FROM orders")
+        assert zipped.rows == plain.rows
+
+
 def test_unknown_source_error_details(weir: client.Weir) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         weir.execute("no_such_source", "SELECT 1")

@@ -85,9 +85,10 @@ pub struct ServerConfig {
     /// ended (DEADLINE_EXCEEDED, STREAM_STALLED) and its statement cancelled.
     #[serde(with = "humantime_serde")]
     pub stream_idle_timeout: Duration,
-    /// Compress responses with gzip or zstd for clients that accept them,
-    /// and accept requests so compressed. Read at start.
-    pub compression: bool,
+    /// Compress responses with this encoding for clients that accept it.
+    /// Off by default: most gRPC libraries advertise gzip whether or not
+    /// the network needs it. Compressed requests are always accepted. Read at start.
+    pub compression: Option<Compression>,
     /// Serve gRPC over TLS (and mutual TLS with `client_ca_file`).
     pub tls: Option<TlsConfig>,
 }
@@ -171,7 +172,7 @@ impl Default for ServerConfig {
             max_concurrent_requests: 1024,
             max_queue_wait: Duration::from_secs(1),
             stream_idle_timeout: Duration::from_secs(60),
-            compression: true,
+            compression: None,
             tls: None,
         }
     }
@@ -350,6 +351,16 @@ pub struct LimitsConfig {
     pub weight: u32,
     /// Highest priority the tenant's calls may ask for; higher requests are lowered to it.
     pub max_priority: Priority,
+}
+
+/// A gRPC message encoding for responses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Accepted by every gRPC library.
+    Gzip,
+    /// Cheaper for the same ratio; accepted by fewer clients (tonic, grpc-go with its package).
+    Zstd,
 }
 
 /// Scheduling priority of a call (`RequestOptions.priority`).

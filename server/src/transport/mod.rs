@@ -17,7 +17,7 @@ use weir_proto::v1::query_service_server::QueryServiceServer;
 use weir_proto::v1::schema_service_server::SchemaServiceServer;
 use weir_proto::v1::stream_service_server::StreamServiceServer;
 
-use crate::config::Config;
+use crate::config::{Compression, Config};
 use crate::limits::admission::AdmissionLayer;
 use crate::limits::scheduler::Scheduler;
 use crate::service::bulk::BulkApi;
@@ -29,20 +29,18 @@ use crate::service::Gate;
 use crate::tenant::reload::Registry;
 use auth::AuthLayer;
 
-/// gzip and zstd, both ways, when `on`: a response is compressed only for a
-/// client whose `grpc-accept-encoding` names one (the first it names wins).
-/// A macro because each generated service has the methods, but no trait.
+/// Requests compressed with gzip or zstd are taken; responses are
+/// compressed with `encoding`, if any, for clients that accept it. A macro
+/// because each generated service has the methods, but no trait.
 macro_rules! compression {
-    ($service:expr, $on:expr) => {{
-        let service = $service;
-        if $on {
-            service
-                .accept_compressed(CompressionEncoding::Gzip)
-                .accept_compressed(CompressionEncoding::Zstd)
-                .send_compressed(CompressionEncoding::Gzip)
-                .send_compressed(CompressionEncoding::Zstd)
-        } else {
-            service
+    ($service:expr, $encoding:expr) => {{
+        let service = $service
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd);
+        match $encoding {
+            Some(Compression::Gzip) => service.send_compressed(CompressionEncoding::Gzip),
+            Some(Compression::Zstd) => service.send_compressed(CompressionEncoding::Zstd),
+            None => service,
         }
     }};
 }

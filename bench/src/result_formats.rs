@@ -1,19 +1,22 @@
 //! Results as Arrow IPC against results as rows: the same narrow (4
 //! columns) and wide (11 columns) results read with every value decoded,
 //! directly with tokio-postgres' `query_raw`, through Weir as rows, and
-//! through Weir as Arrow record batches. Then what gRPC compression costs:
-//! the wide result as rows, compressed with zstd and plain.
+//! through Weir as Arrow record batches. Then what gRPC compression costs
+//! (the wide result as rows, compressed with zstd and plain) and saves.
 
+use std::io::Write;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use flate2::write::GzEncoder;
 use futures::{pin_mut, TryStreamExt};
+use prost::Message;
 use tonic::codec::CompressionEncoding;
 use weir_client::arrow_array::cast::AsArray;
 use weir_client::arrow_array::types::{Date32Type, Float64Type, Int64Type, TimestampMicrosecondType};
 use weir_client::arrow_array::{Array, RecordBatch};
 use weir_client::arrow_schema::DataType;
-use weir_client::weir_proto::v1::ExecuteStreamRequest;
+use weir_client::weir_proto::v1::{ExecuteStreamRequest, RowBatch};
 use weir_client::{ResultStream, ValueRef, WeirClient};
 
 use crate::cpu::{Cpu, Snapshot};
@@ -145,6 +148,27 @@ async fn messages(client: &WeirClient, sql: &str, encoding: Option<CompressionEn
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Bytes of the row batches of a result as sent plain, with gzip and with
+/// zstd, each batch compressed alone at tonic's levels (6 and 3), as tonic
+/// compresses each message.
+async fn compressed_sizes(client: &WeirClient, sql: &str) -> anyhow::Result<[usize; 3]> {
+    let mut stream = client.execute_stream("pg", sql, vec![]).await?;
+    let mut sizes = [0; 3];
+    while let Some(rows) = stream.next_batch().await? {
+        let plain = RowBatch {
+            rows,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut gzip = GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        gzip.write_all(&plain)?;
+        sizes[0] += plain.len();
+        sizes[1] += gzip.finish()?.len();
+        sizes[2] += zstd::bulk::compress(&plain, 3)?.len();
+    }
+    Ok(sizes)
+}
+
 pub async fn figures(
     args: &Args,
     client: &WeirClient,
@@ -199,6 +223,16 @@ pub async fn figures(
         "11 columns, {rows_in_table} rows as messages, per 1,000 rows: plain {}; zstd {}",
         plain_cpu.per(thousands, "PostgreSQL"),
         zstd_cpu.per(thousands, "PostgreSQL")
+    ));
+    let [plain_bytes, gzip_bytes, zstd_bytes] = compressed_sizes(client, WIDE).await?;
+    let share = |bytes: usize| 100.0 * bytes as f64 / plain_bytes.max(1) as f64;
+    crate::detail(format!(
+        "11 columns, {rows_in_table} rows: row batches {:.1} MB plain, {:.1} MB with gzip ({:.0} %), {:.1} MB with zstd ({:.0} %)",
+        plain_bytes as f64 / 1e6,
+        gzip_bytes as f64 / 1e6,
+        share(gzip_bytes),
+        zstd_bytes as f64 / 1e6,
+        share(zstd_bytes)
     ));
     figures.push(Figure {
         name: "11 columns: rows compressed with zstd (Weir column) vs plain (direct column), both through Weir".into(),

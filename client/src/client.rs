@@ -541,14 +541,36 @@ impl<M: StreamMessage> ResultStream<M> {
 pub struct ArrowStream {
     rows: ResultStream,
     decoder: StreamDecoder,
-    /// Bytes of the last piece not decoded yet, and whether it was the last.
-    unread: Option<(arrow_buffer::Buffer, bool)>,
+    /// The piece being decoded.
+    unread: Option<Piece>,
     /// The end-of-stream marker was read.
     ended: bool,
 }
 
 /// What ends an Arrow IPC stream: the continuation marker and a zero length.
 const END_OF_STREAM: [u8; 8] = [0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
+
+/// An `arrow_ipc` piece being decoded, and what tells whether it ends the
+/// stream: the server's last piece is the end-of-stream marker alone, or
+/// (for an empty result) the schema and the marker. A piece holding a
+/// record batch may end with the marker's bytes too (eight int64 values
+/// ending in 4294967295, say), so ending so is not enough.
+struct Piece {
+    /// Bytes not decoded yet.
+    buffer: arrow_buffer::Buffer,
+    /// Its last bytes are the marker's.
+    ends_as_marker: bool,
+    /// It is the marker alone (which may complete a batch begun before it).
+    only_marker: bool,
+    /// A record batch came out of it.
+    gave_batch: bool,
+}
+
+impl Piece {
+    fn ends_stream(&self) -> bool {
+        self.ends_as_marker && (self.only_marker || !self.gave_batch)
+    }
+}
 
 impl ArrowStream {
     /// The result's columns as Weir describes them (engine type names included).
@@ -565,20 +587,21 @@ impl ArrowStream {
     /// The next record batch, or `None` once the stream ended with its statistics.
     pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>, Status> {
         loop {
-            if let Some((mut buffer, last)) = self.unread.take() {
-                while !buffer.is_empty() {
+            if let Some(mut piece) = self.unread.take() {
+                while !piece.buffer.is_empty() {
                     let decoded = self
                         .decoder
-                        .decode(&mut buffer)
+                        .decode(&mut piece.buffer)
                         .map_err(|e| protocol_violation(&format!("an Arrow IPC piece does not decode: {e}")))?;
                     if let Some(batch) = decoded {
                         // A piece may end inside the next message (a batch
                         // without columns is read only when more bytes come).
-                        self.unread = Some((buffer, last));
+                        piece.gave_batch = true;
+                        self.unread = Some(piece);
                         return Ok(Some(batch));
                     }
                 }
-                self.ended = last && self.decoder.finish().is_ok() && self.decoder.schema().is_some();
+                self.ended = piece.ends_stream() && self.decoder.finish().is_ok() && self.decoder.schema().is_some();
                 continue;
             }
             match self.rows.next_rows().await? {
@@ -586,9 +609,12 @@ impl ArrowStream {
                     return Err(protocol_violation("an Arrow IPC piece came after the end of its stream"))
                 }
                 Some(Part::Arrow(piece)) => {
-                    // Only the last piece ends with the marker.
-                    let last = piece.ends_with(&END_OF_STREAM);
-                    self.unread = Some((arrow_buffer::Buffer::from(piece), last));
+                    self.unread = Some(Piece {
+                        ends_as_marker: piece.ends_with(&END_OF_STREAM),
+                        only_marker: piece == END_OF_STREAM,
+                        buffer: arrow_buffer::Buffer::from(piece),
+                        gave_batch: false,
+                    })
                 }
                 Some(_) => return Err(protocol_violation("a row batch came in an Arrow IPC stream")),
                 // The statistics came: the server's last piece must have ended the stream.

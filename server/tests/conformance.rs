@@ -384,23 +384,41 @@ async fn statement_timeout_stops_the_statement(engine: Engine) {
 
 async fn dropped_streams_are_cancelled(engine: Engine) {
     let ctx = Ctx::new(engine, "").await;
-    let mut stream = ctx
-        .client
-        .execute_stream("db", &engine.slow_rows("weir_drop_probe"), vec![])
-        .await
-        .expect("stream");
-    let first = stream.next_batch().await.expect("batch").expect("rows");
-    assert!(!first.is_empty());
-    drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while engine.running(&ctx, "weir_drop_probe").await {
-        assert!(
-            Instant::now() < deadline,
-            "{engine:?}: the abandoned statement still runs"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for format in [pb::ResultFormat::Rows, pb::ResultFormat::ArrowIpc] {
+        let request = pb::ExecuteStreamRequest {
+            source: "db".into(),
+            sql: engine.slow_rows("weir_drop_probe"),
+            max_batch_rows: 100,
+            format: format.into(),
+            ..Default::default()
+        };
+        let mut stream = ctx
+            .client
+            .query()
+            .execute_stream(request)
+            .await
+            .expect("stream")
+            .into_inner();
+        use pb::execute_stream_response::Payload;
+        let metadata = stream.message().await.expect("metadata").and_then(|m| m.payload);
+        assert!(matches!(metadata, Some(Payload::Metadata(_))), "{engine:?} {format:?}");
+        let first = stream.message().await.expect("batch").and_then(|m| m.payload);
+        match first {
+            Some(Payload::Batch(rows)) => assert!(!rows.rows.is_empty()),
+            Some(Payload::ArrowIpc(piece)) => assert!(!piece.is_empty()),
+            other => panic!("{engine:?} {format:?}: {other:?} instead of rows"),
+        }
+        drop(stream);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while engine.running(&ctx, "weir_drop_probe").await {
+            assert!(
+                Instant::now() < deadline,
+                "{engine:?} {format:?}: the abandoned statement still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ctx.assert_pool_serves().await;
     }
-    ctx.assert_pool_serves().await;
     ctx.server.stop().await;
 }
 

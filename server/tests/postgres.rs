@@ -1544,6 +1544,18 @@ async fn arrow_results_hold_what_rows_hold() {
     let mut stream = e.await.expect("the session is unharmed");
     assert!(stream.next_batch().await.expect("batch").is_some());
 
+    // A batch whose bytes end as the end-of-stream marker does (the int8
+    // 4294967295 is FF FF FF FF 00 00 00 00; eight of them fill the 64-byte
+    // aligned buffer) does not end the stream.
+    let sql = "SELECT CASE WHEN g = 8 THEN 4294967295 ELSE g END::int8 AS x FROM generate_series(1, 8) g";
+    let mut stream = client
+        .execute_stream_arrow("pg", sql, vec![])
+        .await
+        .expect("marker-like batch");
+    let batch = stream.next_batch().await.expect("batch").expect("rows");
+    assert_eq!(batch.num_rows(), 8);
+    assert!(stream.next_batch().await.expect("the end").is_none());
+
     // Rows without columns keep their count; a void column (no type of its own) is Null.
     let mut stream = client
         .execute_stream_arrow("pg", "SELECT FROM generate_series(1, 3)", vec![])

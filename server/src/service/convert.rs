@@ -1,7 +1,7 @@
 //! Conversions between protobuf messages and domain types. Incoming values
 //! are validated here, once; outgoing values cannot fail.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Timelike};
 use prost::encoding::{self, WireType};
 use weir_proto::v1 as pb;
@@ -277,6 +277,9 @@ pub fn timestamp(t: DateTime<chrono::Utc>) -> prost_types::Timestamp {
 pub struct RowEncoder {
     /// The `Row.values` fields of the row in progress.
     row: BytesMut,
+    /// The `RowBatch.rows` fields of the finished rows, and their count.
+    batch: BytesMut,
+    rows: usize,
 }
 
 impl domain::RowSink for RowEncoder {
@@ -305,12 +308,26 @@ impl domain::RowSink for RowEncoder {
 }
 
 impl RowEncoder {
-    /// Appends the row in progress to `batch` as one `RowBatch.rows` field.
-    pub fn finish_row(&mut self, batch: &mut BytesMut) {
-        encoding::encode_key(1, WireType::LengthDelimited, batch);
-        encoding::encode_varint(self.row.len() as u64, batch);
-        batch.put_slice(&self.row);
+    /// Appends the row in progress to the batch as one `RowBatch.rows` field.
+    pub fn finish_row(&mut self) {
+        encoding::encode_key(1, WireType::LengthDelimited, &mut self.batch);
+        encoding::encode_varint(self.row.len() as u64, &mut self.batch);
+        self.batch.put_slice(&self.row);
         self.row.clear();
+        self.rows += 1;
+    }
+
+    /// Finished rows, and their encoded size.
+    pub fn pending(&self) -> (usize, usize) {
+        (self.rows, self.batch.len())
+    }
+
+    /// The finished rows, encoded; the next batch gets room for as many.
+    pub fn take_batch(&mut self) -> Bytes {
+        let full = self.batch.split().freeze();
+        self.batch.reserve(full.len() + full.len() / 8);
+        self.rows = 0;
+        full
     }
 }
 
@@ -471,20 +488,19 @@ mod tests {
     fn encoded_rows_are_the_rows_prost_would_write() {
         use prost::Message;
         let mut encoder = RowEncoder::default();
-        let mut batch = BytesMut::new();
         // One row with lent text, one with owned values only, one with empty text.
         encoder.value(Value::Int(7));
         encoder.text("héllo");
         encoder.value(Value::Null);
         encoder.value(Value::Text("owned".into()));
-        encoder.finish_row(&mut batch);
+        encoder.finish_row();
         encoder.value(Value::Float(1.5));
         for i in [0, 1, -1, i64::MAX, i64::MIN] {
             encoder.int(i);
         }
-        encoder.finish_row(&mut batch);
+        encoder.finish_row();
         encoder.text("");
-        encoder.finish_row(&mut batch);
+        encoder.finish_row();
         let want = pb::RowBatch {
             rows: vec![
                 row(vec![
@@ -505,8 +521,11 @@ mod tests {
             ],
             ..Default::default()
         };
+        assert_eq!(encoder.pending().0, 3);
+        let batch = encoder.take_batch();
         assert_eq!(batch.to_vec(), want.encode_to_vec());
-        let decoded = pb::RowBatch::decode(batch.freeze()).expect("decodes");
+        assert_eq!(encoder.pending(), (0, 0));
+        let decoded = pb::RowBatch::decode(batch).expect("decodes");
         assert_eq!(decoded.rows, want.rows);
     }
 

@@ -4,7 +4,7 @@ use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::watch;
@@ -232,41 +232,18 @@ trait Batches: RowSink + Send {
 }
 
 /// `RowBatch` messages, each row encoded as it arrives.
-#[derive(Default)]
-struct RowBatches {
-    encoder: convert::RowEncoder,
-    batch: BytesMut,
-    rows: usize,
-}
-
-impl RowSink for RowBatches {
-    fn value(&mut self, value: crate::backend::Value) {
-        self.encoder.value(value);
-    }
-    fn text(&mut self, text: &str) {
-        self.encoder.text(text);
-    }
-    fn int(&mut self, value: i64) {
-        self.encoder.int(value);
-    }
-}
-
-impl Batches for RowBatches {
+impl Batches for convert::RowEncoder {
     fn finish_row(&mut self) -> Result<()> {
-        self.encoder.finish_row(&mut self.batch);
-        self.rows += 1;
+        convert::RowEncoder::finish_row(self);
         Ok(())
     }
 
     fn pending(&self) -> (usize, usize) {
-        (self.rows, self.batch.len())
+        convert::RowEncoder::pending(self)
     }
 
     fn take(&mut self) -> Result<(pb::ExecuteStreamResponse, usize)> {
-        let full = self.batch.split().freeze();
-        // The next batch is about as large: one allocation, no regrowth.
-        self.batch.reserve(full.len() + full.len() / 8);
-        self.rows = 0;
+        let full = self.take_batch();
         let size = full.len();
         Ok((encoded_batch(full), size))
     }
@@ -306,20 +283,30 @@ async fn execute_stream(target: &Target, format: Format, tx: &StreamSender, timi
     let _active = target.caller.tenant.metrics.stream_started();
     let mut query = target.start().instrument(telemetry::engine_span()).await?;
     let columns = std::mem::take(&mut query.columns);
-    let metadata = pb::ResultMetadata {
-        columns: columns.iter().cloned().map(convert::column).collect(),
-    };
     // Checked before anything is sent: a column without an Arrow type fails the call whole.
     let arrow = match format.arrow {
         true => Some(ArrowBatches::new(&columns)?),
         false => None,
+    };
+    let metadata = pb::ResultMetadata {
+        columns: columns.into_iter().map(convert::column).collect(),
     };
     if !tx.send(message(Payload::Metadata(metadata))).await? {
         return Ok(());
     }
     match arrow {
         Some(batches) => send_rows(target, query, batches, format.batch_rows, tx, timing).await,
-        None => send_rows(target, query, RowBatches::default(), format.batch_rows, tx, timing).await,
+        None => {
+            send_rows(
+                target,
+                query,
+                convert::RowEncoder::default(),
+                format.batch_rows,
+                tx,
+                timing,
+            )
+            .await
+        }
     }
 }
 

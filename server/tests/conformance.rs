@@ -126,6 +126,15 @@ impl Engine {
         }
     }
 
+    /// Waits up to 5 s for the statement tagged `tag` to leave the engine.
+    async fn assert_stops(self, ctx: &Ctx, tag: &str, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.running(ctx, tag).await {
+            assert!(Instant::now() < deadline, "{self:?}: {what} still runs in the engine");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Whether a statement tagged `tag` still runs in the engine.
     async fn running(self, ctx: &Ctx, tag: &str) -> bool {
         match self {
@@ -370,14 +379,9 @@ async fn statement_timeout_stops_the_statement(engine: Engine) {
     assert_eq!(err.code(), Code::DeadlineExceeded, "{engine:?}: {}", err.message());
     assert_eq!(reason(&err), "STATEMENT_TIMEOUT");
     assert!(started.elapsed() < Duration::from_secs(5), "{engine:?}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while engine.running(&ctx, "weir_timeout_probe").await {
-        assert!(
-            Instant::now() < deadline,
-            "{engine:?}: the statement still runs in the engine"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    engine
+        .assert_stops(&ctx, "weir_timeout_probe", "the timed-out statement")
+        .await;
     ctx.assert_pool_serves().await;
     ctx.server.stop().await;
 }
@@ -409,14 +413,9 @@ async fn dropped_streams_are_cancelled(engine: Engine) {
             other => panic!("{engine:?} {format:?}: {other:?} instead of rows"),
         }
         drop(stream);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while engine.running(&ctx, "weir_drop_probe").await {
-            assert!(
-                Instant::now() < deadline,
-                "{engine:?} {format:?}: the abandoned statement still runs"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        engine
+            .assert_stops(&ctx, "weir_drop_probe", &format!("the abandoned {format:?} statement"))
+            .await;
         ctx.assert_pool_serves().await;
     }
     ctx.server.stop().await;

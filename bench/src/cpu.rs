@@ -61,6 +61,9 @@ fn pid_cpu(pid: u32) -> Duration {
 
 /// Every process named `name` (the database server's backends and helpers), by pid.
 fn named_cpu(name: &str) -> HashMap<u32, Duration> {
+    if name.is_empty() {
+        return HashMap::new();
+    }
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return HashMap::new();
     };
@@ -123,7 +126,8 @@ impl Cpu {
     }
 
     /// "client 12.0 µs, gateway 30.1 µs, PostgreSQL 40.2 µs" per unit of
-    /// work; no gateway figure where there is no gateway.
+    /// work; no gateway figure where there is no gateway, and no database
+    /// figure for an unnamed (embedded) one.
     pub fn per(&self, units: f64, database: &str) -> String {
         let us = |d: Duration| d.as_secs_f64() * 1e6 / units.max(1.0);
         let gateway = if self.gateway.is_zero() {
@@ -131,11 +135,12 @@ impl Cpu {
         } else {
             format!(", gateway {:.1} µs", us(self.gateway))
         };
-        format!(
-            "client {:.1} µs{gateway}, {database} {:.1} µs",
-            us(self.client),
-            us(self.database)
-        )
+        let database = if database.is_empty() {
+            String::new()
+        } else {
+            format!(", {database} {:.1} µs", us(self.database))
+        };
+        format!("client {:.1} µs{gateway}{database}", us(self.client))
     }
 }
 

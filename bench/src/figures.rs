@@ -543,11 +543,16 @@ async fn stream(
     println!("streaming {rows} rows from MariaDB and SQLite...");
     prepare_mysql(args, rows).await?;
     let accounts = "SELECT aid, bid, abalance, filler FROM bench_accounts";
-    let direct = repeat(args.runs, || direct_mysql_stream(args)).await?;
-    let through = repeat(args.runs, || async {
+    let (direct, direct_cpu) = repeat_counting(args.runs, None, "mariadbd", || direct_mysql_stream(args)).await?;
+    let (through, weir_cpu) = repeat_counting(args.runs, gateway, "mariadbd", || async {
         Ok(weir_stream(client, "maria", accounts).await?.0)
     })
     .await?;
+    crate::detail(format!(
+        "MariaDB stream {rows} rows, per 1,000 rows: mysql_async {}; Weir {}",
+        direct_cpu.per(thousands, "MariaDB"),
+        weir_cpu.per(thousands, "MariaDB")
+    ));
     figures.push(Figure {
         name: format!("MariaDB: stream {rows} rows vs mysql_async"),
         unit: "rows/s",
@@ -555,11 +560,19 @@ async fn stream(
         weir: through,
         higher_is_better: true,
     });
-    let direct = repeat(args.runs, || direct_sqlite_stream(sqlite.to_path_buf())).await?;
-    let through = repeat(args.runs, || async {
+    // SQLite runs inside the reading process: rusqlite's in the client's
+    // CPU, the gateway's in the gateway's.
+    let (direct, direct_cpu) =
+        repeat_counting(args.runs, None, "", || direct_sqlite_stream(sqlite.to_path_buf())).await?;
+    let (through, weir_cpu) = repeat_counting(args.runs, gateway, "", || async {
         Ok(weir_stream(client, "lite", accounts).await?.0)
     })
     .await?;
+    crate::detail(format!(
+        "SQLite stream {rows} rows, per 1,000 rows: rusqlite {}; Weir {}",
+        direct_cpu.per(thousands, ""),
+        weir_cpu.per(thousands, "")
+    ));
     figures.push(Figure {
         name: format!("SQLite: stream {rows} rows vs rusqlite"),
         unit: "rows/s",

@@ -324,24 +324,20 @@ async fn send_rows(
     // Rows are encoded as they arrive, on this task: each row's values are
     // freed while still in cache, and the response task only copies bytes.
     loop {
-        let next = tokio::select! {
+        let filled = tokio::select! {
             biased;
-            row = poll_fn(|cx| query.rows.as_mut().poll_next_into(cx, &mut batches)) => row,
+            filled = poll_fn(|cx| fill(cx, &mut query, &mut batches, batch_rows, &mut first_row, &timing)) => filled?,
             () = tx.closed() => return Ok(()),
         };
-        let Some(row) = next else { break };
-        first_row.get_or_insert_with(|| timing.started.elapsed());
-        // A failed row ends the stream: what it left half-encoded is never sent.
-        row?;
-        batches.finish_row()?;
-        let (rows, bytes) = batches.pending();
-        if rows >= batch_rows || bytes >= BATCH_BYTES {
-            total_rows += rows as u64;
-            let (batch, size) = batches.take()?;
-            total_bytes += size as u64;
-            if !tx.send(batch).await? {
-                return Ok(());
-            }
+        if !filled {
+            break;
+        }
+        let (rows, _) = batches.pending();
+        total_rows += rows as u64;
+        let (batch, size) = batches.take()?;
+        total_bytes += size as u64;
+        if !tx.send(batch).await? {
+            return Ok(());
         }
     }
     let (rows, _) = batches.pending();
@@ -368,6 +364,34 @@ async fn send_rows(
     ))))
     .await?;
     Ok(())
+}
+
+/// Takes rows into `batches` for as long as the engine has them ready:
+/// `Ready(true)` once a batch is full, `Ready(false)` at the end of the
+/// rows. Looping here rather than in `send_rows` keeps the look at whether
+/// the client is still there to when the engine makes the stream wait.
+fn fill(
+    cx: &mut std::task::Context<'_>,
+    query: &mut QueryStream,
+    batches: &mut impl Batches,
+    batch_rows: usize,
+    first_row: &mut Option<Duration>,
+    timing: &Timing,
+) -> std::task::Poll<Result<bool>> {
+    use std::task::Poll;
+    loop {
+        let Some(row) = std::task::ready!(query.rows.as_mut().poll_next_into(cx, batches)) else {
+            return Poll::Ready(Ok(false));
+        };
+        first_row.get_or_insert_with(|| timing.started.elapsed());
+        // A failed row ends the stream: what it left half-encoded is never sent.
+        row?;
+        batches.finish_row()?;
+        let (rows, bytes) = batches.pending();
+        if rows >= batch_rows || bytes >= BATCH_BYTES {
+            return Poll::Ready(Ok(true));
+        }
+    }
 }
 
 /// What a stream's rows are encoded as, and how many go in a batch.

@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
-use crate::backend::channel::{self, Gather, Worker};
+use crate::backend::channel::{self, Worker};
 use crate::backend::pool::FailFastPool;
 use crate::backend::{
     BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec,
@@ -345,7 +345,7 @@ async fn execute(
     if !worker.describe(described.into_iter().map(|(c, _)| c).collect()) {
         return Ok(None);
     }
-    let mut gather = Gather::default();
+    let mut gather = worker.gather();
     loop {
         let item = tokio::select! {
             biased;

@@ -17,7 +17,7 @@ use mysql_async::{Conn, Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOp
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::backend::breaker::{Breaker, CircuitState};
-use crate::backend::channel::{self, Gather, Worker};
+use crate::backend::channel::{self, Worker};
 use crate::backend::error::classify_sqlstate;
 use crate::backend::{
     BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec,
@@ -170,7 +170,7 @@ async fn execute(
         kill(opts, connection_id).await;
         return Ok(None);
     }
-    let mut gather = Gather::default();
+    let mut gather = worker.gather();
     loop {
         let next = tokio::select! {
             biased;

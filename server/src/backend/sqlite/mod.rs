@@ -17,7 +17,7 @@ use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
-use crate::backend::channel::{self, Gather, Worker};
+use crate::backend::channel::{self, Worker};
 use crate::backend::{
     BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, LoadOutcome, LoadSpec,
     PoolStatus, QueryStream, RowFeed, RowSink, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
@@ -361,7 +361,7 @@ fn execute(conn: &Connection, statement: &Statement, worker: &mut Worker) -> Res
         return Ok(None);
     }
     let mut rows = prepared.raw_query();
-    let mut gather = Gather::default();
+    let mut gather = worker.gather();
     while let Some(row) = rows.next().map_err(map_error)? {
         for (i, ty) in types.iter().enumerate() {
             let raw = row.get_ref(i).map_err(map_error)?;

@@ -433,7 +433,7 @@ mod tests {
         let (mut worker, pending) = channel(None);
         worker.describe(Vec::new());
         let mut gather = worker.gather();
-        let mut fill = |gather: &mut Gather| loop {
+        let fill = |gather: &mut Gather| loop {
             gather.value(Value::Text("x".into()));
             if let Some(chunk) = gather.end_row() {
                 return chunk;

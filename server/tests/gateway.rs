@@ -594,6 +594,49 @@ async fn sqlite_sources_cannot_reach_other_files() {
 }
 
 #[tokio::test]
+async fn a_compressed_request_that_expands_past_the_limit_is_refused() {
+    use tonic::codec::CompressionEncoding::{Gzip, Zstd};
+    let shop = tenant("alpha", "", &sqlite_demo("alpha", "shop"));
+    let server = TestServer::start(&format!("[server]\nmax_request_bytes = 65536\n{shop}")).await;
+    let client = server.client("key-alpha").await;
+    // A megabyte of blanks: about a kilobyte on the wire, 16 times the limit once expanded.
+    let sql = format!("SELECT 1{}", " ".repeat(1 << 20));
+    for encoding in [Gzip, Zstd] {
+        let request = pb::ExecuteRequest {
+            source: "shop".into(),
+            sql: sql.clone(),
+            ..Default::default()
+        };
+        let refused = client
+            .query()
+            .send_compressed(encoding)
+            .execute(request)
+            .await
+            .expect_err("past the limit");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{encoding:?}: {refused:?}"
+        );
+        assert!(refused.message().contains("65536"), "{refused:?}");
+    }
+    // The same request, small enough once expanded, is served.
+    let small = pb::ExecuteRequest {
+        source: "shop".into(),
+        sql: format!("SELECT 1{}", " ".repeat(1 << 14)),
+        ..Default::default()
+    };
+    let served = client
+        .query()
+        .send_compressed(Gzip)
+        .execute(small)
+        .await
+        .expect("served");
+    assert_eq!(served.into_inner().rows.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn responses_are_compressed_when_configured_and_requests_always_may_be() {
     use tonic::codec::CompressionEncoding::{self, Gzip, Zstd};
     let sql = "SELECT o.id, c.name, c.email, o.status FROM orders o JOIN customers c ON c.id = o.customer_id";

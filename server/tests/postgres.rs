@@ -1585,3 +1585,33 @@ async fn arrow_results_hold_what_rows_hold() {
     assert!(e.message().contains("format"), "{}", e.message());
     server.stop().await;
 }
+
+/// A stream left once its statement has finished is cancelled in the engine
+/// all the same (Weir cannot know it has ended); the server acts on a cancel
+/// request a moment after it is sent, so the connection must not go to the
+/// next caller before then, or that caller's statement is the one cancelled.
+#[tokio::test]
+async fn a_late_cancel_does_not_reach_the_next_caller() {
+    let toml = tenant(
+        "lone",
+        "",
+        &postgres("lone", "pg", "[tenants.lone.sources.pg.pool]\nmax_size = 1\n"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-lone").await;
+    for round in 0..40 {
+        // Refused as Arrow at its first row: the gateway leaves the
+        // statement, which the engine has finished by then.
+        let sql = "SELECT '24:00'::time AS t FROM generate_series(1, 2)";
+        let mut refused = client.execute_stream_arrow("pg", sql, vec![]).await.expect("stream");
+        let e = refused.next_batch().await.expect_err("24:00 is not an Arrow time");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        // On the one pooled connection, running while a late signal would land.
+        let next = client
+            .execute("pg", "SELECT pg_sleep(0.02), $1::int AS round", vec![round.into()])
+            .await;
+        let next = next.unwrap_or_else(|e| panic!("round {round}: the next caller's statement failed: {e:?}"));
+        assert_eq!(next.rows.len(), 1);
+    }
+    server.stop().await;
+}

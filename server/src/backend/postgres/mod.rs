@@ -2,6 +2,7 @@
 //! cache per connection and cancellation of abandoned statements.
 
 mod bulk;
+mod cancel;
 mod changes;
 mod multiplex;
 mod pgoutput;
@@ -54,8 +55,8 @@ struct Prepared {
 pub struct PgConn {
     client: Client,
     cancel: CancelToken,
-    /// How `cancel` reaches the server (TLS or not, as the session itself).
-    tls: Option<Tls>,
+    /// Where `cancel` goes (TLS or not, as the session itself).
+    target: Arc<Target>,
     statements: HashMap<String, Prepared>,
     /// Set between BEGIN and COMMIT/ROLLBACK: a connection returned to the
     /// pool in that state is discarded rather than reused.
@@ -123,15 +124,6 @@ impl Target {
     }
 }
 
-/// Asks the server to cancel what the session of `token` runs, over TLS
-/// when the session is.
-async fn cancel(token: &CancelToken, tls: Option<&Tls>) -> Result<(), tokio_postgres::Error> {
-    match tls {
-        Some(tls) => token.cancel_query(tls.clone()).await,
-        None => token.cancel_query(NoTls).await,
-    }
-}
-
 /// Spawns the task that drives a session's connection.
 fn drive<S, T>((client, connection): (Client, tokio_postgres::Connection<S, T>)) -> Client
 where
@@ -147,7 +139,7 @@ where
 }
 
 pub struct PgManager {
-    target: Target,
+    target: Arc<Target>,
 }
 
 impl bb8::ManageConnection for PgManager {
@@ -160,7 +152,7 @@ impl bb8::ManageConnection for PgManager {
         Ok(PgConn {
             client,
             cancel,
-            tls: self.target.tls.clone(),
+            target: self.target.clone(),
             statements: HashMap::new(),
             in_transaction: false,
             needs_reset: false,
@@ -237,7 +229,7 @@ impl PostgresSource {
         };
         let pool = FailFastPool::new(
             PgManager {
-                target: Target { config: pg, tls },
+                target: Arc::new(Target { config: pg, tls }),
             },
             &pool_config,
             "postgres",
@@ -314,7 +306,7 @@ impl Drop for StatementGuard {
             return;
         };
         runtime.spawn(async move {
-            if let Err(e) = cancel(&lease.cancel, lease.tls.as_ref()).await {
+            if let Err(e) = cancel::cancel(&lease.cancel, &lease.target).await {
                 tracing::warn!(error = %e, "could not cancel an abandoned postgres statement");
             }
             // Responses of the cancelled statement arrive before this one's.

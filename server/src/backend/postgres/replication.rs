@@ -39,7 +39,7 @@ const AUTH_SASL: i32 = 10;
 const AUTH_SASL_CONTINUE: i32 = 11;
 const AUTH_SASL_FINAL: i32 = 12;
 
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+pub(super) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// What the server sent on the replication stream.
@@ -406,6 +406,21 @@ impl Conn {
     }
 }
 
+async fn tcp(name: &str, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let s = tokio::net::TcpStream::connect((name, port)).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// A plain connection to `host`, before any TLS.
+pub(super) async fn socket(host: &Host, port: u16) -> std::io::Result<Box<dyn Io>> {
+    Ok(match host {
+        Host::Tcp(name) => Box::new(tcp(name, port).await?),
+        #[cfg(unix)]
+        Host::Unix(dir) => Box::new(tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?),
+    })
+}
+
 /// Sends PostgreSQL's SSLRequest; the stream is ready for the TLS handshake
 /// once the server answered 'S'.
 async fn ask_for_tls(mut stream: tokio::net::TcpStream) -> std::io::Result<tokio::net::TcpStream> {
@@ -440,19 +455,12 @@ async fn connect(target: &Target) -> Result<Box<dyn Io>, BackendError> {
     for (i, host) in config.get_hosts().iter().enumerate() {
         let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
         let attempt = async {
-            let io: Box<dyn Io> = match host {
-                Host::Tcp(name) => {
-                    let s = tokio::net::TcpStream::connect((name.as_str(), port)).await?;
-                    s.set_nodelay(true)?;
-                    match &target.tls {
-                        Some(tls) => Box::new(tls.connect(name, ask_for_tls(s).await?).await?),
-                        None => Box::new(s),
-                    }
+            let io: Box<dyn Io> = match (host, &target.tls) {
+                (Host::Tcp(name), Some(tls)) => {
+                    let s = tcp(name, port).await?;
+                    Box::new(tls.connect(name, ask_for_tls(s).await?).await?)
                 }
-                #[cfg(unix)]
-                Host::Unix(dir) => {
-                    Box::new(tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?)
-                }
+                _ => socket(host, port).await?,
             };
             Ok::<_, std::io::Error>(io)
         };

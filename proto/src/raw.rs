@@ -123,8 +123,8 @@ impl RawRows {
 }
 
 /// Reads a varint. Keys, lengths and small integers take one byte, read
-/// here; prost's generic reader, called per field, cost a row a third more
-/// than all the rest of its decoding.
+/// here; prost's reader, generic over `Buf` and called out of line for
+/// every field, took 13 % of a streaming client's CPU.
 #[inline(always)]
 fn varint(rest: &mut &[u8]) -> Result<u64, RawDecodeError> {
     match rest.split_first() {

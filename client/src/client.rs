@@ -464,6 +464,7 @@ impl StreamMessage for RawExecuteStreamResponse {
             RawPayload::Metadata(m) => Part::Metadata(m.columns),
             RawPayload::Batch(b) => Part::Batch(b),
             RawPayload::Stats(s) => Part::Stats(s),
+            RawPayload::ArrowIpc(piece) => Part::Arrow(piece),
         })
     }
 }

@@ -44,6 +44,8 @@ pub enum RawPayload {
     Metadata(ResultMetadata),
     Batch(RawRows),
     Stats(QueryStats),
+    /// A piece of an Arrow IPC stream (`RESULT_FORMAT_ARROW_IPC`).
+    ArrowIpc(Vec<u8>),
 }
 
 impl Message for RawExecuteStreamResponse {
@@ -52,6 +54,7 @@ impl Message for RawExecuteStreamResponse {
             Some(RawPayload::Metadata(m)) => encoding::message::encode(1, m, buf),
             Some(RawPayload::Batch(rows)) => encoding::bytes::encode(2, &rows.bytes, buf),
             Some(RawPayload::Stats(s)) => encoding::message::encode(3, s, buf),
+            Some(RawPayload::ArrowIpc(piece)) => encoding::bytes::encode(4, piece, buf),
             None => {}
         }
     }
@@ -77,6 +80,9 @@ impl Message for RawExecuteStreamResponse {
                 encoding::bytes::merge(wire_type, &mut bytes, buf, ctx)?;
                 // A message field that comes twice is merged: the rows add up.
                 if let Some(RawPayload::Batch(earlier)) = self.payload.take() {
+                    // Joined, an earlier batch cut short would take the next
+                    // one's bytes as its own: it must decode on its own first.
+                    crate::v1::RowBatch::decode(earlier.bytes.clone())?;
                     bytes = [earlier.bytes, bytes].concat().into();
                 }
                 self.payload = Some(RawPayload::Batch(RawRows { bytes }));
@@ -89,6 +95,11 @@ impl Message for RawExecuteStreamResponse {
                 encoding::message::merge(wire_type, &mut s, buf, ctx)?;
                 self.payload = Some(RawPayload::Stats(s));
             }
+            4 => {
+                let mut piece = Vec::new();
+                encoding::bytes::merge(wire_type, &mut piece, buf, ctx)?;
+                self.payload = Some(RawPayload::ArrowIpc(piece));
+            }
             _ => encoding::skip_field(wire_type, tag, buf, ctx)?,
         }
         Ok(())
@@ -99,6 +110,7 @@ impl Message for RawExecuteStreamResponse {
             Some(RawPayload::Metadata(m)) => encoding::message::encoded_len(1, m),
             Some(RawPayload::Batch(rows)) => encoding::bytes::encoded_len(2, &rows.bytes),
             Some(RawPayload::Stats(s)) => encoding::message::encoded_len(3, s),
+            Some(RawPayload::ArrowIpc(piece)) => encoding::bytes::encoded_len(4, piece),
             None => 0,
         }
     }
@@ -303,6 +315,7 @@ impl<'a> ValueRef<'a> {
     fn read(message: &'a [u8]) -> Result<Self, RawDecodeError> {
         let mut rest = message;
         let mut last = None;
+        let mut replaced_message = false;
         while !rest.is_empty() {
             let (tag, wire_type, body) = next_field(&mut rest)?;
             let expected = match tag {
@@ -316,19 +329,32 @@ impl<'a> ValueRef<'a> {
             }
             // A kind that a later one replaces must still decode, as in prost.
             if let Some((tag, body)) = last.replace((tag, body)) {
-                Self::kind(tag, body, message)?;
+                replaced_message |= Self::scalar(tag, body)?.is_none();
             }
         }
-        match last {
-            Some((tag, body)) => Self::kind(tag, body, message),
-            None => Ok(ValueRef::Null),
+        let Some((tag, body)) = last else {
+            return Ok(ValueRef::Null);
+        };
+        match (Self::scalar(tag, body)?, replaced_message) {
+            (Some(value), false) => Ok(value),
+            // Message kinds are decoded by prost, once for the whole message
+            // (which checks every field), however many of them it holds.
+            (scalar, _) => {
+                let whole = Value::decode(message)?;
+                Ok(match (scalar, whole.kind) {
+                    (Some(value), _) => value,
+                    (None, Some(kind)) => ValueRef::Other(kind),
+                    (None, None) => ValueRef::Null,
+                })
+            }
         }
     }
 
-    /// The value of field `tag` of the `Value` in `message`, whose bytes are `body`.
+    /// The value of field `tag`, whose bytes are `body`; `None` for the
+    /// kinds that are messages (dates, times, timestamps, intervals, lists).
     #[inline(always)]
-    fn kind(tag: u32, body: &'a [u8], message: &'a [u8]) -> Result<Self, RawDecodeError> {
-        Ok(match tag {
+    fn scalar(tag: u32, body: &'a [u8]) -> Result<Option<Self>, RawDecodeError> {
+        Ok(Some(match tag {
             1 => ValueRef::Null,
             2 => ValueRef::Bool(number(body)? != 0),
             // Two's complement, as int64 is encoded.
@@ -342,12 +368,8 @@ impl<'a> ValueRef<'a> {
             8 => ValueRef::Decimal(text(body)?),
             13 => ValueRef::Uuid(text(body)?),
             14 => ValueRef::Json(text(body)?),
-            // Messages: decoded with prost, on their own.
-            _ => match Value::decode(message)?.kind {
-                Some(kind) => ValueRef::Other(kind),
-                None => ValueRef::Null,
-            },
-        })
+            _ => return Ok(None),
+        }))
     }
 
     /// The value as a message, copying what it borrows.
@@ -658,5 +680,52 @@ mod tests {
         // Cut short.
         assert!(varint(&mut [0x80, 0x80].as_slice()).is_err());
         assert!(varint(&mut [].as_slice()).is_err());
+    }
+
+    #[test]
+    fn a_value_of_a_million_message_kinds_reads_in_one_pass() {
+        // A million `date_value` fields: read field by field with a decode
+        // of the whole message each, this would take hours.
+        let message: Vec<u8> = [0x4a, 0x00].repeat(1_000_000);
+        let (done, read) = std::sync::mpsc::channel();
+        let copy = message.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(ValueRef::read(&copy).map(|v| v.to_value()));
+        });
+        let read = read
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("read within a minute");
+        let prost = Value::decode(message.as_slice()).expect("prost reads it");
+        assert_eq!(read, Ok(prost));
+    }
+
+    #[test]
+    fn an_earlier_batch_cut_short_fails_as_in_prost() {
+        // A batch whose one row key has no length, then a batch holding one byte.
+        let wire = [0x12, 0x01, 0x0a, 0x12, 0x01, 0x00];
+        assert!(ExecuteStreamResponse::decode(wire.as_slice()).is_err());
+        assert!(RawExecuteStreamResponse::decode(wire.as_slice()).is_err());
+    }
+
+    #[test]
+    fn arrow_pieces_read_as_prost_reads_them() {
+        let piece = ExecuteStreamResponse {
+            payload: Some(Payload::ArrowIpc(vec![1, 2, 3])),
+        }
+        .encode_to_vec();
+        let raw = RawExecuteStreamResponse::decode(piece.as_slice()).expect("decodes");
+        assert_eq!(raw.payload, Some(RawPayload::ArrowIpc(vec![1, 2, 3])));
+        assert_eq!(raw.encode_to_vec(), piece);
+        // The last payload wins, as in prost.
+        let batch = ExecuteStreamResponse {
+            payload: Some(Payload::Batch(RowBatch::default())),
+        }
+        .encode_to_vec();
+        let both = [batch, piece].concat();
+        let raw = RawExecuteStreamResponse::decode(both.as_slice()).expect("decodes");
+        assert_eq!(raw.payload, Some(RawPayload::ArrowIpc(vec![1, 2, 3])));
+        // A piece that is not length-delimited fails, as in prost.
+        assert!(ExecuteStreamResponse::decode([0x20, 0x01].as_slice()).is_err());
+        assert!(RawExecuteStreamResponse::decode([0x20, 0x01].as_slice()).is_err());
     }
 }

@@ -816,68 +816,13 @@ fn pg_source(port: &str, user: &str, password: &str) -> String {
     )
 }
 
-/// A TCP proxy that can stop carrying bytes while every connection stays
-/// open, as a cut network does.
-struct Proxy {
-    port: u16,
-    frozen: tokio::sync::watch::Sender<bool>,
-}
-
-impl Proxy {
-    async fn start(target: String) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("address").port();
-        let (frozen, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
-                    continue;
-                };
-                let (from_client, to_client) = inbound.into_split();
-                let (from_server, to_server) = outbound.into_split();
-                tokio::spawn(carry(from_client, to_server, rx.clone()));
-                tokio::spawn(carry(from_server, to_client, rx.clone()));
-            }
-        });
-        Proxy { port, frozen }
-    }
-
-    fn freeze(&self, frozen: bool) {
-        self.frozen.send_replace(frozen);
-    }
-}
-
-async fn carry(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut frozen: tokio::sync::watch::Receiver<bool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        // Bytes read while frozen are held, not lost.
-        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// A network that stops carrying packets leaves every socket open: TCP
 /// alone would notice after many minutes. The reader asks the server for its
 /// position every second, and ends the stream with UNAVAILABLE once 30 s
 /// pass without an answer.
 #[tokio::test]
 async fn postgres_stream_ends_when_the_network_goes_silent() {
-    let target = format!(
-        "{}:{}",
-        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
-        env_or("WEIR_TEST_PG_PORT", "5432")
-    );
-    let proxy = Proxy::start(target).await;
+    let proxy = Proxy::start(pg_address()).await;
     let password = if std::env::var("WEIR_TEST_PG_PASSWORD").is_ok() {
         "password_env = \"WEIR_TEST_PG_PASSWORD\""
     } else {

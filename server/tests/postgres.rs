@@ -1590,6 +1590,76 @@ async fn arrow_results_hold_what_rows_hold() {
 /// all the same (Weir cannot know it has ended); the server acts on a cancel
 /// request a moment after it is sent, so the connection must not go to the
 /// next caller before then, or that caller's statement is the one cancelled.
+/// A cancel that goes astray leaves its statement running: here a proxy
+/// closes the cancel connection at once, as a server that does not hold the
+/// session would (a host name that now resolves elsewhere, a proxy). The
+/// session is closed after a short wait instead of being held, with the pool
+/// slot, until the statement ends, so the next caller gets a new one.
+#[tokio::test]
+async fn a_session_whose_cancel_goes_astray_is_closed_not_held() {
+    let proxy = Proxy::start(pg_address()).await;
+    let toml = tenant(
+        "lone",
+        "",
+        &postgres_at(
+            "lone",
+            "pg",
+            &proxy.port.to_string(),
+            "[tenants.lone.sources.pg.pool]\nmax_size = 1\n",
+        ),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-lone").await;
+    let pg = pg_direct().await;
+    // The one session is open before new connections are refused.
+    assert_serves(&client, "pg", 1).await;
+    proxy.refuse(true);
+    let started = std::time::Instant::now();
+    let mut request = tonic::Request::new(pb::ExecuteRequest {
+        source: "pg".into(),
+        sql: "SELECT pg_sleep(60) AS astray_probe".into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let err = client.query().execute(request).await.expect_err("the deadline passes");
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.refuse(false);
+    // Until the session is closed, the pool has no slot to give.
+    let served = loop {
+        match client.execute("pg", "SELECT 1 AS n", vec![]).await {
+            Ok(r) => break r,
+            Err(e) if started.elapsed() < Duration::from_secs(40) => {
+                assert!(matches!(e.code(), Code::Unavailable | Code::ResourceExhausted), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the next caller was held behind the abandoned statement: {e:?}"),
+        }
+    };
+    assert_eq!(served.rows.len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "the next caller waited for the abandoned statement"
+    );
+    // The cancel did go astray: the statement still runs, on a closed session.
+    let running: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%astray_probe%' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("activity")
+        .get(0);
+    assert_eq!(running, 1, "the abandoned statement was cancelled after all");
+    pg.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%astray_probe%' AND pid <> pg_backend_pid()",
+        &[],
+    )
+    .await
+    .expect("terminate");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_late_cancel_does_not_reach_the_next_caller() {
     let toml = tenant(

@@ -111,18 +111,93 @@ pub fn env_or(name: &str, default: &str) -> String {
 
 /// A PostgreSQL source section for the test server (WEIR_TEST_PG_* variables).
 pub fn postgres(tenant: &str, name: &str, extra: &str) -> String {
+    postgres_at(tenant, name, &env_or("WEIR_TEST_PG_PORT", "5432"), extra)
+}
+
+/// The same, reached at `port` of the test PostgreSQL's host (a [`Proxy`]'s).
+pub fn postgres_at(tenant: &str, name: &str, port: &str, extra: &str) -> String {
     let password = if std::env::var("WEIR_TEST_PG_PASSWORD").is_ok() {
         "password_env = \"WEIR_TEST_PG_PASSWORD\"\n"
     } else {
         ""
     };
     format!(
-        "[tenants.{tenant}.sources.{name}]\nengine = \"postgres\"\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndatabase = \"{}\"\n{password}{extra}\n",
+        "[tenants.{tenant}.sources.{name}]\nengine = \"postgres\"\nhost = \"{}\"\nport = {port}\nuser = \"{}\"\ndatabase = \"{}\"\n{password}{extra}\n",
         env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
-        env_or("WEIR_TEST_PG_PORT", "5432"),
         env_or("WEIR_TEST_PG_USER", "postgres"),
         env_or("WEIR_TEST_PG_DATABASE", "test"),
     )
+}
+
+/// The test PostgreSQL's address, for a [`Proxy`] in front of it.
+pub fn pg_address() -> String {
+    format!(
+        "{}:{}",
+        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_PG_PORT", "5432")
+    )
+}
+
+/// A TCP proxy that can stop carrying bytes while every connection stays
+/// open, as a cut network does, or close new connections at once, as a
+/// server that is not the one meant would close a cancel request's.
+pub struct Proxy {
+    pub port: u16,
+    frozen: tokio::sync::watch::Sender<bool>,
+    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub async fn start(target: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (frozen, rx) = tokio::sync::watch::channel(false);
+        let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refuse = refusing.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                if refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (from_client, to_client) = inbound.into_split();
+                let (from_server, to_server) = outbound.into_split();
+                tokio::spawn(carry(from_client, to_server, rx.clone()));
+                tokio::spawn(carry(from_server, to_client, rx.clone()));
+            }
+        });
+        Proxy { port, frozen, refusing }
+    }
+
+    pub fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+
+    /// New connections are closed at once while `refusing`; open ones carry on.
+    pub fn refuse(&self, refusing: bool) {
+        self.refusing.store(refusing, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn carry(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Bytes read while frozen are held, not lost.
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// A direct connection to the test PostgreSQL, for setup and for checking

@@ -17,7 +17,7 @@ use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bb8::PooledConnection;
@@ -73,6 +73,10 @@ pub struct PgConn {
     /// tell). Without this, every reset would write "there is no transaction
     /// in progress" to the database's log.
     needs_rollback: bool,
+    /// A statement on it was abandoned and may still run, or be cancelled
+    /// by a signal that has not arrived yet: the session is closed rather
+    /// than given to the next caller.
+    broken: bool,
 }
 
 impl PgConn {
@@ -157,6 +161,7 @@ impl bb8::ManageConnection for PgManager {
             in_transaction: false,
             needs_reset: false,
             needs_rollback: false,
+            broken: false,
         })
     }
 
@@ -165,7 +170,7 @@ impl bb8::ManageConnection for PgManager {
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
-        conn.client.is_closed() || conn.in_transaction
+        conn.client.is_closed() || conn.in_transaction || conn.broken
     }
 }
 
@@ -276,9 +281,16 @@ impl DerefMut for Lease {
     }
 }
 
+/// Longest wait for a cancelled statement to end before its session is
+/// closed instead (a cancel that reached another server, or a statement
+/// that does not heed it, would hold the session for its whole run).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Keeps the connection until the statement is over. Dropped early (client
 /// gone, deadline passed), it cancels the statement in the engine and waits
-/// for the connection to be idle again before anyone else can use it.
+/// for the connection to be idle again before anyone else can use it; a
+/// session whose statement could not be cancelled, or did not end soon
+/// after, is closed instead.
 struct StatementGuard {
     lease: Option<Lease>,
 }
@@ -306,12 +318,19 @@ impl Drop for StatementGuard {
             return;
         };
         runtime.spawn(async move {
-            if let Err(e) = cancel::cancel(&lease.cancel, &lease.target).await {
-                tracing::warn!(error = %e, "could not cancel an abandoned postgres statement");
-            }
-            // Responses of the cancelled statement arrive before this one's.
-            let _ = lease.client.simple_query("").await;
-            drop(lease);
+            let mut lease = lease;
+            let settled = match cancel::cancel(&lease.cancel, &lease.target).await {
+                // Responses of the cancelled statement arrive before this one's.
+                Ok(()) => tokio::time::timeout(SETTLE_TIMEOUT, lease.client.simple_query(""))
+                    .await
+                    .is_ok_and(|answer| answer.is_ok()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not cancel an abandoned postgres statement");
+                    false
+                }
+            };
+            // Still running, or a cancel still on its way: not for the next caller.
+            lease.broken |= !settled;
         });
     }
 }

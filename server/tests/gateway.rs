@@ -600,17 +600,16 @@ async fn a_compressed_request_that_expands_past_the_limit_is_refused() {
     let server = TestServer::start(&format!("[server]\nmax_request_bytes = 65536\n{shop}")).await;
     let client = server.client("key-alpha").await;
     // A megabyte of blanks: about a kilobyte on the wire, 16 times the limit once expanded.
-    let sql = format!("SELECT 1{}", " ".repeat(1 << 20));
+    let request = |blanks: usize| pb::ExecuteRequest {
+        source: "shop".into(),
+        sql: format!("SELECT 1{}", " ".repeat(blanks)),
+        ..Default::default()
+    };
     for encoding in [Gzip, Zstd] {
-        let request = pb::ExecuteRequest {
-            source: "shop".into(),
-            sql: sql.clone(),
-            ..Default::default()
-        };
         let refused = client
             .query()
             .send_compressed(encoding)
-            .execute(request)
+            .execute(request(1 << 20))
             .await
             .expect_err("past the limit");
         assert_eq!(
@@ -621,15 +620,10 @@ async fn a_compressed_request_that_expands_past_the_limit_is_refused() {
         assert!(refused.message().contains("65536"), "{refused:?}");
     }
     // The same request, small enough once expanded, is served.
-    let small = pb::ExecuteRequest {
-        source: "shop".into(),
-        sql: format!("SELECT 1{}", " ".repeat(1 << 14)),
-        ..Default::default()
-    };
     let served = client
         .query()
         .send_compressed(Gzip)
-        .execute(small)
+        .execute(request(1 << 14))
         .await
         .expect("served");
     assert_eq!(served.into_inner().rows.len(), 1);

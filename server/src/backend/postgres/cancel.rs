@@ -15,7 +15,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{CancelToken, NoTls};
 
-use super::replication::{socket, Io};
+use super::net::{socket, Io};
 use super::Target;
 
 /// Longest wait for the server to take a cancel request.

@@ -5,6 +5,7 @@ mod bulk;
 mod cancel;
 mod changes;
 mod multiplex;
+mod net;
 mod pgoutput;
 mod replication;
 mod schema;

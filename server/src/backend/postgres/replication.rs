@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
 
+use super::net::{socket, tcp, Io};
 use super::pgoutput::lsn_text;
 use super::types::pg_epoch;
 use super::{engine_error, Target};
@@ -38,9 +39,6 @@ const AUTH_MD5: i32 = 5;
 const AUTH_SASL: i32 = 10;
 const AUTH_SASL_CONTINUE: i32 = 11;
 const AUTH_SASL_FINAL: i32 = 12;
-
-pub(super) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// What the server sent on the replication stream.
 pub(super) enum Event {
@@ -404,21 +402,6 @@ impl Conn {
             }
         }
     }
-}
-
-async fn tcp(name: &str, port: u16) -> std::io::Result<tokio::net::TcpStream> {
-    let s = tokio::net::TcpStream::connect((name, port)).await?;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
-/// A plain connection to `host`, before any TLS.
-pub(super) async fn socket(host: &Host, port: u16) -> std::io::Result<Box<dyn Io>> {
-    Ok(match host {
-        Host::Tcp(name) => Box::new(tcp(name, port).await?),
-        #[cfg(unix)]
-        Host::Unix(dir) => Box::new(tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?),
-    })
 }
 
 /// Sends PostgreSQL's SSLRequest; the stream is ready for the TLS handshake

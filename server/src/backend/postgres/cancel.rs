@@ -6,6 +6,7 @@
 //! waits for the server to close the cancel connection for this reason).
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -15,24 +16,24 @@ use tokio_postgres::config::Host;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{CancelToken, NoTls};
 
-use super::net::{socket, Io};
+use super::net::{socket, tcp, Io};
 use super::Target;
 
 /// Longest wait for the server to take a cancel request.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Asks the server of `target` to cancel what the session of `token` runs,
-/// over TLS when the session is, and returns once the server has closed
-/// the cancel connection: by then it has signalled the session.
-pub async fn cancel(token: &CancelToken, target: &Target) -> Result<(), String> {
-    let config = &target.config;
-    let host = config.get_hosts().first().ok_or("the source names no host")?;
-    let port = config.get_ports().first().copied().unwrap_or(5432);
+/// Asks the server at `address` (the session's own, or over the Unix
+/// socket of `target`) to cancel what the session of `token` runs, over TLS
+/// when the session is, and returns once the server has closed the cancel
+/// connection: by then it has signalled the session.
+pub async fn cancel(token: &CancelToken, address: Option<SocketAddr>, target: &Target) -> Result<(), String> {
+    let host = target.config.get_hosts().first().ok_or("the source names no host")?;
     let request = async {
-        let stream = AwaitClose {
-            io: socket(host, port).await.map_err(|e| e.to_string())?,
-            shut: false,
+        let io: Box<dyn Io> = match address {
+            Some(address) => Box::new(tcp(address).await.map_err(|e| e.to_string())?),
+            None => socket(host, target.port()).await.map_err(|e| e.to_string())?,
         };
+        let stream = AwaitClose { io, shut: false };
         match (host, &target.tls) {
             (Host::Tcp(name), Some(tls)) => {
                 let connect = MakeTlsConnect::<AwaitClose>::make_tls_connect(&mut tls.clone(), name)

@@ -91,7 +91,7 @@ struct Rel {
 
 /// A session of its own, driven like the pool's.
 async fn connect(target: &Target) -> Result<Client, BackendError> {
-    target.connect().await.map_err(map_error)
+    target.connect().await.map(|(client, _)| client)
 }
 
 fn lsn_sql(expr: &str) -> String {

@@ -14,6 +14,7 @@ mod tls;
 pub mod types;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,8 +24,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bb8::PooledConnection;
 use futures::Stream;
+use tokio::net::TcpStream;
 use tokio::sync::{Mutex, OwnedMutexGuard};
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::types::Type;
 use tokio_postgres::{CancelToken, Client, NoTls};
 
@@ -58,6 +61,9 @@ pub struct PgConn {
     cancel: CancelToken,
     /// Where `cancel` goes (TLS or not, as the session itself).
     target: Arc<Target>,
+    /// The address the session reached: its cancel requests go there, not
+    /// to whatever the host name resolves to by then.
+    address: Option<SocketAddr>,
     statements: HashMap<String, Prepared>,
     /// Set between BEGIN and COMMIT/ROLLBACK: a connection returned to the
     /// pool in that state is discarded rather than reused.
@@ -120,11 +126,50 @@ impl Target {
         Self { config, tls: None }
     }
 
-    /// Opens a session whose connection is driven by a task of its own.
-    async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
-        match &self.tls {
-            Some(tls) => Ok(drive(self.config.connect(tls.clone()).await?)),
-            None => Ok(drive(self.config.connect(NoTls).await?)),
+    /// The server's port.
+    fn port(&self) -> u16 {
+        self.config.get_ports().first().copied().unwrap_or(5432)
+    }
+
+    /// Opens a session whose connection is driven by a task of its own, and
+    /// says which address it reached (none over a Unix socket): a host name
+    /// may resolve to several, and a cancel request must go to this one.
+    async fn connect(&self) -> Result<(Client, Option<SocketAddr>), BackendError> {
+        let port = self.port();
+        let timeout = self.config.get_connect_timeout().copied();
+        let connect_error = |e: std::io::Error| BackendError::Unavailable(e.to_string());
+        match self.config.get_hosts().first() {
+            Some(Host::Tcp(name)) => {
+                let stream = net::session_tcp(name, port, timeout, &self.config)
+                    .await
+                    .map_err(connect_error)?;
+                let address = stream.peer_addr().ok();
+                let client = match &self.tls {
+                    Some(tls) => {
+                        let tls = MakeTlsConnect::<TcpStream>::make_tls_connect(&mut tls.clone(), name)
+                            .map_err(connect_error)?;
+                        drive(self.config.connect_raw(stream, tls).await.map_err(map_error)?)
+                    }
+                    None => drive(self.config.connect_raw(stream, NoTls).await.map_err(map_error)?),
+                };
+                Ok((client, address))
+            }
+            #[cfg(unix)]
+            Some(host @ Host::Unix(_)) => {
+                if self.tls.is_some() {
+                    return Err(BackendError::Invalid(
+                        "tls = true needs a host name, not a Unix socket directory".into(),
+                    ));
+                }
+                let stream = net::within(timeout, net::socket(host, port))
+                    .await
+                    .map_err(connect_error)?;
+                Ok((
+                    drive(self.config.connect_raw(stream, NoTls).await.map_err(map_error)?),
+                    None,
+                ))
+            }
+            None => Err(BackendError::Invalid("the source names no host".into())),
         }
     }
 }
@@ -149,15 +194,16 @@ pub struct PgManager {
 
 impl bb8::ManageConnection for PgManager {
     type Connection = PgConn;
-    type Error = tokio_postgres::Error;
+    type Error = BackendError;
 
-    async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
-        let client = self.target.connect().await?;
+    async fn connect(&self) -> Result<PgConn, BackendError> {
+        let (client, address) = self.target.connect().await?;
         let cancel = client.cancel_token();
         Ok(PgConn {
             client,
             cancel,
             target: self.target.clone(),
+            address,
             statements: HashMap::new(),
             in_transaction: false,
             needs_reset: false,
@@ -166,8 +212,8 @@ impl bb8::ManageConnection for PgManager {
         })
     }
 
-    async fn is_valid(&self, conn: &mut PgConn) -> Result<(), tokio_postgres::Error> {
-        conn.client.simple_query("").await.map(|_| ())
+    async fn is_valid(&self, conn: &mut PgConn) -> Result<(), BackendError> {
+        conn.client.simple_query("").await.map(|_| ()).map_err(map_error)
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
@@ -239,7 +285,7 @@ impl PostgresSource {
             },
             &pool_config,
             "postgres",
-            map_error,
+            std::convert::identity,
         );
         Ok(Self {
             pool,
@@ -320,7 +366,7 @@ impl Drop for StatementGuard {
         };
         runtime.spawn(async move {
             let mut lease = lease;
-            let settled = match cancel::cancel(&lease.cancel, &lease.target).await {
+            let settled = match cancel::cancel(&lease.cancel, lease.address, &lease.target).await {
                 // Responses of the cancelled statement arrive before this one's.
                 Ok(()) => tokio::time::timeout(SETTLE_TIMEOUT, lease.client.simple_query(""))
                     .await
@@ -739,5 +785,132 @@ pub(crate) fn engine_error(code: &str, text: &str, detail: Option<&str>, positio
         kind,
         code: code.to_string(),
         message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn var(name: &str, default: &str) -> String {
+        std::env::var(name).unwrap_or_else(|_| default.to_string())
+    }
+
+    /// The test PostgreSQL (WEIR_TEST_PG_*, as scripts/test sets them), at `port`.
+    fn test_config(port: u16) -> tokio_postgres::Config {
+        test_config_at(&var("WEIR_TEST_PG_HOST", "127.0.0.1"), port)
+    }
+
+    /// The same, reached at `host` (a name, an address or a socket directory).
+    fn test_config_at(host: &str, port: u16) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(host)
+            .port(port)
+            .user(var("WEIR_TEST_PG_USER", "postgres"))
+            .dbname(var("WEIR_TEST_PG_DATABASE", "test"));
+        if let Ok(password) = std::env::var("WEIR_TEST_PG_PASSWORD") {
+            config.password(password);
+        }
+        config
+    }
+
+    fn test_port() -> u16 {
+        std::env::var("WEIR_TEST_PG_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(5432)
+    }
+
+    #[tokio::test]
+    async fn a_cancel_goes_to_the_address_the_session_is_on() {
+        let manager = PgManager {
+            target: Arc::new(Target::plain(test_config(test_port()))),
+        };
+        let pool = bb8::Pool::builder().max_size(1).build(manager).await.expect("a pool");
+        let mut lease = pool.get_owned().await.expect("a session");
+        let pid: i32 = lease
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("its pid")
+            .get(0);
+        // The source's name now leads elsewhere, as a name that resolves to
+        // several addresses may: to a port where nothing listens.
+        let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        lease.target = Arc::new(Target::plain(test_config(nowhere)));
+        let statement = Statement {
+            sql: "SELECT pg_sleep(60)".into(),
+            params: vec![],
+            whole_result: false,
+        };
+        // tokio-postgres returns the rows only once the statement sends one.
+        let query = tokio::spawn(run(Lease::Pooled(lease), statement, SessionReset::Auto));
+        let (observer, connection) = test_config(test_port()).connect(NoTls).await.expect("an observer");
+        tokio::spawn(connection);
+        let running = || async {
+            observer
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%pg_sleep%' AND state = 'active'",
+                    &[&pid],
+                )
+                .await
+                .expect("activity")
+                .get::<_, i64>(0)
+                == 1
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !running().await {
+            assert!(Instant::now() < deadline, "the statement did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Abandoned while it runs: its guard cancels it.
+        query.abort();
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while running().await {
+            if Instant::now() > deadline {
+                observer
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await
+                    .expect("terminate");
+                panic!("the cancel request did not reach the session's server");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Cancelled where it ran, the session is whole and serves the next caller.
+        let next = tokio::time::timeout(Duration::from_secs(10), pool.get())
+            .await
+            .expect("the session back within the settle wait")
+            .expect("the session again");
+        let again: i32 = next
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("its pid")
+            .get(0);
+        assert_eq!(again, pid, "the session was closed instead of reused");
+    }
+
+    #[tokio::test]
+    async fn a_session_opens_over_the_servers_unix_socket_too() {
+        let (client, address) = Target::plain(test_config(test_port()))
+            .connect()
+            .await
+            .expect("over TCP");
+        assert!(address.is_some(), "a TCP session knows its address");
+        let dirs: String = client
+            .query_one("SHOW unix_socket_directories", &[])
+            .await
+            .expect("the socket directories")
+            .get(0);
+        let dir = dirs.split(',').next().map(str::trim).expect("a socket directory");
+        let over_socket = Target::plain(test_config_at(dir, test_port()));
+        let (client, address) = over_socket.connect().await.expect("over the Unix socket");
+        assert_eq!(address, None);
+        let one: i32 = client.query_one("SELECT 1", &[]).await.expect("a query").get(0);
+        assert_eq!(one, 1);
     }
 }

@@ -250,7 +250,7 @@ impl Multiplexer {
         *current = None;
         slot.open.store(false, Ordering::Relaxed);
         breaker.admit()?;
-        let connected = self.target.connect().await.map_err(map_error);
+        let connected = self.target.connect().await.map(|(client, _)| client);
         breaker.record(&connected);
         if let Err(e) = &connected {
             tracing::warn!(error = %e, "cannot open a shared postgres connection");

@@ -1,24 +1,68 @@
-//! Plain connections to a source's server, before any TLS: the replication
-//! session's and the cancel requests' (tokio-postgres opens its own).
+//! Plain connections to a source's server, before any TLS: pooled and
+//! shared sessions', the replication session's and cancel requests'.
 
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio_postgres::config::Host;
 
 pub(super) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// A TCP connection, without Nagle's delay: the protocol's messages are small.
-pub(super) async fn tcp(name: &str, port: u16) -> std::io::Result<tokio::net::TcpStream> {
-    let s = tokio::net::TcpStream::connect((name, port)).await?;
+pub(super) async fn tcp(to: impl ToSocketAddrs) -> io::Result<TcpStream> {
+    let s = TcpStream::connect(to).await?;
     s.set_nodelay(true)?;
     Ok(s)
 }
 
 /// A plain connection to `host`, before any TLS.
-pub(super) async fn socket(host: &Host, port: u16) -> std::io::Result<Box<dyn Io>> {
+pub(super) async fn socket(host: &Host, port: u16) -> io::Result<Box<dyn Io>> {
     Ok(match host {
-        Host::Tcp(name) => Box::new(tcp(name, port).await?),
+        Host::Tcp(name) => Box::new(tcp((name.as_str(), port)).await?),
         #[cfg(unix)]
         Host::Unix(dir) => Box::new(tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?),
     })
+}
+
+/// A session's TCP connection: the addresses of `name` tried in turn, each
+/// for at most `timeout` (as libpq and tokio-postgres do), with TCP
+/// keepalives as `config` asks (on, after 2 hours idle, by default).
+pub(super) async fn session_tcp(
+    name: &str,
+    port: u16,
+    timeout: Option<Duration>,
+    config: &tokio_postgres::Config,
+) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name has no address");
+    for address in tokio::net::lookup_host((name, port)).await? {
+        match within(timeout, tcp(address)).await {
+            Ok(s) => {
+                if config.get_keepalives() {
+                    let keepalive = TcpKeepalive::new().with_time(config.get_keepalives_idle());
+                    SockRef::from(&s).set_tcp_keepalive(&keepalive)?;
+                }
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// `connect`, given at most `timeout` when there is one.
+pub(super) async fn within<T>(
+    timeout: Option<Duration>,
+    connect: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match timeout {
+        Some(t) => tokio::time::timeout(t, connect)
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connection timed out"))),
+        None => connect.await,
+    }
 }

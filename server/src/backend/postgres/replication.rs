@@ -440,7 +440,7 @@ async fn connect(target: &Target) -> Result<Box<dyn Io>, BackendError> {
         let attempt = async {
             let io: Box<dyn Io> = match (host, &target.tls) {
                 (Host::Tcp(name), Some(tls)) => {
-                    let s = tcp(name, port).await?;
+                    let s = tcp((name.as_str(), port)).await?;
                     Box::new(tls.connect(name, ask_for_tls(s).await?).await?)
                 }
                 _ => socket(host, port).await?,

@@ -1100,6 +1100,54 @@ async fn mysql_loads_outlast_a_client_that_pauses() {
     ctx.server.stop().await;
 }
 
+/// A PostgreSQL load, a transaction and the schema calls take their session
+/// from the pool as a statement does: reset of what the caller before left
+/// on it. Before, only statements reset it, so a temporary table of the
+/// same name took a load's rows, which vanished with the session's reset.
+#[tokio::test]
+async fn a_postgres_load_and_transaction_find_their_session_reset() {
+    // One pooled session: what one caller leaves on it, the next one gets.
+    let one_session = postgres("bulk", "db", "[tenants.bulk.sources.db.pool]\nmax_size = 1\n");
+    let server = TestServer::start(&tenant("bulk", "", &one_session)).await;
+    let client = server.client("key-bulk").await;
+    let ctx = Ctx {
+        engine: Engine::Postgres,
+        server,
+        client,
+    };
+    ctx.table("weir_bulk_shadowed", 0).await;
+    ctx.exec("CREATE TEMP TABLE weir_bulk_shadowed (id INT, name TEXT, score INT)")
+        .await;
+    let loaded = ctx
+        .load(header("weir_bulk_shadowed", pb::BulkLoadMode::Append), vec![rows(0..3)])
+        .await
+        .expect("load");
+    assert_eq!(loaded.rows_inserted, 3);
+    assert_eq!(
+        ctx.contents("weir_bulk_shadowed").await,
+        ["0:n0:0", "1:n1:1", "2:n2:2"],
+        "the rows went to the earlier caller's temporary table"
+    );
+    ctx.exec("SET application_name = 'left_behind'").await;
+    let tx = ctx
+        .client
+        .begin("db", weir_client::weir_proto::v1::IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let seen = ctx
+        .client
+        .execute_in(&tx, "db", "SELECT current_setting('application_name')", vec![])
+        .await
+        .expect("in the transaction");
+    ctx.client.rollback(&tx).await.expect("rollback");
+    assert_eq!(
+        text(&seen.rows[0].values[0]),
+        "weir",
+        "the transaction ran with another caller's setting"
+    );
+    ctx.server.stop().await;
+}
+
 suite!(postgres, Engine::Postgres);
 suite!(mysql, Engine::Mysql);
 suite!(sqlite, Engine::Sqlite);

@@ -296,8 +296,23 @@ impl PostgresSource {
         })
     }
 
+    /// A pooled session as a caller must find it: what an earlier caller's
+    /// statement left behind (settings, temporary tables, an open block) is
+    /// reset first. Statements (`run`) take theirs from the pool as it is,
+    /// and send the reset in the same round trip as the statement.
     async fn lease(&self) -> Result<PooledConnection<'static, PgManager>, BackendError> {
-        self.pool.lease().await
+        let mut conn = self.pool.lease().await?;
+        if conn.needs_reset {
+            let reset = if conn.needs_rollback {
+                SESSION_RESET_WITH_ROLLBACK
+            } else {
+                SESSION_RESET
+            };
+            conn.client.batch_execute(reset).await.map_err(map_error)?;
+            conn.needs_reset = false;
+            conn.needs_rollback = false;
+        }
+        Ok(conn)
     }
 }
 
@@ -602,7 +617,7 @@ impl SqlSource for PostgresSource {
                 return multiplex.query(statement, self.pool.breaker()).await;
             }
         }
-        run(Lease::Pooled(self.lease().await?), statement, self.session_reset).await
+        run(Lease::Pooled(self.pool.lease().await?), statement, self.session_reset).await
     }
 
     async fn begin(&self, options: TxOptions) -> Result<Box<dyn SqlTransaction>, BackendError> {

@@ -1148,6 +1148,59 @@ async fn a_postgres_load_and_transaction_find_their_session_reset() {
     ctx.server.stop().await;
 }
 
+/// A deadline that passes after the last rows, while the engine still
+/// finishes the load (here a statement trigger that takes 1.5 s), rolls the
+/// load back, as the caller is told; before, the engine went on to commit.
+#[tokio::test]
+async fn a_load_whose_deadline_passes_after_its_last_rows_is_rolled_back() {
+    use weir_client::weir_proto::v1::load_request::Message as LoadMessage;
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    ctx.table("weir_bulk_slow_end", 0).await;
+    ctx.exec(
+        "CREATE OR REPLACE FUNCTION weir_bulk_slow_end() RETURNS trigger LANGUAGE plpgsql \
+         AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$",
+    )
+    .await;
+    ctx.exec(
+        "CREATE TRIGGER weir_bulk_slow_end AFTER INSERT ON weir_bulk_slow_end \
+         FOR EACH STATEMENT EXECUTE FUNCTION weir_bulk_slow_end()",
+    )
+    .await;
+    let messages = vec![
+        pb::LoadRequest {
+            message: Some(LoadMessage::Header(header(
+                "weir_bulk_slow_end",
+                pb::BulkLoadMode::Append,
+            ))),
+        },
+        pb::LoadRequest {
+            message: Some(LoadMessage::Rows(pb::LoadRows { rows: rows(0..10) })),
+        },
+    ];
+    let mut request = tonic::Request::new(tokio_stream::iter(messages));
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "700m".parse().expect("header value"));
+    let err = ctx.client.bulk().load(request).await.expect_err("past its deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    assert_eq!(reason(&err), "LOAD_TIMEOUT");
+    // Past the trigger's end and the transaction's.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let still_running = "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%weir_bulk_slow_end%' \
+         AND state = 'active' AND pid <> pg_backend_pid()";
+    while !ctx.exec(still_running).await.rows.is_empty() {
+        assert!(Instant::now() < deadline, "the load did not end");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        ctx.contents("weir_bulk_slow_end").await,
+        Vec::<String>::new(),
+        "the caller was told of a timeout, and the load committed"
+    );
+    ctx.server.stop().await;
+}
+
 suite!(postgres, Engine::Postgres);
 suite!(mysql, Engine::Mysql);
 suite!(sqlite, Engine::Sqlite);

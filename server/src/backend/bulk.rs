@@ -3,6 +3,9 @@
 //! path inside one transaction, so a load either commits whole or leaves
 //! the table as it was.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
 use bytes::{BufMut, BytesMut};
 use tokio::sync::mpsc;
 
@@ -175,9 +178,48 @@ impl LoadOutcome {
     }
 }
 
-/// Whether a load's transaction ends in COMMIT: it ran, and was not a replay.
-pub fn commits(result: &Result<LoadOutcome, BackendError>) -> bool {
-    matches!(result, Ok(outcome) if !outcome.replayed)
+/// Whether a load's transaction ends in COMMIT: it ran, was not a replay,
+/// and its caller still waits for it. A load its caller gave up on (the
+/// deadline passed while the engine finished it) is rolled back and ends
+/// as abandoned, as the caller was told.
+pub fn commits(result: &mut Result<LoadOutcome, BackendError>, feed: &RowFeed) -> bool {
+    if !matches!(result, Ok(outcome) if !outcome.replayed) {
+        return false;
+    }
+    if feed.verdict.claim_commit() {
+        return true;
+    }
+    *result = Err(BackendError::LoadAbandoned);
+    false
+}
+
+/// Who decides a load whose rows are all in: the engine, by starting its
+/// COMMIT, or the caller, by giving up at its deadline. Whichever comes
+/// first wins, so a caller told "rolled back" never finds the rows committed.
+#[derive(Clone, Default)]
+pub struct Verdict(Arc<AtomicU8>);
+
+const UNDECIDED: u8 = 0;
+const COMMITTING: u8 = 1;
+const ABANDONED: u8 = 2;
+
+impl Verdict {
+    /// The caller gives up: true unless the engine has begun to commit.
+    pub fn abandon(&self) -> bool {
+        match self
+            .0
+            .compare_exchange(UNDECIDED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(state) => state == ABANDONED,
+        }
+    }
+
+    fn claim_commit(&self) -> bool {
+        self.0
+            .compare_exchange(UNDECIDED, COMMITTING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
 }
 
 /// Rows of a load in arrival order, with the index of the first row.
@@ -199,6 +241,7 @@ pub struct RowFeed {
     rx: mpsc::Receiver<Feed>,
     next_row: u64,
     bytes: u64,
+    verdict: Verdict,
 }
 
 /// The sending side, held by the service.
@@ -206,8 +249,9 @@ pub struct RowSender {
     tx: mpsc::Sender<Feed>,
 }
 
-/// A feed that buffers at most `depth` batches between client and engine.
-pub fn row_feed(depth: usize) -> (RowSender, RowFeed) {
+/// A feed that buffers at most `depth` batches between client and engine,
+/// for a load that `verdict` lets the caller give up on.
+pub fn row_feed(depth: usize, verdict: Verdict) -> (RowSender, RowFeed) {
     let (tx, rx) = mpsc::channel(depth.max(1));
     (
         RowSender { tx },
@@ -215,6 +259,7 @@ pub fn row_feed(depth: usize) -> (RowSender, RowFeed) {
             rx,
             next_row: 0,
             bytes: 0,
+            verdict,
         },
     )
 }
@@ -466,16 +511,27 @@ mod tests {
         assert_eq!(updates, ["name", "score"]);
     }
 
+    #[test]
+    fn the_engine_or_the_caller_decides_a_load_first() {
+        let v = Verdict::default();
+        assert!(v.claim_commit());
+        assert!(!v.abandon(), "a load whose COMMIT began cannot be given up");
+        let v = Verdict::default();
+        assert!(v.abandon());
+        assert!(v.abandon(), "giving up twice is still giving up");
+        assert!(!v.claim_commit(), "a load given up on cannot commit");
+    }
+
     #[tokio::test]
     async fn a_feed_without_its_end_is_abandoned() {
-        let (tx, mut feed) = row_feed(2);
+        let (tx, mut feed) = row_feed(2, Verdict::default());
         assert!(tx.send(vec![vec![Value::Int(1)], vec![Value::Int(2)]], 10).await);
         drop(tx);
         let batch = feed.next().await.expect("first batch").expect("rows");
         assert_eq!((batch.first_row, batch.rows.len()), (0, 2));
         assert!(matches!(feed.next().await, Err(BackendError::LoadAbandoned)));
 
-        let (tx, mut feed) = row_feed(2);
+        let (tx, mut feed) = row_feed(2, Verdict::default());
         assert!(tx.send(vec![vec![Value::Int(1)]], 4).await);
         assert!(tx.send(vec![vec![Value::Int(2)]], 4).await);
         let done = tokio::spawn(tx.finish());

@@ -18,7 +18,7 @@ use weir_proto::v1::bulk_load_service_server::BulkLoadService;
 use weir_proto::v1::load_request::Message as LoadMessage;
 
 use super::{caller, convert, display_table, grpc_timeout, source, Gate};
-use crate::backend::bulk::{row_feed, Receipt, RowSender};
+use crate::backend::bulk::{row_feed, Receipt, RowSender, Verdict};
 use crate::backend::{BackendError, Column, LoadMode, LoadOutcome, LoadSpec, Row, TableDescription};
 use crate::config::BulkConfig;
 use crate::error::{Error, Result};
@@ -362,7 +362,12 @@ async fn feed_rows(
 }
 
 impl BulkApi {
-    async fn run(&self, caller: Caller, mut stream: Streaming<pb::LoadRequest>) -> Result<pb::LoadResponse> {
+    async fn run(
+        &self,
+        caller: Caller,
+        mut stream: Streaming<pb::LoadRequest>,
+        verdict: Verdict,
+    ) -> Result<pb::LoadResponse> {
         let started = Instant::now();
         let (header, options) = match stream.message().await {
             Ok(Some(pb::LoadRequest {
@@ -403,7 +408,7 @@ impl BulkApi {
             }),
             batch_rows: header.batch_rows,
         };
-        let (sender, feed) = row_feed(FEED_DEPTH);
+        let (sender, feed) = row_feed(FEED_DEPTH, verdict);
         // The engine side runs on its own task: if this call is dropped (client
         // gone, deadline), the feed closes and that task rolls back cleanly.
         let backend = source.backend.sql()?.clone();
@@ -468,13 +473,21 @@ impl BulkLoadService for BulkApi {
     async fn load(&self, request: Request<Streaming<pb::LoadRequest>>) -> Result<Response<pb::LoadResponse>, Status> {
         let caller = caller(&request)?;
         let deadline = grpc_timeout(&request);
-        let run = self.run(caller, request.into_inner());
+        let verdict = Verdict::default();
+        let run = self.run(caller, request.into_inner(), verdict.clone());
         let response = match deadline {
             // A little ahead of the transport, which cuts an expired call with
             // a bare CANCELLED: this way the caller learns why, with a reason.
-            Some(limit) => tokio::time::timeout(limit.saturating_sub(DEADLINE_MARGIN), run)
-                .await
-                .map_err(|_| Error::LoadTimeout(limit))?,
+            Some(limit) => {
+                tokio::pin!(run);
+                match tokio::time::timeout(limit.saturating_sub(DEADLINE_MARGIN), &mut run).await {
+                    Ok(response) => response,
+                    // The engine rolls back, even if it has every row by now.
+                    Err(_) if verdict.abandon() => Err(Error::LoadTimeout(limit)),
+                    // It has begun to commit: its outcome is the answer.
+                    Err(_) => run.await,
+                }
+            }
             None => run.await,
         }?;
         Ok(Response::new(response))

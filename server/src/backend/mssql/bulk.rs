@@ -272,8 +272,8 @@ pub async fn load(conn: &mut MssqlConn, spec: LoadSpec, mut feed: RowFeed) -> Re
     }
     conn.in_transaction = true;
     conn.batch("BEGIN TRANSACTION").await?;
-    let result = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref()).await;
-    let end = if bulk::commits(&result) {
+    let mut result = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref()).await;
+    let end = if bulk::commits(&mut result, &feed) {
         "COMMIT"
     } else {
         "IF @@TRANCOUNT > 0 ROLLBACK"

@@ -314,8 +314,12 @@ pub async fn load(conn: &mut Conn, spec: LoadSpec, mut feed: RowFeed) -> Result<
     .await
     .map_err(map_error)?;
     conn.query_drop("START TRANSACTION").await.map_err(map_error)?;
-    let result = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref()).await;
-    let end = if bulk::commits(&result) { "COMMIT" } else { "ROLLBACK" };
+    let mut result = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref()).await;
+    let end = if bulk::commits(&mut result, &feed) {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
     let ended = conn.query_drop(end).await.map_err(map_error);
     let restored = conn
         .query_drop("SET SESSION sql_mode = @weir_sql_mode, SESSION sql_notes = @weir_sql_notes")

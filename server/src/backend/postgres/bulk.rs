@@ -217,8 +217,12 @@ pub async fn load(conn: &mut PgConn, spec: LoadSpec, mut feed: RowFeed) -> Resul
     conn.in_transaction = true;
     conn.needs_reset = true;
     conn.client.batch_execute("BEGIN").await.map_err(map_error)?;
-    let result = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref()).await;
-    let end = if bulk::commits(&result) { "COMMIT" } else { "ROLLBACK" };
+    let mut result = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref()).await;
+    let end = if bulk::commits(&mut result, &feed) {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
     match conn.client.batch_execute(end).await {
         Ok(()) => conn.in_transaction = false,
         // A failed COMMIT loaded nothing: report it rather than the outcome.

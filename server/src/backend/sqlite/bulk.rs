@@ -176,8 +176,12 @@ fn load_in_transaction(
 pub fn load(conn: &Connection, spec: &LoadSpec, mut feed: RowFeed) -> Result<LoadOutcome, BackendError> {
     let receipts = spec.receipt.as_ref().map(|r| ReceiptSql::new(&r.table, &DIALECT));
     conn.execute_batch("BEGIN IMMEDIATE").map_err(map_error)?;
-    let result = load_in_transaction(conn, spec, &mut feed, receipts.as_ref());
-    let end = if bulk::commits(&result) { "COMMIT" } else { "ROLLBACK" };
+    let mut result = load_in_transaction(conn, spec, &mut feed, receipts.as_ref());
+    let end = if bulk::commits(&mut result, &feed) {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
     match conn.execute_batch(end) {
         Ok(()) => result,
         Err(e) if result.is_ok() => Err(map_error(e)),

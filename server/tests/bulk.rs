@@ -1201,6 +1201,107 @@ async fn a_load_whose_deadline_passes_after_its_last_rows_is_rolled_back() {
     ctx.server.stop().await;
 }
 
+/// A deadlock met on a row of a load is not that row's fault: the caller
+/// gets ABORTED (run the load again), not INVALID_ARGUMENT naming the row,
+/// which a client would not retry.
+#[tokio::test]
+async fn a_deadlock_in_a_load_is_aborted_not_a_bad_row() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    ctx.table("weir_bulk_deadlock", 0).await;
+    let other = pg_direct().await;
+    other
+        .batch_execute("BEGIN; INSERT INTO weir_bulk_deadlock VALUES (2, 'theirs', 2)")
+        .await
+        .expect("the other transaction");
+    let client = ctx.client.clone();
+    let load = tokio::spawn(async move {
+        let rows = vec![row(1, "ours", 1), row(2, "ours", 2)];
+        let header = header("weir_bulk_deadlock", pb::BulkLoadMode::Append);
+        client.load(header, tokio_stream::iter(vec![rows])).await
+    });
+    // The load has row 1 and waits for the other transaction's row 2.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let waits_for_us = "SELECT 1 FROM pg_locks WHERE NOT granted AND locktype = 'transactionid' \
+         AND transactionid = (SELECT backend_xid FROM pg_stat_activity WHERE pid = pg_backend_pid())";
+    while other.query(waits_for_us, &[]).await.expect("locks").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the load never waited for the other transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Now the other one wants row 1: a deadlock, which the load, waiting
+    // longer, is first to find, and gives way.
+    other
+        .execute("INSERT INTO weir_bulk_deadlock VALUES (1, 'theirs', 1)", &[])
+        .await
+        .expect("the other transaction goes on once the load gave way");
+    other.batch_execute("ROLLBACK").await.expect("rollback");
+    let err = load.await.expect("task").expect_err("the load gave way");
+    assert_eq!(err.code(), Code::Aborted, "{}", err.message());
+    assert!(err.message().contains("deadlock"), "{}", err.message());
+    assert!(ctx.contents("weir_bulk_deadlock").await.is_empty());
+    ctx.server.stop().await;
+}
+
+/// The same on MySQL/MariaDB, where a deadlock also ends the transaction:
+/// the rows of the failed statement, tried one by one to find a bad one,
+/// each committed on their own, so the caller was told ABORTED of a load
+/// whose rows were in the table.
+#[tokio::test]
+async fn a_deadlock_in_a_mysql_load_commits_no_row() {
+    use mysql_async::prelude::Queryable;
+    let ctx = Ctx::new(Engine::Mysql, "").await;
+    ctx.table("weir_bulk_deadlock", 0).await;
+    ctx.exec("DROP TABLE IF EXISTS weir_bulk_deadlock_weight").await;
+    ctx.exec("CREATE TABLE weir_bulk_deadlock_weight (n INT)").await;
+    let mut other = mysql_direct().await;
+    other.query_drop("START TRANSACTION").await.expect("begin");
+    // InnoDB gives way with the transaction that changed fewer rows: the load's.
+    other
+        .query_drop("INSERT INTO weir_bulk_deadlock_weight SELECT seq FROM seq_1_to_500")
+        .await
+        .expect("weight");
+    other
+        .query_drop("INSERT INTO weir_bulk_deadlock VALUES (2, 'theirs', 2)")
+        .await
+        .expect("row 2");
+    let client = ctx.client.clone();
+    let load = tokio::spawn(async move {
+        let rows = vec![row(1, "ours", 1), row(2, "ours", 2)];
+        let mut header = header("weir_bulk_deadlock", pb::BulkLoadMode::Upsert);
+        header.conflict_columns = vec!["id".into()];
+        client.load(header, tokio_stream::iter(vec![rows])).await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if mysql_running(&mut other, "INSERT INTO%weir_bulk_deadlock%").await > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the load never waited for the other transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Running: past row 1, and waiting for row 2.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    other
+        .query_drop("INSERT INTO weir_bulk_deadlock VALUES (1, 'theirs', 1)")
+        .await
+        .expect("the other transaction goes on once the load gave way");
+    other.query_drop("ROLLBACK").await.expect("rollback");
+    let err = load.await.expect("task").expect_err("the load gave way");
+    assert_eq!(err.code(), Code::Aborted, "{}", err.message());
+    assert_eq!(
+        ctx.contents("weir_bulk_deadlock").await,
+        Vec::<String>::new(),
+        "rows of a load that failed were committed"
+    );
+    ctx.exec("DROP TABLE weir_bulk_deadlock_weight").await;
+    ctx.server.stop().await;
+}
+
 suite!(postgres, Engine::Postgres);
 suite!(mysql, Engine::Mysql);
 suite!(sqlite, Engine::Sqlite);

@@ -139,18 +139,7 @@ impl Engine {
     async fn running(self, ctx: &Ctx, tag: &str) -> bool {
         match self {
             Engine::Postgres => !wait_until_gone(&pg_direct().await, tag, Duration::ZERO).await,
-            Engine::Mysql => {
-                use mysql_async::prelude::Queryable;
-                let mut conn = mysql_direct().await;
-                let n: Option<i64> = conn
-                    .exec_first(
-                        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE CONCAT('%', ?, '%') AND ID <> CONNECTION_ID()",
-                        (tag,),
-                    )
-                    .await
-                    .expect("processlist");
-                n.unwrap_or(0) > 0
-            }
+            Engine::Mysql => mysql_running(&mut mysql_direct().await, &format!("%{tag}%")).await > 0,
             // An embedded engine has no process list; the pool check below covers it.
             Engine::Sqlite => false,
             Engine::Mssql => {

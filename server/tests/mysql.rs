@@ -451,14 +451,7 @@ async fn tls_sessions_are_encrypted_and_the_server_certificate_is_verified() {
         .expect_err("the deadline passes first");
     let started = std::time::Instant::now();
     loop {
-        let running: Option<i64> = direct
-            .query_first(
-                "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
-                 WHERE INFO LIKE '%tls_kill_probe%' AND ID <> CONNECTION_ID()",
-            )
-            .await
-            .expect("processlist");
-        if running == Some(0) {
+        if mysql_running(&mut direct, "%tls_kill_probe%").await == 0 {
             break;
         }
         assert!(

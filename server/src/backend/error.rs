@@ -26,6 +26,18 @@ pub enum EngineErrorKind {
     Internal,
 }
 
+impl EngineErrorKind {
+    /// The fault lies in what the caller sent (a value, a constraint): a
+    /// load names the row it was met on. A deadlock, a lock timeout or a
+    /// full disk met on a row is not that row's fault, and is retried whole.
+    pub fn is_about_data(self) -> bool {
+        matches!(
+            self,
+            EngineErrorKind::InvalidArgument | EngineErrorKind::AlreadyExists | EngineErrorKind::FailedPrecondition
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// An error the engine reported, with its own code (SQLSTATE, errno).

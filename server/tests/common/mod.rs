@@ -313,6 +313,20 @@ pub async fn mysql_direct() -> mysql_async::Conn {
     )
 }
 
+/// How many statements whose text is like `pattern` (SQL LIKE) other
+/// sessions of the test MariaDB are running.
+pub async fn mysql_running(direct: &mut mysql_async::Conn, pattern: &str) -> i64 {
+    use mysql_async::prelude::Queryable;
+    let n: Option<i64> = direct
+        .exec_first(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE ? AND ID <> CONNECTION_ID()",
+            (pattern,),
+        )
+        .await
+        .expect("processlist");
+    n.unwrap_or(0)
+}
+
 /// A plain HTTP/1.0 GET (the metrics port), returning status and body.
 pub async fn http_get(base: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -202,10 +202,8 @@ async fn bulk_rows(conn: &mut MssqlConn, spec: &LoadSpec, feed: &mut RowFeed) ->
                 })?;
                 token.push(data);
             }
-            request
-                .send(token)
-                .await
-                .map_err(|e| bulk::row_error(index, None, String::new(), e.to_string()))?;
+            // The rows are checked above; what fails here is the connection.
+            request.send(token).await.map_err(super::map_error)?;
         }
     }
     request.finalize().await.map_err(super::map_error)?;

@@ -204,6 +204,11 @@ async fn locate(conn: &mut Conn, spec: &LoadSpec, rows: &[Row], first: u64, erro
     let BackendError::Engine { code, message, kind } = error else {
         return error;
     };
+    // A deadlock also ends the transaction: rows tried one by one after it
+    // would each commit on their own.
+    if !kind.is_about_data() {
+        return BackendError::Engine { kind, code, message };
+    }
     let (row, column) = error_position(&message);
     if let Some(row) = row.filter(|r| *r >= 1) {
         return bulk::row_error(first + row - 1, column, code, message);
@@ -215,11 +220,13 @@ async fn locate(conn: &mut Conn, spec: &LoadSpec, rows: &[Row], first: u64, erro
             continue;
         };
         if let Err(e) = conn.exec_drop(single.as_str(), p).await {
-            if let BackendError::Engine { code, message, .. } = map_error(e) {
-                let (_, column) = error_position(&message);
-                return bulk::row_error(index, column, code, message);
-            }
-            break;
+            return match map_error(e) {
+                BackendError::Engine { kind, code, message } if kind.is_about_data() => {
+                    let (_, column) = error_position(&message);
+                    bulk::row_error(index, column, code, message)
+                }
+                other => other,
+            };
         }
     }
     BackendError::Engine { kind, code, message }

@@ -75,15 +75,16 @@ fn copy_position(db: &DbError) -> Option<(u64, Option<String>)> {
     Some((line.checked_sub(1)?, column))
 }
 
-/// Maps an error of the COPY to the row it names, when it names one.
+/// Maps an error of the COPY to the row it names, when it names one and
+/// the fault is in the data.
 fn copy_error(e: tokio_postgres::Error) -> BackendError {
-    if let Some((index, column)) = e.as_db_error().and_then(copy_position) {
-        if let BackendError::Engine { code, message, .. } = map_error(e) {
-            return bulk::row_error(index, column, code, message);
+    let position = e.as_db_error().and_then(copy_position);
+    match (map_error(e), position) {
+        (BackendError::Engine { kind, code, message }, Some((index, column))) if kind.is_about_data() => {
+            bulk::row_error(index, column, code, message)
         }
-        return BackendError::Internal("unclassified COPY error".into());
+        (e, _) => e,
     }
-    map_error(e)
 }
 
 /// Streams the feed's rows into `COPY target (columns) FROM STDIN`; returns the rows copied.

@@ -38,7 +38,9 @@ fn run(statement: &mut Statement<'_>, values: &[&crate::backend::Value], index: 
     statement
         .execute(params_from_iter(bound))
         .map_err(|e| match map_error(e) {
-            BackendError::Engine { code, message, .. } => bulk::row_error(index, None, code, message),
+            BackendError::Engine { kind, code, message } if kind.is_about_data() => {
+                bulk::row_error(index, None, code, message)
+            }
             other => other,
         })
 }

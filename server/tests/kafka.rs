@@ -147,6 +147,41 @@ async fn produced_records_come_back_exactly() {
     server.stop().await;
 }
 
+/// Large records come in batches of about 1 MiB, not 500 records: a batch
+/// of 500 records of 150 KB would be a 75 MB message, past the 4 MiB that
+/// gRPC clients take by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_records_come_in_batches_of_about_a_mebibyte() {
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-large-");
+    create_topic(&topic, 1).await;
+    const SIZE: usize = 150 * 1024;
+    for call in 0..4u8 {
+        let records = (0..6u8)
+            .map(|i| pb::ProducerRecord {
+                value: vec![call * 6 + i; SIZE],
+                ..Default::default()
+            })
+            .collect();
+        produce(&client, &topic, records).await.expect("produce");
+    }
+    let mut stream = client
+        .stream()
+        .consume(consume_request(&topic, "large", 24, false))
+        .await
+        .expect("consume")
+        .into_inner();
+    let mut sizes = Vec::new();
+    let mut received = Vec::new();
+    while let Some(batch) = stream.message().await.expect("consume stream") {
+        sizes.push(batch.records.iter().map(|r| r.value.len()).sum::<usize>());
+        received.extend(batch.records.iter().map(|r| r.value[0]));
+    }
+    assert_eq!(received, (0..24).collect::<Vec<u8>>(), "every record, in order");
+    assert!(sizes.iter().all(|&s| s <= (1 << 20) + SIZE), "batch sizes {sizes:?}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_resume_where_the_group_left_off() {
     let (server, client) = server("").await;

@@ -30,6 +30,10 @@ use crate::config::SourceConfig;
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// Records per batch handed to a consumer's caller at most.
 const BATCH_RECORDS: usize = 500;
+/// Bytes of keys, values and headers per batch, past which it is handed
+/// over (a record larger than this goes alone): 500 large records would make
+/// a message past gRPC clients' usual 4 MiB limit.
+const BATCH_BYTES: usize = 1 << 20;
 /// A batch is handed over after this long even when not full.
 const BATCH_WAIT: Duration = Duration::from_millis(20);
 /// Batches buffered between a consumer and its caller; the consumer stops
@@ -253,11 +257,16 @@ async fn pump(consumer: Arc<StreamConsumer>, tx: mpsc::Sender<Result<Vec<InRecor
                 return;
             }
         };
+        let mut bytes: usize = batch.iter().map(InRecord::size).sum();
         let deadline = Instant::now() + BATCH_WAIT;
-        while batch.len() < BATCH_RECORDS {
+        while batch.len() < BATCH_RECORDS && bytes < BATCH_BYTES {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(record(&m)),
+                Ok(Ok(m)) => {
+                    let r = record(&m);
+                    bytes += r.size();
+                    batch.push(r);
+                }
                 Ok(Err(e)) => {
                     let _ = tx.send(Ok(batch)).await;
                     let _ = tx.send(Err(map_error(e))).await;

@@ -183,6 +183,24 @@ async fn large_records_come_in_batches_of_about_a_mebibyte() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_for_a_partition_the_topic_lacks_is_refused_as_such() {
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-partitions-");
+    create_topic(&topic, 1).await;
+    let record = pb::ProducerRecord {
+        value: b"v".to_vec(),
+        partition: Some(7),
+        ..Default::default()
+    };
+    let err = produce(&client, &topic, vec![record])
+        .await
+        .expect_err("no partition 7");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{}", err.message());
+    assert!(err.message().contains("partition not found"), "{}", err.message());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_resume_where_the_group_left_off() {
     let (server, client) = server("").await;
     let topic = unique("weir-a-commit-");

@@ -133,8 +133,11 @@ pub fn map_error(e: KafkaError) -> BackendError {
         };
     };
     let kind = match code {
-        C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => {
+        C::UnknownTopicOrPartition | C::UnknownTopic => {
             return BackendError::not_found("topic not found");
+        }
+        C::UnknownPartition => {
+            return BackendError::not_found("partition not found: the topic has no partition of that number");
         }
         C::PurgeQueue => {
             return BackendError::Unavailable("the Kafka source was closed before the record was sent".into());

@@ -47,8 +47,9 @@ pub struct KafkaSource {
     topics: Vec<String>,
     prefix: Option<String>,
     /// Live consumers by group, so that CommitOffsets for a group being
-    /// consumed on this replica commits through its member.
-    consumers: Mutex<HashMap<String, Weak<StreamConsumer>>>,
+    /// consumed on this replica commits through one of its members (the
+    /// broker refuses a commit from outside a group that has members).
+    consumers: Mutex<HashMap<String, Vec<Weak<StreamConsumer>>>>,
 }
 
 impl KafkaSource {
@@ -419,8 +420,13 @@ impl TopicSource for KafkaSource {
         }
         {
             let mut live = self.consumers.lock();
-            live.retain(|_, c| c.strong_count() > 0);
-            live.insert(spec.group.clone(), Arc::downgrade(&consumer));
+            live.retain(|_, members| {
+                members.retain(|m| m.strong_count() > 0);
+                !members.is_empty()
+            });
+            live.entry(spec.group.clone())
+                .or_default()
+                .push(Arc::downgrade(&consumer));
         }
         let (tx, rx) = mpsc::channel(CONSUMER_BUFFER);
         tokio::spawn(pump(consumer.clone(), tx));
@@ -433,7 +439,11 @@ impl TopicSource for KafkaSource {
             tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.offset))
                 .map_err(map_error)?;
         }
-        let live = self.consumers.lock().get(group).and_then(Weak::upgrade);
+        let live = self
+            .consumers
+            .lock()
+            .get(group)
+            .and_then(|members| members.iter().find_map(Weak::upgrade));
         if let Some(consumer) = live {
             return tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
                 .await

@@ -363,6 +363,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             take_over,
             max,
         } => {
+            let from_given = from.is_some();
             let resume = match (from, &state) {
                 (Some(hex_position), _) => {
                     hex::decode(hex_position.trim()).map_err(|_| Failure::Input("--from must be hex".into()))?
@@ -374,6 +375,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 _ => Vec::new(),
             };
+            let snapshot = wants_snapshot(snapshot, from_given, &resume);
             let start = WatchStart {
                 source,
                 tables: tables.iter().map(|t| table_ref(t)).collect(),
@@ -623,32 +625,53 @@ async fn watch(
     let mut stream = client.watch(start).await?;
     let mut printed = 0u64;
     while let Some(response) = stream.next().await? {
-        let (position, line) = match response.message {
-            Some(Message::Change(c)) => {
+        let Some(message) = response.message else {
+            continue;
+        };
+        let position = resume_point(&message).map(<[u8]>::to_vec);
+        let line = match message {
+            Message::Change(c) => {
                 printed += 1;
-                (c.position.clone(), Some(change_json(&c)?))
+                Some(change_json(&c)?)
             }
-            Some(Message::Transaction(b)) => {
-                let line = (!b.begin).then(|| json!({"op": "commit", "transaction": b.transaction_id, "events": b.event_count, "position": hex::encode(&b.position)}));
-                (b.position, line)
-            }
-            Some(Message::Heartbeat(h)) => (h.position, None),
-            None => continue,
+            Message::Transaction(b) => (!b.begin).then(|| json!({"op": "commit", "transaction": b.transaction_id, "events": b.event_count, "position": hex::encode(&b.position)})),
+            Message::Heartbeat(_) => None,
         };
         if let Some(line) = line {
             writeln!(out, "{line}")?;
             out.flush()?;
         }
-        // Acknowledged once printed: a restart resumes right after it.
-        stream.ack(position.clone()).await?;
-        if let Some(path) = &state {
-            std::fs::write(path, hex::encode(&position))?;
+        if let Some(position) = position {
+            // Acknowledged once printed: a restart resumes right after it.
+            stream.ack(position.clone()).await?;
+            if let Some(path) = &state {
+                std::fs::write(path, hex::encode(&position))?;
+            }
         }
         if max.is_some_and(|m| printed >= m) {
             break;
         }
     }
     Ok(())
+}
+
+/// Where a restart may resume after `message`. Not after a snapshot row: a
+/// snapshot cut short is taken again in full, so its rows are neither
+/// acknowledged nor kept, and a kept position always lies past the snapshot.
+fn resume_point(message: &weir_client::weir_proto::v1::watch_changes_response::Message) -> Option<&[u8]> {
+    use weir_client::weir_proto::v1::watch_changes_response::Message;
+    match message {
+        Message::Change(c) if c.op == ChangeOperation::SnapshotRead as i32 => None,
+        Message::Change(c) => Some(&c.position),
+        Message::Transaction(b) => Some(&b.position),
+        Message::Heartbeat(h) => Some(&h.position),
+    }
+}
+
+/// Whether to ask for a snapshot: not when resuming from a kept position,
+/// which lies past a snapshot read in full; as told with an explicit `--from`.
+fn wants_snapshot(asked: bool, from_given: bool, resume: &[u8]) -> bool {
+    asked && (from_given || resume.is_empty())
 }
 
 async fn topics(client: &WeirClient, format: Format, source: &str, out: &mut impl Write) -> Result<(), Failure> {
@@ -1171,5 +1194,47 @@ fn plural(n: u64, word: &str) -> String {
         word.to_owned()
     } else {
         format!("{word}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_client::weir_proto::v1::watch_changes_response::Message;
+    use weir_client::weir_proto::v1::{Heartbeat, TransactionBoundary};
+
+    fn change(op: ChangeOperation) -> Message {
+        Message::Change(ChangeEvent {
+            op: op as i32,
+            position: vec![7],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_restart_resumes_after_changes_never_inside_a_snapshot() {
+        assert_eq!(resume_point(&change(ChangeOperation::SnapshotRead)), None);
+        assert_eq!(resume_point(&change(ChangeOperation::Insert)), Some(&[7u8][..]));
+        let commit = Message::Transaction(TransactionBoundary {
+            position: vec![8],
+            ..Default::default()
+        });
+        assert_eq!(resume_point(&commit), Some(&[8u8][..]));
+        let beat = Message::Heartbeat(Heartbeat {
+            position: vec![9],
+            ..Default::default()
+        });
+        assert_eq!(resume_point(&beat), Some(&[9u8][..]));
+    }
+
+    #[test]
+    fn a_snapshot_is_taken_unless_a_kept_position_follows_one() {
+        assert!(wants_snapshot(true, false, &[]), "first start");
+        assert!(!wants_snapshot(true, false, &[1]), "restart from the state file");
+        assert!(
+            wants_snapshot(true, true, &[1]),
+            "--from says where, --snapshot is kept"
+        );
+        assert!(!wants_snapshot(false, false, &[]));
     }
 }

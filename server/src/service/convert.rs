@@ -100,6 +100,23 @@ fn value_from_proto(v: pb::Value, depth: usize) -> Result<Value, String> {
     })
 }
 
+/// The largest integer a double holds exactly, and every one below it.
+const EXACT_IN_DOUBLE: u64 = 1 << 53;
+
+fn inexact(v: impl std::fmt::Display) -> String {
+    format!("{v} cannot be stored exactly in a float column; send it as a double if rounding is meant")
+}
+
+/// Digits of a decimal's text from its first non-zero digit to its last one.
+fn significant_digits(decimal: &str) -> usize {
+    let digits: String = decimal
+        .chars()
+        .take_while(|c| *c != 'e' && *c != 'E')
+        .filter(char::is_ascii_digit)
+        .collect();
+    digits.trim_start_matches('0').trim_end_matches('0').len()
+}
+
 /// A value of a bulk-load row, checked against the column it goes into.
 /// Only lossless conversions happen here (an integer into a float or
 /// decimal column, a timestamp into a zoneless one as UTC wall-clock time);
@@ -123,6 +140,11 @@ pub fn value_for_column(v: pb::Value, column: &domain::Column) -> Result<Value, 
             serde_json::from_str::<serde::de::IgnoredAny>(s).map_err(|e| format!("invalid JSON: {e}"))?;
             true
         }
+        // A double holds integers up to 2^53 and decimals of up to 15
+        // significant digits exactly; past that the engine would round.
+        (Value::Int(i), T::Float) if i.unsigned_abs() > EXACT_IN_DOUBLE => return Err(inexact(i)),
+        (Value::UInt(u), T::Float) if *u > EXACT_IN_DOUBLE => return Err(inexact(u)),
+        (Value::Decimal(d), T::Float) if significant_digits(d) > 15 => return Err(inexact(d)),
         (Value::Bool(_), T::Bool)
         | (Value::Int(_) | Value::UInt(_), T::Int | T::UInt)
         | (Value::Int(_) | Value::UInt(_) | Value::Float(_) | Value::Decimal(_), T::Float | T::Decimal)
@@ -549,6 +571,30 @@ pub fn description(d: domain::TableDescription) -> pb::DescribeTableResponse {
 mod tests {
     use super::*;
     use crate::backend::RowSink;
+
+    #[test]
+    fn numbers_go_into_float_columns_only_when_exact() {
+        let float = domain::Column::new("x", "double precision", ColumnType::Float);
+        let int = |i: i64| pb::Value {
+            kind: Some(pb::value::Kind::Int64Value(i)),
+        };
+        let decimal = |d: &str| pb::Value {
+            kind: Some(pb::value::Kind::DecimalValue(d.into())),
+        };
+        assert!(value_for_column(int(1 << 53), &float).is_ok());
+        assert!(value_for_column(int(-(1 << 53)), &float).is_ok());
+        let err = value_for_column(int((1 << 53) + 1), &float).expect_err("rounds");
+        assert!(err.contains("9007199254740993 cannot be stored exactly"), "{err}");
+        assert!(value_for_column(int(i64::MIN), &float).is_err());
+        assert!(value_for_column(decimal("123456789012345"), &float).is_ok());
+        assert!(value_for_column(decimal("-0.000123456789012345000"), &float).is_ok());
+        assert!(value_for_column(decimal("1234567890.123456"), &float).is_err());
+        assert!(value_for_column(decimal("1.5e300"), &float).is_ok());
+        // Decimal columns take them all, exactly.
+        let numeric = domain::Column::new("x", "numeric", ColumnType::Decimal);
+        assert!(value_for_column(int(i64::MAX), &numeric).is_ok());
+        assert!(value_for_column(decimal("1234567890.123456"), &numeric).is_ok());
+    }
 
     #[test]
     fn encoded_rows_are_the_rows_prost_would_write() {

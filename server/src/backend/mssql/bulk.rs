@@ -72,7 +72,9 @@ impl Stage {
             Stage::BigInt => "bigint",
             Stage::Bit => "bit",
             Stage::Float => "float",
-            Stage::Text => "nvarchar(max)",
+            // In the database's collation, not tempdb's (the server's): a
+            // MERGE comparing text keys across two collations fails (error 468).
+            Stage::Text => "nvarchar(max) COLLATE DATABASE_DEFAULT",
             Stage::Binary => "varbinary(max)",
             Stage::Date => "date",
             Stage::Time => "time(7)",
@@ -317,7 +319,8 @@ mod tests {
     fn the_stage_has_one_typed_column_per_loaded_column() {
         assert_eq!(
             create_stage(&spec(LoadMode::Append)),
-            "CREATE TABLE #weir_load_stage ([id] bigint NULL, [price] nvarchar(max) NULL, [na]]me] nvarchar(max) NULL)"
+            "CREATE TABLE #weir_load_stage ([id] bigint NULL, [price] nvarchar(max) COLLATE DATABASE_DEFAULT NULL, \
+             [na]]me] nvarchar(max) COLLATE DATABASE_DEFAULT NULL)"
         );
     }
 

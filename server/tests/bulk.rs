@@ -1302,6 +1302,53 @@ async fn a_deadlock_in_a_mysql_load_commits_no_row() {
     ctx.server.stop().await;
 }
 
+/// Upserts count every row that matched a key as updated, changed or not,
+/// however the rows were split into statements: MySQL reports duplicates
+/// only for multi-row statements, and counts an unchanged row as no change.
+async fn upserts_count_every_matched_row(engine: Engine) {
+    let ctx = Ctx::new(engine, "").await;
+    ctx.table("weir_bulk_counted", 0).await;
+    let upsert = || {
+        let mut h = header("weir_bulk_counted", pb::BulkLoadMode::Upsert);
+        h.conflict_columns = vec!["id".into()];
+        h
+    };
+    ctx.load(upsert(), vec![rows(0..3)]).await.expect("first");
+    for (batch, expected) in [
+        // One row alone, which changes.
+        (vec![row(1, "changed", 1)], (0, 1)),
+        // One row alone, unchanged.
+        (vec![row(1, "changed", 1)], (0, 1)),
+        // Several, one new, one changed, one unchanged.
+        (vec![row(5, "new", 5), row(0, "changed", 0), row(2, "n2", 2)], (1, 2)),
+    ] {
+        let r = ctx.load(upsert(), vec![batch]).await.expect("upsert");
+        assert_eq!((r.rows_inserted, r.rows_updated), expected, "{engine:?}");
+    }
+    ctx.server.stop().await;
+}
+
+#[tokio::test]
+async fn upserts_count_every_matched_row_in_postgres() {
+    upserts_count_every_matched_row(Engine::Postgres).await
+}
+
+#[tokio::test]
+async fn upserts_count_every_matched_row_in_mysql() {
+    upserts_count_every_matched_row(Engine::Mysql).await
+}
+
+#[tokio::test]
+async fn upserts_count_every_matched_row_in_sqlite() {
+    upserts_count_every_matched_row(Engine::Sqlite).await
+}
+
+#[tokio::test]
+#[ignore = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]
+async fn upserts_count_every_matched_row_in_mssql() {
+    upserts_count_every_matched_row(Engine::Mssql).await
+}
+
 suite!(postgres, Engine::Postgres);
 suite!(mysql, Engine::Mysql);
 suite!(sqlite, Engine::Sqlite);

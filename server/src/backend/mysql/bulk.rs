@@ -68,6 +68,18 @@ fn rows_per_statement(spec: &LoadSpec) -> usize {
 }
 
 /// `Duplicates: N` from the OK packet's info ("Records: 3  Duplicates: 1  Warnings: 0").
+/// Rows an upsert statement of `n` rows inserted. MySQL counts 1 per row
+/// inserted, 2 per row changed and 0 per row that matched unchanged, and
+/// names the changed ones as duplicates, in multi-row statements only.
+fn upserted(n: u64, affected: u64, info: &str) -> u64 {
+    match duplicates(info) {
+        Some(changed) => affected.saturating_sub(2 * changed).min(n),
+        // One row: inserted, changed or unchanged, as the count says.
+        None if n == 1 => u64::from(affected == 1),
+        None => affected.min(n),
+    }
+}
+
 fn duplicates(info: &str) -> Option<u64> {
     let rest = &info[info.find("Duplicates: ")? + "Duplicates: ".len()..];
     rest.split_whitespace().next()?.parse().ok()
@@ -174,13 +186,13 @@ impl<'s> Writer<'s> {
         match executed {
             Ok(()) => {
                 let n = rows.len() as u64;
-                // Each conflicting row counts as a duplicate, changed or not.
-                let updated = match self.spec.mode {
-                    LoadMode::Upsert => duplicates(&conn.info()).unwrap_or_default().min(n),
-                    _ => 0,
+                let inserted = match self.spec.mode {
+                    LoadMode::Upsert => upserted(n, conn.affected_rows(), &conn.info()),
+                    _ => n,
                 };
-                self.inserted += n - updated;
-                self.updated += updated;
+                self.inserted += inserted;
+                // Every other row matched a key, changed or not.
+                self.updated += n - inserted;
                 self.pending = rows;
                 self.pending.clear();
                 Ok(())
@@ -398,5 +410,9 @@ mod tests {
         );
         assert_eq!(duplicates("Records: 3  Duplicates: 1  Warnings: 0"), Some(1));
         assert_eq!(duplicates(""), None);
+        // One new, one changed, one unchanged: 1 + 2 + 0 affected, one duplicate.
+        assert_eq!(upserted(3, 3, "Records: 3  Duplicates: 1  Warnings: 0"), 1);
+        // A row alone: no info; inserted, changed, unchanged.
+        assert_eq!((upserted(1, 1, ""), upserted(1, 2, ""), upserted(1, 0, "")), (1, 0, 0));
     }
 }

@@ -414,9 +414,15 @@ impl Reader {
             ))
             .await
             .map_err(map_error)?;
+        // The insert position, not the write position: a transaction committed
+        // asynchronously (synchronous_commit = off) is visible to the snapshot
+        // before its commit record is written, and would come from the slot too.
         let row = locker
             .query_one(
-                &format!("SELECT {}, pg_export_snapshot()", lsn_sql("pg_current_wal_lsn()")),
+                &format!(
+                    "SELECT {}, pg_export_snapshot()",
+                    lsn_sql("pg_current_wal_insert_lsn()")
+                ),
                 &[],
             )
             .await

@@ -220,20 +220,7 @@ fn record<M: Message>(m: &M) -> InRecord {
 
 struct KafkaRecords {
     rx: mpsc::Receiver<Result<Vec<InRecord>, BackendError>>,
-    /// The pump holds the consumer; commits borrow it while it lives.
-    consumer: Weak<StreamConsumer>,
-}
-
-/// Lets go of a handle; the last one closes the consumer on the blocking
-/// pool: closing leaves the group and waits for the broker (with the broker
-/// gone, for librdkafka's timeouts), which must not stall a runtime worker.
-fn release<T: Send + 'static>(handle: Arc<T>) {
-    if let Some(last) = Arc::into_inner(handle) {
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(last))),
-            Err(_) => drop(last),
-        }
-    }
+    consumer: Arc<StreamConsumer>,
 }
 
 #[async_trait]
@@ -256,22 +243,12 @@ impl RecordStream for KafkaRecords {
             tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
                 .map_err(map_error)?;
         }
-        let Some(consumer) = self.consumer.upgrade() else {
-            return Err(BackendError::Unavailable("the Kafka consumer has closed".into()));
-        };
-        let committed = consumer.commit(&tpl, CommitMode::Async).map_err(map_error);
-        release(consumer);
-        committed
+        self.consumer.commit(&tpl, CommitMode::Async).map_err(map_error)
     }
 }
 
-/// Reads records into batches until the caller goes away, then closes the consumer.
+/// Reads records into batches until the caller goes away.
 async fn pump(consumer: Arc<StreamConsumer>, tx: mpsc::Sender<Result<Vec<InRecord>, BackendError>>) {
-    read(&consumer, &tx).await;
-    release(consumer);
-}
-
-async fn read(consumer: &StreamConsumer, tx: &mpsc::Sender<Result<Vec<InRecord>, BackendError>>) {
     loop {
         let first = tokio::select! {
             m = consumer.recv() => m,
@@ -452,12 +429,8 @@ impl TopicSource for KafkaSource {
                 .push(Arc::downgrade(&consumer));
         }
         let (tx, rx) = mpsc::channel(CONSUMER_BUFFER);
-        let records = KafkaRecords {
-            rx,
-            consumer: Arc::downgrade(&consumer),
-        };
-        tokio::spawn(pump(consumer, tx));
-        Ok(Box::new(records))
+        tokio::spawn(pump(consumer.clone(), tx));
+        Ok(Box::new(KafkaRecords { rx, consumer }))
     }
 
     async fn commit(&self, group: &str, offsets: Vec<PartitionOffset>) -> Result<(), BackendError> {
@@ -528,34 +501,6 @@ impl TopicSource for KafkaSource {
 mod tests {
     use super::*;
     use crate::backend::EngineErrorKind;
-
-    /// Records the thread its value is dropped on.
-    struct DropsOn(std::sync::mpsc::Sender<std::thread::ThreadId>);
-
-    impl Drop for DropsOn {
-        fn drop(&mut self) {
-            let _ = self.0.send(std::thread::current().id());
-        }
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn the_last_handle_closes_off_the_runtime_thread() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let handle = Arc::new(DropsOn(tx));
-        let other = handle.clone();
-        release(handle);
-        assert!(rx.try_recv().is_err(), "not the last handle: nothing closes");
-        release(other);
-        let dropped_on = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(5)))
-            .await
-            .expect("task")
-            .expect("closed");
-        assert_ne!(
-            dropped_on,
-            std::thread::current().id(),
-            "closed on the runtime's thread"
-        );
-    }
 
     fn unavailable(e: KafkaError) -> String {
         match map_error(e) {

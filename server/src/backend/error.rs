@@ -27,13 +27,19 @@ pub enum EngineErrorKind {
 }
 
 impl EngineErrorKind {
-    /// The fault lies in what the caller sent (a value, a constraint): a
-    /// load names the row it was met on. A deadlock, a lock timeout or a
-    /// full disk met on a row is not that row's fault, and is retried whole.
+    /// Whether an error met on a row of a load may be that row's fault, so
+    /// that the load names the row. Not a deadlock, a lock timeout, a full
+    /// disk, a lost connection or a missing privilege: those are retried
+    /// whole or fixed elsewhere. Everything else may be (a bad value, a
+    /// constraint, a trigger's SIGNAL, an extension type's input function).
     pub fn is_about_data(self) -> bool {
-        matches!(
+        !matches!(
             self,
-            EngineErrorKind::InvalidArgument | EngineErrorKind::AlreadyExists | EngineErrorKind::FailedPrecondition
+            EngineErrorKind::Aborted
+                | EngineErrorKind::Unavailable
+                | EngineErrorKind::DeadlineExceeded
+                | EngineErrorKind::ResourceExhausted
+                | EngineErrorKind::PermissionDenied
         )
     }
 }

@@ -1131,7 +1131,7 @@ async fn a_postgres_load_and_transaction_find_their_session_reset() {
     ctx.exec("SET application_name = 'left_behind'").await;
     let tx = ctx
         .client
-        .begin("db", weir_client::weir_proto::v1::IsolationLevel::Unspecified, false)
+        .begin("db", weir_client::weir_proto::v1::IsolationLevel::RepeatableRead, false)
         .await
         .expect("begin");
     let seen = ctx

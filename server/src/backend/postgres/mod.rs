@@ -137,22 +137,19 @@ impl Target {
     async fn connect(&self) -> Result<(Client, Option<SocketAddr>), BackendError> {
         let port = self.port();
         let timeout = self.config.get_connect_timeout().copied();
-        let connect_error = |e: std::io::Error| BackendError::Unavailable(e.to_string());
         match self.config.get_hosts().first() {
             Some(Host::Tcp(name)) => {
-                let stream = net::session_tcp(name, port, timeout, &self.config)
-                    .await
-                    .map_err(connect_error)?;
-                let address = stream.peer_addr().ok();
-                let client = match &self.tls {
-                    Some(tls) => {
-                        let tls = MakeTlsConnect::<TcpStream>::make_tls_connect(&mut tls.clone(), name)
-                            .map_err(connect_error)?;
-                        drive(self.config.connect_raw(stream, tls).await.map_err(map_error)?)
+                // Each address through startup and authentication, as
+                // tokio-postgres does: one server of several may be down,
+                // starting up or refusing.
+                let mut last = BackendError::Unavailable("the host name has no address".into());
+                for address in net::addresses(name, port).await.map_err(connect_error)? {
+                    match self.open(name, address, timeout).await {
+                        Ok(client) => return Ok((client, Some(address))),
+                        Err(e) => last = e,
                     }
-                    None => drive(self.config.connect_raw(stream, NoTls).await.map_err(map_error)?),
-                };
-                Ok((client, address))
+                }
+                Err(last)
             }
             #[cfg(unix)]
             Some(host @ Host::Unix(_)) => {
@@ -172,6 +169,26 @@ impl Target {
             None => Err(BackendError::Invalid("the source names no host".into())),
         }
     }
+
+    /// A session at `address` of the server named `name` (TLS verifies that name).
+    async fn open(&self, name: &str, address: SocketAddr, timeout: Option<Duration>) -> Result<Client, BackendError> {
+        let stream = net::session_tcp(address, timeout, &self.config)
+            .await
+            .map_err(connect_error)?;
+        match &self.tls {
+            Some(tls) => {
+                let tls =
+                    MakeTlsConnect::<TcpStream>::make_tls_connect(&mut tls.clone(), name).map_err(connect_error)?;
+                Ok(drive(self.config.connect_raw(stream, tls).await.map_err(map_error)?))
+            }
+            None => Ok(drive(self.config.connect_raw(stream, NoTls).await.map_err(map_error)?)),
+        }
+    }
+}
+
+/// A socket that could not be opened; the error names no host.
+fn connect_error(e: std::io::Error) -> BackendError {
+    BackendError::Unavailable(e.to_string())
 }
 
 /// Spawns the task that drives a session's connection.
@@ -303,12 +320,7 @@ impl PostgresSource {
     async fn lease(&self) -> Result<PooledConnection<'static, PgManager>, BackendError> {
         let mut conn = self.pool.lease().await?;
         if conn.needs_reset {
-            let reset = if conn.needs_rollback {
-                SESSION_RESET_WITH_ROLLBACK
-            } else {
-                SESSION_RESET
-            };
-            conn.client.batch_execute(reset).await.map_err(map_error)?;
+            conn.client.batch_execute(reset_sql(&conn)).await.map_err(map_error)?;
             conn.needs_reset = false;
             conn.needs_rollback = false;
         }
@@ -371,6 +383,15 @@ const SESSION_RESET: &str = "RESET ALL; SET SESSION AUTHORIZATION DEFAULT; UNLIS
 const SESSION_RESET_WITH_ROLLBACK: &str = "ROLLBACK; RESET ALL; SET SESSION AUTHORIZATION DEFAULT; UNLISTEN *; \
      SELECT pg_advisory_unlock_all(); DISCARD TEMP";
 
+/// The reset a session is due, with ROLLBACK when it may be inside a block.
+fn reset_sql(conn: &PgConn) -> &'static str {
+    if conn.needs_rollback {
+        SESSION_RESET_WITH_ROLLBACK
+    } else {
+        SESSION_RESET
+    }
+}
+
 impl Drop for StatementGuard {
     fn drop(&mut self) {
         let Some(lease) = self.lease.take() else {
@@ -415,11 +436,7 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
     // is already prepared the reset travels in the same round trip.
     let pooled = matches!(lease, Lease::Pooled(_));
     let mut reset_first = pooled && lease.needs_reset;
-    let reset_sql = if lease.needs_rollback {
-        SESSION_RESET_WITH_ROLLBACK
-    } else {
-        SESSION_RESET
-    };
+    let reset_sql = reset_sql(&lease);
     // After the reset, the block (if any) is gone; this statement may open one.
     let mut block_after = lease.needs_rollback && !reset_first;
     if reset_first && !lease.statements.contains_key(&statement.sql) {
@@ -621,7 +638,7 @@ impl SqlSource for PostgresSource {
     }
 
     async fn begin(&self, options: TxOptions) -> Result<Box<dyn SqlTransaction>, BackendError> {
-        let mut conn = self.lease().await?;
+        let mut conn = self.pool.lease().await?;
         let mut sql = String::from("BEGIN");
         sql.push_str(match options.isolation {
             Isolation::EngineDefault => "",
@@ -640,7 +657,21 @@ impl SqlSource for PostgresSource {
             // A first query fixes the access mode: SET TRANSACTION READ WRITE now fails.
             sql.push_str("; SELECT 1");
         }
-        conn.client.batch_execute(&sql).await.map_err(map_error)?;
+        if conn.needs_reset {
+            // The reset an earlier caller left due goes in the same round trip,
+            // as a query of its own: in BEGIN's, its SELECT would take the
+            // snapshot before BEGIN could set the isolation level.
+            let (reset, begun) = futures::join!(
+                conn.client.batch_execute(reset_sql(&conn)),
+                conn.client.batch_execute(&sql)
+            );
+            reset.map_err(map_error)?;
+            begun.map_err(map_error)?;
+            // Any block before it was rolled back; this one is `in_transaction`'s.
+            conn.needs_rollback = false;
+        } else {
+            conn.client.batch_execute(&sql).await.map_err(map_error)?;
+        }
         Ok(Box::new(PgTransaction {
             conn: Arc::new(Mutex::new(conn)),
         }))

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
@@ -29,29 +30,25 @@ pub(super) async fn socket(host: &Host, port: u16) -> io::Result<Box<dyn Io>> {
     })
 }
 
-/// A session's TCP connection: the addresses of `name` tried in turn, each
-/// for at most `timeout` (as libpq and tokio-postgres do), with TCP
+/// The addresses of `name`: a session tries each in turn, as libpq and
+/// tokio-postgres do.
+pub(super) async fn addresses(name: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    Ok(tokio::net::lookup_host((name, port)).await?.collect())
+}
+
+/// A session's TCP connection to `address`, within `timeout`, with TCP
 /// keepalives as `config` asks (on, after 2 hours idle, by default).
 pub(super) async fn session_tcp(
-    name: &str,
-    port: u16,
+    address: SocketAddr,
     timeout: Option<Duration>,
     config: &tokio_postgres::Config,
 ) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name has no address");
-    for address in tokio::net::lookup_host((name, port)).await? {
-        match within(timeout, tcp(address)).await {
-            Ok(s) => {
-                if config.get_keepalives() {
-                    let keepalive = TcpKeepalive::new().with_time(config.get_keepalives_idle());
-                    SockRef::from(&s).set_tcp_keepalive(&keepalive)?;
-                }
-                return Ok(s);
-            }
-            Err(e) => last = e,
-        }
+    let s = within(timeout, tcp(address)).await?;
+    if config.get_keepalives() {
+        let keepalive = TcpKeepalive::new().with_time(config.get_keepalives_idle());
+        SockRef::from(&s).set_tcp_keepalive(&keepalive)?;
     }
-    Err(last)
+    Ok(s)
 }
 
 /// `connect`, given at most `timeout` when there is one.

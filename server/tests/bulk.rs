@@ -1349,6 +1349,26 @@ async fn upserts_count_every_matched_row_in_mssql() {
     upserts_count_every_matched_row(Engine::Mssql).await
 }
 
+/// A value MySQL refuses with an error of no usual class (1265, "data
+/// truncated", for an ENUM it lacks) still names its row.
+#[tokio::test]
+async fn a_mysql_enum_value_it_lacks_names_its_row() {
+    let ctx = Ctx::new(Engine::Mysql, "").await;
+    ctx.exec("DROP TABLE IF EXISTS weir_bulk_enum").await;
+    ctx.exec("CREATE TABLE weir_bulk_enum (id INT PRIMARY KEY, name ENUM('a', 'b') NOT NULL, score INT)")
+        .await;
+    let batch = vec![row(1, "a", 1), row(2, "b", 2), row(3, "c", 3)];
+    let err = ctx
+        .load(header("weir_bulk_enum", pb::BulkLoadMode::Append), vec![batch])
+        .await
+        .expect_err("no such ENUM value");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert_eq!(reason(&err), "BAD_ROW", "{}", err.message());
+    assert_eq!(error_metadata(&err, "row_index"), "2", "{}", err.message());
+    assert!(ctx.exec("SELECT id FROM weir_bulk_enum").await.rows.is_empty());
+    ctx.server.stop().await;
+}
+
 suite!(postgres, Engine::Postgres);
 suite!(mysql, Engine::Mysql);
 suite!(sqlite, Engine::Sqlite);

@@ -1325,6 +1325,29 @@ async fn upserts_count_every_matched_row(engine: Engine) {
         let r = ctx.load(upsert(), vec![batch]).await.expect("upsert");
         assert_eq!((r.rows_inserted, r.rows_updated), expected, "{engine:?}");
     }
+    // Only key columns: a matched row has nothing to update, and still counts.
+    ctx.exec("DROP TABLE IF EXISTS weir_bulk_keys").await;
+    ctx.exec("CREATE TABLE weir_bulk_keys (id INT PRIMARY KEY)").await;
+    let keys = || pb::LoadHeader {
+        source: "db".into(),
+        table: "weir_bulk_keys".into(),
+        columns: vec!["id".into()],
+        mode: pb::BulkLoadMode::Upsert as i32,
+        conflict_columns: vec!["id".into()],
+        ..Default::default()
+    };
+    let ids = |ids: &[i64]| -> Vec<pb::Row> {
+        ids.iter()
+            .map(|&i| pb::Row {
+                values: vec![v(Kind::Int64Value(i))],
+            })
+            .collect()
+    };
+    ctx.load(keys(), vec![ids(&[0, 1, 2])]).await.expect("first");
+    for (batch, expected) in [(ids(&[1]), (0, 1)), (ids(&[1, 5, 2]), (1, 2))] {
+        let r = ctx.load(keys(), vec![batch]).await.expect("keys only");
+        assert_eq!((r.rows_inserted, r.rows_updated), expected, "{engine:?}, keys only");
+    }
     ctx.server.stop().await;
 }
 

@@ -136,14 +136,14 @@ fn create_stage(spec: &LoadSpec) -> String {
 }
 
 /// Moves the staged rows into the target; the batch's one result row is
-/// (rows inserted, rows updated).
+/// the number of rows inserted.
 fn move_rows(spec: &LoadSpec) -> String {
     let target = spec.qualified(quote);
     let columns = spec.column_list(quote);
     if spec.mode != LoadMode::Upsert {
         return format!(
             "INSERT INTO {target} ({columns}) SELECT {columns} FROM {STAGE}; \
-             SELECT CAST(ROWCOUNT_BIG() AS bigint), CAST(0 AS bigint)"
+             SELECT CAST(ROWCOUNT_BIG() AS bigint)"
         );
     }
     let on: Vec<String> = spec
@@ -167,8 +167,7 @@ fn move_rows(spec: &LoadSpec) -> String {
          MERGE INTO {target} WITH (HOLDLOCK) AS t USING {STAGE} AS s ON {}{matched} \
          WHEN NOT MATCHED BY TARGET THEN INSERT ({columns}) VALUES ({}) \
          OUTPUT $action INTO @weir_actions; \
-         SELECT CAST(COUNT(CASE WHEN action = 'INSERT' THEN 1 END) AS bigint), \
-         CAST(COUNT(CASE WHEN action = 'UPDATE' THEN 1 END) AS bigint) FROM @weir_actions",
+         SELECT CAST(COUNT(CASE WHEN action = 'INSERT' THEN 1 END) AS bigint) FROM @weir_actions",
         on.join(" AND "),
         values.join(", ")
     )
@@ -245,7 +244,14 @@ async fn load_in_transaction(
         LoadMode::Replace => "mssql-delete-bulk-insert",
         LoadMode::Upsert => "mssql-bulk-insert-merge",
     };
-    let outcome = LoadOutcome::loaded(count(counts.first(), 0), count(counts.first(), 1), feed, path);
+    let inserted = count(counts.first(), 0);
+    // Every other row of an upsert matched a key, whether updated or, with
+    // only key columns, left alone (MERGE reports no action for it).
+    let updated = match spec.mode {
+        LoadMode::Upsert => feed.rows().saturating_sub(inserted),
+        _ => 0,
+    };
+    let outcome = LoadOutcome::loaded(inserted, updated, feed, path);
     if let (Some(sql), Some(r)) = (receipts, &spec.receipt) {
         let n = |v: u64| ColumnData::I64(Some(bulk::signed(v)));
         conn.fetch(
@@ -329,7 +335,7 @@ mod tests {
         assert_eq!(
             move_rows(&spec(LoadMode::Append)),
             "INSERT INTO [dbo].[items] ([id], [price], [na]]me]) SELECT [id], [price], [na]]me] FROM #weir_load_stage; \
-             SELECT CAST(ROWCOUNT_BIG() AS bigint), CAST(0 AS bigint)"
+             SELECT CAST(ROWCOUNT_BIG() AS bigint)"
         );
     }
 

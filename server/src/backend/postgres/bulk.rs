@@ -109,7 +109,7 @@ async fn copy_rows(conn: &PgConn, target: &str, spec: &LoadSpec, feed: &mut RowF
 }
 
 /// Merges the staging table into the target; returns (inserted, updated).
-async fn merge(conn: &PgConn, target: &str, spec: &LoadSpec) -> Result<(u64, u64), BackendError> {
+async fn merge(conn: &PgConn, target: &str, spec: &LoadSpec) -> Result<u64, BackendError> {
     let columns = spec.column_list(quote);
     let conflict = spec.conflict.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
     let updates: Vec<String> = spec
@@ -126,11 +126,10 @@ async fn merge(conn: &PgConn, target: &str, spec: &LoadSpec) -> Result<(u64, u64
     let sql = format!(
         "WITH merged AS (INSERT INTO {target} ({columns}) SELECT {columns} FROM {STAGE} \
          ON CONFLICT ({conflict}) DO {action} RETURNING (xmax = 0) AS inserted) \
-         SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM merged"
+         SELECT count(*) FILTER (WHERE inserted) FROM merged"
     );
     let row = conn.client.query_one(&sql, &[]).await.map_err(map_error)?;
-    let count = |i| u64::try_from(row.get::<_, i64>(i)).unwrap_or_default();
-    Ok((count(0), count(1)))
+    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or_default())
 }
 
 /// Everything between BEGIN and COMMIT; the caller rolls back on error.
@@ -174,9 +173,11 @@ async fn load_in_transaction(
                 ))
                 .await
                 .map_err(map_error)?;
-            copy_rows(conn, STAGE, spec, feed).await?;
-            let (inserted, updated) = merge(conn, &target, spec).await?;
-            (inserted, updated, "postgres-copy-merge")
+            let staged = copy_rows(conn, STAGE, spec, feed).await?;
+            let inserted = merge(conn, &target, spec).await?;
+            // Every other row matched a key, whether updated or, with only
+            // key columns, left alone (DO NOTHING returns no row for it).
+            (inserted, staged.saturating_sub(inserted), "postgres-copy-merge")
         }
     };
     let outcome = LoadOutcome::loaded(inserted, updated, feed, path);

@@ -143,9 +143,10 @@ fn load_in_transaction(
         let mut writer = Writer::new(conn, spec)?;
         while let Some(batch) = feed.blocking_next()? {
             for (i, row) in batch.rows.iter().enumerate() {
+                // A row not inserted matched a key, updated or (only key columns) left alone.
                 if writer.write(row, batch.first_row + i as u64)? {
                     inserted += 1;
-                } else if writer.update.is_some() {
+                } else {
                     updated += 1;
                 }
             }

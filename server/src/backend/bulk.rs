@@ -317,6 +317,15 @@ impl RowFeed {
     }
 }
 
+/// An engine's error met on row `index`: that row's error when the fault
+/// may be the row's (`EngineErrorKind::is_about_data`), else as it is.
+pub fn on_row(index: u64, column: Option<String>, error: BackendError) -> BackendError {
+    match error {
+        BackendError::Engine { kind, code, message } if kind.is_about_data() => row_error(index, column, code, message),
+        other => other,
+    }
+}
+
 /// A row the engine rejected, located from the engine's own report.
 pub fn row_error(index: u64, column: Option<String>, code: String, message: String) -> BackendError {
     BackendError::Row {

@@ -232,13 +232,12 @@ async fn locate(conn: &mut Conn, spec: &LoadSpec, rows: &[Row], first: u64, erro
             continue;
         };
         if let Err(e) = conn.exec_drop(single.as_str(), p).await {
-            return match map_error(e) {
-                BackendError::Engine { kind, code, message } if kind.is_about_data() => {
-                    let (_, column) = error_position(&message);
-                    bulk::row_error(index, column, code, message)
-                }
-                other => other,
+            let e = map_error(e);
+            let column = match &e {
+                BackendError::Engine { message, .. } => error_position(message).1,
+                _ => None,
             };
+            return bulk::on_row(index, column, e);
         }
     }
     BackendError::Engine { kind, code, message }

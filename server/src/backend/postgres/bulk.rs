@@ -78,12 +78,9 @@ fn copy_position(db: &DbError) -> Option<(u64, Option<String>)> {
 /// Maps an error of the COPY to the row it names, when it names one and
 /// the fault is in the data.
 fn copy_error(e: tokio_postgres::Error) -> BackendError {
-    let position = e.as_db_error().and_then(copy_position);
-    match (map_error(e), position) {
-        (BackendError::Engine { kind, code, message }, Some((index, column))) if kind.is_about_data() => {
-            bulk::row_error(index, column, code, message)
-        }
-        (e, _) => e,
+    match e.as_db_error().and_then(copy_position) {
+        Some((index, column)) => bulk::on_row(index, column, map_error(e)),
+        None => map_error(e),
     }
 }
 

@@ -139,17 +139,9 @@ impl Target {
         let timeout = self.config.get_connect_timeout().copied();
         match self.config.get_hosts().first() {
             Some(Host::Tcp(name)) => {
-                // Each address through startup and authentication, as
-                // tokio-postgres does: one server of several may be down,
-                // starting up or refusing.
-                let mut last = BackendError::Unavailable("the host name has no address".into());
-                for address in net::addresses(name, port).await.map_err(connect_error)? {
-                    match self.open(name, address, timeout).await {
-                        Ok(client) => return Ok((client, Some(address))),
-                        Err(e) => last = e,
-                    }
-                }
-                Err(last)
+                let addresses = net::addresses(name, port).await.map_err(connect_error)?;
+                let (client, address) = self.open_first(name, addresses, timeout).await?;
+                Ok((client, Some(address)))
             }
             #[cfg(unix)]
             Some(host @ Host::Unix(_)) => {
@@ -168,6 +160,25 @@ impl Target {
             }
             None => Err(BackendError::Invalid("the source names no host".into())),
         }
+    }
+
+    /// A session at the first of `addresses` that takes one, each tried
+    /// through startup and authentication, as tokio-postgres does: one server
+    /// of several may be down, starting up or refusing.
+    async fn open_first(
+        &self,
+        name: &str,
+        addresses: Vec<SocketAddr>,
+        timeout: Option<Duration>,
+    ) -> Result<(Client, SocketAddr), BackendError> {
+        let mut last = BackendError::Unavailable("the host name has no address".into());
+        for address in addresses {
+            match self.open(name, address, timeout).await {
+                Ok(client) => return Ok((client, address)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// A session at `address` of the server named `name` (TLS verifies that name).
@@ -868,6 +879,41 @@ mod tests {
             .unwrap_or(5432)
     }
 
+    async fn backend_pid(client: &Client) -> i32 {
+        client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("its pid")
+            .get(0)
+    }
+
+    #[tokio::test]
+    async fn a_session_goes_on_to_the_next_address_when_one_refuses_it() {
+        // A server that accepts connections and closes them at once: TCP
+        // succeeds, startup fails.
+        let refuser = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a listener");
+        let refusing = refuser.local_addr().expect("its address");
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = refuser.accept().await {
+                drop(socket);
+            }
+        });
+        let target = Target::plain(test_config(test_port()));
+        let host = var("WEIR_TEST_PG_HOST", "127.0.0.1");
+        let real = net::addresses(&host, test_port()).await.expect("resolves")[0];
+        let timeout = Some(Duration::from_secs(5));
+        let (client, address) = target
+            .open_first(&host, vec![refusing, real], timeout)
+            .await
+            .expect("the second address serves");
+        assert_eq!(address, real);
+        assert!(backend_pid(&client).await > 0);
+        let Err(e) = target.open_first(&host, vec![refusing], timeout).await else {
+            panic!("a server that refuses every session cannot serve one");
+        };
+        assert!(matches!(e, BackendError::Unavailable(_)), "{e:?}");
+    }
+
     #[tokio::test]
     async fn a_cancel_goes_to_the_address_the_session_is_on() {
         let manager = PgManager {
@@ -875,12 +921,7 @@ mod tests {
         };
         let pool = bb8::Pool::builder().max_size(1).build(manager).await.expect("a pool");
         let mut lease = pool.get_owned().await.expect("a session");
-        let pid: i32 = lease
-            .client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .expect("its pid")
-            .get(0);
+        let pid = backend_pid(&lease.client).await;
         // The source's name now leads elsewhere, as a name that resolves to
         // several addresses may: to a port where nothing listens.
         let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
@@ -931,12 +972,7 @@ mod tests {
             .await
             .expect("the session back within the settle wait")
             .expect("the session again");
-        let again: i32 = next
-            .client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .expect("its pid")
-            .get(0);
+        let again = backend_pid(&next.client).await;
         assert_eq!(again, pid, "the session was closed instead of reused");
     }
 

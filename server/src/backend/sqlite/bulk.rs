@@ -37,12 +37,7 @@ fn run(statement: &mut Statement<'_>, values: &[&crate::backend::Value], index: 
         .map_err(|message| bulk::row_error(index, None, String::new(), message))?;
     statement
         .execute(params_from_iter(bound))
-        .map_err(|e| match map_error(e) {
-            BackendError::Engine { kind, code, message } if kind.is_about_data() => {
-                bulk::row_error(index, None, code, message)
-            }
-            other => other,
-        })
+        .map_err(|e| bulk::on_row(index, None, map_error(e)))
 }
 
 /// The statements of one load, prepared once.

@@ -741,6 +741,26 @@ async fn a_retried_load_id_loads_once(engine: Engine) {
     );
     assert_eq!(ctx.contents("weir_bulk_once").await.len(), 3);
 
+    // Ids compare exactly: the id in capitals is another load.
+    let mut capitals = load.clone();
+    capitals.load_id = id.to_uppercase();
+    let r = ctx
+        .load(capitals, vec![vec![row(60, "c", 1)]])
+        .await
+        .expect("the id in capitals");
+    assert_eq!((r.rows_inserted, r.replayed), (1, false), "{engine:?}");
+    // So is the id with a trailing space, except on SQL Server, whose
+    // comparisons ignore trailing spaces (docs/api.md).
+    if engine != Engine::Mssql {
+        let mut spaced = load.clone();
+        spaced.load_id = format!("{id} ");
+        let r = ctx
+            .load(spaced, vec![vec![row(61, "s", 1)]])
+            .await
+            .expect("the id with a trailing space");
+        assert_eq!((r.rows_inserted, r.replayed), (1, false), "{engine:?}");
+    }
+
     // A failed load does not use up its id.
     let failed_id = uuid::Uuid::new_v4().to_string();
     let mut failing = header("weir_bulk_once", pb::BulkLoadMode::Append);
@@ -1396,3 +1416,53 @@ suite!(postgres, Engine::Postgres);
 suite!(mysql, Engine::Mysql);
 suite!(sqlite, Engine::Sqlite);
 suite!(mssql, Engine::Mssql, #[ignore = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]);
+
+/// A receipt table created when ids were text in the server's collation
+/// (case- and trailing-space-insensitive) is upgraded to compare them exactly.
+#[tokio::test]
+async fn mysql_receipt_tables_of_earlier_builds_compare_ids_exactly() {
+    use mysql_async::prelude::Queryable;
+    let mut direct = mysql_direct().await;
+    direct
+        .query_drop("DROP TABLE IF EXISTS weir_bulk_old_receipts")
+        .await
+        .expect("drop");
+    direct
+        .query_drop(
+            "CREATE TABLE weir_bulk_old_receipts (`tenant` VARCHAR(255) NOT NULL, `load_id` VARCHAR(255) NOT NULL, \
+             `target` TEXT NOT NULL, `rows_inserted` BIGINT NOT NULL DEFAULT 0, `rows_updated` BIGINT NOT NULL DEFAULT 0, \
+             `bytes` BIGINT NOT NULL DEFAULT 0, `engine_path` VARCHAR(255) NOT NULL DEFAULT '', \
+             `committed_at` TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, PRIMARY KEY (`tenant`, `load_id`)) \
+             DEFAULT CHARSET utf8mb4 COLLATE utf8mb4_general_ci",
+        )
+        .await
+        .expect("an old receipt table");
+    let config = format!(
+        "[bulk]\nload_id_table = \"weir_bulk_old_receipts\"\n{}",
+        Engine::Mysql.source("bulk", "")
+    );
+    let server = TestServer::start(&config).await;
+    let ctx = Ctx {
+        engine: Engine::Mysql,
+        client: server.client("key-bulk").await,
+        server,
+    };
+    ctx.table("weir_bulk_old_ids", 0).await;
+    for (i, id) in ["batch-1", "Batch-1", "batch-1 "].into_iter().enumerate() {
+        let mut load = header("weir_bulk_old_ids", pb::BulkLoadMode::Append);
+        load.load_id = id.into();
+        let first = i64::try_from(i).expect("small") * 10;
+        let r = ctx.load(load, vec![rows(first..first + 2)]).await.expect(id);
+        assert_eq!((r.rows_inserted, r.replayed), (2, false), "{id:?}");
+    }
+    assert_eq!(ctx.contents("weir_bulk_old_ids").await.len(), 6);
+    let kinds: Vec<String> = direct
+        .query(
+            "SELECT DATA_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() \
+             AND TABLE_NAME = 'weir_bulk_old_receipts' AND COLUMN_NAME IN ('tenant', 'load_id')",
+        )
+        .await
+        .expect("column types");
+    assert_eq!(kinds, ["varbinary", "varbinary"]);
+    ctx.server.stop().await;
+}

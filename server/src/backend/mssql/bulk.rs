@@ -26,7 +26,9 @@ pub fn quote(name: &str) -> String {
 const DIALECT: Dialect = Dialect {
     quote,
     placeholder: |i| format!("@P{i}"),
-    key_type: "nvarchar(255)",
+    // A binary collation: the database's (often case-insensitive) would make
+    // `Batch-1` and `batch-1` one id, and skip a load as another's replay.
+    key_type: "nvarchar(255) COLLATE Latin1_General_100_BIN2",
     text_type: "nvarchar(max)",
     int_type: "bigint",
     timestamp: "datetime2 NOT NULL DEFAULT SYSUTCDATETIME()",
@@ -362,7 +364,8 @@ mod tests {
         let sql = ReceiptSql::new("weir_load_ids", &DIALECT);
         assert!(sql
             .create
-            .starts_with("IF OBJECT_ID(N'weir_load_ids', N'U') IS NULL CREATE TABLE [weir_load_ids] ([tenant] nvarchar(255) NOT NULL"));
+            .starts_with("IF OBJECT_ID(N'weir_load_ids', N'U') IS NULL CREATE TABLE [weir_load_ids] ([tenant] nvarchar(255) COLLATE Latin1_General_100_BIN2 NOT NULL, \
+                [load_id] nvarchar(255) COLLATE Latin1_General_100_BIN2 NOT NULL"));
         assert_eq!(
             sql.claim,
             "INSERT INTO [weir_load_ids] ([tenant], [load_id], [target]) SELECT @P1, @P2, @P3 WHERE NOT EXISTS \

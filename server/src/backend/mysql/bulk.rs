@@ -25,7 +25,9 @@ pub fn quote(name: &str) -> String {
 const DIALECT: Dialect = Dialect {
     quote,
     placeholder: |_| "?".to_string(),
-    key_type: "VARCHAR(255)",
+    // Bytes, not text: a collation would make `Batch-1`, `batch-1` and
+    // `batch-1 ` one id (and one tenant), and skip a load as another's replay.
+    key_type: "VARBINARY(255)",
     text_type: "TEXT",
     int_type: "BIGINT",
     timestamp: "TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP",
@@ -317,8 +319,9 @@ pub(super) async fn write_all(
 /// outside the transaction), then one strict-mode transaction.
 pub async fn load(conn: &mut Conn, spec: LoadSpec, mut feed: RowFeed) -> Result<LoadOutcome, BackendError> {
     let receipts = spec.receipt.as_ref().map(|r| ReceiptSql::new(&r.table, &DIALECT));
-    if let Some(sql) = &receipts {
+    if let (Some(sql), Some(r)) = (&receipts, &spec.receipt) {
         conn.query_drop(sql.create.as_str()).await.map_err(map_error)?;
+        upgrade_receipts(conn, &r.table).await?;
     }
     // Strict mode turns bad values into errors instead of warnings; the
     // session's own mode comes back afterwards (and the pool resets sessions).
@@ -347,6 +350,29 @@ pub async fn load(conn: &mut Conn, spec: LoadSpec, mut feed: RowFeed) -> Result<
         (Ok(outcome), Ok(()), Ok(())) => Ok(outcome),
         (Err(e), _, _) | (Ok(_), Err(e), _) | (Ok(_), Ok(()), Err(e)) => Err(e),
     }
+}
+
+/// Receipt tables created by earlier builds held tenant and load id as text in the
+/// server's default collation; their key columns become bytes once.
+async fn upgrade_receipts(conn: &mut Conn, table: &str) -> Result<(), BackendError> {
+    let kind: Option<String> = conn
+        .exec_first(
+            "SELECT DATA_TYPE FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'load_id'",
+            (table,),
+        )
+        .await
+        .map_err(map_error)?;
+    if kind.is_some_and(|k| !k.eq_ignore_ascii_case("varbinary")) {
+        conn.query_drop(format!(
+            "ALTER TABLE {} MODIFY `tenant` {key} NOT NULL, MODIFY `load_id` {key} NOT NULL",
+            quote(table),
+            key = DIALECT.key_type
+        ))
+        .await
+        .map_err(map_error)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -182,6 +182,47 @@ async fn large_records_come_in_batches_of_about_a_mebibyte() {
     server.stop().await;
 }
 
+/// Null and empty keys and values stay apart both ways: a tombstone is a
+/// null value, not an empty one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_and_empty_values_stay_apart() {
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-tombstones-");
+    create_topic(&topic, 1).await;
+    let record = |key: &[u8], value: &[u8], null_value| pb::ProducerRecord {
+        key: key.to_vec(),
+        value: value.to_vec(),
+        null_value,
+        ..Default::default()
+    };
+    let both = produce(&client, &topic, vec![record(b"a", b"x", true)])
+        .await
+        .expect_err("a value and null_value");
+    assert_eq!(both.code(), tonic::Code::InvalidArgument, "{}", both.message());
+    let sent = vec![
+        record(b"a", b"x", false),
+        record(b"a", b"", true),
+        record(b"b", b"", false),
+        record(b"", b"y", false),
+    ];
+    produce(&client, &topic, sent).await.expect("produce");
+    let got = consume(&client, consume_request(&topic, "tombstones", 4, false)).await;
+    let seen: Vec<_> = got
+        .iter()
+        .map(|r| (r.null_key, r.key.as_slice(), r.null_value, r.value.as_slice()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (false, &b"a"[..], false, &b"x"[..]),
+            (false, &b"a"[..], true, &b""[..]),
+            (false, &b"b"[..], false, &b""[..]),
+            (true, &b""[..], false, &b"y"[..]),
+        ]
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_for_a_partition_the_topic_lacks_is_refused_as_such() {
     let (server, client) = server("").await;

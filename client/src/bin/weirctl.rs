@@ -550,8 +550,8 @@ async fn consume(
                     "partition": r.partition,
                     "offset": r.offset,
                     "timestamp_ms": r.timestamp.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000),
-                    "key": bytes_text(&r.key),
-                    "value": bytes_text(&r.value),
+                    "key": (!r.null_key).then(|| bytes_text(&r.key)),
+                    "value": (!r.null_value).then(|| bytes_text(&r.value)),
                     "headers": headers,
                 });
                 writeln!(out, "{line}")?;

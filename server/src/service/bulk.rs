@@ -17,7 +17,7 @@ use weir_proto::v1 as pb;
 use weir_proto::v1::bulk_load_service_server::BulkLoadService;
 use weir_proto::v1::load_request::Message as LoadMessage;
 
-use super::{caller, convert, display_table, grpc_timeout, source, Gate};
+use super::{bad, caller, convert, display_table, grpc_timeout, source, Gate};
 use crate::backend::bulk::{row_feed, Receipt, RowSender, Verdict};
 use crate::backend::{BackendError, Column, LoadMode, LoadOutcome, LoadSpec, Row, TableDescription};
 use crate::config::BulkConfig;
@@ -48,13 +48,6 @@ pub struct BulkApi {
 impl BulkApi {
     pub fn new(config: BulkConfig, gate: Gate, cut: watch::Receiver<bool>) -> Self {
         Self { config, gate, cut }
-    }
-}
-
-fn bad(field: &'static str, message: impl Into<String>) -> Error {
-    Error::InvalidArgument {
-        field,
-        message: message.into(),
     }
 }
 

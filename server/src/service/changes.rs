@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tonic::{Request, Streaming};
 use weir_proto::v1 as pb;
 
-use super::{caller, check_plain_name, convert, source, StreamIn, StreamOut};
+use super::{bad, caller, check_plain_name, convert, source, StreamIn, StreamOut};
 use crate::backend::changes::{ChangeItem, ChangeOp, Position, RowChange, TableName};
 use crate::backend::WatchSpec;
 use crate::config::ChangesConfig;
@@ -29,13 +29,6 @@ const START_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const WATCH_BUFFER: usize = 64;
 
 type WatchSender = StreamOut<pb::WatchChangesResponse>;
-
-fn bad(field: &'static str, message: impl Into<String>) -> Error {
-    Error::InvalidArgument {
-        field,
-        message: message.into(),
-    }
-}
 
 fn check_subscription(name: &str) -> Result<()> {
     check_plain_name("subscription", name, MAX_SUBSCRIPTION)

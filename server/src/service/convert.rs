@@ -7,6 +7,7 @@ use prost::encoding::{self, WireType};
 use weir_proto::v1 as pb;
 use weir_proto::v1::value::Kind;
 
+use super::bad;
 use crate::backend::{self as domain, ColumnType, Isolation, LoadMode, Value};
 use crate::error::Error;
 
@@ -19,13 +20,6 @@ fn quote(s: &str) -> String {
     match s.char_indices().nth(MAX) {
         Some((end, _)) => format!("'{}…'", &s[..end]),
         None => format!("'{s}'"),
-    }
-}
-
-fn bad(field: &'static str, message: impl Into<String>) -> Error {
-    Error::InvalidArgument {
-        field,
-        message: message.into(),
     }
 }
 

@@ -27,6 +27,14 @@ use crate::error::Error;
 use crate::limits::scheduler::{Scheduler, Slot};
 use crate::tenant::{Caller, Source};
 
+/// A request field the caller must change.
+fn bad(field: &'static str, message: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
 /// The gateway-wide slots every data call takes before it reaches a backend.
 #[derive(Clone)]
 pub struct Gate {

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 use weir_proto::v1 as pb;
 use weir_proto::v1::stream_service_server::StreamService;
 
-use super::{caller, changes, check_plain_name, convert, source, Gate, StreamIn, StreamOut};
+use super::{bad, caller, changes, check_plain_name, convert, source, Gate, StreamIn, StreamOut};
 use crate::backend::topics::{ConsumeSpec, InRecord, OutRecord, PartitionOffset, Start};
 use crate::backend::TopicSource;
 use crate::config::ChangesConfig;
@@ -48,13 +48,6 @@ impl StreamApi {
     }
 }
 
-fn bad(field: &'static str, message: impl Into<String>) -> Error {
-    Error::InvalidArgument {
-        field,
-        message: message.into(),
-    }
-}
-
 fn topics_of(caller: &Caller, name: &str) -> Result<Arc<dyn TopicSource>> {
     Ok(source(caller, name)?.backend.topics()?.clone())
 }
@@ -81,14 +74,24 @@ fn timestamp_ms(t: &prost_types::Timestamp) -> i64 {
         .saturating_add(i64::from(t.nanos) / 1_000_000)
 }
 
-fn out_record(r: pb::ProducerRecord) -> OutRecord {
-    OutRecord {
+fn out_record(index: usize, r: pb::ProducerRecord) -> Result<OutRecord> {
+    let value = match (r.null_value, r.value.is_empty()) {
+        (false, _) => Some(r.value),
+        (true, true) => None,
+        (true, false) => {
+            return Err(bad(
+                "records",
+                format!("record {index} has null_value set and a value: send one or the other"),
+            ))
+        }
+    };
+    Ok(OutRecord {
         key: (!r.key.is_empty()).then_some(r.key),
-        value: Some(r.value),
+        value,
         headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
         partition: r.partition,
         timestamp_ms: r.timestamp.as_ref().map(timestamp_ms),
-    }
+    })
 }
 
 fn in_record(r: InRecord) -> pb::ConsumedRecord {
@@ -100,6 +103,8 @@ fn in_record(r: InRecord) -> pb::ConsumedRecord {
             seconds: ms.div_euclid(1000),
             nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
         }),
+        null_key: r.key.is_none(),
+        null_value: r.value.is_none(),
         key: r.key.unwrap_or_default(),
         value: r.value.unwrap_or_default(),
         headers: r
@@ -214,7 +219,12 @@ impl StreamService for StreamApi {
         check_topic(topics.as_ref(), &r.topic)?;
         super::record_object(&r.topic);
         let limit = caller.tenant.limits.max_record_bytes;
-        let records: Vec<OutRecord> = r.records.into_iter().map(out_record).collect();
+        let records = r
+            .records
+            .into_iter()
+            .enumerate()
+            .map(|(index, record)| out_record(index, record))
+            .collect::<Result<Vec<_>>>()?;
         let mut bytes = 0u64;
         for (index, record) in records.iter().enumerate() {
             let size = record.size();
@@ -361,16 +371,24 @@ mod tests {
             headers: vec![("h".into(), b"1".to_vec())],
         });
         assert_eq!(back.timestamp, Some(t));
-        assert!(back.key.is_empty());
+        assert!(back.key.is_empty() && back.null_key && !back.null_value);
     }
 
     #[test]
-    fn empty_keys_mean_no_key() {
-        let r = out_record(pb::ProducerRecord {
+    fn empty_keys_mean_no_key_and_null_values_are_asked_for() {
+        let record = |value: &[u8], null_value| pb::ProducerRecord {
             key: vec![],
-            value: b"x".to_vec(),
+            value: value.to_vec(),
+            null_value,
             ..Default::default()
-        });
+        };
+        let r = out_record(0, record(b"x", false)).expect("a record");
         assert_eq!((r.key, r.value), (None, Some(b"x".to_vec())));
+        let empty = out_record(0, record(b"", false)).expect("an empty value");
+        assert_eq!(empty.value, Some(vec![]));
+        let tombstone = out_record(0, record(b"", true)).expect("a tombstone");
+        assert_eq!(tombstone.value, None);
+        let both = out_record(3, record(b"x", true)).expect_err("a value and null_value");
+        assert!(both.to_string().contains("record 3"), "{both}");
     }
 }

@@ -3,8 +3,12 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::*;
 use tonic::Code;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::weir_proto::v1::value::Kind;
 
 /// A tenant id of its own per run: Redis keeps buckets between runs.
 fn tenant_id() -> String {
@@ -97,6 +101,30 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
     closed.stop().await;
 }
 
+/// A Redis that takes connections and never answers costs one
+/// `redis_timeout`, not one per call: calls then do without it for a second.
+#[tokio::test]
+async fn a_silent_redis_costs_one_timeout_not_one_per_call() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = silent.local_addr().expect("address").port();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let id = tenant_id();
+    let redis = format!("redis_url = \"redis://127.0.0.1:{port}/0\"\nredis_timeout = \"300ms\"");
+    let server = TestServer::start(&config(&id, "", &redis)).await;
+    let client = server.client(&format!("key-{id}")).await;
+    let started = Instant::now();
+    assert_serves(&client, "demo", 10).await;
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_millis(1500), "10 calls took {elapsed:?}");
+    hold.abort();
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_admit_the_configured_rate_under_overload() {
     let id = tenant_id();
@@ -106,7 +134,7 @@ async fn two_replicas_admit_the_configured_rate_under_overload() {
         "requests_per_second = {rate}\nburst = {burst}\nmax_concurrent_requests = 1000\nmax_rate_wait = \"0s\""
     );
     let (a, b, clients) = replicas(&id, &limits).await;
-    let window = std::time::Duration::from_secs(10);
+    let window = Duration::from_secs(10);
     let started = tokio::time::Instant::now();
     let mut callers = Vec::new();
     // Eight callers, four per replica, each as fast as it can: far above the rate.
@@ -154,7 +182,7 @@ async fn calls_over_the_rate_wait_for_turns_of_the_shared_bucket() {
     let id = tenant_id();
     // 20/s across both replicas, one token in reserve, waits of up to 2 s.
     let (a, b, clients) = replicas(&id, "requests_per_second = 20\nburst = 1\nmax_rate_wait = \"2s\"").await;
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     // Two callers per replica, five calls each: 20 calls. Each replica's own
     // bucket would let its 10 through in half a second; the shared one takes
     // about a second for all 20.
@@ -173,7 +201,7 @@ async fn calls_over_the_rate_wait_for_turns_of_the_shared_bucket() {
     }
     let elapsed = started.elapsed();
     assert!(
-        elapsed >= std::time::Duration::from_millis(900),
+        elapsed >= Duration::from_millis(900),
         "20 calls at 20/s across two replicas took {elapsed:?}"
     );
     a.stop().await;
@@ -182,41 +210,62 @@ async fn calls_over_the_rate_wait_for_turns_of_the_shared_bucket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cost_buckets_are_shared_too() {
-    use weir_client::weir_proto::v1 as pb;
     let id = tenant_id();
     // One second of burst: 1,000 rows. Two replicas loading 1,000 rows each at
     // once must together wait about a second for the second thousand.
     let (a, b, clients) = replicas(&id, "load_rows_per_second = 1000").await;
-    for c in &clients {
-        c.execute("demo", "CREATE TABLE shared_cost (n INTEGER)", vec![])
-            .await
-            .expect("table");
-    }
-    let rows: Vec<pb::Row> = (0..1000)
-        .map(|i| pb::Row {
-            values: vec![pb::Value {
-                kind: Some(pb::value::Kind::Int64Value(i)),
-            }],
-        })
-        .collect();
-    let header = pb::LoadHeader {
-        source: "demo".into(),
-        table: "shared_cost".into(),
-        columns: vec!["n".into()],
-        ..Default::default()
-    };
-    let started = std::time::Instant::now();
-    let loads = clients
-        .iter()
-        .map(|c| c.load(header.clone(), tokio_stream::iter(vec![rows.clone()])));
-    for r in futures::future::join_all(loads).await {
-        assert_eq!(r.expect("load").rows_inserted, 1000);
-    }
-    let elapsed = started.elapsed();
+    let rows = (0..1000).map(Kind::Int64Value).collect();
+    let elapsed = load_on_both(&clients, rows, 1).await;
+    assert!(elapsed >= Duration::from_millis(800), "shared rows bucket: {elapsed:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Rates past a million a second hold across replicas too: at 4 MB/s, two
+/// replicas loading 4 MB each wait about a second. Whole microseconds per
+/// byte had capped the shared bucket at 1 MB/s, a wait of four seconds.
+#[tokio::test]
+async fn shared_byte_buckets_keep_rates_past_a_million_a_second() {
+    let id = tenant_id();
+    let (a, b, clients) = replicas(&id, "load_bytes_per_second = 4000000").await;
+    let rows = (0..4000).map(|_| Kind::BytesValue(vec![7; 1000])).collect();
+    let elapsed = load_on_both(&clients, rows, 4).await;
     assert!(
-        elapsed >= std::time::Duration::from_millis(800),
-        "shared rows bucket: {elapsed:?}"
+        elapsed >= Duration::from_millis(800) && elapsed < Duration::from_millis(2500),
+        "8 MB at 4 MB/s with 4 MB of burst: {elapsed:?}"
     );
     a.stop().await;
     b.stop().await;
+}
+
+/// Loads the one-column `rows` through every client at once, in `batches`
+/// messages each, into a table of each replica's own; how long that took.
+async fn load_on_both(clients: &[weir_client::WeirClient], rows: Vec<Kind>, batches: usize) -> Duration {
+    let count = rows.len() as u64;
+    for c in clients {
+        c.execute("demo", "CREATE TABLE shared_cost (v)", vec![])
+            .await
+            .expect("table");
+    }
+    let rows: Vec<pb::Row> = rows
+        .into_iter()
+        .map(|kind| pb::Row {
+            values: vec![pb::Value { kind: Some(kind) }],
+        })
+        .collect();
+    let messages: Vec<Vec<pb::Row>> = rows.chunks(rows.len().div_ceil(batches)).map(<[_]>::to_vec).collect();
+    let header = pb::LoadHeader {
+        source: "demo".into(),
+        table: "shared_cost".into(),
+        columns: vec!["v".into()],
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let loads = clients
+        .iter()
+        .map(|c| c.load(header.clone(), tokio_stream::iter(messages.clone())));
+    for r in futures::future::join_all(loads).await {
+        assert_eq!(r.expect("load").rows_inserted, count);
+    }
+    started.elapsed()
 }

@@ -11,11 +11,11 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use parking_lot::Mutex;
-use tokio::sync::OwnedSemaphorePermit;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
 use crate::error::Error;
+use crate::limits::SlotPermit;
 use crate::metrics::{LimitLabels, METRICS};
 use crate::tenant::Caller;
 
@@ -151,7 +151,7 @@ where
 /// A response body that releases the tenant's concurrency slot when it is dropped.
 struct PermitBody {
     inner: Body,
-    _permit: OwnedSemaphorePermit,
+    _permit: SlotPermit,
 }
 
 impl HttpBody for PermitBody {

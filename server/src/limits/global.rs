@@ -5,7 +5,8 @@
 //! only for calls the local bucket admitted. Redis's own clock is used, so
 //! replicas' clocks do not need to agree.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use tokio::sync::OnceCell;
@@ -13,14 +14,17 @@ use tokio::sync::OnceCell;
 use crate::config::{GlobalLimitsConfig, RedisFailure};
 use crate::error::Error;
 
-/// GCRA: the bucket is one key holding the theoretical arrival time (µs).
-/// KEYS[1] = bucket; ARGV = emission interval (µs), tolerance (µs), cost,
-/// the longest the caller may wait for its turn (µs).
+/// GCRA: the bucket is one key holding the theoretical arrival time, in
+/// µs since 2024 as a fraction: whole µs per unit would cap every rate at
+/// 1,000,000/s (bytes!) and round the rest, and µs since 1970 are too large
+/// for a double to keep the fraction.
+/// KEYS[1] = bucket; ARGV = emission interval (µs, fractional), tolerance
+/// (µs), cost, the longest the caller may wait for its turn (µs).
 /// Returns {1, µs until the turn} when admitted (0: at once), {0, µs until a
 /// call would be admitted at once} otherwise, taking nothing.
 const GCRA: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = (tonumber(t[1]) - 1704067200) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
@@ -30,11 +34,15 @@ if tat < now then tat = now end
 local new_tat = tat + interval * cost
 local allow_at = new_tat - tolerance
 if allow_at - now > max_wait then
-  return {0, allow_at - now}
+  return {0, math.ceil(allow_at - now)}
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
-return {1, math.max(allow_at - now, 0)}
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, math.ceil(math.max(allow_at - now, 0))}
 ";
+
+/// After Redis failed to answer, calls do without it for this long: an
+/// outage then costs neither `redis_timeout` per call nor a log line per call.
+const REDIS_BACKOFF: Duration = Duration::from_secs(1);
 
 pub struct GlobalLimiter {
     url: String,
@@ -43,6 +51,10 @@ pub struct GlobalLimiter {
     script: redis::Script,
     /// Connected on first use, so a replica starts while Redis is down.
     conn: OnceCell<ConnectionManager>,
+    /// The zero of `resting_until`.
+    started: Instant,
+    /// Milliseconds since `started` before which Redis is not asked again.
+    resting_until: AtomicU64,
 }
 
 impl GlobalLimiter {
@@ -55,7 +67,27 @@ impl GlobalLimiter {
             on_failure: config.on_redis_failure,
             script: redis::Script::new(GCRA),
             conn: OnceCell::new(),
+            started: Instant::now(),
+            resting_until: AtomicU64::new(0),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Counts and logs a failure, and rests Redis for `REDIS_BACKOFF`.
+    fn failed(&self, error: String) -> String {
+        crate::metrics::METRICS.global_limit_failures.inc();
+        let backoff = u64::try_from(REDIS_BACKOFF.as_millis()).unwrap_or(u64::MAX);
+        self.resting_until
+            .store(self.now_ms().saturating_add(backoff), Ordering::Relaxed);
+        let without = match self.on_failure {
+            RedisFailure::FailOpen => "admitting calls on local limits only",
+            RedisFailure::FailClosed => "refusing calls",
+        };
+        tracing::warn!(error = %error, backoff = ?REDIS_BACKOFF, "Redis unavailable for the shared limits: {without}; cost buckets count locally");
+        error
     }
 
     async fn check(
@@ -73,9 +105,8 @@ impl GlobalLimiter {
                 ConnectionManager::new(client).await
             })
             .await?;
-        // Microseconds per token; rates above 1,000,000/s round to 1 µs.
-        let interval = (1_000_000 / i64::from(rate.max(1))).max(1);
-        let tolerance = interval * i64::from(burst.max(1));
+        let interval = 1e6 / f64::from(rate.max(1));
+        let tolerance = interval * f64::from(burst.max(1));
         let mut conn = conn.clone();
         self.script
             .key(key)
@@ -98,20 +129,18 @@ impl GlobalLimiter {
         cost: u32,
         max_wait: Duration,
     ) -> Result<Result<Duration, Duration>, String> {
-        let key = format!("weir:{name}:{tenant}");
+        // Not `weir:{name}:{tenant}`: those keys held µs since 1970.
+        let key = format!("weir:gcra:{name}:{tenant}");
         let micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));
+        if self.now_ms() < self.resting_until.load(Ordering::Relaxed) {
+            return Err("Redis failed to answer within the last second".into());
+        }
         match tokio::time::timeout(self.timeout, self.check(&key, rate, burst, cost, max_wait)).await {
             Ok(Ok((1, wait_us))) => Ok(Ok(micros(wait_us))),
             Ok(Ok((_, delay_us))) => Ok(Err(micros(delay_us))),
             // The error text names no password: redis-rs does not print the URL.
-            Ok(Err(e)) => {
-                crate::metrics::METRICS.global_limit_failures.inc();
-                Err(e.to_string())
-            }
-            Err(_) => {
-                crate::metrics::METRICS.global_limit_failures.inc();
-                Err(format!("no answer within {:?}", self.timeout))
-            }
+            Ok(Err(e)) => Err(self.failed(e.to_string())),
+            Err(_) => Err(self.failed(format!("no answer within {:?}", self.timeout))),
         }
     }
 
@@ -128,10 +157,8 @@ impl GlobalLimiter {
                 match self.take(name, tenant, (rate, rate), piece, Duration::ZERO).await {
                     Ok(Ok(_)) => break,
                     Ok(Err(wait)) => tokio::time::sleep(wait).await,
-                    Err(e) => {
-                        tracing::warn!(error = %e, bucket = name, "Redis unavailable for a shared cost bucket: local limits only");
-                        return;
-                    }
+                    // Logged by `failed`: the local bucket has charged it.
+                    Err(_) => return,
                 }
             }
             left -= u64::from(piece);
@@ -141,20 +168,14 @@ impl GlobalLimiter {
     /// Takes one token from the tenant's shared request bucket, at a turn
     /// within `max_wait`: returns how long to wait for it.
     pub async fn admit(&self, tenant: &str, rate: u32, burst: u32, max_wait: Duration) -> Result<Duration, Error> {
-        let failure = match self.take("rate", tenant, (rate, burst), 1, max_wait).await {
-            Ok(Ok(wait)) => return Ok(wait),
-            Ok(Err(retry_after)) => return Err(Error::RateLimited { rate, retry_after }),
-            Err(e) => e,
-        };
-        match self.on_failure {
-            RedisFailure::FailOpen => {
-                tracing::warn!(error = %failure, "Redis unavailable for global limits: admitting on local limits only");
-                Ok(Duration::ZERO)
-            }
-            RedisFailure::FailClosed => {
-                tracing::warn!(error = %failure, "Redis unavailable for global limits: refusing the call");
-                Err(Error::GlobalLimitsUnavailable)
-            }
+        match self.take("rate", tenant, (rate, burst), 1, max_wait).await {
+            Ok(Ok(wait)) => Ok(wait),
+            Ok(Err(retry_after)) => Err(Error::RateLimited { rate, retry_after }),
+            // Logged by `failed`, once per outage and back-off.
+            Err(_) => match self.on_failure {
+                RedisFailure::FailOpen => Ok(Duration::ZERO),
+                RedisFailure::FailClosed => Err(Error::GlobalLimitsUnavailable),
+            },
         }
     }
 }

@@ -10,11 +10,11 @@ pub mod request_rate;
 pub mod scheduler;
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::LimitsConfig;
 use crate::error::Error;
@@ -27,48 +27,97 @@ pub struct TenantLimiter {
     concurrency: Slots,
     loads: Slots,
     /// Cost buckets of loads: rows and request bytes, one second of burst each.
-    load_rows: DefaultDirectRateLimiter,
-    load_bytes: DefaultDirectRateLimiter,
+    load_rows: CostBucket,
+    load_bytes: CostBucket,
     consumers: Slots,
     subscriptions: Slots,
     streams: Slots,
     /// Cost buckets of Kafka records and change events, produced and consumed.
-    stream_records: DefaultDirectRateLimiter,
-    stream_bytes: DefaultDirectRateLimiter,
+    stream_records: CostBucket,
+    stream_bytes: CostBucket,
     /// The buckets shared by every replica through Redis, when configured.
     shared: Option<Arc<GlobalLimiter>>,
     tenant: String,
     limits: LimitsConfig,
 }
 
-/// A cap on things in progress at once (calls, loads, consumers).
+/// A cap on things in progress at once (calls, loads, consumers). The
+/// count in use outlives a reload that changes the limit: the calls still
+/// running count against the new one.
 struct Slots {
-    semaphore: Arc<Semaphore>,
+    used: Arc<AtomicU32>,
     limit: u32,
 }
 
 impl Slots {
-    fn new(limit: u32) -> Self {
+    /// Counting what `previous` (the same slots before a reload) has in use.
+    fn new(limit: u32, previous: Option<&Slots>) -> Self {
         Self {
-            semaphore: Arc::new(Semaphore::new(limit as usize)),
+            used: previous.map_or_else(Arc::default, |p| p.used.clone()),
             limit,
         }
     }
 
     /// A slot held until the permit is dropped, or the error `full` makes of the limit.
-    fn take(&self, full: fn(u32) -> Error) -> Result<OwnedSemaphorePermit, Error> {
-        self.semaphore.clone().try_acquire_owned().map_err(|_| full(self.limit))
+    fn take(&self, full: fn(u32) -> Error) -> Result<SlotPermit, Error> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .map(|_| SlotPermit(self.used.clone()))
+            .map_err(|_| full(self.limit))
     }
 }
 
-/// A bucket whose burst is one second's worth.
-fn per_second(n: u32) -> DefaultDirectRateLimiter {
-    let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
-    RateLimiter::direct(Quota::per_second(n).allow_burst(n))
+/// One slot of a `Slots`, given back when dropped.
+pub struct SlotPermit(Arc<AtomicU32>);
+
+impl Drop for SlotPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
-/// Takes `cost` tokens, waiting for them rather than refusing: a load that
-/// sends faster than its tenant's rate is slowed down by backpressure.
+/// Units a cost bucket counts per second at most.
+const UNITS_PER_SECOND: u64 = 1_000_000;
+
+/// A bucket of rows, records or bytes whose burst is one second's worth.
+/// It counts in units of `unit` so that a unit lasts at least a microsecond:
+/// governor keeps whole nanoseconds per unit, so 512 MiB/s counted in bytes
+/// (1.86 ns each) would have let 1 GB/s through.
+struct CostBucket {
+    bucket: DefaultDirectRateLimiter,
+    unit: u64,
+}
+
+impl CostBucket {
+    fn new(rate: u32) -> Self {
+        let (quota, unit) = cost_quota(rate);
+        Self {
+            bucket: RateLimiter::direct(quota),
+            unit,
+        }
+    }
+
+    /// Takes `cost` (rounded up to whole units), waiting for it rather than
+    /// refusing: a load that sends faster than its tenant's rate is slowed
+    /// down by backpressure.
+    async fn take(&self, cost: u64) {
+        take(&self.bucket, cost.div_ceil(self.unit)).await;
+    }
+}
+
+/// The quota of a cost bucket of `rate` per second, and its unit.
+fn cost_quota(rate: u32) -> (Quota, u64) {
+    let unit = u64::from(rate).div_ceil(UNITS_PER_SECOND).max(1);
+    let units = u32::try_from(u64::from(rate) / unit)
+        .ok()
+        .and_then(NonZeroU32::new)
+        .unwrap_or(NonZeroU32::MIN);
+    (Quota::per_second(units).allow_burst(units), unit)
+}
+
+/// Takes `cost` tokens in pieces the bucket can grant.
 async fn take(bucket: &DefaultDirectRateLimiter, cost: u64) {
     let mut left = cost;
     while left > 0 {
@@ -88,18 +137,26 @@ async fn take(bucket: &DefaultDirectRateLimiter, cost: u64) {
 }
 
 impl TenantLimiter {
-    pub fn new(tenant: &str, limits: &LimitsConfig, shared: Option<Arc<GlobalLimiter>>) -> Self {
+    /// The tenant's limiter; `previous` is the one it replaces on a reload,
+    /// whose slots in use count against the new limits (its buckets do not
+    /// carry over: a changed tenant starts with full buckets).
+    pub fn new(
+        tenant: &str,
+        limits: &LimitsConfig,
+        shared: Option<Arc<GlobalLimiter>>,
+        previous: Option<&TenantLimiter>,
+    ) -> Self {
         Self {
             rate: RequestRate::new(limits.requests_per_second, limits.burst),
-            concurrency: Slots::new(limits.max_concurrent_requests),
-            loads: Slots::new(limits.max_concurrent_loads),
-            load_rows: per_second(limits.load_rows_per_second),
-            load_bytes: per_second(limits.load_bytes_per_second),
-            consumers: Slots::new(limits.max_concurrent_consumers),
-            subscriptions: Slots::new(limits.max_concurrent_subscriptions),
-            streams: Slots::new(limits.max_concurrent_streams),
-            stream_records: per_second(limits.stream_records_per_second),
-            stream_bytes: per_second(limits.stream_bytes_per_second),
+            concurrency: Slots::new(limits.max_concurrent_requests, previous.map(|p| &p.concurrency)),
+            loads: Slots::new(limits.max_concurrent_loads, previous.map(|p| &p.loads)),
+            load_rows: CostBucket::new(limits.load_rows_per_second),
+            load_bytes: CostBucket::new(limits.load_bytes_per_second),
+            consumers: Slots::new(limits.max_concurrent_consumers, previous.map(|p| &p.consumers)),
+            subscriptions: Slots::new(limits.max_concurrent_subscriptions, previous.map(|p| &p.subscriptions)),
+            streams: Slots::new(limits.max_concurrent_streams, previous.map(|p| &p.streams)),
+            stream_records: CostBucket::new(limits.stream_records_per_second),
+            stream_bytes: CostBucket::new(limits.stream_bytes_per_second),
             shared,
             tenant: tenant.to_string(),
             limits: limits.clone(),
@@ -114,17 +171,17 @@ impl TenantLimiter {
     }
 
     /// Admits one Kafka consumer; its slot is held until the permit is dropped.
-    pub fn admit_consumer(&self) -> Result<OwnedSemaphorePermit, Error> {
+    pub fn admit_consumer(&self) -> Result<SlotPermit, Error> {
         self.consumers.take(|limit| Error::TooManyConsumers { limit })
     }
 
     /// Admits one change stream; its slot is held until the permit is dropped.
-    pub fn admit_subscription(&self) -> Result<OwnedSemaphorePermit, Error> {
+    pub fn admit_subscription(&self) -> Result<SlotPermit, Error> {
         self.subscriptions.take(|limit| Error::TooManySubscriptions { limit })
     }
 
     /// Admits one `ExecuteStream`; its slot is held until the permit is dropped.
-    pub fn admit_stream(&self) -> Result<OwnedSemaphorePermit, Error> {
+    pub fn admit_stream(&self) -> Result<SlotPermit, Error> {
         self.streams.take(|limit| Error::TooManyStreams { limit })
     }
 
@@ -132,8 +189,8 @@ impl TenantLimiter {
     /// while the tenant is over its rate; returns how long it waited.
     pub async fn charge_records(&self, records: u64, bytes: u64) -> Duration {
         let started = Instant::now();
-        take(&self.stream_records, records).await;
-        take(&self.stream_bytes, bytes).await;
+        self.stream_records.take(records).await;
+        self.stream_bytes.take(bytes).await;
         self.charge_shared("stream_records", self.limits.stream_records_per_second, records)
             .await;
         self.charge_shared("stream_bytes", self.limits.stream_bytes_per_second, bytes)
@@ -159,7 +216,7 @@ impl TenantLimiter {
     }
 
     /// Admits one bulk load; its slot is held until the permit is dropped.
-    pub fn admit_load(&self) -> Result<OwnedSemaphorePermit, Error> {
+    pub fn admit_load(&self) -> Result<SlotPermit, Error> {
         self.loads.take(|limit| Error::TooManyLoads { limit })
     }
 
@@ -167,8 +224,8 @@ impl TenantLimiter {
     /// its rate; returns how long it waited.
     pub async fn charge_load(&self, rows: u64, bytes: u64) -> Duration {
         let started = Instant::now();
-        take(&self.load_rows, rows).await;
-        take(&self.load_bytes, bytes).await;
+        self.load_rows.take(rows).await;
+        self.load_bytes.take(bytes).await;
         self.charge_shared("load_rows", self.limits.load_rows_per_second, rows)
             .await;
         self.charge_shared("load_bytes", self.limits.load_bytes_per_second, bytes)
@@ -214,7 +271,10 @@ impl TenantLimiter {
             {
                 Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
                 Ok(_) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.rate.give_back();
+                    return Err(e);
+                }
             }
         }
         Ok(self.throttled("rate", started))
@@ -242,7 +302,7 @@ const TIME_TO_RUN: Duration = Duration::from_millis(1);
 /// A call admitted by its tenant's limits: its concurrency slot, and how
 /// long it must wait for its turn at the request rate.
 pub struct Turn {
-    pub permit: OwnedSemaphorePermit,
+    pub permit: SlotPermit,
     pub wait: Duration,
 }
 
@@ -258,7 +318,7 @@ mod tests {
             max_rate_wait: Duration::ZERO,
             ..LimitsConfig::default()
         };
-        let limiter = TenantLimiter::new("t", &limits, None);
+        let limiter = TenantLimiter::new("t", &limits, None, None);
         for _ in 0..3 {
             let turn = limiter.admit(None).expect("within burst");
             assert_eq!(turn.wait, Duration::ZERO);
@@ -279,7 +339,7 @@ mod tests {
             max_rate_wait: Duration::from_millis(250),
             ..LimitsConfig::default()
         };
-        let limiter = TenantLimiter::new("t", &limits, None);
+        let limiter = TenantLimiter::new("t", &limits, None, None);
         assert_eq!(limiter.admit(None).expect("the burst").wait, Duration::ZERO);
         // The next token is due in 100 ms: too late for a call with 50 ms
         // left, which is refused at once and takes no token...
@@ -315,7 +375,7 @@ mod tests {
             load_rows_per_second: 1000,
             ..LimitsConfig::default()
         };
-        let limiter = TenantLimiter::new("t", &limits, None);
+        let limiter = TenantLimiter::new("t", &limits, None, None);
         let started = std::time::Instant::now();
         // One second of burst, then 500 more rows at 1000 rows/s; charges above the burst are split.
         limiter.charge_load(1000, 10).await;
@@ -326,17 +386,58 @@ mod tests {
         assert!(started.elapsed() >= std::time::Duration::from_millis(1900));
     }
 
+    /// Every rate, 512 MiB/s of bytes included, is kept to within 0.1 %.
+    #[test]
+    fn cost_buckets_keep_their_rate() {
+        for rate in [1, 999, 1_000_000, 1_000_001, 268_435_456, 536_870_912, u32::MAX] {
+            let (quota, unit) = cost_quota(rate);
+            let per_unit = quota.replenish_interval().as_nanos() as f64;
+            let kept = unit as f64 * 1e9 / per_unit;
+            let error = (kept - f64::from(rate)).abs() / f64::from(rate);
+            assert!(error < 0.001, "{rate}/s runs at {kept}/s");
+            let burst = (u64::from(quota.burst_size().get()) * unit) as f64;
+            assert!(
+                (burst - f64::from(rate)).abs() / f64::from(rate) < 0.001,
+                "a second's burst of {rate}/s is {burst}"
+            );
+        }
+    }
+
     #[test]
     fn load_slots_are_limited() {
         let limits = LimitsConfig {
             max_concurrent_loads: 1,
             ..LimitsConfig::default()
         };
-        let limiter = TenantLimiter::new("t", &limits, None);
+        let limiter = TenantLimiter::new("t", &limits, None, None);
         let held = limiter.admit_load().expect("first");
         assert!(matches!(limiter.admit_load(), Err(Error::TooManyLoads { limit: 1 })));
         drop(held);
         assert!(limiter.admit_load().is_ok());
+    }
+
+    /// A reload that changes a tenant's limits keeps counting the slots its
+    /// calls, loads and streams still hold.
+    #[test]
+    fn slots_in_use_count_against_reloaded_limits() {
+        let before = LimitsConfig {
+            max_concurrent_loads: 1,
+            ..LimitsConfig::default()
+        };
+        let old = TenantLimiter::new("t", &before, None, None);
+        let held = old.admit_load().expect("first");
+        let after = LimitsConfig {
+            max_concurrent_loads: 2,
+            weight: before.weight + 1,
+            ..LimitsConfig::default()
+        };
+        let new = TenantLimiter::new("t", &after, None, Some(&old));
+        let second = new.admit_load().expect("a second slot under the new limit");
+        assert!(matches!(new.admit_load(), Err(Error::TooManyLoads { limit: 2 })));
+        drop(held);
+        let third = new.admit_load().expect("the old load's slot came back");
+        drop((second, third));
+        assert!(old.admit_load().is_ok() && new.admit_load().is_ok());
     }
 
     #[test]
@@ -345,7 +446,7 @@ mod tests {
             max_concurrent_requests: 1,
             ..LimitsConfig::default()
         };
-        let limiter = TenantLimiter::new("t", &limits, None);
+        let limiter = TenantLimiter::new("t", &limits, None, None);
         let held = limiter.admit(None).expect("first");
         assert!(matches!(
             limiter.admit(None),

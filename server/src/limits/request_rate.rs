@@ -55,6 +55,14 @@ impl RequestRate {
             }
         }
     }
+
+    /// Returns a token `reserve` took, for a call refused after all (by the
+    /// bucket shared through Redis): refused calls consume no token.
+    pub fn give_back(&self) {
+        let _ = self.tat.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
+            Some(tat.saturating_sub(self.interval))
+        });
+    }
 }
 
 #[cfg(test)]
@@ -62,6 +70,16 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_token_given_back_can_be_taken_again() {
+        let rate = RequestRate::new(1, 2);
+        assert!(rate.reserve(Duration::ZERO).is_ok() && rate.reserve(Duration::ZERO).is_ok());
+        assert!(rate.reserve(Duration::ZERO).is_err(), "the burst is spent");
+        rate.give_back();
+        assert_eq!(rate.reserve(Duration::ZERO), Ok(Duration::ZERO));
+        assert!(rate.reserve(Duration::ZERO).is_err());
+    }
 
     #[test]
     fn a_burst_at_once_then_turns_in_order_then_refusals() {

@@ -24,7 +24,9 @@ pub struct Scheduler {
 
 struct Waiter {
     id: u64,
-    grant: oneshot::Sender<()>,
+    /// The slot itself travels: a waiter that leaves after it was sent drops
+    /// it with the channel, which hands it on.
+    grant: oneshot::Sender<Slot>,
 }
 
 #[derive(Default)]
@@ -111,12 +113,57 @@ impl State {
 
 /// A running call's slot, handed to the next waiter when dropped.
 pub struct Slot {
-    scheduler: Arc<Scheduler>,
+    scheduler: Option<Arc<Scheduler>>,
+}
+
+impl Slot {
+    fn new(scheduler: &Arc<Scheduler>) -> Self {
+        Self {
+            scheduler: Some(scheduler.clone()),
+        }
+    }
+
+    /// Drops a slot that was not handed over without releasing it.
+    fn disarm(mut self) {
+        self.scheduler = None;
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.scheduler.release();
+        if let Some(scheduler) = self.scheduler.take() {
+            scheduler.release();
+        }
+    }
+}
+
+/// A call in the queue, counted in `weir_queued_calls` until it leaves it
+/// by any way, its wait then observed.
+struct Queued {
+    labels: TenantLabels,
+    started: Instant,
+}
+
+impl Queued {
+    fn new(tenant: &str) -> Self {
+        let labels = TenantLabels {
+            tenant: tenant.to_string(),
+        };
+        METRICS.queued.get_or_create(&labels).inc();
+        Self {
+            labels,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        METRICS.queued.get_or_create(&self.labels).dec();
+        METRICS
+            .queue_seconds
+            .get_or_create(&self.labels)
+            .observe(self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -139,9 +186,7 @@ impl Scheduler {
             if state.running < self.capacity && state.waiting.is_empty() {
                 state.running += 1;
                 state.charge(tenant);
-                return Ok(Slot {
-                    scheduler: self.clone(),
-                });
+                return Ok(Slot::new(self));
             }
             let id = state.next_id;
             state.next_id += 1;
@@ -156,31 +201,17 @@ impl Scheduler {
             }
             (id, granted)
         };
-        let labels = TenantLabels {
-            tenant: tenant.to_string(),
-        };
-        let gauge = METRICS.queued.get_or_create(&labels).clone();
-        gauge.inc();
-        let started = Instant::now();
-        // Dropping this future (the caller went away) drops the receiver; the grant then passes on.
-        let outcome = tokio::time::timeout(self.max_wait, granted).await;
-        gauge.dec();
-        METRICS
-            .queue_seconds
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
-        match outcome {
-            Ok(Ok(())) => Ok(Slot {
-                scheduler: self.clone(),
-            }),
+        let queued = Queued::new(tenant);
+        // Dropping this future (the caller went away) drops the receiver,
+        // and with it a slot sent meanwhile, which then passes on.
+        match tokio::time::timeout(self.max_wait, granted).await {
+            Ok(Ok(slot)) => Ok(slot),
             _ => {
-                let removed = self.state.lock().remove(priority, tenant, id);
-                if !removed {
-                    // Granted just as the wait ended: the slot is ours, so pass it on.
-                    self.release();
-                }
+                // Still queued: leave the queue. Already granted: the slot
+                // went with the receiver the timeout dropped.
+                self.state.lock().remove(priority, tenant, id);
                 Err(Error::GatewayBusy {
-                    waited: started.elapsed(),
+                    waited: queued.started.elapsed(),
                     retry_after: self.max_wait / 4,
                 })
             }
@@ -188,12 +219,14 @@ impl Scheduler {
     }
 
     /// Hands a finished call's slot to the next waiter that is still there.
-    fn release(&self) {
+    fn release(self: &Arc<Self>) {
         let mut state = self.state.lock();
         while let Some((tenant, waiter)) = state.pop() {
             state.charge(&tenant);
-            if waiter.grant.send(()).is_ok() {
-                return;
+            match waiter.grant.send(Slot::new(self)) {
+                Ok(()) => return,
+                // That waiter left; this slot was never running.
+                Err(unsent) => unsent.disarm(),
             }
         }
         state.running = state.running.saturating_sub(1);
@@ -283,17 +316,45 @@ mod tests {
         assert!((5..=7).contains(&a), "{got:?}");
     }
 
+    fn queued(tenant: &str) -> i64 {
+        let labels = TenantLabels {
+            tenant: tenant.to_string(),
+        };
+        METRICS.queued.get_or_create(&labels).get()
+    }
+
     #[tokio::test]
     async fn a_waiter_that_left_does_not_take_a_slot() {
         let s = Scheduler::new(1, Duration::from_secs(10));
         let held = s.acquire("a", 1, Priority::Medium).await.expect("slot");
         let s2 = s.clone();
-        let gone = tokio::spawn(async move { s2.acquire("b", 1, Priority::High).await.map(|_| ()) });
+        let gone = tokio::spawn(async move { s2.acquire("left-queue", 1, Priority::High).await.map(|_| ()) });
         tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(queued("left-queue"), 1);
         gone.abort();
         let _ = gone.await;
+        assert_eq!(
+            queued("left-queue"),
+            0,
+            "a caller that left is no longer counted as queued"
+        );
         drop(held);
         assert_eq!(s.running(), 0);
         assert!(s.acquire("c", 1, Priority::Low).await.is_ok());
+    }
+
+    /// A waiter that leaves after its slot was sent, before it saw it,
+    /// hands the slot on rather than keeping it forever.
+    #[tokio::test]
+    async fn a_slot_sent_to_a_waiter_that_left_passes_on() {
+        let s = Scheduler::new(1, Duration::from_secs(10));
+        let held = s.acquire("a", 1, Priority::Medium).await.expect("slot");
+        let mut waiting = Box::pin(s.acquire("b", 1, Priority::Medium));
+        assert!(futures::poll!(&mut waiting).is_pending(), "queued");
+        drop(held);
+        drop(waiting);
+        assert_eq!(s.running(), 0);
+        let again = tokio::time::timeout(Duration::from_secs(1), s.acquire("c", 1, Priority::Low)).await;
+        assert!(matches!(again, Ok(Ok(_))), "the slot is free again");
     }
 }

@@ -173,7 +173,12 @@ impl Tenants {
             }
             let limiter = match old {
                 Some(o) if o.limits == t.limits && same_global.is_some() => o.limiter.clone(),
-                _ => Arc::new(TenantLimiter::new(id, &t.limits, shared.clone())),
+                _ => Arc::new(TenantLimiter::new(
+                    id,
+                    &t.limits,
+                    shared.clone(),
+                    old.map(|o| o.limiter.as_ref()),
+                )),
             };
             let tenant = Arc::new(Tenant {
                 id: id.clone(),

@@ -595,6 +595,14 @@ impl Config {
         if self.server.max_concurrent_requests == 0 {
             return Err(invalid("server.max_concurrent_requests", "must be greater than 0"));
         }
+        if let Some(tls) = &self.server.tls {
+            if tls.require_client_cert && tls.client_ca_file.is_none() {
+                return Err(invalid(
+                    "server.tls.require_client_cert",
+                    "needs client_ca_file, the CAs that sign the client certificates it requires",
+                ));
+            }
+        }
         if let Some(jwt) = &self.auth.jwt {
             crate::transport::jwt::JwtVerifier::new(jwt).map_err(|e| invalid("auth.jwt", e))?;
         }
@@ -1097,6 +1105,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("api_keys[0].sha256"), "{err}");
+        // Client certificates cannot be required without CAs to verify them.
+        let err = Config::from_toml(
+            "[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nrequire_client_cert = true\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.tls.require_client_cert"), "{err}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{key_hash, sqlite_demo, TestServer};
+use common::{http_get, key_hash, sqlite_demo, TestServer};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
 use tonic::Code;
 use weir_client::{TlsOptions, WeirClient};
@@ -242,6 +242,50 @@ async fn a_renewed_server_certificate_is_used_for_new_connections() {
     sources(&renewed).await.expect("works");
     // The connection made before the renewal goes on.
     sources(&before).await.expect("an open connection keeps working");
+    server.stop().await;
+}
+
+/// A reload refused for its tenants leaves the certificate as it was too:
+/// nothing of a refused file is put in force.
+#[tokio::test]
+async fn a_refused_reload_keeps_the_old_certificate() {
+    let (old_ca, new_ca, client_ca) = (ca("old ca"), ca("new ca"), ca("client ca"));
+    let files = Files::new();
+    let config = format!("{}{}", tls_section(&files, &old_ca, &client_ca, false), tenants());
+    let path = files.write("weir.toml", &config);
+    let server = TestServer::start_file(&path).await;
+    let rejected = || async {
+        let (_, metrics) = http_get(&server.metrics_url, "/metrics").await;
+        metrics
+            .lines()
+            .find(|l| l.starts_with("weir_config_reloads_total{outcome=\"rejected\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = rejected().await;
+    // New certificate files and a source whose password cannot be read.
+    let (cert, key) = leaf(&new_ca, "weir", &[dns("localhost")], false);
+    files.write("server.key", &key);
+    files.write("server.crt", &cert);
+    let broken = format!(
+        "{config}[tenants.a.sources.pg]\nengine = \"postgres\"\nhost = \"127.0.0.1\"\nuser = \"u\"\npassword_env = \"WEIR_TEST_NEVER_SET\"\n"
+    );
+    files.write("weir.toml", &broken);
+    for _ in 0..50 {
+        if rejected().await > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(rejected().await > before, "the reload was refused");
+    assert!(
+        connect(&server, Some("key-a"), tls(&new_ca, None)).await.is_err(),
+        "the refused file's certificate is not in force"
+    );
+    let old = connect(&server, Some("key-a"), tls(&old_ca, None))
+        .await
+        .expect("the old certificate");
+    sources(&old).await.expect("works");
     server.stop().await;
 }
 

@@ -81,10 +81,15 @@ impl Registry {
         if !restart.is_empty() {
             tracing::warn!(settings = ?restart, "these settings changed but take effect only after a restart");
         }
-        if let (Some(tls), Some(files)) = (&self.tls, &config.server.tls) {
-            tls.reload(files)?;
-        }
+        // Everything is built before anything is swapped: a refused reload changes nothing.
+        let tls = match (&self.tls, &config.server.tls) {
+            (Some(tls), Some(files)) => Some((tls, crate::transport::tls::server_config(files)?)),
+            _ => None,
+        };
         let (tenants, changes) = Tenants::rebuild(&config, Some(&self.current())).map_err(|e| e.to_string())?;
+        if let Some((reloader, fresh)) = tls {
+            reloader.install(fresh);
+        }
         *self.current.write() = Arc::new(tenants);
         *running = config;
         Ok(changes)

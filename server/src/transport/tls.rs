@@ -74,10 +74,9 @@ impl TlsReloader {
     }
 
     /// Rereads the files; on any error the configuration in force stays.
-    pub fn reload(&self, config: &TlsConfig) -> Result<(), String> {
-        let fresh = server_config(config)?;
+    /// Serves new connections with `fresh` (from `server_config`).
+    pub fn install(&self, fresh: ServerConfig) {
         *self.current.write() = Arc::new(fresh);
-        Ok(())
     }
 
     fn acceptor(&self) -> TlsAcceptor {

@@ -397,6 +397,58 @@ async fn streamed_rows_are_the_rows_of_execute() {
     server.stop().await;
 }
 
+/// PostgreSQL answers COMMIT of a transaction an error aborted with a
+/// silent rollback: Commit says so (ABORTED, 25P02) instead of succeeding.
+/// A transaction that rolled back to a savepoint past its error commits.
+#[tokio::test]
+async fn a_commit_after_a_failed_statement_says_the_transaction_was_rolled_back() {
+    setup("DROP TABLE IF EXISTS weir_tx_failed; CREATE TABLE weir_tx_failed (id int PRIMARY KEY);").await;
+    let server = TestServer::start(&config("")).await;
+    let client = server.client("key-acme").await;
+    let run = |tx: Vec<u8>, sql: &'static str| {
+        let client = client.clone();
+        async move { client.execute_in(&tx, "pg", sql, vec![]).await }
+    };
+
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    run(tx.clone(), "INSERT INTO weir_tx_failed VALUES (1)")
+        .await
+        .expect("insert");
+    run(tx.clone(), "SELECT 1 / 0").await.expect_err("division by zero");
+    let err = client
+        .commit(&tx)
+        .await
+        .expect_err("an aborted transaction does not commit");
+    assert_eq!(err.code(), Code::Aborted, "{}", err.message());
+    assert_eq!(engine_code(&err), "25P02");
+    assert!(err.message().contains("rolled back"), "{}", err.message());
+
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    run(tx.clone(), "INSERT INTO weir_tx_failed VALUES (2)")
+        .await
+        .expect("insert");
+    run(tx.clone(), "SAVEPOINT s").await.expect("savepoint");
+    run(tx.clone(), "SELECT 1 / 0").await.expect_err("division by zero");
+    run(tx.clone(), "ROLLBACK TO SAVEPOINT s")
+        .await
+        .expect("back to the savepoint");
+    client.commit(&tx).await.expect("commit");
+
+    let rows = client
+        .execute("pg", "SELECT id FROM weir_tx_failed ORDER BY id", vec![])
+        .await
+        .expect("rows");
+    assert_eq!(rows.rows.iter().map(|r| int(&r.values[0])).collect::<Vec<_>>(), [2]);
+    assert_serves(&client, "pg", 2).await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn transactions_commit_roll_back_and_expire() {
     setup("DROP TABLE IF EXISTS weir_tx; CREATE TABLE weir_tx (id int PRIMARY KEY, note text);").await;

@@ -761,13 +761,6 @@ impl PgTransaction {
     fn lock(&self) -> Result<OwnedMutexGuard<PooledConnection<'static, PgManager>>, BackendError> {
         self.conn.clone().try_lock_owned().map_err(|_| BackendError::Busy)
     }
-
-    async fn end(&self, sql: &str) -> Result<(), BackendError> {
-        let mut conn = self.lock()?;
-        conn.client.batch_execute(sql).await.map_err(map_error)?;
-        conn.in_transaction = false;
-        Ok(())
-    }
 }
 
 #[async_trait]
@@ -777,13 +770,40 @@ impl SqlTransaction for PgTransaction {
     }
 
     async fn commit(&self) -> Result<(), BackendError> {
-        self.end("COMMIT").await
+        let mut conn = self.lock()?;
+        // COMMIT of a transaction an error aborted rolls it back and reports
+        // success. The SELECT before it, in the same round trip, fails there
+        // instead (25P02), and COMMIT is then never run.
+        match conn.client.batch_execute("SELECT 1; COMMIT").await.map_err(map_error) {
+            Err(BackendError::Engine { code, .. }) if code == IN_FAILED_TRANSACTION => {
+                conn.client.batch_execute("ROLLBACK").await.map_err(map_error)?;
+                conn.in_transaction = false;
+                Err(BackendError::Engine {
+                    kind: EngineErrorKind::Aborted,
+                    code,
+                    message: "the transaction was rolled back, not committed: a statement in it failed; \
+                              run it again from BeginTransaction"
+                        .into(),
+                })
+            }
+            Err(e) => Err(e),
+            Ok(()) => {
+                conn.in_transaction = false;
+                Ok(())
+            }
+        }
     }
 
     async fn rollback(&self) -> Result<(), BackendError> {
-        self.end("ROLLBACK").await
+        let mut conn = self.lock()?;
+        conn.client.batch_execute("ROLLBACK").await.map_err(map_error)?;
+        conn.in_transaction = false;
+        Ok(())
     }
 }
+
+/// SQLSTATE of a statement in a transaction an earlier error aborted.
+const IN_FAILED_TRANSACTION: &str = "25P02";
 
 /// What the engine says when a prepared statement's result columns changed
 /// (ALTER TABLE under `SELECT *`). It checks this when binding, before the

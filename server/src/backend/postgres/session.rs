@@ -62,6 +62,7 @@ pub fn leaves_session_unchanged(sql: &str) -> bool {
     let mut lexer = Lexer {
         s: sql.as_bytes(),
         i: 0,
+        escape_string: false,
     };
     let mut first = true;
     // The word just read and whether it was qualified by a schema other than pg_catalog.
@@ -128,13 +129,15 @@ enum Token {
 struct Lexer<'a> {
     s: &'a [u8],
     i: usize,
+    /// The next quote opens an E'...' string, where a backslash escapes.
+    escape_string: bool,
 }
 
 impl Lexer<'_> {
     fn peek(&mut self) -> Option<Token> {
-        let at = self.i;
+        let (at, escape_string) = (self.i, self.escape_string);
         let token = self.next();
-        self.i = at;
+        (self.i, self.escape_string) = (at, escape_string);
         token
     }
 
@@ -151,7 +154,8 @@ impl Lexer<'_> {
             b'.' if !self.s.get(self.i).is_some_and(u8::is_ascii_digit) => Token::Dot,
             b';' => Token::Semicolon,
             b'\'' => {
-                let escapes = self.i >= 2 && matches!(self.s[self.i - 2], b'e' | b'E');
+                // Only the prefix word `E` itself: `ELSE'\'` is a plain string.
+                let escapes = std::mem::take(&mut self.escape_string);
                 self.quoted(b'\'', escapes)?;
                 Token::Other
             }
@@ -175,6 +179,7 @@ impl Lexer<'_> {
                 let word = String::from_utf8_lossy(&self.s[start..self.i]).to_ascii_lowercase();
                 // E'...' and U&'...' strings start with a letter.
                 if self.s.get(self.i) == Some(&b'\'') && matches!(word.as_str(), "e" | "b" | "x" | "n") {
+                    self.escape_string = word == "e";
                     return Some(Token::Other);
                 }
                 Token::Word(word)
@@ -311,6 +316,10 @@ mod tests {
             "SELECT 'unclosed",
             "SELECT /* unclosed",
             "SELECT $tag$ unclosed",
+            // A word ending in E before a quote does not make an E'' string:
+            // the backslash here escapes nothing, and set_config is code.
+            "SELECT CASE WHEN true THEN 'a' ELSE'\\' END, set_config('default_transaction_read_only', 'off', false) --'",
+            "SELECT 'a' LIKE'\\', set_config('role', 'x', false) --'",
             "",
             "   ",
             ";",

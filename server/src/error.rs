@@ -287,6 +287,11 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
             (Code::InvalidArgument, d)
         }
         BackendError::LoadAbandoned => (Code::Aborted, info("LOAD_ABANDONED", vec![])),
+        BackendError::TransactionRolledBack(_) => {
+            let mut d = info("TRANSACTION_LOST", vec![]);
+            d.set_retry_info(Some(Duration::from_secs(1)));
+            (Code::Aborted, d)
+        }
         BackendError::WrongKind(_) => (Code::FailedPrecondition, info("WRONG_SOURCE_KIND", vec![])),
         BackendError::LoadIdReused(_) => (Code::FailedPrecondition, info("LOAD_ID_REUSED", vec![])),
         BackendError::ChangesNotReady(_) => (Code::FailedPrecondition, info("CHANGE_STREAMS_NOT_READY", vec![])),

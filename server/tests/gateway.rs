@@ -540,6 +540,87 @@ async fn statement_timeout_cancels_sqlite_work() {
     server.stop().await;
 }
 
+/// SQLite rolls a transaction back when a write in it is interrupted; the
+/// handle then refuses statements, which would have autocommitted, and Commit.
+#[tokio::test]
+async fn an_interrupted_sqlite_write_loses_its_transaction_loudly() {
+    let toml = tenant("t", "statement_timeout = \"300ms\"", &sqlite_demo("t", "db"));
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-t").await;
+    client
+        .execute("db", "CREATE TABLE lost (x INTEGER)", vec![])
+        .await
+        .expect("table");
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "db", "INSERT INTO lost VALUES (1)", vec![])
+        .await
+        .expect("insert");
+    let endless = "WITH RECURSIVE c(x) AS (SELECT 2 UNION ALL SELECT x + 1 FROM c) INSERT INTO lost SELECT x FROM c";
+    let err = client
+        .execute_in(&tx, "db", endless, vec![])
+        .await
+        .expect_err("interrupted");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    assert_transaction_lost(&client, &tx, "db", "INSERT INTO lost VALUES (3)").await;
+    let count = client
+        .execute("db", "SELECT count(*) FROM lost", vec![])
+        .await
+        .expect("count");
+    assert_eq!(
+        int(&count.rows[0].values[0]),
+        0,
+        "nothing of the lost transaction autocommitted"
+    );
+    server.stop().await;
+}
+
+/// DDL changes no rows, whatever the connection's last DELETE changed;
+/// infinite decimals are spelled as PostgreSQL's numeric spells them.
+#[tokio::test]
+async fn sqlite_ddl_reports_no_rows_affected_and_infinite_decimals_are_named() {
+    let source = format!("{}[tenants.t.sources.db.pool]\nmax_size = 1\n", sqlite_demo("t", "db"));
+    let server = TestServer::start(&tenant("t", "", &source)).await;
+    let client = server.client("key-t").await;
+    let affected = |r: pb::ExecuteResponse| r.stats.and_then(|s| s.rows_affected);
+    let deleted = client
+        .execute("db", "DELETE FROM order_items", vec![])
+        .await
+        .expect("delete");
+    assert!(affected(deleted).is_some_and(|n| n > 100));
+    let created = client
+        .execute("db", "CREATE TABLE after_delete (x INTEGER)", vec![])
+        .await
+        .expect("create");
+    assert_eq!(affected(created), Some(0));
+    // Infinities in a DECIMAL column read as numeric spells them, not Rust's inf.
+    client
+        .execute("db", "CREATE TABLE huge (v DECIMAL)", vec![])
+        .await
+        .expect("table");
+    client
+        .execute("db", "INSERT INTO huge VALUES (9e999), (-9e999)", vec![])
+        .await
+        .expect("infinities");
+    let r = client
+        .execute("db", "SELECT v FROM huge ORDER BY v DESC", vec![])
+        .await
+        .expect("read");
+    let spelled: Vec<_> = r
+        .rows
+        .iter()
+        .map(|row| match &row.values[0].kind {
+            Some(pb::value::Kind::DecimalValue(d)) => d.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(spelled, ["Infinity", "-Infinity"]);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn invalid_requests_are_rejected_with_the_field() {
     let server = TestServer::start(&two_tenants()).await;

@@ -187,6 +187,113 @@ async fn every_mysql_type_reads_the_same_as_arrow() {
     server.stop().await;
 }
 
+/// A procedure that returns two result sets fails rather than dropping the
+/// second; one that returns one (then its closing status) answers with it.
+#[tokio::test]
+async fn a_second_result_set_is_refused_not_dropped() {
+    let mut direct = mysql_direct().await;
+    direct
+        .query_drop(
+            "DROP PROCEDURE IF EXISTS weir_my_two_sets;
+             CREATE PROCEDURE weir_my_two_sets() BEGIN SELECT 1 AS a; SELECT 2 AS b; END;
+             DROP PROCEDURE IF EXISTS weir_my_one_set;
+             CREATE PROCEDURE weir_my_one_set() BEGIN SELECT 7 AS a; END",
+        )
+        .await
+        .expect("setup");
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    let one = client
+        .execute("maria", "CALL weir_my_one_set()", vec![])
+        .await
+        .expect("one result set");
+    assert_eq!(int(&one.rows[0].values[0]), 7);
+    let err = client
+        .execute("maria", "CALL weir_my_two_sets()", vec![])
+        .await
+        .expect_err("two result sets");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("more than one result set"), "{}", err.message());
+    assert_serves(&client, "maria", 3).await;
+    server.stop().await;
+}
+
+/// A deadlock ends a MySQL transaction: the handle then refuses further
+/// statements (which would have autocommitted) and Commit, as ABORTED.
+#[tokio::test]
+async fn a_transaction_that_lost_a_deadlock_takes_no_more_statements() {
+    let mut other = mysql_direct().await;
+    other
+        .query_drop(
+            "DROP TABLE IF EXISTS weir_my_tx_deadlock;
+             CREATE TABLE weir_my_tx_deadlock (id INT PRIMARY KEY, v INT) ENGINE = InnoDB;
+             INSERT INTO weir_my_tx_deadlock SELECT seq, 0 FROM seq_1_to_300",
+        )
+        .await
+        .expect("setup");
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    let tx = client
+        .begin("maria", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(
+            &tx,
+            "maria",
+            "UPDATE weir_my_tx_deadlock SET v = 1 WHERE id = 1",
+            vec![],
+        )
+        .await
+        .expect("row 1");
+    // The other transaction changes more rows: InnoDB makes ours the victim.
+    other.query_drop("START TRANSACTION").await.expect("begin");
+    other
+        .query_drop("UPDATE weir_my_tx_deadlock SET v = 2 WHERE id >= 2")
+        .await
+        .expect("rows 2 and on");
+    let waiting = {
+        let (client, tx) = (client.clone(), tx.clone());
+        tokio::spawn(async move {
+            client
+                .execute_in(
+                    &tx,
+                    "maria",
+                    "UPDATE weir_my_tx_deadlock SET v = 1 WHERE id = 2",
+                    vec![],
+                )
+                .await
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while mysql_running(&mut other, "UPDATE weir_my_tx_deadlock SET v = 1%").await == 0 {
+        assert!(std::time::Instant::now() < deadline, "ours never waited for row 2");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    other
+        .query_drop("UPDATE weir_my_tx_deadlock SET v = 2 WHERE id = 1")
+        .await
+        .expect("the other transaction goes on once ours gave way");
+    other.query_drop("ROLLBACK").await.expect("rollback");
+    let err = waiting.await.expect("task").expect_err("a deadlock");
+    assert_eq!(engine_code(&err), "1213", "{}", err.message());
+
+    assert_transaction_lost(
+        &client,
+        &tx,
+        "maria",
+        "INSERT INTO weir_my_tx_deadlock VALUES (1000, 9)",
+    )
+    .await;
+    let left: Option<i64> = other
+        .query_first("SELECT COUNT(*) FROM weir_my_tx_deadlock WHERE id = 1000 OR v <> 0")
+        .await
+        .expect("count");
+    assert_eq!(left, Some(0), "no statement of the lost transaction autocommitted");
+    assert_serves(&client, "maria", 2).await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn zero_dates_become_null() {
     let mut direct = mysql_direct().await;

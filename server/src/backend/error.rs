@@ -98,6 +98,10 @@ pub enum BackendError {
         code: String,
         message: String,
     },
+    /// The engine rolled a transaction back on its own (a deadlock, an
+    /// interrupted write): its later statements would otherwise autocommit.
+    #[error("the database rolled the transaction back after {0}; run it again from BeginTransaction")]
+    TransactionRolledBack(&'static str),
     /// The rows of a load stopped coming before the load was complete; it was rolled back.
     #[error("the load ended before its last row and was rolled back")]
     LoadAbandoned,

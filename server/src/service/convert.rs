@@ -11,6 +11,8 @@ use super::bad;
 use crate::backend::{self as domain, ColumnType, Isolation, LoadMode, Value};
 use crate::error::Error;
 
+const NANOS_PER_SECOND: u32 = 1_000_000_000;
+
 /// Deepest list nesting accepted in a parameter (PostgreSQL allows 6 dimensions).
 const MAX_LIST_DEPTH: usize = 6;
 
@@ -55,17 +57,22 @@ fn value_from_proto(v: pb::Value, depth: usize) -> Result<Value, String> {
                 .ok_or_else(|| format!("{}-{}-{} is not a valid date", d.year, d.month, d.day))?,
         ),
         Some(Kind::TimeValue(t)) => {
+            // chrono would take nanos past a second at :59 as a leap second.
             let time = [t.hours, t.minutes, t.seconds, t.nanos]
                 .map(u32::try_from)
                 .into_iter()
                 .collect::<Result<Vec<_>, _>>()
                 .ok()
+                .filter(|p| p[3] < NANOS_PER_SECOND)
                 .and_then(|p| NaiveTime::from_hms_nano_opt(p[0], p[1], p[2], p[3]))
                 .ok_or("not a valid time of day")?;
             Value::Time(time, t.utc_offset_seconds)
         }
         Some(Kind::TimestampValue(ts)) => {
-            let nanos = u32::try_from(ts.nanos).map_err(|_| "timestamp nanos must be 0..999999999")?;
+            let nanos = u32::try_from(ts.nanos)
+                .ok()
+                .filter(|n| *n < NANOS_PER_SECOND)
+                .ok_or("timestamp nanos must be 0..999999999")?;
             Value::TimestampTz(DateTime::from_timestamp(ts.seconds, nanos).ok_or("timestamp out of range")?)
         }
         Some(Kind::IntervalValue(i)) => Value::Interval {
@@ -791,5 +798,28 @@ mod tests {
             };
         }
         assert!(params(vec![nested]).is_err());
+    }
+
+    /// Nanos are under a second: chrono reads more at second 59 as a leap second.
+    #[test]
+    fn leap_seconds_are_not_times() {
+        let time = |nanos| pb::Value {
+            kind: Some(Kind::TimeValue(pb::TimeOfDay {
+                hours: 23,
+                minutes: 59,
+                seconds: 59,
+                nanos,
+                ..Default::default()
+            })),
+        };
+        let at = |nanos| pb::Value {
+            kind: Some(Kind::TimestampValue(prost_types::Timestamp {
+                seconds: 1_700_000_039,
+                nanos,
+            })),
+        };
+        assert!(params(vec![time(999_999_999), at(999_999_999)]).is_ok());
+        assert!(params(vec![time(1_500_000_000)]).is_err());
+        assert!(params(vec![at(1_500_000_000)]).is_err());
     }
 }

@@ -392,6 +392,23 @@ pub fn mssql_live(tenant: &str, name: &str, extra: &str) -> String {
 
 /// The source still answers `SELECT 1`, `times` times in a row: no pooled
 /// connection was left broken or busy.
+/// A transaction the database rolled back on its own refuses `sql` (which
+/// would otherwise run outside it) and Commit, as ABORTED / TRANSACTION_LOST.
+pub async fn assert_transaction_lost(client: &WeirClient, tx: &[u8], source: &str, sql: &str) {
+    let err = client
+        .execute_in(tx, source, sql, vec![])
+        .await
+        .expect_err("the transaction is gone");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (tonic::Code::Aborted, "TRANSACTION_LOST"),
+        "{}",
+        err.message()
+    );
+    let err = client.commit(tx).await.expect_err("nothing to commit");
+    assert_eq!(err.code(), tonic::Code::Aborted, "{}", err.message());
+}
+
 pub async fn assert_serves(client: &WeirClient, source: &str, times: usize) {
     for _ in 0..times {
         let r = client

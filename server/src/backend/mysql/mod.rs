@@ -97,15 +97,39 @@ impl MysqlSource {
 /// The connection a statement runs on: from the pool, or a transaction's.
 enum Hold {
     Pooled(Conn),
-    Transaction(OwnedMutexGuard<Conn>),
+    Transaction(OwnedMutexGuard<TxConn>),
 }
 
 impl Hold {
     fn conn(&mut self) -> &mut Conn {
         match self {
             Hold::Pooled(c) => c,
-            Hold::Transaction(c) => c,
+            Hold::Transaction(t) => &mut t.conn,
         }
+    }
+}
+
+/// A transaction's connection, and what made the server roll the
+/// transaction back on its own: later statements would autocommit.
+struct TxConn {
+    conn: Conn,
+    rolled_back: Option<&'static str>,
+}
+
+/// Whether `error` ended the transaction on `conn`: a deadlock always does,
+/// a lock wait timeout with `innodb_rollback_on_timeout`; others undo only
+/// their statement.
+async fn rolled_back_by(conn: &mut Conn, error: &BackendError) -> Option<&'static str> {
+    let BackendError::Engine { code, .. } = error else {
+        return None;
+    };
+    match code.as_str() {
+        "1213" => Some("a deadlock (errno 1213)"),
+        "1205" => {
+            let whole: Option<i64> = conn.query_first("SELECT @@innodb_rollback_on_timeout").await.ok()?;
+            (whole == Some(1)).then_some("a lock wait timeout (errno 1205)")
+        }
+        _ => None,
     }
 }
 
@@ -115,6 +139,9 @@ async fn start(hold: Hold, statement: Statement, opts: Opts) -> Result<QueryStre
     tokio::spawn(async move {
         let mut hold = hold;
         let outcome = execute(hold.conn(), &statement, &mut worker, &opts).await;
+        if let (Hold::Transaction(tx), Err(e)) = (&mut hold, &outcome) {
+            tx.rolled_back = rolled_back_by(&mut tx.conn, e).await;
+        }
         // Release the connection (and a transaction's lock) before the caller
         // learns the statement is over, so its next call finds it free.
         drop(hold);
@@ -196,6 +223,13 @@ async fn execute(
         }
     }
     let affected = result.affected_rows();
+    // A procedure's second SELECT; its closing status is no result set.
+    if !result.is_empty() {
+        result.drop_result().await.map_err(map_error)?;
+        return Err(BackendError::Invalid(
+            "the statement returned more than one result set; Weir returns one per statement".into(),
+        ));
+    }
     drop(result);
     if let Some(rest) = gather.rest() {
         if !worker.send(rest).await {
@@ -262,7 +296,10 @@ impl SqlSource for MysqlSource {
         };
         conn.query_drop(start).await.map_err(map_error)?;
         Ok(Box::new(MysqlTransaction {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(Mutex::new(TxConn {
+                conn,
+                rolled_back: None,
+            })),
             source: self.opts.clone(),
         }))
     }
@@ -326,12 +363,12 @@ fn flavour(version: &str) -> String {
 }
 
 struct MysqlTransaction {
-    conn: Arc<Mutex<Conn>>,
+    conn: Arc<Mutex<TxConn>>,
     source: Opts,
 }
 
 impl MysqlTransaction {
-    fn lock(&self) -> Result<OwnedMutexGuard<Conn>, BackendError> {
+    fn lock(&self) -> Result<OwnedMutexGuard<TxConn>, BackendError> {
         self.conn.clone().try_lock_owned().map_err(|_| BackendError::Busy)
     }
 }
@@ -339,15 +376,23 @@ impl MysqlTransaction {
 #[async_trait]
 impl SqlTransaction for MysqlTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        start(Hold::Transaction(self.lock()?), statement, self.source.clone()).await
+        let tx = self.lock()?;
+        if let Some(cause) = tx.rolled_back {
+            return Err(BackendError::TransactionRolledBack(cause));
+        }
+        start(Hold::Transaction(tx), statement, self.source.clone()).await
     }
 
     async fn commit(&self) -> Result<(), BackendError> {
-        self.lock()?.query_drop("COMMIT").await.map_err(map_error)
+        let mut tx = self.lock()?;
+        if let Some(cause) = tx.rolled_back {
+            return Err(BackendError::TransactionRolledBack(cause));
+        }
+        tx.conn.query_drop("COMMIT").await.map_err(map_error)
     }
 
     async fn rollback(&self) -> Result<(), BackendError> {
-        self.lock()?.query_drop("ROLLBACK").await.map_err(map_error)
+        self.lock()?.conn.query_drop("ROLLBACK").await.map_err(map_error)
     }
 }
 

@@ -151,20 +151,25 @@ pub fn decode(v: MyValue, as_: Decode) -> Result<Value, String> {
 
 const NO_INTERVAL: &str = "MySQL has no interval type";
 const NO_ARRAY: &str = "MySQL has no array type";
+const NO_OFFSET: &str = "MySQL's TIME has no UTC offset; send the time without one";
 
 /// Converts a parameter; MySQL parses text for the type it expects.
 pub fn param(v: &Value) -> Result<MyValue, String> {
     use chrono::{Datelike, Timelike};
     let date = |d: NaiveDate, t: NaiveTime| {
-        MyValue::Date(
-            u16::try_from(d.year()).unwrap_or(0),
+        let year = u16::try_from(d.year())
+            .ok()
+            .filter(|y| *y <= 9999)
+            .ok_or_else(|| format!("year {} is outside MySQL's dates (0000 to 9999)", d.year()))?;
+        Ok::<_, String>(MyValue::Date(
+            year,
             d.month() as u8,
             d.day() as u8,
             t.hour() as u8,
             t.minute() as u8,
             t.second() as u8,
             t.nanosecond() / 1000,
-        )
+        ))
     };
     Ok(match v {
         Value::Null => MyValue::NULL,
@@ -174,10 +179,11 @@ pub fn param(v: &Value) -> Result<MyValue, String> {
         Value::Float(f) => MyValue::Double(*f),
         Value::Text(s) | Value::Decimal(s) | Value::Json(s) => MyValue::Bytes(s.clone().into_bytes()),
         Value::Bytes(b) => MyValue::Bytes(b.clone()),
-        Value::Date(d) => date(*d, NaiveTime::MIN),
-        Value::Timestamp(t) => date(t.date(), t.time()),
-        Value::TimestampTz(t) => date(t.date_naive(), t.time()),
-        Value::Time(t, _) => MyValue::Time(
+        Value::Date(d) => date(*d, NaiveTime::MIN)?,
+        Value::Timestamp(t) => date(t.date(), t.time())?,
+        Value::TimestampTz(t) => date(t.date_naive(), t.time())?,
+        Value::Time(_, Some(_)) => return Err(NO_OFFSET.into()),
+        Value::Time(t, None) => MyValue::Time(
             false,
             0,
             t.hour() as u8,
@@ -268,7 +274,8 @@ pub fn write_load_text(v: &Value, as_: LoadAs, scratch: &mut String, out: &mut B
             let _ = datetime(scratch, t.date_naive(), t.time());
             scratch.as_bytes()
         }
-        Value::Time(t, _) => {
+        Value::Time(_, Some(_)) => return Err(NO_OFFSET.into()),
+        Value::Time(t, None) => {
             let _ = write!(
                 scratch,
                 "{:02}:{:02}:{:02}.{:06}",
@@ -335,7 +342,7 @@ mod tests {
                 Value::TimestampTz(chrono::Utc.from_utc_datetime(&at)),
                 "2024-02-29 13:14:15.000500",
             ),
-            (Value::Time(at.time(), Some(3600)), "13:14:15.000500"),
+            (Value::Time(at.time(), None), "13:14:15.000500"),
         ];
         for (value, expected) in cases {
             assert_eq!(text(value.clone(), LoadAs::Text).unwrap(), expected, "{value:?}");
@@ -344,6 +351,20 @@ mod tests {
         assert_eq!(text(Value::Text("é".into()), LoadAs::Hex).unwrap(), "c3a9");
         assert_eq!(text(Value::Null, LoadAs::Hex).unwrap(), "\\N");
         assert!(text(Value::List(vec![]), LoadAs::Text).is_err());
+        // MySQL's TIME has no offset to keep: refused, not dropped.
+        assert!(text(Value::Time(at.time(), Some(3600)), LoadAs::Text).is_err());
+        assert!(param(&Value::Time(at.time(), Some(3600))).is_err());
+    }
+
+    #[test]
+    fn dates_outside_mysqls_years_are_refused() {
+        let year = |y| param(&Value::Date(NaiveDate::from_ymd_opt(y, 1, 1).unwrap()));
+        assert!(matches!(year(9999), Ok(MyValue::Date(9999, 1, 1, 0, 0, 0, 0))));
+        assert!(matches!(year(0), Ok(MyValue::Date(0, 1, 1, 0, 0, 0, 0))));
+        for y in [-1, 10_000, 70_000] {
+            let err = year(y).expect_err("out of range");
+            assert!(err.contains(&y.to_string()), "{err}");
+        }
     }
 
     #[test]

@@ -279,13 +279,22 @@ struct SqliteTransaction {
     restore_writes: bool,
 }
 
+/// SQLite rolls a whole transaction back when a write in it is interrupted
+/// (a deadline, a cancel) or fails on a full disk, and goes on in autocommit.
+const ROLLED_BACK_BY_SQLITE: &str = "an interrupted or failed write";
+
 impl SqliteTransaction {
-    async fn end(&self, sql: &'static str) -> Result<(), BackendError> {
+    async fn end(&self, commit: bool) -> Result<(), BackendError> {
         let guard = self.lease.clone().try_lock_owned().map_err(|_| BackendError::Busy)?;
         let restore = self.restore_writes;
         tokio::task::spawn_blocking(move || {
             let conn = guard.conn()?;
-            let ended = conn.execute_batch(sql).map_err(map_error);
+            let ended = match (conn.is_autocommit(), commit) {
+                (true, true) => Err(BackendError::TransactionRolledBack(ROLLED_BACK_BY_SQLITE)),
+                (true, false) => Ok(()),
+                (false, true) => conn.execute_batch("COMMIT").map_err(map_error),
+                (false, false) => conn.execute_batch("ROLLBACK").map_err(map_error),
+            };
             // Restored even when the statement failed (a caller may have ended
             // the transaction itself), or later writers would find it read-only.
             if restore {
@@ -302,15 +311,18 @@ impl SqliteTransaction {
 impl SqlTransaction for SqliteTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
         let guard = self.lease.clone().try_lock_owned().map_err(|_| BackendError::Busy)?;
+        if guard.conn()?.is_autocommit() {
+            return Err(BackendError::TransactionRolledBack(ROLLED_BACK_BY_SQLITE));
+        }
         start(Hold::Transaction(guard), statement).await
     }
 
     async fn commit(&self) -> Result<(), BackendError> {
-        self.end("COMMIT").await
+        self.end(true).await
     }
 
     async fn rollback(&self) -> Result<(), BackendError> {
-        self.end("ROLLBACK").await
+        self.end(false).await
     }
 }
 
@@ -337,6 +349,9 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
 
 /// Runs the statement, sending its columns and rows; returns rows affected.
 fn execute(conn: &Connection, statement: &Statement, worker: &mut Worker) -> Result<Option<u64>, BackendError> {
+    // `changes()` keeps the last INSERT, UPDATE or DELETE's count through
+    // DDL and pragmas: it is this statement's only if the total moved.
+    let changed_before = conn.total_changes();
     let mut prepared = conn.prepare(&statement.sql).map_err(map_error)?;
     let expected = prepared.parameter_count();
     if expected != statement.params.len() {
@@ -377,7 +392,8 @@ fn execute(conn: &Connection, statement: &Statement, worker: &mut Worker) -> Res
     if gather.rest().is_some_and(|rest| !worker.send_blocking(rest)) {
         return Ok(None);
     }
-    Ok((!returns_rows).then(|| conn.changes()))
+    let changed = conn.total_changes() != changed_before;
+    Ok((!returns_rows).then(|| if changed { conn.changes() } else { 0 }))
 }
 
 /// Column metadata from the declared type, following SQLite's affinity rules.
@@ -419,7 +435,12 @@ fn put(raw: ValueRef<'_>, ty: ColumnType, sink: &mut impl RowSink) -> Result<(),
         (ValueRef::Null, _) => Value::Null,
         (ValueRef::Integer(i), ColumnType::Bool) => Value::Bool(i != 0),
         (ValueRef::Integer(i), ColumnType::Decimal) => Value::Decimal(i.to_string()),
-        (ValueRef::Real(f), ColumnType::Decimal) => Value::Decimal(f.to_string()),
+        (ValueRef::Real(f), ColumnType::Decimal) => Value::Decimal(match f {
+            // Spelled as PostgreSQL's numeric spells them, not Rust's inf.
+            f if f == f64::INFINITY => "Infinity".into(),
+            f if f == f64::NEG_INFINITY => "-Infinity".into(),
+            f => f.to_string(),
+        }),
         (ValueRef::Text(t), ColumnType::Date) => {
             let s = text(t)?;
             Value::Date(

@@ -121,6 +121,18 @@ async fn a_call_that_waits_too_long_is_refused_with_a_retry_delay() {
         tokio::spawn(async move { execute(&a, "SELECT pg_sleep(0.6)", pb::Priority::Medium).await })
     };
     wait_for_sleepers(1).await;
+    // A call that cannot run is refused for what it is, at once, not queued.
+    let started = Instant::now();
+    let err = a
+        .execute("nowhere", "SELECT 1", vec![])
+        .await
+        .expect_err("unknown source");
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+    assert!(
+        started.elapsed() < Duration::from_millis(150),
+        "{:?}",
+        started.elapsed()
+    );
     let started = Instant::now();
     let err = execute(&a, "SELECT 1", pb::Priority::Medium)
         .await

@@ -429,12 +429,12 @@ impl QueryService for QueryApi {
         let caller = caller(&request)?;
         let timeout = statement_timeout(&request, &caller);
         let r = request.into_inner();
-        let admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
+        let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, true)?;
+        let admitted = self.gate.admit(&target.caller, r.options.as_ref()).await?;
         let timing = Timing {
             started,
             queued: admitted.queued,
         };
-        let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, true)?;
         let result = tokio::time::timeout(timeout, execute_unary(&target, timing)).await;
         target.finished();
         let response = result
@@ -454,13 +454,13 @@ impl QueryService for QueryApi {
         let timeout = statement_timeout(&request, &caller);
         let r = request.into_inner();
         let format = Format::of(&r)?;
-        let stream_slot = caller.tenant.limiter.admit_stream()?;
-        let admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
+        let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, false)?;
+        let stream_slot = target.caller.tenant.limiter.admit_stream()?;
+        let admitted = self.gate.admit(&target.caller, r.options.as_ref()).await?;
         let timing = Timing {
             started,
             queued: admitted.queued,
         };
-        let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, false)?;
         let (tx, rx) = StreamOut::channel(STREAM_BUFFER, self.stream_idle);
         let mut cut = self.cut.clone();
         tokio::spawn(

@@ -601,6 +601,70 @@ async fn cancelled_and_timed_out_statements_stop_in_the_engine() {
     server.stop().await;
 }
 
+/// A source's role sees only the schemas it may use and the tables it has
+/// a privilege on: tenants that share a database, each with its own role,
+/// do not see each other's tables.
+#[tokio::test]
+async fn schema_calls_show_only_what_the_sources_role_may_use() {
+    setup(
+        "DROP SCHEMA IF EXISTS weir_priv_open CASCADE; DROP SCHEMA IF EXISTS weir_priv_closed CASCADE;
+         DROP ROLE IF EXISTS weir_priv_reader;
+         CREATE ROLE weir_priv_reader LOGIN PASSWORD 'weir-priv-reader';
+         CREATE SCHEMA weir_priv_open; CREATE SCHEMA weir_priv_closed;
+         CREATE TABLE weir_priv_open.granted (id int); CREATE TABLE weir_priv_open.withheld (id int);
+         CREATE TABLE weir_priv_open.one_column (id int, secret text);
+         CREATE TABLE weir_priv_closed.hidden (id int);
+         GRANT USAGE ON SCHEMA weir_priv_open TO weir_priv_reader;
+         GRANT SELECT ON weir_priv_open.granted TO weir_priv_reader;
+         GRANT SELECT (id) ON weir_priv_open.one_column TO weir_priv_reader;",
+    )
+    .await;
+    std::env::set_var("WEIR_TEST_PRIV_PASSWORD", "weir-priv-reader");
+    let source = format!(
+        "[tenants.acme.sources.limited]\nengine = \"postgres\"\nhost = \"{}\"\nport = {}\nuser = \"weir_priv_reader\"\n\
+         database = \"{}\"\npassword_env = \"WEIR_TEST_PRIV_PASSWORD\"\n",
+        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_PG_PORT", "5432"),
+        env_or("WEIR_TEST_PG_DATABASE", "test"),
+    );
+    let server = TestServer::start(&tenant("acme", "", &source)).await;
+    let client = server.client("key-acme").await;
+    let schemas: Vec<String> = client
+        .list_schemas("limited")
+        .await
+        .expect("schemas")
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert!(schemas.iter().any(|s| s == "weir_priv_open"), "{schemas:?}");
+    assert!(!schemas.iter().any(|s| s == "weir_priv_closed"), "{schemas:?}");
+    let tables: Vec<String> = client
+        .list_tables("limited", "weir_priv_open")
+        .await
+        .expect("tables")
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(tables, ["granted", "one_column"]);
+    let hidden = client
+        .list_tables("limited", "weir_priv_closed")
+        .await
+        .expect("tables of a closed schema");
+    assert!(hidden.is_empty(), "{hidden:?}");
+    client
+        .describe_table("limited", "weir_priv_open", "granted")
+        .await
+        .expect("a granted table");
+    for (schema, table) in [("weir_priv_open", "withheld"), ("weir_priv_closed", "hidden")] {
+        let err = client
+            .describe_table("limited", schema, table)
+            .await
+            .expect_err("not the role's");
+        assert_eq!(err.code(), Code::NotFound, "{schema}.{table}: {}", err.message());
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn schema_calls_read_the_catalog() {
     setup(

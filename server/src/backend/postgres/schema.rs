@@ -12,8 +12,17 @@ use crate::backend::{
 
 const SYSTEM_SCHEMA: &str = "(n.nspname IN ('pg_catalog', 'information_schema') OR n.nspname LIKE 'pg\\_%')";
 
+/// The catalog shows every role every object; the source's role sees only
+/// schemas it may use and tables it holds some privilege on (as in
+/// information_schema), so tenants sharing a database with their own roles
+/// do not see each other's tables.
+const MAY_USE_SCHEMA: &str = "has_schema_privilege(n.oid, 'USAGE')";
+const MAY_USE_TABLE: &str = "has_schema_privilege(n.oid, 'USAGE') \
+     AND (has_any_column_privilege(c.oid, 'SELECT, INSERT, UPDATE, REFERENCES') \
+     OR has_table_privilege(c.oid, 'DELETE, TRUNCATE, TRIGGER'))";
+
 pub async fn list_schemas(client: &Client, include_system: bool) -> Result<Vec<SchemaInfo>, tokio_postgres::Error> {
-    let sql = format!("SELECT n.nspname::text, {SYSTEM_SCHEMA} FROM pg_namespace n ORDER BY 1");
+    let sql = format!("SELECT n.nspname::text, {SYSTEM_SCHEMA} FROM pg_namespace n WHERE {MAY_USE_SCHEMA} ORDER BY 1");
     let rows = client.query(&sql, &[]).await?;
     Ok(rows
         .iter()
@@ -56,7 +65,7 @@ fn table_info(r: &tokio_postgres::Row) -> TableInfo {
 pub async fn list_tables(client: &Client, schema: Option<&str>) -> Result<Vec<TableInfo>, tokio_postgres::Error> {
     let sql = format!(
         "SELECT {TABLE_COLUMNS} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p') \
+         WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p') AND {MAY_USE_TABLE} \
          AND (($1::text IS NULL AND NOT {SYSTEM_SCHEMA}) OR n.nspname = $1::text) ORDER BY 1, 2"
     );
     let rows = client.query(&sql, &[&schema]).await?;
@@ -96,7 +105,7 @@ pub async fn describe_table(
     let sql = format!(
         "SELECT {TABLE_COLUMNS}, c.oid, c.relreplident::text, current_setting('wal_level') \
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.relname = $2::text AND c.relkind IN ('r', 'v', 'm', 'f', 'p') \
+         WHERE c.relname = $2::text AND c.relkind IN ('r', 'v', 'm', 'f', 'p') AND {MAY_USE_TABLE} \
          AND n.nspname = COALESCE($1::text, current_schema())"
     );
     let row = client.query_opt(&sql, &[&schema, &table]).await.map_err(map_error)?;

@@ -578,6 +578,35 @@ async fn an_interrupted_sqlite_write_loses_its_transaction_loudly() {
     server.stop().await;
 }
 
+/// A pooled SQLite connection that a caller's pragma or temporary table
+/// changed is closed, not handed to the next caller.
+#[tokio::test]
+async fn sqlite_session_state_does_not_reach_the_next_caller() {
+    let source = format!("{}[tenants.t.sources.db.pool]\nmax_size = 1\n", sqlite_demo("t", "db"));
+    let server = TestServer::start(&tenant("t", "", &source)).await;
+    let client = server.client("key-t").await;
+    let run = |sql: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .execute("db", sql, vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {}", e.message()))
+        }
+    };
+    run("PRAGMA foreign_keys = OFF").await;
+    assert_eq!(int(&run("PRAGMA foreign_keys").await.rows[0].values[0]), 1);
+    run("/* a comment first */ PRAGMA query_only = ON").await;
+    run("UPDATE products SET stock = stock WHERE id = 1").await;
+    run("CREATE TEMP TABLE products (x INTEGER)").await;
+    let count = run("SELECT count(*) FROM products").await;
+    assert!(
+        int(&count.rows[0].values[0]) > 0,
+        "the demo's products, not an empty temporary table"
+    );
+    server.stop().await;
+}
+
 /// DDL changes no rows, whatever the connection's last DELETE changed;
 /// infinite decimals are spelled as PostgreSQL's numeric spells them.
 #[tokio::test]

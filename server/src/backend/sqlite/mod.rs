@@ -333,18 +333,55 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
     // Interrupts a statement still running when the caller gives up.
     let (mut worker, pending) = channel::channel(Some(Box::new(move || cancelled.store(true, Ordering::Relaxed))));
     tokio::task::spawn_blocking(move || {
+        let mut hold = hold;
         let outcome = hold.conn().and_then(|conn| {
             conn.progress_handler(PROGRESS_OPS, Some(move || flag.load(Ordering::Relaxed)));
             let outcome = execute(conn, &statement, &mut worker);
             conn.progress_handler(PROGRESS_OPS, None::<fn() -> bool>);
             outcome
         });
+        // Closed rather than pooled: the next caller must not find another's
+        // pragmas (foreign_keys off, query_only on) or temporary tables,
+        // which would shadow the real ones.
+        if let Hold::Pooled(lease) = &mut hold {
+            if lease.conn().is_ok_and(|c| changed_session(c, &statement.sql)) {
+                lease.conn = None;
+            }
+        }
         // Release the connection (and a transaction's lock) before the caller
         // learns the statement is over, so its next call finds it free.
         drop(hold);
         worker.finish_blocking(outcome);
     });
     pending.started().await
+}
+
+/// Whether `sql` may have left `conn` different for its next caller: a
+/// PRAGMA, or a temporary object (ATTACH is off, see `Pool::open`).
+fn changed_session(conn: &Connection, sql: &str) -> bool {
+    let temporary = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM temp.sqlite_schema)")
+        .and_then(|mut s| s.query_row([], |r| r.get::<_, bool>(0)));
+    first_word(sql).eq_ignore_ascii_case("pragma") || temporary.unwrap_or(true)
+}
+
+/// The first word of `sql`, after spaces and comments.
+fn first_word(sql: &str) -> &str {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start();
+        if let Some(comment) = rest.strip_prefix("--") {
+            rest = comment.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(comment) = rest.strip_prefix("/*") {
+            rest = comment.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            break;
+        }
+    }
+    let end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(rest.len());
+    &rest[..end]
 }
 
 /// Runs the statement, sending its columns and rows; returns rows affected.

@@ -400,6 +400,7 @@ async fn streamed_rows_are_the_rows_of_execute() {
 /// PostgreSQL answers COMMIT of a transaction an error aborted with a
 /// silent rollback: Commit says so (ABORTED, 25P02) instead of succeeding.
 /// A transaction that rolled back to a savepoint past its error commits.
+/// Statements that would end a transaction behind its handle are refused.
 #[tokio::test]
 async fn a_commit_after_a_failed_statement_says_the_transaction_was_rolled_back() {
     setup("DROP TABLE IF EXISTS weir_tx_failed; CREATE TABLE weir_tx_failed (id int PRIMARY KEY);").await;
@@ -439,6 +440,21 @@ async fn a_commit_after_a_failed_statement_says_the_transaction_was_rolled_back(
         .await
         .expect("back to the savepoint");
     client.commit(&tx).await.expect("commit");
+
+    // Ending the transaction by statement would leave the handle behind.
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, true)
+        .await
+        .expect("read-only begin");
+    for sql in ["COMMIT", "BEGIN READ WRITE", "ROLLBACK", "END"] {
+        let err = run(tx.clone(), sql).await.expect_err(sql);
+        assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {}", err.message());
+    }
+    let err = run(tx.clone(), "INSERT INTO weir_tx_failed VALUES (3)")
+        .await
+        .expect_err("still the read-only transaction");
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    client.rollback(&tx).await.expect("rollback");
 
     let rows = client
         .execute("pg", "SELECT id FROM weir_tx_failed ORDER BY id", vec![])

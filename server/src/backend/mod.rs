@@ -11,6 +11,7 @@ pub mod mssql;
 pub mod mysql;
 pub mod pool;
 pub mod postgres;
+pub mod sql_text;
 pub mod sqlite;
 pub mod tls;
 pub mod topics;

@@ -18,7 +18,7 @@ use super::arrow_ipc::ArrowBatches;
 use super::convert;
 use super::transactions::{OpenTransaction, Transactions};
 use super::{caller, source, statement_timeout, Gate, StreamIn, StreamOut};
-use crate::backend::{QueryStream, RowSink, Statement, TxOptions};
+use crate::backend::{sql_text, QueryStream, RowSink, Statement, TxOptions};
 use crate::error::{Error, Result};
 use crate::telemetry;
 use crate::tenant::{Caller, Source};
@@ -87,6 +87,14 @@ impl QueryApi {
         }
         if caller.tenant.audit_sql {
             tracing::Span::current().record("sql", sql.as_str());
+        }
+        if !tx_id.is_empty() && sql_text::controls_transaction(&sql) {
+            return Err(Error::InvalidArgument {
+                field: "sql",
+                message: "a statement that begins, commits or rolls back a transaction would end this one \
+                          behind its handle: use Commit or Rollback (savepoints are fine)"
+                    .into(),
+            });
         }
         let statement = Statement {
             sql,

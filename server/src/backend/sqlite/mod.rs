@@ -18,6 +18,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::channel::{self, Worker};
+use crate::backend::sql_text;
 use crate::backend::{
     BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, LoadOutcome, LoadSpec,
     PoolStatus, QueryStream, RowFeed, RowSink, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
@@ -362,26 +363,7 @@ fn changed_session(conn: &Connection, sql: &str) -> bool {
     let temporary = conn
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM temp.sqlite_schema)")
         .and_then(|mut s| s.query_row([], |r| r.get::<_, bool>(0)));
-    first_word(sql).eq_ignore_ascii_case("pragma") || temporary.unwrap_or(true)
-}
-
-/// The first word of `sql`, after spaces and comments.
-fn first_word(sql: &str) -> &str {
-    let mut rest = sql;
-    loop {
-        rest = rest.trim_start();
-        if let Some(comment) = rest.strip_prefix("--") {
-            rest = comment.split_once('\n').map_or("", |(_, after)| after);
-        } else if let Some(comment) = rest.strip_prefix("/*") {
-            rest = comment.split_once("*/").map_or("", |(_, after)| after);
-        } else {
-            break;
-        }
-    }
-    let end = rest
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .unwrap_or(rest.len());
-    &rest[..end]
+    sql_text::leading_words(sql, 1).first().is_some_and(|w| w == "pragma") || temporary.unwrap_or(true)
 }
 
 /// Runs the statement, sending its columns and rows; returns rows affected.

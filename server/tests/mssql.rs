@@ -360,6 +360,39 @@ async fn mock_abandoned_statements_close_their_connection() {
     server.stop().await;
 }
 
+/// A deadlock victim's transaction is gone on SQL Server: the handle says
+/// so rather than running later statements on their own.
+#[tokio::test]
+async fn a_deadlock_victims_transaction_takes_no_more_statements() {
+    let mock = Mock::start().await;
+    mock.answer("SELECT 1", int_column("one", 1)).await;
+    let victim = "UPDATE WEIR_DEADLOCKED SET V = 1";
+    mock.answer(
+        victim,
+        QueryResponse::error_only(TerminalError::new(1205, 13, "Transaction was deadlocked".to_string())),
+    )
+    .await;
+    let server = TestServer::start(&mock.config("", "", "")).await;
+    let client = server.client("key-mock").await;
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let err = client
+        .execute_in(&tx, "db", victim, vec![])
+        .await
+        .expect_err("deadlock");
+    assert_eq!((err.code(), engine_code(&err).as_str()), (Code::Aborted, "1205"));
+    let err = client
+        .execute_in(&tx, "db", "SELECT 1", vec![])
+        .await
+        .expect_err("the transaction is gone");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    client.commit(&tx).await.expect_err("nothing to commit");
+    assert_serves(&client, "db", 2).await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn mock_transactions_and_read_only_sources() {
     let mock = Mock::start().await;

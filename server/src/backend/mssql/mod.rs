@@ -230,14 +230,20 @@ impl Hold {
 
     /// Gives the connection back. A transaction's broken connection is
     /// closed now, which ends its statement and rolls the transaction back.
-    fn release(self) {
+    /// So is a deadlock victim's, whose transaction SQL Server has rolled
+    /// back already: its later statements would otherwise run on their own.
+    fn release(self, outcome: &Result<Option<u64>, BackendError>) {
         if let Hold::Transaction(mut guard) = self {
-            if guard.as_ref().is_some_and(|c| c.broken) {
+            let deadlocked = matches!(outcome, Err(BackendError::Engine { code, .. }) if code == DEADLOCK_VICTIM);
+            if deadlocked || guard.as_ref().is_some_and(|c| c.broken) {
                 guard.take();
             }
         }
     }
 }
+
+/// SQL Server's error number for a deadlock victim.
+const DEADLOCK_VICTIM: &str = "1205";
 
 fn transaction_closed() -> BackendError {
     BackendError::Engine {
@@ -273,7 +279,7 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
         };
         // Release the connection (and a transaction's lock) before the caller
         // learns the statement is over, so its next call finds it free.
-        hold.release();
+        hold.release(&outcome);
         worker.finish(outcome).await;
     });
     pending.started().await

@@ -65,10 +65,13 @@ fn lsn(bytes: &[u8]) -> Result<[u8; 10], BackendError> {
 
 /// The change query of one capture instance: old and new images of
 /// updates (operations 3 and 4), in log order.
+/// The commit time is the server's local time: it goes to UTC with the
+/// server's offset now (exact but across a daylight-saving change).
 fn changes_sql(instance: &str, columns: &[Column]) -> String {
     let list: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
     format!(
-        "SELECT __$start_lsn, __$seqval, __$operation, sys.fn_cdc_map_lsn_to_time(__$start_lsn), {} \
+        "SELECT __$start_lsn, __$seqval, __$operation, \
+         DATEADD(minute, -DATEPART(TZOFFSET, SYSDATETIMEOFFSET()), sys.fn_cdc_map_lsn_to_time(__$start_lsn)), {} \
          FROM cdc.{}(@P1, @P2, N'all update old') ORDER BY __$start_lsn, __$seqval, __$operation",
         list.join(", "),
         quote(&format!("fn_cdc_get_all_changes_{instance}"))
@@ -89,6 +92,12 @@ fn positions_table_sql() -> String {
          subscription nvarchar(64) NOT NULL PRIMARY KEY, position varbinary(64) NOT NULL, holder int NULL, \
          updated_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME())"
     )
+}
+
+/// Names this session as the subscription's holder, whom `take_over` ends:
+/// the stored one may be an earlier consumer's, its number since reused.
+fn holder_sql() -> String {
+    format!("UPDATE {POSITIONS_TABLE} SET holder = @@SPID WHERE subscription = @P1")
 }
 
 fn store_sql() -> String {
@@ -411,46 +420,56 @@ impl Reader {
             .await
     }
 
-    async fn run(mut self, mut acks: mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
-        if self.spec.snapshot {
-            return Err(BackendError::ChangesNotReady(
-                "snapshots are not available on SQL Server sources; read the table with ExecuteStream, then \
-                 watch from the position of the first heartbeat"
-                    .into(),
-            ));
+    /// Takes in the acknowledgements that arrived and stores the furthest.
+    async fn take_acks(&mut self, acks: &mut mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
+        while let Ok(p) = acks.try_recv() {
+            self.acked = self.acked.max(CdcPos::decode(&p)?);
         }
+        self.store().await
+    }
+
+    async fn run(mut self, mut acks: mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
         let mut pause = self.spec.poll_interval;
         loop {
-            while let Ok(p) = acks.try_recv() {
-                self.acked = self.acked.max(CdcPos::decode(&p)?);
-            }
-            self.store().await?;
+            self.take_acks(&mut acks).await?;
             let to = max_lsn(&mut self.conn).await?;
             let rows = self.read(self.delivered.lsn, to).await?;
             let Ok(any) = self.deliver(rows).await? else {
-                return Ok(());
+                break;
             };
             let every = self.spec.heartbeat_interval;
             let beat = self
                 .out
                 .heartbeat(&mut self.delivered, CdcPos::whole(to), every, CdcPos::encode);
             if beat.await.is_err() {
-                return Ok(());
+                break;
             }
             pause = next_pause(pause, any, self.spec.poll_interval);
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
-                () = self.out.closed() => return Ok(()),
+                () = self.out.closed() => break,
             }
         }
+        // The client has gone: what it acknowledged last is kept for its return.
+        self.take_acks(&mut acks).await
     }
 }
 
 pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
+    // Refused before a new subscription's position is stored: a later watch
+    // would start from this refused call's time.
+    if spec.snapshot {
+        return Err(BackendError::ChangesNotReady(
+            "snapshots are not available on SQL Server sources; read the table with ExecuteStream, then \
+             watch from the position of the first heartbeat"
+                .into(),
+        ));
+    }
     let mut conn = manager.connect().await.map_err(super::map_error)?;
     let watched = resolve(&mut conn, &spec).await?;
     conn.batch(&positions_table_sql()).await?;
     lock(&mut conn, &spec.id, &spec.name, spec.take_over).await?;
+    conn.fetch(&holder_sql(), vec![text(&spec.id)]).await?;
     let stored_bytes = first_bytes(
         &mut conn,
         &format!("SELECT position FROM {POSITIONS_TABLE} WHERE subscription = @P1"),
@@ -538,7 +557,9 @@ mod tests {
         let sql = changes_sql("dbo_orders", &columns);
         assert_eq!(
             sql,
-            "SELECT __$start_lsn, __$seqval, __$operation, sys.fn_cdc_map_lsn_to_time(__$start_lsn), [id], [odd]]name] \
+            "SELECT __$start_lsn, __$seqval, __$operation, \
+             DATEADD(minute, -DATEPART(TZOFFSET, SYSDATETIMEOFFSET()), sys.fn_cdc_map_lsn_to_time(__$start_lsn)), \
+             [id], [odd]]name] \
              FROM cdc.[fn_cdc_get_all_changes_dbo_orders](@P1, @P2, N'all update old') \
              ORDER BY __$start_lsn, __$seqval, __$operation"
         );
@@ -601,6 +622,10 @@ mod tests {
     fn state_sql_is_one_statement_each() {
         assert!(positions_table_sql().starts_with("IF OBJECT_ID(N'weir_change_positions') IS NULL CREATE TABLE"));
         assert!(store_sql().starts_with("MERGE weir_change_positions WITH (HOLDLOCK)"));
+        assert_eq!(
+            holder_sql(),
+            "UPDATE weir_change_positions SET holder = @@SPID WHERE subscription = @P1"
+        );
         assert!(LOCK_SQL.contains("@LockOwner = 'Session'"));
     }
 }

@@ -260,8 +260,8 @@ impl Default for BulkConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChangesConfig {
-    /// How often an idle SQL Server change stream asks for new changes
-    /// (PostgreSQL and MySQL push theirs).
+    /// SQL Server change streams' pause after a poll that found changes; it
+    /// doubles while polls find none, up to 2 s (PostgreSQL and MySQL push theirs).
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     /// A quiet stream sends a heartbeat with an advancing position this often.

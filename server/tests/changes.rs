@@ -1,7 +1,8 @@
 //! Change streams (`WatchChanges`) through the real gRPC server against real
 //! engines: PostgreSQL with wal_level = logical and MariaDB with a ROW
-//! binlog, both set up by ./scripts/test. Writes go through the gateway's
-//! own QueryService; the events must match them exactly.
+//! binlog, both set up by ./scripts/test, and SQL Server with CDC when
+//! WEIR_TEST_MSSQL_URL names one (ignored by name otherwise). Writes go
+//! through the gateway's own QueryService; the events must match them exactly.
 
 mod common;
 

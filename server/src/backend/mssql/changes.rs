@@ -9,7 +9,7 @@
 //! subscription's single consumer holds a session-owned `sp_getapplock`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bb8::ManageConnection;
 use chrono::{DateTime, Utc};
@@ -275,6 +275,25 @@ async fn lock(conn: &mut MssqlConn, id: &str, name: &str, take_over: bool) -> Re
     Err(BackendError::SubscriptionActive(name.to_string()))
 }
 
+/// Whether the subscription has a holder other than session `own` (which
+/// a take-over KILLed), asked for up to a second while the new consumer
+/// takes the lock and names itself.
+async fn taken_over(manager: &Manager, id: &str, own: i32) -> bool {
+    let Ok(mut conn) = manager.connect().await else {
+        return false;
+    };
+    let sql = format!("SELECT holder FROM {POSITIONS_TABLE} WHERE subscription = @P1");
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        match conn.fetch(&sql, vec![text(id)]).await {
+            Ok(rows) if rows.first().and_then(|r| r.get::<i32, _>(0)).is_some_and(|h| h != own) => return true,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 struct Reader {
     spec: WatchSpec,
     conn: MssqlConn,
@@ -470,6 +489,12 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
     conn.batch(&positions_table_sql()).await?;
     lock(&mut conn, &spec.id, &spec.name, spec.take_over).await?;
     conn.fetch(&holder_sql(), vec![text(&spec.id)]).await?;
+    let own = conn
+        .fetch("SELECT CAST(@@SPID AS int)", vec![])
+        .await?
+        .first()
+        .and_then(|r| r.get::<i32, _>(0))
+        .unwrap_or_default();
     let stored_bytes = first_bytes(
         &mut conn,
         &format!("SELECT position FROM {POSITIONS_TABLE} WHERE subscription = @P1"),
@@ -504,8 +529,15 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
         acked: start,
         stored,
     };
+    let (manager, id, name) = (manager.clone(), reader.spec.id.clone(), reader.spec.name.clone());
     tokio::spawn(async move {
         if let Err(e) = reader.run(ack_rx).await {
+            // A take-over KILLs this session from outside: say so rather than "connection lost".
+            let e = if !tx.is_closed() && taken_over(&manager, &id, own).await {
+                BackendError::SubscriptionTakenOver(name)
+            } else {
+                e
+            };
             let _ = tx.send(Err(e)).await;
         }
     });

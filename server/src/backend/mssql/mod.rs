@@ -103,6 +103,7 @@ impl MssqlConn {
     }
 }
 
+#[derive(Clone)]
 struct Manager {
     config: tiberius::Config,
     connect_timeout: Duration,

@@ -604,6 +604,17 @@ async fn sqlite_session_state_does_not_reach_the_next_caller() {
         int(&count.rows[0].values[0]) > 0,
         "the demo's products, not an empty temporary table"
     );
+    // The same for a transaction's connection, once the transaction ends.
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "db", "PRAGMA query_only = ON", vec![])
+        .await
+        .expect("pragma");
+    client.commit(&tx).await.expect("commit");
+    run("UPDATE products SET stock = stock WHERE id = 1").await;
     server.stop().await;
 }
 

@@ -107,6 +107,62 @@ async fn waiting_calls_go_by_priority_up_to_the_tenants_maximum() {
     server.stop().await;
 }
 
+/// A statement that waited for a gateway slot while its transaction was
+/// rolled back does not run afterwards on the session, where it would
+/// have autocommitted.
+#[tokio::test]
+async fn a_statement_queued_past_its_transactions_end_does_not_run() {
+    common::pg_direct()
+        .await
+        .batch_execute("DROP TABLE IF EXISTS weir_gov_queued; CREATE TABLE weir_gov_queued (id int)")
+        .await
+        .expect("table");
+    let config = format!(
+        "{}{}",
+        server_section(1, "5s"),
+        tenant("a", OPEN, &postgres("a", "pg", ""))
+    );
+    let server = TestServer::start(&config).await;
+    let a = server.client("key-a").await;
+    let tx = a
+        .begin("pg", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let holder = {
+        let a = a.clone();
+        tokio::spawn(async move { execute(&a, "SELECT pg_sleep(0.6)", pb::Priority::Medium).await })
+    };
+    wait_for_sleepers(1).await;
+    let queued = {
+        let (a, tx) = (a.clone(), tx.clone());
+        tokio::spawn(async move {
+            a.execute_in(&tx, "pg", "INSERT INTO weir_gov_queued VALUES (1)", vec![])
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.rollback(&tx).await.expect("rollback, which takes no gateway slot");
+    holder.await.expect("task").expect("holder");
+    let err = queued
+        .await
+        .expect("task")
+        .expect_err("the transaction ended while it waited");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::NotFound, "TRANSACTION_NOT_FOUND"),
+        "{}",
+        err.message()
+    );
+    let rows: i64 = common::pg_direct()
+        .await
+        .query_one("SELECT count(*) FROM weir_gov_queued", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 0, "nothing ran outside the transaction");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_call_that_waits_too_long_is_refused_with_a_retry_delay() {
     let config = format!(

@@ -352,7 +352,12 @@ async fn mock_abandoned_statements_close_their_connection() {
         .execute_in(&tx, "db", "SELECT 1", vec![])
         .await
         .expect_err("the transaction is gone");
-    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::Aborted, "TRANSACTION_LOST"),
+        "{}",
+        err.message()
+    );
     client
         .rollback(&tx)
         .await
@@ -360,35 +365,49 @@ async fn mock_abandoned_statements_close_their_connection() {
     server.stop().await;
 }
 
-/// A deadlock victim's transaction is gone on SQL Server: the handle says
-/// so rather than running later statements on their own.
+/// After a failed statement the handle asks SQL Server whether the
+/// transaction is still open (@@TRANCOUNT): an error that undid only its
+/// statement leaves it usable; a deadlock victim's is gone, and the handle
+/// says so rather than running later statements on their own.
 #[tokio::test]
-async fn a_deadlock_victims_transaction_takes_no_more_statements() {
+async fn a_transaction_sql_server_ended_takes_no_more_statements() {
     let mock = Mock::start().await;
     mock.answer("SELECT 1", int_column("one", 1)).await;
-    let victim = "UPDATE WEIR_DEADLOCKED SET V = 1";
-    mock.answer(
-        victim,
-        QueryResponse::error_only(TerminalError::new(1205, 13, "Transaction was deadlocked".to_string())),
-    )
-    .await;
+    let error = |number, text: &str| QueryResponse::error_only(TerminalError::new(number, 13, text.to_string()));
+    mock.answer("INSERT INTO WEIR_DUP_TX", error(2627, "duplicate key"))
+        .await;
+    mock.answer("UPDATE WEIR_DEADLOCKED", error(1205, "Transaction was deadlocked"))
+        .await;
+    mock.answer("SELECT @@TRANCOUNT", int_column("n", 1)).await;
     let server = TestServer::start(&mock.config("", "", "")).await;
     let client = server.client("key-mock").await;
+
     let tx = client
         .begin("db", IsolationLevel::Unspecified, false)
         .await
         .expect("begin");
     let err = client
-        .execute_in(&tx, "db", victim, vec![])
+        .execute_in(&tx, "db", "INSERT INTO WEIR_DUP_TX", vec![])
+        .await
+        .expect_err("duplicate");
+    assert_eq!(err.code(), Code::AlreadyExists);
+    client
+        .execute_in(&tx, "db", "SELECT 1", vec![])
+        .await
+        .expect("the transaction goes on");
+    client.commit(&tx).await.expect("commit");
+
+    mock.answer("SELECT @@TRANCOUNT", int_column("n", 0)).await;
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let err = client
+        .execute_in(&tx, "db", "UPDATE WEIR_DEADLOCKED", vec![])
         .await
         .expect_err("deadlock");
     assert_eq!((err.code(), engine_code(&err).as_str()), (Code::Aborted, "1205"));
-    let err = client
-        .execute_in(&tx, "db", "SELECT 1", vec![])
-        .await
-        .expect_err("the transaction is gone");
-    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
-    client.commit(&tx).await.expect_err("nothing to commit");
+    assert_transaction_lost(&client, &tx, "db", "SELECT 1").await;
     assert_serves(&client, "db", 2).await;
     server.stop().await;
 }

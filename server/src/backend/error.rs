@@ -98,6 +98,10 @@ pub enum BackendError {
         code: String,
         message: String,
     },
+    /// A statement that waited for its turn while its transaction was
+    /// committed or rolled back: run on the session, it would autocommit.
+    #[error("transaction not found: it was committed or rolled back while this statement waited for its turn")]
+    TransactionEnded,
     /// The engine rolled a transaction back on its own (a deadlock, an
     /// interrupted write): its later statements would otherwise autocommit.
     #[error("the database rolled the transaction back after {0}; run it again from BeginTransaction")]

@@ -2,17 +2,19 @@
 //! words, after spaces and comments. Only for decisions where reading a
 //! word wrong refuses or resets too much, never too little.
 
-/// The first `n` words of `sql`, lowercased, after spaces and `--` and
-/// `/* */` comments; fewer when a non-word character (`;`, `(`) or the end
-/// comes first.
+/// The first `n` words of `sql`, lowercased, after spaces and `--`, `#`
+/// and `/* */` comments (MySQL's `/*! ... */` is read as code); fewer when
+/// a non-word character (`;`, `(`) or the end comes first. `@` may start
+/// a word (a T-SQL variable).
 pub fn leading_words(sql: &str, n: usize) -> Vec<String> {
     let mut words = Vec::with_capacity(n);
     let mut rest = sql;
     while words.len() < n {
         rest = skip_space(rest);
         let end = rest
-            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
-            .unwrap_or(rest.len());
+            .char_indices()
+            .find(|&(i, c)| !(c.is_alphanumeric() || c == '_' || (i == 0 && c == '@')))
+            .map_or(rest.len(), |(i, _)| i);
         if end == 0 {
             break;
         }
@@ -25,7 +27,10 @@ pub fn leading_words(sql: &str, n: usize) -> Vec<String> {
 fn skip_space(mut rest: &str) -> &str {
     loop {
         rest = rest.trim_start();
-        if let Some(comment) = rest.strip_prefix("--") {
+        if let Some(code) = rest.strip_prefix("/*!") {
+            // MySQL runs what is inside, after an optional version number.
+            rest = code.trim_start_matches(|c: char| c.is_ascii_digit());
+        } else if let Some(comment) = rest.strip_prefix("--").or_else(|| rest.strip_prefix('#')) {
             rest = comment.split_once('\n').map_or("", |(_, after)| after);
         } else if let Some(comment) = rest.strip_prefix("/*") {
             rest = comment.split_once("*/").map_or("", |(_, after)| after);
@@ -45,25 +50,29 @@ pub fn controls_transaction(sql: &str) -> bool {
         "commit" | "abort" | "xa" => true,
         "end" => matches!(word(1), "" | "work" | "transaction"),
         "start" | "prepare" => word(1) == "transaction",
-        // BEGIN [WORK | TRANSACTION | TRAN | modes]; not BEGIN TRY or a block.
-        "begin" => matches!(
-            word(1),
-            "" | "work"
-                | "transaction"
-                | "tran"
-                | "isolation"
-                | "read"
-                | "not"
-                | "deferrable"
-                | "deferred"
-                | "immediate"
-                | "exclusive"
-                | "distributed"
-        ),
-        // ROLLBACK TO [SAVEPOINT] s, and SQL Server's ROLLBACK TRAN s, undo a savepoint.
+        // BEGIN [WORK | TRANSACTION | TRAN | modes]; not BEGIN TRY, a T-SQL
+        // block or MariaDB's BEGIN NOT ATOMIC.
+        "begin" => match word(1) {
+            "not" => word(2) == "deferrable",
+            w => matches!(
+                w,
+                "" | "work"
+                    | "transaction"
+                    | "tran"
+                    | "isolation"
+                    | "read"
+                    | "deferrable"
+                    | "deferred"
+                    | "immediate"
+                    | "exclusive"
+                    | "distributed"
+            ),
+        },
+        // ROLLBACK [WORK] TO [SAVEPOINT] s, and SQL Server's ROLLBACK TRAN s,
+        // undo a savepoint; AND [NO] CHAIN and [NO] RELEASE end the transaction.
         "rollback" => match word(1) {
             "to" => false,
-            "work" | "transaction" | "tran" => matches!(word(2), "" | "and"),
+            "work" | "transaction" | "tran" => matches!(word(2), "" | "and" | "no" | "release"),
             _ => true,
         },
         _ => false,
@@ -82,6 +91,7 @@ mod tests {
         );
         assert_eq!(leading_words("BEGIN;", 3), ["begin"]);
         assert!(leading_words("/* unclosed", 1).is_empty());
+        assert_eq!(leading_words("ROLLBACK TRAN @sp", 3), ["rollback", "tran", "@sp"]);
     }
 
     #[test]
@@ -105,6 +115,11 @@ mod tests {
             "PREPARE TRANSACTION 'x'",
             "XA START 'x'",
             "/* hidden */ COMMIT",
+            "# a MySQL comment\nCOMMIT",
+            "/*!40101 COMMIT */",
+            "ROLLBACK WORK RELEASE",
+            "ROLLBACK WORK NO RELEASE",
+            "BEGIN NOT DEFERRABLE",
         ] {
             assert!(controls_transaction(sql), "{sql}");
         }
@@ -114,6 +129,8 @@ mod tests {
             "ROLLBACK TO s",
             "ROLLBACK TRANSACTION TO SAVEPOINT s",
             "ROLLBACK TRAN s",
+            "ROLLBACK TRAN @savepoint",
+            "BEGIN NOT ATOMIC SELECT 1; END",
             "RELEASE SAVEPOINT s",
             "BEGIN TRY SELECT 1 END TRY BEGIN CATCH END CATCH",
             "SELECT 'COMMIT'",

@@ -10,7 +10,7 @@ pub mod request_rate;
 pub mod scheduler;
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,6 +88,10 @@ const UNITS_PER_SECOND: u64 = 1_000_000;
 struct CostBucket {
     bucket: DefaultDirectRateLimiter,
     unit: u64,
+    /// Everything charged so far: each charge takes the units it completes,
+    /// so charges smaller than a unit (one change event's bytes) add up
+    /// instead of each costing a whole unit.
+    charged: AtomicU64,
 }
 
 impl CostBucket {
@@ -96,14 +100,16 @@ impl CostBucket {
         Self {
             bucket: RateLimiter::direct(quota),
             unit,
+            charged: AtomicU64::new(0),
         }
     }
 
-    /// Takes `cost` (rounded up to whole units), waiting for it rather than
-    /// refusing: a load that sends faster than its tenant's rate is slowed
-    /// down by backpressure.
+    /// Takes `cost`, waiting for it rather than refusing: a load that sends
+    /// faster than its tenant's rate is slowed down by backpressure.
     async fn take(&self, cost: u64) {
-        take(&self.bucket, cost.div_ceil(self.unit)).await;
+        let before = self.charged.fetch_add(cost, Ordering::Relaxed);
+        let units = before.saturating_add(cost) / self.unit - before / self.unit;
+        take(&self.bucket, units).await;
     }
 }
 
@@ -384,6 +390,21 @@ mod tests {
         assert!(waited >= std::time::Duration::from_millis(400), "{waited:?}");
         limiter.charge_load(1500, 0).await;
         assert!(started.elapsed() >= std::time::Duration::from_millis(1900));
+    }
+
+    /// Charges smaller than a unit add up rather than costing a unit each.
+    #[tokio::test]
+    async fn small_charges_add_up() {
+        let bucket = CostBucket::new(536_870_912);
+        assert!(bucket.unit > 100);
+        for _ in 0..10 {
+            bucket.take(100).await;
+        }
+        assert_eq!(bucket.charged.load(Ordering::Relaxed), 1000);
+        // A second's burst in units, less what 1,000 bytes took.
+        let left = u64::from(cost_quota(536_870_912).0.burst_size().get()) - 1000 / bucket.unit;
+        let left = NonZeroU32::new(u32::try_from(left).unwrap()).unwrap();
+        assert!(matches!(bucket.bucket.check_n(left), Ok(Ok(()))));
     }
 
     /// Every rate, 512 MiB/s of bytes included, is kept to within 0.1 %.

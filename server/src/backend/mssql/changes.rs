@@ -83,8 +83,19 @@ const CAPTURE_INSTANCE_SQL: &str = "SELECT TOP 1 capture_instance FROM cdc.chang
 const CDC_ENABLED_SQL: &str = "SELECT CAST(is_cdc_enabled AS int) FROM sys.databases WHERE database_id = DB_ID()";
 const MAX_LSN_SQL: &str = "SELECT sys.fn_cdc_get_max_lsn()";
 const MIN_LSN_SQL: &str = "SELECT sys.fn_cdc_get_min_lsn(@P1)";
-const LOCK_SQL: &str = "DECLARE @r int; EXEC @r = sp_getapplock @Resource = @P1, @LockMode = 'Exclusive', \
-     @LockOwner = 'Session', @LockTimeout = @P2; SELECT @r";
+
+/// Takes the subscription's applock and, once granted, names this session
+/// its holder in the same batch, whom `take_over` ends (the stored one may
+/// be an earlier consumer's, its number since reused). Answers sp_getapplock's
+/// result (>= 0 when granted) and this session's id.
+fn lock_sql() -> String {
+    format!(
+        "DECLARE @r int; EXEC @r = sp_getapplock @Resource = @P1, @LockMode = 'Exclusive', \
+         @LockOwner = 'Session', @LockTimeout = @P2; \
+         IF @r >= 0 UPDATE {POSITIONS_TABLE} SET holder = @@SPID WHERE subscription = @P1; \
+         SELECT @r, CAST(@@SPID AS int)"
+    )
+}
 
 fn positions_table_sql() -> String {
     format!(
@@ -92,12 +103,6 @@ fn positions_table_sql() -> String {
          subscription nvarchar(64) NOT NULL PRIMARY KEY, position varbinary(64) NOT NULL, holder int NULL, \
          updated_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME())"
     )
-}
-
-/// Names this session as the subscription's holder, whom `take_over` ends:
-/// the stored one may be an earlier consumer's, its number since reused.
-fn holder_sql() -> String {
-    format!("UPDATE {POSITIONS_TABLE} SET holder = @@SPID WHERE subscription = @P1")
 }
 
 fn store_sql() -> String {
@@ -245,17 +250,20 @@ async fn resolve(conn: &mut MssqlConn, spec: &WatchSpec) -> Result<Vec<Watched>,
     Ok(out)
 }
 
-/// Takes the subscription's applock within `wait_ms`; sp_getapplock answers >= 0 when granted.
-async fn try_lock(conn: &mut MssqlConn, id: &str, wait_ms: i32) -> Result<bool, BackendError> {
+/// Takes the subscription's applock within `wait_ms`: this session's id when granted.
+async fn try_lock(conn: &mut MssqlConn, id: &str, wait_ms: i32) -> Result<Option<i32>, BackendError> {
     let rows = conn
-        .fetch(LOCK_SQL, vec![text(id), ColumnData::I32(Some(wait_ms))])
+        .fetch(&lock_sql(), vec![text(id), ColumnData::I32(Some(wait_ms))])
         .await?;
-    Ok(rows.first().and_then(|r| r.get::<i32, _>(0)).is_some_and(|r| r >= 0))
+    let row = rows.first();
+    let granted = row.and_then(|r| r.get::<i32, _>(0)).is_some_and(|r| r >= 0);
+    Ok(row.and_then(|r| r.get::<i32, _>(1)).filter(|_| granted))
 }
 
-async fn lock(conn: &mut MssqlConn, id: &str, name: &str, take_over: bool) -> Result<(), BackendError> {
-    if try_lock(conn, id, if take_over { 0 } else { LOCK_WAIT_MS }).await? {
-        return Ok(());
+/// Takes the subscription's lock; returns this session's id.
+async fn lock(conn: &mut MssqlConn, id: &str, name: &str, take_over: bool) -> Result<i32, BackendError> {
+    if let Some(own) = try_lock(conn, id, if take_over { 0 } else { LOCK_WAIT_MS }).await? {
+        return Ok(own);
     }
     if take_over {
         let rows = conn
@@ -268,8 +276,8 @@ async fn lock(conn: &mut MssqlConn, id: &str, name: &str, take_over: bool) -> Re
             // A number from our own table, never caller input; gone already is fine.
             let _ = conn.batch(&format!("KILL {holder}")).await;
         }
-        if try_lock(conn, id, 5000).await? {
-            return Ok(());
+        if let Some(own) = try_lock(conn, id, 5000).await? {
+            return Ok(own);
         }
     }
     Err(BackendError::SubscriptionActive(name.to_string()))
@@ -487,14 +495,7 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
     let mut conn = manager.connect().await.map_err(super::map_error)?;
     let watched = resolve(&mut conn, &spec).await?;
     conn.batch(&positions_table_sql()).await?;
-    lock(&mut conn, &spec.id, &spec.name, spec.take_over).await?;
-    conn.fetch(&holder_sql(), vec![text(&spec.id)]).await?;
-    let own = conn
-        .fetch("SELECT CAST(@@SPID AS int)", vec![])
-        .await?
-        .first()
-        .and_then(|r| r.get::<i32, _>(0))
-        .unwrap_or_default();
+    let own = lock(&mut conn, &spec.id, &spec.name, spec.take_over).await?;
     let stored_bytes = first_bytes(
         &mut conn,
         &format!("SELECT position FROM {POSITIONS_TABLE} WHERE subscription = @P1"),
@@ -654,10 +655,11 @@ mod tests {
     fn state_sql_is_one_statement_each() {
         assert!(positions_table_sql().starts_with("IF OBJECT_ID(N'weir_change_positions') IS NULL CREATE TABLE"));
         assert!(store_sql().starts_with("MERGE weir_change_positions WITH (HOLDLOCK)"));
-        assert_eq!(
-            holder_sql(),
-            "UPDATE weir_change_positions SET holder = @@SPID WHERE subscription = @P1"
-        );
-        assert!(LOCK_SQL.contains("@LockOwner = 'Session'"));
+        let lock = lock_sql();
+        assert!(lock.contains("@LockOwner = 'Session'"));
+        assert!(lock.contains(
+            "IF @r >= 0 UPDATE weir_change_positions SET holder = @@SPID WHERE subscription = @P1; \
+             SELECT @r, CAST(@@SPID AS int)"
+        ));
     }
 }

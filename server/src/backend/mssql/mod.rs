@@ -231,29 +231,32 @@ impl Hold {
 
     /// Gives the connection back. A transaction's broken connection is
     /// closed now, which ends its statement and rolls the transaction back.
-    /// So is a deadlock victim's, whose transaction SQL Server has rolled
-    /// back already: its later statements would otherwise run on their own.
-    fn release(self, outcome: &Result<Option<u64>, BackendError>) {
+    fn release(self) {
         if let Hold::Transaction(mut guard) = self {
-            let deadlocked = matches!(outcome, Err(BackendError::Engine { code, .. }) if code == DEADLOCK_VICTIM);
-            if deadlocked || guard.as_ref().is_some_and(|c| c.broken) {
+            if guard.as_ref().is_some_and(|c| c.broken) {
                 guard.take();
+            }
+        }
+    }
+
+    /// After a statement of a transaction failed: whether SQL Server ended
+    /// the transaction (a deadlock victim, a snapshot conflict, any error
+    /// under XACT_ABORT). If so, or if that cannot be told, the connection
+    /// is marked broken, so that `release` closes it and the handle refuses
+    /// later statements, which would otherwise run on their own.
+    async fn check_transaction(&mut self) {
+        if let Hold::Transaction(guard) = self {
+            if let Some(conn) = guard.as_mut().filter(|c| !c.broken) {
+                let count = conn.fetch("SELECT @@TRANCOUNT", vec![]).await;
+                let open = count.is_ok_and(|rows| rows.first().and_then(|r| r.get::<i32, _>(0)).unwrap_or(0) > 0);
+                conn.broken |= !open;
             }
         }
     }
 }
 
-/// SQL Server's error number for a deadlock victim.
-const DEADLOCK_VICTIM: &str = "1205";
-
 fn transaction_closed() -> BackendError {
-    BackendError::Engine {
-        kind: EngineErrorKind::FailedPrecondition,
-        code: String::new(),
-        message: "the transaction was rolled back when its connection closed after a failed or cancelled \
-                  statement; roll back and begin again"
-            .into(),
-    }
+    BackendError::TransactionRolledBack("a failed or cancelled statement (its connection was closed)")
 }
 
 /// tiberius panics on what it cannot decode instead of returning an error.
@@ -280,7 +283,10 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
         };
         // Release the connection (and a transaction's lock) before the caller
         // learns the statement is over, so its next call finds it free.
-        hold.release(&outcome);
+        if outcome.is_err() {
+            hold.check_transaction().await;
+        }
+        hold.release();
         worker.finish(outcome).await;
     });
     pending.started().await

@@ -364,13 +364,30 @@ async fn upgrade_receipts(conn: &mut Conn, table: &str) -> Result<(), BackendErr
         .await
         .map_err(map_error)?;
     if kind.is_some_and(|k| !k.eq_ignore_ascii_case("varbinary")) {
+        // Bounded: the ALTER waits for loads that hold the table, and new
+        // loads wait behind it. A failure (no ALTER privilege) only warns:
+        // ids then compare in the old collation, as before.
+        conn.query_drop("SET @weir_lock_wait = @@SESSION.lock_wait_timeout, SESSION lock_wait_timeout = 5")
+            .await
+            .map_err(map_error)?;
+        if let Err(e) = convert_receipts(conn, &quote(table)).await {
+            tracing::warn!(table, error = %e, "the load id table keeps comparing ids in its collation: converting its keys to bytes failed");
+        }
+        conn.query_drop("SET SESSION lock_wait_timeout = @weir_lock_wait")
+            .await
+            .map_err(map_error)?;
+    }
+    Ok(())
+}
+
+/// Converts the key columns to utf8mb4 text first, so that the bytes kept
+/// are those new ids are sent as, then to bytes.
+async fn convert_receipts(conn: &mut Conn, table: &str) -> Result<(), mysql_async::Error> {
+    for key in ["VARCHAR(255) CHARACTER SET utf8mb4", DIALECT.key_type] {
         conn.query_drop(format!(
-            "ALTER TABLE {} MODIFY `tenant` {key} NOT NULL, MODIFY `load_id` {key} NOT NULL",
-            quote(table),
-            key = DIALECT.key_type
+            "ALTER TABLE {table} MODIFY `tenant` {key} NOT NULL, MODIFY `load_id` {key} NOT NULL"
         ))
-        .await
-        .map_err(map_error)?;
+        .await?;
     }
     Ok(())
 }

@@ -114,6 +114,8 @@ impl Hold {
 struct TxConn {
     conn: Conn,
     rolled_back: Option<&'static str>,
+    /// Committed or rolled back through the handle.
+    ended: bool,
 }
 
 /// Whether `error` ended the transaction on `conn`: a deadlock always does,
@@ -126,8 +128,13 @@ async fn rolled_back_by(conn: &mut Conn, error: &BackendError) -> Option<&'stati
     match code.as_str() {
         "1213" => Some("a deadlock (errno 1213)"),
         "1205" => {
-            let whole: Option<i64> = conn.query_first("SELECT @@innodb_rollback_on_timeout").await.ok()?;
-            (whole == Some(1)).then_some("a lock wait timeout (errno 1205)")
+            // Unknown counts as rolled back: the handle then refuses, never autocommits.
+            let whole: Option<i64> = conn
+                .query_first("SELECT @@innodb_rollback_on_timeout")
+                .await
+                .ok()
+                .flatten();
+            (whole != Some(0)).then_some("a lock wait timeout (errno 1205)")
         }
         _ => None,
     }
@@ -299,6 +306,7 @@ impl SqlSource for MysqlSource {
             conn: Arc::new(Mutex::new(TxConn {
                 conn,
                 rolled_back: None,
+                ended: false,
             })),
             source: self.opts.clone(),
         }))
@@ -377,6 +385,9 @@ impl MysqlTransaction {
 impl SqlTransaction for MysqlTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
         let tx = self.lock()?;
+        if tx.ended {
+            return Err(BackendError::TransactionEnded);
+        }
         if let Some(cause) = tx.rolled_back {
             return Err(BackendError::TransactionRolledBack(cause));
         }
@@ -385,6 +396,7 @@ impl SqlTransaction for MysqlTransaction {
 
     async fn commit(&self) -> Result<(), BackendError> {
         let mut tx = self.lock()?;
+        tx.ended = true;
         if let Some(cause) = tx.rolled_back {
             return Err(BackendError::TransactionRolledBack(cause));
         }
@@ -392,7 +404,9 @@ impl SqlTransaction for MysqlTransaction {
     }
 
     async fn rollback(&self) -> Result<(), BackendError> {
-        self.lock()?.conn.query_drop("ROLLBACK").await.map_err(map_error)
+        let mut tx = self.lock()?;
+        tx.ended = true;
+        tx.conn.query_drop("ROLLBACK").await.map_err(map_error)
     }
 }
 

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -685,6 +686,7 @@ impl SqlSource for PostgresSource {
         }
         Ok(Box::new(PgTransaction {
             conn: Arc::new(Mutex::new(conn)),
+            ended: AtomicBool::new(false),
         }))
     }
 
@@ -755,22 +757,35 @@ impl SqlSource for PostgresSource {
 
 struct PgTransaction {
     conn: Arc<Mutex<PooledConnection<'static, PgManager>>>,
+    /// Commit or Rollback has begun; set and read under the connection's lock.
+    ended: AtomicBool,
 }
 
 impl PgTransaction {
     fn lock(&self) -> Result<OwnedMutexGuard<PooledConnection<'static, PgManager>>, BackendError> {
         self.conn.clone().try_lock_owned().map_err(|_| BackendError::Busy)
     }
+
+    /// The connection, to end the transaction on: later statements are refused.
+    fn lock_to_end(&self) -> Result<OwnedMutexGuard<PooledConnection<'static, PgManager>>, BackendError> {
+        let conn = self.lock()?;
+        self.ended.store(true, Ordering::Relaxed);
+        Ok(conn)
+    }
 }
 
 #[async_trait]
 impl SqlTransaction for PgTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        run(Lease::Transaction(self.lock()?), statement, SessionReset::Always).await
+        let lease = self.lock()?;
+        if self.ended.load(Ordering::Relaxed) {
+            return Err(BackendError::TransactionEnded);
+        }
+        run(Lease::Transaction(lease), statement, SessionReset::Always).await
     }
 
     async fn commit(&self) -> Result<(), BackendError> {
-        let mut conn = self.lock()?;
+        let mut conn = self.lock_to_end()?;
         // COMMIT of a transaction an error aborted rolls it back and reports
         // success. The SELECT before it, in the same round trip, fails there
         // instead (25P02), and COMMIT is then never run.
@@ -795,7 +810,7 @@ impl SqlTransaction for PgTransaction {
     }
 
     async fn rollback(&self) -> Result<(), BackendError> {
-        let mut conn = self.lock()?;
+        let mut conn = self.lock_to_end()?;
         conn.client.batch_execute("ROLLBACK").await.map_err(map_error)?;
         conn.in_transaction = false;
         Ok(())

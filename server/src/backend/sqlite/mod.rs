@@ -81,16 +81,18 @@ impl Pool {
             conn: Some(conn),
             pool: self.clone(),
             _permit: permit,
+            discard: false,
         })
     }
 }
 
 /// A pooled connection, returned to the pool on drop unless it was left
-/// inside a transaction.
+/// inside a transaction or changed for the next caller (`discard`).
 struct Lease {
     conn: Option<Connection>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
+    discard: bool,
 }
 
 impl Lease {
@@ -104,7 +106,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            if conn.is_autocommit() {
+            if conn.is_autocommit() && !self.discard {
                 self.pool.idle.lock().push(conn);
             }
         }
@@ -343,11 +345,13 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
         });
         // Closed rather than pooled: the next caller must not find another's
         // pragmas (foreign_keys off, query_only on) or temporary tables,
-        // which would shadow the real ones.
-        if let Hold::Pooled(lease) = &mut hold {
-            if lease.conn().is_ok_and(|c| changed_session(c, &statement.sql)) {
-                lease.conn = None;
-            }
+        // which would shadow the real ones; a transaction's, once it ends.
+        let lease: &mut Lease = match &mut hold {
+            Hold::Pooled(lease) => lease,
+            Hold::Transaction(lease) => lease,
+        };
+        if lease.conn().is_ok_and(|c| changed_session(c, &statement.sql)) {
+            lease.discard = true;
         }
         // Release the connection (and a transaction's lock) before the caller
         // learns the statement is over, so its next call finds it free.

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub source_up: Family<SourceLabels, Gauge>,
     /// Global-limit checks that could not reach Redis.
     pub global_limit_failures: Counter,
+    /// Round trips to Redis for a tenant's shared limits.
+    pub shared_limit_checks: Family<TenantLabels, Counter>,
     /// Circuit breaker per source: 0 closed, 1 open (failing fast), 2 half-open (probing).
     pub circuit_state: Family<SourceLabels, Gauge>,
     /// Configuration reloads by outcome ("applied", "rejected").
@@ -101,6 +103,7 @@ impl Metrics {
         let pool_connections = Family::<PoolLabels, Gauge>::default();
         let source_up = Family::<SourceLabels, Gauge>::default();
         let global_limit_failures = Counter::default();
+        let shared_limit_checks = Family::<TenantLabels, Counter>::default();
         let config_reloads = Family::<OutcomeLabels, Counter>::default();
         let circuit_state = Family::<SourceLabels, Gauge>::default();
         registry.register(
@@ -132,6 +135,11 @@ impl Metrics {
             "global_limit_failures",
             "Global-limit checks that could not reach Redis (admitted with fail_open, refused with fail_closed)",
             global_limit_failures.clone(),
+        );
+        registry.register(
+            "shared_limit_checks",
+            "Round trips to Redis for a tenant's shared limits (rate checks and gathered cost charges)",
+            shared_limit_checks.clone(),
         );
         registry.register("calls", "gRPC calls by tenant, method and status code", calls.clone());
         registry.register(
@@ -168,6 +176,7 @@ impl Metrics {
             pool_connections,
             source_up,
             global_limit_failures,
+            shared_limit_checks,
             config_reloads,
             circuit_state,
             queued,

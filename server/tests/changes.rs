@@ -807,6 +807,31 @@ async fn postgres_pushes_each_change_as_it_commits() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// With Redis configured, change events are charged to the shared buckets
+/// in gathered amounts: not two Redis round trips per event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_events_are_charged_to_redis_together() {
+    let config = format!("{CONFIG}[limits]\nredis_url = \"{}\"\n", redis_url());
+    let ctx = Ctx::with_changes(Engine::Postgres, &config).await;
+    let t = ctx.table("gathered").await;
+    let sub = ctx.name("gathered");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!(
+        "INSERT INTO {t} SELECT g, 'x', 1 FROM generate_series(1, 400) g"
+    ))
+    .await;
+    assert_eq!(changes(&read_changes(&mut watch, 400).await).len(), 400);
+    let (_, metrics) = http_get(&ctx.server.metrics_url, "/metrics").await;
+    let checks: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("weir_shared_limit_checks_total{tenant=\"cs\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no Redis checks counted for the tenant:\n{metrics}"));
+    assert!(checks < 40, "{checks} Redis round trips for 400 events");
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// Tenant cs's PostgreSQL source `db` on the test server's host, at `port`.
 fn pg_source(port: &str, user: &str, password: &str) -> String {
     format!(

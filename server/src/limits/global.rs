@@ -135,6 +135,10 @@ impl GlobalLimiter {
         if self.now_ms() < self.resting_until.load(Ordering::Relaxed) {
             return Err("Redis failed to answer within the last second".into());
         }
+        let labels = crate::metrics::TenantLabels {
+            tenant: tenant.to_string(),
+        };
+        crate::metrics::METRICS.shared_limit_checks.get_or_create(&labels).inc();
         match tokio::time::timeout(self.timeout, self.check(&key, rate, burst, cost, max_wait)).await {
             Ok(Ok((1, wait_us))) => Ok(Ok(micros(wait_us))),
             Ok(Ok((_, delay_us))) => Ok(Err(micros(delay_us))),

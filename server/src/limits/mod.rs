@@ -88,6 +88,11 @@ const UNITS_PER_SECOND: u64 = 1_000_000;
 struct CostBucket {
     bucket: DefaultDirectRateLimiter,
     unit: u64,
+    /// Charged here but not yet to the bucket shared through Redis, which
+    /// gets them in amounts of at least `gather`: a round trip per change
+    /// event would cap a stream at a few thousand events a second.
+    unshared: AtomicU64,
+    gather: u64,
     /// Everything charged so far: each charge takes the units it completes,
     /// so charges smaller than a unit (one change event's bytes) add up
     /// instead of each costing a whole unit.
@@ -101,7 +106,18 @@ impl CostBucket {
             bucket: RateLimiter::direct(quota),
             unit,
             charged: AtomicU64::new(0),
+            unshared: AtomicU64::new(0),
+            gather: u64::from(rate / 100).max(1),
         }
+    }
+
+    /// Adds `cost` to what the shared bucket has not been charged yet; all
+    /// of it once that reaches a hundredth of a second's worth.
+    fn gathered(&self, cost: u64) -> Option<u64> {
+        let unshared = self.unshared.fetch_add(cost, Ordering::Relaxed).saturating_add(cost);
+        (unshared >= self.gather)
+            .then(|| self.unshared.swap(0, Ordering::Relaxed))
+            .filter(|due| *due > 0)
     }
 
     /// Takes `cost`, waiting for it rather than refusing: a load that sends
@@ -169,10 +185,12 @@ impl TenantLimiter {
         }
     }
 
-    /// Charges the shared bucket `name` after the local one.
-    async fn charge_shared(&self, name: &str, rate: u32, cost: u64) {
+    /// Charges the shared bucket `name` after the local one `bucket`.
+    async fn charge_shared(&self, bucket: &CostBucket, name: &str, rate: u32, cost: u64) {
         if let Some(g) = &self.shared {
-            g.charge(name, &self.tenant, rate, cost).await;
+            if let Some(due) = bucket.gathered(cost) {
+                g.charge(name, &self.tenant, rate, due).await;
+            }
         }
     }
 
@@ -197,10 +215,21 @@ impl TenantLimiter {
         let started = Instant::now();
         self.stream_records.take(records).await;
         self.stream_bytes.take(bytes).await;
-        self.charge_shared("stream_records", self.limits.stream_records_per_second, records)
-            .await;
-        self.charge_shared("stream_bytes", self.limits.stream_bytes_per_second, bytes)
-            .await;
+        let limits = &self.limits;
+        self.charge_shared(
+            &self.stream_records,
+            "stream_records",
+            limits.stream_records_per_second,
+            records,
+        )
+        .await;
+        self.charge_shared(
+            &self.stream_bytes,
+            "stream_bytes",
+            limits.stream_bytes_per_second,
+            bytes,
+        )
+        .await;
         self.throttled("stream", started)
     }
 
@@ -232,9 +261,10 @@ impl TenantLimiter {
         let started = Instant::now();
         self.load_rows.take(rows).await;
         self.load_bytes.take(bytes).await;
-        self.charge_shared("load_rows", self.limits.load_rows_per_second, rows)
+        let limits = &self.limits;
+        self.charge_shared(&self.load_rows, "load_rows", limits.load_rows_per_second, rows)
             .await;
-        self.charge_shared("load_bytes", self.limits.load_bytes_per_second, bytes)
+        self.charge_shared(&self.load_bytes, "load_bytes", limits.load_bytes_per_second, bytes)
             .await;
         self.throttled("load", started)
     }

@@ -4,6 +4,7 @@ Generate the stubs first (see README.md), then:
 
     python client.py                      # the demo server: 127.0.0.1:50051, key "demo"
     WEIR_ADDR=weir.example:50051 WEIR_API_KEY=... python client.py --source main --sql "select 1"
+    WEIR_ADDR=https://weir.example:50051 WEIR_CA_CERT=ca.pem ...   # TLS; without WEIR_CA_CERT, the system's authorities
 
 It lists the tenant's sources, runs one unary Execute, reads one ExecuteStream
 and shows how to honour RetryInfo when the server answers RESOURCE_EXHAUSTED.
@@ -53,7 +54,17 @@ class Weir:
     ):
         # With grpc.Compression.Gzip, requests go compressed; answers are
         # compressed where the server sets server.compression = "gzip".
-        self.channel = grpc.insecure_channel(target(addr), compression=compression)
+        # https:// is TLS (the system's authorities, or WEIR_CA_CERT's): never
+        # send the key in plaintext to an address that asked for TLS.
+        if addr.startswith("https://"):
+            ca = None
+            if ca_path := os.environ.get("WEIR_CA_CERT"):
+                with open(ca_path, "rb") as f:
+                    ca = f.read()
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+            self.channel = grpc.secure_channel(target(addr), credentials, compression=compression)
+        else:
+            self.channel = grpc.insecure_channel(target(addr), compression=compression)
         self.query = query_pb2_grpc.QueryServiceStub(self.channel)
         self.schema = schema_pb2_grpc.SchemaServiceStub(self.channel)
         self.metadata = auth(api_key)
@@ -229,7 +240,13 @@ def main() -> int:
                     print(f"  {total} rows in {batches} batches; server counted {message.stats.rows_returned}")
         except grpc.RpcError as err:
             d = error_details(err)
-            print(f"error: {d['code'].name}: {d['message']} (reason {d['reason']}, retry in {d['retry_delay']})")
+            engine = d.get("metadata", {}).get("engine_code")
+            detail = f"reason {d['reason']}" + (f", engine code {engine}" if engine else "")
+            retry = f", retry in {d['retry_delay']}" if d["retry_delay"] is not None else ""
+            print(f"error: {d['code'].name}: {d['message']} ({detail}{retry})", file=sys.stderr)
+            return 1
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
             return 1
     return 0
 

@@ -25,7 +25,8 @@ struct Cli {
     /// Server address, "http://host:port" or "host:port".
     #[arg(long, env = "WEIR_ADDR", default_value = "http://127.0.0.1:50051", global = true)]
     addr: String,
-    /// API key, sent as a bearer token.
+    /// API key, sent as a bearer token. Visible to other users in the process
+    /// list: prefer WEIR_API_KEY or --key-file.
     #[arg(
         long,
         env = "WEIR_API_KEY",
@@ -34,6 +35,9 @@ struct Cli {
         global = true
     )]
     key: String,
+    /// Reads the API key from this file (its first line) instead of --key.
+    #[arg(long, env = "WEIR_API_KEY_FILE", global = true, conflicts_with = "key")]
+    key_file: Option<PathBuf>,
     /// Connect with TLS, verifying the server against this PEM CA certificate.
     #[arg(long, env = "WEIR_CA_CERT", global = true)]
     ca_cert: Option<PathBuf>,
@@ -111,7 +115,7 @@ enum Command {
         /// CSV text that means NULL.
         #[arg(long, default_value = "")]
         null: String,
-        /// Rows per message sent to the server.
+        /// Rows per message sent to the server (a message also ends at about 4 MiB).
         #[arg(long, default_value_t = 5000)]
         batch_rows: usize,
         /// Skip rows the server finds invalid and report them, instead of failing the load.
@@ -297,9 +301,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         None => None,
     };
     // With a client certificate the demo key default is not sent; an explicit key still is.
-    let explicit_key =
-        std::env::args().any(|a| a == "--key" || a.starts_with("--key=")) || std::env::var_os("WEIR_API_KEY").is_some();
-    let bearer = (cli.client_cert.is_none() || explicit_key).then_some(cli.key.as_str());
+    let key = match &cli.key_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| Failure::Input(format!("cannot read --key-file {}: {e}", path.display())))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        None => cli.key.clone(),
+    };
+    let explicit_key = cli.key_file.is_some()
+        || std::env::args().any(|a| a == "--key" || a.starts_with("--key="))
+        || std::env::var_os("WEIR_API_KEY").is_some();
+    let bearer = (cli.client_cert.is_none() || explicit_key).then_some(key.as_str());
     let client = WeirClient::connect_with(&cli.addr, bearer, tls).await?;
     let mut out = BufWriter::new(io::stdout().lock());
     match cli.command {
@@ -711,6 +726,38 @@ fn open_input(file: &std::path::Path) -> Result<Box<dyn io::Read + Send>, Failur
         .map_err(|e| Failure::Input(format!("cannot open {}: {e}", file.display())))
 }
 
+/// Bytes of rows per load message at most, whatever `--batch-rows` says:
+/// wide rows stay under the server's `max_request_bytes` (16 MiB by default).
+const LOAD_BATCH_BYTES: usize = 4 << 20;
+
+/// Rows gathered into load messages of `max_rows` rows or `LOAD_BATCH_BYTES`.
+struct Batch {
+    rows: Vec<Row>,
+    bytes: usize,
+    max_rows: usize,
+}
+
+impl Batch {
+    fn new(max_rows: usize) -> Self {
+        Self {
+            rows: Vec::new(),
+            bytes: 0,
+            max_rows: max_rows.max(1),
+        }
+    }
+
+    /// Adds a row; the full batch, when this row filled it.
+    fn push(&mut self, row: Row) -> Option<Vec<Row>> {
+        self.bytes += prost::Message::encoded_len(&row);
+        self.rows.push(row);
+        if self.rows.len() < self.max_rows && self.bytes < LOAD_BATCH_BYTES {
+            return None;
+        }
+        self.bytes = 0;
+        Some(std::mem::take(&mut self.rows))
+    }
+}
+
 /// Reads the file on a blocking thread into typed row batches and streams
 /// them to the server; a value that does not parse aborts the load, so
 /// nothing is committed. Progress goes to stderr when it is a terminal.
@@ -744,27 +791,28 @@ async fn load(
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let progress = (rows_read.clone(), bytes_read.clone());
     tokio::task::spawn_blocking(move || {
-        let mut batch = Vec::with_capacity(batch_rows);
+        let mut batch = Batch::new(batch_rows);
         while let Some(row) = rows.next_row(&columns) {
-            match row {
+            let full = match row {
                 Ok(row) => batch.push(row),
                 Err(e) => {
                     let _ = tx.blocking_send(Err(e.to_string()));
                     return;
                 }
-            }
-            if batch.len() == batch_rows {
-                progress.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            };
+            if let Some(full) = full {
+                progress.0.fetch_add(full.len() as u64, Ordering::Relaxed);
                 progress.1.store(rows.bytes_read(), Ordering::Relaxed);
-                if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                if tx.blocking_send(Ok(full)).is_err() {
                     return;
                 }
             }
         }
-        progress.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let rest = batch.rows;
+        progress.0.fetch_add(rest.len() as u64, Ordering::Relaxed);
         progress.1.store(rows.bytes_read(), Ordering::Relaxed);
-        if !batch.is_empty() {
-            let _ = tx.blocking_send(Ok(batch));
+        if !rest.is_empty() {
+            let _ = tx.blocking_send(Ok(rest));
         }
     });
     let started = std::time::Instant::now();
@@ -1202,6 +1250,22 @@ mod tests {
     use super::*;
     use weir_client::weir_proto::v1::watch_changes_response::Message;
     use weir_client::weir_proto::v1::{Heartbeat, TransactionBoundary};
+
+    /// Wide rows end a load message at about 4 MiB, before `--batch-rows`:
+    /// 5,000 rows of 1 MiB would be a message past any server's limit.
+    #[test]
+    fn load_messages_end_at_their_row_count_or_about_four_mebibytes() {
+        let wide = || row([Value::from("x".repeat(1 << 20).as_str())]);
+        let mut batch = Batch::new(5000);
+        let sizes: Vec<usize> = (0..10).filter_map(|_| batch.push(wide()).map(|b| b.len())).collect();
+        assert_eq!(sizes, [4, 4]);
+        assert_eq!(batch.rows.len(), 2);
+        let mut narrow = Batch::new(3);
+        let sizes: Vec<usize> = (0..7)
+            .filter_map(|i| narrow.push(row([Value::from(i as i64)])).map(|b| b.len()))
+            .collect();
+        assert_eq!(sizes, [3, 3]);
+    }
 
     fn change(op: ChangeOperation) -> Message {
         Message::Change(ChangeEvent {

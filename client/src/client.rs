@@ -107,7 +107,8 @@ impl Interceptor for ApiKeyInterceptor {
 /// client certificate for mutual TLS.
 #[derive(Clone, Debug, Default)]
 pub struct TlsOptions {
-    /// PEM CA certificate(s) the server's certificate is verified against.
+    /// PEM CA certificate(s) the server's certificate is verified against;
+    /// empty for the public web authorities (webpki-roots).
     pub ca_pem: Vec<u8>,
     /// PEM client certificate chain and private key, for mutual TLS.
     pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
@@ -135,12 +136,18 @@ impl WeirClient {
     }
 
     /// Connects with an optional bearer token (API key or JWT) and optional
-    /// TLS ("https://host:port"); with a client certificate the token may be left out.
+    /// TLS ("https://host:port"); with a client certificate the token may be
+    /// left out. An https:// address without TLS settings trusts the public
+    /// web authorities.
     pub async fn connect_with(
         addr: &str,
         bearer: Option<&str>,
         tls: Option<TlsOptions>,
     ) -> Result<WeirClient, ClientError> {
+        let tls = match tls {
+            None if addr.starts_with("https://") => Some(TlsOptions::default()),
+            other => other,
+        };
         let interceptor = match bearer {
             Some(token) => ApiKeyInterceptor::new(token)?,
             None => ApiKeyInterceptor::none(),
@@ -157,10 +164,7 @@ impl WeirClient {
         };
         let uri: http::Uri = addr.parse().map_err(|e: http::uri::InvalidUri| invalid(e.into()))?;
         if uri.scheme_str() != Some(scheme) {
-            return Err(invalid(match tls {
-                Some(_) => "TLS settings need an https:// address".into(),
-                None => "an https:// address needs TLS settings (a CA certificate)".into(),
-            }));
+            return Err(invalid("TLS settings need an https:// address".into()));
         }
         let authority = uri
             .authority()
@@ -937,9 +941,10 @@ mod tests {
 
     #[tokio::test]
     async fn tls_settings_and_the_scheme_must_agree_and_be_usable() {
+        // https:// alone trusts the public authorities: it gets as far as connecting.
         assert!(matches!(
             WeirClient::connect("https://127.0.0.1:1", "key").await,
-            Err(ClientError::InvalidAddress { .. })
+            Err(ClientError::Transport { .. })
         ));
         let no_ca = TlsOptions {
             ca_pem: b"not a certificate".to_vec(),

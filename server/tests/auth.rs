@@ -240,6 +240,15 @@ async fn a_renewed_server_certificate_is_used_for_new_connections() {
     }
     let renewed = renewed.expect("new connections get the renewed certificate");
     sources(&renewed).await.expect("works");
+    // An https:// address without a CA trusts the public authorities only,
+    // which did not sign this certificate.
+    let public = WeirClient::connect_with(&format!("https://{}", server.host_port()), Some("key-a"), None)
+        .await
+        .map_err(|e| format!("{e:?}"));
+    assert!(
+        refused(public).await,
+        "a certificate of a private CA is not trusted by default"
+    );
     // The connection made before the renewal goes on.
     sources(&before).await.expect("an open connection keeps working");
     server.stop().await;

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{http_get, key_hash, sqlite_demo, TestServer};
+use common::{http_get, key_hash, sample, sqlite_demo, TestServer};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
 use tonic::Code;
 use weir_client::{TlsOptions, WeirClient};
@@ -265,11 +265,7 @@ async fn a_refused_reload_keeps_the_old_certificate() {
     let server = TestServer::start_file(&path).await;
     let rejected = || async {
         let (_, metrics) = http_get(&server.metrics_url, "/metrics").await;
-        metrics
-            .lines()
-            .find(|l| l.starts_with("weir_config_reloads_total{outcome=\"rejected\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
+        sample(&metrics, "weir_config_reloads_total", &[("outcome", "rejected")])
     };
     let before = rejected().await;
     // New certificate files and a source whose password cannot be read.

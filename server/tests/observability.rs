@@ -8,15 +8,6 @@ use common::*;
 use tonic::Code;
 use weir_client::weir_proto::v1::IsolationLevel;
 
-/// The value of one sample line of the exposition, by metric name and labels.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn metrics_count_calls_rows_and_rejections() {
     let toml = tenant("obs", "requests_per_second = 1\nburst = 4", &sqlite_demo("obs", "shop"));

@@ -327,6 +327,16 @@ pub async fn mysql_running(direct: &mut mysql_async::Conn, pattern: &str) -> i64
     n.unwrap_or(0)
 }
 
+/// The value of one sample line of the exposition, by metric name and
+/// labels (summed over lines that match; 0 when none does).
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A plain HTTP/1.0 GET (the metrics port), returning status and body.
 pub async fn http_get(base: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

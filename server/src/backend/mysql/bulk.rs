@@ -6,6 +6,8 @@
 //! a failed multi-row statement is undone by the engine on its own, and the
 //! rows are then tried one by one to name the failing row.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Params};
 
@@ -317,11 +319,21 @@ pub(super) async fn write_all(
 
 /// Runs a whole load: the receipt table first (DDL commits implicitly, so
 /// outside the transaction), then one strict-mode transaction.
-pub async fn load(conn: &mut Conn, spec: LoadSpec, mut feed: RowFeed) -> Result<LoadOutcome, BackendError> {
+/// `receipts_checked` is the source's: the receipt table of an earlier
+/// build is looked for once per process, not on every load.
+pub async fn load(
+    conn: &mut Conn,
+    spec: LoadSpec,
+    mut feed: RowFeed,
+    receipts_checked: &AtomicBool,
+) -> Result<LoadOutcome, BackendError> {
     let receipts = spec.receipt.as_ref().map(|r| ReceiptSql::new(&r.table, &DIALECT));
     if let (Some(sql), Some(r)) = (&receipts, &spec.receipt) {
         conn.query_drop(sql.create.as_str()).await.map_err(map_error)?;
-        upgrade_receipts(conn, &r.table).await?;
+        if !receipts_checked.load(Ordering::Relaxed) {
+            upgrade_receipts(conn, &r.table).await?;
+            receipts_checked.store(true, Ordering::Relaxed);
+        }
     }
     // Strict mode turns bad values into errors instead of warnings; the
     // session's own mode comes back afterwards (and the pool resets sessions).

@@ -38,6 +38,8 @@ pub struct MysqlSource {
     change_opts: Opts,
     config: SourceConfig,
     breaker: Breaker,
+    /// The load id table's key columns were checked (and converted) once.
+    receipts_checked: std::sync::atomic::AtomicBool,
 }
 
 impl MysqlSource {
@@ -75,6 +77,7 @@ impl MysqlSource {
             change_opts,
             config: config.clone(),
             breaker: Breaker::default(),
+            receipts_checked: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -348,7 +351,7 @@ impl SqlSource for MysqlSource {
     }
 
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
-        bulk::load(&mut self.conn().await?, spec, rows).await
+        bulk::load(&mut self.conn().await?, spec, rows, &self.receipts_checked).await
     }
 
     async fn watch(&self, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {

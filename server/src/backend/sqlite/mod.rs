@@ -362,12 +362,17 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
 }
 
 /// Whether `sql` may have left `conn` different for its next caller: a
-/// PRAGMA, or a temporary object (ATTACH is off, see `Pool::open`).
+/// PRAGMA, or a CREATE that made a temporary object (ATTACH is off, see
+/// `Pool::open`). Other statements, reads above all, cost no query here.
 fn changed_session(conn: &Connection, sql: &str) -> bool {
-    let temporary = conn
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM temp.sqlite_schema)")
-        .and_then(|mut s| s.query_row([], |r| r.get::<_, bool>(0)));
-    sql_text::leading_words(sql, 1).first().is_some_and(|w| w == "pragma") || temporary.unwrap_or(true)
+    match sql_text::leading_words(sql, 1).first().map(String::as_str) {
+        Some("pragma") => true,
+        Some("create") => conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM temp.sqlite_schema)")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, bool>(0)))
+            .unwrap_or(true),
+        _ => false,
+    }
 }
 
 /// Runs the statement, sending its columns and rows; returns rows affected.

@@ -587,6 +587,7 @@ impl Config {
             ("server.reload_interval", self.server.reload_interval),
             ("server.max_queue_wait", self.server.max_queue_wait),
             ("server.stream_idle_timeout", self.server.stream_idle_timeout),
+            ("server.health_check_interval", self.server.health_check_interval),
         ] {
             if value.is_zero() {
                 return Err(invalid(name, "must be greater than 0"));
@@ -780,6 +781,16 @@ impl SourceConfig {
         }
         if self.pool.min_idle > self.pool.max_size {
             return Err(invalid(format!("{key}.pool.min_idle"), "must not exceed pool.max_size"));
+        }
+        // Zero is not "never" here: it would refuse every call or close every connection at once.
+        for (name, value) in [
+            ("acquire_timeout", self.pool.acquire_timeout),
+            ("connect_timeout", self.pool.connect_timeout),
+            ("idle_timeout", self.pool.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(format!("{key}.pool.{name}"), "must be greater than 0"));
+            }
         }
         const PASSWORDS: &[&str] = &["password_env", "password_file", "password_sealed"];
         const SERVER: &[&str] = &["host", "port", "database", "user"];
@@ -1009,6 +1020,23 @@ mod tests {
         let err = parse("11s").err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("max_rate_wait"), "{err}");
         assert_eq!(LimitsConfig::default().max_rate_wait, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn zero_durations_that_would_break_every_call_are_refused() {
+        let pg = "[tenants.a.sources.s]\nengine = \"postgres\"\nhost = \"h\"\nuser = \"u\"\n";
+        for key in ["acquire_timeout", "connect_timeout", "idle_timeout"] {
+            let err = Config::from_toml(&format!("{pg}[tenants.a.sources.s.pool]\n{key} = \"0s\"\n"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(&format!("tenants.a.sources.s.pool.{key}")), "{key}: {err}");
+        }
+        let err = Config::from_toml("[server]\nhealth_check_interval = \"0s\"\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("server.health_check_interval"), "{err}");
     }
 
     #[test]

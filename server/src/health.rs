@@ -8,21 +8,48 @@ use std::time::Duration;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use crate::backend::{BackendError, ConnectionInfo};
 use crate::metrics::{PoolLabels, Readiness, SourceLabels, METRICS};
 use crate::tenant::reload::Registry;
-use crate::tenant::{SourceStatus, Tenants};
+use crate::tenant::{Source, SourceStatus, Tenants};
 
 /// gRPC health names that follow the gateway's overall state.
 const SERVICES: [&str; 3] = ["", "weir.v1.QueryService", "weir.v1.SchemaService"];
 /// Longest a single probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
+enum Probe {
+    Up(ConnectionInfo),
+    /// Every connection is in use: the source answers, it is only busy. A
+    /// probe that waited for a connection would call a loaded source down and
+    /// take the replica out of service exactly when it is most needed.
+    Busy,
+    Down,
+}
+
+async fn probe(source: &Source) -> Probe {
+    if source
+        .backend
+        .pool_status()
+        .is_some_and(|p| p.idle == 0 && p.open >= source.config.pool.max_size)
+    {
+        return Probe::Busy;
+    }
+    // Long enough for a pool that fills up meanwhile to say so (PoolExhausted).
+    let limit = PROBE_TIMEOUT.max(source.config.pool.acquire_timeout + Duration::from_secs(1));
+    match tokio::time::timeout(limit, source.backend.connection_info()).await {
+        Ok(Ok(info)) => Probe::Up(info),
+        Ok(Err(BackendError::PoolExhausted { .. })) => Probe::Busy,
+        _ => Probe::Down,
+    }
+}
+
 pub async fn probe_all(tenants: &Tenants) -> bool {
     let mut required_ok = true;
     for tenant in tenants.all() {
         for source in tenant.sources() {
-            let result = tokio::time::timeout(PROBE_TIMEOUT, source.backend.connection_info()).await;
-            let healthy = matches!(result, Ok(Ok(_)));
+            let result = probe(source).await;
+            let healthy = !matches!(result, Probe::Down);
             let labels = SourceLabels {
                 tenant: tenant.id.clone(),
                 source: source.name.clone(),
@@ -42,16 +69,20 @@ pub async fn probe_all(tenants: &Tenants) -> bool {
                 }
             }
             let mut status = source.status.write();
-            if let Ok(Ok(info)) = result {
-                *status = SourceStatus {
-                    healthy: true,
-                    server_version: info.server_version,
-                };
-            } else {
-                if status.healthy {
-                    tracing::warn!(tenant = tenant.id, source = source.name, "source became unreachable");
+            match result {
+                Probe::Up(info) => {
+                    *status = SourceStatus {
+                        healthy: true,
+                        server_version: info.server_version,
+                    }
                 }
-                status.healthy = false;
+                Probe::Busy => status.healthy = true,
+                Probe::Down => {
+                    if status.healthy {
+                        tracing::warn!(tenant = tenant.id, source = source.name, "source became unreachable");
+                    }
+                    status.healthy = false;
+                }
             }
             if source.config.required && !healthy {
                 required_ok = false;

@@ -65,6 +65,8 @@ pub async fn run(
     let transactions = Arc::new(Transactions::default());
     let readiness = Readiness::default();
     let (reporter, health_service) = tonic_health::server::health_reporter();
+    // Not SERVING until the first round of probes says so ("" starts SERVING in tonic-health).
+    health::set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
     let monitor = tokio::spawn(health::monitor(
         tenants.clone(),
         reporter.clone(),

@@ -492,3 +492,112 @@ mod kafka_broker {
         server.stop().await;
     }
 }
+
+/// A required source whose every connection is in use is busy, not down: the
+/// replica stays ready, so a loaded gateway is not taken out of service.
+/// MySQL's pool does not tell how many connections are in use, so its probe
+/// learns it from the acquire timeout.
+#[tokio::test]
+async fn a_busy_required_source_keeps_the_replica_ready() {
+    let one = |source: &str| {
+        format!("required = true\n[tenants.b.sources.{source}.pool]\nmax_size = 1\nacquire_timeout = \"500ms\"\n")
+    };
+    let config = format!(
+        "{FAST}{}",
+        tenant(
+            "b",
+            "",
+            &(common::postgres("b", "pg", &one("pg")) + &common::mysql("b", "my", &one("my")))
+        )
+    );
+    let server = TestServer::start(&config).await;
+    let client = server.client("key-b").await;
+    readiness_becomes(&server, 200).await;
+    let pg = client
+        .begin("pg", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin pg");
+    let my = client
+        .begin("my", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin my");
+    // Several probes, each of which would wait out the acquire timeout.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(ready(&server).await, 200, "a busy source is not a down one");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, metrics) = http_get(&server.metrics_url, "/metrics").await;
+    for source in ["pg", "my"] {
+        assert_eq!(
+            common::sample(&metrics, "weir_source_up", &[("tenant", "b"), ("source", source)]),
+            1.0,
+            "{source}"
+        );
+    }
+    // The breaker never saw a failure: calls wait for the pool as before.
+    let busy = client
+        .execute("pg", "SELECT 1", vec![])
+        .await
+        .expect_err("the pool is busy");
+    assert_eq!(reason(&busy), "POOL_EXHAUSTED", "{busy:?}");
+    client.rollback(&pg).await.expect("rollback pg");
+    client.rollback(&my).await.expect("rollback my");
+    client.execute("my", "SELECT 1", vec![]).await.expect("serves again");
+}
+
+/// A server that takes connections and then never answers (a stalled disk,
+/// a proxy whose database is gone) is down, not busy: calls get UNAVAILABLE
+/// within `connect_timeout` and the breaker opens, instead of every caller
+/// waiting out the acquire timeout for POOL_EXHAUSTED. Until the first probe
+/// has answered, the server is not SERVING, not even under the name "".
+#[tokio::test]
+async fn a_server_that_never_answers_is_down_not_busy() {
+    let proxy = common::Proxy::start(common::pg_address()).await;
+    proxy.freeze(true);
+    let source = common::postgres_at(
+        "s",
+        "pg",
+        &proxy.port.to_string(),
+        "required = true\n[tenants.s.sources.pg.pool]\nconnect_timeout = \"500ms\"\nacquire_timeout = \"3s\"\n",
+    );
+    let server = TestServer::start(&format!("{FAST}{}", tenant("s", "", &source))).await;
+    let channel = tonic::transport::Channel::from_shared(server.addr.clone())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .expect("health")
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    let client = server.client("key-s").await;
+    let started = Instant::now();
+    let e = client.execute("pg", "SELECT 1", vec![]).await.expect_err("no session");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("connect_timeout"), "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    let mut open = false;
+    for _ in 0..10 {
+        let e = client.execute("pg", "SELECT 1", vec![]).await.expect_err("no session");
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        if reason(&e) == "SOURCE_CIRCUIT_OPEN" {
+            open = true;
+            break;
+        }
+    }
+    assert!(open, "repeated timeouts open the breaker");
+    proxy.freeze(false);
+    until_it_serves(&client, "pg", "SELECT 1").await;
+}

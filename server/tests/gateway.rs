@@ -329,12 +329,22 @@ async fn bad_keys_are_unauthenticated_and_health_needs_none() {
         .await
         .expect("connect");
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let r = health
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
-        .await
-        .expect("health without a key");
+    // SERVING once the first round of probes has answered.
+    let mut status = 0;
+    for _ in 0..50 {
+        status = health
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await
+            .expect("health without a key")
+            .into_inner()
+            .status;
+        if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert_eq!(
-        r.into_inner().status,
+        status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 

@@ -132,8 +132,15 @@ impl Breaker {
         match result {
             Ok(_) => self.success(),
             Err(BackendError::Unavailable(cause)) => self.failure(cause),
-            // A busy pool or an engine error says the source is up.
-            Err(BackendError::PoolExhausted { .. } | BackendError::CircuitOpen { .. }) => {}
+            // A busy pool has open connections, so the source is up: that
+            // ends a probe, and left alone it would refuse calls until PROBE_LIMIT.
+            Err(BackendError::PoolExhausted { .. }) => {
+                let mut phase = self.phase.lock();
+                if matches!(*phase, Phase::Probing { .. }) {
+                    *phase = Phase::Closed { failures: 0 };
+                }
+            }
+            Err(BackendError::CircuitOpen { .. }) => {}
             Err(_) => self.success(),
         }
     }
@@ -221,5 +228,21 @@ mod tests {
         b.record::<()>(&Err(BackendError::Invalid("bad".into())));
         down(&b);
         assert_eq!(b.state(), CircuitState::Closed, "the source answered in between");
+    }
+
+    #[test]
+    fn a_probe_that_finds_the_pool_busy_closes_the_breaker() {
+        let b = Breaker::default();
+        for _ in 0..FAILURES {
+            down(&b);
+        }
+        std::thread::sleep(FIRST_OPEN.mul_f64(1.25));
+        assert!(b.admit().is_ok(), "the probe");
+        b.record::<()>(&Err(BackendError::PoolExhausted {
+            max_size: 1,
+            waited: Duration::ZERO,
+        }));
+        assert_eq!(b.state(), CircuitState::Closed);
+        assert!(b.admit().is_ok(), "calls go through, not refused until the probe limit");
     }
 }

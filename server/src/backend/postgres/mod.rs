@@ -151,13 +151,11 @@ impl Target {
                         "tls = true needs a host name, not a Unix socket directory".into(),
                     ));
                 }
-                let stream = net::within(timeout, net::socket(host, port))
-                    .await
-                    .map_err(connect_error)?;
-                Ok((
-                    drive(self.config.connect_raw(stream, NoTls).await.map_err(map_error)?),
-                    None,
-                ))
+                let session = async {
+                    let stream = net::socket(host, port).await.map_err(connect_error)?;
+                    self.config.connect_raw(stream, NoTls).await.map_err(map_error)
+                };
+                Ok((drive(bounded(timeout, session).await?), None))
             }
             None => Err(BackendError::Invalid("the source names no host".into())),
         }
@@ -184,17 +182,36 @@ impl Target {
 
     /// A session at `address` of the server named `name` (TLS verifies that name).
     async fn open(&self, name: &str, address: SocketAddr, timeout: Option<Duration>) -> Result<Client, BackendError> {
-        let stream = net::session_tcp(address, timeout, &self.config)
-            .await
-            .map_err(connect_error)?;
-        match &self.tls {
-            Some(tls) => {
-                let tls =
-                    MakeTlsConnect::<TcpStream>::make_tls_connect(&mut tls.clone(), name).map_err(connect_error)?;
-                Ok(drive(self.config.connect_raw(stream, tls).await.map_err(map_error)?))
+        let session = async {
+            let stream = net::session_tcp(address, &self.config).await.map_err(connect_error)?;
+            match &self.tls {
+                Some(tls) => {
+                    let tls =
+                        MakeTlsConnect::<TcpStream>::make_tls_connect(&mut tls.clone(), name).map_err(connect_error)?;
+                    Ok(drive(self.config.connect_raw(stream, tls).await.map_err(map_error)?))
+                }
+                None => Ok(drive(self.config.connect_raw(stream, NoTls).await.map_err(map_error)?)),
             }
-            None => Ok(drive(self.config.connect_raw(stream, NoTls).await.map_err(map_error)?)),
-        }
+        };
+        bounded(timeout, session).await
+    }
+}
+
+/// `session` (socket, TLS, startup and authentication) within `timeout`. A
+/// server that takes connections and then never answers (a stalled disk, a
+/// proxy whose database is gone) is down: unbounded, each attempt would hold
+/// a pool slot and callers would see a busy pool instead of UNAVAILABLE.
+async fn bounded<T>(
+    timeout: Option<Duration>,
+    session: impl std::future::Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    match timeout {
+        Some(limit) => tokio::time::timeout(limit, session).await.unwrap_or_else(|_| {
+            Err(BackendError::Unavailable(format!(
+                "the server did not open a session within connect_timeout ({limit:?})"
+            )))
+        }),
+        None => session.await,
     }
 }
 

@@ -1,10 +1,8 @@
 //! Plain connections to a source's server, before any TLS: pooled and
 //! shared sessions', the replication session's and cancel requests'.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -36,30 +34,13 @@ pub(super) async fn addresses(name: &str, port: u16) -> io::Result<Vec<SocketAdd
     Ok(tokio::net::lookup_host((name, port)).await?.collect())
 }
 
-/// A session's TCP connection to `address`, within `timeout`, with TCP
-/// keepalives as `config` asks (on, after 2 hours idle, by default).
-pub(super) async fn session_tcp(
-    address: SocketAddr,
-    timeout: Option<Duration>,
-    config: &tokio_postgres::Config,
-) -> io::Result<TcpStream> {
-    let s = within(timeout, tcp(address)).await?;
+/// A session's TCP connection to `address`, with TCP keepalives as `config`
+/// asks (on, after 2 hours idle, by default).
+pub(super) async fn session_tcp(address: SocketAddr, config: &tokio_postgres::Config) -> io::Result<TcpStream> {
+    let s = tcp(address).await?;
     if config.get_keepalives() {
         let keepalive = TcpKeepalive::new().with_time(config.get_keepalives_idle());
         SockRef::from(&s).set_tcp_keepalive(&keepalive)?;
     }
     Ok(s)
-}
-
-/// `connect`, given at most `timeout` when there is one.
-pub(super) async fn within<T>(
-    timeout: Option<Duration>,
-    connect: impl Future<Output = io::Result<T>>,
-) -> io::Result<T> {
-    match timeout {
-        Some(t) => tokio::time::timeout(t, connect)
-            .await
-            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connection timed out"))),
-        None => connect.await,
-    }
 }

@@ -85,6 +85,18 @@ pub struct ServerConfig {
     /// ended (DEADLINE_EXCEEDED, STREAM_STALLED) and its statement cancelled.
     #[serde(with = "humantime_serde")]
     pub stream_idle_timeout: Duration,
+    /// A client connection idle this long is probed with TCP keepalives. A
+    /// client that vanished without closing (its node lost, a NAT that
+    /// dropped the flow) would otherwise hold a load's transaction, a
+    /// consumer's partitions or a subscription until restart. Read at start.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_time: Duration,
+    /// Time between unanswered keepalive probes. Read at start.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// Unanswered probes after which the connection, and every call on it,
+    /// is ended. Read at start.
+    pub keepalive_retries: u32,
     /// Compress responses with this encoding for clients that accept it.
     /// Off by default: most gRPC libraries advertise gzip whether or not
     /// the network needs it. Compressed requests are always accepted. Read at start.
@@ -172,6 +184,9 @@ impl Default for ServerConfig {
             max_concurrent_requests: 1024,
             max_queue_wait: Duration::from_secs(1),
             stream_idle_timeout: Duration::from_secs(60),
+            keepalive_time: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_retries: 3,
             compression: None,
             tls: None,
         }
@@ -588,10 +603,15 @@ impl Config {
             ("server.max_queue_wait", self.server.max_queue_wait),
             ("server.stream_idle_timeout", self.server.stream_idle_timeout),
             ("server.health_check_interval", self.server.health_check_interval),
+            ("server.keepalive_time", self.server.keepalive_time),
+            ("server.keepalive_interval", self.server.keepalive_interval),
         ] {
             if value.is_zero() {
                 return Err(invalid(name, "must be greater than 0"));
             }
+        }
+        if self.server.keepalive_retries == 0 {
+            return Err(invalid("server.keepalive_retries", "must be greater than 0"));
         }
         if self.server.max_concurrent_requests == 0 {
             return Err(invalid("server.max_concurrent_requests", "must be greater than 0"));

@@ -367,3 +367,60 @@ mod jwt {
         server.stop().await;
     }
 }
+
+/// The keepalive timer `ss` shows on the server's side of connections to
+/// `port` ("" when none has one).
+fn keepalive_timers(port: &str) -> String {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", &format!("( sport = :{port} )")])
+        .output()
+        .expect("run ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("timer:(keepalive,").nth(1))
+        .map(|t| t.split(',').next().unwrap_or_default().to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Client connections, plain and TLS, carry TCP keepalives, so a client that
+/// vanished without closing (its node lost) does not hold a load's
+/// transaction or a consumer's partitions until restart. Seen from outside
+/// with `ss`: the server side of the connection runs a keepalive timer no
+/// longer than `keepalive_time`.
+#[tokio::test]
+async fn client_connections_carry_tcp_keepalives() {
+    let keepalive = "[server]\nkeepalive_time = \"7s\"\n";
+    let plain = TestServer::start(&format!(
+        "{keepalive}{}",
+        common::tenant("a", "", &sqlite_demo("a", "a_db"))
+    ))
+    .await;
+    let client = plain.client("key-a").await;
+    sources(&client).await.expect("plain call");
+    let files = Files::new();
+    let (server_ca, client_ca) = (ca("server ca"), ca("client ca"));
+    let section = tls_section(&files, &server_ca, &client_ca, false).replace("[server]\n", keepalive);
+    let path = files.write("weir.toml", &format!("{section}{}", tenants()));
+    let secure = TestServer::start_file(&path).await;
+    let over_tls = connect(&secure, Some("key-a"), tls(&server_ca, None))
+        .await
+        .expect("tls");
+    sources(&over_tls).await.expect("tls call");
+    for server in [&plain, &secure] {
+        let port = server.host_port().rsplit(':').next().unwrap_or_default();
+        let timers = keepalive_timers(port);
+        // ss prints "119min", "29sec" or "6.868ms" (its units, as it prints them).
+        let seconds = timers
+            .split_whitespace()
+            .next()
+            .and_then(|t| {
+                let (number, scale) = [("min", 60.0), ("sec", 1.0), ("ms", 0.001)]
+                    .into_iter()
+                    .find_map(|(unit, scale)| t.strip_suffix(unit).map(|n| (n, scale)))?;
+                number.parse::<f64>().ok().map(|n| n * scale)
+            })
+            .unwrap_or_else(|| panic!("no keepalive timer on port {port}: {timers:?}"));
+        assert!(seconds <= 7.0, "keepalive after {seconds} s, not within keepalive_time");
+    }
+}

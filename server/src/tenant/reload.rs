@@ -21,9 +21,58 @@ use crate::transport::tls::TlsReloader;
 
 pub struct Registry {
     current: RwLock<Arc<Tenants>>,
-    /// The configuration in force, to name settings a reload cannot change.
+    /// The configuration in force, for the files it names.
     running: Mutex<Config>,
+    /// The configuration the process started with: settings read only at
+    /// start stay as it had them, however many reloads come after.
+    started: Config,
     tls: Option<Arc<TlsReloader>>,
+}
+
+/// Settings that `config` changes from `started` but that take effect only
+/// after a restart.
+fn needs_restart(started: &Config, config: &Config) -> Vec<&'static str> {
+    let (was, now) = (&started.server, &config.server);
+    [
+        ("server.listen", was.listen != now.listen),
+        ("server.tls (on or off)", was.tls.is_some() != now.tls.is_some()),
+        (
+            "server.max_request_bytes",
+            was.max_request_bytes != now.max_request_bytes,
+        ),
+        (
+            "server.max_concurrent_requests",
+            was.max_concurrent_requests != now.max_concurrent_requests,
+        ),
+        ("server.max_queue_wait", was.max_queue_wait != now.max_queue_wait),
+        ("server.compression", was.compression != now.compression),
+        (
+            "server.health_check_interval",
+            was.health_check_interval != now.health_check_interval,
+        ),
+        ("server.reload_interval", was.reload_interval != now.reload_interval),
+        ("server.shutdown_grace", was.shutdown_grace != now.shutdown_grace),
+        (
+            "server.stream_idle_timeout",
+            was.stream_idle_timeout != now.stream_idle_timeout,
+        ),
+        ("server.keepalive_time", was.keepalive_time != now.keepalive_time),
+        (
+            "server.keepalive_interval",
+            was.keepalive_interval != now.keepalive_interval,
+        ),
+        (
+            "server.keepalive_retries",
+            was.keepalive_retries != now.keepalive_retries,
+        ),
+        ("metrics", started.metrics != config.metrics),
+        ("telemetry", started.telemetry != config.telemetry),
+        ("bulk", started.bulk != config.bulk),
+        ("changes", started.changes != config.changes),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
 }
 
 impl Registry {
@@ -31,6 +80,7 @@ impl Registry {
         Ok(Self {
             current: RwLock::new(Arc::new(Tenants::build(config)?)),
             running: Mutex::new(config.clone()),
+            started: config.clone(),
             tls,
         })
     }
@@ -48,36 +98,7 @@ impl Registry {
     /// Puts `config` in force: tenants, keys, limits, sources, authentication and TLS files.
     pub fn apply(&self, config: Config) -> Result<Changes, String> {
         let mut running = self.running.lock();
-        let restart: Vec<&str> = [
-            ("server.listen", running.server.listen != config.server.listen),
-            (
-                "server.tls (on or off)",
-                running.server.tls.is_some() != config.server.tls.is_some(),
-            ),
-            (
-                "server.max_request_bytes",
-                running.server.max_request_bytes != config.server.max_request_bytes,
-            ),
-            (
-                "server.max_concurrent_requests",
-                running.server.max_concurrent_requests != config.server.max_concurrent_requests,
-            ),
-            (
-                "server.max_queue_wait",
-                running.server.max_queue_wait != config.server.max_queue_wait,
-            ),
-            (
-                "server.compression",
-                running.server.compression != config.server.compression,
-            ),
-            ("metrics", running.metrics != config.metrics),
-            ("telemetry", running.telemetry != config.telemetry),
-            ("bulk", running.bulk != config.bulk),
-            ("changes", running.changes != config.changes),
-        ]
-        .into_iter()
-        .filter_map(|(name, changed)| changed.then_some(name))
-        .collect();
+        let restart = needs_restart(&self.started, &config);
         if !restart.is_empty() {
             tracing::warn!(settings = ?restart, "these settings changed but take effect only after a restart");
         }
@@ -191,5 +212,21 @@ pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration, m
             // reloads once more, to the same effect.)
             seen = now;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_read_at_start_are_named_on_every_reload_that_changes_them() {
+        let started = Config::from_toml("").unwrap();
+        let edited = Config::from_toml("[server]\nstream_idle_timeout = \"1s\"\nkeepalive_time = \"5s\"\n").unwrap();
+        assert_eq!(
+            needs_restart(&started, &edited),
+            ["server.stream_idle_timeout", "server.keepalive_time"]
+        );
+        assert!(needs_restart(&started, &started.clone()).is_empty());
     }
 }

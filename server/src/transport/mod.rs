@@ -102,16 +102,35 @@ pub async fn serve(
     match tls {
         Some(tls) => {
             router
-                .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
+                .serve_with_incoming_shutdown(tls::incoming(listener, tls, keepalive(&config.server)), shutdown)
                 .await?;
         }
         // Without TCP_NODELAY, Nagle's algorithm holds the last frames of a
         // response back until the peer's delayed ACK, about 40 ms.
         None => {
             router
-                .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener)
+                        .with_nodelay(Some(true))
+                        .with_keepalive(Some(config.server.keepalive_time))
+                        .with_keepalive_interval(Some(config.server.keepalive_interval))
+                        .with_keepalive_retries(Some(config.server.keepalive_retries)),
+                    shutdown,
+                )
                 .await?;
         }
     }
     Ok(())
+}
+
+/// TCP keepalives for client connections. Not HTTP/2 PINGs: hyper ends a
+/// connection whose PING goes unanswered with NO_ERROR, which its request
+/// bodies report as a clean end, so a client-streamed load cut that way
+/// would commit the rows it had sent. A socket whose probes go unanswered
+/// fails with an error instead, and the load is rolled back.
+pub fn keepalive(server: &crate::config::ServerConfig) -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(server.keepalive_time)
+        .with_interval(server.keepalive_interval)
+        .with_retries(server.keepalive_retries)
 }

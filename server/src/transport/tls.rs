@@ -160,7 +160,11 @@ impl AsyncWrite for TlsConn {
 /// Accepts TCP connections and hands the ones that complete a TLS handshake
 /// to the server. Handshakes run on tasks of their own, so a slow one does
 /// not hold up the others.
-pub fn incoming(listener: TcpListener, tls: Arc<TlsReloader>) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<TlsReloader>,
+    keepalive: socket2::TcpKeepalive,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -179,6 +183,7 @@ pub fn incoming(listener: TcpListener, tls: Arc<TlsReloader>) -> ReceiverStream<
             };
             // As on plain connections: no Nagle delay on the last frames of a response.
             let _ = tcp.set_nodelay(true);
+            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
             let acceptor = tls.acceptor();
             let tx = tx.clone();
             tokio::spawn(async move {

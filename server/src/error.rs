@@ -25,6 +25,13 @@ pub enum Error {
         "the transaction's database session was lost ({0}); it was rolled back: run it again from BeginTransaction"
     )]
     TransactionLost(String),
+    /// The session was lost after COMMIT was sent: the engine may have
+    /// committed. Running the transaction again could apply it twice.
+    #[error(
+        "the connection to the database was lost after COMMIT was sent ({0}): the transaction may or may not \
+         have been committed; check its effects before running it again"
+    )]
+    CommitOutcomeUnknown(String),
     #[error("invalid {field}: {message}")]
     InvalidArgument { field: &'static str, message: String },
     #[error("rate limit of {rate} requests per second exceeded; retry in {retry_after:?}")]
@@ -140,6 +147,7 @@ impl From<Error> for Status {
                 d.set_retry_info(Some(Duration::from_secs(1)));
                 (Code::Aborted, d)
             }
+            Error::CommitOutcomeUnknown(_) => (Code::Unknown, info("COMMIT_OUTCOME_UNKNOWN", vec![])),
             Error::InvalidArgument { field, message } => {
                 let mut d = ErrorDetails::with_bad_request_violation(*field, message.clone());
                 d.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, std::collections::HashMap::new());

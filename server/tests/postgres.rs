@@ -1817,3 +1817,67 @@ async fn a_late_cancel_does_not_reach_the_next_caller() {
     }
     server.stop().await;
 }
+
+/// A session lost after COMMIT was sent leaves the outcome unknown: the
+/// database may have committed (here it did), so the caller is not told that
+/// the transaction was rolled back and should be run again, which would
+/// apply it twice. A session lost before COMMIT is still TRANSACTION_LOST.
+#[tokio::test]
+async fn a_commit_whose_session_is_lost_midway_is_reported_as_unknown() {
+    use tonic_types::StatusExt;
+    let pg = pg_direct().await;
+    let table = format!("commit_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    pg.batch_execute(&format!(
+        "CREATE TABLE {table} (id int);
+         CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON {table} DEFERRABLE INITIALLY DEFERRED
+             FOR EACH ROW EXECUTE FUNCTION {table}_slow();"
+    ))
+    .await
+    .expect("setup");
+    let proxy = Proxy::start(pg_address()).await;
+    let server = TestServer::start(&tenant("c", "", &postgres_at("c", "db", &proxy.port.to_string(), ""))).await;
+    let client = server.client("key-c").await;
+    let begin = || client.begin("db", IsolationLevel::Unspecified, false);
+    let insert = format!("INSERT INTO {table} VALUES (1)");
+
+    let tx = begin().await.expect("begin");
+    client.execute_in(&tx, "db", &insert, vec![]).await.expect("insert");
+    let committing = {
+        let (client, tx) = (client.clone(), tx.clone());
+        tokio::spawn(async move { client.commit(&tx).await })
+    };
+    // COMMIT is running the deferred trigger when the connection goes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut();
+    let e = committing.await.expect("task").expect_err("the session was lost");
+    assert_eq!(e.code(), Code::Unknown, "{e:?}");
+    assert_eq!(reason(&e), "COMMIT_OUTCOME_UNKNOWN");
+    assert!(e.get_error_details().retry_info().is_none(), "no retry delay: {e:?}");
+    let mut committed = 0i64;
+    for _ in 0..50 {
+        committed = pg
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .expect("count")
+            .get(0);
+        if committed == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(committed, 1, "the database committed it");
+
+    // Lost before COMMIT: known rolled back. (The pool's idle sessions went
+    // with the cut too: they are passed over, not handed to this caller.)
+    let tx = begin().await.expect("begin on a session of its own");
+    client.execute_in(&tx, "db", &insert, vec![]).await.expect("insert");
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = client.commit(&tx).await.expect_err("the session was lost");
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert_eq!(reason(&e), "TRANSACTION_LOST");
+    pg.batch_execute(&format!("DROP TABLE {table}; DROP FUNCTION {table}_slow()"))
+        .await
+        .expect("drop");
+}

@@ -56,6 +56,8 @@ pub struct FailFastPool<M: ManageConnection> {
     max_size: u32,
     map: fn(M::Error) -> BackendError,
     breaker: Breaker,
+    /// Idle connections known dead without a round trip.
+    dead: fn(&mut M::Connection) -> bool,
 }
 
 impl<M: ManageConnection> FailFastPool<M> {
@@ -88,19 +90,41 @@ impl<M: ManageConnection> FailFastPool<M> {
             max_size: config.max_size,
             map,
             breaker: Breaker::default(),
+            dead: |_| false,
         }
+    }
+
+    /// Connections for which `dead` holds are dropped, not handed out. bb8
+    /// runs `has_broken` only when a connection comes back, so without this
+    /// every idle connection of a database that restarted would fail a call.
+    /// (bb8's own checkout test would publish its failure to every waiting
+    /// caller through the error sink.)
+    pub fn passing_over(mut self, dead: fn(&mut M::Connection) -> bool) -> Self {
+        self.dead = dead;
+        self
     }
 
     pub async fn lease(&self) -> Result<PooledConnection<'static, M>, BackendError> {
         self.breaker.admit()?;
         let started = Instant::now();
         let mut failures = self.failures.subscribe();
-        let leased = tokio::select! {
-            got = self.pool.get_owned() => got.map_err(|e| match e {
-                RunError::User(e) => (self.map)(e),
-                RunError::TimedOut => BackendError::PoolExhausted { max_size: self.max_size, waited: started.elapsed() },
-            }),
-            Ok(()) = failures.changed() => Err(BackendError::Unavailable(failures.borrow().clone())),
+        let leased = loop {
+            let leased = tokio::select! {
+                got = self.pool.get_owned() => got.map_err(|e| match e {
+                    RunError::User(e) => (self.map)(e),
+                    RunError::TimedOut => BackendError::PoolExhausted { max_size: self.max_size, waited: started.elapsed() },
+                }),
+                Ok(()) = failures.changed() => Err(BackendError::Unavailable(failures.borrow().clone())),
+            };
+            match leased {
+                // Back to the pool, whose `has_broken` closes it; each pass drops one.
+                Ok(mut conn) => {
+                    if !(self.dead)(&mut conn) {
+                        break Ok(conn);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
         };
         self.breaker.record(&leased);
         leased

@@ -112,6 +112,8 @@ impl Transactions {
         match result {
             // The engine rolled back a transaction whose session it lost: what was asked for holds.
             Err(e) if !commit && e.is_unavailable() => Ok(()),
+            // A session known lost before COMMIT was sent is TransactionRolledBack instead.
+            Err(e) if e.is_unavailable() => Err(Error::CommitOutcomeUnknown(e.to_string())),
             other => other.map_err(|e| Error::from(e).in_transaction()),
         }
     }

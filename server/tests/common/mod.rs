@@ -145,6 +145,7 @@ pub struct Proxy {
     pub port: u16,
     frozen: tokio::sync::watch::Sender<bool>,
     refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: tokio::sync::watch::Sender<u32>,
 }
 
 impl Proxy {
@@ -152,6 +153,7 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("address").port();
         let (frozen, rx) = tokio::sync::watch::channel(false);
+        let (cuts, cut) = tokio::sync::watch::channel(0u32);
         let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let refuse = refusing.clone();
         tokio::spawn(async move {
@@ -164,11 +166,22 @@ impl Proxy {
                 };
                 let (from_client, to_client) = inbound.into_split();
                 let (from_server, to_server) = outbound.into_split();
-                tokio::spawn(carry(from_client, to_server, rx.clone()));
-                tokio::spawn(carry(from_server, to_client, rx.clone()));
+                tokio::spawn(carry(from_client, to_server, rx.clone(), cut.clone()));
+                tokio::spawn(carry(from_server, to_client, rx.clone(), cut.clone()));
             }
         });
-        Proxy { port, frozen, refusing }
+        Proxy {
+            port,
+            frozen,
+            refusing,
+            cuts,
+        }
+    }
+
+    /// Closes every connection open now, both ways, as a network failure
+    /// that ends in resets would; new connections are carried again.
+    pub fn cut(&self) {
+        self.cuts.send_modify(|n| *n += 1);
     }
 
     pub fn freeze(&self, frozen: bool) {
@@ -185,13 +198,19 @@ async fn carry(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut frozen: tokio::sync::watch::Receiver<bool>,
+    mut cut: tokio::sync::watch::Receiver<u32>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    cut.mark_unchanged();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            // Both halves go when both directions return: the sockets close.
+            _ = cut.changed() => return,
         };
         // Bytes read while frozen are held, not lost.
         if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {

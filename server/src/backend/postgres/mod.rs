@@ -332,7 +332,10 @@ impl PostgresSource {
             &pool_config,
             "postgres",
             std::convert::identity,
-        );
+        )
+        // A session the server ended (a restart, a failover) has its
+        // connection task ended by the time it is taken: no round trip.
+        .passing_over(|conn: &mut PgConn| conn.client.is_closed());
         Ok(Self {
             pool,
             read_only: config.read_only,
@@ -803,6 +806,11 @@ impl SqlTransaction for PgTransaction {
 
     async fn commit(&self) -> Result<(), BackendError> {
         let mut conn = self.lock_to_end()?;
+        // A session already closed cannot have committed; past this point a
+        // lost session leaves the outcome unknown.
+        if conn.client.is_closed() {
+            return Err(BackendError::TransactionRolledBack("its database session was lost"));
+        }
         // COMMIT of a transaction an error aborted rolls it back and reports
         // success. The SELECT before it, in the same round trip, fails there
         // instead (25P02), and COMMIT is then never run.

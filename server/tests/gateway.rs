@@ -631,7 +631,7 @@ async fn sqlite_session_state_does_not_reach_the_next_caller() {
 /// DDL changes no rows, whatever the connection's last DELETE changed;
 /// infinite decimals are spelled as PostgreSQL's numeric spells them.
 #[tokio::test]
-async fn sqlite_ddl_reports_no_rows_affected_and_infinite_decimals_are_named() {
+async fn sqlite_ddl_reports_no_rows_affected_and_infinite_decimals_are_named_and_nan_refused() {
     let source = format!("{}[tenants.t.sources.db.pool]\nmax_size = 1\n", sqlite_demo("t", "db"));
     let server = TestServer::start(&tenant("t", "", &source)).await;
     let client = server.client("key-t").await;
@@ -668,6 +668,16 @@ async fn sqlite_ddl_reports_no_rows_affected_and_infinite_decimals_are_named() {
         })
         .collect();
     assert_eq!(spelled, ["Infinity", "-Infinity"]);
+    // SQLite stores a NaN it is given as NULL: refused, not changed.
+    let nan = pb::Value {
+        kind: Some(pb::value::Kind::DoubleValue(f64::NAN)),
+    };
+    let e = client
+        .execute("db", "SELECT typeof(?)", vec![nan])
+        .await
+        .expect_err("NaN would become NULL");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("NaN"), "{e:?}");
     server.stop().await;
 }
 

@@ -315,6 +315,31 @@ async fn zero_dates_become_null() {
     assert!(is_null(&r.rows[0].values[0]) && is_null(&r.rows[0].values[1]));
     assert!(is_null(&r.rows[1].values[0]), "a zero month is not a date either");
     assert!(!is_null(&r.rows[1].values[1]));
+    // A NOT NULL column can hold zero dates, which come back NULL: the
+    // metadata says so. A date that does not exist otherwise is refused.
+    direct
+        .query_drop(
+            "SET SESSION sql_mode = 'ALLOW_INVALID_DATES';
+             DROP TABLE IF EXISTS weir_my_zero_nn;
+             CREATE TABLE weir_my_zero_nn (d DATE NOT NULL, n INT NOT NULL);
+             INSERT INTO weir_my_zero_nn VALUES ('0000-00-00', 1), ('2024-02-31', 2)",
+        )
+        .await
+        .expect("setup");
+    let r = client
+        .execute("maria", "SELECT d, n FROM weir_my_zero_nn WHERE n = 1", vec![])
+        .await
+        .expect("zero date");
+    assert!(is_null(&r.rows[0].values[0]));
+    assert!(r.columns[0].nullable, "a NOT NULL date column can still read as NULL");
+    assert!(!r.columns[1].nullable);
+    let e = client
+        .execute("maria", "SELECT d FROM weir_my_zero_nn WHERE n = 2", vec![])
+        .await
+        .expect_err("2024-02-31 is no date");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("2024-02-31"), "{e:?}");
+    direct.query_drop("DROP TABLE weir_my_zero_nn").await.expect("drop");
     server.stop().await;
 }
 

@@ -1881,3 +1881,41 @@ async fn a_commit_whose_session_is_lost_midway_is_reported_as_unknown() {
         .await
         .expect("drop");
 }
+
+/// An interval parameter keeps each field's sign whatever the session's
+/// intervalstyle: under sql_standard a leading '-' with no other sign
+/// negates every field.
+#[tokio::test]
+async fn interval_parameters_keep_their_signs_under_every_intervalstyle() {
+    let server = TestServer::start(&tenant("i", "", &postgres("i", "db", ""))).await;
+    let client = server.client("key-i").await;
+    let interval = |months, days, microseconds| pb::Value {
+        kind: Some(Kind::IntervalValue(pb::Interval {
+            months,
+            days,
+            microseconds,
+        })),
+    };
+    for style in ["postgres", "sql_standard", "iso_8601"] {
+        let tx = client
+            .begin("db", IsolationLevel::Unspecified, false)
+            .await
+            .expect("begin");
+        client
+            .execute_in(&tx, "db", &format!("SET LOCAL intervalstyle = '{style}'"), vec![])
+            .await
+            .expect("style");
+        for (months, days, micros) in [(-1, 15, 0), (2, -3, -1), (0, 0, -4_000_000_000), (-7, 0, 1_500_000)] {
+            let r = client
+                .execute_in(&tx, "db", "SELECT $1::interval", vec![interval(months, days, micros)])
+                .await
+                .expect("interval");
+            assert_eq!(
+                r.rows[0].values[0],
+                interval(months, days, micros),
+                "{style}: {months} months {days} days {micros} µs"
+            );
+        }
+        client.rollback(&tx).await.expect("rollback");
+    }
+}

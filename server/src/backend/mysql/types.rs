@@ -85,7 +85,9 @@ pub fn column(c: &mysql_async::Column) -> (Column, Decode) {
         native.to_string()
     };
     let mut col = Column::new(c.name_str(), native, ty);
-    col.nullable = !flags.contains(ColumnFlags::NOT_NULL_FLAG);
+    // A zero date arrives as NULL even in a NOT NULL column.
+    col.nullable = !flags.contains(ColumnFlags::NOT_NULL_FLAG)
+        || matches!(decode, Decode::Date | Decode::DateTime | Decode::Timestamp);
     if decode == Decode::Decimal {
         // column_length counts digits plus sign and point.
         let scale = i32::from(c.decimals());
@@ -131,7 +133,15 @@ pub fn decode(v: MyValue, as_: Decode) -> Result<Value, String> {
         (MyValue::Bytes(b), _) => Value::Text(text(b)?),
         (MyValue::Date(y, m, d, h, i, s, us), kind) => {
             let Some(day) = date(y, m, d) else {
-                return Ok(Value::Null);
+                // Zero dates, and those with a zero month or day, stand for "no
+                // date" (documented); a date that does not exist otherwise
+                // (2024-02-31 under ALLOW_INVALID_DATES) is refused.
+                if y == 0 || m == 0 || d == 0 {
+                    return Ok(Value::Null);
+                }
+                return Err(format!(
+                    "{y:04}-{m:02}-{d:02} is not a date; CAST it AS CHAR to read it as stored"
+                ));
             };
             let at = NaiveDateTime::new(day, time(h, i, s, us).ok_or("invalid time of day")?);
             match kind {

@@ -386,7 +386,17 @@ pub(super) fn write_text(v: &Value, out: &mut String, in_array: bool) {
             days,
             microseconds,
         } => {
-            let _ = write!(out, "{months} months {days} days {microseconds} microseconds");
+            // A sign on every field: under intervalstyle sql_standard a leading
+            // '-' with no other sign negates every field. Seconds, not
+            // microseconds: before PostgreSQL 15 each number had to fit 32 bits.
+            let sign = if *microseconds < 0 { '-' } else { '+' };
+            let us = microseconds.unsigned_abs();
+            let _ = write!(
+                out,
+                "{months:+} mons {days:+} days {sign}{}.{:06} secs",
+                us / 1_000_000,
+                us % 1_000_000
+            );
         }
         Value::Uuid(u) => {
             let _ = write!(out, "{u}");

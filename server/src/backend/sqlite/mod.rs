@@ -507,6 +507,8 @@ fn to_sql(v: &Value) -> Result<SqlValue, String> {
         Value::UInt(u) => {
             SqlValue::Integer(i64::try_from(*u).map_err(|_| format!("{u} is larger than SQLite's 64-bit integers"))?)
         }
+        // SQLite stores a NaN it is given as NULL.
+        Value::Float(f) if f.is_nan() => return Err("SQLite cannot store NaN (it would become NULL)".into()),
         Value::Float(f) => SqlValue::Real(*f),
         Value::Text(s) | Value::Decimal(s) | Value::Json(s) => SqlValue::Text(s.clone()),
         Value::Bytes(b) => SqlValue::Blob(b.clone()),

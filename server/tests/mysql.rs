@@ -601,3 +601,44 @@ async fn tls_sessions_are_encrypted_and_the_server_certificate_is_verified() {
     assert!(err.message().contains("SSL"), "{}", err.message());
     server.stop().await;
 }
+
+/// A caller's mistakes get the code the other engines give them, with the
+/// errno attached, not INTERNAL (which says the gateway has a bug).
+#[tokio::test]
+async fn caller_errors_get_the_codes_other_engines_give_them() {
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    let table = format!("weir_my_codes_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    client
+        .execute(
+            "maria",
+            &format!("CREATE TABLE {table} (id INT PRIMARY KEY, e ENUM('a','b'), n INT NOT NULL)"),
+            vec![],
+        )
+        .await
+        .expect("create");
+    for (sql, code, errno) in [
+        (
+            format!("INSERT INTO {table} VALUES (1, 'z', 1)"),
+            Code::InvalidArgument,
+            "1265",
+        ),
+        (
+            format!("INSERT INTO {table} (id, e) VALUES (2, 'a')"),
+            Code::FailedPrecondition,
+            "1364",
+        ),
+        (
+            "BEGIN NOT ATOMIC SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'no such order'; END".to_string(),
+            Code::FailedPrecondition,
+            "1644",
+        ),
+    ] {
+        let e = client.execute("maria", &sql, vec![]).await.expect_err(&sql);
+        assert_eq!((e.code(), engine_code(&e).as_str()), (code, errno), "{sql}: {e:?}");
+    }
+    client
+        .execute("maria", &format!("DROP TABLE {table}"), vec![])
+        .await
+        .expect("drop");
+}

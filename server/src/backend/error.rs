@@ -167,7 +167,8 @@ pub fn classify_sqlstate(code: &str) -> EngineErrorKind {
         "57014" => K::DeadlineExceeded,
         _ => match code.get(..2).unwrap_or_default() {
             "42" | "22" | "0A" | "54" | "2F" | "34" | "26" | "07" | "21" => K::InvalidArgument,
-            "23" | "25" | "P0" | "55" | "2B" | "2D" | "39" | "38" => K::FailedPrecondition,
+            // 45: MySQL's SIGNAL SQLSTATE '45000', as PostgreSQL's RAISE is P0.
+            "23" | "25" | "P0" | "55" | "2B" | "2D" | "39" | "38" | "45" => K::FailedPrecondition,
             "40" => K::Aborted,
             "53" => K::ResourceExhausted,
             "08" | "57" | "58" => K::Unavailable,

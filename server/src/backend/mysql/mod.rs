@@ -449,9 +449,15 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
         mysql_async::Error::Server(s) => {
             let kind = match s.code {
                 1146 | 1305 | 1049 | 1051 => K::NotFound,
-                1064 | 1054 | 1292 | 1366 | 1406 | 1264 | 1365 | 1110 | 1136 => K::InvalidArgument,
+                // Syntax, unknown column, bad or truncated values (1265: an ENUM
+                // value not in the list), misused SQL (1093, 1111, 1267).
+                1064 | 1054 | 1292 | 1366 | 1406 | 1264 | 1365 | 1110 | 1136 | 1265 | 1093 | 1111 | 1267 => {
+                    K::InvalidArgument
+                }
                 1062 | 1586 => K::AlreadyExists,
-                1048 | 1451 | 1452 | 3819 | 4025 => K::FailedPrecondition,
+                // Constraints (1364: a NOT NULL column without a default left
+                // out), and SIGNAL's unhandled user exception (1644).
+                1048 | 1451 | 1452 | 3819 | 4025 | 1364 | 1644 => K::FailedPrecondition,
                 1213 | 1205 | 1180 | 1181 => K::Aborted,
                 1317 | 3024 | 1969 => K::DeadlineExceeded,
                 1792 | 1290 | 1142 | 1143 | 1044 | 1227 => K::PermissionDenied,

@@ -642,3 +642,51 @@ async fn caller_errors_get_the_codes_other_engines_give_them() {
         .await
         .expect("drop");
 }
+
+/// A statement abandoned while MariaDB prepares it (waiting for a metadata
+/// lock behind an ALTER TABLE that waits for an open transaction) is killed,
+/// as one abandoned while it runs: its connection serves the next caller
+/// instead of waiting out lock_wait_timeout, a year by default.
+#[tokio::test]
+async fn a_statement_abandoned_while_being_prepared_is_killed() {
+    let table = format!("weir_my_locked_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut reader = mysql_direct().await;
+    reader
+        .query_drop(format!("CREATE TABLE {table} (id INT)"))
+        .await
+        .expect("create");
+    reader.query_drop("BEGIN").await.expect("begin");
+    reader
+        .query_drop(format!("SELECT * FROM {table}"))
+        .await
+        .expect("hold a shared metadata lock");
+    let alter = {
+        let table = table.clone();
+        tokio::spawn(async move {
+            let mut alterer = mysql_direct().await;
+            alterer
+                .query_drop(format!("ALTER TABLE {table} ADD COLUMN x INT"))
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let toml = tenant(
+        "m",
+        "statement_timeout = \"300ms\"",
+        &mysql("m", "maria", "[tenants.m.sources.maria.pool]\nmax_size = 1\n"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-m").await;
+    let e = client
+        .execute("maria", &format!("SELECT * FROM {table} WHERE id = 1"), vec![])
+        .await
+        .expect_err("its prepare waits behind the ALTER");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    client
+        .execute("maria", "SELECT 1", vec![])
+        .await
+        .expect("the connection is free for the next caller");
+    reader.query_drop("COMMIT").await.expect("commit");
+    alter.await.expect("task").expect("alter");
+    reader.query_drop(format!("DROP TABLE {table}")).await.expect("drop");
+}

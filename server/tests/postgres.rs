@@ -1919,3 +1919,40 @@ async fn interval_parameters_keep_their_signs_under_every_intervalstyle() {
         client.rollback(&tx).await.expect("rollback");
     }
 }
+
+/// A statement abandoned while it is still being prepared (its parse waits
+/// for a lock another session holds) is cancelled like one abandoned while
+/// it runs: the session serves the next caller at once, instead of going
+/// back to the pool with the parse still queued ahead of its statement.
+#[tokio::test]
+async fn a_statement_abandoned_while_being_prepared_is_cancelled() {
+    let pg = pg_direct().await;
+    let table = format!("locked_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    pg.batch_execute(&format!("CREATE TABLE {table} (id int)"))
+        .await
+        .expect("create");
+    let locker = pg_direct().await;
+    locker
+        .batch_execute(&format!("BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .await
+        .expect("lock");
+    let toml = tenant(
+        "p",
+        "statement_timeout = \"300ms\"",
+        &postgres("p", "pg", "[tenants.p.sources.pg.pool]\nmax_size = 1\n"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-p").await;
+    let e = client
+        .execute("pg", &format!("SELECT * FROM {table} WHERE id = 1"), vec![])
+        .await
+        .expect_err("its parse waits for the lock");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    // The one pooled session, while the lock is still held.
+    client
+        .execute("pg", "SELECT 1", vec![])
+        .await
+        .expect("the session is free for the next caller");
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+    pg.batch_execute(&format!("DROP TABLE {table}")).await.expect("drop");
+}

@@ -167,7 +167,23 @@ async fn execute(
     worker: &mut Worker,
     opts: &Opts,
 ) -> Result<Option<u64>, BackendError> {
-    let prepared = conn.prep(statement.sql.as_str()).await.map_err(map_error)?;
+    let connection_id = conn.id();
+    // A prepare can wait for a metadata lock (behind an ALTER TABLE, say) for
+    // lock_wait_timeout, a year by default: a caller that leaves meanwhile
+    // gets it killed, as during execution.
+    let prepared = {
+        let prep = conn.prep(statement.sql.as_str());
+        tokio::pin!(prep);
+        tokio::select! {
+            biased;
+            r = &mut prep => r.map_err(map_error)?,
+            () = worker.closed() => {
+                kill(opts, connection_id).await;
+                let _ = prep.await;
+                return Ok(None);
+            }
+        }
+    };
     let expected = usize::from(prepared.num_params());
     if expected != statement.params.len() {
         return Err(BackendError::Invalid(format!(
@@ -186,7 +202,6 @@ async fn execute(
     } else {
         Params::Positional(params)
     };
-    let connection_id = conn.id();
     let exec = conn.exec_iter(prepared, params);
     tokio::pin!(exec);
     let mut result = tokio::select! {

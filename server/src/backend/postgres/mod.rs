@@ -462,7 +462,7 @@ fn describe(prepared: &tokio_postgres::Statement, statement: &Statement) -> Resu
     prepared.columns().iter().map(types::column).collect()
 }
 
-async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Result<QueryStream, BackendError> {
+async fn run(lease: Lease, statement: Statement, reset: SessionReset) -> Result<QueryStream, BackendError> {
     types::check_params(&statement.params)?;
     // A pooled session is reset before its next statement; when the statement
     // is already prepared the reset travels in the same round trip.
@@ -471,30 +471,48 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
     let reset_sql = reset_sql(&lease);
     // After the reset, the block (if any) is gone; this statement may open one.
     let mut block_after = lease.needs_rollback && !reset_first;
-    if reset_first && !lease.statements.contains_key(&statement.sql) {
-        lease.client.batch_execute(reset_sql).await.map_err(map_error)?;
-        lease.needs_rollback = false;
-        lease.needs_reset = false;
-        reset_first = false;
-    }
+    // Armed from here: dropping this future mid-call (a deadline, a cancel)
+    // cancels what the session is doing, the reset, a prepare waiting for a
+    // lock or the statement, before the session serves anyone else.
+    let mut guard = StatementGuard { lease: Some(lease) };
     // A statement whose table changed since it was prepared here is refused
     // before it runs: outside a transaction it is prepared again and rerun.
     let mut replanned = !pooled;
     loop {
+        let Some(lease) = guard.lease.as_mut() else {
+            return Err(BackendError::Internal("statement lease missing".into()));
+        };
+        if reset_first && !lease.statements.contains_key(&statement.sql) {
+            if let Err(e) = lease.client.batch_execute(reset_sql).await {
+                guard.finish();
+                return Err(map_error(e));
+            }
+            lease.needs_rollback = false;
+            lease.needs_reset = false;
+            reset_first = false;
+        }
         let Prepared {
             statement: prepared,
             leaves_session,
         } = match lease.prepare(&statement.sql).await {
             Ok(p) => p,
-            Err(e) => return Err(map_error(e)),
+            Err(e) => {
+                // An answer, not an abandonment: the session is settled.
+                guard.finish();
+                return Err(map_error(e));
+            }
         };
         // What the session needs once this statement has run.
         let dirty_after = pooled && (reset == SessionReset::Always || !leaves_session);
         lease.needs_reset |= dirty_after;
-        let columns = describe(&prepared, &statement)?;
+        let columns = match describe(&prepared, &statement) {
+            Ok(columns) => columns,
+            Err(e) => {
+                guard.finish();
+                return Err(e);
+            }
+        };
         block_after |= pooled && columns.is_empty();
-        // Armed from here: dropping this future mid-call cancels the statement.
-        let mut guard = StatementGuard { lease: Some(lease) };
         let started = match guard.lease.as_ref() {
             Some(l) => {
                 let query = l.client.query_raw(&prepared, statement.params.iter().map(PgParam));
@@ -527,7 +545,7 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
                 l.statements.remove(&statement.sql);
                 if !replanned && plan_went_stale(&e) {
                     replanned = true;
-                    lease = l;
+                    guard.lease = Some(l);
                     continue;
                 }
                 return Err(e);

@@ -140,8 +140,10 @@ pub async fn run(
     if let Some(watcher) = watcher {
         watcher.abort();
     }
+    // A scraper that never finishes its request would hold the graceful
+    // close of the metrics port for ever.
     if let Some(server) = metrics_server {
-        let _ = server.await;
+        let _ = tokio::time::timeout(CUT_TIMEOUT, server).await;
     }
     transactions.rollback_all().await;
     tracing::info!("weir stopped");

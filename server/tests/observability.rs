@@ -109,6 +109,13 @@ async fn shutdown_ends_streams_and_rolls_back_transactions() {
         .await
         .expect("stream");
     stream.next_batch().await.expect("first batch");
+    // A unary statement that outlasts the grace period is cut too, and its
+    // statement cancelled, instead of running on after the process exits.
+    let unary = {
+        let client = client.clone();
+        tokio::spawn(async move { client.execute("pg", "SELECT pg_sleep(20) AS unary", vec![]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
     let started = Instant::now();
     let stopping = tokio::spawn(server.stop());
@@ -138,4 +145,29 @@ async fn shutdown_ends_streams_and_rolls_back_transactions() {
         .get(0);
     assert_eq!(kept, 0, "the open transaction was rolled back");
     assert!(wait_until_gone(&pg, "generate_series(1, 100000)", Duration::from_secs(5)).await);
+    let cut = unary.await.expect("task").expect_err("cut at shutdown");
+    assert_eq!(cut.code(), tonic::Code::Unavailable, "{cut:?}");
+    assert_eq!(reason(&cut), "SHUTTING_DOWN");
+    assert!(wait_until_gone(&pg, "pg_sleep(20) AS unary", Duration::from_secs(5)).await);
+}
+
+/// A scraper that never finishes its request does not hold up shutdown: the
+/// metrics port's graceful close is bounded.
+#[tokio::test]
+async fn a_half_sent_scrape_does_not_hold_up_shutdown() {
+    use tokio::io::AsyncWriteExt;
+    let mut toml = tenant("half", "", &sqlite_demo("half", "db"));
+    toml.push_str("[server]\nshutdown_grace = \"1s\"\n");
+    let server = TestServer::start(&toml).await;
+    let address = server.metrics_url.trim_start_matches("http://").to_string();
+    let mut scraper = tokio::net::TcpStream::connect(&address).await.expect("connect");
+    scraper
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("half a request");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(Duration::from_secs(10), server.stop())
+        .await
+        .expect("the server stops although a scrape never ended");
+    drop(scraper);
 }

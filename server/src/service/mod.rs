@@ -215,6 +215,20 @@ impl<T> Stream for StreamIn<T> {
 }
 
 /// The table as the caller named it, for receipts, messages and the audit log.
+/// `work`, or `ShuttingDown` once the shutdown grace period is over. Dropping
+/// the work then cancels its statement in the engine while the runtime still
+/// runs; left alone, the process would exit under it and the statement run on.
+pub async fn until_cut<T>(
+    cut: &tokio::sync::watch::Receiver<bool>,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, Error> {
+    let mut cut = cut.clone();
+    tokio::select! {
+        out = work => Ok(out),
+        Ok(_) = cut.wait_for(|c| *c) => Err(Error::ShuttingDown),
+    }
+}
+
 pub fn display_table(schema: Option<&str>, table: &str) -> String {
     match schema {
         Some(s) => format!("{s}.{table}"),

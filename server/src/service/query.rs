@@ -443,9 +443,9 @@ impl QueryService for QueryApi {
             started,
             queued: admitted.queued,
         };
-        let result = tokio::time::timeout(timeout, execute_unary(&target, timing)).await;
+        let result = super::until_cut(&self.cut, tokio::time::timeout(timeout, execute_unary(&target, timing))).await;
         target.finished();
-        let response = result
+        let response = result?
             .map_err(|_| Error::Timeout(timeout))?
             .map_err(|e| target.lost(e))?;
         Ok(Response::new(response))

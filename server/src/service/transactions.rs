@@ -154,11 +154,16 @@ impl Transactions {
         }
     }
 
-    /// Rolls back everything still open (shutdown).
+    /// Rolls back everything still open (shutdown), all at once and each
+    /// bounded in time: a database that stopped answering cannot hold the
+    /// process up. A transaction not rolled back in time has its connection
+    /// dropped, and the engine rolls it back.
     pub async fn rollback_all(&self) {
         let all: Vec<_> = self.open.lock().drain().map(|(_, e)| e).collect();
-        for entry in all {
-            let _ = entry.tx.rollback().await;
-        }
+        futures::future::join_all(
+            all.iter()
+                .map(|entry| tokio::time::timeout(REAP_ROLLBACK_TIMEOUT, entry.tx.rollback())),
+        )
+        .await;
     }
 }

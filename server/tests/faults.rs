@@ -608,3 +608,42 @@ async fn a_server_that_never_answers_is_down_not_busy() {
     proxy.freeze(false);
     until_it_serves(&client, "pg", "SELECT 1").await;
 }
+
+/// One failed connection attempt while every connection is busy fails none
+/// of the callers waiting (a busy connection may still come free for them)
+/// and counts once toward the breaker, not once per waiting caller.
+#[tokio::test]
+async fn a_failed_connection_attempt_fails_no_caller_a_busy_connection_can_serve() {
+    let proxy = common::Proxy::start(common::pg_address()).await;
+    let source = common::postgres_at(
+        "o",
+        "db",
+        &proxy.port.to_string(),
+        "required = true\n[tenants.o.sources.db.pool]\nmax_size = 3\nacquire_timeout = \"5s\"\n",
+    );
+    let server = TestServer::start(&tenant("o", "", &source)).await;
+    let client = server.client("key-o").await;
+    // The first probe is done: its connection is the pool's one idle connection.
+    readiness_becomes(&server, 200).await;
+    let begin = || client.begin("db", pb::IsolationLevel::Unspecified, false);
+    let (tx, other) = (begin().await.expect("begin"), begin().await.expect("begin"));
+    proxy.refuse(true);
+    // The pool opens its second connection for these callers; it is refused.
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.execute("db", "SELECT 1", vec![]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.refuse(false);
+    client.rollback(&tx).await.expect("rollback frees its connection");
+    client.rollback(&other).await.expect("rollback");
+    for call in calls {
+        call.await.expect("task").expect("served once a connection came free");
+    }
+    client
+        .execute("db", "SELECT 1", vec![])
+        .await
+        .expect("the breaker stayed closed");
+}

@@ -1,7 +1,10 @@
-//! A bb8 pool that fails fast: callers waiting for a connection learn at
-//! once that the database is unreachable (UNAVAILABLE with the cause)
-//! instead of waiting out the acquire timeout and mistaking it for a busy
-//! pool. Shared by the engines pooled with bb8.
+//! A bb8 pool that fails fast: when the database cannot be reached and no
+//! connection is open, callers waiting for one learn at once (UNAVAILABLE
+//! with the cause) instead of waiting out the acquire timeout and mistaking
+//! it for a busy pool. While connections are open, a failed attempt to open
+//! another fails no one: a busy connection may still come free. Each failed
+//! attempt counts once toward the breaker. Shared by the engines pooled with
+//! bb8.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,6 +18,7 @@ use crate::config::PoolConfig;
 /// Publishes connection failures to the callers waiting in `lease`.
 struct ConnectErrors<E> {
     latest: Arc<tokio::sync::watch::Sender<String>>,
+    breaker: Arc<Breaker>,
     map: fn(E) -> BackendError,
     engine: &'static str,
 }
@@ -23,6 +27,7 @@ impl<E> Clone for ConnectErrors<E> {
     fn clone(&self) -> Self {
         Self {
             latest: self.latest.clone(),
+            breaker: self.breaker.clone(),
             map: self.map,
             engine: self.engine,
         }
@@ -37,10 +42,13 @@ impl<E> std::fmt::Debug for ConnectErrors<E> {
 
 impl<E: Send + 'static> bb8::ErrorSink<E> for ConnectErrors<E> {
     fn sink(&self, error: E) {
-        let message = match (self.map)(error) {
-            BackendError::Unavailable(m) => m,
+        let error = (self.map)(error);
+        let message = match &error {
+            BackendError::Unavailable(m) => m.clone(),
             other => other.to_string(),
         };
+        // One count per failed attempt, however many callers wait for it.
+        self.breaker.record::<()>(&Err(error));
         tracing::warn!(engine = self.engine, error = %message, "cannot open a connection");
         self.latest.send_replace(message);
     }
@@ -55,7 +63,7 @@ pub struct FailFastPool<M: ManageConnection> {
     failures: Arc<tokio::sync::watch::Sender<String>>,
     max_size: u32,
     map: fn(M::Error) -> BackendError,
-    breaker: Breaker,
+    breaker: Arc<Breaker>,
     /// Idle connections known dead without a round trip.
     dead: fn(&mut M::Connection) -> bool,
 }
@@ -64,8 +72,10 @@ impl<M: ManageConnection> FailFastPool<M> {
     /// Connections open lazily, so a source that is down at start does not stop the gateway.
     pub fn new(manager: M, config: &PoolConfig, engine: &'static str, map: fn(M::Error) -> BackendError) -> Self {
         let failures = Arc::new(tokio::sync::watch::channel(String::new()).0);
+        let breaker = Arc::new(Breaker::default());
         let sink = ConnectErrors {
             latest: failures.clone(),
+            breaker: breaker.clone(),
             map,
             engine,
         };
@@ -89,7 +99,7 @@ impl<M: ManageConnection> FailFastPool<M> {
             failures,
             max_size: config.max_size,
             map,
-            breaker: Breaker::default(),
+            breaker,
             dead: |_| false,
         }
     }
@@ -108,26 +118,39 @@ impl<M: ManageConnection> FailFastPool<M> {
         self.breaker.admit()?;
         let started = Instant::now();
         let mut failures = self.failures.subscribe();
-        let leased = loop {
-            let leased = tokio::select! {
-                got = self.pool.get_owned() => got.map_err(|e| match e {
-                    RunError::User(e) => (self.map)(e),
-                    RunError::TimedOut => BackendError::PoolExhausted { max_size: self.max_size, waited: started.elapsed() },
-                }),
-                Ok(()) = failures.changed() => Err(BackendError::Unavailable(failures.borrow().clone())),
+        loop {
+            let get = self.pool.get_owned();
+            tokio::pin!(get);
+            let leased = loop {
+                tokio::select! {
+                    got = &mut get => {
+                        let got = got.map_err(|e| match e {
+                            RunError::User(e) => (self.map)(e),
+                            RunError::TimedOut => BackendError::PoolExhausted { max_size: self.max_size, waited: started.elapsed() },
+                        });
+                        self.breaker.record(&got);
+                        break got;
+                    }
+                    // A connection attempt failed (the sink counted it for the
+                    // breaker, once). Waiting is over only when no connection
+                    // is left open or opening: a busy one may still come free.
+                    Ok(()) = failures.changed() => {
+                        if self.pool.state().connections == 0 {
+                            return Err(BackendError::Unavailable(failures.borrow().clone()));
+                        }
+                    }
+                }
             };
             match leased {
                 // Back to the pool, whose `has_broken` closes it; each pass drops one.
                 Ok(mut conn) => {
                     if !(self.dead)(&mut conn) {
-                        break Ok(conn);
+                        return Ok(conn);
                     }
                 }
-                Err(e) => break Err(e),
+                Err(e) => return Err(e),
             }
-        };
-        self.breaker.record(&leased);
-        leased
+        }
     }
 
     /// The source's circuit breaker, for connections opened outside the pool.

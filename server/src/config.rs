@@ -688,6 +688,17 @@ impl Config {
             if cap.max_connections == 0 {
                 return Err(invalid(key, "must be greater than 0"));
             }
+            // Matched against each source's "host:port" as written: without a
+            // port the cap would silently protect nothing.
+            if host
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(invalid(
+                    format!("backend_hosts.\"{host}\""),
+                    "name the server as host:port, as its sources' host and port (db.internal:5432)",
+                ));
+            }
             let mut total = 0u64;
             let mut parts = Vec::new();
             for (tenant_id, tenant) in &self.tenants {
@@ -704,6 +715,9 @@ impl Config {
                     total += n;
                     parts.push(format!("tenants.{tenant_id}.sources.{name}: {n}"));
                 }
+            }
+            if parts.is_empty() {
+                tracing::warn!(host = %host, "backend_hosts names a server no source connects to; its cap protects nothing");
             }
             if total > u64::from(cap.max_connections) {
                 return Err(invalid(
@@ -1057,6 +1071,29 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("server.health_check_interval"), "{err}");
+    }
+
+    /// A string key whose value looks like a number is quoted in the
+    /// environment (configuration.md says so).
+    #[test]
+    fn numeric_looking_strings_are_quoted_in_the_environment() {
+        std::env::set_var("WEIR__TELEMETRY__SERVICE_NAME", "\"2024\"");
+        let config = Config::load(None);
+        std::env::remove_var("WEIR__TELEMETRY__SERVICE_NAME");
+        assert_eq!(config.expect("loads").telemetry.service_name.as_deref(), Some("2024"));
+    }
+
+    #[test]
+    fn backend_hosts_are_named_with_their_port() {
+        let err = Config::from_toml("[backend_hosts.\"db.internal\"]\nmax_connections = 10\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("backend_hosts.\"db.internal\"") && err.contains("host:port"),
+            "{err}"
+        );
+        assert!(Config::from_toml("[backend_hosts.\"db.internal:5432\"]\nmax_connections = 10\n").is_ok());
     }
 
     #[test]

@@ -131,6 +131,25 @@ fn status_code(headers: &http::HeaderMap) -> Option<tonic::Code> {
     Some(tonic::Code::from_i32(value))
 }
 
+/// Other services served beside weir.v1, named in traces as they are.
+const OTHER_METHODS: [&str; 4] = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// The span's name: a method Weir serves, or "unknown". A path of the
+/// caller's own choosing would make a new operation name in the tracing
+/// backend's index for every call.
+fn span_name(path: &str) -> &'static str {
+    OTHER_METHODS
+        .iter()
+        .find(|m| **m == path)
+        .copied()
+        .unwrap_or_else(|| Method::of(path).label())
+}
+
 impl<S> Service<http::Request<Body>> for Auth<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
@@ -162,7 +181,7 @@ where
         let caller = authenticated.as_ref().and_then(|a| a.as_ref().ok());
         let span = tracing::info_span!(
             "call",
-            otel.name = %method,
+            otel.name = span_name(&method),
             request_id = id.to_str().unwrap_or_default(),
             method = %method,
             tenant = caller.map(|c| c.tenant.id.as_str()),
@@ -287,6 +306,19 @@ impl Drop for ObservedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_are_named_by_known_methods_only() {
+        assert_eq!(
+            span_name("/weir.v1.QueryService/Execute"),
+            "/weir.v1.QueryService/Execute"
+        );
+        assert_eq!(
+            span_name("/grpc.health.v1.Health/Check"),
+            "/grpc.health.v1.Health/Check"
+        );
+        assert_eq!(span_name("/weir.v1.Nope/6f1c0d9e"), "unknown");
+    }
 
     fn request(id: Option<&str>) -> http::Request<Body> {
         let mut req = http::Request::new(Body::empty());

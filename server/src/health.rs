@@ -2,6 +2,7 @@
 //! The server reports NOT_SERVING while any source marked `required` is down;
 //! other sources' health is visible to their tenant only.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,8 +45,11 @@ async fn probe(source: &Source) -> Probe {
     }
 }
 
-pub async fn probe_all(tenants: &Tenants) -> bool {
+/// Probes every source; returns whether every required one is up, and the
+/// sources probed (their metric series).
+pub async fn probe_all(tenants: &Tenants) -> (bool, HashSet<SourceLabels>) {
     let mut required_ok = true;
+    let mut probed = HashSet::new();
     for tenant in tenants.all() {
         for source in tenant.sources() {
             let result = probe(source).await;
@@ -55,6 +59,7 @@ pub async fn probe_all(tenants: &Tenants) -> bool {
                 source: source.name.clone(),
             };
             METRICS.source_up.get_or_create(&labels).set(i64::from(healthy));
+            probed.insert(labels.clone());
             if let Some(state) = source.backend.circuit() {
                 METRICS.circuit_state.get_or_create(&labels).set(state as i64);
             }
@@ -89,14 +94,35 @@ pub async fn probe_all(tenants: &Tenants) -> bool {
             }
         }
     }
-    required_ok
+    (required_ok, probed)
+}
+
+/// Drops the series of a source a reload removed: a `weir_source_up` of 0
+/// left behind would keep an alert firing for a source that is gone.
+fn forget(source: &SourceLabels) {
+    METRICS.source_up.remove(source);
+    METRICS.rows.remove(source);
+    METRICS.bytes.remove(source);
+    METRICS.circuit_state.remove(source);
+    for state in ["idle", "in_use"] {
+        METRICS.pool_connections.remove(&PoolLabels {
+            tenant: source.tenant.clone(),
+            source: source.source.clone(),
+            state,
+        });
+    }
 }
 
 pub async fn monitor(tenants: Arc<Registry>, reporter: HealthReporter, readiness: Readiness, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
+    let mut known = HashSet::new();
     loop {
         ticker.tick().await;
-        let ready = probe_all(&tenants.current()).await;
+        let (ready, probed) = probe_all(&tenants.current()).await;
+        for gone in known.difference(&probed) {
+            forget(gone);
+        }
+        known = probed;
         readiness.set(ready);
         set_all(
             &reporter,

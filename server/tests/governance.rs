@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{postgres, reason, tenant, TestServer};
+use common::{http_get, postgres, reason, sample, tenant, TestServer};
 use tonic::Code;
 use weir_client::weir_proto::v1 as pb;
 use weir_client::WeirClient;
@@ -313,5 +313,17 @@ async fn result_streams_and_transactions_are_capped_per_tenant() {
     a.begin("pg", pb::IsolationLevel::Unspecified, false)
         .await
         .expect("room again after a commit");
+    // Both refusals are counted, by the cap that refused them.
+    let (_, metrics) = http_get(&server.metrics_url, "/metrics").await;
+    for limit in ["streams", "transactions"] {
+        assert!(
+            sample(
+                &metrics,
+                "weir_limiter_rejections_total",
+                &[("tenant", "a"), ("limit", limit)]
+            ) >= 1.0,
+            "{limit}"
+        );
+    }
     server.stop().await;
 }

@@ -7,6 +7,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use common::{kafka, key_hash, postgres, reason, WeirProcess};
 use tonic::Code;
@@ -241,4 +242,48 @@ async fn a_removed_kafka_source_leaves_no_thread_behind() {
     works(&weir, "key-a1")
         .await
         .expect("the tenant's other source still works");
+}
+
+/// A source removed by a reload takes its metric series with it: a
+/// `weir_source_up` of 0 left behind would keep an alert firing for a source
+/// that no longer exists.
+#[tokio::test]
+async fn a_removed_sources_series_go_with_it() {
+    let base = format!(
+        "[server]\nreload_interval = \"100ms\"\nhealth_check_interval = \"100ms\"\n{}",
+        tenant("series", &["s"], "")
+    );
+    let extra = "[tenants.series.sources.gone]\nengine = \"sqlite\"\npath = \":memory:\"\n";
+    let file = ConfigFile::new(&format!("{base}{extra}"));
+    let server = common::TestServer::start_file(&file.path).await;
+    let shown = || async {
+        let (_, text) = common::http_get(&server.metrics_url, "/metrics").await;
+        text.lines()
+            .any(|l| l.contains("tenant=\"series\"") && l.contains("source=\"gone\""))
+    };
+    let mut seen = false;
+    for _ in 0..50 {
+        seen = shown().await;
+        if seen {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen, "the source's series appear");
+    file.write(&base);
+    let mut gone = false;
+    for _ in 0..50 {
+        gone = !shown().await;
+        if gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, text) = common::http_get(&server.metrics_url, "/metrics").await;
+    let left: Vec<_> = text
+        .lines()
+        .filter(|l| l.contains("tenant=\"series\"") && l.contains("source=\"gone\""))
+        .collect();
+    assert!(gone, "the removed source's series are gone: {left:?}");
+    server.stop().await;
 }

@@ -39,6 +39,12 @@ pub struct Admission<S> {
 /// logged at debug only: under a flood an info line per refused call would
 /// double the log volume the audit lines already make.
 pub fn count_rejection(caller: &Caller, e: &Error) {
+    count_refusal(&caller.tenant.id, e);
+}
+
+/// `count_rejection` by the tenant's id alone, for the caps that the
+/// limiter and the transaction registry refuse themselves.
+pub fn count_refusal(tenant: &str, e: &Error) {
     tracing::debug!(error = %e, "call rejected by tenant limits");
     let limit = match e {
         Error::RateLimited { .. } => "rate",
@@ -46,13 +52,16 @@ pub fn count_rejection(caller: &Caller, e: &Error) {
         Error::GatewayBusy { .. } => "gateway_queue",
         Error::TooManyStreams { .. } => "streams",
         Error::TooManyTransactions { .. } => "transactions",
+        Error::TooManyLoads { .. } => "loads",
+        Error::TooManyConsumers { .. } => "consumers",
+        Error::TooManySubscriptions { .. } => "subscriptions",
         _ => "concurrency",
     };
     tracing::Span::current().record("limit", limit);
     METRICS
         .rejections
         .get_or_create(&LimitLabels {
-            tenant: caller.tenant.id.clone(),
+            tenant: tenant.to_string(),
             limit,
         })
         .inc();

@@ -196,17 +196,23 @@ impl TenantLimiter {
 
     /// Admits one Kafka consumer; its slot is held until the permit is dropped.
     pub fn admit_consumer(&self) -> Result<SlotPermit, Error> {
-        self.consumers.take(|limit| Error::TooManyConsumers { limit })
+        self.consumers
+            .take(|limit| Error::TooManyConsumers { limit })
+            .inspect_err(|e| admission::count_refusal(&self.tenant, e))
     }
 
     /// Admits one change stream; its slot is held until the permit is dropped.
     pub fn admit_subscription(&self) -> Result<SlotPermit, Error> {
-        self.subscriptions.take(|limit| Error::TooManySubscriptions { limit })
+        self.subscriptions
+            .take(|limit| Error::TooManySubscriptions { limit })
+            .inspect_err(|e| admission::count_refusal(&self.tenant, e))
     }
 
     /// Admits one `ExecuteStream`; its slot is held until the permit is dropped.
     pub fn admit_stream(&self) -> Result<SlotPermit, Error> {
-        self.streams.take(|limit| Error::TooManyStreams { limit })
+        self.streams
+            .take(|limit| Error::TooManyStreams { limit })
+            .inspect_err(|e| admission::count_refusal(&self.tenant, e))
     }
 
     /// Charges Kafka records (or change events) and their bytes, waiting
@@ -252,7 +258,9 @@ impl TenantLimiter {
 
     /// Admits one bulk load; its slot is held until the permit is dropped.
     pub fn admit_load(&self) -> Result<SlotPermit, Error> {
-        self.loads.take(|limit| Error::TooManyLoads { limit })
+        self.loads
+            .take(|limit| Error::TooManyLoads { limit })
+            .inspect_err(|e| admission::count_refusal(&self.tenant, e))
     }
 
     /// Charges rows and bytes of a load, waiting while the tenant is over

@@ -51,7 +51,9 @@ impl Transactions {
     pub fn check_room(&self, caller: &Caller) -> Result<(), Error> {
         let limit = caller.tenant.limits.max_open_transactions;
         if open_of(&self.open.lock(), caller) >= limit {
-            return Err(Error::TooManyTransactions { limit });
+            let e = Error::TooManyTransactions { limit };
+            crate::limits::admission::count_refusal(&caller.tenant.id, &e);
+            return Err(e);
         }
         Ok(())
     }
@@ -79,7 +81,9 @@ impl Transactions {
         };
         if let Some((entry, limit)) = refused {
             let _ = entry.tx.rollback().await;
-            return Err(Error::TooManyTransactions { limit });
+            let e = Error::TooManyTransactions { limit };
+            crate::limits::admission::count_refusal(&caller.tenant.id, &e);
+            return Err(e);
         }
         Ok(handle.to_vec())
     }

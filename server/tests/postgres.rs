@@ -1956,3 +1956,106 @@ async fn a_statement_abandoned_while_being_prepared_is_cancelled() {
     locker.batch_execute("ROLLBACK").await.expect("unlock");
     pg.batch_execute(&format!("DROP TABLE {table}")).await.expect("drop");
 }
+
+/// Values at PostgreSQL's edges go both ways unchanged: dates before year 1
+/// (44 BC is year -43, astronomically) and after 9999, a "char" past ASCII
+/// as PostgreSQL writes it, a negative numeric scale; an integer a double
+/// parameter would round is refused.
+#[tokio::test]
+async fn values_at_postgresqls_edges() {
+    let server = TestServer::start(&tenant("e", "", &postgres("e", "pg", ""))).await;
+    let client = server.client("key-e").await;
+    let date = |year, month, day| pb::Value {
+        kind: Some(Kind::DateValue(pb::Date { year, month, day })),
+    };
+    for d in [date(-43, 3, 15), date(0, 2, 29), date(10000, 1, 1)] {
+        let r = client
+            .execute("pg", "SELECT $1::date", vec![d.clone()])
+            .await
+            .unwrap_or_else(|e| panic!("{d:?}: {e:?}"));
+        assert_eq!(r.rows[0].values[0], d);
+    }
+    // 0001-01-01T00:00:00Z is -62135596800: a day and a year before it.
+    for seconds in [-62_135_683_200_i64, -62_167_219_200] {
+        let ts = pb::Value {
+            kind: Some(Kind::TimestampValue(prost_types::Timestamp { seconds, nanos: 0 })),
+        };
+        for cast in ["timestamptz", "timestamp"] {
+            let r = client
+                .execute("pg", &format!("SELECT $1::{cast}"), vec![ts.clone()])
+                .await
+                .unwrap_or_else(|e| panic!("{seconds} as {cast}: {e:?}"));
+            assert_eq!(r.rows[0].values[0], ts, "{cast}");
+        }
+    }
+    let r = client
+        .execute(
+            "pg",
+            "SELECT 'é'::\"char\" AS c, 'é'::\"char\"::text AS own, 1::numeric(5,-2) AS n",
+            vec![],
+        )
+        .await
+        .expect("char and numeric");
+    assert_eq!(text(&r.rows[0].values[0]), text(&r.rows[0].values[1]));
+    assert_eq!(text(&r.rows[0].values[0]), "\\303");
+    assert_eq!(r.columns[2].scale, Some(-2));
+    let e = client
+        .execute("pg", "SELECT $1::float8", vec![((1_i64 << 53) + 1).into()])
+        .await
+        .expect_err("rounded");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("9007199254740993"), "{e:?}");
+}
+
+/// A transaction's next statement waits a moment for one its deadline just
+/// abandoned (being cancelled, it still holds the session), and gets the
+/// engine's answer, not TRANSACTION_BUSY; a statement whose stream is still
+/// being read keeps the transaction busy.
+#[tokio::test]
+async fn a_transactions_next_statement_waits_for_an_abandoned_one_not_a_running_one() {
+    let toml = tenant("w", "statement_timeout = \"300ms\"", &postgres("w", "pg", ""))
+        + &tenant("patient", "", &postgres("patient", "pg", ""));
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-w").await;
+    let begin = || client.begin("pg", IsolationLevel::Unspecified, false);
+    for _ in 0..5 {
+        let tx = begin().await.expect("begin");
+        let e = client
+            .execute_in(&tx, "pg", "SELECT pg_sleep(5)", vec![])
+            .await
+            .expect_err("past its deadline");
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+        // PostgreSQL aborted the transaction with the cancelled statement.
+        let e = client
+            .execute_in(&tx, "pg", "SELECT 1", vec![])
+            .await
+            .expect_err("aborted");
+        assert_eq!(engine_code(&e), "25P02", "{e:?}");
+        client.rollback(&tx).await.expect("rollback");
+    }
+    // Without a statement timeout, so that the stream outlasts the wait.
+    let client = server.client("key-patient").await;
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let mut stream = client
+        .query()
+        .execute_stream(pb::ExecuteStreamRequest {
+            source: "pg".into(),
+            sql: "SELECT g FROM generate_series(1, 1000000) g".into(),
+            transaction_id: tx.clone(),
+            max_batch_rows: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    assert!(stream.message().await.expect("first message").is_some());
+    let e = client
+        .execute_in(&tx, "pg", "SELECT 1", vec![])
+        .await
+        .expect_err("the stream still runs");
+    assert_eq!(reason(&e), "TRANSACTION_BUSY", "{e:?}");
+    drop(stream);
+}

@@ -32,6 +32,22 @@ pub use types::*;
 
 use crate::config::{EngineKind, SourceConfig};
 
+/// How long a transaction's statement, or its end, waits for the statement
+/// before it. A statement abandoned by its deadline or its caller holds the
+/// session a moment longer while it is cancelled; without the wait, the
+/// caller's next statement would find the transaction busy.
+const TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A transaction's session, once the statement before is done with it
+/// (`Busy` when it runs on past `TURN_WAIT`).
+pub async fn take_turn<T>(
+    session: &Arc<tokio::sync::Mutex<T>>,
+) -> Result<tokio::sync::OwnedMutexGuard<T>, BackendError> {
+    tokio::time::timeout(TURN_WAIT, session.clone().lock_owned())
+        .await
+        .map_err(|_| BackendError::Busy)
+}
+
 /// Takes a row's values one at a time, so that an engine can hand over text
 /// straight from its receive buffer instead of copying it into a `Value`.
 pub trait RowSink {

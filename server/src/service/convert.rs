@@ -118,6 +118,17 @@ fn significant_digits(decimal: &str) -> usize {
     digits.trim_start_matches('0').trim_end_matches('0').len()
 }
 
+/// Whether a double holds `decimal` exactly enough to read back the same:
+/// at most 15 significant digits, and within the normal range (1e-400
+/// would become 0, 1e400 infinity, and NaN is no number to check).
+fn exact_in_double(decimal: &str) -> bool {
+    let Ok(f) = decimal.parse::<f64>() else {
+        return false;
+    };
+    let zero = significant_digits(decimal) == 0;
+    significant_digits(decimal) <= 15 && f.is_finite() && (zero || f.abs() >= f64::MIN_POSITIVE)
+}
+
 /// A value of a bulk-load row, checked against the column it goes into.
 /// Only lossless conversions happen here (an integer into a float or
 /// decimal column, a timestamp into a zoneless one as UTC wall-clock time);
@@ -145,7 +156,7 @@ pub fn value_for_column(v: pb::Value, column: &domain::Column) -> Result<Value, 
         // significant digits exactly; past that the engine would round.
         (Value::Int(i), T::Float) if i.unsigned_abs() > EXACT_IN_DOUBLE => return Err(inexact(i)),
         (Value::UInt(u), T::Float) if *u > EXACT_IN_DOUBLE => return Err(inexact(u)),
-        (Value::Decimal(d), T::Float) if significant_digits(d) > 15 => return Err(inexact(d)),
+        (Value::Decimal(d), T::Float) if !exact_in_double(d) => return Err(inexact(d)),
         (Value::Bool(_), T::Bool)
         | (Value::Int(_) | Value::UInt(_), T::Int | T::UInt)
         | (Value::Int(_) | Value::UInt(_) | Value::Float(_) | Value::Decimal(_), T::Float | T::Decimal)
@@ -591,6 +602,13 @@ mod tests {
         assert!(value_for_column(decimal("-0.000123456789012345000"), &float).is_ok());
         assert!(value_for_column(decimal("1234567890.123456"), &float).is_err());
         assert!(value_for_column(decimal("1.5e300"), &float).is_ok());
+        assert!(value_for_column(decimal("0.000"), &float).is_ok());
+        for out_of_range in ["1e-400", "1e400", "NaN", "-Infinity"] {
+            assert!(
+                value_for_column(decimal(out_of_range), &float).is_err(),
+                "{out_of_range}"
+            );
+        }
         // Decimal columns take them all, exactly.
         let numeric = domain::Column::new("x", "numeric", ColumnType::Decimal);
         assert!(value_for_column(int(i64::MAX), &numeric).is_ok());

@@ -181,7 +181,7 @@ where
         let caller = authenticated.as_ref().and_then(|a| a.as_ref().ok());
         let span = tracing::info_span!(
             "call",
-            otel.name = span_name(&method),
+            otel.name = %span_name(&method),
             request_id = id.to_str().unwrap_or_default(),
             method = %method,
             tenant = caller.map(|c| c.tenant.id.as_str()),

@@ -537,15 +537,15 @@ struct MssqlTransaction {
 }
 
 impl MssqlTransaction {
-    fn lock(&self) -> Result<OwnedMutexGuard<Option<Conn>>, BackendError> {
-        self.conn.clone().try_lock_owned().map_err(|_| BackendError::Busy)
+    async fn lock(&self) -> Result<OwnedMutexGuard<Option<Conn>>, BackendError> {
+        super::take_turn(&self.conn).await
     }
 
     /// Ends the transaction; the connection goes back to the pool only when
     /// that succeeded, and is closed otherwise. `closed` is the outcome when
     /// a cancelled statement already closed the connection.
     async fn end(&self, sql: &str, closed: fn() -> Result<(), BackendError>) -> Result<(), BackendError> {
-        let Some(mut conn) = self.lock()?.take() else {
+        let Some(mut conn) = self.lock().await?.take() else {
             return closed();
         };
         conn.batch(sql).await?;
@@ -557,7 +557,7 @@ impl MssqlTransaction {
 #[async_trait]
 impl SqlTransaction for MssqlTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        start(Hold::Transaction(self.lock()?), statement).await
+        start(Hold::Transaction(self.lock().await?), statement).await
     }
 
     async fn commit(&self) -> Result<(), BackendError> {

@@ -394,15 +394,15 @@ struct MysqlTransaction {
 }
 
 impl MysqlTransaction {
-    fn lock(&self) -> Result<OwnedMutexGuard<TxConn>, BackendError> {
-        self.conn.clone().try_lock_owned().map_err(|_| BackendError::Busy)
+    async fn lock(&self) -> Result<OwnedMutexGuard<TxConn>, BackendError> {
+        super::take_turn(&self.conn).await
     }
 }
 
 #[async_trait]
 impl SqlTransaction for MysqlTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        let tx = self.lock()?;
+        let tx = self.lock().await?;
         if tx.ended {
             return Err(BackendError::TransactionEnded);
         }
@@ -413,7 +413,7 @@ impl SqlTransaction for MysqlTransaction {
     }
 
     async fn commit(&self) -> Result<(), BackendError> {
-        let mut tx = self.lock()?;
+        let mut tx = self.lock().await?;
         tx.ended = true;
         if let Some(cause) = tx.rolled_back {
             return Err(BackendError::TransactionRolledBack(cause));
@@ -422,7 +422,7 @@ impl SqlTransaction for MysqlTransaction {
     }
 
     async fn rollback(&self) -> Result<(), BackendError> {
-        let mut tx = self.lock()?;
+        let mut tx = self.lock().await?;
         tx.ended = true;
         tx.conn.query_drop("ROLLBACK").await.map_err(map_error)
     }

@@ -459,6 +459,9 @@ fn describe(prepared: &tokio_postgres::Statement, statement: &Statement) -> Resu
             statement.params.len()
         )));
     }
+    for (i, (ty, value)) in prepared.params().iter().zip(&statement.params).enumerate() {
+        types::check_param_type(i, ty, value)?;
+    }
     prepared.columns().iter().map(types::column).collect()
 }
 
@@ -800,13 +803,13 @@ struct PgTransaction {
 }
 
 impl PgTransaction {
-    fn lock(&self) -> Result<OwnedMutexGuard<PooledConnection<'static, PgManager>>, BackendError> {
-        self.conn.clone().try_lock_owned().map_err(|_| BackendError::Busy)
+    async fn lock(&self) -> Result<OwnedMutexGuard<PooledConnection<'static, PgManager>>, BackendError> {
+        super::take_turn(&self.conn).await
     }
 
     /// The connection, to end the transaction on: later statements are refused.
-    fn lock_to_end(&self) -> Result<OwnedMutexGuard<PooledConnection<'static, PgManager>>, BackendError> {
-        let conn = self.lock()?;
+    async fn lock_to_end(&self) -> Result<OwnedMutexGuard<PooledConnection<'static, PgManager>>, BackendError> {
+        let conn = self.lock().await?;
         self.ended.store(true, Ordering::Relaxed);
         Ok(conn)
     }
@@ -815,7 +818,7 @@ impl PgTransaction {
 #[async_trait]
 impl SqlTransaction for PgTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        let lease = self.lock()?;
+        let lease = self.lock().await?;
         if self.ended.load(Ordering::Relaxed) {
             return Err(BackendError::TransactionEnded);
         }
@@ -823,7 +826,7 @@ impl SqlTransaction for PgTransaction {
     }
 
     async fn commit(&self) -> Result<(), BackendError> {
-        let mut conn = self.lock_to_end()?;
+        let mut conn = self.lock_to_end().await?;
         // A session already closed cannot have committed; past this point a
         // lost session leaves the outcome unknown.
         if conn.client.is_closed() {
@@ -853,7 +856,7 @@ impl SqlTransaction for PgTransaction {
     }
 
     async fn rollback(&self) -> Result<(), BackendError> {
-        let mut conn = self.lock_to_end()?;
+        let mut conn = self.lock_to_end().await?;
         conn.client.batch_execute("ROLLBACK").await.map_err(map_error)?;
         conn.in_transaction = false;
         Ok(())

@@ -72,10 +72,44 @@ pub fn typmod_details(ty: &Type, typmod: i32) -> (Option<i32>, Option<i32>, Opti
     }
     let m = typmod - 4;
     match *ty {
-        Type::NUMERIC => (Some((m >> 16) & 0xffff), Some(m & 0xffff), None),
+        // The scale is 11 bits, signed since PostgreSQL 15 (numeric(5,-2)).
+        Type::NUMERIC => (Some((m >> 16) & 0xffff), Some(((m & 0x7ff) ^ 1024) - 1024), None),
         Type::VARCHAR | Type::BPCHAR => (None, None, Some(i64::from(m))),
         _ => (None, None, None),
     }
+}
+
+/// Refuses an integer parameter that a floating-point parameter type would
+/// round (past 2^53), as loads refuse it for float columns.
+pub fn check_param_type(index: usize, ty: &Type, value: &Value) -> Result<(), BackendError> {
+    if !matches!(*ty, Type::FLOAT4 | Type::FLOAT8) {
+        return Ok(());
+    }
+    let magnitude = match value {
+        Value::Int(i) => i.unsigned_abs(),
+        Value::UInt(u) => *u,
+        _ => return Ok(()),
+    };
+    if magnitude > 1 << 53 {
+        return Err(BackendError::Parameter {
+            index: index + 1,
+            message: format!("{magnitude} cannot be stored exactly in {ty}; send it as a decimal or a double"),
+        });
+    }
+    Ok(())
+}
+
+/// Writes `d` as PostgreSQL reads it: years before 1 as `YYYY-MM-DD` with
+/// " BC" after the value (returned, to go last), since chrono's `%Y` writes
+/// 0 and signed years, which PostgreSQL refuses. Year 0 is 1 BC.
+fn write_date(out: &mut String, d: NaiveDate) -> &'static str {
+    use chrono::Datelike;
+    let (year, bc) = match d.year() {
+        y if y <= 0 => (1 - y, " BC"),
+        y => (y, ""),
+    };
+    let _ = write!(out, "{year:04}-{:02}-{:02}", d.month(), d.day());
+    bc
 }
 
 /// A decoded result cell.
@@ -134,7 +168,12 @@ pub(super) fn decode(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
         Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN | Type::XML => {
             Value::Text(wire::text_from_sql(raw)?.to_string())
         }
-        Type::CHAR => Value::Text(String::from_utf8_lossy(raw).into_owned()),
+        // "char" is one byte; a byte past ASCII is written \ooo, as PostgreSQL's own output does.
+        Type::CHAR => Value::Text(match raw.first() {
+            None | Some(0) => String::new(),
+            Some(b) if b.is_ascii() => char::from(*b).to_string(),
+            Some(b) => format!("\\{b:03o}"),
+        }),
         Type::VOID => Value::Null,
         Type::BYTEA => Value::Bytes(raw.to_vec()),
         Type::DATE => {
@@ -365,7 +404,8 @@ pub(super) fn write_text(v: &Value, out: &mut String, in_array: bool) {
             }
         }
         Value::Date(d) => {
-            let _ = write!(out, "{}", d.format("%Y-%m-%d"));
+            let bc = write_date(out, *d);
+            out.push_str(bc);
         }
         Value::Time(t, offset) => {
             let _ = write!(out, "{}", t.format("%H:%M:%S%.f"));
@@ -376,10 +416,12 @@ pub(super) fn write_text(v: &Value, out: &mut String, in_array: bool) {
             }
         }
         Value::Timestamp(t) => {
-            let _ = write!(out, "{}", t.format("%Y-%m-%d %H:%M:%S%.f"));
+            let bc = write_date(out, t.date());
+            let _ = write!(out, " {}{bc}", t.time().format("%H:%M:%S%.f"));
         }
         Value::TimestampTz(t) => {
-            let _ = write!(out, "{}", t.format("%Y-%m-%d %H:%M:%S%.f+00"));
+            let bc = write_date(out, t.date_naive());
+            let _ = write!(out, " {}+00{bc}", t.time().format("%H:%M:%S%.f"));
         }
         Value::Interval {
             months,

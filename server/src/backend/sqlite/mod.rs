@@ -288,7 +288,7 @@ const ROLLED_BACK_BY_SQLITE: &str = "an interrupted or failed write";
 
 impl SqliteTransaction {
     async fn end(&self, commit: bool) -> Result<(), BackendError> {
-        let guard = self.lease.clone().try_lock_owned().map_err(|_| BackendError::Busy)?;
+        let guard = super::take_turn(&self.lease).await?;
         let restore = self.restore_writes;
         tokio::task::spawn_blocking(move || {
             let conn = guard.conn()?;
@@ -313,7 +313,7 @@ impl SqliteTransaction {
 #[async_trait]
 impl SqlTransaction for SqliteTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        let guard = self.lease.clone().try_lock_owned().map_err(|_| BackendError::Busy)?;
+        let guard = super::take_turn(&self.lease).await?;
         if guard.conn()?.is_autocommit() {
             return Err(BackendError::TransactionRolledBack(ROLLED_BACK_BY_SQLITE));
         }
@@ -479,7 +479,12 @@ fn put(raw: ValueRef<'_>, ty: ColumnType, sink: &mut impl RowSink) -> Result<(),
             let s = text(t)?;
             let parsed = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f")
                 .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f"));
-            Value::Timestamp(parsed.map_err(|_| format!("'{s}' is not a timestamp (YYYY-MM-DD HH:MM:SS)"))?)
+            let parsed = parsed.map_err(|_| format!("'{s}' is not a timestamp (YYYY-MM-DD HH:MM:SS)"))?;
+            // chrono reads :60 as a leap second, which no result format can carry.
+            if parsed.and_utc().timestamp_subsec_nanos() >= 1_000_000_000 {
+                return Err(format!("'{s}' is a leap second, which a timestamp cannot hold"));
+            }
+            Value::Timestamp(parsed)
         }
         (ValueRef::Text(t), ColumnType::Json) => Value::Json(text(t)?.to_string()),
         // The commonest two are lent, not built.

@@ -146,6 +146,9 @@ pub async fn run(
         let _ = tokio::time::timeout(CUT_TIMEOUT, server).await;
     }
     transactions.rollback_all().await;
+    // Statements cut or abandoned above are cancelled in their engines
+    // before the runtime, and the cancels with it, are gone.
+    backend::settle_cancels(CUT_TIMEOUT).await;
     tracing::info!("weir stopped");
     result
 }

@@ -627,23 +627,75 @@ async fn a_failed_connection_attempt_fails_no_caller_a_busy_connection_can_serve
     readiness_becomes(&server, 200).await;
     let begin = || client.begin("db", pb::IsolationLevel::Unspecified, false);
     let (tx, other) = (begin().await.expect("begin"), begin().await.expect("begin"));
-    proxy.refuse(true);
-    // The pool opens its second connection for these callers; it is refused.
+    proxy.refuse_slowly(true);
+    // The pool opens its third connection for these callers, all of them
+    // waiting on that one attempt, which fails after 300 ms.
     let calls: Vec<_> = (0..3)
         .map(|_| {
             let client = client.clone();
             tokio::spawn(async move { client.execute("db", "SELECT 1", vec![]).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    proxy.refuse(false);
+    // A breaker opened by the failure would stay open for 400 ms at least.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    proxy.refuse_slowly(false);
+    // One failed attempt is one failure, not one per waiting caller: the
+    // breaker is still closed, so this caller waits too instead of failing fast.
+    let fourth = {
+        let client = client.clone();
+        tokio::spawn(async move { client.execute("db", "SELECT 1", vec![]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
     client.rollback(&tx).await.expect("rollback frees its connection");
     client.rollback(&other).await.expect("rollback");
     for call in calls {
         call.await.expect("task").expect("served once a connection came free");
     }
-    client
-        .execute("db", "SELECT 1", vec![])
-        .await
-        .expect("the breaker stayed closed");
+    fourth.await.expect("task").expect("the breaker stayed closed");
+}
+
+/// A server that never answers is down whichever timeout ends the wait
+/// first: with acquire_timeout shorter than connect_timeout, and on MySQL,
+/// whose driver bounds no connect, a caller's wait for a connection still
+/// being opened ends UNAVAILABLE, not POOL_EXHAUSTED, and the replica is not
+/// ready. Nothing was busy.
+#[tokio::test]
+async fn a_frozen_server_is_down_whichever_timeout_ends_the_wait() {
+    let pg_proxy = common::Proxy::start(common::pg_address()).await;
+    let my_proxy = common::Proxy::start(format!(
+        "{}:{}",
+        common::env_or("WEIR_TEST_MYSQL_HOST", "127.0.0.1"),
+        common::env_or("WEIR_TEST_MYSQL_PORT", "3306")
+    ))
+    .await;
+    pg_proxy.freeze(true);
+    my_proxy.freeze(true);
+    let pool = |source: &str| {
+        format!("required = true\n[tenants.z.sources.{source}.pool]\nacquire_timeout = \"300ms\"\nconnect_timeout = \"1s\"\n")
+    };
+    let my = common::mysql("z", "my", &pool("my")).replace(
+        &format!("port = {}", common::env_or("WEIR_TEST_MYSQL_PORT", "3306")),
+        &format!("port = {}", my_proxy.port),
+    );
+    let sources = common::postgres_at("z", "pg", &pg_proxy.port.to_string(), &pool("pg")) + &my;
+    let server = TestServer::start(&format!("{FAST}{}", tenant("z", "", &sources))).await;
+    let client = server.client("key-z").await;
+    for source in ["pg", "my"] {
+        let e = client.execute(source, "SELECT 1", vec![]).await.expect_err("frozen");
+        assert_eq!(e.code(), Code::Unavailable, "{source}: {e:?}");
+    }
+    // Once probed, both are down (not busy), and the replica is not ready.
+    let mut probed = false;
+    for _ in 0..100 {
+        let (_, metrics) = http_get(&server.metrics_url, "/metrics").await;
+        probed = ["pg", "my"]
+            .iter()
+            .all(|source| metrics.contains(&format!("weir_source_up{{tenant=\"z\",source=\"{source}\"}} 0")));
+        if probed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(probed, "both sources are probed down");
+    assert_eq!(ready(&server).await, 503);
 }

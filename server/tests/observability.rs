@@ -171,3 +171,42 @@ async fn a_half_sent_scrape_does_not_hold_up_shutdown() {
         .expect("the server stops although a scrape never ended");
     drop(scraper);
 }
+
+/// In the real process, a unary statement cut at shutdown is cancelled in
+/// PostgreSQL before the process exits: the cancel runs on the process's
+/// runtime, which is gone afterwards.
+#[tokio::test]
+async fn the_process_cancels_a_cut_statement_before_it_exits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("weir.toml");
+    let config = format!(
+        "[server]\nshutdown_grace = \"1s\"\n{}",
+        tenant("exit", "", &postgres("exit", "pg", ""))
+    );
+    std::fs::write(&path, config).expect("config");
+    let weir = WeirProcess::start(&["--config", path.to_str().expect("utf-8 path")]);
+    let client = weir_client::WeirClient::connect(&weir.addr, "key-exit")
+        .await
+        .expect("connect");
+    let call = tokio::spawn(async move { client.execute("pg", "SELECT pg_sleep(30) AS cut_at_exit", vec![]).await });
+    let pg = pg_direct().await;
+    let mut running = false;
+    for _ in 0..100 {
+        running = !wait_until_gone(&pg, "cut_at_exit", Duration::ZERO).await;
+        if running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(running, "the statement reached PostgreSQL");
+    tokio::task::spawn_blocking(move || weir.stop())
+        .await
+        .expect("weir stopped");
+    // At once: the process waited for the cancel before it exited.
+    assert!(
+        wait_until_gone(&pg, "cut_at_exit", Duration::from_millis(300)).await,
+        "the statement runs on after the process exited"
+    );
+    let cut = call.await.expect("task").expect_err("cut");
+    assert_eq!(cut.code(), tonic::Code::Unavailable, "{cut:?}");
+}

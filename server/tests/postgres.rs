@@ -1848,7 +1848,23 @@ async fn a_commit_whose_session_is_lost_midway_is_reported_as_unknown() {
         tokio::spawn(async move { client.commit(&tx).await })
     };
     // COMMIT is running the deferred trigger when the connection goes.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut sleeping = false;
+    for _ in 0..100 {
+        sleeping = pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weir' AND wait_event = 'PgSleep' AND query = 'SELECT 1; COMMIT'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get::<_, i64>(0)
+            > 0;
+        if sleeping {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sleeping, "COMMIT reached the deferred trigger");
     proxy.cut();
     let e = committing.await.expect("task").expect_err("the session was lost");
     assert_eq!(e.code(), Code::Unknown, "{e:?}");

@@ -32,6 +32,21 @@ pub use types::*;
 
 use crate::config::{EngineKind, SourceConfig};
 
+/// Cancels and kills of abandoned statements: shutdown waits for these
+/// (`settle_cancels`), so that a
+/// statement cut at shutdown is cancelled in the engine before the process,
+/// and its runtime, are gone.
+pub static CANCELS: std::sync::LazyLock<tokio_util::task::TaskTracker> =
+    std::sync::LazyLock::new(tokio_util::task::TaskTracker::new);
+
+/// Waits, at most `within`, for the cancels under way.
+pub async fn settle_cancels(within: std::time::Duration) {
+    CANCELS.close();
+    let _ = tokio::time::timeout(within, CANCELS.wait()).await;
+    // Other servers of the process (tests run several) go on tracking.
+    CANCELS.reopen();
+}
+
 /// How long a transaction's statement, or its end, waits for the statement
 /// before it. A statement abandoned by its deadline or its caller holds the
 /// session a moment longer while it is cancelled; without the wait, the

@@ -118,38 +118,54 @@ impl<M: ManageConnection> FailFastPool<M> {
         self.breaker.admit()?;
         let started = Instant::now();
         let mut failures = self.failures.subscribe();
+        // Whether an attempt to open a connection failed while this caller waited.
+        let mut failed = false;
         loop {
             let get = self.pool.get_owned();
             tokio::pin!(get);
-            let leased = loop {
+            let got = loop {
                 tokio::select! {
-                    got = &mut get => {
-                        let got = got.map_err(|e| match e {
-                            RunError::User(e) => (self.map)(e),
-                            RunError::TimedOut => BackendError::PoolExhausted { max_size: self.max_size, waited: started.elapsed() },
-                        });
-                        self.breaker.record(&got);
-                        break got;
-                    }
+                    got = &mut get => break got,
                     // A connection attempt failed (the sink counted it for the
-                    // breaker, once). Waiting is over only when no connection
-                    // is left open or opening: a busy one may still come free.
+                    // breaker, once). With no connection open there is nothing
+                    // to wait for; otherwise a busy one may still come free.
                     Ok(()) = failures.changed() => {
+                        failed = true;
                         if self.pool.state().connections == 0 {
                             return Err(BackendError::Unavailable(failures.borrow().clone()));
                         }
                     }
                 }
             };
-            match leased {
-                // Back to the pool, whose `has_broken` closes it; each pass drops one.
+            let leased = match got {
                 Ok(mut conn) => {
-                    if !(self.dead)(&mut conn) {
-                        return Ok(conn);
+                    // Back to the pool, whose `has_broken` closes it; each pass drops one.
+                    if (self.dead)(&mut conn) {
+                        continue;
                     }
+                    Ok(conn)
                 }
-                Err(e) => return Err(e),
-            }
+                Err(RunError::User(e)) => Err((self.map)(e)),
+                // Busy only if connections are open and none failed to open:
+                // otherwise the source did not give one in time, and its
+                // attempt is counted by the sink when it ends.
+                Err(RunError::TimedOut) if failed || self.pool.state().connections == 0 => {
+                    return Err(BackendError::Unavailable(if failed {
+                        failures.borrow().clone()
+                    } else {
+                        format!(
+                            "no connection could be opened within acquire_timeout ({:?})",
+                            started.elapsed()
+                        )
+                    }));
+                }
+                Err(RunError::TimedOut) => Err(BackendError::PoolExhausted {
+                    max_size: self.max_size,
+                    waited: started.elapsed(),
+                }),
+            };
+            self.breaker.record(&leased);
+            return leased;
         }
     }
 

@@ -214,7 +214,6 @@ impl<T> Stream for StreamIn<T> {
     }
 }
 
-/// The table as the caller named it, for receipts, messages and the audit log.
 /// `work`, or `ShuttingDown` once the shutdown grace period is over. Dropping
 /// the work then cancels its statement in the engine while the runtime still
 /// runs; left alone, the process would exit under it and the statement run on.
@@ -229,6 +228,7 @@ pub async fn until_cut<T>(
     }
 }
 
+/// The table as the caller named it, for receipts, messages and the audit log.
 pub fn display_table(schema: Option<&str>, table: &str) -> String {
     match schema {
         Some(s) => format!("{s}.{table}"),

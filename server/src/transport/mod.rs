@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
@@ -102,35 +103,41 @@ pub async fn serve(
     match tls {
         Some(tls) => {
             router
-                .serve_with_incoming_shutdown(tls::incoming(listener, tls, keepalive(&config.server)), shutdown)
+                .serve_with_incoming_shutdown(tls::incoming(listener, tls, config.server.clone()), shutdown)
                 .await?;
         }
         // Without TCP_NODELAY, Nagle's algorithm holds the last frames of a
         // response back until the peer's delayed ACK, about 40 ms.
         None => {
-            router
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener)
-                        .with_nodelay(Some(true))
-                        .with_keepalive(Some(config.server.keepalive_time))
-                        .with_keepalive_interval(Some(config.server.keepalive_interval))
-                        .with_keepalive_retries(Some(config.server.keepalive_retries)),
-                    shutdown,
-                )
-                .await?;
+            let server = config.server.clone();
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).map(move |conn| {
+                if let Ok(socket) = &conn {
+                    keep_alive(socket, &server);
+                }
+                conn
+            });
+            router.serve_with_incoming_shutdown(incoming, shutdown).await?;
         }
     }
     Ok(())
 }
 
-/// TCP keepalives for client connections. Not HTTP/2 PINGs: hyper ends a
-/// connection whose PING goes unanswered with NO_ERROR, which its request
-/// bodies report as a clean end, so a client-streamed load cut that way
-/// would commit the rows it had sent. A socket whose probes go unanswered
-/// fails with an error instead, and the load is rolled back.
-pub fn keepalive(server: &crate::config::ServerConfig) -> socket2::TcpKeepalive {
-    socket2::TcpKeepalive::new()
+/// TCP keepalives for a client connection, and a bound on unacknowledged
+/// data (TCP_USER_TIMEOUT: the kernel sends no keepalive probe while data is
+/// in flight, such as a load's flow-control updates, and would retransmit
+/// for about 15 minutes). Not HTTP/2 PINGs: hyper ends a connection whose
+/// PING goes unanswered with NO_ERROR, which its request bodies report as a
+/// clean end, so a client-streamed load cut that way would commit the rows it
+/// had sent. A socket whose probes go unanswered fails with an error
+/// instead, and the load is rolled back.
+pub fn keep_alive(socket: &tokio::net::TcpStream, server: &crate::config::ServerConfig) {
+    let keepalive = socket2::TcpKeepalive::new()
         .with_time(server.keepalive_time)
         .with_interval(server.keepalive_interval)
-        .with_retries(server.keepalive_retries)
+        .with_retries(server.keepalive_retries);
+    let socket = socket2::SockRef::from(socket);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_user_timeout(Some(
+        server.keepalive_time + server.keepalive_interval * server.keepalive_retries,
+    ));
 }

@@ -163,7 +163,7 @@ impl AsyncWrite for TlsConn {
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<TlsReloader>,
-    keepalive: socket2::TcpKeepalive,
+    server: crate::config::ServerConfig,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -183,7 +183,7 @@ pub fn incoming(
             };
             // As on plain connections: no Nagle delay on the last frames of a response.
             let _ = tcp.set_nodelay(true);
-            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+            super::keep_alive(&tcp, &server);
             let acceptor = tls.acceptor();
             let tx = tx.clone();
             tokio::spawn(async move {

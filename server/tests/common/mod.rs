@@ -145,6 +145,7 @@ pub struct Proxy {
     pub port: u16,
     frozen: tokio::sync::watch::Sender<bool>,
     refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stalling: std::sync::Arc<std::sync::atomic::AtomicBool>,
     cuts: tokio::sync::watch::Sender<u32>,
 }
 
@@ -156,9 +157,18 @@ impl Proxy {
         let (cuts, cut) = tokio::sync::watch::channel(0u32);
         let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let refuse = refusing.clone();
+        let stalling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stall = stalling.clone();
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 if refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                if stall.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        drop(inbound);
+                    });
                     continue;
                 }
                 let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
@@ -174,8 +184,15 @@ impl Proxy {
             port,
             frozen,
             refusing,
+            stalling,
             cuts,
         }
+    }
+
+    /// New connections are held 300 ms, carrying nothing, then closed: a
+    /// connection attempt that fails, slowly enough for callers to queue on it.
+    pub fn refuse_slowly(&self, stalling: bool) {
+        self.stalling.store(stalling, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Closes every connection open now, both ways, as a network failure

@@ -8,6 +8,7 @@ mod load_data;
 mod schema;
 pub mod types;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,8 +22,8 @@ use crate::backend::channel::{self, Worker};
 use crate::backend::error::classify_sqlstate;
 use crate::backend::{
     BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec,
-    QueryStream, RowFeed, RowSink, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription, TableInfo,
-    TxOptions, WatchSpec,
+    PoolStatus, QueryStream, RowFeed, RowSink, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
+    TableInfo, TxOptions, WatchSpec,
 };
 use crate::config::SourceConfig;
 
@@ -87,6 +88,15 @@ impl MysqlSource {
         let connect = tokio::time::timeout(self.config.pool.acquire_timeout, self.pool.get_conn()).await;
         let conn = match connect {
             Ok(conn) => conn.map_err(map_error),
+            // mysql_async opens connections within get_conn, with no bound of
+            // its own: with none in use, nothing was busy, and the host did
+            // not answer in time.
+            Err(_) if self.pool.metrics().connections_in_use.load(Ordering::Relaxed) == 0 => {
+                Err(BackendError::Unavailable(format!(
+                    "no connection could be opened within acquire_timeout ({:?})",
+                    started.elapsed()
+                )))
+            }
             Err(_) => Err(BackendError::PoolExhausted {
                 max_size: self.config.pool.max_size,
                 waited: started.elapsed(),
@@ -278,7 +288,8 @@ async fn kill(opts: &Opts, connection_id: u32) {
         conn.query_drop(format!("KILL QUERY {connection_id}")).await?;
         conn.disconnect().await
     };
-    if let Err(e) = killed.await {
+    // Tracked, so that shutdown waits for it.
+    if let Err(e) = crate::backend::CANCELS.track_future(killed).await {
         tracing::warn!(error = %e, "could not kill an abandoned mysql statement");
     }
 }
@@ -332,6 +343,16 @@ impl SqlSource for MysqlSource {
 
     fn circuit(&self) -> Option<CircuitState> {
         Some(self.breaker.state())
+    }
+
+    fn pool_status(&self) -> Option<PoolStatus> {
+        let metrics = self.pool.metrics();
+        let idle = u32::try_from(metrics.connections_in_pool.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+        let in_use = u32::try_from(metrics.connections_in_use.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+        Some(PoolStatus {
+            open: idle.saturating_add(in_use),
+            idle,
+        })
     }
 
     async fn connection_info(&self) -> Result<ConnectionInfo, BackendError> {

@@ -432,7 +432,7 @@ impl Drop for StatementGuard {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        runtime.spawn(async move {
+        runtime.spawn(super::CANCELS.track_future(async move {
             let mut lease = lease;
             let settled = match cancel::cancel(&lease.cancel, lease.address, &lease.target).await {
                 // Responses of the cancelled statement arrive before this one's.
@@ -446,7 +446,7 @@ impl Drop for StatementGuard {
             };
             // Still running, or a cancel still on its way: not for the next caller.
             lease.broken |= !settled;
-        });
+        }));
     }
 }
 
@@ -837,8 +837,11 @@ impl SqlTransaction for PgTransaction {
         // instead (25P02), and COMMIT is then never run.
         match conn.client.batch_execute("SELECT 1; COMMIT").await.map_err(map_error) {
             Err(BackendError::Engine { code, .. }) if code == IN_FAILED_TRANSACTION => {
-                conn.client.batch_execute("ROLLBACK").await.map_err(map_error)?;
-                conn.in_transaction = false;
+                // COMMIT never ran, whatever becomes of the ROLLBACK; a session
+                // whose ROLLBACK failed stays marked and is closed, not pooled.
+                if conn.client.batch_execute("ROLLBACK").await.is_ok() {
+                    conn.in_transaction = false;
+                }
                 Err(BackendError::Engine {
                     kind: EngineErrorKind::Aborted,
                     code,

@@ -19,6 +19,9 @@ ensure_build_tools() {
   command -v cc >/dev/null || apt_install build-essential
   # The SQL Server mock used by the tests links OpenSSL.
   { command -v pkg-config >/dev/null && pkg-config --exists openssl; } || apt_install pkg-config libssl-dev
+  # make builds librdkafka; venvs carry the Kafka broker's, buf's and the Python client's tools.
+  command -v make >/dev/null || apt_install make
+  python3 -m venv --help >/dev/null 2>&1 || apt_install python3 python3-venv
 }
 
 pg_ready() {

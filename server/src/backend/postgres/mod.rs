@@ -703,6 +703,8 @@ impl SqlSource for PostgresSource {
         if options.read_only || self.read_only {
             sql.push_str(" READ ONLY");
         }
+        // What an earlier caller left: settings, or a block that may be open.
+        let reset_due = conn.needs_reset || conn.needs_rollback;
         conn.in_transaction = true;
         // Whatever the transaction SETs lasts past COMMIT: reset before the next caller.
         conn.needs_reset = true;
@@ -710,7 +712,7 @@ impl SqlSource for PostgresSource {
             // A first query fixes the access mode: SET TRANSACTION READ WRITE now fails.
             sql.push_str("; SELECT 1");
         }
-        if conn.needs_reset {
+        if reset_due {
             // The reset an earlier caller left due goes in the same round trip,
             // as a query of its own: in BEGIN's, its SELECT would take the
             // snapshot before BEGIN could set the isolation level.

@@ -120,46 +120,58 @@ async fn a_statement_queued_past_its_transactions_end_does_not_run() {
     let config = format!(
         "{}{}",
         server_section(1, "5s"),
-        tenant("a", OPEN, &postgres("a", "pg", ""))
+        tenant(
+            "a",
+            OPEN,
+            &(postgres("a", "pg", "") + &common::sqlite_demo("a", "lite"))
+        )
     );
     let server = TestServer::start(&config).await;
     let a = server.client("key-a").await;
-    let tx = a
-        .begin("pg", pb::IsolationLevel::Unspecified, false)
+    a.execute("lite", "CREATE TABLE weir_gov_queued (id int)", vec![])
         .await
-        .expect("begin");
-    let holder = {
-        let a = a.clone();
-        tokio::spawn(async move { execute(&a, "SELECT pg_sleep(0.6)", pb::Priority::Medium).await })
-    };
-    wait_for_sleepers(1).await;
-    let queued = {
-        let (a, tx) = (a.clone(), tx.clone());
-        tokio::spawn(async move {
-            a.execute_in(&tx, "pg", "INSERT INTO weir_gov_queued VALUES (1)", vec![])
-                .await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    a.rollback(&tx).await.expect("rollback, which takes no gateway slot");
-    holder.await.expect("task").expect("holder");
-    let err = queued
-        .await
-        .expect("task")
-        .expect_err("the transaction ended while it waited");
-    assert_eq!(
-        (err.code(), reason(&err).as_str()),
-        (Code::NotFound, "TRANSACTION_NOT_FOUND"),
-        "{}",
-        err.message()
-    );
-    let rows: i64 = common::pg_direct()
-        .await
-        .query_one("SELECT count(*) FROM weir_gov_queued", &[])
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(rows, 0, "nothing ran outside the transaction");
+        .expect("sqlite table");
+    for source in ["pg", "lite"] {
+        let tx = a
+            .begin(source, pb::IsolationLevel::Unspecified, false)
+            .await
+            .expect("begin");
+        // The one gateway slot, held.
+        let holder = {
+            let a = a.clone();
+            tokio::spawn(async move { execute(&a, "SELECT pg_sleep(0.6)", pb::Priority::Medium).await })
+        };
+        wait_for_sleepers(1).await;
+        let queued = {
+            let (a, tx) = (a.clone(), tx.clone());
+            tokio::spawn(async move {
+                a.execute_in(&tx, source, "INSERT INTO weir_gov_queued VALUES (1)", vec![])
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        a.rollback(&tx).await.expect("rollback, which takes no gateway slot");
+        holder.await.expect("task").expect("holder");
+        let err = queued
+            .await
+            .expect("task")
+            .expect_err("the transaction ended while it waited");
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::NotFound, "TRANSACTION_NOT_FOUND"),
+            "{source}: {}",
+            err.message()
+        );
+        let rows = a
+            .execute(source, "SELECT count(*) FROM weir_gov_queued", vec![])
+            .await
+            .expect("count");
+        assert_eq!(
+            common::int(&rows.rows[0].values[0]),
+            0,
+            "{source}: nothing ran outside the transaction"
+        );
+    }
     server.stop().await;
 }
 

@@ -471,6 +471,7 @@ impl SqlSource for MssqlSource {
         let (commit, rollback) = end_batches(options.isolation);
         Ok(Box::new(MssqlTransaction {
             conn: Arc::new(Mutex::new(Some(conn))),
+            ended: std::sync::atomic::AtomicBool::new(false),
             commit,
             rollback,
         }))
@@ -532,6 +533,8 @@ impl SqlSource for MssqlSource {
 
 struct MssqlTransaction {
     conn: Arc<Mutex<Option<Conn>>>,
+    /// Commit or Rollback has begun; set and read under the connection's lock.
+    ended: std::sync::atomic::AtomicBool,
     commit: String,
     rollback: String,
 }
@@ -545,7 +548,9 @@ impl MssqlTransaction {
     /// that succeeded, and is closed otherwise. `closed` is the outcome when
     /// a cancelled statement already closed the connection.
     async fn end(&self, sql: &str, closed: fn() -> Result<(), BackendError>) -> Result<(), BackendError> {
-        let Some(mut conn) = self.lock().await?.take() else {
+        let mut guard = self.lock().await?;
+        self.ended.store(true, std::sync::atomic::Ordering::Relaxed);
+        let Some(mut conn) = guard.take() else {
             return closed();
         };
         conn.batch(sql).await?;
@@ -557,7 +562,12 @@ impl MssqlTransaction {
 #[async_trait]
 impl SqlTransaction for MssqlTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        start(Hold::Transaction(self.lock().await?), statement).await
+        let guard = self.lock().await?;
+        // Queued behind Commit or Rollback, which took the connection.
+        if self.ended.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(BackendError::TransactionEnded);
+        }
+        start(Hold::Transaction(guard), statement).await
     }
 
     async fn commit(&self) -> Result<(), BackendError> {

@@ -222,6 +222,7 @@ impl SqlSource for SqliteSource {
         .map_err(|e| BackendError::Internal(e.to_string()))??;
         Ok(Box::new(SqliteTransaction {
             lease: Arc::new(Mutex::new(lease)),
+            ended: std::sync::atomic::AtomicBool::new(false),
             restore_writes: read_only && !self.pool.read_only,
         }))
     }
@@ -278,6 +279,8 @@ impl SqlSource for SqliteSource {
 
 struct SqliteTransaction {
     lease: Arc<Mutex<Lease>>,
+    /// Commit or Rollback has begun; set and read under the lease's lock.
+    ended: std::sync::atomic::AtomicBool,
     /// A read-only transaction on a writable source switched query_only on.
     restore_writes: bool,
 }
@@ -289,6 +292,7 @@ const ROLLED_BACK_BY_SQLITE: &str = "an interrupted or failed write";
 impl SqliteTransaction {
     async fn end(&self, commit: bool) -> Result<(), BackendError> {
         let guard = super::take_turn(&self.lease).await?;
+        self.ended.store(true, std::sync::atomic::Ordering::Relaxed);
         let restore = self.restore_writes;
         tokio::task::spawn_blocking(move || {
             let conn = guard.conn()?;
@@ -314,6 +318,10 @@ impl SqliteTransaction {
 impl SqlTransaction for SqliteTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
         let guard = super::take_turn(&self.lease).await?;
+        // Queued behind Commit or Rollback: the session is in autocommit now.
+        if self.ended.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(BackendError::TransactionEnded);
+        }
         if guard.conn()?.is_autocommit() {
             return Err(BackendError::TransactionRolledBack(ROLLED_BACK_BY_SQLITE));
         }

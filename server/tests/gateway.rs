@@ -554,7 +554,7 @@ async fn statement_timeout_cancels_sqlite_work() {
 /// handle then refuses statements, which would have autocommitted, and Commit.
 #[tokio::test]
 async fn an_interrupted_sqlite_write_loses_its_transaction_loudly() {
-    let toml = tenant("t", "statement_timeout = \"300ms\"", &sqlite_demo("t", "db"));
+    let toml = tenant("t", "", &sqlite_demo("t", "db"));
     let server = TestServer::start(&toml).await;
     let client = server.client("key-t").await;
     client
@@ -570,8 +570,7 @@ async fn an_interrupted_sqlite_write_loses_its_transaction_loudly() {
         .await
         .expect("insert");
     let endless = "WITH RECURSIVE c(x) AS (SELECT 2 UNION ALL SELECT x + 1 FROM c) INSERT INTO lost SELECT x FROM c";
-    let err = client
-        .execute_in(&tx, "db", endless, vec![])
+    let err = execute_within(&client, &tx, "db", endless, Duration::from_millis(300))
         .await
         .expect_err("interrupted");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());

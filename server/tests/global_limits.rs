@@ -19,9 +19,14 @@ fn config(id: &str, limits: &str, redis: &str) -> String {
     format!("[limits]\n{redis}\n") + &tenant(id, limits, &sqlite_demo(id, "demo"))
 }
 
-/// Two replicas of one configuration sharing the test Redis, and a client of each.
+/// Two replicas of one configuration sharing the test Redis, and a client of
+/// each. A Redis answer slowed by a busy machine fails the call loudly
+/// instead of letting the replica count on its own for a second.
 async fn replicas(id: &str, limits: &str) -> (TestServer, TestServer, [weir_client::WeirClient; 2]) {
-    let redis = format!("redis_url = \"{}\"", redis_url());
+    let redis = format!(
+        "redis_url = \"{}\"\nredis_timeout = \"2s\"\non_redis_failure = \"fail_closed\"",
+        redis_url()
+    );
     let (a, b) = (
         TestServer::start(&config(id, limits, &redis)).await,
         TestServer::start(&config(id, limits, &redis)).await,

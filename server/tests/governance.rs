@@ -35,14 +35,17 @@ async fn execute(client: &WeirClient, sql: &str, priority: pb::Priority) -> Resu
     Ok(client.query().execute(request).await?.into_inner())
 }
 
-/// Waits until the gateway has `n` calls running or waiting in PostgreSQL's view.
-async fn wait_for_sleepers(n: i64) {
+/// Waits until the gateway has `n` calls of `SELECT pg_sleep(0.6) AS <marker>`
+/// running in PostgreSQL's view (the marker keeps tests that run at the same
+/// time from counting each other's).
+async fn wait_for_sleepers(marker: &str, n: i64) {
     let pg = common::pg_direct().await;
+    let pattern = format!("%pg_sleep(0.6) AS {marker}%");
     for _ in 0..100 {
         let running: i64 = pg
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weir' AND query LIKE '%pg_sleep(0.6)%' AND state = 'active'",
-                &[],
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weir' AND query LIKE $1 AND state = 'active'",
+                &[&pattern],
             )
             .await
             .expect("pg_stat_activity")
@@ -68,9 +71,9 @@ async fn waiting_calls_go_by_priority_up_to_the_tenants_maximum() {
     let b = server.client("key-b").await;
     let holder = {
         let a = a.clone();
-        tokio::spawn(async move { execute(&a, "SELECT pg_sleep(0.6)", pb::Priority::Medium).await })
+        tokio::spawn(async move { execute(&a, "SELECT pg_sleep(0.6) AS by_priority", pb::Priority::Medium).await })
     };
-    wait_for_sleepers(1).await;
+    wait_for_sleepers("by_priority", 1).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut calls = Vec::new();
     // In arrival order: a's low calls, b asking for high (lowered to its
@@ -139,9 +142,9 @@ async fn a_statement_queued_past_its_transactions_end_does_not_run() {
         // The one gateway slot, held.
         let holder = {
             let a = a.clone();
-            tokio::spawn(async move { execute(&a, "SELECT pg_sleep(0.6)", pb::Priority::Medium).await })
+            tokio::spawn(async move { execute(&a, "SELECT pg_sleep(0.6) AS past_its_end", pb::Priority::Medium).await })
         };
-        wait_for_sleepers(1).await;
+        wait_for_sleepers("past_its_end", 1).await;
         let queued = {
             let (a, tx) = (a.clone(), tx.clone());
             tokio::spawn(async move {
@@ -186,9 +189,9 @@ async fn a_call_that_waits_too_long_is_refused_with_a_retry_delay() {
     let a = server.client("key-a").await;
     let holder = {
         let a = a.clone();
-        tokio::spawn(async move { execute(&a, "SELECT pg_sleep(0.6)", pb::Priority::Medium).await })
+        tokio::spawn(async move { execute(&a, "SELECT pg_sleep(0.6) AS waits_too_long", pb::Priority::Medium).await })
     };
-    wait_for_sleepers(1).await;
+    wait_for_sleepers("waits_too_long", 1).await;
     // A call that cannot run is refused for what it is, at once, not queued.
     let started = Instant::now();
     let err = a

@@ -669,21 +669,30 @@ async fn a_statement_abandoned_while_being_prepared_is_killed() {
                 .await
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The ALTER waits for the reader's transaction.
+    let mut waiting = false;
+    for _ in 0..100 {
+        waiting = mysql_running(&mut reader, &format!("ALTER TABLE {table}%")).await > 0;
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(waiting, "the ALTER is waiting");
     let toml = tenant(
         "m",
-        "statement_timeout = \"300ms\"",
+        "",
         &mysql("m", "maria", "[tenants.m.sources.maria.pool]\nmax_size = 1\n"),
     );
     let server = TestServer::start(&toml).await;
     let client = server.client("key-m").await;
-    let e = client
-        .execute("maria", &format!("SELECT * FROM {table} WHERE id = 1"), vec![])
+    let ms = std::time::Duration::from_millis;
+    let sql = format!("SELECT * FROM {table} WHERE id = 1");
+    let e = execute_within(&client, &[], "maria", &sql, ms(300))
         .await
         .expect_err("its prepare waits behind the ALTER");
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
-    client
-        .execute("maria", "SELECT 1", vec![])
+    execute_within(&client, &[], "maria", "SELECT 1", ms(5000))
         .await
         .expect("the connection is free for the next caller");
     reader.query_drop("COMMIT").await.expect("commit");

@@ -115,7 +115,16 @@ async fn shutdown_ends_streams_and_rolls_back_transactions() {
         let client = client.clone();
         tokio::spawn(async move { client.execute("pg", "SELECT pg_sleep(20) AS unary", vec![]).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pg = pg_direct().await;
+    let mut running = false;
+    for _ in 0..100 {
+        running = !wait_until_gone(&pg, "pg_sleep(20) AS unary", Duration::ZERO).await;
+        if running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(running, "the unary statement reached PostgreSQL");
 
     let started = Instant::now();
     let stopping = tokio::spawn(server.stop());
@@ -204,7 +213,7 @@ async fn the_process_cancels_a_cut_statement_before_it_exits() {
         .expect("weir stopped");
     // At once: the process waited for the cancel before it exited.
     assert!(
-        wait_until_gone(&pg, "cut_at_exit", Duration::from_millis(300)).await,
+        wait_until_gone(&pg, "cut_at_exit", Duration::from_secs(3)).await,
         "the statement runs on after the process exited"
     );
     let cut = call.await.expect("task").expect_err("cut");

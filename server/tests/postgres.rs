@@ -1954,19 +1954,21 @@ async fn a_statement_abandoned_while_being_prepared_is_cancelled() {
         .expect("lock");
     let toml = tenant(
         "p",
-        "statement_timeout = \"300ms\"",
+        "",
         &postgres("p", "pg", "[tenants.p.sources.pg.pool]\nmax_size = 1\n"),
     );
     let server = TestServer::start(&toml).await;
     let client = server.client("key-p").await;
-    let e = client
-        .execute("pg", &format!("SELECT * FROM {table} WHERE id = 1"), vec![])
+    let within = |sql: String, deadline| {
+        let client = client.clone();
+        async move { execute_within(&client, &[], "pg", &sql, Duration::from_millis(deadline)).await }
+    };
+    let e = within(format!("SELECT * FROM {table} WHERE id = 1"), 300)
         .await
         .expect_err("its parse waits for the lock");
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     // The one pooled session, while the lock is still held.
-    client
-        .execute("pg", "SELECT 1", vec![])
+    within("SELECT 1".into(), 5000)
         .await
         .expect("the session is free for the next caller");
     locker.batch_execute("ROLLBACK").await.expect("unlock");
@@ -2029,15 +2031,13 @@ async fn values_at_postgresqls_edges() {
 /// being read keeps the transaction busy.
 #[tokio::test]
 async fn a_transactions_next_statement_waits_for_an_abandoned_one_not_a_running_one() {
-    let toml = tenant("w", "statement_timeout = \"300ms\"", &postgres("w", "pg", ""))
-        + &tenant("patient", "", &postgres("patient", "pg", ""));
+    let toml = tenant("w", "", &postgres("w", "pg", "")) + &tenant("patient", "", &postgres("patient", "pg", ""));
     let server = TestServer::start(&toml).await;
     let client = server.client("key-w").await;
     let begin = || client.begin("pg", IsolationLevel::Unspecified, false);
     for _ in 0..5 {
         let tx = begin().await.expect("begin");
-        let e = client
-            .execute_in(&tx, "pg", "SELECT pg_sleep(5)", vec![])
+        let e = execute_within(&client, &tx, "pg", "SELECT pg_sleep(5)", Duration::from_millis(300))
             .await
             .expect_err("past its deadline");
         assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
@@ -2049,7 +2049,7 @@ async fn a_transactions_next_statement_waits_for_an_abandoned_one_not_a_running_
         assert_eq!(engine_code(&e), "25P02", "{e:?}");
         client.rollback(&tx).await.expect("rollback");
     }
-    // Without a statement timeout, so that the stream outlasts the wait.
+    // Another tenant's client, as before this test took deadlines per call.
     let client = server.client("key-patient").await;
     let tx = client
         .begin("pg", IsolationLevel::Unspecified, false)

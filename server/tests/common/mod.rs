@@ -699,3 +699,23 @@ pub fn assert_arrow_holds_rows(batches: &[RecordBatch], rows: &[pb::Row]) {
     }
     assert_eq!(row, rows.len(), "rows in Arrow");
 }
+
+/// `sql` (in `transaction`, unless it is empty) with a deadline of its own:
+/// the call's grpc-timeout, which the server takes as the statement's limit.
+/// Only this call is abandoned; the caller's next ones have the tenant's.
+pub async fn execute_within(
+    client: &WeirClient,
+    transaction: &[u8],
+    source: &str,
+    sql: &str,
+    deadline: Duration,
+) -> Result<pb::ExecuteResponse, tonic::Status> {
+    let mut request = tonic::Request::new(pb::ExecuteRequest {
+        source: source.into(),
+        sql: sql.into(),
+        transaction_id: transaction.to_vec(),
+        ..Default::default()
+    });
+    request.set_timeout(deadline);
+    client.query().execute(request).await.map(tonic::Response::into_inner)
+}

@@ -116,15 +116,10 @@ async fn shutdown_ends_streams_and_rolls_back_transactions() {
         tokio::spawn(async move { client.execute("pg", "SELECT pg_sleep(20) AS unary", vec![]).await })
     };
     let pg = pg_direct().await;
-    let mut running = false;
-    for _ in 0..100 {
-        running = !wait_until_gone(&pg, "pg_sleep(20) AS unary", Duration::ZERO).await;
-        if running {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(running, "the unary statement reached PostgreSQL");
+    assert!(
+        wait_until_running(&pg, "pg_sleep(20) AS unary", Duration::from_secs(5)).await,
+        "the unary statement reached PostgreSQL"
+    );
 
     let started = Instant::now();
     let stopping = tokio::spawn(server.stop());
@@ -199,15 +194,10 @@ async fn the_process_cancels_a_cut_statement_before_it_exits() {
         .expect("connect");
     let call = tokio::spawn(async move { client.execute("pg", "SELECT pg_sleep(30) AS cut_at_exit", vec![]).await });
     let pg = pg_direct().await;
-    let mut running = false;
-    for _ in 0..100 {
-        running = !wait_until_gone(&pg, "cut_at_exit", Duration::ZERO).await;
-        if running {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(running, "the statement reached PostgreSQL");
+    assert!(
+        wait_until_running(&pg, "cut_at_exit", Duration::from_secs(5)).await,
+        "the statement reached PostgreSQL"
+    );
     tokio::task::spawn_blocking(move || weir.stop())
         .await
         .expect("weir stopped");

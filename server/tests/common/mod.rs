@@ -255,6 +255,18 @@ pub async fn pg_direct() -> tokio_postgres::Client {
     client
 }
 
+/// Waits until a backend of the gateway runs a statement containing `needle`.
+pub async fn wait_until_running(pg: &tokio_postgres::Client, needle: &str, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while wait_until_gone(pg, needle, Duration::ZERO).await {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
 /// Waits until no backend of the gateway runs a statement containing `needle`.
 pub async fn wait_until_gone(pg: &tokio_postgres::Client, needle: &str, within: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + within;

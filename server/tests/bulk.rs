@@ -1229,8 +1229,10 @@ async fn a_deadlock_in_a_load_is_aborted_not_a_bad_row() {
     let ctx = Ctx::new(Engine::Postgres, "").await;
     ctx.table("weir_bulk_deadlock", 0).await;
     let other = pg_direct().await;
+    // The other session looks for deadlocks only after 10 s, so the load,
+    // checking after PostgreSQL's default 1 s, is the one to find it.
     other
-        .batch_execute("BEGIN; INSERT INTO weir_bulk_deadlock VALUES (2, 'theirs', 2)")
+        .batch_execute("SET deadlock_timeout = '10s'; BEGIN; INSERT INTO weir_bulk_deadlock VALUES (2, 'theirs', 2)")
         .await
         .expect("the other transaction");
     let client = ctx.client.clone();
@@ -1250,8 +1252,8 @@ async fn a_deadlock_in_a_load_is_aborted_not_a_bad_row() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Now the other one wants row 1: a deadlock, which the load, waiting
-    // longer, is first to find, and gives way.
+    // Now the other one wants row 1: a deadlock, which the load is first to
+    // find, and gives way.
     other
         .execute("INSERT INTO weir_bulk_deadlock VALUES (1, 'theirs', 1)", &[])
         .await

@@ -568,7 +568,13 @@ async fn transactions_commit_roll_back_and_expire() {
     assert_eq!(int(&rows.rows[0].values[0]), 0);
     let pg = pg_direct().await;
     let idle_in_tx: i64 = pg
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weir' AND state LIKE 'idle in transaction%'", &[])
+        // This test's sessions only (their last statement names weir_tx):
+        // tests running beside it hold transactions of their own.
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weir' \
+             AND state LIKE 'idle in transaction%' AND query ~ 'weir_tx\\M'",
+            &[],
+        )
         .await
         .expect("activity")
         .get(0);

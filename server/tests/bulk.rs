@@ -599,8 +599,9 @@ async fn a_load_past_its_deadline_changes_nothing(engine: Engine) {
     ctx.table("weir_bulk_deadline", 2).await;
     let before = ctx.contents("weir_bulk_deadline").await;
     let (tx, requests) = open_load("weir_bulk_deadline").await;
-    // The stream then stalls, open, past the call's deadline. The deadline
-    // goes as the header alone, so that the server (not the client) ends it.
+    // The stream then stalls, open, past the call's deadline. The server
+    // answers a little ahead of it, so its reason reaches the client before
+    // the client's own timer ends the call.
     let mut request = tonic::Request::new(requests);
     request
         .metadata_mut()

@@ -677,6 +677,19 @@ async fn sqlite_ddl_reports_no_rows_affected_and_infinite_decimals_are_named_and
         .expect_err("NaN would become NULL");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("NaN"), "{e:?}");
+    // A leap second stored as text cannot be a timestamp: refused, not moved.
+    for sql in [
+        "CREATE TABLE leap (t TIMESTAMP)",
+        "INSERT INTO leap VALUES ('2016-12-31 23:59:60')",
+    ] {
+        client.execute("db", sql, vec![]).await.expect(sql);
+    }
+    let e = client
+        .execute("db", "SELECT t FROM leap", vec![])
+        .await
+        .expect_err("a leap second");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("leap second"), "{e:?}");
     server.stop().await;
 }
 

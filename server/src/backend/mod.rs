@@ -53,14 +53,46 @@ pub async fn settle_cancels(within: std::time::Duration) {
 /// caller's next statement would find the transaction busy.
 const TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A transaction's session, once the statement before is done with it
-/// (`Busy` when it runs on past `TURN_WAIT`).
-pub async fn take_turn<T>(
-    session: &Arc<tokio::sync::Mutex<T>>,
-) -> Result<tokio::sync::OwnedMutexGuard<T>, BackendError> {
-    tokio::time::timeout(TURN_WAIT, session.clone().lock_owned())
-        .await
-        .map_err(|_| BackendError::Busy)
+/// A transaction's session, which its statements and its end take in turn.
+pub struct TxSession<T> {
+    session: Arc<tokio::sync::Mutex<T>>,
+    /// Commit or Rollback has begun; set and read under the session's lock.
+    ended: std::sync::atomic::AtomicBool,
+}
+
+impl<T> TxSession<T> {
+    pub fn new(session: T) -> Self {
+        Self {
+            session: Arc::new(tokio::sync::Mutex::new(session)),
+            ended: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The session, once the statement before is done with it (`Busy` when
+    /// it runs on past `TURN_WAIT`).
+    async fn turn(&self) -> Result<tokio::sync::OwnedMutexGuard<T>, BackendError> {
+        tokio::time::timeout(TURN_WAIT, self.session.clone().lock_owned())
+            .await
+            .map_err(|_| BackendError::Busy)
+    }
+
+    /// The session for a statement. One that waited behind Commit or
+    /// Rollback is refused: run on the session, it would run outside the
+    /// transaction.
+    pub async fn for_statement(&self) -> Result<tokio::sync::OwnedMutexGuard<T>, BackendError> {
+        let session = self.turn().await?;
+        if self.ended.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(BackendError::TransactionEnded);
+        }
+        Ok(session)
+    }
+
+    /// The session, to end the transaction on: later statements are refused.
+    pub async fn to_end(&self) -> Result<tokio::sync::OwnedMutexGuard<T>, BackendError> {
+        let session = self.turn().await?;
+        self.ended.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(session)
+    }
 }
 
 /// Takes a row's values one at a time, so that an engine can hand over text

@@ -32,7 +32,20 @@ pub enum Value {
     List(Vec<Value>),
 }
 
+/// Whole numbers up to 2^53 in magnitude are exact in a double.
+pub const EXACT_IN_DOUBLE: u64 = 1 << 53;
+
 impl Value {
+    /// The magnitude of an integer a double would round, past 2^53.
+    pub fn rounded_in_double(&self) -> Option<u64> {
+        let magnitude = match self {
+            Value::Int(i) => i.unsigned_abs(),
+            Value::UInt(u) => *u,
+            _ => return None,
+        };
+        (magnitude > EXACT_IN_DOUBLE).then_some(magnitude)
+    }
+
     /// Bytes it takes in memory, its heap part included.
     pub fn size(&self) -> usize {
         let heap = match self {

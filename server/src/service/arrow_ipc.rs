@@ -88,8 +88,6 @@ fn with_extension(field: Field, extension: Option<&'static str>) -> Field {
     }
 }
 
-/// Whole numbers up to 2^53 are exact in a float.
-const MAX_EXACT_FLOAT_INT: u64 = 1 << 53;
 const NANOS_PER_DAY: i64 = 86_400 * 1_000_000_000;
 
 /// Type ids of the dense union that holds values typed value by value
@@ -173,7 +171,7 @@ fn decided_type(values: &[Value]) -> DataType {
     }
     let exact_numbers = values.iter().all(|v| match v {
         Value::Null | Value::Float(_) => true,
-        Value::Int(i) => i.unsigned_abs() <= MAX_EXACT_FLOAT_INT,
+        Value::Int(i) => i.unsigned_abs() <= crate::backend::EXACT_IN_DOUBLE,
         _ => false,
     });
     if exact_numbers {
@@ -371,7 +369,7 @@ impl Builder {
             // Exact as text: a decimal column of an engine that stores whole numbers as integers.
             Builder::Text(b) => b.append_value(itoa::Buffer::new().format(v)),
             // Whole numbers a float holds exactly (a value-typed column whose first batch mixed both).
-            Builder::Float(b) if v.unsigned_abs() <= MAX_EXACT_FLOAT_INT => b.append_value(v as f64),
+            Builder::Float(b) if v.unsigned_abs() <= crate::backend::EXACT_IN_DOUBLE => b.append_value(v as f64),
             Builder::Undecided(values) => values.push(Value::Int(v)),
             Builder::Dynamic(d) => {
                 d.type_ids.push(DYN_INT);

@@ -8,7 +8,7 @@ use weir_proto::v1 as pb;
 use weir_proto::v1::value::Kind;
 
 use super::bad;
-use crate::backend::{self as domain, ColumnType, Isolation, LoadMode, Value};
+use crate::backend::{self as domain, ColumnType, Isolation, LoadMode, Value, EXACT_IN_DOUBLE};
 use crate::error::Error;
 
 const NANOS_PER_SECOND: u32 = 1_000_000_000;
@@ -102,8 +102,6 @@ fn value_from_proto(v: pb::Value, depth: usize) -> Result<Value, String> {
 }
 
 /// The largest integer a double holds exactly, and every one below it.
-const EXACT_IN_DOUBLE: u64 = 1 << 53;
-
 fn inexact(v: impl std::fmt::Display) -> String {
     format!("{v} cannot be stored exactly in a float column; send it as a double if rounding is meant")
 }

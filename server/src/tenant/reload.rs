@@ -29,50 +29,30 @@ pub struct Registry {
     tls: Option<Arc<TlsReloader>>,
 }
 
+/// `(name, whether it differs)` for each named field of `$was` and `$now`.
+macro_rules! differing {
+    ($was:expr, $now:expr, $prefix:literal: $($field:ident),+) => {
+        [$((concat!($prefix, stringify!($field)), $was.$field != $now.$field)),+]
+    };
+}
+
 /// Settings that `config` changes from `started` but that take effect only
-/// after a restart.
+/// after a restart: every `[server]` setting but the TLS files, and the
+/// sections read at start.
 fn needs_restart(started: &Config, config: &Config) -> Vec<&'static str> {
     let (was, now) = (&started.server, &config.server);
-    [
-        ("server.listen", was.listen != now.listen),
-        ("server.tls (on or off)", was.tls.is_some() != now.tls.is_some()),
-        (
-            "server.max_request_bytes",
-            was.max_request_bytes != now.max_request_bytes,
-        ),
-        (
-            "server.max_concurrent_requests",
-            was.max_concurrent_requests != now.max_concurrent_requests,
-        ),
-        ("server.max_queue_wait", was.max_queue_wait != now.max_queue_wait),
-        ("server.compression", was.compression != now.compression),
-        (
-            "server.health_check_interval",
-            was.health_check_interval != now.health_check_interval,
-        ),
-        ("server.reload_interval", was.reload_interval != now.reload_interval),
-        ("server.shutdown_grace", was.shutdown_grace != now.shutdown_grace),
-        (
-            "server.stream_idle_timeout",
-            was.stream_idle_timeout != now.stream_idle_timeout,
-        ),
-        ("server.keepalive_time", was.keepalive_time != now.keepalive_time),
-        (
-            "server.keepalive_interval",
-            was.keepalive_interval != now.keepalive_interval,
-        ),
-        (
-            "server.keepalive_retries",
-            was.keepalive_retries != now.keepalive_retries,
-        ),
-        ("metrics", started.metrics != config.metrics),
-        ("telemetry", started.telemetry != config.telemetry),
-        ("bulk", started.bulk != config.bulk),
-        ("changes", started.changes != config.changes),
-    ]
-    .into_iter()
-    .filter_map(|(name, changed)| changed.then_some(name))
-    .collect()
+    let server = differing!(was, now, "server.":
+        listen, max_request_bytes, max_concurrent_requests, max_queue_wait, compression,
+        health_check_interval, reload_interval, shutdown_grace, stream_idle_timeout,
+        keepalive_time, keepalive_interval, keepalive_retries);
+    let sections = differing!(started, config, "": metrics, telemetry, bulk, changes);
+    let tls = ("server.tls (on or off)", was.tls.is_some() != now.tls.is_some());
+    server
+        .into_iter()
+        .chain([tls])
+        .chain(sections)
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
 }
 
 impl Registry {

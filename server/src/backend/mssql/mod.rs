@@ -15,7 +15,6 @@ mod schema;
 pub mod types;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -23,7 +22,7 @@ use bb8::PooledConnection;
 use futures::{FutureExt, TryStreamExt};
 use tiberius::{AuthMethod, Client, ColumnData, EncryptionLevel, Query, QueryItem};
 use tokio::net::TcpStream;
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::OwnedMutexGuard;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
 use crate::backend::channel::{self, Worker};
@@ -470,8 +469,7 @@ impl SqlSource for MssqlSource {
         conn.batch(begin_batch(options.isolation)).await?;
         let (commit, rollback) = end_batches(options.isolation);
         Ok(Box::new(MssqlTransaction {
-            conn: Arc::new(Mutex::new(Some(conn))),
-            ended: std::sync::atomic::AtomicBool::new(false),
+            conn: super::TxSession::new(Some(conn)),
             commit,
             rollback,
         }))
@@ -532,25 +530,17 @@ impl SqlSource for MssqlSource {
 }
 
 struct MssqlTransaction {
-    conn: Arc<Mutex<Option<Conn>>>,
-    /// Commit or Rollback has begun; set and read under the connection's lock.
-    ended: std::sync::atomic::AtomicBool,
+    conn: super::TxSession<Option<Conn>>,
     commit: String,
     rollback: String,
 }
 
 impl MssqlTransaction {
-    async fn lock(&self) -> Result<OwnedMutexGuard<Option<Conn>>, BackendError> {
-        super::take_turn(&self.conn).await
-    }
-
     /// Ends the transaction; the connection goes back to the pool only when
     /// that succeeded, and is closed otherwise. `closed` is the outcome when
     /// a cancelled statement already closed the connection.
     async fn end(&self, sql: &str, closed: fn() -> Result<(), BackendError>) -> Result<(), BackendError> {
-        let mut guard = self.lock().await?;
-        self.ended.store(true, std::sync::atomic::Ordering::Relaxed);
-        let Some(mut conn) = guard.take() else {
+        let Some(mut conn) = self.conn.to_end().await?.take() else {
             return closed();
         };
         conn.batch(sql).await?;
@@ -562,12 +552,7 @@ impl MssqlTransaction {
 #[async_trait]
 impl SqlTransaction for MssqlTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        let guard = self.lock().await?;
-        // Queued behind Commit or Rollback, which took the connection.
-        if self.ended.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(BackendError::TransactionEnded);
-        }
-        start(Hold::Transaction(guard), statement).await
+        start(Hold::Transaction(self.conn.for_statement().await?), statement).await
     }
 
     async fn commit(&self) -> Result<(), BackendError> {

@@ -9,13 +9,12 @@ mod schema;
 pub mod types;
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, SslOpts};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::OwnedMutexGuard;
 
 use crate::backend::breaker::{Breaker, CircuitState};
 use crate::backend::channel::{self, Worker};
@@ -127,8 +126,6 @@ impl Hold {
 struct TxConn {
     conn: Conn,
     rolled_back: Option<&'static str>,
-    /// Committed or rolled back through the handle.
-    ended: bool,
 }
 
 /// Whether `error` ended the transaction on `conn`: a deadlock always does,
@@ -332,11 +329,10 @@ impl SqlSource for MysqlSource {
         };
         conn.query_drop(start).await.map_err(map_error)?;
         Ok(Box::new(MysqlTransaction {
-            conn: Arc::new(Mutex::new(TxConn {
+            conn: super::TxSession::new(TxConn {
                 conn,
                 rolled_back: None,
-                ended: false,
-            })),
+            }),
             source: self.opts.clone(),
         }))
     }
@@ -410,23 +406,14 @@ fn flavour(version: &str) -> String {
 }
 
 struct MysqlTransaction {
-    conn: Arc<Mutex<TxConn>>,
+    conn: super::TxSession<TxConn>,
     source: Opts,
-}
-
-impl MysqlTransaction {
-    async fn lock(&self) -> Result<OwnedMutexGuard<TxConn>, BackendError> {
-        super::take_turn(&self.conn).await
-    }
 }
 
 #[async_trait]
 impl SqlTransaction for MysqlTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        let tx = self.lock().await?;
-        if tx.ended {
-            return Err(BackendError::TransactionEnded);
-        }
+        let tx = self.conn.for_statement().await?;
         if let Some(cause) = tx.rolled_back {
             return Err(BackendError::TransactionRolledBack(cause));
         }
@@ -434,8 +421,7 @@ impl SqlTransaction for MysqlTransaction {
     }
 
     async fn commit(&self) -> Result<(), BackendError> {
-        let mut tx = self.lock().await?;
-        tx.ended = true;
+        let mut tx = self.conn.to_end().await?;
         if let Some(cause) = tx.rolled_back {
             return Err(BackendError::TransactionRolledBack(cause));
         }
@@ -443,8 +429,7 @@ impl SqlTransaction for MysqlTransaction {
     }
 
     async fn rollback(&self) -> Result<(), BackendError> {
-        let mut tx = self.lock().await?;
-        tx.ended = true;
+        let mut tx = self.conn.to_end().await?;
         tx.conn.query_drop("ROLLBACK").await.map_err(map_error)
     }
 }

@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -26,7 +25,7 @@ use async_trait::async_trait;
 use bb8::PooledConnection;
 use futures::Stream;
 use tokio::net::TcpStream;
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::OwnedMutexGuard;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::types::Type;
@@ -727,10 +726,7 @@ impl SqlSource for PostgresSource {
         } else {
             conn.client.batch_execute(&sql).await.map_err(map_error)?;
         }
-        Ok(Box::new(PgTransaction {
-            conn: Arc::new(Mutex::new(conn)),
-            ended: AtomicBool::new(false),
-        }))
+        Ok(Box::new(PgTransaction::new(conn)))
     }
 
     async fn connection_info(&self) -> Result<ConnectionInfo, BackendError> {
@@ -798,37 +794,17 @@ impl SqlSource for PostgresSource {
     }
 }
 
-struct PgTransaction {
-    conn: Arc<Mutex<PooledConnection<'static, PgManager>>>,
-    /// Commit or Rollback has begun; set and read under the connection's lock.
-    ended: AtomicBool,
-}
-
-impl PgTransaction {
-    async fn lock(&self) -> Result<OwnedMutexGuard<PooledConnection<'static, PgManager>>, BackendError> {
-        super::take_turn(&self.conn).await
-    }
-
-    /// The connection, to end the transaction on: later statements are refused.
-    async fn lock_to_end(&self) -> Result<OwnedMutexGuard<PooledConnection<'static, PgManager>>, BackendError> {
-        let conn = self.lock().await?;
-        self.ended.store(true, Ordering::Relaxed);
-        Ok(conn)
-    }
-}
+type PgTransaction = super::TxSession<PooledConnection<'static, PgManager>>;
 
 #[async_trait]
 impl SqlTransaction for PgTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        let lease = self.lock().await?;
-        if self.ended.load(Ordering::Relaxed) {
-            return Err(BackendError::TransactionEnded);
-        }
+        let lease = self.for_statement().await?;
         run(Lease::Transaction(lease), statement, SessionReset::Always).await
     }
 
     async fn commit(&self) -> Result<(), BackendError> {
-        let mut conn = self.lock_to_end().await?;
+        let mut conn = self.to_end().await?;
         // A session already closed cannot have committed; past this point a
         // lost session leaves the outcome unknown.
         if conn.client.is_closed() {
@@ -861,7 +837,7 @@ impl SqlTransaction for PgTransaction {
     }
 
     async fn rollback(&self) -> Result<(), BackendError> {
-        let mut conn = self.lock_to_end().await?;
+        let mut conn = self.to_end().await?;
         conn.client.batch_execute("ROLLBACK").await.map_err(map_error)?;
         conn.in_transaction = false;
         Ok(())

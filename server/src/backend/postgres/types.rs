@@ -82,21 +82,13 @@ pub fn typmod_details(ty: &Type, typmod: i32) -> (Option<i32>, Option<i32>, Opti
 /// Refuses an integer parameter that a floating-point parameter type would
 /// round (past 2^53), as loads refuse it for float columns.
 pub fn check_param_type(index: usize, ty: &Type, value: &Value) -> Result<(), BackendError> {
-    if !matches!(*ty, Type::FLOAT4 | Type::FLOAT8) {
-        return Ok(());
-    }
-    let magnitude = match value {
-        Value::Int(i) => i.unsigned_abs(),
-        Value::UInt(u) => *u,
-        _ => return Ok(()),
-    };
-    if magnitude > 1 << 53 {
-        return Err(BackendError::Parameter {
+    match value.rounded_in_double() {
+        Some(magnitude) if matches!(*ty, Type::FLOAT4 | Type::FLOAT8) => Err(BackendError::Parameter {
             index: index + 1,
             message: format!("{magnitude} cannot be stored exactly in {ty}; send it as a decimal or a double"),
-        });
+        }),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Writes `d` as PostgreSQL reads it: years before 1 as `YYYY-MM-DD` with

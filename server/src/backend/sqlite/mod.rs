@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use chrono::{NaiveDate, NaiveDateTime};
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OpenFlags};
-use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::channel::{self, Worker};
 use crate::backend::sql_text;
@@ -221,8 +221,7 @@ impl SqlSource for SqliteSource {
         .await
         .map_err(|e| BackendError::Internal(e.to_string()))??;
         Ok(Box::new(SqliteTransaction {
-            lease: Arc::new(Mutex::new(lease)),
-            ended: std::sync::atomic::AtomicBool::new(false),
+            lease: super::TxSession::new(lease),
             restore_writes: read_only && !self.pool.read_only,
         }))
     }
@@ -278,9 +277,7 @@ impl SqlSource for SqliteSource {
 }
 
 struct SqliteTransaction {
-    lease: Arc<Mutex<Lease>>,
-    /// Commit or Rollback has begun; set and read under the lease's lock.
-    ended: std::sync::atomic::AtomicBool,
+    lease: super::TxSession<Lease>,
     /// A read-only transaction on a writable source switched query_only on.
     restore_writes: bool,
 }
@@ -291,8 +288,7 @@ const ROLLED_BACK_BY_SQLITE: &str = "an interrupted or failed write";
 
 impl SqliteTransaction {
     async fn end(&self, commit: bool) -> Result<(), BackendError> {
-        let guard = super::take_turn(&self.lease).await?;
-        self.ended.store(true, std::sync::atomic::Ordering::Relaxed);
+        let guard = self.lease.to_end().await?;
         let restore = self.restore_writes;
         tokio::task::spawn_blocking(move || {
             let conn = guard.conn()?;
@@ -317,11 +313,7 @@ impl SqliteTransaction {
 #[async_trait]
 impl SqlTransaction for SqliteTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        let guard = super::take_turn(&self.lease).await?;
-        // Queued behind Commit or Rollback: the session is in autocommit now.
-        if self.ended.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(BackendError::TransactionEnded);
-        }
+        let guard = self.lease.for_statement().await?;
         if guard.conn()?.is_autocommit() {
             return Err(BackendError::TransactionRolledBack(ROLLED_BACK_BY_SQLITE));
         }

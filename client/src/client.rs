@@ -105,7 +105,7 @@ impl Interceptor for ApiKeyInterceptor {
 
 /// TLS to the server: the CA that signed its certificate, and optionally a
 /// client certificate for mutual TLS.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct TlsOptions {
     /// PEM CA certificate(s) the server's certificate is verified against;
     /// empty for the public web authorities (webpki-roots).
@@ -114,6 +114,20 @@ pub struct TlsOptions {
     pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
     /// The name the server's certificate must carry, when it is not the address's host.
     pub domain: Option<String>,
+}
+
+/// Without the client's private key, which a log line must never carry.
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("ca_pem", &format_args!("{} bytes", self.ca_pem.len()))
+            .field(
+                "identity_pem",
+                &self.identity_pem.as_ref().map(|_| "<client certificate and key>"),
+            )
+            .field("domain", &self.domain)
+            .finish()
+    }
 }
 
 /// A connected, authenticated client. Cloning is cheap and clones share the
@@ -958,6 +972,13 @@ mod tests {
             WeirClient::connect_with("127.0.0.1:1", Some("key"), Some(no_ca)).await,
             Err(ClientError::Tls(_))
         ));
+        // The client's private key never shows in a log line.
+        let identity = TlsOptions {
+            identity_pem: Some((b"CERT".to_vec(), b"-----BEGIN PRIVATE KEY----- secret".to_vec())),
+            ..Default::default()
+        };
+        let shown = format!("{identity:?}");
+        assert!(!shown.contains("secret") && !shown.contains("PRIVATE"), "{shown}");
     }
 
     #[tokio::test]

@@ -54,11 +54,15 @@ class Weir:
     ):
         # With grpc.Compression.Gzip, requests go compressed; answers are
         # compressed where the server sets server.compression = "gzip".
-        # https:// is TLS (the system's authorities, or WEIR_CA_CERT's): never
-        # send the key in plaintext to an address that asked for TLS.
-        if addr.startswith("https://"):
+        # https://, or a CA certificate in WEIR_CA_CERT, is TLS (the system's
+        # authorities, or WEIR_CA_CERT's): never send the key in plaintext to
+        # an address that asked for TLS, nor when TLS settings were given.
+        ca_path = os.environ.get("WEIR_CA_CERT")
+        if addr.startswith("http://") and ca_path:
+            raise ValueError("WEIR_CA_CERT is set but the address is http://: use https:// or host:port")
+        if addr.startswith("https://") or ca_path:
             ca = None
-            if ca_path := os.environ.get("WEIR_CA_CERT"):
+            if ca_path:
                 with open(ca_path, "rb") as f:
                     ca = f.read()
             credentials = grpc.ssl_channel_credentials(root_certificates=ca)
@@ -186,17 +190,45 @@ def retry_delay(err: grpc.RpcError) -> datetime.timedelta | None:
     return delay
 
 
-def with_retries(call: Callable[[], T], attempts: int = 5) -> T:
-    """Runs call(), waiting as RetryInfo says after RESOURCE_EXHAUSTED or UNAVAILABLE."""
+# Reasons that mean the call was refused before anything reached the
+# database: retrying them cannot run a statement twice.
+REFUSED_BEFORE_RUNNING = frozenset(
+    {
+        "RATE_LIMITED",
+        "CONCURRENCY_LIMITED",
+        "GATEWAY_SATURATED",
+        "POOL_EXHAUSTED",
+        "SOURCE_CIRCUIT_OPEN",
+        "GLOBAL_LIMITS_UNAVAILABLE",
+        "STREAM_CONCURRENCY_LIMITED",
+        "TRANSACTION_LIMIT",
+        "LOAD_CONCURRENCY_LIMITED",
+        "CONSUMER_CONCURRENCY_LIMITED",
+        "SUBSCRIPTION_CONCURRENCY_LIMITED",
+    }
+)
+
+
+def with_retries(call: Callable[[], T], attempts: int = 5, idempotent: bool = False) -> T:
+    """Runs call(), waiting as RetryInfo says before trying again.
+
+    Only refusals that ran nothing are retried, unless the call is
+    idempotent: an UNAVAILABLE from a connection lost mid-statement
+    (SOURCE_UNAVAILABLE, ENGINE_UNAVAILABLE, SHUTTING_DOWN) may come after the
+    statement ran, and running an INSERT again would insert twice.
+    """
     for attempt in range(1, attempts + 1):
         try:
             return call()
         except grpc.RpcError as err:
             delay = retry_delay(err)
-            retryable = err.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+            reason = error_details(err)["reason"]
+            retryable = reason in REFUSED_BEFORE_RUNNING or (
+                idempotent and err.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+            )
             if not retryable or delay is None or attempt == attempts:
                 raise
-            print(f"  {err.code().name} ({error_details(err)['reason']}): retrying in {delay.total_seconds():.3f}s")
+            print(f"  {err.code().name} ({reason}): retrying in {delay.total_seconds():.3f}s")
             time.sleep(delay.total_seconds())
     raise AssertionError("unreachable")
 

@@ -911,6 +911,22 @@ impl SourceConfig {
                 "PostgreSQL offers no TLS over a Unix socket: name a TCP host, or leave tls off",
             ));
         }
+        // A read-only SQLite source is never written, so it cannot be seeded
+        // or start empty.
+        if self.engine == EngineKind::Sqlite && self.read_only {
+            if self.demo_data {
+                return Err(invalid(
+                    format!("{key}.demo_data"),
+                    "a read_only source cannot be seeded",
+                ));
+            }
+            if self.path.as_deref() == Some(":memory:") {
+                return Err(invalid(
+                    format!("{key}.path"),
+                    "a read_only source needs a database file (\":memory:\" would stay empty)",
+                ));
+            }
+        }
         if self.trust_server_certificate && self.tls_ca_file.is_some() {
             return Err(invalid(
                 format!("{key}.tls_ca_file"),

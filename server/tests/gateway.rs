@@ -552,13 +552,13 @@ async fn statement_timeout_cancels_sqlite_work() {
 
 /// SQLite rolls a transaction back when a write in it is interrupted; the
 /// handle then refuses statements, which would have autocommitted, and Commit.
-#[tokio::test]
-async fn an_interrupted_sqlite_write_loses_its_transaction_loudly() {
-    let toml = tenant("t", "", &sqlite_demo("t", "db"));
-    let server = TestServer::start(&toml).await;
+/// A SQLite source with a table `name` and a transaction that wrote a row
+/// to it (so holds the write lock).
+async fn sqlite_transaction_holding(name: &str) -> (TestServer, weir_client::WeirClient, Vec<u8>) {
+    let server = TestServer::start(&tenant("t", "", &sqlite_demo("t", "db"))).await;
     let client = server.client("key-t").await;
     client
-        .execute("db", "CREATE TABLE lost (x INTEGER)", vec![])
+        .execute("db", &format!("CREATE TABLE {name} (x INTEGER)"), vec![])
         .await
         .expect("table");
     let tx = client
@@ -566,9 +566,15 @@ async fn an_interrupted_sqlite_write_loses_its_transaction_loudly() {
         .await
         .expect("begin");
     client
-        .execute_in(&tx, "db", "INSERT INTO lost VALUES (1)", vec![])
+        .execute_in(&tx, "db", &format!("INSERT INTO {name} VALUES (1)"), vec![])
         .await
-        .expect("insert");
+        .expect("the transaction takes the write lock");
+    (server, client, tx)
+}
+
+#[tokio::test]
+async fn an_interrupted_sqlite_write_loses_its_transaction_loudly() {
+    let (server, client, tx) = sqlite_transaction_holding("lost").await;
     let endless = "WITH RECURSIVE c(x) AS (SELECT 2 UNION ALL SELECT x + 1 FROM c) INSERT INTO lost SELECT x FROM c";
     let err = execute_within(&client, &tx, "db", endless, Duration::from_millis(300))
         .await
@@ -744,6 +750,117 @@ async fn sqlite_sources_cannot_reach_other_files() {
         .expect_err("vacuum into is refused");
     assert!(!other.exists(), "no file was written");
     server.stop().await;
+}
+
+#[tokio::test]
+async fn no_tenant_can_change_sqlite_for_the_whole_process() {
+    let server = TestServer::start(&two_tenants()).await;
+    let alpha = server.client("key-alpha").await;
+    let beta = server.client("key-beta").await;
+    // hard_heap_limit can only be lowered: one tenant would leave every
+    // SQLite statement of every tenant out of memory until a restart.
+    for sql in [
+        "PRAGMA hard_heap_limit = 1",
+        "PRAGMA main.soft_heap_limit = 1",
+        "PRAGMA temp_store_directory = '/tmp'",
+    ] {
+        let err = alpha.execute("shop", sql, vec![]).await.expect_err(sql);
+        assert_eq!(err.code(), Code::PermissionDenied, "{sql}: {err:?}");
+        assert_eq!(engine_code(&err), "23", "{sql}: SQLITE_AUTH");
+    }
+    // Reading them, and per-connection pragmas, are allowed.
+    alpha
+        .execute("shop", "PRAGMA hard_heap_limit", vec![])
+        .await
+        .expect("read");
+    alpha
+        .execute("shop", "PRAGMA cache_size = 100", vec![])
+        .await
+        .expect("per connection");
+    let counted = beta
+        .execute("crm", "SELECT count(*) FROM customers", vec![])
+        .await
+        .expect("the other tenant is served");
+    assert_eq!(int(&counted.rows[0].values[0]), 500);
+    // One value cannot take the process's memory.
+    let err = alpha
+        .execute("shop", "SELECT zeroblob(200000000)", vec![])
+        .await
+        .expect_err("too big");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(engine_code(&err), "18", "SQLITE_TOOBIG");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_abandoned_sqlite_write_waiting_for_the_lock_never_commits() {
+    let (server, client, tx) = sqlite_transaction_holding("waits").await;
+    // Waits for the lock, and its caller leaves before it comes.
+    let err = execute_within(
+        &client,
+        &[],
+        "db",
+        "INSERT INTO waits VALUES (42)",
+        Duration::from_millis(300),
+    )
+    .await
+    .expect_err("the lock is held past the deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.rollback(&tx).await.expect("rollback frees the lock");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = client
+        .execute("db", "SELECT count(*) FROM waits WHERE x = 42", vec![])
+        .await
+        .expect("count");
+    assert_eq!(int(&left.rows[0].values[0]), 0, "the abandoned write did not commit");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_read_only_sqlite_source_writes_nothing_to_its_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("kept.db");
+    {
+        let conn = rusqlite::Connection::open(&file).expect("create");
+        conn.execute_batch("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (7);")
+            .expect("fill");
+    }
+    let source = |path: &std::path::Path| {
+        format!(
+            "[tenants.r.sources.ro]\nengine = \"sqlite\"\npath = \"{}\"\nread_only = true\n",
+            path.display()
+        )
+    };
+    let server = TestServer::start(&tenant("r", "", &source(&file))).await;
+    let client = server.client("key-r").await;
+    let seven = client.execute("ro", "SELECT x FROM t", vec![]).await.expect("read");
+    assert_eq!(int(&seven.rows[0].values[0]), 7);
+    server.stop().await;
+    let mode: String = rusqlite::Connection::open(&file)
+        .expect("open")
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .expect("journal mode");
+    assert_eq!(mode, "delete", "the journal mode was not changed");
+    // A missing file is an error, not a new empty database.
+    let missing = dir.path().join("typo.db");
+    let config = weir_server::Config::from_toml(&tenant("r", "", &source(&missing))).expect("config");
+    let refused = weir_server::backend::connect("ro", &config.tenants["r"].sources["ro"]);
+    assert!(refused.is_err(), "a missing read-only file is refused");
+    assert!(!missing.exists(), "and not created");
+    for (extra, key) in [("demo_data = true\n", "demo_data"), ("", "path")] {
+        let toml = if key == "path" {
+            tenant(
+                "r",
+                "",
+                "[tenants.r.sources.ro]\nengine = \"sqlite\"\npath = \":memory:\"\nread_only = true\n",
+            )
+        } else {
+            tenant("r", "", &format!("{}{extra}", source(&file)))
+        };
+        let err = weir_server::Config::from_toml(&toml).expect_err(key).to_string();
+        assert!(err.contains(&format!("sources.ro.{key}")), "{err}");
+    }
 }
 
 #[tokio::test]

@@ -393,6 +393,21 @@ async fn limits_and_wrong_kinds_of_source_are_refused() {
         .await
         .expect_err("bad group name");
     assert_eq!(err.code(), Code::InvalidArgument);
+    // Each topic costs the broker a lookup: a bounded list, each named once.
+    for (topics, says) in [
+        (vec![topic.clone(); 2], "named twice"),
+        (vec![topic.clone(); 101], "at most 100"),
+    ] {
+        let err = stream
+            .consume(pb::ConsumeRequest {
+                topics,
+                ..consume_request(&topic, "many", 1, false)
+            })
+            .await
+            .expect_err(says);
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(says), "{}", err.message());
+    }
     server.stop().await;
 }
 

@@ -413,6 +413,61 @@ async fn a_transaction_sql_server_ended_takes_no_more_statements() {
 }
 
 #[tokio::test]
+async fn mock_a_failed_statement_leaves_no_transaction_open_on_the_pool() {
+    let mock = Mock::start().await;
+    mock.answer("SELECT 1", int_column("one", 1)).await;
+    // SQL Server reports a batch's first error only: `BEGIN TRAN; INSERT`
+    // whose INSERT failed says nothing of the transaction it left open.
+    let fk = QueryResponse::error_only(TerminalError::new(547, 16, "FOREIGN KEY conflict".to_string()));
+    mock.answer("BEGIN TRAN; INSERT INTO WEIR_FK", fk.clone()).await;
+    mock.answer("INSERT INTO WEIR_FK; BEGIN TRAN", fk).await;
+    mock.answer("SELECT @@TRANCOUNT", int_column("n", 0)).await;
+    let server = TestServer::start(&mock.config("", "", "")).await;
+    let client = server.client("key-mock").await;
+    client
+        .execute("db", "SELECT 1", vec![])
+        .await
+        .expect("a first connection");
+    let before = mock.connections().await;
+    let err = client
+        .execute("db", "BEGIN TRAN; INSERT INTO WEIR_FK", vec![])
+        .await
+        .expect_err("fk");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    client.execute("db", "SELECT 1", vec![]).await.expect("served");
+    assert_eq!(
+        mock.connections().await,
+        before,
+        "no transaction left: the connection is kept"
+    );
+    mock.answer("SELECT @@TRANCOUNT", int_column("n", 1)).await;
+    client
+        .execute("db", "BEGIN TRAN; INSERT INTO WEIR_FK", vec![])
+        .await
+        .expect_err("fk");
+    client.execute("db", "SELECT 1", vec![]).await.expect("served");
+    assert_eq!(
+        mock.connections().await,
+        before + 1,
+        "the connection left inside a transaction was closed, not pooled"
+    );
+    // In a transaction, a statement that nested another one fails the handle:
+    // its COMMIT would leave the work uncommitted.
+    mock.answer("SELECT @@TRANCOUNT", int_column("n", 2)).await;
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let err = client
+        .execute_in(&tx, "db", "INSERT INTO WEIR_FK; BEGIN TRAN", vec![])
+        .await
+        .expect_err("fk");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_transaction_lost(&client, &tx, "db", "SELECT 1").await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn mock_transactions_and_read_only_sources() {
     let mock = Mock::start().await;
     mock.answer("SELECT 1", int_column("one", 1)).await;

@@ -944,19 +944,22 @@ async fn a_callers_session_state_does_not_reach_the_next_caller() {
     );
     let server = TestServer::start(&toml).await;
     let client = server.client("key-ro2").await;
-    client
-        .execute(
-            "pg",
-            "SELECT set_config('default_transaction_read_only', 'off', false)",
-            vec![],
-        )
-        .await
-        .expect("a caller may change its session");
-    let err = client
-        .execute("pg", "INSERT INTO weir_session VALUES (0)", vec![])
-        .await
-        .expect_err("still read-only");
-    assert_eq!(engine_code(&err), "25006");
+    // Also when the call hides behind a comment that PostgreSQL ends at a
+    // carriage return (and a lexer reading to the newline would not).
+    for sneaky in [
+        "SELECT set_config('default_transaction_read_only', 'off', false)",
+        "SELECT 1 --\r, set_config('default_transaction_read_only', 'off', false)",
+    ] {
+        client
+            .execute("pg", sneaky, vec![])
+            .await
+            .expect("a caller may change its session");
+        let err = client
+            .execute("pg", "INSERT INTO weir_session VALUES (0)", vec![])
+            .await
+            .expect_err("still read-only");
+        assert_eq!(engine_code(&err), "25006", "after {sneaky:?}");
+    }
     let tx = client
         .begin("pg", IsolationLevel::Unspecified, false)
         .await

@@ -47,7 +47,7 @@ struct Cli {
     /// Private key (PEM) of --client-cert.
     #[arg(long, env = "WEIR_CLIENT_KEY", global = true, requires = "client_cert")]
     client_key: Option<PathBuf>,
-    /// Name the server's certificate must carry, when it is not the address's host.
+    /// Name the server's certificate must carry, when it is not the address's host (implies TLS).
     #[arg(long, global = true)]
     tls_domain: Option<String>,
     /// Output format.
@@ -286,19 +286,24 @@ fn read_file(path: &Path) -> Result<Vec<u8>, Failure> {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let tls = match &cli.ca_cert {
-        Some(ca) => Some(TlsOptions {
-            ca_pem: read_file(ca)?,
+    // Any TLS option means TLS: never send the key in plaintext because
+    // one of them was given without another. Without --ca-cert the server
+    // is checked against the public web authorities.
+    let wants_tls = cli.ca_cert.is_some() || cli.client_cert.is_some() || cli.tls_domain.is_some();
+    let tls = if wants_tls {
+        Some(TlsOptions {
+            ca_pem: match &cli.ca_cert {
+                Some(ca) => read_file(ca)?,
+                None => Vec::new(),
+            },
             identity_pem: match (&cli.client_cert, &cli.client_key) {
                 (Some(cert), Some(key)) => Some((read_file(cert)?, read_file(key)?)),
                 _ => None,
             },
             domain: cli.tls_domain.clone(),
-        }),
-        None if cli.client_cert.is_some() => {
-            return Err(Failure::Input("--client-cert needs --ca-cert (mutual TLS)".into()));
-        }
-        None => None,
+        })
+    } else {
+        None
     };
     // With a client certificate the demo key default is not sent; an explicit key still is.
     let key = match &cli.key_file {

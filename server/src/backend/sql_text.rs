@@ -2,15 +2,56 @@
 //! words, after spaces and comments. Only for decisions where reading a
 //! word wrong refuses or resets too much, never too little.
 
-/// The first `n` words of `sql`, lowercased, after spaces and `--`, `#`
-/// and `/* */` comments (MySQL's `/*! ... */` is read as code); fewer when
-/// a non-word character (`;`, `(`) or the end comes first. `@` may start
-/// a word (a T-SQL variable).
-pub fn leading_words(sql: &str, n: usize) -> Vec<String> {
+/// How an engine may read comments. Engines differ, and a word one reading
+/// takes for a comment another runs as code, so callers look at every
+/// reading: PostgreSQL nests block comments and ends `--` at `\r` too;
+/// MySQL and SQLite do neither; MySQL and MariaDB run `/*! ... */` and
+/// `/*M! ... */` as code (depending on a version number we cannot know).
+#[derive(Clone, Copy)]
+struct Reading {
+    nested: bool,
+    versioned_code: bool,
+    cr_ends_line: bool,
+}
+
+const READINGS: [Reading; 8] = {
+    let mut all = [Reading {
+        nested: false,
+        versioned_code: false,
+        cr_ends_line: false,
+    }; 8];
+    let mut i = 0;
+    while i < 8 {
+        all[i] = Reading {
+            nested: i & 1 != 0,
+            versioned_code: i & 2 != 0,
+            cr_ends_line: i & 4 != 0,
+        };
+        i += 1;
+    }
+    all
+};
+
+/// The first `n` words of `sql` under every way an engine may read its
+/// comments, lowercased, after spaces and `--`, `#` and `/* */` comments;
+/// fewer when a non-word character (`;`, `(`) or the end comes first. `@`
+/// may start a word (a T-SQL variable). Readings that agree are given once.
+pub fn leading_words(sql: &str, n: usize) -> Vec<Vec<String>> {
+    let mut readings: Vec<Vec<String>> = Vec::with_capacity(2);
+    for reading in READINGS {
+        let words = words_as(sql, n, reading);
+        if !readings.contains(&words) {
+            readings.push(words);
+        }
+    }
+    readings
+}
+
+fn words_as(sql: &str, n: usize, reading: Reading) -> Vec<String> {
     let mut words = Vec::with_capacity(n);
     let mut rest = sql;
     while words.len() < n {
-        rest = skip_space(rest);
+        rest = skip_space(rest, reading);
         let end = rest
             .char_indices()
             .find(|&(i, c)| !(c.is_alphanumeric() || c == '_' || (i == 0 && c == '@')))
@@ -24,27 +65,54 @@ pub fn leading_words(sql: &str, n: usize) -> Vec<String> {
     words
 }
 
-fn skip_space(mut rest: &str) -> &str {
+fn skip_space(mut rest: &str, reading: Reading) -> &str {
     loop {
         rest = rest.trim_start();
-        if let Some(code) = rest.strip_prefix("/*!") {
+        let versioned = rest.strip_prefix("/*!").or_else(|| rest.strip_prefix("/*M!"));
+        if let (Some(code), true) = (versioned, reading.versioned_code) {
             // MySQL runs what is inside, after an optional version number.
             rest = code.trim_start_matches(|c: char| c.is_ascii_digit());
         } else if let Some(comment) = rest.strip_prefix("--").or_else(|| rest.strip_prefix('#')) {
-            rest = comment.split_once('\n').map_or("", |(_, after)| after);
+            let line_end = |c: char| c == '\n' || (reading.cr_ends_line && c == '\r');
+            rest = comment.find(line_end).map_or("", |i| &comment[i + 1..]);
         } else if let Some(comment) = rest.strip_prefix("/*") {
-            rest = comment.split_once("*/").map_or("", |(_, after)| after);
+            rest = block_comment_end(comment, reading.nested);
         } else {
             return rest;
         }
     }
 }
 
+/// What follows the block comment whose opening `/*` came just before
+/// `rest`; empty when it is not closed.
+fn block_comment_end(mut rest: &str, nested: bool) -> &str {
+    let mut depth = 1usize;
+    while depth > 0 {
+        let close = rest.find("*/");
+        let open = if nested { rest.find("/*") } else { None };
+        match (open, close) {
+            (Some(o), Some(c)) if o < c => {
+                depth += 1;
+                rest = &rest[o + 2..];
+            }
+            (_, Some(c)) => {
+                depth -= 1;
+                rest = &rest[c + 2..];
+            }
+            (_, None) => return "",
+        }
+    }
+    rest
+}
+
 /// Whether `sql` starts, commits or rolls back a transaction (not a
 /// savepoint's), which inside a transaction handle would end the
 /// transaction behind the handle's back.
 pub fn controls_transaction(sql: &str) -> bool {
-    let words = leading_words(sql, 3);
+    leading_words(sql, 3).iter().any(|words| controls(words))
+}
+
+fn controls(words: &[String]) -> bool {
     let word = |i: usize| words.get(i).map_or("", String::as_str);
     match word(0) {
         "commit" | "abort" | "xa" => true,
@@ -87,11 +155,24 @@ mod tests {
     fn leading_words_skip_comments() {
         assert_eq!(
             leading_words("  /* a */ -- b\n PRAGMA foreign_keys = OFF", 2),
-            ["pragma", "foreign_keys"]
+            [["pragma", "foreign_keys"]]
         );
-        assert_eq!(leading_words("BEGIN;", 3), ["begin"]);
-        assert!(leading_words("/* unclosed", 1).is_empty());
-        assert_eq!(leading_words("ROLLBACK TRAN @sp", 3), ["rollback", "tran", "@sp"]);
+        assert_eq!(leading_words("BEGIN;", 3), [["begin"]]);
+        assert_eq!(leading_words("/* unclosed", 1), [Vec::<String>::new()]);
+        assert_eq!(leading_words("ROLLBACK TRAN @sp", 3), [["rollback", "tran", "@sp"]]);
+    }
+
+    #[test]
+    fn every_engines_reading_of_comments_is_seen() {
+        // PostgreSQL nests block comments, MySQL and SQLite do not.
+        let both = leading_words("/* /* */ PRAGMA x */ SELECT 1", 1);
+        assert!(both.contains(&vec!["pragma".to_string()]) && both.contains(&vec!["select".to_string()]));
+        // PostgreSQL ends `--` at a carriage return; SQLite only at a newline.
+        let both = leading_words("-- a\rPRAGMA x\nSELECT 1", 1);
+        assert!(both.contains(&vec!["pragma".to_string()]) && both.contains(&vec!["select".to_string()]));
+        // MySQL runs a versioned comment or skips it, by its version number.
+        let both = leading_words("/*!99999 PRAGMA */ SELECT 1", 1);
+        assert!(both.contains(&vec!["pragma".to_string()]) && both.contains(&vec!["select".to_string()]));
     }
 
     #[test]
@@ -117,6 +198,11 @@ mod tests {
             "/* hidden */ COMMIT",
             "# a MySQL comment\nCOMMIT",
             "/*!40101 COMMIT */",
+            "/*M!100101 COMMIT */",
+            "/*!99999 SELECT 1 */ COMMIT",
+            "/* /* */ */ COMMIT",
+            "/* /* */ COMMIT */",
+            "--x\rCOMMIT",
             "ROLLBACK WORK RELEASE",
             "ROLLBACK WORK NO RELEASE",
             "BEGIN NOT DEFERRABLE",

@@ -46,6 +46,27 @@ impl Value {
         (magnitude > EXACT_IN_DOUBLE).then_some(magnitude)
     }
 
+    /// The name of its kind, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Bool(_) => "bool",
+            Value::Int(_) => "int64",
+            Value::UInt(_) => "uint64",
+            Value::Float(_) => "double",
+            Value::Text(_) => "string",
+            Value::Bytes(_) => "bytes",
+            Value::Decimal(_) => "decimal",
+            Value::Date(_) => "date",
+            Value::Time(..) => "time",
+            Value::Timestamp(_) | Value::TimestampTz(_) => "timestamp",
+            Value::Interval { .. } => "interval",
+            Value::Uuid(_) => "uuid",
+            Value::Json(_) => "json",
+            Value::List(_) => "list",
+        }
+    }
+
     /// Bytes it takes in memory, its heap part included.
     pub fn size(&self) -> usize {
         let heap = match self {

@@ -227,7 +227,7 @@ type Misfit = String;
 fn misfit(value: &Value, builder: &Builder) -> Misfit {
     format!(
         "the value is of kind {}, which its {} column cannot hold",
-        super::convert::kind_name(value),
+        value.kind(),
         builder.kind()
     )
 }

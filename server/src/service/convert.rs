@@ -175,31 +175,10 @@ pub fn value_for_column(v: pb::Value, column: &domain::Column) -> Result<Value, 
     } else {
         Err(format!(
             "a {} value cannot go into a column of type {} ({:?})",
-            kind_name(&value),
+            value.kind(),
             column.native_type,
             column.column_type
         ))
-    }
-}
-
-/// The name of a value's kind, for messages.
-pub fn kind_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "bool",
-        Value::Int(_) => "int64",
-        Value::UInt(_) => "uint64",
-        Value::Float(_) => "double",
-        Value::Text(_) => "string",
-        Value::Bytes(_) => "bytes",
-        Value::Decimal(_) => "decimal",
-        Value::Date(_) => "date",
-        Value::Time(..) => "time",
-        Value::Timestamp(_) | Value::TimestampTz(_) => "timestamp",
-        Value::Interval { .. } => "interval",
-        Value::Uuid(_) => "uuid",
-        Value::Json(_) => "json",
-        Value::List(_) => "list",
     }
 }
 

@@ -22,6 +22,8 @@ use crate::tenant::Caller;
 const MAX_GROUP: usize = 200;
 /// Response batches buffered for a slow client before the consumer pauses.
 const CONSUME_BUFFER: usize = 2;
+/// Topics one Consume may name: each costs the broker a metadata lookup.
+const MAX_TOPICS: usize = 100;
 
 pub struct StreamApi {
     /// Becomes true when the shutdown grace period is over: consumers still running are cut.
@@ -260,8 +262,14 @@ impl StreamService for StreamApi {
         if r.topics.is_empty() {
             return Err(bad("topics", "name at least one topic").into());
         }
-        for t in &r.topics {
+        if r.topics.len() > MAX_TOPICS {
+            return Err(bad("topics", format!("name at most {MAX_TOPICS} topics")).into());
+        }
+        for (i, t) in r.topics.iter().enumerate() {
             check_topic(topics.as_ref(), t)?;
+            if r.topics[..i].contains(t) {
+                return Err(bad("topics", format!("topic \"{t}\" is named twice")).into());
+            }
         }
         super::record_object(&r.topics.join(","));
         let spec = ConsumeSpec {

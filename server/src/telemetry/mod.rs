@@ -133,11 +133,17 @@ fn provider(config: &TelemetryConfig) -> anyhow::Result<Option<SdkTracerProvider
     Ok(Some(provider))
 }
 
-/// Installs the global subscriber. h2, hyper and tower trace every frame:
-/// they stay quiet unless WEIR_LOG asks for them.
+/// The log filter unless WEIR_LOG sets one. h2, hyper and tower trace
+/// every frame. The database drivers log what tenants' statements say
+/// (tiberius every server error and PRINT, tokio-postgres every NOTICE,
+/// mysql_async its errors): duplicate keys, RAISE texts, row values. Weir
+/// logs the failures it answers with itself, so the drivers stay silent.
+pub const DEFAULT_LOG_FILTER: &str =
+    "info,h2=warn,hyper=warn,tower=warn,tonic=info,tiberius=off,tokio_postgres=off,mysql_async=off";
+
+/// Installs the global subscriber.
 pub fn init(format: LogFormat, config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=info"));
+    let filter = EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let (writer, flusher) = BatchWriter::start(std::io::stderr(), LOG_INTERVAL, LOG_BATCH, LOG_LIMIT)?;
     // Colours only on a terminal: a log collector would keep the escape codes.
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -165,4 +171,47 @@ pub fn init(format: LogFormat, config: &TelemetryConfig) -> anyhow::Result<Telem
         provider,
         _log_writer: flusher,
     })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    /// A log writer that keeps what it is given, for tests to read.
+    #[derive(Clone, Default)]
+    pub(crate) struct Lines(pub Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_drivers_do_not_log_what_tenants_statements_say() {
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(EnvFilter::new(DEFAULT_LOG_FILTER))
+            .with(tracing_subscriber::fmt::layer().with_writer(move || sink.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "tiberius::tds::stream::token", "Violation of PRIMARY KEY: (alice@example.com)");
+            tracing::info!(target: "tokio_postgres::connection", "NOTICE: card 4111-1111");
+            tracing::error!(target: "mysql_async::tracing_utils", "Duplicate entry 'bob'");
+            tracing::info!(target: "weir_server::service", "kept");
+        });
+        let logged = String::from_utf8(lines.0.lock().expect("lock").clone()).expect("utf-8");
+        assert!(logged.contains("kept"), "{logged}");
+        for secret in ["alice", "4111", "bob"] {
+            assert!(!logged.contains(secret), "{logged}");
+        }
+    }
 }

@@ -145,7 +145,8 @@ impl Visit for PlainVisitor<'_> {
         if field.name() == "message" {
             self.message(format_args!("{value:?}"));
         } else {
-            self.field(field, |w| write!(w, "{value:?}"));
+            let sanitize = self.writer.sanitizes_ansi_escapes();
+            self.field(field, |w| write!(Escaping { inner: w, sanitize }, "{value:?}"));
         }
     }
 }
@@ -175,17 +176,23 @@ struct Escaping<'a, W: fmt::Write> {
 
 impl<W: fmt::Write> fmt::Write for Escaping<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        let plain = |c: char| !matches!(c, '\x07' | '\x08' | '\x0c' | '\x1b' | '\x7f' | '\u{80}'..='\u{9f}');
-        if !self.sanitize || s.chars().all(plain) {
+        // Line breaks always: a value a tenant chose (an engine's error
+        // message) must not start a line that reads as another log line.
+        let sanitize = self.sanitize;
+        let plain = |c: char| {
+            !(matches!(c, '\n' | '\r')
+                || sanitize && matches!(c, '\x07' | '\x08' | '\x0c' | '\x1b' | '\x7f' | '\u{80}'..='\u{9f}'))
+        };
+        if s.chars().all(plain) {
             return self.inner.write_str(s);
         }
         for c in s.chars() {
-            if plain(c) {
-                self.inner.write_char(c)?;
-            } else if c.is_ascii() {
-                write!(self.inner, "\\x{:02x}", c as u32)?;
-            } else {
-                write!(self.inner, "\\u{{{:x}}}", c as u32)?;
+            match c {
+                c if plain(c) => self.inner.write_char(c)?,
+                '\n' => self.inner.write_str("\\n")?,
+                '\r' => self.inner.write_str("\\r")?,
+                c if c.is_ascii() => write!(self.inner, "\\x{:02x}", c as u32)?,
+                c => write!(self.inner, "\\u{{{:x}}}", c as u32)?,
             }
         }
         Ok(())
@@ -347,7 +354,7 @@ mod tests {
         let lines = |fields: bool| {
             let out = Arc::new(Mutex::new(Vec::<u8>::new()));
             let sink = out.clone();
-            let writer = move || Sink(sink.clone());
+            let writer = move || crate::telemetry::tests::Lines(sink.clone());
             let builder = tracing_subscriber::fmt()
                 .with_ansi(false)
                 .without_time()
@@ -361,18 +368,6 @@ mod tests {
             String::from_utf8(bytes).expect("utf-8")
         };
         (lines(true), lines(false))
-    }
-
-    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
     }
 
     #[test]
@@ -414,5 +409,16 @@ mod tests {
             "{ours}"
         );
         assert!(ours.contains(r"a \x1b[31m message\u{9b} with 2 escapes"), "{ours}");
+    }
+
+    #[test]
+    fn a_logged_value_cannot_start_a_line_of_its_own() {
+        let (ours, _) = both(|| {
+            let engine = "duplicate key\n2026-12-05T00:00:00.000000Z  INFO weir::audit: call tenant=\"other\"\r";
+            tracing::warn!(error = %engine, "statement failed: {engine}");
+        });
+        assert_eq!(ours.lines().count(), 1, "{ours}");
+        assert!(ours.contains(r"duplicate key\n2026"), "{ours}");
+        assert!(ours.contains(r#"other"\r"#), "{ours}");
     }
 }

@@ -401,9 +401,16 @@ impl TopicSource for KafkaSource {
             Start::Timestamp(ms) => {
                 let (c, ms, names) = (consumer.clone(), *ms, spec.topics.clone());
                 let tpl = tokio::task::spawn_blocking(move || {
+                    // One bound for all the lookups: a blocking thread is
+                    // shared with every tenant's SQLite and Kafka calls.
+                    let deadline = Instant::now() + METADATA_TIMEOUT;
                     let mut wanted = TopicPartitionList::new();
                     for topic in &names {
-                        let metadata = c.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut));
+                        }
+                        let metadata = c.fetch_metadata(Some(topic), left)?;
                         for t in metadata.topics() {
                             for p in t.partitions() {
                                 wanted.add_partition_offset(topic, p.id(), Offset::Offset(ms))?;

@@ -10,7 +10,7 @@
 
 use tiberius::{ColumnData, TokenRow};
 
-use super::types::param;
+use super::types::{decimal_text, numeric, param};
 use super::MssqlConn;
 use crate::backend::bulk::{self, Dialect, LoadSpec, ReceiptSql, RowFeed};
 use crate::backend::{BackendError, Column, ColumnType, LoadMode, LoadOutcome, Value};
@@ -43,6 +43,9 @@ enum Stage {
     BigInt,
     Bit,
     Float,
+    /// Exact decimals and money, as plain decimal text (SQL Server's
+    /// conversion from text refuses exponents).
+    Decimal,
     Text,
     Binary,
     Date,
@@ -64,7 +67,8 @@ impl Stage {
             ColumnType::Timestamp => Stage::DateTime2,
             ColumnType::TimestampTz => Stage::DateTimeOffset,
             ColumnType::Uuid => Stage::Guid,
-            // Exact decimals, text, JSON and anything else go as text, converted by SQL Server.
+            ColumnType::Decimal => Stage::Decimal,
+            // Text, JSON and anything else go as text, converted by SQL Server.
             _ => Stage::Text,
         }
     }
@@ -77,6 +81,7 @@ impl Stage {
             // In the database's collation, not tempdb's (the server's): a
             // MERGE comparing text keys across two collations fails (error 468).
             Stage::Text => "nvarchar(max) COLLATE DATABASE_DEFAULT",
+            Stage::Decimal => "varchar(100)",
             Stage::Binary => "varbinary(max)",
             Stage::Date => "date",
             Stage::Time => "time(7)",
@@ -91,7 +96,7 @@ impl Stage {
             Stage::BigInt => ColumnData::I64(None),
             Stage::Bit => ColumnData::Bit(None),
             Stage::Float => ColumnData::F64(None),
-            Stage::Text => ColumnData::String(None),
+            Stage::Text | Stage::Decimal => ColumnData::String(None),
             Stage::Binary => ColumnData::Binary(None),
             Stage::Date => ColumnData::Date(None),
             Stage::Time => ColumnData::Time(None),
@@ -104,7 +109,7 @@ impl Stage {
     /// The value as this staging type expects it.
     fn value(self, v: &Value) -> Result<ColumnData<'static>, String> {
         let text = |s: String| ColumnData::String(Some(s.into()));
-        Ok(match (self, v) {
+        let data = match (self, v) {
             (_, Value::Null) => self.null(),
             (Stage::BigInt, Value::UInt(u)) => ColumnData::I64(Some(
                 i64::try_from(*u).map_err(|_| format!("{u} is beyond SQL Server's bigint"))?,
@@ -114,17 +119,40 @@ impl Stage {
             (Stage::Float, Value::Decimal(d)) => {
                 ColumnData::F64(Some(d.parse().map_err(|_| format!("'{d}' is not a number"))?))
             }
+            (Stage::Decimal, Value::Decimal(d)) => {
+                let n = numeric(d)?;
+                text(decimal_text(n.value(), n.scale()))
+            }
+            (Stage::Decimal, Value::Float(f)) if f.is_finite() => text(f.to_string()),
             (Stage::Text, Value::Decimal(d)) => text(d.clone()),
-            (Stage::Text, Value::Int(i)) => text(i.to_string()),
-            (Stage::Text, Value::UInt(u)) => text(u.to_string()),
+            (Stage::Text | Stage::Decimal, Value::Int(i)) => text(i.to_string()),
+            (Stage::Text | Stage::Decimal, Value::UInt(u)) => text(u.to_string()),
             (Stage::Text, Value::Float(f)) => text(format!("{f:?}")),
+            (Stage::Text, Value::Bool(b)) => text(u8::from(*b).to_string()),
             (Stage::Text, Value::Uuid(u)) => text(u.to_string()),
             (Stage::Guid, Value::Text(s)) => ColumnData::Guid(Some(
                 uuid::Uuid::parse_str(s).map_err(|_| format!("'{s}' is not a UUID"))?,
             )),
             _ => param(v)?,
-        })
+        };
+        // TDS bulk rows must match their column's type exactly; anything
+        // else would fail the whole load as a protocol error.
+        if std::mem::discriminant(&data) != std::mem::discriminant(&self.null()) {
+            return Err(format!(
+                "a {} value cannot be loaded into this column (sent as {})",
+                v.kind(),
+                self.sql()
+            ));
+        }
+        Ok(data)
     }
+}
+
+/// The staging table's name for the `i`th loaded column: `INSERT BULK`
+/// writes column names unquoted, so the target's own (`Order Date`) would
+/// not parse.
+fn staged(i: usize) -> String {
+    format!("c{}", i + 1)
 }
 
 /// `CREATE TABLE #stage (...)` with one nullable column per loaded column.
@@ -132,7 +160,8 @@ fn create_stage(spec: &LoadSpec) -> String {
     let columns: Vec<String> = spec
         .columns
         .iter()
-        .map(|c| format!("{} {} NULL", quote(&c.name), Stage::of(c).sql()))
+        .enumerate()
+        .map(|(i, c)| format!("{} {} NULL", staged(i), Stage::of(c).sql()))
         .collect();
     format!("CREATE TABLE {STAGE} ({})", columns.join(", "))
 }
@@ -142,27 +171,35 @@ fn create_stage(spec: &LoadSpec) -> String {
 fn move_rows(spec: &LoadSpec) -> String {
     let target = spec.qualified(quote);
     let columns = spec.column_list(quote);
+    let staged_as = |name: &str| {
+        spec.columns
+            .iter()
+            .position(|c| c.name == name)
+            .map_or_else(String::new, staged)
+    };
     if spec.mode != LoadMode::Upsert {
+        let from: Vec<String> = (0..spec.columns.len()).map(staged).collect();
         return format!(
-            "INSERT INTO {target} ({columns}) SELECT {columns} FROM {STAGE}; \
-             SELECT CAST(ROWCOUNT_BIG() AS bigint)"
+            "INSERT INTO {target} ({columns}) SELECT {} FROM {STAGE}; \
+             SELECT CAST(ROWCOUNT_BIG() AS bigint)",
+            from.join(", ")
         );
     }
     let on: Vec<String> = spec
         .conflict
         .iter()
-        .map(|c| format!("t.{0} = s.{0}", quote(c)))
+        .map(|c| format!("t.{} = s.{}", quote(c), staged_as(c)))
         .collect();
     let sets: Vec<String> = spec
         .update_columns()
-        .map(|c| format!("t.{0} = s.{0}", quote(&c.name)))
+        .map(|c| format!("t.{} = s.{}", quote(&c.name), staged_as(&c.name)))
         .collect();
     let matched = if sets.is_empty() {
         String::new()
     } else {
         format!(" WHEN MATCHED THEN UPDATE SET {}", sets.join(", "))
     };
-    let values: Vec<String> = spec.columns.iter().map(|c| format!("s.{}", quote(&c.name))).collect();
+    let values: Vec<String> = (0..spec.columns.len()).map(|i| format!("s.{}", staged(i))).collect();
     // HOLDLOCK: without it two concurrent MERGEs can both decide to insert the same key.
     format!(
         "DECLARE @weir_actions TABLE (action nvarchar(10)); \
@@ -327,8 +364,8 @@ mod tests {
     fn the_stage_has_one_typed_column_per_loaded_column() {
         assert_eq!(
             create_stage(&spec(LoadMode::Append)),
-            "CREATE TABLE #weir_load_stage ([id] bigint NULL, [price] nvarchar(max) COLLATE DATABASE_DEFAULT NULL, \
-             [na]]me] nvarchar(max) COLLATE DATABASE_DEFAULT NULL)"
+            "CREATE TABLE #weir_load_stage (c1 bigint NULL, c2 varchar(100) NULL, \
+             c3 nvarchar(max) COLLATE DATABASE_DEFAULT NULL)"
         );
     }
 
@@ -336,7 +373,7 @@ mod tests {
     fn appends_insert_from_the_stage() {
         assert_eq!(
             move_rows(&spec(LoadMode::Append)),
-            "INSERT INTO [dbo].[items] ([id], [price], [na]]me]) SELECT [id], [price], [na]]me] FROM #weir_load_stage; \
+            "INSERT INTO [dbo].[items] ([id], [price], [na]]me]) SELECT c1, c2, c3 FROM #weir_load_stage; \
              SELECT CAST(ROWCOUNT_BIG() AS bigint)"
         );
     }
@@ -346,9 +383,9 @@ mod tests {
         let sql = move_rows(&spec(LoadMode::Upsert));
         assert!(
             sql.contains(
-                "MERGE INTO [dbo].[items] WITH (HOLDLOCK) AS t USING #weir_load_stage AS s ON t.[id] = s.[id] \
-             WHEN MATCHED THEN UPDATE SET t.[price] = s.[price], t.[na]]me] = s.[na]]me] \
-             WHEN NOT MATCHED BY TARGET THEN INSERT ([id], [price], [na]]me]) VALUES (s.[id], s.[price], s.[na]]me]) \
+                "MERGE INTO [dbo].[items] WITH (HOLDLOCK) AS t USING #weir_load_stage AS s ON t.[id] = s.c1 \
+             WHEN MATCHED THEN UPDATE SET t.[price] = s.c2, t.[na]]me] = s.c3 \
+             WHEN NOT MATCHED BY TARGET THEN INSERT ([id], [price], [na]]me]) VALUES (s.c1, s.c2, s.c3) \
              OUTPUT $action INTO @weir_actions;"
             ),
             "{sql}"
@@ -403,5 +440,29 @@ mod tests {
         ));
         assert!(stage(ColumnType::Uuid).value(&Value::Text("nope".into())).is_err());
         assert!(stage(ColumnType::Int).value(&Value::UInt(u64::MAX)).is_err());
+        // SQL Server's text-to-decimal conversion refuses exponents.
+        for (value, sent) in [
+            (Value::Decimal("1.5E3".into()), "1500"),
+            (Value::Decimal("-2.5e-3".into()), "-0.0025"),
+            (Value::Float(1e-5), "0.00001"),
+            (Value::Float(1e16), "10000000000000000"),
+        ] {
+            assert!(
+                matches!(stage(ColumnType::Decimal).value(&value), Ok(ColumnData::String(Some(ref s))) if s == sent),
+                "{value:?}"
+            );
+        }
+        // A value that fits no staging type is the row's error, not the load's.
+        for (column, value) in [
+            (ColumnType::Unsupported, Value::Bytes(vec![1])),
+            (ColumnType::Int, Value::Text("x".into())),
+            (ColumnType::Decimal, Value::Float(f64::NAN)),
+        ] {
+            assert!(stage(column).value(&value).is_err(), "{column:?} {value:?}");
+        }
+        assert!(matches!(
+            stage(ColumnType::Unsupported).value(&Value::Bool(true)),
+            Ok(ColumnData::String(Some(s))) if s == "1"
+        ));
     }
 }

@@ -238,18 +238,25 @@ impl Hold {
         }
     }
 
-    /// After a statement of a transaction failed: whether SQL Server ended
-    /// the transaction (a deadlock victim, a snapshot conflict, any error
-    /// under XACT_ABORT). If so, or if that cannot be told, the connection
-    /// is marked broken, so that `release` closes it and the handle refuses
-    /// later statements, which would otherwise run on their own.
+    /// After a statement failed: whether the session holds the transactions
+    /// it should, none on a pooled connection and one in a transaction.
+    /// SQL Server reports only a batch's first error, so in `BEGIN TRAN;
+    /// INSERT ...` whose INSERT failed the transaction it left open goes
+    /// unreported, and so does one a handle's statement nested (which its
+    /// COMMIT would leave open); it may also have ended the transaction (a
+    /// deadlock victim, a snapshot conflict, any error under XACT_ABORT).
+    /// If the count is wrong, or cannot be told, the connection is marked
+    /// broken: it is closed, which rolls back, and a handle refuses later
+    /// statements, which would otherwise run on their own.
     async fn check_transaction(&mut self) {
-        if let Hold::Transaction(guard) = self {
-            if let Some(conn) = guard.as_mut().filter(|c| !c.broken) {
-                let count = conn.fetch("SELECT @@TRANCOUNT", vec![]).await;
-                let open = count.is_ok_and(|rows| rows.first().and_then(|r| r.get::<i32, _>(0)).unwrap_or(0) > 0);
-                conn.broken |= !open;
-            }
+        let expected = match self {
+            Hold::Pooled(_) => 0,
+            Hold::Transaction(_) => 1,
+        };
+        if let Some(conn) = self.conn().filter(|c| !c.broken) {
+            let count = conn.fetch("SELECT @@TRANCOUNT", vec![]).await;
+            let as_expected = count.is_ok_and(|rows| rows.first().and_then(|r| r.get::<i32, _>(0)) == Some(expected));
+            conn.broken |= !as_expected;
         }
     }
 }
@@ -579,14 +586,16 @@ fn classify(number: u32, severity: u8) -> EngineErrorKind {
         2627 | 2601 => K::AlreadyExists,
         // Constraint conflicts (547: foreign key or check, 515: NOT NULL); transaction state.
         547 | 515 | 266 | 3902 | 3903 | 3930 | 3971 | 3998 => K::FailedPrecondition,
-        // Deadlock victim, lock timeout, snapshot update conflicts.
-        1205 | 1222 | 3960 | 3961 => K::Aborted,
+        // Deadlock victim, lock timeout, snapshot update conflicts; In-Memory
+        // OLTP's write, validation and dependency conflicts (retryable).
+        1205 | 1222 | 3960 | 3961 | 41301 | 41302 | 41305 | 41325 => K::Aborted,
         // Permission denied; a read-only database.
         229 | 230 | 262 | 297 | 300 | 916 | 3906 => K::PermissionDenied,
         // Memory, disk, log, locks, connections, Azure resource limits.
         701 | 1105 | 9002 | 1204 | 8645 | 17809 | 10928 | 10929 | 40501 | 40544 | 40549 => K::ResourceExhausted,
         // Login failed, database unavailable, shutting down, session killed.
-        18456 | 18452 | 18486 | 18487 | 18488 | 4060 | 40613 | 40197 | 6005 | 596 => K::Unavailable,
+        // Azure SQL's transient 49918-49920 (too many operations in progress).
+        18456 | 18452 | 18486 | 18487 | 18488 | 4060 | 40613 | 40197 | 6005 | 596 | 49918..=49920 => K::Unavailable,
         // RAISERROR / THROW by user code: a rule of the application.
         50000.. => K::FailedPrecondition,
         _ => match severity {
@@ -655,6 +664,9 @@ mod tests {
             (1205, K::Aborted),
             (1222, K::Aborted),
             (3960, K::Aborted),
+            (41302, K::Aborted),
+            (41325, K::Aborted),
+            (49919, K::Unavailable),
             (229, K::PermissionDenied),
             (230, K::PermissionDenied),
             (3906, K::PermissionDenied),

@@ -192,9 +192,11 @@ impl Lexer<'_> {
     fn skip_space(&mut self) -> Option<()> {
         loop {
             match (self.s.get(self.i), self.s.get(self.i + 1)) {
-                (Some(c), _) if c.is_ascii_whitespace() => self.i += 1,
+                // PostgreSQL 16 counts a vertical tab as a space too.
+                (Some(c), _) if c.is_ascii_whitespace() || *c == 0x0b => self.i += 1,
                 (Some(b'-'), Some(b'-')) => {
-                    while self.s.get(self.i).is_some_and(|&c| c != b'\n') {
+                    // PostgreSQL ends the comment at either line break.
+                    while self.s.get(self.i).is_some_and(|&c| c != b'\n' && c != b'\r') {
                         self.i += 1;
                     }
                 }
@@ -320,6 +322,9 @@ mod tests {
             // the backslash here escapes nothing, and set_config is code.
             "SELECT CASE WHEN true THEN 'a' ELSE'\\' END, set_config('default_transaction_read_only', 'off', false) --'",
             "SELECT 'a' LIKE'\\', set_config('role', 'x', false) --'",
+            // A carriage return ends a comment for PostgreSQL.
+            "SELECT 1 --\r, set_config('default_transaction_read_only', 'off', false)",
+            "WITH --\r x AS (INSERT INTO t VALUES (1) RETURNING 1) SELECT 1",
             "",
             "   ",
             ";",

@@ -29,6 +29,52 @@ use crate::config::SourceConfig;
 /// SQLite VM instructions between checks for cancellation.
 const PROGRESS_OPS: i32 = 10_000;
 
+/// The largest string or blob a statement may make or return.
+const MAX_VALUE_BYTES: i32 = 64 * 1024 * 1024;
+
+/// How long a statement waits for another connection's write lock, in steps.
+const BUSY_WAIT: Duration = Duration::from_secs(5);
+const BUSY_STEP: Duration = Duration::from_millis(5);
+
+thread_local! {
+    /// The abandon flag of the statement running on this blocking thread,
+    /// for the busy handler, which SQLite gives no context.
+    static RUNNING: std::cell::RefCell<Option<Arc<AtomicBool>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Waits for a write lock in short steps, and gives up at once when the
+/// caller abandoned the statement: a write whose caller was told
+/// DEADLINE_EXCEEDED must not take the lock later and commit.
+fn wait_for_lock(tries: i32) -> bool {
+    let abandoned = RUNNING.with(|r| r.borrow().as_ref().is_some_and(|f| f.load(Ordering::Relaxed)));
+    if abandoned || BUSY_STEP * tries.unsigned_abs() >= BUSY_WAIT {
+        return false;
+    }
+    std::thread::sleep(BUSY_STEP);
+    true
+}
+
+/// PRAGMAs that set state of the whole process, not of one connection:
+/// one tenant could take every other tenant's memory (`hard_heap_limit`
+/// can only be lowered) or move everyone's temporary files.
+const PROCESS_WIDE_PRAGMAS: &[&str] = &[
+    "hard_heap_limit",
+    "soft_heap_limit",
+    "temp_store_directory",
+    "data_store_directory",
+];
+
+fn refuse_process_wide_pragmas(ctx: rusqlite::hooks::AuthContext<'_>) -> rusqlite::hooks::Authorization {
+    use rusqlite::hooks::{AuthAction, Authorization};
+    match ctx.action {
+        AuthAction::Pragma {
+            pragma_name,
+            pragma_value: Some(_),
+        } if PROCESS_WIDE_PRAGMAS.iter().any(|p| p.eq_ignore_ascii_case(pragma_name)) => Authorization::Deny,
+        _ => Authorization::Allow,
+    }
+}
+
 struct Pool {
     path: String,
     read_only: bool,
@@ -53,7 +99,14 @@ impl Pool {
         // ATTACH and VACUUM INTO would reach any file the gateway can read or write.
         conn.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_ATTACHED, 0)
             .map_err(map_error)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(map_error)?;
+        // One value (`zeroblob(900000000)`) must not take the process's memory.
+        conn.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+            .map_err(map_error)?;
+        // No writes to the schema table or other ways to corrupt the file.
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)
+            .map_err(map_error)?;
+        conn.authorizer(Some(refuse_process_wide_pragmas));
+        conn.busy_handler(Some(wait_for_lock)).map_err(map_error)?;
         conn.execute_batch("PRAGMA foreign_keys = ON").map_err(map_error)?;
         Ok(conn)
     }
@@ -168,10 +221,16 @@ impl SqliteSource {
             acquire_timeout: config.pool.acquire_timeout,
             _temp: temp,
         });
-        let setup = Connection::open(&pool.path).map_err(map_error)?;
-        setup.execute_batch("PRAGMA journal_mode = WAL").map_err(map_error)?;
-        if config.demo_data {
-            demo::seed(&setup).map_err(map_error)?;
+        if config.read_only {
+            // Opened as the pool will, so a missing or unreadable file fails
+            // here, and nothing is written (not even the journal mode).
+            pool.open()?;
+        } else {
+            let setup = Connection::open(&pool.path).map_err(map_error)?;
+            setup.execute_batch("PRAGMA journal_mode = WAL").map_err(map_error)?;
+            if config.demo_data {
+                demo::seed(&setup).map_err(map_error)?;
+            }
         }
         Ok(Self { pool, label })
     }
@@ -337,10 +396,20 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
     let (mut worker, pending) = channel::channel(Some(Box::new(move || cancelled.store(true, Ordering::Relaxed))));
     tokio::task::spawn_blocking(move || {
         let mut hold = hold;
+        let pooled = matches!(hold, Hold::Pooled(_));
         let outcome = hold.conn().and_then(|conn| {
-            conn.progress_handler(PROGRESS_OPS, Some(move || flag.load(Ordering::Relaxed)));
+            let interrupt = flag.clone();
+            conn.progress_handler(PROGRESS_OPS, Some(move || interrupt.load(Ordering::Relaxed)));
+            if pooled {
+                // An abandoned statement's own commit becomes a rollback.
+                let abandoned = flag.clone();
+                conn.commit_hook(Some(move || abandoned.load(Ordering::Relaxed)));
+            }
+            RUNNING.with(|r| *r.borrow_mut() = Some(flag));
             let outcome = execute(conn, &statement, &mut worker);
+            RUNNING.with(|r| r.borrow_mut().take());
             conn.progress_handler(PROGRESS_OPS, None::<fn() -> bool>);
+            conn.commit_hook(None::<fn() -> bool>);
             outcome
         });
         // Closed rather than pooled: the next caller must not find another's
@@ -365,14 +434,16 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
 /// PRAGMA, or a CREATE that made a temporary object (ATTACH is off, see
 /// `Pool::open`). Other statements, reads above all, cost no query here.
 fn changed_session(conn: &Connection, sql: &str) -> bool {
-    match sql_text::leading_words(sql, 1).first().map(String::as_str) {
-        Some("pragma") => true,
-        Some("create") => conn
+    let firsts = sql_text::leading_words(sql, 1);
+    let first_is = |word: &str| firsts.iter().any(|w| w.first().is_some_and(|f| f == word));
+    if first_is("pragma") {
+        return true;
+    }
+    first_is("create")
+        && conn
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM temp.sqlite_schema)")
             .and_then(|mut s| s.query_row([], |r| r.get::<_, bool>(0)))
-            .unwrap_or(true),
-        _ => false,
-    }
+            .unwrap_or(true)
 }
 
 /// Runs the statement, sending its columns and rows; returns rows affected.
@@ -550,14 +621,16 @@ fn map_error(e: rusqlite::Error) -> BackendError {
     };
     let kind = match err.code {
         C::ConstraintViolation => match err.extended_code {
-            // SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE
-            1555 | 2067 => K::AlreadyExists,
+            // SQLITE_CONSTRAINT_PRIMARYKEY, _UNIQUE, _ROWID
+            1555 | 2067 | 2579 => K::AlreadyExists,
             _ => K::FailedPrecondition,
         },
         C::DatabaseBusy | C::DatabaseLocked => K::Aborted,
-        C::ReadOnly => K::PermissionDenied,
+        C::ReadOnly | C::AuthorizationForStatementDenied => K::PermissionDenied,
         C::OperationInterrupted => K::DeadlineExceeded,
-        C::CannotOpen | C::SystemIoFailure | C::DatabaseCorrupt | C::NotADatabase => K::Unavailable,
+        C::CannotOpen | C::SystemIoFailure => K::Unavailable,
+        // Retrying a damaged file does not help.
+        C::DatabaseCorrupt | C::NotADatabase => K::Internal,
         C::DiskFull | C::OutOfMemory | C::TooBig => K::ResourceExhausted,
         C::TypeMismatch | C::ParameterOutOfRange => K::InvalidArgument,
         _ if message.starts_with("no such table") => K::NotFound,

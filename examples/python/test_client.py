@@ -146,6 +146,7 @@ def weir_binary() -> pathlib.Path | None:
 
 RATE_LIMITED_KEY = "python-test-rate-limited-key"
 
+DOWN_KEY = "python-test-down"
 RATE_LIMITED_CONFIG = f"""
 [server]
 listen = "127.0.0.1:0"        # a free port, read back from the log
@@ -165,6 +166,15 @@ burst = 1
 engine = "sqlite"
 path = ":memory:"
 demo_data = true
+
+[tenants.down]
+api_keys = [{{ id = "python-test-down", sha256 = "{hashlib.sha256(DOWN_KEY.encode()).hexdigest()}" }}]
+
+[tenants.down.sources.pg]        # nothing listens on port 1
+engine = "postgres"
+host = "127.0.0.1"
+port = 1
+user = "nobody"
 """
 
 
@@ -234,3 +244,24 @@ def test_rate_limit_retry_info(rate_limited_server: str) -> None:
         # with_retries does that wait by itself.
         result = client.with_retries(lambda: weir.execute(SOURCE, "SELECT 3"))
         assert client.from_value(result.rows[0].values[0]) == 3
+
+
+def test_with_retries_runs_a_statement_twice_only_when_told_it_is_idempotent(rate_limited_server: str) -> None:
+    with client.Weir(rate_limited_server, DOWN_KEY) as weir:
+        calls = 0
+
+        def insert() -> object:
+            nonlocal calls
+            calls += 1
+            return weir.execute("pg", "INSERT INTO t VALUES (1)")
+
+        # UNAVAILABLE with a RetryInfo delay, but the statement may have run
+        # before the connection went: not retried unless idempotent.
+        with pytest.raises(grpc.RpcError) as caught:
+            client.with_retries(insert, attempts=3)
+        assert client.error_details(caught.value)["reason"] == "SOURCE_UNAVAILABLE"
+        assert client.retry_delay(caught.value) is not None
+        assert calls == 1
+        with pytest.raises(grpc.RpcError):
+            client.with_retries(insert, attempts=2, idempotent=True)
+        assert calls == 3

@@ -954,6 +954,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stream_whose_server_stops_sending_ends_at_its_deadline() {
+        let (listener, addr) = local_listener().await;
+        // Answers the call's headers, then says nothing more.
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let mut connection = h2::server::handshake(socket).await.expect("HTTP/2 handshake");
+            let Some(Ok((_, mut respond))) = connection.accept().await else {
+                return;
+            };
+            let head = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(())
+                .expect("head");
+            let _stream = respond.send_response(head, false).expect("headers sent");
+            // Keeps the connection served (PINGs, window updates) meanwhile.
+            while connection.accept().await.is_some() {}
+        });
+        let client = WeirClient::connect(&addr.to_string(), "secret").await.expect("connect");
+        let mut request = Request::new(ExecuteStreamRequest::default());
+        request.set_timeout(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let mut stream = client
+            .query()
+            .execute_stream(request)
+            .await
+            .expect("the headers came")
+            .into_inner();
+        let status = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("the deadline ends the wait")
+            .expect_err("no message comes");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
     async fn tls_settings_and_the_scheme_must_agree_and_be_usable() {
         // https:// alone trusts the public authorities: it gets as far as connecting.
         assert!(matches!(

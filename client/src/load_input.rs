@@ -7,6 +7,7 @@
 use std::io::{BufRead, Read};
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Timelike};
+use serde_json::value::RawValue;
 use weir_proto::v1::value::Kind;
 use weir_proto::v1::{Column, ColumnType, Date, ListValue, Row, TimeOfDay, Value};
 
@@ -119,7 +120,7 @@ pub fn from_text(text: &str, column: &Column, null_marker: &str) -> Result<Value
             Kind::JsonValue(text.to_string())
         }
         ColumnType::List => {
-            let parsed: serde_json::Value =
+            let parsed: Box<RawValue> =
                 serde_json::from_str(text).map_err(|_| bad("a list (a JSON array such as [1,2])"))?;
             return from_json(&parsed, column);
         }
@@ -128,36 +129,53 @@ pub fn from_text(text: &str, column: &Column, null_marker: &str) -> Result<Value
     }))
 }
 
-/// A JSON value as a value of the column's type.
-pub fn from_json(json: &serde_json::Value, column: &Column) -> Result<Value, String> {
+/// A JSON value, given as its text, as a value of the column's type.
+/// Numbers are read from their text, so that no digit is lost to a double
+/// on the way (`12345678901234567.89` for a decimal column, an integer past
+/// 2^53 for an integer or JSON column).
+pub fn from_json(raw: &RawValue, column: &Column) -> Result<Value, String> {
     use serde_json::Value as J;
     let ty = ColumnType::try_from(column.r#type).unwrap_or(ColumnType::String);
-    Ok(match (json, ty) {
-        (J::Null, _) => null(),
-        (J::Bool(b), _) => value(Kind::BoolValue(*b)),
-        (J::Number(n), ColumnType::Int) => value(Kind::Int64Value(
-            n.as_i64().ok_or_else(|| format!("{n} is not a 64-bit integer"))?,
-        )),
-        (J::Number(n), ColumnType::Uint) => value(Kind::Uint64Value(
-            n.as_u64().ok_or_else(|| format!("{n} is not an unsigned integer"))?,
-        )),
-        (J::Number(n), ColumnType::Decimal) => value(Kind::DecimalValue(n.to_string())),
-        (J::Number(n), ColumnType::Float | ColumnType::Dynamic) => value(Kind::DoubleValue(
-            n.as_f64().ok_or_else(|| format!("{n} is not a number"))?,
-        )),
-        (J::Array(items), ColumnType::List) => {
-            let element = Column {
-                r#type: column.element_type,
-                ..column.clone()
-            };
-            let values = items.iter().map(|i| from_json(i, &element)).collect::<Result<_, _>>()?;
-            value(Kind::ListValue(ListValue { values }))
-        }
-        (J::String(s), _) => from_text(s, column, "\u{0}")?,
-        (other, ColumnType::Json) => value(Kind::JsonValue(other.to_string())),
-        (other, ColumnType::String) => value(Kind::StringValue(other.to_string())),
-        (other, _) => return Err(format!("{other} does not fit a column of type {}", column.native_type)),
-    })
+    let text = raw.get().trim();
+    let misfit = || format!("{text} does not fit a column of type {}", column.native_type);
+    if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        let number = |what: &str| format!("{text} is not {what}");
+        return Ok(value(match ty {
+            ColumnType::Int => Kind::Int64Value(text.parse().map_err(|_| number("a 64-bit integer"))?),
+            ColumnType::Uint => Kind::Uint64Value(text.parse().map_err(|_| number("an unsigned integer"))?),
+            ColumnType::Decimal => Kind::DecimalValue(text.to_string()),
+            ColumnType::Float => Kind::DoubleValue(text.parse().map_err(|_| number("a number"))?),
+            // A column of no one type (SQLite's): integers stay integers.
+            ColumnType::Dynamic => match (text.parse::<i64>(), text.parse::<u64>()) {
+                (Ok(i), _) => Kind::Int64Value(i),
+                (_, Ok(u)) => Kind::Uint64Value(u),
+                _ => Kind::DoubleValue(text.parse().map_err(|_| number("a number"))?),
+            },
+            ColumnType::Json => Kind::JsonValue(text.to_string()),
+            ColumnType::String => Kind::StringValue(text.to_string()),
+            _ => return Err(misfit()),
+        }));
+    }
+    if ty == ColumnType::List && text.starts_with('[') {
+        let items: Vec<Box<RawValue>> = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        let element = Column {
+            r#type: column.element_type,
+            ..column.clone()
+        };
+        let values = items.iter().map(|i| from_json(i, &element)).collect::<Result<_, _>>()?;
+        return Ok(value(Kind::ListValue(ListValue { values })));
+    }
+    Ok(
+        match serde_json::from_str::<J>(text).map_err(|e| format!("invalid JSON: {e}"))? {
+            J::Null => null(),
+            J::Bool(b) => value(Kind::BoolValue(b)),
+            J::String(s) => from_text(&s, column, "\u{0}")?,
+            // The document as written, numbers and all.
+            _ if ty == ColumnType::Json => value(Kind::JsonValue(text.to_string())),
+            other if ty == ColumnType::String => value(Kind::StringValue(other.to_string())),
+            _ => return Err(misfit()),
+        },
+    )
 }
 
 /// A source of rows: the column names it carries and the rows themselves.
@@ -242,11 +260,14 @@ impl<R: Read + Send> RowReader for CsvReader<R> {
     }
 }
 
+/// One line's object, each value kept as its text (keys in sorted order).
+type JsonObject = std::collections::BTreeMap<String, Box<RawValue>>;
+
 pub struct JsonLinesReader<R: BufRead> {
     lines: R,
     names: Vec<String>,
     /// The first object, read to learn the column names.
-    first: Option<serde_json::Map<String, serde_json::Value>>,
+    first: Option<JsonObject>,
     line: u64,
     bytes: u64,
     buffer: String,
@@ -270,7 +291,7 @@ impl<R: BufRead + Send> JsonLinesReader<R> {
         Ok(reader)
     }
 
-    fn read_object(&mut self) -> Option<Result<serde_json::Map<String, serde_json::Value>, InputError>> {
+    fn read_object(&mut self) -> Option<Result<JsonObject, InputError>> {
         loop {
             self.buffer.clear();
             let n = match self.lines.read_line(&mut self.buffer) {
@@ -289,9 +310,10 @@ impl<R: BufRead + Send> JsonLinesReader<R> {
             if self.buffer.trim().is_empty() {
                 continue;
             }
-            return Some(match serde_json::from_str(&self.buffer) {
-                Ok(serde_json::Value::Object(map)) => Ok(map),
-                Ok(_) => Err(InputError {
+            let line = self.buffer.trim_start();
+            return Some(match serde_json::from_str::<JsonObject>(line) {
+                Ok(map) => Ok(map),
+                Err(_) if !line.starts_with('{') => Err(InputError {
                     line: self.line,
                     column: None,
                     message: "each line must be a JSON object".into(),
@@ -426,11 +448,47 @@ mod tests {
                 nanos: 0
             }))
         );
-        assert_eq!(at("doc"), Some(Kind::JsonValue("{\"k\":1}".into())));
+        assert_eq!(at("doc"), Some(Kind::JsonValue("{\"k\": 1}".into())));
         let err = reader
             .next_row(&columns)
             .expect("row")
             .expect_err("2.5 is not an integer");
         assert_eq!((err.line, err.column.as_deref()), (3, Some("id")));
+    }
+
+    #[test]
+    fn json_numbers_keep_every_digit() {
+        let mut ids = col("ids", ColumnType::List);
+        ids.element_type = ColumnType::Decimal as i32;
+        let table = [
+            col("amt", ColumnType::Decimal),
+            col("big", ColumnType::Uint),
+            col("doc", ColumnType::Json),
+            col("any", ColumnType::Dynamic),
+            ids,
+        ];
+        let input = "{\"amt\": 12345678901234567.89, \"big\": 18446744073709551615, \
+                     \"doc\": {\"id\": 123456789012345678901}, \"any\": 42, \"ids\": [0.10, 1e400]}\n";
+        let mut reader = JsonLinesReader::new(input.as_bytes()).expect("first line");
+        let columns = match_columns(reader.column_names(), &table).expect("columns");
+        let row = reader.next_row(&columns).expect("row").expect("parses");
+        let at = |name: &str| {
+            let i = columns.iter().position(|c| c.name == name).expect("column");
+            row.values[i].kind.clone()
+        };
+        assert_eq!(at("amt"), Some(Kind::DecimalValue("12345678901234567.89".into())));
+        assert_eq!(at("big"), Some(Kind::Uint64Value(u64::MAX)));
+        assert_eq!(
+            at("doc"),
+            Some(Kind::JsonValue("{\"id\": 123456789012345678901}".into()))
+        );
+        assert_eq!(at("any"), Some(Kind::Int64Value(42)), "not the double 42.0");
+        let decimal = |d: &str| Value::from(Kind::DecimalValue(d.into()));
+        assert_eq!(
+            at("ids"),
+            Some(Kind::ListValue(ListValue {
+                values: vec![decimal("0.10"), decimal("1e400")]
+            }))
+        );
     }
 }

@@ -9,8 +9,8 @@ use weir_proto::v1::{Date, Value};
 /// An explicit type prefix is `int:`, `uint:`, `float:`, `bool:`, `str:`,
 /// `decimal:`, `bytes:` (hex), `date:` (YYYY-MM-DD), `ts:` (RFC 3339),
 /// `uuid:` or `json:`; `null` is SQL NULL. Without a prefix the text is an
-/// integer if it is one, else a finite float if it is one, else `true` or
-/// `false`, else a string. Integers beyond `i64` become `uint` when they fit
+/// integer if it is one (digits with a leading zero or `+` stay text), else
+/// a finite float if it is one, else `true` or `false`, else a string. Integers beyond `i64` become `uint` when they fit
 /// and are rejected otherwise, rather than silently rounded to a float.
 pub fn parse_param(s: &str) -> Result<Value, String> {
     if s == "null" {
@@ -47,6 +47,12 @@ fn parse_prefixed(prefix: &str, s: &str) -> Option<Result<Value, String>> {
 }
 
 fn parse_untyped(s: &str) -> Result<Value, String> {
+    // Digits with a leading zero or plus sign (a zip code, a phone number)
+    // stay text: as a number they would lose what was typed.
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if s.starts_with('+') || (digits.len() > 1 && digits.starts_with('0') && looks_like_integer(digits)) {
+        return Ok(s.into());
+    }
     if let Ok(i) = s.parse::<i64>() {
         return Ok(i.into());
     }
@@ -164,7 +170,12 @@ mod tests {
     fn untyped_values_take_the_first_matching_type() {
         assert_eq!(kind("42"), Kind::Int64Value(42));
         assert_eq!(kind("-7"), Kind::Int64Value(-7));
-        assert_eq!(kind("+7"), Kind::Int64Value(7));
+        assert_eq!(kind("+7"), string("+7"));
+        assert_eq!(kind("+15551234567"), string("+15551234567"));
+        assert_eq!(kind("00123"), string("00123"));
+        assert_eq!(kind("-007"), string("-007"));
+        assert_eq!(kind("0"), Kind::Int64Value(0));
+        assert_eq!(kind("0.5"), Kind::DoubleValue(0.5));
         assert_eq!(kind("9223372036854775807"), Kind::Int64Value(i64::MAX));
         assert_eq!(kind("1.5"), Kind::DoubleValue(1.5));
         assert_eq!(kind("-1e3"), Kind::DoubleValue(-1000.0));

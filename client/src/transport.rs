@@ -89,6 +89,13 @@ const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
+/// Probes after 30 s of silence, every 10 s, 3 times: a dead peer is found
+/// within a minute, as the server finds a dead client.
+const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(30))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(3);
+
 static USER_AGENT: HeaderValue = HeaderValue::from_static(concat!("weir-client/", env!("CARGO_PKG_VERSION")));
 
 impl tower::Service<Request<Body>> for H2Channel {
@@ -236,18 +243,27 @@ impl H2Channel {
     /// cannot be reached or does not answer does not hold the caller longer.
     async fn call(self, request: Request<Body>) -> Result<Response<Body>, BoxError> {
         match grpc_timeout(request.headers()) {
-            None => self.start(request).await,
-            Some(timeout) => match tokio::time::timeout(timeout, self.start(request)).await {
-                Ok(answer) => answer,
-                Err(_) => Err(Status::deadline_exceeded(format!(
-                    "the call's deadline of {timeout:?} passed before the server answered"
-                ))
-                .into()),
-            },
+            None => self.start(request, None).await,
+            Some(timeout) => {
+                let deadline = tokio::time::Instant::now() + timeout;
+                match tokio::time::timeout_at(deadline, self.start(request, Some((deadline, timeout)))).await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "the call's deadline of {timeout:?} passed before the server answered"
+                    ))
+                    .into()),
+                }
+            }
         }
     }
 
-    async fn start(self, request: Request<Body>) -> Result<Response<Body>, BoxError> {
+    /// Sends the request; the response's body ends at `deadline` too, so a
+    /// stream whose server stops sending midway does not hold the caller.
+    async fn start(
+        self,
+        request: Request<Body>,
+        deadline: Option<(tokio::time::Instant, Duration)>,
+    ) -> Result<Response<Body>, BoxError> {
         let (head, mut body) = request.into_parts();
         // Read before the stream opens: opening it wakes the connection task,
         // which then finds the whole of a unary request queued and writes it
@@ -279,6 +295,7 @@ impl H2Channel {
             Body::new(Download {
                 recv,
                 data_done: false,
+                deadline: deadline.map(|(at, timeout)| (Box::pin(tokio::time::sleep_until(at)), timeout)),
                 _cancel: cancel,
             })
         }))
@@ -324,6 +341,12 @@ async fn open(authority: &Authority, settings: &Settings) -> Result<SendRequest<
         let tcp = TcpStream::connect((host, port)).await.map_err(|e| e.to_string())?;
         // Calls are small and latency-bound; Nagle would hold them back.
         tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        // A server or middlebox that vanishes without closing (a dropped idle
+        // connection, a host that went away) ends the connection's calls
+        // instead of leaving a stream that waits forever.
+        socket2::SockRef::from(&tcp)
+            .set_tcp_keepalive(&KEEPALIVE)
+            .map_err(|e| e.to_string())?;
         match &settings.tls {
             None => handshake(tcp, settings).await,
             Some(tls) => {
@@ -444,6 +467,8 @@ fn send_frame(send: &mut SendStream<Bytes>, frame: Frame<Bytes>, end: bool) -> R
 struct Download {
     recv: RecvStream,
     data_done: bool,
+    /// The call's deadline, and its timeout for the message.
+    deadline: Option<(Pin<Box<tokio::time::Sleep>>, Duration)>,
     /// Dropped with the body, which stops the request's upload.
     _cancel: oneshot::Sender<()>,
 }
@@ -454,6 +479,17 @@ impl http_body::Body for Download {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
+        if let Some((at, timeout)) = &mut this.deadline {
+            if at.as_mut().poll(cx).is_ready() {
+                let timeout = *timeout;
+                // Once: the body is over, and dropping it resets the stream.
+                this.deadline = None;
+                this.data_done = true;
+                return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                    "the call's deadline of {timeout:?} passed before the server finished answering"
+                )))));
+            }
+        }
         if !this.data_done {
             match ready!(this.recv.poll_data(cx)) {
                 Some(Ok(data)) => {

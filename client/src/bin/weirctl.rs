@@ -68,7 +68,7 @@ enum Command {
         /// A positional parameter (repeat for each placeholder): 42, 1.5, true,
         /// null, text, or typed as int:, uint:, float:, bool:, str:, decimal:,
         /// bytes:HEX, date:YYYY-MM-DD, ts:RFC3339, uuid:, json:.
-        #[arg(long = "param", short = 'p', value_name = "P", value_parser = parse_param)]
+        #[arg(long = "param", short = 'p', value_name = "P", value_parser = parse_param, allow_hyphen_values = true)]
         params: Vec<Value>,
     },
     /// List the sources the API key can use.
@@ -128,6 +128,7 @@ enum Command {
         /// Name of the Kafka source.
         source: String,
         topic: String,
+        #[arg(allow_hyphen_values = true)]
         values: Vec<String>,
         /// Read one record per line from this file.
         #[arg(long)]
@@ -389,9 +390,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     hex::decode(hex_position.trim()).map_err(|_| Failure::Input("--from must be hex".into()))?
                 }
                 (None, Some(path)) if path.exists() => {
-                    let text = std::fs::read_to_string(path)?;
-                    hex::decode(text.trim())
-                        .map_err(|_| Failure::Input(format!("{} does not hold a position", path.display())))?
+                    let text = std::fs::read_to_string(path)
+                        .map_err(|e| Failure::Input(format!("cannot read the state file {}: {e}", path.display())))?;
+                    match hex::decode(text.trim()) {
+                        Ok(position) if !position.is_empty() => position,
+                        _ => return Err(Failure::Input(format!("{} does not hold a position", path.display()))),
+                    }
                 }
                 _ => Vec::new(),
             };
@@ -507,7 +511,20 @@ async fn produce(
             records: std::mem::take(&mut batch),
             options: None,
         };
-        let acks = client.stream().produce(request).await?.into_inner().acks;
+        let acks = match client.stream().produce(request).await {
+            Ok(answer) => answer.into_inner().acks,
+            Err(status) => {
+                // What to send again: everything from this call's first
+                // record on (its failed_records count from there).
+                eprintln!(
+                    "{produced} {} produced before this failure; the failed call started at record {} of the input \
+                     (its failed_records and acknowledged_records count from there, from 0)",
+                    if produced == 1 { "record was" } else { "records were" },
+                    produced + 1
+                );
+                return Err(status.into());
+            }
+        };
         produced += acks.len() as u64;
         last = acks.last().copied().or(last);
     }
@@ -606,7 +623,10 @@ fn table_ref(name: &str) -> TableRef {
     }
 }
 
-fn change_json(c: &ChangeEvent) -> Result<serde_json::Value, Failure> {
+/// A change as one JSON line. The rows are written as `row_json` writes
+/// them, not parsed and written again, which would round numbers inside
+/// JSON documents to doubles.
+fn change_json(c: &ChangeEvent) -> Result<String, Failure> {
     let op = ChangeOperation::try_from(c.op).map_or("unknown", |o| match o {
         ChangeOperation::Insert => "insert",
         ChangeOperation::Update => "update",
@@ -615,23 +635,29 @@ fn change_json(c: &ChangeEvent) -> Result<serde_json::Value, Failure> {
         ChangeOperation::Truncate => "truncate",
         ChangeOperation::Unspecified => "unknown",
     });
-    let row = |r: &Option<Row>| -> Result<serde_json::Value, Failure> {
+    let row = |r: &Option<Row>| -> Result<String, Failure> {
         Ok(match r {
-            Some(r) => serde_json::from_str(&output::row_json(&c.columns, r)?).map_err(io::Error::from)?,
-            None => serde_json::Value::Null,
+            Some(r) => output::row_json(&c.columns, r)?,
+            None => "null".into(),
         })
     };
-    Ok(json!({
+    let head = json!({
         "op": op,
         "schema": c.schema,
         "table": c.table,
         "transaction": c.transaction_id,
         "commit_time": c.commit_time.as_ref().map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000),
         "key": c.primary_key,
-        "before": row(&c.before)?,
-        "after": row(&c.after)?,
         "position": hex::encode(&c.position),
-    }))
+    })
+    .to_string();
+    // The object without its closing brace, then the rows.
+    let head = head.strip_suffix('}').unwrap_or(&head);
+    Ok(format!(
+        r#"{head},"before":{},"after":{}}}"#,
+        row(&c.before)?,
+        row(&c.after)?
+    ))
 }
 
 async fn watch(
@@ -654,7 +680,7 @@ async fn watch(
                 printed += 1;
                 Some(change_json(&c)?)
             }
-            Message::Transaction(b) => (!b.begin).then(|| json!({"op": "commit", "transaction": b.transaction_id, "events": b.event_count, "position": hex::encode(&b.position)})),
+            Message::Transaction(b) => (!b.begin).then(|| json!({"op": "commit", "transaction": b.transaction_id, "events": b.event_count, "position": hex::encode(&b.position)}).to_string()),
             Message::Heartbeat(_) => None,
         };
         if let Some(line) = line {
@@ -662,17 +688,34 @@ async fn watch(
             out.flush()?;
         }
         if let Some(position) = position {
-            // Acknowledged once printed: a restart resumes right after it.
-            stream.ack(position.clone()).await?;
+            // Kept, then acknowledged, once printed: a restart resumes right
+            // after it. Kept first: a stop between the two leaves the file
+            // ahead of the server's position, which a resume accepts, not
+            // behind it, which a resume is refused.
             if let Some(path) = &state {
-                std::fs::write(path, hex::encode(&position))?;
+                keep_position(path, &position)
+                    .map_err(|e| Failure::Input(format!("cannot write the state file {}: {e}", path.display())))?;
             }
+            stream.ack(position).await?;
         }
         if max.is_some_and(|m| printed >= m) {
             break;
         }
     }
     Ok(())
+}
+
+/// Keeps `position` in `path`: written beside it, synced and renamed over
+/// it, so that a stop at any moment (Ctrl-C is how `watch` ends) leaves the
+/// old position or the new one, never a truncated file.
+fn keep_position(path: &std::path::Path, position: &[u8]) -> io::Result<()> {
+    let mut next = path.as_os_str().to_owned();
+    next.push(".next");
+    let next = std::path::PathBuf::from(next);
+    let mut file = std::fs::File::create(&next)?;
+    file.write_all(hex::encode(position).as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&next, path)
 }
 
 /// Where a restart may resume after `message`. Not after a snapshot row: a
@@ -1300,6 +1343,88 @@ mod tests {
     fn a_snapshot_is_taken_unless_a_kept_position_follows_one() {
         assert!(wants_snapshot(true, false, &[]), "first start");
         assert!(!wants_snapshot(true, false, &[1]), "restart from the state file");
+    }
+
+    #[test]
+    fn negative_numbers_are_values_not_flags() {
+        let cli =
+            Cli::try_parse_from(["weirctl", "query", "db", "SELECT $1, $2", "-p", "-5", "-p", "-1.5"]).expect("parses");
+        let Command::Query { params, .. } = cli.command else {
+            panic!("a query");
+        };
+        assert_eq!(params, [Value::from(-5_i64), Value::from(-1.5)]);
+        let cli = Cli::try_parse_from(["weirctl", "produce", "events", "t", "-1", "-x"]).expect("parses");
+        assert!(matches!(cli.command, Command::Produce { values, .. } if values == ["-1", "-x"]));
+    }
+
+    #[tokio::test]
+    async fn a_tls_option_alone_never_sends_the_key_in_plaintext() {
+        // --tls-domain without --ca-cert means TLS with the public
+        // authorities: the connection fails at the handshake (a plain
+        // server here), not by sending the key over plain HTTP/2.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let plain = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut first = [0u8; 3];
+            std::io::Read::read_exact(&mut conn, &mut first).expect("read");
+            first
+        });
+        let cli = Cli::try_parse_from([
+            "weirctl",
+            "--addr",
+            &addr.to_string(),
+            "--tls-domain",
+            "weir.internal",
+            "sources",
+        ])
+        .expect("parses");
+        assert!(run(cli).await.is_err());
+        // A TLS record starts 0x16 0x03; HTTP/2's preface "PRI".
+        assert_eq!(plain.join().expect("server")[..2], [0x16, 0x03]);
+    }
+
+    #[test]
+    fn a_change_line_keeps_the_numbers_in_json_documents() {
+        use weir_client::weir_proto::v1::Column;
+        let column = Column {
+            name: "doc".into(),
+            r#type: weir_client::weir_proto::v1::ColumnType::Json as i32,
+            ..Default::default()
+        };
+        let doc = "{\"id\":123456789012345678901}";
+        let event = ChangeEvent {
+            op: ChangeOperation::Insert as i32,
+            table: "t".into(),
+            columns: vec![column],
+            after: Some(row([Value::from(weir_client::weir_proto::v1::value::Kind::JsonValue(
+                doc.into(),
+            ))])),
+            position: vec![0xab],
+            ..Default::default()
+        };
+        let Ok(line) = change_json(&event) else {
+            panic!("no line");
+        };
+        assert!(
+            line.contains(r#""after":{"doc":{"id":123456789012345678901}}"#),
+            "{line}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&line).expect("one JSON object");
+        assert_eq!(parsed["op"], "insert");
+        assert_eq!(parsed["position"], "ab");
+        assert!(parsed["before"].is_null());
+    }
+
+    #[test]
+    fn a_kept_position_replaces_the_last_one_whole() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("state");
+        keep_position(&path, &[1, 2]).expect("first");
+        keep_position(&path, &[0xab, 0xcd, 0xef]).expect("second");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "abcdef");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).expect("list").collect();
+        assert_eq!(left.len(), 1, "no file beside it is left");
         assert!(
             wants_snapshot(true, true, &[1]),
             "--from says where, --snapshot is kept"

@@ -87,9 +87,32 @@ pub struct ConsumeSpec {
 pub trait RecordStream: Send {
     /// The next batch; `None` when the stream ended.
     async fn next(&mut self) -> Option<Result<Vec<InRecord>, BackendError>>;
-    /// Commits, for the stream's group, the offsets after these records
-    /// (the ones delivered to the client).
-    fn commit(&self, delivered: &[InRecord]) -> Result<(), BackendError>;
+    /// Commits, for the stream's group, these offsets (each partition's
+    /// next record after those delivered to the client).
+    fn commit(&self, next: &[PartitionOffset]) -> Result<(), BackendError>;
+    /// Commits the broker refused after `commit` returned (they complete in
+    /// the background) since the stream began, and the last one's reason.
+    fn failed_commits(&self) -> (u64, String);
+}
+
+/// The offsets a group resumes from after `delivered`: per partition, the
+/// one after the last record.
+pub fn next_offsets(delivered: &[InRecord]) -> Vec<PartitionOffset> {
+    let mut next: Vec<PartitionOffset> = Vec::new();
+    for r in delivered {
+        match next
+            .iter_mut()
+            .find(|o| o.partition == r.partition && o.topic == r.topic)
+        {
+            Some(o) => o.offset = o.offset.max(r.offset + 1),
+            None => next.push(PartitionOffset {
+                topic: r.topic.clone(),
+                partition: r.partition,
+                offset: r.offset + 1,
+            }),
+        }
+    }
+    next
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

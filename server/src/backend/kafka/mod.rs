@@ -218,9 +218,18 @@ fn record<M: Message>(m: &M) -> InRecord {
     }
 }
 
+/// Commits that failed in a stream's committer task, and the last reason.
+#[derive(Default)]
+struct FailedCommits {
+    count: std::sync::atomic::AtomicU64,
+    last: Mutex<String>,
+}
+
 struct KafkaRecords {
     rx: mpsc::Receiver<Result<Vec<InRecord>, BackendError>>,
-    consumer: Arc<StreamConsumer>,
+    /// Offsets to commit, merged per partition, for the committer task.
+    pending: tokio::sync::watch::Sender<Vec<PartitionOffset>>,
+    failed: Arc<FailedCommits>,
 }
 
 #[async_trait]
@@ -229,25 +238,63 @@ impl RecordStream for KafkaRecords {
         self.rx.recv().await
     }
 
-    fn commit(&self, delivered: &[InRecord]) -> Result<(), BackendError> {
-        let mut next: HashMap<(&str, i32), i64> = HashMap::new();
-        for r in delivered {
-            let offset = next.entry((r.topic.as_str(), r.partition)).or_insert(0);
-            *offset = (*offset).max(r.offset + 1);
-        }
+    /// Hands the offsets to the committer task: commits stay in order (a
+    /// later one never loses to an earlier one), consecutive ones are
+    /// merged, and the outcome is known (librdkafka reports an asynchronous
+    /// manual commit's result to no one).
+    fn commit(&self, next: &[PartitionOffset]) -> Result<(), BackendError> {
         if next.is_empty() {
             return Ok(());
         }
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), offset) in next {
-            tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
-                .map_err(map_error)?;
-        }
-        self.consumer.commit(&tpl, CommitMode::Async).map_err(map_error)
+        self.pending.send_modify(|pending| {
+            for o in next {
+                match pending
+                    .iter_mut()
+                    .find(|p| p.partition == o.partition && p.topic == o.topic)
+                {
+                    Some(p) => p.offset = p.offset.max(o.offset),
+                    None => pending.push(o.clone()),
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn failed_commits(&self) -> (u64, String) {
+        let failed = self.failed.count.load(std::sync::atomic::Ordering::Relaxed);
+        (failed, self.failed.last.lock().clone())
     }
 }
 
-/// Reads records into batches until the caller goes away.
+/// Commits the latest pending offsets, one commit at a time, until the
+/// stream is gone and its last offsets are committed.
+async fn commit_in_order(
+    consumer: Arc<StreamConsumer>,
+    mut pending: tokio::sync::watch::Receiver<Vec<PartitionOffset>>,
+    failed: Arc<FailedCommits>,
+) {
+    // Also Ok once the stream is gone, while a value is unseen.
+    while pending.changed().await.is_ok() {
+        let offsets = pending.borrow_and_update().clone();
+        let consumer = consumer.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for o in &offsets {
+                tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.offset))?;
+            }
+            consumer.commit(&tpl, CommitMode::Sync)
+        })
+        .await;
+        let error = match committed {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        *failed.last.lock() = error;
+        failed.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 async fn pump(consumer: Arc<StreamConsumer>, tx: mpsc::Sender<Result<Vec<InRecord>, BackendError>>) {
     loop {
         let first = tokio::select! {
@@ -436,8 +483,11 @@ impl TopicSource for KafkaSource {
                 .push(Arc::downgrade(&consumer));
         }
         let (tx, rx) = mpsc::channel(CONSUMER_BUFFER);
-        tokio::spawn(pump(consumer.clone(), tx));
-        Ok(Box::new(KafkaRecords { rx, consumer }))
+        let (pending, commits) = tokio::sync::watch::channel(Vec::new());
+        let failed = Arc::new(FailedCommits::default());
+        tokio::spawn(commit_in_order(consumer.clone(), commits, failed.clone()));
+        tokio::spawn(pump(consumer, tx));
+        Ok(Box::new(KafkaRecords { rx, pending, failed }))
     }
 
     async fn commit(&self, group: &str, offsets: Vec<PartitionOffset>) -> Result<(), BackendError> {

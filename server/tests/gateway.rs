@@ -753,6 +753,58 @@ async fn sqlite_sources_cannot_reach_other_files() {
 }
 
 #[tokio::test]
+async fn sqlite_schema_shows_every_kind_of_table_and_column() {
+    let server = TestServer::start(&tenant("k", "", &sqlite_demo("k", "db"))).await;
+    let client = server.client("key-k").await;
+    for sql in [
+        "CREATE TABLE gen (a INTEGER, b INTEGER GENERATED ALWAYS AS (a * 2) STORED, c INTEGER AS (a + 1))",
+        "CREATE VIRTUAL TABLE notes USING fts5(body)",
+        "CREATE TABLE parent (x INTEGER, y INTEGER, PRIMARY KEY (x, y))",
+        "CREATE TABLE child (px INTEGER, py INTEGER, FOREIGN KEY (px, py) REFERENCES parent)",
+        "CREATE TABLE strict_t (x INTEGER) STRICT",
+        "CREATE TABLE plain (x)",
+    ] {
+        client.execute("db", sql, vec![]).await.expect(sql);
+    }
+    let names = |d: &pb::DescribeTableResponse| -> Vec<String> {
+        d.columns
+            .iter()
+            .filter_map(|c| c.column.as_ref().map(|c| c.name.clone()))
+            .collect()
+    };
+    // Generated columns are columns; a table is found whatever its case.
+    let gen = client.describe_table("db", "", "GEN").await.expect("describe");
+    assert_eq!(names(&gen), ["a", "b", "c"]);
+    assert_eq!(gen.table.as_ref().map(|t| t.name.as_str()), Some("gen"));
+    // A virtual (full-text) table is listed and described.
+    let tables = client.list_tables("db", "").await.expect("tables");
+    assert!(tables.iter().any(|t| t.name == "notes"), "{tables:?}");
+    let notes = client.describe_table("db", "", "notes").await.expect("virtual table");
+    assert_eq!(names(&notes), ["body"]);
+    // REFERENCES without columns means the parent's primary key.
+    let child = client.describe_table("db", "", "child").await.expect("describe");
+    assert_eq!(child.foreign_keys[0].referenced_columns, ["x", "y"]);
+    // Errors get the codes PostgreSQL's get.
+    for (sql, code, engine) in [
+        ("SELECT no_such_function(1)", Code::NotFound, "1"),
+        ("INSERT INTO strict_t VALUES ('abc')", Code::InvalidArgument, "3091"),
+        (
+            "INSERT INTO plain (rowid, x) VALUES (1, 1), (1, 2)",
+            Code::AlreadyExists,
+            "2579",
+        ),
+    ] {
+        let err = client.execute("db", sql, vec![]).await.expect_err(sql);
+        assert_eq!(
+            (err.code(), engine_code(&err).as_str()),
+            (code, engine),
+            "{sql}: {err:?}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn no_tenant_can_change_sqlite_for_the_whole_process() {
     let server = TestServer::start(&two_tenants()).await;
     let alpha = server.client("key-alpha").await;

@@ -623,6 +623,8 @@ fn map_error(e: rusqlite::Error) -> BackendError {
         C::ConstraintViolation => match err.extended_code {
             // SQLITE_CONSTRAINT_PRIMARYKEY, _UNIQUE, _ROWID
             1555 | 2067 | 2579 => K::AlreadyExists,
+            // SQLITE_CONSTRAINT_DATATYPE: a value a STRICT table's column cannot take.
+            3091 => K::InvalidArgument,
             _ => K::FailedPrecondition,
         },
         C::DatabaseBusy | C::DatabaseLocked => K::Aborted,
@@ -633,7 +635,14 @@ fn map_error(e: rusqlite::Error) -> BackendError {
         C::DatabaseCorrupt | C::NotADatabase => K::Internal,
         C::DiskFull | C::OutOfMemory | C::TooBig => K::ResourceExhausted,
         C::TypeMismatch | C::ParameterOutOfRange => K::InvalidArgument,
-        _ if message.starts_with("no such table") => K::NotFound,
+        // As PostgreSQL's 42P01, 42883 and 42704 (an unknown column stays
+        // INVALID_ARGUMENT, as 42703 does).
+        _ if ["no such table", "no such function", "no such index", "no such view"]
+            .iter()
+            .any(|p| message.starts_with(p)) =>
+        {
+            K::NotFound
+        }
         C::Unknown => K::InvalidArgument,
         _ => K::Internal,
     };

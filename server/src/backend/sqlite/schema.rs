@@ -48,8 +48,9 @@ fn tables(conn: &Connection, schema: Option<&str>, name: Option<&str>) -> Result
     let mut stmt = conn
         .prepare(
             "SELECT schema, name, type FROM pragma_table_list \
-             WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND schema <> 'temp' \
-             AND (?1 IS NULL OR schema = ?1) AND (?2 IS NULL OR name = ?2) ORDER BY schema, name",
+             WHERE type IN ('table', 'view', 'virtual') AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' \
+             AND schema <> 'temp' AND (?1 IS NULL OR schema = ?1) AND (?2 IS NULL OR name = ?2 COLLATE NOCASE) \
+             ORDER BY schema, name",
         )
         .map_err(map_error)?;
     let rows = stmt
@@ -82,18 +83,33 @@ fn tables(conn: &Connection, schema: Option<&str>, name: Option<&str>) -> Result
         .collect()
 }
 
+/// A table's primary key columns, in key order.
+fn primary_key_columns(conn: &Connection, schema: &str, table: &str) -> Result<Vec<String>, BackendError> {
+    let mut stmt = conn
+        .prepare("SELECT name FROM pragma_table_info(?1, ?2) WHERE pk > 0 ORDER BY pk")
+        .map_err(map_error)?;
+    let names = stmt
+        .query_map(params![table, schema], |r| r.get::<_, String>(0))
+        .map_err(map_error)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_error);
+    names
+}
+
 pub fn list_tables(conn: &Connection, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
     tables(conn, schema, None)
 }
 
 pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
     let schema = schema.unwrap_or("main");
+    // Table names are not case-sensitive in SQLite.
     let Some(info) = tables(conn, Some(schema), Some(table))?.into_iter().next() else {
         return Err(BackendError::not_found(format!("table \"{schema}.{table}\" not found")));
     };
+    let table = info.name.as_str();
 
     let mut stmt = conn
-        .prepare("SELECT cid, name, type, \"notnull\", dflt_value, pk FROM pragma_table_xinfo(?1, ?2) WHERE hidden = 0 ORDER BY cid")
+        .prepare("SELECT cid, name, type, \"notnull\", dflt_value, pk FROM pragma_table_xinfo(?1, ?2) WHERE hidden <> 1 ORDER BY cid")
         .map_err(map_error)?;
     let mut pk_columns: Vec<(i64, String)> = Vec::new();
     let columns = stmt
@@ -132,28 +148,37 @@ pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> R
     });
 
     let mut stmt = conn
-        .prepare("SELECT id, \"table\", \"from\", \"to\", on_update, on_delete FROM pragma_foreign_key_list(?1, ?2) ORDER BY id, seq")
+        .prepare("SELECT id, seq, \"table\", \"from\", \"to\", on_update, on_delete FROM pragma_foreign_key_list(?1, ?2) ORDER BY id, seq")
         .map_err(map_error)?;
     let mut foreign_keys: Vec<(i64, ForeignKey)> = Vec::new();
     let fk_rows = stmt
         .query_map(params![table, schema], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
+                r.get::<_, usize>(1)?,
                 r.get::<_, String>(2)?,
-                r.get::<_, Option<String>>(3)?,
-                r.get::<_, String>(4)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
                 r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
             ))
         })
         .map_err(map_error)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(map_error)?;
-    for (id, target, from, to, on_update, on_delete) in fk_rows {
+    for (id, seq, target, from, to, on_update, on_delete) in fk_rows {
+        // `REFERENCES parent` without columns means the parent's primary key.
+        let to = match to {
+            Some(to) => to,
+            None => primary_key_columns(conn, schema, &target)?
+                .into_iter()
+                .nth(seq)
+                .unwrap_or_default(),
+        };
         match foreign_keys.last_mut() {
             Some((last, fk)) if *last == id => {
                 fk.columns.push(from);
-                fk.referenced_columns.push(to.unwrap_or_default());
+                fk.referenced_columns.push(to);
             }
             _ => foreign_keys.push((
                 id,
@@ -162,7 +187,7 @@ pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> R
                     columns: vec![from],
                     referenced_schema: schema.to_string(),
                     referenced_table: target,
-                    referenced_columns: vec![to.unwrap_or_default()],
+                    referenced_columns: vec![to],
                     on_update,
                     on_delete,
                 },

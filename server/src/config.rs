@@ -133,6 +133,10 @@ pub struct BackendHostConfig {
 /// Change streams open sessions of their own beside the pool: a reader, a
 /// lock or position store, and a snapshot, at most.
 pub const SESSIONS_PER_CHANGE_STREAM: u32 = 3;
+/// Sessions a SQL source opens for `DeleteSubscription`, one at a time.
+pub const DELETE_SESSIONS: u64 = 1;
+/// The session a MySQL source keeps to `KILL` abandoned statements.
+pub const KILL_SESSIONS: u64 = 1;
 
 /// Ways to authenticate besides API keys.
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
@@ -706,10 +710,13 @@ impl Config {
                     if source.host_port().as_deref() != Some(host.as_str()) {
                         continue;
                     }
-                    let streams = if source.engine == EngineKind::Kafka {
-                        0
-                    } else {
-                        u64::from(tenant.limits.max_concurrent_subscriptions) * u64::from(SESSIONS_PER_CHANGE_STREAM)
+                    let streams = u64::from(tenant.limits.max_concurrent_subscriptions)
+                        * u64::from(SESSIONS_PER_CHANGE_STREAM)
+                        + DELETE_SESSIONS;
+                    let streams = match source.engine {
+                        EngineKind::Kafka => 0,
+                        EngineKind::Mysql => streams + KILL_SESSIONS,
+                        _ => streams,
                     };
                     let n = u64::from(source.pool.max_size) + streams;
                     total += n;
@@ -723,7 +730,7 @@ impl Config {
                 return Err(invalid(
                     key,
                     format!(
-                        "the sources on {host} may open up to {total} connections ({}; pool.max_size plus {SESSIONS_PER_CHANGE_STREAM} per change stream the tenant may open), more than {}; lower pool.max_size or max_concurrent_subscriptions",
+                        "the sources on {host} may open up to {total} connections ({}; pool.max_size plus {SESSIONS_PER_CHANGE_STREAM} per change stream the tenant may open, {DELETE_SESSIONS} for DeleteSubscription and, on MySQL, {KILL_SESSIONS} to stop abandoned statements), more than {}; lower pool.max_size or max_concurrent_subscriptions",
                         parts.join(", "),
                         cap.max_connections
                     ),
@@ -1221,18 +1228,24 @@ mod tests {
             format!("[tenants.{tenant}.sources.pg]\nengine = \"postgres\"\nhost = \"db\"\nuser = \"u\"\n[tenants.{tenant}.sources.pg.pool]\nmax_size = {size}\n")
         };
         let limits = |tenant: &str| format!("[tenants.{tenant}.limits]\nmax_concurrent_subscriptions = 1\n");
-        // 2 x (10 pooled + 3 for one change stream) = 26.
+        // 2 x (10 pooled + 3 for one change stream + 1 for DeleteSubscription) = 28.
         let base = format!("{}{}{}{}", source("a", 10), limits("a"), source("b", 10), limits("b"));
-        Config::from_toml(&format!("{base}[backend_hosts.\"db:5432\"]\nmax_connections = 26\n")).expect("fits");
-        let err = Config::from_toml(&format!("{base}[backend_hosts.\"db:5432\"]\nmax_connections = 25\n"))
+        Config::from_toml(&format!("{base}[backend_hosts.\"db:5432\"]\nmax_connections = 28\n")).expect("fits");
+        let err = Config::from_toml(&format!("{base}[backend_hosts.\"db:5432\"]\nmax_connections = 27\n"))
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("backend_hosts.\"db:5432\"") && err.contains("26") && err.contains("tenants.b.sources.pg: 13"),
+            err.contains("backend_hosts.\"db:5432\"") && err.contains("28") && err.contains("tenants.b.sources.pg: 14"),
             "{err}"
         );
         // Another port is another server.
         Config::from_toml(&format!("{base}[backend_hosts.\"db:5433\"]\nmax_connections = 1\n")).expect("other server");
+        // A MySQL source keeps one more session, to kill abandoned statements.
+        let mysql = format!("{}{}", source("m", 10).replace("postgres", "mysql"), limits("m"));
+        let err = Config::from_toml(&format!("{mysql}[backend_hosts.\"db:3306\"]\nmax_connections = 14\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tenants.m.sources.pg: 15"), "{err}");
     }
 
     #[test]

@@ -477,6 +477,34 @@ async fn one_consumer_per_subscription_unless_taken_over(engine: Engine) {
     assert_eq!(reason(&e), "SUBSCRIPTION_TAKEN_OVER");
     ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'x', 1)")).await;
     assert_eq!(id_of(changes(&read_changes(&mut taker, 1).await)[0]), 1);
+    // Deleting an active subscription waits 2 s for its lock, in a session
+    // outside the pool: a source runs one such delete at a time, so a burst
+    // of them holds one session, not one each.
+    let started = std::time::Instant::now();
+    let deletes: Vec<_> = (0..3)
+        .map(|_| {
+            let client = ctx.client.clone();
+            let subscription = sub.clone();
+            tokio::spawn(async move {
+                client
+                    .stream()
+                    .delete_subscription(pb::DeleteSubscriptionRequest {
+                        source: "db".into(),
+                        subscription,
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for delete in deletes {
+        let e = delete.await.expect("task").expect_err("the subscription is active");
+        assert_eq!(reason(&e), "SUBSCRIPTION_ACTIVE");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(6),
+        "the three deletes ran one after another: {:?}",
+        started.elapsed()
+    );
     drop(taker);
     ctx.finish(&[&sub], &[&t]).await;
 }

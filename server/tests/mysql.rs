@@ -699,3 +699,83 @@ async fn a_statement_abandoned_while_being_prepared_is_killed() {
     alter.await.expect("task").expect("alter");
     reader.query_drop(format!("DROP TABLE {table}")).await.expect("drop");
 }
+
+/// Sessions of the MariaDB user `user`.
+async fn sessions_of(direct: &mut mysql_async::Conn, user: &str) -> i64 {
+    let n: Option<i64> = direct
+        .exec_first(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = ?",
+            (user,),
+        )
+        .await
+        .expect("processlist");
+    n.unwrap_or(0)
+}
+
+/// Abandons a statement marked `marker` at a 300 ms deadline and waits
+/// until MariaDB no longer runs it (it was killed).
+async fn abandon_and_see_it_killed(client: &weir_client::WeirClient, direct: &mut mysql_async::Conn, marker: &str) {
+    let ms = std::time::Duration::from_millis;
+    let sql = format!("SELECT SLEEP(30), '{marker}'");
+    let e = execute_within(client, &[], "maria", &sql, ms(300))
+        .await
+        .expect_err("abandoned at its deadline");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    for _ in 0..100 {
+        if mysql_running(direct, &format!("%{marker}%")).await == 0 {
+            return;
+        }
+        tokio::time::sleep(ms(50)).await;
+    }
+    panic!("{marker} is still running: it was not killed");
+}
+
+/// Abandoned statements are killed from one session the source keeps, not
+/// a login each, and a kept session the server closed is opened again.
+#[tokio::test]
+async fn abandoned_statements_are_killed_from_one_kept_session() {
+    let mut direct = mysql_direct().await;
+    for host in ["%", "localhost"] {
+        direct
+            .query_drop(format!(
+                "CREATE USER IF NOT EXISTS 'weir_killer'@'{host}' IDENTIFIED BY 'weir-killer'"
+            ))
+            .await
+            .expect("a user of its own, to count its sessions");
+    }
+    std::env::set_var("WEIR_TEST_KILLER_PASSWORD", "weir-killer");
+    let source = format!(
+        "[tenants.k.sources.maria]\nengine = \"mysql\"\nhost = \"{}\"\nport = {}\nuser = \"weir_killer\"\n\
+         password_env = \"WEIR_TEST_KILLER_PASSWORD\"\n[tenants.k.sources.maria.pool]\nmax_size = 1\n",
+        env_or("WEIR_TEST_MYSQL_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_MYSQL_PORT", "3306"),
+    );
+    let server = TestServer::start(&tenant("k", "", &source)).await;
+    let client = server.client("key-k").await;
+    for round in 0..3 {
+        abandon_and_see_it_killed(&client, &mut direct, &format!("weir_killed_{round}")).await;
+    }
+    assert_eq!(
+        sessions_of(&mut direct, "weir_killer").await,
+        2,
+        "the pooled session and the one kept for kills"
+    );
+    // The server closes both; the next kill opens a session again.
+    direct
+        .query_drop(
+            "BEGIN NOT ATOMIC FOR s IN (SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'weir_killer') \
+             DO KILL CONNECTION s.ID; END FOR; END",
+        )
+        .await
+        .expect("kill its sessions");
+    let mut served = false;
+    for _ in 0..20 {
+        served = client.execute("maria", "SELECT 1", vec![]).await.is_ok();
+        if served {
+            break;
+        }
+    }
+    assert!(served, "the pool opens a session again");
+    abandon_and_see_it_killed(&client, &mut direct, "weir_killed_again").await;
+    server.stop().await;
+}

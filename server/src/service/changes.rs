@@ -323,8 +323,11 @@ impl Pump<'_> {
 pub async fn delete(request: Request<pb::DeleteSubscriptionRequest>) -> Result<()> {
     let caller = caller(&request)?;
     let r = request.into_inner();
-    let sql = source(&caller, &r.source)?.backend.sql()?.clone();
+    let source = source(&caller, &r.source)?;
+    let sql = source.backend.sql()?.clone();
     check_subscription(&r.subscription)?;
+    // Never closed: the permit is always given.
+    let _one = source.deletes.acquire().await;
     sql.delete_subscription(&subscription_id(&caller.tenant.id, &r.subscription), &r.subscription)
         .await?;
     Ok(())

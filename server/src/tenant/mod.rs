@@ -33,6 +33,9 @@ pub struct Source {
     /// SHA-256 of the password as read, so a reload notices a rotated Secret.
     secret: [u8; 32],
     returned: SourceMetrics,
+    /// `DeleteSubscription` opens a session outside the pool: one at a time
+    /// per source, which `backend_hosts` counts.
+    pub deletes: tokio::sync::Semaphore,
 }
 
 impl Source {
@@ -170,6 +173,7 @@ impl Tenants {
                             status: RwLock::default(),
                             secret,
                             returned: SourceMetrics::new(id, name),
+                            deletes: tokio::sync::Semaphore::new(1),
                         })
                     }
                 };

@@ -9,6 +9,7 @@ mod schema;
 pub mod types;
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -33,7 +34,7 @@ const STATEMENT_CACHE_SIZE: usize = 256;
 
 pub struct MysqlSource {
     pool: Pool,
-    opts: Opts,
+    killer: Arc<Killer>,
     /// For change streams: the same server, without the read-only session setting.
     change_opts: Opts,
     config: SourceConfig,
@@ -73,7 +74,10 @@ impl MysqlSource {
         let opts = Opts::from(builder);
         Ok(Self {
             pool: Pool::new(opts.clone()),
-            opts,
+            killer: Arc::new(Killer {
+                opts,
+                conn: tokio::sync::Mutex::new(None),
+            }),
             change_opts,
             config: config.clone(),
             breaker: Breaker::default(),
@@ -151,11 +155,11 @@ async fn rolled_back_by(conn: &mut Conn, error: &BackendError) -> Option<&'stati
 }
 
 /// Starts a statement in a task that owns the connection until it ends.
-async fn start(hold: Hold, statement: Statement, opts: Opts) -> Result<QueryStream, BackendError> {
+async fn start(hold: Hold, statement: Statement, killer: Arc<Killer>) -> Result<QueryStream, BackendError> {
     let (mut worker, pending) = channel::channel(None);
     tokio::spawn(async move {
         let mut hold = hold;
-        let outcome = execute(hold.conn(), &statement, &mut worker, &opts).await;
+        let outcome = execute(hold.conn(), &statement, &mut worker, &killer).await;
         if let (Hold::Transaction(tx), Err(e)) = (&mut hold, &outcome) {
             tx.rolled_back = rolled_back_by(&mut tx.conn, e).await;
         }
@@ -172,7 +176,7 @@ async fn execute(
     conn: &mut Conn,
     statement: &Statement,
     worker: &mut Worker,
-    opts: &Opts,
+    killer: &Killer,
 ) -> Result<Option<u64>, BackendError> {
     let connection_id = conn.id();
     // A prepare can wait for a metadata lock (behind an ALTER TABLE, say) for
@@ -185,7 +189,7 @@ async fn execute(
             biased;
             r = &mut prep => r.map_err(map_error)?,
             () = worker.closed() => {
-                kill(opts, connection_id).await;
+                killer.kill(connection_id).await;
                 let _ = prep.await;
                 return Ok(None);
             }
@@ -215,7 +219,7 @@ async fn execute(
         biased;
         r = &mut exec => r.map_err(map_error)?,
         () = worker.closed() => {
-            kill(opts, connection_id).await;
+            killer.kill(connection_id).await;
             // Let the interrupted statement finish so the connection stays usable.
             let _ = exec.await;
             return Ok(None);
@@ -226,7 +230,7 @@ async fn execute(
     let names: Vec<_> = described.iter().map(|(c, _)| c.name.clone()).collect();
     let returns_rows = !described.is_empty();
     if !worker.describe(described.into_iter().map(|(c, _)| c).collect()) {
-        kill(opts, connection_id).await;
+        killer.kill(connection_id).await;
         return Ok(None);
     }
     let mut gather = worker.gather();
@@ -235,7 +239,7 @@ async fn execute(
             biased;
             row = result.next() => row.map_err(map_error)?,
             () = worker.closed() => {
-                kill(opts, connection_id).await;
+                killer.kill(connection_id).await;
                 return Ok(None);
             }
         };
@@ -249,7 +253,7 @@ async fn execute(
         }
         if let Some(chunk) = gather.end_row() {
             if !worker.send(chunk).await {
-                kill(opts, connection_id).await;
+                killer.kill(connection_id).await;
                 return Ok(None);
             }
         }
@@ -271,23 +275,49 @@ async fn execute(
     Ok((!returns_rows).then_some(affected))
 }
 
-/// Stops a statement the caller abandoned, from a separate connection.
-async fn kill(opts: &Opts, connection_id: u32) {
-    let killed = async {
-        let mut conn = match tokio::time::timeout(KILL_CONNECT_TIMEOUT, Conn::new(opts.clone())).await {
-            Ok(conn) => conn?,
-            Err(_) => {
-                return Err(mysql_async::Error::Other(
-                    "timed out connecting to kill a statement".into(),
-                ))
+/// Stops statements callers abandoned, with `KILL QUERY` from a session of
+/// its own, kept for the next one: one session per source (which
+/// `backend_hosts` counts), not a login per abandoned statement.
+struct Killer {
+    opts: Opts,
+    conn: tokio::sync::Mutex<Option<Conn>>,
+}
+
+impl Killer {
+    async fn kill(&self, connection_id: u32) {
+        let killed = async {
+            let mut kept = self.conn.lock().await;
+            // A kept session the server has since closed (wait_timeout) fails
+            // once; the second try opens a new one.
+            let mut last = None;
+            for _ in 0..2 {
+                let conn = match kept.as_mut() {
+                    Some(conn) => conn,
+                    None => {
+                        let opened = tokio::time::timeout(KILL_CONNECT_TIMEOUT, Conn::new(self.opts.clone()))
+                            .await
+                            .map_err(|_| {
+                                mysql_async::Error::Other("timed out connecting to kill a statement".into())
+                            })?;
+                        kept.insert(opened?)
+                    }
+                };
+                match conn.query_drop(format!("KILL QUERY {connection_id}")).await {
+                    // 1094: the statement's session is gone already.
+                    Ok(()) => return Ok(()),
+                    Err(mysql_async::Error::Server(e)) if e.code == 1094 => return Ok(()),
+                    Err(e) => {
+                        kept.take();
+                        last = Some(e);
+                    }
+                }
             }
+            Err(last.unwrap_or_else(|| mysql_async::Error::Other("no session to kill a statement from".into())))
         };
-        conn.query_drop(format!("KILL QUERY {connection_id}")).await?;
-        conn.disconnect().await
-    };
-    // Tracked, so that shutdown waits for it.
-    if let Err(e) = crate::backend::CANCELS.track_future(killed).await {
-        tracing::warn!(error = %e, "could not kill an abandoned mysql statement");
+        // Tracked, so that shutdown waits for it.
+        if let Err(e) = crate::backend::CANCELS.track_future(killed).await {
+            tracing::warn!(error = %e, "could not kill an abandoned mysql statement");
+        }
     }
 }
 
@@ -305,7 +335,7 @@ impl SqlSource for MysqlSource {
     }
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        start(Hold::Pooled(self.conn().await?), statement, self.opts.clone()).await
+        start(Hold::Pooled(self.conn().await?), statement, self.killer.clone()).await
     }
 
     async fn begin(&self, options: TxOptions) -> Result<Box<dyn SqlTransaction>, BackendError> {
@@ -333,7 +363,7 @@ impl SqlSource for MysqlSource {
                 conn,
                 rolled_back: None,
             }),
-            source: self.opts.clone(),
+            killer: self.killer.clone(),
         }))
     }
 
@@ -407,7 +437,7 @@ fn flavour(version: &str) -> String {
 
 struct MysqlTransaction {
     conn: super::TxSession<TxConn>,
-    source: Opts,
+    killer: Arc<Killer>,
 }
 
 #[async_trait]
@@ -417,7 +447,7 @@ impl SqlTransaction for MysqlTransaction {
         if let Some(cause) = tx.rolled_back {
             return Err(BackendError::TransactionRolledBack(cause));
         }
-        start(Hold::Transaction(tx), statement, self.source.clone()).await
+        start(Hold::Transaction(tx), statement, self.killer.clone()).await
     }
 
     async fn commit(&self) -> Result<(), BackendError> {
@@ -536,16 +566,16 @@ mod tests {
                 .expect("source");
         let trusting =
             MysqlSource::new(&source("tls = true\ntrust_server_certificate = true").expect("keys")).expect("source");
-        for opts in [&own_ca.opts, &own_ca.change_opts] {
+        for opts in [&own_ca.killer.opts, &own_ca.change_opts] {
             let ssl = opts.ssl_opts().expect("TLS");
             assert!(ssl.disable_built_in_roots() && ssl.root_certs().len() == 1 && !ssl.accept_invalid_certs());
         }
-        for opts in [&trusting.opts, &trusting.change_opts] {
+        for opts in [&trusting.killer.opts, &trusting.change_opts] {
             let ssl = opts.ssl_opts().expect("TLS");
             assert!(ssl.accept_invalid_certs() && !ssl.disable_built_in_roots());
         }
         let plain = MysqlSource::new(&source("").expect("keys")).expect("source");
-        assert!(plain.opts.ssl_opts().is_none() && plain.change_opts.ssl_opts().is_none());
+        assert!(plain.killer.opts.ssl_opts().is_none() && plain.change_opts.ssl_opts().is_none());
 
         let missing = source("tls = true\ntls_ca_file = \"/nonexistent/ca.pem\"").expect("checked when read");
         assert!(

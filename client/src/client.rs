@@ -990,6 +990,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stream_that_arrived_in_time_is_read_whole_however_late() {
+        let client = fake_client().await;
+        let mut request = Request::new(stream_request("src", "ok", vec![]));
+        request.set_timeout(Duration::from_millis(200));
+        let mut stream = client
+            .query()
+            .execute_stream(request)
+            .await
+            .expect("the stream starts")
+            .into_inner();
+        // Everything has arrived; the caller reads it after its deadline.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let mut messages = 0;
+        while let Some(_message) = stream.message().await.expect("no deadline error for what arrived") {
+            messages += 1;
+        }
+        assert_eq!(messages, 4);
+    }
+
+    #[tokio::test]
     async fn tls_settings_and_the_scheme_must_agree_and_be_usable() {
         // https:// alone trusts the public authorities: it gets as far as connecting.
         assert!(matches!(

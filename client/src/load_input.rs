@@ -140,16 +140,21 @@ pub fn from_json(raw: &RawValue, column: &Column) -> Result<Value, String> {
     let misfit = || format!("{text} does not fit a column of type {}", column.native_type);
     if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
         let number = |what: &str| format!("{text} is not {what}");
+        // Past a double's range, `parse` gives infinity: refused, as text.
+        let double = || match text.parse::<f64>() {
+            Ok(f) if f.is_finite() => Ok(f),
+            _ => Err(number("a number a double can hold")),
+        };
         return Ok(value(match ty {
             ColumnType::Int => Kind::Int64Value(text.parse().map_err(|_| number("a 64-bit integer"))?),
             ColumnType::Uint => Kind::Uint64Value(text.parse().map_err(|_| number("an unsigned integer"))?),
             ColumnType::Decimal => Kind::DecimalValue(text.to_string()),
-            ColumnType::Float => Kind::DoubleValue(text.parse().map_err(|_| number("a number"))?),
+            ColumnType::Float => Kind::DoubleValue(double()?),
             // A column of no one type (SQLite's): integers stay integers.
             ColumnType::Dynamic => match (text.parse::<i64>(), text.parse::<u64>()) {
                 (Ok(i), _) => Kind::Int64Value(i),
                 (_, Ok(u)) => Kind::Uint64Value(u),
-                _ => Kind::DoubleValue(text.parse().map_err(|_| number("a number"))?),
+                _ => Kind::DoubleValue(double()?),
             },
             ColumnType::Json => Kind::JsonValue(text.to_string()),
             ColumnType::String => Kind::StringValue(text.to_string()),
@@ -172,7 +177,8 @@ pub fn from_json(raw: &RawValue, column: &Column) -> Result<Value, String> {
             J::String(s) => from_text(&s, column, "\u{0}")?,
             // The document as written, numbers and all.
             _ if ty == ColumnType::Json => value(Kind::JsonValue(text.to_string())),
-            other if ty == ColumnType::String => value(Kind::StringValue(other.to_string())),
+            // An object or array as written, numbers and all.
+            _ if ty == ColumnType::String => value(Kind::StringValue(text.to_string())),
             _ => return Err(misfit()),
         },
     )
@@ -483,6 +489,14 @@ mod tests {
             Some(Kind::JsonValue("{\"id\": 123456789012345678901}".into()))
         );
         assert_eq!(at("any"), Some(Kind::Int64Value(42)), "not the double 42.0");
+        let float = col("f", ColumnType::Float);
+        let raw = |t: &str| serde_json::from_str::<Box<RawValue>>(t).expect("json");
+        assert!(from_json(&raw("1e400"), &float).is_err(), "no infinity");
+        let text = col("t", ColumnType::String);
+        assert_eq!(
+            from_json(&raw("{\"n\": 123456789012345678901}"), &text).map(|v| v.kind),
+            Ok(Some(Kind::StringValue("{\"n\": 123456789012345678901}".into())))
+        );
         let decimal = |d: &str| Value::from(Kind::DecimalValue(d.into()));
         assert_eq!(
             at("ids"),

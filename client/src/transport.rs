@@ -296,6 +296,7 @@ impl H2Channel {
                 recv,
                 data_done: false,
                 deadline: deadline.map(|(at, timeout)| (Box::pin(tokio::time::sleep_until(at)), timeout)),
+                expired: false,
                 _cancel: cancel,
             })
         }))
@@ -469,8 +470,34 @@ struct Download {
     data_done: bool,
     /// The call's deadline, and its timeout for the message.
     deadline: Option<(Pin<Box<tokio::time::Sleep>>, Duration)>,
+    /// The deadline passed: the body is over.
+    expired: bool,
     /// Dropped with the body, which stops the request's upload.
     _cancel: oneshot::Sender<()>,
+}
+
+impl Download {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.expired {
+            return Poll::Ready(None);
+        }
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Read by the caller now: the server may send as much again.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(status(e)))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(status(e)))),
+        }
+    }
 }
 
 impl http_body::Body for Download {
@@ -479,33 +506,23 @@ impl http_body::Body for Download {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        if let Some((at, timeout)) = &mut this.deadline {
-            if at.as_mut().poll(cx).is_ready() {
-                let timeout = *timeout;
-                // Once: the body is over, and dropping it resets the stream.
-                this.deadline = None;
-                this.data_done = true;
-                return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
-                    "the call's deadline of {timeout:?} passed before the server finished answering"
-                )))));
-            }
-        }
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // Read by the caller now: the server may send as much again.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
+        let frame = this.poll_recv(cx);
+        // Only while nothing is there to read: a response that arrived in
+        // time is the caller's, however late it reads it.
+        if frame.is_pending() {
+            if let Some((at, timeout)) = &mut this.deadline {
+                if at.as_mut().poll(cx).is_ready() {
+                    let timeout = *timeout;
+                    // Once: the body is over, and dropping it resets the stream.
+                    this.deadline = None;
+                    this.expired = true;
+                    return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                        "the call's deadline of {timeout:?} passed before the server finished answering"
+                    )))));
                 }
-                Some(Err(e)) => return Poll::Ready(Some(Err(status(e)))),
-                None => this.data_done = true,
             }
         }
-        match ready!(this.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(status(e)))),
-        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

@@ -128,7 +128,9 @@ enum Command {
         /// Name of the Kafka source.
         source: String,
         topic: String,
-        #[arg(allow_hyphen_values = true)]
+        /// Values of the records; put `--` before values that start with
+        /// `-` and are not numbers.
+        #[arg(allow_negative_numbers = true)]
         values: Vec<String>,
         /// Read one record per line from this file.
         #[arg(long)]
@@ -1353,8 +1355,15 @@ mod tests {
             panic!("a query");
         };
         assert_eq!(params, [Value::from(-5_i64), Value::from(-1.5)]);
-        let cli = Cli::try_parse_from(["weirctl", "produce", "events", "t", "-1", "-x"]).expect("parses");
-        assert!(matches!(cli.command, Command::Produce { values, .. } if values == ["-1", "-x"]));
+        // Options after the values stay options, not records.
+        let cli = Cli::try_parse_from(["weirctl", "produce", "events", "t", "-1", "hello", "--record-key", "k"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Produce { values, record_key: Some(key), .. } if values == ["-1", "hello"] && key == "k"
+        ));
+        let cli = Cli::try_parse_from(["weirctl", "produce", "events", "t", "--", "-x"]).expect("parses");
+        assert!(matches!(cli.command, Command::Produce { values, .. } if values == ["-x"]));
     }
 
     #[tokio::test]

@@ -2,6 +2,8 @@
 //! positions, topic metadata. No pretend schema of a topic: these sources
 //! sit behind their own trait, not `SqlSource`.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use super::{BackendError, Capabilities, ConnectionInfo};
@@ -74,12 +76,15 @@ pub enum Start {
     Timestamp(i64),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConsumeSpec {
     pub topics: Vec<String>,
     /// The group id on the broker, already namespaced for the tenant.
     pub group: String,
     pub start: Start,
+    /// Told of each automatic commit the broker refused, with the reason;
+    /// also of those made after the stream ended.
+    pub on_failed_commit: Arc<dyn Fn(String) + Send + Sync>,
 }
 
 /// Records as they arrive, in batches. Dropping it leaves the group.
@@ -88,31 +93,37 @@ pub trait RecordStream: Send {
     /// The next batch; `None` when the stream ended.
     async fn next(&mut self) -> Option<Result<Vec<InRecord>, BackendError>>;
     /// Commits, for the stream's group, these offsets (each partition's
-    /// next record after those delivered to the client).
-    fn commit(&self, next: &[PartitionOffset]) -> Result<(), BackendError>;
-    /// Commits the broker refused after `commit` returned (they complete in
-    /// the background) since the stream began, and the last one's reason.
-    fn failed_commits(&self) -> (u64, String);
+    /// next record after those delivered to the client), in the background;
+    /// a refusal goes to `ConsumeSpec::on_failed_commit`.
+    fn commit(&self, next: Vec<PartitionOffset>);
 }
 
 /// The offsets a group resumes from after `delivered`: per partition, the
 /// one after the last record.
 pub fn next_offsets(delivered: &[InRecord]) -> Vec<PartitionOffset> {
-    let mut next: Vec<PartitionOffset> = Vec::new();
+    let mut next = Vec::new();
     for r in delivered {
-        match next
-            .iter_mut()
-            .find(|o| o.partition == r.partition && o.topic == r.topic)
-        {
-            Some(o) => o.offset = o.offset.max(r.offset + 1),
-            None => next.push(PartitionOffset {
+        merge_offset(
+            &mut next,
+            PartitionOffset {
                 topic: r.topic.clone(),
                 partition: r.partition,
                 offset: r.offset + 1,
-            }),
-        }
+            },
+        );
     }
     next
+}
+
+/// Adds `offset` to `offsets`, keeping the larger one per partition.
+pub fn merge_offset(offsets: &mut Vec<PartitionOffset>, offset: PartitionOffset) {
+    match offsets
+        .iter_mut()
+        .find(|o| o.partition == offset.partition && o.topic == offset.topic)
+    {
+        Some(o) => o.offset = o.offset.max(offset.offset),
+        None => offsets.push(offset),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -272,7 +272,16 @@ impl Pump<'_> {
             tokio::select! {
                 item = feed.items.recv() => {
                     let item = match item {
-                        None => return,
+                        // The reader ends only after saying why, or when this
+                        // stream is gone: this is a reader that panicked.
+                        None => {
+                            tx.fail(crate::backend::BackendError::Internal(
+                                "the change stream's reader stopped unexpectedly (see the server log); \
+                                 watch again to resume from the last acknowledged position"
+                                    .into(),
+                            ));
+                            return;
+                        }
                         Some(Err(e)) => {
                             tx.fail(e);
                             return;

@@ -155,56 +155,7 @@ async fn deliver(
     auto_commit: bool,
     max_records: u64,
     tx: ConsumeSender,
-    cut: watch::Receiver<bool>,
-) {
-    let mut failed_seen = 0;
-    deliver_records(
-        &caller,
-        &source,
-        &mut *records,
-        auto_commit,
-        max_records,
-        tx,
-        cut,
-        &mut failed_seen,
-    )
-    .await;
-    report_failed_commits(&caller, &source, &*records, &mut failed_seen);
-}
-
-/// Counts and logs commits the broker refused since the last look: the
-/// stream goes on (its records since the last commit that held will be
-/// delivered again to the group), but the operator learns of it.
-fn report_failed_commits(
-    caller: &Caller,
-    source: &str,
-    records: &dyn crate::backend::topics::RecordStream,
-    seen: &mut u64,
-) {
-    let (failed, reason) = records.failed_commits();
-    if failed > *seen {
-        caller.tenant.count_failed_commits(source, failed - *seen);
-        tracing::warn!(
-            tenant = %caller.tenant.id,
-            source,
-            failed = failed - *seen,
-            reason = %reason,
-            "the broker refused automatic offset commits of a Consume stream; its group will get those records again"
-        );
-        *seen = failed;
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn deliver_records(
-    caller: &Caller,
-    source: &str,
-    records: &mut dyn crate::backend::topics::RecordStream,
-    auto_commit: bool,
-    max_records: u64,
-    tx: ConsumeSender,
     mut cut: watch::Receiver<bool>,
-    failed_seen: &mut u64,
 ) {
     let mut sent = 0u64;
     let mut throttled = std::time::Duration::ZERO;
@@ -235,7 +186,7 @@ async fn deliver_records(
             .charge_records(batch.len() as u64, bytes as u64)
             .await;
         sent += batch.len() as u64;
-        caller.tenant.count_returned(source, batch.len() as u64, bytes as u64);
+        caller.tenant.count_returned(&source, batch.len() as u64, bytes as u64);
         // Offsets are committed only for what reached the client's stream.
         let delivered = auto_commit.then(|| crate::backend::topics::next_offsets(&batch));
         let response = pb::ConsumeResponse {
@@ -247,16 +198,28 @@ async fn deliver_records(
             return;
         }
         if let Some(delivered) = delivered {
-            if let Err(e) = records.commit(&delivered) {
-                tx.fail(e);
-                return;
-            }
-            report_failed_commits(caller, source, records, failed_seen);
+            records.commit(delivered);
         }
         if max_records > 0 && sent >= max_records {
             return;
         }
     }
+}
+
+/// Counts and logs an automatic commit the broker refused: the stream goes
+/// on (its group gets the records since its last commit again), but the
+/// operator learns of it.
+fn failed_commit_reporter(caller: &Caller, source: &str) -> Arc<dyn Fn(String) + Send + Sync> {
+    let (tenant, source) = (caller.tenant.clone(), source.to_string());
+    Arc::new(move |reason: String| {
+        tenant.count_failed_commits(&source, 1);
+        tracing::warn!(
+            tenant = %tenant.id,
+            source = %source,
+            reason = %reason,
+            "the broker refused an automatic offset commit of a Consume stream; its group will get those records again"
+        );
+    })
 }
 
 #[tonic::async_trait]
@@ -326,6 +289,7 @@ impl StreamService for StreamApi {
             topics: r.topics,
             group: group_id(&caller, &r.group)?,
             start: start(topics.as_ref(), r.start)?,
+            on_failed_commit: failed_commit_reporter(&caller, &r.source),
         };
         let auto_commit = match pb::CommitMode::try_from(r.commit_mode) {
             Ok(pb::CommitMode::Unspecified) => true,

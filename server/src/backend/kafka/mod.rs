@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use producer::{Producer, Record};
 
 use super::topics::{
-    Ack, ConsumeSpec, InRecord, OutRecord, PartitionInfo, PartitionOffset, RecordStream, Start, TopicInfo, TopicSource,
+    merge_offset, Ack, ConsumeSpec, InRecord, OutRecord, PartitionInfo, PartitionOffset, RecordStream, Start,
+    TopicInfo, TopicSource,
 };
 use super::{BackendError, Capabilities, ConnectionInfo, EngineErrorKind};
 use crate::config::SourceConfig;
@@ -218,18 +219,11 @@ fn record<M: Message>(m: &M) -> InRecord {
     }
 }
 
-/// Commits that failed in a stream's committer task, and the last reason.
-#[derive(Default)]
-struct FailedCommits {
-    count: std::sync::atomic::AtomicU64,
-    last: Mutex<String>,
-}
-
 struct KafkaRecords {
     rx: mpsc::Receiver<Result<Vec<InRecord>, BackendError>>,
-    /// Offsets to commit, merged per partition, for the committer task.
-    pending: tokio::sync::watch::Sender<Vec<PartitionOffset>>,
-    failed: Arc<FailedCommits>,
+    /// Offsets for the committer task; dropped with the stream, after which
+    /// the task commits what is left and ends.
+    commits: mpsc::UnboundedSender<Vec<PartitionOffset>>,
 }
 
 #[async_trait]
@@ -239,59 +233,50 @@ impl RecordStream for KafkaRecords {
     }
 
     /// Hands the offsets to the committer task: commits stay in order (a
-    /// later one never loses to an earlier one), consecutive ones are
-    /// merged, and the outcome is known (librdkafka reports an asynchronous
-    /// manual commit's result to no one).
-    fn commit(&self, next: &[PartitionOffset]) -> Result<(), BackendError> {
-        if next.is_empty() {
-            return Ok(());
+    /// later one never loses to an earlier one), those queued while one is
+    /// in flight are merged, each commits only the partitions delivered
+    /// since the last (never a partition the group has since given to
+    /// another member), and the outcome is known (librdkafka reports an
+    /// asynchronous manual commit's result to no one).
+    fn commit(&self, next: Vec<PartitionOffset>) {
+        if !next.is_empty() {
+            // The task outlives the stream; it is gone only after a panic.
+            let _ = self.commits.send(next);
         }
-        self.pending.send_modify(|pending| {
-            for o in next {
-                match pending
-                    .iter_mut()
-                    .find(|p| p.partition == o.partition && p.topic == o.topic)
-                {
-                    Some(p) => p.offset = p.offset.max(o.offset),
-                    None => pending.push(o.clone()),
-                }
-            }
-        });
-        Ok(())
-    }
-
-    fn failed_commits(&self) -> (u64, String) {
-        let failed = self.failed.count.load(std::sync::atomic::Ordering::Relaxed);
-        (failed, self.failed.last.lock().clone())
     }
 }
 
-/// Commits the latest pending offsets, one commit at a time, until the
-/// stream is gone and its last offsets are committed.
+/// The offsets as librdkafka takes them.
+fn partition_list(offsets: &[PartitionOffset]) -> KafkaResult<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for o in offsets {
+        tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.offset))?;
+    }
+    Ok(tpl)
+}
+
+/// Commits the offsets it is given, one commit at a time, until the stream
+/// is gone and its last offsets are committed. Shutdown waits for it
+/// (`CANCELS`), so a stream cut at shutdown still commits what it delivered.
 async fn commit_in_order(
     consumer: Arc<StreamConsumer>,
-    mut pending: tokio::sync::watch::Receiver<Vec<PartitionOffset>>,
-    failed: Arc<FailedCommits>,
+    mut commits: mpsc::UnboundedReceiver<Vec<PartitionOffset>>,
+    on_failure: Arc<dyn Fn(String) + Send + Sync>,
 ) {
-    // Also Ok once the stream is gone, while a value is unseen.
-    while pending.changed().await.is_ok() {
-        let offsets = pending.borrow_and_update().clone();
-        let consumer = consumer.clone();
-        let committed = tokio::task::spawn_blocking(move || {
-            let mut tpl = TopicPartitionList::new();
-            for o in &offsets {
-                tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.offset))?;
+    while let Some(mut offsets) = commits.recv().await {
+        while let Ok(more) = commits.try_recv() {
+            for o in more {
+                merge_offset(&mut offsets, o);
             }
-            consumer.commit(&tpl, CommitMode::Sync)
-        })
-        .await;
-        let error = match committed {
-            Ok(Ok(())) => continue,
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => e.to_string(),
-        };
-        *failed.last.lock() = error;
-        failed.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let consumer = consumer.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit(&partition_list(&offsets)?, CommitMode::Sync)).await;
+        match committed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => on_failure(e.to_string()),
+            Err(e) => on_failure(e.to_string()),
+        }
     }
 }
 
@@ -438,12 +423,9 @@ impl TopicSource for KafkaSource {
         match &spec.start {
             Start::Earliest | Start::Latest => consumer.subscribe(&topics).map_err(map_error)?,
             Start::Offsets(offsets) => {
-                let mut tpl = TopicPartitionList::new();
-                for o in offsets {
-                    tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.offset))
-                        .map_err(map_error)?;
-                }
-                consumer.assign(&tpl).map_err(map_error)?;
+                consumer
+                    .assign(&partition_list(offsets).map_err(map_error)?)
+                    .map_err(map_error)?;
             }
             Start::Timestamp(ms) => {
                 let (c, ms, names) = (consumer.clone(), *ms, spec.topics.clone());
@@ -464,7 +446,11 @@ impl TopicSource for KafkaSource {
                             }
                         }
                     }
-                    c.offsets_for_times(wanted, METADATA_TIMEOUT)
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut));
+                    }
+                    c.offsets_for_times(wanted, left)
                 })
                 .await
                 .map_err(|e| BackendError::Internal(e.to_string()))?
@@ -483,19 +469,18 @@ impl TopicSource for KafkaSource {
                 .push(Arc::downgrade(&consumer));
         }
         let (tx, rx) = mpsc::channel(CONSUMER_BUFFER);
-        let (pending, commits) = tokio::sync::watch::channel(Vec::new());
-        let failed = Arc::new(FailedCommits::default());
-        tokio::spawn(commit_in_order(consumer.clone(), commits, failed.clone()));
+        let (commits, to_commit) = mpsc::unbounded_channel();
+        super::CANCELS.spawn(commit_in_order(
+            consumer.clone(),
+            to_commit,
+            spec.on_failed_commit.clone(),
+        ));
         tokio::spawn(pump(consumer, tx));
-        Ok(Box::new(KafkaRecords { rx, pending, failed }))
+        Ok(Box::new(KafkaRecords { rx, commits }))
     }
 
     async fn commit(&self, group: &str, offsets: Vec<PartitionOffset>) -> Result<(), BackendError> {
-        let mut tpl = TopicPartitionList::new();
-        for o in &offsets {
-            tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.offset))
-                .map_err(map_error)?;
-        }
+        let tpl = partition_list(&offsets).map_err(map_error)?;
         let live = self
             .consumers
             .lock()

@@ -123,7 +123,12 @@ impl Stage {
                 let n = numeric(d)?;
                 text(decimal_text(n.value(), n.scale()))
             }
-            (Stage::Decimal, Value::Float(f)) if f.is_finite() => text(f.to_string()),
+            // Through SQL Server's own decimal, so that a double past its 38
+            // digits (1e-200) is the row's error, not the staging column's.
+            (Stage::Decimal, Value::Float(f)) if f.is_finite() => {
+                let n = numeric(&format!("{f:?}"))?;
+                text(decimal_text(n.value(), n.scale()))
+            }
             (Stage::Text, Value::Decimal(d)) => text(d.clone()),
             (Stage::Text | Stage::Decimal, Value::Int(i)) => text(i.to_string()),
             (Stage::Text | Stage::Decimal, Value::UInt(u)) => text(u.to_string()),
@@ -446,6 +451,7 @@ mod tests {
             (Value::Decimal("-2.5e-3".into()), "-0.0025"),
             (Value::Float(1e-5), "0.00001"),
             (Value::Float(1e16), "10000000000000000"),
+            (Value::Float(-2.5), "-2.5"),
         ] {
             assert!(
                 matches!(stage(ColumnType::Decimal).value(&value), Ok(ColumnData::String(Some(ref s))) if s == sent),
@@ -457,6 +463,7 @@ mod tests {
             (ColumnType::Unsupported, Value::Bytes(vec![1])),
             (ColumnType::Int, Value::Text("x".into())),
             (ColumnType::Decimal, Value::Float(f64::NAN)),
+            (ColumnType::Decimal, Value::Float(1e-200)),
         ] {
             assert!(stage(column).value(&value).is_err(), "{column:?} {value:?}");
         }

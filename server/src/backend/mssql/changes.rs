@@ -532,7 +532,11 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
     };
     let (manager, id, name) = (manager.clone(), reader.spec.id.clone(), reader.spec.name.clone());
     tokio::spawn(async move {
-        if let Err(e) = reader.run(ack_rx).await {
+        // tiberius panics on a value it cannot read (sql_variant, CLR types).
+        let ran = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(reader.run(ack_rx)))
+            .await
+            .unwrap_or_else(|_| Err(super::driver_panic()));
+        if let Err(e) = ran {
             // A take-over KILLs this session from outside: say so rather than "connection lost".
             let e = if !tx.is_closed() && taken_over(&manager, &id, own).await {
                 BackendError::SubscriptionTakenOver(name)

@@ -266,7 +266,7 @@ fn transaction_closed() -> BackendError {
 }
 
 /// tiberius panics on what it cannot decode instead of returning an error.
-fn driver_panic() -> BackendError {
+pub(super) fn driver_panic() -> BackendError {
     BackendError::Invalid(
         "the SQL Server driver could not read this result: sql_variant, CLR types (geometry, geography, \
          hierarchyid) and decimals with a scale of 38 are not supported; CAST such columns, for example \

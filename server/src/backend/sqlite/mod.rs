@@ -32,9 +32,10 @@ const PROGRESS_OPS: i32 = 10_000;
 /// The largest string or blob a statement may make or return.
 const MAX_VALUE_BYTES: i32 = 64 * 1024 * 1024;
 
-/// How long a statement waits for another connection's write lock, in steps.
+/// How long a statement waits for another connection's write lock.
 const BUSY_WAIT: Duration = Duration::from_secs(5);
-const BUSY_STEP: Duration = Duration::from_millis(5);
+/// Pauses between tries for the lock (ms), the last repeated: SQLite's own.
+const BUSY_PAUSES: [u64; 12] = [1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100];
 
 thread_local! {
     /// The abandon flag of the statement running on this blocking thread,
@@ -47,11 +48,43 @@ thread_local! {
 /// DEADLINE_EXCEEDED must not take the lock later and commit.
 fn wait_for_lock(tries: i32) -> bool {
     let abandoned = RUNNING.with(|r| r.borrow().as_ref().is_some_and(|f| f.load(Ordering::Relaxed)));
-    if abandoned || BUSY_STEP * tries.unsigned_abs() >= BUSY_WAIT {
+    let tries = usize::try_from(tries).unwrap_or(0);
+    let pause = |i: usize| BUSY_PAUSES[i.min(BUSY_PAUSES.len() - 1)];
+    let waited: u64 = (0..tries).map(pause).sum();
+    if abandoned || Duration::from_millis(waited) >= BUSY_WAIT {
         return false;
     }
-    std::thread::sleep(BUSY_STEP);
+    std::thread::sleep(Duration::from_millis(pause(tries)));
     true
+}
+
+/// Clears what `start` sets on a connection for one statement, also when
+/// the statement panics: a pooled connection must not keep another
+/// statement's abandon flag in its hooks.
+struct StatementHooks<'a> {
+    conn: &'a Connection,
+}
+
+impl<'a> StatementHooks<'a> {
+    fn install(conn: &'a Connection, abandoned: &Arc<AtomicBool>, pooled: bool) -> Self {
+        let interrupt = abandoned.clone();
+        conn.progress_handler(PROGRESS_OPS, Some(move || interrupt.load(Ordering::Relaxed)));
+        if pooled {
+            // An abandoned statement's own commit becomes a rollback.
+            let abandoned = abandoned.clone();
+            conn.commit_hook(Some(move || abandoned.load(Ordering::Relaxed)));
+        }
+        RUNNING.with(|r| *r.borrow_mut() = Some(abandoned.clone()));
+        Self { conn }
+    }
+}
+
+impl Drop for StatementHooks<'_> {
+    fn drop(&mut self) {
+        RUNNING.with(|r| r.borrow_mut().take());
+        self.conn.progress_handler(PROGRESS_OPS, None::<fn() -> bool>);
+        self.conn.commit_hook(None::<fn() -> bool>);
+    }
 }
 
 /// PRAGMAs that set state of the whole process, not of one connection:
@@ -398,19 +431,8 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
         let mut hold = hold;
         let pooled = matches!(hold, Hold::Pooled(_));
         let outcome = hold.conn().and_then(|conn| {
-            let interrupt = flag.clone();
-            conn.progress_handler(PROGRESS_OPS, Some(move || interrupt.load(Ordering::Relaxed)));
-            if pooled {
-                // An abandoned statement's own commit becomes a rollback.
-                let abandoned = flag.clone();
-                conn.commit_hook(Some(move || abandoned.load(Ordering::Relaxed)));
-            }
-            RUNNING.with(|r| *r.borrow_mut() = Some(flag));
-            let outcome = execute(conn, &statement, &mut worker);
-            RUNNING.with(|r| r.borrow_mut().take());
-            conn.progress_handler(PROGRESS_OPS, None::<fn() -> bool>);
-            conn.commit_hook(None::<fn() -> bool>);
-            outcome
+            let _hooks = StatementHooks::install(conn, &flag, pooled);
+            execute(conn, &statement, &mut worker)
         });
         // Closed rather than pooled: the next caller must not find another's
         // pragmas (foreign_keys off, query_only on) or temporary tables,

@@ -4,7 +4,7 @@
 //! decimals, dates and so on rather than text. A value that does not parse
 //! is reported with its line and column.
 
-use std::io::{BufRead, Read};
+use std::io::{self, BufRead, Read};
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Timelike};
 use serde_json::value::RawValue;
@@ -68,11 +68,8 @@ fn timestamp(s: &str) -> Result<prost_types::Timestamp, String> {
     })
 }
 
-/// A text field as a value of the column's type; `null` is the text that means NULL.
-pub fn from_text(text: &str, column: &Column, null_marker: &str) -> Result<Value, String> {
-    if text == null_marker {
-        return Ok(null());
-    }
+/// A text field as a value of the column's type.
+pub fn from_text(text: &str, column: &Column) -> Result<Value, String> {
     let ty = ColumnType::try_from(column.r#type).unwrap_or(ColumnType::String);
     let bad = |what: &str| format!("'{text}' is not {what}");
     Ok(value(match ty {
@@ -174,7 +171,7 @@ pub fn from_json(raw: &RawValue, column: &Column) -> Result<Value, String> {
         match serde_json::from_str::<J>(text).map_err(|e| format!("invalid JSON: {e}"))? {
             J::Null => null(),
             J::Bool(b) => value(Kind::BoolValue(b)),
-            J::String(s) => from_text(&s, column, "\u{0}")?,
+            J::String(s) => from_text(&s, column)?,
             // The document as written, numbers and all.
             _ if ty == ColumnType::Json => value(Kind::JsonValue(text.to_string())),
             // An object or array as written, numbers and all.
@@ -191,34 +188,152 @@ pub trait RowReader: Send {
     fn next_row(&mut self, columns: &[Column]) -> Option<Result<Row, InputError>>;
     /// Bytes read so far.
     fn bytes_read(&self) -> u64;
+    /// The input line the last row read starts on (1-based).
+    fn row_line(&self) -> u64;
 }
 
+/// Where each row of a load starts in its input, for the server's row
+/// indexes (which count rows from 0): kept only where a row's line is not
+/// the last row's plus one (a line break inside a quoted field, a blank
+/// line), so it stays small however many rows a load has.
+#[derive(Debug, Default, Clone)]
+pub struct RowLines {
+    /// (row index, its line less its index) from that row on.
+    offsets: Vec<(u64, u64)>,
+}
+
+impl RowLines {
+    /// Records that row `row` starts on line `line`.
+    pub fn record(&mut self, row: u64, line: u64) {
+        let offset = line.saturating_sub(row);
+        if self.offsets.last().is_none_or(|&(_, last)| last != offset) {
+            self.offsets.push((row, offset));
+        }
+    }
+
+    /// The line row `row` starts on; rows past the last one recorded are
+    /// taken to follow it line by line.
+    pub fn line_of(&self, row: u64) -> Option<u64> {
+        let at = self.offsets.partition_point(|&(r, _)| r <= row);
+        at.checked_sub(1).map(|i| row + self.offsets[i].1)
+    }
+}
+
+/// CSV (RFC 4180) with a header line. An unquoted field equal to the NULL
+/// marker is NULL; a quoted one never is, so `""` stays an empty string
+/// (as PostgreSQL's CSV COPY reads it, and as `weirctl query --format csv`
+/// writes them).
 pub struct CsvReader<R: Read> {
-    records: csv::Reader<R>,
+    input: io::BufReader<R>,
     names: Vec<String>,
-    record: csv::StringRecord,
+    /// The record just read: each field, and whether it was quoted.
+    fields: Vec<(String, bool)>,
     null_marker: String,
+    /// Lines read so far, and bytes.
+    line: u64,
+    bytes: u64,
+    buffer: String,
+    /// The first line of the last row read.
+    row_line: u64,
 }
 
 impl<R: Read + Send> CsvReader<R> {
     pub fn new(input: R, null_marker: &str) -> Result<Self, InputError> {
-        let mut records = csv::ReaderBuilder::new().has_headers(true).from_reader(input);
-        let names = records
-            .headers()
-            .map_err(|e| InputError {
+        let mut reader = Self {
+            input: io::BufReader::new(input),
+            names: Vec::new(),
+            fields: Vec::new(),
+            null_marker: null_marker.to_string(),
+            line: 0,
+            bytes: 0,
+            buffer: String::new(),
+            row_line: 0,
+        };
+        if reader.read_record()?.is_none() {
+            return Err(InputError {
                 line: 1,
                 column: None,
-                message: format!("cannot read the CSV header: {e}"),
-            })?
-            .iter()
-            .map(str::to_string)
-            .collect();
-        Ok(Self {
-            records,
-            names,
-            record: csv::StringRecord::new(),
-            null_marker: null_marker.to_string(),
-        })
+                message: "cannot read the CSV header: the input is empty".into(),
+            });
+        }
+        reader.names = reader.fields.drain(..).map(|(name, _)| name).collect();
+        Ok(reader)
+    }
+
+    /// Appends the next line to the buffer; 0 at the end of the input.
+    fn read_line(&mut self) -> Result<usize, InputError> {
+        let n = self.input.read_line(&mut self.buffer).map_err(|e| InputError {
+            line: self.line + 1,
+            column: None,
+            message: format!("cannot read the input: {e}"),
+        })?;
+        if n > 0 {
+            self.line += 1;
+            self.bytes += n as u64;
+        }
+        Ok(n)
+    }
+
+    /// Reads the next record into `fields`, skipping blank lines; its first
+    /// line, or `None` at the end of the input.
+    fn read_record(&mut self) -> Result<Option<u64>, InputError> {
+        self.fields.clear();
+        loop {
+            self.buffer.clear();
+            if self.read_line()? == 0 {
+                return Ok(None);
+            }
+            if !self.buffer.trim_end_matches(['\r', '\n']).is_empty() {
+                break;
+            }
+        }
+        let first = self.line;
+        let (mut field, mut quoted, mut in_quotes, mut at) = (String::new(), false, false, 0);
+        loop {
+            let Some(c) = self.buffer[at..].chars().next() else {
+                if in_quotes {
+                    // A quoted field goes on across lines.
+                    if self.read_line()? == 0 {
+                        return Err(InputError {
+                            line: first,
+                            column: None,
+                            message: "a quoted field is not closed before the end of the input".into(),
+                        });
+                    }
+                    continue;
+                }
+                // The last line, without a line break.
+                self.fields.push((field, quoted));
+                return Ok(Some(first));
+            };
+            at += c.len_utf8();
+            let next = self.buffer[at..].chars().next();
+            if in_quotes {
+                match (c, next) {
+                    ('"', Some('"')) => {
+                        field.push('"');
+                        at += 1;
+                    }
+                    ('"', _) => in_quotes = false,
+                    _ => field.push(c),
+                }
+                continue;
+            }
+            match (c, next) {
+                ('"', _) if field.is_empty() && !quoted => {
+                    quoted = true;
+                    in_quotes = true;
+                }
+                (',', _) => self
+                    .fields
+                    .push((std::mem::take(&mut field), std::mem::take(&mut quoted))),
+                ('\n', _) | ('\r', Some('\n') | None) => {
+                    self.fields.push((field, quoted));
+                    return Ok(Some(first));
+                }
+                _ => field.push(c),
+            }
+        }
     }
 }
 
@@ -228,41 +343,43 @@ impl<R: Read + Send> RowReader for CsvReader<R> {
     }
 
     fn next_row(&mut self, columns: &[Column]) -> Option<Result<Row, InputError>> {
-        match self.records.read_record(&mut self.record) {
-            Ok(false) => None,
-            Err(e) => Some(Err(InputError {
-                line: e.position().map_or(0, |p| p.line()),
+        let line = match self.read_record() {
+            Ok(None) => return None,
+            Ok(Some(line)) => line,
+            Err(e) => return Some(Err(e)),
+        };
+        self.row_line = line;
+        if self.fields.len() != columns.len() {
+            return Some(Err(InputError {
+                line,
                 column: None,
-                message: e.to_string(),
-            })),
-            Ok(true) => {
-                let line = self.record.position().map_or(0, |p| p.line());
-                if self.record.len() != columns.len() {
-                    return Some(Err(InputError {
-                        line,
-                        column: None,
-                        message: format!("{} fields, but the header names {}", self.record.len(), columns.len()),
-                    }));
-                }
-                let values = self
-                    .record
-                    .iter()
-                    .zip(columns)
-                    .map(|(field, c)| {
-                        from_text(field, c, &self.null_marker).map_err(|message| InputError {
-                            line,
-                            column: Some(c.name.clone()),
-                            message,
-                        })
-                    })
-                    .collect::<Result<_, _>>();
-                Some(values.map(|values| Row { values }))
-            }
+                message: format!("{} fields, but the header names {}", self.fields.len(), columns.len()),
+            }));
         }
+        let values = self
+            .fields
+            .iter()
+            .zip(columns)
+            .map(|((field, quoted), c)| {
+                if !quoted && *field == self.null_marker {
+                    return Ok(null());
+                }
+                from_text(field, c).map_err(|message| InputError {
+                    line,
+                    column: Some(c.name.clone()),
+                    message,
+                })
+            })
+            .collect::<Result<_, _>>();
+        Some(values.map(|values| Row { values }))
     }
 
     fn bytes_read(&self) -> u64 {
-        self.records.position().byte()
+        self.bytes
+    }
+
+    fn row_line(&self) -> u64 {
+        self.row_line
     }
 }
 
@@ -376,6 +493,10 @@ impl<R: BufRead + Send> RowReader for JsonLinesReader<R> {
     fn bytes_read(&self) -> u64 {
         self.bytes
     }
+
+    fn row_line(&self) -> u64 {
+        self.line
+    }
 }
 
 #[cfg(test)]
@@ -427,6 +548,57 @@ mod tests {
         assert!(match_columns(&["nope".into()], &table)
             .unwrap_err()
             .contains("id, price, day"));
+    }
+
+    #[test]
+    fn csv_tells_null_from_empty_text_as_weirctl_writes_them() {
+        let table = vec![
+            col("a", ColumnType::String),
+            col("b", ColumnType::String),
+            col("n", ColumnType::Int),
+        ];
+        let input = "a,b,n\n,\"\",1\r\n\"x,y\",\"two\nlines \"\"quoted\"\"\",2\n\n\\N,\"\\N\",x\n";
+        let mut reader = CsvReader::new(input.as_bytes(), "").expect("header");
+        let columns = match_columns(reader.column_names(), &table).expect("columns");
+        let first = reader.next_row(&columns).expect("row").expect("parses");
+        assert_eq!(
+            kinds(&first),
+            vec![Some(Kind::Null(true)), Some(string("")), Some(Kind::Int64Value(1))],
+            "an empty unquoted field is NULL, a quoted one empty text"
+        );
+        let second = reader.next_row(&columns).expect("row").expect("parses");
+        assert_eq!(second.values[0].kind, Some(string("x,y")));
+        assert_eq!(second.values[1].kind, Some(string("two\nlines \"quoted\"")));
+        // Its line counts the line break inside the quoted field and the blank line.
+        let err = reader.next_row(&columns).expect("row").expect_err("x is no integer");
+        assert_eq!((err.line, err.column.as_deref()), (6, Some("n")));
+        assert_eq!(reader.row_line(), 6);
+        assert!(reader.next_row(&columns).is_none());
+        // With a marker of its own, only the unquoted one is NULL.
+        let mut reader = CsvReader::new("a,b\n\\N,\"\\N\"\n".as_bytes(), "\\N").expect("header");
+        let columns = match_columns(reader.column_names(), &table[..2]).expect("columns");
+        let row = reader.next_row(&columns).expect("row").expect("parses");
+        assert_eq!(kinds(&row), vec![Some(Kind::Null(true)), Some(string("\\N"))]);
+        let mut unclosed = CsvReader::new("a\n\"open\n".as_bytes(), "").expect("header");
+        let err = unclosed.next_row(&table[..1]).expect("row").expect_err("unclosed");
+        assert_eq!(err.line, 2);
+    }
+
+    #[test]
+    fn row_indexes_map_to_their_lines() {
+        let mut lines = RowLines::default();
+        // Header on line 1; row 2 spans lines 4-5; a blank line 8.
+        for (row, line) in [(0, 2), (1, 3), (2, 4), (3, 6), (4, 7), (5, 9)] {
+            lines.record(row, line);
+        }
+        let found: Vec<_> = (0..7).map(|r| lines.line_of(r)).collect();
+        assert_eq!(found, [Some(2), Some(3), Some(4), Some(6), Some(7), Some(9), Some(10)]);
+        assert_eq!(lines.offsets.len(), 3, "kept only where the offset changes");
+        assert_eq!(RowLines::default().line_of(0), None);
+    }
+
+    fn string(s: &str) -> Kind {
+        Kind::StringValue(s.into())
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use tonic::Status;
-use weir_client::load_input::{match_columns, CsvReader, JsonLinesReader, RowReader};
+use tonic_types::StatusExt;
+use weir_client::load_input::{match_columns, CsvReader, JsonLinesReader, RowLines, RowReader};
 use weir_client::output;
 use weir_client::output::{Format, RowWriter};
 use weir_client::weir_proto::v1::{
@@ -838,13 +839,22 @@ async fn load(
     let columns = match_columns(rows.column_names(), &table_columns).map_err(Failure::Input)?;
     header.columns = columns.iter().map(|c| c.name.clone()).collect();
     let (rows_read, bytes_read) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    // The server names rows by index; the user knows the file by line.
+    let lines = Arc::new(std::sync::Mutex::new(RowLines::default()));
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let progress = (rows_read.clone(), bytes_read.clone());
+    let progress = (rows_read.clone(), bytes_read.clone(), lines.clone());
     tokio::task::spawn_blocking(move || {
         let mut batch = Batch::new(batch_rows);
+        let mut index = 0u64;
         while let Some(row) = rows.next_row(&columns) {
             let full = match row {
-                Ok(row) => batch.push(row),
+                Ok(row) => {
+                    if let Ok(mut lines) = progress.2.lock() {
+                        lines.record(index, rows.row_line());
+                    }
+                    index += 1;
+                    batch.push(row)
+                }
                 Err(e) => {
                     let _ = tx.blocking_send(Err(e.to_string()));
                     return;
@@ -887,7 +897,17 @@ async fn load(
         ticker.abort();
         eprintln!();
     }
-    let response = result?;
+    let line_of = |row: u64| lines.lock().ok().and_then(|l| l.line_of(row));
+    let response = result.map_err(|status| {
+        let row = status
+            .get_error_details()
+            .error_info()
+            .and_then(|i| i.metadata.get("row_index").and_then(|r| r.parse().ok()));
+        match row.and_then(line_of) {
+            Some(line) => Failure::Input(format!("{} (input line {line})", describe_status(&status))),
+            None => status.into(),
+        }
+    })?;
     let seconds = response.elapsed.map_or(started.elapsed().as_secs_f64(), |d| {
         d.seconds as f64 + f64::from(d.nanos) / 1e9
     });
@@ -901,7 +921,7 @@ async fn load(
             "engine_path": response.engine_path,
             "replayed": response.replayed,
             "row_errors": response.row_errors.iter().map(|e| json!({
-                "row_index": e.row_index, "column": e.column, "message": e.message,
+                "row_index": e.row_index, "line": line_of(e.row_index), "column": e.column, "message": e.message,
             })).collect::<Vec<_>>(),
         });
         writeln!(out, "{summary}")?;
@@ -913,7 +933,8 @@ async fn load(
         } else {
             format!(", column \"{}\"", e.column)
         };
-        writeln!(out, "skipped row {}{column}: {}", e.row_index, e.message)?;
+        let line = line_of(e.row_index).map_or(String::new(), |l| format!(" (input line {l})"));
+        writeln!(out, "skipped row {}{line}{column}: {}", e.row_index, e.message)?;
     }
     if response.replayed {
         writeln!(

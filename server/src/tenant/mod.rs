@@ -244,9 +244,20 @@ impl Tenants {
     /// reason for the server's log only. When both are presented they must
     /// be the same tenant's.
     pub fn authenticate(&self, bearer: Option<&str>, identities: &[String]) -> Result<Caller, String> {
-        let by_cert = identities
+        let mut matches = identities
             .iter()
-            .find_map(|name| self.by_identity.get(name).map(|t| (name, t)));
+            .filter_map(|name| self.by_identity.get(name).map(|t| (name, t)));
+        let by_cert = matches.next();
+        // A certificate whose names are two tenants' identities is neither's:
+        // which one it would be must not depend on the order of its names.
+        if let Some((_, first)) = by_cert {
+            if let Some((_, other)) = matches.find(|(_, t)| t.id != first.id) {
+                return Err(format!(
+                    "the client certificate names identities of two tenants ({} and {})",
+                    first.id, other.id
+                ));
+            }
+        }
         let Some(token) = bearer else {
             return match by_cert {
                 Some((name, tenant)) => Ok(Caller {
@@ -292,5 +303,26 @@ impl Tenants {
 
     pub fn all(&self) -> &[Arc<Tenant>] {
         &self.all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_with_two_tenants_identities_is_neither_tenant() {
+        let config = Config::from_toml(
+            "[tenants.a]\nclient_identities = [\"a.internal\"]\n[tenants.b]\nclient_identities = [\"b.internal\"]\n",
+        )
+        .expect("config");
+        let tenants = Tenants::build(&config).expect("tenants");
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let caller = tenants.authenticate(None, &names(&["other", "a.internal"])).expect("a");
+        assert_eq!(caller.tenant.id, "a");
+        for both in [["a.internal", "b.internal"], ["b.internal", "a.internal"]] {
+            let err = tenants.authenticate(None, &names(&both)).err().expect("refused");
+            assert!(err.contains("two tenants"), "{err}");
+        }
     }
 }

@@ -113,7 +113,7 @@ enum Command {
         /// Input format (default: from the file's extension, else CSV).
         #[arg(long, value_enum)]
         input: Option<InputFormat>,
-        /// CSV text that means NULL.
+        /// CSV text that means NULL when unquoted (a quoted field is never NULL).
         #[arg(long, default_value = "")]
         null: String,
         /// Rows per message sent to the server (a message also ends at about 4 MiB).

@@ -246,6 +246,11 @@ impl RecordStream for KafkaRecords {
     }
 }
 
+/// Tries of one automatic commit, and the pause before the next (grows
+/// with each): about 3 s in all.
+const COMMIT_ATTEMPTS: u32 = 5;
+const COMMIT_RETRY: Duration = Duration::from_millis(300);
+
 /// The offsets as librdkafka takes them.
 fn partition_list(offsets: &[PartitionOffset]) -> KafkaResult<TopicPartitionList> {
     let mut tpl = TopicPartitionList::new();
@@ -264,18 +269,28 @@ async fn commit_in_order(
     on_failure: Arc<dyn Fn(String) + Send + Sync>,
 ) {
     while let Some(mut offsets) = commits.recv().await {
-        while let Ok(more) = commits.try_recv() {
-            for o in more {
-                merge_offset(&mut offsets, o);
+        // A commit that fails (the coordinator moving, a broker restarting)
+        // is tried again a few times, with what came meanwhile: given up,
+        // the group would read the records again after a rebalance.
+        for attempt in 1..=COMMIT_ATTEMPTS {
+            while let Ok(more) = commits.try_recv() {
+                for o in more {
+                    merge_offset(&mut offsets, o);
+                }
             }
-        }
-        let consumer = consumer.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || consumer.commit(&partition_list(&offsets)?, CommitMode::Sync)).await;
-        match committed {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => on_failure(e.to_string()),
-            Err(e) => on_failure(e.to_string()),
+            let (consumer, tried) = (consumer.clone(), offsets.clone());
+            let committed =
+                tokio::task::spawn_blocking(move || consumer.commit(&partition_list(&tried)?, CommitMode::Sync)).await;
+            let error = match committed {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            if attempt == COMMIT_ATTEMPTS {
+                on_failure(error);
+            } else {
+                tokio::time::sleep(COMMIT_RETRY * attempt).await;
+            }
         }
     }
 }

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import decimal
 import os
 import sys
 import time
+import uuid
 from typing import Any, Callable, Iterator, TypeVar
 
 import grpc
+from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -122,32 +125,56 @@ class Weir:
 
 
 def to_value(v: Any) -> values_pb2.Value:
-    """A Python value as a weir.v1.Value parameter."""
+    """A Python value as a weir.v1.Value parameter, typed so that nothing is lost."""
     if v is None:
         return values_pb2.Value(null=True)
     if isinstance(v, bool):
         return values_pb2.Value(bool_value=v)
     if isinstance(v, int):
-        return values_pb2.Value(int64_value=v)
+        if -(2**63) <= v < 2**63:
+            return values_pb2.Value(int64_value=v)
+        if 0 <= v < 2**64:
+            return values_pb2.Value(uint64_value=v)
+        return values_pb2.Value(decimal_value=str(v))
     if isinstance(v, float):
         return values_pb2.Value(double_value=v)
+    if isinstance(v, decimal.Decimal):
+        return values_pb2.Value(decimal_value=str(v))
     if isinstance(v, bytes):
         return values_pb2.Value(bytes_value=v)
+    if isinstance(v, uuid.UUID):
+        return values_pb2.Value(uuid_value=str(v))
+    if isinstance(v, datetime.datetime):
+        if v.tzinfo is None:
+            raise ValueError(f"{v!r} has no time zone: give it a tzinfo (datetime.timezone.utc for a wall-clock time)")
+        ts = timestamp_pb2.Timestamp()
+        ts.FromDatetime(v)
+        return values_pb2.Value(timestamp_value=ts)
+    if isinstance(v, datetime.date):
+        return values_pb2.Value(date_value=values_pb2.Date(year=v.year, month=v.month, day=v.day))
     return values_pb2.Value(string_value=str(v))
 
 
 def from_value(v: values_pb2.Value) -> Any:
-    """A weir.v1.Value as a Python value (dates, times and the like stay messages)."""
+    """A weir.v1.Value as a Python value. Times of day, intervals, and dates
+    and timestamps Python cannot hold (before year 1, after 9999) stay messages."""
     kind = v.WhichOneof("kind")
     if kind is None or kind == "null":
         return None
     if kind == "list_value":
         return [from_value(x) for x in v.list_value.values]
-    if kind == "timestamp_value":
-        return v.timestamp_value.ToDatetime(tzinfo=datetime.timezone.utc)
-    if kind == "date_value":
-        d = v.date_value
-        return datetime.date(d.year, d.month, d.day)
+    if kind == "decimal_value":
+        return decimal.Decimal(v.decimal_value)
+    if kind == "uuid_value":
+        return uuid.UUID(v.uuid_value)
+    try:
+        if kind == "timestamp_value":
+            return v.timestamp_value.ToDatetime(tzinfo=datetime.timezone.utc)
+        if kind == "date_value":
+            d = v.date_value
+            return datetime.date(d.year, d.month, d.day)
+    except (ValueError, OverflowError):
+        return getattr(v, kind)
     return getattr(v, kind)
 
 

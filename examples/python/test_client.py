@@ -265,3 +265,32 @@ def test_with_retries_runs_a_statement_twice_only_when_told_it_is_idempotent(rat
         with pytest.raises(grpc.RpcError):
             client.with_retries(insert, attempts=2, idempotent=True)
         assert calls == 3
+
+
+def test_values_keep_their_type_both_ways() -> None:
+    import datetime as dt
+    import decimal
+    import uuid
+
+    cases = [
+        2**63 - 1,
+        2**64 - 1,
+        -(2**63),
+        decimal.Decimal("12345678901234567890.0001"),
+        uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        dt.date(2024, 2, 29),
+        dt.datetime(2024, 2, 29, 12, 30, 15, 250000, tzinfo=dt.timezone.utc),
+        b"\x00\xff",
+        "text",
+        None,
+    ]
+    for value in cases:
+        assert client.from_value(client.to_value(value)) == value, value
+    assert client.to_value(2**64).WhichOneof("kind") == "decimal_value"
+    with pytest.raises(ValueError, match="time zone"):
+        client.to_value(dt.datetime(2024, 1, 1))
+    # Dates Python cannot hold stay messages instead of raising.
+    from weir.v1 import values_pb2
+
+    bc = values_pb2.Value(date_value=values_pb2.Date(year=-44, month=3, day=15))
+    assert client.from_value(bc).year == -44

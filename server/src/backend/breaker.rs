@@ -5,6 +5,7 @@
 //! period is over, one call probes (half-open): success closes the breaker,
 //! failure opens it again for twice as long, with jitter, up to `MAX_OPEN`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -49,6 +50,10 @@ enum Phase {
 #[derive(Debug)]
 pub struct Breaker {
     phase: Mutex<Phase>,
+    /// Set while the phase is closed with no failure counted: every call
+    /// checks and ends its lease with the breaker, and in that state (all
+    /// but always) neither needs the lock.
+    healthy: AtomicBool,
     probe_limit: Duration,
     /// The last connection error, for the fail-fast answer.
     cause: Mutex<String>,
@@ -58,6 +63,7 @@ impl Default for Breaker {
     fn default() -> Self {
         Self {
             phase: Mutex::new(Phase::Closed { failures: 0 }),
+            healthy: AtomicBool::new(true),
             probe_limit: PROBE_LIMIT,
             cause: Mutex::new(String::new()),
         }
@@ -73,6 +79,9 @@ impl Breaker {
     /// Whether a call may try to connect: `Err` (fail fast) while open, or
     /// while another call is probing.
     pub fn admit(&self) -> Result<(), BackendError> {
+        if self.healthy.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut phase = self.phase.lock();
         let refuse = |retry_after: Duration| BackendError::CircuitOpen {
             cause: self.cause.lock().clone(),
@@ -101,13 +110,23 @@ impl Breaker {
 
     /// A connection was made (or the source answered).
     pub fn success(&self) {
-        *self.phase.lock() = Phase::Closed { failures: 0 };
+        if self.healthy.load(Ordering::Acquire) {
+            return;
+        }
+        self.close(&mut self.phase.lock());
+    }
+
+    /// Closed with no failure counted, under the phase's lock.
+    fn close(&self, phase: &mut Phase) {
+        *phase = Phase::Closed { failures: 0 };
+        self.healthy.store(true, Ordering::Release);
     }
 
     /// A connection attempt failed because the source could not be reached.
     pub fn failure(&self, cause: &str) {
         *self.cause.lock() = cause.to_string();
         let mut phase = self.phase.lock();
+        self.healthy.store(false, Ordering::Release);
         let open = |period: Duration| Phase::Open {
             until: Instant::now() + jittered(period),
             period,
@@ -137,7 +156,7 @@ impl Breaker {
             Err(BackendError::PoolExhausted { .. }) => {
                 let mut phase = self.phase.lock();
                 if matches!(*phase, Phase::Probing { .. }) {
-                    *phase = Phase::Closed { failures: 0 };
+                    self.close(&mut phase);
                 }
             }
             Err(BackendError::CircuitOpen { .. }) => {}

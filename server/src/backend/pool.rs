@@ -125,6 +125,9 @@ impl<M: ManageConnection> FailFastPool<M> {
             tokio::pin!(get);
             let got = loop {
                 tokio::select! {
+                    // The connection first: no random draw per call, and a
+                    // free connection is taken before a failure is looked at.
+                    biased;
                     got = &mut get => break got,
                     // A connection attempt failed (the sink counted it for the
                     // breaker, once). With no connection open there is nothing

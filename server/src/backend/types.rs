@@ -134,7 +134,7 @@ impl Column {
 }
 
 /// A statement and its positional parameters.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Statement {
     pub sql: String,
     pub params: Vec<Value>,

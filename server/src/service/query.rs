@@ -123,10 +123,12 @@ impl QueryApi {
 }
 
 impl Target {
-    async fn start(&self) -> Result<QueryStream> {
+    /// Starts the statement, handing it to the backend (a target starts once).
+    async fn start(&mut self) -> Result<QueryStream> {
+        let statement = std::mem::take(&mut self.statement);
         let stream = match &self.runs {
-            Runs::InTransaction(tx) => tx.tx.query(self.statement.clone()).await?,
-            Runs::Pooled(source) => source.backend.sql()?.query(self.statement.clone()).await?,
+            Runs::InTransaction(tx) => tx.tx.query(statement).await?,
+            Runs::Pooled(source) => source.backend.sql()?.query(statement).await?,
         };
         Ok(stream)
     }
@@ -179,10 +181,10 @@ fn stats(rows: u64, bytes: u64, affected: Option<u64>, timing: Timing, first_row
     }
 }
 
-async fn execute_unary(target: &Target, timing: Timing) -> Result<pb::ExecuteResponse> {
+async fn execute_unary(target: &mut Target, timing: Timing) -> Result<pb::ExecuteResponse> {
     let started = timing.started;
-    let limits = &target.caller.tenant.limits;
     let mut query = target.start().instrument(telemetry::engine_span()).await?;
+    let limits = &target.caller.tenant.limits;
     let mut rows = Vec::new();
     let mut bytes = 0u64;
     let mut first_row = None;
@@ -286,7 +288,7 @@ impl Batches for ArrowBatches {
 
 /// Streams a result in bounded batches. Returns early, dropping (and so
 /// cancelling) the statement, as soon as the client goes away or stops reading.
-async fn execute_stream(target: &Target, format: Format, tx: &StreamSender, timing: Timing) -> Result<()> {
+async fn execute_stream(target: &mut Target, format: Format, tx: &StreamSender, timing: Timing) -> Result<()> {
     use pb::execute_stream_response::Payload;
     let _active = target.caller.tenant.metrics.stream_started();
     let mut query = target.start().instrument(telemetry::engine_span()).await?;
@@ -437,13 +439,17 @@ impl QueryService for QueryApi {
         let caller = caller(&request)?;
         let timeout = statement_timeout(&request, &caller);
         let r = request.into_inner();
-        let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, true)?;
+        let mut target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, true)?;
         let admitted = self.gate.admit(&target.caller, r.options.as_ref()).await?;
         let timing = Timing {
             started,
             queued: admitted.queued,
         };
-        let result = super::until_cut(&self.cut, tokio::time::timeout(timeout, execute_unary(&target, timing))).await;
+        let result = super::until_cut(
+            &self.cut,
+            tokio::time::timeout(timeout, execute_unary(&mut target, timing)),
+        )
+        .await;
         target.finished();
         let response = result?
             .map_err(|_| Error::Timeout(timeout))?
@@ -462,7 +468,7 @@ impl QueryService for QueryApi {
         let timeout = statement_timeout(&request, &caller);
         let r = request.into_inner();
         let format = Format::of(&r)?;
-        let target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, false)?;
+        let mut target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, false)?;
         let stream_slot = target.caller.tenant.limiter.admit_stream()?;
         let admitted = self.gate.admit(&target.caller, r.options.as_ref()).await?;
         let timing = Timing {
@@ -476,7 +482,7 @@ impl QueryService for QueryApi {
                 // Both slots are held until the stream ends.
                 let _slots = (stream_slot, admitted);
                 let outcome = tokio::select! {
-                    r = tokio::time::timeout(timeout, execute_stream(&target, format, &tx, timing)) => {
+                    r = tokio::time::timeout(timeout, execute_stream(&mut target, format, &tx, timing)) => {
                         r.map_err(|_| Error::Timeout(timeout)).and_then(|r| r)
                     }
                     Ok(_) = cut.wait_for(|cut| *cut) => Err(Error::ShuttingDown),

@@ -103,7 +103,6 @@ fn forget(source: &SourceLabels) {
     METRICS.source_up.remove(source);
     METRICS.rows.remove(source);
     METRICS.bytes.remove(source);
-    METRICS.consumer_commit_failures.remove(source);
     METRICS.circuit_state.remove(source);
     for state in ["idle", "in_use"] {
         METRICS.pool_connections.remove(&PoolLabels {

@@ -79,8 +79,6 @@ pub struct Metrics {
     pub queue_seconds: Family<TenantLabels, Histogram>,
     /// Time streams and loads were slowed by their tenant's cost buckets.
     pub throttled_seconds: Family<LimitLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
-    /// Offset commits of Consume streams the broker refused.
-    pub consumer_commit_failures: Family<SourceLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -143,12 +141,6 @@ impl Metrics {
             "Round trips to Redis for a tenant's shared limits (rate checks and gathered cost charges)",
             shared_limit_checks.clone(),
         );
-        let consumer_commit_failures = Family::<SourceLabels, Counter>::default();
-        registry.register(
-            "consumer_commit_failures",
-            "Automatic offset commits of Consume streams the broker refused (their records are delivered again)",
-            consumer_commit_failures.clone(),
-        );
         registry.register("calls", "gRPC calls by tenant, method and status code", calls.clone());
         registry.register(
             "call_duration_seconds",
@@ -190,7 +182,6 @@ impl Metrics {
             queued,
             queue_seconds,
             throttled_seconds,
-            consumer_commit_failures,
         }
     }
 
@@ -282,7 +273,6 @@ impl TenantMetrics {
 
 /// Rows and bytes a source returned to one tenant's callers, resolved once.
 pub struct SourceMetrics {
-    labels: SourceLabels,
     rows: Counter,
     bytes: Counter,
 }
@@ -296,18 +286,12 @@ impl SourceMetrics {
         Self {
             rows: METRICS.rows.get_or_create(&labels).clone(),
             bytes: METRICS.bytes.get_or_create(&labels).clone(),
-            labels,
         }
     }
 
     pub fn returned(&self, rows: u64, bytes: u64) {
         self.rows.inc_by(rows);
         self.bytes.inc_by(bytes);
-    }
-
-    /// Only Kafka sources ever have the series.
-    pub fn commits_failed(&self, n: u64) {
-        METRICS.consumer_commit_failures.get_or_create(&self.labels).inc_by(n);
     }
 }
 

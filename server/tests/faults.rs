@@ -338,17 +338,20 @@ async fn thousands_of_cancelled_calls_leak_no_connection() {
     // The pool has all its connections back: sixteen calls can hold one each at once.
     let holders: Vec<_> = (0..16)
         .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move { client.execute("db", "SELECT pg_sleep(0.3)", vec![]).await })
+            let (client, marker) = (client.clone(), marker.clone());
+            let hold = format!("SELECT pg_sleep(0.3), '{marker}_hold'");
+            tokio::spawn(async move { client.execute("db", &hold, vec![]).await })
         })
         .collect();
     for h in holders {
         h.await.expect("task").expect("a free connection for each");
     }
+    // This test's sessions: each last ran one of its marked statements (other
+    // tests running beside it have sessions of their own).
     let open: i64 = pg
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weir' AND datname = current_database()",
-            &[],
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weir' AND query LIKE $1",
+            &[&format!("%{marker}%")],
         )
         .await
         .expect("pg_stat_activity")

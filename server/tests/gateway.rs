@@ -413,10 +413,12 @@ async fn a_call_over_the_rate_waits_for_a_turn_that_comes_soon() {
         queued.push(Duration::new(waited.seconds as u64, waited.nanos as u32));
     }
     queued.sort();
-    // Turns 50 ms apart: the last waited about 200 ms, and said so.
-    assert!(queued[0] >= Duration::from_millis(20), "{queued:?}");
-    assert!(queued[3] >= Duration::from_millis(150), "{queued:?}");
-    assert!(started.elapsed() >= Duration::from_millis(150));
+    // Turns 50 ms apart: the four waited about 50, 100, 150 and 200 ms, and
+    // said so. Measured between each other, not from the burst, so that a
+    // slow start of the calls does not shorten every wait alike.
+    assert!(queued[3] >= Duration::from_millis(100), "{queued:?}");
+    assert!(queued[3] - queued[0] >= Duration::from_millis(100), "{queued:?}");
+    assert!(started.elapsed() >= Duration::from_millis(100));
     // A caller whose deadline comes before its turn is refused at once,
     // with the delay after which it would be admitted at once.
     let mut request = tonic::Request::new(pb::ExecuteRequest {
@@ -425,9 +427,9 @@ async fn a_call_over_the_rate_waits_for_a_turn_that_comes_soon() {
         ..Default::default()
     });
     request.set_timeout(Duration::from_millis(10));
-    let asked = std::time::Instant::now();
+    // Refused, not left to wait: a caller that waited would get its
+    // deadline's DEADLINE_EXCEEDED instead.
     let err = client.query().execute(request).await.expect_err("its turn is too late");
-    assert!(asked.elapsed() < Duration::from_millis(40), "{:?}", asked.elapsed());
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert_eq!(reason(&err), "RATE_LIMITED");
     assert!(err

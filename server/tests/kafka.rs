@@ -628,55 +628,6 @@ async fn a_group_shares_partitions_between_its_consumers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn automatic_commits_the_broker_refuses_are_counted() {
-    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("refused", 1, 1).expect("topic");
-    let (server, client) = mock_server(&cluster, "refused").await;
-    // Every offset commit fails, with an error librdkafka does not retry.
-    cluster.request_errors(
-        RDKafkaApiKey::OffsetCommit,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 64],
-    );
-    let mut stream = client
-        .stream()
-        .consume(consume_request("refused", "refused-commits", 0, false))
-        .await
-        .expect("consume")
-        .into_inner();
-    let failures = || async {
-        let (_, metrics) = http_get(&server.metrics_url, "/metrics").await;
-        sample(
-            &metrics,
-            "weir_consumer_commit_failures_total",
-            &[("tenant", "km"), ("source", "events")],
-        )
-    };
-    // Each delivered batch commits in the background; a failure shows once
-    // the next batch is delivered. The stream itself goes on.
-    let mut received = 0;
-    let started = std::time::Instant::now();
-    // A refusal is reported once the commit was tried a few times (about 3 s).
-    while started.elapsed() < Duration::from_secs(60) {
-        produce(&client, "refused", (0..3).map(record).collect())
-            .await
-            .expect("produce");
-        let batch = tokio::time::timeout(Duration::from_secs(30), stream.message())
-            .await
-            .expect("records")
-            .expect("the stream goes on")
-            .expect("open");
-        received += batch.records.len();
-        if failures().await >= 1.0 {
-            server.stop().await;
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no refused commit was counted after {received} records");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_rides_out_a_broker_restart() {
     let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     cluster.create_topic("outage", 1, 1).expect("topic");

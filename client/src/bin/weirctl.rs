@@ -155,9 +155,24 @@ enum Command {
         /// Stop after this many records (default: run until interrupted).
         #[arg(long)]
         max: Option<u64>,
-        /// Do not commit offsets (commit with CommitOffsets instead).
+        /// Do not commit offsets (commit them with `weirctl commit` once
+        /// processed). Without it, offsets are committed as records are
+        /// handed over, before they are printed: at most once.
         #[arg(long)]
         manual: bool,
+    },
+    /// Commit a consumer group's offsets: where the group resumes, for each
+    /// partition the offset of the next record to read (the last processed
+    /// one plus 1).
+    Commit {
+        /// Name of the Kafka source.
+        source: String,
+        /// Consumer group (namespaced for your tenant).
+        #[arg(long)]
+        group: String,
+        /// TOPIC:PARTITION:OFFSET, one per partition.
+        #[arg(required = true, value_parser = parse_partition_offset)]
+        offsets: Vec<weir_client::weir_proto::v1::PartitionOffset>,
     },
     /// Follow row changes of tables as JSON lines, acknowledging each as it
     /// is printed. Restarted with the same --state file, it resumes exactly
@@ -377,6 +392,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             consume(&client, cli.format, request, &mut out).await
         }
         Command::Topics { source } => topics(&client, cli.format, &source, &mut out).await,
+        Command::Commit { source, group, offsets } => {
+            let n = offsets.len() as u64;
+            client
+                .stream()
+                .commit_offsets(weir_client::weir_proto::v1::CommitOffsetsRequest { source, group, offsets })
+                .await?;
+            if cli.format == Format::Json {
+                writeln!(out, "{}", json!({"committed": n}))?;
+            } else {
+                writeln!(out, "committed {n} {}", plural(n, "offset"))?;
+            }
+            Ok(out.flush()?)
+        }
         Command::Watch {
             source,
             tables,
@@ -706,6 +734,21 @@ async fn watch(
         }
     }
     Ok(())
+}
+
+/// `TOPIC:PARTITION:OFFSET`; the topic may itself contain colons.
+fn parse_partition_offset(s: &str) -> Result<weir_client::weir_proto::v1::PartitionOffset, String> {
+    let bad = || format!("{s:?} is not TOPIC:PARTITION:OFFSET");
+    let (rest, offset) = s.rsplit_once(':').ok_or_else(bad)?;
+    let (topic, partition) = rest.rsplit_once(':').ok_or_else(bad)?;
+    if topic.is_empty() {
+        return Err(bad());
+    }
+    Ok(weir_client::weir_proto::v1::PartitionOffset {
+        topic: topic.to_string(),
+        partition: partition.parse().map_err(|_| bad())?,
+        offset: offset.parse().map_err(|_| bad())?,
+    })
 }
 
 /// Keeps `position` in `path`: written beside it, synced and renamed over
@@ -1366,6 +1409,36 @@ mod tests {
     fn a_snapshot_is_taken_unless_a_kept_position_follows_one() {
         assert!(wants_snapshot(true, false, &[]), "first start");
         assert!(!wants_snapshot(true, false, &[1]), "restart from the state file");
+    }
+
+    #[test]
+    fn offsets_to_commit_are_topic_partition_offset() {
+        let cli = Cli::try_parse_from([
+            "weirctl",
+            "commit",
+            "events",
+            "--group",
+            "billing",
+            "orders:0:42",
+            "a:b:1:7",
+        ])
+        .expect("parses");
+        let Command::Commit { offsets, group, .. } = cli.command else {
+            panic!("a commit");
+        };
+        assert_eq!(group, "billing");
+        let got: Vec<_> = offsets
+            .iter()
+            .map(|o| (o.topic.as_str(), o.partition, o.offset))
+            .collect();
+        assert_eq!(got, [("orders", 0, 42), ("a:b", 1, 7)]);
+        for bad in ["orders", "orders:0", ":0:1", "orders:x:1", "orders:0:y"] {
+            assert!(parse_partition_offset(bad).is_err(), "{bad}");
+        }
+        assert!(
+            Cli::try_parse_from(["weirctl", "commit", "events", "--group", "g"]).is_err(),
+            "at least one"
+        );
     }
 
     #[test]

@@ -32,11 +32,9 @@ pub use types::*;
 
 use crate::config::{EngineKind, SourceConfig};
 
-/// Cancels and kills of abandoned statements, and the last offset commits
-/// of Consume streams: shutdown waits for these (`settle_cancels`), so that
-/// a statement cut at shutdown is cancelled in the engine, and a stream's
-/// delivered records are committed, before the process and its runtime
-/// are gone.
+/// Cancels and kills of abandoned statements: shutdown waits for these
+/// (`settle_cancels`), so that a statement cut at shutdown is cancelled in
+/// the engine before the process, and its runtime, are gone.
 pub static CANCELS: std::sync::LazyLock<tokio_util::task::TaskTracker> =
     std::sync::LazyLock::new(tokio_util::task::TaskTracker::new);
 

@@ -2,8 +2,6 @@
 //! positions, topic metadata. No pretend schema of a topic: these sources
 //! sit behind their own trait, not `SqlSource`.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 
 use super::{BackendError, Capabilities, ConnectionInfo};
@@ -76,15 +74,12 @@ pub enum Start {
     Timestamp(i64),
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct ConsumeSpec {
     pub topics: Vec<String>,
     /// The group id on the broker, already namespaced for the tenant.
     pub group: String,
     pub start: Start,
-    /// Told of each automatic commit the broker refused, with the reason;
-    /// also of those made after the stream ended.
-    pub on_failed_commit: Arc<dyn Fn(String) + Send + Sync>,
 }
 
 /// Records as they arrive, in batches. Dropping it leaves the group.
@@ -93,9 +88,8 @@ pub trait RecordStream: Send {
     /// The next batch; `None` when the stream ended.
     async fn next(&mut self) -> Option<Result<Vec<InRecord>, BackendError>>;
     /// Commits, for the stream's group, these offsets (each partition's
-    /// next record after those delivered to the client), in the background;
-    /// a refusal goes to `ConsumeSpec::on_failed_commit`.
-    fn commit(&self, next: Vec<PartitionOffset>);
+    /// next record after those delivered to the client).
+    fn commit(&self, next: Vec<PartitionOffset>) -> Result<(), BackendError>;
 }
 
 /// The offsets a group resumes from after `delivered`: per partition, the

@@ -198,28 +198,15 @@ async fn deliver(
             return;
         }
         if let Some(delivered) = delivered {
-            records.commit(delivered);
+            if let Err(e) = records.commit(delivered) {
+                tx.fail(e);
+                return;
+            }
         }
         if max_records > 0 && sent >= max_records {
             return;
         }
     }
-}
-
-/// Counts and logs an automatic commit the broker refused: the stream goes
-/// on (its group gets the records since its last commit again), but the
-/// operator learns of it.
-fn failed_commit_reporter(caller: &Caller, source: &str) -> Arc<dyn Fn(String) + Send + Sync> {
-    let (tenant, source) = (caller.tenant.clone(), source.to_string());
-    Arc::new(move |reason: String| {
-        tenant.count_failed_commits(&source, 1);
-        tracing::warn!(
-            tenant = %tenant.id,
-            source = %source,
-            reason = %reason,
-            "the broker refused an automatic offset commit of a Consume stream; its group will get those records again"
-        );
-    })
 }
 
 #[tonic::async_trait]
@@ -289,7 +276,6 @@ impl StreamService for StreamApi {
             topics: r.topics,
             group: group_id(&caller, &r.group)?,
             start: start(topics.as_ref(), r.start)?,
-            on_failed_commit: failed_commit_reporter(&caller, &r.source),
         };
         let auto_commit = match pb::CommitMode::try_from(r.commit_mode) {
             Ok(pb::CommitMode::Unspecified) => true,

@@ -69,13 +69,6 @@ impl Tenant {
         }
     }
 
-    /// Counts automatic offset commits of this source's consumers that failed.
-    pub fn count_failed_commits(&self, source: &str, n: u64) {
-        if let Some(source) = self.sources.get(source) {
-            source.returned.commits_failed(n);
-        }
-    }
-
     pub fn sources(&self) -> impl Iterator<Item = &Arc<Source>> {
         let mut all: Vec<_> = self.sources.values().collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));

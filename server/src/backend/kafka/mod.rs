@@ -21,8 +21,7 @@ use tokio::sync::mpsc;
 use producer::{Producer, Record};
 
 use super::topics::{
-    merge_offset, Ack, ConsumeSpec, InRecord, OutRecord, PartitionInfo, PartitionOffset, RecordStream, Start,
-    TopicInfo, TopicSource,
+    Ack, ConsumeSpec, InRecord, OutRecord, PartitionInfo, PartitionOffset, RecordStream, Start, TopicInfo, TopicSource,
 };
 use super::{BackendError, Capabilities, ConnectionInfo, EngineErrorKind};
 use crate::config::SourceConfig;
@@ -221,9 +220,7 @@ fn record<M: Message>(m: &M) -> InRecord {
 
 struct KafkaRecords {
     rx: mpsc::Receiver<Result<Vec<InRecord>, BackendError>>,
-    /// Offsets for the committer task; dropped with the stream, after which
-    /// the task commits what is left and ends.
-    commits: mpsc::UnboundedSender<Vec<PartitionOffset>>,
+    consumer: Arc<StreamConsumer>,
 }
 
 #[async_trait]
@@ -232,24 +229,18 @@ impl RecordStream for KafkaRecords {
         self.rx.recv().await
     }
 
-    /// Hands the offsets to the committer task: commits stay in order (a
-    /// later one never loses to an earlier one), those queued while one is
-    /// in flight are merged, each commits only the partitions delivered
-    /// since the last (never a partition the group has since given to
-    /// another member), and the outcome is known (librdkafka reports an
-    /// asynchronous manual commit's result to no one).
-    fn commit(&self, next: Vec<PartitionOffset>) {
-        if !next.is_empty() {
-            // The task outlives the stream; it is gone only after a panic.
-            let _ = self.commits.send(next);
+    /// Queued in librdkafka, which sends commits in order and retries them
+    /// across a lost coordinator. It reports an asynchronous manual
+    /// commit's outcome to no one (its event API carries only automatic
+    /// commits'): a refused commit shows only as records read again.
+    fn commit(&self, next: Vec<PartitionOffset>) -> Result<(), BackendError> {
+        if next.is_empty() {
+            return Ok(());
         }
+        let tpl = partition_list(&next).map_err(map_error)?;
+        self.consumer.commit(&tpl, CommitMode::Async).map_err(map_error)
     }
 }
-
-/// Tries of one automatic commit, and the pause before the next (grows
-/// with each): about 3 s in all.
-const COMMIT_ATTEMPTS: u32 = 5;
-const COMMIT_RETRY: Duration = Duration::from_millis(300);
 
 /// The offsets as librdkafka takes them.
 fn partition_list(offsets: &[PartitionOffset]) -> KafkaResult<TopicPartitionList> {
@@ -258,41 +249,6 @@ fn partition_list(offsets: &[PartitionOffset]) -> KafkaResult<TopicPartitionList
         tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.offset))?;
     }
     Ok(tpl)
-}
-
-/// Commits the offsets it is given, one commit at a time, until the stream
-/// is gone and its last offsets are committed. Shutdown waits for it
-/// (`CANCELS`), so a stream cut at shutdown still commits what it delivered.
-async fn commit_in_order(
-    consumer: Arc<StreamConsumer>,
-    mut commits: mpsc::UnboundedReceiver<Vec<PartitionOffset>>,
-    on_failure: Arc<dyn Fn(String) + Send + Sync>,
-) {
-    while let Some(mut offsets) = commits.recv().await {
-        // A commit that fails (the coordinator moving, a broker restarting)
-        // is tried again a few times, with what came meanwhile: given up,
-        // the group would read the records again after a rebalance.
-        for attempt in 1..=COMMIT_ATTEMPTS {
-            while let Ok(more) = commits.try_recv() {
-                for o in more {
-                    merge_offset(&mut offsets, o);
-                }
-            }
-            let (consumer, tried) = (consumer.clone(), offsets.clone());
-            let committed =
-                tokio::task::spawn_blocking(move || consumer.commit(&partition_list(&tried)?, CommitMode::Sync)).await;
-            let error = match committed {
-                Ok(Ok(())) => break,
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => e.to_string(),
-            };
-            if attempt == COMMIT_ATTEMPTS {
-                on_failure(error);
-            } else {
-                tokio::time::sleep(COMMIT_RETRY * attempt).await;
-            }
-        }
-    }
 }
 
 async fn pump(consumer: Arc<StreamConsumer>, tx: mpsc::Sender<Result<Vec<InRecord>, BackendError>>) {
@@ -484,14 +440,8 @@ impl TopicSource for KafkaSource {
                 .push(Arc::downgrade(&consumer));
         }
         let (tx, rx) = mpsc::channel(CONSUMER_BUFFER);
-        let (commits, to_commit) = mpsc::unbounded_channel();
-        super::CANCELS.spawn(commit_in_order(
-            consumer.clone(),
-            to_commit,
-            spec.on_failed_commit.clone(),
-        ));
-        tokio::spawn(pump(consumer, tx));
-        Ok(Box::new(KafkaRecords { rx, commits }))
+        tokio::spawn(pump(consumer.clone(), tx));
+        Ok(Box::new(KafkaRecords { rx, consumer }))
     }
 
     async fn commit(&self, group: &str, offsets: Vec<PartitionOffset>) -> Result<(), BackendError> {

@@ -171,9 +171,45 @@ fn create_stage(spec: &LoadSpec) -> String {
     format!("CREATE TABLE {STAGE} ({})", columns.join(", "))
 }
 
+/// The collations of the upsert key's text columns. The staging table's
+/// text is in the database's collation; a key column in another one
+/// (`Latin1_General_BIN2` in a case-insensitive database) would fail the
+/// MERGE's comparison with error 468, so the ON clause names the target's.
+async fn key_collations(conn: &mut MssqlConn, spec: &LoadSpec) -> Result<Vec<(String, String)>, BackendError> {
+    let rows = conn
+        .fetch(
+            "SELECT c.name, c.collation_name FROM sys.columns c \
+             WHERE c.object_id = OBJECT_ID(@P1) AND c.collation_name IS NOT NULL",
+            vec![text(&spec.qualified(quote))],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let name = r.try_get::<&str, _>(0).ok().flatten()?;
+            let collation = r.try_get::<&str, _>(1).ok().flatten()?;
+            spec.conflict
+                .iter()
+                .any(|k| k == name)
+                .then(|| (name.to_string(), collation.to_string()))
+        })
+        .collect())
+}
+
+/// `COLLATE <name>` for a key column with a known collation. Collation
+/// names are identifiers of letters, digits and underscores; anything else
+/// is left out rather than written into the statement.
+fn collate(column: &str, collations: &[(String, String)]) -> String {
+    collations
+        .iter()
+        .find(|(name, _)| name == column)
+        .filter(|(_, c)| !c.is_empty() && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_'))
+        .map_or_else(String::new, |(_, c)| format!(" COLLATE {c}"))
+}
+
 /// Moves the staged rows into the target; the batch's one result row is
-/// the number of rows inserted.
-fn move_rows(spec: &LoadSpec) -> String {
+/// the number of rows inserted. `collations` are the key columns' own.
+fn move_rows(spec: &LoadSpec, collations: &[(String, String)]) -> String {
     let target = spec.qualified(quote);
     let columns = spec.column_list(quote);
     let staged_as = |name: &str| {
@@ -193,7 +229,7 @@ fn move_rows(spec: &LoadSpec) -> String {
     let on: Vec<String> = spec
         .conflict
         .iter()
-        .map(|c| format!("t.{} = s.{}", quote(c), staged_as(c)))
+        .map(|c| format!("t.{} = s.{}{}", quote(c), staged_as(c), collate(c, collations)))
         .collect();
     let sets: Vec<String> = spec
         .update_columns()
@@ -279,9 +315,13 @@ async fn load_in_transaction(
     if spec.mode == LoadMode::Replace {
         conn.batch(&format!("DELETE FROM {}", spec.qualified(quote))).await?;
     }
+    let collations = match spec.mode {
+        LoadMode::Upsert => key_collations(conn, spec).await?,
+        _ => Vec::new(),
+    };
     conn.batch(&create_stage(spec)).await?;
     bulk_rows(conn, spec, feed).await?;
-    let counts = conn.fetch(&move_rows(spec), vec![]).await?;
+    let counts = conn.fetch(&move_rows(spec, &collations), vec![]).await?;
     conn.batch(&format!("DROP TABLE {STAGE}")).await?;
     let path = match spec.mode {
         LoadMode::Append => "mssql-bulk-insert",
@@ -377,7 +417,7 @@ mod tests {
     #[test]
     fn appends_insert_from_the_stage() {
         assert_eq!(
-            move_rows(&spec(LoadMode::Append)),
+            move_rows(&spec(LoadMode::Append), &[]),
             "INSERT INTO [dbo].[items] ([id], [price], [na]]me]) SELECT c1, c2, c3 FROM #weir_load_stage; \
              SELECT CAST(ROWCOUNT_BIG() AS bigint)"
         );
@@ -385,7 +425,7 @@ mod tests {
 
     #[test]
     fn upserts_merge_and_count_their_actions() {
-        let sql = move_rows(&spec(LoadMode::Upsert));
+        let sql = move_rows(&spec(LoadMode::Upsert), &[]);
         assert!(
             sql.contains(
                 "MERGE INTO [dbo].[items] WITH (HOLDLOCK) AS t USING #weir_load_stage AS s ON t.[id] = s.c1 \
@@ -398,7 +438,17 @@ mod tests {
         assert!(sql.ends_with("FROM @weir_actions"));
         let mut keys_only = spec(LoadMode::Upsert);
         keys_only.columns.truncate(1);
-        assert!(!move_rows(&keys_only).contains("WHEN MATCHED"));
+        assert!(!move_rows(&keys_only, &[]).contains("WHEN MATCHED"));
+        // A key in a collation of its own is compared in it (error 468 otherwise).
+        let bin = [("id".to_string(), "Latin1_General_100_BIN2".to_string())];
+        assert!(
+            move_rows(&spec(LoadMode::Upsert), &bin).contains("ON t.[id] = s.c1 COLLATE Latin1_General_100_BIN2 WHEN"),
+            "{}",
+            move_rows(&spec(LoadMode::Upsert), &bin)
+        );
+        // A name that is not an identifier is not written into the statement.
+        let odd = [("id".to_string(), "x; DROP TABLE t".to_string())];
+        assert!(move_rows(&spec(LoadMode::Upsert), &odd).contains("ON t.[id] = s.c1 WHEN"));
     }
 
     #[test]

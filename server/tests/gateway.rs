@@ -872,6 +872,53 @@ async fn an_abandoned_sqlite_write_waiting_for_the_lock_never_commits() {
 }
 
 #[tokio::test]
+async fn sqlite_writers_waiting_for_the_lock_leave_connections_to_readers() {
+    let source = format!(
+        "{}[tenants.t.sources.db.pool]\nmax_size = 3\nacquire_timeout = \"1s\"\n",
+        sqlite_demo("t", "db")
+    );
+    let server = TestServer::start(&tenant("t", "", &source)).await;
+    let client = server.client("key-t").await;
+    client
+        .execute("db", "CREATE TABLE queued (x INTEGER)", vec![])
+        .await
+        .expect("table");
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("a read-write transaction takes the write lock");
+    // Two writers wait behind it; before, each held a connection meanwhile.
+    let writers: Vec<_> = (0..2)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .execute("db", &format!("INSERT INTO queued VALUES ({i})"), vec![])
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let read = client
+        .execute("db", "SELECT count(*) FROM customers", vec![])
+        .await
+        .expect("a reader gets a connection while writers wait");
+    assert_eq!(int(&read.rows[0].values[0]), 500);
+    client.commit(&tx).await.expect("commit");
+    for w in writers {
+        w.await
+            .expect("task")
+            .expect("each writer's turn comes after the commit");
+    }
+    let n = client
+        .execute("db", "SELECT count(*) FROM queued", vec![])
+        .await
+        .expect("count");
+    assert_eq!(int(&n.rows[0].values[0]), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_read_only_sqlite_source_writes_nothing_to_its_file() {
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("kept.db");

@@ -168,6 +168,7 @@ impl Pool {
             pool: self.clone(),
             _permit: permit,
             discard: false,
+            turn: None,
         })
     }
 }
@@ -179,6 +180,9 @@ struct Lease {
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
     discard: bool,
+    /// The source's write turn, for a statement, transaction or load that
+    /// may write; released after the connection is back in the pool.
+    turn: Option<OwnedMutexGuard<()>>,
 }
 
 impl Lease {
@@ -219,6 +223,11 @@ impl Hold {
 pub struct SqliteSource {
     pool: Arc<Pool>,
     label: String,
+    /// One writer at a time, as SQLite allows: writers wait for their turn
+    /// here, where waiting is cancellable and holds no pooled connection,
+    /// instead of in SQLite's busy handler with one (which let waiting
+    /// writers take every connection from readers WAL could serve).
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteSource {
@@ -265,7 +274,30 @@ impl SqliteSource {
                 demo::seed(&setup).map_err(map_error)?;
             }
         }
-        Ok(Self { pool, label })
+        Ok(Self {
+            pool,
+            label,
+            writer: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    /// The source's write turn, waited for as long as SQLite's busy handler
+    /// would wait for the lock; none on a read-only source, which cannot write.
+    async fn write_turn(&self) -> Result<Option<OwnedMutexGuard<()>>, BackendError> {
+        if self.pool.read_only {
+            return Ok(None);
+        }
+        match tokio::time::timeout(BUSY_WAIT, self.writer.clone().lock_owned()).await {
+            Ok(turn) => Ok(Some(turn)),
+            Err(_) => Err(BackendError::Engine {
+                kind: EngineErrorKind::Aborted,
+                code: "5".into(),
+                message: format!(
+                    "database is locked: another write (a transaction or a load) held it for {} s",
+                    BUSY_WAIT.as_secs()
+                ),
+            }),
+        }
     }
 
     /// Runs `f` on a pooled connection on the blocking pool.
@@ -292,12 +324,24 @@ impl SqlSource for SqliteSource {
     }
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        start(Hold::Pooled(self.pool.lease().await?), statement).await
+        let turn = match may_write(&statement.sql) {
+            true => self.write_turn().await?,
+            false => None,
+        };
+        let mut lease = self.pool.lease().await?;
+        lease.turn = turn;
+        start(Hold::Pooled(lease), statement).await
     }
 
     async fn begin(&self, options: TxOptions) -> Result<Box<dyn SqlTransaction>, BackendError> {
-        let lease = self.pool.lease().await?;
         let read_only = options.read_only || self.pool.read_only;
+        // BEGIN IMMEDIATE takes the write lock: the turn is held to the end.
+        let turn = match read_only {
+            true => None,
+            false => self.write_turn().await?,
+        };
+        let mut lease = self.pool.lease().await?;
+        lease.turn = turn;
         let lease = tokio::task::spawn_blocking(move || {
             let conn = lease.conn()?;
             // IMMEDIATE takes the write lock up front, so a read-write
@@ -352,7 +396,12 @@ impl SqlSource for SqliteSource {
     }
 
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
-        self.with_conn(move |conn| bulk::load(conn, &spec, rows)).await
+        let turn = self.write_turn().await?;
+        self.with_conn(move |conn| {
+            let _turn = turn;
+            bulk::load(conn, &spec, rows)
+        })
+        .await
     }
 
     fn pool_status(&self) -> Option<PoolStatus> {
@@ -383,6 +432,7 @@ impl SqliteTransaction {
         let guard = self.lease.to_end().await?;
         let restore = self.restore_writes;
         tokio::task::spawn_blocking(move || {
+            let mut guard = guard;
             let conn = guard.conn()?;
             let ended = match (conn.is_autocommit(), commit) {
                 (true, true) => Err(BackendError::TransactionRolledBack(ROLLED_BACK_BY_SQLITE)),
@@ -394,6 +444,10 @@ impl SqliteTransaction {
             // the transaction itself), or later writers would find it read-only.
             if restore {
                 conn.execute_batch("PRAGMA query_only = OFF").map_err(map_error)?;
+            }
+            // Over: the next writer's turn now, not when the handle goes.
+            if conn.is_autocommit() {
+                guard.turn = None;
             }
             ended
         })
@@ -450,6 +504,14 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
         worker.finish_blocking(outcome);
     });
     pending.started().await
+}
+
+/// Whether a statement may write, and so waits for the write turn:
+/// anything but a plain read (a `WITH` may end in an `INSERT`).
+fn may_write(sql: &str) -> bool {
+    sql_text::leading_words(sql, 1)
+        .iter()
+        .any(|w| !matches!(w.first().map(String::as_str), Some("select" | "values" | "explain")))
 }
 
 /// Whether `sql` may have left `conn` different for its next caller: a

@@ -24,12 +24,17 @@ use plain::{PlainFields, UtcMicros};
 /// Set when spans are exported as traces (an OTLP endpoint is configured).
 static EXPORTING_TRACES: AtomicBool = AtomicBool::new(false);
 
+/// Whether spans are exported as traces.
+pub fn exporting_traces() -> bool {
+    EXPORTING_TRACES.load(Ordering::Relaxed)
+}
+
 /// The span around a statement's start in the engine, a child of the
 /// call's span in exported traces. Without an exporter nothing reads it
 /// (log lines carry the call's span), so none is made: making, entering
 /// and closing one cost about 3 % of a point lookup.
 pub fn engine_span() -> tracing::Span {
-    if EXPORTING_TRACES.load(Ordering::Relaxed) {
+    if exporting_traces() {
         tracing::info_span!("engine.start")
     } else {
         tracing::Span::none()

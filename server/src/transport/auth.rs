@@ -195,8 +195,12 @@ where
             code = tracing::field::Empty,
             limit = tracing::field::Empty,
         );
-        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
-        let _ = span.set_parent(parent);
+        // Only exported traces have a parent to join; without an exporter the
+        // propagator's global lock and the extraction would be per-call waste.
+        if crate::telemetry::exporting_traces() {
+            let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+            let _ = span.set_parent(parent);
+        }
         let mut tenant: Option<Arc<Tenant>> = None;
         match authenticated {
             None => {}

@@ -919,6 +919,29 @@ async fn sqlite_writers_waiting_for_the_lock_leave_connections_to_readers() {
 }
 
 #[tokio::test]
+async fn a_sqlite_writer_whose_turn_does_not_come_is_told_after_five_seconds() {
+    let (server, client, tx) = sqlite_transaction_holding("held").await;
+    let started = std::time::Instant::now();
+    let err = client
+        .execute("db", "INSERT INTO held VALUES (2)", vec![])
+        .await
+        .expect_err("the transaction keeps the write turn");
+    assert!(started.elapsed() >= Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(
+        (err.code(), engine_code(&err).as_str()),
+        (Code::Aborted, "5"),
+        "{err:?}"
+    );
+    // The pool served others meanwhile, and the turn comes once the transaction ends.
+    client.rollback(&tx).await.expect("rollback");
+    client
+        .execute("db", "INSERT INTO held VALUES (3)", vec![])
+        .await
+        .expect("the turn is free again");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_read_only_sqlite_source_writes_nothing_to_its_file() {
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("kept.db");

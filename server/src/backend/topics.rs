@@ -95,29 +95,21 @@ pub trait RecordStream: Send {
 /// The offsets a group resumes from after `delivered`: per partition, the
 /// one after the last record.
 pub fn next_offsets(delivered: &[InRecord]) -> Vec<PartitionOffset> {
-    let mut next = Vec::new();
+    let mut next: Vec<PartitionOffset> = Vec::new();
     for r in delivered {
-        merge_offset(
-            &mut next,
-            PartitionOffset {
+        match next
+            .iter_mut()
+            .find(|o| o.partition == r.partition && o.topic == r.topic)
+        {
+            Some(o) => o.offset = o.offset.max(r.offset + 1),
+            None => next.push(PartitionOffset {
                 topic: r.topic.clone(),
                 partition: r.partition,
                 offset: r.offset + 1,
-            },
-        );
+            }),
+        }
     }
     next
-}
-
-/// Adds `offset` to `offsets`, keeping the larger one per partition.
-pub fn merge_offset(offsets: &mut Vec<PartitionOffset>, offset: PartitionOffset) {
-    match offsets
-        .iter_mut()
-        .find(|o| o.partition == offset.partition && o.topic == offset.topic)
-    {
-        Some(o) => o.offset = o.offset.max(offset.offset),
-        None => offsets.push(offset),
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

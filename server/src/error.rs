@@ -44,6 +44,10 @@ pub enum Error {
     Timeout(Duration),
     #[error("the server is shutting down; retry on another replica")]
     ShuttingDown,
+    /// A reload took away the key, client identity or tenant the call was
+    /// made with (or changed the JWT settings), while the call was running.
+    #[error("the credential this call was made with was revoked by a configuration change; the call was ended")]
+    Revoked,
     #[error("too many bulk loads in progress (limit {limit}); retry when one finishes")]
     TooManyLoads { limit: u32 },
     #[error("the load exceeds the limit of {limit} rows per load and was rolled back; split it into several loads")]
@@ -140,6 +144,7 @@ impl From<Error> for Status {
         let message = e.to_string();
         let (code, details) = match &e {
             Error::Unauthenticated => (Code::Unauthenticated, info("UNAUTHENTICATED", vec![])),
+            Error::Revoked => (Code::Unauthenticated, info("CREDENTIAL_REVOKED", vec![])),
             Error::SourceNotFound(_) => (Code::NotFound, info("SOURCE_NOT_FOUND", vec![])),
             Error::TransactionNotFound => (Code::NotFound, info("TRANSACTION_NOT_FOUND", vec![])),
             Error::TransactionLost(_) => {

@@ -40,15 +40,20 @@ impl ConfigFile {
     }
 }
 
-/// A tenant with the given keys (`key-<name>` for each) and a SQLite source.
-fn tenant(id: &str, keys: &[&str], extra: &str) -> String {
+/// `api_keys` with `key-<name>` for each name.
+fn api_keys(keys: &[&str]) -> String {
     let keys: Vec<String> = keys
         .iter()
         .map(|k| format!("{{ id = \"{k}\", sha256 = \"{}\" }}", key_hash(&format!("key-{k}"))))
         .collect();
+    format!("api_keys = [{}]\n", keys.join(", "))
+}
+
+/// A tenant with the given keys and a SQLite source.
+fn tenant(id: &str, keys: &[&str], extra: &str) -> String {
     format!(
-        "[tenants.{id}]\napi_keys = [{}]\n{extra}\n[tenants.{id}.sources.demo]\nengine = \"sqlite\"\npath = \":memory:\"\ndemo_data = true\n",
-        keys.join(", ")
+        "[tenants.{id}]\n{}{extra}\n[tenants.{id}.sources.demo]\nengine = \"sqlite\"\npath = \":memory:\"\ndemo_data = true\n",
+        api_keys(keys)
     )
 }
 
@@ -205,6 +210,132 @@ async fn a_new_pool_size_applies_without_dropping_a_stream_in_progress() {
     assert_eq!(rows, 300_000, "every row of the stream that began before the reload");
     client.commit(&t1).await.expect("commit");
     client.commit(&t2).await.expect("commit");
+}
+
+/// Tenant `a` with the given keys and a PostgreSQL source `pg`.
+fn pg_keys(keys: &[&str]) -> String {
+    format!("{FAST}[tenants.a]\n{}{}", api_keys(keys), postgres("a", "pg", ""))
+}
+
+/// A key taken away by a reload ends what was started with it: its result
+/// streams and loads fail with UNAUTHENTICATED (`CREDENTIAL_REVOKED`), a
+/// load leaving the table as it was, and its open transactions are rolled
+/// back. The tenant's other key goes on.
+#[tokio::test]
+async fn a_revoked_key_ends_its_streams_loads_and_transactions() {
+    let file = ConfigFile::new(&pg_keys(&["a1", "a2"]));
+    let weir = start(&file);
+    let kept = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
+    let gone = WeirClient::connect(&weir.addr, "key-a2").await.expect("a2");
+    let table = "weir_reload_revoked";
+    kept.execute("pg", &format!("DROP TABLE IF EXISTS {table}"), vec![])
+        .await
+        .expect("drop");
+    kept.execute("pg", &format!("CREATE TABLE {table} (id bigint)"), vec![])
+        .await
+        .expect("create");
+
+    // Two streams left unread after their first batch: each waits for its client.
+    let rows = 1_000_000;
+    let sql = format!("SELECT g FROM generate_series(1, {rows}) g");
+    let mut kept_stream = kept.execute_stream("pg", &sql, vec![]).await.expect("a1 stream");
+    let mut gone_stream = gone.execute_stream("pg", &sql, vec![]).await.expect("a2 stream");
+    let mut kept_rows = kept_stream.next_batch().await.expect("a1 batch").map_or(0, |b| b.len());
+    let mut gone_rows = gone_stream.next_batch().await.expect("a2 batch").map_or(0, |b| b.len());
+    assert!(kept_rows > 0 && gone_rows > 0);
+
+    // A transaction holding a lock, and a load with rows still to come.
+    let lock = "47110815";
+    let tx = gone
+        .begin("pg", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    gone.execute_in(&tx, "pg", &format!("SELECT pg_advisory_xact_lock({lock})"), vec![])
+        .await
+        .expect("lock");
+    let (more_rows, rows_in) = tokio::sync::mpsc::channel::<Vec<pb::Row>>(1);
+    let one = pb::Row {
+        values: vec![pb::Value {
+            kind: Some(pb::value::Kind::Int64Value(1)),
+        }],
+    };
+    more_rows.send(vec![one]).await.expect("rows");
+    let load = tokio::spawn({
+        let gone = gone.clone();
+        let header = pb::LoadHeader {
+            source: "pg".into(),
+            table: table.into(),
+            columns: vec!["id".into()],
+            ..Default::default()
+        };
+        async move {
+            gone.load(header, tokio_stream::wrappers::ReceiverStream::new(rows_in))
+                .await
+        }
+    });
+    let pg = common::pg_direct().await;
+    assert!(
+        common::wait_until_running(&pg, table, Duration::from_secs(5)).await,
+        "the load reached the engine"
+    );
+
+    file.write(&pg_keys(&["a1"]));
+    let line = reloaded(&weir);
+    assert_eq!(line["credentials_revoked"], 1, "{line}");
+
+    let revoked = |e: &tonic::Status| e.code() == Code::Unauthenticated && reason(e) == "CREDENTIAL_REVOKED";
+    let err = loop {
+        match gone_stream.next_batch().await {
+            Ok(Some(batch)) => gone_rows += batch.len(),
+            Ok(None) => panic!("the revoked key's stream ended as if complete after {gone_rows} rows"),
+            Err(e) => break e,
+        }
+    };
+    assert!(revoked(&err), "{err:?}");
+    assert!(gone_rows < rows, "{gone_rows}");
+
+    let err = tokio::time::timeout(Duration::from_secs(10), load)
+        .await
+        .expect("the load ends without its client ending it")
+        .expect("load task")
+        .expect_err("the load is stopped");
+    assert!(revoked(&err), "{err:?}");
+    drop(more_rows);
+    let count = kept
+        .execute("pg", &format!("SELECT count(*) FROM {table}"), vec![])
+        .await
+        .expect("count");
+    assert_eq!(common::int(&count.rows[0].values[0]), 0, "nothing was loaded");
+
+    // The transaction is rolled back: its lock is free again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let free = kept
+            .execute("pg", &format!("SELECT pg_try_advisory_xact_lock({lock})"), vec![])
+            .await
+            .expect("try lock");
+        if matches!(free.rows[0].values[0].kind, Some(pb::value::Kind::BoolValue(true))) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked key's transaction still holds its lock"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = kept
+        .execute_in(&tx, "pg", "SELECT 1", vec![])
+        .await
+        .expect_err("the handle is gone");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    while let Some(batch) = kept_stream.next_batch().await.expect("the kept key's stream goes on") {
+        kept_rows += batch.len();
+    }
+    assert_eq!(kept_rows, rows);
+    kept.execute("pg", &format!("DROP TABLE {table}"), vec![])
+        .await
+        .expect("drop");
 }
 
 /// Threads of the process named `name`.

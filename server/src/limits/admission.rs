@@ -1,38 +1,21 @@
-//! The limits layer: admits an authenticated call against its tenant's
-//! limits and holds the concurrency slot until the response body ends, so
-//! a stream counts for as long as it runs.
+//! Admission: an authenticated call is admitted against its tenant's limits
+//! (concurrency, then its turn at the request rate) before it reaches a
+//! service. The auth layer calls it, so that one layer, one boxed future
+//! and one response body serve both steps; the concurrency slot it returns
+//! is held until the response body ends, so a stream counts for as long as
+//! it runs.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::LazyLock;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use parking_lot::Mutex;
 use tonic::body::Body;
-use tower::{Layer, Service};
 
 use crate::error::Error;
 use crate::limits::SlotPermit;
 use crate::metrics::{LimitLabels, METRICS};
 use crate::tenant::Caller;
-
-#[derive(Clone, Default)]
-pub struct AdmissionLayer;
-
-impl<S> Layer<S> for AdmissionLayer {
-    type Service = Admission<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Admission { inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct Admission<S> {
-    inner: S,
-}
 
 /// Counts a call refused by a limit, by tenant and limit, and names the
 /// limit on the call's span (its audit line). The refusal's own text is
@@ -101,86 +84,20 @@ fn reject(caller: Option<&Caller>, e: Error) -> http::Response<Body> {
     response
 }
 
-impl<S> Service<http::Request<Body>> for Admission<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+/// Admits `caller`'s call, or answers its refusal: takes a concurrency
+/// slot, then waits for the call's turn at the tenant's request rate (and
+/// the shared bucket's, when there is one) within the call's deadline.
+pub async fn admit(caller: &mut Caller, headers: &http::HeaderMap) -> Result<SlotPermit, http::Response<Body>> {
+    let deadline = headers
+        .get("grpc-timeout")
+        .and_then(|v| weir_proto::deadline::parse_grpc_timeout(v.to_str().ok()?));
+    let limiter = &caller.tenant.limiter;
+    let turn = limiter.admit(deadline).map_err(|e| reject(Some(caller), e))?;
+    match limiter.wait_turn(turn.wait, deadline).await {
+        Ok(waited) => caller.rate_wait = waited,
+        Err(e) => return Err(reject(Some(caller), e)),
     }
-
-    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
-        let deadline = req
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| weir_proto::deadline::parse_grpc_timeout(v.to_str().ok()?));
-        // Calls without a caller (health, reflection) are not tenant calls.
-        let admitted = req
-            .extensions()
-            .get::<Caller>()
-            .map(|c| c.tenant.limiter.admit(deadline));
-        let turn = match admitted {
-            None => None,
-            Some(Ok(turn)) => Some(turn),
-            Some(Err(e)) => {
-                let response = reject(req.extensions().get::<Caller>(), e);
-                return Box::pin(async move { Ok(response) });
-            }
-        };
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let Some(turn) = turn else {
-                return inner.call(req).await;
-            };
-            // Admitted locally: the call waits for its turn, if it has one to
-            // wait for, and asks the shared bucket next, when there is one.
-            if let Some(caller) = req.extensions_mut().get_mut::<Caller>() {
-                match caller.tenant.limiter.wait_turn(turn.wait, deadline).await {
-                    Ok(waited) => caller.rate_wait = waited,
-                    Err(e) => return Ok(reject(Some(caller), e)),
-                }
-            }
-            let response = inner.call(req).await?;
-            Ok(response.map(|body| {
-                Body::new(PermitBody {
-                    inner: body,
-                    _permit: turn.permit,
-                })
-            }))
-        })
-    }
-}
-
-/// A response body that releases the tenant's concurrency slot when it is dropped.
-struct PermitBody {
-    inner: Body,
-    _permit: SlotPermit,
-}
-
-impl HttpBody for PermitBody {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    Ok(turn.permit)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use prost::Message;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use weir_proto::v1 as pb;
 use weir_proto::v1::bulk_load_service_server::BulkLoadService;
@@ -265,29 +266,31 @@ fn convert_row(row: pb::Row, columns: &[Column]) -> std::result::Result<Row, (Op
         .collect()
 }
 
-/// The client's messages, until the shutdown grace period is over.
+/// The client's messages, until the shutdown grace period is over or the
+/// caller's credential is revoked.
 struct Incoming<'a> {
     stream: &'a mut Streaming<pb::LoadRequest>,
     /// Becomes true when the grace period is over.
     cut: watch::Receiver<bool>,
+    revoked: CancellationToken,
 }
 
 impl Incoming<'_> {
-    /// The next message, or `ShuttingDown` once the grace period is over:
-    /// a load with rows still to come then is rolled back, and one whose
-    /// client has sent its last message goes on to its commit.
+    /// The next message, or why the load was stopped: a load with rows
+    /// still to come then is rolled back, and one whose client has sent its
+    /// last message goes on to its commit.
     async fn message(&mut self) -> Result<std::result::Result<Option<pb::LoadRequest>, Status>> {
-        tokio::select! {
-            // The cut first: a client that always has rows ready must still see it.
+        let stop = tokio::select! {
+            // The stop first: a client that always has rows ready must still see it.
             biased;
-            Ok(_) = self.cut.wait_for(|cut| *cut) => {}
+            e = super::stopped(&self.cut, &self.revoked) => e,
             message = self.stream.message() => return Ok(message),
-        }
-        // Cut: what the client has sent already may be the stream's end
+        };
+        // Stopped: what the client has sent already may be the stream's end
         // (its last rows waited behind the tenant's load rate, say).
         match self.stream.message().now_or_never() {
             Some(Ok(None)) => Ok(Ok(None)),
-            _ => Err(Error::ShuttingDown),
+            _ => Err(stop),
         }
     }
 }
@@ -417,6 +420,7 @@ impl BulkApi {
         let mut incoming = Incoming {
             stream: &mut stream,
             cut: self.cut.clone(),
+            revoked: caller.revoked.clone(),
         };
         let fed = feed_rows(
             &mut incoming,

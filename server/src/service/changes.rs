@@ -13,7 +13,7 @@ use super::{bad, caller, check_plain_name, convert, source, StreamIn, StreamOut}
 use crate::backend::changes::{ChangeItem, ChangeOp, Position, RowChange, TableName};
 use crate::backend::WatchSpec;
 use crate::config::ChangesConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tenant::Caller;
 
 /// Longest subscription name.
@@ -258,13 +258,14 @@ impl Pump<'_> {
         mut feed: crate::backend::ChangeFeed,
         mut inbound: Streaming<pb::WatchChangesRequest>,
         tx: WatchSender,
-        mut cut: watch::Receiver<bool>,
+        cut: watch::Receiver<bool>,
     ) {
         use pb::watch_changes_request::Message;
         let stamp = Stamp {
             tenant: &self.caller.tenant.id,
             subscription: self.subscription,
         };
+        let revoked = self.caller.revoked.clone();
         // A client may half-close once it has nothing more to acknowledge.
         let mut listening = true;
         let mut throttled = std::time::Duration::ZERO;
@@ -320,8 +321,8 @@ impl Pump<'_> {
                     Err(_) => return,
                 },
                 () = tx.closed() => return,
-                () = async { let _ = cut.wait_for(|c| *c).await; } => {
-                    tx.fail(Error::ShuttingDown);
+                e = super::stopped(&cut, &revoked) => {
+                    tx.fail(e);
                     return;
                 }
             }

@@ -19,6 +19,7 @@ use futures::Stream;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 use weir_proto::v1 as pb;
 
@@ -214,17 +215,28 @@ impl<T> Stream for StreamIn<T> {
     }
 }
 
-/// `work`, or `ShuttingDown` once the shutdown grace period is over. Dropping
-/// the work then cancels its statement in the engine while the runtime still
-/// runs; left alone, the process would exit under it and the statement run on.
-pub async fn until_cut<T>(
-    cut: &tokio::sync::watch::Receiver<bool>,
-    work: impl std::future::Future<Output = T>,
-) -> Result<T, Error> {
+/// Completes with the reason a call in progress must stop: the shutdown
+/// grace period is over (`ShuttingDown`), or a reload revoked the credential
+/// the call was made with (`Revoked`). Never completes otherwise.
+pub async fn stopped(cut: &tokio::sync::watch::Receiver<bool>, revoked: &CancellationToken) -> Error {
     let mut cut = cut.clone();
     tokio::select! {
+        Ok(_) = cut.wait_for(|c| *c) => Error::ShuttingDown,
+        () = revoked.cancelled() => Error::Revoked,
+    }
+}
+
+/// `work`, or the reason it was [`stopped`]. Dropping the work cancels its
+/// statement in the engine while the runtime still runs; left alone at
+/// shutdown, the process would exit under it and the statement run on.
+pub async fn until_stopped<T>(
+    cut: &tokio::sync::watch::Receiver<bool>,
+    revoked: &CancellationToken,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, Error> {
+    tokio::select! {
         out = work => Ok(out),
-        Ok(_) = cut.wait_for(|c| *c) => Err(Error::ShuttingDown),
+        e = stopped(cut, revoked) => Err(e),
     }
 }
 

@@ -445,8 +445,10 @@ impl QueryService for QueryApi {
             started,
             queued: admitted.queued,
         };
-        let result = super::until_cut(
+        let revoked = target.caller.revoked.clone();
+        let result = super::until_stopped(
             &self.cut,
+            &revoked,
             tokio::time::timeout(timeout, execute_unary(&mut target, timing)),
         )
         .await;
@@ -476,7 +478,8 @@ impl QueryService for QueryApi {
             queued: admitted.queued,
         };
         let (tx, rx) = StreamOut::channel(STREAM_BUFFER, self.stream_idle);
-        let mut cut = self.cut.clone();
+        let cut = self.cut.clone();
+        let revoked = target.caller.revoked.clone();
         tokio::spawn(
             async move {
                 // Both slots are held until the stream ends.
@@ -485,7 +488,7 @@ impl QueryService for QueryApi {
                     r = tokio::time::timeout(timeout, execute_stream(&mut target, format, &tx, timing)) => {
                         r.map_err(|_| Error::Timeout(timeout)).and_then(|r| r)
                     }
-                    Ok(_) = cut.wait_for(|cut| *cut) => Err(Error::ShuttingDown),
+                    e = super::stopped(&cut, &revoked) => Err(e),
                     // The client left before the first row: stop waiting for the engine too.
                     () = tx.closed() => Ok(()),
                 };

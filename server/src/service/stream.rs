@@ -155,7 +155,7 @@ async fn deliver(
     auto_commit: bool,
     max_records: u64,
     tx: ConsumeSender,
-    mut cut: watch::Receiver<bool>,
+    cut: watch::Receiver<bool>,
 ) {
     let mut sent = 0u64;
     let mut throttled = std::time::Duration::ZERO;
@@ -163,8 +163,8 @@ async fn deliver(
         let batch = tokio::select! {
             b = records.next() => b,
             () = tx.closed() => return,
-            () = async { let _ = cut.wait_for(|c| *c).await; } => {
-                tx.fail(Error::ShuttingDown);
+            e = super::stopped(&cut, &caller.revoked) => {
+                tx.fail(e);
                 return;
             }
         };

@@ -1,6 +1,7 @@
 //! Open transactions, addressed by opaque handles bound to the tenant that
 //! opened them. Unused transactions are rolled back after the tenant's idle
-//! timeout, returning their connection.
+//! timeout, returning their connection, and so are those whose opener's
+//! credential a reload revoked.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rand::RngCore;
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::{BackendError, SqlTransaction};
 use crate::error::Error;
@@ -23,6 +25,9 @@ pub struct OpenTransaction {
     pub source: String,
     idle_timeout: Duration,
     last_used: Mutex<Instant>,
+    /// The opener's credential: once revoked, the transaction is not
+    /// served again and is rolled back by the next reap.
+    revoked: CancellationToken,
 }
 
 impl OpenTransaction {
@@ -68,6 +73,7 @@ impl Transactions {
             source: source.to_string(),
             idle_timeout: caller.tenant.limits.transaction_idle_timeout,
             last_used: Mutex::new(Instant::now()),
+            revoked: caller.revoked.clone(),
         };
         let refused = {
             let mut open = self.open.lock();
@@ -94,6 +100,7 @@ impl Transactions {
             .open
             .lock()
             .get(&key(caller, handle)?)
+            .filter(|e| !e.revoked.is_cancelled())
             .cloned()
             .ok_or(Error::TransactionNotFound)?;
         entry.touch();
@@ -104,7 +111,13 @@ impl Transactions {
     /// was busy with a statement; after any other outcome it is gone.
     pub async fn finish(&self, caller: &Caller, handle: &[u8], commit: bool) -> Result<(), Error> {
         let key = key(caller, handle)?;
-        let entry = self.open.lock().get(&key).cloned().ok_or(Error::TransactionNotFound)?;
+        let entry = self
+            .open
+            .lock()
+            .get(&key)
+            .filter(|e| !e.revoked.is_cancelled())
+            .cloned()
+            .ok_or(Error::TransactionNotFound)?;
         let result = if commit {
             entry.tx.commit().await
         } else {
@@ -122,16 +135,17 @@ impl Transactions {
         }
     }
 
-    /// Rolls back transactions idle past their timeout. Each rollback runs
-    /// on its own, bounded in time, so one hung database cannot hold up the
-    /// others; a transaction still running a statement is not idle and stays.
+    /// Rolls back transactions idle past their timeout, or opened with a
+    /// credential since revoked. Each rollback runs on its own, bounded in
+    /// time, so one hung database cannot hold up the others; a transaction
+    /// still running a statement stays until the next reap.
     pub fn reap_idle(self: &Arc<Self>) {
         let now = Instant::now();
         let expired: Vec<_> = {
             let mut open = self.open.lock();
             let keys: Vec<_> = open
                 .iter()
-                .filter(|(_, e)| now.duration_since(*e.last_used.lock()) >= e.idle_timeout)
+                .filter(|(_, e)| e.revoked.is_cancelled() || now.duration_since(*e.last_used.lock()) >= e.idle_timeout)
                 .map(|(k, _)| k.clone())
                 .collect();
             keys.into_iter()
@@ -146,6 +160,11 @@ impl Transactions {
                         entry.touch();
                         registry.open.lock().insert(key, entry);
                     }
+                    Ok(_) if entry.revoked.is_cancelled() => tracing::info!(
+                        tenant = key.0,
+                        source = entry.source,
+                        "rolled back a transaction whose credential was revoked"
+                    ),
                     Ok(_) => tracing::info!(tenant = key.0, source = entry.source, "rolled back an idle transaction"),
                     // Dropping the transaction discards its connection: the engine rolls back.
                     Err(_) => tracing::warn!(

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::{self, Backend, BackendError};
 use crate::config::{Config, GlobalLimitsConfig, LimitsConfig, SourceConfig};
@@ -53,6 +54,8 @@ pub struct Tenant {
     pub audit_sql: bool,
     pub metrics: TenantMetrics,
     sources: HashMap<String, Arc<Source>>,
+    /// The revocation of every call made with a JWT for this tenant.
+    jwt_revoked: CancellationToken,
 }
 
 impl Tenant {
@@ -83,14 +86,19 @@ pub struct Caller {
     /// The API key's id, `jwt:<sub>` or `cert:<name>`: for logs, never a secret.
     pub key_id: Arc<str>,
     /// How long this call waited for its turn at the tenant's request rate
-    /// (set by the limits layer; reported in `QueryStats.queued`).
+    /// (set at admission; reported in `QueryStats.queued`).
     pub rate_wait: Duration,
+    /// Cancelled when a reload takes away the credential this call was made
+    /// with (the key, the client identity, the tenant, or the JWT settings):
+    /// the call's streams and loads end, its transactions are rolled back.
+    pub revoked: CancellationToken,
 }
 
 pub struct Tenants {
     by_key: HashMap<[u8; 32], Caller>,
-    /// Client-certificate names (mTLS) and the tenant each one is.
-    by_identity: HashMap<String, Arc<Tenant>>,
+    /// Client-certificate names (mTLS), the tenant each one is, and the
+    /// revocation of the calls made with it.
+    by_identity: HashMap<String, (Arc<Tenant>, CancellationToken)>,
     jwt: Option<JwtVerifier>,
     all: Vec<Arc<Tenant>>,
     shared: Option<Arc<GlobalLimiter>>,
@@ -103,6 +111,9 @@ pub struct Changes {
     pub sources_kept: usize,
     pub sources_new: usize,
     pub sources_dropped: usize,
+    /// API keys, client identities and tenants' JWT callers taken away,
+    /// whose calls in progress were ended.
+    pub credentials_revoked: usize,
 }
 
 pub fn hash_key(key: &str) -> [u8; 32] {
@@ -142,6 +153,13 @@ impl Tenants {
             .map(JwtVerifier::new)
             .transpose()
             .map_err(|e| BackendError::Invalid(format!("auth.jwt: {e}")))?;
+        // Calls made with a JWT stay valid only while the tokens that made
+        // them would still verify: the same issuer, key and settings.
+        let same_jwt = |p: &&Tenants| match (&p.jwt, &jwt) {
+            (Some(was), Some(now)) => was.fingerprint() == now.fingerprint(),
+            _ => false,
+        };
+        let jwt_kept = previous.filter(same_jwt);
         for (id, t) in &config.tenants {
             let old = previous.and_then(|p| p.all.iter().find(|o| &o.id == id));
             let mut sources = HashMap::new();
@@ -191,23 +209,36 @@ impl Tenants {
                 audit_sql: t.audit_sql,
                 metrics: TenantMetrics::new(id),
                 sources,
+                jwt_revoked: jwt_kept
+                    .and(old)
+                    .map_or_else(CancellationToken::new, |o| o.jwt_revoked.clone()),
             });
             for key in &t.api_keys {
                 let mut hash = [0u8; 32];
                 // validate() has checked these are 64 hex digits.
                 if hex::decode_to_slice(&key.sha256, &mut hash).is_ok() {
+                    // A key that stays the same tenant's keeps its calls going.
+                    let revoked = previous
+                        .and_then(|p| p.by_key.get(&hash))
+                        .filter(|c| c.tenant.id == *id)
+                        .map_or_else(CancellationToken::new, |c| c.revoked.clone());
                     by_key.insert(
                         hash,
                         Caller {
                             tenant: tenant.clone(),
                             key_id: key.id.as_str().into(),
                             rate_wait: Duration::ZERO,
+                            revoked,
                         },
                     );
                 }
             }
             for identity in &t.client_identities {
-                by_identity.insert(identity.clone(), tenant.clone());
+                let revoked = previous
+                    .and_then(|p| p.by_identity.get(identity))
+                    .filter(|(t, _)| t.id == *id)
+                    .map_or_else(CancellationToken::new, |(_, r)| r.clone());
+                by_identity.insert(identity.clone(), (tenant.clone(), revoked));
             }
             all.push(tenant);
         }
@@ -239,12 +270,12 @@ impl Tenants {
     pub fn authenticate(&self, bearer: Option<&str>, identities: &[String]) -> Result<Caller, String> {
         let mut matches = identities
             .iter()
-            .filter_map(|name| self.by_identity.get(name).map(|t| (name, t)));
+            .filter_map(|name| self.by_identity.get(name).map(|(t, revoked)| (name, t, revoked)));
         let by_cert = matches.next();
         // A certificate whose names are two tenants' identities is neither's:
         // which one it would be must not depend on the order of its names.
-        if let Some((_, first)) = by_cert {
-            if let Some((_, other)) = matches.find(|(_, t)| t.id != first.id) {
+        if let Some((_, first, _)) = by_cert {
+            if let Some((_, other, _)) = matches.find(|(_, t, _)| t.id != first.id) {
                 return Err(format!(
                     "the client certificate names identities of two tenants ({} and {})",
                     first.id, other.id
@@ -253,10 +284,11 @@ impl Tenants {
         }
         let Some(token) = bearer else {
             return match by_cert {
-                Some((name, tenant)) => Ok(Caller {
+                Some((name, tenant, revoked)) => Ok(Caller {
                     tenant: tenant.clone(),
                     key_id: format!("cert:{name}").into(),
                     rate_wait: Duration::ZERO,
+                    revoked: revoked.clone(),
                 }),
                 None if identities.is_empty() => Err("no credentials".into()),
                 None => Err(format!("no tenant has a client identity among {identities:?}")),
@@ -264,7 +296,7 @@ impl Tenants {
         };
         let caller = self.bearer(token)?;
         match by_cert {
-            Some((_, tenant)) if tenant.id != caller.tenant.id => Err(format!(
+            Some((_, tenant, _)) if tenant.id != caller.tenant.id => Err(format!(
                 "the bearer token is tenant {}'s, the client certificate tenant {}'s",
                 caller.tenant.id, tenant.id
             )),
@@ -288,6 +320,7 @@ impl Tenants {
                     tenant: tenant.clone(),
                     key_id: format!("jwt:{}", identity.subject).into(),
                     rate_wait: Duration::ZERO,
+                    revoked: tenant.jwt_revoked.clone(),
                 })
             }
             _ => Err("unknown API key".into()),
@@ -297,11 +330,143 @@ impl Tenants {
     pub fn all(&self) -> &[Arc<Tenant>] {
         &self.all
     }
+
+    /// Once this snapshot is in force: ends the calls made with credentials
+    /// of `previous` that this one did not carry over, and counts them.
+    pub fn revoke_dropped(&self, previous: &Tenants) -> usize {
+        let keys = previous.by_key.iter().filter(|(hash, caller)| {
+            self.by_key
+                .get(*hash)
+                .is_none_or(|now| now.tenant.id != caller.tenant.id)
+        });
+        let keys = keys.map(|(_, caller)| &caller.revoked);
+        let identities = previous
+            .by_identity
+            .iter()
+            .filter(|(name, (was, _))| self.by_identity.get(*name).is_none_or(|(now, _)| now.id != was.id));
+        let identities = identities.map(|(_, (_, revoked))| revoked);
+        let jwt_changed = match (&previous.jwt, &self.jwt) {
+            (Some(was), Some(now)) => was.fingerprint() != now.fingerprint(),
+            (was, _) => was.is_some(),
+        };
+        let jwt = previous
+            .all
+            .iter()
+            .filter(|was| previous.jwt.is_some() && (jwt_changed || !self.all.iter().any(|now| now.id == was.id)))
+            .map(|was| &was.jwt_revoked);
+        let mut revoked = 0;
+        for token in keys.chain(identities).chain(jwt) {
+            if !token.is_cancelled() {
+                token.cancel();
+                revoked += 1;
+            }
+        }
+        revoked
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn keys(names: &[&str]) -> String {
+        let keys: Vec<String> = names
+            .iter()
+            .map(|k| format!("{{ id = \"{k}\", sha256 = \"{}\" }}", hex::encode(hash_key(k))))
+            .collect();
+        format!("api_keys = [{}]\n", keys.join(", "))
+    }
+
+    fn tenants(text: &str, previous: Option<&Tenants>) -> Tenants {
+        let config = Config::from_toml(text).expect("config");
+        Tenants::rebuild(&config, previous).expect("tenants").0
+    }
+
+    fn token(tenants: &Tenants, key: &str) -> CancellationToken {
+        tenants.bearer(key).expect("a key in force").revoked
+    }
+
+    #[test]
+    fn a_reload_revokes_only_the_credentials_it_takes_away() {
+        let was = tenants(
+            &format!(
+                "[tenants.a]\n{}client_identities = [\"a.internal\", \"moves\"]\n[tenants.b]\n{}",
+                keys(&["k1", "k2", "moves"]),
+                keys(&["k3"])
+            ),
+            None,
+        );
+        let (k1, k2, k3, moved_key) = (
+            token(&was, "k1"),
+            token(&was, "k2"),
+            token(&was, "k3"),
+            token(&was, "moves"),
+        );
+        let identity = |t: &Tenants, name: &str| t.by_identity[name].1.clone();
+        let (kept_identity, moved_identity) = (identity(&was, "a.internal"), identity(&was, "moves"));
+        // k2 is gone, and the key and identity "moves" are tenant b's now.
+        let now = tenants(
+            &format!(
+                "[tenants.a]\n{}client_identities = [\"a.internal\"]\n[tenants.b]\n{}client_identities = [\"moves\"]\n",
+                keys(&["k1"]),
+                keys(&["k3", "moves"])
+            ),
+            Some(&was),
+        );
+        assert_eq!(now.revoke_dropped(&was), 3);
+        assert!(k2.is_cancelled() && moved_key.is_cancelled() && moved_identity.is_cancelled());
+        assert!(!k1.is_cancelled() && !k3.is_cancelled() && !kept_identity.is_cancelled());
+        let moved_now = token(&now, "moves");
+        assert!(
+            !moved_now.is_cancelled(),
+            "a key that moved starts afresh with its new tenant"
+        );
+        // What stays is carried over: a later reload that takes k1 away ends
+        // the calls k1 made before this one.
+        let later = tenants(&format!("[tenants.b]\n{}", keys(&["k3"])), Some(&now));
+        later.revoke_dropped(&now);
+        assert!(k1.is_cancelled() && kept_identity.is_cancelled() && moved_now.is_cancelled());
+        assert!(!k3.is_cancelled());
+    }
+
+    #[test]
+    fn calls_made_with_jwts_end_when_the_jwt_settings_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        let config = |extra: &str| {
+            format!(
+                "[auth.jwt]\nissuer = \"https://issuer.example\"\naudience = \"weir\"\nalgorithm = \"HS256\"\n\
+                 secret_file = {:?}\n{extra}[tenants.a]\n[tenants.b]\n",
+                secret.display().to_string()
+            )
+        };
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef").expect("secret");
+        let jwt_token = |t: &Tenants, id: &str| {
+            t.all()
+                .iter()
+                .find(|t| t.id == id)
+                .map(|t| t.jwt_revoked.clone())
+                .expect("tenant")
+        };
+        let was = tenants(&config(""), None);
+        let same = tenants(&config(""), Some(&was));
+        assert_eq!(
+            same.revoke_dropped(&was),
+            0,
+            "the same settings and secret keep JWT calls going"
+        );
+        let a = jwt_token(&same, "a");
+        // A new secret: tokens signed with the old one no longer verify.
+        std::fs::write(&secret, "fedcba9876543210fedcba9876543210").expect("secret");
+        let rotated = tenants(&config(""), Some(&same));
+        assert_eq!(rotated.revoke_dropped(&same), 2);
+        assert!(a.is_cancelled() && !jwt_token(&rotated, "a").is_cancelled());
+        // A removed tenant's JWT calls end too; the other tenant's go on.
+        let b = jwt_token(&rotated, "b");
+        let without_a = tenants(&config("").replace("[tenants.a]\n", ""), Some(&rotated));
+        assert_eq!(without_a.revoke_dropped(&rotated), 1);
+        assert!(jwt_token(&rotated, "a").is_cancelled() && !b.is_cancelled());
+    }
 
     #[test]
     fn a_certificate_with_two_tenants_identities_is_neither_tenant() {

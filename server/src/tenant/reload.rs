@@ -2,7 +2,9 @@
 //! (SIGHUP, or a change of the configuration file or of a file it names,
 //! such as a ConfigMap or Secret update) builds the next snapshot beside it
 //! and swaps it in. Calls in progress keep the snapshot they started with,
-//! so they finish on the pools they began on; sources whose settings did
+//! so they finish on the pools they began on, unless the credential they
+//! were made with is taken away: those end (streams, loads) or are rolled
+//! back (transactions); sources whose settings did
 //! not change are carried over with their pools. A configuration that does
 //! not load or validate is refused, logged, and the old one stays.
 
@@ -91,9 +93,15 @@ impl Registry {
         if let Some((reloader, fresh)) = tls {
             reloader.install(fresh);
         }
-        *self.current.write() = Arc::new(tenants);
+        let previous = std::mem::replace(&mut *self.current.write(), Arc::new(tenants));
         *running = config;
-        Ok(changes)
+        // Only once the new snapshot is in force: a call made with a revoked
+        // credential could otherwise still start on the old one.
+        let credentials_revoked = self.current().revoke_dropped(&previous);
+        Ok(Changes {
+            credentials_revoked,
+            ..changes
+        })
     }
 
     /// Fingerprint of the configuration file and every file it names
@@ -137,6 +145,7 @@ impl Registry {
                     sources_kept = c.sources_kept,
                     sources_new = c.sources_new,
                     sources_dropped = c.sources_dropped,
+                    credentials_revoked = c.credentials_revoked,
                     "configuration reloaded"
                 );
             }

@@ -1,7 +1,8 @@
 //! The auth layer: gives every call a request id (echoed in `x-request-id`)
 //! and a tracing span (continuing an incoming W3C `traceparent`), turns the
-//! bearer key of `weir.v1` calls into a `Caller` in the request extensions,
-//! and records each call's outcome when its response body ends.
+//! bearer key of `weir.v1` calls into a `Caller` in the request extensions
+//! once the call is admitted against its tenant's limits, and records each
+//! call's outcome when its response body ends.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,9 +19,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::tls::PeerInfo;
 use crate::error::Error;
+use crate::limits::{admission, SlotPermit};
 use crate::metrics::{code_label, Method, TenantMetrics};
 use crate::tenant::reload::Registry;
-use crate::tenant::Tenant;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Paths of the gateway's own API; everything else (health, reflection) is public.
@@ -201,13 +202,9 @@ where
             let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
             let _ = span.set_parent(parent);
         }
-        let mut tenant: Option<Arc<Tenant>> = None;
-        match authenticated {
-            None => {}
-            Some(Ok(caller)) => {
-                tenant = Some(caller.tenant.clone());
-                req.extensions_mut().insert(caller);
-            }
+        let caller = match authenticated {
+            None => None,
+            Some(Ok(caller)) => Some(caller),
             Some(Err(reason)) => {
                 let _enter = span.enter();
                 // The reason is for the operator; the caller gets one answer for every failure.
@@ -221,16 +218,30 @@ where
                 response.headers_mut().insert(REQUEST_ID_HEADER, id);
                 return Box::pin(async move { Ok(response) });
             }
-        }
+        };
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let body_span = span.clone();
         Box::pin(
             async move {
-                let mut response = inner.call(req).await?;
+                // Then the tenant's limits, inside the call's span (a refusal
+                // names its limit there), and only then the service.
+                let (mut response, admitted) = match caller {
+                    None => (inner.call(req).await?, None),
+                    Some(mut caller) => {
+                        let tenant = caller.tenant.clone();
+                        match admission::admit(&mut caller, req.headers()).await {
+                            Ok(permit) => {
+                                req.extensions_mut().insert(caller);
+                                (inner.call(req).await?, Some((tenant, Some(permit))))
+                            }
+                            Err(refusal) => (refusal, Some((tenant, None))),
+                        }
+                    }
+                };
                 settle_status(response.headers_mut());
                 response.headers_mut().insert(REQUEST_ID_HEADER, id);
-                let Some(tenant) = tenant else {
+                let Some((tenant, permit)) = admitted else {
                     return Ok(response);
                 };
                 let code = status_code(response.headers());
@@ -242,6 +253,7 @@ where
                         method: Method::of(&method),
                         started,
                         span: body_span,
+                        _permit: permit,
                     })
                 }))
             }
@@ -254,14 +266,17 @@ where
 pub const AUDIT: &str = "weir::audit";
 
 /// A response body that records the call's outcome (from the trailers, or
-/// CANCELLED if the client left first) and duration when it is dropped.
+/// CANCELLED if the client left first) and duration when it is dropped, and
+/// holds the call's concurrency slot until then.
 struct ObservedBody {
     inner: Body,
     code: Option<tonic::Code>,
-    tenant: Arc<Tenant>,
+    tenant: Arc<crate::tenant::Tenant>,
     method: Method,
     started: Instant,
     span: tracing::Span,
+    /// The tenant's concurrency slot, given back after the outcome is recorded.
+    _permit: Option<SlotPermit>,
 }
 
 impl HttpBody for ObservedBody {
@@ -298,7 +313,11 @@ impl Drop for ObservedBody {
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
         let elapsed = self.started.elapsed();
         self.tenant.metrics.record_call(self.method, code, elapsed);
-        self.span.record("code", code_label(code));
+        // For the exported span; the audit line below carries the code itself,
+        // and a field recorded costs a pass through every layer.
+        if crate::telemetry::exporting_traces() {
+            self.span.record("code", code_label(code));
+        }
         let _enter = self.span.enter();
         // One line per call on its own target, so that it can be shipped (or
         // silenced, WEIR_LOG=weir::audit=off) separately; the call span adds

@@ -4,6 +4,7 @@
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::config::JwtConfig;
 
@@ -11,6 +12,8 @@ pub struct JwtVerifier {
     key: DecodingKey,
     validation: Validation,
     tenant_claim: String,
+    /// SHA-256 of the settings and the key: what a token must match.
+    fingerprint: [u8; 32],
 }
 
 /// Who a verified token speaks for.
@@ -34,7 +37,7 @@ impl JwtVerifier {
             )
         })?;
         let hmac = matches!(algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
-        let key = if hmac {
+        let (key, material) = if hmac {
             if config.public_key_file.is_some() {
                 return Err(format!(
                     "{algorithm:?} takes secret_env or secret_file, not public_key_file"
@@ -57,7 +60,7 @@ impl JwtVerifier {
             if secret.len() < 32 {
                 return Err("the HMAC secret must be at least 32 bytes".into());
             }
-            DecodingKey::from_secret(&secret)
+            (DecodingKey::from_secret(&secret), secret)
         } else {
             if config.secret_env.is_some() || config.secret_file.is_some() {
                 return Err(format!("{algorithm:?} takes public_key_file, not a secret"));
@@ -72,7 +75,10 @@ impl JwtVerifier {
                 Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
                 _ => DecodingKey::from_rsa_pem(&pem),
             };
-            key.map_err(|e| format!("public_key_file {}: {e}", path.display()))?
+            (
+                key.map_err(|e| format!("public_key_file {}: {e}", path.display()))?,
+                pem,
+            )
         };
         let mut validation = Validation::new(algorithm);
         validation.set_issuer(&[&config.issuer]);
@@ -80,11 +86,29 @@ impl JwtVerifier {
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.validate_nbf = true;
         validation.leeway = config.leeway.as_secs();
+        let mut fingerprint = Sha256::new();
+        for part in [
+            config.algorithm.as_bytes(),
+            config.issuer.as_bytes(),
+            config.audience.as_bytes(),
+            config.tenant_claim.as_bytes(),
+            &config.leeway.as_nanos().to_le_bytes(),
+            &material,
+        ] {
+            fingerprint.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_le_bytes());
+            fingerprint.update(part);
+        }
         Ok(Self {
             key,
             validation,
             tenant_claim: config.tenant_claim.clone(),
+            fingerprint: fingerprint.finalize().into(),
         })
+    }
+
+    /// Equal for two verifiers that accept the same tokens for the same tenants.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
     }
 
     /// The tenant and subject of a valid token; the reason it is not valid

@@ -1,5 +1,5 @@
-//! The gRPC server: transport settings, then auth, then limits, then the
-//! services; health and reflection on the same port.
+//! The gRPC server: transport settings, then auth and limits (one layer),
+//! then the services; health and reflection on the same port.
 
 pub mod auth;
 pub mod jwt;
@@ -19,7 +19,6 @@ use weir_proto::v1::schema_service_server::SchemaServiceServer;
 use weir_proto::v1::stream_service_server::StreamServiceServer;
 
 use crate::config::{Compression, Config};
-use crate::limits::admission::AdmissionLayer;
 use crate::limits::scheduler::Scheduler;
 use crate::service::bulk::BulkApi;
 use crate::service::query::QueryApi;
@@ -92,7 +91,6 @@ pub async fn serve(
     let tls = tenants.tls();
     let router = Server::builder()
         .layer(AuthLayer::new(tenants))
-        .layer(AdmissionLayer)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

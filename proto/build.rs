@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Hand-written so that the server can send rows it has already encoded.
         .extern_path(".weir.v1.RowBatch", "crate::row_batch::RowBatch")
+        .extern_path(".weir.v1.ExecuteResponse", "crate::execute_response::ExecuteResponse")
         .compile_fds(fds)?;
     Ok(())
 }

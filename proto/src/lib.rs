@@ -4,10 +4,12 @@
 /// The `weir.v1` package: messages, `*_client` and `*_server` modules.
 pub mod v1 {
     tonic::include_proto!("weir.v1");
+    pub use crate::execute_response::ExecuteResponse;
     pub use crate::row_batch::RowBatch;
 }
 
 pub mod deadline;
+pub mod execute_response;
 pub mod raw;
 pub mod row_batch;
 pub mod value;

@@ -56,11 +56,12 @@ impl Message for RowBatch {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::v1::{value::Kind, Value};
 
-    fn row(i: i64, s: &str) -> Row {
+    /// A row of an integer, a text and a NULL.
+    pub(crate) fn row(i: i64, s: &str) -> Row {
         Row {
             values: vec![
                 Value {

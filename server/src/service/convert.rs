@@ -281,14 +281,15 @@ pub fn timestamp(t: DateTime<chrono::Utc>) -> prost_types::Timestamp {
     }
 }
 
-/// Encodes result rows as `RowBatch.rows` fields while the engine hands
-/// their values over: no `pb::Row` is built, and borrowed text is copied
-/// once, into the batch.
-#[derive(Default)]
+/// Encodes result rows as `rows` fields (of a `RowBatch` or an
+/// `ExecuteResponse`) while the engine hands their values over: no `pb::Row`
+/// is built, and borrowed text is copied once, into the batch.
 pub struct RowEncoder {
+    /// The field number the rows are written as (one-byte keys: below 16).
+    field: u8,
     /// The `Row.values` fields of the row in progress.
     row: BytesMut,
-    /// The `RowBatch.rows` fields of the finished rows, and their count.
+    /// The `rows` fields of the finished rows, and their count.
     batch: BytesMut,
     rows: usize,
 }
@@ -332,9 +333,28 @@ impl domain::RowSink for RowEncoder {
 }
 
 impl RowEncoder {
-    /// Appends the row in progress to the batch as one `RowBatch.rows` field.
+    /// Rows of a `RowBatch` (`rows = 1`).
+    pub fn batch() -> Self {
+        Self::of_field(1)
+    }
+
+    /// Rows of an `ExecuteResponse` (`rows = 2`).
+    pub fn response() -> Self {
+        Self::of_field(weir_proto::execute_response::ROWS_FIELD as u8)
+    }
+
+    fn of_field(field: u8) -> Self {
+        Self {
+            field,
+            row: BytesMut::new(),
+            batch: BytesMut::new(),
+            rows: 0,
+        }
+    }
+
+    /// Appends the row in progress to the batch as one `rows` field.
     pub fn finish_row(&mut self) {
-        Head::key(1, WireType::LengthDelimited)
+        Head::key(self.field, WireType::LengthDelimited)
             .varint(self.row.len() as u64)
             .put(&mut self.batch);
         self.batch.put_slice(&self.row);
@@ -595,7 +615,7 @@ mod tests {
     #[test]
     fn encoded_rows_are_the_rows_prost_would_write() {
         use prost::Message;
-        let mut encoder = RowEncoder::default();
+        let mut encoder = RowEncoder::batch();
         // One row with lent text, one with owned values only, one with empty text.
         encoder.value(Value::Int(7));
         encoder.text("héllo");
@@ -708,7 +728,7 @@ mod tests {
             proptest::collection::vec((arbitrary_result_value(), proptest::prelude::any::<bool>()), 0..6), 0..4)
         ) {
             use prost::Message;
-            let mut encoder = RowEncoder::default();
+            let mut encoder = RowEncoder::batch();
             for values in &rows {
                 for (value, lend) in values {
                     match (value, lend) {

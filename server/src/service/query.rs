@@ -5,8 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
-use prost::Message;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -185,21 +183,21 @@ async fn execute_unary(target: &mut Target, timing: Timing) -> Result<pb::Execut
     let started = timing.started;
     let mut query = target.start().instrument(telemetry::engine_span()).await?;
     let limits = &target.caller.tenant.limits;
-    let mut rows = Vec::new();
-    let mut bytes = 0u64;
+    // Encoded as the engine hands the values over, as a stream's batches are.
+    let mut rows = convert::RowEncoder::response();
     let mut first_row = None;
-    while let Some(row) = query.rows.next().await {
+    while let Some(row) = poll_fn(|cx| query.rows.as_mut().poll_next_into(cx, &mut rows)).await {
         first_row.get_or_insert_with(|| started.elapsed());
-        let row = convert::row(row?);
-        bytes += row.encoded_len() as u64;
-        rows.push(row);
-        if rows.len() as u64 > limits.max_rows_per_response {
+        row?;
+        rows.finish_row();
+        let (count, bytes) = rows.pending();
+        if count as u64 > limits.max_rows_per_response {
             return Err(Error::ResultTooLarge {
                 what: "rows",
                 limit: limits.max_rows_per_response,
             });
         }
-        if bytes > limits.max_bytes_per_response {
+        if bytes as u64 > limits.max_bytes_per_response {
             return Err(Error::ResultTooLarge {
                 what: "bytes",
                 limit: limits.max_bytes_per_response,
@@ -207,11 +205,14 @@ async fn execute_unary(target: &mut Target, timing: Timing) -> Result<pb::Execut
         }
     }
     let affected = query.rows.rows_affected();
-    target.returned(rows.len() as u64, bytes);
+    let (count, bytes) = rows.pending();
+    let (count, bytes) = (count as u64, bytes as u64);
+    target.returned(count, bytes);
     Ok(pb::ExecuteResponse {
         columns: query.columns.into_iter().map(convert::column).collect(),
-        stats: Some(stats(rows.len() as u64, bytes, affected, timing, first_row)),
-        rows,
+        rows: Vec::new(),
+        stats: Some(stats(count, bytes, affected, timing, first_row)),
+        encoded_rows: rows.take_batch(),
     })
 }
 
@@ -310,7 +311,7 @@ async fn execute_stream(target: &mut Target, format: Format, tx: &StreamSender, 
             send_rows(
                 target,
                 query,
-                convert::RowEncoder::default(),
+                convert::RowEncoder::batch(),
                 format.batch_rows,
                 tx,
                 timing,

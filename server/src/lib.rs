@@ -117,6 +117,7 @@ pub async fn run(
         tracing::info!(%addr, tenants = tenants.current().all().len(), tls = tls.is_some(), "weir listening");
     }
     let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+    let registry = tenants.clone();
     let served = transport::serve(
         &config,
         listeners.grpc,
@@ -131,7 +132,9 @@ pub async fn run(
         r = &mut served => r,
         () = deadline => {
             tracing::warn!(?grace, "shutdown grace elapsed; cutting the remaining streams");
+            // The reason first: a call that stops reads it.
             let _ = cut_tx.send(true);
+            registry.stop_all();
             tokio::time::timeout(CUT_TIMEOUT, &mut served).await.unwrap_or(Ok(()))
         }
     };

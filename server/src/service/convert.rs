@@ -344,10 +344,12 @@ impl RowEncoder {
     }
 
     fn of_field(field: u8) -> Self {
+        // Room for a small result from the start: growing from nothing
+        // would reallocate a few times for every one-row lookup.
         Self {
             field,
-            row: BytesMut::new(),
-            batch: BytesMut::new(),
+            row: BytesMut::with_capacity(128),
+            batch: BytesMut::with_capacity(256),
             rows: 0,
         }
     }
@@ -365,6 +367,11 @@ impl RowEncoder {
     /// Finished rows, and their encoded size.
     pub fn pending(&self) -> (usize, usize) {
         (self.rows, self.batch.len())
+    }
+
+    /// All the finished rows, encoded, when no batch follows.
+    pub fn into_rows(self) -> Bytes {
+        self.batch.freeze()
     }
 
     /// The finished rows, encoded; the next batch gets room for as many.

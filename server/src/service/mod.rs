@@ -216,13 +216,16 @@ impl<T> Stream for StreamIn<T> {
 }
 
 /// Completes with the reason a call in progress must stop: the shutdown
-/// grace period is over (`ShuttingDown`), or a reload revoked the credential
-/// the call was made with (`Revoked`). Never completes otherwise.
+/// grace period is over (`ShuttingDown`, `cut` is true), or a reload revoked
+/// the credential the call was made with (`Revoked`). Never completes
+/// otherwise. One token to wait on for both: the shutdown cancels every
+/// credential's token.
 pub async fn stopped(cut: &tokio::sync::watch::Receiver<bool>, revoked: &CancellationToken) -> Error {
-    let mut cut = cut.clone();
-    tokio::select! {
-        Ok(_) = cut.wait_for(|c| *c) => Error::ShuttingDown,
-        () = revoked.cancelled() => Error::Revoked,
+    revoked.cancelled().await;
+    if *cut.borrow() {
+        Error::ShuttingDown
+    } else {
+        Error::Revoked
     }
 }
 

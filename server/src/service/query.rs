@@ -212,7 +212,7 @@ async fn execute_unary(target: &mut Target, timing: Timing) -> Result<pb::Execut
         columns: query.columns.into_iter().map(convert::column).collect(),
         rows: Vec::new(),
         stats: Some(stats(count, bytes, affected, timing, first_row)),
-        encoded_rows: rows.take_batch(),
+        encoded_rows: rows.into_rows(),
     })
 }
 

@@ -89,8 +89,9 @@ pub struct Caller {
     /// (set at admission; reported in `QueryStats.queued`).
     pub rate_wait: Duration,
     /// Cancelled when a reload takes away the credential this call was made
-    /// with (the key, the client identity, the tenant, or the JWT settings):
-    /// the call's streams and loads end, its transactions are rolled back.
+    /// with (the key, the client identity, the tenant, or the JWT settings),
+    /// and for every call when the shutdown grace is over: the call's
+    /// statements, streams and loads end, its transactions are rolled back.
     pub revoked: CancellationToken,
 }
 
@@ -128,15 +129,22 @@ fn secret_hash(source: &SourceConfig) -> Result<[u8; 32], String> {
 
 impl Tenants {
     /// Builds every tenant and its source pools (which connect lazily).
-    pub fn build(config: &Config) -> Result<Self, BackendError> {
-        Self::rebuild(config, None).map(|(t, _)| t)
+    pub fn build(config: &Config, stop: &CancellationToken) -> Result<Self, BackendError> {
+        Self::rebuild(config, None, stop).map(|(t, _)| t)
     }
 
     /// Builds the tenants of `config`, keeping from `previous` every source
     /// whose settings and password are unchanged (its pool and open
     /// connections go on serving) and every limiter whose limits are (its
     /// buckets and slots in use stay counted).
-    pub fn rebuild(config: &Config, previous: Option<&Tenants>) -> Result<(Self, Changes), BackendError> {
+    /// Credentials' revocation tokens are children of `stop`, which ends
+    /// every call in progress when cancelled (the shutdown grace is over).
+    pub fn rebuild(
+        config: &Config,
+        previous: Option<&Tenants>,
+        stop: &CancellationToken,
+    ) -> Result<(Self, Changes), BackendError> {
+        let fresh = || stop.child_token();
         let mut changes = Changes::default();
         let mut by_key = HashMap::new();
         let mut by_identity = HashMap::new();
@@ -209,9 +217,7 @@ impl Tenants {
                 audit_sql: t.audit_sql,
                 metrics: TenantMetrics::new(id),
                 sources,
-                jwt_revoked: jwt_kept
-                    .and(old)
-                    .map_or_else(CancellationToken::new, |o| o.jwt_revoked.clone()),
+                jwt_revoked: jwt_kept.and(old).map_or_else(fresh, |o| o.jwt_revoked.clone()),
             });
             for key in &t.api_keys {
                 let mut hash = [0u8; 32];
@@ -221,7 +227,7 @@ impl Tenants {
                     let revoked = previous
                         .and_then(|p| p.by_key.get(&hash))
                         .filter(|c| c.tenant.id == *id)
-                        .map_or_else(CancellationToken::new, |c| c.revoked.clone());
+                        .map_or_else(fresh, |c| c.revoked.clone());
                     by_key.insert(
                         hash,
                         Caller {
@@ -237,7 +243,7 @@ impl Tenants {
                 let revoked = previous
                     .and_then(|p| p.by_identity.get(identity))
                     .filter(|(t, _)| t.id == *id)
-                    .map_or_else(CancellationToken::new, |(_, r)| r.clone());
+                    .map_or_else(fresh, |(_, r)| r.clone());
                 by_identity.insert(identity.clone(), (tenant.clone(), revoked));
             }
             all.push(tenant);
@@ -379,7 +385,9 @@ mod tests {
 
     fn tenants(text: &str, previous: Option<&Tenants>) -> Tenants {
         let config = Config::from_toml(text).expect("config");
-        Tenants::rebuild(&config, previous).expect("tenants").0
+        Tenants::rebuild(&config, previous, &CancellationToken::new())
+            .expect("tenants")
+            .0
     }
 
     fn token(tenants: &Tenants, key: &str) -> CancellationToken {
@@ -474,7 +482,7 @@ mod tests {
             "[tenants.a]\nclient_identities = [\"a.internal\"]\n[tenants.b]\nclient_identities = [\"b.internal\"]\n",
         )
         .expect("config");
-        let tenants = Tenants::build(&config).expect("tenants");
+        let tenants = Tenants::build(&config, &CancellationToken::new()).expect("tenants");
         let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let caller = tenants.authenticate(None, &names(&["other", "a.internal"])).expect("a");
         assert_eq!(caller.tenant.id, "a");

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 
 use super::{Changes, Tenants};
 use crate::backend::BackendError;
@@ -29,6 +30,8 @@ pub struct Registry {
     /// start stay as it had them, however many reloads come after.
     started: Config,
     tls: Option<Arc<TlsReloader>>,
+    /// The parent of every credential's revocation token.
+    stop: CancellationToken,
 }
 
 /// `(name, whether it differs)` for each named field of `$was` and `$now`.
@@ -59,12 +62,20 @@ fn needs_restart(started: &Config, config: &Config) -> Vec<&'static str> {
 
 impl Registry {
     pub fn new(config: &Config, tls: Option<Arc<TlsReloader>>) -> Result<Self, BackendError> {
+        let stop = CancellationToken::new();
         Ok(Self {
-            current: RwLock::new(Arc::new(Tenants::build(config)?)),
+            current: RwLock::new(Arc::new(Tenants::build(config, &stop)?)),
             running: Mutex::new(config.clone()),
             started: config.clone(),
             tls,
+            stop,
         })
+    }
+
+    /// Ends every call still in progress, whatever its credential: the
+    /// shutdown grace is over.
+    pub fn stop_all(&self) {
+        self.stop.cancel();
     }
 
     /// The server's TLS configuration, when it serves TLS.
@@ -89,7 +100,8 @@ impl Registry {
             (Some(tls), Some(files)) => Some((tls, crate::transport::tls::server_config(files)?)),
             _ => None,
         };
-        let (tenants, changes) = Tenants::rebuild(&config, Some(&self.current())).map_err(|e| e.to_string())?;
+        let (tenants, changes) =
+            Tenants::rebuild(&config, Some(&self.current()), &self.stop).map_err(|e| e.to_string())?;
         if let Some((reloader, fresh)) = tls {
             reloader.install(fresh);
         }

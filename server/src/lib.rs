@@ -132,7 +132,10 @@ pub async fn run(
         r = &mut served => r,
         () = deadline => {
             tracing::warn!(?grace, "shutdown grace elapsed; cutting the remaining streams");
-            // The reason first: a call that stops reads it.
+            // The reason first: a call that stops reads it. The reaper goes
+            // first of all: it would take every transaction for revoked and
+            // roll it back unawaited, where `rollback_all` awaits each.
+            reaper.abort();
             let _ = cut_tx.send(true);
             registry.stop_all();
             tokio::time::timeout(CUT_TIMEOUT, &mut served).await.unwrap_or(Ok(()))

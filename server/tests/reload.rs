@@ -338,6 +338,55 @@ async fn a_revoked_key_ends_its_streams_loads_and_transactions() {
         .expect("drop");
 }
 
+/// A call that authenticated before the reload and waited for its turn at
+/// the tenant's rate meanwhile never reaches its source.
+#[tokio::test]
+async fn a_call_revoked_while_waiting_for_its_turn_never_runs() {
+    let paced = |keys: &[&str]| {
+        format!(
+            "{}[tenants.a.limits]\nrequests_per_second = 1\nburst = 1\nmax_rate_wait = \"5s\"\n",
+            pg_keys(keys)
+        )
+    };
+    let file = ConfigFile::new(&paced(&["a1", "a2"]));
+    let weir = start(&file);
+    let kept = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
+    let gone = WeirClient::connect(&weir.addr, "key-a2").await.expect("a2");
+    let table = "weir_reload_waiting";
+    kept.execute("pg", &format!("CREATE TABLE IF NOT EXISTS {table} (id bigint)"), vec![])
+        .await
+        .expect("create");
+    // The bucket is empty now: the next call waits about a second for its turn.
+    let insert = tokio::spawn({
+        let gone = gone.clone();
+        async move {
+            gone.execute("pg", &format!("INSERT INTO {table} VALUES (1)"), vec![])
+                .await
+        }
+    });
+    // And one more, two seconds away: a transaction that would begin.
+    let begin = tokio::spawn({
+        let gone = gone.clone();
+        async move { gone.begin("pg", pb::IsolationLevel::Unspecified, false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    file.write(&paced(&["a1"]));
+    reloaded(&weir);
+    let err = insert.await.expect("task").expect_err("revoked while waiting");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(reason(&err), "CREDENTIAL_REVOKED");
+    let err = begin.await.expect("task").expect_err("revoked while waiting");
+    assert_eq!(reason(&err), "CREDENTIAL_REVOKED", "{err:?}");
+    let count = kept
+        .execute("pg", &format!("SELECT count(*) FROM {table}"), vec![])
+        .await
+        .expect("count");
+    assert_eq!(common::int(&count.rows[0].values[0]), 0, "the statement never ran");
+    kept.execute("pg", &format!("DROP TABLE {table}"), vec![])
+        .await
+        .expect("drop");
+}
+
 /// Threads of the process named `name`.
 fn threads_named(pid: u32, name: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))

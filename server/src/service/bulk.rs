@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use prost::Message;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use weir_proto::v1 as pb;
 use weir_proto::v1::bulk_load_service_server::BulkLoadService;
@@ -23,7 +22,7 @@ use crate::backend::bulk::{row_feed, Receipt, RowSender, Verdict};
 use crate::backend::{BackendError, Column, LoadMode, LoadOutcome, LoadSpec, Row, TableDescription};
 use crate::config::BulkConfig;
 use crate::error::{Error, Result};
-use crate::tenant::{Caller, Source};
+use crate::tenant::{Caller, Revocation, Source};
 
 /// Rows per engine batch when the caller gives no hint.
 const DEFAULT_BATCH_ROWS: usize = 5000;
@@ -272,7 +271,7 @@ struct Incoming<'a> {
     stream: &'a mut Streaming<pb::LoadRequest>,
     /// Becomes true when the grace period is over.
     cut: watch::Receiver<bool>,
-    revoked: CancellationToken,
+    revoked: Revocation,
 }
 
 impl Incoming<'_> {

@@ -238,8 +238,11 @@ pub async fn until_stopped<T>(
     work: impl std::future::Future<Output = T>,
 ) -> Result<T, Error> {
     tokio::select! {
-        out = work => Ok(out),
+        // The stop first: a call revoked while it waited for its turn must
+        // not start its statement.
+        biased;
         e = stopped(cut, revoked) => Err(e),
+        out = work => Ok(out),
     }
 }
 

@@ -486,10 +486,12 @@ impl QueryService for QueryApi {
                 // Both slots are held until the stream ends.
                 let _slots = (stream_slot, admitted);
                 let outcome = tokio::select! {
+                    // The stop first, as in `until_stopped`.
+                    biased;
+                    e = super::stopped(&cut, &revoked) => Err(e),
                     r = tokio::time::timeout(timeout, execute_stream(&mut target, format, &tx, timing)) => {
                         r.map_err(|_| Error::Timeout(timeout)).and_then(|r| r)
                     }
-                    e = super::stopped(&cut, &revoked) => Err(e),
                     // The client left before the first row: stop waiting for the engine too.
                     () = tx.closed() => Ok(()),
                 };

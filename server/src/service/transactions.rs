@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rand::RngCore;
-use tokio_util::sync::CancellationToken;
 
 use crate::backend::{BackendError, SqlTransaction};
 use crate::error::Error;
-use crate::tenant::Caller;
+use crate::tenant::{Caller, Revocation};
 
 type Handle = [u8; 16];
 
@@ -27,7 +26,7 @@ pub struct OpenTransaction {
     last_used: Mutex<Instant>,
     /// The opener's credential: once revoked, the transaction is not
     /// served again and is rolled back by the next reap.
-    revoked: CancellationToken,
+    revoked: Revocation,
 }
 
 impl OpenTransaction {
@@ -46,8 +45,12 @@ fn key(caller: &Caller, handle: &[u8]) -> Result<(String, Handle), Error> {
     Ok((caller.tenant.id.clone(), handle))
 }
 
+/// The tenant's open transactions; revoked ones waiting for their rollback no longer count.
 fn open_of(open: &HashMap<(String, Handle), Arc<OpenTransaction>>, caller: &Caller) -> u32 {
-    let n = open.keys().filter(|(tenant, _)| *tenant == caller.tenant.id).count();
+    let n = open
+        .iter()
+        .filter(|((tenant, _), e)| *tenant == caller.tenant.id && !e.revoked.is_cancelled())
+        .count();
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 

@@ -55,7 +55,7 @@ pub struct Tenant {
     pub metrics: TenantMetrics,
     sources: HashMap<String, Arc<Source>>,
     /// The revocation of every call made with a JWT for this tenant.
-    jwt_revoked: CancellationToken,
+    jwt_revoked: Revocation,
 }
 
 impl Tenant {
@@ -92,14 +92,18 @@ pub struct Caller {
     /// with (the key, the client identity, the tenant, or the JWT settings),
     /// and for every call when the shutdown grace is over: the call's
     /// statements, streams and loads end, its transactions are rolled back.
-    pub revoked: CancellationToken,
+    pub revoked: Revocation,
 }
+
+/// A credential's revocation. Shared behind an `Arc`: cloning a token takes
+/// its node's mutex, and every call clones its caller's.
+pub type Revocation = Arc<CancellationToken>;
 
 pub struct Tenants {
     by_key: HashMap<[u8; 32], Caller>,
     /// Client-certificate names (mTLS), the tenant each one is, and the
     /// revocation of the calls made with it.
-    by_identity: HashMap<String, (Arc<Tenant>, CancellationToken)>,
+    by_identity: HashMap<String, (Arc<Tenant>, Revocation)>,
     jwt: Option<JwtVerifier>,
     all: Vec<Arc<Tenant>>,
     shared: Option<Arc<GlobalLimiter>>,
@@ -144,7 +148,7 @@ impl Tenants {
         previous: Option<&Tenants>,
         stop: &CancellationToken,
     ) -> Result<(Self, Changes), BackendError> {
-        let fresh = || stop.child_token();
+        let fresh = || Arc::new(stop.child_token());
         let mut changes = Changes::default();
         let mut by_key = HashMap::new();
         let mut by_identity = HashMap::new();
@@ -390,7 +394,7 @@ mod tests {
             .0
     }
 
-    fn token(tenants: &Tenants, key: &str) -> CancellationToken {
+    fn token(tenants: &Tenants, key: &str) -> Revocation {
         tenants.bearer(key).expect("a key in force").revoked
     }
 

@@ -78,6 +78,11 @@ impl Registry {
         self.stop.cancel();
     }
 
+    /// Whether [`Self::stop_all`] was called.
+    pub fn stopping(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
     /// The server's TLS configuration, when it serves TLS.
     pub fn tls(&self) -> Option<Arc<TlsReloader>> {
         self.tls.clone()

@@ -229,6 +229,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let body_span = span.clone();
+        let registry = self.tenants.clone();
         Box::pin(
             async move {
                 // Then the tenant's limits, inside the call's span (a refusal
@@ -238,6 +239,16 @@ where
                     Some(mut caller) => {
                         let tenant = caller.tenant.clone();
                         match admission::admit(&mut caller, req.headers()).await {
+                            // Authenticated on the snapshot before a reload
+                            // that revoked its credential (or the shutdown
+                            // grace ended) while it waited for its turn.
+                            Ok(_) if caller.revoked.is_cancelled() => {
+                                let e = match registry.stopping() {
+                                    true => Error::ShuttingDown,
+                                    false => Error::Revoked,
+                                };
+                                (tonic::Status::from(e).into_http(), Some((tenant, None)))
+                            }
                             Ok(permit) => {
                                 req.extensions_mut().insert(caller);
                                 (inner.call(req).await?, Some((tenant, Some(permit))))

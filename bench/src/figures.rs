@@ -16,6 +16,8 @@ use crate::{median, Args, Figure};
 
 const LOOKUP: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
 const STREAM: &str = "SELECT aid, bid, abalance, filler FROM pgbench_accounts";
+/// A unary result of 1,000 rows, fetched over and over.
+const UNARY: &str = "SELECT aid, bid, abalance, filler FROM pgbench_accounts WHERE aid <= 1000";
 /// Connections of the direct pool and of the gateway's pool.
 pub const POOL_SIZE: usize = 32;
 /// Callers share one HTTP/2 connection per this many, as a client pool would.
@@ -224,6 +226,55 @@ async fn direct_stream(args: &Args, spent: &std::sync::Mutex<Cpu>) -> anyhow::Re
         *spent += cpu.elapsed();
     }
     Ok(rate)
+}
+
+/// Unary calls of `UNARY` per run: enough rows for a steady rate.
+fn unary_calls(args: &Args) -> usize {
+    if args.quick {
+        20
+    } else {
+        500
+    }
+}
+
+/// Rows per second of `UNARY` called `calls` times over one connection,
+/// every value decoded, as an application reading whole results does.
+async fn direct_unary(args: &Args, calls: usize) -> anyhow::Result<f64> {
+    let client = pg(args).await?;
+    let statement = client.prepare(UNARY).await?;
+    let started = Instant::now();
+    let (mut n, mut checksum) = (0u64, 0i64);
+    for _ in 0..calls {
+        for row in client.query(&statement, &[]).await? {
+            let (aid, bid, abalance, filler): (i32, i32, i32, &str) = (row.get(0), row.get(1), row.get(2), row.get(3));
+            checksum += i64::from(aid + bid + abalance) + filler.len() as i64;
+            n += 1;
+        }
+    }
+    std::hint::black_box(checksum);
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The same through Weir's unary `Execute`.
+async fn weir_unary(client: &WeirClient, calls: usize) -> anyhow::Result<f64> {
+    use weir_client::weir_proto::v1::value::Kind;
+    let started = Instant::now();
+    let (mut n, mut checksum) = (0u64, 0i64);
+    for _ in 0..calls {
+        let result = client.execute("pg", UNARY, vec![]).await?;
+        for row in &result.rows {
+            for value in &row.values {
+                checksum += match &value.kind {
+                    Some(Kind::Int64Value(i)) => *i,
+                    Some(Kind::StringValue(s)) => s.len() as i64,
+                    _ => 0,
+                };
+            }
+            n += 1;
+        }
+    }
+    std::hint::black_box(checksum);
+    Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Rows per second of `COPY ... TO STDOUT` (text), counting lines.
@@ -536,6 +587,24 @@ async fn stream(
         name: format!("stream {rows} rows vs COPY TO STDOUT"),
         unit: "rows/s",
         direct: copy,
+        weir: through,
+        higher_is_better: true,
+    });
+
+    println!("unary results of 1,000 rows...");
+    let calls = unary_calls(args);
+    let (direct, direct_cpu) = repeat_counting(args.runs, None, "postgres", || direct_unary(args, calls)).await?;
+    let (through, weir_cpu) = repeat_counting(args.runs, gateway, "postgres", || weir_unary(client, calls)).await?;
+    let results = (calls * args.runs) as f64;
+    crate::detail(format!(
+        "unary results of 1,000 rows, per call: query {}; Weir {}",
+        direct_cpu.per(results, "PostgreSQL"),
+        weir_cpu.per(results, "PostgreSQL")
+    ));
+    figures.push(Figure {
+        name: "unary Execute of 1,000 rows vs query".into(),
+        unit: "rows/s",
+        direct,
         weir: through,
         higher_is_better: true,
     });

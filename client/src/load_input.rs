@@ -257,6 +257,12 @@ impl<R: Read + Send> CsvReader<R> {
             });
         }
         reader.names = reader.fields.drain(..).map(|(name, _)| name).collect();
+        // Spreadsheets write UTF-8 CSV with a byte-order mark first.
+        if let Some(first) = reader.names.first_mut() {
+            if let Some(rest) = first.strip_prefix('\u{feff}') {
+                *first = rest.to_string();
+            }
+        }
         Ok(reader)
     }
 
@@ -274,7 +280,9 @@ impl<R: Read + Send> CsvReader<R> {
         Ok(n)
     }
 
-    /// Reads the next record into `fields`, skipping blank lines; its first
+    /// Reads the next record into `fields`, skipping blank lines (except
+    /// with one column, where a blank line is a NULL, as PostgreSQL's CSV
+    /// COPY reads it and `weirctl query --format csv` writes it); its first
     /// line, or `None` at the end of the input.
     fn read_record(&mut self) -> Result<Option<u64>, InputError> {
         self.fields.clear();
@@ -283,7 +291,7 @@ impl<R: Read + Send> CsvReader<R> {
             if self.read_line()? == 0 {
                 return Ok(None);
             }
-            if !self.buffer.trim_end_matches(['\r', '\n']).is_empty() {
+            if self.names.len() == 1 || !self.buffer.trim_end_matches(['\r', '\n']).is_empty() {
                 break;
             }
         }
@@ -582,6 +590,27 @@ mod tests {
         let mut unclosed = CsvReader::new("a\n\"open\n".as_bytes(), "").expect("header");
         let err = unclosed.next_row(&table[..1]).expect("row").expect_err("unclosed");
         assert_eq!(err.line, 2);
+    }
+
+    #[test]
+    fn a_one_column_null_row_is_kept_and_a_byte_order_mark_dropped() {
+        let table = vec![col("note", ColumnType::String)];
+        // As `weirctl query --format csv` writes a one-column result whose middle row is NULL.
+        let input = "\u{feff}note\nfirst\n\n\"\"\n";
+        let mut reader = CsvReader::new(input.as_bytes(), "").expect("header");
+        let columns = match_columns(reader.column_names(), &table).expect("the mark is not part of the name");
+        let mut rows = Vec::new();
+        while let Some(row) = reader.next_row(&columns) {
+            rows.push(kinds(&row.expect("parses")));
+        }
+        assert_eq!(
+            rows,
+            vec![
+                vec![Some(string("first"))],
+                vec![Some(Kind::Null(true))],
+                vec![Some(string(""))]
+            ]
+        );
     }
 
     #[test]

@@ -116,15 +116,15 @@ pub async fn run(
     if let Ok(addr) = listeners.grpc.local_addr() {
         tracing::info!(%addr, tenants = tenants.current().all().len(), tls = tls.is_some(), "weir listening");
     }
-    let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
     let registry = tenants.clone();
+    let cut = registry.stop_token();
     let served = transport::serve(
         &config,
         listeners.grpc,
         tenants,
         transactions.clone(),
         health_service,
-        cut_rx,
+        cut,
         signal,
     );
     tokio::pin!(served);
@@ -132,11 +132,9 @@ pub async fn run(
         r = &mut served => r,
         () = deadline => {
             tracing::warn!(?grace, "shutdown grace elapsed; cutting the remaining streams");
-            // The reason first: a call that stops reads it. The reaper goes
-            // first of all: it would take every transaction for revoked and
-            // roll it back unawaited, where `rollback_all` awaits each.
+            // The reaper first: it would take every transaction for revoked
+            // and roll it back unawaited, where `rollback_all` awaits each.
             reaper.abort();
-            let _ = cut_tx.send(true);
             registry.stop_all();
             tokio::time::timeout(CUT_TIMEOUT, &mut served).await.unwrap_or(Ok(()))
         }

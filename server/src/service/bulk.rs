@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use prost::Message;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use weir_proto::v1 as pb;
 use weir_proto::v1::bulk_load_service_server::BulkLoadService;
@@ -42,13 +42,13 @@ const MAX_LOAD_ID: usize = 200;
 pub struct BulkApi {
     config: BulkConfig,
     gate: Gate,
-    /// Becomes true when the shutdown grace period is over: loads still
+    /// Cancelled when the shutdown grace period is over: loads still
     /// receiving rows are rolled back and their callers told to retry.
-    cut: watch::Receiver<bool>,
+    cut: CancellationToken,
 }
 
 impl BulkApi {
-    pub fn new(config: BulkConfig, gate: Gate, cut: watch::Receiver<bool>) -> Self {
+    pub fn new(config: BulkConfig, gate: Gate, cut: CancellationToken) -> Self {
         Self { config, gate, cut }
     }
 }
@@ -269,8 +269,8 @@ fn convert_row(row: pb::Row, columns: &[Column]) -> std::result::Result<Row, (Op
 /// caller's credential is revoked.
 struct Incoming<'a> {
     stream: &'a mut Streaming<pb::LoadRequest>,
-    /// Becomes true when the grace period is over.
-    cut: watch::Receiver<bool>,
+    /// Cancelled when the grace period is over.
+    cut: CancellationToken,
     revoked: Revocation,
 }
 

@@ -5,7 +5,7 @@
 //! so one tenant can neither resume nor acknowledge another's stream.
 
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Streaming};
 use weir_proto::v1 as pb;
 
@@ -181,7 +181,7 @@ impl Stamp<'_> {
 pub async fn watch(
     request: Request<Streaming<pb::WatchChangesRequest>>,
     config: &ChangesConfig,
-    cut: watch::Receiver<bool>,
+    cut: CancellationToken,
     stream_idle: std::time::Duration,
 ) -> Result<StreamIn<pb::WatchChangesResponse>> {
     use pb::watch_changes_request::Message;
@@ -258,7 +258,7 @@ impl Pump<'_> {
         mut feed: crate::backend::ChangeFeed,
         mut inbound: Streaming<pb::WatchChangesRequest>,
         tx: WatchSender,
-        cut: watch::Receiver<bool>,
+        cut: CancellationToken,
     ) {
         use pb::watch_changes_request::Message;
         let stamp = Stamp {

@@ -216,13 +216,13 @@ impl<T> Stream for StreamIn<T> {
 }
 
 /// Completes with the reason a call in progress must stop: the shutdown
-/// grace period is over (`ShuttingDown`, `cut` is true), or a reload revoked
-/// the credential the call was made with (`Revoked`). Never completes
-/// otherwise. One token to wait on for both: the shutdown cancels every
-/// credential's token.
-pub async fn stopped(cut: &tokio::sync::watch::Receiver<bool>, revoked: &CancellationToken) -> Error {
+/// grace period is over (`ShuttingDown`: `cut`, the registry's root token,
+/// is cancelled), or a reload revoked the credential the call was made with
+/// (`Revoked`). Never completes otherwise. One token to wait on for both:
+/// every credential's token is a child of `cut`.
+pub async fn stopped(cut: &CancellationToken, revoked: &CancellationToken) -> Error {
     revoked.cancelled().await;
-    if *cut.borrow() {
+    if cut.is_cancelled() {
         Error::ShuttingDown
     } else {
         Error::Revoked
@@ -233,7 +233,7 @@ pub async fn stopped(cut: &tokio::sync::watch::Receiver<bool>, revoked: &Cancell
 /// statement in the engine while the runtime still runs; left alone at
 /// shutdown, the process would exit under it and the statement run on.
 pub async fn until_stopped<T>(
-    cut: &tokio::sync::watch::Receiver<bool>,
+    cut: &CancellationToken,
     revoked: &CancellationToken,
     work: impl std::future::Future<Output = T>,
 ) -> Result<T, Error> {

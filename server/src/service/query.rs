@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use weir_proto::v1 as pb;
@@ -34,15 +34,15 @@ const STREAM_BUFFER: usize = 4;
 
 pub struct QueryApi {
     transactions: Arc<Transactions>,
-    /// Becomes true when the shutdown grace period is over: streams still running are cut.
-    cut: watch::Receiver<bool>,
+    /// Cancelled when the shutdown grace period is over: streams still running are cut.
+    cut: CancellationToken,
     gate: Gate,
     /// A result stream whose client takes nothing for this long is ended.
     stream_idle: Duration,
 }
 
 impl QueryApi {
-    pub fn new(transactions: Arc<Transactions>, cut: watch::Receiver<bool>, gate: Gate, stream_idle: Duration) -> Self {
+    pub fn new(transactions: Arc<Transactions>, cut: CancellationToken, gate: Gate, stream_idle: Duration) -> Self {
         Self {
             transactions,
             cut,

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use weir_proto::v1 as pb;
 use weir_proto::v1::stream_service_server::StreamService;
@@ -26,8 +26,8 @@ const CONSUME_BUFFER: usize = 2;
 const MAX_TOPICS: usize = 100;
 
 pub struct StreamApi {
-    /// Becomes true when the shutdown grace period is over: consumers still running are cut.
-    cut: watch::Receiver<bool>,
+    /// Cancelled when the shutdown grace period is over: consumers still running are cut.
+    cut: CancellationToken,
     changes: ChangesConfig,
     gate: Gate,
     /// A stream whose client takes nothing for this long is ended.
@@ -35,12 +35,7 @@ pub struct StreamApi {
 }
 
 impl StreamApi {
-    pub fn new(
-        cut: watch::Receiver<bool>,
-        changes: ChangesConfig,
-        gate: Gate,
-        stream_idle: std::time::Duration,
-    ) -> Self {
+    pub fn new(cut: CancellationToken, changes: ChangesConfig, gate: Gate, stream_idle: std::time::Duration) -> Self {
         Self {
             cut,
             changes,
@@ -155,7 +150,7 @@ async fn deliver(
     auto_commit: bool,
     max_records: u64,
     tx: ConsumeSender,
-    cut: watch::Receiver<bool>,
+    cut: CancellationToken,
 ) {
     let mut sent = 0u64;
     let mut throttled = std::time::Duration::ZERO;

@@ -344,34 +344,26 @@ impl Tenants {
     /// Once this snapshot is in force: ends the calls made with credentials
     /// of `previous` that this one did not carry over, and counts them.
     pub fn revoke_dropped(&self, previous: &Tenants) -> usize {
-        let keys = previous.by_key.iter().filter(|(hash, caller)| {
-            self.by_key
-                .get(*hash)
-                .is_none_or(|now| now.tenant.id != caller.tenant.id)
-        });
-        let keys = keys.map(|(_, caller)| &caller.revoked);
-        let identities = previous
-            .by_identity
-            .iter()
-            .filter(|(name, (was, _))| self.by_identity.get(*name).is_none_or(|(now, _)| now.id != was.id));
-        let identities = identities.map(|(_, (_, revoked))| revoked);
-        let jwt_changed = match (&previous.jwt, &self.jwt) {
-            (Some(was), Some(now)) => was.fingerprint() != now.fingerprint(),
-            (was, _) => was.is_some(),
-        };
-        let jwt = previous
-            .all
-            .iter()
-            .filter(|was| previous.jwt.is_some() && (jwt_changed || !self.all.iter().any(|now| now.id == was.id)))
-            .map(|was| &was.jwt_revoked);
+        // `rebuild` decided what is carried over: a token it did not carry
+        // into this snapshot is taken away.
+        let kept: std::collections::HashSet<*const CancellationToken> = self.tokens().map(Arc::as_ptr).collect();
         let mut revoked = 0;
-        for token in keys.chain(identities).chain(jwt) {
-            if !token.is_cancelled() {
+        for token in previous.tokens() {
+            if !kept.contains(&Arc::as_ptr(token)) && !token.is_cancelled() {
                 token.cancel();
                 revoked += 1;
             }
         }
         revoked
+    }
+
+    /// Every credential's revocation: keys, identities, and each tenant's
+    /// JWT callers when JWTs are configured.
+    fn tokens(&self) -> impl Iterator<Item = &Revocation> {
+        let keys = self.by_key.values().map(|caller| &caller.revoked);
+        let identities = self.by_identity.values().map(|(_, revoked)| revoked);
+        let jwt = self.all.iter().filter(|_| self.jwt.is_some()).map(|t| &t.jwt_revoked);
+        keys.chain(identities).chain(jwt)
     }
 }
 

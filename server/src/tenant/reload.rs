@@ -83,6 +83,12 @@ impl Registry {
         self.stop.is_cancelled()
     }
 
+    /// The token [`Self::stop_all`] cancels: a call's revocation completes
+    /// with it, and whether it is cancelled tells shutdown from revocation.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
     /// The server's TLS configuration, when it serves TLS.
     pub fn tls(&self) -> Option<Arc<TlsReloader>> {
         self.tls.clone()

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
@@ -51,7 +52,7 @@ pub async fn serve(
     tenants: Arc<Registry>,
     transactions: Arc<Transactions>,
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-    cut: tokio::sync::watch::Receiver<bool>,
+    cut: CancellationToken,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let max = config.server.max_request_bytes;

@@ -48,6 +48,9 @@ pub enum Error {
     /// made with (or changed the JWT settings), while the call was running.
     #[error("the credential this call was made with was revoked by a configuration change; the call was ended")]
     Revoked,
+    /// The bearer token's `exp` (plus the leeway) passed while the call was running.
+    #[error("the bearer token expired while the call was running; the call was ended. Call again with a fresh token")]
+    CredentialExpired,
     #[error("too many bulk loads in progress (limit {limit}); retry when one finishes")]
     TooManyLoads { limit: u32 },
     #[error("the load exceeds the limit of {limit} rows per load and was rolled back; split it into several loads")]
@@ -145,6 +148,7 @@ impl From<Error> for Status {
         let (code, details) = match &e {
             Error::Unauthenticated => (Code::Unauthenticated, info("UNAUTHENTICATED", vec![])),
             Error::Revoked => (Code::Unauthenticated, info("CREDENTIAL_REVOKED", vec![])),
+            Error::CredentialExpired => (Code::Unauthenticated, info("CREDENTIAL_EXPIRED", vec![])),
             Error::SourceNotFound(_) => (Code::NotFound, info("SOURCE_NOT_FOUND", vec![])),
             Error::TransactionNotFound => (Code::NotFound, info("TRANSACTION_NOT_FOUND", vec![])),
             Error::TransactionLost(_) => {

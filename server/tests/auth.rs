@@ -304,30 +304,56 @@ mod jwt {
         chrono::Utc::now().timestamp()
     }
 
+    /// An identity provider's ES256 key, and a server that trusts it (no leeway).
+    struct Issuer {
+        key: EncodingKey,
+        /// The public key in PEM, which a forger might try as an HMAC secret.
+        public: String,
+        server: TestServer,
+        _files: Files,
+    }
+
+    impl Issuer {
+        async fn start() -> Issuer {
+            let signing = KeyPair::generate().expect("key");
+            let files = Files::new();
+            let public = files.write("issuer.pub", &signing.public_key_pem());
+            let config = format!(
+                "[auth.jwt]\nissuer = \"https://id.example\"\naudience = \"weir\"\nalgorithm = \"ES256\"\npublic_key_file = \"{}\"\nleeway = \"0s\"\n{}",
+                toml_path(&public),
+                tenants()
+            );
+            Issuer {
+                key: EncodingKey::from_ec_pem(signing.serialize_pem().as_bytes()).expect("encoding key"),
+                public: signing.public_key_pem(),
+                server: TestServer::start(&config).await,
+                _files: files,
+            }
+        }
+
+        fn token(&self, claims: &Value) -> String {
+            encode(&Header::new(Algorithm::ES256), claims, &self.key).expect("token")
+        }
+
+        /// Tenant `b`'s claims, valid for `seconds` more.
+        fn claims(seconds: i64) -> Value {
+            json!({"iss": "https://id.example", "aud": "weir", "exp": now() + seconds, "sub": "svc-1", "tenant": "b"})
+        }
+
+        async fn client(&self, token: String) -> WeirClient {
+            WeirClient::connect_with(&self.server.addr, Some(&token), None)
+                .await
+                .expect("connect")
+        }
+    }
+
     #[tokio::test]
     async fn tokens_are_checked_for_signature_issuer_audience_expiry_and_tenant() {
         // ES256: the issuer's public key in the configuration, as with an identity provider.
-        let signing = KeyPair::generate().expect("key");
-        let files = Files::new();
-        let public = files.write("issuer.pub", &signing.public_key_pem());
-        let config = format!(
-            "[auth.jwt]\nissuer = \"https://id.example\"\naudience = \"weir\"\nalgorithm = \"ES256\"\npublic_key_file = \"{}\"\nleeway = \"0s\"\n{}",
-            toml_path(&public),
-            tenants()
-        );
-        let server = TestServer::start(&config).await;
-        let key = EncodingKey::from_ec_pem(signing.serialize_pem().as_bytes()).expect("encoding key");
-        let token = |claims: Value| encode(&Header::new(Algorithm::ES256), &claims, &key).expect("token");
-        let good =
-            json!({"iss": "https://id.example", "aud": "weir", "exp": now() + 300, "sub": "svc-1", "tenant": "b"});
-        let client = |token: String| {
-            let addr = server.addr.clone();
-            async move {
-                WeirClient::connect_with(&addr, Some(&token), None)
-                    .await
-                    .expect("connect")
-            }
-        };
+        let idp = Issuer::start().await;
+        let token = |claims: Value| idp.token(&claims);
+        let good = Issuer::claims(300);
+        let client = |token: String| idp.client(token);
         let b = client(token(good.clone())).await;
         assert_eq!(sources(&b).await.expect("valid token"), vec!["b_db"]);
 
@@ -351,7 +377,7 @@ mod jwt {
             "another signer",
             encode(&Header::new(Algorithm::ES256), &good, &forged_key).expect("token"),
         ));
-        let hmac = EncodingKey::from_secret(signing.public_key_pem().as_bytes());
+        let hmac = EncodingKey::from_secret(idp.public.as_bytes());
         cases.push((
             "algorithm switched to HS256",
             encode(&Header::new(Algorithm::HS256), &good, &hmac).expect("token"),
@@ -362,9 +388,57 @@ mod jwt {
             assert_eq!(err.message(), bad_key.message(), "{what}: one answer for every failure");
         }
         // API keys keep working beside JWTs.
-        let a = WeirClient::connect(&server.addr, "key-a").await.expect("connect");
+        let a = WeirClient::connect(&idp.server.addr, "key-a").await.expect("connect");
         assert_eq!(sources(&a).await.expect("key"), vec!["a_db"]);
-        server.stop().await;
+        idp.server.stop().await;
+    }
+
+    /// A token is checked when a call starts, and its `exp` also ends the
+    /// calls it started: a result stream that would never end and a
+    /// statement that would never finish both end with UNAUTHENTICATED
+    /// (`CREDENTIAL_EXPIRED`), their statements stopped in the engine.
+    #[tokio::test]
+    async fn calls_made_with_a_token_end_when_it_expires() {
+        let issuer = Issuer::start().await;
+        let client = issuer.client(issuer.token(&Issuer::claims(3))).await;
+        let endless = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n)";
+        let mut stream = client
+            .execute_stream_raw("b_db", &format!("{endless} SELECT x FROM n"), vec![])
+            .await
+            .expect("stream");
+        let count = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .execute("b_db", &format!("{endless} SELECT count(*) FROM n"), vec![])
+                    .await
+            }
+        });
+        let mut rows = 0usize;
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match stream.next_batch().await {
+                    Ok(Some(batch)) => rows += batch.iter().count(),
+                    Ok(None) => panic!("an endless stream ended as if complete after {rows} rows"),
+                    Err(e) => break e,
+                }
+            }
+        })
+        .await
+        .expect("the stream ends within 30 s of a token valid for 3");
+        assert!(rows > 0, "the stream ran before the token expired");
+        let expired =
+            |e: &tonic::Status| e.code() == Code::Unauthenticated && common::reason(e) == "CREDENTIAL_EXPIRED";
+        assert!(expired(&ended), "{ended:?}");
+        let counted = count.await.expect("join").expect_err("an endless count");
+        assert!(expired(&counted), "{counted:?}");
+        // Once the clock's second is past `exp`, the next call with the token
+        // is refused as any bad credential is.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let refused = sources(&client).await.expect_err("an expired token");
+        assert_eq!(refused.code(), Code::Unauthenticated);
+        assert_eq!(common::reason(&refused), "UNAUTHENTICATED");
+        issuer.server.stop().await;
     }
 }
 

@@ -272,6 +272,7 @@ struct Incoming<'a> {
     /// Cancelled when the grace period is over.
     cut: CancellationToken,
     revoked: Revocation,
+    expires: Option<tokio::time::Instant>,
 }
 
 impl Incoming<'_> {
@@ -282,7 +283,7 @@ impl Incoming<'_> {
         let stop = tokio::select! {
             // The stop first: a client that always has rows ready must still see it.
             biased;
-            e = super::stopped(&self.cut, &self.revoked) => e,
+            e = super::stopped(&self.cut, &self.revoked, self.expires) => e,
             message = self.stream.message() => return Ok(message),
         };
         // Stopped: what the client has sent already may be the stream's end
@@ -420,6 +421,7 @@ impl BulkApi {
             stream: &mut stream,
             cut: self.cut.clone(),
             revoked: caller.revoked.clone(),
+            expires: caller.expires,
         };
         let fed = feed_rows(
             &mut incoming,

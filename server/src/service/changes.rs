@@ -265,7 +265,7 @@ impl Pump<'_> {
             tenant: &self.caller.tenant.id,
             subscription: self.subscription,
         };
-        let revoked = self.caller.revoked.clone();
+        let (revoked, expires) = (self.caller.revoked.clone(), self.caller.expires);
         // A client may half-close once it has nothing more to acknowledge.
         let mut listening = true;
         let mut throttled = std::time::Duration::ZERO;
@@ -321,7 +321,7 @@ impl Pump<'_> {
                     Err(_) => return,
                 },
                 () = tx.closed() => return,
-                e = super::stopped(&cut, &revoked) => {
+                e = super::stopped(&cut, &revoked, expires) => {
                     tx.fail(e);
                     return;
                 }

@@ -217,15 +217,31 @@ impl<T> Stream for StreamIn<T> {
 
 /// Completes with the reason a call in progress must stop: the shutdown
 /// grace period is over (`ShuttingDown`: `cut`, the registry's root token,
-/// is cancelled), or a reload revoked the credential the call was made with
-/// (`Revoked`). Never completes otherwise. One token to wait on for both:
-/// every credential's token is a child of `cut`.
-pub async fn stopped(cut: &CancellationToken, revoked: &CancellationToken) -> Error {
-    revoked.cancelled().await;
-    if cut.is_cancelled() {
-        Error::ShuttingDown
-    } else {
-        Error::Revoked
+/// is cancelled), a reload revoked the credential the call was made with
+/// (`Revoked`), or the credential's validity ended (`CredentialExpired`: a
+/// JWT's `exp`). Never completes otherwise. One token to wait on for the
+/// first two: every credential's token is a child of `cut`.
+pub async fn stopped(
+    cut: &CancellationToken,
+    revoked: &CancellationToken,
+    expires: Option<tokio::time::Instant>,
+) -> Error {
+    let expiry = async {
+        match expires {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        () = revoked.cancelled() => {
+            if cut.is_cancelled() {
+                Error::ShuttingDown
+            } else {
+                Error::Revoked
+            }
+        }
+        () = expiry => Error::CredentialExpired,
     }
 }
 
@@ -235,13 +251,14 @@ pub async fn stopped(cut: &CancellationToken, revoked: &CancellationToken) -> Er
 pub async fn until_stopped<T>(
     cut: &CancellationToken,
     revoked: &CancellationToken,
+    expires: Option<tokio::time::Instant>,
     work: impl std::future::Future<Output = T>,
 ) -> Result<T, Error> {
     tokio::select! {
         // The stop first: a call revoked while it waited for its turn must
         // not start its statement.
         biased;
-        e = stopped(cut, revoked) => Err(e),
+        e = stopped(cut, revoked, expires) => Err(e),
         out = work => Ok(out),
     }
 }

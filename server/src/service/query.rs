@@ -450,6 +450,7 @@ impl QueryService for QueryApi {
         let result = super::until_stopped(
             &self.cut,
             &revoked,
+            target.caller.expires,
             tokio::time::timeout(timeout, execute_unary(&mut target, timing)),
         )
         .await;
@@ -480,7 +481,7 @@ impl QueryService for QueryApi {
         };
         let (tx, rx) = StreamOut::channel(STREAM_BUFFER, self.stream_idle);
         let cut = self.cut.clone();
-        let revoked = target.caller.revoked.clone();
+        let (revoked, expires) = (target.caller.revoked.clone(), target.caller.expires);
         tokio::spawn(
             async move {
                 // Both slots are held until the stream ends.
@@ -488,7 +489,7 @@ impl QueryService for QueryApi {
                 let outcome = tokio::select! {
                     // The stop first, as in `until_stopped`.
                     biased;
-                    e = super::stopped(&cut, &revoked) => Err(e),
+                    e = super::stopped(&cut, &revoked, expires) => Err(e),
                     r = tokio::time::timeout(timeout, execute_stream(&mut target, format, &tx, timing)) => {
                         r.map_err(|_| Error::Timeout(timeout)).and_then(|r| r)
                     }

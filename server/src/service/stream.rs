@@ -158,7 +158,7 @@ async fn deliver(
         let batch = tokio::select! {
             b = records.next() => b,
             () = tx.closed() => return,
-            e = super::stopped(&cut, &caller.revoked) => {
+            e = super::stopped(&cut, &caller.revoked, caller.expires) => {
                 tx.fail(e);
                 return;
             }

@@ -93,11 +93,19 @@ pub struct Caller {
     /// and for every call when the shutdown grace is over: the call's
     /// statements, streams and loads end, its transactions are rolled back.
     pub revoked: Revocation,
+    /// When the credential stops being valid (a JWT's `exp` plus the
+    /// leeway): calls still running then end. None for keys and certificates.
+    pub expires: Option<tokio::time::Instant>,
 }
 
 /// A credential's revocation. Shared behind an `Arc`: cloning a token takes
 /// its node's mutex, and every call clones its caller's.
 pub type Revocation = Arc<CancellationToken>;
+
+/// How long until `moment` by the wall clock; zero once it has passed.
+fn time_left(moment: std::time::SystemTime) -> Duration {
+    moment.duration_since(std::time::SystemTime::now()).unwrap_or_default()
+}
 
 pub struct Tenants {
     by_key: HashMap<[u8; 32], Caller>,
@@ -238,6 +246,7 @@ impl Tenants {
                             tenant: tenant.clone(),
                             key_id: key.id.as_str().into(),
                             rate_wait: Duration::ZERO,
+                            expires: None,
                             revoked,
                         },
                     );
@@ -298,6 +307,7 @@ impl Tenants {
                     tenant: tenant.clone(),
                     key_id: format!("cert:{name}").into(),
                     rate_wait: Duration::ZERO,
+                    expires: None,
                     revoked: revoked.clone(),
                 }),
                 None if identities.is_empty() => Err("no credentials".into()),
@@ -331,6 +341,8 @@ impl Tenants {
                     key_id: format!("jwt:{}", identity.subject).into(),
                     rate_wait: Duration::ZERO,
                     revoked: tenant.jwt_revoked.clone(),
+                    // None past what the clock can hold: not in this process's lifetime.
+                    expires: tokio::time::Instant::now().checked_add(time_left(identity.valid_until)),
                 })
             }
             _ => Err("unknown API key".into()),

@@ -22,6 +22,7 @@ use crate::error::Error;
 use crate::limits::{admission, SlotPermit};
 use crate::metrics::{code_label, Method, TenantMetrics};
 use crate::tenant::reload::Registry;
+use crate::tenant::Caller;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Paths of the gateway's own API; everything else (health, reflection) is public.
@@ -239,20 +240,13 @@ where
                     Some(mut caller) => {
                         let tenant = caller.tenant.clone();
                         match admission::admit(&mut caller, req.headers()).await {
-                            // Authenticated on the snapshot before a reload
-                            // that revoked its credential (or the shutdown
-                            // grace ended) while it waited for its turn.
-                            Ok(_) if caller.revoked.is_cancelled() => {
-                                let e = match registry.stopping() {
-                                    true => Error::ShuttingDown,
-                                    false => Error::Revoked,
-                                };
-                                (tonic::Status::from(e).into_http(), Some((tenant, None)))
-                            }
-                            Ok(permit) => {
-                                req.extensions_mut().insert(caller);
-                                (inner.call(req).await?, Some((tenant, Some(permit))))
-                            }
+                            Ok(permit) => match lapsed(&caller, &registry) {
+                                Some(e) => (tonic::Status::from(e).into_http(), Some((tenant, None))),
+                                None => {
+                                    req.extensions_mut().insert(caller);
+                                    (inner.call(req).await?, Some((tenant, Some(permit))))
+                                }
+                            },
                             Err(refusal) => (refusal, Some((tenant, None))),
                         }
                     }
@@ -277,6 +271,22 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// Why a call authenticated before it waited for its turn may no longer
+/// run: a reload revoked its credential (or the shutdown grace ended), or
+/// the credential expired, meanwhile.
+fn lapsed(caller: &Caller, registry: &Registry) -> Option<Error> {
+    if caller.revoked.is_cancelled() {
+        Some(match registry.stopping() {
+            true => Error::ShuttingDown,
+            false => Error::Revoked,
+        })
+    } else if caller.expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
+        Some(Error::CredentialExpired)
+    } else {
+        None
     }
 }
 

@@ -2,6 +2,8 @@
 //! configured algorithm, so a token cannot choose a weaker one), `iss`,
 //! `aud`, `exp` and `nbf`, then the claim that names the tenant.
 
+use std::time::{Duration, SystemTime};
+
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -16,12 +18,15 @@ pub struct JwtVerifier {
     fingerprint: [u8; 32],
 }
 
-/// Who a verified token speaks for.
+/// Who a verified token speaks for, and until when.
 #[derive(Debug, PartialEq, Eq)]
 pub struct JwtIdentity {
     pub tenant: String,
     /// `sub`, for the audit log; empty when the token has none.
     pub subject: String,
+    /// `exp` plus the leeway: the moment the token stops being accepted,
+    /// and calls made with it end.
+    pub valid_until: SystemTime,
 }
 
 fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
@@ -122,9 +127,21 @@ impl JwtVerifier {
             .and_then(Value::as_str)
             .ok_or_else(|| format!("the token has no string claim {:?}", self.tenant_claim))?;
         let subject = data.claims.get("sub").and_then(Value::as_str).unwrap_or_default();
+        // Validation required `exp` and checked it against the clock.
+        let exp = data
+            .claims
+            .get("exp")
+            .and_then(Value::as_f64)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .ok_or("the token's exp is not a time")?;
+        let valid_until = exp
+            .checked_add(Duration::from_secs(self.validation.leeway))
+            .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
+            .ok_or("the token's exp is out of range")?;
         Ok(JwtIdentity {
             tenant: tenant.to_string(),
             subject: subject.to_string(),
+            valid_until,
         })
     }
 }
@@ -136,8 +153,6 @@ pub fn looks_like_jwt(token: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde_json::json;
 
@@ -194,7 +209,8 @@ mod tests {
             v.verify(&t),
             Ok(JwtIdentity {
                 tenant: "acme".into(),
-                subject: "svc".into()
+                subject: "svc".into(),
+                valid_until: SystemTime::UNIX_EPOCH + Duration::from_secs(good["exp"].as_u64().expect("exp")),
             })
         );
         let mut expired = good.clone();

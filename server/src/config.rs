@@ -101,6 +101,9 @@ pub struct ServerConfig {
     /// Off by default: most gRPC libraries advertise gzip whether or not
     /// the network needs it. Compressed requests are always accepted. Read at start.
     pub compression: Option<Compression>,
+    /// Threads of the async runtime that serves every call; 0: one per CPU
+    /// the process may use (a container's CPU limit included). Read at start.
+    pub worker_threads: usize,
     /// Serve gRPC over TLS (and mutual TLS with `client_ca_file`).
     pub tls: Option<TlsConfig>,
 }
@@ -177,6 +180,9 @@ fn default_leeway() -> Duration {
     Duration::from_secs(30)
 }
 
+/// More runtime threads than this is a typo, not a tuning.
+const MAX_WORKER_THREADS: usize = 1024;
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -192,6 +198,7 @@ impl Default for ServerConfig {
             keepalive_interval: Duration::from_secs(10),
             keepalive_retries: 3,
             compression: None,
+            worker_threads: 0,
             tls: None,
         }
     }
@@ -613,6 +620,12 @@ impl Config {
             if value.is_zero() {
                 return Err(invalid(name, "must be greater than 0"));
             }
+        }
+        if self.server.worker_threads > MAX_WORKER_THREADS {
+            return Err(invalid(
+                "server.worker_threads",
+                format!("at most {MAX_WORKER_THREADS} (0: one per CPU)"),
+            ));
         }
         if self.server.keepalive_retries == 0 {
             return Err(invalid("server.keepalive_retries", "must be greater than 0"));

@@ -114,7 +114,13 @@ pub async fn run(
         }
     };
     if let Ok(addr) = listeners.grpc.local_addr() {
-        tracing::info!(%addr, tenants = tenants.current().all().len(), tls = tls.is_some(), "weir listening");
+        tracing::info!(
+            %addr,
+            tenants = tenants.current().all().len(),
+            tls = tls.is_some(),
+            worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+            "weir listening"
+        );
     }
     let registry = tenants.clone();
     let cut = registry.stop_token();

@@ -71,8 +71,24 @@ fn main() -> ExitCode {
     if std::env::var_os("MYSQL_ASYNC_BUFFER_SIZE_CAP").is_none() {
         std::env::set_var("MYSQL_ASYNC_BUFFER_SIZE_CAP", MYSQL_BUFFER_SIZE_CAP);
     }
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime.block_on(weir_main()),
+    let args = Args::parse();
+    if let Some(command) = args.command {
+        return run_command(command);
+    }
+    // Read before the runtime is built: it says how many threads to build.
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.server.worker_threads > 0 {
+        runtime.worker_threads(config.server.worker_threads);
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(serve(&args, config)),
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             ExitCode::FAILURE
@@ -80,10 +96,10 @@ fn main() -> ExitCode {
     }
 }
 
-async fn weir_main() -> ExitCode {
-    let args = Args::parse();
-    match args.command {
-        Some(Command::HashKey { key }) => {
+/// The subcommands, which need neither the runtime nor a configuration.
+fn run_command(command: Command) -> ExitCode {
+    match command {
+        Command::HashKey { key } => {
             let key = match key.map_or_else(read_stdin_line, Ok) {
                 Ok(k) => k,
                 Err(e) => {
@@ -92,18 +108,18 @@ async fn weir_main() -> ExitCode {
                 }
             };
             println!("{}", hex::encode(weir_server::tenant::hash_key(&key)));
-            return ExitCode::SUCCESS;
+            ExitCode::SUCCESS
         }
-        Some(Command::Seal { generate_key: true }) => {
+        Command::Seal { generate_key: true } => {
             println!("{}", weir_server::sealed::generate_key());
-            return ExitCode::SUCCESS;
+            ExitCode::SUCCESS
         }
-        Some(Command::Seal { generate_key: false }) => {
+        Command::Seal { generate_key: false } => {
             // From stdin only: an argument would stay in the shell's history.
             let sealed = read_stdin_line()
                 .map_err(|e| format!("cannot read the password from stdin: {e}"))
                 .and_then(|secret| weir_server::sealed::seal(&secret).map_err(|e| e.to_string()));
-            return match sealed {
+            match sealed {
                 Ok(s) => {
                     println!("{s}");
                     ExitCode::SUCCESS
@@ -112,17 +128,12 @@ async fn weir_main() -> ExitCode {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }
-            };
+            }
         }
-        None => {}
     }
-    let config = match Config::load(args.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
+}
+
+async fn serve(args: &Args, config: Config) -> ExitCode {
     let format = if args.log_format == "json" {
         LogFormat::Json
     } else {

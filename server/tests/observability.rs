@@ -176,6 +176,29 @@ async fn a_half_sent_scrape_does_not_hold_up_shutdown() {
     drop(scraper);
 }
 
+/// `server.worker_threads` sets how many threads the process's runtime
+/// serves calls with (its start line says); 0, the default, is one per CPU
+/// the process may use.
+#[test]
+fn the_runtime_has_the_configured_worker_threads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("weir.toml");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (threads, expected) in [(3, 3), (1, 1), (0, cpus)] {
+        let config = format!(
+            "[server]\nworker_threads = {threads}\n{}",
+            tenant("t", "", &sqlite_demo("t", "db"))
+        );
+        std::fs::write(&path, config).expect("config");
+        let weir = WeirProcess::start(&["--config", path.to_str().expect("utf-8 path")]);
+        assert_eq!(
+            weir.started["worker_threads"], expected,
+            "worker_threads = {threads}: {}",
+            weir.started
+        );
+    }
+}
+
 /// In the real process, a unary statement cut at shutdown is cancelled in
 /// PostgreSQL before the process exits: the cancel runs on the process's
 /// runtime, which is gone afterwards.

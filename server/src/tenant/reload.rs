@@ -49,7 +49,7 @@ fn needs_restart(started: &Config, config: &Config) -> Vec<&'static str> {
     let server = differing!(was, now, "server.":
         listen, max_request_bytes, max_concurrent_requests, max_queue_wait, compression,
         health_check_interval, reload_interval, shutdown_grace, stream_idle_timeout,
-        keepalive_time, keepalive_interval, keepalive_retries);
+        keepalive_time, keepalive_interval, keepalive_retries, worker_threads);
     let sections = differing!(started, config, "": metrics, telemetry, bulk, changes);
     let tls = ("server.tls (on or off)", was.tls.is_some() != now.tls.is_some());
     server
@@ -234,10 +234,16 @@ mod tests {
     #[test]
     fn settings_read_at_start_are_named_on_every_reload_that_changes_them() {
         let started = Config::from_toml("").unwrap();
-        let edited = Config::from_toml("[server]\nstream_idle_timeout = \"1s\"\nkeepalive_time = \"5s\"\n").unwrap();
+        let edited =
+            Config::from_toml("[server]\nstream_idle_timeout = \"1s\"\nkeepalive_time = \"5s\"\nworker_threads = 1\n")
+                .unwrap();
         assert_eq!(
             needs_restart(&started, &edited),
-            ["server.stream_idle_timeout", "server.keepalive_time"]
+            [
+                "server.stream_idle_timeout",
+                "server.keepalive_time",
+                "server.worker_threads"
+            ]
         );
         assert!(needs_restart(&started, &started.clone()).is_empty());
     }

@@ -524,6 +524,8 @@ pub struct WeirProcess {
     child: std::process::Child,
     logs: std::sync::mpsc::Receiver<serde_json::Value>,
     pub addr: String,
+    /// The "weir listening" line.
+    pub started: serde_json::Value,
 }
 
 impl WeirProcess {
@@ -565,6 +567,7 @@ impl WeirProcess {
             child,
             logs,
             addr: String::new(),
+            started: serde_json::Value::Null,
         };
         let listening = process.next_log(|l| {
             l["message"] == "weir listening" || l.as_str().is_some_and(|l| l.contains(" weir listening "))
@@ -574,6 +577,7 @@ impl WeirProcess {
             None => listening["addr"].as_str(),
         };
         process.addr = addr.expect("addr").to_string();
+        process.started = listening;
         process
     }
 

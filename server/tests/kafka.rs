@@ -74,9 +74,28 @@ fn consume_request(topic: &str, group: &str, max: u64, manual: bool) -> pb::Cons
     }
 }
 
+async fn open_consume(client: &WeirClient, request: pb::ConsumeRequest) -> tonic::Streaming<pb::ConsumeResponse> {
+    client.stream().consume(request).await.expect("consume").into_inner()
+}
+
+/// The offsets of the records of `stream` until there are at least `n`
+/// (each batch within 30 s).
+async fn read_offsets(stream: &mut tonic::Streaming<pb::ConsumeResponse>, n: usize) -> Vec<i64> {
+    let mut offsets = Vec::new();
+    while offsets.len() < n {
+        let batch = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("records within 30 s")
+            .expect("stream")
+            .expect("open");
+        offsets.extend(batch.records.iter().map(|r| r.offset));
+    }
+    offsets
+}
+
 /// Every record of a Consume call (which must end by itself, through max_records).
 async fn consume(client: &WeirClient, request: pb::ConsumeRequest) -> Vec<pb::ConsumedRecord> {
-    let mut stream = client.stream().consume(request).await.expect("consume").into_inner();
+    let mut stream = open_consume(client, request).await;
     let mut records = Vec::new();
     let within = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(batch) = stream.message().await.expect("consume stream") {
@@ -85,6 +104,47 @@ async fn consume(client: &WeirClient, request: pb::ConsumeRequest) -> Vec<pb::Co
     });
     within.await.expect("the records arrive within a minute");
     records
+}
+
+/// A rolling restart: a replica stopped (SIGTERM) while a consumer with
+/// automatic commits is reading has committed what it delivered, so the
+/// group resumes after those records instead of reading them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_replica_has_committed_what_it_delivered() {
+    let topic = unique("weir-a-restart-");
+    create_topic(&topic, 1).await;
+    let group = unique("restarted-");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("weir.toml");
+    let config = format!(
+        "[server]\nshutdown_grace = \"1s\"\n{}",
+        tenant("ka", "", &kafka("ka", "events", "weir-a-"))
+    );
+    std::fs::write(&path, config).expect("config");
+    let weir = WeirProcess::start(&["--config", path.to_str().expect("utf-8 path")]);
+    let client = WeirClient::connect(&weir.addr, "key-ka").await.expect("connect");
+    produce(&client, &topic, (0..10).map(record).collect())
+        .await
+        .expect("produce");
+    // No max_records: the stream runs until the replica stops.
+    let mut stream = open_consume(&client, consume_request(&topic, &group, 0, false)).await;
+    read_offsets(&mut stream, 10).await;
+    tokio::task::spawn_blocking(move || weir.stop()).await.expect("stopped");
+    let ended = stream.message().await;
+    assert!(
+        matches!(&ended, Err(s) if s.code() == Code::Unavailable),
+        "the stream ends as the replica stops: {ended:?}"
+    );
+
+    let (server, client) = server("").await;
+    produce(&client, &topic, vec![record(10)]).await.expect("produce");
+    let resumed = consume(&client, consume_request(&topic, &group, 1, false)).await;
+    assert_eq!(
+        resumed.first().map(|r| r.offset),
+        Some(10),
+        "the group resumes after the 10 records delivered before the stop"
+    );
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -639,21 +699,8 @@ async fn a_consumer_rides_out_a_broker_restart() {
     produce(&client, "outage", (0..5).map(record).collect())
         .await
         .expect("produce");
-    let mut stream = client
-        .stream()
-        .consume(consume_request("outage", "riders", 10, false))
-        .await
-        .expect("consume")
-        .into_inner();
-    let mut offsets = Vec::new();
-    while offsets.len() < 5 {
-        let batch = tokio::time::timeout(Duration::from_secs(30), stream.message())
-            .await
-            .expect("records before the outage")
-            .expect("stream")
-            .expect("open");
-        offsets.extend(batch.records.iter().map(|r| r.offset));
-    }
+    let mut stream = open_consume(&client, consume_request("outage", "riders", 10, false)).await;
+    let mut offsets = read_offsets(&mut stream, 5).await;
     cluster.broker_down(1).expect("broker down");
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.broker_up(1).expect("broker up");

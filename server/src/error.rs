@@ -48,8 +48,9 @@ pub enum Error {
     /// made with (or changed the JWT settings), while the call was running.
     #[error("the credential this call was made with was revoked by a configuration change; the call was ended")]
     Revoked,
-    /// The bearer token's `exp` (plus the leeway) passed while the call was running.
-    #[error("the bearer token expired while the call was running; the call was ended. Call again with a fresh token")]
+    /// The bearer token's `exp` (plus the leeway) passed while the call was
+    /// running or waiting for its turn.
+    #[error("the bearer token expired while the call was running or waiting for its turn; the call was ended. Call again with a fresh token")]
     CredentialExpired,
     #[error("too many bulk loads in progress (limit {limit}); retry when one finishes")]
     TooManyLoads { limit: u32 },

@@ -118,7 +118,7 @@ pub async fn run(
             %addr,
             tenants = tenants.current().all().len(),
             tls = tls.is_some(),
-            worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+            worker_threads = tokio::runtime::Handle::try_current().map_or(0, |h| h.metrics().num_workers()),
             "weir listening"
         );
     }

@@ -66,6 +66,9 @@ async fn shutdown_signal() {
 /// held for good. Unless the operator sets it, each kept buffer is cut to this.
 const MYSQL_BUFFER_SIZE_CAP: &str = "65536";
 
+/// How long work still on the blocking pool may hold up the exit.
+const BLOCKING_WORK_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn main() -> ExitCode {
     // Set before the runtime starts any thread; the driver reads it once.
     if std::env::var_os("MYSQL_ASYNC_BUFFER_SIZE_CAP").is_none() {
@@ -88,7 +91,14 @@ fn main() -> ExitCode {
         runtime.worker_threads(config.server.worker_threads);
     }
     match runtime.enable_all().build() {
-        Ok(runtime) => runtime.block_on(serve(&args, config)),
+        Ok(runtime) => {
+            let code = runtime.block_on(serve(&args, config));
+            // What is left on the blocking pool (a Kafka consumer closing
+            // against a broker that is gone would wait for it for ever) gets
+            // this long, then the process exits without it.
+            runtime.shutdown_timeout(BLOCKING_WORK_AT_EXIT);
+            code
+        }
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             ExitCode::FAILURE

@@ -691,6 +691,44 @@ async fn a_group_shares_partitions_between_its_consumers() {
     server.stop().await;
 }
 
+/// Closing a consumer (leaving its group, sending its last commits) waits
+/// for the broker. When the broker is gone, that wait must not hold up the
+/// gateway's other calls: here one runtime thread serves the server, as
+/// with `server.worker_threads = 1`.
+#[test]
+fn a_consumer_closing_against_a_lost_broker_holds_up_no_other_call() {
+    // Made first, dropped last: the consumer's close goes on after the test.
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("lost", 1, 1).expect("topic");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (server, client) = mock_server(&cluster, "lost").await;
+        produce(&client, "lost", (0..3).map(record).collect())
+            .await
+            .expect("produce");
+        let mut stream = open_consume(&client, consume_request("lost", "closers", 0, false)).await;
+        read_offsets(&mut stream, 3).await;
+        cluster.broker_down(1).expect("broker down");
+        let left = std::time::Instant::now();
+        // The client leaves; the server ends its side and lets go of the consumer.
+        drop(stream);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        client.list_sources().await.expect("another call");
+        let waited = left.elapsed();
+        assert!(
+            waited < Duration::from_secs(3),
+            "a call waited {waited:?} behind the consumer's close"
+        );
+        cluster.broker_up(1).expect("broker up");
+        server.stop().await;
+    });
+    // As the gateway's process does: the close gets a bounded time to finish.
+    runtime.shutdown_timeout(Duration::from_secs(10));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_rides_out_a_broker_restart() {
     let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");

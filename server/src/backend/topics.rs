@@ -89,7 +89,10 @@ pub trait RecordStream: Send {
     async fn next(&mut self) -> Option<Result<Vec<InRecord>, BackendError>>;
     /// Commits, for the stream's group, these offsets (each partition's
     /// next record after those delivered to the client).
-    fn commit(&self, next: Vec<PartitionOffset>) -> Result<(), BackendError>;
+    fn commit(&mut self, next: Vec<PartitionOffset>) -> Result<(), BackendError>;
+    /// Ends the stream once the commits made through it have reached the
+    /// broker (or a bounded wait for them is over).
+    async fn close(self: Box<Self>);
 }
 
 /// The offsets a group resumes from after `delivered`: per partition, the

@@ -266,7 +266,7 @@ fn convert_row(row: pb::Row, columns: &[Column]) -> std::result::Result<Row, (Op
 }
 
 /// The client's messages, until the shutdown grace period is over or the
-/// caller's credential is revoked.
+/// caller's credential is revoked or expires.
 struct Incoming<'a> {
     stream: &'a mut Streaming<pb::LoadRequest>,
     /// Cancelled when the grace period is over.

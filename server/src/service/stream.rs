@@ -142,7 +142,10 @@ fn start(topics: &dyn TopicSource, start: Option<pb::StartPosition>) -> Result<S
 type ConsumeSender = StreamOut<pb::ConsumeResponse>;
 
 /// Moves records from the consumer to the client until the client goes
-/// away, `max_records` are sent, or the server shuts down.
+/// away, `max_records` are sent, the server shuts down, or the caller's
+/// credential is revoked or expires. The commits for what was delivered are
+/// waited for before the client hears that the stream ended, so a client
+/// that resumes at once resumes after those records.
 async fn deliver(
     caller: Caller,
     source: String,
@@ -152,23 +155,34 @@ async fn deliver(
     tx: ConsumeSender,
     cut: CancellationToken,
 ) {
+    let ended = pass_on(&caller, &source, records.as_mut(), auto_commit, max_records, &tx, &cut).await;
+    records.close().await;
+    if let Err(e) = ended {
+        tx.fail(e);
+    }
+}
+
+/// The loop of [`deliver`]; the error, if any, the stream ends with.
+async fn pass_on(
+    caller: &Caller,
+    source: &str,
+    records: &mut dyn crate::backend::topics::RecordStream,
+    auto_commit: bool,
+    max_records: u64,
+    tx: &ConsumeSender,
+    cut: &CancellationToken,
+) -> Result<(), Error> {
     let mut sent = 0u64;
     let mut throttled = std::time::Duration::ZERO;
     loop {
         let batch = tokio::select! {
             b = records.next() => b,
-            () = tx.closed() => return,
-            e = super::stopped(&cut, &caller.revoked, caller.expires) => {
-                tx.fail(e);
-                return;
-            }
+            () = tx.closed() => return Ok(()),
+            e = super::stopped(cut, &caller.revoked, caller.expires) => return Err(e),
         };
         let mut batch = match batch {
-            None => return,
-            Some(Err(e)) => {
-                tx.fail(e);
-                return;
-            }
+            None => return Ok(()),
+            Some(Err(e)) => return Err(e.into()),
             Some(Ok(b)) => b,
         };
         if max_records > 0 {
@@ -181,7 +195,7 @@ async fn deliver(
             .charge_records(batch.len() as u64, bytes as u64)
             .await;
         sent += batch.len() as u64;
-        caller.tenant.count_returned(&source, batch.len() as u64, bytes as u64);
+        caller.tenant.count_returned(source, batch.len() as u64, bytes as u64);
         // Offsets are committed only for what reached the client's stream.
         let delivered = auto_commit.then(|| crate::backend::topics::next_offsets(&batch));
         let response = pb::ConsumeResponse {
@@ -190,16 +204,13 @@ async fn deliver(
         };
         // Not delivered, not committed: a consumer that resumes gets these records again.
         if !tx.deliver(response).await {
-            return;
+            return Ok(());
         }
         if let Some(delivered) = delivered {
-            if let Err(e) = records.commit(delivered) {
-                tx.fail(e);
-                return;
-            }
+            records.commit(delivered)?;
         }
         if max_records > 0 && sent >= max_records {
-            return;
+            return Ok(());
         }
     }
 }

@@ -342,7 +342,9 @@ impl Tenants {
                     rate_wait: Duration::ZERO,
                     revoked: tenant.jwt_revoked.clone(),
                     // None past what the clock can hold: not in this process's lifetime.
-                    expires: tokio::time::Instant::now().checked_add(time_left(identity.valid_until)),
+                    expires: identity
+                        .valid_until
+                        .and_then(|t| tokio::time::Instant::now().checked_add(time_left(t))),
                 })
             }
             _ => Err("unknown API key".into()),

@@ -25,8 +25,9 @@ pub struct JwtIdentity {
     /// `sub`, for the audit log; empty when the token has none.
     pub subject: String,
     /// `exp` plus the leeway: the moment the token stops being accepted,
-    /// and calls made with it end.
-    pub valid_until: SystemTime,
+    /// and calls made with it end. None past what the clock can hold (an
+    /// `exp` of `i64::MAX`, which some issuers use for "never").
+    pub valid_until: Option<SystemTime>,
 }
 
 fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
@@ -127,17 +128,18 @@ impl JwtVerifier {
             .and_then(Value::as_str)
             .ok_or_else(|| format!("the token has no string claim {:?}", self.tenant_claim))?;
         let subject = data.claims.get("sub").and_then(Value::as_str).unwrap_or_default();
-        // Validation required `exp` and checked it against the clock.
-        let exp = data
+        // Validation required `exp` and checked it against the clock, in
+        // whole seconds: up to a second late, which this check closes.
+        let valid_until = data
             .claims
             .get("exp")
             .and_then(Value::as_f64)
             .and_then(|s| Duration::try_from_secs_f64(s).ok())
-            .ok_or("the token's exp is not a time")?;
-        let valid_until = exp
-            .checked_add(Duration::from_secs(self.validation.leeway))
-            .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
-            .ok_or("the token's exp is out of range")?;
+            .and_then(|exp| exp.checked_add(Duration::from_secs(self.validation.leeway)))
+            .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d));
+        if valid_until.is_some_and(|t| t <= SystemTime::now()) {
+            return Err("the token has expired".into());
+        }
         Ok(JwtIdentity {
             tenant: tenant.to_string(),
             subject: subject.to_string(),
@@ -210,12 +212,23 @@ mod tests {
             Ok(JwtIdentity {
                 tenant: "acme".into(),
                 subject: "svc".into(),
-                valid_until: SystemTime::UNIX_EPOCH + Duration::from_secs(good["exp"].as_u64().expect("exp")),
+                valid_until: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(good["exp"].as_u64().expect("exp"))),
             })
         );
         let mut expired = good.clone();
         expired["exp"] = json!(now() - 10);
         assert!(v.verify(&token(expired, SECRET, Algorithm::HS256)).is_err());
+        // The library compares whole seconds; a token is not taken in its last one.
+        let mut this_second = good.clone();
+        this_second["exp"] = json!(now());
+        assert!(v.verify(&token(this_second, SECRET, Algorithm::HS256)).is_err());
+        // An issuer's "never": no expiry, rather than a refusal.
+        let mut never = good.clone();
+        never["exp"] = json!(i64::MAX);
+        assert_eq!(
+            v.verify(&token(never, SECRET, Algorithm::HS256)).map(|i| i.valid_until),
+            Ok(None)
+        );
         let mut audience = good.clone();
         audience["aud"] = json!("other");
         assert!(v.verify(&token(audience, SECRET, Algorithm::HS256)).is_err());

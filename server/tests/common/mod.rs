@@ -542,6 +542,9 @@ impl WeirProcess {
             .args(args)
             .env("WEIR__SERVER__LISTEN", "127.0.0.1:0")
             .env("WEIR__METRICS__ENABLED", "false")
+            // What the test's own environment says is not the test's configuration.
+            .env_remove("WEIR__SERVER__WORKER_THREADS")
+            .env_remove("TOKIO_WORKER_THREADS")
             .env("WEIR_LOG", "warn,weir::audit=info,weir_server=info")
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())

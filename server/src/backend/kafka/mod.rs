@@ -220,7 +220,31 @@ fn record<M: Message>(m: &M) -> InRecord {
 
 struct KafkaRecords {
     rx: mpsc::Receiver<Result<Vec<InRecord>, BackendError>>,
-    consumer: Arc<StreamConsumer>,
+    /// Taken when the stream is dropped, to be let go of by [`release`].
+    consumer: Option<Arc<StreamConsumer>>,
+    /// The offsets committed through this stream so far, to wait for at its end.
+    committed: Vec<PartitionOffset>,
+}
+
+impl Drop for KafkaRecords {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.consumer.take() {
+            release(consumer);
+        }
+    }
+}
+
+/// Lets go of a consumer on the blocking pool. The last holder's drop
+/// closes the consumer (it leaves the group and sends its last commits),
+/// which blocks until the broker answers, or gives up: on a runtime worker
+/// it would hold up every call that worker serves.
+fn release(consumer: Arc<StreamConsumer>) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn_blocking(move || drop(consumer));
+        }
+        Err(_) => drop(consumer),
+    }
 }
 
 #[async_trait]
@@ -233,14 +257,63 @@ impl RecordStream for KafkaRecords {
     /// across a lost coordinator. It reports an asynchronous manual
     /// commit's outcome to no one (its event API carries only automatic
     /// commits'): a refused commit shows only as records read again.
-    fn commit(&self, next: Vec<PartitionOffset>) -> Result<(), BackendError> {
+    fn commit(&mut self, next: Vec<PartitionOffset>) -> Result<(), BackendError> {
         if next.is_empty() {
             return Ok(());
         }
+        let Some(consumer) = &self.consumer else {
+            return Err(BackendError::Internal("the consumer was closed".into()));
+        };
         let tpl = partition_list(&next).map_err(map_error)?;
-        self.consumer.commit(&tpl, CommitMode::Async).map_err(map_error)
+        consumer.commit(&tpl, CommitMode::Async).map_err(map_error)?;
+        for o in next {
+            match self
+                .committed
+                .iter_mut()
+                .find(|c| c.partition == o.partition && c.topic == o.topic)
+            {
+                Some(c) => c.offset = c.offset.max(o.offset),
+                None => self.committed.push(o),
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits the latest offsets once more, synchronously: librdkafka sends
+    /// commits in order, so when this one is answered the earlier ones are
+    /// too. A client told that its stream ended then resumes after what it
+    /// was given, even on a replica of its own.
+    async fn close(mut self: Box<Self>) {
+        let Some(consumer) = self.consumer.take() else {
+            return;
+        };
+        if self.committed.is_empty() {
+            release(consumer);
+            return;
+        }
+        let Ok(tpl) = partition_list(&self.committed) else {
+            release(consumer);
+            return;
+        };
+        // Given up on, the task still ends, and drops the consumer there.
+        let last = tokio::task::spawn_blocking(move || (consumer.commit(&tpl, CommitMode::Sync), consumer));
+        match tokio::time::timeout(LAST_COMMIT_WAIT, last).await {
+            Ok(Ok((outcome, consumer))) => {
+                release(consumer);
+                if let Err(e) = outcome {
+                    tracing::warn!(error = %e, "a consumer's last commit failed; its group may read some records again");
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "a consumer's last commit did not run"),
+            Err(_) => tracing::warn!(
+                "a consumer's last commit took longer than {LAST_COMMIT_WAIT:?}; the stream ends without waiting for it"
+            ),
+        }
     }
 }
+
+/// How long the end of a stream waits for its consumer's last commit.
+const LAST_COMMIT_WAIT: Duration = Duration::from_secs(5);
 
 /// The offsets as librdkafka takes them.
 fn partition_list(offsets: &[PartitionOffset]) -> KafkaResult<TopicPartitionList> {
@@ -251,7 +324,14 @@ fn partition_list(offsets: &[PartitionOffset]) -> KafkaResult<TopicPartitionList
     Ok(tpl)
 }
 
+/// Batches the consumer's records for its caller until either side ends,
+/// then lets go of the consumer.
 async fn pump(consumer: Arc<StreamConsumer>, tx: mpsc::Sender<Result<Vec<InRecord>, BackendError>>) {
+    read_batches(&consumer, tx).await;
+    release(consumer);
+}
+
+async fn read_batches(consumer: &StreamConsumer, tx: mpsc::Sender<Result<Vec<InRecord>, BackendError>>) {
     loop {
         let first = tokio::select! {
             m = consumer.recv() => m,
@@ -441,7 +521,11 @@ impl TopicSource for KafkaSource {
         }
         let (tx, rx) = mpsc::channel(CONSUMER_BUFFER);
         tokio::spawn(pump(consumer.clone(), tx));
-        Ok(Box::new(KafkaRecords { rx, consumer }))
+        Ok(Box::new(KafkaRecords {
+            rx,
+            consumer: Some(consumer),
+            committed: Vec::new(),
+        }))
     }
 
     async fn commit(&self, group: &str, offsets: Vec<PartitionOffset>) -> Result<(), BackendError> {

@@ -694,7 +694,8 @@ async fn a_group_shares_partitions_between_its_consumers() {
 /// Closing a consumer (leaving its group, sending its last commits) waits
 /// for the broker. When the broker is gone, that wait must not hold up the
 /// gateway's other calls: here one runtime thread serves the server, as
-/// with `server.worker_threads = 1`.
+/// with `server.worker_threads = 1` (a close on that thread would hang
+/// this test: nothing else could run).
 #[test]
 fn a_consumer_closing_against_a_lost_broker_holds_up_no_other_call() {
     // Made first, dropped last: the consumer's close goes on after the test.

@@ -296,8 +296,19 @@ impl RecordStream for KafkaRecords {
             return;
         };
         // Given up on, the task still ends, and drops the consumer there.
-        let last = tokio::task::spawn_blocking(move || (consumer.commit(&tpl, CommitMode::Sync), consumer));
-        match tokio::time::timeout(LAST_COMMIT_WAIT, last).await {
+        let last = tokio::task::spawn_blocking(move || {
+            // Tried again while the coordinator is being found again (a
+            // broker that just came back), within the wait.
+            let deadline = Instant::now() + LAST_COMMIT_WAIT;
+            loop {
+                let outcome = consumer.commit(&tpl, CommitMode::Sync);
+                if outcome.is_ok() || Instant::now() + LAST_COMMIT_RETRY >= deadline {
+                    return (outcome, consumer);
+                }
+                std::thread::sleep(LAST_COMMIT_RETRY);
+            }
+        });
+        match tokio::time::timeout(LAST_COMMIT_WAIT + LAST_COMMIT_RETRY, last).await {
             Ok(Ok((outcome, consumer))) => {
                 release(consumer);
                 if let Err(e) = outcome {
@@ -314,6 +325,8 @@ impl RecordStream for KafkaRecords {
 
 /// How long the end of a stream waits for its consumer's last commit.
 const LAST_COMMIT_WAIT: Duration = Duration::from_secs(5);
+/// Between tries of that commit.
+const LAST_COMMIT_RETRY: Duration = Duration::from_millis(200);
 
 /// The offsets as librdkafka takes them.
 fn partition_list(offsets: &[PartitionOffset]) -> KafkaResult<TopicPartitionList> {

@@ -204,28 +204,38 @@ fn pgbench_select(args: &Args) -> anyhow::Result<f64> {
         .context("pgbench printed no tps")
 }
 
-/// Rows per second reading the whole table with tokio-postgres, decoding every value.
-/// `spent` gains the CPU of the run, taken while its connection (and so its
-/// database backend) is still open.
+/// Rows per second reading the whole table with tokio-postgres, decoding
+/// every value; `spent` gains the run's CPU ([`settle`]).
 async fn direct_stream(args: &Args, spent: &std::sync::Mutex<Cpu>) -> anyhow::Result<f64> {
     let client = pg(args).await?;
     let cpu = Snapshot::now(None, "postgres");
     let started = Instant::now();
     let rows = client.query_raw(STREAM, std::iter::empty::<i32>()).await?;
     pin_mut!(rows);
-    let mut n = 0u64;
-    let mut checksum = 0i64;
+    let (mut n, mut checksum) = (0u64, 0i64);
     while let Some(row) = rows.try_next().await? {
-        let (aid, bid, abalance, filler): (i32, i32, i32, &str) = (row.get(0), row.get(1), row.get(2), row.get(3));
-        checksum += i64::from(aid + bid + abalance) + filler.len() as i64;
+        checksum += account(&row);
         n += 1;
     }
+    Ok(settle(n, checksum, started, &cpu, spent))
+}
+
+/// Every value of an accounts row decoded, summed into a checksum.
+pub fn account(row: &tokio_postgres::Row) -> i64 {
+    let (aid, bid, abalance, filler): (i32, i32, i32, &str) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    i64::from(aid + bid + abalance) + filler.len() as i64
+}
+
+/// The rate of a direct run of `n` rows; `spent` gains the run's CPU, read
+/// while its connection (and so its database backend) is still open: a
+/// backend that has ended has no CPU left to read.
+pub fn settle(n: u64, checksum: i64, started: Instant, cpu: &Snapshot, spent: &std::sync::Mutex<Cpu>) -> f64 {
     std::hint::black_box(checksum);
     let rate = n as f64 / started.elapsed().as_secs_f64();
     if let Ok(mut spent) = spent.lock() {
         *spent += cpu.elapsed();
     }
-    Ok(rate)
+    rate
 }
 
 /// Unary calls of `UNARY` per run: enough rows for a steady rate.
@@ -238,9 +248,8 @@ fn unary_calls(args: &Args) -> usize {
 }
 
 /// Rows per second of `UNARY` called `calls` times over one connection,
-/// every value decoded, as an application reading whole results does.
-/// `spent` gains the CPU of the run, taken while its backend is still open
-/// (a backend that has ended has no CPU left to read).
+/// every value decoded, as an application reading whole results does;
+/// `spent` gains the run's CPU ([`settle`]).
 async fn direct_unary(args: &Args, calls: usize, spent: &std::sync::Mutex<Cpu>) -> anyhow::Result<f64> {
     let client = pg(args).await?;
     let statement = client.prepare(UNARY).await?;
@@ -249,17 +258,11 @@ async fn direct_unary(args: &Args, calls: usize, spent: &std::sync::Mutex<Cpu>) 
     let (mut n, mut checksum) = (0u64, 0i64);
     for _ in 0..calls {
         for row in client.query(&statement, &[]).await? {
-            let (aid, bid, abalance, filler): (i32, i32, i32, &str) = (row.get(0), row.get(1), row.get(2), row.get(3));
-            checksum += i64::from(aid + bid + abalance) + filler.len() as i64;
+            checksum += account(&row);
             n += 1;
         }
     }
-    std::hint::black_box(checksum);
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    if let Ok(mut spent) = spent.lock() {
-        *spent += cpu.elapsed();
-    }
-    Ok(rate)
+    Ok(settle(n, checksum, started, &cpu, spent))
 }
 
 /// The same through Weir's unary `Execute`.

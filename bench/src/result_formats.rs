@@ -20,7 +20,7 @@ use weir_client::weir_proto::v1::{ExecuteStreamRequest, RowBatch};
 use weir_client::{ResultStream, ValueRef, WeirClient};
 
 use crate::cpu::{Cpu, Snapshot};
-use crate::figures::{pg, repeat};
+use crate::figures::{account, pg, repeat, settle};
 use crate::{Args, Figure};
 
 const NARROW: &str = "SELECT aid, bid, abalance, filler FROM pgbench_accounts";
@@ -38,8 +38,7 @@ async fn direct(args: &Args, sql: &str, wide: bool, spent: &Mutex<Cpu>) -> anyho
     pin_mut!(rows);
     let (mut n, mut checksum) = (0u64, 0i64);
     while let Some(row) = rows.try_next().await? {
-        let (aid, bid, abalance, filler): (i32, i32, i32, &str) = (row.get(0), row.get(1), row.get(2), row.get(3));
-        checksum += i64::from(aid + bid + abalance) + filler.len() as i64;
+        checksum += account(&row);
         if wide {
             let (big, ratio, bal, even, label): (i64, f64, f64, bool, &str) =
                 (row.get(4), row.get(5), row.get(6), row.get(7), row.get(8));
@@ -50,12 +49,7 @@ async fn direct(args: &Args, sql: &str, wide: bool, spent: &Mutex<Cpu>) -> anyho
         }
         n += 1;
     }
-    std::hint::black_box(checksum);
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    if let Ok(mut spent) = spent.lock() {
-        *spent += cpu.elapsed();
-    }
-    Ok(rate)
+    Ok(settle(n, checksum, started, &cpu, spent))
 }
 
 /// Rows per second through Weir as rows, read value by value in wire form.

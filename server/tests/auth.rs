@@ -315,11 +315,16 @@ mod jwt {
 
     impl Issuer {
         async fn start() -> Issuer {
+            Self::start_with("").await
+        }
+
+        /// As `start`, with `more` configuration after the tenants.
+        async fn start_with(more: &str) -> Issuer {
             let signing = KeyPair::generate().expect("key");
             let files = Files::new();
             let public = files.write("issuer.pub", &signing.public_key_pem());
             let config = format!(
-                "[auth.jwt]\nissuer = \"https://id.example\"\naudience = \"weir\"\nalgorithm = \"ES256\"\npublic_key_file = \"{}\"\nleeway = \"0s\"\n{}",
+                "[auth.jwt]\nissuer = \"https://id.example\"\naudience = \"weir\"\nalgorithm = \"ES256\"\npublic_key_file = \"{}\"\nleeway = \"0s\"\n{}{more}",
                 toml_path(&public),
                 tenants()
             );
@@ -436,6 +441,42 @@ mod jwt {
         let refused = sources(&client).await.expect_err("an expired token");
         assert_eq!(refused.code(), Code::Unauthenticated);
         assert_eq!(common::reason(&refused), "UNAUTHENTICATED");
+        issuer.server.stop().await;
+    }
+
+    /// A token that expires while its call waits for its turn at the
+    /// tenant's rate: the call is refused with CREDENTIAL_EXPIRED, even one
+    /// (`BeginTransaction`) that would run to its end once started.
+    #[tokio::test]
+    async fn a_call_whose_token_expires_while_it_waits_never_runs() {
+        let paced = "[tenants.b.limits]\nrequests_per_second = 1\nburst = 1\nmax_rate_wait = \"10s\"\n";
+        let issuer = Issuer::start_with(paced).await;
+        // Valid for one to two seconds: the clock's second decides.
+        let client = issuer.client(issuer.token(&Issuer::claims(2))).await;
+        let begin = || {
+            let client = client.clone();
+            async move {
+                client
+                    // Read-only: SQLite's write transactions would queue on its lock.
+                    .begin("b_db", weir_client::weir_proto::v1::IsolationLevel::Unspecified, true)
+                    .await
+            }
+        };
+        // The bucket's one token: each later call waits a second more than the one before.
+        begin().await.expect("the first call, at once");
+        let waiting: Vec<_> = (0..3).map(|_| tokio::spawn(begin())).collect();
+        let mut expired = 0;
+        for call in waiting {
+            match call.await.expect("join") {
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+                    assert_eq!(common::reason(&e), "CREDENTIAL_EXPIRED", "{e:?}");
+                    expired += 1;
+                }
+            }
+        }
+        assert!(expired >= 1, "the call that waited 3 s outlived its token");
         issuer.server.stop().await;
     }
 }

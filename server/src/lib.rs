@@ -123,7 +123,7 @@ pub async fn run(
         );
     }
     let registry = tenants.clone();
-    let cut = registry.stop_token();
+    let cut = registry.stop_token().clone();
     let served = transport::serve(
         &config,
         listeners.grpc,

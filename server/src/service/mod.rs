@@ -234,14 +234,33 @@ pub async fn stopped(
     };
     tokio::select! {
         biased;
-        () = revoked.cancelled() => {
-            if cut.is_cancelled() {
-                Error::ShuttingDown
-            } else {
-                Error::Revoked
-            }
-        }
+        () = revoked.cancelled() => revocation(cut),
         () = expiry => Error::CredentialExpired,
+    }
+}
+
+/// The reason of [`stopped`], if it is already due, for a call that waited
+/// without watching for it (for its turn at the tenant's rate).
+pub fn stop_due(
+    cut: &CancellationToken,
+    revoked: &CancellationToken,
+    expires: Option<tokio::time::Instant>,
+) -> Option<Error> {
+    if revoked.is_cancelled() {
+        return Some(revocation(cut));
+    }
+    expires
+        .filter(|at| *at <= tokio::time::Instant::now())
+        .map(|_| Error::CredentialExpired)
+}
+
+/// What a cancelled revocation token means: `cut`, the root of every
+/// credential's token, is cancelled at the end of the shutdown grace.
+fn revocation(cut: &CancellationToken) -> Error {
+    if cut.is_cancelled() {
+        Error::ShuttingDown
+    } else {
+        Error::Revoked
     }
 }
 

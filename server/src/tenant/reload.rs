@@ -78,15 +78,10 @@ impl Registry {
         self.stop.cancel();
     }
 
-    /// Whether [`Self::stop_all`] was called.
-    pub fn stopping(&self) -> bool {
-        self.stop.is_cancelled()
-    }
-
     /// The token [`Self::stop_all`] cancels: a call's revocation completes
     /// with it, and whether it is cancelled tells shutdown from revocation.
-    pub fn stop_token(&self) -> CancellationToken {
-        self.stop.clone()
+    pub fn stop_token(&self) -> &CancellationToken {
+        &self.stop
     }
 
     /// The server's TLS configuration, when it serves TLS.

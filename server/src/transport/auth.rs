@@ -21,8 +21,8 @@ use super::tls::PeerInfo;
 use crate::error::Error;
 use crate::limits::{admission, SlotPermit};
 use crate::metrics::{code_label, Method, TenantMetrics};
+use crate::service::stop_due;
 use crate::tenant::reload::Registry;
-use crate::tenant::Caller;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Paths of the gateway's own API; everything else (health, reflection) is public.
@@ -240,7 +240,9 @@ where
                     Some(mut caller) => {
                         let tenant = caller.tenant.clone();
                         match admission::admit(&mut caller, req.headers()).await {
-                            Ok(permit) => match lapsed(&caller, &registry) {
+                            // Authenticated before it waited for its turn:
+                            // revoked, cut or expired meanwhile, it does not run.
+                            Ok(permit) => match stop_due(registry.stop_token(), &caller.revoked, caller.expires) {
                                 Some(e) => (tonic::Status::from(e).into_http(), Some((tenant, None))),
                                 None => {
                                     req.extensions_mut().insert(caller);
@@ -271,22 +273,6 @@ where
             }
             .instrument(span),
         )
-    }
-}
-
-/// Why a call authenticated before it waited for its turn may no longer
-/// run: a reload revoked its credential (or the shutdown grace ended), or
-/// the credential expired, meanwhile.
-fn lapsed(caller: &Caller, registry: &Registry) -> Option<Error> {
-    if caller.revoked.is_cancelled() {
-        Some(match registry.stopping() {
-            true => Error::ShuttingDown,
-            false => Error::Revoked,
-        })
-    } else if caller.expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
-        Some(Error::CredentialExpired)
-    } else {
-        None
     }
 }
 

@@ -257,12 +257,6 @@ impl<R: Read + Send> CsvReader<R> {
             });
         }
         reader.names = reader.fields.drain(..).map(|(name, _)| name).collect();
-        // Spreadsheets write UTF-8 CSV with a byte-order mark first.
-        if let Some(first) = reader.names.first_mut() {
-            if let Some(rest) = first.strip_prefix('\u{feff}') {
-                *first = rest.to_string();
-            }
-        }
         Ok(reader)
     }
 
@@ -274,6 +268,11 @@ impl<R: Read + Send> CsvReader<R> {
             message: format!("cannot read the input: {e}"),
         })?;
         if n > 0 {
+            // Spreadsheets write UTF-8 CSV with a byte-order mark first: it
+            // goes before parsing, so that a quoted first name stays quoted.
+            if self.line == 0 && self.buffer.starts_with('\u{feff}') {
+                self.buffer.drain(..'\u{feff}'.len_utf8());
+            }
             self.line += 1;
             self.bytes += n as u64;
         }
@@ -590,6 +589,13 @@ mod tests {
         let mut unclosed = CsvReader::new("a\n\"open\n".as_bytes(), "").expect("header");
         let err = unclosed.next_row(&table[..1]).expect("row").expect_err("unclosed");
         assert_eq!(err.line, 2);
+    }
+
+    /// As Python's csv module writes with utf-8-sig and QUOTE_ALL.
+    #[test]
+    fn a_byte_order_mark_before_a_quoted_header_is_dropped() {
+        let reader = CsvReader::new("\u{feff}\"id\",\"n\"\n1,a\n".as_bytes(), "").expect("header");
+        assert_eq!(reader.column_names(), ["id", "n"]);
     }
 
     #[test]

@@ -92,6 +92,11 @@ pub enum Error {
         column: String,
         message: String,
     },
+    /// A request message the gRPC layer refused (over `max_request_bytes`,
+    /// or not a valid message), passed on as it answers such a message of a
+    /// unary call.
+    #[error("{}", .0.message())]
+    BadMessage(Status),
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -147,6 +152,7 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let message = e.to_string();
         let (code, details) = match &e {
+            Error::BadMessage(status) => return status.clone(),
             Error::Unauthenticated => (Code::Unauthenticated, info("UNAUTHENTICATED", vec![])),
             Error::Revoked => (Code::Unauthenticated, info("CREDENTIAL_REVOKED", vec![])),
             Error::CredentialExpired => (Code::Unauthenticated, info("CREDENTIAL_EXPIRED", vec![])),

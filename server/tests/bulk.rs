@@ -1174,25 +1174,45 @@ async fn a_postgres_load_and_transaction_find_their_session_reset() {
 /// load back, as the caller is told; before, the engine went on to commit.
 #[tokio::test]
 async fn a_load_whose_deadline_passes_after_its_last_rows_is_rolled_back() {
-    use weir_client::weir_proto::v1::load_request::Message as LoadMessage;
     let ctx = Ctx::new(Engine::Postgres, "").await;
-    ctx.table("weir_bulk_slow_end", 0).await;
-    ctx.exec(
-        "CREATE OR REPLACE FUNCTION weir_bulk_slow_end() RETURNS trigger LANGUAGE plpgsql \
-         AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$",
+    slow_end_load_times_out(&ctx, "weir_bulk_slow_end", "700m").await;
+    ctx.server.stop().await;
+}
+
+/// The same when the load first waited for its turn at the tenant's rate:
+/// the transport's timer ran during that wait, so the gateway's own must
+/// count it. Before, the transport cut the call first with a bare CANCELLED
+/// and the engine went on to commit.
+#[tokio::test]
+async fn a_load_that_waited_for_its_turn_still_times_out_and_rolls_back() {
+    let ctx = Ctx::new(
+        Engine::Postgres,
+        "requests_per_second = 1\nburst = 1\nmax_rate_wait = \"2s\"",
     )
     .await;
-    ctx.exec(
-        "CREATE TRIGGER weir_bulk_slow_end AFTER INSERT ON weir_bulk_slow_end \
-         FOR EACH STATEMENT EXECUTE FUNCTION weir_bulk_slow_end()",
-    )
+    // Each statement before the load takes a turn, so the load waits about a second for its own.
+    slow_end_load_times_out(&ctx, "weir_bulk_slow_turn", "1700m").await;
+    ctx.server.stop().await;
+}
+
+/// Loads 10 rows into a fresh `table` whose statement trigger takes 1.5 s,
+/// with the deadline `grpc_timeout`, which passes during the trigger: the
+/// caller hears LOAD_TIMEOUT, and the table stays empty.
+async fn slow_end_load_times_out(ctx: &Ctx, table: &str, grpc_timeout: &str) {
+    use weir_client::weir_proto::v1::load_request::Message as LoadMessage;
+    ctx.table(table, 0).await;
+    ctx.exec(&format!(
+        "CREATE OR REPLACE FUNCTION {table}() RETURNS trigger LANGUAGE plpgsql \
+         AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$"
+    ))
+    .await;
+    ctx.exec(&format!(
+        "CREATE TRIGGER {table} AFTER INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {table}()"
+    ))
     .await;
     let messages = vec![
         pb::LoadRequest {
-            message: Some(LoadMessage::Header(header(
-                "weir_bulk_slow_end",
-                pb::BulkLoadMode::Append,
-            ))),
+            message: Some(LoadMessage::Header(header(table, pb::BulkLoadMode::Append))),
         },
         pb::LoadRequest {
             message: Some(LoadMessage::Rows(pb::LoadRows { rows: rows(0..10) })),
@@ -1201,24 +1221,54 @@ async fn a_load_whose_deadline_passes_after_its_last_rows_is_rolled_back() {
     let mut request = tonic::Request::new(tokio_stream::iter(messages));
     request
         .metadata_mut()
-        .insert("grpc-timeout", "700m".parse().expect("header value"));
+        .insert("grpc-timeout", grpc_timeout.parse().expect("header value"));
     let err = ctx.client.bulk().load(request).await.expect_err("past its deadline");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
     assert_eq!(reason(&err), "LOAD_TIMEOUT");
     // Past the trigger's end and the transaction's.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let deadline = Instant::now() + Duration::from_secs(5);
-    let still_running = "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%weir_bulk_slow_end%' \
-         AND state = 'active' AND pid <> pg_backend_pid()";
-    while !ctx.exec(still_running).await.rows.is_empty() {
+    let still_running = format!(
+        "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%{table}%' \
+         AND state = 'active' AND pid <> pg_backend_pid()"
+    );
+    while !ctx.exec(&still_running).await.rows.is_empty() {
         assert!(Instant::now() < deadline, "the load did not end");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
-        ctx.contents("weir_bulk_slow_end").await,
+        ctx.contents(table).await,
         Vec::<String>::new(),
         "the caller was told of a timeout, and the load committed"
     );
+}
+
+/// A batch over `max_request_bytes` gets OUT_OF_RANGE, as a unary call's
+/// oversized request does, not ABORTED (which says "run it again", and the
+/// same batch would fail the same way); the rows before it are not loaded.
+#[tokio::test]
+async fn a_batch_over_the_request_size_limit_is_out_of_range_and_loads_nothing() {
+    let engine = Engine::Sqlite;
+    let server = TestServer::start(&format!(
+        "[server]\nmax_request_bytes = 65536\n{}",
+        engine.source("bulk", "")
+    ))
+    .await;
+    let client = server.client("key-bulk").await;
+    let ctx = Ctx { engine, server, client };
+    ctx.table("weir_bulk_oversized", 2).await;
+    let before = ctx.contents("weir_bulk_oversized").await;
+    let err = ctx
+        .load(
+            header("weir_bulk_oversized", pb::BulkLoadMode::Append),
+            // About 15 bytes a row: the second batch is several times the limit.
+            vec![rows(0..10), rows(10..20_000)],
+        )
+        .await
+        .expect_err("an oversized batch");
+    assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
+    assert!(err.message().contains("65536"), "{}", err.message());
+    assert_eq!(ctx.contents("weir_bulk_oversized").await, before);
     ctx.server.stop().await;
 }
 

@@ -94,23 +94,20 @@ impl State {
         Some((tenant, waiter))
     }
 
-    fn remove(&mut self, priority: Priority, tenant: &str, id: u64) -> bool {
+    fn remove(&mut self, priority: Priority, tenant: &str, id: u64) {
         let Some(tenants) = self.waiting.get_mut(&priority) else {
-            return false;
+            return;
         };
         let Some(queue) = tenants.get_mut(tenant) else {
-            return false;
+            return;
         };
-        let before = queue.len();
         queue.retain(|w| w.id != id);
-        let removed = queue.len() != before;
         if queue.is_empty() {
             tenants.remove(tenant);
         }
         if tenants.is_empty() {
             self.waiting.remove(&priority);
         }
-        removed
     }
 }
 
@@ -137,6 +134,21 @@ impl Drop for Slot {
         if let Some(scheduler) = self.scheduler.take() {
             scheduler.release();
         }
+    }
+}
+
+/// Takes a waiter out of the queue when its wait ends; a waiter already
+/// popped for a grant is no longer there, and nothing is removed.
+struct Leave<'a> {
+    scheduler: &'a Scheduler,
+    priority: Priority,
+    tenant: &'a str,
+    id: u64,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.scheduler.state.lock().remove(self.priority, self.tenant, self.id);
     }
 }
 
@@ -205,19 +217,22 @@ impl Scheduler {
             (id, granted)
         };
         let queued = Queued::new(tenant);
-        // Dropping this future (the caller went away) drops the receiver,
-        // and with it a slot sent meanwhile, which then passes on.
+        // However the wait ends (a grant, the timeout, or the caller going
+        // away and dropping this future), the waiter leaves the queue: a
+        // caller that left must not count as its tenant's turn later. A slot
+        // sent meanwhile goes with the dropped receiver, which passes it on.
+        let _leave = Leave {
+            scheduler: self,
+            priority,
+            tenant,
+            id,
+        };
         match tokio::time::timeout(self.max_wait, granted).await {
             Ok(Ok(slot)) => Ok(slot),
-            _ => {
-                // Still queued: leave the queue. Already granted: the slot
-                // went with the receiver the timeout dropped.
-                self.state.lock().remove(priority, tenant, id);
-                Err(Error::GatewayBusy {
-                    waited: queued.started.elapsed(),
-                    retry_after: self.max_wait / 4,
-                })
-            }
+            _ => Err(Error::GatewayBusy {
+                waited: queued.started.elapsed(),
+                retry_after: self.max_wait / 4,
+            }),
         }
     }
 
@@ -225,9 +240,9 @@ impl Scheduler {
     fn release(self: &Arc<Self>) {
         let mut state = self.state.lock();
         while let Some((tenant, waiter)) = state.pop() {
-            state.charge(&tenant);
             match waiter.grant.send(Slot::new(self)) {
-                Ok(()) => return,
+                // Only a slot received is the tenant's turn.
+                Ok(()) => return state.charge(&tenant),
                 // That waiter left; this slot was never running.
                 Err(unsent) => unsent.disarm(),
             }
@@ -248,10 +263,24 @@ mod tests {
     /// Fills the scheduler, queues `waiters`, then frees slots one at a time and records who got each.
     async fn order(capacity: u32, waiters: Vec<(&'static str, u32, Priority)>) -> Vec<&'static str> {
         let scheduler = Scheduler::new(capacity, Duration::from_secs(10));
+        let held = fill(&scheduler, capacity).await;
+        grants(&scheduler, held, waiters).await
+    }
+
+    async fn fill(scheduler: &Arc<Scheduler>, capacity: u32) -> Vec<Slot> {
         let mut held = Vec::new();
         for _ in 0..capacity {
             held.push(scheduler.acquire("filler", 1, Priority::Medium).await.expect("free"));
         }
+        held
+    }
+
+    /// Queues `waiters` on a full scheduler, then frees its slots one at a time.
+    async fn grants(
+        scheduler: &Arc<Scheduler>,
+        mut held: Vec<Slot>,
+        waiters: Vec<(&'static str, u32, Priority)>,
+    ) -> Vec<&'static str> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for (tenant, weight, priority) in waiters {
             let s = scheduler.clone();
@@ -317,6 +346,29 @@ mod tests {
         let got = order(1, waiters).await;
         let a = got[..8].iter().filter(|t| **t == "a").count();
         assert!((5..=7).contains(&a), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn callers_that_left_the_queue_cost_their_tenant_no_turn() {
+        let s = Scheduler::new(1, Duration::from_secs(10));
+        let held = fill(&s, 1).await;
+        let mut left = Vec::new();
+        for _ in 0..5 {
+            let s = s.clone();
+            left.push(tokio::spawn(async move {
+                s.acquire("a", 1, Priority::Medium).await.map(|_| ())
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        for waiter in left {
+            waiter.abort();
+            let _ = waiter.await;
+        }
+        let mut waiters = vec![("a", 1, Priority::Medium); 3];
+        waiters.extend(vec![("b", 1, Priority::Medium); 3]);
+        let got = grants(&s, held, waiters).await;
+        let a = got[..4].iter().filter(|t| **t == "a").count();
+        assert_eq!(a, 2, "both tenants wait, so they take turns: {got:?}");
     }
 
     fn queued(tenant: &str) -> i64 {

@@ -120,12 +120,14 @@ impl TryFrom<pb::LoadHeader> for Header {
 
 /// Finds a requested column among the table's: exactly, or else by a
 /// case-insensitive match that is unambiguous (CSV headers rarely match case).
-fn find_column<'a>(table: &'a TableDescription, name: &str) -> Option<&'a Column> {
-    let columns = || table.columns.iter().map(|c| &c.column);
-    if let Some(c) = columns().find(|c| c.name == name) {
+fn find_column<'a, I>(columns: I, name: &str) -> Option<&'a Column>
+where
+    I: Iterator<Item = &'a Column> + Clone,
+{
+    if let Some(c) = columns.clone().find(|c| c.name == name) {
         return Some(c);
     }
-    let mut folded = columns().filter(|c| c.name.eq_ignore_ascii_case(name));
+    let mut folded = columns.filter(|c| c.name.eq_ignore_ascii_case(name));
     match (folded.next(), folded.next()) {
         (Some(c), None) => Some(c),
         _ => None,
@@ -138,7 +140,7 @@ fn resolve(header: &Header, table: &TableDescription) -> Result<(Vec<Column>, Ve
     let name = display_table(header.schema.as_deref(), &header.table);
     let mut columns: Vec<Column> = Vec::with_capacity(header.columns.len());
     for requested in &header.columns {
-        let column = find_column(table, requested).ok_or_else(|| {
+        let column = find_column(table.columns.iter().map(|c| &c.column), requested).ok_or_else(|| {
             let known: Vec<_> = table.columns.iter().map(|c| c.column.name.as_str()).collect();
             bad(
                 "header.columns",
@@ -158,10 +160,7 @@ fn resolve(header: &Header, table: &TableDescription) -> Result<(Vec<Column>, Ve
     }
     let mut conflict = Vec::with_capacity(header.conflict.len());
     for requested in &header.conflict {
-        let column = columns
-            .iter()
-            .find(|c| c.name == *requested || c.name.eq_ignore_ascii_case(requested));
-        match column {
+        match find_column(columns.iter(), requested) {
             Some(c) if !conflict.contains(&c.name) => conflict.push(c.name.clone()),
             Some(c) => {
                 return Err(bad(
@@ -295,6 +294,28 @@ impl Incoming<'_> {
     }
 }
 
+/// Why the load's request stream could not be read. A message the gRPC
+/// layer refused (too large, or not decodable) is the caller's to hear as
+/// such: ABORTED would say "run it again", and the same message would fail
+/// the same way. Anything else is the client going away or resetting the
+/// call. Either way nothing is committed.
+fn unreadable(status: Status) -> Error {
+    let refused = match status.code() {
+        // Over `max_request_bytes` as sent, or once decompressed.
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => true,
+        // tonic's words for a message that does not decode, which the
+        // transport answers as INVALID_ARGUMENT.
+        tonic::Code::Internal => status.message().starts_with("failed to decode"),
+        _ => false,
+    };
+    if refused {
+        tracing::info!(code = ?status.code(), "a load message was refused; rolling back");
+        return Error::BadMessage(status);
+    }
+    tracing::info!(code = ?status.code(), "the client ended the load before its end; rolling back");
+    Error::Backend(BackendError::LoadAbandoned)
+}
+
 /// Reads the row batches of the stream into the engine's feed until the
 /// stream ends; returns early with the reason when the load must stop.
 async fn feed_rows(
@@ -312,11 +333,7 @@ async fn feed_rows(
         let message = match incoming.message().await? {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(true),
-            // The client went away or reset the call: nothing is committed.
-            Err(status) => {
-                tracing::info!(code = ?status.code(), "the client ended the load before its end; rolling back");
-                return Err(Error::Backend(BackendError::LoadAbandoned));
-            }
+            Err(status) => return Err(unreadable(status)),
         };
         let rows = match message.message {
             Some(LoadMessage::Rows(rows)) => rows.rows,
@@ -375,7 +392,7 @@ impl BulkApi {
                 (Header::try_from(h)?, options)
             }
             Ok(_) => return Err(bad("header", "the first message of a load must be its header")),
-            Err(_) => return Err(Error::Backend(BackendError::LoadAbandoned)),
+            Err(status) => return Err(unreadable(status)),
         };
         let source: Arc<Source> = source(&caller, &header.source)?;
         let slot = caller.tenant.limiter.admit_load()?;
@@ -472,7 +489,7 @@ impl BulkApi {
 impl BulkLoadService for BulkApi {
     async fn load(&self, request: Request<Streaming<pb::LoadRequest>>) -> Result<Response<pb::LoadResponse>, Status> {
         let caller = caller(&request)?;
-        let deadline = grpc_timeout(&request);
+        let deadline = grpc_timeout(&request, &caller);
         let verdict = Verdict::default();
         let run = self.run(caller, request.into_inner(), verdict.clone());
         let response = match deadline {
@@ -572,6 +589,31 @@ mod tests {
         let err = message(resolve(&header(&["id", "v"], LoadMode::Upsert, &["v"]), &table()).unwrap_err());
         assert!(err.contains("no primary key or unique index on (v)"), "{err}");
         let err = message(resolve(&header(&["v"], LoadMode::Upsert, &["id"]), &table()).unwrap_err());
+        assert!(err.contains("must also be one of the loaded columns"), "{err}");
+    }
+
+    /// "Code" and "code" both loaded, both unique: the conflict column
+    /// named exactly is the one, and a name matching both only by case is
+    /// neither's.
+    #[test]
+    fn conflict_columns_prefer_the_exact_name() {
+        let mut table = table();
+        let mut lower = table.columns[1].clone();
+        lower.column.name = "code".into();
+        table.columns.push(lower);
+        table.indexes.push(Index {
+            name: "t_code_lower".into(),
+            columns: vec!["code".into()],
+            unique: true,
+            primary: false,
+            method: "btree".into(),
+        });
+        let loaded = ["Code", "code", "v"];
+        let (_, conflict) = resolve(&header(&loaded, LoadMode::Upsert, &["code"]), &table).expect("exact");
+        assert_eq!(conflict, ["code"]);
+        let (_, conflict) = resolve(&header(&loaded, LoadMode::Upsert, &["Code"]), &table).expect("exact");
+        assert_eq!(conflict, ["Code"]);
+        let err = message(resolve(&header(&loaded, LoadMode::Upsert, &["CODE"]), &table).unwrap_err());
         assert!(err.contains("must also be one of the loaded columns"), "{err}");
     }
 

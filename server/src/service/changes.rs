@@ -294,7 +294,17 @@ impl Pump<'_> {
                     let response = stamp.response(item, throttled);
                     if is_change {
                         let bytes = prost::Message::encoded_len(&response) as u64;
-                        throttled += self.caller.tenant.limiter.charge_records(1, bytes).await;
+                        // A throttled tenant may wait long here: a revocation
+                        // or a client that left still ends the stream at once.
+                        throttled += tokio::select! {
+                            biased;
+                            e = super::stopped(&cut, &revoked, expires) => {
+                                tx.fail(e);
+                                return;
+                            }
+                            () = tx.closed() => return,
+                            waited = self.caller.tenant.limiter.charge_records(1, bytes) => waited,
+                        };
                         self.caller.tenant.count_returned(self.source, 1, bytes);
                     }
                     // What was not acknowledged is sent again on resume.

@@ -313,13 +313,19 @@ pub fn check_plain_name(field: &'static str, name: &str, max: usize) -> Result<(
     Ok(())
 }
 
-/// The caller's deadline, from the `grpc-timeout` header.
-fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
-    weir_proto::deadline::parse_grpc_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)
+/// What is left of the caller's deadline (the `grpc-timeout` header) once
+/// the call has had its turn at the tenant's rate. The transport's timer
+/// started when the call arrived, before that wait: a service timer set
+/// for the whole deadline would fire after the transport has cut the call
+/// with a bare CANCELLED (and a load's engine would go on to commit).
+fn grpc_timeout<T>(request: &Request<T>, caller: &Caller) -> Option<Duration> {
+    let deadline = weir_proto::deadline::parse_grpc_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)?;
+    Some(deadline.saturating_sub(caller.rate_wait))
 }
 
-/// The time a statement may take: the tenant's limit, or the caller's deadline if sooner.
+/// The time a statement may take: the tenant's limit, or what is left of
+/// the caller's deadline if sooner.
 pub fn statement_timeout<T>(request: &Request<T>, caller: &Caller) -> Duration {
     let limit = caller.tenant.limits.statement_timeout;
-    grpc_timeout(request).map_or(limit, |d| d.min(limit))
+    grpc_timeout(request, caller).map_or(limit, |d| d.min(limit))
 }

@@ -189,11 +189,15 @@ async fn pass_on(
             batch.truncate(usize::try_from(max_records - sent).unwrap_or(usize::MAX));
         }
         let bytes: usize = batch.iter().map(InRecord::size).sum();
-        throttled += caller
-            .tenant
-            .limiter
-            .charge_records(batch.len() as u64, bytes as u64)
-            .await;
+        // A throttled tenant may wait long here: a revocation or a client
+        // that left still ends the stream at once (the batch undelivered,
+        // so uncommitted).
+        throttled += tokio::select! {
+            biased;
+            e = super::stopped(cut, &caller.revoked, caller.expires) => return Err(e),
+            () = tx.closed() => return Ok(()),
+            waited = caller.tenant.limiter.charge_records(batch.len() as u64, bytes as u64) => waited,
+        };
         sent += batch.len() as u64;
         caller.tenant.count_returned(source, batch.len() as u64, bytes as u64);
         // Offsets are committed only for what reached the client's stream.
@@ -241,8 +245,10 @@ impl StreamService for StreamApi {
             }
             bytes += size as u64;
         }
-        let _admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
+        // The tenant's record rate first: a tenant waiting out its own
+        // throttle must not hold gateway-wide slots other tenants need.
         let throttled = caller.tenant.limiter.charge_records(records.len() as u64, bytes).await;
+        let _admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
         let acks = topics.produce(&r.topic, records).await?;
         Ok(Response::new(pb::ProduceResponse {
             acks: acks

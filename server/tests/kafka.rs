@@ -17,7 +17,13 @@ fn unique(prefix: &str) -> String {
 }
 
 async fn server(limits: &str) -> (TestServer, WeirClient) {
-    let config = tenant("ka", limits, &kafka("ka", "events", "weir-a-"))
+    server_with("", limits).await
+}
+
+/// With `settings` (e.g. a `[server]` table) before the tenants.
+async fn server_with(settings: &str, limits: &str) -> (TestServer, WeirClient) {
+    let config = settings.to_string()
+        + &tenant("ka", limits, &kafka("ka", "events", "weir-a-"))
         + &tenant("kb", "", &kafka("kb", "events", "weir-b-"))
         // Shares tenant a's topics, not its consumer groups.
         + &tenant("kc", "", &kafka("kc", "events", "weir-a-"))
@@ -524,6 +530,80 @@ async fn a_throttled_stream_says_so() {
         last >= Duration::from_millis(500),
         "the consumer was slowed too: {last:?}"
     );
+    server.stop().await;
+}
+
+/// A consumer waiting out its tenant's record rate (here 1 record/s, a
+/// batch of 50 records) still sees its client leave: its slot is free again
+/// at once, not after the wait.
+#[tokio::test]
+async fn a_throttled_consumer_whose_client_leaves_frees_its_slot_at_once() {
+    let (server, client) = server("stream_records_per_second = 1\nmax_concurrent_consumers = 1").await;
+    let topic = unique("weir-a-throttled-leave-");
+    create_topic(&topic, 1).await;
+    // Tenant kc shares the topics, without a rate.
+    let producer = server.client("key-kc").await;
+    produce(&producer, &topic, vec![record(0)]).await.expect("produce");
+    let mut first = open_consume(&client, consume_request(&topic, &unique("leaves-"), 0, false)).await;
+    // The first record is the bucket's burst; once it is read the consumer
+    // has its partition, and the next 50 records wait about 50 s.
+    assert_eq!(read_offsets(&mut first, 1).await, [0]);
+    produce(&producer, &topic, (1..51).map(record).collect())
+        .await
+        .expect("produce");
+    let waiting = tokio::time::timeout(Duration::from_secs(2), first.message()).await;
+    assert!(waiting.is_err(), "the batch waits for the rate");
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match client
+            .stream()
+            .consume(consume_request(&topic, &unique("next-"), 1, false))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if reason(&e) == "CONSUMER_CONCURRENCY_LIMITED" && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("the first consumer's slot is still held: {e:?}"),
+        }
+    }
+    server.stop().await;
+}
+
+/// A tenant's Produce calls waiting out its record rate hold no gateway
+/// slot meanwhile: another tenant's call still runs at once.
+#[tokio::test]
+async fn produces_waiting_out_their_rate_leave_the_gateway_to_others() {
+    let (server, client) = server_with(
+        "[server]\nmax_concurrent_requests = 2\nmax_queue_wait = \"1s\"\n",
+        "stream_records_per_second = 10",
+    )
+    .await;
+    let topic = unique("weir-a-throttled-gate-");
+    create_topic(&topic, 1).await;
+    // The burst first, then two calls that each wait about 5 s for their turn.
+    produce(&client, &topic, (0..10).map(record).collect())
+        .await
+        .expect("within the burst");
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, topic) = (client.clone(), topic.clone());
+            tokio::spawn(async move { produce(&client, &topic, (0..50).map(record).collect()).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = server.client("key-kb").await;
+    let other_topic = unique("weir-b-gate-");
+    create_topic(&other_topic, 1).await;
+    // Refused with GATEWAY_SATURATED after max_queue_wait when the throttled calls hold the slots.
+    produce(&other, &other_topic, vec![record(0)])
+        .await
+        .expect("another tenant's call is not held up by a throttled one");
+    for call in waiting {
+        let acks = call.await.expect("task").expect("slowed, not refused");
+        assert_eq!(acks.acks.len(), 50);
+    }
     server.stop().await;
 }
 

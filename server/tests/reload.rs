@@ -217,6 +217,89 @@ fn pg_keys(keys: &[&str]) -> String {
     format!("{FAST}[tenants.a]\n{}{}", api_keys(keys), postgres("a", "pg", ""))
 }
 
+/// Rows of one bigint column holding each of `range`.
+fn ids(range: std::ops::Range<i64>) -> Vec<pb::Row> {
+    range
+        .map(|i| pb::Row {
+            values: vec![pb::Value {
+                kind: Some(pb::value::Kind::Int64Value(i)),
+            }],
+        })
+        .collect()
+}
+
+/// A load into `table`'s `id` column on `pg` that has sent `first` and
+/// goes on with what the returned sender sends, until it is dropped.
+async fn open_load(
+    client: &WeirClient,
+    table: &str,
+    first: Vec<pb::Row>,
+) -> (
+    tokio::sync::mpsc::Sender<Vec<pb::Row>>,
+    tokio::task::JoinHandle<Result<pb::LoadResponse, tonic::Status>>,
+) {
+    let (more_rows, rows_in) = tokio::sync::mpsc::channel::<Vec<pb::Row>>(1);
+    more_rows.send(first).await.expect("rows");
+    let header = pb::LoadHeader {
+        source: "pg".into(),
+        table: table.into(),
+        columns: vec!["id".into()],
+        ..Default::default()
+    };
+    let client = client.clone();
+    let load = tokio::spawn(async move {
+        client
+            .load(header, tokio_stream::wrappers::ReceiverStream::new(rows_in))
+            .await
+    });
+    (more_rows, load)
+}
+
+/// A reload that lowers a tenant's rate holds the loads already running to
+/// it from their next rows, not only the loads that start after it.
+#[tokio::test]
+async fn a_lowered_rate_holds_a_load_already_running() {
+    let config = |rate: u32| {
+        format!(
+            "{FAST}[tenants.a]\n{}[tenants.a.limits]\nload_rows_per_second = {rate}\n{}",
+            api_keys(&["a1"]),
+            postgres("a", "pg", "")
+        )
+    };
+    let file = ConfigFile::new(&config(1_000_000));
+    let weir = start(&file);
+    let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
+    let table = "weir_reload_lowered_rate";
+    for sql in [
+        format!("DROP TABLE IF EXISTS {table}"),
+        format!("CREATE TABLE {table} (id bigint)"),
+    ] {
+        client.execute("pg", &sql, vec![]).await.expect(&sql);
+    }
+    let (more_rows, load) = open_load(&client, table, ids(0..100)).await;
+    let pg = common::pg_direct().await;
+    assert!(
+        common::wait_until_running(&pg, table, Duration::from_secs(5)).await,
+        "the load reached the engine"
+    );
+    file.write(&config(500));
+    reloaded(&weir);
+    // 1,500 rows at 500 a second, with a second's burst: about 2 s of waiting.
+    more_rows.send(ids(100..1600)).await.expect("rows");
+    drop(more_rows);
+    let done = tokio::time::timeout(Duration::from_secs(30), load)
+        .await
+        .expect("the load ends")
+        .expect("load task")
+        .expect("the load succeeds");
+    assert_eq!(done.rows_inserted, 1600);
+    let throttled = done.throttled.expect("throttled is always set");
+    assert!(
+        throttled.seconds >= 1,
+        "the rows after the reload went at the old rate: throttled {throttled:?}"
+    );
+}
+
 /// A key taken away by a reload ends what was started with it: its result
 /// streams and loads fail with UNAUTHENTICATED (`CREDENTIAL_REVOKED`), a
 /// load leaving the table as it was, and its open transactions are rolled
@@ -253,26 +336,7 @@ async fn a_revoked_key_ends_its_streams_loads_and_transactions() {
     gone.execute_in(&tx, "pg", &format!("SELECT pg_advisory_xact_lock({lock})"), vec![])
         .await
         .expect("lock");
-    let (more_rows, rows_in) = tokio::sync::mpsc::channel::<Vec<pb::Row>>(1);
-    let one = pb::Row {
-        values: vec![pb::Value {
-            kind: Some(pb::value::Kind::Int64Value(1)),
-        }],
-    };
-    more_rows.send(vec![one]).await.expect("rows");
-    let load = tokio::spawn({
-        let gone = gone.clone();
-        let header = pb::LoadHeader {
-            source: "pg".into(),
-            table: table.into(),
-            columns: vec!["id".into()],
-            ..Default::default()
-        };
-        async move {
-            gone.load(header, tokio_stream::wrappers::ReceiverStream::new(rows_in))
-                .await
-        }
-    });
+    let (more_rows, load) = open_load(&gone, table, ids(1..2)).await;
     let pg = common::pg_direct().await;
     assert!(
         common::wait_until_running(&pg, table, Duration::from_secs(5)).await,

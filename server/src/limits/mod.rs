@@ -11,7 +11,7 @@ pub mod scheduler;
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -23,22 +23,39 @@ use global::GlobalLimiter;
 use request_rate::RequestRate;
 
 pub struct TenantLimiter {
-    rate: RequestRate,
+    buckets: Arc<Buckets>,
     concurrency: Slots,
     loads: Slots,
-    /// Cost buckets of loads: rows and request bytes, one second of burst each.
-    load_rows: CostBucket,
-    load_bytes: CostBucket,
     consumers: Slots,
     subscriptions: Slots,
     streams: Slots,
-    /// Cost buckets of Kafka records and change events, produced and consumed.
-    stream_records: CostBucket,
-    stream_bytes: CostBucket,
     /// The buckets shared by every replica through Redis, when configured.
     shared: Option<Arc<GlobalLimiter>>,
     tenant: String,
     limits: LimitsConfig,
+    /// The limiter a reload put in force in this one's place: the loads and
+    /// streams still running on this one charge that one, so that a rate
+    /// an operator lowers holds them too, from their next batch.
+    successor: OnceLock<Arc<TenantLimiter>>,
+}
+
+/// Which pair of cost buckets a charge goes to.
+#[derive(Clone, Copy)]
+enum Costs {
+    Load,
+    Stream,
+}
+
+/// A tenant's rate buckets. Kept across a reload that leaves the tenant's
+/// limits as they were, whatever else changed.
+struct Buckets {
+    rate: RequestRate,
+    /// Cost buckets of loads: rows and request bytes, one second of burst each.
+    load_rows: CostBucket,
+    load_bytes: CostBucket,
+    /// Cost buckets of Kafka records and change events, produced and consumed.
+    stream_records: CostBucket,
+    stream_bytes: CostBucket,
 }
 
 /// A cap on things in progress at once (calls, loads, consumers). The
@@ -160,29 +177,56 @@ async fn take(bucket: &DefaultDirectRateLimiter, cost: u64) {
 
 impl TenantLimiter {
     /// The tenant's limiter; `previous` is the one it replaces on a reload,
-    /// whose slots in use count against the new limits (its buckets do not
-    /// carry over: a changed tenant starts with full buckets).
+    /// whose slots in use count against the new limits. Its buckets carry
+    /// over when the tenant's limits are the same (the shared ones may have
+    /// changed); a changed tenant starts with full buckets.
     pub fn new(
         tenant: &str,
         limits: &LimitsConfig,
         shared: Option<Arc<GlobalLimiter>>,
         previous: Option<&TenantLimiter>,
     ) -> Self {
+        let buckets = match previous {
+            Some(p) if p.limits == *limits => p.buckets.clone(),
+            _ => Arc::new(Buckets {
+                rate: RequestRate::new(limits.requests_per_second, limits.burst),
+                load_rows: CostBucket::new(limits.load_rows_per_second),
+                load_bytes: CostBucket::new(limits.load_bytes_per_second),
+                stream_records: CostBucket::new(limits.stream_records_per_second),
+                stream_bytes: CostBucket::new(limits.stream_bytes_per_second),
+            }),
+        };
         Self {
-            rate: RequestRate::new(limits.requests_per_second, limits.burst),
+            buckets,
             concurrency: Slots::new(limits.max_concurrent_requests, previous.map(|p| &p.concurrency)),
             loads: Slots::new(limits.max_concurrent_loads, previous.map(|p| &p.loads)),
-            load_rows: CostBucket::new(limits.load_rows_per_second),
-            load_bytes: CostBucket::new(limits.load_bytes_per_second),
             consumers: Slots::new(limits.max_concurrent_consumers, previous.map(|p| &p.consumers)),
             subscriptions: Slots::new(limits.max_concurrent_subscriptions, previous.map(|p| &p.subscriptions)),
             streams: Slots::new(limits.max_concurrent_streams, previous.map(|p| &p.streams)),
-            stream_records: CostBucket::new(limits.stream_records_per_second),
-            stream_bytes: CostBucket::new(limits.stream_bytes_per_second),
             shared,
             tenant: tenant.to_string(),
             limits: limits.clone(),
+            successor: OnceLock::new(),
         }
+    }
+
+    /// Once a reload has put `next` in force in this limiter's place: what
+    /// is still running on this one is charged to `next` from now on.
+    pub fn hand_over(&self, next: &Arc<TenantLimiter>) {
+        if !std::ptr::eq(self, next.as_ref()) {
+            // Set once: a snapshot is replaced once.
+            let _ = self.successor.set(next.clone());
+        }
+    }
+
+    /// The limiter in force for this tenant: this one, or the last that a
+    /// reload put in its place.
+    fn in_force(&self) -> &TenantLimiter {
+        let mut limiter = self;
+        while let Some(next) = limiter.successor.get() {
+            limiter = next;
+        }
+        limiter
     }
 
     /// Charges the shared bucket `name` after the local one `bucket`.
@@ -218,25 +262,33 @@ impl TenantLimiter {
     /// Charges Kafka records (or change events) and their bytes, waiting
     /// while the tenant is over its rate; returns how long it waited.
     pub async fn charge_records(&self, records: u64, bytes: u64) -> Duration {
+        self.charge(Costs::Stream, records, bytes).await
+    }
+
+    /// Charges `count` (rows or records) and `bytes` to the pair of cost
+    /// buckets `costs` names, locally and then shared, on the limiter in
+    /// force (a reload may have replaced this one since the call began).
+    async fn charge(&self, costs: Costs, count: u64, bytes: u64) -> Duration {
+        let this = self.in_force();
         let started = Instant::now();
-        self.stream_records.take(records).await;
-        self.stream_bytes.take(bytes).await;
-        let limits = &self.limits;
-        self.charge_shared(
-            &self.stream_records,
-            "stream_records",
-            limits.stream_records_per_second,
-            records,
-        )
-        .await;
-        self.charge_shared(
-            &self.stream_bytes,
-            "stream_bytes",
-            limits.stream_bytes_per_second,
-            bytes,
-        )
-        .await;
-        self.throttled("stream", started)
+        let (b, l) = (&this.buckets, &this.limits);
+        let (counted, sized, label) = match costs {
+            Costs::Load => (
+                (&b.load_rows, "load_rows", l.load_rows_per_second),
+                (&b.load_bytes, "load_bytes", l.load_bytes_per_second),
+                "load",
+            ),
+            Costs::Stream => (
+                (&b.stream_records, "stream_records", l.stream_records_per_second),
+                (&b.stream_bytes, "stream_bytes", l.stream_bytes_per_second),
+                "stream",
+            ),
+        };
+        counted.0.take(count).await;
+        sized.0.take(bytes).await;
+        this.charge_shared(counted.0, counted.1, counted.2, count).await;
+        this.charge_shared(sized.0, sized.1, sized.2, bytes).await;
+        this.throttled(label, started)
     }
 
     /// The time since `started` if it is a wait worth reporting, counted in metrics.
@@ -266,15 +318,7 @@ impl TenantLimiter {
     /// Charges rows and bytes of a load, waiting while the tenant is over
     /// its rate; returns how long it waited.
     pub async fn charge_load(&self, rows: u64, bytes: u64) -> Duration {
-        let started = Instant::now();
-        self.load_rows.take(rows).await;
-        self.load_bytes.take(bytes).await;
-        let limits = &self.limits;
-        self.charge_shared(&self.load_rows, "load_rows", limits.load_rows_per_second, rows)
-            .await;
-        self.charge_shared(&self.load_bytes, "load_bytes", limits.load_bytes_per_second, bytes)
-            .await;
-        self.throttled("load", started)
+        self.charge(Costs::Load, rows, bytes).await
     }
 
     /// Admits one call: takes a concurrency slot, held until the returned
@@ -283,7 +327,7 @@ impl TenantLimiter {
     /// when it comes within `max_rate_wait` and before the call's deadline.
     pub fn admit(&self, deadline: Option<Duration>) -> Result<Turn, Error> {
         let permit = self.concurrency.take(|limit| Error::TooManyConcurrent { limit })?;
-        match self.rate.reserve(self.max_wait(deadline, Duration::ZERO)) {
+        match self.buckets.rate.reserve(self.max_wait(deadline, Duration::ZERO)) {
             Ok(wait) => Ok(Turn { permit, wait }),
             Err(retry_after) => Err(self.rate_limited(retry_after)),
         }
@@ -316,7 +360,7 @@ impl TenantLimiter {
                 Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
                 Ok(_) => {}
                 Err(e) => {
-                    self.rate.give_back();
+                    self.buckets.rate.give_back();
                     return Err(e);
                 }
             }
@@ -373,6 +417,29 @@ mod tests {
             }
             other => panic!("expected rate limit, got {:?}", other.map(|t| t.wait)),
         }
+    }
+
+    /// A reload that leaves the tenant's limits alone keeps its buckets even
+    /// when the limiter is built anew (the shared limits changed); changed
+    /// limits start full.
+    #[test]
+    fn buckets_outlive_a_reload_that_leaves_the_tenants_limits_alone() {
+        let limits = LimitsConfig {
+            requests_per_second: 1,
+            burst: 1,
+            max_rate_wait: Duration::ZERO,
+            ..LimitsConfig::default()
+        };
+        let before = TenantLimiter::new("t", &limits, None, None);
+        drop(before.admit(None).expect("the burst"));
+        let same = TenantLimiter::new("t", &limits, None, Some(&before));
+        assert!(
+            matches!(same.admit(None), Err(Error::RateLimited { .. })),
+            "no second burst"
+        );
+        let raised = LimitsConfig { burst: 2, ..limits };
+        let changed = TenantLimiter::new("t", &raised, None, Some(&before));
+        assert!(changed.admit(None).is_ok(), "changed limits start with full buckets");
     }
 
     #[tokio::test]

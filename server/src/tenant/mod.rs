@@ -371,6 +371,17 @@ impl Tenants {
         revoked
     }
 
+    /// Once this snapshot is in force: the loads and streams still running
+    /// on `previous`'s limiters charge this snapshot's from now on, so that
+    /// a rate changed by the reload holds them too.
+    pub fn hand_over_limits(&self, previous: &Tenants) {
+        for old in &previous.all {
+            if let Some(new) = self.all.iter().find(|t| t.id == old.id) {
+                old.limiter.hand_over(&new.limiter);
+            }
+        }
+    }
+
     /// Every credential's revocation: keys, identities, and each tenant's
     /// JWT callers when JWTs are configured.
     fn tokens(&self) -> impl Iterator<Item = &Revocation> {

@@ -115,7 +115,9 @@ impl Registry {
         *running = config;
         // Only once the new snapshot is in force: a call made with a revoked
         // credential could otherwise still start on the old one.
-        let credentials_revoked = self.current().revoke_dropped(&previous);
+        let current = self.current();
+        let credentials_revoked = current.revoke_dropped(&previous);
+        current.hand_over_limits(&previous);
         Ok(Changes {
             credentials_revoked,
             ..changes

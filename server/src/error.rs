@@ -135,7 +135,7 @@ fn engine_code(kind: EngineErrorKind) -> (Code, &'static str) {
         K::FailedPrecondition => (Code::FailedPrecondition, "ENGINE_FAILED_PRECONDITION"),
         K::PermissionDenied => (Code::PermissionDenied, "ENGINE_PERMISSION_DENIED"),
         K::Aborted => (Code::Aborted, "ENGINE_ABORTED"),
-        K::ResourceExhausted => (Code::ResourceExhausted, "ENGINE_RESOURCE_EXHAUSTED"),
+        K::ResourceExhausted | K::Overloaded => (Code::ResourceExhausted, "ENGINE_RESOURCE_EXHAUSTED"),
         K::Unavailable => (Code::Unavailable, "ENGINE_UNAVAILABLE"),
         K::DeadlineExceeded => (Code::DeadlineExceeded, "ENGINE_TIMEOUT"),
         K::Internal => (Code::Internal, "ENGINE_ERROR"),
@@ -257,8 +257,14 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
                 meta.push(("engine_code", code.clone()));
             }
             let mut d = info(reason, meta);
-            if matches!(kind, EngineErrorKind::Aborted | EngineErrorKind::Unavailable) {
-                d.set_retry_info(Some(Duration::from_millis(100)));
+            let retry = match kind {
+                EngineErrorKind::Aborted | EngineErrorKind::Unavailable => Some(Duration::from_millis(100)),
+                // Busy now, not out of disk: a retry can succeed once load falls.
+                EngineErrorKind::Overloaded => Some(Duration::from_secs(1)),
+                _ => None,
+            };
+            if retry.is_some() {
+                d.set_retry_info(retry);
             }
             (grpc, d)
         }

@@ -288,6 +288,7 @@ async fn parameters_are_bound_by_the_engine() {
 
 #[tokio::test]
 async fn engine_errors_keep_their_sqlstate() {
+    use tonic_types::StatusExt;
     let server = TestServer::start(&config("")).await;
     let client = server.client("key-acme").await;
     let err = client.execute("pg", "selec 1", vec![]).await.expect_err("syntax");
@@ -328,6 +329,31 @@ async fn engine_errors_keep_their_sqlstate() {
         }
     };
     assert_eq!(engine_code(&err), "22012");
+    // An engine busy for now says when to try again; one out of disk does
+    // not, since waiting will not free it.
+    let raise = |sqlstate: &str| format!("DO $$ BEGIN RAISE EXCEPTION 'raised' USING ERRCODE = '{sqlstate}'; END $$");
+    let busy = client
+        .execute("pg", &raise("53300"), vec![])
+        .await
+        .expect_err("too many connections");
+    assert_eq!(
+        (busy.code(), engine_code(&busy).as_str()),
+        (Code::ResourceExhausted, "53300")
+    );
+    assert_eq!(
+        busy.get_error_details().retry_info().and_then(|r| r.retry_delay),
+        Some(Duration::from_secs(1)),
+        "{busy:?}"
+    );
+    let full = client
+        .execute("pg", &raise("53100"), vec![])
+        .await
+        .expect_err("disk full");
+    assert_eq!(
+        (full.code(), engine_code(&full).as_str()),
+        (Code::ResourceExhausted, "53100")
+    );
+    assert!(full.get_error_details().retry_info().is_none(), "{full:?}");
     // The connection pool is unharmed.
     assert_serves(&client, "pg", 1).await;
     server.stop().await;

@@ -17,8 +17,11 @@ pub enum EngineErrorKind {
     PermissionDenied,
     /// Serialization failures, deadlocks, lock timeouts: retry the transaction.
     Aborted,
-    /// The engine is out of a resource (connections, disk, memory).
+    /// The engine is out of a resource (disk, memory, a quota).
     ResourceExhausted,
+    /// The engine is busy for now (too many connections, a service tier's
+    /// limit on concurrent work): the same call can succeed soon.
+    Overloaded,
     /// Connection lost, server shutting down.
     Unavailable,
     /// The engine cancelled the statement on its own timeout.
@@ -39,6 +42,7 @@ impl EngineErrorKind {
                 | EngineErrorKind::Unavailable
                 | EngineErrorKind::DeadlineExceeded
                 | EngineErrorKind::ResourceExhausted
+                | EngineErrorKind::Overloaded
                 | EngineErrorKind::PermissionDenied
         )
     }
@@ -165,6 +169,8 @@ pub fn classify_sqlstate(code: &str) -> EngineErrorKind {
         "42501" | "25006" => K::PermissionDenied,
         "40001" | "40P01" | "55P03" => K::Aborted,
         "57014" => K::DeadlineExceeded,
+        // too_many_connections
+        "53300" => K::Overloaded,
         _ => match code.get(..2).unwrap_or_default() {
             "42" | "22" | "0A" | "54" | "2F" | "34" | "26" | "07" | "21" => K::InvalidArgument,
             // 45: MySQL's SIGNAL SQLSTATE '45000', as PostgreSQL's RAISE is P0.

@@ -591,8 +591,10 @@ fn classify(number: u32, severity: u8) -> EngineErrorKind {
         1205 | 1222 | 3960 | 3961 | 41301 | 41302 | 41305 | 41325 => K::Aborted,
         // Permission denied; a read-only database.
         229 | 230 | 262 | 297 | 300 | 916 | 3906 => K::PermissionDenied,
-        // Memory, disk, log, locks, connections, Azure resource limits.
-        701 | 1105 | 9002 | 1204 | 8645 | 17809 | 10928 | 10929 | 40501 | 40544 | 40549 => K::ResourceExhausted,
+        // Connections, and Azure SQL's "busy, retry later" limits.
+        17809 | 10928 | 10929 | 40501 => K::Overloaded,
+        // Memory, disk, log, locks, Azure SQL's size quota and long transactions.
+        701 | 1105 | 9002 | 1204 | 8645 | 40544 | 40549 => K::ResourceExhausted,
         // Login failed, database unavailable, shutting down, session killed.
         // Azure SQL's transient 49918-49920 (too many operations in progress).
         18456 | 18452 | 18486 | 18487 | 18488 | 4060 | 40613 | 40197 | 6005 | 596 | 49918..=49920 => K::Unavailable,
@@ -673,6 +675,8 @@ mod tests {
             (18456, K::Unavailable),
             (4060, K::Unavailable),
             (9002, K::ResourceExhausted),
+            (40501, K::Overloaded),
+            (10928, K::Overloaded),
             (50001, K::FailedPrecondition),
         ];
         for (number, kind) in cases {

@@ -512,7 +512,9 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
                 1213 | 1205 | 1180 | 1181 => K::Aborted,
                 1317 | 3024 | 1969 => K::DeadlineExceeded,
                 1792 | 1290 | 1142 | 1143 | 1044 | 1227 => K::PermissionDenied,
-                1040 | 1203 | 1041 | 1114 => K::ResourceExhausted,
+                // Too many connections, to the server or for the user.
+                1040 | 1203 => K::Overloaded,
+                1041 | 1114 => K::ResourceExhausted,
                 1045 | 1698 => {
                     // The engine's text names hosts and logins: log it, do not return it.
                     tracing::warn!(errno = s.code, detail = %s.message, "the database rejected Weir's connection");

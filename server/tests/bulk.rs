@@ -1272,6 +1272,64 @@ async fn a_batch_over_the_request_size_limit_is_out_of_range_and_loads_nothing()
     ctx.server.stop().await;
 }
 
+/// A unique index with INCLUDE columns is unique on its key columns alone,
+/// and a partial one only among the rows its predicate selects: an upsert
+/// matches rows on the first, and is refused on the second before any row
+/// is sent (ON CONFLICT could not use it). DescribeTable says which is which.
+#[tokio::test]
+async fn upserts_match_on_covering_unique_indexes_and_not_on_partial_ones() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "weir_bulk_covering";
+    ctx.table(table, 0).await;
+    ctx.exec(&format!(
+        "CREATE UNIQUE INDEX {table}_name ON {table} (name) INCLUDE (score)"
+    ))
+    .await;
+    ctx.exec(&format!(
+        "CREATE UNIQUE INDEX {table}_score ON {table} (score) WHERE score > 100"
+    ))
+    .await;
+    let described = ctx.client.describe_table("db", "", table).await.expect("describe");
+    let index = |name: &str| {
+        described
+            .indexes
+            .iter()
+            .find(|i| i.name == name)
+            .unwrap_or_else(|| panic!("{name} in {:?}", described.indexes))
+    };
+    let covering = index("weir_bulk_covering_name");
+    assert_eq!(
+        (covering.columns.as_slice(), covering.partial),
+        (&["name".to_string()][..], false)
+    );
+    assert!(index("weir_bulk_covering_score").partial);
+
+    let upsert = |conflict: &str| {
+        let mut h = header(table, pb::BulkLoadMode::Upsert);
+        h.conflict_columns = vec![conflict.into()];
+        h
+    };
+    let first = ctx
+        .load(upsert("name"), vec![vec![row(1, "a", 1)]])
+        .await
+        .expect("covering key");
+    assert_eq!((first.rows_inserted, first.rows_updated), (1, 0));
+    let again = ctx
+        .load(upsert("name"), vec![vec![row(2, "a", 2)]])
+        .await
+        .expect("covering key");
+    assert_eq!((again.rows_inserted, again.rows_updated), (0, 1));
+    assert_eq!(ctx.contents(table).await, ["2:a:2"]);
+    let err = ctx
+        .load(upsert("score"), vec![vec![row(3, "b", 200)]])
+        .await
+        .expect_err("a partial unique index");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("partial"), "{}", err.message());
+    assert_eq!(ctx.contents(table).await, ["2:a:2"]);
+    ctx.server.stop().await;
+}
+
 /// A deadlock met on a row of a load is not that row's fault: the caller
 /// gets ABORTED (run the load again), not INVALID_ARGUMENT naming the row,
 /// which a client would not retry.

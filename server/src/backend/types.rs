@@ -282,10 +282,13 @@ pub struct ForeignKey {
 #[derive(Debug, Clone)]
 pub struct Index {
     pub name: String,
+    /// The key columns, in order (not PostgreSQL's or SQL Server's INCLUDE columns).
     pub columns: Vec<String>,
     pub unique: bool,
     pub primary: bool,
     pub method: String,
+    /// Over the rows a predicate selects only (a partial or filtered index).
+    pub partial: bool,
 }
 
 #[derive(Debug, Clone)]

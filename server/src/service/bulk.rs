@@ -179,12 +179,13 @@ fn resolve(header: &Header, table: &TableDescription) -> Result<(Vec<Column>, Ve
     if !conflict.is_empty() {
         let same = |key: &[String]| key.len() == conflict.len() && key.iter().all(|k| conflict.contains(k));
         let keyed = table.primary_key.as_ref().is_some_and(|pk| same(&pk.columns))
-            || table.indexes.iter().any(|i| i.unique && same(&i.columns));
+            || table.indexes.iter().any(|i| i.unique && !i.partial && same(&i.columns));
         if !keyed {
             return Err(bad(
                 "header.conflict_columns",
                 format!(
-                    "{name} has no primary key or unique index on ({}); an UPSERT matches rows on one",
+                    "{name} has no primary key or unique index on ({}) (a partial one does not count); \
+                     an UPSERT matches rows on one",
                     conflict.join(", ")
                 ),
             ));
@@ -543,6 +544,7 @@ mod tests {
                 unique: true,
                 primary: false,
                 method: "btree".into(),
+                partial: false,
             }],
             change_stream_ready: false,
             change_stream_reason: String::new(),
@@ -590,6 +592,11 @@ mod tests {
         assert!(err.contains("no primary key or unique index on (v)"), "{err}");
         let err = message(resolve(&header(&["v"], LoadMode::Upsert, &["id"]), &table()).unwrap_err());
         assert!(err.contains("must also be one of the loaded columns"), "{err}");
+        // Unique only among the rows its predicate selects: ON CONFLICT cannot match on it.
+        let mut partial = table();
+        partial.indexes[0].partial = true;
+        let err = message(resolve(&header(&["Code", "v"], LoadMode::Upsert, &["Code"]), &partial).unwrap_err());
+        assert!(err.contains("no primary key or unique index on (Code)"), "{err}");
     }
 
     /// "Code" and "code" both loaded, both unique: the conflict column
@@ -607,6 +614,7 @@ mod tests {
             unique: true,
             primary: false,
             method: "btree".into(),
+            partial: false,
         });
         let loaded = ["Code", "code", "v"];
         let (_, conflict) = resolve(&header(&loaded, LoadMode::Upsert, &["code"]), &table).expect("exact");

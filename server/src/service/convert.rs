@@ -574,6 +574,7 @@ pub fn description(d: domain::TableDescription) -> pb::DescribeTableResponse {
                 unique: i.unique,
                 primary: i.primary,
                 method: i.method,
+                partial: i.partial,
             })
             .collect(),
         change_streams: Some(pb::ChangeStreamReadiness {

@@ -85,7 +85,7 @@ const FOREIGN_KEYS: &str = "SELECT fk.name, pc.name, rs.name, ro.name, rc.name, 
  WHERE fk.parent_object_id = @P1 ORDER BY fk.name, fkc.constraint_column_id";
 
 /// Key columns of each index (included columns are not part of the key).
-const INDEXES: &str = "SELECT i.name, i.is_unique, i.is_primary_key, i.type_desc, c.name \
+const INDEXES: &str = "SELECT i.name, i.is_unique, i.is_primary_key, i.type_desc, c.name, i.has_filter \
  FROM sys.indexes i \
  JOIN sys.index_columns ic ON ic.object_id = i.object_id AND ic.index_id = i.index_id \
  JOIN sys.columns c ON c.object_id = ic.object_id AND c.column_id = ic.column_id \
@@ -336,6 +336,7 @@ pub async fn describe_table(
                 unique: flag(row, 1)?,
                 primary: flag(row, 2)?,
                 method: text(row, 3)?.to_ascii_lowercase(),
+                partial: flag(row, 5)?,
             }),
         }
     }

@@ -227,6 +227,8 @@ pub async fn describe_table(
                 name,
                 columns: vec![column],
                 method: method.to_ascii_lowercase(),
+                // MySQL and MariaDB have no partial indexes.
+                partial: false,
             }),
         }
     }

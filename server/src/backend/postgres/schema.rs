@@ -197,7 +197,9 @@ pub async fn describe_table(
             "SELECT ic.relname::text, ix.indisunique, ix.indisprimary, am.amname::text, \
                ARRAY(SELECT COALESCE(a.attname::text, pg_get_indexdef(ix.indexrelid, k.o::int, true)) \
                      FROM unnest(ix.indkey::int2[]) WITH ORDINALITY k(n, o) \
-                     LEFT JOIN pg_attribute a ON a.attrelid = ix.indrelid AND a.attnum = k.n ORDER BY k.o) \
+                     LEFT JOIN pg_attribute a ON a.attrelid = ix.indrelid AND a.attnum = k.n \
+                     WHERE k.o <= ix.indnkeyatts ORDER BY k.o), \
+               ix.indpred IS NOT NULL \
              FROM pg_index ix JOIN pg_class ic ON ic.oid = ix.indexrelid JOIN pg_am am ON am.oid = ic.relam \
              WHERE ix.indrelid = $1 ORDER BY 1",
             &[&oid],
@@ -211,6 +213,7 @@ pub async fn describe_table(
             primary: r.get(2),
             method: r.get(3),
             columns: r.get(4),
+            partial: r.get(5),
         })
         .collect();
 

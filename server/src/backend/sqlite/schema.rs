@@ -196,17 +196,22 @@ pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> R
     }
 
     let mut stmt = conn
-        .prepare("SELECT name, \"unique\", origin FROM pragma_index_list(?1, ?2) ORDER BY name")
+        .prepare("SELECT name, \"unique\", origin, partial FROM pragma_index_list(?1, ?2) ORDER BY name")
         .map_err(map_error)?;
     let index_rows = stmt
         .query_map(params![table, schema], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?, r.get::<_, String>(2)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, bool>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, bool>(3)?,
+            ))
         })
         .map_err(map_error)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(map_error)?;
     let mut indexes = Vec::with_capacity(index_rows.len());
-    for (name, unique, origin) in index_rows {
+    for (name, unique, origin, partial) in index_rows {
         let mut cols = conn
             .prepare("SELECT COALESCE(name, '<expression>') FROM pragma_index_info(?1, ?2) ORDER BY seqno")
             .map_err(map_error)?;
@@ -221,6 +226,7 @@ pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> R
             unique,
             primary: origin == "pk",
             method: "btree".into(),
+            partial,
         });
     }
 

@@ -1330,6 +1330,43 @@ async fn upserts_match_on_covering_unique_indexes_and_not_on_partial_ones() {
     ctx.server.stop().await;
 }
 
+/// REPLACE on PostgreSQL empties the table with DELETE: readers go on
+/// seeing the old rows while the load runs (TRUNCATE's lock made them wait
+/// for the whole load), and a table that a foreign key references can be
+/// replaced (TRUNCATE refused it even with no row referencing it).
+#[tokio::test]
+async fn a_postgres_replace_leaves_readers_the_old_rows_and_allows_foreign_keys() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "weir_bulk_replace_read";
+    ctx.exec("DROP TABLE IF EXISTS weir_bulk_replace_child").await;
+    ctx.table(table, 2).await;
+    ctx.exec(&format!(
+        "CREATE TABLE weir_bulk_replace_child (parent INT REFERENCES {table} (id))"
+    ))
+    .await;
+    let before = ctx.contents(table).await;
+    let (tx, requests) = open_load(table).await;
+    let mut bulk = ctx.client.bulk();
+    let call = tokio::spawn(async move { bulk.load(requests).await });
+    let pg = pg_direct().await;
+    assert!(
+        wait_until_running(&pg, table, Duration::from_secs(5)).await,
+        "the load reached the engine"
+    );
+    let seen = tokio::time::timeout(Duration::from_secs(3), ctx.contents(table))
+        .await
+        .expect("a reader is not held up by the load");
+    assert_eq!(seen, before, "the old rows until the load commits");
+    drop(tx);
+    let done = call.await.expect("task").expect("the load commits").into_inner();
+    assert_eq!(
+        (done.rows_inserted, done.engine_path.as_str()),
+        (100, "postgres-delete-copy")
+    );
+    assert_eq!(ctx.contents(table).await.len(), 100);
+    ctx.server.stop().await;
+}
+
 /// A deadlock met on a row of a load is not that row's fault: the caller
 /// gets ABORTED (run the load again), not INVALID_ARGUMENT naming the row,
 /// which a client would not retry.

@@ -153,12 +153,15 @@ async fn load_in_transaction(
     let target = spec.qualified(quote);
     let (inserted, updated, path) = match spec.mode {
         LoadMode::Append => (copy_rows(conn, &target, spec, feed).await?, 0, "postgres-copy"),
+        // DELETE, not TRUNCATE: TRUNCATE would lock out even readers for the
+        // whole load (they wait instead of seeing the old rows), fails on any
+        // table a foreign key references, and needs its own privilege.
         LoadMode::Replace => {
             client
-                .batch_execute(&format!("TRUNCATE {target}"))
+                .batch_execute(&format!("DELETE FROM {target}"))
                 .await
                 .map_err(map_error)?;
-            (copy_rows(conn, &target, spec, feed).await?, 0, "postgres-truncate-copy")
+            (copy_rows(conn, &target, spec, feed).await?, 0, "postgres-delete-copy")
         }
         LoadMode::Upsert => {
             // Only the loaded columns, with their types and no constraints:

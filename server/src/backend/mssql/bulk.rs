@@ -32,7 +32,10 @@ const DIALECT: Dialect = Dialect {
     text_type: "nvarchar(max)",
     int_type: "bigint",
     timestamp: "datetime2 NOT NULL DEFAULT SYSUTCDATETIME()",
-    create_new: "IF OBJECT_ID(N'{name}', N'U') IS NULL CREATE TABLE {table} ({body})",
+    // Two first loads at once may both find no table: the one that loses
+    // the race to create it goes on (error 2714: the name exists).
+    create_new: "BEGIN TRY IF OBJECT_ID(N'{name}', N'U') IS NULL CREATE TABLE {table} ({body}) END TRY \
+        BEGIN CATCH IF ERROR_NUMBER() <> 2714 THROW; END CATCH",
     insert_new: "INSERT INTO {table} ({columns}) SELECT {values} WHERE NOT EXISTS \
         (SELECT 1 FROM {table} WITH (UPDLOCK, HOLDLOCK) WHERE {key}); SELECT CAST(@@ROWCOUNT AS bigint)",
 };
@@ -456,8 +459,12 @@ mod tests {
         let sql = ReceiptSql::new("weir_load_ids", &DIALECT);
         assert!(sql
             .create
-            .starts_with("IF OBJECT_ID(N'weir_load_ids', N'U') IS NULL CREATE TABLE [weir_load_ids] ([tenant] nvarchar(255) COLLATE Latin1_General_100_BIN2 NOT NULL, \
+            .starts_with("BEGIN TRY IF OBJECT_ID(N'weir_load_ids', N'U') IS NULL CREATE TABLE [weir_load_ids] ([tenant] nvarchar(255) COLLATE Latin1_General_100_BIN2 NOT NULL, \
                 [load_id] nvarchar(255) COLLATE Latin1_General_100_BIN2 NOT NULL"));
+        // The loser of a race to create the table goes on; any other error stops the load.
+        assert!(sql
+            .create
+            .ends_with(") END TRY BEGIN CATCH IF ERROR_NUMBER() <> 2714 THROW; END CATCH"));
         assert_eq!(
             sql.claim,
             "INSERT INTO [weir_load_ids] ([tenant], [load_id], [target]) SELECT @P1, @P2, @P3 WHERE NOT EXISTS \

@@ -66,9 +66,14 @@ impl Ctx {
 
     /// With `source` as the tested tenant's source `db`.
     async fn with_source(engine: Engine, changes: &str, source: &str) -> Ctx {
+        Ctx::with_limits(engine, changes, source, "max_concurrent_subscriptions = 2").await
+    }
+
+    /// With `limits` as the tested tenant's limits.
+    async fn with_limits(engine: Engine, changes: &str, source: &str, limits: &str) -> Ctx {
         let config = format!(
             "{changes}{}{}{}",
-            tenant("cs", "max_concurrent_subscriptions = 2", source),
+            tenant("cs", limits, source),
             tenant("other", "", &engine.source("other")),
             sqlite_demo("cs", "lite")
         );
@@ -805,6 +810,35 @@ async fn servers_without_logical_decoding_or_binlog_say_what_to_change() {
 /// PostgreSQL pushes each transaction over a replication connection as it
 /// commits: nothing waits for `poll_interval` (an hour here), and between
 /// changes the slot stays held by that connection's walsender.
+/// A change stream waiting out its tenant's rate (here 10 bytes a second,
+/// so that one change event waits for many seconds) still sees its client
+/// leave: its subscription slot is free again at once, not after the wait.
+#[tokio::test]
+async fn postgres_a_throttled_change_stream_whose_client_leaves_frees_its_slot_at_once() {
+    let engine = Engine::Postgres;
+    let limits = "max_concurrent_subscriptions = 1\nstream_bytes_per_second = 10";
+    let ctx = Ctx::with_limits(engine, CONFIG, &engine.source("cs"), limits).await;
+    let t = ctx.table("throttled").await;
+    let (first, next) = (ctx.name("throttled"), ctx.name("throttled-next"));
+    let watch = ctx.watch(ctx.start(&[&t], &first)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'one', 1)")).await;
+    // The event has reached the stream, which waits for its turn.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(watch);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let again = loop {
+        match ctx.client.watch(ctx.start(&[&t], &next)).await {
+            Ok(w) => break w,
+            Err(e) if reason(&e) == "SUBSCRIPTION_CONCURRENCY_LIMITED" && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("the first stream's slot is still held: {e:?}"),
+        }
+    };
+    drop(again);
+    ctx.finish(&[&first, &next], &[&t]).await;
+}
+
 #[tokio::test]
 async fn postgres_pushes_each_change_as_it_commits() {
     let ctx = Ctx::with_changes(

@@ -1040,7 +1040,19 @@ async fn mysql_loads_into_tables_without_transactions_use_inserts() {
         .await
         .expect("a MyISAM append");
     assert_eq!((r.rows_inserted, r.engine_path.as_str()), (3, "mysql-multirow-insert"));
-    assert_eq!(ctx.contents("weir_bulk_myisam").await.len(), 3);
+    let before = ctx.contents("weir_bulk_myisam").await;
+    assert_eq!(before.len(), 3);
+    // What such a table cannot promise is refused before anything runs: a
+    // REPLACE that fails would leave it emptied, and a load id would not be
+    // kept when the rows are, so a retry would load them twice.
+    let mut with_id = header("weir_bulk_myisam", pb::BulkLoadMode::Append);
+    with_id.load_id = "myisam-1".into();
+    for refused in [header("weir_bulk_myisam", pb::BulkLoadMode::Replace), with_id] {
+        let err = ctx.load(refused, vec![rows(10..13)]).await.expect_err("refused");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+        assert!(err.message().contains("ENGINE = InnoDB"), "{}", err.message());
+        assert_eq!(ctx.contents("weir_bulk_myisam").await, before);
+    }
     ctx.server.stop().await;
 }
 

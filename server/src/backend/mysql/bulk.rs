@@ -13,7 +13,7 @@ use mysql_async::{Conn, Params};
 
 use super::{load_data, map_error, types};
 use crate::backend::bulk::{self, Dialect, LoadSpec, ReceiptSql, RowFeed};
-use crate::backend::{BackendError, LoadMode, LoadOutcome, Row};
+use crate::backend::{BackendError, EngineErrorKind, LoadMode, LoadOutcome, Row};
 
 /// The protocol's limit on placeholders in one prepared statement.
 const MAX_PLACEHOLDERS: usize = 65_535;
@@ -247,11 +247,35 @@ async fn locate(conn: &mut Conn, spec: &LoadSpec, rows: &[Row], first: u64, erro
     BackendError::Engine { kind, code, message }
 }
 
+/// In a table without transactions (MyISAM, Aria, MEMORY) what a load wrote
+/// stays when it fails: a REPLACE would leave the table emptied, and a load
+/// id would not be kept (its receipt rolls back, its rows do not), so a
+/// retry would load the rows twice. Both are refused before anything runs;
+/// APPEND and UPSERT go on, as any write to such a table does.
+fn refuse_without_transactions(spec: &LoadSpec) -> Result<(), BackendError> {
+    let asked = match (spec.mode, &spec.receipt) {
+        (LoadMode::Replace, _) => "REPLACE",
+        (_, Some(_)) => "a load_id",
+        _ => return Ok(()),
+    };
+    Err(BackendError::Engine {
+        kind: EngineErrorKind::FailedPrecondition,
+        code: String::new(),
+        message: format!(
+            "{} uses a storage engine without transactions (MyISAM, Aria or MEMORY), where a failed load \
+             cannot be undone, so {asked} is refused: convert the table (ALTER TABLE ... ENGINE = InnoDB), \
+             or load with APPEND or UPSERT and no load_id",
+            spec.qualified(quote)
+        ),
+    })
+}
+
 async fn load_in_transaction(
     conn: &mut Conn,
     spec: &LoadSpec,
     feed: &mut RowFeed,
     receipts: Option<&ReceiptSql>,
+    transactional: bool,
 ) -> Result<LoadOutcome, BackendError> {
     if let (Some(sql), Some(r)) = (receipts, &spec.receipt) {
         conn.exec_drop(sql.claim.as_str(), (&r.tenant, &r.load_id, &r.target))
@@ -276,7 +300,7 @@ async fn load_in_transaction(
     let mut writer = Writer::new(spec);
     let written = match spec.mode {
         LoadMode::Upsert => write_all(&mut writer, conn, feed).await.map(|()| (0, false)),
-        LoadMode::Append | LoadMode::Replace => load_data::load(conn, spec, feed, &mut writer).await,
+        LoadMode::Append | LoadMode::Replace => load_data::load(conn, spec, feed, &mut writer, transactional).await,
     };
     writer.close(conn).await;
     let (loaded, load_data) = written?;
@@ -327,6 +351,10 @@ pub async fn load(
     mut feed: RowFeed,
     receipts_checked: &AtomicBool,
 ) -> Result<LoadOutcome, BackendError> {
+    let transactional = load_data::transactional(conn, &spec).await?;
+    if !transactional {
+        refuse_without_transactions(&spec)?;
+    }
     let receipts = spec.receipt.as_ref().map(|r| ReceiptSql::new(&r.table, &DIALECT));
     if let (Some(sql), Some(r)) = (&receipts, &spec.receipt) {
         conn.query_drop(sql.create.as_str()).await.map_err(map_error)?;
@@ -347,7 +375,7 @@ pub async fn load(
     .await
     .map_err(map_error)?;
     conn.query_drop("START TRANSACTION").await.map_err(map_error)?;
-    let mut result = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref()).await;
+    let mut result = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref(), transactional).await;
     let end = if bulk::commits(&mut result, &feed) {
         "COMMIT"
     } else {

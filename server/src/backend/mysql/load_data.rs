@@ -82,7 +82,7 @@ fn local_disabled(e: &BackendError) -> bool {
 
 /// Whether the table's storage engine has transactions (InnoDB does; MyISAM,
 /// Aria and MEMORY do not). False for what is not a base table.
-async fn transactional(conn: &mut Conn, spec: &LoadSpec) -> Result<bool, BackendError> {
+pub(super) async fn transactional(conn: &mut Conn, spec: &LoadSpec) -> Result<bool, BackendError> {
     let engine: Option<String> = conn
         .exec_first(
             "SELECT e.TRANSACTIONS FROM information_schema.TABLES t \
@@ -227,8 +227,9 @@ pub(super) async fn load(
     spec: &LoadSpec,
     feed: &mut RowFeed,
     writer: &mut Writer<'_>,
+    transactional: bool,
 ) -> Result<(u64, bool), BackendError> {
-    if !transactional(conn, spec).await? {
+    if !transactional {
         // Savepoints undo nothing there, so a chunk could not be checked
         // and loaded again.
         super::bulk::write_all(writer, conn, feed).await?;

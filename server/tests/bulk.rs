@@ -425,6 +425,32 @@ async fn a_bad_row_anywhere_leaves_the_table_unchanged(engine: Engine) {
         );
         assert_eq!(ctx.contents("weir_bulk_bad").await, before, "{engine:?}: row {at}");
 
+        // The same under UPSERT, where PostgreSQL checks constraints only as
+        // it merges its staging table into the target (SQL Server's MERGE
+        // does not name the row yet).
+        if engine != Engine::Mssql {
+            let mut batch = rows(0..1000);
+            batch[at] = row(at as i64, "bad", -1);
+            let mut upsert = header("weir_bulk_bad", pb::BulkLoadMode::Upsert);
+            upsert.conflict_columns = vec!["id".into()];
+            let err = ctx
+                .load(upsert, batch.chunks(300).map(<[_]>::to_vec).collect())
+                .await
+                .expect_err("a CHECK violation fails the upsert");
+            assert_eq!(
+                (err.code(), reason(&err), error_metadata(&err, "row_index")),
+                (Code::InvalidArgument, "BAD_ROW".to_string(), at.to_string()),
+                "{engine:?}: {}",
+                err.message()
+            );
+            assert!(!engine_code(&err).is_empty(), "{engine:?}");
+            assert_eq!(
+                ctx.contents("weir_bulk_bad").await,
+                before,
+                "{engine:?}: upsert at {at}"
+            );
+        }
+
         // Found by the gateway: a value of the wrong type, named by column.
         let mut batch = rows(0..1000);
         batch[at].values[2] = v(Kind::StringValue("x".into()));

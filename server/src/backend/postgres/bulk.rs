@@ -1,5 +1,5 @@
 //! PostgreSQL bulk loads: `COPY ... FROM STDIN` in text format inside one
-//! transaction, straight into the table (APPEND, REPLACE after TRUNCATE) or
+//! transaction, straight into the table (APPEND, REPLACE after DELETE) or
 //! into a temporary table merged with `INSERT ... ON CONFLICT` (UPSERT).
 //!
 //! Text rather than binary COPY: every value then goes through the
@@ -21,6 +21,9 @@ use crate::backend::{BackendError, LoadMode, LoadOutcome, Value};
 const CHUNK_BYTES: usize = 256 * 1024;
 /// Name of the staging table of an upsert (temporary, dropped at commit).
 const STAGE: &str = "weir_load_stage";
+/// The staging table's own column: each row's 1-based place in the load,
+/// filled in COPY order, so that a merge that fails can name its row.
+const STAGE_ROW: &str = "\"weir load row\"";
 
 use bulk::quote_ansi as quote;
 
@@ -105,8 +108,12 @@ async fn copy_rows(conn: &PgConn, target: &str, spec: &LoadSpec, feed: &mut RowF
     sink.as_mut().finish().await.map_err(copy_error)
 }
 
-/// Merges the staging table into the target; returns (inserted, updated).
-async fn merge(conn: &PgConn, target: &str, spec: &LoadSpec) -> Result<u64, BackendError> {
+/// Merges the staging table into the target; returns the rows inserted.
+/// The target's constraints apply only here (the stage has none): when the
+/// merge fails on one of them, the first row it fails on is found by
+/// merging ever shorter prefixes of the stage, each undone, so that the
+/// error names its row as a COPY's would.
+async fn merge(conn: &PgConn, target: &str, spec: &LoadSpec, staged: u64) -> Result<u64, BackendError> {
     let columns = spec.column_list(quote);
     let conflict = spec.conflict.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
     let updates: Vec<String> = spec
@@ -122,11 +129,45 @@ async fn merge(conn: &PgConn, target: &str, spec: &LoadSpec) -> Result<u64, Back
     // xmax is 0 for a freshly inserted row version and set for an updated one.
     let sql = format!(
         "WITH merged AS (INSERT INTO {target} ({columns}) SELECT {columns} FROM {STAGE} \
+         WHERE {STAGE_ROW} <= $1 ORDER BY {STAGE_ROW} \
          ON CONFLICT ({conflict}) DO {action} RETURNING (xmax = 0) AS inserted) \
          SELECT count(*) FILTER (WHERE inserted) FROM merged"
     );
-    let row = conn.client.query_one(&sql, &[]).await.map_err(map_error)?;
-    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or_default())
+    let (client, sql) = (&conn.client, &sql);
+    let merge_upto = |rows: u64| async move {
+        let rows = bulk::signed(rows);
+        client.query_one(sql, &[&rows]).await
+    };
+    client.batch_execute("SAVEPOINT weir_merge").await.map_err(map_error)?;
+    let failed = match merge_upto(staged).await {
+        Ok(row) => return Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or_default()),
+        Err(e) if !about_data(&e) => return Err(map_error(e)),
+        Err(e) => e,
+    };
+    // Prefix `passes` merges, prefix `fails` does not: a prefix fails
+    // exactly when it holds a row that fails (a bad value, or a key it
+    // shares with a row before it or in the table).
+    let (mut passes, mut fails, mut failed) = (0, staged, failed);
+    while fails - passes > 1 {
+        let mid = passes + (fails - passes) / 2;
+        client
+            .batch_execute("ROLLBACK TO SAVEPOINT weir_merge")
+            .await
+            .map_err(map_error)?;
+        match merge_upto(mid).await {
+            Ok(_) => passes = mid,
+            Err(e) if about_data(&e) => (fails, failed) = (mid, e),
+            Err(e) => return Err(map_error(e)),
+        }
+    }
+    let column = failed.as_db_error().and_then(DbError::column).map(str::to_string);
+    Err(bulk::on_row(fails - 1, column, map_error(failed)))
+}
+
+/// Whether a statement's error may be the fault of a row it wrote.
+fn about_data(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|d| crate::backend::error::classify_sqlstate(d.code().code()).is_about_data())
 }
 
 /// Everything between BEGIN and COMMIT; the caller rolls back on error.
@@ -168,13 +209,14 @@ async fn load_in_transaction(
             // the target's own constraints apply when the rows are merged.
             client
                 .batch_execute(&format!(
-                    "CREATE TEMPORARY TABLE {STAGE} ON COMMIT DROP AS SELECT {} FROM {target} WITH NO DATA",
+                    "CREATE TEMPORARY TABLE {STAGE} ON COMMIT DROP AS SELECT {} FROM {target} WITH NO DATA; \
+                     ALTER TABLE {STAGE} ADD COLUMN {STAGE_ROW} bigint GENERATED ALWAYS AS IDENTITY",
                     spec.column_list(quote)
                 ))
                 .await
                 .map_err(map_error)?;
             let staged = copy_rows(conn, STAGE, spec, feed).await?;
-            let inserted = merge(conn, &target, spec).await?;
+            let inserted = merge(conn, &target, spec, staged).await?;
             // Every other row matched a key, whether updated or, with only
             // key columns, left alone (DO NOTHING returns no row for it).
             (inserted, staged.saturating_sub(inserted), "postgres-copy-merge")

@@ -110,9 +110,9 @@ async fn copy_rows(conn: &PgConn, target: &str, spec: &LoadSpec, feed: &mut RowF
 
 /// Merges the staging table into the target; returns the rows inserted.
 /// The target's constraints apply only here (the stage has none): when the
-/// merge fails on one of them, the first row it fails on is found by
-/// merging ever shorter prefixes of the stage, each undone, so that the
-/// error names its row as a COPY's would.
+/// merge fails on one of them, the first row it fails on is found by a
+/// binary search over prefixes of the stage (in load order), each merge
+/// undone, so that the error names its row as a COPY's would.
 async fn merge(conn: &PgConn, target: &str, spec: &LoadSpec, staged: u64) -> Result<u64, BackendError> {
     let columns = spec.column_list(quote);
     let conflict = spec.conflict.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
@@ -129,7 +129,7 @@ async fn merge(conn: &PgConn, target: &str, spec: &LoadSpec, staged: u64) -> Res
     // xmax is 0 for a freshly inserted row version and set for an updated one.
     let sql = format!(
         "WITH merged AS (INSERT INTO {target} ({columns}) SELECT {columns} FROM {STAGE} \
-         WHERE {STAGE_ROW} <= $1 ORDER BY {STAGE_ROW} \
+         WHERE {STAGE_ROW} <= $1 \
          ON CONFLICT ({conflict}) DO {action} RETURNING (xmax = 0) AS inserted) \
          SELECT count(*) FILTER (WHERE inserted) FROM merged"
     );

@@ -884,7 +884,7 @@ async fn an_unreachable_database_is_unavailable_without_leaking_where() {
 async fn a_callers_session_state_does_not_reach_the_next_caller() {
     pg_direct()
         .await
-        .batch_execute("CREATE TABLE IF NOT EXISTS weir_session (id int)")
+        .batch_execute("CREATE TABLE IF NOT EXISTS weir_session (id int); CREATE SEQUENCE IF NOT EXISTS weir_session_s")
         .await
         .expect("setup");
     let toml = tenant(
@@ -935,6 +935,14 @@ async fn a_callers_session_state_does_not_reach_the_next_caller() {
             "CREATE TEMP TABLE weir_scratch (x int)",
             "SELECT NOT EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = pg_my_temp_schema())",
         ),
+        (
+            "DECLARE weir_held CURSOR WITH HOLD FOR SELECT 42",
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_cursors WHERE name = 'weir_held')",
+        ),
+        (
+            "PREPARE weir_theirs AS SELECT 1",
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_prepared_statements WHERE from_sql)",
+        ),
     ];
     for (leave, check) in left_behind {
         client.execute("pg", leave, vec![]).await.expect(leave);
@@ -947,6 +955,17 @@ async fn a_callers_session_state_does_not_reach_the_next_caller() {
             "{leave} reached the next caller"
         );
     }
+    // lastval() has no value in a session that used no sequence.
+    client
+        .execute("pg", "SELECT nextval('weir_session_s')", vec![])
+        .await
+        .expect("nextval");
+    client.execute("pg", "SELECT 1", vec![]).await.expect("plain read");
+    let err = client
+        .execute("pg", "SELECT lastval()", vec![])
+        .await
+        .expect_err("the last caller's sequence value reached the next caller");
+    assert_eq!(engine_code(&err), "55000", "{}", err.message());
     let seen: i64 = pg_direct()
         .await
         .query_one("SELECT count(*) FROM weir_session WHERE id = $1", &[&(marker as i32)])
@@ -975,6 +994,8 @@ async fn a_callers_session_state_does_not_reach_the_next_caller() {
     for sneaky in [
         "SELECT set_config('default_transaction_read_only', 'off', false)",
         "SELECT 1 --\r, set_config('default_transaction_read_only', 'off', false)",
+        // An E'' string continued on the next line escapes there too.
+        "SELECT E'a'\n'\\' x', set_config($$default_transaction_read_only$$, $$off$$, false) --'",
     ] {
         client
             .execute("pg", sneaky, vec![])

@@ -406,13 +406,20 @@ impl StatementGuard {
     }
 }
 
-/// Returns a session to its connect-time state without dropping the
-/// prepared statements (DISCARD ALL would empty the statement cache).
-const SESSION_RESET: &str = "RESET ALL; SET SESSION AUTHORIZATION DEFAULT; UNLISTEN *; \
-     SELECT pg_advisory_unlock_all(); DISCARD TEMP";
+/// Returns a session to its connect-time state without dropping Weir's own
+/// prepared statements (DISCARD ALL would empty the statement cache): the
+/// callers' SQL-level ones (`PREPARE`) go one by one.
+macro_rules! session_reset {
+    () => {
+        "RESET ALL; SET SESSION AUTHORIZATION DEFAULT; UNLISTEN *; SELECT pg_advisory_unlock_all(); \
+         DISCARD TEMP; CLOSE ALL; DISCARD SEQUENCES; \
+         DO $weir$ DECLARE s text; BEGIN FOR s IN SELECT name FROM pg_prepared_statements WHERE from_sql \
+         LOOP EXECUTE 'DEALLOCATE ' || quote_ident(s); END LOOP; END $weir$"
+    };
+}
+const SESSION_RESET: &str = session_reset!();
 /// The same for a session that may be inside a transaction block.
-const SESSION_RESET_WITH_ROLLBACK: &str = "ROLLBACK; RESET ALL; SET SESSION AUTHORIZATION DEFAULT; UNLISTEN *; \
-     SELECT pg_advisory_unlock_all(); DISCARD TEMP";
+const SESSION_RESET_WITH_ROLLBACK: &str = concat!("ROLLBACK; ", session_reset!());
 
 /// The reset a session is due, with ROLLBACK when it may be inside a block.
 fn reset_sql(conn: &PgConn) -> &'static str {

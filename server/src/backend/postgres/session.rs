@@ -157,6 +157,12 @@ impl Lexer<'_> {
                 // Only the prefix word `E` itself: `ELSE'\'` is a plain string.
                 let escapes = std::mem::take(&mut self.escape_string);
                 self.quoted(b'\'', escapes)?;
+                // Strings separated by space holding a line break are one
+                // string to PostgreSQL, of the first one's kind: an E'...'
+                // string goes on escaping in the next part.
+                while self.continues()? {
+                    self.quoted(b'\'', escapes)?;
+                }
                 Token::Other
             }
             b'"' => {
@@ -228,6 +234,21 @@ impl Lexer<'_> {
 
     /// Skips to the end of a quoted string or name ('' or "" inside it is
     /// the quote itself; with `escapes`, a backslash escapes the next byte).
+    /// After a closed string: whether a continuation of it follows (space
+    /// or comments holding a line break, then a quote), which is then
+    /// opened. None inside an unclosed comment.
+    fn continues(&mut self) -> Option<bool> {
+        let at = self.i;
+        self.skip_space()?;
+        let line_break = self.s[at..self.i].iter().any(|&c| c == b'\n' || c == b'\r');
+        if line_break && self.s.get(self.i) == Some(&b'\'') {
+            self.i += 1;
+            return Some(true);
+        }
+        self.i = at;
+        Some(false)
+    }
+
     fn quoted(&mut self, quote: u8, escapes: bool) -> Option<()> {
         loop {
             let c = *self.s.get(self.i)?;
@@ -284,6 +305,7 @@ mod tests {
             "WITH a AS (SELECT 1 AS x) SELECT x FROM a",
             "SELECT lower(name) || 'set_config(' FROM t -- pg_advisory_lock(1)\n",
             "SELECT 1::numeric(10, 2), pg_catalog.upper('a'), $$ LISTEN x $$, E'it\\'s'",
+            "SELECT 'con'\n'tinued', E'a'\n'\\'b' AS x",
             "SELECT 1;",
             "VALUES (1), (2)",
             "TABLE customers",
@@ -322,6 +344,10 @@ mod tests {
             // the backslash here escapes nothing, and set_config is code.
             "SELECT CASE WHEN true THEN 'a' ELSE'\\' END, set_config('default_transaction_read_only', 'off', false) --'",
             "SELECT 'a' LIKE'\\', set_config('role', 'x', false) --'",
+            // The second part of an E'' string continued on the next line
+            // escapes too: its quote is text, and set_config is code.
+            "SELECT E'a'\n'\\' x', set_config($$default_transaction_read_only$$, $$off$$, false) --'",
+            "SELECT E'a' -- note\n '\\' x', pg_advisory_lock(1) --'",
             // A carriage return ends a comment for PostgreSQL.
             "SELECT 1 --\r, set_config('default_transaction_read_only', 'off', false)",
             "WITH --\r x AS (INSERT INTO t VALUES (1) RETURNING 1) SELECT 1",

@@ -613,6 +613,11 @@ async fn sqlite_session_state_does_not_reach_the_next_caller() {
     };
     run("PRAGMA foreign_keys = OFF").await;
     assert_eq!(int(&run("PRAGMA foreign_keys").await.rows[0].values[0]), 1);
+    // SQLite sets a flag pragma while it prepares the statement, EXPLAIN or not.
+    run("EXPLAIN PRAGMA foreign_keys = OFF").await;
+    assert_eq!(int(&run("PRAGMA foreign_keys").await.rows[0].values[0]), 1);
+    run("EXPLAIN QUERY PLAN PRAGMA foreign_keys = OFF").await;
+    assert_eq!(int(&run("PRAGMA foreign_keys").await.rows[0].values[0]), 1);
     run("/* a comment first */ PRAGMA query_only = ON").await;
     run("UPDATE products SET stock = stock WHERE id = 1").await;
     run("CREATE TEMP TABLE products (x INTEGER)").await;

@@ -515,12 +515,18 @@ fn may_write(sql: &str) -> bool {
 }
 
 /// Whether `sql` may have left `conn` different for its next caller: a
-/// PRAGMA, or a CREATE that made a temporary object (ATTACH is off, see
-/// `Pool::open`). Other statements, reads above all, cost no query here.
+/// PRAGMA (also under EXPLAIN, as SQLite sets a flag pragma while it
+/// prepares the statement), or a CREATE that made a temporary object
+/// (ATTACH is off, see `Pool::open`). Other statements, reads above all,
+/// cost no query here.
 fn changed_session(conn: &Connection, sql: &str) -> bool {
-    let firsts = sql_text::leading_words(sql, 1);
+    // EXPLAIN QUERY PLAN PRAGMA ...: the pragma is at most the fourth word.
+    let firsts = sql_text::leading_words(sql, 4);
     let first_is = |word: &str| firsts.iter().any(|w| w.first().is_some_and(|f| f == word));
-    if first_is("pragma") {
+    let explained_pragma = firsts
+        .iter()
+        .any(|w| w.first().is_some_and(|f| f == "explain") && w.iter().any(|x| x == "pragma"));
+    if first_is("pragma") || explained_pragma {
         return true;
     }
     first_is("create")

@@ -1874,6 +1874,59 @@ async fn a_late_cancel_does_not_reach_the_next_caller() {
     server.stop().await;
 }
 
+/// A Commit call dropped after COMMIT was sent (its deadline passed while a
+/// deferred trigger ran, and failed) leaves its handle behind: a second
+/// Commit on it is NOT_FOUND, not a success that nothing was committed for.
+#[tokio::test]
+async fn a_commit_run_again_after_its_call_was_dropped_is_not_a_success() {
+    let pg = pg_direct().await;
+    let table = format!("recommit_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    pg.batch_execute(&format!(
+        "CREATE TABLE {table} (id int);
+         CREATE FUNCTION {table}_fails() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_sleep(1); RAISE EXCEPTION 'refused at commit'; END $$;
+         CREATE CONSTRAINT TRIGGER fails AFTER INSERT ON {table} DEFERRABLE INITIALLY DEFERRED
+             FOR EACH ROW EXECUTE FUNCTION {table}_fails();"
+    ))
+    .await
+    .expect("setup");
+    let server = TestServer::start(&config("")).await;
+    let client = server.client("key-acme").await;
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "pg", &format!("INSERT INTO {table} VALUES (1)"), vec![])
+        .await
+        .expect("insert");
+    let mut commit = tonic::Request::new(pb::CommitRequest {
+        transaction_id: tx.clone(),
+    });
+    commit
+        .metadata_mut()
+        .insert("grpc-timeout", "200m".parse().expect("header value"));
+    let first = client.query().commit(commit).await.expect_err("past its deadline");
+    assert!(
+        matches!(first.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{first:?}"
+    );
+    // After the trigger has failed the COMMIT.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = client.commit(&tx).await.expect_err("the transaction did not commit");
+    assert_eq!(again.code(), Code::NotFound, "{again:?}");
+    let rows: i64 = pg
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 0);
+    pg.batch_execute(&format!("DROP TABLE {table}; DROP FUNCTION {table}_fails()"))
+        .await
+        .expect("cleanup");
+    server.stop().await;
+}
+
 /// A session lost after COMMIT was sent leaves the outcome unknown: the
 /// database may have committed (here it did), so the caller is not told that
 /// the transaction was rolled back and should be run again, which would

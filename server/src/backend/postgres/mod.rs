@@ -817,6 +817,14 @@ impl SqlTransaction for PgTransaction {
         if conn.client.is_closed() {
             return Err(BackendError::TransactionRolledBack("its database session was lost"));
         }
+        // A statement of it that could not be cancelled may still be running:
+        // COMMIT would wait for it and commit what the caller was told failed.
+        // The session is closed instead of pooled, which rolls it back.
+        if conn.broken {
+            return Err(BackendError::TransactionRolledBack(
+                "a statement in it could not be cancelled",
+            ));
+        }
         // COMMIT of a transaction an error aborted rolls it back and reports
         // success. The SELECT before it, in the same round trip, fails there
         // instead (25P02), and COMMIT is then never run.

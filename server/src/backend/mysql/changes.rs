@@ -682,6 +682,8 @@ impl Reader {
             .with_pos(start.offset);
         let mut stream = conn.get_binlog_stream(request).await.map_err(map_error)?;
         let mut txn: Option<Txn> = None;
+        // Whether a format description was read: rotates parse whole from then on.
+        let mut described = false;
         let mut ticker = tokio::time::interval(self.spec.heartbeat_interval.min(Duration::from_secs(1)));
         loop {
             let event = tokio::select! {
@@ -714,9 +716,11 @@ impl Reader {
                 .map_err(|e| BackendError::Internal(format!("binlog event: {e}")))?;
             // True when the client went away and the stream is over.
             let ended = match data {
-                // The first, artificial rotate names the requested file (with its checksum
-                // still attached): only real rotates move to another file.
-                Some(EventData::RotateEvent(r)) if log_pos > 0 || header.timestamp() > 0 => {
+                Some(EventData::FormatDescriptionEvent(_)) => {
+                    described = true;
+                    false
+                }
+                Some(EventData::RotateEvent(r)) if follows_rotate(log_pos, header.timestamp(), described) => {
                     self.file = split_file(&r.name())?.1;
                     self.end = r.position();
                     continue;
@@ -851,8 +855,31 @@ pub(super) async fn delete(opts: &Opts, id: &str, name: &str) -> Result<(), Back
     Ok(())
 }
 
+/// Whether a Rotate event moves the stream to the file it names. Real
+/// rotates do. So do the server's artificial ones (no position, no time)
+/// once a format description has been read: after a server restart the old
+/// file ends with a Stop event, not a Rotate, and an artificial rotate is
+/// the only word of the new file (ignoring it, the stream went on under the
+/// old file's number, and skipped changes as already delivered). Only the
+/// first one, before any format description, is passed over: it names the
+/// file asked for, with its checksum still attached (the reader does not
+/// know yet that checksums are on).
+fn follows_rotate(log_pos: u64, timestamp: u32, described: bool) -> bool {
+    log_pos > 0 || timestamp > 0 || described
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn rotates_are_followed_except_the_first_artificial_one() {
+        // The stream's first event: the file asked for, checksum attached.
+        assert!(!follows_rotate(0, 0, false));
+        // A real rotate (FLUSH BINARY LOGS, a full file).
+        assert!(follows_rotate(4_521, 1_733_400_000, true));
+        // The artificial rotate to the next file after a restart.
+        assert!(follows_rotate(0, 0, true));
+    }
     use super::*;
 
     #[test]

@@ -839,6 +839,41 @@ async fn postgres_a_throttled_change_stream_whose_client_leaves_frees_its_slot_a
     ctx.finish(&[&first, &next], &[&t]).await;
 }
 
+/// A partitioned table's changes come under its own name, whichever
+/// partition they landed in, as its snapshot rows do.
+#[tokio::test]
+async fn postgres_a_partitioned_tables_changes_come_under_its_name() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let t = ctx.name("parted");
+    ctx.sql(&format!(
+        "CREATE TABLE {t} (id INT PRIMARY KEY, v TEXT, n DECIMAL(10,2)) PARTITION BY RANGE (id)"
+    ))
+    .await;
+    ctx.sql(&format!(
+        "CREATE TABLE {t}_low PARTITION OF {t} FOR VALUES FROM (0) TO (100)"
+    ))
+    .await;
+    ctx.sql(&format!(
+        "CREATE TABLE {t}_high PARTITION OF {t} FOR VALUES FROM (100) TO (200)"
+    ))
+    .await;
+    let sub = ctx.name("parted");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'low', 1), (150, 'high', 2)"))
+        .await;
+    ctx.sql(&format!("UPDATE {t} SET v = 'moved' WHERE id = 150")).await;
+    let messages = read_changes(&mut watch, 3).await;
+    let seen = changes(&messages);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for c in &seen {
+        assert_eq!(c.table, t, "{c:?}");
+        assert_eq!(c.primary_key, ["id"], "{c:?}");
+    }
+    assert_eq!(seen.iter().map(|c| id_of(c)).collect::<Vec<_>>(), [1, 150, 150]);
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 #[tokio::test]
 async fn postgres_pushes_each_change_as_it_commits() {
     let ctx = Ctx::with_changes(

@@ -78,6 +78,8 @@ struct Watched {
     table: String,
     qualified: String,
     primary_key: Arc<[String]>,
+    /// A partitioned table: its partitions' changes come under its name.
+    partitioned: bool,
 }
 
 /// A relation as pgoutput announced it, with its columns resolved to Weir's types.
@@ -171,6 +173,7 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
                 table,
                 qualified,
                 primary_key: primary_key.into(),
+                partitioned: kind == "p",
             },
         );
     }
@@ -275,9 +278,16 @@ async fn ensure_slot(client: &Client, id: &str, watched: &HashMap<u32, Watched>)
         .await
         .map_err(map_error)?
         .map(|r| r.get(0));
+    // Without this, pgoutput names each change by the partition it landed in.
+    let via_root = watched.values().any(|w| w.partitioned);
+    let option = if via_root {
+        " WITH (publish_via_partition_root = true)"
+    } else {
+        ""
+    };
     match published {
         None => client
-            .batch_execute(&format!("CREATE PUBLICATION {publication} FOR TABLE {list}"))
+            .batch_execute(&format!("CREATE PUBLICATION {publication} FOR TABLE {list}{option}"))
             .await
             .map_err(map_error)?,
         Some(mut oids) => {
@@ -287,6 +297,15 @@ async fn ensure_slot(client: &Client, id: &str, watched: &HashMap<u32, Watched>)
             if oids != wanted {
                 client
                     .batch_execute(&format!("ALTER PUBLICATION {publication} SET TABLE {list}"))
+                    .await
+                    .map_err(map_error)?;
+            }
+            // A publication from before this setting, or from a watch without partitioned tables.
+            if via_root {
+                client
+                    .batch_execute(&format!(
+                        "ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"
+                    ))
                     .await
                     .map_err(map_error)?;
             }

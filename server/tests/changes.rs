@@ -839,6 +839,37 @@ async fn postgres_a_throttled_change_stream_whose_client_leaves_frees_its_slot_a
     ctx.finish(&[&first, &next], &[&t]).await;
 }
 
+/// A snapshot behind a long transaction writing to its table waits a few
+/// seconds for its lock, then fails with ABORTED (try again), instead of
+/// queueing every new writer of the table behind it for as long as the
+/// long transaction runs.
+#[tokio::test]
+async fn postgres_a_snapshot_behind_a_long_writer_gives_up_its_lock_wait() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let t = ctx.table("locked").await;
+    let sub = ctx.name("locked");
+    // The slot first: creating one waits for every transaction that writes.
+    let mut first = ctx.watch(ctx.start(&[&t], &sub)).await;
+    next_message(&mut first).await;
+    let writer = pg_direct().await;
+    writer
+        .batch_execute(&format!("BEGIN; INSERT INTO {t} (id, v, n) VALUES (1, 'long', 0)"))
+        .await
+        .expect("a long transaction");
+    let mut start = ctx.start(&[&t], &sub);
+    (start.snapshot, start.take_over) = (true, true);
+    let started = std::time::Instant::now();
+    let mut watch = tokio::time::timeout(Duration::from_secs(20), ctx.watch(start))
+        .await
+        .expect("the watch starts");
+    let e = stream_error_within(&mut watch, Duration::from_secs(20)).await;
+    assert_eq!((e.code(), engine_code(&e).as_str()), (Code::Aborted, "55P03"), "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    drop((first, watch));
+    writer.batch_execute("ROLLBACK").await.expect("rollback");
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// A partitioned table's changes come under its own name, whichever
 /// partition they landed in, as its snapshot rows do.
 #[tokio::test]

@@ -82,6 +82,9 @@ struct Watched {
     partitioned: bool,
 }
 
+/// Longest wait of a snapshot for its share lock on the watched tables.
+const SNAPSHOT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A relation as pgoutput announced it, with its columns resolved to Weir's types.
 struct Rel {
     schema: String,
@@ -426,13 +429,19 @@ impl Reader {
         let mut tables: Vec<(u32, String)> = self.watched.iter().map(|(o, w)| (*o, w.qualified.clone())).collect();
         tables.sort();
         let list: Vec<&str> = tables.iter().map(|(_, q)| q.as_str()).collect();
-        locker
-            .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ; LOCK TABLE {} IN SHARE MODE",
-                list.join(", ")
-            ))
-            .await
-            .map_err(map_error)?;
+        // Queued for its lock, the snapshot would hold off every new writer
+        // of the tables behind it for as long as a long transaction runs:
+        // it waits a few seconds at most (55P03, ABORTED: try again).
+        let lock_sql = format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {} IN SHARE MODE",
+            SNAPSHOT_LOCK_TIMEOUT.as_millis(),
+            list.join(", ")
+        );
+        let lock = locker.batch_execute(&lock_sql);
+        tokio::select! {
+            locked = lock => locked.map_err(map_error)?,
+            () = self.out.closed() => return Ok(Err(())),
+        }
         // The insert position, not the write position: a transaction committed
         // asynchronously (synchronous_commit = off) is visible to the snapshot
         // before its commit record is written, and would come from the slot too.

@@ -137,43 +137,43 @@ impl Drop for Slot {
     }
 }
 
-/// Takes a waiter out of the queue when its wait ends; a waiter already
-/// popped for a grant is no longer there, and nothing is removed.
-struct Leave<'a> {
+/// A call in the queue, counted in `weir_queued_calls` until it leaves it
+/// by any way, its wait then observed. Unless it was granted a slot (and
+/// so already popped), it is taken out of the queue then: a caller that
+/// timed out or went away must not count as its tenant's turn later.
+struct Queued<'a> {
     scheduler: &'a Scheduler,
     priority: Priority,
     tenant: &'a str,
     id: u64,
-}
-
-impl Drop for Leave<'_> {
-    fn drop(&mut self) {
-        self.scheduler.state.lock().remove(self.priority, self.tenant, self.id);
-    }
-}
-
-/// A call in the queue, counted in `weir_queued_calls` until it leaves it
-/// by any way, its wait then observed.
-struct Queued {
+    granted: bool,
     labels: TenantLabels,
     started: Instant,
 }
 
-impl Queued {
-    fn new(tenant: &str) -> Self {
+impl<'a> Queued<'a> {
+    fn new(scheduler: &'a Scheduler, priority: Priority, tenant: &'a str, id: u64) -> Self {
         let labels = TenantLabels {
             tenant: tenant.to_string(),
         };
         METRICS.queued.get_or_create(&labels).inc();
         Self {
+            scheduler,
+            priority,
+            tenant,
+            id,
+            granted: false,
             labels,
             started: Instant::now(),
         }
     }
 }
 
-impl Drop for Queued {
+impl Drop for Queued<'_> {
     fn drop(&mut self) {
+        if !self.granted {
+            self.scheduler.state.lock().remove(self.priority, self.tenant, self.id);
+        }
         METRICS.queued.get_or_create(&self.labels).dec();
         METRICS
             .queue_seconds
@@ -216,19 +216,15 @@ impl Scheduler {
             }
             (id, granted)
         };
-        let queued = Queued::new(tenant);
-        // However the wait ends (a grant, the timeout, or the caller going
-        // away and dropping this future), the waiter leaves the queue: a
-        // caller that left must not count as its tenant's turn later. A slot
-        // sent meanwhile goes with the dropped receiver, which passes it on.
-        let _leave = Leave {
-            scheduler: self,
-            priority,
-            tenant,
-            id,
-        };
+        // Dropped when the wait ends; a slot sent meanwhile to a caller that
+        // went away goes with the dropped receiver, which passes it on.
+        let mut queued = Queued::new(self, priority, tenant, id);
         match tokio::time::timeout(self.max_wait, granted).await {
-            Ok(Ok(slot)) => Ok(slot),
+            Ok(Ok(slot)) => {
+                // `release` popped it: nothing to take out of the queue.
+                queued.granted = true;
+                Ok(slot)
+            }
             _ => Err(Error::GatewayBusy {
                 waited: queued.started.elapsed(),
                 retry_after: self.max_wait / 4,

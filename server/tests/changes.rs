@@ -888,8 +888,15 @@ async fn postgres_a_partitioned_tables_changes_come_under_its_name() {
         "CREATE TABLE {t}_high PARTITION OF {t} FOR VALUES FROM (100) TO (200)"
     ))
     .await;
+    // The subscription's publication is first made for a plain table, so
+    // the partitioned one is added to a publication without the setting.
+    let plain = ctx.table("unparted").await;
     let sub = ctx.name("parted");
-    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    let mut first = ctx.watch(ctx.start(&[&plain], &sub)).await;
+    next_message(&mut first).await;
+    let mut start = ctx.start(&[&t], &sub);
+    start.take_over = true;
+    let mut watch = ctx.watch(start).await;
     ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'low', 1), (150, 'high', 2)"))
         .await;
     ctx.sql(&format!("UPDATE {t} SET v = 'moved' WHERE id = 150")).await;
@@ -901,8 +908,8 @@ async fn postgres_a_partitioned_tables_changes_come_under_its_name() {
         assert_eq!(c.primary_key, ["id"], "{c:?}");
     }
     assert_eq!(seen.iter().map(|c| id_of(c)).collect::<Vec<_>>(), [1, 150, 150]);
-    drop(watch);
-    ctx.finish(&[&sub], &[&t]).await;
+    drop((first, watch));
+    ctx.finish(&[&sub], &[&t, &plain]).await;
 }
 
 #[tokio::test]

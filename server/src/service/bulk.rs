@@ -304,9 +304,8 @@ fn unreadable(status: Status) -> Error {
     let refused = match status.code() {
         // Over `max_request_bytes` as sent, or once decompressed.
         tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => true,
-        // tonic's words for a message that does not decode, which the
-        // transport answers as INVALID_ARGUMENT.
-        tonic::Code::Internal => status.message().starts_with("failed to decode"),
+        // Answered as INVALID_ARGUMENT by the transport.
+        tonic::Code::Internal => crate::transport::auth::is_decode_failure(status.message()),
         _ => false,
     };
     if refused {

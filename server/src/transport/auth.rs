@@ -124,12 +124,19 @@ fn settle_status(headers: &mut http::HeaderMap) {
     }
 }
 
+/// tonic's words for a request message that does not decode, which it
+/// answers INTERNAL as if the server had failed: the caller's input is at
+/// fault. Also as percent-encoded in the `grpc-message` header.
+pub(crate) fn is_decode_failure(message: &str) -> bool {
+    message.starts_with("failed to decode") || message.starts_with("failed%20to%20decode")
+}
+
 fn caller_input_errors_are_invalid_argument(headers: &mut http::HeaderMap) {
     let internal = headers.get(GRPC_STATUS).is_some_and(|v| v == "13");
     let decode = headers
         .get(GRPC_MESSAGE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|m| m.starts_with("failed%20to%20decode") || m.starts_with("failed to decode"));
+        .is_some_and(is_decode_failure);
     if internal && decode {
         headers.insert(GRPC_STATUS, HeaderValue::from_static("3"));
     }

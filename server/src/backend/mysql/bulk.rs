@@ -275,7 +275,7 @@ async fn load_in_transaction(
     spec: &LoadSpec,
     feed: &mut RowFeed,
     receipts: Option<&ReceiptSql>,
-    transactional: bool,
+    transactional: Option<bool>,
 ) -> Result<LoadOutcome, BackendError> {
     if let (Some(sql), Some(r)) = (receipts, &spec.receipt) {
         conn.exec_drop(sql.claim.as_str(), (&r.tenant, &r.load_id, &r.target))
@@ -300,7 +300,9 @@ async fn load_in_transaction(
     let mut writer = Writer::new(spec);
     let written = match spec.mode {
         LoadMode::Upsert => write_all(&mut writer, conn, feed).await.map(|()| (0, false)),
-        LoadMode::Append | LoadMode::Replace => load_data::load(conn, spec, feed, &mut writer, transactional).await,
+        LoadMode::Append | LoadMode::Replace => {
+            load_data::load(conn, spec, feed, &mut writer, transactional != Some(false)).await
+        }
     };
     writer.close(conn).await;
     let (loaded, load_data) = written?;
@@ -351,8 +353,14 @@ pub async fn load(
     mut feed: RowFeed,
     receipts_checked: &AtomicBool,
 ) -> Result<LoadOutcome, BackendError> {
-    let transactional = load_data::transactional(conn, &spec).await?;
-    if !transactional {
+    // Whether the table has transactions, asked only where it matters: the
+    // LOAD DATA path (APPEND, REPLACE) and the refusals below. A plain
+    // UPSERT writes with INSERTs either way.
+    let transactional = match (spec.mode, &spec.receipt) {
+        (LoadMode::Upsert, None) => None,
+        _ => Some(load_data::transactional(conn, &spec).await?),
+    };
+    if transactional == Some(false) {
         refuse_without_transactions(&spec)?;
     }
     let receipts = spec.receipt.as_ref().map(|r| ReceiptSql::new(&r.table, &DIALECT));

@@ -870,6 +870,7 @@ fn follows_rotate(log_pos: u64, timestamp: u32, described: bool) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn rotates_are_followed_except_the_first_artificial_one() {
@@ -880,7 +881,6 @@ mod tests {
         // The artificial rotate to the next file after a restart.
         assert!(follows_rotate(0, 0, true));
     }
-    use super::*;
 
     #[test]
     fn compressed_events_are_known_by_their_type() {

@@ -164,10 +164,16 @@ async fn merge(conn: &PgConn, target: &str, spec: &LoadSpec, staged: u64) -> Res
     Err(bulk::on_row(fails - 1, column, map_error(failed)))
 }
 
-/// Whether a statement's error may be the fault of a row it wrote.
+/// Whether a merge's error is the fault of a row it wrote.
+/// Only data exceptions (22), integrity violations (23) and a key two rows
+/// of the load share (21000): errors no single row causes (a conflict
+/// target without its unique index, 42P10) fail every prefix alike, and a
+/// search would name row 0 for them.
 fn about_data(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error()
-        .is_some_and(|d| crate::backend::error::classify_sqlstate(d.code().code()).is_about_data())
+    e.as_db_error().is_some_and(|d| {
+        let code = d.code().code();
+        code.starts_with("22") || code.starts_with("23") || code == "21000"
+    })
 }
 
 /// Everything between BEGIN and COMMIT; the caller rolls back on error.

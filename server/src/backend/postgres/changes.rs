@@ -272,28 +272,32 @@ async fn ensure_slot(client: &Client, id: &str, watched: &HashMap<u32, Watched>)
     tables.sort_unstable();
     let list = tables.join(", ");
     let publication = quote_ansi(id);
-    let published: Option<Vec<u32>> = client
+    // Without this, pgoutput names each change by the partition it landed
+    // in. (Partitioned tables are published from PostgreSQL 13, which has
+    // the setting: only then is it read.)
+    let via_root = watched.values().any(|w| w.partitioned);
+    let (option, has_option) = if via_root {
+        (" WITH (publish_via_partition_root = true)", "p.pubviaroot")
+    } else {
+        ("", "true")
+    };
+    let published: Option<(Vec<u32>, bool)> = client
         .query_opt(
-            "SELECT ARRAY(SELECT prrelid FROM pg_publication_rel WHERE prpubid = p.oid ORDER BY 1)
-             FROM pg_publication p WHERE pubname = $1",
+            &format!(
+                "SELECT ARRAY(SELECT prrelid FROM pg_publication_rel WHERE prpubid = p.oid ORDER BY 1), {has_option}
+                 FROM pg_publication p WHERE pubname = $1"
+            ),
             &[&id],
         )
         .await
         .map_err(map_error)?
-        .map(|r| r.get(0));
-    // Without this, pgoutput names each change by the partition it landed in.
-    let via_root = watched.values().any(|w| w.partitioned);
-    let option = if via_root {
-        " WITH (publish_via_partition_root = true)"
-    } else {
-        ""
-    };
+        .map(|r| (r.get(0), r.get(1)));
     match published {
         None => client
             .batch_execute(&format!("CREATE PUBLICATION {publication} FOR TABLE {list}{option}"))
             .await
             .map_err(map_error)?,
-        Some(mut oids) => {
+        Some((mut oids, has_option)) => {
             let mut wanted: Vec<u32> = watched.keys().copied().collect();
             wanted.sort_unstable();
             oids.sort_unstable();
@@ -304,7 +308,7 @@ async fn ensure_slot(client: &Client, id: &str, watched: &HashMap<u32, Watched>)
                     .map_err(map_error)?;
             }
             // A publication from before this setting, or from a watch without partitioned tables.
-            if via_root {
+            if !has_option {
                 client
                     .batch_execute(&format!(
                         "ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"

@@ -232,8 +232,6 @@ impl Lexer<'_> {
         }
     }
 
-    /// Skips to the end of a quoted string or name ('' or "" inside it is
-    /// the quote itself; with `escapes`, a backslash escapes the next byte).
     /// After a closed string: whether a continuation of it follows (space
     /// or comments holding a line break, then a quote), which is then
     /// opened. None inside an unclosed comment.
@@ -249,6 +247,8 @@ impl Lexer<'_> {
         Some(false)
     }
 
+    /// Skips to the end of a quoted string or name ('' or "" inside it is
+    /// the quote itself; with `escapes`, a backslash escapes the next byte).
     fn quoted(&mut self, quote: u8, escapes: bool) -> Option<()> {
         loop {
             let c = *self.s.get(self.i)?;

@@ -520,13 +520,17 @@ fn may_write(sql: &str) -> bool {
 /// (ATTACH is off, see `Pool::open`). Other statements, reads above all,
 /// cost no query here.
 fn changed_session(conn: &Connection, sql: &str) -> bool {
-    // EXPLAIN QUERY PLAN PRAGMA ...: the pragma is at most the fourth word.
-    let firsts = sql_text::leading_words(sql, 4);
+    let firsts = sql_text::leading_words(sql, 1);
     let first_is = |word: &str| firsts.iter().any(|w| w.first().is_some_and(|f| f == word));
-    let explained_pragma = firsts
-        .iter()
-        .any(|w| w.first().is_some_and(|f| f == "explain") && w.iter().any(|x| x == "pragma"));
-    if first_is("pragma") || explained_pragma {
+    if first_is("pragma") {
+        return true;
+    }
+    // EXPLAIN QUERY PLAN PRAGMA ...: the pragma is at most the fourth word.
+    if first_is("explain")
+        && sql_text::leading_words(sql, 4)
+            .iter()
+            .any(|w| w.iter().any(|x| x == "pragma"))
+    {
         return true;
     }
     first_is("create")

@@ -178,20 +178,29 @@ async fn a_statement_queued_past_its_transactions_end_does_not_run() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_call_that_waits_too_long_is_refused_with_a_retry_delay() {
+type Holder = tokio::task::JoinHandle<Result<pb::ExecuteResponse, tonic::Status>>;
+
+/// A server with one gateway slot (calls wait `max_queue_wait` for it) and
+/// tenant `a`'s client, the slot held by a call sleeping 0.6 s as `marker`.
+async fn one_slot_held(max_queue_wait: &str, marker: &str) -> (TestServer, WeirClient, Holder) {
     let config = format!(
         "{}{}",
-        server_section(1, "200ms"),
+        server_section(1, max_queue_wait),
         tenant("a", OPEN, &postgres("a", "pg", ""))
     );
     let server = TestServer::start(&config).await;
     let a = server.client("key-a").await;
     let holder = {
-        let a = a.clone();
-        tokio::spawn(async move { execute(&a, "SELECT pg_sleep(0.6) AS waits_too_long", pb::Priority::Medium).await })
+        let (a, sql) = (a.clone(), format!("SELECT pg_sleep(0.6) AS {marker}"));
+        tokio::spawn(async move { execute(&a, &sql, pb::Priority::Medium).await })
     };
-    wait_for_sleepers("waits_too_long", 1).await;
+    wait_for_sleepers(marker, 1).await;
+    (server, a, holder)
+}
+
+#[tokio::test]
+async fn a_call_that_waits_too_long_is_refused_with_a_retry_delay() {
+    let (server, a, holder) = one_slot_held("200ms", "waits_too_long").await;
     // A call that cannot run is refused for what it is, at once, not queued.
     let started = Instant::now();
     let err = a
@@ -224,6 +233,32 @@ async fn a_call_that_waits_too_long_is_refused_with_a_retry_delay() {
         metrics.contains("weir_limiter_rejections_total{tenant=\"a\",limit=\"gateway_queue\"} 1"),
         "{metrics}"
     );
+    server.stop().await;
+}
+
+/// A call's deadline runs from its arrival, through its wait for a gateway
+/// slot: its statement gets what is left, and ends with STATEMENT_TIMEOUT
+/// (cancelled in the engine) before the transport would cut it with a bare
+/// CANCELLED.
+#[tokio::test]
+async fn a_call_that_waited_for_a_slot_times_out_with_its_reason() {
+    let (server, a, holder) = one_slot_held("5s", "holds_the_slot").await;
+    // About 0.6 s in the queue, then a second left of its 1.6 s.
+    let mut request = tonic::Request::new(pb::ExecuteRequest {
+        source: "pg".into(),
+        sql: "SELECT pg_sleep(5)".into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "1600m".parse().expect("header value"));
+    let err = a.query().execute(request).await.expect_err("past its deadline");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::DeadlineExceeded, "STATEMENT_TIMEOUT"),
+        "{err:?}"
+    );
+    holder.await.expect("task").expect("holder");
     server.stop().await;
 }
 

@@ -91,6 +91,7 @@ pub async fn admit(caller: &mut Caller, headers: &http::HeaderMap) -> Result<Slo
     let deadline = headers
         .get("grpc-timeout")
         .and_then(|v| weir_proto::deadline::parse_grpc_timeout(v.to_str().ok()?));
+    caller.deadline = deadline.and_then(|d| tokio::time::Instant::now().checked_add(d));
     let limiter = &caller.tenant.limiter;
     let turn = limiter.admit(deadline).map_err(|e| reject(Some(caller), e))?;
     match limiter.wait_turn(turn.wait, deadline).await {

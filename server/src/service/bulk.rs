@@ -17,7 +17,7 @@ use weir_proto::v1 as pb;
 use weir_proto::v1::bulk_load_service_server::BulkLoadService;
 use weir_proto::v1::load_request::Message as LoadMessage;
 
-use super::{bad, caller, convert, display_table, grpc_timeout, source, Gate};
+use super::{bad, caller, convert, deadline_left, display_table, source, Gate};
 use crate::backend::bulk::{row_feed, Receipt, RowSender, Verdict};
 use crate::backend::{BackendError, Column, LoadMode, LoadOutcome, LoadSpec, Row, TableDescription};
 use crate::config::BulkConfig;
@@ -32,10 +32,6 @@ const MAX_BATCH_ROWS: usize = 100_000;
 const FEED_DEPTH: usize = 4;
 /// Skipped rows reported back in `row_errors`; later ones are counted only.
 const MAX_REPORTED_ROW_ERRORS: usize = 1000;
-/// How long before the caller's deadline a load gives up and says so: the
-/// answer must reach the caller before its own client gives up (gRPC
-/// clients time the call from before it was sent), on a busy machine too.
-const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(100);
 /// Longest accepted `load_id`.
 const MAX_LOAD_ID: usize = 200;
 
@@ -489,7 +485,7 @@ impl BulkApi {
 impl BulkLoadService for BulkApi {
     async fn load(&self, request: Request<Streaming<pb::LoadRequest>>) -> Result<Response<pb::LoadResponse>, Status> {
         let caller = caller(&request)?;
-        let deadline = grpc_timeout(&request, &caller);
+        let deadline = deadline_left(&caller);
         let verdict = Verdict::default();
         let run = self.run(caller, request.into_inner(), verdict.clone());
         let response = match deadline {
@@ -497,7 +493,7 @@ impl BulkLoadService for BulkApi {
             // a bare CANCELLED: this way the caller learns why, with a reason.
             Some(limit) => {
                 tokio::pin!(run);
-                match tokio::time::timeout(limit.saturating_sub(DEADLINE_MARGIN), &mut run).await {
+                match tokio::time::timeout(limit, &mut run).await {
                     Ok(response) => response,
                     // The engine rolls back, even if it has every row by now.
                     Err(_) if verdict.abandon() => Err(Error::LoadTimeout(limit)),

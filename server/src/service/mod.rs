@@ -313,19 +313,28 @@ pub fn check_plain_name(field: &'static str, name: &str, max: usize) -> Result<(
     Ok(())
 }
 
-/// What is left of the caller's deadline (the `grpc-timeout` header) once
-/// the call has had its turn at the tenant's rate. The transport's timer
-/// started when the call arrived, before that wait: a service timer set
-/// for the whole deadline would fire after the transport has cut the call
-/// with a bare CANCELLED (and a load's engine would go on to commit).
-fn grpc_timeout<T>(request: &Request<T>, caller: &Caller) -> Option<Duration> {
-    let deadline = weir_proto::deadline::parse_grpc_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)?;
-    Some(deadline.saturating_sub(caller.rate_wait))
+/// How long before the caller's deadline the gateway ends a call itself and
+/// says why: the answer must reach the caller before its own client gives
+/// up (gRPC clients time the call from before it was sent), on a busy
+/// machine too.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+
+/// The time the gateway has left to answer before the caller's deadline
+/// (`grpc-timeout`), less the margin. The transport's timer runs from the
+/// call's arrival, through its waits for a turn at the tenant's rate and
+/// for a gateway slot: a service timer set for more would fire after the
+/// transport or the client cut the call with a bare CANCELLED or
+/// DEADLINE_EXCEEDED (and a load's engine would go on to commit).
+fn deadline_left(caller: &Caller) -> Option<Duration> {
+    caller.deadline.map(|d| {
+        d.saturating_duration_since(tokio::time::Instant::now())
+            .saturating_sub(DEADLINE_MARGIN)
+    })
 }
 
-/// The time a statement may take: the tenant's limit, or what is left of
-/// the caller's deadline if sooner.
-pub fn statement_timeout<T>(request: &Request<T>, caller: &Caller) -> Duration {
+/// The time a statement may take from now, once admitted: the tenant's
+/// limit, or what is left of the caller's deadline if sooner.
+pub fn statement_timeout(caller: &Caller) -> Duration {
     let limit = caller.tenant.limits.statement_timeout;
-    grpc_timeout(request, caller).map_or(limit, |d| d.min(limit))
+    deadline_left(caller).map_or(limit, |d| d.min(limit))
 }

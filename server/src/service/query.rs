@@ -438,10 +438,10 @@ impl QueryService for QueryApi {
     async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::ExecuteResponse>, Status> {
         let started = Instant::now();
         let caller = caller(&request)?;
-        let timeout = statement_timeout(&request, &caller);
         let r = request.into_inner();
         let mut target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, true)?;
         let admitted = self.gate.admit(&target.caller, r.options.as_ref()).await?;
+        let timeout = statement_timeout(&target.caller);
         let timing = Timing {
             started,
             queued: admitted.queued,
@@ -469,12 +469,12 @@ impl QueryService for QueryApi {
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         let started = Instant::now();
         let caller = caller(&request)?;
-        let timeout = statement_timeout(&request, &caller);
         let r = request.into_inner();
         let format = Format::of(&r)?;
         let mut target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, false)?;
         let stream_slot = target.caller.tenant.limiter.admit_stream()?;
         let admitted = self.gate.admit(&target.caller, r.options.as_ref()).await?;
+        let timeout = statement_timeout(&target.caller);
         let timing = Timing {
             started,
             queued: admitted.queued,
@@ -512,11 +512,11 @@ impl QueryService for QueryApi {
         request: Request<pb::BeginTransactionRequest>,
     ) -> Result<Response<pb::BeginTransactionResponse>, Status> {
         let caller = caller(&request)?;
-        let timeout = statement_timeout(&request, &caller);
         let r = request.into_inner();
         let source = source(&caller, &r.source)?;
         self.transactions.check_room(&caller)?;
         let _admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
+        let timeout = statement_timeout(&caller);
         let options = TxOptions {
             isolation: convert::isolation(r.isolation)?,
             read_only: r.read_only,

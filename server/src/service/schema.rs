@@ -79,9 +79,9 @@ impl SchemaService for SchemaApi {
         request: Request<pb::TestConnectionRequest>,
     ) -> Result<Response<pb::TestConnectionResponse>, Status> {
         let caller = caller(&request)?;
-        let timeout = statement_timeout(&request, &caller);
         let source = source(&caller, &request.get_ref().source)?;
         let _admitted = self.gate.admit(&caller, None).await?;
+        let timeout = statement_timeout(&caller);
         let result = timed(timeout, source.backend.connection_info()).await;
         *source.status.write() = match &result {
             Ok(info) => SourceStatus {
@@ -110,10 +110,10 @@ impl SchemaService for SchemaApi {
         request: Request<pb::ListSchemasRequest>,
     ) -> Result<Response<pb::ListSchemasResponse>, Status> {
         let caller = caller(&request)?;
-        let timeout = statement_timeout(&request, &caller);
         let r = request.get_ref();
         let source = source(&caller, &r.source)?;
         let _admitted = self.gate.admit(&caller, None).await?;
+        let timeout = statement_timeout(&caller);
         let schemas = timed(timeout, source.backend.sql()?.list_schemas(r.include_system)).await?;
         Ok(Response::new(pb::ListSchemasResponse {
             schemas: schemas
@@ -131,10 +131,10 @@ impl SchemaService for SchemaApi {
         request: Request<pb::ListTablesRequest>,
     ) -> Result<Response<pb::ListTablesResponse>, Status> {
         let caller = caller(&request)?;
-        let timeout = statement_timeout(&request, &caller);
         let r = request.get_ref();
         let source = source(&caller, &r.source)?;
         let _admitted = self.gate.admit(&caller, None).await?;
+        let timeout = statement_timeout(&caller);
         let tables = timed(timeout, source.backend.sql()?.list_tables(non_empty(&r.schema))).await?;
         Ok(Response::new(pb::ListTablesResponse {
             tables: tables.into_iter().map(convert::table).collect(),
@@ -146,7 +146,6 @@ impl SchemaService for SchemaApi {
         request: Request<pb::DescribeTableRequest>,
     ) -> Result<Response<pb::DescribeTableResponse>, Status> {
         let caller = caller(&request)?;
-        let timeout = statement_timeout(&request, &caller);
         let r = request.get_ref();
         if r.table.is_empty() {
             return Err(Error::InvalidArgument {
@@ -158,6 +157,7 @@ impl SchemaService for SchemaApi {
         let source = source(&caller, &r.source)?;
         super::record_object(&r.table);
         let _admitted = self.gate.admit(&caller, None).await?;
+        let timeout = statement_timeout(&caller);
         let description = timed(
             timeout,
             source.backend.sql()?.describe_table(non_empty(&r.schema), &r.table),

@@ -88,6 +88,9 @@ pub struct Caller {
     /// How long this call waited for its turn at the tenant's request rate
     /// (set at admission; reported in `QueryStats.queued`).
     pub rate_wait: Duration,
+    /// When the client's deadline (`grpc-timeout`) passes, counted from the
+    /// call's arrival as the transport counts it (set at admission).
+    pub deadline: Option<tokio::time::Instant>,
     /// Cancelled when a reload takes away the credential this call was made
     /// with (the key, the client identity, the tenant, or the JWT settings),
     /// and for every call when the shutdown grace is over: the call's
@@ -246,6 +249,7 @@ impl Tenants {
                             tenant: tenant.clone(),
                             key_id: key.id.as_str().into(),
                             rate_wait: Duration::ZERO,
+                            deadline: None,
                             expires: None,
                             revoked,
                         },
@@ -307,6 +311,7 @@ impl Tenants {
                     tenant: tenant.clone(),
                     key_id: format!("cert:{name}").into(),
                     rate_wait: Duration::ZERO,
+                    deadline: None,
                     expires: None,
                     revoked: revoked.clone(),
                 }),
@@ -340,6 +345,7 @@ impl Tenants {
                     tenant: tenant.clone(),
                     key_id: format!("jwt:{}", identity.subject).into(),
                     rate_wait: Duration::ZERO,
+                    deadline: None,
                     revoked: tenant.jwt_revoked.clone(),
                     // None past what the clock can hold: not in this process's lifetime.
                     expires: identity

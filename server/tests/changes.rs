@@ -370,6 +370,65 @@ async fn a_consumer_resumed_from_its_last_ack_gets_every_later_change_once(engin
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// Resumed from a change inside a transaction, the stream starts with that
+/// transaction's Begin, at the resume position and not before it: every
+/// position sent can be acknowledged and resumed from.
+async fn a_consumer_resumed_inside_a_transaction_can_acknowledge_and_resume_from_every_position(engine: Engine) {
+    let ctx = Ctx::new(engine).await;
+    let t = ctx.table("midtx").await;
+    let sub = ctx.name("midtx");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    let tx = ctx
+        .client
+        .begin("db", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    for i in 1..=3 {
+        let sql = format!("INSERT INTO {t} VALUES ({i}, 'v{i}', {i})");
+        ctx.client.execute_in(&tx, "db", &sql, vec![]).await.expect("insert");
+    }
+    ctx.client.commit(&tx).await.expect("commit");
+    let first = changes(&read_changes(&mut watch, 1).await)[0].clone();
+    assert_eq!(id_of(&first), 1);
+    watch.ack(first.position.clone()).await.expect("ack");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(watch);
+
+    let resume_from = |position: &[u8]| {
+        let mut start = ctx.start(&[&t], &sub);
+        start.resume_position = position.to_vec();
+        start
+    };
+    let mut resumed = ctx.watch(resume_from(&first.position)).await;
+    let begin = match next_message(&mut resumed).await {
+        Message::Transaction(b) if b.begin => b,
+        other => panic!("{engine:?}: expected the transaction's Begin, got {other:?}"),
+    };
+    assert!(
+        begin.position >= first.position,
+        "{engine:?}: the Begin of a resumed transaction comes before the resume position"
+    );
+    // Acknowledging what was acknowledged before, then the Begin, keeps the stream going.
+    resumed.ack(first.position.clone()).await.expect("ack");
+    resumed.ack(begin.position.clone()).await.expect("ack");
+    let ids: Vec<_> = changes(&read_changes(&mut resumed, 2).await)
+        .iter()
+        .map(|c| id_of(c))
+        .collect();
+    assert_eq!(ids, [2, 3], "{engine:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(resumed);
+
+    let mut again = ctx.watch(resume_from(&begin.position)).await;
+    let ids: Vec<_> = changes(&read_changes(&mut again, 2).await)
+        .iter()
+        .map(|c| id_of(c))
+        .collect();
+    assert_eq!(ids, [2, 3], "{engine:?}: resumed from the Begin's position");
+    drop(again);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 async fn a_snapshot_then_stream_misses_and_doubles_nothing(engine: Engine) {
     let ctx = Ctx::new(engine).await;
     let t = ctx.table("snap").await;
@@ -621,9 +680,8 @@ async fn kill_reader(ctx: &Ctx, subscription: &str) {
             let killed: i64 = pg
                 .query_one(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory'
-                       AND objsubid = 2 AND classid = 1464158546::int8::oid
-                       AND objid = ((hashtext($1)::int8 + 4294967296) % 4294967296)::oid",
-                    &[&id],
+                       AND objsubid = 1 AND ((classid::int8 << 32) | objid::int8) = $1",
+                    &[&weir_server::backend::postgres::lock_key(&id)],
                 )
                 .await
                 .expect("terminate")
@@ -805,6 +863,93 @@ async fn servers_without_logical_decoding_or_binlog_say_what_to_change() {
             .expect("drop");
     }
     server.stop().await;
+}
+
+/// Subscriptions whose ids share a 32-bit hash still lock apart: taking one
+/// over does not end the other's stream (the names are found here as a
+/// tenant could find them offline, by a birthday search over `hashtext`).
+#[tokio::test]
+async fn postgres_subscriptions_whose_ids_share_a_32_bit_hash_do_not_take_each_other_over() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let t = ctx.table("collide").await;
+    let names: Vec<String> = (0..300_000).map(|i| format!("c{i}_{}", ctx.tag)).collect();
+    let ids: Vec<String> = names
+        .iter()
+        .map(|n| weir_server::service::changes::subscription_id("cs", n))
+        .collect();
+    let pair: Vec<i64> = pg_direct()
+        .await
+        .query_one(
+            "SELECT array_agg(i ORDER BY i) FROM unnest($1::text[]) WITH ORDINALITY u(id, i) \
+             GROUP BY hashtext(id) HAVING count(*) > 1 LIMIT 1",
+            &[&ids],
+        )
+        .await
+        .expect("two ids among 300,000 share a hashtext")
+        .get(0);
+    let name = |i: i64| names[usize::try_from(i - 1).expect("ordinal")].clone();
+    let (a, b) = (name(pair[0]), name(pair[1]));
+    let mut first = ctx.watch(ctx.start(&[&t], &a)).await;
+    let mut start = ctx.start(&[&t], &b);
+    start.take_over = true;
+    let mut second = ctx.watch(start).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'one', 1)")).await;
+    assert_eq!(
+        id_of(changes(&read_changes(&mut first, 1).await)[0]),
+        1,
+        "the first stream goes on"
+    );
+    assert_eq!(id_of(changes(&read_changes(&mut second, 1).await)[0]), 1);
+    // A reader whose lock session was ended stops at its next check (a
+    // heartbeat interval): both still stream after a few.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (2, 'two', 2)")).await;
+    assert_eq!(
+        id_of(changes(&read_changes(&mut first, 1).await)[0]),
+        2,
+        "the first stream goes on"
+    );
+    assert_eq!(id_of(changes(&read_changes(&mut second, 1).await)[0]), 2);
+    drop((first, second));
+    ctx.finish(&[&a, &b], &[&t]).await;
+}
+
+/// Two subscriptions whose binlog readers would have had the same replica
+/// id when it was a 30-bit hash of the subscription (names found as a tenant
+/// could find them offline) both stream: the server ends an older dump with
+/// the same id, so a tenant could end another's stream.
+#[tokio::test]
+async fn mysql_subscriptions_once_sharing_a_replica_id_both_stream() {
+    use sha2::{Digest, Sha256};
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.table("collide").await;
+    let old_replica_id = |name: &str| {
+        let id = weir_server::service::changes::subscription_id("cs", name);
+        let d = Sha256::digest(id.as_bytes());
+        u32::from_be_bytes([d[0], d[1], d[2], d[3]]) & 0x3fff_ffff
+    };
+    let mut seen = std::collections::HashMap::new();
+    let (a, b) = (0..1_000_000)
+        .find_map(|i| {
+            let name = format!("c{i}_{}", ctx.tag);
+            seen.insert(old_replica_id(&name), name.clone())
+                .map(|earlier| (earlier, name))
+        })
+        .expect("two names among a million share 30 bits");
+    let mut first = ctx.watch(ctx.start(&[&t], &a)).await;
+    let mut second = ctx.watch(ctx.start(&[&t], &b)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'one', 1)")).await;
+    assert_eq!(
+        id_of(changes(&read_changes(&mut first, 1).await)[0]),
+        1,
+        "the first stream goes on"
+    );
+    assert_eq!(id_of(changes(&read_changes(&mut second, 1).await)[0]), 1);
+    ctx.sql(&format!("INSERT INTO {t} VALUES (2, 'two', 2)")).await;
+    assert_eq!(id_of(changes(&read_changes(&mut first, 1).await)[0]), 2);
+    assert_eq!(id_of(changes(&read_changes(&mut second, 1).await)[0]), 2);
+    drop((first, second));
+    ctx.finish(&[&a, &b], &[&t]).await;
 }
 
 /// PostgreSQL pushes each transaction over a replication connection as it
@@ -1063,6 +1208,11 @@ macro_rules! suite {
             $(#[$attr])?
             async fn inserts_updates_deletes_and_transactions_arrive_in_commit_order() {
                 super::inserts_updates_deletes_and_transactions_arrive_in_commit_order($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn a_consumer_resumed_inside_a_transaction_can_acknowledge_and_resume_from_every_position() {
+                super::a_consumer_resumed_inside_a_transaction_can_acknowledge_and_resume_from_every_position($engine).await
             }
             #[tokio::test]
             $(#[$attr])?

@@ -481,6 +481,58 @@ async fn transactions_commit_and_roll_back(engine: Engine) {
     ctx.server.stop().await;
 }
 
+/// A write that hands back its rows runs alone; refused for returning more
+/// than the response caps allow, it must leave nothing written.
+async fn writes_refused_for_their_returned_rows_leave_nothing(engine: Engine) {
+    let ctx = Ctx::new(engine, "max_rows_per_response = 5\nmax_bytes_per_response = 1000").await;
+    ctx.recreate(
+        &["weir_conf_capped"],
+        &["CREATE TABLE weir_conf_capped (id INT PRIMARY KEY, note VARCHAR(2000))"],
+    )
+    .await;
+    let count = "SELECT COUNT(*) FROM weir_conf_capped";
+    let insert = |n: u32, returned: &str| {
+        let rows = engine.series(n);
+        match engine {
+            Engine::Mssql => {
+                format!(
+                    "INSERT INTO weir_conf_capped (id, note) OUTPUT inserted.{returned} SELECT g, 'x' FROM ({rows}) s"
+                )
+            }
+            _ => format!("INSERT INTO weir_conf_capped (id, note) SELECT g, 'x' FROM ({rows}) s RETURNING {returned}"),
+        }
+    };
+    let err = ctx.fail(&insert(6, "id")).await;
+    assert_eq!(reason(&err), "RESULT_TOO_LARGE", "{engine:?}: {err:?}");
+    assert_eq!(
+        int(&ctx.run(count).await.rows[0].values[0]),
+        0,
+        "{engine:?}: rows over the cap"
+    );
+
+    let within = ctx.run(&insert(5, "id")).await;
+    assert_eq!(within.rows.len(), 5, "{engine:?}");
+    assert_eq!(
+        int(&ctx.run(count).await.rows[0].values[0]),
+        5,
+        "{engine:?}: within the cap"
+    );
+
+    let wide = "y".repeat(1500);
+    let update = match engine {
+        Engine::Mssql => format!("UPDATE weir_conf_capped SET note = '{wide}' OUTPUT inserted.note WHERE id = 1"),
+        // MariaDB has no UPDATE ... RETURNING: a delete and an insert, in one statement each.
+        Engine::Mysql => format!("REPLACE INTO weir_conf_capped (id, note) VALUES (1, '{wide}') RETURNING note"),
+        _ => format!("UPDATE weir_conf_capped SET note = '{wide}' WHERE id = 1 RETURNING note"),
+    };
+    let err = ctx.fail(&update).await;
+    assert_eq!(reason(&err), "RESULT_TOO_LARGE", "{engine:?}: {err:?}");
+    let note = ctx.run("SELECT note FROM weir_conf_capped WHERE id = 1").await;
+    assert_eq!(text(&note.rows[0].values[0]), "x", "{engine:?}: bytes over the cap");
+    ctx.assert_pool_serves().await;
+    ctx.server.stop().await;
+}
+
 async fn schema_is_listed_and_described(engine: Engine) {
     let ctx = Ctx::new(engine, "").await;
     ctx.recreate(
@@ -762,6 +814,11 @@ macro_rules! suite {
             $(#[$attr])?
             async fn transactions_commit_and_roll_back() {
                 super::transactions_commit_and_roll_back($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn writes_refused_for_their_returned_rows_leave_nothing() {
+                super::writes_refused_for_their_returned_rows_leave_nothing($engine).await
             }
             #[tokio::test]
             $(#[$attr])?

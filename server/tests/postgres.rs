@@ -2132,6 +2132,37 @@ async fn values_at_postgresqls_edges() {
         .expect_err("rounded");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("9007199254740993"), "{e:?}");
+    // The same for a float array's elements and a float domain.
+    client
+        .execute(
+            "pg",
+            "DO $$ BEGIN CREATE DOMAIN weir_exact_double AS float8; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+            vec![],
+        )
+        .await
+        .expect("domain");
+    let list = |values: Vec<pb::Value>| pb::Value {
+        kind: Some(Kind::ListValue(pb::ListValue { values })),
+    };
+    let rounded = ((1_i64 << 53) + 1).into();
+    for (sql, value) in [
+        ("SELECT $1::float8[]", list(vec![1_i64.into(), rounded])),
+        ("SELECT $1::weir_exact_double", ((1_i64 << 53) + 1).into()),
+        (
+            "SELECT $1::float4[][]",
+            list(vec![list(vec![(-((1_i64 << 53) + 1)).into()])]),
+        ),
+    ] {
+        let e = client.execute("pg", sql, vec![value]).await.expect_err(sql);
+        assert_eq!(e.code(), Code::InvalidArgument, "{sql}: {e:?}");
+        assert!(e.message().contains("9007199254740993"), "{sql}: {e:?}");
+    }
+    let exact = client
+        .execute("pg", "SELECT $1::float8[]", vec![list(vec![(1_i64 << 53).into()])])
+        .await
+        .expect("2^53 is exact");
+    assert_eq!(exact.rows.len(), 1);
 }
 
 /// A transaction's next statement waits a moment for one its deadline just

@@ -174,6 +174,19 @@ impl ChangeItem {
             ChangeItem::Change(c) => &c.position,
         }
     }
+
+    /// Moves a position that lies before `floor` up to it.
+    pub fn not_before(&mut self, floor: &Position) {
+        let position = match self {
+            ChangeItem::Begin { position, .. }
+            | ChangeItem::Commit { position, .. }
+            | ChangeItem::Heartbeat { position } => position,
+            ChangeItem::Change(c) => &mut c.position,
+        };
+        if *position < *floor {
+            *position = floor.clone();
+        }
+    }
 }
 
 /// An engine reader's side of the feed: items out, and when it last sent one

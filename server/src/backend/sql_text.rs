@@ -152,6 +152,25 @@ fn controls(words: &[String]) -> bool {
     }
 }
 
+/// Whether `sql` may write rows and hand them back in one statement
+/// (`RETURNING`, or T-SQL's `OUTPUT`). Run alone, such a statement commits
+/// before its caller has seen its rows; a unary call that refuses them for
+/// the response caps must not leave them written. A word in a string or a
+/// comment only costs a transaction that was not needed.
+pub fn writes_and_returns_rows(sql: &str) -> bool {
+    // The word first: no allocation for the commonest statement, a read.
+    let returns = sql
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .any(|w| w.eq_ignore_ascii_case("returning") || w.eq_ignore_ascii_case("output"));
+    returns
+        && leading_words(sql, 1).iter().any(|w| {
+            matches!(
+                w.first().map(String::as_str),
+                Some("insert" | "update" | "delete" | "merge" | "replace" | "with")
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +197,31 @@ mod tests {
         // MySQL runs a versioned comment or skips it, by its version number.
         let both = leading_words("/*!99999 PRAGMA */ SELECT 1", 1);
         assert!(both.contains(&vec!["pragma".to_string()]) && both.contains(&vec!["select".to_string()]));
+    }
+
+    #[test]
+    fn writes_that_return_rows_are_told_from_reads_and_plain_writes() {
+        for sql in [
+            "INSERT INTO t VALUES (1) RETURNING id",
+            "delete from t returning *",
+            "UPDATE t SET a = 1 RETURNING a",
+            "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE RETURNING *",
+            "WITH gone AS (DELETE FROM t RETURNING *) SELECT count(*) FROM gone",
+            "INSERT INTO t (id) OUTPUT inserted.id VALUES (1)",
+            "/* a */ REPLACE INTO t VALUES (1) RETURNING id",
+        ] {
+            assert!(writes_and_returns_rows(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT output FROM logs",
+            "SELECT 1 AS returning_rows",
+            "INSERT INTO t VALUES (1)",
+            "INSERT INTO returning_orders VALUES (1)",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+            "EXEC p @result OUTPUT",
+        ] {
+            assert!(!writes_and_returns_rows(sql), "{sql}");
+        }
     }
 
     #[test]

@@ -226,7 +226,8 @@ pub async fn watch(
             caller: &caller,
             source: &start.source,
             subscription: &start.subscription,
-            delivered: resume,
+            delivered: resume.clone(),
+            resumed_at: resume,
         };
         pump.run(feed, inbound, tx, cut).await;
     });
@@ -239,6 +240,11 @@ struct Pump<'a> {
     subscription: &'a str,
     /// The latest position sent: an acknowledgement may not pass it.
     delivered: Option<Position>,
+    /// Where the stream resumed. Resumed inside a transaction, an engine
+    /// sends that transaction's Begin first, from before this position: it
+    /// is sent at this position instead, so that positions never go back and
+    /// every one sent can be acknowledged and resumed from.
+    resumed_at: Option<Position>,
 }
 
 impl Pump<'_> {
@@ -287,7 +293,12 @@ impl Pump<'_> {
                             tx.fail(e);
                             return;
                         }
-                        Some(Ok(item)) => item,
+                        Some(Ok(mut item)) => {
+                            if let Some(floor) = &self.resumed_at {
+                                item.not_before(floor);
+                            }
+                            item
+                        }
                     };
                     self.delivered = Some(item.position().clone());
                     let is_change = matches!(item, ChangeItem::Change(_));

@@ -16,7 +16,7 @@ use super::arrow_ipc::ArrowBatches;
 use super::convert;
 use super::transactions::{OpenTransaction, Transactions};
 use super::{caller, source, statement_timeout, Gate, StreamIn, StreamOut};
-use crate::backend::{sql_text, QueryStream, RowSink, Statement, TxOptions};
+use crate::backend::{sql_text, QueryStream, RowSink, SqlTransaction, Statement, TxOptions};
 use crate::error::{Error, Result};
 use crate::telemetry;
 use crate::tenant::{Caller, Source};
@@ -58,6 +58,11 @@ enum Runs {
     InTransaction(Arc<OpenTransaction>),
     /// On a pooled session of the source.
     Pooled(Arc<Source>),
+    /// On a session of the source in a transaction of its own (set once
+    /// started), committed only once the whole result is within the
+    /// response caps: a write that hands back its rows, refused for them,
+    /// must not stay written.
+    OwnTransaction(Arc<Source>, Option<Box<dyn SqlTransaction>>),
 }
 
 /// What a statement runs on, resolved before it starts.
@@ -94,12 +99,15 @@ impl QueryApi {
                     .into(),
             });
         }
+        let own_transaction = whole_result && tx_id.is_empty() && sql_text::writes_and_returns_rows(&sql);
         let statement = Statement {
             sql,
             params: convert::params(params)?,
             whole_result,
         };
-        let runs = if tx_id.is_empty() {
+        let runs = if own_transaction {
+            Runs::OwnTransaction(source(&caller, source_name)?, None)
+        } else if tx_id.is_empty() {
             Runs::Pooled(source(&caller, source_name)?)
         } else {
             let tx = self.transactions.get(&caller, tx_id)?;
@@ -124,11 +132,39 @@ impl Target {
     /// Starts the statement, handing it to the backend (a target starts once).
     async fn start(&mut self) -> Result<QueryStream> {
         let statement = std::mem::take(&mut self.statement);
-        let stream = match &self.runs {
+        let stream = match &mut self.runs {
             Runs::InTransaction(tx) => tx.tx.query(statement).await?,
             Runs::Pooled(source) => source.backend.sql()?.query(statement).await?,
+            Runs::OwnTransaction(source, own) => {
+                let tx = own.insert(source.backend.sql()?.begin(TxOptions::default()).await?);
+                tx.query(statement).await?
+            }
         };
         Ok(stream)
+    }
+
+    /// Commits the statement's own transaction when the call succeeded, and
+    /// rolls it back otherwise (in the background: the caller's answer does
+    /// not wait for a cancelled statement to settle). A commit that fails
+    /// fails the call.
+    async fn settle<T>(&mut self, outcome: Result<T>) -> Result<T> {
+        let Runs::OwnTransaction(_, own) = &mut self.runs else {
+            return outcome;
+        };
+        let Some(tx) = own.take() else {
+            return outcome;
+        };
+        if outcome.is_ok() {
+            tx.commit().await?;
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = tx.rollback().await {
+                    // Its session is closed instead, which rolls it back too.
+                    tracing::debug!(error = %e, "rolling back a refused statement's transaction");
+                }
+            });
+        }
+        outcome
     }
 
     fn finished(&self) {
@@ -150,7 +186,7 @@ impl Target {
     fn returned(&self, rows: u64, bytes: u64) {
         match &self.runs {
             Runs::InTransaction(tx) => self.caller.tenant.count_returned(&tx.source, rows, bytes),
-            Runs::Pooled(source) => source.count_returned(rows, bytes),
+            Runs::Pooled(source) | Runs::OwnTransaction(source, _) => source.count_returned(rows, bytes),
         }
         // Signed, so that trace exporters keep them as integers.
         super::record_pair(
@@ -455,10 +491,8 @@ impl QueryService for QueryApi {
         )
         .await;
         target.finished();
-        let response = result?
-            .map_err(|_| Error::Timeout(timeout))?
-            .map_err(|e| target.lost(e))?;
-        Ok(Response::new(response))
+        let response = result.and_then(|r| r.map_err(|_| Error::Timeout(timeout))?.map_err(|e| target.lost(e)));
+        Ok(Response::new(target.settle(response).await?))
     }
 
     type ExecuteStreamStream = StreamIn<pb::ExecuteStreamResponse>;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::{pin_mut, TryStreamExt};
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
@@ -32,8 +33,6 @@ use crate::backend::changes::{
 };
 use crate::backend::{BackendError, Column, Row, Value};
 
-/// First key of the two-key advisory locks that make a subscription single-consumer.
-const LOCK_CLASS: i32 = 0x5745_4952; // "WEIR"
 /// Items buffered between the reading task and a slow client.
 const FEED_BUFFER: usize = 256;
 /// How long a take-over waits for the old consumer's connection to end.
@@ -183,19 +182,29 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
     Ok(out)
 }
 
-const LOCK_ARGS: &str = "$1::int4, hashtext($2)";
-/// The `pg_locks` row of that lock ($1 class, $2 subscription id); the
-/// second key shows as an unsigned oid.
-const LOCK_ROW: &str = "locktype = 'advisory' AND objsubid = 2 AND classid = $1::int4::int8::oid \
-     AND objid = ((hashtext($2)::int8 + 4294967296) % 4294967296)::oid";
+/// The key of the advisory lock that makes a subscription single-consumer:
+/// 64 bits of a SHA-256 of its id. A 32-bit hash (`hashtext`) would let a
+/// tenant find, offline, a subscription name whose lock is another tenant's,
+/// and end that tenant's stream by taking its own over.
+pub fn lock_key(spec_id: &str) -> i64 {
+    let digest = Sha256::digest(format!("weir subscription lock\0{spec_id}").as_bytes());
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(key)
+}
+
+/// The `pg_locks` row of that lock ($1 its key): a one-key lock shows its
+/// high and low 32 bits as `classid` and `objid`, with `objsubid` 1.
+const LOCK_ROW: &str = "locktype = 'advisory' AND objsubid = 1 \
+     AND ((classid::int8 << 32) | objid::int8) = $1::int8";
 
 /// Tries the subscription's advisory lock until `wait` has passed.
 async fn try_lock_for(client: &Client, spec_id: &str, wait: Duration) -> Result<bool, BackendError> {
-    let try_lock = format!("SELECT pg_try_advisory_lock({LOCK_ARGS})");
+    let key = lock_key(spec_id);
     let deadline = Instant::now() + wait;
     loop {
         let row = client
-            .query_one(&try_lock, &[&LOCK_CLASS, &spec_id])
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
             .await
             .map_err(map_error)?;
         if row.get::<_, bool>(0) {
@@ -225,7 +234,7 @@ async fn lock(client: &Client, spec_id: &str, name: &str, take_over: bool) -> Re
                      UNION ALL SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
                      WHERE slot_name::text = $2 AND active_pid IS NOT NULL"
                 ),
-                &[&LOCK_CLASS, &spec_id],
+                &[&lock_key(spec_id), &spec_id],
             )
             .await
             .map_err(map_error)?;
@@ -249,7 +258,7 @@ async fn taken_over(config: &Target, spec_id: &str) -> bool {
             let held = client
                 .query_one(
                     &format!("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE {LOCK_ROW} AND granted)"),
-                    &[&LOCK_CLASS, &spec_id],
+                    &[&lock_key(spec_id)],
                 )
                 .await;
             match held {

@@ -12,6 +12,7 @@ mod schema;
 mod session;
 mod tls;
 pub mod types;
+pub use changes::lock_key;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

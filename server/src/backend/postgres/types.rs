@@ -82,8 +82,22 @@ pub fn typmod_details(ty: &Type, typmod: i32) -> (Option<i32>, Option<i32>, Opti
 /// Refuses an integer parameter that a floating-point parameter type would
 /// round (past 2^53), as loads refuse it for float columns.
 pub fn check_param_type(index: usize, ty: &Type, value: &Value) -> Result<(), BackendError> {
-    match value.rounded_in_double() {
-        Some(magnitude) if matches!(*ty, Type::FLOAT4 | Type::FLOAT8) => Err(BackendError::Parameter {
+    /// A float type, also as a domain's base or an array's elements.
+    fn is_float(ty: &Type) -> bool {
+        match ty.kind() {
+            Kind::Domain(inner) | Kind::Array(inner) => is_float(inner),
+            _ => matches!(*ty, Type::FLOAT4 | Type::FLOAT8),
+        }
+    }
+    /// The value, or the first element of a (nested) list, a double would round.
+    fn rounded(value: &Value) -> Option<u64> {
+        match value {
+            Value::List(items) => items.iter().find_map(rounded),
+            v => v.rounded_in_double(),
+        }
+    }
+    match rounded(value) {
+        Some(magnitude) if is_float(ty) => Err(BackendError::Parameter {
             index: index + 1,
             message: format!("{magnitude} cannot be stored exactly in {ty}; send it as a decimal or a double"),
         }),

@@ -99,16 +99,7 @@ pub fn from_text(text: &str, column: &Column) -> Result<Value, String> {
             })
         }
         ColumnType::Time => {
-            let t = NaiveTime::parse_from_str(text.trim(), "%H:%M:%S%.f")
-                .or_else(|_| NaiveTime::parse_from_str(text.trim(), "%H:%M"))
-                .map_err(|_| bad("a time of day (HH:MM:SS)"))?;
-            Kind::TimeValue(TimeOfDay {
-                hours: t.hour() as i32,
-                minutes: t.minute() as i32,
-                seconds: t.second() as i32,
-                nanos: t.nanosecond() as i32,
-                utc_offset_seconds: None,
-            })
+            Kind::TimeValue(time_of_day(text.trim()).ok_or_else(|| bad("a time of day (HH:MM:SS[+HH:MM])"))?)
         }
         ColumnType::Timestamp | ColumnType::TimestampTz => Kind::TimestampValue(timestamp(text.trim())?),
         ColumnType::Uuid => Kind::UuidValue(text.trim().to_ascii_lowercase()),
@@ -124,6 +115,47 @@ pub fn from_text(text: &str, column: &Column) -> Result<Value, String> {
         // Text, and types the server parses itself (intervals, network addresses, ...).
         _ => Kind::StringValue(text.to_string()),
     }))
+}
+
+/// A time of day, with the UTC offset that weirctl writes after a
+/// PostgreSQL `timetz` (`12:34:56.5+02:00`, `-05`, `Z`), if any.
+fn time_of_day(text: &str) -> Option<TimeOfDay> {
+    let (clock, offset) = match text.rfind(['+', '-']) {
+        Some(at) => (&text[..at], Some(offset_seconds(&text[at..])?)),
+        None => match text.strip_suffix(['Z', 'z']) {
+            Some(clock) => (clock, Some(0)),
+            None => (text, None),
+        },
+    };
+    let t = NaiveTime::parse_from_str(clock, "%H:%M:%S%.f")
+        .or_else(|_| NaiveTime::parse_from_str(clock, "%H:%M"))
+        .ok()?;
+    Some(TimeOfDay {
+        hours: t.hour() as i32,
+        minutes: t.minute() as i32,
+        seconds: t.second() as i32,
+        nanos: t.nanosecond() as i32,
+        utc_offset_seconds: offset,
+    })
+}
+
+/// `+HH`, `+HH:MM` or `+HH:MM:SS` (or `-`) in seconds east of UTC.
+fn offset_seconds(text: &str) -> Option<i32> {
+    let (sign, rest) = match text.split_at_checked(1)? {
+        ("+", rest) => (1, rest),
+        ("-", rest) => (-1, rest),
+        _ => return None,
+    };
+    let mut seconds = 0;
+    let mut parts = 0;
+    for (part, scale) in rest.split(':').zip([3600, 60, 1]) {
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        seconds += part.parse::<i32>().ok()? * scale;
+        parts += 1;
+    }
+    (parts == rest.split(':').count() && seconds < 24 * 3600).then_some(sign * seconds)
 }
 
 /// A JSON value, given as its text, as a value of the column's type.
@@ -170,10 +202,11 @@ pub fn from_json(raw: &RawValue, column: &Column) -> Result<Value, String> {
     Ok(
         match serde_json::from_str::<J>(text).map_err(|e| format!("invalid JSON: {e}"))? {
             J::Null => null(),
+            // Into a JSON column every value goes as the document it is: a
+            // string stays a JSON string, `true` a JSON boolean.
+            _ if ty == ColumnType::Json => value(Kind::JsonValue(text.to_string())),
             J::Bool(b) => value(Kind::BoolValue(b)),
             J::String(s) => from_text(&s, column)?,
-            // The document as written, numbers and all.
-            _ if ty == ColumnType::Json => value(Kind::JsonValue(text.to_string())),
             // An object or array as written, numbers and all.
             _ if ty == ColumnType::String => value(Kind::StringValue(text.to_string())),
             _ => return Err(misfit()),
@@ -667,6 +700,47 @@ mod tests {
             .expect("row")
             .expect_err("2.5 is not an integer");
         assert_eq!((err.line, err.column.as_deref()), (3, Some("id")));
+    }
+
+    #[test]
+    fn json_values_go_into_json_columns_as_the_documents_they_are() {
+        let doc = col("doc", ColumnType::Json);
+        let json = |text: &str| {
+            let raw: Box<RawValue> = serde_json::from_str(text).expect("json");
+            from_json(&raw, &doc).expect(text).kind
+        };
+        for text in ["\"42\"", "\"hi\"", "true", "7", "[1,\"a\"]"] {
+            assert_eq!(json(text), Some(Kind::JsonValue(text.into())), "{text}");
+        }
+        assert_eq!(json("null"), Some(Kind::Null(true)));
+    }
+
+    #[test]
+    fn times_keep_the_offset_weirctl_writes() {
+        let time = col("t", ColumnType::Time);
+        let parsed = |text: &str| match from_text(text, &time).map(|v| v.kind) {
+            Ok(Some(Kind::TimeValue(t))) => Some((t.hours, t.minutes, t.seconds, t.nanos, t.utc_offset_seconds)),
+            _ => None,
+        };
+        assert_eq!(parsed("12:34:56"), Some((12, 34, 56, 0, None)));
+        assert_eq!(parsed("12:34:56.5+02:00"), Some((12, 34, 56, 500_000_000, Some(7200))));
+        assert_eq!(parsed("12:34:56-05"), Some((12, 34, 56, 0, Some(-18000))));
+        assert_eq!(parsed("01:02:03+05:30:15"), Some((1, 2, 3, 0, Some(19815))));
+        assert_eq!(parsed("12:34Z"), Some((12, 34, 0, 0, Some(0))));
+        for bad in ["12:34:56+2", "12:34:56+25:00", "12:34:56+02:00:00:00", "noon"] {
+            assert_eq!(parsed(bad), None, "{bad}");
+        }
+        // What weirctl writes reads back the same.
+        let written = Value {
+            kind: Some(Kind::TimeValue(TimeOfDay {
+                hours: 23,
+                minutes: 59,
+                seconds: 1,
+                nanos: 250_000_000,
+                utc_offset_seconds: Some(-34_200),
+            })),
+        };
+        assert_eq!(from_text(&written.to_string(), &time), Ok(written));
     }
 
     #[test]

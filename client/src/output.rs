@@ -94,7 +94,9 @@ impl<W: Write> RowWriter<W> {
                     *header_written = true;
                 }
                 for row in rows {
-                    let fields: Vec<String> = (0..columns.len()).map(|i| csv_field(value_at(row, i))).collect();
+                    let fields = (0..columns.len())
+                        .map(|i| csv_field(value_at(row, i)))
+                        .collect::<io::Result<Vec<String>>>()?;
                     writeln!(out, "{}", fields.join(","))?;
                 }
             }
@@ -243,13 +245,19 @@ fn write_csv_header(out: &mut impl Write, columns: &[Column]) -> io::Result<()> 
 }
 
 /// NULL is an empty field and an empty string is `""`, so the two stay
-/// distinguishable (as in PostgreSQL's CSV COPY).
-fn csv_field(value: &Value) -> String {
-    if is_null(value) {
-        String::new()
-    } else {
-        csv_quote(&value.to_string())
-    }
+/// distinguishable (as in PostgreSQL's CSV COPY). A list is written as a
+/// JSON array, which keeps its elements apart (`["a, b", null]`) and is
+/// what `weirctl load` reads back.
+fn csv_field(value: &Value) -> io::Result<String> {
+    Ok(match &value.kind {
+        _ if is_null(value) => String::new(),
+        Some(Kind::ListValue(_)) => {
+            let mut json = Vec::new();
+            write_json_value(&mut json, value)?;
+            csv_quote(&String::from_utf8_lossy(&json))
+        }
+        _ => csv_quote(&value.to_string()),
+    })
 }
 
 fn csv_quote(text: &str) -> String {
@@ -535,9 +543,33 @@ null,bool,int,uint,float,text,bytes,decimal,date,time,timestamp,interval,uuid,js
 ,true,-42,18446744073709551615,1.5,\"a,\"\"b\"\"\nc\",\\xdead01,-12345.6789,2024-02-29,\
 12:34:56.5,2023-11-14T22:13:20.123Z,1 mon 2 days 00:00:01.5,\
 123e4567-e89b-12d3-a456-426614174000,\
-\"{\"\"a\"\": [1, 2.50],\n \"\"b\"\": \"\"x y\\\"\"\"\"}\",\"[1, NULL, 3]\"
+\"{\"\"a\"\": [1, 2.50],\n \"\"b\"\": \"\"x y\\\"\"\"\"}\",\"[1,null,3]\"
 ";
         assert_eq!(render_every_variant(Format::Csv), expected);
+    }
+
+    #[test]
+    fn csv_lists_read_back_as_they_were() {
+        let list = Value {
+            kind: Some(Kind::ListValue(ListValue {
+                values: vec!["a, b".into(), Value::null(), "say \"hi\"".into()],
+            })),
+        };
+        let mut tags = column("tags", ColumnType::List);
+        tags.element_type = ColumnType::String.into();
+        tags.nullable = true;
+        let text = render(
+            Format::Csv,
+            std::slice::from_ref(&tags),
+            &[vec![row(vec![list.clone()])]],
+        );
+        let mut reader = crate::load_input::CsvReader::new(text.as_bytes(), "").expect("header");
+        let columns = crate::load_input::match_columns(crate::load_input::RowReader::column_names(&reader), &[tags])
+            .expect("columns");
+        let back = crate::load_input::RowReader::next_row(&mut reader, &columns)
+            .expect("a row")
+            .expect("parses");
+        assert_eq!(back.values, [list]);
     }
 
     #[test]

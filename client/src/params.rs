@@ -65,6 +65,11 @@ fn parse_untyped(s: &str) -> Result<Value, String> {
     // Rust also parses "inf" and "nan"; those are more likely meant as text.
     if let Ok(f) = s.parse::<f64>() {
         if f.is_finite() {
+            if !keeps_digits(s, f) {
+                return Err(format!(
+                    "{s} has more digits than a double keeps; use a decimal: prefix to keep them, or float: to round"
+                ));
+            }
             return Ok(f.into());
         }
     }
@@ -73,6 +78,18 @@ fn parse_untyped(s: &str) -> Result<Value, String> {
         "false" => Ok(false.into()),
         _ => Ok(s.into()),
     }
+}
+
+/// Whether the double `f` read from `s` keeps every digit typed: its
+/// shortest decimal form has the same significant digits.
+fn keeps_digits(s: &str, f: f64) -> bool {
+    fn digits(mantissa: &str) -> String {
+        let all: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+        all.trim_start_matches('0').trim_end_matches('0').to_owned()
+    }
+    let typed = s.split(['e', 'E']).next().unwrap_or(s);
+    let shortest = format!("{f:e}");
+    digits(typed) == digits(shortest.split('e').next().unwrap_or(&shortest))
 }
 
 fn looks_like_integer(s: &str) -> bool {
@@ -186,6 +203,20 @@ mod tests {
         assert_eq!(kind(""), string(""));
         assert_eq!(kind("TRUE"), string("TRUE"));
         assert_eq!(kind("NULL"), string("NULL"));
+    }
+
+    #[test]
+    fn untyped_numbers_a_double_would_round_are_refused() {
+        assert!(error("12345678901234567.89").contains("decimal:"));
+        assert!(error("1.0000000000000001").contains("decimal:"));
+        assert_eq!(kind("3.141592653589793"), Kind::DoubleValue(std::f64::consts::PI));
+        assert_eq!(kind("0.1"), Kind::DoubleValue(0.1));
+        assert_eq!(kind("1.50"), Kind::DoubleValue(1.5));
+        assert_eq!(kind("2.5e-300"), Kind::DoubleValue(2.5e-300));
+        assert_eq!(
+            kind("decimal:12345678901234567.89"),
+            Kind::DecimalValue("12345678901234567.89".into())
+        );
     }
 
     #[test]

@@ -20,8 +20,9 @@ const NONCE: usize = 12;
 pub enum SealError {
     #[error("{KEYS_ENV} is not set; it holds the keys that open sealed passwords (v1=<base64 key>,...)")]
     NoKeys,
-    #[error("{KEYS_ENV} is malformed at {0:?}: expected v<N>=<base64 of 32 bytes>, comma-separated")]
-    BadKeys(String),
+    /// Names the entry by its place only: its text may hold a key.
+    #[error("{KEYS_ENV} is malformed in its entry {0} (counting from 1): expected v<N>=<base64 of 32 bytes>, comma-separated")]
+    BadKeys(usize),
     #[error("not a sealed value: expected weir-sealed:v<N>:<base64> from `weir seal`")]
     Malformed,
     #[error("the value was sealed with key v{0}, which {KEYS_ENV} does not hold")]
@@ -33,8 +34,8 @@ pub enum SealError {
 /// The keys by version, from `WEIR_SEAL_KEYS`'s text.
 pub fn parse_keys(text: &str) -> Result<Vec<(u32, [u8; 32])>, SealError> {
     let mut keys = Vec::new();
-    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || SealError::BadKeys(part.split('=').next().unwrap_or_default().to_string());
+    for (i, part) in text.split(',').map(str::trim).filter(|p| !p.is_empty()).enumerate() {
+        let bad = || SealError::BadKeys(i + 1);
         let (version, key) = part.split_once('=').ok_or_else(bad)?;
         let version: u32 = version.strip_prefix('v').and_then(|v| v.parse().ok()).ok_or_else(bad)?;
         let key: [u8; 32] = STANDARD
@@ -158,7 +159,14 @@ mod tests {
         assert!(open_with(&k, &altered).is_err());
         assert_eq!(open_with(&k, "plain-password"), Err(SealError::Malformed));
         assert_eq!(open_with(&k, "weir-sealed:v1:AAAA"), Err(SealError::Malformed));
-        assert!(matches!(parse_keys("v1=short"), Err(SealError::BadKeys(_))));
+        assert!(matches!(parse_keys("v1=short"), Err(SealError::BadKeys(1))));
+        // A key pasted without its version, or after a colon: the error never repeats the text.
+        let key = STANDARD.encode([7u8; 32]);
+        for entry in [key.clone(), format!("v1:{key}")] {
+            let text = format!("v2={key},{entry}");
+            let e = parse_keys(&text).expect_err("malformed").to_string();
+            assert!(e.contains("entry 2") && !e.contains(&key[..20]), "{e}");
+        }
         assert_eq!(parse_keys(""), Err(SealError::NoKeys));
     }
 }

@@ -49,6 +49,35 @@ async fn every_call_leaves_one_audit_line() {
     );
 }
 
+/// The path is the caller's to choose: a long one, unauthenticated, reaches
+/// the audit line cut short, not whole.
+#[tokio::test]
+async fn a_callers_long_path_is_cut_short_in_its_audit_line() {
+    use weir_client::weir_proto::v1 as pb;
+    let weir = WeirProcess::start(&[]);
+    let mut grpc = common::raw_grpc(format!("http://{}", weir.addr)).await;
+    let junk = "x".repeat(8000);
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(format!("/weir.{junk}/Call")).expect("path");
+    let refused: Result<tonic::Response<pb::ListSourcesResponse>, _> = grpc
+        .unary(
+            tonic::Request::new(pb::ListSourcesRequest {}),
+            path,
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    assert_eq!(
+        refused.expect_err("no credentials").code(),
+        tonic::Code::Unauthenticated
+    );
+    let audit = weir.next_log(|l| l["target"] == "weir::audit");
+    let line = audit.to_string();
+    assert!(line.len() < 2000, "{} bytes: {}", line.len(), &line[..300]);
+    assert!(
+        audit["method"].as_str().is_some_and(|m| m.starts_with("/weir.xxx")),
+        "{audit}"
+    );
+}
+
 #[tokio::test]
 async fn text_logs_carry_the_call_span_and_no_colour_codes() {
     let weir = WeirProcess::start_logging("text", &[]);

@@ -261,6 +261,17 @@ fn typed_columns(engine: Engine) -> Vec<(&'static str, &'static str, pb::Value, 
                 })),
                 None,
             ),
+            // As weirctl reads it from a file: text that PostgreSQL parses.
+            (
+                "iv_text",
+                "INTERVAL",
+                v(Kind::StringValue("1 mon 2 days 00:00:03".into())),
+                Some(v(Kind::IntervalValue(pb::Interval {
+                    months: 1,
+                    days: 2,
+                    microseconds: 3_000_000,
+                }))),
+            ),
         ]),
         Engine::Mysql => {
             // MariaDB's BOOLEAN is TINYINT(1): true reads back as 1.

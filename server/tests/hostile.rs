@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{mysql, postgres, reason, sqlite_demo, tenant, TestServer};
+use common::{mysql, postgres, raw_grpc, reason, sqlite_demo, tenant, TestServer};
 use tonic::Code;
 use weir_client::weir_proto::v1 as pb;
 use weir_client::WeirClient;
@@ -211,13 +211,7 @@ struct RawExecute {
 }
 
 async fn raw_execute(server: &TestServer, body: RawExecute) -> tonic::Status {
-    let channel = tonic::transport::Endpoint::from_shared(server.addr.clone())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.expect("ready");
+    let mut grpc = raw_grpc(server.addr.clone()).await;
     let mut request = tonic::Request::new(body);
     request
         .metadata_mut()

@@ -189,6 +189,51 @@ async fn every_mysql_type_reads_the_same_as_arrow() {
 
 /// A procedure that returns two result sets fails rather than dropping the
 /// second; one that returns one (then its closing status) answers with it.
+/// A view's comment column holds the word VIEW (or the error of a view
+/// whose table is gone): views are listed without a comment.
+#[tokio::test]
+async fn views_are_listed_without_the_servers_word_for_them() {
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    for sql in [
+        "DROP VIEW IF EXISTS weir_my_view_gone, weir_my_view",
+        "DROP TABLE IF EXISTS weir_my_viewed",
+        "CREATE TABLE weir_my_viewed (id INT PRIMARY KEY) COMMENT 'kept'",
+        "CREATE VIEW weir_my_view AS SELECT id FROM weir_my_viewed",
+        "CREATE TABLE weir_my_view_base (id INT)",
+        "CREATE VIEW weir_my_view_gone AS SELECT id FROM weir_my_view_base",
+        "DROP TABLE weir_my_view_base",
+    ] {
+        client.execute("maria", sql, vec![]).await.expect(sql);
+    }
+    let tables = client.list_tables("maria", "").await.expect("tables");
+    let comment = |name: &str| {
+        tables
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| (t.kind, t.comment.clone()))
+            .expect(name)
+    };
+    assert_eq!(
+        comment("weir_my_viewed"),
+        (pb::TableKind::Table as i32, "kept".to_string())
+    );
+    assert_eq!(comment("weir_my_view"), (pb::TableKind::View as i32, String::new()));
+    assert_eq!(
+        comment("weir_my_view_gone"),
+        (pb::TableKind::View as i32, String::new())
+    );
+    client
+        .execute("maria", "DROP VIEW weir_my_view_gone, weir_my_view", vec![])
+        .await
+        .expect("drop views");
+    client
+        .execute("maria", "DROP TABLE weir_my_viewed", vec![])
+        .await
+        .expect("drop table");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_second_result_set_is_refused_not_dropped() {
     let mut direct = mysql_direct().await;

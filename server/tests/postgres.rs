@@ -2165,6 +2165,50 @@ async fn values_at_postgresqls_edges() {
     assert_eq!(exact.rows.len(), 1);
 }
 
+/// A foreign key to a partitioned table is one key, not one more per
+/// partition; a generated column offers no default.
+#[tokio::test]
+async fn foreign_keys_to_partitioned_tables_and_generated_columns_are_described_as_declared() {
+    let toml = tenant("fkp", "", &postgres("fkp", "pg", ""));
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-fkp").await;
+    let pg = pg_direct().await;
+    pg.batch_execute(
+        "DROP TABLE IF EXISTS weir_fk_lines, weir_fk_events; \
+         CREATE TABLE weir_fk_events (id int, kind int, PRIMARY KEY (id, kind)) PARTITION BY LIST (kind); \
+         CREATE TABLE weir_fk_events_1 PARTITION OF weir_fk_events FOR VALUES IN (1); \
+         CREATE TABLE weir_fk_events_2 PARTITION OF weir_fk_events FOR VALUES IN (2); \
+         CREATE TABLE weir_fk_lines (id int PRIMARY KEY, event_id int, kind int, price numeric, qty int, \
+           total numeric GENERATED ALWAYS AS (price * qty) STORED, \
+           FOREIGN KEY (event_id, kind) REFERENCES weir_fk_events (id, kind))",
+    )
+    .await
+    .expect("tables");
+    let d = client
+        .describe_table("pg", "", "weir_fk_lines")
+        .await
+        .expect("describe");
+    let keys: Vec<_> = d
+        .foreign_keys
+        .iter()
+        .map(|f| (f.referenced_table.as_str(), f.columns.clone()))
+        .collect();
+    assert_eq!(
+        keys,
+        [("weir_fk_events", vec!["event_id".to_string(), "kind".to_string()])]
+    );
+    let total = d
+        .columns
+        .iter()
+        .find(|c| c.column.as_ref().is_some_and(|c| c.name == "total"))
+        .expect("total");
+    assert_eq!(total.default_expression, "", "a generated column has no default");
+    pg.batch_execute("DROP TABLE weir_fk_lines, weir_fk_events")
+        .await
+        .expect("drop");
+    server.stop().await;
+}
+
 /// A transaction's next statement waits a moment for one its deadline just
 /// abandoned (being cancelled, it still holds the session), and gets the
 /// engine's answer, not TRANSACTION_BUSY; a statement whose stream is still

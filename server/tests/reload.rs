@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{kafka, key_hash, postgres, reason, WeirProcess};
+use common::{env_or, kafka, key_hash, postgres, reason, WeirProcess};
 use tonic::Code;
 use weir_client::weir_proto::v1 as pb;
 use weir_client::WeirClient;
@@ -110,6 +110,44 @@ async fn a_broken_file_is_refused_and_the_old_configuration_stays() {
     file.write(&format!("{FAST}{}", tenant("a", &["a1", "a2"], "")));
     reloaded(&weir);
     works(&weir, "key-a2").await.expect("a good file is taken again");
+}
+
+/// A reload refused for a file its configuration names but which is not
+/// there yet (a Secret volume that syncs after its ConfigMap) is tried
+/// again once the file appears, and the rest of the edit, a revoked key,
+/// then takes effect.
+#[tokio::test]
+async fn a_reload_refused_for_a_missing_file_is_applied_once_the_file_appears() {
+    let file = ConfigFile::new(&format!("{FAST}{}", tenant("a", &["a1", "a2"], "")));
+    let weir = start(&file);
+    works(&weir, "key-a2").await.expect("a2");
+    let secret = file.path.with_file_name("b-password");
+    let b = format!(
+        "[tenants.b]\n{}[tenants.b.sources.demo]\nengine = \"postgres\"\nhost = \"{}\"\nport = {}\nuser = \"{}\"\n\
+         database = \"{}\"\npassword_file = \"{}\"\n",
+        api_keys(&["b1"]),
+        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_PG_PORT", "5432"),
+        env_or("WEIR_TEST_PG_USER", "postgres"),
+        env_or("WEIR_TEST_PG_DATABASE", "test"),
+        secret.display()
+    );
+    file.write(&format!("{FAST}{}{b}", tenant("a", &["a1"], "")));
+    let refused = weir.next_log(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("configuration reload refused"))
+    });
+    assert!(
+        refused["error"].as_str().is_some_and(|e| e.contains("password_file")),
+        "{refused}"
+    );
+    works(&weir, "key-a2").await.expect("the old configuration serves");
+    std::fs::write(&secret, std::env::var("WEIR_TEST_PG_PASSWORD").unwrap_or_default()).expect("secret");
+    reloaded(&weir);
+    let err = works(&weir, "key-a2").await.expect_err("revoked by the edit");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    works(&weir, "key-b1").await.expect("the new tenant serves");
 }
 
 #[cfg(unix)]

@@ -160,6 +160,9 @@ pub fn value_for_column(v: pb::Value, column: &domain::Column) -> Result<Value, 
         | (Value::Int(_) | Value::UInt(_) | Value::Float(_) | Value::Decimal(_), T::Float | T::Decimal)
         | (Value::Text(_) | Value::Uuid(_) | Value::Decimal(_) | Value::Json(_), T::String)
         | (Value::Text(_), T::Uuid)
+        // PostgreSQL's interval text (`1 day 02:00:00`, ISO 8601): only it has
+        // the type, and its COPY parses the text as the column's own input.
+        | (Value::Text(_), T::Interval)
         | (Value::Bytes(_), T::Bytes)
         | (Value::Date(_), T::Date)
         | (Value::Time(..), T::Time)

@@ -26,6 +26,10 @@ pub struct Registry {
     current: RwLock<Arc<Tenants>>,
     /// The configuration in force, for the files it names.
     running: Mutex<Config>,
+    /// The last configuration read whose reload was refused, for the files
+    /// it names: one refused for a file not there yet (a Secret volume that
+    /// syncs after its ConfigMap) is tried again once the file appears.
+    refused: Mutex<Option<Config>>,
     /// The configuration the process started with: settings read only at
     /// start stay as it had them, however many reloads come after.
     started: Config,
@@ -66,6 +70,7 @@ impl Registry {
         Ok(Self {
             current: RwLock::new(Arc::new(Tenants::build(config, &stop)?)),
             running: Mutex::new(config.clone()),
+            refused: Mutex::new(None),
             started: config.clone(),
             tls,
             stop,
@@ -124,21 +129,14 @@ impl Registry {
         })
     }
 
-    /// Fingerprint of the configuration file and every file it names
-    /// (certificates, keys, password and secret files).
+    /// Fingerprint of the configuration file and every file named by the
+    /// configuration in force or the last one refused (certificates, keys,
+    /// password and secret files).
     pub fn fingerprint(&self, path: &Path) -> [u8; 32] {
-        let running = self.running.lock();
-        let mut files: Vec<&Path> = vec![path];
-        if let Some(tls) = &running.server.tls {
-            files.extend([tls.cert_file.as_path(), tls.key_file.as_path()]);
-            files.extend(tls.client_ca_file.as_deref());
-        }
-        if let Some(jwt) = &running.auth.jwt {
-            files.extend(jwt.secret_file.as_deref());
-            files.extend(jwt.public_key_file.as_deref());
-        }
-        for tenant in running.tenants.values() {
-            files.extend(tenant.sources.values().filter_map(|s| s.password_file.as_deref()));
+        let mut files = vec![path.to_path_buf()];
+        named_files(&self.running.lock(), &mut files);
+        if let Some(refused) = &*self.refused.lock() {
+            named_files(refused, &mut files);
         }
         let mut hash = Sha256::new();
         for file in files {
@@ -151,9 +149,12 @@ impl Registry {
 
     /// Rereads `path` and applies it, logging and counting the outcome.
     pub fn reload_from(&self, path: &Path) {
-        let result = Config::load(Some(path))
-            .map_err(|e| e.to_string())
-            .and_then(|config| self.apply(config));
+        let result = Config::load(Some(path)).map_err(|e| e.to_string()).and_then(|config| {
+            let tried = config.clone();
+            let applied = self.apply(config);
+            *self.refused.lock() = applied.is_err().then_some(tried);
+            applied
+        });
         match result {
             Ok(c) => {
                 METRICS
@@ -177,6 +178,21 @@ impl Registry {
                 tracing::error!(path = %path.display(), error = %e, "configuration reload refused; the previous configuration stays in force");
             }
         }
+    }
+}
+
+/// The files `config` names, added to `files`.
+fn named_files(config: &Config, files: &mut Vec<PathBuf>) {
+    if let Some(tls) = &config.server.tls {
+        files.extend([tls.cert_file.clone(), tls.key_file.clone()]);
+        files.extend(tls.client_ca_file.clone());
+    }
+    if let Some(jwt) = &config.auth.jwt {
+        files.extend(jwt.secret_file.clone());
+        files.extend(jwt.public_key_file.clone());
+    }
+    for tenant in config.tenants.values() {
+        files.extend(tenant.sources.values().filter_map(|s| s.password_file.clone()));
     }
 }
 
@@ -218,7 +234,8 @@ pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration, m
             // What was read, not what is there now: a change written during
             // the reload is picked up by the next check. (A reload that names
             // other files changes the fingerprint too, and the next check
-            // reloads once more, to the same effect.)
+            // reloads once more, to the same effect; a refused one names its
+            // files too, so one that was missing is noticed when it comes.)
             seen = now;
         }
     }

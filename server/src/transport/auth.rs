@@ -166,6 +166,19 @@ fn span_name(path: &str) -> &'static str {
         .unwrap_or_else(|| Method::of(path).label())
 }
 
+/// At most this many bytes of a request's path go into its span and audit
+/// line: the path is the caller's to choose, authenticated or not, up to
+/// the 16 KB a header list may hold, and each log line would carry it twice.
+const SHOWN_PATH_BYTES: usize = 128;
+
+fn shown_path(path: &str) -> &str {
+    let mut end = path.len().min(SHOWN_PATH_BYTES);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}
+
 impl<S> Service<http::Request<Body>> for Auth<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
@@ -199,7 +212,7 @@ where
             "call",
             otel.name = %span_name(&method),
             request_id = id.to_str().unwrap_or_default(),
-            method = %method,
+            method = shown_path(&method),
             tenant = caller.map(|c| c.tenant.id.as_str()),
             key_id = caller.map(|c| &*c.key_id),
             source = tracing::field::Empty,
@@ -223,7 +236,7 @@ where
             Some(Err(reason)) => {
                 let _enter = span.enter();
                 // The reason is for the operator; the caller gets one answer for every failure.
-                tracing::info!(target: AUDIT, method = %method, code = ?tonic::Code::Unauthenticated, reason = %reason, duration_ms = 0.0, "call");
+                tracing::info!(target: AUDIT, method = shown_path(&method), code = ?tonic::Code::Unauthenticated, reason = %reason, duration_ms = 0.0, "call");
                 TenantMetrics::anonymous().record_call(
                     Method::of(&method),
                     tonic::Code::Unauthenticated,
@@ -362,6 +375,17 @@ mod tests {
             "/grpc.health.v1.Health/Check"
         );
         assert_eq!(span_name("/weir.v1.Nope/6f1c0d9e"), "unknown");
+    }
+
+    #[test]
+    fn paths_are_shown_cut_short_at_a_character() {
+        assert_eq!(
+            shown_path("/weir.v1.QueryService/Execute"),
+            "/weir.v1.QueryService/Execute"
+        );
+        let long = format!("/weir.{}", "é".repeat(100));
+        let shown = shown_path(&long);
+        assert!(shown.len() <= SHOWN_PATH_BYTES && long.starts_with(shown) && shown.len() > 100);
     }
 
     fn request(id: Option<&str>) -> http::Request<Body> {

@@ -514,6 +514,19 @@ pub async fn create_topic(name: &str, partitions: i32) {
 }
 
 /// The Redis for tests (WEIR_TEST_REDIS_URL, default redis://127.0.0.1:6379/0).
+/// A bare gRPC client of `url`, for calls the Weir client cannot make
+/// (raw message bytes, a path of the caller's own).
+pub async fn raw_grpc(url: String) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    grpc
+}
+
 pub fn redis_url() -> String {
     env_or("WEIR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 }

@@ -153,9 +153,15 @@ pub fn map_error(e: KafkaError) -> BackendError {
                 "the producer's queue stayed full: the Kafka cluster is not taking records as fast as they come".into(),
             );
         }
-        C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidMessage | C::InvalidArgument => {
-            EngineErrorKind::InvalidArgument
-        }
+        // The record itself: a tombstone without a key on a compacted topic,
+        // a timestamp the topic refuses, a size over the broker's limit.
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::InvalidMessage
+        | C::InvalidArgument
+        | C::InvalidRecord
+        | C::InvalidTimestamp => EngineErrorKind::InvalidArgument,
+        C::PolicyViolation => EngineErrorKind::FailedPrecondition,
         C::MessageTimedOut
         | C::AllBrokersDown
         | C::BrokerTransportFailure
@@ -166,12 +172,24 @@ pub fn map_error(e: KafkaError) -> BackendError {
         | C::OperationTimedOut
         | C::BrokerNotAvailable
         | C::CoordinatorNotAvailable
-        | C::NotCoordinator => EngineErrorKind::Unavailable,
+        | C::NotCoordinator
+        | C::CoordinatorLoadInProgress
+        | C::WaitingForCoordinator
+        | C::NotEnoughReplicas
+        | C::NotEnoughReplicasAfterAppend
+        | C::KafkaStorageError => EngineErrorKind::Unavailable,
         C::TopicAuthorizationFailed | C::GroupAuthorizationFailed | C::ClusterAuthorizationFailed => {
             EngineErrorKind::PermissionDenied
         }
         C::UnknownMemberId | C::IllegalGeneration | C::RebalanceInProgress => EngineErrorKind::FailedPrecondition,
         C::OffsetOutOfRange => EngineErrorKind::InvalidArgument,
+        C::AutoOffsetReset => {
+            return BackendError::PositionNotRetained(
+                "an offset asked for is not in its partition (before its oldest record, or past its end); \
+                 start from earliest, latest or a timestamp instead"
+                    .into(),
+            );
+        }
         _ => EngineErrorKind::Internal,
     };
     if kind == EngineErrorKind::Unavailable {
@@ -250,7 +268,15 @@ fn release(consumer: Arc<StreamConsumer>) {
 #[async_trait]
 impl RecordStream for KafkaRecords {
     async fn next(&mut self) -> Option<Result<Vec<InRecord>, BackendError>> {
-        self.rx.recv().await
+        // The reader ends only after sending why, or once this side is gone:
+        // an end without a word is a reader that panicked (librdkafka's
+        // header access panics on a key that is not UTF-8), not the end of
+        // the records, which would end the stream with OK every time.
+        Some(self.rx.recv().await.unwrap_or_else(|| {
+            Err(BackendError::Internal(
+                "the consumer's reader stopped unexpectedly (see the server log); the stream ends here".into(),
+            ))
+        }))
     }
 
     /// Queued in librdkafka, which sends commits in order and retries them
@@ -344,14 +370,41 @@ async fn pump(consumer: Arc<StreamConsumer>, tx: mpsc::Sender<Result<Vec<InRecor
     release(consumer);
 }
 
+/// How long a consumer reads on through connection errors (a broker that
+/// restarts, its name not resolving while its pod comes back; librdkafka
+/// reconnects by itself) before its stream ends with UNAVAILABLE.
+const CONSUMER_OUTAGE: Duration = Duration::from_secs(60);
+/// After such an error, before the consumer is asked again.
+const OUTAGE_PAUSE: Duration = Duration::from_millis(50);
+
+/// An error librdkafka reports while it reconnects on its own.
+fn connection_error(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e,
+        KafkaError::MessageConsumption(C::BrokerTransportFailure | C::Resolve | C::AllBrokersDown)
+    )
+}
+
 async fn read_batches(consumer: &StreamConsumer, tx: mpsc::Sender<Result<Vec<InRecord>, BackendError>>) {
+    // When the connection errors without a record between them began.
+    let mut outage: Option<Instant> = None;
     loop {
         let first = tokio::select! {
             m = consumer.recv() => m,
             () = tx.closed() => return,
         };
         let mut batch = match first {
-            Ok(m) => vec![record(&m)],
+            Ok(m) => {
+                outage = None;
+                vec![record(&m)]
+            }
+            Err(e) if connection_error(&e) && outage.get_or_insert_with(Instant::now).elapsed() < CONSUMER_OUTAGE => {
+                tracing::debug!(error = %e, "a consumer's broker connection failed; librdkafka reconnects");
+                // Not at once: librdkafka reconnects on its own time.
+                tokio::time::sleep(OUTAGE_PAUSE).await;
+                continue;
+            }
             Err(e) => {
                 let _ = tx.send(Err(map_error(e))).await;
                 return;
@@ -446,10 +499,15 @@ impl TopicSource for KafkaSource {
                     });
                 }
                 Err(e) => {
-                    // Purged in flight, or never reported: the broker may have written it.
+                    // Purged in flight, never reported, or timed out waiting
+                    // for the broker's answer (which librdkafka cannot tell
+                    // from a record never sent): the broker may have written it.
                     let in_flight = matches!(
                         e,
-                        KafkaError::Canceled | KafkaError::MessageProduction(RDKafkaErrorCode::PurgeInflight)
+                        KafkaError::Canceled
+                            | KafkaError::MessageProduction(
+                                RDKafkaErrorCode::PurgeInflight | RDKafkaErrorCode::MessageTimedOut
+                            )
                     );
                     if in_flight {
                         unknown.push(i);
@@ -476,6 +534,10 @@ impl TopicSource for KafkaSource {
         let mut config = self.consumer_config(&spec.group);
         let reset = match spec.start {
             Start::Latest => "latest",
+            // An offset the partition does not hold (records deleted by
+            // retention, a topic made again) is refused, not quietly read
+            // from the start again.
+            Start::Offsets(_) => "error",
             _ => "earliest",
         };
         config.set("auto.offset.reset", reset);

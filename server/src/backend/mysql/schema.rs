@@ -42,6 +42,12 @@ fn table_info((schema, name, kind, rows, comment): TableRow) -> TableInfo {
         .then_some(rows)
         .flatten()
         .and_then(|r| i64::try_from(r).ok());
+    // A view's TABLE_COMMENT is the word VIEW, or the error of a view whose
+    // tables are gone: no comment of the caller's.
+    let comment = match kind {
+        TableKind::View => String::new(),
+        _ => comment,
+    };
     TableInfo {
         schema,
         name,

@@ -123,7 +123,8 @@ pub async fn describe_table(
     let columns = client
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), NOT a.attnotnull, \
-                    COALESCE(pg_get_expr(d.adbin, d.adrelid), ''), a.attnum::int4, \
+                    CASE WHEN a.attgenerated = '' THEN COALESCE(pg_get_expr(d.adbin, d.adrelid), '') ELSE '' END, \
+                    a.attnum::int4, \
                     COALESCE(col_description(a.attrelid, a.attnum), ''), a.atttypmod, \
                     bt.oid, bt.typtype::text, bt.typname::text, bt.typelem \
              FROM pg_attribute a \
@@ -168,7 +169,9 @@ pub async fn describe_table(
              FROM pg_constraint con \
              LEFT JOIN pg_class fc ON fc.oid = con.confrelid \
              LEFT JOIN pg_namespace fn ON fn.oid = fc.relnamespace \
-             WHERE con.conrelid = $1 AND con.contype IN ('p', 'f') ORDER BY 1",
+             WHERE con.conrelid = $1 AND con.contype IN ('p', 'f') \
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint p WHERE p.oid = con.conparentid AND p.conrelid = con.conrelid) \
+             ORDER BY 1",
             &[&oid],
         )
         .await

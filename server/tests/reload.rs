@@ -338,6 +338,62 @@ async fn a_lowered_rate_holds_a_load_already_running() {
     );
 }
 
+/// A transaction on a source that a reload takes away, or makes read-only,
+/// does not go on: its next statement or its commit finds it rolled back,
+/// and nothing it wrote is kept.
+#[tokio::test]
+async fn a_transaction_on_a_source_a_reload_withdraws_is_rolled_back() {
+    let config = |other: Option<&str>| {
+        let other = other.map_or(String::new(), |extra| postgres("a", "other", extra));
+        format!(
+            "{FAST}[tenants.a]\n{}{}{other}",
+            api_keys(&["a1"]),
+            postgres("a", "pg", "")
+        )
+    };
+    let file = ConfigFile::new(&config(Some("")));
+    let weir = start(&file);
+    let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
+    let table = "weir_reload_withdrawn";
+    for sql in [
+        format!("DROP TABLE IF EXISTS {table}"),
+        format!("CREATE TABLE {table} (id bigint)"),
+    ] {
+        client.execute("pg", &sql, vec![]).await.expect(&sql);
+    }
+    let count = || async {
+        let r = client
+            .execute("pg", &format!("SELECT count(*) FROM {table}"), vec![])
+            .await
+            .expect("count");
+        common::int(&r.rows[0].values[0])
+    };
+    let lost = |e: &tonic::Status| e.code() == Code::Aborted && reason(e) == "TRANSACTION_LOST";
+    let insert = format!("INSERT INTO {table} VALUES (1)");
+    for (withdrawn, commit) in [(config(None), false), (config(Some("read_only = true\n")), true)] {
+        let tx = client
+            .begin("other", pb::IsolationLevel::Unspecified, false)
+            .await
+            .expect("begin");
+        client.execute_in(&tx, "other", &insert, vec![]).await.expect("insert");
+        file.write(&withdrawn);
+        reloaded(&weir);
+        let err = if commit {
+            client.commit(&tx).await.expect_err("commit after the reload")
+        } else {
+            client
+                .execute_in(&tx, "other", &insert, vec![])
+                .await
+                .expect_err("a statement after the reload")
+        };
+        assert!(lost(&err), "{err:?}");
+        assert!(err.message().contains("configuration reload"), "{}", err.message());
+        assert_eq!(count().await, 0, "nothing the transaction wrote is kept");
+        file.write(&config(Some("")));
+        reloaded(&weir);
+    }
+}
+
 /// A key taken away by a reload ends what was started with it: its result
 /// streams and loads fail with UNAUTHENTICATED (`CREDENTIAL_REVOKED`), a
 /// load leaving the table as it was, and its open transactions are rolled

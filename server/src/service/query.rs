@@ -559,7 +559,7 @@ impl QueryService for QueryApi {
             .await
             .map_err(|_| Error::Timeout(timeout))?
             .map_err(Error::from)?;
-        let transaction_id = self.transactions.insert(&caller, &source.name, tx).await?;
+        let transaction_id = self.transactions.insert(&caller, &source, tx).await?;
         Ok(Response::new(pb::BeginTransactionResponse {
             transaction_id,
             idle_timeout: Some(convert::duration(caller.tenant.limits.transaction_idle_timeout)),

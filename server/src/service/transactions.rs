@@ -12,7 +12,7 @@ use rand::RngCore;
 
 use crate::backend::{BackendError, SqlTransaction};
 use crate::error::Error;
-use crate::tenant::{Caller, Revocation};
+use crate::tenant::{Caller, Revocation, Source};
 
 type Handle = [u8; 16];
 
@@ -22,6 +22,8 @@ const REAP_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct OpenTransaction {
     pub tx: Arc<dyn SqlTransaction>,
     pub source: String,
+    /// The source was read-only when the transaction began.
+    began_read_only: bool,
     idle_timeout: Duration,
     last_used: Mutex<Instant>,
     /// The opener's credential: once revoked, the transaction is not
@@ -68,12 +70,18 @@ impl Transactions {
 
     /// Registers an opened transaction; one that lost a race for the
     /// tenant's last place is rolled back and refused.
-    pub async fn insert(&self, caller: &Caller, source: &str, tx: Box<dyn SqlTransaction>) -> Result<Vec<u8>, Error> {
+    pub async fn insert(
+        &self,
+        caller: &Caller,
+        source: &Source,
+        tx: Box<dyn SqlTransaction>,
+    ) -> Result<Vec<u8>, Error> {
         let mut handle = [0u8; 16];
         rand::rng().fill_bytes(&mut handle);
         let entry = OpenTransaction {
             tx: Arc::from(tx),
-            source: source.to_string(),
+            source: source.name.clone(),
+            began_read_only: source.config.read_only,
             idle_timeout: caller.tenant.limits.transaction_idle_timeout,
             last_used: Mutex::new(Instant::now()),
             revoked: caller.revoked.clone(),
@@ -99,15 +107,38 @@ impl Transactions {
 
     /// The caller's transaction; another tenant's handle is simply not found.
     pub fn get(&self, caller: &Caller, handle: &[u8]) -> Result<Arc<OpenTransaction>, Error> {
+        let key = key(caller, handle)?;
         let entry = self
             .open
             .lock()
-            .get(&key(caller, handle)?)
+            .get(&key)
             .filter(|e| !e.revoked.is_cancelled())
             .cloned()
             .ok_or(Error::TransactionNotFound)?;
+        self.check_source(caller, &key, &entry)?;
         entry.touch();
         Ok(entry)
+    }
+
+    /// Ends a transaction whose source a reload took away from the tenant,
+    /// or made read-only after the transaction began on it writable: the
+    /// tenant may no longer write there. Rolled back in the background.
+    fn check_source(&self, caller: &Caller, key: &(String, Handle), entry: &Arc<OpenTransaction>) -> Result<(), Error> {
+        let why = match caller.tenant.source(&entry.source) {
+            None => "its source was removed by a configuration reload",
+            Some(s) if s.config.read_only && !entry.began_read_only => {
+                "its source was made read-only by a configuration reload"
+            }
+            Some(_) => return Ok(()),
+        };
+        if let Some(entry) = self.open.lock().remove(key) {
+            tokio::spawn(async move {
+                if let Err(e) = entry.tx.rollback().await {
+                    tracing::warn!(error = %e, "rolling back a transaction whose source was withdrawn");
+                }
+            });
+        }
+        Err(Error::from(BackendError::TransactionRolledBack(why)))
     }
 
     /// Commits or rolls back. The handle stays valid only if the transaction
@@ -121,6 +152,9 @@ impl Transactions {
             .filter(|e| !e.revoked.is_cancelled())
             .cloned()
             .ok_or(Error::TransactionNotFound)?;
+        if commit {
+            self.check_source(caller, &key, &entry)?;
+        }
         let result = if commit {
             entry.tx.commit().await
         } else {

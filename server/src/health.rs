@@ -18,6 +18,10 @@ use crate::tenant::{Source, SourceStatus, Tenants};
 const SERVICES: [&str; 3] = ["", "weir.v1.QueryService", "weir.v1.SchemaService"];
 /// Longest a single probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Probes run at once: a source that does not answer waits out its timeout
+/// beside the others, not before them (30 unreachable ones in a row held a
+/// round, and so the readiness of every required source, for minutes).
+const PROBES_AT_ONCE: usize = 16;
 
 enum Probe {
     Up(ConnectionInfo),
@@ -48,50 +52,63 @@ async fn probe(source: &Source) -> Probe {
 /// Probes every source; returns whether every required one is up, and the
 /// sources probed (their metric series).
 pub async fn probe_all(tenants: &Tenants) -> (bool, HashSet<SourceLabels>) {
+    use futures::StreamExt;
     let mut required_ok = true;
     let mut probed = HashSet::new();
-    for tenant in tenants.all() {
-        for source in tenant.sources() {
-            let result = probe(source).await;
-            let healthy = !matches!(result, Probe::Down);
-            let labels = SourceLabels {
-                tenant: tenant.id.clone(),
-                source: source.name.clone(),
-            };
-            METRICS.source_up.get_or_create(&labels).set(i64::from(healthy));
-            probed.insert(labels.clone());
-            if let Some(state) = source.backend.circuit() {
-                METRICS.circuit_state.get_or_create(&labels).set(state as i64);
+    // Owned: a future that borrows them is not known to be Send for every
+    // lifetime, which the spawned monitor needs.
+    let sources: Vec<_> = tenants
+        .all()
+        .iter()
+        .flat_map(|tenant| tenant.sources().map(|source| (tenant.clone(), source.clone())))
+        .collect();
+    let results: Vec<_> = futures::stream::iter(sources)
+        .map(|(tenant, source)| async move {
+            let result = probe(&source).await;
+            (tenant, source, result)
+        })
+        .buffer_unordered(PROBES_AT_ONCE)
+        .collect()
+        .await;
+    for (tenant, source, result) in results {
+        let healthy = !matches!(result, Probe::Down);
+        let labels = SourceLabels {
+            tenant: tenant.id.clone(),
+            source: source.name.clone(),
+        };
+        METRICS.source_up.get_or_create(&labels).set(i64::from(healthy));
+        probed.insert(labels.clone());
+        if let Some(state) = source.backend.circuit() {
+            METRICS.circuit_state.get_or_create(&labels).set(state as i64);
+        }
+        if let Some(pool) = source.backend.pool_status() {
+            for (state, n) in [("idle", pool.idle), ("in_use", pool.open.saturating_sub(pool.idle))] {
+                let labels = PoolLabels {
+                    tenant: tenant.id.clone(),
+                    source: source.name.clone(),
+                    state,
+                };
+                METRICS.pool_connections.get_or_create(&labels).set(i64::from(n));
             }
-            if let Some(pool) = source.backend.pool_status() {
-                for (state, n) in [("idle", pool.idle), ("in_use", pool.open.saturating_sub(pool.idle))] {
-                    let labels = PoolLabels {
-                        tenant: tenant.id.clone(),
-                        source: source.name.clone(),
-                        state,
-                    };
-                    METRICS.pool_connections.get_or_create(&labels).set(i64::from(n));
+        }
+        let mut status = source.status.write();
+        match result {
+            Probe::Up(info) => {
+                *status = SourceStatus {
+                    healthy: true,
+                    server_version: info.server_version,
                 }
             }
-            let mut status = source.status.write();
-            match result {
-                Probe::Up(info) => {
-                    *status = SourceStatus {
-                        healthy: true,
-                        server_version: info.server_version,
-                    }
+            Probe::Busy => status.healthy = true,
+            Probe::Down => {
+                if status.healthy {
+                    tracing::warn!(tenant = tenant.id, source = source.name, "source became unreachable");
                 }
-                Probe::Busy => status.healthy = true,
-                Probe::Down => {
-                    if status.healthy {
-                        tracing::warn!(tenant = tenant.id, source = source.name, "source became unreachable");
-                    }
-                    status.healthy = false;
-                }
+                status.healthy = false;
             }
-            if source.config.required && !healthy {
-                required_ok = false;
-            }
+        }
+        if source.config.required && !healthy {
+            required_ok = false;
         }
     }
     (required_ok, probed)

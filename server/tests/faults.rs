@@ -85,6 +85,33 @@ async fn readiness_becomes(server: &TestServer, status: u16) {
     panic!("/readyz did not become {status}");
 }
 
+/// Probes run side by side: Kafka clusters that never answer (a listener
+/// that accepts and says nothing; each probe waits out its 6 s) do not hold
+/// up readiness, which the required source decides. One after another,
+/// five of them took 30 s.
+#[tokio::test]
+async fn sources_that_never_answer_do_not_hold_up_readiness() {
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = hole.local_addr().expect("address");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hole.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut sources = sqlite_demo("h", "db") + "required = true\n";
+    for i in 0..5 {
+        sources += &format!(
+            "[tenants.h.sources.k{i}]\nengine = \"kafka\"\nbootstrap_servers = \"{address}\"\ntopics = [\"t\"]\n"
+        );
+    }
+    let server = TestServer::start(&format!("{FAST}{}", tenant("h", "", &sources))).await;
+    let started = Instant::now();
+    readiness_becomes(&server, 200).await;
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    server.stop().await;
+}
+
 /// Reads a stream to its end, which must be an error, not a complete result.
 async fn stream_error(stream: &mut weir_client::ResultStream) -> tonic::Status {
     loop {

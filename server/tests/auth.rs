@@ -32,7 +32,24 @@ fn ca(name: &str) -> Ca {
 
 /// A certificate and its key (PEM) signed by `ca`.
 fn leaf(ca: &Ca, common_name: &str, sans: &[SanType], client: bool) -> (String, String) {
+    leaf_valid_for(ca, common_name, sans, client, None)
+}
+
+/// The same, valid for only `valid` from now when given.
+fn leaf_valid_for(
+    ca: &Ca,
+    common_name: &str,
+    sans: &[SanType],
+    client: bool,
+    valid: Option<Duration>,
+) -> (String, String) {
     let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    if let Some(valid) = valid {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock");
+        params.not_after = rcgen::date_time_ymd(1970, 1, 1) + now + valid;
+    }
     params.distinguished_name.push(DnType::CommonName, common_name);
     params.subject_alt_names = sans.to_vec();
     params.extended_key_usages = vec![if client {
@@ -191,6 +208,33 @@ async fn mutual_tls_takes_the_tenant_from_the_certificate() {
         refused(connect(&server, None, tls(&server_ca, Some(forged))).await).await,
         "an untrusted client certificate is refused"
     );
+    server.stop().await;
+}
+
+/// A connection outlives its client certificate: once the certificate has
+/// expired, calls on the connection are refused (and calls still running
+/// end, as a JWT's do at its expiry).
+#[tokio::test]
+async fn calls_on_a_connection_stop_with_its_client_certificate() {
+    let (server_ca, client_ca) = (ca("server ca"), ca("client ca"));
+    let files = Files::new();
+    let config = format!("{}{}", tls_section(&files, &server_ca, &client_ca, false), tenants());
+    let path = files.write("weir.toml", &config);
+    let server = TestServer::start_file(&path).await;
+    let short = leaf_valid_for(
+        &client_ca,
+        "orders",
+        &[dns("orders.internal")],
+        true,
+        Some(Duration::from_secs(3)),
+    );
+    let client = connect(&server, None, tls(&server_ca, Some(short)))
+        .await
+        .expect("mtls");
+    assert_eq!(sources(&client).await.expect("while valid"), vec!["a_db"]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let err = sources(&client).await.expect_err("expired");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     server.stop().await;
 }
 

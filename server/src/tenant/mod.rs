@@ -97,7 +97,8 @@ pub struct Caller {
     /// statements, streams and loads end, its transactions are rolled back.
     pub revoked: Revocation,
     /// When the credential stops being valid (a JWT's `exp` plus the
-    /// leeway): calls still running then end. None for keys and certificates.
+    /// leeway, a client certificate's end of validity): calls still
+    /// running then end. None for keys.
     pub expires: Option<tokio::time::Instant>,
 }
 
@@ -290,7 +291,15 @@ impl Tenants {
     /// certificate's names make; the same `Err` for every failure, with the
     /// reason for the server's log only. When both are presented they must
     /// be the same tenant's.
-    pub fn authenticate(&self, bearer: Option<&str>, identities: &[String]) -> Result<Caller, String> {
+    /// `not_after`: when the client certificate that `identities` come
+    /// from stops being valid. A connection outlives its certificate: calls
+    /// made on it are refused after that, and end then if still running.
+    pub fn authenticate(
+        &self,
+        bearer: Option<&str>,
+        identities: &[String],
+        not_after: Option<std::time::SystemTime>,
+    ) -> Result<Caller, String> {
         let mut matches = identities
             .iter()
             .filter_map(|name| self.by_identity.get(name).map(|(t, revoked)| (name, t, revoked)));
@@ -305,6 +314,13 @@ impl Tenants {
                 ));
             }
         }
+        let cert_expires = match not_after {
+            Some(at) if by_cert.is_some() => match at.duration_since(std::time::SystemTime::now()) {
+                Ok(left) => Some(tokio::time::Instant::now() + left),
+                Err(_) => return Err("the client certificate has expired".into()),
+            },
+            _ => None,
+        };
         let Some(token) = bearer else {
             return match by_cert {
                 Some((name, tenant, revoked)) => Ok(Caller {
@@ -312,7 +328,7 @@ impl Tenants {
                     key_id: format!("cert:{name}").into(),
                     rate_wait: Duration::ZERO,
                     deadline: None,
-                    expires: None,
+                    expires: cert_expires,
                     revoked: revoked.clone(),
                 }),
                 None if identities.is_empty() => Err("no credentials".into()),
@@ -325,7 +341,14 @@ impl Tenants {
                 "the bearer token is tenant {}'s, the client certificate tenant {}'s",
                 caller.tenant.id, tenant.id
             )),
-            _ => Ok(caller),
+            // Whichever of the token and the certificate ends first.
+            _ => Ok(Caller {
+                expires: match (caller.expires, cert_expires) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                },
+                ..caller
+            }),
         }
     }
 
@@ -511,10 +534,12 @@ mod tests {
         .expect("config");
         let tenants = Tenants::build(&config, &CancellationToken::new()).expect("tenants");
         let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let caller = tenants.authenticate(None, &names(&["other", "a.internal"])).expect("a");
+        let caller = tenants
+            .authenticate(None, &names(&["other", "a.internal"]), None)
+            .expect("a");
         assert_eq!(caller.tenant.id, "a");
         for both in [["a.internal", "b.internal"], ["b.internal", "a.internal"]] {
-            let err = tenants.authenticate(None, &names(&both)).err().expect("refused");
+            let err = tenants.authenticate(None, &names(&both), None).err().expect("refused");
             assert!(err.contains("two tenants"), "{err}");
         }
     }

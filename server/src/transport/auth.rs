@@ -200,12 +200,12 @@ where
         // with the tenant and key id: a field recorded later costs a trip
         // through every layer of the subscriber.
         let authenticated = method.starts_with(API_PREFIX).then(|| {
-            let identities = req
-                .extensions()
-                .get::<PeerInfo>()
-                .map(|p| p.identities.clone())
-                .unwrap_or_default();
-            self.tenants.current().authenticate(bearer(&req), &identities)
+            let peer = req.extensions().get::<PeerInfo>();
+            let identities = peer.map(|p| p.identities.clone()).unwrap_or_default();
+            let not_after = peer.and_then(|p| p.not_after);
+            self.tenants
+                .current()
+                .authenticate(bearer(&req), &identities, not_after)
         });
         let caller = authenticated.as_ref().and_then(|a| a.as_ref().ok());
         let span = tracing::info_span!(

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use parking_lot::RwLock;
 use rustls::pki_types::pem::PemObject;
@@ -90,6 +90,15 @@ pub struct PeerInfo {
     pub addr: Option<SocketAddr>,
     /// Names of the verified client certificate; empty without one.
     pub identities: Arc<[String]>,
+    /// When that certificate stops being valid: the connection may outlive it.
+    pub not_after: Option<SystemTime>,
+}
+
+/// When a certificate stops being valid.
+pub fn certificate_not_after(der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(seconds))
 }
 
 /// The subject CNs and the DNS, URI and email SANs of a certificate.
@@ -189,16 +198,11 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let identities = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|chain| chain.first())
-                            .map(|leaf| certificate_names(leaf))
-                            .unwrap_or_default();
+                        let leaf = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first());
                         let peer = PeerInfo {
                             addr: Some(addr),
-                            identities: identities.into(),
+                            identities: leaf.map(|leaf| certificate_names(leaf)).unwrap_or_default().into(),
+                            not_after: leaf.and_then(|leaf| certificate_not_after(leaf)),
                         };
                         let _ = tx.send(Ok(TlsConn { inner: stream, peer })).await;
                     }

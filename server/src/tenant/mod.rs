@@ -180,7 +180,7 @@ impl Tenants {
         // Calls made with a JWT stay valid only while the tokens that made
         // them would still verify: the same issuer, key and settings.
         let same_jwt = |p: &&Tenants| match (&p.jwt, &jwt) {
-            (Some(was), Some(now)) => was.fingerprint() == now.fingerprint(),
+            (Some(was), Some(now)) => now.keeps_tokens_of(was),
             _ => false,
         };
         let jwt_kept = previous.filter(same_jwt);

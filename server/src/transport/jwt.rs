@@ -11,11 +11,16 @@ use sha2::{Digest, Sha256};
 use crate::config::JwtConfig;
 
 pub struct JwtVerifier {
-    key: DecodingKey,
+    /// Every key a token may be signed with: `public_key_file` may hold
+    /// several PEM blocks, so that an issuer's new key can be trusted
+    /// before its tokens appear and its old one after they stop.
+    keys: Vec<DecodingKey>,
+    /// SHA-256 of each key's material, to tell which keys a reload kept.
+    key_hashes: Vec<[u8; 32]>,
     validation: Validation,
     tenant_claim: String,
-    /// SHA-256 of the settings and the key: what a token must match.
-    fingerprint: [u8; 32],
+    /// SHA-256 of the settings other than the keys.
+    settings: [u8; 32],
 }
 
 /// Who a verified token speaks for, and until when.
@@ -43,7 +48,7 @@ impl JwtVerifier {
             )
         })?;
         let hmac = matches!(algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
-        let (key, material) = if hmac {
+        let (keys, material) = if hmac {
             if config.public_key_file.is_some() {
                 return Err(format!(
                     "{algorithm:?} takes secret_env or secret_file, not public_key_file"
@@ -66,7 +71,7 @@ impl JwtVerifier {
             if secret.len() < 32 {
                 return Err("the HMAC secret must be at least 32 bytes".into());
             }
-            (DecodingKey::from_secret(&secret), secret)
+            (vec![DecodingKey::from_secret(&secret)], vec![secret])
         } else {
             if config.secret_env.is_some() || config.secret_file.is_some() {
                 return Err(format!("{algorithm:?} takes public_key_file, not a secret"));
@@ -76,15 +81,20 @@ impl JwtVerifier {
                 .as_ref()
                 .ok_or_else(|| format!("{algorithm:?} needs public_key_file"))?;
             let pem = read(path, "public_key_file")?;
-            let key = match algorithm {
-                Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&pem),
-                Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
-                _ => DecodingKey::from_rsa_pem(&pem),
-            };
-            (
-                key.map_err(|e| format!("public_key_file {}: {e}", path.display()))?,
-                pem,
-            )
+            let blocks = pem_blocks(&pem);
+            if blocks.is_empty() {
+                return Err(format!("public_key_file {}: no PEM block", path.display()));
+            }
+            let mut keys = Vec::with_capacity(blocks.len());
+            for (i, block) in blocks.iter().enumerate() {
+                let key = match algorithm {
+                    Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(block),
+                    Algorithm::EdDSA => DecodingKey::from_ed_pem(block),
+                    _ => DecodingKey::from_rsa_pem(block),
+                };
+                keys.push(key.map_err(|e| format!("public_key_file {}, key {}: {e}", path.display(), i + 1))?);
+            }
+            (keys, blocks.into_iter().map(<[u8]>::to_vec).collect())
         };
         let mut validation = Validation::new(algorithm);
         validation.set_issuer(&[&config.issuer]);
@@ -92,36 +102,51 @@ impl JwtVerifier {
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.validate_nbf = true;
         validation.leeway = config.leeway.as_secs();
-        let mut fingerprint = Sha256::new();
+        let mut settings = Sha256::new();
         for part in [
             config.algorithm.as_bytes(),
             config.issuer.as_bytes(),
             config.audience.as_bytes(),
             config.tenant_claim.as_bytes(),
             &config.leeway.as_nanos().to_le_bytes(),
-            &material,
         ] {
-            fingerprint.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_le_bytes());
-            fingerprint.update(part);
+            settings.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_le_bytes());
+            settings.update(part);
         }
         Ok(Self {
-            key,
+            keys,
+            key_hashes: material.iter().map(|m| Sha256::digest(m).into()).collect(),
             validation,
             tenant_claim: config.tenant_claim.clone(),
-            fingerprint: fingerprint.finalize().into(),
+            settings: settings.finalize().into(),
         })
     }
 
-    /// Equal for two verifiers that accept the same tokens for the same tenants.
-    pub fn fingerprint(&self) -> [u8; 32] {
-        self.fingerprint
+    /// Whether every token `was` accepted, this accepts for the same tenant:
+    /// the same settings, and every key `was` had. A key added for a
+    /// rotation ends no call made with the keys before it.
+    pub fn keeps_tokens_of(&self, was: &JwtVerifier) -> bool {
+        self.settings == was.settings && was.key_hashes.iter().all(|h| self.key_hashes.contains(h))
     }
 
     /// The tenant and subject of a valid token; the reason it is not valid
     /// otherwise (for the server's log only: callers get one answer for every failure).
     pub fn verify(&self, token: &str) -> Result<JwtIdentity, String> {
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
-            .map_err(|e| e.to_string())?;
+        let mut outcome = Err("no key".to_string());
+        for key in &self.keys {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation) {
+                Ok(data) => {
+                    outcome = Ok(data);
+                    break;
+                }
+                // Signed with another of the keys, perhaps.
+                Err(e) if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                    outcome = Err(e.to_string())
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let data = outcome?;
         let tenant = data
             .claims
             .get(&self.tenant_claim)
@@ -146,6 +171,28 @@ impl JwtVerifier {
             valid_until,
         })
     }
+}
+
+/// Each `-----BEGIN ...-----` to `-----END ...-----` block of a PEM file.
+fn pem_blocks(pem: &[u8]) -> Vec<&[u8]> {
+    const BEGIN: &[u8] = b"-----BEGIN ";
+    const END: &[u8] = b"-----END ";
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    let mut blocks = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = find(rest, BEGIN) {
+        let Some(end) = find(&rest[start..], END).map(|e| start + e) else {
+            break;
+        };
+        // The END line runs to its closing dashes.
+        let close = rest[end + END.len()..]
+            .windows(5)
+            .position(|w| w == b"-----")
+            .map_or(rest.len(), |c| end + END.len() + c + 5);
+        blocks.push(&rest[start..close]);
+        rest = &rest[close..];
+    }
+    blocks
 }
 
 /// A JWT is three base64url parts; anything else is tried as an API key.
@@ -198,6 +245,53 @@ mod tests {
 
     fn now() -> i64 {
         chrono::Utc::now().timestamp()
+    }
+
+    /// A verifier of ES256 tokens whose `public_key_file` holds `pems`.
+    fn es256_verifier(dir: &std::path::Path, pems: &[String]) -> Result<JwtVerifier, String> {
+        let path = dir.join("keys.pem");
+        std::fs::write(&path, pems.concat()).expect("write");
+        JwtVerifier::new(&JwtConfig {
+            issuer: "https://issuer.example".into(),
+            audience: "weir".into(),
+            algorithm: "ES256".into(),
+            secret_env: None,
+            secret_file: None,
+            public_key_file: Some(path),
+            tenant_claim: "tenant".into(),
+            leeway: Duration::from_secs(0),
+        })
+    }
+
+    #[test]
+    fn a_key_file_of_several_keys_takes_tokens_signed_with_any_of_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (old, new, stranger) = (
+            rcgen::KeyPair::generate().expect("key"),
+            rcgen::KeyPair::generate().expect("key"),
+            rcgen::KeyPair::generate().expect("key"),
+        );
+        let claims =
+            json!({"iss": "https://issuer.example", "aud": "weir", "exp": now() + 60, "tenant": "acme", "sub": "svc"});
+        let signed = |key: &rcgen::KeyPair| {
+            let key = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("encoding key");
+            encode(&Header::new(Algorithm::ES256), &claims, &key).expect("encode")
+        };
+        let verifier = |pems: &[String]| es256_verifier(dir.path(), pems).expect("verifier");
+        let only_old = verifier(&[old.public_key_pem()]);
+        let both = verifier(&[new.public_key_pem(), "\n".into(), old.public_key_pem()]);
+        let only_new = verifier(&[new.public_key_pem()]);
+        for key in [&old, &new] {
+            assert_eq!(both.verify(&signed(key)).map(|i| i.tenant), Ok("acme".to_string()));
+        }
+        assert!(both.verify(&signed(&stranger)).is_err());
+        assert!(only_new.verify(&signed(&old)).is_err());
+        // Calls made with the old key go on while it is still trusted.
+        assert!(both.keeps_tokens_of(&only_old));
+        assert!(!only_new.keeps_tokens_of(&both));
+        assert!(only_old.keeps_tokens_of(&only_old));
+        let none = es256_verifier(dir.path(), &["not a key".into()]);
+        assert!(none.is_err_and(|e| e.contains("no PEM block")));
     }
 
     #[test]

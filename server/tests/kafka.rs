@@ -889,6 +889,38 @@ async fn records_the_broker_refuses_are_invalid_arguments() {
     server.stop().await;
 }
 
+/// A partition without a leader (an election under way) is listed without
+/// watermarks (-1) instead of failing the whole listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_are_listed_while_a_partition_has_no_leader() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("elect", 2, 1).expect("topic");
+    let (server, client) = mock_server(&cluster, "elect").await;
+    produce(&client, "elect", (0..3).map(record).collect())
+        .await
+        .expect("produce");
+    cluster.partition_leader("elect", 1, None).expect("no leader");
+    let started = std::time::Instant::now();
+    let listed = client
+        .stream()
+        .list_topics(pb::ListTopicsRequest {
+            source: "events".into(),
+        })
+        .await
+        .expect("list topics")
+        .into_inner();
+    let topic = listed.topics.iter().find(|t| t.name == "elect").expect("listed");
+    let marks: Vec<_> = topic
+        .partitions
+        .iter()
+        .map(|p| (p.partition, p.low_watermark >= 0, p.high_watermark))
+        .collect();
+    assert_eq!(marks[1], (1, false, -1), "{marks:?}");
+    assert_eq!((marks[0].0, marks[0].1), (0, true), "{marks:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    server.stop().await;
+}
+
 /// Explicit start offsets a partition does not hold are refused, not read
 /// from the partition's start again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

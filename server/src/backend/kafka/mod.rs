@@ -633,6 +633,9 @@ impl TopicSource for KafkaSource {
         let prefix = self.prefix.clone();
         self.blocking(move |p| {
             let client = p.client();
+            // One bound for the whole listing, on a blocking thread other
+            // tenants' calls share.
+            let deadline = Instant::now() + METADATA_TIMEOUT;
             let metadata = client.fetch_metadata(None, METADATA_TIMEOUT)?;
             let mut out = Vec::new();
             for t in metadata.topics() {
@@ -641,7 +644,13 @@ impl TopicSource for KafkaSource {
                 }
                 let mut partitions = Vec::new();
                 for p in t.partitions() {
-                    let (low, high) = client.fetch_watermarks(t.name(), p.id(), METADATA_TIMEOUT)?;
+                    // A partition without a leader (an election under way)
+                    // has no watermarks to give: -1, not a failed listing.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let (low, high) = match p.leader() >= 0 && p.error().is_none() && !left.is_zero() {
+                        true => client.fetch_watermarks(t.name(), p.id(), left).unwrap_or((-1, -1)),
+                        false => (-1, -1),
+                    };
                     partitions.push(PartitionInfo {
                         id: p.id(),
                         leader: p.leader(),

@@ -889,6 +889,48 @@ async fn records_the_broker_refuses_are_invalid_arguments() {
     server.stop().await;
 }
 
+/// A member that gave a partition away and got it back does not, at its
+/// end, commit its old offset for it over what the other member committed
+/// meanwhile: the group would read those records again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_member_does_not_rewind_what_another_member_committed() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("shared", 2, 1).expect("topic");
+    let (server, client) = mock_server(&cluster, "shared").await;
+    let to_both = |range: std::ops::Range<usize>| {
+        range
+            .flat_map(|i| {
+                (0..2).map(move |partition| pb::ProducerRecord {
+                    partition: Some(partition),
+                    ..record(i)
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    produce(&client, "shared", to_both(0..5)).await.expect("produce");
+    let mut a = open_consume(&client, consume_request("shared", "rewind", 0, false)).await;
+    read_offsets(&mut a, 10).await;
+    // B joins: each member gets one partition, and each reads 5 more records.
+    let mut b = open_consume(&client, consume_request("shared", "rewind", 0, false)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    produce(&client, "shared", to_both(5..10)).await.expect("produce");
+    let (from_a, from_b) = tokio::join!(read_offsets(&mut a, 5), read_offsets(&mut b, 5));
+    assert_eq!((from_a.len(), from_b.len()), (5, 5));
+    // B leaves (committing 10 for its partition); A gets it back, then ends.
+    drop(b);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    drop(a);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    produce(&client, "shared", to_both(10..11)).await.expect("produce");
+    let next = consume(&client, consume_request("shared", "rewind", 2, false)).await;
+    let offsets: Vec<(i32, i64)> = next.iter().map(|r| (r.partition, r.offset)).collect();
+    assert!(
+        offsets.iter().all(|(_, o)| *o == 10),
+        "the group reads again from {offsets:?}"
+    );
+    server.stop().await;
+}
+
 /// A partition without a leader (an election under way) is listed without
 /// watermarks (-1) instead of failing the whole listing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -327,7 +327,11 @@ impl RecordStream for KafkaRecords {
             // broker that just came back), within the wait.
             let deadline = Instant::now() + LAST_COMMIT_WAIT;
             loop {
-                let outcome = consumer.commit(&tpl, CommitMode::Sync);
+                let left = deadline.saturating_duration_since(Instant::now());
+                let outcome = ahead_of_group(&consumer, &tpl, left).and_then(|ahead| match ahead.count() {
+                    0 => Ok(()),
+                    _ => consumer.commit(&ahead, CommitMode::Sync),
+                });
                 if outcome.is_ok() || Instant::now() + LAST_COMMIT_RETRY >= deadline {
                     return (outcome, consumer);
                 }
@@ -347,6 +351,30 @@ impl RecordStream for KafkaRecords {
             ),
         }
     }
+}
+
+/// The offsets of `ours` ahead of what the group has committed. One the
+/// group has at or past it needs no commit: this stream's own commit got
+/// there, or another member had the partition since (a rebalance took it
+/// away and gave it back) and read further, which an old offset committed
+/// now would undo, and the group would read those records again.
+fn ahead_of_group(
+    consumer: &StreamConsumer,
+    ours: &TopicPartitionList,
+    timeout: Duration,
+) -> KafkaResult<TopicPartitionList> {
+    let group = consumer.committed_offsets(ours.clone(), timeout)?;
+    let mut ahead = TopicPartitionList::new();
+    for ours in ours.elements() {
+        let theirs = group.find_partition(ours.topic(), ours.partition()).map(|p| p.offset());
+        if let (Offset::Offset(mine), Some(Offset::Offset(theirs))) = (ours.offset(), theirs) {
+            if theirs >= mine {
+                continue;
+            }
+        }
+        ahead.add_partition_offset(ours.topic(), ours.partition(), ours.offset())?;
+    }
+    Ok(ahead)
 }
 
 /// How long the end of a stream waits for its consumer's last commit.

@@ -1321,6 +1321,50 @@ async fn a_batch_over_the_request_size_limit_is_out_of_range_and_loads_nothing()
     ctx.server.stop().await;
 }
 
+/// A load message that does not decode (a batch whose bytes are cut short)
+/// fails the load with INVALID_ARGUMENT, not ABORTED, and loads nothing of
+/// the batches before it.
+#[tokio::test]
+async fn an_undecodable_load_message_is_invalid_and_loads_nothing() {
+    /// `LoadRequest`, with its rows as raw bytes.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawLoadRequest {
+        #[prost(message, optional, tag = "1")]
+        header: Option<pb::LoadHeader>,
+        #[prost(bytes = "vec", tag = "2")]
+        rows: Vec<u8>,
+    }
+    let engine = Engine::Sqlite;
+    let server = TestServer::start(&engine.source("bulk", "")).await;
+    let client = server.client("key-bulk").await;
+    let ctx = Ctx { engine, server, client };
+    ctx.table("weir_bulk_undecodable", 2).await;
+    let before = ctx.contents("weir_bulk_undecodable").await;
+    let batch = |rows: Vec<u8>| RawLoadRequest { header: None, rows };
+    let messages = vec![
+        RawLoadRequest {
+            header: Some(header("weir_bulk_undecodable", pb::BulkLoadMode::Append)),
+            rows: Vec::new(),
+        },
+        batch(prost::Message::encode_to_vec(&pb::LoadRows { rows: rows(0..10) })),
+        // A row of 255 bytes announced, none sent.
+        batch(vec![0x0a, 0xff, 0x01]),
+    ];
+    let mut grpc = raw_grpc(ctx.server.addr.clone()).await;
+    let mut request = tonic::Request::new(tokio_stream::iter(messages));
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer key-bulk".parse().expect("header"));
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/weir.v1.BulkLoadService/Load");
+    let err = grpc
+        .client_streaming::<_, _, pb::LoadResponse, _>(request, path, tonic_prost::ProstCodec::default())
+        .await
+        .expect_err("an undecodable batch");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(ctx.contents("weir_bulk_undecodable").await, before);
+    ctx.server.stop().await;
+}
+
 /// A unique index with INCLUDE columns is unique on its key columns alone,
 /// and a partial one only among the rows its predicate selects: an upsert
 /// matches rows on the first, and is refused on the second before any row

@@ -867,6 +867,42 @@ async fn a_record_whose_answer_timed_out_is_unknown_not_failed() {
     server.stop().await;
 }
 
+/// A Produce whose deadline passes before the broker answers says so itself,
+/// in time, with the records it could not confirm listed as unknown (they
+/// may yet be written, as this one is), instead of being cut by the
+/// client's timer with nothing to go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_past_its_deadline_lists_its_unconfirmed_records() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("late", 1, 1).expect("topic");
+    let (server, client) = mock_server(&cluster, "late").await;
+    produce(&client, "late", vec![record(0)]).await.expect("a first record");
+    cluster
+        .broker_round_trip_time(1, Duration::from_secs(4))
+        .expect("slow answers");
+    let mut request = tonic::Request::new(pb::ProduceRequest {
+        source: "events".into(),
+        topic: "late".into(),
+        records: vec![record(1)],
+        options: None,
+    });
+    request.set_timeout(Duration::from_secs(2));
+    let err = client.stream().produce(request).await.expect_err("past the deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(
+        (
+            error_metadata(&err, "unknown_records"),
+            error_metadata(&err, "failed_records")
+        ),
+        ("0".to_string(), String::new()),
+        "{err:?}"
+    );
+    cluster.broker_round_trip_time(1, Duration::ZERO).expect("fast answers");
+    let got = consume(&client, consume_request("late", "late-check", 2, false)).await;
+    assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), [0, 1]);
+    server.stop().await;
+}
+
 /// A record the broker refuses as such (a tombstone without a key on a
 /// compacted topic) is the caller's to fix: INVALID_ARGUMENT with the
 /// broker's code, not INTERNAL.

@@ -2,6 +2,8 @@
 //! positions, topic metadata. No pretend schema of a topic: these sources
 //! sit behind their own trait, not `SqlSource`.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use super::{BackendError, Capabilities, ConnectionInfo};
@@ -139,7 +141,14 @@ pub trait TopicSource: Send + Sync + 'static {
     /// are answered exactly like topics that do not exist.
     fn allows(&self, topic: &str) -> bool;
     /// Produces `records` to `topic`; answers once the broker acknowledged every one.
-    async fn produce(&self, topic: &str, records: Vec<OutRecord>) -> Result<Vec<Ack>, BackendError>;
+    /// `within`: how long the answers may take (what is left of the
+    /// caller's deadline); records not answered by then are reported as unknown.
+    async fn produce(
+        &self,
+        topic: &str,
+        records: Vec<OutRecord>,
+        within: Option<Duration>,
+    ) -> Result<Vec<Ack>, BackendError>;
     async fn consume(&self, spec: ConsumeSpec) -> Result<Box<dyn RecordStream>, BackendError>;
     /// Commits offsets for a group (already namespaced).
     async fn commit(&self, group: &str, offsets: Vec<PartitionOffset>) -> Result<(), BackendError>;

@@ -249,7 +249,7 @@ impl StreamService for StreamApi {
         // throttle must not hold gateway-wide slots other tenants need.
         let throttled = caller.tenant.limiter.charge_records(records.len() as u64, bytes).await;
         let _admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
-        let acks = topics.produce(&r.topic, records).await?;
+        let acks = topics.produce(&r.topic, records, super::deadline_left(&caller)).await?;
         Ok(Response::new(pb::ProduceResponse {
             acks: acks
                 .into_iter()

@@ -501,7 +501,12 @@ impl TopicSource for KafkaSource {
         allowed(&self.topics, self.prefix.as_deref(), topic)
     }
 
-    async fn produce(&self, topic: &str, records: Vec<OutRecord>) -> Result<Vec<Ack>, BackendError> {
+    async fn produce(
+        &self,
+        topic: &str,
+        records: Vec<OutRecord>,
+        within: Option<Duration>,
+    ) -> Result<Vec<Ack>, BackendError> {
         let queued: Vec<Record<'_>> = records
             .iter()
             .map(|r| Record {
@@ -514,7 +519,8 @@ impl TopicSource for KafkaSource {
             })
             .collect();
         // The answer waits for every record's acknowledgement.
-        let results = self.producer.send_all(queued, Duration::from_secs(5)).await;
+        let answer_by = within.map(|w| Instant::now() + w);
+        let results = self.producer.send_all(queued, Duration::from_secs(5), answer_by).await;
         let (mut acks, mut acknowledged, mut failed, mut unknown, mut cause) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), None);
         for (i, r) in results.into_iter().enumerate() {
@@ -524,6 +530,14 @@ impl TopicSource for KafkaSource {
                     acks.push(Ack {
                         partition: d.partition,
                         offset: d.offset,
+                    });
+                }
+                Err(e) if e == producer::LATE => {
+                    unknown.push(i);
+                    cause.get_or_insert_with(|| BackendError::Engine {
+                        kind: EngineErrorKind::DeadlineExceeded,
+                        code: String::new(),
+                        message: "the call's deadline passed before the broker acknowledged every record".into(),
                     });
                 }
                 Err(e) => {

@@ -22,6 +22,9 @@ use tokio::sync::oneshot;
 const POLL_WAIT: Duration = Duration::from_secs(1);
 /// Pause before queueing again when librdkafka's queue is full.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(10);
+/// The report of a record whose answer did not come by the call's deadline
+/// (it is still in flight: the broker may write it).
+pub const LATE: KafkaError = KafkaError::MessageProduction(RDKafkaErrorCode::OperationTimedOut);
 
 /// Where the broker stored a record.
 #[derive(Debug, Clone, Copy)]
@@ -94,10 +97,12 @@ impl Producer {
     /// record) before the next record is queued: queueing them all at once,
     /// the records retried after a full queue could go out in any order.
     /// Once one record waited in vain, the rest are not queued.
+    /// Answers that do not come by `answer_by` are [`LATE`].
     pub async fn send_all<'a>(
         &self,
         records: impl IntoIterator<Item = Record<'a>>,
         queue_timeout: Duration,
+        answer_by: Option<Instant>,
     ) -> Vec<KafkaResult<Delivery>> {
         let mut reports = Vec::new();
         let mut stuck: Option<KafkaError> = None;
@@ -112,13 +117,19 @@ impl Producer {
             reports.push(queued);
         }
         // librdkafka reports every queued record, if only as purged when the producer goes.
-        let answers = reports
-            .into_iter()
-            .map(|queued| async move { queued?.await.unwrap_or(Err(KafkaError::Canceled)) });
+        let answers = reports.into_iter().map(|queued| async move {
+            let report = queued?;
+            let answer = match answer_by {
+                Some(at) => tokio::time::timeout_at(at.into(), report).await.map_err(|_| LATE)?,
+                None => report.await,
+            };
+            answer.unwrap_or(Err(KafkaError::Canceled))
+        });
         futures::future::join_all(answers).await
     }
 
     /// Queues one record, waiting while the queue is full; returns where its report will arrive.
+    /// (The queue wait is bounded by `queue_timeout` alone: a record is queued or refused whole.)
     async fn queue(
         &self,
         record: Record<'_>,

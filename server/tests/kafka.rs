@@ -99,6 +99,18 @@ async fn read_offsets(stream: &mut tonic::Streaming<pb::ConsumeResponse>, n: usi
     offsets
 }
 
+/// The topics of source `events`.
+async fn list_topics(client: &WeirClient) -> pb::ListTopicsResponse {
+    client
+        .stream()
+        .list_topics(pb::ListTopicsRequest {
+            source: "events".into(),
+        })
+        .await
+        .expect("list topics")
+        .into_inner()
+}
+
 /// Every record of a Consume call (which must end by itself, through max_records).
 async fn consume(client: &WeirClient, request: pb::ConsumeRequest) -> Vec<pb::ConsumedRecord> {
     let mut stream = open_consume(client, request).await;
@@ -188,14 +200,7 @@ async fn produced_records_come_back_exactly() {
         assert!(g.timestamp.is_some());
     }
 
-    let listed = client
-        .stream()
-        .list_topics(pb::ListTopicsRequest {
-            source: "events".into(),
-        })
-        .await
-        .expect("list topics")
-        .into_inner();
+    let listed = list_topics(&client).await;
     let mine = listed
         .topics
         .iter()
@@ -677,13 +682,20 @@ async fn an_unreachable_broker_is_unavailable() {
 
 type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
 
-/// A server whose Kafka source is librdkafka's in-process mock cluster.
-async fn mock_server(cluster: &Mock, topic: &str) -> (TestServer, WeirClient) {
-    mock_server_waiting(cluster, topic, 30_000).await
+/// A mock cluster of one broker holding `topic` (with `partitions`), and a
+/// server whose Kafka source it is.
+async fn mock_topic(topic: &str, partitions: i32, message_timeout_ms: u32) -> (Mock, TestServer, WeirClient) {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(topic, partitions, 1).expect("topic");
+    let (server, client) = mock_server(&cluster, topic, message_timeout_ms).await;
+    (cluster, server, client)
 }
 
-/// The same, with the producer's `message.timeout.ms`.
-async fn mock_server_waiting(cluster: &Mock, topic: &str, message_timeout_ms: u32) -> (TestServer, WeirClient) {
+/// The producer's `message.timeout.ms` for mock clusters, unless a test says otherwise.
+const MOCK_MESSAGE_TIMEOUT_MS: u32 = 30_000;
+
+/// A server whose Kafka source is librdkafka's in-process mock cluster.
+async fn mock_server(cluster: &Mock, topic: &str, message_timeout_ms: u32) -> (TestServer, WeirClient) {
     let config = tenant(
         "km",
         "",
@@ -791,7 +803,7 @@ fn a_consumer_closing_against_a_lost_broker_holds_up_no_other_call() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let (server, client) = mock_server(&cluster, "lost").await;
+        let (server, client) = mock_server(&cluster, "lost", MOCK_MESSAGE_TIMEOUT_MS).await;
         produce(&client, "lost", (0..3).map(record).collect())
             .await
             .expect("produce");
@@ -817,9 +829,7 @@ fn a_consumer_closing_against_a_lost_broker_holds_up_no_other_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_rides_out_a_broker_restart() {
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("outage", 1, 1).expect("topic");
-    let (server, client) = mock_server(&cluster, "outage").await;
+    let (cluster, server, client) = mock_topic("outage", 1, MOCK_MESSAGE_TIMEOUT_MS).await;
     produce(&client, "outage", (0..5).map(record).collect())
         .await
         .expect("produce");
@@ -837,58 +847,32 @@ async fn a_consumer_rides_out_a_broker_restart() {
     server.stop().await;
 }
 
-/// A record whose broker answer does not come within `message.timeout.ms`
-/// may have been written (here it was: the broker's answer was slow, not
-/// its write), so it is reported as unknown, not as failed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_whose_answer_timed_out_is_unknown_not_failed() {
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("slow", 1, 1).expect("topic");
-    let (server, client) = mock_server_waiting(&cluster, "slow", 2000).await;
-    produce(&client, "slow", vec![record(0)]).await.expect("a first record");
-    cluster
-        .broker_round_trip_time(1, Duration::from_secs(5))
-        .expect("slow answers");
-    let err = produce(&client, "slow", vec![record(1)])
-        .await
-        .expect_err("no answer in time");
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert_eq!(
-        (
-            error_metadata(&err, "unknown_records"),
-            error_metadata(&err, "failed_records")
-        ),
-        ("0".to_string(), String::new())
-    );
-    cluster.broker_round_trip_time(1, Duration::ZERO).expect("fast answers");
-    let got = consume(&client, consume_request("slow", "timed-out", 2, false)).await;
-    let offsets: Vec<i64> = got.iter().map(|r| r.offset).collect();
-    assert_eq!(offsets, [0, 1], "the record reported unknown was written");
-    server.stop().await;
-}
-
-/// A Produce whose deadline passes before the broker answers says so itself,
-/// in time, with the records it could not confirm listed as unknown (they
-/// may yet be written, as this one is), instead of being cut by the
-/// client's timer with nothing to go on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_produce_past_its_deadline_lists_its_unconfirmed_records() {
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("late", 1, 1).expect("topic");
-    let (server, client) = mock_server(&cluster, "late").await;
-    produce(&client, "late", vec![record(0)]).await.expect("a first record");
+/// The broker's answer to a second record slowed past what the call waits
+/// for (`message.timeout.ms`, or the call's own `deadline`): the call fails
+/// with `code` and lists the record as unknown, not failed, since it may
+/// have been written; here it was (the answer was slow, not the write).
+async fn a_slow_answer_leaves_its_record_unknown(
+    topic: &str,
+    message_timeout_ms: u32,
+    deadline: Option<Duration>,
+    code: Code,
+) {
+    let (cluster, server, client) = mock_topic(topic, 1, message_timeout_ms).await;
+    produce(&client, topic, vec![record(0)]).await.expect("a first record");
     cluster
         .broker_round_trip_time(1, Duration::from_secs(4))
         .expect("slow answers");
     let mut request = tonic::Request::new(pb::ProduceRequest {
         source: "events".into(),
-        topic: "late".into(),
+        topic: topic.into(),
         records: vec![record(1)],
         options: None,
     });
-    request.set_timeout(Duration::from_secs(2));
-    let err = client.stream().produce(request).await.expect_err("past the deadline");
-    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    if let Some(deadline) = deadline {
+        request.set_timeout(deadline);
+    }
+    let err = client.stream().produce(request).await.expect_err("no answer in time");
+    assert_eq!(err.code(), code, "{err:?}");
     assert_eq!(
         (
             error_metadata(&err, "unknown_records"),
@@ -898,9 +882,29 @@ async fn a_produce_past_its_deadline_lists_its_unconfirmed_records() {
         "{err:?}"
     );
     cluster.broker_round_trip_time(1, Duration::ZERO).expect("fast answers");
-    let got = consume(&client, consume_request("late", "late-check", 2, false)).await;
-    assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), [0, 1]);
+    let got = consume(&client, consume_request(topic, "slow-check", 2, false)).await;
+    let offsets: Vec<i64> = got.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, [0, 1], "the record reported unknown was written");
     server.stop().await;
+}
+
+/// A record whose broker answer does not come within `message.timeout.ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_answer_timed_out_is_unknown_not_failed() {
+    a_slow_answer_leaves_its_record_unknown("slow", 2000, None, Code::Unavailable).await;
+}
+
+/// A Produce whose deadline passes before the broker answers says so itself,
+/// in time, instead of being cut by the client's timer with no lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_past_its_deadline_lists_its_unconfirmed_records() {
+    a_slow_answer_leaves_its_record_unknown(
+        "late",
+        MOCK_MESSAGE_TIMEOUT_MS,
+        Some(Duration::from_secs(2)),
+        Code::DeadlineExceeded,
+    )
+    .await;
 }
 
 /// A record the broker refuses as such (a tombstone without a key on a
@@ -909,9 +913,7 @@ async fn a_produce_past_its_deadline_lists_its_unconfirmed_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_the_broker_refuses_are_invalid_arguments() {
     use rdkafka::types::RDKafkaRespErr as E;
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("refusing", 1, 1).expect("topic");
-    let (server, client) = mock_server_waiting(&cluster, "refusing", 2000).await;
+    let (cluster, server, client) = mock_topic("refusing", 1, 2000).await;
     let produce_key = rdkafka::types::RDKafkaApiKey::Produce;
     cluster.request_errors(produce_key, &[E::RD_KAFKA_RESP_ERR_INVALID_RECORD]);
     let err = produce(&client, "refusing", vec![record(0)])
@@ -930,9 +932,7 @@ async fn records_the_broker_refuses_are_invalid_arguments() {
 /// meanwhile: the group would read those records again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaving_member_does_not_rewind_what_another_member_committed() {
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("shared", 2, 1).expect("topic");
-    let (server, client) = mock_server(&cluster, "shared").await;
+    let (_cluster, server, client) = mock_topic("shared", 2, MOCK_MESSAGE_TIMEOUT_MS).await;
     let to_both = |range: std::ops::Range<usize>| {
         range
             .flat_map(|i| {
@@ -971,22 +971,13 @@ async fn a_leaving_member_does_not_rewind_what_another_member_committed() {
 /// watermarks (-1) instead of failing the whole listing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_are_listed_while_a_partition_has_no_leader() {
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("elect", 2, 1).expect("topic");
-    let (server, client) = mock_server(&cluster, "elect").await;
+    let (cluster, server, client) = mock_topic("elect", 2, MOCK_MESSAGE_TIMEOUT_MS).await;
     produce(&client, "elect", (0..3).map(record).collect())
         .await
         .expect("produce");
     cluster.partition_leader("elect", 1, None).expect("no leader");
     let started = std::time::Instant::now();
-    let listed = client
-        .stream()
-        .list_topics(pb::ListTopicsRequest {
-            source: "events".into(),
-        })
-        .await
-        .expect("list topics")
-        .into_inner();
+    let listed = list_topics(&client).await;
     let topic = listed.topics.iter().find(|t| t.name == "elect").expect("listed");
     let marks: Vec<_> = topic
         .partitions
@@ -1003,10 +994,8 @@ async fn topics_are_listed_while_a_partition_has_no_leader() {
 /// from the partition's start again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explicit_offsets_past_the_end_of_a_partition_are_out_of_range() {
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     let topic = "offsets".to_string();
-    cluster.create_topic(&topic, 1, 1).expect("topic");
-    let (server, client) = mock_server(&cluster, &topic).await;
+    let (_cluster, server, client) = mock_topic(&topic, 1, MOCK_MESSAGE_TIMEOUT_MS).await;
     produce(&client, &topic, (0..3).map(record).collect())
         .await
         .expect("produce");

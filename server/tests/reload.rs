@@ -255,6 +255,16 @@ fn pg_keys(keys: &[&str]) -> String {
     format!("{FAST}[tenants.a]\n{}{}", api_keys(keys), postgres("a", "pg", ""))
 }
 
+/// `table` on source `pg`, made again with one bigint column `id` and no rows.
+async fn empty_table(client: &WeirClient, table: &str) {
+    for sql in [
+        format!("DROP TABLE IF EXISTS {table}"),
+        format!("CREATE TABLE {table} (id bigint)"),
+    ] {
+        client.execute("pg", &sql, vec![]).await.expect(&sql);
+    }
+}
+
 /// Rows of one bigint column holding each of `range`.
 fn ids(range: std::ops::Range<i64>) -> Vec<pb::Row> {
     range
@@ -308,12 +318,7 @@ async fn a_lowered_rate_holds_a_load_already_running() {
     let weir = start(&file);
     let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
     let table = "weir_reload_lowered_rate";
-    for sql in [
-        format!("DROP TABLE IF EXISTS {table}"),
-        format!("CREATE TABLE {table} (id bigint)"),
-    ] {
-        client.execute("pg", &sql, vec![]).await.expect(&sql);
-    }
+    empty_table(&client, table).await;
     let (more_rows, load) = open_load(&client, table, ids(0..100)).await;
     let pg = common::pg_direct().await;
     assert!(
@@ -355,12 +360,7 @@ async fn a_transaction_on_a_source_a_reload_withdraws_is_rolled_back() {
     let weir = start(&file);
     let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
     let table = "weir_reload_withdrawn";
-    for sql in [
-        format!("DROP TABLE IF EXISTS {table}"),
-        format!("CREATE TABLE {table} (id bigint)"),
-    ] {
-        client.execute("pg", &sql, vec![]).await.expect(&sql);
-    }
+    empty_table(&client, table).await;
     let count = || async {
         let r = client
             .execute("pg", &format!("SELECT count(*) FROM {table}"), vec![])
@@ -392,6 +392,18 @@ async fn a_transaction_on_a_source_a_reload_withdraws_is_rolled_back() {
         file.write(&config(Some("")));
         reloaded(&weir);
     }
+    // A transaction begun read-only could not write anyway: it goes on.
+    let tx = client
+        .begin("other", pb::IsolationLevel::Unspecified, true)
+        .await
+        .expect("begin read-only");
+    file.write(&config(Some("read_only = true\n")));
+    reloaded(&weir);
+    client
+        .execute_in(&tx, "other", "SELECT 1", vec![])
+        .await
+        .expect("a read-only transaction goes on");
+    client.commit(&tx).await.expect("commit");
 }
 
 /// A key taken away by a reload ends what was started with it: its result
@@ -405,12 +417,7 @@ async fn a_revoked_key_ends_its_streams_loads_and_transactions() {
     let kept = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
     let gone = WeirClient::connect(&weir.addr, "key-a2").await.expect("a2");
     let table = "weir_reload_revoked";
-    kept.execute("pg", &format!("DROP TABLE IF EXISTS {table}"), vec![])
-        .await
-        .expect("drop");
-    kept.execute("pg", &format!("CREATE TABLE {table} (id bigint)"), vec![])
-        .await
-        .expect("create");
+    empty_table(&kept, table).await;
 
     // Two streams left unread after their first batch: each waits for its client.
     let rows = 1_000_000;

@@ -31,6 +31,8 @@ const DEFAULT_ARROW_BATCH_ROWS: usize = 65_536;
 const MAX_BATCH_ROWS: usize = 100_000;
 /// Batches buffered between the engine and the client.
 const STREAM_BUFFER: usize = 4;
+/// Longest the rollback of a refused statement's own transaction is waited for.
+const ROLLBACK_WAIT: Duration = Duration::from_secs(5);
 
 pub struct QueryApi {
     transactions: Arc<Transactions>,
@@ -155,12 +157,19 @@ impl Target {
             return outcome;
         };
         if outcome.is_ok() {
-            tx.commit().await?;
+            // A session lost while COMMIT was on its way: the write may have
+            // committed, and running it again could write it twice.
+            tx.commit().await.map_err(|e| match e.is_unavailable() {
+                true => Error::CommitOutcomeUnknown(e.to_string()),
+                false => Error::from(e),
+            })?;
         } else {
             tokio::spawn(async move {
-                if let Err(e) = tx.rollback().await {
-                    // Its session is closed instead, which rolls it back too.
-                    tracing::debug!(error = %e, "rolling back a refused statement's transaction");
+                // Given up on, the transaction's session is dropped, which rolls it back too.
+                match tokio::time::timeout(ROLLBACK_WAIT, tx.rollback()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "rolling back a refused statement's transaction"),
+                    Err(_) => tracing::debug!("rolling back a refused statement's transaction took too long"),
                 }
             });
         }
@@ -559,7 +568,10 @@ impl QueryService for QueryApi {
             .await
             .map_err(|_| Error::Timeout(timeout))?
             .map_err(Error::from)?;
-        let transaction_id = self.transactions.insert(&caller, &source, tx).await?;
+        let transaction_id = self
+            .transactions
+            .insert(&caller, &source, options.read_only, tx)
+            .await?;
         Ok(Response::new(pb::BeginTransactionResponse {
             transaction_id,
             idle_timeout: Some(convert::duration(caller.tenant.limits.transaction_idle_timeout)),

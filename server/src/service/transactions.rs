@@ -22,7 +22,8 @@ const REAP_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct OpenTransaction {
     pub tx: Arc<dyn SqlTransaction>,
     pub source: String,
-    /// The source was read-only when the transaction began.
+    /// The transaction could not write when it began (its source was
+    /// read-only, or the caller asked for a read-only transaction).
     began_read_only: bool,
     idle_timeout: Duration,
     last_used: Mutex<Instant>,
@@ -74,6 +75,7 @@ impl Transactions {
         &self,
         caller: &Caller,
         source: &Source,
+        read_only: bool,
         tx: Box<dyn SqlTransaction>,
     ) -> Result<Vec<u8>, Error> {
         let mut handle = [0u8; 16];
@@ -81,7 +83,7 @@ impl Transactions {
         let entry = OpenTransaction {
             tx: Arc::from(tx),
             source: source.name.clone(),
-            began_read_only: source.config.read_only,
+            began_read_only: read_only || source.config.read_only,
             idle_timeout: caller.tenant.limits.transaction_idle_timeout,
             last_used: Mutex::new(Instant::now()),
             revoked: caller.revoked.clone(),

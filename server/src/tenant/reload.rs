@@ -138,6 +138,11 @@ impl Registry {
         if let Some(refused) = &*self.refused.lock() {
             named_files(refused, &mut files);
         }
+        // Each once: a file both configurations name would otherwise make
+        // the fingerprint of a refused reload differ from the one before
+        // it, and the same refusal run again.
+        files.sort_unstable();
+        files.dedup();
         let mut hash = Sha256::new();
         for file in files {
             // A missing file hashes as empty: its return is a change too.

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -139,8 +140,17 @@ impl JwtVerifier {
                     outcome = Ok(data);
                     break;
                 }
-                // Signed with another of the keys, perhaps.
-                Err(e) if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                // Signed with another of the keys, perhaps, or of a kind this
+                // key cannot check (a P-384 key among P-256 ones).
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::InvalidSignature
+                            | ErrorKind::InvalidEcdsaKey
+                            | ErrorKind::InvalidRsaKey(_)
+                            | ErrorKind::InvalidKeyFormat
+                    ) =>
+                {
                     outcome = Err(e.to_string())
                 }
                 Err(e) => return Err(e.to_string()),

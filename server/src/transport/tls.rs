@@ -94,18 +94,15 @@ pub struct PeerInfo {
     pub not_after: Option<SystemTime>,
 }
 
-/// When a certificate stops being valid.
-pub fn certificate_not_after(der: &[u8]) -> Option<SystemTime> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
-    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(seconds))
-}
-
-/// The subject CNs and the DNS, URI and email SANs of a certificate.
-pub fn certificate_names(der: &[u8]) -> Vec<String> {
+/// The subject CNs and the DNS, URI and email SANs of a certificate, and
+/// when it stops being valid; no names for one that does not parse.
+pub fn certificate_facts(der: &[u8]) -> (Vec<String>, Option<SystemTime>) {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return Vec::new();
+        return (Vec::new(), None);
     };
+    let not_after = u64::try_from(cert.validity().not_after.timestamp())
+        .ok()
+        .and_then(|seconds| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(seconds)));
     let mut names: Vec<String> = cert
         .subject()
         .iter_common_name()
@@ -122,7 +119,7 @@ pub fn certificate_names(der: &[u8]) -> Vec<String> {
             }
         }
     }
-    names
+    (names, not_after)
 }
 
 /// A TLS connection with its peer, for tonic.
@@ -199,10 +196,11 @@ pub fn incoming(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let leaf = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+                        let (names, not_after) = leaf.map(|leaf| certificate_facts(leaf)).unwrap_or_default();
                         let peer = PeerInfo {
                             addr: Some(addr),
-                            identities: leaf.map(|leaf| certificate_names(leaf)).unwrap_or_default().into(),
-                            not_after: leaf.and_then(|leaf| certificate_not_after(leaf)),
+                            identities: names.into(),
+                            not_after,
                         };
                         let _ = tx.send(Ok(TlsConn { inner: stream, peer })).await;
                     }

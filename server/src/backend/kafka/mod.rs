@@ -327,11 +327,17 @@ impl RecordStream for KafkaRecords {
             // broker that just came back), within the wait.
             let deadline = Instant::now() + LAST_COMMIT_WAIT;
             loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let outcome = ahead_of_group(&consumer, &tpl, left).and_then(|ahead| match ahead.count() {
-                    0 => Ok(()),
-                    _ => consumer.commit(&ahead, CommitMode::Sync),
-                });
+                // The group's offsets asked for within a second at most; not
+                // answered, every offset is committed, as without the check:
+                // a rare rewind is better than no last commit.
+                let ask = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(GROUP_OFFSETS_WAIT);
+                let outcome = match ahead_of_group(&consumer, &tpl, ask) {
+                    Ok(ahead) if ahead.count() == 0 => Ok(()),
+                    Ok(ahead) => consumer.commit(&ahead, CommitMode::Sync),
+                    Err(_) => consumer.commit(&tpl, CommitMode::Sync),
+                };
                 if outcome.is_ok() || Instant::now() + LAST_COMMIT_RETRY >= deadline {
                     return (outcome, consumer);
                 }
@@ -377,6 +383,18 @@ fn ahead_of_group(
     Ok(ahead)
 }
 
+/// The cause a Produce whose deadline passed gives.
+fn late() -> BackendError {
+    BackendError::Engine {
+        kind: EngineErrorKind::DeadlineExceeded,
+        code: String::new(),
+        message: "the call's deadline passed before the broker acknowledged every record".into(),
+    }
+}
+
+/// Longest the last commit waits to learn the group's own offsets.
+const GROUP_OFFSETS_WAIT: Duration = Duration::from_secs(1);
+
 /// How long the end of a stream waits for its consumer's last commit.
 const LAST_COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// Between tries of that commit.
@@ -405,6 +423,23 @@ const CONSUMER_OUTAGE: Duration = Duration::from_secs(60);
 /// After such an error, before the consumer is asked again.
 const OUTAGE_PAUSE: Duration = Duration::from_millis(50);
 
+/// Connection errors further apart than this are separate outages
+/// (librdkafka tries to reconnect at least every 10 s while one lasts): a
+/// quiet topic's blip an hour after the last must not count as one outage.
+const OUTAGE_GAP: Duration = Duration::from_secs(15);
+
+/// Counts a connection error in the outage (when it began, when its last
+/// error came); whether the stream rides it out.
+fn ride_out(outage: &mut Option<(Instant, Instant)>) -> bool {
+    let now = Instant::now();
+    let (began, last) = outage.get_or_insert((now, now));
+    if now.duration_since(*last) > OUTAGE_GAP {
+        *began = now;
+    }
+    *last = now;
+    now.duration_since(*began) < CONSUMER_OUTAGE
+}
+
 /// An error librdkafka reports while it reconnects on its own.
 fn connection_error(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
@@ -415,8 +450,8 @@ fn connection_error(e: &KafkaError) -> bool {
 }
 
 async fn read_batches(consumer: &StreamConsumer, tx: mpsc::Sender<Result<Vec<InRecord>, BackendError>>) {
-    // When the connection errors without a record between them began.
-    let mut outage: Option<Instant> = None;
+    // The connection errors without a record between them.
+    let mut outage = None;
     loop {
         let first = tokio::select! {
             m = consumer.recv() => m,
@@ -427,7 +462,7 @@ async fn read_batches(consumer: &StreamConsumer, tx: mpsc::Sender<Result<Vec<InR
                 outage = None;
                 vec![record(&m)]
             }
-            Err(e) if connection_error(&e) && outage.get_or_insert_with(Instant::now).elapsed() < CONSUMER_OUTAGE => {
+            Err(e) if connection_error(&e) && ride_out(&mut outage) => {
                 tracing::debug!(error = %e, "a consumer's broker connection failed; librdkafka reconnects");
                 // Not at once: librdkafka reconnects on its own time.
                 tokio::time::sleep(OUTAGE_PAUSE).await;
@@ -448,6 +483,8 @@ async fn read_batches(consumer: &StreamConsumer, tx: mpsc::Sender<Result<Vec<InR
                     bytes += r.size();
                     batch.push(r);
                 }
+                // The batch goes; the next read meets the outage.
+                Ok(Err(e)) if connection_error(&e) => break,
                 Ok(Err(e)) => {
                     let _ = tx.send(Ok(batch)).await;
                     let _ = tx.send(Err(map_error(e))).await;
@@ -519,6 +556,16 @@ impl TopicSource for KafkaSource {
             })
             .collect();
         // The answer waits for every record's acknowledgement.
+        // No time left (spent waiting for a turn or a slot): nothing is
+        // queued, and every record is failed, to be sent again.
+        if within.is_some_and(|w| w.is_zero()) {
+            return Err(BackendError::ProducePartial {
+                cause: Box::new(late()),
+                acknowledged: Vec::new(),
+                failed: (0..records.len()).collect(),
+                unknown: Vec::new(),
+            });
+        }
         let answer_by = within.map(|w| Instant::now() + w);
         let results = self.producer.send_all(queued, Duration::from_secs(5), answer_by).await;
         let (mut acks, mut acknowledged, mut failed, mut unknown, mut cause) =
@@ -534,11 +581,7 @@ impl TopicSource for KafkaSource {
                 }
                 Err(e) if e == producer::LATE => {
                     unknown.push(i);
-                    cause.get_or_insert_with(|| BackendError::Engine {
-                        kind: EngineErrorKind::DeadlineExceeded,
-                        code: String::new(),
-                        message: "the call's deadline passed before the broker acknowledged every record".into(),
-                    });
+                    cause.get_or_insert_with(late);
                 }
                 Err(e) => {
                     // Purged in flight, never reported, or timed out waiting
@@ -718,6 +761,19 @@ impl TopicSource for KafkaSource {
 mod tests {
     use super::*;
     use crate::backend::EngineErrorKind;
+
+    #[test]
+    fn connection_errors_are_ridden_out_for_a_minute_and_blips_apart_are_outages_of_their_own() {
+        let now = Instant::now();
+        let mut outage = None;
+        assert!(ride_out(&mut outage), "a first error");
+        // Errors every few seconds for over a minute: the stream ends.
+        outage = Some((now - Duration::from_secs(61), now - Duration::from_secs(5)));
+        assert!(!ride_out(&mut outage));
+        // One blip long after the last: a new outage, ridden out.
+        outage = Some((now - Duration::from_secs(3600), now - Duration::from_secs(3000)));
+        assert!(ride_out(&mut outage));
+    }
 
     fn unavailable(e: KafkaError) -> String {
         match map_error(e) {

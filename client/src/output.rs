@@ -289,8 +289,12 @@ fn json_keys(columns: &[Column]) -> Vec<String> {
         .collect()
 }
 
-/// Integers that JSON readers parse as doubles (uint64) and decimals are
-/// strings so that they stay exact.
+/// Every integer up to 2^53 in magnitude is exact in a double; past it, not.
+const EXACT_IN_A_DOUBLE: u64 = 1 << 53;
+
+/// Integers past what JSON readers' doubles hold exactly (2^53) and decimals
+/// are strings so that they stay exact, as in Protobuf's JSON mapping;
+/// `weirctl load` reads them back from strings.
 fn write_json_value(buf: &mut Vec<u8>, value: &Value) -> io::Result<()> {
     let Some(kind) = &value.kind else {
         buf.extend_from_slice(b"null");
@@ -299,7 +303,8 @@ fn write_json_value(buf: &mut Vec<u8>, value: &Value) -> io::Result<()> {
     match kind {
         Kind::Null(_) => buf.extend_from_slice(b"null"),
         Kind::BoolValue(b) => write!(buf, "{b}")?,
-        Kind::Int64Value(i) => write!(buf, "{i}")?,
+        Kind::Int64Value(i) if i.unsigned_abs() <= EXACT_IN_A_DOUBLE => write!(buf, "{i}")?,
+        Kind::Int64Value(i) => write!(buf, "\"{i}\"")?,
         Kind::DoubleValue(d) => match serde_json::Number::from_f64(*d) {
             Some(n) => write!(buf, "{n}")?,
             // JSON has no NaN or infinities.
@@ -603,6 +608,22 @@ null,bool,int,uint,float,text,bytes,decimal,date,time,timestamp,interval,uuid,js
             "\n"
         );
         assert_eq!(render_every_variant(Format::Json), expected);
+    }
+
+    #[test]
+    fn json_writes_integers_past_2_to_the_53_as_strings() {
+        let columns = [column("n", ColumnType::Int)];
+        let rows: Vec<_> = [1 << 53, -(1 << 53), (1 << 53) + 1, i64::MIN]
+            .into_iter()
+            .map(|i| row(vec![Kind::Int64Value(i).into()]))
+            .collect();
+        assert_eq!(
+            render(Format::Json, &columns, &[rows]),
+            concat!(
+                "{\"n\":9007199254740992}\n{\"n\":-9007199254740992}\n",
+                "{\"n\":\"9007199254740993\"}\n{\"n\":\"-9223372036854775808\"}\n"
+            )
+        );
     }
 
     #[test]

@@ -31,8 +31,11 @@ use transport::tls::TlsReloader;
 /// How often idle transactions are looked for.
 const REAP_INTERVAL: Duration = Duration::from_millis(500);
 
-/// How long cut streams may take to end before the server stops waiting.
-const CUT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the steps after the calls (cut streams ending, the metrics
+/// port closing, transactions rolled back, statements cancelled) may take
+/// together before the server stops waiting: one budget, so that the time
+/// to exit has one bound a supervisor's stop timeout can be set above.
+const WRAP_UP: Duration = Duration::from_secs(10);
 
 /// Where the gateway listens: gRPC, and optionally the metrics/health HTTP port.
 pub struct Listeners {
@@ -134,6 +137,7 @@ pub async fn run(
         signal,
     );
     tokio::pin!(served);
+    let mut wrap_up_by = None;
     let result = tokio::select! {
         r = &mut served => r,
         () = deadline => {
@@ -142,9 +146,11 @@ pub async fn run(
             // and roll it back unawaited, where `rollback_all` awaits each.
             reaper.abort();
             registry.stop_all();
-            tokio::time::timeout(CUT_TIMEOUT, &mut served).await.unwrap_or(Ok(()))
+            let by = *wrap_up_by.insert(tokio::time::Instant::now() + WRAP_UP);
+            tokio::time::timeout_at(by, &mut served).await.unwrap_or(Ok(()))
         }
     };
+    let wrap_up_by = wrap_up_by.unwrap_or_else(|| tokio::time::Instant::now() + WRAP_UP);
     monitor.abort();
     reaper.abort();
     if let Some(watcher) = watcher {
@@ -153,12 +159,13 @@ pub async fn run(
     // A scraper that never finishes its request would hold the graceful
     // close of the metrics port for ever.
     if let Some(server) = metrics_server {
-        let _ = tokio::time::timeout(CUT_TIMEOUT, server).await;
+        let _ = tokio::time::timeout_at(wrap_up_by, server).await;
     }
-    transactions.rollback_all().await;
+    // Those not rolled back in time are when their connections close.
+    let _ = tokio::time::timeout_at(wrap_up_by, transactions.rollback_all()).await;
     // Statements cut or abandoned above are cancelled in their engines
     // before the runtime, and the cancels with it, are gone.
-    backend::settle_cancels(CUT_TIMEOUT).await;
+    backend::settle_cancels(wrap_up_by.saturating_duration_since(tokio::time::Instant::now())).await;
     tracing::info!("weir stopped");
     result
 }

@@ -1248,6 +1248,19 @@ async fn a_load_that_waited_for_its_turn_still_times_out_and_rolls_back() {
 /// with the deadline `grpc_timeout`, which passes during the trigger: the
 /// caller hears LOAD_TIMEOUT, and the table stays empty.
 async fn slow_end_load_times_out(ctx: &Ctx, table: &str, grpc_timeout: &str) {
+    let mut request = tonic::Request::new(tokio_stream::iter(slow_ending_load(ctx, table).await));
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", grpc_timeout.parse().expect("header value"));
+    let err = ctx.client.bulk().load(request).await.expect_err("past its deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    assert_eq!(reason(&err), "LOAD_TIMEOUT");
+    assert_ends_empty(ctx, table, "the caller was told of a timeout, and the load committed").await;
+}
+
+/// The messages of an APPEND of 10 rows into a fresh PostgreSQL `table`
+/// whose statement trigger takes 1.5 s: the load's end outlasts its rows.
+async fn slow_ending_load(ctx: &Ctx, table: &str) -> Vec<pb::LoadRequest> {
     use weir_client::weir_proto::v1::load_request::Message as LoadMessage;
     ctx.table(table, 0).await;
     ctx.exec(&format!(
@@ -1259,22 +1272,19 @@ async fn slow_end_load_times_out(ctx: &Ctx, table: &str, grpc_timeout: &str) {
         "CREATE TRIGGER {table} AFTER INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {table}()"
     ))
     .await;
-    let messages = vec![
+    vec![
         pb::LoadRequest {
             message: Some(LoadMessage::Header(header(table, pb::BulkLoadMode::Append))),
         },
         pb::LoadRequest {
             message: Some(LoadMessage::Rows(pb::LoadRows { rows: rows(0..10) })),
         },
-    ];
-    let mut request = tonic::Request::new(tokio_stream::iter(messages));
-    request
-        .metadata_mut()
-        .insert("grpc-timeout", grpc_timeout.parse().expect("header value"));
-    let err = ctx.client.bulk().load(request).await.expect_err("past its deadline");
-    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
-    assert_eq!(reason(&err), "LOAD_TIMEOUT");
-    // Past the trigger's end and the transaction's.
+    ]
+}
+
+/// Once the load's statement is over (past the trigger's end and the
+/// transaction's), `table` is still empty.
+async fn assert_ends_empty(ctx: &Ctx, table: &str, why: &str) {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     let still_running = format!(
@@ -1285,11 +1295,28 @@ async fn slow_end_load_times_out(ctx: &Ctx, table: &str, grpc_timeout: &str) {
         assert!(Instant::now() < deadline, "the load did not end");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        ctx.contents(table).await,
-        Vec::<String>::new(),
-        "the caller was told of a timeout, and the load committed"
+    assert_eq!(ctx.contents(table).await, Vec::<String>::new(), "{why}");
+}
+
+/// A client that cancels after its last message, while the engine still
+/// works on the load, leaves the table as it was: told nothing, it would
+/// run the load again.
+#[tokio::test]
+async fn a_load_cancelled_after_its_last_message_changes_nothing() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "weir_bulk_cancelled";
+    let messages = slow_ending_load(&ctx, table).await;
+    let mut bulk = ctx.client.bulk();
+    let call = tokio::spawn(async move { bulk.load(tokio_stream::iter(messages)).await });
+    // The rows are in and the trigger is running.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    call.abort();
+    assert!(
+        call.await.is_err_and(|e| e.is_cancelled()),
+        "the call ended before its cancel"
     );
+    assert_ends_empty(&ctx, table, "the caller cancelled, and the load committed").await;
+    ctx.server.stop().await;
 }
 
 /// A batch over `max_request_bytes` gets OUT_OF_RANGE, as a unary call's

@@ -683,11 +683,17 @@ async fn an_unreachable_broker_is_unavailable() {
 type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
 
 /// A mock cluster of one broker holding `topic` (with `partitions`), and a
-/// server whose Kafka source it is.
-async fn mock_topic(topic: &str, partitions: i32, message_timeout_ms: u32) -> (Mock, TestServer, WeirClient) {
+/// server whose Kafka source it is, with `more_options` for librdkafka
+/// (`"name" = "value"` lines).
+async fn mock_topic(
+    topic: &str,
+    partitions: i32,
+    message_timeout_ms: u32,
+    more_options: &str,
+) -> (Mock, TestServer, WeirClient) {
     let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(topic, partitions, 1).expect("topic");
-    let (server, client) = mock_server(&cluster, topic, message_timeout_ms).await;
+    let (server, client) = mock_server(&cluster, topic, message_timeout_ms, more_options).await;
     (cluster, server, client)
 }
 
@@ -695,14 +701,19 @@ async fn mock_topic(topic: &str, partitions: i32, message_timeout_ms: u32) -> (M
 const MOCK_MESSAGE_TIMEOUT_MS: u32 = 30_000;
 
 /// A server whose Kafka source is librdkafka's in-process mock cluster.
-async fn mock_server(cluster: &Mock, topic: &str, message_timeout_ms: u32) -> (TestServer, WeirClient) {
+async fn mock_server(
+    cluster: &Mock,
+    topic: &str,
+    message_timeout_ms: u32,
+    more_options: &str,
+) -> (TestServer, WeirClient) {
     let config = tenant(
         "km",
         "",
         &format!(
             "[tenants.km.sources.events]\nengine = \"kafka\"\nbootstrap_servers = \"{}\"\ntopics = [\"{topic}\"]\n\
              [tenants.km.sources.events.kafka_options]\n\"session.timeout.ms\" = \"6000\"\n\
-             \"message.timeout.ms\" = \"{message_timeout_ms}\"\n",
+             \"message.timeout.ms\" = \"{message_timeout_ms}\"\n{more_options}",
             cluster.bootstrap_servers()
         ),
     );
@@ -803,7 +814,7 @@ fn a_consumer_closing_against_a_lost_broker_holds_up_no_other_call() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let (server, client) = mock_server(&cluster, "lost", MOCK_MESSAGE_TIMEOUT_MS).await;
+        let (server, client) = mock_server(&cluster, "lost", MOCK_MESSAGE_TIMEOUT_MS, "").await;
         produce(&client, "lost", (0..3).map(record).collect())
             .await
             .expect("produce");
@@ -829,7 +840,7 @@ fn a_consumer_closing_against_a_lost_broker_holds_up_no_other_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_rides_out_a_broker_restart() {
-    let (cluster, server, client) = mock_topic("outage", 1, MOCK_MESSAGE_TIMEOUT_MS).await;
+    let (cluster, server, client) = mock_topic("outage", 1, MOCK_MESSAGE_TIMEOUT_MS, "").await;
     produce(&client, "outage", (0..5).map(record).collect())
         .await
         .expect("produce");
@@ -857,7 +868,7 @@ async fn a_slow_answer_leaves_its_record_unknown(
     deadline: Option<Duration>,
     code: Code,
 ) {
-    let (cluster, server, client) = mock_topic(topic, 1, message_timeout_ms).await;
+    let (cluster, server, client) = mock_topic(topic, 1, message_timeout_ms, "").await;
     produce(&client, topic, vec![record(0)]).await.expect("a first record");
     cluster
         .broker_round_trip_time(1, Duration::from_secs(4))
@@ -907,13 +918,51 @@ async fn a_produce_past_its_deadline_lists_its_unconfirmed_records() {
     .await;
 }
 
+/// A Produce waiting for room in a full producer queue stops waiting at its
+/// deadline too: the record queued is unknown, those never queued failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_waiting_for_queue_room_answers_by_its_deadline() {
+    let topic = "crowded";
+    let (cluster, server, client) = mock_topic(
+        topic,
+        1,
+        MOCK_MESSAGE_TIMEOUT_MS,
+        "\"queue.buffering.max.messages\" = \"1\"\n",
+    )
+    .await;
+    produce(&client, topic, vec![record(0)]).await.expect("a first record");
+    cluster
+        .broker_round_trip_time(1, Duration::from_secs(4))
+        .expect("slow answers");
+    let mut request = tonic::Request::new(pb::ProduceRequest {
+        source: "events".into(),
+        topic: topic.into(),
+        records: (1..4).map(record).collect(),
+        options: None,
+    });
+    request.set_timeout(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let err = client.stream().produce(request).await.expect_err("no room in time");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(
+        (
+            error_metadata(&err, "unknown_records"),
+            error_metadata(&err, "failed_records")
+        ),
+        ("0".to_string(), "1,2".to_string()),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    server.stop().await;
+}
+
 /// A record the broker refuses as such (a tombstone without a key on a
 /// compacted topic) is the caller's to fix: INVALID_ARGUMENT with the
 /// broker's code, not INTERNAL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_the_broker_refuses_are_invalid_arguments() {
     use rdkafka::types::RDKafkaRespErr as E;
-    let (cluster, server, client) = mock_topic("refusing", 1, 2000).await;
+    let (cluster, server, client) = mock_topic("refusing", 1, 2000, "").await;
     let produce_key = rdkafka::types::RDKafkaApiKey::Produce;
     cluster.request_errors(produce_key, &[E::RD_KAFKA_RESP_ERR_INVALID_RECORD]);
     let err = produce(&client, "refusing", vec![record(0)])
@@ -932,7 +981,7 @@ async fn records_the_broker_refuses_are_invalid_arguments() {
 /// meanwhile: the group would read those records again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaving_member_does_not_rewind_what_another_member_committed() {
-    let (_cluster, server, client) = mock_topic("shared", 2, MOCK_MESSAGE_TIMEOUT_MS).await;
+    let (_cluster, server, client) = mock_topic("shared", 2, MOCK_MESSAGE_TIMEOUT_MS, "").await;
     let to_both = |range: std::ops::Range<usize>| {
         range
             .flat_map(|i| {
@@ -971,7 +1020,7 @@ async fn a_leaving_member_does_not_rewind_what_another_member_committed() {
 /// watermarks (-1) instead of failing the whole listing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_are_listed_while_a_partition_has_no_leader() {
-    let (cluster, server, client) = mock_topic("elect", 2, MOCK_MESSAGE_TIMEOUT_MS).await;
+    let (cluster, server, client) = mock_topic("elect", 2, MOCK_MESSAGE_TIMEOUT_MS, "").await;
     produce(&client, "elect", (0..3).map(record).collect())
         .await
         .expect("produce");
@@ -995,7 +1044,7 @@ async fn topics_are_listed_while_a_partition_has_no_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explicit_offsets_past_the_end_of_a_partition_are_out_of_range() {
     let topic = "offsets".to_string();
-    let (_cluster, server, client) = mock_topic(&topic, 1, MOCK_MESSAGE_TIMEOUT_MS).await;
+    let (_cluster, server, client) = mock_topic(&topic, 1, MOCK_MESSAGE_TIMEOUT_MS, "").await;
     produce(&client, &topic, (0..3).map(record).collect())
         .await
         .expect("produce");

@@ -1438,7 +1438,8 @@ async fn statements_prepared_before_their_table_changed_are_prepared_again() {
     .await;
     let pooled = postgres("ddl", "pooled", "[tenants.ddl.sources.pooled.pool]\nmax_size = 4\n");
     let shared = postgres("ddl", "shared", &multiplex("ddl", "shared", 2, "5s"));
-    let server = TestServer::start(&tenant("ddl", "", &format!("{pooled}{shared}"))).await;
+    let single = postgres("ddl", "single", "[tenants.ddl.sources.single.pool]\nmax_size = 1\n");
+    let server = TestServer::start(&tenant("ddl", "", &format!("{pooled}{shared}{single}"))).await;
     let client = server.client("key-ddl").await;
     // Slow enough that four at once take four pooled connections, or both
     // shared ones, and each prepares `t.*` with the table's columns of now.
@@ -1468,13 +1469,30 @@ async fn statements_prepared_before_their_table_changed_are_prepared_again() {
     for source in ["pooled", "shared"] {
         read_everywhere(source, 3).await;
     }
-    // Inside a transaction the statement cannot be run again for the
-    // caller: the transaction is aborted, and the caller told to run it again.
+    // The first statement of a transaction is begun again and rerun: nothing
+    // in it has run yet.
     setup("ALTER TABLE weir_altered ADD COLUMN c int8").await;
     let tx = client
         .begin("pooled", IsolationLevel::Unspecified, false)
         .await
         .expect("begin");
+    let result = client
+        .execute_in(&tx, "pooled", read, vec![])
+        .await
+        .expect("first in a transaction");
+    assert_eq!(result.columns.len(), 4);
+    client.commit(&tx).await.expect("commit");
+    // A later one cannot be: the transaction is aborted, and the caller told
+    // to run it again.
+    let tx = client
+        .begin("pooled", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "pooled", "SELECT 1", vec![])
+        .await
+        .expect("a first statement");
+    setup("ALTER TABLE weir_altered ADD COLUMN d int8").await;
     let err = client
         .execute_in(&tx, "pooled", read, vec![])
         .await
@@ -1491,8 +1509,19 @@ async fn statements_prepared_before_their_table_changed_are_prepared_again() {
         .await
         .expect("begin again");
     let result = client.execute_in(&tx, "pooled", read, vec![]).await.expect("run again");
-    assert_eq!(result.columns.len(), 4);
+    assert_eq!(result.columns.len(), 5);
     client.commit(&tx).await.expect("commit");
+    // A write that hands back its rows runs in a transaction of its own, and
+    // is rerun there too (one connection: the one that prepared it).
+    let write = "INSERT INTO weir_altered (a) VALUES (2) RETURNING *";
+    let result = client.execute("single", write, vec![]).await.expect("write");
+    assert_eq!(result.columns.len(), 4);
+    setup("ALTER TABLE weir_altered ADD COLUMN e int8").await;
+    let result = client
+        .execute("single", write, vec![])
+        .await
+        .expect("write after the change");
+    assert_eq!(result.columns.len(), 5);
     server.stop().await;
 }
 

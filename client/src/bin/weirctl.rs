@@ -36,8 +36,10 @@ struct Cli {
         global = true
     )]
     key: String,
-    /// Reads the API key from this file (its first line) instead of --key.
-    #[arg(long, env = "WEIR_API_KEY_FILE", global = true, conflicts_with = "key")]
+    /// Reads the API key from this file (its first line) instead of --key or
+    /// WEIR_API_KEY. (Not a conflict with them: an exported WEIR_API_KEY
+    /// would make every --key-file a usage error.)
+    #[arg(long, env = "WEIR_API_KEY_FILE", global = true)]
     key_file: Option<PathBuf>,
     /// Connect with TLS, verifying the server against this PEM CA certificate.
     #[arg(long, env = "WEIR_CA_CERT", global = true)]
@@ -1379,6 +1381,13 @@ mod tests {
             .filter_map(|i| narrow.push(row([Value::from(i as i64)])).map(|b| b.len()))
             .collect();
         assert_eq!(sizes, [3, 3]);
+    }
+
+    #[test]
+    fn a_key_file_is_taken_while_weir_api_key_is_set() {
+        std::env::set_var("WEIR_API_KEY", "from-the-environment");
+        let cli = Cli::try_parse_from(["weirctl", "--key-file", "/run/key", "sources"]).expect("parses");
+        assert_eq!(cli.key_file, Some(PathBuf::from("/run/key")));
     }
 
     fn change(op: ChangeOperation) -> Message {

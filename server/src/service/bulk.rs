@@ -481,12 +481,26 @@ impl BulkApi {
     }
 }
 
+/// A call dropped before its answer (the client cancelled or went away after
+/// its last message, while the engine still merged or committed) gives the
+/// load up: a COMMIT not begun by then never runs, as the client, told
+/// nothing, would run the load again. Once COMMIT has begun, or the load is
+/// over, this changes nothing.
+struct AbandonOnDrop(Verdict);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.abandon();
+    }
+}
+
 #[tonic::async_trait]
 impl BulkLoadService for BulkApi {
     async fn load(&self, request: Request<Streaming<pb::LoadRequest>>) -> Result<Response<pb::LoadResponse>, Status> {
         let caller = caller(&request)?;
         let deadline = deadline_left(&caller);
         let verdict = Verdict::default();
+        let _abandoned_if_dropped = AbandonOnDrop(verdict.clone());
         let run = self.run(caller, request.into_inner(), verdict.clone());
         let response = match deadline {
             // A little ahead of the transport, which cuts an expired call with

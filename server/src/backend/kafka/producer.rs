@@ -94,10 +94,10 @@ impl Producer {
 
     /// Queues the records in their order, then waits for the broker's
     /// answer to each. A full queue is waited on (up to `queue_timeout` per
-    /// record) before the next record is queued: queueing them all at once,
-    /// the records retried after a full queue could go out in any order.
-    /// Once one record waited in vain, the rest are not queued.
-    /// Answers that do not come by `answer_by` are [`LATE`].
+    /// record, and never past `answer_by`) before the next record is queued:
+    /// queueing them all at once, the records retried after a full queue
+    /// could go out in any order. Once one record waited in vain, the rest
+    /// are not queued. Answers that do not come by `answer_by` are [`LATE`].
     pub async fn send_all<'a>(
         &self,
         records: impl IntoIterator<Item = Record<'a>>,
@@ -109,7 +109,11 @@ impl Producer {
         for record in records {
             let queued = match &stuck {
                 Some(e) => Err(e.clone()),
-                None => self.queue(record, queue_timeout).await,
+                None => {
+                    let give_up = Instant::now() + queue_timeout;
+                    self.queue(record, answer_by.map_or(give_up, |at| at.min(give_up)))
+                        .await
+                }
             };
             if let Err(e @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) = &queued {
                 stuck = Some(e.clone());
@@ -128,14 +132,13 @@ impl Producer {
         futures::future::join_all(answers).await
     }
 
-    /// Queues one record, waiting while the queue is full; returns where its report will arrive.
-    /// (The queue wait is bounded by `queue_timeout` alone: a record is queued or refused whole.)
+    /// Queues one record, waiting while the queue is full until `give_up`;
+    /// returns where its report will arrive. A record is queued or refused whole.
     async fn queue(
         &self,
         record: Record<'_>,
-        queue_timeout: Duration,
+        give_up: Instant,
     ) -> KafkaResult<oneshot::Receiver<KafkaResult<Delivery>>> {
-        let started = Instant::now();
         let (tx, rx) = oneshot::channel();
         let mut base: BaseRecord<'_, [u8], [u8], Box<Report>> = BaseRecord::with_opaque_to(record.topic, Box::new(tx));
         base.key = record.key;
@@ -146,9 +149,7 @@ impl Producer {
         loop {
             match self.inner.send(base) {
                 Ok(()) => return Ok(rx),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
-                    if started.elapsed() < queue_timeout =>
-                {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) if Instant::now() < give_up => {
                     base = back;
                     tokio::time::sleep(QUEUE_FULL_PAUSE).await;
                 }

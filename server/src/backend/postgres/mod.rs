@@ -85,6 +85,10 @@ pub struct PgConn {
     /// by a signal that has not arrived yet: the session is closed rather
     /// than given to the next caller.
     broken: bool,
+    /// The BEGIN of a transaction none of whose statements has run yet. Its
+    /// first statement, refused for a plan gone stale, begins it again and
+    /// runs again: nothing in it has been seen or written.
+    fresh_begin: Option<String>,
 }
 
 impl PgConn {
@@ -255,6 +259,7 @@ impl bb8::ManageConnection for PgManager {
             needs_reset: false,
             needs_rollback: false,
             broken: false,
+            fresh_begin: None,
         })
     }
 
@@ -472,7 +477,7 @@ fn describe(prepared: &tokio_postgres::Statement, statement: &Statement) -> Resu
     prepared.columns().iter().map(types::column).collect()
 }
 
-async fn run(lease: Lease, statement: Statement, reset: SessionReset) -> Result<QueryStream, BackendError> {
+async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Result<QueryStream, BackendError> {
     types::check_params(&statement.params)?;
     // A pooled session is reset before its next statement; when the statement
     // is already prepared the reset travels in the same round trip.
@@ -484,10 +489,15 @@ async fn run(lease: Lease, statement: Statement, reset: SessionReset) -> Result<
     // Armed from here: dropping this future mid-call (a deadline, a cancel)
     // cancels what the session is doing, the reset, a prepare waiting for a
     // lock or the statement, before the session serves anyone else.
+    let mut begin_again = match &mut lease {
+        Lease::Transaction(session) => session.fresh_begin.take(),
+        Lease::Pooled(_) => None,
+    };
     let mut guard = StatementGuard { lease: Some(lease) };
     // A statement whose table changed since it was prepared here is refused
-    // before it runs: outside a transaction it is prepared again and rerun.
-    let mut replanned = !pooled;
+    // before it runs: outside a transaction, or first in one, it is prepared
+    // again and rerun.
+    let mut replanned = !pooled && begin_again.is_none();
     loop {
         let Some(lease) = guard.lease.as_mut() else {
             return Err(BackendError::Internal("statement lease missing".into()));
@@ -555,6 +565,14 @@ async fn run(lease: Lease, statement: Statement, reset: SessionReset) -> Result<
                 l.statements.remove(&statement.sql);
                 if !replanned && plan_went_stale(&e) {
                     replanned = true;
+                    if let Some(begin) = begin_again.take() {
+                        // The refusal aborted the transaction.
+                        if let Err(e) = l.client.batch_execute(&format!("ROLLBACK; {begin}")).await {
+                            // Neither in the transaction nor surely out of it: not to be committed.
+                            l.broken = true;
+                            return Err(map_error(e));
+                        }
+                    }
                     guard.lease = Some(l);
                     continue;
                 }
@@ -734,6 +752,7 @@ impl SqlSource for PostgresSource {
         } else {
             conn.client.batch_execute(&sql).await.map_err(map_error)?;
         }
+        conn.fresh_begin = Some(sql);
         Ok(Box::new(PgTransaction::new(conn)))
     }
 
@@ -813,6 +832,7 @@ impl SqlTransaction for PgTransaction {
 
     async fn commit(&self) -> Result<(), BackendError> {
         let mut conn = self.to_end().await?;
+        conn.fresh_begin = None;
         // A session already closed cannot have committed; past this point a
         // lost session leaves the outcome unknown.
         if conn.client.is_closed() {
@@ -854,6 +874,7 @@ impl SqlTransaction for PgTransaction {
 
     async fn rollback(&self) -> Result<(), BackendError> {
         let mut conn = self.to_end().await?;
+        conn.fresh_begin = None;
         conn.client.batch_execute("ROLLBACK").await.map_err(map_error)?;
         conn.in_transaction = false;
         Ok(())

@@ -827,6 +827,21 @@ async fn bad_requests_get_clear_errors(engine: Engine) {
     ctx.finish(&[&sub], &[&t, &keyless]).await;
 }
 
+/// An acknowledgement the transport refuses (over `max_request_bytes`) ends
+/// the stream with that error: a stream cut short never ends with OK.
+#[tokio::test]
+async fn an_ack_over_the_request_size_limit_ends_the_stream_with_its_error() {
+    let ctx = Ctx::with_changes(Engine::Postgres, "[server]\nmax_request_bytes = 65536\n").await;
+    let t = ctx.table("big_ack").await;
+    let sub = ctx.name("big_ack");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    watch.ack(vec![0; 100_000]).await.expect("sent");
+    let err = stream_error(&mut watch).await;
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// A port of the second servers ./scripts/test starts without change streams.
 /// Servers that cannot stream changes say which setting is missing.
 #[tokio::test]

@@ -1868,6 +1868,39 @@ async fn a_session_whose_cancel_goes_astray_is_closed_not_held() {
         .expect("activity")
         .get(0);
     assert_eq!(running, 1, "the abandoned statement was cancelled after all");
+    // In a transaction, neither its next statement nor its Rollback waits
+    // behind such a statement: closing the session rolls it back.
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    proxy.refuse(true);
+    let mut request = tonic::Request::new(pb::ExecuteRequest {
+        source: "pg".into(),
+        sql: "SELECT pg_sleep(60) AS astray_probe".into(),
+        transaction_id: tx.clone(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let err = client.query().execute(request).await.expect_err("the deadline passes");
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    // Busy while the cancel is waited for (up to 5 s), then over.
+    let next = loop {
+        let next = tokio::time::timeout(Duration::from_secs(5), client.execute_in(&tx, "pg", "SELECT 1", vec![]))
+            .await
+            .expect("the next statement is answered at once")
+            .expect_err("the transaction is over");
+        if next.code() != Code::FailedPrecondition || started.elapsed() > Duration::from_secs(50) {
+            break next;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(next.code(), Code::Aborted, "{next:?}");
+    tokio::time::timeout(Duration::from_secs(5), client.rollback(&tx))
+        .await
+        .expect("the rollback is answered at once")
+        .expect("rolled back");
+    proxy.refuse(false);
     pg.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%astray_probe%' AND pid <> pg_backend_pid()",
         &[],

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::backend::{BackendError, Column, Row};
 
@@ -235,8 +235,31 @@ impl Outbox {
 /// releases the subscription for the next consumer.
 pub struct ChangeFeed {
     pub items: mpsc::Receiver<Result<ChangeItem, BackendError>>,
-    /// Positions the client acknowledged, in order.
-    pub acks: mpsc::UnboundedSender<Position>,
+    /// The furthest position the client acknowledged.
+    pub acks: watch::Sender<Option<Position>>,
+}
+
+/// The client's acknowledgements as the engine's reader takes them: only
+/// the latest counts, so a client acknowledging every change of a long
+/// snapshot, which the reader reads no acknowledgement during, queues nothing.
+pub struct Acks(watch::Receiver<Option<Position>>);
+
+impl Acks {
+    pub fn channel() -> (watch::Sender<Option<Position>>, Acks) {
+        let (tx, rx) = watch::channel(None);
+        (tx, Acks(rx))
+    }
+
+    /// The latest acknowledgement, if any (also once the stream is gone).
+    pub fn latest(&mut self) -> Option<Position> {
+        self.0.borrow_and_update().clone()
+    }
+
+    /// Waits for a newer acknowledgement; `None` once the stream is gone.
+    pub async fn next(&mut self) -> Option<Position> {
+        self.0.changed().await.ok()?;
+        self.latest()
+    }
 }
 
 #[cfg(test)]

@@ -57,6 +57,10 @@ fn words_as(sql: &str, n: usize, reading: Reading) -> Vec<String> {
     let mut rest = sql;
     while words.len() < n {
         rest = skip_space(rest, reading);
+        // Empty statements before the first word (T-SQL's `;WITH ...`).
+        while let (true, Some(after)) = (words.is_empty(), rest.strip_prefix(';')) {
+            rest = skip_space(after, reading);
+        }
         let end = rest
             .char_indices()
             .find(|&(i, c)| !(c.is_alphanumeric() || c == '_' || (i == 0 && c == '@')))
@@ -192,6 +196,11 @@ mod tests {
             [["pragma", "foreign_keys"]]
         );
         assert_eq!(leading_words("BEGIN;", 3), [["begin"]]);
+        assert_eq!(leading_words(" ;; /* a */ ;COMMIT TRAN", 2), [["commit", "tran"]]);
+        assert!(controls_transaction(";COMMIT TRAN"));
+        assert!(writes_and_returns_rows(
+            ";WITH d AS (SELECT 1 AS a) DELETE FROM t OUTPUT deleted.*"
+        ));
         assert_eq!(leading_words("/* unclosed", 1), [Vec::<String>::new()]);
         assert_eq!(leading_words("ROLLBACK TRAN @sp", 3), [["rollback", "tran", "@sp"]]);
     }

@@ -384,8 +384,17 @@ impl TenantLimiter {
     }
 }
 
-/// Left of a deadline after a wait for a turn, at the least, so that the call can still run.
-const TIME_TO_RUN: Duration = Duration::from_millis(1);
+/// How long before the caller's deadline the gateway ends a call itself and
+/// says why: the answer must reach the caller before its own client gives
+/// up (gRPC clients time the call from before it was sent), on a busy
+/// machine too.
+pub const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+
+/// Left of a deadline after a wait for a turn, at the least: the gateway's
+/// margin and a little time to run in. A turn later than that would be
+/// spent on a call the gateway ends at once (STATEMENT_TIMEOUT after 0 ms),
+/// where it should be refused with a retry delay.
+const TIME_TO_RUN: Duration = Duration::from_millis(110);
 
 /// A call admitted by its tenant's limits: its concurrency slot, and how
 /// long it must wait for its turn at the request rate.
@@ -454,12 +463,16 @@ mod tests {
         assert_eq!(limiter.admit(None).expect("the burst").wait, Duration::ZERO);
         // The next token is due in 100 ms: too late for a call with 50 ms
         // left, which is refused at once and takes no token...
-        let refused = limiter.admit(Some(Duration::from_millis(50)));
-        assert!(
-            matches!(refused, Err(Error::RateLimited { rate: 10, .. })),
-            "{:?}",
-            refused.map(|t| t.wait)
-        );
+        // (nor is one with 150 ms left: that turn would leave it less than
+        // the gateway's margin before its deadline)...
+        for left in [50, 150] {
+            let refused = limiter.admit(Some(Duration::from_millis(left)));
+            assert!(
+                matches!(refused, Err(Error::RateLimited { rate: 10, .. })),
+                "{left} ms: {:?}",
+                refused.map(|t| t.wait)
+            );
+        }
         // ...while a call without a deadline takes that turn and waits for it.
         let turn = limiter.admit(None).expect("a turn within 250 ms");
         assert!(

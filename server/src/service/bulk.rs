@@ -297,14 +297,7 @@ impl Incoming<'_> {
 /// the same way. Anything else is the client going away or resetting the
 /// call. Either way nothing is committed.
 fn unreadable(status: Status) -> Error {
-    let refused = match status.code() {
-        // Over `max_request_bytes` as sent, or once decompressed.
-        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => true,
-        // Answered as INVALID_ARGUMENT by the transport.
-        tonic::Code::Internal => crate::transport::auth::is_decode_failure(status.message()),
-        _ => false,
-    };
-    if refused {
+    if super::refused_by_transport(&status) {
         tracing::info!(code = ?status.code(), "a load message was refused; rolling back");
         return Error::BadMessage(status);
     }

@@ -13,7 +13,7 @@ use super::{bad, caller, check_plain_name, convert, source, StreamIn, StreamOut}
 use crate::backend::changes::{ChangeItem, ChangeOp, Position, RowChange, TableName};
 use crate::backend::WatchSpec;
 use crate::config::ChangesConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tenant::Caller;
 
 /// Longest subscription name.
@@ -275,6 +275,8 @@ impl Pump<'_> {
         // A client may half-close once it has nothing more to acknowledge.
         let mut listening = true;
         let mut throttled = std::time::Duration::ZERO;
+        // The last position passed on to the reader.
+        let mut acked: Option<Position> = None;
         loop {
             tokio::select! {
                 item = feed.items.recv() => {
@@ -326,8 +328,15 @@ impl Pump<'_> {
                 message = inbound.message(), if listening => match message {
                     Ok(Some(pb::WatchChangesRequest { message: Some(Message::Ack(ack)) })) => {
                         match self.ack(&ack.position) {
+                            // Only an ack that moves on reaches the reader:
+                            // one that does not would wait in its queue
+                            // (during a snapshot, for as long as it lasts).
+                            Ok(p) if acked.as_ref().is_some_and(|a| &p <= a) => {}
                             // The reader is gone only when the stream is ending anyway.
-                            Ok(p) => { let _ = feed.acks.send(p); }
+                            Ok(p) => {
+                                acked = Some(p.clone());
+                                let _ = feed.acks.send(Some(p));
+                            }
                             Err(e) => {
                                 tx.fail(e);
                                 return;
@@ -339,7 +348,13 @@ impl Pump<'_> {
                         return;
                     }
                     Ok(None) => listening = false,
-                    Err(_) => return,
+                    Err(status) => {
+                        // A stream cut short never ends with OK.
+                        if super::refused_by_transport(&status) {
+                            tx.fail(Error::BadMessage(status));
+                        }
+                        return;
+                    }
                 },
                 () = tx.closed() => return,
                 e = super::stopped(&cut, &revoked, expires) => {

@@ -26,9 +26,23 @@ use weir_proto::v1 as pb;
 use crate::config::Priority;
 use crate::error::Error;
 use crate::limits::scheduler::{Scheduler, Slot};
+use crate::limits::DEADLINE_MARGIN;
 use crate::tenant::{Caller, Source};
 
 /// A request field the caller must change.
+/// Whether a client message's read failed because the transport refused the
+/// message (too large, or not decodable), not because the client went away
+/// or reset the call: the caller is to hear of it as `Error::BadMessage`.
+fn refused_by_transport(status: &Status) -> bool {
+    match status.code() {
+        // Over `max_request_bytes` as sent, or once decompressed.
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => true,
+        // Answered as INVALID_ARGUMENT by the transport.
+        tonic::Code::Internal => crate::transport::auth::is_decode_failure(status.message()),
+        _ => false,
+    }
+}
+
 fn bad(field: &'static str, message: impl Into<String>) -> Error {
     Error::InvalidArgument {
         field,
@@ -312,12 +326,6 @@ pub fn check_plain_name(field: &'static str, name: &str, max: usize) -> Result<(
     }
     Ok(())
 }
-
-/// How long before the caller's deadline the gateway ends a call itself and
-/// says why: the answer must reach the caller before its own client gives
-/// up (gRPC clients time the call from before it was sent), on a busy
-/// machine too.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
 
 /// The time the gateway has left to answer before the caller's deadline
 /// (`grpc-timeout`), less the margin. The transport's timer runs from the

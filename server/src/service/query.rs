@@ -541,8 +541,10 @@ impl QueryService for QueryApi {
                 };
                 target.finished();
                 if let Err(e) = outcome {
-                    tracing::info!(error = %e, "stream ended with an error");
-                    tx.fail(target.lost(e));
+                    let status = Status::from(target.lost(e));
+                    // Not the message: an engine's may quote a parameter or a row's values.
+                    tracing::info!(code = ?status.code(), "stream ended with an error");
+                    tx.fail(status);
                 }
             }
             .instrument(tracing::Span::current()),

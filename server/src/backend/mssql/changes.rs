@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 
 use super::bulk::quote;
 use super::{schema, types, Manager, MssqlConn};
-use crate::backend::changes::{check_resume, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, WatchSpec};
+use crate::backend::changes::{
+    check_resume, Acks, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, WatchSpec,
+};
 use crate::backend::{BackendError, Column, Row, Value};
 
 const POSITIONS_TABLE: &str = "weir_change_positions";
@@ -448,14 +450,14 @@ impl Reader {
     }
 
     /// Takes in the acknowledgements that arrived and stores the furthest.
-    async fn take_acks(&mut self, acks: &mut mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
-        while let Ok(p) = acks.try_recv() {
+    async fn take_acks(&mut self, acks: &mut Acks) -> Result<(), BackendError> {
+        if let Some(p) = acks.latest() {
             self.acked = self.acked.max(CdcPos::decode(&p)?);
         }
         self.store().await
     }
 
-    async fn run(mut self, mut acks: mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
+    async fn run(mut self, mut acks: Acks) -> Result<(), BackendError> {
         let mut pause = self.spec.poll_interval;
         loop {
             self.take_acks(&mut acks).await?;
@@ -520,7 +522,7 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
         None => stored,
     };
     let (tx, items) = mpsc::channel(FEED_BUFFER);
-    let (acks, ack_rx) = mpsc::unbounded_channel();
+    let (acks, ack_rx) = Acks::channel();
     let reader = Reader {
         spec,
         conn,

@@ -27,7 +27,8 @@ use tokio::sync::mpsc;
 use super::types::{self, Decode};
 use super::{map_error, schema};
 use crate::backend::changes::{
-    check_resume, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName, WatchSpec,
+    check_resume, Acks, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName,
+    WatchSpec,
 };
 use crate::backend::{BackendError, Column, ColumnType, Row, Value};
 
@@ -168,7 +169,10 @@ fn convert(v: BinlogValue<'_>, shape: &Shape) -> Result<Value, String> {
     let v = match v {
         BinlogValue::Value(v) => v,
         BinlogValue::Jsonb(j) => {
-            let json = serde_json::Value::try_from(j).map_err(|e| format!("binary JSON: {e}"))?;
+            // Through the document model, which writes the opaque scalars
+            // MySQL keeps decimals, dates and times in as strings (the direct
+            // conversion refuses them).
+            let json = serde_json::Value::from(j.parse().map_err(|e| format!("binary JSON: {e}"))?);
             return Ok(Value::Json(json.to_string()));
         }
         BinlogValue::JsonDiff(_) => {
@@ -177,6 +181,22 @@ fn convert(v: BinlogValue<'_>, shape: &Shape) -> Result<Value, String> {
     };
     Ok(match (v, shape) {
         (MyValue::NULL, _) => Value::Null,
+        // With signedness in the table map (MySQL 8's default row metadata).
+        (MyValue::UInt(u), &Shape::Unsigned(bits)) => {
+            if bits == 64 {
+                Value::UInt(u)
+            } else {
+                Value::Int(i64::try_from(u).map_err(|_| format!("{u} is not a {bits}-bit value"))?)
+            }
+        }
+        // YEAR comes as its text, 1900 plus the stored byte: the year 0000 as 1900.
+        (MyValue::Bytes(b), Shape::Plain(Decode::Int)) => {
+            let year: i64 = std::str::from_utf8(&b)
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .ok_or("invalid YEAR")?;
+            Value::Int(if year == 1900 { 0 } else { year })
+        }
         (MyValue::Int(i), &Shape::Unsigned(bits)) => {
             let raw = if bits == 64 {
                 i as u64
@@ -300,8 +320,16 @@ async fn resolve(conn: &mut Conn, tables: &[TableName]) -> Result<HashMap<(Strin
     Ok(out)
 }
 
+/// MySQL's parse error: 8.4 has no `SHOW MASTER STATUS`.
+const PARSE_ERROR: u16 = 1064;
+
 async fn current_position(conn: &mut Conn) -> Result<(String, u64), BackendError> {
-    let row: Option<mysql_async::Row> = conn.query_first("SHOW MASTER STATUS").await.map_err(map_error)?;
+    let row: Option<mysql_async::Row> = match conn.query_first("SHOW MASTER STATUS").await {
+        Err(mysql_async::Error::Server(e)) if e.code == PARSE_ERROR => {
+            conn.query_first("SHOW BINARY LOG STATUS").await.map_err(map_error)?
+        }
+        other => other.map_err(map_error)?,
+    };
     let mut row = row.ok_or_else(|| BackendError::ChangesNotReady("the server's binary log is off".into()))?;
     let file: String = row
         .take(0)
@@ -439,12 +467,8 @@ struct Reader {
 type Sent = Result<(), ()>;
 
 impl Reader {
-    async fn store_acks(
-        &mut self,
-        acks: &mut mpsc::UnboundedReceiver<Position>,
-        stored: &mut BinlogPos,
-    ) -> Result<(), BackendError> {
-        while let Ok(p) = acks.try_recv() {
+    async fn store_acks(&mut self, acks: &mut Acks, stored: &mut BinlogPos) -> Result<(), BackendError> {
+        if let Some(p) = acks.latest() {
             self.acked = self.acked.max(BinlogPos::decode(&p)?);
         }
         if self.acked > *stored {
@@ -540,23 +564,58 @@ fn snapshot_value(raw: MyValue, shape: &Shape) -> Result<Value, String> {
 }
 
 impl Reader {
-    fn row(&self, w: &Watched, row: Option<mysql_async::binlog::row::BinlogRow>) -> Result<Option<Row>, BackendError> {
+    /// One row image as the table's row. An image need not hold every column
+    /// (`binlog_row_image` MINIMAL or NOBLOB, which any session may set): each
+    /// value goes to its column by the column's place in the table, and a
+    /// column missing from the image is NULL.
+    fn row(
+        &self,
+        w: &Watched,
+        logged_columns: u64,
+        row: Option<mysql_async::binlog::row::BinlogRow>,
+    ) -> Result<Option<Row>, BackendError> {
         let Some(mut row) = row else { return Ok(None) };
-        let mut values = Vec::with_capacity(w.columns.len());
-        for i in 0..row.len() {
-            // A column missing from the row image (not FULL) is reported as NULL.
+        let changed = || {
+            BackendError::ChangesNotReady(format!(
+                "the binlog row of {}.{} has {logged_columns} columns where the table had {} when the stream \
+                 started; restart the stream after schema changes",
+                w.schema,
+                w.table,
+                w.columns.len()
+            ))
+        };
+        if usize::try_from(logged_columns).ok() != Some(w.columns.len()) {
+            return Err(changed());
+        }
+        // A full image holds every column in order; a partial one names each
+        // column by its place (`@N`), or by its name with full row metadata.
+        let places: Vec<usize> = if row.len() == w.columns.len() {
+            (0..row.len()).collect()
+        } else {
+            row.columns_ref()
+                .iter()
+                .map(|c| {
+                    let name = c.name_str();
+                    match name.strip_prefix('@').and_then(|n| n.parse().ok()) {
+                        Some(place) => Some(place),
+                        None => w.columns.iter().position(|column| column.name == name),
+                    }
+                    .ok_or_else(changed)
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let mut values: Row = w.columns.iter().map(|_| Value::Null).collect();
+        for (i, place) in places.into_iter().enumerate() {
             let v = row.take(i).unwrap_or(BinlogValue::Value(MyValue::NULL));
-            let (Some(column), Some(shape)) = (w.columns.get(i), w.shapes.get(i)) else {
-                return Err(BackendError::ChangesNotReady(format!(
-                    "the binlog row of {}.{} has more columns than the table had when the stream started; \
-                     restart the stream after schema changes",
-                    w.schema, w.table
-                )));
+            let (Some(column), Some(shape), Some(value)) =
+                (w.columns.get(place), w.shapes.get(place), values.get_mut(place))
+            else {
+                return Err(changed());
             };
-            values.push(convert(v, shape).map_err(|message| BackendError::UnsupportedType {
+            *value = convert(v, shape).map_err(|message| BackendError::UnsupportedType {
                 column: column.name.clone(),
                 type_name: format!("{} ({message})", column.native_type),
-            })?);
+            })?;
         }
         Ok(Some(values))
     }
@@ -583,7 +642,8 @@ impl Reader {
         let mut changes = Vec::new();
         for r in rows.rows(tme) {
             let (before, after) = r.map_err(|e| BackendError::Internal(format!("binlog rows: {e}")))?;
-            changes.push((self.row(w, before)?, self.row(w, after)?));
+            let logged = tme.columns_count();
+            changes.push((self.row(w, logged, before)?, self.row(w, logged, after)?));
         }
         let (columns, primary_key, schema, table) = (
             w.columns.clone(),
@@ -658,12 +718,7 @@ impl Reader {
 
     /// Streams until the client goes or the stream fails; the caller stores
     /// the acknowledgements still pending afterwards.
-    async fn run(
-        &mut self,
-        mut conn: Conn,
-        acks: &mut mpsc::UnboundedReceiver<Position>,
-        stored: &mut BinlogPos,
-    ) -> Result<(), BackendError> {
+    async fn run(&mut self, mut conn: Conn, acks: &mut Acks, stored: &mut BinlogPos) -> Result<(), BackendError> {
         if self.spec.snapshot {
             match self.snapshot(&mut conn).await? {
                 Ok(at) => self.delivered = self.delivered.max(at),
@@ -803,7 +858,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
         )));
     }
     let (tx, items) = mpsc::channel(FEED_BUFFER);
-    let (acks, ack_rx) = mpsc::unbounded_channel();
+    let (acks, ack_rx) = Acks::channel();
     let reader = Reader {
         writer: setup,
         base,
@@ -942,6 +997,25 @@ mod tests {
             convert(BinlogValue::Value(MyValue::Int(-1)), &Shape::Unsigned(64)).ok(),
             Some(Value::UInt(u64::MAX))
         );
+        // With signedness in the table map, as the snapshot and queries give them.
+        assert_eq!(
+            convert(BinlogValue::Value(MyValue::UInt(u64::MAX)), &Shape::Unsigned(64)).ok(),
+            Some(Value::UInt(u64::MAX))
+        );
+        assert_eq!(
+            convert(BinlogValue::Value(MyValue::UInt(4_294_967_295)), &Shape::Unsigned(32)).ok(),
+            Some(Value::Int(4_294_967_295))
+        );
+        // YEAR as a number, 0000 included.
+        let year = |text: &[u8]| {
+            convert(
+                BinlogValue::Value(MyValue::Bytes(text.to_vec())),
+                &Shape::Plain(Decode::Int),
+            )
+            .ok()
+        };
+        assert_eq!(year(b"2024"), Some(Value::Int(2024)));
+        assert_eq!(year(b"1900"), Some(Value::Int(0)));
         let ts = convert(
             BinlogValue::Value(MyValue::Bytes(b"1700000000.25".to_vec())),
             &Shape::Plain(Decode::Timestamp),

@@ -29,7 +29,8 @@ use super::types::{column_of, decode, pg_epoch, PgValue};
 use super::{map_error, Target};
 use crate::backend::bulk::quote_ansi;
 use crate::backend::changes::{
-    check_resume, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName, WatchSpec,
+    check_resume, Acks, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName,
+    WatchSpec,
 };
 use crate::backend::{BackendError, Column, Row, Value};
 
@@ -549,11 +550,7 @@ impl Reader {
 
     /// Delivers what the slot's stream brings until the client goes (`Ok`)
     /// or the database fails.
-    async fn stream(
-        &mut self,
-        repl: &mut Replication,
-        acks: &mut mpsc::UnboundedReceiver<Position>,
-    ) -> Result<(), BackendError> {
+    async fn stream(&mut self, repl: &mut Replication, acks: &mut Acks) -> Result<(), BackendError> {
         let every = self.spec.heartbeat_interval;
         let mut tick = tokio::time::interval(every.min(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -563,7 +560,7 @@ impl Reader {
         loop {
             let event = tokio::select! {
                 () = self.out.closed() => return Ok(()),
-                ack = acks.recv() => {
+                ack = acks.next() => {
                     let Some(p) = ack else { return Ok(()) };
                     self.acked = self.acked.max(PgPos::decode(&p)?);
                     repl.confirm(self.acked.lsn);
@@ -728,7 +725,7 @@ impl Reader {
         Ok(self.out.send(ChangeItem::Change(change)).await.is_err())
     }
 
-    async fn run(mut self, mut acks: mpsc::UnboundedReceiver<Position>) -> Result<(), BackendError> {
+    async fn run(mut self, mut acks: Acks) -> Result<(), BackendError> {
         if self.spec.snapshot {
             match self.snapshot().await? {
                 Ok(lsn) => self.delivered = self.delivered.max(PgPos { lsn, seq: 0 }),
@@ -754,7 +751,7 @@ pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed
         delivered = pos;
     }
     let (tx, items) = mpsc::channel(FEED_BUFFER);
-    let (acks, ack_rx) = mpsc::unbounded_channel();
+    let (acks, ack_rx) = Acks::channel();
     let reader = Reader {
         client,
         config: config.clone(),

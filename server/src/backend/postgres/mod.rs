@@ -827,6 +827,12 @@ type PgTransaction = super::TxSession<PooledConnection<'static, PgManager>>;
 impl SqlTransaction for PgTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
         let lease = self.for_statement().await?;
+        // It would queue behind a statement that could not be cancelled.
+        if lease.broken {
+            return Err(BackendError::TransactionRolledBack(
+                "a statement in it could not be cancelled",
+            ));
+        }
         run(Lease::Transaction(lease), statement, SessionReset::Always).await
     }
 
@@ -875,6 +881,12 @@ impl SqlTransaction for PgTransaction {
     async fn rollback(&self) -> Result<(), BackendError> {
         let mut conn = self.to_end().await?;
         conn.fresh_begin = None;
+        // A statement that could not be cancelled may still be running, and
+        // ROLLBACK would wait behind it: the session is closed instead of
+        // pooled (still `in_transaction`), which rolls the transaction back.
+        if conn.broken {
+            return Ok(());
+        }
         conn.client.batch_execute("ROLLBACK").await.map_err(map_error)?;
         conn.in_transaction = false;
         Ok(())

@@ -967,6 +967,35 @@ async fn mysql_subscriptions_once_sharing_a_replica_id_both_stream() {
     ctx.finish(&[&a, &b], &[&t]).await;
 }
 
+/// A session that logs partial row images (`binlog_row_image = MINIMAL`,
+/// which any session may set) still has each value under its own column;
+/// a column not in the image is NULL.
+#[tokio::test]
+async fn mysql_minimal_row_images_keep_values_under_their_columns() {
+    use mysql_async::prelude::Queryable;
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.table("minimal").await;
+    let sub = ctx.name("minimal");
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'one', 1.50)")).await;
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    let mut my = common::mysql_direct().await;
+    my.query_drop("SET SESSION binlog_row_image = 'MINIMAL'")
+        .await
+        .expect("minimal row images");
+    my.query_drop(format!("UPDATE {t} SET n = 9.75 WHERE id = 1"))
+        .await
+        .expect("update");
+    let messages = read_changes(&mut watch, 1).await;
+    let c = changes(&messages)[0];
+    let before = c.before.as_ref().expect("the key before");
+    assert_eq!(int(col(c, before, "id")), 1);
+    let after = c.after.as_ref().expect("the changed column after");
+    assert_eq!(decimal(col(c, after, "n")), "9.75");
+    assert!(is_null(col(c, after, "v")), "{c:?}");
+    drop((watch, my));
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// PostgreSQL pushes each transaction over a replication connection as it
 /// commits: nothing waits for `poll_interval` (an hour here), and between
 /// changes the slot stays held by that connection's walsender.

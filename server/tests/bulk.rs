@@ -525,7 +525,7 @@ async fn bad_rows_can_be_skipped_and_reported(engine: Engine) {
     let mut load = header("weir_bulk_skip", pb::BulkLoadMode::Append);
     load.bad_rows = pb::BadRowPolicy::Skip as i32;
     let r = ctx.load(load, vec![batch]).await.expect("skips");
-    assert_eq!(r.rows_inserted, 8);
+    assert_eq!((r.rows_inserted, r.rows_skipped), (8, 2));
     let skipped: Vec<_> = r.row_errors.iter().map(|e| (e.row_index, e.column.as_str())).collect();
     assert_eq!(skipped, [(3, "score"), (8, "")]);
     assert_eq!(ctx.contents("weir_bulk_skip").await.len(), 8);
@@ -1317,6 +1317,52 @@ async fn a_load_cancelled_after_its_last_message_changes_nothing() {
     );
     assert_ends_empty(&ctx, table, "the caller cancelled, and the load committed").await;
     ctx.server.stop().await;
+}
+
+/// A role without the CREATE privilege on its schema loads with load ids
+/// into a receipt table a DBA made and granted: CREATE TABLE IF NOT EXISTS
+/// would be refused for it even with the table there.
+#[tokio::test]
+async fn load_ids_need_no_create_privilege_once_their_table_exists() {
+    let owner = Ctx::new(Engine::Postgres, "").await;
+    owner.table("weir_bulk_granted", 0).await;
+    // The receipt table exists: a first load with an id made it.
+    let mut load = header("weir_bulk_granted", pb::BulkLoadMode::Append);
+    load.load_id = uuid::Uuid::new_v4().to_string();
+    owner
+        .load(load.clone(), vec![rows(0..1)])
+        .await
+        .expect("the owner's load");
+    let password = env_or("WEIR_TEST_PG_PASSWORD", "no-create");
+    pg_direct()
+        .await
+        .batch_execute(&format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'weir_no_create') THEN \
+             CREATE ROLE weir_no_create LOGIN PASSWORD '{password}'; END IF; END $$; \
+             REVOKE CREATE ON SCHEMA public FROM PUBLIC; REVOKE CREATE ON SCHEMA public FROM weir_no_create; \
+             GRANT USAGE ON SCHEMA public TO weir_no_create; \
+             GRANT SELECT, INSERT, UPDATE ON weir_load_ids, weir_bulk_granted TO weir_no_create"
+        ))
+        .await
+        .expect("a role that may not create tables");
+    let user = format!("user = \"{}\"", env_or("WEIR_TEST_PG_USER", "postgres"));
+    let source = postgres("granted", "db", "").replace(&user, "user = \"weir_no_create\"");
+    let server = TestServer::start(&tenant("granted", "", &source)).await;
+    let client = server.client("key-granted").await;
+    let ctx = Ctx {
+        engine: Engine::Postgres,
+        server,
+        client,
+    };
+    load.load_id = uuid::Uuid::new_v4().to_string();
+    let r = ctx
+        .load(load, vec![rows(1..3)])
+        .await
+        .unwrap_or_else(|e| panic!("a load with an id by a role that may not create tables: {e:?}"));
+    assert_eq!(r.rows_inserted, 2);
+    assert_eq!(owner.contents("weir_bulk_granted").await.len(), 3);
+    ctx.server.stop().await;
+    owner.server.stop().await;
 }
 
 /// A batch over `max_request_bytes` gets OUT_OF_RANGE, as a unary call's

@@ -965,6 +965,7 @@ async fn load(
             "seconds": seconds,
             "engine_path": response.engine_path,
             "replayed": response.replayed,
+            "rows_skipped": response.rows_skipped,
             "row_errors": response.row_errors.iter().map(|e| json!({
                 "row_index": e.row_index, "line": line_of(e.row_index), "column": e.column, "message": e.message,
             })).collect::<Vec<_>>(),
@@ -996,6 +997,14 @@ async fn load(
             response.rows_updated,
             loaded as f64 / seconds.max(0.001),
             response.engine_path
+        )?;
+    }
+    let unlisted = response.rows_skipped.saturating_sub(response.row_errors.len() as u64);
+    if unlisted > 0 {
+        writeln!(
+            out,
+            "skipped {} rows in all ({unlisted} not listed)",
+            response.rows_skipped
         )?;
     }
     Ok(out.flush()?)

@@ -195,13 +195,20 @@ fn resolve(header: &Header, table: &TableDescription) -> Result<(Vec<Column>, Ve
 /// into the caller's.
 #[derive(Default)]
 struct Skipped {
-    indexes: Vec<u64>,
+    /// Runs of skipped rows, `(first index, length)`, in order: a load
+    /// whose every row is bad keeps one, not one entry per row.
+    runs: Vec<(u64, u64)>,
+    count: u64,
     reported: Vec<pb::RowError>,
 }
 
 impl Skipped {
     fn add(&mut self, index: u64, column: Option<&str>, message: String) {
-        self.indexes.push(index);
+        self.count += 1;
+        match self.runs.last_mut() {
+            Some((first, length)) if *first + *length == index => *length += 1,
+            _ => self.runs.push((index, 1)),
+        }
         if self.reported.len() < MAX_REPORTED_ROW_ERRORS {
             self.reported.push(pb::RowError {
                 row_index: index,
@@ -214,9 +221,9 @@ impl Skipped {
     /// The caller's index of the engine's `sent`-th row.
     fn caller_index(&self, sent: u64) -> u64 {
         let mut index = sent;
-        for &skipped in &self.indexes {
-            if skipped <= index {
-                index += 1;
+        for &(first, length) in &self.runs {
+            if first <= index {
+                index += length;
             } else {
                 break;
             }
@@ -468,6 +475,7 @@ impl BulkApi {
             elapsed: Some(convert::duration(started.elapsed())),
             engine_path: outcome.engine_path,
             replayed: outcome.replayed,
+            rows_skipped: skipped.count,
             row_errors: skipped.reported,
             throttled: Some(convert::duration(throttled)),
         })
@@ -673,6 +681,13 @@ mod tests {
         // Sent rows 0,1,2,3,.. are the caller's rows 0,3,4,6,..
         let mapped: Vec<_> = (0..4).map(|i| skipped.caller_index(i)).collect();
         assert_eq!(mapped, [0, 3, 4, 6]);
+        // Every row skipped from there on: one run, counted in full.
+        for i in 7..1_000_000 {
+            skipped.add(i, None, "bad".into());
+        }
+        assert_eq!((skipped.runs.len(), skipped.count), (3, 999_996));
+        assert_eq!(skipped.reported.len(), MAX_REPORTED_ROW_ERRORS);
+        assert_eq!(skipped.caller_index(4), 1_000_000);
     }
 
     #[test]

@@ -150,6 +150,12 @@ pub fn value_for_column(v: pb::Value, column: &domain::Column) -> Result<Value, 
             serde_json::from_str::<serde::de::IgnoredAny>(s).map_err(|e| format!("invalid JSON: {e}"))?;
             true
         }
+        // Checked here, so that a load that skips bad rows skips this one.
+        (Value::Text(s), T::Uuid) => {
+            return uuid::Uuid::parse_str(s)
+                .map(Value::Uuid)
+                .map_err(|e| format!("{s:?} is not a UUID: {e}"))
+        }
         // A double holds integers up to 2^53 and decimals of up to 15
         // significant digits exactly; past that the engine would round.
         (Value::Int(i), T::Float) if i.unsigned_abs() > EXACT_IN_DOUBLE => return Err(inexact(i)),
@@ -159,7 +165,6 @@ pub fn value_for_column(v: pb::Value, column: &domain::Column) -> Result<Value, 
         | (Value::Int(_) | Value::UInt(_), T::Int | T::UInt)
         | (Value::Int(_) | Value::UInt(_) | Value::Float(_) | Value::Decimal(_), T::Float | T::Decimal)
         | (Value::Text(_) | Value::Uuid(_) | Value::Decimal(_) | Value::Json(_), T::String)
-        | (Value::Text(_), T::Uuid)
         // PostgreSQL's interval text (`1 day 02:00:00`, ISO 8601): only it has
         // the type, and its COPY parses the text as the column's own input.
         | (Value::Text(_), T::Interval)
@@ -591,6 +596,21 @@ pub fn description(d: domain::TableDescription) -> pb::DescribeTableResponse {
 mod tests {
     use super::*;
     use crate::backend::RowSink;
+
+    #[test]
+    fn text_goes_into_uuid_columns_only_as_a_uuid() {
+        let column = domain::Column::new("id", "uuid", ColumnType::Uuid);
+        let text = |s: &str| pb::Value {
+            kind: Some(pb::value::Kind::StringValue(s.into())),
+        };
+        let id = "123e4567-e89b-12d3-a456-426614174000";
+        assert_eq!(
+            value_for_column(text(id), &column).ok(),
+            uuid::Uuid::parse_str(id).ok().map(Value::Uuid)
+        );
+        let err = value_for_column(text("not-a-uuid"), &column).expect_err("no UUID");
+        assert!(err.contains("\"not-a-uuid\" is not a UUID"), "{err}");
+    }
 
     #[test]
     fn numbers_go_into_float_columns_only_when_exact() {

@@ -365,7 +365,18 @@ pub async fn load(
     }
     let receipts = spec.receipt.as_ref().map(|r| ReceiptSql::new(&r.table, &DIALECT));
     if let (Some(sql), Some(r)) = (&receipts, &spec.receipt) {
-        conn.query_drop(sql.create.as_str()).await.map_err(map_error)?;
+        // CREATE TABLE IF NOT EXISTS needs the CREATE privilege even where
+        // the table exists (one a DBA made and granted).
+        let exists: Option<u8> = conn
+            .exec_first(
+                "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                (r.table.as_str(),),
+            )
+            .await
+            .map_err(map_error)?;
+        if exists.is_none() {
+            conn.query_drop(sql.create.as_str()).await.map_err(map_error)?;
+        }
         if !receipts_checked.load(Ordering::Relaxed) {
             upgrade_receipts(conn, &r.table).await?;
             receipts_checked.store(true, Ordering::Relaxed);

@@ -683,7 +683,9 @@ fn to_sql(v: &Value) -> Result<SqlValue, String> {
         Value::Text(s) | Value::Decimal(s) | Value::Json(s) => SqlValue::Text(s.clone()),
         Value::Bytes(b) => SqlValue::Blob(b.clone()),
         Value::Date(d) => SqlValue::Text(d.format("%Y-%m-%d").to_string()),
-        Value::Time(t, _) => SqlValue::Text(t.format("%H:%M:%S%.f").to_string()),
+        Value::Time(t, None) => SqlValue::Text(t.format("%H:%M:%S%.f").to_string()),
+        // Dropped, it would change the time without a word.
+        Value::Time(_, Some(_)) => return Err("SQLite's times have no UTC offset; send the time without one".into()),
         Value::Timestamp(t) => SqlValue::Text(t.format("%Y-%m-%d %H:%M:%S%.f").to_string()),
         // SQLite has no zones: store UTC in the form its date functions read.
         Value::TimestampTz(t) => SqlValue::Text(t.naive_utc().format("%Y-%m-%d %H:%M:%S%.f").to_string()),
@@ -744,5 +746,17 @@ fn map_error(e: rusqlite::Error) -> BackendError {
         kind,
         code: err.extended_code.to_string(),
         message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_with_a_utc_offset_are_refused_not_cut() {
+        let ten = chrono::NaiveTime::from_hms_opt(10, 0, 0).expect("time");
+        assert!(matches!(to_sql(&Value::Time(ten, None)), Ok(SqlValue::Text(s)) if s == "10:00:00"));
+        assert!(to_sql(&Value::Time(ten, Some(7200))).is_err());
     }
 }

@@ -25,10 +25,11 @@ pub enum Error {
         "the transaction's database session was lost ({0}); it was rolled back: run it again from BeginTransaction"
     )]
     TransactionLost(String),
-    /// The session was lost after COMMIT was sent: the engine may have
-    /// committed. Running the transaction again could apply it twice.
+    /// COMMIT was sent and its answer never came (the session was lost, or
+    /// the call's time ran out first): the engine may have committed.
+    /// Running the transaction again could apply it twice.
     #[error(
-        "the connection to the database was lost after COMMIT was sent ({0}): the transaction may or may not \
+        "COMMIT was sent but its answer never came ({0}): the transaction may or may not \
          have been committed; check its effects before running it again"
     )]
     CommitOutcomeUnknown(String),

@@ -1989,6 +1989,44 @@ async fn a_commit_run_again_after_its_call_was_dropped_is_not_a_success() {
     server.stop().await;
 }
 
+/// The COMMIT of the transaction a write that hands back rows runs in is
+/// part of the call: still running at the call's deadline, its outcome is
+/// unknown, and the caller hears so in time rather than a bare
+/// DEADLINE_EXCEEDED from its own timer.
+#[tokio::test]
+async fn an_own_transactions_commit_past_the_deadline_is_reported_as_unknown() {
+    let pg = pg_direct().await;
+    let table = format!("owncommit_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    pg.batch_execute(&format!(
+        "CREATE TABLE {table} (id int);
+         CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON {table} DEFERRABLE INITIALLY DEFERRED
+             FOR EACH ROW EXECUTE FUNCTION {table}_slow();"
+    ))
+    .await
+    .expect("setup");
+    let server = TestServer::start(&tenant("c", "", &postgres("c", "db", ""))).await;
+    let client = server.client("key-c").await;
+    let mut request = tonic::Request::new(pb::ExecuteRequest {
+        source: "db".into(),
+        sql: format!("INSERT INTO {table} VALUES (1) RETURNING id"),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(1));
+    let e = client.query().execute(request).await.expect_err("past the deadline");
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::Unknown, "COMMIT_OUTCOME_UNKNOWN"),
+        "{e:?}"
+    );
+    assert!(e.message().contains("time limit"), "{e:?}");
+    // The trigger ends and the table is free again.
+    pg.batch_execute(&format!("DROP TABLE {table}; DROP FUNCTION {table}_slow()"))
+        .await
+        .expect("cleanup");
+    server.stop().await;
+}
+
 /// A session lost after COMMIT was sent leaves the outcome unknown: the
 /// database may have committed (here it did), so the caller is not told that
 /// the transaction was rolled back and should be run again, which would

@@ -148,8 +148,15 @@ impl Target {
     /// Commits the statement's own transaction when the call succeeded, and
     /// rolls it back otherwise (in the background: the caller's answer does
     /// not wait for a cancelled statement to settle). A commit that fails
-    /// fails the call.
-    async fn settle<T>(&mut self, outcome: Result<T>) -> Result<T> {
+    /// fails the call. The commit is part of the call: it ends by `ends_by`
+    /// and with the server's stop or the caller's revocation, its outcome
+    /// then unknown.
+    async fn settle<T>(
+        &mut self,
+        outcome: Result<T>,
+        ends_by: tokio::time::Instant,
+        cut: &CancellationToken,
+    ) -> Result<T> {
         let Runs::OwnTransaction(_, own) = &mut self.runs else {
             return outcome;
         };
@@ -159,10 +166,19 @@ impl Target {
         if outcome.is_ok() {
             // A session lost while COMMIT was on its way: the write may have
             // committed, and running it again could write it twice.
-            tx.commit().await.map_err(|e| match e.is_unavailable() {
-                true => Error::CommitOutcomeUnknown(e.to_string()),
-                false => Error::from(e),
-            })?;
+            let caller = &self.caller;
+            let commit = tokio::time::timeout_at(ends_by, tx.commit());
+            match super::until_stopped(cut, &caller.revoked, caller.expires, commit).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) if e.is_unavailable() => return Err(Error::CommitOutcomeUnknown(e.to_string())),
+                Ok(Ok(Err(e))) => return Err(Error::from(e)),
+                Ok(Err(_)) => {
+                    return Err(Error::CommitOutcomeUnknown(
+                        "the statement's time limit passed first".into(),
+                    ))
+                }
+                Err(stop) => return Err(Error::CommitOutcomeUnknown(format!("the call was ended: {stop}"))),
+            }
         } else {
             tokio::spawn(async move {
                 // Given up on, the transaction's session is dropped, which rolls it back too.
@@ -487,6 +503,7 @@ impl QueryService for QueryApi {
         let mut target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, true)?;
         let admitted = self.gate.admit(&target.caller, r.options.as_ref()).await?;
         let timeout = statement_timeout(&target.caller);
+        let ends_by = tokio::time::Instant::now() + timeout;
         let timing = Timing {
             started,
             queued: admitted.queued,
@@ -501,7 +518,7 @@ impl QueryService for QueryApi {
         .await;
         target.finished();
         let response = result.and_then(|r| r.map_err(|_| Error::Timeout(timeout))?.map_err(|e| target.lost(e)));
-        Ok(Response::new(target.settle(response).await?))
+        Ok(Response::new(target.settle(response, ends_by, &self.cut).await?))
     }
 
     type ExecuteStreamStream = StreamIn<pb::ExecuteStreamResponse>;

@@ -824,3 +824,60 @@ async fn abandoned_statements_are_killed_from_one_kept_session() {
     abandon_and_see_it_killed(&client, &mut direct, "weir_killed_again").await;
     server.stop().await;
 }
+
+/// A statement abandoned in a transaction that cannot be killed (no session
+/// to send KILL QUERY from) runs on to its end: the transaction then does
+/// not commit what its caller was told was cancelled.
+#[tokio::test]
+async fn a_transaction_whose_statement_could_not_be_killed_does_not_commit() {
+    let address = format!(
+        "{}:{}",
+        env_or("WEIR_TEST_MYSQL_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_MYSQL_PORT", "3306")
+    );
+    let proxy = Proxy::start(address).await;
+    let port = format!("port = {}", env_or("WEIR_TEST_MYSQL_PORT", "3306"));
+    let source = mysql("unkilled", "my", "[tenants.unkilled.sources.my.pool]\nmax_size = 1\n")
+        .replace(&port, &format!("port = {}", proxy.port));
+    let server = TestServer::start(&tenant("unkilled", "", &source)).await;
+    let client = server.client("key-unkilled").await;
+    let table = format!("unkilled_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    client
+        .execute("my", &format!("CREATE TABLE {table} (slept INT)"), vec![])
+        .await
+        .expect("create");
+    let tx = client
+        .begin("my", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    // The transaction's session is open; a new one (the killer's) is not.
+    proxy.refuse(true);
+    let mut request = tonic::Request::new(pb::ExecuteRequest {
+        source: "my".into(),
+        sql: format!("INSERT INTO {table} SELECT SLEEP(1.5)"),
+        transaction_id: tx.clone(),
+        ..Default::default()
+    });
+    request.set_timeout(std::time::Duration::from_millis(300));
+    let err = client.query().execute(request).await.expect_err("the deadline passes");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    // The INSERT ends after its sleep, its row in the transaction.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let refused = client.commit(&tx).await.expect_err("not committed");
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    proxy.refuse(false);
+    let rows = client
+        .execute("my", &format!("SELECT COUNT(*) FROM {table}"), vec![])
+        .await
+        .expect("count");
+    assert_eq!(
+        rows.rows[0].values[0].kind,
+        Some(Kind::Int64Value(0)),
+        "the cancelled INSERT committed"
+    );
+    client
+        .execute("my", &format!("DROP TABLE {table}"), vec![])
+        .await
+        .expect("drop");
+    server.stop().await;
+}

@@ -108,7 +108,7 @@ pub enum BackendError {
     TransactionEnded,
     /// The engine rolled a transaction back on its own (a deadlock, an
     /// interrupted write): its later statements would otherwise autocommit.
-    #[error("the database rolled the transaction back after {0}; run it again from BeginTransaction")]
+    #[error("the transaction was rolled back after {0}; run it again from BeginTransaction")]
     TransactionRolledBack(&'static str),
     /// The rows of a load stopped coming before the load was complete; it was rolled back.
     #[error("the load ended before its last row and was rolled back")]

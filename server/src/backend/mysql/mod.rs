@@ -161,7 +161,10 @@ async fn start(hold: Hold, statement: Statement, killer: Arc<Killer>) -> Result<
         let mut hold = hold;
         let outcome = execute(hold.conn(), &statement, &mut worker, &killer).await;
         if let (Hold::Transaction(tx), Err(e)) = (&mut hold, &outcome) {
-            tx.rolled_back = rolled_back_by(&mut tx.conn, e).await;
+            tx.rolled_back = match e {
+                BackendError::TransactionRolledBack(cause) => Some(cause),
+                e => rolled_back_by(&mut tx.conn, e).await,
+            };
         }
         // Release the connection (and a transaction's lock) before the caller
         // learns the statement is over, so its next call finds it free.
@@ -189,8 +192,9 @@ async fn execute(
             biased;
             r = &mut prep => r.map_err(map_error)?,
             () = worker.closed() => {
-                killer.kill(connection_id).await;
+                let killed = killer.kill(connection_id).await;
                 let _ = prep.await;
+                killed?;
                 return Ok(None);
             }
         }
@@ -219,9 +223,10 @@ async fn execute(
         biased;
         r = &mut exec => r.map_err(map_error)?,
         () = worker.closed() => {
-            killer.kill(connection_id).await;
+            let killed = killer.kill(connection_id).await;
             // Let the interrupted statement finish so the connection stays usable.
             let _ = exec.await;
+            killed?;
             return Ok(None);
         }
     };
@@ -230,7 +235,7 @@ async fn execute(
     let names: Vec<_> = described.iter().map(|(c, _)| c.name.clone()).collect();
     let returns_rows = !described.is_empty();
     if !worker.describe(described.into_iter().map(|(c, _)| c).collect()) {
-        killer.kill(connection_id).await;
+        killer.kill(connection_id).await?;
         return Ok(None);
     }
     let mut gather = worker.gather();
@@ -239,7 +244,7 @@ async fn execute(
             biased;
             row = result.next() => row.map_err(map_error)?,
             () = worker.closed() => {
-                killer.kill(connection_id).await;
+                killer.kill(connection_id).await?;
                 return Ok(None);
             }
         };
@@ -253,7 +258,7 @@ async fn execute(
         }
         if let Some(chunk) = gather.end_row() {
             if !worker.send(chunk).await {
-                killer.kill(connection_id).await;
+                killer.kill(connection_id).await?;
                 return Ok(None);
             }
         }
@@ -284,7 +289,10 @@ struct Killer {
 }
 
 impl Killer {
-    async fn kill(&self, connection_id: u32) {
+    /// Kills the statement running on `connection_id`. When that fails, the
+    /// statement runs on to its end, its writes kept: a transaction holding
+    /// it must not commit what its caller was told was cancelled.
+    async fn kill(&self, connection_id: u32) -> Result<(), BackendError> {
         let killed = async {
             let mut kept = self.conn.lock().await;
             // A kept session the server has since closed (wait_timeout) fails
@@ -315,9 +323,10 @@ impl Killer {
             Err(last.unwrap_or_else(|| mysql_async::Error::Other("no session to kill a statement from".into())))
         };
         // Tracked, so that shutdown waits for it.
-        if let Err(e) = crate::backend::CANCELS.track_future(killed).await {
+        crate::backend::CANCELS.track_future(killed).await.map_err(|e| {
             tracing::warn!(error = %e, "could not kill an abandoned mysql statement");
-        }
+            BackendError::TransactionRolledBack("a statement in it could not be stopped")
+        })
     }
 }
 

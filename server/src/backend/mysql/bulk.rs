@@ -221,8 +221,8 @@ async fn locate(conn: &mut Conn, spec: &LoadSpec, rows: &[Row], first: u64, erro
         return error;
     };
     // A deadlock also ends the transaction: rows tried one by one after it
-    // would each commit on their own.
-    if !kind.is_about_data() {
+    // would each commit on their own. So may an error Weir does not know.
+    if !kind.is_about_data() || kind == EngineErrorKind::Internal {
         return BackendError::Engine { kind, code, message };
     }
     let (row, column) = error_position(&message);

@@ -141,6 +141,7 @@ async fn rolled_back_by(conn: &mut Conn, error: &BackendError) -> Option<&'stati
     };
     match code.as_str() {
         "1213" => Some("a deadlock (errno 1213)"),
+        "1206" => Some("running out of lock table (errno 1206)"),
         "1205" => {
             // Unknown counts as rolled back: the handle then refuses, never autocommits.
             let whole: Option<i64> = conn
@@ -518,7 +519,9 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
                 // Constraints (1364: a NOT NULL column without a default left
                 // out), and SIGNAL's unhandled user exception (1644).
                 1048 | 1451 | 1452 | 3819 | 4025 | 1364 | 1644 => K::FailedPrecondition,
-                1213 | 1205 | 1180 | 1181 => K::Aborted,
+                // 1206 (the lock table full) and 1637 (too many active
+                // transactions) end the transaction, as a deadlock does.
+                1213 | 1205 | 1206 | 1637 | 1180 | 1181 => K::Aborted,
                 1317 | 3024 | 1969 => K::DeadlineExceeded,
                 1792 | 1290 | 1142 | 1143 | 1044 | 1227 => K::PermissionDenied,
                 // Too many connections, to the server or for the user.
@@ -595,6 +598,30 @@ mod tests {
         for keys in ["trust_server_certificate = true", "tls_ca_file = \"/x.pem\""] {
             let err = source(keys).expect_err(keys);
             assert!(err.contains("applies only with tls = true"), "{keys}: {err}");
+        }
+    }
+
+    /// Errors after which InnoDB has rolled the whole transaction back are
+    /// not about a row: a load does not try its rows one by one after them
+    /// (each would commit on its own).
+    #[test]
+    fn errors_that_end_the_transaction_are_aborted() {
+        for code in [1213, 1205, 1206, 1637] {
+            let e = map_error(mysql_async::Error::Server(mysql_async::ServerError {
+                code,
+                message: "m".into(),
+                state: "HY000".into(),
+            }));
+            assert!(
+                matches!(
+                    e,
+                    BackendError::Engine {
+                        kind: EngineErrorKind::Aborted,
+                        ..
+                    }
+                ),
+                "{code}: {e:?}"
+            );
         }
     }
 }

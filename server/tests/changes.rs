@@ -842,6 +842,39 @@ async fn an_ack_over_the_request_size_limit_ends_the_stream_with_its_error() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// A table with a column of a type change events cannot carry is refused
+/// before any slot exists: its first change would stop the stream, and every
+/// resume at it again.
+#[tokio::test]
+async fn postgres_tables_with_columns_change_events_cannot_carry_are_refused() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let t = ctx.name("pointy");
+    ctx.sql(&format!("CREATE TABLE {t} (id INT PRIMARY KEY, at point)"))
+        .await;
+    let sub = ctx.name("pointy");
+    let e = ctx.client.watch(ctx.start(&[&t], &sub)).await.err().expect("refused");
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::FailedPrecondition, "CHANGE_STREAMS_NOT_READY"),
+        "{e:?}"
+    );
+    assert!(
+        e.message().contains("column at") && e.message().contains("point"),
+        "{e:?}"
+    );
+    let slots = pg_direct()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE $1",
+            &[&format!("%{}%", ctx.tag)],
+        )
+        .await
+        .expect("slots")
+        .get::<_, i64>(0);
+    assert_eq!(slots, 0, "no slot holds WAL for a stream that cannot run");
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// A port of the second servers ./scripts/test starts without change streams.
 /// Servers that cannot stream changes say which setting is missing.
 #[tokio::test]

@@ -169,6 +169,21 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
                  ALTER TABLE {qualified} REPLICA IDENTITY FULL"
             )));
         }
+        // A column of a type change events cannot carry would stop the
+        // stream at the table's first change, and at it again on every
+        // resume: refused before a slot holds any WAL for it.
+        let described = client
+            .prepare(&format!("SELECT * FROM {qualified} LIMIT 0"))
+            .await
+            .map_err(map_error)?;
+        for c in described.columns() {
+            if let Err(BackendError::UnsupportedType { column, type_name }) = column_of(c.name(), c.type_(), -1) {
+                return Err(BackendError::ChangesNotReady(format!(
+                    "column {column} of {qualified} has type {type_name}, which change events cannot carry; \
+                     change its type (or watch a table without it)"
+                )));
+            }
+        }
         out.insert(
             oid,
             Watched {

@@ -875,6 +875,36 @@ async fn postgres_tables_with_columns_change_events_cannot_carry_are_refused() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// A table with text in a character set other than UTF-8 is refused before
+/// the stream starts, naming the column: the binary log carries its bytes
+/// as they are stored, which change events could only garble or stop at.
+#[tokio::test]
+async fn mysql_tables_with_text_not_in_utf8_are_refused() {
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.name("latin");
+    ctx.sql(&format!(
+        "CREATE TABLE {t} (id INT PRIMARY KEY, v VARCHAR(20) CHARACTER SET latin1)"
+    ))
+    .await;
+    let sub = ctx.name("latin");
+    let e = ctx.client.watch(ctx.start(&[&t], &sub)).await.err().expect("refused");
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::FailedPrecondition, "CHANGE_STREAMS_NOT_READY"),
+        "{e:?}"
+    );
+    assert!(e.message().contains("column v uses the character set latin1"), "{e:?}");
+    let readiness = ctx
+        .client
+        .describe_table("db", "", &t)
+        .await
+        .expect("describe")
+        .change_streams
+        .expect("readiness");
+    assert!(!readiness.ready);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// A port of the second servers ./scripts/test starts without change streams.
 /// Servers that cannot stream changes say which setting is missing.
 #[tokio::test]

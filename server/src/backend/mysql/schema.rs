@@ -105,7 +105,11 @@ type ColumnRow = (
     Option<u64>,
     Option<u64>,
     String,
+    Option<String>,
 );
+
+/// Character sets whose text is UTF-8 as the binary log carries it.
+const UTF8_CHARSETS: [&str; 5] = ["utf8mb4", "utf8mb3", "utf8", "ascii", "binary"];
 
 pub async fn describe_table(
     conn: &mut Conn,
@@ -131,16 +135,24 @@ pub async fn describe_table(
     let rows: Vec<ColumnRow> = conn
         .exec(
             "SELECT COLUMN_NAME, COLUMN_TYPE, DATA_TYPE, IS_NULLABLE, COLUMN_DEFAULT, ORDINAL_POSITION, \
-                    NUMERIC_PRECISION, NUMERIC_SCALE, CHARACTER_MAXIMUM_LENGTH, COLUMN_COMMENT \
+                    NUMERIC_PRECISION, NUMERIC_SCALE, CHARACTER_MAXIMUM_LENGTH, COLUMN_COMMENT, \
+                    CHARACTER_SET_NAME \
              FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
             key.clone(),
         )
         .await
         .map_err(map_error)?;
+    // The binary log carries text in its column's character set, which
+    // change events (UTF-8) cannot carry as it is.
+    let not_utf8 = rows.iter().find_map(|r| {
+        r.10.as_ref()
+            .filter(|charset| !UTF8_CHARSETS.contains(&charset.to_ascii_lowercase().as_str()))
+            .map(|charset| (r.0.clone(), charset.clone()))
+    });
     let columns = rows
         .into_iter()
         .map(
-            |(name, native, data_type, nullable, default, ordinal, precision, scale, length, comment)| {
+            |(name, native, data_type, nullable, default, ordinal, precision, scale, length, comment, _)| {
                 let mut column = Column::new(name, native.clone(), column_type(&data_type, &native));
                 column.nullable = nullable == "YES";
                 if column.column_type == ColumnType::Decimal {
@@ -245,13 +257,17 @@ pub async fn describe_table(
         .map_err(map_error)?;
     let (change_stream_ready, change_stream_reason) = match binlog {
         _ if info.kind != TableKind::Table => (false, "only base tables can be watched".to_string()),
-        Some((1, format, image)) if format == "ROW" && image == "FULL" => {
-            if primary_key.is_some() {
-                (true, String::new())
-            } else {
-                (false, "the table has no primary key".to_string())
-            }
-        }
+        Some((1, format, image)) if format == "ROW" && image == "FULL" => match (&primary_key, not_utf8) {
+            (None, _) => (false, "the table has no primary key".to_string()),
+            (Some(_), Some((column, charset))) => (
+                false,
+                format!(
+                    "column {column} uses the character set {charset}, and change events carry text as UTF-8; \
+                     convert the table (ALTER TABLE ... CONVERT TO CHARACTER SET utf8mb4)"
+                ),
+            ),
+            (Some(_), None) => (true, String::new()),
+        },
         Some((1, format, image)) => (
             false,
             format!("binlog_format is {format} and binlog_row_image {image}; change streams need ROW and FULL"),

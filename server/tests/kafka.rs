@@ -858,6 +858,26 @@ async fn a_consumer_rides_out_a_broker_restart() {
     server.stop().await;
 }
 
+/// A first record produced to `topic` at the mock broker's own pace, then
+/// its answers slowed to 4 s, and the request for `records` to send next.
+async fn slowed_produce(
+    cluster: &Mock,
+    client: &WeirClient,
+    topic: &str,
+    records: std::ops::Range<usize>,
+) -> tonic::Request<pb::ProduceRequest> {
+    produce(client, topic, vec![record(0)]).await.expect("a first record");
+    cluster
+        .broker_round_trip_time(1, Duration::from_secs(4))
+        .expect("slow answers");
+    tonic::Request::new(pb::ProduceRequest {
+        source: "events".into(),
+        topic: topic.into(),
+        records: records.map(record).collect(),
+        options: None,
+    })
+}
+
 /// The broker's answer to a second record slowed past what the call waits
 /// for (`message.timeout.ms`, or the call's own `deadline`): the call fails
 /// with `code` and lists the record as unknown, not failed, since it may
@@ -869,16 +889,7 @@ async fn a_slow_answer_leaves_its_record_unknown(
     code: Code,
 ) {
     let (cluster, server, client) = mock_topic(topic, 1, message_timeout_ms, "").await;
-    produce(&client, topic, vec![record(0)]).await.expect("a first record");
-    cluster
-        .broker_round_trip_time(1, Duration::from_secs(4))
-        .expect("slow answers");
-    let mut request = tonic::Request::new(pb::ProduceRequest {
-        source: "events".into(),
-        topic: topic.into(),
-        records: vec![record(1)],
-        options: None,
-    });
+    let mut request = slowed_produce(&cluster, &client, topic, 1..2).await;
     if let Some(deadline) = deadline {
         request.set_timeout(deadline);
     }
@@ -930,16 +941,7 @@ async fn a_produce_waiting_for_queue_room_answers_by_its_deadline() {
         "\"queue.buffering.max.messages\" = \"1\"\n",
     )
     .await;
-    produce(&client, topic, vec![record(0)]).await.expect("a first record");
-    cluster
-        .broker_round_trip_time(1, Duration::from_secs(4))
-        .expect("slow answers");
-    let mut request = tonic::Request::new(pb::ProduceRequest {
-        source: "events".into(),
-        topic: topic.into(),
-        records: (1..4).map(record).collect(),
-        options: None,
-    });
+    let mut request = slowed_produce(&cluster, &client, topic, 1..4).await;
     request.set_timeout(Duration::from_secs(2));
     let started = std::time::Instant::now();
     let err = client.stream().produce(request).await.expect_err("no room in time");

@@ -1989,6 +1989,21 @@ async fn a_commit_run_again_after_its_call_was_dropped_is_not_a_success() {
     server.stop().await;
 }
 
+/// A fresh table `<prefix>_<random>` (id int) whose deferred trigger sleeps
+/// `seconds` in the COMMIT of a transaction that inserted into it.
+async fn table_with_a_slow_commit(pg: &tokio_postgres::Client, prefix: &str, seconds: f64) -> String {
+    let table = format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    pg.batch_execute(&format!(
+        "CREATE TABLE {table} (id int);
+         CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON {table} DEFERRABLE INITIALLY DEFERRED
+             FOR EACH ROW EXECUTE FUNCTION {table}_slow();"
+    ))
+    .await
+    .expect("setup");
+    table
+}
+
 /// The COMMIT of the transaction a write that hands back rows runs in is
 /// part of the call: still running at the call's deadline, its outcome is
 /// unknown, and the caller hears so in time rather than a bare
@@ -1996,15 +2011,7 @@ async fn a_commit_run_again_after_its_call_was_dropped_is_not_a_success() {
 #[tokio::test]
 async fn an_own_transactions_commit_past_the_deadline_is_reported_as_unknown() {
     let pg = pg_direct().await;
-    let table = format!("owncommit_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    pg.batch_execute(&format!(
-        "CREATE TABLE {table} (id int);
-         CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$;
-         CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON {table} DEFERRABLE INITIALLY DEFERRED
-             FOR EACH ROW EXECUTE FUNCTION {table}_slow();"
-    ))
-    .await
-    .expect("setup");
+    let table = table_with_a_slow_commit(&pg, "owncommit", 2.0).await;
     let server = TestServer::start(&tenant("c", "", &postgres("c", "db", ""))).await;
     let client = server.client("key-c").await;
     let mut request = tonic::Request::new(pb::ExecuteRequest {
@@ -2035,15 +2042,7 @@ async fn an_own_transactions_commit_past_the_deadline_is_reported_as_unknown() {
 async fn a_commit_whose_session_is_lost_midway_is_reported_as_unknown() {
     use tonic_types::StatusExt;
     let pg = pg_direct().await;
-    let table = format!("commit_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    pg.batch_execute(&format!(
-        "CREATE TABLE {table} (id int);
-         CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$;
-         CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON {table} DEFERRABLE INITIALLY DEFERRED
-             FOR EACH ROW EXECUTE FUNCTION {table}_slow();"
-    ))
-    .await
-    .expect("setup");
+    let table = table_with_a_slow_commit(&pg, "commit", 1.5).await;
     let proxy = Proxy::start(pg_address()).await;
     let server = TestServer::start(&tenant("c", "", &postgres_at("c", "db", &proxy.port.to_string(), ""))).await;
     let client = server.client("key-c").await;

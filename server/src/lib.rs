@@ -37,6 +37,9 @@ const REAP_INTERVAL: Duration = Duration::from_millis(500);
 /// to exit has one bound a supervisor's stop timeout can be set above.
 const WRAP_UP: Duration = Duration::from_secs(10);
 
+/// The longest the metrics port's graceful close may take of that budget.
+const METRICS_CLOSE: Duration = Duration::from_secs(2);
+
 /// Where the gateway listens: gRPC, and optionally the metrics/health HTTP port.
 pub struct Listeners {
     pub grpc: TcpListener,
@@ -157,9 +160,11 @@ pub async fn run(
         watcher.abort();
     }
     // A scraper that never finishes its request would hold the graceful
-    // close of the metrics port for ever.
+    // close of the metrics port for ever; the rollbacks after it need the
+    // rest of the budget more.
     if let Some(server) = metrics_server {
-        let _ = tokio::time::timeout_at(wrap_up_by, server).await;
+        let by = wrap_up_by.min(tokio::time::Instant::now() + METRICS_CLOSE);
+        let _ = tokio::time::timeout_at(by, server).await;
     }
     // Those not rolled back in time are when their connections close.
     let _ = tokio::time::timeout_at(wrap_up_by, transactions.rollback_all()).await;

@@ -447,6 +447,21 @@ impl Txn {
     fn id(&self) -> String {
         format!("{}:{}", self.file, self.begin)
     }
+
+    /// Its Begin boundary, at the start of its changes (raised to a resume
+    /// position inside it by the service).
+    fn begin_item(&self) -> ChangeItem {
+        ChangeItem::Begin {
+            txid: self.id(),
+            commit_time: self.time,
+            position: BinlogPos {
+                file: self.file,
+                offset: self.begin,
+                seq: 0,
+            }
+            .encode(),
+        }
+    }
 }
 
 struct Reader {
@@ -666,12 +681,7 @@ impl Reader {
             }
             if !t.begun {
                 t.begun = true;
-                let begin = ChangeItem::Begin {
-                    txid: t.id(),
-                    commit_time: t.time,
-                    position: BinlogPos { seq: 0, ..position }.encode(),
-                };
-                if self.out.send(begin).await.is_err() {
+                if self.out.send(t.begin_item()).await.is_err() {
                     return Ok(Err(()));
                 }
             }
@@ -697,12 +707,20 @@ impl Reader {
 
     /// Ends the transaction being read at the commit event ending at `end`.
     async fn commit(&mut self, txn: &mut Option<Txn>, end: u64) -> Sent {
-        let Some(t) = txn.take() else { return Ok(()) };
+        let Some(mut t) = txn.take() else { return Ok(()) };
         let position = BinlogPos {
             file: self.file,
             offset: end,
             seq: 0,
         };
+        // Resumed at the transaction's last change: none of it came again,
+        // but its boundaries do, so that it is closed.
+        let resumed_at_its_end =
+            self.delivered.file == t.file && self.delivered.offset == t.begin && self.delivered.seq > 0;
+        if !t.begun && resumed_at_its_end && position > self.delivered {
+            t.begun = true;
+            self.out.send(t.begin_item()).await?;
+        }
         if t.begun && position > self.delivered {
             let item = ChangeItem::Commit {
                 txid: t.id(),

@@ -385,6 +385,20 @@ struct Txn {
     begun: bool,
 }
 
+/// The Begin boundary of `t`, at the start of its changes (raised to a
+/// resume position inside it by the service).
+fn begin_of(t: &Txn) -> ChangeItem {
+    ChangeItem::Begin {
+        txid: t.xid.clone(),
+        commit_time: t.commit_time,
+        position: PgPos {
+            lsn: t.final_lsn,
+            seq: 0,
+        }
+        .encode(),
+    }
+}
+
 struct Reader {
     client: Client,
     config: Target,
@@ -639,10 +653,18 @@ impl Reader {
                 return Ok(false);
             }
             Message::Commit { end_lsn, .. } => {
-                let Some(t) = txn.take() else { return Ok(false) };
+                let Some(mut t) = txn.take() else { return Ok(false) };
                 let position = PgPos { lsn: end_lsn, seq: 0 };
                 if position <= self.delivered {
                     return Ok(false);
+                }
+                // Resumed at the transaction's last change: none of it came
+                // again, but its boundaries do, so that it is closed.
+                if !t.begun && self.delivered.lsn == t.final_lsn && self.delivered.seq > 0 {
+                    t.begun = true;
+                    if self.out.send(begin_of(&t)).await.is_err() {
+                        return Ok(true);
+                    }
                 }
                 if t.begun {
                     let item = ChangeItem::Commit {
@@ -723,16 +745,7 @@ impl Reader {
         };
         if !t.begun {
             t.begun = true;
-            let begin = ChangeItem::Begin {
-                txid: t.xid.clone(),
-                commit_time: t.commit_time,
-                position: PgPos {
-                    lsn: t.final_lsn,
-                    seq: 0,
-                }
-                .encode(),
-            };
-            if self.out.send(begin).await.is_err() {
+            if self.out.send(begin_of(t)).await.is_err() {
                 return Ok(true);
             }
         }

@@ -1365,6 +1365,45 @@ async fn load_ids_need_no_create_privilege_once_their_table_exists() {
     owner.server.stop().await;
 }
 
+/// A row PostgreSQL refuses near the start of a large load is reported while
+/// the client is still sending (a COPY ends every 16 MiB, and PostgreSQL
+/// reports a COPY's bad row when it ends), named by its place in the load.
+#[tokio::test]
+async fn a_bad_row_early_in_a_large_load_is_reported_before_the_client_ends() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    ctx.table("weir_bulk_early", 0).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let call = {
+        let client = ctx.client.clone();
+        let header = header("weir_bulk_early", pb::BulkLoadMode::Append);
+        tokio::spawn(async move { client.load(header, ReceiverStream::new(rx)).await })
+    };
+    // Row 3 breaks the CHECK; then about 40 MiB of good rows, and the
+    // stream is left open: only an early report ends the call.
+    let mut first = rows(0..10_000);
+    first[3] = row(3, "bad", -5);
+    let sender = tokio::spawn(async move {
+        let mut batch = first;
+        for i in 1..200 {
+            if tx.send(batch).await.is_err() {
+                break;
+            }
+            batch = rows(i * 10_000..(i + 1) * 10_000);
+        }
+        tx
+    });
+    let err = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("reported before the client ended the load")
+        .expect("load task")
+        .expect_err("the CHECK is violated");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(error_metadata(&err, "row_index"), "3", "{err:?}");
+    drop(sender.await.expect("sender"));
+    assert_eq!(ctx.contents("weir_bulk_early").await, Vec::<String>::new());
+    ctx.server.stop().await;
+}
+
 /// A batch over `max_request_bytes` gets OUT_OF_RANGE, as a unary call's
 /// oversized request does, not ABORTED (which says "run it again", and the
 /// same batch would fail the same way); the rows before it are not loaded.

@@ -19,6 +19,12 @@ use crate::backend::{BackendError, LoadMode, LoadOutcome, Value};
 
 /// COPY data is sent in chunks of at least this size (whole batches).
 const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Bytes after which a COPY is ended and the next one begun, in the same
+/// transaction. PostgreSQL reports a bad row only when its COPY ends: in one
+/// COPY for the whole load, a bad row near the start of a large load would
+/// be reported only after the client had sent everything.
+const SEGMENT_BYTES: usize = 16 * 1024 * 1024;
 /// Name of the staging table of an upsert (temporary, dropped at commit).
 const STAGE: &str = "weir_load_stage";
 /// The staging table's own column: each row's 1-based place in the load,
@@ -78,20 +84,29 @@ fn copy_position(db: &DbError) -> Option<(u64, Option<String>)> {
     Some((line.checked_sub(1)?, column))
 }
 
-/// Maps an error of the COPY to the row it names, when it names one and
-/// the fault is in the data.
-fn copy_error(e: tokio_postgres::Error) -> BackendError {
+/// Maps an error of a COPY whose first row is the load's `first_row` to the
+/// row it names, when it names one and the fault is in the data.
+fn copy_error(e: tokio_postgres::Error, first_row: u64) -> BackendError {
     match e.as_db_error().and_then(copy_position) {
-        Some((index, column)) => bulk::on_row(index, column, map_error(e)),
+        Some((index, column)) => bulk::on_row(first_row + index, column, map_error(e)),
         None => map_error(e),
     }
 }
 
-/// Streams the feed's rows into `COPY target (columns) FROM STDIN`; returns the rows copied.
+/// Streams the feed's rows into `COPY target (columns) FROM STDIN`, one
+/// COPY per `SEGMENT_BYTES`; returns the rows copied.
 async fn copy_rows(conn: &PgConn, target: &str, spec: &LoadSpec, feed: &mut RowFeed) -> Result<u64, BackendError> {
     let sql = format!("COPY {target} ({}) FROM STDIN", spec.column_list(quote));
-    let sink = conn.client.copy_in::<_, Bytes>(&sql).await.map_err(map_error)?;
-    futures::pin_mut!(sink);
+    let begin = || async {
+        conn.client
+            .copy_in::<_, Bytes>(&sql)
+            .await
+            .map_err(map_error)
+            .map(Box::pin)
+    };
+    let mut sink = begin().await?;
+    // Rows in the COPYs ended so far, and the bytes sent in this one.
+    let (mut copied, mut sent) = (0u64, 0usize);
     let mut buffer = BytesMut::with_capacity(CHUNK_BYTES + 4096);
     let mut scratch = String::new();
     while let Some(batch) = feed.next().await? {
@@ -99,13 +114,28 @@ async fn copy_rows(conn: &PgConn, target: &str, spec: &LoadSpec, feed: &mut RowF
             write_field(value, &mut scratch, out)
         })?;
         if buffer.len() >= CHUNK_BYTES {
-            sink.send(buffer.split().freeze()).await.map_err(copy_error)?;
+            sent += buffer.len();
+            sink.send(buffer.split().freeze())
+                .await
+                .map_err(|e| copy_error(e, copied))?;
+        }
+        if sent >= SEGMENT_BYTES {
+            if !buffer.is_empty() {
+                sink.send(buffer.split().freeze())
+                    .await
+                    .map_err(|e| copy_error(e, copied))?;
+            }
+            copied += sink.as_mut().finish().await.map_err(|e| copy_error(e, copied))?;
+            sink = begin().await?;
+            sent = 0;
         }
     }
     if !buffer.is_empty() {
-        sink.send(buffer.split().freeze()).await.map_err(copy_error)?;
+        sink.send(buffer.split().freeze())
+            .await
+            .map_err(|e| copy_error(e, copied))?;
     }
-    sink.as_mut().finish().await.map_err(copy_error)
+    Ok(copied + sink.as_mut().finish().await.map_err(|e| copy_error(e, copied))?)
 }
 
 /// Merges the staging table into the target; returns the rows inserted.

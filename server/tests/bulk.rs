@@ -1404,6 +1404,40 @@ async fn a_bad_row_early_in_a_large_load_is_reported_before_the_client_ends() {
     ctx.server.stop().await;
 }
 
+/// An SQLite upsert into a table whose unique index compares keys its own
+/// way (COLLATE NOCASE) fails on the row the index matched but `=` does not,
+/// instead of dropping it while counting it updated.
+#[tokio::test]
+async fn sqlite_upserts_lose_no_row_to_a_key_compared_otherwise() {
+    let ctx = Ctx::new(Engine::Sqlite, "").await;
+    ctx.exec("CREATE TABLE weir_bulk_nocase (email TEXT NOT NULL, n INTEGER)")
+        .await;
+    ctx.exec("CREATE UNIQUE INDEX weir_bulk_nocase_email ON weir_bulk_nocase (email COLLATE NOCASE)")
+        .await;
+    ctx.exec("INSERT INTO weir_bulk_nocase VALUES ('a@x', 1)").await;
+    let mut load = header("weir_bulk_nocase", pb::BulkLoadMode::Upsert);
+    load.columns = vec!["email".into(), "n".into()];
+    load.conflict_columns = vec!["email".into()];
+    let row = |email: &str, n: i64| pb::Row {
+        values: vec![v(Kind::StringValue(email.into())), v(Kind::Int64Value(n))],
+    };
+    let err = ctx
+        .load(load, vec![vec![row("b@x", 3), row("A@x", 2)]])
+        .await
+        .expect_err("the second row has no equal key to update");
+    assert_eq!(
+        (reason(&err).as_str(), error_metadata(&err, "row_index").as_str()),
+        ("BAD_ROW", "1"),
+        "{err:?}"
+    );
+    let rows = ctx
+        .exec("SELECT email, n FROM weir_bulk_nocase ORDER BY email")
+        .await
+        .rows;
+    assert_eq!(rows.len(), 1, "the load was rolled back");
+    ctx.server.stop().await;
+}
+
 /// A batch over `max_request_bytes` gets OUT_OF_RANGE, as a unary call's
 /// oversized request does, not ABORTED (which says "run it again", and the
 /// same batch would fail the same way); the rows before it are not loaded.

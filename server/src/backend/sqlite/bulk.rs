@@ -46,6 +46,7 @@ struct Writer<'c> {
     /// Upserts: `UPDATE ... SET non-key columns WHERE key columns`, and the
     /// positions of those columns in a row.
     update: Option<(Statement<'c>, Vec<usize>)>,
+    upsert: bool,
 }
 
 impl<'c> Writer<'c> {
@@ -90,18 +91,34 @@ impl<'c> Writer<'c> {
         Ok(Self {
             insert: conn.prepare(&insert).map_err(map_error)?,
             update,
+            upsert: spec.mode == LoadMode::Upsert,
         })
     }
 
     /// Writes one row; true when it was inserted rather than updated.
     fn write(&mut self, row: &Row, index: u64) -> Result<bool, BackendError> {
         let all: Vec<_> = row.iter().collect();
-        if run(&mut self.insert, &all, index)? == 1 {
+        // Outside upserts the INSERT took the row, even where it reports no
+        // change (an INSTEAD OF trigger of a view).
+        if run(&mut self.insert, &all, index)? == 1 || !self.upsert {
             return Ok(true);
         }
         if let Some((update, order)) = &mut self.update {
             let values: Vec<_> = order.iter().filter_map(|&i| row.get(i)).collect();
-            run(update, &values, index)?;
+            // The conflict was found by the index's own comparison (COLLATE
+            // NOCASE, say), the UPDATE looks for equal keys: finding none, the
+            // row would be lost without a word.
+            if run(update, &values, index)? != 1 {
+                return Err(bulk::row_error(
+                    index,
+                    None,
+                    String::new(),
+                    "the row's key conflicts with a row under the unique index, which compares it otherwise \
+                     than = does (a COLLATE of its own): no row has the same key to update; load into a \
+                     table whose key compares with ="
+                        .into(),
+                ));
+            }
         }
         Ok(false)
     }

@@ -39,8 +39,20 @@ const FEED_BUFFER: usize = 256;
 /// How long a take-over waits for the old consumer's connection to end.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(5);
 /// How long the replication connection may stay silent while the reader
-/// asks for the server's position every second.
+/// asks for the server's position every second, at the least (see `silence`).
 const SILENCE: Duration = Duration::from_secs(30);
+
+/// The silence after which the replication connection counts as lost, for
+/// the server's `wal_sender_timeout` (milliseconds). While a WAL sender
+/// replays a large transaction none of whose changes are published, it
+/// answers only with its own keepalives, half a `wal_sender_timeout` apart;
+/// with the timeout off (0) it sends none, and only a long limit is safe.
+fn silence(wal_sender_timeout_ms: i64) -> Duration {
+    match u64::try_from(wal_sender_timeout_ms) {
+        Ok(0) | Err(_) => Duration::from_secs(600),
+        Ok(ms) => SILENCE.max(Duration::from_millis(ms) + Duration::from_secs(5)),
+    }
+}
 /// How long a new consumer waits for the subscription's lock: a consumer
 /// that reconnects at once finds its old session still ending.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
@@ -584,6 +596,17 @@ impl Reader {
         let mut tick = tokio::time::interval(every.min(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut txn: Option<Txn> = None;
+        let timeout_ms: i64 = self
+            .client
+            .query_one(
+                "SELECT setting::int8 FROM pg_settings WHERE name = 'wal_sender_timeout'",
+                &[],
+            )
+            .await
+            .map_err(map_error)?
+            .try_get(0)
+            .map_err(map_error)?;
+        let silence = silence(timeout_ms);
         // When the reader last waited for the server and heard from it.
         let mut heard = Instant::now();
         loop {
@@ -602,11 +625,12 @@ impl Reader {
                         return Err(BackendError::Unavailable("the connection to the database was lost".into()));
                     }
                     // A cut network can leave both sockets open for many
-                    // minutes; the server answers each `ask_position` at once.
-                    if heard.elapsed() > SILENCE {
+                    // minutes; the server answers each `ask_position` at
+                    // once, or with its next keepalive while it replays.
+                    if heard.elapsed() > silence {
                         return Err(BackendError::Unavailable(format!(
                             "the database did not answer on the replication connection for {} s",
-                            SILENCE.as_secs()
+                            silence.as_secs()
                         )));
                     }
                     // Its answer, a keepalive, gives a quiet stream its heartbeat.
@@ -836,4 +860,17 @@ pub(super) async fn delete(config: &Target, id: &str, name: &str) -> Result<(), 
         .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ansi(id)))
         .await
         .map_err(map_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_silence_limit_outlasts_the_servers_keepalives() {
+        assert_eq!(silence(60_000), Duration::from_secs(65));
+        assert_eq!(silence(10_000), SILENCE);
+        assert_eq!(silence(300_000), Duration::from_secs(305));
+        assert_eq!(silence(0), Duration::from_secs(600));
+    }
 }

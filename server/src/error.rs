@@ -319,7 +319,7 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
         }
         BackendError::LoadAbandoned => (Code::Aborted, info("LOAD_ABANDONED", vec![])),
         BackendError::TransactionEnded => (Code::NotFound, info("TRANSACTION_NOT_FOUND", vec![])),
-        BackendError::TransactionRolledBack(_) => {
+        BackendError::TransactionRolledBack(_) | BackendError::TransactionBroken(_) => {
             let mut d = info("TRANSACTION_LOST", vec![]);
             d.set_retry_info(Some(Duration::from_secs(1)));
             (Code::Aborted, d)

@@ -40,6 +40,10 @@ const WRAP_UP: Duration = Duration::from_secs(10);
 /// The longest the metrics port's graceful close may take of that budget.
 const METRICS_CLOSE: Duration = Duration::from_secs(2);
 
+/// What the wait for cut streams leaves of the budget, for the rollbacks
+/// and cancels after it.
+const AFTER_THE_CUT: Duration = Duration::from_secs(4);
+
 /// Where the gateway listens: gRPC, and optionally the metrics/health HTTP port.
 pub struct Listeners {
     pub grpc: TcpListener,
@@ -150,7 +154,7 @@ pub async fn run(
             reaper.abort();
             registry.stop_all();
             let by = *wrap_up_by.insert(tokio::time::Instant::now() + WRAP_UP);
-            tokio::time::timeout_at(by, &mut served).await.unwrap_or(Ok(()))
+            tokio::time::timeout_at(by - AFTER_THE_CUT, &mut served).await.unwrap_or(Ok(()))
         }
     };
     let wrap_up_by = wrap_up_by.unwrap_or_else(|| tokio::time::Instant::now() + WRAP_UP);
@@ -160,14 +164,16 @@ pub async fn run(
         watcher.abort();
     }
     // A scraper that never finishes its request would hold the graceful
-    // close of the metrics port for ever; the rollbacks after it need the
-    // rest of the budget more.
-    if let Some(server) = metrics_server {
-        let by = wrap_up_by.min(tokio::time::Instant::now() + METRICS_CLOSE);
-        let _ = tokio::time::timeout_at(by, server).await;
-    }
-    // Those not rolled back in time are when their connections close.
-    let _ = tokio::time::timeout_at(wrap_up_by, transactions.rollback_all()).await;
+    // close of the metrics port for ever. Transactions not rolled back in
+    // time are when their connections close.
+    let metrics_closed = async {
+        if let Some(server) = metrics_server {
+            let by = wrap_up_by.min(tokio::time::Instant::now() + METRICS_CLOSE);
+            let _ = tokio::time::timeout_at(by, server).await;
+        }
+    };
+    let rolled_back = tokio::time::timeout_at(wrap_up_by, transactions.rollback_all());
+    let _ = futures::join!(metrics_closed, rolled_back);
     // Statements cut or abandoned above are cancelled in their engines
     // before the runtime, and the cancels with it, are gone.
     backend::settle_cancels(wrap_up_by.saturating_duration_since(tokio::time::Instant::now())).await;

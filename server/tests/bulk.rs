@@ -1438,6 +1438,42 @@ async fn sqlite_upserts_lose_no_row_to_a_key_compared_otherwise() {
     ctx.server.stop().await;
 }
 
+/// A bad row in a later COPY of a large PostgreSQL load is named by its
+/// place in the load also when a trigger keeps rows out of the table (which
+/// a COPY's row count leaves out, and its line numbers do not).
+#[tokio::test]
+async fn a_bad_row_past_the_first_copy_is_named_though_a_trigger_skips_rows() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    ctx.table("weir_bulk_sparse", 0).await;
+    ctx.exec(
+        "CREATE OR REPLACE FUNCTION weir_bulk_sparse_even() RETURNS trigger LANGUAGE plpgsql \
+         AS $$ BEGIN IF NEW.id % 2 = 0 THEN RETURN NULL; END IF; RETURN NEW; END $$",
+    )
+    .await;
+    ctx.exec(
+        "CREATE TRIGGER weir_bulk_sparse_even BEFORE INSERT ON weir_bulk_sparse \
+         FOR EACH ROW EXECUTE FUNCTION weir_bulk_sparse_even()",
+    )
+    .await;
+    // About 24 MiB: the bad row is in the second COPY.
+    let bad = 1_000_003;
+    let batches: Vec<Vec<pb::Row>> = (0..120)
+        .map(|i| {
+            let mut batch = rows(i * 10_000..(i + 1) * 10_000);
+            if let Some(r) = batch.iter_mut().find(|r| r.values[0] == v(Kind::Int64Value(bad))) {
+                *r = row(bad, "bad", -5);
+            }
+            batch
+        })
+        .collect();
+    let err = ctx
+        .load(header("weir_bulk_sparse", pb::BulkLoadMode::Append), batches)
+        .await
+        .expect_err("the CHECK is violated");
+    assert_eq!(error_metadata(&err, "row_index"), bad.to_string(), "{err:?}");
+    ctx.server.stop().await;
+}
+
 /// A batch over `max_request_bytes` gets OUT_OF_RANGE, as a unary call's
 /// oversized request does, not ABORTED (which says "run it again", and the
 /// same batch would fail the same way); the rows before it are not loaded.

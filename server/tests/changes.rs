@@ -891,6 +891,46 @@ async fn postgres_tables_with_columns_change_events_cannot_carry_are_refused() {
         .expect("slots")
         .get::<_, i64>(0);
     assert_eq!(slots, 0, "no slot holds WAL for a stream that cannot run");
+    // A generated column is not published, whatever its type.
+    let g = ctx.name("generated");
+    ctx.sql(&format!(
+        "CREATE TABLE {g} (id INT PRIMARY KEY, body text, \
+         search tsvector GENERATED ALWAYS AS (to_tsvector('simple', body)) STORED)"
+    ))
+    .await;
+    let generated_sub = ctx.name("generated");
+    let mut watch = ctx.watch(ctx.start(&[&g], &generated_sub)).await;
+    ctx.sql(&format!("INSERT INTO {g} (id, body) VALUES (1, 'a b')")).await;
+    assert_eq!(id_of(changes(&read_changes(&mut watch, 1).await)[0]), 1);
+    drop(watch);
+    ctx.finish(&[&sub, &generated_sub], &[&t, &g]).await;
+}
+
+/// A MySQL stream resumed after a column was added at the table's end
+/// delivers what was logged before (the new column NULL) and after.
+#[tokio::test]
+async fn mysql_a_stream_resumed_after_a_column_was_added_reads_on() {
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.table("grown").await;
+    let sub = ctx.name("grown");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'a', 1)")).await;
+    assert_eq!(id_of(changes(&read_changes(&mut watch, 1).await)[0]), 1);
+    drop(watch);
+    ctx.sql(&format!("ALTER TABLE {t} ADD COLUMN extra INT")).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (2, 'b', 2, 7)")).await;
+    // Not acknowledged: the first row comes again, logged with one column less.
+    let mut resumed = ctx.watch(ctx.start(&[&t], &sub)).await;
+    let messages = read_changes(&mut resumed, 2).await;
+    let got = changes(&messages);
+    assert_eq!(got.iter().map(|c| id_of(c)).collect::<Vec<_>>(), [1, 2]);
+    let (first, second) = (
+        got[0].after.as_ref().expect("after"),
+        got[1].after.as_ref().expect("after"),
+    );
+    assert!(is_null(col(got[0], first, "extra")), "{:?}", got[0]);
+    assert_eq!(int(col(got[1], second, "extra")), 7);
+    drop(resumed);
     ctx.finish(&[&sub], &[&t]).await;
 }
 
@@ -921,7 +961,15 @@ async fn mysql_tables_with_text_not_in_utf8_are_refused() {
         .change_streams
         .expect("readiness");
     assert!(!readiness.ready);
-    ctx.finish(&[&sub], &[&t]).await;
+    // ENUM values are logged as numbers, their labels read from the type.
+    let e = ctx.name("latin_enum");
+    ctx.sql(&format!(
+        "CREATE TABLE {e} (id INT PRIMARY KEY, status ENUM('a','b') CHARACTER SET latin1)"
+    ))
+    .await;
+    let enum_sub = ctx.name("latin_enum");
+    drop(ctx.watch(ctx.start(&[&e], &enum_sub)).await);
+    ctx.finish(&[&sub, &enum_sub], &[&t, &e]).await;
 }
 
 /// A port of the second servers ./scripts/test starts without change streams.

@@ -110,6 +110,11 @@ pub enum BackendError {
     /// interrupted write): its later statements would otherwise autocommit.
     #[error("the transaction was rolled back after {0}; run it again from BeginTransaction")]
     TransactionRolledBack(&'static str),
+    /// The transaction cannot go on (a statement of it could not be
+    /// stopped and ran on to its end), but is still open, with its locks,
+    /// until it is rolled back.
+    #[error("the transaction cannot go on: {0}; roll it back, then run it again from BeginTransaction")]
+    TransactionBroken(&'static str),
     /// The rows of a load stopped coming before the load was complete; it was rolled back.
     #[error("the load ended before its last row and was rolled back")]
     LoadAbandoned,

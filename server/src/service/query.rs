@@ -34,6 +34,9 @@ const STREAM_BUFFER: usize = 4;
 /// Longest the rollback of a refused statement's own transaction is waited for.
 const ROLLBACK_WAIT: Duration = Duration::from_secs(5);
 
+/// The least time an own transaction's COMMIT gets when the caller set no deadline.
+const COMMIT_SLICE: Duration = Duration::from_secs(5);
+
 pub struct QueryApi {
     transactions: Arc<Transactions>,
     /// Cancelled when the shutdown grace period is over: streams still running are cut.
@@ -167,7 +170,15 @@ impl Target {
             // A session lost while COMMIT was on its way: the write may have
             // committed, and running it again could write it twice.
             let caller = &self.caller;
-            let commit = tokio::time::timeout_at(ends_by, tx.commit());
+            // What is left of the caller's deadline; without one, at least a
+            // few seconds, so that a statement that took most of its time
+            // limit is not cut at its COMMIT.
+            let now = tokio::time::Instant::now();
+            let commit_by = match super::deadline_left(caller) {
+                Some(left) => now + left,
+                None => ends_by.max(now + COMMIT_SLICE),
+            };
+            let commit = tokio::time::timeout_at(commit_by, tx.commit());
             match super::until_stopped(cut, &caller.revoked, caller.expires, commit).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) if e.is_unavailable() => return Err(Error::CommitOutcomeUnknown(e.to_string())),

@@ -221,13 +221,18 @@ async fn locate(conn: &mut Conn, spec: &LoadSpec, rows: &[Row], first: u64, erro
         return error;
     };
     // A deadlock also ends the transaction: rows tried one by one after it
-    // would each commit on their own. So may an error Weir does not know.
-    if !kind.is_about_data() || kind == EngineErrorKind::Internal {
+    // would each commit on their own.
+    if !kind.is_about_data() {
         return BackendError::Engine { kind, code, message };
     }
     let (row, column) = error_position(&message);
     if let Some(row) = row.filter(|r| *r >= 1) {
         return bulk::row_error(first + row - 1, column, code, message);
+    }
+    // So may an error Weir does not know: its row is found only where the
+    // message says.
+    if kind == EngineErrorKind::Internal {
+        return BackendError::Engine { kind, code, message };
     }
     let single = insert_sql(spec, 1);
     for (i, row) in rows.iter().enumerate() {

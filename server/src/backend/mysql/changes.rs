@@ -599,7 +599,10 @@ impl Reader {
                 w.columns.len()
             ))
         };
-        if usize::try_from(logged_columns).ok() != Some(w.columns.len()) {
+        // Fewer: logged before columns were added at the table's end (as ADD
+        // COLUMN does), which are NULL in it. More: logged after a change
+        // this stream has not seen.
+        if usize::try_from(logged_columns).map_or(true, |n| n > w.columns.len()) {
             return Err(changed());
         }
         // A full image holds every column in order; a partial one names each
@@ -654,11 +657,24 @@ impl Reader {
             RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => ChangeOp::Delete,
             _ => ChangeOp::Update,
         };
+        let Some(t) = txn.as_mut() else {
+            return Ok(Ok(()));
+        };
+        // Rows delivered before (a resume) are numbered but not decoded: one
+        // logged before a schema change must not stop the stream again.
         let mut changes = Vec::new();
         for r in rows.rows(tme) {
             let (before, after) = r.map_err(|e| BackendError::Internal(format!("binlog rows: {e}")))?;
-            let logged = tme.columns_count();
-            changes.push((self.row(w, logged, before)?, self.row(w, logged, after)?));
+            t.seq += 1;
+            let position = BinlogPos {
+                file: t.file,
+                offset: t.begin,
+                seq: t.seq,
+            };
+            if position > self.delivered {
+                let logged = tme.columns_count();
+                changes.push((position, self.row(w, logged, before)?, self.row(w, logged, after)?));
+            }
         }
         let (columns, primary_key, schema, table) = (
             w.columns.clone(),
@@ -666,19 +682,7 @@ impl Reader {
             w.schema.clone(),
             w.table.clone(),
         );
-        let Some(t) = txn.as_mut() else {
-            return Ok(Ok(()));
-        };
-        for (before, after) in changes {
-            t.seq += 1;
-            let position = BinlogPos {
-                file: t.file,
-                offset: t.begin,
-                seq: t.seq,
-            };
-            if position <= self.delivered {
-                continue;
-            }
+        for (position, before, after) in changes {
             if !t.begun {
                 t.begun = true;
                 if self.out.send(t.begin_item()).await.is_err() {

@@ -130,6 +130,9 @@ impl Hold {
 struct TxConn {
     conn: Conn,
     rolled_back: Option<&'static str>,
+    /// Why the transaction cannot go on though it is still open (a
+    /// statement of it could not be stopped and ran on with its writes).
+    broken: Option<&'static str>,
 }
 
 /// Whether `error` ended the transaction on `conn`: a deadlock always does,
@@ -162,10 +165,10 @@ async fn start(hold: Hold, statement: Statement, killer: Arc<Killer>) -> Result<
         let mut hold = hold;
         let outcome = execute(hold.conn(), &statement, &mut worker, &killer).await;
         if let (Hold::Transaction(tx), Err(e)) = (&mut hold, &outcome) {
-            tx.rolled_back = match e {
-                BackendError::TransactionRolledBack(cause) => Some(cause),
-                e => rolled_back_by(&mut tx.conn, e).await,
-            };
+            match e {
+                BackendError::TransactionBroken(cause) => tx.broken = Some(cause),
+                e => tx.rolled_back = rolled_back_by(&mut tx.conn, e).await,
+            }
         }
         // Release the connection (and a transaction's lock) before the caller
         // learns the statement is over, so its next call finds it free.
@@ -326,7 +329,7 @@ impl Killer {
         // Tracked, so that shutdown waits for it.
         crate::backend::CANCELS.track_future(killed).await.map_err(|e| {
             tracing::warn!(error = %e, "could not kill an abandoned mysql statement");
-            BackendError::TransactionRolledBack("a statement in it could not be stopped")
+            BackendError::TransactionBroken("a statement in it could not be stopped")
         })
     }
 }
@@ -372,6 +375,7 @@ impl SqlSource for MysqlSource {
             conn: super::TxSession::new(TxConn {
                 conn,
                 rolled_back: None,
+                broken: None,
             }),
             killer: self.killer.clone(),
         }))
@@ -457,12 +461,16 @@ impl SqlTransaction for MysqlTransaction {
         if let Some(cause) = tx.rolled_back {
             return Err(BackendError::TransactionRolledBack(cause));
         }
+        if let Some(cause) = tx.broken {
+            return Err(BackendError::TransactionBroken(cause));
+        }
         start(Hold::Transaction(tx), statement, self.killer.clone()).await
     }
 
     async fn commit(&self) -> Result<(), BackendError> {
         let mut tx = self.conn.to_end().await?;
-        if let Some(cause) = tx.rolled_back {
+        // Refused, the handle goes, and the pool's reset rolls it back.
+        if let Some(cause) = tx.rolled_back.or(tx.broken) {
             return Err(BackendError::TransactionRolledBack(cause));
         }
         tx.conn.query_drop("COMMIT").await.map_err(map_error)

@@ -143,12 +143,16 @@ pub async fn describe_table(
         .await
         .map_err(map_error)?;
     // The binary log carries text in its column's character set, which
-    // change events (UTF-8) cannot carry as it is.
-    let not_utf8 = rows.iter().find_map(|r| {
-        r.10.as_ref()
-            .filter(|charset| !UTF8_CHARSETS.contains(&charset.to_ascii_lowercase().as_str()))
-            .map(|charset| (r.0.clone(), charset.clone()))
-    });
+    // change events (UTF-8) cannot carry as it is. (ENUM and SET values are
+    // logged as numbers, their labels read from the column's type.)
+    let not_utf8 = rows
+        .iter()
+        .filter(|r| !matches!(r.2.as_str(), "enum" | "set"))
+        .find_map(|r| {
+            r.10.as_ref()
+                .filter(|charset| !UTF8_CHARSETS.contains(&charset.to_ascii_lowercase().as_str()))
+                .map(|charset| (r.0.clone(), charset.clone()))
+        });
     let columns = rows
         .into_iter()
         .map(

@@ -105,37 +105,41 @@ async fn copy_rows(conn: &PgConn, target: &str, spec: &LoadSpec, feed: &mut RowF
             .map(Box::pin)
     };
     let mut sink = begin().await?;
-    // Rows in the COPYs ended so far, and the bytes sent in this one.
-    let (mut copied, mut sent) = (0u64, 0usize);
+    // The rows the ended COPYs report, the bytes sent in this one, and the
+    // load's index of its first row (its line 1). A trigger that keeps a row
+    // out leaves it out of a COPY's report, not out of its lines.
+    let (mut copied, mut sent, mut first) = (0u64, 0usize, None);
     let mut buffer = BytesMut::with_capacity(CHUNK_BYTES + 4096);
     let mut scratch = String::new();
     while let Some(batch) = feed.next().await? {
         bulk::write_lines(&batch, &spec.columns, &mut buffer, |_, value, out| {
             write_field(value, &mut scratch, out)
         })?;
+        let part = *first.get_or_insert(batch.first_row);
         if buffer.len() >= CHUNK_BYTES {
             sent += buffer.len();
             sink.send(buffer.split().freeze())
                 .await
-                .map_err(|e| copy_error(e, copied))?;
+                .map_err(|e| copy_error(e, part))?;
         }
         if sent >= SEGMENT_BYTES {
             if !buffer.is_empty() {
                 sink.send(buffer.split().freeze())
                     .await
-                    .map_err(|e| copy_error(e, copied))?;
+                    .map_err(|e| copy_error(e, part))?;
             }
-            copied += sink.as_mut().finish().await.map_err(|e| copy_error(e, copied))?;
+            copied += sink.as_mut().finish().await.map_err(|e| copy_error(e, part))?;
             sink = begin().await?;
-            sent = 0;
+            (sent, first) = (0, None);
         }
     }
+    let last = first.unwrap_or_default();
     if !buffer.is_empty() {
         sink.send(buffer.split().freeze())
             .await
-            .map_err(|e| copy_error(e, copied))?;
+            .map_err(|e| copy_error(e, last))?;
     }
-    Ok(copied + sink.as_mut().finish().await.map_err(|e| copy_error(e, copied))?)
+    Ok(copied + sink.as_mut().finish().await.map_err(|e| copy_error(e, last))?)
 }
 
 /// Merges the staging table into the target; returns the rows inserted.

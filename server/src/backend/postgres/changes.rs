@@ -184,11 +184,26 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
         // A column of a type change events cannot carry would stop the
         // stream at the table's first change, and at it again on every
         // resume: refused before a slot holds any WAL for it.
+        // Generated columns are not published (pgoutput leaves them out).
+        let generated: Vec<String> = client
+            .query(
+                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND attgenerated <> ''",
+                &[&oid],
+            )
+            .await
+            .map_err(map_error)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         let described = client
             .prepare(&format!("SELECT * FROM {qualified} LIMIT 0"))
             .await
             .map_err(map_error)?;
-        for c in described.columns() {
+        for c in described
+            .columns()
+            .iter()
+            .filter(|c| !generated.iter().any(|g| g == c.name()))
+        {
             if let Err(BackendError::UnsupportedType { column, type_name }) = column_of(c.name(), c.type_(), -1) {
                 return Err(BackendError::ChangesNotReady(format!(
                     "column {column} of {qualified} has type {type_name}, which change events cannot carry; \
@@ -589,6 +604,15 @@ impl Reader {
         Ok(row)
     }
 
+    /// Reports the client's acknowledgement to the server as flushed.
+    fn confirm(&mut self, repl: &mut Replication, ack: Option<Position>) -> Result<(), BackendError> {
+        if let Some(p) = ack {
+            self.acked = self.acked.max(PgPos::decode(&p)?);
+            repl.confirm(self.acked.lsn);
+        }
+        Ok(())
+    }
+
     /// Delivers what the slot's stream brings until the client goes (`Ok`)
     /// or the database fails.
     async fn stream(&mut self, repl: &mut Replication, acks: &mut Acks) -> Result<(), BackendError> {
@@ -611,11 +635,12 @@ impl Reader {
         let mut heard = Instant::now();
         loop {
             let event = tokio::select! {
-                () = self.out.closed() => return Ok(()),
+                // Both are ready once the stream is gone: the client's last
+                // ack may not have been taken yet.
+                () = self.out.closed() => return self.confirm(repl, acks.latest()),
                 ack = acks.next() => {
-                    let Some(p) = ack else { return Ok(()) };
-                    self.acked = self.acked.max(PgPos::decode(&p)?);
-                    repl.confirm(self.acked.lsn);
+                    let Some(p) = ack else { return self.confirm(repl, acks.latest()) };
+                    self.confirm(repl, Some(p))?;
                     continue;
                 }
                 _ = tick.tick() => {

@@ -81,10 +81,11 @@ pub struct PgConn {
     /// tell). Without this, every reset would write "there is no transaction
     /// in progress" to the database's log.
     needs_rollback: bool,
-    /// A statement on it was abandoned and may still run, or be cancelled
-    /// by a signal that has not arrived yet: the session is closed rather
-    /// than given to the next caller.
-    broken: bool,
+    /// Why the session is not to be used again: a statement on it was
+    /// abandoned and may still run, or be cancelled by a signal that has not
+    /// arrived yet (or a transaction could not be begun again). It is closed
+    /// rather than given to the next caller.
+    broken: Option<&'static str>,
     /// The BEGIN of a transaction none of whose statements has run yet. Its
     /// first statement, refused for a plan gone stale, begins it again and
     /// runs again: nothing in it has been seen or written.
@@ -258,7 +259,7 @@ impl bb8::ManageConnection for PgManager {
             in_transaction: false,
             needs_reset: false,
             needs_rollback: false,
-            broken: false,
+            broken: None,
             fresh_begin: None,
         })
     }
@@ -268,7 +269,7 @@ impl bb8::ManageConnection for PgManager {
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
-        conn.client.is_closed() || conn.in_transaction || conn.broken
+        conn.client.is_closed() || conn.in_transaction || conn.broken.is_some()
     }
 }
 
@@ -457,7 +458,9 @@ impl Drop for StatementGuard {
                 }
             };
             // Still running, or a cancel still on its way: not for the next caller.
-            lease.broken |= !settled;
+            if !settled {
+                lease.broken = Some(NOT_CANCELLED);
+            }
         }));
     }
 }
@@ -569,7 +572,7 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
                         // The refusal aborted the transaction.
                         if let Err(e) = l.client.batch_execute(&format!("ROLLBACK; {begin}")).await {
                             // Neither in the transaction nor surely out of it: not to be committed.
-                            l.broken = true;
+                            l.broken = Some("its first statement could not be run again after its plan went stale");
                             return Err(map_error(e));
                         }
                     }
@@ -828,10 +831,8 @@ impl SqlTransaction for PgTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
         let lease = self.for_statement().await?;
         // It would queue behind a statement that could not be cancelled.
-        if lease.broken {
-            return Err(BackendError::TransactionRolledBack(
-                "a statement in it could not be cancelled",
-            ));
+        if let Some(cause) = lease.broken {
+            return Err(BackendError::TransactionBroken(cause));
         }
         run(Lease::Transaction(lease), statement, SessionReset::Always).await
     }
@@ -847,10 +848,8 @@ impl SqlTransaction for PgTransaction {
         // A statement of it that could not be cancelled may still be running:
         // COMMIT would wait for it and commit what the caller was told failed.
         // The session is closed instead of pooled, which rolls it back.
-        if conn.broken {
-            return Err(BackendError::TransactionRolledBack(
-                "a statement in it could not be cancelled",
-            ));
+        if let Some(cause) = conn.broken {
+            return Err(BackendError::TransactionRolledBack(cause));
         }
         // COMMIT of a transaction an error aborted rolls it back and reports
         // success. The SELECT before it, in the same round trip, fails there
@@ -884,7 +883,7 @@ impl SqlTransaction for PgTransaction {
         // A statement that could not be cancelled may still be running, and
         // ROLLBACK would wait behind it: the session is closed instead of
         // pooled (still `in_transaction`), which rolls the transaction back.
-        if conn.broken {
+        if conn.broken.is_some() {
             return Ok(());
         }
         conn.client.batch_execute("ROLLBACK").await.map_err(map_error)?;
@@ -892,6 +891,9 @@ impl SqlTransaction for PgTransaction {
         Ok(())
     }
 }
+
+/// Why a session whose abandoned statement was not known to end is not used again.
+const NOT_CANCELLED: &str = "a statement in it could not be cancelled";
 
 /// SQLSTATE of a statement in a transaction an earlier error aborted.
 const IN_FAILED_TRANSACTION: &str = "25P02";

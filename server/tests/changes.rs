@@ -899,9 +899,22 @@ async fn postgres_tables_with_columns_change_events_cannot_carry_are_refused() {
     ))
     .await;
     let generated_sub = ctx.name("generated");
-    let mut watch = ctx.watch(ctx.start(&[&g], &generated_sub)).await;
     ctx.sql(&format!("INSERT INTO {g} (id, body) VALUES (1, 'a b')")).await;
-    assert_eq!(id_of(changes(&read_changes(&mut watch, 1).await)[0]), 1);
+    let mut start = ctx.start(&[&g], &generated_sub);
+    start.snapshot = true;
+    let mut watch = ctx.watch(start).await;
+    let mut messages = read_changes(&mut watch, 1).await;
+    ctx.sql(&format!("INSERT INTO {g} (id, body) VALUES (2, 'c')")).await;
+    messages.extend(read_changes(&mut watch, 1).await);
+    let got = changes(&messages);
+    assert_eq!(
+        got.iter().map(|c| (op(c), id_of(c))).collect::<Vec<_>>(),
+        [(pb::ChangeOperation::SnapshotRead, 1), (pb::ChangeOperation::Insert, 2)]
+    );
+    for c in got {
+        let names: Vec<&str> = c.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["id", "body"], "the snapshot's columns are the events' columns");
+    }
     drop(watch);
     ctx.finish(&[&sub, &generated_sub], &[&t, &g]).await;
 }

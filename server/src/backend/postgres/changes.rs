@@ -92,6 +92,9 @@ struct Watched {
     primary_key: Arc<[String]>,
     /// A partitioned table: its partitions' changes come under its name.
     partitioned: bool,
+    /// Its published columns (not the generated ones), quoted, for the
+    /// snapshot: its rows have the columns its change events have.
+    published: String,
 }
 
 /// Longest wait of a snapshot for its share lock on the watched tables.
@@ -199,6 +202,7 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
             .prepare(&format!("SELECT * FROM {qualified} LIMIT 0"))
             .await
             .map_err(map_error)?;
+        let mut published = Vec::new();
         for c in described
             .columns()
             .iter()
@@ -210,6 +214,7 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
                      change its type (or watch a table without it)"
                 )));
             }
+            published.push(quote_ansi(c.name()));
         }
         out.insert(
             oid,
@@ -219,6 +224,7 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
                 qualified,
                 primary_key: primary_key.into(),
                 partitioned: kind == "p",
+                published: published.join(", "),
             },
         );
     }
@@ -541,9 +547,12 @@ impl Reader {
         }
         .encode();
         for (oid, qualified) in &tables {
+            let Some(published) = self.watched.get(oid).map(|w| w.published.clone()) else {
+                continue;
+            };
             let statement = self
                 .client
-                .prepare(&format!("SELECT * FROM {qualified}"))
+                .prepare(&format!("SELECT {published} FROM {qualified}"))
                 .await
                 .map_err(map_error)?;
             let columns: Arc<[Column]> = statement

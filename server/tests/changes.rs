@@ -135,6 +135,23 @@ impl Ctx {
         self.client.watch(start).await.expect("WatchChanges starts")
     }
 
+    /// The error a watch of `table` is refused with, which must be
+    /// FAILED_PRECONDITION, CHANGE_STREAMS_NOT_READY.
+    async fn refused_as_not_ready(&self, table: &str, subscription: &str) -> tonic::Status {
+        let e = self
+            .client
+            .watch(self.start(&[table], subscription))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            (e.code(), reason(&e).as_str()),
+            (Code::FailedPrecondition, "CHANGE_STREAMS_NOT_READY"),
+            "{e:?}"
+        );
+        e
+    }
+
     async fn delete(&self, subscription: &str) -> Result<(), tonic::Status> {
         self.client
             .stream()
@@ -871,12 +888,7 @@ async fn postgres_tables_with_columns_change_events_cannot_carry_are_refused() {
     ctx.sql(&format!("CREATE TABLE {t} (id INT PRIMARY KEY, at point)"))
         .await;
     let sub = ctx.name("pointy");
-    let e = ctx.client.watch(ctx.start(&[&t], &sub)).await.err().expect("refused");
-    assert_eq!(
-        (e.code(), reason(&e).as_str()),
-        (Code::FailedPrecondition, "CHANGE_STREAMS_NOT_READY"),
-        "{e:?}"
-    );
+    let e = ctx.refused_as_not_ready(&t, &sub).await;
     assert!(
         e.message().contains("column at") && e.message().contains("point"),
         "{e:?}"
@@ -959,12 +971,7 @@ async fn mysql_tables_with_text_not_in_utf8_are_refused() {
     ))
     .await;
     let sub = ctx.name("latin");
-    let e = ctx.client.watch(ctx.start(&[&t], &sub)).await.err().expect("refused");
-    assert_eq!(
-        (e.code(), reason(&e).as_str()),
-        (Code::FailedPrecondition, "CHANGE_STREAMS_NOT_READY"),
-        "{e:?}"
-    );
+    let e = ctx.refused_as_not_ready(&t, &sub).await;
     assert!(e.message().contains("column v uses the character set latin1"), "{e:?}");
     let readiness = ctx
         .client

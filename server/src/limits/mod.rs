@@ -394,7 +394,7 @@ pub const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
 /// margin and a little time to run in. A turn later than that would be
 /// spent on a call the gateway ends at once (STATEMENT_TIMEOUT after 0 ms),
 /// where it should be refused with a retry delay.
-const TIME_TO_RUN: Duration = Duration::from_millis(110);
+const TIME_TO_RUN: Duration = DEADLINE_MARGIN.saturating_add(Duration::from_millis(10));
 
 /// A call admitted by its tenant's limits: its concurrency slot, and how
 /// long it must wait for its turn at the request rate.

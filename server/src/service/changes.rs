@@ -275,8 +275,6 @@ impl Pump<'_> {
         // A client may half-close once it has nothing more to acknowledge.
         let mut listening = true;
         let mut throttled = std::time::Duration::ZERO;
-        // The last position passed on to the reader.
-        let mut acked: Option<Position> = None;
         loop {
             tokio::select! {
                 item = feed.items.recv() => {
@@ -328,14 +326,15 @@ impl Pump<'_> {
                 message = inbound.message(), if listening => match message {
                     Ok(Some(pb::WatchChangesRequest { message: Some(Message::Ack(ack)) })) => {
                         match self.ack(&ack.position) {
-                            // Only an ack that moves on reaches the reader:
-                            // one that does not would wait in its queue
-                            // (during a snapshot, for as long as it lasts).
-                            Ok(p) if acked.as_ref().is_some_and(|a| &p <= a) => {}
-                            // The reader is gone only when the stream is ending anyway.
+                            // Only an ack that moves on wakes the reader.
                             Ok(p) => {
-                                acked = Some(p.clone());
-                                let _ = feed.acks.send(Some(p));
+                                feed.acks.send_if_modified(|last| {
+                                    let moves_on = last.as_ref().is_none_or(|a| &p > a);
+                                    if moves_on {
+                                        *last = Some(p);
+                                    }
+                                    moves_on
+                                });
                             }
                             Err(e) => {
                                 tx.fail(e);

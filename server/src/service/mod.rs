@@ -29,7 +29,6 @@ use crate::limits::scheduler::{Scheduler, Slot};
 use crate::limits::DEADLINE_MARGIN;
 use crate::tenant::{Caller, Source};
 
-/// A request field the caller must change.
 /// Whether a client message's read failed because the transport refused the
 /// message (too large, or not decodable), not because the client went away
 /// or reset the call: the caller is to hear of it as `Error::BadMessage`.
@@ -43,6 +42,7 @@ fn refused_by_transport(status: &Status) -> bool {
     }
 }
 
+/// A request field the caller must change.
 fn bad(field: &'static str, message: impl Into<String>) -> Error {
     Error::InvalidArgument {
         field,

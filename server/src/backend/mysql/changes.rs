@@ -607,27 +607,22 @@ impl Reader {
         }
         // A full image holds every column in order; a partial one names each
         // column by its place (`@N`), or by its name with full row metadata.
-        let places: Vec<usize> = if row.len() == w.columns.len() {
-            (0..row.len()).collect()
-        } else {
-            row.columns_ref()
-                .iter()
-                .map(|c| {
-                    let name = c.name_str();
-                    match name.strip_prefix('@').and_then(|n| n.parse().ok()) {
-                        Some(place) => Some(place),
-                        None => w.columns.iter().position(|column| column.name == name),
-                    }
-                    .ok_or_else(changed)
-                })
-                .collect::<Result<_, _>>()?
-        };
+        let full = row.len() == w.columns.len();
+        let logged = row.columns();
         let mut values: Row = w.columns.iter().map(|_| Value::Null).collect();
-        for (i, place) in places.into_iter().enumerate() {
+        for (i, c) in logged.iter().enumerate() {
+            let place = if full {
+                Some(i)
+            } else {
+                let name = c.name_str();
+                match name.strip_prefix('@').and_then(|n| n.parse().ok()) {
+                    Some(place) => Some(place),
+                    None => w.columns.iter().position(|column| column.name == name),
+                }
+            };
             let v = row.take(i).unwrap_or(BinlogValue::Value(MyValue::NULL));
-            let (Some(column), Some(shape), Some(value)) =
-                (w.columns.get(place), w.shapes.get(place), values.get_mut(place))
-            else {
+            let slot = place.map(|p| (w.columns.get(p), w.shapes.get(p), values.get_mut(p)));
+            let Some((Some(column), Some(shape), Some(value))) = slot else {
                 return Err(changed());
             };
             *value = convert(v, shape).map_err(|message| BackendError::UnsupportedType {

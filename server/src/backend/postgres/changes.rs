@@ -156,7 +156,9 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
                         ARRAY(SELECT a.attname::text FROM pg_index i
                               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
                               WHERE i.indrelid = c.oid AND i.indisprimary
-                              ORDER BY array_position(i.indkey::int2[], a.attnum))
+                              ORDER BY array_position(i.indkey::int2[], a.attnum)),
+                        ARRAY(SELECT attname::text FROM pg_attribute
+                              WHERE attrelid = c.oid AND attnum > 0 AND attgenerated <> '')
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE c.oid = to_regclass($1)",
                 &[&name],
@@ -166,6 +168,8 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
             .ok_or_else(|| BackendError::not_found(format!("table {name} not found")))?;
         let (oid, schema, table): (u32, String, String) = (row.get(0), row.get(1), row.get(2));
         let (kind, identity, primary_key): (String, String, Vec<String>) = (row.get(3), row.get(4), row.get(5));
+        // Generated columns are not published (pgoutput leaves them out).
+        let generated: Vec<String> = row.get(6);
         let qualified = format!("{}.{}", quote_ansi(&schema), quote_ansi(&table));
         if kind != "r" && kind != "p" {
             return Err(BackendError::Invalid(format!(
@@ -187,17 +191,6 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
         // A column of a type change events cannot carry would stop the
         // stream at the table's first change, and at it again on every
         // resume: refused before a slot holds any WAL for it.
-        // Generated columns are not published (pgoutput leaves them out).
-        let generated: Vec<String> = client
-            .query(
-                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND attgenerated <> ''",
-                &[&oid],
-            )
-            .await
-            .map_err(map_error)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
         let described = client
             .prepare(&format!("SELECT * FROM {qualified} LIMIT 0"))
             .await

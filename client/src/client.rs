@@ -108,8 +108,9 @@ impl Interceptor for ApiKeyInterceptor {
 #[derive(Clone, Default)]
 pub struct TlsOptions {
     /// PEM CA certificate(s) the server's certificate is verified against;
-    /// empty for the public web authorities (webpki-roots).
-    pub ca_pem: Vec<u8>,
+    /// None for the public web authorities (webpki-roots). An empty file is
+    /// refused, never read as "the public authorities".
+    pub ca_pem: Option<Vec<u8>>,
     /// PEM client certificate chain and private key, for mutual TLS.
     pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
     /// The name the server's certificate must carry, when it is not the address's host.
@@ -120,7 +121,10 @@ pub struct TlsOptions {
 impl std::fmt::Debug for TlsOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsOptions")
-            .field("ca_pem", &format_args!("{} bytes", self.ca_pem.len()))
+            .field(
+                "ca_pem",
+                &self.ca_pem.as_ref().map(|pem| format!("{} bytes", pem.len())),
+            )
             .field(
                 "identity_pem",
                 &self.identity_pem.as_ref().map(|_| "<client certificate and key>"),
@@ -1017,9 +1021,18 @@ mod tests {
             Err(ClientError::Transport { .. })
         ));
         let no_ca = TlsOptions {
-            ca_pem: b"not a certificate".to_vec(),
+            ca_pem: Some(b"not a certificate".to_vec()),
             ..Default::default()
         };
+        // An empty CA file (an unfilled secret) is refused, not taken for the public authorities.
+        let empty_ca = TlsOptions {
+            ca_pem: Some(Vec::new()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            WeirClient::connect_with("127.0.0.1:1", Some("key"), Some(empty_ca)).await,
+            Err(ClientError::Tls(_))
+        ));
         assert!(matches!(
             WeirClient::connect_with("http://127.0.0.1:1", Some("key"), Some(no_ca.clone())).await,
             Err(ClientError::InvalidAddress { .. })

@@ -80,7 +80,15 @@ pub fn from_text(text: &str, column: &Column) -> Result<Value, String> {
         }),
         ColumnType::Int => Kind::Int64Value(text.trim().parse().map_err(|_| bad("an integer"))?),
         ColumnType::Uint => Kind::Uint64Value(text.trim().parse().map_err(|_| bad("an unsigned integer"))?),
-        ColumnType::Float => Kind::DoubleValue(text.trim().parse().map_err(|_| bad("a number"))?),
+        ColumnType::Float => {
+            let t = text.trim();
+            let f: f64 = t.parse().map_err(|_| bad("a number"))?;
+            // `1e400` parses as infinity: only a spelled-out infinity is one.
+            if f.is_infinite() && !t.trim_start_matches(['+', '-']).to_ascii_lowercase().starts_with("inf") {
+                return Err(bad("a number a double can hold"));
+            }
+            Kind::DoubleValue(f)
+        }
         ColumnType::Decimal => {
             let t = text.trim();
             t.parse::<f64>().map_err(|_| bad("a decimal number"))?;
@@ -112,6 +120,13 @@ pub fn from_text(text: &str, column: &Column) -> Result<Value, String> {
                 serde_json::from_str(text).map_err(|_| bad("a list (a JSON array such as [1,2])"))?;
             return from_json(&parsed, column);
         }
+        // A column of no one type (SQLite's): a number written as a number
+        // is one, as in JSON input; anything else (`007`, `1.50`) stays text.
+        ColumnType::Dynamic => match (text.parse::<i64>(), text.parse::<f64>()) {
+            (Ok(i), _) if i.to_string() == text => Kind::Int64Value(i),
+            (_, Ok(f)) if f.is_finite() && f.to_string() == text => Kind::DoubleValue(f),
+            _ => Kind::StringValue(text.to_string()),
+        },
         // Text, and types the server parses itself (intervals, network addresses, ...).
         _ => Kind::StringValue(text.to_string()),
     }))
@@ -473,7 +488,8 @@ impl<R: BufRead + Send> JsonLinesReader<R> {
             if self.buffer.trim().is_empty() {
                 continue;
             }
-            let line = self.buffer.trim_start();
+            // A byte-order mark (Windows tools write one) is not part of the object.
+            let line = self.buffer.trim_start_matches('\u{feff}').trim_start();
             return Some(match serde_json::from_str::<JsonObject>(line) {
                 Ok(map) => Ok(map),
                 Err(_) if !line.starts_with('{') => Err(InputError {
@@ -517,9 +533,14 @@ impl<R: BufRead + Send> RowReader for JsonLinesReader<R> {
             .iter()
             .zip(columns)
             .map(|(name, c)| {
+                // A missing key is not taken for NULL: an upsert would overwrite
+                // the stored value with it, and an insert skip the column's default.
                 object
                     .get(name)
-                    .map_or(Ok(null()), |j| from_json(j, c))
+                    .map_or_else(
+                        || Err("a key the first line has is missing (write null for NULL)".to_string()),
+                        |j| from_json(j, c),
+                    )
                     .map_err(|message| InputError {
                         line,
                         column: Some(c.name.clone()),
@@ -678,7 +699,7 @@ mod tests {
             col("doc", ColumnType::Json),
         ];
         let input =
-            "{\"id\": 1, \"at\": \"2024-01-01T00:00:00Z\", \"tags\": [\"a\"], \"doc\": {\"k\": 1}}\n\n{\"id\": 2.5}\n";
+            "{\"id\": 1, \"at\": \"2024-01-01T00:00:00Z\", \"tags\": [\"a\"], \"doc\": {\"k\": 1}}\n\n{\"id\": 2.5, \"at\": null, \"tags\": null, \"doc\": null}\n{\"id\": 3, \"at\": null, \"tags\": null}\n";
         let mut reader = JsonLinesReader::new(input.as_bytes()).expect("first line");
         let columns = match_columns(reader.column_names(), &table).expect("columns");
         let first = reader.next_row(&columns).expect("row").expect("parses");
@@ -700,6 +721,32 @@ mod tests {
             .expect("row")
             .expect_err("2.5 is not an integer");
         assert_eq!((err.line, err.column.as_deref()), (3, Some("id")));
+        // A key left out is an error, not a NULL that an upsert would write.
+        let err = reader.next_row(&columns).expect("row").expect_err("doc is missing");
+        assert_eq!((err.line, err.column.as_deref()), (4, Some("doc")));
+    }
+
+    #[test]
+    fn a_json_lines_file_may_start_with_a_byte_order_mark() {
+        let reader = JsonLinesReader::new("\u{feff}{\"id\": 1}\n".as_bytes()).expect("first line");
+        assert_eq!(reader.column_names(), ["id".to_string()]);
+    }
+
+    #[test]
+    fn text_numbers_keep_to_what_they_say() {
+        let float = col("f", ColumnType::Float);
+        assert!(from_text("1e400", &float).is_err());
+        for text in ["Infinity", "-inf", "NaN", "1e300"] {
+            assert!(from_text(text, &float).is_ok(), "{text}");
+        }
+        // A column of no one type: numbers as numbers, other text as text.
+        let any = col("v", ColumnType::Dynamic);
+        let kind = |text: &str| from_text(text, &any).expect(text).kind;
+        assert_eq!(kind("1"), Some(Kind::Int64Value(1)));
+        assert_eq!(kind("-2.5"), Some(Kind::DoubleValue(-2.5)));
+        for text in ["007", "1.50", "1e3", "abc", ""] {
+            assert_eq!(kind(text), Some(Kind::StringValue(text.into())), "{text}");
+        }
     }
 
     #[test]

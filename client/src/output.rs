@@ -168,7 +168,8 @@ fn table_cell(value: &Value) -> String {
     escape_controls(&value.to_string())
 }
 
-fn escape_controls(text: &str) -> String {
+/// Control characters as Rust escapes (`\n`, `\u{1b}`), the rest as it is.
+pub fn escape_controls(text: &str) -> String {
     if !text.chars().any(char::is_control) {
         return text.to_owned();
     }

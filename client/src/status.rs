@@ -21,8 +21,9 @@ pub fn describe_status(status: &Status) -> String {
         line.push_str(": ");
         line.push_str(&message);
     }
-    if let Some(info) = status.get_error_details().error_info() {
-        let mut details = Vec::new();
+    let error_details = status.get_error_details();
+    let mut details = Vec::new();
+    if let Some(info) = error_details.error_info() {
         if !info.reason.is_empty() {
             details.push(format!("reason {}", info.reason));
         }
@@ -30,9 +31,13 @@ pub fn describe_status(status: &Status) -> String {
         let mut metadata: Vec<_> = info.metadata.iter().collect();
         metadata.sort();
         details.extend(metadata.into_iter().map(|(k, v)| format!("{k} {v}")));
-        if !details.is_empty() {
-            line.push_str(&format!(" ({})", details.join(", ")));
-        }
+    }
+    // The server's advice on when a refused call may be sent again.
+    if let Some(delay) = error_details.retry_info().and_then(|r| r.retry_delay) {
+        details.push(format!("retry after {:.1} s", delay.as_secs_f64()));
+    }
+    if !details.is_empty() {
+        line.push_str(&format!(" ({})", details.join(", ")));
     }
     line
 }
@@ -93,6 +98,17 @@ mod tests {
         assert_eq!(
             describe_status(&status),
             r#"INVALID_ARGUMENT: relation "t" does not exist (reason SQL_ERROR, position 15, sqlstate 42P01)"#
+        );
+    }
+
+    #[test]
+    fn appends_the_retry_delay() {
+        let mut details = ErrorDetails::with_error_info("RATE_LIMITED", "weir", HashMap::new());
+        details.set_retry_info(Some(std::time::Duration::from_millis(800)));
+        let status = Status::with_error_details(Code::ResourceExhausted, "rate limit", details);
+        assert_eq!(
+            describe_status(&status),
+            "RESOURCE_EXHAUSTED: rate limit (reason RATE_LIMITED, retry after 0.8 s)"
         );
     }
 

@@ -49,16 +49,18 @@ pub(crate) struct Tls {
 }
 
 impl Tls {
-    /// Trusts only `options.ca_pem` (the public web authorities when it is
-    /// empty), presents the client certificate if given, and checks the
+    /// Trusts only `options.ca_pem` (the public web authorities when there
+    /// is none), presents the client certificate if given, and checks the
     /// server's certificate for `options.domain` or else the address's `host`.
     pub(crate) fn new(options: TlsOptions, host: &str) -> Result<Tls, BoxError> {
         let mut roots = RootCertStore::empty();
-        if options.ca_pem.is_empty() {
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        }
-        for cert in CertificateDer::pem_slice_iter(&options.ca_pem) {
-            roots.add(cert?)?;
+        match &options.ca_pem {
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+            Some(pem) => {
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    roots.add(cert?)?;
+                }
+            }
         }
         if roots.is_empty() {
             return Err("the CA file holds no PEM certificate".into());

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import decimal
+import json
 import os
 import sys
 import time
@@ -140,8 +141,8 @@ def to_value(v: Any) -> values_pb2.Value:
         return values_pb2.Value(double_value=v)
     if isinstance(v, decimal.Decimal):
         return values_pb2.Value(decimal_value=str(v))
-    if isinstance(v, bytes):
-        return values_pb2.Value(bytes_value=v)
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return values_pb2.Value(bytes_value=bytes(v))
     if isinstance(v, uuid.UUID):
         return values_pb2.Value(uuid_value=str(v))
     if isinstance(v, datetime.datetime):
@@ -152,7 +153,29 @@ def to_value(v: Any) -> values_pb2.Value:
         return values_pb2.Value(timestamp_value=ts)
     if isinstance(v, datetime.date):
         return values_pb2.Value(date_value=values_pb2.Date(year=v.year, month=v.month, day=v.day))
-    return values_pb2.Value(string_value=str(v))
+    if isinstance(v, datetime.time):
+        offset = v.utcoffset()
+        return values_pb2.Value(
+            time_value=values_pb2.TimeOfDay(
+                hours=v.hour,
+                minutes=v.minute,
+                seconds=v.second,
+                nanos=v.microsecond * 1000,
+                utc_offset_seconds=None if offset is None else int(offset.total_seconds()),
+            )
+        )
+    if isinstance(v, datetime.timedelta):
+        return values_pb2.Value(
+            interval_value=values_pb2.Interval(days=v.days, microseconds=v.seconds * 1_000_000 + v.microseconds)
+        )
+    if isinstance(v, (list, tuple)):
+        return values_pb2.Value(list_value=values_pb2.ListValue(values=[to_value(x) for x in v]))
+    if isinstance(v, dict):
+        return values_pb2.Value(json_value=json.dumps(v))
+    if isinstance(v, str):
+        return values_pb2.Value(string_value=v)
+    # str() of anything else (a set, an object) is not what the caller meant to send.
+    raise TypeError(f"{type(v).__name__} has no Weir value: convert it to str, bytes, a number, a date or a list")
 
 
 def from_value(v: values_pb2.Value) -> Any:

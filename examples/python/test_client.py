@@ -283,9 +283,18 @@ def test_values_keep_their_type_both_ways() -> None:
         b"\x00\xff",
         "text",
         None,
+        [1, None, "a"],
     ]
     for value in cases:
         assert client.from_value(client.to_value(value)) == value, value
+    # Types without a value of their own go as what they are, not as their str().
+    assert client.to_value({"a": 1}).json_value == '{"a": 1}'
+    assert client.to_value(bytearray(b"\x01")).bytes_value == b"\x01"
+    assert client.to_value((1, 2)).WhichOneof("kind") == "list_value"
+    assert client.to_value(dt.timedelta(days=1, seconds=2)).interval_value.microseconds == 2_000_000
+    assert client.to_value(dt.time(12, 30)).time_value.HasField("utc_offset_seconds") is False
+    with pytest.raises(TypeError, match="set has no Weir value"):
+        client.to_value({1})
     assert client.to_value(2**64).WhichOneof("kind") == "decimal_value"
     with pytest.raises(ValueError, match="time zone"):
         client.to_value(dt.datetime(2024, 1, 1))

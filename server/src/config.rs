@@ -230,6 +230,9 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<String>,
     /// service.name of exported spans; OTEL_SERVICE_NAME or "weir" when unset.
     pub service_name: Option<String>,
+    /// PEM CA certificate(s) an https:// collector is verified against;
+    /// OTEL_EXPORTER_OTLP_CERTIFICATE when unset, else the public web roots.
+    pub otlp_ca_file: Option<PathBuf>,
 }
 
 /// What a global-limit check does when Redis cannot be reached.
@@ -986,11 +989,10 @@ impl SourceConfig {
                     "name the topics the tenant may use (topics, topic_prefix, or both)",
                 ));
             }
-            if let Some(secret) = self
-                .kafka_options
-                .keys()
-                .find(|k| k.contains("password") || k.contains("secret"))
-            {
+            if let Some(secret) = self.kafka_options.keys().find(|k| {
+                let k = k.to_ascii_lowercase();
+                k.contains("password") || k.contains("secret")
+            }) {
                 return Err(invalid(
                     format!("{key}.kafka_options.{secret}"),
                     "secrets do not belong in the configuration file: use password_env, password_file or password_sealed",
@@ -1080,6 +1082,15 @@ mod tests {
         let demo = &c.tenants["demo"];
         assert_eq!(demo.sources["demo"].engine, EngineKind::Sqlite);
         assert_eq!(c.server.listen.port(), 50051);
+    }
+
+    #[test]
+    fn redis_urls_may_ask_for_tls() {
+        let parse = |url: &str| Config::from_toml(&format!("[limits]\nredis_url = \"{url}\"\n"));
+        parse("redis://127.0.0.1:6379/0").expect("plain");
+        // Managed Redis with encryption in transit: needs redis' TLS feature built in.
+        parse("rediss://cache.example:6380/0").expect("TLS");
+        assert!(parse("http://cache.example").is_err());
     }
 
     #[test]

@@ -121,7 +121,7 @@ fn tls_section(files: &Files, server_ca: &Ca, client_ca: &Ca, require: bool) -> 
 
 fn tls(ca: &Ca, identity: Option<(String, String)>) -> TlsOptions {
     TlsOptions {
-        ca_pem: ca.pem.clone().into_bytes(),
+        ca_pem: Some(ca.pem.clone().into_bytes()),
         identity_pem: identity.map(|(c, k)| (c.into_bytes(), k.into_bytes())),
         domain: Some("localhost".into()),
     }

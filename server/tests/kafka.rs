@@ -218,6 +218,124 @@ async fn produced_records_come_back_exactly() {
     server.stop().await;
 }
 
+/// Produces one record whose header key is not UTF-8, as a client outside
+/// Weir may write one (rdkafka's safe API takes only `&str` keys).
+#[allow(unsafe_code)]
+async fn produce_with_a_raw_header_key(topic: &str, key: &[u8]) {
+    use rdkafka::message::{BorrowedHeaders, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .create()
+        .expect("producer");
+    let headers = OwnedHeaders::new();
+    // SAFETY: a `&BorrowedHeaders` is librdkafka's header list pointer
+    // itself (rdkafka builds it by casting that pointer); the list is owned
+    // by `headers`, alive here, and the name and value are copied in.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_header_add(
+            headers.as_borrowed() as *const BorrowedHeaders as *mut rdkafka::bindings::rd_kafka_headers_t,
+            key.as_ptr().cast(),
+            key.len() as isize,
+            b"v".as_ptr().cast(),
+            1,
+        )
+    };
+    assert_eq!(err, rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+    producer
+        .send(
+            FutureRecord::to(topic).payload("raw").key("r").headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produced");
+}
+
+/// A record with a header key that is not UTF-8 is delivered (the key read
+/// lossily), and so are the records after it: it used to stop its group for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_key_that_is_not_utf8_stops_no_consumer() {
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-rawheader-");
+    create_topic(&topic, 1).await;
+    produce_with_a_raw_header_key(&topic, b"k\xff").await;
+    produce(&client, &topic, vec![record(1)]).await.expect("produce");
+    let got = consume(&client, consume_request(&topic, &unique("raw-"), 2, false)).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].value, b"raw");
+    assert_eq!(got[0].headers[0].key, "k\u{fffd}");
+    assert_eq!(got[0].headers[0].value, b"v");
+    assert_eq!(got[1].value, record(1).value);
+
+    // Weir itself refuses a key that Kafka would cut short at its NUL.
+    let mut nul = record(2);
+    nul.headers[0].key = "a\0b".into();
+    let refused = produce(&client, &topic, vec![nul])
+        .await
+        .expect_err("a NUL in a header key");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    server.stop().await;
+}
+
+/// Automatic commits cover the batches the transport has taken, not those
+/// still in the server's buffer: a client that stops reading and cancels
+/// gets the buffered records again from its group's next consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_still_buffered_when_a_consumer_cancels_are_not_committed() {
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-buffered-");
+    create_topic(&topic, 1).await;
+    // Records of 200 KiB: batches of 6 (just past 1 MiB each).
+    for call in 0..8 {
+        let records = (0..5)
+            .map(|i| pb::ProducerRecord {
+                key: b"k".to_vec(),
+                value: vec![b'0' + (call * 5 + i) as u8 % 10; 200 * 1024],
+                ..Default::default()
+            })
+            .collect();
+        produce(&client, &topic, records).await.expect("produce");
+    }
+    // HTTP/2's smallest windows: the transport takes a batch only as the client reads.
+    let channel = tonic::transport::Endpoint::from_shared(server.addr.clone())
+        .expect("endpoint")
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .expect("connect");
+    let bearer: tonic::metadata::MetadataValue<_> = "Bearer key-ka".parse().expect("header");
+    let mut raw = pb::stream_service_client::StreamServiceClient::with_interceptor(
+        channel,
+        move |mut request: tonic::Request<()>| {
+            request.metadata_mut().insert("authorization", bearer.clone());
+            Ok(request)
+        },
+    );
+    let group = unique("buffered-");
+    let mut stream = raw
+        .consume(consume_request(&topic, &group, 0, false))
+        .await
+        .expect("consume")
+        .into_inner();
+    let first = stream.message().await.expect("a batch").expect("open");
+    let read = first.records.last().expect("records").offset;
+    // The server's reader fills its buffer meanwhile.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(stream);
+    drop(raw);
+    let again = consume(&client, consume_request(&topic, &group, 1, false)).await;
+    let resumed = again[0].offset;
+    // At most the two batches past what was read that HTTP/2 holds (in
+    // the client's window and the server's send buffer), not the server's
+    // own buffer as well.
+    assert!(
+        (read + 1..=read + 13).contains(&resumed),
+        "read up to {read}, resumed at {resumed}"
+    );
+    server.stop().await;
+}
+
 /// Large records come in batches of about 1 MiB, not 500 records: a batch
 /// of 500 records of 150 KB would be a 75 MB message, past the 4 MiB that
 /// gRPC clients take by default.

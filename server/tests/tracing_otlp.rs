@@ -63,6 +63,7 @@ async fn calls_are_exported_as_spans_with_their_attributes() {
         &TelemetryConfig {
             otlp_endpoint: Some(endpoint),
             service_name: Some("weir-test".into()),
+            otlp_ca_file: None,
         },
     )
     .expect("telemetry");

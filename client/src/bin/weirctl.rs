@@ -23,19 +23,14 @@ use weir_client::{describe_status, parse_param, ClientError, TlsOptions, WeirCli
 #[derive(Parser)]
 #[command(version, about = "Command line client for Weir")]
 struct Cli {
-    /// Server address, "http://host:port" or "host:port".
-    #[arg(long, env = "WEIR_ADDR", default_value = "http://127.0.0.1:50051", global = true)]
-    addr: String,
-    /// API key, sent as a bearer token. Visible to other users in the process
-    /// list: prefer WEIR_API_KEY or --key-file.
-    #[arg(
-        long,
-        env = "WEIR_API_KEY",
-        default_value = "demo",
-        hide_env_values = true,
-        global = true
-    )]
-    key: String,
+    /// Server address, "http://host:port", "https://host:port" or "host:port"
+    /// [default: 127.0.0.1:50051, over TLS when a TLS option is given]
+    #[arg(long, env = "WEIR_ADDR", global = true)]
+    addr: Option<String>,
+    /// API key, sent as a bearer token [default: demo]. Visible to other users
+    /// in the process list: prefer WEIR_API_KEY or --key-file.
+    #[arg(long, env = "WEIR_API_KEY", hide_env_values = true, global = true)]
+    key: Option<String>,
     /// Reads the API key from this file (its first line) instead of --key or
     /// WEIR_API_KEY. (Not a conflict with them: an exported WEIR_API_KEY
     /// would make every --key-file a usage error.)
@@ -313,10 +308,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let wants_tls = cli.ca_cert.is_some() || cli.client_cert.is_some() || cli.tls_domain.is_some();
     let tls = if wants_tls {
         Some(TlsOptions {
-            ca_pem: match &cli.ca_cert {
-                Some(ca) => read_file(ca)?,
-                None => Vec::new(),
-            },
+            ca_pem: cli.ca_cert.as_deref().map(read_file).transpose()?,
             identity_pem: match (&cli.client_cert, &cli.client_key) {
                 (Some(cert), Some(key)) => Some((read_file(cert)?, read_file(key)?)),
                 _ => None,
@@ -335,13 +327,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             .unwrap_or_default()
             .trim()
             .to_string(),
-        None => cli.key.clone(),
+        None => cli.key.clone().unwrap_or_else(|| "demo".into()),
     };
-    let explicit_key = cli.key_file.is_some()
-        || std::env::args().any(|a| a == "--key" || a.starts_with("--key="))
-        || std::env::var_os("WEIR_API_KEY").is_some();
+    let explicit_key = cli.key_file.is_some() || cli.key.is_some();
     let bearer = (cli.client_cert.is_none() || explicit_key).then_some(key.as_str());
-    let client = WeirClient::connect_with(&cli.addr, bearer, tls).await?;
+    // Without a scheme the TLS options decide: the default address must not
+    // say http:// when WEIR_CA_CERT (shared with the Python client) is set.
+    let addr = cli.addr.as_deref().unwrap_or("127.0.0.1:50051");
+    let client = WeirClient::connect_with(addr, bearer, tls).await?;
     let mut out = BufWriter::new(io::stdout().lock());
     match cli.command {
         Command::Query { source, sql, params } => query(&client, cli.format, &source, &sql, params, &mut out).await,
@@ -378,6 +371,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             max,
             manual,
         } => {
+            if cli.format == Format::Csv {
+                return Err(Failure::Input(
+                    "consume prints records as table lines or JSON lines, not CSV".into(),
+                ));
+            }
             let request = weir_client::weir_proto::v1::ConsumeRequest {
                 source,
                 topics: vec![topic],
@@ -515,26 +513,38 @@ async fn produce(
     key: Option<String>,
     out: &mut impl Write,
 ) -> Result<(), Failure> {
-    use std::io::BufRead;
     use weir_client::weir_proto::v1::{ProduceRequest, ProducerRecord};
-    let lines: Box<dyn Iterator<Item = io::Result<String>>> = if !values.is_empty() {
-        Box::new(values.into_iter().map(Ok))
+    // Lines as bytes: a Kafka value need not be UTF-8.
+    let lines: Box<dyn Iterator<Item = io::Result<Vec<u8>>>> = if !values.is_empty() {
+        Box::new(values.into_iter().map(|v| Ok(v.into_bytes())))
     } else if let Some(path) = &file {
-        Box::new(io::BufReader::new(open_input(path)?).lines())
+        Box::new(byte_lines(io::BufReader::new(open_input(path)?)))
     } else {
-        Box::new(io::stdin().lock().lines())
+        Box::new(byte_lines(io::stdin().lock()))
     };
     let key = key.map(String::into_bytes).unwrap_or_default();
     let (mut produced, mut last) = (0u64, None);
+    // What to send again after a failure: everything from the failed call's first record on.
+    let report = |produced: u64| {
+        eprintln!(
+            "{produced} {} produced before this failure; the failed call started at record {} of the input \
+             (its failed_records and acknowledged_records count from there, from 0)",
+            if produced == 1 { "record was" } else { "records were" },
+            produced + 1
+        )
+    };
     let mut batch = Vec::with_capacity(PRODUCE_BATCH);
     let mut lines = lines.peekable();
     while lines.peek().is_some() {
         batch.clear();
         for line in lines.by_ref().take(PRODUCE_BATCH) {
-            let line = line.map_err(|e| Failure::Input(format!("cannot read the records: {e}")))?;
+            let line = line.map_err(|e| {
+                report(produced);
+                Failure::Input(format!("cannot read the records: {e}"))
+            })?;
             batch.push(ProducerRecord {
                 key: key.clone(),
-                value: line.into_bytes(),
+                value: line,
                 ..Default::default()
             });
         }
@@ -547,14 +557,7 @@ async fn produce(
         let acks = match client.stream().produce(request).await {
             Ok(answer) => answer.into_inner().acks,
             Err(status) => {
-                // What to send again: everything from this call's first
-                // record on (its failed_records count from there).
-                eprintln!(
-                    "{produced} {} produced before this failure; the failed call started at record {} of the input \
-                     (its failed_records and acknowledged_records count from there, from 0)",
-                    if produced == 1 { "record was" } else { "records were" },
-                    produced + 1
-                );
+                report(produced);
                 return Err(status.into());
             }
         };
@@ -571,6 +574,18 @@ async fn produce(
         writeln!(out, "produced {produced} {} to {topic}{at}", plural(produced, "record"))?;
     }
     Ok(out.flush()?)
+}
+
+/// Lines without their `\n` or `\r\n`, as bytes.
+fn byte_lines(input: impl io::BufRead) -> impl Iterator<Item = io::Result<Vec<u8>>> {
+    input.split(b'\n').map(|line| {
+        line.map(|mut l| {
+            if l.last() == Some(&b'\r') {
+                l.pop();
+            }
+            l
+        })
+    })
 }
 
 fn start_position(from: &str) -> Result<weir_client::weir_proto::v1::StartPosition, Failure> {
@@ -600,6 +615,22 @@ fn bytes_text(b: &[u8]) -> String {
     std::str::from_utf8(b).map_or_else(|_| format!("\\x{}", hex::encode(b)), str::to_string)
 }
 
+/// A record's key or value in JSON: a string when it is UTF-8, else
+/// `{"hex": ...}` (a string `\x41` and the byte `A` must not print alike).
+fn bytes_json(b: &[u8]) -> serde_json::Value {
+    std::str::from_utf8(b).map_or_else(|_| json!({"hex": hex::encode(b)}), |text| json!(text))
+}
+
+/// A record's key or value on a table line: NULL apart from empty, and
+/// control characters escaped so that a record stays on one line.
+fn bytes_cell(null: bool, b: &[u8]) -> String {
+    if null {
+        "NULL".into()
+    } else {
+        weir_client::output::escape_controls(&bytes_text(b))
+    }
+}
+
 async fn consume(
     client: &WeirClient,
     format: Format,
@@ -613,15 +644,15 @@ async fn consume(
                 let headers: serde_json::Map<String, serde_json::Value> = r
                     .headers
                     .iter()
-                    .map(|h| (h.key.clone(), json!(bytes_text(&h.value))))
+                    .map(|h| (h.key.clone(), bytes_json(&h.value)))
                     .collect();
                 let line = json!({
                     "topic": r.topic,
                     "partition": r.partition,
                     "offset": r.offset,
                     "timestamp_ms": r.timestamp.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000),
-                    "key": (!r.null_key).then(|| bytes_text(&r.key)),
-                    "value": (!r.null_value).then(|| bytes_text(&r.value)),
+                    "key": (!r.null_key).then(|| bytes_json(&r.key)),
+                    "value": (!r.null_value).then(|| bytes_json(&r.value)),
                     "headers": headers,
                 });
                 writeln!(out, "{line}")?;
@@ -632,8 +663,8 @@ async fn consume(
                     r.topic,
                     r.partition,
                     r.offset,
-                    bytes_text(&r.key),
-                    bytes_text(&r.value)
+                    bytes_cell(r.null_key, &r.key),
+                    bytes_cell(r.null_value, &r.value)
                 )?;
             }
         }
@@ -1390,6 +1421,25 @@ mod tests {
             .filter_map(|i| narrow.push(row([Value::from(i as i64)])).map(|b| b.len()))
             .collect();
         assert_eq!(sizes, [3, 3]);
+    }
+
+    #[test]
+    fn consumed_bytes_print_unambiguously() {
+        assert_eq!(bytes_json(b"\\x41"), json!("\\x41"));
+        assert_eq!(bytes_json(b"\xff"), json!({"hex": "ff"}));
+        assert_eq!(bytes_cell(false, b"a\nb\tc"), "a\\nb\\tc");
+        assert_eq!(bytes_cell(true, b""), "NULL");
+        assert_eq!(bytes_cell(false, b""), "");
+    }
+
+    #[test]
+    fn records_are_read_as_bytes_line_by_line() {
+        let input: &[u8] = b"a\r\n\xff\xfe\n\nlast";
+        let lines = byte_lines(input).collect::<io::Result<Vec<_>>>().expect("reads");
+        assert_eq!(
+            lines,
+            [b"a".to_vec(), b"\xff\xfe".to_vec(), Vec::new(), b"last".to_vec()]
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
@@ -160,29 +160,42 @@ pub struct StreamOut<T> {
     tx: mpsc::Sender<Result<T, Status>>,
     last: Arc<Mutex<Option<Status>>>,
     idle: Duration,
+    taken: watch::Receiver<u64>,
 }
 
 /// The response side of a [`StreamOut`]: its messages, then its closing error, if any.
 pub struct StreamIn<T> {
     rx: ReceiverStream<Result<T, Status>>,
     last: Arc<Mutex<Option<Status>>>,
+    /// Messages the transport has taken from the buffer.
+    taken: watch::Sender<u64>,
 }
 
 impl<T> StreamOut<T> {
     pub fn channel(buffer: usize, idle: Duration) -> (StreamOut<T>, StreamIn<T>) {
         let (tx, rx) = mpsc::channel(buffer);
         let last = Arc::new(Mutex::new(None));
+        let (taken_tx, taken) = watch::channel(0);
         (
             StreamOut {
                 tx,
                 last: last.clone(),
                 idle,
+                taken,
             },
             StreamIn {
                 rx: ReceiverStream::new(rx),
                 last,
+                taken: taken_tx,
             },
         )
+    }
+
+    /// How many messages the transport has taken from the buffer so far:
+    /// those sent and not yet taken never reached the client if the call
+    /// ends now (a cancel, a deadline).
+    pub fn taken(&self) -> watch::Receiver<u64> {
+        self.taken.clone()
     }
 
     /// `Ok(true)` when sent, `Ok(false)` when the client has gone, and
@@ -207,6 +220,22 @@ impl<T> StreamOut<T> {
         }
     }
 
+    /// Waits until the transport has taken `sent` messages, the client has
+    /// gone, or it took none for the idle time.
+    pub async fn taken_up_to(&self, sent: u64) {
+        let mut taken = self.taken.clone();
+        while *taken.borrow_and_update() < sent {
+            tokio::select! {
+                changed = tokio::time::timeout(self.idle, taken.changed()) => {
+                    if !matches!(changed, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+                () = self.tx.closed() => return,
+            }
+        }
+    }
+
     /// Ends the stream with `error`, after the messages already buffered.
     pub fn fail(&self, error: impl Into<Status>) {
         *self.last.lock() = Some(error.into());
@@ -224,7 +253,11 @@ impl<T> Stream for StreamIn<T> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match Pin::new(&mut self.rx).poll_next(cx) {
             Poll::Ready(None) => Poll::Ready(self.last.lock().take().map(Err)),
-            other => other,
+            Poll::Ready(Some(item)) => {
+                self.taken.send_modify(|n| *n += 1);
+                Poll::Ready(Some(item))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }

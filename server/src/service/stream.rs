@@ -82,6 +82,13 @@ fn out_record(index: usize, r: pb::ProducerRecord) -> Result<OutRecord> {
             ))
         }
     };
+    // Kafka carries header keys as C strings on the way out: a NUL would cut one short.
+    if let Some(h) = r.headers.iter().find(|h| h.key.contains('\0')) {
+        return Err(bad(
+            "records",
+            format!("record {index} has a header key with a NUL character ({:?})", h.key),
+        ));
+    }
     Ok(OutRecord {
         key: (!r.key.is_empty()).then_some(r.key),
         value,
@@ -172,13 +179,110 @@ async fn pass_on(
     tx: &ConsumeSender,
     cut: &CancellationToken,
 ) -> Result<(), Error> {
+    let mut commits = auto_commit.then(|| AutoCommit::new(tx.taken()));
+    let ended = pass_on_until_done(caller, source, records, &mut commits, max_records, tx, cut).await;
+    // What the transport took before the end was given to the client. A
+    // stream ending well (max_records reached) waits for its last batches
+    // to be taken; one cut short, or a server stopping, does not.
+    match commits {
+        Some(mut c) => {
+            if ended.is_ok() {
+                tokio::select! {
+                    () = tx.taken_up_to(c.delivered) => {}
+                    () = cut.cancelled() => {}
+                }
+            }
+            ended.and(c.commit_taken(records).map_err(Error::from))
+        }
+        None => ended,
+    }
+}
+
+/// Offsets of delivered batches, committed once the transport has taken the
+/// batch from the stream's buffer: a batch still buffered when the call
+/// ends (a cancel, a deadline, a client that stopped reading) never reached
+/// the client, and its records must come again to the next consumer.
+struct AutoCommit {
+    taken: tokio::sync::watch::Receiver<u64>,
+    delivered: u64,
+    waiting: std::collections::VecDeque<(u64, Vec<PartitionOffset>)>,
+}
+
+impl AutoCommit {
+    fn new(taken: tokio::sync::watch::Receiver<u64>) -> Self {
+        AutoCommit {
+            taken,
+            delivered: 0,
+            waiting: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn delivered(&mut self, next: Vec<PartitionOffset>) {
+        self.delivered += 1;
+        self.waiting.push_back((self.delivered, next));
+    }
+
+    /// Commits the offsets of every batch the transport has taken.
+    fn commit_taken(
+        &mut self,
+        records: &mut dyn crate::backend::topics::RecordStream,
+    ) -> std::result::Result<(), crate::backend::BackendError> {
+        let taken = *self.taken.borrow_and_update();
+        let mut next: Vec<PartitionOffset> = Vec::new();
+        while self.waiting.front().is_some_and(|(n, _)| *n <= taken) {
+            let Some((_, offsets)) = self.waiting.pop_front() else {
+                break;
+            };
+            // Later batches' offsets replace earlier ones of the same partition.
+            for o in offsets {
+                match next
+                    .iter_mut()
+                    .find(|n| n.partition == o.partition && n.topic == o.topic)
+                {
+                    Some(n) => n.offset = n.offset.max(o.offset),
+                    None => next.push(o),
+                }
+            }
+        }
+        records.commit(next)
+    }
+
+    /// Completes when the transport takes a batch still waiting to be committed.
+    async fn more_taken(commits: &mut Option<AutoCommit>) {
+        match commits {
+            Some(c) if !c.waiting.is_empty() => {
+                if c.taken.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    }
+}
+
+async fn pass_on_until_done(
+    caller: &Caller,
+    source: &str,
+    records: &mut dyn crate::backend::topics::RecordStream,
+    commits: &mut Option<AutoCommit>,
+    max_records: u64,
+    tx: &ConsumeSender,
+    cut: &CancellationToken,
+) -> Result<(), Error> {
     let mut sent = 0u64;
     let mut throttled = std::time::Duration::ZERO;
     loop {
         let batch = tokio::select! {
-            b = records.next() => b,
+            b = records.next() => Some(b),
             () = tx.closed() => return Ok(()),
             e = super::stopped(cut, &caller.revoked, caller.expires) => return Err(e),
+            () = AutoCommit::more_taken(commits) => None,
+        };
+        let Some(batch) = batch else {
+            if let Some(c) = commits.as_mut() {
+                c.commit_taken(records)?;
+            }
+            continue;
         };
         let mut batch = match batch {
             None => return Ok(()),
@@ -200,8 +304,7 @@ async fn pass_on(
         };
         sent += batch.len() as u64;
         caller.tenant.count_returned(source, batch.len() as u64, bytes as u64);
-        // Offsets are committed only for what reached the client's stream.
-        let delivered = auto_commit.then(|| crate::backend::topics::next_offsets(&batch));
+        let delivered = commits.is_some().then(|| crate::backend::topics::next_offsets(&batch));
         let response = pb::ConsumeResponse {
             records: batch.into_iter().map(in_record).collect(),
             throttled: Some(convert::duration(throttled)),
@@ -210,8 +313,9 @@ async fn pass_on(
         if !tx.deliver(response).await {
             return Ok(());
         }
-        if let Some(delivered) = delivered {
-            records.commit(delivered)?;
+        if let (Some(c), Some(delivered)) = (commits.as_mut(), delivered) {
+            c.delivered(delivered);
+            c.commit_taken(records)?;
         }
         if max_records > 0 && sent >= max_records {
             return Ok(());

@@ -5,10 +5,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
+use tonic::transport::{Certificate, ClientTlsConfig};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -122,10 +123,29 @@ fn provider(config: &TelemetryConfig) -> anyhow::Result<Option<SdkTracerProvider
         .thread_name("weir-otlp")
         .enable_all()
         .build()?;
+    let ca_file = config
+        .otlp_ca_file
+        .clone()
+        .or_else(|| std::env::var_os("OTEL_EXPORTER_OTLP_CERTIFICATE").map(Into::into));
+    let tls = match ca_file {
+        Some(path) => {
+            let pem =
+                std::fs::read(&path).map_err(|e| anyhow::anyhow!("telemetry.otlp_ca_file {}: {e}", path.display()))?;
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+        }
+        // tonic trusts no root unless told: without this an https://
+        // collector would fail every export's handshake.
+        None => ClientTlsConfig::new().with_webpki_roots(),
+    };
     let inner = {
         let _entered = runtime.enter();
-        opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+        let exporter = if endpoint.starts_with("https://") {
+            exporter.with_tls_config(tls)
+        } else {
+            exporter
+        };
+        exporter
             .with_endpoint(endpoint)
             .with_timeout(Duration::from_secs(5))
             .build()?
@@ -198,6 +218,25 @@ pub(crate) mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn an_https_collector_is_reached_over_tls() {
+        // Without a TLS feature the exporter refuses https:// and the server would not start.
+        let https = TelemetryConfig {
+            otlp_endpoint: Some("https://collector.example:4317".into()),
+            ..Default::default()
+        };
+        let tracing = provider(&https)
+            .expect("an https endpoint builds")
+            .expect("tracing is on");
+        drop(tracing.shutdown());
+        let missing_ca = TelemetryConfig {
+            otlp_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..https
+        };
+        let err = provider(&missing_ca).expect_err("a CA file that cannot be read");
+        assert!(err.to_string().contains("otlp_ca_file"), "{err}");
     }
 
     #[test]

@@ -513,7 +513,6 @@ pub async fn create_topic(name: &str, partitions: i32) {
     }
 }
 
-/// The Redis for tests (WEIR_TEST_REDIS_URL, default redis://127.0.0.1:6379/0).
 /// A bare gRPC client of `url`, for calls the Weir client cannot make
 /// (raw message bytes, a path of the caller's own).
 pub async fn raw_grpc(url: String) -> tonic::client::Grpc<tonic::transport::Channel> {
@@ -527,6 +526,7 @@ pub async fn raw_grpc(url: String) -> tonic::client::Grpc<tonic::transport::Chan
     grpc
 }
 
+/// The Redis for tests (WEIR_TEST_REDIS_URL, default redis://127.0.0.1:6379/0).
 pub fn redis_url() -> String {
     env_or("WEIR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 }

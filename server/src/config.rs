@@ -699,6 +699,23 @@ impl Config {
 }
 
 impl Config {
+    /// `backend_hosts` entries no source connects to: their cap protects
+    /// nothing (a typo, or a port left out), worth a warning at start and at
+    /// each reload. Logged by the caller: at load the log is not set up yet.
+    pub fn unused_backend_hosts(&self) -> Vec<&str> {
+        self.backend_hosts
+            .keys()
+            .filter(|host| {
+                !self
+                    .tenants
+                    .values()
+                    .flat_map(|t| t.sources.values())
+                    .any(|s| s.host_port().as_deref() == Some(host.as_str()))
+            })
+            .map(String::as_str)
+            .collect()
+    }
+
     /// Every configured database server's cap must hold even with every
     /// pool full and every change stream open, so tenants together cannot
     /// exhaust the server's connections.
@@ -738,9 +755,6 @@ impl Config {
                     total += n;
                     parts.push(format!("tenants.{tenant_id}.sources.{name}: {n}"));
                 }
-            }
-            if parts.is_empty() {
-                tracing::warn!(host = %host, "backend_hosts names a server no source connects to; its cap protects nothing");
             }
             if total > u64::from(cap.max_connections) {
                 return Err(invalid(
@@ -1140,7 +1154,14 @@ mod tests {
             err.contains("backend_hosts.\"db.internal\"") && err.contains("host:port"),
             "{err}"
         );
-        assert!(Config::from_toml("[backend_hosts.\"db.internal:5432\"]\nmax_connections = 10\n").is_ok());
+        let unused = Config::from_toml("[backend_hosts.\"db.internal:5432\"]\nmax_connections = 10\n").expect("valid");
+        assert_eq!(unused.unused_backend_hosts(), ["db.internal:5432"]);
+        let used = Config::from_toml(
+            "[backend_hosts.\"db.internal:5432\"]\nmax_connections = 100\n\
+             [tenants.t.sources.pg]\nengine = \"postgres\"\nhost = \"db.internal\"\nport = 5432\nuser = \"u\"\ndatabase = \"d\"\n",
+        )
+        .expect("valid");
+        assert!(used.unused_backend_hosts().is_empty());
     }
 
     #[test]

@@ -15,7 +15,13 @@ use crate::tenant::reload::Registry;
 use crate::tenant::{Source, SourceStatus, Tenants};
 
 /// gRPC health names that follow the gateway's overall state.
-const SERVICES: [&str; 3] = ["", "weir.v1.QueryService", "weir.v1.SchemaService"];
+const SERVICES: [&str; 5] = [
+    "",
+    "weir.v1.QueryService",
+    "weir.v1.SchemaService",
+    "weir.v1.StreamService",
+    "weir.v1.BulkLoadService",
+];
 /// Longest a single probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Probes run at once: a source that does not answer waits out its timeout

@@ -62,6 +62,7 @@ pub async fn run(
         None => None,
     };
     let tenants = Arc::new(Registry::new(&config, tls.clone())?);
+    reload::warn_about(&config);
     let watcher = config.path.clone().map(|path| {
         // Taken now, before the server listens, so that no later change is missed.
         let seen = tenants.fingerprint(&path);
@@ -110,6 +111,11 @@ pub async fn run(
         tracing::info!("shutting down: no new calls; draining calls in progress");
         // Load balancers stop sending before the listener closes.
         stop_probes.abort();
+        // A probe round in the middle of saying SERVING on another thread
+        // finishes that step first: NOT_SERVING must come after it.
+        while !stop_probes.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         readiness.set(false);
         health::set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
         let _ = stop_tx.send(true);

@@ -347,6 +347,26 @@ async fn bad_keys_are_unauthenticated_and_health_needs_none() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    // Every service a client may check by name (gRPC's per-service health checking).
+    for service in [
+        "weir.v1.QueryService",
+        "weir.v1.SchemaService",
+        "weir.v1.StreamService",
+        "weir.v1.BulkLoadService",
+    ] {
+        let answer = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{service}: {e}"))
+            .into_inner();
+        assert_eq!(
+            answer.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
 
     let mut raw = weir_client::weir_proto::v1::schema_service_client::SchemaServiceClient::new(channel);
     let err = raw

@@ -155,6 +155,7 @@ impl Registry {
     /// Rereads `path` and applies it, logging and counting the outcome.
     pub fn reload_from(&self, path: &Path) {
         let result = Config::load(Some(path)).map_err(|e| e.to_string()).and_then(|config| {
+            warn_about(&config);
             let tried = config.clone();
             let applied = self.apply(config);
             *self.refused.lock() = applied.is_err().then_some(tried);
@@ -183,6 +184,13 @@ impl Registry {
                 tracing::error!(path = %path.display(), error = %e, "configuration reload refused; the previous configuration stays in force");
             }
         }
+    }
+}
+
+/// Logs what a configuration sets to no effect.
+pub fn warn_about(config: &Config) {
+    for host in config.unused_backend_hosts() {
+        tracing::warn!(host = %host, "backend_hosts names a server no source connects to; its cap protects nothing");
     }
 }
 

@@ -992,6 +992,56 @@ async fn mysql_tables_with_text_not_in_utf8_are_refused() {
     ctx.finish(&[&sub, &enum_sub], &[&t, &e]).await;
 }
 
+/// DescribeTable's readiness follows WatchChanges' own rule: a table it
+/// calls ready can be watched (a partitioned table, one identified by a
+/// unique index), and one it calls not ready is refused (REPLICA IDENTITY
+/// NOTHING, a column change events cannot carry).
+#[tokio::test]
+async fn postgres_readiness_in_describe_table_is_what_watch_changes_finds() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let (parted, unique, nothing, pointy) = (
+        ctx.name("rparted"),
+        ctx.name("runique"),
+        ctx.name("rnothing"),
+        ctx.name("rpoint"),
+    );
+    for sql in [
+        format!("CREATE TABLE {parted} (id int, k int, PRIMARY KEY (id, k)) PARTITION BY LIST (k)"),
+        format!("CREATE TABLE {parted}_1 PARTITION OF {parted} FOR VALUES IN (1)"),
+        format!("CREATE TABLE {unique} (a int NOT NULL)"),
+        format!("CREATE UNIQUE INDEX {unique}_a ON {unique} (a)"),
+        format!("ALTER TABLE {unique} REPLICA IDENTITY USING INDEX {unique}_a"),
+        format!("CREATE TABLE {nothing} (id int PRIMARY KEY)"),
+        format!("ALTER TABLE {nothing} REPLICA IDENTITY NOTHING"),
+        format!("CREATE TABLE {pointy} (id int PRIMARY KEY, at point)"),
+    ] {
+        ctx.sql(&sql).await;
+    }
+    let mut subscriptions = Vec::new();
+    for (table, ready) in [(&parted, true), (&unique, true), (&nothing, false), (&pointy, false)] {
+        let readiness = ctx
+            .client
+            .describe_table("db", "", table)
+            .await
+            .expect("describe")
+            .change_streams
+            .expect("readiness");
+        assert_eq!(readiness.ready, ready, "{table}: {readiness:?}");
+        let subscription = format!("{table}_s");
+        let watched = ctx.client.watch(ctx.start(&[table], &subscription)).await;
+        assert_eq!(watched.is_ok(), ready, "{table}: {:?}", watched.err());
+        if let Err(e) = watched {
+            assert!(
+                e.message().contains(&readiness.reason),
+                "the same reason: {e:?} / {readiness:?}"
+            );
+        }
+        subscriptions.push(subscription);
+    }
+    let subscriptions: Vec<&str> = subscriptions.iter().map(String::as_str).collect();
+    ctx.finish(&subscriptions, &[&parted, &unique, &nothing, &pointy]).await;
+}
+
 /// A port of the second servers ./scripts/test starts without change streams.
 /// Servers that cannot stream changes say which setting is missing.
 #[tokio::test]
@@ -1143,6 +1193,40 @@ async fn mysql_minimal_row_images_keep_values_under_their_columns() {
     assert_eq!(decimal(col(c, after, "n")), "9.75");
     assert!(is_null(col(c, after, "v")), "{c:?}");
     drop((watch, my));
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
+/// Every MySQL geometry type is BYTES, in DescribeTable and in change
+/// events: a MULTIPOINT was described as STRING, and its change events
+/// (decoded by that type) stopped the stream at the first row.
+#[tokio::test]
+async fn mysql_multi_geometries_are_bytes_in_descriptions_and_change_events() {
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.name("multigeo");
+    ctx.sql(&format!("CREATE TABLE {t} (id INT PRIMARY KEY, m MULTIPOINT)"))
+        .await;
+    let d = ctx.client.describe_table("db", "", &t).await.expect("describe");
+    let m = d
+        .columns
+        .iter()
+        .filter_map(|c| c.column.as_ref())
+        .find(|c| c.name == "m")
+        .expect("m");
+    assert_eq!(m.r#type(), pb::ColumnType::Bytes, "{m:?}");
+    let sub = ctx.name("multigeo");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!(
+        "INSERT INTO {t} VALUES (1, ST_GeomFromText('MULTIPOINT(1.5 2.5, 3 4)'))"
+    ))
+    .await;
+    let messages = read_changes(&mut watch, 1).await;
+    let c = changes(&messages)[0];
+    let after = c.after.as_ref().expect("after");
+    assert!(
+        matches!(&col(c, after, "m").kind, Some(pb::value::Kind::BytesValue(b)) if b.len() > 20),
+        "{c:?}"
+    );
+    drop(watch);
     ctx.finish(&[&sub], &[&t]).await;
 }
 

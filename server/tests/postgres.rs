@@ -2308,6 +2308,67 @@ async fn foreign_keys_to_partitioned_tables_and_generated_columns_are_described_
     server.stop().await;
 }
 
+/// Columns are described as the values come: a domain's precision, scale
+/// and NOT NULL; arrays of enums as lists of strings and arrays of a type
+/// Weir cannot carry as unsupported; ordinals as places in `SELECT *`
+/// after a dropped column; a deferrable key is not offered as unique (ON
+/// CONFLICT cannot use it).
+#[tokio::test]
+async fn domains_arrays_dropped_columns_and_deferrable_keys_are_described_as_they_behave() {
+    let toml = tenant("dd", "", &postgres("dd", "pg", ""));
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-dd").await;
+    let pg = pg_direct().await;
+    pg.batch_execute(
+        "DROP TABLE IF EXISTS weir_dd; DROP DOMAIN IF EXISTS weir_dd_amount; DROP TYPE IF EXISTS weir_dd_mood; \
+         CREATE DOMAIN weir_dd_amount AS numeric(12,2) NOT NULL; \
+         CREATE TYPE weir_dd_mood AS ENUM ('ok', 'sad'); \
+         CREATE TABLE weir_dd (id int, gone int, amount weir_dd_amount, moods weir_dd_mood[], cash money[], \
+           CONSTRAINT weir_dd_pk PRIMARY KEY (id) DEFERRABLE); \
+         ALTER TABLE weir_dd DROP COLUMN gone",
+    )
+    .await
+    .expect("table");
+    let d = client.describe_table("pg", "", "weir_dd").await.expect("describe");
+    let columns: Vec<_> = d
+        .columns
+        .iter()
+        .map(|c| (c.ordinal, c.column.clone().expect("column")))
+        .collect();
+    let by_name = |name: &str| {
+        columns
+            .iter()
+            .find(|(_, c)| c.name == name)
+            .unwrap_or_else(|| panic!("{name}"))
+    };
+    assert_eq!(
+        columns.iter().map(|(o, c)| (*o, c.name.as_str())).collect::<Vec<_>>(),
+        [(1, "id"), (2, "amount"), (3, "moods"), (4, "cash")]
+    );
+    let (_, amount) = by_name("amount");
+    assert_eq!(
+        (amount.precision, amount.scale, amount.nullable),
+        (Some(12), Some(2), false)
+    );
+    let (_, moods) = by_name("moods");
+    assert_eq!(
+        (moods.r#type(), moods.element_type()),
+        (pb::ColumnType::List, pb::ColumnType::String)
+    );
+    let (_, cash) = by_name("cash");
+    assert_eq!(cash.r#type(), pb::ColumnType::Unspecified, "{cash:?}");
+    let pk = d
+        .indexes
+        .iter()
+        .find(|i| i.name == "weir_dd_pk")
+        .expect("the key's index");
+    assert!(pk.primary && !pk.unique, "{pk:?}");
+    pg.batch_execute("DROP TABLE weir_dd; DROP DOMAIN weir_dd_amount; DROP TYPE weir_dd_mood")
+        .await
+        .expect("drop");
+    server.stop().await;
+}
+
 /// A transaction's next statement waits a moment for one its deadline just
 /// abandoned (being cancelled, it still holds the session), and gets the
 /// engine's answer, not TRANSACTION_BUSY; a statement whose stream is still

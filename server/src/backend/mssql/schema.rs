@@ -59,7 +59,7 @@ const FIND_TABLE: &str = concat!(
 /// Columns with their declared type and, for alias types, the base type.
 const COLUMNS: &str = "SELECT c.name, t.name, \
         CASE WHEN t.is_user_defined = 1 AND t.is_assembly_type = 0 THEN TYPE_NAME(c.system_type_id) ELSE t.name END, \
-        CAST(c.max_length AS int), CAST(c.precision AS int), CAST(c.scale AS int), c.is_nullable, c.column_id, \
+        CAST(c.max_length AS int), CAST(c.precision AS int), CAST(c.scale AS int), c.is_nullable, \
         d.definition, CAST(ep.value AS nvarchar(4000)) \
  FROM sys.columns c \
  JOIN sys.types t ON t.user_type_id = c.user_type_id \
@@ -84,12 +84,15 @@ const FOREIGN_KEYS: &str = "SELECT fk.name, pc.name, rs.name, ro.name, rc.name, 
  JOIN sys.columns rc ON rc.object_id = fkc.referenced_object_id AND rc.column_id = fkc.referenced_column_id \
  WHERE fk.parent_object_id = @P1 ORDER BY fk.name, fkc.constraint_column_id";
 
-/// Key columns of each index (included columns are not part of the key).
+/// Key columns of each index: not included columns, nor the partitioning
+/// columns SQL Server adds to an index on a partition scheme (key_ordinal 0).
+/// A columnstore index has no key: its columns are listed as stored.
 const INDEXES: &str = "SELECT i.name, i.is_unique, i.is_primary_key, i.type_desc, c.name, i.has_filter \
  FROM sys.indexes i \
  JOIN sys.index_columns ic ON ic.object_id = i.object_id AND ic.index_id = i.index_id \
  JOIN sys.columns c ON c.object_id = ic.object_id AND c.column_id = ic.column_id \
- WHERE i.object_id = @P1 AND i.name IS NOT NULL AND i.is_hypothetical = 0 AND ic.is_included_column = 0 \
+ WHERE i.object_id = @P1 AND i.name IS NOT NULL AND i.is_hypothetical = 0 \
+ AND ((ic.is_included_column = 0 AND ic.key_ordinal > 0) OR i.type IN (5, 6)) \
  ORDER BY i.name, ic.key_ordinal, ic.index_column_id";
 
 fn name(s: &str) -> ColumnData<'static> {
@@ -287,9 +290,10 @@ pub async fn describe_table(
         }
         columns.push(ColumnInfo {
             column,
-            ordinal: int(row, 7)?.unwrap_or_default(),
-            default_expression: default_expression(&text(row, 8)?).to_string(),
-            comment: text(row, 9)?,
+            // The place among the columns `SELECT *` returns (column_id keeps gaps of dropped columns).
+            ordinal: columns.len() as i32 + 1,
+            default_expression: default_expression(&text(row, 7)?).to_string(),
+            comment: text(row, 8)?,
         });
     }
 
@@ -346,7 +350,9 @@ pub async fn describe_table(
         .first()
         .map(|r| (r.get::<i32, _>(0) == Some(1), r.get::<i32, _>(1) == Some(1)))
         .unwrap_or_default();
-    let (change_stream_ready, change_stream_reason) = if !db_cdc {
+    let (change_stream_ready, change_stream_reason) = if info.kind != TableKind::Table {
+        (false, "only tables can be watched (CDC tracks tables)".to_string())
+    } else if !db_cdc {
         (
             false,
             "Change Data Capture is off for the database (sys.sp_cdc_enable_db)".to_string(),
@@ -425,6 +431,8 @@ mod tests {
         assert!(PRIMARY_KEY.contains("sys.key_constraints") && PRIMARY_KEY.contains("kc.type = 'PK'"));
         assert!(FOREIGN_KEYS.contains("sys.foreign_key_columns"));
         assert!(INDEXES.contains("sys.index_columns") && INDEXES.contains("is_included_column = 0"));
+        // Partitioning columns SQL Server adds to an index are not its key.
+        assert!(INDEXES.contains("ic.key_ordinal > 0"));
         // sql_variant values would stop the driver: comments are cast first.
         assert!(LIST_TABLES.contains("CAST(ep.value AS nvarchar(4000))"));
         assert!(COLUMNS.contains("CAST(ep.value AS nvarchar(4000))"));

@@ -1,8 +1,8 @@
 //! Catalog queries behind SchemaService for MySQL/MariaDB (databases are
 //! schemas), from information_schema with bound parameters.
 
-use mysql_async::prelude::Queryable;
-use mysql_async::Conn;
+use mysql_async::prelude::{FromRow, Queryable};
+use mysql_async::{Conn, Params, Row};
 
 use super::map_error;
 use crate::backend::{
@@ -12,11 +12,34 @@ use crate::backend::{
 
 const SYSTEM_SCHEMAS: [&str; 4] = ["mysql", "information_schema", "performance_schema", "sys"];
 
+/// The rows of a catalog query, each read as `T`. mysql_async's typed reads
+/// panic on a value that does not convert (a NULL where none was expected);
+/// here that is an error of the call.
+async fn catalog<T: FromRow>(
+    conn: &mut Conn,
+    sql: impl AsRef<str>,
+    params: impl Into<Params> + Send,
+) -> Result<Vec<T>, BackendError> {
+    let rows: Vec<Row> = conn.exec(sql.as_ref(), params).await.map_err(map_error)?;
+    rows.into_iter()
+        .map(|row| {
+            mysql_async::from_row_opt(row).map_err(|_| {
+                BackendError::Internal(format!(
+                    "the server's catalog returned a value of an unexpected kind for: {}",
+                    sql.as_ref().split_whitespace().take(8).collect::<Vec<_>>().join(" ")
+                ))
+            })
+        })
+        .collect()
+}
+
 pub async fn list_schemas(conn: &mut Conn, include_system: bool) -> Result<Vec<SchemaInfo>, BackendError> {
-    let names: Vec<String> = conn
-        .query("SELECT SCHEMA_NAME FROM information_schema.SCHEMATA ORDER BY 1")
-        .await
-        .map_err(map_error)?;
+    let names: Vec<String> = catalog(
+        conn,
+        "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA ORDER BY 1",
+        (),
+    )
+    .await?;
     Ok(names
         .into_iter()
         .map(|name| SchemaInfo {
@@ -60,18 +83,23 @@ fn table_info((schema, name, kind, rows, comment): TableRow) -> TableInfo {
 pub async fn list_tables(conn: &mut Conn, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
     let rows: Vec<TableRow> = match schema {
         Some(s) => {
-            conn.exec(format!("{TABLE_COLUMNS} WHERE TABLE_SCHEMA = ? ORDER BY 1, 2"), (s,))
-                .await
+            catalog(
+                conn,
+                format!("{TABLE_COLUMNS} WHERE TABLE_SCHEMA = ? ORDER BY 1, 2"),
+                (s,),
+            )
+            .await?
         }
         None => {
             let excluded = SYSTEM_SCHEMAS.map(|s| format!("'{s}'")).join(", ");
-            conn.query(format!(
-                "{TABLE_COLUMNS} WHERE TABLE_SCHEMA NOT IN ({excluded}) ORDER BY 1, 2"
-            ))
-            .await
+            catalog(
+                conn,
+                format!("{TABLE_COLUMNS} WHERE TABLE_SCHEMA NOT IN ({excluded}) ORDER BY 1, 2"),
+                (),
+            )
+            .await?
         }
-    }
-    .map_err(map_error)?;
+    };
     Ok(rows.into_iter().map(table_info).collect())
 }
 
@@ -88,8 +116,10 @@ fn column_type(data_type: &str, column_type: &str) -> ColumnType {
         "timestamp" => ColumnType::TimestampTz,
         "time" => ColumnType::Time,
         "json" => ColumnType::Json,
+        // Geometry comes as its binary form (WKB with an SRID), as in results.
         "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "geometry" | "point"
-        | "linestring" | "polygon" => ColumnType::Bytes,
+        | "linestring" | "polygon" | "multipoint" | "multilinestring" | "multipolygon" | "geometrycollection"
+        | "geomcollection" => ColumnType::Bytes,
         _ => ColumnType::String,
     }
 }
@@ -116,13 +146,14 @@ pub async fn describe_table(
     schema: Option<&str>,
     table: &str,
 ) -> Result<TableDescription, BackendError> {
-    let found: Option<TableRow> = conn
-        .exec_first(
-            format!("{TABLE_COLUMNS} WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?"),
-            (schema, table),
-        )
-        .await
-        .map_err(map_error)?;
+    let found: Option<TableRow> = catalog(
+        conn,
+        format!("{TABLE_COLUMNS} WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?"),
+        (schema, table),
+    )
+    .await?
+    .into_iter()
+    .next();
     let Some(found) = found else {
         let qualified = schema
             .map(|s| format!("{s}.{table}"))
@@ -132,16 +163,15 @@ pub async fn describe_table(
     let info = table_info(found);
     let key = (info.schema.clone(), info.name.clone());
 
-    let rows: Vec<ColumnRow> = conn
-        .exec(
-            "SELECT COLUMN_NAME, COLUMN_TYPE, DATA_TYPE, IS_NULLABLE, COLUMN_DEFAULT, ORDINAL_POSITION, \
+    let rows: Vec<ColumnRow> = catalog(
+        conn,
+        "SELECT COLUMN_NAME, COLUMN_TYPE, DATA_TYPE, IS_NULLABLE, COLUMN_DEFAULT, ORDINAL_POSITION, \
                     NUMERIC_PRECISION, NUMERIC_SCALE, CHARACTER_MAXIMUM_LENGTH, COLUMN_COMMENT, \
                     CHARACTER_SET_NAME \
              FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
-            key.clone(),
-        )
-        .await
-        .map_err(map_error)?;
+        key.clone(),
+    )
+    .await?;
     // The binary log carries text in its column's character set, which
     // change events (UTF-8) cannot carry as it is. (ENUM and SET values are
     // logged as numbers, their labels read from the column's type.)
@@ -185,9 +215,9 @@ pub async fn describe_table(
         Option<String>,
         Option<String>,
     );
-    let keys: Vec<KeyRow> = conn
-        .exec(
-            "SELECT k.CONSTRAINT_NAME, k.COLUMN_NAME, k.REFERENCED_TABLE_SCHEMA, k.REFERENCED_TABLE_NAME, \
+    let keys: Vec<KeyRow> = catalog(
+        conn,
+        "SELECT k.CONSTRAINT_NAME, k.COLUMN_NAME, k.REFERENCED_TABLE_SCHEMA, k.REFERENCED_TABLE_NAME, \
                     k.REFERENCED_COLUMN_NAME, r.UPDATE_RULE, r.DELETE_RULE \
              FROM information_schema.KEY_COLUMN_USAGE k \
              LEFT JOIN information_schema.REFERENTIAL_CONSTRAINTS r \
@@ -196,10 +226,9 @@ pub async fn describe_table(
              WHERE k.TABLE_SCHEMA = ? AND k.TABLE_NAME = ? \
                AND (k.CONSTRAINT_NAME = 'PRIMARY' OR k.REFERENCED_TABLE_NAME IS NOT NULL) \
              ORDER BY k.CONSTRAINT_NAME, k.ORDINAL_POSITION",
-            key.clone(),
-        )
-        .await
-        .map_err(map_error)?;
+        key.clone(),
+    )
+    .await?;
     let mut primary_key: Option<PrimaryKey> = None;
     let mut foreign_keys: Vec<ForeignKey> = Vec::new();
     for (name, column, ref_schema, ref_table, ref_column, on_update, on_delete) in keys {
@@ -230,14 +259,13 @@ pub async fn describe_table(
         }
     }
 
-    let index_rows: Vec<(String, i64, Option<String>, String)> = conn
-        .exec(
-            "SELECT INDEX_NAME, NON_UNIQUE, COLUMN_NAME, INDEX_TYPE FROM information_schema.STATISTICS \
+    let index_rows: Vec<(String, i64, Option<String>, String)> = catalog(
+        conn,
+        "SELECT INDEX_NAME, NON_UNIQUE, COLUMN_NAME, INDEX_TYPE FROM information_schema.STATISTICS \
              WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY INDEX_NAME, SEQ_IN_INDEX",
-            key,
-        )
-        .await
-        .map_err(map_error)?;
+        key,
+    )
+    .await?;
     let mut indexes: Vec<Index> = Vec::new();
     for (name, non_unique, column, method) in index_rows {
         let column = column.unwrap_or_else(|| "<expression>".into());
@@ -255,10 +283,11 @@ pub async fn describe_table(
         }
     }
 
-    let binlog: Option<(i64, String, String)> = conn
-        .query_first("SELECT @@log_bin, @@binlog_format, @@binlog_row_image")
-        .await
-        .map_err(map_error)?;
+    let binlog: Option<(i64, String, String)> =
+        catalog(conn, "SELECT @@log_bin, @@binlog_format, @@binlog_row_image", ())
+            .await?
+            .into_iter()
+            .next();
     let (change_stream_ready, change_stream_reason) = match binlog {
         _ if info.kind != TableKind::Table => (false, "only base tables can be watched".to_string()),
         Some((1, format, image)) if format == "ROW" && image == "FULL" => match (&primary_key, not_utf8) {

@@ -171,22 +171,8 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
         // Generated columns are not published (pgoutput leaves them out).
         let generated: Vec<String> = row.get(6);
         let qualified = format!("{}.{}", quote_ansi(&schema), quote_ansi(&table));
-        if kind != "r" && kind != "p" {
-            return Err(BackendError::Invalid(format!(
-                "{qualified} is not an ordinary table; only tables can be watched"
-            )));
-        }
-        let identified = match identity.as_str() {
-            "f" | "i" => true,
-            "d" => !primary_key.is_empty(),
-            _ => false,
-        };
-        if !identified {
-            return Err(BackendError::ChangesNotReady(format!(
-                "table {qualified} has no primary key (nor REPLICA IDENTITY FULL or USING INDEX): \
-                 its updates and deletes cannot be identified; add a primary key or run \
-                 ALTER TABLE {qualified} REPLICA IDENTITY FULL"
-            )));
+        if let Some(refused) = table_unwatchable(&qualified, &kind, &identity, !primary_key.is_empty()) {
+            return Err(refused);
         }
         // A column of a type change events cannot carry would stop the
         // stream at the table's first change, and at it again on every
@@ -202,10 +188,7 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
             .filter(|c| !generated.iter().any(|g| g == c.name()))
         {
             if let Err(BackendError::UnsupportedType { column, type_name }) = column_of(c.name(), c.type_(), -1) {
-                return Err(BackendError::ChangesNotReady(format!(
-                    "column {column} of {qualified} has type {type_name}, which change events cannot carry; \
-                     change its type (or watch a table without it)"
-                )));
+                return Err(column_unwatchable(&qualified, &column, &type_name));
             }
             published.push(quote_ansi(c.name()));
         }
@@ -222,6 +205,42 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
         );
     }
     Ok(out)
+}
+
+/// Why a table of this kind (`relkind`) and replica identity cannot be
+/// watched, if it cannot. One rule for WatchChanges and DescribeTable.
+pub(super) fn table_unwatchable(
+    qualified: &str,
+    relkind: &str,
+    identity: &str,
+    has_primary_key: bool,
+) -> Option<BackendError> {
+    if relkind != "r" && relkind != "p" {
+        return Some(BackendError::Invalid(format!(
+            "{qualified} is not an ordinary table; only tables can be watched"
+        )));
+    }
+    let identified = match identity {
+        "f" | "i" => true,
+        "d" => has_primary_key,
+        _ => false,
+    };
+    (!identified).then(|| {
+        BackendError::ChangesNotReady(format!(
+            "table {qualified} has no primary key (nor REPLICA IDENTITY FULL or USING INDEX): \
+             its updates and deletes cannot be identified; add a primary key or run \
+             ALTER TABLE {qualified} REPLICA IDENTITY FULL"
+        ))
+    })
+}
+
+/// A published column of a type change events cannot carry: it would stop
+/// the stream at the table's first change, and at it again on every resume.
+pub(super) fn column_unwatchable(qualified: &str, column: &str, type_name: &str) -> BackendError {
+    BackendError::ChangesNotReady(format!(
+        "column {column} of {qualified} has type {type_name}, which change events cannot carry; \
+         change its type (or watch a table without it)"
+    ))
 }
 
 /// The key of the advisory lock that makes a subscription single-consumer:

@@ -3,8 +3,10 @@
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
+use super::changes::{column_unwatchable, table_unwatchable};
 use super::map_error;
 use super::types::{column_type, typmod_details};
+use crate::backend::bulk::quote_ansi;
 use crate::backend::{
     BackendError, Column, ColumnInfo, ColumnType, ForeignKey, Index, PrimaryKey, SchemaInfo, TableDescription,
     TableInfo, TableKind,
@@ -44,13 +46,17 @@ fn table_kind(relkind: &str) -> TableKind {
     }
 }
 
-const TABLE_COLUMNS: &str = "n.nspname::text, c.relname::text, c.relkind::text, c.reltuples::float8, \
+// reltuples is -1 for tables never analyzed (PostgreSQL 14 and later); before
+// 14 such a table has 0 with relpages 0: unknown either way, not empty.
+const TABLE_COLUMNS: &str = "n.nspname::text, c.relname::text, c.relkind::text, \
+     CASE WHEN c.reltuples = 0 AND c.relpages = 0 AND current_setting('server_version_num')::int < 140000 \
+     THEN -1 ELSE c.reltuples END::float8, \
      COALESCE(obj_description(c.oid, 'pg_class'), '')";
 
 fn table_info(r: &tokio_postgres::Row) -> TableInfo {
     let kind = table_kind(r.get::<_, &str>(2));
     let reltuples: f64 = r.get(3);
-    // reltuples is -1 for tables never analyzed, and meaningless for views.
+    // Unknown (see TABLE_COLUMNS), and meaningless for views.
     let row_estimate = (reltuples >= 0.0 && matches!(kind, TableKind::Table | TableKind::MaterializedView))
         .then_some(reltuples as i64);
     TableInfo {
@@ -72,19 +78,30 @@ pub async fn list_tables(client: &Client, schema: Option<&str>) -> Result<Vec<Ta
     Ok(rows.iter().map(table_info).collect())
 }
 
-/// Normalized type of a catalog type, after resolving domains.
-fn catalog_type(oid: u32, typtype: &str, typname: &str, elem: u32) -> (ColumnType, Option<ColumnType>) {
-    if let Some(t) = Type::from_oid(oid).as_ref().and_then(column_type) {
+/// A catalog type: its oid, `typtype` and name.
+struct CatalogType<'a> {
+    oid: u32,
+    typtype: &'a str,
+    name: &'a str,
+}
+
+/// Normalized type of a catalog type (after resolving domains), and of the
+/// elements of an array type. An array of elements Weir cannot carry
+/// (`money[]`, `point[]`) is unsupported, as its values are in results.
+fn catalog_type(ty: &CatalogType, element: Option<&CatalogType>) -> (ColumnType, Option<ColumnType>) {
+    if let Some(t) = Type::from_oid(ty.oid).as_ref().and_then(column_type) {
         return t;
     }
-    if typtype == "e" || typname == "citext" {
+    if ty.typtype == "e" || ty.name == "citext" {
         return (ColumnType::String, None);
     }
-    if elem != 0 && typname.starts_with('_') {
-        let element = Type::from_oid(elem).as_ref().and_then(column_type).map(|(t, _)| t);
-        return (ColumnType::List, element);
+    match element {
+        Some(element) if ty.name.starts_with('_') => match catalog_type(element, None) {
+            (ColumnType::Unsupported, _) => (ColumnType::Unsupported, None),
+            (element, _) => (ColumnType::List, Some(element)),
+        },
+        _ => (ColumnType::Unsupported, None),
     }
-    (ColumnType::Unsupported, None)
 }
 
 fn fk_action(code: &str) -> &'static str {
@@ -116,44 +133,65 @@ pub async fn describe_table(
         return Err(BackendError::not_found(format!("table \"{qualified}\" not found")));
     };
     let info = table_info(&row);
+    let relkind: String = row.get(2);
     let oid: u32 = row.get(5);
     let replica_identity: String = row.get(6);
     let wal_level: String = row.get(7);
 
-    let columns = client
+    // A domain column's typmod and NOT NULL are the domain's (its own
+    // atttypmod is -1), as information_schema reads them.
+    let rows = client
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), NOT a.attnotnull, \
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+                    NOT (a.attnotnull OR (t.typtype = 'd' AND t.typnotnull)), \
                     CASE WHEN a.attgenerated = '' THEN COALESCE(pg_get_expr(d.adbin, d.adrelid), '') ELSE '' END, \
-                    a.attnum::int4, \
-                    COALESCE(col_description(a.attrelid, a.attnum), ''), a.atttypmod, \
-                    bt.oid, bt.typtype::text, bt.typname::text, bt.typelem \
+                    COALESCE(col_description(a.attrelid, a.attnum), ''), \
+                    CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END, \
+                    bt.oid, bt.typtype::text, bt.typname::text, \
+                    et.oid, COALESCE(et.typtype::text, ''), COALESCE(et.typname::text, ''), \
+                    a.attgenerated <> '' \
              FROM pg_attribute a \
              JOIN pg_type t ON t.oid = a.atttypid \
              JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
+             LEFT JOIN pg_type et ON et.oid = bt.typelem \
              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
             &[&oid],
         )
         .await
-        .map_err(map_error)?
-        .iter()
-        .map(|r| {
-            let base_oid: u32 = r.get(7);
-            let (column_type, element_type) = catalog_type(base_oid, r.get(8), r.get(9), r.get(10));
-            let mut column = Column::new(r.get::<_, String>(0), r.get::<_, String>(1), column_type);
-            column.element_type = element_type;
-            column.nullable = r.get(2);
-            if let Some(ty) = Type::from_oid(base_oid) {
-                (column.precision, column.scale, column.max_length) = typmod_details(&ty, r.get(6));
-            }
-            ColumnInfo {
-                column,
-                ordinal: r.get(4),
-                default_expression: r.get(3),
-                comment: r.get(5),
-            }
-        })
-        .collect::<Vec<_>>();
+        .map_err(map_error)?;
+    let mut unwatchable_column = None;
+    let mut columns = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let base = CatalogType {
+            oid: r.get(6),
+            typtype: r.get(7),
+            name: r.get(8),
+        };
+        let element = r.get::<_, Option<u32>>(9).map(|oid| CatalogType {
+            oid,
+            typtype: r.get(10),
+            name: r.get(11),
+        });
+        let (column_type, element_type) = catalog_type(&base, element.as_ref());
+        let mut column = Column::new(r.get::<_, String>(0), r.get::<_, String>(1), column_type);
+        column.element_type = element_type;
+        column.nullable = r.get(2);
+        if let Some(ty) = Type::from_oid(base.oid) {
+            (column.precision, column.scale, column.max_length) = typmod_details(&ty, r.get(5));
+        }
+        // Generated columns are not published: their type does not matter.
+        if column_type == ColumnType::Unsupported && !r.get::<_, bool>(12) && unwatchable_column.is_none() {
+            unwatchable_column = Some((column.name.clone(), column.native_type.clone()));
+        }
+        columns.push(ColumnInfo {
+            column,
+            // The place among the columns a `SELECT *` returns (dropped columns leave gaps in attnum).
+            ordinal: columns.len() as i32 + 1,
+            default_expression: r.get(3),
+            comment: r.get(4),
+        });
+    }
 
     let mut primary_key = None;
     let mut foreign_keys = Vec::new();
@@ -197,7 +235,9 @@ pub async fn describe_table(
 
     let indexes = client
         .query(
-            "SELECT ic.relname::text, ix.indisunique, ix.indisprimary, am.amname::text, \
+            // Unique only where ON CONFLICT can use it: not while it is being
+            // built (invalid), and not deferrable (PostgreSQL refuses those).
+            "SELECT ic.relname::text, ix.indisunique AND ix.indisvalid AND ix.indimmediate, ix.indisprimary, am.amname::text, \
                ARRAY(SELECT COALESCE(a.attname::text, pg_get_indexdef(ix.indexrelid, k.o::int, true)) \
                      FROM unnest(ix.indkey::int2[]) WITH ORDINALITY k(n, o) \
                      LEFT JOIN pg_attribute a ON a.attrelid = ix.indrelid AND a.attnum = k.n \
@@ -220,20 +260,18 @@ pub async fn describe_table(
         })
         .collect();
 
-    let (change_stream_ready, change_stream_reason) = if info.kind != TableKind::Table {
-        (false, "only ordinary tables can be watched".to_string())
-    } else if wal_level != "logical" {
-        (
+    // WatchChanges' own rule, so that "ready" means a watch would start.
+    let qualified = format!("{}.{}", quote_ansi(&info.schema), quote_ansi(&info.name));
+    let refused = table_unwatchable(&qualified, &relkind, &replica_identity, primary_key.is_some())
+        .or_else(|| unwatchable_column.map(|(column, type_name)| column_unwatchable(&qualified, &column, &type_name)));
+    let (change_stream_ready, change_stream_reason) = match refused {
+        Some(BackendError::Invalid(why) | BackendError::ChangesNotReady(why)) => (false, why),
+        Some(other) => (false, other.to_string()),
+        None if wal_level != "logical" => (
             false,
             format!("wal_level is '{wal_level}'; change streams need wal_level = logical"),
-        )
-    } else if primary_key.is_none() && replica_identity != "f" {
-        (
-            false,
-            "the table has no primary key; add one or set REPLICA IDENTITY FULL".to_string(),
-        )
-    } else {
-        (true, String::new())
+        ),
+        None => (true, String::new()),
     };
 
     Ok(TableDescription {

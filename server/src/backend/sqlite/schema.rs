@@ -109,33 +109,46 @@ pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> R
     let table = info.name.as_str();
 
     let mut stmt = conn
-        .prepare("SELECT cid, name, type, \"notnull\", dflt_value, pk FROM pragma_table_xinfo(?1, ?2) WHERE hidden <> 1 ORDER BY cid")
+        .prepare("SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_xinfo(?1, ?2) WHERE hidden <> 1 ORDER BY cid")
+        .map_err(map_error)?;
+    // A primary key refuses NULL only in a WITHOUT ROWID table, or as the
+    // rowid itself (a lone INTEGER PRIMARY KEY); elsewhere SQLite stores NULLs in it.
+    let without_rowid: bool = conn
+        .query_row(
+            "SELECT wr FROM pragma_table_list WHERE schema = ?1 AND name = ?2",
+            params![schema, table],
+            |r| r.get(0),
+        )
         .map_err(map_error)?;
     let mut pk_columns: Vec<(i64, String)> = Vec::new();
     let columns = stmt
         .query_map(params![table, schema], |r| {
             Ok((
-                r.get::<_, i64>(0)?,
+                r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, bool>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, i64>(5)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, i64>(4)?,
             ))
         })
         .map_err(map_error)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(map_error)?
+        .map_err(map_error)?;
+    let lone_integer_key = columns.iter().filter(|c| c.4 > 0).count() == 1
+        && columns.iter().any(|c| c.4 > 0 && c.1.eq_ignore_ascii_case("INTEGER"));
+    let columns = columns
         .into_iter()
-        .map(|(cid, name, decl, not_null, default, pk)| {
+        .enumerate()
+        .map(|(place, (name, decl, not_null, default, pk))| {
             if pk > 0 {
                 pk_columns.push((pk, name.clone()));
             }
             let mut col = column(&name, (!decl.is_empty()).then_some(decl.as_str()));
-            col.nullable = !not_null && pk == 0;
+            col.nullable = !not_null && !(pk > 0 && (without_rowid || lone_integer_key));
             ColumnInfo {
                 column: col,
-                ordinal: i32::try_from(cid + 1).unwrap_or(i32::MAX),
+                // The place among the columns `SELECT *` returns (hidden ones left out).
+                ordinal: i32::try_from(place + 1).unwrap_or(i32::MAX),
                 default_expression: default.unwrap_or_default(),
                 comment: String::new(),
             }
@@ -239,4 +252,37 @@ pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> R
         change_stream_ready: false,
         change_stream_reason: "SQLite sources have no change streams".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nullable(conn: &Connection, table: &str) -> Vec<(String, bool, i32)> {
+        describe_table(conn, None, table)
+            .expect("describe")
+            .columns
+            .into_iter()
+            .map(|c| (c.column.name, c.column.nullable, c.ordinal))
+            .collect()
+    }
+
+    #[test]
+    fn primary_keys_refuse_null_only_where_sqlite_does() {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch(
+            "CREATE TABLE text_key (code TEXT PRIMARY KEY, v INT NOT NULL); \
+             CREATE TABLE rowid_key (id INTEGER PRIMARY KEY, v INT); \
+             CREATE TABLE no_rowid (code TEXT PRIMARY KEY, v INT) WITHOUT ROWID; \
+             INSERT INTO text_key VALUES (NULL, 1);",
+        )
+        .expect("tables");
+        // SQLite stored a NULL key above: the column is nullable, as it behaves.
+        assert_eq!(
+            nullable(&conn, "text_key"),
+            [("code".into(), true, 1), ("v".into(), false, 2)]
+        );
+        assert_eq!(nullable(&conn, "rowid_key")[0], ("id".into(), false, 1));
+        assert_eq!(nullable(&conn, "no_rowid")[0], ("code".into(), false, 1));
+    }
 }

@@ -257,6 +257,9 @@ pub struct GlobalLimitsConfig {
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
     pub on_redis_failure: RedisFailure,
+    /// First part of every key Weir writes ("<prefix>:gcra:<bucket>:<tenant>"):
+    /// deployments sharing one Redis database give each its own.
+    pub redis_key_prefix: String,
 }
 
 impl Default for GlobalLimitsConfig {
@@ -265,6 +268,7 @@ impl Default for GlobalLimitsConfig {
             redis_url: None,
             redis_timeout: Duration::from_millis(50),
             on_redis_failure: RedisFailure::FailOpen,
+            redis_key_prefix: "weir".into(),
         }
     }
 }
@@ -600,6 +604,9 @@ impl Config {
             if redis::Client::open(url.as_str()).is_err() {
                 return Err(invalid("limits.redis_url", "not a Redis URL (redis://host:port/db)"));
             }
+        }
+        if self.limits.redis_key_prefix.is_empty() || self.limits.redis_key_prefix.len() > 100 {
+            return Err(invalid("limits.redis_key_prefix", "must be 1 to 100 characters"));
         }
         if self.limits.redis_timeout.is_zero() {
             return Err(invalid("limits.redis_timeout", "must be greater than 0"));

@@ -23,6 +23,9 @@ pub enum SealError {
     /// Names the entry by its place only: its text may hold a key.
     #[error("{KEYS_ENV} is malformed in its entry {0} (counting from 1): expected v<N>=<base64 of 32 bytes>, comma-separated")]
     BadKeys(usize),
+    /// Two keys of one version: sealing would take one and opening the other.
+    #[error("{KEYS_ENV} holds two keys of version v{0}: give each key a version of its own")]
+    DuplicateVersion(u32),
     #[error("not a sealed value: expected weir-sealed:v<N>:<base64> from `weir seal`")]
     Malformed,
     #[error("the value was sealed with key v{0}, which {KEYS_ENV} does not hold")]
@@ -43,6 +46,9 @@ pub fn parse_keys(text: &str) -> Result<Vec<(u32, [u8; 32])>, SealError> {
             .ok()
             .and_then(|k| k.try_into().ok())
             .ok_or_else(bad)?;
+        if keys.iter().any(|(v, _)| *v == version) {
+            return Err(SealError::DuplicateVersion(version));
+        }
         keys.push((version, key));
     }
     if keys.is_empty() {
@@ -160,6 +166,12 @@ mod tests {
         assert_eq!(open_with(&k, "plain-password"), Err(SealError::Malformed));
         assert_eq!(open_with(&k, "weir-sealed:v1:AAAA"), Err(SealError::Malformed));
         assert!(matches!(parse_keys("v1=short"), Err(SealError::BadKeys(1))));
+        let key = STANDARD.encode([7u8; 32]);
+        let other = STANDARD.encode([8u8; 32]);
+        assert_eq!(
+            parse_keys(&format!("v1={key},v1={other}")),
+            Err(SealError::DuplicateVersion(1))
+        );
         // A key pasted without its version, or after a colon: the error never repeats the text.
         let key = STANDARD.encode([7u8; 32]);
         for entry in [key.clone(), format!("v1:{key}")] {

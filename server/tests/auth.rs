@@ -238,6 +238,51 @@ async fn calls_on_a_connection_stop_with_its_client_certificate() {
     server.stop().await;
 }
 
+/// Taking a CA out of `client_ca_file` (the documented way to stop its
+/// certificates) stops them on connections already open too: from its next
+/// call such a connection is refused, while one whose certificate the CA now
+/// in force signed goes on, and a renewal that keeps the CA changes nothing.
+#[tokio::test]
+async fn a_client_ca_taken_away_stops_its_certificates_on_open_connections() {
+    let (server_ca, old_ca, new_ca) = (ca("server ca"), ca("old client ca"), ca("new client ca"));
+    let files = Files::new();
+    let config = format!("{}{}", tls_section(&files, &server_ca, &old_ca, false), tenants());
+    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
+    let old_cert = leaf(&old_ca, "orders", &[dns("orders.internal")], true);
+    let open = connect(&server, None, tls(&server_ca, Some(old_cert)))
+        .await
+        .expect("mtls");
+    assert_eq!(sources(&open).await.expect("by certificate"), vec!["a_db"]);
+    // Both CAs for a while (a rotation), then the new one alone.
+    files.write("client-ca.crt", &format!("{}{}", old_ca.pem, new_ca.pem));
+    let new_cert = leaf(&new_ca, "orders", &[dns("orders.internal")], true);
+    let mut under_both = None;
+    for _ in 0..50 {
+        if let Ok(c) = connect(&server, None, tls(&server_ca, Some(new_cert.clone()))).await {
+            if sources(&c).await.is_ok() {
+                under_both = Some(c);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fresh = under_both.expect("the new CA is in force");
+    assert_eq!(sources(&open).await.expect("the old CA is still trusted"), vec!["a_db"]);
+    files.write("client-ca.crt", &new_ca.pem);
+    let mut refused_at_last = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(e) = sources(&open).await {
+            refused_at_last = Some(e);
+            break;
+        }
+    }
+    let e = refused_at_last.expect("the removed CA's certificate is refused on its open connection");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(sources(&fresh).await.expect("the new CA's certificate"), vec!["a_db"]);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_required_client_certificate_is_required() {
     let (server_ca, client_ca) = (ca("server ca"), ca("client ca"));

@@ -71,6 +71,49 @@ async fn two_replicas_share_one_bucket() {
     b.stop().await;
 }
 
+/// A bucket whose stored time is far ahead of Redis's clock (the clock
+/// stepped back an hour: NTP, a failover) admits again within a bucket's
+/// worth of time, instead of refusing every call for an hour. Keys carry
+/// the configured prefix, so deployments sharing a Redis keep apart.
+#[tokio::test]
+async fn a_redis_clock_that_steps_back_locks_no_tenant_out() {
+    use redis::AsyncCommands;
+    let id = tenant_id();
+    let redis_settings = format!(
+        "redis_url = \"{}\"\nredis_timeout = \"2s\"\non_redis_failure = \"fail_closed\"\nredis_key_prefix = \"staging\"",
+        redis_url()
+    );
+    let server = TestServer::start(&config(&id, "requests_per_second = 10\nburst = 5", &redis_settings)).await;
+    let client = server.client(&format!("key-{id}")).await;
+    client.execute("demo", "SELECT 1", vec![]).await.expect("a first call");
+    let mut redis = redis::Client::open(redis_url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let key = format!("staging:gcra:rate:{id}");
+    let stored: Option<String> = redis.get(&key).await.expect("get");
+    assert!(stored.is_some(), "the bucket is under the configured prefix");
+    // Redis's clock as the script counts it (µs since 2024), plus an hour.
+    let (seconds, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut redis).await.expect("TIME");
+    let hour_ahead = (seconds - 1_704_067_200) * 1_000_000 + micros + 3_600_000_000;
+    let _: () = redis.set(&key, hour_ahead.to_string()).await.expect("set");
+    let mut admitted = 0;
+    for _ in 0..5 {
+        match client.execute("demo", "SELECT 1", vec![]).await {
+            Ok(_) => admitted += 1,
+            Err(status) => {
+                use tonic_types::StatusExt;
+                assert_eq!(reason(&status), "RATE_LIMITED", "{status:?}");
+                let delay = status.get_error_details().retry_info().and_then(|r| r.retry_delay);
+                assert!(delay.is_some_and(|d| d < Duration::from_secs(2)), "{delay:?}");
+            }
+        }
+    }
+    assert!(admitted >= 1, "calls are admitted again at once");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
     let id = tenant_id();

@@ -5,11 +5,12 @@
 //! only for calls the local bucket admitted. Redis's own clock is used, so
 //! replicas' clocks do not need to agree.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
-use tokio::sync::OnceCell;
+use tokio::sync::watch;
 
 use crate::config::{GlobalLimitsConfig, RedisFailure};
 use crate::error::Error;
@@ -22,7 +23,13 @@ use crate::error::Error;
 /// (µs), cost, the longest the caller may wait for its turn (µs).
 /// Returns {1, µs until the turn} when admitted (0: at once), {0, µs until a
 /// call would be admitted at once} otherwise, taking nothing.
+/// A stored time further ahead than any admission leaves one (the tolerance
+/// plus the longest wait, `max_rate_wait` being at most 10 s) means Redis's
+/// clock stepped back (NTP, a failover to a replica with another clock): it
+/// is taken as a full bucket's worth ahead, not as hours of refusals.
+/// `replicate_commands` lets Redis before 5 write after reading TIME.
 const GCRA: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = (tonumber(t[1]) - 1704067200) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
@@ -31,6 +38,7 @@ local cost = tonumber(ARGV[3])
 local max_wait = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
+if tat > now + tolerance + 10000000 then tat = now + tolerance end
 local new_tat = tat + interval * cost
 local allow_at = new_tat - tolerance
 if allow_at - now > max_wait then
@@ -43,18 +51,30 @@ return {1, math.ceil(math.max(allow_at - now, 0))}
 /// After Redis failed to answer, calls do without it for this long: an
 /// outage then costs neither `redis_timeout` per call nor a log line per call.
 const REDIS_BACKOFF: Duration = Duration::from_secs(1);
+/// Failures in a row before Redis is rested: one slow answer (a fork for
+/// BGSAVE) fails its own call, not every call of the next second.
+const FAILURES_BEFORE_REST: u32 = 3;
+/// How long the first connection (DNS, TCP, TLS, AUTH, the script's load)
+/// may take. It is made in the background: `redis_timeout` bounds the
+/// checks, a round trip or two, not the setting up of a connection.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 pub struct GlobalLimiter {
     url: String,
     timeout: Duration,
     on_failure: RedisFailure,
+    /// Before every key: deployments sharing one Redis keep apart.
+    key_prefix: String,
     script: redis::Script,
-    /// Connected on first use, so a replica starts while Redis is down.
-    conn: OnceCell<ConnectionManager>,
+    /// Connected on first use, in the background, so a replica starts while Redis is down.
+    conn: Arc<watch::Sender<Option<ConnectionManager>>>,
+    connecting: Arc<AtomicBool>,
     /// The zero of `resting_until`.
     started: Instant,
     /// Milliseconds since `started` before which Redis is not asked again.
     resting_until: AtomicU64,
+    /// Failures since the last answer.
+    failures_in_a_row: AtomicU32,
 }
 
 impl GlobalLimiter {
@@ -65,10 +85,13 @@ impl GlobalLimiter {
             url,
             timeout: config.redis_timeout,
             on_failure: config.on_redis_failure,
+            key_prefix: config.redis_key_prefix.clone(),
             script: redis::Script::new(GCRA),
-            conn: OnceCell::new(),
+            conn: Arc::new(watch::Sender::new(None)),
+            connecting: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
             resting_until: AtomicU64::new(0),
+            failures_in_a_row: AtomicU32::new(0),
         })
     }
 
@@ -76,9 +99,14 @@ impl GlobalLimiter {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Counts and logs a failure, and rests Redis for `REDIS_BACKOFF`.
+    /// Counts and logs a failure; after a few in a row, rests Redis for `REDIS_BACKOFF`.
     fn failed(&self, error: String) -> String {
         crate::metrics::METRICS.global_limit_failures.inc();
+        if self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 < FAILURES_BEFORE_REST {
+            tracing::debug!(error = %error, "a shared-limit check failed");
+            return error;
+        }
+        self.failures_in_a_row.store(0, Ordering::Relaxed);
         let backoff = u64::try_from(REDIS_BACKOFF.as_millis()).unwrap_or(u64::MAX);
         self.resting_until
             .store(self.now_ms().saturating_add(backoff), Ordering::Relaxed);
@@ -90,24 +118,62 @@ impl GlobalLimiter {
         error
     }
 
+    /// The connection, once made. The first call starts making it in the
+    /// background (with the script loaded): a call waits for it within its
+    /// `redis_timeout`, and one that cannot does as when Redis does not
+    /// answer, while the connection goes on being made for later calls.
+    async fn connection(&self) -> ConnectionManager {
+        if let Some(conn) = self.conn.borrow().clone() {
+            return conn;
+        }
+        if !self.connecting.swap(true, Ordering::AcqRel) {
+            let (cell, connecting, url, script) = (
+                self.conn.clone(),
+                self.connecting.clone(),
+                self.url.clone(),
+                self.script.clone(),
+            );
+            tokio::spawn(async move {
+                let connect = async {
+                    let mut conn = ConnectionManager::new(redis::Client::open(url.as_str())?).await?;
+                    script.prepare_invoke().load_async(&mut conn).await?;
+                    redis::RedisResult::Ok(conn)
+                };
+                match tokio::time::timeout(CONNECT_WAIT, connect).await {
+                    Ok(Ok(conn)) => {
+                        cell.send_replace(Some(conn));
+                    }
+                    // The error text names no password: redis-rs does not print the URL.
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot connect to Redis for the shared limits"),
+                    Err(_) => tracing::warn!(wait = ?CONNECT_WAIT, "no connection to Redis for the shared limits"),
+                }
+                connecting.store(false, Ordering::Release);
+            });
+        }
+        let mut made = self.conn.subscribe();
+        loop {
+            if let Some(conn) = made.borrow_and_update().clone() {
+                return conn;
+            }
+            // The sender lives as long as `self`: an error cannot come.
+            if made.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     async fn check(
         &self,
+        conn: ConnectionManager,
         key: &str,
         rate: u32,
         burst: u32,
         cost: u32,
         max_wait: Duration,
     ) -> redis::RedisResult<(i64, i64)> {
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                let client = redis::Client::open(self.url.as_str())?;
-                ConnectionManager::new(client).await
-            })
-            .await?;
         let interval = 1e6 / f64::from(rate.max(1));
         let tolerance = interval * f64::from(burst.max(1));
-        let mut conn = conn.clone();
+        let mut conn = conn;
         self.script
             .key(key)
             .arg(interval)
@@ -130,7 +196,7 @@ impl GlobalLimiter {
         max_wait: Duration,
     ) -> Result<Result<Duration, Duration>, String> {
         // Not `weir:{name}:{tenant}`: those keys held µs since 1970.
-        let key = format!("weir:gcra:{name}:{tenant}");
+        let key = format!("{}:gcra:{name}:{tenant}", self.key_prefix);
         let micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));
         if self.now_ms() < self.resting_until.load(Ordering::Relaxed) {
             return Err("Redis failed to answer within the last second".into());
@@ -139,7 +205,15 @@ impl GlobalLimiter {
             tenant: tenant.to_string(),
         };
         crate::metrics::METRICS.shared_limit_checks.get_or_create(&labels).inc();
-        match tokio::time::timeout(self.timeout, self.check(&key, rate, burst, cost, max_wait)).await {
+        let checked = async {
+            let conn = self.connection().await;
+            self.check(conn, &key, rate, burst, cost, max_wait).await
+        };
+        let answer = tokio::time::timeout(self.timeout, checked).await;
+        if matches!(answer, Ok(Ok(_))) {
+            self.failures_in_a_row.store(0, Ordering::Relaxed);
+        }
+        match answer {
             Ok(Ok((1, wait_us))) => Ok(Ok(micros(wait_us))),
             Ok(Ok((_, delay_us))) => Ok(Err(micros(delay_us))),
             // The error text names no password: redis-rs does not print the URL.

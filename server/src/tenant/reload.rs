@@ -94,6 +94,12 @@ impl Registry {
         self.tls.clone()
     }
 
+    /// Whether `peer`'s client certificate is still accepted (see
+    /// [`TlsReloader::still_trusts`]); always without TLS.
+    pub fn still_trusts(&self, peer: &crate::transport::tls::PeerInfo) -> bool {
+        self.tls.as_ref().is_none_or(|tls| tls.still_trusts(peer))
+    }
+
     /// The tenants in force; a call keeps what it got for its whole life.
     pub fn current(&self) -> Arc<Tenants> {
         self.current.read().clone()

@@ -201,7 +201,12 @@ where
         // through every layer of the subscriber.
         let authenticated = method.starts_with(API_PREFIX).then(|| {
             let peer = req.extensions().get::<PeerInfo>();
-            let identities = peer.map(|p| p.identities.clone()).unwrap_or_default();
+            // A certificate the client CA now in force no longer accepts
+            // names no one, on connections made before the change too.
+            let identities = peer
+                .filter(|p| self.tenants.still_trusts(p))
+                .map(|p| p.identities.clone())
+                .unwrap_or_default();
             let not_after = peer.and_then(|p| p.not_after);
             self.tenants
                 .current()

@@ -55,24 +55,25 @@ impl JwtVerifier {
                     "{algorithm:?} takes secret_env or secret_file, not public_key_file"
                 ));
             }
-            let secret = match (&config.secret_env, &config.secret_file) {
-                (Some(var), None) => std::env::var(var)
+            let secrets = match (&config.secret_env, &config.secret_file) {
+                (Some(var), None) => vec![std::env::var(var)
                     .map_err(|_| format!("environment variable {var} (secret_env) is not set"))?
-                    .into_bytes(),
-                (None, Some(path)) => {
-                    let mut bytes = read(path, "secret_file")?;
-                    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                        bytes.pop();
-                    }
-                    bytes
-                }
+                    .into_bytes()],
+                // One secret per line: two while a secret is rotated (tokens
+                // signed with either verify; a reload that only adds one
+                // ends no call), then the new one alone.
+                (None, Some(path)) => read(path, "secret_file")?
+                    .split(|b| *b == b'\n')
+                    .map(|line| line.strip_suffix(b"\r").unwrap_or(line).to_vec())
+                    .filter(|line| !line.is_empty())
+                    .collect(),
                 _ => return Err(format!("{algorithm:?} needs exactly one of secret_env and secret_file")),
             };
             // RFC 7518 §3.2: a key at least as long as the hash.
-            if secret.len() < 32 {
-                return Err("the HMAC secret must be at least 32 bytes".into());
+            if secrets.is_empty() || secrets.iter().any(|s| s.len() < 32) {
+                return Err("each HMAC secret must be at least 32 bytes (one per line in secret_file)".into());
             }
-            (vec![DecodingKey::from_secret(&secret)], vec![secret])
+            (secrets.iter().map(|s| DecodingKey::from_secret(s)).collect(), secrets)
         } else {
             if config.secret_env.is_some() || config.secret_file.is_some() {
                 return Err(format!("{algorithm:?} takes public_key_file, not a secret"));
@@ -302,6 +303,40 @@ mod tests {
         assert!(only_old.keeps_tokens_of(&only_old));
         let none = es256_verifier(dir.path(), &["not a key".into()]);
         assert!(none.is_err_and(|e| e.contains("no PEM block")));
+    }
+
+    #[test]
+    fn a_secret_file_of_two_lines_takes_tokens_of_either_while_a_secret_is_rotated() {
+        const NEW: &str = "fedcba9876543210fedcba9876543210";
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("secret");
+        let with = |text: &str| {
+            std::fs::write(&path, text).expect("write");
+            JwtVerifier::new(&JwtConfig {
+                issuer: "https://issuer.example".into(),
+                audience: "weir".into(),
+                algorithm: "HS256".into(),
+                secret_env: None,
+                secret_file: Some(path.clone()),
+                public_key_file: None,
+                tenant_claim: "tenant".into(),
+                leeway: Duration::from_secs(0),
+            })
+        };
+        let claims = json!({"iss": "https://issuer.example", "aud": "weir", "exp": now() + 60, "tenant": "acme"});
+        let both = with(&format!("{SECRET}\r\n{NEW}\n")).expect("two secrets");
+        for secret in [SECRET, NEW] {
+            assert!(both.verify(&token(claims.clone(), secret, Algorithm::HS256)).is_ok());
+        }
+        // Adding the new secret ends no call made with the old one; dropping the old one does.
+        let old = verifier();
+        assert!(both.keeps_tokens_of(&old));
+        let new_only = with(NEW).expect("one secret");
+        assert!(!new_only.keeps_tokens_of(&both));
+        assert!(
+            with(&format!("{SECRET}\nshort\n")).is_err(),
+            "every secret is long enough"
+        );
     }
 
     #[test]

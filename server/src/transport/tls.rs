@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -29,11 +30,29 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The current server configuration; `reload` swaps it.
 pub struct TlsReloader {
-    current: RwLock<Arc<ServerConfig>>,
+    current: RwLock<Arc<Installed>>,
 }
 
-/// Reads the files of `config` into a rustls configuration (HTTP/2 only).
-pub fn server_config(config: &TlsConfig) -> Result<ServerConfig, String> {
+/// A rustls configuration (HTTP/2 only) and its client certificate verifier.
+pub struct ServerTls {
+    config: ServerConfig,
+    /// None without `client_ca_file`.
+    clients: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+/// The configuration in force.
+struct Installed {
+    config: Arc<ServerConfig>,
+    clients: Option<Arc<dyn ClientCertVerifier>>,
+    /// One more at each install: a connection's certificate, verified when
+    /// it connected, is checked again against the client CA now in force
+    /// once the generation has moved on (a CA removed to stop certificates
+    /// stops them on connections already open too).
+    generation: u64,
+}
+
+/// Reads the files of `config` into a rustls configuration.
+pub fn server_config(config: &TlsConfig) -> Result<ServerTls, String> {
     let chain = crate::pem::certificates(&config.cert_file, "server.tls.cert_file")?;
     let key = PrivateKeyDer::from_pem_file(&config.key_file)
         .map_err(|e| format!("server.tls.key_file {}: {e}", config.key_file.display()))?;
@@ -41,7 +60,7 @@ pub fn server_config(config: &TlsConfig) -> Result<ServerConfig, String> {
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let builder = match &config.client_ca_file {
+    let clients = match &config.client_ca_file {
         Some(path) => {
             let mut roots = RootCertStore::empty();
             for cert in crate::pem::certificates(path, "server.tls.client_ca_file")? {
@@ -55,32 +74,75 @@ pub fn server_config(config: &TlsConfig) -> Result<ServerConfig, String> {
             } else {
                 verifier.allow_unauthenticated()
             };
-            builder.with_client_cert_verifier(verifier.build().map_err(|e| e.to_string())?)
+            Some(verifier.build().map_err(|e| e.to_string())?)
         }
+        None => None,
+    };
+    let builder = match &clients {
+        Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
         None => builder.with_no_client_auth(),
     };
     let mut server = builder
         .with_single_cert(chain, key)
         .map_err(|e| format!("server.tls: the key does not fit the certificate: {e}"))?;
     server.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(server)
+    Ok(ServerTls {
+        config: server,
+        clients,
+    })
 }
 
 impl TlsReloader {
     pub fn new(config: &TlsConfig) -> Result<Self, String> {
+        let first = server_config(config)?;
         Ok(Self {
-            current: RwLock::new(Arc::new(server_config(config)?)),
+            current: RwLock::new(Arc::new(Installed {
+                config: Arc::new(first.config),
+                clients: first.clients,
+                generation: 0,
+            })),
         })
     }
 
-    /// Rereads the files; on any error the configuration in force stays.
-    /// Serves new connections with `fresh` (from `server_config`).
-    pub fn install(&self, fresh: ServerConfig) {
-        *self.current.write() = Arc::new(fresh);
+    /// Serves new connections with `fresh` (from `server_config`); on any
+    /// error reading the files the caller keeps the configuration in force.
+    pub fn install(&self, fresh: ServerTls) {
+        let mut current = self.current.write();
+        *current = Arc::new(Installed {
+            config: Arc::new(fresh.config),
+            clients: fresh.clients,
+            generation: current.generation + 1,
+        });
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.read().clone())
+    fn installed(&self) -> Arc<Installed> {
+        self.current.read().clone()
+    }
+
+    /// Whether the client certificate `peer` connected with is still one
+    /// the client CA in force accepts. Checked once per connection and
+    /// install; a connection without a certificate has nothing to check.
+    pub fn still_trusts(&self, peer: &PeerInfo) -> bool {
+        let Some(verified) = &peer.certificate else {
+            return true;
+        };
+        let now = self.installed();
+        if now.generation == verified.generation {
+            return true;
+        }
+        if let Some((generation, trusted)) = *verified.rechecked.lock() {
+            if generation == now.generation {
+                return trusted;
+            }
+        }
+        let trusted = match (&now.clients, verified.chain.split_first()) {
+            (Some(clients), Some((leaf, intermediates))) => {
+                clients.verify_client_cert(leaf, intermediates, UnixTime::now()).is_ok()
+            }
+            _ => false,
+        };
+        *verified.rechecked.lock() = Some((now.generation, trusted));
+        trusted
     }
 }
 
@@ -92,6 +154,17 @@ pub struct PeerInfo {
     pub identities: Arc<[String]>,
     /// When that certificate stops being valid: the connection may outlive it.
     pub not_after: Option<SystemTime>,
+    /// The certificate itself, for [`TlsReloader::still_trusts`].
+    pub certificate: Option<Arc<VerifiedChain>>,
+}
+
+/// A client certificate chain and the TLS generation it was verified under.
+#[derive(Debug)]
+pub struct VerifiedChain {
+    chain: Vec<CertificateDer<'static>>,
+    generation: u64,
+    /// The last check against a later generation: (generation, trusted).
+    rechecked: Mutex<Option<(u64, bool)>>,
 }
 
 /// The subject CNs and the DNS, URI and email SANs of a certificate, and
@@ -190,17 +263,29 @@ pub fn incoming(
             // As on plain connections: no Nagle delay on the last frames of a response.
             let _ = tcp.set_nodelay(true);
             super::keep_alive(&tcp, &server);
-            let acceptor = tls.acceptor();
+            let installed = tls.installed();
+            let acceptor = TlsAcceptor::from(installed.config.clone());
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let leaf = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first());
-                        let (names, not_after) = leaf.map(|leaf| certificate_facts(leaf)).unwrap_or_default();
+                        let chain = stream.get_ref().1.peer_certificates().filter(|c| !c.is_empty());
+                        let (names, not_after) = chain
+                            .and_then(|c| c.first())
+                            .map(|leaf| certificate_facts(leaf))
+                            .unwrap_or_default();
+                        let certificate = chain.map(|chain| {
+                            Arc::new(VerifiedChain {
+                                chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+                                generation: installed.generation,
+                                rechecked: Mutex::new(None),
+                            })
+                        });
                         let peer = PeerInfo {
                             addr: Some(addr),
                             identities: names.into(),
                             not_after,
+                            certificate,
                         };
                         let _ = tx.send(Ok(TlsConn { inner: stream, peer })).await;
                     }

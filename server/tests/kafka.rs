@@ -840,6 +840,97 @@ async fn mock_server(
     (server, client)
 }
 
+/// CommitOffsets for a group goes through a member of the group, not
+/// through a consumer of the same group name given explicit partitions
+/// (which has no generation, so the broker would refuse its commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_offsets_goes_through_a_member_of_the_group() {
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-commit-member-");
+    create_topic(&topic, 1).await;
+    produce(&client, &topic, (0..10).map(record).collect())
+        .await
+        .expect("produce");
+    let group = unique("member-");
+    let mut explicit = consume_request(&topic, &group, 0, true);
+    explicit.start = Some(pb::StartPosition {
+        position: Some(pb::start_position::Position::Offsets(pb::PartitionOffsets {
+            offsets: vec![pb::PartitionOffset {
+                topic: topic.clone(),
+                partition: 0,
+                offset: 0,
+            }],
+        })),
+    });
+    let mut assigned = open_consume(&client, explicit).await;
+    assert_eq!(read_offsets(&mut assigned, 1).await[0], 0);
+    let mut member = open_consume(&client, consume_request(&topic, &group, 0, true)).await;
+    read_offsets(&mut member, 1).await;
+    let commit = pb::CommitOffsetsRequest {
+        source: "events".into(),
+        group: group.clone(),
+        offsets: vec![pb::PartitionOffset {
+            topic: topic.clone(),
+            partition: 0,
+            offset: 4,
+        }],
+    };
+    client
+        .stream()
+        .commit_offsets(commit)
+        .await
+        .expect("committed through the group's member");
+    drop((assigned, member));
+    let resumed = consume(&client, consume_request(&topic, &group, 1, true)).await;
+    assert_eq!(resumed[0].offset, 4, "the group resumes at the committed offset");
+    server.stop().await;
+}
+
+/// A client that reads nothing for longer than `max.poll.interval.ms` (the
+/// consumer stops polling while the stream's buffers are full) makes its
+/// member leave the group; the stream rejoins and reads on instead of
+/// ending with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_slower_than_the_poll_interval_reads_on() {
+    let config = tenant(
+        "ka",
+        "",
+        &format!(
+            "[tenants.ka.sources.events]\nengine = \"kafka\"\nbootstrap_servers = \"{}\"\ntopic_prefix = \"weir-a-\"\n\
+             [tenants.ka.sources.events.kafka_options]\n\"session.timeout.ms\" = \"2000\"\n\
+             \"heartbeat.interval.ms\" = \"500\"\n\"max.poll.interval.ms\" = \"2000\"\n",
+            kafka_bootstrap()
+        ),
+    );
+    let server = TestServer::start(&config).await;
+    let client = server.client("key-ka").await;
+    let topic = unique("weir-a-slow-reader-");
+    create_topic(&topic, 1).await;
+    // 16 MiB: more than the stream's buffers and HTTP/2 windows hold, so
+    // the consumer stops polling while the client reads nothing.
+    for chunk in 0..16 {
+        let records = (0..4)
+            .map(|i| pb::ProducerRecord {
+                value: vec![b'a' + (chunk * 4 + i) as u8 % 26; 256 * 1024],
+                ..Default::default()
+            })
+            .collect();
+        produce(&client, &topic, records).await.expect("produce");
+    }
+    let mut stream = open_consume(&client, consume_request(&topic, &unique("slow-"), 0, false)).await;
+    let first = read_offsets(&mut stream, 1).await;
+    // Nothing read for well past max.poll.interval.ms.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let later = read_offsets(&mut stream, 60).await;
+    assert!(
+        later.iter().max() > first.iter().max(),
+        "the stream reads on: {:?}..{:?}",
+        later.first(),
+        later.last()
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_shares_partitions_between_its_consumers() {
     let (server, client) = server("").await;

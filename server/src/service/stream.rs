@@ -422,6 +422,9 @@ impl StreamService for StreamApi {
             return Err(bad("offsets", "name at least one partition offset").into());
         }
         let offsets = partition_offsets(topics.as_ref(), r.offsets)?;
+        // Each may build a Kafka client and hold a blocking thread: counted
+        // against the gateway's concurrency like every other call.
+        let _admitted = self.gate.admit(&caller, None).await?;
         topics.commit(&group, offsets).await?;
         Ok(Response::new(pb::CommitOffsetsResponse {}))
     }
@@ -432,6 +435,7 @@ impl StreamService for StreamApi {
     ) -> std::result::Result<Response<pb::ListTopicsResponse>, Status> {
         let caller = caller(&request)?;
         let topics = topics_of(&caller, &request.get_ref().source)?;
+        let _admitted = self.gate.admit(&caller, None).await?;
         let listed = topics.list_topics().await?;
         Ok(Response::new(pb::ListTopicsResponse {
             topics: listed

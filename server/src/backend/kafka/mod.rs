@@ -193,7 +193,9 @@ pub fn map_error(e: KafkaError) -> BackendError {
         C::TopicAuthorizationFailed | C::GroupAuthorizationFailed | C::ClusterAuthorizationFailed => {
             EngineErrorKind::PermissionDenied
         }
-        C::UnknownMemberId | C::IllegalGeneration | C::RebalanceInProgress => EngineErrorKind::FailedPrecondition,
+        // The group is being rebalanced: a commit tried again shortly goes through.
+        C::RebalanceInProgress => EngineErrorKind::Unavailable,
+        C::UnknownMemberId | C::IllegalGeneration => EngineErrorKind::FailedPrecondition,
         C::OffsetOutOfRange => EngineErrorKind::InvalidArgument,
         C::AutoOffsetReset => {
             return BackendError::PositionNotRetained(
@@ -485,12 +487,33 @@ fn ride_out(outage: &mut Option<(Instant, Instant)>) -> bool {
     now.duration_since(*began) < CONSUMER_OUTAGE
 }
 
-/// An error librdkafka reports while it reconnects on its own.
+/// An error librdkafka reports while it recovers on its own: a lost or
+/// unresolvable broker, a leader or coordinator moving, a request that
+/// timed out, and a member that left its group after `max.poll.interval.ms`
+/// without a poll (a slow client: it rejoins at the next one). Most of what
+/// a consumer reports is of this kind; the stream ends on them only when
+/// no record comes between them for `CONSUMER_OUTAGE`.
 fn connection_error(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
     matches!(
         e,
-        KafkaError::MessageConsumption(C::BrokerTransportFailure | C::Resolve | C::AllBrokersDown)
+        KafkaError::MessageConsumption(
+            C::BrokerTransportFailure
+                | C::Resolve
+                | C::AllBrokersDown
+                | C::NetworkException
+                | C::RequestTimedOut
+                | C::OperationTimedOut
+                | C::LeaderNotAvailable
+                | C::NotLeaderForPartition
+                | C::BrokerNotAvailable
+                | C::CoordinatorNotAvailable
+                | C::NotCoordinator
+                | C::CoordinatorLoadInProgress
+                | C::WaitingForCoordinator
+                | C::KafkaStorageError
+                | C::PollExceeded
+        )
     )
 }
 
@@ -543,6 +566,69 @@ async fn read_batches(consumer: &StreamConsumer, tx: mpsc::Sender<Result<Vec<InR
             return;
         }
     }
+}
+
+/// Subscribes `consumer` to the topics of `spec`, or assigns it the
+/// partitions and offsets its start names.
+async fn start(consumer: &Arc<StreamConsumer>, spec: &ConsumeSpec) -> Result<(), BackendError> {
+    let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
+    match &spec.start {
+        Start::Earliest | Start::Latest => consumer.subscribe(&topics).map_err(map_error)?,
+        Start::Offsets(offsets) => {
+            consumer
+                .assign(&partition_list(offsets).map_err(map_error)?)
+                .map_err(map_error)?;
+        }
+        Start::Timestamp(ms) => {
+            let (c, ms, names) = (consumer.clone(), *ms, spec.topics.clone());
+            let tpl = tokio::task::spawn_blocking(move || {
+                // One bound for all the lookups: a blocking thread is
+                // shared with every tenant's SQLite and Kafka calls.
+                let deadline = Instant::now() + METADATA_TIMEOUT;
+                let mut wanted = TopicPartitionList::new();
+                for topic in &names {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut));
+                    }
+                    let metadata = c.fetch_metadata(Some(topic), left)?;
+                    let partitions: Vec<i32> = metadata
+                        .topics()
+                        .iter()
+                        .filter(|t| t.error().is_none())
+                        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                        .collect();
+                    // A topic without partitions would add nothing to read and
+                    // the stream would wait for ever: it is not there.
+                    if partitions.is_empty() {
+                        return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition));
+                    }
+                    for p in partitions {
+                        wanted.add_partition_offset(topic, p, Offset::Offset(ms))?;
+                    }
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut));
+                }
+                let found = c.offsets_for_times(wanted, left)?;
+                // A partition whose lookup failed (a leader being elected)
+                // would start at an offset no one asked for.
+                for p in found.elements() {
+                    p.error()?;
+                    if matches!(p.offset(), Offset::Invalid) {
+                        return Err(KafkaError::OffsetFetch(RDKafkaErrorCode::OperationTimedOut));
+                    }
+                }
+                Ok(found)
+            })
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?
+            .map_err(map_error)?;
+            consumer.assign(&tpl).map_err(map_error)?;
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -675,46 +761,16 @@ impl TopicSource for KafkaSource {
             .create()
             .map_err(|e| BackendError::Internal(settings_error("consumer", &e)))?;
         let consumer = Arc::new(consumer);
-        let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
-        match &spec.start {
-            Start::Earliest | Start::Latest => consumer.subscribe(&topics).map_err(map_error)?,
-            Start::Offsets(offsets) => {
-                consumer
-                    .assign(&partition_list(offsets).map_err(map_error)?)
-                    .map_err(map_error)?;
-            }
-            Start::Timestamp(ms) => {
-                let (c, ms, names) = (consumer.clone(), *ms, spec.topics.clone());
-                let tpl = tokio::task::spawn_blocking(move || {
-                    // One bound for all the lookups: a blocking thread is
-                    // shared with every tenant's SQLite and Kafka calls.
-                    let deadline = Instant::now() + METADATA_TIMEOUT;
-                    let mut wanted = TopicPartitionList::new();
-                    for topic in &names {
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        if left.is_zero() {
-                            return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut));
-                        }
-                        let metadata = c.fetch_metadata(Some(topic), left)?;
-                        for t in metadata.topics() {
-                            for p in t.partitions() {
-                                wanted.add_partition_offset(topic, p.id(), Offset::Offset(ms))?;
-                            }
-                        }
-                    }
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut));
-                    }
-                    c.offsets_for_times(wanted, left)
-                })
-                .await
-                .map_err(|e| BackendError::Internal(e.to_string()))?
-                .map_err(map_error)?;
-                consumer.assign(&tpl).map_err(map_error)?;
-            }
+        // A consumer dropped here would close on this runtime thread (a
+        // blocking wait): every failure to start lets go of it through `release`.
+        if let Err(e) = start(&consumer, &spec).await {
+            release(consumer);
+            return Err(e);
         }
-        {
+        // Only members of the group commit for it: a consumer given explicit
+        // partitions (offsets, a timestamp) has no generation, and the broker
+        // refuses its commits while the group has members.
+        if matches!(spec.start, Start::Earliest | Start::Latest) {
             let mut live = self.consumers.lock();
             live.retain(|_, members| {
                 members.retain(|m| m.strong_count() > 0);

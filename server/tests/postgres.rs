@@ -2320,10 +2320,13 @@ async fn domains_arrays_dropped_columns_and_deferrable_keys_are_described_as_the
     let client = server.client("key-dd").await;
     let pg = pg_direct().await;
     pg.batch_execute(
-        "DROP TABLE IF EXISTS weir_dd; DROP DOMAIN IF EXISTS weir_dd_amount; DROP TYPE IF EXISTS weir_dd_mood; \
+        "DROP TABLE IF EXISTS weir_dd; DROP DOMAIN IF EXISTS weir_dd_amount, weir_dd_id2, weir_dd_id; \
+         DROP TYPE IF EXISTS weir_dd_mood; \
          CREATE DOMAIN weir_dd_amount AS numeric(12,2) NOT NULL; \
+         CREATE DOMAIN weir_dd_id AS int; CREATE DOMAIN weir_dd_id2 AS weir_dd_id; \
          CREATE TYPE weir_dd_mood AS ENUM ('ok', 'sad'); \
          CREATE TABLE weir_dd (id int, gone int, amount weir_dd_amount, moods weir_dd_mood[], cash money[], \
+           ids weir_dd_id[], nested weir_dd_id2, \
            CONSTRAINT weir_dd_pk PRIMARY KEY (id) DEFERRABLE); \
          ALTER TABLE weir_dd DROP COLUMN gone",
     )
@@ -2343,8 +2346,25 @@ async fn domains_arrays_dropped_columns_and_deferrable_keys_are_described_as_the
     };
     assert_eq!(
         columns.iter().map(|(o, c)| (*o, c.name.as_str())).collect::<Vec<_>>(),
-        [(1, "id"), (2, "amount"), (3, "moods"), (4, "cash")]
+        [
+            (1, "id"),
+            (2, "amount"),
+            (3, "moods"),
+            (4, "cash"),
+            (5, "ids"),
+            (6, "nested")
+        ]
     );
+    // Domains over domains and arrays of domains, as results carry them.
+    let (_, ids) = by_name("ids");
+    assert_eq!(
+        (ids.r#type(), ids.element_type()),
+        (pb::ColumnType::List, pb::ColumnType::Int)
+    );
+    assert_eq!(by_name("nested").1.r#type(), pb::ColumnType::Int);
+    // A column of a type change events cannot carry: not ready, naming it.
+    let readiness = d.change_streams.clone().expect("readiness");
+    assert!(!readiness.ready && readiness.reason.contains("cash"), "{readiness:?}");
     let (_, amount) = by_name("amount");
     assert_eq!(
         (amount.precision, amount.scale, amount.nullable),
@@ -2363,7 +2383,7 @@ async fn domains_arrays_dropped_columns_and_deferrable_keys_are_described_as_the
         .find(|i| i.name == "weir_dd_pk")
         .expect("the key's index");
     assert!(pk.primary && !pk.unique, "{pk:?}");
-    pg.batch_execute("DROP TABLE weir_dd; DROP DOMAIN weir_dd_amount; DROP TYPE weir_dd_mood")
+    pg.batch_execute("DROP TABLE weir_dd; DROP DOMAIN weir_dd_amount, weir_dd_id2, weir_dd_id; DROP TYPE weir_dd_mood")
         .await
         .expect("drop");
     server.stop().await;

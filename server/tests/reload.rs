@@ -632,3 +632,89 @@ async fn a_removed_sources_series_go_with_it() {
     assert!(gone, "the removed source's series are gone: {left:?}");
     server.stop().await;
 }
+
+/// A reload that takes a topic out of a Kafka source's allow-list ends the
+/// streams reading it (NOT_FOUND, as a topic outside the list is), instead
+/// of letting them read on for as long as they run; a stream of a topic
+/// still allowed goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_narrowed_topic_list_ends_the_streams_reading_what_it_took_away() {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let (kept, dropped) = (format!("weir-keep-{tag}"), format!("weir-narrow-{tag}"));
+    let source = |prefix: &str| {
+        format!(
+            "[tenants.a.sources.events]\nengine = \"kafka\"\nbootstrap_servers = \"{}\"\ntopics = [\"{kept}\"]\n{prefix}",
+            common::kafka_bootstrap()
+        )
+    };
+    let config = |prefix: &str| format!("{FAST}{}{}", tenant("a", &["a1"], ""), source(prefix));
+    let file = ConfigFile::new(&config("topic_prefix = \"weir-narrow-\"\n"));
+    let server = common::TestServer::start_file(&file.path).await;
+    let client = server.client("key-a1").await;
+    let produce = |topic: String| {
+        let client = client.clone();
+        async move {
+            client
+                .stream()
+                .produce(pb::ProduceRequest {
+                    source: "events".into(),
+                    topic,
+                    records: vec![pb::ProducerRecord {
+                        value: b"v".to_vec(),
+                        ..Default::default()
+                    }],
+                    options: None,
+                })
+                .await
+                .expect("produce");
+        }
+    };
+    let consume = |topic: &str| pb::ConsumeRequest {
+        source: "events".into(),
+        topics: vec![topic.to_string()],
+        group: format!("g-{topic}"),
+        start: Some(pb::StartPosition {
+            position: Some(pb::start_position::Position::Earliest(true)),
+        }),
+        ..Default::default()
+    };
+    let mut streams = Vec::new();
+    for topic in [&kept, &dropped] {
+        common::create_topic(topic, 1).await;
+        produce(topic.clone()).await;
+        let mut stream = client
+            .stream()
+            .consume(consume(topic))
+            .await
+            .expect("consume")
+            .into_inner();
+        assert!(next_batch(&mut stream).await.expect("a batch").is_some());
+        streams.push(stream);
+    }
+    file.write(&config(""));
+    let mut on_dropped = streams.pop().expect("stream");
+    let ended = loop {
+        match next_batch(&mut on_dropped).await {
+            Err(status) => break status,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("ended with OK"),
+        }
+    };
+    assert_eq!(ended.code(), Code::NotFound, "{ended:?}");
+    let mut on_kept = streams.pop().expect("stream");
+    produce(kept.clone()).await;
+    assert!(next_batch(&mut on_kept)
+        .await
+        .expect("the kept topic's stream goes on")
+        .is_some());
+    server.stop().await;
+}
+
+/// The next batch of a Consume stream, within 30 s.
+async fn next_batch(
+    stream: &mut tonic::Streaming<pb::ConsumeResponse>,
+) -> Result<Option<pb::ConsumeResponse>, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("within 30 s")
+}

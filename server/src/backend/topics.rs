@@ -154,4 +154,7 @@ pub trait TopicSource: Send + Sync + 'static {
     async fn commit(&self, group: &str, offsets: Vec<PartitionOffset>) -> Result<(), BackendError>;
     /// The allowed topics that exist, with partitions and watermarks.
     async fn list_topics(&self) -> Result<Vec<TopicInfo>, BackendError>;
+    /// A reload replaced or removed this source: its streams reading a
+    /// topic `still_allowed` refuses end now (NOT_FOUND), the others go on.
+    fn retire(&self, still_allowed: &dyn Fn(&str) -> bool);
 }

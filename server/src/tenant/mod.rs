@@ -386,6 +386,27 @@ impl Tenants {
 
     /// Once this snapshot is in force: ends the calls made with credentials
     /// of `previous` that this one did not carry over, and counts them.
+    /// Ends the Kafka streams of `previous`'s sources that this snapshot
+    /// replaced or removed, where they read a topic the source in force (if
+    /// any) no longer allows: a narrowed allow-list must not leave consumers
+    /// reading what it took away. Streams of topics still allowed go on.
+    pub fn retire_replaced_topics(&self, previous: &Tenants) {
+        for old_tenant in &previous.all {
+            let tenant = self.all.iter().find(|t| t.id == old_tenant.id);
+            for (name, old) in &old_tenant.sources {
+                let Ok(old_topics) = old.backend.topics() else {
+                    continue;
+                };
+                let current = tenant.and_then(|t| t.sources.get(name));
+                if current.is_some_and(|c| Arc::ptr_eq(c, old)) {
+                    continue;
+                }
+                let allowed = current.and_then(|c| c.backend.topics().ok());
+                old_topics.retire(&|topic| allowed.is_some_and(|a| a.allows(topic)));
+            }
+        }
+    }
+
     pub fn revoke_dropped(&self, previous: &Tenants) -> usize {
         // `rebuild` decided what is carried over: a token it did not carry
         // into this snapshot is taken away.

@@ -128,6 +128,7 @@ impl Registry {
         // credential could otherwise still start on the old one.
         let current = self.current();
         let credentials_revoked = current.revoke_dropped(&previous);
+        current.retire_replaced_topics(&previous);
         current.hand_over_limits(&previous);
         Ok(Changes {
             credentials_revoked,

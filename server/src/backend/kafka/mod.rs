@@ -17,6 +17,7 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use producer::{Producer, Record};
 
@@ -46,6 +47,8 @@ pub struct KafkaSource {
     producer: Arc<Producer>,
     topics: Vec<String>,
     prefix: Option<String>,
+    /// Each running stream's topics and the token that ends it, for `retire`.
+    streams: Mutex<Vec<(Vec<String>, CancellationToken)>>,
     /// Live consumers by group, so that CommitOffsets for a group being
     /// consumed on this replica commits through one of its members (the
     /// broker refuses a commit from outside a group that has members).
@@ -82,6 +85,7 @@ impl KafkaSource {
             topics: config.topics.clone(),
             prefix: config.topic_prefix.clone().filter(|p| !p.is_empty()),
             consumers: Mutex::new(HashMap::new()),
+            streams: Mutex::new(Vec::new()),
         })
     }
 
@@ -286,6 +290,10 @@ fn record(m: &BorrowedMessage<'_>) -> InRecord {
 
 struct KafkaRecords {
     rx: mpsc::Receiver<Result<Vec<InRecord>, BackendError>>,
+    /// Cancelled by `retire` when a reload takes one of the stream's topics
+    /// away (and when the stream is dropped, which ends its registration).
+    retired: CancellationToken,
+    _registered: DropGuard,
     /// Taken when the stream is dropped, to be let go of by [`release`].
     consumer: Option<Arc<StreamConsumer>>,
     /// The offsets committed through this stream so far, to wait for at its end.
@@ -319,7 +327,16 @@ impl RecordStream for KafkaRecords {
         // The reader ends only after sending why, or once this side is gone:
         // an end without a word is a reader that panicked, not the end of
         // the records, which would end the stream with OK every time.
-        Some(self.rx.recv().await.unwrap_or_else(|| {
+        let received = tokio::select! {
+            biased;
+            () = self.retired.cancelled() => {
+                return Some(Err(BackendError::not_found(
+                    "a topic of this stream is no longer among the source's topics (the configuration was reloaded)",
+                )));
+            }
+            received = self.rx.recv() => received,
+        };
+        Some(received.unwrap_or_else(|| {
             Err(BackendError::Internal(
                 "the consumer's reader stopped unexpectedly (see the server log); the stream ends here".into(),
             ))
@@ -780,10 +797,18 @@ impl TopicSource for KafkaSource {
                 .or_default()
                 .push(Arc::downgrade(&consumer));
         }
+        let retired = CancellationToken::new();
+        {
+            let mut streams = self.streams.lock();
+            streams.retain(|(_, token)| !token.is_cancelled());
+            streams.push((spec.topics.clone(), retired.clone()));
+        }
         let (tx, rx) = mpsc::channel(CONSUMER_BUFFER);
         tokio::spawn(pump(consumer.clone(), tx));
         Ok(Box::new(KafkaRecords {
             rx,
+            _registered: retired.clone().drop_guard(),
+            retired,
             consumer: Some(consumer),
             committed: Vec::new(),
         }))
@@ -812,6 +837,14 @@ impl TopicSource for KafkaSource {
             .await
             .map_err(|e| BackendError::Internal(e.to_string()))?
             .map_err(map_error)
+    }
+
+    fn retire(&self, still_allowed: &dyn Fn(&str) -> bool) {
+        for (topics, token) in self.streams.lock().iter() {
+            if !topics.iter().all(|t| still_allowed(t)) {
+                token.cancel();
+            }
+        }
     }
 
     async fn list_topics(&self) -> Result<Vec<TopicInfo>, BackendError> {

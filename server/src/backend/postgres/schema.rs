@@ -1,6 +1,5 @@
 //! Catalog queries behind SchemaService for PostgreSQL.
 
-use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 use super::changes::{column_unwatchable, table_unwatchable};
@@ -78,32 +77,6 @@ pub async fn list_tables(client: &Client, schema: Option<&str>) -> Result<Vec<Ta
     Ok(rows.iter().map(table_info).collect())
 }
 
-/// A catalog type: its oid, `typtype` and name.
-struct CatalogType<'a> {
-    oid: u32,
-    typtype: &'a str,
-    name: &'a str,
-}
-
-/// Normalized type of a catalog type (after resolving domains), and of the
-/// elements of an array type. An array of elements Weir cannot carry
-/// (`money[]`, `point[]`) is unsupported, as its values are in results.
-fn catalog_type(ty: &CatalogType, element: Option<&CatalogType>) -> (ColumnType, Option<ColumnType>) {
-    if let Some(t) = Type::from_oid(ty.oid).as_ref().and_then(column_type) {
-        return t;
-    }
-    if ty.typtype == "e" || ty.name == "citext" {
-        return (ColumnType::String, None);
-    }
-    match element {
-        Some(element) if ty.name.starts_with('_') => match catalog_type(element, None) {
-            (ColumnType::Unsupported, _) => (ColumnType::Unsupported, None),
-            (element, _) => (ColumnType::List, Some(element)),
-        },
-        _ => (ColumnType::Unsupported, None),
-    }
-}
-
 fn fk_action(code: &str) -> &'static str {
     match code {
         "r" => "RESTRICT",
@@ -138,6 +111,15 @@ pub async fn describe_table(
     let replica_identity: String = row.get(6);
     let wal_level: String = row.get(7);
 
+    // Types as results (and change events) carry them: through a prepared
+    // `SELECT *`, whose column types tokio-postgres resolves (domains over
+    // domains, arrays of domains, enums), so that "unsupported" here is what
+    // a query or a watch finds, and a table WatchChanges accepts is ready.
+    let qualified = format!("{}.{}", quote_ansi(&info.schema), quote_ansi(&info.name));
+    let prepared = client
+        .prepare(&format!("SELECT * FROM {qualified} LIMIT 0"))
+        .await
+        .map_err(map_error)?;
     // A domain column's typmod and NOT NULL are the domain's (its own
     // atttypmod is -1), as information_schema reads them.
     let rows = client
@@ -147,13 +129,9 @@ pub async fn describe_table(
                     CASE WHEN a.attgenerated = '' THEN COALESCE(pg_get_expr(d.adbin, d.adrelid), '') ELSE '' END, \
                     COALESCE(col_description(a.attrelid, a.attnum), ''), \
                     CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END, \
-                    bt.oid, bt.typtype::text, bt.typname::text, \
-                    et.oid, COALESCE(et.typtype::text, ''), COALESCE(et.typname::text, ''), \
                     a.attgenerated <> '' \
              FROM pg_attribute a \
              JOIN pg_type t ON t.oid = a.atttypid \
-             JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
-             LEFT JOIN pg_type et ON et.oid = bt.typelem \
              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
             &[&oid],
@@ -163,25 +141,22 @@ pub async fn describe_table(
     let mut unwatchable_column = None;
     let mut columns = Vec::with_capacity(rows.len());
     for r in &rows {
-        let base = CatalogType {
-            oid: r.get(6),
-            typtype: r.get(7),
-            name: r.get(8),
-        };
-        let element = r.get::<_, Option<u32>>(9).map(|oid| CatalogType {
-            oid,
-            typtype: r.get(10),
-            name: r.get(11),
-        });
-        let (column_type, element_type) = catalog_type(&base, element.as_ref());
-        let mut column = Column::new(r.get::<_, String>(0), r.get::<_, String>(1), column_type);
+        let name: String = r.get(0);
+        let ty = prepared.columns().iter().find(|c| c.name() == name).map(|c| c.type_());
+        let (column_type, element_type) = ty.and_then(column_type).unwrap_or((ColumnType::Unsupported, None));
+        let mut column = Column::new(name, r.get::<_, String>(1), column_type);
         column.element_type = element_type;
         column.nullable = r.get(2);
-        if let Some(ty) = Type::from_oid(base.oid) {
-            (column.precision, column.scale, column.max_length) = typmod_details(&ty, r.get(5));
+        if let Some(ty) = ty {
+            // A domain's modifier applies to its base type.
+            let base = match ty.kind() {
+                tokio_postgres::types::Kind::Domain(base) => base,
+                _ => ty,
+            };
+            (column.precision, column.scale, column.max_length) = typmod_details(base, r.get(5));
         }
         // Generated columns are not published: their type does not matter.
-        if column_type == ColumnType::Unsupported && !r.get::<_, bool>(12) && unwatchable_column.is_none() {
+        if column_type == ColumnType::Unsupported && !r.get::<_, bool>(6) && unwatchable_column.is_none() {
             unwatchable_column = Some((column.name.clone(), column.native_type.clone()));
         }
         columns.push(ColumnInfo {
@@ -261,7 +236,6 @@ pub async fn describe_table(
         .collect();
 
     // WatchChanges' own rule, so that "ready" means a watch would start.
-    let qualified = format!("{}.{}", quote_ansi(&info.schema), quote_ansi(&info.name));
     let refused = table_unwatchable(&qualified, &relkind, &replica_identity, primary_key.is_some())
         .or_else(|| unwatchable_column.map(|(column, type_name)| column_unwatchable(&qualified, &column, &type_name)));
     let (change_stream_ready, change_stream_reason) = match refused {

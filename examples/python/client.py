@@ -165,9 +165,8 @@ def to_value(v: Any) -> values_pb2.Value:
             )
         )
     if isinstance(v, datetime.timedelta):
-        return values_pb2.Value(
-            interval_value=values_pb2.Interval(days=v.days, microseconds=v.seconds * 1_000_000 + v.microseconds)
-        )
+        # Exact time, all in microseconds: a day in an interval is a calendar day.
+        return values_pb2.Value(interval_value=values_pb2.Interval(microseconds=v // datetime.timedelta(microseconds=1)))
     if isinstance(v, (list, tuple)):
         return values_pb2.Value(list_value=values_pb2.ListValue(values=[to_value(x) for x in v]))
     if isinstance(v, dict):

@@ -291,7 +291,8 @@ def test_values_keep_their_type_both_ways() -> None:
     assert client.to_value({"a": 1}).json_value == '{"a": 1}'
     assert client.to_value(bytearray(b"\x01")).bytes_value == b"\x01"
     assert client.to_value((1, 2)).WhichOneof("kind") == "list_value"
-    assert client.to_value(dt.timedelta(days=1, seconds=2)).interval_value.microseconds == 2_000_000
+    assert client.to_value(dt.timedelta(days=1, seconds=2)).interval_value.microseconds == 86_402_000_000
+    assert client.to_value(dt.timedelta(seconds=-1)).interval_value.microseconds == -1_000_000
     assert client.to_value(dt.time(12, 30)).time_value.HasField("utc_offset_seconds") is False
     with pytest.raises(TypeError, match="set has no Weir value"):
         client.to_value({1})

@@ -229,9 +229,10 @@ async fn produce_with_a_raw_header_key(topic: &str, key: &[u8]) {
         .create()
         .expect("producer");
     let headers = OwnedHeaders::new();
-    // SAFETY: a `&BorrowedHeaders` is librdkafka's header list pointer
-    // itself (rdkafka builds it by casting that pointer); the list is owned
-    // by `headers`, alive here, and the name and value are copied in.
+    // SAFETY: in rdkafka 0.39 (the version Cargo.lock holds), a
+    // `&BorrowedHeaders` is librdkafka's header list pointer itself (rdkafka
+    // builds it by casting that pointer; check again when rdkafka changes);
+    // the list is owned by `headers`, alive here, and name and value are copied in.
     let err = unsafe {
         rdkafka::bindings::rd_kafka_header_add(
             headers.as_borrowed() as *const BorrowedHeaders as *mut rdkafka::bindings::rd_kafka_headers_t,

@@ -101,20 +101,28 @@ pub trait RecordStream: Send {
 /// one after the last record.
 pub fn next_offsets(delivered: &[InRecord]) -> Vec<PartitionOffset> {
     let mut next: Vec<PartitionOffset> = Vec::new();
-    for r in delivered {
-        match next
+    merge_offsets(
+        &mut next,
+        delivered.iter().map(|r| PartitionOffset {
+            topic: r.topic.clone(),
+            partition: r.partition,
+            offset: r.offset + 1,
+        }),
+    );
+    next
+}
+
+/// Adds `more` to `into`, keeping per partition the furthest offset.
+pub fn merge_offsets(into: &mut Vec<PartitionOffset>, more: impl IntoIterator<Item = PartitionOffset>) {
+    for o in more {
+        match into
             .iter_mut()
-            .find(|o| o.partition == r.partition && o.topic == r.topic)
+            .find(|n| n.partition == o.partition && n.topic == o.topic)
         {
-            Some(o) => o.offset = o.offset.max(r.offset + 1),
-            None => next.push(PartitionOffset {
-                topic: r.topic.clone(),
-                partition: r.partition,
-                offset: r.offset + 1,
-            }),
+            Some(n) => n.offset = n.offset.max(o.offset),
+            None => into.push(o),
         }
     }
-    next
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

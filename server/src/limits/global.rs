@@ -67,7 +67,8 @@ pub struct GlobalLimiter {
     key_prefix: String,
     script: redis::Script,
     /// Connected on first use, in the background, so a replica starts while Redis is down.
-    conn: Arc<watch::Sender<Option<ConnectionManager>>>,
+    /// The connection once made, and how many attempts failed so far.
+    conn: Arc<watch::Sender<(Option<ConnectionManager>, u64)>>,
     connecting: Arc<AtomicBool>,
     /// The zero of `resting_until`.
     started: Instant,
@@ -75,6 +76,8 @@ pub struct GlobalLimiter {
     resting_until: AtomicU64,
     /// Failures since the last answer.
     failures_in_a_row: AtomicU32,
+    /// Milliseconds since `started` of the last warning (0: none yet).
+    last_warned: AtomicU64,
 }
 
 impl GlobalLimiter {
@@ -87,11 +90,12 @@ impl GlobalLimiter {
             on_failure: config.on_redis_failure,
             key_prefix: config.redis_key_prefix.clone(),
             script: redis::Script::new(GCRA),
-            conn: Arc::new(watch::Sender::new(None)),
+            conn: Arc::new(watch::Sender::new((None, 0))),
             connecting: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
             resting_until: AtomicU64::new(0),
             failures_in_a_row: AtomicU32::new(0),
+            last_warned: AtomicU64::new(0),
         })
     }
 
@@ -99,22 +103,32 @@ impl GlobalLimiter {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Counts and logs a failure; after a few in a row, rests Redis for `REDIS_BACKOFF`.
+    /// Counts a failure and logs it (at most once per `REDIS_BACKOFF`);
+    /// after a few in a row, rests Redis for `REDIS_BACKOFF`.
     fn failed(&self, error: String) -> String {
         crate::metrics::METRICS.global_limit_failures.inc();
-        if self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 < FAILURES_BEFORE_REST {
-            tracing::debug!(error = %error, "a shared-limit check failed");
-            return error;
-        }
-        self.failures_in_a_row.store(0, Ordering::Relaxed);
+        let now = self.now_ms();
         let backoff = u64::try_from(REDIS_BACKOFF.as_millis()).unwrap_or(u64::MAX);
-        self.resting_until
-            .store(self.now_ms().saturating_add(backoff), Ordering::Relaxed);
-        let without = match self.on_failure {
-            RedisFailure::FailOpen => "admitting calls on local limits only",
-            RedisFailure::FailClosed => "refusing calls",
-        };
-        tracing::warn!(error = %error, backoff = ?REDIS_BACKOFF, "Redis unavailable for the shared limits: {without}; cost buckets count locally");
+        if self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= FAILURES_BEFORE_REST {
+            self.failures_in_a_row.store(0, Ordering::Relaxed);
+            self.resting_until.store(now.saturating_add(backoff), Ordering::Relaxed);
+        }
+        let last = self.last_warned.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= backoff;
+        if due
+            && self
+                .last_warned
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let without = match self.on_failure {
+                RedisFailure::FailOpen => "admitting calls on local limits only",
+                RedisFailure::FailClosed => "refusing calls",
+            };
+            tracing::warn!(error = %error, "Redis unavailable for the shared limits: {without}; cost buckets count locally");
+        } else {
+            tracing::debug!(error = %error, "a shared-limit check failed");
+        }
         error
     }
 
@@ -122,10 +136,13 @@ impl GlobalLimiter {
     /// background (with the script loaded): a call waits for it within its
     /// `redis_timeout`, and one that cannot does as when Redis does not
     /// answer, while the connection goes on being made for later calls.
-    async fn connection(&self) -> ConnectionManager {
-        if let Some(conn) = self.conn.borrow().clone() {
-            return conn;
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        if let Some(conn) = self.conn.borrow().0.clone() {
+            return Ok(conn);
         }
+        // Subscribed before any attempt starts: its outcome is not missed.
+        let mut made = self.conn.subscribe();
+        let failures_before = made.borrow_and_update().1;
         if !self.connecting.swap(true, Ordering::AcqRel) {
             let (cell, connecting, url, script) = (
                 self.conn.clone(),
@@ -139,21 +156,31 @@ impl GlobalLimiter {
                     script.prepare_invoke().load_async(&mut conn).await?;
                     redis::RedisResult::Ok(conn)
                 };
-                match tokio::time::timeout(CONNECT_WAIT, connect).await {
-                    Ok(Ok(conn)) => {
-                        cell.send_replace(Some(conn));
-                    }
-                    // The error text names no password: redis-rs does not print the URL.
-                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot connect to Redis for the shared limits"),
-                    Err(_) => tracing::warn!(wait = ?CONNECT_WAIT, "no connection to Redis for the shared limits"),
-                }
+                let outcome = tokio::time::timeout(CONNECT_WAIT, connect).await;
+                // Before the outcome is published: the next call may try again.
                 connecting.store(false, Ordering::Release);
+                match outcome {
+                    Ok(Ok(conn)) => cell.send_modify(|(made, _)| *made = Some(conn)),
+                    // Logged by the calls that waited for it (`failed`).
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "cannot connect to Redis for the shared limits");
+                        cell.send_modify(|(_, failures)| *failures += 1);
+                    }
+                    Err(_) => cell.send_modify(|(_, failures)| *failures += 1),
+                }
             });
         }
-        let mut made = self.conn.subscribe();
         loop {
-            if let Some(conn) = made.borrow_and_update().clone() {
-                return conn;
+            let (conn, failures) = made.borrow_and_update().clone();
+            if let Some(conn) = conn {
+                return Ok(conn);
+            }
+            // The attempt failed: the calls waiting for it fail now, not at their timeout.
+            if failures != failures_before {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::IoError,
+                    "cannot connect to Redis",
+                )));
             }
             // The sender lives as long as `self`: an error cannot come.
             if made.changed().await.is_err() {
@@ -206,7 +233,7 @@ impl GlobalLimiter {
         };
         crate::metrics::METRICS.shared_limit_checks.get_or_create(&labels).inc();
         let checked = async {
-            let conn = self.connection().await;
+            let conn = self.connection().await?;
             self.check(conn, &key, rate, burst, cost, max_wait).await
         };
         let answer = tokio::time::timeout(self.timeout, checked).await;

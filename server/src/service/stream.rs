@@ -182,20 +182,30 @@ async fn pass_on(
     let mut commits = auto_commit.then(|| AutoCommit::new(tx.taken()));
     let ended = pass_on_until_done(caller, source, records, &mut commits, max_records, tx, cut).await;
     // What the transport took before the end was given to the client. A
-    // stream ending well (max_records reached) waits for its last batches
-    // to be taken; one cut short, or a server stopping, does not.
+    // stream that reached its end (max_records) waits for its last batches
+    // to be taken; one whose client left or stopped reading, one cut
+    // short, and a server stopping do not.
     match commits {
         Some(mut c) => {
-            if ended.is_ok() {
+            if matches!(ended, Ok(Ended::Complete)) {
                 tokio::select! {
                     () = tx.taken_up_to(c.delivered) => {}
                     () = cut.cancelled() => {}
+                    _ = super::stopped(cut, &caller.revoked, caller.expires) => {}
                 }
             }
             ended.and(c.commit_taken(records).map_err(Error::from))
         }
-        None => ended,
+        None => ended.map(|_| ()),
     }
+}
+
+/// How a stream that ended without an error ended.
+enum Ended {
+    /// Every record it was to give (`max_records`), or the records ended.
+    Complete,
+    /// The client left, or stopped reading for the idle time.
+    Gone,
 }
 
 /// Offsets of delivered batches, committed once the transport has taken the
@@ -233,16 +243,7 @@ impl AutoCommit {
             let Some((_, offsets)) = self.waiting.pop_front() else {
                 break;
             };
-            // Later batches' offsets replace earlier ones of the same partition.
-            for o in offsets {
-                match next
-                    .iter_mut()
-                    .find(|n| n.partition == o.partition && n.topic == o.topic)
-                {
-                    Some(n) => n.offset = n.offset.max(o.offset),
-                    None => next.push(o),
-                }
-            }
+            crate::backend::topics::merge_offsets(&mut next, offsets);
         }
         records.commit(next)
     }
@@ -268,13 +269,13 @@ async fn pass_on_until_done(
     max_records: u64,
     tx: &ConsumeSender,
     cut: &CancellationToken,
-) -> Result<(), Error> {
+) -> Result<Ended, Error> {
     let mut sent = 0u64;
     let mut throttled = std::time::Duration::ZERO;
     loop {
         let batch = tokio::select! {
             b = records.next() => Some(b),
-            () = tx.closed() => return Ok(()),
+            () = tx.closed() => return Ok(Ended::Gone),
             e = super::stopped(cut, &caller.revoked, caller.expires) => return Err(e),
             () = AutoCommit::more_taken(commits) => None,
         };
@@ -285,7 +286,7 @@ async fn pass_on_until_done(
             continue;
         };
         let mut batch = match batch {
-            None => return Ok(()),
+            None => return Ok(Ended::Complete),
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(b)) => b,
         };
@@ -299,7 +300,7 @@ async fn pass_on_until_done(
         throttled += tokio::select! {
             biased;
             e = super::stopped(cut, &caller.revoked, caller.expires) => return Err(e),
-            () = tx.closed() => return Ok(()),
+            () = tx.closed() => return Ok(Ended::Gone),
             waited = caller.tenant.limiter.charge_records(batch.len() as u64, bytes as u64) => waited,
         };
         sent += batch.len() as u64;
@@ -311,14 +312,14 @@ async fn pass_on_until_done(
         };
         // Not delivered, not committed: a consumer that resumes gets these records again.
         if !tx.deliver(response).await {
-            return Ok(());
+            return Ok(Ended::Gone);
         }
         if let (Some(c), Some(delivered)) = (commits.as_mut(), delivered) {
             c.delivered(delivered);
             c.commit_taken(records)?;
         }
         if max_records > 0 && sent >= max_records {
-            return Ok(());
+            return Ok(Ended::Complete);
         }
     }
 }

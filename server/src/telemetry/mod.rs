@@ -123,25 +123,11 @@ fn provider(config: &TelemetryConfig) -> anyhow::Result<Option<SdkTracerProvider
         .thread_name("weir-otlp")
         .enable_all()
         .build()?;
-    let ca_file = config
-        .otlp_ca_file
-        .clone()
-        .or_else(|| std::env::var_os("OTEL_EXPORTER_OTLP_CERTIFICATE").map(Into::into));
-    let tls = match ca_file {
-        Some(path) => {
-            let pem =
-                std::fs::read(&path).map_err(|e| anyhow::anyhow!("telemetry.otlp_ca_file {}: {e}", path.display()))?;
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
-        }
-        // tonic trusts no root unless told: without this an https://
-        // collector would fail every export's handshake.
-        None => ClientTlsConfig::new().with_webpki_roots(),
-    };
     let inner = {
         let _entered = runtime.enter();
         let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
         let exporter = if endpoint.starts_with("https://") {
-            exporter.with_tls_config(tls)
+            exporter.with_tls_config(collector_tls(config)?)
         } else {
             exporter
         };
@@ -156,6 +142,19 @@ fn provider(config: &TelemetryConfig) -> anyhow::Result<Option<SdkTracerProvider
         .build();
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     Ok(Some(provider))
+}
+
+/// How an https:// collector is verified: against `otlp_ca_file` (or
+/// OTEL_EXPORTER_OTLP_CERTIFICATE), else the public web roots (tonic trusts
+/// no root unless told, and every export's handshake would fail).
+fn collector_tls(config: &TelemetryConfig) -> anyhow::Result<ClientTlsConfig> {
+    let (path, named) = match (&config.otlp_ca_file, std::env::var_os("OTEL_EXPORTER_OTLP_CERTIFICATE")) {
+        (Some(path), _) => (path.clone(), "telemetry.otlp_ca_file"),
+        (None, Some(path)) => (path.into(), "OTEL_EXPORTER_OTLP_CERTIFICATE"),
+        (None, None) => return Ok(ClientTlsConfig::new().with_webpki_roots()),
+    };
+    let pem = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{named} {}: {e}", path.display()))?;
+    Ok(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
 }
 
 /// The log filter unless WEIR_LOG sets one. h2, hyper and tower trace
@@ -237,6 +236,15 @@ pub(crate) mod tests {
         };
         let err = provider(&missing_ca).expect_err("a CA file that cannot be read");
         assert!(err.to_string().contains("otlp_ca_file"), "{err}");
+        // A plain-text collector does not read the CA file at all.
+        let plain = TelemetryConfig {
+            otlp_endpoint: Some("http://collector.example:4317".into()),
+            ..missing_ca
+        };
+        let tracing = provider(&plain)
+            .expect("http ignores the CA file")
+            .expect("tracing is on");
+        drop(tracing.shutdown());
     }
 
     #[test]

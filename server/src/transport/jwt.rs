@@ -59,14 +59,7 @@ impl JwtVerifier {
                 (Some(var), None) => vec![std::env::var(var)
                     .map_err(|_| format!("environment variable {var} (secret_env) is not set"))?
                     .into_bytes()],
-                // One secret per line: two while a secret is rotated (tokens
-                // signed with either verify; a reload that only adds one
-                // ends no call), then the new one alone.
-                (None, Some(path)) => read(path, "secret_file")?
-                    .split(|b| *b == b'\n')
-                    .map(|line| line.strip_suffix(b"\r").unwrap_or(line).to_vec())
-                    .filter(|line| !line.is_empty())
-                    .collect(),
+                (None, Some(path)) => secrets_of(read(path, "secret_file")?),
                 _ => return Err(format!("{algorithm:?} needs exactly one of secret_env and secret_file")),
             };
             // RFC 7518 §3.2: a key at least as long as the hash.
@@ -206,6 +199,25 @@ fn pem_blocks(pem: &[u8]) -> Vec<&[u8]> {
     blocks
 }
 
+/// The secrets of a secret file. A text file of several lines holds one
+/// secret per line: two while a secret is rotated (tokens signed with either
+/// verify; a reload that only adds one ends no call), then the new one
+/// alone. Anything else (raw random bytes, which may hold a newline) is one
+/// secret, without its trailing line break.
+fn secrets_of(mut file: Vec<u8>) -> Vec<Vec<u8>> {
+    while file.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        file.pop();
+    }
+    match std::str::from_utf8(&file) {
+        Ok(text) if text.contains('\n') => text
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(|line| line.as_bytes().to_vec())
+            .collect(),
+        _ => vec![file],
+    }
+}
+
 /// A JWT is three base64url parts; anything else is tried as an API key.
 pub fn looks_like_jwt(token: &str) -> bool {
     token.starts_with("eyJ") && token.bytes().filter(|b| *b == b'.').count() == 2
@@ -337,6 +349,9 @@ mod tests {
             with(&format!("{SECRET}\nshort\n")).is_err(),
             "every secret is long enough"
         );
+        // Raw bytes with a newline among them stay one secret.
+        let raw: Vec<u8> = (0..40u8).map(|i| if i == 7 { b'\n' } else { 0x80 | i }).collect();
+        assert_eq!(secrets_of(raw.clone()), vec![raw]);
     }
 
     #[test]

@@ -22,7 +22,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use producer::{Producer, Record};
 
 use super::topics::{
-    Ack, ConsumeSpec, InRecord, OutRecord, PartitionInfo, PartitionOffset, RecordStream, Start, TopicInfo, TopicSource,
+    merge_offsets, Ack, ConsumeSpec, InRecord, OutRecord, PartitionInfo, PartitionOffset, RecordStream, Start,
+    TopicInfo, TopicSource,
 };
 use super::{BackendError, Capabilities, ConnectionInfo, EngineErrorKind};
 use crate::config::SourceConfig;
@@ -118,8 +119,12 @@ impl KafkaSource {
 /// (INTERNAL); at load it refuses the configuration.
 fn settings_error(client: &str, e: &KafkaError) -> String {
     match e {
-        KafkaError::ClientConfig(_, description, key, _) => {
+        // librdkafka's description of an invalid value quotes the value.
+        KafkaError::ClientConfig(rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, description, key, _) => {
             format!("Kafka {client} settings: {description} (kafka_options \"{key}\")")
+        }
+        KafkaError::ClientConfig(_, _, key, _) => {
+            format!("Kafka {client} settings: kafka_options \"{key}\" has a value librdkafka refuses")
         }
         other => format!("Kafka {client} settings: {other}"),
     }
@@ -356,16 +361,7 @@ impl RecordStream for KafkaRecords {
         };
         let tpl = partition_list(&next).map_err(map_error)?;
         consumer.commit(&tpl, CommitMode::Async).map_err(map_error)?;
-        for o in next {
-            match self
-                .committed
-                .iter_mut()
-                .find(|c| c.partition == o.partition && c.topic == o.topic)
-            {
-                Some(c) => c.offset = c.offset.max(o.offset),
-                None => self.committed.push(o),
-            }
-        }
+        merge_offsets(&mut self.committed, next);
         Ok(())
     }
 
@@ -926,6 +922,14 @@ mod tests {
         );
         let text = settings_error("producer", &e);
         assert!(text.contains("sasl.pasword") && !text.contains("hunter2"), "{text}");
+        let invalid = KafkaError::ClientConfig(
+            rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+            "Invalid value \"hunter2\" for configuration property \"sasl.mechanism\"".into(),
+            "sasl.mechanism".into(),
+            "hunter2".into(),
+        );
+        let text = settings_error("producer", &invalid);
+        assert!(text.contains("sasl.mechanism") && !text.contains("hunter2"), "{text}");
     }
 
     #[test]

@@ -848,6 +848,43 @@ async fn read_only_sources_refuse_writes_in_the_engine() {
     );
     let r = client.execute("pg", "SELECT 1", vec![]).await.expect("reads work");
     assert_eq!(int(&r.rows[0].values[0]), 1);
+    // A DO block (or a procedure) that turns the read-only default off and
+    // commits would write in the transaction after its COMMIT: in Weir's
+    // read-only block it cannot commit.
+    let pg = pg_direct().await;
+    pg.batch_execute(
+        "DROP TABLE IF EXISTS weir_ro_target; CREATE TABLE weir_ro_target (id int); \
+         CREATE OR REPLACE PROCEDURE weir_ro_escape() LANGUAGE plpgsql AS $$ BEGIN \
+           SET default_transaction_read_only = off; COMMIT; INSERT INTO weir_ro_target VALUES (2); END $$",
+    )
+    .await
+    .expect("setup");
+    for sql in [
+        "DO $$ BEGIN SET default_transaction_read_only = off; COMMIT; \
+         INSERT INTO weir_ro_target VALUES (1); END $$",
+        "CALL weir_ro_escape()",
+    ] {
+        let err = client
+            .execute("pg", sql, vec![])
+            .await
+            .expect_err("no write through a read-only source");
+        assert_ne!(err.code(), Code::Ok, "{sql}");
+    }
+    // Later statements on the same sessions are read-only as before, and nothing was written.
+    let err = client
+        .execute("pg", "INSERT INTO weir_ro_target VALUES (3)", vec![])
+        .await
+        .expect_err("still read-only");
+    assert_eq!(engine_code(&err), "25006", "{err:?}");
+    let written: i64 = pg
+        .query_one("SELECT count(*) FROM weir_ro_target", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(written, 0);
+    pg.batch_execute("DROP TABLE weir_ro_target; DROP PROCEDURE weir_ro_escape()")
+        .await
+        .expect("drop");
     server.stop().await;
 }
 

@@ -114,6 +114,15 @@ fn block_comment_end(mut rest: &str, nested: bool) -> &str {
     rest
 }
 
+/// Whether `sql` runs procedural code that may commit by itself: a
+/// top-level `DO` block or `CALL` of a procedure (PostgreSQL runs both
+/// non-atomically outside a transaction block).
+pub fn may_commit_inside(sql: &str) -> bool {
+    leading_words(sql, 1)
+        .iter()
+        .any(|words| matches!(words.first().map(String::as_str), Some("do" | "call")))
+}
+
 /// Whether `sql` starts, commits or rolls back a transaction (not a
 /// savepoint's), which inside a transaction handle would end the
 /// transaction behind the handle's back.

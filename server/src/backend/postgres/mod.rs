@@ -480,7 +480,16 @@ fn describe(prepared: &tokio_postgres::Statement, statement: &Statement) -> Resu
     prepared.columns().iter().map(types::column).collect()
 }
 
-async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Result<QueryStream, BackendError> {
+/// `read_only_block`: run the statement inside `BEGIN READ ONLY`, left for
+/// the next reset to roll back. On a read-only source a top-level `DO` or
+/// `CALL` could otherwise `SET default_transaction_read_only = off`,
+/// `COMMIT`, and write in the transaction after; in a block it cannot commit.
+async fn run(
+    mut lease: Lease,
+    statement: Statement,
+    reset: SessionReset,
+    read_only_block: bool,
+) -> Result<QueryStream, BackendError> {
     types::check_params(&statement.params)?;
     // A pooled session is reset before its next statement; when the statement
     // is already prepared the reset travels in the same round trip.
@@ -505,7 +514,7 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
         let Some(lease) = guard.lease.as_mut() else {
             return Err(BackendError::Internal("statement lease missing".into()));
         };
-        if reset_first && !lease.statements.contains_key(&statement.sql) {
+        if reset_first && (read_only_block || !lease.statements.contains_key(&statement.sql)) {
             if let Err(e) = lease.client.batch_execute(reset_sql).await {
                 guard.finish();
                 return Err(map_error(e));
@@ -513,6 +522,16 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
             lease.needs_rollback = false;
             lease.needs_reset = false;
             reset_first = false;
+        }
+        if read_only_block && !block_after {
+            // Marked first: a call abandoned from here on leaves a block to roll back.
+            lease.needs_rollback = true;
+            lease.needs_reset = true;
+            block_after = true;
+            if let Err(e) = lease.client.batch_execute("BEGIN READ ONLY").await {
+                guard.finish();
+                return Err(map_error(e));
+            }
         }
         let Prepared {
             statement: prepared,
@@ -536,6 +555,9 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
             }
         };
         block_after |= pooled && columns.is_empty();
+        // Before the statement goes: a call abandoned while it runs (a
+        // deadline, a cancel) must leave a BEGIN it sent to be rolled back.
+        lease.needs_rollback |= block_after;
         let started = match guard.lease.as_ref() {
             Some(l) => {
                 let query = l.client.query_raw(&prepared, statement.params.iter().map(PgParam));
@@ -715,7 +737,14 @@ impl SqlSource for PostgresSource {
                 return multiplex.query(statement, self.pool.breaker()).await;
             }
         }
-        run(Lease::Pooled(self.pool.lease().await?), statement, self.session_reset).await
+        let read_only_block = self.read_only && crate::backend::sql_text::may_commit_inside(&statement.sql);
+        run(
+            Lease::Pooled(self.pool.lease().await?),
+            statement,
+            self.session_reset,
+            read_only_block,
+        )
+        .await
     }
 
     async fn begin(&self, options: TxOptions) -> Result<Box<dyn SqlTransaction>, BackendError> {
@@ -834,7 +863,7 @@ impl SqlTransaction for PgTransaction {
         if let Some(cause) = lease.broken {
             return Err(BackendError::TransactionBroken(cause));
         }
-        run(Lease::Transaction(lease), statement, SessionReset::Always).await
+        run(Lease::Transaction(lease), statement, SessionReset::Always, false).await
     }
 
     async fn commit(&self) -> Result<(), BackendError> {
@@ -1048,7 +1077,7 @@ mod tests {
             whole_result: false,
         };
         // tokio-postgres returns the rows only once the statement sends one.
-        let query = tokio::spawn(run(Lease::Pooled(lease), statement, SessionReset::Auto));
+        let query = tokio::spawn(run(Lease::Pooled(lease), statement, SessionReset::Auto, false));
         let (observer, connection) = test_config(test_port()).connect(NoTls).await.expect("an observer");
         tokio::spawn(connection);
         let running = || async {

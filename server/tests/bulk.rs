@@ -937,6 +937,37 @@ async fn load_limits_are_enforced(engine: Engine) {
     ctx.server.stop().await;
 }
 
+/// REPLACE empties its table with DELETE: where another table's foreign key
+/// would carry that on (ON DELETE CASCADE deletes the child rows, SET NULL
+/// unlinks them) it is refused before anything changes, not committed with
+/// the children's rows gone. A plain foreign key (NO ACTION) does not stop it.
+async fn a_replace_that_would_cascade_into_other_tables_is_refused(engine: Engine) {
+    let ctx = Ctx::new(engine, "").await;
+    let (parent, child) = ("weir_bulk_cascade_parent", "weir_bulk_cascade_child");
+    ctx.exec(&format!("DROP TABLE IF EXISTS {child}")).await;
+    ctx.table(parent, 2).await;
+    ctx.exec(&format!(
+        "CREATE TABLE {child} (id INT PRIMARY KEY, parent INT, FOREIGN KEY (parent) REFERENCES {parent} (id) ON DELETE CASCADE)"
+    ))
+    .await;
+    ctx.exec(&format!("INSERT INTO {child} VALUES (1, 1000000)")).await;
+    let before = ctx.contents(parent).await;
+    let err = ctx
+        .load(
+            header(parent, pb::BulkLoadMode::Replace),
+            vec![vec![row(1_000_000, "again", 1)]],
+        )
+        .await
+        .expect_err("a replace that would delete the child's row");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{engine:?}: {err:?}");
+    assert!(err.message().contains(child), "{engine:?}: {}", err.message());
+    assert_eq!(ctx.contents(parent).await, before, "{engine:?}");
+    let children = ctx.exec(&format!("SELECT count(*) FROM {child}")).await;
+    assert_eq!(int(&children.rows[0].values[0]), 1, "{engine:?}: the child's row stays");
+    ctx.exec(&format!("DROP TABLE {child}")).await;
+    ctx.server.stop().await;
+}
+
 macro_rules! suite {
     ($module:ident, $engine:expr $(, #[$attr:meta])?) => {
         mod $module {
@@ -990,6 +1021,11 @@ macro_rules! suite {
             $(#[$attr])?
             async fn load_limits_are_enforced() {
                 super::load_limits_are_enforced($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn a_replace_that_would_cascade_into_other_tables_is_refused() {
+                super::a_replace_that_would_cascade_into_other_tables_is_refused($engine).await
             }
         }
     };

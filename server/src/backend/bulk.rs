@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 use tokio::sync::mpsc;
 
-use super::{BackendError, Column, Row};
+use super::{BackendError, Column, EngineErrorKind, Row};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadMode {
@@ -49,6 +49,21 @@ pub struct LoadSpec {
     pub receipt: Option<Receipt>,
     /// Rows per engine statement or COPY chunk.
     pub batch_rows: usize,
+}
+
+/// A REPLACE refused because its DELETE would reach other tables: the
+/// foreign keys of `children` delete or change their rows with the target's.
+pub fn replace_would_cascade(children: &[String]) -> BackendError {
+    BackendError::Engine {
+        kind: EngineErrorKind::FailedPrecondition,
+        code: String::new(),
+        message: format!(
+            "REPLACE empties the table with DELETE, and the ON DELETE CASCADE, SET NULL or SET DEFAULT \
+             foreign keys of {} would carry that into those tables' rows; nothing was loaded. \
+             Load with APPEND or UPSERT, or change those foreign keys",
+            children.join(", ")
+        ),
+    }
 }
 
 impl LoadSpec {

@@ -316,6 +316,20 @@ async fn load_in_transaction(
         }
     }
     if spec.mode == LoadMode::Replace {
+        let children = conn
+            .fetch(
+                "SELECT DISTINCT OBJECT_SCHEMA_NAME(fk.parent_object_id) + '.' + OBJECT_NAME(fk.parent_object_id) \
+                 FROM sys.foreign_keys fk WHERE fk.referenced_object_id = OBJECT_ID(@P1) \
+                   AND fk.parent_object_id <> fk.referenced_object_id AND fk.delete_referential_action IN (1, 2, 3)",
+                vec![ColumnData::String(Some(spec.qualified(quote).into()))],
+            )
+            .await?
+            .iter()
+            .filter_map(|r| r.try_get::<&str, _>(0).ok().flatten().map(str::to_string))
+            .collect::<Vec<_>>();
+        if !children.is_empty() {
+            return Err(bulk::replace_would_cascade(&children));
+        }
         conn.batch(&format!("DELETE FROM {}", spec.qualified(quote))).await?;
     }
     let collations = match spec.mode {

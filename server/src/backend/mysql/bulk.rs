@@ -297,6 +297,20 @@ async fn load_in_transaction(
         }
     }
     if spec.mode == LoadMode::Replace {
+        let children: Vec<String> = conn
+            .exec(
+                "SELECT DISTINCT CONCAT(CONSTRAINT_SCHEMA, '.', TABLE_NAME) FROM information_schema.REFERENTIAL_CONSTRAINTS \
+                 WHERE UNIQUE_CONSTRAINT_SCHEMA = COALESCE(?, DATABASE()) AND REFERENCED_TABLE_NAME = ? \
+                   AND DELETE_RULE IN ('CASCADE', 'SET NULL', 'SET DEFAULT') \
+                   AND NOT (CONSTRAINT_SCHEMA = UNIQUE_CONSTRAINT_SCHEMA AND TABLE_NAME = REFERENCED_TABLE_NAME) \
+                 ORDER BY 1",
+                (spec.schema.as_deref(), spec.table.as_str()),
+            )
+            .await
+            .map_err(map_error)?;
+        if !children.is_empty() {
+            return Err(bulk::replace_would_cascade(&children));
+        }
         // DELETE, not TRUNCATE: TRUNCATE commits implicitly and could not be rolled back.
         conn.query_drop(format!("DELETE FROM {}", spec.qualified(quote)))
             .await

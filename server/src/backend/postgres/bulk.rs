@@ -238,6 +238,21 @@ async fn load_in_transaction(
         // whole load (they wait instead of seeing the old rows), fails on any
         // table a foreign key references, and needs its own privilege.
         LoadMode::Replace => {
+            let children: Vec<String> = client
+                .query(
+                    "SELECT DISTINCT conrelid::regclass::text FROM pg_constraint \
+                     WHERE contype = 'f' AND confrelid = to_regclass($1) AND conrelid <> confrelid \
+                       AND confdeltype IN ('c', 'n', 'd') ORDER BY 1",
+                    &[&target],
+                )
+                .await
+                .map_err(map_error)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if !children.is_empty() {
+                return Err(bulk::replace_would_cascade(&children));
+            }
             client
                 .batch_execute(&format!("DELETE FROM {target}"))
                 .await

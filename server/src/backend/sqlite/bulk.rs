@@ -147,6 +147,23 @@ fn load_in_transaction(
         }
     }
     if spec.mode == LoadMode::Replace {
+        let schema = spec.schema.as_deref().unwrap_or("main");
+        let mut children = conn
+            .prepare(&format!(
+                "SELECT DISTINCT m.name FROM {}.sqlite_schema m, pragma_foreign_key_list(m.name, ?1) f \
+                 WHERE m.type = 'table' AND f.\"table\" = ?2 COLLATE NOCASE AND m.name <> ?2 COLLATE NOCASE \
+                   AND f.on_delete IN ('CASCADE', 'SET NULL', 'SET DEFAULT') ORDER BY 1",
+                quote(schema)
+            ))
+            .map_err(map_error)?;
+        let children = children
+            .query_map(rusqlite::params![schema, spec.table], |r| r.get::<_, String>(0))
+            .map_err(map_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_error)?;
+        if !children.is_empty() {
+            return Err(bulk::replace_would_cascade(&children));
+        }
         conn.execute_batch(&format!("DELETE FROM {}", spec.qualified(quote)))
             .map_err(map_error)?;
     }

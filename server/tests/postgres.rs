@@ -888,6 +888,41 @@ async fn read_only_sources_refuse_writes_in_the_engine() {
     server.stop().await;
 }
 
+/// A COPY to or from the client sent through Execute leaves the query
+/// protocol: it is refused (INVALID_ARGUMENT, naming BulkLoadService), and
+/// its session is closed rather than handed, mid-COPY, to the next caller,
+/// who would hang for its whole deadline.
+#[tokio::test]
+async fn a_copy_through_execute_is_refused_and_leaves_no_session_behind() {
+    let toml = tenant(
+        "cp",
+        "",
+        &postgres("cp", "pg", "[tenants.cp.sources.pg.pool]\nmax_size = 1\n"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-cp").await;
+    let pg = pg_direct().await;
+    pg.batch_execute("DROP TABLE IF EXISTS weir_copy_probe; CREATE TABLE weir_copy_probe (id int)")
+        .await
+        .expect("table");
+    for sql in [
+        "COPY weir_copy_probe FROM STDIN",
+        "COPY (SELECT generate_series(1, 5000000)) TO STDOUT",
+    ] {
+        let err = client.execute("pg", sql, vec![]).await.expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
+        assert!(err.message().contains("BulkLoadService"), "{}", err.message());
+        // The one pooled session is usable at once by the next call.
+        let next = tokio::time::timeout(Duration::from_secs(5), client.execute("pg", "SELECT 1", vec![]))
+            .await
+            .expect("the next call is not held up")
+            .expect("the next call works");
+        assert_eq!(int(&next.rows[0].values[0]), 1);
+    }
+    pg.batch_execute("DROP TABLE weir_copy_probe").await.expect("drop");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_database_is_unavailable_without_leaking_where() {
     let toml = tenant(

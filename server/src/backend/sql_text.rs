@@ -114,6 +114,18 @@ fn block_comment_end(mut rest: &str, nested: bool) -> &str {
     rest
 }
 
+/// Whether `sql` is a `COPY` to or from the client (`FROM STDIN`, `TO
+/// STDOUT`), which leaves the query protocol for a data exchange no
+/// statement call can carry.
+pub fn copies_with_client(sql: &str) -> bool {
+    leading_words(sql, 1)
+        .iter()
+        .any(|words| words.first().is_some_and(|w| w == "copy"))
+        && sql
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|word| word.eq_ignore_ascii_case("stdin") || word.eq_ignore_ascii_case("stdout"))
+}
+
 /// Whether `sql` runs procedural code that may commit by itself: a
 /// top-level `DO` block or `CALL` of a procedure (PostgreSQL runs both
 /// non-atomically outside a transaction block).
@@ -197,6 +209,17 @@ pub fn writes_and_returns_rows(sql: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_with_the_client_and_procedures_are_told_apart() {
+        assert!(copies_with_client("copy t from stdin"));
+        assert!(copies_with_client("COPY (SELECT 1) TO STDOUT WITH (FORMAT csv)"));
+        assert!(!copies_with_client("COPY t TO '/tmp/t.csv'"));
+        assert!(!copies_with_client("SELECT 'copy from stdin'"));
+        assert!(may_commit_inside("DO $$ BEGIN COMMIT; END $$"));
+        assert!(may_commit_inside(" call p()"));
+        assert!(!may_commit_inside("SELECT do_it()"));
+    }
 
     #[test]
     fn leading_words_skip_comments() {

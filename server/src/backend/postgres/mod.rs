@@ -491,6 +491,11 @@ async fn run(
     read_only_block: bool,
 ) -> Result<QueryStream, BackendError> {
     types::check_params(&statement.params)?;
+    // Refused before it is sent: in COPY IN the server ignores the Sync that
+    // ends the call, and waits for data no statement call sends.
+    if crate::backend::sql_text::copies_with_client(&statement.sql) {
+        return Err(copy_refused());
+    }
     // A pooled session is reset before its next statement; when the statement
     // is already prepared the reset travels in the same round trip.
     let pooled = matches!(lease, Lease::Pooled(_));
@@ -582,6 +587,11 @@ async fn run(
         let inner = match started {
             Ok(s) => s,
             Err(e) => {
+                if let (Some(lost), Some(l)) = (left_the_protocol(&e), guard.lease.as_mut()) {
+                    l.broken = Some(PROTOCOL_LOST);
+                    guard.finish();
+                    return Err(lost);
+                }
                 let e = map_error(e);
                 // The statement is over: the connection goes back as it is.
                 let Some(mut l) = guard.lease.take() else {
@@ -627,6 +637,25 @@ struct PgRowStream {
     in_flight: Option<InFlight>,
     /// The first row (or the end: `Some(None)`), already read.
     first: Option<Option<tokio_postgres::Row>>,
+}
+
+/// Why a session whose statement left the query protocol is closed.
+const PROTOCOL_LOST: &str = "a statement on it left the query protocol (COPY to or from the client)";
+
+/// An answer the query protocol does not expect (a COPY's data exchange):
+/// where the session stands is unknown, so it is to be closed, not given to
+/// the next caller, and the caller is told what to use instead.
+fn left_the_protocol(e: &tokio_postgres::Error) -> Option<BackendError> {
+    // tokio-postgres does not expose its error kinds; this is its text for one.
+    (e.as_db_error().is_none() && e.to_string().contains("unexpected message from server")).then(copy_refused)
+}
+
+fn copy_refused() -> BackendError {
+    BackendError::Invalid(
+        "COPY to or from the client leaves the query protocol and is not supported here: load rows with \
+         BulkLoadService.Load, read them with a query"
+            .into(),
+    )
 }
 
 impl PgRowStream {
@@ -688,6 +717,11 @@ impl RowStream for PgRowStream {
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e))) => {
+                if let (Some(lost), Some(lease)) = (left_the_protocol(&e), this.guard.lease.as_mut()) {
+                    lease.broken = Some(PROTOCOL_LOST);
+                    this.over();
+                    return Poll::Ready(Some(Err(lost)));
+                }
                 this.over();
                 return Poll::Ready(Some(Err(map_error(e))));
             }

@@ -318,6 +318,7 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
             (Code::InvalidArgument, d)
         }
         BackendError::LoadAbandoned => (Code::Aborted, info("LOAD_ABANDONED", vec![])),
+        BackendError::LoadCommitUnknown(_) => (Code::Unknown, info("COMMIT_OUTCOME_UNKNOWN", vec![])),
         BackendError::TransactionEnded => (Code::NotFound, info("TRANSACTION_NOT_FOUND", vec![])),
         BackendError::TransactionRolledBack(_) | BackendError::TransactionBroken(_) => {
             let mut d = info("TRANSACTION_LOST", vec![]);

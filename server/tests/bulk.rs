@@ -1678,6 +1678,62 @@ async fn a_postgres_replace_leaves_readers_the_old_rows_and_allows_foreign_keys(
     ctx.server.stop().await;
 }
 
+/// A load whose connection is lost while its COMMIT runs may have
+/// committed: the caller hears UNKNOWN (COMMIT_OUTCOME_UNKNOWN, no retry
+/// delay), not UNAVAILABLE with a retry hint that would load the rows twice.
+#[tokio::test]
+async fn a_load_whose_commit_answer_is_lost_is_reported_as_unknown() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "weir_bulk_slow_commit";
+    ctx.table(table, 0).await;
+    let pg = pg_direct().await;
+    pg.batch_execute(&format!(
+        "CREATE OR REPLACE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ \
+           BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON {table} DEFERRABLE INITIALLY DEFERRED \
+           FOR EACH ROW EXECUTE FUNCTION {table}_slow()"
+    ))
+    .await
+    .expect("a slow commit");
+    let client = ctx.client.clone();
+    let load = tokio::spawn(async move {
+        let header = header(table, pb::BulkLoadMode::Append);
+        client
+            .load(header, tokio_stream::iter(vec![vec![row(1, "a", 1)]]))
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let killed = pg
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE query = 'COMMIT' AND state = 'active' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("terminate");
+        if !killed.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the load's COMMIT never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = load.await.expect("task").expect_err("the commit's answer was lost");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::Unknown, "COMMIT_OUTCOME_UNKNOWN"),
+        "{err:?}"
+    );
+    {
+        use tonic_types::StatusExt;
+        assert!(err.get_error_details().retry_info().is_none(), "no retry hint");
+    }
+    pg.batch_execute(&format!("DROP TABLE {table}; DROP FUNCTION {table}_slow()"))
+        .await
+        .expect("drop");
+    ctx.server.stop().await;
+}
+
 /// A deadlock met on a row of a load is not that row's fault: the caller
 /// gets ABORTED (run the load again), not INVALID_ARGUMENT naming the row,
 /// which a client would not retry.

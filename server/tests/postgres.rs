@@ -888,6 +888,30 @@ async fn read_only_sources_refuse_writes_in_the_engine() {
     server.stop().await;
 }
 
+/// A caller's DISCARD ALL or DEALLOCATE ALL drops every statement the
+/// session had prepared: later calls on that session prepare theirs again
+/// instead of failing with 26000 (prepared statement does not exist).
+#[tokio::test]
+async fn a_discard_all_does_not_break_the_sessions_statement_cache() {
+    let toml = tenant(
+        "dc",
+        "",
+        &postgres("dc", "pg", "[tenants.dc.sources.pg.pool]\nmax_size = 1\n"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-dc").await;
+    for discard in ["DISCARD ALL", "DEALLOCATE ALL"] {
+        client.execute("pg", "SELECT 1 AS one", vec![]).await.expect("cached");
+        client.execute("pg", discard, vec![]).await.expect(discard);
+        let again = client
+            .execute("pg", "SELECT 1 AS one", vec![])
+            .await
+            .unwrap_or_else(|e| panic!("after {discard}: {e:?}"));
+        assert_eq!(int(&again.rows[0].values[0]), 1);
+    }
+    server.stop().await;
+}
+
 /// A COPY to or from the client sent through Execute leaves the query
 /// protocol: it is refused (INVALID_ARGUMENT, naming BulkLoadService), and
 /// its session is closed rather than handed, mid-COPY, to the next caller,

@@ -51,6 +51,16 @@ pub struct LoadSpec {
     pub batch_rows: usize,
 }
 
+/// A load's COMMIT that failed: when the connection was lost on the way,
+/// the load may have committed, and a retry hint would load it twice.
+pub fn commit_failed(e: BackendError) -> BackendError {
+    if e.is_unavailable() {
+        BackendError::LoadCommitUnknown(e.to_string())
+    } else {
+        e
+    }
+}
+
 /// A REPLACE refused because its DELETE would reach other tables: the
 /// foreign keys of `children` delete or change their rows with the target's.
 pub fn replace_would_cascade(children: &[String]) -> BackendError {

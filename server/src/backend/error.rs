@@ -118,6 +118,12 @@ pub enum BackendError {
     /// The rows of a load stopped coming before the load was complete; it was rolled back.
     #[error("the load ended before its last row and was rolled back")]
     LoadAbandoned,
+    /// The load's COMMIT was sent, and its answer never came.
+    #[error(
+        "the load's COMMIT was sent but its answer never came ({0}): its rows may or may not be in the table; \
+         with a load_id, send the load again (it loads once), without one check before loading again"
+    )]
+    LoadCommitUnknown(String),
     /// A load id that committed for another table.
     #[error("load_id was already used for a load into {0}; use a new load_id for another table")]
     LoadIdReused(String),

@@ -197,8 +197,13 @@ pub fn writes_and_returns_rows(sql: &str) -> bool {
     let returns = sql
         .split(|c: char| !(c.is_alphanumeric() || c == '_'))
         .any(|w| w.eq_ignore_ascii_case("returning") || w.eq_ignore_ascii_case("output"));
+    // PostgreSQL reads `(WITH d AS (DELETE ... RETURNING *) SELECT ...)` as
+    // the statement inside the parentheses.
+    let unwrapped = sql
+        .trim_start()
+        .trim_start_matches(|c: char| c == '(' || c.is_whitespace());
     returns
-        && leading_words(sql, 1).iter().any(|w| {
+        && leading_words(unwrapped, 1).iter().any(|w| {
             matches!(
                 w.first().map(String::as_str),
                 Some("insert" | "update" | "delete" | "merge" | "replace" | "with")
@@ -216,6 +221,9 @@ mod tests {
         assert!(copies_with_client("COPY (SELECT 1) TO STDOUT WITH (FORMAT csv)"));
         assert!(!copies_with_client("COPY t TO '/tmp/t.csv'"));
         assert!(!copies_with_client("SELECT 'copy from stdin'"));
+        assert!(writes_and_returns_rows(
+            "((WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d))"
+        ));
         assert!(may_commit_inside("DO $$ BEGIN COMMIT; END $$"));
         assert!(may_commit_inside(" call p()"));
         assert!(!may_commit_inside("SELECT do_it()"));

@@ -389,7 +389,7 @@ pub async fn load(conn: &mut MssqlConn, spec: LoadSpec, mut feed: RowFeed) -> Re
     if !conn.broken {
         match conn.batch(end).await {
             Ok(()) => conn.in_transaction = false,
-            Err(e) if result.is_ok() => return Err(e),
+            Err(e) if result.is_ok() => return Err(bulk::commit_failed(e)),
             Err(_) => {}
         }
     }

@@ -419,7 +419,10 @@ pub async fn load(
     } else {
         "ROLLBACK"
     };
-    let ended = conn.query_drop(end).await.map_err(map_error);
+    let ended = conn
+        .query_drop(end)
+        .await
+        .map_err(|e| bulk::commit_failed(map_error(e)));
     let restored = conn
         .query_drop("SET SESSION sql_mode = @weir_sql_mode, SESSION sql_notes = @weir_sql_notes")
         .await

@@ -338,8 +338,9 @@ pub async fn load(conn: &mut PgConn, spec: LoadSpec, mut feed: RowFeed) -> Resul
     };
     match conn.client.batch_execute(end).await {
         Ok(()) => conn.in_transaction = false,
-        // A failed COMMIT loaded nothing: report it rather than the outcome.
-        Err(e) if result.is_ok() => return Err(map_error(e)),
+        // A COMMIT refused (a deferred constraint) loaded nothing: report it
+        // rather than the outcome; one whose answer was lost may have committed.
+        Err(e) if result.is_ok() => return Err(bulk::commit_failed(map_error(e))),
         Err(_) => {}
     }
     result

@@ -598,7 +598,15 @@ async fn run(
                     return Err(e);
                 };
                 l.statements.remove(&statement.sql);
-                if !replanned && plan_went_stale(&e) {
+                // A caller's DISCARD ALL or DEALLOCATE ALL dropped every
+                // statement this session had prepared: the cache is
+                // emptied, and this one prepared again and run (Bind failed,
+                // so nothing ran).
+                let discarded = matches!(&e, BackendError::Engine { code, .. } if code == "26000");
+                if discarded {
+                    l.statements.clear();
+                }
+                if !replanned && (plan_went_stale(&e) || discarded) {
                     replanned = true;
                     if let Some(begin) = begin_again.take() {
                         // The refusal aborted the transaction.

@@ -249,8 +249,15 @@ impl Skipped {
     }
 }
 
-/// Converts one row; the error names the column at fault.
-fn convert_row(row: pb::Row, columns: &[Column]) -> std::result::Result<Row, (Option<&str>, String)> {
+/// Converts one row; the error names the column at fault. `keys`: which
+/// columns are an upsert's conflict columns, where NULL is refused: it never
+/// matches a key, so the row would be inserted again by every run of an
+/// upsert meant to be idempotent (SQL Server's MERGE would fail instead).
+fn convert_row<'a>(
+    row: pb::Row,
+    columns: &'a [Column],
+    keys: &[bool],
+) -> std::result::Result<Row, (Option<&'a str>, String)> {
     if row.values.len() != columns.len() {
         return Err((
             None,
@@ -264,7 +271,14 @@ fn convert_row(row: pb::Row, columns: &[Column]) -> std::result::Result<Row, (Op
     row.values
         .into_iter()
         .zip(columns)
-        .map(|(v, c)| convert::value_for_column(v, c).map_err(|m| (Some(c.name.as_str()), m)))
+        .zip(keys)
+        .map(|((v, c), key)| match convert::value_for_column(v, c) {
+            Ok(crate::backend::Value::Null) if *key => Err((
+                Some(c.name.as_str()),
+                "is NULL, and NULL matches no key: an upsert's conflict columns need values".to_string(),
+            )),
+            converted => converted.map_err(|m| (Some(c.name.as_str()), m)),
+        })
         .collect()
 }
 
@@ -319,6 +333,7 @@ async fn feed_rows(
     sender: &RowSender,
     caller: &Caller,
     columns: &[Column],
+    keys: &[bool],
     skip_bad_rows: bool,
     skipped: &mut Skipped,
     throttled: &mut Duration,
@@ -351,7 +366,7 @@ async fn feed_rows(
         let mut batch = Vec::with_capacity(rows.len());
         for (i, row) in rows.into_iter().enumerate() {
             let index = first + i as u64;
-            match convert_row(row, columns) {
+            match convert_row(row, columns, keys) {
                 Ok(values) => batch.push(values),
                 Err((column, message)) if skip_bad_rows => skipped.add(index, column, message),
                 Err((column, message)) => {
@@ -403,6 +418,7 @@ impl BulkApi {
         .await
         .map_err(|_| Error::Timeout(caller.tenant.limits.statement_timeout))??;
         let (columns, conflict) = resolve(&header, &table)?;
+        let keys: Vec<bool> = columns.iter().map(|c| conflict.contains(&c.name)).collect();
         let target = display_table(header.schema.as_deref(), &header.table);
         super::record_object(&target);
         let spec = LoadSpec {
@@ -441,6 +457,7 @@ impl BulkApi {
             &sender,
             &caller,
             &columns,
+            &keys,
             header.skip_bad_rows,
             &mut skipped,
             &mut throttled,
@@ -715,6 +732,7 @@ mod tests {
                 values: vec![int(1), ts],
             },
             &columns,
+            &[false, false],
         )
         .expect("fits");
         assert!(matches!(row[1], crate::backend::Value::Timestamp(_)));
@@ -723,6 +741,7 @@ mod tests {
                 values: vec![text("x"), null.clone()],
             },
             &columns,
+            &[false, false],
         )
         .unwrap_err();
         assert_eq!(column, Some("id"));
@@ -735,10 +754,26 @@ mod tests {
                 values: vec![null.clone(), null],
             },
             &columns,
+            &[false, false],
         )
         .unwrap_err();
         assert_eq!((column, message.as_str()), (Some("id"), "NULL into a NOT NULL column"));
-        let (column, _) = convert_row(pb::Row { values: vec![int(1)] }, &columns).unwrap_err();
+        let (column, _) = convert_row(pb::Row { values: vec![int(1)] }, &columns, &[false, false]).unwrap_err();
         assert_eq!(column, None);
+        // NULL in an upsert's conflict column matches no key: refused, naming it.
+        let (column, message) = convert_row(
+            pb::Row {
+                values: vec![int(1), null_again()],
+            },
+            &columns,
+            &[false, true],
+        )
+        .unwrap_err();
+        assert_eq!(column, Some("at"));
+        assert!(message.contains("conflict columns"), "{message}");
+    }
+
+    fn null_again() -> pb::Value {
+        pb::Value { kind: None }
     }
 }

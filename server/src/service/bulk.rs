@@ -326,15 +326,21 @@ fn unreadable(status: Status) -> Error {
     Error::Backend(BackendError::LoadAbandoned)
 }
 
+/// What each row is checked against: its columns, which of them are an
+/// upsert's conflict columns, and whether a bad row is skipped.
+struct RowChecks<'a> {
+    columns: &'a [Column],
+    keys: &'a [bool],
+    skip_bad_rows: bool,
+}
+
 /// Reads the row batches of the stream into the engine's feed until the
 /// stream ends; returns early with the reason when the load must stop.
 async fn feed_rows(
     incoming: &mut Incoming<'_>,
     sender: &RowSender,
     caller: &Caller,
-    columns: &[Column],
-    keys: &[bool],
-    skip_bad_rows: bool,
+    checks: &RowChecks<'_>,
     skipped: &mut Skipped,
     throttled: &mut Duration,
 ) -> Result<bool> {
@@ -366,9 +372,9 @@ async fn feed_rows(
         let mut batch = Vec::with_capacity(rows.len());
         for (i, row) in rows.into_iter().enumerate() {
             let index = first + i as u64;
-            match convert_row(row, columns, keys) {
+            match convert_row(row, checks.columns, checks.keys) {
                 Ok(values) => batch.push(values),
-                Err((column, message)) if skip_bad_rows => skipped.add(index, column, message),
+                Err((column, message)) if checks.skip_bad_rows => skipped.add(index, column, message),
                 Err((column, message)) => {
                     return Err(Error::Backend(BackendError::Row {
                         index,
@@ -456,9 +462,11 @@ impl BulkApi {
             &mut incoming,
             &sender,
             &caller,
-            &columns,
-            &keys,
-            header.skip_bad_rows,
+            &RowChecks {
+                columns: &columns,
+                keys: &keys,
+                skip_bad_rows: header.skip_bad_rows,
+            },
             &mut skipped,
             &mut throttled,
         )

@@ -78,6 +78,11 @@ pub enum Error {
         "the client took no message for {0:?}, so the stream was ended (and its statement cancelled); read it faster"
     )]
     StreamStalled(Duration),
+    #[error(
+        "the client sent nothing for {0:?} (the tenant's transaction_idle_timeout), so the load was rolled back; \
+         send its rows without pausing that long"
+    )]
+    LoadIdle(Duration),
     #[error("too many result streams open (limit {limit}); retry when one ends")]
     TooManyStreams { limit: u32 },
     #[error("too many transactions open (limit {limit}); commit or roll back one first")]
@@ -224,6 +229,10 @@ impl From<Error> for Status {
             Error::StreamStalled(idle) => (
                 Code::DeadlineExceeded,
                 info("STREAM_STALLED", vec![("idle_ms", idle.as_millis().to_string())]),
+            ),
+            Error::LoadIdle(idle) => (
+                Code::DeadlineExceeded,
+                info("LOAD_IDLE", vec![("idle_ms", idle.as_millis().to_string())]),
             ),
             Error::TooManyStreams { limit } => at_cap("STREAM_CONCURRENCY_LIMITED", *limit),
             Error::TooManyTransactions { limit } => at_cap("TRANSACTION_LIMIT", *limit),

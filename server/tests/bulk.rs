@@ -1678,6 +1678,35 @@ async fn a_postgres_replace_leaves_readers_the_old_rows_and_allows_foreign_keys(
     ctx.server.stop().await;
 }
 
+/// A client that sends nothing for the tenant's transaction_idle_timeout
+/// in the middle of a load loses it (DEADLINE_EXCEEDED, LOAD_IDLE): it held
+/// a transaction and, on SQLite, the source's one write turn, which other
+/// writers wait for.
+#[tokio::test]
+async fn a_load_whose_client_falls_silent_is_rolled_back() {
+    let ctx = Ctx::new(Engine::Sqlite, "transaction_idle_timeout = \"1s\"").await;
+    let table = "weir_bulk_silent";
+    ctx.table(table, 2).await;
+    let before = ctx.contents(table).await;
+    let (tx, requests) = open_load(table).await;
+    let mut bulk = ctx.client.bulk();
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(10), bulk.load(requests))
+        .await
+        .expect("the load ends by itself")
+        .expect_err("rolled back");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::DeadlineExceeded, "LOAD_IDLE"),
+        "{err:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    drop(tx);
+    assert_eq!(ctx.contents(table).await, before, "nothing of the load stays");
+    ctx.exec(&format!("INSERT INTO {table} VALUES (7, 'other', 7)")).await;
+    ctx.server.stop().await;
+}
+
 /// A load whose connection is lost while its COMMIT runs may have
 /// committed: the caller hears UNKNOWN (COMMIT_OUTCOME_UNKNOWN, no retry
 /// delay), not UNAVAILABLE with a retry hint that would load the rows twice.

@@ -290,6 +290,10 @@ struct Incoming<'a> {
     cut: CancellationToken,
     revoked: Revocation,
     expires: Option<tokio::time::Instant>,
+    /// A client that sends nothing for this long loses its load: it holds
+    /// a transaction, its locks and a connection (and, on SQLite, the
+    /// source's one write turn) while it is silent.
+    idle: Duration,
 }
 
 impl Incoming<'_> {
@@ -301,7 +305,9 @@ impl Incoming<'_> {
             // The stop first: a client that always has rows ready must still see it.
             biased;
             e = super::stopped(&self.cut, &self.revoked, self.expires) => e,
-            message = self.stream.message() => return Ok(message),
+            message = tokio::time::timeout(self.idle, self.stream.message()) => {
+                return message.map_err(|_| Error::LoadIdle(self.idle));
+            }
         };
         // Stopped: what the client has sent already may be the stream's end
         // (its last rows waited behind the tenant's load rate, say).
@@ -457,6 +463,7 @@ impl BulkApi {
             cut: self.cut.clone(),
             revoked: caller.revoked.clone(),
             expires: caller.expires,
+            idle: caller.tenant.limits.transaction_idle_timeout,
         };
         let fed = feed_rows(
             &mut incoming,

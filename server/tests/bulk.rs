@@ -1707,6 +1707,81 @@ async fn a_load_whose_client_falls_silent_is_rolled_back() {
     ctx.server.stop().await;
 }
 
+/// A REPLACE whose every row was skipped as bad (column types that
+/// drifted) would commit an emptied table: it is refused, nothing changed.
+#[tokio::test]
+async fn a_replace_whose_every_row_was_skipped_changes_nothing() {
+    let ctx = Ctx::new(Engine::Sqlite, "").await;
+    let table = "weir_bulk_all_skipped";
+    ctx.table(table, 2).await;
+    let before = ctx.contents(table).await;
+    let mut load = header(table, pb::BulkLoadMode::Replace);
+    load.bad_rows = pb::BadRowPolicy::Skip as i32;
+    let drifted = |id: &str| pb::Row {
+        values: vec![
+            v(Kind::StringValue(id.into())),
+            v(Kind::StringValue("n".into())),
+            v(Kind::Int64Value(1)),
+        ],
+    };
+    let err = ctx
+        .load(load, vec![vec![drifted("one"), drifted("two")]])
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(ctx.contents(table).await, before);
+    ctx.server.stop().await;
+}
+
+/// The engine's bad row comes before the gateway's: the first bad row is
+/// the one reported, not a later one the gateway found while the engine
+/// had already failed (SQLite checks each row as it goes in).
+#[tokio::test]
+async fn the_first_bad_row_is_reported_when_the_engine_found_it() {
+    use weir_client::weir_proto::v1::load_request::Message as LoadMessage;
+    let ctx = Ctx::new(Engine::Sqlite, "").await;
+    let table = "weir_bulk_first_bad";
+    ctx.table(table, 0).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::LoadRequest {
+        message: Some(LoadMessage::Header(header(table, pb::BulkLoadMode::Append))),
+    })
+    .await
+    .expect("header");
+    // Row 3 breaks the CHECK (score >= 0), which only the engine sees.
+    let mut first = rows(0..10);
+    first[3] = row(3, "negative", -1);
+    tx.send(pb::LoadRequest {
+        message: Some(LoadMessage::Rows(pb::LoadRows { rows: first })),
+    })
+    .await
+    .expect("rows");
+    let mut bulk = ctx.client.bulk();
+    let call = tokio::spawn(async move { bulk.load(ReceiverStream::new(rx)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Row 15 has text for an integer, which the gateway sees.
+    let mut second = rows(10..20);
+    second[5].values[0] = v(Kind::StringValue("x".into()));
+    let _ = tx
+        .send(pb::LoadRequest {
+            message: Some(LoadMessage::Rows(pb::LoadRows { rows: second })),
+        })
+        .await;
+    drop(tx);
+    let err = call.await.expect("task").expect_err("bad rows");
+    let details = {
+        use tonic_types::StatusExt;
+        err.get_error_details()
+    };
+    let index = details
+        .error_info()
+        .and_then(|i| i.metadata.get("row_index").cloned())
+        .unwrap_or_default();
+    assert_eq!(index, "3", "{err:?}");
+    assert!(ctx.contents(table).await.is_empty());
+    ctx.server.stop().await;
+}
+
 /// A load whose connection is lost while its COMMIT runs may have
 /// committed: the caller hears UNKNOWN (COMMIT_OUTCOME_UNKNOWN, no retry
 /// delay), not UNAVAILABLE with a retry hint that would load the rows twice.

@@ -332,6 +332,14 @@ fn unreadable(status: Status) -> Error {
     Error::Backend(BackendError::LoadAbandoned)
 }
 
+/// How the client's rows stopped coming.
+enum Fed {
+    /// The client ended its stream after `received` rows.
+    Ended { received: u64 },
+    /// The engine stopped taking rows (an error, or a replayed load id).
+    EngineStopped,
+}
+
 /// What each row is checked against: its columns, which of them are an
 /// upsert's conflict columns, and whether a bad row is skipped.
 struct RowChecks<'a> {
@@ -349,13 +357,13 @@ async fn feed_rows(
     checks: &RowChecks<'_>,
     skipped: &mut Skipped,
     throttled: &mut Duration,
-) -> Result<bool> {
+) -> Result<Fed> {
     let limits = &caller.tenant.limits;
     let mut received = 0u64;
     loop {
         let message = match incoming.message().await? {
             Ok(Some(m)) => m,
-            Ok(None) => return Ok(true),
+            Ok(None) => return Ok(Fed::Ended { received }),
             Err(status) => return Err(unreadable(status)),
         };
         let rows = match message.message {
@@ -394,7 +402,7 @@ async fn feed_rows(
         *throttled += caller.tenant.limiter.charge_load(batch.len() as u64, bytes).await;
         if !sender.send(batch, bytes).await {
             // The engine stopped (an error, or a replayed load id): its result says why.
-            return Ok(false);
+            return Ok(Fed::EngineStopped);
         }
     }
 }
@@ -479,15 +487,48 @@ impl BulkApi {
         )
         .await;
         match fed {
-            Ok(true) => {
+            // Every row of a REPLACE skipped (types that drifted, say): a
+            // commit would leave the table emptied by what was meant to refill it.
+            Ok(Fed::Ended { received })
+                if header.mode == LoadMode::Replace && received > 0 && skipped.count == received =>
+            {
+                drop(sender);
+                let _ = engine.await;
+                let first = skipped
+                    .reported
+                    .first()
+                    .map(|r| format!("; the first, row {}: {}", r.row_index, r.message))
+                    .unwrap_or_default();
+                return Err(Error::Backend(BackendError::Engine {
+                    kind: crate::backend::EngineErrorKind::FailedPrecondition,
+                    code: String::new(),
+                    message: format!(
+                        "every row of this REPLACE ({received}) was skipped as bad, which would leave the table \
+                         empty: nothing was changed{first}"
+                    ),
+                }));
+            }
+            Ok(Fed::Ended { .. }) => {
                 sender.finish().await;
             }
-            Ok(false) => drop(sender),
+            Ok(Fed::EngineStopped) => drop(sender),
             Err(e) => {
                 drop(sender);
-                // Wait for the rollback, so the table is as it was when the caller hears of it.
-                let _ = engine.await;
-                return Err(e);
+                // Wait for the rollback, so the table is as it was when the
+                // caller hears of it. The engine may have met a bad row that
+                // came before this one: the first is the one to fix.
+                let engine_failed = engine.await.ok().and_then(Result::err).map(|f| skipped.translate(f));
+                let engines_first = match (&engine_failed, &e) {
+                    (
+                        Some(BackendError::Row { index: earlier, .. }),
+                        Error::Backend(BackendError::Row { index, .. }),
+                    ) => earlier < index,
+                    _ => false,
+                };
+                return match engine_failed {
+                    Some(first) if engines_first => Err(Error::Backend(first)),
+                    _ => Err(e),
+                };
             }
         }
         let outcome: LoadOutcome = engine

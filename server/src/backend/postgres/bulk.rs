@@ -71,13 +71,22 @@ fn write_escaped(text: &str, out: &mut BytesMut) -> Result<(), String> {
 }
 
 /// The row and column of a COPY error, from its context line
-/// (`COPY t, line 3, column n: "abc"`); lines count from 1.
+/// (`COPY t, line 3, column n: "abc"`); lines count from 1. The words are
+/// in the server's `lc_messages` (`COPY t, Zeile 3, Spalte n: ...`), so
+/// only the shape is relied on: the first ", <word> <number>" after the
+/// table's name, then the column after the next word.
 fn copy_position(db: &DbError) -> Option<(u64, Option<String>)> {
-    let context = db.where_()?;
-    let rest = &context[context.find(", line ")? + ", line ".len()..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    let line: u64 = digits.parse().ok()?;
-    let column = rest[digits.len()..].strip_prefix(", column ").map(|c| {
+    position_in(db.where_()?)
+}
+
+fn position_in(context: &str) -> Option<(u64, Option<String>)> {
+    let (line, after) = context.match_indices(", ").find_map(|(at, _)| {
+        let (_, rest) = context[at + 2..].split_once(' ')?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let line: u64 = digits.parse().ok()?;
+        Some((line, &rest[digits.len()..]))
+    })?;
+    let column = after.strip_prefix(", ").and_then(|c| c.split_once(' ')).map(|(_, c)| {
         let end = c.find(':').unwrap_or(c.len());
         c[..end].to_string()
     });
@@ -354,6 +363,20 @@ mod tests {
         let mut out = BytesMut::new();
         write_field(&v, &mut String::new(), &mut out).expect("encodes");
         String::from_utf8(out.to_vec()).expect("utf-8")
+    }
+
+    #[test]
+    fn copy_errors_name_their_row_in_any_language() {
+        assert_eq!(
+            position_in("COPY t, line 3, column n: \"x\""),
+            Some((2, Some("n".into())))
+        );
+        assert_eq!(
+            position_in("COPY t, Zeile 3, Spalte n: »x«"),
+            Some((2, Some("n".into())))
+        );
+        assert_eq!(position_in("COPY a, b, line 12"), Some((11, None)));
+        assert_eq!(position_in("COPY t"), None);
     }
 
     #[test]

@@ -265,6 +265,58 @@ async fn a_second_result_set_is_refused_not_dropped() {
 
 /// A deadlock ends a MySQL transaction: the handle then refuses further
 /// statements (which would have autocommitted) and Commit, as ABORTED.
+/// A stream inside a transaction that its client leaves is killed on the
+/// server, and what is left of its result is read then: the transaction's
+/// next call (here its Commit) does not fail with the killed statement's
+/// "query execution was interrupted".
+#[tokio::test]
+async fn a_transaction_goes_on_after_a_stream_its_client_left() {
+    let mut other = mysql_direct().await;
+    other
+        .query_drop(
+            "DROP TABLE IF EXISTS weir_my_tx_left_stream;
+             CREATE TABLE weir_my_tx_left_stream (id INT PRIMARY KEY) ENGINE = InnoDB",
+        )
+        .await
+        .expect("setup");
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    let tx = client
+        .begin("maria", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "maria", "INSERT INTO weir_my_tx_left_stream VALUES (1)", vec![])
+        .await
+        .expect("insert");
+    let mut stream = client
+        .query()
+        .execute_stream(pb::ExecuteStreamRequest {
+            source: "maria".into(),
+            sql: "SELECT seq FROM seq_1_to_50000000".into(),
+            transaction_id: tx.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    stream.message().await.expect("a first batch").expect("open");
+    drop(stream);
+    // The statement is killed once the server sees the client gone.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    client.commit(&tx).await.expect("the transaction commits");
+    let rows: Vec<i64> = other
+        .query("SELECT id FROM weir_my_tx_left_stream")
+        .await
+        .expect("read");
+    assert_eq!(rows, [1]);
+    other
+        .query_drop("DROP TABLE weir_my_tx_left_stream")
+        .await
+        .expect("drop");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_transaction_that_lost_a_deadlock_takes_no_more_statements() {
     let mut other = mysql_direct().await;

@@ -178,6 +178,14 @@ async fn start(hold: Hold, statement: Statement, killer: Arc<Killer>) -> Result<
     pending.started().await
 }
 
+/// Reads what is left of a result whose statement was just killed (the
+/// server ends it with "query execution was interrupted"). Left unread,
+/// mysql_async would read it before the connection's next command, and that
+/// command (a transaction's next statement, its COMMIT) would fail with it.
+async fn drain_killed(result: mysql_async::QueryResult<'_, '_, mysql_async::BinaryProtocol>) {
+    let _ = result.drop_result().await;
+}
+
 /// Runs a statement, streaming its rows; returns rows affected.
 async fn execute(
     conn: &mut Conn,
@@ -240,6 +248,7 @@ async fn execute(
     let returns_rows = !described.is_empty();
     if !worker.describe(described.into_iter().map(|(c, _)| c).collect()) {
         killer.kill(connection_id).await?;
+        drain_killed(result).await;
         return Ok(None);
     }
     let mut gather = worker.gather();
@@ -249,6 +258,7 @@ async fn execute(
             row = result.next() => row.map_err(map_error)?,
             () = worker.closed() => {
                 killer.kill(connection_id).await?;
+                drain_killed(result).await;
                 return Ok(None);
             }
         };
@@ -263,6 +273,7 @@ async fn execute(
         if let Some(chunk) = gather.end_row() {
             if !worker.send(chunk).await {
                 killer.kill(connection_id).await?;
+                drain_killed(result).await;
                 return Ok(None);
             }
         }

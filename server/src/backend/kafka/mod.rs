@@ -914,22 +914,23 @@ mod tests {
 
     #[test]
     fn refused_settings_do_not_show_their_value() {
-        let e = KafkaError::ClientConfig(
-            rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN,
-            "No such configuration property".into(),
-            "sasl.pasword".into(),
-            "hunter2".into(),
-        );
-        let text = settings_error("producer", &e);
-        assert!(text.contains("sasl.pasword") && !text.contains("hunter2"), "{text}");
-        let invalid = KafkaError::ClientConfig(
-            rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
-            "Invalid value \"hunter2\" for configuration property \"sasl.mechanism\"".into(),
-            "sasl.mechanism".into(),
-            "hunter2".into(),
-        );
-        let text = settings_error("producer", &invalid);
-        assert!(text.contains("sasl.mechanism") && !text.contains("hunter2"), "{text}");
+        use rdkafka::types::RDKafkaConfRes as R;
+        for (result, description, key) in [
+            (
+                R::RD_KAFKA_CONF_UNKNOWN,
+                "No such configuration property",
+                "sasl.pasword",
+            ),
+            (
+                R::RD_KAFKA_CONF_INVALID,
+                "Invalid value \"hunter2\" for configuration property \"sasl.mechanism\"",
+                "sasl.mechanism",
+            ),
+        ] {
+            let e = KafkaError::ClientConfig(result, description.into(), key.into(), "hunter2".into());
+            let text = settings_error("producer", &e);
+            assert!(text.contains(key) && !text.contains("hunter2"), "{text}");
+        }
     }
 
     #[test]

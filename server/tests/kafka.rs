@@ -753,6 +753,26 @@ async fn a_full_producer_queue_delays_records_without_losing_or_reordering_them(
     server.stop().await;
 }
 
+/// A record librdkafka refuses before queueing it (over its
+/// message.max.bytes, which is below Weir's max_record_bytes here) stops the
+/// records after it from being queued: sent again, it would come after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_refused_before_it_was_queued_holds_back_those_after_it() {
+    let source = kafka("kt", "events", "weir-t-") + "\"message.max.bytes\" = \"100000\"\n";
+    let server = TestServer::start(&tenant("kt", "", &source)).await;
+    let client = server.client("key-kt").await;
+    let topic = unique("weir-t-order-");
+    create_topic(&topic, 1).await;
+    let mut records: Vec<_> = (0..3).map(record).collect();
+    records[1].value = vec![b'x'; 200_000];
+    let err = produce(&client, &topic, records)
+        .await
+        .expect_err("the large record is refused");
+    assert_eq!(error_metadata(&err, "acknowledged_records"), "0", "{err:?}");
+    assert_eq!(error_metadata(&err, "failed_records"), "1,2", "{err:?}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_that_find_no_room_in_the_producer_queue_fail_as_unavailable() {
     // Room for one record, which is held 7 s before it is sent: the second

@@ -96,8 +96,9 @@ impl Producer {
     /// answer to each. A full queue is waited on (up to `queue_timeout` per
     /// record, and never past `answer_by`) before the next record is queued:
     /// queueing them all at once, the records retried after a full queue
-    /// could go out in any order. Once one record waited in vain, the rest
-    /// are not queued. Answers that do not come by `answer_by` are [`LATE`].
+    /// could go out in any order. Once one record waited in vain, or was
+    /// refused, the rest are not queued. Answers that do not come by
+    /// `answer_by` are [`LATE`].
     pub async fn send_all<'a>(
         &self,
         records: impl IntoIterator<Item = Record<'a>>,
@@ -115,8 +116,11 @@ impl Producer {
                         .await
                 }
             };
-            if let Err(e @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) = &queued {
-                stuck = Some(e.clone());
+            // Any record refused before it was queued (a full queue, a size
+            // over librdkafka's message.max.bytes) stops the rest: sent after
+            // it, they would overtake it once the caller sent it again.
+            if let Err(e) = &queued {
+                stuck.get_or_insert_with(|| e.clone());
             }
             reports.push(queued);
         }

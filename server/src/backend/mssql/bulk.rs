@@ -330,7 +330,6 @@ async fn load_in_transaction(
         if !children.is_empty() {
             return Err(bulk::replace_would_cascade(&children));
         }
-        conn.batch(&format!("DELETE FROM {}", spec.qualified(quote))).await?;
     }
     let collations = match spec.mode {
         LoadMode::Upsert => key_collations(conn, spec).await?,
@@ -338,6 +337,12 @@ async fn load_in_transaction(
     };
     conn.batch(&create_stage(spec)).await?;
     bulk_rows(conn, spec, feed).await?;
+    // REPLACE empties the table only once every row is staged: its locks
+    // (escalated to the whole table past a few thousand rows) then last for
+    // the move, not for as long as the client takes to send the rows.
+    if spec.mode == LoadMode::Replace {
+        conn.batch(&format!("DELETE FROM {}", spec.qualified(quote))).await?;
+    }
     let counts = conn.fetch(&move_rows(spec, &collations), vec![]).await?;
     conn.batch(&format!("DROP TABLE {STAGE}")).await?;
     let path = match spec.mode {

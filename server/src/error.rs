@@ -79,7 +79,7 @@ pub enum Error {
     )]
     StreamStalled(Duration),
     #[error(
-        "the client sent nothing for {0:?} (the tenant's transaction_idle_timeout), so the load was rolled back; \
+        "no whole message came from the client for {0:?} (the tenant's transaction_idle_timeout), so the load was rolled back; \
          send its rows without pausing that long"
     )]
     LoadIdle(Duration),

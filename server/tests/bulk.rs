@@ -1811,7 +1811,8 @@ async fn a_load_whose_commit_answer_is_lost_is_reported_as_unknown() {
         let killed = pg
             .query(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE query = 'COMMIT' AND state = 'active' AND pid <> pg_backend_pid()",
+                 WHERE query = 'COMMIT' AND state = 'active' AND wait_event = 'PgSleep' \
+                   AND pid <> pg_backend_pid()",
                 &[],
             )
             .await

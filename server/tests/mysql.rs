@@ -263,8 +263,6 @@ async fn a_second_result_set_is_refused_not_dropped() {
     server.stop().await;
 }
 
-/// A deadlock ends a MySQL transaction: the handle then refuses further
-/// statements (which would have autocommitted) and Commit, as ABORTED.
 /// A stream inside a transaction that its client leaves is killed on the
 /// server, and what is left of its result is read then: the transaction's
 /// next call (here its Commit) does not fail with the killed statement's
@@ -317,6 +315,8 @@ async fn a_transaction_goes_on_after_a_stream_its_client_left() {
     server.stop().await;
 }
 
+/// A deadlock ends a MySQL transaction: the handle then refuses further
+/// statements (which would have autocommitted) and Commit, as ABORTED.
 #[tokio::test]
 async fn a_transaction_that_lost_a_deadlock_takes_no_more_statements() {
     let mut other = mysql_direct().await;

@@ -868,7 +868,18 @@ async fn read_only_sources_refuse_writes_in_the_engine() {
             .execute("pg", sql, vec![])
             .await
             .expect_err("no write through a read-only source");
-        assert_ne!(err.code(), Code::Ok, "{sql}");
+        assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
+        assert!(err.message().contains("read-only transaction"), "{}", err.message());
+        // In a read-only transaction it runs, atomically: its COMMIT is refused.
+        let tx = client
+            .begin("pg", pb::IsolationLevel::Unspecified, true)
+            .await
+            .expect("begin read-only");
+        client
+            .execute_in(&tx, "pg", sql, vec![])
+            .await
+            .expect_err("cannot commit inside a transaction block");
+        let _ = client.rollback(&tx).await;
     }
     // Later statements on the same sessions are read-only as before, and nothing was written.
     let err = client

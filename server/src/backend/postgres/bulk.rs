@@ -79,7 +79,10 @@ fn copy_position(db: &DbError) -> Option<(u64, Option<String>)> {
     position_in(db.where_()?)
 }
 
+/// The position in the context's COPY line: its last line (a trigger's
+/// statement can come before it, with numbers of its own).
 fn position_in(context: &str) -> Option<(u64, Option<String>)> {
+    let context = context.lines().rev().find(|l| l.starts_with("COPY "))?;
     let (line, after) = context.match_indices(", ").find_map(|(at, _)| {
         let (_, rest) = context[at + 2..].split_once(' ')?;
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
@@ -88,7 +91,7 @@ fn position_in(context: &str) -> Option<(u64, Option<String>)> {
     })?;
     let column = after.strip_prefix(", ").and_then(|c| c.split_once(' ')).map(|(_, c)| {
         let end = c.find(':').unwrap_or(c.len());
-        c[..end].to_string()
+        c[..end].trim_end().to_string()
     });
     Some((line.checked_sub(1)?, column))
 }
@@ -377,6 +380,11 @@ mod tests {
         );
         assert_eq!(position_in("COPY a, b, line 12"), Some((11, None)));
         assert_eq!(position_in("COPY t"), None);
+        // A trigger's statement comes first; French puts a space before the colon.
+        assert_eq!(
+            position_in("SQL statement \"INSERT INTO log VALUES (1, 'x', 3)\"\nCOPY t, ligne 7, colonne n : « x »"),
+            Some((6, Some("n".into())))
+        );
     }
 
     #[test]

@@ -480,16 +480,7 @@ fn describe(prepared: &tokio_postgres::Statement, statement: &Statement) -> Resu
     prepared.columns().iter().map(types::column).collect()
 }
 
-/// `read_only_block`: run the statement inside `BEGIN READ ONLY`, left for
-/// the next reset to roll back. On a read-only source a top-level `DO` or
-/// `CALL` could otherwise `SET default_transaction_read_only = off`,
-/// `COMMIT`, and write in the transaction after; in a block it cannot commit.
-async fn run(
-    mut lease: Lease,
-    statement: Statement,
-    reset: SessionReset,
-    read_only_block: bool,
-) -> Result<QueryStream, BackendError> {
+async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Result<QueryStream, BackendError> {
     types::check_params(&statement.params)?;
     // Refused before it is sent: in COPY IN the server ignores the Sync that
     // ends the call, and waits for data no statement call sends.
@@ -519,7 +510,7 @@ async fn run(
         let Some(lease) = guard.lease.as_mut() else {
             return Err(BackendError::Internal("statement lease missing".into()));
         };
-        if reset_first && (read_only_block || !lease.statements.contains_key(&statement.sql)) {
+        if reset_first && !lease.statements.contains_key(&statement.sql) {
             if let Err(e) = lease.client.batch_execute(reset_sql).await {
                 guard.finish();
                 return Err(map_error(e));
@@ -527,16 +518,6 @@ async fn run(
             lease.needs_rollback = false;
             lease.needs_reset = false;
             reset_first = false;
-        }
-        if read_only_block && !block_after {
-            // Marked first: a call abandoned from here on leaves a block to roll back.
-            lease.needs_rollback = true;
-            lease.needs_reset = true;
-            block_after = true;
-            if let Err(e) = lease.client.batch_execute("BEGIN READ ONLY").await {
-                guard.finish();
-                return Err(map_error(e));
-            }
         }
         let Prepared {
             statement: prepared,
@@ -602,7 +583,11 @@ async fn run(
                 // statement this session had prepared: the cache is
                 // emptied, and this one prepared again and run (Bind failed,
                 // so nothing ran).
-                let discarded = matches!(&e, BackendError::Engine { code, .. } if code == "26000");
+                // Only the driver's own statement (named `s<N>`): a procedure's
+                // EXECUTE of a missing statement raises 26000 too, after work
+                // it may have done.
+                let discarded = matches!(&e, BackendError::Engine { code, message, .. }
+                    if code == "26000" && names_a_driver_statement(message));
                 if discarded {
                     l.statements.clear();
                 }
@@ -779,14 +764,17 @@ impl SqlSource for PostgresSource {
                 return multiplex.query(statement, self.pool.breaker()).await;
             }
         }
-        let read_only_block = self.read_only && crate::backend::sql_text::may_commit_inside(&statement.sql);
-        run(
-            Lease::Pooled(self.pool.lease().await?),
-            statement,
-            self.session_reset,
-            read_only_block,
-        )
-        .await
+        // Outside a transaction block PostgreSQL runs a top-level DO or CALL
+        // non-atomically: it could `SET default_transaction_read_only = off`,
+        // COMMIT, and write in the transaction after.
+        if self.read_only && crate::backend::sql_text::may_commit_inside(&statement.sql) {
+            return Err(BackendError::Invalid(
+                "a DO block or CALL may commit on its own, so a read-only source runs it only inside a \
+                 read-only transaction (BeginTransaction with read_only), where it cannot"
+                    .into(),
+            ));
+        }
+        run(Lease::Pooled(self.pool.lease().await?), statement, self.session_reset).await
     }
 
     async fn begin(&self, options: TxOptions) -> Result<Box<dyn SqlTransaction>, BackendError> {
@@ -905,7 +893,7 @@ impl SqlTransaction for PgTransaction {
         if let Some(cause) = lease.broken {
             return Err(BackendError::TransactionBroken(cause));
         }
-        run(Lease::Transaction(lease), statement, SessionReset::Always, false).await
+        run(Lease::Transaction(lease), statement, SessionReset::Always).await
     }
 
     async fn commit(&self) -> Result<(), BackendError> {
@@ -973,6 +961,15 @@ const IN_FAILED_TRANSACTION: &str = "25P02";
 /// (ALTER TABLE under `SELECT *`). It checks this when binding, before the
 /// statement runs, so running it again after a new prepare is safe.
 const STALE_PLAN: (&str, &str) = ("0A000", "cached plan must not change result type");
+
+/// Whether a 26000 message ("prepared statement \"s12\" does not exist")
+/// names one of tokio-postgres's statements, which it names `s<N>`.
+fn names_a_driver_statement(message: &str) -> bool {
+    message.split('"').nth(1).is_some_and(|name| {
+        name.strip_prefix('s')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
 
 fn plan_went_stale(e: &BackendError) -> bool {
     matches!(e, BackendError::Engine { code, message, .. }
@@ -1119,7 +1116,7 @@ mod tests {
             whole_result: false,
         };
         // tokio-postgres returns the rows only once the statement sends one.
-        let query = tokio::spawn(run(Lease::Pooled(lease), statement, SessionReset::Auto, false));
+        let query = tokio::spawn(run(Lease::Pooled(lease), statement, SessionReset::Auto));
         let (observer, connection) = test_config(test_port()).connect(NoTls).await.expect("an observer");
         tokio::spawn(connection);
         let running = || async {

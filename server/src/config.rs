@@ -712,15 +712,23 @@ impl Config {
     pub fn unused_backend_hosts(&self) -> Vec<&str> {
         self.backend_hosts
             .keys()
-            .filter(|host| {
-                !self
-                    .tenants
-                    .values()
-                    .flat_map(|t| t.sources.values())
-                    .any(|s| s.host_port().as_deref() == Some(host.as_str()))
-            })
+            .filter(|host| self.sources_on(host).next().is_none())
             .map(String::as_str)
             .collect()
+    }
+
+    /// The sources that connect to `host` ("host:port"): tenant id, tenant, source name, source.
+    fn sources_on<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a TenantConfig, &'a str, &'a SourceConfig)> + 'a {
+        self.tenants.iter().flat_map(move |(tenant_id, tenant)| {
+            tenant
+                .sources
+                .iter()
+                .filter(move |(_, source)| source.host_port().as_deref() == Some(host))
+                .map(move |(name, source)| (tenant_id.as_str(), tenant, name.as_str(), source))
+        })
     }
 
     /// Every configured database server's cap must hold even with every
@@ -745,23 +753,18 @@ impl Config {
             }
             let mut total = 0u64;
             let mut parts = Vec::new();
-            for (tenant_id, tenant) in &self.tenants {
-                for (name, source) in &tenant.sources {
-                    if source.host_port().as_deref() != Some(host.as_str()) {
-                        continue;
-                    }
-                    let streams = u64::from(tenant.limits.max_concurrent_subscriptions)
-                        * u64::from(SESSIONS_PER_CHANGE_STREAM)
-                        + DELETE_SESSIONS;
-                    let streams = match source.engine {
-                        EngineKind::Kafka => 0,
-                        EngineKind::Mysql => streams + KILL_SESSIONS,
-                        _ => streams,
-                    };
-                    let n = u64::from(source.pool.max_size) + streams;
-                    total += n;
-                    parts.push(format!("tenants.{tenant_id}.sources.{name}: {n}"));
-                }
+            for (tenant_id, tenant, name, source) in self.sources_on(host) {
+                let streams = u64::from(tenant.limits.max_concurrent_subscriptions)
+                    * u64::from(SESSIONS_PER_CHANGE_STREAM)
+                    + DELETE_SESSIONS;
+                let streams = match source.engine {
+                    EngineKind::Kafka => 0,
+                    EngineKind::Mysql => streams + KILL_SESSIONS,
+                    _ => streams,
+                };
+                let n = u64::from(source.pool.max_size) + streams;
+                total += n;
+                parts.push(format!("tenants.{tenant_id}.sources.{name}: {n}"));
             }
             if total > u64::from(cap.max_connections) {
                 return Err(invalid(

@@ -25,14 +25,6 @@ pub enum Error {
         "the transaction's database session was lost ({0}); it was rolled back: run it again from BeginTransaction"
     )]
     TransactionLost(String),
-    /// COMMIT was sent and its answer never came (the session was lost, or
-    /// the call's time ran out first): the engine may have committed.
-    /// Running the transaction again could apply it twice.
-    #[error(
-        "COMMIT was sent but its answer never came ({0}): the transaction may or may not \
-         have been committed; check its effects before running it again"
-    )]
-    CommitOutcomeUnknown(String),
     #[error("invalid {field}: {message}")]
     InvalidArgument { field: &'static str, message: String },
     #[error("rate limit of {rate} requests per second exceeded; retry in {retry_after:?}")]
@@ -169,7 +161,6 @@ impl From<Error> for Status {
                 d.set_retry_info(Some(Duration::from_secs(1)));
                 (Code::Aborted, d)
             }
-            Error::CommitOutcomeUnknown(_) => (Code::Unknown, info("COMMIT_OUTCOME_UNKNOWN", vec![])),
             Error::InvalidArgument { field, message } => {
                 let mut d = ErrorDetails::with_bad_request_violation(*field, message.clone());
                 d.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, std::collections::HashMap::new());
@@ -327,7 +318,7 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
             (Code::InvalidArgument, d)
         }
         BackendError::LoadAbandoned => (Code::Aborted, info("LOAD_ABANDONED", vec![])),
-        BackendError::LoadCommitUnknown(_) => (Code::Unknown, info("COMMIT_OUTCOME_UNKNOWN", vec![])),
+        BackendError::CommitOutcomeUnknown(_) => (Code::Unknown, info("COMMIT_OUTCOME_UNKNOWN", vec![])),
         BackendError::TransactionEnded => (Code::NotFound, info("TRANSACTION_NOT_FOUND", vec![])),
         BackendError::TransactionRolledBack(_) | BackendError::TransactionBroken(_) => {
             let mut d = info("TRANSACTION_LOST", vec![]);

@@ -105,17 +105,15 @@ pub async fn run(
             let _ = stop.wait_for(|s| *s).await;
         }))
     });
-    let stop_probes = monitor.abort_handle();
+    let stop_monitor = monitor.abort_handle();
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: no new calls; draining calls in progress");
         // Load balancers stop sending before the listener closes.
-        stop_probes.abort();
+        monitor.abort();
         // A probe round in the middle of saying SERVING on another thread
         // finishes that step first: NOT_SERVING must come after it.
-        while !stop_probes.is_finished() {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
+        let _ = monitor.await;
         readiness.set(false);
         health::set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
         let _ = stop_tx.send(true);
@@ -164,7 +162,7 @@ pub async fn run(
         }
     };
     let wrap_up_by = wrap_up_by.unwrap_or_else(|| tokio::time::Instant::now() + WRAP_UP);
-    monitor.abort();
+    stop_monitor.abort();
     reaper.abort();
     if let Some(watcher) = watcher {
         watcher.abort();

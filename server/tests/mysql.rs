@@ -263,26 +263,30 @@ async fn a_second_result_set_is_refused_not_dropped() {
     server.stop().await;
 }
 
-/// A stream inside a transaction that its client leaves is killed on the
-/// server, and what is left of its result is read then: the transaction's
-/// next call (here its Commit) does not fail with the killed statement's
-/// "query execution was interrupted".
-#[tokio::test]
-async fn a_transaction_goes_on_after_a_stream_its_client_left() {
-    let mut other = mysql_direct().await;
-    other
-        .query_drop(
-            "DROP TABLE IF EXISTS weir_my_tx_left_stream;
-             CREATE TABLE weir_my_tx_left_stream (id INT PRIMARY KEY) ENGINE = InnoDB",
-        )
-        .await
-        .expect("setup");
+/// A direct session that has run `setup`, and a gateway client in a transaction of its own.
+async fn in_a_transaction(setup: &str) -> (mysql_async::Conn, TestServer, weir_client::WeirClient, Vec<u8>) {
+    let mut direct = mysql_direct().await;
+    direct.query_drop(setup).await.expect("setup");
     let server = TestServer::start(&config()).await;
     let client = server.client("key-shop").await;
     let tx = client
         .begin("maria", IsolationLevel::Unspecified, false)
         .await
         .expect("begin");
+    (direct, server, client, tx)
+}
+
+/// A stream inside a transaction that its client leaves is killed on the
+/// server, and what is left of its result is read then: the transaction's
+/// next call (here its Commit) does not fail with the killed statement's
+/// "query execution was interrupted".
+#[tokio::test]
+async fn a_transaction_goes_on_after_a_stream_its_client_left() {
+    let (mut other, server, client, tx) = in_a_transaction(
+        "DROP TABLE IF EXISTS weir_my_tx_left_stream;
+         CREATE TABLE weir_my_tx_left_stream (id INT PRIMARY KEY) ENGINE = InnoDB",
+    )
+    .await;
     client
         .execute_in(&tx, "maria", "INSERT INTO weir_my_tx_left_stream VALUES (1)", vec![])
         .await
@@ -319,21 +323,12 @@ async fn a_transaction_goes_on_after_a_stream_its_client_left() {
 /// statements (which would have autocommitted) and Commit, as ABORTED.
 #[tokio::test]
 async fn a_transaction_that_lost_a_deadlock_takes_no_more_statements() {
-    let mut other = mysql_direct().await;
-    other
-        .query_drop(
-            "DROP TABLE IF EXISTS weir_my_tx_deadlock;
-             CREATE TABLE weir_my_tx_deadlock (id INT PRIMARY KEY, v INT) ENGINE = InnoDB;
-             INSERT INTO weir_my_tx_deadlock SELECT seq, 0 FROM seq_1_to_300",
-        )
-        .await
-        .expect("setup");
-    let server = TestServer::start(&config()).await;
-    let client = server.client("key-shop").await;
-    let tx = client
-        .begin("maria", IsolationLevel::Unspecified, false)
-        .await
-        .expect("begin");
+    let (mut other, server, client, tx) = in_a_transaction(
+        "DROP TABLE IF EXISTS weir_my_tx_deadlock;
+         CREATE TABLE weir_my_tx_deadlock (id INT PRIMARY KEY, v INT) ENGINE = InnoDB;
+         INSERT INTO weir_my_tx_deadlock SELECT seq, 0 FROM seq_1_to_300",
+    )
+    .await;
     client
         .execute_in(
             &tx,

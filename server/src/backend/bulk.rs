@@ -55,7 +55,7 @@ pub struct LoadSpec {
 /// the load may have committed, and a retry hint would load it twice.
 pub fn commit_failed(e: BackendError) -> BackendError {
     if e.is_unavailable() {
-        BackendError::LoadCommitUnknown(e.to_string())
+        BackendError::CommitOutcomeUnknown(e.to_string())
     } else {
         e
     }

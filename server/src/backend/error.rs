@@ -118,12 +118,13 @@ pub enum BackendError {
     /// The rows of a load stopped coming before the load was complete; it was rolled back.
     #[error("the load ended before its last row and was rolled back")]
     LoadAbandoned,
-    /// The load's COMMIT was sent, and its answer never came.
+    /// COMMIT (of a transaction, or of a load) was sent and its answer
+    /// never came: running the work again could apply it twice.
     #[error(
-        "the load's COMMIT was sent but its answer never came ({0}): its rows may or may not be in the table; \
-         with a load_id, send the load again (it loads once), without one check before loading again"
+        "COMMIT was sent but its answer never came ({0}): what it would commit may or may not be there; \
+         check before running it again (a load with a load_id can be sent again: it loads once)"
     )]
-    LoadCommitUnknown(String),
+    CommitOutcomeUnknown(String),
     /// A load id that committed for another table.
     #[error("load_id was already used for a load into {0}; use a new load_id for another table")]
     LoadIdReused(String),

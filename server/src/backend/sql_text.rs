@@ -114,26 +114,6 @@ fn block_comment_end(mut rest: &str, nested: bool) -> &str {
     rest
 }
 
-/// Whether `sql` is a `COPY` to or from the client (`FROM STDIN`, `TO
-/// STDOUT`), which leaves the query protocol for a data exchange no
-/// statement call can carry.
-pub fn copies_with_client(sql: &str) -> bool {
-    if !leading_words(sql, 1)
-        .iter()
-        .any(|words| words.first().is_some_and(|w| w == "copy"))
-    {
-        return false;
-    }
-    // STDIN right after FROM, STDOUT right after TO: not a file named
-    // stdout.csv, nor a column named stdin.
-    let words: Vec<&str> = sql.split_whitespace().collect();
-    words.windows(2).any(|pair| {
-        let (a, b) = (pair[0], pair[1].trim_end_matches(';'));
-        (a.eq_ignore_ascii_case("from") && b.eq_ignore_ascii_case("stdin"))
-            || (a.eq_ignore_ascii_case("to") && b.eq_ignore_ascii_case("stdout"))
-    })
-}
-
 /// Whether `sql` runs procedural code that may commit by itself: a
 /// top-level `DO` block or `CALL` of a procedure (PostgreSQL runs both
 /// non-atomically outside a transaction block).
@@ -224,13 +204,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn copies_with_the_client_and_procedures_are_told_apart() {
-        assert!(copies_with_client("copy t from stdin"));
-        assert!(copies_with_client("COPY (SELECT 1) TO STDOUT WITH (FORMAT csv)"));
-        assert!(!copies_with_client("COPY t TO '/tmp/t.csv'"));
-        assert!(!copies_with_client("SELECT 'copy from stdin'"));
-        assert!(!copies_with_client("COPY t TO '/tmp/stdout.csv'"));
-        assert!(!copies_with_client("COPY t (stdin) FROM '/tmp/t.csv'"));
+    fn procedures_that_may_commit_are_told_apart() {
         assert!(writes_and_returns_rows(
             "((WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d))"
         ));

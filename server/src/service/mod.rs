@@ -160,22 +160,38 @@ pub struct StreamOut<T> {
     tx: mpsc::Sender<Result<T, Status>>,
     last: Arc<Mutex<Option<Status>>>,
     idle: Duration,
-    taken: watch::Receiver<u64>,
+    /// With [`StreamOut::counted`]: how many messages the transport took.
+    taken: Option<watch::Receiver<u64>>,
 }
 
 /// The response side of a [`StreamOut`]: its messages, then its closing error, if any.
 pub struct StreamIn<T> {
     rx: ReceiverStream<Result<T, Status>>,
     last: Arc<Mutex<Option<Status>>>,
-    /// Messages the transport has taken from the buffer.
-    taken: watch::Sender<u64>,
+    /// Messages the transport has taken from the buffer, for a counted stream only.
+    taken: Option<watch::Sender<u64>>,
 }
 
 impl<T> StreamOut<T> {
     pub fn channel(buffer: usize, idle: Duration) -> (StreamOut<T>, StreamIn<T>) {
+        Self::build(buffer, idle, None)
+    }
+
+    /// A channel that also counts the messages the transport has taken
+    /// (see [`StreamOut::taken`]); the other streams do without the cost.
+    pub fn counted(buffer: usize, idle: Duration) -> (StreamOut<T>, StreamIn<T>) {
+        let (sender, receiver) = watch::channel(0);
+        Self::build(buffer, idle, Some((sender, receiver)))
+    }
+
+    fn build(
+        buffer: usize,
+        idle: Duration,
+        taken: Option<(watch::Sender<u64>, watch::Receiver<u64>)>,
+    ) -> (StreamOut<T>, StreamIn<T>) {
         let (tx, rx) = mpsc::channel(buffer);
         let last = Arc::new(Mutex::new(None));
-        let (taken_tx, taken) = watch::channel(0);
+        let (counter, taken) = taken.unzip();
         (
             StreamOut {
                 tx,
@@ -186,15 +202,15 @@ impl<T> StreamOut<T> {
             StreamIn {
                 rx: ReceiverStream::new(rx),
                 last,
-                taken: taken_tx,
+                taken: counter,
             },
         )
     }
 
-    /// How many messages the transport has taken from the buffer so far:
-    /// those sent and not yet taken never reached the client if the call
-    /// ends now (a cancel, a deadline).
-    pub fn taken(&self) -> watch::Receiver<u64> {
+    /// How many messages the transport has taken from the buffer so far
+    /// (a [`StreamOut::counted`] stream's): those sent and not yet taken
+    /// never reached the client if the call ends now (a cancel, a deadline).
+    pub fn taken(&self) -> Option<watch::Receiver<u64>> {
         self.taken.clone()
     }
 
@@ -223,7 +239,9 @@ impl<T> StreamOut<T> {
     /// Waits until the transport has taken `sent` messages, the client has
     /// gone, or it took none for the idle time.
     pub async fn taken_up_to(&self, sent: u64) {
-        let mut taken = self.taken.clone();
+        let Some(mut taken) = self.taken.clone() else {
+            return;
+        };
         while *taken.borrow_and_update() < sent {
             tokio::select! {
                 changed = tokio::time::timeout(self.idle, taken.changed()) => {
@@ -254,7 +272,9 @@ impl<T> Stream for StreamIn<T> {
         match Pin::new(&mut self.rx).poll_next(cx) {
             Poll::Ready(None) => Poll::Ready(self.last.lock().take().map(Err)),
             Poll::Ready(Some(item)) => {
-                self.taken.send_modify(|n| *n += 1);
+                if let Some(taken) = &self.taken {
+                    taken.send_modify(|n| *n += 1);
+                }
                 Poll::Ready(Some(item))
             }
             Poll::Pending => Poll::Pending,

@@ -16,7 +16,7 @@ use super::arrow_ipc::ArrowBatches;
 use super::convert;
 use super::transactions::{OpenTransaction, Transactions};
 use super::{caller, source, statement_timeout, Gate, StreamIn, StreamOut};
-use crate::backend::{sql_text, QueryStream, RowSink, SqlTransaction, Statement, TxOptions};
+use crate::backend::{sql_text, BackendError, QueryStream, RowSink, SqlTransaction, Statement, TxOptions};
 use crate::error::{Error, Result};
 use crate::telemetry;
 use crate::tenant::{Caller, Source};
@@ -181,14 +181,18 @@ impl Target {
             let commit = tokio::time::timeout_at(commit_by, tx.commit());
             match super::until_stopped(cut, &caller.revoked, caller.expires, commit).await {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) if e.is_unavailable() => return Err(Error::CommitOutcomeUnknown(e.to_string())),
+                Ok(Ok(Err(e))) if e.is_unavailable() => {
+                    return Err(BackendError::CommitOutcomeUnknown(e.to_string()).into())
+                }
                 Ok(Ok(Err(e))) => return Err(Error::from(e)),
                 Ok(Err(_)) => {
-                    return Err(Error::CommitOutcomeUnknown(
-                        "the statement's time limit passed first".into(),
-                    ))
+                    return Err(
+                        BackendError::CommitOutcomeUnknown("the statement's time limit passed first".into()).into(),
+                    )
                 }
-                Err(stop) => return Err(Error::CommitOutcomeUnknown(format!("the call was ended: {stop}"))),
+                Err(stop) => {
+                    return Err(BackendError::CommitOutcomeUnknown(format!("the call was ended: {stop}")).into())
+                }
             }
         } else {
             tokio::spawn(async move {

@@ -179,7 +179,7 @@ async fn pass_on(
     tx: &ConsumeSender,
     cut: &CancellationToken,
 ) -> Result<(), Error> {
-    let mut commits = auto_commit.then(|| AutoCommit::new(tx.taken()));
+    let mut commits = auto_commit.then(|| tx.taken()).flatten().map(AutoCommit::new);
     let ended = pass_on_until_done(caller, source, records, &mut commits, max_records, tx, cut).await;
     // What the transport took before the end was given to the client. A
     // stream that reached its end (max_records) waits for its last batches
@@ -401,7 +401,7 @@ impl StreamService for StreamApi {
         };
         let permit = caller.tenant.limiter.admit_consumer()?;
         let records = topics.consume(spec).await?;
-        let (tx, rx) = StreamOut::channel(CONSUME_BUFFER, self.stream_idle);
+        let (tx, rx) = StreamOut::counted(CONSUME_BUFFER, self.stream_idle);
         let cut = self.cut.clone();
         tokio::spawn(async move {
             let _permit = permit;

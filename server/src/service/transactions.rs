@@ -169,7 +169,7 @@ impl Transactions {
             // The engine rolled back a transaction whose session it lost: what was asked for holds.
             Err(e) if !commit && e.is_unavailable() => Ok(()),
             // A session known lost before COMMIT was sent is TransactionRolledBack instead.
-            Err(e) if e.is_unavailable() => Err(Error::CommitOutcomeUnknown(e.to_string())),
+            Err(e) if e.is_unavailable() => Err(BackendError::CommitOutcomeUnknown(e.to_string()).into()),
             other => other.map_err(|e| Error::from(e).in_transaction()),
         }
     }

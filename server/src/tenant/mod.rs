@@ -384,8 +384,6 @@ impl Tenants {
         &self.all
     }
 
-    /// Once this snapshot is in force: ends the calls made with credentials
-    /// of `previous` that this one did not carry over, and counts them.
     /// Ends the Kafka streams of `previous`'s sources that this snapshot
     /// replaced or removed, where they read a topic the source in force (if
     /// any) no longer allows: a narrowed allow-list must not leave consumers
@@ -407,6 +405,8 @@ impl Tenants {
         }
     }
 
+    /// Once this snapshot is in force: ends the calls made with credentials
+    /// of `previous` that this one did not carry over, and counts them.
     pub fn revoke_dropped(&self, previous: &Tenants) -> usize {
         // `rebuild` decided what is carried over: a token it did not carry
         // into this snapshot is taken away.

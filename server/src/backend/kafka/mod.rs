@@ -17,7 +17,7 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 
 use producer::{Producer, Record};
 
@@ -298,7 +298,6 @@ struct KafkaRecords {
     /// Cancelled by `retire` when a reload takes one of the stream's topics
     /// away (and when the stream is dropped, which ends its registration).
     retired: CancellationToken,
-    _registered: DropGuard,
     /// Taken when the stream is dropped, to be let go of by [`release`].
     consumer: Option<Arc<StreamConsumer>>,
     /// The offsets committed through this stream so far, to wait for at its end.
@@ -307,6 +306,8 @@ struct KafkaRecords {
 
 impl Drop for KafkaRecords {
     fn drop(&mut self) {
+        // Ends its registration for `retire`.
+        self.retired.cancel();
         if let Some(consumer) = self.consumer.take() {
             release(consumer);
         }
@@ -803,7 +804,6 @@ impl TopicSource for KafkaSource {
         tokio::spawn(pump(consumer.clone(), tx));
         Ok(Box::new(KafkaRecords {
             rx,
-            _registered: retired.clone().drop_guard(),
             retired,
             consumer: Some(consumer),
             committed: Vec::new(),

@@ -429,6 +429,12 @@ pub async fn load(
         .map_err(map_error);
     match (result, ended, restored) {
         (Ok(outcome), Ok(()), Ok(())) => Ok(outcome),
+        // Committed: a session setting not put back is the pool's to reset
+        // (or the lost connection's to take along), not a failed load to send again.
+        (Ok(outcome), Ok(()), Err(e)) if end == "COMMIT" => {
+            tracing::warn!(error = %e, "the load committed, but its session settings could not be put back");
+            Ok(outcome)
+        }
         (Err(e), _, _) | (Ok(_), Err(e), _) | (Ok(_), Ok(()), Err(e)) => Err(e),
     }
 }

@@ -482,9 +482,8 @@ fn describe(prepared: &tokio_postgres::Statement, statement: &Statement) -> Resu
 
 async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Result<QueryStream, BackendError> {
     types::check_params(&statement.params)?;
-    // Refused before it is sent: in COPY IN the server ignores the Sync that
-    // ends the call, and waits for data no statement call sends.
-    if crate::backend::sql_text::copies_with_client(&statement.sql) {
+    // Refused before it is sent (never cached, so checked on every call of it).
+    if !lease.statements.contains_key(&statement.sql) && session::copies_with_client(&statement.sql) {
         return Err(copy_refused());
     }
     // A pooled session is reset before its next statement; when the statement
@@ -962,11 +961,12 @@ const IN_FAILED_TRANSACTION: &str = "25P02";
 /// statement runs, so running it again after a new prepare is safe.
 const STALE_PLAN: (&str, &str) = ("0A000", "cached plan must not change result type");
 
-/// Whether a 26000 message ("prepared statement \"s12\" does not exist")
-/// names one of tokio-postgres's statements, which it names `s<N>`.
+/// Whether a 26000 message (`prepared statement "s12" does not exist`, or
+/// `»s12«` in German) names one of tokio-postgres's statements, which it
+/// names `s<N>`: a word of that shape, whatever the quotes around it.
 fn names_a_driver_statement(message: &str) -> bool {
-    message.split('"').nth(1).is_some_and(|name| {
-        name.strip_prefix('s')
+    message.split(|c: char| !c.is_alphanumeric()).any(|word| {
+        word.strip_prefix('s')
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     })
 }
@@ -1029,6 +1029,16 @@ pub(crate) fn engine_error(code: &str, text: &str, detail: Option<&str>, positio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_statement_is_the_drivers_in_any_language() {
+        assert!(names_a_driver_statement("prepared statement \"s12\" does not exist"));
+        assert!(names_a_driver_statement("vorbereitete Anweisung »s3« existiert nicht"));
+        assert!(!names_a_driver_statement(
+            "prepared statement \"report\" does not exist"
+        ));
+        assert!(!names_a_driver_statement("prepared statement \"s\" does not exist"));
+    }
 
     fn var(name: &str, default: &str) -> String {
         std::env::var(name).unwrap_or_else(|_| default.to_string())

@@ -56,6 +56,32 @@ const PURE_FUNCTIONS: &[&str] = &[
     "to_timestamp", "trunc", "unnest", "upper", "variance",
 ];
 
+/// True when `sql` is a `COPY` to or from the client (`FROM STDIN`, `TO
+/// STDOUT`), read past comments and quotes: it leaves the query protocol
+/// for a data exchange a statement call cannot carry (in COPY IN the server
+/// ignores the Sync that ends the call and waits for data).
+pub fn copies_with_client(sql: &str) -> bool {
+    let mut lexer = Lexer {
+        s: sql.as_bytes(),
+        i: 0,
+        escape_string: false,
+    };
+    if lexer.next() != Some(Token::Word("copy".into())) {
+        return false;
+    }
+    let mut previous = None;
+    while let Some(token) = lexer.next() {
+        match (&previous, &token) {
+            (Some(Token::Word(a)), Token::Word(b)) if (a == "from" && b == "stdin") || (a == "to" && b == "stdout") => {
+                return true
+            }
+            (_, Token::End | Token::Semicolon) => return false,
+            _ => previous = Some(token),
+        }
+    }
+    false
+}
+
 /// True when `sql` is one read-only statement that calls no function able
 /// to change the session, so the session needs no reset after it.
 pub fn leaves_session_unchanged(sql: &str) -> bool {
@@ -296,6 +322,27 @@ impl Lexer<'_> {
 #[cfg(test)]
 mod tests {
     use super::leaves_session_unchanged as neutral;
+
+    #[test]
+    fn copies_with_the_client_are_told_from_other_copies() {
+        use super::copies_with_client as with_client;
+        for sql in [
+            "copy t from stdin",
+            "COPY t FROM /* c */ STDIN",
+            "COPY (SELECT 1) TO STDOUT WITH (FORMAT csv)",
+            "COPY t FROM STDIN(FORMAT csv)",
+        ] {
+            assert!(with_client(sql), "{sql}");
+        }
+        for sql in [
+            "COPY t TO '/tmp/stdout.csv'",
+            "COPY t (stdin) FROM '/tmp/t.csv'",
+            "COPY (SELECT 'x from stdin') TO '/tmp/f'",
+            "SELECT 'copy from stdin'",
+        ] {
+            assert!(!with_client(sql), "{sql}");
+        }
+    }
 
     #[test]
     fn plain_reads_leave_the_session_alone() {

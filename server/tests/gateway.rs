@@ -602,9 +602,20 @@ async fn an_interrupted_sqlite_write_loses_its_transaction_loudly() {
         .await
         .expect_err("interrupted");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    // SQLite ended that transaction, so the source's write turn is free for
+    // others before the handle is rolled back or reaped.
+    execute_within(
+        &client,
+        &[],
+        "db",
+        "INSERT INTO lost VALUES (4)",
+        Duration::from_secs(3),
+    )
+    .await
+    .expect("a write while the lost transaction's handle is still open");
     assert_transaction_lost(&client, &tx, "db", "INSERT INTO lost VALUES (3)").await;
     let count = client
-        .execute("db", "SELECT count(*) FROM lost", vec![])
+        .execute("db", "SELECT count(*) FROM lost WHERE x <> 4", vec![])
         .await
         .expect("count");
     assert_eq!(

@@ -1079,5 +1079,26 @@ async fn live_schema_is_listed_and_described() {
         .await
         .expect_err("unknown table");
     assert_eq!(err.code(), Code::NotFound);
+
+    // HIDDEN period columns are not among SELECT *'s columns: ordinal 0.
+    live.recreate(
+        &["weir_ms_periods"],
+        &["CREATE TABLE weir_ms_periods (id int PRIMARY KEY, \
+           valid_from datetime2 GENERATED ALWAYS AS ROW START HIDDEN NOT NULL, \
+           valid_to datetime2 GENERATED ALWAYS AS ROW END HIDDEN NOT NULL, note nvarchar(10), \
+           PERIOD FOR SYSTEM_TIME (valid_from, valid_to))"],
+    )
+    .await;
+    let periods = client
+        .describe_table("db", "dbo", "weir_ms_periods")
+        .await
+        .expect("describe");
+    let ordinals: Vec<_> = periods
+        .columns
+        .iter()
+        .map(|c| (c.column.as_ref().map_or("", |c| c.name.as_str()), c.ordinal))
+        .collect();
+    assert_eq!(ordinals, [("id", 1), ("valid_from", 0), ("valid_to", 0), ("note", 2)]);
+    live.run("DROP TABLE weir_ms_periods").await;
     live.server.stop().await;
 }

@@ -928,3 +928,37 @@ async fn a_transaction_whose_statement_could_not_be_killed_does_not_commit() {
         .expect("drop");
     server.stop().await;
 }
+
+/// A transaction whose session the driver lost was rolled back by the
+/// server: its Commit says so (ABORTED), instead of sending COMMIT into the
+/// closed connection and calling the outcome unknown.
+#[tokio::test]
+async fn a_commit_after_the_transactions_session_was_lost_says_it_was_rolled_back() {
+    let server = TestServer::start(&tenant("lostsession", "", &mysql("lostsession", "my", ""))).await;
+    let client = server.client("key-lostsession").await;
+    let tx = client
+        .begin("my", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let id = client
+        .execute_in(&tx, "my", "SELECT CAST(CONNECTION_ID() AS SIGNED)", vec![])
+        .await
+        .expect("its session");
+    let Some(Kind::Int64Value(id)) = id.rows[0].values[0].kind else {
+        panic!("{:?}", id.rows[0].values[0])
+    };
+    mysql_direct()
+        .await
+        .query_drop(format!("KILL CONNECTION {id}"))
+        .await
+        .expect("kill its session");
+    let lost = client
+        .execute_in(&tx, "my", "SELECT 1", vec![])
+        .await
+        .expect_err("its session is gone");
+    assert_eq!(lost.code(), Code::Aborted, "{lost:?}");
+    let refused = client.commit(&tx).await.expect_err("nothing left to commit");
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert!(refused.message().contains("session was lost"), "{refused:?}");
+    server.stop().await;
+}

@@ -57,10 +57,13 @@ const FIND_TABLE: &str = concat!(
 );
 
 /// Columns with their declared type and, for alias types, the base type.
+/// `IsHidden` (SQL Server 2016 and later; NULL before) marks columns
+/// `SELECT *` leaves out: HIDDEN period columns of temporal tables.
 const COLUMNS: &str = "SELECT c.name, t.name, \
         CASE WHEN t.is_user_defined = 1 AND t.is_assembly_type = 0 THEN TYPE_NAME(c.system_type_id) ELSE t.name END, \
         CAST(c.max_length AS int), CAST(c.precision AS int), CAST(c.scale AS int), c.is_nullable, \
-        d.definition, CAST(ep.value AS nvarchar(4000)) \
+        d.definition, CAST(ep.value AS nvarchar(4000)), \
+        CAST(ISNULL(COLUMNPROPERTY(c.object_id, c.name, 'IsHidden'), 0) AS bit) \
  FROM sys.columns c \
  JOIN sys.types t ON t.user_type_id = c.user_type_id \
  LEFT JOIN sys.default_constraints d ON d.object_id = c.default_object_id \
@@ -273,6 +276,7 @@ pub async fn describe_table(
     let id = || vec![ColumnData::I32(Some(object_id))];
 
     let mut columns = Vec::new();
+    let mut shown = 0;
     for row in &conn.fetch(columns_sql, id()).await? {
         let (declared, base) = (text(row, 1)?, text(row, 2)?);
         let bytes = int(row, 3)?.unwrap_or_default();
@@ -288,10 +292,17 @@ pub async fn describe_table(
             column.precision = Some(precision);
             column.scale = Some(scale);
         }
+        // The place among the columns `SELECT *` returns (column_id keeps
+        // gaps of dropped columns); 0 for a hidden column, which it leaves out.
+        let ordinal = if flag(row, 9)? {
+            0
+        } else {
+            shown += 1;
+            shown
+        };
         columns.push(ColumnInfo {
             column,
-            // The place among the columns `SELECT *` returns (column_id keeps gaps of dropped columns).
-            ordinal: columns.len() as i32 + 1,
+            ordinal,
             default_expression: default_expression(&text(row, 7)?).to_string(),
             comment: text(row, 8)?,
         });
@@ -436,6 +447,8 @@ mod tests {
         // sql_variant values would stop the driver: comments are cast first.
         assert!(LIST_TABLES.contains("CAST(ep.value AS nvarchar(4000))"));
         assert!(COLUMNS.contains("CAST(ep.value AS nvarchar(4000))"));
+        // Hidden period columns have no place among SELECT *'s columns.
+        assert!(COLUMNS.contains("COLUMNPROPERTY(c.object_id, c.name, 'IsHidden')"));
     }
 
     #[test]

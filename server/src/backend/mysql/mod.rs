@@ -27,8 +27,8 @@ use crate::backend::{
 };
 use crate::config::SourceConfig;
 
-/// How long stopping an abandoned statement may take to connect.
-const KILL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long stopping an abandoned statement may take to connect, and then to kill it.
+const KILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE_SIZE: usize = 256;
 
@@ -167,6 +167,10 @@ async fn start(hold: Hold, statement: Statement, killer: Arc<Killer>) -> Result<
         if let (Hold::Transaction(tx), Err(e)) = (&mut hold, &outcome) {
             match e {
                 BackendError::TransactionBroken(cause) => tx.broken = Some(cause),
+                // The driver dropped the session (and the server rolled the
+                // transaction back): Commit must say so, not send COMMIT
+                // into a closed connection and call its outcome unknown.
+                BackendError::Unavailable(_) => tx.rolled_back = Some("its database session was lost"),
                 e => tx.rolled_back = rolled_back_by(&mut tx.conn, e).await,
             }
         }
@@ -317,7 +321,7 @@ impl Killer {
                 let conn = match kept.as_mut() {
                     Some(conn) => conn,
                     None => {
-                        let opened = tokio::time::timeout(KILL_CONNECT_TIMEOUT, Conn::new(self.opts.clone()))
+                        let opened = tokio::time::timeout(KILL_TIMEOUT, Conn::new(self.opts.clone()))
                             .await
                             .map_err(|_| {
                                 mysql_async::Error::Other("timed out connecting to kill a statement".into())
@@ -325,13 +329,26 @@ impl Killer {
                         kept.insert(opened?)
                     }
                 };
-                match conn.query_drop(format!("KILL QUERY {connection_id}")).await {
-                    // 1094: the statement's session is gone already.
-                    Ok(()) => return Ok(()),
-                    Err(mysql_async::Error::Server(e)) if e.code == 1094 => return Ok(()),
-                    Err(e) => {
+                let kill = conn.query_drop(format!("KILL QUERY {connection_id}"));
+                match tokio::time::timeout(KILL_TIMEOUT, kill).await {
+                    Ok(Ok(())) => return Ok(()),
+                    // 1094 (no such thread) while the statement still holds its
+                    // session: the kill reached another server than the
+                    // statement's (a host name with several addresses), so the
+                    // statement runs on.
+                    Ok(Err(mysql_async::Error::Server(e))) if e.code == 1094 => {
+                        return Err(mysql_async::Error::Other(
+                            "the statement's thread is not on the server the kill reached".into(),
+                        ))
+                    }
+                    Ok(Err(e)) => {
                         kept.take();
                         last = Some(e);
+                    }
+                    // The kept session's server stopped answering (a failover).
+                    Err(_) => {
+                        kept.take();
+                        last = Some(mysql_async::Error::Other("timed out killing a statement".into()));
                     }
                 }
             }

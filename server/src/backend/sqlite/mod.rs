@@ -493,7 +493,14 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
         // which would shadow the real ones; a transaction's, once it ends.
         let lease: &mut Lease = match &mut hold {
             Hold::Pooled(lease) => lease,
-            Hold::Transaction(lease) => lease,
+            Hold::Transaction(lease) => {
+                // SQLite rolled the transaction back (an interrupted or failed
+                // write): its write turn is over, whenever the handle ends.
+                if lease.conn().is_ok_and(Connection::is_autocommit) {
+                    lease.turn = None;
+                }
+                lease
+            }
         };
         if lease.conn().is_ok_and(|c| changed_session(c, &statement.sql)) {
             lease.discard = true;

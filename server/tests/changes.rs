@@ -337,6 +337,30 @@ async fn inserts_updates_deletes_and_transactions_arrive_in_commit_order(engine:
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// A subscription watched again with fewer tables streams only those,
+/// also for the changes it had not acknowledged before.
+async fn a_table_taken_out_of_a_subscription_is_not_streamed_again(engine: Engine) {
+    let ctx = Ctx::new(engine).await;
+    let (kept, dropped) = (ctx.table("kept").await, ctx.table("dropped").await);
+    let sub = ctx.name("narrowed");
+    let mut watch = ctx.watch(ctx.start(&[&kept, &dropped], &sub)).await;
+    for id in [1, 2] {
+        ctx.sql(&format!("INSERT INTO {kept} VALUES ({id}, 'k', 1)")).await;
+        ctx.sql(&format!("INSERT INTO {dropped} VALUES ({id}, 'd', 1)")).await;
+    }
+    assert_eq!(changes(&read_changes(&mut watch, 4).await).len(), 4);
+    drop(watch);
+    // Nothing acknowledged: the same changes come again, of `kept` only.
+    let mut narrowed = ctx.watch(ctx.start(&[&kept], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {dropped} VALUES (3, 'd', 1)")).await;
+    ctx.sql(&format!("INSERT INTO {kept} VALUES (3, 'k', 1)")).await;
+    let messages = read_changes(&mut narrowed, 3).await;
+    let got: Vec<_> = changes(&messages).iter().map(|c| (c.table.clone(), id_of(c))).collect();
+    assert_eq!(got, [(kept.clone(), 1), (kept.clone(), 2), (kept.clone(), 3)]);
+    drop(narrowed);
+    ctx.finish(&[&sub], &[&kept, &dropped]).await;
+}
+
 async fn a_consumer_resumed_from_its_last_ack_gets_every_later_change_once(engine: Engine) {
     let ctx = Ctx::new(engine).await;
     let t = ctx.table("resumed").await;
@@ -1230,6 +1254,33 @@ async fn mysql_multi_geometries_are_bytes_in_descriptions_and_change_events() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// A MySQL `BINARY(n)` value ending in zero bytes arrives whole: the
+/// binary log drops those bytes, and the value was one byte short.
+#[tokio::test]
+async fn mysql_binary_values_ending_in_zero_bytes_arrive_whole() {
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.name("fixedbin");
+    ctx.sql(&format!(
+        "CREATE TABLE {t} (id INT PRIMARY KEY, b BINARY(4), v VARBINARY(4))"
+    ))
+    .await;
+    let sub = ctx.name("fixedbin");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 0x01020000, 0x0100)"))
+        .await;
+    let messages = read_changes(&mut watch, 1).await;
+    let c = changes(&messages)[0];
+    let after = c.after.as_ref().expect("after");
+    let bytes = |name: &str| match &col(c, after, name).kind {
+        Some(pb::value::Kind::BytesValue(b)) => b.clone(),
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(bytes("b"), [1, 2, 0, 0], "as SELECT returns it");
+    assert_eq!(bytes("v"), [1, 0], "VARBINARY keeps its own length");
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// PostgreSQL pushes each transaction over a replication connection as it
 /// commits: nothing waits for `poll_interval` (an hour here), and between
 /// changes the slot stays held by that connection's walsender.
@@ -1491,6 +1542,11 @@ macro_rules! suite {
             $(#[$attr])?
             async fn a_consumer_resumed_inside_a_transaction_can_acknowledge_and_resume_from_every_position() {
                 super::a_consumer_resumed_inside_a_transaction_can_acknowledge_and_resume_from_every_position($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn a_table_taken_out_of_a_subscription_is_not_streamed_again() {
+                super::a_table_taken_out_of_a_subscription_is_not_streamed_again($engine).await
             }
             #[tokio::test]
             $(#[$attr])?

@@ -241,6 +241,17 @@ async fn malformed_and_oversized_messages_are_invalid_arguments() {
         .await
         .expect_err("too large");
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    // The same as the first message of a stream.
+    let e = client
+        .watch(pb::WatchStart {
+            source: "demo".into(),
+            subscription: "s".repeat(100_000),
+            ..Default::default()
+        })
+        .await
+        .err()
+        .expect("too large");
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
     // Nested deeper than the decoder allows.
     let mut value = pb::Value {
         kind: Some(pb::value::Kind::Int64Value(1)),

@@ -190,7 +190,13 @@ pub async fn watch(
     let first = tokio::time::timeout(START_WAIT, inbound.message())
         .await
         .map_err(|_| bad("start", format!("no WatchStart within {START_WAIT:?}")))?
-        .map_err(|e| bad("start", format!("could not read the first message: {}", e.message())))?;
+        .map_err(|e| {
+            if super::refused_by_transport(&e) {
+                Error::BadMessage(e)
+            } else {
+                bad("start", format!("could not read the first message: {}", e.message()))
+            }
+        })?;
     let Some(Message::Start(start)) = first.and_then(|m| m.message) else {
         return Err(bad("start", "the first message must be a WatchStart"));
     };

@@ -126,6 +126,9 @@ enum Shape {
     Unsigned(u32),
     Enum(Vec<String>),
     Set(Vec<String>),
+    /// `BINARY(n)`: the binary log drops trailing zero bytes, which the
+    /// column's value (as queries return it) has.
+    FixedBinary(usize),
 }
 
 fn shape(c: &Column) -> Shape {
@@ -136,6 +139,7 @@ fn shape(c: &Column) -> Shape {
         "enum" => return Shape::Enum(labels(&c.native_type)),
         "set" => return Shape::Set(labels(&c.native_type)),
         "bit" => return Shape::Plain(Decode::Bit),
+        "binary" => return Shape::FixedBinary(width(&native).unwrap_or(1)),
         _ => {}
     }
     if unsigned {
@@ -163,6 +167,12 @@ fn shape(c: &Column) -> Shape {
         ColumnType::Json => Decode::Json,
         _ => Decode::Text,
     })
+}
+
+/// The `n` of a type written `name(n)`.
+fn width(native: &str) -> Option<usize> {
+    let (_, rest) = native.split_once('(')?;
+    rest.split_once(')')?.0.trim().parse().ok()
 }
 
 fn convert(v: BinlogValue<'_>, shape: &Shape) -> Result<Value, String> {
@@ -224,6 +234,12 @@ fn convert(v: BinlogValue<'_>, shape: &Shape) -> Result<Value, String> {
                 .map(|(_, l)| l.as_str())
                 .collect();
             Value::Text(chosen.join(","))
+        }
+        (MyValue::Bytes(mut b), &Shape::FixedBinary(n)) => {
+            if b.len() < n {
+                b.resize(n, 0);
+            }
+            Value::Bytes(b)
         }
         // TIMESTAMP columns come as seconds since the epoch, with a fraction.
         (MyValue::Bytes(b), Shape::Plain(Decode::Timestamp)) => {
@@ -574,6 +590,7 @@ fn snapshot_value(raw: MyValue, shape: &Shape) -> Result<Value, String> {
         Shape::Plain(decode) => types::decode(raw, *decode),
         Shape::Unsigned(64) => types::decode(raw, Decode::UInt),
         Shape::Unsigned(_) => types::decode(raw, Decode::Int),
+        Shape::FixedBinary(_) => types::decode(raw, Decode::Bytes),
         Shape::Enum(_) | Shape::Set(_) => types::decode(raw, Decode::Text),
     }
 }

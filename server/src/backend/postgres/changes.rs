@@ -788,7 +788,11 @@ impl Reader {
             lsn: t.final_lsn,
             seq: t.seq,
         };
-        if position <= self.delivered {
+        // pgoutput publishes a table by the publication as it was when the
+        // change was logged: a table this watch no longer names still comes
+        // until the point where it was taken out. Counted above all the same,
+        // so positions stay what they were.
+        if position <= self.delivered || !self.watched.contains_key(&relation) {
             return Ok(false);
         }
         let Some(rel) = self.relations.get(&relation) else {

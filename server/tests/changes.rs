@@ -1480,6 +1480,37 @@ async fn postgres_stream_ends_when_the_network_goes_silent() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// The same for MySQL: the server sends a heartbeat event after every quiet
+/// `heartbeat_interval`, and a binlog connection silent for three of them
+/// (10 s at the least) ends the stream with UNAVAILABLE; so does a position
+/// store that takes as long (the client acknowledges what it reads).
+#[tokio::test]
+async fn mysql_stream_ends_when_the_network_goes_silent() {
+    let address = format!(
+        "{}:{}",
+        env_or("WEIR_TEST_MYSQL_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_MYSQL_PORT", "3306")
+    );
+    let proxy = Proxy::start(address).await;
+    let port = format!("port = {}", env_or("WEIR_TEST_MYSQL_PORT", "3306"));
+    let source = mysql("cs", "db", "").replace(&port, &format!("port = {}", proxy.port));
+    let ctx = Ctx::with_source(Engine::Mysql, CONFIG, &source).await;
+    let t = ctx.table("silent").await;
+    let sub = ctx.name("silent");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'a', 1)")).await;
+    assert_eq!(id_of(changes(&read_changes(&mut watch, 1).await)[0]), 1);
+
+    proxy.freeze(true);
+    // 10 s of silence, then at most 10 s to store the last acknowledgement
+    // and 5 s each for the sessions that end the dump and look for a take-over.
+    let ended = stream_error_within(&mut watch, Duration::from_secs(45)).await;
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("taken as lost"), "{ended:?}");
+    proxy.freeze(false);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// Ends the WAL sender reading `subscription`'s slot, as a restart or a
 /// failover of PostgreSQL does first.
 async fn kill_wal_sender(subscription: &str) {

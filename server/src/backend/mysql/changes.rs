@@ -40,6 +40,22 @@ const TAKE_OVER_WAIT: u32 = 5;
 /// How long a new consumer waits for the subscription's lock: a consumer
 /// that reconnects at once finds its old session still ending.
 const LOCK_WAIT: u32 = 2;
+/// How long opening a session may take (the driver itself waits for ever
+/// on a host that takes the connection and then says nothing).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A session of its own, opened within `CONNECT_TIMEOUT`.
+async fn connect(opts: &Opts) -> Result<Conn, BackendError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts.clone()))
+        .await
+        .map_err(|_| {
+            BackendError::Unavailable(format!(
+                "the database did not answer a new connection within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(map_error)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct BinlogPos {
@@ -167,6 +183,12 @@ fn shape(c: &Column) -> Shape {
         ColumnType::Json => Decode::Json,
         _ => Decode::Text,
     })
+}
+
+/// How long a binlog connection may stay silent: three heartbeat periods,
+/// and never under 10 s (a loaded server's heartbeats may come late).
+fn silence_limit(heartbeat: Duration) -> Duration {
+    heartbeat.saturating_mul(3).max(Duration::from_secs(10))
 }
 
 /// The `n` of a type written `name(n)`.
@@ -436,7 +458,7 @@ async fn lock(conn: &mut Conn, id: &str, name: &str, take_over: bool) -> Result<
 
 /// Whether a session other than `own` holds the subscription's lock within a moment.
 async fn taken_over(opts: &Opts, id: &str, own: u32) -> bool {
-    let Ok(mut conn) = Conn::new(opts.clone()).await else {
+    let Ok(mut conn) = connect(opts).await else {
         return false;
     };
     let deadline = Instant::now() + Duration::from_secs(1);
@@ -503,7 +525,17 @@ impl Reader {
             self.acked = self.acked.max(BinlogPos::decode(&p)?);
         }
         if self.acked > *stored {
-            store(&mut self.writer, &self.spec.id, &self.base, self.acked).await?;
+            // Bounded like the binlog connection's silence: a session to a
+            // host gone dark would otherwise hold the stream for ever.
+            let limit = silence_limit(self.spec.heartbeat_interval);
+            tokio::time::timeout(limit, store(&mut self.writer, &self.spec.id, &self.base, self.acked))
+                .await
+                .map_err(|_| {
+                    BackendError::Unavailable(format!(
+                        "storing the acknowledged position took over {}s: the connection is taken as lost",
+                        limit.as_secs()
+                    ))
+                })??;
             *stored = self.acked;
         }
         Ok(())
@@ -776,10 +808,24 @@ impl Reader {
         // Whether a format description was read: rotates parse whole from then on.
         let mut described = false;
         let mut ticker = tokio::time::interval(self.spec.heartbeat_interval.min(Duration::from_secs(1)));
+        // The server sends a heartbeat event after each quiet period: nothing
+        // for several of them means the connection is gone without a word
+        // (a host gone dark), which TCP on a receiving socket never reports.
+        let silence = silence_limit(self.spec.heartbeat_interval);
+        let mut heard = tokio::time::Instant::now();
         loop {
             let event = tokio::select! {
-                e = stream.next() => e,
+                e = stream.next() => {
+                    heard = tokio::time::Instant::now();
+                    e
+                }
                 _ = ticker.tick() => {
+                    if heard.elapsed() > silence {
+                        return Err(BackendError::Unavailable(format!(
+                            "the database sent nothing, not even a heartbeat, for {}s: the connection is taken as lost",
+                            silence.as_secs()
+                        )));
+                    }
                     self.store_acks(acks, stored).await?;
                     // Inside a transaction the log offset is no place to resume from.
                     if txn.is_none() {
@@ -848,12 +894,12 @@ impl Reader {
 /// `opts` are the source's, without its read-only session setting: a
 /// read-only source still records its subscriptions' positions.
 pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
-    let mut setup = Conn::new(opts.clone()).await.map_err(map_error)?;
+    let mut setup = connect(opts).await?;
     check_binlog(&mut setup).await?;
     let watched = resolve(&mut setup, &spec.tables).await?;
     ensure_positions_table(&mut setup).await?;
     // The binlog connection holds the lock for as long as it streams.
-    let mut conn = Conn::new(opts.clone()).await.map_err(map_error)?;
+    let mut conn = connect(opts).await?;
     lock(&mut conn, &spec.id, &spec.name, spec.take_over).await?;
     let (current_file, current_offset) = current_position(&mut setup).await?;
     let (base, current_number) = split_file(&current_file)?;
@@ -916,7 +962,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
         }
         // A dump thread notices a closed socket only when it next writes, and
         // holds the subscription's lock until then: end it now.
-        if let Ok(mut c) = Conn::new(opts.clone()).await {
+        if let Ok(mut c) = connect(&opts).await {
             let _ = c.query_drop(format!("KILL CONNECTION {own}")).await;
         }
         if let Err(e) = outcome {
@@ -934,7 +980,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
 }
 
 pub(super) async fn delete(opts: &Opts, id: &str, name: &str) -> Result<(), BackendError> {
-    let mut conn = Conn::new(opts.clone()).await.map_err(map_error)?;
+    let mut conn = connect(opts).await?;
     lock(&mut conn, id, name, false).await?;
     ensure_positions_table(&mut conn).await?;
     conn.exec_drop(format!("DELETE FROM {POSITIONS_TABLE} WHERE subscription = ?"), (id,))

@@ -60,6 +60,9 @@ impl MysqlSource {
             .pass(config.password().map_err(BackendError::Invalid)?)
             .db_name(config.database.clone())
             .prefer_socket(false)
+            // A server gone dark (a failover that drops no packets back)
+            // fails its sessions instead of leaving them waiting for ever.
+            .tcp_keepalive(Some(std::time::Duration::from_secs(30)))
             .stmt_cache_size(STATEMENT_CACHE_SIZE)
             .setup(setup)
             .pool_opts(

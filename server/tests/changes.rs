@@ -1254,6 +1254,45 @@ async fn mysql_multi_geometries_are_bytes_in_descriptions_and_change_events() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// A TOASTed value an UPDATE left alone is not resent by PostgreSQL: it is
+/// NULL in `after` and named in `unchanged_columns`, so that a consumer
+/// keeps the value it has instead of writing NULL over it; a real NULL is
+/// not named.
+#[tokio::test]
+async fn postgres_unchanged_toasted_values_are_named_not_passed_off_as_null() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let t = ctx.name("toasted");
+    ctx.sql(&format!(
+        "CREATE TABLE {t} (id INT PRIMARY KEY, status TEXT, body TEXT)"
+    ))
+    .await;
+    // Stored out of line, uncompressed, whatever its content.
+    ctx.sql(&format!("ALTER TABLE {t} ALTER COLUMN body SET STORAGE EXTERNAL"))
+        .await;
+    let sub = ctx.name("toasted");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'new', repeat('x', 10000))"))
+        .await;
+    ctx.sql(&format!("UPDATE {t} SET status = 'done' WHERE id = 1")).await;
+    ctx.sql(&format!("UPDATE {t} SET status = 'gone', body = NULL WHERE id = 1"))
+        .await;
+    let messages = read_changes(&mut watch, 3).await;
+    let got = changes(&messages);
+    let body = |c: &pb::ChangeEvent| col(c, c.after.as_ref().expect("after"), "body").clone();
+    assert!(matches!(&body(got[0]).kind, Some(pb::value::Kind::StringValue(s)) if s.len() == 10000));
+    assert!(got[0].unchanged_columns.is_empty(), "{:?}", got[0].unchanged_columns);
+    assert!(is_null(&body(got[1])));
+    assert_eq!(got[1].unchanged_columns, ["body"]);
+    assert!(is_null(&body(got[2])));
+    assert!(
+        got[2].unchanged_columns.is_empty(),
+        "a real NULL: {:?}",
+        got[2].unchanged_columns
+    );
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// A MySQL `BINARY(n)` value ending in zero bytes arrives whole: the
 /// binary log drops those bytes, and the value was one byte short.
 #[tokio::test]

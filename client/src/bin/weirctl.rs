@@ -713,6 +713,7 @@ fn change_json(c: &ChangeEvent) -> Result<String, Failure> {
         "commit_time": c.commit_time.as_ref().map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000),
         "key": c.primary_key,
         "position": hex::encode(&c.position),
+        "unchanged": c.unchanged_columns,
     })
     .to_string();
     // The object without its closing brace, then the rows.
@@ -1585,6 +1586,14 @@ mod tests {
         assert_eq!(parsed["op"], "insert");
         assert_eq!(parsed["position"], "ab");
         assert!(parsed["before"].is_null());
+        // Columns NULL in "after" only because the engine did not resend them.
+        let toasted = change_json(&ChangeEvent {
+            unchanged_columns: vec!["doc".into()],
+            ..event
+        })
+        .unwrap_or_default();
+        let parsed: serde_json::Value = serde_json::from_str(&toasted).expect("one JSON object");
+        assert_eq!(parsed["unchanged"], serde_json::json!(["doc"]));
     }
 
     #[test]

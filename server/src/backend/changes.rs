@@ -111,6 +111,9 @@ pub struct RowChange {
     /// The old row, where the engine provides it.
     pub before: Option<Row>,
     pub after: Option<Row>,
+    /// Columns of `after` left unchanged whose value the engine did not
+    /// send (NULL in `after`, which does not mean NULL).
+    pub unchanged: Vec<String>,
     pub primary_key: Arc<[String]>,
     pub txid: String,
     pub commit_time: Option<DateTime<Utc>>,
@@ -136,6 +139,7 @@ impl SnapshotTable {
             columns: self.columns.clone(),
             before: None,
             after: Some(values),
+            unchanged: Vec::new(),
             primary_key: self.primary_key.clone(),
             txid: String::new(),
             commit_time: None,

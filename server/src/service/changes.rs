@@ -171,6 +171,7 @@ impl Stamp<'_> {
             columns: c.columns.iter().cloned().map(convert::column).collect(),
             before: c.before.map(convert::row),
             after: c.after.map(convert::row),
+            unchanged_columns: c.unchanged,
             primary_key: c.primary_key.to_vec(),
             transaction_id: c.txid,
             commit_time: c.commit_time.map(convert::timestamp),

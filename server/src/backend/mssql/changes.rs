@@ -416,6 +416,7 @@ impl Reader {
                 columns: w.columns.clone(),
                 before,
                 after,
+                unchanged: Vec::new(),
                 primary_key: w.primary_key.clone(),
                 txid,
                 commit_time: time,

@@ -741,6 +741,7 @@ impl Reader {
                 columns: columns.clone(),
                 before,
                 after,
+                unchanged: Vec::new(),
                 primary_key: primary_key.clone(),
                 txid: t.id(),
                 commit_time: t.time,

@@ -601,14 +601,27 @@ impl Reader {
         Ok(Ok(lsn as u64))
     }
 
-    fn values(&self, rel: &Rel, tuple: &[Datum<'_>], fill: Option<&Row>) -> Result<Row, BackendError> {
+    /// A tuple's values; a TOASTed value PostgreSQL did not resend comes from
+    /// `fill` (a full old row) or, unknown, is NULL and named in `unchanged`.
+    fn values(
+        &self,
+        rel: &Rel,
+        tuple: &[Datum<'_>],
+        fill: Option<&Row>,
+        unchanged: &mut Vec<String>,
+    ) -> Result<Row, BackendError> {
         let mut row = Vec::with_capacity(tuple.len());
         for (i, d) in tuple.iter().enumerate() {
             let column = || rel.columns.get(i).map(|c| c.name.clone()).unwrap_or_default();
             row.push(match d {
                 Datum::Null => Value::Null,
-                // Not resent by PostgreSQL; known only from a full old row.
-                Datum::Unchanged => fill.and_then(|r| r.get(i).cloned()).unwrap_or(Value::Null),
+                Datum::Unchanged => match fill.and_then(|r| r.get(i)) {
+                    Some(known) => known.clone(),
+                    None => {
+                        unchanged.push(column());
+                        Value::Null
+                    }
+                },
                 Datum::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
                 Datum::Binary(b) => {
                     let ty = rel
@@ -800,10 +813,14 @@ impl Reader {
                 "change for unannounced relation {relation}"
             )));
         };
-        let before = old.as_deref().map(|o| self.values(rel, o, None)).transpose()?;
+        let mut unchanged = Vec::new();
+        let before = old
+            .as_deref()
+            .map(|o| self.values(rel, o, None, &mut unchanged))
+            .transpose()?;
         let after = new
             .as_deref()
-            .map(|n| self.values(rel, n, before.as_ref()))
+            .map(|n| self.values(rel, n, before.as_ref(), &mut unchanged))
             .transpose()?;
         let change = RowChange {
             op,
@@ -812,6 +829,7 @@ impl Reader {
             columns: rel.columns.clone(),
             before,
             after,
+            unchanged,
             primary_key: rel.primary_key.clone(),
             txid: t.xid.clone(),
             commit_time: t.commit_time,

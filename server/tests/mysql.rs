@@ -566,6 +566,35 @@ async fn read_only_sources_refuse_writes_in_the_engine() {
         (err.code(), engine_code(&err).as_str()),
         (Code::PermissionDenied, "1792")
     );
+    // The session setting, changed for one statement or for the session
+    // (whose transaction DDL's implicit commit then ends).
+    let err = client
+        .execute(
+            "maria",
+            "SET STATEMENT tx_read_only = 0 FOR INSERT INTO weir_my_ro VALUES (1)",
+            vec![],
+        )
+        .await
+        .expect_err("not for one statement either");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let tx = client
+        .begin("maria", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    for sql in [
+        "SET SESSION TRANSACTION READ WRITE",
+        "CREATE TABLE weir_my_ro_made (id INT)",
+        "INSERT INTO weir_my_ro VALUES (2)",
+    ] {
+        let err = client.execute_in(&tx, "maria", sql, vec![]).await.expect_err(sql);
+        assert_eq!(err.code(), Code::PermissionDenied, "{sql}: {err:?}");
+    }
+    client.rollback(&tx).await.expect("rollback");
+    let made: Option<String> = direct
+        .query_first("SHOW TABLES LIKE 'weir_my_ro_made'")
+        .await
+        .expect("tables");
+    assert_eq!(made, None, "DDL ran on a read-only source");
     let r = client
         .execute("maria", "SELECT COUNT(*) FROM weir_my_ro", vec![])
         .await

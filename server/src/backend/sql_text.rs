@@ -123,6 +123,21 @@ pub fn may_commit_inside(sql: &str) -> bool {
         .any(|words| matches!(words.first().map(String::as_str), Some("do" | "call")))
 }
 
+/// Whether MySQL/MariaDB `sql` could leave the read-only access mode a
+/// read-only source's sessions are in: a `READ WRITE` mode, the
+/// `tx_read_only`/`transaction_read_only` variables (also for one statement,
+/// `SET STATEMENT ... FOR`), or code Weir cannot read that could do either
+/// (a procedure, dynamic SQL). Every word counts, in comments and strings
+/// too, since MySQL runs versioned comments as code.
+pub fn may_leave_read_only(sql: &str) -> bool {
+    sql.split(|c: char| !(c.is_alphanumeric() || c == '_')).any(|w| {
+        ["write", "call", "execute", "prepare"]
+            .iter()
+            .any(|k| w.eq_ignore_ascii_case(k))
+            || w.as_bytes().windows(9).any(|s| s.eq_ignore_ascii_case(b"read_only"))
+    })
+}
+
 /// Whether `sql` starts, commits or rolls back a transaction (not a
 /// savepoint's), which inside a transaction handle would end the
 /// transaction behind the handle's back.
@@ -211,6 +226,30 @@ mod tests {
         assert!(may_commit_inside("DO $$ BEGIN COMMIT; END $$"));
         assert!(may_commit_inside(" call p()"));
         assert!(!may_commit_inside("SELECT do_it()"));
+    }
+
+    #[test]
+    fn statements_that_may_leave_mysqls_read_only_mode_are_told_apart() {
+        for sql in [
+            "SET SESSION TRANSACTION READ WRITE",
+            "set transaction isolation level serializable, read/**/write",
+            "SET STATEMENT tx_read_only=0 FOR INSERT INTO t VALUES (1)",
+            "/*!50000 SET @@session.TRANSACTION_READ_ONLY = OFF */",
+            "SET `tx_read_only` = 0",
+            "CALL p()",
+            "BEGIN NOT ATOMIC EXECUTE IMMEDIATE CONCAT('SET SESSION TRANSACTION READ', ' WR', 'ITE'); END",
+            "PREPARE s FROM @sql",
+        ] {
+            assert!(may_leave_read_only(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT * FROM orders WHERE id = ?",
+            "SET STATEMENT max_statement_time = 1 FOR SELECT 1",
+            "SELECT readonly, written, caller FROM t",
+            "SHOW VARIABLES",
+        ] {
+            assert!(!may_leave_read_only(sql), "{sql}");
+        }
     }
 
     #[test]

@@ -379,6 +379,9 @@ impl SqlSource for MysqlSource {
     }
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
+        if self.config.read_only {
+            refuse_leaving_read_only(&statement.sql)?;
+        }
         start(Hold::Pooled(self.conn().await?), statement, self.killer.clone()).await
     }
 
@@ -409,6 +412,7 @@ impl SqlSource for MysqlSource {
                 broken: None,
             }),
             killer: self.killer.clone(),
+            read_only_source: self.config.read_only,
         }))
     }
 
@@ -483,11 +487,34 @@ fn flavour(version: &str) -> String {
 struct MysqlTransaction {
     conn: super::TxSession<TxConn>,
     killer: Arc<Killer>,
+    read_only_source: bool,
+}
+
+/// A read-only source's sessions are read-only by a session setting any
+/// statement could change for itself or its session (`SET STATEMENT
+/// tx_read_only=0 FOR INSERT ...`, or `SET SESSION TRANSACTION READ WRITE`
+/// and then DDL's implicit commit in a transaction): such statements are
+/// refused before they are sent.
+fn refuse_leaving_read_only(sql: &str) -> Result<(), BackendError> {
+    if crate::backend::sql_text::may_leave_read_only(sql) {
+        return Err(BackendError::Engine {
+            kind: EngineErrorKind::PermissionDenied,
+            code: String::new(),
+            message: "the source is read-only: statements that name a READ WRITE access mode or the \
+                      transaction_read_only variable, CALL procedures or run dynamic SQL (PREPARE, EXECUTE) \
+                      are refused on it"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 #[async_trait]
 impl SqlTransaction for MysqlTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
+        if self.read_only_source {
+            refuse_leaving_read_only(&statement.sql)?;
+        }
         let tx = self.conn.for_statement().await?;
         if let Some(cause) = tx.rolled_back {
             return Err(BackendError::TransactionRolledBack(cause));

@@ -663,7 +663,9 @@ async fn deleting_a_subscription_releases_the_engine_state(engine: Engine) {
     let ctx = Ctx::new(engine).await;
     let t = ctx.table("deleted").await;
     let sub = ctx.name("deleted");
-    let watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'a', 1)")).await;
+    let position = changes(&read_changes(&mut watch, 1).await)[0].position.clone();
     let busy = ctx.delete(&sub).await.expect_err("a live subscription is not deleted");
     assert_eq!(busy.code(), Code::AlreadyExists);
     drop(watch);
@@ -683,6 +685,22 @@ async fn deleting_a_subscription_releases_the_engine_state(engine: Engine) {
     let gone = ctx.delete(&sub).await.expect_err("deleted twice");
     assert_eq!(gone.code(), Code::NotFound);
     assert_eq!(reason(&gone), "SUBSCRIPTION_NOT_FOUND");
+    if engine == Engine::Postgres {
+        // A resume from one of its positions finds nothing retained, and
+        // makes no new slot that would keep WAL for a client that goes.
+        let mut resume = ctx.start(&[&t], &sub);
+        resume.resume_position = position;
+        let err = ctx.client.watch(resume).await.err().expect("nothing retained");
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::OutOfRange, "POSITION_NOT_RETAINED"),
+            "{err:?}"
+        );
+        assert!(
+            !engine_state_exists(&ctx, &sub).await,
+            "a slot made for a refused resume"
+        );
+    }
     ctx.finish(&[], &[&t]).await;
 }
 

@@ -335,6 +335,21 @@ async fn taken_over(config: &Target, spec_id: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The acknowledged LSN of the subscription's slot, if it has one.
+async fn slot_confirmed(client: &Client, id: &str) -> Result<Option<u64>, BackendError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT {} FROM pg_replication_slots WHERE slot_name = $1",
+                lsn_sql("confirmed_flush_lsn")
+            ),
+            &[&id],
+        )
+        .await
+        .map_err(map_error)?;
+    Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+}
+
 /// The slot's acknowledged LSN, creating slot and publication on first use.
 /// An existing publication is pointed at the requested tables.
 async fn ensure_slot(client: &Client, id: &str, watched: &HashMap<u32, Watched>) -> Result<u64, BackendError> {
@@ -388,18 +403,8 @@ async fn ensure_slot(client: &Client, id: &str, watched: &HashMap<u32, Watched>)
             }
         }
     }
-    let confirmed = client
-        .query_opt(
-            &format!(
-                "SELECT {} FROM pg_replication_slots WHERE slot_name = $1",
-                lsn_sql("confirmed_flush_lsn")
-            ),
-            &[&id],
-        )
-        .await
-        .map_err(map_error)?;
-    if let Some(row) = confirmed {
-        return Ok(row.get::<_, i64>(0) as u64);
+    if let Some(confirmed) = slot_confirmed(client, id).await? {
+        return Ok(confirmed);
     }
     let row = client
         .query_one(
@@ -862,6 +867,16 @@ pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed
     check_wal_level(&client).await?;
     let watched = resolve(&client, &spec.tables).await?;
     lock(&client, &spec.id, &spec.name, spec.take_over).await?;
+    // A position of a subscription without a slot (deleted, or another
+    // database's): nothing was kept for it, and a slot made now would keep
+    // WAL for a client that may never come back.
+    if spec.resume.is_some() && slot_confirmed(&client, &spec.id).await?.is_none() {
+        return Err(BackendError::PositionNotRetained(format!(
+            "subscription \"{}\" keeps no changes (it was deleted, or never watched here); watch without a \
+             position to start it anew",
+            spec.name
+        )));
+    }
     let confirmed = ensure_slot(&client, &spec.id, &watched).await?;
     let mut delivered = PgPos { lsn: confirmed, seq: 0 };
     if let Some(resume) = &spec.resume {

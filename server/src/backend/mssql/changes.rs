@@ -36,26 +36,42 @@ const ALL: [u8; 10] = [0xFF; 10];
 struct CdcPos {
     lsn: [u8; 10],
     seqval: [u8; 10],
+    /// Which of the changes logged under one sequence value: an update of a
+    /// key column is logged as a delete and an insert that share it.
+    event: u32,
 }
 
 impl CdcPos {
     fn encode(self) -> Position {
         let mut b = self.lsn.to_vec();
         b.extend_from_slice(&self.seqval);
+        b.extend_from_slice(&self.event.to_be_bytes());
         Position(b)
     }
 
+    /// Positions of 20 bytes, from before `event`, are the first change of
+    /// their sequence value: the others were never delivered under them.
     fn decode(p: &Position) -> Result<Self, BackendError> {
         let bad = || BackendError::Invalid("not a SQL Server change position".into());
-        let (lsn, seqval) = p.0.split_at_checked(10).ok_or_else(bad)?;
+        let (lsn, rest) = p.0.split_at_checked(10).ok_or_else(bad)?;
+        let (seqval, event) = rest.split_at_checked(10).ok_or_else(bad)?;
+        let event = match event.len() {
+            0 => 0,
+            _ => u32::from_be_bytes(event.try_into().map_err(|_| bad())?),
+        };
         Ok(CdcPos {
             lsn: lsn.try_into().map_err(|_| bad())?,
             seqval: seqval.try_into().map_err(|_| bad())?,
+            event,
         })
     }
 
     fn whole(lsn: [u8; 10]) -> Self {
-        CdcPos { lsn, seqval: ALL }
+        CdcPos {
+            lsn,
+            seqval: ALL,
+            event: u32::MAX,
+        }
     }
 }
 
@@ -133,19 +149,31 @@ type Paired = (CdcPos, ChangeOp, Option<Row>, Option<Row>, usize, Option<DateTim
 type OpenTxn = Option<([u8; 10], u64, Option<DateTime<Utc>>)>;
 
 /// Row changes from change-table rows in log order; an update's old and
-/// new images (same LSN and sequence value) become one change.
+/// new images (same LSN and sequence value) become one change. Changes that
+/// share a sequence value (the delete and insert of a key update) are told
+/// apart by their order under it.
 fn pair(rows: Vec<CdcRow>) -> Vec<Paired> {
     let mut out = Vec::with_capacity(rows.len());
     let mut old: Option<CdcRow> = None;
+    let mut last: Option<CdcPos> = None;
     for r in rows {
+        if r.op == 3 {
+            old = Some(r);
+            continue;
+        }
+        let event = match last {
+            Some(l) if l.lsn == r.lsn && l.seqval == r.seqval => l.event + 1,
+            _ => 0,
+        };
         let pos = CdcPos {
             lsn: r.lsn,
             seqval: r.seqval,
+            event,
         };
+        last = Some(pos);
         match r.op {
             1 => out.push((pos, ChangeOp::Delete, Some(r.values), None, r.table, r.time)),
             2 => out.push((pos, ChangeOp::Insert, None, Some(r.values), r.table, r.time)),
-            3 => old = Some(r),
             _ => {
                 let before = old
                     .take()
@@ -396,6 +424,7 @@ impl Reader {
                     position: CdcPos {
                         lsn: pos.lsn,
                         seqval: [0; 10],
+                        event: 0,
                     }
                     .encode(),
                 };
@@ -605,6 +634,25 @@ mod tests {
         );
     }
 
+    /// An update of a key column is logged as a delete and an insert under
+    /// one sequence value: both are delivered, each at a position of its own.
+    #[test]
+    fn a_key_update_logged_as_delete_and_insert_keeps_both_changes() {
+        let rows = vec![row(1, 1, 1, 10), row(1, 1, 2, 100), row(1, 2, 2, 7)];
+        let changes: Vec<_> = pair(rows)
+            .into_iter()
+            .map(|(p, op, _, _, _, _)| (p.seqval[9], p.event, op))
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                (1, 0, ChangeOp::Delete),
+                (1, 1, ChangeOp::Insert),
+                (2, 0, ChangeOp::Insert)
+            ]
+        );
+    }
+
     #[test]
     fn update_images_pair_and_other_operations_stand_alone() {
         let rows = vec![row(1, 1, 2, 10), row(1, 2, 3, 10), row(1, 2, 4, 11), row(2, 1, 1, 11)];
@@ -633,15 +681,20 @@ mod tests {
         let a = CdcPos {
             lsn: [0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
             seqval: [0, 0, 0, 0, 0, 0, 0, 0, 0, 9],
+            event: 0,
         };
+        let b = CdcPos { event: 1, ..a };
         let whole = CdcPos::whole(a.lsn);
         let next = CdcPos {
             lsn: [0, 0, 0, 0, 0, 0, 0, 0, 0, 6],
             seqval: [0; 10],
+            event: 0,
         };
-        assert!(a < whole && whole < next);
-        assert!(a.encode() < whole.encode() && whole.encode() < next.encode());
+        assert!(a < b && b < whole && whole < next);
+        assert!(a.encode() < b.encode() && b.encode() < whole.encode() && whole.encode() < next.encode());
         assert_eq!(CdcPos::decode(&whole.encode()).ok(), Some(whole));
+        // A position from before `event` is its sequence value's first change.
+        assert_eq!(CdcPos::decode(&Position(a.encode().0[..20].to_vec())).ok(), Some(a));
         assert!(CdcPos::decode(&Position(vec![1; 12])).is_err());
         assert!(lsn(&[0; 9]).is_err());
     }

@@ -1102,3 +1102,29 @@ async fn live_schema_is_listed_and_described() {
     live.run("DROP TABLE weir_ms_periods").await;
     live.server.stop().await;
 }
+
+/// State a statement leaves on its session beyond its own batch (a
+/// session-owned application lock, session context) does not reach the next
+/// caller of the pooled connection: the session is closed, not pooled.
+#[tokio::test]
+#[ignore = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]
+async fn live_session_state_does_not_reach_the_next_caller() {
+    let live = Live::new("", "[tenants.live.sources.db.pool]\nmax_size = 1\n").await;
+    live.run(
+        "DECLARE @r int; EXEC @r = sp_getapplock @Resource = N'weir_live_lock', @LockMode = N'Exclusive', \
+         @LockOwner = N'Session'; EXEC sys.sp_set_session_context N'weir_live', 1",
+    )
+    .await;
+    let next = live
+        .run(
+            "SELECT APPLOCK_MODE(N'public', N'weir_live_lock', N'Session'), \
+             CAST(ISNULL(SESSION_CONTEXT(N'weir_live'), 0) AS int)",
+        )
+        .await;
+    let values: Vec<_> = next.rows[0].values.iter().map(|v| v.kind.clone()).collect();
+    assert_eq!(
+        values,
+        [Some(Kind::StringValue("NoLock".into())), Some(Kind::Int64Value(0))]
+    );
+    live.server.stop().await;
+}

@@ -138,6 +138,27 @@ pub fn may_leave_read_only(sql: &str) -> bool {
     })
 }
 
+/// Whether T-SQL `sql` may leave state on its session that outlives the
+/// `sp_executesql` it runs in (which undoes `SET` options and drops `#temp`
+/// tables): a session-owned application lock, session context or
+/// `CONTEXT_INFO`, an application role, a global cursor, an opened key, a
+/// `##global` temporary table. Any word counts, comments and strings too.
+pub fn may_keep_mssql_session_state(sql: &str) -> bool {
+    sql.contains("##")
+        || sql.split(|c: char| !(c.is_alphanumeric() || c == '_')).any(|w| {
+            [
+                "sp_getapplock",
+                "sp_set_session_context",
+                "context_info",
+                "sp_setapprole",
+                "global",
+                "open",
+            ]
+            .iter()
+            .any(|k| w.eq_ignore_ascii_case(k))
+        })
+}
+
 /// Whether `sql` starts, commits or rolls back a transaction (not a
 /// savepoint's), which inside a transaction handle would end the
 /// transaction behind the handle's back.
@@ -249,6 +270,28 @@ mod tests {
             "SHOW VARIABLES",
         ] {
             assert!(!may_leave_read_only(sql), "{sql}");
+        }
+    }
+
+    #[test]
+    fn tsql_that_may_leave_session_state_is_told_apart() {
+        for sql in [
+            "EXEC sp_getapplock @Resource = 'job', @LockMode = 'Exclusive', @LockOwner = 'Session'",
+            "exec sys.sp_set_session_context N'tenant', 7",
+            "SET CONTEXT_INFO 0x01",
+            "DECLARE c CURSOR GLOBAL FOR SELECT 1",
+            "OPEN SYMMETRIC KEY k DECRYPTION BY PASSWORD = 'x'",
+            "CREATE TABLE ##shared (id int)",
+            "EXEC sp_setapprole 'r', 'p'",
+        ] {
+            assert!(may_keep_mssql_session_state(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT * FROM orders WHERE id = @P1",
+            "CREATE TABLE #mine (id int)",
+            "SET NOCOUNT ON",
+        ] {
+            assert!(!may_keep_mssql_session_state(sql), "{sql}");
         }
     }
 

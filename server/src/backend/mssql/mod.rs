@@ -61,6 +61,10 @@ struct MssqlConn {
     broken: bool,
     /// Set between BEGIN and a completed COMMIT/ROLLBACK, for the same reason.
     in_transaction: bool,
+    /// Set once a statement may have left state that outlives it on the
+    /// session (see `sql_text::may_keep_mssql_session_state`): the driver
+    /// cannot reset a session, so it is closed rather than pooled.
+    keeps_session_state: bool,
 }
 
 /// Whether a connection can serve another request after this error. Errors
@@ -143,6 +147,7 @@ impl bb8::ManageConnection for Manager {
             client,
             broken: false,
             in_transaction: false,
+            keeps_session_state: false,
         })
     }
 
@@ -151,7 +156,7 @@ impl bb8::ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut MssqlConn) -> bool {
-        conn.broken || conn.in_transaction
+        conn.broken || conn.in_transaction || conn.keeps_session_state
     }
 }
 
@@ -317,6 +322,7 @@ async fn execute(
         let data = types::param(p).map_err(|message| BackendError::Parameter { index: i + 1, message })?;
         query.bind(Param(data));
     }
+    conn.keeps_session_state |= crate::backend::sql_text::may_keep_mssql_session_state(&statement.sql);
     conn.broken = true;
     let started = tokio::select! {
         biased;

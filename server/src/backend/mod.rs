@@ -187,6 +187,13 @@ pub trait SqlSource: Send + Sync + 'static {
     /// Loads `rows` into the table through the engine's bulk path, in one
     /// transaction that commits only when the feed ends complete.
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError>;
+    /// Why the engine's load path would refuse `value` for `column` whatever
+    /// the table holds (PostgreSQL text cannot hold NUL), so that a load
+    /// that skips bad rows skips such a row too instead of failing on it.
+    fn refuses(&self, column: &Column, value: &Value) -> Option<&'static str> {
+        let _ = (column, value);
+        None
+    }
     /// Starts streaming the changes of `spec.tables`, creating the
     /// subscription's engine state on first use.
     async fn watch(&self, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {

@@ -253,11 +253,8 @@ impl Skipped {
 /// columns are an upsert's conflict columns, where NULL is refused: it never
 /// matches a key, so the row would be inserted again by every run of an
 /// upsert meant to be idempotent (SQL Server's MERGE would fail instead).
-fn convert_row<'a>(
-    row: pb::Row,
-    columns: &'a [Column],
-    keys: &[bool],
-) -> std::result::Result<Row, (Option<&'a str>, String)> {
+fn convert_row<'a>(row: pb::Row, checks: &RowChecks<'a>) -> std::result::Result<Row, (Option<&'a str>, String)> {
+    let (columns, keys) = (checks.columns, checks.keys);
     if row.values.len() != columns.len() {
         return Err((
             None,
@@ -277,6 +274,10 @@ fn convert_row<'a>(
                 Some(c.name.as_str()),
                 "is NULL, and NULL matches no key: an upsert's conflict columns need values".to_string(),
             )),
+            Ok(v) => match (checks.refuses)(c, &v) {
+                Some(refusal) => Err((Some(c.name.as_str()), refusal.to_string())),
+                None => Ok(v),
+            },
             converted => converted.map_err(|m| (Some(c.name.as_str()), m)),
         })
         .collect()
@@ -346,6 +347,9 @@ struct RowChecks<'a> {
     columns: &'a [Column],
     keys: &'a [bool],
     skip_bad_rows: bool,
+    /// The engine's own refusals (`SqlSource::refuses`), checked here so
+    /// that skipping covers them.
+    refuses: &'a (dyn Fn(&Column, &crate::backend::Value) -> Option<&'static str> + Sync),
 }
 
 /// Reads the row batches of the stream into the engine's feed until the
@@ -386,7 +390,7 @@ async fn feed_rows(
         let mut batch = Vec::with_capacity(rows.len());
         for (i, row) in rows.into_iter().enumerate() {
             let index = first + i as u64;
-            match convert_row(row, checks.columns, checks.keys) {
+            match convert_row(row, checks) {
                 Ok(values) => batch.push(values),
                 Err((column, message)) if checks.skip_bad_rows => skipped.add(index, column, message),
                 Err((column, message)) => {
@@ -466,6 +470,7 @@ impl BulkApi {
         });
         let mut skipped = Skipped::default();
         let mut throttled = Duration::ZERO;
+        let backend_for_checks = source.backend.sql()?;
         let mut incoming = Incoming {
             stream: &mut stream,
             cut: self.cut.clone(),
@@ -481,6 +486,7 @@ impl BulkApi {
                 columns: &columns,
                 keys: &keys,
                 skip_bad_rows: header.skip_bad_rows,
+                refuses: &|c, v| backend_for_checks.refuses(c, v),
             },
             &mut skipped,
             &mut throttled,
@@ -787,8 +793,7 @@ mod tests {
             pb::Row {
                 values: vec![int(1), ts],
             },
-            &columns,
-            &[false, false],
+            &checks(&columns, &[false, false]),
         )
         .expect("fits");
         assert!(matches!(row[1], crate::backend::Value::Timestamp(_)));
@@ -796,8 +801,7 @@ mod tests {
             pb::Row {
                 values: vec![text("x"), null.clone()],
             },
-            &columns,
-            &[false, false],
+            &checks(&columns, &[false, false]),
         )
         .unwrap_err();
         assert_eq!(column, Some("id"));
@@ -809,24 +813,32 @@ mod tests {
             pb::Row {
                 values: vec![null.clone(), null],
             },
-            &columns,
-            &[false, false],
+            &checks(&columns, &[false, false]),
         )
         .unwrap_err();
         assert_eq!((column, message.as_str()), (Some("id"), "NULL into a NOT NULL column"));
-        let (column, _) = convert_row(pb::Row { values: vec![int(1)] }, &columns, &[false, false]).unwrap_err();
+        let (column, _) =
+            convert_row(pb::Row { values: vec![int(1)] }, &checks(&columns, &[false, false])).unwrap_err();
         assert_eq!(column, None);
         // NULL in an upsert's conflict column matches no key: refused, naming it.
         let (column, message) = convert_row(
             pb::Row {
                 values: vec![int(1), null_again()],
             },
-            &columns,
-            &[false, true],
+            &checks(&columns, &[false, true]),
         )
         .unwrap_err();
         assert_eq!(column, Some("at"));
         assert!(message.contains("conflict columns"), "{message}");
+    }
+
+    fn checks<'a>(columns: &'a [Column], keys: &'a [bool]) -> RowChecks<'a> {
+        RowChecks {
+            columns,
+            keys,
+            skip_bad_rows: false,
+            refuses: &|_, _| None,
+        }
     }
 
     fn null_again() -> pb::Value {

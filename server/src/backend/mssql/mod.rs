@@ -523,6 +523,13 @@ impl SqlSource for MssqlSource {
         schema::list_tables(&mut conn, schema).await
     }
 
+    fn refuses(&self, column: &crate::backend::Column, value: &crate::backend::Value) -> Option<&'static str> {
+        use crate::backend::{ColumnType, Value};
+        // Staged as bigint, SQL Server's widest integer.
+        matches!((column.column_type, value), (ColumnType::Int, Value::UInt(u)) if i64::try_from(*u).is_err())
+            .then_some("the value is beyond SQL Server's bigint")
+    }
+
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
         let mut conn = self.lease().await?;
         schema::describe_table(&mut conn, schema, table).await

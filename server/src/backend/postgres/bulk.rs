@@ -66,7 +66,7 @@ fn write_escaped(text: &str, out: &mut BytesMut) -> Result<(), String> {
     if bulk::write_escaped(text.as_bytes(), None, out) {
         Ok(())
     } else {
-        Err("PostgreSQL text cannot contain NUL characters; send binary data as bytes".into())
+        Err(super::types::NO_NUL.into())
     }
 }
 

@@ -851,6 +851,10 @@ impl SqlSource for PostgresSource {
             .map_err(map_error)
     }
 
+    fn refuses(&self, _column: &Column, value: &Value) -> Option<&'static str> {
+        types::has_nul(value).then_some(types::NO_NUL)
+    }
+
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
         schema::describe_table(&self.lease().await?.client, schema, table).await
     }

@@ -335,19 +335,23 @@ fn numeric_to_string(raw: &[u8]) -> Result<String, BoxError> {
     Ok(s)
 }
 
+pub const NO_NUL: &str = "PostgreSQL text cannot contain NUL characters; send binary data as bytes";
+
+/// Whether `v` holds text with a NUL character, which PostgreSQL cannot store.
+pub fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::Text(s) | Value::Decimal(s) | Value::Json(s) => s.contains('\0'),
+        Value::List(items) => items.iter().any(has_nul),
+        _ => false,
+    }
+}
+
 /// PostgreSQL text cannot hold NUL characters; refuse them before sending.
 pub fn check_params(params: &[Value]) -> Result<(), BackendError> {
-    fn has_nul(v: &Value) -> bool {
-        match v {
-            Value::Text(s) | Value::Decimal(s) | Value::Json(s) => s.contains('\0'),
-            Value::List(items) => items.iter().any(has_nul),
-            _ => false,
-        }
-    }
     match params.iter().position(has_nul) {
         Some(i) => Err(BackendError::Parameter {
             index: i + 1,
-            message: "PostgreSQL text cannot contain NUL characters; send binary data as bytes".into(),
+            message: NO_NUL.into(),
         }),
         None => Ok(()),
     }

@@ -637,8 +637,17 @@ impl Config {
                 format!("at most {MAX_WORKER_THREADS} (0: one per CPU)"),
             ));
         }
-        if self.server.keepalive_retries == 0 {
-            return Err(invalid("server.keepalive_retries", "must be greater than 0"));
+        // Linux refuses larger values (and the socket would keep its defaults).
+        for (name, value) in [
+            ("server.keepalive_time", self.server.keepalive_time),
+            ("server.keepalive_interval", self.server.keepalive_interval),
+        ] {
+            if value.as_secs() > 32_767 {
+                return Err(invalid(name, "at most 32767s (about 9 hours)"));
+            }
+        }
+        if !(1..=127).contains(&self.server.keepalive_retries) {
+            return Err(invalid("server.keepalive_retries", "from 1 to 127"));
         }
         if self.server.max_concurrent_requests == 0 {
             return Err(invalid("server.max_concurrent_requests", "must be greater than 0"));
@@ -1142,6 +1151,18 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("server.health_check_interval"), "{err}");
+        // Beyond what Linux takes, the socket would keep its own defaults.
+        for (setting, key) in [
+            ("keepalive_time = \"12h\"", "server.keepalive_time"),
+            ("keepalive_interval = \"10h\"", "server.keepalive_interval"),
+            ("keepalive_retries = 128", "server.keepalive_retries"),
+        ] {
+            let err = Config::from_toml(&format!("[server]\n{setting}\n"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(key), "{setting}: {err}");
+        }
     }
 
     /// A string key whose value looks like a number is quoted in the

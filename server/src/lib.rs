@@ -96,13 +96,15 @@ pub async fn run(
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The metrics port stays open through the drain (/readyz answers 503,
+    // the last counters can be scraped) and closes after the gRPC port.
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics_server = listeners.metrics.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "metrics, /healthz and /readyz listening");
         }
-        let mut stop = stop_rx.clone();
         tokio::spawn(metrics::serve(listener, readiness.clone(), async move {
-            let _ = stop.wait_for(|s| *s).await;
+            let _ = metrics_stopped.await;
         }))
     });
     let stop_monitor = monitor.abort_handle();
@@ -170,6 +172,7 @@ pub async fn run(
     // A scraper that never finishes its request would hold the graceful
     // close of the metrics port for ever. Transactions not rolled back in
     // time are when their connections close.
+    let _ = metrics_stop.send(());
     let metrics_closed = async {
         if let Some(server) = metrics_server {
             let by = wrap_up_by.min(tokio::time::Instant::now() + METRICS_CLOSE);

@@ -35,6 +35,19 @@ async fn every_call_leaves_one_audit_line() {
         described["span"]["object"], "customers",
         "the table is named: {described}"
     );
+    // A table name is the caller's to choose too, of any length: cut short.
+    let long = "t".repeat(100_000);
+    client
+        .describe_table("demo", "", &long)
+        .await
+        .expect_err("no such table");
+    let described = weir.next_log(|l| l["target"] == "weir::audit");
+    let object = described["span"]["object"].as_str().unwrap_or_default();
+    assert!(
+        object.len() <= 256 && object.starts_with("ttt"),
+        "{}",
+        described.to_string().len()
+    );
 
     let stranger = WeirClient::connect(&weir.addr, "not-a-key").await.expect("connect");
     stranger

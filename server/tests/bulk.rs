@@ -1715,6 +1715,18 @@ async fn a_load_whose_client_falls_silent_is_rolled_back() {
     drop(tx);
     assert_eq!(ctx.contents(table).await, before, "nothing of the load stays");
     ctx.exec(&format!("INSERT INTO {table} VALUES (7, 'other', 7)")).await;
+    // A load whose client never sends its header ends the same way.
+    let (silent, requests) = tokio::sync::mpsc::channel::<pb::LoadRequest>(1);
+    let err = tokio::time::timeout(Duration::from_secs(10), bulk.load(ReceiverStream::new(requests)))
+        .await
+        .expect("the load ends by itself")
+        .expect_err("no header");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::DeadlineExceeded, "LOAD_IDLE"),
+        "{err:?}"
+    );
+    drop(silent);
     ctx.server.stop().await;
 }
 

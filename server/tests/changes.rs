@@ -1543,14 +1543,7 @@ async fn postgres_stream_ends_when_the_network_goes_silent() {
 /// store that takes as long (the client acknowledges what it reads).
 #[tokio::test]
 async fn mysql_stream_ends_when_the_network_goes_silent() {
-    let address = format!(
-        "{}:{}",
-        env_or("WEIR_TEST_MYSQL_HOST", "127.0.0.1"),
-        env_or("WEIR_TEST_MYSQL_PORT", "3306")
-    );
-    let proxy = Proxy::start(address).await;
-    let port = format!("port = {}", env_or("WEIR_TEST_MYSQL_PORT", "3306"));
-    let source = mysql("cs", "db", "").replace(&port, &format!("port = {}", proxy.port));
+    let (proxy, source) = mysql_behind_proxy("cs", "db", "").await;
     let ctx = Ctx::with_source(Engine::Mysql, CONFIG, &source).await;
     let t = ctx.table("silent").await;
     let sub = ctx.name("silent");

@@ -700,21 +700,12 @@ async fn a_failed_connection_attempt_fails_no_caller_a_busy_connection_can_serve
 #[tokio::test]
 async fn a_frozen_server_is_down_whichever_timeout_ends_the_wait() {
     let pg_proxy = common::Proxy::start(common::pg_address()).await;
-    let my_proxy = common::Proxy::start(format!(
-        "{}:{}",
-        common::env_or("WEIR_TEST_MYSQL_HOST", "127.0.0.1"),
-        common::env_or("WEIR_TEST_MYSQL_PORT", "3306")
-    ))
-    .await;
-    pg_proxy.freeze(true);
-    my_proxy.freeze(true);
     let pool = |source: &str| {
         format!("required = true\n[tenants.z.sources.{source}.pool]\nacquire_timeout = \"300ms\"\nconnect_timeout = \"1s\"\n")
     };
-    let my = common::mysql("z", "my", &pool("my")).replace(
-        &format!("port = {}", common::env_or("WEIR_TEST_MYSQL_PORT", "3306")),
-        &format!("port = {}", my_proxy.port),
-    );
+    let (my_proxy, my) = common::mysql_behind_proxy("z", "my", &pool("my")).await;
+    pg_proxy.freeze(true);
+    my_proxy.freeze(true);
     let sources = common::postgres_at("z", "pg", &pg_proxy.port.to_string(), &pool("pg")) + &my;
     let server = TestServer::start(&format!("{FAST}{}", tenant("z", "", &sources))).await;
     let client = server.client("key-z").await;

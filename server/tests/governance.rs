@@ -236,6 +236,71 @@ async fn a_call_that_waits_too_long_is_refused_with_a_retry_delay() {
     server.stop().await;
 }
 
+/// A deadline that comes before `max_queue_wait` ends the wait for a slot
+/// with the gateway's own answer, before the transport's timer would cut
+/// the call with a bare CANCELLED that no metric counted.
+#[tokio::test]
+async fn a_deadline_that_ends_a_wait_for_a_slot_is_answered_and_counted() {
+    let (server, a, holder) = one_slot_held("5s", "deadline_in_queue").await;
+    let mut request = tonic::Request::new(pb::ExecuteRequest {
+        source: "pg".into(),
+        sql: "SELECT 1".into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(400));
+    let started = Instant::now();
+    let err = a.query().execute(request).await.expect_err("no slot in time");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::ResourceExhausted, "GATEWAY_SATURATED"),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    holder.await.expect("task").expect("holder");
+    let (_, metrics) = common::http_get(&server.metrics_url, "/metrics").await;
+    assert!(
+        metrics.contains("weir_limiter_rejections_total{tenant=\"a\",limit=\"gateway_queue\"} 1"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+/// A call whose client gives up before any answer (here while it waits for
+/// a slot) is still counted, as CANCELLED, and audited.
+#[tokio::test]
+async fn a_call_given_up_before_its_answer_is_counted() {
+    let (server, a, holder) = one_slot_held("5s", "given_up").await;
+    let waiting = {
+        let a = a.clone();
+        tokio::spawn(async move { execute(&a, "SELECT 1", pb::Priority::Medium).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    waiting.abort();
+    holder.await.expect("task").expect("holder");
+    let cancelled = |metrics: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("weir_calls_total{")
+                && l.contains("tenant=\"a\"")
+                && l.contains("Execute")
+                && l.contains("code=\"Cancelled\"")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (_, metrics) = common::http_get(&server.metrics_url, "/metrics").await;
+        if cancelled(&metrics) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the given-up call is not counted: {metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
 /// A call's deadline runs from its arrival, through its wait for a gateway
 /// slot: its statement gets what is left, and ends with STATEMENT_TIMEOUT
 /// (cancelled in the engine) before the transport would cut it with a bare

@@ -297,3 +297,48 @@ async fn unauthenticated_callers_learn_nothing() {
     assert_eq!(answers.len(), 1, "one answer for every failure: {answers:?}");
     server.stop().await;
 }
+
+/// A connection is told how many calls it may have open at once (tonic's
+/// default set no limit, so streams that take no credential, health's
+/// Watch, could pile up on one connection without end).
+#[tokio::test]
+async fn a_connection_is_told_how_many_streams_it_may_open() {
+    let server = TestServer::start(&config()).await;
+    let tcp = tokio::net::TcpStream::connect(server.addr.trim_start_matches("http://"))
+        .await
+        .expect("connect");
+    let (_send, mut connection) = h2::client::handshake(tcp).await.expect("handshake");
+    // Long enough for the server's SETTINGS to arrive and be read.
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(300), &mut connection).await;
+    assert_eq!(connection.max_concurrent_send_streams(), 1024);
+    server.stop().await;
+}
+
+/// Requests of millions of tiny elements (a few bytes each on the wire,
+/// many times that once decoded and converted) are refused by count before
+/// they are converted or held.
+#[tokio::test]
+async fn requests_of_countless_tiny_elements_are_refused_by_count() {
+    let server = TestServer::start(&tenant("h", "", &sqlite_demo("h", "demo"))).await;
+    let client = server.client("key-h").await;
+    let empty = pb::Value { kind: None };
+    let err = client
+        .execute("demo", "SELECT 1", vec![empty; 70_000])
+        .await
+        .expect_err("too many parameters");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("at most 65535"), "{err:?}");
+    let err = client
+        .stream()
+        .produce(pb::ProduceRequest {
+            source: "demo".into(),
+            topic: "t".into(),
+            records: vec![pb::ProducerRecord::default(); 100_001],
+            ..Default::default()
+        })
+        .await
+        .expect_err("too many records");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("at most 100000"), "{err:?}");
+    server.stop().await;
+}

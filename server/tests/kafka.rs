@@ -598,6 +598,25 @@ async fn limits_and_wrong_kinds_of_source_are_refused() {
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.message().contains(says), "{}", err.message());
     }
+    // So does each partition a start names (librdkafka searches them one
+    // by one): a bounded list, each named once.
+    let partition = |partition: i32| pb::PartitionOffset {
+        topic: topic.clone(),
+        partition,
+        offset: 0,
+    };
+    for (offsets, says) in [
+        (vec![partition(0), partition(0)], "named twice"),
+        ((0..10_001).map(partition).collect(), "at most 10000"),
+    ] {
+        let mut from = consume_request(&topic, "many", 1, false);
+        from.start = Some(pb::StartPosition {
+            position: Some(pb::start_position::Position::Offsets(pb::PartitionOffsets { offsets })),
+        });
+        let err = stream.consume(from).await.expect_err(says);
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(says), "{}", err.message());
+    }
     server.stop().await;
 }
 

@@ -906,15 +906,8 @@ async fn abandoned_statements_are_killed_from_one_kept_session() {
 /// not commit what its caller was told was cancelled.
 #[tokio::test]
 async fn a_transaction_whose_statement_could_not_be_killed_does_not_commit() {
-    let address = format!(
-        "{}:{}",
-        env_or("WEIR_TEST_MYSQL_HOST", "127.0.0.1"),
-        env_or("WEIR_TEST_MYSQL_PORT", "3306")
-    );
-    let proxy = Proxy::start(address).await;
-    let port = format!("port = {}", env_or("WEIR_TEST_MYSQL_PORT", "3306"));
-    let source = mysql("unkilled", "my", "[tenants.unkilled.sources.my.pool]\nmax_size = 1\n")
-        .replace(&port, &format!("port = {}", proxy.port));
+    let (proxy, source) =
+        mysql_behind_proxy("unkilled", "my", "[tenants.unkilled.sources.my.pool]\nmax_size = 1\n").await;
     let server = TestServer::start(&tenant("unkilled", "", &source)).await;
     let client = server.client("key-unkilled").await;
     let table = format!("unkilled_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);

@@ -75,6 +75,34 @@ async fn metrics_count_calls_rows_and_rejections() {
     server.stop().await;
 }
 
+/// A stream its client leaves counts the rows and bytes it sent (they were
+/// counted only when a stream ended complete).
+#[tokio::test]
+async fn a_stream_cut_short_counts_what_it_sent() {
+    let server = TestServer::start(&tenant("obs", "", &sqlite_demo("obs", "shop"))).await;
+    let client = server.client("key-obs").await;
+    let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c";
+    let mut stream = client.execute_stream("shop", endless, vec![]).await.expect("stream");
+    for _ in 0..3 {
+        stream.next_batch().await.expect("a batch").expect("more rows");
+    }
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, text) = http_get(&server.metrics_url, "/metrics").await;
+        if sample(&text, "weir_rows_total", &[("tenant", "obs"), ("source", "shop")]) > 0.0 {
+            assert!(sample(&text, "weir_bytes_total", &[("tenant", "obs"), ("source", "shop")]) > 0.0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cut stream's rows are not counted: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn shutdown_ends_streams_and_rolls_back_transactions() {
     pg_direct()
@@ -122,7 +150,25 @@ async fn shutdown_ends_streams_and_rolls_back_transactions() {
     );
 
     let started = Instant::now();
+    let metrics_url = server.metrics_url.clone();
     let stopping = tokio::spawn(server.stop());
+    // While calls drain, the metrics port still answers: not ready, and
+    // the counters can be scraped one last time.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (status, _) = http_get(&metrics_url, "/readyz").await;
+        if status == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never said 503 while draining: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, text) = http_get(&metrics_url, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(text.contains("weir_calls_total"), "{text}");
     // The stream ends (cut after the grace period) instead of hanging.
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         loop {

@@ -93,25 +93,31 @@ fn skip_space(mut rest: &str, reading: Reading) -> &str {
 }
 
 /// What follows the block comment whose opening `/*` came just before
-/// `rest`; empty when it is not closed.
-fn block_comment_end(mut rest: &str, nested: bool) -> &str {
+/// `rest`; empty when it is not closed. One pass over the bytes: searching
+/// the rest again at each nested `/*` took time growing with the square of
+/// a statement full of them.
+fn block_comment_end(rest: &str, nested: bool) -> &str {
+    let bytes = rest.as_bytes();
     let mut depth = 1usize;
-    while depth > 0 {
-        let close = rest.find("*/");
-        let open = if nested { rest.find("/*") } else { None };
-        match (open, close) {
-            (Some(o), Some(c)) if o < c => {
-                depth += 1;
-                rest = &rest[o + 2..];
-            }
-            (_, Some(c)) => {
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        match (bytes[i], bytes[i + 1]) {
+            (b'*', b'/') => {
                 depth -= 1;
-                rest = &rest[c + 2..];
+                i += 2;
+                if depth == 0 {
+                    // After an ASCII `*/`: a character boundary.
+                    return rest.get(i..).unwrap_or_default();
+                }
             }
-            (_, None) => return "",
+            (b'/', b'*') if nested => {
+                depth += 1;
+                i += 2;
+            }
+            _ => i += 1,
         }
     }
-    rest
+    ""
 }
 
 /// Whether `sql` runs procedural code that may commit by itself: a
@@ -293,6 +299,26 @@ mod tests {
         ] {
             assert!(!may_keep_mssql_session_state(sql), "{sql}");
         }
+    }
+
+    #[test]
+    fn nested_comments_are_read_in_one_pass() {
+        assert_eq!(block_comment_end(" a /* b */ c */ SELECT", true), " SELECT");
+        assert_eq!(block_comment_end(" a /* b */ c */ SELECT", false), " c */ SELECT");
+        // `/*/` opens a comment and does not close it.
+        assert_eq!(block_comment_end("/ x */ y", false), " y");
+        assert_eq!(block_comment_end(" é */é", false), "é");
+        // A statement of many openings is read in time growing with its
+        // length, not its square (minutes for this one): no words in it.
+        let hostile = format!("/* returning {}*/", "/* ".repeat(300_000));
+        let started = std::time::Instant::now();
+        assert_eq!(leading_words(&hostile, 1), [Vec::<String>::new()]);
+        assert!(!writes_and_returns_rows(&hostile));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

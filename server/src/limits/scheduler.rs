@@ -225,10 +225,15 @@ impl Scheduler {
                 queued.granted = true;
                 Ok(slot)
             }
-            _ => Err(Error::GatewayBusy {
-                waited: queued.started.elapsed(),
-                retry_after: self.max_wait / 4,
-            }),
+            _ => Err(self.busy(queued.started.elapsed())),
+        }
+    }
+
+    /// The refusal of a call that waited `waited` for a slot in vain.
+    pub fn busy(&self, waited: Duration) -> Error {
+        Error::GatewayBusy {
+            waited,
+            retry_after: self.max_wait / 4,
         }
     }
 

@@ -242,9 +242,12 @@ fn micros(secs: i64, nanos: u32) -> std::result::Result<i64, Misfit> {
 }
 
 /// Arrow's size of a value, for cutting batches at about `BATCH_BYTES`.
+/// A NULL takes its column's full width (up to 16 bytes), or a whole
+/// `Value` in a column whose type is not known yet: counted as nothing, a
+/// result of NULLs grew batches without bound.
 fn arrow_size(value: &Value) -> usize {
     match value {
-        Value::Null => 0,
+        Value::Null => std::mem::size_of::<Value>(),
         Value::Bool(_) => 1,
         Value::Date(_) => 4,
         Value::Interval { .. } | Value::Uuid(_) => 16,
@@ -715,6 +718,20 @@ mod tests {
         let reader = StreamReader::try_new(std::io::Cursor::new(stream), None).unwrap();
         let schema = reader.schema();
         (schema, reader.collect::<std::result::Result<Vec<_>, _>>().unwrap())
+    }
+
+    /// NULLs take room in the batch (their column's width, or a whole value
+    /// while the column's type is unknown), so a result of NULLs is cut into
+    /// batches like any other instead of growing one without bound.
+    #[test]
+    fn nulls_count_toward_the_batch_size() {
+        let columns = vec![Column::new("i", "interval", ColumnType::Interval)];
+        let mut batches = ArrowBatches::new(&columns).unwrap();
+        for _ in 0..1000 {
+            batches.value(Value::Null);
+            batches.finish_row().unwrap();
+        }
+        assert!(batches.bytes() >= 16 * 1000, "{}", batches.bytes());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::tenant::{Caller, Revocation, Source};
 
 /// Rows per engine batch when the caller gives no hint.
 const DEFAULT_BATCH_ROWS: usize = 5000;
-/// Largest batch hint honoured.
+/// Largest batch hint honoured, and most rows in one message.
 const MAX_BATCH_ROWS: usize = 100_000;
 /// Batches buffered between the client and the engine.
 const FEED_DEPTH: usize = 4;
@@ -379,6 +379,14 @@ async fn feed_rows(
             }
             None => continue,
         };
+        // Rows of a message are converted and queued together: millions of
+        // empty ones (two bytes each on the wire) would hold gigabytes.
+        if rows.len() > MAX_BATCH_ROWS {
+            return Err(bad(
+                "rows",
+                format!("{} rows in one message; send at most {MAX_BATCH_ROWS}", rows.len()),
+            ));
+        }
         let bytes = rows.iter().map(|r| r.encoded_len() as u64).sum::<u64>();
         let first = received;
         received += rows.len() as u64;
@@ -419,7 +427,13 @@ impl BulkApi {
         verdict: Verdict,
     ) -> Result<pb::LoadResponse> {
         let started = Instant::now();
-        let (header, options) = match stream.message().await {
+        // A client that opens a load and says nothing holds a stream and a
+        // concurrency slot: as long as a silent one mid-load, no longer.
+        let idle = caller.tenant.limits.transaction_idle_timeout;
+        let first = tokio::time::timeout(idle, stream.message())
+            .await
+            .map_err(|_| Error::LoadIdle(idle))?;
+        let (header, options) = match first {
             Ok(Some(pb::LoadRequest {
                 message: Some(LoadMessage::Header(mut h)),
             })) => {

@@ -25,7 +25,17 @@ fn quote(s: &str) -> String {
     }
 }
 
+pub const MAX_PARAMS: usize = 65_535;
+
 pub fn params(values: Vec<pb::Value>) -> Result<Vec<Value>, Error> {
+    // The most any engine binds (PostgreSQL's and MySQL's wire limit); a
+    // request of millions of empty values is refused before it is converted.
+    if values.len() > MAX_PARAMS {
+        return Err(bad(
+            "params",
+            format!("{} parameters; a statement takes at most {MAX_PARAMS}", values.len()),
+        ));
+    }
     values
         .into_iter()
         .enumerate()

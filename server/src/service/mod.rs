@@ -82,10 +82,18 @@ impl Gate {
         };
         let priority = asked.min(caller.tenant.limits.max_priority);
         let started = std::time::Instant::now();
-        let slot = self
+        let wait = self
             .scheduler
-            .acquire(&caller.tenant.id, caller.tenant.limits.weight, priority)
-            .await;
+            .acquire(&caller.tenant.id, caller.tenant.limits.weight, priority);
+        // A caller's deadline that comes before `max_queue_wait` ends the
+        // wait, answered by the gateway (and counted), not cut by the
+        // transport's timer with a bare CANCELLED.
+        let slot = match deadline_left(caller) {
+            Some(left) => tokio::time::timeout(left, wait)
+                .await
+                .unwrap_or_else(|_| Err(self.scheduler.busy(started.elapsed()))),
+            None => wait.await,
+        };
         if let Err(e) = &slot {
             crate::limits::admission::count_rejection(caller, e);
         }
@@ -358,9 +366,14 @@ pub fn display_table(schema: Option<&str>, table: &str) -> String {
 }
 
 /// Names the table(s) or topic(s) a call works on, for its span and audit line.
+/// Records the call's object (table, topic) on its span, cut short: the
+/// name is the caller's, of any length up to `max_request_bytes`, and would
+/// be carried (escaped) by every line of the call and its audit line.
 pub fn record_object(name: &str) {
-    tracing::Span::current().record("object", name);
+    tracing::Span::current().record("object", crate::telemetry::cut(name, SHOWN_OBJECT_BYTES));
 }
+
+const SHOWN_OBJECT_BYTES: usize = 256;
 
 /// Checks a caller-chosen name (consumer group, subscription): 1 to `max`
 /// characters of A-Z, a-z, 0-9, '.', '_' and '-', so it is safe in every

@@ -407,7 +407,13 @@ async fn send_rows(
     timing: Timing,
 ) -> Result<()> {
     use pb::execute_stream_response::Payload;
-    let (mut total_rows, mut total_bytes, mut first_row) = (0u64, 0u64, None);
+    let mut first_row = None;
+    // Counted however the stream ends: cut, failed or complete.
+    let mut sent = Returned {
+        target,
+        rows: 0,
+        bytes: 0,
+    };
     // Rows are encoded as they arrive, on this task: each row's values are
     // freed while still in cache, and the response task only copies bytes.
     loop {
@@ -420,9 +426,9 @@ async fn send_rows(
             break;
         }
         let (rows, _) = batches.pending();
-        total_rows += rows as u64;
+        sent.rows += rows as u64;
         let (batch, size) = batches.take()?;
-        total_bytes += size as u64;
+        sent.bytes += size as u64;
         if !tx.send(batch).await? {
             return Ok(());
         }
@@ -430,27 +436,35 @@ async fn send_rows(
     let (rows, _) = batches.pending();
     let mut last = Vec::with_capacity(2);
     if rows > 0 {
-        total_rows += rows as u64;
+        sent.rows += rows as u64;
         last.push(batches.take()?);
     }
     last.extend(batches.end()?);
     for (message, size) in last {
-        total_bytes += size as u64;
+        sent.bytes += size as u64;
         if !tx.send(message).await? {
             return Ok(());
         }
     }
     let affected = query.rows.rows_affected();
-    target.returned(total_rows, total_bytes);
     tx.send(message(Payload::Stats(stats(
-        total_rows,
-        total_bytes,
-        affected,
-        timing,
-        first_row,
+        sent.rows, sent.bytes, affected, timing, first_row,
     ))))
     .await?;
     Ok(())
+}
+
+/// Rows and bytes a stream has sent, counted for its source when it ends.
+struct Returned<'a> {
+    target: &'a Target,
+    rows: u64,
+    bytes: u64,
+}
+
+impl Drop for Returned<'_> {
+    fn drop(&mut self) {
+        self.target.returned(self.rows, self.bytes);
+    }
 }
 
 /// Takes rows into `batches` for as long as the engine has them ready:

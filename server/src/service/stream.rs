@@ -24,6 +24,12 @@ const MAX_GROUP: usize = 200;
 const CONSUME_BUFFER: usize = 2;
 /// Topics one Consume may name: each costs the broker a metadata lookup.
 const MAX_TOPICS: usize = 100;
+/// Partitions one Consume or CommitOffsets names.
+const MAX_PARTITION_OFFSETS: usize = 10_000;
+/// Records in one Produce call: each is converted and held until the
+/// broker acknowledges the whole call, so a call of millions of empty
+/// records (a few bytes each on the wire) would hold their memory as long.
+const MAX_RECORDS: usize = 100_000;
 
 pub struct StreamApi {
     /// Cancelled when the shutdown grace period is over: consumers still running are cut.
@@ -120,12 +126,27 @@ fn in_record(r: InRecord) -> pb::ConsumedRecord {
 }
 
 fn partition_offsets(topics: &dyn TopicSource, offsets: Vec<pb::PartitionOffset>) -> Result<Vec<PartitionOffset>> {
+    // librdkafka takes each partition into lists it searches one by one:
+    // millions of them would hold a thread for hours.
+    if offsets.len() > MAX_PARTITION_OFFSETS {
+        return Err(bad(
+            "offsets",
+            format!("{} partitions; name at most {MAX_PARTITION_OFFSETS}", offsets.len()),
+        ));
+    }
+    let mut named = std::collections::HashSet::with_capacity(offsets.len());
     offsets
         .into_iter()
         .map(|o| {
             check_topic(topics, &o.topic)?;
             if o.partition < 0 || o.offset < 0 {
                 return Err(bad("offsets", "partitions and offsets are never negative"));
+            }
+            if !named.insert((o.topic.clone(), o.partition)) {
+                return Err(bad(
+                    "offsets",
+                    format!("partition {} of {} is named twice", o.partition, o.topic),
+                ));
             }
             Ok(PartitionOffset {
                 topic: o.topic,
@@ -332,6 +353,13 @@ impl StreamService for StreamApi {
     ) -> std::result::Result<Response<pb::ProduceResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
+        if r.records.len() > MAX_RECORDS {
+            return Err(bad(
+                "records",
+                format!("{} records; send at most {MAX_RECORDS} per call", r.records.len()),
+            )
+            .into());
+        }
         let topics = topics_of(&caller, &r.source)?;
         check_topic(topics.as_ref(), &r.topic)?;
         super::record_object(&r.topic);

@@ -118,23 +118,35 @@ fn provider(config: &TelemetryConfig) -> anyhow::Result<Option<SdkTracerProvider
         .clone()
         .or_else(|| std::env::var("OTEL_SERVICE_NAME").ok())
         .unwrap_or_else(|| "weir".to_string());
+    // Read before the runtime is made: dropped on an error inside the
+    // server's runtime, it would panic and hide the cause.
+    let tls = match endpoint.starts_with("https://") {
+        true => Some(collector_tls(config)?),
+        false => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("weir-otlp")
         .enable_all()
         .build()?;
-    let inner = {
+    let built = {
         let _entered = runtime.enter();
         let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-        let exporter = if endpoint.starts_with("https://") {
-            exporter.with_tls_config(collector_tls(config)?)
-        } else {
-            exporter
+        let exporter = match tls {
+            Some(tls) => exporter.with_tls_config(tls),
+            None => exporter,
         };
         exporter
             .with_endpoint(endpoint)
             .with_timeout(Duration::from_secs(5))
-            .build()?
+            .build()
+    };
+    let inner = match built {
+        Ok(inner) => inner,
+        Err(e) => {
+            runtime.shutdown_background();
+            return Err(e.into());
+        }
     };
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(OnOwnRuntime { inner, runtime })
@@ -157,6 +169,16 @@ fn collector_tls(config: &TelemetryConfig) -> anyhow::Result<ClientTlsConfig> {
     Ok(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
 }
 
+/// `text` cut to at most `max` bytes, at a character boundary: for values
+/// the caller chooses, which would otherwise make log lines as long.
+pub fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// The log filter unless WEIR_LOG sets one. h2, hyper and tower trace
 /// every frame. The database drivers log what tenants' statements say
 /// (tiberius every server error and PRINT, tokio-postgres every NOTICE,
@@ -167,7 +189,15 @@ pub const DEFAULT_LOG_FILTER: &str =
 
 /// Installs the global subscriber.
 pub fn init(format: LogFormat, config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    // A WEIR_LOG that does not parse is said so once logging runs, not
+    // passed over in silence (an `weir::audit=off` that did nothing).
+    let (filter, refused) = match std::env::var("WEIR_LOG") {
+        Ok(asked) => match EnvFilter::try_new(&asked) {
+            Ok(filter) => (filter, None),
+            Err(e) => (EnvFilter::new(DEFAULT_LOG_FILTER), Some(e)),
+        },
+        Err(_) => (EnvFilter::new(DEFAULT_LOG_FILTER), None),
+    };
     let (writer, flusher) = BatchWriter::start(std::io::stderr(), LOG_INTERVAL, LOG_BATCH, LOG_LIMIT)?;
     // Colours only on a terminal: a log collector would keep the escape codes.
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -190,6 +220,9 @@ pub fn init(format: LogFormat, config: &TelemetryConfig) -> anyhow::Result<Telem
         .with(fmt)
         .with(otel)
         .try_init()?;
+    if let Some(e) = refused {
+        tracing::warn!(error = %e, default = DEFAULT_LOG_FILTER, "WEIR_LOG is not a valid filter; the default is used");
+    }
     EXPORTING_TRACES.store(provider.is_some(), Ordering::Relaxed);
     Ok(Telemetry {
         provider,
@@ -235,6 +268,16 @@ pub(crate) mod tests {
             ..https
         };
         let err = provider(&missing_ca).expect_err("a CA file that cannot be read");
+        assert!(err.to_string().contains("otlp_ca_file"), "{err}");
+        // Inside the server's runtime too, where dropping the exporter's
+        // runtime on the error path would panic.
+        let inside = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let err = inside
+            .block_on(async { provider(&missing_ca) })
+            .expect_err("a CA file that cannot be read");
         assert!(err.to_string().contains("otlp_ca_file"), "{err}");
         // A plain-text collector does not read the CA file at all.
         let plain = TelemetryConfig {

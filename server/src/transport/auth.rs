@@ -172,11 +172,7 @@ fn span_name(path: &str) -> &'static str {
 const SHOWN_PATH_BYTES: usize = 128;
 
 fn shown_path(path: &str) -> &str {
-    let mut end = path.len().min(SHOWN_PATH_BYTES);
-    while !path.is_char_boundary(end) {
-        end -= 1;
-    }
-    &path[..end]
+    crate::telemetry::cut(path, SHOWN_PATH_BYTES)
 }
 
 impl<S> Service<http::Request<Body>> for Auth<S>
@@ -260,41 +256,44 @@ where
             async move {
                 // Then the tenant's limits, inside the call's span (a refusal
                 // names its limit there), and only then the service.
-                let (mut response, admitted) = match caller {
+                let (mut response, record) = match caller {
                     None => (inner.call(req).await?, None),
                     Some(mut caller) => {
-                        let tenant = caller.tenant.clone();
+                        // Recorded however the call ends, also when it is
+                        // dropped before its response starts (the client
+                        // reset the stream, the connection went).
+                        let mut record = CallRecord {
+                            code: None,
+                            tenant: caller.tenant.clone(),
+                            method: Method::of(&method),
+                            started,
+                            span: body_span,
+                            _permit: None,
+                        };
                         match admission::admit(&mut caller, req.headers()).await {
                             // Authenticated before it waited for its turn:
                             // revoked, cut or expired meanwhile, it does not run.
-                            Ok(permit) => match stop_due(registry.stop_token(), &caller.revoked, caller.expires) {
-                                Some(e) => (tonic::Status::from(e).into_http(), Some((tenant, None))),
-                                None => {
-                                    req.extensions_mut().insert(caller);
-                                    (inner.call(req).await?, Some((tenant, Some(permit))))
+                            Ok(permit) => {
+                                record._permit = Some(permit);
+                                match stop_due(registry.stop_token(), &caller.revoked, caller.expires) {
+                                    Some(e) => (tonic::Status::from(e).into_http(), Some(record)),
+                                    None => {
+                                        req.extensions_mut().insert(caller);
+                                        (inner.call(req).await?, Some(record))
+                                    }
                                 }
-                            },
-                            Err(refusal) => (refusal, Some((tenant, None))),
+                            }
+                            Err(refusal) => (refusal, Some(record)),
                         }
                     }
                 };
                 settle_status(response.headers_mut());
                 response.headers_mut().insert(REQUEST_ID_HEADER, id);
-                let Some((tenant, permit)) = admitted else {
+                let Some(mut record) = record else {
                     return Ok(response);
                 };
-                let code = status_code(response.headers());
-                Ok(response.map(|body| {
-                    Body::new(ObservedBody {
-                        inner: body,
-                        code,
-                        tenant,
-                        method: Method::of(&method),
-                        started,
-                        span: body_span,
-                        _permit: permit,
-                    })
-                }))
+                record.code = status_code(response.headers());
+                Ok(response.map(|body| Body::new(ObservedBody { inner: body, record })))
             }
             .instrument(span),
         )
@@ -304,11 +303,17 @@ where
 /// The tracing target of the audit log.
 pub const AUDIT: &str = "weir::audit";
 
-/// A response body that records the call's outcome (from the trailers, or
-/// CANCELLED if the client left first) and duration when it is dropped, and
-/// holds the call's concurrency slot until then.
+/// A response body that reads the call's outcome from its trailers for its
+/// `CallRecord`, which it holds until the response is over.
 struct ObservedBody {
     inner: Body,
+    record: CallRecord,
+}
+
+/// An authenticated call's outcome (CANCELLED if the client left first) and
+/// duration, recorded in the metrics and the audit log when it is dropped;
+/// holds the call's concurrency slot until then.
+struct CallRecord {
     code: Option<tonic::Code>,
     tenant: Arc<crate::tenant::Tenant>,
     method: Method,
@@ -331,7 +336,7 @@ impl HttpBody for ObservedBody {
             if let Some(trailers) = frame.trailers_mut() {
                 settle_status(trailers);
                 if let Some(code) = status_code(trailers) {
-                    self.code = Some(code);
+                    self.record.code = Some(code);
                 }
             }
         }
@@ -347,7 +352,7 @@ impl HttpBody for ObservedBody {
     }
 }
 
-impl Drop for ObservedBody {
+impl Drop for CallRecord {
     fn drop(&mut self) {
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
         let elapsed = self.started.elapsed();

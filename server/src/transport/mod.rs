@@ -30,6 +30,10 @@ use crate::service::Gate;
 use crate::tenant::reload::Registry;
 use auth::AuthLayer;
 
+/// Calls and streams open at once on one client connection; a client with
+/// more in flight opens more connections (tenants' own caps apply after).
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// Requests compressed with gzip or zstd are taken; responses are
 /// compressed with `encoding`, if any, for clients that accept it. A macro
 /// because each generated service has the methods, but no trait.
@@ -91,6 +95,11 @@ pub async fn serve(
     let (reflection_v1, reflection_v1alpha) = (reflection_v1?, reflection_v1alpha?);
     let tls = tenants.tls();
     let router = Server::builder()
+        // tonic leaves both unlimited: streams that take no credential
+        // (health Watch) could pile up on one connection without end, and a
+        // peer could make the server reset streams without end.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_local_error_reset_streams(Some(1024))
         .layer(AuthLayer::new(tenants))
         .add_service(health)
         .add_service(reflection_v1)

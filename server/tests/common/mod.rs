@@ -347,6 +347,15 @@ pub fn mysql(tenant: &str, name: &str, extra: &str) -> String {
     )
 }
 
+/// Source `name` of `tenant` on the test MySQL/MariaDB (see [`mysql`]),
+/// reached through a new [`Proxy`] in front of it.
+pub async fn mysql_behind_proxy(tenant: &str, name: &str, extra: &str) -> (Proxy, String) {
+    let port = env_or("WEIR_TEST_MYSQL_PORT", "3306");
+    let proxy = Proxy::start(format!("{}:{port}", env_or("WEIR_TEST_MYSQL_HOST", "127.0.0.1"))).await;
+    let source = mysql(tenant, name, extra).replace(&format!("port = {port}"), &format!("port = {}", proxy.port));
+    (proxy, source)
+}
+
 /// A direct connection to the test MySQL/MariaDB.
 pub async fn mysql_direct() -> mysql_async::Conn {
     let opts = mysql_async::OptsBuilder::default()

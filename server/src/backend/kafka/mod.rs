@@ -589,8 +589,11 @@ async fn start(consumer: &Arc<StreamConsumer>, spec: &ConsumeSpec) -> Result<(),
     match &spec.start {
         Start::Earliest | Start::Latest => consumer.subscribe(&topics).map_err(map_error)?,
         Start::Offsets(offsets) => {
-            consumer
-                .assign(&partition_list(offsets).map_err(map_error)?)
+            // A blocking librdkafka call, as long as the list is.
+            let (c, list) = (consumer.clone(), partition_list(offsets).map_err(map_error)?);
+            tokio::task::spawn_blocking(move || c.assign(&list))
+                .await
+                .map_err(|e| BackendError::Internal(e.to_string()))?
                 .map_err(map_error)?;
         }
         Start::Timestamp(ms) => {

@@ -308,8 +308,11 @@ async fn a_connection_is_told_how_many_streams_it_may_open() {
         .await
         .expect("connect");
     let (_send, mut connection) = h2::client::handshake(tcp).await.expect("handshake");
-    // Long enough for the server's SETTINGS to arrive and be read.
-    let _ = tokio::time::timeout(std::time::Duration::from_millis(300), &mut connection).await;
+    // Until the server's SETTINGS have arrived and been read.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while connection.max_concurrent_send_streams() != 1024 && std::time::Instant::now() < deadline {
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(50), &mut connection).await;
+    }
     assert_eq!(connection.max_concurrent_send_streams(), 1024);
     server.stop().await;
 }

@@ -982,5 +982,26 @@ async fn a_commit_after_the_transactions_session_was_lost_says_it_was_rolled_bac
     let refused = client.commit(&tx).await.expect_err("nothing left to commit");
     assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
     assert!(refused.message().contains("session was lost"), "{refused:?}");
+    // The same when the driver itself closed the session: a statement's own
+    // LOAD DATA LOCAL, which it refuses to answer.
+    client
+        .execute("my", "CREATE TABLE IF NOT EXISTS weir_my_infile (line TEXT)", vec![])
+        .await
+        .expect("setup");
+    let tx = client
+        .begin("my", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(
+            &tx,
+            "my",
+            "LOAD DATA LOCAL INFILE '/etc/hostname' INTO TABLE weir_my_infile",
+            vec![],
+        )
+        .await
+        .expect_err("no file is read");
+    let refused = client.commit(&tx).await.expect_err("nothing left to commit");
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
     server.stop().await;
 }

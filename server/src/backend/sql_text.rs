@@ -136,29 +136,46 @@ pub fn may_commit_inside(sql: &str) -> bool {
 /// (a procedure, dynamic SQL). Every word counts, in comments and strings
 /// too, since MySQL runs versioned comments as code.
 pub fn may_leave_read_only(sql: &str) -> bool {
-    sql.split(|c: char| !(c.is_alphanumeric() || c == '_')).any(|w| {
-        ["write", "call", "execute", "prepare"]
-            .iter()
-            .any(|k| w.eq_ignore_ascii_case(k))
-            || w.as_bytes().windows(9).any(|s| s.eq_ignore_ascii_case(b"read_only"))
+    words_anywhere(sql).any(|w| {
+        [
+            "write",
+            "call",
+            "execute",
+            "prepare",
+            "tx_read_only",
+            "transaction_read_only",
+        ]
+        .iter()
+        .any(|k| w.eq_ignore_ascii_case(k))
     })
+}
+
+/// Every word of `sql`, comments and strings included. A version number
+/// glued to a word (`/*!50000WRITE*/`, which MySQL runs as `WRITE`) is
+/// taken off it.
+fn words_anywhere(sql: &str) -> impl Iterator<Item = &str> {
+    sql.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .map(|w| w.trim_start_matches(|c: char| c.is_ascii_digit()))
 }
 
 /// Whether T-SQL `sql` may leave state on its session that outlives the
 /// `sp_executesql` it runs in (which undoes `SET` options and drops `#temp`
 /// tables): a session-owned application lock, session context or
-/// `CONTEXT_INFO`, an application role, a global cursor, an opened key, a
-/// `##global` temporary table. Any word counts, comments and strings too.
+/// `CONTEXT_INFO`, an application role, a cursor, an opened key, a
+/// `##global` temporary table. Any word counts, comments and strings too;
+/// what a procedure or dynamic SQL does inside is not seen.
 pub fn may_keep_mssql_session_state(sql: &str) -> bool {
     sql.contains("##")
-        || sql.split(|c: char| !(c.is_alphanumeric() || c == '_')).any(|w| {
+        || words_anywhere(sql).any(|w| {
             [
                 "sp_getapplock",
                 "sp_set_session_context",
                 "context_info",
                 "sp_setapprole",
-                "global",
-                "open",
+                // A cursor (GLOBAL by default on many servers), and a key
+                // opened with OPEN ... KEY ... DECRYPTION BY.
+                "cursor",
+                "decryption",
             ]
             .iter()
             .any(|k| w.eq_ignore_ascii_case(k))
@@ -263,6 +280,9 @@ mod tests {
             "SET STATEMENT tx_read_only=0 FOR INSERT INTO t VALUES (1)",
             "/*!50000 SET @@session.TRANSACTION_READ_ONLY = OFF */",
             "SET `tx_read_only` = 0",
+            "SET SESSION TRANSACTION READ /*!50000WRITE*/",
+            "SET SESSION TRANSACTION READ /*M!100000WRITE*/",
+            "/*!50000CALL*/ p()",
             "CALL p()",
             "BEGIN NOT ATOMIC EXECUTE IMMEDIATE CONCAT('SET SESSION TRANSACTION READ', ' WR', 'ITE'); END",
             "PREPARE s FROM @sql",
@@ -274,6 +294,9 @@ mod tests {
             "SET STATEMENT max_statement_time = 1 FOR SELECT 1",
             "SELECT readonly, written, caller FROM t",
             "SHOW VARIABLES",
+            "SELECT @@read_only, @@global.read_only",
+            "SHOW VARIABLES LIKE '%read_only%'",
+            "SELECT is_read_only FROM replicas",
         ] {
             assert!(!may_leave_read_only(sql), "{sql}");
         }
@@ -287,6 +310,7 @@ mod tests {
             "SET CONTEXT_INFO 0x01",
             "DECLARE c CURSOR GLOBAL FOR SELECT 1",
             "OPEN SYMMETRIC KEY k DECRYPTION BY PASSWORD = 'x'",
+            "OPEN MASTER KEY DECRYPTION BY PASSWORD = 'x'",
             "CREATE TABLE ##shared (id int)",
             "EXEC sp_setapprole 'r', 'p'",
         ] {
@@ -296,6 +320,9 @@ mod tests {
             "SELECT * FROM orders WHERE id = @P1",
             "CREATE TABLE #mine (id int)",
             "SET NOCOUNT ON",
+            "SELECT [open], [close] FROM prices WHERE status = 'open'",
+            "SELECT name FROM master.sys.databases",
+            "SELECT * FROM global_settings",
         ] {
             assert!(!may_keep_mssql_session_state(sql), "{sql}");
         }

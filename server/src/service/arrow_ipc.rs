@@ -242,9 +242,9 @@ fn micros(secs: i64, nanos: u32) -> std::result::Result<i64, Misfit> {
 }
 
 /// Arrow's size of a value, for cutting batches at about `BATCH_BYTES`.
-/// A NULL takes its column's full width (up to 16 bytes), or a whole
-/// `Value` in a column whose type is not known yet: counted as nothing, a
-/// result of NULLs grew batches without bound.
+/// A NULL is counted as a whole `Value` (32 bytes), what it takes in a
+/// column whose type is not known yet and more than its width in any typed
+/// column: counted as nothing, a result of NULLs grew batches without bound.
 fn arrow_size(value: &Value) -> usize {
     match value {
         Value::Null => std::mem::size_of::<Value>(),

@@ -812,12 +812,18 @@ impl Reader {
         // The server sends a heartbeat event after each quiet period: nothing
         // for several of them means the connection is gone without a word
         // (a host gone dark), which TCP on a receiving socket never reports.
+        // Only time spent waiting for the server counts as its silence, not
+        // time spent delivering (to a slow or throttled client) or storing.
         let silence = silence_limit(self.spec.heartbeat_interval);
         let mut heard = tokio::time::Instant::now();
+        let mut delivering = false;
         loop {
+            if std::mem::take(&mut delivering) {
+                heard = tokio::time::Instant::now();
+            }
             let event = tokio::select! {
                 e = stream.next() => {
-                    heard = tokio::time::Instant::now();
+                    delivering = true;
                     e
                 }
                 _ = ticker.tick() => {
@@ -827,6 +833,7 @@ impl Reader {
                             silence.as_secs()
                         )));
                     }
+                    let busy = tokio::time::Instant::now();
                     self.store_acks(acks, stored).await?;
                     // Inside a transaction the log offset is no place to resume from.
                     if txn.is_none() {
@@ -836,6 +843,7 @@ impl Reader {
                             return Ok(());
                         }
                     }
+                    heard += busy.elapsed();
                     continue;
                 }
                 () = self.out.closed() => return Ok(()),
@@ -964,12 +972,16 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
         // A dump thread notices a closed socket only when it next writes, and
         // holds the subscription's lock until then: end it now.
         if let Ok(mut c) = connect(&opts).await {
-            let _ = c.query_drop(format!("KILL CONNECTION {own}")).await;
+            let _ = tokio::time::timeout(CONNECT_TIMEOUT, c.query_drop(format!("KILL CONNECTION {own}"))).await;
         }
         if let Err(e) = outcome {
             tracing::debug!(subscription = %name, error = %e, "change stream ended");
             // A take-over ends this session from outside: say so rather than "connection lost".
-            let e = if !tx.is_closed() && taken_over(&opts, &id, own).await {
+            let e = if !tx.is_closed()
+                && tokio::time::timeout(CONNECT_TIMEOUT, taken_over(&opts, &id, own))
+                    .await
+                    .unwrap_or(false)
+            {
                 BackendError::SubscriptionTakenOver(name)
             } else {
                 e

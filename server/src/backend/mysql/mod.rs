@@ -170,11 +170,17 @@ async fn start(hold: Hold, statement: Statement, killer: Arc<Killer>) -> Result<
         if let (Hold::Transaction(tx), Err(e)) = (&mut hold, &outcome) {
             match e {
                 BackendError::TransactionBroken(cause) => tx.broken = Some(cause),
-                // The driver dropped the session (and the server rolled the
-                // transaction back): Commit must say so, not send COMMIT
-                // into a closed connection and call its outcome unknown.
-                BackendError::Unavailable(_) => tx.rolled_back = Some("its database session was lost"),
-                e => tx.rolled_back = rolled_back_by(&mut tx.conn, e).await,
+                e => {
+                    tx.rolled_back = rolled_back_by(&mut tx.conn, e).await;
+                    // The session may be gone with the error (an I/O error,
+                    // the server going away, a `LOAD DATA LOCAL` the driver
+                    // refused), and the transaction with it: Commit must say
+                    // so, not send COMMIT into a closed connection and call
+                    // its outcome unknown. A round trip, on failures only.
+                    if tx.rolled_back.is_none() && tx.conn.ping().await.is_err() {
+                        tx.rolled_back = Some("its database session was lost");
+                    }
+                }
             }
         }
         // Release the connection (and a transaction's lock) before the caller

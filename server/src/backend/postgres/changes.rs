@@ -489,6 +489,11 @@ impl Reader {
     }
 
     async fn relation(&mut self, r: Relation) -> Result<(), BackendError> {
+        // A table this watch no longer names (see `change`): its columns
+        // are not read, so a type Weir cannot represent there stops nothing.
+        if !self.watched.contains_key(&r.id) {
+            return Ok(());
+        }
         let mut columns = Vec::with_capacity(r.columns.len());
         let mut types = Vec::with_capacity(r.columns.len());
         for c in &r.columns {
@@ -620,7 +625,9 @@ impl Reader {
             let column = || rel.columns.get(i).map(|c| c.name.clone()).unwrap_or_default();
             row.push(match d {
                 Datum::Null => Value::Null,
-                Datum::Unchanged => match fill.and_then(|r| r.get(i)) {
+                // A TOASTed value is never NULL: a NULL in `fill` is a column
+                // a key-only old row (a key update's) left out.
+                Datum::Unchanged => match fill.and_then(|r| r.get(i)).filter(|v| !matches!(v, Value::Null)) {
                     Some(known) => known.clone(),
                     None => {
                         unchanged.push(column());

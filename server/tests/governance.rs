@@ -183,13 +183,19 @@ type Holder = tokio::task::JoinHandle<Result<pb::ExecuteResponse, tonic::Status>
 /// A server with one gateway slot (calls wait `max_queue_wait` for it) and
 /// tenant `a`'s client, the slot held by a call sleeping 0.6 s as `marker`.
 async fn one_slot_held(max_queue_wait: &str, marker: &str) -> (TestServer, WeirClient, Holder) {
+    one_slot_held_by("a", max_queue_wait, marker).await
+}
+
+/// The same for tenant `name`: the metrics are the process's, shared by the
+/// tests that run in it, so a test that counts a tenant's calls has its own.
+async fn one_slot_held_by(name: &str, max_queue_wait: &str, marker: &str) -> (TestServer, WeirClient, Holder) {
     let config = format!(
         "{}{}",
         server_section(1, max_queue_wait),
-        tenant("a", OPEN, &postgres("a", "pg", ""))
+        tenant(name, OPEN, &postgres(name, "pg", ""))
     );
     let server = TestServer::start(&config).await;
-    let a = server.client("key-a").await;
+    let a = server.client(&format!("key-{name}")).await;
     let holder = {
         let (a, sql) = (a.clone(), format!("SELECT pg_sleep(0.6) AS {marker}"));
         tokio::spawn(async move { execute(&a, &sql, pb::Priority::Medium).await })
@@ -241,7 +247,7 @@ async fn a_call_that_waits_too_long_is_refused_with_a_retry_delay() {
 /// the call with a bare CANCELLED that no metric counted.
 #[tokio::test]
 async fn a_deadline_that_ends_a_wait_for_a_slot_is_answered_and_counted() {
-    let (server, a, holder) = one_slot_held("5s", "deadline_in_queue").await;
+    let (server, a, holder) = one_slot_held_by("queued", "5s", "deadline_in_queue").await;
     let mut request = tonic::Request::new(pb::ExecuteRequest {
         source: "pg".into(),
         sql: "SELECT 1".into(),
@@ -263,7 +269,7 @@ async fn a_deadline_that_ends_a_wait_for_a_slot_is_answered_and_counted() {
     holder.await.expect("task").expect("holder");
     let (_, metrics) = common::http_get(&server.metrics_url, "/metrics").await;
     assert!(
-        metrics.contains("weir_limiter_rejections_total{tenant=\"a\",limit=\"gateway_queue\"} 1"),
+        metrics.contains("weir_limiter_rejections_total{tenant=\"queued\",limit=\"gateway_queue\"} 1"),
         "{metrics}"
     );
     server.stop().await;
@@ -273,7 +279,7 @@ async fn a_deadline_that_ends_a_wait_for_a_slot_is_answered_and_counted() {
 /// a slot) is still counted, as CANCELLED, and audited.
 #[tokio::test]
 async fn a_call_given_up_before_its_answer_is_counted() {
-    let (server, a, holder) = one_slot_held("5s", "given_up").await;
+    let (server, a, holder) = one_slot_held_by("given_up", "5s", "given_up").await;
     let waiting = {
         let a = a.clone();
         tokio::spawn(async move { execute(&a, "SELECT 1", pb::Priority::Medium).await })
@@ -284,7 +290,7 @@ async fn a_call_given_up_before_its_answer_is_counted() {
     let cancelled = |metrics: &str| {
         metrics.lines().any(|l| {
             l.starts_with("weir_calls_total{")
-                && l.contains("tenant=\"a\"")
+                && l.contains("tenant=\"given_up\"")
                 && l.contains("Execute")
                 && l.contains("code=\"Cancelled\"")
         })

@@ -79,8 +79,9 @@ async fn metrics_count_calls_rows_and_rejections() {
 /// counted only when a stream ended complete).
 #[tokio::test]
 async fn a_stream_cut_short_counts_what_it_sent() {
-    let server = TestServer::start(&tenant("obs", "", &sqlite_demo("obs", "shop"))).await;
-    let client = server.client("key-obs").await;
+    // A tenant of its own: the metrics are the process's, shared by its tests.
+    let server = TestServer::start(&tenant("cut", "", &sqlite_demo("cut", "shop"))).await;
+    let client = server.client("key-cut").await;
     let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c";
     let mut stream = client.execute_stream("shop", endless, vec![]).await.expect("stream");
     for _ in 0..3 {
@@ -90,8 +91,8 @@ async fn a_stream_cut_short_counts_what_it_sent() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (_, text) = http_get(&server.metrics_url, "/metrics").await;
-        if sample(&text, "weir_rows_total", &[("tenant", "obs"), ("source", "shop")]) > 0.0 {
-            assert!(sample(&text, "weir_bytes_total", &[("tenant", "obs"), ("source", "shop")]) > 0.0);
+        if sample(&text, "weir_rows_total", &[("tenant", "cut"), ("source", "shop")]) > 0.0 {
+            assert!(sample(&text, "weir_bytes_total", &[("tenant", "cut"), ("source", "shop")]) > 0.0);
             break;
         }
         assert!(

@@ -1272,6 +1272,26 @@ async fn mysql_multi_geometries_are_bytes_in_descriptions_and_change_events() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// A table taken out of a PostgreSQL watch is not decoded at all: a column
+/// added to it of a type Weir cannot represent does not end the stream of
+/// the tables still watched (narrowing the watch is how a user gets past it).
+#[tokio::test]
+async fn postgres_a_table_taken_out_is_not_decoded() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let (kept, dropped) = (ctx.table("keptdec").await, ctx.table("droppeddec").await);
+    let sub = ctx.name("undecoded");
+    drop(ctx.watch(ctx.start(&[&kept, &dropped], &sub)).await);
+    ctx.sql(&format!("ALTER TABLE {dropped} ADD COLUMN p point")).await;
+    ctx.sql(&format!("INSERT INTO {dropped} VALUES (1, 'd', 1, point(1, 2))"))
+        .await;
+    ctx.sql(&format!("INSERT INTO {kept} VALUES (1, 'k', 1)")).await;
+    let mut narrowed = ctx.watch(ctx.start(&[&kept], &sub)).await;
+    let messages = read_changes(&mut narrowed, 1).await;
+    assert_eq!(changes(&messages)[0].table, kept);
+    drop(narrowed);
+    ctx.finish(&[&sub], &[&kept, &dropped]).await;
+}
+
 /// A TOASTed value an UPDATE left alone is not resent by PostgreSQL: it is
 /// NULL in `after` and named in `unchanged_columns`, so that a consumer
 /// keeps the value it has instead of writing NULL over it; a real NULL is

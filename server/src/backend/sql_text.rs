@@ -241,9 +241,7 @@ pub fn writes_and_returns_rows(sql: &str) -> bool {
     {
         return false;
     }
-    let returns = sql
-        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .any(|w| w.eq_ignore_ascii_case("returning") || w.eq_ignore_ascii_case("output"));
+    let returns = words_anywhere(sql).any(|w| w.eq_ignore_ascii_case("returning") || w.eq_ignore_ascii_case("output"));
     // PostgreSQL reads `(WITH d AS (DELETE ... RETURNING *) SELECT ...)` as
     // the statement inside the parentheses.
     let unwrapped = sql

@@ -40,20 +40,14 @@ const TAKE_OVER_WAIT: u32 = 5;
 /// How long a new consumer waits for the subscription's lock: a consumer
 /// that reconnects at once finds its old session still ending.
 const LOCK_WAIT: u32 = 2;
-/// How long opening a session may take (the driver itself waits for ever
-/// on a host that takes the connection and then says nothing).
+/// How long ending the dump and looking for a take-over may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A session of its own, opened within `CONNECT_TIMEOUT`.
+/// A session of the stream's own (see `own_session`).
 async fn connect(opts: &Opts) -> Result<Conn, BackendError> {
-    tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts.clone()))
+    super::own_session(opts)
         .await
-        .map_err(|_| {
-            BackendError::Unavailable(format!(
-                "the database did not answer a new connection within {}s",
-                CONNECT_TIMEOUT.as_secs()
-            ))
-        })?
+        .ok_or_else(|| BackendError::Unavailable("the database did not answer a new connection within 5s".into()))?
         .map_err(map_error)
 }
 

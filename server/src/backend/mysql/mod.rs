@@ -27,8 +27,18 @@ use crate::backend::{
 };
 use crate::config::SourceConfig;
 
-/// How long stopping an abandoned statement may take to connect, and then to kill it.
-const KILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a session of Weir's own (outside the pool) may take to open,
+/// and a kill to be answered: the driver waits for ever on a host that
+/// takes the connection and then says nothing.
+const OWN_SESSION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A session of Weir's own outside the pool (kills, change streams);
+/// `None` when the server did not answer within `OWN_SESSION_TIMEOUT`.
+async fn own_session(opts: &Opts) -> Option<Result<Conn, mysql_async::Error>> {
+    tokio::time::timeout(OWN_SESSION_TIMEOUT, Conn::new(opts.clone()))
+        .await
+        .ok()
+}
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE_SIZE: usize = 256;
 
@@ -330,16 +340,14 @@ impl Killer {
                 let conn = match kept.as_mut() {
                     Some(conn) => conn,
                     None => {
-                        let opened = tokio::time::timeout(KILL_TIMEOUT, Conn::new(self.opts.clone()))
-                            .await
-                            .map_err(|_| {
-                                mysql_async::Error::Other("timed out connecting to kill a statement".into())
-                            })?;
+                        let opened = own_session(&self.opts).await.ok_or_else(|| {
+                            mysql_async::Error::Other("timed out connecting to kill a statement".into())
+                        })?;
                         kept.insert(opened?)
                     }
                 };
                 let kill = conn.query_drop(format!("KILL QUERY {connection_id}"));
-                match tokio::time::timeout(KILL_TIMEOUT, kill).await {
+                match tokio::time::timeout(OWN_SESSION_TIMEOUT, kill).await {
                     Ok(Ok(())) => return Ok(()),
                     // 1094 (no such thread) while the statement still holds its
                     // session: the kill reached another server than the

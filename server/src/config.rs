@@ -97,6 +97,15 @@ pub struct ServerConfig {
     /// Unanswered probes after which the connection, and every call on it,
     /// is ended. Read at start.
     pub keepalive_retries: u32,
+    /// A client connection older than this is sent GOAWAY: its calls in
+    /// progress run to their end, its next calls open a new connection,
+    /// which a headless Service and `round_robin` place on any replica
+    /// (new pods get traffic; long-lived channels otherwise stay where they
+    /// first landed). A transaction's later calls may then reach another
+    /// replica, which does not know its handle. Unset: connections live on.
+    /// Read at start.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Option<Duration>,
     /// Compress responses with this encoding for clients that accept it.
     /// Off by default: most gRPC libraries advertise gzip whether or not
     /// the network needs it. Compressed requests are always accepted. Read at start.
@@ -197,6 +206,7 @@ impl Default for ServerConfig {
             keepalive_time: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(10),
             keepalive_retries: 3,
+            max_connection_age: None,
             compression: None,
             worker_threads: 0,
             tls: None,
@@ -645,6 +655,13 @@ impl Config {
             if value.as_secs() > 32_767 {
                 return Err(invalid(name, "at most 32767s (about 9 hours)"));
             }
+        }
+        if self
+            .server
+            .max_connection_age
+            .is_some_and(|age| age < Duration::from_secs(1))
+        {
+            return Err(invalid("server.max_connection_age", "at least 1s, or unset"));
         }
         if !(1..=127).contains(&self.server.keepalive_retries) {
             return Err(invalid("server.keepalive_retries", "from 1 to 127"));

@@ -1362,6 +1362,258 @@ async fn mysql_binary_values_ending_in_zero_bytes_arrive_whole() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// Execute's values of `sql`, whose first column is `id`: by id, then by column.
+async fn rows_by_id(ctx: &Ctx, sql: &str) -> BTreeMap<i64, BTreeMap<String, pb::Value>> {
+    let r = ctx
+        .client
+        .execute("db", sql, vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    r.rows
+        .iter()
+        .map(|row| {
+            let values: BTreeMap<String, pb::Value> = r
+                .columns
+                .iter()
+                .map(|c| c.name.clone())
+                .zip(row.values.iter().cloned())
+                .collect();
+            (int(&row.values[0]), values)
+        })
+        .collect()
+}
+
+/// Watches MySQL table `t` (subscription `t`) with a snapshot of the rows
+/// `seed` wrote, streams `writes` (each touching a row once, `streamed`
+/// events in all) and checks every value of every event against Execute's:
+/// snapshot rows and the old rows of updates and deletes against a SELECT
+/// before the writes, new rows against one after them. Both run in a
+/// session without sql_mode (zero dates allowed), in UTC.
+async fn mysql_events_equal_execute(ctx: &Ctx, t: &str, seed: &[String], writes: &[String], streamed: usize) {
+    use mysql_async::prelude::Queryable;
+    let mut my = common::mysql_direct().await;
+    my.query_drop("SET SESSION sql_mode = '', SESSION time_zone = '+00:00'")
+        .await
+        .expect("session");
+    for sql in seed {
+        my.query_drop(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    let select = format!("SELECT * FROM {t} ORDER BY id");
+    let old = rows_by_id(ctx, &select).await;
+    let mut start = ctx.start(&[t], t);
+    start.snapshot = true;
+    let mut watch = ctx.watch(start).await;
+    for sql in writes {
+        my.query_drop(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    let new = rows_by_id(ctx, &select).await;
+    let messages = read_changes(&mut watch, old.len() + streamed).await;
+    let same = |c: &pb::ChangeEvent, row: Option<&pb::Row>, expected: &BTreeMap<i64, BTreeMap<String, pb::Value>>| {
+        let row = row.expect("a row");
+        for (name, value) in &expected[&int(col(c, row, "id"))] {
+            assert_eq!(
+                col(c, row, name),
+                value,
+                "column {name} of a {:?} event: {row:?}",
+                op(c)
+            );
+        }
+    };
+    for c in changes(&messages) {
+        match op(c) {
+            pb::ChangeOperation::SnapshotRead => same(c, c.after.as_ref(), &old),
+            pb::ChangeOperation::Insert => same(c, c.after.as_ref(), &new),
+            pb::ChangeOperation::Update => {
+                same(c, c.before.as_ref(), &old);
+                same(c, c.after.as_ref(), &new);
+            }
+            pb::ChangeOperation::Delete => same(c, c.before.as_ref(), &old),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drop((watch, my));
+}
+
+/// MariaDB's UUID, INET6 and INET4 values arrive as SELECT prints them:
+/// the binary log holds their binary form (without its trailing zero
+/// bytes), which was read as text, and a UUID stopped the stream.
+#[tokio::test]
+async fn mysql_uuid_and_inet_values_arrive_as_select_prints_them() {
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.name("inet");
+    ctx.sql(&format!(
+        "CREATE TABLE {t} (id INT PRIMARY KEY, u UUID, i6 INET6, i4 INET4)"
+    ))
+    .await;
+    let row = |id: i64, u: &str, i6: &str, i4: &str| format!("INSERT INTO {t} VALUES ({id}, {u}, {i6}, {i4})");
+    let seed = [
+        // A time-based (v1) UUID, which MariaDB stores with its segments swapped.
+        row(1, "'6ccd780c-baba-1026-9564-5b8c656024db'", "'::1'", "'10.0.0.1'"),
+        row(
+            2,
+            "'550e8400-e29b-41d4-a716-446655440000'",
+            "'::ffff:1.2.3.4'",
+            "'1.2.3.0'",
+        ),
+    ];
+    let writes = [
+        row(
+            3,
+            "'0190d8f1-2b3c-7abc-9def-0123456789ab'",
+            "'2001:db8::1'",
+            "'0.0.0.0'",
+        ),
+        row(4, "UUID()", "'2001:db8::'", "'255.255.255.255'"),
+        row(5, "'00000000-0000-0000-0000-000000000000'", "'1:2:3:4:5:6:7:0'", "NULL"),
+        row(6, "NULL", "'::1.2.3.4'", "'192.168.0.0'"),
+        row(
+            7,
+            "'6ccd780c-baba-1026-c564-5b8c656024db'",
+            "'1:0:3:4:5:6:7:8'",
+            "'0.0.0.1'",
+        ),
+        row(8, "'ffffffff-ffff-ffff-ffff-ffffffffffff'", "'::'", "'1.0.0.0'"),
+        row(9, "'6ccd780c-baba-1026-9564-5b8c656024db'", "'1:0:0:1:0:0:0:1'", "NULL"),
+        row(10, "NULL", "'::ffff:0:0'", "NULL"),
+        format!("UPDATE {t} SET u = '550e8400-e29b-41d4-a716-446655440000', i6 = 'fe80::1:0:0:0' WHERE id = 1"),
+        format!("DELETE FROM {t} WHERE id = 2"),
+    ];
+    mysql_events_equal_execute(&ctx, &t, &seed, &writes, 10).await;
+    // What Execute returns, and the events with it.
+    let r = rows_by_id(&ctx, &format!("SELECT id, u, i6, i4 FROM {t}")).await;
+    assert_eq!(text(&r[&1]["u"]), "550e8400-e29b-41d4-a716-446655440000");
+    assert_eq!(text(&r[&1]["i6"]), "fe80::1:0:0:0");
+    assert_eq!(text(&r[&3]["i6"]), "2001:db8::1");
+    assert_eq!(text(&r[&5]["i6"]), "1:2:3:4:5:6:7::");
+    assert_eq!(text(&r[&6]["i6"]), "::1.2.3.4");
+    assert_eq!(text(&r[&9]["u"]), "6ccd780c-baba-1026-9564-5b8c656024db");
+    assert_eq!(text(&r[&10]["i6"]), "::ffff:0.0.0.0");
+    assert_eq!(text(&r[&6]["i4"]), "192.168.0.0");
+    ctx.finish(&[&t], &[&t]).await;
+}
+
+/// Zero dates are NULL in change events as in queries: a zero TIMESTAMP,
+/// logged as 0 seconds, arrived as 1970-01-01T00:00:00Z (an instant no
+/// TIMESTAMP holds: its range starts later).
+#[tokio::test]
+async fn mysql_zero_dates_are_null_in_change_events_as_in_queries() {
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.name("zerodate");
+    ctx.sql(&format!(
+        "CREATE TABLE {t} (id INT PRIMARY KEY, ts TIMESTAMP NULL, ts6 TIMESTAMP(6) NULL, \
+         dt DATETIME, dt6 DATETIME(6), d DATE)"
+    ))
+    .await;
+    let zero = "'0000-00-00 00:00:00'";
+    let zeros = |id: i64| format!("INSERT INTO {t} VALUES ({id}, {zero}, {zero}, {zero}, {zero}, '0000-00-00')");
+    let seed = [zeros(1), zeros(2)];
+    let writes = [
+        zeros(3),
+        // A zero month or day is no date either; half a second past the epoch is a TIMESTAMP.
+        format!(
+            "INSERT INTO {t} VALUES (4, '1970-01-01 00:00:01', '1970-01-01 00:00:00.5', \
+             '2024-00-10 00:00:00', '0000-01-01 00:00:00', '2024-01-00')"
+        ),
+        format!("INSERT INTO {t} VALUES (5, '2024-02-29 12:00:00', NULL, '1970-01-01 00:00:00', NULL, '0000-01-01')"),
+        format!("UPDATE {t} SET ts = '2024-01-01 00:00:00', d = '2024-01-01' WHERE id = 1"),
+        format!("DELETE FROM {t} WHERE id = 2"),
+    ];
+    mysql_events_equal_execute(&ctx, &t, &seed, &writes, 5).await;
+    let r = rows_by_id(&ctx, &format!("SELECT * FROM {t}")).await;
+    for name in ["ts", "ts6", "dt", "dt6", "d"] {
+        assert!(is_null(&r[&3][name]), "{name}: {:?}", r[&3][name]);
+    }
+    assert!(!is_null(&r[&4]["ts6"]) && !is_null(&r[&4]["dt6"]));
+    assert!(is_null(&r[&4]["dt"]) && is_null(&r[&4]["d"]));
+    ctx.finish(&[&t], &[&t]).await;
+}
+
+/// ENUM and SET labels with a backslash, a quote or a control character
+/// arrive as stored: COLUMN_TYPE, where the stream reads them, writes them
+/// as string literals (`'c\\d'`), of which only `''` was undone.
+#[tokio::test]
+async fn mysql_enum_and_set_labels_with_escapes_arrive_as_stored() {
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.name("labels");
+    ctx.sql(&format!(
+        r"CREATE TABLE {t} (id INT PRIMARY KEY,
+          e ENUM('c\\d', 'it''s', 'x\ny', 'c\rr', 'n\0n', 't\tb', '\Z\b\%'),
+          s SET('p\\q', 'r''s', 't\nu'))"
+    ))
+    .await;
+    let row = |id: i64, e: i64, s: i64| format!("INSERT INTO {t} VALUES ({id}, {e}, {s})");
+    let seed = [row(1, 1, 1), row(2, 2, 2)];
+    let writes = [
+        row(3, 3, 4),
+        row(4, 4, 7),
+        row(5, 5, 0),
+        row(6, 6, 5),
+        row(7, 7, 3),
+        format!("UPDATE {t} SET e = 3, s = 6 WHERE id = 1"),
+        format!("DELETE FROM {t} WHERE id = 2"),
+    ];
+    mysql_events_equal_execute(&ctx, &t, &seed, &writes, 7).await;
+    let r = rows_by_id(&ctx, &format!("SELECT * FROM {t}")).await;
+    let at = |id: i64, name: &str| text(&r[&id][name]).to_string();
+    assert_eq!(at(1, "e"), "x\ny");
+    assert_eq!(at(1, "s"), "r's,t\nu");
+    assert_eq!(at(4, "e"), "c\rr");
+    assert_eq!(at(4, "s"), "p\\q,r's,t\nu");
+    assert_eq!(at(5, "e"), "n\0n");
+    assert_eq!(at(6, "e"), "t\tb");
+    assert_eq!(at(7, "e"), "\u{1a}\u{8}\\%", "MySQL keeps the backslash of \\%");
+    assert_eq!(at(7, "s"), "p\\q,r's");
+    ctx.finish(&[&t], &[&t]).await;
+}
+
+fn interval(microseconds: i64) -> pb::Value {
+    pb::Value {
+        kind: Some(pb::value::Kind::IntervalValue(pb::Interval {
+            months: 0,
+            days: 0,
+            microseconds,
+        })),
+    }
+}
+
+/// A MySQL TIME outside a day (-838:59:59 to 838:59:59) is an interval in
+/// change events as in queries: its change event failed to decode, and
+/// every resume failed again at that row.
+#[tokio::test]
+async fn mysql_times_outside_a_day_are_intervals_in_change_events_as_in_queries() {
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.name("longtime");
+    ctx.sql(&format!("CREATE TABLE {t} (id INT PRIMARY KEY, t TIME, t6 TIME(6))"))
+        .await;
+    let row = |id: i64, a: &str, b: &str| format!("INSERT INTO {t} VALUES ({id}, {a}, {b})");
+    let seed = [
+        row(1, "'25:00:00'", "'-01:30:00.5'"),
+        row(2, "'12:00:00'", "'-00:00:01'"),
+    ];
+    let writes = [
+        row(3, "'838:59:59'", "'-838:59:59.999999'"),
+        row(4, "'23:59:59'", "'24:00:00'"),
+        row(5, "'25:00:00'", "'-01:30:00'"),
+        format!("UPDATE {t} SET t = '-01:30:00', t6 = '100:00:00.000001' WHERE id = 1"),
+        format!("DELETE FROM {t} WHERE id = 2"),
+    ];
+    mysql_events_equal_execute(&ctx, &t, &seed, &writes, 5).await;
+    let r = rows_by_id(&ctx, &format!("SELECT * FROM {t}")).await;
+    const HOUR: i64 = 3_600_000_000;
+    assert_eq!(r[&5]["t"], interval(25 * HOUR));
+    assert_eq!(r[&5]["t6"], interval(-(HOUR + HOUR / 2)));
+    assert_eq!(r[&1]["t6"], interval(100 * HOUR + 1));
+    assert_eq!(r[&3]["t"], interval(838 * HOUR + 3_599_000_000));
+    assert_eq!(r[&3]["t6"], interval(-(838 * HOUR + 3_599_999_999)));
+    assert_eq!(r[&4]["t6"], interval(24 * HOUR), "24:00:00 is past a time of day");
+    assert!(
+        matches!(&r[&4]["t"].kind, Some(pb::value::Kind::TimeValue(t)) if t.hours == 23),
+        "{:?}",
+        r[&4]["t"]
+    );
+    ctx.finish(&[&t], &[&t]).await;
+}
+
 /// PostgreSQL pushes each transaction over a replication connection as it
 /// commits: nothing waits for `poll_interval` (an hour here), and between
 /// changes the slot stays held by that connection's walsender.

@@ -556,6 +556,36 @@ async fn unary_results_are_capped_not_truncated() {
     server.stop().await;
 }
 
+/// `server.max_connection_age`: an old connection is sent GOAWAY and ends
+/// once its calls have; a call in progress still gets its answer, and the
+/// client's next call goes on a new connection.
+#[tokio::test]
+async fn connections_past_their_age_are_sent_away_once_their_calls_end() {
+    let toml = format!(
+        "[server]\nmax_connection_age = \"1s\"\n{}",
+        tenant("aged", "", &postgres("aged", "pg", ""))
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-aged").await;
+    let idle = tokio::net::TcpStream::connect(server.host_port())
+        .await
+        .expect("connect");
+    let (_send, idle) = h2::client::handshake(idle).await.expect("handshake");
+    // Outlives the connection's age by a second.
+    let slow = client
+        .execute("pg", "SELECT pg_sleep(2)::text AS slept", vec![])
+        .await
+        .expect("a call in progress at the age is answered");
+    assert_eq!(slow.rows.len(), 1);
+    let ended = tokio::time::timeout(Duration::from_secs(10), idle).await;
+    assert!(
+        matches!(ended, Ok(Ok(()))),
+        "the idle connection was not closed: {ended:?}"
+    );
+    assert_serves(&client, "pg", 3).await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn statement_timeout_cancels_sqlite_work() {
     let toml = tenant("t", "statement_timeout = \"300ms\"", &sqlite_demo("t", "db"));

@@ -218,6 +218,57 @@ async fn produced_records_come_back_exactly() {
     server.stop().await;
 }
 
+/// Kafka's Java client's hash of a key (`Utils.murmur2`).
+fn murmur2(data: &[u8]) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let chunks = data.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]).wrapping_mul(M);
+        k ^= k >> 24;
+        h = h.wrapping_mul(M) ^ k.wrapping_mul(M);
+    }
+    for (i, b) in tail.iter().enumerate().rev() {
+        h ^= u32::from(*b) << (8 * i);
+    }
+    if !tail.is_empty() {
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    (h ^ (h >> 15)) as i32
+}
+
+/// A keyed record lands on the partition a Java producer (Kafka Streams,
+/// Kafka Connect) would put it on, so that per-key order, compaction and
+/// tombstones work across clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_go_to_the_partitions_java_clients_choose() {
+    // Kafka's own test vectors for the hash.
+    assert_eq!(murmur2(b"21"), -973_932_308);
+    assert_eq!(murmur2(b"foobar"), -790_332_482);
+    assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
+    assert_eq!(murmur2(b"abc"), 479_470_107);
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-murmur-");
+    create_topic(&topic, 8).await;
+    let keys: Vec<String> = (0..24).map(|i| format!("customer-{i}")).collect();
+    let records = keys
+        .iter()
+        .map(|k| pb::ProducerRecord {
+            key: k.clone().into_bytes(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+        .collect();
+    let acks = produce(&client, &topic, records).await.expect("produce").acks;
+    let got: Vec<i32> = acks.iter().map(|a| a.partition).collect();
+    let java: Vec<i32> = keys.iter().map(|k| (murmur2(k.as_bytes()) & 0x7fff_ffff) % 8).collect();
+    assert_eq!(got, java);
+    server.stop().await;
+}
+
 /// Produces one record whose header key is not UTF-8, as a client outside
 /// Weir may write one (rdkafka's safe API takes only `&str` keys).
 #[allow(unsafe_code)]
@@ -547,6 +598,32 @@ async fn limits_and_wrong_kinds_of_source_are_refused() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(reason(&err), "RECORD_TOO_LARGE");
     assert!(err.message().contains("record 1"), "{}", err.message());
+
+    // librdkafka reads a zero timestamp as "now" and a negative partition as
+    // "let the partitioner choose": both would be stored otherwise than asked.
+    for (bad, says) in [
+        (
+            pb::ProducerRecord {
+                partition: Some(-1),
+                ..record(0)
+            },
+            "partitions are never negative",
+        ),
+        (
+            pb::ProducerRecord {
+                timestamp: Some(prost_types::Timestamp { seconds: 0, nanos: 0 }),
+                ..record(0)
+            },
+            "1 ms after 1970",
+        ),
+    ] {
+        let err = produce(&client, &topic, vec![record(0), bad]).await.expect_err(says);
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().contains(says) && err.message().contains("record 1"),
+            "{err:?}"
+        );
+    }
 
     let open = client
         .stream()
@@ -1224,6 +1301,24 @@ async fn records_the_broker_refuses_are_invalid_arguments() {
     produce(&client, "refusing", vec![record(1)])
         .await
         .expect("the next record goes");
+    server.stop().await;
+}
+
+/// An idempotent producer that met a fatal error (here a sequence number
+/// the broker did not expect) takes no more records; the source replaces
+/// it, so the next Produce goes through instead of failing until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_met_a_fatal_error_is_replaced() {
+    use rdkafka::types::RDKafkaRespErr as E;
+    let (cluster, server, client) = mock_topic("fatal", 1, 2000, "").await;
+    let produce_key = rdkafka::types::RDKafkaApiKey::Produce;
+    cluster.request_errors(produce_key, &[E::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER]);
+    let err = produce(&client, "fatal", vec![record(0)]).await.expect_err("refused");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("fatal"), "{err:?}");
+    produce(&client, "fatal", vec![record(1)])
+        .await
+        .expect("a new producer takes the next record");
     server.stop().await;
 }
 

@@ -411,6 +411,26 @@ async fn a_transaction_sql_server_ended_takes_no_more_statements() {
     assert_eq!((err.code(), engine_code(&err).as_str()), (Code::Aborted, "1205"));
     assert_transaction_lost(&client, &tx, "db", "SELECT 1").await;
     assert_serves(&client, "db", 2).await;
+
+    // A lock timeout leaves SQL Server's transaction open, with its locks;
+    // ABORTED tells the caller to run it all again, so Weir ends it.
+    mock.answer("SELECT @@TRANCOUNT", int_column("n", 1)).await;
+    mock.answer(
+        "UPDATE WEIR_LOCK_TIMEOUT",
+        error(1222, "Lock request time out period exceeded"),
+    )
+    .await;
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let err = client
+        .execute_in(&tx, "db", "UPDATE WEIR_LOCK_TIMEOUT", vec![])
+        .await
+        .expect_err("lock timeout");
+    assert_eq!((err.code(), engine_code(&err).as_str()), (Code::Aborted, "1222"));
+    assert_transaction_lost(&client, &tx, "db", "SELECT 1").await;
+    assert_serves(&client, "db", 2).await;
     server.stop().await;
 }
 

@@ -115,16 +115,18 @@ async fn every_mysql_type_maps_to_a_value() {
     assert_eq!(meta("dt").r#type, pb::ColumnType::Timestamp as i32);
     assert_eq!(meta("e").native_type, "ENUM");
 
-    // Out-of-day TIME values fail clearly instead of wrapping around.
-    let err = client
+    // Out-of-day TIME values are durations: an interval, not a wrapped time of day.
+    let r = client
         .execute("maria", "SELECT CAST('-01:00:00' AS TIME) AS neg", vec![])
         .await
-        .expect_err("negative time");
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("neg") && err.message().contains("CAST"),
-        "{}",
-        err.message()
+        .expect("negative time");
+    assert_eq!(
+        r.rows[0].values[0].kind,
+        Some(Kind::IntervalValue(pb::Interval {
+            months: 0,
+            days: 0,
+            microseconds: -3_600_000_000
+        }))
     );
 
     let d = client
@@ -1003,5 +1005,123 @@ async fn a_commit_after_the_transactions_session_was_lost_says_it_was_rolled_bac
         .expect_err("no file is read");
     let refused = client.commit(&tx).await.expect_err("nothing left to commit");
     assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    server.stop().await;
+}
+
+/// A statement the driver refuses before sending it (a `:name`
+/// placeholder, which mysql_async reads as a named parameter) is the
+/// caller's to fix: INVALID_ARGUMENT, not "source unreachable", and a
+/// transaction it was sent in is neither reported lost nor lost.
+#[tokio::test]
+async fn statements_the_driver_refuses_are_invalid_and_leave_the_transaction_open() {
+    let server = TestServer::start(&tenant("drvrefuse", "", &mysql("drvrefuse", "my", ""))).await;
+    let client = server.client("key-drvrefuse").await;
+    client
+        .execute(
+            "my",
+            "CREATE TABLE IF NOT EXISTS weir_my_drvrefuse (id INT PRIMARY KEY)",
+            vec![],
+        )
+        .await
+        .expect("setup");
+    client
+        .execute("my", "DELETE FROM weir_my_drvrefuse", vec![])
+        .await
+        .expect("empty");
+    let named = |client: &weir_client::WeirClient, tx: Option<Vec<u8>>| {
+        let client = client.clone();
+        async move {
+            let (sql, params) = (
+                "SELECT :id, ?",
+                vec![pb::Value {
+                    kind: Some(Kind::Int64Value(1)),
+                }],
+            );
+            match tx {
+                Some(tx) => client.execute_in(&tx, "my", sql, params).await,
+                None => client.execute("my", sql, params).await,
+            }
+        }
+    };
+    let err = named(&client, None).await.expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let tx = client
+        .begin("my", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "my", "INSERT INTO weir_my_drvrefuse VALUES (1)", vec![])
+        .await
+        .expect("insert");
+    let err = named(&client, Some(tx.clone())).await.expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    client.commit(&tx).await.expect("the transaction went on");
+    let rows = client
+        .execute("my", "SELECT id FROM weir_my_drvrefuse", vec![])
+        .await
+        .expect("select");
+    assert_eq!(rows.rows.len(), 1);
+    client
+        .execute("my", "DROP TABLE weir_my_drvrefuse", vec![])
+        .await
+        .expect("drop");
+    server.stop().await;
+}
+
+/// ABORTED means "run the whole transaction again" on every engine. A lock
+/// wait timeout leaves MariaDB's transaction open (without
+/// `innodb_rollback_on_timeout`, the default), holding its locks against
+/// that retry: Weir rolls it back, and its Commit says it was.
+#[tokio::test]
+async fn a_lock_wait_timeout_ends_the_transaction_it_aborts() {
+    let table = format!("weir_my_lockwait_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut holder = mysql_direct().await;
+    holder
+        .query_drop(format!("CREATE TABLE {table} (id INT PRIMARY KEY, v INT)"))
+        .await
+        .expect("create");
+    holder
+        .query_drop(format!("INSERT INTO {table} VALUES (1, 0)"))
+        .await
+        .expect("insert");
+    holder.query_drop("BEGIN").await.expect("begin");
+    holder
+        .query_drop(format!("SELECT * FROM {table} WHERE id = 1 FOR UPDATE"))
+        .await
+        .expect("lock row 1");
+    let server = TestServer::start(&tenant("lockwait", "", &mysql("lockwait", "my", ""))).await;
+    let client = server.client("key-lockwait").await;
+    let tx = client
+        .begin("my", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "my", &format!("INSERT INTO {table} VALUES (2, 0)"), vec![])
+        .await
+        .expect("insert row 2");
+    let err = client
+        .execute_in(
+            &tx,
+            "my",
+            &format!("SET STATEMENT innodb_lock_wait_timeout = 1 FOR UPDATE {table} SET v = 1 WHERE id = 1"),
+            vec![],
+        )
+        .await
+        .expect_err("waits for row 1 and times out");
+    assert_eq!(
+        (err.code(), engine_code(&err).as_str()),
+        (Code::Aborted, "1205"),
+        "{err:?}"
+    );
+    let refused = client.commit(&tx).await.expect_err("the transaction is over");
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert!(refused.message().contains("lock wait timeout"), "{refused:?}");
+    holder.query_drop("COMMIT").await.expect("commit");
+    let left: Vec<i64> = holder
+        .query(format!("SELECT id FROM {table} ORDER BY id"))
+        .await
+        .expect("select");
+    assert_eq!(left, [1], "the aborted transaction's insert was rolled back");
+    holder.query_drop(format!("DROP TABLE {table}")).await.expect("drop");
     server.stop().await;
 }

@@ -691,15 +691,23 @@ async fn a_narrowed_topic_list_ends_the_streams_reading_what_it_took_away() {
         assert!(next_batch(&mut stream).await.expect("a batch").is_some());
         streams.push(stream);
     }
+    // Explicit start offsets may name a topic beside `topics`: it is read too.
+    let mut sideways = consume(&kept);
+    sideways.start = Some(pb::StartPosition {
+        position: Some(pb::start_position::Position::Offsets(pb::PartitionOffsets {
+            offsets: vec![pb::PartitionOffset {
+                topic: dropped.clone(),
+                partition: 0,
+                offset: 0,
+            }],
+        })),
+    });
+    let mut sideways = client.stream().consume(sideways).await.expect("consume").into_inner();
+    assert!(next_batch(&mut sideways).await.expect("a batch").is_some());
     file.write(&config(""));
-    let mut on_dropped = streams.pop().expect("stream");
-    let ended = loop {
-        match next_batch(&mut on_dropped).await {
-            Err(status) => break status,
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("ended with OK"),
-        }
-    };
+    let ended = error_ending(&mut sideways).await;
+    assert_eq!(ended.code(), Code::NotFound, "the stream reading by offsets: {ended:?}");
+    let ended = error_ending(&mut streams.pop().expect("stream")).await;
     assert_eq!(ended.code(), Code::NotFound, "{ended:?}");
     let mut on_kept = streams.pop().expect("stream");
     produce(kept.clone()).await;
@@ -708,6 +716,17 @@ async fn a_narrowed_topic_list_ends_the_streams_reading_what_it_took_away() {
         .expect("the kept topic's stream goes on")
         .is_some());
     server.stop().await;
+}
+
+/// The error a Consume stream ends with, after the batches before it.
+async fn error_ending(stream: &mut tonic::Streaming<pb::ConsumeResponse>) -> tonic::Status {
+    loop {
+        match next_batch(stream).await {
+            Err(status) => return status,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("ended with OK"),
+        }
+    }
 }
 
 /// The next batch of a Consume stream, within 30 s.

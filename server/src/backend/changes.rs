@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::backend::{BackendError, Column, Row};
+use crate::backend::{BackendError, Column, Row, Value};
 
 /// A table as the caller named it; `schema` empty means the source's default.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +179,16 @@ impl ChangeItem {
         }
     }
 
+    /// Bytes it holds in memory, roughly: its rows' values and names.
+    fn size(&self) -> usize {
+        let own = std::mem::size_of::<ChangeItem>() + self.position().0.len();
+        let ChangeItem::Change(c) = self else {
+            return own;
+        };
+        let row = |r: &Option<Row>| r.as_ref().map_or(0, |r| r.iter().map(Value::size).sum::<usize>());
+        own + row(&c.before) + row(&c.after) + c.unchanged.iter().map(String::len).sum::<usize>()
+    }
+
     /// Moves a position that lies before `floor` up to it.
     pub fn not_before(&mut self, floor: &Position) {
         let position = match self {
@@ -193,25 +203,59 @@ impl ChangeItem {
     }
 }
 
+/// Items an engine reader may be ahead of its stream by, and their bytes:
+/// wide rows (documents of megabytes) reach the byte budget first, so a
+/// stream's buffer holds at most about `FEED_BYTES` plus one item.
+const FEED_ITEMS: usize = 256;
+const FEED_BYTES: usize = 16 << 20;
+
+/// An item on its way, holding its share of the byte budget until taken.
+struct Sent {
+    item: Result<ChangeItem, BackendError>,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// The channel between an engine's reader and its stream: the reader's
+/// [`Outbox`], the reader task's [`FeedEnd`] and the stream's [`FeedItems`].
+pub fn feed() -> (Outbox, FeedEnd, FeedItems) {
+    feed_of(FEED_BYTES)
+}
+
+fn feed_of(budget: usize) -> (Outbox, FeedEnd, FeedItems) {
+    let (tx, rx) = mpsc::channel(FEED_ITEMS);
+    let outbox = Outbox {
+        tx: tx.clone(),
+        bytes: Arc::new(Semaphore::new(budget)),
+        budget,
+        last_sent: Instant::now(),
+    };
+    (outbox, FeedEnd(tx), FeedItems(rx))
+}
+
 /// An engine reader's side of the feed: items out, and when it last sent one
 /// (a quiet stream sends heartbeats).
 pub struct Outbox {
-    tx: mpsc::Sender<Result<ChangeItem, BackendError>>,
+    tx: mpsc::Sender<Sent>,
+    bytes: Arc<Semaphore>,
+    budget: usize,
     last_sent: Instant,
 }
 
 impl Outbox {
-    pub fn new(tx: mpsc::Sender<Result<ChangeItem, BackendError>>) -> Self {
-        Self {
-            tx,
-            last_sent: Instant::now(),
-        }
-    }
-
     /// `Err(())` when the client has gone: the reader stops.
     pub async fn send(&mut self, item: ChangeItem) -> Result<(), ()> {
+        // An item over the whole budget waits for the buffer to empty.
+        let wanted = u32::try_from(item.size().min(self.budget)).unwrap_or(u32::MAX);
+        let held = tokio::select! {
+            held = self.bytes.clone().acquire_many_owned(wanted) => held.map_err(|_| ())?,
+            () = self.tx.closed() => return Err(()),
+        };
         self.last_sent = Instant::now();
-        self.tx.send(Ok(item)).await.map_err(|_| ())
+        let sent = Sent {
+            item: Ok(item),
+            _bytes: Some(held),
+        };
+        self.tx.send(sent).await.map_err(|_| ())
     }
 
     /// Sends a heartbeat at `at` when it is past `delivered` and nothing was
@@ -235,10 +279,38 @@ impl Outbox {
     }
 }
 
+/// The reader task's side of the feed: why the stream ended.
+pub struct FeedEnd(mpsc::Sender<Sent>);
+
+impl FeedEnd {
+    /// Whether the stream is gone.
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+
+    pub async fn fail(self, e: BackendError) {
+        let sent = Sent {
+            item: Err(e),
+            _bytes: None,
+        };
+        let _ = self.0.send(sent).await;
+    }
+}
+
+/// The stream's side of the feed.
+pub struct FeedItems(mpsc::Receiver<Sent>);
+
+impl FeedItems {
+    /// The next item; `None` once the reader has ended.
+    pub async fn recv(&mut self) -> Option<Result<ChangeItem, BackendError>> {
+        self.0.recv().await.map(|sent| sent.item)
+    }
+}
+
 /// A running change stream. Dropping `items` ends the engine's task and
 /// releases the subscription for the next consumer.
 pub struct ChangeFeed {
-    pub items: mpsc::Receiver<Result<ChangeItem, BackendError>>,
+    pub items: FeedItems,
     /// The furthest position the client acknowledged.
     pub acks: watch::Sender<Option<Position>>,
 }
@@ -295,5 +367,47 @@ mod tests {
         ));
         // Without a known head, only the lower bound is checked.
         assert!(check_resume("s", &10, &5, "5", None).is_ok());
+    }
+
+    fn wide_row(bytes: usize) -> ChangeItem {
+        ChangeItem::Change(RowChange {
+            op: ChangeOp::Insert,
+            schema: "public".into(),
+            table: "docs".into(),
+            columns: Arc::from(Vec::new()),
+            before: None,
+            after: Some(vec![Value::Text("x".repeat(bytes))]),
+            unchanged: Vec::new(),
+            primary_key: Arc::from(Vec::new()),
+            txid: String::new(),
+            commit_time: None,
+            position: Position(vec![0; 8]),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_reader_waits_while_its_stream_holds_the_byte_budget() {
+        let (mut out, _end, mut items) = feed_of(1000);
+        out.send(wide_row(600)).await.unwrap();
+        // Far below the item count, but past the bytes: the reader waits.
+        let second = tokio::time::timeout(Duration::from_millis(200), out.send(wide_row(600))).await;
+        assert!(second.is_err(), "a second wide row was buffered beyond the byte budget");
+        assert!(items.recv().await.unwrap().is_ok());
+        out.send(wide_row(600)).await.unwrap();
+        // An item larger than the whole budget still passes, alone.
+        assert!(items.recv().await.unwrap().is_ok());
+        out.send(wide_row(5000)).await.unwrap();
+        assert!(items.recv().await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_reader_waiting_for_bytes_stops_when_its_stream_goes() {
+        let (mut out, _end, items) = feed_of(1000);
+        out.send(wide_row(900)).await.unwrap();
+        let waiting = tokio::spawn(async move { out.send(wide_row(900)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(items);
+        let stopped = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert!(matches!(stopped, Ok(Ok(Err(())))), "{stopped:?}");
     }
 }

@@ -172,6 +172,14 @@ impl BackendError {
     }
 }
 
+/// An engine's refusal of Weir's own login (wrong password, locked or
+/// expired account, host not allowed, database gone): the operator's to fix.
+/// The engine's text names hosts and logins, so it is logged, not returned.
+pub fn login_refused(code: &str, detail: &str) -> BackendError {
+    tracing::warn!(engine_code = %code, %detail, "the database rejected Weir's connection");
+    BackendError::Unavailable(format!("the database rejected Weir's connection (engine code {code})"))
+}
+
 /// Classifies an SQLSTATE (PostgreSQL's, or MySQL's as it reports them).
 pub fn classify_sqlstate(code: &str) -> EngineErrorKind {
     use EngineErrorKind as K;

@@ -95,12 +95,26 @@ fn out_record(index: usize, r: pb::ProducerRecord) -> Result<OutRecord> {
             format!("record {index} has a header key with a NUL character ({:?})", h.key),
         ));
     }
+    if let Some(p) = r.partition.filter(|p| *p < 0) {
+        return Err(bad(
+            "records",
+            format!("record {index} names partition {p}: partitions are never negative; leave it unset to let the key choose"),
+        ));
+    }
+    let timestamp_ms = r.timestamp.as_ref().map(timestamp_ms);
+    // librdkafka reads 0 as "now", and Kafka has no time before the epoch.
+    if let Some(ms) = timestamp_ms.filter(|ms| *ms < 1) {
+        return Err(bad(
+            "records",
+            format!("record {index} has timestamp {ms} ms: Kafka takes times from 1 ms after 1970-01-01T00:00:00Z; leave it unset for the time it is sent"),
+        ));
+    }
     Ok(OutRecord {
         key: (!r.key.is_empty()).then_some(r.key),
         value,
         headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
         partition: r.partition,
-        timestamp_ms: r.timestamp.as_ref().map(timestamp_ms),
+        timestamp_ms,
     })
 }
 

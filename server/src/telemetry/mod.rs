@@ -187,12 +187,32 @@ pub fn cut(text: &str, max: usize) -> &str {
 pub const DEFAULT_LOG_FILTER: &str =
     "info,h2=warn,hyper=warn,tower=warn,tonic=info,tiberius=off,tokio_postgres=off,mysql_async=off";
 
+/// The drivers that log tenants' statements and values, and stay silent
+/// under any WEIR_LOG that does not name them (`WEIR_LOG=debug` would
+/// otherwise log every statement's parameters).
+const DRIVERS: [&str; 3] = ["tiberius", "tokio_postgres", "mysql_async"];
+
+/// `asked` with the drivers it does not name turned off.
+fn drivers_silenced(asked: &str) -> String {
+    let named = |driver: &str| {
+        asked.split(',').any(|d| {
+            let target = d.trim().split(['=', '[']).next().unwrap_or_default();
+            target == driver || target.starts_with(&format!("{driver}::"))
+        })
+    };
+    let mut filter = asked.to_string();
+    for driver in DRIVERS.into_iter().filter(|d| !named(d)) {
+        filter.push_str(&format!(",{driver}=off"));
+    }
+    filter
+}
+
 /// Installs the global subscriber.
 pub fn init(format: LogFormat, config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
     // A WEIR_LOG that does not parse is said so once logging runs, not
     // passed over in silence (an `weir::audit=off` that did nothing).
     let (filter, refused) = match std::env::var("WEIR_LOG") {
-        Ok(asked) => match EnvFilter::try_new(&asked) {
+        Ok(asked) => match EnvFilter::try_new(drivers_silenced(&asked)) {
             Ok(filter) => (filter, None),
             Err(e) => (EnvFilter::new(DEFAULT_LOG_FILTER), Some(e)),
         },
@@ -237,6 +257,23 @@ pub(crate) mod tests {
     use tracing_subscriber::layer::SubscriberExt;
 
     use super::*;
+
+    #[test]
+    fn drivers_stay_silent_unless_weir_log_names_them() {
+        assert_eq!(
+            drivers_silenced("debug"),
+            "debug,tiberius=off,tokio_postgres=off,mysql_async=off"
+        );
+        assert_eq!(
+            drivers_silenced("info, tokio_postgres::query=debug"),
+            "info, tokio_postgres::query=debug,tiberius=off,mysql_async=off"
+        );
+        assert_eq!(
+            drivers_silenced("mysql_async[conn]=trace"),
+            "mysql_async[conn]=trace,tiberius=off,tokio_postgres=off"
+        );
+        assert!(EnvFilter::try_new(drivers_silenced("warn,weir=debug")).is_ok());
+    }
 
     /// A log writer that keeps what it is given, for tests to read.
     #[derive(Clone, Default)]

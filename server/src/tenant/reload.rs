@@ -53,7 +53,7 @@ fn needs_restart(started: &Config, config: &Config) -> Vec<&'static str> {
     let server = differing!(was, now, "server.":
         listen, max_request_bytes, max_concurrent_requests, max_queue_wait, compression,
         health_check_interval, reload_interval, shutdown_grace, stream_idle_timeout,
-        keepalive_time, keepalive_interval, keepalive_retries, worker_threads);
+        keepalive_time, keepalive_interval, keepalive_retries, max_connection_age, worker_threads);
     let sections = differing!(started, config, "": metrics, telemetry, bulk, changes);
     let tls = ("server.tls (on or off)", was.tls.is_some() != now.tls.is_some());
     server

@@ -94,7 +94,14 @@ pub async fn serve(
         .build_v1alpha();
     let (reflection_v1, reflection_v1alpha) = (reflection_v1?, reflection_v1alpha?);
     let tls = tenants.tls();
-    let router = Server::builder()
+    let mut builder = Server::builder();
+    // Without a grace: tonic then sends GOAWAY at the age and lets the calls
+    // in progress finish (with one, it closes the connection at age + grace
+    // without a GOAWAY, cutting them).
+    if let Some(age) = config.server.max_connection_age {
+        builder = builder.max_connection_age(age);
+    }
+    let router = builder
         // tonic leaves both unlimited: streams that take no credential
         // (health Watch) could pile up on one connection without end, and a
         // peer could make the server reset streams without end.

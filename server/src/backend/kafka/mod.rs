@@ -45,7 +45,10 @@ const CONSUMER_BUFFER: usize = 2;
 
 pub struct KafkaSource {
     base: ClientConfig,
-    producer: Arc<Producer>,
+    /// Replaced after a fatal error, which an idempotent producer never
+    /// recovers from (every later record would be refused).
+    producer: Mutex<Arc<Producer>>,
+    producer_config: ClientConfig,
     topics: Vec<String>,
     prefix: Option<String>,
     /// Each running stream's topics and the token that ends it, for `retire`.
@@ -79,10 +82,17 @@ impl KafkaSource {
         producer.set("enable.idempotence", "true").set("acks", "all");
         or_default(&mut producer, "message.timeout.ms", "10000");
         or_default(&mut producer, "linger.ms", "5");
-        let producer = Producer::new(&producer).map_err(|e| BackendError::Invalid(settings_error("producer", &e)))?;
+        // The Java client's hash of the key: records of one key land on the
+        // partition Java producers, Kafka Streams and Kafka Connect choose
+        // (librdkafka's own default, a CRC32, spreads keys elsewhere).
+        or_default(&mut producer, "partitioner", "murmur2_random");
+        let producer_config = producer;
+        let producer =
+            Producer::new(&producer_config).map_err(|e| BackendError::Invalid(settings_error("producer", &e)))?;
         Ok(Self {
             base,
-            producer: Arc::new(producer),
+            producer: Mutex::new(Arc::new(producer)),
+            producer_config,
             topics: config.topics.clone(),
             prefix: config.topic_prefix.clone().filter(|p| !p.is_empty()),
             consumers: Mutex::new(HashMap::new()),
@@ -100,12 +110,32 @@ impl KafkaSource {
         c
     }
 
+    /// Puts a new producer in the place of `used` if librdkafka has declared
+    /// `used` unusable (and no other call has replaced it yet); whether it was.
+    fn replace_if_fatal(&self, used: &Arc<Producer>) -> bool {
+        let Some((code, reason)) = used.client().fatal_error() else {
+            return false;
+        };
+        let mut current = self.producer.lock();
+        if !Arc::ptr_eq(&current, used) {
+            return true;
+        }
+        match Producer::new(&self.producer_config) {
+            Ok(fresh) => {
+                tracing::warn!(?code, %reason, "the Kafka producer met a fatal error; a new one takes its place");
+                *current = Arc::new(fresh);
+            }
+            Err(e) => tracing::warn!(?code, error = %e, "the Kafka producer met a fatal error and cannot be replaced"),
+        }
+        true
+    }
+
     /// Runs a blocking librdkafka call on the blocking pool.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(Arc<Producer>) -> Result<T, KafkaError> + Send + 'static,
     ) -> Result<T, BackendError> {
-        let producer = self.producer.clone();
+        let producer = self.producer.lock().clone();
         tokio::task::spawn_blocking(move || f(producer))
             .await
             .map_err(|e| BackendError::Internal(e.to_string()))?
@@ -156,7 +186,11 @@ pub fn map_error(e: KafkaError) -> BackendError {
     };
     let kind = match code {
         C::UnknownTopicOrPartition | C::UnknownTopic => {
-            return BackendError::not_found("topic not found");
+            return BackendError::Engine {
+                kind: EngineErrorKind::NotFound,
+                code: format!("{code:?}"),
+                message: "topic not found".into(),
+            };
         }
         C::UnknownPartition => {
             return BackendError::not_found("partition not found: the topic has no partition of that number");
@@ -174,14 +208,33 @@ pub fn map_error(e: KafkaError) -> BackendError {
                 "the producer's queue stayed full: the Kafka cluster is not taking records as fast as they come".into(),
             );
         }
+        // The source's own credentials or TLS settings: the operator's to
+        // fix, so like a SQL source whose login is refused.
+        C::Authentication | C::SaslAuthenticationFailed | C::SSL => {
+            return BackendError::Unavailable(format!(
+                "the Kafka cluster refused the source's credentials or TLS handshake ({code:?}); \
+                 the operator must fix the source's settings"
+            ));
+        }
+        // The idempotent producer cannot go on; the source makes a new one.
+        C::Fatal => {
+            return BackendError::Unavailable(
+                "the Kafka producer met a fatal error and is being replaced; send again the records not acknowledged"
+                    .into(),
+            );
+        }
         // The record itself: a tombstone without a key on a compacted topic,
         // a timestamp the topic refuses, a size over the broker's limit.
         C::MessageSizeTooLarge
+        | C::MessageBatchTooLarge
         | C::InvalidMessageSize
         | C::InvalidMessage
         | C::InvalidArgument
         | C::InvalidRecord
+        | C::InvalidTopic
         | C::InvalidTimestamp => EngineErrorKind::InvalidArgument,
+        // A broker quota, or a group at its size limit: the same call can succeed soon.
+        C::ThrottlingQuotaExceeded | C::GroupMaxSizeReached => EngineErrorKind::Overloaded,
         C::PolicyViolation => EngineErrorKind::FailedPrecondition,
         C::MessageTimedOut
         | C::AllBrokersDown
@@ -198,15 +251,16 @@ pub fn map_error(e: KafkaError) -> BackendError {
         | C::WaitingForCoordinator
         | C::NotEnoughReplicas
         | C::NotEnoughReplicasAfterAppend
-        | C::KafkaStorageError => EngineErrorKind::Unavailable,
+        | C::KafkaStorageError
+        | C::Resolve
+        | C::PollExceeded => EngineErrorKind::Unavailable,
         C::TopicAuthorizationFailed | C::GroupAuthorizationFailed | C::ClusterAuthorizationFailed => {
             EngineErrorKind::PermissionDenied
         }
         // The group is being rebalanced: a commit tried again shortly goes through.
         C::RebalanceInProgress => EngineErrorKind::Unavailable,
         C::UnknownMemberId | C::IllegalGeneration => EngineErrorKind::FailedPrecondition,
-        C::OffsetOutOfRange => EngineErrorKind::InvalidArgument,
-        C::AutoOffsetReset => {
+        C::OffsetOutOfRange | C::AutoOffsetReset => {
             return BackendError::PositionNotRetained(
                 "an offset asked for is not in its partition (before its oldest record, or past its end); \
                  start from earliest, latest or a timestamp instead"
@@ -664,6 +718,9 @@ impl TopicSource for KafkaSource {
 
     async fn connection_info(&self) -> Result<ConnectionInfo, BackendError> {
         let started = Instant::now();
+        // A source whose producer failed while no call produced recovers here.
+        let current = self.producer.lock().clone();
+        let _ = self.replace_if_fatal(&current);
         let (brokers, cluster_id) = self
             .blocking(|p| {
                 let client = p.client();
@@ -715,7 +772,8 @@ impl TopicSource for KafkaSource {
             });
         }
         let answer_by = within.map(|w| Instant::now() + w);
-        let results = self.producer.send_all(queued, Duration::from_secs(5), answer_by).await;
+        let producer = self.producer.lock().clone();
+        let results = producer.send_all(queued, Duration::from_secs(5), answer_by).await;
         let (mut acks, mut acknowledged, mut failed, mut unknown, mut cause) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), None);
         for (i, r) in results.into_iter().enumerate() {
@@ -750,6 +808,9 @@ impl TopicSource for KafkaSource {
                     cause.get_or_insert_with(|| map_error(e));
                 }
             }
+        }
+        if cause.is_some() && self.replace_if_fatal(&producer) {
+            cause = Some(map_error(KafkaError::MessageProduction(RDKafkaErrorCode::Fatal)));
         }
         match cause {
             None => Ok(acks),
@@ -801,7 +862,15 @@ impl TopicSource for KafkaSource {
         {
             let mut streams = self.streams.lock();
             streams.retain(|(_, token)| !token.is_cancelled());
-            streams.push((spec.topics.clone(), retired.clone()));
+            // Explicit start offsets may name topics beside `topics`: a
+            // reload that disallows any topic read ends the stream.
+            let mut read = spec.topics.clone();
+            if let Start::Offsets(offsets) = &spec.start {
+                read.extend(offsets.iter().map(|o| o.topic.clone()));
+                read.sort_unstable();
+                read.dedup();
+            }
+            streams.push((read, retired.clone()));
         }
         let (tx, rx) = mpsc::channel(CONSUMER_BUFFER);
         tokio::spawn(pump(consumer.clone(), tx));
@@ -957,6 +1026,40 @@ mod tests {
         assert!(unavailable(KafkaError::MessageProduction(C::PurgeQueue)).contains("before the record was sent"));
         assert!(unavailable(KafkaError::MessageProduction(C::PurgeInflight)).contains("before the broker answered"));
         assert!(unavailable(KafkaError::MessageProduction(C::MessageTimedOut)).contains("did not answer"));
+    }
+
+    #[test]
+    fn outages_credentials_and_quotas_map_to_what_a_caller_can_act_on() {
+        use KafkaError::{MessageConsumption as Consuming, MessageProduction as Producing};
+        use RDKafkaErrorCode as C;
+        // Ridden out by a consumer for a minute; then the stream ends retryable.
+        for code in [C::Resolve, C::PollExceeded] {
+            unavailable(Consuming(code));
+        }
+        assert!(unavailable(Consuming(C::SaslAuthenticationFailed)).contains("credentials"));
+        assert!(unavailable(Producing(C::Authentication)).contains("credentials"));
+        assert!(unavailable(Producing(C::Fatal)).contains("fatal"));
+        let kind = |e| match map_error(e) {
+            BackendError::Engine { kind, code, .. } => (kind, code),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            kind(Producing(C::MessageBatchTooLarge)).0,
+            EngineErrorKind::InvalidArgument
+        );
+        assert_eq!(kind(Producing(C::InvalidTopic)).0, EngineErrorKind::InvalidArgument);
+        assert_eq!(
+            kind(Producing(C::ThrottlingQuotaExceeded)).0,
+            EngineErrorKind::Overloaded
+        );
+        assert_eq!(
+            kind(Producing(C::UnknownTopicOrPartition)),
+            (EngineErrorKind::NotFound, "UnknownTopicOrPartition".to_string())
+        );
+        assert!(matches!(
+            map_error(Consuming(C::OffsetOutOfRange)),
+            BackendError::PositionNotRetained(_)
+        ));
     }
 
     #[test]

@@ -14,17 +14,15 @@ use std::time::{Duration, Instant};
 use bb8::ManageConnection;
 use chrono::{DateTime, Utc};
 use tiberius::ColumnData;
-use tokio::sync::mpsc;
 
 use super::bulk::quote;
 use super::{schema, types, Manager, MssqlConn};
 use crate::backend::changes::{
-    check_resume, Acks, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, WatchSpec,
+    self, check_resume, Acks, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, WatchSpec,
 };
 use crate::backend::{BackendError, Column, Row, Value};
 
 const POSITIONS_TABLE: &str = "weir_change_positions";
-const FEED_BUFFER: usize = 256;
 /// The longest pause between polls of a quiet subscription.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How long a new consumer waits for the subscription's lock (milliseconds).
@@ -551,13 +549,13 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
         }
         None => stored,
     };
-    let (tx, items) = mpsc::channel(FEED_BUFFER);
+    let (out, end, items) = changes::feed();
     let (acks, ack_rx) = Acks::channel();
     let reader = Reader {
         spec,
         conn,
         watched,
-        out: Outbox::new(tx.clone()),
+        out,
         delivered: start,
         acked: start,
         stored,
@@ -570,12 +568,12 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
             .unwrap_or_else(|_| Err(super::driver_panic()));
         if let Err(e) = ran {
             // A take-over KILLs this session from outside: say so rather than "connection lost".
-            let e = if !tx.is_closed() && taken_over(&manager, &id, own).await {
+            let e = if !end.is_closed() && taken_over(&manager, &id, own).await {
                 BackendError::SubscriptionTakenOver(name)
             } else {
                 e
             };
-            let _ = tx.send(Err(e)).await;
+            end.fail(e).await;
         }
     });
     Ok(ChangeFeed { items, acks })

@@ -294,8 +294,23 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
         };
         // Release the connection (and a transaction's lock) before the caller
         // learns the statement is over, so its next call finds it free.
-        if outcome.is_err() {
+        if let Err(e) = &outcome {
             hold.check_transaction().await;
+            // ABORTED tells the caller to run the whole transaction again: one
+            // SQL Server kept open (a lock timeout, 1222) is closed with its
+            // connection, which rolls it back and frees its locks.
+            if let (
+                Hold::Transaction(_),
+                BackendError::Engine {
+                    kind: EngineErrorKind::Aborted,
+                    ..
+                },
+            ) = (&hold, e)
+            {
+                if let Some(conn) = hold.conn() {
+                    conn.broken = true;
+                }
+            }
         }
         hold.release();
         worker.finish(outcome).await;
@@ -622,15 +637,25 @@ fn classify(number: u32, severity: u8) -> EngineErrorKind {
     }
 }
 
+/// An error SQL Server reported, of number `code` and severity `class`.
+fn server_error(code: u32, class: u8, message: &str) -> BackendError {
+    // Login failed (with its states), password expired or must change, the
+    // login's database cannot be opened: the text names the login.
+    if matches!(code, 18456 | 18452 | 18463..=18470 | 18486..=18488 | 4060) {
+        return crate::backend::error::login_refused(&code.to_string(), message);
+    }
+    BackendError::Engine {
+        kind: classify(code, class),
+        code: code.to_string(),
+        message: message.to_string(),
+    }
+}
+
 /// Maps a tiberius error; the engine code is the SQL Server error number.
 pub(crate) fn map_error(e: tiberius::error::Error) -> BackendError {
     use tiberius::error::Error as E;
     match e {
-        E::Server(t) => BackendError::Engine {
-            kind: classify(t.code(), t.class()),
-            code: t.code().to_string(),
-            message: t.message().to_string(),
-        },
+        E::Server(t) => server_error(t.code(), t.class(), t.message()),
         E::Io { message, .. } => BackendError::Unavailable(message),
         E::Tls(message) => BackendError::Unavailable(format!("TLS: {message}")),
         E::Routing { .. } => BackendError::Unavailable("the server redirected the connection more than once".into()),
@@ -658,6 +683,23 @@ fn sql_server_authority(path: &std::path::Path) -> Result<String, BackendError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_logins_name_no_login() {
+        for code in [18456, 18487, 4060] {
+            match server_error(code, 14, "Login failed for user 'weir'.") {
+                BackendError::Unavailable(m) => assert!(m.contains(&code.to_string()) && !m.contains("weir'"), "{m}"),
+                other => panic!("{code}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            server_error(208, 16, "Invalid object name 'x'."),
+            BackendError::Engine {
+                kind: EngineErrorKind::NotFound,
+                ..
+            }
+        ));
+    }
 
     #[test]
     fn error_numbers_map_to_kinds() {

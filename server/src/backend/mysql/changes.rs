@@ -22,19 +22,17 @@ use mysql_async::binlog::events::{EventData, RowsEventData};
 use mysql_async::binlog::value::BinlogValue;
 use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStreamRequest, Conn, Opts, Value as MyValue};
-use tokio::sync::mpsc;
 
 use super::types::{self, Decode};
 use super::{map_error, schema};
 use crate::backend::changes::{
-    check_resume, Acks, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName,
+    self, check_resume, Acks, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName,
     WatchSpec,
 };
 use crate::backend::{BackendError, Column, ColumnType, Row, Value};
 
 /// Where acknowledged positions are kept, in the source's database.
 const POSITIONS_TABLE: &str = "weir_change_positions";
-const FEED_BUFFER: usize = 256;
 /// How long a take-over waits for the old consumer's session to end.
 const TAKE_OVER_WAIT: u32 = 5;
 /// How long a new consumer waits for the subscription's lock: a consumer
@@ -100,7 +98,8 @@ fn server_id() -> u32 {
     0x4000_0000 | (rand::random::<u32>() & 0x3fff_ffff)
 }
 
-/// The labels of an `enum('a','b')` or `set(...)` column type.
+/// The labels of an `enum('a','b')` or `set(...)` column type, which
+/// COLUMN_TYPE writes as string literals: `''` and backslash escapes undone.
 fn labels(native: &str) -> Vec<String> {
     let Some(inner) = native.split_once('(').and_then(|(_, rest)| rest.strip_suffix(')')) else {
         return Vec::new();
@@ -113,15 +112,29 @@ fn labels(native: &str) -> Vec<String> {
         }
         let mut label = String::new();
         while let Some(c) = chars.next() {
-            if c == '\'' {
-                if chars.peek() == Some(&'\'') {
+            match c {
+                '\'' if chars.peek() == Some(&'\'') => {
                     chars.next();
                     label.push('\'');
-                    continue;
                 }
-                break;
+                '\'' => break,
+                '\\' => match chars.next() {
+                    Some('0') => label.push('\0'),
+                    Some('n') => label.push('\n'),
+                    Some('r') => label.push('\r'),
+                    Some('t') => label.push('\t'),
+                    Some('b') => label.push('\u{8}'),
+                    Some('Z') => label.push('\u{1a}'),
+                    // As in MySQL's literals, `\%` and `\_` keep their backslash.
+                    Some(c @ ('%' | '_')) => {
+                        label.push('\\');
+                        label.push(c);
+                    }
+                    Some(c) => label.push(c),
+                    None => label.push('\\'),
+                },
+                c => label.push(c),
             }
-            label.push(c);
         }
         out.push(label);
     }
@@ -139,6 +152,11 @@ enum Shape {
     /// `BINARY(n)`: the binary log drops trailing zero bytes, which the
     /// column's value (as queries return it) has.
     FixedBinary(usize),
+    /// MariaDB's `UUID`, `INET6` and `INET4`: logged in binary form (also
+    /// without trailing zero bytes), returned by queries as text.
+    Uuid,
+    Inet6,
+    Inet4,
 }
 
 fn shape(c: &Column) -> Shape {
@@ -150,6 +168,9 @@ fn shape(c: &Column) -> Shape {
         "set" => return Shape::Set(labels(&c.native_type)),
         "bit" => return Shape::Plain(Decode::Bit),
         "binary" => return Shape::FixedBinary(width(&native).unwrap_or(1)),
+        "uuid" => return Shape::Uuid,
+        "inet6" => return Shape::Inet6,
+        "inet4" => return Shape::Inet4,
         _ => {}
     }
     if unsigned {
@@ -257,7 +278,12 @@ fn convert(v: BinlogValue<'_>, shape: &Shape) -> Result<Value, String> {
             }
             Value::Bytes(b)
         }
+        (MyValue::Bytes(b), Shape::Uuid) => Value::Text(uuid_text(&fixed::<16>(b, "UUID")?)),
+        (MyValue::Bytes(b), Shape::Inet6) => Value::Text(inet6_text(&fixed::<16>(b, "INET6")?)),
+        (MyValue::Bytes(b), Shape::Inet4) => Value::Text(std::net::Ipv4Addr::from(fixed::<4>(b, "INET4")?).to_string()),
         // TIMESTAMP columns come as seconds since the epoch, with a fraction.
+        // The zero date is logged as 0: no TIMESTAMP holds that instant (the
+        // range starts at 00:00:01), so it is NULL, as in queries.
         (MyValue::Bytes(b), Shape::Plain(Decode::Timestamp)) => {
             let text = String::from_utf8(b).map_err(|_| "invalid TIMESTAMP")?;
             let (secs, frac) = text.split_once('.').unwrap_or((&text, "0"));
@@ -266,14 +292,80 @@ fn convert(v: BinlogValue<'_>, shape: &Shape) -> Result<Value, String> {
                 .get(..6)
                 .and_then(|m| m.parse().ok())
                 .ok_or("invalid TIMESTAMP")?;
+            if secs == 0 && micros == 0 {
+                return Ok(Value::Null);
+            }
             Value::TimestampTz(DateTime::from_timestamp(secs, micros * 1000).ok_or("TIMESTAMP out of range")?)
         }
+        (MyValue::Int(0), Shape::Plain(Decode::Timestamp)) => Value::Null,
         (MyValue::Int(secs), Shape::Plain(Decode::Timestamp)) => {
             Value::TimestampTz(DateTime::from_timestamp(secs, 0).ok_or("TIMESTAMP out of range")?)
         }
         (v, &Shape::Plain(decode)) => types::decode(v, decode)?,
         (v, _) => types::decode(v, Decode::Text)?,
     })
+}
+
+/// A fixed-size binary value whose trailing zero bytes the binary log dropped.
+fn fixed<const N: usize>(mut b: Vec<u8>, type_name: &str) -> Result<[u8; N], String> {
+    if b.len() < N {
+        b.resize(N, 0);
+    }
+    <[u8; N]>::try_from(b).map_err(|b| format!("a {type_name} of {} bytes", b.len()))
+}
+
+/// As MariaDB prints a UUID: the binary log holds it in text order (the
+/// swapped segments of time-based UUIDs are only how it is stored).
+fn uuid_text(b: &[u8; 16]) -> String {
+    let hex = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// As MariaDB prints an INET6 (its `Inet6::to_string`), which differs from
+/// RFC 5952 (`std::net::Ipv6Addr`): a single zero group is compressed too
+/// (`1::3:4:5:6:7:8`), and IPv4-compatible addresses end in dotted form
+/// (`::1.2.3.4`), as IPv4-mapped ones do.
+fn inet6_text(b: &[u8; 16]) -> String {
+    use std::fmt::Write;
+    let words: [u16; 8] = std::array::from_fn(|i| u16::from_be_bytes([b[2 * i], b[2 * i + 1]]));
+    // The first longest run of zero words, however short.
+    let (mut gap, mut run) = ((0, 0), None::<(usize, usize)>);
+    for (i, w) in words.iter().enumerate() {
+        run = match (*w, run) {
+            (0, Some((start, len))) => Some((start, len + 1)),
+            (0, None) => Some((i, 1)),
+            (_, _) => None,
+        };
+        if let Some(r) = run.filter(|r| r.1 > gap.1) {
+            gap = r;
+        }
+    }
+    let mut out = String::new();
+    let mut i = 0;
+    while i < 8 {
+        if gap.1 > 0 && i == gap.0 {
+            out.push_str(if i == 0 { "::" } else { ":" });
+            i += gap.1;
+            continue;
+        }
+        if i == 6 && gap.0 == 0 && (gap.1 == 6 || (gap.1 == 5 && words[5] == 0xffff)) {
+            let _ = write!(out, "{}", std::net::Ipv4Addr::new(b[12], b[13], b[14], b[15]));
+            break;
+        }
+        let _ = write!(out, "{:x}", words[i]);
+        if i < 7 {
+            out.push(':');
+        }
+        i += 1;
+    }
+    out
 }
 
 struct Watched {
@@ -617,7 +709,7 @@ fn snapshot_value(raw: MyValue, shape: &Shape) -> Result<Value, String> {
         Shape::Unsigned(64) => types::decode(raw, Decode::UInt),
         Shape::Unsigned(_) => types::decode(raw, Decode::Int),
         Shape::FixedBinary(_) => types::decode(raw, Decode::Bytes),
-        Shape::Enum(_) | Shape::Set(_) => types::decode(raw, Decode::Text),
+        Shape::Enum(_) | Shape::Set(_) | Shape::Uuid | Shape::Inet6 | Shape::Inet4 => types::decode(raw, Decode::Text),
     }
 }
 
@@ -940,13 +1032,13 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
             file_name(&base, start.file)
         )));
     }
-    let (tx, items) = mpsc::channel(FEED_BUFFER);
+    let (out, end, items) = changes::feed();
     let (acks, ack_rx) = Acks::channel();
     let reader = Reader {
         writer: setup,
         base,
         watched,
-        out: Outbox::new(tx.clone()),
+        out,
         delivered: start,
         acked: start,
         file: start.file,
@@ -971,7 +1063,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
         if let Err(e) = outcome {
             tracing::debug!(subscription = %name, error = %e, "change stream ended");
             // A take-over ends this session from outside: say so rather than "connection lost".
-            let e = if !tx.is_closed()
+            let e = if !end.is_closed()
                 && tokio::time::timeout(CONNECT_TIMEOUT, taken_over(&opts, &id, own))
                     .await
                     .unwrap_or(false)
@@ -980,7 +1072,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
             } else {
                 e
             };
-            let _ = tx.send(Err(e)).await;
+            end.fail(e).await;
         }
     });
     Ok(ChangeFeed { items, acks })
@@ -1062,6 +1154,17 @@ mod tests {
     fn enum_and_set_labels_are_parsed_with_quotes() {
         assert_eq!(labels("enum('a','b c','it''s')"), ["a", "b c", "it's"]);
         assert_eq!(labels("set('x','y')"), ["x", "y"]);
+        // As COLUMN_TYPE writes them on MariaDB 10.11: a backslash doubled,
+        // NUL, LF and CR escaped, other control characters as they are.
+        assert_eq!(
+            labels(r"enum('c\\d','n\0n','x\ny','c\rr','t	b','\\%')"),
+            ["c\\d", "n\0n", "x\ny", "c\rr", "t\tb", "\\%"]
+        );
+        // The rest of MySQL's string-literal escapes.
+        assert_eq!(
+            labels(r"set('a\'b','\t\b\Z\\\x','a\%\_')"),
+            ["a'b", "\t\u{8}\u{1a}\\x", "a\\%\\_"]
+        );
         let set = Shape::Set(labels("set('x','y','z')"));
         assert_eq!(
             convert(BinlogValue::Value(MyValue::Bytes(vec![0b101])), &set).ok(),
@@ -1072,6 +1175,64 @@ mod tests {
             convert(BinlogValue::Value(MyValue::Int(2)), &e).ok(),
             Some(Value::Text("b".into()))
         );
+    }
+
+    #[test]
+    fn the_zero_timestamp_is_null_and_the_first_half_second_is_not() {
+        let ts = |v| convert(BinlogValue::Value(v), &Shape::Plain(Decode::Timestamp)).ok();
+        assert_eq!(ts(MyValue::Bytes(b"0".to_vec())), Some(Value::Null));
+        assert_eq!(ts(MyValue::Int(0)), Some(Value::Null));
+        assert_eq!(
+            ts(MyValue::Bytes(b"0.500000".to_vec())),
+            Some(Value::TimestampTz(
+                DateTime::from_timestamp(0, 500_000_000).expect("time")
+            ))
+        );
+    }
+
+    #[test]
+    fn uuids_and_addresses_are_written_as_mariadb_writes_them() {
+        let text = |shape: &Shape, hex_value: &str| {
+            let bytes = hex::decode(hex_value).expect("hex");
+            match convert(BinlogValue::Value(MyValue::Bytes(bytes)), shape) {
+                Ok(Value::Text(t)) => t,
+                other => panic!("{hex_value}: {other:?}"),
+            }
+        };
+        assert_eq!(
+            text(&Shape::Uuid, "6ccd780cbaba102695645b8c656024db"),
+            "6ccd780c-baba-1026-9564-5b8c656024db"
+        );
+        // Trailing zero bytes are not logged.
+        assert_eq!(
+            text(&Shape::Uuid, "550e8400e29b41d4a71644665544"),
+            "550e8400-e29b-41d4-a716-446655440000"
+        );
+        assert_eq!(text(&Shape::Uuid, ""), "00000000-0000-0000-0000-000000000000");
+        assert_eq!(text(&Shape::Inet4, "0a000001"), "10.0.0.1");
+        assert_eq!(text(&Shape::Inet4, "01"), "1.0.0.0");
+        // What SELECT printed on MariaDB 10.11 for each address.
+        for (hex_value, printed) in [
+            ("", "::"),
+            ("00000000000000000000000000000001", "::1"),
+            ("000000000000000000000000010203", "::1.2.3.0"),
+            ("00000000000000000000ffff01020304", "::ffff:1.2.3.4"),
+            ("00000000000000000000ffff", "::ffff:0.0.0.0"),
+            ("00010000000000010000000000000001", "1:0:0:1::1"),
+            ("00010000000000020000000000030004", "1::2:0:0:3:4"),
+            ("20010db8000000000000000000000001", "2001:db8::1"),
+            ("20010db8", "2001:db8::"),
+            ("00010002000300040005000600070000", "1:2:3:4:5:6:7::"),
+            ("00010000000300040005000600070008", "1::3:4:5:6:7:8"),
+            ("00000002000300040005000600070008", "::2:3:4:5:6:7:8"),
+            ("0064ff9b000000000000000001020304", "64:ff9b::102:304"),
+            ("00000000000000000001", "::1:0:0:0"),
+            ("ffffabcd", "ffff:abcd::"),
+            ("00010002000300040005000600070008", "1:2:3:4:5:6:7:8"),
+        ] {
+            assert_eq!(text(&Shape::Inet6, hex_value), printed, "{hex_value}");
+        }
+        assert!(convert(BinlogValue::Value(MyValue::Bytes(vec![0; 17])), &Shape::Uuid).is_err());
     }
 
     #[test]

@@ -150,14 +150,17 @@ struct TxConn {
 
 /// Whether `error` ended the transaction on `conn`: a deadlock always does,
 /// a lock wait timeout with `innodb_rollback_on_timeout`; others undo only
-/// their statement.
+/// their statement. ABORTED tells the caller to run the whole transaction
+/// again, on every engine: one the server kept open after such an error (a
+/// lock wait timeout without `innodb_rollback_on_timeout`, the default) is
+/// rolled back here, so it holds no locks against that retry.
 async fn rolled_back_by(conn: &mut Conn, error: &BackendError) -> Option<&'static str> {
-    let BackendError::Engine { code, .. } = error else {
+    let BackendError::Engine { kind, code, .. } = error else {
         return None;
     };
     match code.as_str() {
-        "1213" => Some("a deadlock (errno 1213)"),
-        "1206" => Some("running out of lock table (errno 1206)"),
+        "1213" => return Some("a deadlock (errno 1213)"),
+        "1206" => return Some("running out of lock table (errno 1206)"),
         "1205" => {
             // Unknown counts as rolled back: the handle then refuses, never autocommits.
             let whole: Option<i64> = conn
@@ -165,10 +168,21 @@ async fn rolled_back_by(conn: &mut Conn, error: &BackendError) -> Option<&'stati
                 .await
                 .ok()
                 .flatten();
-            (whole != Some(0)).then_some("a lock wait timeout (errno 1205)")
+            if whole != Some(0) {
+                return Some("a lock wait timeout (errno 1205)");
+            }
         }
-        _ => None,
+        _ => {}
     }
+    if *kind != EngineErrorKind::Aborted {
+        return None;
+    }
+    // A failed ROLLBACK leaves a session that closes with the handle.
+    let _ = conn.query_drop("ROLLBACK").await;
+    Some(match code.as_str() {
+        "1205" => "a lock wait timeout (errno 1205); Weir rolled it back",
+        _ => "an error that aborts transactions; Weir rolled it back",
+    })
 }
 
 /// Starts a statement in a task that owns the connection until it ends.
@@ -607,13 +621,15 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
                 // Too many connections, to the server or for the user.
                 1040 | 1203 => K::Overloaded,
                 1041 | 1114 => K::ResourceExhausted,
-                1045 | 1698 => {
-                    // The engine's text names hosts and logins: log it, do not return it.
-                    tracing::warn!(errno = s.code, detail = %s.message, "the database rejected Weir's connection");
-                    return BackendError::Unavailable(format!(
-                        "the database rejected Weir's connection (errno {})",
-                        s.code
-                    ));
+                // A packet over max_allowed_packet: the statement's size is
+                // the caller's to change (the server closes the session, which
+                // a transaction then finds lost).
+                1153 => K::InvalidArgument,
+                // Access denied, account locked (MySQL 3118, MariaDB 4151),
+                // host not allowed or blocked, password expired, an
+                // authentication method the driver lacks.
+                1045 | 1698 | 3118 | 4151 | 1130 | 1129 | 1820 | 1862 | 1251 => {
+                    return crate::backend::error::login_refused(&s.code.to_string(), &s.message);
                 }
                 _ => classify_sqlstate(&s.state),
             };
@@ -632,6 +648,22 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
                     .into(),
             )
         }
+        // The statement and its parameters, refused before they were sent: the
+        // session is as it was (`:name` is a named parameter to the driver).
+        mysql_async::Error::Driver(
+            e @ (mysql_async::DriverError::Params(_)
+            | mysql_async::DriverError::MixedParams
+            | mysql_async::DriverError::StmtParamsMismatch { .. }
+            | mysql_async::DriverError::StmtParamsNumberExceedsLimit { .. }
+            | mysql_async::DriverError::PacketTooLarge
+            | mysql_async::DriverError::NestedTransaction
+            | mysql_async::DriverError::ReadOnlyTransNotSupported),
+        ) => BackendError::Invalid(format!(
+            "{e} (write parameters as ?, not :name; a statement and its values must fit the server's max_allowed_packet)"
+        )),
+        mysql_async::Error::Driver(e @ (mysql_async::DriverError::FromValue { .. } | mysql_async::DriverError::FromRow { .. })) => {
+            BackendError::Internal(e.to_string())
+        }
         mysql_async::Error::Driver(e) => BackendError::Unavailable(e.to_string()),
         other => BackendError::Internal(other.to_string()),
     }
@@ -647,6 +679,26 @@ mod tests {
         Config::from_toml(&toml)
             .map(|c| c.tenants["a"].sources["s"].clone())
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn refused_logins_name_no_user_or_host() {
+        for code in [1045u16, 3118, 4151, 1130, 1862] {
+            let e = map_error(mysql_async::Error::Server(mysql_async::ServerError {
+                code,
+                message: "Access denied for user 'weir'@'10.0.3.7'".into(),
+                state: "HY000".into(),
+            }));
+            match e {
+                BackendError::Unavailable(m) => {
+                    assert!(
+                        m.contains(&code.to_string()) && !m.contains("weir'") && !m.contains("10.0.3.7"),
+                        "{m}"
+                    )
+                }
+                other => panic!("{code}: {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]

@@ -150,12 +150,19 @@ pub fn decode(v: MyValue, as_: Decode) -> Result<Value, String> {
                 _ => Value::Timestamp(at),
             }
         }
-        (MyValue::Time(negative, days, h, i, s, us), _) => {
-            if negative || days > 0 {
-                return Err("TIME values outside 00:00:00..23:59:59 cannot be a time of day; CAST it AS CHAR".into());
+        // MySQL's TIME is also a duration (-838:59:59 to 838:59:59): one
+        // that is no time of day is an interval, of microseconds only.
+        (MyValue::Time(negative, days, h, i, s, us), _) if negative || days > 0 => {
+            let seconds = ((i128::from(days) * 24 + i128::from(h)) * 60 + i128::from(i)) * 60 + i128::from(s);
+            let microseconds = seconds * 1_000_000 + i128::from(us);
+            let microseconds = if negative { -microseconds } else { microseconds };
+            Value::Interval {
+                months: 0,
+                days: 0,
+                microseconds: i64::try_from(microseconds).map_err(|_| "TIME out of range")?,
             }
-            Value::Time(time(h, i, s, us).ok_or("invalid time of day")?, None)
         }
+        (MyValue::Time(_, _, h, i, s, us), _) => Value::Time(time(h, i, s, us).ok_or("invalid time of day")?, None),
     })
 }
 
@@ -387,6 +394,31 @@ mod tests {
             decode(MyValue::UInt(u64::MAX), Decode::UInt).unwrap(),
             Value::UInt(u64::MAX)
         );
-        assert!(decode(MyValue::Time(true, 0, 1, 0, 0, 0), Decode::Time).is_err());
+    }
+
+    #[test]
+    fn times_outside_a_day_are_intervals() {
+        let interval = |microseconds| Value::Interval {
+            months: 0,
+            days: 0,
+            microseconds,
+        };
+        let hour = 3_600_000_000;
+        assert_eq!(
+            decode(MyValue::Time(false, 1, 1, 0, 0, 0), Decode::Time).unwrap(),
+            interval(25 * hour)
+        );
+        assert_eq!(
+            decode(MyValue::Time(true, 0, 1, 30, 0, 500_000), Decode::Time).unwrap(),
+            interval(-(hour + hour / 2 + 500_000))
+        );
+        assert_eq!(
+            decode(MyValue::Time(true, 34, 22, 59, 59, 0), Decode::Time).unwrap(),
+            interval(-(838 * hour + 3_599_000_000))
+        );
+        assert!(matches!(
+            decode(MyValue::Time(false, 0, 23, 59, 59, 0), Decode::Time),
+            Ok(Value::Time(_, None))
+        ));
     }
 }

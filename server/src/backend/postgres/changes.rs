@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::{pin_mut, TryStreamExt};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
@@ -29,13 +28,12 @@ use super::types::{column_of, decode, pg_epoch, PgValue};
 use super::{map_error, Target};
 use crate::backend::bulk::quote_ansi;
 use crate::backend::changes::{
-    check_resume, Acks, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName,
+    self, check_resume, Acks, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName,
     WatchSpec,
 };
 use crate::backend::{BackendError, Column, Row, Value};
 
 /// Items buffered between the reading task and a slow client.
-const FEED_BUFFER: usize = 256;
 /// How long a take-over waits for the old consumer's connection to end.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(5);
 /// How long the replication connection may stay silent while the reader
@@ -892,7 +890,7 @@ pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed
         check_resume(&spec.name, &pos.lsn, &confirmed, &lsn_text(confirmed), Some(&head))?;
         delivered = pos;
     }
-    let (tx, items) = mpsc::channel(FEED_BUFFER);
+    let (out, end, items) = changes::feed();
     let (acks, ack_rx) = Acks::channel();
     let reader = Reader {
         client,
@@ -902,7 +900,7 @@ pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed
         types: HashMap::new(),
         delivered,
         acked: delivered,
-        out: Outbox::new(tx.clone()),
+        out,
         spec,
     };
     let config = config.clone();
@@ -910,12 +908,12 @@ pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed
         let (id, name) = (reader.spec.id.clone(), reader.spec.name.clone());
         if let Err(e) = reader.run(ack_rx).await {
             // A take-over ends this session from outside: say so rather than "connection closed".
-            let e = if !tx.is_closed() && taken_over(&config, &id).await {
+            let e = if !end.is_closed() && taken_over(&config, &id).await {
                 BackendError::SubscriptionTakenOver(name)
             } else {
                 e
             };
-            let _ = tx.send(Err(e)).await;
+            end.fail(e).await;
         }
     });
     Ok(ChangeFeed { items, acks })

@@ -1019,9 +1019,7 @@ pub(crate) fn engine_error(code: &str, text: &str, detail: Option<&str>, positio
         message.push_str(": a table it reads changed since it was prepared; run the transaction again");
     }
     if code.starts_with("28") || code == "3D000" {
-        // The engine's text names hosts and logins: log it, do not return it.
-        tracing::warn!(sqlstate = %code, detail = %message, "the database rejected Weir's connection");
-        return BackendError::Unavailable(format!("the database rejected Weir's connection (SQLSTATE {code})"));
+        return crate::backend::error::login_refused(code, &message);
     }
     BackendError::Engine {
         kind,

@@ -359,8 +359,14 @@ pub fn check_params(params: &[Value]) -> Result<(), BackendError> {
 
 /// A parameter, sent as text so PostgreSQL parses it for the type it expects
 /// (an integer literal binds to int4, numeric or text alike).
-#[derive(Debug)]
 pub struct PgParam<'a>(pub &'a Value);
+
+/// tokio-postgres logs its parameters at debug level: their kinds, never their values.
+impl std::fmt::Debug for PgParam<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.kind())
+    }
+}
 
 impl ToSql for PgParam<'_> {
     fn to_sql(&self, _ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
@@ -481,6 +487,12 @@ pub(super) fn write_text(v: &Value, out: &mut String, in_array: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameters_show_their_kind_not_their_value() {
+        let secret = Value::Text("hunter2".into());
+        assert_eq!(format!("{:?}", [PgParam(&secret)]), "[string]");
+    }
 
     fn numeric(ndigits: i16, weight: i16, sign: u16, dscale: i16, digits: &[i16]) -> Vec<u8> {
         let mut v = Vec::new();

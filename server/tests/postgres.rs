@@ -263,6 +263,14 @@ async fn parameters_are_bound_by_the_engine() {
     assert_eq!(kind(&v[9]), &Kind::BoolValue(true));
     assert_eq!(kind(&v[10]), &Kind::DoubleValue(0.5));
 
+    // Bytes where text is expected would be stored as the literal "\x0102".
+    let err = client
+        .execute("pg", "SELECT $1::text", vec![vec![1u8, 2].into()])
+        .await
+        .expect_err("bytes for text");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("$1::bytea"), "{err:?}");
+
     // A parameter is data, never SQL.
     let hostile = "1; DROP TABLE weir_types; --";
     let r = client
@@ -2545,4 +2553,38 @@ async fn a_transactions_next_statement_waits_for_an_abandoned_one_not_a_running_
         .expect_err("the stream still runs");
     assert_eq!(reason(&e), "TRANSACTION_BUSY", "{e:?}");
     drop(stream);
+}
+
+/// A server that refuses a session for being full (too many connections,
+/// here for the role) is answered RESOURCE_EXHAUSTED with its SQLSTATE, as
+/// a statement refused for it is, not as an unreachable source without a code.
+#[tokio::test]
+async fn a_server_full_at_connect_keeps_its_sqlstate() {
+    let pg = pg_direct().await;
+    let password = std::env::var("WEIR_TEST_PG_PASSWORD")
+        .map(|p| format!(" PASSWORD '{}'", p.replace('\'', "''")))
+        .unwrap_or_default();
+    pg.batch_execute("DROP ROLE IF EXISTS weir_full_role")
+        .await
+        .expect("drop");
+    pg.batch_execute(&format!(
+        "CREATE ROLE weir_full_role LOGIN CONNECTION LIMIT 0{password}"
+    ))
+    .await
+    .expect("role");
+    let user = format!("user = \"{}\"", env_or("WEIR_TEST_PG_USER", "postgres"));
+    let source = postgres("fullrole", "pg", "").replace(&user, "user = \"weir_full_role\"");
+    let server = TestServer::start(&tenant("fullrole", "", &source)).await;
+    let client = server.client("key-fullrole").await;
+    let err = client
+        .execute("pg", "SELECT 1", vec![])
+        .await
+        .expect_err("no session for the role");
+    assert_eq!(
+        (err.code(), engine_code(&err).as_str()),
+        (Code::ResourceExhausted, "53300"),
+        "{err:?}"
+    );
+    server.stop().await;
+    pg.batch_execute("DROP ROLE weir_full_role").await.expect("drop");
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rand::Rng;
 
-use super::BackendError;
+use super::{BackendError, EngineErrorKind};
 
 /// Consecutive connection failures that open the breaker.
 const FAILURES: u32 = 3;
@@ -160,6 +160,18 @@ impl Breaker {
                 }
             }
             Err(BackendError::CircuitOpen { .. }) => {}
+            // The engine refused the session (a login, a database it cannot
+            // open): no call can succeed until that is fixed, so it counts.
+            Err(BackendError::Engine {
+                kind: EngineErrorKind::Unavailable,
+                message,
+                ..
+            }) => self.failure(message),
+            // Too many connections: the source is up, and full for now.
+            Err(BackendError::Engine {
+                kind: EngineErrorKind::Overloaded,
+                ..
+            }) => {}
             Err(_) => self.success(),
         }
     }
@@ -210,6 +222,29 @@ mod tests {
         b.success();
         assert_eq!(b.state(), CircuitState::Closed);
         assert!(b.admit().is_ok());
+    }
+
+    #[test]
+    fn a_refused_login_counts_and_a_full_server_does_not() {
+        let refused = |kind| {
+            Err::<(), _>(BackendError::Engine {
+                kind,
+                code: "18456".into(),
+                message: "the database rejected Weir's connection".into(),
+            })
+        };
+        // Too many connections: the source is up. A refused login: each call
+        // would try it again.
+        for (kind, times, state) in [
+            (EngineErrorKind::Overloaded, 5, CircuitState::Closed),
+            (EngineErrorKind::Unavailable, 3, CircuitState::Open),
+        ] {
+            let b = Breaker::default();
+            for _ in 0..times {
+                b.record(&refused(kind));
+            }
+            assert_eq!(b.state(), state, "{kind:?}");
+        }
     }
 
     #[test]

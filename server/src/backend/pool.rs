@@ -12,12 +12,50 @@ use std::time::Instant;
 use bb8::{ManageConnection, Pool, PooledConnection, RunError};
 
 use super::breaker::{Breaker, CircuitState};
-use super::{BackendError, PoolStatus};
+use super::{BackendError, EngineErrorKind, PoolStatus};
 use crate::config::PoolConfig;
+
+/// The last failed attempt to open a connection, as its waiting callers
+/// hear of it: an engine's refusal (too many connections) keeps its code.
+#[derive(Clone, Default)]
+struct Failure {
+    message: String,
+    engine: Option<(EngineErrorKind, String)>,
+}
+
+impl Failure {
+    fn of(error: &BackendError) -> Failure {
+        match error {
+            BackendError::Engine { kind, code, message } => Failure {
+                message: message.clone(),
+                engine: Some((*kind, code.clone())),
+            },
+            BackendError::Unavailable(m) => Failure {
+                message: m.clone(),
+                engine: None,
+            },
+            other => Failure {
+                message: other.to_string(),
+                engine: None,
+            },
+        }
+    }
+
+    fn error(&self) -> BackendError {
+        match &self.engine {
+            Some((kind, code)) => BackendError::Engine {
+                kind: *kind,
+                code: code.clone(),
+                message: self.message.clone(),
+            },
+            None => BackendError::Unavailable(self.message.clone()),
+        }
+    }
+}
 
 /// Publishes connection failures to the callers waiting in `lease`.
 struct ConnectErrors<E> {
-    latest: Arc<tokio::sync::watch::Sender<String>>,
+    latest: Arc<tokio::sync::watch::Sender<Failure>>,
     breaker: Arc<Breaker>,
     map: fn(E) -> BackendError,
     engine: &'static str,
@@ -43,14 +81,11 @@ impl<E> std::fmt::Debug for ConnectErrors<E> {
 impl<E: Send + 'static> bb8::ErrorSink<E> for ConnectErrors<E> {
     fn sink(&self, error: E) {
         let error = (self.map)(error);
-        let message = match &error {
-            BackendError::Unavailable(m) => m.clone(),
-            other => other.to_string(),
-        };
+        let failure = Failure::of(&error);
         // One count per failed attempt, however many callers wait for it.
         self.breaker.record::<()>(&Err(error));
-        tracing::warn!(engine = self.engine, error = %message, "cannot open a connection");
-        self.latest.send_replace(message);
+        tracing::warn!(engine = self.engine, error = %failure.message, "cannot open a connection");
+        self.latest.send_replace(failure);
     }
 
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<E>> {
@@ -60,7 +95,7 @@ impl<E: Send + 'static> bb8::ErrorSink<E> for ConnectErrors<E> {
 
 pub struct FailFastPool<M: ManageConnection> {
     pool: Pool<M>,
-    failures: Arc<tokio::sync::watch::Sender<String>>,
+    failures: Arc<tokio::sync::watch::Sender<Failure>>,
     max_size: u32,
     map: fn(M::Error) -> BackendError,
     breaker: Arc<Breaker>,
@@ -71,7 +106,7 @@ pub struct FailFastPool<M: ManageConnection> {
 impl<M: ManageConnection> FailFastPool<M> {
     /// Connections open lazily, so a source that is down at start does not stop the gateway.
     pub fn new(manager: M, config: &PoolConfig, engine: &'static str, map: fn(M::Error) -> BackendError) -> Self {
-        let failures = Arc::new(tokio::sync::watch::channel(String::new()).0);
+        let failures = Arc::new(tokio::sync::watch::channel(Failure::default()).0);
         let breaker = Arc::new(Breaker::default());
         let sink = ConnectErrors {
             latest: failures.clone(),
@@ -135,7 +170,7 @@ impl<M: ManageConnection> FailFastPool<M> {
                     Ok(()) = failures.changed() => {
                         failed = true;
                         if self.pool.state().connections == 0 {
-                            return Err(BackendError::Unavailable(failures.borrow().clone()));
+                            return Err(failures.borrow().error());
                         }
                     }
                 }
@@ -153,14 +188,14 @@ impl<M: ManageConnection> FailFastPool<M> {
                 // otherwise the source did not give one in time, and its
                 // attempt is counted by the sink when it ends.
                 Err(RunError::TimedOut) if failed || self.pool.state().connections == 0 => {
-                    return Err(BackendError::Unavailable(if failed {
-                        failures.borrow().clone()
+                    return Err(if failed {
+                        failures.borrow().error()
                     } else {
-                        format!(
+                        BackendError::Unavailable(format!(
                             "no connection could be opened within acquire_timeout ({:?})",
                             started.elapsed()
-                        )
-                    }));
+                        ))
+                    });
                 }
                 Err(RunError::TimedOut) => Err(BackendError::PoolExhausted {
                     max_size: self.max_size,

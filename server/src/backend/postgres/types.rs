@@ -96,6 +96,29 @@ pub fn check_param_type(index: usize, ty: &Type, value: &Value) -> Result<(), Ba
             v => v.rounded_in_double(),
         }
     }
+    /// The type, or a domain's base or an array's elements, is bytea.
+    fn is_bytea(ty: &Type) -> bool {
+        match ty.kind() {
+            Kind::Domain(inner) | Kind::Array(inner) => is_bytea(inner),
+            _ => *ty == Type::BYTEA,
+        }
+    }
+    fn has_bytes(value: &Value) -> bool {
+        match value {
+            Value::List(items) => items.iter().any(has_bytes),
+            v => matches!(v, Value::Bytes(_)),
+        }
+    }
+    if has_bytes(value) && !is_bytea(ty) {
+        // Sent as text, the bytes would be stored as the literal `\x...`.
+        return Err(BackendError::Parameter {
+            index: index + 1,
+            message: format!(
+                "bytes where PostgreSQL expects {ty}: send a string, or cast the parameter (${}::bytea)",
+                index + 1
+            ),
+        });
+    }
     match rounded(value) {
         Some(magnitude) if is_float(ty) => Err(BackendError::Parameter {
             index: index + 1,

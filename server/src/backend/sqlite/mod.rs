@@ -675,6 +675,20 @@ fn put(raw: ValueRef<'_>, ty: ColumnType, sink: &mut impl RowSink) -> Result<(),
     Ok(())
 }
 
+/// SQLite's date functions read four-digit years only (chrono would write
+/// `+10000` or `-0044`, which they take for NULL).
+fn sqlite_year(d: &chrono::NaiveDate) -> Result<&chrono::NaiveDate, String> {
+    use chrono::Datelike;
+    if (0..=9999).contains(&d.year()) {
+        Ok(d)
+    } else {
+        Err(format!(
+            "year {} is outside SQLite's date range (0000 to 9999)",
+            d.year()
+        ))
+    }
+}
+
 /// Binds a value as the SQLite storage class that represents it.
 fn to_sql(v: &Value) -> Result<SqlValue, String> {
     Ok(match v {
@@ -689,13 +703,19 @@ fn to_sql(v: &Value) -> Result<SqlValue, String> {
         Value::Float(f) => SqlValue::Real(*f),
         Value::Text(s) | Value::Decimal(s) | Value::Json(s) => SqlValue::Text(s.clone()),
         Value::Bytes(b) => SqlValue::Blob(b.clone()),
-        Value::Date(d) => SqlValue::Text(d.format("%Y-%m-%d").to_string()),
+        Value::Date(d) => SqlValue::Text(sqlite_year(d)?.format("%Y-%m-%d").to_string()),
         Value::Time(t, None) => SqlValue::Text(t.format("%H:%M:%S%.f").to_string()),
         // Dropped, it would change the time without a word.
         Value::Time(_, Some(_)) => return Err("SQLite's times have no UTC offset; send the time without one".into()),
-        Value::Timestamp(t) => SqlValue::Text(t.format("%Y-%m-%d %H:%M:%S%.f").to_string()),
+        Value::Timestamp(t) => {
+            sqlite_year(&t.date())?;
+            SqlValue::Text(t.format("%Y-%m-%d %H:%M:%S%.f").to_string())
+        }
         // SQLite has no zones: store UTC in the form its date functions read.
-        Value::TimestampTz(t) => SqlValue::Text(t.naive_utc().format("%Y-%m-%d %H:%M:%S%.f").to_string()),
+        Value::TimestampTz(t) => {
+            sqlite_year(&t.date_naive())?;
+            SqlValue::Text(t.naive_utc().format("%Y-%m-%d %H:%M:%S%.f").to_string())
+        }
         Value::Uuid(u) => SqlValue::Text(u.to_string()),
         Value::Interval { .. } => return Err("SQLite has no interval type".into()),
         Value::List(_) => return Err("SQLite has no array type".into()),
@@ -765,5 +785,20 @@ mod tests {
         let ten = chrono::NaiveTime::from_hms_opt(10, 0, 0).expect("time");
         assert!(matches!(to_sql(&Value::Time(ten, None)), Ok(SqlValue::Text(s)) if s == "10:00:00"));
         assert!(to_sql(&Value::Time(ten, Some(7200))).is_err());
+    }
+
+    #[test]
+    fn dates_beyond_four_digit_years_are_refused() {
+        let date = |y| chrono::NaiveDate::from_ymd_opt(y, 3, 15).expect("date");
+        assert!(matches!(to_sql(&Value::Date(date(44))), Ok(SqlValue::Text(s)) if s == "0044-03-15"));
+        for year in [-44, 10_000] {
+            let at = date(year).and_hms_opt(12, 0, 0).expect("timestamp");
+            assert!(
+                to_sql(&Value::Date(date(year))).is_err_and(|e| e.contains("0000 to 9999")),
+                "{year}"
+            );
+            assert!(to_sql(&Value::Timestamp(at)).is_err(), "{year}");
+            assert!(to_sql(&Value::TimestampTz(at.and_utc())).is_err(), "{year}");
+        }
     }
 }

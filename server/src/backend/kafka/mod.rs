@@ -639,9 +639,18 @@ async fn read_batches(consumer: &StreamConsumer, tx: mpsc::Sender<Result<Vec<InR
 /// Subscribes `consumer` to the topics of `spec`, or assigns it the
 /// partitions and offsets its start names.
 async fn start(consumer: &Arc<StreamConsumer>, spec: &ConsumeSpec) -> Result<(), BackendError> {
-    let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
     match &spec.start {
-        Start::Earliest | Start::Latest => consumer.subscribe(&topics).map_err(map_error)?,
+        // librdkafka waits for its main thread to take the subscription.
+        Start::Earliest | Start::Latest => {
+            let (c, names) = (consumer.clone(), spec.topics.clone());
+            tokio::task::spawn_blocking(move || {
+                let topics: Vec<&str> = names.iter().map(String::as_str).collect();
+                c.subscribe(&topics)
+            })
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?
+            .map_err(map_error)?
+        }
         Start::Offsets(offsets) => {
             // A blocking librdkafka call, as long as the list is.
             let (c, list) = (consumer.clone(), partition_list(offsets).map_err(map_error)?);
@@ -652,7 +661,7 @@ async fn start(consumer: &Arc<StreamConsumer>, spec: &ConsumeSpec) -> Result<(),
         }
         Start::Timestamp(ms) => {
             let (c, ms, names) = (consumer.clone(), *ms, spec.topics.clone());
-            let tpl = tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || {
                 // One bound for all the lookups: a blocking thread is
                 // shared with every tenant's SQLite and Kafka calls.
                 let deadline = Instant::now() + METADATA_TIMEOUT;
@@ -691,12 +700,11 @@ async fn start(consumer: &Arc<StreamConsumer>, spec: &ConsumeSpec) -> Result<(),
                         return Err(KafkaError::OffsetFetch(RDKafkaErrorCode::OperationTimedOut));
                     }
                 }
-                Ok(found)
+                c.assign(&found)
             })
             .await
             .map_err(|e| BackendError::Internal(e.to_string()))?
             .map_err(map_error)?;
-            consumer.assign(&tpl).map_err(map_error)?;
         }
     }
     Ok(())
@@ -835,8 +843,10 @@ impl TopicSource for KafkaSource {
             _ => "earliest",
         };
         config.set("auto.offset.reset", reset);
-        let consumer: StreamConsumer = config
-            .create()
+        // Creating a client reads its CA files and starts its threads.
+        let consumer: StreamConsumer = tokio::task::spawn_blocking(move || config.create())
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?
             .map_err(|e| BackendError::Internal(settings_error("consumer", &e)))?;
         let consumer = Arc::new(consumer);
         // A consumer dropped here would close on this runtime thread (a

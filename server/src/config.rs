@@ -1039,13 +1039,18 @@ impl SourceConfig {
                     "name the topics the tenant may use (topics, topic_prefix, or both)",
                 ));
             }
+            // Also a private key given inline, and OAUTHBEARER's settings,
+            // which carry the client secret.
             if let Some(secret) = self.kafka_options.keys().find(|k| {
                 let k = k.to_ascii_lowercase();
-                k.contains("password") || k.contains("secret")
+                k.contains("password")
+                    || k.contains("secret")
+                    || matches!(k.as_str(), "ssl.key.pem" | "ssl_key" | "sasl.oauthbearer.config")
             }) {
                 return Err(invalid(
                     format!("{key}.kafka_options.{secret}"),
-                    "secrets do not belong in the configuration file: use password_env, password_file or password_sealed",
+                    "secrets do not belong in the configuration file: use password_env, password_file or password_sealed \
+                     (sasl.password), and ssl.key.location for a private key in a mounted file",
                 ));
             }
             if self.read_only {
@@ -1104,6 +1109,29 @@ impl SourceConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kafka_secrets_stay_out_of_kafka_options() {
+        let source = |key: &str| {
+            Config::from_toml(&format!(
+                "[tenants.t.sources.k]\nengine = \"kafka\"\nbootstrap_servers = \"b:9092\"\ntopics = [\"a\"]\n\
+                 [tenants.t.sources.k.kafka_options]\n\"{key}\" = \"x\"\n"
+            ))
+        };
+        for key in [
+            "sasl.password",
+            "ssl.key.pem",
+            "sasl.oauthbearer.config",
+            "ssl.keystore.password",
+        ] {
+            let err = source(key).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                err.contains(key) && err.contains("secrets do not belong"),
+                "{key}: {err}"
+            );
+        }
+        assert!(source("ssl.key.location").is_ok());
+    }
 
     proptest::proptest! {
         /// Any text is a configuration or an error naming why; never a panic.

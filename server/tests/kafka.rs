@@ -1362,6 +1362,46 @@ async fn a_leaving_member_does_not_rewind_what_another_member_committed() {
     server.stop().await;
 }
 
+/// A member whose client has stopped reading still answers its group's
+/// rebalances (its partitions are paused, not left unpolled): a member that
+/// joins meanwhile gets its share within seconds, instead of the whole group
+/// standing still for up to the slow member's max.poll.interval.ms (5 min).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_client_reads_slowly_does_not_hold_its_group_still() {
+    // librdkafka's mock cluster evicts a member that does not rejoin within
+    // its session timeout; a broker waits for its rebalance timeout.
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-slowpoke-");
+    create_topic(&topic, 2).await;
+    // A group of this run alone: members of a run cut short stay in a
+    // group until the broker's rebalance timeout evicts them.
+    let group = unique("slow-");
+    // Far more than the stream's buffers hold.
+    for _ in 0..6 {
+        let records = (0..500)
+            .map(|i| pb::ProducerRecord {
+                partition: Some(i % 2),
+                value: vec![b'v'; 10_000],
+                ..Default::default()
+            })
+            .collect();
+        produce(&client, &topic, records).await.expect("produce");
+    }
+    let mut slow = open_consume(&client, consume_request(&topic, &group, 0, false)).await;
+    read_offsets(&mut slow, 1).await;
+    // Its client reads no more: the buffers fill and its reader waits.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut joining = open_consume(&client, consume_request(&topic, &group, 0, false)).await;
+    let got = tokio::time::timeout(Duration::from_secs(25), joining.message()).await;
+    assert!(
+        matches!(got, Ok(Ok(Some(_)))),
+        "the joining member got nothing within 25 s: {got:?}"
+    );
+    drop(slow);
+    drop(joining);
+    server.stop().await;
+}
+
 /// A partition without a leader (an election under way) is listed without
 /// watermarks (-1) instead of failing the whole listing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -585,26 +585,35 @@ fn connection_error(e: &KafkaError) -> bool {
     )
 }
 
-async fn read_batches(consumer: &StreamConsumer, tx: mpsc::Sender<Result<Vec<InRecord>, BackendError>>) {
+type Batches = mpsc::Sender<Result<Vec<InRecord>, BackendError>>;
+
+async fn read_batches(consumer: &StreamConsumer, tx: Batches) {
     // The connection errors without a record between them.
     let mut outage = None;
+    // Records read while the consumer was paused, to start the next batch.
+    let mut held = Vec::new();
     loop {
-        let first = tokio::select! {
-            m = consumer.recv() => m,
-            () = tx.closed() => return,
+        let first = if held.is_empty() {
+            tokio::select! {
+                m = consumer.recv() => Some(m),
+                () = tx.closed() => return,
+            }
+        } else {
+            None
         };
         let mut batch = match first {
-            Ok(m) => {
+            None => std::mem::take(&mut held),
+            Some(Ok(m)) => {
                 outage = None;
                 vec![record(&m)]
             }
-            Err(e) if connection_error(&e) && ride_out(&mut outage) => {
+            Some(Err(e)) if connection_error(&e) && ride_out(&mut outage) => {
                 tracing::debug!(error = %e, "a consumer's broker connection failed; librdkafka reconnects");
                 // Not at once: librdkafka reconnects on its own time.
                 tokio::time::sleep(OUTAGE_PAUSE).await;
                 continue;
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 let _ = tx.send(Err(map_error(e))).await;
                 return;
             }
@@ -629,11 +638,77 @@ async fn read_batches(consumer: &StreamConsumer, tx: mpsc::Sender<Result<Vec<InR
                 Err(_) => break,
             }
         }
-        // Waits while the caller is slow: the consumer stops reading.
-        if tx.send(Ok(batch)).await.is_err() {
-            return;
-        }
+        let room = match tx.try_reserve() {
+            Ok(room) => room,
+            Err(mpsc::error::TrySendError::Closed(())) => return,
+            Err(mpsc::error::TrySendError::Full(())) => {
+                let (room, failed) = paused_until_room(consumer, &tx, &mut held).await;
+                let Some(room) = room else {
+                    return;
+                };
+                if let Some(e) = failed {
+                    room.send(Ok(batch));
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                room
+            }
+        };
+        room.send(Ok(batch));
     }
+}
+
+/// Waits, while the caller is slow, for room in its buffer. The consumer's
+/// partitions are paused meanwhile, and it goes on polling: a rebalance of
+/// its group (a member joining or leaving) is served at once, where a
+/// consumer left unpolled would hold the whole group still for up to
+/// `max.poll.interval.ms`. librdkafka drops what it had fetched for paused
+/// partitions and fetches again from the last record handed over. Records
+/// of partitions assigned during the wait, before they too are paused, are
+/// kept in `held`.
+async fn paused_until_room<'a>(
+    consumer: &StreamConsumer,
+    tx: &'a Batches,
+    held: &mut Vec<InRecord>,
+) -> (
+    Option<mpsc::Permit<'a, Result<Vec<InRecord>, BackendError>>>,
+    Option<BackendError>,
+) {
+    let pause = || consumer.assignment().and_then(|assigned| consumer.pause(&assigned));
+    if let Err(e) = pause() {
+        tracing::debug!(error = %e, "a slow consumer's partitions could not be paused; it waits unpolled");
+        return (tx.reserve().await.ok(), None);
+    }
+    let mut held_bytes: usize = held.iter().map(InRecord::size).sum();
+    let mut failed = None;
+    let room = loop {
+        // Enough kept aside, or the stream is to end: wait without polling.
+        if held_bytes >= BATCH_BYTES || failed.is_some() {
+            break tx.reserve().await.ok();
+        }
+        tokio::select! {
+            biased;
+            room = tx.reserve() => break room.ok(),
+            m = consumer.recv() => match m {
+                Ok(m) => {
+                    let r = record(&m);
+                    held_bytes += r.size();
+                    held.push(r);
+                    let _ = pause();
+                }
+                // librdkafka reconnects; the reads after the wait meet it if it lasts.
+                Err(e) if connection_error(&e) => {
+                    tracing::debug!(error = %e, "a paused consumer's broker connection failed");
+                    tokio::time::sleep(OUTAGE_PAUSE).await;
+                }
+                Err(e) => failed = Some(map_error(e)),
+            },
+        }
+    };
+    if let Err(e) = consumer.assignment().and_then(|assigned| consumer.resume(&assigned)) {
+        failed.get_or_insert(map_error(e));
+    }
+    (room, failed)
 }
 
 /// Subscribes `consumer` to the topics of `spec`, or assigns it the

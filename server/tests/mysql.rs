@@ -205,10 +205,17 @@ async fn views_are_listed_without_the_servers_word_for_them() {
         "CREATE TABLE weir_my_view_base (id INT)",
         "CREATE VIEW weir_my_view_gone AS SELECT id FROM weir_my_view_base",
         "DROP TABLE weir_my_view_base",
+        "CREATE OR REPLACE SEQUENCE weir_my_sequence",
     ] {
         client.execute("maria", sql, vec![]).await.expect(sql);
     }
     let tables = client.list_tables("maria", "").await.expect("tables");
+    // MariaDB's catalog lists sequences among tables; they are not tables.
+    assert!(!tables.iter().any(|t| t.name == "weir_my_sequence"), "{tables:?}");
+    client
+        .execute("maria", "DROP SEQUENCE weir_my_sequence", vec![])
+        .await
+        .expect("drop sequence");
     let comment = |name: &str| {
         tables
             .iter()
@@ -1123,5 +1130,48 @@ async fn a_lock_wait_timeout_ends_the_transaction_it_aborts() {
         .expect("select");
     assert_eq!(left, [1], "the aborted transaction's insert was rolled back");
     holder.query_drop(format!("DROP TABLE {table}")).await.expect("drop");
+    server.stop().await;
+}
+
+/// A foreign key's rules come with it (read apart from the key's columns:
+/// joined, MariaDB opened every table on the server to find them).
+#[tokio::test]
+async fn foreign_keys_are_described_with_their_rules() {
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    for sql in [
+        "DROP TABLE IF EXISTS weir_my_fk_child, weir_my_fk_parent",
+        "CREATE TABLE weir_my_fk_parent (a INT, b INT, PRIMARY KEY (a, b), UNIQUE KEY (b, a))",
+        "CREATE TABLE weir_my_fk_child (id INT PRIMARY KEY, x INT, y INT, \
+         CONSTRAINT weir_my_fk FOREIGN KEY (y, x) REFERENCES weir_my_fk_parent (b, a) \
+         ON DELETE CASCADE ON UPDATE SET NULL)",
+    ] {
+        client.execute("maria", sql, vec![]).await.expect(sql);
+    }
+    let d = client
+        .describe_table("maria", "", "weir_my_fk_child")
+        .await
+        .expect("describe");
+    let fk = &d.foreign_keys[0];
+    assert_eq!(
+        (
+            fk.name.as_str(),
+            fk.columns.clone(),
+            fk.referenced_columns.clone(),
+            fk.on_delete.as_str(),
+            fk.on_update.as_str()
+        ),
+        (
+            "weir_my_fk",
+            vec!["y".to_string(), "x".into()],
+            vec!["b".to_string(), "a".into()],
+            "CASCADE",
+            "SET NULL"
+        )
+    );
+    client
+        .execute("maria", "DROP TABLE weir_my_fk_child, weir_my_fk_parent", vec![])
+        .await
+        .expect("drop");
     server.stop().await;
 }

@@ -664,8 +664,10 @@ async fn cancelled_and_timed_out_statements_stop_in_the_engine() {
 async fn schema_calls_show_only_what_the_sources_role_may_use() {
     setup(
         "DROP SCHEMA IF EXISTS weir_priv_open CASCADE; DROP SCHEMA IF EXISTS weir_priv_closed CASCADE;
-         DROP ROLE IF EXISTS weir_priv_reader;
+         DROP SCHEMA IF EXISTS weir_priv_reader CASCADE; DROP ROLE IF EXISTS weir_priv_reader;
          CREATE ROLE weir_priv_reader LOGIN PASSWORD 'weir-priv-reader';
+         CREATE SCHEMA weir_priv_reader AUTHORIZATION weir_priv_reader;
+         ALTER ROLE weir_priv_reader SET search_path = \"$user\", weir_priv_open;
          CREATE SCHEMA weir_priv_open; CREATE SCHEMA weir_priv_closed;
          CREATE TABLE weir_priv_open.granted (id int); CREATE TABLE weir_priv_open.withheld (id int);
          CREATE TABLE weir_priv_open.one_column (id int, secret text);
@@ -702,15 +704,36 @@ async fn schema_calls_show_only_what_the_sources_role_may_use() {
         .map(|t| t.name)
         .collect();
     assert_eq!(tables, ["granted", "one_column"]);
-    let hidden = client
-        .list_tables("limited", "weir_priv_closed")
-        .await
-        .expect("tables of a closed schema");
-    assert!(hidden.is_empty(), "{hidden:?}");
+    // A schema the role may not use is as one that is not there.
+    for schema in ["weir_priv_closed", "weir_priv_nowhere"] {
+        let err = client
+            .list_tables("limited", schema)
+            .await
+            .expect_err("not the role's schema");
+        assert_eq!(err.code(), Code::NotFound, "{schema}: {err:?}");
+    }
     client
         .describe_table("limited", "weir_priv_open", "granted")
         .await
         .expect("a granted table");
+    // Without a schema, where a query would find it: the role's search_path
+    // (its own schema first, which does not hold it).
+    let found = client
+        .describe_table("limited", "", "granted")
+        .await
+        .expect("found along the search path");
+    assert_eq!(found.table.as_ref().map(|t| t.schema.as_str()), Some("weir_priv_open"));
+    // Columns the role holds no privilege on are not shown.
+    let one = client
+        .describe_table("limited", "weir_priv_open", "one_column")
+        .await
+        .expect("a table with one granted column");
+    let names: Vec<_> = one
+        .columns
+        .iter()
+        .filter_map(|c| c.column.as_ref().map(|c| c.name.as_str()))
+        .collect();
+    assert_eq!(names, ["id"]);
     for (schema, table) in [("weir_priv_open", "withheld"), ("weir_priv_closed", "hidden")] {
         let err = client
             .describe_table("limited", schema, table)
@@ -730,7 +753,11 @@ async fn schema_calls_read_the_catalog() {
          CREATE TABLE weir_shop.orders (id bigserial PRIMARY KEY, customer_id bigint NOT NULL REFERENCES weir_shop.customers(id) ON DELETE CASCADE, tags text[]);
          CREATE INDEX orders_by_customer ON weir_shop.orders (customer_id);
          CREATE VIEW weir_shop.big_customers AS SELECT * FROM weir_shop.customers WHERE credit > 100;
-         INSERT INTO weir_shop.customers SELECT g, 'c' || g || '@x', g FROM generate_series(1, 500) g; ANALYZE weir_shop.customers;",
+         INSERT INTO weir_shop.customers SELECT g, 'c' || g || '@x', g FROM generate_series(1, 500) g; ANALYZE weir_shop.customers;
+         CREATE TABLE weir_shop.visits (at date NOT NULL) PARTITION BY RANGE (at);
+         CREATE TABLE weir_shop.visits_2024 PARTITION OF weir_shop.visits FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+         CREATE TABLE weir_shop.visits_2025 PARTITION OF weir_shop.visits FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+         INSERT INTO weir_shop.visits SELECT DATE '2024-06-01' + (g % 400) FROM generate_series(1, 300) g; ANALYZE weir_shop.visits;",
     )
     .await;
     let server = TestServer::start(&config("")).await;
@@ -762,11 +789,14 @@ async fn schema_calls_read_the_catalog() {
         [
             ("big_customers", pb::TableKind::View as i32),
             ("customers", pb::TableKind::Table as i32),
-            ("orders", pb::TableKind::Table as i32)
-        ]
+            ("orders", pb::TableKind::Table as i32),
+            ("visits", pb::TableKind::PartitionedTable as i32)
+        ],
+        "a partitioned table once, without its partitions"
     );
     let customers = &tables[1];
     assert_eq!(customers.row_estimate, Some(500));
+    assert_eq!(tables[3].row_estimate, Some(300), "its partitions' rows");
     assert_eq!(customers.comment, "people who buy");
 
     let d = client

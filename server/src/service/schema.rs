@@ -135,7 +135,20 @@ impl SchemaService for SchemaApi {
         let source = source(&caller, &r.source)?;
         let _admitted = self.gate.admit(&caller, None).await?;
         let timeout = statement_timeout(&caller);
-        let tables = timed(timeout, source.backend.sql()?.list_tables(non_empty(&r.schema))).await?;
+        let sql = source.backend.sql()?;
+        let schema = non_empty(&r.schema);
+        let tables = timed(timeout, sql.list_tables(schema)).await?;
+        // An empty list for a schema that is not there (or not the source's
+        // to use) would pass a typo off as an empty schema.
+        if let (Some(schema), true) = (schema, tables.is_empty()) {
+            let schemas = timed(timeout, sql.list_schemas(true)).await?;
+            if !schemas.iter().any(|s| s.name == schema) {
+                return Err(Error::Backend(crate::backend::BackendError::not_found(format!(
+                    "schema {schema:?} not found (or the source's user may not use it)"
+                )))
+                .into());
+            }
+        }
         Ok(Response::new(pb::ListTablesResponse {
             tables: tables.into_iter().map(convert::table).collect(),
         }))

@@ -11,9 +11,11 @@ use crate::backend::{
     TableInfo, TableKind,
 };
 
-/// Built-in schemas: sys, INFORMATION_SCHEMA, guest and the fixed database roles'.
-const SYSTEM_SCHEMAS: [&str; 12] = [
+/// Built-in schemas: sys, INFORMATION_SCHEMA, guest, the fixed database
+/// roles', and `cdc`, which enabling change data capture makes.
+const SYSTEM_SCHEMAS: [&str; 13] = [
     "sys",
+    "cdc",
     "INFORMATION_SCHEMA",
     "guest",
     "db_owner",
@@ -453,7 +455,7 @@ mod tests {
 
     #[test]
     fn system_schemas() {
-        for s in ["sys", "INFORMATION_SCHEMA", "guest", "db_owner", "db_datareader"] {
+        for s in ["sys", "INFORMATION_SCHEMA", "guest", "db_owner", "db_datareader", "cdc"] {
             assert!(SYSTEM_SCHEMAS.contains(&s), "{s}");
         }
         assert!(!SYSTEM_SCHEMAS.contains(&"dbo"));

@@ -1,6 +1,8 @@
 //! Catalog queries behind SchemaService for MySQL/MariaDB (databases are
 //! schemas), from information_schema with bound parameters.
 
+use std::collections::HashMap;
+
 use mysql_async::prelude::{FromRow, Queryable};
 use mysql_async::{Conn, Params, Row};
 
@@ -52,8 +54,10 @@ pub async fn list_schemas(conn: &mut Conn, include_system: bool) -> Result<Vec<S
 
 type TableRow = (String, String, String, Option<u64>, String);
 
-const TABLE_COLUMNS: &str =
-    "SELECT TABLE_SCHEMA, TABLE_NAME, TABLE_TYPE, TABLE_ROWS, TABLE_COMMENT FROM information_schema.TABLES";
+/// MariaDB lists its sequences among the tables (TABLE_TYPE `SEQUENCE`);
+/// like PostgreSQL's, they are not tables.
+const TABLE_COLUMNS: &str = "SELECT TABLE_SCHEMA, TABLE_NAME, TABLE_TYPE, TABLE_ROWS, TABLE_COMMENT \
+     FROM information_schema.TABLES WHERE TABLE_TYPE <> 'SEQUENCE' AND";
 
 fn table_info((schema, name, kind, rows, comment): TableRow) -> TableInfo {
     let kind = if kind.contains("VIEW") {
@@ -82,19 +86,12 @@ fn table_info((schema, name, kind, rows, comment): TableRow) -> TableInfo {
 
 pub async fn list_tables(conn: &mut Conn, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
     let rows: Vec<TableRow> = match schema {
-        Some(s) => {
-            catalog(
-                conn,
-                format!("{TABLE_COLUMNS} WHERE TABLE_SCHEMA = ? ORDER BY 1, 2"),
-                (s,),
-            )
-            .await?
-        }
+        Some(s) => catalog(conn, format!("{TABLE_COLUMNS} TABLE_SCHEMA = ? ORDER BY 1, 2"), (s,)).await?,
         None => {
             let excluded = SYSTEM_SCHEMAS.map(|s| format!("'{s}'")).join(", ");
             catalog(
                 conn,
-                format!("{TABLE_COLUMNS} WHERE TABLE_SCHEMA NOT IN ({excluded}) ORDER BY 1, 2"),
+                format!("{TABLE_COLUMNS} TABLE_SCHEMA NOT IN ({excluded}) ORDER BY 1, 2"),
                 (),
             )
             .await?
@@ -148,7 +145,7 @@ pub async fn describe_table(
 ) -> Result<TableDescription, BackendError> {
     let found: Option<TableRow> = catalog(
         conn,
-        format!("{TABLE_COLUMNS} WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?"),
+        format!("{TABLE_COLUMNS} TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?"),
         (schema, table),
     )
     .await?
@@ -215,20 +212,37 @@ pub async fn describe_table(
         Option<String>,
         Option<String>,
     );
-    let keys: Vec<KeyRow> = catalog(
+    type KeyColumn = (String, String, Option<String>, Option<String>, Option<String>);
+    let key_columns: Vec<KeyColumn> = catalog(
         conn,
-        "SELECT k.CONSTRAINT_NAME, k.COLUMN_NAME, k.REFERENCED_TABLE_SCHEMA, k.REFERENCED_TABLE_NAME, \
-                    k.REFERENCED_COLUMN_NAME, r.UPDATE_RULE, r.DELETE_RULE \
-             FROM information_schema.KEY_COLUMN_USAGE k \
-             LEFT JOIN information_schema.REFERENTIAL_CONSTRAINTS r \
-               ON r.CONSTRAINT_SCHEMA = k.CONSTRAINT_SCHEMA AND r.CONSTRAINT_NAME = k.CONSTRAINT_NAME \
-              AND r.TABLE_NAME = k.TABLE_NAME \
-             WHERE k.TABLE_SCHEMA = ? AND k.TABLE_NAME = ? \
-               AND (k.CONSTRAINT_NAME = 'PRIMARY' OR k.REFERENCED_TABLE_NAME IS NOT NULL) \
-             ORDER BY k.CONSTRAINT_NAME, k.ORDINAL_POSITION",
+        "SELECT CONSTRAINT_NAME, COLUMN_NAME, REFERENCED_TABLE_SCHEMA, REFERENCED_TABLE_NAME, REFERENCED_COLUMN_NAME \
+             FROM information_schema.KEY_COLUMN_USAGE \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? \
+               AND (CONSTRAINT_NAME = 'PRIMARY' OR REFERENCED_TABLE_NAME IS NOT NULL) \
+             ORDER BY CONSTRAINT_NAME, ORDINAL_POSITION",
         key.clone(),
     )
     .await?;
+    // A query of its own: joined to KEY_COLUMN_USAGE, MariaDB opened every
+    // table of every database on the server to read REFERENTIAL_CONSTRAINTS.
+    let rules: Vec<(String, String, String)> = catalog(
+        conn,
+        "SELECT CONSTRAINT_NAME, UPDATE_RULE, DELETE_RULE FROM information_schema.REFERENTIAL_CONSTRAINTS \
+             WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ?",
+        key.clone(),
+    )
+    .await?;
+    let rules: HashMap<String, (String, String)> = rules
+        .into_iter()
+        .map(|(name, update, delete)| (name, (update, delete)))
+        .collect();
+    let keys: Vec<KeyRow> = key_columns
+        .into_iter()
+        .map(|(name, column, ref_schema, ref_table, ref_column)| {
+            let (on_update, on_delete) = rules.get(&name).cloned().unzip();
+            (name, column, ref_schema, ref_table, ref_column, on_update, on_delete)
+        })
+        .collect();
     let mut primary_key: Option<PrimaryKey> = None;
     let mut foreign_keys: Vec<ForeignKey> = Vec::new();
     for (name, column, ref_schema, ref_table, ref_column, on_update, on_delete) in keys {

@@ -46,18 +46,28 @@ fn table_kind(relkind: &str) -> TableKind {
 }
 
 // reltuples is -1 for tables never analyzed (PostgreSQL 14 and later); before
-// 14 such a table has 0 with relpages 0: unknown either way, not empty.
+// 14 such a table has 0 with relpages 0: unknown either way, not empty. A
+// partitioned table holds no rows itself: its estimate is its partitions'
+// (unknown while none of them was analyzed).
 const TABLE_COLUMNS: &str = "n.nspname::text, c.relname::text, c.relkind::text, \
-     CASE WHEN c.reltuples = 0 AND c.relpages = 0 AND current_setting('server_version_num')::int < 140000 \
+     CASE WHEN c.relkind = 'p' THEN \
+       (SELECT CASE WHEN bool_and(pc.reltuples < 0) THEN -1 ELSE sum(GREATEST(pc.reltuples, 0)) END \
+        FROM pg_partition_tree(c.oid) t JOIN pg_class pc ON pc.oid = t.relid WHERE t.isleaf) \
+     WHEN c.reltuples = 0 AND c.relpages = 0 AND current_setting('server_version_num')::int < 140000 \
      THEN -1 ELSE c.reltuples END::float8, \
      COALESCE(obj_description(c.oid, 'pg_class'), '')";
 
 fn table_info(r: &tokio_postgres::Row) -> TableInfo {
     let kind = table_kind(r.get::<_, &str>(2));
-    let reltuples: f64 = r.get(3);
+    // NULL: a partitioned table without partitions.
+    let reltuples: f64 = r.get::<_, Option<f64>>(3).unwrap_or(-1.0);
     // Unknown (see TABLE_COLUMNS), and meaningless for views.
-    let row_estimate = (reltuples >= 0.0 && matches!(kind, TableKind::Table | TableKind::MaterializedView))
-        .then_some(reltuples as i64);
+    let row_estimate = (reltuples >= 0.0
+        && matches!(
+            kind,
+            TableKind::Table | TableKind::MaterializedView | TableKind::PartitionedTable
+        ))
+    .then_some(reltuples as i64);
     TableInfo {
         schema: r.get(0),
         name: r.get(1),
@@ -70,7 +80,7 @@ fn table_info(r: &tokio_postgres::Row) -> TableInfo {
 pub async fn list_tables(client: &Client, schema: Option<&str>) -> Result<Vec<TableInfo>, tokio_postgres::Error> {
     let sql = format!(
         "SELECT {TABLE_COLUMNS} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p') AND {MAY_USE_TABLE} \
+         WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p') AND NOT c.relispartition AND {MAY_USE_TABLE} \
          AND (($1::text IS NULL AND NOT {SYSTEM_SCHEMA}) OR n.nspname = $1::text) ORDER BY 1, 2"
     );
     let rows = client.query(&sql, &[&schema]).await?;
@@ -96,7 +106,7 @@ pub async fn describe_table(
         "SELECT {TABLE_COLUMNS}, c.oid, c.relreplident::text, current_setting('wal_level') \
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relname = $2::text AND c.relkind IN ('r', 'v', 'm', 'f', 'p') AND {MAY_USE_TABLE} \
-         AND n.nspname = COALESCE($1::text, current_schema())"
+         AND CASE WHEN $1::text IS NULL THEN pg_table_is_visible(c.oid) ELSE n.nspname = $1::text END"
     );
     let row = client.query_opt(&sql, &[&schema, &table]).await.map_err(map_error)?;
     let Some(row) = row else {
@@ -129,7 +139,8 @@ pub async fn describe_table(
                     CASE WHEN a.attgenerated = '' THEN COALESCE(pg_get_expr(d.adbin, d.adrelid), '') ELSE '' END, \
                     COALESCE(col_description(a.attrelid, a.attnum), ''), \
                     CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END, \
-                    a.attgenerated <> '' \
+                    a.attgenerated <> '', \
+                    has_column_privilege(a.attrelid, a.attnum, 'SELECT, INSERT, UPDATE, REFERENCES') \
              FROM pg_attribute a \
              JOIN pg_type t ON t.oid = a.atttypid \
              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
@@ -140,7 +151,12 @@ pub async fn describe_table(
         .map_err(map_error)?;
     let mut unwatchable_column = None;
     let mut columns = Vec::with_capacity(rows.len());
-    for r in &rows {
+    for (at, r) in rows.iter().enumerate() {
+        // As information_schema: a column the role holds no privilege on is
+        // not shown (another tenant's role may hold them).
+        if !r.get::<_, bool>(7) {
+            continue;
+        }
         let name: String = r.get(0);
         let ty = prepared.columns().iter().find(|c| c.name() == name).map(|c| c.type_());
         let (column_type, element_type) = ty.and_then(column_type).unwrap_or((ColumnType::Unsupported, None));
@@ -162,7 +178,7 @@ pub async fn describe_table(
         columns.push(ColumnInfo {
             column,
             // The place among the columns a `SELECT *` returns (dropped columns leave gaps in attnum).
-            ordinal: columns.len() as i32 + 1,
+            ordinal: at as i32 + 1,
             default_expression: r.get(3),
             comment: r.get(4),
         });

@@ -317,3 +317,38 @@ async fn load_on_both(clients: &[weir_client::WeirClient], rows: Vec<Kind>, batc
     }
     started.elapsed()
 }
+
+/// A bucket key that holds no number (another program's value, "nan", a
+/// key of another type) counts as a full bucket and is overwritten: it
+/// fails neither that tenant's calls nor, by resting Redis, every tenant's.
+#[tokio::test]
+async fn a_bucket_key_holding_no_number_is_taken_as_full() {
+    use redis::AsyncCommands;
+    let id = tenant_id();
+    let redis_settings = format!(
+        "redis_url = \"{}\"\nredis_timeout = \"2s\"\non_redis_failure = \"fail_closed\"\nredis_key_prefix = \"odd\"",
+        redis_url()
+    );
+    let server = TestServer::start(&config(&id, "requests_per_second = 100\nburst = 10", &redis_settings)).await;
+    let client = server.client(&format!("key-{id}")).await;
+    let mut redis = redis::Client::open(redis_url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let key = format!("odd:gcra:rate:{id}");
+    for odd in ["garbage", "nan"] {
+        let _: () = redis.set(&key, odd).await.expect("set");
+        client.execute("demo", "SELECT 1", vec![]).await.expect(odd);
+    }
+    let _: () = redis.del(&key).await.expect("del");
+    let _: () = redis.hset(&key, "field", "value").await.expect("hset");
+    for _ in 0..5 {
+        client
+            .execute("demo", "SELECT 1", vec![])
+            .await
+            .expect("a key of another type");
+    }
+    let _: () = redis.del(&key).await.expect("del");
+    server.stop().await;
+}

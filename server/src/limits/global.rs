@@ -27,6 +27,9 @@ use crate::error::Error;
 /// plus the longest wait, `max_rate_wait` being at most 10 s) means Redis's
 /// clock stepped back (NTP, a failover to a replica with another clock): it
 /// is taken as a full bucket's worth ahead, not as hours of refusals.
+/// A key that holds no number (written by something else, or of another
+/// type) counts as a full bucket and is overwritten: a script error would
+/// count as Redis failing, for every tenant.
 /// `replicate_commands` lets Redis before 5 write after reading TIME.
 const GCRA: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
@@ -36,8 +39,9 @@ local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local max_wait = tonumber(ARGV[4])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
+local stored = redis.pcall('GET', KEYS[1])
+local tat = type(stored) == 'string' and tonumber(stored) or now
+if tat ~= tat or tat < now then tat = now end
 if tat > now + tolerance + 10000000 then tat = now + tolerance end
 local new_tat = tat + interval * cost
 local allow_at = new_tat - tolerance
@@ -244,7 +248,16 @@ impl GlobalLimiter {
             Ok(Ok((1, wait_us))) => Ok(Ok(micros(wait_us))),
             Ok(Ok((_, delay_us))) => Ok(Err(micros(delay_us))),
             // The error text names no password: redis-rs does not print the URL.
-            Ok(Err(e)) => Err(self.failed(e.to_string())),
+            // Only a Redis that cannot be reached rests it for every tenant.
+            Ok(Err(e))
+                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() =>
+            {
+                Err(self.failed(e.to_string()))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, tenant, bucket = name, "a shared-limit check failed");
+                Err(e.to_string())
+            }
             Err(_) => Err(self.failed(format!("no answer within {:?}", self.timeout))),
         }
     }

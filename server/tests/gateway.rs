@@ -382,6 +382,27 @@ async fn bad_keys_are_unauthenticated_and_health_needs_none() {
     server.stop().await;
 }
 
+/// A Rollback is never refused for the tenant's rate: it only lets go of
+/// what a transaction holds, which a refusal would keep until the
+/// transaction's idle timeout.
+#[tokio::test]
+async fn a_rollback_is_admitted_over_the_tenants_rate() {
+    let limits = "requests_per_second = 1\nburst = 1\nmax_rate_wait = \"0s\"";
+    let server = TestServer::start(&tenant("rollback", limits, &sqlite_demo("rollback", "db"))).await;
+    let client = server.client("key-rollback").await;
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin, with the only token");
+    let err = client
+        .execute_in(&tx, "db", "SELECT 1", vec![])
+        .await
+        .expect_err("over the rate");
+    assert_eq!(reason(&err), "RATE_LIMITED");
+    client.rollback(&tx).await.expect("a rollback over the rate");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn rate_limit_answers_with_a_retry_delay() {
     let toml = tenant("slow", "requests_per_second = 2\nburst = 3", &sqlite_demo("slow", "db"));
@@ -825,7 +846,11 @@ async fn sqlite_schema_shows_every_kind_of_table_and_column() {
     let server = TestServer::start(&tenant("k", "", &sqlite_demo("k", "db"))).await;
     let client = server.client("key-k").await;
     for sql in [
-        "CREATE TABLE gen (a INTEGER, b INTEGER GENERATED ALWAYS AS (a * 2) STORED, c INTEGER AS (a + 1))",
+        "CREATE TABLE gen (a INTEGER, b INTEGER GENERATED ALWAYS AS (a * 2) STORED, c INTEGER AS (a + 1), \
+         [d e] TEXT AS ('x,) AS (' || \"a\") VIRTUAL)",
+        "CREATE TABLE ids (id INTEGER PRIMARY KEY AUTOINCREMENT, x INTEGER)",
+        "CREATE TABLE desc_key (id INTEGER PRIMARY KEY DESC, x INTEGER)",
+        "CREATE TABLE no_rowid_key (id INTEGER PRIMARY KEY, x INTEGER) WITHOUT ROWID",
         "CREATE VIRTUAL TABLE notes USING fts5(body)",
         "CREATE TABLE parent (x INTEGER, y INTEGER, PRIMARY KEY (x, y))",
         "CREATE TABLE child (px INTEGER, py INTEGER, FOREIGN KEY (px, py) REFERENCES parent)",
@@ -842,8 +867,39 @@ async fn sqlite_schema_shows_every_kind_of_table_and_column() {
     };
     // Generated columns are columns; a table is found whatever its case.
     let gen = client.describe_table("db", "", "GEN").await.expect("describe");
-    assert_eq!(names(&gen), ["a", "b", "c"]);
+    assert_eq!(names(&gen), ["a", "b", "c", "d e"]);
     assert_eq!(gen.table.as_ref().map(|t| t.name.as_str()), Some("gen"));
+    // How each column is filled: generated ones with their expression, and
+    // the rowid alias (only a lone INTEGER PRIMARY KEY of a rowid table, not
+    // a DESC one) numbered when left out.
+    let filled = |d: &pb::DescribeTableResponse| -> Vec<(pb::ColumnGeneration, String)> {
+        d.columns
+            .iter()
+            .map(|c| (c.generation(), c.generation_expression.clone()))
+            .collect()
+    };
+    use pb::ColumnGeneration as G;
+    assert_eq!(
+        filled(&gen),
+        [
+            (G::Unspecified, String::new()),
+            (G::Computed, "a * 2".into()),
+            (G::Computed, "a + 1".into()),
+            (G::Computed, "'x,) AS (' || \"a\"".into()),
+        ]
+    );
+    for (table, first) in [
+        ("ids", G::IdentityByDefault),
+        ("desc_key", G::Unspecified),
+        ("no_rowid_key", G::Unspecified),
+    ] {
+        let d = client.describe_table("db", "", table).await.expect(table);
+        assert_eq!(
+            filled(&d),
+            [(first, String::new()), (G::Unspecified, String::new())],
+            "{table}"
+        );
+    }
     // A virtual (full-text) table is listed and described.
     let tables = client.list_tables("db", "").await.expect("tables");
     assert!(tables.iter().any(|t| t.name == "notes"), "{tables:?}");

@@ -88,10 +88,7 @@ fn reject(caller: Option<&Caller>, e: Error) -> http::Response<Body> {
 /// slot, then waits for the call's turn at the tenant's request rate (and
 /// the shared bucket's, when there is one) within the call's deadline.
 pub async fn admit(caller: &mut Caller, headers: &http::HeaderMap) -> Result<SlotPermit, http::Response<Body>> {
-    let deadline = headers
-        .get("grpc-timeout")
-        .and_then(|v| weir_proto::deadline::parse_grpc_timeout(v.to_str().ok()?));
-    caller.deadline = deadline.and_then(|d| tokio::time::Instant::now().checked_add(d));
+    let deadline = take_deadline(caller, headers);
     let limiter = &caller.tenant.limiter;
     let turn = limiter.admit(deadline).map_err(|e| reject(Some(caller), e))?;
     match limiter.wait_turn(turn.wait, deadline).await {
@@ -99,6 +96,15 @@ pub async fn admit(caller: &mut Caller, headers: &http::HeaderMap) -> Result<Slo
         Err(e) => return Err(reject(Some(caller), e)),
     }
     Ok(turn.permit)
+}
+
+/// Records the call's deadline (its `grpc-timeout`) on the caller; returns it.
+pub fn take_deadline(caller: &mut Caller, headers: &http::HeaderMap) -> Option<Duration> {
+    let deadline = headers
+        .get("grpc-timeout")
+        .and_then(|v| weir_proto::deadline::parse_grpc_timeout(v.to_str().ok()?));
+    caller.deadline = deadline.and_then(|d| tokio::time::Instant::now().checked_add(d));
+    deadline
 }
 
 #[cfg(test)]

@@ -166,6 +166,8 @@ fn span_name(path: &str) -> &'static str {
         .unwrap_or_else(|| Method::of(path).label())
 }
 
+const ROLLBACK: &str = "/weir.v1.QueryService/Rollback";
+
 /// At most this many bytes of a request's path go into its span and audit
 /// line: the path is the caller's to choose, authenticated or not, up to
 /// the 16 KB a header list may hold, and each log line would carry it twice.
@@ -270,11 +272,21 @@ where
                             span: body_span,
                             _permit: None,
                         };
-                        match admission::admit(&mut caller, req.headers()).await {
+                        // A Rollback only lets go of what a transaction holds
+                        // (its locks, its session): refused for the tenant's
+                        // rate or concurrency, it would keep them until the
+                        // transaction's idle timeout.
+                        let admitted = if method == ROLLBACK {
+                            admission::take_deadline(&mut caller, req.headers());
+                            Ok(None)
+                        } else {
+                            admission::admit(&mut caller, req.headers()).await.map(Some)
+                        };
+                        match admitted {
                             // Authenticated before it waited for its turn:
                             // revoked, cut or expired meanwhile, it does not run.
                             Ok(permit) => {
-                                record._permit = Some(permit);
+                                record._permit = permit;
                                 match stop_due(registry.stop_token(), &caller.revoked, caller.expires) {
                                     Some(e) => (tonic::Status::from(e).into_http(), Some(record)),
                                     None => {

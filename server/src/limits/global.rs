@@ -52,6 +52,9 @@ redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil((new
 return {1, math.ceil(math.max(allow_at - now, 0))}
 ";
 
+/// How far ahead a cost charge books its turn in the shared bucket: within
+/// the script's 10 s allowance for stored times ahead of Redis's clock.
+const BOOKING_AHEAD: Duration = Duration::from_secs(5);
 /// After Redis failed to answer, calls do without it for this long: an
 /// outage then costs neither `redis_timeout` per call nor a log line per call.
 const REDIS_BACKOFF: Duration = Duration::from_secs(1);
@@ -269,11 +272,19 @@ impl GlobalLimiter {
     pub async fn charge(&self, name: &str, tenant: &str, rate: u32, cost: u64) {
         let mut left = cost;
         while left > 0 {
-            // Pieces no larger than the burst (one second's worth), which the bucket can grant.
+            // Pieces no larger than the burst (one second's worth). Each books
+            // its turn up to BOOKING_AHEAD away: one that had to find the
+            // whole piece free at once would be passed over, for as long as
+            // they come, by smaller charges of the same tenant.
             let piece = u32::try_from(left.min(u64::from(rate.max(1)))).unwrap_or(u32::MAX);
             loop {
-                match self.take(name, tenant, (rate, rate), piece, Duration::ZERO).await {
-                    Ok(Ok(_)) => break,
+                match self.take(name, tenant, (rate, rate), piece, BOOKING_AHEAD).await {
+                    Ok(Ok(wait)) => {
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                        break;
+                    }
                     Ok(Err(wait)) => tokio::time::sleep(wait).await,
                     // Logged by `failed`: the local bucket has charged it.
                     Err(_) => return,

@@ -9,12 +9,9 @@ pub mod global;
 pub mod request_rate;
 pub mod scheduler;
 
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::config::LimitsConfig;
 use crate::error::Error;
@@ -99,11 +96,13 @@ impl Drop for SlotPermit {
 const UNITS_PER_SECOND: u64 = 1_000_000;
 
 /// A bucket of rows, records or bytes whose burst is one second's worth.
-/// It counts in units of `unit` so that a unit lasts at least a microsecond:
-/// governor keeps whole nanoseconds per unit, so 512 MiB/s counted in bytes
-/// (1.86 ns each) would have let 1 GB/s through.
+/// It counts in units of `unit` so that a unit lasts at least a microsecond
+/// (whole nanoseconds per unit would make 512 MiB/s, counted in bytes at
+/// 1.86 ns each, let 1 GB/s through). Charges book their turns in arrival
+/// order: a large one is not passed over, for ever, by smaller ones that
+/// keep the bucket from filling.
 struct CostBucket {
-    bucket: DefaultDirectRateLimiter,
+    rate: RequestRate,
     unit: u64,
     /// Charged here but not yet to the bucket shared through Redis, which
     /// gets them in amounts of at least `gather`: a round trip per change
@@ -118,9 +117,9 @@ struct CostBucket {
 
 impl CostBucket {
     fn new(rate: u32) -> Self {
-        let (quota, unit) = cost_quota(rate);
+        let (units, unit) = cost_units(rate);
         Self {
-            bucket: RateLimiter::direct(quota),
+            rate: RequestRate::new(units, units),
             unit,
             charged: AtomicU64::new(0),
             unshared: AtomicU64::new(0),
@@ -137,42 +136,25 @@ impl CostBucket {
             .filter(|due| *due > 0)
     }
 
-    /// Takes `cost`, waiting for it rather than refusing: a load that sends
-    /// faster than its tenant's rate is slowed down by backpressure.
+    /// Takes `cost`, waiting for its turn rather than refusing: a load that
+    /// sends faster than its tenant's rate is slowed down by backpressure.
     async fn take(&self, cost: u64) {
         let before = self.charged.fetch_add(cost, Ordering::Relaxed);
         let units = before.saturating_add(cost) / self.unit - before / self.unit;
-        take(&self.bucket, units).await;
-    }
-}
-
-/// The quota of a cost bucket of `rate` per second, and its unit.
-fn cost_quota(rate: u32) -> (Quota, u64) {
-    let unit = u64::from(rate).div_ceil(UNITS_PER_SECOND).max(1);
-    let units = u32::try_from(u64::from(rate) / unit)
-        .ok()
-        .and_then(NonZeroU32::new)
-        .unwrap_or(NonZeroU32::MIN);
-    (Quota::per_second(units).allow_burst(units), unit)
-}
-
-/// Takes `cost` tokens in pieces the bucket can grant.
-async fn take(bucket: &DefaultDirectRateLimiter, cost: u64) {
-    let mut left = cost;
-    while left > 0 {
-        // Charged in pieces no larger than the burst, which the bucket can always grant.
-        let mut piece = u32::try_from(left).unwrap_or(u32::MAX);
-        loop {
-            let Some(n) = NonZeroU32::new(piece) else {
-                return;
-            };
-            match bucket.until_n_ready(n).await {
-                Ok(()) => break,
-                Err(_) => piece /= 2,
+        if units > 0 {
+            let wait = self.rate.book(units);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
             }
         }
-        left -= u64::from(piece);
     }
+}
+
+/// Units per second of a cost bucket of `rate` per second, and its unit.
+fn cost_units(rate: u32) -> (u32, u64) {
+    let unit = u64::from(rate).div_ceil(UNITS_PER_SECOND).max(1);
+    let units = u32::try_from(u64::from(rate) / unit).unwrap_or(u32::MAX).max(1);
+    (units, unit)
 }
 
 impl TenantLimiter {
@@ -519,22 +501,36 @@ mod tests {
             bucket.take(100).await;
         }
         assert_eq!(bucket.charged.load(Ordering::Relaxed), 1000);
-        // A second's burst in units, less what 1,000 bytes took.
-        let left = u64::from(cost_quota(536_870_912).0.burst_size().get()) - 1000 / bucket.unit;
-        let left = NonZeroU32::new(u32::try_from(left).unwrap()).unwrap();
-        assert!(matches!(bucket.bucket.check_n(left), Ok(Ok(()))));
+        // A second's burst in units, less what 1,000 bytes took, is still free.
+        let (units, unit) = cost_units(536_870_912);
+        assert_eq!(bucket.rate.book(u64::from(units) - 1000 / unit), Duration::ZERO);
+        // More than the time since refills: a millisecond's worth.
+        assert!(bucket.rate.book(1_000) > Duration::ZERO);
+    }
+
+    /// A large charge books its turn: smaller ones after it wait behind it
+    /// instead of keeping the bucket from ever holding all of it.
+    #[test]
+    fn a_large_charge_is_not_passed_over_by_small_ones() {
+        let bucket = CostBucket::new(100);
+        assert_eq!(bucket.rate.book(100), Duration::ZERO, "a second's burst");
+        let large = bucket.rate.book(100);
+        let small = bucket.rate.book(1);
+        assert!(large > Duration::from_millis(900), "{large:?}");
+        assert!(small > large, "{small:?} after {large:?}");
     }
 
     /// Every rate, 512 MiB/s of bytes included, is kept to within 0.1 %.
     #[test]
     fn cost_buckets_keep_their_rate() {
         for rate in [1, 999, 1_000_000, 1_000_001, 268_435_456, 536_870_912, u32::MAX] {
-            let (quota, unit) = cost_quota(rate);
-            let per_unit = quota.replenish_interval().as_nanos() as f64;
+            let (units, unit) = cost_units(rate);
+            let bucket = RequestRate::new(units, units);
+            let per_unit = bucket.interval().as_nanos() as f64;
             let kept = unit as f64 * 1e9 / per_unit;
             let error = (kept - f64::from(rate)).abs() / f64::from(rate);
             assert!(error < 0.001, "{rate}/s runs at {kept}/s");
-            let burst = (u64::from(quota.burst_size().get()) * unit) as f64;
+            let burst = (u64::from(units) * unit) as f64;
             assert!(
                 (burst - f64::from(rate)).abs() / f64::from(rate) < 0.001,
                 "a second's burst of {rate}/s is {burst}"

@@ -56,6 +56,31 @@ impl RequestRate {
         }
     }
 
+    /// Books `n` tokens in arrival order however far ahead their turn is,
+    /// and returns the wait for it: a charge larger than what is free is
+    /// not passed over by smaller ones that come after it.
+    pub fn book(&self, n: u64) -> Duration {
+        let now = self.now();
+        let cost = self.interval.saturating_mul(n);
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            let next = tat.max(now).saturating_add(cost);
+            let wait = next.saturating_sub(self.tolerance).saturating_sub(now);
+            match self
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Duration::from_nanos(wait),
+                Err(current) => tat = current,
+            }
+        }
+    }
+
+    /// Time per token.
+    pub fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval)
+    }
+
     /// Returns a token `reserve` took, for a call refused after all (by the
     /// bucket shared through Redis): refused calls consume no token.
     pub fn give_back(&self) {

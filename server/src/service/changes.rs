@@ -378,8 +378,12 @@ pub async fn delete(request: Request<pb::DeleteSubscriptionRequest>) -> Result<(
     let source = source(&caller, &r.source)?;
     let sql = source.backend.sql()?.clone();
     check_subscription(&r.subscription)?;
-    // Never closed: the permit is always given.
-    let _one = source.deletes.acquire().await;
+    // One at a time per source; the wait is bounded like a statement's, so
+    // deletes piling up behind a slow one are not an unbounded queue.
+    let wait = super::statement_timeout(&caller);
+    let _one = tokio::time::timeout(wait, source.deletes.acquire())
+        .await
+        .map_err(|_| Error::Timeout(wait))?;
     sql.delete_subscription(&subscription_id(&caller.tenant.id, &r.subscription), &r.subscription)
         .await?;
     Ok(())

@@ -173,6 +173,40 @@ async fn a_silent_redis_costs_one_timeout_not_one_per_call() {
     server.stop().await;
 }
 
+/// Through a long outage, one call at a time tries Redis again after each
+/// rest, and the rests grow (1 s, 2 s, 4 s, ... up to 30 s): calls do not
+/// each pay `redis_timeout` every time a rest ends.
+#[tokio::test]
+async fn a_long_redis_outage_is_tried_by_one_call_at_ever_longer_intervals() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = silent.local_addr().expect("address").port();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let id = tenant_id();
+    let redis = format!("redis_url = \"redis://127.0.0.1:{port}/0\"\nredis_timeout = \"200ms\"");
+    let server = TestServer::start(&config(&id, "", &redis)).await;
+    let client = server.client(&format!("key-{id}")).await;
+    let started = Instant::now();
+    let mut slow = 0;
+    while started.elapsed() < Duration::from_secs(7) {
+        let call = Instant::now();
+        client.execute("demo", "SELECT 1", vec![]).await.expect("fails open");
+        if call.elapsed() >= Duration::from_millis(150) {
+            slow += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Three to begin the first rest, then one try after each rest (at
+    // about 1.6 s, 3.8 s): about 5, where every rest's end cost three.
+    assert!(slow <= 6, "{slow} calls waited for Redis");
+    hold.abort();
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_admit_the_configured_rate_under_overload() {
     let id = tenant_id();

@@ -1120,6 +1120,41 @@ async fn live_schema_is_listed_and_described() {
         .collect();
     assert_eq!(ordinals, [("id", 1), ("valid_from", 0), ("valid_to", 0), ("note", 2)]);
     live.run("DROP TABLE weir_ms_periods").await;
+
+    // IDENTITY takes a value only under IDENTITY_INSERT; computed columns
+    // (persisted or not) never, and come with their definition.
+    live.recreate(
+        &["weir_ms_filled"],
+        &["CREATE TABLE weir_ms_filled (id int IDENTITY(1,1) PRIMARY KEY, a int, \
+           twice AS (a * 2), kept AS (a + 1) PERSISTED)"],
+    )
+    .await;
+    let filled = client
+        .describe_table("db", "dbo", "weir_ms_filled")
+        .await
+        .expect("describe");
+    let generation: Vec<_> = filled
+        .columns
+        .iter()
+        .map(|c| {
+            (
+                c.column.as_ref().map_or("", |c| c.name.as_str()),
+                c.generation(),
+                c.generation_expression.as_str(),
+            )
+        })
+        .collect();
+    use pb::ColumnGeneration as G;
+    assert_eq!(
+        generation,
+        [
+            ("id", G::IdentityAlways, ""),
+            ("a", G::Unspecified, ""),
+            ("twice", G::Computed, "[a]*(2)"),
+            ("kept", G::Computed, "[a]+(1)"),
+        ]
+    );
+    live.run("DROP TABLE weir_ms_filled").await;
     live.server.stop().await;
 }
 

@@ -1175,3 +1175,53 @@ async fn foreign_keys_are_described_with_their_rules() {
         .expect("drop");
     server.stop().await;
 }
+
+/// AUTO_INCREMENT takes a value given, so it is an identity by default;
+/// generated columns (VIRTUAL, PERSISTENT, STORED) are computed, with the
+/// expression the server prints, and never written.
+#[tokio::test]
+async fn auto_increment_and_generated_columns_say_how_they_are_filled() {
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    for sql in [
+        "DROP TABLE IF EXISTS weir_my_gen",
+        "CREATE TABLE weir_my_gen (id INT AUTO_INCREMENT PRIMARY KEY, a INT DEFAULT 5, \
+         v INT AS (a + 1) VIRTUAL, p INT GENERATED ALWAYS AS (a * 2) PERSISTENT, s INT AS (a * 3) STORED, \
+         t TIMESTAMP NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP)",
+    ] {
+        client.execute("maria", sql, vec![]).await.expect(sql);
+    }
+    let d = client
+        .describe_table("maria", "", "weir_my_gen")
+        .await
+        .expect("describe");
+    let filled: Vec<_> = d
+        .columns
+        .iter()
+        .map(|c| {
+            (
+                c.column.as_ref().map_or("", |c| c.name.as_str()),
+                c.generation(),
+                c.generation_expression.as_str(),
+            )
+        })
+        .collect();
+    use pb::ColumnGeneration as G;
+    assert_eq!(
+        filled,
+        [
+            ("id", G::IdentityByDefault, ""),
+            ("a", G::Unspecified, ""),
+            ("v", G::Computed, "`a` + 1"),
+            ("p", G::Computed, "`a` * 2"),
+            ("s", G::Computed, "`a` * 3"),
+            // ON UPDATE fills it only when left out: an ordinary column.
+            ("t", G::Unspecified, ""),
+        ]
+    );
+    client
+        .execute("maria", "DROP TABLE weir_my_gen", vec![])
+        .await
+        .expect("drop");
+    server.stop().await;
+}

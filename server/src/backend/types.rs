@@ -254,12 +254,29 @@ pub struct TableInfo {
     pub comment: String,
 }
 
+/// How the engine fills a column: what an INSERT or a load may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ColumnGeneration {
+    #[default]
+    None,
+    /// Numbered by the engine; naming it needs an override (PostgreSQL
+    /// OVERRIDING SYSTEM VALUE, SQL Server IDENTITY_INSERT).
+    IdentityAlways,
+    /// Numbered by the engine when left out; a value given is taken.
+    IdentityByDefault,
+    /// Computed from other columns; never written.
+    Computed,
+}
+
 #[derive(Debug, Clone)]
 pub struct ColumnInfo {
     pub column: Column,
     pub ordinal: i32,
     pub default_expression: String,
     pub comment: String,
+    pub generation: ColumnGeneration,
+    /// A computed column's expression as the engine prints it; empty otherwise.
+    pub generation_expression: String,
 }
 
 #[derive(Debug, Clone)]

@@ -57,7 +57,10 @@ return {1, math.ceil(math.max(allow_at - now, 0))}
 const BOOKING_AHEAD: Duration = Duration::from_secs(5);
 /// After Redis failed to answer, calls do without it for this long: an
 /// outage then costs neither `redis_timeout` per call nor a log line per call.
+/// Then one call tries it again; while it still fails, the rest doubles, up
+/// to `MAX_REST`.
 const REDIS_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_REST: Duration = Duration::from_secs(30);
 /// Failures in a row before Redis is rested: one slow answer (a fork for
 /// BGSAVE) fails its own call, not every call of the next second.
 const FAILURES_BEFORE_REST: u32 = 3;
@@ -65,6 +68,16 @@ const FAILURES_BEFORE_REST: u32 = 3;
 /// may take. It is made in the background: `redis_timeout` bounds the
 /// checks, a round trip or two, not the setting up of a connection.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// Ends a call's try of Redis after a rest (also when the call is dropped
+/// while it waits for Redis's answer).
+struct Probing<'a>(&'a AtomicBool);
+
+impl Drop for Probing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
 
 pub struct GlobalLimiter {
     url: String,
@@ -81,6 +94,10 @@ pub struct GlobalLimiter {
     started: Instant,
     /// Milliseconds since `started` before which Redis is not asked again.
     resting_until: AtomicU64,
+    /// Length of the last rest (ms); 0 while Redis answers.
+    rest_ms: AtomicU64,
+    /// A call is trying Redis again after a rest: the others do without it.
+    probing: AtomicBool,
     /// Failures since the last answer.
     failures_in_a_row: AtomicU32,
     /// Milliseconds since `started` of the last warning (0: none yet).
@@ -101,6 +118,8 @@ impl GlobalLimiter {
             connecting: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
             resting_until: AtomicU64::new(0),
+            rest_ms: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
             failures_in_a_row: AtomicU32::new(0),
             last_warned: AtomicU64::new(0),
         })
@@ -111,14 +130,23 @@ impl GlobalLimiter {
     }
 
     /// Counts a failure and logs it (at most once per `REDIS_BACKOFF`);
-    /// after a few in a row, rests Redis for `REDIS_BACKOFF`.
-    fn failed(&self, error: String) -> String {
+    /// after a few in a row, or a failed try after a rest, rests Redis:
+    /// for `REDIS_BACKOFF`, then twice as long as the last rest.
+    fn failed(&self, error: String, probe: bool) -> String {
         crate::metrics::METRICS.global_limit_failures.inc();
         let now = self.now_ms();
         let backoff = u64::try_from(REDIS_BACKOFF.as_millis()).unwrap_or(u64::MAX);
-        if self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= FAILURES_BEFORE_REST {
+        if probe || self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= FAILURES_BEFORE_REST {
             self.failures_in_a_row.store(0, Ordering::Relaxed);
-            self.resting_until.store(now.saturating_add(backoff), Ordering::Relaxed);
+            let max = u64::try_from(MAX_REST.as_millis()).unwrap_or(u64::MAX);
+            let last = self.rest_ms.load(Ordering::Relaxed);
+            let rest = if last == 0 {
+                backoff
+            } else {
+                last.saturating_mul(2).min(max)
+            };
+            self.rest_ms.store(rest, Ordering::Relaxed);
+            self.resting_until.store(now.saturating_add(rest), Ordering::Relaxed);
         }
         let last = self.last_warned.load(Ordering::Relaxed);
         let due = last == 0 || now.saturating_sub(last) >= backoff;
@@ -233,8 +261,16 @@ impl GlobalLimiter {
         let key = format!("{}:gcra:{name}:{tenant}", self.key_prefix);
         let micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));
         if self.now_ms() < self.resting_until.load(Ordering::Relaxed) {
-            return Err("Redis failed to answer within the last second".into());
+            return Err("Redis failed to answer lately".into());
         }
+        // After a rest one call tries Redis again; the others do without it
+        // until it has its answer, rather than each paying `redis_timeout`.
+        let probe = self.rest_ms.load(Ordering::Relaxed) != 0;
+        if probe && self.probing.swap(true, Ordering::AcqRel) {
+            return Err("Redis failed to answer lately".into());
+        }
+        // Released however the call ends, after `failed` has set the next rest.
+        let _probing = probe.then_some(Probing(&self.probing));
         let labels = crate::metrics::TenantLabels {
             tenant: tenant.to_string(),
         };
@@ -246,7 +282,9 @@ impl GlobalLimiter {
         let answer = tokio::time::timeout(self.timeout, checked).await;
         if matches!(answer, Ok(Ok(_))) {
             self.failures_in_a_row.store(0, Ordering::Relaxed);
+            self.rest_ms.store(0, Ordering::Relaxed);
         }
+
         match answer {
             Ok(Ok((1, wait_us))) => Ok(Ok(micros(wait_us))),
             Ok(Ok((_, delay_us))) => Ok(Err(micros(delay_us))),
@@ -255,13 +293,15 @@ impl GlobalLimiter {
             Ok(Err(e))
                 if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() =>
             {
-                Err(self.failed(e.to_string()))
+                Err(self.failed(e.to_string(), probe))
             }
+            // Redis answered: it is up.
             Ok(Err(e)) => {
+                self.rest_ms.store(0, Ordering::Relaxed);
                 tracing::warn!(error = %e, tenant, bucket = name, "a shared-limit check failed");
                 Err(e.to_string())
             }
-            Err(_) => Err(self.failed(format!("no answer within {:?}", self.timeout))),
+            Err(_) => Err(self.failed(format!("no answer within {:?}", self.timeout), probe)),
         }
     }
 

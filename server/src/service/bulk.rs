@@ -626,6 +626,8 @@ mod tests {
             ordinal,
             default_expression: String::new(),
             comment: String::new(),
+            generation: crate::backend::ColumnGeneration::None,
+            generation_expression: String::new(),
         };
         TableDescription {
             table: TableInfo {

@@ -564,6 +564,13 @@ pub fn description(d: domain::TableDescription) -> pb::DescribeTableResponse {
                 ordinal: c.ordinal,
                 default_expression: c.default_expression,
                 comment: c.comment,
+                generation: match c.generation {
+                    domain::ColumnGeneration::None => pb::ColumnGeneration::Unspecified,
+                    domain::ColumnGeneration::IdentityAlways => pb::ColumnGeneration::IdentityAlways,
+                    domain::ColumnGeneration::IdentityByDefault => pb::ColumnGeneration::IdentityByDefault,
+                    domain::ColumnGeneration::Computed => pb::ColumnGeneration::Computed,
+                } as i32,
+                generation_expression: c.generation_expression,
             })
             .collect(),
         primary_key: d.primary_key.map(|pk| pb::PrimaryKey {

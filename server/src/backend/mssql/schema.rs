@@ -7,8 +7,8 @@ use tiberius::{ColumnData, Row};
 
 use super::MssqlConn;
 use crate::backend::{
-    BackendError, Column, ColumnInfo, ColumnType, ForeignKey, Index, PrimaryKey, SchemaInfo, TableDescription,
-    TableInfo, TableKind,
+    BackendError, Column, ColumnGeneration, ColumnInfo, ColumnType, ForeignKey, Index, PrimaryKey, SchemaInfo,
+    TableDescription, TableInfo, TableKind,
 };
 
 /// Built-in schemas: sys, INFORMATION_SCHEMA, guest, the fixed database
@@ -61,14 +61,17 @@ const FIND_TABLE: &str = concat!(
 /// Columns with their declared type and, for alias types, the base type.
 /// `IsHidden` (SQL Server 2016 and later; NULL before) marks columns
 /// `SELECT *` leaves out: HIDDEN period columns of temporal tables.
+/// Identity and computed columns, with a computed column's definition.
 const COLUMNS: &str = "SELECT c.name, t.name, \
         CASE WHEN t.is_user_defined = 1 AND t.is_assembly_type = 0 THEN TYPE_NAME(c.system_type_id) ELSE t.name END, \
         CAST(c.max_length AS int), CAST(c.precision AS int), CAST(c.scale AS int), c.is_nullable, \
         d.definition, CAST(ep.value AS nvarchar(4000)), \
-        CAST(ISNULL(COLUMNPROPERTY(c.object_id, c.name, 'IsHidden'), 0) AS bit) \
+        CAST(ISNULL(COLUMNPROPERTY(c.object_id, c.name, 'IsHidden'), 0) AS bit), \
+        c.is_identity, c.is_computed, cc.definition \
  FROM sys.columns c \
  JOIN sys.types t ON t.user_type_id = c.user_type_id \
  LEFT JOIN sys.default_constraints d ON d.object_id = c.default_object_id \
+ LEFT JOIN sys.computed_columns cc ON cc.object_id = c.object_id AND cc.column_id = c.column_id \
  LEFT JOIN sys.extended_properties ep \
    ON ep.class = 1 AND ep.major_id = c.object_id AND ep.minor_id = c.column_id AND ep.name = N'MS_Description' \
  WHERE c.object_id = @P1 ORDER BY c.column_id";
@@ -251,6 +254,19 @@ fn default_expression(definition: &str) -> &str {
     d
 }
 
+/// How the engine fills a column, and a computed column's expression (in
+/// parentheses as stored, which are removed as from defaults). An IDENTITY
+/// column takes a value only under SET IDENTITY_INSERT ON.
+fn generation(identity: bool, computed: bool, definition: &str) -> (ColumnGeneration, String) {
+    if computed {
+        (ColumnGeneration::Computed, default_expression(definition).to_string())
+    } else if identity {
+        (ColumnGeneration::IdentityAlways, String::new())
+    } else {
+        (ColumnGeneration::None, String::new())
+    }
+}
+
 /// "NO_ACTION" → "NO ACTION", as the other engines spell referential actions.
 fn referential_action(desc: &str) -> String {
     desc.replace('_', " ")
@@ -302,11 +318,14 @@ pub async fn describe_table(
             shown += 1;
             shown
         };
+        let (generation, generation_expression) = generation(flag(row, 10)?, flag(row, 11)?, &text(row, 12)?);
         columns.push(ColumnInfo {
             column,
             ordinal,
             default_expression: default_expression(&text(row, 7)?).to_string(),
             comment: text(row, 8)?,
+            generation,
+            generation_expression,
         });
     }
 
@@ -451,6 +470,23 @@ mod tests {
         assert!(COLUMNS.contains("CAST(ep.value AS nvarchar(4000))"));
         // Hidden period columns have no place among SELECT *'s columns.
         assert!(COLUMNS.contains("COLUMNPROPERTY(c.object_id, c.name, 'IsHidden')"));
+        // Identity and computed columns, and a computed column's expression.
+        assert!(COLUMNS.contains("c.is_identity, c.is_computed, cc.definition"));
+        assert!(COLUMNS.contains(
+            "LEFT JOIN sys.computed_columns cc ON cc.object_id = c.object_id AND cc.column_id = c.column_id"
+        ));
+    }
+
+    #[test]
+    fn identity_and_computed_columns() {
+        use crate::backend::ColumnGeneration as G;
+        // IDENTITY takes a value only under SET IDENTITY_INSERT ON.
+        assert_eq!(generation(true, false, ""), (G::IdentityAlways, String::new()));
+        assert_eq!(
+            generation(false, true, "([a]*(2))"),
+            (G::Computed, "[a]*(2)".to_string())
+        );
+        assert_eq!(generation(false, false, ""), (G::None, String::new()));
     }
 
     #[test]

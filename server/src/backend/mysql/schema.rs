@@ -3,13 +3,13 @@
 
 use std::collections::HashMap;
 
-use mysql_async::prelude::{FromRow, Queryable};
-use mysql_async::{Conn, Params, Row};
+use mysql_async::prelude::{FromRow, FromValue, Queryable};
+use mysql_async::{Conn, FromRowError, Params, Row};
 
 use super::map_error;
 use crate::backend::{
-    BackendError, Column, ColumnInfo, ColumnType, ForeignKey, Index, PrimaryKey, SchemaInfo, TableDescription,
-    TableInfo, TableKind,
+    BackendError, Column, ColumnGeneration, ColumnInfo, ColumnType, ForeignKey, Index, PrimaryKey, SchemaInfo,
+    TableDescription, TableInfo, TableKind,
 };
 
 const SYSTEM_SCHEMAS: [&str; 4] = ["mysql", "information_schema", "performance_schema", "sys"];
@@ -121,19 +121,67 @@ fn column_type(data_type: &str, column_type: &str) -> ColumnType {
     }
 }
 
-type ColumnRow = (
-    String,
-    String,
-    String,
-    String,
-    Option<String>,
-    u64,
-    Option<u64>,
-    Option<u64>,
-    Option<u64>,
-    String,
-    Option<String>,
-);
+/// A row of information_schema.COLUMNS as describe_table reads it: a struct,
+/// since mysql_common reads tuples of at most 12 columns.
+struct ColumnRow {
+    name: String,
+    native: String,
+    data_type: String,
+    nullable: String,
+    default: Option<String>,
+    ordinal: u64,
+    precision: Option<u64>,
+    scale: Option<u64>,
+    length: Option<u64>,
+    comment: String,
+    charset: Option<String>,
+    extra: String,
+    generation_expression: Option<String>,
+}
+
+impl FromRow for ColumnRow {
+    fn from_row_opt(mut row: Row) -> Result<Self, FromRowError> {
+        fn take<T: FromValue>(row: &mut Row, i: usize) -> Option<T> {
+            row.take_opt(i)?.ok()
+        }
+        let r = &mut row;
+        let read = (|| {
+            Some(ColumnRow {
+                name: take(r, 0)?,
+                native: take(r, 1)?,
+                data_type: take(r, 2)?,
+                nullable: take(r, 3)?,
+                default: take(r, 4)?,
+                ordinal: take(r, 5)?,
+                precision: take(r, 6)?,
+                scale: take(r, 7)?,
+                length: take(r, 8)?,
+                comment: take(r, 9)?,
+                charset: take(r, 10)?,
+                extra: take(r, 11)?,
+                generation_expression: take(r, 12)?,
+            })
+        })();
+        read.filter(|_| row.len() == 13).ok_or(FromRowError(row))
+    }
+}
+
+/// How MySQL/MariaDB fill a column, from COLUMNS.EXTRA. AUTO_INCREMENT takes
+/// a value given; generated columns are "VIRTUAL GENERATED" or "STORED
+/// GENERATED" (MySQL 8's "DEFAULT_GENERATED" marks an expression default).
+fn generation(extra: &str, expression: Option<String>) -> (ColumnGeneration, String) {
+    let extra = extra.to_ascii_lowercase();
+    if ["virtual generated", "stored generated", "persistent generated"]
+        .iter()
+        .any(|g| extra.contains(g))
+    {
+        (ColumnGeneration::Computed, expression.unwrap_or_default())
+    } else if extra.contains("auto_increment") {
+        (ColumnGeneration::IdentityByDefault, String::new())
+    } else {
+        (ColumnGeneration::None, String::new())
+    }
+}
 
 /// Character sets whose text is UTF-8 as the binary log carries it.
 const UTF8_CHARSETS: [&str; 5] = ["utf8mb4", "utf8mb3", "utf8", "ascii", "binary"];
@@ -164,7 +212,7 @@ pub async fn describe_table(
         conn,
         "SELECT COLUMN_NAME, COLUMN_TYPE, DATA_TYPE, IS_NULLABLE, COLUMN_DEFAULT, ORDINAL_POSITION, \
                     NUMERIC_PRECISION, NUMERIC_SCALE, CHARACTER_MAXIMUM_LENGTH, COLUMN_COMMENT, \
-                    CHARACTER_SET_NAME \
+                    CHARACTER_SET_NAME, EXTRA, GENERATION_EXPRESSION \
              FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
         key.clone(),
     )
@@ -174,33 +222,35 @@ pub async fn describe_table(
     // logged as numbers, their labels read from the column's type.)
     let not_utf8 = rows
         .iter()
-        .filter(|r| !matches!(r.2.as_str(), "enum" | "set"))
+        .filter(|r| !matches!(r.data_type.as_str(), "enum" | "set"))
         .find_map(|r| {
-            r.10.as_ref()
+            r.charset
+                .as_ref()
                 .filter(|charset| !UTF8_CHARSETS.contains(&charset.to_ascii_lowercase().as_str()))
-                .map(|charset| (r.0.clone(), charset.clone()))
+                .map(|charset| (r.name.clone(), charset.clone()))
         });
     let columns = rows
         .into_iter()
-        .map(
-            |(name, native, data_type, nullable, default, ordinal, precision, scale, length, comment, _)| {
-                let mut column = Column::new(name, native.clone(), column_type(&data_type, &native));
-                column.nullable = nullable == "YES";
-                if column.column_type == ColumnType::Decimal {
-                    column.precision = precision.and_then(|p| i32::try_from(p).ok());
-                    column.scale = scale.and_then(|s| i32::try_from(s).ok());
-                }
-                column.max_length = length.and_then(|l| i64::try_from(l).ok());
-                // MariaDB reports "no default" as the text NULL.
-                let default_expression = default.filter(|d| d != "NULL").unwrap_or_default();
-                ColumnInfo {
-                    column,
-                    ordinal: i32::try_from(ordinal).unwrap_or(i32::MAX),
-                    default_expression,
-                    comment,
-                }
-            },
-        )
+        .map(|r| {
+            let mut column = Column::new(r.name, r.native.clone(), column_type(&r.data_type, &r.native));
+            column.nullable = r.nullable == "YES";
+            if column.column_type == ColumnType::Decimal {
+                column.precision = r.precision.and_then(|p| i32::try_from(p).ok());
+                column.scale = r.scale.and_then(|s| i32::try_from(s).ok());
+            }
+            column.max_length = r.length.and_then(|l| i64::try_from(l).ok());
+            // MariaDB reports "no default" as the text NULL.
+            let default_expression = r.default.filter(|d| d != "NULL").unwrap_or_default();
+            let (generation, generation_expression) = generation(&r.extra, r.generation_expression);
+            ColumnInfo {
+                column,
+                ordinal: i32::try_from(r.ordinal).unwrap_or(i32::MAX),
+                default_expression,
+                comment: r.comment,
+                generation,
+                generation_expression,
+            }
+        })
         .collect();
 
     type KeyRow = (
@@ -334,4 +384,38 @@ pub async fn describe_table(
         change_stream_ready,
         change_stream_reason,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_follows_extra() {
+        let computed = |extra: &str| generation(extra, Some("`a` + 1".into()));
+        for extra in [
+            "VIRTUAL GENERATED",
+            "STORED GENERATED",
+            "PERSISTENT GENERATED",
+            "STORED GENERATED INVISIBLE",
+        ] {
+            assert_eq!(
+                computed(extra),
+                (ColumnGeneration::Computed, "`a` + 1".into()),
+                "{extra}"
+            );
+        }
+        assert_eq!(
+            generation("auto_increment", None),
+            (ColumnGeneration::IdentityByDefault, String::new())
+        );
+        // MySQL 8's expression defaults are defaults, not generated columns.
+        for extra in ["DEFAULT_GENERATED", "DEFAULT_GENERATED on update CURRENT_TIMESTAMP", ""] {
+            assert_eq!(
+                generation(extra, None),
+                (ColumnGeneration::None, String::new()),
+                "{extra}"
+            );
+        }
+    }
 }

@@ -7,8 +7,8 @@ use super::map_error;
 use super::types::{column_type, typmod_details};
 use crate::backend::bulk::quote_ansi;
 use crate::backend::{
-    BackendError, Column, ColumnInfo, ColumnType, ForeignKey, Index, PrimaryKey, SchemaInfo, TableDescription,
-    TableInfo, TableKind,
+    BackendError, Column, ColumnGeneration, ColumnInfo, ColumnType, ForeignKey, Index, PrimaryKey, SchemaInfo,
+    TableDescription, TableInfo, TableKind,
 };
 
 const SYSTEM_SCHEMA: &str = "(n.nspname IN ('pg_catalog', 'information_schema') OR n.nspname LIKE 'pg\\_%')";
@@ -140,7 +140,9 @@ pub async fn describe_table(
                     COALESCE(col_description(a.attrelid, a.attnum), ''), \
                     CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END, \
                     a.attgenerated <> '', \
-                    has_column_privilege(a.attrelid, a.attnum, 'SELECT, INSERT, UPDATE, REFERENCES') \
+                    has_column_privilege(a.attrelid, a.attnum, 'SELECT, INSERT, UPDATE, REFERENCES'), \
+                    a.attidentity::text, \
+                    CASE WHEN a.attgenerated <> '' THEN COALESCE(pg_get_expr(d.adbin, d.adrelid), '') ELSE '' END \
              FROM pg_attribute a \
              JOIN pg_type t ON t.oid = a.atttypid \
              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
@@ -175,12 +177,22 @@ pub async fn describe_table(
         if column_type == ColumnType::Unsupported && !r.get::<_, bool>(6) && unwatchable_column.is_none() {
             unwatchable_column = Some((column.name.clone(), column.native_type.clone()));
         }
+        // attgenerated 's' (stored) or 'v' (virtual, PostgreSQL 18); a
+        // serial column is neither: an ordinary one with a nextval default.
+        let generation = match (r.get::<_, bool>(6), r.get::<_, &str>(8)) {
+            (true, _) => ColumnGeneration::Computed,
+            (false, "a") => ColumnGeneration::IdentityAlways,
+            (false, "d") => ColumnGeneration::IdentityByDefault,
+            _ => ColumnGeneration::None,
+        };
         columns.push(ColumnInfo {
             column,
             // The place among the columns a `SELECT *` returns (dropped columns leave gaps in attnum).
             ordinal: at as i32 + 1,
             default_expression: r.get(3),
             comment: r.get(4),
+            generation,
+            generation_expression: r.get(9),
         });
     }
 

@@ -4,8 +4,10 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{column, map_error};
+use crate::backend::bulk::quote_ansi;
 use crate::backend::{
-    BackendError, ColumnInfo, ForeignKey, Index, PrimaryKey, SchemaInfo, TableDescription, TableInfo, TableKind,
+    BackendError, ColumnGeneration, ColumnInfo, ForeignKey, Index, PrimaryKey, SchemaInfo, TableDescription, TableInfo,
+    TableKind,
 };
 
 pub fn list_schemas(conn: &Connection) -> Result<Vec<SchemaInfo>, BackendError> {
@@ -96,6 +98,140 @@ fn primary_key_columns(conn: &Connection, schema: &str, table: &str) -> Result<V
     names
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Open,
+    Close,
+    Comma,
+    Word,
+    Quoted,
+}
+
+/// The tokens of a statement as (kind, start, end) byte spans, comments left
+/// out; None when a quote or comment is not closed. Every delimiter is
+/// ASCII, so the spans are on character boundaries.
+fn sql_tokens(sql: &str) -> Option<Vec<(Token, usize, usize)>> {
+    let b = sql.as_bytes();
+    let starts_comment = |i: usize| b[i..].starts_with(b"--") || b[i..].starts_with(b"/*");
+    let mut tokens = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let start = i;
+        let kind = match b[i] {
+            c if c.is_ascii_whitespace() => {
+                i += 1;
+                continue;
+            }
+            b'-' if starts_comment(i) => {
+                i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
+                continue;
+            }
+            b'/' if starts_comment(i) => {
+                i += 2 + b.get(i + 2..)?.windows(2).position(|w| w == b"*/")? + 2;
+                continue;
+            }
+            b'(' => Token::Open,
+            b')' => Token::Close,
+            b',' => Token::Comma,
+            quote @ (b'\'' | b'"' | b'`' | b'[') => {
+                let close = if quote == b'[' { b']' } else { quote };
+                let mut at = i + 1;
+                loop {
+                    at += b.get(at..)?.iter().position(|&c| c == close)?;
+                    // A doubled quote is one quote character of the text.
+                    if close != b']' && b.get(at + 1) == Some(&close) {
+                        at += 2;
+                    } else {
+                        break;
+                    }
+                }
+                i = at;
+                Token::Quoted
+            }
+            _ => {
+                while i + 1 < b.len()
+                    && !b[i + 1].is_ascii_whitespace()
+                    && !b"(),'\"`[".contains(&b[i + 1])
+                    && !starts_comment(i + 1)
+                {
+                    i += 1;
+                }
+                Token::Word
+            }
+        };
+        i += 1;
+        tokens.push((kind, start, i));
+    }
+    Some(tokens)
+}
+
+/// A name token's text, unquoted.
+fn unquoted(sql: &str, (kind, start, end): (Token, usize, usize)) -> String {
+    let text = &sql[start..end];
+    match (kind, text.chars().next()) {
+        (Token::Quoted, Some('[')) => text[1..text.len() - 1].to_string(),
+        (Token::Quoted, Some(q)) => text[1..text.len() - 1].replace(&format!("{q}{q}"), &q.to_string()),
+        _ => text.to_string(),
+    }
+}
+
+/// The expression of generated column `column` (`[GENERATED ALWAYS] AS
+/// (expr)`) in a CREATE TABLE statement, as written. SQLite keeps it only
+/// there: pragma table_xinfo shows no default for a generated column.
+fn generation_expression(create_sql: &str, column: &str) -> Option<String> {
+    let tokens = sql_tokens(create_sql)?;
+    let list = tokens.iter().position(|t| t.0 == Token::Open)?;
+    // Each definition in the column list: the tokens between its top-level commas.
+    let (mut depth, mut from) = (0usize, list + 1);
+    for at in list + 1..tokens.len() {
+        match tokens[at].0 {
+            Token::Open => depth += 1,
+            Token::Close if depth > 0 => depth -= 1,
+            Token::Comma | Token::Close if depth == 0 => {
+                let found = generated_in(create_sql, &tokens[from..at], column);
+                if found.is_some() || tokens[at].0 == Token::Close {
+                    return found;
+                }
+                from = at + 1;
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The expression of one column definition if it defines generated `column`:
+/// what the parentheses after a top-level AS enclose.
+fn generated_in(sql: &str, definition: &[(Token, usize, usize)], column: &str) -> Option<String> {
+    let (&name, rest) = definition.split_first()?;
+    if !unquoted(sql, name).eq_ignore_ascii_case(column) {
+        return None;
+    }
+    let mut depth = 0usize;
+    let mut open = None;
+    for (at, &(kind, start, end)) in rest.iter().enumerate() {
+        match kind {
+            Token::Open => {
+                let after_as = at > 0
+                    && rest[at - 1].0 == Token::Word
+                    && sql[rest[at - 1].1..rest[at - 1].2].eq_ignore_ascii_case("AS");
+                if depth == 0 && after_as {
+                    open = Some(end);
+                }
+                depth += 1;
+            }
+            Token::Close => {
+                depth = depth.checked_sub(1)?;
+                if let (0, Some(open)) = (depth, open) {
+                    return Some(sql[open..start].trim().to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 pub fn list_tables(conn: &Connection, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
     tables(conn, schema, None)
 }
@@ -108,8 +244,10 @@ pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> R
     };
     let table = info.name.as_str();
 
+    // hidden: 1 for a virtual table's hidden columns (left out), 2 and 3
+    // for generated columns (virtual and stored).
     let mut stmt = conn
-        .prepare("SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_xinfo(?1, ?2) WHERE hidden <> 1 ORDER BY cid")
+        .prepare("SELECT name, type, \"notnull\", dflt_value, pk, hidden FROM pragma_table_xinfo(?1, ?2) WHERE hidden <> 1 ORDER BY cid")
         .map_err(map_error)?;
     // A primary key refuses NULL only in a WITHOUT ROWID table, or as the
     // rowid itself (a lone INTEGER PRIMARY KEY); elsewhere SQLite stores NULLs in it.
@@ -129,6 +267,7 @@ pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> R
                 r.get::<_, bool>(2)?,
                 r.get::<_, Option<String>>(3)?,
                 r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
             ))
         })
         .map_err(map_error)?
@@ -136,13 +275,50 @@ pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> R
         .map_err(map_error)?;
     let lone_integer_key = columns.iter().filter(|c| c.4 > 0).count() == 1
         && columns.iter().any(|c| c.4 > 0 && c.1.eq_ignore_ascii_case("INTEGER"));
+    // The lone INTEGER PRIMARY KEY of a rowid table is the rowid, numbered
+    // when left out, unless declared DESC: that one is an ordinary column
+    // with an index of its own (origin 'pk'), as any other primary key.
+    let rowid_alias = lone_integer_key
+        && !without_rowid
+        && !conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_index_list(?1, ?2) WHERE origin = 'pk')",
+                params![table, schema],
+                |r| r.get::<_, bool>(0),
+            )
+            .map_err(map_error)?;
+    // Generated columns' expressions are only in the table's SQL. The schema
+    // cannot be bound here: it is quoted (and comes from pragma_table_list).
+    let create_sql: String = if columns.iter().any(|c| c.5 >= 2) {
+        conn.query_row(
+            &format!(
+                "SELECT COALESCE(sql, '') FROM {}.sqlite_schema WHERE type = 'table' AND name = ?1",
+                quote_ansi(schema)
+            ),
+            [table],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(map_error)?
+        .unwrap_or_default()
+    } else {
+        String::new()
+    };
     let columns = columns
         .into_iter()
         .enumerate()
-        .map(|(place, (name, decl, not_null, default, pk))| {
+        .map(|(place, (name, decl, not_null, default, pk, hidden))| {
             if pk > 0 {
                 pk_columns.push((pk, name.clone()));
             }
+            let (generation, generation_expression) = match hidden {
+                2 | 3 => (
+                    ColumnGeneration::Computed,
+                    generation_expression(&create_sql, &name).unwrap_or_default(),
+                ),
+                _ if pk > 0 && rowid_alias => (ColumnGeneration::IdentityByDefault, String::new()),
+                _ => (ColumnGeneration::None, String::new()),
+            };
             let mut col = column(&name, (!decl.is_empty()).then_some(decl.as_str()));
             col.nullable = !not_null && !(pk > 0 && (without_rowid || lone_integer_key));
             ColumnInfo {
@@ -151,6 +327,8 @@ pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> R
                 ordinal: i32::try_from(place + 1).unwrap_or(i32::MAX),
                 default_expression: default.unwrap_or_default(),
                 comment: String::new(),
+                generation,
+                generation_expression,
             }
         })
         .collect::<Vec<_>>();
@@ -284,5 +462,61 @@ mod tests {
         );
         assert_eq!(nullable(&conn, "rowid_key")[0], ("id".into(), false, 1));
         assert_eq!(nullable(&conn, "no_rowid")[0], ("code".into(), false, 1));
+    }
+
+    #[test]
+    fn generated_expressions_are_read_from_the_table_definition() {
+        let sql = "CREATE TABLE t (a INT CHECK (CAST(a AS TEXT) <> ''), -- b AS (no)\n\
+                   \"b\"\"q\" VARCHAR(10) GENERATED ALWAYS AS ( upper(a) || ',)' ) STORED, \
+                   [c d] AS (a /* AS (no) */ + 1), `e` TEXT DEFAULT ('AS (x)'), f as(a*2)virtual, \
+                   CONSTRAINT k CHECK (a AS (b)))";
+        assert_eq!(generation_expression(sql, "b\"q").as_deref(), Some("upper(a) || ',)'"));
+        assert_eq!(
+            generation_expression(sql, "C D").as_deref(),
+            Some("a /* AS (no) */ + 1")
+        );
+        assert_eq!(generation_expression(sql, "f").as_deref(), Some("a*2"));
+        assert_eq!(generation_expression(sql, "a"), None);
+        assert_eq!(generation_expression(sql, "e"), None);
+        assert_eq!(generation_expression(sql, "missing"), None);
+        assert_eq!(generation_expression("CREATE TABLE broken (a AS (1", "a"), None);
+    }
+
+    #[test]
+    fn rowid_aliases_and_generated_columns_say_how_they_are_filled() {
+        use crate::backend::ColumnGeneration as G;
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch(
+            "CREATE TABLE ids (id INTEGER PRIMARY KEY, v INT, w INT AS (v * 2) STORED, x AS (v + 1)); \
+             CREATE TABLE auto (id integer PRIMARY KEY AUTOINCREMENT); \
+             CREATE TABLE desc_key (id INTEGER PRIMARY KEY DESC); \
+             CREATE TABLE int_key (id INT PRIMARY KEY); \
+             CREATE TABLE pair (a INTEGER, b INTEGER, PRIMARY KEY (a, b)); \
+             CREATE TABLE no_rowid (id INTEGER PRIMARY KEY) WITHOUT ROWID;",
+        )
+        .expect("tables");
+        let filled = |table: &str| -> Vec<(G, String)> {
+            describe_table(&conn, None, table)
+                .expect("describe")
+                .columns
+                .into_iter()
+                .map(|c| (c.generation, c.generation_expression))
+                .collect()
+        };
+        assert_eq!(
+            filled("ids"),
+            [
+                (G::IdentityByDefault, String::new()),
+                (G::None, String::new()),
+                (G::Computed, "v * 2".into()),
+                (G::Computed, "v + 1".into())
+            ]
+        );
+        assert_eq!(filled("auto"), [(G::IdentityByDefault, String::new())]);
+        // Not rowid aliases: a DESC key, an INT key, a composite key, WITHOUT ROWID.
+        for table in ["desc_key", "int_key", "no_rowid"] {
+            assert_eq!(filled(table), [(G::None, String::new())], "{table}");
+        }
+        assert_eq!(filled("pair"), [(G::None, String::new()), (G::None, String::new())]);
     }
 }

@@ -184,21 +184,47 @@ pub fn login_refused(code: &str, detail: &str) -> BackendError {
 pub fn classify_sqlstate(code: &str) -> EngineErrorKind {
     use EngineErrorKind as K;
     match code {
-        "42P01" | "42883" | "3F000" | "42704" | "42S02" => K::NotFound,
-        "23505" => K::AlreadyExists,
+        // 3B001: a savepoint not defined; 58P01: a file the server cannot find.
+        "42P01" | "42883" | "3F000" | "42704" | "42S02" | "3B001" | "58P01" => K::NotFound,
+        "23505" | "58P02" => K::AlreadyExists,
         "42501" | "25006" => K::PermissionDenied,
-        "40001" | "40P01" | "55P03" => K::Aborted,
+        // 72000: snapshot too old (run it again).
+        "40001" | "40P01" | "55P03" | "72000" => K::Aborted,
         "57014" => K::DeadlineExceeded,
         // too_many_connections
         "53300" => K::Overloaded,
         _ => match code.get(..2).unwrap_or_default() {
             "42" | "22" | "0A" | "54" | "2F" | "34" | "26" | "07" | "21" => K::InvalidArgument,
             // 45: MySQL's SIGNAL SQLSTATE '45000', as PostgreSQL's RAISE is P0.
-            "23" | "25" | "P0" | "55" | "2B" | "2D" | "39" | "38" | "45" => K::FailedPrecondition,
+            // 44: a view's WITH CHECK OPTION.
+            "23" | "25" | "P0" | "55" | "2B" | "2D" | "39" | "38" | "45" | "44" => K::FailedPrecondition,
             "40" => K::Aborted,
             "53" => K::ResourceExhausted,
             "08" | "57" | "58" => K::Unavailable,
             _ => K::Internal,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same situations as MySQL's and SQL Server's tables classify them.
+    #[test]
+    fn sqlstates_of_situations_every_engine_meets() {
+        use EngineErrorKind as K;
+        for (code, kind) in [
+            ("3B001", K::NotFound),
+            ("58P01", K::NotFound),
+            ("44000", K::FailedPrecondition),
+            ("72000", K::Aborted),
+            ("55P03", K::Aborted),
+            ("42501", K::PermissionDenied),
+            ("53300", K::Overloaded),
+            ("58030", K::Unavailable),
+        ] {
+            assert_eq!(classify_sqlstate(code), kind, "{code}");
+        }
     }
 }

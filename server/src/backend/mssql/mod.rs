@@ -609,11 +609,13 @@ fn classify(number: u32, severity: u8) -> EngineErrorKind {
         102 | 105 | 156 | 170 | 137 | 201 | 206 | 207 | 241 | 242 | 245 | 257 | 8114 | 8115 | 8134 | 8144 | 8152
         | 2628 | 8178 | 4145 | 1038 => K::InvalidArgument,
         // Unknown object, procedure, function, database; dropping what does not exist.
-        208 | 2812 | 4121 | 911 | 3701 | 15151 => K::NotFound,
+        // 6401: a savepoint that is not there.
+        208 | 2812 | 4121 | 911 | 3701 | 15151 | 6401 => K::NotFound,
         // Duplicate key in a unique constraint or a unique index.
         2627 | 2601 => K::AlreadyExists,
         // Constraint conflicts (547: foreign key or check, 515: NOT NULL); transaction state.
-        547 | 515 | 266 | 3902 | 3903 | 3930 | 3971 | 3998 => K::FailedPrecondition,
+        // 550: a view's WITH CHECK OPTION.
+        547 | 515 | 266 | 3902 | 3903 | 3930 | 3971 | 3998 | 550 => K::FailedPrecondition,
         // Deadlock victim, lock timeout, snapshot update conflicts; In-Memory
         // OLTP's write, validation and dependency conflicts (retryable).
         1205 | 1222 | 3960 | 3961 | 41301 | 41302 | 41305 | 41325 => K::Aborted,
@@ -720,6 +722,8 @@ mod tests {
             (266, K::FailedPrecondition),
             (1205, K::Aborted),
             (1222, K::Aborted),
+            (6401, K::NotFound),
+            (550, K::FailedPrecondition),
             (3960, K::Aborted),
             (41302, K::Aborted),
             (41325, K::Aborted),

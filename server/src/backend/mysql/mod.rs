@@ -609,18 +609,23 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
                 1064 | 1054 | 1292 | 1366 | 1406 | 1264 | 1365 | 1110 | 1136 | 1265 | 1093 | 1111 | 1267 => {
                     K::InvalidArgument
                 }
-                1062 | 1586 => K::AlreadyExists,
+                1062 | 1586 | 1022 | 1169 => K::AlreadyExists,
                 // Constraints (1364: a NOT NULL column without a default left
                 // out), and SIGNAL's unhandled user exception (1644).
-                1048 | 1451 | 1452 | 3819 | 4025 | 1364 | 1644 => K::FailedPrecondition,
+                // 1369: a view's WITH CHECK OPTION.
+                1048 | 1451 | 1452 | 3819 | 4025 | 1364 | 1644 | 1369 => K::FailedPrecondition,
                 // 1206 (the lock table full) and 1637 (too many active
                 // transactions) end the transaction, as a deadlock does.
-                1213 | 1205 | 1206 | 1637 | 1180 | 1181 => K::Aborted,
+                // 3572: a NOWAIT lock not granted (PostgreSQL's 55P03).
+                1213 | 1205 | 1206 | 1637 | 1180 | 1181 | 3572 => K::Aborted,
                 1317 | 3024 | 1969 => K::DeadlineExceeded,
-                1792 | 1290 | 1142 | 1143 | 1044 | 1227 => K::PermissionDenied,
+                // 1370: a routine's EXECUTE; 1419: SUPER for routines under
+                // binary logging; 1095: another user's thread.
+                1792 | 1290 | 1142 | 1143 | 1044 | 1227 | 1370 | 1419 | 1095 => K::PermissionDenied,
                 // Too many connections, to the server or for the user.
                 1040 | 1203 => K::Overloaded,
-                1041 | 1114 => K::ResourceExhausted,
+                // 1226: a per-user quota (queries, updates or connections an hour).
+                1041 | 1114 | 1226 => K::ResourceExhausted,
                 // A packet over max_allowed_packet: the statement's size is
                 // the caller's to change (the server closes the session, which
                 // a transaction then finds lost).
@@ -679,6 +684,30 @@ mod tests {
         Config::from_toml(&toml)
             .map(|c| c.tenants["a"].sources["s"].clone())
             .map_err(|e| e.to_string())
+    }
+
+    /// The same situations as PostgreSQL's and SQL Server's classify them.
+    #[test]
+    fn errnos_of_situations_every_engine_meets() {
+        use EngineErrorKind as K;
+        for (code, state, kind) in [
+            (3572u16, "HY000", K::Aborted),
+            (1305, "42000", K::NotFound),
+            (1370, "42000", K::PermissionDenied),
+            (1369, "HY000", K::FailedPrecondition),
+            (1022, "23000", K::AlreadyExists),
+            (1226, "42000", K::ResourceExhausted),
+        ] {
+            let e = map_error(mysql_async::Error::Server(mysql_async::ServerError {
+                code,
+                message: String::new(),
+                state: state.into(),
+            }));
+            assert!(
+                matches!(e, BackendError::Engine { kind: k, .. } if k == kind),
+                "{code}: {e:?}"
+            );
+        }
     }
 
     #[test]

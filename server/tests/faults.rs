@@ -728,3 +728,29 @@ async fn a_frozen_server_is_down_whichever_timeout_ends_the_wait() {
     assert!(probed, "both sources are probed down");
     assert_eq!(ready(&server).await, 503);
 }
+
+/// TestConnection against a source that stops answering: a caller whose own
+/// deadline comes first gets DEADLINE_EXCEEDED and leaves the source's
+/// health as it was (a tenant's short deadline says nothing of the source);
+/// one that waits the tenant's statement_timeout learns it is UNAVAILABLE.
+#[tokio::test]
+async fn test_connection_tells_a_short_deadline_from_a_silent_source() {
+    let proxy = common::Proxy::start(common::pg_address()).await;
+    let source = common::postgres_at("tc", "pg", &proxy.port.to_string(), "");
+    let server = TestServer::start(&tenant("tc", "statement_timeout = \"1s\"", &source)).await;
+    let client = server.client("key-tc").await;
+    client.test_connection("pg").await.expect("answers");
+    proxy.freeze(true);
+    let mut short = tonic::Request::new(pb::TestConnectionRequest { source: "pg".into() });
+    short.set_timeout(Duration::from_millis(300));
+    let err = client.schema().test_connection(short).await.expect_err("frozen");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let listed = client.list_sources().await.expect("sources");
+    assert!(listed[0].healthy, "a caller's deadline marked the source down");
+    let err = client.test_connection("pg").await.expect_err("frozen");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("did not answer within"), "{err:?}");
+    assert!(!client.list_sources().await.expect("sources")[0].healthy);
+    proxy.freeze(false);
+    server.stop().await;
+}

@@ -82,7 +82,14 @@ impl SchemaService for SchemaApi {
         let source = source(&caller, &request.get_ref().source)?;
         let _admitted = self.gate.admit(&caller, None).await?;
         let timeout = statement_timeout(&caller);
-        let result = timed(timeout, source.backend.connection_info()).await;
+        let result = match tokio::time::timeout(timeout, source.backend.connection_info()).await {
+            Ok(result) => result.map_err(Error::from),
+            // The caller's own deadline came first: that says nothing of the source.
+            Err(_) if timeout < caller.tenant.limits.statement_timeout => return Err(Error::Timeout(timeout).into()),
+            Err(_) => Err(Error::from(crate::backend::BackendError::Unavailable(format!(
+                "the source did not answer within {timeout:?}"
+            )))),
+        };
         *source.status.write() = match &result {
             Ok(info) => SourceStatus {
                 healthy: true,

@@ -170,7 +170,16 @@ async fn produced_records_come_back_exactly() {
     let (server, client) = server("").await;
     let topic = unique("weir-a-exact-");
     create_topic(&topic, 1).await;
-    let sent: Vec<_> = (0..25).map(record).collect();
+    // Every other record with a time of its own, to the millisecond.
+    let sent: Vec<_> = (0..25)
+        .map(|i| pb::ProducerRecord {
+            timestamp: (i % 2 == 0).then(|| prost_types::Timestamp {
+                seconds: 1_704_164_645 + i as i64,
+                nanos: 678_000_000,
+            }),
+            ..record(i)
+        })
+        .collect();
     let mut acks = produce(&client, &topic, sent[..24].to_vec())
         .await
         .expect("produce")
@@ -198,6 +207,9 @@ async fn produced_records_come_back_exactly() {
         );
         assert_eq!(g.topic, topic);
         assert!(g.timestamp.is_some());
+        if s.timestamp.is_some() {
+            assert_eq!(g.timestamp, s.timestamp, "record {i}'s own time");
+        }
     }
 
     let listed = list_topics(&client).await;

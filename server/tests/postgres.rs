@@ -2651,3 +2651,84 @@ async fn a_server_full_at_connect_keeps_its_sqlstate() {
     server.stop().await;
     pg.batch_execute("DROP ROLE weir_full_role").await.expect("drop");
 }
+
+/// A login whose own settings turn standard_conforming_strings off (any role
+/// may do that to itself) would have PostgreSQL read `\'` in a plain string
+/// as a quote while Weir's statement checks read it as the string's end: a
+/// session change hidden in such a text would reach the next caller of the
+/// session unreset. Sessions start with the setting on.
+#[tokio::test]
+async fn strings_are_read_alike_by_weir_and_postgres() {
+    setup(
+        "DROP ROLE IF EXISTS weir_scs_off;
+         CREATE ROLE weir_scs_off LOGIN PASSWORD 'weir-scs-off';
+         ALTER ROLE weir_scs_off SET standard_conforming_strings = off;",
+    )
+    .await;
+    std::env::set_var("WEIR_TEST_SCS_PASSWORD", "weir-scs-off");
+    let source = format!(
+        "[tenants.scs.sources.pg]\nengine = \"postgres\"\nhost = \"{}\"\nport = {}\nuser = \"weir_scs_off\"\n\
+         database = \"{}\"\npassword_env = \"WEIR_TEST_SCS_PASSWORD\"\nread_only = true\n\
+         [tenants.scs.sources.pg.pool]\nmax_size = 1\n",
+        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_PG_PORT", "5432"),
+        env_or("WEIR_TEST_PG_DATABASE", "test"),
+    );
+    let server = TestServer::start(&tenant("scs", "", &source)).await;
+    let client = server.client("key-scs").await;
+    let smuggled = "SELECT '\\' ' , set_config($$application_name$$, $$weir_smuggled$$, false) , '\\' '";
+    let _ = client.execute("pg", smuggled, vec![]).await;
+    let name = client
+        .execute("pg", "SHOW application_name", vec![])
+        .await
+        .expect("show");
+    assert_ne!(text(&name.rows[0].values[0]), "weir_smuggled");
+    let plain = client
+        .execute("pg", "SELECT 'a\\b'", vec![])
+        .await
+        .expect("a backslash");
+    assert_eq!(text(&plain.rows[0].values[0]), "a\\b");
+    server.stop().await;
+    setup("DROP ROLE weir_scs_off;").await;
+}
+
+/// The session reset names pg_catalog's functions: a role whose own
+/// search_path puts another schema first (any role may set its own) would
+/// otherwise have its functions run in every reset, here failing them all.
+#[tokio::test]
+async fn the_session_reset_runs_pg_catalogs_functions_whatever_the_search_path() {
+    setup(
+        "DROP ROLE IF EXISTS weir_path_role;
+         CREATE ROLE weir_path_role LOGIN PASSWORD 'weir-path-role';
+         ALTER ROLE weir_path_role SET search_path = public, pg_catalog;
+         CREATE OR REPLACE FUNCTION public.pg_advisory_unlock_all() RETURNS void LANGUAGE plpgsql
+           AS $$ BEGIN RAISE EXCEPTION 'weir: the reset ran a function of the role''s'; END $$;
+         CREATE OR REPLACE FUNCTION public.quote_ident(text) RETURNS text LANGUAGE plpgsql
+           AS $$ BEGIN RAISE EXCEPTION 'weir: the reset ran a function of the role''s'; END $$;",
+    )
+    .await;
+    std::env::set_var("WEIR_TEST_PATH_PASSWORD", "weir-path-role");
+    let source = format!(
+        "[tenants.path.sources.pg]\nengine = \"postgres\"\nhost = \"{}\"\nport = {}\nuser = \"weir_path_role\"\n\
+         database = \"{}\"\npassword_env = \"WEIR_TEST_PATH_PASSWORD\"\n[tenants.path.sources.pg.pool]\nmax_size = 1\n",
+        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_PG_PORT", "5432"),
+        env_or("WEIR_TEST_PG_DATABASE", "test"),
+    );
+    let server = TestServer::start(&tenant("path", "", &source)).await;
+    let client = server.client("key-path").await;
+    // Each changes the session, so the next call is reset first.
+    for sql in [
+        "SELECT set_config('application_name', 'changed', false)",
+        "PREPARE weir_path_prepared AS SELECT 1",
+        "SELECT 1",
+    ] {
+        client.execute("pg", sql, vec![]).await.expect(sql);
+    }
+    server.stop().await;
+    setup(
+        "DROP FUNCTION public.pg_advisory_unlock_all(); DROP FUNCTION public.quote_ident(text);
+         DROP ROLE weir_path_role;",
+    )
+    .await;
+}

@@ -309,12 +309,16 @@ impl PostgresSource {
             config: pg.clone(),
             tls: tls.clone(),
         };
-        let mut options = Vec::new();
+        // A role may turn standard_conforming_strings off for itself; then
+        // PostgreSQL reads `\'` in a plain string as a quote, and the
+        // statement checks (which calls may change the session, which may
+        // share a connection) would read the text otherwise than it runs.
+        let mut options = vec!["-c standard_conforming_strings=on".to_string()];
         if config.read_only {
             // Enforced by the engine for every statement, whatever its text.
             options.push("-c default_transaction_read_only=on".to_string());
-            pg.options(options.join(" "));
         }
+        pg.options(options.join(" "));
         let multiplex = config.multiplex.as_ref().map(|m| {
             Multiplexer::new(
                 &Target {
@@ -415,13 +419,17 @@ impl StatementGuard {
 
 /// Returns a session to its connect-time state without dropping Weir's own
 /// prepared statements (DISCARD ALL would empty the statement cache): the
-/// callers' SQL-level ones (`PREPARE`) go one by one.
+/// callers' SQL-level ones (`PREPARE`) go one by one. Every name is
+/// pg_catalog's: a role whose search_path puts another schema first (any
+/// role may set its own) would have its functions, types or operators run
+/// in the reset instead.
 macro_rules! session_reset {
     () => {
-        "RESET ALL; SET SESSION AUTHORIZATION DEFAULT; UNLISTEN *; SELECT pg_advisory_unlock_all(); \
+        "RESET ALL; SET SESSION AUTHORIZATION DEFAULT; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); \
          DISCARD TEMP; CLOSE ALL; DISCARD SEQUENCES; \
-         DO $weir$ DECLARE s text; BEGIN FOR s IN SELECT name FROM pg_prepared_statements WHERE from_sql \
-         LOOP EXECUTE 'DEALLOCATE ' || quote_ident(s); END LOOP; END $weir$"
+         DO $weir$ DECLARE s pg_catalog.text; BEGIN FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements \
+         WHERE from_sql LOOP EXECUTE 'DEALLOCATE ' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(s); \
+         END LOOP; END $weir$"
     };
 }
 const SESSION_RESET: &str = session_reset!();

@@ -20,22 +20,45 @@ const READ_ONLY_STARTS: &[&str] = &["select", "with", "values", "table", "show"]
 
 /// Words that make a read-only-looking statement write or create something
 /// (`SELECT ... INTO` makes a table, a temporary one with `INTO TEMP`;
-/// data-modifying CTEs can fire triggers, which are user code).
+/// data-modifying CTEs can fire triggers, which are user code), or lock
+/// rows (`FOR UPDATE`, `FOR SHARE`, `FOR KEY SHARE`: on a shared connection
+/// a wait for a writer's lock would hold every statement behind it).
 #[rustfmt::skip]
-const WRITES: &[&str] = &["into", "insert", "update", "delete", "merge", "copy", "call", "do"];
+const WRITES: &[&str] = &["into", "insert", "update", "delete", "merge", "copy", "call", "do", "share"];
 
-/// Keywords that may stand before `(` without calling a function.
+/// Keywords that may stand before `(` without calling a function: reserved
+/// words and those no function may be named (PostgreSQL's col_name
+/// keywords). Unreserved ones (`rows`, `range`, `over`, `filter`, `cube`,
+/// ...) can name a user's function, so `SELECT rows(1)` is a call; `over`
+/// and `filter` are keywords only right after a call's `)`, and `by` only
+/// after `group`, `order` or `partition` (see `keyword_here`).
 #[rustfmt::skip]
 const KEYWORDS: &[&str] = &[
-    "all", "and", "any", "array", "as", "between", "by", "case", "cast", "coalesce", "cube", "distinct", "else",
-    "except", "exists", "extract", "filter", "from", "greatest", "grouping", "groups", "having", "ilike", "in",
-    "intersect", "is", "join", "lateral", "least", "like", "not", "nullif", "on", "or", "over", "overlay",
-    "partition", "position", "range", "rollup", "row", "rows", "select", "sets", "similar", "some", "substring",
-    "then", "treat", "trim", "union", "using", "values", "when", "where", "with", "within",
+    "all", "and", "any", "array", "as", "between", "case", "cast", "coalesce", "distinct", "else",
+    "except", "exists", "extract", "from", "greatest", "grouping", "having", "ilike", "in",
+    "intersect", "is", "join", "lateral", "least", "like", "not", "nullif", "on", "or", "overlay",
+    "position", "row", "select", "similar", "some", "substring",
+    "then", "treat", "trim", "union", "using", "values", "when", "where", "with",
     // Type names with a modifier, as in `::numeric(10, 2)`.
     "bit", "char", "character", "decimal", "float", "interval", "numeric", "time", "timestamp", "varchar",
-    "varying",
 ];
+
+/// Whether `word` before `(` is a keyword where it stands, `before` being
+/// the token before it (`)` or a word).
+fn keyword_here(word: &str, before: &Before) -> bool {
+    match (word, before) {
+        ("over" | "filter", Before::Close) => true,
+        ("by", Before::Word(w)) => matches!(w.as_str(), "group" | "order" | "partition"),
+        _ => KEYWORDS.contains(&word),
+    }
+}
+
+/// The token before a word, as far as `keyword_here` needs it.
+enum Before {
+    Close,
+    Word(String),
+    Other,
+}
 
 /// Built-in functions that read their arguments and the database, and
 /// change nothing in the session.
@@ -91,8 +114,10 @@ pub fn leaves_session_unchanged(sql: &str) -> bool {
         escape_string: false,
     };
     let mut first = true;
-    // The word just read and whether it was qualified by a schema other than pg_catalog.
-    let mut previous: Option<(String, bool)> = None;
+    // The word just read, whether it was qualified by a schema other than
+    // pg_catalog, and the token before it.
+    let mut previous: Option<(String, bool, Before)> = None;
+    let mut before = Before::Other;
     loop {
         let Some(token) = lexer.next() else {
             return false;
@@ -107,21 +132,22 @@ pub fn leaves_session_unchanged(sql: &str) -> bool {
                 if WRITES.contains(&w.as_str()) {
                     return false;
                 }
-                previous = Some((w, false));
+                previous = Some((w.clone(), false, std::mem::replace(&mut before, Before::Word(w))));
                 continue;
             }
             Token::Dot => {
                 // `schema.function(`: only pg_catalog's own functions are known.
                 if let Some(Token::Word(w)) = lexer.peek() {
                     lexer.next();
-                    let foreign = previous.take().is_none_or(|(schema, _)| schema != "pg_catalog");
-                    previous = Some((w, foreign));
+                    let foreign = previous.take().is_none_or(|(schema, ..)| schema != "pg_catalog");
+                    previous = Some((w.clone(), foreign, Before::Other));
+                    before = Before::Word(w);
                     continue;
                 }
             }
             Token::Open => {
-                if let Some((name, foreign)) = &previous {
-                    let known = KEYWORDS.contains(&name.as_str()) || PURE_FUNCTIONS.contains(&name.as_str());
+                if let Some((name, foreign, ahead)) = &previous {
+                    let known = PURE_FUNCTIONS.contains(&name.as_str()) || keyword_here(name, ahead);
                     if *foreign || !known {
                         return false;
                     }
@@ -134,9 +160,13 @@ pub fn leaves_session_unchanged(sql: &str) -> bool {
                 }
             }
             Token::Semicolon => return lexer.next() == Some(Token::End) && !first,
-            Token::Other => {}
+            Token::Close | Token::Other => {}
         }
         first = false;
+        before = match token {
+            Token::Close => Before::Close,
+            _ => Before::Other,
+        };
         previous = None;
     }
 }
@@ -146,6 +176,7 @@ enum Token {
     Word(String),
     QuotedName,
     Open,
+    Close,
     Dot,
     Semicolon,
     Other,
@@ -177,6 +208,7 @@ impl Lexer<'_> {
         self.i += 1;
         Some(match c {
             b'(' => Token::Open,
+            b')' => Token::Close,
             b'.' if !self.s.get(self.i).is_some_and(u8::is_ascii_digit) => Token::Dot,
             b';' => Token::Semicolon,
             b'\'' => {
@@ -359,6 +391,7 @@ mod tests {
             "SHOW search_path",
             "SELECT /* nested /* comment */ set_config( */ 1",
             "SELECT row_number() OVER (PARTITION BY a ORDER BY b) FROM t",
+            "SELECT count(*) FILTER (WHERE x > 1) FROM t GROUP BY (a, b) ORDER BY (a)",
             "SELECT \"Name\" FROM \"Mixed\".\"Table\"",
             "SELECT 1.5 + .5",
         ] {
@@ -378,6 +411,15 @@ mod tests {
             "SELECT * INTO TEMP t FROM u",
             "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
             "SELECT nextval('s')",
+            // Unreserved keywords name user functions as well.
+            "SELECT rows(1)",
+            "SELECT range(1), within(2)",
+            "SELECT x FROM t WHERE over(1) AND filter(2)",
+            "SELECT a, cube(1) FROM t",
+            "SELECT 1 FROM t ORDER BY by(1)",
+            // Row locks wait on writers: not for a shared connection.
+            "SELECT * FROM t FOR SHARE",
+            "SELECT * FROM t FOR KEY SHARE",
             "SET application_name = 'x'",
             "BEGIN",
             "LISTEN ch",

@@ -2109,3 +2109,46 @@ async fn mysql_receipt_tables_of_earlier_builds_compare_ids_exactly() {
     assert_eq!(kinds, ["varbinary", "varbinary"]);
     ctx.server.stop().await;
 }
+
+/// A load_id table without transactions (MyISAM, made by hand or by a server
+/// whose default engine is not InnoDB) would keep a failed load's claim, and
+/// its retry would be taken for a replay and load nothing: refused.
+#[tokio::test]
+async fn mysql_a_load_id_table_without_transactions_is_refused() {
+    use mysql_async::prelude::Queryable;
+    let mut direct = mysql_direct().await;
+    direct
+        .query_drop(
+            "DROP TABLE IF EXISTS weir_bulk_myisam_receipts; \
+             CREATE TABLE weir_bulk_myisam_receipts (`tenant` VARBINARY(255) NOT NULL, \
+             `load_id` VARBINARY(255) NOT NULL, `target` TEXT NOT NULL, `rows_inserted` BIGINT NOT NULL DEFAULT 0, \
+             `rows_updated` BIGINT NOT NULL DEFAULT 0, `bytes` BIGINT NOT NULL DEFAULT 0, \
+             `engine_path` VARCHAR(255) NOT NULL DEFAULT '', \
+             `committed_at` TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, PRIMARY KEY (`tenant`, `load_id`)) \
+             ENGINE=MyISAM",
+        )
+        .await
+        .expect("a ledger without transactions");
+    let config = format!(
+        "[bulk]\nload_id_table = \"weir_bulk_myisam_receipts\"\n{}",
+        Engine::Mysql.source("bulk", "")
+    );
+    let server = TestServer::start(&config).await;
+    let ctx = Ctx {
+        engine: Engine::Mysql,
+        client: server.client("key-bulk").await,
+        server,
+    };
+    ctx.table("weir_bulk_myisam_ids", 0).await;
+    let mut load = header("weir_bulk_myisam_ids", pb::BulkLoadMode::Append);
+    load.load_id = "once".into();
+    let err = ctx.load(load, vec![rows(0..2)]).await.expect_err("refused");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("ENGINE=InnoDB"), "{err:?}");
+    assert!(ctx.contents("weir_bulk_myisam_ids").await.is_empty());
+    direct
+        .query_drop("DROP TABLE weir_bulk_myisam_receipts")
+        .await
+        .expect("drop");
+    ctx.server.stop().await;
+}

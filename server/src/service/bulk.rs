@@ -19,7 +19,7 @@ use weir_proto::v1::load_request::Message as LoadMessage;
 
 use super::{bad, caller, convert, deadline_left, display_table, source, Gate};
 use crate::backend::bulk::{row_feed, Receipt, RowSender, Verdict};
-use crate::backend::{BackendError, Column, LoadMode, LoadOutcome, LoadSpec, Row, TableDescription};
+use crate::backend::{BackendError, Column, ColumnGeneration, LoadMode, LoadOutcome, LoadSpec, Row, TableDescription};
 use crate::config::BulkConfig;
 use crate::error::{Error, Result};
 use crate::tenant::{Caller, Revocation, Source};
@@ -150,6 +150,25 @@ fn resolve(header: &Header, table: &TableDescription) -> Result<(Vec<Column>, Ve
             return Err(bad(
                 "header.columns",
                 format!("column \"{}\" is named twice", column.name),
+            ));
+        }
+        // The engine fills these: some engines refuse them in a load, and
+        // PostgreSQL's COPY would store an ALWAYS identity's value without
+        // moving its sequence, so that later inserts collide with it.
+        let generation = table
+            .columns
+            .iter()
+            .find(|c| c.column.name == column.name)
+            .map(|c| c.generation);
+        let filled = match generation {
+            Some(ColumnGeneration::Computed) => Some("computed by the engine"),
+            Some(ColumnGeneration::IdentityAlways) => Some("an identity column the engine numbers"),
+            _ => None,
+        };
+        if let Some(filled) = filled {
+            return Err(bad(
+                "header.columns",
+                format!("column \"{}\" is {filled}: leave it out of the load", column.name),
             ));
         }
         columns.push(column.clone());
@@ -626,7 +645,7 @@ mod tests {
             ordinal,
             default_expression: String::new(),
             comment: String::new(),
-            generation: crate::backend::ColumnGeneration::None,
+            generation: ColumnGeneration::None,
             generation_expression: String::new(),
         };
         TableDescription {
@@ -686,6 +705,19 @@ mod tests {
         );
         let err = message(resolve(&header(&["id", "ID"], LoadMode::Append, &[]), &table()).unwrap_err());
         assert!(err.contains("named twice"), "{err}");
+    }
+
+    #[test]
+    fn columns_the_engine_fills_are_refused() {
+        let mut t = table();
+        t.columns[0].generation = ColumnGeneration::IdentityAlways;
+        t.columns[2].generation = ColumnGeneration::Computed;
+        for (column, says) in [("id", "identity"), ("v", "computed")] {
+            let err = message(resolve(&header(&[column], LoadMode::Append, &[]), &t).unwrap_err());
+            assert!(err.contains(says) && err.contains("leave it out"), "{err}");
+        }
+        t.columns[0].generation = ColumnGeneration::IdentityByDefault;
+        assert!(resolve(&header(&["id", "Code"], LoadMode::Append, &[]), &t).is_ok());
     }
 
     #[test]

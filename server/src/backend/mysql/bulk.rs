@@ -33,7 +33,10 @@ const DIALECT: Dialect = Dialect {
     text_type: "TEXT",
     int_type: "BIGINT",
     timestamp: "TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP",
-    create_new: "CREATE TABLE IF NOT EXISTS {table} ({body})",
+    // InnoDB whatever the server's default engine: a claim row of a load
+    // that failed must be rolled back with it, or its retry is taken for a
+    // replay and loads nothing.
+    create_new: "CREATE TABLE IF NOT EXISTS {table} ({body}) ENGINE=InnoDB",
     insert_new: "INSERT IGNORE INTO {table} ({columns}) VALUES ({values})",
 };
 
@@ -398,6 +401,24 @@ pub async fn load(
         }
         if !receipts_checked.load(Ordering::Relaxed) {
             upgrade_receipts(conn, &r.table).await?;
+            // One made by hand, or before ENGINE=InnoDB was given: a claim
+            // would outlive its load's rollback.
+            let ledger = LoadSpec {
+                schema: None,
+                table: r.table.clone(),
+                ..spec.clone()
+            };
+            if !load_data::transactional(conn, &ledger).await? {
+                return Err(BackendError::Engine {
+                    kind: crate::backend::EngineErrorKind::FailedPrecondition,
+                    code: String::new(),
+                    message: format!(
+                        "the load_id table {0} has no transactions (its storage engine is not InnoDB), so a failed \
+                         load's id would stay claimed: ALTER TABLE {0} ENGINE=InnoDB",
+                        r.table
+                    ),
+                });
+            }
             receipts_checked.store(true, Ordering::Relaxed);
         }
     }

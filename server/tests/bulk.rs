@@ -1137,6 +1137,23 @@ async fn mysql_loads_into_tables_without_transactions_use_inserts() {
         assert!(err.message().contains("ENGINE = InnoDB"), "{}", err.message());
         assert_eq!(ctx.contents("weir_bulk_myisam").await, before);
     }
+    // A bad row stops the statement where it is, and the rows before it stay
+    // (nothing undoes them here): they are not tried again one by one to
+    // name it, which would store them twice.
+    ctx.exec("DROP TABLE IF EXISTS weir_bulk_myisam_nokey").await;
+    ctx.exec(
+        "CREATE TABLE weir_bulk_myisam_nokey (id INT, name VARCHAR(20) NOT NULL, score INT CHECK (score >= 0)) \
+         ENGINE=MyISAM",
+    )
+    .await;
+    let mut batch = rows(0..10);
+    batch[5] = row(5, "n5", -1);
+    ctx.load(header("weir_bulk_myisam_nokey", pb::BulkLoadMode::Append), vec![batch])
+        .await
+        .expect_err("a row fails its CHECK");
+    let stored = ctx.contents("weir_bulk_myisam_nokey").await;
+    assert_eq!(stored.len(), 5, "each row before the bad one once: {stored:?}");
+    ctx.exec("DROP TABLE weir_bulk_myisam_nokey").await;
     ctx.server.stop().await;
 }
 

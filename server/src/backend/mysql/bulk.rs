@@ -141,10 +141,14 @@ pub(super) struct Writer<'s> {
     pending_first: u64,
     inserted: u64,
     updated: u64,
+    /// A failed statement is undone (the table has transactions), so its rows
+    /// may be tried one by one to name the bad one. In a MyISAM table the
+    /// rows before it stay, and trying them again would store them twice.
+    undone: bool,
 }
 
 impl<'s> Writer<'s> {
-    fn new(spec: &'s LoadSpec) -> Self {
+    fn new(spec: &'s LoadSpec, undone: bool) -> Self {
         let per_statement = rows_per_statement(spec);
         Self {
             spec,
@@ -154,6 +158,7 @@ impl<'s> Writer<'s> {
             pending_first: 0,
             inserted: 0,
             updated: 0,
+            undone,
         }
     }
 
@@ -204,7 +209,8 @@ impl<'s> Writer<'s> {
                 self.pending.clear();
                 Ok(())
             }
-            Err(e) => Err(locate(conn, self.spec, &rows, first, map_error(e)).await),
+            Err(e) if self.undone => Err(locate(conn, self.spec, &rows, first, map_error(e)).await),
+            Err(e) => Err(map_error(e)),
         }
     }
 
@@ -319,7 +325,8 @@ async fn load_in_transaction(
             .await
             .map_err(map_error)?;
     }
-    let mut writer = Writer::new(spec);
+    // Not asked for a plain upsert: trying its rows again only applies them again.
+    let mut writer = Writer::new(spec, transactional != Some(false));
     let written = match spec.mode {
         LoadMode::Upsert => write_all(&mut writer, conn, feed).await.map(|()| (0, false)),
         LoadMode::Append | LoadMode::Replace => {

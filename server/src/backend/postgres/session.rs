@@ -48,16 +48,27 @@ const KEYWORDS: &[&str] = &[
 fn keyword_here(word: &str, before: &Before) -> bool {
     match (word, before) {
         ("over" | "filter", Before::Close) => true,
-        ("by", Before::Word(w)) => matches!(w.as_str(), "group" | "order" | "partition"),
+        ("by", Before::Ordering) => true,
         _ => KEYWORDS.contains(&word),
     }
 }
 
 /// The token before a word, as far as `keyword_here` needs it.
+#[derive(Clone, Copy)]
 enum Before {
     Close,
-    Word(String),
+    /// `group`, `order` or `partition`.
+    Ordering,
     Other,
+}
+
+impl Before {
+    fn word(w: &str) -> Before {
+        match w {
+            "group" | "order" | "partition" => Before::Ordering,
+            _ => Before::Other,
+        }
+    }
 }
 
 /// Built-in functions that read their arguments and the database, and
@@ -132,7 +143,8 @@ pub fn leaves_session_unchanged(sql: &str) -> bool {
                 if WRITES.contains(&w.as_str()) {
                     return false;
                 }
-                previous = Some((w.clone(), false, std::mem::replace(&mut before, Before::Word(w))));
+                let next = Before::word(&w);
+                previous = Some((w, false, std::mem::replace(&mut before, next)));
                 continue;
             }
             Token::Dot => {
@@ -140,8 +152,8 @@ pub fn leaves_session_unchanged(sql: &str) -> bool {
                 if let Some(Token::Word(w)) = lexer.peek() {
                     lexer.next();
                     let foreign = previous.take().is_none_or(|(schema, ..)| schema != "pg_catalog");
-                    previous = Some((w.clone(), foreign, Before::Other));
-                    before = Before::Word(w);
+                    before = Before::word(&w);
+                    previous = Some((w, foreign, Before::Other));
                     continue;
                 }
             }

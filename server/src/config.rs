@@ -257,7 +257,7 @@ pub enum RedisFailure {
 }
 
 /// Limits shared by every replica.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GlobalLimitsConfig {
     /// Redis holding every tenant's request-rate bucket ("redis://host:6379/0").
@@ -270,6 +270,23 @@ pub struct GlobalLimitsConfig {
     /// First part of every key Weir writes ("<prefix>:gcra:<bucket>:<tenant>"):
     /// deployments sharing one Redis database give each its own.
     pub redis_key_prefix: String,
+}
+
+/// `redis_url` may carry a password (`redis://:secret@host`): printed
+/// without it, so that no debug line of a configuration shows it.
+impl std::fmt::Debug for GlobalLimitsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = self.redis_url.as_deref().map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => format!("{}://<credentials>@{}", &u[..scheme], &u[at + 1..]),
+            _ => u.to_string(),
+        });
+        f.debug_struct("GlobalLimitsConfig")
+            .field("redis_url", &url)
+            .field("redis_timeout", &self.redis_timeout)
+            .field("on_redis_failure", &self.on_redis_failure)
+            .field("redis_key_prefix", &self.redis_key_prefix)
+            .finish()
+    }
 }
 
 impl Default for GlobalLimitsConfig {
@@ -1109,6 +1126,17 @@ impl SourceConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redis_password_is_not_printed() {
+        let config = Config::from_toml("[limits]\nredis_url = \"rediss://weir:hunter2@redis.internal:6380/0\"\n")
+            .expect("config");
+        let printed = format!("{config:?}");
+        assert!(
+            !printed.contains("hunter2") && printed.contains("redis.internal:6380/0"),
+            "{printed}"
+        );
+    }
 
     #[test]
     fn kafka_secrets_stay_out_of_kafka_options() {

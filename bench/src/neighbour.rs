@@ -66,7 +66,7 @@ fn flood(addr: String, key: &'static str, rows: i64, stop: Arc<AtomicBool>) -> F
             .enable_all()
             .build()?;
         runtime.block_on(async move {
-            let noisy = WeirClient::connect(&addr, key).await?;
+            let noisy = WeirClient::connect(&addr, key).await?.uncompressed();
             let (admitted, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
             let mut tasks = Vec::new();
             for _ in 0..NOISY_CALLERS {

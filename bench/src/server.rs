@@ -170,8 +170,10 @@ topic_prefix = "weir-bench-"
         })
     }
 
+    /// A client that asks for no compression: the figures measure plain
+    /// answers (the compression figure asks for zstd itself).
     pub async fn client(&self) -> anyhow::Result<WeirClient> {
-        Ok(WeirClient::connect(&self.addr, KEY).await?)
+        Ok(WeirClient::connect(&self.addr, KEY).await?.uncompressed())
     }
 
     /// The server's process id, while it runs.

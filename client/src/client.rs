@@ -7,6 +7,7 @@ use arrow_ipc::reader::StreamDecoder;
 use arrow_schema::SchemaRef;
 
 use tokio_stream::{Stream, StreamExt};
+use tonic::codec::CompressionEncoding;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -27,6 +28,7 @@ use weir_proto::v1::{
     TestConnectionResponse, Value,
 };
 
+use crate::status::REQUEST_ID;
 use crate::transport::{self, H2Channel, Settings, Tls};
 
 /// A channel that authenticates every call with the API key.
@@ -140,6 +142,8 @@ impl std::fmt::Debug for TlsOptions {
 pub struct WeirClient {
     /// For calls made without a generated client (raw result streams).
     channel: AuthChannel,
+    /// Answers may come compressed (see [`WeirClient::uncompressed`]).
+    compressed: bool,
     query: QueryServiceClient<AuthChannel>,
     schema: SchemaServiceClient<AuthChannel>,
     bulk: BulkLoadServiceClient<AuthChannel>,
@@ -203,23 +207,48 @@ impl WeirClient {
                 addr: addr.clone(),
                 source: reason.into(),
             })?;
-        let auth_channel = InterceptedService::new(channel.clone(), interceptor.clone());
-        let query = QueryServiceClient::with_interceptor(channel.clone(), interceptor.clone())
-            .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
-        let schema = SchemaServiceClient::with_interceptor(channel.clone(), interceptor.clone())
-            .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
-        let bulk = BulkLoadServiceClient::with_interceptor(channel.clone(), interceptor.clone())
-            .max_encoding_message_size(MAX_DECODING_MESSAGE_SIZE);
-        let stream = StreamServiceClient::with_interceptor(channel, interceptor)
-            .max_encoding_message_size(MAX_DECODING_MESSAGE_SIZE)
-            .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
-        Ok(WeirClient {
-            channel: auth_channel,
-            query,
-            schema,
-            bulk,
-            stream,
-        })
+        Ok(WeirClient::with_channel(
+            InterceptedService::new(channel, interceptor),
+            true,
+        ))
+    }
+
+    /// The clients of `channel`; `compressed`: every call names gzip and
+    /// zstd as encodings it accepts, so a server with `server.compression`
+    /// set compresses its answers.
+    fn with_channel(channel: AuthChannel, compressed: bool) -> WeirClient {
+        macro_rules! accepting {
+            ($client:expr) => {{
+                let client = $client;
+                if compressed {
+                    client
+                        .accept_compressed(CompressionEncoding::Gzip)
+                        .accept_compressed(CompressionEncoding::Zstd)
+                } else {
+                    client
+                }
+            }};
+        }
+        WeirClient {
+            query: accepting!(QueryServiceClient::new(channel.clone()))
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
+            schema: accepting!(SchemaServiceClient::new(channel.clone()))
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
+            bulk: accepting!(BulkLoadServiceClient::new(channel.clone()))
+                .max_encoding_message_size(MAX_DECODING_MESSAGE_SIZE),
+            stream: accepting!(StreamServiceClient::new(channel.clone()))
+                .max_encoding_message_size(MAX_DECODING_MESSAGE_SIZE)
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
+            channel,
+            compressed,
+        }
+    }
+
+    /// The same client (and connection), its answers never compressed
+    /// whatever `server.compression` says: on a fast network compressing
+    /// only costs CPU. A generated client's `accept_compressed` still asks.
+    pub fn uncompressed(&self) -> WeirClient {
+        WeirClient::with_channel(self.channel.clone(), false)
     }
 
     /// The generated QueryService client, for calls the helpers do not cover.
@@ -308,8 +337,7 @@ impl WeirClient {
     /// Runs one statement and streams its result in batches.
     pub async fn execute_stream(&self, source: &str, sql: &str, params: Vec<Value>) -> Result<ResultStream, Status> {
         let request = stream_request(source, sql, params);
-        let stream = self.query().execute_stream(request).await?.into_inner();
-        ResultStream::new(stream).await
+        ResultStream::from_response(self.query().execute_stream(request).await?).await
     }
 
     /// Like [`Self::execute_stream`], with each batch left in wire form: its
@@ -325,16 +353,18 @@ impl WeirClient {
         let request = stream_request(source, sql, params);
         let mut grpc =
             tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
+        if self.compressed {
+            grpc = grpc
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd);
+        }
         grpc.ready()
             .await
             .map_err(|e| Status::unavailable(format!("the connection is not ready: {e}")))?;
         let codec = tonic_prost::ProstCodec::<ExecuteStreamRequest, RawExecuteStreamResponse>::default();
         let path = PathAndQuery::from_static("/weir.v1.QueryService/ExecuteStream");
-        let stream = grpc
-            .server_streaming(Request::new(request), path, codec)
-            .await?
-            .into_inner();
-        ResultStream::new(stream).await
+        let response = grpc.server_streaming(Request::new(request), path, codec).await?;
+        ResultStream::from_response(response).await
     }
 
     /// Like [`Self::execute_stream`], with the rows as Arrow record batches
@@ -350,9 +380,9 @@ impl WeirClient {
             format: ResultFormat::ArrowIpc.into(),
             ..stream_request(source, sql, params)
         };
-        let stream = self.query().execute_stream(request).await?.into_inner();
+        let response = self.query().execute_stream(request).await?;
         Ok(ArrowStream {
-            rows: ResultStream::new(stream).await?,
+            rows: ResultStream::from_response(response).await?,
             decoder: StreamDecoder::new(),
             unread: None,
             ended: false,
@@ -447,6 +477,9 @@ pub struct ResultStream<M = ExecuteStreamResponse> {
     columns: Vec<Column>,
     stats: Option<QueryStats>,
     done: bool,
+    /// The server's `x-request-id`, from the response headers, for errors
+    /// that come later in trailers without it.
+    request_id: Option<MetadataValue<Ascii>>,
 }
 
 /// What one `ExecuteStream` message carries, however its rows are decoded.
@@ -494,7 +527,20 @@ impl StreamMessage for RawExecuteStreamResponse {
 impl<M: StreamMessage> ResultStream<M> {
     /// Reads the leading `ResultMetadata` message of an `ExecuteStream` call,
     /// for callers that issue the call themselves through [`WeirClient::query`].
-    pub async fn new(mut stream: Streaming<M>) -> Result<Self, Status> {
+    pub async fn new(stream: Streaming<M>) -> Result<Self, Status> {
+        Self::begin(stream, None).await
+    }
+
+    /// Like [`Self::new`], keeping the response's request id for its errors.
+    async fn from_response(response: tonic::Response<Streaming<M>>) -> Result<Self, Status> {
+        let request_id = response.metadata().get(REQUEST_ID).cloned();
+        let stream = response.into_inner();
+        Self::begin(stream, request_id.clone())
+            .await
+            .map_err(|status| with_request_id(status, request_id.as_ref()))
+    }
+
+    async fn begin(mut stream: Streaming<M>, request_id: Option<MetadataValue<Ascii>>) -> Result<Self, Status> {
         let Some(first) = stream.message().await? else {
             return Err(protocol_violation("the stream ended before result metadata"));
         };
@@ -511,6 +557,7 @@ impl<M: StreamMessage> ResultStream<M> {
             columns,
             stats: None,
             done: false,
+            request_id,
         })
     }
 
@@ -532,6 +579,11 @@ impl<M: StreamMessage> ResultStream<M> {
     /// The next row batch or Arrow IPC piece, or `None` once the stream
     /// ended with its statistics.
     async fn next_rows(&mut self) -> Result<Option<Part<M::Batch>>, Status> {
+        let next = self.read_rows().await;
+        next.map_err(|status| with_request_id(status, self.request_id.as_ref()))
+    }
+
+    async fn read_rows(&mut self) -> Result<Option<Part<M::Batch>>, Status> {
         while !self.done {
             let Some(message) = self.stream.message().await? else {
                 self.done = true;
@@ -664,6 +716,16 @@ fn stream_request(source: &str, sql: &str, params: Vec<Value>) -> ExecuteStreamR
         params,
         ..Default::default()
     }
+}
+
+/// `status` with the call's request id, unless it has one.
+fn with_request_id(mut status: Status, id: Option<&MetadataValue<Ascii>>) -> Status {
+    if let Some(id) = id {
+        if !status.metadata().contains_key(REQUEST_ID) {
+            status.metadata_mut().insert(REQUEST_ID, id.clone());
+        }
+    }
+    status
 }
 
 fn protocol_violation(what: &str) -> Status {
@@ -936,6 +998,96 @@ mod tests {
             served.push(response.rows[0].values[0].clone());
         }
         served
+    }
+
+    /// Answers a request on a raw h2 server with one `ExecuteResponse` holding `text`.
+    fn answer(mut respond: h2::server::SendResponse<bytes::Bytes>, text: &str) {
+        let head = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .expect("head");
+        let mut send = respond.send_response(head, false).expect("headers sent");
+        let message = prost::Message::encode_to_vec(&ExecuteResponse {
+            rows: vec![Row {
+                values: vec![text.into()],
+            }],
+            ..Default::default()
+        });
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&message);
+        send.send_data(framed.into(), false).expect("message sent");
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        send.send_trailers(trailers).expect("trailers sent");
+    }
+
+    #[tokio::test]
+    async fn a_call_the_server_refused_before_running_it_is_sent_again() {
+        let (listener, addr) = local_listener().await;
+        // Refuses the first stream with REFUSED_STREAM, then answers.
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let mut connection = h2::server::handshake(socket).await.expect("HTTP/2 handshake");
+            let mut calls = 0;
+            while let Some(Ok((_, mut respond))) = connection.accept().await {
+                calls += 1;
+                if calls == 1 {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                } else {
+                    answer(respond, "second");
+                    // Serves the connection until the client is done with it.
+                    tokio::spawn(async move { while connection.accept().await.is_some() {} });
+                    return calls;
+                }
+            }
+            calls
+        });
+        let client = WeirClient::connect(&addr.to_string(), "secret").await.expect("connect");
+        let response = client.execute("src", "x", vec![]).await.expect("sent again, answered");
+        assert_eq!(response.rows[0].values[0], Value::from("second"));
+        assert_eq!(server.await.expect("the server"), 2);
+    }
+
+    #[tokio::test]
+    async fn a_call_beyond_a_goaway_is_sent_again_on_a_new_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (listener, addr) = local_listener().await;
+        // The first connection, in raw frames: GOAWAY with last stream 0 as
+        // soon as the call's HEADERS come, so the call was never run.
+        let first = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut preface = [0u8; 24];
+            socket.read_exact(&mut preface).await.expect("preface");
+            // An empty SETTINGS.
+            socket.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.expect("settings");
+            loop {
+                let mut header = [0u8; 9];
+                socket.read_exact(&mut header).await.expect("a frame");
+                let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+                let mut payload = vec![0u8; length];
+                socket.read_exact(&mut payload).await.expect("its payload");
+                match (header[3], header[4] & 1) {
+                    // SETTINGS: acknowledged.
+                    (4, 0) => socket.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.expect("ack"),
+                    // HEADERS: GOAWAY, last stream 0, NO_ERROR.
+                    (1, _) => {
+                        let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                        socket.write_all(&goaway).await.expect("goaway");
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            // Held open: the client must not wait for it to close.
+            (listener, socket)
+        });
+        let client = WeirClient::connect(&addr.to_string(), "secret").await.expect("connect");
+        let call = tokio::spawn(async move { client.execute("src", "x", vec![]).await });
+        let (listener, _held) = first.await.expect("the first connection");
+        let (_stop, _server) = serve(listener);
+        let response = call.await.expect("the call").expect("served on a new connection");
+        assert_eq!(response.rows[0].values[0], Value::from("Bearer secret"));
     }
 
     #[tokio::test]

@@ -222,11 +222,24 @@ pub fn from_json(raw: &RawValue, column: &Column) -> Result<Value, String> {
             _ if ty == ColumnType::Json => value(Kind::JsonValue(text.to_string())),
             J::Bool(b) => value(Kind::BoolValue(b)),
             J::String(s) => from_text(&s, column)?,
+            // Bytes as `weirctl query --format json` writes them.
+            J::Object(o) if matches!(ty, ColumnType::Bytes | ColumnType::Dynamic) => match hex_object(&o) {
+                Some(bytes) => value(Kind::BytesValue(bytes)),
+                None => return Err(format!("{text} is not bytes ({{\"hex\": \"...\"}} or a hex string)")),
+            },
             // An object or array as written, numbers and all.
             _ if ty == ColumnType::String => value(Kind::StringValue(text.to_string())),
             _ => return Err(misfit()),
         },
     )
+}
+
+/// The bytes of `{"hex": "..."}`.
+fn hex_object(object: &serde_json::Map<String, serde_json::Value>) -> Option<Vec<u8>> {
+    match object.get("hex") {
+        Some(serde_json::Value::String(text)) if object.len() == 1 => hex::decode(text).ok(),
+        _ => None,
+    }
 }
 
 /// A source of rows: the column names it carries and the rows themselves.
@@ -760,6 +773,38 @@ mod tests {
             assert_eq!(json(text), Some(Kind::JsonValue(text.into())), "{text}");
         }
         assert_eq!(json("null"), Some(Kind::Null(true)));
+    }
+
+    #[test]
+    fn bytes_read_back_as_json_output_writes_them() {
+        let mut list = col("l", ColumnType::List);
+        list.element_type = ColumnType::Bytes as i32;
+        let columns = [col("b", ColumnType::Bytes), col("any", ColumnType::Dynamic), list];
+        let values = vec![
+            Value::from(vec![0xde, 0xad, 0x01]),
+            Value::from(vec![0xff]),
+            Value::from(Kind::ListValue(ListValue {
+                values: vec![Value::from(vec![0x41]), Value::null()],
+            })),
+        ];
+        let line = crate::output::row_json(&columns, &Row { values: values.clone() }).expect("a line");
+        assert_eq!(
+            line,
+            r#"{"b":{"hex":"dead01"},"any":{"hex":"ff"},"l":[{"hex":"41"},null]}"#
+        );
+        let mut reader = JsonLinesReader::new(line.as_bytes()).expect("first line");
+        let matched = match_columns(reader.column_names(), &columns).expect("columns");
+        let row = reader.next_row(&matched).expect("row").expect("parses");
+        for (c, value) in matched.iter().zip(&row.values) {
+            let i = columns.iter().position(|o| o.name == c.name).expect("a column");
+            assert_eq!(value, &values[i], "{}", c.name);
+        }
+        // Hex text still reads as bytes; other objects do not.
+        let raw = |t: &str| serde_json::from_str::<Box<RawValue>>(t).expect("json");
+        assert_eq!(from_json(&raw("\"\\\\x41\""), &columns[0]), Ok(Value::from(vec![0x41])));
+        for bad in [r#"{"hex":"zz"}"#, r#"{"hex":"41","x":1}"#, r#"{"b64":"QQ=="}"#] {
+            assert!(from_json(&raw(bad), &columns[0]).is_err(), "{bad}");
+        }
     }
 
     #[test]

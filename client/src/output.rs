@@ -295,7 +295,7 @@ const EXACT_IN_A_DOUBLE: u64 = 1 << 53;
 
 /// Integers past what JSON readers' doubles hold exactly (2^53) and decimals
 /// are strings so that they stay exact, as in Protobuf's JSON mapping;
-/// `weirctl load` reads them back from strings.
+/// `weirctl load` reads them back from strings. Bytes are `{"hex": "..."}`.
 fn write_json_value(buf: &mut Vec<u8>, value: &Value) -> io::Result<()> {
     let Some(kind) = &value.kind else {
         buf.extend_from_slice(b"null");
@@ -311,7 +311,8 @@ fn write_json_value(buf: &mut Vec<u8>, value: &Value) -> io::Result<()> {
             // JSON has no NaN or infinities.
             None => serde_json::to_writer(&mut *buf, &value.to_string())?,
         },
-        Kind::BytesValue(bytes) => serde_json::to_writer(&mut *buf, &hex::encode(bytes))?,
+        // Not a bare hex string, which text could be too; `weirctl load` reads it back.
+        Kind::BytesValue(bytes) => write!(buf, "{{\"hex\":\"{}\"}}", hex::encode(bytes))?,
         Kind::StringValue(s) | Kind::DecimalValue(s) | Kind::UuidValue(s) => serde_json::to_writer(&mut *buf, s)?,
         Kind::JsonValue(text) => {
             if serde_json::from_str::<serde_json::Value>(text).is_ok() {
@@ -602,7 +603,7 @@ null,bool,int,uint,float,text,bytes,decimal,date,time,timestamp,interval,uuid,js
     fn json_shows_every_variant() {
         let expected = concat!(
             r#"{"null":null,"bool":true,"int":-42,"uint":"18446744073709551615","#,
-            r#""float":1.5,"text":"a,\"b\"\nc","bytes":"dead01","decimal":"-12345.6789","#,
+            r#""float":1.5,"text":"a,\"b\"\nc","bytes":{"hex":"dead01"},"decimal":"-12345.6789","#,
             r#""date":"2024-02-29","time":"12:34:56.5","timestamp":"2023-11-14T22:13:20.123Z","#,
             r#""interval":"1 mon 2 days 00:00:01.5","uuid":"123e4567-e89b-12d3-a456-426614174000","#,
             r#""json":{"a":[1,2.50],"b":"x y\""},"list":[1,null,3]}"#,

@@ -5,8 +5,8 @@ use tonic_types::StatusExt;
 
 /// Describes `status` on one line, for example
 /// `NOT_FOUND: source "x" not found (reason SOURCE_NOT_FOUND)`, appending the
-/// `google.rpc.ErrorInfo` reason and metadata (such as `sqlstate`) when the
-/// status carries them.
+/// `google.rpc.ErrorInfo` reason and metadata (such as `sqlstate`), the
+/// retry delay and the server's `x-request-id` when the status carries them.
 pub fn describe_status(status: &Status) -> String {
     let mut line = code_name(status.code()).to_owned();
     // Engine messages may span lines (PostgreSQL's DETAIL and HINT).
@@ -36,11 +36,18 @@ pub fn describe_status(status: &Status) -> String {
     if let Some(delay) = error_details.retry_info().and_then(|r| r.retry_delay) {
         details.push(format!("retry after {:.1} s", delay.as_secs_f64()));
     }
+    // What the server's logs name the call by.
+    if let Some(id) = status.metadata().get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        details.push(format!("request id {id}"));
+    }
     if !details.is_empty() {
         line.push_str(&format!(" ({})", details.join(", ")));
     }
     line
 }
+
+/// The header the server answers every call's request id in.
+pub(crate) const REQUEST_ID: &str = "x-request-id";
 
 /// The canonical upper-case name, as in the gRPC specification.
 pub fn code_name(code: Code) -> &'static str {
@@ -110,6 +117,23 @@ mod tests {
             describe_status(&status),
             "RESOURCE_EXHAUSTED: rate limit (reason RATE_LIMITED, retry after 0.8 s)"
         );
+    }
+
+    #[test]
+    fn appends_the_request_id_last() {
+        let mut status = with_info(Code::NotFound, "no table", "ENGINE_OBJECT_NOT_FOUND", &[]);
+        status
+            .metadata_mut()
+            .insert("x-request-id", "order-4711".parse().expect("header value"));
+        assert_eq!(
+            describe_status(&status),
+            "NOT_FOUND: no table (reason ENGINE_OBJECT_NOT_FOUND, request id order-4711)"
+        );
+        let mut plain = Status::internal("boom");
+        plain
+            .metadata_mut()
+            .insert("x-request-id", "r1".parse().expect("header value"));
+        assert_eq!(describe_status(&plain), "INTERNAL: boom (request id r1)");
     }
 
     #[test]

@@ -6,15 +6,16 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use h2::{Reason, RecvStream, SendStream};
+use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
 use http::uri::{Authority, Scheme, Uri};
-use http::{HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body as _, Frame};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -98,6 +99,12 @@ const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
     .with_interval(Duration::from_secs(10))
     .with_retries(3);
 
+/// The same minute for data the server never acknowledges (TCP_USER_TIMEOUT):
+/// the kernel sends no keepalive probe while data is in flight, and would
+/// retransmit it for about 15 minutes.
+#[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+const USER_TIMEOUT: Duration = Duration::from_secs(30 + 10 * 3);
+
 static USER_AGENT: HeaderValue = HeaderValue::from_static(concat!("weir-client/", env!("CARGO_PKG_VERSION")));
 
 impl tower::Service<Request<Body>> for H2Channel {
@@ -132,91 +139,156 @@ impl std::fmt::Debug for H2Channel {
 struct Shared {
     authority: Authority,
     settings: Settings,
-    /// The open connection and its number; None once it is known to be lost.
-    current: Mutex<Option<(u64, SendRequest<Bytes>)>>,
+    /// The open connection; None once it is known to be lost.
+    current: Mutex<Option<Conn>>,
     /// Held while connecting, so that callers who find the connection lost
     /// at the same moment open one new connection, not one each.
-    connecting: tokio::sync::Mutex<u64>,
+    connecting: tokio::sync::Mutex<Attempts>,
+    /// Connection attempts finished so far (changed under `connecting`).
+    attempts: AtomicU64,
+}
+
+/// What connecting has given so far.
+#[derive(Default)]
+struct Attempts {
+    /// The number of the last connection opened.
+    generation: u64,
+    /// Why the last attempt failed; None after one that succeeded.
+    last_error: Option<String>,
+}
+
+/// An open connection: its number, the handle that opens streams on it,
+/// and its PINGs (h2 allows one at a time).
+#[derive(Clone)]
+struct Conn {
+    generation: u64,
+    sender: SendRequest<Bytes>,
+    pings: Arc<tokio::sync::Mutex<PingPong>>,
+}
+
+/// Put in a request's extensions, fired once the whole request body has
+/// been sent and the server's HTTP/2 layer has read it; dropped unfired
+/// when the request stream ends otherwise.
+#[derive(Clone)]
+pub(crate) struct SentNotice(Arc<Mutex<Option<oneshot::Sender<()>>>>);
+
+impl SentNotice {
+    pub(crate) fn new() -> (SentNotice, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        (SentNotice(Arc::new(Mutex::new(Some(tx)))), rx)
+    }
+
+    fn fire(&self) {
+        if let Some(tx) = self.0.lock().ok().and_then(|mut tx| tx.take()) {
+            let _ = tx.send(());
+        }
+    }
 }
 
 impl H2Channel {
     /// Opens the connection to `authority` ("host:port"); the error says why it could not.
     pub(crate) async fn connect(authority: Authority, settings: Settings) -> Result<H2Channel, String> {
-        let channel = H2Channel {
-            shared: Arc::new(Shared {
-                authority,
-                settings,
-                current: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(0),
-            }),
-        };
+        let channel = H2Channel::new(authority, settings);
         channel.connected().await?;
         Ok(channel)
     }
 
-    fn current(&self) -> Option<(u64, SendRequest<Bytes>)> {
+    /// A channel whose first call connects.
+    fn new(authority: Authority, settings: Settings) -> H2Channel {
+        H2Channel {
+            shared: Arc::new(Shared {
+                authority,
+                settings,
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(Attempts::default()),
+                attempts: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn current(&self) -> Option<Conn> {
         self.shared.current.lock().ok()?.clone()
     }
 
     /// The open connection, or a new one when the last was lost.
-    async fn sender(&self) -> Result<(u64, SendRequest<Bytes>), Status> {
+    async fn sender(&self) -> Result<Conn, Status> {
         self.connected()
             .await
             .map_err(|reason| Status::unavailable(format!("cannot connect to {}: {reason}", self.shared.authority)))
     }
 
     /// Like [`Self::sender`], failing with the reason alone.
-    async fn connected(&self) -> Result<(u64, SendRequest<Bytes>), String> {
+    async fn connected(&self) -> Result<Conn, String> {
         if let Some(current) = self.current() {
             return Ok(current);
         }
-        let mut generation = self.shared.connecting.lock().await;
+        let seen = self.shared.attempts.load(Ordering::Acquire);
+        let mut attempts = self.shared.connecting.lock().await;
         if let Some(current) = self.current() {
             return Ok(current);
         }
-        let sender = open(&self.shared.authority, &self.shared.settings).await?;
-        *generation += 1;
+        // An attempt that failed while this caller waited answers it too:
+        // queued callers do not each wait out a connect timeout in turn.
+        if self.shared.attempts.load(Ordering::Acquire) != seen {
+            if let Some(reason) = &attempts.last_error {
+                return Err(reason.clone());
+            }
+        }
+        let opened = open(&self.shared.authority, &self.shared.settings).await;
+        self.shared.attempts.fetch_add(1, Ordering::Release);
+        let (sender, pings) = opened.inspect_err(|reason| attempts.last_error = Some(reason.clone()))?;
+        attempts.last_error = None;
+        attempts.generation += 1;
+        let conn = Conn {
+            generation: attempts.generation,
+            sender,
+            pings: Arc::new(tokio::sync::Mutex::new(pings)),
+        };
         if let Ok(mut current) = self.shared.current.lock() {
-            *current = Some((*generation, sender.clone()));
+            *current = Some(conn.clone());
         }
-        Ok((*generation, sender))
+        Ok(conn)
     }
 
     /// Forgets connection `generation` (unless a newer one replaced it).
     fn lost(&self, generation: u64) {
         if let Ok(mut current) = self.shared.current.lock() {
-            if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+            if current.as_ref().is_some_and(|c| c.generation == generation) {
                 *current = None;
             }
         }
     }
 
     /// Sends the request's head once a connection can take another stream.
-    /// A connection found lost while waiting has sent nothing of the
-    /// request, so it is tried once more on a new connection.
-    async fn open_stream(&self, head: Request<()>) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), Status> {
+    /// A connection found lost or going away (GOAWAY) before the head went
+    /// out has sent nothing of the request, so it is tried once more on a
+    /// new connection.
+    async fn open_stream(
+        &self,
+        head: &Request<()>,
+    ) -> Result<(Conn, h2::client::ResponseFuture, SendStream<Bytes>), Status> {
         let mut retried = false;
         loop {
-            let (generation, sender) = self.sender().await?;
-            match sender.ready().await {
-                Ok(mut sender) => {
-                    return sender.send_request(head, false).map_err(|e| {
-                        // A connection going away takes no new streams: the
-                        // next call opens another.
-                        if e.is_go_away() || e.is_io() {
-                            self.lost(generation);
+            let conn = self.sender().await?;
+            let failed = match conn.sender.clone().ready().await {
+                Ok(mut sender) => match sender.send_request(copy_head(head), false) {
+                    Ok((response, send)) => return Ok((conn, response, send)),
+                    // GOAWAY came after `ready`: the stream was never opened.
+                    Err(e) if e.is_go_away() => e,
+                    Err(e) => {
+                        if e.is_io() {
+                            self.lost(conn.generation);
                         }
-                        status(e)
-                    });
-                }
-                Err(e) => {
-                    self.lost(generation);
-                    if retried {
                         return Err(status(e));
                     }
-                    retried = true;
-                }
+                },
+                Err(e) => e,
+            };
+            self.lost(conn.generation);
+            if retried {
+                return Err(status(failed));
             }
+            retried = true;
         }
     }
 
@@ -266,53 +338,140 @@ impl H2Channel {
         request: Request<Body>,
         deadline: Option<(tokio::time::Instant, Duration)>,
     ) -> Result<Response<Body>, BoxError> {
-        let (head, mut body) = request.into_parts();
+        let (mut head, mut body) = request.into_parts();
+        let mut notice = head.extensions.remove::<SentNotice>();
         // Read before the stream opens: opening it wakes the connection task,
         // which then finds the whole of a unary request queued and writes it
         // in one go, instead of the headers alone and the message after.
         let (ready, ended) = ready_frames(&mut body).await?;
-        let (response, mut send) = self.open_stream(self.head(head)).await?;
-        let last = ready.len();
-        for (i, frame) in ready.into_iter().enumerate() {
-            // A failed send shows in the response, which says why.
-            let _ = send_frame(&mut send, frame, ended && i + 1 == last);
-        }
-        if ended && last == 0 {
-            let _ = send.send_data(Bytes::new(), true);
-        }
+        let head = self.head(head);
         let (cancel, cancelled) = oneshot::channel();
-        if !ended {
-            // A request stream goes on from a task of its own once it waits.
-            let mut upload = Upload { body, send, cancelled };
-            match poll_fn(|cx| Poll::Ready(Pin::new(&mut upload).poll(cx))).await {
-                Poll::Ready(Err(e)) => return Err(e.into()),
-                Poll::Ready(Ok(())) => {}
-                Poll::Pending => {
-                    tokio::spawn(upload);
+        let mut upload = (!ended).then_some((body, cancelled));
+        // Only a request held whole can be sent again.
+        let mut retried = !ended;
+        loop {
+            let (conn, response, mut send) = self.open_stream(&head).await?;
+            let last = ready.len();
+            for (i, piece) in ready.iter().enumerate() {
+                // A failed send shows in the response, which says why.
+                let _ = piece.clone().send(&mut send, ended && i + 1 == last);
+            }
+            if ended && last == 0 {
+                let _ = send.send_data(Bytes::new(), true);
+            }
+            if let Some((body, cancelled)) = upload.take() {
+                // A request stream goes on from a task of its own once it waits.
+                let mut upload = Upload { body, send, cancelled };
+                match poll_fn(|cx| Poll::Ready(Pin::new(&mut upload).poll(cx))).await {
+                    Poll::Ready(Err(e)) => return Err(e.into()),
+                    Poll::Ready(Ok(sent)) => {
+                        if let Some(notice) = notice.take().filter(|_| sent) {
+                            tokio::spawn(confirm(conn.pings.clone(), notice));
+                        }
+                    }
+                    Poll::Pending => {
+                        let (pings, notice) = (conn.pings.clone(), notice.take());
+                        tokio::spawn(async move {
+                            if let (Ok(true), Some(notice)) = (upload.await, notice) {
+                                confirm(pings, notice).await;
+                            }
+                        });
+                    }
                 }
+            } else if let Some(notice) = notice.take() {
+                tokio::spawn(confirm(conn.pings.clone(), notice));
+            }
+            match response.await {
+                Ok(response) => {
+                    return Ok(response.map(|recv| {
+                        Body::new(Download {
+                            recv,
+                            data_done: false,
+                            deadline: deadline.map(|(at, timeout)| (Box::pin(tokio::time::sleep_until(at)), timeout)),
+                            expired: false,
+                            _cancel: cancel,
+                        })
+                    }))
+                }
+                // Refused before it ran: sent once more, on a new connection
+                // when this one is going away.
+                Err(e) if !retried && unprocessed(&e) => {
+                    if e.is_go_away() {
+                        self.lost(conn.generation);
+                    }
+                    retried = true;
+                }
+                Err(e) => return Err(status(e).into()),
             }
         }
-        let response = response.await.map_err(status)?;
-        Ok(response.map(|recv| {
-            Body::new(Download {
-                recv,
-                data_done: false,
-                deadline: deadline.map(|(at, timeout)| (Box::pin(tokio::time::sleep_until(at)), timeout)),
-                expired: false,
-                _cancel: cancel,
-            })
-        }))
     }
+}
+
+/// A frame of a request body, kept to be sent again.
+#[derive(Clone)]
+enum Piece {
+    Data(Bytes),
+    Trailers(HeaderMap),
+}
+
+impl Piece {
+    fn of(frame: Frame<Bytes>) -> Option<Piece> {
+        match frame.into_data() {
+            Ok(data) => Some(Piece::Data(data)),
+            Err(frame) => frame.into_trailers().ok().map(Piece::Trailers),
+        }
+    }
+
+    /// Sends it; `end` ends the stream with a data frame (trailers end it anyway).
+    fn send(self, send: &mut SendStream<Bytes>, end: bool) -> Result<(), h2::Error> {
+        match self {
+            Piece::Data(data) => send.send_data(data, end),
+            Piece::Trailers(trailers) => send.send_trailers(trailers),
+        }
+    }
+}
+
+/// Whether the server refused a stream without running it: RST_STREAM with
+/// REFUSED_STREAM, or a graceful GOAWAY whose last stream id is below it
+/// (h2 fails only those streams with the GOAWAY itself; RFC 9113, 6.8).
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_remote()
+        && ((e.is_reset() && e.reason() == Some(Reason::REFUSED_STREAM))
+            || (e.is_go_away() && e.reason() == Some(Reason::NO_ERROR)))
+}
+
+/// Fires `notice` once the server's HTTP/2 layer has read what this
+/// connection sent so far. h2 writes a PING ahead of DATA queued with it,
+/// so the first answer shows only that the data went out with it; the
+/// second PING goes after the data, and is answered after it was read.
+async fn confirm(pings: Arc<tokio::sync::Mutex<PingPong>>, notice: SentNotice) {
+    let mut pings = pings.lock().await;
+    for _ in 0..2 {
+        if pings.ping(Ping::opaque()).await.is_err() {
+            return;
+        }
+    }
+    notice.fire();
+}
+
+/// A copy of a request head, for a second attempt.
+fn copy_head(head: &Request<()>) -> Request<()> {
+    let mut copy = Request::new(());
+    *copy.method_mut() = head.method().clone();
+    *copy.uri_mut() = head.uri().clone();
+    *copy.version_mut() = head.version();
+    *copy.headers_mut() = head.headers().clone();
+    copy
 }
 
 /// The first frames `body` has ready without waiting (at most two: a unary
 /// request's message), and whether the body ended after them.
-async fn ready_frames(body: &mut Body) -> Result<(Vec<Frame<Bytes>>, bool), Status> {
+async fn ready_frames(body: &mut Body) -> Result<(Vec<Piece>, bool), Status> {
     let mut frames = Vec::with_capacity(2);
     let ended = poll_fn(|cx| {
         while frames.len() < 2 {
             match Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => frames.push(frame),
+                Poll::Ready(Some(Ok(frame))) => frames.extend(Piece::of(frame)),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                 Poll::Ready(None) => return Poll::Ready(Ok(true)),
                 Poll::Pending => break,
@@ -334,22 +493,15 @@ pub(crate) fn host(authority: &Authority) -> &str {
     authority.host().trim_start_matches('[').trim_end_matches(']')
 }
 
-/// A new connection, or why there is none.
-async fn open(authority: &Authority, settings: &Settings) -> Result<SendRequest<Bytes>, String> {
+/// A new connection and its PINGs, or why there is none.
+async fn open(authority: &Authority, settings: &Settings) -> Result<(SendRequest<Bytes>, PingPong), String> {
     let host = host(authority);
     let port = authority
         .port_u16()
         .unwrap_or(if settings.tls.is_some() { 443 } else { 80 });
     let connect = async {
         let tcp = TcpStream::connect((host, port)).await.map_err(|e| e.to_string())?;
-        // Calls are small and latency-bound; Nagle would hold them back.
-        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-        // A server or middlebox that vanishes without closing (a dropped idle
-        // connection, a host that went away) ends the connection's calls
-        // instead of leaving a stream that waits forever.
-        socket2::SockRef::from(&tcp)
-            .set_tcp_keepalive(&KEEPALIVE)
-            .map_err(|e| e.to_string())?;
+        tune(&tcp).map_err(|e| e.to_string())?;
         match &settings.tls {
             None => handshake(tcp, settings).await,
             Some(tls) => {
@@ -361,31 +513,46 @@ async fn open(authority: &Authority, settings: &Settings) -> Result<SendRequest<
                 handshake(tls, settings).await
             }
         }
-        .map_err(|e| e.to_string())
     };
     tokio::time::timeout(settings.connect_timeout, connect)
         .await
         .map_err(|_| format!("no answer within {:?}", settings.connect_timeout))?
 }
 
+/// Socket options of every connection.
+fn tune(tcp: &TcpStream) -> std::io::Result<()> {
+    // Calls are small and latency-bound; Nagle would hold them back.
+    tcp.set_nodelay(true)?;
+    // A server or middlebox that vanishes without closing (a dropped idle
+    // connection, a host that went away) ends the connection's calls
+    // instead of leaving a stream that waits forever.
+    let socket = socket2::SockRef::from(tcp);
+    socket.set_tcp_keepalive(&KEEPALIVE)?;
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    socket.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
+    Ok(())
+}
+
 /// The HTTP/2 handshake on `io`; the connection is then driven by a task of
 /// its own, whose end the calls see: a lost connection fails their streams.
-async fn handshake<T>(io: T, settings: &Settings) -> Result<SendRequest<Bytes>, h2::Error>
+async fn handshake<T>(io: T, settings: &Settings) -> Result<(SendRequest<Bytes>, PingPong), String>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = h2::client::Builder::new()
+    let (sender, mut connection) = h2::client::Builder::new()
         .enable_push(false)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(settings.max_frame_size)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .handshake(io)
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
+    let pings = connection.ping_pong().ok_or("the connection's PINGs were taken")?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    Ok(sender)
+    Ok((sender, pings))
 }
 
 /// A transport error as a gRPC status: a lost connection is UNAVAILABLE, as
@@ -417,43 +584,56 @@ struct Upload {
 }
 
 impl Future for Upload {
-    type Output = Result<(), Status>;
+    /// Whether the whole body was sent.
+    type Output = Result<bool, Status>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<bool, Status>> {
         let this = &mut *self;
         loop {
-            if Pin::new(&mut this.cancelled).poll(cx).is_ready() {
-                this.send.send_reset(Reason::CANCEL);
-                return Poll::Ready(Ok(()));
-            }
             // The server answered (or refused) early; the rest is not wanted.
             if this.send.poll_reset(cx).is_ready() {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(false));
             }
             if this.send.capacity() == 0 {
                 this.send.reserve_capacity(1);
-                match ready!(this.send.poll_capacity(cx)) {
-                    Some(Ok(_)) => {}
+                match this.send.poll_capacity(cx) {
+                    Poll::Pending => return this.wait(cx),
+                    Poll::Ready(Some(Ok(_))) => {}
                     // Closed: the response says why.
-                    None | Some(Err(_)) => return Poll::Ready(Ok(())),
+                    Poll::Ready(None | Some(Err(_))) => return Poll::Ready(Ok(false)),
                 }
             }
-            let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
-                None => {
-                    let _ = this.send.send_data(Bytes::new(), true);
-                    return Poll::Ready(Ok(()));
-                }
-                Some(Err(e)) => {
+            let frame = match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Pending => return this.wait(cx),
+                Poll::Ready(None) => return Poll::Ready(Ok(this.send.send_data(Bytes::new(), true).is_ok())),
+                Poll::Ready(Some(Err(e))) => {
                     this.send.send_reset(Reason::CANCEL);
                     return Poll::Ready(Err(e));
                 }
-                Some(Ok(frame)) => frame,
+                Poll::Ready(Some(Ok(frame))) => frame,
             };
             let end = this.body.is_end_stream();
-            if send_frame(&mut this.send, frame, end).is_err() || end {
-                return Poll::Ready(Ok(()));
+            if send_frame(&mut this.send, frame, end).is_err() {
+                return Poll::Ready(Ok(false));
+            }
+            if end {
+                return Poll::Ready(Ok(true));
             }
         }
+    }
+}
+
+impl Upload {
+    /// Nothing can be sent now: a dropped response ends the stream. Only
+    /// then, so that what the body had ready when the caller dropped the
+    /// response still goes out before the stream ends (a watch's last
+    /// acknowledgements, queued just before).
+    fn wait(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Status>> {
+        if Pin::new(&mut self.cancelled).poll(cx).is_ready() {
+            self.send.send_reset(Reason::CANCEL);
+            return Poll::Ready(Ok(false));
+        }
+        Poll::Pending
     }
 }
 
@@ -529,5 +709,77 @@ impl http_body::Body for Download {
 
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port whose accept queue is full: a connection attempt is never
+    /// answered, as at an address that drops packets. The listener and the
+    /// connection filling the queue are returned to be kept.
+    fn unanswering_port() -> (socket2::Socket, std::net::TcpStream, Authority) {
+        let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+        listener.bind(&any.into()).expect("bind");
+        listener.listen(0).expect("listen");
+        let addr = listener
+            .local_addr()
+            .expect("address")
+            .as_socket()
+            .expect("an IP address");
+        // Fills the queue, which is never accepted from.
+        let filler = std::net::TcpStream::connect(addr).expect("the first connection is queued");
+        let authority = addr.to_string().parse().expect("authority");
+        (listener, filler, authority)
+    }
+
+    #[tokio::test]
+    async fn callers_waiting_on_a_failing_connection_attempt_share_its_failure() {
+        let (_listener, _filler, authority) = unanswering_port();
+        let timeout = Duration::from_millis(300);
+        let channel = H2Channel::new(
+            authority,
+            Settings {
+                connect_timeout: timeout,
+                max_frame_size: 16 * 1024,
+                tls: None,
+            },
+        );
+        let started = std::time::Instant::now();
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let channel = channel.clone();
+                tokio::spawn(async move { channel.sender().await.map(|_| ()) })
+            })
+            .collect();
+        for caller in callers {
+            let status = caller.await.expect("the caller's task").expect_err("nothing answers");
+            assert_eq!(status.code(), Code::Unavailable);
+            assert!(status.message().contains("no answer within"), "{status:?}");
+        }
+        // One attempt (a second for a caller that came after it ended), not twenty in turn.
+        assert!(started.elapsed() < timeout * 4, "{:?}", started.elapsed());
+        // A later caller tries again.
+        let started = std::time::Instant::now();
+        assert!(channel.sender().await.is_err());
+        assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+    }
+
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    #[tokio::test]
+    async fn unacknowledged_data_ends_a_connection_as_soon_as_silence_does() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let tcp = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        tune(&tcp).expect("socket options");
+        let socket = socket2::SockRef::from(&tcp);
+        let keepalive = socket.tcp_keepalive_time().expect("keepalive time")
+            + socket.tcp_keepalive_interval().expect("interval") * socket.tcp_keepalive_retries().expect("retries");
+        assert_eq!(socket.tcp_user_timeout().expect("user timeout"), Some(keepalive));
+        assert_eq!(keepalive, Duration::from_secs(60));
+        assert!(tcp.nodelay().expect("nodelay"));
     }
 }

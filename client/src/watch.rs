@@ -1,22 +1,31 @@
 //! A change stream from `WatchChanges`: events in, acknowledgements out on
 //! the same bidirectional call.
 
-use tokio::sync::mpsc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use weir_proto::v1::watch_changes_request::Message;
 use weir_proto::v1::{WatchAck, WatchChangesRequest, WatchChangesResponse, WatchStart};
 
+use crate::transport::SentNotice;
 use crate::WeirClient;
 
 /// Acknowledgements queued before `ack` waits for the call to take them.
 const ACK_BUFFER: usize = 64;
 
+/// How long [`ChangeWatch::finish`] waits for its acknowledgements to reach the server.
+const FINISH_WAIT: Duration = Duration::from_secs(5);
+
 /// A running `WatchChanges` call. Dropping it ends the call; the server
-/// keeps the subscription, positioned at the last acknowledgement.
+/// keeps the subscription, positioned at the last acknowledgement it
+/// received (see [`ChangeWatch::finish`]).
 pub struct ChangeWatch {
     events: Streaming<WatchChangesResponse>,
     acks: mpsc::Sender<WatchChangesRequest>,
+    /// Fired once the request stream has ended and the server has read it.
+    sent: oneshot::Receiver<()>,
 }
 
 impl ChangeWatch {
@@ -26,7 +35,8 @@ impl ChangeWatch {
     }
 
     /// Tells the server that everything up to and including `position` is
-    /// processed: it may release the engine's log up to there.
+    /// processed: it may release the engine's log up to there. The
+    /// acknowledgement is queued; [`Self::finish`] waits until it is sent.
     pub async fn ack(&self, position: Vec<u8>) -> Result<(), Status> {
         let ack = WatchChangesRequest {
             message: Some(Message::Ack(WatchAck { position })),
@@ -35,6 +45,39 @@ impl ChangeWatch {
             .send(ack)
             .await
             .map_err(|_| Status::cancelled("the change stream has ended"))
+    }
+
+    /// Ends the call once every acknowledgement queued has reached the
+    /// server (within 5 s), for a consumer about to exit: dropping the
+    /// watch, or the runtime, may lose the last ones, and a restart would
+    /// get their changes again. Events that come meanwhile are dropped.
+    pub async fn finish(self) -> Result<(), Status> {
+        let ChangeWatch { mut events, acks, sent } = self;
+        // Ends the request stream after the queued acknowledgements.
+        drop(acks);
+        let mut sent = std::pin::pin!(sent);
+        let settled = async {
+            loop {
+                tokio::select! {
+                    confirmed = &mut sent => {
+                        return confirmed.map_err(|_| {
+                            Status::unavailable("the change stream ended before its acknowledgements were sent")
+                        });
+                    }
+                    // Read, so that a server waiting to deliver reads the acknowledgements.
+                    event = events.message() => match event {
+                        Ok(Some(_)) => {}
+                        Ok(None) => return Ok(()),
+                        Err(status) => return Err(status),
+                    },
+                }
+            }
+        };
+        tokio::time::timeout(FINISH_WAIT, settled).await.map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "the acknowledgements did not reach the server within {FINISH_WAIT:?}"
+            ))
+        })?
     }
 }
 
@@ -48,11 +91,10 @@ impl WeirClient {
         acks.send(first)
             .await
             .map_err(|_| Status::internal("the request stream closed before it started"))?;
-        let events = self
-            .stream()
-            .watch_changes(ReceiverStream::new(outbound))
-            .await?
-            .into_inner();
-        Ok(ChangeWatch { events, acks })
+        let (notice, sent) = SentNotice::new();
+        let mut request = tonic::Request::new(ReceiverStream::new(outbound));
+        request.extensions_mut().insert(notice);
+        let events = self.stream().watch_changes(request).await?.into_inner();
+        Ok(ChangeWatch { events, acks, sent })
     }
 }

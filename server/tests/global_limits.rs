@@ -201,8 +201,9 @@ async fn a_long_redis_outage_is_tried_by_one_call_at_ever_longer_intervals() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Three to begin the first rest, then one try after each rest (at
-    // about 1.6 s, 3.8 s): about 5, where every rest's end cost three.
-    assert!(slow <= 6, "{slow} calls waited for Redis");
+    // about 1.6 s, 3.8 s): about 5, where every rest's end cost three
+    // (14 in a run without the tries); some room for a slow machine.
+    assert!(slow <= 8, "{slow} calls waited for Redis");
     hold.abort();
     server.stop().await;
 }

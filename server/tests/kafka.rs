@@ -742,7 +742,7 @@ async fn a_throttled_stream_says_so() {
     // Reading them back costs from the same budget, and the stream reports it.
     let mut stream = client
         .stream()
-        .consume(consume_request(&topic, "slow", 200, false))
+        .consume(consume_request(&topic, &unique("slow-"), 200, false))
         .await
         .expect("consume")
         .into_inner();

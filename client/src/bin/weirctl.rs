@@ -320,13 +320,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     };
     // With a client certificate the demo key default is not sent; an explicit key still is.
     let key = match &cli.key_file {
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| Failure::Input(format!("cannot read --key-file {}: {e}", path.display())))?
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+        Some(path) => {
+            let key = std::fs::read_to_string(path)
+                .map_err(|e| Failure::Input(format!("cannot read --key-file {}: {e}", path.display())))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            // An unfilled secret would send `Bearer ` and fail as a bad key.
+            if key.is_empty() {
+                return Err(Failure::Input(format!(
+                    "--key-file {}: its first line is empty",
+                    path.display()
+                )));
+            }
+            key
+        }
         None => cli.key.clone().unwrap_or_else(|| "demo".into()),
     };
     let explicit_key = cli.key_file.is_some() || cli.key.is_some();
@@ -725,6 +735,10 @@ fn change_json(c: &ChangeEvent) -> Result<String, Failure> {
     ))
 }
 
+/// How long `watch --max` waits for the commit of the transaction its last
+/// change belongs to (it comes right after that change).
+const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn watch(
     client: &WeirClient,
     start: WatchStart,
@@ -735,39 +749,95 @@ async fn watch(
     use weir_client::weir_proto::v1::watch_changes_response::Message;
     let mut stream = client.watch(start).await?;
     let mut printed = 0u64;
+    // The transaction begun last and not committed yet.
+    let mut open = None;
     while let Some(response) = stream.next().await? {
         let Some(message) = response.message else {
             continue;
         };
-        let position = resume_point(&message).map(<[u8]>::to_vec);
-        let line = match message {
-            Message::Change(c) => {
-                printed += 1;
-                Some(change_json(&c)?)
+        let last = match &message {
+            Message::Transaction(b) => {
+                open = b.begin.then(|| b.transaction_id.clone());
+                None
             }
-            Message::Transaction(b) => (!b.begin).then(|| json!({"op": "commit", "transaction": b.transaction_id, "events": b.event_count, "position": hex::encode(&b.position)}).to_string()),
+            Message::Change(c) => Some(c.transaction_id.clone()),
             Message::Heartbeat(_) => None,
         };
-        if let Some(line) = line {
-            writeln!(out, "{line}")?;
-            out.flush()?;
-        }
-        if let Some(position) = position {
-            // Kept, then acknowledged, once printed: a restart resumes right
-            // after it. Kept first: a stop between the two leaves the file
-            // ahead of the server's position, which a resume accepts, not
-            // behind it, which a resume is refused.
-            if let Some(path) = &state {
-                keep_position(path, &position)
-                    .map_err(|e| Failure::Input(format!("cannot write the state file {}: {e}", path.display())))?;
-            }
-            stream.ack(position).await?;
-        }
+        printed += u64::from(show(&stream, message, state.as_deref(), out).await?);
         if max.is_some_and(|m| printed >= m) {
-            break;
+            if let Some(tx) = last.filter(|tx| open.as_ref() == Some(tx)) {
+                show_commit(&mut stream, &tx, state.as_deref(), out).await?;
+            }
+            // The last acknowledgement is only queued: sent before exiting,
+            // or the next run would print that change again.
+            return Ok(stream.finish().await?);
         }
     }
     Ok(())
+}
+
+/// After the last change `--max` allows, the commit of its transaction `tx`
+/// when it comes next: acknowledged, it lets a restart without `--state`
+/// go on after the change, where PostgreSQL, which resumes whole
+/// transactions, would send the whole transaction again.
+async fn show_commit(
+    stream: &mut weir_client::ChangeWatch,
+    tx: &str,
+    state: Option<&Path>,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    use weir_client::weir_proto::v1::watch_changes_response::Message;
+    let deadline = tokio::time::Instant::now() + COMMIT_WAIT;
+    while let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await {
+        match next?.and_then(|r| r.message) {
+            Some(Message::Heartbeat(_)) => continue,
+            Some(message @ Message::Transaction(_)) if is_commit_of(&message, tx) => {
+                show(stream, message, state, out).await?;
+                return Ok(());
+            }
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+fn is_commit_of(message: &weir_client::weir_proto::v1::watch_changes_response::Message, tx: &str) -> bool {
+    use weir_client::weir_proto::v1::watch_changes_response::Message;
+    matches!(message, Message::Transaction(b) if !b.begin && b.transaction_id == tx)
+}
+
+/// Prints `message` (a change or a commit) and acknowledges its position;
+/// whether it was a change.
+async fn show(
+    stream: &weir_client::ChangeWatch,
+    message: weir_client::weir_proto::v1::watch_changes_response::Message,
+    state: Option<&Path>,
+    out: &mut impl Write,
+) -> Result<bool, Failure> {
+    use weir_client::weir_proto::v1::watch_changes_response::Message;
+    let position = resume_point(&message).map(<[u8]>::to_vec);
+    let change = matches!(message, Message::Change(_));
+    let line = match message {
+        Message::Change(c) => Some(change_json(&c)?),
+        Message::Transaction(b) => (!b.begin).then(|| json!({"op": "commit", "transaction": b.transaction_id, "events": b.event_count, "position": hex::encode(&b.position)}).to_string()),
+        Message::Heartbeat(_) => None,
+    };
+    if let Some(line) = line {
+        writeln!(out, "{line}")?;
+        out.flush()?;
+    }
+    if let Some(position) = position {
+        // Kept, then acknowledged, once printed: a restart resumes right
+        // after it. Kept first: a stop between the two leaves the file
+        // ahead of the server's position, which a resume accepts, not
+        // behind it, which a resume is refused.
+        if let Some(path) = state {
+            keep_position(path, &position)
+                .map_err(|e| Failure::Input(format!("cannot write the state file {}: {e}", path.display())))?;
+        }
+        stream.ack(position).await?;
+    }
+    Ok(change)
 }
 
 /// `TOPIC:PARTITION:OFFSET`; the topic may itself contain colons.

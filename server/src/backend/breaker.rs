@@ -167,11 +167,17 @@ impl Breaker {
                 message,
                 ..
             }) => self.failure(message),
-            // Too many connections: the source is up, and full for now.
+            // Too many connections: the source is up, and full for now. Like a
+            // busy pool, that ends a probe (else calls are refused until PROBE_LIMIT).
             Err(BackendError::Engine {
                 kind: EngineErrorKind::Overloaded,
                 ..
-            }) => {}
+            }) => {
+                let mut phase = self.phase.lock();
+                if matches!(*phase, Phase::Probing { .. }) {
+                    self.close(&mut phase);
+                }
+            }
             Err(_) => self.success(),
         }
     }
@@ -245,6 +251,15 @@ mod tests {
             }
             assert_eq!(b.state(), state, "{kind:?}");
         }
+        // A probe answered "too many connections" found the source up.
+        let probing = Breaker::default();
+        for _ in 0..3 {
+            probing.record(&refused(EngineErrorKind::Unavailable));
+        }
+        std::thread::sleep(FIRST_OPEN.mul_f64(1.25));
+        assert!(probing.admit().is_ok(), "the probe");
+        probing.record(&refused(EngineErrorKind::Overloaded));
+        assert_eq!(probing.state(), CircuitState::Closed);
     }
 
     #[test]

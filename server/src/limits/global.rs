@@ -69,6 +69,21 @@ const FAILURES_BEFORE_REST: u32 = 3;
 /// checks, a round trip or two, not the setting up of a connection.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
+/// Whether an error means Redis cannot answer checks now: not reached, or
+/// a server that cannot serve (a replica after a failover, still loading
+/// its data, busy with a script), as opposed to a check of its own failing.
+fn unreachable(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::ReadOnly | redis::ErrorKind::BusyLoadingError | redis::ErrorKind::MasterDown
+        )
+        || matches!(e.code(), Some("BUSY" | "LOADING" | "READONLY" | "MASTERDOWN"))
+}
+
 /// Ends a call's try of Redis after a rest (also when the call is dropped
 /// while it waits for Redis's answer).
 struct Probing<'a>(&'a AtomicBool);
@@ -136,15 +151,19 @@ impl GlobalLimiter {
         crate::metrics::METRICS.global_limit_failures.inc();
         let now = self.now_ms();
         let backoff = u64::try_from(REDIS_BACKOFF.as_millis()).unwrap_or(u64::MAX);
-        if probe || self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= FAILURES_BEFORE_REST {
+        let max = u64::try_from(MAX_REST.as_millis()).unwrap_or(u64::MAX);
+        let last = self.rest_ms.load(Ordering::Relaxed);
+        // Only a failed try after a rest doubles it. Calls that were under
+        // way when the first rest began fail too, and extend nothing.
+        let rest = if probe {
+            Some(last.saturating_mul(2).clamp(backoff, max))
+        } else if last == 0 && self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= FAILURES_BEFORE_REST {
+            Some(backoff)
+        } else {
+            None
+        };
+        if let Some(rest) = rest {
             self.failures_in_a_row.store(0, Ordering::Relaxed);
-            let max = u64::try_from(MAX_REST.as_millis()).unwrap_or(u64::MAX);
-            let last = self.rest_ms.load(Ordering::Relaxed);
-            let rest = if last == 0 {
-                backoff
-            } else {
-                last.saturating_mul(2).min(max)
-            };
             self.rest_ms.store(rest, Ordering::Relaxed);
             self.resting_until.store(now.saturating_add(rest), Ordering::Relaxed);
         }
@@ -290,11 +309,7 @@ impl GlobalLimiter {
             Ok(Ok((_, delay_us))) => Ok(Err(micros(delay_us))),
             // The error text names no password: redis-rs does not print the URL.
             // Only a Redis that cannot be reached rests it for every tenant.
-            Ok(Err(e))
-                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() =>
-            {
-                Err(self.failed(e.to_string(), probe))
-            }
+            Ok(Err(e)) if unreachable(&e) => Err(self.failed(e.to_string(), probe)),
             // Redis answered: it is up.
             Ok(Err(e)) => {
                 self.rest_ms.store(0, Ordering::Relaxed);

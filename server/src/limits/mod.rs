@@ -103,6 +103,8 @@ const UNITS_PER_SECOND: u64 = 1_000_000;
 /// keep the bucket from filling.
 struct CostBucket {
     rate: RequestRate,
+    /// Units per second: the burst, and the most booked at once.
+    per_second: u32,
     unit: u64,
     /// Charged here but not yet to the bucket shared through Redis, which
     /// gets them in amounts of at least `gather`: a round trip per change
@@ -120,6 +122,7 @@ impl CostBucket {
         let (units, unit) = cost_units(rate);
         Self {
             rate: RequestRate::new(units, units),
+            per_second: units,
             unit,
             charged: AtomicU64::new(0),
             unshared: AtomicU64::new(0),
@@ -138,11 +141,15 @@ impl CostBucket {
 
     /// Takes `cost`, waiting for its turn rather than refusing: a load that
     /// sends faster than its tenant's rate is slowed down by backpressure.
+    /// Booked a second's worth at a time: a call given up on while it waits
+    /// (a deadline, a client gone) leaves at most that booked and unused.
     async fn take(&self, cost: u64) {
         let before = self.charged.fetch_add(cost, Ordering::Relaxed);
-        let units = before.saturating_add(cost) / self.unit - before / self.unit;
-        if units > 0 {
-            let wait = self.rate.book(units);
+        let mut units = before.saturating_add(cost) / self.unit - before / self.unit;
+        while units > 0 {
+            let piece = units.min(u64::from(self.per_second));
+            units -= piece;
+            let wait = self.rate.book(piece);
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }

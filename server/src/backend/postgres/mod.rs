@@ -249,6 +249,12 @@ impl bb8::ManageConnection for PgManager {
 
     async fn connect(&self) -> Result<PgConn, BackendError> {
         let (client, address) = self.target.connect().await?;
+        // Set here and again by every reset, not as a startup option, which
+        // poolers such as PgBouncer refuse unless told to ignore it.
+        client
+            .batch_execute(STRINGS_AS_WEIR_READS_THEM)
+            .await
+            .map_err(map_error)?;
         let cancel = client.cancel_token();
         Ok(PgConn {
             client,
@@ -309,16 +315,12 @@ impl PostgresSource {
             config: pg.clone(),
             tls: tls.clone(),
         };
-        // A role may turn standard_conforming_strings off for itself; then
-        // PostgreSQL reads `\'` in a plain string as a quote, and the
-        // statement checks (which calls may change the session, which may
-        // share a connection) would read the text otherwise than it runs.
-        let mut options = vec!["-c standard_conforming_strings=on".to_string()];
+        let mut options = Vec::new();
         if config.read_only {
             // Enforced by the engine for every statement, whatever its text.
             options.push("-c default_transaction_read_only=on".to_string());
+            pg.options(options.join(" "));
         }
-        pg.options(options.join(" "));
         let multiplex = config.multiplex.as_ref().map(|m| {
             Multiplexer::new(
                 &Target {
@@ -423,9 +425,15 @@ impl StatementGuard {
 /// pg_catalog's: a role whose search_path puts another schema first (any
 /// role may set its own) would have its functions, types or operators run
 /// in the reset instead.
+/// A role may turn standard_conforming_strings off for itself; PostgreSQL
+/// then reads `\'` in a plain string as a quote, and the statement checks
+/// (which calls may change the session, which may share a connection) would
+/// read the text otherwise than it runs.
+const STRINGS_AS_WEIR_READS_THEM: &str = "SET standard_conforming_strings = on";
+
 macro_rules! session_reset {
     () => {
-        "RESET ALL; SET SESSION AUTHORIZATION DEFAULT; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); \
+        "RESET ALL; SET standard_conforming_strings = on; SET SESSION AUTHORIZATION DEFAULT; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); \
          DISCARD TEMP; CLOSE ALL; DISCARD SEQUENCES; \
          DO $weir$ DECLARE s pg_catalog.text; BEGIN FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements \
          WHERE from_sql LOOP EXECUTE 'DEALLOCATE ' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(s); \

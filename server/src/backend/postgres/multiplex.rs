@@ -184,6 +184,10 @@ impl Multiplexer {
             "-c statement_timeout={}",
             multiplex.statement_timeout.as_millis().max(1)
         ));
+        // As pooled sessions (`STRINGS_AS_WEIR_READS_THEM`): the shareable
+        // check must read strings as the server does; a shared session is
+        // never reset, so a startup option, which no statement undoes.
+        options.push("-c standard_conforming_strings=on".to_string());
         // Tells operators in pg_stat_activity which sessions are shared.
         target
             .config

@@ -1,0 +1,237 @@
+//! `weirctl` as people run it: the binary in a child process, against the
+//! real gateway in front of PostgreSQL (WEIR_TEST_PG_*) and SQLite.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::*;
+use weir_client::weir_proto::v1 as pb;
+use weir_client::WeirClient;
+
+/// The weirctl binary. Cargo builds a package's binaries only for that
+/// package's own tests, so this builds it (once per run) beside this test.
+fn weirctl_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        // <target>/<profile>/deps/<this test>
+        let exe = std::env::current_exe().expect("the test's path");
+        let profile = exe.parent().and_then(Path::parent).expect("<target>/<profile>");
+        let target = profile.parent().expect("<target>");
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        cargo
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "weir-client",
+                "--bin",
+                "weirctl",
+                "--target-dir",
+            ])
+            .arg(target);
+        if profile.ends_with("release") {
+            cargo.arg("--release");
+        }
+        let built = cargo.status().expect("run cargo");
+        assert!(built.success(), "cargo build --bin weirctl: {built}");
+        profile.join("weirctl")
+    })
+}
+
+/// Runs weirctl with `args` against `server` (with key `key`), off the
+/// runtime's thread, which keeps serving meanwhile.
+async fn weirctl(server: &TestServer, key: &str, args: &[&str]) -> Output {
+    let mut command = std::process::Command::new(weirctl_path());
+    command
+        .args(["--addr", &server.addr, "--key", key])
+        .args(args)
+        .env_remove("WEIR_API_KEY")
+        .env_remove("WEIR_API_KEY_FILE")
+        .env_remove("WEIR_ADDR");
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("the weirctl thread")
+        .expect("run weirctl");
+    output
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn unique(base: &str) -> String {
+    format!("{base}_{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+async fn pg_server(tenant_id: &str) -> (TestServer, WeirClient) {
+    let config = format!(
+        "[changes]\npoll_interval = \"20ms\"\nheartbeat_interval = \"300ms\"\n{}",
+        tenant(tenant_id, "", &postgres(tenant_id, "db", ""))
+    );
+    let server = TestServer::start(&config).await;
+    let client = server.client(&format!("key-{tenant_id}")).await;
+    (server, client)
+}
+
+async fn sql(client: &WeirClient, sql: &str) {
+    client
+        .execute("db", sql, vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+}
+
+/// `watch --max N` acknowledges the Nth change before it exits, so that
+/// the next run goes on after it instead of printing it again.
+#[tokio::test]
+async fn watch_max_acknowledges_its_last_change_before_exiting() {
+    let (server, client) = pg_server("wm").await;
+    let table = unique("watched");
+    let sub = unique("feed");
+    sql(&client, &format!("CREATE TABLE {table} (id INT PRIMARY KEY, v TEXT)")).await;
+    // The subscription starts here; the rows come after it.
+    let start = pb::WatchStart {
+        source: "db".into(),
+        tables: vec![pb::TableRef {
+            schema: String::new(),
+            table: table.clone(),
+        }],
+        subscription: sub.clone(),
+        ..Default::default()
+    };
+    drop(client.watch(start).await.expect("the subscription starts"));
+    for id in 1..=3 {
+        sql(&client, &format!("INSERT INTO {table} VALUES ({id}, 'v{id}')")).await;
+    }
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let args = ["watch", "db", &table, "--subscription", &sub, "--max", "1"];
+        let output = loop {
+            let output = weirctl(&server, "key-wm", &args).await;
+            // The run before may still hold the subscription for a moment.
+            if !stderr(&output).contains("ALREADY_EXISTS") {
+                break output;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(output.status.success(), "{}", stderr(&output));
+        let text = stdout(&output);
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        let changes: Vec<_> = lines.iter().filter(|l| l["op"] == "insert").collect();
+        assert_eq!(changes.len(), 1, "{text}");
+        ids.push(changes[0]["after"]["id"].as_i64().expect("an id"));
+    }
+    assert_eq!(ids, [1, 2], "the second run goes on after the first");
+    let deleted = client
+        .stream()
+        .delete_subscription(pb::DeleteSubscriptionRequest {
+            source: "db".into(),
+            subscription: sub.clone(),
+        })
+        .await;
+    assert!(deleted.is_ok(), "{deleted:?}");
+    sql(&client, &format!("DROP TABLE {table}")).await;
+    server.stop().await;
+}
+
+/// An error line names the server's request id, which its logs carry.
+#[tokio::test]
+async fn errors_carry_the_request_id() {
+    let server = TestServer::start(&tenant("rid", "", &sqlite_demo("rid", "db"))).await;
+    let output = weirctl(&server, "key-rid", &["query", "db", "SELECT * FROM no_such_table"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output);
+    let id = text
+        .split("request id ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no request id in {text:?}"));
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{text}");
+    // Also for a call refused before it runs.
+    let output = weirctl(&server, "wrong-key", &["sources"]).await;
+    assert!(stderr(&output).contains("UNAUTHENTICATED") && stderr(&output).contains("request id "));
+    server.stop().await;
+}
+
+/// An empty key file is an input error, not a call with `Bearer ` and no key.
+#[tokio::test]
+async fn an_empty_key_file_is_refused() {
+    let server = TestServer::start(&tenant("kf", "", &sqlite_demo("kf", "db"))).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let empty = dir.path().join("key");
+    for content in ["", "\n", "  \nkey-kf\n"] {
+        std::fs::write(&empty, content).expect("write the key file");
+        let mut command = std::process::Command::new(weirctl_path());
+        command
+            .args(["--addr", &server.addr, "--key-file"])
+            .arg(&empty)
+            .arg("sources")
+            .env_remove("WEIR_API_KEY");
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .expect("thread")
+            .expect("run weirctl");
+        assert_eq!(output.status.code(), Some(1), "{content:?}");
+        let text = stderr(&output);
+        assert!(
+            text.contains("--key-file") && text.contains("empty"),
+            "{content:?}: {text}"
+        );
+        assert!(!text.contains("UNAUTHENTICATED"), "nothing was sent: {text}");
+    }
+    server.stop().await;
+}
+
+/// Bytes print as `{"hex": ...}` in JSON, apart from text that looks like
+/// hex, and `weirctl load` reads that form back.
+#[tokio::test]
+async fn json_output_tells_bytes_from_text_and_loads_back() {
+    let (server, client) = pg_server("jb").await;
+    let (from, to) = (unique("bytes_from"), unique("bytes_to"));
+    for t in [&from, &to] {
+        sql(
+            &client,
+            &format!("CREATE TABLE {t} (id INT PRIMARY KEY, b BYTEA, t TEXT)"),
+        )
+        .await;
+    }
+    sql(
+        &client,
+        &format!("INSERT INTO {from} VALUES (1, '\\xdead01', 'dead01'), (2, NULL, NULL)"),
+    )
+    .await;
+    let query = format!("SELECT id, b, t FROM {from} ORDER BY id");
+    let output = weirctl(&server, "key-jb", &["--format", "json", "query", "db", &query]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert_eq!(
+        text,
+        "{\"id\":1,\"b\":{\"hex\":\"dead01\"},\"t\":\"dead01\"}\n{\"id\":2,\"b\":null,\"t\":null}\n"
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("rows.jsonl");
+    std::fs::write(&file, &text).expect("write");
+    let file = file.to_string_lossy().into_owned();
+    let loaded = weirctl(&server, "key-jb", &["load", "db", &to, &file]).await;
+    assert!(loaded.status.success(), "{}", stderr(&loaded));
+    let back = client
+        .execute("db", &format!("SELECT id, b, t FROM {to} ORDER BY id"), vec![])
+        .await
+        .expect("read back");
+    let original = client.execute("db", &query, vec![]).await.expect("read");
+    assert_eq!(back.rows, original.rows);
+    for t in [&from, &to] {
+        sql(&client, &format!("DROP TABLE {t}")).await;
+    }
+    server.stop().await;
+}

@@ -149,7 +149,9 @@ impl SchemaService for SchemaApi {
         // to use) would pass a typo off as an empty schema.
         if let (Some(schema), true) = (schema, tables.is_empty()) {
             let schemas = timed(timeout, sql.list_schemas(true)).await?;
-            if !schemas.iter().any(|s| s.name == schema) {
+            // As the engines compare names (SQL Server's usual collations and
+            // MySQL's lower_case_table_names ignore case).
+            if !schemas.iter().any(|s| s.name.eq_ignore_ascii_case(schema)) {
                 return Err(Error::Backend(crate::backend::BackendError::not_found(format!(
                     "schema {schema:?} not found (or the source's user may not use it)"
                 )))

@@ -682,8 +682,8 @@ async fn paused_until_room<'a>(
     let mut held_bytes: usize = held.iter().map(InRecord::size).sum();
     let mut failed = None;
     let room = loop {
-        // Enough kept aside, or the stream is to end: wait without polling.
-        if held_bytes >= BATCH_BYTES || failed.is_some() {
+        // A batch's worth kept aside, or the stream is to end: wait without polling.
+        if held_bytes >= BATCH_BYTES || held.len() >= BATCH_RECORDS || failed.is_some() {
             break tx.reserve().await.ok();
         }
         tokio::select! {

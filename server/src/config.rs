@@ -1128,6 +1128,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_connection_age_under_a_second_is_refused() {
+        let age = |value: &str| Config::from_toml(&format!("[server]\nmax_connection_age = \"{value}\"\n"));
+        let err = age("500ms").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("server.max_connection_age"), "{err}");
+        assert_eq!(
+            age("30m").expect("an age").server.max_connection_age,
+            Some(std::time::Duration::from_secs(1800))
+        );
+    }
+
+    #[test]
     fn a_redis_password_is_not_printed() {
         let config = Config::from_toml("[limits]\nredis_url = \"rediss://weir:hunter2@redis.internal:6380/0\"\n")
             .expect("config");

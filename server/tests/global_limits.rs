@@ -149,10 +149,9 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
     closed.stop().await;
 }
 
-/// A Redis that takes connections and never answers costs one
-/// `redis_timeout`, not one per call: calls then do without it for a second.
-#[tokio::test]
-async fn a_silent_redis_costs_one_timeout_not_one_per_call() {
+/// A port that takes connections and never answers (a Redis gone silent),
+/// and the task holding them.
+async fn silent_redis() -> (u16, tokio::task::JoinHandle<()>) {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = silent.local_addr().expect("address").port();
     let hold = tokio::spawn(async move {
@@ -161,6 +160,14 @@ async fn a_silent_redis_costs_one_timeout_not_one_per_call() {
             held.push(socket);
         }
     });
+    (port, hold)
+}
+
+/// A Redis that takes connections and never answers costs one
+/// `redis_timeout`, not one per call: calls then do without it for a second.
+#[tokio::test]
+async fn a_silent_redis_costs_one_timeout_not_one_per_call() {
+    let (port, hold) = silent_redis().await;
     let id = tenant_id();
     let redis = format!("redis_url = \"redis://127.0.0.1:{port}/0\"\nredis_timeout = \"300ms\"");
     let server = TestServer::start(&config(&id, "", &redis)).await;
@@ -178,14 +185,7 @@ async fn a_silent_redis_costs_one_timeout_not_one_per_call() {
 /// each pay `redis_timeout` every time a rest ends.
 #[tokio::test]
 async fn a_long_redis_outage_is_tried_by_one_call_at_ever_longer_intervals() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = silent.local_addr().expect("address").port();
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            held.push(socket);
-        }
-    });
+    let (port, hold) = silent_redis().await;
     let id = tenant_id();
     let redis = format!("redis_url = \"redis://127.0.0.1:{port}/0\"\nredis_timeout = \"200ms\"");
     let server = TestServer::start(&config(&id, "", &redis)).await;

@@ -657,6 +657,20 @@ async fn cancelled_and_timed_out_statements_stop_in_the_engine() {
     server.stop().await;
 }
 
+/// Source `name` of `tenant` logging in as the test's own role `user`
+/// with `password` (made by the test), then `extra` lines.
+fn role_source(tenant: &str, name: &str, user: &str, password: &str, extra: &str) -> String {
+    let variable = format!("WEIR_TEST_{}_PASSWORD", user.to_ascii_uppercase());
+    std::env::set_var(&variable, password);
+    format!(
+        "[tenants.{tenant}.sources.{name}]\nengine = \"postgres\"\nhost = \"{}\"\nport = {}\nuser = \"{user}\"\n\
+         database = \"{}\"\npassword_env = \"{variable}\"\n{extra}",
+        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_PG_PORT", "5432"),
+        env_or("WEIR_TEST_PG_DATABASE", "test"),
+    )
+}
+
 /// A source's role sees only the schemas it may use and the tables it has
 /// a privilege on: tenants that share a database, each with its own role,
 /// do not see each other's tables.
@@ -677,14 +691,7 @@ async fn schema_calls_show_only_what_the_sources_role_may_use() {
          GRANT SELECT (id) ON weir_priv_open.one_column TO weir_priv_reader;",
     )
     .await;
-    std::env::set_var("WEIR_TEST_PRIV_PASSWORD", "weir-priv-reader");
-    let source = format!(
-        "[tenants.acme.sources.limited]\nengine = \"postgres\"\nhost = \"{}\"\nport = {}\nuser = \"weir_priv_reader\"\n\
-         database = \"{}\"\npassword_env = \"WEIR_TEST_PRIV_PASSWORD\"\n",
-        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
-        env_or("WEIR_TEST_PG_PORT", "5432"),
-        env_or("WEIR_TEST_PG_DATABASE", "test"),
-    );
+    let source = role_source("acme", "limited", "weir_priv_reader", "weir-priv-reader", "");
     let server = TestServer::start(&tenant("acme", "", &source)).await;
     let client = server.client("key-acme").await;
     let schemas: Vec<String> = client
@@ -2665,14 +2672,12 @@ async fn strings_are_read_alike_by_weir_and_postgres() {
          ALTER ROLE weir_scs_off SET standard_conforming_strings = off;",
     )
     .await;
-    std::env::set_var("WEIR_TEST_SCS_PASSWORD", "weir-scs-off");
-    let source = format!(
-        "[tenants.scs.sources.pg]\nengine = \"postgres\"\nhost = \"{}\"\nport = {}\nuser = \"weir_scs_off\"\n\
-         database = \"{}\"\npassword_env = \"WEIR_TEST_SCS_PASSWORD\"\nread_only = true\n\
-         [tenants.scs.sources.pg.pool]\nmax_size = 1\n",
-        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
-        env_or("WEIR_TEST_PG_PORT", "5432"),
-        env_or("WEIR_TEST_PG_DATABASE", "test"),
+    let source = role_source(
+        "scs",
+        "pg",
+        "weir_scs_off",
+        "weir-scs-off",
+        "read_only = true\n[tenants.scs.sources.pg.pool]\nmax_size = 1\n",
     );
     let server = TestServer::start(&tenant("scs", "", &source)).await;
     let client = server.client("key-scs").await;
@@ -2707,13 +2712,12 @@ async fn the_session_reset_runs_pg_catalogs_functions_whatever_the_search_path()
            AS $$ BEGIN RAISE EXCEPTION 'weir: the reset ran a function of the role''s'; END $$;",
     )
     .await;
-    std::env::set_var("WEIR_TEST_PATH_PASSWORD", "weir-path-role");
-    let source = format!(
-        "[tenants.path.sources.pg]\nengine = \"postgres\"\nhost = \"{}\"\nport = {}\nuser = \"weir_path_role\"\n\
-         database = \"{}\"\npassword_env = \"WEIR_TEST_PATH_PASSWORD\"\n[tenants.path.sources.pg.pool]\nmax_size = 1\n",
-        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
-        env_or("WEIR_TEST_PG_PORT", "5432"),
-        env_or("WEIR_TEST_PG_DATABASE", "test"),
+    let source = role_source(
+        "path",
+        "pg",
+        "weir_path_role",
+        "weir-path-role",
+        "[tenants.path.sources.pg.pool]\nmax_size = 1\n",
     );
     let server = TestServer::start(&tenant("path", "", &source)).await;
     let client = server.client("key-path").await;

@@ -37,11 +37,25 @@ impl RequestRate {
     /// when one is free now, or `Err(delay)` until a call would get a token
     /// at once (nothing is taken then).
     pub fn reserve(&self, max_wait: Duration) -> Result<Duration, Duration> {
-        let max_wait = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
+        self.take(1, u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    /// Books `n` tokens in arrival order however far ahead their turn is,
+    /// and returns the wait for it: a charge larger than what is free is
+    /// not passed over by smaller ones that come after it.
+    pub fn book(&self, n: u64) -> Duration {
+        match self.take(n, u64::MAX) {
+            Ok(wait) | Err(wait) => wait,
+        }
+    }
+
+    /// Takes `n` tokens whose turn comes within `max_wait` ns.
+    fn take(&self, n: u64, max_wait: u64) -> Result<Duration, Duration> {
         let now = self.now();
+        let cost = self.interval.saturating_mul(n);
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
-            let next = tat.max(now) + self.interval;
+            let next = tat.max(now).saturating_add(cost);
             let wait = next.saturating_sub(self.tolerance).saturating_sub(now);
             if wait > max_wait {
                 return Err(Duration::from_nanos(wait));
@@ -51,26 +65,6 @@ impl RequestRate {
                 .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
             {
                 Ok(_) => return Ok(Duration::from_nanos(wait)),
-                Err(current) => tat = current,
-            }
-        }
-    }
-
-    /// Books `n` tokens in arrival order however far ahead their turn is,
-    /// and returns the wait for it: a charge larger than what is free is
-    /// not passed over by smaller ones that come after it.
-    pub fn book(&self, n: u64) -> Duration {
-        let now = self.now();
-        let cost = self.interval.saturating_mul(n);
-        let mut tat = self.tat.load(Ordering::Relaxed);
-        loop {
-            let next = tat.max(now).saturating_add(cost);
-            let wait = next.saturating_sub(self.tolerance).saturating_sub(now);
-            match self
-                .tat
-                .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return Duration::from_nanos(wait),
                 Err(current) => tat = current,
             }
         }

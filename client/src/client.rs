@@ -46,6 +46,8 @@ const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 /// Without a timeout, connecting to an address that drops packets hangs for
 /// the OS's TCP timeout, which is minutes.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tables per ListTables answer: a few hundred KB at most.
+const LIST_TABLES_PAGE: i32 = 1000;
 
 /// Errors from [`WeirClient::connect`]; call errors are [`tonic::Status`].
 #[derive(Debug, thiserror::Error)]
@@ -443,12 +445,25 @@ impl WeirClient {
     }
 
     /// Tables of `schema`, or of every non-system schema when it is empty.
+    /// Read a page at a time, so that a catalog of any size fits the
+    /// message size limit.
     pub async fn list_tables(&self, source: &str, schema: &str) -> Result<Vec<TableInfo>, Status> {
-        let request = ListTablesRequest {
-            source: source.to_owned(),
-            schema: schema.to_owned(),
-        };
-        Ok(self.schema().list_tables(request).await?.into_inner().tables)
+        let mut tables = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = ListTablesRequest {
+                source: source.to_owned(),
+                schema: schema.to_owned(),
+                page_size: LIST_TABLES_PAGE,
+                page_token,
+            };
+            let page = self.schema().list_tables(request).await?.into_inner();
+            tables.extend(page.tables);
+            if page.next_page_token.is_empty() {
+                return Ok(tables);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     /// Describes `table`; an empty `schema` means the source's default one.

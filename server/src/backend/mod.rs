@@ -182,7 +182,7 @@ pub trait SqlSource: Send + Sync + 'static {
     /// Reaches the engine and reports who and where we are.
     async fn connection_info(&self) -> Result<ConnectionInfo, BackendError>;
     async fn list_schemas(&self, include_system: bool) -> Result<Vec<SchemaInfo>, BackendError>;
-    async fn list_tables(&self, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError>;
+    async fn list_tables(&self, schema: Option<&str>, page: TablePage) -> Result<Vec<TableInfo>, BackendError>;
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError>;
     /// Loads `rows` into the table through the engine's bulk path, in one
     /// transaction that commits only when the feed ends complete.

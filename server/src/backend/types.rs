@@ -254,6 +254,16 @@ pub struct TableInfo {
     pub comment: String,
 }
 
+/// Which of a ListTables call's tables to read: those after `after` in
+/// (schema, name) order with names compared as bytes, as the engine orders
+/// them, so that a page ends and the next begins at the same place; at most
+/// `limit` of them.
+#[derive(Debug, Clone, Default)]
+pub struct TablePage {
+    pub after: Option<(String, String)>,
+    pub limit: Option<u32>,
+}
+
 /// How the engine fills a column: what an INSERT or a load may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ColumnGeneration {

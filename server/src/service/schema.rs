@@ -7,6 +7,7 @@ use weir_proto::v1 as pb;
 use weir_proto::v1::schema_service_server::SchemaService;
 
 use super::{caller, convert, source, statement_timeout, Gate};
+use crate::backend::TablePage;
 use crate::error::Error;
 use crate::tenant::{Source, SourceStatus};
 
@@ -144,10 +145,29 @@ impl SchemaService for SchemaApi {
         let timeout = statement_timeout(&caller);
         let sql = source.backend.sql()?;
         let schema = non_empty(&r.schema);
-        let tables = timed(timeout, sql.list_tables(schema)).await?;
+        let page_size = u32::try_from(r.page_size).map_err(|_| Error::InvalidArgument {
+            field: "page_size",
+            message: "page_size may not be negative (0 lists every table in one answer)".into(),
+        })?;
+        let after = page_token::read(r)?;
+        let first_page = after.is_none();
+        // One more than asked for tells whether another page follows.
+        let page = TablePage {
+            after,
+            limit: (page_size > 0).then(|| page_size.saturating_add(1)),
+        };
+        let mut tables = timed(timeout, sql.list_tables(schema, page)).await?;
+        let next_page_token = match usize::try_from(page_size) {
+            Ok(size) if size > 0 && tables.len() > size => {
+                tables.truncate(size);
+                tables.last().map(|last| page_token::write(r, last)).unwrap_or_default()
+            }
+            _ => String::new(),
+        };
         // An empty list for a schema that is not there (or not the source's
-        // to use) would pass a typo off as an empty schema.
-        if let (Some(schema), true) = (schema, tables.is_empty()) {
+        // to use) would pass a typo off as an empty schema. (A later page
+        // may be empty: its tables were dropped since the previous one.)
+        if let (Some(schema), true, true) = (schema, tables.is_empty(), first_page) {
             let schemas = timed(timeout, sql.list_schemas(true)).await?;
             // As the engines compare names (SQL Server's usual collations and
             // MySQL's lower_case_table_names ignore case).
@@ -160,6 +180,7 @@ impl SchemaService for SchemaApi {
         }
         Ok(Response::new(pb::ListTablesResponse {
             tables: tables.into_iter().map(convert::table).collect(),
+            next_page_token,
         }))
     }
 
@@ -186,5 +207,61 @@ impl SchemaService for SchemaApi {
         )
         .await?;
         Ok(Response::new(convert::description(description)))
+    }
+}
+
+/// ListTables page tokens: where the previous page ended, and the call it
+/// belongs to, since the same place in another source's or schema's list
+/// would start a page somewhere else. Not secret (the caller was shown that
+/// table), so not sealed; base64 so that it is opaque text.
+mod page_token {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    use serde::{Deserialize, Serialize};
+    use weir_proto::v1 as pb;
+
+    use crate::backend::TableInfo;
+    use crate::error::Error;
+
+    #[derive(Serialize, Deserialize)]
+    struct Token {
+        source: String,
+        schema: String,
+        after: (String, String),
+    }
+
+    pub fn write(request: &pb::ListTablesRequest, last: &TableInfo) -> String {
+        let token = Token {
+            source: request.source.clone(),
+            schema: request.schema.clone(),
+            after: (last.schema.clone(), last.name.clone()),
+        };
+        // Serialising strings into a Vec does not fail.
+        serde_json::to_vec(&token)
+            .map(|json| URL_SAFE_NO_PAD.encode(json))
+            .unwrap_or_default()
+    }
+
+    /// Where the page asked for begins: after the table named in the token.
+    pub fn read(request: &pb::ListTablesRequest) -> Result<Option<(String, String)>, Error> {
+        if request.page_token.is_empty() {
+            return Ok(None);
+        }
+        let invalid = |message: &str| Error::InvalidArgument {
+            field: "page_token",
+            message: message.into(),
+        };
+        let token: Token = URL_SAFE_NO_PAD
+            .decode(&request.page_token)
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .ok_or_else(|| invalid("not a page token of ListTables: pass next_page_token as it was returned"))?;
+        if token.source != request.source || token.schema != request.schema {
+            return Err(invalid(
+                "the page token was returned for another source or schema: \
+                 page on with the source and schema of the first call, or start again without a token",
+            ));
+        }
+        Ok(Some(token.after))
     }
 }

@@ -30,7 +30,7 @@ use crate::backend::pool::FailFastPool;
 use crate::backend::{
     BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec,
     PoolStatus, QueryStream, RowFeed, RowSink, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
-    TableInfo, TxOptions, WatchSpec,
+    TableInfo, TablePage, TxOptions, WatchSpec,
 };
 use crate::config::SourceConfig;
 use types::Param;
@@ -533,9 +533,9 @@ impl SqlSource for MssqlSource {
         schema::list_schemas(&mut conn, include_system).await
     }
 
-    async fn list_tables(&self, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
+    async fn list_tables(&self, schema: Option<&str>, page: TablePage) -> Result<Vec<TableInfo>, BackendError> {
         let mut conn = self.lease().await?;
-        schema::list_tables(&mut conn, schema).await
+        schema::list_tables(&mut conn, schema, &page).await
     }
 
     fn refuses(&self, column: &crate::backend::Column, value: &crate::backend::Value) -> Option<&'static str> {

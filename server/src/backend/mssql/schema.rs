@@ -8,7 +8,7 @@ use tiberius::{ColumnData, Row};
 use super::MssqlConn;
 use crate::backend::{
     BackendError, Column, ColumnGeneration, ColumnInfo, ColumnType, ForeignKey, Index, PrimaryKey, SchemaInfo,
-    TableDescription, TableInfo, TableKind,
+    TableDescription, TableInfo, TableKind, TablePage,
 };
 
 /// Built-in schemas: sys, INFORMATION_SCHEMA, guest, the fixed database
@@ -49,7 +49,11 @@ macro_rules! table_select {
 
 const LIST_TABLES: &str = concat!(
     table_select!(),
-    "AND o.is_ms_shipped = 0 AND (@P1 IS NULL OR s.name = @P1) ORDER BY s.name, o.name"
+    "AND o.is_ms_shipped = 0 AND (@P1 IS NULL OR s.name = @P1) \
+     AND (@P2 IS NULL OR s.name COLLATE Latin1_General_BIN2 > @P2 \
+          OR (s.name COLLATE Latin1_General_BIN2 = @P2 AND o.name COLLATE Latin1_General_BIN2 > @P3)) \
+     ORDER BY s.name COLLATE Latin1_General_BIN2, o.name COLLATE Latin1_General_BIN2 \
+     OFFSET 0 ROWS FETCH NEXT @P4 ROWS ONLY"
 );
 
 /// Without a schema, the caller's default schema (as SQL Server resolves names).
@@ -111,8 +115,20 @@ fn optional_name(s: Option<&str>) -> ColumnData<'static> {
     ColumnData::String(s.map(|s| s.to_owned().into()))
 }
 
-fn list_tables_query(schema: Option<&str>) -> (&'static str, Vec<ColumnData<'static>>) {
-    (LIST_TABLES, vec![optional_name(schema)])
+/// Names compare as code points (a binary collation), not as the database's
+/// collation orders them, so that a page ends where the next begins.
+fn list_tables_query(schema: Option<&str>, page: &TablePage) -> (&'static str, Vec<ColumnData<'static>>) {
+    let (after_schema, after_name) = page.after.as_ref().map(|(s, n)| (s.as_str(), n.as_str())).unzip();
+    let limit = page.limit.map_or(i64::MAX, i64::from);
+    (
+        LIST_TABLES,
+        vec![
+            optional_name(schema),
+            optional_name(after_schema),
+            optional_name(after_name),
+            ColumnData::I64(Some(limit)),
+        ],
+    )
 }
 
 fn find_table_query(schema: Option<&str>, table: &str) -> (&'static str, Vec<ColumnData<'static>>) {
@@ -180,8 +196,12 @@ fn table_info(row: &Row) -> Result<(i32, TableInfo), BackendError> {
     Ok((int(row, 0)?.unwrap_or_default(), info))
 }
 
-pub async fn list_tables(conn: &mut MssqlConn, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
-    let (sql, params) = list_tables_query(schema);
+pub async fn list_tables(
+    conn: &mut MssqlConn,
+    schema: Option<&str>,
+    page: &TablePage,
+) -> Result<Vec<TableInfo>, BackendError> {
+    let (sql, params) = list_tables_query(schema, page);
     let rows = conn.fetch(sql, params).await?;
     rows.iter().map(|r| table_info(r).map(|(_, t)| t)).collect()
 }
@@ -428,14 +448,26 @@ mod tests {
 
     #[test]
     fn names_are_bound_never_spliced() {
-        let (sql, params) = list_tables_query(Some(HOSTILE));
+        let page = TablePage {
+            after: Some((HOSTILE.to_string(), HOSTILE.to_string())),
+            limit: Some(2),
+        };
+        let (sql, params) = list_tables_query(Some(HOSTILE), &page);
         assert!(!sql.contains(HOSTILE));
-        assert_eq!(texts(&params), [Some(HOSTILE.to_string())]);
+        assert_eq!(texts(&params[..3]), vec![Some(HOSTILE.to_string()); 3]);
+        assert!(matches!(params[3], ColumnData::I64(Some(2))));
         assert_eq!(placeholder_count(sql), params.len());
 
-        let (sql, params) = list_tables_query(None);
-        assert_eq!(texts(&params), [None], "NULL lists every schema");
+        let (sql, params) = list_tables_query(None, &TablePage::default());
+        assert_eq!(
+            texts(&params[..3]),
+            [None, None, None],
+            "NULL lists every schema, from the first"
+        );
+        assert!(matches!(params[3], ColumnData::I64(Some(i64::MAX))), "no limit");
         assert!(sql.contains("@P1 IS NULL OR s.name = @P1"));
+        // Ordered as the page's end is compared: by code point, whatever the database's collation.
+        assert!(sql.contains("ORDER BY s.name COLLATE Latin1_General_BIN2, o.name COLLATE Latin1_General_BIN2"));
 
         let (sql, params) = find_table_query(Some(HOSTILE), HOSTILE);
         assert!(!sql.contains(HOSTILE));

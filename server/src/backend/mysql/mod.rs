@@ -23,7 +23,7 @@ use crate::backend::error::classify_sqlstate;
 use crate::backend::{
     BackendError, Capabilities, ChangeFeed, ConnectionInfo, Engine, EngineErrorKind, Isolation, LoadOutcome, LoadSpec,
     PoolStatus, QueryStream, RowFeed, RowSink, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
-    TableInfo, TxOptions, WatchSpec,
+    TableInfo, TablePage, TxOptions, WatchSpec,
 };
 use crate::config::SourceConfig;
 
@@ -481,8 +481,8 @@ impl SqlSource for MysqlSource {
         schema::list_schemas(&mut self.conn().await?, include_system).await
     }
 
-    async fn list_tables(&self, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
-        schema::list_tables(&mut self.conn().await?, schema).await
+    async fn list_tables(&self, schema: Option<&str>, page: TablePage) -> Result<Vec<TableInfo>, BackendError> {
+        schema::list_tables(&mut self.conn().await?, schema, &page).await
     }
 
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {

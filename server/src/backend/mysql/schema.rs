@@ -9,7 +9,7 @@ use mysql_async::{Conn, FromRowError, Params, Row};
 use super::map_error;
 use crate::backend::{
     BackendError, Column, ColumnGeneration, ColumnInfo, ColumnType, ForeignKey, Index, PrimaryKey, SchemaInfo,
-    TableDescription, TableInfo, TableKind,
+    TableDescription, TableInfo, TableKind, TablePage,
 };
 
 const SYSTEM_SCHEMAS: [&str; 4] = ["mysql", "information_schema", "performance_schema", "sys"];
@@ -84,19 +84,35 @@ fn table_info((schema, name, kind, rows, comment): TableRow) -> TableInfo {
     }
 }
 
-pub async fn list_tables(conn: &mut Conn, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
-    let rows: Vec<TableRow> = match schema {
-        Some(s) => catalog(conn, format!("{TABLE_COLUMNS} TABLE_SCHEMA = ? ORDER BY 1, 2"), (s,)).await?,
+pub async fn list_tables(
+    conn: &mut Conn,
+    schema: Option<&str>,
+    page: &TablePage,
+) -> Result<Vec<TableInfo>, BackendError> {
+    let mut sql = String::from(TABLE_COLUMNS);
+    let mut params: Vec<mysql_async::Value> = Vec::new();
+    match schema {
+        Some(s) => {
+            sql.push_str(" TABLE_SCHEMA = ?");
+            params.push(s.into());
+        }
         None => {
             let excluded = SYSTEM_SCHEMAS.map(|s| format!("'{s}'")).join(", ");
-            catalog(
-                conn,
-                format!("{TABLE_COLUMNS} TABLE_SCHEMA NOT IN ({excluded}) ORDER BY 1, 2"),
-                (),
-            )
-            .await?
+            sql.push_str(&format!(" TABLE_SCHEMA NOT IN ({excluded})"));
         }
-    };
+    }
+    // Ordered and compared as bytes: the catalog's collation ignores case,
+    // and two tables whose names differ only in case would be one place.
+    if let Some((after_schema, after_name)) = &page.after {
+        sql.push_str(" AND (BINARY TABLE_SCHEMA, BINARY TABLE_NAME) > (BINARY ?, BINARY ?)");
+        params.extend([after_schema.as_str().into(), after_name.as_str().into()]);
+    }
+    sql.push_str(" ORDER BY BINARY TABLE_SCHEMA, BINARY TABLE_NAME");
+    if let Some(limit) = page.limit {
+        sql.push_str(" LIMIT ?");
+        params.push(limit.into());
+    }
+    let rows: Vec<TableRow> = catalog(conn, sql, params).await?;
     Ok(rows.into_iter().map(table_info).collect())
 }
 

@@ -37,7 +37,7 @@ use crate::backend::pool::FailFastPool;
 use crate::backend::{
     BackendError, Capabilities, ChangeFeed, Column, ConnectionInfo, Engine, Isolation, LoadOutcome, LoadSpec,
     PoolStatus, QueryStream, Row, RowFeed, RowSink, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement,
-    TableDescription, TableInfo, TxOptions, Value, WatchSpec,
+    TableDescription, TableInfo, TablePage, TxOptions, Value, WatchSpec,
 };
 use crate::config::{PoolConfig, SessionReset, SourceConfig};
 use multiplex::{InFlight, Multiplexer};
@@ -861,8 +861,8 @@ impl SqlSource for PostgresSource {
             .map_err(map_error)
     }
 
-    async fn list_tables(&self, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
-        schema::list_tables(&self.lease().await?.client, schema)
+    async fn list_tables(&self, schema: Option<&str>, page: TablePage) -> Result<Vec<TableInfo>, BackendError> {
+        schema::list_tables(&self.lease().await?.client, schema, &page)
             .await
             .map_err(map_error)
     }

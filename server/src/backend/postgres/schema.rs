@@ -8,7 +8,7 @@ use super::types::{column_type, typmod_details};
 use crate::backend::bulk::quote_ansi;
 use crate::backend::{
     BackendError, Column, ColumnGeneration, ColumnInfo, ColumnType, ForeignKey, Index, PrimaryKey, SchemaInfo,
-    TableDescription, TableInfo, TableKind,
+    TableDescription, TableInfo, TableKind, TablePage,
 };
 
 const SYSTEM_SCHEMA: &str = "(n.nspname IN ('pg_catalog', 'information_schema') OR n.nspname LIKE 'pg\\_%')";
@@ -77,13 +77,26 @@ fn table_info(r: &tokio_postgres::Row) -> TableInfo {
     }
 }
 
-pub async fn list_tables(client: &Client, schema: Option<&str>) -> Result<Vec<TableInfo>, tokio_postgres::Error> {
+pub async fn list_tables(
+    client: &Client,
+    schema: Option<&str>,
+    page: &TablePage,
+) -> Result<Vec<TableInfo>, tokio_postgres::Error> {
+    // Ordered and compared as bytes (COLLATE "C"): the database's collation
+    // may order names otherwise than a page's end compares with them.
     let sql = format!(
         "SELECT {TABLE_COLUMNS} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p') AND NOT c.relispartition AND {MAY_USE_TABLE} \
-         AND (($1::text IS NULL AND NOT {SYSTEM_SCHEMA}) OR n.nspname = $1::text) ORDER BY 1, 2"
+         AND (($1::text IS NULL AND NOT {SYSTEM_SCHEMA}) OR n.nspname = $1::text) \
+         AND ($2::text IS NULL OR (n.nspname::text COLLATE \"C\", c.relname::text COLLATE \"C\") \
+              > ($2::text COLLATE \"C\", $3::text COLLATE \"C\")) \
+         ORDER BY n.nspname::text COLLATE \"C\", c.relname::text COLLATE \"C\" LIMIT $4::int8"
     );
-    let rows = client.query(&sql, &[&schema]).await?;
+    let (after_schema, after_name) = page.after.as_ref().map(|(s, n)| (s, n)).unzip();
+    let limit = page.limit.map(i64::from);
+    let rows = client
+        .query(&sql, &[&schema, &after_schema, &after_name, &limit])
+        .await?;
     Ok(rows.iter().map(table_info).collect())
 }
 

@@ -22,7 +22,7 @@ use crate::backend::sql_text;
 use crate::backend::{
     BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, LoadOutcome, LoadSpec,
     PoolStatus, QueryStream, RowFeed, RowSink, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
-    TableInfo, TxOptions, Value,
+    TableInfo, TablePage, TxOptions, Value,
 };
 use crate::config::SourceConfig;
 
@@ -384,9 +384,10 @@ impl SqlSource for SqliteSource {
         self.with_conn(schema::list_schemas).await
     }
 
-    async fn list_tables(&self, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
+    async fn list_tables(&self, schema: Option<&str>, page: TablePage) -> Result<Vec<TableInfo>, BackendError> {
         let schema = schema.map(str::to_string);
-        self.with_conn(move |c| schema::list_tables(c, schema.as_deref())).await
+        self.with_conn(move |c| schema::list_tables(c, schema.as_deref(), &page))
+            .await
     }
 
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {

@@ -7,7 +7,7 @@ use super::{column, map_error};
 use crate::backend::bulk::quote_ansi;
 use crate::backend::{
     BackendError, ColumnGeneration, ColumnInfo, ForeignKey, Index, PrimaryKey, SchemaInfo, TableDescription, TableInfo,
-    TableKind,
+    TableKind, TablePage,
 };
 
 pub fn list_schemas(conn: &Connection) -> Result<Vec<SchemaInfo>, BackendError> {
@@ -46,17 +46,26 @@ fn row_estimate(conn: &Connection, schema: &str, table: &str) -> Result<Option<i
     .map_err(map_error)
 }
 
-fn tables(conn: &Connection, schema: Option<&str>, name: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
+fn tables(
+    conn: &Connection,
+    schema: Option<&str>,
+    name: Option<&str>,
+    page: &TablePage,
+) -> Result<Vec<TableInfo>, BackendError> {
+    // Names compare as bytes (BINARY, the columns' collation); LIMIT -1 is no limit.
     let mut stmt = conn
         .prepare(
             "SELECT schema, name, type FROM pragma_table_list \
              WHERE type IN ('table', 'view', 'virtual') AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' \
              AND schema <> 'temp' AND (?1 IS NULL OR schema = ?1) AND (?2 IS NULL OR name = ?2 COLLATE NOCASE) \
-             ORDER BY schema, name",
+             AND (?3 IS NULL OR (schema, name) > (?3, ?4)) \
+             ORDER BY schema, name LIMIT ?5",
         )
         .map_err(map_error)?;
+    let (after_schema, after_name) = page.after.as_ref().map(|(s, n)| (s, n)).unzip();
+    let limit = page.limit.map_or(-1, i64::from);
     let rows = stmt
-        .query_map(params![schema, name], |r| {
+        .query_map(params![schema, name, after_schema, after_name, limit], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
         })
         .map_err(map_error)?
@@ -232,14 +241,17 @@ fn generated_in(sql: &str, definition: &[(Token, usize, usize)], column: &str) -
     None
 }
 
-pub fn list_tables(conn: &Connection, schema: Option<&str>) -> Result<Vec<TableInfo>, BackendError> {
-    tables(conn, schema, None)
+pub fn list_tables(conn: &Connection, schema: Option<&str>, page: &TablePage) -> Result<Vec<TableInfo>, BackendError> {
+    tables(conn, schema, None, page)
 }
 
 pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
     let schema = schema.unwrap_or("main");
     // Table names are not case-sensitive in SQLite.
-    let Some(info) = tables(conn, Some(schema), Some(table))?.into_iter().next() else {
+    let Some(info) = tables(conn, Some(schema), Some(table), &TablePage::default())?
+        .into_iter()
+        .next()
+    else {
         return Err(BackendError::not_found(format!("table \"{schema}.{table}\" not found")));
     };
     let table = info.name.as_str();

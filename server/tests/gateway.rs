@@ -680,6 +680,56 @@ async fn an_interrupted_sqlite_write_loses_its_transaction_loudly() {
     server.stop().await;
 }
 
+/// A RETURNING statement makes all its writes at its first step: one that
+/// fails on a later row (a value Weir cannot read), or whose caller leaves,
+/// leaves none of them behind, pooled or in a transaction.
+#[tokio::test]
+async fn a_sqlite_write_that_fails_after_its_first_row_leaves_nothing() {
+    let (server, client, tx) = sqlite_transaction_holding("dated").await;
+    client
+        .rollback(&tx)
+        .await
+        .expect("rollback of the helper's transaction");
+    client
+        .execute("db", "CREATE TABLE days (v DATE)", vec![])
+        .await
+        .expect("table");
+    let insert = "INSERT INTO days VALUES ('2024-01-01'), ('soon') RETURNING v";
+    let err = client.execute("db", insert, vec![]).await.expect_err("not a date");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    let count = |client: weir_client::WeirClient| async move {
+        let r = client
+            .execute("db", "SELECT count(*) FROM days", vec![])
+            .await
+            .expect("count");
+        int(&r.rows[0].values[0])
+    };
+    assert_eq!(count(client.clone()).await, 0, "the unary statement's writes were undone");
+    // Streamed, the statement runs on a pooled connection, in autocommit.
+    let outcome = async {
+        let mut stream = client.execute_stream("db", insert, vec![]).await?;
+        while stream.next_batch().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    };
+    let err = outcome.await.expect_err("not a date");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert_eq!(count(client.clone()).await, 0, "the streamed statement's writes were undone");
+
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "db", "INSERT INTO days VALUES ('2024-02-02')", vec![])
+        .await
+        .expect("a first write");
+    let err = client.execute_in(&tx, "db", insert, vec![]).await.expect_err("not a date");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert_transaction_lost(&client, &tx, "db", "INSERT INTO days VALUES ('2024-03-03')").await;
+    assert_eq!(count(client.clone()).await, 0, "the transaction's writes were undone");
+    server.stop().await;
+}
+
 /// A pooled SQLite connection that a caller's pragma or temporary table
 /// changed is closed, not handed to the next caller.
 #[tokio::test]

@@ -6,6 +6,7 @@ mod bulk;
 mod demo;
 mod schema;
 
+use std::cell::Cell;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -485,9 +486,10 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
     tokio::task::spawn_blocking(move || {
         let mut hold = hold;
         let pooled = matches!(hold, Hold::Pooled(_));
+        let unfinished_write = Cell::new(false);
         let outcome = hold.conn().and_then(|conn| {
             let _hooks = StatementHooks::install(conn, &flag, pooled);
-            execute(conn, &statement, &mut worker)
+            execute(conn, &statement, &mut worker, &flag, &unfinished_write)
         });
         // Closed rather than pooled: the next caller must not find another's
         // pragmas (foreign_keys off, query_only on) or temporary tables,
@@ -495,6 +497,17 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
         let lease: &mut Lease = match &mut hold {
             Hold::Pooled(lease) => lease,
             Hold::Transaction(lease) => {
+                // Its writes would stay in the transaction, which the caller
+                // could commit believing the statement failed: the
+                // transaction ends, as when SQLite itself rolls it back (the
+                // caller learns it at its next statement, as on PostgreSQL).
+                if unfinished_write.get() {
+                    if let Ok(conn) = lease.conn() {
+                        if !conn.is_autocommit() && conn.execute_batch("ROLLBACK").is_err() {
+                            lease.discard = true;
+                        }
+                    }
+                }
                 // SQLite rolled the transaction back (an interrupted or failed
                 // write): its write turn is over, whenever the handle ends.
                 if lease.conn().is_ok_and(Connection::is_autocommit) {
@@ -548,8 +561,33 @@ fn changed_session(conn: &Connection, sql: &str) -> bool {
             .unwrap_or(true)
 }
 
+/// Marks a writing statement's rows as not all handed over unless disarmed.
+/// A `RETURNING` statement makes all its writes at its first step, and
+/// resetting it commits them (in autocommit), though its caller is told it
+/// failed or has gone; marked, a pooled statement's commit becomes a
+/// rollback (its commit hook) and `start` ends a transaction's.
+struct Unfinished<'a> {
+    abandoned: &'a AtomicBool,
+    write: Option<&'a Cell<bool>>,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(write) = self.write {
+            write.set(true);
+            self.abandoned.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Runs the statement, sending its columns and rows; returns rows affected.
-fn execute(conn: &Connection, statement: &Statement, worker: &mut Worker) -> Result<Option<u64>, BackendError> {
+fn execute(
+    conn: &Connection,
+    statement: &Statement,
+    worker: &mut Worker,
+    abandoned: &AtomicBool,
+    unfinished_write: &Cell<bool>,
+) -> Result<Option<u64>, BackendError> {
     // `changes()` keeps the last INSERT, UPDATE or DELETE's count through
     // DDL and pragmas: it is this statement's only if the total moved.
     let changed_before = conn.total_changes();
@@ -576,7 +614,13 @@ fn execute(conn: &Connection, statement: &Statement, worker: &mut Worker) -> Res
     if !worker.describe(columns) {
         return Ok(None);
     }
+    let writes = !prepared.readonly();
     let mut rows = prepared.raw_query();
+    // Declared after `rows`, so dropped (and marking) before `rows` resets the statement.
+    let mut unfinished = Unfinished {
+        abandoned,
+        write: writes.then_some(unfinished_write),
+    };
     let mut gather = worker.gather();
     while let Some(row) = rows.next().map_err(map_error)? {
         for (i, ty) in types.iter().enumerate() {
@@ -589,6 +633,8 @@ fn execute(conn: &Connection, statement: &Statement, worker: &mut Worker) -> Res
             }
         }
     }
+    unfinished.write = None;
+    drop(unfinished);
     drop(rows);
     if gather.rest().is_some_and(|rest| !worker.send_blocking(rest)) {
         return Ok(None);

@@ -301,6 +301,40 @@ async fn a_required_client_certificate_is_required() {
     server.stop().await;
 }
 
+/// `require_client_cert` turned on by a reload (after a key leaked, say)
+/// stops connections made without a certificate before it, not only new
+/// ones; connections with a certificate go on.
+#[tokio::test]
+async fn a_client_certificate_required_by_reload_stops_open_connections_without_one() {
+    let (server_ca, client_ca) = (ca("server ca"), ca("client ca"));
+    let files = Files::new();
+    let config = format!("{}{}", tls_section(&files, &server_ca, &client_ca, false), tenants());
+    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
+    let by_key = connect(&server, Some("key-a"), tls(&server_ca, None))
+        .await
+        .expect("tls without a client certificate");
+    assert_eq!(sources(&by_key).await.expect("by key"), vec!["a_db"]);
+    let a_cert = leaf(&client_ca, "orders", &[dns("orders.internal")], true);
+    let by_cert = connect(&server, None, tls(&server_ca, Some(a_cert)))
+        .await
+        .expect("mtls");
+    let required = config.replace("require_client_cert = false", "require_client_cert = true");
+    assert_ne!(required, config);
+    files.write("weir.toml", &required);
+    let mut refused_at_last = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(e) = sources(&by_key).await {
+            refused_at_last = Some(e);
+            break;
+        }
+    }
+    let e = refused_at_last.expect("the open connection without a certificate is refused");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(sources(&by_cert).await.expect("with a certificate"), vec!["a_db"]);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_renewed_server_certificate_is_used_for_new_connections() {
     let (old_ca, new_ca, client_ca) = (ca("old ca"), ca("new ca"), ca("client ca"));

@@ -100,6 +100,12 @@ impl Registry {
         self.tls.as_ref().is_none_or(|tls| tls.still_trusts(peer))
     }
 
+    /// Whether `peer` lacks the client certificate the server now requires
+    /// (see [`TlsReloader::wants_certificate_of`]); never without TLS.
+    pub fn wants_certificate_of(&self, peer: &crate::transport::tls::PeerInfo) -> bool {
+        self.tls.as_ref().is_some_and(|tls| tls.wants_certificate_of(peer))
+    }
+
     /// The tenants in force; a call keeps what it got for its whole life.
     pub fn current(&self) -> Arc<Tenants> {
         self.current.read().clone()

@@ -199,6 +199,9 @@ where
         // through every layer of the subscriber.
         let authenticated = method.starts_with(API_PREFIX).then(|| {
             let peer = req.extensions().get::<PeerInfo>();
+            if peer.is_some_and(|p| self.tenants.wants_certificate_of(p)) {
+                return Err("this server now requires a client certificate: connect again with one".to_string());
+            }
             // A certificate the client CA now in force no longer accepts
             // names no one, on connections made before the change too.
             let identities = peer

@@ -38,12 +38,14 @@ pub struct ServerTls {
     config: ServerConfig,
     /// None without `client_ca_file`.
     clients: Option<Arc<dyn ClientCertVerifier>>,
+    require_client_cert: bool,
 }
 
 /// The configuration in force.
 struct Installed {
     config: Arc<ServerConfig>,
     clients: Option<Arc<dyn ClientCertVerifier>>,
+    require_client_cert: bool,
     /// One more at each install: a connection's certificate, verified when
     /// it connected, is checked again against the client CA now in force
     /// once the generation has moved on (a CA removed to stop certificates
@@ -89,6 +91,7 @@ pub fn server_config(config: &TlsConfig) -> Result<ServerTls, String> {
     Ok(ServerTls {
         config: server,
         clients,
+        require_client_cert: config.require_client_cert,
     })
 }
 
@@ -99,6 +102,7 @@ impl TlsReloader {
             current: RwLock::new(Arc::new(Installed {
                 config: Arc::new(first.config),
                 clients: first.clients,
+                require_client_cert: first.require_client_cert,
                 generation: 0,
             })),
         })
@@ -111,12 +115,20 @@ impl TlsReloader {
         *current = Arc::new(Installed {
             config: Arc::new(fresh.config),
             clients: fresh.clients,
+            require_client_cert: fresh.require_client_cert,
             generation: current.generation + 1,
         });
     }
 
     fn installed(&self) -> Arc<Installed> {
         self.current.read().clone()
+    }
+
+    /// Whether `peer` connected without a client certificate where one is
+    /// now required: `require_client_cert` turned on stops such connections
+    /// already open too, not only new ones.
+    pub fn wants_certificate_of(&self, peer: &PeerInfo) -> bool {
+        peer.certificate.is_none() && self.installed().require_client_cert
     }
 
     /// Whether the client certificate `peer` connected with is still one

@@ -704,7 +704,11 @@ async fn a_sqlite_write_that_fails_after_its_first_row_leaves_nothing() {
             .expect("count");
         int(&r.rows[0].values[0])
     };
-    assert_eq!(count(client.clone()).await, 0, "the unary statement's writes were undone");
+    assert_eq!(
+        count(client.clone()).await,
+        0,
+        "the unary statement's writes were undone"
+    );
     // Streamed, the statement runs on a pooled connection, in autocommit.
     let outcome = async {
         let mut stream = client.execute_stream("db", insert, vec![]).await?;
@@ -713,7 +717,11 @@ async fn a_sqlite_write_that_fails_after_its_first_row_leaves_nothing() {
     };
     let err = outcome.await.expect_err("not a date");
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
-    assert_eq!(count(client.clone()).await, 0, "the streamed statement's writes were undone");
+    assert_eq!(
+        count(client.clone()).await,
+        0,
+        "the streamed statement's writes were undone"
+    );
 
     let tx = client
         .begin("db", IsolationLevel::Unspecified, false)
@@ -723,7 +731,10 @@ async fn a_sqlite_write_that_fails_after_its_first_row_leaves_nothing() {
         .execute_in(&tx, "db", "INSERT INTO days VALUES ('2024-02-02')", vec![])
         .await
         .expect("a first write");
-    let err = client.execute_in(&tx, "db", insert, vec![]).await.expect_err("not a date");
+    let err = client
+        .execute_in(&tx, "db", insert, vec![])
+        .await
+        .expect_err("not a date");
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
     assert_transaction_lost(&client, &tx, "db", "INSERT INTO days VALUES ('2024-03-03')").await;
     assert_eq!(count(client.clone()).await, 0, "the transaction's writes were undone");

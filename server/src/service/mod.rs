@@ -18,7 +18,6 @@ use std::time::Duration;
 use futures::Stream;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 use weir_proto::v1 as pb;
@@ -166,15 +165,20 @@ pub fn record_pair(first: (&str, &dyn tracing::Value), second: (&str, &dyn traci
 /// a full buffer and a stream cut short never ends with OK.
 pub struct StreamOut<T> {
     tx: mpsc::Sender<Result<T, Status>>,
+    /// The receiving end, to drop the buffered messages of a stalled stream.
+    rx: Buffered<T>,
     last: Arc<Mutex<Option<Status>>>,
     idle: Duration,
     /// With [`StreamOut::counted`]: how many messages the transport took.
     taken: Option<watch::Receiver<u64>>,
 }
 
+/// A stream's buffer of messages, shared by both sides (see [`StreamOut::send`]).
+type Buffered<T> = Arc<Mutex<Option<mpsc::Receiver<Result<T, Status>>>>>;
+
 /// The response side of a [`StreamOut`]: its messages, then its closing error, if any.
 pub struct StreamIn<T> {
-    rx: ReceiverStream<Result<T, Status>>,
+    rx: Buffered<T>,
     last: Arc<Mutex<Option<Status>>>,
     /// Messages the transport has taken from the buffer, for a counted stream only.
     taken: Option<watch::Sender<u64>>,
@@ -198,17 +202,19 @@ impl<T> StreamOut<T> {
         taken: Option<(watch::Sender<u64>, watch::Receiver<u64>)>,
     ) -> (StreamOut<T>, StreamIn<T>) {
         let (tx, rx) = mpsc::channel(buffer);
+        let rx = Arc::new(Mutex::new(Some(rx)));
         let last = Arc::new(Mutex::new(None));
         let (counter, taken) = taken.unzip();
         (
             StreamOut {
                 tx,
+                rx: rx.clone(),
                 last: last.clone(),
                 idle,
                 taken,
             },
             StreamIn {
-                rx: ReceiverStream::new(rx),
+                rx,
                 last,
                 taken: counter,
             },
@@ -224,11 +230,20 @@ impl<T> StreamOut<T> {
 
     /// `Ok(true)` when sent, `Ok(false)` when the client has gone, and
     /// `Err` when the client took nothing for the idle time.
+    /// A stalled stream's buffered messages are dropped at once: the
+    /// client that stopped reading may keep its connection (and this
+    /// stream) open for ever, and would keep them in memory, with no slot
+    /// of its tenant held any more. It reads the error next.
     pub async fn send(&self, item: T) -> Result<bool, Error> {
         match tokio::time::timeout(self.idle, self.tx.send(Ok(item))).await {
             Ok(Ok(())) => Ok(true),
             Ok(Err(_)) => Ok(false),
-            Err(_) => Err(Error::StreamStalled(self.idle)),
+            Err(_) => {
+                // The error first: a stream found without its buffer ends with what `last` holds.
+                self.fail(Error::StreamStalled(self.idle));
+                self.rx.lock().take();
+                Err(Error::StreamStalled(self.idle))
+            }
         }
     }
 
@@ -273,11 +288,23 @@ impl<T> StreamOut<T> {
     }
 }
 
+/// The client has gone: the buffer goes with it, which tells the sender
+/// (its `send` fails, `closed` completes).
+impl<T> Drop for StreamIn<T> {
+    fn drop(&mut self) {
+        self.rx.lock().take();
+    }
+}
+
 impl<T> Stream for StreamIn<T> {
     type Item = Result<T, Status>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match Pin::new(&mut self.rx).poll_next(cx) {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = match self.rx.lock().as_mut() {
+            Some(rx) => rx.poll_recv(cx),
+            None => Poll::Ready(None),
+        };
+        match polled {
             Poll::Ready(None) => Poll::Ready(self.last.lock().take().map(Err)),
             Poll::Ready(Some(item)) => {
                 if let Some(taken) = &self.taken {

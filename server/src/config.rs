@@ -892,6 +892,28 @@ impl LimitsConfig {
 }
 
 impl SourceConfig {
+    /// Whether `other` reaches the same database as the same login: a
+    /// reload that changes only how Weir pools, checks or multiplexes it, or
+    /// where its password comes from (a rotation), leaves the work in
+    /// progress on the old sessions alone; one that points the source at
+    /// another server, database or login, or changes its TLS settings, ends
+    /// it (see `Tenants::retire_replaced_sources`). `read_only` has a check
+    /// of its own: it ends only the transactions that could write.
+    pub fn same_target(&self, other: &SourceConfig) -> bool {
+        let target = |c: &SourceConfig| SourceConfig {
+            read_only: false,
+            required: false,
+            pool: PoolConfig::default(),
+            password_env: None,
+            password_file: None,
+            password_sealed: None,
+            session_reset: None,
+            multiplex: None,
+            ..c.clone()
+        };
+        target(self) == target(other)
+    }
+
     /// The pool's own connections: `pool.max_size` less those that
     /// multiplexing shares out.
     pub fn own_pool_size(&self) -> u32 {
@@ -1218,6 +1240,33 @@ mod tests {
         let err = parse("11s").err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("max_rate_wait"), "{err}");
         assert_eq!(LimitsConfig::default().max_rate_wait, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn a_source_keeps_its_target_through_pool_and_password_changes_only() {
+        let source = |extra: &str| {
+            let text = format!(
+                "[tenants.a.sources.s]\nengine = \"postgres\"\nhost = \"h\"\nuser = \"u\"\ndatabase = \"d\"\n{extra}"
+            );
+            let config = Config::from_toml(&text).expect("config");
+            config.tenants["a"].sources["s"].clone()
+        };
+        let base = source("");
+        for same in [
+            "password_file = \"/run/secrets/pg\"\n",
+            "read_only = true\nrequired = true\n",
+            "[tenants.a.sources.s.pool]\nmax_size = 3\n",
+        ] {
+            assert!(base.same_target(&source(same)), "{same}");
+        }
+        for moved in ["port = 6432\n", "tls = true\n"] {
+            assert!(!base.same_target(&source(moved)), "{moved}");
+        }
+        let other_login = Config::from_toml(
+            "[tenants.a.sources.s]\nengine = \"postgres\"\nhost = \"h\"\nuser = \"reader\"\ndatabase = \"d\"\n",
+        )
+        .expect("config");
+        assert!(!base.same_target(&other_login.tenants["a"].sources["s"]));
     }
 
     #[test]

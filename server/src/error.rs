@@ -64,6 +64,11 @@ pub enum Error {
     TopicNotFound(String),
     #[error("the shared rate limits cannot be checked (Redis is unreachable); retry shortly")]
     GlobalLimitsUnavailable,
+    #[error(
+        "a configuration reload removed the source or pointed it at another server, database or login; \
+         watch again to resume from the last acknowledged position"
+    )]
+    SourceRetired,
     #[error("the gateway is saturated: no slot came free within {waited:?}; retry in {retry_after:?} or with a higher priority")]
     GatewayBusy { waited: Duration, retry_after: Duration },
     #[error(
@@ -229,6 +234,11 @@ impl From<Error> for Status {
             Error::TooManyTransactions { limit } => at_cap("TRANSACTION_LIMIT", *limit),
             Error::GlobalLimitsUnavailable => {
                 let mut d = info("GLOBAL_LIMITS_UNAVAILABLE", vec![]);
+                d.set_retry_info(Some(Duration::from_secs(1)));
+                (Code::Unavailable, d)
+            }
+            Error::SourceRetired => {
+                let mut d = info("SOURCE_RECONFIGURED", vec![]);
                 d.set_retry_info(Some(Duration::from_secs(1)));
                 (Code::Unavailable, d)
             }

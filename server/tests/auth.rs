@@ -138,6 +138,18 @@ async fn sources(client: &WeirClient) -> Result<Vec<String>, tonic::Status> {
     Ok(client.list_sources().await?.into_iter().map(|s| s.name).collect())
 }
 
+/// The error a call on `client` gets once a reload (checked every 100 ms)
+/// stopped its connection; None if it still works after 5 s.
+async fn refused_within_5s(client: &WeirClient) -> Option<tonic::Status> {
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(e) = sources(client).await {
+            return Some(e);
+        }
+    }
+    None
+}
+
 /// A connection that could not be made, or made but cannot call.
 async fn refused(connected: Result<WeirClient, String>) -> bool {
     match connected {
@@ -269,15 +281,9 @@ async fn a_client_ca_taken_away_stops_its_certificates_on_open_connections() {
     let fresh = under_both.expect("the new CA is in force");
     assert_eq!(sources(&open).await.expect("the old CA is still trusted"), vec!["a_db"]);
     files.write("client-ca.crt", &new_ca.pem);
-    let mut refused_at_last = None;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if let Err(e) = sources(&open).await {
-            refused_at_last = Some(e);
-            break;
-        }
-    }
-    let e = refused_at_last.expect("the removed CA's certificate is refused on its open connection");
+    let e = refused_within_5s(&open)
+        .await
+        .expect("the removed CA's certificate is refused on its open connection");
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert_eq!(sources(&fresh).await.expect("the new CA's certificate"), vec!["a_db"]);
     server.stop().await;
@@ -321,15 +327,9 @@ async fn a_client_certificate_required_by_reload_stops_open_connections_without_
     let required = config.replace("require_client_cert = false", "require_client_cert = true");
     assert_ne!(required, config);
     files.write("weir.toml", &required);
-    let mut refused_at_last = None;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if let Err(e) = sources(&by_key).await {
-            refused_at_last = Some(e);
-            break;
-        }
-    }
-    let e = refused_at_last.expect("the open connection without a certificate is refused");
+    let e = refused_within_5s(&by_key)
+        .await
+        .expect("the open connection without a certificate is refused");
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert_eq!(sources(&by_cert).await.expect("with a certificate"), vec!["a_db"]);
     server.stop().await;

@@ -406,6 +406,116 @@ async fn a_transaction_on_a_source_a_reload_withdraws_is_rolled_back() {
     client.commit(&tx).await.expect("commit");
 }
 
+/// A reload that points a source at another server, database or login ends
+/// the work that still runs on the old one: its transactions are rolled
+/// back and its change streams end (UNAVAILABLE, `SOURCE_RECONFIGURED`, to
+/// be resumed on the source as it now is). A new pool size alone ends
+/// neither (the stream test above).
+#[tokio::test]
+async fn a_source_pointed_elsewhere_ends_its_transactions_and_change_streams() {
+    // The same server behind a proxy's port: another address in the configuration.
+    let proxy = common::Proxy::start(common::pg_address()).await;
+    let config = |port: &str| {
+        format!(
+            "{FAST}[tenants.a]\n{}{}",
+            api_keys(&["a1"]),
+            common::postgres_at("a", "pg", port, "")
+        )
+    };
+    let file = ConfigFile::new(&config(&env_or("WEIR_TEST_PG_PORT", "5432")));
+    let weir = start(&file);
+    let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
+    let table = "weir_reload_repointed";
+    for sql in [
+        format!("DROP TABLE IF EXISTS {table}"),
+        format!("CREATE TABLE {table} (id bigint PRIMARY KEY)"),
+    ] {
+        client.execute("pg", &sql, vec![]).await.expect(&sql);
+    }
+    let subscription = format!("repointed_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut watch = client
+        .watch(pb::WatchStart {
+            source: "pg".into(),
+            tables: vec![pb::TableRef {
+                schema: String::new(),
+                table: table.into(),
+            }],
+            subscription: subscription.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch");
+    let tx = client
+        .begin("pg", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "pg", &format!("INSERT INTO {table} VALUES (1)"), vec![])
+        .await
+        .expect("insert");
+
+    file.write(&config(&proxy.port.to_string()));
+    reloaded(&weir);
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match watch.next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the change stream ended without an error"),
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("the change stream ends");
+    assert_eq!(
+        (ended.code(), reason(&ended).as_str()),
+        (Code::Unavailable, "SOURCE_RECONFIGURED"),
+        "{ended:?}"
+    );
+    let err = client
+        .execute_in(&tx, "pg", &format!("INSERT INTO {table} VALUES (2)"), vec![])
+        .await
+        .expect_err("a statement after the reload");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::Aborted, "TRANSACTION_LOST"),
+        "{err:?}"
+    );
+    assert!(err.message().contains("configuration reload"), "{}", err.message());
+    let r = client
+        .execute("pg", &format!("SELECT count(*) FROM {table}"), vec![])
+        .await
+        .expect("the source as it now is serves");
+    assert_eq!(
+        common::int(&r.rows[0].values[0]),
+        0,
+        "nothing the transaction wrote is kept"
+    );
+    // Resumed on the source as it now is.
+    drop(watch);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let deleted = client
+            .stream()
+            .delete_subscription(pb::DeleteSubscriptionRequest {
+                source: "pg".into(),
+                subscription: subscription.clone(),
+            })
+            .await;
+        match deleted {
+            Ok(_) => break,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("delete the subscription: {e:?}"),
+        }
+    }
+    client
+        .execute("pg", &format!("DROP TABLE {table}"), vec![])
+        .await
+        .expect("drop");
+}
+
 /// A key taken away by a reload ends what was started with it: its result
 /// streams and loads fail with UNAUTHENTICATED (`CREDENTIAL_REVOKED`), a
 /// load leaving the table as it was, and its open transactions are rolled

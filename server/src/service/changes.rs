@@ -201,7 +201,8 @@ pub async fn watch(
     let Some(Message::Start(start)) = first.and_then(|m| m.message) else {
         return Err(bad("start", "the first message must be a WatchStart"));
     };
-    let sql = source(&caller, &start.source)?.backend.sql()?.clone();
+    let source = source(&caller, &start.source)?;
+    let (sql, retired) = (source.backend.sql()?.clone(), source.retired.clone());
     check_subscription(&start.subscription)?;
     let tenant = caller.tenant.id.clone();
     let resume = (!start.resume_position.is_empty())
@@ -235,6 +236,7 @@ pub async fn watch(
             subscription: &start.subscription,
             delivered: resume.clone(),
             resumed_at: resume,
+            retired,
         };
         pump.run(feed, inbound, tx, cut).await;
     });
@@ -252,6 +254,8 @@ struct Pump<'a> {
     /// is sent at this position instead, so that positions never go back and
     /// every one sent can be acknowledged and resumed from.
     resumed_at: Option<Position>,
+    /// The source's [`crate::tenant::Source::retired`].
+    retired: CancellationToken,
 }
 
 impl Pump<'_> {
@@ -279,6 +283,15 @@ impl Pump<'_> {
             subscription: self.subscription,
         };
         let (revoked, expires) = (self.caller.revoked.clone(), self.caller.expires);
+        let (cut, revoked, retired) = (&cut, &revoked, &self.retired.clone());
+        // Why the stream must end now, whatever it waits for.
+        let stopped = move || async move {
+            tokio::select! {
+                biased;
+                e = super::stopped(cut, revoked, expires) => e,
+                () = retired.cancelled() => Error::SourceRetired,
+            }
+        };
         // A client may half-close once it has nothing more to acknowledge.
         let mut listening = true;
         let mut throttled = std::time::Duration::ZERO;
@@ -316,7 +329,7 @@ impl Pump<'_> {
                         // or a client that left still ends the stream at once.
                         throttled += tokio::select! {
                             biased;
-                            e = super::stopped(&cut, &revoked, expires) => {
+                            e = stopped() => {
                                 tx.fail(e);
                                 return;
                             }
@@ -363,7 +376,7 @@ impl Pump<'_> {
                     }
                 },
                 () = tx.closed() => return,
-                e = super::stopped(&cut, &revoked, expires) => {
+                e = stopped() => {
                     tx.fail(e);
                     return;
                 }

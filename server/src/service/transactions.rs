@@ -13,6 +13,7 @@ use rand::RngCore;
 use crate::backend::{BackendError, SqlTransaction};
 use crate::error::Error;
 use crate::tenant::{Caller, Revocation, Source};
+use tokio_util::sync::CancellationToken;
 
 type Handle = [u8; 16];
 
@@ -30,6 +31,8 @@ pub struct OpenTransaction {
     /// The opener's credential: once revoked, the transaction is not
     /// served again and is rolled back by the next reap.
     revoked: Revocation,
+    /// Its source's [`Source::retired`].
+    source_retired: CancellationToken,
 }
 
 impl OpenTransaction {
@@ -87,6 +90,7 @@ impl Transactions {
             idle_timeout: caller.tenant.limits.transaction_idle_timeout,
             last_used: Mutex::new(Instant::now()),
             revoked: caller.revoked.clone(),
+            source_retired: source.retired.clone(),
         };
         let refused = {
             let mut open = self.open.lock();
@@ -123,13 +127,17 @@ impl Transactions {
     }
 
     /// Ends a transaction whose source a reload took away from the tenant,
-    /// or made read-only after the transaction began on it writable: the
-    /// tenant may no longer write there. Rolled back in the background.
+    /// made read-only after the transaction began on it writable, or
+    /// pointed elsewhere: the tenant may no longer work there as it did.
+    /// Rolled back in the background.
     fn check_source(&self, caller: &Caller, key: &(String, Handle), entry: &Arc<OpenTransaction>) -> Result<(), Error> {
         let why = match caller.tenant.source(&entry.source) {
             None => "its source was removed by a configuration reload",
             Some(s) if s.config.read_only && !entry.began_read_only => {
                 "its source was made read-only by a configuration reload"
+            }
+            Some(_) if entry.source_retired.is_cancelled() => {
+                "its source was pointed at another server, database or login by a configuration reload"
             }
             Some(_) => return Ok(()),
         };

@@ -37,6 +37,9 @@ pub struct Source {
     /// `DeleteSubscription` opens a session outside the pool: one at a time
     /// per source, which `backend_hosts` counts.
     pub deletes: tokio::sync::Semaphore,
+    /// Cancelled once a reload removed the source or pointed it at another
+    /// server, database or login: its transactions and change streams end.
+    pub retired: CancellationToken,
 }
 
 impl Source {
@@ -209,6 +212,7 @@ impl Tenants {
                             secret,
                             returned: SourceMetrics::new(id, name),
                             deletes: tokio::sync::Semaphore::new(1),
+                            retired: CancellationToken::new(),
                         })
                     }
                 };
@@ -401,6 +405,23 @@ impl Tenants {
                 }
                 let allowed = current.and_then(|c| c.backend.topics().ok());
                 old_topics.retire(&|topic| allowed.is_some_and(|a| a.allows(topic)));
+            }
+        }
+    }
+
+    /// Retires `previous`'s sources that this snapshot removed or pointed
+    /// elsewhere (see [`SourceConfig::same_target`]): work in progress on
+    /// them would otherwise go on reaching what the configuration no longer
+    /// names, as a login it replaced (a read-only one, say) for as long as
+    /// a transaction or a change stream lasts.
+    pub fn retire_replaced_sources(&self, previous: &Tenants) {
+        for old_tenant in &previous.all {
+            let tenant = self.all.iter().find(|t| t.id == old_tenant.id);
+            for (name, old) in &old_tenant.sources {
+                let current = tenant.and_then(|t| t.sources.get(name));
+                if !current.is_some_and(|c| c.config.same_target(&old.config)) {
+                    old.retired.cancel();
+                }
             }
         }
     }

@@ -135,6 +135,7 @@ impl Registry {
         let current = self.current();
         let credentials_revoked = current.revoke_dropped(&previous);
         current.retire_replaced_topics(&previous);
+        current.retire_replaced_sources(&previous);
         current.hand_over_limits(&previous);
         Ok(Changes {
             credentials_revoked,

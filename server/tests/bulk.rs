@@ -1502,6 +1502,45 @@ async fn sqlite_upserts_lose_no_row_to_a_key_compared_otherwise() {
     ctx.server.stop().await;
 }
 
+/// A SQLite table's own conflict clause (`UNIQUE ON CONFLICT REPLACE`,
+/// `... IGNORE`) does not apply to loads: an upsert does not delete the
+/// other row holding a unique value, an append does not drop a duplicate
+/// and count it stored. Both fail on the row, as on the other engines.
+#[tokio::test]
+async fn sqlite_tables_own_conflict_clauses_neither_delete_nor_drop_rows() {
+    let ctx = Ctx::new(Engine::Sqlite, "").await;
+    ctx.exec(
+        "CREATE TABLE weir_bulk_clauses (id INTEGER PRIMARY KEY, name TEXT UNIQUE ON CONFLICT REPLACE, \
+         score INTEGER UNIQUE ON CONFLICT IGNORE)",
+    )
+    .await;
+    ctx.exec("INSERT INTO weir_bulk_clauses VALUES (3, 'a@x', 30)").await;
+    let mut upsert = header("weir_bulk_clauses", pb::BulkLoadMode::Upsert);
+    upsert.conflict_columns = vec!["id".into()];
+    let append = header("weir_bulk_clauses", pb::BulkLoadMode::Append);
+    for (load, bad, what) in [
+        (upsert, row(5, "a@x", 50), "an upsert meeting another row's unique name"),
+        (append, row(6, "b@x", 30), "an append meeting another row's unique score"),
+    ] {
+        let err = ctx
+            .load(load, vec![vec![row(4, "c@x", 40), bad]])
+            .await
+            .expect_err(what);
+        assert_eq!(
+            (reason(&err).as_str(), error_metadata(&err, "row_index").as_str(), engine_code(&err).as_str()),
+            ("BAD_ROW", "1", "2067"),
+            "{what}: {err:?}"
+        );
+        let rows = ctx
+            .exec("SELECT id, name, score FROM weir_bulk_clauses ORDER BY id")
+            .await
+            .rows;
+        assert_eq!(rows.len(), 1, "{what}: the load was rolled back, row 3 kept");
+        assert_eq!(int(&rows[0].values[0]), 3, "{what}");
+    }
+    ctx.server.stop().await;
+}
+
 /// A bad row in a later COPY of a large PostgreSQL load is named by its
 /// place in the load also when a trigger keeps rows out of the table (which
 /// a COPY's row count leaves out, and its line numbers do not).

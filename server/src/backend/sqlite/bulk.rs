@@ -52,8 +52,10 @@ struct Writer<'c> {
 impl<'c> Writer<'c> {
     fn new(conn: &'c Connection, spec: &LoadSpec) -> Result<Self, BackendError> {
         let target = spec.qualified(quote);
+        // OR ABORT: a table's own `ON CONFLICT REPLACE` or `IGNORE` clause
+        // would delete another row or drop this one without a word.
         let mut insert = format!(
-            "INSERT INTO {target} ({}) VALUES ({})",
+            "INSERT OR ABORT INTO {target} ({}) VALUES ({})",
             spec.column_list(quote),
             placeholders(spec.columns.len())
         );
@@ -81,7 +83,7 @@ impl<'c> Writer<'c> {
                     .map(|(i, c)| format!("{c} = ?{}", sets.len() + i + 1))
                     .collect();
                 let sql = format!(
-                    "UPDATE {target} SET {} WHERE {}",
+                    "UPDATE OR ABORT {target} SET {} WHERE {}",
                     assign.join(", "),
                     matches.join(" AND ")
                 );

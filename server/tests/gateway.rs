@@ -680,6 +680,40 @@ async fn an_interrupted_sqlite_write_loses_its_transaction_loudly() {
     server.stop().await;
 }
 
+/// A decimal parameter compares as a number with what has no affinity in
+/// SQLite (a view's SUM, an expression): bound as text, it compared greater
+/// than every number, and `total > ?` found nothing.
+#[tokio::test]
+async fn sqlite_decimal_parameters_compare_as_numbers() {
+    let server = TestServer::start(&tenant("t", "", &sqlite_demo("t", "db"))).await;
+    let client = server.client("key-t").await;
+    let count = |sql: &'static str, params: Vec<pb::Value>| {
+        let client = client.clone();
+        async move {
+            let r = client.execute("db", sql, params).await.expect(sql);
+            int(&r.rows[0].values[0])
+        }
+    };
+    let orders = count("SELECT count(*) FROM order_totals", vec![]).await;
+    assert!(orders > 0);
+    let decimal = |d: &str| pb::Value {
+        kind: Some(pb::value::Kind::DecimalValue(d.into())),
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM order_totals WHERE total > ?", vec![decimal("0")]).await,
+        orders
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM order_totals WHERE total < ?", vec![decimal("0.01")]).await,
+        0
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM (SELECT 1) WHERE ? < 2", vec![decimal("1.25")]).await,
+        1
+    );
+    server.stop().await;
+}
+
 /// A RETURNING statement makes all its writes at its first step: one that
 /// fails on a later row (a value Weir cannot read), or whose caller leaves,
 /// leaves none of them behind, pooled or in a transaction.

@@ -748,7 +748,8 @@ fn to_sql(v: &Value) -> Result<SqlValue, String> {
         // SQLite stores a NaN it is given as NULL.
         Value::Float(f) if f.is_nan() => return Err("SQLite cannot store NaN (it would become NULL)".into()),
         Value::Float(f) => SqlValue::Real(*f),
-        Value::Text(s) | Value::Decimal(s) | Value::Json(s) => SqlValue::Text(s.clone()),
+        Value::Decimal(s) => decimal(s),
+        Value::Text(s) | Value::Json(s) => SqlValue::Text(s.clone()),
         Value::Bytes(b) => SqlValue::Blob(b.clone()),
         Value::Date(d) => SqlValue::Text(sqlite_year(d)?.format("%Y-%m-%d").to_string()),
         Value::Time(t, None) => SqlValue::Text(t.format("%H:%M:%S%.f").to_string()),
@@ -767,6 +768,32 @@ fn to_sql(v: &Value) -> Result<SqlValue, String> {
         Value::Interval { .. } => return Err("SQLite has no interval type".into()),
         Value::List(_) => return Err("SQLite has no array type".into()),
     })
+}
+
+/// A decimal as SQLite's own NUMERIC affinity would store it: an integer
+/// when it is one, a REAL when 15 significant digits hold it, else its
+/// text (kept exact). Bound as text it would compare as text where the
+/// other side has no affinity (an expression, a view's SUM): in SQLite
+/// every number is less than every text, so `total > '100'` is never true.
+fn decimal(s: &str) -> SqlValue {
+    if let Ok(i) = s.parse::<i64>() {
+        return SqlValue::Integer(i);
+    }
+    let mantissa = s.split(['e', 'E']).next().unwrap_or_default();
+    let significant = mantissa
+        .chars()
+        .filter(char::is_ascii_digit)
+        .skip_while(|d| *d == '0')
+        .collect::<String>();
+    let significant = if mantissa.contains('.') {
+        significant.trim_end_matches('0').len()
+    } else {
+        significant.len()
+    };
+    match s.parse::<f64>() {
+        Ok(f) if f.is_finite() && significant <= 15 => SqlValue::Real(f),
+        _ => SqlValue::Text(s.to_string()),
+    }
 }
 
 fn map_error(e: rusqlite::Error) -> BackendError {
@@ -826,6 +853,20 @@ fn map_error(e: rusqlite::Error) -> BackendError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals_are_bound_as_the_numbers_sqlite_would_store() {
+        assert_eq!(decimal("100"), SqlValue::Integer(100));
+        assert_eq!(decimal("-7"), SqlValue::Integer(-7));
+        assert_eq!(decimal("9.99"), SqlValue::Real(9.99));
+        assert_eq!(decimal("0.000123400"), SqlValue::Real(0.0001234));
+        assert_eq!(decimal("1.5e3"), SqlValue::Real(1500.0));
+        assert_eq!(decimal("123456789012345.6"), SqlValue::Text("123456789012345.6".into()));
+        assert_eq!(
+            decimal("98765432109876543210"),
+            SqlValue::Text("98765432109876543210".into())
+        );
+    }
 
     #[test]
     fn times_with_a_utc_offset_are_refused_not_cut() {

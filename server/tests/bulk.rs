@@ -1520,14 +1520,22 @@ async fn sqlite_tables_own_conflict_clauses_neither_delete_nor_drop_rows() {
     let append = header("weir_bulk_clauses", pb::BulkLoadMode::Append);
     for (load, bad, what) in [
         (upsert, row(5, "a@x", 50), "an upsert meeting another row's unique name"),
-        (append, row(6, "b@x", 30), "an append meeting another row's unique score"),
+        (
+            append,
+            row(6, "b@x", 30),
+            "an append meeting another row's unique score",
+        ),
     ] {
         let err = ctx
             .load(load, vec![vec![row(4, "c@x", 40), bad]])
             .await
             .expect_err(what);
         assert_eq!(
-            (reason(&err).as_str(), error_metadata(&err, "row_index").as_str(), engine_code(&err).as_str()),
+            (
+                reason(&err).as_str(),
+                error_metadata(&err, "row_index").as_str(),
+                engine_code(&err).as_str()
+            ),
             ("BAD_ROW", "1", "2067"),
             "{what}: {err:?}"
         );

@@ -704,7 +704,11 @@ async fn sqlite_decimal_parameters_compare_as_numbers() {
         orders
     );
     assert_eq!(
-        count("SELECT count(*) FROM order_totals WHERE total < ?", vec![decimal("0.01")]).await,
+        count(
+            "SELECT count(*) FROM order_totals WHERE total < ?",
+            vec![decimal("0.01")]
+        )
+        .await,
         0
     );
     assert_eq!(

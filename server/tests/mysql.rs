@@ -1019,6 +1019,98 @@ async fn a_commit_after_the_transactions_session_was_lost_says_it_was_rolled_bac
 /// placeholder, which mysql_async reads as a named parameter) is the
 /// caller's to fix: INVALID_ARGUMENT, not "source unreachable", and a
 /// transaction it was sent in is neither reported lost nor lost.
+/// A value Weir cannot read (a date that does not exist, as
+/// ALLOW_INVALID_DATES lets MariaDB return) ends its statement in the engine
+/// at once: the caller hears INVALID_ARGUMENT without waiting for the rest
+/// of a long result, and the transaction it ran in goes on.
+#[tokio::test]
+async fn a_value_that_cannot_be_read_stops_its_statement_at_once() {
+    let server = TestServer::start(&tenant(
+        "undecodable",
+        "statement_timeout = \"60s\"",
+        &mysql("undecodable", "my", ""),
+    ))
+    .await;
+    let client = server.client("key-undecodable").await;
+    let tx = client
+        .begin("my", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "my", "SET SESSION sql_mode = 'ALLOW_INVALID_DATES'", vec![])
+        .await
+        .expect("sql_mode");
+    let started = std::time::Instant::now();
+    // A row a second, for 30 s, each larger than the server's network buffer (sent as it is made).
+    let err = client
+        .execute_in(
+            &tx,
+            "my",
+            "SELECT CAST('2024-02-31' AS DATE) AS d, REPEAT('x', 40000) AS pad, SLEEP(1) AS s FROM seq_1_to_30",
+            vec![],
+        )
+        .await
+        .expect_err("not a date");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    client
+        .execute_in(&tx, "my", "SELECT 1", vec![])
+        .await
+        .expect("the transaction goes on");
+    client.rollback(&tx).await.expect("rollback");
+    server.stop().await;
+}
+
+/// A transaction whose statement could not be stopped (no session to send
+/// KILL QUERY from) is rolled back at once on request, not after the
+/// statement has run to its end.
+#[tokio::test]
+async fn a_transaction_whose_statement_could_not_be_stopped_rolls_back_at_once() {
+    let (proxy, source) =
+        mysql_behind_proxy("unstopped", "my", "[tenants.unstopped.sources.my.pool]\nmax_size = 1\n").await;
+    let server = TestServer::start(&tenant("unstopped", "", &source)).await;
+    let client = server.client("key-unstopped").await;
+    let tx = client
+        .begin("my", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    // The transaction's session is open; a new one (the killer's) is not.
+    proxy.refuse(true);
+    let err = execute_within(
+        &client,
+        &tx,
+        "my",
+        // A first row at once (larger than the server's network buffer, so
+        // sent as it is made), the second after 20 s.
+        "SELECT SLEEP(IF(seq = 1, 0, 20)) AS weir_unstoppable, REPEAT('x', 40000) AS pad FROM seq_1_to_2",
+        std::time::Duration::from_millis(500),
+    )
+    .await
+    .expect_err("past its deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let started = std::time::Instant::now();
+    // The statement's task may still be giving up on its kill.
+    loop {
+        match client.rollback(&tx).await {
+            Err(e) if reason(&e) == "TRANSACTION_BUSY" && started.elapsed() < std::time::Duration::from_secs(5) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            other => break other.expect("rollback"),
+        }
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "rolled back after {:?}",
+        started.elapsed()
+    );
+    proxy.refuse(false);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn statements_the_driver_refuses_are_invalid_and_leave_the_transaction_open() {
     let server = TestServer::start(&tenant("drvrefuse", "", &mysql("drvrefuse", "my", ""))).await;

@@ -302,10 +302,20 @@ async fn execute(
         let Some(row) = next else { break };
         for (i, raw) in row.unwrap_raw().into_iter().enumerate() {
             let decode = decoders.get(i).copied().unwrap_or(types::Decode::Text);
-            let value = types::decode(raw.unwrap_or(mysql_async::Value::NULL), decode).map_err(|m| {
-                BackendError::Invalid(format!("column \"{}\": {m}", names.get(i).map_or("?", String::as_str)))
-            })?;
-            gather.value(value);
+            match types::decode(raw.unwrap_or(mysql_async::Value::NULL), decode) {
+                Ok(value) => gather.value(value),
+                Err(m) => {
+                    // Stopped, not read to its end: the rest of a long
+                    // result would otherwise hold the session (and, in a
+                    // transaction, the caller's next call) until it ends.
+                    killer.kill(connection_id).await?;
+                    drain_killed(result).await;
+                    return Err(BackendError::Invalid(format!(
+                        "column \"{}\": {m}",
+                        names.get(i).map_or("?", String::as_str)
+                    )));
+                }
+            }
         }
         if let Some(chunk) = gather.end_row() {
             if !worker.send(chunk).await {
@@ -564,6 +574,12 @@ impl SqlTransaction for MysqlTransaction {
 
     async fn rollback(&self) -> Result<(), BackendError> {
         let mut tx = self.conn.to_end().await?;
+        // A statement that could not be stopped still runs on the session,
+        // and ROLLBACK would wait behind it: the handle goes instead, and
+        // the pool's reset rolls the transaction back once it has ended.
+        if tx.broken.is_some() {
+            return Ok(());
+        }
         tx.conn.query_drop("ROLLBACK").await.map_err(map_error)
     }
 }

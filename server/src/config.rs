@@ -32,6 +32,23 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+/// A variable that looks meant as an override but would not be read as
+/// one (`WEIR_SERVER__LISTEN`: overrides begin with two underscores) is an
+/// error, as a misspelt key in the file is.
+fn misnamed_overrides(vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>) -> Result<(), ConfigError> {
+    for (name, _) in vars {
+        let Some(name) = name.to_str() else { continue };
+        let upper = name.to_ascii_uppercase();
+        if upper.starts_with("WEIR") && !upper.starts_with("WEIR__") && name.contains("__") {
+            return Err(invalid(
+                name,
+                "looks like a configuration override, but overrides begin with WEIR__ (two underscores): rename it",
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -603,11 +620,28 @@ impl Config {
     /// Loads `path` (or the demo configuration when `None`), applies
     /// `WEIR__...` environment overrides and validates the result.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        misnamed_overrides(std::env::vars_os())?;
         let base = match path {
             Some(p) => Figment::from(Toml::file_exact(p)),
             None => Figment::from(Toml::string(DEMO_CONFIG)),
         };
+        // An override changes a tenant the file defines; one that made a
+        // tenant of its own is a misspelt name (`WEIR__TENANTS__ACMEE__...`),
+        // which would leave the tenant meant as it was without a word.
+        let defined: std::collections::HashSet<String> = base
+            .find_value("tenants")
+            .ok()
+            .and_then(|v| v.into_dict())
+            .map(|tenants| tenants.into_keys().collect())
+            .unwrap_or_default();
         let mut config = Self::from_figment(base.merge(Env::prefixed("WEIR__").split("__")))?;
+        if let Some(id) = config.tenants.keys().find(|id| !defined.contains(*id)) {
+            return Err(invalid(
+                format!("tenants.{id}"),
+                "is named only by an environment override (WEIR__TENANTS__...), not by the configuration \
+                 file; overrides change the tenants the file defines: check the tenant's name",
+            ));
+        }
         config.path = path.map(Path::to_path_buf);
         Ok(config)
     }
@@ -1240,6 +1274,23 @@ mod tests {
         let err = parse("11s").err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("max_rate_wait"), "{err}");
         assert_eq!(LimitsConfig::default().max_rate_wait, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn variables_that_look_like_overrides_but_are_not_read_are_refused() {
+        let vars = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| (std::ffi::OsString::from(n), std::ffi::OsString::from("x")))
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        let err = misnamed_overrides(vars(&["PATH", "WEIR_SERVER__LISTEN"]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("WEIR_SERVER__LISTEN") && err.contains("WEIR__"), "{err}");
+        assert!(misnamed_overrides(vars(&["WEIR__SERVER__LISTEN", "WEIR_LOG", "WEIR_PG_PASSWORD"])).is_ok());
     }
 
     #[test]

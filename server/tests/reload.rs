@@ -116,6 +116,62 @@ async fn a_broken_file_is_refused_and_the_old_configuration_stays() {
 /// there yet (a Secret volume that syncs after its ConfigMap) is tried
 /// again once the file appears, and the rest of the edit, a revoked key,
 /// then takes effect.
+/// How `weir` with the demo configuration and `env` ends within `wait`:
+/// its exit code and what it wrote; None if it was still running.
+fn weir_exit_with(env: &[(&str, &str)], wait: Duration) -> Option<(Option<i32>, String)> {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_weir"));
+    command
+        .env("WEIR__SERVER__LISTEN", "127.0.0.1:0")
+        .env("WEIR__METRICS__ENABLED", "false")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("start weir");
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut stderr = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+            }
+            return Some((status.code(), stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// An override that names a tenant the configuration does not define (a
+/// misspelt name), or that would not be read as an override at all (one
+/// underscore after WEIR), stops the start as a typo in the file does,
+/// instead of leaving the setting meant unchanged.
+#[test]
+fn misspelt_environment_overrides_are_refused_at_start() {
+    for (name, value) in [
+        ("WEIR__TENANTS__DEMOO__LIMITS__BURST", "1"),
+        ("WEIR_SERVER__MAX_QUEUE_WAIT", "\"1s\""),
+    ] {
+        let (code, stderr) =
+            weir_exit_with(&[(name, value)], Duration::from_secs(10)).unwrap_or_else(|| panic!("{name}: weir started"));
+        assert_eq!(code, Some(2), "{name}: {stderr}");
+        let named = if name.starts_with("WEIR__") {
+            "tenants.demoo"
+        } else {
+            name
+        };
+        assert!(stderr.contains(named), "{name}: {stderr}");
+    }
+    // The tenant the demo defines may be changed.
+    assert!(
+        weir_exit_with(&[("WEIR__TENANTS__DEMO__LIMITS__BURST", "1")], Duration::from_secs(2)).is_none(),
+        "an override of a defined tenant starts"
+    );
+}
+
 #[tokio::test]
 async fn a_reload_refused_for_a_missing_file_is_applied_once_the_file_appears() {
     let file = ConfigFile::new(&format!("{FAST}{}", tenant("a", &["a1", "a2"], "")));

@@ -926,6 +926,19 @@ impl LimitsConfig {
 }
 
 impl SourceConfig {
+    /// Files the source's connections read besides its password file: the
+    /// CA bundle, and Kafka's certificate, key and keystore files
+    /// (`kafka_options` keys ending in `.location`). A reload rereads them
+    /// when they change (a renewed certificate, a rotated CA bundle).
+    pub fn credential_files(&self) -> impl Iterator<Item = PathBuf> + '_ {
+        self.tls_ca_file.iter().cloned().chain(
+            self.kafka_options
+                .iter()
+                .filter(|(key, _)| key.ends_with(".location"))
+                .map(|(_, path)| PathBuf::from(path)),
+        )
+    }
+
     /// Whether `other` reaches the same database as the same login: a
     /// reload that changes only how Weir pools, checks or multiplexes it, or
     /// where its password comes from (a rotation), leaves the work in

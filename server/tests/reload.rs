@@ -572,6 +572,62 @@ async fn a_source_pointed_elsewhere_ends_its_transactions_and_change_streams() {
         .expect("drop");
 }
 
+/// A source's CA bundle is read again when it changes (a rotated bundle, a
+/// renewed server certificate): the source gets a new pool, which verifies
+/// against the file as it now is, without a restart.
+#[tokio::test]
+async fn a_sources_changed_ca_file_is_read_again() {
+    use mysql_async::prelude::Queryable;
+    let mut direct = common::mysql_direct().await;
+    let cert: String = direct
+        .query_first("SELECT @@ssl_cert")
+        .await
+        .expect("the server's TLS settings")
+        .expect("one row");
+    // MariaDB's certificate is its own authority, for the name localhost.
+    let right = std::fs::read_to_string(&cert).expect("MariaDB's certificate");
+    let pg = common::pg_direct().await;
+    let other: String = pg
+        .query_one(
+            "SELECT CASE WHEN setting LIKE '/%' THEN setting
+                    ELSE current_setting('data_directory') || '/' || setting END
+             FROM pg_settings WHERE name = 'ssl_cert_file'",
+            &[],
+        )
+        .await
+        .expect("PostgreSQL's certificate file")
+        .get(0);
+    let wrong = std::fs::read_to_string(other).expect("PostgreSQL's certificate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &right).expect("ca");
+    let host = format!("host = \"{}\"", env_or("WEIR_TEST_MYSQL_HOST", "127.0.0.1"));
+    let source = common::mysql(
+        "a",
+        "my",
+        &format!("tls = true\ntls_ca_file = {:?}\n", ca.display().to_string()),
+    )
+    .replace(&host, "host = \"localhost\"");
+    let file = ConfigFile::new(&format!("{FAST}[tenants.a]\n{}{source}", api_keys(&["a1"])));
+    let weir = start(&file);
+    let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
+    client
+        .execute("my", "SELECT 1", vec![])
+        .await
+        .expect("verified by the bundle");
+    std::fs::write(&ca, &wrong).expect("ca");
+    reloaded(&weir);
+    let err = client
+        .execute("my", "SELECT 1", vec![])
+        .await
+        .expect_err("a bundle that does not sign the server's certificate");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("certificate"), "{}", err.message());
+    std::fs::write(&ca, &right).expect("ca");
+    reloaded(&weir);
+    client.execute("my", "SELECT 1", vec![]).await.expect("verified again");
+}
+
 /// A key taken away by a reload ends what was started with it: its result
 /// streams and loads fail with UNAUTHENTICATED (`CREDENTIAL_REVOKED`), a
 /// load leaving the table as it was, and its open transactions are rolled

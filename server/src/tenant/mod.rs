@@ -140,10 +140,23 @@ pub fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
+/// SHA-256 of the password as read and of the files the source's
+/// connections read (its CA bundle, Kafka's certificates and keys), so that
+/// a reload notices a rotated Secret or a renewed certificate and gives the
+/// source a new pool. A file that cannot be read counts as its error: the
+/// source's own setup says what is wrong with it.
 fn secret_hash(source: &SourceConfig) -> Result<[u8; 32], String> {
-    Ok(source
-        .password()?
-        .map_or([0; 32], |p| Sha256::digest(p.as_bytes()).into()))
+    let mut hash = Sha256::new();
+    if let Some(password) = source.password()? {
+        hash.update(password.as_bytes());
+    }
+    for file in source.credential_files() {
+        match std::fs::read(&file) {
+            Ok(bytes) => hash.update(Sha256::digest(&bytes)),
+            Err(e) => hash.update(e.kind().to_string().as_bytes()),
+        }
+    }
+    Ok(hash.finalize().into())
 }
 
 impl Tenants {

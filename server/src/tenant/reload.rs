@@ -219,7 +219,10 @@ fn named_files(config: &Config, files: &mut Vec<PathBuf>) {
         files.extend(jwt.public_key_file.clone());
     }
     for tenant in config.tenants.values() {
-        files.extend(tenant.sources.values().filter_map(|s| s.password_file.clone()));
+        for source in tenant.sources.values() {
+            files.extend(source.password_file.clone());
+            files.extend(source.credential_files());
+        }
     }
 }
 

@@ -990,10 +990,12 @@ async fn sqlite_schema_shows_every_kind_of_table_and_column() {
             (G::Computed, "'x,) AS (' || \"a\"".into()),
         ]
     );
-    for (table, first) in [
-        ("ids", G::IdentityByDefault),
-        ("desc_key", G::Unspecified),
-        ("no_rowid_key", G::Unspecified),
+    // The rowid alias and a WITHOUT ROWID table's key refuse NULL; a DESC
+    // integer key is an ordinary column, which SQLite lets hold NULLs.
+    for (table, first, key_takes_null) in [
+        ("ids", G::IdentityByDefault, false),
+        ("desc_key", G::Unspecified, true),
+        ("no_rowid_key", G::Unspecified, false),
     ] {
         let d = client.describe_table("db", "", table).await.expect(table);
         assert_eq!(
@@ -1001,7 +1003,21 @@ async fn sqlite_schema_shows_every_kind_of_table_and_column() {
             [(first, String::new()), (G::Unspecified, String::new())],
             "{table}"
         );
+        assert_eq!(
+            d.columns[0].column.as_ref().map(|c| c.nullable),
+            Some(key_takes_null),
+            "{table}"
+        );
     }
+    client
+        .execute("db", "INSERT INTO desc_key VALUES (NULL, 1)", vec![])
+        .await
+        .expect("a DESC key takes NULL");
+    // Schema names are not case-sensitive either.
+    let upper = client.describe_table("db", "MAIN", "gen").await.expect("schema MAIN");
+    assert_eq!(upper.table.as_ref().map(|t| t.schema.as_str()), Some("main"));
+    let listed = client.list_tables("db", "MAIN").await.expect("tables of MAIN");
+    assert!(listed.iter().any(|t| t.name == "gen"), "{listed:?}");
     // A virtual (full-text) table is listed and described.
     let tables = client.list_tables("db", "").await.expect("tables");
     assert!(tables.iter().any(|t| t.name == "notes"), "{tables:?}");

@@ -57,7 +57,8 @@ fn tables(
         .prepare(
             "SELECT schema, name, type FROM pragma_table_list \
              WHERE type IN ('table', 'view', 'virtual') AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' \
-             AND schema <> 'temp' AND (?1 IS NULL OR schema = ?1) AND (?2 IS NULL OR name = ?2 COLLATE NOCASE) \
+             AND schema <> 'temp' AND (?1 IS NULL OR schema = ?1 COLLATE NOCASE) \
+             AND (?2 IS NULL OR name = ?2 COLLATE NOCASE) \
              AND (?3 IS NULL OR (schema, name) > (?3, ?4)) \
              ORDER BY schema, name LIMIT ?5",
         )
@@ -254,7 +255,8 @@ pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> R
     else {
         return Err(BackendError::not_found(format!("table \"{schema}.{table}\" not found")));
     };
-    let table = info.name.as_str();
+    // As SQLite names them: schema and table names are not case-sensitive.
+    let (schema, table) = (info.schema.as_str(), info.name.as_str());
 
     // hidden: 1 for a virtual table's hidden columns (left out), 2 and 3
     // for generated columns (virtual and stored).
@@ -332,7 +334,9 @@ pub fn describe_table(conn: &Connection, schema: Option<&str>, table: &str) -> R
                 _ => (ColumnGeneration::None, String::new()),
             };
             let mut col = column(&name, (!decl.is_empty()).then_some(decl.as_str()));
-            col.nullable = !not_null && !(pk > 0 && (without_rowid || lone_integer_key));
+            // A key that is not the rowid (also an INTEGER PRIMARY KEY DESC)
+            // takes NULLs in a rowid table, as SQLite has always let it.
+            col.nullable = !not_null && !(pk > 0 && (without_rowid || rowid_alias));
             ColumnInfo {
                 column: col,
                 // The place among the columns `SELECT *` returns (hidden ones left out).

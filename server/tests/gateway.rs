@@ -680,6 +680,34 @@ async fn an_interrupted_sqlite_write_loses_its_transaction_loudly() {
     server.stop().await;
 }
 
+/// A read written as a common table expression does not wait for the
+/// source's write turn, which an open read-write transaction holds.
+#[tokio::test]
+async fn a_sqlite_read_with_a_cte_does_not_wait_for_the_writers_turn() {
+    let (server, client, tx) = sqlite_transaction_holding("cte_turn").await;
+    execute_within(
+        &client,
+        &[],
+        "db",
+        "WITH x AS (SELECT 1 AS one) SELECT one FROM x",
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("a read beside the open write transaction");
+    let err = execute_within(
+        &client,
+        &[],
+        "db",
+        "WITH x AS (SELECT 5 AS v) INSERT INTO cte_turn SELECT v FROM x",
+        Duration::from_secs(2),
+    )
+    .await
+    .expect_err("a write waits for the turn");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    client.rollback(&tx).await.expect("rollback");
+    server.stop().await;
+}
+
 /// A decimal parameter compares as a number with what has no affinity in
 /// SQLite (a view's SUM, an expression): bound as text, it compared greater
 /// than every number, and `total > ?` found nothing.

@@ -150,6 +150,12 @@ pub fn may_leave_read_only(sql: &str) -> bool {
     })
 }
 
+/// Whether any word of `sql` (comments and strings included, so a match
+/// may be a false one) is one of `words`, which are lowercase.
+pub fn has_word(sql: &str, words: &[&str]) -> bool {
+    words_anywhere(sql).any(|w| words.iter().any(|k| w.eq_ignore_ascii_case(k)))
+}
+
 /// Every word of `sql`, comments and strings included. A version number
 /// glued to a word (`/*!50000WRITE*/`, which MySQL runs as `WRITE`) is
 /// taken off it.

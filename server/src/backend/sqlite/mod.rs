@@ -528,11 +528,16 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
 }
 
 /// Whether a statement may write, and so waits for the write turn:
-/// anything but a plain read (a `WITH` may end in an `INSERT`).
+/// anything but a plain read. A `WITH` reads unless a verb that writes is
+/// among its words (one in a string or a comment only costs a wait).
 fn may_write(sql: &str) -> bool {
     sql_text::leading_words(sql, 1)
         .iter()
-        .any(|w| !matches!(w.first().map(String::as_str), Some("select" | "values" | "explain")))
+        .any(|w| match w.first().map(String::as_str) {
+            Some("select" | "values" | "explain") => false,
+            Some("with") => sql_text::has_word(sql, &["insert", "update", "delete", "replace"]),
+            _ => true,
+        })
 }
 
 /// Whether `sql` may have left `conn` different for its next caller: a

@@ -328,6 +328,13 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
             (Code::InvalidArgument, d)
         }
         BackendError::LoadAbandoned => (Code::Aborted, info("LOAD_ABANDONED", vec![])),
+        BackendError::RowTooLarge { limit } => (
+            Code::ResourceExhausted,
+            info(
+                "ROW_TOO_LARGE",
+                vec![("limit", limit.to_string()), ("unit", "bytes".into())],
+            ),
+        ),
         BackendError::CommitOutcomeUnknown(_) => (Code::Unknown, info("COMMIT_OUTCOME_UNKNOWN", vec![])),
         BackendError::TransactionEnded => (Code::NotFound, info("TRANSACTION_NOT_FOUND", vec![])),
         BackendError::TransactionRolledBack(_) | BackendError::TransactionBroken(_) => {

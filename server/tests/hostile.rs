@@ -345,3 +345,37 @@ async fn requests_of_countless_tiny_elements_are_refused_by_count() {
     assert!(err.message().contains("at most 100000"), "{err:?}");
     server.stop().await;
 }
+
+/// A row too large for one message (here 70 MiB of text, or one SQLite
+/// makes of a blob repeated) ends its stream with RESOURCE_EXHAUSTED
+/// (`ROW_TOO_LARGE`) instead of a message the client cannot read; SQLite's
+/// row is refused as it grows, before it takes the gateway's memory.
+#[tokio::test]
+async fn rows_too_large_for_a_message_are_refused_by_the_server() {
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-h").await;
+    for (source, sql) in [
+        ("pg", "SELECT repeat('x', 70 * 1024 * 1024) AS big"),
+        (
+            "demo",
+            "SELECT b AS b1, b AS b2, b AS b3, b AS b4, b AS b5 FROM (SELECT zeroblob(30000000) AS b)",
+        ),
+    ] {
+        let outcome = async {
+            let mut stream = client.execute_stream(source, sql, vec![]).await?;
+            while stream.next_batch().await?.is_some() {}
+            Ok::<_, tonic::Status>(())
+        };
+        let err = outcome.await.expect_err(source);
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::ResourceExhausted, "ROW_TOO_LARGE"),
+            "{source}: {err:?}"
+        );
+    }
+    // The sources go on serving.
+    for source in ["pg", "demo"] {
+        client.execute(source, "SELECT 1", vec![]).await.expect(source);
+    }
+    server.stop().await;
+}

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{BackendError, Column, QueryStream, Row, RowSink, RowStream, Value};
+use super::{BackendError, Column, QueryStream, Row, RowSink, RowStream, Value, MAX_ROW_BYTES};
 
 /// Most rows sent from the worker at a time. Every hand-over can wake
 /// another thread: at 256 rows SQLite streamed a quarter slower.
@@ -143,6 +143,8 @@ impl Worker {
 pub struct Gather {
     rows: Rows,
     bytes: usize,
+    /// `bytes` when the row in progress began.
+    row_from: usize,
     spare: Option<mpsc::Receiver<Rows>>,
 }
 
@@ -151,6 +153,7 @@ impl Default for Gather {
         Self {
             rows: Rows::new(),
             bytes: 0,
+            row_from: 0,
             spare: None,
         }
     }
@@ -186,9 +189,11 @@ impl Gather {
     pub fn end_row(&mut self) -> Option<Rows> {
         self.rows.ends.push(self.rows.cells.len());
         if self.rows.len() < CHUNK_ROWS && self.bytes < CHUNK_BYTES {
+            self.row_from = self.bytes;
             return None;
         }
         self.bytes = 0;
+        self.row_from = 0;
         // The next chunk will likely be like this one: size it so.
         let mut next = self
             .spare
@@ -198,6 +203,16 @@ impl Gather {
         next.cells.reserve(self.rows.cells.len());
         next.text.reserve(self.rows.text.len());
         Some(std::mem::replace(&mut self.rows, next))
+    }
+
+    /// Fails once the row in progress holds more than a row may: an
+    /// engine that makes its values in this process (SQLite) would
+    /// otherwise build a row of any size here, value by value.
+    pub fn check_row_size(&self) -> Result<(), BackendError> {
+        match self.bytes - self.row_from > MAX_ROW_BYTES {
+            true => Err(BackendError::RowTooLarge { limit: MAX_ROW_BYTES }),
+            false => Ok(()),
+        }
     }
 
     /// The rows ended since the last full chunk, if any.

@@ -115,6 +115,13 @@ pub enum BackendError {
     /// until it is rolled back.
     #[error("the transaction cannot go on: {0}; roll it back, then run it again from BeginTransaction")]
     TransactionBroken(&'static str),
+    /// One row of a result is larger than a message may be (see
+    /// [`crate::backend::MAX_ROW_BYTES`]).
+    #[error(
+        "a row of the result holds more than {limit} bytes, more than one message may carry; \
+         select fewer or shorter columns (substring, a length, a hash), or read the value in parts"
+    )]
+    RowTooLarge { limit: usize },
     /// The rows of a load stopped coming before the load was complete; it was rolled back.
     #[error("the load ended before its last row and was rolled back")]
     LoadAbandoned,

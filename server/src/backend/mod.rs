@@ -170,6 +170,12 @@ pub struct QueryStream {
     pub rows: Pin<Box<dyn RowStream>>,
 }
 
+/// The most one row of a result may hold, encoded: it goes in one message,
+/// and the Rust client takes messages of up to 64 MiB. A row past it ends
+/// the result ([`BackendError::RowTooLarge`]) instead of a message no
+/// client reads, and before an embedded engine's row grows without bound.
+pub const MAX_ROW_BYTES: usize = 63 * 1024 * 1024;
+
 /// A SQL source: a pooled connection to one database.
 #[async_trait]
 pub trait SqlSource: Send + Sync + 'static {

@@ -302,6 +302,10 @@ pub fn timestamp(t: DateTime<chrono::Utc>) -> prost_types::Timestamp {
 /// Encodes result rows as `rows` fields (of a `RowBatch` or an
 /// `ExecuteResponse`) while the engine hands their values over: no `pb::Row`
 /// is built, and borrowed text is copied once, into the batch.
+/// The most room a row encoder keeps for its next row or batch: a batch
+/// is cut at about 1 MiB, so only a batch of one very large row is larger.
+const KEPT_ROOM: usize = 2 * 1024 * 1024;
+
 pub struct RowEncoder {
     /// The field number the rows are written as (one-byte keys: below 16).
     field: u8,
@@ -379,6 +383,10 @@ impl RowEncoder {
             .put(&mut self.batch);
         self.batch.put_slice(&self.row);
         self.row.clear();
+        // One very large row is not a reason to keep its room for the rest.
+        if self.row.capacity() > KEPT_ROOM {
+            self.row = BytesMut::new();
+        }
         self.rows += 1;
     }
 
@@ -395,7 +403,7 @@ impl RowEncoder {
     /// The finished rows, encoded; the next batch gets room for as many.
     pub fn take_batch(&mut self) -> Bytes {
         let full = self.batch.split().freeze();
-        self.batch.reserve(full.len() + full.len() / 8);
+        self.batch.reserve((full.len() + full.len() / 8).min(KEPT_ROOM));
         self.rows = 0;
         full
     }

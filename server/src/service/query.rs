@@ -16,7 +16,9 @@ use super::arrow_ipc::ArrowBatches;
 use super::convert;
 use super::transactions::{OpenTransaction, Transactions};
 use super::{caller, source, statement_timeout, Gate, StreamIn, StreamOut};
-use crate::backend::{sql_text, BackendError, QueryStream, RowSink, SqlTransaction, Statement, TxOptions};
+use crate::backend::{
+    sql_text, BackendError, QueryStream, RowSink, SqlTransaction, Statement, TxOptions, MAX_ROW_BYTES,
+};
 use crate::error::{Error, Result};
 use crate::telemetry;
 use crate::tenant::{Caller, Source};
@@ -481,6 +483,7 @@ fn fill(
 ) -> std::task::Poll<Result<bool>> {
     use std::task::Poll;
     loop {
+        let (_, before) = batches.pending();
         let Some(row) = std::task::ready!(query.rows.as_mut().poll_next_into(cx, batches)) else {
             return Poll::Ready(Ok(false));
         };
@@ -489,6 +492,9 @@ fn fill(
         row?;
         batches.finish_row()?;
         let (rows, bytes) = batches.pending();
+        if bytes.saturating_sub(before) > MAX_ROW_BYTES {
+            return Poll::Ready(Err(BackendError::RowTooLarge { limit: MAX_ROW_BYTES }.into()));
+        }
         if rows >= batch_rows || bytes >= BATCH_BYTES {
             return Poll::Ready(Ok(true));
         }

@@ -631,6 +631,7 @@ fn execute(
         for (i, ty) in types.iter().enumerate() {
             let raw = row.get_ref(i).map_err(map_error)?;
             put(raw, *ty, &mut gather).map_err(|m| BackendError::Invalid(format!("column \"{}\": {m}", names[i])))?;
+            gather.check_row_size()?;
         }
         if let Some(chunk) = gather.end_row() {
             if !worker.send_blocking(chunk) {

@@ -62,6 +62,42 @@ async fn every_call_leaves_one_audit_line() {
     );
 }
 
+/// Anyone can send calls with a wrong key: a flood of them gets at most 20
+/// audit lines a second, and the next line logged says how many were not.
+#[tokio::test]
+async fn a_flood_of_refused_calls_does_not_flood_the_log() {
+    let weir = WeirProcess::start(&[]);
+    let stranger = WeirClient::connect(&weir.addr, "not-a-key").await.expect("connect");
+    let started = std::time::Instant::now();
+    for _ in 0..400 {
+        stranger
+            .execute("demo", "SELECT 1", vec![])
+            .await
+            .expect_err("unknown key");
+    }
+    let seconds = started.elapsed().as_secs() + 2;
+    // A refusal in a later second gets its line, after the count of those that did not.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    stranger
+        .execute("demo", "SELECT 1", vec![])
+        .await
+        .expect_err("unknown key");
+    let refused = std::cell::Cell::new(0u64);
+    let summary = weir.next_log(|l| {
+        if l["target"] == "weir::audit" && l["code"] == "Unauthenticated" {
+            refused.set(refused.get() + 1);
+        }
+        l["target"] == "weir::audit" && l.get("unlogged").is_some()
+    });
+    let refused = refused.get();
+    let unlogged = summary["unlogged"].as_u64().unwrap_or_default();
+    assert!(unlogged > 0, "{summary}");
+    assert!(
+        refused <= 20 * seconds + 2,
+        "{refused} lines for 401 refusals in about {seconds} s"
+    );
+}
+
 /// The path is the caller's to choose: a long one, unauthenticated, reaches
 /// the audit line cut short, not whole.
 #[tokio::test]

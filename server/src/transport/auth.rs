@@ -28,6 +28,53 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Paths of the gateway's own API; everything else (health, reflection) is public.
 const API_PREFIX: &str = "/weir.";
 
+/// Audit lines of calls refused for their credentials, a second: anyone can
+/// send such calls, and a flood of them must not flood the log pipeline.
+/// Past it they are counted (as every call is, in the metrics), and the
+/// next line logged says how many were not.
+const REFUSALS_LOGGED_PER_SECOND: u32 = 20;
+
+static REFUSALS: RefusalLog = RefusalLog {
+    second: std::sync::atomic::AtomicU64::new(0),
+    logged: std::sync::atomic::AtomicU32::new(0),
+    unlogged: std::sync::atomic::AtomicU64::new(0),
+};
+
+struct RefusalLog {
+    /// The second (of the Unix clock) `logged` counts.
+    second: std::sync::atomic::AtomicU64,
+    logged: std::sync::atomic::AtomicU32,
+    /// Refusals not logged since the last line that was.
+    unlogged: std::sync::atomic::AtomicU64,
+}
+
+enum Logged {
+    Yes { unlogged_before: u64 },
+    No,
+}
+
+impl RefusalLog {
+    /// Whether this refusal gets its line. Races between calls at the turn
+    /// of a second may log a line or two more than the limit.
+    fn take(&self) -> Logged {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.second.swap(now, Relaxed) != now {
+            self.logged.store(0, Relaxed);
+        }
+        if self.logged.fetch_add(1, Relaxed) < REFUSALS_LOGGED_PER_SECOND {
+            Logged::Yes {
+                unlogged_before: self.unlogged.swap(0, Relaxed),
+            }
+        } else {
+            self.unlogged.fetch_add(1, Relaxed);
+            Logged::No
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct AuthLayer {
     tenants: Arc<Registry>,
@@ -242,7 +289,19 @@ where
             Some(Err(reason)) => {
                 let _enter = span.enter();
                 // The reason is for the operator; the caller gets one answer for every failure.
-                tracing::info!(target: AUDIT, method = shown_path(&method), code = ?tonic::Code::Unauthenticated, reason = %reason, duration_ms = 0.0, "call");
+                match REFUSALS.take() {
+                    Logged::Yes { unlogged_before } => {
+                        if unlogged_before > 0 {
+                            tracing::warn!(
+                                target: AUDIT,
+                                unlogged = unlogged_before,
+                                "calls refused for their credentials were not logged one by one (over {REFUSALS_LOGGED_PER_SECOND} a second)"
+                            );
+                        }
+                        tracing::info!(target: AUDIT, method = shown_path(&method), code = ?tonic::Code::Unauthenticated, reason = %reason, duration_ms = 0.0, "call");
+                    }
+                    Logged::No => {}
+                }
                 TenantMetrics::anonymous().record_call(
                     Method::of(&method),
                     tonic::Code::Unauthenticated,

@@ -417,6 +417,48 @@ async fn a_refused_reload_keeps_the_old_certificate() {
     server.stop().await;
 }
 
+/// A renewed certificate that does not fit its key (the certificate written
+/// before its key) keeps the files in force, and does not hold up the rest
+/// of the reload: a key added in the same change works.
+#[tokio::test]
+async fn unusable_tls_files_keep_the_old_ones_and_the_rest_applies() {
+    let (old_ca, new_ca, client_ca) = (ca("old ca"), ca("new ca"), ca("client ca"));
+    let files = Files::new();
+    let config = format!("{}{}", tls_section(&files, &old_ca, &client_ca, false), tenants());
+    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
+    // Serving (its files read) before they change.
+    let a = connect(&server, Some("key-a"), tls(&old_ca, None)).await.expect("a");
+    sources(&a).await.expect("a works");
+    let (cert, _key) = leaf(&new_ca, "weir", &[dns("localhost")], false);
+    files.write("server.crt", &cert);
+    let added = config.replace(
+        "[tenants.b]\n",
+        &format!(
+            "[tenants.b]\napi_keys = [{{ id = \"kb\", sha256 = \"{}\" }}]\n",
+            key_hash("key-b")
+        ),
+    );
+    assert_ne!(added, config);
+    files.write("weir.toml", &added);
+    let mut applied = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(b) = connect(&server, Some("key-b"), tls(&old_ca, None)).await {
+            if sources(&b).await.is_ok() {
+                applied = Some(b);
+                break;
+            }
+        }
+    }
+    let b = applied.expect("the new key works, over the certificate in force");
+    assert_eq!(sources(&b).await.expect("b"), vec!["b_db"]);
+    assert!(
+        connect(&server, Some("key-b"), tls(&new_ca, None)).await.is_err(),
+        "the unusable certificate is not in force"
+    );
+    server.stop().await;
+}
+
 mod jwt {
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     use serde_json::{json, Value};

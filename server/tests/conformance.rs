@@ -605,8 +605,8 @@ async fn schema_is_listed_and_described(engine: Engine) {
 
 async fn tables_are_listed_a_page_at_a_time(engine: Engine) {
     let ctx = Ctx::new(engine, "").await;
-    // In byte order "_" comes before letters; the engines' usual collations
-    // skip it or put it after them, and "B" after "a".
+    // In byte order "_" comes before letters; the usual collations of
+    // PostgreSQL and MariaDB skip it or put it after them.
     let names = [
         "weir_conf_page_ab",
         "weir_conf_page_a_c",

@@ -804,6 +804,34 @@ async fn a_sqlite_write_that_fails_after_its_first_row_leaves_nothing() {
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
     assert_transaction_lost(&client, &tx, "db", "INSERT INTO days VALUES ('2024-03-03')").await;
     assert_eq!(count(client.clone()).await, 0, "the transaction's writes were undone");
+
+    // A write SQLite itself refuses (a key taken) undoes only its own
+    // writes: the transaction goes on.
+    client
+        .execute("db", "CREATE TABLE keyed (id INTEGER PRIMARY KEY, v DATE)", vec![])
+        .await
+        .expect("table");
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "db", "INSERT INTO keyed VALUES (1, '2024-01-01')", vec![])
+        .await
+        .expect("a first write");
+    for taken in [
+        "INSERT INTO keyed VALUES (1, '2024-01-02')",
+        "INSERT INTO keyed VALUES (2, '2024-01-02'), (1, '2024-01-03') RETURNING id",
+    ] {
+        let err = client.execute_in(&tx, "db", taken, vec![]).await.expect_err(taken);
+        assert_eq!(err.code(), Code::AlreadyExists, "{taken}: {err:?}");
+    }
+    client.commit(&tx).await.expect("the transaction goes on");
+    let r = client
+        .execute("db", "SELECT count(*) FROM keyed", vec![])
+        .await
+        .expect("count");
+    assert_eq!(int(&r.rows[0].values[0]), 1);
     server.stop().await;
 }
 

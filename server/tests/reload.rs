@@ -112,10 +112,6 @@ async fn a_broken_file_is_refused_and_the_old_configuration_stays() {
     works(&weir, "key-a2").await.expect("a good file is taken again");
 }
 
-/// A reload refused for a file its configuration names but which is not
-/// there yet (a Secret volume that syncs after its ConfigMap) is tried
-/// again once the file appears, and the rest of the edit, a revoked key,
-/// then takes effect.
 /// How `weir` with the demo configuration and `env` ends within `wait`:
 /// its exit code and what it wrote; None if it was still running.
 fn weir_exit_with(env: &[(&str, &str)], wait: Duration) -> Option<(Option<i32>, String)> {
@@ -172,6 +168,10 @@ fn misspelt_environment_overrides_are_refused_at_start() {
     );
 }
 
+/// A reload refused for a file its configuration names but which is not
+/// there yet (a Secret volume that syncs after its ConfigMap) is tried
+/// again once the file appears, and the rest of the edit, a revoked key,
+/// then takes effect.
 #[tokio::test]
 async fn a_reload_refused_for_a_missing_file_is_applied_once_the_file_appears() {
     let file = ConfigFile::new(&format!("{FAST}{}", tenant("a", &["a1", "a2"], "")));
@@ -471,14 +471,20 @@ async fn a_transaction_on_a_source_a_reload_withdraws_is_rolled_back() {
 async fn a_source_pointed_elsewhere_ends_its_transactions_and_change_streams() {
     // The same server behind a proxy's port: another address in the configuration.
     let proxy = common::Proxy::start(common::pg_address()).await;
-    let config = |port: &str| {
+    let config = |port: &str, pool: u32| {
         format!(
             "{FAST}[tenants.a]\n{}{}",
             api_keys(&["a1"]),
-            common::postgres_at("a", "pg", port, "")
+            common::postgres_at(
+                "a",
+                "pg",
+                port,
+                &format!("[tenants.a.sources.pg.pool]\nmax_size = {pool}\n")
+            )
         )
     };
-    let file = ConfigFile::new(&config(&env_or("WEIR_TEST_PG_PORT", "5432")));
+    let direct = env_or("WEIR_TEST_PG_PORT", "5432");
+    let file = ConfigFile::new(&config(&direct, 4));
     let weir = start(&file);
     let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
     let table = "weir_reload_repointed";
@@ -510,7 +516,15 @@ async fn a_source_pointed_elsewhere_ends_its_transactions_and_change_streams() {
         .await
         .expect("insert");
 
-    file.write(&config(&proxy.port.to_string()));
+    // A new pool size first: the source keeps its place, and what began
+    // before it ends when the source moves later.
+    file.write(&config(&direct, 5));
+    reloaded(&weir);
+    client
+        .execute_in(&tx, "pg", &format!("INSERT INTO {table} VALUES (3)"), vec![])
+        .await
+        .expect("the transaction goes on after a new pool size");
+    file.write(&config(&proxy.port.to_string(), 5));
     reloaded(&weir);
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -626,6 +640,50 @@ async fn a_sources_changed_ca_file_is_read_again() {
     std::fs::write(&ca, &right).expect("ca");
     reloaded(&weir);
     client.execute("my", "SELECT 1", vec![]).await.expect("verified again");
+}
+
+/// A source whose password file cannot be read for a while (its Secret
+/// deleted and made again) serves on as it was, and does not hold up the
+/// rest of the reload: a key taken away in the same change is revoked.
+#[tokio::test]
+async fn an_unreadable_password_file_does_not_hold_up_a_key_revocation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let password = dir.path().join("pg-password");
+    std::fs::write(&password, env_or("WEIR_TEST_PG_PASSWORD", "postgres")).expect("password");
+    let config = |keys: &[&str]| {
+        format!(
+            "{FAST}[tenants.a]\n{}[tenants.a.sources.pg]\nengine = \"postgres\"\nhost = \"{}\"\nport = {}\n\
+             user = \"{}\"\ndatabase = \"{}\"\npassword_file = {:?}\n",
+            api_keys(keys),
+            env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
+            env_or("WEIR_TEST_PG_PORT", "5432"),
+            env_or("WEIR_TEST_PG_USER", "postgres"),
+            env_or("WEIR_TEST_PG_DATABASE", "test"),
+            password.display().to_string(),
+        )
+    };
+    let file = ConfigFile::new(&config(&["a1", "a2"]));
+    let weir = start(&file);
+    let leaked = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
+    leaked.execute("pg", "SELECT 1", vec![]).await.expect("a1 works");
+    std::fs::remove_file(&password).expect("the Secret goes");
+    file.write(&config(&["a2"]));
+    let line = reloaded(&weir);
+    assert_eq!(line["credentials_revoked"], 1, "{line}");
+    let stale = weir.next_log(|l| l["message"] == "a source was kept as it was: its new settings could not be used");
+    assert!(
+        stale["error"].as_str().is_some_and(|e| e.contains("source pg")),
+        "{stale}"
+    );
+    let err = leaked
+        .execute("pg", "SELECT 1", vec![])
+        .await
+        .expect_err("a1 is revoked");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let kept = WeirClient::connect(&weir.addr, "key-a2").await.expect("a2");
+    kept.execute("pg", "SELECT 1", vec![])
+        .await
+        .expect("the source serves on as it was");
 }
 
 /// A key taken away by a reload ends what was started with it: its result

@@ -299,13 +299,14 @@ pub fn timestamp(t: DateTime<chrono::Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// The most room a row encoder keeps for its next row or batch: a batch
+/// is cut at about 1 MiB; only very large rows make one larger, and a
+/// stream of them keeps room for the next.
+const KEPT_ROOM: usize = 16 * 1024 * 1024;
+
 /// Encodes result rows as `rows` fields (of a `RowBatch` or an
 /// `ExecuteResponse`) while the engine hands their values over: no `pb::Row`
 /// is built, and borrowed text is copied once, into the batch.
-/// The most room a row encoder keeps for its next row or batch: a batch
-/// is cut at about 1 MiB, so only a batch of one very large row is larger.
-const KEPT_ROOM: usize = 2 * 1024 * 1024;
-
 pub struct RowEncoder {
     /// The field number the rows are written as (one-byte keys: below 16).
     field: u8,

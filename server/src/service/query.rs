@@ -483,7 +483,6 @@ fn fill(
 ) -> std::task::Poll<Result<bool>> {
     use std::task::Poll;
     loop {
-        let (_, before) = batches.pending();
         let Some(row) = std::task::ready!(query.rows.as_mut().poll_next_into(cx, batches)) else {
             return Poll::Ready(Ok(false));
         };
@@ -492,7 +491,9 @@ fn fill(
         row?;
         batches.finish_row()?;
         let (rows, bytes) = batches.pending();
-        if bytes.saturating_sub(before) > MAX_ROW_BYTES {
+        // The batch goes in one message: a row that takes it past what a
+        // message may carry ends the stream (only a row of most of it can).
+        if bytes > MAX_ROW_BYTES {
             return Poll::Ready(Err(BackendError::RowTooLarge { limit: MAX_ROW_BYTES }.into()));
         }
         if rows >= batch_rows || bytes >= BATCH_BYTES {

@@ -134,6 +134,13 @@ pub struct Changes {
     /// API keys, client identities and tenants' JWT callers taken away,
     /// whose calls in progress were ended.
     pub credentials_revoked: usize,
+    /// Sources kept as they were because what their new settings need
+    /// could not be read (a password file deleted for a while), each with
+    /// why: the rest of the reload (a key revoked, say) still applies.
+    pub sources_stale: Vec<String>,
+    /// Why the server's TLS files in force were kept, when the new ones
+    /// could not be used.
+    pub tls_kept: Option<String>,
 }
 
 pub fn hash_key(key: &str) -> [u8; 32] {
@@ -205,10 +212,19 @@ impl Tenants {
             let mut sources = HashMap::new();
             for (name, source) in &t.sources {
                 let context = |e: String| BackendError::Invalid(format!("tenant {id}, source {name}: {e}"));
-                let secret = secret_hash(source).map_err(context)?;
-                let kept = old
-                    .and_then(|o| o.sources.get(name))
-                    .filter(|o| o.config == *source && o.secret == secret);
+                let in_force = old.and_then(|o| o.sources.get(name));
+                let secret = match (secret_hash(source), in_force) {
+                    (Ok(secret), _) => secret,
+                    // Its Secret unreadable for a while: the source serves on
+                    // as it was, rather than holding up the whole reload.
+                    (Err(e), Some(kept)) => {
+                        changes.sources_stale.push(format!("tenant {id}, source {name}: {e}"));
+                        sources.insert(name.clone(), kept.clone());
+                        continue;
+                    }
+                    (Err(e), None) => return Err(context(e)),
+                };
+                let kept = in_force.filter(|o| o.config == *source && o.secret == secret);
                 let source = match kept {
                     Some(s) => {
                         changes.sources_kept += 1;
@@ -225,7 +241,12 @@ impl Tenants {
                             secret,
                             returned: SourceMetrics::new(id, name),
                             deletes: tokio::sync::Semaphore::new(1),
-                            retired: CancellationToken::new(),
+                            // One token for a source's whole line of pools
+                            // that reach the same place: work begun on an
+                            // older one ends when the source moves too.
+                            retired: in_force
+                                .filter(|o| o.config.same_target(source))
+                                .map_or_else(CancellationToken::new, |o| o.retired.clone()),
                         })
                     }
                 };

@@ -118,9 +118,19 @@ impl Registry {
         if !restart.is_empty() {
             tracing::warn!(settings = ?restart, "these settings changed but take effect only after a restart");
         }
-        // Everything is built before anything is swapped: a refused reload changes nothing.
+        // Everything is built before anything is swapped: a refused reload
+        // changes nothing. TLS files that cannot be used (a certificate
+        // renewed before its key) keep the ones in force, as a source whose
+        // password cannot be read keeps its pool: the rest still applies.
+        let mut tls_kept = None;
         let tls = match (&self.tls, &config.server.tls) {
-            (Some(tls), Some(files)) => Some((tls, crate::transport::tls::server_config(files)?)),
+            (Some(tls), Some(files)) => match crate::transport::tls::server_config(files) {
+                Ok(fresh) => Some((tls, fresh)),
+                Err(e) => {
+                    tls_kept = Some(e);
+                    None
+                }
+            },
             _ => None,
         };
         let (tenants, changes) =
@@ -139,6 +149,7 @@ impl Registry {
         current.hand_over_limits(&previous);
         Ok(Changes {
             credentials_revoked,
+            tls_kept,
             ..changes
         })
     }
@@ -189,6 +200,12 @@ impl Registry {
                     credentials_revoked = c.credentials_revoked,
                     "configuration reloaded"
                 );
+                for stale in &c.sources_stale {
+                    tracing::error!(path = %path.display(), error = %stale, "a source was kept as it was: its new settings could not be used");
+                }
+                if let Some(e) = &c.tls_kept {
+                    tracing::error!(path = %path.display(), error = %e, "the TLS files in force were kept: the new ones could not be used");
+                }
             }
             Err(e) => {
                 METRICS

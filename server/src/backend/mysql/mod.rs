@@ -190,7 +190,8 @@ async fn start(hold: Hold, statement: Statement, killer: Arc<Killer>) -> Result<
     let (mut worker, pending) = channel::channel(None);
     tokio::spawn(async move {
         let mut hold = hold;
-        let outcome = execute(hold.conn(), &statement, &mut worker, &killer).await;
+        let in_transaction = matches!(hold, Hold::Transaction(_));
+        let outcome = execute(hold.conn(), &statement, &mut worker, &killer, in_transaction).await;
         if let (Hold::Transaction(tx), Err(e)) = (&mut hold, &outcome) {
             match e {
                 BackendError::TransactionBroken(cause) => tx.broken = Some(cause),
@@ -229,6 +230,7 @@ async fn execute(
     statement: &Statement,
     worker: &mut Worker,
     killer: &Killer,
+    in_transaction: bool,
 ) -> Result<Option<u64>, BackendError> {
     let connection_id = conn.id();
     // A prepare can wait for a metadata lock (behind an ALTER TABLE, say) for
@@ -308,8 +310,13 @@ async fn execute(
                     // Stopped, not read to its end: the rest of a long
                     // result would otherwise hold the session (and, in a
                     // transaction, the caller's next call) until it ends.
-                    killer.kill(connection_id).await?;
-                    drain_killed(result).await;
+                    match killer.kill(connection_id).await {
+                        Ok(()) => drain_killed(result).await,
+                        // The transaction cannot go on behind it.
+                        Err(broken) if in_transaction => return Err(broken),
+                        // Pooled, the pool reads what is left before the session serves again.
+                        Err(_) => {}
+                    }
                     return Err(BackendError::Invalid(format!(
                         "column \"{}\": {m}",
                         names.get(i).map_or("?", String::as_str)

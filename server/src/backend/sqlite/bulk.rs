@@ -32,7 +32,12 @@ fn placeholders(n: usize) -> String {
 fn run(statement: &mut Statement<'_>, values: &[&crate::backend::Value], index: u64) -> Result<usize, BackendError> {
     let bound = values
         .iter()
-        .map(|v| to_sql(v))
+        .map(|v| match v {
+            // The column's affinity converts it (NUMERIC to a number, TEXT
+            // keeps it exact, as "10.50"), as a load of text would.
+            crate::backend::Value::Decimal(d) => Ok(rusqlite::types::Value::Text(d.clone())),
+            v => to_sql(v),
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|message| bulk::row_error(index, None, String::new(), message))?;
     statement

@@ -621,13 +621,15 @@ fn execute(
     }
     let writes = !prepared.readonly();
     let mut rows = prepared.raw_query();
-    // Declared after `rows`, so dropped (and marking) before `rows` resets the statement.
-    let mut unfinished = Unfinished {
-        abandoned,
-        write: writes.then_some(unfinished_write),
-    };
+    // Declared after `rows`, so dropped (and marking) before `rows` resets
+    // the statement. Armed at the first row: a statement SQLite itself
+    // failed before that has undone its own writes.
+    let mut unfinished = Unfinished { abandoned, write: None };
     let mut gather = worker.gather();
     while let Some(row) = rows.next().map_err(map_error)? {
+        if writes {
+            unfinished.write = Some(unfinished_write);
+        }
         for (i, ty) in types.iter().enumerate() {
             let raw = row.get_ref(i).map_err(map_error)?;
             put(raw, *ty, &mut gather).map_err(|m| BackendError::Invalid(format!("column \"{}\": {m}", names[i])))?;

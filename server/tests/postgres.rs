@@ -1761,16 +1761,7 @@ async fn tls_sessions_are_encrypted_and_the_server_certificate_is_verified() {
     // Its certificate is self-signed without subject alternative names
     // (Debian's snakeoil, or the one scripts/services.sh makes): trusted as
     // it is, a session is only encrypted.
-    let snakeoil: String = pg
-        .query_one(
-            "SELECT CASE WHEN setting LIKE '/%' THEN setting
-                    ELSE current_setting('data_directory') || '/' || setting END
-             FROM pg_settings WHERE name = 'ssl_cert_file'",
-            &[],
-        )
-        .await
-        .expect("the server's certificate file")
-        .get(0);
+    let snakeoil = pg_certificate_file(&pg).await;
     let sources = [
         postgres("acme", "trusting", "tls = true\ntrust_server_certificate = true\n"),
         postgres(

@@ -600,17 +600,7 @@ async fn a_sources_changed_ca_file_is_read_again() {
         .expect("one row");
     // MariaDB's certificate is its own authority, for the name localhost.
     let right = std::fs::read_to_string(&cert).expect("MariaDB's certificate");
-    let pg = common::pg_direct().await;
-    let other: String = pg
-        .query_one(
-            "SELECT CASE WHEN setting LIKE '/%' THEN setting
-                    ELSE current_setting('data_directory') || '/' || setting END
-             FROM pg_settings WHERE name = 'ssl_cert_file'",
-            &[],
-        )
-        .await
-        .expect("PostgreSQL's certificate file")
-        .get(0);
+    let other = common::pg_certificate_file(&common::pg_direct().await).await;
     let wrong = std::fs::read_to_string(other).expect("PostgreSQL's certificate");
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca.pem");

@@ -129,6 +129,19 @@ pub fn postgres_at(tenant: &str, name: &str, port: &str, extra: &str) -> String 
     )
 }
 
+/// The file of the test PostgreSQL's TLS certificate.
+pub async fn pg_certificate_file(pg: &tokio_postgres::Client) -> String {
+    pg.query_one(
+        "SELECT CASE WHEN setting LIKE '/%' THEN setting
+                ELSE current_setting('data_directory') || '/' || setting END
+         FROM pg_settings WHERE name = 'ssl_cert_file'",
+        &[],
+    )
+    .await
+    .expect("the server's certificate file")
+    .get(0)
+}
+
 /// The test PostgreSQL's address, for a [`Proxy`] in front of it.
 pub fn pg_address() -> String {
     format!(

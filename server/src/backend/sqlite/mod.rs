@@ -98,13 +98,19 @@ const PROCESS_WIDE_PRAGMAS: &[&str] = &[
     "data_store_directory",
 ];
 
-fn refuse_process_wide_pragmas(ctx: rusqlite::hooks::AuthContext<'_>) -> rusqlite::hooks::Authorization {
+/// What a tenant's statement may not do to the process or its host: set
+/// process-wide PRAGMAs, or attach a database by file name (`ATTACH`,
+/// `VACUUM INTO`), which would reach any file the gateway can read or
+/// write. A private temporary database, named by the empty string, is
+/// what a plain `VACUUM` attaches for its copy.
+fn authorize(ctx: rusqlite::hooks::AuthContext<'_>) -> rusqlite::hooks::Authorization {
     use rusqlite::hooks::{AuthAction, Authorization};
     match ctx.action {
         AuthAction::Pragma {
             pragma_name,
             pragma_value: Some(_),
         } if PROCESS_WIDE_PRAGMAS.iter().any(|p| p.eq_ignore_ascii_case(pragma_name)) => Authorization::Deny,
+        AuthAction::Attach { filename } if !filename.is_empty() => Authorization::Deny,
         _ => Authorization::Allow,
     }
 }
@@ -130,8 +136,9 @@ impl Pool {
         };
         let conn =
             Connection::open_with_flags(&self.path, access | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(map_error)?;
-        // ATTACH and VACUUM INTO would reach any file the gateway can read or write.
-        conn.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_ATTACHED, 0)
+        // One attached database at a time, and only a private temporary one
+        // (see `authorize`): VACUUM's copy.
+        conn.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_ATTACHED, 1)
             .map_err(map_error)?;
         // One value (`zeroblob(900000000)`) must not take the process's memory.
         conn.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
@@ -139,7 +146,7 @@ impl Pool {
         // No writes to the schema table or other ways to corrupt the file.
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)
             .map_err(map_error)?;
-        conn.authorizer(Some(refuse_process_wide_pragmas));
+        conn.authorizer(Some(authorize));
         conn.busy_handler(Some(wait_for_lock)).map_err(map_error)?;
         conn.execute_batch("PRAGMA foreign_keys = ON").map_err(map_error)?;
         Ok(conn)
@@ -548,7 +555,8 @@ fn may_write(sql: &str) -> bool {
 fn changed_session(conn: &Connection, sql: &str) -> bool {
     let firsts = sql_text::leading_words(sql, 1);
     let first_is = |word: &str| firsts.iter().any(|w| w.first().is_some_and(|f| f == word));
-    if first_is("pragma") {
+    // An attached temporary database stays with the connection.
+    if first_is("pragma") || first_is("attach") {
         return true;
     }
     // EXPLAIN QUERY PLAN PRAGMA ...: the pragma is at most the fourth word.

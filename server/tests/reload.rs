@@ -676,6 +676,68 @@ async fn an_unreadable_password_file_does_not_hold_up_a_key_revocation() {
         .expect("the source serves on as it was");
 }
 
+/// A source a reload replaced closes its pool once no call uses it, even
+/// while a long call of the tenant (here a stream on another source) still
+/// holds the snapshot it began with: the old pool's idle sessions do not
+/// stay open, nor log in again with an old password, for as long as that
+/// call lasts.
+#[tokio::test]
+async fn a_replaced_sources_idle_sessions_close_while_a_long_call_runs() {
+    let config = |pool: u32| {
+        format!(
+            "{FAST}[tenants.a]\n{}{}{}",
+            api_keys(&["a1"]),
+            postgres("a", "pg", &format!("[tenants.a.sources.pg.pool]\nmax_size = {pool}\n")),
+            postgres("a", "other", "")
+        )
+    };
+    let file = ConfigFile::new(&config(2));
+    let weir = start(&file);
+    let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
+    // Both of the pool's sessions, by their server process ids.
+    let pid = || async {
+        let r = client
+            .execute("pg", "SELECT pg_backend_pid(), pg_sleep(0.3)", vec![])
+            .await
+            .expect("pid");
+        common::int(&r.rows[0].values[0])
+    };
+    let (first, second) = tokio::join!(pid(), pid());
+    assert_ne!(first, second);
+    let mut long = client
+        .execute_stream("other", "SELECT g FROM generate_series(1, 20000000) g", vec![])
+        .await
+        .expect("stream");
+    long.next_batch().await.expect("first batch");
+    file.write(&config(3));
+    reloaded(&weir);
+    client
+        .execute("pg", "SELECT 1", vec![])
+        .await
+        .expect("the new pool serves");
+    let pg = common::pg_direct().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let open: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&vec![first as i32, second as i32]],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if open == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replaced pool's sessions are still open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    long.next_batch().await.expect("the long stream goes on");
+}
+
 /// A key taken away by a reload ends what was started with it: its result
 /// streams and loads fail with UNAUTHENTICATED (`CREDENTIAL_REVOKED`), a
 /// load leaving the table as it was, and its open transactions are rolled

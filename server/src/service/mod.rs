@@ -123,7 +123,6 @@ pub fn source(caller: &Caller, name: &str) -> Result<Arc<Source>, Error> {
     let source = caller
         .tenant
         .source(name)
-        .cloned()
         .ok_or_else(|| Error::SourceNotFound(name.to_string()))?;
     name_on_span(name, &source);
     Ok(source)
@@ -132,7 +131,7 @@ pub fn source(caller: &Caller, name: &str) -> Result<Arc<Source>, Error> {
 /// Names the source and its engine on the call's span.
 pub fn record_source(caller: &Caller, name: &str) {
     if let Some(source) = caller.tenant.source(name) {
-        name_on_span(name, source);
+        name_on_span(name, &source);
     }
 }
 

@@ -71,7 +71,7 @@ impl SchemaService for SchemaApi {
         request: Request<pb::ListSourcesRequest>,
     ) -> Result<Response<pb::ListSourcesResponse>, Status> {
         let caller = caller(&request)?;
-        let sources = caller.tenant.sources().map(source_info).collect();
+        let sources = caller.tenant.sources().map(|s| source_info(&s)).collect();
         Ok(Response::new(pb::ListSourcesResponse { sources }))
     }
 

@@ -56,7 +56,10 @@ pub struct Tenant {
     /// Put SQL text in the audit log.
     pub audit_sql: bool,
     pub metrics: TenantMetrics,
-    sources: HashMap<String, Arc<Source>>,
+    /// Behind a lock so that a reload can point an older snapshot, still
+    /// held by a long call, at the sources in force (see
+    /// [`Tenants::let_go_of_replaced_sources`]).
+    sources: RwLock<HashMap<String, Arc<Source>>>,
     /// The revocation of every call made with a JWT for this tenant.
     jwt_revoked: Revocation,
 }
@@ -64,19 +67,19 @@ pub struct Tenant {
 impl Tenant {
     /// Only this tenant's sources are visible; callers map `None` to the
     /// same NOT_FOUND whether the source is unknown or another tenant's.
-    pub fn source(&self, name: &str) -> Option<&Arc<Source>> {
-        self.sources.get(name)
+    pub fn source(&self, name: &str) -> Option<Arc<Source>> {
+        self.sources.read().get(name).cloned()
     }
 
     /// Counts rows and bytes one of this tenant's sources, named, returned to a caller.
     pub fn count_returned(&self, source: &str, rows: u64, bytes: u64) {
-        if let Some(source) = self.sources.get(source) {
+        if let Some(source) = self.sources.read().get(source) {
             source.count_returned(rows, bytes);
         }
     }
 
-    pub fn sources(&self) -> impl Iterator<Item = &Arc<Source>> {
-        let mut all: Vec<_> = self.sources.values().collect();
+    pub fn sources(&self) -> impl Iterator<Item = Arc<Source>> {
+        let mut all: Vec<_> = self.sources.read().values().cloned().collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all.into_iter()
     }
@@ -212,8 +215,8 @@ impl Tenants {
             let mut sources = HashMap::new();
             for (name, source) in &t.sources {
                 let context = |e: String| BackendError::Invalid(format!("tenant {id}, source {name}: {e}"));
-                let in_force = old.and_then(|o| o.sources.get(name));
-                let secret = match (secret_hash(source), in_force) {
+                let in_force = old.and_then(|o| o.source(name));
+                let secret = match (secret_hash(source), &in_force) {
                     (Ok(secret), _) => secret,
                     // Its Secret unreadable for a while: the source serves on
                     // as it was, rather than holding up the whole reload.
@@ -224,7 +227,7 @@ impl Tenants {
                     }
                     (Err(e), None) => return Err(context(e)),
                 };
-                let kept = in_force.filter(|o| o.config == *source && o.secret == secret);
+                let kept = in_force.as_ref().filter(|o| o.config == *source && o.secret == secret);
                 let source = match kept {
                     Some(s) => {
                         changes.sources_kept += 1;
@@ -245,6 +248,7 @@ impl Tenants {
                             // that reach the same place: work begun on an
                             // older one ends when the source moves too.
                             retired: in_force
+                                .as_ref()
                                 .filter(|o| o.config.same_target(source))
                                 .map_or_else(CancellationToken::new, |o| o.retired.clone()),
                         })
@@ -253,7 +257,7 @@ impl Tenants {
                 sources.insert(name.clone(), source);
             }
             if let Some(o) = old {
-                changes.sources_dropped += o.sources.keys().filter(|n| !sources.contains_key(*n)).count();
+                changes.sources_dropped += o.sources.read().keys().filter(|n| !sources.contains_key(*n)).count();
             }
             let limiter = match old {
                 Some(o) if o.limits == t.limits && same_global.is_some() => o.limiter.clone(),
@@ -270,7 +274,7 @@ impl Tenants {
                 limiter,
                 audit_sql: t.audit_sql,
                 metrics: TenantMetrics::new(id),
-                sources,
+                sources: RwLock::new(sources),
                 jwt_revoked: jwt_kept.and(old).map_or_else(fresh, |o| o.jwt_revoked.clone()),
             });
             for key in &t.api_keys {
@@ -309,7 +313,7 @@ impl Tenants {
                 .all
                 .iter()
                 .filter(|o| !config.tenants.contains_key(&o.id))
-                .map(|o| o.sources.len())
+                .map(|o| o.sources.read().len())
                 .sum::<usize>();
         }
         Ok((
@@ -429,15 +433,15 @@ impl Tenants {
     pub fn retire_replaced_topics(&self, previous: &Tenants) {
         for old_tenant in &previous.all {
             let tenant = self.all.iter().find(|t| t.id == old_tenant.id);
-            for (name, old) in &old_tenant.sources {
+            for (name, old) in old_tenant.sources.read().iter() {
                 let Ok(old_topics) = old.backend.topics() else {
                     continue;
                 };
-                let current = tenant.and_then(|t| t.sources.get(name));
-                if current.is_some_and(|c| Arc::ptr_eq(c, old)) {
+                let current = tenant.and_then(|t| t.source(name));
+                if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, old)) {
                     continue;
                 }
-                let allowed = current.and_then(|c| c.backend.topics().ok());
+                let allowed = current.as_ref().and_then(|c| c.backend.topics().ok());
                 old_topics.retire(&|topic| allowed.is_some_and(|a| a.allows(topic)));
             }
         }
@@ -451,12 +455,30 @@ impl Tenants {
     pub fn retire_replaced_sources(&self, previous: &Tenants) {
         for old_tenant in &previous.all {
             let tenant = self.all.iter().find(|t| t.id == old_tenant.id);
-            for (name, old) in &old_tenant.sources {
-                let current = tenant.and_then(|t| t.sources.get(name));
+            for (name, old) in old_tenant.sources.read().iter() {
+                let current = tenant.and_then(|t| t.source(name));
                 if !current.is_some_and(|c| c.config.same_target(&old.config)) {
                     old.retired.cancel();
                 }
             }
+        }
+    }
+
+    /// Points `previous`'s tenants, which calls still running may hold (a
+    /// change stream for days), at this snapshot's sources, and lets go of
+    /// those it replaced or removed: a replaced source's pool then closes
+    /// once no call uses it, instead of keeping its idle sessions (and
+    /// logging in again, with an old password) for as long as any call of
+    /// the tenant runs.
+    pub fn let_go_of_replaced_sources(&self, previous: &Tenants) {
+        for old_tenant in &previous.all {
+            let now: HashMap<String, Arc<Source>> = self
+                .all
+                .iter()
+                .find(|t| t.id == old_tenant.id)
+                .map(|t| t.sources.read().clone())
+                .unwrap_or_default();
+            *old_tenant.sources.write() = now;
         }
     }
 

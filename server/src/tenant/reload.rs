@@ -147,6 +147,7 @@ impl Registry {
         current.retire_replaced_topics(&previous);
         current.retire_replaced_sources(&previous);
         current.hand_over_limits(&previous);
+        current.let_go_of_replaced_sources(&previous);
         Ok(Changes {
             credentials_revoked,
             tls_kept,

@@ -1268,6 +1268,56 @@ fn multiplex(tenant: &str, source: &str, connections: u32, statement_timeout: &s
     )
 }
 
+/// A shared session whose server goes silent (a failover left its address
+/// dead, packets dropped) is replaced once an abandoned read's check finds
+/// no answer within the shared statement timeout and a grace, instead of
+/// taking every later read until the operating system gives up on it.
+#[tokio::test]
+async fn a_shared_session_gone_silent_is_replaced() {
+    let proxy = Proxy::start(pg_address()).await;
+    let toml = tenant(
+        "silent",
+        "",
+        &postgres_at(
+            "silent",
+            "pg",
+            &proxy.port.to_string(),
+            &format!(
+                "[tenants.silent.sources.pg.pool]\nmax_size = 2\n{}",
+                multiplex("silent", "pg", 1, "500ms")
+            ),
+        ),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-silent").await;
+    let read = |deadline: Duration| {
+        let mut request = tonic::Request::new(pb::ExecuteRequest {
+            source: "pg".into(),
+            sql: "SELECT 1 AS n".into(),
+            ..Default::default()
+        });
+        request.set_timeout(deadline);
+        let mut query = client.query();
+        async move { query.execute(request).await }
+    };
+    read(Duration::from_secs(5)).await.expect("the shared session serves");
+    proxy.freeze_open();
+    let err = read(Duration::from_millis(300)).await.expect_err("no answer");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    // 500 ms of statement timeout and 5 s of grace later, a new session.
+    let started = std::time::Instant::now();
+    loop {
+        match read(Duration::from_secs(1)).await {
+            Ok(r) => break assert_eq!(r.into_inner().rows.len(), 1),
+            Err(e) if started.elapsed() < Duration::from_secs(15) => {
+                assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}")
+            }
+            Err(e) => panic!("reads still go to the silent session: {e:?}"),
+        }
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn multiplexed_reads_share_sessions_and_nothing_else_does() {
     let toml = tenant(

@@ -156,7 +156,9 @@ pub fn pg_address() -> String {
 /// server that is not the one meant would close a cancel request's.
 pub struct Proxy {
     pub port: u16,
-    frozen: tokio::sync::watch::Sender<bool>,
+    /// Every connection frozen, and those opened before the n-th frozen.
+    frozen: tokio::sync::watch::Sender<(bool, u64)>,
+    opened: std::sync::Arc<std::sync::atomic::AtomicU64>,
     refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stalling: std::sync::Arc<std::sync::atomic::AtomicBool>,
     cuts: tokio::sync::watch::Sender<u32>,
@@ -166,7 +168,9 @@ impl Proxy {
     pub async fn start(target: String) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("address").port();
-        let (frozen, rx) = tokio::sync::watch::channel(false);
+        let (frozen, rx) = tokio::sync::watch::channel((false, 0u64));
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = opened.clone();
         let (cuts, cut) = tokio::sync::watch::channel(0u32);
         let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let refuse = refusing.clone();
@@ -187,15 +191,17 @@ impl Proxy {
                 let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
                     continue;
                 };
+                let id = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (from_client, to_client) = inbound.into_split();
                 let (from_server, to_server) = outbound.into_split();
-                tokio::spawn(carry(from_client, to_server, rx.clone(), cut.clone()));
-                tokio::spawn(carry(from_server, to_client, rx.clone(), cut.clone()));
+                tokio::spawn(carry(from_client, to_server, (id, rx.clone()), cut.clone()));
+                tokio::spawn(carry(from_server, to_client, (id, rx.clone()), cut.clone()));
             }
         });
         Proxy {
             port,
             frozen,
+            opened,
             refusing,
             stalling,
             cuts,
@@ -215,7 +221,14 @@ impl Proxy {
     }
 
     pub fn freeze(&self, frozen: bool) {
-        self.frozen.send_replace(frozen);
+        self.frozen.send_modify(|f| f.0 = frozen);
+    }
+
+    /// Stops carrying the connections open now, for good; new ones are
+    /// carried: a server that went silent behind a failover's new address.
+    pub fn freeze_open(&self) {
+        let opened = self.opened.load(std::sync::atomic::Ordering::SeqCst);
+        self.frozen.send_modify(|f| f.1 = opened);
     }
 
     /// New connections are closed at once while `refusing`; open ones carry on.
@@ -227,7 +240,7 @@ impl Proxy {
 async fn carry(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut frozen: tokio::sync::watch::Receiver<bool>,
+    (id, mut frozen): (u64, tokio::sync::watch::Receiver<(bool, u64)>),
     mut cut: tokio::sync::watch::Receiver<u32>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -243,7 +256,8 @@ async fn carry(
             _ = cut.changed() => return,
         };
         // Bytes read while frozen are held, not lost.
-        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+        let carried = |(all, before): &(bool, u64)| !*all && id >= *before;
+        if frozen.wait_for(carried).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }

@@ -26,6 +26,11 @@ use crate::config::MultiplexConfig;
 struct Session {
     client: Client,
     statements: Mutex<HashMap<String, tokio_postgres::Statement>>,
+    /// An abandoned statement's empty query found no answer within the
+    /// statement timeout and a grace: the server or the network is gone
+    /// silent (a failover), and the session is replaced rather than left to
+    /// gather reads until the operating system gives up on it.
+    silent: AtomicBool,
 }
 
 impl Session {
@@ -88,7 +93,14 @@ struct Slot {
     /// Its last connection attempt failed: until then, it is chosen only
     /// when every slot is failing.
     failed_until: Mutex<Option<Instant>>,
+    /// How long an abandoned statement may take to end: the shared
+    /// statement timeout and a grace.
+    settles_within: Duration,
 }
+
+/// Beyond the shared statement timeout, how long an abandoned statement's
+/// session may take to answer before it is presumed gone.
+const SETTLE_GRACE: Duration = Duration::from_secs(5);
 
 /// How long a slot that could not connect is passed over.
 const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
@@ -134,7 +146,12 @@ impl Drop for InFlight {
         if let (Some(session), Ok(runtime)) = (left, tokio::runtime::Handle::try_current()) {
             let slot = self.slot.clone();
             runtime.spawn(async move {
-                let _ = session.client.simple_query("").await;
+                if tokio::time::timeout(slot.settles_within, session.client.simple_query(""))
+                    .await
+                    .is_err()
+                {
+                    session.silent.store(true, Ordering::Relaxed);
+                }
                 slot.in_flight.fetch_sub(1, Ordering::Relaxed);
             });
         } else {
@@ -200,6 +217,7 @@ impl Multiplexer {
                     in_flight: AtomicUsize::new(0),
                     open: AtomicBool::new(false),
                     failed_until: Mutex::new(None),
+                    settles_within: multiplex.statement_timeout + SETTLE_GRACE,
                 })
             })
             .collect();
@@ -248,7 +266,10 @@ impl Multiplexer {
 
     async fn session(&self, slot: &Slot, breaker: &Breaker) -> Result<Arc<Session>, BackendError> {
         let mut current = slot.session.lock().await;
-        if let Some(session) = current.as_ref().filter(|s| !s.client.is_closed()) {
+        if let Some(session) = current
+            .as_ref()
+            .filter(|s| !s.client.is_closed() && !s.silent.load(Ordering::Relaxed))
+        {
             return Ok(session.clone());
         }
         *current = None;
@@ -264,6 +285,7 @@ impl Multiplexer {
         let session = Arc::new(Session {
             client,
             statements: Mutex::new(HashMap::new()),
+            silent: AtomicBool::new(false),
         });
         *current = Some(session.clone());
         slot.open.store(true, Ordering::Relaxed);

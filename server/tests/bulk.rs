@@ -1549,6 +1549,46 @@ async fn sqlite_tables_own_conflict_clauses_neither_delete_nor_drop_rows() {
     ctx.server.stop().await;
 }
 
+/// A SQLite load its caller gave up on stops inside the statement it runs
+/// (here a REPLACE's DELETE, which checks an unindexed foreign key for each
+/// row, for minutes), so the source's write turn is free again at once.
+#[tokio::test]
+async fn a_sqlite_load_given_up_on_stops_inside_its_statement() {
+    let ctx = Ctx::new(Engine::Sqlite, "").await;
+    let series = |n: u32| format!("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) ");
+    ctx.exec("CREATE TABLE weir_bulk_parent (id INTEGER PRIMARY KEY, name TEXT, score INTEGER)")
+        .await;
+    ctx.exec("CREATE TABLE weir_bulk_child (parent_id INTEGER REFERENCES weir_bulk_parent (id))")
+        .await;
+    ctx.exec(&format!(
+        "{}INSERT INTO weir_bulk_parent SELECT i, 'p', i FROM s",
+        series(60_000)
+    ))
+    .await;
+    ctx.exec(&format!(
+        "{}INSERT INTO weir_bulk_child SELECT NULL FROM s",
+        series(60_000)
+    ))
+    .await;
+    let (tx, requests) = open_load("weir_bulk_parent").await;
+    let mut request = tonic::Request::new(requests);
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "500m".parse().expect("header value"));
+    let err = ctx.client.bulk().load(request).await.expect_err("past its deadline");
+    assert_eq!(reason(&err), "LOAD_TIMEOUT", "{err:?}");
+    drop(tx);
+    // Another write gets the source's turn within its 5 s wait.
+    let mut write = tonic::Request::new(pb::ExecuteRequest {
+        source: "db".into(),
+        sql: "INSERT INTO weir_bulk_child VALUES (NULL)".into(),
+        ..Default::default()
+    });
+    write.set_timeout(Duration::from_secs(4));
+    ctx.client.query().execute(write).await.expect("the write turn is free");
+    ctx.server.stop().await;
+}
+
 /// A bad row in a later COPY of a large PostgreSQL load is named by its
 /// place in the load also when a trigger keeps rows out of the table (which
 /// a COPY's row count leaves out, and its line numbers do not).

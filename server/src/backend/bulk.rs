@@ -240,6 +240,12 @@ impl Verdict {
         }
     }
 
+    /// Whether the caller gave up: a load still running in the engine
+    /// (one long statement) may stop at once, as it can no longer commit.
+    pub fn abandoned(&self) -> bool {
+        self.0.load(Ordering::Acquire) == ABANDONED
+    }
+
     fn claim_commit(&self) -> bool {
         self.0
             .compare_exchange(UNDECIDED, COMMITTING, Ordering::AcqRel, Ordering::Acquire)
@@ -287,6 +293,14 @@ pub fn row_feed(depth: usize, verdict: Verdict) -> (RowSender, RowFeed) {
             verdict,
         },
     )
+}
+
+impl RowFeed {
+    /// Who decides the load (see [`Verdict`]), for an engine that can stop a
+    /// statement in progress when its caller gives up.
+    pub fn verdict(&self) -> Verdict {
+        self.verdict.clone()
+    }
 }
 
 impl RowSender {

@@ -213,9 +213,17 @@ fn load_in_transaction(
 
 /// Runs a whole load in one transaction; blocks, so it runs on the blocking pool.
 pub fn load(conn: &Connection, spec: &LoadSpec, mut feed: RowFeed) -> Result<LoadOutcome, BackendError> {
+    // A load its caller gave up on (its deadline, a client gone) is stopped
+    // inside the statement it runs, which may be long (a REPLACE's DELETE
+    // checking an unindexed foreign key), instead of holding the source's
+    // write turn until it ends: it could no longer commit anyway.
+    let verdict = feed.verdict();
+    let interruptible = Interruptible::install(conn, move || verdict.abandoned());
     let receipts = spec.receipt.as_ref().map(|r| ReceiptSql::new(&r.table, &DIALECT));
     conn.execute_batch("BEGIN IMMEDIATE").map_err(map_error)?;
     let mut result = load_in_transaction(conn, spec, &mut feed, receipts.as_ref());
+    // Not over the transaction's end: a ROLLBACK must not be stopped.
+    drop(interruptible);
     let end = if bulk::commits(&mut result, &feed) {
         "COMMIT"
     } else {
@@ -225,5 +233,22 @@ pub fn load(conn: &Connection, spec: &LoadSpec, mut feed: RowFeed) -> Result<Loa
         Ok(()) => result,
         Err(e) if result.is_ok() => Err(map_error(e)),
         Err(_) => result,
+    }
+}
+
+/// A progress handler for as long as it lives, removed on every way out:
+/// the connection goes back to the pool.
+struct Interruptible<'c>(&'c Connection);
+
+impl<'c> Interruptible<'c> {
+    fn install(conn: &'c Connection, stop: impl FnMut() -> bool + Send + 'static) -> Self {
+        conn.progress_handler(super::PROGRESS_OPS, Some(stop));
+        Self(conn)
+    }
+}
+
+impl Drop for Interruptible<'_> {
+    fn drop(&mut self) {
+        self.0.progress_handler(super::PROGRESS_OPS, None::<fn() -> bool>);
     }
 }

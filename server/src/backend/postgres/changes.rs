@@ -907,8 +907,11 @@ pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed
     tokio::spawn(async move {
         let (id, name) = (reader.spec.id.clone(), reader.spec.name.clone());
         if let Err(e) = reader.run(ack_rx).await {
-            // A take-over ends this session from outside: say so rather than "connection closed".
-            let e = if !end.is_closed() && taken_over(&config, &id).await {
+            // A take-over ends this session from outside: say so rather than
+            // "connection closed". Only then: the reader's own session, still
+            // closing after an error of its own (a lock it could not get),
+            // holds the subscription's lock for a moment too.
+            let e = if super::session_lost(&e) && !end.is_closed() && taken_over(&config, &id).await {
                 BackendError::SubscriptionTakenOver(name)
             } else {
                 e

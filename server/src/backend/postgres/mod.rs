@@ -973,6 +973,18 @@ impl SqlTransaction for PgTransaction {
 /// Why a session whose abandoned statement was not known to end is not used again.
 const NOT_CANCELLED: &str = "a statement in it could not be cancelled";
 
+/// The session itself was lost (its connection closed, or the server ended
+/// it: a restart, `pg_terminate_backend`), rather than a statement failing
+/// on a live one.
+fn session_lost(e: &BackendError) -> bool {
+    match e {
+        BackendError::Unavailable(_) => true,
+        // admin_shutdown, crash_shutdown, cannot_connect_now
+        BackendError::Engine { code, .. } => matches!(code.as_str(), "57P01" | "57P02" | "57P03"),
+        _ => false,
+    }
+}
+
 /// SQLSTATE of a statement in a transaction an earlier error aborted.
 const IN_FAILED_TRANSACTION: &str = "25P02";
 

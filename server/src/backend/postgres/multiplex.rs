@@ -17,7 +17,7 @@ use futures::Stream;
 use parking_lot::Mutex;
 use tokio_postgres::Client;
 
-use super::{cache_statement, describe, map_error, plan_went_stale, PgRowStream, StatementGuard, Target};
+use super::{cache_statement, describe, map_error, plan_went_stale, session_lost, PgRowStream, StatementGuard, Target};
 use crate::backend::breaker::Breaker;
 use crate::backend::{BackendError, Column, QueryStream, Statement};
 use crate::config::MultiplexConfig;
@@ -157,18 +157,6 @@ impl Drop for InFlight {
         } else {
             self.slot.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
-    }
-}
-
-/// The shared session itself was lost (its connection closed, or the server
-/// ended it), rather than the statement failing on a live one: only then is
-/// the session replaced and the statement sent again.
-fn session_lost(e: &BackendError) -> bool {
-    match e {
-        BackendError::Unavailable(_) => true,
-        // admin_shutdown, crash_shutdown, cannot_connect_now
-        BackendError::Engine { code, .. } => matches!(code.as_str(), "57P01" | "57P02" | "57P03"),
-        _ => false,
     }
 }
 

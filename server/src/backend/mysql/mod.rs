@@ -216,12 +216,20 @@ async fn start(hold: Hold, statement: Statement, killer: Arc<Killer>) -> Result<
     pending.started().await
 }
 
-/// Reads what is left of a result whose statement was just killed (the
-/// server ends it with "query execution was interrupted"). Left unread,
-/// mysql_async would read it before the connection's next command, and that
-/// command (a transaction's next statement, its COMMIT) would fail with it.
-async fn drain_killed(result: mysql_async::QueryResult<'_, '_, mysql_async::BinaryProtocol>) {
+/// Stops a statement whose result is being read: `KILL QUERY`, then what
+/// is left of the result (the server ends it with "query execution was
+/// interrupted"). Left unread, mysql_async would read it before the
+/// connection's next command, and that command (a transaction's next
+/// statement, its COMMIT) would wait for it and fail with it. A kill that
+/// fails leaves the result unread: the transaction cannot go on behind it.
+async fn stop_reading(
+    killer: &Killer,
+    connection_id: u32,
+    result: mysql_async::QueryResult<'_, '_, mysql_async::BinaryProtocol>,
+) -> Result<(), BackendError> {
+    killer.kill(connection_id).await?;
     let _ = result.drop_result().await;
+    Ok(())
 }
 
 /// Runs a statement, streaming its rows; returns rows affected.
@@ -286,8 +294,7 @@ async fn execute(
     let names: Vec<_> = described.iter().map(|(c, _)| c.name.clone()).collect();
     let returns_rows = !described.is_empty();
     if !worker.describe(described.into_iter().map(|(c, _)| c).collect()) {
-        killer.kill(connection_id).await?;
-        drain_killed(result).await;
+        stop_reading(killer, connection_id, result).await?;
         return Ok(None);
     }
     let mut gather = worker.gather();
@@ -296,8 +303,7 @@ async fn execute(
             biased;
             row = result.next() => row.map_err(map_error)?,
             () = worker.closed() => {
-                killer.kill(connection_id).await?;
-                drain_killed(result).await;
+                stop_reading(killer, connection_id, result).await?;
                 return Ok(None);
             }
         };
@@ -310,12 +316,12 @@ async fn execute(
                     // Stopped, not read to its end: the rest of a long
                     // result would otherwise hold the session (and, in a
                     // transaction, the caller's next call) until it ends.
-                    match killer.kill(connection_id).await {
-                        Ok(()) => drain_killed(result).await,
-                        // The transaction cannot go on behind it.
-                        Err(broken) if in_transaction => return Err(broken),
-                        // Pooled, the pool reads what is left before the session serves again.
-                        Err(_) => {}
+                    // Pooled, the pool reads what a failed kill left before
+                    // the session serves again: the caller hears the cause.
+                    if let Err(broken) = stop_reading(killer, connection_id, result).await {
+                        if in_transaction {
+                            return Err(broken);
+                        }
                     }
                     return Err(BackendError::Invalid(format!(
                         "column \"{}\": {m}",
@@ -326,8 +332,7 @@ async fn execute(
         }
         if let Some(chunk) = gather.end_row() {
             if !worker.send(chunk).await {
-                killer.kill(connection_id).await?;
-                drain_killed(result).await;
+                stop_reading(killer, connection_id, result).await?;
                 return Ok(None);
             }
         }

@@ -5,6 +5,9 @@ as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+# The postgres superuser's socket login, from root or a user with sudo.
+as_postgres() { as_root runuser -u postgres -- "$@"; }
+
 apt_updated=
 apt_install() {
   if [ -z "$apt_updated" ]; then
@@ -21,7 +24,8 @@ ensure_build_tools() {
   { command -v pkg-config >/dev/null && pkg-config --exists openssl; } || apt_install pkg-config libssl-dev
   # make builds librdkafka; venvs carry the Kafka broker's, buf's and the Python client's tools.
   command -v make >/dev/null || apt_install make
-  python3 -m venv --help >/dev/null 2>&1 || apt_install python3 python3-venv
+  # Debian splits ensurepip (python3-venv) from venv itself: without it `python3 -m venv` fails.
+  python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_install python3 python3-venv
 }
 
 pg_ready() {
@@ -46,13 +50,13 @@ ensure_postgres() {
   # A fresh installation asks TCP clients for a password: give the test user one,
   # and make sure the test database exists. Both are no-ops where already done.
   local password="${WEIR_TEST_PG_PASSWORD:-postgres}" user="${WEIR_TEST_PG_USER:-postgres}" db="${WEIR_TEST_PG_DATABASE:-test}"
-  if command -v runuser >/dev/null && id postgres >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    runuser -u postgres -- psql -q -c "ALTER ROLE \"$user\" PASSWORD '$password'" >/dev/null 2>&1 || true
+  if command -v runuser >/dev/null && id postgres >/dev/null 2>&1; then
+    as_postgres psql -q -c "ALTER ROLE \"$user\" PASSWORD '$password'" >/dev/null 2>&1 || true
     ensure_pg_logical
     ensure_pg_tls
     ensure_pg_password_logins
-    if ! runuser -u postgres -- psql -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'" 2>/dev/null | grep -q 1; then
-      runuser -u postgres -- createdb -O "$user" "$db" >/dev/null 2>&1 || true
+    if ! as_postgres psql -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'" 2>/dev/null | grep -q 1; then
+      as_postgres createdb -O "$user" "$db" >/dev/null 2>&1 || true
     fi
   fi
 }
@@ -60,7 +64,7 @@ ensure_postgres() {
 # Change streams need logical decoding; wal_level takes effect only on a restart.
 ensure_pg_logical() {
   local level version
-  level="$(runuser -u postgres -- psql -tAc "SHOW wal_level" 2>/dev/null || true)"
+  level="$(as_postgres psql -tAc "SHOW wal_level" 2>/dev/null || true)"
   [ "$level" = logical ] && return 0
   version="$(ls /etc/postgresql | sort -V | tail -n 1)"
   echo "enabling logical decoding in PostgreSQL $version (restart)..."
@@ -77,25 +81,25 @@ ensure_pg_logical() {
 # make the same kind of certificate (self-signed, CN=localhost, no
 # alternative names) in the data directory. ssl takes effect on a reload.
 ensure_pg_tls() {
-  [ "$(runuser -u postgres -- psql -tAc "SHOW ssl" 2>/dev/null || true)" = on ] && return 0
+  [ "$(as_postgres psql -tAc "SHOW ssl" 2>/dev/null || true)" = on ] && return 0
   echo "turning on TLS in PostgreSQL..."
   command -v openssl >/dev/null || apt_install openssl
   local dir
-  dir="$(runuser -u postgres -- psql -tAc "SHOW data_directory")"
+  dir="$(as_postgres psql -tAc "SHOW data_directory")"
   # As snakeoil: an end-entity certificate (CA:FALSE), which rustls accepts as its own authority.
   printf '[req]\ndistinguished_name = dn\nx509_extensions = ext\nprompt = no\n[dn]\nCN = localhost\n[ext]\nbasicConstraints = CA:FALSE\n' >/tmp/weir-pg-tls.cnf
-  runuser -u postgres -- openssl req -x509 -config /tmp/weir-pg-tls.cnf -newkey rsa:2048 -nodes -days 3650 \
+  as_postgres openssl req -x509 -config /tmp/weir-pg-tls.cnf -newkey rsa:2048 -nodes -days 3650 \
     -keyout "$dir/weir-test.key" -out "$dir/weir-test.crt" >/dev/null 2>&1
   rm -f /tmp/weir-pg-tls.cnf
   sleep 1 # certificates are valid from the second they were made
-  runuser -u postgres -- psql -q >/dev/null <<SQL
+  as_postgres psql -q >/dev/null <<SQL
 ALTER SYSTEM SET ssl_cert_file = '$dir/weir-test.crt';
 ALTER SYSTEM SET ssl_key_file = '$dir/weir-test.key';
 ALTER SYSTEM SET ssl = on;
 SELECT pg_reload_conf();
 SQL
   sleep 0.5
-  [ "$(runuser -u postgres -- psql -tAc "SHOW ssl")" = on ] || { echo "error: PostgreSQL did not turn TLS on"; exit 1; }
+  [ "$(as_postgres psql -tAc "SHOW ssl")" = on ] || { echo "error: PostgreSQL did not turn TLS on"; exit 1; }
 }
 
 # Two logins that must give a password over TCP, whatever the rest of
@@ -103,13 +107,13 @@ SQL
 # password), for the tests of Weir's own replication-protocol login.
 ensure_pg_password_logins() {
   local hba
-  hba="$(runuser -u postgres -- psql -tAc "SHOW hba_file")"
+  hba="$(as_postgres psql -tAc "SHOW hba_file")"
   if ! as_root grep -q weir_scram "$hba"; then
     { printf 'host all weir_scram 127.0.0.1/32 scram-sha-256\nhost all weir_md5 127.0.0.1/32 md5\n'; as_root cat "$hba"; } >/tmp/weir-pg_hba.conf
     as_root cp /tmp/weir-pg_hba.conf "$hba" && rm -f /tmp/weir-pg_hba.conf
-    runuser -u postgres -- psql -q -c "SELECT pg_reload_conf()" >/dev/null
+    as_postgres psql -q -c "SELECT pg_reload_conf()" >/dev/null
   fi
-  runuser -u postgres -- psql -q >/dev/null <<'SQL'
+  as_postgres psql -q >/dev/null <<'SQL'
 SELECT 'CREATE ROLE weir_scram' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'weir_scram') \gexec
 SELECT 'CREATE ROLE weir_md5' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'weir_md5') \gexec
 ALTER ROLE weir_scram LOGIN SUPERUSER PASSWORD 'weir-scram';
@@ -145,11 +149,11 @@ ensure_mariadb_config() {
     as_root mkdir -p "$(dirname "$mariadb_cnf")"
     printf '%s\n' "$want" | as_root tee "$mariadb_cnf" >/dev/null
   fi
-  # Only root can ask (socket login): elsewhere the server is taken as configured.
-  if [ "$(id -u)" = 0 ] && mysql_ready &&
-    [ "$(mariadb -uroot -N -e "SELECT @@log_bin, @@ssl_cert" 2>/dev/null)" != "$(printf '1\t%s/weir-test.crt' "$mariadb_tls")" ]; then
+  # Asked through root's socket login.
+  if mysql_ready &&
+    [ "$(as_root mariadb -uroot -N -e "SELECT @@log_bin, @@ssl_cert" 2>/dev/null)" != "$(printf '1\t%s/weir-test.crt' "$mariadb_tls")" ]; then
     echo "enabling the MariaDB binlog and TLS (restart)..."
-    mariadb-admin -uroot shutdown 2>/dev/null || as_root pkill -F /run/mysqld/mysqld.pid || true
+    as_root mariadb-admin -uroot shutdown 2>/dev/null || as_root pkill -F /run/mysqld/mysqld.pid || true
     for _ in $(seq 1 100); do mysql_ready || break; sleep 0.2; done
   fi
 }
@@ -180,13 +184,11 @@ ensure_mariadb() {
   # A fresh installation lets root in only through the socket: create the
   # test user and database through it. No-ops where already done.
   local user="${WEIR_TEST_MYSQL_USER:-weir}" password="${WEIR_TEST_MYSQL_PASSWORD:-weir}" db="${WEIR_TEST_MYSQL_DATABASE:-test}"
-  if [ "$(id -u)" = 0 ]; then
-    mariadb -uroot -e "CREATE DATABASE IF NOT EXISTS \`$db\`;
-      CREATE USER IF NOT EXISTS '$user'@'%' IDENTIFIED BY '$password';
-      CREATE USER IF NOT EXISTS '$user'@'localhost' IDENTIFIED BY '$password';
-      GRANT ALL PRIVILEGES ON *.* TO '$user'@'%';
-      GRANT ALL PRIVILEGES ON *.* TO '$user'@'localhost';"
-  fi
+  as_root mariadb -uroot -e "CREATE DATABASE IF NOT EXISTS \`$db\`;
+    CREATE USER IF NOT EXISTS '$user'@'%' IDENTIFIED BY '$password';
+    CREATE USER IF NOT EXISTS '$user'@'localhost' IDENTIFIED BY '$password';
+    GRANT ALL PRIVILEGES ON *.* TO '$user'@'%';
+    GRANT ALL PRIVILEGES ON *.* TO '$user'@'localhost';"
 }
 
 kafka_ready() {
@@ -239,7 +241,6 @@ plain_mysql_port=3307
 ensure_plain_servers() {
   local bin dir=/tmp/weir-pg-plain mdir=/tmp/weir-mariadb-plain
   bin="/usr/lib/postgresql/$(ls /etc/postgresql | sort -V | tail -n 1)/bin"
-  as_postgres() { as_root runuser -u postgres -- "$@"; }
   if ! pg_isready -q -h 127.0.0.1 -p "$plain_pg_port" 2>/dev/null; then
     if ! as_root test -f "$dir/PG_VERSION"; then
       as_root mkdir -p "$dir" && as_root chown postgres "$dir"
@@ -278,7 +279,7 @@ stop_plain_server() {
   case "$1" in
     pg)
       local bin="/usr/lib/postgresql/$(ls /etc/postgresql | sort -V | tail -n 1)/bin"
-      as_root runuser -u postgres -- "$bin/pg_ctl" -D /tmp/weir-pg-plain -m fast -w stop >/dev/null
+      as_postgres "$bin/pg_ctl" -D /tmp/weir-pg-plain -m fast -w stop >/dev/null
       ;;
     mysql)
       as_root mariadb-admin --socket=/tmp/weir-mariadb-plain.sock -uroot shutdown

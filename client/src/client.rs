@@ -23,8 +23,8 @@ use weir_proto::v1::stream_service_client::StreamServiceClient;
 use weir_proto::v1::{
     BeginTransactionRequest, Column, CommitRequest, DescribeTableRequest, DescribeTableResponse, ExecuteRequest,
     ExecuteResponse, ExecuteStreamRequest, ExecuteStreamResponse, IsolationLevel, ListSchemasRequest,
-    ListSourcesRequest, ListTablesRequest, LoadAbort, LoadHeader, LoadRequest, LoadResponse, LoadRows, QueryStats,
-    ResultFormat, RollbackRequest, Row, SchemaInfo, SourceInfo, TableInfo, TestConnectionRequest,
+    ListSourcesRequest, ListTablesRequest, ListTablesResponse, LoadAbort, LoadHeader, LoadRequest, LoadResponse,
+    LoadRows, QueryStats, ResultFormat, RollbackRequest, Row, SchemaInfo, SourceInfo, TableInfo, TestConnectionRequest,
     TestConnectionResponse, Value,
 };
 
@@ -48,6 +48,21 @@ const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tables per ListTables answer: a few hundred KB at most.
 const LIST_TABLES_PAGE: i32 = 1000;
+
+/// Whether `page`, asked for with `sent`, is the listing's last. A page
+/// before the last has tables and a token other than `sent`: one without
+/// would be asked for again and again (a bug in a server or proxy).
+fn is_last_page(sent: &str, page: &ListTablesResponse) -> Result<bool, Status> {
+    if page.next_page_token.is_empty() {
+        return Ok(true);
+    }
+    if page.tables.is_empty() || page.next_page_token == sent {
+        return Err(Status::internal(
+            "ListTables answered a page that does not move the listing on",
+        ));
+    }
+    Ok(false)
+}
 
 /// Errors from [`WeirClient::connect`]; call errors are [`tonic::Status`].
 #[derive(Debug, thiserror::Error)]
@@ -455,11 +470,12 @@ impl WeirClient {
                 source: source.to_owned(),
                 schema: schema.to_owned(),
                 page_size: LIST_TABLES_PAGE,
-                page_token,
+                page_token: page_token.clone(),
             };
             let page = self.schema().list_tables(request).await?.into_inner();
+            let last = is_last_page(&page_token, &page)?;
             tables.extend(page.tables);
-            if page.next_page_token.is_empty() {
+            if last {
                 return Ok(tables);
             }
             page_token = page.next_page_token;
@@ -756,6 +772,19 @@ mod tests {
     use weir_proto::v1::{BeginTransactionResponse, CommitResponse, ResultMetadata, RollbackResponse, RowBatch};
 
     use super::*;
+
+    #[test]
+    fn a_page_that_does_not_move_the_listing_on_is_an_error() {
+        let page = |tables: usize, next: &str| ListTablesResponse {
+            tables: vec![TableInfo::default(); tables],
+            next_page_token: next.into(),
+        };
+        assert!(is_last_page("", &page(0, "")).expect("an empty listing"));
+        assert!(is_last_page("t1", &page(3, "")).expect("the last page"));
+        assert!(!is_last_page("", &page(3, "t1")).expect("a page before the last"));
+        assert!(is_last_page("t1", &page(3, "t1")).is_err(), "the same token again");
+        assert!(is_last_page("", &page(0, "t1")).is_err(), "no tables, yet a next page");
+    }
 
     /// A QueryService that plays the ExecuteStream script named by the SQL
     /// text and answers Execute with the authorization header it received.

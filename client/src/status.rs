@@ -34,7 +34,12 @@ pub fn describe_status(status: &Status) -> String {
     }
     // The server's advice on when a refused call may be sent again.
     if let Some(delay) = error_details.retry_info().and_then(|r| r.retry_delay) {
-        details.push(format!("retry after {:.1} s", delay.as_secs_f64()));
+        // A rate limit's delay is often a few milliseconds.
+        details.push(if delay < std::time::Duration::from_secs(1) {
+            format!("retry after {} ms", delay.as_millis())
+        } else {
+            format!("retry after {:.1} s", delay.as_secs_f64())
+        });
     }
     // What the server's logs name the call by.
     if let Some(id) = status.metadata().get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
@@ -110,13 +115,21 @@ mod tests {
 
     #[test]
     fn appends_the_retry_delay() {
-        let mut details = ErrorDetails::with_error_info("RATE_LIMITED", "weir", HashMap::new());
-        details.set_retry_info(Some(std::time::Duration::from_millis(800)));
-        let status = Status::with_error_details(Code::ResourceExhausted, "rate limit", details);
+        let line = |ms: u64| {
+            let mut details = ErrorDetails::with_error_info("RATE_LIMITED", "weir", HashMap::new());
+            details.set_retry_info(Some(std::time::Duration::from_millis(ms)));
+            describe_status(&Status::with_error_details(
+                Code::ResourceExhausted,
+                "rate limit",
+                details,
+            ))
+        };
         assert_eq!(
-            describe_status(&status),
-            "RESOURCE_EXHAUSTED: rate limit (reason RATE_LIMITED, retry after 0.8 s)"
+            line(2500),
+            "RESOURCE_EXHAUSTED: rate limit (reason RATE_LIMITED, retry after 2.5 s)"
         );
+        // A rate limit's few milliseconds are not "0.0 s".
+        assert!(line(30).ends_with("retry after 30 ms)"), "{}", line(30));
     }
 
     #[test]

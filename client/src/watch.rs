@@ -37,14 +37,27 @@ impl ChangeWatch {
     /// Tells the server that everything up to and including `position` is
     /// processed: it may release the engine's log up to there. The
     /// acknowledgement is queued; [`Self::finish`] waits until it is sent.
-    pub async fn ack(&self, position: Vec<u8>) -> Result<(), Status> {
+    /// On a call the server has ended, the error is the server's own status
+    /// (a subscription taken over, a source gone), not a bare CANCELLED.
+    pub async fn ack(&mut self, position: Vec<u8>) -> Result<(), Status> {
         let ack = WatchChangesRequest {
             message: Some(Message::Ack(WatchAck { position })),
         };
-        self.acks
-            .send(ack)
-            .await
-            .map_err(|_| Status::cancelled("the change stream has ended"))
+        if self.acks.send(ack).await.is_ok() {
+            return Ok(());
+        }
+        // Events still unread go unacknowledged, and come again on the next watch.
+        let ending = async {
+            loop {
+                match self.events.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return None,
+                    Err(status) => return Some(status),
+                }
+            }
+        };
+        let ended = tokio::time::timeout(FINISH_WAIT, ending).await.ok().flatten();
+        Err(ended.unwrap_or_else(|| Status::cancelled("the change stream has ended")))
     }
 
     /// Ends the call once every acknowledgement queued has reached the

@@ -746,6 +746,7 @@ impl Config {
         self.check_backend_hosts()?;
         let mut seen_keys = std::collections::HashSet::new();
         let mut seen_identities = std::collections::HashSet::new();
+        let asks_for_certificates = self.server.tls.as_ref().is_some_and(|tls| tls.client_ca_file.is_some());
         for (tenant_id, tenant) in &self.tenants {
             let t = format!("tenants.{tenant_id}");
             check_name(&t, tenant_id)?;
@@ -759,6 +760,13 @@ impl Config {
                 if !seen_keys.insert(bytes) {
                     return Err(invalid(&k, "the same key is configured twice"));
                 }
+            }
+            if !tenant.client_identities.is_empty() && !asks_for_certificates {
+                // Without client CAs no certificate is asked for: these names could never match.
+                return Err(invalid(
+                    format!("{t}.client_identities"),
+                    "needs server.tls.client_ca_file, the CAs that sign these clients' certificates",
+                ));
             }
             for (i, identity) in tenant.client_identities.iter().enumerate() {
                 if identity.is_empty() {
@@ -956,6 +964,10 @@ impl SourceConfig {
             password_sealed: None,
             session_reset: None,
             multiplex: None,
+            // A Kafka source's allow-list: what a reload takes out of it ends
+            // the streams reading it, the rest go on (`retire_replaced_topics`).
+            topics: Vec::new(),
+            topic_prefix: None,
             ..c.clone()
         };
         target(self) == target(other)
@@ -1192,6 +1204,11 @@ impl SourceConfig {
     }
 }
 
+/// A `[server.tls]` that asks for client certificates, for tests of `client_identities`.
+#[cfg(test)]
+pub(crate) const MUTUAL_TLS: &str =
+    "[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nclient_ca_file = \"ca.pem\"\n";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1331,6 +1348,16 @@ mod tests {
         )
         .expect("config");
         assert!(!base.same_target(&other_login.tenants["a"].sources["s"]));
+        // A Kafka source's allow-list is not where it reaches; its client settings are.
+        let kafka = |extra: &str| {
+            let text = format!("[tenants.a.sources.k]\nengine = \"kafka\"\nbootstrap_servers = \"b:9092\"\n{extra}");
+            Config::from_toml(&text).expect("config").tenants["a"].sources["k"].clone()
+        };
+        let topics = kafka("topics = [\"a\"]\n");
+        assert!(topics.same_target(&kafka("topics = [\"a\", \"b\"]\ntopic_prefix = \"c-\"\n")));
+        assert!(!topics.same_target(&kafka(
+            "topics = [\"a\"]\n[tenants.a.sources.k.kafka_options]\n\"security.protocol\" = \"ssl\"\n"
+        )));
     }
 
     #[test]
@@ -1493,6 +1520,14 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("server.tls.require_client_cert"), "{err}");
+        // Nor can a tenant be named by certificates that are never asked for.
+        let identities = "[tenants.a]\nclient_identities = [\"a.internal\"]\n";
+        let err = Config::from_toml(identities).unwrap_err().to_string();
+        assert!(
+            err.contains("tenants.a.client_identities") && err.contains("client_ca_file"),
+            "{err}"
+        );
+        Config::from_toml(&format!("{MUTUAL_TLS}{identities}")).expect("with client CAs");
     }
 
     #[test]

@@ -1793,6 +1793,50 @@ async fn a_postgres_replace_leaves_readers_the_old_rows_and_allows_foreign_keys(
     ctx.server.stop().await;
 }
 
+/// A PostgreSQL REPLACE of a table that others inherit from replaces its
+/// own rows only: the inheriting tables keep theirs. A partitioned table's
+/// rows are its partitions', and all of them are replaced.
+#[tokio::test]
+async fn a_postgres_replace_leaves_inheriting_tables_alone() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let (parent, kid, parted) = ("weir_bulk_inherited", "weir_bulk_inheriting", "weir_bulk_parted");
+    for table in [parent, parted] {
+        ctx.exec(&format!("DROP TABLE IF EXISTS {table} CASCADE")).await;
+    }
+    ctx.table(parent, 2).await;
+    ctx.exec(&format!("CREATE TABLE {kid} () INHERITS ({parent})")).await;
+    ctx.exec(&format!("INSERT INTO {kid} VALUES (1, 'kept', 1)")).await;
+    ctx.load(header(parent, pb::BulkLoadMode::Replace), vec![rows(10..12)])
+        .await
+        .expect("replace");
+    assert_eq!(
+        ctx.contents(kid).await,
+        ["1:kept:1"],
+        "the inheriting table keeps its rows"
+    );
+    assert_eq!(
+        ctx.contents(parent).await,
+        ["1:kept:1", "10:n10:10", "11:n11:11"],
+        "the parent's own rows are replaced"
+    );
+    for sql in [
+        format!("CREATE TABLE {parted} (id INT, name TEXT NOT NULL, score INT) PARTITION BY RANGE (id)"),
+        format!("CREATE TABLE {parted}_low PARTITION OF {parted} FOR VALUES FROM (MINVALUE) TO (100)"),
+        format!("CREATE TABLE {parted}_high PARTITION OF {parted} FOR VALUES FROM (100) TO (MAXVALUE)"),
+        format!("INSERT INTO {parted} VALUES (1, 'old', 1), (200, 'old', 2)"),
+    ] {
+        ctx.exec(&sql).await;
+    }
+    ctx.load(header(parted, pb::BulkLoadMode::Replace), vec![rows(10..12)])
+        .await
+        .expect("replace");
+    assert_eq!(ctx.contents(parted).await, ["10:n10:10", "11:n11:11"]);
+    for table in [parent, parted] {
+        ctx.exec(&format!("DROP TABLE {table} CASCADE")).await;
+    }
+    ctx.server.stop().await;
+}
+
 /// A client that sends nothing for the tenant's transaction_idle_timeout
 /// in the middle of a load loses it (DEADLINE_EXCEEDED, LOAD_IDLE): it held
 /// a transaction and, on SQLite, the source's one write turn, which other

@@ -849,6 +849,42 @@ async fn limits_and_silent_callers_get_clear_errors(engine: Engine) {
     ctx.finish(&[&a, &b], &[&t]).await;
 }
 
+/// An acknowledgement on a watch the server has ended (taken over by
+/// another consumer) fails with the server's own status, not a bare
+/// CANCELLED that hides why.
+#[tokio::test]
+async fn an_ack_on_a_watch_the_server_ended_gets_its_status() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let t = ctx.table("ackended").await;
+    let sub = ctx.name("ackended");
+    let mut first = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'x', 1)")).await;
+    let position = changes(&read_changes(&mut first, 1).await)[0].position.clone();
+    let mut start = ctx.start(&[&t], &sub);
+    start.take_over = true;
+    let taker = ctx.watch(start).await;
+    let started = std::time::Instant::now();
+    let e = loop {
+        match first.ack(position.clone()).await {
+            Ok(()) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "acks fail once the call is over"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::Aborted, "SUBSCRIPTION_TAKEN_OVER"),
+        "{e:?}"
+    );
+    drop(taker);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 async fn bad_requests_get_clear_errors(engine: Engine) {
     let ctx = Ctx::new(engine).await;
     let t = ctx.table("errs").await;

@@ -1271,7 +1271,7 @@ async fn a_read_only_sqlite_source_writes_nothing_to_its_file() {
     // A missing file is an error, not a new empty database.
     let missing = dir.path().join("typo.db");
     let config = weir_server::Config::from_toml(&tenant("r", "", &source(&missing))).expect("config");
-    let refused = weir_server::backend::connect("ro", &config.tenants["r"].sources["ro"]);
+    let refused = weir_server::backend::connect("ro", &config.tenants["r"].sources["ro"], None);
     assert!(refused.is_err(), "a missing read-only file is refused");
     assert!(!missing.exists(), "and not created");
     for (extra, key) in [("demo_data = true\n", "demo_data"), ("", "path")] {
@@ -1287,6 +1287,44 @@ async fn a_read_only_sqlite_source_writes_nothing_to_its_file() {
         let err = weir_server::Config::from_toml(&toml).expect_err(key).to_string();
         assert!(err.contains(&format!("sources.ro.{key}")), "{err}");
     }
+}
+
+#[tokio::test]
+async fn a_sqlite_wal_grown_by_one_big_write_is_cut_back() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("big.db");
+    let source = format!(
+        "[tenants.w.sources.db]\nengine = \"sqlite\"\npath = \"{}\"\n",
+        file.display()
+    );
+    let server = TestServer::start(&tenant("w", "", &source)).await;
+    let client = server.client("key-w").await;
+    client
+        .execute("db", "CREATE TABLE t (b BLOB)", vec![])
+        .await
+        .expect("create");
+    // 100 MB in one transaction: the WAL holds all of it until a checkpoint.
+    client
+        .execute(
+            "db",
+            "INSERT INTO t SELECT randomblob(1000000) FROM \
+             (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100) SELECT x FROM c)",
+            vec![],
+        )
+        .await
+        .expect("big write");
+    let wal = dir.path().join("big.db-wal");
+    let size = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert!(size() > 100_000_000, "the WAL took the write: {}", size());
+    // Its commit checkpointed it; the next writes restart the WAL and cut it back.
+    for _ in 0..2 {
+        client
+            .execute("db", "DELETE FROM t WHERE rowid = 1", vec![])
+            .await
+            .expect("small write");
+    }
+    assert!(size() <= 64 << 20, "the WAL kept {} bytes", size());
+    server.stop().await;
 }
 
 #[tokio::test]

@@ -45,41 +45,6 @@ fn record(i: usize) -> pb::ProducerRecord {
     }
 }
 
-async fn produce(
-    client: &WeirClient,
-    topic: &str,
-    records: Vec<pb::ProducerRecord>,
-) -> Result<pb::ProduceResponse, tonic::Status> {
-    let mut stream = client.stream();
-    stream
-        .produce(pb::ProduceRequest {
-            source: "events".into(),
-            topic: topic.into(),
-            records,
-            options: None,
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-fn consume_request(topic: &str, group: &str, max: u64, manual: bool) -> pb::ConsumeRequest {
-    pb::ConsumeRequest {
-        source: "events".into(),
-        topics: vec![topic.into()],
-        group: group.into(),
-        start: Some(pb::StartPosition {
-            position: Some(pb::start_position::Position::Earliest(true)),
-        }),
-        commit_mode: if manual {
-            pb::CommitMode::Manual as i32
-        } else {
-            pb::CommitMode::Unspecified as i32
-        },
-        max_records: max,
-        options: None,
-    }
-}
-
 async fn open_consume(client: &WeirClient, request: pb::ConsumeRequest) -> tonic::Streaming<pb::ConsumeResponse> {
     client.stream().consume(request).await.expect("consume").into_inner()
 }
@@ -97,18 +62,6 @@ async fn read_offsets(stream: &mut tonic::Streaming<pb::ConsumeResponse>, n: usi
         offsets.extend(batch.records.iter().map(|r| r.offset));
     }
     offsets
-}
-
-/// The topics of source `events`.
-async fn list_topics(client: &WeirClient) -> pb::ListTopicsResponse {
-    client
-        .stream()
-        .list_topics(pb::ListTopicsRequest {
-            source: "events".into(),
-        })
-        .await
-        .expect("list topics")
-        .into_inner()
 }
 
 /// Every record of a Consume call (which must end by itself, through max_records).
@@ -361,21 +314,7 @@ async fn records_still_buffered_when_a_consumer_cancels_are_not_committed() {
         produce(&client, &topic, records).await.expect("produce");
     }
     // HTTP/2's smallest windows: the transport takes a batch only as the client reads.
-    let channel = tonic::transport::Endpoint::from_shared(server.addr.clone())
-        .expect("endpoint")
-        .initial_stream_window_size(65_535)
-        .initial_connection_window_size(65_535)
-        .connect()
-        .await
-        .expect("connect");
-    let bearer: tonic::metadata::MetadataValue<_> = "Bearer key-ka".parse().expect("header");
-    let mut raw = pb::stream_service_client::StreamServiceClient::with_interceptor(
-        channel,
-        move |mut request: tonic::Request<()>| {
-            request.metadata_mut().insert("authorization", bearer.clone());
-            Ok(request)
-        },
-    );
+    let mut raw = small_window_stream_client(&server.addr, "key-ka").await;
     let group = unique("buffered-");
     let mut stream = raw
         .consume(consume_request(&topic, &group, 0, false))

@@ -983,40 +983,13 @@ async fn a_narrowed_topic_list_ends_the_streams_reading_what_it_took_away() {
     let file = ConfigFile::new(&config("topic_prefix = \"weir-narrow-\"\n"));
     let server = common::TestServer::start_file(&file.path).await;
     let client = server.client("key-a1").await;
-    let produce = |topic: String| {
-        let client = client.clone();
-        async move {
-            client
-                .stream()
-                .produce(pb::ProduceRequest {
-                    source: "events".into(),
-                    topic,
-                    records: vec![pb::ProducerRecord {
-                        value: b"v".to_vec(),
-                        ..Default::default()
-                    }],
-                    options: None,
-                })
-                .await
-                .expect("produce");
-        }
-    };
-    let consume = |topic: &str| pb::ConsumeRequest {
-        source: "events".into(),
-        topics: vec![topic.to_string()],
-        group: format!("g-{topic}"),
-        start: Some(pb::StartPosition {
-            position: Some(pb::start_position::Position::Earliest(true)),
-        }),
-        ..Default::default()
-    };
     let mut streams = Vec::new();
     for topic in [&kept, &dropped] {
         common::create_topic(topic, 1).await;
-        produce(topic.clone()).await;
+        produce_to_events(&client, topic, 1).await;
         let mut stream = client
             .stream()
-            .consume(consume(topic))
+            .consume(common::consume_request(topic, &format!("g-{topic}"), 0, false))
             .await
             .expect("consume")
             .into_inner();
@@ -1024,7 +997,7 @@ async fn a_narrowed_topic_list_ends_the_streams_reading_what_it_took_away() {
         streams.push(stream);
     }
     // Explicit start offsets may name a topic beside `topics`: it is read too.
-    let mut sideways = consume(&kept);
+    let mut sideways = common::consume_request(&kept, &format!("g-{kept}"), 0, false);
     sideways.start = Some(pb::StartPosition {
         position: Some(pb::start_position::Position::Offsets(pb::PartitionOffsets {
             offsets: vec![pb::PartitionOffset {
@@ -1042,12 +1015,204 @@ async fn a_narrowed_topic_list_ends_the_streams_reading_what_it_took_away() {
     let ended = error_ending(&mut streams.pop().expect("stream")).await;
     assert_eq!(ended.code(), Code::NotFound, "{ended:?}");
     let mut on_kept = streams.pop().expect("stream");
-    produce(kept.clone()).await;
+    produce_to_events(&client, &kept, 1).await;
     assert!(next_batch(&mut on_kept)
         .await
         .expect("the kept topic's stream goes on")
         .is_some());
     server.stop().await;
+}
+
+/// A reload that replaces a Kafka source without moving it (a topic added,
+/// a password rotated) leaves its running streams known to the source in
+/// force: CommitOffsets still goes through their group membership, and a
+/// later reload that takes their topic away still ends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_kafka_source_still_knows_the_streams_begun_before() {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let (read, added) = (format!("weir-narrow-{tag}"), format!("weir-added-{tag}"));
+    let config = |topics: &str, prefix: &str| {
+        format!(
+            "{FAST}{}[tenants.a.sources.events]\nengine = \"kafka\"\nbootstrap_servers = \"{}\"\n\
+             topics = [{topics}]\n{prefix}",
+            tenant("a", &["a1"], ""),
+            common::kafka_bootstrap()
+        )
+    };
+    let prefix = "topic_prefix = \"weir-narrow-\"\n";
+    let file = ConfigFile::new(&config("", prefix));
+    let server = common::TestServer::start_file(&file.path).await;
+    let client = server.client("key-a1").await;
+    common::create_topic(&read, 1).await;
+    common::create_topic(&added, 1).await;
+    produce_to_events(&client, &read, 3).await;
+    let group = format!("g-{tag}");
+    let request = common::consume_request(&read, &group, 0, true);
+    let mut stream = client.stream().consume(request).await.expect("consume").into_inner();
+    assert!(next_batch(&mut stream).await.expect("a batch").is_some());
+    // A topic added: the source is replaced (a new client), not moved.
+    file.write(&config(&format!("\"{added}\""), prefix));
+    let listed = || async {
+        common::list_topics(&client)
+            .await
+            .topics
+            .iter()
+            .any(|t| t.name == added)
+    };
+    let started = std::time::Instant::now();
+    while !listed().await {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the reload took the added topic"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    produce_to_events(&client, &read, 1).await;
+    assert!(
+        next_batch(&mut stream).await.expect("the stream reads on").is_some(),
+        "the stream reads on"
+    );
+    let commit = pb::CommitOffsetsRequest {
+        source: "events".into(),
+        group: group.clone(),
+        offsets: vec![pb::PartitionOffset {
+            topic: read.clone(),
+            partition: 0,
+            offset: 2,
+        }],
+    };
+    client
+        .stream()
+        .commit_offsets(commit)
+        .await
+        .expect("committed through the stream's membership");
+    // Its topic taken away by the next reload: the stream ends.
+    file.write(&config(&format!("\"{added}\""), ""));
+    let ended = error_ending(&mut stream).await;
+    assert_eq!(ended.code(), Code::NotFound, "{ended:?}");
+    server.stop().await;
+}
+
+/// A consumer whose stream a reload ended (its key revoked) hands over no
+/// more of what it had buffered: every batch the client was given was
+/// committed, and the next consumer of the group starts right after them,
+/// neither reading them twice nor skipping any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_ended_by_a_reload_gives_nothing_it_does_not_commit() {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let topic = format!("weir-ended-{tag}");
+    let config = |keys: &[&str]| {
+        format!(
+            "{FAST}{}[tenants.a.sources.events]\nengine = \"kafka\"\nbootstrap_servers = \"{}\"\n\
+             topic_prefix = \"weir-ended-\"\n",
+            tenant("a", keys, ""),
+            common::kafka_bootstrap()
+        )
+    };
+    let file = ConfigFile::new(&config(&["a1", "a2"]));
+    let server = common::TestServer::start_file(&file.path).await;
+    let client = server.client("key-a2").await;
+    common::create_topic(&topic, 1).await;
+    // Records of 200 KiB: batches of about 1 MiB, more than the buffers between hold.
+    for call in 0..8u8 {
+        let records = (0..5)
+            .map(|i| pb::ProducerRecord {
+                value: vec![call * 5 + i; 200 * 1024],
+                ..Default::default()
+            })
+            .collect();
+        common::produce(&client, &topic, records).await.expect("produce");
+    }
+    // HTTP/2's smallest windows: the transport takes a batch only as the client reads.
+    let mut raw = common::small_window_stream_client(&server.addr, "key-a1").await;
+    let group = format!("g-{tag}");
+    let request = |max_records: u64| common::consume_request(&topic, &group, max_records, false);
+    let mut stream = raw.consume(request(0)).await.expect("consume").into_inner();
+    let mut last = next_batch(&mut stream)
+        .await
+        .expect("a batch")
+        .and_then(|b| b.records.last().map(|r| r.offset))
+        .expect("records");
+    // The server's reader fills its buffer meanwhile; then a1 is revoked,
+    // before the client reads on.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    file.write(&config(&["a2"]));
+    let a1 = server.client("key-a1").await;
+    let started = std::time::Instant::now();
+    while a1.execute("demo", "SELECT 1", vec![]).await.is_ok() {
+        assert!(started.elapsed() < Duration::from_secs(10), "a1 was revoked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ended = loop {
+        match next_batch(&mut stream).await {
+            Ok(Some(batch)) => last = batch.records.last().map_or(last, |r| r.offset),
+            Ok(None) => panic!("ended with OK"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    let mut again = client.stream().consume(request(1)).await.expect("consume").into_inner();
+    let resumed = next_batch(&mut again)
+        .await
+        .expect("a batch")
+        .and_then(|b| b.records.first().map(|r| r.offset))
+        .expect("a record");
+    assert_eq!(resumed, last + 1, "given up to {last}, the group resumed at {resumed}");
+    server.stop().await;
+}
+
+/// A Kafka source pointed elsewhere by a reload (here, other client
+/// settings) ends the streams begun on it, as it ends change streams: they
+/// may be begun again at once on the source as it now is. A source removed
+/// ends them as not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_end_when_their_source_moves_or_goes() {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let topic = format!("weir-moved-{tag}");
+    let source = |options: &str| {
+        format!(
+            "[tenants.a.sources.events]\nengine = \"kafka\"\nbootstrap_servers = \"{}\"\n\
+             topic_prefix = \"weir-moved-\"\n{options}",
+            common::kafka_bootstrap()
+        )
+    };
+    let config = |source: &str| format!("{FAST}{}{source}", tenant("a", &["a1"], ""));
+    let file = ConfigFile::new(&config(&source("")));
+    let server = common::TestServer::start_file(&file.path).await;
+    let client = server.client("key-a1").await;
+    common::create_topic(&topic, 1).await;
+    produce_to_events(&client, &topic, 1).await;
+    let open = || async {
+        let request = common::consume_request(&topic, &format!("g-{}", uuid::Uuid::new_v4().simple()), 0, false);
+        let mut stream = client.stream().consume(request).await.expect("consume").into_inner();
+        assert!(next_batch(&mut stream).await.expect("a batch").is_some());
+        stream
+    };
+    let mut stream = open().await;
+    let moved = source("[tenants.a.sources.events.kafka_options]\n\"client.rack\" = \"r1\"\n");
+    file.write(&config(&moved));
+    let ended = error_ending(&mut stream).await;
+    assert_eq!(
+        (ended.code(), reason(&ended).as_str()),
+        (Code::Unavailable, "SOURCE_RECONFIGURED"),
+        "{ended:?}"
+    );
+    let mut stream = open().await;
+    file.write(&config(""));
+    let ended = error_ending(&mut stream).await;
+    assert_eq!(ended.code(), Code::NotFound, "{ended:?}");
+    server.stop().await;
+}
+
+/// Produces `n` records of one byte to `topic` of the source `events`.
+async fn produce_to_events(client: &WeirClient, topic: &str, n: usize) {
+    let records = (0..n)
+        .map(|_| pb::ProducerRecord {
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+        .collect();
+    common::produce(client, topic, records).await.expect("produce");
 }
 
 /// The error a Consume stream ends with, after the batches before it.

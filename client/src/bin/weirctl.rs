@@ -763,7 +763,7 @@ async fn watch(
             Message::Change(c) => Some(c.transaction_id.clone()),
             Message::Heartbeat(_) => None,
         };
-        printed += u64::from(show(&stream, message, state.as_deref(), out).await?);
+        printed += u64::from(show(&mut stream, message, state.as_deref(), out).await?);
         if max.is_some_and(|m| printed >= m) {
             if let Some(tx) = last.filter(|tx| open.as_ref() == Some(tx)) {
                 show_commit(&mut stream, &tx, state.as_deref(), out).await?;
@@ -809,7 +809,7 @@ fn is_commit_of(message: &weir_client::weir_proto::v1::watch_changes_response::M
 /// Prints `message` (a change or a commit) and acknowledges its position;
 /// whether it was a change.
 async fn show(
-    stream: &weir_client::ChangeWatch,
+    stream: &mut weir_client::ChangeWatch,
     message: weir_client::weir_proto::v1::watch_changes_response::Message,
     state: Option<&Path>,
     out: &mut impl Write,

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::{BackendError, Column, EngineErrorKind, Row};
 
@@ -253,15 +253,33 @@ impl Verdict {
     }
 }
 
+/// Converted rows a load may hold between the client and the engine, the
+/// batch in the engine's hands included. Counted in memory, not batches: a
+/// NULL is two bytes on the wire and a `Value` here, so a few messages of
+/// wide rows of NULLs would otherwise hold gigabytes.
+pub const FEED_MEMORY: usize = 64 << 20;
+
 /// Rows of a load in arrival order, with the index of the first row.
 pub struct Batch {
     pub first_row: u64,
     pub rows: Vec<Row>,
+    /// Its share of the feed's memory, given back when the engine drops it.
+    _memory: OwnedSemaphorePermit,
 }
 
 enum Feed {
-    Rows(Vec<Row>, u64),
+    Rows(Vec<Row>, u64, OwnedSemaphorePermit),
     End,
+}
+
+/// About what `rows` hold in memory: each row's and value's own size, and
+/// at most the request bytes they came in for text and bytes.
+fn in_memory(rows: &[Row], bytes: u64) -> usize {
+    let values: usize = rows.iter().map(Vec::len).sum();
+    let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+    std::mem::size_of_val(rows)
+        .saturating_add(values * std::mem::size_of::<super::Value>())
+        .saturating_add(bytes)
 }
 
 /// The rows of a load as the client sends them. It ends with `Ok(None)`
@@ -278,6 +296,8 @@ pub struct RowFeed {
 /// The sending side, held by the service.
 pub struct RowSender {
     tx: mpsc::Sender<Feed>,
+    /// [`FEED_MEMORY`], shared out among the batches not yet dropped.
+    memory: Arc<Semaphore>,
 }
 
 /// A feed that buffers at most `depth` batches between client and engine,
@@ -285,7 +305,10 @@ pub struct RowSender {
 pub fn row_feed(depth: usize, verdict: Verdict) -> (RowSender, RowFeed) {
     let (tx, rx) = mpsc::channel(depth.max(1));
     (
-        RowSender { tx },
+        RowSender {
+            tx,
+            memory: Arc::new(Semaphore::new(FEED_MEMORY)),
+        },
         RowFeed {
             rx,
             next_row: 0,
@@ -304,9 +327,15 @@ impl RowFeed {
 }
 
 impl RowSender {
-    /// Hands a batch of `bytes` request bytes to the engine; false once the engine has stopped.
+    /// Hands a batch of `bytes` request bytes to the engine, once the feed
+    /// has room for it in memory (a batch larger than all of it goes alone);
+    /// false once the engine has stopped.
     pub async fn send(&self, rows: Vec<Row>, bytes: u64) -> bool {
-        self.tx.send(Feed::Rows(rows, bytes)).await.is_ok()
+        let size = u32::try_from(in_memory(&rows, bytes).min(FEED_MEMORY)).unwrap_or(u32::MAX);
+        let Ok(memory) = self.memory.clone().acquire_many_owned(size).await else {
+            return false;
+        };
+        self.tx.send(Feed::Rows(rows, bytes, memory)).await.is_ok()
     }
 
     /// Marks the load complete: the engine may commit.
@@ -318,11 +347,15 @@ impl RowSender {
 impl RowFeed {
     fn accept(&mut self, item: Option<Feed>) -> Result<Option<Batch>, BackendError> {
         match item {
-            Some(Feed::Rows(rows, bytes)) => {
+            Some(Feed::Rows(rows, bytes, memory)) => {
                 let first_row = self.next_row;
                 self.next_row += rows.len() as u64;
                 self.bytes += bytes;
-                Ok(Some(Batch { first_row, rows }))
+                Ok(Some(Batch {
+                    first_row,
+                    rows,
+                    _memory: memory,
+                }))
             }
             Some(Feed::End) => Ok(None),
             None => Err(BackendError::LoadAbandoned),
@@ -588,5 +621,23 @@ mod tests {
         assert!(feed.next().await.expect("end").is_none());
         assert!(done.await.expect("task"));
         assert_eq!((feed.rows(), feed.bytes()), (2, 8));
+    }
+
+    #[tokio::test]
+    async fn a_feed_holds_batches_up_to_its_memory_not_their_number() {
+        let (tx, mut feed) = row_feed(4, Verdict::default());
+        // One batch as large as the feed's memory: the next waits for it to be dropped.
+        assert!(tx.send(vec![vec![Value::Null; 1000]], FEED_MEMORY as u64).await);
+        let second = tokio::spawn(async move { tx.send(vec![vec![Value::Null]], 4).await });
+        let first = feed.next().await.expect("first batch").expect("rows");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !second.is_finished(),
+            "the second batch waits while the first is in hand"
+        );
+        drop(first);
+        assert!(second.await.expect("task"));
+        let batch = feed.next().await.expect("second batch").expect("rows");
+        assert_eq!(batch.first_row, 1);
     }
 }

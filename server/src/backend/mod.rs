@@ -300,12 +300,18 @@ impl Backend {
 
 /// Builds the backend for a configured source. Pools connect lazily, so a
 /// source that is down at start does not stop the gateway.
-pub fn connect(name: &str, config: &SourceConfig) -> Result<Backend, BackendError> {
+/// `replaces`: the backend of the source this one takes over from, when
+/// it reaches the same place (see [`SourceConfig::same_target`]); what its
+/// running streams are known by passes on (see [`topics::TopicSource::carried`]).
+pub fn connect(name: &str, config: &SourceConfig, replaces: Option<&Backend>) -> Result<Backend, BackendError> {
     Ok(match config.engine {
         EngineKind::Postgres => Backend::Sql(Arc::new(postgres::PostgresSource::new(config)?)),
         EngineKind::Mysql => Backend::Sql(Arc::new(mysql::MysqlSource::new(config)?)),
         EngineKind::Sqlite => Backend::Sql(Arc::new(sqlite::SqliteSource::open(name, config)?)),
         EngineKind::Mssql => Backend::Sql(Arc::new(mssql::MssqlSource::new(config)?)),
-        EngineKind::Kafka => Backend::Topics(Arc::new(kafka::KafkaSource::new(config)?)),
+        EngineKind::Kafka => {
+            let carried = replaces.and_then(|b| b.topics().ok()).map(|t| t.carried());
+            Backend::Topics(Arc::new(kafka::KafkaSource::new(config, carried)?))
+        }
     })
 }

@@ -165,4 +165,9 @@ pub trait TopicSource: Send + Sync + 'static {
     /// A reload replaced or removed this source: its streams reading a
     /// topic `still_allowed` refuses end now (NOT_FOUND), the others go on.
     fn retire(&self, still_allowed: &dyn Fn(&str) -> bool);
+    /// What this source's running streams are known by, handed to the
+    /// source a reload replaces it with when both reach the same cluster as
+    /// the same login (see [`super::connect`]), so that the successor can
+    /// still end them and commit through them.
+    fn carried(&self) -> std::sync::Arc<dyn std::any::Any + Send + Sync>;
 }

@@ -276,6 +276,17 @@ impl<T> StreamOut<T> {
         }
     }
 
+    /// Drops the messages buffered and not yet taken by the transport; the
+    /// stream stays open for what comes next (its closing error). Once a
+    /// consumer's end is decided, records it has not handed over stay with
+    /// the broker: an auto-committing one would not commit them, and a
+    /// revoked caller must not be given them.
+    pub fn discard_buffered(&self) {
+        if let Some(rx) = self.rx.lock().as_mut() {
+            while rx.try_recv().is_ok() {}
+        }
+    }
+
     /// Ends the stream with `error`, after the messages already buffered.
     pub fn fail(&self, error: impl Into<Status>) {
         *self.last.lock() = Some(error.into());
@@ -299,13 +310,19 @@ impl<T> Stream for StreamIn<T> {
     type Item = Result<T, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let polled = match self.rx.lock().as_mut() {
+        let mut rx = self.rx.lock();
+        let polled = match rx.as_mut() {
             Some(rx) => rx.poll_recv(cx),
             None => Poll::Ready(None),
         };
         match polled {
-            Poll::Ready(None) => Poll::Ready(self.last.lock().take().map(Err)),
+            Poll::Ready(None) => {
+                drop(rx);
+                Poll::Ready(self.last.lock().take().map(Err))
+            }
             Poll::Ready(Some(item)) => {
+                // Counted under the buffer's lock: a message taken is either
+                // counted or still there for `discard_buffered`.
                 if let Some(taken) = &self.taken {
                     taken.send_modify(|n| *n += 1);
                 }

@@ -13,7 +13,7 @@ use weir_proto::v1::stream_service_server::StreamService;
 
 use super::{bad, caller, changes, check_plain_name, convert, source, Gate, StreamIn, StreamOut};
 use crate::backend::topics::{ConsumeSpec, InRecord, OutRecord, PartitionOffset, Start};
-use crate::backend::TopicSource;
+use crate::backend::{BackendError, TopicSource};
 use crate::config::ChangesConfig;
 use crate::error::{Error, Result};
 use crate::tenant::Caller;
@@ -190,32 +190,69 @@ type ConsumeSender = StreamOut<pb::ConsumeResponse>;
 /// that resumes at once resumes after those records.
 async fn deliver(
     caller: Caller,
-    source: String,
+    (source, retired): (String, CancellationToken),
     mut records: Box<dyn crate::backend::topics::RecordStream>,
     auto_commit: bool,
     max_records: u64,
     tx: ConsumeSender,
     cut: CancellationToken,
 ) {
-    let ended = pass_on(&caller, &source, records.as_mut(), auto_commit, max_records, &tx, &cut).await;
+    let ends = Ends {
+        caller: &caller,
+        source: &source,
+        cut: &cut,
+        retired: &retired,
+    };
+    let ended = pass_on(&ends, records.as_mut(), auto_commit, max_records, &tx).await;
     records.close().await;
     if let Err(e) = ended {
         tx.fail(e);
     }
 }
 
+/// What ends a consumer's stream from outside: the caller's credential and
+/// the server's shutdown (see [`super::stopped`]), and a reload that points
+/// its source elsewhere or removes it.
+struct Ends<'a> {
+    caller: &'a Caller,
+    source: &'a str,
+    cut: &'a CancellationToken,
+    /// The source's [`crate::tenant::Source::retired`].
+    retired: &'a CancellationToken,
+}
+
+impl Ends<'_> {
+    async fn reached(&self) -> Error {
+        tokio::select! {
+            e = super::stopped(self.cut, &self.caller.revoked, self.caller.expires) => e,
+            () = self.retired.cancelled() => {
+                // A removed source is not found (as its topics are), one
+                // pointed elsewhere can be read again at once.
+                if self.caller.tenant.source(self.source).is_none() {
+                    BackendError::not_found("the source of this stream was removed (the configuration was reloaded)")
+                        .into()
+                } else {
+                    Error::SourceRetired
+                }
+            }
+        }
+    }
+}
+
 /// The loop of [`deliver`]; the error, if any, the stream ends with.
 async fn pass_on(
-    caller: &Caller,
-    source: &str,
+    ends: &Ends<'_>,
     records: &mut dyn crate::backend::topics::RecordStream,
     auto_commit: bool,
     max_records: u64,
     tx: &ConsumeSender,
-    cut: &CancellationToken,
 ) -> Result<(), Error> {
     let mut commits = auto_commit.then(|| tx.taken()).flatten().map(AutoCommit::new);
-    let ended = pass_on_until_done(caller, source, records, &mut commits, max_records, tx, cut).await;
+    let ended = pass_on_until_done(ends, records, &mut commits, max_records, tx).await;
+    if ended.is_err() {
+        // Decided: batches still buffered stay with the broker, uncommitted.
+        tx.discard_buffered();
+    }
     // What the transport took before the end was given to the client. A
     // stream that reached its end (max_records) waits for its last batches
     // to be taken; one whose client left or stopped reading, one cut
@@ -225,8 +262,7 @@ async fn pass_on(
             if matches!(ended, Ok(Ended::Complete)) {
                 tokio::select! {
                     () = tx.taken_up_to(c.delivered) => {}
-                    () = cut.cancelled() => {}
-                    _ = super::stopped(cut, &caller.revoked, caller.expires) => {}
+                    _ = super::stopped(ends.cut, &ends.caller.revoked, ends.caller.expires) => {}
                 }
             }
             ended.and(c.commit_taken(records).map_err(Error::from))
@@ -297,21 +333,20 @@ impl AutoCommit {
 }
 
 async fn pass_on_until_done(
-    caller: &Caller,
-    source: &str,
+    ends: &Ends<'_>,
     records: &mut dyn crate::backend::topics::RecordStream,
     commits: &mut Option<AutoCommit>,
     max_records: u64,
     tx: &ConsumeSender,
-    cut: &CancellationToken,
 ) -> Result<Ended, Error> {
+    let (caller, source) = (ends.caller, ends.source);
     let mut sent = 0u64;
     let mut throttled = std::time::Duration::ZERO;
     loop {
         let batch = tokio::select! {
             b = records.next() => Some(b),
             () = tx.closed() => return Ok(Ended::Gone),
-            e = super::stopped(cut, &caller.revoked, caller.expires) => return Err(e),
+            e = ends.reached() => return Err(e),
             () = AutoCommit::more_taken(commits) => None,
         };
         let Some(batch) = batch else {
@@ -334,7 +369,7 @@ async fn pass_on_until_done(
         // so uncommitted).
         throttled += tokio::select! {
             biased;
-            e = super::stopped(cut, &caller.revoked, caller.expires) => return Err(e),
+            e = ends.reached() => return Err(e),
             () = tx.closed() => return Ok(Ended::Gone),
             waited = caller.tenant.limiter.charge_records(batch.len() as u64, bytes as u64) => waited,
         };
@@ -417,7 +452,10 @@ impl StreamService for StreamApi {
     ) -> std::result::Result<Response<Self::ConsumeStream>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        let topics = topics_of(&caller, &r.source)?;
+        let (topics, retired) = {
+            let source = source(&caller, &r.source)?;
+            (source.backend.topics()?.clone(), source.retired.clone())
+        };
         if r.topics.is_empty() {
             return Err(bad("topics", "name at least one topic").into());
         }
@@ -448,7 +486,16 @@ impl StreamService for StreamApi {
         tokio::spawn(async move {
             let _permit = permit;
             let _active = caller.tenant.metrics.stream_started();
-            deliver(caller, r.source, records, auto_commit, r.max_records, tx, cut).await;
+            deliver(
+                caller,
+                (r.source, retired),
+                records,
+                auto_commit,
+                r.max_records,
+                tx,
+                cut,
+            )
+            .await;
         });
         Ok(Response::new(rx))
     }

@@ -235,7 +235,9 @@ impl Tenants {
                     }
                     None => {
                         changes.sources_new += 1;
-                        let backend = backend::connect(name, source).map_err(|e| context(e.to_string()))?;
+                        let same_target = in_force.as_ref().filter(|o| o.config.same_target(source));
+                        let backend = backend::connect(name, source, same_target.map(|o| &o.backend))
+                            .map_err(|e| context(e.to_string()))?;
                         Arc::new(Source {
                             name: name.clone(),
                             config: source.clone(),
@@ -247,10 +249,7 @@ impl Tenants {
                             // One token for a source's whole line of pools
                             // that reach the same place: work begun on an
                             // older one ends when the source moves too.
-                            retired: in_force
-                                .as_ref()
-                                .filter(|o| o.config.same_target(source))
-                                .map_or_else(CancellationToken::new, |o| o.retired.clone()),
+                            retired: same_target.map_or_else(CancellationToken::new, |o| o.retired.clone()),
                         })
                     }
                 };
@@ -532,7 +531,7 @@ mod tests {
     }
 
     fn tenants(text: &str, previous: Option<&Tenants>) -> Tenants {
-        let config = Config::from_toml(text).expect("config");
+        let config = Config::from_toml(&format!("{}{text}", crate::config::MUTUAL_TLS)).expect("config");
         Tenants::rebuild(&config, previous, &CancellationToken::new())
             .expect("tenants")
             .0
@@ -626,9 +625,10 @@ mod tests {
 
     #[test]
     fn a_certificate_with_two_tenants_identities_is_neither_tenant() {
-        let config = Config::from_toml(
-            "[tenants.a]\nclient_identities = [\"a.internal\"]\n[tenants.b]\nclient_identities = [\"b.internal\"]\n",
-        )
+        let config = Config::from_toml(&format!(
+            "{}[tenants.a]\nclient_identities = [\"a.internal\"]\n[tenants.b]\nclient_identities = [\"b.internal\"]\n",
+            crate::config::MUTUAL_TLS
+        ))
         .expect("config");
         let tenants = Tenants::build(&config, &CancellationToken::new()).expect("tenants");
         let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();

@@ -787,3 +787,81 @@ pub async fn execute_within(
     request.set_timeout(deadline);
     client.query().execute(request).await.map(tonic::Response::into_inner)
 }
+
+/// Adds `authorization: Bearer <key>` to each request of a raw tonic client.
+#[derive(Clone)]
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub type RawStreamClient = pb::stream_service_client::StreamServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+/// A raw StreamService client on HTTP/2's smallest windows: the server's
+/// transport takes a message only as the client reads.
+pub async fn small_window_stream_client(addr: &str, key: &str) -> RawStreamClient {
+    let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
+        .expect("endpoint")
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .expect("connect");
+    let bearer = format!("Bearer {key}").parse().expect("header");
+    pb::stream_service_client::StreamServiceClient::with_interceptor(channel, Bearer(bearer))
+}
+
+/// Produces `records` to `topic` of the source `events`.
+pub async fn produce(
+    client: &WeirClient,
+    topic: &str,
+    records: Vec<pb::ProducerRecord>,
+) -> Result<pb::ProduceResponse, tonic::Status> {
+    let mut stream = client.stream();
+    stream
+        .produce(pb::ProduceRequest {
+            source: "events".into(),
+            topic: topic.into(),
+            records,
+            options: None,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Consume `topic` of the source `events` from the group's start.
+pub fn consume_request(topic: &str, group: &str, max: u64, manual: bool) -> pb::ConsumeRequest {
+    pb::ConsumeRequest {
+        source: "events".into(),
+        topics: vec![topic.into()],
+        group: group.into(),
+        start: Some(pb::StartPosition {
+            position: Some(pb::start_position::Position::Earliest(true)),
+        }),
+        commit_mode: if manual {
+            pb::CommitMode::Manual as i32
+        } else {
+            pb::CommitMode::Unspecified as i32
+        },
+        max_records: max,
+        options: None,
+    }
+}
+
+/// The topics of source `events`.
+pub async fn list_topics(client: &WeirClient) -> pb::ListTopicsResponse {
+    client
+        .stream()
+        .list_topics(pb::ListTopicsRequest {
+            source: "events".into(),
+        })
+        .await
+        .expect("list topics")
+        .into_inner()
+}

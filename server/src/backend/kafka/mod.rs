@@ -5,6 +5,7 @@
 
 mod producer;
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -51,6 +52,17 @@ pub struct KafkaSource {
     producer_config: ClientConfig,
     topics: Vec<String>,
     prefix: Option<String>,
+    /// Shared with the versions of this source before and after it that
+    /// reach the same cluster as the same login (see [`TopicSource::carried`]).
+    live: Arc<Live>,
+}
+
+/// What a source's running streams are known by. A reload that only
+/// rotates a password or adds a topic replaces the source, not its
+/// streams: its successor must still find them, to end those of a topic a
+/// later reload takes away and to commit through their group membership.
+#[derive(Default)]
+struct Live {
     /// Each running stream's topics and the token that ends it, for `retire`.
     streams: Mutex<Vec<(Vec<String>, CancellationToken)>>,
     /// Live consumers by group, so that CommitOffsets for a group being
@@ -60,7 +72,9 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    pub fn new(config: &SourceConfig) -> Result<Self, BackendError> {
+    /// `carried`: what the source this one replaces carried (see
+    /// [`TopicSource::carried`]), when both reach the same cluster as the same login.
+    pub fn new(config: &SourceConfig, carried: Option<Arc<dyn Any + Send + Sync>>) -> Result<Self, BackendError> {
         let mut base = ClientConfig::new();
         base.set(
             "bootstrap.servers",
@@ -95,8 +109,7 @@ impl KafkaSource {
             producer_config,
             topics: config.topics.clone(),
             prefix: config.topic_prefix.clone().filter(|p| !p.is_empty()),
-            consumers: Mutex::new(HashMap::new()),
-            streams: Mutex::new(Vec::new()),
+            live: carried.and_then(|c| c.downcast::<Live>().ok()).unwrap_or_default(),
         })
     }
 
@@ -934,7 +947,7 @@ impl TopicSource for KafkaSource {
         // partitions (offsets, a timestamp) has no generation, and the broker
         // refuses its commits while the group has members.
         if matches!(spec.start, Start::Earliest | Start::Latest) {
-            let mut live = self.consumers.lock();
+            let mut live = self.live.consumers.lock();
             live.retain(|_, members| {
                 members.retain(|m| m.strong_count() > 0);
                 !members.is_empty()
@@ -945,7 +958,7 @@ impl TopicSource for KafkaSource {
         }
         let retired = CancellationToken::new();
         {
-            let mut streams = self.streams.lock();
+            let mut streams = self.live.streams.lock();
             streams.retain(|(_, token)| !token.is_cancelled());
             // Explicit start offsets may name topics beside `topics`: a
             // reload that disallows any topic read ends the stream.
@@ -970,6 +983,7 @@ impl TopicSource for KafkaSource {
     async fn commit(&self, group: &str, offsets: Vec<PartitionOffset>) -> Result<(), BackendError> {
         let tpl = partition_list(&offsets).map_err(map_error)?;
         let live = self
+            .live
             .consumers
             .lock()
             .get(group)
@@ -981,19 +995,25 @@ impl TopicSource for KafkaSource {
                 .map_err(map_error);
         }
         // No member here: commit as a standalone client of the group (the
-        // broker accepts that while the group has no live members).
-        let consumer: BaseConsumer = self
-            .consumer_config(group)
-            .create()
-            .map_err(|e| BackendError::Internal(settings_error("consumer", &e)))?;
-        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
-            .await
-            .map_err(|e| BackendError::Internal(e.to_string()))?
-            .map_err(map_error)
+        // broker accepts that while the group has no live members). Made on
+        // the blocking pool, as `consume` makes its consumer.
+        let config = self.consumer_config(group);
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = config
+                .create()
+                .map_err(|e| BackendError::Internal(settings_error("consumer", &e)))?;
+            consumer.commit(&tpl, CommitMode::Sync).map_err(map_error)
+        })
+        .await
+        .map_err(|e| BackendError::Internal(e.to_string()))?
+    }
+
+    fn carried(&self) -> Arc<dyn Any + Send + Sync> {
+        self.live.clone()
     }
 
     fn retire(&self, still_allowed: &dyn Fn(&str) -> bool) {
-        for (topics, token) in self.streams.lock().iter() {
+        for (topics, token) in self.live.streams.lock().iter() {
             if !topics.iter().all(|t| still_allowed(t)) {
                 token.cancel();
             }
@@ -1098,7 +1118,7 @@ mod tests {
                  [tenants.t.sources.k.kafka_options]\n\"compression.type\" = \"{codec}\"\n"
             ))
             .expect("config");
-            let source = KafkaSource::new(&config.tenants["t"].sources["k"]);
+            let source = KafkaSource::new(&config.tenants["t"].sources["k"], None);
             assert!(source.is_ok(), "{codec}: {:?}", source.err());
         }
     }

@@ -265,8 +265,20 @@ async fn load_in_transaction(
             if !children.is_empty() {
                 return Err(bulk::replace_would_cascade(&children));
             }
+            // A table others inherit from: its own rows only (without ONLY,
+            // theirs would go too, and the load refill only it). A
+            // partitioned table's rows are its partitions', which it replaces.
+            let partitioned: bool = client
+                .query_one(
+                    "SELECT coalesce(bool_or(relkind = 'p'), false) FROM pg_class WHERE oid = to_regclass($1)",
+                    &[&target],
+                )
+                .await
+                .map_err(map_error)?
+                .get(0);
+            let only = if partitioned { "" } else { "ONLY " };
             client
-                .batch_execute(&format!("DELETE FROM {target}"))
+                .batch_execute(&format!("DELETE FROM {only}{target}"))
                 .await
                 .map_err(map_error)?;
             (copy_rows(conn, &target, spec, feed).await?, 0, "postgres-delete-copy")

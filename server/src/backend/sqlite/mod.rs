@@ -33,6 +33,9 @@ const PROGRESS_OPS: i32 = 10_000;
 /// The largest string or blob a statement may make or return.
 const MAX_VALUE_BYTES: i32 = 64 * 1024 * 1024;
 
+/// What the WAL file is cut back to when it restarts after a checkpoint (64 MiB).
+const WAL_SIZE_LIMIT: &str = "PRAGMA journal_size_limit = 67108864";
+
 /// How long a statement waits for another connection's write lock.
 const BUSY_WAIT: Duration = Duration::from_secs(5);
 /// Pauses between tries for the lock (ms), the last repeated: SQLite's own.
@@ -149,6 +152,12 @@ impl Pool {
         conn.authorizer(Some(authorize));
         conn.busy_handler(Some(wait_for_lock)).map_err(map_error)?;
         conn.execute_batch("PRAGMA foreign_keys = ON").map_err(map_error)?;
+        if !self.read_only {
+            // The WAL grows to the largest transaction since the last
+            // checkpoint and keeps that size; cut it back at each reset, so
+            // one big load does not hold its size on disk for good.
+            conn.execute_batch(WAL_SIZE_LIMIT).map_err(map_error)?;
+        }
         Ok(conn)
     }
 

@@ -1325,11 +1325,16 @@ async fn slow_end_load_times_out(ctx: &Ctx, table: &str, grpc_timeout: &str) {
 /// The messages of an APPEND of 10 rows into a fresh PostgreSQL `table`
 /// whose statement trigger takes 1.5 s: the load's end outlasts its rows.
 async fn slow_ending_load(ctx: &Ctx, table: &str) -> Vec<pb::LoadRequest> {
+    load_ending_after(ctx, table, 1.5).await
+}
+
+/// The same, with a trigger that takes `seconds`.
+async fn load_ending_after(ctx: &Ctx, table: &str, seconds: f64) -> Vec<pb::LoadRequest> {
     use weir_client::weir_proto::v1::load_request::Message as LoadMessage;
     ctx.table(table, 0).await;
     ctx.exec(&format!(
         "CREATE OR REPLACE FUNCTION {table}() RETURNS trigger LANGUAGE plpgsql \
-         AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$"
+         AS $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$"
     ))
     .await;
     ctx.exec(&format!(
@@ -1344,6 +1349,77 @@ async fn slow_ending_load(ctx: &Ctx, table: &str) -> Vec<pb::LoadRequest> {
             message: Some(LoadMessage::Rows(pb::LoadRows { rows: rows(0..10) })),
         },
     ]
+}
+
+/// A load its caller gave up on (its deadline) stops the statement it runs
+/// in the engine at once: run to its end, it would hold its locks, its
+/// session and its load id, and a retry would wait behind it.
+#[tokio::test]
+async fn a_postgres_load_given_up_on_stops_its_statement() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "weir_bulk_given_up";
+    let mut request = tonic::Request::new(tokio_stream::iter(load_ending_after(&ctx, table, 60.0).await));
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "1S".parse().expect("header value"));
+    let err = ctx.client.bulk().load(request).await.expect_err("past its deadline");
+    assert_eq!(reason(&err), "LOAD_TIMEOUT", "{err:?}");
+    let pg = pg_direct().await;
+    assert!(
+        wait_until_gone(&pg, table, Duration::from_secs(5)).await,
+        "the load's statement still runs"
+    );
+    assert_eq!(ctx.contents(table).await, Vec::<String>::new());
+    ctx.server.stop().await;
+}
+
+/// The same on MySQL: the LOAD DATA whose row trigger sleeps is killed.
+#[tokio::test]
+async fn a_mysql_load_given_up_on_stops_its_statement() {
+    use mysql_async::prelude::Queryable;
+    use weir_client::weir_proto::v1::load_request::Message as LoadMessage;
+    let ctx = Ctx::new(Engine::Mysql, "").await;
+    let table = "weir_bulk_given_up";
+    ctx.table(table, 0).await;
+    // What the processlist shows while the trigger runs is its statement.
+    let marker = format!("weir_slept_{}", uuid::Uuid::new_v4().simple());
+    ctx.exec(&format!(
+        "CREATE TRIGGER {table}_slow AFTER INSERT ON {table} FOR EACH ROW SET @{marker} = SLEEP(60)"
+    ))
+    .await;
+    let messages = vec![
+        pb::LoadRequest {
+            message: Some(LoadMessage::Header(header(table, pb::BulkLoadMode::Append))),
+        },
+        pb::LoadRequest {
+            message: Some(LoadMessage::Rows(pb::LoadRows { rows: rows(0..10) })),
+        },
+    ];
+    let mut request = tonic::Request::new(tokio_stream::iter(messages));
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "1S".parse().expect("header value"));
+    let err = ctx.client.bulk().load(request).await.expect_err("past its deadline");
+    assert_eq!(reason(&err), "LOAD_TIMEOUT", "{err:?}");
+    let mut direct = mysql_direct().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let running: Option<i64> = direct
+            .exec_first(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE CONCAT('%', ?, '%') \
+                 AND ID <> CONNECTION_ID()",
+                (&marker,),
+            )
+            .await
+            .expect("processlist");
+        if running == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the load's statement still runs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ctx.contents(table).await, Vec::<String>::new());
+    ctx.server.stop().await;
 }
 
 /// Once the load's statement is over (past the trigger's end and the

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{BackendError, Column, EngineErrorKind, Row};
 
@@ -222,7 +222,14 @@ pub fn commits(result: &mut Result<LoadOutcome, BackendError>, feed: &RowFeed) -
 /// COMMIT, or the caller, by giving up at its deadline. Whichever comes
 /// first wins, so a caller told "rolled back" never finds the rows committed.
 #[derive(Clone, Default)]
-pub struct Verdict(Arc<AtomicU8>);
+pub struct Verdict(Arc<Decision>);
+
+#[derive(Default)]
+struct Decision {
+    state: AtomicU8,
+    /// Told when the caller gives up, for engines that stop what runs then.
+    given_up: Notify,
+}
 
 const UNDECIDED: u8 = 0;
 const COMMITTING: u8 = 1;
@@ -233,9 +240,13 @@ impl Verdict {
     pub fn abandon(&self) -> bool {
         match self
             .0
+            .state
             .compare_exchange(UNDECIDED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
         {
-            Ok(_) => true,
+            Ok(_) => {
+                self.0.given_up.notify_waiters();
+                true
+            }
             Err(state) => state == ABANDONED,
         }
     }
@@ -243,11 +254,26 @@ impl Verdict {
     /// Whether the caller gave up: a load still running in the engine
     /// (one long statement) may stop at once, as it can no longer commit.
     pub fn abandoned(&self) -> bool {
-        self.0.load(Ordering::Acquire) == ABANDONED
+        self.0.state.load(Ordering::Acquire) == ABANDONED
+    }
+
+    /// Completes once the caller has given up; never for a load that began to commit.
+    pub async fn given_up(&self) {
+        loop {
+            let told = self.0.given_up.notified();
+            tokio::pin!(told);
+            // Registered before the check: a notice between the two is not missed.
+            told.as_mut().enable();
+            if self.abandoned() {
+                return;
+            }
+            told.await;
+        }
     }
 
     fn claim_commit(&self) -> bool {
         self.0
+            .state
             .compare_exchange(UNDECIDED, COMMITTING, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     }

@@ -375,12 +375,14 @@ pub(super) async fn write_all(
 /// Runs a whole load: the receipt table first (DDL commits implicitly, so
 /// outside the transaction), then one strict-mode transaction.
 /// `receipts_checked` is the source's: the receipt table of an earlier
-/// build is looked for once per process, not on every load.
+/// build is looked for once per process, not on every load. `killer` stops
+/// the statement of a load whose caller gave up.
 pub async fn load(
     conn: &mut Conn,
     spec: LoadSpec,
     mut feed: RowFeed,
     receipts_checked: &AtomicBool,
+    killer: &super::Killer,
 ) -> Result<LoadOutcome, BackendError> {
     // Whether the table has transactions, asked only where it matters: the
     // LOAD DATA path (APPEND, REPLACE) and the refusals below. A plain
@@ -441,7 +443,23 @@ pub async fn load(
     .await
     .map_err(map_error)?;
     conn.query_drop("START TRANSACTION").await.map_err(map_error)?;
-    let mut result = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref(), transactional).await;
+    let (verdict, connection_id) = (feed.verdict(), conn.id());
+    let mut result = {
+        let run = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref(), transactional);
+        tokio::pin!(run);
+        tokio::select! {
+            result = &mut run => result,
+            () = verdict.given_up() => {
+                // Its caller gave up: the statement running now (a REPLACE's
+                // DELETE, an upsert, a trigger) is stopped rather than run to
+                // its end holding its locks, its session and the load id.
+                if let Err(e) = killer.kill(connection_id).await {
+                    tracing::warn!(error = %e, "cannot stop the statement of a load given up on");
+                }
+                run.await
+            }
+        }
+    };
     let end = if bulk::commits(&mut result, &feed) {
         "COMMIT"
     } else {

@@ -512,7 +512,14 @@ impl SqlSource for MysqlSource {
     }
 
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
-        bulk::load(&mut self.conn().await?, spec, rows, &self.receipts_checked).await
+        bulk::load(
+            &mut self.conn().await?,
+            spec,
+            rows,
+            &self.receipts_checked,
+            &self.killer,
+        )
+        .await
     }
 
     async fn watch(&self, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {

@@ -394,7 +394,11 @@ async fn a_stalled_stream_is_ended_and_its_statement_cancelled() {
     let section = common::postgres("z", "db", "");
     let config = format!(
         "[server]\nstream_idle_timeout = \"500ms\"\n{}",
-        tenant("z", "statement_timeout = \"60s\"", &section)
+        tenant(
+            "z",
+            "statement_timeout = \"60s\"\nmax_concurrent_requests = 1",
+            &section
+        )
     );
     let server = TestServer::start(&config).await;
     let client = server.client("key-z").await;
@@ -414,6 +418,13 @@ async fn a_stalled_stream_is_ended_and_its_statement_cancelled() {
         common::wait_until_gone(&pg, &marker, Duration::from_secs(10)).await,
         "the stalled stream's statement was cancelled"
     );
+    // Nor does it keep its tenant's one slot while its response stays open
+    // (another connection: this one's window is full).
+    let other = server.client("key-z").await;
+    other
+        .execute("db", "SELECT 1", vec![])
+        .await
+        .expect("the stalled stream's slot is free");
     // What the client reads after the stall is what was already on its way
     // (its HTTP/2 window, a message in the server's send buffer), not the
     // server's buffer of messages: that was dropped at the stall, as the

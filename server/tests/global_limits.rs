@@ -149,6 +149,48 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
     closed.stop().await;
 }
 
+/// A Redis that answers but refuses every check (here an ACL that takes
+/// away SET; MISCONF or OOM do the same) is a failed Redis, as one that
+/// cannot be reached: calls fail open, and Redis is rested rather than
+/// asked (and a warning logged) on every call.
+#[tokio::test]
+async fn a_redis_that_refuses_every_check_is_rested() {
+    let id = tenant_id();
+    let user = format!("weir_noset_{id}");
+    let mut redis = redis::Client::open(redis_url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", &user, "on", ">pw", "~*", "+@all", "-set"])
+        .query_async(&mut redis)
+        .await
+        .expect("acl setuser");
+    let url = redis_url().replacen("redis://", &format!("redis://{user}:pw@"), 1);
+    let server = TestServer::start(&config(
+        &id,
+        "",
+        &format!("redis_url = \"{url}\"\nredis_timeout = \"2s\"\non_redis_failure = \"fail_open\""),
+    ))
+    .await;
+    let client = server.client(&format!("key-{id}")).await;
+    let (ok, refused) = admitted(std::slice::from_ref(&client), 20).await;
+    assert_eq!((ok, refused.len()), (20, 0), "{refused:?}");
+    let (_, body) = http_get(&server.metrics_url, "/metrics").await;
+    let asked = sample(&body, "weir_shared_limit_checks_total", &[("tenant", &id)]);
+    assert!(
+        (1.0..=5.0).contains(&asked),
+        "Redis was asked {asked} times for 20 calls"
+    );
+    server.stop().await;
+    let _: () = redis::cmd("ACL")
+        .arg(&["DELUSER", &user])
+        .query_async(&mut redis)
+        .await
+        .expect("acl deluser");
+}
+
 /// A port that takes connections and never answers (a Redis gone silent),
 /// and the task holding them.
 async fn silent_redis() -> (u16, tokio::task::JoinHandle<()>) {

@@ -359,6 +359,25 @@ async fn open_load(
     (more_rows, load)
 }
 
+/// A load by key a1 of 100 rows into a fresh `table`, once it has reached the engine.
+async fn load_in_the_engine(
+    weir: &WeirProcess,
+    table: &str,
+) -> (
+    tokio::sync::mpsc::Sender<Vec<pb::Row>>,
+    tokio::task::JoinHandle<Result<pb::LoadResponse, tonic::Status>>,
+) {
+    let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
+    empty_table(&client, table).await;
+    let (more_rows, load) = open_load(&client, table, ids(0..100)).await;
+    let pg = common::pg_direct().await;
+    assert!(
+        common::wait_until_running(&pg, table, Duration::from_secs(5)).await,
+        "the load reached the engine"
+    );
+    (more_rows, load)
+}
+
 /// A reload that lowers a tenant's rate holds the loads already running to
 /// it from their next rows, not only the loads that start after it.
 #[tokio::test]
@@ -372,15 +391,7 @@ async fn a_lowered_rate_holds_a_load_already_running() {
     };
     let file = ConfigFile::new(&config(1_000_000));
     let weir = start(&file);
-    let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
-    let table = "weir_reload_lowered_rate";
-    empty_table(&client, table).await;
-    let (more_rows, load) = open_load(&client, table, ids(0..100)).await;
-    let pg = common::pg_direct().await;
-    assert!(
-        common::wait_until_running(&pg, table, Duration::from_secs(5)).await,
-        "the load reached the engine"
-    );
+    let (more_rows, load) = load_in_the_engine(&weir, "weir_reload_lowered_rate").await;
     file.write(&config(500));
     reloaded(&weir);
     // 1,500 rows at 500 a second, with a second's burst: about 2 s of waiting.
@@ -397,6 +408,41 @@ async fn a_lowered_rate_holds_a_load_already_running() {
         throttled.seconds >= 1,
         "the rows after the reload went at the old rate: throttled {throttled:?}"
     );
+}
+
+/// A load waiting out its turn at the tenant's row rate is ended at once
+/// when its key is revoked, not once the turn comes: it holds a
+/// transaction, its locks and its slots meanwhile.
+#[tokio::test]
+async fn a_load_waiting_for_its_rate_ends_when_its_key_is_revoked() {
+    let config = |keys: &[&str]| {
+        format!(
+            "{FAST}[tenants.a]\n{}[tenants.a.limits]\nload_rows_per_second = 1000\n{}",
+            api_keys(keys),
+            postgres("a", "pg", "")
+        )
+    };
+    let file = ConfigFile::new(&config(&["a1", "a2"]));
+    let weir = start(&file);
+    let (more_rows, load) = load_in_the_engine(&weir, "weir_reload_revoked_rate").await;
+    // 20,000 rows at 1,000 a second: about 20 s of waiting for their turn.
+    more_rows.send(ids(100..20_100)).await.expect("rows");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    file.write(&config(&["a2"]));
+    reloaded(&weir);
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(30), load)
+        .await
+        .expect("the load ends")
+        .expect("load task")
+        .expect_err("revoked");
+    assert_eq!(reason(&err), "CREDENTIAL_REVOKED", "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the load ended {:?} after the reload",
+        started.elapsed()
+    );
+    drop(more_rows);
 }
 
 /// A transaction on a source that a reload takes away, or makes read-only,

@@ -69,21 +69,6 @@ const FAILURES_BEFORE_REST: u32 = 3;
 /// checks, a round trip or two, not the setting up of a connection.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
-/// Whether an error means Redis cannot answer checks now: not reached, or
-/// a server that cannot serve (a replica after a failover, still loading
-/// its data, busy with a script), as opposed to a check of its own failing.
-fn unreachable(e: &redis::RedisError) -> bool {
-    e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_timeout()
-        || matches!(
-            e.kind(),
-            redis::ErrorKind::ReadOnly | redis::ErrorKind::BusyLoadingError | redis::ErrorKind::MasterDown
-        )
-        || matches!(e.code(), Some("BUSY" | "LOADING" | "READONLY" | "MASTERDOWN"))
-}
-
 /// Ends a call's try of Redis after a rest (also when the call is dropped
 /// while it waits for Redis's answer).
 struct Probing<'a>(&'a AtomicBool);
@@ -307,15 +292,12 @@ impl GlobalLimiter {
         match answer {
             Ok(Ok((1, wait_us))) => Ok(Ok(micros(wait_us))),
             Ok(Ok((_, delay_us))) => Ok(Err(micros(delay_us))),
-            // The error text names no password: redis-rs does not print the URL.
-            // Only a Redis that cannot be reached rests it for every tenant.
-            Ok(Err(e)) if unreachable(&e) => Err(self.failed(e.to_string(), probe)),
-            // Redis answered: it is up.
-            Ok(Err(e)) => {
-                self.rest_ms.store(0, Ordering::Relaxed);
-                tracing::warn!(error = %e, tenant, bucket = name, "a shared-limit check failed");
-                Err(e.to_string())
-            }
+            // The error text names no password: redis-rs does not print the
+            // URL. Every failure counts: a Redis that answers but refuses
+            // every write (MISCONF after a failed save, OOM under noeviction,
+            // an ACL) fails every check as surely as one that cannot be
+            // reached, and is rested the same way, with its log paced.
+            Ok(Err(e)) => Err(self.failed(e.to_string(), probe)),
             Err(_) => Err(self.failed(format!("no answer within {:?}", self.timeout), probe)),
         }
     }

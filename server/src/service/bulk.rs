@@ -332,6 +332,18 @@ impl Incoming<'_> {
             _ => Err(stop),
         }
     }
+
+    /// Waits out a turn at the tenant's load rate (how long it took), unless
+    /// the load is stopped first: a revoked or expired caller, or a server
+    /// past its grace period, does not keep its transaction and slots for
+    /// the seconds a large batch's turn may take.
+    async fn wait_turn(&self, turn: impl std::future::Future<Output = Duration>) -> Result<Duration> {
+        tokio::select! {
+            biased;
+            e = super::stopped(&self.cut, &self.revoked, self.expires) => Err(e),
+            waited = turn => Ok(waited),
+        }
+    }
 }
 
 /// Why the load's request stream could not be read. A message the gRPC
@@ -426,7 +438,9 @@ async fn feed_rows(
                 }
             }
         }
-        *throttled += caller.tenant.limiter.charge_load(batch.len() as u64, bytes).await;
+        *throttled += incoming
+            .wait_turn(caller.tenant.limiter.charge_load(batch.len() as u64, bytes))
+            .await?;
         if !sender.send(batch, bytes).await {
             // The engine stopped (an error, or a replayed load id): its result says why.
             return Ok(Fed::EngineStopped);

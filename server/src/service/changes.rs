@@ -187,6 +187,7 @@ pub async fn watch(
 ) -> Result<StreamIn<pb::WatchChangesResponse>> {
     use pb::watch_changes_request::Message;
     let caller = caller(&request)?;
+    let slot = super::slot_until_end(&request);
     let mut inbound = request.into_inner();
     let first = tokio::time::timeout(START_WAIT, inbound.message())
         .await
@@ -228,7 +229,7 @@ pub async fn watch(
     let feed = sql.watch(spec).await?;
     let (tx, rx) = StreamOut::channel(WATCH_BUFFER, stream_idle);
     tokio::spawn(async move {
-        let _permit = permit;
+        let _slots = (permit, slot);
         let _active = caller.tenant.metrics.stream_started();
         let pump = Pump {
             caller: &caller,

@@ -27,6 +27,7 @@ use crate::error::Error;
 use crate::limits::scheduler::{Scheduler, Slot};
 use crate::limits::DEADLINE_MARGIN;
 use crate::tenant::{Caller, Source};
+use crate::transport::auth::CallSlot;
 
 /// Whether a client message's read failed because the transport refused the
 /// message (too large, or not decodable), not because the client went away
@@ -110,6 +111,24 @@ pub fn caller<T>(request: &Request<T>) -> Result<Caller, Error> {
         .get::<Caller>()
         .cloned()
         .ok_or(Error::Unauthenticated)
+}
+
+/// Gives back the call's concurrency slot when dropped: held by the task of
+/// a server stream, whose end frees the slot even while the client keeps
+/// the response open without reading it (see [`CallSlot`]).
+pub struct SlotUntilEnd(Option<CallSlot>);
+
+impl Drop for SlotUntilEnd {
+    fn drop(&mut self) {
+        if let Some(slot) = &self.0 {
+            slot.release();
+        }
+    }
+}
+
+/// The call's concurrency slot, to be held by the task that feeds its stream.
+pub fn slot_until_end<T>(request: &Request<T>) -> SlotUntilEnd {
+    SlotUntilEnd(request.extensions().get::<CallSlot>().cloned())
 }
 
 /// One of the caller's sources; unknown and foreign names get the same answer.

@@ -565,6 +565,7 @@ impl QueryService for QueryApi {
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         let started = Instant::now();
         let caller = caller(&request)?;
+        let call_slot = super::slot_until_end(&request);
         let r = request.into_inner();
         let format = Format::of(&r)?;
         let mut target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, false)?;
@@ -580,8 +581,8 @@ impl QueryService for QueryApi {
         let (revoked, expires) = (target.caller.revoked.clone(), target.caller.expires);
         tokio::spawn(
             async move {
-                // Both slots are held until the stream ends.
-                let _slots = (stream_slot, admitted);
+                // The slots are held until the stream ends.
+                let _slots = (stream_slot, admitted, call_slot);
                 let outcome = tokio::select! {
                     // The stop first, as in `until_stopped`.
                     biased;

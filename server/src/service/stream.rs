@@ -451,6 +451,7 @@ impl StreamService for StreamApi {
         request: Request<pb::ConsumeRequest>,
     ) -> std::result::Result<Response<Self::ConsumeStream>, Status> {
         let caller = caller(&request)?;
+        let slot = super::slot_until_end(&request);
         let r = request.into_inner();
         let (topics, retired) = {
             let source = source(&caller, &r.source)?;
@@ -484,7 +485,7 @@ impl StreamService for StreamApi {
         let (tx, rx) = StreamOut::counted(CONSUME_BUFFER, self.stream_idle);
         let cut = self.cut.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slots = (permit, slot);
             let _active = caller.tenant.metrics.stream_started();
             deliver(
                 caller,

@@ -326,13 +326,13 @@ where
                         // Recorded however the call ends, also when it is
                         // dropped before its response starts (the client
                         // reset the stream, the connection went).
-                        let mut record = CallRecord {
+                        let record = CallRecord {
                             code: None,
                             tenant: caller.tenant.clone(),
                             method: Method::of(&method),
                             started,
                             span: body_span,
-                            _permit: None,
+                            slot: CallSlot::default(),
                         };
                         // A Rollback only lets go of what a transaction holds
                         // (its locks, its session): refused for the tenant's
@@ -348,11 +348,12 @@ where
                             // Authenticated before it waited for its turn:
                             // revoked, cut or expired meanwhile, it does not run.
                             Ok(permit) => {
-                                record._permit = permit;
+                                *record.slot.0.lock() = permit;
                                 match stop_due(registry.stop_token(), &caller.revoked, caller.expires) {
                                     Some(e) => (tonic::Status::from(e).into_http(), Some(record)),
                                     None => {
                                         req.extensions_mut().insert(caller);
+                                        req.extensions_mut().insert(record.slot.clone());
                                         (inner.call(req).await?, Some(record))
                                     }
                                 }
@@ -393,8 +394,25 @@ struct CallRecord {
     method: Method,
     started: Instant,
     span: tracing::Span,
-    /// The tenant's concurrency slot, given back after the outcome is recorded.
-    _permit: Option<SlotPermit>,
+    /// The tenant's concurrency slot, given back after the outcome is
+    /// recorded, or before by the task of a server stream that ended.
+    slot: CallSlot,
+}
+
+/// A call's concurrency slot of its tenant, shared by its response body
+/// and, for a server stream, the task that feeds it. hyper holds a body
+/// whose client stopped reading for as long as the connection stays open,
+/// so a stream's task lets go of the slot when it ends (at a stall, say):
+/// a client that opens streams and reads none must not keep its tenant's
+/// slots for good.
+#[derive(Clone, Default)]
+pub struct CallSlot(Arc<parking_lot::Mutex<Option<SlotPermit>>>);
+
+impl CallSlot {
+    /// Gives the slot back now.
+    pub fn release(&self) {
+        self.0.lock().take();
+    }
 }
 
 impl HttpBody for ObservedBody {

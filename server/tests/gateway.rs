@@ -708,6 +708,34 @@ async fn a_sqlite_read_with_a_cte_does_not_wait_for_the_writers_turn() {
     server.stop().await;
 }
 
+/// SQLite takes `$2` as a name and numbers names by where they first
+/// appear: Weir binds `$N`, `:N` and `@N` by their digits, as PostgreSQL
+/// does, so SQL written for PostgreSQL does not get its values swapped.
+#[tokio::test]
+async fn sqlite_numbered_parameters_take_the_value_their_number_names() {
+    let server = TestServer::start(&tenant("k", "", &sqlite_demo("k", "db"))).await;
+    let client = server.client("key-k").await;
+    let ints = |r: &pb::ExecuteResponse| r.rows[0].values.iter().map(int).collect::<Vec<_>>();
+    for sql in ["SELECT $2, $1", "SELECT :2, :1", "SELECT @2, $1", "SELECT ?2, ?1"] {
+        let r = client
+            .execute("db", sql, vec![1i64.into(), 2i64.into()])
+            .await
+            .expect(sql);
+        assert_eq!(ints(&r), [2, 1], "{sql}");
+    }
+    let r = client
+        .execute("db", "SELECT $1 + $1, ?", vec![3i64.into(), 4i64.into()])
+        .await
+        .expect("one value twice, then the next slot");
+    assert_eq!(ints(&r), [6, 4]);
+    let err = client
+        .execute("db", "SELECT $2", vec![1i64.into()])
+        .await
+        .expect_err("$2 needs two values");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    server.stop().await;
+}
+
 /// A decimal parameter compares as a number with what has no affinity in
 /// SQLite (a view's SUM, an expression): bound as text, it compared greater
 /// than every number, and `total > ?` found nothing.

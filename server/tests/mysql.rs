@@ -395,6 +395,56 @@ async fn a_transaction_that_lost_a_deadlock_takes_no_more_statements() {
     server.stop().await;
 }
 
+/// MariaDB's snapshot isolation (on by default from 11.6.2) rolls a
+/// transaction back when a row it read changed before it writes it (errno
+/// 1020): the handle then takes no more statements, which would otherwise
+/// autocommit one by one after the first half was lost, and Commit would say OK.
+#[tokio::test]
+async fn a_transaction_rolled_back_for_a_changed_row_takes_no_more_statements() {
+    let (mut other, server, client, tx) = in_a_transaction(
+        "DROP TABLE IF EXISTS weir_my_tx_snapshot;
+         CREATE TABLE weir_my_tx_snapshot (id INT PRIMARY KEY, v INT) ENGINE = InnoDB;
+         INSERT INTO weir_my_tx_snapshot VALUES (1, 0)",
+    )
+    .await;
+    for sql in [
+        "SET SESSION innodb_snapshot_isolation = ON",
+        "INSERT INTO weir_my_tx_snapshot VALUES (2, 0)",
+        "SELECT v FROM weir_my_tx_snapshot WHERE id = 1",
+    ] {
+        client.execute_in(&tx, "maria", sql, vec![]).await.expect(sql);
+    }
+    other
+        .query_drop("UPDATE weir_my_tx_snapshot SET v = 5 WHERE id = 1")
+        .await
+        .expect("the other session's update");
+    let err = client
+        .execute_in(
+            &tx,
+            "maria",
+            "UPDATE weir_my_tx_snapshot SET v = v + 1 WHERE id = 1",
+            vec![],
+        )
+        .await
+        .expect_err("the row changed since it was read");
+    assert_eq!(
+        (engine_code(&err).as_str(), err.code()),
+        ("1020", Code::Aborted),
+        "{err:?}"
+    );
+    assert_transaction_lost(&client, &tx, "maria", "INSERT INTO weir_my_tx_snapshot VALUES (3, 9)").await;
+    let rows: Option<i64> = other
+        .query_first("SELECT COUNT(*) FROM weir_my_tx_snapshot")
+        .await
+        .expect("count");
+    assert_eq!(
+        rows,
+        Some(1),
+        "nothing of the lost transaction was kept or autocommitted"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn zero_dates_become_null() {
     let mut direct = mysql_direct().await;

@@ -2455,6 +2455,16 @@ async fn values_at_postgresqls_edges() {
         .await
         .expect("2^53 is exact");
     assert_eq!(exact.rows.len(), 1);
+    // A real holds every whole number up to 2^24 only.
+    let e = client
+        .execute("pg", "SELECT $1::real", vec![((1_i64 << 24) + 1).into()])
+        .await
+        .expect_err("rounded in a real");
+    assert!(e.message().contains("16777217"), "{e:?}");
+    client
+        .execute("pg", "SELECT $1::real", vec![(1_i64 << 24).into()])
+        .await
+        .expect("2^24 is exact in a real");
 }
 
 /// A foreign key to a partitioned table is one key, not one more per

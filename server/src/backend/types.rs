@@ -38,12 +38,18 @@ pub const EXACT_IN_DOUBLE: u64 = 1 << 53;
 impl Value {
     /// The magnitude of an integer a double would round, past 2^53.
     pub fn rounded_in_double(&self) -> Option<u64> {
+        self.rounded_past(EXACT_IN_DOUBLE)
+    }
+
+    /// An integer's magnitude when it is past `exact`, the largest whole
+    /// number a floating-point type holds with every one below it.
+    pub fn rounded_past(&self, exact: u64) -> Option<u64> {
         let magnitude = match self {
             Value::Int(i) => i.unsigned_abs(),
             Value::UInt(u) => *u,
             _ => return None,
         };
-        (magnitude > EXACT_IN_DOUBLE).then_some(magnitude)
+        (magnitude > exact).then_some(magnitude)
     }
 
     /// The name of its kind, for messages.

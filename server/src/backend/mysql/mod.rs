@@ -651,8 +651,12 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
                 1048 | 1451 | 1452 | 3819 | 4025 | 1364 | 1644 | 1369 => K::FailedPrecondition,
                 // 1206 (the lock table full) and 1637 (too many active
                 // transactions) end the transaction, as a deadlock does.
-                // 3572: a NOWAIT lock not granted (PostgreSQL's 55P03).
-                1213 | 1205 | 1206 | 1637 | 1180 | 1181 | 3572 => K::Aborted,
+                // 3572: a NOWAIT lock not granted (PostgreSQL's 55P03). 1020:
+                // a row changed since the transaction read it (MariaDB's
+                // innodb_snapshot_isolation, on by default from 11.6.2), and
+                // 3101: a commit rolled back (group replication); both end
+                // the transaction.
+                1213 | 1205 | 1206 | 1637 | 1180 | 1181 | 3572 | 1020 | 3101 => K::Aborted,
                 1317 | 3024 | 1969 => K::DeadlineExceeded,
                 // 1370: a routine's EXECUTE; 1419: SUPER for routines under
                 // binary logging; 1095: another user's thread.

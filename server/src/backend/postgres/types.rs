@@ -80,20 +80,23 @@ pub fn typmod_details(ty: &Type, typmod: i32) -> (Option<i32>, Option<i32>, Opti
 }
 
 /// Refuses an integer parameter that a floating-point parameter type would
-/// round (past 2^53), as loads refuse it for float columns.
+/// round (past 2^24 for `real`, 2^53 for `double precision`).
 pub fn check_param_type(index: usize, ty: &Type, value: &Value) -> Result<(), BackendError> {
-    /// A float type, also as a domain's base or an array's elements.
-    fn is_float(ty: &Type) -> bool {
+    /// The largest whole number a float type holds with all below it, also
+    /// as a domain's base or an array's elements; None for other types.
+    fn float_exact(ty: &Type) -> Option<u64> {
         match ty.kind() {
-            Kind::Domain(inner) | Kind::Array(inner) => is_float(inner),
-            _ => matches!(*ty, Type::FLOAT4 | Type::FLOAT8),
+            Kind::Domain(inner) | Kind::Array(inner) => float_exact(inner),
+            _ if *ty == Type::FLOAT4 => Some(1 << 24),
+            _ if *ty == Type::FLOAT8 => Some(crate::backend::types::EXACT_IN_DOUBLE),
+            _ => None,
         }
     }
-    /// The value, or the first element of a (nested) list, a double would round.
-    fn rounded(value: &Value) -> Option<u64> {
+    /// The value, or the first element of a (nested) list, past `exact`.
+    fn rounded(value: &Value, exact: u64) -> Option<u64> {
         match value {
-            Value::List(items) => items.iter().find_map(rounded),
-            v => v.rounded_in_double(),
+            Value::List(items) => items.iter().find_map(|v| rounded(v, exact)),
+            v => v.rounded_past(exact),
         }
     }
     /// The type, or a domain's base or an array's elements, is bytea.
@@ -119,12 +122,12 @@ pub fn check_param_type(index: usize, ty: &Type, value: &Value) -> Result<(), Ba
             ),
         });
     }
-    match rounded(value) {
-        Some(magnitude) if is_float(ty) => Err(BackendError::Parameter {
+    match float_exact(ty).and_then(|exact| rounded(value, exact)) {
+        Some(magnitude) => Err(BackendError::Parameter {
             index: index + 1,
             message: format!("{magnitude} cannot be stored exactly in {ty}; send it as a decimal or a double"),
         }),
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 

@@ -602,6 +602,25 @@ impl Drop for Unfinished<'_> {
     }
 }
 
+/// Which parameter (0-based) each of the statement's slots takes. SQLite
+/// numbers `$2`, `:2` and `@2` by where they first appear, as names, so
+/// `SELECT $2, $1` would take its values swapped: their digits say which
+/// value they take, as in PostgreSQL. `?`, `?NNN` and names that are not
+/// numbers take the slot's own place.
+fn param_of_each_slot(prepared: &rusqlite::Statement<'_>) -> Vec<usize> {
+    (1..=prepared.parameter_count())
+        .map(|slot| {
+            prepared
+                .parameter_name(slot)
+                .and_then(|name| name.strip_prefix(['$', ':', '@']))
+                .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|digits| digits.parse::<usize>().ok())
+                .filter(|&n| n >= 1)
+                .map_or(slot - 1, |n| n - 1)
+        })
+        .collect()
+}
+
 /// Runs the statement, sending its columns and rows; returns rows affected.
 fn execute(
     conn: &Connection,
@@ -614,16 +633,21 @@ fn execute(
     // DDL and pragmas: it is this statement's only if the total moved.
     let changed_before = conn.total_changes();
     let mut prepared = conn.prepare(&statement.sql).map_err(map_error)?;
-    let expected = prepared.parameter_count();
+    let takes = param_of_each_slot(&prepared);
+    let expected = takes.iter().max().map_or(0, |p| p + 1);
     if expected != statement.params.len() {
         return Err(BackendError::Invalid(format!(
             "the statement has {expected} parameter(s) but {} were given",
             statement.params.len()
         )));
     }
-    for (i, p) in statement.params.iter().enumerate() {
-        let value = to_sql(p).map_err(|message| BackendError::Parameter { index: i + 1, message })?;
-        prepared.raw_bind_parameter(i + 1, value).map_err(map_error)?;
+    for (slot, &param) in takes.iter().enumerate() {
+        let p = &statement.params[param];
+        let value = to_sql(p).map_err(|message| BackendError::Parameter {
+            index: param + 1,
+            message,
+        })?;
+        prepared.raw_bind_parameter(slot + 1, value).map_err(map_error)?;
     }
     let columns: Vec<Column> = prepared
         .columns()

@@ -885,6 +885,50 @@ async fn an_ack_on_a_watch_the_server_ended_gets_its_status() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// An infinite date or timestamp (a common "valid until" value) has no
+/// typed form: in a change event or a snapshot row it comes as the text
+/// `infinity`, so the subscription reads on instead of failing at that
+/// change on every resume.
+#[tokio::test]
+async fn postgres_infinite_dates_and_timestamps_come_as_text() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let t = ctx.name("infinite");
+    ctx.sql(&format!(
+        "CREATE TABLE {t} (id INT PRIMARY KEY, until timestamptz, day date)"
+    ))
+    .await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'infinity', '-infinity')"))
+        .await;
+    let sub = ctx.name("infinite");
+    let mut start = ctx.start(&[&t], &sub);
+    start.snapshot = true;
+    let mut watch = ctx.watch(start).await;
+    let mut messages = read_changes(&mut watch, 1).await;
+    ctx.sql(&format!(
+        "INSERT INTO {t} VALUES (2, '-infinity', 'infinity'), (3, now(), '2024-01-02')"
+    ))
+    .await;
+    messages.extend(read_changes(&mut watch, 2).await);
+    let got = changes(&messages);
+    assert_eq!(got.iter().map(|c| id_of(c)).collect::<Vec<_>>(), [1, 2, 3]);
+    let texts = |c: &pb::ChangeEvent| {
+        let row = c.after.as_ref().expect("a row");
+        ["until", "day"].map(|name| match &col(c, row, name).kind {
+            Some(pb::value::Kind::StringValue(s)) => s.clone(),
+            other => format!("{other:?}"),
+        })
+    };
+    assert_eq!(texts(got[0]), ["infinity", "-infinity"]);
+    assert_eq!(texts(got[1]), ["-infinity", "infinity"]);
+    let row = got[2].after.as_ref().expect("a row");
+    assert!(
+        matches!(col(got[2], row, "until").kind, Some(pb::value::Kind::TimestampValue(_))),
+        "finite values keep their type"
+    );
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 async fn bad_requests_get_clear_errors(engine: Engine) {
     let ctx = Ctx::new(engine).await;
     let t = ctx.table("errs").await;

@@ -24,7 +24,7 @@ use tokio_postgres::Client;
 
 use super::pgoutput::{self, lsn_text, Datum, Message, Relation};
 use super::replication::{slot_held, Event, Replication, SLOT_RETRY};
-use super::types::{column_of, decode, pg_epoch, PgValue};
+use super::types::{column_of, decode_change, pg_epoch, ChangeValue};
 use super::{map_error, Target};
 use crate::backend::bulk::quote_ansi;
 use crate::backend::changes::{
@@ -598,7 +598,7 @@ impl Reader {
             while let Some(row) = rows.try_next().await.map_err(map_error)? {
                 let mut values = Vec::with_capacity(columns.len());
                 for i in 0..columns.len() {
-                    values.push(row.try_get::<_, PgValue>(i).map_err(map_error)?.0);
+                    values.push(row.try_get::<_, ChangeValue>(i).map_err(map_error)?.0);
                 }
                 if self.out.send(snapshot.row(values)).await.is_err() {
                     return Ok(Err(()));
@@ -638,7 +638,7 @@ impl Reader {
                         .types
                         .get(i)
                         .ok_or_else(|| BackendError::Internal("tuple wider than its relation".into()))?;
-                    decode(ty, b).map_err(|e| BackendError::UnsupportedType {
+                    decode_change(ty, b).map_err(|e| BackendError::UnsupportedType {
                         column: column(),
                         type_name: format!("{} ({e})", ty.name()),
                     })?

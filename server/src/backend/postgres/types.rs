@@ -161,6 +161,47 @@ impl<'a> FromSql<'a> for PgValue {
     }
 }
 
+/// A change event's or snapshot row's cell: as a result cell, except that
+/// an infinite date or timestamp comes as the text `infinity` or
+/// `-infinity`. A query can cast such a column to text; a change stream
+/// cannot, and refusing the value would stop the subscription at that
+/// change for good, every resume meeting it again.
+pub struct ChangeValue(pub Value);
+
+impl<'a> FromSql<'a> for ChangeValue {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        decode_change(ty, raw).map(ChangeValue)
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Self, BoxError> {
+        Ok(ChangeValue(Value::Null))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// [`decode`], with infinite dates and timestamps as their text (see [`ChangeValue`]).
+pub(super) fn decode_change(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
+    decode(ty, raw).or_else(|e| {
+        let infinite = match *ty {
+            Type::DATE => wire::date_from_sql(raw).ok().and_then(|d| match d {
+                i32::MAX => Some("infinity"),
+                i32::MIN => Some("-infinity"),
+                _ => None,
+            }),
+            Type::TIMESTAMP | Type::TIMESTAMPTZ => wire::timestamp_from_sql(raw).ok().and_then(|t| match t {
+                i64::MAX => Some("infinity"),
+                i64::MIN => Some("-infinity"),
+                _ => None,
+            }),
+            _ => None,
+        };
+        infinite.map(|text| Value::Text(text.to_string())).ok_or(e)
+    })
+}
+
 pub(super) fn pg_epoch() -> NaiveDateTime {
     NaiveDate::from_ymd_opt(2000, 1, 1)
         .unwrap_or_default()

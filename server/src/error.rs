@@ -51,6 +51,11 @@ pub enum Error {
     LoadTooLarge { limit: u64 },
     #[error("the load did not finish within {0:?} and was rolled back")]
     LoadTimeout(Duration),
+    #[error(
+        "the call's deadline passed after {0:?} of waiting for its turn at the tenant's record rate; nothing was \
+         produced: send fewer records per call, or give the call more time"
+    )]
+    ThrottledPastDeadline(Duration),
     #[error("the client aborted the load ({0}); nothing was loaded")]
     LoadAborted(String),
     #[error("too many Kafka consumers open (limit {limit}); retry when one ends")]
@@ -245,6 +250,13 @@ impl From<Error> for Status {
             Error::LoadTimeout(limit) => (
                 Code::DeadlineExceeded,
                 info("LOAD_TIMEOUT", vec![("limit_ms", limit.as_millis().to_string())]),
+            ),
+            Error::ThrottledPastDeadline(limit) => (
+                Code::DeadlineExceeded,
+                info(
+                    "THROTTLED_PAST_DEADLINE",
+                    vec![("waited_ms", limit.as_millis().to_string())],
+                ),
             ),
             Error::Backend(b) => backend_parts(b),
         };

@@ -648,6 +648,38 @@ async fn limits_and_wrong_kinds_of_source_are_refused() {
     server.stop().await;
 }
 
+/// A produce whose turn at the record rate comes after its deadline is
+/// answered before the deadline, with why, and produces nothing: it is not
+/// cut by the client's timer with a bare CANCELLED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_throttled_past_its_deadline_says_so() {
+    let (server, client) = server("stream_records_per_second = 100").await;
+    let topic = unique("weir-a-throttled-deadline-");
+    create_topic(&topic, 1).await;
+    let mut request = tonic::Request::new(pb::ProduceRequest {
+        source: "events".into(),
+        topic: topic.clone(),
+        records: (0..500).map(record).collect(),
+        options: None,
+    });
+    request.set_timeout(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let err = client.stream().produce(request).await.expect_err("past its deadline");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (tonic::Code::DeadlineExceeded, "THROTTLED_PAST_DEADLINE"),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    // Nothing of it was produced: the next record is the topic's first.
+    let acks = produce(&client, &topic, vec![record(0)])
+        .await
+        .expect("one record")
+        .acks;
+    assert_eq!(acks[0].offset, 0, "nothing was produced before");
+    server.stop().await;
+}
+
 /// Over `stream_records_per_second` a caller is slowed, not refused, and
 /// told so: `throttled` in the produce answer and, growing, on the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -929,6 +929,57 @@ async fn postgres_infinite_dates_and_timestamps_come_as_text() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// A MySQL consumer replaced by a take-over while it waited on its slow
+/// client does not, when that client finally leaves, store its older
+/// acknowledgement over its successor's: the subscription resumes where
+/// the successor left it.
+#[tokio::test]
+async fn mysql_a_replaced_consumer_does_not_store_its_position_over_its_successors() {
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.name("replaced");
+    ctx.sql(&format!(
+        "CREATE TABLE {t} (id INT PRIMARY KEY, v LONGTEXT, n DECIMAL(10,2))"
+    ))
+    .await;
+    let sub = ctx.name("replaced");
+    let mut slow = ctx.watch(ctx.start(&[&t], &sub)).await;
+    // 1,000 changes of 10 kB: more than the reader's feed (256), the stream's
+    // buffer (64) and the client's HTTP/2 window (2 MiB) hold.
+    ctx.sql(&format!(
+        "INSERT INTO {t} (id, v, n) SELECT seq, REPEAT('x', 10000), seq FROM seq_1_to_1000"
+    ))
+    .await;
+    let first = read_changes(&mut slow, 5).await;
+    slow.ack(changes(&first)[4].position.clone()).await.expect("ack");
+    // `slow` reads no more; another consumer takes over and reads to the commit.
+    let mut start = ctx.start(&[&t], &sub);
+    start.take_over = true;
+    let mut taker = ctx.watch(start).await;
+    let commit = loop {
+        if let Message::Transaction(b) = next_message(&mut taker).await {
+            if !b.begin {
+                break b.position;
+            }
+        }
+    };
+    taker.ack(commit).await.expect("ack the commit");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The slow client leaves: its reader ends, and must store nothing.
+    drop(slow);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    taker.finish().await.expect("acknowledgements sent");
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1001, 'y', 1)")).await;
+    let mut resumed = ctx.watch(ctx.start(&[&t], &sub)).await;
+    let next = read_changes(&mut resumed, 1).await;
+    assert_eq!(
+        id_of(changes(&next)[0]),
+        1001,
+        "resumed after the successor's acknowledgement"
+    );
+    drop(resumed);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 async fn bad_requests_get_clear_errors(engine: Engine) {
     let ctx = Ctx::new(engine).await;
     let t = ctx.table("errs").await;

@@ -478,14 +478,19 @@ async fn ensure_positions_table(conn: &mut Conn) -> Result<(), BackendError> {
     .map_err(map_error)
 }
 
-async fn store(conn: &mut Conn, id: &str, base: &str, p: BinlogPos) -> Result<(), BackendError> {
+/// Stores `p` as the subscription's position, unless a session other than
+/// `holder` (the stream's binlog connection) holds its lock: a reader
+/// replaced by a take-over, still waiting on its slow client, must not
+/// write its older acknowledgement over its successor's when it ends.
+async fn store(conn: &mut Conn, id: &str, base: &str, p: BinlogPos, holder: u32) -> Result<(), BackendError> {
     conn.exec_drop(
         format!(
-            "INSERT INTO {POSITIONS_TABLE} (subscription, binlog_file, binlog_offset, event_seq) VALUES (?, ?, ?, ?)
+            "INSERT INTO {POSITIONS_TABLE} (subscription, binlog_file, binlog_offset, event_seq)
+             SELECT ?, ?, ?, ? FROM DUAL WHERE IFNULL(IS_USED_LOCK(?), ?) = ?
              ON DUPLICATE KEY UPDATE binlog_file = VALUES(binlog_file), binlog_offset = VALUES(binlog_offset),
              event_seq = VALUES(event_seq)"
         ),
-        (id, file_name(base, p.file), p.offset, p.seq),
+        (id, file_name(base, p.file), p.offset, p.seq, id, holder, holder),
     )
     .await
     .map_err(map_error)
@@ -592,6 +597,8 @@ struct Reader {
     spec: WatchSpec,
     /// Writes acknowledged positions (the binlog connection cannot run queries).
     writer: Conn,
+    /// The binlog connection's id, which holds the subscription's lock.
+    holder: u32,
     base: String,
     watched: HashMap<(String, String), Watched>,
     out: Outbox,
@@ -614,14 +621,13 @@ impl Reader {
             // Bounded like the binlog connection's silence: a session to a
             // host gone dark would otherwise hold the stream for ever.
             let limit = silence_limit(self.spec.heartbeat_interval);
-            tokio::time::timeout(limit, store(&mut self.writer, &self.spec.id, &self.base, self.acked))
-                .await
-                .map_err(|_| {
-                    BackendError::Unavailable(format!(
-                        "storing the acknowledged position took over {}s: the connection is taken as lost",
-                        limit.as_secs()
-                    ))
-                })??;
+            let storing = store(&mut self.writer, &self.spec.id, &self.base, self.acked, self.holder);
+            tokio::time::timeout(limit, storing).await.map_err(|_| {
+                BackendError::Unavailable(format!(
+                    "storing the acknowledged position took over {}s: the connection is taken as lost",
+                    limit.as_secs()
+                ))
+            })??;
             *stored = self.acked;
         }
         Ok(())
@@ -1006,7 +1012,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
     let stored_position = match stored(&mut setup, &spec.id).await? {
         Some(p) => p,
         None => {
-            store(&mut setup, &spec.id, &base, current).await?;
+            store(&mut setup, &spec.id, &base, current, conn.id()).await?;
             current
         }
     };
@@ -1036,6 +1042,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
     let (acks, ack_rx) = Acks::channel();
     let reader = Reader {
         writer: setup,
+        holder: conn.id(),
         base,
         watched,
         out,

@@ -446,6 +446,57 @@ async fn a_stalled_stream_is_ended_and_its_statement_cancelled() {
     server.stop().await;
 }
 
+/// A stream whose statement is over but whose last rows still wait in the
+/// server's buffer for a client that does not read keeps its tenant's slot
+/// until they leave: freed at once, a tenant could hold any number of such
+/// buffers (megabytes each) within `max_concurrent_requests = 1`.
+#[tokio::test]
+async fn a_finished_stream_holds_its_slot_until_its_rows_leave_the_buffer() {
+    let section = common::postgres("z", "db", "");
+    let config = format!(
+        "[server]\nstream_idle_timeout = \"30s\"\n{}",
+        tenant("z", "max_concurrent_requests = 1", &section)
+    );
+    let server = TestServer::start(&config).await;
+    let client = server.client("key-z").await;
+    let marker = format!("drain_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    // About 2.5 MB: more than the client's 2 MiB window, less than the
+    // window and the server's buffers together, so the statement ends.
+    let mut stream = client
+        .execute_stream(
+            "db",
+            &format!("SELECT g, repeat('x', 200) AS pad, '{marker}' FROM generate_series(1, 12000) g"),
+            vec![],
+        )
+        .await
+        .expect("stream");
+    let mut read = stream.next_batch().await.expect("first batch").map_or(0, |b| b.len());
+    let pg = common::pg_direct().await;
+    assert!(
+        common::wait_until_gone(&pg, &marker, Duration::from_secs(10)).await,
+        "the statement is over"
+    );
+    let other = server.client("key-z").await;
+    let err = other
+        .execute("db", "SELECT 1", vec![])
+        .await
+        .expect_err("the slot is held while rows wait in the buffer");
+    assert_eq!(reason(&err), "CONCURRENCY_LIMITED", "{err:?}");
+    while let Some(batch) = stream.next_batch().await.expect("the rest") {
+        read += batch.len();
+    }
+    assert_eq!(read, 12_000);
+    let started = std::time::Instant::now();
+    while other.execute("db", "SELECT 1", vec![]).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the slot came back once the rows left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
 /// The gateway's Kafka source on librdkafka's mock cluster, whose broker
 /// can be taken down and brought back.
 mod kafka_broker {

@@ -298,6 +298,13 @@ enum Feed {
     End,
 }
 
+impl Batch {
+    /// Its share of the feed's memory, in bytes.
+    pub fn memory(&self) -> usize {
+        self._memory.num_permits()
+    }
+}
+
 /// About what `rows` hold in memory: each row's and value's own size, and
 /// at most the request bytes they came in for text and bytes.
 fn in_memory(rows: &[Row], bytes: u64) -> usize {

@@ -239,7 +239,8 @@ pub async fn watch(
             resumed_at: resume,
             retired,
         };
-        pump.run(feed, inbound, tx, cut).await;
+        pump.run(feed, inbound, &tx, cut).await;
+        tx.drained().await;
     });
     Ok(rx)
 }
@@ -275,7 +276,7 @@ impl Pump<'_> {
         mut self,
         mut feed: crate::backend::ChangeFeed,
         mut inbound: Streaming<pb::WatchChangesRequest>,
-        tx: WatchSender,
+        tx: &WatchSender,
         cut: CancellationToken,
     ) {
         use pb::watch_changes_request::Message;

@@ -306,6 +306,25 @@ impl<T> StreamOut<T> {
         }
     }
 
+    /// Waits until the transport has taken every message sent, or the
+    /// client has gone. A stream's task waits for this before it gives its
+    /// slots back: its last messages (up to a buffer's worth, megabytes)
+    /// stay in memory until then. A client that takes nothing for the idle
+    /// time has them dropped and the stream ended as stalled (unless it
+    /// already ends with an error of its own).
+    pub async fn drained(&self) {
+        let all = self.tx.max_capacity();
+        if tokio::time::timeout(self.idle, self.tx.reserve_many(all))
+            .await
+            .is_err()
+        {
+            self.last
+                .lock()
+                .get_or_insert_with(|| Error::StreamStalled(self.idle).into());
+            self.rx.lock().take();
+        }
+    }
+
     /// Ends the stream with `error`, after the messages already buffered.
     pub fn fail(&self, error: impl Into<Status>) {
         *self.last.lock() = Some(error.into());

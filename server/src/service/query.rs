@@ -600,6 +600,10 @@ impl QueryService for QueryApi {
                     tracing::info!(code = ?status.code(), "stream ended with an error");
                     tx.fail(status);
                 }
+                // The statement and its session are done with; the slots go
+                // once the last rows have left the buffer.
+                drop(target);
+                tx.drained().await;
             }
             .instrument(tracing::Span::current()),
         );

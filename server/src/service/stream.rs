@@ -190,7 +190,7 @@ type ConsumeSender = StreamOut<pb::ConsumeResponse>;
 /// that resumes at once resumes after those records.
 async fn deliver(
     caller: Caller,
-    (source, retired): (String, CancellationToken),
+    (source, retired, removed): (String, CancellationToken, Arc<std::sync::atomic::AtomicBool>),
     mut records: Box<dyn crate::backend::topics::RecordStream>,
     auto_commit: bool,
     max_records: u64,
@@ -202,12 +202,16 @@ async fn deliver(
         source: &source,
         cut: &cut,
         retired: &retired,
+        removed: &removed,
     };
     let ended = pass_on(&ends, records.as_mut(), auto_commit, max_records, &tx).await;
     records.close().await;
     if let Err(e) = ended {
         tx.fail(e);
     }
+    // The consumer has left its group (`close`); the slots go once the
+    // last batches have left the buffer.
+    tx.drained().await;
 }
 
 /// What ends a consumer's stream from outside: the caller's credential and
@@ -217,8 +221,9 @@ struct Ends<'a> {
     caller: &'a Caller,
     source: &'a str,
     cut: &'a CancellationToken,
-    /// The source's [`crate::tenant::Source::retired`].
+    /// The source's [`crate::tenant::Source::retired`] and `removed`.
     retired: &'a CancellationToken,
+    removed: &'a std::sync::atomic::AtomicBool,
 }
 
 impl Ends<'_> {
@@ -228,7 +233,7 @@ impl Ends<'_> {
             () = self.retired.cancelled() => {
                 // A removed source is not found (as its topics are), one
                 // pointed elsewhere can be read again at once.
-                if self.caller.tenant.source(self.source).is_none() {
+                if self.removed.load(std::sync::atomic::Ordering::Acquire) {
                     BackendError::not_found("the source of this stream was removed (the configuration was reloaded)")
                         .into()
                 } else {
@@ -467,9 +472,10 @@ impl StreamService for StreamApi {
         let caller = caller(&request)?;
         let slot = super::slot_until_end(&request);
         let r = request.into_inner();
-        let (topics, retired) = {
+        let (topics, retired, removed) = {
             let source = source(&caller, &r.source)?;
-            (source.backend.topics()?.clone(), source.retired.clone())
+            let topics = source.backend.topics()?.clone();
+            (topics, source.retired.clone(), source.removed.clone())
         };
         if r.topics.is_empty() {
             return Err(bad("topics", "name at least one topic").into());
@@ -503,7 +509,7 @@ impl StreamService for StreamApi {
             let _active = caller.tenant.metrics.stream_started();
             deliver(
                 caller,
-                (r.source, retired),
+                (r.source, retired, removed),
                 records,
                 auto_commit,
                 r.max_records,

@@ -40,6 +40,8 @@ pub struct Source {
     /// Cancelled once a reload removed the source or pointed it at another
     /// server, database or login: its transactions and change streams end.
     pub retired: CancellationToken,
+    /// Set, before `retired` is cancelled, when the reload removed the source.
+    pub removed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Source {
@@ -250,6 +252,7 @@ impl Tenants {
                             // that reach the same place: work begun on an
                             // older one ends when the source moves too.
                             retired: same_target.map_or_else(CancellationToken::new, |o| o.retired.clone()),
+                            removed: same_target.map_or_else(Arc::default, |o| o.removed.clone()),
                         })
                     }
                 };
@@ -456,6 +459,9 @@ impl Tenants {
             let tenant = self.all.iter().find(|t| t.id == old_tenant.id);
             for (name, old) in old_tenant.sources.read().iter() {
                 let current = tenant.and_then(|t| t.source(name));
+                if current.is_none() {
+                    old.removed.store(true, std::sync::atomic::Ordering::Release);
+                }
                 if !current.is_some_and(|c| c.config.same_target(&old.config)) {
                     old.retired.cancel();
                 }

@@ -210,6 +210,24 @@ fn collate(column: &str, collations: &[(String, String)]) -> String {
         .map_or_else(String::new, |(_, c)| format!(" COLLATE {c}"))
 }
 
+/// A temporal key column's own type (`datetime2(0)`, `datetime`, ...): its
+/// staged value, at the stage's 100 ns, is compared with the key at the
+/// column's precision, as the INSERT it would become rounds it. Compared
+/// as staged, `00:00:00.4` would miss the `00:00:00` a `datetime2(0)` key
+/// holds, and the MERGE insert it as a duplicate key.
+fn temporal_type(column: &Column) -> Option<&str> {
+    let ty = column.native_type.as_str();
+    let (base, precision) = match ty.split_once('(') {
+        Some((base, rest)) => (base, rest.strip_suffix(')')?),
+        None => (ty, "0"),
+    };
+    let temporal = matches!(
+        base,
+        "date" | "time" | "datetime" | "datetime2" | "smalldatetime" | "datetimeoffset"
+    );
+    (temporal && precision.len() == 1 && precision.bytes().all(|b| b.is_ascii_digit())).then_some(ty)
+}
+
 /// Moves the staged rows into the target; the batch's one result row is
 /// the number of rows inserted. `collations` are the key columns' own.
 fn move_rows(spec: &LoadSpec, collations: &[(String, String)]) -> String {
@@ -232,7 +250,14 @@ fn move_rows(spec: &LoadSpec, collations: &[(String, String)]) -> String {
     let on: Vec<String> = spec
         .conflict
         .iter()
-        .map(|c| format!("t.{} = s.{}{}", quote(c), staged_as(c), collate(c, collations)))
+        .map(|c| {
+            let staged = staged_as(c);
+            let key = match spec.columns.iter().find(|col| col.name == *c).and_then(temporal_type) {
+                Some(ty) => format!("CAST(s.{staged} AS {ty})"),
+                None => format!("s.{staged}"),
+            };
+            format!("t.{} = {key}{}", quote(c), collate(c, collations))
+        })
         .collect();
     let sets: Vec<String> = spec
         .update_columns()
@@ -461,6 +486,12 @@ mod tests {
         let mut keys_only = spec(LoadMode::Upsert);
         keys_only.columns.truncate(1);
         assert!(!move_rows(&keys_only, &[]).contains("WHEN MATCHED"));
+        // A temporal key is compared at its column's precision.
+        let mut at_seconds = spec(LoadMode::Upsert);
+        at_seconds.columns[0] = Column::new("id", "datetime2(0)", ColumnType::Timestamp);
+        assert!(move_rows(&at_seconds, &[]).contains("ON t.[id] = CAST(s.c1 AS datetime2(0)) WHEN"));
+        at_seconds.columns[0] = Column::new("id", "smalldatetime", ColumnType::Timestamp);
+        assert!(move_rows(&at_seconds, &[]).contains("ON t.[id] = CAST(s.c1 AS smalldatetime) WHEN"));
         // A key in a collation of its own is compared in it (error 468 otherwise).
         let bin = [("id".to_string(), "Latin1_General_100_BIN2".to_string())];
         assert!(

@@ -136,6 +136,7 @@ async fn feed_chunk(
     let mut scratch = String::new();
     let mut sent = 0usize;
     let mut rows = 0u64;
+    let mut held = 0usize;
     let mut next = Some(first);
     loop {
         let batch = match next.take() {
@@ -155,6 +156,7 @@ async fn feed_chunk(
         };
         let encoded = encode(spec, load_as, &batch, &mut scratch, &mut buffer);
         rows += batch.rows.len() as u64;
+        held += batch.memory();
         kept.push(batch);
         if let Err(e) = encoded {
             fed.error = Some(e);
@@ -172,7 +174,9 @@ async fn feed_chunk(
                 return;
             }
         }
-        if rows >= CHUNK_ROWS || sent >= CHUNK_BYTES {
+        // Also at half the feed's memory: the next batch may need the rest,
+        // and waits for it until this chunk's rows are let go of.
+        if rows >= CHUNK_ROWS || sent >= CHUNK_BYTES || held >= bulk::FEED_MEMORY / 2 {
             break;
         }
     }
@@ -240,13 +244,15 @@ pub(super) async fn load(
     let mut loaded = 0;
     let mut kept = Vec::new();
     loop {
+        // The last chunk's rows are in: their share of the feed's memory
+        // goes back before the next batch is waited for, which may need it.
+        kept.clear();
         // A chunk's statement starts once it has rows to read: the server
         // would time out a file that waits for a slow client.
         let Some(first) = feed.next().await? else {
             return Ok((loaded, true));
         };
         conn.query_drop("SAVEPOINT weir_chunk").await.map_err(map_error)?;
-        kept.clear();
         let (result, fed) = load_chunk(conn, &sql, spec, &load_as, feed, first, &mut kept).await;
         if let Some(e) = fed.error {
             return Err(e);

@@ -184,6 +184,9 @@ impl<'a> FromSql<'a> for ChangeValue {
 
 /// [`decode`], with infinite dates and timestamps as their text (see [`ChangeValue`]).
 pub(super) fn decode_change(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
+    if let Kind::Domain(base) = ty.kind() {
+        return decode_change(base, raw);
+    }
     decode(ty, raw).or_else(|e| {
         let infinite = match *ty {
             Type::DATE => wire::date_from_sql(raw).ok().and_then(|d| match d {

@@ -1534,11 +1534,14 @@ async fn mysql_events_equal_execute(ctx: &Ctx, t: &str, seed: &[String], writes:
     let mut start = ctx.start(&[t], t);
     start.snapshot = true;
     let mut watch = ctx.watch(start).await;
+    // The snapshot is read once the stream has begun: the writes wait for
+    // its rows, or it could see some of them.
+    let mut messages = read_changes(&mut watch, old.len()).await;
     for sql in writes {
         my.query_drop(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     }
     let new = rows_by_id(ctx, &select).await;
-    let messages = read_changes(&mut watch, old.len() + streamed).await;
+    messages.extend(read_changes(&mut watch, streamed).await);
     let same = |c: &pb::ChangeEvent, row: Option<&pb::Row>, expected: &BTreeMap<i64, BTreeMap<String, pb::Value>>| {
         let row = row.expect("a row");
         for (name, value) in &expected[&int(col(c, row, "id"))] {

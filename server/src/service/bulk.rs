@@ -334,14 +334,19 @@ impl Incoming<'_> {
     }
 
     /// Waits out a turn at the tenant's load rate (how long it took), unless
-    /// the load is stopped first: a revoked or expired caller, or a server
-    /// past its grace period, does not keep its transaction and slots for
-    /// the seconds a large batch's turn may take.
+    /// the caller's credential is revoked or expires first: such a load does
+    /// not keep its transaction and slots for the seconds a large batch's
+    /// turn may take. The end of the grace period does not cut the wait: a
+    /// load whose client has sent everything still commits (`message` tells).
     async fn wait_turn(&self, turn: impl std::future::Future<Output = Duration>) -> Result<Duration> {
+        tokio::pin!(turn);
         tokio::select! {
             biased;
-            e = super::stopped(&self.cut, &self.revoked, self.expires) => Err(e),
-            waited = turn => Ok(waited),
+            e = super::stopped(&self.cut, &self.revoked, self.expires) => match e {
+                Error::ShuttingDown => Ok(turn.await),
+                e => Err(e),
+            },
+            waited = &mut turn => Ok(waited),
         }
     }
 }

@@ -271,6 +271,28 @@ impl Verdict {
         }
     }
 
+    /// Runs `load`, a load's work in its engine. If the caller gives up
+    /// first, runs `stop`, which ends the statement running now (a merge, a
+    /// REPLACE's DELETE, a trigger) so that `load` soon fails, rather than
+    /// running it to its end holding its locks, its session and its load
+    /// id; then waits for `load`.
+    pub async fn stopping_if_given_up<T, E: std::fmt::Display>(
+        &self,
+        load: impl std::future::Future<Output = T>,
+        stop: impl std::future::Future<Output = Result<(), E>>,
+    ) -> T {
+        tokio::pin!(load);
+        tokio::select! {
+            done = &mut load => done,
+            () = self.given_up() => {
+                if let Err(e) = stop.await {
+                    tracing::warn!(error = %e, "cannot stop the statement of a load given up on");
+                }
+                load.await
+            }
+        }
+    }
+
     fn claim_commit(&self) -> bool {
         self.0
             .state

@@ -371,6 +371,14 @@ impl<T> Stream for StreamIn<T> {
     }
 }
 
+/// Completes at `at`; never without one.
+pub async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Completes with the reason a call in progress must stop: the shutdown
 /// grace period is over (`ShuttingDown`: `cut`, the registry's root token,
 /// is cancelled), a reload revoked the credential the call was made with
@@ -382,16 +390,10 @@ pub async fn stopped(
     revoked: &CancellationToken,
     expires: Option<tokio::time::Instant>,
 ) -> Error {
-    let expiry = async {
-        match expires {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
-        }
-    };
     tokio::select! {
         biased;
         () = revoked.cancelled() => revocation(cut),
-        () = expiry => Error::CredentialExpired,
+        () = until(expires) => Error::CredentialExpired,
     }
 }
 

@@ -437,17 +437,14 @@ impl StreamService for StreamApi {
         // wait ends at the caller's deadline (answered before the client's
         // own timer with why) or its revocation; what it booked and did not
         // use is at most a second's worth (see `CostBucket::take`).
-        let left = super::deadline_left(&caller);
+        let (started, left) = (tokio::time::Instant::now(), super::deadline_left(&caller));
         let throttled = tokio::select! {
             biased;
             e = super::stopped(&self.cut, &caller.revoked, caller.expires) => return Err(e.into()),
             waited = caller.tenant.limiter.charge_records(records.len() as u64, bytes) => waited,
-            () = async {
-                match left {
-                    Some(left) => tokio::time::sleep(left).await,
-                    None => std::future::pending().await,
-                }
-            } => return Err(Error::ThrottledPastDeadline(left.unwrap_or_default()).into()),
+            () = super::until(left.map(|left| started + left)) => {
+                return Err(Error::ThrottledPastDeadline(started.elapsed()).into())
+            }
         };
         let _admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
         let acks = topics.produce(&r.topic, records, super::deadline_left(&caller)).await?;

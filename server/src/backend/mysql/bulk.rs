@@ -444,22 +444,12 @@ pub async fn load(
     .map_err(map_error)?;
     conn.query_drop("START TRANSACTION").await.map_err(map_error)?;
     let (verdict, connection_id) = (feed.verdict(), conn.id());
-    let mut result = {
-        let run = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref(), transactional);
-        tokio::pin!(run);
-        tokio::select! {
-            result = &mut run => result,
-            () = verdict.given_up() => {
-                // Its caller gave up: the statement running now (a REPLACE's
-                // DELETE, an upsert, a trigger) is stopped rather than run to
-                // its end holding its locks, its session and the load id.
-                if let Err(e) = killer.kill(connection_id).await {
-                    tracing::warn!(error = %e, "cannot stop the statement of a load given up on");
-                }
-                run.await
-            }
-        }
-    };
+    let mut result = verdict
+        .stopping_if_given_up(
+            load_in_transaction(conn, &spec, &mut feed, receipts.as_ref(), transactional),
+            killer.kill(connection_id),
+        )
+        .await;
     let end = if bulk::commits(&mut result, &feed) {
         "COMMIT"
     } else {

@@ -355,22 +355,12 @@ pub async fn load(conn: &mut PgConn, spec: LoadSpec, mut feed: RowFeed) -> Resul
     conn.needs_reset = true;
     conn.client.batch_execute("BEGIN").await.map_err(map_error)?;
     let verdict = feed.verdict();
-    let mut result = {
-        let run = load_in_transaction(conn, &spec, &mut feed, receipts.as_ref());
-        tokio::pin!(run);
-        tokio::select! {
-            result = &mut run => result,
-            () = verdict.given_up() => {
-                // Its caller gave up: the statement running now (a merge, a
-                // REPLACE's DELETE, a trigger) is stopped rather than run to
-                // its end holding its locks, its session and the load id.
-                if let Err(e) = super::cancel::cancel(&conn.cancel, conn.address, &conn.target).await {
-                    tracing::warn!(error = %e, "cannot stop the statement of a load given up on");
-                }
-                run.await
-            }
-        }
-    };
+    let mut result = verdict
+        .stopping_if_given_up(
+            load_in_transaction(conn, &spec, &mut feed, receipts.as_ref()),
+            super::cancel::cancel(&conn.cancel, conn.address, &conn.target),
+        )
+        .await;
     let end = if bulk::commits(&mut result, &feed) {
         "COMMIT"
     } else {

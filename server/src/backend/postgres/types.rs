@@ -144,37 +144,28 @@ fn write_date(out: &mut String, d: NaiveDate) -> &'static str {
     bc
 }
 
-/// A decoded result cell.
-pub struct PgValue(pub Value);
+/// A decoded cell: a result's (`PgValue`), or a change event's or snapshot
+/// row's (`ChangeValue`), where an infinite date or timestamp comes as the
+/// text `infinity` or `-infinity`. A query can cast such a column to text;
+/// a change stream cannot, and refusing the value would stop the
+/// subscription at that change for good, every resume meeting it again.
+pub struct Cell<const IN_CHANGES: bool>(pub Value);
 
-impl<'a> FromSql<'a> for PgValue {
+pub type PgValue = Cell<false>;
+pub type ChangeValue = Cell<true>;
+
+impl<'a, const IN_CHANGES: bool> FromSql<'a> for Cell<IN_CHANGES> {
     fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
-        decode(ty, raw).map(PgValue)
+        let decoded = if IN_CHANGES {
+            decode_change(ty, raw)
+        } else {
+            decode(ty, raw)
+        };
+        decoded.map(Cell)
     }
 
     fn from_sql_null(_: &Type) -> Result<Self, BoxError> {
-        Ok(PgValue(Value::Null))
-    }
-
-    fn accepts(_: &Type) -> bool {
-        true
-    }
-}
-
-/// A change event's or snapshot row's cell: as a result cell, except that
-/// an infinite date or timestamp comes as the text `infinity` or
-/// `-infinity`. A query can cast such a column to text; a change stream
-/// cannot, and refusing the value would stop the subscription at that
-/// change for good, every resume meeting it again.
-pub struct ChangeValue(pub Value);
-
-impl<'a> FromSql<'a> for ChangeValue {
-    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
-        decode_change(ty, raw).map(ChangeValue)
-    }
-
-    fn from_sql_null(_: &Type) -> Result<Self, BoxError> {
-        Ok(ChangeValue(Value::Null))
+        Ok(Cell(Value::Null))
     }
 
     fn accepts(_: &Type) -> bool {

@@ -289,6 +289,28 @@ async fn a_client_ca_taken_away_stops_its_certificates_on_open_connections() {
     server.stop().await;
 }
 
+/// Where client certificates are required, a certificate the client CA in
+/// force no longer accepts is as none, also when a bearer key comes with it
+/// on a connection opened before the change.
+#[tokio::test]
+async fn a_required_certificate_its_ca_no_longer_accepts_is_not_made_up_for_by_a_key() {
+    let (server_ca, old_ca, new_ca) = (ca("server ca"), ca("old client ca"), ca("new client ca"));
+    let files = Files::new();
+    let config = format!("{}{}", tls_section(&files, &server_ca, &old_ca, true), tenants());
+    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
+    let unnamed = leaf(&old_ca, "nobody", &[dns("nobody.internal")], true);
+    let open = connect(&server, Some("key-a"), tls(&server_ca, Some(unnamed)))
+        .await
+        .expect("mtls");
+    assert_eq!(sources(&open).await.expect("by key"), vec!["a_db"]);
+    files.write("client-ca.crt", &new_ca.pem);
+    let e = refused_within_5s(&open)
+        .await
+        .expect("the removed CA's certificate is refused, key or not");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_required_client_certificate_is_required() {
     let (server_ca, client_ca) = (ca("server ca"), ca("client ca"));

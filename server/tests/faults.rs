@@ -663,6 +663,11 @@ async fn a_busy_required_source_keeps_the_replica_ready() {
         .await
         .expect_err("the pool is busy");
     assert_eq!(reason(&busy), "POOL_EXHAUSTED", "{busy:?}");
+    // Nor does a TestConnection that finds the pool busy call the source down.
+    let tested = client.test_connection("pg").await.expect_err("the pool is busy");
+    assert_eq!(reason(&tested), "POOL_EXHAUSTED", "{tested:?}");
+    let sources = client.list_sources().await.expect("list sources");
+    assert!(sources.iter().all(|s| s.healthy), "{sources:?}");
     client.rollback(&pg).await.expect("rollback pg");
     client.rollback(&my).await.expect("rollback my");
     client.execute("my", "SELECT 1", vec![]).await.expect("serves again");

@@ -260,12 +260,29 @@ async fn transactions_commit_and_roll_back() {
         .begin("shop", IsolationLevel::Unspecified, true)
         .await
         .expect("read-only begin");
+    // Nor can the transaction switch its read-only pragma off.
+    for off in [
+        "PRAGMA query_only = OFF",
+        "PRAGMA query_only = 0",
+        "PRAGMA query_only = 'no'",
+    ] {
+        let err = client
+            .execute_in(&tx, "shop", off, vec![])
+            .await
+            .expect_err("query_only stays on");
+        assert_eq!(err.code(), Code::PermissionDenied, "{off}: {err:?}");
+    }
     let err = client
         .execute_in(&tx, "shop", "DELETE FROM products", vec![])
         .await
         .expect_err("read-only transaction");
     assert_eq!(err.code(), Code::PermissionDenied);
     client.rollback(&tx).await.expect("rollback");
+    // The connection writes again once the read-only transaction is over.
+    client
+        .execute("shop", "UPDATE products SET stock = stock WHERE id = 1", vec![])
+        .await
+        .expect("writes after a read-only transaction");
     server.stop().await;
 }
 
@@ -1020,6 +1037,17 @@ async fn sqlite_sources_cannot_reach_other_files() {
         .await
         .expect_err("vacuum into is refused");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // A file name SQLite does not show the check (a parameter, an
+    // expression) is refused too.
+    let path = other.display().to_string();
+    for (sql, params) in [
+        ("ATTACH DATABASE ? AS other", vec![pb::Value::from(path.as_str())]),
+        ("ATTACH DATABASE ? || '' AS other", vec![pb::Value::from(path.as_str())]),
+        ("VACUUM INTO ?", vec![pb::Value::from(path.as_str())]),
+    ] {
+        let err = client.execute("shop", sql, params).await.expect_err(sql);
+        assert_eq!(err.code(), Code::PermissionDenied, "{sql}: {err:?}");
+    }
     assert!(!other.exists(), "no file was written");
     // A plain VACUUM (its copy in a private temporary database) runs, also
     // after a caller attached a temporary database of its own.
@@ -1302,6 +1330,12 @@ async fn a_read_only_sqlite_source_writes_nothing_to_its_file() {
     let refused = weir_server::backend::connect("ro", &config.tenants["r"].sources["ro"], None);
     assert!(refused.is_err(), "a missing read-only file is refused");
     assert!(!missing.exists(), "and not created");
+    // So is a file that is not a database (which SQLite opens all the same).
+    let garbage = dir.path().join("not-a-database.db");
+    std::fs::write(&garbage, "not a database. ".repeat(256)).expect("write");
+    let config = weir_server::Config::from_toml(&tenant("r", "", &source(&garbage))).expect("config");
+    let refused = weir_server::backend::connect("ro", &config.tenants["r"].sources["ro"], None);
+    assert!(refused.is_err(), "a file that is not a database is refused");
     for (extra, key) in [("demo_data = true\n", "demo_data"), ("", "path")] {
         let toml = if key == "path" {
             tenant(

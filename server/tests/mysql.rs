@@ -1318,6 +1318,42 @@ async fn foreign_keys_are_described_with_their_rules() {
     server.stop().await;
 }
 
+/// An INVISIBLE column is left out of `SELECT *`, so its ordinal is 0 and
+/// the columns after it keep their place in `SELECT *`'s rows.
+#[tokio::test]
+async fn invisible_columns_have_no_place_in_select_star() {
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    for sql in [
+        "DROP TABLE IF EXISTS weir_my_invisible",
+        "CREATE TABLE weir_my_invisible (a INT, b INT INVISIBLE, c INT)",
+        "INSERT INTO weir_my_invisible (a, b, c) VALUES (1, 2, 3)",
+    ] {
+        client.execute("maria", sql, vec![]).await.expect(sql);
+    }
+    let d = client
+        .describe_table("maria", "", "weir_my_invisible")
+        .await
+        .expect("describe");
+    let ordinals: Vec<_> = d
+        .columns
+        .iter()
+        .map(|c| (c.column.as_ref().map(|c| c.name.clone()).unwrap_or_default(), c.ordinal))
+        .collect();
+    assert_eq!(ordinals, [("a".to_string(), 1), ("b".into(), 0), ("c".into(), 2)]);
+    let star = client
+        .execute("maria", "SELECT * FROM weir_my_invisible", vec![])
+        .await
+        .expect("select");
+    let names: Vec<_> = star.columns.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["a", "c"]);
+    client
+        .execute("maria", "DROP TABLE weir_my_invisible", vec![])
+        .await
+        .expect("drop");
+    server.stop().await;
+}
+
 /// AUTO_INCREMENT takes a value given, so it is an identity by default;
 /// generated columns (VIRTUAL, PERSISTENT, STORED) are computed, with the
 /// expression the server prints, and never written.

@@ -684,7 +684,10 @@ async fn schema_calls_show_only_what_the_sources_role_may_use() {
          ALTER ROLE weir_priv_reader SET search_path = \"$user\", weir_priv_open;
          CREATE SCHEMA weir_priv_open; CREATE SCHEMA weir_priv_closed;
          CREATE TABLE weir_priv_open.granted (id int); CREATE TABLE weir_priv_open.withheld (id int);
-         CREATE TABLE weir_priv_open.one_column (id int, secret text);
+         CREATE TABLE weir_priv_open.one_column (id int, secret text PRIMARY KEY);
+         CREATE UNIQUE INDEX one_column_id ON weir_priv_open.one_column (id);
+         CREATE INDEX one_column_secret ON weir_priv_open.one_column (id, secret);
+         CREATE INDEX one_column_expression ON weir_priv_open.one_column (lower(secret));
          CREATE TABLE weir_priv_closed.hidden (id int);
          GRANT USAGE ON SCHEMA weir_priv_open TO weir_priv_reader;
          GRANT SELECT ON weir_priv_open.granted TO weir_priv_reader;
@@ -741,6 +744,10 @@ async fn schema_calls_show_only_what_the_sources_role_may_use() {
         .filter_map(|c| c.column.as_ref().map(|c| c.name.as_str()))
         .collect();
     assert_eq!(names, ["id"]);
+    // Nor are keys and indexes over them.
+    assert_eq!(one.primary_key, None);
+    let indexes: Vec<_> = one.indexes.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(indexes, ["one_column_id"]);
     for (schema, table) in [("weir_priv_open", "withheld"), ("weir_priv_closed", "hidden")] {
         let err = client
             .describe_table("limited", schema, table)

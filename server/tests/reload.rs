@@ -86,6 +86,45 @@ async fn a_key_revoked_in_the_file_stops_working_on_the_next_call() {
     works(&weir, "key-a1").await.expect("a1 still works");
 }
 
+/// A ":memory:" source whose pool settings change keeps its database: what
+/// was written before is there after, and a transaction kept across the
+/// reload commits into the database the source now serves.
+#[tokio::test]
+async fn a_memory_sqlite_source_keeps_its_data_across_a_reload() {
+    let file = ConfigFile::new(&format!("{FAST}{}", tenant("a", &["a1"], "")));
+    let weir = start(&file);
+    let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("connect");
+    client
+        .execute("demo", "CREATE TABLE kept (x INTEGER)", vec![])
+        .await
+        .expect("create");
+    client
+        .execute("demo", "INSERT INTO kept VALUES (1)", vec![])
+        .await
+        .expect("insert");
+    let tx = client
+        .begin("demo", pb::IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "demo", "INSERT INTO kept VALUES (2)", vec![])
+        .await
+        .expect("insert in the transaction");
+    file.write(&format!(
+        "{FAST}{}[tenants.a.sources.demo.pool]\nmax_size = 3\n",
+        tenant("a", &["a1"], "")
+    ));
+    let line = reloaded(&weir);
+    assert_eq!(line["sources_new"], 1, "a new pool: {line}");
+    client.commit(&tx).await.expect("commit");
+    let rows = client
+        .execute("demo", "SELECT x FROM kept ORDER BY x", vec![])
+        .await
+        .expect("the table is still there");
+    let xs: Vec<_> = rows.rows.iter().map(|r| common::int(&r.values[0])).collect();
+    assert_eq!(xs, [1, 2]);
+}
+
 #[tokio::test]
 async fn a_broken_file_is_refused_and_the_old_configuration_stays() {
     let good = format!("{FAST}{}", tenant("a", &["a1"], ""));

@@ -214,6 +214,12 @@ pub trait SqlSource: Send + Sync + 'static {
     fn no_change_streams(&self) -> BackendError {
         BackendError::ChangesNotReady(format!("{:?} sources have no change streams", self.engine()))
     }
+    /// What this source hands to the source a reload replaces it with at
+    /// the same place (see [`connect`]): an embedded database's file and
+    /// write turn; `None` for a server, which keeps its data itself.
+    fn carried(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        None
+    }
     /// Connections open and idle, for metrics; `None` where the pool does not tell.
     fn pool_status(&self) -> Option<PoolStatus> {
         None
@@ -302,12 +308,16 @@ impl Backend {
 /// source that is down at start does not stop the gateway.
 /// `replaces`: the backend of the source this one takes over from, when
 /// it reaches the same place (see [`SourceConfig::same_target`]); what its
-/// running streams are known by passes on (see [`topics::TopicSource::carried`]).
+/// running streams are known by passes on (see [`topics::TopicSource::carried`]),
+/// and an embedded database's file (see [`SqlSource::carried`]).
 pub fn connect(name: &str, config: &SourceConfig, replaces: Option<&Backend>) -> Result<Backend, BackendError> {
     Ok(match config.engine {
         EngineKind::Postgres => Backend::Sql(Arc::new(postgres::PostgresSource::new(config)?)),
         EngineKind::Mysql => Backend::Sql(Arc::new(mysql::MysqlSource::new(config)?)),
-        EngineKind::Sqlite => Backend::Sql(Arc::new(sqlite::SqliteSource::open(name, config)?)),
+        EngineKind::Sqlite => {
+            let carried = replaces.and_then(|b| b.sql().ok()).and_then(|s| s.carried());
+            Backend::Sql(Arc::new(sqlite::SqliteSource::open(name, config, carried)?))
+        }
         EngineKind::Mssql => Backend::Sql(Arc::new(mssql::MssqlSource::new(config)?)),
         EngineKind::Kafka => {
             let carried = replaces.and_then(|b| b.topics().ok()).map(|t| t.carried());

@@ -84,23 +84,28 @@ impl SchemaService for SchemaApi {
         let _admitted = self.gate.admit(&caller, None).await?;
         let timeout = statement_timeout(&caller);
         let result = match tokio::time::timeout(timeout, source.backend.connection_info()).await {
-            Ok(result) => result.map_err(Error::from),
+            Ok(result) => result,
             // The caller's own deadline came first: that says nothing of the source.
             Err(_) if timeout < caller.tenant.limits.statement_timeout => return Err(Error::Timeout(timeout).into()),
-            Err(_) => Err(Error::from(crate::backend::BackendError::Unavailable(format!(
+            // A wait for a busy pool is no answer either (the health probe's rule).
+            Err(_) if source.backend.pool_status().is_some_and(|p| p.idle == 0) => {
+                return Err(Error::Timeout(timeout).into());
+            }
+            Err(_) => Err(crate::backend::BackendError::Unavailable(format!(
                 "the source did not answer within {timeout:?}"
-            )))),
+            ))),
         };
-        *source.status.write() = match &result {
-            Ok(info) => SourceStatus {
-                healthy: true,
-                server_version: info.server_version.clone(),
-            },
-            Err(_) => SourceStatus {
-                healthy: false,
-                server_version: source.status.read().server_version.clone(),
-            },
-        };
+        match &result {
+            Ok(info) => {
+                *source.status.write() = SourceStatus {
+                    healthy: true,
+                    server_version: info.server_version.clone(),
+                }
+            }
+            // Busy, not down: every connection is in use.
+            Err(crate::backend::BackendError::PoolExhausted { .. }) => {}
+            Err(_) => source.status.write().healthy = false,
+        }
         let info = result?;
         Ok(Response::new(pb::TestConnectionResponse {
             engine: convert::engine(source.backend.engine()) as i32,

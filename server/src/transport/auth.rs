@@ -247,7 +247,7 @@ where
         let authenticated = method.starts_with(API_PREFIX).then(|| {
             let peer = req.extensions().get::<PeerInfo>();
             if peer.is_some_and(|p| self.tenants.wants_certificate_of(p)) {
-                return Err("this server now requires a client certificate: connect again with one".to_string());
+                return Err("this server now requires a client certificate its client CA accepts, unexpired: connect again with one".to_string());
             }
             // A certificate the client CA now in force no longer accepts
             // names no one, on connections made before the change too.

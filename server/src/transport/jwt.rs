@@ -56,9 +56,13 @@ impl JwtVerifier {
                 ));
             }
             let secrets = match (&config.secret_env, &config.secret_file) {
+                // Trimmed as secret_file's lines are: a Secret made from a
+                // file often ends in a line break.
                 (Some(var), None) => vec![std::env::var(var)
                     .map_err(|_| format!("environment variable {var} (secret_env) is not set"))?
-                    .into_bytes()],
+                    .trim_end_matches(['\r', '\n'])
+                    .as_bytes()
+                    .to_vec()],
                 (None, Some(path)) => secrets_of(read(path, "secret_file")?),
                 _ => return Err(format!("{algorithm:?} needs exactly one of secret_env and secret_file")),
             };
@@ -87,7 +91,13 @@ impl JwtVerifier {
                     Algorithm::EdDSA => DecodingKey::from_ed_pem(block),
                     _ => DecodingKey::from_rsa_pem(block),
                 };
-                keys.push(key.map_err(|e| format!("public_key_file {}, key {}: {e}", path.display(), i + 1))?);
+                let unusable = |e| format!("public_key_file {}, key {}: {e}", path.display(), i + 1);
+                let key = key.map_err(unusable)?;
+                // Loading checks the PEM block's kind, not the key: a P-384
+                // key for ES256, or an RSA private key, loads and then fails
+                // every token. Checking a signature builds the verifier.
+                jsonwebtoken::crypto::verify("AAAA", b"e30.e30", &key, algorithm).map_err(unusable)?;
+                keys.push(key);
             }
             (keys, blocks.into_iter().map(<[u8]>::to_vec).collect())
         };
@@ -134,19 +144,9 @@ impl JwtVerifier {
                     outcome = Ok(data);
                     break;
                 }
-                // Signed with another of the keys, perhaps, or of a kind this
-                // key cannot check (a P-384 key among P-256 ones).
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::InvalidSignature
-                            | ErrorKind::InvalidEcdsaKey
-                            | ErrorKind::InvalidRsaKey(_)
-                            | ErrorKind::InvalidKeyFormat
-                    ) =>
-                {
-                    outcome = Err(e.to_string())
-                }
+                // Signed with another of the keys, perhaps (each key can
+                // check the algorithm: `new` tried it).
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => outcome = Err(e.to_string()),
                 Err(e) => return Err(e.to_string()),
             }
         }
@@ -315,6 +315,43 @@ mod tests {
         assert!(only_old.keeps_tokens_of(&only_old));
         let none = es256_verifier(dir.path(), &["not a key".into()]);
         assert!(none.is_err_and(|e| e.contains("no PEM block")));
+    }
+
+    /// A key of another curve loads as a PEM block but could never check a
+    /// token: refused when the configuration is read, naming the key.
+    #[test]
+    fn a_key_that_cannot_check_the_algorithm_is_refused_when_loaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p256 = rcgen::KeyPair::generate().expect("key");
+        let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key");
+        let refused = es256_verifier(dir.path(), &[p256.public_key_pem(), p384.public_key_pem()]);
+        assert!(
+            refused.as_ref().is_err_and(|e| e.contains("key 2")),
+            "{:?}",
+            refused.err()
+        );
+        assert!(es256_verifier(dir.path(), &[p256.public_key_pem()]).is_ok());
+    }
+
+    /// `secret_env` loses a trailing line break, as `secret_file` does.
+    #[test]
+    fn a_secret_in_the_environment_loses_its_trailing_line_break() {
+        const VAR: &str = "WEIR_TEST_JWT_SECRET_WITH_NEWLINE";
+        std::env::set_var(VAR, format!("{SECRET}\n"));
+        let from_env = JwtVerifier::new(&JwtConfig {
+            issuer: "https://issuer.example".into(),
+            audience: "weir".into(),
+            algorithm: "HS256".into(),
+            secret_env: Some(VAR.into()),
+            secret_file: None,
+            public_key_file: None,
+            tenant_claim: "tenant".into(),
+            leeway: Duration::from_secs(0),
+        })
+        .expect("verifier");
+        let claims = json!({"iss": "https://issuer.example", "aud": "weir", "exp": now() + 60, "tenant": "acme"});
+        let verified = from_env.verify(&token(claims, SECRET, Algorithm::HS256));
+        assert_eq!(verified.map(|i| i.tenant), Ok("acme".to_string()));
     }
 
     #[test]

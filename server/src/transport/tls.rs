@@ -124,11 +124,16 @@ impl TlsReloader {
         self.current.read().clone()
     }
 
-    /// Whether `peer` connected without a client certificate where one is
-    /// now required: `require_client_cert` turned on stops such connections
-    /// already open too, not only new ones.
+    /// Whether `peer` holds no client certificate the server would take
+    /// where one is now required: none at all (`require_client_cert` turned
+    /// on stops such connections already open too, not only new ones), one
+    /// the client CA in force no longer accepts, or one past its end. A
+    /// bearer token does not stand in for it.
     pub fn wants_certificate_of(&self, peer: &PeerInfo) -> bool {
-        peer.certificate.is_none() && self.installed().require_client_cert
+        self.installed().require_client_cert
+            && (peer.certificate.is_none()
+                || !self.still_trusts(peer)
+                || peer.not_after.is_some_and(|end| end <= SystemTime::now()))
     }
 
     /// Whether the client certificate `peer` connected with is still one

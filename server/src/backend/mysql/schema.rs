@@ -137,15 +137,13 @@ fn column_type(data_type: &str, column_type: &str) -> ColumnType {
     }
 }
 
-/// A row of information_schema.COLUMNS as describe_table reads it: a struct,
-/// since mysql_common reads tuples of at most 12 columns.
+/// A row of information_schema.COLUMNS as describe_table reads it.
 struct ColumnRow {
     name: String,
     native: String,
     data_type: String,
     nullable: String,
     default: Option<String>,
-    ordinal: u64,
     precision: Option<u64>,
     scale: Option<u64>,
     length: Option<u64>,
@@ -168,17 +166,16 @@ impl FromRow for ColumnRow {
                 data_type: take(r, 2)?,
                 nullable: take(r, 3)?,
                 default: take(r, 4)?,
-                ordinal: take(r, 5)?,
-                precision: take(r, 6)?,
-                scale: take(r, 7)?,
-                length: take(r, 8)?,
-                comment: take(r, 9)?,
-                charset: take(r, 10)?,
-                extra: take(r, 11)?,
-                generation_expression: take(r, 12)?,
+                precision: take(r, 5)?,
+                scale: take(r, 6)?,
+                length: take(r, 7)?,
+                comment: take(r, 8)?,
+                charset: take(r, 9)?,
+                extra: take(r, 10)?,
+                generation_expression: take(r, 11)?,
             })
         })();
-        read.filter(|_| row.len() == 13).ok_or(FromRowError(row))
+        read.filter(|_| row.len() == 12).ok_or(FromRowError(row))
     }
 }
 
@@ -197,6 +194,12 @@ fn generation(extra: &str, expression: Option<String>) -> (ColumnGeneration, Str
     } else {
         (ColumnGeneration::None, String::new())
     }
+}
+
+fn invisible(extra: &str) -> bool {
+    extra
+        .split_ascii_whitespace()
+        .any(|word| word.eq_ignore_ascii_case("INVISIBLE"))
 }
 
 /// Character sets whose text is UTF-8 as the binary log carries it.
@@ -226,7 +229,7 @@ pub async fn describe_table(
 
     let rows: Vec<ColumnRow> = catalog(
         conn,
-        "SELECT COLUMN_NAME, COLUMN_TYPE, DATA_TYPE, IS_NULLABLE, COLUMN_DEFAULT, ORDINAL_POSITION, \
+        "SELECT COLUMN_NAME, COLUMN_TYPE, DATA_TYPE, IS_NULLABLE, COLUMN_DEFAULT, \
                     NUMERIC_PRECISION, NUMERIC_SCALE, CHARACTER_MAXIMUM_LENGTH, COLUMN_COMMENT, \
                     CHARACTER_SET_NAME, EXTRA, GENERATION_EXPRESSION \
              FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
@@ -245,9 +248,18 @@ pub async fn describe_table(
                 .filter(|charset| !UTF8_CHARSETS.contains(&charset.to_ascii_lowercase().as_str()))
                 .map(|charset| (r.name.clone(), charset.clone()))
         });
+    // The place in `SELECT *`, which leaves INVISIBLE columns out (MariaDB
+    // 10.3, MySQL 8.0.23); ORDINAL_POSITION counts them.
+    let mut shown = 0;
     let columns = rows
         .into_iter()
         .map(|r| {
+            let ordinal = if invisible(&r.extra) {
+                0
+            } else {
+                shown += 1;
+                shown
+            };
             let mut column = Column::new(r.name, r.native.clone(), column_type(&r.data_type, &r.native));
             column.nullable = r.nullable == "YES";
             if column.column_type == ColumnType::Decimal {
@@ -260,7 +272,7 @@ pub async fn describe_table(
             let (generation, generation_expression) = generation(&r.extra, r.generation_expression);
             ColumnInfo {
                 column,
-                ordinal: i32::try_from(r.ordinal).unwrap_or(i32::MAX),
+                ordinal,
                 default_expression,
                 comment: r.comment,
                 generation,

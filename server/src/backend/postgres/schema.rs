@@ -209,6 +209,8 @@ pub async fn describe_table(
         });
     }
 
+    // Keys and indexes over a column not shown are not shown either (an
+    // expression index's text may name any column).
     let mut primary_key = None;
     let mut foreign_keys = Vec::new();
     let constraints = client
@@ -225,6 +227,8 @@ pub async fn describe_table(
              LEFT JOIN pg_namespace fn ON fn.oid = fc.relnamespace \
              WHERE con.conrelid = $1 AND con.contype IN ('p', 'f') \
                AND NOT EXISTS (SELECT 1 FROM pg_constraint p WHERE p.oid = con.conparentid AND p.conrelid = con.conrelid) \
+               AND NOT EXISTS (SELECT 1 FROM unnest(con.conkey) k(n) WHERE NOT has_column_privilege(con.conrelid, k.n, 'SELECT, INSERT, UPDATE, REFERENCES')) \
+               AND NOT EXISTS (SELECT 1 FROM unnest(con.confkey) k(n) WHERE NOT has_column_privilege(con.confrelid, k.n, 'SELECT, INSERT, UPDATE, REFERENCES')) \
              ORDER BY 1",
             &[&oid],
         )
@@ -260,7 +264,13 @@ pub async fn describe_table(
                      WHERE k.o <= ix.indnkeyatts ORDER BY k.o), \
                ix.indpred IS NOT NULL \
              FROM pg_index ix JOIN pg_class ic ON ic.oid = ix.indexrelid JOIN pg_am am ON am.oid = ic.relam \
-             WHERE ix.indrelid = $1 ORDER BY 1",
+             WHERE ix.indrelid = $1 \
+               AND NOT EXISTS (SELECT 1 FROM unnest(ix.indkey::int2[]) k(n) \
+                               WHERE k.n <> 0 AND NOT has_column_privilege(ix.indrelid, k.n, 'SELECT, INSERT, UPDATE, REFERENCES')) \
+               AND (ix.indexprs IS NULL OR NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = ix.indrelid \
+                      AND a.attnum > 0 AND NOT a.attisdropped \
+                      AND NOT has_column_privilege(a.attrelid, a.attnum, 'SELECT, INSERT, UPDATE, REFERENCES'))) \
+             ORDER BY 1",
             &[&oid],
         )
         .await

@@ -105,7 +105,11 @@ const PROCESS_WIDE_PRAGMAS: &[&str] = &[
 /// process-wide PRAGMAs, or attach a database by file name (`ATTACH`,
 /// `VACUUM INTO`), which would reach any file the gateway can read or
 /// write. A private temporary database, named by the empty string, is
-/// what a plain `VACUUM` attaches for its copy.
+/// what a plain `VACUUM` attaches for its copy; a name that is not a
+/// literal (`ATTACH ? AS o`, `'a' || 'b'`) is not told, so it is refused.
+/// Nor may it switch `query_only` off: that would make a read-only
+/// transaction writable (the gateway switches it off with
+/// `set_query_only`).
 fn authorize(ctx: rusqlite::hooks::AuthContext<'_>) -> rusqlite::hooks::Authorization {
     use rusqlite::hooks::{AuthAction, Authorization};
     match ctx.action {
@@ -113,9 +117,32 @@ fn authorize(ctx: rusqlite::hooks::AuthContext<'_>) -> rusqlite::hooks::Authoriz
             pragma_name,
             pragma_value: Some(_),
         } if PROCESS_WIDE_PRAGMAS.iter().any(|p| p.eq_ignore_ascii_case(pragma_name)) => Authorization::Deny,
+        AuthAction::Pragma {
+            pragma_name,
+            pragma_value: Some(value),
+        } if pragma_name.eq_ignore_ascii_case("query_only")
+            && !["1", "on", "yes", "true"]
+                .iter()
+                .any(|on| on.eq_ignore_ascii_case(value)) =>
+        {
+            Authorization::Deny
+        }
         AuthAction::Attach { filename } if !filename.is_empty() => Authorization::Deny,
+        AuthAction::Unknown {
+            code: rusqlite::ffi::SQLITE_ATTACH,
+            ..
+        } => Authorization::Deny,
         _ => Authorization::Allow,
     }
+}
+
+/// Sets `query_only` past `authorize`, which refuses a tenant's statement
+/// that switches it off.
+fn set_query_only(conn: &Connection, on: bool) -> Result<(), BackendError> {
+    conn.authorizer(None::<fn(rusqlite::hooks::AuthContext<'_>) -> rusqlite::hooks::Authorization>);
+    let set = conn.pragma_update(None, "query_only", on).map_err(map_error);
+    conn.authorizer(Some(authorize));
+    set
 }
 
 struct Pool {
@@ -125,8 +152,9 @@ struct Pool {
     permits: Arc<Semaphore>,
     max_size: u32,
     acquire_timeout: Duration,
-    /// Keeps the temporary file of a ":memory:" source alive.
-    _temp: Option<tempfile::TempPath>,
+    /// Keeps the temporary file of a ":memory:" source alive (shared with
+    /// the pool of a source a reload replaces this one with).
+    temp: Option<Arc<tempfile::TempPath>>,
 }
 
 impl Pool {
@@ -247,12 +275,46 @@ pub struct SqliteSource {
     writer: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// Reads the file's header, as nothing else a probe runs does: opening a
+/// file that is not a database succeeds, and so does `sqlite_version()`.
+fn read_header(conn: &Connection) -> Result<(), BackendError> {
+    conn.query_row("PRAGMA schema_version", [], |_| Ok(()))
+        .map_err(map_error)
+}
+
+/// What a source hands to the one a reload replaces it with at the same
+/// place (`SqlSource::carried`): a ":memory:" source's database, which
+/// would otherwise start empty and take with it what transactions kept
+/// across the reload commit, and the write turn, so that old and new
+/// writers still take turns.
+struct Carried {
+    temp: Option<Arc<tempfile::TempPath>>,
+    writer: Arc<tokio::sync::Mutex<()>>,
+}
+
 impl SqliteSource {
-    pub fn open(name: &str, config: &SourceConfig) -> Result<Self, BackendError> {
+    /// `carried`: what the source this one replaces at the same place carried.
+    pub fn open(
+        name: &str,
+        config: &SourceConfig,
+        carried: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    ) -> Result<Self, BackendError> {
+        let carried = carried.and_then(|c| c.downcast::<Carried>().ok());
         let configured = config.path.clone().unwrap_or_else(|| ":memory:".into());
+        let kept_temp = carried
+            .as_ref()
+            .and_then(|c| c.temp.clone())
+            .filter(|_| configured == ":memory:");
+        let seed = config.demo_data && kept_temp.is_none();
         // A private temporary file instead of SQLite's in-memory mode, so the
         // pool's connections share one database with WAL concurrency.
-        let (path, temp, label) = if configured == ":memory:" {
+        let (path, temp, label) = if let Some(temp) = kept_temp {
+            (
+                temp.to_string_lossy().into_owned(),
+                Some(temp),
+                format!("{name} (temporary)"),
+            )
+        } else if configured == ":memory:" {
             let file = tempfile::Builder::new()
                 .prefix(&format!("weir-{name}-"))
                 .suffix(".db")
@@ -261,7 +323,7 @@ impl SqliteSource {
             let temp = file.into_temp_path();
             (
                 temp.to_string_lossy().into_owned(),
-                Some(temp),
+                Some(Arc::new(temp)),
                 format!("{name} (temporary)"),
             )
         } else {
@@ -278,23 +340,24 @@ impl SqliteSource {
             permits: Arc::new(Semaphore::new(config.pool.max_size as usize)),
             max_size: config.pool.max_size,
             acquire_timeout: config.pool.acquire_timeout,
-            _temp: temp,
+            temp,
         });
         if config.read_only {
             // Opened as the pool will, so a missing or unreadable file fails
             // here, and nothing is written (not even the journal mode).
-            pool.open()?;
+            read_header(&pool.open()?)?;
         } else {
             let setup = Connection::open(&pool.path).map_err(map_error)?;
             setup.execute_batch("PRAGMA journal_mode = WAL").map_err(map_error)?;
-            if config.demo_data {
+            // (Not again into a database carried over: it holds what the tenant made of it.)
+            if seed {
                 demo::seed(&setup).map_err(map_error)?;
             }
         }
         Ok(Self {
             pool,
             label,
-            writer: Arc::new(tokio::sync::Mutex::new(())),
+            writer: carried.map_or_else(Arc::default, |c| c.writer.clone()),
         })
     }
 
@@ -335,6 +398,13 @@ impl SqlSource for SqliteSource {
         Engine::Sqlite
     }
 
+    fn carried(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        Some(Arc::new(Carried {
+            temp: self.pool.temp.clone(),
+            writer: self.writer.clone(),
+        }))
+    }
+
     fn capabilities(&self) -> Capabilities {
         // SQLite transactions are always serializable, which satisfies every level.
         Capabilities::sql("?")
@@ -363,11 +433,10 @@ impl SqlSource for SqliteSource {
             let conn = lease.conn()?;
             // IMMEDIATE takes the write lock up front, so a read-write
             // transaction cannot fail later on a lock upgrade.
-            let sql = if read_only {
-                "PRAGMA query_only = ON; BEGIN"
-            } else {
-                "BEGIN IMMEDIATE"
-            };
+            if read_only {
+                set_query_only(conn, true)?;
+            }
+            let sql = if read_only { "BEGIN" } else { "BEGIN IMMEDIATE" };
             conn.execute_batch(sql).map_err(map_error)?;
             Ok::<_, BackendError>(lease)
         })
@@ -383,6 +452,7 @@ impl SqlSource for SqliteSource {
         let label = self.label.clone();
         self.with_conn(move |conn| {
             let started = Instant::now();
+            read_header(conn)?;
             let version: String = conn
                 .query_row("SELECT sqlite_version()", [], |r| r.get(0))
                 .map_err(map_error)?;
@@ -461,7 +531,7 @@ impl SqliteTransaction {
             // Restored even when the statement failed (a caller may have ended
             // the transaction itself), or later writers would find it read-only.
             if restore {
-                conn.execute_batch("PRAGMA query_only = OFF").map_err(map_error)?;
+                set_query_only(conn, false)?;
             }
             // Over: the next writer's turn now, not when the handle goes.
             if conn.is_autocommit() {

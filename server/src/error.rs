@@ -24,7 +24,8 @@ pub enum Error {
     #[error(
         "the transaction's database session was lost ({0}); it was rolled back: run it again from BeginTransaction"
     )]
-    TransactionLost(String),
+    /// The session's loss, and the engine's code for it (may be empty).
+    TransactionLost(String, String),
     #[error("invalid {field}: {message}")]
     InvalidArgument { field: &'static str, message: String },
     #[error("rate limit of {rate} requests per second exceeded; retry in {retry_after:?}")]
@@ -115,7 +116,13 @@ impl Error {
     /// Inside a transaction a lost session loses the transaction: ABORTED, not UNAVAILABLE.
     pub fn in_transaction(self) -> Error {
         match self {
-            Error::Backend(e) if e.is_unavailable() => Error::TransactionLost(e.to_string()),
+            Error::Backend(e) if e.is_unavailable() => {
+                let code = match &e {
+                    BackendError::Engine { code, .. } => code.clone(),
+                    _ => String::new(),
+                };
+                Error::TransactionLost(e.to_string(), code)
+            }
             other => other,
         }
     }
@@ -166,8 +173,12 @@ impl From<Error> for Status {
             Error::CredentialExpired => (Code::Unauthenticated, info("CREDENTIAL_EXPIRED", vec![])),
             Error::SourceNotFound(_) => (Code::NotFound, info("SOURCE_NOT_FOUND", vec![])),
             Error::TransactionNotFound => (Code::NotFound, info("TRANSACTION_NOT_FOUND", vec![])),
-            Error::TransactionLost(_) => {
-                let mut d = info("TRANSACTION_LOST", vec![]);
+            Error::TransactionLost(_, engine_code) => {
+                let meta = match engine_code.is_empty() {
+                    true => vec![],
+                    false => vec![("engine_code", engine_code.clone())],
+                };
+                let mut d = info("TRANSACTION_LOST", meta);
                 d.set_retry_info(Some(Duration::from_secs(1)));
                 (Code::Aborted, d)
             }
@@ -260,6 +271,7 @@ impl From<Error> for Status {
             ),
             Error::Backend(b) => backend_parts(b),
         };
+        let message = shortened(message);
         let message = match &e {
             Error::Backend(BackendError::Engine { code, .. } | BackendError::Row { code, .. }) if !code.is_empty() => {
                 format!("{message} (engine code {code})")
@@ -268,6 +280,26 @@ impl From<Error> for Status {
         };
         Status::with_error_details(code, message, details)
     }
+}
+
+/// The most of a message a status carries. It travels in the trailers twice
+/// (`grpc-message`, percent-encoded, and the details' copy), and clients
+/// refuse trailers past 8 KiB (gRPC C-core, grpc-java) or 16 KiB (hyper,
+/// which closes the whole connection past 64 KiB); an engine's message
+/// can be any length (a RAISE, a wide table's failing row).
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+fn shortened(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let cut = message.len() - end;
+        message.truncate(end);
+        message.push_str(&format!("... ({cut} bytes more)"));
+    }
+    message
 }
 
 /// The code and details of a backend error.
@@ -388,6 +420,45 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_transaction_keeps_the_engines_code() {
+        let lost = Error::Backend(BackendError::Engine {
+            kind: EngineErrorKind::Unavailable,
+            code: "57P01".into(),
+            message: "terminating connection due to administrator command".into(),
+        })
+        .in_transaction();
+        let status = Status::from(lost);
+        assert_eq!(status.code(), Code::Aborted);
+        let info = status.get_error_details().error_info().cloned().expect("error info");
+        assert_eq!(info.reason, "TRANSACTION_LOST");
+        assert_eq!(info.metadata.get("engine_code").map(String::as_str), Some("57P01"));
+    }
+
+    #[test]
+    fn a_long_engine_message_is_cut_and_keeps_its_code() {
+        let status = Status::from(Error::Backend(BackendError::Engine {
+            kind: EngineErrorKind::FailedPrecondition,
+            code: "P0001".into(),
+            message: "é".repeat(50_000),
+        }));
+        assert!(
+            status.message().len() < MAX_MESSAGE_BYTES + 64,
+            "{}",
+            status.message().len()
+        );
+        assert!(
+            status.message().ends_with("(98976 bytes more) (engine code P0001)"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.details().len() < 2 * MAX_MESSAGE_BYTES,
+            "{}",
+            status.details().len()
+        );
+    }
 
     #[test]
     fn rate_limit_carries_retry_info() {

@@ -324,6 +324,23 @@ async fn engine_errors_keep_their_sqlstate() {
         .await
         .expect_err("duplicate key");
     assert_eq!((err.code(), engine_code(&err).as_str()), (Code::AlreadyExists, "23505"));
+    // A database or an authorization a statement names is the statement's
+    // error, not a refused login of Weir's (UNAVAILABLE, retried for ever).
+    for (sql, code, state) in [
+        ("SELECT pg_database_size('weir_no_such_db')", Code::NotFound, "3D000"),
+        (
+            "DO $$BEGIN RAISE EXCEPTION 'not yours' USING ERRCODE = '28000'; END$$",
+            Code::PermissionDenied,
+            "28000",
+        ),
+    ] {
+        let err = client.execute("pg", sql, vec![]).await.expect_err(sql);
+        assert_eq!(
+            (err.code(), engine_code(&err).as_str()),
+            (code, state),
+            "{sql}: {err:?}"
+        );
+    }
     // Errors mid-stream arrive as the stream's status.
     let mut stream = client
         .execute_stream("pg", "SELECT 10 / (5000 - g) FROM generate_series(1, 10000) g", vec![])
@@ -1036,6 +1053,29 @@ async fn an_unreachable_database_is_unavailable_without_leaking_where() {
     assert_eq!(err.code(), Code::Unavailable);
     let sources = client.list_sources().await.expect("listing still works");
     assert!(!sources[0].healthy);
+    server.stop().await;
+}
+
+/// A database that is not there at login is the operator's to fix: the
+/// caller gets UNAVAILABLE with the engine's code, never the database's name.
+#[tokio::test]
+async fn a_database_missing_at_login_is_unavailable_without_its_name() {
+    let source = postgres("gone", "pg", "").replace(
+        &format!("database = \"{}\"", env_or("WEIR_TEST_PG_DATABASE", "test")),
+        "database = \"weir_no_such_database\"",
+    );
+    let server = TestServer::start(&tenant("gone", "", &source)).await;
+    let client = server.client("key-gone").await;
+    let err = client
+        .execute("pg", "SELECT 1", vec![])
+        .await
+        .expect_err("no such database");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::Unavailable, "SOURCE_UNAVAILABLE")
+    );
+    assert!(err.message().contains("engine code 3D000"), "{}", err.message());
+    assert!(!err.message().contains("weir_no_such_database"), "{}", err.message());
     server.stop().await;
 }
 

@@ -192,7 +192,8 @@ pub fn classify_sqlstate(code: &str) -> EngineErrorKind {
     use EngineErrorKind as K;
     match code {
         // 3B001: a savepoint not defined; 58P01: a file the server cannot find.
-        "42P01" | "42883" | "3F000" | "42704" | "42S02" | "3B001" | "58P01" => K::NotFound,
+        // 3D000: a database (`pg_database_size('x')`; at login it is the operator's).
+        "42P01" | "42883" | "3F000" | "42704" | "42S02" | "3B001" | "58P01" | "3D000" => K::NotFound,
         "23505" | "58P02" => K::AlreadyExists,
         "42501" | "25006" => K::PermissionDenied,
         // 72000: snapshot too old (run it again).
@@ -206,6 +207,8 @@ pub fn classify_sqlstate(code: &str) -> EngineErrorKind {
             // 44: a view's WITH CHECK OPTION.
             "23" | "25" | "P0" | "55" | "2B" | "2D" | "39" | "38" | "45" | "44" => K::FailedPrecondition,
             "40" => K::Aborted,
+            // Invalid authorization, raised by a statement (a login's is `login_refused`).
+            "28" => K::PermissionDenied,
             "53" => K::ResourceExhausted,
             "08" | "57" | "58" => K::Unavailable,
             _ => K::Internal,

@@ -253,18 +253,39 @@ pub fn writes_and_returns_rows(sql: &str) -> bool {
     let unwrapped = sql
         .trim_start()
         .trim_start_matches(|c: char| c == '(' || c.is_whitespace());
+    let writes = |w: &str| {
+        ["insert", "update", "delete", "merge"]
+            .iter()
+            .any(|v| w.eq_ignore_ascii_case(v))
+    };
     returns
-        && leading_words(unwrapped, 1).iter().any(|w| {
-            matches!(
-                w.first().map(String::as_str),
-                Some("insert" | "update" | "delete" | "merge" | "replace" | "with")
-            )
-        })
+        && leading_words(unwrapped, 1)
+            .iter()
+            .any(|w| match w.first().map(String::as_str) {
+                Some("insert" | "update" | "delete" | "merge" | "replace") => true,
+                // A WITH writes only through a writing statement in it: a read
+                // that names a column `output` must not take SQLite's write lock.
+                Some("with") => words_anywhere(sql).any(writes),
+                _ => false,
+            })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_with_that_only_reads_does_not_write_and_return_rows() {
+        assert!(!writes_and_returns_rows(
+            "WITH r AS (SELECT * FROM jobs) SELECT output FROM r"
+        ));
+        assert!(!writes_and_returns_rows(
+            "with returning as (select 1) select * from returning"
+        ));
+        assert!(writes_and_returns_rows(
+            "WITH u AS (UPDATE jobs SET done = true RETURNING id) SELECT * FROM u"
+        ));
+    }
 
     #[test]
     fn procedures_that_may_commit_are_told_apart() {

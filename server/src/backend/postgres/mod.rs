@@ -158,7 +158,7 @@ impl Target {
                 }
                 let session = async {
                     let stream = net::socket(host, port).await.map_err(connect_error)?;
-                    self.config.connect_raw(stream, NoTls).await.map_err(map_error)
+                    self.config.connect_raw(stream, NoTls).await.map_err(map_connect_error)
                 };
                 Ok((drive(bounded(timeout, session).await?), None))
             }
@@ -193,9 +193,16 @@ impl Target {
                 Some(tls) => {
                     let tls =
                         MakeTlsConnect::<TcpStream>::make_tls_connect(&mut tls.clone(), name).map_err(connect_error)?;
-                    Ok(drive(self.config.connect_raw(stream, tls).await.map_err(map_error)?))
+                    Ok(drive(
+                        self.config.connect_raw(stream, tls).await.map_err(map_connect_error)?,
+                    ))
                 }
-                None => Ok(drive(self.config.connect_raw(stream, NoTls).await.map_err(map_error)?)),
+                None => Ok(drive(
+                    self.config
+                        .connect_raw(stream, NoTls)
+                        .await
+                        .map_err(map_connect_error)?,
+                )),
             }
         };
         bounded(timeout, session).await
@@ -1028,6 +1035,19 @@ pub(crate) fn map_error(e: tokio_postgres::Error) -> BackendError {
     BackendError::Unavailable(cause)
 }
 
+/// An error of a connection's start: a refused login (class 28) or a
+/// database that is not there (3D000) is the operator's to fix. From a
+/// statement the same codes are the statement's (`pg_database_size('x')`,
+/// a function's `RAISE ... ERRCODE '28000'`), so `map_error` leaves them be.
+fn map_connect_error(e: tokio_postgres::Error) -> BackendError {
+    match e.as_db_error().map(|db| db.code().code()) {
+        Some(code) if code.starts_with("28") || code == "3D000" => {
+            crate::backend::error::login_refused(code, &e.to_string())
+        }
+        _ => map_error(e),
+    }
+}
+
 /// An error PostgreSQL reported, as callers see it (SQLSTATE attached).
 pub(crate) fn engine_error(code: &str, text: &str, detail: Option<&str>, position: Option<u32>) -> BackendError {
     let mut message = text.to_string();
@@ -1045,9 +1065,6 @@ pub(crate) fn engine_error(code: &str, text: &str, detail: Option<&str>, positio
         // running it again works.
         kind = EngineErrorKind::Aborted;
         message.push_str(": a table it reads changed since it was prepared; run the transaction again");
-    }
-    if code.starts_with("28") || code == "3D000" {
-        return crate::backend::error::login_refused(code, &message);
     }
     BackendError::Engine {
         kind,

@@ -88,6 +88,11 @@ pub struct ServerConfig {
     /// How long open streams may run after a shutdown signal before they are cut.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long, after a shutdown signal, health says NOT_SERVING while
+    /// new calls are still taken, so that a load balancer that polls
+    /// health stops sending first (what a Kubernetes `preStop` sleep does).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
     /// How often the configuration file and the TLS files are checked for
     /// changes (a ConfigMap or Secret update); SIGHUP reloads at once.
     #[serde(with = "humantime_serde")]
@@ -216,6 +221,7 @@ impl Default for ServerConfig {
             max_request_bytes: 16 * 1024 * 1024,
             health_check_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            shutdown_delay: Duration::ZERO,
             reload_interval: Duration::from_secs(5),
             max_concurrent_requests: 1024,
             max_queue_wait: Duration::from_secs(1),

@@ -108,9 +108,9 @@ pub async fn run(
         }))
     });
     let stop_monitor = monitor.abort_handle();
+    let delay = config.server.shutdown_delay;
     let signal = async move {
         shutdown.await;
-        tracing::info!("shutting down: no new calls; draining calls in progress");
         // Load balancers stop sending before the listener closes.
         monitor.abort();
         // A probe round in the middle of saying SERVING on another thread
@@ -118,6 +118,14 @@ pub async fn run(
         let _ = monitor.await;
         readiness.set(false);
         health::set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "shutting down: NOT_SERVING, still taking calls for shutdown_delay"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        tracing::info!("shutting down: no new calls; draining calls in progress");
         let _ = stop_tx.send(true);
     };
     let grace = config.server.shutdown_grace;

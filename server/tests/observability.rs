@@ -202,6 +202,37 @@ async fn shutdown_ends_streams_and_rolls_back_transactions() {
     assert!(wait_until_gone(&pg, "pg_sleep(20) AS unary", Duration::from_secs(5)).await);
 }
 
+/// With `shutdown_delay`, health says NOT_SERVING at the signal while new
+/// connections and calls are still taken until the delay is over, so that
+/// a load balancer that polls health stops sending before the port closes.
+#[tokio::test]
+async fn shutdown_delay_keeps_taking_calls_while_health_says_not_serving() {
+    let mut toml = tenant("late", "", &sqlite_demo("late", "db"));
+    toml.push_str("[server]\nshutdown_delay = \"2s\"\n");
+    let server = TestServer::start(&toml).await;
+    let (addr, metrics_url) = (server.addr.clone(), server.metrics_url.clone());
+    let started = Instant::now();
+    let stopping = tokio::spawn(server.stop());
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while http_get(&metrics_url, "/readyz").await.0 != 503 {
+        assert!(Instant::now() < deadline, "/readyz never said 503");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A new connection, as a load balancer that has not yet noticed makes.
+    let late = weir_client::WeirClient::connect(&addr, "key-late")
+        .await
+        .expect("the port is still open");
+    late.execute("db", "SELECT 1", vec![])
+        .await
+        .expect("a call during the delay is served");
+    assert!(started.elapsed() < Duration::from_secs(2), "checked within the delay");
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("server stopped")
+        .expect("clean stop");
+    assert!(started.elapsed() >= Duration::from_secs(2), "the delay was waited out");
+}
+
 /// A scraper that never finishes its request does not hold up shutdown: the
 /// metrics port's graceful close is bounded.
 #[tokio::test]

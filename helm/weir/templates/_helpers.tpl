@@ -118,7 +118,8 @@ Seconds in a humantime duration ("10s", "1m 30s", "1500ms"), rounded up;
 Fails unless SIGKILL comes after Weir's own shutdown: the preStop sleep, then
 server.shutdown_grace (from WEIR__SERVER__SHUTDOWN_GRACE in extraEnv, else
 [server] in config.toml, else the default 10 s; an existingConfigMap is not
-read, so only the default is checked), then up to 20 s of wrap-up (cut
+read, so only the default is checked; a form it cannot read is refused),
+then up to 20 s of wrap-up (cut
 streams, rollbacks and cancels share 10 s; blocking work and the trace flush
 5 s each) must fit in terminationGracePeriodSeconds.
 */}}
@@ -132,10 +133,19 @@ streams, rollbacks and cancels share 10 s; blocking work and the trace flush
 {{- if $line }}
 {{- $grace = regexReplaceAll `^[^"]*"([^"]*)"$` $line "${1}" }}
 {{- $from = "[server] shutdown_grace in config.toml" }}
+{{- else if regexMatch `(?m)^[^#\n]*shutdown_grace` (.Values.config.toml | default "") }}
+{{- /* A literal string, a dotted key, a spaced table header: not read above, so not checked. */}}
+{{- fail "config.toml sets shutdown_grace in a form the chart cannot read to check terminationGracePeriodSeconds: write it as shutdown_grace = \"...\" (double quotes) in a [server] table, or set WEIR__SERVER__SHUTDOWN_GRACE in extraEnv" }}
+{{- end }}
+{{- if regexMatch `(?m)^[^#\n]*shutdown_delay` (.Values.config.toml | default "") }}
+{{- fail "config.toml sets shutdown_delay, which the chart's shutdown budget does not count: on Kubernetes use preStopSleepSeconds, which keeps the pod serving while it leaves the Service's endpoints" }}
 {{- end }}
 {{- end }}
 {{- range .Values.extraEnv }}
-{{- if and (eq (.name | default "") "WEIR__SERVER__SHUTDOWN_GRACE") .value }}
+{{- if eq (.name | default "") "WEIR__SERVER__SHUTDOWN_GRACE" }}
+{{- if not .value }}
+{{- fail "WEIR__SERVER__SHUTDOWN_GRACE in extraEnv must have a value (not valueFrom): the chart checks terminationGracePeriodSeconds against it" }}
+{{- end }}
 {{- $grace = .value }}
 {{- $from = "WEIR__SERVER__SHUTDOWN_GRACE in extraEnv" }}
 {{- end }}

@@ -81,8 +81,12 @@ impl Files {
         }
     }
 
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
     fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.dir.path().join(name);
+        let path = self.path(name);
         let next = path.with_extension("next");
         std::fs::write(&next, text).expect("write");
         std::fs::rename(&next, &path).expect("rename");
@@ -354,6 +358,45 @@ async fn a_client_certificate_required_by_reload_stops_open_connections_without_
         .expect("the open connection without a certificate is refused");
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert_eq!(sources(&by_cert).await.expect("with a certificate"), vec!["a_db"]);
+    server.stop().await;
+}
+
+/// A reload that requires client certificates against a CA file that
+/// cannot be read is refused as a whole: nothing of it applies (a tenant it
+/// adds does not exist), and keys go on working until it can be applied.
+#[tokio::test]
+async fn a_client_certificate_requirement_that_cannot_be_applied_refuses_the_reload() {
+    let (server_ca, client_ca) = (ca("server ca"), ca("client ca"));
+    let files = Files::new();
+    let config = format!("{}{}", tls_section(&files, &server_ca, &client_ca, false), tenants());
+    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
+    let by_key = connect(&server, Some("key-a"), tls(&server_ca, None))
+        .await
+        .expect("tls without a client certificate");
+    let tenant_c = format!(
+        "[tenants.c]\napi_keys = [{{ id = \"k\", sha256 = \"{}\" }}]\n{}",
+        key_hash("key-c"),
+        sqlite_demo("c", "c_db")
+    );
+    let ca_file = toml_path(&files.path("client-ca.crt"));
+    let required = format!("{config}{tenant_c}").replace("require_client_cert = false", "require_client_cert = true");
+    files.write(
+        "weir.toml",
+        &required.replace(&ca_file, &toml_path(&files.path("missing-ca.crt"))),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let c = connect(&server, Some("key-c"), tls(&server_ca, None))
+        .await
+        .expect("tls without a client certificate");
+    let e = sources(&c)
+        .await
+        .expect_err("the reload that adds tenant c was refused");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(sources(&by_key).await.expect("keys still work"), vec!["a_db"]);
+    // Once the CA file is there, the whole reload applies.
+    files.write("weir.toml", &required);
+    let e = refused_within_5s(&by_key).await.expect("now a certificate is required");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     server.stop().await;
 }
 

@@ -126,6 +126,18 @@ impl Registry {
         let tls = match (&self.tls, &config.server.tls) {
             (Some(tls), Some(files)) => match crate::transport::tls::server_config(files) {
                 Ok(fresh) => Some((tls, fresh)),
+                // A change of who may connect (a client certificate now
+                // required, another client CA) is not applied by halves:
+                // the rest of the reload going through would report it
+                // applied while connections go on as before.
+                Err(e)
+                    if running.server.tls.as_ref().is_none_or(|was| {
+                        (was.require_client_cert, &was.client_ca_file)
+                            != (files.require_client_cert, &files.client_ca_file)
+                    }) =>
+                {
+                    return Err(format!("the client certificate settings changed, but {e}"));
+                }
                 Err(e) => {
                     tls_kept = Some(e);
                     None

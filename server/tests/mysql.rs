@@ -210,6 +210,21 @@ async fn views_are_listed_without_the_servers_word_for_them() {
         client.execute("maria", sql, vec![]).await.expect(sql);
     }
     let tables = client.list_tables("maria", "").await.expect("tables");
+    // The database's name in another case: another database where the
+    // server compares names by case (lower_case_table_names = 0, Linux's
+    // default), the same one otherwise.
+    let settings = client
+        .execute("maria", "SELECT @@lower_case_table_names, DATABASE()", vec![])
+        .await
+        .expect("settings");
+    let upper = text(&settings.rows[0].values[1]).to_uppercase();
+    let listed = client.list_tables("maria", &upper).await;
+    match &settings.rows[0].values[0].kind {
+        Some(pb::value::Kind::Uint64Value(0) | pb::value::Kind::Int64Value(0)) => {
+            assert_eq!(listed.map(|_| ()).map_err(|e| e.code()), Err(Code::NotFound))
+        }
+        _ => assert!(!listed.expect("the same database").is_empty()),
+    }
     // MariaDB's catalog lists sequences among tables; they are not tables.
     assert!(!tables.iter().any(|t| t.name == "weir_my_sequence"), "{tables:?}");
     client

@@ -825,6 +825,12 @@ async fn schema_calls_read_the_catalog() {
         ],
         "a partitioned table once, without its partitions"
     );
+    // PostgreSQL's names are case-sensitive: another case is another schema.
+    let err = client
+        .list_tables("pg", "WEIR_SHOP")
+        .await
+        .expect_err("no schema WEIR_SHOP");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
     let customers = &tables[1];
     assert_eq!(customers.row_estimate, Some(500));
     assert_eq!(tables[3].row_estimate, Some(300), "its partitions' rows");

@@ -174,9 +174,28 @@ impl SchemaService for SchemaApi {
         // may be empty: its tables were dropped since the previous one.)
         if let (Some(schema), true, true) = (schema, tables.is_empty(), first_page) {
             let schemas = timed(timeout, sql.list_schemas(true)).await?;
-            // As the engines compare names (SQL Server's usual collations and
-            // MySQL's lower_case_table_names ignore case).
-            if !schemas.iter().any(|s| s.name.eq_ignore_ascii_case(schema)) {
+            let exists = match schemas.iter().find(|s| s.name == schema) {
+                Some(_) => true,
+                // Only in another case: whether the engine takes it for the
+                // same name (SQL Server's usual collations, SQLite, MySQL's
+                // lower_case_table_names) or not (PostgreSQL) is told by
+                // what the listing under the stored name finds: tables there
+                // mean the one asked for is another name. (An empty schema
+                // cannot tell, and is taken as found.)
+                None => match schemas.iter().find(|s| s.name.eq_ignore_ascii_case(schema)) {
+                    Some(stored) => {
+                        let one = TablePage {
+                            after: None,
+                            limit: Some(1),
+                        };
+                        timed(timeout, sql.list_tables(Some(&stored.name), one))
+                            .await?
+                            .is_empty()
+                    }
+                    None => false,
+                },
+            };
+            if !exists {
                 return Err(Error::Backend(crate::backend::BackendError::not_found(format!(
                     "schema {schema:?} not found (or the source's user may not use it)"
                 )))

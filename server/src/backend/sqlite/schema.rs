@@ -32,12 +32,13 @@ fn row_estimate(conn: &Connection, schema: &str, table: &str) -> Result<Option<i
     if !has_stats {
         return Ok(None);
     }
-    // The stat column starts with the row count; only "main" is read this way.
-    if schema != "main" {
-        return Ok(None);
-    }
+    // The stat column starts with the row count; each attached database
+    // has a sqlite_stat1 of its own.
     conn.query_row(
-        "SELECT MAX(CAST(stat AS INTEGER)) FROM sqlite_stat1 WHERE tbl = ?1",
+        &format!(
+            "SELECT MAX(CAST(stat AS INTEGER)) FROM {}.sqlite_stat1 WHERE tbl = ?1",
+            quote_ansi(schema)
+        ),
         [table],
         |r| r.get(0),
     )

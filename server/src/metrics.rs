@@ -26,12 +26,6 @@ pub struct CallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MethodLabels {
-    pub tenant: String,
-    pub method: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub tenant: String,
     pub source: String,
@@ -58,7 +52,7 @@ pub struct TenantLabels {
 pub struct Metrics {
     registry: Registry,
     pub calls: Family<CallLabels, Counter>,
-    pub call_seconds: Family<MethodLabels, Histogram>,
+    pub call_seconds: Family<CallLabels, Histogram>,
     pub rows: Family<SourceLabels, Counter>,
     pub bytes: Family<SourceLabels, Counter>,
     pub rejections: Family<LimitLabels, Counter>,
@@ -95,7 +89,7 @@ impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("weir");
         let calls = Family::<CallLabels, Counter>::default();
-        let call_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(call_histogram as fn() -> Histogram);
+        let call_seconds = Family::<CallLabels, Histogram>::new_with_constructor(call_histogram as fn() -> Histogram);
         let rows = Family::<SourceLabels, Counter>::default();
         let bytes = Family::<SourceLabels, Counter>::default();
         let rejections = Family::<LimitLabels, Counter>::default();
@@ -144,7 +138,7 @@ impl Metrics {
         registry.register("calls", "gRPC calls by tenant, method and status code", calls.clone());
         registry.register(
             "call_duration_seconds",
-            "Time from admission to the end of the response",
+            "Time from the call's arrival (authentication and waits for admission included) to the end of the response, by status code",
             call_seconds.clone(),
         );
         registry.register("rows", "Rows returned to callers", rows.clone());
@@ -201,7 +195,7 @@ pub struct TenantMetrics {
     tenant: String,
     /// By method index, then by status code.
     calls: Vec<[OnceLock<Counter>; CODES]>,
-    call_seconds: Vec<OnceLock<Histogram>>,
+    call_seconds: Vec<[OnceLock<Histogram>; CODES]>,
     active_streams: OnceLock<Gauge>,
 }
 
@@ -215,7 +209,9 @@ impl TenantMetrics {
             calls: (0..=METHODS.len())
                 .map(|_| std::array::from_fn(|_| OnceLock::new()))
                 .collect(),
-            call_seconds: (0..=METHODS.len()).map(|_| OnceLock::new()).collect(),
+            call_seconds: (0..=METHODS.len())
+                .map(|_| std::array::from_fn(|_| OnceLock::new()))
+                .collect(),
             active_streams: OnceLock::new(),
         }
     }
@@ -242,14 +238,15 @@ impl TenantMetrics {
                 })
                 .inc();
         }
-        if let Some(histogram) = self.call_seconds.get(method.0) {
+        if let Some(histogram) = self.call_seconds.get(method.0).and_then(|h| h.get(code_index)) {
             histogram
                 .get_or_init(|| {
                     METRICS
                         .call_seconds
-                        .get_or_create(&MethodLabels {
+                        .get_or_create(&CallLabels {
                             tenant: self.tenant.clone(),
                             method: method.label(),
+                            code: code_label(code),
                         })
                         .clone()
                 })
@@ -443,7 +440,7 @@ mod tests {
         let text = METRICS.encode();
         assert!(
             text.contains(
-                r#"weir_call_duration_seconds_count{tenant="metrics-unit",method="/weir.v1.QueryService/Execute"} 3"#
+                r#"weir_call_duration_seconds_count{tenant="metrics-unit",method="/weir.v1.QueryService/Execute",code="Ok"} 2"#
             ),
             "{text}"
         );

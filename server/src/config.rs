@@ -214,6 +214,9 @@ fn default_leeway() -> Duration {
 /// More runtime threads than this is a typo, not a tuning.
 const MAX_WORKER_THREADS: usize = 1024;
 
+/// The least `max_file_bytes` of a SQLite source.
+const MIN_SQLITE_FILE_BYTES: u64 = 64 * 1024;
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -547,6 +550,9 @@ pub struct SourceConfig {
     /// Seed the database with the demo data set (customers, products, orders).
     #[serde(default)]
     pub demo_data: bool,
+    /// The most bytes the database may hold (SQLite's `max_page_count`);
+    /// a write past it fails with RESOURCE_EXHAUSTED. Unset: the disk's.
+    pub max_file_bytes: Option<u64>,
     // Kafka
     /// Brokers to bootstrap from, "host:port,host:port".
     pub bootstrap_servers: Option<String>,
@@ -974,6 +980,7 @@ impl SourceConfig {
             // the streams reading it, the rest go on (`retire_replaced_topics`).
             topics: Vec::new(),
             topic_prefix: None,
+            max_file_bytes: None,
             ..c.clone()
         };
         target(self) == target(other)
@@ -1025,7 +1032,7 @@ impl SourceConfig {
                 [SERVER, PASSWORDS, &["tls", "trust_server_certificate", "tls_ca_file"]].concat(),
                 &["host", "user"],
             ),
-            EngineKind::Sqlite => (vec!["path", "demo_data"], &["path"]),
+            EngineKind::Sqlite => (vec!["path", "demo_data", "max_file_bytes"], &["path"]),
             EngineKind::Mssql => (
                 [SERVER, PASSWORDS, &["tls", "trust_server_certificate", "tls_ca_file"]].concat(),
                 &["host", "user"],
@@ -1049,6 +1056,7 @@ impl SourceConfig {
             ("password_sealed", self.password_sealed.is_some()),
             ("path", self.path.is_some()),
             ("demo_data", self.demo_data),
+            ("max_file_bytes", self.max_file_bytes.is_some()),
             ("tls", self.tls),
             ("trust_server_certificate", self.trust_server_certificate),
             ("tls_ca_file", self.tls_ca_file.is_some()),
@@ -1086,6 +1094,13 @@ impl SourceConfig {
             return Err(invalid(
                 format!("{key}.tls"),
                 "PostgreSQL offers no TLS over a Unix socket: name a TCP host, or leave tls off",
+            ));
+        }
+        // Below a few pages SQLite could not even hold its schema.
+        if self.max_file_bytes.is_some_and(|b| b < MIN_SQLITE_FILE_BYTES) {
+            return Err(invalid(
+                format!("{key}.max_file_bytes"),
+                format!("must be at least {MIN_SQLITE_FILE_BYTES} (64 KiB)"),
             ));
         }
         // A read-only SQLite source is never written, so it cannot be seeded
@@ -1534,6 +1549,11 @@ mod tests {
             "{err}"
         );
         Config::from_toml(&format!("{MUTUAL_TLS}{identities}")).expect("with client CAs");
+        // A SQLite bound too small to hold a schema.
+        let sqlite = "[tenants.a.sources.s]\nengine = \"sqlite\"\npath = \":memory:\"\nmax_file_bytes = ";
+        let err = Config::from_toml(&format!("{sqlite}4096\n")).unwrap_err().to_string();
+        assert!(err.contains("tenants.a.sources.s.max_file_bytes"), "{err}");
+        Config::from_toml(&format!("{sqlite}65536\n")).expect("64 KiB");
     }
 
     #[test]

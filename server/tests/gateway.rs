@@ -1061,6 +1061,51 @@ async fn sqlite_sources_cannot_reach_other_files() {
     server.stop().await;
 }
 
+/// `max_file_bytes` bounds what a tenant can write, in its tables and its
+/// temporary ones, and a tenant cannot lift it.
+#[tokio::test]
+async fn a_sqlite_source_holds_at_most_max_file_bytes() {
+    let source = format!(
+        "{}max_file_bytes = 1048576\n",
+        sqlite_demo("f", "db").replace("demo_data = true\n", "")
+    );
+    let server = TestServer::start(&tenant("f", "", &source)).await;
+    let client = server.client("key-f").await;
+    client
+        .execute("db", "CREATE TABLE big (b BLOB)", vec![])
+        .await
+        .expect("create");
+    let err = client
+        .execute("db", "INSERT INTO big VALUES (zeroblob(2000000))", vec![])
+        .await
+        .expect_err("past the bound");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // A temporary table lives as long as its connection: a transaction's.
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "db", "CREATE TEMP TABLE scratch (b BLOB)", vec![])
+        .await
+        .expect("create temp");
+    let err = client
+        .execute_in(&tx, "db", "INSERT INTO scratch VALUES (zeroblob(2000000))", vec![])
+        .await
+        .expect_err("past the bound");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let _ = client.rollback(&tx).await;
+    client
+        .execute("db", "INSERT INTO big VALUES (zeroblob(100000))", vec![])
+        .await
+        .expect("a write within the bound");
+    for sql in ["PRAGMA max_page_count = 1000000", "PRAGMA page_size = 65536"] {
+        let err = client.execute("db", sql, vec![]).await.expect_err(sql);
+        assert_eq!(err.code(), Code::PermissionDenied, "{sql}: {err:?}");
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn sqlite_schema_shows_every_kind_of_table_and_column() {
     let server = TestServer::start(&tenant("k", "", &sqlite_demo("k", "db"))).await;

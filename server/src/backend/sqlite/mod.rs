@@ -91,14 +91,19 @@ impl Drop for StatementHooks<'_> {
     }
 }
 
-/// PRAGMAs that set state of the whole process, not of one connection:
-/// one tenant could take every other tenant's memory (`hard_heap_limit`
-/// can only be lowered) or move everyone's temporary files.
-const PROCESS_WIDE_PRAGMAS: &[&str] = &[
+/// PRAGMAs a tenant may read but not set: those that set state of the
+/// whole process, not of one connection (one tenant could take every other
+/// tenant's memory, as `hard_heap_limit` can only be lowered, or move
+/// everyone's temporary files), and those that would lift the source's
+/// `max_file_bytes` (`max_page_count`, and `page_size`, which a VACUUM
+/// makes larger under the same page count).
+const UNSETTABLE_PRAGMAS: &[&str] = &[
     "hard_heap_limit",
     "soft_heap_limit",
     "temp_store_directory",
     "data_store_directory",
+    "max_page_count",
+    "page_size",
 ];
 
 /// What a tenant's statement may not do to the process or its host: set
@@ -116,7 +121,7 @@ fn authorize(ctx: rusqlite::hooks::AuthContext<'_>) -> rusqlite::hooks::Authoriz
         AuthAction::Pragma {
             pragma_name,
             pragma_value: Some(_),
-        } if PROCESS_WIDE_PRAGMAS.iter().any(|p| p.eq_ignore_ascii_case(pragma_name)) => Authorization::Deny,
+        } if UNSETTABLE_PRAGMAS.iter().any(|p| p.eq_ignore_ascii_case(pragma_name)) => Authorization::Deny,
         AuthAction::Pragma {
             pragma_name,
             pragma_value: Some(value),
@@ -152,6 +157,8 @@ struct Pool {
     permits: Arc<Semaphore>,
     max_size: u32,
     acquire_timeout: Duration,
+    /// `max_file_bytes`: set on each connection, as SQLite keeps it per connection.
+    max_file_bytes: Option<u64>,
     /// Keeps the temporary file of a ":memory:" source alive (shared with
     /// the pool of a source a reload replaces this one with).
     temp: Option<Arc<tempfile::TempPath>>,
@@ -177,6 +184,18 @@ impl Pool {
         // No writes to the schema table or other ways to corrupt the file.
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)
             .map_err(map_error)?;
+        // Before the authorizer, which refuses it to tenants.
+        if let Some(bytes) = self.max_file_bytes {
+            let page_size: u64 = conn
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .map_err(map_error)?;
+            let pages = bytes / page_size.max(1);
+            // Temporary tables' file counts against the same bound.
+            conn.execute_batch(&format!(
+                "PRAGMA main.max_page_count = {pages}; PRAGMA temp.max_page_count = {pages}"
+            ))
+            .map_err(map_error)?;
+        }
         conn.authorizer(Some(authorize));
         conn.busy_handler(Some(wait_for_lock)).map_err(map_error)?;
         conn.execute_batch("PRAGMA foreign_keys = ON").map_err(map_error)?;
@@ -340,6 +359,7 @@ impl SqliteSource {
             permits: Arc::new(Semaphore::new(config.pool.max_size as usize)),
             max_size: config.pool.max_size,
             acquire_timeout: config.pool.acquire_timeout,
+            max_file_bytes: config.max_file_bytes,
             temp,
         });
         if config.read_only {

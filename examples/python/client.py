@@ -3,7 +3,7 @@
 Generate the stubs first (see README.md), then:
 
     python client.py                      # the demo server: 127.0.0.1:50051, key "demo"
-    WEIR_ADDR=weir.example:50051 WEIR_API_KEY=... python client.py --source main --sql "select 1"
+    WEIR_ADDR=weir.example:50051 WEIR_API_KEY=... python client.py --source main --sql "select 1"   # also streams it (--stream-sql to change)
     WEIR_ADDR=https://weir.example:50051 WEIR_CA_CERT=ca.pem ...   # TLS; without WEIR_CA_CERT, the system's authorities
 
 It lists the tenant's sources, runs one unary Execute, reads one ExecuteStream
@@ -287,9 +287,13 @@ def main() -> int:
     parser.add_argument("--addr", default=os.environ.get("WEIR_ADDR", "127.0.0.1:50051"))
     parser.add_argument("--key", default=os.environ.get("WEIR_API_KEY", "demo"))
     parser.add_argument("--source", default="demo")
-    parser.add_argument("--sql", default="SELECT count(*) FROM customers")
-    parser.add_argument("--stream-sql", default="SELECT * FROM orders")
+    parser.add_argument("--sql", help="the unary statement (default: the demo's SELECT count(*) FROM customers)")
+    parser.add_argument("--stream-sql", help="the streamed statement (default: --sql, or the demo's SELECT * FROM orders)")
     args = parser.parse_args()
+    # A statement given for another source is streamed too: the demo's
+    # tables are not there.
+    args.stream_sql = args.stream_sql or args.sql or "SELECT * FROM orders"
+    args.sql = args.sql or "SELECT count(*) FROM customers"
 
     with Weir(args.addr, args.key) as weir:
         try:

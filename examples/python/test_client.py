@@ -138,6 +138,8 @@ def weir_binary() -> pathlib.Path | None:
     if os.environ.get("CARGO_TARGET_DIR"):
         candidates.append(os.path.join(os.environ["CARGO_TARGET_DIR"], "debug", "weir"))
     candidates.append(os.path.expanduser("~/.cache/weir-target/debug/weir"))
+    # Where the README's `cargo run` builds it without CARGO_TARGET_DIR.
+    candidates.append(str(pathlib.Path(__file__).resolve().parents[2] / "target" / "debug" / "weir"))
     for c in candidates:
         if c and os.access(c, os.X_OK):
             return pathlib.Path(c)

@@ -140,7 +140,10 @@ pub async fn monitor(tenants: Arc<Registry>, reporter: HealthReporter, readiness
     let mut ticker = tokio::time::interval(interval);
     let mut known = HashSet::new();
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = tenants.reloaded() => ticker.reset(),
+        }
         let (ready, probed) = probe_all(&tenants.current()).await;
         for gone in known.difference(&probed) {
             forget(gone);

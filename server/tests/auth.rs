@@ -110,6 +110,14 @@ fn tenants() -> String {
     )
 }
 
+/// A TLS server started on `weir.toml` in `files` (see `tls_section`), and
+/// that file's text.
+async fn tls_server(files: &Files, server_ca: &Ca, client_ca: &Ca, require: bool) -> (String, TestServer) {
+    let config = format!("{}{}", tls_section(files, server_ca, client_ca, require), tenants());
+    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
+    (config, server)
+}
+
 fn tls_section(files: &Files, server_ca: &Ca, client_ca: &Ca, require: bool) -> String {
     let (cert, key) = leaf(server_ca, "weir", &[dns("localhost")], false);
     let cert = files.write("server.crt", &cert);
@@ -262,8 +270,7 @@ async fn calls_on_a_connection_stop_with_its_client_certificate() {
 async fn a_client_ca_taken_away_stops_its_certificates_on_open_connections() {
     let (server_ca, old_ca, new_ca) = (ca("server ca"), ca("old client ca"), ca("new client ca"));
     let files = Files::new();
-    let config = format!("{}{}", tls_section(&files, &server_ca, &old_ca, false), tenants());
-    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
+    let (_, server) = tls_server(&files, &server_ca, &old_ca, false).await;
     let old_cert = leaf(&old_ca, "orders", &[dns("orders.internal")], true);
     let open = connect(&server, None, tls(&server_ca, Some(old_cert)))
         .await
@@ -300,8 +307,7 @@ async fn a_client_ca_taken_away_stops_its_certificates_on_open_connections() {
 async fn a_required_certificate_its_ca_no_longer_accepts_is_not_made_up_for_by_a_key() {
     let (server_ca, old_ca, new_ca) = (ca("server ca"), ca("old client ca"), ca("new client ca"));
     let files = Files::new();
-    let config = format!("{}{}", tls_section(&files, &server_ca, &old_ca, true), tenants());
-    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
+    let (_, server) = tls_server(&files, &server_ca, &old_ca, true).await;
     let unnamed = leaf(&old_ca, "nobody", &[dns("nobody.internal")], true);
     let open = connect(&server, Some("key-a"), tls(&server_ca, Some(unnamed)))
         .await
@@ -319,8 +325,7 @@ async fn a_required_certificate_its_ca_no_longer_accepts_is_not_made_up_for_by_a
 async fn a_required_client_certificate_is_required() {
     let (server_ca, client_ca) = (ca("server ca"), ca("client ca"));
     let files = Files::new();
-    let config = format!("{}{}", tls_section(&files, &server_ca, &client_ca, true), tenants());
-    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
+    let (_, server) = tls_server(&files, &server_ca, &client_ca, true).await;
     assert!(
         refused(connect(&server, Some("key-a"), tls(&server_ca, None)).await).await,
         "no client certificate, no connection"
@@ -333,18 +338,47 @@ async fn a_required_client_certificate_is_required() {
     server.stop().await;
 }
 
+/// A TLS server that does not require client certificates, started on a
+/// configuration file, and a connection made with tenant a's key alone.
+struct KeyedServer {
+    server_ca: Ca,
+    client_ca: Ca,
+    files: Files,
+    config: String,
+    server: TestServer,
+    by_key: WeirClient,
+}
+
+async fn keyed_server() -> KeyedServer {
+    let (server_ca, client_ca) = (ca("server ca"), ca("client ca"));
+    let files = Files::new();
+    let (config, server) = tls_server(&files, &server_ca, &client_ca, false).await;
+    let by_key = connect(&server, Some("key-a"), tls(&server_ca, None))
+        .await
+        .expect("tls without a client certificate");
+    KeyedServer {
+        server_ca,
+        client_ca,
+        files,
+        config,
+        server,
+        by_key,
+    }
+}
+
 /// `require_client_cert` turned on by a reload (after a key leaked, say)
 /// stops connections made without a certificate before it, not only new
 /// ones; connections with a certificate go on.
 #[tokio::test]
 async fn a_client_certificate_required_by_reload_stops_open_connections_without_one() {
-    let (server_ca, client_ca) = (ca("server ca"), ca("client ca"));
-    let files = Files::new();
-    let config = format!("{}{}", tls_section(&files, &server_ca, &client_ca, false), tenants());
-    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
-    let by_key = connect(&server, Some("key-a"), tls(&server_ca, None))
-        .await
-        .expect("tls without a client certificate");
+    let KeyedServer {
+        server_ca,
+        client_ca,
+        files,
+        config,
+        server,
+        by_key,
+    } = keyed_server().await;
     assert_eq!(sources(&by_key).await.expect("by key"), vec!["a_db"]);
     let a_cert = leaf(&client_ca, "orders", &[dns("orders.internal")], true);
     let by_cert = connect(&server, None, tls(&server_ca, Some(a_cert)))
@@ -366,13 +400,14 @@ async fn a_client_certificate_required_by_reload_stops_open_connections_without_
 /// adds does not exist), and keys go on working until it can be applied.
 #[tokio::test]
 async fn a_client_certificate_requirement_that_cannot_be_applied_refuses_the_reload() {
-    let (server_ca, client_ca) = (ca("server ca"), ca("client ca"));
-    let files = Files::new();
-    let config = format!("{}{}", tls_section(&files, &server_ca, &client_ca, false), tenants());
-    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
-    let by_key = connect(&server, Some("key-a"), tls(&server_ca, None))
-        .await
-        .expect("tls without a client certificate");
+    let KeyedServer {
+        server_ca,
+        files,
+        config,
+        server,
+        by_key,
+        ..
+    } = keyed_server().await;
     let tenant_c = format!(
         "[tenants.c]\napi_keys = [{{ id = \"k\", sha256 = \"{}\" }}]\n{}",
         key_hash("key-c"),
@@ -404,8 +439,7 @@ async fn a_client_certificate_requirement_that_cannot_be_applied_refuses_the_rel
 async fn a_renewed_server_certificate_is_used_for_new_connections() {
     let (old_ca, new_ca, client_ca) = (ca("old ca"), ca("new ca"), ca("client ca"));
     let files = Files::new();
-    let config = format!("{}{}", tls_section(&files, &old_ca, &client_ca, false), tenants());
-    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
+    let (_, server) = tls_server(&files, &old_ca, &client_ca, false).await;
     let before = connect(&server, Some("key-a"), tls(&old_ca, None))
         .await
         .expect("old certificate");
@@ -489,8 +523,7 @@ async fn a_refused_reload_keeps_the_old_certificate() {
 async fn unusable_tls_files_keep_the_old_ones_and_the_rest_applies() {
     let (old_ca, new_ca, client_ca) = (ca("old ca"), ca("new ca"), ca("client ca"));
     let files = Files::new();
-    let config = format!("{}{}", tls_section(&files, &old_ca, &client_ca, false), tenants());
-    let server = TestServer::start_file(&files.write("weir.toml", &config)).await;
+    let (config, server) = tls_server(&files, &old_ca, &client_ca, false).await;
     // Serving (its files read) before they change.
     let a = connect(&server, Some("key-a"), tls(&old_ca, None)).await.expect("a");
     sources(&a).await.expect("a works");

@@ -377,5 +377,20 @@ async fn rows_too_large_for_a_message_are_refused_by_the_server() {
     for source in ["pg", "demo"] {
         client.execute(source, "SELECT 1", vec![]).await.expect(source);
     }
+    // A row that fits alone is sent whatever rows came before it in its batch.
+    let mut stream = client
+        .execute_stream(
+            "demo",
+            "WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s WHERE n < 100) \
+             SELECT zeroblob(CASE WHEN n < 100 THEN 10000 ELSE 65500000 END) FROM s",
+            vec![],
+        )
+        .await
+        .expect("stream");
+    let mut rows = 0;
+    while let Some(batch) = stream.next_batch().await.expect("every row fits a message") {
+        rows += batch.len();
+    }
+    assert_eq!(rows, 101);
     server.stop().await;
 }

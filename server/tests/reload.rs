@@ -125,6 +125,48 @@ async fn a_memory_sqlite_source_keeps_its_data_across_a_reload() {
     assert_eq!(xs, [1, 2]);
 }
 
+/// A required source that a reload adds while it is down makes the server
+/// NOT_SERVING at once (the reload starts a round of probes), not at the
+/// next `health_check_interval` (10 s by default).
+#[tokio::test]
+async fn a_required_source_added_while_down_is_not_serving_at_once() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let file = ConfigFile::new(&format!("{FAST}{}", tenant("a", &["a1"], "")));
+    let weir = start(&file);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", weir.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = || {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                .await
+                .expect("health")
+                .into_inner()
+                .status
+        }
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while status().await != ServingStatus::Serving as i32 {
+        assert!(std::time::Instant::now() < until, "never SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    file.write(&format!(
+        "{FAST}{}[tenants.a.sources.down]\nengine = \"postgres\"\nhost = \"127.0.0.1\"\nport = 1\nuser = \"x\"\nrequired = true\n",
+        tenant("a", &["a1"], "")
+    ));
+    reloaded(&weir);
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while status().await != ServingStatus::NotServing as i32 {
+        assert!(std::time::Instant::now() < until, "still SERVING 3 s after the reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_broken_file_is_refused_and_the_old_configuration_stays() {
     let good = format!("{FAST}{}", tenant("a", &["a1"], ""));

@@ -28,7 +28,7 @@ use arrow_schema::{
 };
 use chrono::{Datelike, Timelike};
 
-use crate::backend::{BackendError, Column, ColumnType, RowSink, Value};
+use crate::backend::{BackendError, Column, ColumnType, RowSink, Value, MAX_ROW_BYTES};
 use crate::error::{Error, Result};
 
 /// Days from 0001-01-01 (chrono's day 1) to 1970-01-01, Arrow's day 0.
@@ -545,6 +545,10 @@ pub struct ArrowBatches {
     bytes: usize,
     /// The first value of the row in progress that did not fit.
     misfit: Option<(usize, Misfit)>,
+    /// Columns typed value by value (from their first batch).
+    by_value: Vec<bool>,
+    /// The row in progress has a value past what a message may carry.
+    too_large: bool,
 }
 
 impl ArrowBatches {
@@ -560,6 +564,8 @@ impl ArrowBatches {
                 })
                 .collect(),
             names: columns.iter().map(|c| c.name.clone()).collect(),
+            by_value: columns.iter().map(|c| c.column_type == ColumnType::Dynamic).collect(),
+            too_large: false,
             fields,
             writing: None,
             next: 0,
@@ -604,7 +610,13 @@ impl ArrowBatches {
     fn put(&mut self, size: usize, add: impl FnOnce(&mut Builder) -> std::result::Result<(), Misfit>) {
         let column = self.next;
         self.next += 1;
-        if self.misfit.is_some() {
+        if self.misfit.is_some() || self.too_large {
+            return;
+        }
+        // Refused before Arrow's builders take it: past 2 GiB their offsets
+        // overflow, and they panic.
+        if size > MAX_ROW_BYTES {
+            self.too_large = true;
             return;
         }
         self.bytes += size;
@@ -619,6 +631,9 @@ impl ArrowBatches {
 
     /// Ends the row whose values were given.
     pub fn finish_row(&mut self) -> Result<()> {
+        if self.too_large {
+            return Err(BackendError::RowTooLarge { limit: MAX_ROW_BYTES }.into());
+        }
         if let Some((column, message)) = self.misfit.take() {
             return Err(Error::NotArrow {
                 row: Some(self.rows_before + self.rows as u64),
@@ -688,8 +703,31 @@ fn internal(e: ArrowError) -> Error {
     Error::Backend(BackendError::Internal(format!("encoding an Arrow batch failed: {e}")))
 }
 
+impl ArrowBatches {
+    /// Whether the next value, a number, goes to a column its first batch
+    /// typed as text: the text builder's exact conversions of numbers are
+    /// for declared decimal columns, while a column typed value by value
+    /// keeps each value's kind (a number there would arrive as text).
+    fn number_for_text_by_value(&self) -> bool {
+        self.by_value.get(self.next).copied().unwrap_or(false)
+            && matches!(self.columns.get(self.next), Some(Builder::Text(_)))
+    }
+
+    fn misfit_number(&mut self) {
+        self.put(0, |_| {
+            Err(
+                "a number in a column its first batch typed as text; cast the column so that every row has one type"
+                    .into(),
+            )
+        });
+    }
+}
+
 impl RowSink for ArrowBatches {
     fn value(&mut self, value: Value) {
+        if matches!(value, Value::Int(_) | Value::UInt(_) | Value::Float(_)) && self.number_for_text_by_value() {
+            return self.misfit_number();
+        }
         let size = arrow_size(&value);
         self.put(size, |b| b.value(value));
     }
@@ -699,6 +737,9 @@ impl RowSink for ArrowBatches {
     }
 
     fn int(&mut self, value: i64) {
+        if self.number_for_text_by_value() {
+            return self.misfit_number();
+        }
         self.put(8, |b| b.int(value));
     }
 }
@@ -825,6 +866,33 @@ mod tests {
         batches.text("two");
         let e = batches.finish_row().unwrap_err().to_string();
         assert!(e.contains("row 1") && e.contains("integer column"), "{e}");
+        // Nor does a number become text in a column its first batch typed as text.
+        let typed_as_text = || {
+            let mut batches = ArrowBatches::new(&[Column::new("x", "", ColumnType::Dynamic)]).unwrap();
+            batches.text("n/a");
+            batches.finish_row().unwrap();
+            batches.take().unwrap();
+            batches
+        };
+        for number in [Value::Int(2), Value::Float(0.5)] {
+            let mut batches = typed_as_text();
+            batches.value(number);
+            let e = batches.finish_row().unwrap_err().to_string();
+            assert!(e.contains("row 1") && e.contains("typed as text"), "{e}");
+        }
+        let mut batches = typed_as_text();
+        batches.int(3);
+        assert!(batches.finish_row().is_err());
+        // A value past what a message may carry is refused before Arrow's
+        // builders take it.
+        let mut batches = ArrowBatches::new(&[Column::new("t", "text", ColumnType::String)]).unwrap();
+        batches.text(&"x".repeat(MAX_ROW_BYTES + 1));
+        let e = batches.finish_row().unwrap_err().to_string();
+        assert!(e.contains("more than one message may carry"), "{e}");
+        // A declared decimal column still takes whole numbers as exact text.
+        let mut batches = ArrowBatches::new(&[Column::new("d", "numeric", ColumnType::Decimal)]).unwrap();
+        batches.int(7);
+        batches.finish_row().unwrap();
         // With no rows at all the column is Null.
         let mut batches = ArrowBatches::new(&[Column::new("x", "", ColumnType::Dynamic)]).unwrap();
         let (schema, _) = read(&[batches.end().unwrap()]);

@@ -25,6 +25,11 @@ use crate::tenant::{Caller, Source};
 
 /// Batches of a result stream are cut at about this many encoded bytes.
 const BATCH_BYTES: usize = 1024 * 1024;
+
+/// The most a batch may hold: a row of up to MAX_ROW_BYTES after rows under
+/// BATCH_BYTES, less room for the message's own framing, within the 64 MiB
+/// the Rust client reads.
+const MAX_BATCH_BYTES: usize = MAX_ROW_BYTES + BATCH_BYTES - 1024;
 /// Rows per batch when the caller does not say.
 const DEFAULT_BATCH_ROWS: usize = 1000;
 /// The same for Arrow IPC batches.
@@ -489,11 +494,14 @@ fn fill(
         first_row.get_or_insert_with(|| timing.started.elapsed());
         // A failed row ends the stream: what it left half-encoded is never sent.
         row?;
+        let (_, before) = batches.pending();
         batches.finish_row()?;
         let (rows, bytes) = batches.pending();
-        // The batch goes in one message: a row that takes it past what a
-        // message may carry ends the stream (only a row of most of it can).
-        if bytes > MAX_ROW_BYTES {
+        // The batch goes in one message. A row past MAX_ROW_BYTES ends the
+        // stream, whatever came before it; the rows before it are under
+        // BATCH_BYTES, so the batch stays within what a message may carry
+        // (MAX_BATCH_BYTES keeps the few bytes of its framing in it).
+        if bytes - before > MAX_ROW_BYTES || bytes > MAX_BATCH_BYTES {
             return Poll::Ready(Err(BackendError::RowTooLarge { limit: MAX_ROW_BYTES }.into()));
         }
         if rows >= batch_rows || bytes >= BATCH_BYTES {

@@ -36,6 +36,10 @@ pub struct Registry {
     tls: Option<Arc<TlsReloader>>,
     /// The parent of every credential's revocation token.
     stop: CancellationToken,
+    /// Told of every applied reload, so that the health monitor probes the
+    /// sources in force at once: a required source a reload adds while it
+    /// is down is NOT_SERVING then, not at the next round.
+    reloaded: tokio::sync::Notify,
 }
 
 /// `(name, whether it differs)` for each named field of `$was` and `$now`.
@@ -74,7 +78,14 @@ impl Registry {
             started: config.clone(),
             tls,
             stop,
+            reloaded: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Completes at the next applied reload (or at once, for one applied
+    /// since the last wait).
+    pub async fn reloaded(&self) {
+        self.reloaded.notified().await;
     }
 
     /// Ends every call still in progress, whatever its credential: the
@@ -160,6 +171,7 @@ impl Registry {
         current.retire_replaced_sources(&previous);
         current.hand_over_limits(&previous);
         current.let_go_of_replaced_sources(&previous);
+        self.reloaded.notify_one();
         Ok(Changes {
             credentials_revoked,
             tls_kept,

@@ -152,9 +152,33 @@ impl Stage {
                 self.sql()
             ));
         }
-        Ok(data)
+        // Refused here, as the row's error: past this point they would fail
+        // the whole load (the bulk encoder holds every value, `(max)` ones
+        // too, to 65,535 bytes; SQL Server's float has no NaN or infinity).
+        match &data {
+            ColumnData::String(Some(s)) if s.encode_utf16().count() * 2 > MAX_BULK_VALUE_BYTES => Err(format!(
+                "text of {} UTF-16 units is longer than SQL Server loads take ({} per value); \
+                 insert it with Execute",
+                s.encode_utf16().count(),
+                MAX_BULK_VALUE_BYTES / 2
+            )),
+            ColumnData::Binary(Some(b)) if b.len() > MAX_BULK_VALUE_BYTES => Err(format!(
+                "{} bytes are more than SQL Server loads take ({MAX_BULK_VALUE_BYTES} per value); \
+                 insert them with Execute",
+                b.len()
+            )),
+            ColumnData::F64(Some(f)) if !f.is_finite() => Err(format!(
+                "{f} cannot be stored: SQL Server's float has no NaN or infinity"
+            )),
+            _ => Ok(data),
+        }
     }
 }
+
+/// The most bytes one value of a SQL Server load may take on the wire
+/// (tiberius checks every value against the length a `(max)` column
+/// reports, 0xFFFF).
+const MAX_BULK_VALUE_BYTES: usize = 0xFFFF;
 
 /// The staging table's name for the `i`th loaded column: `INSERT BULK`
 /// writes column names unquoted, so the target's own (`Order Date`) would
@@ -263,16 +287,22 @@ fn move_rows(spec: &LoadSpec, collations: &[(String, String)]) -> String {
         .update_columns()
         .map(|c| format!("t.{} = s.{}", quote(&c.name), staged_as(&c.name)))
         .collect();
-    let matched = if sets.is_empty() {
-        String::new()
+    // With nothing to update, MERGE would insert a new key sent twice
+    // twice (it compares each row with the table as it was): a key is
+    // skipped after its first row, as on the other engines.
+    let (matched, source) = if sets.is_empty() {
+        (String::new(), format!("(SELECT DISTINCT * FROM {STAGE})"))
     } else {
-        format!(" WHEN MATCHED THEN UPDATE SET {}", sets.join(", "))
+        (
+            format!(" WHEN MATCHED THEN UPDATE SET {}", sets.join(", ")),
+            STAGE.to_string(),
+        )
     };
     let values: Vec<String> = (0..spec.columns.len()).map(|i| format!("s.{}", staged(i))).collect();
     // HOLDLOCK: without it two concurrent MERGEs can both decide to insert the same key.
     format!(
         "DECLARE @weir_actions TABLE (action nvarchar(10)); \
-         MERGE INTO {target} WITH (HOLDLOCK) AS t USING {STAGE} AS s ON {}{matched} \
+         MERGE INTO {target} WITH (HOLDLOCK) AS t USING {source} AS s ON {}{matched} \
          WHEN NOT MATCHED BY TARGET THEN INSERT ({columns}) VALUES ({}) \
          OUTPUT $action INTO @weir_actions; \
          SELECT CAST(COUNT(CASE WHEN action = 'INSERT' THEN 1 END) AS bigint) FROM @weir_actions",
@@ -485,7 +515,13 @@ mod tests {
         assert!(sql.ends_with("FROM @weir_actions"));
         let mut keys_only = spec(LoadMode::Upsert);
         keys_only.columns.truncate(1);
-        assert!(!move_rows(&keys_only, &[]).contains("WHEN MATCHED"));
+        let keys_only = move_rows(&keys_only, &[]);
+        assert!(!keys_only.contains("WHEN MATCHED"));
+        // A key sent twice is inserted once.
+        assert!(
+            keys_only.contains("USING (SELECT DISTINCT * FROM #weir_load_stage) AS s"),
+            "{keys_only}"
+        );
         // A temporal key is compared at its column's precision.
         let mut at_seconds = spec(LoadMode::Upsert);
         at_seconds.columns[0] = Column::new("id", "datetime2(0)", ColumnType::Timestamp);
@@ -567,6 +603,12 @@ mod tests {
         }
         // A value that fits no staging type is the row's error, not the load's.
         for (column, value) in [
+            (ColumnType::Float, Value::Float(f64::NAN)),
+            (ColumnType::Float, Value::Float(f64::NEG_INFINITY)),
+            // Past what the bulk encoder takes of one value.
+            (ColumnType::String, Value::Text("x".repeat(32_768))),
+            (ColumnType::String, Value::Text("é".repeat(40_000))),
+            (ColumnType::Bytes, Value::Bytes(vec![1; 65_536])),
             (ColumnType::Unsupported, Value::Bytes(vec![1])),
             (ColumnType::Int, Value::Text("x".into())),
             (ColumnType::Decimal, Value::Float(f64::NAN)),
@@ -574,6 +616,10 @@ mod tests {
         ] {
             assert!(stage(column).value(&value).is_err(), "{column:?} {value:?}");
         }
+        assert!(stage(ColumnType::String)
+            .value(&Value::Text("x".repeat(32_767)))
+            .is_ok());
+        assert!(stage(ColumnType::Bytes).value(&Value::Bytes(vec![1; 65_535])).is_ok());
         assert!(matches!(
             stage(ColumnType::Unsupported).value(&Value::Bool(true)),
             Ok(ColumnData::String(Some(s))) if s == "1"

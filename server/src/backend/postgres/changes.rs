@@ -109,7 +109,7 @@ struct Rel {
 
 /// A session of its own, driven like the pool's.
 async fn connect(target: &Target) -> Result<Client, BackendError> {
-    target.connect().await.map(|(client, _)| client)
+    target.connect().await.map(|driven| driven.client)
 }
 
 fn lsn_sql(expr: &str) -> String {

@@ -27,6 +27,7 @@ use bb8::PooledConnection;
 use futures::Stream;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedMutexGuard;
+use tokio::task::AbortHandle;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::types::Type;
@@ -140,14 +141,18 @@ impl Target {
     /// Opens a session whose connection is driven by a task of its own, and
     /// says which address it reached (none over a Unix socket): a host name
     /// may resolve to several, and a cancel request must go to this one.
-    async fn connect(&self) -> Result<(Client, Option<SocketAddr>), BackendError> {
+    async fn connect(&self) -> Result<Driven, BackendError> {
         let port = self.port();
         let timeout = self.config.get_connect_timeout().copied();
         match self.config.get_hosts().first() {
             Some(Host::Tcp(name)) => {
                 let addresses = net::addresses(name, port).await.map_err(connect_error)?;
-                let (client, address) = self.open_first(name, addresses, timeout).await?;
-                Ok((client, Some(address)))
+                let ((client, driver), address) = self.open_first(name, addresses, timeout).await?;
+                Ok(Driven {
+                    client,
+                    address: Some(address),
+                    driver,
+                })
             }
             #[cfg(unix)]
             Some(host @ Host::Unix(_)) => {
@@ -160,7 +165,12 @@ impl Target {
                     let stream = net::socket(host, port).await.map_err(connect_error)?;
                     self.config.connect_raw(stream, NoTls).await.map_err(map_connect_error)
                 };
-                Ok((drive(bounded(timeout, session).await?), None))
+                let (client, driver) = drive(bounded(timeout, session).await?);
+                Ok(Driven {
+                    client,
+                    address: None,
+                    driver,
+                })
             }
             None => Err(BackendError::Invalid("the source names no host".into())),
         }
@@ -174,7 +184,7 @@ impl Target {
         name: &str,
         addresses: Vec<SocketAddr>,
         timeout: Option<Duration>,
-    ) -> Result<(Client, SocketAddr), BackendError> {
+    ) -> Result<((Client, AbortHandle), SocketAddr), BackendError> {
         let mut last = BackendError::Unavailable("the host name has no address".into());
         for address in addresses {
             match self.open(name, address, timeout).await {
@@ -186,7 +196,12 @@ impl Target {
     }
 
     /// A session at `address` of the server named `name` (TLS verifies that name).
-    async fn open(&self, name: &str, address: SocketAddr, timeout: Option<Duration>) -> Result<Client, BackendError> {
+    async fn open(
+        &self,
+        name: &str,
+        address: SocketAddr,
+        timeout: Option<Duration>,
+    ) -> Result<(Client, AbortHandle), BackendError> {
         let session = async {
             let stream = net::session_tcp(address, &self.config).await.map_err(connect_error)?;
             match &self.tls {
@@ -232,18 +247,28 @@ fn connect_error(e: std::io::Error) -> BackendError {
     BackendError::Unavailable(e.to_string())
 }
 
+/// A session and the task that drives its connection.
+struct Driven {
+    client: Client,
+    /// The address reached; none over a Unix socket.
+    address: Option<SocketAddr>,
+    /// Ends the connection at once. Dropping the client alone lets it
+    /// answer every statement already sent first.
+    driver: AbortHandle,
+}
+
 /// Spawns the task that drives a session's connection.
-fn drive<S, T>((client, connection): (Client, tokio_postgres::Connection<S, T>)) -> Client
+fn drive<S, T>((client, connection): (Client, tokio_postgres::Connection<S, T>)) -> (Client, AbortHandle)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection closed");
         }
     });
-    client
+    (client, driver.abort_handle())
 }
 
 pub struct PgManager {
@@ -255,7 +280,7 @@ impl bb8::ManageConnection for PgManager {
     type Error = BackendError;
 
     async fn connect(&self) -> Result<PgConn, BackendError> {
-        let (client, address) = self.target.connect().await?;
+        let Driven { client, address, .. } = self.target.connect().await?;
         // Set here and again by every reset, not as a startup option, which
         // poolers such as PgBouncer refuse unless told to ignore it.
         client
@@ -1041,11 +1066,14 @@ pub(crate) fn map_error(e: tokio_postgres::Error) -> BackendError {
 /// a function's `RAISE ... ERRCODE '28000'`), so `map_error` leaves them be.
 fn map_connect_error(e: tokio_postgres::Error) -> BackendError {
     match e.as_db_error().map(|db| db.code().code()) {
-        Some(code) if code.starts_with("28") || code == "3D000" => {
-            crate::backend::error::login_refused(code, &e.to_string())
-        }
+        Some(code) if refuses_login(code) => crate::backend::error::login_refused(code, &e.to_string()),
         _ => map_error(e),
     }
+}
+
+/// Whether a SQLSTATE met while a connection starts refuses Weir's login.
+pub(crate) fn refuses_login(code: &str) -> bool {
+    code.starts_with("28") || code == "3D000"
 }
 
 /// An error PostgreSQL reported, as callers see it (SQLSTATE attached).
@@ -1140,7 +1168,7 @@ mod tests {
         let host = var("WEIR_TEST_PG_HOST", "127.0.0.1");
         let real = net::addresses(&host, test_port()).await.expect("resolves")[0];
         let timeout = Some(Duration::from_secs(5));
-        let (client, address) = target
+        let ((client, _), address) = target
             .open_first(&host, vec![refusing, real], timeout)
             .await
             .expect("the second address serves");
@@ -1216,7 +1244,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_session_opens_over_the_servers_unix_socket_too() {
-        let (client, address) = Target::plain(test_config(test_port()))
+        let Driven { client, address, .. } = Target::plain(test_config(test_port()))
             .connect()
             .await
             .expect("over TCP");
@@ -1228,9 +1256,9 @@ mod tests {
             .get(0);
         let dir = dirs.split(',').next().map(str::trim).expect("a socket directory");
         let over_socket = Target::plain(test_config_at(dir, test_port()));
-        let (client, address) = over_socket.connect().await.expect("over the Unix socket");
-        assert_eq!(address, None);
-        let one: i32 = client.query_one("SELECT 1", &[]).await.expect("a query").get(0);
+        let driven = over_socket.connect().await.expect("over the Unix socket");
+        assert_eq!(driven.address, None);
+        let one: i32 = driven.client.query_one("SELECT 1", &[]).await.expect("a query").get(0);
         assert_eq!(one, 1);
     }
 }

@@ -25,6 +25,9 @@ use crate::config::MultiplexConfig;
 /// One shared connection and the statements prepared on it.
 struct Session {
     client: Client,
+    /// Ends the connection: a session found silent is closed at once, not
+    /// left to work through the statements queued on it.
+    driver: tokio::task::AbortHandle,
     statements: Mutex<HashMap<String, tokio_postgres::Statement>>,
     /// An abandoned statement's empty query found no answer within the
     /// statement timeout and a grace: the server or the network is gone
@@ -151,6 +154,10 @@ impl Drop for InFlight {
                     .is_err()
                 {
                     session.silent.store(true, Ordering::Relaxed);
+                    // Its backlog (abandoned reads, each up to the statement
+                    // timeout) would run on a connection no longer counted
+                    // against the source's connections.
+                    session.driver.abort();
                 }
                 slot.in_flight.fetch_sub(1, Ordering::Relaxed);
             });
@@ -263,15 +270,16 @@ impl Multiplexer {
         *current = None;
         slot.open.store(false, Ordering::Relaxed);
         breaker.admit()?;
-        let connected = self.target.connect().await.map(|(client, _)| client);
+        let connected = self.target.connect().await;
         breaker.record(&connected);
         if let Err(e) = &connected {
             tracing::warn!(error = %e, "cannot open a shared postgres connection");
         }
         *slot.failed_until.lock() = connected.is_err().then(|| Instant::now() + CONNECT_BACKOFF);
-        let client = connected?;
+        let driven = connected?;
         let session = Arc::new(Session {
-            client,
+            client: driven.client,
+            driver: driven.driver,
             statements: Mutex::new(HashMap::new()),
             silent: AtomicBool::new(false),
         });

@@ -257,6 +257,11 @@ fn server_error(body: &[u8]) -> BackendError {
             _ => {}
         }
     }
+    // A replication session runs no caller's statement: these codes can
+    // only be its own login's.
+    if super::refuses_login(&code) {
+        return crate::backend::error::login_refused(&code, &message);
+    }
     engine_error(&code, &message, detail.as_deref(), None)
 }
 

@@ -30,14 +30,16 @@ const WRITES: &[&str] = &["into", "insert", "update", "delete", "merge", "copy",
 /// words and those no function may be named (PostgreSQL's col_name
 /// keywords). Unreserved ones (`rows`, `range`, `over`, `filter`, `cube`,
 /// ...) can name a user's function, so `SELECT rows(1)` is a call; `over`
-/// and `filter` are keywords only right after a call's `)`, and `by` only
-/// after `group`, `order` or `partition` (see `keyword_here`).
+/// and `filter` are keywords only right after a call's `)`, `by` only
+/// after `group`, `order` or `partition`, and the words that may name a
+/// function or a type (`like`, `ilike`, `similar`, `is`, `join`) only
+/// after an operand (see `keyword_here`).
 #[rustfmt::skip]
 const KEYWORDS: &[&str] = &[
     "all", "and", "any", "array", "as", "between", "case", "cast", "coalesce", "distinct", "else",
-    "except", "exists", "extract", "from", "greatest", "grouping", "having", "ilike", "in",
-    "intersect", "is", "join", "lateral", "least", "like", "not", "nullif", "on", "or", "overlay",
-    "position", "row", "select", "similar", "some", "substring",
+    "except", "exists", "extract", "from", "greatest", "grouping", "having", "in",
+    "intersect", "lateral", "least", "not", "nullif", "on", "or", "overlay",
+    "position", "row", "select", "some", "substring",
     "then", "treat", "trim", "union", "using", "values", "when", "where", "with",
     // Type names with a modifier, as in `::numeric(10, 2)`.
     "bit", "char", "character", "decimal", "float", "interval", "numeric", "time", "timestamp", "varchar",
@@ -49,6 +51,9 @@ fn keyword_here(word: &str, before: &Before) -> bool {
     match (word, before) {
         ("over" | "filter", Before::Close) => true,
         ("by", Before::Ordering) => true,
+        // `a LIKE (...)`, `t JOIN (...)`: after an operand; `SELECT like(1)`
+        // or `FROM join(1)` call a function of that name.
+        ("like" | "ilike" | "similar" | "is" | "join", Before::Close | Before::Operand) => true,
         _ => KEYWORDS.contains(&word),
     }
 }
@@ -59,6 +64,8 @@ enum Before {
     Close,
     /// `group`, `order` or `partition`.
     Ordering,
+    /// A word that is no keyword: a name, as a column or table is.
+    Operand,
     Other,
 }
 
@@ -66,7 +73,8 @@ impl Before {
     fn word(w: &str) -> Before {
         match w {
             "group" | "order" | "partition" => Before::Ordering,
-            _ => Before::Other,
+            _ if KEYWORDS.contains(&w) || WRITES.contains(&w) => Before::Other,
+            _ => Before::Operand,
         }
     }
 }
@@ -406,6 +414,9 @@ mod tests {
             "SELECT count(*) FILTER (WHERE x > 1) FROM t GROUP BY (a, b) ORDER BY (a)",
             "SELECT \"Name\" FROM \"Mixed\".\"Table\"",
             "SELECT 1.5 + .5",
+            // Operators, after an operand.
+            "SELECT name LIKE ('a%'), lower(name) ILIKE ('b%') FROM t",
+            "SELECT * FROM t JOIN (SELECT 1 AS y) u ON true LEFT JOIN (SELECT 2 AS z) v ON true",
         ] {
             assert!(neutral(sql), "{sql}");
         }
@@ -429,6 +440,12 @@ mod tests {
             "SELECT x FROM t WHERE over(1) AND filter(2)",
             "SELECT a, cube(1) FROM t",
             "SELECT 1 FROM t ORDER BY by(1)",
+            // So do words that may name a function or a type, where no
+            // operand stands before them.
+            "SELECT similar(1)",
+            "SELECT like('a')",
+            "SELECT * FROM join(1)",
+            "SELECT x, is(2) FROM t",
             // Row locks wait on writers: not for a shared connection.
             "SELECT * FROM t FOR SHARE",
             "SELECT * FROM t FOR KEY SHARE",

@@ -1378,6 +1378,56 @@ async fn a_postgres_load_given_up_on_stops_its_statement() {
 /// once. The MySQL path, which keeps a chunk's rows until the chunk is
 /// loaded, lets them go before it waits for the next batch, which needs
 /// that memory, instead of waiting for ever.
+/// A single-precision column (PostgreSQL's `real`, MySQL's `FLOAT`) holds
+/// whole numbers exactly up to 2^24 and about 6 digits: a value it would
+/// round is the row's error, as a `real` placeholder's is, not a silent
+/// rounding.
+async fn single_precision_columns_take_only_what_they_hold_exactly(engine: Engine) {
+    let ctx = Ctx::new(engine, "").await;
+    let table = "weir_bulk_single";
+    let real = if engine == Engine::Postgres { "real" } else { "FLOAT" };
+    ctx.exec(&format!("DROP TABLE IF EXISTS {table}")).await;
+    ctx.exec(&format!("CREATE TABLE {table} (id INT PRIMARY KEY, f {real})"))
+        .await;
+    let rows = [
+        Kind::Int64Value(16_777_216),
+        Kind::Int64Value(16_777_217),
+        Kind::DecimalValue("2.5".into()),
+        Kind::DecimalValue("1.23456789".into()),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, f)| pb::Row {
+        values: vec![v(Kind::Int64Value(i as i64)), v(f)],
+    })
+    .collect();
+    let mut load = pb::LoadHeader {
+        columns: vec!["id".into(), "f".into()],
+        ..header(table, pb::BulkLoadMode::Append)
+    };
+    load.bad_rows = pb::BadRowPolicy::Skip as i32;
+    let r = ctx.load(load, vec![rows]).await.expect("load");
+    let skipped: Vec<_> = r.row_errors.iter().map(|e| e.row_index).collect();
+    assert_eq!(
+        (r.rows_inserted, skipped),
+        (2, vec![1, 3]),
+        "{engine:?}: {:?}",
+        r.row_errors
+    );
+    ctx.exec(&format!("DROP TABLE {table}")).await;
+    ctx.server.stop().await;
+}
+
+#[tokio::test]
+async fn single_precision_columns_take_only_what_they_hold_exactly_in_postgres() {
+    single_precision_columns_take_only_what_they_hold_exactly(Engine::Postgres).await;
+}
+
+#[tokio::test]
+async fn single_precision_columns_take_only_what_they_hold_exactly_in_mysql() {
+    single_precision_columns_take_only_what_they_hold_exactly(Engine::Mysql).await;
+}
+
 #[tokio::test]
 async fn a_mysql_load_of_messages_larger_than_half_its_feed_completes() {
     let ctx = Ctx::new(Engine::Mysql, "").await;

@@ -126,15 +126,49 @@ fn significant_digits(decimal: &str) -> usize {
     digits.trim_start_matches('0').trim_end_matches('0').len()
 }
 
-/// Whether a double holds `decimal` exactly enough to read back the same:
-/// at most 15 significant digits, and within the normal range (1e-400
-/// would become 0, 1e400 infinity, and NaN is no number to check).
-fn exact_in_double(decimal: &str) -> bool {
-    let Ok(f) = decimal.parse::<f64>() else {
-        return false;
-    };
-    let zero = significant_digits(decimal) == 0;
-    significant_digits(decimal) <= 15 && f.is_finite() && (zero || f.abs() >= f64::MIN_POSITIVE)
+/// What a float column holds exactly: every whole number up to `whole`,
+/// and decimals of up to `digits` significant digits in its normal range.
+struct FloatExactness {
+    whole: u64,
+    digits: usize,
+    min_positive: f64,
+    max: f64,
+}
+
+/// `column`'s, by the bits of its mantissa (`precision`: 24 for a
+/// single-precision column, as PostgreSQL's and SQL Server's `real` and
+/// MySQL's `FLOAT`; a double otherwise).
+fn float_exactness(column: &domain::Column) -> FloatExactness {
+    match column.precision {
+        Some(bits) if bits <= 24 => FloatExactness {
+            whole: 1 << 24,
+            digits: 6,
+            min_positive: f64::from(f32::MIN_POSITIVE),
+            max: f64::from(f32::MAX),
+        },
+        _ => FloatExactness {
+            whole: EXACT_IN_DOUBLE,
+            digits: 15,
+            min_positive: f64::MIN_POSITIVE,
+            max: f64::MAX,
+        },
+    }
+}
+
+impl FloatExactness {
+    /// Whether the column holds `decimal` exactly enough to read back the
+    /// same: few enough significant digits, and within the normal range
+    /// (1e-400 would become 0, 1e400 infinity, and NaN is no number to check).
+    fn holds(&self, decimal: &str) -> bool {
+        let Ok(f) = decimal.parse::<f64>() else {
+            return false;
+        };
+        let zero = significant_digits(decimal) == 0;
+        significant_digits(decimal) <= self.digits
+            && f.is_finite()
+            && f.abs() <= self.max
+            && (zero || f.abs() >= self.min_positive)
+    }
 }
 
 /// A value of a bulk-load row, checked against the column it goes into.
@@ -167,10 +201,11 @@ pub fn value_for_column(v: pb::Value, column: &domain::Column) -> Result<Value, 
                 .map_err(|e| format!("{s:?} is not a UUID: {e}"))
         }
         // A double holds integers up to 2^53 and decimals of up to 15
-        // significant digits exactly; past that the engine would round.
-        (Value::Int(i), T::Float) if i.unsigned_abs() > EXACT_IN_DOUBLE => return Err(inexact(i)),
-        (Value::UInt(u), T::Float) if *u > EXACT_IN_DOUBLE => return Err(inexact(u)),
-        (Value::Decimal(d), T::Float) if !exact_in_double(d) => return Err(inexact(d)),
+        // significant digits exactly, a single-precision float up to 2^24
+        // and 6; past that the engine would round.
+        (Value::Int(i), T::Float) if i.unsigned_abs() > float_exactness(column).whole => return Err(inexact(i)),
+        (Value::UInt(u), T::Float) if *u > float_exactness(column).whole => return Err(inexact(u)),
+        (Value::Decimal(d), T::Float) if !float_exactness(column).holds(d) => return Err(inexact(d)),
         (Value::Bool(_), T::Bool)
         | (Value::Int(_) | Value::UInt(_), T::Int | T::UInt)
         | (Value::Int(_) | Value::UInt(_) | Value::Float(_) | Value::Decimal(_), T::Float | T::Decimal)
@@ -663,6 +698,15 @@ mod tests {
                 "{out_of_range}"
             );
         }
+        // A single-precision column (precision 24: its mantissa's bits).
+        let mut real = domain::Column::new("x", "real", ColumnType::Float);
+        real.precision = Some(24);
+        assert!(value_for_column(int(1 << 24), &real).is_ok());
+        assert!(value_for_column(int((1 << 24) + 1), &real).is_err());
+        assert!(value_for_column(decimal("123456"), &real).is_ok());
+        assert!(value_for_column(decimal("1.23456789"), &real).is_err());
+        assert!(value_for_column(decimal("1e39"), &real).is_err());
+        assert!(value_for_column(decimal("1e-39"), &real).is_err());
         // Decimal columns take them all, exactly.
         let numeric = domain::Column::new("x", "numeric", ColumnType::Decimal);
         assert!(value_for_column(int(i64::MAX), &numeric).is_ok());

@@ -330,6 +330,11 @@ pub async fn describe_table(
             column.precision = Some(precision);
             column.scale = Some(scale);
         }
+        // A float's precision is the bits of its mantissa: 24 for `real`
+        // and `float(1)` to `float(24)`, 53 otherwise (sys.columns says so).
+        if column.column_type == ColumnType::Float {
+            column.precision = Some(if precision > 0 && precision <= 24 { 24 } else { 53 });
+        }
         // The place among the columns `SELECT *` returns (column_id keeps
         // gaps of dropped columns); 0 for a hidden column, which it leaves out.
         let ordinal = if flag(row, 9)? {

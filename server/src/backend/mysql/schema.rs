@@ -266,6 +266,11 @@ pub async fn describe_table(
                 column.precision = r.precision.and_then(|p| i32::try_from(p).ok());
                 column.scale = r.scale.and_then(|s| i32::try_from(s).ok());
             }
+            // A float's precision is the bits of its mantissa (MySQL's own
+            // NUMERIC_PRECISION counts decimal digits): FLOAT is single.
+            if column.column_type == ColumnType::Float {
+                column.precision = Some(if r.data_type == "float" { 24 } else { 53 });
+            }
             column.max_length = r.length.and_then(|l| i64::try_from(l).ok());
             // MariaDB reports "no default" as the text NULL.
             let default_expression = r.default.filter(|d| d != "NULL").unwrap_or_default();

@@ -67,6 +67,12 @@ pub fn column_of(name: &str, ty: &Type, typmod: i32) -> Result<Column, BackendEr
 
 /// Precision, scale and maximum length encoded in a type modifier.
 pub fn typmod_details(ty: &Type, typmod: i32) -> (Option<i32>, Option<i32>, Option<i64>) {
+    // A float's precision is the bits of its mantissa, as information_schema gives it.
+    match *ty {
+        Type::FLOAT4 => return (Some(24), None, None),
+        Type::FLOAT8 => return (Some(53), None, None),
+        _ => {}
+    }
     if typmod < 4 {
         return (None, None, None);
     }

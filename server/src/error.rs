@@ -183,7 +183,7 @@ impl From<Error> for Status {
                 (Code::Aborted, d)
             }
             Error::InvalidArgument { field, message } => {
-                let mut d = ErrorDetails::with_bad_request_violation(*field, message.clone());
+                let mut d = ErrorDetails::with_bad_request_violation(*field, shortened(message.clone()));
                 d.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, std::collections::HashMap::new());
                 (Code::InvalidArgument, d)
             }
@@ -358,7 +358,7 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
                 Some(c) => format!("rows[{index}].{c}"),
                 None => format!("rows[{index}]"),
             };
-            let mut d = ErrorDetails::with_bad_request_violation(field, message.clone());
+            let mut d = ErrorDetails::with_bad_request_violation(field, shortened(message.clone()));
             let mut meta = vec![("row_index", index.to_string())];
             if let Some(c) = column {
                 meta.push(("column", c.clone()));
@@ -455,6 +455,27 @@ mod tests {
         );
         assert!(
             status.details().len() < 2 * MAX_MESSAGE_BYTES,
+            "{}",
+            status.details().len()
+        );
+        // A bad row's message is also in its BadRequest details: cut there too.
+        let status = Status::from(Error::Backend(BackendError::Row {
+            index: 3,
+            column: Some("id".into()),
+            code: String::new(),
+            message: format!("{:?} is not a UUID", "x".repeat(1 << 20)),
+        }));
+        assert!(
+            status.details().len() < 3 * MAX_MESSAGE_BYTES,
+            "{}",
+            status.details().len()
+        );
+        let status = Status::from(Error::InvalidArgument {
+            field: "sql",
+            message: "y".repeat(1 << 20),
+        });
+        assert!(
+            status.details().len() < 3 * MAX_MESSAGE_BYTES,
             "{}",
             status.details().len()
         );

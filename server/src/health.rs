@@ -38,12 +38,17 @@ enum Probe {
     Down,
 }
 
-async fn probe(source: &Source) -> Probe {
-    if source
+/// Whether every connection `source` may open is open and in use: a wait
+/// for one then says the source is busy, not that it is down.
+pub fn pool_is_full(source: &Source) -> bool {
+    source
         .backend
         .pool_status()
         .is_some_and(|p| p.idle == 0 && p.open >= source.config.pool.max_size)
-    {
+}
+
+async fn probe(source: &Source) -> Probe {
+    if pool_is_full(source) {
         return Probe::Busy;
     }
     // Long enough for a pool that fills up meanwhile to say so (PoolExhausted).

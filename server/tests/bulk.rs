@@ -1373,11 +1373,6 @@ async fn a_postgres_load_given_up_on_stops_its_statement() {
     ctx.server.stop().await;
 }
 
-/// Large messages of narrow rows take much more memory decoded than on the
-/// wire (a value is 32 bytes): two of them do not fit the load's feed at
-/// once. The MySQL path, which keeps a chunk's rows until the chunk is
-/// loaded, lets them go before it waits for the next batch, which needs
-/// that memory, instead of waiting for ever.
 /// A single-precision column (PostgreSQL's `real`, MySQL's `FLOAT`) holds
 /// whole numbers exactly up to 2^24 and about 6 digits: a value it would
 /// round is the row's error, as a `real` placeholder's is, not a silent
@@ -1428,6 +1423,11 @@ async fn single_precision_columns_take_only_what_they_hold_exactly_in_mysql() {
     single_precision_columns_take_only_what_they_hold_exactly(Engine::Mysql).await;
 }
 
+/// Large messages of narrow rows take much more memory decoded than on the
+/// wire (a value is 32 bytes): two of them do not fit the load's feed at
+/// once. The MySQL path, which keeps a chunk's rows until the chunk is
+/// loaded, lets them go before it waits for the next batch, which needs
+/// that memory, instead of waiting for ever.
 #[tokio::test]
 async fn a_mysql_load_of_messages_larger_than_half_its_feed_completes() {
     let ctx = Ctx::new(Engine::Mysql, "").await;

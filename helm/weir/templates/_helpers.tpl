@@ -142,6 +142,9 @@ streams, rollbacks and cancels share 10 s; blocking work and the trace flush
 {{- end }}
 {{- end }}
 {{- range .Values.extraEnv }}
+{{- if eq (.name | default "") "WEIR__SERVER__SHUTDOWN_DELAY" }}
+{{- fail "WEIR__SERVER__SHUTDOWN_DELAY in extraEnv: the chart's shutdown budget does not count it; on Kubernetes use preStopSleepSeconds, which keeps the pod serving while it leaves the Service's endpoints" }}
+{{- end }}
 {{- if eq (.name | default "") "WEIR__SERVER__SHUTDOWN_GRACE" }}
 {{- if not .value }}
 {{- fail "WEIR__SERVER__SHUTDOWN_GRACE in extraEnv must have a value (not valueFrom): the chart checks terminationGracePeriodSeconds against it" }}

@@ -254,7 +254,7 @@ pub fn writes_and_returns_rows(sql: &str) -> bool {
         .trim_start()
         .trim_start_matches(|c: char| c == '(' || c.is_whitespace());
     let writes = |w: &str| {
-        ["insert", "update", "delete", "merge"]
+        ["insert", "update", "delete", "merge", "replace"]
             .iter()
             .any(|v| w.eq_ignore_ascii_case(v))
     };
@@ -284,6 +284,9 @@ mod tests {
         ));
         assert!(writes_and_returns_rows(
             "WITH u AS (UPDATE jobs SET done = true RETURNING id) SELECT * FROM u"
+        ));
+        assert!(writes_and_returns_rows(
+            "WITH c AS (SELECT 1 AS id) REPLACE INTO t SELECT * FROM c RETURNING *"
         ));
     }
 

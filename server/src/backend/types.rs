@@ -34,6 +34,8 @@ pub enum Value {
 
 /// Whole numbers up to 2^53 in magnitude are exact in a double.
 pub const EXACT_IN_DOUBLE: u64 = 1 << 53;
+/// And up to 2^24 in a single-precision float.
+pub const EXACT_IN_FLOAT: u64 = 1 << 24;
 
 impl Value {
     /// The magnitude of an integer a double would round, past 2^53.

@@ -541,8 +541,9 @@ pub struct ArrowBatches {
     /// Complete rows in the builders, and rows sent before them.
     rows: usize,
     rows_before: u64,
-    /// About how many bytes the builders hold.
+    /// About how many bytes the builders hold, and held at the last finished row.
     bytes: usize,
+    finished_bytes: usize,
     /// The first value of the row in progress that did not fit.
     misfit: Option<(usize, Misfit)>,
     /// Columns typed value by value (from their first batch).
@@ -572,6 +573,7 @@ impl ArrowBatches {
             rows: 0,
             rows_before: 0,
             bytes: 0,
+            finished_bytes: 0,
             misfit: None,
         })
     }
@@ -643,6 +645,7 @@ impl ArrowBatches {
         }
         self.next = 0;
         self.rows += 1;
+        self.finished_bytes = self.bytes;
         Ok(())
     }
 
@@ -651,9 +654,10 @@ impl ArrowBatches {
         self.rows
     }
 
-    /// About how many bytes the batch in progress holds.
-    pub fn bytes(&self) -> usize {
-        self.bytes
+    /// About how many bytes the complete rows of the batch in progress hold
+    /// (not the row being given, as the row encoder's count does not).
+    pub fn finished_bytes(&self) -> usize {
+        self.finished_bytes
     }
 
     /// The IPC bytes written since the last call: the schema message comes
@@ -687,6 +691,7 @@ impl ArrowBatches {
         self.rows_before += self.rows as u64;
         self.rows = 0;
         self.bytes = 0;
+        self.finished_bytes = 0;
         Ok(piece)
     }
 
@@ -772,7 +777,7 @@ mod tests {
             batches.value(Value::Null);
             batches.finish_row().unwrap();
         }
-        assert!(batches.bytes() >= 16 * 1000, "{}", batches.bytes());
+        assert!(batches.finished_bytes() >= 16 * 1000, "{}", batches.finished_bytes());
     }
 
     #[test]

@@ -141,7 +141,7 @@ struct FloatExactness {
 fn float_exactness(column: &domain::Column) -> FloatExactness {
     match column.precision {
         Some(bits) if bits <= 24 => FloatExactness {
-            whole: 1 << 24,
+            whole: domain::EXACT_IN_FLOAT,
             digits: 6,
             min_positive: f64::from(f32::MIN_POSITIVE),
             max: f64::from(f32::MAX),

@@ -27,9 +27,10 @@ use crate::tenant::{Caller, Source};
 const BATCH_BYTES: usize = 1024 * 1024;
 
 /// The most a batch may hold: a row of up to MAX_ROW_BYTES after rows under
-/// BATCH_BYTES, less room for the message's own framing, within the 64 MiB
-/// the Rust client reads.
-const MAX_BATCH_BYTES: usize = MAX_ROW_BYTES + BATCH_BYTES - 1024;
+/// BATCH_BYTES, less room for the message's own framing (an Arrow batch's
+/// metadata and padding, the schema with the first), within the 64 MiB the
+/// Rust client reads.
+const MAX_BATCH_BYTES: usize = MAX_ROW_BYTES + BATCH_BYTES - 64 * 1024;
 /// Rows per batch when the caller does not say.
 const DEFAULT_BATCH_ROWS: usize = 1000;
 /// The same for Arrow IPC batches.
@@ -358,7 +359,7 @@ impl Batches for ArrowBatches {
     }
 
     fn pending(&self) -> (usize, usize) {
-        (self.rows(), self.bytes())
+        (self.rows(), self.finished_bytes())
     }
 
     fn take(&mut self) -> Result<(pb::ExecuteStreamResponse, usize)> {

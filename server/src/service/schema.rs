@@ -88,7 +88,7 @@ impl SchemaService for SchemaApi {
             // The caller's own deadline came first: that says nothing of the source.
             Err(_) if timeout < caller.tenant.limits.statement_timeout => return Err(Error::Timeout(timeout).into()),
             // A wait for a busy pool is no answer either (the health probe's rule).
-            Err(_) if source.backend.pool_status().is_some_and(|p| p.idle == 0) => {
+            Err(_) if crate::health::pool_is_full(&source) => {
                 return Err(Error::Timeout(timeout).into());
             }
             Err(_) => Err(crate::backend::BackendError::Unavailable(format!(

@@ -54,9 +54,29 @@ macro_rules! differing {
 /// sections read at start.
 fn needs_restart(started: &Config, config: &Config) -> Vec<&'static str> {
     let (was, now) = (&started.server, &config.server);
+    // Every field named: one added to ServerConfig and not listed below
+    // fails to compile here instead of changing silently on a reload.
+    let crate::config::ServerConfig {
+        listen: _,
+        max_request_bytes: _,
+        health_check_interval: _,
+        shutdown_grace: _,
+        shutdown_delay: _,
+        reload_interval: _,
+        max_concurrent_requests: _,
+        max_queue_wait: _,
+        stream_idle_timeout: _,
+        keepalive_time: _,
+        keepalive_interval: _,
+        keepalive_retries: _,
+        max_connection_age: _,
+        compression: _,
+        worker_threads: _,
+        tls: _,
+    } = was;
     let server = differing!(was, now, "server.":
         listen, max_request_bytes, max_concurrent_requests, max_queue_wait, compression,
-        health_check_interval, reload_interval, shutdown_grace, stream_idle_timeout,
+        health_check_interval, reload_interval, shutdown_grace, shutdown_delay, stream_idle_timeout,
         keepalive_time, keepalive_interval, keepalive_retries, max_connection_age, worker_threads);
     let sections = differing!(started, config, "": metrics, telemetry, bulk, changes);
     let tls = ("server.tls (on or off)", was.tls.is_some() != now.tls.is_some());
@@ -321,11 +341,12 @@ mod tests {
     fn settings_read_at_start_are_named_on_every_reload_that_changes_them() {
         let started = Config::from_toml("").unwrap();
         let edited =
-            Config::from_toml("[server]\nstream_idle_timeout = \"1s\"\nkeepalive_time = \"5s\"\nworker_threads = 1\n")
+            Config::from_toml("[server]\nstream_idle_timeout = \"1s\"\nkeepalive_time = \"5s\"\nworker_threads = 1\nshutdown_delay = \"2s\"\n")
                 .unwrap();
         assert_eq!(
             needs_restart(&started, &edited),
             [
+                "server.shutdown_delay",
                 "server.stream_idle_timeout",
                 "server.keepalive_time",
                 "server.worker_threads"

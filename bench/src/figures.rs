@@ -154,6 +154,14 @@ async fn weir_lookups(
     for _ in 0..callers.div_ceil(CALLERS_PER_CHANNEL) {
         clients.push(weir.client().await?);
     }
+    // Untimed, as the direct pool connects and prepares before its clock
+    // starts: the gateway's pool opens its connections as calls need them,
+    // and each session prepares the statement at its first use.
+    futures::future::try_join_all((0..callers).map(|i| {
+        let client = clients[i / CALLERS_PER_CHANNEL].clone();
+        async move { client.execute(source, LOOKUP, vec![1i64.into()]).await }
+    }))
+    .await?;
     let cpu = Snapshot::now(weir.pid(), "postgres");
     let deadline = Instant::now() + args.lookup_duration();
     let started = Instant::now();
@@ -420,6 +428,35 @@ fn median_cpu(mut runs: Vec<Cpu>) -> Cpu {
     runs.get(runs.len() / 2).copied().unwrap_or_default()
 }
 
+/// One side of a figure measured in turns with the others (see `in_turns`).
+pub struct Side<'a> {
+    /// The gateway's pid, for its CPU (`None` on the direct side).
+    pub gateway: Option<u32>,
+    /// The database server's process name, for its CPU ("" for none).
+    pub database: &'static str,
+    pub run: Run<'a>,
+}
+
+/// Runs every side once per round, `runs` rounds, each round starting with
+/// the next side: the machine's speed drifts over minutes, and sides run
+/// one block after another would each get their own stretch of it. Returns
+/// each side's median and the CPU its runs took.
+pub async fn in_turns(runs: usize, mut sides: Vec<Side<'_>>) -> anyhow::Result<Vec<(f64, Cpu)>> {
+    let n = sides.len();
+    let mut values = vec![Vec::with_capacity(runs); n];
+    let mut cpu = vec![Cpu::default(); n];
+    for round in 0..runs {
+        for k in 0..n {
+            let i = (round + k) % n;
+            let side = &mut sides[i];
+            let before = Snapshot::now(side.gateway, side.database);
+            values[i].push((side.run)().await?);
+            cpu[i] += before.elapsed();
+        }
+    }
+    Ok(values.into_iter().map(median).zip(cpu).collect())
+}
+
 pub async fn repeat<F, Fut>(runs: usize, mut f: F) -> anyhow::Result<f64>
 where
     F: FnMut() -> Fut,
@@ -573,12 +610,31 @@ async fn stream(
 ) -> anyhow::Result<()> {
     println!("streaming {rows} rows...");
     let spent = std::sync::Mutex::new(Cpu::default());
-    let direct = repeat(args.runs, || direct_stream(args, &spent)).await?;
+    let measured = in_turns(
+        args.runs,
+        vec![
+            Side {
+                gateway: None,
+                database: "",
+                run: Box::new(|| Box::pin(direct_stream(args, &spent))),
+            },
+            Side {
+                gateway: None,
+                database: "",
+                run: Box::new(|| Box::pin(direct_copy(args))),
+            },
+            Side {
+                gateway,
+                database: "postgres",
+                run: Box::new(|| Box::pin(async { Ok(weir_stream(client, "pg", STREAM).await?.0) })),
+            },
+        ],
+    )
+    .await?;
     let direct_cpu = spent.into_inner().unwrap_or_default();
-    let copy = repeat(args.runs, || direct_copy(args)).await?;
-    let before = Snapshot::now(gateway, "postgres");
-    let through = repeat(args.runs, || async { Ok(weir_stream(client, "pg", STREAM).await?.0) }).await?;
-    let weir_cpu = before.elapsed();
+    let [(direct, _), (copy, _), (through, weir_cpu)] = measured[..] else {
+        anyhow::bail!("three sides measured");
+    };
     // Per 1,000 rows, over all runs.
     let thousands = (rows as f64 * args.runs as f64 / 1000.0).max(1.0);
     crate::detail(format!(
@@ -604,9 +660,26 @@ async fn stream(
     println!("unary results of 1,000 rows...");
     let calls = unary_calls(args);
     let spent = std::sync::Mutex::new(Cpu::default());
-    let direct = repeat(args.runs, || direct_unary(args, calls, &spent)).await?;
+    let measured = in_turns(
+        args.runs,
+        vec![
+            Side {
+                gateway: None,
+                database: "",
+                run: Box::new(|| Box::pin(direct_unary(args, calls, &spent))),
+            },
+            Side {
+                gateway,
+                database: "postgres",
+                run: Box::new(|| Box::pin(weir_unary(client, calls))),
+            },
+        ],
+    )
+    .await?;
     let direct_cpu = spent.into_inner().unwrap_or_default();
-    let (through, weir_cpu) = repeat_counting(args.runs, gateway, "postgres", || weir_unary(client, calls)).await?;
+    let [(direct, _), (through, weir_cpu)] = measured[..] else {
+        anyhow::bail!("two sides measured");
+    };
     let results = (calls * args.runs) as f64;
     crate::detail(format!(
         "unary results of 1,000 rows, per call: query {}; Weir {}",
@@ -624,10 +697,14 @@ async fn stream(
     println!("streaming {rows} rows from MariaDB and SQLite...");
     prepare_mysql(args, rows).await?;
     let accounts = "SELECT aid, bid, abalance, filler FROM bench_accounts";
-    let (direct, direct_cpu) = repeat_counting(args.runs, None, "mariadbd", || direct_mysql_stream(args)).await?;
-    let (through, weir_cpu) = repeat_counting(args.runs, gateway, "mariadbd", || async {
-        Ok(weir_stream(client, "maria", accounts).await?.0)
-    })
+    let [(direct, direct_cpu), (through, weir_cpu)] = two_in_turns(
+        args.runs,
+        ("mariadbd", Box::new(|| Box::pin(direct_mysql_stream(args)))),
+        (
+            gateway,
+            Box::new(|| Box::pin(async { Ok(weir_stream(client, "maria", accounts).await?.0) })),
+        ),
+    )
     .await?;
     crate::detail(format!(
         "MariaDB stream {rows} rows, per 1,000 rows: mysql_async {}; Weir {}",
@@ -643,11 +720,14 @@ async fn stream(
     });
     // SQLite runs inside the reading process: rusqlite's in the client's
     // CPU, the gateway's in the gateway's.
-    let (direct, direct_cpu) =
-        repeat_counting(args.runs, None, "", || direct_sqlite_stream(sqlite.to_path_buf())).await?;
-    let (through, weir_cpu) = repeat_counting(args.runs, gateway, "", || async {
-        Ok(weir_stream(client, "lite", accounts).await?.0)
-    })
+    let [(direct, direct_cpu), (through, weir_cpu)] = two_in_turns(
+        args.runs,
+        ("", Box::new(|| Box::pin(direct_sqlite_stream(sqlite.to_path_buf())))),
+        (
+            gateway,
+            Box::new(|| Box::pin(async { Ok(weir_stream(client, "lite", accounts).await?.0) })),
+        ),
+    )
     .await?;
     crate::detail(format!(
         "SQLite stream {rows} rows, per 1,000 rows: rusqlite {}; Weir {}",
@@ -665,22 +745,35 @@ async fn stream(
     Ok(())
 }
 
-/// Runs `f` `runs` times (see `repeat`) and returns the median with the CPU
-/// the runs took, by process: the client (with the commands it ran), the
-/// gateway and the `database` server.
-async fn repeat_counting<F, Fut>(
+pub type Run<'a> = Box<dyn FnMut() -> futures::future::BoxFuture<'a, anyhow::Result<f64>> + 'a>;
+
+/// `in_turns` of a direct side (its database server's name, for its CPU)
+/// and a side through the gateway of that pid, of the same database.
+pub async fn two_in_turns<'a>(
     runs: usize,
-    gateway: Option<u32>,
-    database: &'static str,
-    f: F,
-) -> anyhow::Result<(f64, Cpu)>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<f64>>,
-{
-    let before = Snapshot::now(gateway, database);
-    let median = repeat(runs, f).await?;
-    Ok((median, before.elapsed()))
+    (database, direct): (&'static str, Run<'a>),
+    (gateway, weir): (Option<u32>, Run<'a>),
+) -> anyhow::Result<[(f64, Cpu); 2]> {
+    let measured = in_turns(
+        runs,
+        vec![
+            Side {
+                gateway: None,
+                database,
+                run: direct,
+            },
+            Side {
+                gateway,
+                database,
+                run: weir,
+            },
+        ],
+    )
+    .await?;
+    match measured[..] {
+        [direct, weir] => Ok([direct, weir]),
+        _ => anyhow::bail!("two sides measured"),
+    }
 }
 
 async fn load(
@@ -701,8 +794,18 @@ async fn load(
         .await?;
     // No CPU figures here: `psql`'s backend ends with its command, before
     // its CPU can be read (MariaDB is one process).
-    let direct = repeat(args.runs, || crate::load::direct_pg_copy(args, &file, rows)).await?;
-    let through = repeat(args.runs, || crate::load::weir_load(client, "pg", "bench_load", &file)).await?;
+    let [(direct, _), (through, _)] = two_in_turns(
+        args.runs,
+        (
+            "",
+            Box::new(|| Box::pin(crate::load::direct_pg_copy(args, &file, rows))),
+        ),
+        (
+            gateway,
+            Box::new(|| Box::pin(crate::load::weir_load(client, "pg", "bench_load", &file))),
+        ),
+    )
+    .await?;
     figures.push(Figure {
         name: format!("PostgreSQL: load {rows} rows vs psql \\copy"),
         unit: "rows/s",
@@ -717,13 +820,17 @@ async fn load(
             .query_drop("CREATE TABLE IF NOT EXISTS bench_load (aid INT, bid INT, abalance INT, filler CHAR(84))")
             .await?;
     }
-    let (direct, direct_cpu) = repeat_counting(args.runs, None, "mariadbd", || async {
-        crate::load::direct_mysql_load(args, &file, rows)
-    })
-    .await?;
-    let (through, weir_cpu) = repeat_counting(args.runs, gateway, "mariadbd", || {
-        crate::load::weir_load(client, "maria", "bench_load", &file)
-    })
+    let [(direct, direct_cpu), (through, weir_cpu)] = two_in_turns(
+        args.runs,
+        (
+            "mariadbd",
+            Box::new(|| Box::pin(async { crate::load::direct_mysql_load(args, &file, rows) })),
+        ),
+        (
+            gateway,
+            Box::new(|| Box::pin(crate::load::weir_load(client, "maria", "bench_load", &file))),
+        ),
+    )
     .await?;
     crate::detail(format!(
         "MariaDB load {rows} rows, per 1,000 rows: LOAD DATA LOCAL INFILE {}; Weir {}",
@@ -747,9 +854,11 @@ async fn memory(args: &Arc<Args>, weir: &Weir, client: &WeirClient, figures: &mu
     let mb = |bytes: Option<u64>| bytes.map_or(0.0, |b| b as f64 / 1_048_576.0);
     // The figures before this one (loads, Kafka) have peaks of their own, and
     // what the allocator kept of them stays resident. The stream's peak is
-    // the highest RSS sampled while it runs (a process's VmHWM cannot be
-    // reset everywhere).
+    // the server's VmHWM set back to its RSS before the stream, where Linux
+    // lets it be reset (every allocation counted, between samples too);
+    // else the highest RSS sampled every 10 ms.
     let before = mb(weir.peak_rss());
+    let reset = weir.reset_peak_rss();
     let sql = format!("SELECT g, md5(g::text) AS h FROM generate_series(1, {big}) g");
     let stream = weir_stream(client, "pg", &sql);
     tokio::pin!(stream);
@@ -762,9 +871,15 @@ async fn memory(args: &Arc<Args>, weir: &Weir, client: &WeirClient, figures: &mu
         }
     };
     anyhow::ensure!(n == big, "expected {big} rows, got {n}");
-    let peak_mb = mb(Some(peak));
+    let (peak_mb, how) = match reset {
+        true => (
+            mb(weir.peak_rss()).max(mb(Some(peak))),
+            "its VmHWM, reset before the stream",
+        ),
+        false => (mb(Some(peak)), "sampled every 10 ms"),
+    };
     crate::detail(format!(
-        "server RSS: at most {peak_mb:.1} MB while it streamed {big} rows (sampled every 10 ms); \
+        "server RSS: at most {peak_mb:.1} MB while it streamed {big} rows ({how}); \
          its peak over the whole run before that stream: {before:.1} MB"
     ));
     figures.push(Figure {

@@ -56,7 +56,6 @@ async fn topic(args: &Args, name: &str) -> anyhow::Result<String> {
 }
 
 /// Records per second producing with an idempotent FutureProducer, every record in flight.
-/// (Consumers are created inside the timing on both sides: Weir creates one per Consume call.)
 async fn direct_produce(args: &Args, topic: &str, n: usize) -> anyhow::Result<f64> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &args.kafka_bootstrap)
@@ -121,16 +120,24 @@ async fn weir_produce(client: &WeirClient, topic: &str, n: usize) -> anyhow::Res
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Records per second consuming with a StreamConsumer set up as the
+/// gateway sets up its own for a Consume from explicit offsets (the same
+/// settings, offset 0 of the partition assigned), created inside the
+/// timing as the gateway's is.
 async fn direct_consume(args: &Args, topic: &str, n: usize) -> anyhow::Result<f64> {
+    let started = Instant::now();
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.kafka_bootstrap)
         .set("group.id", format!("weir-bench-direct-{:x}", rand::random::<u64>()))
         .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("session.timeout.ms", "10000")
+        .set("queued.max.messages.kbytes", "16384")
+        .set("auto.offset.reset", "error")
         .create()?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
+    tpl.add_partition_offset(topic, 0, Offset::Offset(0))?;
     consumer.assign(&tpl)?;
-    let started = Instant::now();
     let mut bytes = 0usize;
     for _ in 0..n {
         let m = consumer.recv().await?;
@@ -174,12 +181,20 @@ pub async fn figures(args: &Args, client: &WeirClient, figures: &mut Vec<Figure>
     let n = records(args);
     println!("producing and consuming {n} Kafka records...");
     let (mut dp, mut wp, mut dc, mut wc) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..args.runs {
+    for run in 0..args.runs {
         let (direct_topic, weir_topic) = (topic(args, "direct").await?, topic(args, "weir").await?);
-        dp.push(direct_produce(args, &direct_topic, n).await?);
-        wp.push(weir_produce(client, &weir_topic, n).await?);
-        dc.push(direct_consume(args, &direct_topic, n).await?);
-        wc.push(weir_consume(client, &weir_topic, n).await?);
+        // Each side first in every other run (see `figures::in_turns`).
+        if run % 2 == 0 {
+            dp.push(direct_produce(args, &direct_topic, n).await?);
+            wp.push(weir_produce(client, &weir_topic, n).await?);
+            dc.push(direct_consume(args, &direct_topic, n).await?);
+            wc.push(weir_consume(client, &weir_topic, n).await?);
+        } else {
+            wp.push(weir_produce(client, &weir_topic, n).await?);
+            dp.push(direct_produce(args, &direct_topic, n).await?);
+            wc.push(weir_consume(client, &weir_topic, n).await?);
+            dc.push(direct_consume(args, &direct_topic, n).await?);
+        }
     }
     figures.push(Figure {
         name: format!("Kafka: produce {n} records vs rdkafka"),

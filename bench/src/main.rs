@@ -124,9 +124,16 @@ pub fn detail(line: String) {
     }
 }
 
+/// The median; of an even number of values, the mean of the middle two
+/// (not the upper one, which of two runs would be the better).
 pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
+    let n = values.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 fn report(args: &Args, figures: &[Figure]) -> String {
@@ -184,12 +191,78 @@ async fn main() -> anyhow::Result<()> {
     let text = report(&args, &figures);
     println!("\n{text}");
     if let Some(path) = &args.out {
-        let header = format!(
-            "# Benchmarks\n\nProduced by `weir-bench` on {} ({} cores). Each figure is measured directly and through Weir in the same run; ratios are what count. The load generator, Weir and the databases share the machine's cores, so every microsecond of CPU the gateway path adds (gRPC encoding on both sides, HTTP/2, the extra hop) comes out of the same budget as the engine's.\n\n",
+        let section = format!(
+            "## A run of `weir-bench` ({})\n\n{}\n\n{text}\n",
             chrono::Utc::now().format("%Y-%m-%d"),
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+            machine(&args)
         );
-        std::fs::write(path, header + &text)?;
+        let existing = std::fs::read_to_string(path).unwrap_or_default();
+        std::fs::write(path, with_section(&existing, &section))?;
     }
     Ok(())
+}
+
+/// Where and what was measured: the machine, the commit and the build.
+fn machine(args: &Args) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .and_then(|m| m.split_once(':'))
+                    .map(|(_, m)| m.trim().to_string())
+            })
+        })
+        .unwrap_or_else(|| "an unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    // The build is the directory the gateway's binary is in (release, production, debug).
+    let weir = server::binary(args).unwrap_or_default();
+    let profile = weir
+        .parent()
+        .and_then(|d| d.file_name())
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(
+        "{cores} cores of {cpu}; commit `{commit}`, the gateway's `{profile}` build ({}).",
+        weir.display()
+    )
+}
+
+/// `existing` (the benchmarks document) with `section` put before its first
+/// section, newest first as the document keeps them; the document's title
+/// and introduction when there is none yet.
+fn with_section(existing: &str, section: &str) -> String {
+    const INTRO: &str = "# Benchmarks\n\nProduced by `weir-bench`; each section gives its date and command. Each figure is measured directly and through Weir in the same run; ratios are what count.\n\n";
+    match existing.find("\n## ") {
+        Some(at) => format!("{}{section}{}", &existing[..=at], &existing[at + 1..]),
+        None if existing.is_empty() => format!("{INTRO}{section}"),
+        None => format!("{existing}\n{section}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_of_an_even_count_are_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+    }
+
+    #[test]
+    fn a_run_is_added_before_the_earlier_ones() {
+        let doc = "# Benchmarks\n\nIntro.\n\n## Older\n\nold\n";
+        let added = with_section(doc, "## New\n\nnew\n\n");
+        assert_eq!(added, "# Benchmarks\n\nIntro.\n\n## New\n\nnew\n\n## Older\n\nold\n");
+        assert!(with_section("", "## New\n").starts_with("# Benchmarks\n"));
+    }
 }

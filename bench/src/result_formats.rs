@@ -20,7 +20,7 @@ use weir_client::weir_proto::v1::{ExecuteStreamRequest, RowBatch};
 use weir_client::{ResultStream, ValueRef, WeirClient};
 
 use crate::cpu::{Cpu, Snapshot};
-use crate::figures::{account, pg, repeat, settle};
+use crate::figures::{account, in_turns, pg, settle, Side};
 use crate::{Args, Figure};
 
 const NARROW: &str = "SELECT aid, bid, abalance, filler FROM pgbench_accounts";
@@ -175,14 +175,31 @@ pub async fn figures(
     for (name, sql, wide) in [("4 columns", NARROW, false), ("11 columns", WIDE, true)] {
         println!("streaming {rows_in_table} rows of {name} as rows and as Arrow IPC...");
         let spent = Mutex::new(Cpu::default());
-        let direct_rate = repeat(args.runs, || direct(args, sql, wide, &spent)).await?;
+        let measured = in_turns(
+            args.runs,
+            vec![
+                Side {
+                    gateway: None,
+                    database: "",
+                    run: Box::new(|| Box::pin(direct(args, sql, wide, &spent))),
+                },
+                Side {
+                    gateway,
+                    database: "postgres",
+                    run: Box::new(|| Box::pin(rows(client, sql))),
+                },
+                Side {
+                    gateway,
+                    database: "postgres",
+                    run: Box::new(|| Box::pin(arrow(client, sql))),
+                },
+            ],
+        )
+        .await?;
         let direct_cpu = spent.into_inner().unwrap_or_default();
-        let before = Snapshot::now(gateway, "postgres");
-        let rows_rate = repeat(args.runs, || rows(client, sql)).await?;
-        let rows_cpu = before.elapsed();
-        let before = Snapshot::now(gateway, "postgres");
-        let arrow_rate = repeat(args.runs, || arrow(client, sql)).await?;
-        let arrow_cpu = before.elapsed();
+        let [(direct_rate, _), (rows_rate, rows_cpu), (arrow_rate, arrow_cpu)] = measured[..] else {
+            anyhow::bail!("three sides measured");
+        };
         crate::detail(format!(
             "{name}, {rows_in_table} rows, per 1,000 rows: query_raw {}; Weir rows {}; Weir Arrow IPC {}",
             direct_cpu.per(thousands, "PostgreSQL"),
@@ -207,12 +224,25 @@ pub async fn figures(
         });
     }
     println!("streaming {rows_in_table} rows of 11 columns with and without zstd...");
-    let before = Snapshot::now(gateway, "postgres");
-    let plain = repeat(args.runs, || messages(client, WIDE, None)).await?;
-    let plain_cpu = before.elapsed();
-    let before = Snapshot::now(gateway, "postgres");
-    let zstd = repeat(args.runs, || messages(client, WIDE, Some(CompressionEncoding::Zstd))).await?;
-    let zstd_cpu = before.elapsed();
+    let measured = in_turns(
+        args.runs,
+        vec![
+            Side {
+                gateway,
+                database: "postgres",
+                run: Box::new(|| Box::pin(messages(client, WIDE, None))),
+            },
+            Side {
+                gateway,
+                database: "postgres",
+                run: Box::new(|| Box::pin(messages(client, WIDE, Some(CompressionEncoding::Zstd)))),
+            },
+        ],
+    )
+    .await?;
+    let [(plain, plain_cpu), (zstd, zstd_cpu)] = measured[..] else {
+        anyhow::bail!("two sides measured");
+    };
     crate::detail(format!(
         "11 columns, {rows_in_table} rows as messages, per 1,000 rows: plain {}; zstd {}",
         plain_cpu.per(thousands, "PostgreSQL"),

@@ -28,7 +28,7 @@ pub struct Weir {
     _config: tempfile::NamedTempFile,
 }
 
-fn binary(args: &Args) -> anyhow::Result<PathBuf> {
+pub fn binary(args: &Args) -> anyhow::Result<PathBuf> {
     if let Some(path) = &args.weir {
         return Ok(path.clone());
     }
@@ -133,7 +133,8 @@ topic_prefix = "weir-bench-"
         let file = tempfile::Builder::new().suffix(".toml").tempfile()?;
         std::fs::write(file.path(), config)?;
         let path = binary(args)?;
-        let mut child = Command::new(&path)
+        let (log_reader, log_writer) = std::io::pipe()?;
+        let child = Command::new(&path)
             .arg("--config")
             .arg(file.path())
             .env("WEIR_BENCH_PG_PASSWORD", &args.pg_password)
@@ -142,7 +143,7 @@ topic_prefix = "weir-bench-"
             // pipe as a container runtime reads it: what a deployment pays.
             .env_remove("WEIR_LOG")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::from(log_writer))
             .kill_on_drop(true)
             .spawn()
             .with_context(|| {
@@ -151,9 +152,7 @@ topic_prefix = "weir-bench-"
                     path.display()
                 )
             })?;
-        if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(drain_log(stderr));
-        }
+        drain_log(log_reader);
         let addr = format!("http://127.0.0.1:{port}");
         let started = Instant::now();
         while WeirClient::connect(&addr, KEY).await.is_err() {
@@ -184,6 +183,15 @@ topic_prefix = "weir-bench-"
     /// Peak resident memory of the server so far (VmHWM), in bytes.
     pub fn peak_rss(&self) -> Option<u64> {
         self.memory("VmHWM:")
+    }
+
+    /// Sets the server's VmHWM back to its RSS now (Linux's `clear_refs`
+    /// 5), so that the next `peak_rss` is the peak from here on; false
+    /// where that cannot be done.
+    pub fn reset_peak_rss(&self) -> bool {
+        self.child
+            .id()
+            .is_some_and(|pid| std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok())
     }
 
     /// Resident memory of the server now (VmRSS), in bytes.
@@ -221,13 +229,18 @@ topic_prefix = "weir-bench-"
     }
 }
 
-/// Reads the server's log as it comes; passes on its warnings and errors.
-async fn drain_log(stderr: tokio::process::ChildStderr) {
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(stderr).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if line.contains("WARN") || line.contains("ERROR") {
-            eprintln!("weir: {line}");
+/// Reads the server's log as it comes, from a blocking pipe on an OS
+/// thread of its own (an audit line per call, refused ones too: read on
+/// the benchmark's runtime, they would take its threads from the callers
+/// being measured); passes on its warnings and errors.
+fn drain_log(log: std::io::PipeReader) {
+    use std::io::BufRead;
+    std::thread::spawn(move || {
+        let lines = std::io::BufReader::new(log).lines();
+        for line in lines.map_while(Result::ok) {
+            if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("weir: {line}");
+            }
         }
-    }
+    });
 }

@@ -431,30 +431,47 @@ fn median_cpu(mut runs: Vec<Cpu>) -> Cpu {
 /// One side of a figure measured in turns with the others (see `in_turns`).
 pub struct Side<'a> {
     /// The gateway's pid, for its CPU (`None` on the direct side).
-    pub gateway: Option<u32>,
+    gateway: Option<u32>,
     /// The database server's process name, for its CPU ("" for none).
-    pub database: &'static str,
-    pub run: Run<'a>,
+    database: &'static str,
+    run: Box<dyn FnMut() -> futures::future::BoxFuture<'a, anyhow::Result<f64>> + 'a>,
+}
+
+impl<'a> Side<'a> {
+    /// A side whose runs are `run` (each returns its figure), its CPU read
+    /// for the gateway of pid `gateway` and the processes named `database`.
+    pub fn new<F, Fut>(gateway: Option<u32>, database: &'static str, mut run: F) -> Self
+    where
+        F: FnMut() -> Fut + 'a,
+        Fut: std::future::Future<Output = anyhow::Result<f64>> + Send + 'a,
+    {
+        Side {
+            gateway,
+            database,
+            run: Box::new(move || Box::pin(run())),
+        }
+    }
 }
 
 /// Runs every side once per round, `runs` rounds, each round starting with
 /// the next side: the machine's speed drifts over minutes, and sides run
 /// one block after another would each get their own stretch of it. Returns
 /// each side's median and the CPU its runs took.
-pub async fn in_turns(runs: usize, mut sides: Vec<Side<'_>>) -> anyhow::Result<Vec<(f64, Cpu)>> {
-    let n = sides.len();
-    let mut values = vec![Vec::with_capacity(runs); n];
-    let mut cpu = vec![Cpu::default(); n];
+pub async fn in_turns<const N: usize>(runs: usize, mut sides: [Side<'_>; N]) -> anyhow::Result<[(f64, Cpu); N]> {
+    let mut values: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(runs));
+    let mut cpu = [Cpu::default(); N];
     for round in 0..runs {
-        for k in 0..n {
-            let i = (round + k) % n;
+        for k in 0..N {
+            let i = (round + k) % N;
             let side = &mut sides[i];
             let before = Snapshot::now(side.gateway, side.database);
             values[i].push((side.run)().await?);
             cpu[i] += before.elapsed();
         }
     }
-    Ok(values.into_iter().map(median).zip(cpu).collect())
+    Ok(std::array::from_fn(|i| {
+        (median(std::mem::take(&mut values[i])), cpu[i])
+    }))
 }
 
 pub async fn repeat<F, Fut>(runs: usize, mut f: F) -> anyhow::Result<f64>
@@ -610,31 +627,18 @@ async fn stream(
 ) -> anyhow::Result<()> {
     println!("streaming {rows} rows...");
     let spent = std::sync::Mutex::new(Cpu::default());
-    let measured = in_turns(
+    let [(direct, _), (copy, _), (through, weir_cpu)] = in_turns(
         args.runs,
-        vec![
-            Side {
-                gateway: None,
-                database: "",
-                run: Box::new(|| Box::pin(direct_stream(args, &spent))),
-            },
-            Side {
-                gateway: None,
-                database: "",
-                run: Box::new(|| Box::pin(direct_copy(args))),
-            },
-            Side {
-                gateway,
-                database: "postgres",
-                run: Box::new(|| Box::pin(async { Ok(weir_stream(client, "pg", STREAM).await?.0) })),
-            },
+        [
+            Side::new(None, "", || direct_stream(args, &spent)),
+            Side::new(None, "", || direct_copy(args)),
+            Side::new(gateway, "postgres", || async {
+                Ok(weir_stream(client, "pg", STREAM).await?.0)
+            }),
         ],
     )
     .await?;
     let direct_cpu = spent.into_inner().unwrap_or_default();
-    let [(direct, _), (copy, _), (through, weir_cpu)] = measured[..] else {
-        anyhow::bail!("three sides measured");
-    };
     // Per 1,000 rows, over all runs.
     let thousands = (rows as f64 * args.runs as f64 / 1000.0).max(1.0);
     crate::detail(format!(
@@ -660,26 +664,15 @@ async fn stream(
     println!("unary results of 1,000 rows...");
     let calls = unary_calls(args);
     let spent = std::sync::Mutex::new(Cpu::default());
-    let measured = in_turns(
+    let [(direct, _), (through, weir_cpu)] = in_turns(
         args.runs,
-        vec![
-            Side {
-                gateway: None,
-                database: "",
-                run: Box::new(|| Box::pin(direct_unary(args, calls, &spent))),
-            },
-            Side {
-                gateway,
-                database: "postgres",
-                run: Box::new(|| Box::pin(weir_unary(client, calls))),
-            },
+        [
+            Side::new(None, "", || direct_unary(args, calls, &spent)),
+            Side::new(gateway, "postgres", || weir_unary(client, calls)),
         ],
     )
     .await?;
     let direct_cpu = spent.into_inner().unwrap_or_default();
-    let [(direct, _), (through, weir_cpu)] = measured[..] else {
-        anyhow::bail!("two sides measured");
-    };
     let results = (calls * args.runs) as f64;
     crate::detail(format!(
         "unary results of 1,000 rows, per call: query {}; Weir {}",
@@ -697,13 +690,14 @@ async fn stream(
     println!("streaming {rows} rows from MariaDB and SQLite...");
     prepare_mysql(args, rows).await?;
     let accounts = "SELECT aid, bid, abalance, filler FROM bench_accounts";
-    let [(direct, direct_cpu), (through, weir_cpu)] = two_in_turns(
+    let [(direct, direct_cpu), (through, weir_cpu)] = in_turns(
         args.runs,
-        ("mariadbd", Box::new(|| Box::pin(direct_mysql_stream(args)))),
-        (
-            gateway,
-            Box::new(|| Box::pin(async { Ok(weir_stream(client, "maria", accounts).await?.0) })),
-        ),
+        [
+            Side::new(None, "mariadbd", || direct_mysql_stream(args)),
+            Side::new(gateway, "mariadbd", || async {
+                Ok(weir_stream(client, "maria", accounts).await?.0)
+            }),
+        ],
     )
     .await?;
     crate::detail(format!(
@@ -720,13 +714,14 @@ async fn stream(
     });
     // SQLite runs inside the reading process: rusqlite's in the client's
     // CPU, the gateway's in the gateway's.
-    let [(direct, direct_cpu), (through, weir_cpu)] = two_in_turns(
+    let [(direct, direct_cpu), (through, weir_cpu)] = in_turns(
         args.runs,
-        ("", Box::new(|| Box::pin(direct_sqlite_stream(sqlite.to_path_buf())))),
-        (
-            gateway,
-            Box::new(|| Box::pin(async { Ok(weir_stream(client, "lite", accounts).await?.0) })),
-        ),
+        [
+            Side::new(None, "", || direct_sqlite_stream(sqlite.to_path_buf())),
+            Side::new(gateway, "", || async {
+                Ok(weir_stream(client, "lite", accounts).await?.0)
+            }),
+        ],
     )
     .await?;
     crate::detail(format!(
@@ -743,37 +738,6 @@ async fn stream(
     });
 
     Ok(())
-}
-
-pub type Run<'a> = Box<dyn FnMut() -> futures::future::BoxFuture<'a, anyhow::Result<f64>> + 'a>;
-
-/// `in_turns` of a direct side (its database server's name, for its CPU)
-/// and a side through the gateway of that pid, of the same database.
-pub async fn two_in_turns<'a>(
-    runs: usize,
-    (database, direct): (&'static str, Run<'a>),
-    (gateway, weir): (Option<u32>, Run<'a>),
-) -> anyhow::Result<[(f64, Cpu); 2]> {
-    let measured = in_turns(
-        runs,
-        vec![
-            Side {
-                gateway: None,
-                database,
-                run: direct,
-            },
-            Side {
-                gateway,
-                database,
-                run: weir,
-            },
-        ],
-    )
-    .await?;
-    match measured[..] {
-        [direct, weir] => Ok([direct, weir]),
-        _ => anyhow::bail!("two sides measured"),
-    }
 }
 
 async fn load(
@@ -794,16 +758,14 @@ async fn load(
         .await?;
     // No CPU figures here: `psql`'s backend ends with its command, before
     // its CPU can be read (MariaDB is one process).
-    let [(direct, _), (through, _)] = two_in_turns(
+    let [(direct, _), (through, _)] = in_turns(
         args.runs,
-        (
-            "",
-            Box::new(|| Box::pin(crate::load::direct_pg_copy(args, &file, rows))),
-        ),
-        (
-            gateway,
-            Box::new(|| Box::pin(crate::load::weir_load(client, "pg", "bench_load", &file))),
-        ),
+        [
+            Side::new(None, "", || crate::load::direct_pg_copy(args, &file, rows)),
+            Side::new(gateway, "", || {
+                crate::load::weir_load(client, "pg", "bench_load", &file)
+            }),
+        ],
     )
     .await?;
     figures.push(Figure {
@@ -820,16 +782,16 @@ async fn load(
             .query_drop("CREATE TABLE IF NOT EXISTS bench_load (aid INT, bid INT, abalance INT, filler CHAR(84))")
             .await?;
     }
-    let [(direct, direct_cpu), (through, weir_cpu)] = two_in_turns(
+    let [(direct, direct_cpu), (through, weir_cpu)] = in_turns(
         args.runs,
-        (
-            "mariadbd",
-            Box::new(|| Box::pin(async { crate::load::direct_mysql_load(args, &file, rows) })),
-        ),
-        (
-            gateway,
-            Box::new(|| Box::pin(crate::load::weir_load(client, "maria", "bench_load", &file))),
-        ),
+        [
+            Side::new(None, "mariadbd", || async {
+                crate::load::direct_mysql_load(args, &file, rows)
+            }),
+            Side::new(gateway, "mariadbd", || {
+                crate::load::weir_load(client, "maria", "bench_load", &file)
+            }),
+        ],
     )
     .await?;
     crate::detail(format!(

@@ -175,31 +175,16 @@ pub async fn figures(
     for (name, sql, wide) in [("4 columns", NARROW, false), ("11 columns", WIDE, true)] {
         println!("streaming {rows_in_table} rows of {name} as rows and as Arrow IPC...");
         let spent = Mutex::new(Cpu::default());
-        let measured = in_turns(
+        let [(direct_rate, _), (rows_rate, rows_cpu), (arrow_rate, arrow_cpu)] = in_turns(
             args.runs,
-            vec![
-                Side {
-                    gateway: None,
-                    database: "",
-                    run: Box::new(|| Box::pin(direct(args, sql, wide, &spent))),
-                },
-                Side {
-                    gateway,
-                    database: "postgres",
-                    run: Box::new(|| Box::pin(rows(client, sql))),
-                },
-                Side {
-                    gateway,
-                    database: "postgres",
-                    run: Box::new(|| Box::pin(arrow(client, sql))),
-                },
+            [
+                Side::new(None, "", || direct(args, sql, wide, &spent)),
+                Side::new(gateway, "postgres", || rows(client, sql)),
+                Side::new(gateway, "postgres", || arrow(client, sql)),
             ],
         )
         .await?;
         let direct_cpu = spent.into_inner().unwrap_or_default();
-        let [(direct_rate, _), (rows_rate, rows_cpu), (arrow_rate, arrow_cpu)] = measured[..] else {
-            anyhow::bail!("three sides measured");
-        };
         crate::detail(format!(
             "{name}, {rows_in_table} rows, per 1,000 rows: query_raw {}; Weir rows {}; Weir Arrow IPC {}",
             direct_cpu.per(thousands, "PostgreSQL"),
@@ -224,25 +209,16 @@ pub async fn figures(
         });
     }
     println!("streaming {rows_in_table} rows of 11 columns with and without zstd...");
-    let measured = in_turns(
+    let [(plain, plain_cpu), (zstd, zstd_cpu)] = in_turns(
         args.runs,
-        vec![
-            Side {
-                gateway,
-                database: "postgres",
-                run: Box::new(|| Box::pin(messages(client, WIDE, None))),
-            },
-            Side {
-                gateway,
-                database: "postgres",
-                run: Box::new(|| Box::pin(messages(client, WIDE, Some(CompressionEncoding::Zstd)))),
-            },
+        [
+            Side::new(gateway, "postgres", || messages(client, WIDE, None)),
+            Side::new(gateway, "postgres", || {
+                messages(client, WIDE, Some(CompressionEncoding::Zstd))
+            }),
         ],
     )
     .await?;
-    let [(plain, plain_cpu), (zstd, zstd_cpu)] = measured[..] else {
-        anyhow::bail!("two sides measured");
-    };
     crate::detail(format!(
         "11 columns, {rows_in_table} rows as messages, per 1,000 rows: plain {}; zstd {}",
         plain_cpu.per(thousands, "PostgreSQL"),

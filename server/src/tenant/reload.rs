@@ -133,8 +133,10 @@ impl Registry {
 
     /// Whether `peer` lacks the client certificate the server now requires
     /// (see [`TlsReloader::wants_certificate_of`]); never without TLS.
-    pub fn wants_certificate_of(&self, peer: &crate::transport::tls::PeerInfo) -> bool {
-        self.tls.as_ref().is_some_and(|tls| tls.wants_certificate_of(peer))
+    pub fn wants_certificate_of(&self, peer: &crate::transport::tls::PeerInfo, trusted: bool) -> bool {
+        self.tls
+            .as_ref()
+            .is_some_and(|tls| tls.wants_certificate_of(peer, trusted))
     }
 
     /// The tenants in force; a call keeps what it got for its whole life.

@@ -246,15 +246,13 @@ where
         // through every layer of the subscriber.
         let authenticated = method.starts_with(API_PREFIX).then(|| {
             let peer = req.extensions().get::<PeerInfo>();
-            if peer.is_some_and(|p| self.tenants.wants_certificate_of(p)) {
-                return Err("this server now requires a client certificate its client CA accepts, unexpired: connect again with one".to_string());
-            }
             // A certificate the client CA now in force no longer accepts
             // names no one, on connections made before the change too.
-            let identities = peer
-                .filter(|p| self.tenants.still_trusts(p))
-                .map(|p| p.identities.clone())
-                .unwrap_or_default();
+            let trusted = peer.filter(|p| self.tenants.still_trusts(p));
+            if peer.is_some_and(|p| self.tenants.wants_certificate_of(p, trusted.is_some())) {
+                return Err("this server now requires a client certificate its client CA accepts, unexpired: connect again with one".to_string());
+            }
+            let identities = trusted.map(|p| p.identities.clone()).unwrap_or_default();
             let not_after = peer.and_then(|p| p.not_after);
             self.tenants
                 .current()

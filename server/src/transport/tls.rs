@@ -128,12 +128,11 @@ impl TlsReloader {
     /// where one is now required: none at all (`require_client_cert` turned
     /// on stops such connections already open too, not only new ones), one
     /// the client CA in force no longer accepts, or one past its end. A
-    /// bearer token does not stand in for it.
-    pub fn wants_certificate_of(&self, peer: &PeerInfo) -> bool {
+    /// bearer token does not stand in for it. `trusted`: what
+    /// [`Self::still_trusts`] says of `peer`.
+    pub fn wants_certificate_of(&self, peer: &PeerInfo, trusted: bool) -> bool {
         self.installed().require_client_cert
-            && (peer.certificate.is_none()
-                || !self.still_trusts(peer)
-                || peer.not_after.is_some_and(|end| end <= SystemTime::now()))
+            && (peer.certificate.is_none() || !trusted || peer.not_after.is_some_and(|end| end <= SystemTime::now()))
     }
 
     /// Whether the client certificate `peer` connected with is still one

@@ -18,6 +18,7 @@ const LOOKUP: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
 const STREAM: &str = "SELECT aid, bid, abalance, filler FROM pgbench_accounts";
 /// A unary result of 1,000 rows, fetched over and over.
 const UNARY: &str = "SELECT aid, bid, abalance, filler FROM pgbench_accounts WHERE aid <= 1000";
+const UNARY_ROWS: u64 = 1000;
 /// Connections of the direct pool and of the gateway's pool.
 pub const POOL_SIZE: usize = 32;
 /// Callers share one HTTP/2 connection per this many, as a client pool would.
@@ -109,27 +110,35 @@ fn summarize(mut latencies: Vec<Duration>, elapsed: Duration, cpu: Cpu) -> Looku
 }
 
 async fn direct_lookups(args: &Args, callers: usize, rows: i64) -> anyhow::Result<Lookups> {
-    // A pool of at most POOL_SIZE connections, like the gateway's own.
-    let mut clients = Vec::new();
+    // A pool of at most POOL_SIZE connections, like the gateway's own: a
+    // caller holds its connection for the whole call (as bb8 and deadpool
+    // lend them), so 64 callers wait for 32 connections, not pipeline two
+    // statements on each.
+    let mut idle = Vec::new();
     for _ in 0..callers.min(POOL_SIZE) {
         let client = pg(args).await?;
         let statement = client.prepare(LOOKUP).await?;
-        clients.push(Arc::new((client, statement)));
+        idle.push((client, statement));
     }
+    let pool = Arc::new(Pool {
+        free: tokio::sync::Semaphore::new(idle.len()),
+        idle: std::sync::Mutex::new(idle),
+    });
     let cpu = Snapshot::now(None, "postgres");
     let deadline = Instant::now() + args.lookup_duration();
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for i in 0..callers {
-        let conn = clients[i % clients.len()].clone();
+    for _ in 0..callers {
+        let pool = pool.clone();
         tasks.push(tokio::spawn(async move {
-            let (client, statement) = &*conn;
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
                 let aid = rand::rng().random_range(1..=rows) as i32;
                 let t = Instant::now();
-                let row = client.query_one(statement, &[&aid]).await?;
-                let _: i32 = row.get(0);
+                let (client, statement) = pool.get().await?;
+                let row = client.query_one(&statement, &[&aid]).await;
+                pool.put((client, statement));
+                let _: i32 = row?.get(0);
                 latencies.push(t.elapsed());
             }
             Ok::<_, anyhow::Error>(latencies)
@@ -141,6 +150,28 @@ async fn direct_lookups(args: &Args, callers: usize, rows: i64) -> anyhow::Resul
     }
     let elapsed = started.elapsed();
     Ok(summarize(all, elapsed, cpu.elapsed()))
+}
+
+/// The direct side's connection pool: idle connections behind a semaphore
+/// that counts them.
+struct Pool {
+    free: tokio::sync::Semaphore,
+    idle: std::sync::Mutex<Vec<(tokio_postgres::Client, tokio_postgres::Statement)>>,
+}
+
+impl Pool {
+    async fn get(&self) -> anyhow::Result<(tokio_postgres::Client, tokio_postgres::Statement)> {
+        self.free.acquire().await?.forget();
+        let mut idle = self.idle.lock().map_err(|_| anyhow::anyhow!("pool lock poisoned"))?;
+        idle.pop().context("a permit without an idle connection")
+    }
+
+    fn put(&self, connection: (tokio_postgres::Client, tokio_postgres::Statement)) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(connection);
+            self.free.add_permits(1);
+        }
+    }
 }
 
 async fn weir_lookups(
@@ -214,7 +245,7 @@ fn pgbench_select(args: &Args) -> anyhow::Result<f64> {
 
 /// Rows per second reading the whole table with tokio-postgres, decoding
 /// every value; `spent` gains the run's CPU ([`settle`]).
-async fn direct_stream(args: &Args, spent: &std::sync::Mutex<Cpu>) -> anyhow::Result<f64> {
+async fn direct_stream(args: &Args, expected: u64, spent: &std::sync::Mutex<Cpu>) -> anyhow::Result<f64> {
     let client = pg(args).await?;
     let cpu = Snapshot::now(None, "postgres");
     let started = Instant::now();
@@ -225,7 +256,15 @@ async fn direct_stream(args: &Args, spent: &std::sync::Mutex<Cpu>) -> anyhow::Re
         checksum += account(&row);
         n += 1;
     }
+    all_rows("query_raw", n, expected)?;
     Ok(settle(n, checksum, started, &cpu, spent))
+}
+
+/// Fails a run that did not read every row it should have: a rate over
+/// fewer rows would not be the figure's.
+pub fn all_rows(what: &str, n: u64, expected: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(n == expected, "{what} read {n} rows, expected {expected}");
+    Ok(())
 }
 
 /// Every value of an accounts row decoded, summed into a checksum.
@@ -270,6 +309,7 @@ async fn direct_unary(args: &Args, calls: usize, spent: &std::sync::Mutex<Cpu>) 
             n += 1;
         }
     }
+    all_rows("query", n, UNARY_ROWS * calls as u64)?;
     Ok(settle(n, checksum, started, &cpu, spent))
 }
 
@@ -291,12 +331,13 @@ async fn weir_unary(client: &WeirClient, calls: usize) -> anyhow::Result<f64> {
             n += 1;
         }
     }
+    all_rows("unary Execute", n, UNARY_ROWS * calls as u64)?;
     std::hint::black_box(checksum);
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Rows per second of `COPY ... TO STDOUT` (text), counting lines.
-async fn direct_copy(args: &Args) -> anyhow::Result<f64> {
+async fn direct_copy(args: &Args, expected: u64) -> anyhow::Result<f64> {
     let client = pg(args).await?;
     let started = Instant::now();
     let stream = client.copy_out("COPY pgbench_accounts TO STDOUT").await?;
@@ -305,12 +346,13 @@ async fn direct_copy(args: &Args) -> anyhow::Result<f64> {
     while let Some(chunk) = stream.next().await {
         lines += chunk?.iter().filter(|b| **b == b'\n').count() as u64;
     }
+    all_rows("COPY TO STDOUT", lines, expected)?;
     Ok(lines as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Rows per second through ExecuteStream, decoding every value; text is
 /// borrowed from the batch, as `query_raw`'s rows lend it.
-async fn weir_stream(client: &WeirClient, source: &str, sql: &str) -> anyhow::Result<(f64, u64)> {
+async fn weir_stream(client: &WeirClient, source: &str, sql: &str, expected: u64) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut stream = client.execute_stream_raw(source, sql, vec![]).await?;
     let mut n = 0u64;
@@ -327,8 +369,9 @@ async fn weir_stream(client: &WeirClient, source: &str, sql: &str) -> anyhow::Re
             n += 1;
         }
     }
+    all_rows("ExecuteStream", n, expected)?;
     std::hint::black_box(checksum);
-    Ok((n as f64 / started.elapsed().as_secs_f64(), n))
+    Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
 /// The same accounts in an SQLite file, for the embedded engine's figure.
@@ -384,7 +427,7 @@ async fn prepare_mysql(args: &Args, rows: i64) -> anyhow::Result<()> {
 }
 
 /// Rows per second streaming the accounts from MariaDB with mysql_async, decoding every value.
-async fn direct_mysql_stream(args: &Args) -> anyhow::Result<f64> {
+async fn direct_mysql_stream(args: &Args, expected: u64) -> anyhow::Result<f64> {
     use mysql_async::prelude::Queryable;
     let mut conn = mysql(args).await?;
     let started = Instant::now();
@@ -398,12 +441,13 @@ async fn direct_mysql_stream(args: &Args) -> anyhow::Result<f64> {
         checksum += aid + bid + abalance + filler.len() as i64;
         n += 1;
     }
+    all_rows("mysql_async", n, expected)?;
     std::hint::black_box(checksum);
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Rows per second reading the accounts from SQLite with rusqlite, decoding every value.
-async fn direct_sqlite_stream(path: std::path::PathBuf) -> anyhow::Result<f64> {
+async fn direct_sqlite_stream(path: std::path::PathBuf, expected: u64) -> anyhow::Result<f64> {
     tokio::task::spawn_blocking(move || {
         let conn = rusqlite::Connection::open(&path)?;
         let started = Instant::now();
@@ -416,6 +460,7 @@ async fn direct_sqlite_stream(path: std::path::PathBuf) -> anyhow::Result<f64> {
             checksum += aid + bid + abalance + filler.len() as i64;
             n += 1;
         }
+        all_rows("rusqlite", n, expected)?;
         std::hint::black_box(checksum);
         Ok::<_, anyhow::Error>(n as f64 / started.elapsed().as_secs_f64())
     })
@@ -626,15 +671,14 @@ async fn stream(
     figures: &mut Vec<Figure>,
 ) -> anyhow::Result<()> {
     println!("streaming {rows} rows...");
+    let expected = u64::try_from(rows)?;
     let spent = std::sync::Mutex::new(Cpu::default());
     let [(direct, _), (copy, _), (through, weir_cpu)] = in_turns(
         args.runs,
         [
-            Side::new(None, "", || direct_stream(args, &spent)),
-            Side::new(None, "", || direct_copy(args)),
-            Side::new(gateway, "postgres", || async {
-                Ok(weir_stream(client, "pg", STREAM).await?.0)
-            }),
+            Side::new(None, "", || direct_stream(args, expected, &spent)),
+            Side::new(None, "", || direct_copy(args, expected)),
+            Side::new(gateway, "postgres", || weir_stream(client, "pg", STREAM, expected)),
         ],
     )
     .await?;
@@ -693,10 +737,8 @@ async fn stream(
     let [(direct, direct_cpu), (through, weir_cpu)] = in_turns(
         args.runs,
         [
-            Side::new(None, "mariadbd", || direct_mysql_stream(args)),
-            Side::new(gateway, "mariadbd", || async {
-                Ok(weir_stream(client, "maria", accounts).await?.0)
-            }),
+            Side::new(None, "mariadbd", || direct_mysql_stream(args, expected)),
+            Side::new(gateway, "mariadbd", || weir_stream(client, "maria", accounts, expected)),
         ],
     )
     .await?;
@@ -717,10 +759,8 @@ async fn stream(
     let [(direct, direct_cpu), (through, weir_cpu)] = in_turns(
         args.runs,
         [
-            Side::new(None, "", || direct_sqlite_stream(sqlite.to_path_buf())),
-            Side::new(gateway, "", || async {
-                Ok(weir_stream(client, "lite", accounts).await?.0)
-            }),
+            Side::new(None, "", || direct_sqlite_stream(sqlite.to_path_buf(), expected)),
+            Side::new(gateway, "", || weir_stream(client, "lite", accounts, expected)),
         ],
     )
     .await?;
@@ -822,17 +862,19 @@ async fn memory(args: &Arc<Args>, weir: &Weir, client: &WeirClient, figures: &mu
     let before = mb(weir.peak_rss());
     let reset = weir.reset_peak_rss();
     let sql = format!("SELECT g, md5(g::text) AS h FROM generate_series(1, {big}) g");
-    let stream = weir_stream(client, "pg", &sql);
+    let stream = weir_stream(client, "pg", &sql, big);
     tokio::pin!(stream);
     let mut sample = tokio::time::interval(Duration::from_millis(10));
     let mut peak = weir.rss().unwrap_or(0);
-    let (_, n) = loop {
+    loop {
         tokio::select! {
-            done = &mut stream => break done?,
+            done = &mut stream => {
+                done?;
+                break;
+            }
             _ = sample.tick() => peak = peak.max(weir.rss().unwrap_or(0)),
         }
-    };
-    anyhow::ensure!(n == big, "expected {big} rows, got {n}");
+    }
     let (peak_mb, how) = match reset {
         true => (
             mb(weir.peak_rss()).max(mb(Some(peak))),

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
@@ -69,8 +69,9 @@ fn batches(path: PathBuf) -> tokio_stream::wrappers::ReceiverStream<Vec<pb::Row>
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Rows per second emptying `table` of `source` and loading the file into it
-/// through Weir, as the direct commands do (`TRUNCATE`, then the load).
+/// Rows per second loading the file into `table` of `source` through Weir,
+/// after emptying it as the direct commands do (`TRUNCATE`, untimed: the
+/// direct side's clock is its client's own timing of the load statement).
 /// Not a `REPLACE` load: that empties the table inside the load's
 /// transaction, which on MariaDB means a `DELETE` of every row (`TRUNCATE`
 /// would commit), work the direct command does not do.
@@ -82,21 +83,52 @@ pub async fn weir_load(client: &WeirClient, source: &str, table: &str, path: &Pa
         mode: pb::BulkLoadMode::Append as i32,
         ..Default::default()
     };
-    let started = Instant::now();
     client.execute(source, &format!("TRUNCATE {table}"), vec![]).await?;
+    let started = Instant::now();
     let r = client.load(header, batches(path.to_path_buf())).await?;
     Ok(r.rows_inserted as f64 / started.elapsed().as_secs_f64())
 }
 
-fn timed(mut cmd: std::process::Command, what: &str) -> anyhow::Result<std::time::Duration> {
-    let started = Instant::now();
+/// How long the load statement took, as the client `cmd` timed it itself:
+/// the process's start and its login are not the load's (the Weir side's
+/// client is connected before its clock starts). `timing` reads the
+/// client's output.
+fn timed(mut cmd: std::process::Command, what: &str, timing: fn(&str) -> Option<Duration>) -> anyhow::Result<Duration> {
     let out = cmd.output().with_context(|| format!("run {what}"))?;
     anyhow::ensure!(
         out.status.success(),
         "{what} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Ok(started.elapsed())
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    timing(&stdout).with_context(|| format!("{what} printed no timing: {stdout}"))
+}
+
+/// psql's `\timing` line: `Time: 1234.567 ms (00:01.235)`.
+fn psql_timing(out: &str) -> Option<Duration> {
+    let line = out.lines().rev().find_map(|l| l.strip_prefix("Time: "))?;
+    let ms: f64 = line.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_secs_f64(ms / 1000.0))
+}
+
+/// The mariadb client's (`-vvv`) timing of its last statement:
+/// `Query OK, 1000000 rows affected (3.456 sec)`, or `(1 min 2.345 sec)`.
+fn mariadb_timing(out: &str) -> Option<Duration> {
+    let line = out.lines().rev().find(|l| l.ends_with(" sec)"))?;
+    let inside = &line[line.rfind('(')? + 1..line.len() - 1];
+    let mut seconds = 0.0;
+    let mut words = inside.split_whitespace();
+    while let (Some(n), Some(unit)) = (words.next(), words.next()) {
+        let n: f64 = n.parse().ok()?;
+        seconds += n * match unit {
+            "day" | "days" => 86_400.0,
+            "hour" | "hours" => 3_600.0,
+            "min" => 60.0,
+            "sec" => 1.0,
+            _ => return None,
+        };
+    }
+    Some(Duration::from_secs_f64(seconds))
 }
 
 /// Rows per second of `psql \copy bench_load FROM file` (after emptying the table).
@@ -107,9 +139,9 @@ pub async fn direct_pg_copy(args: &Args, path: &Path, rows: i64) -> anyhow::Resu
         .await?;
     let mut cmd = std::process::Command::new("psql");
     crate::figures::pg_env(args, &mut cmd);
-    cmd.args(["-v", "ON_ERROR_STOP=1", "-c"])
+    cmd.args(["-v", "ON_ERROR_STOP=1", "-c", "\\timing on", "-c"])
         .arg(format!("\\copy bench_load FROM '{}'", path.display()));
-    Ok(rows as f64 / timed(cmd, "psql \\copy")?.as_secs_f64())
+    Ok(rows as f64 / timed(cmd, "psql \\copy", psql_timing)?.as_secs_f64())
 }
 
 /// Rows per second of the mariadb client's `LOAD DATA LOCAL INFILE` (after emptying the table).
@@ -121,12 +153,32 @@ pub fn direct_mysql_load(args: &Args, path: &Path, rows: i64) -> anyhow::Result<
     };
     let mut cmd = std::process::Command::new(client);
     cmd.env("MYSQL_PWD", &args.mysql_password)
-        .args(["--local-infile=1", "--protocol=TCP", "-h", &args.mysql_host])
+        .args(["--local-infile=1", "--protocol=TCP", "-vvv", "-h", &args.mysql_host])
         .arg(format!("-P{}", args.mysql_port))
         .args(["-u", &args.mysql_user, &args.mysql_database, "-e"])
         .arg(format!(
             "TRUNCATE bench_load; LOAD DATA LOCAL INFILE '{}' INTO TABLE bench_load",
             path.display()
         ));
-    Ok(rows as f64 / timed(cmd, "LOAD DATA LOCAL INFILE")?.as_secs_f64())
+    Ok(rows as f64 / timed(cmd, "LOAD DATA LOCAL INFILE", mariadb_timing)?.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clients_own_timings_are_read() {
+        let psql = "Timing is on.\nCOPY 1000000\nTime: 1234.500 ms (00:01.234)\n";
+        assert_eq!(psql_timing(psql), Some(Duration::from_micros(1_234_500)));
+        let mariadb = "--------------\nLOAD DATA LOCAL INFILE '/x' INTO TABLE t\n--------------\n\n\
+                       Query OK, 1000000 rows affected (1 min 2.500 sec)\nRecords: 1000000\n\nBye\n";
+        assert_eq!(mariadb_timing(mariadb), Some(Duration::from_millis(62_500)));
+        assert_eq!(
+            mariadb_timing("Query OK, 2 rows affected (0.001 sec)"),
+            Some(Duration::from_millis(1))
+        );
+        assert_eq!(psql_timing("COPY 1\n"), None);
+        assert_eq!(mariadb_timing("Query OK (2 fortnights sec)"), None);
+    }
 }

@@ -20,7 +20,7 @@ use weir_client::weir_proto::v1::{ExecuteStreamRequest, RowBatch};
 use weir_client::{ResultStream, ValueRef, WeirClient};
 
 use crate::cpu::{Cpu, Snapshot};
-use crate::figures::{account, in_turns, pg, settle, Side};
+use crate::figures::{account, all_rows, in_turns, pg, settle, Side};
 use crate::{Args, Figure};
 
 const NARROW: &str = "SELECT aid, bid, abalance, filler FROM pgbench_accounts";
@@ -30,7 +30,7 @@ const WIDE: &str = "SELECT aid, bid, abalance, filler, aid::int8 * 1000 AS big, 
                     date '2024-01-01' + bid AS day FROM pgbench_accounts";
 
 /// Rows per second with `query_raw`, every value decoded.
-async fn direct(args: &Args, sql: &str, wide: bool, spent: &Mutex<Cpu>) -> anyhow::Result<f64> {
+async fn direct(args: &Args, sql: &str, wide: bool, expected: u64, spent: &Mutex<Cpu>) -> anyhow::Result<f64> {
     let client = pg(args).await?;
     let cpu = Snapshot::now(None, "postgres");
     let started = Instant::now();
@@ -49,11 +49,12 @@ async fn direct(args: &Args, sql: &str, wide: bool, spent: &Mutex<Cpu>) -> anyho
         }
         n += 1;
     }
+    all_rows("query_raw", n, expected)?;
     Ok(settle(n, checksum, started, &cpu, spent))
 }
 
 /// Rows per second through Weir as rows, read value by value in wire form.
-async fn rows(client: &WeirClient, sql: &str) -> anyhow::Result<f64> {
+async fn rows(client: &WeirClient, sql: &str, expected: u64) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut stream = client.execute_stream_raw("pg", sql, vec![]).await?;
     let (mut n, mut checksum) = (0u64, 0i64);
@@ -72,6 +73,7 @@ async fn rows(client: &WeirClient, sql: &str) -> anyhow::Result<f64> {
             n += 1;
         }
     }
+    all_rows("ExecuteStream as rows", n, expected)?;
     std::hint::black_box(checksum);
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
@@ -104,7 +106,7 @@ fn wrapping_sum(values: impl Iterator<Item = i64>) -> i64 {
 }
 
 /// Rows per second through Weir as Arrow record batches, every value read.
-async fn arrow(client: &WeirClient, sql: &str) -> anyhow::Result<f64> {
+async fn arrow(client: &WeirClient, sql: &str, expected: u64) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut stream = client.execute_stream_arrow("pg", sql, vec![]).await?;
     let (mut n, mut checksum) = (0u64, 0i64);
@@ -112,13 +114,19 @@ async fn arrow(client: &WeirClient, sql: &str) -> anyhow::Result<f64> {
         checksum = checksum.wrapping_add(read_columns(&batch));
         n += batch.num_rows() as u64;
     }
+    all_rows("ExecuteStream as Arrow IPC", n, expected)?;
     std::hint::black_box(checksum);
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Rows per second through Weir as decoded `Row` messages, the responses
 /// compressed with `encoding` when given.
-async fn messages(client: &WeirClient, sql: &str, encoding: Option<CompressionEncoding>) -> anyhow::Result<f64> {
+async fn messages(
+    client: &WeirClient,
+    sql: &str,
+    encoding: Option<CompressionEncoding>,
+    expected: u64,
+) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut query = client.query();
     if let Some(encoding) = encoding {
@@ -138,6 +146,7 @@ async fn messages(client: &WeirClient, sql: &str, encoding: Option<CompressionEn
         n += batch.len() as u64;
         checksum += batch.iter().map(|r| r.values.len()).sum::<usize>();
     }
+    all_rows("ExecuteStream as messages", n, expected)?;
     std::hint::black_box(checksum);
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
@@ -172,15 +181,16 @@ pub async fn figures(
 ) -> anyhow::Result<()> {
     // Per 1,000 rows, over all runs.
     let thousands = (rows_in_table as f64 * args.runs as f64 / 1000.0).max(1.0);
+    let expected = u64::try_from(rows_in_table)?;
     for (name, sql, wide) in [("4 columns", NARROW, false), ("11 columns", WIDE, true)] {
         println!("streaming {rows_in_table} rows of {name} as rows and as Arrow IPC...");
         let spent = Mutex::new(Cpu::default());
         let [(direct_rate, _), (rows_rate, rows_cpu), (arrow_rate, arrow_cpu)] = in_turns(
             args.runs,
             [
-                Side::new(None, "", || direct(args, sql, wide, &spent)),
-                Side::new(gateway, "postgres", || rows(client, sql)),
-                Side::new(gateway, "postgres", || arrow(client, sql)),
+                Side::new(None, "", || direct(args, sql, wide, expected, &spent)),
+                Side::new(gateway, "postgres", || rows(client, sql, expected)),
+                Side::new(gateway, "postgres", || arrow(client, sql, expected)),
             ],
         )
         .await?;
@@ -212,9 +222,9 @@ pub async fn figures(
     let [(plain, plain_cpu), (zstd, zstd_cpu)] = in_turns(
         args.runs,
         [
-            Side::new(gateway, "postgres", || messages(client, WIDE, None)),
+            Side::new(gateway, "postgres", || messages(client, WIDE, None, expected)),
             Side::new(gateway, "postgres", || {
-                messages(client, WIDE, Some(CompressionEncoding::Zstd))
+                messages(client, WIDE, Some(CompressionEncoding::Zstd), expected)
             }),
         ],
     )

@@ -522,20 +522,30 @@ async fn bad_rows_can_be_skipped_and_reported(engine: Engine) {
     let mut batch = rows(0..10);
     batch[3].values[2] = v(Kind::StringValue("x".into()));
     batch[8].values.pop();
-    // PostgreSQL text cannot hold NUL: a row the engine's own path refuses
-    // is skipped like the others, not the end of the load.
-    let nul = engine == Engine::Postgres;
-    if nul {
-        batch[5].values[1] = v(Kind::StringValue("nu\0l".into()));
+    // A value the engine's own path refuses (PostgreSQL text cannot hold
+    // NUL; SQLite's and SQL Server's integers end at i64::MAX, where MySQL's
+    // unsigned ones go on) is skipped like the others, not the end of the load.
+    let refused = match engine {
+        Engine::Postgres => Some((1, Kind::StringValue("nu\0l".into()), "name")),
+        Engine::Sqlite | Engine::Mssql => Some((2, Kind::Uint64Value(u64::MAX), "score")),
+        Engine::Mysql => None,
+    };
+    if let Some((column, value, _)) = &refused {
+        batch[5].values[*column] = v(value.clone());
     }
     let mut load = header("weir_bulk_skip", pb::BulkLoadMode::Append);
     load.bad_rows = pb::BadRowPolicy::Skip as i32;
     let r = ctx.load(load, vec![batch]).await.expect("skips");
-    let kept = if nul { 7 } else { 8 };
-    assert_eq!((r.rows_inserted, r.rows_skipped), (kept, 10 - kept));
+    let kept = if refused.is_some() { 7 } else { 8 };
+    assert_eq!(
+        (r.rows_inserted, r.rows_skipped),
+        (kept, 10 - kept),
+        "{:?}",
+        r.row_errors
+    );
     let skipped: Vec<_> = r.row_errors.iter().map(|e| (e.row_index, e.column.as_str())).collect();
-    if nul {
-        assert_eq!(skipped, [(3, "score"), (5, "name"), (8, "")]);
+    if let Some((_, _, column)) = refused {
+        assert_eq!(skipped, [(3, "score"), (5, column), (8, "")]);
     } else {
         assert_eq!(skipped, [(3, "score"), (8, "")]);
     }
@@ -1423,6 +1433,86 @@ async fn single_precision_columns_take_only_what_they_hold_exactly_in_mysql() {
     single_precision_columns_take_only_what_they_hold_exactly(Engine::Mysql).await;
 }
 
+/// A PostgreSQL array's elements are checked as the scalar column's value
+/// would be: an integer a `real[]` would round, or bytes and booleans a
+/// `text[]` would store as their text, are the row's error; NULL elements
+/// and nested (multidimensional) lists of good elements load.
+#[tokio::test]
+async fn array_elements_are_checked_like_values_in_postgres() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "weir_bulk_arrays";
+    ctx.exec(&format!("DROP TABLE IF EXISTS {table}")).await;
+    ctx.exec(&format!(
+        "CREATE TABLE {table} (id INT PRIMARY KEY, f REAL[], t TEXT[])"
+    ))
+    .await;
+    let list = |values: Vec<Kind>| {
+        v(Kind::ListValue(pb::ListValue {
+            values: values.into_iter().map(v).collect(),
+        }))
+    };
+    let string = |s: &str| Kind::StringValue(s.into());
+    let good_text = || list(vec![string("a")]);
+    let cases = vec![
+        (list(vec![Kind::Int64Value(16), Kind::Null(true)]), good_text()),
+        (list(vec![Kind::Int64Value(16_777_217)]), good_text()),
+        (
+            list(vec![
+                Kind::ListValue(pb::ListValue {
+                    values: vec![v(Kind::DoubleValue(1.5)), v(Kind::DoubleValue(2.5))],
+                }),
+                Kind::ListValue(pb::ListValue {
+                    values: vec![v(Kind::DoubleValue(3.5)), v(Kind::DecimalValue("1.23456789".into()))],
+                }),
+            ]),
+            good_text(),
+        ),
+        (
+            list(vec![Kind::DoubleValue(0.5)]),
+            list(vec![Kind::BytesValue(vec![1, 2])]),
+        ),
+        (list(vec![Kind::DoubleValue(0.5)]), list(vec![Kind::BoolValue(true)])),
+        (
+            list(vec![Kind::ListValue(pb::ListValue {
+                values: vec![v(Kind::DoubleValue(1.5)), v(Kind::Null(true))],
+            })]),
+            list(vec![string("b"), Kind::Null(true)]),
+        ),
+    ];
+    let rows = cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, (f, t))| pb::Row {
+            values: vec![v(Kind::Int64Value(i as i64)), f, t],
+        })
+        .collect();
+    let mut load = pb::LoadHeader {
+        columns: vec!["id".into(), "f".into(), "t".into()],
+        ..header(table, pb::BulkLoadMode::Append)
+    };
+    load.bad_rows = pb::BadRowPolicy::Skip as i32;
+    let r = ctx.load(load, vec![rows]).await.expect("load");
+    let skipped: Vec<_> = r.row_errors.iter().map(|e| e.row_index).collect();
+    assert_eq!((r.rows_inserted, skipped), (2, vec![1, 2, 3, 4]), "{:?}", r.row_errors);
+    let stored = ctx
+        .exec(&format!("SELECT f::text, t::text FROM {table} ORDER BY id"))
+        .await;
+    let stored: Vec<(String, String)> = stored
+        .rows
+        .iter()
+        .map(|r| (text(&r.values[0]).to_string(), text(&r.values[1]).to_string()))
+        .collect();
+    assert_eq!(
+        stored,
+        vec![
+            ("{16,NULL}".to_string(), "{a}".to_string()),
+            ("{{1.5,NULL}}".to_string(), "{b,NULL}".to_string()),
+        ]
+    );
+    ctx.exec(&format!("DROP TABLE {table}")).await;
+    ctx.server.stop().await;
+}
+
 /// Large messages of narrow rows take much more memory decoded than on the
 /// wire (a value is 32 bytes): two of them do not fit the load's feed at
 /// once. The MySQL path, which keeps a chunk's rows until the chunk is
@@ -1960,6 +2050,38 @@ async fn a_postgres_replace_leaves_readers_the_old_rows_and_allows_foreign_keys(
         (100, "postgres-delete-copy")
     );
     assert_eq!(ctx.contents(table).await.len(), 100);
+    ctx.server.stop().await;
+}
+
+/// Two PostgreSQL REPLACE loads of one table at once leave the rows of
+/// the one that committed last, not both loads' rows: the second waits for
+/// the first (readers still see the old rows meanwhile, as tested above).
+#[tokio::test]
+async fn postgres_replaces_at_once_leave_one_loads_rows() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "weir_bulk_replace_twice";
+    ctx.table(table, 2).await;
+    let (tx, requests) = open_load(table).await;
+    let mut bulk = ctx.client.bulk();
+    let first = tokio::spawn(async move { bulk.load(requests).await });
+    let pg = pg_direct().await;
+    assert!(
+        wait_until_running(&pg, table, Duration::from_secs(5)).await,
+        "the first load reached the engine"
+    );
+    let header = header(table, pb::BulkLoadMode::Replace);
+    let client = ctx.client.clone();
+    let second = tokio::spawn(async move { client.load(header, tokio_stream::iter(vec![rows(200..250)])).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "the second load waits for the first");
+    drop(tx);
+    let first = first.await.expect("task").expect("the first load commits").into_inner();
+    assert_eq!(first.rows_inserted, 100);
+    let second = second.await.expect("task").expect("the second load commits");
+    assert_eq!(second.rows_inserted, 50);
+    let after = ctx.contents(table).await;
+    assert_eq!(after.len(), 50, "only the last load's rows: {after:?}");
+    assert_eq!(after.first().map(String::as_str), Some("200:n200:200"));
     ctx.server.stop().await;
 }
 

@@ -894,11 +894,13 @@ async fn postgres_infinite_dates_and_timestamps_come_as_text() {
     let ctx = Ctx::new(Engine::Postgres).await;
     let t = ctx.name("infinite");
     ctx.sql(&format!(
-        "CREATE TABLE {t} (id INT PRIMARY KEY, until timestamptz, day date)"
+        "CREATE TABLE {t} (id INT PRIMARY KEY, until timestamptz, day date, days date[])"
     ))
     .await;
-    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'infinity', '-infinity')"))
-        .await;
+    ctx.sql(&format!(
+        "INSERT INTO {t} VALUES (1, 'infinity', '-infinity', '{{infinity,2024-01-02,NULL}}')"
+    ))
+    .await;
     let sub = ctx.name("infinite");
     let mut start = ctx.start(&[&t], &sub);
     start.snapshot = true;
@@ -920,6 +922,20 @@ async fn postgres_infinite_dates_and_timestamps_come_as_text() {
     };
     assert_eq!(texts(got[0]), ["infinity", "-infinity"]);
     assert_eq!(texts(got[1]), ["-infinity", "infinity"]);
+    // Inside an array too, each element as it would come alone.
+    let row = got[0].after.as_ref().expect("a row");
+    let Some(pb::value::Kind::ListValue(days)) = &col(got[0], row, "days").kind else {
+        panic!("a list: {row:?}");
+    };
+    let kinds: Vec<_> = days.values.iter().map(|v| v.kind.clone()).collect();
+    assert!(
+        matches!(
+            kinds.as_slice(),
+            [Some(pb::value::Kind::StringValue(inf)), Some(pb::value::Kind::DateValue(_)), Some(pb::value::Kind::Null(_))]
+                if inf == "infinity"
+        ),
+        "{kinds:?}"
+    );
     let row = got[2].after.as_ref().expect("a row");
     assert!(
         matches!(col(got[2], row, "until").kind, Some(pb::value::Kind::TimestampValue(_))),
@@ -1300,6 +1316,102 @@ async fn postgres_subscriptions_whose_ids_share_a_32_bit_hash_do_not_take_each_o
     assert_eq!(id_of(changes(&read_changes(&mut second, 1).await)[0]), 2);
     drop((first, second));
     ctx.finish(&[&a, &b], &[&t]).await;
+}
+
+/// Two PostgreSQL sources of one tenant on two databases of one server,
+/// with one subscription name: replication slots are named server-wide, so
+/// the second source neither deletes nor takes over the first's slot (which
+/// would make the first's next watch start from now, skipping every change
+/// since its last acknowledgement); it is told the name is in use.
+#[tokio::test]
+async fn postgres_a_subscription_name_on_two_databases_of_one_server_stays_apart() {
+    let other_db = "weir_changes_other";
+    let pg = pg_direct().await;
+    let exists: bool = pg
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+            &[&other_db],
+        )
+        .await
+        .expect("pg_database")
+        .get(0);
+    if !exists {
+        // Another test binary may make it at the same moment.
+        let _ = pg.batch_execute(&format!("CREATE DATABASE {other_db}")).await;
+    }
+    let second = postgres("cs", "db2", "").replace(
+        &format!("database = \"{}\"", env_or("WEIR_TEST_PG_DATABASE", "test")),
+        &format!("database = \"{other_db}\""),
+    );
+    let ctx = Ctx::with_source(
+        Engine::Postgres,
+        CONFIG,
+        &format!("{}{second}", Engine::Postgres.source("cs")),
+    )
+    .await;
+    let t = ctx.table("perdb").await;
+    let other = pg_direct_to(other_db).await;
+    other
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (id INT PRIMARY KEY, v TEXT, n DECIMAL(10,2))"
+        ))
+        .await
+        .expect("the same table in the other database");
+    let sub = ctx.name("perdb");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'one', 1)")).await;
+    let position = changes(&read_changes(&mut watch, 1).await)[0].position.clone();
+    watch.ack(position).await.expect("ack");
+    drop(watch);
+    // Until the first source's reader has let its slot go.
+    let id = weir_server::service::changes::subscription_id("cs", &sub);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while pg
+        .query_one(
+            "SELECT coalesce(bool_or(active), true) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&id],
+        )
+        .await
+        .expect("slot")
+        .get::<_, bool>(0)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the slot stays active");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deleted = ctx
+        .client
+        .stream()
+        .delete_subscription(pb::DeleteSubscriptionRequest {
+            source: "db2".into(),
+            subscription: sub.clone(),
+        })
+        .await
+        .expect_err("nothing of it on the second database");
+    assert_eq!(deleted.code(), Code::NotFound, "{deleted:?}");
+    let mut on_second = ctx.start(&[&t], &sub);
+    on_second.source = "db2".into();
+    on_second.take_over = true;
+    let taken = ctx.client.watch(on_second).await.err().expect("the name is in use");
+    assert_eq!(
+        (taken.code(), reason(&taken).as_str()),
+        (Code::FailedPrecondition, "CHANGE_STREAMS_NOT_READY"),
+        "{taken:?}"
+    );
+    assert!(taken.message().contains("another database"), "{taken:?}");
+    // The first source's subscription kept its place: a watch without a
+    // position gets what was written since.
+    ctx.sql(&format!("INSERT INTO {t} VALUES (2, 'two', 2)")).await;
+    let mut resumed = ctx.watch(ctx.start(&[&t], &sub)).await;
+    // (The first change may come again: its acknowledgement may not have
+    // reached the slot before the first stream ended.)
+    let mut ids = Vec::new();
+    while ids.last() != Some(&2) {
+        ids.extend(changes(&read_changes(&mut resumed, 1).await).iter().map(|c| id_of(c)));
+        assert!(ids.len() <= 2, "{ids:?}");
+    }
+    drop(resumed);
+    other.batch_execute(&format!("DROP TABLE {t}")).await.expect("cleanup");
+    ctx.finish(&[&sub], &[&t]).await;
 }
 
 /// Two subscriptions whose binlog readers would have had the same replica

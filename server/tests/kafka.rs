@@ -645,6 +645,44 @@ async fn limits_and_wrong_kinds_of_source_are_refused() {
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.message().contains(says), "{}", err.message());
     }
+    // librdkafka would take an empty assignment and wait for ever.
+    let mut from = consume_request(&topic, "none", 1, false);
+    from.start = Some(pb::StartPosition {
+        position: Some(pb::start_position::Position::Offsets(pb::PartitionOffsets::default())),
+    });
+    let err = tokio::time::timeout(Duration::from_secs(10), stream.consume(from))
+        .await
+        .expect("answered at once")
+        .expect_err("no partitions");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("at least one"), "{}", err.message());
+    // A name under the allowed prefix that is no Kafka topic name: a NUL
+    // would reach rdkafka's bindings, which panic on it.
+    for name in [format!("{topic}\0x"), format!("{topic} x"), format!("{topic}/x")] {
+        let err = produce(&client, &name, vec![record(0)]).await.expect_err("produce");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        let err = stream
+            .consume(pb::ConsumeRequest {
+                topics: vec![name.clone()],
+                ..consume_request(&topic, "named", 1, false)
+            })
+            .await
+            .expect_err("consume");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        let err = stream
+            .commit_offsets(pb::CommitOffsetsRequest {
+                source: "events".into(),
+                group: "named".into(),
+                offsets: vec![pb::PartitionOffset {
+                    topic: name.clone(),
+                    partition: 0,
+                    offset: 1,
+                }],
+            })
+            .await
+            .expect_err("commit");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
     server.stop().await;
 }
 
@@ -925,9 +963,20 @@ async fn mock_server(
     message_timeout_ms: u32,
     more_options: &str,
 ) -> (TestServer, WeirClient) {
+    mock_server_with(cluster, topic, message_timeout_ms, more_options, "").await
+}
+
+/// The same, with `limits` for its tenant.
+async fn mock_server_with(
+    cluster: &Mock,
+    topic: &str,
+    message_timeout_ms: u32,
+    more_options: &str,
+    limits: &str,
+) -> (TestServer, WeirClient) {
     let config = tenant(
         "km",
-        "",
+        limits,
         &format!(
             "[tenants.km.sources.events]\nengine = \"kafka\"\nbootstrap_servers = \"{}\"\ntopics = [\"{topic}\"]\n\
              [tenants.km.sources.events.kafka_options]\n\"session.timeout.ms\" = \"6000\"\n\
@@ -1144,6 +1193,52 @@ fn a_consumer_closing_against_a_lost_broker_holds_up_no_other_call() {
         server.stop().await;
     });
     // As the gateway's process does: the close gets a bounded time to finish.
+    runtime.shutdown_timeout(Duration::from_secs(10));
+}
+
+/// A CommitOffsets the cluster does not confirm (librdkafka's synchronous
+/// commit waits for a coordinator without end) is answered within the
+/// tenant's statement timeout, as UNAVAILABLE, instead of holding the call
+/// for as long as the broker is gone.
+#[test]
+fn a_commit_the_cluster_does_not_confirm_is_answered_in_time() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("unconfirmed", 1, 1).expect("topic");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (server, client) = mock_server_with(
+            &cluster,
+            "unconfirmed",
+            MOCK_MESSAGE_TIMEOUT_MS,
+            "",
+            "statement_timeout = \"1s\"",
+        )
+        .await;
+        cluster.broker_down(1).expect("broker down");
+        let started = std::time::Instant::now();
+        let err = client
+            .stream()
+            .commit_offsets(pb::CommitOffsetsRequest {
+                source: "events".into(),
+                group: "unconfirmed".into(),
+                offsets: vec![pb::PartitionOffset {
+                    topic: "unconfirmed".into(),
+                    partition: 0,
+                    offset: 1,
+                }],
+            })
+            .await
+            .expect_err("no broker");
+        assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        cluster.broker_up(1).expect("broker up");
+        server.stop().await;
+    });
+    // The commit's thread may still wait in librdkafka, as the gateway's would.
     runtime.shutdown_timeout(Duration::from_secs(10));
 }
 

@@ -2280,6 +2280,42 @@ async fn an_own_transactions_commit_past_the_deadline_is_reported_as_unknown() {
     server.stop().await;
 }
 
+/// A Commit is bounded by the tenant's statement timeout like a statement:
+/// one the database does not answer (here a deferred trigger that outlasts
+/// it) is answered as unknown in time, and the transaction and its
+/// connection are let go, not held for as long as the engine takes.
+#[tokio::test]
+async fn a_commit_past_the_statement_timeout_is_reported_as_unknown() {
+    let pg = pg_direct().await;
+    let table = table_with_a_slow_commit(&pg, "slowcommit", 4.0).await;
+    let server = TestServer::start(&tenant("c", "statement_timeout = \"1s\"", &postgres("c", "db", ""))).await;
+    let client = server.client("key-c").await;
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "db", &format!("INSERT INTO {table} VALUES (1)"), vec![])
+        .await
+        .expect("insert");
+    let started = std::time::Instant::now();
+    let e = client.commit(&tx).await.expect_err("past the time limit");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::Unknown, "COMMIT_OUTCOME_UNKNOWN"),
+        "{e:?}"
+    );
+    let gone = client.commit(&tx).await.expect_err("the transaction is gone");
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    // The closed connection's backend ends once its trigger is done.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    pg.batch_execute(&format!("DROP TABLE {table}; DROP FUNCTION {table}_slow()"))
+        .await
+        .expect("cleanup");
+    server.stop().await;
+}
+
 /// A session lost after COMMIT was sent leaves the outcome unknown: the
 /// database may have committed (here it did), so the caller is not told that
 /// the transaction was rolled back and should be run again, which would

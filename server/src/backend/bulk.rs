@@ -327,10 +327,18 @@ impl Batch {
     }
 }
 
-/// About what `rows` hold in memory: each row's and value's own size, and
-/// at most the request bytes they came in for text and bytes.
+/// About what `rows` hold in memory: each row's and value's own size (a
+/// list's elements too: an empty element is 2 bytes of request and a whole
+/// `Value` here), and at most the request bytes they came in for text and
+/// bytes.
 fn in_memory(rows: &[Row], bytes: u64) -> usize {
-    let values: usize = rows.iter().map(Vec::len).sum();
+    fn slots(v: &super::Value) -> usize {
+        match v {
+            super::Value::List(items) => 1 + items.iter().map(slots).sum::<usize>(),
+            _ => 1,
+        }
+    }
+    let values: usize = rows.iter().flatten().map(slots).sum();
     let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
     std::mem::size_of_val(rows)
         .saturating_add(values * std::mem::size_of::<super::Value>())
@@ -591,6 +599,18 @@ pub fn signed(n: u64) -> i64 {
 mod tests {
     use super::*;
     use crate::backend::{ColumnType, Value};
+
+    #[test]
+    fn list_elements_count_in_a_batchs_memory() {
+        // About 4 MB of request: 2 million empty elements of one list.
+        let rows = vec![vec![Value::List(vec![Value::Null; 2_000_000])]];
+        assert!(in_memory(&rows, 4_000_000) >= 2_000_000 * std::mem::size_of::<Value>());
+        let flat = vec![vec![Value::Int(1), Value::Null]];
+        assert_eq!(
+            in_memory(&flat, 10),
+            std::mem::size_of_val(flat.as_slice()) + 2 * std::mem::size_of::<Value>() + 10
+        );
+    }
 
     proptest::proptest! {
         /// Whatever the name (quotes, semicolons, comments, Unicode), its

@@ -194,9 +194,10 @@ pub trait SqlSource: Send + Sync + 'static {
     /// transaction that commits only when the feed ends complete.
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError>;
     /// Why the engine's load path would refuse `value` for `column` whatever
-    /// the table holds (PostgreSQL text cannot hold NUL), so that a load
-    /// that skips bad rows skips such a row too instead of failing on it.
-    fn refuses(&self, column: &Column, value: &Value) -> Option<&'static str> {
+    /// the table holds (PostgreSQL text cannot hold NUL, SQLite no NaN), so
+    /// that a load that skips bad rows skips such a row too instead of
+    /// failing on it.
+    fn refuses(&self, column: &Column, value: &Value) -> Option<String> {
         let _ = (column, value);
         None
     }

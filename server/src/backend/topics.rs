@@ -21,11 +21,10 @@ pub struct OutRecord {
 }
 
 impl OutRecord {
-    /// Bytes the record carries (key, value and headers).
+    /// Bytes the record carries: key, value and headers, each header
+    /// counted at least as what it costs to hold ([`HEADER_BYTES`]).
     pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len)
-            + self.value.as_ref().map_or(0, Vec::len)
-            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        record_size(&self.key, &self.value, &self.headers)
     }
 }
 
@@ -49,11 +48,25 @@ pub struct InRecord {
 }
 
 impl InRecord {
+    /// As [`OutRecord::size`].
     pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len)
-            + self.value.as_ref().map_or(0, Vec::len)
-            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        record_size(&self.key, &self.value, &self.headers)
     }
+}
+
+/// What each header costs beyond its key and value: its place in memory (a
+/// `String` and a `Vec`). Without it, a record of a million empty headers
+/// (2 bytes each on the wire) would count as 0 bytes against the batch
+/// size, `max_record_bytes` and the byte rate, while holding tens of MB.
+pub const HEADER_BYTES: usize = std::mem::size_of::<(String, Vec<u8>)>();
+
+fn record_size(key: &Option<Vec<u8>>, value: &Option<Vec<u8>>, headers: &[(String, Vec<u8>)]) -> usize {
+    key.as_ref().map_or(0, Vec::len)
+        + value.as_ref().map_or(0, Vec::len)
+        + headers
+            .iter()
+            .map(|(k, v)| HEADER_BYTES + k.len() + v.len())
+            .sum::<usize>()
 }
 
 /// A topic partition and an offset (the next record to read, for commits).
@@ -170,4 +183,29 @@ pub trait TopicSource: Send + Sync + 'static {
     /// the same login (see [`super::connect`]), so that the successor can
     /// still end them and commit through them.
     fn carried(&self) -> std::sync::Arc<dyn std::any::Any + Send + Sync>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_headers_count_what_they_take_to_hold() {
+        let headers = vec![(String::new(), Vec::new()); 100_000];
+        let out = OutRecord {
+            headers: headers.clone(),
+            ..Default::default()
+        };
+        let consumed = InRecord {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            key: Some(vec![1; 16]),
+            value: None,
+            headers,
+        };
+        assert_eq!(out.size(), 100_000 * HEADER_BYTES);
+        assert_eq!(consumed.size(), 16 + 100_000 * HEADER_BYTES);
+    }
 }

@@ -290,7 +290,7 @@ fn convert_row<'a>(row: pb::Row, checks: &RowChecks<'a>) -> std::result::Result<
                 "is NULL, and NULL matches no key: an upsert's conflict columns need values".to_string(),
             )),
             Ok(v) => match (checks.refuses)(c, &v) {
-                Some(refusal) => Err((Some(c.name.as_str()), refusal.to_string())),
+                Some(refusal) => Err((Some(c.name.as_str()), refusal)),
                 None => Ok(v),
             },
             converted => converted.map_err(|m| (Some(c.name.as_str()), m)),
@@ -381,7 +381,7 @@ struct RowChecks<'a> {
     skip_bad_rows: bool,
     /// The engine's own refusals (`SqlSource::refuses`), checked here so
     /// that skipping covers them.
-    refuses: &'a (dyn Fn(&Column, &crate::backend::Value) -> Option<&'static str> + Sync),
+    refuses: &'a (dyn Fn(&Column, &crate::backend::Value) -> Option<String> + Sync),
 }
 
 /// Reads the row batches of the stream into the engine's feed until the

@@ -176,15 +176,25 @@ impl FloatExactness {
 /// decimal column, a timestamp into a zoneless one as UTC wall-clock time);
 /// anything else is refused with a message naming what was expected.
 pub fn value_for_column(v: pb::Value, column: &domain::Column) -> Result<Value, String> {
+    match value_from_proto(v, 0)? {
+        Value::Null if !column.nullable => Err("NULL into a NOT NULL column".into()),
+        Value::Null => Ok(Value::Null),
+        value => fit(value, column.column_type, column),
+    }
+}
+
+/// `value` (not NULL) checked against a column's type `ty`: the column's
+/// own, or its elements' for a list's elements.
+fn fit(value: Value, ty: ColumnType, column: &domain::Column) -> Result<Value, String> {
     use ColumnType as T;
-    let value = value_from_proto(v, 0)?;
-    let fits = match (&value, column.column_type) {
-        (Value::Null, _) => {
-            if !column.nullable {
-                return Err("NULL into a NOT NULL column".into());
-            }
-            true
-        }
+    // Each element as a value of the element type, so that an array is
+    // refused what the scalar column would refuse (a rounded float, bytes
+    // stored as their `\x` text).
+    let value = match (value, ty, column.element_type) {
+        (Value::List(items), T::List, Some(element)) => return elements(items, element, column).map(Value::List),
+        (value, ..) => value,
+    };
+    let fits = match (&value, ty) {
         (_, T::Dynamic | T::Unsupported) => true,
         (Value::TimestampTz(t), T::Timestamp) => return Ok(Value::Timestamp(t.naive_utc())),
         (Value::Int(i), T::UInt) if *i < 0 => return Err(format!("{i} into an unsigned column")),
@@ -225,14 +235,32 @@ pub fn value_for_column(v: pb::Value, column: &domain::Column) -> Result<Value, 
     };
     if fits {
         Ok(value)
-    } else {
+    } else if ty == column.column_type {
         Err(format!(
-            "a {} value cannot go into a column of type {} ({:?})",
+            "a {} value cannot go into a column of type {} ({ty:?})",
             value.kind(),
             column.native_type,
-            column.column_type
+        ))
+    } else {
+        Err(format!(
+            "a {} element cannot go into an array of type {} ({ty:?} elements)",
+            value.kind(),
+            column.native_type,
         ))
     }
+}
+
+/// A list's elements checked as values of `element`; NULL elements stay, and
+/// a multidimensional array's inner lists hold the same elements.
+fn elements(items: Vec<Value>, element: ColumnType, column: &domain::Column) -> Result<Vec<Value>, String> {
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::Null => Ok(Value::Null),
+            Value::List(inner) => elements(inner, element, column).map(Value::List),
+            item => fit(item, element, column),
+        })
+        .collect()
 }
 
 pub fn load_mode(mode: i32) -> Result<LoadMode, Error> {
@@ -711,6 +739,39 @@ mod tests {
         let numeric = domain::Column::new("x", "numeric", ColumnType::Decimal);
         assert!(value_for_column(int(i64::MAX), &numeric).is_ok());
         assert!(value_for_column(decimal("1234567890.123456"), &numeric).is_ok());
+    }
+
+    #[test]
+    fn list_elements_are_checked_as_the_element_type() {
+        let list = |values: Vec<pb::value::Kind>| pb::Value {
+            kind: Some(pb::value::Kind::ListValue(pb::ListValue {
+                values: values.into_iter().map(|k| pb::Value { kind: Some(k) }).collect(),
+            })),
+        };
+        use pb::value::Kind as K;
+        let mut reals = domain::Column::new("f", "_float4", ColumnType::List);
+        reals.element_type = Some(ColumnType::Float);
+        reals.precision = Some(24);
+        assert!(value_for_column(list(vec![K::Int64Value(1 << 24), K::Null(true)]), &reals).is_ok());
+        let err = value_for_column(list(vec![K::Int64Value((1 << 24) + 1)]), &reals).expect_err("rounds");
+        assert!(err.contains("cannot be stored exactly"), "{err}");
+        let nested = |inner: i64| {
+            K::ListValue(pb::ListValue {
+                values: vec![pb::Value {
+                    kind: Some(K::Int64Value(inner)),
+                }],
+            })
+        };
+        assert!(value_for_column(list(vec![nested(1), nested(2)]), &reals).is_ok());
+        assert!(value_for_column(list(vec![nested(1), nested((1 << 24) + 1)]), &reals).is_err());
+        let mut texts = domain::Column::new("t", "_text", ColumnType::List);
+        texts.element_type = Some(ColumnType::String);
+        let err = value_for_column(list(vec![K::BytesValue(vec![1])]), &texts).expect_err("bytes");
+        assert!(err.contains("element cannot go into an array of type _text"), "{err}");
+        assert!(value_for_column(list(vec![K::BoolValue(true)]), &texts).is_err());
+        // Without a known element type (no engine says it), as before.
+        let untyped = domain::Column::new("x", "array", ColumnType::List);
+        assert!(value_for_column(list(vec![K::BoolValue(true)]), &untyped).is_ok());
     }
 
     #[test]

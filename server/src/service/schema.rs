@@ -9,7 +9,7 @@ use weir_proto::v1::schema_service_server::SchemaService;
 use super::{caller, convert, source, statement_timeout, Gate};
 use crate::backend::TablePage;
 use crate::error::Error;
-use crate::tenant::{Source, SourceStatus};
+use crate::tenant::{Caller, Source, SourceStatus};
 
 pub struct SchemaApi {
     gate: Gate,
@@ -54,14 +54,31 @@ fn source_info(s: &Arc<Source>) -> pb::SourceInfo {
     }
 }
 
-/// Runs a catalog call under the caller's statement timeout.
+/// The caller's statement timeout as a time to end by: the catalog calls
+/// one request makes share it (ListTables may make three).
+struct Budget {
+    until: tokio::time::Instant,
+    total: std::time::Duration,
+}
+
+impl Budget {
+    fn of(caller: &Caller) -> Self {
+        let total = statement_timeout(caller);
+        Budget {
+            until: tokio::time::Instant::now() + total,
+            total,
+        }
+    }
+}
+
+/// Runs a catalog call within what is left of the request's budget.
 async fn timed<T>(
-    timeout: std::time::Duration,
+    budget: &Budget,
     f: impl std::future::Future<Output = Result<T, crate::backend::BackendError>>,
 ) -> Result<T, Error> {
-    Ok(tokio::time::timeout(timeout, f)
+    Ok(tokio::time::timeout_at(budget.until, f)
         .await
-        .map_err(|_| Error::Timeout(timeout))??)
+        .map_err(|_| Error::Timeout(budget.total))??)
 }
 
 #[tonic::async_trait]
@@ -126,8 +143,8 @@ impl SchemaService for SchemaApi {
         let r = request.get_ref();
         let source = source(&caller, &r.source)?;
         let _admitted = self.gate.admit(&caller, None).await?;
-        let timeout = statement_timeout(&caller);
-        let schemas = timed(timeout, source.backend.sql()?.list_schemas(r.include_system)).await?;
+        let budget = Budget::of(&caller);
+        let schemas = timed(&budget, source.backend.sql()?.list_schemas(r.include_system)).await?;
         Ok(Response::new(pb::ListSchemasResponse {
             schemas: schemas
                 .into_iter()
@@ -147,7 +164,7 @@ impl SchemaService for SchemaApi {
         let r = request.get_ref();
         let source = source(&caller, &r.source)?;
         let _admitted = self.gate.admit(&caller, None).await?;
-        let timeout = statement_timeout(&caller);
+        let budget = Budget::of(&caller);
         let sql = source.backend.sql()?;
         let schema = non_empty(&r.schema);
         let page_size = u32::try_from(r.page_size).map_err(|_| Error::InvalidArgument {
@@ -161,7 +178,7 @@ impl SchemaService for SchemaApi {
             after,
             limit: (page_size > 0).then(|| page_size.saturating_add(1)),
         };
-        let mut tables = timed(timeout, sql.list_tables(schema, page)).await?;
+        let mut tables = timed(&budget, sql.list_tables(schema, page)).await?;
         let next_page_token = match usize::try_from(page_size) {
             Ok(size) if size > 0 && tables.len() > size => {
                 tables.truncate(size);
@@ -173,7 +190,7 @@ impl SchemaService for SchemaApi {
         // to use) would pass a typo off as an empty schema. (A later page
         // may be empty: its tables were dropped since the previous one.)
         if let (Some(schema), true, true) = (schema, tables.is_empty(), first_page) {
-            let schemas = timed(timeout, sql.list_schemas(true)).await?;
+            let schemas = timed(&budget, sql.list_schemas(true)).await?;
             let exists = match schemas.iter().find(|s| s.name == schema) {
                 Some(_) => true,
                 // Only in another case: whether the engine takes it for the
@@ -188,7 +205,7 @@ impl SchemaService for SchemaApi {
                             after: None,
                             limit: Some(1),
                         };
-                        timed(timeout, sql.list_tables(Some(&stored.name), one))
+                        timed(&budget, sql.list_tables(Some(&stored.name), one))
                             .await?
                             .is_empty()
                     }
@@ -224,9 +241,9 @@ impl SchemaService for SchemaApi {
         let source = source(&caller, &r.source)?;
         super::record_object(&r.table);
         let _admitted = self.gate.admit(&caller, None).await?;
-        let timeout = statement_timeout(&caller);
+        let budget = Budget::of(&caller);
         let description = timed(
-            timeout,
+            &budget,
             source.backend.sql()?.describe_table(non_empty(&r.schema), &r.table),
         )
         .await?;

@@ -55,9 +55,17 @@ fn topics_of(caller: &Caller, name: &str) -> Result<Arc<dyn TopicSource>> {
     Ok(source(caller, name)?.backend.topics()?.clone())
 }
 
+/// Kafka's own rule for topic names; anything else (a NUL, which
+/// librdkafka's bindings panic on) never reaches the client library.
+const MAX_TOPIC: usize = 249;
+
 fn check_topic(topics: &dyn TopicSource, topic: &str) -> Result<()> {
     if topic.is_empty() {
         return Err(bad("topic", "a topic name is required"));
+    }
+    check_plain_name("topic", topic, MAX_TOPIC)?;
+    if topic == "." || topic == ".." {
+        return Err(bad("topic", "'.' and '..' are not topic names"));
     }
     if !topics.allows(topic) {
         return Err(Error::TopicNotFound(topic.to_string()));
@@ -176,6 +184,10 @@ fn start(topics: &dyn TopicSource, start: Option<pb::StartPosition>) -> Result<S
     Ok(match start.and_then(|s| s.position) {
         None | Some(Position::Earliest(_)) => Start::Earliest,
         Some(Position::Latest(_)) => Start::Latest,
+        Some(Position::Offsets(o)) if o.offsets.is_empty() => {
+            // librdkafka takes an empty assignment and waits for ever.
+            return Err(bad("start.offsets", "name at least one partition offset"));
+        }
         Some(Position::Offsets(o)) => Start::Offsets(partition_offsets(topics, o.offsets)?),
         Some(Position::Timestamp(t)) => Start::Timestamp(timestamp_ms(&t)),
     })
@@ -531,9 +543,27 @@ impl StreamService for StreamApi {
         }
         let offsets = partition_offsets(topics.as_ref(), r.offsets)?;
         // Each may build a Kafka client and hold a blocking thread: counted
-        // against the gateway's concurrency like every other call.
-        let _admitted = self.gate.admit(&caller, None).await?;
-        topics.commit(&group, offsets).await?;
+        // against the gateway's concurrency like every other call, for as
+        // long as that thread works (librdkafka's synchronous commit waits
+        // for a coordinator without end), even after the caller is answered.
+        let admitted = self.gate.admit(&caller, None).await?;
+        let limit = super::statement_timeout(&caller);
+        let committing = tokio::spawn(async move {
+            let committed = topics.commit(&group, offsets).await;
+            drop(admitted);
+            committed
+        });
+        match tokio::time::timeout(limit, committing).await {
+            Ok(Ok(committed)) => committed?,
+            Ok(Err(e)) => return Err(Error::from(BackendError::Internal(e.to_string())).into()),
+            Err(_) => {
+                return Err(Error::from(BackendError::Unavailable(format!(
+                    "the Kafka cluster did not confirm the commit within {limit:?}; \
+                     committing the same offsets again is safe"
+                )))
+                .into())
+            }
+        }
         Ok(Response::new(pb::CommitOffsetsResponse {}))
     }
 

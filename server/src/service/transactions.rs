@@ -165,10 +165,30 @@ impl Transactions {
         if commit {
             self.check_source(caller, &key, &entry)?;
         }
-        let result = if commit {
-            entry.tx.commit().await
-        } else {
-            entry.tx.rollback().await
+        // Bounded like a statement: a COMMIT the engine does not answer (a
+        // synchronous standby gone, a deferred trigger) would hold the
+        // caller's slot, the connection and the transaction's place for ever.
+        let limit = super::statement_timeout(caller);
+        let finishing = async {
+            if commit {
+                entry.tx.commit().await
+            } else {
+                entry.tx.rollback().await
+            }
+        };
+        let Ok(result) = tokio::time::timeout(limit, finishing).await else {
+            // The transaction goes, and with it its connection: the engine
+            // rolls back whatever it had not committed.
+            self.open.lock().remove(&key);
+            return if commit {
+                Err(BackendError::CommitOutcomeUnknown(format!(
+                    "the database did not answer the commit within its time limit ({limit:?}); \
+                     the connection was closed: check whether the transaction's writes are there"
+                ))
+                .into())
+            } else {
+                Ok(())
+            };
         };
         if !matches!(result, Err(BackendError::Busy)) {
             self.open.lock().remove(&key);

@@ -266,12 +266,17 @@ async fn carry(
 /// A direct connection to the test PostgreSQL, for setup and for checking
 /// what the gateway did (pg_stat_activity).
 pub async fn pg_direct() -> tokio_postgres::Client {
+    pg_direct_to(&env_or("WEIR_TEST_PG_DATABASE", "test")).await
+}
+
+/// The same, to another database of the test PostgreSQL server.
+pub async fn pg_direct_to(database: &str) -> tokio_postgres::Client {
     let mut config = tokio_postgres::Config::new();
     config
         .host(env_or("WEIR_TEST_PG_HOST", "127.0.0.1"))
         .port(env_or("WEIR_TEST_PG_PORT", "5432").parse().expect("port"))
         .user(env_or("WEIR_TEST_PG_USER", "postgres"))
-        .dbname(env_or("WEIR_TEST_PG_DATABASE", "test"));
+        .dbname(database);
     if let Ok(p) = std::env::var("WEIR_TEST_PG_PASSWORD") {
         config.password(p);
     }

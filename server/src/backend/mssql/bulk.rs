@@ -58,6 +58,14 @@ enum Stage {
     Guid,
 }
 
+/// Why a load would refuse `value` for `column` (a bigint's range, a value
+/// longer than bulk rows take, NaN, a date before year 1): the staging
+/// conversion itself, so that the two never disagree. It copies text once
+/// more; a row found bad here is skipped instead of failing the load.
+pub fn refusal(column: &Column, value: &Value) -> Option<String> {
+    Stage::of(column).value(value).err()
+}
+
 impl Stage {
     fn of(column: &Column) -> Self {
         match column.column_type {

@@ -538,11 +538,8 @@ impl SqlSource for MssqlSource {
         schema::list_tables(&mut conn, schema, &page).await
     }
 
-    fn refuses(&self, column: &crate::backend::Column, value: &crate::backend::Value) -> Option<&'static str> {
-        use crate::backend::{ColumnType, Value};
-        // Staged as bigint, SQL Server's widest integer.
-        matches!((column.column_type, value), (ColumnType::Int, Value::UInt(u)) if i64::try_from(*u).is_err())
-            .then_some("the value is beyond SQL Server's bigint")
+    fn refuses(&self, column: &crate::backend::Column, value: &crate::backend::Value) -> Option<String> {
+        bulk::refusal(column, value)
     }
 
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {

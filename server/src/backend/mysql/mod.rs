@@ -511,6 +511,10 @@ impl SqlSource for MysqlSource {
         schema::describe_table(&mut self.conn().await?, schema, table).await
     }
 
+    fn refuses(&self, _column: &crate::backend::Column, value: &crate::backend::Value) -> Option<String> {
+        types::refusal(value)
+    }
+
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
         bulk::load(
             &mut self.conn().await?,
@@ -675,6 +679,16 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
                 1045 | 1698 | 3118 | 4151 | 1130 | 1129 | 1820 | 1862 | 1251 => {
                     return crate::backend::error::login_refused(&s.code.to_string(), &s.message);
                 }
+                // The binary log cannot be read from the position asked for:
+                // purged, reset (`RESET MASTER`), or another server at this
+                // address after a failover. Never INTERNAL, retried for ever.
+                1236 => {
+                    return BackendError::PositionNotRetained(format!(
+                        "the server's binary log does not hold the subscription's position (MySQL error 1236: {}); \
+                         delete the subscription and watch it anew",
+                        s.message
+                    ));
+                }
                 _ => classify_sqlstate(&s.state),
             };
             BackendError::Engine {
@@ -747,6 +761,19 @@ mod tests {
                 "{code}: {e:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_unreadable_binlog_position_is_not_retained() {
+        let e = map_error(mysql_async::Error::Server(mysql_async::ServerError {
+            code: 1236,
+            message: "Could not find first log file name in binary log index file".into(),
+            state: "HY000".into(),
+        }));
+        assert!(
+            matches!(&e, BackendError::PositionNotRetained(m) if m.contains("1236") && m.contains("first log file")),
+            "{e:?}"
+        );
     }
 
     #[test]

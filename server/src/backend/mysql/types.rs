@@ -241,6 +241,21 @@ impl LoadAs {
     }
 }
 
+/// Why a load would refuse `v` whatever its column (a time with an offset,
+/// a year MySQL's dates lack): the parameter conversion's verdict, for the
+/// values it can refuse (they convert without copying much).
+pub fn refusal(v: &Value) -> Option<String> {
+    match v {
+        Value::Date(_)
+        | Value::Timestamp(_)
+        | Value::TimestampTz(_)
+        | Value::Time(..)
+        | Value::Interval { .. }
+        | Value::List(_) => param(v).err(),
+        _ => None,
+    }
+}
+
 /// Appends a value as `LOAD DATA` reads it in its default text format:
 /// `\N` for NULL, else the text MySQL would parse the parameter from
 /// (dates, times and micro-seconds as `param` sends them), escaped.

@@ -277,8 +277,14 @@ async fn load_in_transaction(
                 .map_err(map_error)?
                 .get(0);
             let only = if partitioned { "" } else { "ONLY " };
+            // Other writers wait until the load commits; readers go on
+            // seeing the old rows. Without it, two REPLACE loads at once
+            // each delete only what their snapshot sees, so both loads'
+            // rows would stay (or the second fail on the first's keys).
             client
-                .batch_execute(&format!("DELETE FROM {only}{target}"))
+                .batch_execute(&format!(
+                    "LOCK TABLE {only}{target} IN SHARE ROW EXCLUSIVE MODE; DELETE FROM {only}{target}"
+                ))
                 .await
                 .map_err(map_error)?;
             (copy_rows(conn, &target, spec, feed).await?, 0, "postgres-delete-copy")

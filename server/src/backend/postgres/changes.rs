@@ -253,9 +253,12 @@ pub fn lock_key(spec_id: &str) -> i64 {
 }
 
 /// The `pg_locks` row of that lock ($1 its key): a one-key lock shows its
-/// high and low 32 bits as `classid` and `objid`, with `objsubid` 1.
+/// high and low 32 bits as `classid` and `objid`, with `objsubid` 1. Only
+/// this database's: advisory locks are per database, and another source on
+/// the same server may use the same subscription name.
 const LOCK_ROW: &str = "locktype = 'advisory' AND objsubid = 1 \
-     AND ((classid::int8 << 32) | objid::int8) = $1::int8";
+     AND ((classid::int8 << 32) | objid::int8) = $1::int8 \
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 /// Tries the subscription's advisory lock until `wait` has passed.
 async fn try_lock_for(client: &Client, spec_id: &str, wait: Duration) -> Result<bool, BackendError> {
@@ -291,7 +294,7 @@ async fn lock(client: &Client, spec_id: &str, name: &str, take_over: bool) -> Re
                 &format!(
                     "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE {LOCK_ROW} AND pid <> pg_backend_pid() \
                      UNION ALL SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-                     WHERE slot_name::text = $2 AND active_pid IS NOT NULL"
+                     WHERE slot_name::text = $2 AND database = current_database() AND active_pid IS NOT NULL"
                 ),
                 &[&lock_key(spec_id), &spec_id],
             )
@@ -334,23 +337,46 @@ async fn taken_over(config: &Target, spec_id: &str) -> bool {
 }
 
 /// The acknowledged LSN of the subscription's slot, if it has one.
-async fn slot_confirmed(client: &Client, id: &str) -> Result<Option<u64>, BackendError> {
+/// Slot names are server-wide: a slot of that name in another database is
+/// another source's subscription (same tenant and name), never this one's.
+async fn slot_confirmed(client: &Client, id: &str, name: &str) -> Result<Option<u64>, BackendError> {
     let row = client
         .query_opt(
             &format!(
-                "SELECT {} FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT database IS NOT DISTINCT FROM current_database(), {} FROM pg_replication_slots \
+                 WHERE slot_name = $1",
                 lsn_sql("confirmed_flush_lsn")
             ),
             &[&id],
         )
         .await
         .map_err(map_error)?;
-    Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    match (row.get::<_, bool>(0), row.get::<_, Option<i64>>(1)) {
+        (true, Some(lsn)) => Ok(Some(lsn as u64)),
+        (false, _) => Err(BackendError::ChangesNotReady(format!(
+            "subscription name \"{name}\" is in use by a source of another database on this PostgreSQL \
+             server (replication slots are named server-wide): use another subscription name here"
+        ))),
+        // Not a logical slot that has started (one being made, or a physical one).
+        (true, None) => Err(BackendError::ChangesNotReady(format!(
+            "the replication slot of subscription \"{name}\" ({id}) is not ready to stream; try again"
+        ))),
+    }
 }
 
 /// The slot's acknowledged LSN, creating slot and publication on first use.
 /// An existing publication is pointed at the requested tables.
-async fn ensure_slot(client: &Client, id: &str, watched: &HashMap<u32, Watched>) -> Result<u64, BackendError> {
+async fn ensure_slot(
+    client: &Client,
+    id: &str,
+    name: &str,
+    watched: &HashMap<u32, Watched>,
+) -> Result<u64, BackendError> {
+    // First: a name another database's source holds makes nothing here.
+    let existing = slot_confirmed(client, id, name).await?;
     let mut tables: Vec<&str> = watched.values().map(|w| w.qualified.as_str()).collect();
     tables.sort_unstable();
     let list = tables.join(", ");
@@ -401,7 +427,7 @@ async fn ensure_slot(client: &Client, id: &str, watched: &HashMap<u32, Watched>)
             }
         }
     }
-    if let Some(confirmed) = slot_confirmed(client, id).await? {
+    if let Some(confirmed) = existing {
         return Ok(confirmed);
     }
     let row = client
@@ -875,14 +901,14 @@ pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed
     // A position of a subscription without a slot (deleted, or another
     // database's): nothing was kept for it, and a slot made now would keep
     // WAL for a client that may never come back.
-    if spec.resume.is_some() && slot_confirmed(&client, &spec.id).await?.is_none() {
+    if spec.resume.is_some() && slot_confirmed(&client, &spec.id, &spec.name).await?.is_none() {
         return Err(BackendError::PositionNotRetained(format!(
             "subscription \"{}\" keeps no changes (it was deleted, or never watched here); watch without a \
              position to start it anew",
             spec.name
         )));
     }
-    let confirmed = ensure_slot(&client, &spec.id, &watched).await?;
+    let confirmed = ensure_slot(&client, &spec.id, &spec.name, &watched).await?;
     let mut delivered = PgPos { lsn: confirmed, seq: 0 };
     if let Some(resume) = &spec.resume {
         let pos = PgPos::decode(resume)?;
@@ -930,7 +956,8 @@ pub(super) async fn delete(config: &Target, id: &str, name: &str) -> Result<(), 
     let slot = loop {
         let dropped = client
             .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND database = current_database()",
                 &[&id],
             )
             .await

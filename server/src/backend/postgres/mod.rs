@@ -899,8 +899,8 @@ impl SqlSource for PostgresSource {
             .map_err(map_error)
     }
 
-    fn refuses(&self, _column: &Column, value: &Value) -> Option<&'static str> {
-        types::has_nul(value).then_some(types::NO_NUL)
+    fn refuses(&self, _column: &Column, value: &Value) -> Option<String> {
+        types::has_nul(value).then(|| types::NO_NUL.to_string())
     }
 
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {

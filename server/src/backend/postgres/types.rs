@@ -68,9 +68,10 @@ pub fn column_of(name: &str, ty: &Type, typmod: i32) -> Result<Column, BackendEr
 /// Precision, scale and maximum length encoded in a type modifier.
 pub fn typmod_details(ty: &Type, typmod: i32) -> (Option<i32>, Option<i32>, Option<i64>) {
     // A float's precision is the bits of its mantissa, as information_schema gives it.
+    // An array's: its elements' (loads check each element against it).
     match *ty {
-        Type::FLOAT4 => return (Some(24), None, None),
-        Type::FLOAT8 => return (Some(53), None, None),
+        Type::FLOAT4 | Type::FLOAT4_ARRAY => return (Some(24), None, None),
+        Type::FLOAT8 | Type::FLOAT8_ARRAY => return (Some(53), None, None),
         _ => {}
     }
     if typmod < 4 {
@@ -181,8 +182,11 @@ impl<'a, const IN_CHANGES: bool> FromSql<'a> for Cell<IN_CHANGES> {
 
 /// [`decode`], with infinite dates and timestamps as their text (see [`ChangeValue`]).
 pub(super) fn decode_change(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
-    if let Kind::Domain(base) = ty.kind() {
-        return decode_change(base, raw);
+    match ty.kind() {
+        Kind::Domain(base) => return decode_change(base, raw),
+        // An infinite element must not stop the stream either.
+        Kind::Array(elem) => return decode_array(elem, raw, decode_change),
+        _ => {}
     }
     decode(ty, raw).or_else(|e| {
         let infinite = match *ty {
@@ -300,7 +304,7 @@ pub(super) fn decode(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
         }
         _ => match ty.kind() {
             Kind::Domain(inner) => decode(inner, raw)?,
-            Kind::Array(elem) => decode_array(elem, raw)?,
+            Kind::Array(elem) => decode_array(elem, raw, decode)?,
             Kind::Enum(_) => Value::Text(wire::text_from_sql(raw)?.to_string()),
             Kind::Simple if ty.name() == "citext" => Value::Text(wire::text_from_sql(raw)?.to_string()),
             _ => return Err(format!("type {} cannot be represented; cast it to text", ty.name()).into()),
@@ -308,7 +312,12 @@ pub(super) fn decode(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
     })
 }
 
-fn decode_array(elem: &Type, raw: &[u8]) -> Result<Value, BoxError> {
+/// An array, each element read by `element` (`decode`, or `decode_change`).
+fn decode_array(
+    elem: &Type,
+    raw: &[u8],
+    element: fn(&Type, &[u8]) -> Result<Value, BoxError>,
+) -> Result<Value, BoxError> {
     use fallible_iterator::FallibleIterator;
     use postgres_protocol::types::ArrayDimension;
 
@@ -318,7 +327,7 @@ fn decode_array(elem: &Type, raw: &[u8]) -> Result<Value, BoxError> {
     let mut values = array.values();
     while let Some(v) = values.next()? {
         flat.push(match v {
-            Some(bytes) => decode(elem, bytes)?,
+            Some(bytes) => element(elem, bytes)?,
             None => Value::Null,
         });
     }

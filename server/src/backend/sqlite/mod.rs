@@ -503,6 +503,10 @@ impl SqlSource for SqliteSource {
             .await
     }
 
+    fn refuses(&self, _column: &crate::backend::Column, value: &Value) -> Option<String> {
+        refusal(value)
+    }
+
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
         let turn = self.write_turn().await?;
         self.with_conn(move |conn| {
@@ -872,6 +876,23 @@ fn sqlite_year(d: &chrono::NaiveDate) -> Result<&chrono::NaiveDate, String> {
             "year {} is outside SQLite's date range (0000 to 9999)",
             d.year()
         ))
+    }
+}
+
+/// Why a load would refuse `v` whatever its column (NaN, an integer past
+/// SQLite's, a year outside 0000-9999): the binding's own verdict, for the
+/// values it can refuse (none of them copies much to convert).
+fn refusal(v: &Value) -> Option<String> {
+    match v {
+        Value::UInt(_)
+        | Value::Float(_)
+        | Value::Date(_)
+        | Value::Time(..)
+        | Value::Timestamp(_)
+        | Value::TimestampTz(_)
+        | Value::Interval { .. }
+        | Value::List(_) => to_sql(v).err(),
+        _ => None,
     }
 }
 

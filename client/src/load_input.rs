@@ -55,11 +55,18 @@ fn timestamp(s: &str) -> Result<prost_types::Timestamp, String> {
     let utc = DateTime::parse_from_rfc3339(s)
         .map(|t| t.to_utc())
         .or_else(|_| {
-            ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M"]
-                .iter()
-                .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
-                .map(|t| t.and_utc())
-                .ok_or(())
+            // The last: years past 9999 and before 0, which RFC 3339 cannot
+            // write, as weirctl writes them (`+10000-01-01T00:00:00Z`).
+            [
+                "%Y-%m-%d %H:%M:%S%.f",
+                "%Y-%m-%dT%H:%M:%S%.f",
+                "%Y-%m-%d %H:%M",
+                "%Y-%m-%dT%H:%M:%S%.fZ",
+            ]
+            .iter()
+            .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
+            .map(|t| t.and_utc())
+            .ok_or(())
         })
         .map_err(|_| format!("'{s}' is not a timestamp (RFC 3339, or YYYY-MM-DD HH:MM:SS taken as UTC)"))?;
     Ok(prost_types::Timestamp {
@@ -221,6 +228,9 @@ pub fn from_json(raw: &RawValue, column: &Column) -> Result<Value, String> {
             // string stays a JSON string, `true` a JSON boolean.
             _ if ty == ColumnType::Json => value(Kind::JsonValue(text.to_string())),
             J::Bool(b) => value(Kind::BoolValue(b)),
+            // A JSON string is text to a column of no one type: only CSV,
+            // which has no strings apart from numbers, reads `42` as one.
+            J::String(s) if ty == ColumnType::Dynamic => value(Kind::StringValue(s)),
             J::String(s) => from_text(&s, column)?,
             // Bytes as `weirctl query --format json` writes them.
             J::Object(o) if matches!(ty, ColumnType::Bytes | ColumnType::Dynamic) => match hex_object(&o) {
@@ -746,6 +756,21 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_of_any_year_read_back_as_they_are_written() {
+        let column = col("t", ColumnType::TimestampTz);
+        // 44 BC (year -43), year 10000, and an ordinary one with a fraction.
+        for (seconds, nanos) in [(-63_524_361_600, 0), (253_402_300_800, 0), (1_700_000_000, 123_456_789)] {
+            let ts = prost_types::Timestamp { seconds, nanos };
+            let written = Value::from(Kind::TimestampValue(ts)).to_string();
+            assert_eq!(
+                from_text(&written, &column).map(|v| v.kind),
+                Ok(Some(Kind::TimestampValue(ts))),
+                "{written}"
+            );
+        }
+    }
+
+    #[test]
     fn text_numbers_keep_to_what_they_say() {
         let float = col("f", ColumnType::Float);
         assert!(from_text("1e400", &float).is_err());
@@ -760,6 +785,13 @@ mod tests {
         for text in ["007", "1.50", "1e3", "abc", ""] {
             assert_eq!(kind(text), Some(Kind::StringValue(text.into())), "{text}");
         }
+        // In JSON Lines a string is text, whatever it spells; a number a number.
+        let json = |text: &str| {
+            let raw: Box<RawValue> = serde_json::from_str(text).expect("json");
+            from_json(&raw, &any).expect(text).kind
+        };
+        assert_eq!(json("\"42\""), Some(Kind::StringValue("42".into())));
+        assert_eq!(json("42"), Some(Kind::Int64Value(42)));
     }
 
     #[test]

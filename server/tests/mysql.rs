@@ -1418,3 +1418,35 @@ async fn auto_increment_and_generated_columns_say_how_they_are_filled() {
         .expect("drop");
     server.stop().await;
 }
+
+/// A statement that sets the session's time zone or character sets is
+/// refused, pooled or in a transaction: Weir reads and binds TIMESTAMPs as
+/// UTC and text as utf8mb4, so inside a transaction every later TIMESTAMP
+/// would be read and written hours off without an error.
+#[tokio::test]
+async fn statements_that_set_the_time_zone_or_character_sets_are_refused() {
+    let server = TestServer::start(&tenant("tzset", "", &mysql("tzset", "my", ""))).await;
+    let client = server.client("key-tzset").await;
+    for sql in ["SET time_zone = '+05:00'", "SET NAMES latin1"] {
+        let err = client.execute("my", sql, vec![]).await.expect_err(sql);
+        assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
+        assert!(err.message().contains("time_zone or character sets"), "{err:?}");
+    }
+    let tx = client
+        .begin("my", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let err = client
+        .execute_in(&tx, "my", "SET @@session.time_zone = '+05:00'", vec![])
+        .await
+        .expect_err("in a transaction");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // The transaction goes on, its TIMESTAMPs still read as UTC.
+    let r = client
+        .execute_in(&tx, "my", "SELECT @@session.time_zone", vec![])
+        .await
+        .expect("the transaction goes on");
+    assert_eq!(text(&r.rows[0].values[0]), "+00:00");
+    client.commit(&tx).await.expect("commit");
+    server.stop().await;
+}

@@ -235,3 +235,70 @@ async fn json_output_tells_bytes_from_text_and_loads_back() {
     }
     server.stop().await;
 }
+
+/// A Kafka server for weirctl's topic commands (topics under `weir-w-`).
+async fn kafka_server() -> (TestServer, WeirClient) {
+    let server = TestServer::start(&tenant("kw", "", &kafka("kw", "events", "weir-w-"))).await;
+    let client = server.client("key-kw").await;
+    (server, client)
+}
+
+/// `consume --format json` prints a record's headers as they came: in
+/// order, a key as often as it came (an object would keep only the last).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumed_headers_print_in_order_with_repeated_keys() {
+    let (server, client) = kafka_server().await;
+    let topic = format!("weir-w-headers-{}", uuid::Uuid::new_v4().simple());
+    create_topic(&topic, 1).await;
+    let header = |key: &str, value: &str| pb::RecordHeader {
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+    };
+    produce(
+        &client,
+        &topic,
+        vec![pb::ProducerRecord {
+            value: b"v".to_vec(),
+            headers: vec![header("h", "a"), header("b", "x"), header("h", "b")],
+            ..Default::default()
+        }],
+    )
+    .await
+    .expect("produce");
+    let out = weirctl(
+        &server,
+        "key-kw",
+        &[
+            "consume", "events", &topic, "--group", "printer", "--from", "earliest", "--max", "1", "--format", "json",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("a JSON line");
+    assert_eq!(line["headers"], serde_json::json!([["h", "a"], ["b", "x"], ["h", "b"]]));
+    server.stop().await;
+}
+
+/// `produce` of long lines splits its calls by bytes too: 300 lines of
+/// 100 KB (30 MB) in calls of 1,000 lines would go past the server's 16 MiB
+/// request limit, and produce nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_of_long_lines_stays_under_the_request_limit() {
+    let (server, _client) = kafka_server().await;
+    let topic = format!("weir-w-long-{}", uuid::Uuid::new_v4().simple());
+    create_topic(&topic, 1).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("long.txt");
+    let line = "x".repeat(100_000);
+    std::fs::write(&file, format!("{line}\n").repeat(300)).expect("write");
+    let path = file.to_str().expect("path");
+    let out = weirctl(&server, "key-kw", &["produce", "events", &topic, "--file", path]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Every line acknowledged: the last one at offset 299 of the one partition.
+    let said = stdout(&out);
+    assert!(
+        said.contains("produced 300 records") && said.contains("offset 299"),
+        "{said}"
+    );
+    server.stop().await;
+}

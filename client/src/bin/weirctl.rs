@@ -509,8 +509,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-/// Records per Produce call when reading lines.
+/// Records per Produce call when reading lines, and their bytes: a call
+/// stays well under the server's request size limit (16 MiB by default)
+/// however long the lines are.
 const PRODUCE_BATCH: usize = 1000;
+const PRODUCE_BATCH_BYTES: usize = 4 << 20;
+
+/// A timestamp as milliseconds since the epoch, saturating: the server's
+/// numbers, whatever they are, must not panic a debug build.
+fn millis(t: &prost_types::Timestamp) -> i64 {
+    t.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos) / 1_000_000)
+}
 
 #[allow(clippy::too_many_arguments)]
 async fn produce(
@@ -547,11 +558,14 @@ async fn produce(
     let mut lines = lines.peekable();
     while lines.peek().is_some() {
         batch.clear();
-        for line in lines.by_ref().take(PRODUCE_BATCH) {
+        let mut bytes = 0;
+        while batch.len() < PRODUCE_BATCH && bytes < PRODUCE_BATCH_BYTES {
+            let Some(line) = lines.next() else { break };
             let line = line.map_err(|e| {
                 report(produced);
                 Failure::Input(format!("cannot read the records: {e}"))
             })?;
+            bytes += key.len() + line.len();
             batch.push(ProducerRecord {
                 key: key.clone(),
                 value: line,
@@ -651,16 +665,14 @@ async fn consume(
     while let Some(batch) = stream.message().await? {
         for r in batch.records {
             if format == Format::Json {
-                let headers: serde_json::Map<String, serde_json::Value> = r
-                    .headers
-                    .iter()
-                    .map(|h| (h.key.clone(), bytes_json(&h.value)))
-                    .collect();
+                // Pairs in the record's order: a key may come more than once.
+                let headers: Vec<serde_json::Value> =
+                    r.headers.iter().map(|h| json!([h.key, bytes_json(&h.value)])).collect();
                 let line = json!({
                     "topic": r.topic,
                     "partition": r.partition,
                     "offset": r.offset,
-                    "timestamp_ms": r.timestamp.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000),
+                    "timestamp_ms": r.timestamp.map(|t| millis(&t)),
                     "key": (!r.null_key).then(|| bytes_json(&r.key)),
                     "value": (!r.null_value).then(|| bytes_json(&r.value)),
                     "headers": headers,
@@ -720,7 +732,7 @@ fn change_json(c: &ChangeEvent) -> Result<String, Failure> {
         "schema": c.schema,
         "table": c.table,
         "transaction": c.transaction_id,
-        "commit_time": c.commit_time.as_ref().map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000),
+        "commit_time": c.commit_time.as_ref().map(millis),
         "key": c.primary_key,
         "position": hex::encode(&c.position),
         "unchanged": c.unchanged_columns,
@@ -904,7 +916,12 @@ async fn topics(client: &WeirClient, format: Format, source: &str, out: &mut imp
         .topics
         .iter()
         .map(|t| {
-            let records: i64 = t.partitions.iter().map(|p| p.high_watermark - p.low_watermark).sum();
+            // Saturating: the numbers are the server's, whatever they are.
+            let records = t
+                .partitions
+                .iter()
+                .map(|p| p.high_watermark.saturating_sub(p.low_watermark))
+                .fold(0i64, i64::saturating_add);
             row([
                 Value::from(t.name.as_str()),
                 Value::from(t.partitions.len() as i64),
@@ -1058,7 +1075,7 @@ async fn load(
     let seconds = response.elapsed.map_or(started.elapsed().as_secs_f64(), |d| {
         d.seconds as f64 + f64::from(d.nanos) / 1e9
     });
-    let loaded = response.rows_inserted + response.rows_updated;
+    let loaded = response.rows_inserted.saturating_add(response.rows_updated);
     if format == Format::Json {
         let summary = json!({
             "rows_inserted": response.rows_inserted,

@@ -150,6 +150,47 @@ pub fn may_leave_read_only(sql: &str) -> bool {
     })
 }
 
+/// Whether MySQL/MariaDB `sql` is a `SET` naming the session's time zone or
+/// character sets (`SET time_zone`, `SET NAMES`, `SET CHARACTER SET`,
+/// `character_set_*`, `collation_connection`, also in `SET STATEMENT ...
+/// FOR`): Weir reads and binds TIMESTAMPs as UTC and text as utf8mb4, and a
+/// transaction's session would keep the change for its later statements.
+pub fn sets_mysql_time_zone_or_charset(sql: &str) -> bool {
+    const NAMED: [&str; 8] = [
+        "time_zone",
+        "names",
+        "character",
+        "charset",
+        "character_set_client",
+        "character_set_connection",
+        "character_set_results",
+        "collation_connection",
+    ];
+    if !leading_words(sql, 1)
+        .iter()
+        .any(|words| words.first().map(String::as_str) == Some("set"))
+    {
+        return false;
+    }
+    // Every word, as `words_anywhere` reads them, but a user variable's
+    // name (`@names`, not `@@names`) is no setting.
+    let bytes = sql.as_bytes();
+    let mut start = None;
+    for (i, c) in sql.char_indices().chain([(sql.len(), ' ')]) {
+        if c.is_alphanumeric() || c == '_' {
+            start.get_or_insert(i);
+            continue;
+        }
+        let Some(s) = start.take() else { continue };
+        let user_variable = s >= 1 && bytes[s - 1] == b'@' && !(s >= 2 && bytes[s - 2] == b'@');
+        let word = sql[s..i].trim_start_matches(|c: char| c.is_ascii_digit());
+        if !user_variable && NAMED.iter().any(|k| word.eq_ignore_ascii_case(k)) {
+            return true;
+        }
+    }
+    false
+}
+
 /// Whether any word of `sql` (comments and strings included, so a match
 /// may be a false one) is one of `words`, which are lowercase.
 pub fn has_word(sql: &str, words: &[&str]) -> bool {
@@ -298,6 +339,30 @@ mod tests {
         assert!(may_commit_inside("DO $$ BEGIN COMMIT; END $$"));
         assert!(may_commit_inside(" call p()"));
         assert!(!may_commit_inside("SELECT do_it()"));
+    }
+
+    #[test]
+    fn mysql_time_zone_and_charset_settings_are_told_apart() {
+        for sql in [
+            "SET time_zone = '+05:00'",
+            "set @@session.TIME_ZONE = 'Europe/Paris'",
+            "SET NAMES latin1",
+            "SET CHARACTER SET latin1",
+            "SET character_set_results = NULL",
+            "SET STATEMENT time_zone = '+01:00' FOR SELECT ts FROM t",
+            "/*!40101 SET NAMES utf8 */",
+            "SET @a = 1, collation_connection = latin1_swedish_ci",
+        ] {
+            assert!(sets_mysql_time_zone_or_charset(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT names, time_zone FROM t",
+            "SET @names = 1",
+            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            "UPDATE t SET names = 'x'",
+        ] {
+            assert!(!sets_mysql_time_zone_or_charset(sql), "{sql}");
+        }
     }
 
     #[test]

@@ -432,6 +432,7 @@ impl SqlSource for MysqlSource {
         if self.config.read_only {
             refuse_leaving_read_only(&statement.sql)?;
         }
+        refuse_session_encoding(&statement.sql)?;
         start(Hold::Pooled(self.conn().await?), statement, self.killer.clone()).await
     }
 
@@ -570,12 +571,28 @@ fn refuse_leaving_read_only(sql: &str) -> Result<(), BackendError> {
     Ok(())
 }
 
+/// Refuses a statement that sets the session's time zone or character sets
+/// (`sql_text::sets_mysql_time_zone_or_charset`): every TIMESTAMP after it
+/// would be read and bound hours off, and text mangled, without an error.
+fn refuse_session_encoding(sql: &str) -> Result<(), BackendError> {
+    if crate::backend::sql_text::sets_mysql_time_zone_or_charset(sql) {
+        return Err(BackendError::Invalid(
+            "statements that set the session's time_zone or character sets (SET time_zone, SET NAMES, \
+             character_set_*, collation_connection) are refused: Weir reads and sends TIMESTAMP values as UTC \
+             and text as utf8mb4; convert in the statement instead (CONVERT_TZ, CONVERT(... USING ...))"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl SqlTransaction for MysqlTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
         if self.read_only_source {
             refuse_leaving_read_only(&statement.sql)?;
         }
+        refuse_session_encoding(&statement.sql)?;
         let tx = self.conn.for_statement().await?;
         if let Some(cause) = tx.rolled_back {
             return Err(BackendError::TransactionRolledBack(cause));

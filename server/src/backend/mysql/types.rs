@@ -169,6 +169,12 @@ pub fn decode(v: MyValue, as_: Decode) -> Result<Value, String> {
 const NO_INTERVAL: &str = "MySQL has no interval type";
 const NO_ARRAY: &str = "MySQL has no array type";
 const NO_OFFSET: &str = "MySQL's TIME has no UTC offset; send the time without one";
+/// MySQL reads `NaN` or `Infinity` as a decimal as 0, with only a warning.
+const NO_SPECIAL_DECIMAL: &str = "MySQL's DECIMAL has no NaN or infinity (it would read 0); send NULL or a number";
+
+fn not_a_number(decimal: &str) -> bool {
+    matches!(decimal.trim_start_matches(['+', '-']), "NaN" | "Infinity")
+}
 
 /// Converts a parameter; MySQL parses text for the type it expects.
 pub fn param(v: &Value) -> Result<MyValue, String> {
@@ -194,6 +200,7 @@ pub fn param(v: &Value) -> Result<MyValue, String> {
         Value::Int(i) => MyValue::Int(*i),
         Value::UInt(u) => MyValue::UInt(*u),
         Value::Float(f) => MyValue::Double(*f),
+        Value::Decimal(s) if not_a_number(s) => return Err(NO_SPECIAL_DECIMAL.into()),
         Value::Text(s) | Value::Decimal(s) | Value::Json(s) => MyValue::Bytes(s.clone().into_bytes()),
         Value::Bytes(b) => MyValue::Bytes(b.clone()),
         Value::Date(d) => date(*d, NaiveTime::MIN)?,
@@ -252,6 +259,7 @@ pub fn refusal(v: &Value) -> Option<String> {
         | Value::Time(..)
         | Value::Interval { .. }
         | Value::List(_) => param(v).err(),
+        Value::Decimal(s) if not_a_number(s) => Some(NO_SPECIAL_DECIMAL.into()),
         _ => None,
     }
 }
@@ -283,6 +291,7 @@ pub fn write_load_text(v: &Value, as_: LoadAs, scratch: &mut String, out: &mut B
             out.put_slice(b"\\N");
             return Ok(());
         }
+        Value::Decimal(s) if not_a_number(s) => return Err(NO_SPECIAL_DECIMAL.into()),
         Value::Text(s) | Value::Decimal(s) | Value::Json(s) => s.as_bytes(),
         Value::Bytes(b) => b,
         Value::Int(i) => number.format(*i).as_bytes(),
@@ -339,6 +348,22 @@ pub fn write_load_text(v: &Value, as_: LoadAs, scratch: &mut String, out: &mut B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals_that_are_no_number_are_refused_not_read_as_zero() {
+        for s in ["NaN", "Infinity", "-Infinity", "+Infinity"] {
+            let v = Value::Decimal(s.into());
+            assert!(param(&v).is_err(), "{s}");
+            assert!(refusal(&v).is_some(), "{s}");
+            let (mut scratch, mut out) = (String::new(), BytesMut::new());
+            assert!(
+                write_load_text(&v, LoadAs::Text, &mut scratch, &mut out).is_err(),
+                "{s}"
+            );
+        }
+        assert!(param(&Value::Decimal("-1.5".into())).is_ok());
+        assert!(refusal(&Value::Decimal("12".into())).is_none());
+    }
 
     #[test]
     fn zero_dates_are_null() {

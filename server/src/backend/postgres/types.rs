@@ -119,6 +119,25 @@ pub fn check_param_type(index: usize, ty: &Type, value: &Value) -> Result<(), Ba
             v => matches!(v, Value::Bytes(_)),
         }
     }
+    /// The type, or a domain's base, is an array.
+    fn is_array(ty: &Type) -> bool {
+        match ty.kind() {
+            Kind::Domain(inner) => is_array(inner),
+            Kind::Array(_) => true,
+            _ => false,
+        }
+    }
+    if matches!(value, Value::List(_)) && !is_array(ty) {
+        // Sent as its array literal's text, which `text` or `bytea` would
+        // store as such (`{"a","b"}`).
+        return Err(BackendError::Parameter {
+            index: index + 1,
+            message: format!(
+                "a list where PostgreSQL expects {ty}: send a single value, or cast the parameter to an array type (${}::{ty}[])",
+                index + 1
+            ),
+        });
+    }
     if has_bytes(value) && !is_bytea(ty) {
         // Sent as text, the bytes would be stored as the literal `\x...`.
         return Err(BackendError::Parameter {
@@ -563,6 +582,21 @@ pub(super) fn write_text(v: &Value, out: &mut String, in_array: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_go_only_to_array_placeholders() {
+        let list = Value::List(vec![Value::Bytes(vec![1, 2])]);
+        for ty in [Type::BYTEA, Type::TEXT, Type::INT4] {
+            let refused = check_param_type(0, &ty, &list);
+            assert!(
+                matches!(&refused, Err(BackendError::Parameter { index: 1, message }) if message.contains("a list where")),
+                "{ty}: {refused:?}"
+            );
+        }
+        assert!(check_param_type(0, &Type::BYTEA_ARRAY, &list).is_ok());
+        let ints = Value::List(vec![Value::Int(1), Value::Null]);
+        assert!(check_param_type(0, &Type::INT4_ARRAY, &ints).is_ok());
+    }
 
     #[test]
     fn parameters_show_their_kind_not_their_value() {

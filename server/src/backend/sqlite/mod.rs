@@ -886,6 +886,7 @@ fn refusal(v: &Value) -> Option<String> {
     match v {
         Value::UInt(_)
         | Value::Float(_)
+        | Value::Decimal(_)
         | Value::Date(_)
         | Value::Time(..)
         | Value::Timestamp(_)
@@ -908,7 +909,7 @@ fn to_sql(v: &Value) -> Result<SqlValue, String> {
         // SQLite stores a NaN it is given as NULL.
         Value::Float(f) if f.is_nan() => return Err("SQLite cannot store NaN (it would become NULL)".into()),
         Value::Float(f) => SqlValue::Real(*f),
-        Value::Decimal(s) => decimal(s),
+        Value::Decimal(s) => decimal(s)?,
         Value::Text(s) | Value::Json(s) => SqlValue::Text(s.clone()),
         Value::Bytes(b) => SqlValue::Blob(b.clone()),
         Value::Date(d) => SqlValue::Text(sqlite_year(d)?.format("%Y-%m-%d").to_string()),
@@ -931,29 +932,40 @@ fn to_sql(v: &Value) -> Result<SqlValue, String> {
 }
 
 /// A decimal as SQLite's own NUMERIC affinity would store it: an integer
-/// when it is one, a REAL when 15 significant digits hold it, else its
-/// text (kept exact). Bound as text it would compare as text where the
-/// other side has no affinity (an expression, a view's SUM): in SQLite
-/// every number is less than every text, so `total > '100'` is never true.
-fn decimal(s: &str) -> SqlValue {
+/// when it is one, a REAL when 15 significant digits hold it (trailing
+/// zeros, before the point too, are the exponent's: `100000000000000000000`
+/// is 1e20), else its text (kept exact). Bound as text it would compare as
+/// text where the other side has no affinity (an expression, a view's SUM):
+/// in SQLite every number is less than every text, so `total > '100'` is
+/// never true. Infinities are SQLite's REAL ones (as Weir reads them back);
+/// NaN SQLite cannot store.
+fn decimal(s: &str) -> Result<SqlValue, String> {
     if let Ok(i) = s.parse::<i64>() {
-        return SqlValue::Integer(i);
+        return Ok(SqlValue::Integer(i));
+    }
+    match s.trim_start_matches(['+', '-']) {
+        "NaN" => return Err("SQLite cannot store NaN (it would become NULL)".into()),
+        "Infinity" => {
+            return Ok(SqlValue::Real(if s.starts_with('-') {
+                f64::NEG_INFINITY
+            } else {
+                f64::INFINITY
+            }))
+        }
+        _ => {}
     }
     let mantissa = s.split(['e', 'E']).next().unwrap_or_default();
     let significant = mantissa
         .chars()
         .filter(char::is_ascii_digit)
         .skip_while(|d| *d == '0')
-        .collect::<String>();
-    let significant = if mantissa.contains('.') {
-        significant.trim_end_matches('0').len()
-    } else {
-        significant.len()
-    };
-    match s.parse::<f64>() {
+        .collect::<String>()
+        .trim_end_matches('0')
+        .len();
+    Ok(match s.parse::<f64>() {
         Ok(f) if f.is_finite() && significant <= 15 => SqlValue::Real(f),
         _ => SqlValue::Text(s.to_string()),
-    }
+    })
 }
 
 fn map_error(e: rusqlite::Error) -> BackendError {
@@ -1016,6 +1028,7 @@ mod tests {
 
     #[test]
     fn decimals_are_bound_as_the_numbers_sqlite_would_store() {
+        let decimal = |s: &str| decimal(s).expect(s);
         assert_eq!(decimal("100"), SqlValue::Integer(100));
         assert_eq!(decimal("-7"), SqlValue::Integer(-7));
         assert_eq!(decimal("9.99"), SqlValue::Real(9.99));
@@ -1026,6 +1039,11 @@ mod tests {
             decimal("98765432109876543210"),
             SqlValue::Text("98765432109876543210".into())
         );
+        // Past i64, as Weir writes a large REAL of a DECIMAL column.
+        assert_eq!(decimal("100000000000000000000"), SqlValue::Real(1e20));
+        assert_eq!(decimal("Infinity"), SqlValue::Real(f64::INFINITY));
+        assert_eq!(decimal("-Infinity"), SqlValue::Real(f64::NEG_INFINITY));
+        assert!(super::decimal("NaN").is_err());
     }
 
     #[test]

@@ -2085,6 +2085,50 @@ async fn postgres_replaces_at_once_leave_one_loads_rows() {
     ctx.server.stop().await;
 }
 
+/// A PostgreSQL REPLACE into a foreign table (postgres_fdw, back to this
+/// server) replaces its rows: the lock a table's REPLACE takes first is not
+/// one PostgreSQL takes on a foreign table.
+#[tokio::test]
+async fn a_postgres_replace_into_a_foreign_table_replaces_its_rows() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "weir_bulk_fdw";
+    let pg = pg_direct().await;
+    pg.batch_execute(&format!(
+        "CREATE EXTENSION IF NOT EXISTS postgres_fdw;
+         DROP FOREIGN TABLE IF EXISTS {table};
+         DROP SERVER IF EXISTS weir_bulk_loopback CASCADE;
+         CREATE SERVER weir_bulk_loopback FOREIGN DATA WRAPPER postgres_fdw
+             OPTIONS (host '{}', port '{}', dbname '{}');
+         CREATE USER MAPPING FOR CURRENT_USER SERVER weir_bulk_loopback
+             OPTIONS (user '{}', password '{}');",
+        env_or("WEIR_TEST_PG_HOST", "127.0.0.1"),
+        env_or("WEIR_TEST_PG_PORT", "5432"),
+        env_or("WEIR_TEST_PG_DATABASE", "test"),
+        env_or("WEIR_TEST_PG_USER", "postgres"),
+        env_or("WEIR_TEST_PG_PASSWORD", "postgres"),
+    ))
+    .await
+    .expect("a loopback server");
+    ctx.table("weir_bulk_fdw_base", 3).await;
+    pg.batch_execute(&format!(
+        "CREATE FOREIGN TABLE {table} (id INT, name TEXT NOT NULL, score INT) \
+         SERVER weir_bulk_loopback OPTIONS (table_name 'weir_bulk_fdw_base')"
+    ))
+    .await
+    .expect("a foreign table");
+    let done = ctx
+        .load(header(table, pb::BulkLoadMode::Replace), vec![rows(0..5)])
+        .await
+        .expect("the foreign table is replaced");
+    assert_eq!(done.rows_inserted, 5);
+    assert_eq!(ctx.contents("weir_bulk_fdw_base").await, ctx.contents(table).await);
+    assert_eq!(ctx.contents(table).await.len(), 5);
+    pg.batch_execute("DROP SERVER weir_bulk_loopback CASCADE; DROP TABLE weir_bulk_fdw_base")
+        .await
+        .expect("cleanup");
+    ctx.server.stop().await;
+}
+
 /// A PostgreSQL REPLACE of a table that others inherit from replaces its
 /// own rows only: the inheriting tables keep theirs. A partitioned table's
 /// rows are its partitions', and all of them are replaced.

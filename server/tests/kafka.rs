@@ -1219,22 +1219,38 @@ fn a_commit_the_cluster_does_not_confirm_is_answered_in_time() {
         )
         .await;
         cluster.broker_down(1).expect("broker down");
-        let started = std::time::Instant::now();
-        let err = client
-            .stream()
-            .commit_offsets(pb::CommitOffsetsRequest {
-                source: "events".into(),
-                group: "unconfirmed".into(),
-                offsets: vec![pb::PartitionOffset {
-                    topic: "unconfirmed".into(),
-                    partition: 0,
-                    offset: 1,
-                }],
-            })
-            .await
-            .expect_err("no broker");
-        assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
-        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        let commit = || {
+            let client = client.clone();
+            async move {
+                let started = std::time::Instant::now();
+                let err = client
+                    .stream()
+                    .commit_offsets(pb::CommitOffsetsRequest {
+                        source: "events".into(),
+                        group: "unconfirmed".into(),
+                        offsets: vec![pb::PartitionOffset {
+                            topic: "unconfirmed".into(),
+                            partition: 0,
+                            offset: 1,
+                        }],
+                    })
+                    .await
+                    .expect_err("no broker");
+                assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+                assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+                (err, started.elapsed())
+            }
+        };
+        let (first, _) = commit().await;
+        assert!(first.message().contains("did not confirm"), "{first:?}");
+        // Each answered one still waits in librdkafka, on a blocking
+        // thread: past 4 of them, the next is refused at once.
+        for _ in 0..3 {
+            commit().await;
+        }
+        let (refused, took) = commit().await;
+        assert!(refused.message().contains("still waiting"), "{refused:?}");
+        assert!(took < Duration::from_millis(500), "{took:?}");
         cluster.broker_up(1).expect("broker up");
         server.stop().await;
     });

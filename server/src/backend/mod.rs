@@ -50,7 +50,7 @@ pub async fn settle_cancels(within: std::time::Duration) {
 /// before it. A statement abandoned by its deadline or its caller holds the
 /// session a moment longer while it is cancelled; without the wait, the
 /// caller's next statement would find the transaction busy.
-const TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A transaction's session, which its statements and its end take in turn.
 pub struct TxSession<T> {

@@ -150,11 +150,13 @@ pub fn may_leave_read_only(sql: &str) -> bool {
     })
 }
 
-/// Whether MySQL/MariaDB `sql` is a `SET` naming the session's time zone or
-/// character sets (`SET time_zone`, `SET NAMES`, `SET CHARACTER SET`,
+/// Whether MySQL/MariaDB `sql` is a `SET` of the session's time zone or
+/// character sets (`SET time_zone = ...`, `SET NAMES`, `SET CHARACTER SET`,
 /// `character_set_*`, `collation_connection`, also in `SET STATEMENT ...
 /// FOR`): Weir reads and binds TIMESTAMPs as UTC and text as utf8mb4, and a
 /// transaction's session would keep the change for its later statements.
+/// Only what is set counts: the words before each top-level `=`, outside
+/// strings and parentheses (`SET @tz = (SELECT time_zone ...)` sets none).
 pub fn sets_mysql_time_zone_or_charset(sql: &str) -> bool {
     const NAMED: [&str; 8] = [
         "time_zone",
@@ -172,21 +174,38 @@ pub fn sets_mysql_time_zone_or_charset(sql: &str) -> bool {
     {
         return false;
     }
-    // Every word, as `words_anywhere` reads them, but a user variable's
-    // name (`@names`, not `@@names`) is no setting.
     let bytes = sql.as_bytes();
-    let mut start = None;
-    for (i, c) in sql.char_indices().chain([(sql.len(), ' ')]) {
-        if c.is_alphanumeric() || c == '_' {
-            start.get_or_insert(i);
+    let (mut depth, mut quote, mut target) = (0usize, None, true);
+    let mut word_start = None;
+    let mut i = 0;
+    while i <= bytes.len() {
+        let c = bytes.get(i).copied().unwrap_or(b' ');
+        let in_word = quote.is_none() && (c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80);
+        if in_word {
+            word_start.get_or_insert(i);
+            i += 1;
             continue;
         }
-        let Some(s) = start.take() else { continue };
-        let user_variable = s >= 1 && bytes[s - 1] == b'@' && !(s >= 2 && bytes[s - 2] == b'@');
-        let word = sql[s..i].trim_start_matches(|c: char| c.is_ascii_digit());
-        if !user_variable && NAMED.iter().any(|k| word.eq_ignore_ascii_case(k)) {
-            return true;
+        if let Some(s) = word_start.take() {
+            // A user variable's name (`@names`, not `@@names`) is no setting.
+            let user_variable = s >= 1 && bytes[s - 1] == b'@' && !(s >= 2 && bytes[s - 2] == b'@');
+            let word = sql[s..i].trim_start_matches(|c: char| c.is_ascii_digit());
+            if target && depth == 0 && !user_variable && NAMED.iter().any(|k| word.eq_ignore_ascii_case(k)) {
+                return true;
+            }
         }
+        match (quote, c) {
+            (Some(q), _) if c == q => quote = None,
+            (Some(_), b'\\') => i += 1,
+            (Some(_), _) => {}
+            (None, b'\'' | b'"') => quote = Some(c),
+            (None, b'(') => depth += 1,
+            (None, b')') => depth = depth.saturating_sub(1),
+            (None, b'=') if depth == 0 => target = false,
+            (None, b',') if depth == 0 => target = true,
+            _ => {}
+        }
+        i += 1;
     }
     false
 }
@@ -360,6 +379,10 @@ mod tests {
             "SET @names = 1",
             "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
             "UPDATE t SET names = 'x'",
+            "SET @tz = (SELECT time_zone FROM users WHERE id = ?)",
+            "SET @v = CAST(x AS CHAR CHARACTER SET utf8mb4)",
+            "SET @j = '{\"names\": 1}', @k = 'it''s time_zone'",
+            "SET @now = @@time_zone",
         ] {
             assert!(!sets_mysql_time_zone_or_charset(sql), "{sql}");
         }

@@ -543,19 +543,14 @@ impl StreamService for StreamApi {
         }
         let offsets = partition_offsets(topics.as_ref(), r.offsets)?;
         // Each may build a Kafka client and hold a blocking thread: counted
-        // against the gateway's concurrency like every other call, for as
-        // long as that thread works (librdkafka's synchronous commit waits
-        // for a coordinator without end), even after the caller is answered.
-        let admitted = self.gate.admit(&caller, None).await?;
+        // against the gateway's concurrency like every other call. The
+        // caller is answered within its time (librdkafka's synchronous
+        // commit waits for a coordinator without end); the source bounds
+        // how many commits may still wait after their callers were answered.
+        let _admitted = self.gate.admit(&caller, None).await?;
         let limit = super::statement_timeout(&caller);
-        let committing = tokio::spawn(async move {
-            let committed = topics.commit(&group, offsets).await;
-            drop(admitted);
-            committed
-        });
-        match tokio::time::timeout(limit, committing).await {
-            Ok(Ok(committed)) => committed?,
-            Ok(Err(e)) => return Err(Error::from(BackendError::Internal(e.to_string())).into()),
+        match tokio::time::timeout(limit, topics.commit(&group, offsets)).await {
+            Ok(committed) => committed?,
             Err(_) => {
                 return Err(Error::from(BackendError::Unavailable(format!(
                     "the Kafka cluster did not confirm the commit within {limit:?}; \

@@ -168,7 +168,15 @@ impl Transactions {
         // Bounded like a statement: a COMMIT the engine does not answer (a
         // synchronous standby gone, a deferred trigger) would hold the
         // caller's slot, the connection and the transaction's place for ever.
-        let limit = super::statement_timeout(caller);
+        // By the tenant's limit, not the caller's deadline (which cuts the
+        // call as before), and never within the wait for a statement still
+        // running to end (`Busy`), so that a timeout here means COMMIT was
+        // sent and not answered.
+        let limit = caller
+            .tenant
+            .limits
+            .statement_timeout
+            .max(2 * crate::backend::TURN_WAIT);
         let finishing = async {
             if commit {
                 entry.tx.commit().await

@@ -65,7 +65,6 @@ pub struct KafkaSource {
 /// rotates a password or adds a topic replaces the source, not its
 /// streams: its successor must still find them, to end those of a topic a
 /// later reload takes away and to commit through their group membership.
-#[derive(Default)]
 struct Live {
     /// Each running stream's topics and the token that ends it, for `retire`.
     streams: Mutex<Vec<(Vec<String>, CancellationToken)>>,
@@ -73,6 +72,23 @@ struct Live {
     /// consumed on this replica commits through one of its members (the
     /// broker refuses a commit from outside a group that has members).
     consumers: Mutex<HashMap<String, Vec<Weak<StreamConsumer>>>>,
+    /// CommitOffsets still in librdkafka, whose synchronous commit waits for
+    /// a coordinator without end: each holds a blocking thread (and, alone,
+    /// a Kafka client) after its caller was answered, so there are at most
+    /// `COMMITS_WAITING` of them per source.
+    commits: Arc<tokio::sync::Semaphore>,
+}
+
+const COMMITS_WAITING: usize = 4;
+
+impl Default for Live {
+    fn default() -> Self {
+        Live {
+            streams: Mutex::default(),
+            consumers: Mutex::default(),
+            commits: Arc::new(tokio::sync::Semaphore::new(COMMITS_WAITING)),
+        }
+    }
 }
 
 impl KafkaSource {
@@ -995,6 +1011,11 @@ impl TopicSource for KafkaSource {
 
     async fn commit(&self, group: &str, offsets: Vec<PartitionOffset>) -> Result<(), BackendError> {
         let tpl = partition_list(&offsets).map_err(map_error)?;
+        let Ok(waiting) = self.live.commits.clone().try_acquire_owned() else {
+            return Err(BackendError::Unavailable(format!(
+                "{COMMITS_WAITING} commits of this source are still waiting for the Kafka cluster; try again later"
+            )));
+        };
         let live = self
             .live
             .consumers
@@ -1002,16 +1023,20 @@ impl TopicSource for KafkaSource {
             .get(group)
             .and_then(|members| members.iter().find_map(Weak::upgrade));
         if let Some(consumer) = live {
-            return tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
-                .await
-                .map_err(|e| BackendError::Internal(e.to_string()))?
-                .map_err(map_error);
+            return tokio::task::spawn_blocking(move || {
+                let _waiting = waiting;
+                consumer.commit(&tpl, CommitMode::Sync)
+            })
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?
+            .map_err(map_error);
         }
         // No member here: commit as a standalone client of the group (the
         // broker accepts that while the group has no live members). Made on
         // the blocking pool, as `consume` makes its consumer.
         let config = self.consumer_config(group);
         tokio::task::spawn_blocking(move || {
+            let _waiting = waiting;
             let consumer: BaseConsumer = config
                 .create()
                 .map_err(|e| BackendError::Internal(settings_error("consumer", &e)))?;

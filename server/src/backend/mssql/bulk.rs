@@ -60,10 +60,15 @@ enum Stage {
 
 /// Why a load would refuse `value` for `column` (a bigint's range, a value
 /// longer than bulk rows take, NaN, a date before year 1): the staging
-/// conversion itself, so that the two never disagree. It copies text once
-/// more; a row found bad here is skipped instead of failing the load.
+/// conversion itself, so that the two never disagree, but text and bytes
+/// going as such, which only their length can fail, without a copy.
 pub fn refusal(column: &Column, value: &Value) -> Option<String> {
-    Stage::of(column).value(value).err()
+    let stage = Stage::of(column);
+    match (stage, value) {
+        (Stage::Text, Value::Text(s) | Value::Json(s)) => text_fits(s).err(),
+        (Stage::Binary, Value::Bytes(b)) => binary_fits(b).err(),
+        _ => stage.value(value).err(),
+    }
 }
 
 impl Stage {
@@ -164,17 +169,8 @@ impl Stage {
         // the whole load (the bulk encoder holds every value, `(max)` ones
         // too, to 65,535 bytes; SQL Server's float has no NaN or infinity).
         match &data {
-            ColumnData::String(Some(s)) if s.encode_utf16().count() * 2 > MAX_BULK_VALUE_BYTES => Err(format!(
-                "text of {} UTF-16 units is longer than SQL Server loads take ({} per value); \
-                 insert it with Execute",
-                s.encode_utf16().count(),
-                MAX_BULK_VALUE_BYTES / 2
-            )),
-            ColumnData::Binary(Some(b)) if b.len() > MAX_BULK_VALUE_BYTES => Err(format!(
-                "{} bytes are more than SQL Server loads take ({MAX_BULK_VALUE_BYTES} per value); \
-                 insert them with Execute",
-                b.len()
-            )),
+            ColumnData::String(Some(s)) => text_fits(s).map(|()| data),
+            ColumnData::Binary(Some(b)) => binary_fits(b).map(|()| data),
             ColumnData::F64(Some(f)) if !f.is_finite() => Err(format!(
                 "{f} cannot be stored: SQL Server's float has no NaN or infinity"
             )),
@@ -187,6 +183,29 @@ impl Stage {
 /// (tiberius checks every value against the length a `(max)` column
 /// reports, 0xFFFF).
 const MAX_BULK_VALUE_BYTES: usize = 0xFFFF;
+
+fn text_fits(s: &str) -> Result<(), String> {
+    let units = s.encode_utf16().count();
+    if units * 2 > MAX_BULK_VALUE_BYTES {
+        return Err(format!(
+            "text of {units} UTF-16 units is longer than SQL Server loads take ({} per value); \
+             insert it with Execute",
+            MAX_BULK_VALUE_BYTES / 2
+        ));
+    }
+    Ok(())
+}
+
+fn binary_fits(b: &[u8]) -> Result<(), String> {
+    if b.len() > MAX_BULK_VALUE_BYTES {
+        return Err(format!(
+            "{} bytes are more than SQL Server loads take ({MAX_BULK_VALUE_BYTES} per value); \
+             insert them with Execute",
+            b.len()
+        ));
+    }
+    Ok(())
+}
 
 /// The staging table's name for the `i`th loaded column: `INSERT BULK`
 /// writes column names unquoted, so the target's own (`Order Date`) would

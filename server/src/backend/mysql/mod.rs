@@ -653,6 +653,21 @@ fn io_error(e: mysql_async::IoError) -> BackendError {
     )
 }
 
+/// Whether a binlog read's error 1236 says the position is not in the
+/// server's binary log (as MySQL and MariaDB word it).
+fn binlog_position_gone(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    [
+        "could not find first log",
+        "purged",
+        "impossible position",
+        "position >",
+        "file size",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+}
+
 /// Classifies a mysql_async error by errno first, then by SQLSTATE.
 pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
     use EngineErrorKind as K;
@@ -699,13 +714,16 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
                 // The binary log cannot be read from the position asked for:
                 // purged, reset (`RESET MASTER`), or another server at this
                 // address after a failover. Never INTERNAL, retried for ever.
-                1236 => {
+                // (1236 also reports an event past `max_allowed_packet` or a
+                // truncated log: the position is kept, a setting is to fix.)
+                1236 if binlog_position_gone(&s.message) => {
                     return BackendError::PositionNotRetained(format!(
                         "the server's binary log does not hold the subscription's position (MySQL error 1236: {}); \
                          delete the subscription and watch it anew",
                         s.message
                     ));
                 }
+                1236 => K::FailedPrecondition,
                 _ => classify_sqlstate(&s.state),
             };
             BackendError::Engine {
@@ -789,6 +807,17 @@ mod tests {
         }));
         assert!(
             matches!(&e, BackendError::PositionNotRetained(m) if m.contains("1236") && m.contains("first log file")),
+            "{e:?}"
+        );
+        // The same errno for an event past max_allowed_packet: the position
+        // is kept, a setting is to fix.
+        let e = map_error(mysql_async::Error::Server(mysql_async::ServerError {
+            code: 1236,
+            message: "log event entry exceeded max_allowed_packet; Increase max_allowed_packet on master".into(),
+            state: "HY000".into(),
+        }));
+        assert!(
+            matches!(&e, BackendError::Engine { kind: EngineErrorKind::FailedPrecondition, code, .. } if code == "1236"),
             "{e:?}"
         );
     }

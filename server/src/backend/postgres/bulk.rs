@@ -268,23 +268,27 @@ async fn load_in_transaction(
             // A table others inherit from: its own rows only (without ONLY,
             // theirs would go too, and the load refill only it). A
             // partitioned table's rows are its partitions', which it replaces.
-            let partitioned: bool = client
-                .query_one(
-                    "SELECT coalesce(bool_or(relkind = 'p'), false) FROM pg_class WHERE oid = to_regclass($1)",
+            let relkind: Option<String> = client
+                .query_opt(
+                    "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
                     &[&target],
                 )
                 .await
                 .map_err(map_error)?
-                .get(0);
-            let only = if partitioned { "" } else { "ONLY " };
+                .map(|r| r.get(0));
+            let only = if relkind.as_deref() == Some("p") { "" } else { "ONLY " };
             // Other writers wait until the load commits; readers go on
             // seeing the old rows. Without it, two REPLACE loads at once
             // each delete only what their snapshot sees, so both loads'
             // rows would stay (or the second fail on the first's keys).
+            // Tables only: PostgreSQL locks no foreign table, and a view's
+            // DELETE locks what it reaches.
+            let lock = match relkind.as_deref() {
+                Some("r" | "p") => format!("LOCK TABLE {only}{target} IN SHARE ROW EXCLUSIVE MODE; "),
+                _ => String::new(),
+            };
             client
-                .batch_execute(&format!(
-                    "LOCK TABLE {only}{target} IN SHARE ROW EXCLUSIVE MODE; DELETE FROM {only}{target}"
-                ))
+                .batch_execute(&format!("{lock}DELETE FROM {only}{target}"))
                 .await
                 .map_err(map_error)?;
             (copy_rows(conn, &target, spec, feed).await?, 0, "postgres-delete-copy")

@@ -367,16 +367,15 @@ async fn slot_confirmed(client: &Client, id: &str, name: &str) -> Result<Option<
     }
 }
 
-/// The slot's acknowledged LSN, creating slot and publication on first use.
-/// An existing publication is pointed at the requested tables.
+/// The slot's acknowledged LSN (`existing`, when it has one), creating
+/// slot and publication on first use. An existing publication is pointed
+/// at the requested tables.
 async fn ensure_slot(
     client: &Client,
     id: &str,
-    name: &str,
+    existing: Option<u64>,
     watched: &HashMap<u32, Watched>,
 ) -> Result<u64, BackendError> {
-    // First: a name another database's source holds makes nothing here.
-    let existing = slot_confirmed(client, id, name).await?;
     let mut tables: Vec<&str> = watched.values().map(|w| w.qualified.as_str()).collect();
     tables.sort_unstable();
     let list = tables.join(", ");
@@ -898,17 +897,19 @@ pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed
     check_wal_level(&client).await?;
     let watched = resolve(&client, &spec.tables).await?;
     lock(&client, &spec.id, &spec.name, spec.take_over).await?;
-    // A position of a subscription without a slot (deleted, or another
-    // database's): nothing was kept for it, and a slot made now would keep
-    // WAL for a client that may never come back.
-    if spec.resume.is_some() && slot_confirmed(&client, &spec.id, &spec.name).await?.is_none() {
+    // First: a name another database's source holds makes nothing here.
+    let existing = slot_confirmed(&client, &spec.id, &spec.name).await?;
+    // A position of a subscription without a slot (deleted, or never
+    // watched in this database): nothing was kept for it, and a slot made
+    // now would keep WAL for a client that may never come back.
+    if spec.resume.is_some() && existing.is_none() {
         return Err(BackendError::PositionNotRetained(format!(
             "subscription \"{}\" keeps no changes (it was deleted, or never watched here); watch without a \
              position to start it anew",
             spec.name
         )));
     }
-    let confirmed = ensure_slot(&client, &spec.id, &spec.name, &watched).await?;
+    let confirmed = ensure_slot(&client, &spec.id, existing, &watched).await?;
     let mut delivered = PgPos { lsn: confirmed, seq: 0 };
     if let Some(resume) = &spec.resume {
         let pos = PgPos::decode(resume)?;

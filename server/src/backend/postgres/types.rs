@@ -68,11 +68,18 @@ pub fn column_of(name: &str, ty: &Type, typmod: i32) -> Result<Column, BackendEr
 /// Precision, scale and maximum length encoded in a type modifier.
 pub fn typmod_details(ty: &Type, typmod: i32) -> (Option<i32>, Option<i32>, Option<i64>) {
     // A float's precision is the bits of its mantissa, as information_schema gives it.
-    // An array's: its elements' (loads check each element against it).
-    match *ty {
-        Type::FLOAT4 | Type::FLOAT4_ARRAY => return (Some(24), None, None),
-        Type::FLOAT8 | Type::FLOAT8_ARRAY => return (Some(53), None, None),
-        _ => {}
+    // An array's: its elements' (loads check each element against it),
+    // through domains too.
+    fn float_bits(ty: &Type) -> Option<i32> {
+        match ty.kind() {
+            Kind::Domain(inner) | Kind::Array(inner) => float_bits(inner),
+            _ if *ty == Type::FLOAT4 => Some(24),
+            _ if *ty == Type::FLOAT8 => Some(53),
+            _ => None,
+        }
+    }
+    if let Some(bits) = float_bits(ty) {
+        return (Some(bits), None, None);
     }
     if typmod < 4 {
         return (None, None, None);
@@ -582,6 +589,17 @@ pub(super) fn write_text(v: &Value, out: &mut String, in_array: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn float_precision_reaches_through_arrays_and_domains() {
+        let domain = Type::new("pos_real".into(), 1, Kind::Domain(Type::FLOAT4), "public".into());
+        let array = Type::new("_pos_real".into(), 2, Kind::Array(domain.clone()), "public".into());
+        for ty in [Type::FLOAT4, Type::FLOAT4_ARRAY, domain, array] {
+            assert_eq!(typmod_details(&ty, -1).0, Some(24), "{ty}");
+        }
+        assert_eq!(typmod_details(&Type::FLOAT8_ARRAY, -1).0, Some(53));
+        assert_eq!(typmod_details(&Type::INT4_ARRAY, -1).0, None);
+    }
 
     #[test]
     fn lists_go_only_to_array_placeholders() {

@@ -881,12 +881,12 @@ fn sqlite_year(d: &chrono::NaiveDate) -> Result<&chrono::NaiveDate, String> {
 
 /// Why a load would refuse `v` whatever its column (NaN, an integer past
 /// SQLite's, a year outside 0000-9999): the binding's own verdict, for the
-/// values it can refuse (none of them copies much to convert).
+/// values it can refuse (none of them copies much to convert). Not decimals:
+/// loads bind them as TEXT, which the column's affinity converts.
 fn refusal(v: &Value) -> Option<String> {
     match v {
         Value::UInt(_)
         | Value::Float(_)
-        | Value::Decimal(_)
         | Value::Date(_)
         | Value::Time(..)
         | Value::Timestamp(_)

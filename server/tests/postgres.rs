@@ -2876,3 +2876,43 @@ async fn the_session_reset_runs_pg_catalogs_functions_whatever_the_search_path()
     )
     .await;
 }
+
+/// A statement that sets `client_encoding` is refused, pooled or in a
+/// transaction: Weir sends text as UTF-8, so in a transaction every later
+/// text parameter would be stored mangled, without an error.
+#[tokio::test]
+async fn statements_that_set_client_encoding_are_refused() {
+    let server = TestServer::start(&config("")).await;
+    let client = server.client("key-acme").await;
+    for sql in ["SET client_encoding = 'LATIN1'", "SET NAMES 'LATIN1'"] {
+        let err = client.execute("pg", sql, vec![]).await.expect_err(sql);
+        assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
+        assert!(err.message().contains("client_encoding"), "{err:?}");
+    }
+    // Other settings, and the word as a value, are not refused.
+    client
+        .execute("pg", "SET search_path TO names, public", vec![])
+        .await
+        .expect("search_path");
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let err = client
+        .execute_in(&tx, "pg", "SET LOCAL client_encoding TO 'LATIN1'", vec![])
+        .await
+        .expect_err("in a transaction");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let r = client
+        .execute_in(
+            &tx,
+            "pg",
+            "SELECT $1::text AS t, current_setting('client_encoding') AS e",
+            vec!["é".into()],
+        )
+        .await
+        .expect("the transaction goes on");
+    assert_eq!((text(&r.rows[0].values[0]), text(&r.rows[0].values[1])), ("é", "UTF8"));
+    client.commit(&tx).await.expect("commit");
+    server.stop().await;
+}

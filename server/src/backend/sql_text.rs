@@ -155,23 +155,47 @@ pub fn may_leave_read_only(sql: &str) -> bool {
 /// `character_set_*`, `collation_connection`, also in `SET STATEMENT ...
 /// FOR`): Weir reads and binds TIMESTAMPs as UTC and text as utf8mb4, and a
 /// transaction's session would keep the change for its later statements.
-/// Only what is set counts: the words before each top-level `=`, outside
-/// strings and parentheses (`SET @tz = (SELECT time_zone ...)` sets none).
 pub fn sets_mysql_time_zone_or_charset(sql: &str) -> bool {
-    const NAMED: [&str; 8] = [
-        "time_zone",
-        "names",
-        "character",
-        "charset",
-        "character_set_client",
-        "character_set_connection",
-        "character_set_results",
-        "collation_connection",
-    ];
-    if !leading_words(sql, 1)
-        .iter()
-        .any(|words| words.first().map(String::as_str) == Some("set"))
-    {
+    sets_one_of(
+        sql,
+        &[
+            "time_zone",
+            "names",
+            "character",
+            "charset",
+            "character_set_client",
+            "character_set_connection",
+            "character_set_results",
+            "collation_connection",
+        ],
+    )
+}
+
+/// Whether PostgreSQL `sql` sets the session's `client_encoding` (`SET
+/// client_encoding`, `SET NAMES`): Weir sends and reads text as UTF-8, and
+/// a transaction's session would keep the change for its later statements.
+pub fn sets_postgres_client_encoding(sql: &str) -> bool {
+    sets_one_of(sql, &["client_encoding", "names"])
+}
+
+/// Whether `sql` is a `SET` of one of `names` (lowercase). Only what is set
+/// counts: the words before each top-level `=` or `TO`, outside strings and
+/// parentheses (`SET @tz = (SELECT time_zone ...)` sets none).
+fn sets_one_of(sql: &str, names: &[&str]) -> bool {
+    // Told from the first bytes where no comment comes first: every pooled
+    // statement is asked, and `leading_words` allocates.
+    let head = sql.trim_start().as_bytes();
+    let is_set = match head.first() {
+        Some(b'-' | b'/' | b'#') => leading_words(sql, 1)
+            .iter()
+            .any(|words| words.first().map(String::as_str) == Some("set")),
+        _ => {
+            head.len() >= 3
+                && head[..3].eq_ignore_ascii_case(b"set")
+                && head.get(3).is_none_or(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+        }
+    };
+    if !is_set {
         return false;
     }
     let bytes = sql.as_bytes();
@@ -190,8 +214,12 @@ pub fn sets_mysql_time_zone_or_charset(sql: &str) -> bool {
             // A user variable's name (`@names`, not `@@names`) is no setting.
             let user_variable = s >= 1 && bytes[s - 1] == b'@' && !(s >= 2 && bytes[s - 2] == b'@');
             let word = sql[s..i].trim_start_matches(|c: char| c.is_ascii_digit());
-            if target && depth == 0 && !user_variable && NAMED.iter().any(|k| word.eq_ignore_ascii_case(k)) {
+            if target && depth == 0 && !user_variable && names.iter().any(|k| word.eq_ignore_ascii_case(k)) {
                 return true;
+            }
+            // PostgreSQL's `SET name TO value`.
+            if depth == 0 && word.eq_ignore_ascii_case("to") {
+                target = false;
             }
         }
         match (quote, c) {
@@ -358,6 +386,26 @@ mod tests {
         assert!(may_commit_inside("DO $$ BEGIN COMMIT; END $$"));
         assert!(may_commit_inside(" call p()"));
         assert!(!may_commit_inside("SELECT do_it()"));
+    }
+
+    #[test]
+    fn postgres_client_encoding_settings_are_told_apart() {
+        for sql in [
+            "SET client_encoding = 'LATIN1'",
+            "set session CLIENT_ENCODING to 'SQL_ASCII'",
+            "SET NAMES 'LATIN1'",
+            "SET LOCAL client_encoding TO latin1",
+        ] {
+            assert!(sets_postgres_client_encoding(sql), "{sql}");
+        }
+        for sql in [
+            "SET search_path TO names, public",
+            "SELECT set_config('application_name', 'names', false)",
+            "SET application_name = 'client_encoding'",
+            "SHOW client_encoding",
+        ] {
+            assert!(!sets_postgres_client_encoding(sql), "{sql}");
+        }
     }
 
     #[test]

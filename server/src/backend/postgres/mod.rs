@@ -821,6 +821,7 @@ impl SqlSource for PostgresSource {
                     .into(),
             ));
         }
+        refuse_client_encoding(&statement.sql)?;
         run(Lease::Pooled(self.pool.lease().await?), statement, self.session_reset).await
     }
 
@@ -936,9 +937,24 @@ impl SqlSource for PostgresSource {
 
 type PgTransaction = super::TxSession<PooledConnection<'static, PgManager>>;
 
+/// Refuses a statement that sets `client_encoding`
+/// (`sql_text::sets_postgres_client_encoding`): the text of every later
+/// parameter of the session would be stored mangled, without an error.
+fn refuse_client_encoding(sql: &str) -> Result<(), BackendError> {
+    if crate::backend::sql_text::sets_postgres_client_encoding(sql) {
+        return Err(BackendError::Invalid(
+            "statements that set client_encoding (SET client_encoding, SET NAMES) are refused: Weir exchanges \
+             text with PostgreSQL as UTF-8; convert in the statement instead (convert_to(text, 'LATIN1'))"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl SqlTransaction for PgTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
+        refuse_client_encoding(&statement.sql)?;
         let lease = self.for_statement().await?;
         // It would queue behind a statement that could not be cancelled.
         if let Some(cause) = lease.broken {

@@ -1066,31 +1066,71 @@ mod tests {
         send.send_trailers(trailers).expect("trailers sent");
     }
 
-    #[tokio::test]
-    async fn a_call_the_server_refused_before_running_it_is_sent_again() {
-        let (listener, addr) = local_listener().await;
-        // Refuses the first stream with REFUSED_STREAM, then answers.
-        let server = tokio::spawn(async move {
+    /// A server that refuses the first stream with REFUSED_STREAM after
+    /// `delay`, then answers the second; it reports the `grpc-timeout`
+    /// each call was sent with.
+    fn refusing_once(
+        listener: tokio::net::TcpListener,
+        delay: Duration,
+    ) -> tokio::task::JoinHandle<Vec<Option<Duration>>> {
+        tokio::spawn(async move {
             let (socket, _) = listener.accept().await.expect("accept");
             let mut connection = h2::server::handshake(socket).await.expect("HTTP/2 handshake");
-            let mut calls = 0;
-            while let Some(Ok((_, mut respond))) = connection.accept().await {
-                calls += 1;
-                if calls == 1 {
+            let mut sent = Vec::new();
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let timeout = request.headers().get("grpc-timeout").and_then(|v| v.to_str().ok());
+                sent.push(timeout.and_then(weir_proto::deadline::parse_grpc_timeout));
+                if sent.len() == 1 {
+                    tokio::time::sleep(delay).await;
                     respond.send_reset(h2::Reason::REFUSED_STREAM);
                 } else {
                     answer(respond, "second");
                     // Serves the connection until the client is done with it.
                     tokio::spawn(async move { while connection.accept().await.is_some() {} });
-                    return calls;
+                    return sent;
                 }
             }
-            calls
-        });
+            sent
+        })
+    }
+
+    #[tokio::test]
+    async fn a_call_the_server_refused_before_running_it_is_sent_again() {
+        let (listener, addr) = local_listener().await;
+        let server = refusing_once(listener, Duration::ZERO);
         let client = WeirClient::connect(&addr.to_string(), "secret").await.expect("connect");
         let response = client.execute("src", "x", vec![]).await.expect("sent again, answered");
         assert_eq!(response.rows[0].values[0], Value::from("second"));
-        assert_eq!(server.await.expect("the server"), 2);
+        assert_eq!(server.await.expect("the server").len(), 2);
+    }
+
+    /// The deadline a call sends again tells the server the time left, not
+    /// the whole timeout again: the server answers with its reason just
+    /// before the deadline it is told, which must come before the client's.
+    #[tokio::test]
+    async fn a_call_sent_again_tells_the_server_the_time_left() {
+        let (listener, addr) = local_listener().await;
+        let server = refusing_once(listener, Duration::from_millis(500));
+        let client = WeirClient::connect(&addr.to_string(), "secret").await.expect("connect");
+        let mut request = tonic::Request::new(ExecuteRequest {
+            source: "src".into(),
+            sql: "x".into(),
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_secs(5));
+        client.query().execute(request).await.expect("sent again, answered");
+        let sent = server.await.expect("the server");
+        let [Some(first), Some(second)] = sent[..] else {
+            panic!("two calls with a grpc-timeout each: {sent:?}");
+        };
+        assert!(
+            first <= Duration::from_secs(5) && first > Duration::from_millis(4500),
+            "{first:?}"
+        );
+        assert!(
+            second <= first - Duration::from_millis(450),
+            "{first:?} then {second:?}"
+        );
     }
 
     #[tokio::test]

@@ -266,12 +266,13 @@ impl H2Channel {
     async fn open_stream(
         &self,
         head: &Request<()>,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<(Conn, h2::client::ResponseFuture, SendStream<Bytes>), Status> {
         let mut retried = false;
         loop {
             let conn = self.sender().await?;
             let failed = match conn.sender.clone().ready().await {
-                Ok(mut sender) => match sender.send_request(copy_head(head), false) {
+                Ok(mut sender) => match sender.send_request(with_time_left(copy_head(head), deadline), false) {
                     Ok((response, send)) => return Ok((conn, response, send)),
                     // GOAWAY came after `ready`: the stream was never opened.
                     Err(e) if e.is_go_away() => e,
@@ -350,7 +351,7 @@ impl H2Channel {
         // Only a request held whole can be sent again.
         let mut retried = !ended;
         loop {
-            let (conn, response, mut send) = self.open_stream(&head).await?;
+            let (conn, response, mut send) = self.open_stream(&head, deadline.map(|(at, _)| at)).await?;
             let last = ready.len();
             for (i, piece) in ready.iter().enumerate() {
                 // A failed send shows in the response, which says why.
@@ -405,6 +406,26 @@ impl H2Channel {
             }
         }
     }
+}
+
+/// The request's `grpc-timeout` set to the time left before `deadline`:
+/// what went on connecting, waiting for a stream, or a first attempt the
+/// server refused, is not the server's to spend, which answers with its
+/// reason just before the deadline it is told (docs/api.md).
+fn with_time_left(mut head: Request<()>, deadline: Option<tokio::time::Instant>) -> Request<()> {
+    if let Some(at) = deadline {
+        let left = at.saturating_duration_since(tokio::time::Instant::now());
+        // At most 8 digits: milliseconds up to 27 hours, whole seconds past.
+        let millis = left.as_millis().max(1);
+        let value = match millis {
+            m if m <= 99_999_999 => format!("{m}m"),
+            _ => format!("{}S", left.as_secs().min(99_999_999)),
+        };
+        if let Ok(value) = http::HeaderValue::from_str(&value) {
+            head.headers_mut().insert("grpc-timeout", value);
+        }
+    }
+    head
 }
 
 /// A frame of a request body, kept to be sent again.

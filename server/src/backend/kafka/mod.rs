@@ -269,24 +269,32 @@ pub fn map_error(e: KafkaError) -> BackendError {
         // A broker quota, or a group at its size limit: the same call can succeed soon.
         C::ThrottlingQuotaExceeded | C::GroupMaxSizeReached => EngineErrorKind::Overloaded,
         C::PolicyViolation => EngineErrorKind::FailedPrecondition,
+        // No answer came (librdkafka's own codes, and a broker that went
+        // away mid-request): like a SQL server that cannot be reached, no
+        // engine code to show.
         C::MessageTimedOut
         | C::AllBrokersDown
         | C::BrokerTransportFailure
         | C::NetworkException
-        | C::LeaderNotAvailable
-        | C::NotLeaderForPartition
         | C::RequestTimedOut
         | C::OperationTimedOut
+        | C::WaitingForCoordinator
+        | C::Resolve
+        | C::PollExceeded => {
+            return BackendError::Unavailable(format!("the Kafka cluster did not answer ({code:?})"));
+        }
+        // A broker answered that it cannot serve this now (a leader or
+        // coordinator moving, too few in-sync replicas, a failed log
+        // directory): transient, with the broker's code to go by.
+        C::LeaderNotAvailable
+        | C::NotLeaderForPartition
         | C::BrokerNotAvailable
         | C::CoordinatorNotAvailable
         | C::NotCoordinator
         | C::CoordinatorLoadInProgress
-        | C::WaitingForCoordinator
         | C::NotEnoughReplicas
         | C::NotEnoughReplicasAfterAppend
-        | C::KafkaStorageError
-        | C::Resolve
-        | C::PollExceeded => EngineErrorKind::Unavailable,
+        | C::KafkaStorageError => EngineErrorKind::Unavailable,
         C::TopicAuthorizationFailed | C::GroupAuthorizationFailed | C::ClusterAuthorizationFailed => {
             EngineErrorKind::PermissionDenied
         }
@@ -302,9 +310,6 @@ pub fn map_error(e: KafkaError) -> BackendError {
         }
         _ => EngineErrorKind::Internal,
     };
-    if kind == EngineErrorKind::Unavailable {
-        return BackendError::Unavailable(format!("the Kafka cluster did not answer ({code:?})"));
-    }
     BackendError::Engine {
         kind,
         code: format!("{code:?}"),
@@ -1203,6 +1208,17 @@ mod tests {
             map_error(Consuming(C::OffsetOutOfRange)),
             BackendError::PositionNotRetained(_)
         ));
+        // No answer: nothing of the broker's to show.
+        for code in [C::AllBrokersDown, C::BrokerTransportFailure, C::RequestTimedOut] {
+            assert!(unavailable(Producing(code)).contains(&format!("{code:?}")));
+        }
+        // The broker's own answer: its code goes to the caller.
+        for code in [C::NotEnoughReplicas, C::NotLeaderForPartition, C::RebalanceInProgress] {
+            assert_eq!(
+                kind(Producing(code)),
+                (EngineErrorKind::Unavailable, format!("{code:?}"))
+            );
+        }
     }
 
     #[test]

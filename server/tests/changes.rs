@@ -69,6 +69,21 @@ impl Ctx {
         Ctx::with_limits(engine, changes, source, "max_concurrent_subscriptions = 2").await
     }
 
+    /// With a second source `db2` of the tenant, on database `other` of the
+    /// same server.
+    async fn with_second_database(engine: Engine, other: &str) -> Ctx {
+        let (second, database) = match engine {
+            Engine::Postgres => (postgres("cs", "db2", ""), "WEIR_TEST_PG_DATABASE"),
+            Engine::Mysql => (mysql("cs", "db2", ""), "WEIR_TEST_MYSQL_DATABASE"),
+            Engine::Mssql => panic!("the tests have one SQL Server database"),
+        };
+        let second = second.replace(
+            &format!("database = \"{}\"", env_or(database, "test")),
+            &format!("database = \"{other}\""),
+        );
+        Ctx::with_source(engine, CONFIG, &format!("{}{}", engine.source("cs"), second)).await
+    }
+
     /// With `limits` as the tested tenant's limits.
     async fn with_limits(engine: Engine, changes: &str, source: &str, limits: &str) -> Ctx {
         let config = format!(
@@ -153,10 +168,14 @@ impl Ctx {
     }
 
     async fn delete(&self, subscription: &str) -> Result<(), tonic::Status> {
+        self.delete_from("db", subscription).await
+    }
+
+    async fn delete_from(&self, source: &str, subscription: &str) -> Result<(), tonic::Status> {
         self.client
             .stream()
             .delete_subscription(pb::DeleteSubscriptionRequest {
-                source: "db".into(),
+                source: source.into(),
                 subscription: subscription.into(),
             })
             .await
@@ -769,7 +788,8 @@ async fn kill_reader(ctx: &Ctx, subscription: &str) {
         Engine::Mysql => {
             use mysql_async::prelude::Queryable;
             let mut conn = mysql_direct().await;
-            let holder: Option<Option<u64>> = conn.exec_first("SELECT IS_USED_LOCK(?)", (id,)).await.expect("lock");
+            let lock = weir_server::backend::mysql::lock_name(&env_or("WEIR_TEST_MYSQL_DATABASE", "test"), &id);
+            let holder: Option<Option<u64>> = conn.exec_first("SELECT IS_USED_LOCK(?)", (lock,)).await.expect("lock");
             let holder = holder.flatten().expect("one session reads the subscription");
             conn.query_drop(format!("KILL CONNECTION {holder}"))
                 .await
@@ -1339,16 +1359,7 @@ async fn postgres_a_subscription_name_on_two_databases_of_one_server_stays_apart
         // Another test binary may make it at the same moment.
         let _ = pg.batch_execute(&format!("CREATE DATABASE {other_db}")).await;
     }
-    let second = postgres("cs", "db2", "").replace(
-        &format!("database = \"{}\"", env_or("WEIR_TEST_PG_DATABASE", "test")),
-        &format!("database = \"{other_db}\""),
-    );
-    let ctx = Ctx::with_source(
-        Engine::Postgres,
-        CONFIG,
-        &format!("{}{second}", Engine::Postgres.source("cs")),
-    )
-    .await;
+    let ctx = Ctx::with_second_database(Engine::Postgres, other_db).await;
     let t = ctx.table("perdb").await;
     let other = pg_direct_to(other_db).await;
     other
@@ -1379,12 +1390,7 @@ async fn postgres_a_subscription_name_on_two_databases_of_one_server_stays_apart
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let deleted = ctx
-        .client
-        .stream()
-        .delete_subscription(pb::DeleteSubscriptionRequest {
-            source: "db2".into(),
-            subscription: sub.clone(),
-        })
+        .delete_from("db2", &sub)
         .await
         .expect_err("nothing of it on the second database");
     assert_eq!(deleted.code(), Code::NotFound, "{deleted:?}");
@@ -1411,6 +1417,51 @@ async fn postgres_a_subscription_name_on_two_databases_of_one_server_stays_apart
     }
     drop(resumed);
     other.batch_execute(&format!("DROP TABLE {t}")).await.expect("cleanup");
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
+/// `GET_LOCK` names are server-wide, but a MySQL subscription is its
+/// database's (its positions are kept there): a second source on another
+/// database of the server, watching under the same subscription name, even
+/// as a take-over, streams on its own and leaves the first's stream alone.
+#[tokio::test]
+async fn mysql_a_subscription_name_on_two_databases_of_one_server_stays_apart() {
+    use mysql_async::prelude::Queryable;
+    let other_db = "weir_changes_other";
+    let mut my = mysql_direct().await;
+    my.query_drop(format!("CREATE DATABASE IF NOT EXISTS {other_db}"))
+        .await
+        .expect("the other database");
+    let ctx = Ctx::with_second_database(Engine::Mysql, other_db).await;
+    let t = ctx.table("perdb").await;
+    my.query_drop(format!(
+        "CREATE TABLE {other_db}.{t} (id INT PRIMARY KEY, v VARCHAR(200), n DECIMAL(10,2))"
+    ))
+    .await
+    .expect("the same table in the other database");
+    let sub = ctx.name("perdb");
+    let mut first = ctx.watch(ctx.start(&[&t], &sub)).await;
+    let mut on_second = ctx.start(&[&t], &sub);
+    on_second.source = "db2".into();
+    on_second.take_over = true;
+    let mut second = ctx.watch(on_second).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'one', 1)")).await;
+    my.query_drop(format!("INSERT INTO {other_db}.{t} VALUES (2, 'two', 2)"))
+        .await
+        .expect("a row in the other database");
+    let ids = |messages: &[Message]| changes(messages).iter().map(|c| id_of(c)).collect::<Vec<_>>();
+    assert_eq!(ids(&read_changes(&mut second, 1).await), [2]);
+    assert_eq!(ids(&read_changes(&mut first, 1).await), [1]);
+    drop((first, second));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while let Err(e) = ctx.delete_from("db2", &sub).await {
+        // Until the second source's reader has let its lock go.
+        assert!(tokio::time::Instant::now() < deadline, "{e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    my.query_drop(format!("DROP TABLE {other_db}.{t}"))
+        .await
+        .expect("cleanup");
     ctx.finish(&[&sub], &[&t]).await;
 }
 

@@ -1196,6 +1196,32 @@ fn a_consumer_closing_against_a_lost_broker_holds_up_no_other_call() {
     runtime.shutdown_timeout(Duration::from_secs(10));
 }
 
+/// A stream's last commit is tried again while the coordinator may come
+/// back, but not when the group refuses it for good: the stream then ends
+/// at once instead of after the whole wait for a last commit (5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_commit_refused_for_good_does_not_hold_the_end_of_the_stream() {
+    use rdkafka::types::RDKafkaRespErr as E;
+    let (cluster, server, client) = mock_topic("unauthorized", 1, MOCK_MESSAGE_TIMEOUT_MS, "").await;
+    produce(&client, "unauthorized", (0..3).map(record).collect())
+        .await
+        .expect("produce");
+    // Every commit of the stream is refused (more than the wait could try).
+    cluster.request_errors(
+        rdkafka::types::RDKafkaApiKey::OffsetCommit,
+        &[E::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED; 100],
+    );
+    let mut stream = open_consume(&client, consume_request("unauthorized", "refused", 3, false)).await;
+    read_offsets(&mut stream, 3).await;
+    let last = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("the stream ends");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    assert!(last.elapsed() < Duration::from_secs(3), "{:?}", last.elapsed());
+    server.stop().await;
+}
+
 /// A CommitOffsets the cluster does not confirm (librdkafka's synchronous
 /// commit waits for a coordinator without end) is answered within the
 /// tenant's statement timeout, as UNAVAILABLE, instead of holding the call

@@ -477,7 +477,8 @@ impl RecordStream for KafkaRecords {
         // Given up on, the task still ends, and drops the consumer there.
         let last = tokio::task::spawn_blocking(move || {
             // Tried again while the coordinator is being found again (a
-            // broker that just came back), within the wait.
+            // broker that just came back), within the wait; a refusal for
+            // good is not waited out.
             let deadline = Instant::now() + LAST_COMMIT_WAIT;
             loop {
                 // The group's offsets asked for within a second at most; not
@@ -491,7 +492,8 @@ impl RecordStream for KafkaRecords {
                     Ok(ahead) => consumer.commit(&ahead, CommitMode::Sync),
                     Err(_) => consumer.commit(&tpl, CommitMode::Sync),
                 };
-                if outcome.is_ok() || Instant::now() + LAST_COMMIT_RETRY >= deadline {
+                let again = outcome.as_ref().is_err_and(commit_may_go_through);
+                if !again || Instant::now() + LAST_COMMIT_RETRY >= deadline {
                     return (outcome, consumer);
                 }
                 std::thread::sleep(LAST_COMMIT_RETRY);
@@ -600,27 +602,38 @@ fn ride_out(outage: &mut Option<(Instant, Instant)>) -> bool {
 /// a consumer reports is of this kind; the stream ends on them only when
 /// no record comes between them for `CONSUMER_OUTAGE`.
 fn connection_error(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::MessageConsumption(code) if recovers_on_its_own(*code))
+}
+
+/// The codes of [`connection_error`].
+fn recovers_on_its_own(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode as C;
     matches!(
-        e,
-        KafkaError::MessageConsumption(
-            C::BrokerTransportFailure
-                | C::Resolve
-                | C::AllBrokersDown
-                | C::NetworkException
-                | C::RequestTimedOut
-                | C::OperationTimedOut
-                | C::LeaderNotAvailable
-                | C::NotLeaderForPartition
-                | C::BrokerNotAvailable
-                | C::CoordinatorNotAvailable
-                | C::NotCoordinator
-                | C::CoordinatorLoadInProgress
-                | C::WaitingForCoordinator
-                | C::KafkaStorageError
-                | C::PollExceeded
-        )
+        code,
+        C::BrokerTransportFailure
+            | C::Resolve
+            | C::AllBrokersDown
+            | C::NetworkException
+            | C::RequestTimedOut
+            | C::OperationTimedOut
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::BrokerNotAvailable
+            | C::CoordinatorNotAvailable
+            | C::NotCoordinator
+            | C::CoordinatorLoadInProgress
+            | C::WaitingForCoordinator
+            | C::KafkaStorageError
+            | C::PollExceeded
     )
+}
+
+/// Whether a commit that failed so may go through when tried again soon:
+/// not one the group refuses for good (authorization, a member that left
+/// the group, an offset the broker will not take).
+fn commit_may_go_through(e: &KafkaError) -> bool {
+    e.rdkafka_error_code()
+        .is_some_and(|code| recovers_on_its_own(code) || code == RDKafkaErrorCode::RebalanceInProgress)
 }
 
 type Batches = mpsc::Sender<Result<Vec<InRecord>, BackendError>>;

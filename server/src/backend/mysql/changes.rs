@@ -22,6 +22,7 @@ use mysql_async::binlog::events::{EventData, RowsEventData};
 use mysql_async::binlog::value::BinlogValue;
 use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStreamRequest, Conn, Opts, Value as MyValue};
+use sha2::{Digest, Sha256};
 
 use super::types::{self, Decode};
 use super::{map_error, schema};
@@ -482,7 +483,7 @@ async fn ensure_positions_table(conn: &mut Conn) -> Result<(), BackendError> {
 /// `holder` (the stream's binlog connection) holds its lock: a reader
 /// replaced by a take-over, still waiting on its slow client, must not
 /// write its older acknowledgement over its successor's when it ends.
-async fn store(conn: &mut Conn, id: &str, base: &str, p: BinlogPos, holder: u32) -> Result<(), BackendError> {
+async fn store(conn: &mut Conn, names: &Names, base: &str, p: BinlogPos, holder: u32) -> Result<(), BackendError> {
     conn.exec_drop(
         format!(
             "INSERT INTO {POSITIONS_TABLE} (subscription, binlog_file, binlog_offset, event_seq)
@@ -490,7 +491,15 @@ async fn store(conn: &mut Conn, id: &str, base: &str, p: BinlogPos, holder: u32)
              ON DUPLICATE KEY UPDATE binlog_file = VALUES(binlog_file), binlog_offset = VALUES(binlog_offset),
              event_seq = VALUES(event_seq)"
         ),
-        (id, file_name(base, p.file), p.offset, p.seq, id, holder, holder),
+        (
+            names.id.as_str(),
+            file_name(base, p.file),
+            p.offset,
+            p.seq,
+            names.lock.as_str(),
+            holder,
+            holder,
+        ),
     )
     .await
     .map_err(map_error)
@@ -514,9 +523,39 @@ async fn stored(conn: &mut Conn, id: &str) -> Result<Option<BinlogPos>, BackendE
     .transpose()
 }
 
+/// A subscription's names in the database: its row in the positions table
+/// and its `GET_LOCK` lock.
+struct Names {
+    id: String,
+    lock: String,
+}
+
+impl Names {
+    /// Lock names are server-wide, but a subscription is its database's (its
+    /// positions are kept there): two sources of a tenant on two databases
+    /// of one server, with one subscription name, are two subscriptions, and
+    /// one's take-over must not end the other's stream. The lock's name is
+    /// the id (readable) with a hash of database and id, at most 63
+    /// characters (MySQL allows 64).
+    fn new(opts: &Opts, id: &str) -> Names {
+        Names {
+            id: id.to_string(),
+            lock: lock_name(opts.db_name().unwrap_or_default(), id),
+        }
+    }
+}
+
+/// The `GET_LOCK` name of subscription `id` of `database` (see [`Names::new`]).
+pub fn lock_name(database: &str, id: &str) -> String {
+    let digest = Sha256::digest(format!("{database}\0{id}").as_bytes());
+    let readable: String = id.chars().take(46).collect();
+    format!("{readable}_{}", hex::encode(&digest[..8]))
+}
+
 /// Takes the subscription's lock on `conn`'s session; with `take_over`,
 /// ends the session holding it first.
-async fn lock(conn: &mut Conn, id: &str, name: &str, take_over: bool) -> Result<(), BackendError> {
+async fn lock(conn: &mut Conn, names: &Names, name: &str, take_over: bool) -> Result<(), BackendError> {
+    let id = names.lock.as_str();
     let wait = if take_over { 0 } else { LOCK_WAIT };
     let got: Option<Option<i64>> = conn
         .exec_first("SELECT GET_LOCK(?, ?)", (id, wait))
@@ -548,7 +587,8 @@ async fn lock(conn: &mut Conn, id: &str, name: &str, take_over: bool) -> Result<
 }
 
 /// Whether a session other than `own` holds the subscription's lock within a moment.
-async fn taken_over(opts: &Opts, id: &str, own: u32) -> bool {
+async fn taken_over(opts: &Opts, names: &Names, own: u32) -> bool {
+    let id = names.lock.as_str();
     let Ok(mut conn) = connect(opts).await else {
         return false;
     };
@@ -595,6 +635,7 @@ impl Txn {
 
 struct Reader {
     spec: WatchSpec,
+    names: Names,
     /// Writes acknowledged positions (the binlog connection cannot run queries).
     writer: Conn,
     /// The binlog connection's id, which holds the subscription's lock.
@@ -621,7 +662,7 @@ impl Reader {
             // Bounded like the binlog connection's silence: a session to a
             // host gone dark would otherwise hold the stream for ever.
             let limit = silence_limit(self.spec.heartbeat_interval);
-            let storing = store(&mut self.writer, &self.spec.id, &self.base, self.acked, self.holder);
+            let storing = store(&mut self.writer, &self.names, &self.base, self.acked, self.holder);
             tokio::time::timeout(limit, storing).await.map_err(|_| {
                 BackendError::Unavailable(format!(
                     "storing the acknowledged position took over {}s: the connection is taken as lost",
@@ -870,8 +911,11 @@ impl Reader {
                 events: u64::from(t.seq),
             };
             self.out.send(item).await?;
+            self.delivered = self.delivered.max(position);
         }
-        self.delivered = self.delivered.max(position);
+        // Otherwise nothing of it was sent: the next heartbeat carries a
+        // position past it, so that a subscription whose tables stay quiet
+        // still moves on (a commit of other tables is no delivery).
         Ok(())
     }
 
@@ -1001,7 +1045,8 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
     ensure_positions_table(&mut setup).await?;
     // The binlog connection holds the lock for as long as it streams.
     let mut conn = connect(opts).await?;
-    lock(&mut conn, &spec.id, &spec.name, spec.take_over).await?;
+    let names = Names::new(opts, &spec.id);
+    lock(&mut conn, &names, &spec.name, spec.take_over).await?;
     let (current_file, current_offset) = current_position(&mut setup).await?;
     let (base, current_number) = split_file(&current_file)?;
     let current = BinlogPos {
@@ -1012,7 +1057,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
     let stored_position = match stored(&mut setup, &spec.id).await? {
         Some(p) => p,
         None => {
-            store(&mut setup, &spec.id, &base, current, conn.id()).await?;
+            store(&mut setup, &names, &base, current, conn.id()).await?;
             current
         }
     };
@@ -1051,11 +1096,12 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
         file: start.file,
         end: start.offset,
         spec,
+        names,
     };
     let opts = opts.clone();
     let own = conn.id();
     tokio::spawn(async move {
-        let (id, name) = (reader.spec.id.clone(), reader.spec.name.clone());
+        let name = reader.spec.name.clone();
         let (mut reader, mut ack_rx, mut stored) = (reader, ack_rx, stored_position);
         let mut outcome = reader.run(conn, &mut ack_rx, &mut stored).await;
         let flushed = reader.store_acks(&mut ack_rx, &mut stored).await;
@@ -1071,7 +1117,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
             tracing::debug!(subscription = %name, error = %e, "change stream ended");
             // A take-over ends this session from outside: say so rather than "connection lost".
             let e = if !end.is_closed()
-                && tokio::time::timeout(CONNECT_TIMEOUT, taken_over(&opts, &id, own))
+                && tokio::time::timeout(CONNECT_TIMEOUT, taken_over(&opts, &reader.names, own))
                     .await
                     .unwrap_or(false)
             {
@@ -1087,7 +1133,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
 
 pub(super) async fn delete(opts: &Opts, id: &str, name: &str) -> Result<(), BackendError> {
     let mut conn = connect(opts).await?;
-    lock(&mut conn, id, name, false).await?;
+    lock(&mut conn, &Names::new(opts, id), name, false).await?;
     ensure_positions_table(&mut conn).await?;
     conn.exec_drop(format!("DELETE FROM {POSITIONS_TABLE} WHERE subscription = ?"), (id,))
         .await

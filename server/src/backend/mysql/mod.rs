@@ -4,6 +4,7 @@
 
 mod bulk;
 mod changes;
+pub use changes::lock_name;
 mod load_data;
 mod schema;
 pub mod types;

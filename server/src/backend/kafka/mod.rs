@@ -269,32 +269,12 @@ pub fn map_error(e: KafkaError) -> BackendError {
         // A broker quota, or a group at its size limit: the same call can succeed soon.
         C::ThrottlingQuotaExceeded | C::GroupMaxSizeReached => EngineErrorKind::Overloaded,
         C::PolicyViolation => EngineErrorKind::FailedPrecondition,
-        // No answer came (librdkafka's own codes, and a broker that went
-        // away mid-request): like a SQL server that cannot be reached, no
+        // No answer came: like a SQL server that cannot be reached, no
         // engine code to show.
-        C::MessageTimedOut
-        | C::AllBrokersDown
-        | C::BrokerTransportFailure
-        | C::NetworkException
-        | C::RequestTimedOut
-        | C::OperationTimedOut
-        | C::WaitingForCoordinator
-        | C::Resolve
-        | C::PollExceeded => {
+        code if transient(code) == Some(Transient::NoAnswer) => {
             return BackendError::Unavailable(format!("the Kafka cluster did not answer ({code:?})"));
         }
-        // A broker answered that it cannot serve this now (a leader or
-        // coordinator moving, too few in-sync replicas, a failed log
-        // directory): transient, with the broker's code to go by.
-        C::LeaderNotAvailable
-        | C::NotLeaderForPartition
-        | C::BrokerNotAvailable
-        | C::CoordinatorNotAvailable
-        | C::NotCoordinator
-        | C::CoordinatorLoadInProgress
-        | C::NotEnoughReplicas
-        | C::NotEnoughReplicasAfterAppend
-        | C::KafkaStorageError => EngineErrorKind::Unavailable,
+        code if transient(code) == Some(Transient::Answered) => EngineErrorKind::Unavailable,
         C::TopicAuthorizationFailed | C::GroupAuthorizationFailed | C::ClusterAuthorizationFailed => {
             EngineErrorKind::PermissionDenied
         }
@@ -602,30 +582,45 @@ fn ride_out(outage: &mut Option<(Instant, Instant)>) -> bool {
 /// a consumer reports is of this kind; the stream ends on them only when
 /// no record comes between them for `CONSUMER_OUTAGE`.
 fn connection_error(e: &KafkaError) -> bool {
-    matches!(e, KafkaError::MessageConsumption(code) if recovers_on_its_own(*code))
+    matches!(e, KafkaError::MessageConsumption(code) if transient(*code).is_some())
 }
 
-/// The codes of [`connection_error`].
-fn recovers_on_its_own(code: RDKafkaErrorCode) -> bool {
+/// How an error librdkafka recovers from by itself came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transient {
+    /// No answer came (librdkafka's own codes, a broker that went away
+    /// mid-request).
+    NoAnswer,
+    /// A broker answered that it cannot serve this now: a leader or
+    /// coordinator moving, too few in-sync replicas, a request it timed
+    /// out, a failed log directory.
+    Answered,
+}
+
+/// Sorts the codes of [`connection_error`]; `None` for every other.
+fn transient(code: RDKafkaErrorCode) -> Option<Transient> {
     use RDKafkaErrorCode as C;
-    matches!(
-        code,
-        C::BrokerTransportFailure
-            | C::Resolve
-            | C::AllBrokersDown
-            | C::NetworkException
-            | C::RequestTimedOut
-            | C::OperationTimedOut
-            | C::LeaderNotAvailable
-            | C::NotLeaderForPartition
-            | C::BrokerNotAvailable
-            | C::CoordinatorNotAvailable
-            | C::NotCoordinator
-            | C::CoordinatorLoadInProgress
-            | C::WaitingForCoordinator
-            | C::KafkaStorageError
-            | C::PollExceeded
-    )
+    match code {
+        C::MessageTimedOut
+        | C::AllBrokersDown
+        | C::BrokerTransportFailure
+        | C::NetworkException
+        | C::OperationTimedOut
+        | C::WaitingForCoordinator
+        | C::Resolve
+        | C::PollExceeded => Some(Transient::NoAnswer),
+        C::RequestTimedOut
+        | C::LeaderNotAvailable
+        | C::NotLeaderForPartition
+        | C::BrokerNotAvailable
+        | C::CoordinatorNotAvailable
+        | C::NotCoordinator
+        | C::CoordinatorLoadInProgress
+        | C::NotEnoughReplicas
+        | C::NotEnoughReplicasAfterAppend
+        | C::KafkaStorageError => Some(Transient::Answered),
+        _ => None,
+    }
 }
 
 /// Whether a commit that failed so may go through when tried again soon:
@@ -633,7 +628,7 @@ fn recovers_on_its_own(code: RDKafkaErrorCode) -> bool {
 /// the group, an offset the broker will not take).
 fn commit_may_go_through(e: &KafkaError) -> bool {
     e.rdkafka_error_code()
-        .is_some_and(|code| recovers_on_its_own(code) || code == RDKafkaErrorCode::RebalanceInProgress)
+        .is_some_and(|code| transient(code).is_some() || code == RDKafkaErrorCode::RebalanceInProgress)
 }
 
 type Batches = mpsc::Sender<Result<Vec<InRecord>, BackendError>>;
@@ -1222,11 +1217,11 @@ mod tests {
             BackendError::PositionNotRetained(_)
         ));
         // No answer: nothing of the broker's to show.
-        for code in [C::AllBrokersDown, C::BrokerTransportFailure, C::RequestTimedOut] {
+        for code in [C::AllBrokersDown, C::BrokerTransportFailure, C::OperationTimedOut] {
             assert!(unavailable(Producing(code)).contains(&format!("{code:?}")));
         }
         // The broker's own answer: its code goes to the caller.
-        for code in [C::NotEnoughReplicas, C::NotLeaderForPartition, C::RebalanceInProgress] {
+        for code in [C::NotEnoughReplicas, C::RequestTimedOut, C::RebalanceInProgress] {
             assert_eq!(
                 kind(Producing(code)),
                 (EngineErrorKind::Unavailable, format!("{code:?}"))

@@ -546,8 +546,11 @@ impl Names {
 }
 
 /// The `GET_LOCK` name of subscription `id` of `database` (see [`Names::new`]).
+/// The name is taken in lower case: where the server ignores its case
+/// (`lower_case_table_names`), `App` and `app` are one database with one
+/// positions table, and must share one lock.
 pub fn lock_name(database: &str, id: &str) -> String {
-    let digest = Sha256::digest(format!("{database}\0{id}").as_bytes());
+    let digest = Sha256::digest(format!("{}\0{id}", database.to_lowercase()).as_bytes());
     let readable: String = id.chars().take(46).collect();
     format!("{readable}_{}", hex::encode(&digest[..8]))
 }
@@ -1193,6 +1196,19 @@ mod tests {
         assert_eq!(encoded, all.iter().map(|x| x.encode()).collect::<Vec<_>>());
         assert_eq!(BinlogPos::decode(&p(7, 123, 4).encode()).ok(), Some(p(7, 123, 4)));
         assert!(BinlogPos::decode(&Position(vec![1, 2, 3])).is_err());
+    }
+
+    #[test]
+    fn lock_names_are_per_database_and_fit_mysqls_limit() {
+        let id = crate::service::changes::subscription_id(&"t".repeat(80), &"s".repeat(80));
+        let lock = lock_name("shop", &id);
+        assert!(lock.len() <= 64 && lock.starts_with("weir_t"), "{lock}");
+        assert_ne!(lock, lock_name("shop2", &id));
+        assert_eq!(lock, lock_name("SHOP", &id));
+        assert_ne!(
+            lock,
+            lock_name("shop", &crate::service::changes::subscription_id("t", "s"))
+        );
     }
 
     #[test]

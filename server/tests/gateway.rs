@@ -399,6 +399,50 @@ async fn bad_keys_are_unauthenticated_and_health_needs_none() {
     server.stop().await;
 }
 
+/// An error that ends a stream after its first messages carries the call's
+/// request id with the status, as the headers did: many gRPC libraries show
+/// a caller only the status and its trailers.
+#[tokio::test]
+async fn an_error_midway_through_a_stream_carries_the_request_id() {
+    let server = TestServer::start(&tenant("midway", "", &sqlite_demo("midway", "db"))).await;
+    let channel = tonic::transport::Channel::from_shared(server.addr.clone())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut raw = weir_client::weir_proto::v1::query_service_client::QueryServiceClient::new(channel);
+    // 5,000 rows in batches of 1,000, then an integer overflow (an
+    // expression of the row's own: SQLite evaluates constant ones first).
+    let mut request = tonic::Request::new(pb::ExecuteStreamRequest {
+        source: "db".into(),
+        sql: "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 5001) \
+              SELECT CASE WHEN x = 5001 THEN abs(x - 5001 - 9223372036854775807 - 1) ELSE x END FROM c"
+            .into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer key-midway".parse().expect("header"));
+    let response = raw.execute_stream(request).await.expect("the stream starts");
+    let sent = response
+        .metadata()
+        .get("x-request-id")
+        .cloned()
+        .expect("the request id in the headers");
+    let mut stream = response.into_inner();
+    let mut messages = 0;
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(_)) => messages += 1,
+            Ok(None) => panic!("the statement fails at its last row"),
+            Err(e) => break e,
+        }
+    };
+    assert!(messages > 1, "the error came after rows: {messages} messages");
+    assert_eq!(err.metadata().get("x-request-id"), Some(&sent), "{err:?}");
+    server.stop().await;
+}
+
 /// A Rollback is never refused for the tenant's rate: it only lets go of
 /// what a transaction holds, which a refusal would keep until the
 /// transaction's idle timeout.

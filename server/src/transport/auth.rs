@@ -361,12 +361,18 @@ where
                     }
                 };
                 settle_status(response.headers_mut());
-                response.headers_mut().insert(REQUEST_ID_HEADER, id);
+                response.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
                 let Some(mut record) = record else {
                     return Ok(response);
                 };
                 record.code = status_code(response.headers());
-                Ok(response.map(|body| Body::new(ObservedBody { inner: body, record })))
+                Ok(response.map(|body| {
+                    Body::new(ObservedBody {
+                        inner: body,
+                        record,
+                        request_id: id,
+                    })
+                }))
             }
             .instrument(span),
         )
@@ -381,6 +387,10 @@ pub const AUDIT: &str = "weir::audit";
 struct ObservedBody {
     inner: Body,
     record: CallRecord,
+    /// Also sent with an error that ends the call after its headers (a
+    /// stream failing midway): many gRPC libraries show a caller only the
+    /// status and its trailers, not the headers the id came in first.
+    request_id: HeaderValue,
 }
 
 /// An authenticated call's outcome (CANCELLED if the client left first) and
@@ -427,6 +437,9 @@ impl HttpBody for ObservedBody {
                 settle_status(trailers);
                 if let Some(code) = status_code(trailers) {
                     self.record.code = Some(code);
+                    if code != tonic::Code::Ok {
+                        trailers.insert(REQUEST_ID_HEADER, self.request_id.clone());
+                    }
                 }
             }
         }

@@ -162,15 +162,16 @@ struct Pool {
 impl Pool {
     async fn get(&self) -> anyhow::Result<(tokio_postgres::Client, tokio_postgres::Statement)> {
         self.free.acquire().await?.forget();
-        let mut idle = self.idle.lock().map_err(|_| anyhow::anyhow!("pool lock poisoned"))?;
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         idle.pop().context("a permit without an idle connection")
     }
 
     fn put(&self, connection: (tokio_postgres::Client, tokio_postgres::Statement)) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.push(connection);
-            self.free.add_permits(1);
-        }
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(connection);
+        self.free.add_permits(1);
     }
 }
 

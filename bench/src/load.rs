@@ -94,6 +94,8 @@ pub async fn weir_load(client: &WeirClient, source: &str, table: &str, path: &Pa
 /// client is connected before its clock starts). `timing` reads the
 /// client's output.
 fn timed(mut cmd: std::process::Command, what: &str, timing: fn(&str) -> Option<Duration>) -> anyhow::Result<Duration> {
+    // Their timing lines are translated in other locales (`Zeit: 1,5 ms`).
+    cmd.env("LC_ALL", "C");
     let out = cmd.output().with_context(|| format!("run {what}"))?;
     anyhow::ensure!(
         out.status.success(),
@@ -139,7 +141,8 @@ pub async fn direct_pg_copy(args: &Args, path: &Path, rows: i64) -> anyhow::Resu
         .await?;
     let mut cmd = std::process::Command::new("psql");
     crate::figures::pg_env(args, &mut cmd);
-    cmd.args(["-v", "ON_ERROR_STOP=1", "-c", "\\timing on", "-c"])
+    // -X: no ~/.psqlrc to change what it prints.
+    cmd.args(["-X", "-v", "ON_ERROR_STOP=1", "-c", "\\timing on", "-c"])
         .arg(format!("\\copy bench_load FROM '{}'", path.display()));
     Ok(rows as f64 / timed(cmd, "psql \\copy", psql_timing)?.as_secs_f64())
 }

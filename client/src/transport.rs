@@ -415,12 +415,7 @@ impl H2Channel {
 fn with_time_left(mut head: Request<()>, deadline: Option<tokio::time::Instant>) -> Request<()> {
     if let Some(at) = deadline {
         let left = at.saturating_duration_since(tokio::time::Instant::now());
-        // At most 8 digits: milliseconds up to 27 hours, whole seconds past.
-        let millis = left.as_millis().max(1);
-        let value = match millis {
-            m if m <= 99_999_999 => format!("{m}m"),
-            _ => format!("{}S", left.as_secs().min(99_999_999)),
-        };
+        let value = weir_proto::deadline::format_grpc_timeout(left);
         if let Ok(value) = http::HeaderValue::from_str(&value) {
             head.headers_mut().insert("grpc-timeout", value);
         }

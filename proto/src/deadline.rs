@@ -22,9 +22,42 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// `timeout` as the header's value: milliseconds while 8 digits hold them
+/// (27 hours), whole seconds past that, hours past 8 digits of seconds; at
+/// least 1 ms, so that a deadline already passed still reads as one.
+pub fn format_grpc_timeout(timeout: Duration) -> String {
+    const MAX: u128 = 99_999_999;
+    let millis = timeout.as_millis().max(1);
+    if millis <= MAX {
+        return format!("{millis}m");
+    }
+    let secs = u128::from(timeout.as_secs());
+    if secs <= MAX {
+        return format!("{secs}S");
+    }
+    format!("{}H", (secs / 3600).min(MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_written_in_the_finest_unit_that_holds_them() {
+        for (timeout, sent) in [
+            (Duration::ZERO, "1m"),
+            (Duration::from_micros(1500), "1m"),
+            (Duration::from_secs(5), "5000m"),
+            (Duration::from_millis(99_999_999), "99999999m"),
+            (Duration::from_millis(100_000_000), "100000S"),
+            (Duration::from_secs(99_999_999), "99999999S"),
+            (Duration::from_secs(100_000_000), "27777H"),
+            (Duration::MAX, "99999999H"),
+        ] {
+            assert_eq!(format_grpc_timeout(timeout), sent, "{timeout:?}");
+            assert!(parse_grpc_timeout(sent).is_some(), "{sent}");
+        }
+    }
 
     #[test]
     fn grpc_timeouts_are_read_in_every_unit_and_bad_ones_ignored() {

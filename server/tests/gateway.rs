@@ -405,24 +405,17 @@ async fn bad_keys_are_unauthenticated_and_health_needs_none() {
 #[tokio::test]
 async fn an_error_midway_through_a_stream_carries_the_request_id() {
     let server = TestServer::start(&tenant("midway", "", &sqlite_demo("midway", "db"))).await;
-    let channel = tonic::transport::Channel::from_shared(server.addr.clone())
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut raw = weir_client::weir_proto::v1::query_service_client::QueryServiceClient::new(channel);
+    // The generated stub, not `execute_stream_raw`, which adds the id itself.
+    let mut raw = server.client("key-midway").await.query();
     // 5,000 rows in batches of 1,000, then an integer overflow (an
     // expression of the row's own: SQLite evaluates constant ones first).
-    let mut request = tonic::Request::new(pb::ExecuteStreamRequest {
+    let request = tonic::Request::new(pb::ExecuteStreamRequest {
         source: "db".into(),
         sql: "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 5001) \
               SELECT CASE WHEN x = 5001 THEN abs(x - 5001 - 9223372036854775807 - 1) ELSE x END FROM c"
             .into(),
         ..Default::default()
     });
-    request
-        .metadata_mut()
-        .insert("authorization", "Bearer key-midway".parse().expect("header"));
     let response = raw.execute_stream(request).await.expect("the stream starts");
     let sent = response
         .metadata()

@@ -1196,6 +1196,39 @@ fn a_consumer_closing_against_a_lost_broker_holds_up_no_other_call() {
     runtime.shutdown_timeout(Duration::from_secs(10));
 }
 
+/// A CommitOffsets of partition 0 of `topic` for `group`, on source `events`.
+fn commit_request(topic: &str, group: &str, offset: i64) -> pb::CommitOffsetsRequest {
+    pb::CommitOffsetsRequest {
+        source: "events".into(),
+        group: group.into(),
+        offsets: vec![pb::PartitionOffset {
+            topic: topic.into(),
+            partition: 0,
+            offset,
+        }],
+    }
+}
+
+/// Only commits whose callers gave up on them count against the source's
+/// few waiting commits: many at once on a healthy cluster all go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_commits_at_once_on_a_healthy_cluster_all_go_through() {
+    let (_cluster, server, client) = mock_topic("many-commits", 1, MOCK_MESSAGE_TIMEOUT_MS, "").await;
+    let commits = (0..12).map(|i| {
+        let client = client.clone();
+        async move {
+            client
+                .stream()
+                .commit_offsets(commit_request("many-commits", &format!("group-{i}"), i))
+                .await
+        }
+    });
+    for (i, outcome) in futures::future::join_all(commits).await.into_iter().enumerate() {
+        outcome.unwrap_or_else(|e| panic!("commit {i}: {e:?}"));
+    }
+    server.stop().await;
+}
+
 /// A stream's last commit is tried again while the coordinator may come
 /// back, but not when the group refuses it for good: the stream then ends
 /// at once instead of after the whole wait for a last commit (5 s).
@@ -1251,15 +1284,7 @@ fn a_commit_the_cluster_does_not_confirm_is_answered_in_time() {
                 let started = std::time::Instant::now();
                 let err = client
                     .stream()
-                    .commit_offsets(pb::CommitOffsetsRequest {
-                        source: "events".into(),
-                        group: "unconfirmed".into(),
-                        offsets: vec![pb::PartitionOffset {
-                            topic: "unconfirmed".into(),
-                            partition: 0,
-                            offset: 1,
-                        }],
-                    })
+                    .commit_offsets(commit_request("unconfirmed", "unconfirmed", 1))
                     .await
                     .expect_err("no broker");
                 assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
@@ -1278,6 +1303,17 @@ fn a_commit_the_cluster_does_not_confirm_is_answered_in_time() {
         assert!(refused.message().contains("still waiting"), "{refused:?}");
         assert!(took < Duration::from_millis(500), "{took:?}");
         cluster.broker_up(1).expect("broker up");
+        // The waiting commits go through once the broker is back, and the
+        // source takes commits again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while let Err(e) = client
+            .stream()
+            .commit_offsets(commit_request("unconfirmed", "unconfirmed", 1))
+            .await
+        {
+            assert!(std::time::Instant::now() < deadline, "commits stay refused: {e:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         server.stop().await;
     });
     // The commit's thread may still wait in librdkafka, as the gateway's would.

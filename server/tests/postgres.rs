@@ -2308,8 +2308,7 @@ async fn a_commit_past_the_statement_timeout_is_reported_as_unknown() {
     );
     let gone = client.commit(&tx).await.expect_err("the transaction is gone");
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
-    // The closed connection's backend ends once its trigger is done.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Waits for the closed connection's backend, whose trigger holds the table.
     pg.batch_execute(&format!("DROP TABLE {table}; DROP FUNCTION {table}_slow()"))
         .await
         .expect("cleanup");

@@ -223,10 +223,28 @@ fn sets_one_of(sql: &str, names: &[&str]) -> bool {
             }
         }
         match (quote, c) {
-            (Some(q), _) if c == q => quote = None,
+            (Some((q, from)), _) if c == q => {
+                quote = None;
+                // A quoted name (`SET "client_encoding"`, MySQL's backticks).
+                let name = &sql[from..i];
+                if q != b'\'' && target && depth == 0 && names.iter().any(|k| name.eq_ignore_ascii_case(k)) {
+                    return true;
+                }
+            }
             (Some(_), b'\\') => i += 1,
             (Some(_), _) => {}
-            (None, b'\'' | b'"') => quote = Some(c),
+            (None, b'\'' | b'"' | b'`') => quote = Some((c, i + 1)),
+            // Comments hide nothing (an `=` or a quote in one ends nothing),
+            // but MySQL runs what its `/*!` and `/*M!` comments hold.
+            (None, b'-') if bytes.get(i + 1) == Some(&b'-') => i = line_end(bytes, i),
+            (None, b'#') => i = line_end(bytes, i),
+            (None, b'/')
+                if bytes.get(i + 1) == Some(&b'*')
+                    && !matches!(bytes.get(i + 2), Some(b'!'))
+                    && !(bytes.get(i + 2) == Some(&b'M') && bytes.get(i + 3) == Some(&b'!')) =>
+            {
+                i = sql[i + 2..].find("*/").map_or(bytes.len(), |end| i + 2 + end + 1);
+            }
             (None, b'(') => depth += 1,
             (None, b')') => depth = depth.saturating_sub(1),
             (None, b'=') if depth == 0 => target = false,
@@ -236,6 +254,14 @@ fn sets_one_of(sql: &str, names: &[&str]) -> bool {
         i += 1;
     }
     false
+}
+
+/// The index of the line break ending the line `i` is on (or the end).
+fn line_end(bytes: &[u8], i: usize) -> usize {
+    bytes[i..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(bytes.len(), |n| i + n)
 }
 
 /// Whether any word of `sql` (comments and strings included, so a match
@@ -395,6 +421,8 @@ mod tests {
             "set session CLIENT_ENCODING to 'SQL_ASCII'",
             "SET NAMES 'LATIN1'",
             "SET LOCAL client_encoding TO latin1",
+            "SET \"client_encoding\" = 'LATIN1'",
+            "SET /* = */ client_encoding = 'LATIN1'",
         ] {
             assert!(sets_postgres_client_encoding(sql), "{sql}");
         }
@@ -419,6 +447,8 @@ mod tests {
             "SET STATEMENT time_zone = '+01:00' FOR SELECT ts FROM t",
             "/*!40101 SET NAMES utf8 */",
             "SET @a = 1, collation_connection = latin1_swedish_ci",
+            "SET -- it's\n time_zone = '+05:00'",
+            "SET # =\n `time_zone` = '+05:00'",
         ] {
             assert!(sets_mysql_time_zone_or_charset(sql), "{sql}");
         }

@@ -7,6 +7,7 @@ mod producer;
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -65,6 +66,7 @@ pub struct KafkaSource {
 /// rotates a password or adds a topic replaces the source, not its
 /// streams: its successor must still find them, to end those of a topic a
 /// later reload takes away and to commit through their group membership.
+#[derive(Default)]
 struct Live {
     /// Each running stream's topics and the token that ends it, for `retire`.
     streams: Mutex<Vec<(Vec<String>, CancellationToken)>>,
@@ -72,24 +74,16 @@ struct Live {
     /// consumed on this replica commits through one of its members (the
     /// broker refuses a commit from outside a group that has members).
     consumers: Mutex<HashMap<String, Vec<Weak<StreamConsumer>>>>,
-    /// CommitOffsets still in librdkafka, whose synchronous commit waits for
-    /// a coordinator without end: each holds a blocking thread (and, alone,
-    /// a Kafka client) after its caller was answered, so there are at most
-    /// `COMMITS_WAITING` of them per source.
-    commits: Arc<tokio::sync::Semaphore>,
+    /// CommitOffsets whose callers stopped waiting (a deadline, a cancel)
+    /// while librdkafka's synchronous commit, which waits for a coordinator
+    /// without end, goes on: each holds a blocking thread (and, alone, a
+    /// Kafka client), so a source takes no new commit while
+    /// `COMMITS_WAITING` of them wait. Commits whose callers still wait are
+    /// not counted: the gateway's concurrency limits bound those.
+    abandoned_commits: Arc<AtomicUsize>,
 }
 
 const COMMITS_WAITING: usize = 4;
-
-impl Default for Live {
-    fn default() -> Self {
-        Live {
-            streams: Mutex::default(),
-            consumers: Mutex::default(),
-            commits: Arc::new(tokio::sync::Semaphore::new(COMMITS_WAITING)),
-        }
-    }
-}
 
 impl KafkaSource {
     /// `carried`: what the source this one replaces carried (see
@@ -269,12 +263,6 @@ pub fn map_error(e: KafkaError) -> BackendError {
         // A broker quota, or a group at its size limit: the same call can succeed soon.
         C::ThrottlingQuotaExceeded | C::GroupMaxSizeReached => EngineErrorKind::Overloaded,
         C::PolicyViolation => EngineErrorKind::FailedPrecondition,
-        // No answer came: like a SQL server that cannot be reached, no
-        // engine code to show.
-        code if transient(code) == Some(Transient::NoAnswer) => {
-            return BackendError::Unavailable(format!("the Kafka cluster did not answer ({code:?})"));
-        }
-        code if transient(code) == Some(Transient::Answered) => EngineErrorKind::Unavailable,
         C::TopicAuthorizationFailed | C::GroupAuthorizationFailed | C::ClusterAuthorizationFailed => {
             EngineErrorKind::PermissionDenied
         }
@@ -288,7 +276,15 @@ pub fn map_error(e: KafkaError) -> BackendError {
                     .into(),
             );
         }
-        _ => EngineErrorKind::Internal,
+        code => match transient(code) {
+            // No answer came: like a SQL server that cannot be reached, no
+            // engine code to show.
+            Some(Transient::NoAnswer) => {
+                return BackendError::Unavailable(format!("the Kafka cluster did not answer ({code:?})"));
+            }
+            Some(Transient::Answered) => EngineErrorKind::Unavailable,
+            None => EngineErrorKind::Internal,
+        },
     };
     BackendError::Engine {
         kind,
@@ -629,6 +625,45 @@ fn transient(code: RDKafkaErrorCode) -> Option<Transient> {
 fn commit_may_go_through(e: &KafkaError) -> bool {
     e.rdkafka_error_code()
         .is_some_and(|code| transient(code).is_some() || code == RDKafkaErrorCode::RebalanceInProgress)
+}
+
+/// A CommitOffsets in librdkafka, and who was done with it first.
+struct PendingCommit {
+    state: Mutex<CommitState>,
+    /// The source's count of commits whose callers gave up on them.
+    abandoned: Arc<AtomicUsize>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CommitState {
+    Running,
+    /// Its caller stopped waiting; librdkafka has not answered yet.
+    Abandoned,
+    Done,
+}
+
+impl PendingCommit {
+    /// librdkafka answered.
+    fn finish(&self) {
+        let mut state = self.state.lock();
+        if *state == CommitState::Abandoned {
+            self.abandoned.fetch_sub(1, Ordering::Relaxed);
+        }
+        *state = CommitState::Done;
+    }
+}
+
+/// Held by the CommitOffsets call while it waits for librdkafka.
+struct CallerWaits(Arc<PendingCommit>);
+
+impl Drop for CallerWaits {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock();
+        if *state == CommitState::Running {
+            *state = CommitState::Abandoned;
+            self.0.abandoned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 type Batches = mpsc::Sender<Result<Vec<InRecord>, BackendError>>;
@@ -1024,36 +1059,38 @@ impl TopicSource for KafkaSource {
 
     async fn commit(&self, group: &str, offsets: Vec<PartitionOffset>) -> Result<(), BackendError> {
         let tpl = partition_list(&offsets).map_err(map_error)?;
-        let Ok(waiting) = self.live.commits.clone().try_acquire_owned() else {
+        if self.live.abandoned_commits.load(Ordering::Relaxed) >= COMMITS_WAITING {
             return Err(BackendError::Unavailable(format!(
                 "{COMMITS_WAITING} commits of this source are still waiting for the Kafka cluster; try again later"
             )));
-        };
-        let live = self
+        }
+        let pending = Arc::new(PendingCommit {
+            state: Mutex::new(CommitState::Running),
+            abandoned: self.live.abandoned_commits.clone(),
+        });
+        // Dropped with this call; counts the commit as abandoned if it runs on.
+        let _caller = CallerWaits(pending.clone());
+        // A member of the group here, else the settings of a standalone client.
+        let member = self
             .live
             .consumers
             .lock()
             .get(group)
-            .and_then(|members| members.iter().find_map(Weak::upgrade));
-        if let Some(consumer) = live {
-            return tokio::task::spawn_blocking(move || {
-                let _waiting = waiting;
-                consumer.commit(&tpl, CommitMode::Sync)
-            })
-            .await
-            .map_err(|e| BackendError::Internal(e.to_string()))?
-            .map_err(map_error);
-        }
-        // No member here: commit as a standalone client of the group (the
-        // broker accepts that while the group has no live members). Made on
-        // the blocking pool, as `consume` makes its consumer.
-        let config = self.consumer_config(group);
+            .and_then(|members| members.iter().find_map(Weak::upgrade))
+            .ok_or_else(|| self.consumer_config(group));
         tokio::task::spawn_blocking(move || {
-            let _waiting = waiting;
-            let consumer: BaseConsumer = config
-                .create()
-                .map_err(|e| BackendError::Internal(settings_error("consumer", &e)))?;
-            consumer.commit(&tpl, CommitMode::Sync).map_err(map_error)
+            let committed = match member {
+                Ok(consumer) => consumer.commit(&tpl, CommitMode::Sync).map_err(map_error),
+                // No member here: commit as a standalone client of the group
+                // (the broker accepts that while the group has no live
+                // members), made on the blocking pool as `consume` makes its consumer.
+                Err(config) => config
+                    .create::<BaseConsumer>()
+                    .map_err(|e| BackendError::Internal(settings_error("consumer", &e)))
+                    .and_then(|consumer| consumer.commit(&tpl, CommitMode::Sync).map_err(map_error)),
+            };
+            pending.finish();
+            committed
         })
         .await
         .map_err(|e| BackendError::Internal(e.to_string()))?

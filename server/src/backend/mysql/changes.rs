@@ -537,20 +537,29 @@ impl Names {
     /// one's take-over must not end the other's stream. The lock's name is
     /// the id (readable) with a hash of database and id, at most 63
     /// characters (MySQL allows 64).
-    fn new(opts: &Opts, id: &str) -> Names {
-        Names {
+    async fn of(conn: &mut Conn, opts: &Opts, id: &str) -> Result<Names, BackendError> {
+        // Where the server ignores the case of names (`lower_case_table_names`
+        // 1 or 2), `App` and `app` are one database with one positions table,
+        // and must share one lock; elsewhere they are two.
+        let folds: Option<u8> = conn
+            .query_first("SELECT @@lower_case_table_names")
+            .await
+            .map_err(map_error)?;
+        let database = opts.db_name().unwrap_or_default();
+        let database = match folds {
+            Some(0) | None => database.to_string(),
+            Some(_) => database.to_lowercase(),
+        };
+        Ok(Names {
             id: id.to_string(),
-            lock: lock_name(opts.db_name().unwrap_or_default(), id),
-        }
+            lock: lock_name(&database, id),
+        })
     }
 }
 
-/// The `GET_LOCK` name of subscription `id` of `database` (see [`Names::new`]).
-/// The name is taken in lower case: where the server ignores its case
-/// (`lower_case_table_names`), `App` and `app` are one database with one
-/// positions table, and must share one lock.
+/// The `GET_LOCK` name of subscription `id` of `database` (see [`Names::of`]).
 pub fn lock_name(database: &str, id: &str) -> String {
-    let digest = Sha256::digest(format!("{}\0{id}", database.to_lowercase()).as_bytes());
+    let digest = Sha256::digest(format!("{database}\0{id}").as_bytes());
     let readable: String = id.chars().take(46).collect();
     format!("{readable}_{}", hex::encode(&digest[..8]))
 }
@@ -1048,7 +1057,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
     ensure_positions_table(&mut setup).await?;
     // The binlog connection holds the lock for as long as it streams.
     let mut conn = connect(opts).await?;
-    let names = Names::new(opts, &spec.id);
+    let names = Names::of(&mut setup, opts, &spec.id).await?;
     lock(&mut conn, &names, &spec.name, spec.take_over).await?;
     let (current_file, current_offset) = current_position(&mut setup).await?;
     let (base, current_number) = split_file(&current_file)?;
@@ -1136,7 +1145,8 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
 
 pub(super) async fn delete(opts: &Opts, id: &str, name: &str) -> Result<(), BackendError> {
     let mut conn = connect(opts).await?;
-    lock(&mut conn, &Names::new(opts, id), name, false).await?;
+    let names = Names::of(&mut conn, opts, id).await?;
+    lock(&mut conn, &names, name, false).await?;
     ensure_positions_table(&mut conn).await?;
     conn.exec_drop(format!("DELETE FROM {POSITIONS_TABLE} WHERE subscription = ?"), (id,))
         .await
@@ -1204,7 +1214,7 @@ mod tests {
         let lock = lock_name("shop", &id);
         assert!(lock.len() <= 64 && lock.starts_with("weir_t"), "{lock}");
         assert_ne!(lock, lock_name("shop2", &id));
-        assert_eq!(lock, lock_name("SHOP", &id));
+        assert_ne!(lock, lock_name("SHOP", &id));
         assert_ne!(
             lock,
             lock_name("shop", &crate::service::changes::subscription_id("t", "s"))

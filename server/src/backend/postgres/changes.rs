@@ -356,11 +356,13 @@ async fn slot_confirmed(client: &Client, id: &str, name: &str) -> Result<Option<
     };
     match (row.get::<_, bool>(0), row.get::<_, Option<i64>>(1)) {
         (true, Some(lsn)) => Ok(Some(lsn as u64)),
+        // Another database's slot, or a physical slot (no database).
         (false, _) => Err(BackendError::ChangesNotReady(format!(
-            "subscription name \"{name}\" is in use by a source of another database on this PostgreSQL \
-             server (replication slots are named server-wide): use another subscription name here"
+            "subscription name \"{name}\" is in use by a source of another database, or by a physical \
+             replication slot, on this PostgreSQL server (replication slots are named server-wide): use \
+             another subscription name here"
         ))),
-        // Not a logical slot that has started (one being made, or a physical one).
+        // A logical slot of this database that has not started (one being made).
         (true, None) => Err(BackendError::ChangesNotReady(format!(
             "the replication slot of subscription \"{name}\" ({id}) is not ready to stream; try again"
         ))),

@@ -804,7 +804,7 @@ async fn load(
         [
             Side::new(None, "", || crate::load::direct_pg_copy(args, &file, rows)),
             Side::new(gateway, "", || {
-                crate::load::weir_load(client, "pg", "bench_load", &file)
+                crate::load::weir_load(client, "pg", "bench_load", &file, rows)
             }),
         ],
     )
@@ -830,7 +830,7 @@ async fn load(
                 crate::load::direct_mysql_load(args, &file, rows)
             }),
             Side::new(gateway, "mariadbd", || {
-                crate::load::weir_load(client, "maria", "bench_load", &file)
+                crate::load::weir_load(client, "maria", "bench_load", &file, rows)
             }),
         ],
     )

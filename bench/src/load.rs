@@ -75,7 +75,7 @@ fn batches(path: PathBuf) -> tokio_stream::wrappers::ReceiverStream<Vec<pb::Row>
 /// Not a `REPLACE` load: that empties the table inside the load's
 /// transaction, which on MariaDB means a `DELETE` of every row (`TRUNCATE`
 /// would commit), work the direct command does not do.
-pub async fn weir_load(client: &WeirClient, source: &str, table: &str, path: &Path) -> anyhow::Result<f64> {
+pub async fn weir_load(client: &WeirClient, source: &str, table: &str, path: &Path, rows: i64) -> anyhow::Result<f64> {
     let header = pb::LoadHeader {
         source: source.into(),
         table: table.into(),
@@ -86,14 +86,22 @@ pub async fn weir_load(client: &WeirClient, source: &str, table: &str, path: &Pa
     client.execute(source, &format!("TRUNCATE {table}"), vec![]).await?;
     let started = Instant::now();
     let r = client.load(header, batches(path.to_path_buf())).await?;
-    Ok(r.rows_inserted as f64 / started.elapsed().as_secs_f64())
+    let took = started.elapsed();
+    crate::figures::all_rows("Weir's load", r.rows_inserted, u64::try_from(rows)?)?;
+    Ok(rows as f64 / took.as_secs_f64())
 }
 
 /// How long the load statement took, as the client `cmd` timed it itself:
 /// the process's start and its login are not the load's (the Weir side's
-/// client is connected before its clock starts). `timing` reads the
-/// client's output.
-fn timed(mut cmd: std::process::Command, what: &str, timing: fn(&str) -> Option<Duration>) -> anyhow::Result<Duration> {
+/// client is connected before its clock starts). `report` reads the
+/// client's output: the time and the rows it says it loaded, which must
+/// be `rows` (a rate over fewer would not be the figure's).
+fn timed(
+    mut cmd: std::process::Command,
+    what: &str,
+    rows: i64,
+    report: fn(&str) -> Option<(Duration, u64)>,
+) -> anyhow::Result<Duration> {
     // Their timing lines are translated in other locales (`Zeit: 1,5 ms`).
     cmd.env("LC_ALL", "C");
     let out = cmd.output().with_context(|| format!("run {what}"))?;
@@ -103,20 +111,35 @@ fn timed(mut cmd: std::process::Command, what: &str, timing: fn(&str) -> Option<
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    timing(&stdout).with_context(|| format!("{what} printed no timing: {stdout}"))
+    let (took, loaded) = report(&stdout).with_context(|| format!("{what} printed no timing: {stdout}"))?;
+    crate::figures::all_rows(what, loaded, u64::try_from(rows)?)?;
+    Ok(took)
 }
 
-/// psql's `\timing` line: `Time: 1234.567 ms (00:01.235)`.
-fn psql_timing(out: &str) -> Option<Duration> {
+/// psql's `COPY 1000000` and its `\timing` line: `Time: 1234.567 ms (00:01.235)`.
+fn psql_report(out: &str) -> Option<(Duration, u64)> {
+    let rows = out
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("COPY "))?
+        .trim()
+        .parse()
+        .ok()?;
     let line = out.lines().rev().find_map(|l| l.strip_prefix("Time: "))?;
     let ms: f64 = line.split_whitespace().next()?.parse().ok()?;
-    Some(Duration::from_secs_f64(ms / 1000.0))
+    Some((Duration::from_secs_f64(ms / 1000.0), rows))
 }
 
-/// The mariadb client's (`-vvv`) timing of its last statement:
+/// The mariadb client's (`-vvv`) report of its last statement:
 /// `Query OK, 1000000 rows affected (3.456 sec)`, or `(1 min 2.345 sec)`.
-fn mariadb_timing(out: &str) -> Option<Duration> {
+fn mariadb_report(out: &str) -> Option<(Duration, u64)> {
     let line = out.lines().rev().find(|l| l.ends_with(" sec)"))?;
+    let rows = line
+        .strip_prefix("Query OK, ")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
     let inside = &line[line.rfind('(')? + 1..line.len() - 1];
     let mut seconds = 0.0;
     let mut words = inside.split_whitespace();
@@ -130,7 +153,7 @@ fn mariadb_timing(out: &str) -> Option<Duration> {
             _ => return None,
         };
     }
-    Some(Duration::from_secs_f64(seconds))
+    Some((Duration::from_secs_f64(seconds), rows))
 }
 
 /// Rows per second of `psql \copy bench_load FROM file` (after emptying the table).
@@ -144,7 +167,7 @@ pub async fn direct_pg_copy(args: &Args, path: &Path, rows: i64) -> anyhow::Resu
     // -X: no ~/.psqlrc to change what it prints.
     cmd.args(["-X", "-v", "ON_ERROR_STOP=1", "-c", "\\timing on", "-c"])
         .arg(format!("\\copy bench_load FROM '{}'", path.display()));
-    Ok(rows as f64 / timed(cmd, "psql \\copy", psql_timing)?.as_secs_f64())
+    Ok(rows as f64 / timed(cmd, "psql \\copy", rows, psql_report)?.as_secs_f64())
 }
 
 /// Rows per second of the mariadb client's `LOAD DATA LOCAL INFILE` (after emptying the table).
@@ -163,7 +186,7 @@ pub fn direct_mysql_load(args: &Args, path: &Path, rows: i64) -> anyhow::Result<
             "TRUNCATE bench_load; LOAD DATA LOCAL INFILE '{}' INTO TABLE bench_load",
             path.display()
         ));
-    Ok(rows as f64 / timed(cmd, "LOAD DATA LOCAL INFILE", mariadb_timing)?.as_secs_f64())
+    Ok(rows as f64 / timed(cmd, "LOAD DATA LOCAL INFILE", rows, mariadb_report)?.as_secs_f64())
 }
 
 #[cfg(test)]
@@ -173,15 +196,19 @@ mod tests {
     #[test]
     fn the_clients_own_timings_are_read() {
         let psql = "Timing is on.\nCOPY 1000000\nTime: 1234.500 ms (00:01.234)\n";
-        assert_eq!(psql_timing(psql), Some(Duration::from_micros(1_234_500)));
+        assert_eq!(psql_report(psql), Some((Duration::from_micros(1_234_500), 1_000_000)));
         let mariadb = "--------------\nLOAD DATA LOCAL INFILE '/x' INTO TABLE t\n--------------\n\n\
                        Query OK, 1000000 rows affected (1 min 2.500 sec)\nRecords: 1000000\n\nBye\n";
-        assert_eq!(mariadb_timing(mariadb), Some(Duration::from_millis(62_500)));
         assert_eq!(
-            mariadb_timing("Query OK, 2 rows affected (0.001 sec)"),
-            Some(Duration::from_millis(1))
+            mariadb_report(mariadb),
+            Some((Duration::from_millis(62_500), 1_000_000))
         );
-        assert_eq!(psql_timing("COPY 1\n"), None);
-        assert_eq!(mariadb_timing("Query OK (2 fortnights sec)"), None);
+        assert_eq!(
+            mariadb_report("Query OK, 2 rows affected (0.001 sec)"),
+            Some((Duration::from_millis(1), 2))
+        );
+        assert_eq!(psql_report("COPY 1\n"), None, "no timing");
+        assert_eq!(psql_report("Time: 1.000 ms\n"), None, "no row count");
+        assert_eq!(mariadb_report("Query OK (2 fortnights sec)"), None);
     }
 }

@@ -28,7 +28,7 @@ use weir_proto::v1::{
     TestConnectionResponse, Value,
 };
 
-use crate::status::REQUEST_ID;
+use crate::status::{request_id, with_request_id};
 use crate::transport::{self, H2Channel, Settings, Tls};
 
 /// A channel that authenticates every call with the API key.
@@ -564,7 +564,7 @@ impl<M: StreamMessage> ResultStream<M> {
 
     /// Like [`Self::new`], keeping the response's request id for its errors.
     async fn from_response(response: tonic::Response<Streaming<M>>) -> Result<Self, Status> {
-        let request_id = response.metadata().get(REQUEST_ID).cloned();
+        let request_id = request_id(&response);
         let stream = response.into_inner();
         Self::begin(stream, request_id.clone())
             .await
@@ -747,16 +747,6 @@ fn stream_request(source: &str, sql: &str, params: Vec<Value>) -> ExecuteStreamR
         params,
         ..Default::default()
     }
-}
-
-/// `status` with the call's request id, unless it has one.
-fn with_request_id(mut status: Status, id: Option<&MetadataValue<Ascii>>) -> Status {
-    if let Some(id) = id {
-        if !status.metadata().contains_key(REQUEST_ID) {
-            status.metadata_mut().insert(REQUEST_ID, id.clone());
-        }
-    }
-    status
 }
 
 fn protocol_violation(what: &str) -> Status {
@@ -1193,21 +1183,38 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     }
 
+    /// Accepts one call on a raw h2 server and answers its headers (with
+    /// `request_id` if given); the caller drives the connection on.
+    async fn headers_only(
+        listener: tokio::net::TcpListener,
+        request_id: Option<&'static str>,
+    ) -> Option<(
+        h2::server::Connection<tokio::net::TcpStream, bytes::Bytes>,
+        h2::SendStream<bytes::Bytes>,
+    )> {
+        let (socket, _) = listener.accept().await.expect("accept");
+        let mut connection = h2::server::handshake(socket).await.expect("HTTP/2 handshake");
+        let Some(Ok((_, mut respond))) = connection.accept().await else {
+            return None;
+        };
+        let mut head = http::Response::builder().header("content-type", "application/grpc");
+        if let Some(id) = request_id {
+            head = head.header("x-request-id", id);
+        }
+        let stream = respond
+            .send_response(head.body(()).expect("head"), false)
+            .expect("headers sent");
+        Some((connection, stream))
+    }
+
     #[tokio::test]
     async fn a_stream_whose_server_stops_sending_ends_at_its_deadline() {
         let (listener, addr) = local_listener().await;
         // Answers the call's headers, then says nothing more.
         tokio::spawn(async move {
-            let (socket, _) = listener.accept().await.expect("accept");
-            let mut connection = h2::server::handshake(socket).await.expect("HTTP/2 handshake");
-            let Some(Ok((_, mut respond))) = connection.accept().await else {
+            let Some((mut connection, _stream)) = headers_only(listener, None).await else {
                 return;
             };
-            let head = http::Response::builder()
-                .header("content-type", "application/grpc")
-                .body(())
-                .expect("head");
-            let _stream = respond.send_response(head, false).expect("headers sent");
             // Keeps the connection served (PINGs, window updates) meanwhile.
             while connection.accept().await.is_some() {}
         });
@@ -1227,6 +1234,33 @@ mod tests {
             .expect_err("no message comes");
         assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    /// A change stream cut after the server's headers fails on the client's
+    /// side (no grpc-status came); the error still names the call by the
+    /// request id the headers gave, as the server's own errors do.
+    #[tokio::test]
+    async fn a_change_stream_cut_midway_names_its_request_id() {
+        let (listener, addr) = local_listener().await;
+        let (cut, when) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let Some((mut connection, mut stream)) = headers_only(listener, Some("req-7")).await else {
+                return;
+            };
+            // Reset once the client has the headers: the cut is midway.
+            tokio::select! {
+                _ = when => stream.send_reset(h2::Reason::INTERNAL_ERROR),
+                _ = async { while connection.accept().await.is_some() {} } => return,
+            }
+            while connection.accept().await.is_some() {}
+        });
+        let client = WeirClient::connect(&addr.to_string(), "secret").await.expect("connect");
+        let mut watch = client.watch(Default::default()).await.expect("the headers came");
+        cut.send(()).expect("the server waits");
+        let status = watch.next().await.expect_err("the stream was reset");
+        let id = status.metadata().get("x-request-id").and_then(|v| v.to_str().ok());
+        assert_eq!(id, Some("req-7"), "{status:?}");
+        assert!(crate::describe_status(&status).contains("request id req-7"));
     }
 
     #[tokio::test]

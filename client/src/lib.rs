@@ -14,7 +14,7 @@ pub use client::{
     ApiKeyInterceptor, ArrowStream, AuthChannel, ClientError, Part, ResultStream, StreamMessage, TlsOptions, WeirClient,
 };
 pub use params::parse_param;
-pub use status::{code_name, describe_status};
+pub use status::{code_name, describe_status, request_id, with_request_id};
 pub use transport::H2Channel;
 pub use watch::ChangeWatch;
 pub use weir_proto;

@@ -1,5 +1,6 @@
 //! One-line descriptions of gRPC errors for people.
 
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
@@ -52,7 +53,24 @@ pub fn describe_status(status: &Status) -> String {
 }
 
 /// The header the server answers every call's request id in.
-pub(crate) const REQUEST_ID: &str = "x-request-id";
+const REQUEST_ID: &str = "x-request-id";
+
+/// The request id the server answered a call's headers with.
+pub fn request_id<T>(response: &tonic::Response<T>) -> Option<MetadataValue<Ascii>> {
+    response.metadata().get(REQUEST_ID).cloned()
+}
+
+/// `status` with the call's request id, unless it has one: errors made on
+/// the client's side of a call (a stream cut, a protocol violation) name
+/// the call the server's logs know, as the server's own errors do.
+pub fn with_request_id(mut status: Status, id: Option<&MetadataValue<Ascii>>) -> Status {
+    if let Some(id) = id {
+        if !status.metadata().contains_key(REQUEST_ID) {
+            status.metadata_mut().insert(REQUEST_ID, id.clone());
+        }
+    }
+    status
+}
 
 /// The canonical upper-case name, as in the gRPC specification.
 pub fn code_name(code: Code) -> &'static str {

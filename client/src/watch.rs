@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Status, Streaming};
 use weir_proto::v1::watch_changes_request::Message;
 use weir_proto::v1::{WatchAck, WatchChangesRequest, WatchChangesResponse, WatchStart};
 
+use crate::status::{request_id, with_request_id};
 use crate::transport::SentNotice;
 use crate::WeirClient;
 
@@ -26,12 +28,15 @@ pub struct ChangeWatch {
     acks: mpsc::Sender<WatchChangesRequest>,
     /// Fired once the request stream has ended and the server has read it.
     sent: oneshot::Receiver<()>,
+    /// The server's id of the call, for the errors made on this side.
+    request_id: Option<MetadataValue<Ascii>>,
 }
 
 impl ChangeWatch {
     /// The next event, transaction boundary or heartbeat; `None` when the server ended the stream.
     pub async fn next(&mut self) -> Result<Option<WatchChangesResponse>, Status> {
-        self.events.message().await
+        let next = self.events.message().await;
+        next.map_err(|status| with_request_id(status, self.request_id.as_ref()))
     }
 
     /// Tells the server that everything up to and including `position` is
@@ -57,7 +62,8 @@ impl ChangeWatch {
             }
         };
         let ended = tokio::time::timeout(FINISH_WAIT, ending).await.ok().flatten();
-        Err(ended.unwrap_or_else(|| Status::cancelled("the change stream has ended")))
+        let status = ended.unwrap_or_else(|| Status::cancelled("the change stream has ended"));
+        Err(with_request_id(status, self.request_id.as_ref()))
     }
 
     /// Ends the call once every acknowledgement queued has reached the
@@ -65,7 +71,12 @@ impl ChangeWatch {
     /// watch, or the runtime, may lose the last ones, and a restart would
     /// get their changes again. Events that come meanwhile are dropped.
     pub async fn finish(self) -> Result<(), Status> {
-        let ChangeWatch { mut events, acks, sent } = self;
+        let ChangeWatch {
+            mut events,
+            acks,
+            sent,
+            request_id,
+        } = self;
         // Ends the request stream after the queued acknowledgements.
         drop(acks);
         let mut sent = std::pin::pin!(sent);
@@ -86,11 +97,14 @@ impl ChangeWatch {
                 }
             }
         };
-        tokio::time::timeout(FINISH_WAIT, settled).await.map_err(|_| {
+        let settled = tokio::time::timeout(FINISH_WAIT, settled).await.map_err(|_| {
             Status::deadline_exceeded(format!(
                 "the acknowledgements did not reach the server within {FINISH_WAIT:?}"
             ))
-        })?
+        });
+        settled
+            .and_then(|s| s)
+            .map_err(|status| with_request_id(status, request_id.as_ref()))
     }
 }
 
@@ -107,7 +121,13 @@ impl WeirClient {
         let (notice, sent) = SentNotice::new();
         let mut request = tonic::Request::new(ReceiverStream::new(outbound));
         request.extensions_mut().insert(notice);
-        let events = self.stream().watch_changes(request).await?.into_inner();
-        Ok(ChangeWatch { events, acks, sent })
+        let response = self.stream().watch_changes(request).await?;
+        let request_id = request_id(&response);
+        Ok(ChangeWatch {
+            events: response.into_inner(),
+            acks,
+            sent,
+            request_id,
+        })
     }
 }

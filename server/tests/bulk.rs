@@ -1809,6 +1809,64 @@ async fn sqlite_tables_own_conflict_clauses_neither_delete_nor_drop_rows() {
     ctx.server.stop().await;
 }
 
+/// SQLite reads no text as an infinity: a decimal `Infinity` is loaded as
+/// SQLite's REAL infinity (as Execute binds it), not as the text
+/// "Infinity", and a NaN (which SQLite would store as NULL) is the row's
+/// error, skipped like any other bad row when the caller asks. A TEXT
+/// column keeps all three as the text they came as.
+#[tokio::test]
+async fn sqlite_loads_store_infinite_decimals_as_numbers_and_refuse_nan() {
+    let ctx = Ctx::new(Engine::Sqlite, "").await;
+    ctx.exec("CREATE TABLE weir_bulk_special (id INTEGER PRIMARY KEY, d NUMERIC, t TEXT)")
+        .await;
+    let mut load = header("weir_bulk_special", pb::BulkLoadMode::Append);
+    load.columns = vec!["id".into(), "d".into(), "t".into()];
+    let row = |id: i64, d: &str, t: &str| pb::Row {
+        values: vec![
+            v(Kind::Int64Value(id)),
+            v(Kind::DecimalValue(d.into())),
+            v(Kind::DecimalValue(t.into())),
+        ],
+    };
+    let err = ctx
+        .load(load.clone(), vec![vec![row(1, "1.5", "NaN"), row(2, "NaN", "1")]])
+        .await
+        .expect_err("NaN is refused");
+    assert_eq!(
+        (
+            reason(&err).as_str(),
+            error_metadata(&err, "row_index").as_str(),
+            error_metadata(&err, "column").as_str()
+        ),
+        ("BAD_ROW", "1", "d"),
+        "{err:?}"
+    );
+    assert!(ctx.exec("SELECT id FROM weir_bulk_special").await.rows.is_empty());
+
+    load.bad_rows = pb::BadRowPolicy::Skip as i32;
+    let batch = vec![
+        row(1, "Infinity", "Infinity"),
+        row(2, "-NaN", "0"),
+        row(3, "-Infinity", "NaN"),
+        row(4, "12.50", "12.50"),
+    ];
+    let r = ctx.load(load, vec![batch]).await.expect("the NaN row is skipped");
+    assert_eq!((r.rows_inserted, r.rows_skipped), (3, 1), "{:?}", r.row_errors);
+    assert_eq!(r.row_errors[0].row_index, 1);
+    let stored: Vec<String> = ctx
+        .exec(
+            "SELECT typeof(d) || ':' || (d > 1e308) || ':' || (d < -1e308) || ':' || t \
+             FROM weir_bulk_special ORDER BY id",
+        )
+        .await
+        .rows
+        .iter()
+        .map(|r| text(&r.values[0]).to_string())
+        .collect();
+    assert_eq!(stored, ["real:1:0:Infinity", "real:0:1:NaN", "real:0:0:12.50"]);
+    ctx.server.stop().await;
+}
+
 /// A SQLite load its caller gave up on stops inside the statement it runs
 /// (here a REPLACE's DELETE, which checks an unindexed foreign key for each
 /// row, for minutes), so the source's write turn is free again at once.
@@ -2072,7 +2130,20 @@ async fn postgres_replaces_at_once_leave_one_loads_rows() {
     let header = header(table, pb::BulkLoadMode::Replace);
     let client = ctx.client.clone();
     let second = tokio::spawn(async move { client.load(header, tokio_stream::iter(vec![rows(200..250)])).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Seen waiting for a lock the first holds, rather than given a while.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weir' \
+                   AND wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'";
+    while pg
+        .query_one(waiting, &[&table])
+        .await
+        .expect("pg_stat_activity")
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the second load never waited for the first");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(!second.is_finished(), "the second load waits for the first");
     drop(tx);
     let first = first.await.expect("task").expect("the first load commits").into_inner();

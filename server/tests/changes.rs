@@ -182,19 +182,26 @@ impl Ctx {
             .map(|_| ())
     }
 
-    /// Deletes the subscriptions (retrying while the server still ends
-    /// their dropped streams) so no slot keeps retaining WAL, then the tables.
+    /// Deletes subscription `s`, retrying while the server still ends its
+    /// dropped stream (within `WAIT`); one already gone counts as deleted.
+    async fn delete_once_released(&self, s: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match self.delete(s).await {
+                Ok(()) => return,
+                Err(e) if e.code() == Code::NotFound => return,
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    panic!("subscription {s} was never released: {e:?}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Deletes the subscriptions so no slot keeps retaining WAL, then the tables.
     async fn finish(self, subscriptions: &[&str], tables: &[&str]) {
         for s in subscriptions {
-            let deadline = tokio::time::Instant::now() + WAIT;
-            loop {
-                match self.delete(s).await {
-                    Ok(()) => break,
-                    Err(e) if e.code() == Code::NotFound => break,
-                    Err(e) if tokio::time::Instant::now() > deadline => panic!("subscription {s} stays: {e:?}"),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
+            self.delete_once_released(s).await;
         }
         for t in tables {
             self.sql(&format!("DROP TABLE {t}")).await;
@@ -688,15 +695,8 @@ async fn deleting_a_subscription_releases_the_engine_state(engine: Engine) {
     let busy = ctx.delete(&sub).await.expect_err("a live subscription is not deleted");
     assert_eq!(busy.code(), Code::AlreadyExists);
     drop(watch);
-    let deadline = tokio::time::Instant::now() + WAIT;
     // The server notices the closed stream shortly after.
-    while ctx.delete(&sub).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the subscription was never released"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ctx.delete_once_released(&sub).await;
     assert!(
         !engine_state_exists(&ctx, &sub).await,
         "slot or stored state left behind"

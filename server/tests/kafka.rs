@@ -1167,11 +1167,8 @@ fn a_consumer_closing_against_a_lost_broker_holds_up_no_other_call() {
     // Made first, dropped last: the consumer's close goes on after the test.
     let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     cluster.create_topic("lost", 1, 1).expect("topic");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    // As the gateway's process does: the close gets a bounded time to finish.
+    on_own_runtime(1, async {
         let (server, client) = mock_server(&cluster, "lost", MOCK_MESSAGE_TIMEOUT_MS, "").await;
         produce(&client, "lost", (0..3).map(record).collect())
             .await
@@ -1192,8 +1189,6 @@ fn a_consumer_closing_against_a_lost_broker_holds_up_no_other_call() {
         cluster.broker_up(1).expect("broker up");
         server.stop().await;
     });
-    // As the gateway's process does: the close gets a bounded time to finish.
-    runtime.shutdown_timeout(Duration::from_secs(10));
 }
 
 /// A CommitOffsets of partition 0 of `topic` for `group`, on source `events`.
@@ -1263,12 +1258,8 @@ async fn a_last_commit_refused_for_good_does_not_hold_the_end_of_the_stream() {
 fn a_commit_the_cluster_does_not_confirm_is_answered_in_time() {
     let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     cluster.create_topic("unconfirmed", 1, 1).expect("topic");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    // The commit's thread may still wait in librdkafka, as the gateway's would.
+    on_own_runtime(2, async {
         let (server, client) = mock_server_with(
             &cluster,
             "unconfirmed",
@@ -1316,21 +1307,29 @@ fn a_commit_the_cluster_does_not_confirm_is_answered_in_time() {
         }
         server.stop().await;
     });
-    // The commit's thread may still wait in librdkafka, as the gateway's would.
-    runtime.shutdown_timeout(Duration::from_secs(10));
 }
 
-/// (On its own runtime, whose end is bounded as the gateway's shutdown is:
-/// a consumer's last synchronous commit after the restart can wait in
-/// librdkafka without end, and a test runtime would wait for it.)
+/// (On its own runtime: a consumer's last synchronous commit after the
+/// restart can wait in librdkafka without end.)
 #[test]
 fn a_consumer_rides_out_a_broker_restart() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(rides_out_a_broker_restart());
+    on_own_runtime(2, rides_out_a_broker_restart());
+}
+
+/// Runs `test` on a runtime of its own with `threads` workers, whose end is
+/// bounded (10 s) as the gateway's shutdown is: a consumer's close or a
+/// commit can wait in librdkafka without end, and a `#[tokio::test]`
+/// runtime would wait for it.
+fn on_own_runtime(threads: usize, test: impl std::future::Future<Output = ()>) {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    let runtime = builder.enable_all().build().expect("runtime");
+    runtime.block_on(test);
     runtime.shutdown_timeout(Duration::from_secs(10));
 }
 

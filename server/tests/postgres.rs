@@ -2883,7 +2883,11 @@ async fn the_session_reset_runs_pg_catalogs_functions_whatever_the_search_path()
 async fn statements_that_set_client_encoding_are_refused() {
     let server = TestServer::start(&config("")).await;
     let client = server.client("key-acme").await;
-    for sql in ["SET client_encoding = 'LATIN1'", "SET NAMES 'LATIN1'"] {
+    for sql in [
+        "SET client_encoding = 'LATIN1'",
+        "SET NAMES 'LATIN1'",
+        "SELECT set_config('client_encoding', 'LATIN1', false)",
+    ] {
         let err = client.execute("pg", sql, vec![]).await.expect_err(sql);
         assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
         assert!(err.message().contains("client_encoding"), "{err:?}");

@@ -279,6 +279,33 @@ async fn consumed_headers_print_in_order_with_repeated_keys() {
     server.stop().await;
 }
 
+/// A line longer than the server's request limit cannot be sent in any
+/// call: `produce` fails with the server's OUT_OF_RANGE, which names the
+/// limit, and says where the failed call started in the input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_of_a_line_over_the_request_limit_says_so_and_where() {
+    let config = format!(
+        "[server]\nmax_request_bytes = 65536\n{}",
+        tenant("kw", "", &kafka("kw", "events", "weir-w-"))
+    );
+    let server = TestServer::start(&config).await;
+    let topic = format!("weir-w-over-{}", uuid::Uuid::new_v4().simple());
+    create_topic(&topic, 1).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("over.txt");
+    std::fs::write(&file, format!("a\n{}\nb\n", "x".repeat(100_000))).expect("write");
+    let path = file.to_str().expect("path");
+    let out = weirctl(&server, "key-kw", &["produce", "events", &topic, "--file", path]).await;
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let said = stderr(&out);
+    assert!(said.contains("OUT_OF_RANGE") && said.contains("65536"), "{said}");
+    assert!(
+        said.contains("0 records were produced") && said.contains("started at record 1"),
+        "{said}"
+    );
+    server.stop().await;
+}
+
 /// `produce` of long lines splits its calls by bytes too: 300 lines of
 /// 100 KB (30 MB) in calls of 1,000 lines would go past the server's 16 MiB
 /// request limit, and produce nothing.

@@ -18,7 +18,7 @@ use weir_client::weir_proto::v1::{
     DeleteSubscriptionRequest, DescribeTableResponse, LoadHeader, Row, TableInfo, TableKind, TableRef, Value,
     WatchStart,
 };
-use weir_client::{describe_status, parse_param, ClientError, TlsOptions, WeirClient};
+use weir_client::{describe_status, parse_param, request_id, with_request_id, ClientError, TlsOptions, WeirClient};
 
 #[derive(Parser)]
 #[command(version, about = "Command line client for Weir")]
@@ -510,8 +510,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 /// Records per Produce call when reading lines, and their bytes: a call
-/// stays well under the server's request size limit (16 MiB by default)
-/// however long the lines are.
+/// stays under the server's request size limit (16 MiB by default) unless
+/// one line is near it, which the server refuses with OUT_OF_RANGE.
 const PRODUCE_BATCH: usize = 1000;
 const PRODUCE_BATCH_BYTES: usize = 4 << 20;
 
@@ -661,8 +661,11 @@ async fn consume(
     request: weir_client::weir_proto::v1::ConsumeRequest,
     out: &mut impl Write,
 ) -> Result<(), Failure> {
-    let mut stream = client.stream().consume(request).await?.into_inner();
-    while let Some(batch) = stream.message().await? {
+    let response = client.stream().consume(request).await?;
+    // Errors made on this side (a stream cut) name the call too.
+    let id = request_id(&response);
+    let mut stream = response.into_inner();
+    while let Some(batch) = stream.message().await.map_err(|s| with_request_id(s, id.as_ref()))? {
         for r in batch.records {
             if format == Format::Json {
                 // Pairs in the record's order: a key may come more than once.

@@ -172,10 +172,36 @@ pub fn sets_mysql_time_zone_or_charset(sql: &str) -> bool {
 }
 
 /// Whether PostgreSQL `sql` sets the session's `client_encoding` (`SET
-/// client_encoding`, `SET NAMES`): Weir sends and reads text as UTF-8, and
-/// a transaction's session would keep the change for its later statements.
+/// client_encoding`, `SET NAMES`, `set_config('client_encoding', ...)`, an
+/// `UPDATE` of `pg_settings` or a `DO` block that sets it): Weir sends and
+/// reads text as UTF-8, and a transaction's session would keep the change
+/// for its later statements. A function of the caller's that sets it, or a
+/// name passed to `set_config` as a parameter, is not seen.
 pub fn sets_postgres_client_encoding(sql: &str) -> bool {
-    sets_one_of(sql, &["client_encoding", "names"])
+    if sets_one_of(sql, &["client_encoding", "names"]) {
+        return true;
+    }
+    // A plain search first: every statement is asked.
+    const NAME: &[u8] = b"client_encoding";
+    if !sql.as_bytes().windows(NAME.len()).any(|w| w.eq_ignore_ascii_case(NAME)) {
+        return false;
+    }
+    set_config_of(sql, "client_encoding")
+        || (has_word(sql, &["pg_settings"]) && has_word(sql, &["update"]))
+        || (may_commit_inside(sql) && has_word(sql, &["set", "set_config"]))
+}
+
+/// Whether `sql` calls `set_config` with the literal `'name'` first.
+fn set_config_of(sql: &str, name: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    lower.match_indices("set_config").any(|(at, call)| {
+        let args = lower[at + call.len()..].trim_start();
+        args.strip_prefix('(')
+            .map(str::trim_start)
+            .and_then(|a| a.strip_prefix('\''))
+            .and_then(|a| a.strip_prefix(name))
+            .is_some_and(|a| a.starts_with('\''))
+    })
 }
 
 /// Whether `sql` is a `SET` of one of `names` (lowercase). Only what is set
@@ -423,6 +449,10 @@ mod tests {
             "SET LOCAL client_encoding TO latin1",
             "SET \"client_encoding\" = 'LATIN1'",
             "SET /* = */ client_encoding = 'LATIN1'",
+            "SELECT set_config('client_encoding', 'LATIN1', false)",
+            "select SET_CONFIG ( 'CLIENT_ENCODING', 'LATIN1', true)",
+            "UPDATE pg_settings SET setting = 'LATIN1' WHERE name = 'client_encoding'",
+            "DO $$BEGIN SET client_encoding = 'LATIN1'; END$$",
         ] {
             assert!(sets_postgres_client_encoding(sql), "{sql}");
         }
@@ -431,6 +461,10 @@ mod tests {
             "SELECT set_config('application_name', 'names', false)",
             "SET application_name = 'client_encoding'",
             "SHOW client_encoding",
+            "SELECT current_setting('client_encoding')",
+            "SELECT name, setting FROM pg_settings WHERE name IN ('client_encoding', 'server_encoding')",
+            "SELECT set_config('app.enc', current_setting('client_encoding'), false)",
+            "DO $$BEGIN RAISE NOTICE '%', current_setting('client_encoding'); END$$",
         ] {
             assert!(!sets_postgres_client_encoding(sql), "{sql}");
         }

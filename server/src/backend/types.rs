@@ -37,6 +37,19 @@ pub const EXACT_IN_DOUBLE: u64 = 1 << 53;
 /// And up to 2^24 in a single-precision float.
 pub const EXACT_IN_FLOAT: u64 = 1 << 24;
 
+/// The float a decimal's special value stands for (`NaN`, `Infinity`,
+/// signed, the spellings PostgreSQL's numeric writes and the API admits),
+/// or None for a number.
+pub fn special_decimal(s: &str) -> Option<f64> {
+    let negative = s.starts_with('-');
+    match s.strip_prefix(['-', '+']).unwrap_or(s) {
+        "NaN" => Some(f64::NAN),
+        "Infinity" if negative => Some(f64::NEG_INFINITY),
+        "Infinity" => Some(f64::INFINITY),
+        _ => None,
+    }
+}
+
 impl Value {
     /// The magnitude of an integer a double would round, past 2^53.
     pub fn rounded_in_double(&self) -> Option<u64> {

@@ -281,10 +281,10 @@ pub fn load_mode_to_proto(mode: LoadMode) -> pb::BulkLoadMode {
 }
 
 fn is_decimal(s: &str) -> bool {
-    let body = s.strip_prefix(['-', '+']).unwrap_or(s);
-    if matches!(body, "NaN" | "Infinity") {
+    if crate::backend::types::special_decimal(s).is_some() {
         return true;
     }
+    let body = s.strip_prefix(['-', '+']).unwrap_or(s);
     let (mantissa, exponent) = match body.split_once(['e', 'E']) {
         Some((m, e)) => (m, Some(e)),
         None => (body, None),

@@ -185,13 +185,13 @@ impl Transactions {
             }
         };
         let Ok(result) = tokio::time::timeout(limit, finishing).await else {
-            // The transaction goes, and with it its connection: the engine
-            // rolls back whatever it had not committed.
+            // The transaction goes, and a network engine's connection with
+            // it: the engine rolls back whatever it had not committed.
             self.open.lock().remove(&key);
             return if commit {
                 Err(BackendError::CommitOutcomeUnknown(format!(
-                    "the database did not answer the commit within its time limit ({limit:?}); \
-                     the connection was closed: check whether the transaction's writes are there"
+                    "the database did not answer the commit within its time limit ({limit:?}) and Weir let the \
+                     transaction go; it may or may not have committed: check whether its writes are there"
                 ))
                 .into())
             } else {

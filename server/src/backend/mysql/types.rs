@@ -6,6 +6,7 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime};
 use mysql_async::consts::{ColumnFlags, ColumnType as My};
 use mysql_async::Value as MyValue;
 
+use crate::backend::types::special_decimal;
 use crate::backend::{Column, ColumnType, Value};
 
 /// MySQL's character set number for binary strings.
@@ -172,10 +173,6 @@ const NO_OFFSET: &str = "MySQL's TIME has no UTC offset; send the time without o
 /// MySQL reads `NaN` or `Infinity` as a decimal as 0, with only a warning.
 const NO_SPECIAL_DECIMAL: &str = "MySQL's DECIMAL has no NaN or infinity (it would read 0); send NULL or a number";
 
-fn not_a_number(decimal: &str) -> bool {
-    matches!(decimal.trim_start_matches(['+', '-']), "NaN" | "Infinity")
-}
-
 /// Converts a parameter; MySQL parses text for the type it expects.
 pub fn param(v: &Value) -> Result<MyValue, String> {
     use chrono::{Datelike, Timelike};
@@ -200,7 +197,7 @@ pub fn param(v: &Value) -> Result<MyValue, String> {
         Value::Int(i) => MyValue::Int(*i),
         Value::UInt(u) => MyValue::UInt(*u),
         Value::Float(f) => MyValue::Double(*f),
-        Value::Decimal(s) if not_a_number(s) => return Err(NO_SPECIAL_DECIMAL.into()),
+        Value::Decimal(s) if special_decimal(s).is_some() => return Err(NO_SPECIAL_DECIMAL.into()),
         Value::Text(s) | Value::Decimal(s) | Value::Json(s) => MyValue::Bytes(s.clone().into_bytes()),
         Value::Bytes(b) => MyValue::Bytes(b.clone()),
         Value::Date(d) => date(*d, NaiveTime::MIN)?,
@@ -259,7 +256,7 @@ pub fn refusal(v: &Value) -> Option<String> {
         | Value::Time(..)
         | Value::Interval { .. }
         | Value::List(_) => param(v).err(),
-        Value::Decimal(s) if not_a_number(s) => Some(NO_SPECIAL_DECIMAL.into()),
+        Value::Decimal(s) if special_decimal(s).is_some() => Some(NO_SPECIAL_DECIMAL.into()),
         _ => None,
     }
 }
@@ -291,7 +288,7 @@ pub fn write_load_text(v: &Value, as_: LoadAs, scratch: &mut String, out: &mut B
             out.put_slice(b"\\N");
             return Ok(());
         }
-        Value::Decimal(s) if not_a_number(s) => return Err(NO_SPECIAL_DECIMAL.into()),
+        Value::Decimal(s) if special_decimal(s).is_some() => return Err(NO_SPECIAL_DECIMAL.into()),
         Value::Text(s) | Value::Decimal(s) | Value::Json(s) => s.as_bytes(),
         Value::Bytes(b) => b,
         Value::Int(i) => number.format(*i).as_bytes(),

@@ -943,8 +943,9 @@ type PgTransaction = super::TxSession<PooledConnection<'static, PgManager>>;
 fn refuse_client_encoding(sql: &str) -> Result<(), BackendError> {
     if crate::backend::sql_text::sets_postgres_client_encoding(sql) {
         return Err(BackendError::Invalid(
-            "statements that set client_encoding (SET client_encoding, SET NAMES) are refused: Weir exchanges \
-             text with PostgreSQL as UTF-8; convert in the statement instead (convert_to(text, 'LATIN1'))"
+            "statements that set client_encoding (SET client_encoding, SET NAMES, set_config, an UPDATE of \
+             pg_settings) are refused: Weir exchanges text with PostgreSQL as UTF-8; convert in the statement \
+             instead (convert_to(text, 'LATIN1'))"
                 .into(),
         ));
     }

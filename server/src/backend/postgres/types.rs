@@ -65,19 +65,29 @@ pub fn column_of(name: &str, ty: &Type, typmod: i32) -> Result<Column, BackendEr
     Ok(col)
 }
 
+/// The type itself, or what it stands for through domains and arrays (an
+/// `int[]`'s `int4`, a domain over `bytea[]`'s `bytea`).
+fn element_base(ty: &Type) -> &Type {
+    match ty.kind() {
+        Kind::Domain(inner) | Kind::Array(inner) => element_base(inner),
+        _ => ty,
+    }
+}
+
+/// The bits of a float type's mantissa, also as a domain's base or an
+/// array's elements; None for other types.
+fn float_bits(ty: &Type) -> Option<i32> {
+    match *element_base(ty) {
+        Type::FLOAT4 => Some(24),
+        Type::FLOAT8 => Some(53),
+        _ => None,
+    }
+}
+
 /// Precision, scale and maximum length encoded in a type modifier.
 pub fn typmod_details(ty: &Type, typmod: i32) -> (Option<i32>, Option<i32>, Option<i64>) {
-    // A float's precision is the bits of its mantissa, as information_schema gives it.
-    // An array's: its elements' (loads check each element against it),
-    // through domains too.
-    fn float_bits(ty: &Type) -> Option<i32> {
-        match ty.kind() {
-            Kind::Domain(inner) | Kind::Array(inner) => float_bits(inner),
-            _ if *ty == Type::FLOAT4 => Some(24),
-            _ if *ty == Type::FLOAT8 => Some(53),
-            _ => None,
-        }
-    }
+    // A float's precision is the bits of its mantissa, as information_schema
+    // gives it; an array's, its elements' (loads check each against it).
     if let Some(bits) = float_bits(ty) {
         return (Some(bits), None, None);
     }
@@ -96,28 +106,11 @@ pub fn typmod_details(ty: &Type, typmod: i32) -> (Option<i32>, Option<i32>, Opti
 /// Refuses an integer parameter that a floating-point parameter type would
 /// round (past 2^24 for `real`, 2^53 for `double precision`).
 pub fn check_param_type(index: usize, ty: &Type, value: &Value) -> Result<(), BackendError> {
-    /// The largest whole number a float type holds with all below it, also
-    /// as a domain's base or an array's elements; None for other types.
-    fn float_exact(ty: &Type) -> Option<u64> {
-        match ty.kind() {
-            Kind::Domain(inner) | Kind::Array(inner) => float_exact(inner),
-            _ if *ty == Type::FLOAT4 => Some(crate::backend::types::EXACT_IN_FLOAT),
-            _ if *ty == Type::FLOAT8 => Some(crate::backend::types::EXACT_IN_DOUBLE),
-            _ => None,
-        }
-    }
     /// The value, or the first element of a (nested) list, past `exact`.
     fn rounded(value: &Value, exact: u64) -> Option<u64> {
         match value {
             Value::List(items) => items.iter().find_map(|v| rounded(v, exact)),
             v => v.rounded_past(exact),
-        }
-    }
-    /// The type, or a domain's base or an array's elements, is bytea.
-    fn is_bytea(ty: &Type) -> bool {
-        match ty.kind() {
-            Kind::Domain(inner) | Kind::Array(inner) => is_bytea(inner),
-            _ => *ty == Type::BYTEA,
         }
     }
     fn has_bytes(value: &Value) -> bool {
@@ -145,7 +138,7 @@ pub fn check_param_type(index: usize, ty: &Type, value: &Value) -> Result<(), Ba
             ),
         });
     }
-    if has_bytes(value) && !is_bytea(ty) {
+    if has_bytes(value) && *element_base(ty) != Type::BYTEA {
         // Sent as text, the bytes would be stored as the literal `\x...`.
         return Err(BackendError::Parameter {
             index: index + 1,
@@ -155,7 +148,8 @@ pub fn check_param_type(index: usize, ty: &Type, value: &Value) -> Result<(), Ba
             ),
         });
     }
-    match float_exact(ty).and_then(|exact| rounded(value, exact)) {
+    // The largest whole number the float holds with every one below it.
+    match float_bits(ty).and_then(|bits| rounded(value, 1u64 << bits)) {
         Some(magnitude) => Err(BackendError::Parameter {
             index: index + 1,
             message: format!("{magnitude} cannot be stored exactly in {ty}; send it as a decimal or a double"),

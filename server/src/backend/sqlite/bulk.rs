@@ -5,11 +5,12 @@
 //! NOTHING` and update the rows that conflicted, which tells inserted from
 //! updated rows apart.
 
+use rusqlite::types::Value as SqlValue;
 use rusqlite::{params_from_iter, Connection, Statement};
 
-use super::{map_error, to_sql};
+use super::{map_error, special, to_sql};
 use crate::backend::bulk::{self, Dialect, LoadSpec, ReceiptSql, RowFeed};
-use crate::backend::{BackendError, LoadMode, LoadOutcome, Row};
+use crate::backend::{BackendError, ColumnType, LoadMode, LoadOutcome, Row, Value};
 
 use bulk::quote_ansi as quote;
 
@@ -28,14 +29,26 @@ fn placeholders(n: usize) -> String {
     (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
 }
 
-/// Binds `values` and runs the statement; errors name the row.
-fn run(statement: &mut Statement<'_>, values: &[&crate::backend::Value], index: u64) -> Result<usize, BackendError> {
+/// A decimal as a load binds it: as text, which the column's affinity
+/// converts (NUMERIC to a number, TEXT keeps it exact, as "10.50"), as a
+/// load of text would; but SQLite reads no text as an infinity, and a NaN
+/// would stay the text "NaN" in a number column: those bind as numbers
+/// (`special`), but into TEXT columns, which keep them as they came.
+fn load_decimal(d: &str, text_column: bool) -> Result<SqlValue, String> {
+    match special(d) {
+        Ok(Some(number)) if !text_column => Ok(number),
+        Err(nan) if !text_column => Err(nan),
+        _ => Ok(SqlValue::Text(d.to_string())),
+    }
+}
+
+/// Binds `values` (each with whether its column is TEXT) and runs the
+/// statement; errors name the row.
+fn run(statement: &mut Statement<'_>, values: &[(&Value, bool)], index: u64) -> Result<usize, BackendError> {
     let bound = values
         .iter()
-        .map(|v| match v {
-            // The column's affinity converts it (NUMERIC to a number, TEXT
-            // keeps it exact, as "10.50"), as a load of text would.
-            crate::backend::Value::Decimal(d) => Ok(rusqlite::types::Value::Text(d.clone())),
+        .map(|&(v, text_column)| match v {
+            Value::Decimal(d) => load_decimal(d, text_column),
             v => to_sql(v),
         })
         .collect::<Result<Vec<_>, _>>()
@@ -52,6 +65,8 @@ struct Writer<'c> {
     /// positions of those columns in a row.
     update: Option<(Statement<'c>, Vec<usize>)>,
     upsert: bool,
+    /// Whether each column (in the row's order) has TEXT affinity.
+    text_columns: Vec<bool>,
 }
 
 impl<'c> Writer<'c> {
@@ -99,19 +114,27 @@ impl<'c> Writer<'c> {
             insert: conn.prepare(&insert).map_err(map_error)?,
             update,
             upsert: spec.mode == LoadMode::Upsert,
+            text_columns: spec
+                .columns
+                .iter()
+                .map(|c| c.column_type == ColumnType::String)
+                .collect(),
         })
     }
 
     /// Writes one row; true when it was inserted rather than updated.
     fn write(&mut self, row: &Row, index: u64) -> Result<bool, BackendError> {
-        let all: Vec<_> = row.iter().collect();
+        let all: Vec<_> = row.iter().zip(self.text_columns.iter().copied()).collect();
         // Outside upserts the INSERT took the row, even where it reports no
         // change (an INSTEAD OF trigger of a view).
         if run(&mut self.insert, &all, index)? == 1 || !self.upsert {
             return Ok(true);
         }
         if let Some((update, order)) = &mut self.update {
-            let values: Vec<_> = order.iter().filter_map(|&i| row.get(i)).collect();
+            let values: Vec<_> = order
+                .iter()
+                .filter_map(|&i| Some((row.get(i)?, *self.text_columns.get(i)?)))
+                .collect();
             // The conflict was found by the index's own comparison (COLLATE
             // NOCASE, say), the UPDATE looks for equal keys: finding none, the
             // row would be lost without a word.

@@ -20,6 +20,7 @@ use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::channel::{self, Worker};
 use crate::backend::sql_text;
+use crate::backend::types::special_decimal;
 use crate::backend::{
     BackendError, Capabilities, Column, ColumnType, ConnectionInfo, Engine, EngineErrorKind, LoadOutcome, LoadSpec,
     PoolStatus, QueryStream, RowFeed, RowSink, SchemaInfo, SqlSource, SqlTransaction, Statement, TableDescription,
@@ -503,8 +504,12 @@ impl SqlSource for SqliteSource {
             .await
     }
 
-    fn refuses(&self, _column: &crate::backend::Column, value: &Value) -> Option<String> {
-        refusal(value)
+    fn refuses(&self, column: &crate::backend::Column, value: &Value) -> Option<String> {
+        match value {
+            // Kept as its text there (`bulk::load_decimal`).
+            Value::Decimal(_) if column.column_type == crate::backend::ColumnType::String => None,
+            value => refusal(value),
+        }
     }
 
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
@@ -879,23 +884,33 @@ fn sqlite_year(d: &chrono::NaiveDate) -> Result<&chrono::NaiveDate, String> {
     }
 }
 
-/// Why a load would refuse `v` whatever its column (NaN, an integer past
-/// SQLite's, a year outside 0000-9999): the binding's own verdict, for the
-/// values it can refuse (none of them copies much to convert). Not decimals:
-/// loads bind them as TEXT, which the column's affinity converts.
+/// Why a load would refuse `v` (NaN, an integer past SQLite's, a year
+/// outside 0000-9999), checked without converting it: a load asks for every
+/// value, then binds it.
 fn refusal(v: &Value) -> Option<String> {
     match v {
-        Value::UInt(_)
-        | Value::Float(_)
-        | Value::Date(_)
-        | Value::Time(..)
-        | Value::Timestamp(_)
-        | Value::TimestampTz(_)
-        | Value::Interval { .. }
-        | Value::List(_) => to_sql(v).err(),
+        // Refused or converted without a copy.
+        Value::UInt(_) | Value::Float(_) | Value::Time(_, Some(_)) | Value::Interval { .. } | Value::List(_) => {
+            to_sql(v).err()
+        }
+        Value::Decimal(s) => special(s).err(),
+        Value::Date(d) => sqlite_year(d).err(),
+        Value::Timestamp(t) => sqlite_year(&t.date()).err(),
+        Value::TimestampTz(t) => sqlite_year(&t.date_naive()).err(),
         _ => None,
     }
 }
+
+/// A decimal's infinity as SQLite's REAL one (as Weir reads it back); NaN
+/// SQLite cannot store (it would become NULL).
+pub(super) fn special(s: &str) -> Result<Option<SqlValue>, String> {
+    match special_decimal(s) {
+        Some(f) if f.is_nan() => Err(NO_NAN.into()),
+        special => Ok(special.map(SqlValue::Real)),
+    }
+}
+
+const NO_NAN: &str = "SQLite cannot store NaN (it would become NULL)";
 
 /// Binds a value as the SQLite storage class that represents it.
 fn to_sql(v: &Value) -> Result<SqlValue, String> {
@@ -907,7 +922,7 @@ fn to_sql(v: &Value) -> Result<SqlValue, String> {
             SqlValue::Integer(i64::try_from(*u).map_err(|_| format!("{u} is larger than SQLite's 64-bit integers"))?)
         }
         // SQLite stores a NaN it is given as NULL.
-        Value::Float(f) if f.is_nan() => return Err("SQLite cannot store NaN (it would become NULL)".into()),
+        Value::Float(f) if f.is_nan() => return Err(NO_NAN.into()),
         Value::Float(f) => SqlValue::Real(*f),
         Value::Decimal(s) => decimal(s)?,
         Value::Text(s) | Value::Json(s) => SqlValue::Text(s.clone()),
@@ -937,22 +952,13 @@ fn to_sql(v: &Value) -> Result<SqlValue, String> {
 /// is 1e20), else its text (kept exact). Bound as text it would compare as
 /// text where the other side has no affinity (an expression, a view's SUM):
 /// in SQLite every number is less than every text, so `total > '100'` is
-/// never true. Infinities are SQLite's REAL ones (as Weir reads them back);
-/// NaN SQLite cannot store.
+/// never true. NaN and the infinities as `special`.
 fn decimal(s: &str) -> Result<SqlValue, String> {
     if let Ok(i) = s.parse::<i64>() {
         return Ok(SqlValue::Integer(i));
     }
-    match s.trim_start_matches(['+', '-']) {
-        "NaN" => return Err("SQLite cannot store NaN (it would become NULL)".into()),
-        "Infinity" => {
-            return Ok(SqlValue::Real(if s.starts_with('-') {
-                f64::NEG_INFINITY
-            } else {
-                f64::INFINITY
-            }))
-        }
-        _ => {}
+    if let Some(special) = special(s)? {
+        return Ok(special);
     }
     let mantissa = s.split(['e', 'E']).next().unwrap_or_default();
     let significant = mantissa

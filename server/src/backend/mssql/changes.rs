@@ -544,7 +544,9 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
     let start = match &spec.resume {
         Some(p) => {
             let p = CdcPos::decode(p)?;
-            check_resume(&spec.name, &p, &stored, &hex::encode(stored.lsn), None)?;
+            // A position past the log's end is another database's.
+            let head = CdcPos::whole(max_lsn(&mut conn).await?);
+            check_resume(&spec.name, &p, &stored, &hex::encode(stored.lsn), Some(&head))?;
             p
         }
         None => stored,

@@ -2919,3 +2919,96 @@ async fn statements_that_set_client_encoding_are_refused() {
     client.commit(&tx).await.expect("commit");
     server.stop().await;
 }
+
+/// A catalog call given up on while its query waits for a lock (a
+/// migration's ACCESS EXCLUSIVE) cancels that query before its session
+/// serves the next call: queued behind it, the next statement would wait
+/// for the lock too, and a cancel sent on its behalf would stop the
+/// catalog query instead of it.
+#[tokio::test]
+async fn a_catalog_call_given_up_on_leaves_no_query_on_its_session() {
+    let toml = tenant(
+        "cat",
+        "statement_timeout = \"1s\"",
+        &postgres("cat", "pg", "[tenants.cat.sources.pg.pool]\nmax_size = 1\n"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-cat").await;
+    let table = "weir_locked_catalog";
+    client
+        .execute("pg", &format!("DROP TABLE IF EXISTS {table}"), vec![])
+        .await
+        .expect("drop");
+    client
+        .execute("pg", &format!("CREATE TABLE {table} (id int PRIMARY KEY)"), vec![])
+        .await
+        .expect("create");
+    let pg = pg_direct().await;
+    pg.batch_execute(&format!("BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .await
+        .expect("lock");
+    let err = client
+        .describe_table("pg", "", table)
+        .await
+        .expect_err("waits for the lock past its time");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let started = std::time::Instant::now();
+    let r = client
+        .execute("pg", "SELECT 1 AS one", vec![])
+        .await
+        .expect("the session is free for the next call");
+    assert_eq!(int(&r.rows[0].values[0]), 1);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    pg.batch_execute("ROLLBACK").await.expect("unlock");
+    client
+        .execute("pg", &format!("DROP TABLE {table}"), vec![])
+        .await
+        .expect("drop");
+    server.stop().await;
+}
+
+/// A transaction running a statement longer than its idle timeout is not
+/// reaped, and meanwhile it stays found and counted: the tenant cannot open
+/// one past `max_open_transactions`, and its handle is never NOT_FOUND
+/// while the reaper waits for the statement to end.
+#[tokio::test]
+async fn a_transaction_busy_past_its_idle_timeout_stays_open_and_counted() {
+    let toml = tenant(
+        "busy",
+        "transaction_idle_timeout = \"1s\"\nstatement_timeout = \"10s\"\nmax_open_transactions = 1",
+        &postgres("busy", "pg", "[tenants.busy.sources.pg.pool]\nmax_size = 3\n"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-busy").await;
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let sleeper = {
+        let (client, tx) = (client.clone(), tx.clone());
+        tokio::spawn(async move { client.execute_in(&tx, "pg", "SELECT pg_sleep(3)", vec![]).await })
+    };
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(2700) {
+        match client.begin("pg", IsolationLevel::Unspecified, false).await {
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}"),
+            Ok(second) => {
+                let _ = client.rollback(&second).await;
+                panic!("a second transaction opened at {:?}", started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sleeper.await.expect("task").expect("the long statement ran to its end");
+    let r = client
+        .execute_in(&tx, "pg", "SELECT 1 AS one", vec![])
+        .await
+        .expect("the transaction is still open");
+    assert_eq!(int(&r.rows[0].values[0]), 1);
+    client.commit(&tx).await.expect("commit");
+    server.stop().await;
+}

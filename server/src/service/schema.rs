@@ -162,16 +162,17 @@ impl SchemaService for SchemaApi {
     ) -> Result<Response<pb::ListTablesResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.get_ref();
-        let source = source(&caller, &r.source)?;
-        let _admitted = self.gate.admit(&caller, None).await?;
-        let budget = Budget::of(&caller);
-        let sql = source.backend.sql()?;
-        let schema = non_empty(&r.schema);
+        // Checked first: a request that can never succeed waits for no slot.
         let page_size = u32::try_from(r.page_size).map_err(|_| Error::InvalidArgument {
             field: "page_size",
             message: "page_size may not be negative (0 lists every table in one answer)".into(),
         })?;
         let after = page_token::read(r)?;
+        let source = source(&caller, &r.source)?;
+        let _admitted = self.gate.admit(&caller, None).await?;
+        let budget = Budget::of(&caller);
+        let sql = source.backend.sql()?;
+        let schema = non_empty(&r.schema);
         let first_page = after.is_none();
         // One more than asked for tells whether another page follows.
         let page = TablePage {

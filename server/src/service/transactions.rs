@@ -4,6 +4,7 @@
 //! credential a reload revoked.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,10 @@ pub struct OpenTransaction {
     revoked: Revocation,
     /// Its source's [`Source::retired`].
     source_retired: CancellationToken,
+    /// The idle reaper is rolling it back: it stays open (and counted
+    /// against the tenant's limit) until the rollback is done, and no later
+    /// reap starts another.
+    reaping: AtomicBool,
 }
 
 impl OpenTransaction {
@@ -91,6 +96,7 @@ impl Transactions {
             last_used: Mutex::new(Instant::now()),
             revoked: caller.revoked.clone(),
             source_retired: source.retired.clone(),
+            reaping: AtomicBool::new(false),
         };
         let refused = {
             let mut open = self.open.lock();
@@ -162,6 +168,8 @@ impl Transactions {
             .filter(|e| !e.revoked.is_cancelled())
             .cloned()
             .ok_or(Error::TransactionNotFound)?;
+        // A commit or rollback uses the transaction: the reaper leaves it.
+        entry.touch();
         if commit {
             self.check_source(caller, &key, &entry)?;
         }
@@ -213,28 +221,36 @@ impl Transactions {
     /// Rolls back transactions idle past their timeout, or opened with a
     /// credential since revoked. Each rollback runs on its own, bounded in
     /// time, so one hung database cannot hold up the others; a transaction
-    /// still running a statement stays until the next reap.
+    /// still running a statement (a statement longer than the idle timeout)
+    /// stays, found and counted as before, until the next reap. Entries stay
+    /// in the registry until their rollback is done: taken out first, such a
+    /// transaction would not count against the tenant's limit, and its
+    /// handle would be NOT_FOUND, while the reaper waits for its session.
     pub fn reap_idle(self: &Arc<Self>) {
         let now = Instant::now();
-        let expired: Vec<_> = {
-            let mut open = self.open.lock();
-            let keys: Vec<_> = open
-                .iter()
-                .filter(|(_, e)| e.revoked.is_cancelled() || now.duration_since(*e.last_used.lock()) >= e.idle_timeout)
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| open.remove(&k).map(|e| (k, e)))
-                .collect()
-        };
+        let expired: Vec<_> = self
+            .open
+            .lock()
+            .iter()
+            .filter(|(_, e)| {
+                (e.revoked.is_cancelled() || now.duration_since(*e.last_used.lock()) >= e.idle_timeout)
+                    && !e.reaping.swap(true, Ordering::AcqRel)
+            })
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
         for (key, entry) in expired {
             let registry = self.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(REAP_ROLLBACK_TIMEOUT, entry.tx.rollback()).await {
-                    Ok(Err(BackendError::Busy)) => {
-                        entry.touch();
-                        registry.open.lock().insert(key, entry);
-                    }
+                let outcome = tokio::time::timeout(REAP_ROLLBACK_TIMEOUT, entry.tx.rollback()).await;
+                if let Ok(Err(BackendError::Busy)) = outcome {
+                    entry.touch();
+                    entry.reaping.store(false, Ordering::Release);
+                    return;
+                }
+                registry.forget(&key, &entry);
+                match outcome {
+                    // Committed or rolled back by its caller meanwhile.
+                    Ok(Err(BackendError::TransactionEnded)) => {}
                     Ok(_) if entry.revoked.is_cancelled() => tracing::info!(
                         tenant = key.0,
                         source = entry.source,
@@ -249,6 +265,14 @@ impl Transactions {
                     ),
                 }
             });
+        }
+    }
+
+    /// Takes `entry` out of the registry, unless it is gone already.
+    fn forget(&self, key: &(String, Handle), entry: &Arc<OpenTransaction>) {
+        let mut open = self.open.lock();
+        if open.get(key).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            open.remove(key);
         }
     }
 

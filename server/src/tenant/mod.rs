@@ -5,7 +5,7 @@
 pub mod reload;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::RwLock;
@@ -128,6 +128,9 @@ pub struct Tenants {
     all: Vec<Arc<Tenant>>,
     shared: Option<Arc<GlobalLimiter>>,
     global: GlobalLimitsConfig,
+    /// The tenants of every earlier snapshot that a call still holds (see
+    /// [`Tenants::let_go_of_replaced_sources`]).
+    superseded: parking_lot::Mutex<Vec<Weak<Tenant>>>,
 }
 
 /// What changed in a reload, for its log line.
@@ -326,6 +329,7 @@ impl Tenants {
                 all,
                 shared,
                 global: config.limits.clone(),
+                superseded: parking_lot::Mutex::default(),
             },
             changes,
         ))
@@ -469,14 +473,17 @@ impl Tenants {
         }
     }
 
-    /// Points `previous`'s tenants, which calls still running may hold (a
-    /// change stream for days), at this snapshot's sources, and lets go of
-    /// those it replaced or removed: a replaced source's pool then closes
-    /// once no call uses it, instead of keeping its idle sessions (and
-    /// logging in again, with an old password) for as long as any call of
-    /// the tenant runs.
+    /// Points the tenants of `previous` and of every snapshot before it
+    /// that calls still running hold (a change stream for days), at this
+    /// snapshot's sources, and lets go of those it replaced or removed: a
+    /// replaced source's pool then closes once no call uses it, instead of
+    /// keeping its idle sessions (and logging in again, with an old
+    /// password) for as long as any call of the tenant runs.
     pub fn let_go_of_replaced_sources(&self, previous: &Tenants) {
-        for old_tenant in &previous.all {
+        let mut older = std::mem::take(&mut *previous.superseded.lock());
+        older.extend(previous.all.iter().map(Arc::downgrade));
+        older.retain(|t| t.strong_count() > 0);
+        for old_tenant in older.iter().filter_map(Weak::upgrade) {
             let now: HashMap<String, Arc<Source>> = self
                 .all
                 .iter()
@@ -485,6 +492,7 @@ impl Tenants {
                 .unwrap_or_default();
             *old_tenant.sources.write() = now;
         }
+        *self.superseded.lock() = older;
     }
 
     /// Once this snapshot is in force: ends the calls made with credentials

@@ -393,6 +393,16 @@ impl PostgresSource {
     /// statement left behind (settings, temporary tables, an open block) is
     /// reset first. Statements (`run`) take theirs from the pool as it is,
     /// and send the reset in the same round trip as the statement.
+    /// A pooled session for catalog queries, guarded as a statement's: a
+    /// call given up on (its time budget, the client gone) while a query
+    /// waits, behind a lock say, cancels it before the session serves
+    /// anyone else, whose statement would queue behind it.
+    async fn catalog_lease(&self) -> Result<StatementGuard, BackendError> {
+        Ok(StatementGuard {
+            lease: Some(Lease::Pooled(self.lease().await?)),
+        })
+    }
+
     async fn lease(&self) -> Result<PooledConnection<'static, PgManager>, BackendError> {
         let mut conn = self.pool.lease().await?;
         if conn.needs_reset {
@@ -448,6 +458,14 @@ struct StatementGuard {
 impl StatementGuard {
     fn finish(&mut self) {
         self.lease = None;
+    }
+
+    /// The session's client, until `finish`.
+    fn client(&self) -> Result<&tokio_postgres::Client, BackendError> {
+        let lease = self.lease.as_ref();
+        lease
+            .map(|l| &l.client)
+            .ok_or_else(|| BackendError::Internal("statement lease missing".into()))
     }
 }
 
@@ -867,37 +885,44 @@ impl SqlSource for PostgresSource {
     }
 
     async fn connection_info(&self) -> Result<ConnectionInfo, BackendError> {
-        let conn = self.lease().await?;
-        let started = Instant::now();
-        conn.client.simple_query("").await.map_err(map_error)?;
-        let round_trip = started.elapsed();
-        let row = conn
-            .client
-            .query_one(
-                "SELECT current_setting('server_version'), current_database()::text, current_user::text",
-                &[],
-            )
-            .await
-            .map_err(map_error)?;
-        Ok(ConnectionInfo {
-            server_version: format!("PostgreSQL {}", row.get::<_, String>(0)),
-            database: row.get(1),
-            user: row.get(2),
-            round_trip,
-            ..Default::default()
-        })
+        let mut guard = self.catalog_lease().await?;
+        let info = async {
+            let client = guard.client()?;
+            let started = Instant::now();
+            client.simple_query("").await.map_err(map_error)?;
+            let round_trip = started.elapsed();
+            let row = client
+                .query_one(
+                    "SELECT current_setting('server_version'), current_database()::text, current_user::text",
+                    &[],
+                )
+                .await
+                .map_err(map_error)?;
+            Ok(ConnectionInfo {
+                server_version: format!("PostgreSQL {}", row.get::<_, String>(0)),
+                database: row.get(1),
+                user: row.get(2),
+                round_trip,
+                ..Default::default()
+            })
+        }
+        .await;
+        guard.finish();
+        info
     }
 
     async fn list_schemas(&self, include_system: bool) -> Result<Vec<SchemaInfo>, BackendError> {
-        schema::list_schemas(&self.lease().await?.client, include_system)
-            .await
-            .map_err(map_error)
+        let mut guard = self.catalog_lease().await?;
+        let schemas = schema::list_schemas(guard.client()?, include_system).await;
+        guard.finish();
+        schemas.map_err(map_error)
     }
 
     async fn list_tables(&self, schema: Option<&str>, page: TablePage) -> Result<Vec<TableInfo>, BackendError> {
-        schema::list_tables(&self.lease().await?.client, schema, &page)
-            .await
-            .map_err(map_error)
+        let mut guard = self.catalog_lease().await?;
+        let tables = schema::list_tables(guard.client()?, schema, &page).await;
+        guard.finish();
+        tables.map_err(map_error)
     }
 
     fn refuses(&self, _column: &Column, value: &Value) -> Option<String> {
@@ -905,7 +930,10 @@ impl SqlSource for PostgresSource {
     }
 
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
-        schema::describe_table(&self.lease().await?.client, schema, table).await
+        let mut guard = self.catalog_lease().await?;
+        let described = schema::describe_table(guard.client()?, schema, table).await;
+        guard.finish();
+        described
     }
 
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {

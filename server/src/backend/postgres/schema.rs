@@ -45,17 +45,41 @@ fn table_kind(relkind: &str) -> TableKind {
     }
 }
 
-// reltuples is -1 for tables never analyzed (PostgreSQL 14 and later); before
-// 14 such a table has 0 with relpages 0: unknown either way, not empty. A
-// partitioned table holds no rows itself: its estimate is its partitions'
+/// Whether the estimate of relation `$t` is unknown: reltuples is -1 for
+/// tables never analyzed (PostgreSQL 14 and later); before 14 such a table
+/// has 0 with relpages 0: unknown either way, not empty.
+macro_rules! unknown_estimate {
+    ($t:literal) => {
+        concat!(
+            "(",
+            $t,
+            ".reltuples < 0 OR (",
+            $t,
+            ".reltuples = 0 AND ",
+            $t,
+            ".relpages = 0 ",
+            "AND current_setting('server_version_num')::int < 140000))"
+        )
+    };
+}
+
+// A partitioned table holds no rows itself: its estimate is its partitions'
 // (unknown while none of them was analyzed).
-const TABLE_COLUMNS: &str = "n.nspname::text, c.relname::text, c.relkind::text, \
-     CASE WHEN c.relkind = 'p' THEN \
-       (SELECT CASE WHEN bool_and(pc.reltuples < 0) THEN -1 ELSE sum(GREATEST(pc.reltuples, 0)) END \
-        FROM pg_partition_tree(c.oid) t JOIN pg_class pc ON pc.oid = t.relid WHERE t.isleaf) \
-     WHEN c.reltuples = 0 AND c.relpages = 0 AND current_setting('server_version_num')::int < 140000 \
-     THEN -1 ELSE c.reltuples END::float8, \
-     COALESCE(obj_description(c.oid, 'pg_class'), '')";
+const TABLE_COLUMNS: &str = concat!(
+    "n.nspname::text, c.relname::text, c.relkind::text, ",
+    "CASE WHEN c.relkind = 'p' THEN ",
+    "(SELECT CASE WHEN bool_and(",
+    unknown_estimate!("pc"),
+    ") THEN -1 ",
+    "ELSE sum(CASE WHEN ",
+    unknown_estimate!("pc"),
+    " THEN 0 ELSE pc.reltuples END) END ",
+    "FROM pg_partition_tree(c.oid) t JOIN pg_class pc ON pc.oid = t.relid WHERE t.isleaf) ",
+    "WHEN ",
+    unknown_estimate!("c"),
+    " THEN -1 ELSE c.reltuples END::float8, ",
+    "COALESCE(obj_description(c.oid, 'pg_class'), '')"
+);
 
 fn table_info(r: &tokio_postgres::Row) -> TableInfo {
     let kind = table_kind(r.get::<_, &str>(2));

@@ -289,7 +289,7 @@ impl From<Error> for Status {
 /// can be any length (a RAISE, a wide table's failing row).
 const MAX_MESSAGE_BYTES: usize = 1024;
 
-fn shortened(mut message: String) -> String {
+pub fn shortened(mut message: String) -> String {
     if message.len() > MAX_MESSAGE_BYTES {
         let mut end = MAX_MESSAGE_BYTES;
         while !message.is_char_boundary(end) {

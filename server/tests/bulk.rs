@@ -2071,6 +2071,23 @@ async fn upserts_match_on_covering_unique_indexes_and_not_on_partial_ones() {
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
     assert!(err.message().contains("partial"), "{}", err.message());
     assert_eq!(ctx.contents(table).await, ["2:a:2"]);
+
+    // A DEFERRABLE primary key, which ON CONFLICT cannot use, is refused
+    // before any row is sent, as partial indexes are.
+    let deferred = "weir_bulk_deferred_key";
+    ctx.exec(&format!("DROP TABLE IF EXISTS {deferred}")).await;
+    ctx.exec(&format!(
+        "CREATE TABLE {deferred} (id INT PRIMARY KEY DEFERRABLE, name TEXT NOT NULL, score INT)"
+    ))
+    .await;
+    let mut h = header(deferred, pb::BulkLoadMode::Upsert);
+    h.conflict_columns = vec!["id".into()];
+    let err = ctx
+        .load(h, vec![vec![row(1, "a", 1)]])
+        .await
+        .expect_err("a deferrable key");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("deferrable"), "{}", err.message());
     ctx.server.stop().await;
 }
 

@@ -189,13 +189,19 @@ fn resolve(header: &Header, table: &TableDescription) -> Result<(Vec<Column>, Ve
     }
     if !conflict.is_empty() {
         let same = |key: &[String]| key.len() == conflict.len() && key.iter().all(|k| conflict.contains(k));
-        let keyed = table.primary_key.as_ref().is_some_and(|pk| same(&pk.columns))
+        // A primary key whose index conflicts cannot use (PostgreSQL's
+        // DEFERRABLE ones, listed as not unique) is no key to match on.
+        let usable_primary = !table.indexes.iter().any(|i| i.primary && !i.unique);
+        let keyed = table
+            .primary_key
+            .as_ref()
+            .is_some_and(|pk| usable_primary && same(&pk.columns))
             || table.indexes.iter().any(|i| i.unique && !i.partial && same(&i.columns));
         if !keyed {
             return Err(bad(
                 "header.conflict_columns",
                 format!(
-                    "{name} has no primary key or unique index on ({}) (a partial one does not count); \
+                    "{name} has no primary key or unique index on ({}) (a partial or deferrable one does not count); \
                      an UPSERT matches rows on one",
                     conflict.join(", ")
                 ),
@@ -210,9 +216,11 @@ fn resolve(header: &Header, table: &TableDescription) -> Result<(Vec<Column>, Ve
 /// into the caller's.
 #[derive(Default)]
 struct Skipped {
-    /// Runs of skipped rows, `(first index, length)`, in order: a load
-    /// whose every row is bad keeps one, not one entry per row.
-    runs: Vec<(u64, u64)>,
+    /// One bit per row of the caller's up to the last one skipped, set for
+    /// the skipped ones: bounded by the rows received (12.5 MB at 100M),
+    /// where a list of runs grew by an entry per bad row of a load that
+    /// alternates good and bad rows.
+    bits: Vec<u64>,
     count: u64,
     reported: Vec<pb::RowError>,
 }
@@ -220,30 +228,43 @@ struct Skipped {
 impl Skipped {
     fn add(&mut self, index: u64, column: Option<&str>, message: String) {
         self.count += 1;
-        match self.runs.last_mut() {
-            Some((first, length)) if *first + *length == index => *length += 1,
-            _ => self.runs.push((index, 1)),
+        let word = usize::try_from(index / 64).unwrap_or(usize::MAX);
+        if self.bits.len() <= word {
+            self.bits.resize(word.saturating_add(1), 0);
+        }
+        if let Some(w) = self.bits.get_mut(word) {
+            *w |= 1 << (index % 64);
         }
         if self.reported.len() < MAX_REPORTED_ROW_ERRORS {
+            // Each cut as a status message is: a thousand of them travel in
+            // one response, which a client's receive limit must take.
             self.reported.push(pb::RowError {
                 row_index: index,
                 column: column.unwrap_or_default().to_string(),
-                message,
+                message: crate::error::shortened(message),
             });
         }
     }
 
-    /// The caller's index of the engine's `sent`-th row.
+    /// The caller's index of the engine's `sent`-th row: the `sent`-th row
+    /// (from 0) not skipped. Asked once, for an engine's row error.
     fn caller_index(&self, sent: u64) -> u64 {
-        let mut index = sent;
-        for &(first, length) in &self.runs {
-            if first <= index {
-                index += length;
-            } else {
-                break;
+        let mut left = sent;
+        for (i, &w) in self.bits.iter().enumerate() {
+            let base = i as u64 * 64;
+            let kept = u64::from((!w).count_ones());
+            if left >= kept {
+                left -= kept;
+                continue;
             }
+            // The `left`-th clear bit of this word.
+            let mut clear = !w;
+            for _ in 0..left {
+                clear &= clear - 1;
+            }
+            return base + u64::from(clear.trailing_zeros());
         }
-        index
+        self.bits.len() as u64 * 64 + left
     }
 
     fn translate(&self, e: BackendError) -> BackendError {
@@ -595,6 +616,11 @@ impl BulkApi {
             i64::try_from(outcome.inserted + outcome.updated).unwrap_or(i64::MAX),
         );
         span.record("bytes", i64::try_from(outcome.bytes).unwrap_or(i64::MAX));
+        // A replay's rows were not loaded by this call: what it skipped on
+        // the way to the receipt is not the first load's (which are not kept).
+        if outcome.replayed {
+            skipped = Skipped::default();
+        }
         Ok(pb::LoadResponse {
             rows_inserted: outcome.inserted,
             rows_updated: outcome.updated,
@@ -814,6 +840,17 @@ mod tests {
     }
 
     #[test]
+    fn reported_row_errors_are_cut_to_what_a_response_carries() {
+        let mut skipped = Skipped::default();
+        skipped.add(0, Some("c"), "x".repeat(1 << 20));
+        assert!(
+            skipped.reported[0].message.len() < 1100,
+            "{}",
+            skipped.reported[0].message.len()
+        );
+    }
+
+    #[test]
     fn engine_row_numbers_skip_over_skipped_rows() {
         let mut skipped = Skipped::default();
         for i in [1, 2, 5] {
@@ -826,9 +863,17 @@ mod tests {
         for i in 7..1_000_000 {
             skipped.add(i, None, "bad".into());
         }
-        assert_eq!((skipped.runs.len(), skipped.count), (3, 999_996));
+        assert_eq!((skipped.bits.len(), skipped.count), (15_625, 999_996));
         assert_eq!(skipped.reported.len(), MAX_REPORTED_ROW_ERRORS);
         assert_eq!(skipped.caller_index(4), 1_000_000);
+        // Every other row skipped: a bit each, across words.
+        let mut alternate = Skipped::default();
+        for i in (1..200).step_by(2) {
+            alternate.add(i, None, String::new());
+        }
+        assert_eq!(alternate.bits.len(), 4);
+        let mapped: Vec<_> = [0, 40, 99, 100, 101, 200].map(|i| alternate.caller_index(i)).to_vec();
+        assert_eq!(mapped, [0, 80, 198, 200, 201, 300]);
     }
 
     #[test]

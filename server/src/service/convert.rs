@@ -208,14 +208,14 @@ fn fit(value: Value, ty: ColumnType, column: &domain::Column) -> Result<Value, S
         (Value::Text(s), T::Uuid) => {
             return uuid::Uuid::parse_str(s)
                 .map(Value::Uuid)
-                .map_err(|e| format!("{s:?} is not a UUID: {e}"))
+                .map_err(|e| format!("{} is not a UUID: {e}", quote(s)))
         }
         // A double holds integers up to 2^53 and decimals of up to 15
         // significant digits exactly, a single-precision float up to 2^24
         // and 6; past that the engine would round.
         (Value::Int(i), T::Float) if i.unsigned_abs() > float_exactness(column).whole => return Err(inexact(i)),
         (Value::UInt(u), T::Float) if *u > float_exactness(column).whole => return Err(inexact(u)),
-        (Value::Decimal(d), T::Float) if !float_exactness(column).holds(d) => return Err(inexact(d)),
+        (Value::Decimal(d), T::Float) if !float_exactness(column).holds(d) => return Err(inexact(quote(d))),
         (Value::Bool(_), T::Bool)
         | (Value::Int(_) | Value::UInt(_), T::Int | T::UInt)
         | (Value::Int(_) | Value::UInt(_) | Value::Float(_) | Value::Decimal(_), T::Float | T::Decimal)
@@ -698,7 +698,7 @@ mod tests {
             uuid::Uuid::parse_str(id).ok().map(Value::Uuid)
         );
         let err = value_for_column(text("not-a-uuid"), &column).expect_err("no UUID");
-        assert!(err.contains("\"not-a-uuid\" is not a UUID"), "{err}");
+        assert!(err.contains("'not-a-uuid' is not a UUID"), "{err}");
     }
 
     #[test]

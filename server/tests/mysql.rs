@@ -1450,3 +1450,43 @@ async fn statements_that_set_the_time_zone_or_character_sets_are_refused() {
     client.commit(&tx).await.expect("commit");
     server.stop().await;
 }
+
+/// Statements the server cannot prepare (error 1295: on MariaDB PREPARE,
+/// EXECUTE and DEALLOCATE; on Oracle MySQL also SAVEPOINT, LOCK TABLES,
+/// CREATE PROCEDURE) run as text when they have no parameters and return
+/// no rows; with parameters, or returning rows, they are INVALID_ARGUMENT
+/// (they were INTERNAL).
+#[tokio::test]
+async fn statements_the_server_cannot_prepare_run_as_text_without_parameters() {
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    let tx = client
+        .begin("maria", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "maria", "PREPARE weir_p FROM 'SELECT 1'", vec![])
+        .await
+        .expect("PREPARE runs as text");
+    let err = client
+        .execute_in(&tx, "maria", "EXECUTE weir_p", vec![])
+        .await
+        .expect_err("rows of an unprepared statement");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("1295"), "{err:?}");
+    client
+        .execute_in(&tx, "maria", "DEALLOCATE PREPARE weir_p", vec![])
+        .await
+        .expect("the transaction goes on, and DEALLOCATE runs as text");
+    let err = client
+        .execute_in(&tx, "maria", "PREPARE weir_q FROM ?", vec!["SELECT 1".into()])
+        .await
+        .expect_err("with a parameter it cannot run as text");
+    assert_eq!(
+        (err.code(), engine_code(&err).as_str()),
+        (Code::InvalidArgument, "1295"),
+        "{err:?}"
+    );
+    client.commit(&tx).await.expect("commit");
+    server.stop().await;
+}

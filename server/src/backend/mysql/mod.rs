@@ -250,7 +250,7 @@ async fn execute(
         tokio::pin!(prep);
         tokio::select! {
             biased;
-            r = &mut prep => r.map_err(map_error)?,
+            r = &mut prep => r,
             () = worker.closed() => {
                 let killed = killer.kill(connection_id).await;
                 let _ = prep.await;
@@ -258,6 +258,12 @@ async fn execute(
                 return Ok(None);
             }
         }
+    };
+    let prepared = match prepared {
+        Err(mysql_async::Error::Server(e)) if e.code == NOT_PREPARABLE && statement.params.is_empty() => {
+            return execute_unprepared(conn, &statement.sql, worker, killer).await;
+        }
+        prepared => prepared.map_err(map_error)?,
     };
     let expected = usize::from(prepared.num_params());
     if expected != statement.params.len() {
@@ -353,6 +359,49 @@ async fn execute(
         }
     }
     Ok((!returns_rows).then_some(affected))
+}
+
+/// The server's "not supported in the prepared statement protocol": Oracle
+/// MySQL prepares none of SAVEPOINT, LOCK TABLES, CREATE PROCEDURE and
+/// others, MariaDB none of PREPARE, EXECUTE and DEALLOCATE.
+const NOT_PREPARABLE: u16 = 1295;
+
+/// Runs a statement the server cannot prepare, which has no parameters, as
+/// text; returns rows affected. One that returns rows is refused (its rows
+/// read as text would not be typed as every other result's are).
+async fn execute_unprepared(
+    conn: &mut Conn,
+    sql: &str,
+    worker: &mut Worker,
+    killer: &Killer,
+) -> Result<Option<u64>, BackendError> {
+    let connection_id = conn.id();
+    let run = conn.query_iter(sql);
+    tokio::pin!(run);
+    let result = tokio::select! {
+        biased;
+        r = &mut run => r.map_err(map_error)?,
+        () = worker.closed() => {
+            let killed = killer.kill(connection_id).await;
+            let _ = run.await;
+            killed?;
+            return Ok(None);
+        }
+    };
+    let returns_rows = !result.columns_ref().is_empty();
+    let affected = result.affected_rows();
+    result.drop_result().await.map_err(map_error)?;
+    if returns_rows {
+        return Err(BackendError::Invalid(
+            "the server cannot prepare this statement (MySQL error 1295), and run as text its rows would \
+             not be typed: Weir runs such statements only when they return no rows"
+                .into(),
+        ));
+    }
+    if !worker.describe(Vec::new()) {
+        return Ok(None);
+    }
+    Ok(Some(affected))
 }
 
 /// Stops statements callers abandoned, with `KILL QUERY` from a session of
@@ -706,6 +755,8 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
                 // the caller's to change (the server closes the session, which
                 // a transaction then finds lost).
                 1153 => K::InvalidArgument,
+                // Not preparable, and sent with parameters (`execute_unprepared`).
+                NOT_PREPARABLE => K::InvalidArgument,
                 // Access denied, account locked (MySQL 3118, MariaDB 4151),
                 // host not allowed or blocked, password expired, an
                 // authentication method the driver lacks.

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use mysql_async::binlog::events::{EventData, RowsEventData};
+use mysql_async::binlog::jsonb::JsonDom;
 use mysql_async::binlog::value::BinlogValue;
 use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStreamRequest, Conn, Opts, Value as MyValue};
@@ -213,15 +214,60 @@ fn width(native: &str) -> Option<usize> {
     rest.split_once(')')?.0.trim().parse().ok()
 }
 
+/// Writes MySQL's binary JSON as the text a query of the column returns:
+/// decimals (`12.50`, from `JSON_OBJECT('p', 12.50)` or a DECIMAL column
+/// cast to JSON) as numbers, digits kept; the driver's document model
+/// writes them as strings. Dates, times and other opaque scalars are
+/// strings, as MySQL writes them.
+fn write_json(dom: JsonDom, out: &mut String) {
+    use mysql_async::binlog::jsonb::{JsonContainer, JsonNumber, JsonScalar};
+    match dom {
+        JsonDom::Container(JsonContainer::Array(items)) => {
+            out.push('[');
+            for (i, item) in items.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json(item, out);
+            }
+            out.push(']');
+        }
+        JsonDom::Container(JsonContainer::Object(members)) => {
+            out.push('{');
+            for (i, (key, value)) in members.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(key).to_string());
+                out.push(':');
+                write_json(value, out);
+            }
+            out.push('}');
+        }
+        JsonDom::Scalar(JsonScalar::Number(JsonNumber::Decimal(d))) => {
+            let text = d.to_string();
+            let text = match text.strip_prefix('-') {
+                Some(rest) if rest.starts_with('.') => format!("-0{rest}"),
+                _ if text.starts_with('.') => format!("0{text}"),
+                _ => text,
+            };
+            // A number as JSON reads one, else (never seen) its text.
+            match serde_json::from_str::<serde_json::Number>(&text) {
+                Ok(_) => out.push_str(&text),
+                Err(_) => out.push_str(&serde_json::Value::String(text).to_string()),
+            }
+        }
+        JsonDom::Scalar(scalar) => out.push_str(&serde_json::Value::from(scalar).to_string()),
+    }
+}
+
 fn convert(v: BinlogValue<'_>, shape: &Shape) -> Result<Value, String> {
     let v = match v {
         BinlogValue::Value(v) => v,
         BinlogValue::Jsonb(j) => {
-            // Through the document model, which writes the opaque scalars
-            // MySQL keeps decimals, dates and times in as strings (the direct
-            // conversion refuses them).
-            let json = serde_json::Value::from(j.parse().map_err(|e| format!("binary JSON: {e}"))?);
-            return Ok(Value::Json(json.to_string()));
+            let mut text = String::new();
+            write_json(j.parse().map_err(|e| format!("binary JSON: {e}"))?, &mut text);
+            return Ok(Value::Json(text));
         }
         BinlogValue::JsonDiff(_) => {
             return Err("partial JSON updates are not supported; set binlog_row_value_options = ''".into())
@@ -1173,6 +1219,35 @@ fn follows_rotate(log_pos: u64, timestamp: u32, described: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_decimals_are_numbers_as_a_query_returns_them() {
+        use mysql_async::binlog::jsonb::{JsonContainer, JsonNumber, JsonScalar};
+        use mysql_common::binlog::decimal::Decimal;
+        let number = |n: JsonNumber| JsonDom::Scalar(JsonScalar::Number(n));
+        let decimal = |d: &str| number(JsonNumber::Decimal(d.parse::<Decimal>().expect("decimal")));
+        let dom = JsonDom::Container(JsonContainer::Object(
+            [
+                ("price".to_string(), decimal("12.50")),
+                ("small".to_string(), decimal("-0.5")),
+                (
+                    "list".to_string(),
+                    JsonDom::Container(JsonContainer::Array(vec![
+                        number(JsonNumber::Int(-1)),
+                        number(JsonNumber::Double(1.5)),
+                        JsonDom::Scalar(JsonScalar::String("a\"b".into())),
+                        JsonDom::Scalar(JsonScalar::Null),
+                    ])),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        ));
+        let mut text = String::new();
+        write_json(dom, &mut text);
+        assert_eq!(text, r#"{"list":[-1,1.5,"a\"b",null],"price":12.50,"small":-0.5}"#);
+        serde_json::from_str::<serde_json::Value>(&text).expect("valid JSON");
+    }
 
     #[test]
     fn rotates_are_followed_except_the_first_artificial_one() {

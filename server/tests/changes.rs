@@ -905,6 +905,32 @@ async fn an_ack_on_a_watch_the_server_ended_gets_its_status() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// A snapshot row with a value Weir cannot decode (a date past chrono's
+/// year 262143, which PostgreSQL takes) ends the stream as the value's
+/// error, INVALID_ARGUMENT naming the column, not as a lost session
+/// (UNAVAILABLE, which a client would retry, reading the snapshot again).
+#[tokio::test]
+async fn postgres_a_snapshot_value_that_does_not_decode_is_its_columns_error() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let t = ctx.name("far_dates");
+    ctx.sql(&format!("CREATE TABLE {t} (id INT PRIMARY KEY, far date)"))
+        .await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, '300000-01-01')")).await;
+    let sub = ctx.name("far_dates");
+    let mut start = ctx.start(&[&t], &sub);
+    start.snapshot = true;
+    let mut watch = ctx.watch(start).await;
+    let e = stream_error(&mut watch).await;
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::InvalidArgument, "UNSUPPORTED_TYPE"),
+        "{e:?}"
+    );
+    assert!(e.message().contains("far"), "{e:?}");
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// An infinite date or timestamp (a common "valid until" value) has no
 /// typed form: in a change event or a snapshot row it comes as the text
 /// `infinity`, so the subscription reads on instead of failing at that

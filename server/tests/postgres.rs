@@ -3012,3 +3012,42 @@ async fn a_transaction_busy_past_its_idle_timeout_stays_open_and_counted() {
     client.commit(&tx).await.expect("commit");
     server.stop().await;
 }
+
+/// A statement Weir refused when it described it (a column of a type it
+/// does not support) is prepared again on its next call: after the table
+/// is changed, the same text runs, on the same session.
+#[tokio::test]
+async fn a_statement_refused_for_its_columns_runs_once_the_table_is_changed() {
+    let toml = tenant(
+        "stale",
+        "",
+        &postgres("stale", "pg", "[tenants.stale.sources.pg.pool]\nmax_size = 1\n"),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-stale").await;
+    let table = "weir_refused_columns";
+    for sql in [
+        format!("DROP TABLE IF EXISTS {table}"),
+        format!("CREATE TABLE {table} (id int, pt point)"),
+        format!("INSERT INTO {table} VALUES (1, '(1,2)')"),
+    ] {
+        client.execute("pg", &sql, vec![]).await.expect("setup");
+    }
+    let select = format!("SELECT * FROM {table}");
+    let err = client.execute("pg", &select, vec![]).await.expect_err("point");
+    assert_eq!(reason(&err), "UNSUPPORTED_TYPE", "{err:?}");
+    client
+        .execute("pg", &format!("ALTER TABLE {table} DROP COLUMN pt"), vec![])
+        .await
+        .expect("alter");
+    let r = client
+        .execute("pg", &select, vec![])
+        .await
+        .expect("prepared again for the changed table");
+    assert_eq!((r.columns.len(), int(&r.rows[0].values[0])), (1, 1));
+    client
+        .execute("pg", &format!("DROP TABLE {table}"), vec![])
+        .await
+        .expect("drop");
+    server.stop().await;
+}

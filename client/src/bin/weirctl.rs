@@ -113,7 +113,7 @@ enum Command {
         /// CSV text that means NULL when unquoted (a quoted field is never NULL).
         #[arg(long, default_value = "")]
         null: String,
-        /// Rows per message sent to the server (a message also ends at about 4 MiB).
+        /// Rows per message sent to the server, at most 100,000 (a message also ends at about 4 MiB).
         #[arg(long, default_value_t = 5000)]
         batch_rows: usize,
         /// Skip rows the server finds invalid and report them, instead of failing the load.
@@ -283,10 +283,20 @@ impl fmt::Display for Failure {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(run(cli));
+    // Not waiting for an input reader blocked on stdin (a load the server
+    // refused while rows still trickle in): the answer is already given.
+    runtime.shutdown_background();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`weirctl query ... | head`): not an error.
         Err(Failure::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
@@ -501,7 +511,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 &file,
                 format_in,
                 &null,
-                batch_rows.max(1),
+                // The server takes at most 100,000 rows per message.
+                batch_rows.clamp(1, 100_000),
                 &mut out,
             )
             .await

@@ -624,8 +624,16 @@ impl Reader {
             pin_mut!(rows);
             while let Some(row) = rows.try_next().await.map_err(map_error)? {
                 let mut values = Vec::with_capacity(columns.len());
-                for i in 0..columns.len() {
-                    values.push(row.try_get::<_, ChangeValue>(i).map_err(map_error)?.0);
+                for (i, column) in columns.iter().enumerate() {
+                    // A value that does not decode (a date past chrono's
+                    // years) is the row's, not a lost session's.
+                    let value = row
+                        .try_get::<_, ChangeValue>(i)
+                        .map_err(|e| BackendError::UnsupportedType {
+                            column: column.name.clone(),
+                            type_name: format!("{} ({e})", column.native_type),
+                        })?;
+                    values.push(value.0);
                 }
                 if self.out.send(snapshot.row(values)).await.is_err() {
                     return Ok(Err(()));

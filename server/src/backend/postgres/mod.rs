@@ -601,6 +601,10 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
         let columns = match describe(&prepared, &statement) {
             Ok(columns) => columns,
             Err(e) => {
+                // Not kept: PostgreSQL never sees it, so no stale-plan
+                // error would ever replace what was refused here (a column
+                // of an unsupported type, dropped since).
+                lease.statements.remove(&statement.sql);
                 guard.finish();
                 return Err(e);
             }

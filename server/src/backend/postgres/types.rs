@@ -220,10 +220,26 @@ pub(super) fn decode_change(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
                 i64::MIN => Some("-infinity"),
                 _ => None,
             }),
+            Type::INTERVAL => infinite_interval(raw),
             _ => None,
         };
         infinite.map(|text| Value::Text(text.to_string())).ok_or(e)
     })
+}
+
+/// `infinity` or `-infinity` for an interval PostgreSQL 17 or later wrote
+/// as one: every field at its largest, or every one at its smallest.
+fn infinite_interval(raw: &[u8]) -> Option<&'static str> {
+    let fields = (
+        wire::int8_from_sql(raw.get(..8)?).ok()?,
+        wire::int4_from_sql(raw.get(8..12)?).ok()?,
+        wire::int4_from_sql(raw.get(12..16)?).ok()?,
+    );
+    match fields {
+        (i64::MAX, i32::MAX, i32::MAX) => Some("infinity"),
+        (i64::MIN, i32::MIN, i32::MIN) => Some("-infinity"),
+        _ => None,
+    }
 }
 
 pub(super) fn pg_epoch() -> NaiveDateTime {
@@ -302,10 +318,20 @@ pub(super) fn decode(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
             if raw.len() != 16 {
                 return Err("invalid interval length".into());
             }
+            let (microseconds, days, months) = (
+                wire::int8_from_sql(&raw[..8])?,
+                wire::int4_from_sql(&raw[8..12])?,
+                wire::int4_from_sql(&raw[12..])?,
+            );
+            // PostgreSQL 17's infinite intervals, each field at its limit:
+            // not a span of 178 million years.
+            if infinite_interval(raw).is_some() {
+                return Err("infinite intervals cannot be represented; cast to text".into());
+            }
             Value::Interval {
-                microseconds: wire::int8_from_sql(&raw[..8])?,
-                days: wire::int4_from_sql(&raw[8..12])?,
-                months: wire::int4_from_sql(&raw[12..])?,
+                microseconds,
+                days,
+                months,
             }
         }
         Type::UUID => Value::Uuid(uuid::Uuid::from_bytes(wire::uuid_from_sql(raw)?)),
@@ -583,6 +609,37 @@ pub(super) fn write_text(v: &Value, out: &mut String, in_array: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_17_infinite_intervals_are_not_taken_for_spans() {
+        let interval = |micros: i64, days: i32, months: i32| {
+            let mut raw = micros.to_be_bytes().to_vec();
+            raw.extend_from_slice(&days.to_be_bytes());
+            raw.extend_from_slice(&months.to_be_bytes());
+            raw
+        };
+        let plus = interval(i64::MAX, i32::MAX, i32::MAX);
+        let minus = interval(i64::MIN, i32::MIN, i32::MIN);
+        assert!(decode(&Type::INTERVAL, &plus).is_err());
+        assert!(decode(&Type::INTERVAL, &minus).is_err());
+        assert_eq!(
+            decode_change(&Type::INTERVAL, &plus).ok(),
+            Some(Value::Text("infinity".into()))
+        );
+        assert_eq!(
+            decode_change(&Type::INTERVAL, &minus).ok(),
+            Some(Value::Text("-infinity".into()))
+        );
+        // One field at its limit is a span like any other.
+        assert_eq!(
+            decode(&Type::INTERVAL, &interval(i64::MAX, 0, 0)).ok(),
+            Some(Value::Interval {
+                microseconds: i64::MAX,
+                days: 0,
+                months: 0
+            })
+        );
+    }
 
     #[test]
     fn float_precision_reaches_through_arrays_and_domains() {

@@ -329,3 +329,47 @@ async fn produce_of_long_lines_stays_under_the_request_limit() {
     );
     server.stop().await;
 }
+
+/// A load the server refuses ends weirctl with the server's answer at once,
+/// even while its input (stdin, still open) has more to come: it does not
+/// wait for the reader of that input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_load_exits_while_its_input_is_still_open() {
+    use std::io::Write;
+    let server = TestServer::start(&tenant("ri", "", &sqlite_demo("ri", "db"))).await;
+    let mut child = std::process::Command::new(weirctl_path())
+        .args(["--addr", &server.addr, "--key", "key-ri"])
+        .args(["load", "db", "customers", "-", "--mode", "upsert", "--input", "csv"])
+        .env_remove("WEIR_API_KEY")
+        .env_remove("WEIR_API_KEY_FILE")
+        .env_remove("WEIR_ADDR")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run weirctl");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(b"id,name\n1,a\n").expect("write");
+    input.flush().expect("flush");
+    // `input` stays open: no end of input comes.
+    let waited = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return Some((status, child.wait_with_output().expect("output")));
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .expect("the waiting thread");
+    drop(input);
+    let (status, out) = waited.expect("weirctl exited with its input still open");
+    assert!(!status.success());
+    assert!(stderr(&out).contains("INVALID_ARGUMENT"), "{}", stderr(&out));
+    server.stop().await;
+}

@@ -931,6 +931,37 @@ async fn postgres_a_snapshot_value_that_does_not_decode_is_its_columns_error() {
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// A column of a type Weir cannot represent, added to a watched table while
+/// its stream runs, does not stop the stream at that change for good: its
+/// values come as PostgreSQL's binary form, the column's type unspecified
+/// (its native type named).
+#[tokio::test]
+async fn postgres_a_column_of_an_unsupported_type_added_midway_comes_as_bytes() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let t = ctx.table("added_point").await;
+    let sub = ctx.name("added_point");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("ALTER TABLE {t} ADD COLUMN pt point")).await;
+    ctx.sql(&format!("INSERT INTO {t} (id, v, pt) VALUES (1, 'a', '(1,2)')"))
+        .await;
+    ctx.sql(&format!("INSERT INTO {t} (id, v) VALUES (2, 'b')")).await;
+    let messages = read_changes(&mut watch, 2).await;
+    let got = changes(&messages);
+    let row = got[0].after.as_ref().expect("a row");
+    let pt = got[0].columns.iter().find(|c| c.name == "pt").expect("the new column");
+    assert_eq!(
+        (pt.r#type, pt.native_type.as_str()),
+        (pb::ColumnType::Unspecified as i32, "point"),
+        "{pt:?}"
+    );
+    let mut point = 1f64.to_be_bytes().to_vec();
+    point.extend_from_slice(&2f64.to_be_bytes());
+    assert_eq!(col(got[0], row, "pt").kind, Some(pb::value::Kind::BytesValue(point)));
+    assert_eq!(id_of(got[1]), 2);
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// An infinite date or timestamp (a common "valid until" value) has no
 /// typed form: in a change event or a snapshot row it comes as the text
 /// `infinity`, so the subscription reads on instead of failing at that

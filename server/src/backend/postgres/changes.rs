@@ -31,7 +31,7 @@ use crate::backend::changes::{
     self, check_resume, Acks, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, SnapshotTable, TableName,
     WatchSpec,
 };
-use crate::backend::{BackendError, Column, Row, Value};
+use crate::backend::{BackendError, Column, ColumnType, Row, Value};
 
 /// Items buffered between the reading task and a slow client.
 /// How long a take-over waits for the old consumer's connection to end.
@@ -523,7 +523,14 @@ impl Reader {
         let mut types = Vec::with_capacity(r.columns.len());
         for c in &r.columns {
             let ty = self.type_of(c.type_oid).await?;
-            columns.push(column_of(&c.name, &ty, c.typmod)?);
+            // A column of a type Weir cannot represent, added while the
+            // stream runs (the watch refused the table with one at its
+            // start): its values come as PostgreSQL's binary form. Refused,
+            // the stream would stop at this change on every resume, since
+            // the log describes each change with the table as it was then.
+            let column = column_of(&c.name, &ty, c.typmod)
+                .unwrap_or_else(|_| Column::new(&c.name, ty.name(), ColumnType::Unsupported));
+            columns.push(column);
             types.push(ty);
         }
         let primary_key = match self.watched.get(&r.id) {
@@ -668,6 +675,14 @@ impl Reader {
                     }
                 },
                 Datum::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+                Datum::Binary(b)
+                    if rel
+                        .columns
+                        .get(i)
+                        .is_some_and(|c| c.column_type == ColumnType::Unsupported) =>
+                {
+                    Value::Bytes(b.to_vec())
+                }
                 Datum::Binary(b) => {
                     let ty = rel
                         .types

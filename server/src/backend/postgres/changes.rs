@@ -23,7 +23,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
 use super::pgoutput::{self, lsn_text, Datum, Message, Relation};
-use super::replication::{slot_held, Event, Replication, SLOT_RETRY};
+use super::replication::{slot_held, status_interval, Event, Replication, SLOT_RETRY};
 use super::types::{column_of, decode_change, pg_epoch, ChangeValue};
 use super::{map_error, Target};
 use crate::backend::bulk::quote_ansi;
@@ -709,22 +709,13 @@ impl Reader {
 
     /// Delivers what the slot's stream brings until the client goes (`Ok`)
     /// or the database fails.
-    async fn stream(&mut self, repl: &mut Replication, acks: &mut Acks) -> Result<(), BackendError> {
+    /// `silence`: after how long without a word from the server the
+    /// connection counts as lost (see `silence`).
+    async fn stream(&mut self, repl: &mut Replication, acks: &mut Acks, silence: Duration) -> Result<(), BackendError> {
         let every = self.spec.heartbeat_interval;
         let mut tick = tokio::time::interval(every.min(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut txn: Option<Txn> = None;
-        let timeout_ms: i64 = self
-            .client
-            .query_one(
-                "SELECT setting::int8 FROM pg_settings WHERE name = 'wal_sender_timeout'",
-                &[],
-            )
-            .await
-            .map_err(map_error)?
-            .try_get(0)
-            .map_err(map_error)?;
-        let silence = silence(timeout_ms);
         // When the reader last waited for the server and heard from it.
         let mut heard = Instant::now();
         loop {
@@ -912,8 +903,20 @@ impl Reader {
                 Err(()) => return Ok(()),
             }
         }
-        let mut repl = Replication::start(&self.config, &self.spec.id, self.delivered.lsn, self.acked.lsn).await?;
-        self.stream(&mut repl, &mut acks).await
+        let timeout_ms: i64 = self
+            .client
+            .query_one(
+                "SELECT setting::int8 FROM pg_settings WHERE name = 'wal_sender_timeout'",
+                &[],
+            )
+            .await
+            .map_err(map_error)?
+            .try_get(0)
+            .map_err(map_error)?;
+        let positions = (self.delivered.lsn, self.acked.lsn);
+        let every = status_interval(timeout_ms);
+        let mut repl = Replication::start(&self.config, &self.spec.id, positions, every).await?;
+        self.stream(&mut repl, &mut acks, silence(timeout_ms)).await
     }
 }
 

@@ -22,8 +22,18 @@ use crate::backend::BackendError;
 
 /// The server ends a replication connection that says nothing for
 /// `wal_sender_timeout` (60 s by default); a status report goes out at least
-/// this often, whether or not the reader keeps up.
+/// this often, whether or not the reader keeps up, and at least twice
+/// within the server's timeout when it is shorter (`status_interval`).
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often status reports go out for the server's `wal_sender_timeout`
+/// (milliseconds; 0 turns the server's timeout off).
+pub(super) fn status_interval(wal_sender_timeout_ms: i64) -> Duration {
+    match u64::try_from(wal_sender_timeout_ms) {
+        Ok(ms) if ms > 0 => STATUS_INTERVAL.min(Duration::from_millis(ms / 2).max(Duration::from_millis(100))),
+        _ => STATUS_INTERVAL,
+    }
+}
 /// How long to wait for a slot that an ending reader still holds: its
 /// server process releases it as it exits.
 pub(super) const SLOT_RETRY: Duration = Duration::from_secs(5);
@@ -69,7 +79,12 @@ impl Replication {
     /// the same name) as pgoutput messages with binary tuples. `flushed` is
     /// what the slot may already forget; it must not be behind the slot's
     /// confirmed position (PostgreSQL 15 would move it back).
-    pub(super) async fn start(target: &Target, slot: &str, start: u64, flushed: u64) -> Result<Self, BackendError> {
+    pub(super) async fn start(
+        target: &Target,
+        slot: &str,
+        (start, flushed): (u64, u64),
+        every: Duration,
+    ) -> Result<Self, BackendError> {
         let mut conn = Conn::open(target).await?;
         let command = format!(
             "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names '{}', binary 'true')",
@@ -93,7 +108,7 @@ impl Replication {
             flushed,
             reply: false,
         };
-        tokio::spawn(report(write, rx, status));
+        tokio::spawn(report(write, rx, status, every));
         Ok(Self {
             read,
             buf,
@@ -158,10 +173,15 @@ pub(super) fn slot_held(e: &BackendError, deadline: Instant) -> bool {
     matches!(e, BackendError::Engine { code, .. } if code == OBJECT_IN_USE) && Instant::now() < deadline
 }
 
-/// Sends each status report, and the last one again every `STATUS_INTERVAL`,
+/// Sends each status report, and the last one again `every` so often,
 /// until the reader is dropped or the connection fails.
-async fn report(mut write: WriteHalf<Box<dyn Io>>, mut rx: mpsc::UnboundedReceiver<Status>, mut last: Status) {
-    let mut interval = tokio::time::interval(STATUS_INTERVAL);
+async fn report(
+    mut write: WriteHalf<Box<dyn Io>>,
+    mut rx: mpsc::UnboundedReceiver<Status>,
+    mut last: Status,
+    every: Duration,
+) {
+    let mut interval = tokio::time::interval(every);
     let mut out = BytesMut::with_capacity(64);
     loop {
         tokio::select! {
@@ -465,6 +485,15 @@ async fn connect(target: &Target) -> Result<Box<dyn Io>, BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_reports_go_out_twice_within_a_short_wal_sender_timeout() {
+        assert_eq!(status_interval(60_000), STATUS_INTERVAL);
+        assert_eq!(status_interval(5_000), Duration::from_millis(2_500));
+        // Off (0): the server ends nothing; the default keeps the slot moving.
+        assert_eq!(status_interval(0), STATUS_INTERVAL);
+        assert_eq!(status_interval(1), Duration::from_millis(100));
+    }
 
     #[test]
     fn a_status_report_is_a_standby_status_update() {

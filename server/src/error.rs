@@ -289,6 +289,32 @@ impl From<Error> for Status {
 /// can be any length (a RAISE, a wide table's failing row).
 const MAX_MESSAGE_BYTES: usize = 1024;
 
+/// The most the record lists of a failed Produce take (see `index_ranges`).
+const MAX_RECORD_LISTS_BYTES: usize = 4096;
+
+/// Ascending indexes as `0-4,7,9-12`: runs of three or more as ranges.
+fn index_ranges(indexes: &[usize]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while let Some(&first) = indexes.get(i) {
+        let mut last = first;
+        while indexes.get(i + 1) == Some(&(last + 1)) {
+            last += 1;
+            i += 1;
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        match last - first {
+            0 => out.push_str(&first.to_string()),
+            1 => out.push_str(&format!("{first},{last}")),
+            _ => out.push_str(&format!("{first}-{last}")),
+        }
+        i += 1;
+    }
+    out
+}
+
 pub fn shortened(mut message: String) -> String {
     if message.len() > MAX_MESSAGE_BYTES {
         let mut end = MAX_MESSAGE_BYTES;
@@ -403,14 +429,23 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
         } => {
             // The cause's code and reason, and which records to send again.
             let (code, mut d) = backend_parts(cause);
-            let list = |v: &[usize]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
             let (reason, mut meta) = d
                 .error_info()
                 .map(|i| (i.reason.clone(), i.metadata.clone()))
                 .unwrap_or_default();
-            meta.insert("failed_records".into(), list(failed));
-            meta.insert("unknown_records".into(), list(unknown));
-            meta.insert("acknowledged_records".into(), list(acknowledged));
+            let mut lists = [failed, unknown, acknowledged].map(|v| index_ranges(v));
+            // Past what a client takes in trailers (gRPC C-core and Java
+            // refuse more than 8 KiB, hyper closes the connection past 64):
+            // every record is unknown, which is true of none it wrongly
+            // names written or not.
+            if lists.iter().map(String::len).sum::<usize>() > MAX_RECORD_LISTS_BYTES {
+                let all: Vec<usize> = (0..failed.len() + unknown.len() + acknowledged.len()).collect();
+                lists = [String::new(), index_ranges(&all), String::new()];
+            }
+            let [failed, unknown, acknowledged] = lists;
+            meta.insert("failed_records".into(), failed);
+            meta.insert("unknown_records".into(), unknown);
+            meta.insert("acknowledged_records".into(), acknowledged);
             d.set_error_info(reason, ERROR_DOMAIN, meta);
             (code, d)
         }
@@ -420,6 +455,35 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn produce_record_lists_are_ranges_and_stay_small() {
+        assert_eq!(index_ranges(&[]), "");
+        assert_eq!(index_ranges(&[1, 2]), "1,2");
+        assert_eq!(index_ranges(&[0, 1, 2, 3, 7, 9, 10, 11]), "0-3,7,9-11");
+        let partial = |failed: Vec<usize>, acknowledged: Vec<usize>| {
+            let status = tonic::Status::from(Error::Backend(BackendError::ProducePartial {
+                cause: Box::new(BackendError::Unavailable("gone".into())),
+                acknowledged,
+                failed,
+                unknown: Vec::new(),
+            }));
+            let info = status.get_error_details().error_info().cloned().expect("info");
+            let list = |k: &str| info.metadata.get(k).cloned().unwrap_or_default();
+            (
+                list("failed_records"),
+                list("unknown_records"),
+                list("acknowledged_records"),
+            )
+        };
+        assert_eq!(
+            partial((0..50_000).collect(), (50_000..100_000).collect()),
+            ("0-49999".into(), String::new(), "50000-99999".into())
+        );
+        // Every other record of 100,000 failed: too long to list, all unknown.
+        let (odd, even): (Vec<usize>, Vec<usize>) = (0..100_000).partition(|i| i % 2 == 1);
+        assert_eq!(partial(odd, even), (String::new(), "0-99999".into(), String::new()));
+    }
 
     #[test]
     fn a_lost_transaction_keeps_the_engines_code() {

@@ -259,7 +259,9 @@ pub fn map_error(e: KafkaError) -> BackendError {
         | C::InvalidArgument
         | C::InvalidRecord
         | C::InvalidTopic
-        | C::InvalidTimestamp => EngineErrorKind::InvalidArgument,
+        | C::InvalidTimestamp
+        // A good record whose batch the broker refused for another one.
+        | C::InvalidDifferentRecord => EngineErrorKind::InvalidArgument,
         // A broker quota, or a group at its size limit: the same call can succeed soon.
         C::ThrottlingQuotaExceeded | C::GroupMaxSizeReached => EngineErrorKind::Overloaded,
         C::PolicyViolation => EngineErrorKind::FailedPrecondition,
@@ -949,6 +951,10 @@ impl TopicSource for KafkaSource {
         let results = producer.send_all(queued, Duration::from_secs(5), answer_by).await;
         let (mut acks, mut acknowledged, mut failed, mut unknown, mut cause) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), None);
+        // A record failed only for another one of its batch (the broker
+        // refuses a batch for one bad record): the cause only when no record
+        // failed for its own reason.
+        let mut for_another = None;
         for (i, r) in results.into_iter().enumerate() {
             match r {
                 Ok(d) => {
@@ -978,10 +984,15 @@ impl TopicSource for KafkaSource {
                     } else {
                         failed.push(i);
                     }
-                    cause.get_or_insert_with(|| map_error(e));
+                    if e == KafkaError::MessageProduction(RDKafkaErrorCode::InvalidDifferentRecord) {
+                        for_another.get_or_insert_with(|| map_error(e));
+                    } else {
+                        cause.get_or_insert_with(|| map_error(e));
+                    }
                 }
             }
         }
+        let mut cause = cause.or(for_another);
         if cause.is_some() && self.replace_if_fatal(&producer) {
             cause = Some(map_error(KafkaError::MessageProduction(RDKafkaErrorCode::Fatal)));
         }
@@ -1241,6 +1252,10 @@ mod tests {
             EngineErrorKind::InvalidArgument
         );
         assert_eq!(kind(Producing(C::InvalidTopic)).0, EngineErrorKind::InvalidArgument);
+        assert_eq!(
+            kind(Producing(C::InvalidDifferentRecord)).0,
+            EngineErrorKind::InvalidArgument
+        );
         assert_eq!(
             kind(Producing(C::ThrottlingQuotaExceeded)).0,
             EngineErrorKind::Overloaded

@@ -279,6 +279,21 @@ fn temporal_type(column: &Column) -> Option<&str> {
     (temporal && precision.len() == 1 && precision.bytes().all(|b| b.is_ascii_digit())).then_some(ty)
 }
 
+/// The type a key's staged value is cast to before it is compared:
+/// temporal keys at their column's precision (`temporal_type`), and
+/// decimal ones (staged as text) as numbers, so that `1.5` and `1.50` are
+/// one key when rows are told apart, as the comparison with the table
+/// tells them (also for an alias type, known by its precision and scale).
+fn key_type(column: &Column) -> Option<String> {
+    if let Some(ty) = temporal_type(column) {
+        return Some(ty.to_string());
+    }
+    match (column.column_type, column.precision, column.scale) {
+        (ColumnType::Decimal, Some(p @ 1..=38), Some(s)) if (0..=p).contains(&s) => Some(format!("decimal({p},{s})")),
+        _ => None,
+    }
+}
+
 /// Moves the staged rows into the target; the batch's one result row is
 /// the number of rows inserted. `collations` are the key columns' own.
 fn move_rows(spec: &LoadSpec, collations: &[(String, String)]) -> String {
@@ -298,14 +313,14 @@ fn move_rows(spec: &LoadSpec, collations: &[(String, String)]) -> String {
             from.join(", ")
         );
     }
-    // Each key as the target compares it: in its column's collation, and a
-    // date or time at its column's precision.
+    // Each key as the target compares it: in its column's collation, a
+    // date or time at its column's precision, a decimal as a number.
     let keys: Vec<(String, String)> = spec
         .conflict
         .iter()
         .map(|c| {
             let staged = staged_as(c);
-            let key = match spec.columns.iter().find(|col| col.name == *c).and_then(temporal_type) {
+            let key = match spec.columns.iter().find(|col| col.name == *c).and_then(key_type) {
                 Some(ty) => format!("CAST(s.{staged} AS {ty})"),
                 None => format!("s.{staged}"),
             };
@@ -585,6 +600,16 @@ mod tests {
         assert!(move_rows(&at_seconds, &[]).contains("ON t.[id] = CAST(s.c1 AS datetime2(0)) WHEN"));
         at_seconds.columns[0] = Column::new("id", "smalldatetime", ColumnType::Timestamp);
         assert!(move_rows(&at_seconds, &[]).contains("ON t.[id] = CAST(s.c1 AS smalldatetime) WHEN"));
+        // A decimal key (staged as text) is told apart as a number: 1.5 and
+        // 1.50 are one key.
+        keys_only.columns[0] = Column::new("id", "Price", ColumnType::Decimal);
+        (keys_only.columns[0].precision, keys_only.columns[0].scale) = (Some(10), Some(2));
+        let sql = move_rows(&keys_only, &[]);
+        assert!(
+            sql.contains("PARTITION BY CAST(s.c1 AS decimal(10,2)) ORDER BY")
+                && sql.contains("ON t.[id] = CAST(s.c1 AS decimal(10,2))"),
+            "{sql}"
+        );
         // A key in a collation of its own is compared in it (error 468 otherwise).
         let bin = [("id".to_string(), "Latin1_General_100_BIN2".to_string())];
         assert!(

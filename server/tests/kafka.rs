@@ -1484,6 +1484,15 @@ async fn a_producer_that_met_a_fatal_error_is_replaced() {
     let err = produce(&client, "fatal", vec![record(0)]).await.expect_err("refused");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("fatal"), "{err:?}");
+    // librdkafka counts an out-of-order sequence as possibly written.
+    assert_eq!(
+        (
+            error_metadata(&err, "failed_records"),
+            error_metadata(&err, "unknown_records")
+        ),
+        (String::new(), "0".to_string()),
+        "{err:?}"
+    );
     produce(&client, "fatal", vec![record(1)])
         .await
         .expect("a new producer takes the next record");

@@ -995,6 +995,11 @@ impl TopicSource for KafkaSource {
         let mut cause = cause.or(for_another);
         if cause.is_some() && self.replace_if_fatal(&producer) {
             cause = Some(map_error(KafkaError::MessageProduction(RDKafkaErrorCode::Fatal)));
+            // Its errors include ones librdkafka itself counts as possibly
+            // written (an out-of-order sequence, a producer id lost in
+            // flight): none of its unacknowledged records is known unwritten.
+            unknown.append(&mut failed);
+            unknown.sort_unstable();
         }
         match cause {
             None => Ok(acks),

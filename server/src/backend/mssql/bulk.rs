@@ -486,7 +486,18 @@ async fn load_in_transaction(
 }
 
 /// Runs a whole load: the receipt table first, then one transaction.
+/// Ordinary columns a SQL Server table may have: the staging table's
+/// bound (a wide table's sparse columns past it cannot be staged).
+const MAX_STAGED_COLUMNS: usize = 1024;
+
 pub async fn load(conn: &mut MssqlConn, spec: LoadSpec, mut feed: RowFeed) -> Result<LoadOutcome, BackendError> {
+    if spec.columns.len() > MAX_STAGED_COLUMNS {
+        return Err(BackendError::Invalid(format!(
+            "a SQL Server load takes at most {MAX_STAGED_COLUMNS} columns (it stages rows in a table of \
+             ordinary columns), this one names {}; insert such rows with Execute",
+            spec.columns.len()
+        )));
+    }
     let receipts = spec.receipt.as_ref().map(|r| ReceiptSql::new(&r.table, &DIALECT));
     if let Some(sql) = &receipts {
         conn.batch(&sql.create).await?;

@@ -20,7 +20,7 @@ use super::{schema, types, Manager, MssqlConn};
 use crate::backend::changes::{
     self, check_resume, Acks, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, WatchSpec,
 };
-use crate::backend::{BackendError, Column, Row, Value};
+use crate::backend::{BackendError, Column, ColumnType, Row, Value};
 
 const POSITIONS_TABLE: &str = "weir_change_positions";
 /// The longest pause between polls of a quiet subscription.
@@ -258,7 +258,10 @@ async fn resolve(conn: &mut MssqlConn, spec: &WatchSpec) -> Result<Vec<Watched>,
         let decoders = columns
             .iter()
             .map(|c| {
-                if c.native_type.contains("money") {
+                // tiberius hands money over as a double; no other type of a
+                // DECIMAL column comes as one (an alias type of money shows
+                // its own name, not "money").
+                if c.column_type == ColumnType::Decimal {
                     types::Decode::Money
                 } else {
                     types::Decode::Plain

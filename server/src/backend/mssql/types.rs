@@ -333,7 +333,13 @@ pub fn placeholder_count(sql: &str) -> usize {
             // A doubled quote inside a literal just closes and reopens it.
             b'\'' => i = skip_to(i + 1, b'\''),
             b'"' => i = skip_to(i + 1, b'"'),
-            b'[' => i = skip_to(i + 1, b']'),
+            b'[' => {
+                i = skip_to(i + 1, b']');
+                // `]]` inside a bracketed name is a `]` of the name.
+                while b.get(i) == Some(&b']') {
+                    i = skip_to(i + 1, b']');
+                }
+            }
             b'-' if b.get(i + 1) == Some(&b'-') => i = skip_to(i + 2, b'\n'),
             b'/' if b.get(i + 1) == Some(&b'*') => {
                 // T-SQL block comments nest.
@@ -678,6 +684,8 @@ mod tests {
         assert_eq!(placeholder_count("SELECT @@PACK_RECEIVED, @Price, @P1x, x@P4"), 0);
         assert_eq!(placeholder_count("SELECT 'unterminated @P3"), 0);
         assert_eq!(placeholder_count("SELECT @P"), 0);
+        assert_eq!(placeholder_count("SELECT [a]]@P2] FROM t WHERE id = @P1"), 1);
+        assert_eq!(placeholder_count("SELECT [a]]] + [b]]]]] + @P2"), 2);
         assert_eq!(
             placeholder_count("SELECT ✓@P2, @P1"),
             1,

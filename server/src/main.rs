@@ -41,24 +41,35 @@ fn read_stdin_line() -> Result<String, std::io::Error> {
     Ok(s.trim_end_matches(['\r', '\n']).to_string())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Listens for SIGTERM and SIGINT from now on, and resolves on the first.
+/// Installed before anything else starts: the server is PID 1 in its
+/// container, which ignores a signal it has no handler for, so a SIGTERM
+/// during start-up (a rollout, a scale-down) would be lost and the pod
+/// killed only at its grace period's end.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (term, interrupt) {
+                (Ok(mut term), Ok(mut interrupt)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// mysql_async keeps up to 128 spent packet buffers for reuse, each of up to
@@ -144,6 +155,7 @@ fn run_command(command: Command) -> ExitCode {
 }
 
 async fn serve(args: &Args, config: Config) -> ExitCode {
+    let shutdown = shutdown_signal();
     let format = if args.log_format == "json" {
         LogFormat::Json
     } else {
@@ -162,7 +174,7 @@ async fn serve(args: &Args, config: Config) -> ExitCode {
         );
     }
     let code = match bind(&config).await {
-        Ok(listeners) => match weir_server::run(config, listeners, shutdown_signal()).await {
+        Ok(listeners) => match weir_server::run(config, listeners, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e:#}");

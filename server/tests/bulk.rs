@@ -2726,3 +2726,29 @@ async fn mysql_a_load_id_table_without_transactions_is_refused() {
         .expect("drop");
     ctx.server.stop().await;
 }
+
+/// A bad row is named by its index even in a table whose name looks like
+/// a position in PostgreSQL's COPY context (`COPY Sales, Q1 2024, line 3`).
+#[tokio::test]
+async fn a_bad_row_in_a_table_named_like_a_position_is_named_right() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "Sales, Q1 2024";
+    ctx.exec(&format!("DROP TABLE IF EXISTS \"{table}\"")).await;
+    ctx.exec(&format!(
+        "CREATE TABLE \"{table}\" (id INT PRIMARY KEY, name TEXT NOT NULL, score INT CHECK (score >= 0))"
+    ))
+    .await;
+    let mut batch = rows(0..5);
+    batch[3] = row(3, "bad", -1);
+    let err = ctx
+        .load(header(table, pb::BulkLoadMode::Append), vec![batch])
+        .await
+        .expect_err("a CHECK violation");
+    assert_eq!(
+        (reason(&err).as_str(), error_metadata(&err, "row_index").as_str()),
+        ("BAD_ROW", "3"),
+        "{err:?}"
+    );
+    ctx.exec(&format!("DROP TABLE \"{table}\"")).await;
+    ctx.server.stop().await;
+}

@@ -15,7 +15,7 @@ use tokio_postgres::error::DbError;
 use super::types::write_text;
 use super::{map_error, PgConn};
 use crate::backend::bulk::{self, Dialect, LoadSpec, ReceiptSql, RowFeed};
-use crate::backend::{BackendError, LoadMode, LoadOutcome, Value};
+use crate::backend::{BackendError, Column, LoadMode, LoadOutcome, Value};
 
 /// COPY data is sent in chunks of at least this size (whole batches).
 const CHUNK_BYTES: usize = 256 * 1024;
@@ -70,44 +70,70 @@ fn write_escaped(text: &str, out: &mut BytesMut) -> Result<(), String> {
     }
 }
 
-/// The row and column of a COPY error, from its context line
-/// (`COPY t, line 3, column n: "abc"`); lines count from 1. The words are
-/// in the server's `lc_messages` (`COPY t, Zeile 3, Spalte n: ...`), so
-/// only the shape is relied on: the first ", <word> <number>" after the
-/// table's name, then the column after the next word.
-fn copy_position(db: &DbError) -> Option<(u64, Option<String>)> {
-    position_in(db.where_()?)
+/// The row and column of a COPY into `relname` (unquoted, as PostgreSQL
+/// names it) of `columns`, from its context line (`COPY t, line 3, column
+/// n: "abc"`); lines count from 1. The words are in the server's
+/// `lc_messages` (`COPY t, Zeile 3, Spalte n: ...`), so only the shape is
+/// relied on: the first ", <word> <number>" after the table's name, then
+/// the column after the next word.
+fn copy_position(db: &DbError, relname: &str, columns: &[Column]) -> Option<(u64, Option<String>)> {
+    position_in(db.where_()?, relname, columns)
 }
 
 /// The position in the context's COPY line: its last line (a trigger's
-/// statement can come before it, with numbers of its own).
-fn position_in(context: &str) -> Option<(u64, Option<String>)> {
+/// statement can come before it, with numbers of its own). Read after the
+/// table's name, which may hold what looks like a position itself (`Sales,
+/// Q1 2024`); a column is one of `columns` (a name may hold a colon).
+fn position_in(context: &str, relname: &str, columns: &[Column]) -> Option<(u64, Option<String>)> {
     let context = context.lines().rev().find(|l| l.starts_with("COPY "))?;
-    let (line, after) = context.match_indices(", ").find_map(|(at, _)| {
-        let (_, rest) = context[at + 2..].split_once(' ')?;
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let rest = context
+        .strip_prefix("COPY ")
+        .and_then(|r| r.strip_prefix(relname))
+        .filter(|r| r.starts_with(", "))
+        .unwrap_or(context);
+    let (line, after) = rest.match_indices(", ").find_map(|(at, _)| {
+        let (_, tail) = rest[at + 2..].split_once(' ')?;
+        let digits: String = tail.chars().take_while(char::is_ascii_digit).collect();
         let line: u64 = digits.parse().ok()?;
-        Some((line, &rest[digits.len()..]))
+        Some((line, &tail[digits.len()..]))
     })?;
     let column = after.strip_prefix(", ").and_then(|c| c.split_once(' ')).map(|(_, c)| {
-        let end = c.find(':').unwrap_or(c.len());
-        c[..end].trim_end().to_string()
+        let named = columns
+            .iter()
+            .map(|col| col.name.as_str())
+            .filter(|name| {
+                c.strip_prefix(name)
+                    .is_some_and(|r| r.trim_start().starts_with(':') || r.is_empty())
+            })
+            .max_by_key(|name| name.len());
+        match named {
+            Some(name) => name.to_string(),
+            None => c[..c.find(':').unwrap_or(c.len())].trim_end().to_string(),
+        }
     });
     Some((line.checked_sub(1)?, column))
 }
 
-/// Maps an error of a COPY whose first row is the load's `first_row` to the
-/// row it names, when it names one and the fault is in the data.
-fn copy_error(e: tokio_postgres::Error, first_row: u64) -> BackendError {
-    match e.as_db_error().and_then(copy_position) {
+/// Maps an error of a COPY into `relname` whose first row is the load's
+/// `first_row` to the row it names, when it names one and the fault is in
+/// the data.
+fn copy_error(e: tokio_postgres::Error, first_row: u64, relname: &str, columns: &[Column]) -> BackendError {
+    match e.as_db_error().and_then(|db| copy_position(db, relname, columns)) {
         Some((index, column)) => bulk::on_row(first_row + index, column, map_error(e)),
         None => map_error(e),
     }
 }
 
 /// Streams the feed's rows into `COPY target (columns) FROM STDIN`, one
-/// COPY per `SEGMENT_BYTES`; returns the rows copied.
-async fn copy_rows(conn: &PgConn, target: &str, spec: &LoadSpec, feed: &mut RowFeed) -> Result<u64, BackendError> {
+/// COPY per `SEGMENT_BYTES`; returns the rows copied. `relname`: the
+/// target's name as PostgreSQL writes it in errors.
+async fn copy_rows(
+    conn: &PgConn,
+    (target, relname): (&str, &str),
+    spec: &LoadSpec,
+    feed: &mut RowFeed,
+) -> Result<u64, BackendError> {
+    let copy_error = |e, first_row| copy_error(e, first_row, relname, &spec.columns);
     let sql = format!("COPY {target} ({}) FROM STDIN", spec.column_list(quote));
     let begin = || async {
         conn.client
@@ -245,7 +271,11 @@ async fn load_in_transaction(
     }
     let target = spec.qualified(quote);
     let (inserted, updated, path) = match spec.mode {
-        LoadMode::Append => (copy_rows(conn, &target, spec, feed).await?, 0, "postgres-copy"),
+        LoadMode::Append => (
+            copy_rows(conn, (&target, &spec.table), spec, feed).await?,
+            0,
+            "postgres-copy",
+        ),
         // DELETE, not TRUNCATE: TRUNCATE would lock out even readers for the
         // whole load (they wait instead of seeing the old rows), fails on any
         // table a foreign key references, and needs its own privilege.
@@ -291,7 +321,11 @@ async fn load_in_transaction(
                 .batch_execute(&format!("{lock}DELETE FROM {only}{target}"))
                 .await
                 .map_err(map_error)?;
-            (copy_rows(conn, &target, spec, feed).await?, 0, "postgres-delete-copy")
+            (
+                copy_rows(conn, (&target, &spec.table), spec, feed).await?,
+                0,
+                "postgres-delete-copy",
+            )
         }
         LoadMode::Upsert => {
             // Only the loaded columns, with their types and no constraints:
@@ -304,7 +338,7 @@ async fn load_in_transaction(
                 ))
                 .await
                 .map_err(map_error)?;
-            let staged = copy_rows(conn, STAGE, spec, feed).await?;
+            let staged = copy_rows(conn, (STAGE, STAGE), spec, feed).await?;
             let inserted = merge(conn, &target, spec, staged).await?;
             // Every other row matched a key, whether updated or, with only
             // key columns, left alone (DO NOTHING returns no row for it).
@@ -398,20 +432,27 @@ mod tests {
 
     #[test]
     fn copy_errors_name_their_row_in_any_language() {
-        assert_eq!(
-            position_in("COPY t, line 3, column n: \"x\""),
-            Some((2, Some("n".into())))
-        );
-        assert_eq!(
-            position_in("COPY t, Zeile 3, Spalte n: »x«"),
-            Some((2, Some("n".into())))
-        );
-        assert_eq!(position_in("COPY a, b, line 12"), Some((11, None)));
-        assert_eq!(position_in("COPY t"), None);
+        let columns = [
+            Column::new("n", "text", crate::backend::ColumnType::String),
+            Column::new("a:b", "text", crate::backend::ColumnType::String),
+        ];
+        let at = |context: &str, relname: &str| position_in(context, relname, &columns);
+        assert_eq!(at("COPY t, line 3, column n: \"x\"", "t"), Some((2, Some("n".into()))));
+        assert_eq!(at("COPY t, Zeile 3, Spalte n: »x«", "t"), Some((2, Some("n".into()))));
+        assert_eq!(at("COPY a, b, line 12", "a, b"), Some((11, None)));
+        assert_eq!(at("COPY t", "t"), None);
         // A trigger's statement comes first; French puts a space before the colon.
         assert_eq!(
-            position_in("SQL statement \"INSERT INTO log VALUES (1, 'x', 3)\"\nCOPY t, ligne 7, colonne n : « x »"),
+            at(
+                "SQL statement \"INSERT INTO log VALUES (1, 'x', 3)\"\nCOPY t, ligne 7, colonne n : « x »",
+                "t"
+            ),
             Some((6, Some("n".into())))
+        );
+        // A table's name that looks like a position, a column's with a colon.
+        assert_eq!(
+            at("COPY Sales, Q1 2024, line 3, column a:b: \"x\"", "Sales, Q1 2024"),
+            Some((2, Some("a:b".into())))
         );
     }
 

@@ -128,10 +128,15 @@ pub fn from_text(text: &str, column: &Column) -> Result<Value, String> {
             return from_json(&parsed, column);
         }
         // A column of no one type (SQLite's): a number written as a number
-        // is one, as in JSON input; anything else (`007`, `1.50`) stays text.
+        // is one, as in JSON input, or as weirctl writes a double (`1e20`,
+        // `1.5e-7`); anything else (`007`, `1.50`, `1e3`) stays text.
         ColumnType::Dynamic => match (text.parse::<i64>(), text.parse::<f64>()) {
             (Ok(i), _) if i.to_string() == text => Kind::Int64Value(i),
-            (_, Ok(f)) if f.is_finite() && f.to_string() == text => Kind::DoubleValue(f),
+            (_, Ok(f))
+                if f.is_finite() && (f.to_string() == text || value(Kind::DoubleValue(f)).to_string() == text) =>
+            {
+                Kind::DoubleValue(f)
+            }
             _ => Kind::StringValue(text.to_string()),
         },
         // Text, and types the server parses itself (intervals, network addresses, ...).
@@ -782,6 +787,11 @@ mod tests {
         let kind = |text: &str| from_text(text, &any).expect(text).kind;
         assert_eq!(kind("1"), Some(Kind::Int64Value(1)));
         assert_eq!(kind("-2.5"), Some(Kind::DoubleValue(-2.5)));
+        // Doubles as weirctl's CSV writes them load back as doubles.
+        for d in [1e20, 1.5e-7, -2.5e300] {
+            let written = value(Kind::DoubleValue(d)).to_string();
+            assert_eq!(kind(&written), Some(Kind::DoubleValue(d)), "{written}");
+        }
         for text in ["007", "1.50", "1e3", "abc", ""] {
             assert_eq!(kind(text), Some(Kind::StringValue(text.into())), "{text}");
         }

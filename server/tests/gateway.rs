@@ -1593,3 +1593,31 @@ async fn responses_are_compressed_when_configured_and_requests_always_may_be() {
         server.stop().await;
     }
 }
+
+/// A ListTables that can never succeed (a negative page size, a page token
+/// that is no token) is INVALID_ARGUMENT before its source is looked up or
+/// a gateway slot waited for: not SOURCE_NOT_FOUND for a typo'd source, nor
+/// GATEWAY_SATURATED with a retry hint when the gateway is busy.
+#[tokio::test]
+async fn a_list_tables_request_that_cannot_succeed_is_refused_first() {
+    let server = TestServer::start(&tenant("lt", "", &sqlite_demo("lt", "shop"))).await;
+    let client = server.client("key-lt").await;
+    for (page_size, page_token) in [(-1, ""), (10, "not a token")] {
+        let err = client
+            .schema()
+            .list_tables(pb::ListTablesRequest {
+                source: "no_such_source".into(),
+                schema: String::new(),
+                page_size,
+                page_token: page_token.into(),
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{page_size} {page_token:?}: {err:?}"
+        );
+    }
+    server.stop().await;
+}

@@ -245,19 +245,9 @@ async fn execute(
     // A prepare can wait for a metadata lock (behind an ALTER TABLE, say) for
     // lock_wait_timeout, a year by default: a caller that leaves meanwhile
     // gets it killed, as during execution.
-    let prepared = {
-        let prep = conn.prep(statement.sql.as_str());
-        tokio::pin!(prep);
-        tokio::select! {
-            biased;
-            r = &mut prep => r,
-            () = worker.closed() => {
-                let killed = killer.kill(connection_id).await;
-                let _ = prep.await;
-                killed?;
-                return Ok(None);
-            }
-        }
+    let Some(prepared) = unless_abandoned(conn.prep(statement.sql.as_str()), worker, killer, connection_id).await?
+    else {
+        return Ok(None);
     };
     let prepared = match prepared {
         Err(mysql_async::Error::Server(e)) if e.code == NOT_PREPARABLE && statement.params.is_empty() => {
@@ -284,18 +274,10 @@ async fn execute(
         Params::Positional(params)
     };
     let exec = conn.exec_iter(prepared, params);
-    tokio::pin!(exec);
-    let mut result = tokio::select! {
-        biased;
-        r = &mut exec => r.map_err(map_error)?,
-        () = worker.closed() => {
-            let killed = killer.kill(connection_id).await;
-            // Let the interrupted statement finish so the connection stays usable.
-            let _ = exec.await;
-            killed?;
-            return Ok(None);
-        }
+    let Some(result) = unless_abandoned(exec, worker, killer, connection_id).await? else {
+        return Ok(None);
     };
+    let mut result = result.map_err(map_error)?;
     let described: Vec<_> = result.columns_ref().iter().map(types::column).collect();
     let decoders: Vec<_> = described.iter().map(|(_, d)| *d).collect();
     let names: Vec<_> = described.iter().map(|(c, _)| c.name.clone()).collect();
@@ -361,6 +343,27 @@ async fn execute(
     Ok((!returns_rows).then_some(affected))
 }
 
+/// Runs `work` on session `connection_id` unless the caller leaves first:
+/// then its statement is killed and `work` let finish, so the session
+/// stays usable, and the answer is `None`.
+async fn unless_abandoned<T>(
+    work: impl std::future::Future<Output = T>,
+    worker: &Worker,
+    killer: &Killer,
+    connection_id: u32,
+) -> Result<Option<T>, BackendError> {
+    tokio::pin!(work);
+    tokio::select! {
+        biased;
+        done = &mut work => Ok(Some(done)),
+        () = worker.closed() => {
+            let killed = killer.kill(connection_id).await;
+            let _ = work.await;
+            killed.map(|()| None)
+        }
+    }
+}
+
 /// The server's "not supported in the prepared statement protocol": Oracle
 /// MySQL prepares none of SAVEPOINT, LOCK TABLES, CREATE PROCEDURE and
 /// others, MariaDB none of PREPARE, EXECUTE and DEALLOCATE.
@@ -376,18 +379,10 @@ async fn execute_unprepared(
     killer: &Killer,
 ) -> Result<Option<u64>, BackendError> {
     let connection_id = conn.id();
-    let run = conn.query_iter(sql);
-    tokio::pin!(run);
-    let result = tokio::select! {
-        biased;
-        r = &mut run => r.map_err(map_error)?,
-        () = worker.closed() => {
-            let killed = killer.kill(connection_id).await;
-            let _ = run.await;
-            killed?;
-            return Ok(None);
-        }
+    let Some(result) = unless_abandoned(conn.query_iter(sql), worker, killer, connection_id).await? else {
+        return Ok(None);
     };
+    let result = result.map_err(map_error)?;
     let returns_rows = !result.columns_ref().is_empty();
     let affected = result.affected_rows();
     result.drop_result().await.map_err(map_error)?;

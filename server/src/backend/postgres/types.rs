@@ -318,20 +318,15 @@ pub(super) fn decode(ty: &Type, raw: &[u8]) -> Result<Value, BoxError> {
             if raw.len() != 16 {
                 return Err("invalid interval length".into());
             }
-            let (microseconds, days, months) = (
-                wire::int8_from_sql(&raw[..8])?,
-                wire::int4_from_sql(&raw[8..12])?,
-                wire::int4_from_sql(&raw[12..])?,
-            );
             // PostgreSQL 17's infinite intervals, each field at its limit:
             // not a span of 178 million years.
             if infinite_interval(raw).is_some() {
                 return Err("infinite intervals cannot be represented; cast to text".into());
             }
             Value::Interval {
-                microseconds,
-                days,
-                months,
+                microseconds: wire::int8_from_sql(&raw[..8])?,
+                days: wire::int4_from_sql(&raw[8..12])?,
+                months: wire::int4_from_sql(&raw[12..])?,
             }
         }
         Type::UUID => Value::Uuid(uuid::Uuid::from_bytes(wire::uuid_from_sql(raw)?)),

@@ -34,7 +34,7 @@ fn placeholders(n: usize) -> String {
 /// load of text would; but SQLite reads no text as an infinity, and a NaN
 /// would stay the text "NaN" in a number column: those bind as numbers
 /// (`special`), but into TEXT columns, which keep them as they came.
-fn load_decimal(d: &str, text_column: bool) -> Result<SqlValue, String> {
+pub(super) fn load_decimal(d: &str, text_column: bool) -> Result<SqlValue, String> {
     match special(d) {
         Ok(Some(number)) if !text_column => Ok(number),
         Err(nan) if !text_column => Err(nan),

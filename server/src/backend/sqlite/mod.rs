@@ -506,8 +506,7 @@ impl SqlSource for SqliteSource {
 
     fn refuses(&self, column: &crate::backend::Column, value: &Value) -> Option<String> {
         match value {
-            // Kept as its text there (`bulk::load_decimal`).
-            Value::Decimal(_) if column.column_type == crate::backend::ColumnType::String => None,
+            Value::Decimal(d) => bulk::load_decimal(d, column.column_type == crate::backend::ColumnType::String).err(),
             value => refusal(value),
         }
     }
@@ -893,7 +892,6 @@ fn refusal(v: &Value) -> Option<String> {
         Value::UInt(_) | Value::Float(_) | Value::Time(_, Some(_)) | Value::Interval { .. } | Value::List(_) => {
             to_sql(v).err()
         }
-        Value::Decimal(s) => special(s).err(),
         Value::Date(d) => sqlite_year(d).err(),
         Value::Timestamp(t) => sqlite_year(&t.date()).err(),
         Value::TimestampTz(t) => sqlite_year(&t.date_naive()).err(),

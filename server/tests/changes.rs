@@ -1560,6 +1560,138 @@ async fn mysql_subscriptions_once_sharing_a_replica_id_both_stream() {
     ctx.finish(&[&a, &b], &[&t]).await;
 }
 
+/// Storing an acknowledged heartbeat writes to the positions table, which
+/// moves the binlog on: that write must not make the next heartbeat, or a
+/// quiet server gets one write per heartbeat for ever. Every heartbeat
+/// must cover something in the binlog besides positions being stored.
+#[tokio::test]
+async fn mysql_acknowledged_heartbeats_do_not_feed_themselves() {
+    use mysql_async::prelude::Queryable;
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.table("selffed").await;
+    let noisy = ctx.table("selffed_noisy").await;
+    let sub = ctx.name("selffed");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {noisy} VALUES (1, 'x', 1)")).await;
+    let mut heartbeats = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    while let Ok(message) = tokio::time::timeout_at(until, next_message(&mut watch)).await {
+        if let Message::Heartbeat(h) = message {
+            watch.ack(h.position.clone()).await.expect("ack heartbeat");
+            heartbeats.push(h.position);
+        }
+    }
+    drop(watch);
+    assert!(!heartbeats.is_empty(), "the write to another table makes a heartbeat");
+    let mut my = common::mysql_direct().await;
+    let status: mysql_async::Row = my
+        .query_first("SHOW MASTER STATUS")
+        .await
+        .expect("status")
+        .expect("a binlog");
+    let file: String = status.get(0).expect("the binlog file");
+    let base = file.rsplit_once('.').expect("numbered binlog files").0.to_string();
+    // Positions end in the engine's (file number, offset, sequence) as 4, 8
+    // and 4 big-endian bytes (no restart point: no XA transaction here).
+    let decode = |p: &[u8]| {
+        let p = &p[p.len() - 16..];
+        let number = u32::from_be_bytes(p[0..4].try_into().expect("file"));
+        let offset = u64::from_be_bytes(p[4..12].try_into().expect("offset"));
+        (format!("{base}.{number:06}"), offset)
+    };
+    for pair in heartbeats.windows(2) {
+        let ((file, from), (to_file, to)) = (decode(&pair[0]), decode(&pair[1]));
+        if file != to_file {
+            continue;
+        }
+        // (Event_type, End_log_pos, Info) of each event from the first heartbeat on.
+        let events: Vec<(String, u64, String)> = my
+            .query_map(
+                format!("SHOW BINLOG EVENTS IN '{file}' FROM {from}"),
+                |row: mysql_async::Row| {
+                    let text = |i| row.get::<String, _>(i).unwrap_or_default();
+                    (text(2), row.get::<u64, _>(4).unwrap_or(0), text(5))
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("binlog events of {file} from {from}: {e}"));
+        let covered: Vec<_> = events
+            .into_iter()
+            .take_while(|(_, end, _)| *end <= to)
+            .filter(|(kind, _, info)| {
+                kind == "Table_map" || (kind == "Query" && !["BEGIN", "COMMIT"].contains(&info.as_str()))
+            })
+            .map(|(kind, _, info)| format!("{kind} {info}"))
+            .collect();
+        assert!(
+            covered.iter().any(|e| !e.contains("weir_change_positions")),
+            "a heartbeat moved on over nothing but stored positions: {covered:?}"
+        );
+    }
+    drop(my);
+    ctx.finish(&[&sub], &[&t, &noisy]).await;
+}
+
+/// A positions table made before restart points (without their columns)
+/// gets them at the next stream, which then stores and resumes as usual.
+#[tokio::test]
+async fn mysql_a_positions_table_from_before_restart_points_is_upgraded() {
+    use mysql_async::prelude::Queryable;
+    let db = "weir_changes_upgrade";
+    let mut my = mysql_direct().await;
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {db}"),
+        format!("CREATE DATABASE {db}"),
+        format!(
+            "CREATE TABLE {db}.weir_change_positions (subscription VARCHAR(64) NOT NULL PRIMARY KEY, \
+             binlog_file VARCHAR(255) NOT NULL, binlog_offset BIGINT UNSIGNED NOT NULL, \
+             event_seq INT UNSIGNED NOT NULL, updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) \
+             ON UPDATE CURRENT_TIMESTAMP(6))"
+        ),
+        format!("CREATE TABLE {db}.upgraded (id INT PRIMARY KEY)"),
+    ] {
+        my.query_drop(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let ctx = Ctx::with_second_database(Engine::Mysql, db).await;
+    let sub = ctx.name("upgraded");
+    let mut start = ctx.start(&["upgraded"], &sub);
+    start.source = "db2".into();
+    let mut watch = ctx.watch(start.clone()).await;
+    my.query_drop(format!("INSERT INTO {db}.upgraded VALUES (1)"))
+        .await
+        .expect("insert");
+    let first = changes(&read_changes(&mut watch, 1).await)[0].clone();
+    watch.ack(first.position.clone()).await.expect("ack");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    drop(watch);
+    my.query_drop(format!("INSERT INTO {db}.upgraded VALUES (2)"))
+        .await
+        .expect("insert");
+    let mut resumed = ctx.watch(start).await;
+    assert_eq!(
+        id_of(changes(&read_changes(&mut resumed, 1).await)[0]),
+        2,
+        "resumed from the stored position"
+    );
+    drop(resumed);
+    let columns: Vec<String> = my
+        .exec(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? \
+             AND TABLE_NAME = 'weir_change_positions' AND COLUMN_NAME LIKE 'restart%' ORDER BY 1",
+            (db,),
+        )
+        .await
+        .expect("columns");
+    assert_eq!(columns, ["restart_file", "restart_offset"]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while let Err(e) = ctx.delete_from("db2", &sub).await {
+        assert!(tokio::time::Instant::now() < deadline, "{e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    my.query_drop(format!("DROP DATABASE {db}")).await.expect("cleanup");
+    ctx.server.stop().await;
+}
+
 /// A session that logs partial row images (`binlog_row_image = MINIMAL`,
 /// which any session may set) still has each value under its own column;
 /// a column not in the image is NULL.
@@ -2329,5 +2461,106 @@ async fn a_postgres_change_stream_reads_over_tls_when_the_source_asks_for_it() {
         .get(0);
     assert!(encrypted, "the replication session is in TLS");
     drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
+/// Runs each statement on one direct MariaDB session.
+async fn mysql_run(my: &mut mysql_async::Conn, statements: &[String]) {
+    use mysql_async::prelude::Queryable;
+    for sql in statements {
+        my.query_drop(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}
+
+/// XA START, one insert, XA END and XA PREPARE of `xid`.
+fn xa_prepared(t: &str, xid: &str, id: i64) -> Vec<String> {
+    vec![
+        format!("XA START '{xid}'"),
+        format!("INSERT INTO {t} VALUES ({id}, 'xa', 1)"),
+        format!("XA END '{xid}'"),
+        format!("XA PREPARE '{xid}'"),
+    ]
+}
+
+/// An XA transaction's changes are logged at its prepare, and it commits
+/// or rolls back later: its changes arrive at its XA COMMIT (after what
+/// committed in between), none after an XA ROLLBACK, and a one-phase XA
+/// commit is a transaction like any. MariaDB failed the whole stream at the
+/// first prepared XA transaction (error 1236, for any table), for good.
+#[tokio::test]
+async fn mysql_xa_transactions_arrive_at_their_commit_and_not_after_a_rollback() {
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.table("xa").await;
+    let sub = ctx.name("xa");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    let (mut a, mut b) = (common::mysql_direct().await, common::mysql_direct().await);
+    let tag = ctx.tag.clone();
+    mysql_run(&mut a, &xa_prepared(&t, &format!("c{tag}"), 1)).await;
+    mysql_run(&mut b, &xa_prepared(&t, &format!("r{tag}"), 2)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (3, 'plain', 1)")).await;
+    mysql_run(&mut b, &[format!("XA ROLLBACK 'r{tag}'")]).await;
+    mysql_run(&mut a, &[format!("XA COMMIT 'c{tag}'")]).await;
+    let mut one_phase = xa_prepared(&t, &format!("o{tag}"), 4);
+    one_phase.truncate(3);
+    one_phase.push(format!("XA COMMIT 'o{tag}' ONE PHASE"));
+    mysql_run(&mut a, &one_phase).await;
+    let messages = read_changes(&mut watch, 3).await;
+    let got: Vec<_> = changes(&messages).iter().map(|c| id_of(c)).collect();
+    assert_eq!(got, [3, 1, 4], "in commit order, without the rolled-back insert");
+    // Each arrives inside its own Begin and Commit.
+    let boundaries: Vec<_> = messages
+        .iter()
+        .filter_map(|m| match m {
+            Message::Transaction(b) => Some(b.begin),
+            Message::Change(_) => None,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(boundaries, [true, false, true, false, true], "{messages:?}");
+    ctx.sql(&format!("INSERT INTO {t} VALUES (5, 'after', 1)")).await;
+    assert_eq!(id_of(changes(&read_changes(&mut watch, 1).await)[0]), 5);
+    drop((watch, a, b));
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
+/// A position acknowledged while an XA transaction waits between its
+/// prepare and its commit still leads to that transaction's changes: a
+/// resume from it (given, or the stored one) reads again from the prepare.
+#[tokio::test]
+async fn mysql_a_resume_past_an_xa_prepare_still_gets_its_commit() {
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let t = ctx.table("xaresume").await;
+    let sub = ctx.name("xaresume");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    let mut a = common::mysql_direct().await;
+    let xid = format!("w{}", ctx.tag);
+    mysql_run(&mut a, &xa_prepared(&t, &xid, 1)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (2, 'plain', 1)")).await;
+    let messages = read_changes(&mut watch, 1).await;
+    assert_eq!(id_of(changes(&messages)[0]), 2);
+    let commit = loop {
+        if let Message::Transaction(b) = next_message(&mut watch).await {
+            if !b.begin {
+                break b.position;
+            }
+        }
+    };
+    watch.ack(commit.clone()).await.expect("ack");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    drop(watch);
+    mysql_run(&mut a, &[format!("XA COMMIT '{xid}'")]).await;
+    let mut start = ctx.start(&[&t], &sub);
+    start.resume_position = commit;
+    for (how, start) in [("given", start), ("stored", ctx.start(&[&t], &sub))] {
+        let mut resumed = ctx.watch(start).await;
+        let ids: Vec<_> = changes(&read_changes(&mut resumed, 1).await)
+            .iter()
+            .map(|c| id_of(c))
+            .collect();
+        assert_eq!(ids, [1], "resumed from the {how} position");
+        drop(resumed);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(a);
     ctx.finish(&[&sub], &[&t]).await;
 }

@@ -290,12 +290,34 @@ fn named_files(config: &Config, files: &mut Vec<PathBuf>) {
     }
 }
 
+/// SIGHUP, listened for from `listen_for_hangup` until `watch` takes it.
+#[cfg(unix)]
+static HANGUP: std::sync::Mutex<Option<tokio::signal::unix::Signal>> = std::sync::Mutex::new(None);
+
+/// Listens for SIGHUP from now on. Its default action ends the process,
+/// and `watch` starts only once the sources are set up: a reload asked for
+/// while the server starts would kill it. One asked for in between is kept
+/// for `watch`, which then reloads.
+#[cfg(unix)]
+pub fn listen_for_hangup() {
+    if let (Ok(signal), Ok(mut slot)) = (
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()),
+        HANGUP.lock(),
+    ) {
+        *slot = Some(signal);
+    }
+}
+
 /// Reloads on SIGHUP and whenever the fingerprint of the configuration's files changes.
 /// `seen` is the fingerprint taken when the configuration in force was
 /// loaded, before the server listened: a change made after that is a change.
 pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration, mut seen: [u8; 32]) {
     #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hangup = HANGUP
+        .lock()
+        .ok()
+        .and_then(|mut slot| slot.take())
+        .or_else(|| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok());
     // Reading the files blocks: it runs on the blocking pool, not a runtime worker.
     let fingerprint = |registry: Arc<Registry>, path: PathBuf| async move {
         tokio::task::spawn_blocking(move || registry.fingerprint(&path))

@@ -51,32 +51,85 @@ async fn connect(opts: &Opts) -> Result<Conn, BackendError> {
         .map_err(map_error)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+const BINLOG_POSITION: [usize; 3] = [4, 8, 4];
+/// With a restart point: (file, offset) after the three fields.
+const BINLOG_POSITION_RESTART: [usize; 5] = [4, 8, 4, 4, 8];
+
+/// Ordered by (file, offset, seq): `restart` says only where reading must
+/// begin to resume there.
+#[derive(Debug, Clone, Copy)]
 struct BinlogPos {
     file: u32,
     offset: u64,
     seq: u32,
+    /// (file, offset) of the earliest XA transaction prepared before this
+    /// position and committed after it, whose changes are read at its
+    /// prepare; `None` when reading may begin at (file, offset).
+    restart: Option<(u32, u64)>,
 }
 
-const BINLOG_POSITION: [usize; 3] = [4, 8, 4];
-
 impl BinlogPos {
+    fn at(file: u32, offset: u64, seq: u32) -> BinlogPos {
+        BinlogPos {
+            file,
+            offset,
+            seq,
+            restart: None,
+        }
+    }
+
+    fn key(&self) -> (u32, u64, u32) {
+        (self.file, self.offset, self.seq)
+    }
+
+    /// Where reading begins to resume at this position.
+    fn read_from(&self) -> (u32, u64) {
+        self.restart.unwrap_or((self.file, self.offset))
+    }
+
     fn encode(self) -> Position {
-        Position::pack(
-            BINLOG_POSITION,
-            [u64::from(self.file), self.offset, u64::from(self.seq)],
-        )
+        let (file, offset, seq) = (u64::from(self.file), self.offset, u64::from(self.seq));
+        match self.restart {
+            None => Position::pack(BINLOG_POSITION, [file, offset, seq]),
+            Some((rf, ro)) => Position::pack(BINLOG_POSITION_RESTART, [file, offset, seq, u64::from(rf), ro]),
+        }
     }
 
     fn decode(p: &Position) -> Result<Self, BackendError> {
-        let [file, offset, seq] = p
-            .unpack(BINLOG_POSITION)
-            .ok_or_else(|| BackendError::Invalid("not a MySQL change position".into()))?;
+        let fields = match p.unpack(BINLOG_POSITION) {
+            Some([file, offset, seq]) => Some((file, offset, seq, None)),
+            None => p
+                .unpack(BINLOG_POSITION_RESTART)
+                .map(|[file, offset, seq, rf, ro]| (file, offset, seq, Some((rf as u32, ro)))),
+        };
+        let (file, offset, seq, restart) =
+            fields.ok_or_else(|| BackendError::Invalid("not a MySQL change position".into()))?;
         Ok(BinlogPos {
             file: file as u32,
             offset,
             seq: seq as u32,
+            restart,
         })
+    }
+}
+
+impl PartialEq for BinlogPos {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for BinlogPos {}
+
+impl PartialOrd for BinlogPos {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for BinlogPos {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
     }
 }
 
@@ -511,6 +564,9 @@ async fn current_position(conn: &mut Conn) -> Result<(String, u64), BackendError
     Ok((file, pos))
 }
 
+/// The restart point's columns, added to tables made before there was one.
+const RESTART_COLUMNS: &str = "restart_file VARCHAR(255) NULL, restart_offset BIGINT UNSIGNED NULL";
+
 async fn ensure_positions_table(conn: &mut Conn) -> Result<(), BackendError> {
     conn.query_drop(format!(
         "CREATE TABLE IF NOT EXISTS {POSITIONS_TABLE} (
@@ -518,11 +574,29 @@ async fn ensure_positions_table(conn: &mut Conn) -> Result<(), BackendError> {
            binlog_file VARCHAR(255) NOT NULL,
            binlog_offset BIGINT UNSIGNED NOT NULL,
            event_seq INT UNSIGNED NOT NULL,
-           updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6)
+           updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+           {RESTART_COLUMNS}
          )"
     ))
     .await
-    .map_err(map_error)
+    .map_err(map_error)?;
+    let has_restart: Option<i64> = conn
+        .exec_first(
+            "SELECT COUNT(*) FROM information_schema.COLUMNS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'restart_offset'",
+            (POSITIONS_TABLE,),
+        )
+        .await
+        .map_err(map_error)?;
+    if has_restart.unwrap_or(0) > 0 {
+        return Ok(());
+    }
+    let added = format!("ALTER TABLE {POSITIONS_TABLE} ADD COLUMN ({RESTART_COLUMNS})");
+    match conn.query_drop(added).await {
+        // 1060: another stream added them first.
+        Err(mysql_async::Error::Server(e)) if e.code == 1060 => Ok(()),
+        other => other.map_err(map_error),
+    }
 }
 
 /// Stores `p` as the subscription's position, unless a session other than
@@ -532,16 +606,20 @@ async fn ensure_positions_table(conn: &mut Conn) -> Result<(), BackendError> {
 async fn store(conn: &mut Conn, names: &Names, base: &str, p: BinlogPos, holder: u32) -> Result<(), BackendError> {
     conn.exec_drop(
         format!(
-            "INSERT INTO {POSITIONS_TABLE} (subscription, binlog_file, binlog_offset, event_seq)
-             SELECT ?, ?, ?, ? FROM DUAL WHERE IFNULL(IS_USED_LOCK(?), ?) = ?
+            "INSERT INTO {POSITIONS_TABLE}
+               (subscription, binlog_file, binlog_offset, event_seq, restart_file, restart_offset)
+             SELECT ?, ?, ?, ?, ?, ? FROM DUAL WHERE IFNULL(IS_USED_LOCK(?), ?) = ?
              ON DUPLICATE KEY UPDATE binlog_file = VALUES(binlog_file), binlog_offset = VALUES(binlog_offset),
-             event_seq = VALUES(event_seq)"
+             event_seq = VALUES(event_seq), restart_file = VALUES(restart_file),
+             restart_offset = VALUES(restart_offset)"
         ),
         (
             names.id.as_str(),
             file_name(base, p.file),
             p.offset,
             p.seq,
+            p.restart.map(|(file, _)| file_name(base, file)),
+            p.restart.map(|(_, offset)| offset),
             names.lock.as_str(),
             holder,
             holder,
@@ -552,18 +630,27 @@ async fn store(conn: &mut Conn, names: &Names, base: &str, p: BinlogPos, holder:
 }
 
 async fn stored(conn: &mut Conn, id: &str) -> Result<Option<BinlogPos>, BackendError> {
-    let row: Option<(String, u64, u32)> = conn
+    type Stored = (String, u64, u32, Option<String>, Option<u64>);
+    let row: Option<Stored> = conn
         .exec_first(
-            format!("SELECT binlog_file, binlog_offset, event_seq FROM {POSITIONS_TABLE} WHERE subscription = ?"),
+            format!(
+                "SELECT binlog_file, binlog_offset, event_seq, restart_file, restart_offset
+                 FROM {POSITIONS_TABLE} WHERE subscription = ?"
+            ),
             (id,),
         )
         .await
         .map_err(map_error)?;
-    row.map(|(file, offset, seq)| {
+    row.map(|(file, offset, seq, restart_file, restart_offset)| {
+        let restart = match (restart_file, restart_offset) {
+            (Some(file), Some(offset)) => Some((split_file(&file)?.1, offset)),
+            _ => None,
+        };
         Ok(BinlogPos {
             file: split_file(&file)?.1,
             offset,
             seq,
+            restart,
         })
     })
     .transpose()
@@ -668,27 +755,92 @@ struct Txn {
     seq: u32,
     begun: bool,
     time: Option<DateTime<Utc>>,
+    /// Whether it wrote only subscription positions (see `run`).
+    bookkeeping: bool,
+    /// An XA transaction's changes, held from its prepare to its commit.
+    held: Option<Vec<Held>>,
 }
 
+/// A change of a prepared XA transaction; decoded when read, so that an
+/// error is raised only if it is delivered (not when read again on resume).
+type Held = Result<RowChange, BackendError>;
+
+/// What a prepared XA transaction's commit delivers.
+struct Prepared {
+    /// Where its event group starts: reading resumes there while it waits.
+    file: u32,
+    begin: u64,
+    changes: Vec<Held>,
+}
+
+/// How many changes prepared XA transactions may hold in all.
+const MAX_HELD: usize = 100_000;
+
 impl Txn {
+    /// A transaction whose event group starts with the event read (`log_pos`
+    /// is its end, `size` its length); `xa` for an XA transaction's.
+    fn starting(file: u32, log_pos: u64, size: u64, timestamp: u32, xa: bool) -> Txn {
+        Txn {
+            begin: log_pos.saturating_sub(size),
+            file,
+            seq: 0,
+            begun: false,
+            time: DateTime::from_timestamp(i64::from(timestamp), 0),
+            bookkeeping: true,
+            held: xa.then(Vec::new),
+        }
+    }
+
     fn id(&self) -> String {
         format!("{}:{}", self.file, self.begin)
     }
+}
 
-    /// Its Begin boundary, at the start of its changes (raised to a resume
-    /// position inside it by the service).
-    fn begin_item(&self) -> ChangeItem {
-        ChangeItem::Begin {
-            txid: self.id(),
-            commit_time: self.time,
-            position: BinlogPos {
-                file: self.file,
-                offset: self.begin,
-                seq: 0,
-            }
-            .encode(),
-        }
-    }
+/// MariaDB's GTID event, which starts each event group for a replica that
+/// says it understands them (see `run`).
+const MARIADB_GTID_EVENT: u8 = 0xa2;
+
+/// What a MariaDB GTID event starts: `None` for a group that is no
+/// transaction (DDL, an XA COMMIT or ROLLBACK), `Some(xa)` for one, `xa`
+/// for an XA transaction's changes up to its prepare.
+fn mariadb_group(data: &[u8]) -> Option<bool> {
+    const STANDALONE: u8 = 1;
+    const PREPARED_XA: u8 = 64;
+    const COMPLETED_XA: u8 = 128;
+    // Sequence number (8 bytes) and domain (4), then the flags.
+    let flags = data.get(12).copied().unwrap_or(STANDALONE);
+    (flags & (STANDALONE | COMPLETED_XA) == 0).then_some(flags & PREPARED_XA != 0)
+}
+
+/// Whether a query event starts an XA transaction's group (MySQL's `XA START <xid>`).
+fn xa_start(query: &str) -> bool {
+    query.get(..9).is_some_and(|p| p.eq_ignore_ascii_case("XA START "))
+}
+
+/// The XID of an XA_PREPARE event, as XA COMMIT and XA ROLLBACK name it
+/// in the binlog (`X'6131',X'',1`) in lower case, and whether it was a
+/// one-phase commit.
+fn xa_prepared(data: &[u8]) -> Option<(String, bool)> {
+    let one_phase = *data.first()?;
+    let number = |at: usize| Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?));
+    let (format, gtrid, bqual) = (number(1)?, number(5)? as usize, number(9)? as usize);
+    let xid = data.get(13..13 + gtrid + bqual)?;
+    let (gtrid, bqual) = xid.split_at(gtrid);
+    let xid = format!("x'{}',x'{}',{format}", hex::encode(gtrid), hex::encode(bqual));
+    Some((xid, one_phase != 0))
+}
+
+/// `XA COMMIT <xid>` or `XA ROLLBACK <xid>` as logged: whether it commits, and the XID.
+fn xa_decision(query: &str) -> Option<(bool, &str)> {
+    let words = |prefix: &str| {
+        query
+            .get(..prefix.len())
+            .filter(|p| p.eq_ignore_ascii_case(prefix))
+            .map(|_| query[prefix.len()..].trim())
+    };
+    words("XA COMMIT ")
+        .map(|xid| (true, xid))
+        .or_else(|| words("XA ROLLBACK ").map(|xid| (false, xid)))
 }
 
 struct Reader {
@@ -706,6 +858,9 @@ struct Reader {
     file: u32,
     /// Offset just past the last event read.
     end: u64,
+    /// XA transactions prepared and not yet committed or rolled back, by
+    /// XID, that changed watched tables.
+    prepared: HashMap<String, Prepared>,
 }
 
 /// `Err(())` when the client has gone.
@@ -757,13 +912,10 @@ impl Reader {
                     .into(),
             ));
         };
-        let at = BinlogPos {
-            file: split_file(&file)?.1,
-            offset: offset
-                .parse()
-                .map_err(|_| BackendError::Internal("binlog_snapshot_position".into()))?,
-            seq: 0,
-        };
+        let offset = offset
+            .parse()
+            .map_err(|_| BackendError::Internal("binlog_snapshot_position".into()))?;
+        let at = BinlogPos::at(split_file(&file)?.1, offset, 0);
         let position = at.encode();
         let mut tables: Vec<_> = self.watched.keys().cloned().collect();
         tables.sort();
@@ -873,7 +1025,39 @@ impl Reader {
         Ok(Some(values))
     }
 
-    /// Delivers one event's row changes; `Err(())` when the client has gone.
+    /// A position of the stream, with the restart point that resuming there needs.
+    fn position(&self, file: u32, offset: u64, seq: u32) -> BinlogPos {
+        let waiting = self.prepared.values().map(|p| (p.file, p.begin)).min();
+        BinlogPos {
+            restart: waiting.filter(|w| *w < (file, offset)),
+            ..BinlogPos::at(file, offset, seq)
+        }
+    }
+
+    /// Sends `t`'s Begin boundary unless sent, at the start of its changes
+    /// (raised to a resume position inside it by the service).
+    async fn begin(&mut self, t: &mut Txn) -> Sent {
+        if std::mem::replace(&mut t.begun, true) {
+            return Ok(());
+        }
+        let item = ChangeItem::Begin {
+            txid: t.id(),
+            commit_time: t.time,
+            position: self.position(t.file, t.begin, 0).encode(),
+        };
+        self.out.send(item).await
+    }
+
+    /// Sends `change` of `t` at `position`, after `t`'s Begin.
+    async fn send(&mut self, t: &mut Txn, position: BinlogPos, mut change: RowChange) -> Sent {
+        self.begin(t).await?;
+        self.delivered = position;
+        (change.txid, change.commit_time, change.position) = (t.id(), t.time, position.encode());
+        self.out.send(ChangeItem::Change(change)).await
+    }
+
+    /// Delivers one event's row changes, or holds them in an XA
+    /// transaction; `Err(())` when the client has gone.
     async fn rows(
         &mut self,
         txn: &mut Option<Txn>,
@@ -895,50 +1079,46 @@ impl Reader {
         let Some(t) = txn.as_mut() else {
             return Ok(Ok(()));
         };
-        // Rows delivered before (a resume) are numbered but not decoded: one
-        // logged before a schema change must not stop the stream again.
+        let logged = tme.columns_count();
+        let change = |before, after| -> Held {
+            Ok(RowChange {
+                op,
+                schema: w.schema.clone(),
+                table: w.table.clone(),
+                columns: w.columns.clone(),
+                before: self.row(w, logged, before)?,
+                after: self.row(w, logged, after)?,
+                unchanged: Vec::new(),
+                primary_key: w.primary_key.clone(),
+                txid: String::new(),
+                commit_time: None,
+                position: Position(Vec::new()),
+            })
+        };
         let mut changes = Vec::new();
         for r in rows.rows(tme) {
             let (before, after) = r.map_err(|e| BackendError::Internal(format!("binlog rows: {e}")))?;
+            if let Some(held) = t.held.as_mut() {
+                let holding = held.len() + self.prepared.values().map(|p| p.changes.len()).sum::<usize>();
+                if holding >= MAX_HELD {
+                    return Err(BackendError::ChangesNotReady(format!(
+                        "prepared XA transactions hold more than {MAX_HELD} changes to the watched tables, \
+                         which wait in the gateway's memory for their XA COMMIT"
+                    )));
+                }
+                held.push(change(before, after));
+                continue;
+            }
+            // Rows delivered before (a resume) are numbered but not decoded:
+            // one logged before a schema change must not stop the stream again.
             t.seq += 1;
-            let position = BinlogPos {
-                file: t.file,
-                offset: t.begin,
-                seq: t.seq,
-            };
+            let position = self.position(t.file, t.begin, t.seq);
             if position > self.delivered {
-                let logged = tme.columns_count();
-                changes.push((position, self.row(w, logged, before)?, self.row(w, logged, after)?));
+                changes.push((position, change(before, after)?));
             }
         }
-        let (columns, primary_key, schema, table) = (
-            w.columns.clone(),
-            w.primary_key.clone(),
-            w.schema.clone(),
-            w.table.clone(),
-        );
-        for (position, before, after) in changes {
-            if !t.begun {
-                t.begun = true;
-                if self.out.send(t.begin_item()).await.is_err() {
-                    return Ok(Err(()));
-                }
-            }
-            self.delivered = position;
-            let change = RowChange {
-                op,
-                schema: schema.clone(),
-                table: table.clone(),
-                columns: columns.clone(),
-                before,
-                after,
-                unchanged: Vec::new(),
-                primary_key: primary_key.clone(),
-                txid: t.id(),
-                commit_time: t.time,
-                position: position.encode(),
-            };
-            if self.out.send(ChangeItem::Change(change)).await.is_err() {
+        for (position, change) in changes {
+            if self.send(t, position, change).await.is_err() {
                 return Ok(Err(()));
             }
         }
@@ -948,18 +1128,13 @@ impl Reader {
     /// Ends the transaction being read at the commit event ending at `end`.
     async fn commit(&mut self, txn: &mut Option<Txn>, end: u64) -> Sent {
         let Some(mut t) = txn.take() else { return Ok(()) };
-        let position = BinlogPos {
-            file: self.file,
-            offset: end,
-            seq: 0,
-        };
+        let position = self.position(self.file, end, 0);
         // Resumed at the transaction's last change: none of it came again,
         // but its boundaries do, so that it is closed.
         let resumed_at_its_end =
             self.delivered.file == t.file && self.delivered.offset == t.begin && self.delivered.seq > 0;
         if !t.begun && resumed_at_its_end && position > self.delivered {
-            t.begun = true;
-            self.out.send(t.begin_item()).await?;
+            self.begin(&mut t).await?;
         }
         if t.begun && position > self.delivered {
             let item = ChangeItem::Commit {
@@ -977,6 +1152,70 @@ impl Reader {
         Ok(())
     }
 
+    /// An XA transaction's prepare (the XA_PREPARE event ending at `end`)
+    /// ends the group of its changes: they wait for its XA COMMIT, unless
+    /// it committed in one phase (MySQL logs XA COMMIT ... ONE PHASE so).
+    async fn prepare(&mut self, txn: &mut Option<Txn>, data: &[u8], end: u64) -> Result<Sent, BackendError> {
+        let Some((xid, one_phase)) = xa_prepared(data) else {
+            return Err(BackendError::Internal("an XA_PREPARE event that does not parse".into()));
+        };
+        let Some(mut t) = txn.take() else { return Ok(Ok(())) };
+        let held = t.held.take().unwrap_or_default();
+        if one_phase {
+            if self.deliver_held(&mut t, held).await?.is_err() {
+                return Ok(Err(()));
+            }
+            return Ok(self.commit(&mut Some(t), end).await);
+        }
+        if !held.is_empty() {
+            let (file, begin) = (t.file, t.begin);
+            self.prepared.insert(
+                xid,
+                Prepared {
+                    file,
+                    begin,
+                    changes: held,
+                },
+            );
+        }
+        Ok(Ok(()))
+    }
+
+    /// An XA COMMIT or XA ROLLBACK (the query event read, which ends at
+    /// `log_pos` and is `size` long): a commit delivers what its prepare
+    /// held, as a transaction of its own event group. Its changes' positions
+    /// (and its Begin's) still carry the prepare's restart point; its
+    /// Commit's no longer does.
+    async fn decide(&mut self, commit: bool, xid: &str, header: (u64, u64, u32)) -> Result<Sent, BackendError> {
+        let (log_pos, size, timestamp) = header;
+        let xid = xid.to_ascii_lowercase();
+        let held = match self.prepared.get_mut(&xid) {
+            Some(p) if commit => std::mem::take(&mut p.changes),
+            _ => {
+                self.prepared.remove(&xid);
+                return Ok(Ok(()));
+            }
+        };
+        let mut t = Txn::starting(self.file, log_pos, size, timestamp, false);
+        if self.deliver_held(&mut t, held).await?.is_err() {
+            return Ok(Err(()));
+        }
+        self.prepared.remove(&xid);
+        Ok(self.commit(&mut Some(t), log_pos).await)
+    }
+
+    /// Numbers held changes as `t`'s and sends those not delivered before.
+    async fn deliver_held(&mut self, t: &mut Txn, held: Vec<Held>) -> Result<Sent, BackendError> {
+        for change in held {
+            t.seq += 1;
+            let position = self.position(t.file, t.begin, t.seq);
+            if position > self.delivered && self.send(t, position, change?).await.is_err() {
+                return Ok(Err(()));
+            }
+        }
+        Ok(Ok(()))
+    }
+
     /// Streams until the client goes or the stream fails; the caller stores
     /// the acknowledgements still pending afterwards.
     async fn run(&mut self, mut conn: Conn, acks: &mut Acks, stored: &mut BinlogPos) -> Result<(), BackendError> {
@@ -986,18 +1225,28 @@ impl Reader {
                 Err(()) => return Ok(()),
             }
         }
-        let start = self.delivered;
-        self.file = start.file;
-        self.end = start.offset;
+        // Before the position: XA transactions prepared before it and
+        // committed after it are read again from their prepare.
+        let (start_file, start_offset) = self.delivered.read_from();
+        self.file = start_file;
+        self.end = start_offset;
         // Keeps the connection alive on a quiet server (nanoseconds).
         let period = self.spec.heartbeat_interval.as_nanos().min(u128::from(u64::MAX / 2)) as u64;
         conn.query_drop(format!("SET @master_heartbeat_period = {period}"))
             .await
             .map_err(map_error)?;
-        let file = file_name(&self.base, start.file);
+        // MariaDB sends its GTID events as they are to a replica that says it
+        // reads them (4: MARIA_SLAVE_CAPABILITY_GTID); to others it rewrites
+        // each as BEGIN, and fails the whole stream at an XA transaction's
+        // ("Failed to replace GTID event with backwards-compatible event").
+        // MySQL ignores the variable.
+        conn.query_drop("SET @mariadb_slave_capability = 4")
+            .await
+            .map_err(map_error)?;
+        let file = file_name(&self.base, start_file);
         let request = BinlogStreamRequest::new(server_id())
             .with_filename(file.as_bytes())
-            .with_pos(start.offset);
+            .with_pos(start_offset);
         let mut stream = conn.get_binlog_stream(request).await.map_err(map_error)?;
         let mut txn: Option<Txn> = None;
         // Whether a format description was read: rotates parse whole from then on.
@@ -1031,7 +1280,7 @@ impl Reader {
                     self.store_acks(acks, stored).await?;
                     // Inside a transaction the log offset is no place to resume from.
                     if txn.is_none() {
-                        let at = BinlogPos { file: self.file, offset: self.end, seq: 0 };
+                        let at = self.position(self.file, self.end, 0);
                         let every = self.spec.heartbeat_interval;
                         if self.out.heartbeat(&mut self.delivered, at, every, BinlogPos::encode).await.is_err() {
                             return Ok(());
@@ -1051,9 +1300,19 @@ impl Reader {
                 return Err(compressed("a compressed event was read"));
             }
             let (log_pos, size) = (u64::from(header.log_pos()), u64::from(header.event_size()));
+            let file = self.file;
+            let starting = |xa| Txn::starting(file, log_pos, size, header.timestamp(), xa);
+            if header.event_type_raw() == MARIADB_GTID_EVENT {
+                match mariadb_group(event.data()) {
+                    Some(xa) => txn = Some(starting(xa)),
+                    None => self.end = log_pos,
+                }
+                continue;
+            }
             let data = event
                 .read_data()
                 .map_err(|e| BackendError::Internal(format!("binlog event: {e}")))?;
+            let mut bookkeeping = false;
             // True when the client went away and the stream is over.
             let ended = match data {
                 Some(EventData::FormatDescriptionEvent(_)) => {
@@ -1066,28 +1325,52 @@ impl Reader {
                     continue;
                 }
                 Some(EventData::QueryEvent(q)) if q.query().eq_ignore_ascii_case("BEGIN") => {
-                    txn = Some(Txn {
-                        begin: log_pos.saturating_sub(size),
-                        file: self.file,
-                        seq: 0,
-                        begun: false,
-                        time: DateTime::from_timestamp(i64::from(header.timestamp()), 0),
-                    });
+                    txn = Some(starting(false));
                     false
                 }
-                Some(EventData::RowsEvent(rows)) => self.rows(&mut txn, &stream, &rows).await?.is_err(),
-                Some(EventData::XidEvent(_)) => self.commit(&mut txn, log_pos).await.is_err(),
-                // Non-transactional tables end their statement group with a COMMIT query.
-                Some(EventData::QueryEvent(q)) if q.query().eq_ignore_ascii_case("COMMIT") => {
+                // MySQL starts an XA transaction's group so.
+                Some(EventData::QueryEvent(q)) if xa_start(&q.query()) => {
+                    txn = Some(starting(true));
+                    false
+                }
+                Some(EventData::XaPrepareLogEvent(data)) => self.prepare(&mut txn, &data, log_pos).await?.is_err(),
+                Some(EventData::QueryEvent(q)) if txn.is_none() => match xa_decision(&q.query()) {
+                    Some((commit, xid)) => {
+                        let header = (log_pos, size, header.timestamp());
+                        self.decide(commit, xid, header).await?.is_err()
+                    }
+                    None => false,
+                },
+                Some(EventData::RowsEvent(rows)) => {
+                    if let Some(t) = txn.as_mut() {
+                        let table = stream.get_tme(rows.table_id()).map(|tme| tme.table_name());
+                        t.bookkeeping &= table.is_some_and(|name| name == POSITIONS_TABLE);
+                    }
+                    self.rows(&mut txn, &stream, &rows).await?.is_err()
+                }
+                Some(EventData::XidEvent(_)) => {
+                    bookkeeping = txn.as_ref().is_some_and(|t| t.bookkeeping);
                     self.commit(&mut txn, log_pos).await.is_err()
                 }
+                // Non-transactional tables end their statement group with a COMMIT query.
+                Some(EventData::QueryEvent(q)) if q.query().eq_ignore_ascii_case("COMMIT") => {
+                    bookkeeping = txn.as_ref().is_some_and(|t| t.bookkeeping);
+                    self.commit(&mut txn, log_pos).await.is_err()
+                }
+                // Its position is the end of what was read, bookkeeping included.
+                Some(EventData::HeartbeatEvent) => continue,
                 _ => false,
             };
             if ended {
                 return Ok(());
             }
-            // Artificial events (the first rotate, heartbeats) carry no position.
-            if log_pos > 0 {
+            // Artificial events (the first rotate) carry no position; inside
+            // a transaction the log offset is no place to resume from. A
+            // transaction that only stored positions (this stream's or
+            // another's, after an acknowledgement) does not move heartbeats
+            // on: on a quiet server each acknowledged heartbeat would store
+            // a position, which moves the log on for the next one, for ever.
+            if log_pos > 0 && txn.is_none() && !bookkeeping {
                 self.end = log_pos;
             }
         }
@@ -1107,11 +1390,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
     lock(&mut conn, &names, &spec.name, spec.take_over).await?;
     let (current_file, current_offset) = current_position(&mut setup).await?;
     let (base, current_number) = split_file(&current_file)?;
-    let current = BinlogPos {
-        file: current_number,
-        offset: current_offset,
-        seq: 0,
-    };
+    let current = BinlogPos::at(current_number, current_offset, 0);
     let stored_position = match stored(&mut setup, &spec.id).await? {
         Some(p) => p,
         None => {
@@ -1134,11 +1413,12 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
         .filter_map(|mut r| r.take::<String, _>(0))
         .filter_map(|name| split_file(&name).ok().map(|(_, n)| n))
         .min();
-    if oldest.is_some_and(|o| start.file < o) {
+    let (first_file, _) = start.read_from();
+    if oldest.is_some_and(|o| first_file < o) {
         return Err(BackendError::PositionNotRetained(format!(
             "binlog file {} has been purged; the subscription's changes since then are gone. \
              Delete the subscription and start again (with a snapshot)",
-            file_name(&base, start.file)
+            file_name(&base, first_file)
         )));
     }
     let (out, end, items) = changes::feed();
@@ -1153,6 +1433,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
         acked: start,
         file: start.file,
         end: start.offset,
+        prepared: HashMap::new(),
         spec,
         names,
     };
@@ -1273,7 +1554,7 @@ mod tests {
 
     #[test]
     fn positions_order_as_the_binlog() {
-        let p = |file, offset, seq| BinlogPos { file, offset, seq };
+        let p = BinlogPos::at;
         let mut all = [p(2, 4, 0), p(1, 900, 0), p(1, 500, 2), p(1, 500, 1), p(1, 500, 0)];
         let mut encoded: Vec<Position> = all.iter().map(|x| x.encode()).collect();
         all.sort();
@@ -1281,6 +1562,37 @@ mod tests {
         assert_eq!(encoded, all.iter().map(|x| x.encode()).collect::<Vec<_>>());
         assert_eq!(BinlogPos::decode(&p(7, 123, 4).encode()).ok(), Some(p(7, 123, 4)));
         assert!(BinlogPos::decode(&Position(vec![1, 2, 3])).is_err());
+        // A restart point rides along, and does not change the order.
+        let with = BinlogPos {
+            restart: Some((6, 99)),
+            ..p(7, 123, 4)
+        };
+        let back = BinlogPos::decode(&with.encode()).expect("decodes");
+        assert_eq!((back, back.restart, back.read_from()), (with, Some((6, 99)), (6, 99)));
+        assert_eq!(p(7, 123, 4).read_from(), (7, 123));
+        assert!(with < p(7, 123, 5) && with > p(7, 123, 3) && with == p(7, 123, 4));
+    }
+
+    #[test]
+    fn xa_events_are_read_as_mariadb_and_mysql_log_them() {
+        // What MariaDB 10.11 sent: a GTID event of an XA transaction's
+        // changes (flags 76), of a plain one (12), of an XA COMMIT (141).
+        let gtid = |flags: u8| [[0u8; 12].as_slice(), &[flags, 0, 0]].concat();
+        assert_eq!(mariadb_group(&gtid(76)), Some(true));
+        assert_eq!(mariadb_group(&gtid(12)), Some(false));
+        assert_eq!(mariadb_group(&gtid(141)), None);
+        assert_eq!(mariadb_group(&gtid(1)), None);
+        // XA_PREPARE: one phase, format 1, gtrid "x1" and bqual "q".
+        let prepare = [&[0u8, 1, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0][..], b"x1q"].concat();
+        assert_eq!(xa_prepared(&prepare), Some(("x'7831',x'71',1".to_string(), false)));
+        assert_eq!(xa_prepared(&prepare[..14]), None, "cut short");
+        assert_eq!(
+            xa_decision("XA COMMIT X'7831',X'71',1"),
+            Some((true, "X'7831',X'71',1"))
+        );
+        assert_eq!(xa_decision("xa rollback X'7831',X'',1"), Some((false, "X'7831',X'',1")));
+        assert_eq!(xa_decision("XA END X'7831',X'',1"), None);
+        assert!(xa_start("XA START X'7831',X'',1") && !xa_start("XA END X'7831',X'',1"));
     }
 
     #[test]

@@ -128,13 +128,12 @@ pub fn from_text(text: &str, column: &Column) -> Result<Value, String> {
             return from_json(&parsed, column);
         }
         // A column of no one type (SQLite's): a number written as a number
-        // is one, as in JSON input, or as weirctl writes a double (`1e20`,
-        // `1.5e-7`); anything else (`007`, `1.50`, `1e3`) stays text.
+        // is one, as in JSON input, or as weirctl's CSV writes a double
+        // (`3.0`, `1e20`, `1.5e-7`); anything else (`007`, `1.50`, `1e3`)
+        // stays text.
         ColumnType::Dynamic => match (text.parse::<i64>(), text.parse::<f64>()) {
             (Ok(i), _) if i.to_string() == text => Kind::Int64Value(i),
-            (_, Ok(f))
-                if f.is_finite() && (f.to_string() == text || value(Kind::DoubleValue(f)).to_string() == text) =>
-            {
+            (_, Ok(f)) if f.is_finite() && (f.to_string() == text || crate::output::csv_double(f) == text) => {
                 Kind::DoubleValue(f)
             }
             _ => Kind::StringValue(text.to_string()),

@@ -248,10 +248,11 @@ fn write_csv_header(out: &mut impl Write, columns: &[Column]) -> io::Result<()> 
 /// NULL is an empty field and an empty string is `""`, so the two stay
 /// distinguishable (as in PostgreSQL's CSV COPY). A list is written as a
 /// JSON array, which keeps its elements apart (`["a, b", null]`) and is
-/// what `weirctl load` reads back.
+/// what `weirctl load` reads back. A double is `csv_double`'s.
 fn csv_field(value: &Value) -> io::Result<String> {
     Ok(match &value.kind {
         _ if is_null(value) => String::new(),
+        Some(Kind::DoubleValue(d)) => csv_double(*d),
         Some(Kind::ListValue(_)) => {
             let mut json = Vec::new();
             write_json_value(&mut json, value)?;
@@ -259,6 +260,18 @@ fn csv_field(value: &Value) -> io::Result<String> {
         }
         _ => csv_quote(&value.to_string()),
     })
+}
+
+/// A double as shown elsewhere, with `.0` after a whole number (`3.0`, as
+/// JSON writes it): `3` would load back into a column of no one type
+/// (SQLite's) as an integer.
+pub(crate) fn csv_double(d: f64) -> String {
+    let text = Value::from(d).to_string();
+    if text.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) {
+        text + ".0"
+    } else {
+        text
+    }
 }
 
 fn csv_quote(text: &str) -> String {
@@ -577,6 +590,24 @@ null,bool,int,uint,float,text,bytes,decimal,date,time,timestamp,interval,uuid,js
             .expect("a row")
             .expect("parses");
         assert_eq!(back.values, [list]);
+    }
+
+    #[test]
+    fn csv_doubles_read_back_as_doubles_into_columns_of_no_one_type() {
+        let any = column("v", ColumnType::Dynamic);
+        let doubles = [3.0, -0.0, 2.5, 1e20, 1.5e-7, -42.0];
+        let rows: Vec<_> = doubles.iter().map(|d| row(vec![Value::from(*d)])).collect();
+        let text = render(Format::Csv, std::slice::from_ref(&any), &[rows]);
+        assert!(text.contains("\n3.0\n-0.0\n2.5\n1e20\n"), "{text}");
+        let mut reader = crate::load_input::CsvReader::new(text.as_bytes(), "").expect("header");
+        let columns = crate::load_input::match_columns(crate::load_input::RowReader::column_names(&reader), &[any])
+            .expect("columns");
+        for d in doubles {
+            let back = crate::load_input::RowReader::next_row(&mut reader, &columns)
+                .expect("a row")
+                .expect("parses");
+            assert_eq!(back.values[0].kind, Some(Kind::DoubleValue(d)), "{d}");
+        }
     }
 
     #[test]

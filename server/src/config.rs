@@ -34,12 +34,29 @@ pub enum ConfigError {
 
 /// A variable that looks meant as an override but would not be read as
 /// one (`WEIR_SERVER__LISTEN`: overrides begin with two underscores) is an
-/// error, as a misspelt key in the file is.
+/// error, as a misspelt key in the file is. Only one that goes on with a
+/// section of the configuration: `WEIR_ACME__PG_PASSWORD` may well be a
+/// source's `password_env`.
 fn misnamed_overrides(vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>) -> Result<(), ConfigError> {
+    const SECTIONS: [&str; 9] = [
+        "SERVER",
+        "METRICS",
+        "TELEMETRY",
+        "BULK",
+        "CHANGES",
+        "LIMITS",
+        "AUTH",
+        "BACKEND_HOSTS",
+        "TENANTS",
+    ];
     for (name, _) in vars {
         let Some(name) = name.to_str() else { continue };
         let upper = name.to_ascii_uppercase();
-        if upper.starts_with("WEIR") && !upper.starts_with("WEIR__") && name.contains("__") {
+        let Some(rest) = upper.strip_prefix("WEIR").filter(|_| !upper.starts_with("WEIR__")) else {
+            continue;
+        };
+        let section = rest.trim_start_matches('_').split_once("__").map(|(head, _)| head);
+        if section.is_some_and(|head| SECTIONS.contains(&head)) {
             return Err(invalid(
                 name,
                 "looks like a configuration override, but overrides begin with WEIR__ (two underscores): rename it",
@@ -1341,7 +1358,11 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("WEIR_SERVER__LISTEN") && err.contains("WEIR__"), "{err}");
+        assert!(misnamed_overrides(vars(&["WEIRSERVER__LISTEN"])).is_err());
+        assert!(misnamed_overrides(vars(&["weir_tenants__acme__limits__burst"])).is_err());
         assert!(misnamed_overrides(vars(&["WEIR__SERVER__LISTEN", "WEIR_LOG", "WEIR_PG_PASSWORD"])).is_ok());
+        // Another variable of the deployment's, such as a password_env.
+        assert!(misnamed_overrides(vars(&["WEIR_ACME__PG_PASSWORD", "WEIRD__THING"])).is_ok());
     }
 
     #[test]

@@ -154,10 +154,11 @@ streams, rollbacks and cancels share 10 s; blocking work and the trace flush
 {{- end }}
 {{- end }}
 {{- $seconds := include "weir.durationSeconds" $grace }}
-{{- if $seconds }}
+{{- if not $seconds }}
+{{- fail (printf "shutdown_grace %q (%s) is a duration the chart cannot read to check terminationGracePeriodSeconds: write it in ns, us, ms, s, m, h or d (\"30s\", \"1m 30s\")" $grace $from) }}
+{{- end }}
 {{- $needed := add (int .Values.preStopSleepSeconds) (int $seconds) 20 }}
 {{- if lt (int .Values.terminationGracePeriodSeconds) (int $needed) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSleepSeconds (%d) + shutdown_grace (%s, %s) + 20 s of wrap-up = %d, or SIGKILL cuts Weir's shutdown short (open transactions not rolled back, streams not ended); raise terminationGracePeriodSeconds or lower shutdown_grace" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds) $grace $from (int $needed)) }}
-{{- end }}
 {{- end }}
 {{- end }}

@@ -2495,10 +2495,28 @@ async fn mysql_xa_transactions_arrive_at_their_commit_and_not_after_a_rollback()
     let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
     let (mut a, mut b) = (common::mysql_direct().await, common::mysql_direct().await);
     let tag = ctx.tag.clone();
+    let plain = ctx.name("xa_myisam");
+    ctx.sql(&format!("CREATE TABLE {plain} (id INT PRIMARY KEY) ENGINE = MyISAM"))
+        .await;
     mysql_run(&mut a, &xa_prepared(&t, &format!("c{tag}"), 1)).await;
     mysql_run(&mut b, &xa_prepared(&t, &format!("r{tag}"), 2)).await;
     ctx.sql(&format!("INSERT INTO {t} VALUES (3, 'plain', 1)")).await;
     mysql_run(&mut b, &[format!("XA ROLLBACK 'r{tag}'")]).await;
+    // A group the binlog ends with ROLLBACK, not a commit (a session
+    // logging statements; its MyISAM write is kept): the XA COMMIT after it
+    // must still be read as one.
+    mysql_run(
+        &mut b,
+        &[
+            "SET SESSION binlog_format = 'STATEMENT'".into(),
+            "BEGIN".into(),
+            format!("INSERT INTO {t} VALUES (9, 'rolled back', 1)"),
+            format!("INSERT INTO {plain} VALUES (1)"),
+            "ROLLBACK".into(),
+            "SET SESSION binlog_format = 'ROW'".into(),
+        ],
+    )
+    .await;
     mysql_run(&mut a, &[format!("XA COMMIT 'c{tag}'")]).await;
     let mut one_phase = xa_prepared(&t, &format!("o{tag}"), 4);
     one_phase.truncate(3);
@@ -2506,26 +2524,39 @@ async fn mysql_xa_transactions_arrive_at_their_commit_and_not_after_a_rollback()
     mysql_run(&mut a, &one_phase).await;
     let messages = read_changes(&mut watch, 3).await;
     let got: Vec<_> = changes(&messages).iter().map(|c| id_of(c)).collect();
-    assert_eq!(got, [3, 1, 4], "in commit order, without the rolled-back insert");
-    // Each arrives inside its own Begin and Commit.
+    assert_eq!(got, [3, 1, 4], "in commit order, without the rolled-back inserts");
+    // Each arrives inside its own Begin and Commit, at positions that never go back.
     let boundaries: Vec<_> = messages
         .iter()
         .filter_map(|m| match m {
             Message::Transaction(b) => Some(b.begin),
-            Message::Change(_) => None,
             _ => None,
         })
         .collect();
     assert_eq!(boundaries, [true, false, true, false, true], "{messages:?}");
+    let positions: Vec<_> = messages
+        .iter()
+        .filter_map(|m| match m {
+            Message::Transaction(b) => Some(b.position.clone()),
+            Message::Change(c) => Some(c.position.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        positions.windows(2).all(|p| p[0] <= p[1]),
+        "positions go back: {messages:?}"
+    );
     ctx.sql(&format!("INSERT INTO {t} VALUES (5, 'after', 1)")).await;
     assert_eq!(id_of(changes(&read_changes(&mut watch, 1).await)[0]), 5);
     drop((watch, a, b));
-    ctx.finish(&[&sub], &[&t]).await;
+    ctx.finish(&[&sub], &[&t, &plain]).await;
 }
 
 /// A position acknowledged while an XA transaction waits between its
 /// prepare and its commit still leads to that transaction's changes: a
-/// resume from it (given, or the stored one) reads again from the prepare.
+/// resume from it (given, or the stored one) reads again from the prepare,
+/// also from an older binlog file. Resumed inside its delivery, nothing of
+/// it comes again but its boundaries; resumed at its Commit, nothing.
 #[tokio::test]
 async fn mysql_a_resume_past_an_xa_prepare_still_gets_its_commit() {
     let ctx = Ctx::new(Engine::Mysql).await;
@@ -2548,19 +2579,44 @@ async fn mysql_a_resume_past_an_xa_prepare_still_gets_its_commit() {
     watch.ack(commit.clone()).await.expect("ack");
     tokio::time::sleep(Duration::from_millis(400)).await;
     drop(watch);
+    // Its commit in a later binlog file than its prepare.
+    mysql_run(&mut common::mysql_direct().await, &["FLUSH BINARY LOGS".into()]).await;
     mysql_run(&mut a, &[format!("XA COMMIT '{xid}'")]).await;
-    let mut start = ctx.start(&[&t], &sub);
-    start.resume_position = commit;
-    for (how, start) in [("given", start), ("stored", ctx.start(&[&t], &sub))] {
+    let from = |position: &[u8]| {
+        let mut start = ctx.start(&[&t], &sub);
+        start.resume_position = position.to_vec();
+        start
+    };
+    let mut delivered = None;
+    for (how, start) in [("given", from(&commit)), ("stored", ctx.start(&[&t], &sub))] {
         let mut resumed = ctx.watch(start).await;
-        let ids: Vec<_> = changes(&read_changes(&mut resumed, 1).await)
-            .iter()
-            .map(|c| id_of(c))
-            .collect();
-        assert_eq!(ids, [1], "resumed from the {how} position");
+        let messages = read_changes(&mut resumed, 1).await;
+        assert_eq!(id_of(changes(&messages)[0]), 1, "resumed from the {how} position");
+        delivered = Some(changes(&messages)[0].position.clone());
         drop(resumed);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    drop(a);
+    let change = delivered.expect("the XA transaction's change");
+    let mut at_change = ctx.watch(from(&change)).await;
+    let mut boundaries = Vec::new();
+    let end = loop {
+        match next_message(&mut at_change).await {
+            Message::Transaction(b) if b.begin => boundaries.push(true),
+            Message::Transaction(b) => break b.position,
+            Message::Heartbeat(_) => {}
+            other => panic!("only the boundaries of the XA transaction come again, got {other:?}"),
+        }
+    };
+    assert_eq!(boundaries, [true]);
+    drop(at_change);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut at_commit = ctx.watch(from(&end)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (3, 'after', 1)")).await;
+    assert_eq!(
+        id_of(changes(&read_changes(&mut at_commit, 1).await)[0]),
+        3,
+        "nothing of it again"
+    );
+    drop((at_commit, a));
     ctx.finish(&[&sub], &[&t]).await;
 }

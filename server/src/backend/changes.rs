@@ -120,6 +120,14 @@ pub struct RowChange {
     pub position: Position,
 }
 
+impl RowChange {
+    /// Bytes its rows' values hold in memory, roughly.
+    pub fn size(&self) -> usize {
+        let row = |r: &Option<Row>| r.as_ref().map_or(0, |r| r.iter().map(Value::size).sum::<usize>());
+        row(&self.before) + row(&self.after) + self.unchanged.iter().map(String::len).sum::<usize>()
+    }
+}
+
 /// What every row of one table's snapshot shares.
 pub struct SnapshotTable {
     pub schema: String,
@@ -185,8 +193,7 @@ impl ChangeItem {
         let ChangeItem::Change(c) = self else {
             return own;
         };
-        let row = |r: &Option<Row>| r.as_ref().map_or(0, |r| r.iter().map(Value::size).sum::<usize>());
-        own + row(&c.before) + row(&c.after) + c.unchanged.iter().map(String::len).sum::<usize>()
+        own + c.size()
     }
 
     /// Moves a position that lies before `floor` up to it.

@@ -102,14 +102,19 @@ impl BinlogPos {
                 .unpack(BINLOG_POSITION_RESTART)
                 .map(|[file, offset, seq, rf, ro]| (file, offset, seq, Some((rf as u32, ro)))),
         };
-        let (file, offset, seq, restart) =
-            fields.ok_or_else(|| BackendError::Invalid("not a MySQL change position".into()))?;
-        Ok(BinlogPos {
+        let not = || BackendError::Invalid("not a MySQL change position".into());
+        let (file, offset, seq, restart) = fields.ok_or_else(not)?;
+        let p = BinlogPos {
             file: file as u32,
             offset,
             seq: seq as u32,
             restart,
-        })
+        };
+        // A restart point lies before its position (these bytes are the client's).
+        if p.restart.is_some_and(|r| r >= (p.file, p.offset)) {
+            return Err(not());
+        }
+        Ok(p)
     }
 }
 
@@ -579,23 +584,48 @@ async fn ensure_positions_table(conn: &mut Conn) -> Result<(), BackendError> {
          )"
     ))
     .await
-    .map_err(map_error)?;
-    let has_restart: Option<i64> = conn
-        .exec_first(
-            "SELECT COUNT(*) FROM information_schema.COLUMNS
-             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'restart_offset'",
+    .map_err(map_error)
+}
+
+/// Whether the positions table has the restart point's columns, adding
+/// them to a table made before there were any. The ALTER waits at most 5 s
+/// for the table (every stream's position store queues behind it), and may
+/// not be allowed (it needs the ALTER privilege): without the columns, a
+/// restart point is stored as the position itself (see `store`).
+async fn restart_columns(conn: &mut Conn) -> Result<bool, BackendError> {
+    async fn count(conn: &mut Conn) -> Result<Option<i64>, mysql_async::Error> {
+        conn.exec_first(
+            "SELECT COUNT(*) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() \
+             AND TABLE_NAME = ? AND COLUMN_NAME IN ('restart_file', 'restart_offset')",
             (POSITIONS_TABLE,),
         )
         .await
-        .map_err(map_error)?;
-    if has_restart.unwrap_or(0) > 0 {
-        return Ok(());
     }
-    let added = format!("ALTER TABLE {POSITIONS_TABLE} ADD COLUMN ({RESTART_COLUMNS})");
-    match conn.query_drop(added).await {
+    if count(conn).await.map_err(map_error)? == Some(2) {
+        return Ok(true);
+    }
+    conn.query_drop("SET @weir_lock_wait = @@SESSION.lock_wait_timeout, SESSION lock_wait_timeout = 5")
+        .await
+        .map_err(map_error)?;
+    let added = conn
+        .query_drop(format!("ALTER TABLE {POSITIONS_TABLE} ADD COLUMN ({RESTART_COLUMNS})"))
+        .await;
+    conn.query_drop("SET SESSION lock_wait_timeout = @weir_lock_wait")
+        .await
+        .map_err(map_error)?;
+    match added {
+        Ok(()) => Ok(true),
         // 1060: another stream added them first.
-        Err(mysql_async::Error::Server(e)) if e.code == 1060 => Ok(()),
-        other => other.map_err(map_error),
+        Err(mysql_async::Error::Server(e)) if e.code == 1060 => Ok(count(conn).await.map_err(map_error)? == Some(2)),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot add restart_file and restart_offset to {POSITIONS_TABLE}: a position acknowledged while \
+                 an XA transaction waits for its commit is stored as that transaction's prepare, so a resume \
+                 without a position may deliver changes between the two again"
+            );
+            Ok(false)
+        }
     }
 }
 
@@ -604,6 +634,30 @@ async fn ensure_positions_table(conn: &mut Conn) -> Result<(), BackendError> {
 /// replaced by a take-over, still waiting on its slow client, must not
 /// write its older acknowledgement over its successor's when it ends.
 async fn store(conn: &mut Conn, names: &Names, base: &str, p: BinlogPos, holder: u32) -> Result<(), BackendError> {
+    if !names.restart_columns {
+        // Resumed from there, the stream reads from the prepare on.
+        let p = p.restart.map_or(p, |(file, offset)| BinlogPos::at(file, offset, 0));
+        return conn
+            .exec_drop(
+                format!(
+                    "INSERT INTO {POSITIONS_TABLE} (subscription, binlog_file, binlog_offset, event_seq)
+                     SELECT ?, ?, ?, ? FROM DUAL WHERE IFNULL(IS_USED_LOCK(?), ?) = ?
+                     ON DUPLICATE KEY UPDATE binlog_file = VALUES(binlog_file),
+                     binlog_offset = VALUES(binlog_offset), event_seq = VALUES(event_seq)"
+                ),
+                (
+                    names.id.as_str(),
+                    file_name(base, p.file),
+                    p.offset,
+                    p.seq,
+                    names.lock.as_str(),
+                    holder,
+                    holder,
+                ),
+            )
+            .await
+            .map_err(map_error);
+    }
     conn.exec_drop(
         format!(
             "INSERT INTO {POSITIONS_TABLE}
@@ -629,15 +683,20 @@ async fn store(conn: &mut Conn, names: &Names, base: &str, p: BinlogPos, holder:
     .map_err(map_error)
 }
 
-async fn stored(conn: &mut Conn, id: &str) -> Result<Option<BinlogPos>, BackendError> {
+async fn stored(conn: &mut Conn, names: &Names) -> Result<Option<BinlogPos>, BackendError> {
     type Stored = (String, u64, u32, Option<String>, Option<u64>);
+    let restart = if names.restart_columns {
+        "restart_file, restart_offset"
+    } else {
+        "NULL, NULL"
+    };
     let row: Option<Stored> = conn
         .exec_first(
             format!(
-                "SELECT binlog_file, binlog_offset, event_seq, restart_file, restart_offset
+                "SELECT binlog_file, binlog_offset, event_seq, {restart}
                  FROM {POSITIONS_TABLE} WHERE subscription = ?"
             ),
-            (id,),
+            (names.id.as_str(),),
         )
         .await
         .map_err(map_error)?;
@@ -661,6 +720,8 @@ async fn stored(conn: &mut Conn, id: &str) -> Result<Option<BinlogPos>, BackendE
 struct Names {
     id: String,
     lock: String,
+    /// Whether the positions table has the restart point's columns.
+    restart_columns: bool,
 }
 
 impl Names {
@@ -686,6 +747,7 @@ impl Names {
         Ok(Names {
             id: id.to_string(),
             lock: lock_name(&database, id),
+            restart_columns: false,
         })
     }
 }
@@ -755,26 +817,38 @@ struct Txn {
     seq: u32,
     begun: bool,
     time: Option<DateTime<Utc>>,
-    /// Whether it wrote only subscription positions (see `run`).
-    bookkeeping: bool,
+    /// `Some(true)` once it wrote subscription positions and nothing else
+    /// (see `run`), `Some(false)` once it wrote anything else.
+    bookkeeping: Option<bool>,
     /// An XA transaction's changes, held from its prepare to its commit.
-    held: Option<Vec<Held>>,
+    held: Option<Held>,
 }
 
-/// A change of a prepared XA transaction; decoded when read, so that an
-/// error is raised only if it is delivered (not when read again on resume).
-type Held = Result<RowChange, BackendError>;
+/// Changes of an XA transaction; decoded when read, so that an error is
+/// raised only if one is delivered (not when read again on a resume).
+#[derive(Default)]
+struct Held {
+    changes: Vec<Result<RowChange, BackendError>>,
+    /// What they hold in memory, roughly.
+    bytes: usize,
+}
 
 /// What a prepared XA transaction's commit delivers.
 struct Prepared {
     /// Where its event group starts: reading resumes there while it waits.
     file: u32,
     begin: u64,
-    changes: Vec<Held>,
+    held: Held,
+    since: Instant,
+    /// Whether a warning said it waits long.
+    warned: bool,
 }
 
-/// How many changes prepared XA transactions may hold in all.
-const MAX_HELD: usize = 100_000;
+/// How much prepared XA transactions' changes may hold in all, in memory.
+const MAX_HELD_BYTES: usize = 64 << 20;
+/// A prepared XA transaction waiting longer is logged (once): it holds the
+/// stream's restart point, and so its binlog files, until it is decided.
+const LONG_PREPARED: Duration = Duration::from_secs(600);
 
 impl Txn {
     /// A transaction whose event group starts with the event read (`log_pos`
@@ -786,8 +860,8 @@ impl Txn {
             seq: 0,
             begun: false,
             time: DateTime::from_timestamp(i64::from(timestamp), 0),
-            bookkeeping: true,
-            held: xa.then(Vec::new),
+            bookkeeping: None,
+            held: xa.then(Held::default),
         }
     }
 
@@ -822,8 +896,9 @@ fn xa_start(query: &str) -> bool {
 /// one-phase commit.
 fn xa_prepared(data: &[u8]) -> Option<(String, bool)> {
     let one_phase = *data.first()?;
-    let number = |at: usize| Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?));
-    let (format, gtrid, bqual) = (number(1)?, number(5)? as usize, number(9)? as usize);
+    let number = |at: usize| Some(i32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?));
+    let (format, gtrid, bqual) = (number(1)?, number(5)?, number(9)?);
+    let (gtrid, bqual) = (usize::try_from(gtrid).ok()?, usize::try_from(bqual).ok()?);
     let xid = data.get(13..13 + gtrid + bqual)?;
     let (gtrid, bqual) = xid.split_at(gtrid);
     let xid = format!("x'{}',x'{}',{format}", hex::encode(gtrid), hex::encode(bqual));
@@ -1080,7 +1155,7 @@ impl Reader {
             return Ok(Ok(()));
         };
         let logged = tme.columns_count();
-        let change = |before, after| -> Held {
+        let change = |before, after| -> Result<RowChange, BackendError> {
             Ok(RowChange {
                 op,
                 schema: w.schema.clone(),
@@ -1099,14 +1174,18 @@ impl Reader {
         for r in rows.rows(tme) {
             let (before, after) = r.map_err(|e| BackendError::Internal(format!("binlog rows: {e}")))?;
             if let Some(held) = t.held.as_mut() {
-                let holding = held.len() + self.prepared.values().map(|p| p.changes.len()).sum::<usize>();
-                if holding >= MAX_HELD {
+                let change = change(before, after);
+                held.bytes += change.as_ref().map_or(0, RowChange::size);
+                held.changes.push(change);
+                let holding = held.bytes + self.prepared.values().map(|p| p.held.bytes).sum::<usize>();
+                if holding > MAX_HELD_BYTES {
                     return Err(BackendError::ChangesNotReady(format!(
-                        "prepared XA transactions hold more than {MAX_HELD} changes to the watched tables, \
-                         which wait in the gateway's memory for their XA COMMIT"
+                        "XA transactions hold more than {} MiB of changes to the watched tables, which wait \
+                         in the gateway's memory from XA START to XA COMMIT; commit XA transactions in \
+                         smaller parts",
+                        MAX_HELD_BYTES >> 20
                     )));
                 }
-                held.push(change(before, after));
                 continue;
             }
             // Rows delivered before (a resume) are numbered but not decoded:
@@ -1167,14 +1246,18 @@ impl Reader {
             }
             return Ok(self.commit(&mut Some(t), end).await);
         }
-        if !held.is_empty() {
+        if !held.changes.is_empty() {
             let (file, begin) = (t.file, t.begin);
+            let since = Instant::now();
+            let warned = false;
             self.prepared.insert(
                 xid,
                 Prepared {
                     file,
                     begin,
-                    changes: held,
+                    held,
+                    since,
+                    warned,
                 },
             );
         }
@@ -1190,7 +1273,7 @@ impl Reader {
         let (log_pos, size, timestamp) = header;
         let xid = xid.to_ascii_lowercase();
         let held = match self.prepared.get_mut(&xid) {
-            Some(p) if commit => std::mem::take(&mut p.changes),
+            Some(p) if commit => std::mem::take(&mut p.held),
             _ => {
                 self.prepared.remove(&xid);
                 return Ok(Ok(()));
@@ -1204,9 +1287,30 @@ impl Reader {
         Ok(self.commit(&mut Some(t), log_pos).await)
     }
 
+    /// Logs each XA transaction prepared over `LONG_PREPARED` ago, once:
+    /// one never decided (a transaction manager gone, or MySQL before
+    /// 8.0.30 rolling it back at a crash without logging it) holds every
+    /// resume of this stream to its prepare, and its binlog file with it.
+    fn warn_of_long_prepared(&mut self) {
+        let (subscription, base) = (&self.spec.name, &self.base);
+        for (xid, p) in self.prepared.iter_mut().filter(|(_, p)| !p.warned) {
+            if p.since.elapsed() > LONG_PREPARED {
+                p.warned = true;
+                tracing::warn!(
+                    %subscription,
+                    %xid,
+                    prepared_at = %format!("{}:{}", file_name(base, p.file), p.begin),
+                    "an XA transaction prepared {} minutes ago is not committed or rolled back yet: resuming \
+                     this stream reads the binlog again from its prepare (XA RECOVER lists it)",
+                    LONG_PREPARED.as_secs() / 60
+                );
+            }
+        }
+    }
+
     /// Numbers held changes as `t`'s and sends those not delivered before.
-    async fn deliver_held(&mut self, t: &mut Txn, held: Vec<Held>) -> Result<Sent, BackendError> {
-        for change in held {
+    async fn deliver_held(&mut self, t: &mut Txn, held: Held) -> Result<Sent, BackendError> {
+        for change in held.changes {
             t.seq += 1;
             let position = self.position(t.file, t.begin, t.seq);
             if position > self.delivered && self.send(t, position, change?).await.is_err() {
@@ -1278,6 +1382,7 @@ impl Reader {
                     }
                     let busy = tokio::time::Instant::now();
                     self.store_acks(acks, stored).await?;
+                    self.warn_of_long_prepared();
                     // Inside a transaction the log offset is no place to resume from.
                     if txn.is_none() {
                         let at = self.position(self.file, self.end, 0);
@@ -1302,11 +1407,11 @@ impl Reader {
             let (log_pos, size) = (u64::from(header.log_pos()), u64::from(header.event_size()));
             let file = self.file;
             let starting = |xa| Txn::starting(file, log_pos, size, header.timestamp(), xa);
+            // A GTID event starts an event group, and so ends whatever group
+            // was left open (one ended by a ROLLBACK query). It is no place to
+            // resume from: its group's end is.
             if header.event_type_raw() == MARIADB_GTID_EVENT {
-                match mariadb_group(event.data()) {
-                    Some(xa) => txn = Some(starting(xa)),
-                    None => self.end = log_pos,
-                }
+                txn = mariadb_group(event.data()).map(starting);
                 continue;
             }
             let data = event
@@ -1324,6 +1429,10 @@ impl Reader {
                     self.end = r.position();
                     continue;
                 }
+                Some(EventData::GtidEvent(_) | EventData::AnonymousGtidEvent(_)) => {
+                    txn = None;
+                    continue;
+                }
                 Some(EventData::QueryEvent(q)) if q.query().eq_ignore_ascii_case("BEGIN") => {
                     txn = Some(starting(false));
                     false
@@ -1334,27 +1443,32 @@ impl Reader {
                     false
                 }
                 Some(EventData::XaPrepareLogEvent(data)) => self.prepare(&mut txn, &data, log_pos).await?.is_err(),
-                Some(EventData::QueryEvent(q)) if txn.is_none() => match xa_decision(&q.query()) {
-                    Some((commit, xid)) => {
-                        let header = (log_pos, size, header.timestamp());
-                        self.decide(commit, xid, header).await?.is_err()
-                    }
-                    None => false,
-                },
+                Some(EventData::QueryEvent(q)) if xa_decision(&q.query()).is_some() => {
+                    // A group of its own: one left open is over.
+                    txn = None;
+                    let query = q.query();
+                    let Some((commit, xid)) = xa_decision(&query) else {
+                        continue;
+                    };
+                    self.decide(commit, xid, (log_pos, size, header.timestamp()))
+                        .await?
+                        .is_err()
+                }
                 Some(EventData::RowsEvent(rows)) => {
                     if let Some(t) = txn.as_mut() {
                         let table = stream.get_tme(rows.table_id()).map(|tme| tme.table_name());
-                        t.bookkeeping &= table.is_some_and(|name| name == POSITIONS_TABLE);
+                        let positions = table.is_some_and(|name| name == POSITIONS_TABLE);
+                        t.bookkeeping = Some(positions && t.bookkeeping != Some(false));
                     }
                     self.rows(&mut txn, &stream, &rows).await?.is_err()
                 }
                 Some(EventData::XidEvent(_)) => {
-                    bookkeeping = txn.as_ref().is_some_and(|t| t.bookkeeping);
+                    bookkeeping = txn.as_ref().is_some_and(|t| t.bookkeeping == Some(true));
                     self.commit(&mut txn, log_pos).await.is_err()
                 }
                 // Non-transactional tables end their statement group with a COMMIT query.
                 Some(EventData::QueryEvent(q)) if q.query().eq_ignore_ascii_case("COMMIT") => {
-                    bookkeeping = txn.as_ref().is_some_and(|t| t.bookkeeping);
+                    bookkeeping = txn.as_ref().is_some_and(|t| t.bookkeeping == Some(true));
                     self.commit(&mut txn, log_pos).await.is_err()
                 }
                 // Its position is the end of what was read, bookkeeping included.
@@ -1386,12 +1500,13 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
     ensure_positions_table(&mut setup).await?;
     // The binlog connection holds the lock for as long as it streams.
     let mut conn = connect(opts).await?;
-    let names = Names::of(&mut setup, opts, &spec.id).await?;
+    let mut names = Names::of(&mut setup, opts, &spec.id).await?;
+    names.restart_columns = restart_columns(&mut setup).await?;
     lock(&mut conn, &names, &spec.name, spec.take_over).await?;
     let (current_file, current_offset) = current_position(&mut setup).await?;
     let (base, current_number) = split_file(&current_file)?;
     let current = BinlogPos::at(current_number, current_offset, 0);
-    let stored_position = match stored(&mut setup, &spec.id).await? {
+    let stored_position = match stored(&mut setup, &names).await? {
         Some(p) => p,
         None => {
             store(&mut setup, &names, &base, current, conn.id()).await?;
@@ -1571,6 +1686,14 @@ mod tests {
         assert_eq!((back, back.restart, back.read_from()), (with, Some((6, 99)), (6, 99)));
         assert_eq!(p(7, 123, 4).read_from(), (7, 123));
         assert!(with < p(7, 123, 5) && with > p(7, 123, 3) && with == p(7, 123, 4));
+        // A restart point at or past its position is no position of ours.
+        for restart in [(7, 123), (7, 124), (8, 1)] {
+            let bad = BinlogPos {
+                restart: Some(restart),
+                ..p(7, 123, 4)
+            };
+            assert!(BinlogPos::decode(&bad.encode()).is_err(), "{restart:?}");
+        }
     }
 
     #[test]
@@ -1586,6 +1709,9 @@ mod tests {
         let prepare = [&[0u8, 1, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0][..], b"x1q"].concat();
         assert_eq!(xa_prepared(&prepare), Some(("x'7831',x'71',1".to_string(), false)));
         assert_eq!(xa_prepared(&prepare[..14]), None, "cut short");
+        // Format -1, as the server prints it.
+        let negative = [&[0u8, 255, 255, 255, 255, 1, 0, 0, 0, 0, 0, 0, 0][..], b"x"].concat();
+        assert_eq!(xa_prepared(&negative), Some(("x'78',x'',-1".to_string(), false)));
         assert_eq!(
             xa_decision("XA COMMIT X'7831',X'71',1"),
             Some((true, "X'7831',X'71',1"))

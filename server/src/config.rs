@@ -1120,6 +1120,22 @@ impl SourceConfig {
                 format!("must be at least {MIN_SQLITE_FILE_BYTES} (64 KiB)"),
             ));
         }
+        // Each pooled connection would open a database of its own (SQLite
+        // takes URIs): what one call wrote, the next would not see. Only
+        // ":memory:" is shared among a source's connections.
+        if let Some(path) = self.path.as_deref().filter(|_| self.engine == EngineKind::Sqlite) {
+            let uri = path.to_ascii_lowercase();
+            if path.is_empty()
+                || uri.starts_with("file::memory:")
+                || (uri.starts_with("file:") && uri.contains("mode=memory"))
+            {
+                return Err(invalid(
+                    format!("{key}.path"),
+                    "an in-memory database is written \":memory:\" (which the source's connections share); \
+                     an empty path or a memory URI would give each connection a database of its own",
+                ));
+            }
+        }
         // A read-only SQLite source is never written, so it cannot be seeded
         // or start empty.
         if self.engine == EngineKind::Sqlite && self.read_only {
@@ -1575,6 +1591,27 @@ mod tests {
         let err = Config::from_toml(&format!("{sqlite}4096\n")).unwrap_err().to_string();
         assert!(err.contains("tenants.a.sources.s.max_file_bytes"), "{err}");
         Config::from_toml(&format!("{sqlite}65536\n")).expect("64 KiB");
+        // In-memory databases other than ":memory:", one per connection.
+        let at = |path: &str| format!("[tenants.a.sources.s]\nengine = \"sqlite\"\npath = \"{path}\"\n");
+        for path in [
+            "",
+            "file::memory:",
+            "file:x?mode=memory&cache=shared",
+            "FILE:y?MODE=MEMORY",
+        ] {
+            let err = Config::from_toml(&at(path))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("tenants.a.sources.s.path"), "{path:?}: {err}");
+        }
+        for path in [
+            ":memory:",
+            "/var/lib/weir/shop.db",
+            "file:/var/lib/weir/shop.db?mode=ro",
+        ] {
+            Config::from_toml(&at(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
     }
 
     #[test]

@@ -1867,6 +1867,36 @@ async fn sqlite_loads_store_infinite_decimals_as_numbers_and_refuse_nan() {
     ctx.server.stop().await;
 }
 
+/// A column of no declared type converts no text: a decimal loaded into it
+/// is a number, as the same decimal sent as a parameter is, and compares
+/// as one (bound as text, `10.5 > 100` held and `= 10.5` did not).
+#[tokio::test]
+async fn sqlite_decimals_loaded_into_untyped_columns_are_numbers() {
+    let ctx = Ctx::new(Engine::Sqlite, "").await;
+    ctx.exec("CREATE TABLE weir_bulk_untyped (id INTEGER PRIMARY KEY, amount)")
+        .await;
+    let mut load = header("weir_bulk_untyped", pb::BulkLoadMode::Append);
+    load.columns = vec!["id".into(), "amount".into()];
+    let row = |id: i64, d: &str| pb::Row {
+        values: vec![v(Kind::Int64Value(id)), v(Kind::DecimalValue(d.into()))],
+    };
+    let batch = vec![row(1, "10.5"), row(2, "7"), row(3, "123456789012345678901234")];
+    ctx.load(load, vec![batch]).await.expect("load");
+    let stored: Vec<String> = ctx
+        .exec(
+            "SELECT typeof(amount) || ':' || (amount > 100) || ':' || (amount = 10.5) \
+             FROM weir_bulk_untyped ORDER BY id",
+        )
+        .await
+        .rows
+        .iter()
+        .map(|r| text(&r.values[0]).to_string())
+        .collect();
+    // Beyond a double's digits it stays exact, as text.
+    assert_eq!(stored, ["real:0:1", "integer:0:0", "text:1:0"]);
+    ctx.server.stop().await;
+}
+
 /// A SQLite load its caller gave up on stops inside the statement it runs
 /// (here a REPLACE's DELETE, which checks an unindexed foreign key for each
 /// row, for minutes), so the source's write turn is free again at once.

@@ -940,6 +940,13 @@ async fn sqlite_session_state_does_not_reach_the_next_caller() {
     assert_eq!(int(&run("PRAGMA foreign_keys").await.rows[0].values[0]), 1);
     run("EXPLAIN QUERY PLAN PRAGMA foreign_keys = OFF").await;
     assert_eq!(int(&run("PRAGMA foreign_keys").await.rows[0].values[0]), 1);
+    // ... and as a second statement, refused, but prepared to see that it is there.
+    let err = client
+        .execute("db", "SELECT 1; PRAGMA foreign_keys = OFF", vec![])
+        .await
+        .expect_err("two statements");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(int(&run("PRAGMA foreign_keys").await.rows[0].values[0]), 1);
     run("/* a comment first */ PRAGMA query_only = ON").await;
     run("UPDATE products SET stock = stock WHERE id = 1").await;
     run("CREATE TEMP TABLE products (x INTEGER)").await;
@@ -1253,10 +1260,15 @@ async fn no_tenant_can_change_sqlite_for_the_whole_process() {
     let beta = server.client("key-beta").await;
     // hard_heap_limit can only be lowered: one tenant would leave every
     // SQLite statement of every tenant out of memory until a restart.
+    // An exclusive lock or a rollback journal would block the source's
+    // other connections (its other callers) for good or while one reads.
     for sql in [
         "PRAGMA hard_heap_limit = 1",
         "PRAGMA main.soft_heap_limit = 1",
         "PRAGMA temp_store_directory = '/tmp'",
+        "PRAGMA locking_mode = EXCLUSIVE",
+        "PRAGMA journal_mode = DELETE",
+        "PRAGMA main.journal_mode = 'truncate'",
     ] {
         let err = alpha.execute("shop", sql, vec![]).await.expect_err(sql);
         assert_eq!(err.code(), Code::PermissionDenied, "{sql}: {err:?}");
@@ -1267,10 +1279,13 @@ async fn no_tenant_can_change_sqlite_for_the_whole_process() {
         .execute("shop", "PRAGMA hard_heap_limit", vec![])
         .await
         .expect("read");
-    alpha
-        .execute("shop", "PRAGMA cache_size = 100", vec![])
-        .await
-        .expect("per connection");
+    for sql in [
+        "PRAGMA cache_size = 100",
+        "PRAGMA journal_mode = WAL",
+        "PRAGMA locking_mode",
+    ] {
+        alpha.execute("shop", sql, vec![]).await.expect(sql);
+    }
     let counted = beta
         .execute("crm", "SELECT count(*) FROM customers", vec![])
         .await

@@ -8,7 +8,7 @@
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params_from_iter, Connection, Statement};
 
-use super::{map_error, special, to_sql};
+use super::{decimal, map_error, special, to_sql};
 use crate::backend::bulk::{self, Dialect, LoadSpec, ReceiptSql, RowFeed};
 use crate::backend::{BackendError, ColumnType, LoadMode, LoadOutcome, Row, Value};
 
@@ -29,26 +29,28 @@ fn placeholders(n: usize) -> String {
     (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
 }
 
-/// A decimal as a load binds it: as text, which the column's affinity
-/// converts (NUMERIC to a number, TEXT keeps it exact, as "10.50"), as a
-/// load of text would; but SQLite reads no text as an infinity, and a NaN
-/// would stay the text "NaN" in a number column: those bind as numbers
-/// (`special`), but into TEXT columns, which keep them as they came.
-pub(super) fn load_decimal(d: &str, text_column: bool) -> Result<SqlValue, String> {
-    match special(d) {
-        Ok(Some(number)) if !text_column => Ok(number),
-        Err(nan) if !text_column => Err(nan),
-        _ => Ok(SqlValue::Text(d.to_string())),
+/// A decimal as a load binds it into a column of type `column`: as text,
+/// which the column's affinity converts (NUMERIC to a number, TEXT keeps it
+/// exact, as "10.50"), as a load of text would; but SQLite reads no text as
+/// an infinity, and a NaN would stay the text "NaN" in a number column:
+/// those bind as numbers (`special`), but into TEXT columns, which keep
+/// them as they came. A column of no declared type converts nothing (text
+/// stays text, and compares as text): there it binds as a parameter does.
+pub(super) fn load_decimal(d: &str, column: ColumnType) -> Result<SqlValue, String> {
+    match column {
+        ColumnType::String => Ok(SqlValue::Text(d.to_string())),
+        ColumnType::Dynamic => decimal(d),
+        _ => Ok(special(d)?.unwrap_or_else(|| SqlValue::Text(d.to_string()))),
     }
 }
 
-/// Binds `values` (each with whether its column is TEXT) and runs the
-/// statement; errors name the row.
-fn run(statement: &mut Statement<'_>, values: &[(&Value, bool)], index: u64) -> Result<usize, BackendError> {
+/// Binds `values` (each with its column's type) and runs the statement;
+/// errors name the row.
+fn run(statement: &mut Statement<'_>, values: &[(&Value, ColumnType)], index: u64) -> Result<usize, BackendError> {
     let bound = values
         .iter()
-        .map(|&(v, text_column)| match v {
-            Value::Decimal(d) => load_decimal(d, text_column),
+        .map(|&(v, column)| match v {
+            Value::Decimal(d) => load_decimal(d, column),
             v => to_sql(v),
         })
         .collect::<Result<Vec<_>, _>>()
@@ -65,8 +67,8 @@ struct Writer<'c> {
     /// positions of those columns in a row.
     update: Option<(Statement<'c>, Vec<usize>)>,
     upsert: bool,
-    /// Whether each column (in the row's order) has TEXT affinity.
-    text_columns: Vec<bool>,
+    /// Each column's type, in the row's order.
+    types: Vec<ColumnType>,
 }
 
 impl<'c> Writer<'c> {
@@ -114,17 +116,13 @@ impl<'c> Writer<'c> {
             insert: conn.prepare(&insert).map_err(map_error)?,
             update,
             upsert: spec.mode == LoadMode::Upsert,
-            text_columns: spec
-                .columns
-                .iter()
-                .map(|c| c.column_type == ColumnType::String)
-                .collect(),
+            types: spec.columns.iter().map(|c| c.column_type).collect(),
         })
     }
 
     /// Writes one row; true when it was inserted rather than updated.
     fn write(&mut self, row: &Row, index: u64) -> Result<bool, BackendError> {
-        let all: Vec<_> = row.iter().zip(self.text_columns.iter().copied()).collect();
+        let all: Vec<_> = row.iter().zip(self.types.iter().copied()).collect();
         // Outside upserts the INSERT took the row, even where it reports no
         // change (an INSTEAD OF trigger of a view).
         if run(&mut self.insert, &all, index)? == 1 || !self.upsert {
@@ -133,7 +131,7 @@ impl<'c> Writer<'c> {
         if let Some((update, order)) = &mut self.update {
             let values: Vec<_> = order
                 .iter()
-                .filter_map(|&i| Some((row.get(i)?, *self.text_columns.get(i)?)))
+                .filter_map(|&i| Some((row.get(i)?, *self.types.get(i)?)))
                 .collect();
             // The conflict was found by the index's own comparison (COLLATE
             // NOCASE, say), the UPDATE looks for equal keys: finding none, the

@@ -99,6 +99,9 @@ impl Drop for StatementHooks<'_> {
 /// `max_file_bytes` (`max_page_count`, and `page_size`, which a VACUUM
 /// makes larger under the same page count).
 const UNSETTABLE_PRAGMAS: &[&str] = &[
+    // An exclusive lock, taken at the next write and kept: every other
+    // connection of the source waits on it until the process ends.
+    "locking_mode",
     "hard_heap_limit",
     "soft_heap_limit",
     "temp_store_directory",
@@ -131,6 +134,15 @@ fn authorize(ctx: rusqlite::hooks::AuthContext<'_>) -> rusqlite::hooks::Authoriz
                 .iter()
                 .any(|on| on.eq_ignore_ascii_case(value)) =>
         {
+            Authorization::Deny
+        }
+        // Kept in the file: a rollback journal would let a reader part-way
+        // through a result block every writer of the source (WAL is set
+        // at open, and again only when the source is opened again).
+        AuthAction::Pragma {
+            pragma_name,
+            pragma_value: Some(value),
+        } if pragma_name.eq_ignore_ascii_case("journal_mode") && !value.eq_ignore_ascii_case("wal") => {
             Authorization::Deny
         }
         AuthAction::Attach { filename } if !filename.is_empty() => Authorization::Deny,
@@ -506,7 +518,7 @@ impl SqlSource for SqliteSource {
 
     fn refuses(&self, column: &crate::backend::Column, value: &Value) -> Option<String> {
         match value {
-            Value::Decimal(d) => bulk::load_decimal(d, column.column_type == crate::backend::ColumnType::String).err(),
+            Value::Decimal(d) => bulk::load_decimal(d, column.column_type).err(),
             value => refusal(value),
         }
     }
@@ -655,26 +667,19 @@ fn may_write(sql: &str) -> bool {
 }
 
 /// Whether `sql` may have left `conn` different for its next caller: a
-/// PRAGMA (also under EXPLAIN, as SQLite sets a flag pragma while it
-/// prepares the statement), or a CREATE that made a temporary object
-/// (ATTACH is off, see `Pool::open`). Other statements, reads above all,
-/// cost no query here.
+/// PRAGMA anywhere in it (SQLite sets a flag pragma while it prepares the
+/// statement: under EXPLAIN, or as a second statement that is refused,
+/// since preparing the first prepares the next to see that there is one),
+/// an ATTACH (a temporary database stays with the connection), or a CREATE
+/// that made a temporary object. Other statements, reads above all, cost
+/// no query here; the word in a string or a comment costs a new connection.
 fn changed_session(conn: &Connection, sql: &str) -> bool {
-    let firsts = sql_text::leading_words(sql, 1);
-    let first_is = |word: &str| firsts.iter().any(|w| w.first().is_some_and(|f| f == word));
-    // An attached temporary database stays with the connection.
-    if first_is("pragma") || first_is("attach") {
+    if sql_text::has_word(sql, &["pragma", "attach"]) {
         return true;
     }
-    // EXPLAIN QUERY PLAN PRAGMA ...: the pragma is at most the fourth word.
-    if first_is("explain")
-        && sql_text::leading_words(sql, 4)
-            .iter()
-            .any(|w| w.iter().any(|x| x == "pragma"))
-    {
-        return true;
-    }
-    first_is("create")
+    sql_text::leading_words(sql, 1)
+        .iter()
+        .any(|w| w.first().is_some_and(|f| f == "create"))
         && conn
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM temp.sqlite_schema)")
             .and_then(|mut s| s.query_row([], |r| r.get::<_, bool>(0)))
@@ -951,7 +956,7 @@ fn to_sql(v: &Value) -> Result<SqlValue, String> {
 /// text where the other side has no affinity (an expression, a view's SUM):
 /// in SQLite every number is less than every text, so `total > '100'` is
 /// never true. NaN and the infinities as `special`.
-fn decimal(s: &str) -> Result<SqlValue, String> {
+pub(super) fn decimal(s: &str) -> Result<SqlValue, String> {
     if let Ok(i) = s.parse::<i64>() {
         return Ok(SqlValue::Integer(i));
     }
@@ -966,8 +971,12 @@ fn decimal(s: &str) -> Result<SqlValue, String> {
         .collect::<String>()
         .trim_end_matches('0')
         .len();
+    // Digits a double holds, and no more: one that underflows to zero or to
+    // a subnormal (1e-400, 1e-320) would lose them without a word.
     Ok(match s.parse::<f64>() {
-        Ok(f) if f.is_finite() && significant <= 15 => SqlValue::Real(f),
+        Ok(f) if f.is_finite() && significant <= 15 && (significant == 0 || f.abs() >= f64::MIN_POSITIVE) => {
+            SqlValue::Real(f)
+        }
         _ => SqlValue::Text(s.to_string()),
     })
 }
@@ -1048,6 +1057,26 @@ mod tests {
         assert_eq!(decimal("Infinity"), SqlValue::Real(f64::INFINITY));
         assert_eq!(decimal("-Infinity"), SqlValue::Real(f64::NEG_INFINITY));
         assert!(super::decimal("NaN").is_err());
+        // Too small for a double's digits: kept as text, not made zero.
+        for tiny in ["1e-400", "1e-320", "-2.5e-310"] {
+            assert_eq!(decimal(tiny), SqlValue::Text(tiny.into()), "{tiny}");
+        }
+        assert_eq!(decimal("0.000e-400"), SqlValue::Real(0.0));
+        assert_eq!(decimal("2.5e-308"), SqlValue::Real(2.5e-308));
+    }
+
+    #[test]
+    fn loaded_decimals_bind_by_their_columns_type() {
+        use crate::backend::ColumnType as T;
+        let load = |d: &str, t| bulk::load_decimal(d, t);
+        // No declared type converts no text: a number binds as a number.
+        assert_eq!(load("10.5", T::Dynamic), Ok(SqlValue::Real(10.5)));
+        assert_eq!(load("7", T::Dynamic), Ok(SqlValue::Integer(7)));
+        assert_eq!(load("10.50", T::String), Ok(SqlValue::Text("10.50".into())));
+        assert_eq!(load("10.50", T::Decimal), Ok(SqlValue::Text("10.50".into())));
+        assert_eq!(load("Infinity", T::Decimal), Ok(SqlValue::Real(f64::INFINITY)));
+        assert_eq!(load("NaN", T::String), Ok(SqlValue::Text("NaN".into())));
+        assert!(load("NaN", T::Decimal).is_err() && load("NaN", T::Dynamic).is_err());
     }
 
     #[test]

@@ -1599,6 +1599,29 @@ async fn mysql_acknowledged_heartbeats_do_not_feed_themselves() {
         let offset = u64::from_be_bytes(p[4..12].try_into().expect("offset"));
         (format!("{base}.{number:06}"), offset)
     };
+    // The last acknowledgement was stored: a write to the positions table
+    // after the last heartbeat, which (were it to feed heartbeats) would
+    // have made another.
+    // (Stored at the reader's next tick, or as its stream ends.)
+    let last = heartbeats.last().map(|p| decode(p));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stored: Option<(String, u64)> = my
+            .exec_first(
+                "SELECT binlog_file, binlog_offset FROM weir_change_positions WHERE subscription LIKE ?",
+                (format!("%{sub}%"),),
+            )
+            .await
+            .expect("the stored position");
+        if stored == last {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the last acknowledgement was never stored: {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for pair in heartbeats.windows(2) {
         let ((file, from), (to_file, to)) = (decode(&pair[0]), decode(&pair[1]));
         if file != to_file {

@@ -11,13 +11,16 @@ use futures::StreamExt;
 const ROWS: i64 = 1_000_000;
 const SQL: &str = "SELECT g, md5(g::text) AS h, g * 1.5 AS n FROM generate_series(1, 1000000) g";
 
+/// The process's resident memory; a reading that fails fails the test (as
+/// 0 it would pass every bound).
 fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+        .map(|kb| kb * 1024)
+        .expect("VmRSS in /proc/self/status")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,12 +113,17 @@ async fn watch_max_acknowledges_its_last_change_before_exiting() {
     let mut ids = Vec::new();
     for _ in 0..2 {
         let args = ["watch", "db", &table, "--subscription", &sub, "--max", "1"];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let output = loop {
             let output = weirctl(&server, "key-wm", &args).await;
             // The run before may still hold the subscription for a moment.
             if !stderr(&output).contains("ALREADY_EXISTS") {
                 break output;
             }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the subscription was never released"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         assert!(output.status.success(), "{}", stderr(&output));

@@ -508,6 +508,27 @@ pub async fn assert_transaction_lost(client: &WeirClient, tx: &[u8], source: &st
     assert_eq!(err.code(), tonic::Code::Aborted, "{}", err.message());
 }
 
+/// Runs `n` calls of `SELECT pg_sleep(1)` on PostgreSQL source `source` at
+/// once and asserts they ran side by side (all done within 1.9 s): the pool
+/// has `n` usable connections, not fewer taking turns.
+pub async fn assert_pool_holds(client: &WeirClient, source: &str, n: usize) {
+    let started = tokio::time::Instant::now();
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let (client, source) = (client.clone(), source.to_string());
+            tokio::spawn(async move { client.execute(&source, "SELECT pg_sleep(1)", vec![]).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.expect("call task").expect("a connection for each call");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1900),
+        "{n} calls took turns ({took:?}): connections were lost"
+    );
+}
+
 pub async fn assert_serves(client: &WeirClient, source: &str, times: usize) {
     for _ in 0..times {
         let r = client

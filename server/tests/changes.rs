@@ -399,9 +399,7 @@ async fn a_consumer_resumed_from_its_last_ack_gets_every_later_change_once(engin
     let fifth = changes(&first)[4].clone();
     assert_eq!(id_of(&fifth), 5);
     watch.ack(fifth.position.clone()).await.expect("ack");
-    // Let the ack reach the server before the client "crashes".
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    drop(watch);
+    watch.finish().await.expect("the acknowledgement reaches the server");
 
     for i in 11..=15 {
         ctx.sql(&format!("INSERT INTO {t} VALUES ({i}, 'v{i}', {i})")).await;
@@ -423,8 +421,7 @@ async fn a_consumer_resumed_from_its_last_ack_gets_every_later_change_once(engin
         }
     };
     resumed.ack(last_commit).await.expect("ack");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    drop(resumed);
+    resumed.finish().await.expect("the acknowledgement reaches the server");
     let mut again = ctx.watch(ctx.start(&[&t], &sub)).await;
     ctx.sql(&format!("INSERT INTO {t} VALUES (16, 'v16', 16)")).await;
     let next = read_changes(&mut again, 1).await;
@@ -458,8 +455,7 @@ async fn a_consumer_resumed_inside_a_transaction_can_acknowledge_and_resume_from
     let first = changes(&read_changes(&mut watch, 1).await)[0].clone();
     assert_eq!(id_of(&first), 1);
     watch.ack(first.position.clone()).await.expect("ack");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    drop(watch);
+    watch.finish().await.expect("the acknowledgement reaches the server");
 
     let resume_from = |position: &[u8]| {
         let mut start = ctx.start(&[&t], &sub);
@@ -483,8 +479,7 @@ async fn a_consumer_resumed_inside_a_transaction_can_acknowledge_and_resume_from
         .map(|c| id_of(c))
         .collect();
     assert_eq!(ids, [2, 3], "{engine:?}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    drop(resumed);
+    resumed.finish().await.expect("the acknowledgements reach the server");
 
     let mut again = ctx.watch(resume_from(&begin.position)).await;
     let messages = read_changes(&mut again, 2).await;
@@ -674,8 +669,7 @@ async fn heartbeats_advance_a_quiet_subscription(engine: Engine) {
     assert!(heartbeat.server_time.is_some());
     watch.ack(heartbeat.position.clone()).await.expect("ack heartbeat");
     // The acknowledged heartbeat position is a valid resume point.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    drop(watch);
+    watch.finish().await.expect("the acknowledgement reaches the server");
     let mut start = ctx.start(&[&t], &sub);
     start.resume_position = heartbeat.position;
     let mut resumed = ctx.watch(start).await;
@@ -1685,8 +1679,7 @@ async fn mysql_a_positions_table_from_before_restart_points_is_upgraded() {
         .expect("insert");
     let first = changes(&read_changes(&mut watch, 1).await)[0].clone();
     watch.ack(first.position.clone()).await.expect("ack");
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    drop(watch);
+    watch.finish().await.expect("the acknowledgement reaches the server");
     my.query_drop(format!("INSERT INTO {db}.upgraded VALUES (2)"))
         .await
         .expect("insert");
@@ -2600,8 +2593,7 @@ async fn mysql_a_resume_past_an_xa_prepare_still_gets_its_commit() {
         }
     };
     watch.ack(commit.clone()).await.expect("ack");
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    drop(watch);
+    watch.finish().await.expect("the acknowledgement reaches the server");
     // Its commit in a later binlog file than its prepare.
     mysql_run(&mut common::mysql_direct().await, &["FLUSH BINARY LOGS".into()]).await;
     mysql_run(&mut a, &[format!("XA COMMIT '{xid}'")]).await;

@@ -24,6 +24,10 @@ struct Counts {
     ok: AtomicU64,
     limited: AtomicU64,
     failed: AtomicU64,
+    /// Calls that succeeded, by kind: each kind must have got through.
+    ok_by_kind: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Records the consumers read.
+    consumed: AtomicU64,
 }
 
 impl Counts {
@@ -32,6 +36,9 @@ impl Counts {
         match result {
             Ok(_) => {
                 self.ok.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut kinds) = self.ok_by_kind.lock() {
+                    *kinds.entry(what.to_string()).or_default() += 1;
+                }
             }
             Err(e) if e.code() == Code::ResourceExhausted => {
                 self.limited.fetch_add(1, Ordering::Relaxed);
@@ -213,8 +220,11 @@ async fn mixed_traffic_leaves_no_growth() {
                 };
                 let result = async {
                     let mut s = c.stream().consume(request).await?.into_inner();
+                    // A quiet topic ends the read after 5 s; what was read counts.
                     let read = tokio::time::timeout(Duration::from_secs(5), async {
-                        while s.message().await?.is_some() {}
+                        while let Some(batch) = s.message().await? {
+                            counts.consumed.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+                        }
                         Ok::<_, tonic::Status>(())
                     })
                     .await;
@@ -250,6 +260,17 @@ async fn mixed_traffic_leaves_no_growth() {
     );
     assert_eq!(failed, 0, "no errors beyond limit rejections");
     assert!(ok > 100, "traffic flowed: {ok}");
+    let kinds = counts.ok_by_kind.lock().map(|k| k.clone()).unwrap_or_default();
+    for kind in ["query", "stream", "load", "transaction", "produce", "consume"] {
+        assert!(
+            kinds.get(kind).is_some_and(|n| *n > 0),
+            "no {kind} call got through: {kinds:?}"
+        );
+    }
+    assert!(
+        counts.consumed.load(Ordering::Relaxed) > 0,
+        "the consumers read records"
+    );
     assert!(
         rss_end <= rss_warm + (rss_warm / 4).max(32 * 1024),
         "memory grew from {rss_warm} kB to {rss_end} kB"

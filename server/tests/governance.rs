@@ -206,7 +206,8 @@ async fn one_slot_held_by(name: &str, max_queue_wait: &str, marker: &str) -> (Te
 
 #[tokio::test]
 async fn a_call_that_waits_too_long_is_refused_with_a_retry_delay() {
-    let (server, a, holder) = one_slot_held("200ms", "waits_too_long").await;
+    // A tenant of its own: the test counts its rejections.
+    let (server, a, holder) = one_slot_held_by("waits", "200ms", "waits_too_long").await;
     // A call that cannot run is refused for what it is, at once, not queued.
     let started = Instant::now();
     let err = a
@@ -236,7 +237,7 @@ async fn a_call_that_waits_too_long_is_refused_with_a_retry_delay() {
     execute(&a, "SELECT 1", pb::Priority::Low).await.expect("free slot");
     let (_, metrics) = common::http_get(&server.metrics_url, "/metrics").await;
     assert!(
-        metrics.contains("weir_limiter_rejections_total{tenant=\"a\",limit=\"gateway_queue\"} 1"),
+        metrics.contains("weir_limiter_rejections_total{tenant=\"waits\",limit=\"gateway_queue\"} 1"),
         "{metrics}"
     );
     server.stop().await;

@@ -787,8 +787,8 @@ mod tests {
         assert_eq!(kind("1"), Some(Kind::Int64Value(1)));
         assert_eq!(kind("-2.5"), Some(Kind::DoubleValue(-2.5)));
         // Doubles as weirctl's CSV writes them load back as doubles.
-        for d in [1e20, 1.5e-7, -2.5e300] {
-            let written = value(Kind::DoubleValue(d)).to_string();
+        for d in [1e20, 1.5e-7, -2.5e300, 3.0] {
+            let written = crate::output::csv_double(d);
             assert_eq!(kind(&written), Some(Kind::DoubleValue(d)), "{written}");
         }
         for text in ["007", "1.50", "1e3", "abc", ""] {

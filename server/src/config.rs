@@ -38,17 +38,6 @@ pub enum ConfigError {
 /// section of the configuration: `WEIR_ACME__PG_PASSWORD` may well be a
 /// source's `password_env`.
 fn misnamed_overrides(vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>) -> Result<(), ConfigError> {
-    const SECTIONS: [&str; 9] = [
-        "SERVER",
-        "METRICS",
-        "TELEMETRY",
-        "BULK",
-        "CHANGES",
-        "LIMITS",
-        "AUTH",
-        "BACKEND_HOSTS",
-        "TENANTS",
-    ];
     for (name, _) in vars {
         let Some(name) = name.to_str() else { continue };
         let upper = name.to_ascii_uppercase();
@@ -65,6 +54,19 @@ fn misnamed_overrides(vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::
     }
     Ok(())
 }
+
+/// `Config`'s tables, as an override names them (a test keeps them so).
+const SECTIONS: [&str; 9] = [
+    "SERVER",
+    "METRICS",
+    "TELEMETRY",
+    "BULK",
+    "CHANGES",
+    "LIMITS",
+    "AUTH",
+    "BACKEND_HOSTS",
+    "TENANTS",
+];
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -1125,7 +1127,10 @@ impl SourceConfig {
         // ":memory:" is shared among a source's connections.
         if let Some(path) = self.path.as_deref().filter(|_| self.engine == EngineKind::Sqlite) {
             let uri = path.to_ascii_lowercase();
+            // `file:` with no name is a temporary database too.
             if path.is_empty()
+                || uri == "file:"
+                || uri.starts_with("file:?")
                 || uri.starts_with("file::memory:")
                 || (uri.starts_with("file:") && uri.contains("mode=memory"))
             {
@@ -1379,6 +1384,11 @@ mod tests {
         assert!(misnamed_overrides(vars(&["WEIR__SERVER__LISTEN", "WEIR_LOG", "WEIR_PG_PASSWORD"])).is_ok());
         // Another variable of the deployment's, such as a password_env.
         assert!(misnamed_overrides(vars(&["WEIR_ACME__PG_PASSWORD", "WEIRD__THING"])).is_ok());
+        // Each is one of Config's tables.
+        for section in SECTIONS {
+            let table = format!("[{}]\n", section.to_ascii_lowercase());
+            Config::from_toml(&table).unwrap_or_else(|e| panic!("{section}: {e}"));
+        }
     }
 
     #[test]
@@ -1595,6 +1605,8 @@ mod tests {
         let at = |path: &str| format!("[tenants.a.sources.s]\nengine = \"sqlite\"\npath = \"{path}\"\n");
         for path in [
             "",
+            "file:",
+            "file:?cache=shared",
             "file::memory:",
             "file:x?mode=memory&cache=shared",
             "FILE:y?MODE=MEMORY",

@@ -252,6 +252,17 @@ async fn stream_error_within(watch: &mut ChangeWatch, wait: Duration) -> tonic::
     .expect("the stream ends with an error")
 }
 
+/// The position of the next transaction's Commit boundary.
+async fn next_commit(watch: &mut ChangeWatch) -> Vec<u8> {
+    loop {
+        if let Message::Transaction(b) = next_message(watch).await {
+            if !b.begin {
+                return b.position;
+            }
+        }
+    }
+}
+
 fn changes(messages: &[Message]) -> Vec<&pb::ChangeEvent> {
     messages
         .iter()
@@ -1649,12 +1660,10 @@ async fn mysql_acknowledged_heartbeats_do_not_feed_themselves() {
     ctx.finish(&[&sub], &[&t, &noisy]).await;
 }
 
-/// A positions table made before restart points (without their columns)
-/// gets them at the next stream, which then stores and resumes as usual.
-#[tokio::test]
-async fn mysql_a_positions_table_from_before_restart_points_is_upgraded() {
+/// Database `db` made anew with a positions table as Weir made it before
+/// restart points, and a keyed table `table`; a session to it.
+async fn database_with_old_positions_table(db: &str, table: &str) -> mysql_async::Conn {
     use mysql_async::prelude::Queryable;
-    let db = "weir_changes_upgrade";
     let mut my = mysql_direct().await;
     for sql in [
         format!("DROP DATABASE IF EXISTS {db}"),
@@ -1665,10 +1674,32 @@ async fn mysql_a_positions_table_from_before_restart_points_is_upgraded() {
              event_seq INT UNSIGNED NOT NULL, updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) \
              ON UPDATE CURRENT_TIMESTAMP(6))"
         ),
-        format!("CREATE TABLE {db}.upgraded (id INT PRIMARY KEY)"),
+        format!("CREATE TABLE {db}.{table} (id INT PRIMARY KEY)"),
     ] {
         my.query_drop(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
+    my
+}
+
+/// Deletes subscription `sub` of source db2 once its stream let go, drops `db`, stops the server.
+async fn finish_on_second_database(ctx: Ctx, sub: &str, my: &mut mysql_async::Conn, db: &str) {
+    use mysql_async::prelude::Queryable;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while let Err(e) = ctx.delete_from("db2", sub).await {
+        assert!(tokio::time::Instant::now() < deadline, "{e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    my.query_drop(format!("DROP DATABASE {db}")).await.expect("cleanup");
+    ctx.server.stop().await;
+}
+
+/// A positions table made before restart points (without their columns)
+/// gets them at the next stream, which then stores and resumes as usual.
+#[tokio::test]
+async fn mysql_a_positions_table_from_before_restart_points_is_upgraded() {
+    use mysql_async::prelude::Queryable;
+    let db = "weir_changes_upgrade";
+    let mut my = database_with_old_positions_table(db, "upgraded").await;
     let ctx = Ctx::with_second_database(Engine::Mysql, db).await;
     let sub = ctx.name("upgraded");
     let mut start = ctx.start(&["upgraded"], &sub);
@@ -1699,13 +1730,103 @@ async fn mysql_a_positions_table_from_before_restart_points_is_upgraded() {
         .await
         .expect("columns");
     assert_eq!(columns, ["restart_file", "restart_offset"]);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while let Err(e) = ctx.delete_from("db2", &sub).await {
-        assert!(tokio::time::Instant::now() < deadline, "{e:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    finish_on_second_database(ctx, &sub, &mut my, db).await;
+}
+
+/// Where the positions table cannot get the restart point's columns (here
+/// its ALTER waits out its 5 s on a session holding the table; else a
+/// missing ALTER privilege), the stream still runs, and a position
+/// acknowledged while an XA transaction waits is stored as that
+/// transaction's prepare: a resume without a position still gets it.
+#[tokio::test]
+async fn mysql_without_restart_columns_an_acknowledgement_is_stored_at_the_prepare() {
+    use mysql_async::prelude::Queryable;
+    let db = "weir_changes_noalter";
+    let mut my = mysql_direct().await;
+    // A run that failed midway left its XA transaction prepared (it
+    // outlives its session), holding the table the database drop needs.
+    let left: Vec<String> = my
+        .query_map("XA RECOVER", |row: mysql_async::Row| {
+            row.get::<String, _>(3).unwrap_or_default()
+        })
+        .await
+        .expect("XA RECOVER");
+    for xid in left.iter().filter(|x| x.starts_with("noalter_")) {
+        my.query_drop(format!("XA ROLLBACK '{xid}'"))
+            .await
+            .expect("XA ROLLBACK");
     }
-    my.query_drop(format!("DROP DATABASE {db}")).await.expect("cleanup");
-    ctx.server.stop().await;
+    drop(my);
+    let mut my = database_with_old_positions_table(db, "held").await;
+    let mut holder = mysql_direct().await;
+    mysql_run(
+        &mut holder,
+        &[
+            "BEGIN".into(),
+            format!("SELECT COUNT(*) FROM {db}.weir_change_positions"),
+        ],
+    )
+    .await;
+    let ctx = Ctx::with_second_database(Engine::Mysql, db).await;
+    let sub = ctx.name("noalter");
+    let mut start = ctx.start(&["held"], &sub);
+    start.source = "db2".into();
+    let mut watch = ctx.watch(start.clone()).await;
+    mysql_run(&mut holder, &["COMMIT".into()]).await;
+    let mut xa = mysql_direct().await;
+    let xid = format!("noalter_{}", ctx.tag);
+    mysql_run(
+        &mut xa,
+        &[
+            format!("XA START '{xid}'"),
+            format!("INSERT INTO {db}.held VALUES (1)"),
+            format!("XA END '{xid}'"),
+            format!("XA PREPARE '{xid}'"),
+        ],
+    )
+    .await;
+    my.query_drop(format!("INSERT INTO {db}.held VALUES (2)"))
+        .await
+        .expect("insert");
+    assert_eq!(id_of(changes(&read_changes(&mut watch, 1).await)[0]), 2);
+    let commit = next_commit(&mut watch).await;
+    watch.ack(commit.clone()).await.expect("ack");
+    watch.finish().await.expect("the acknowledgement reaches the server");
+    // The position ends in (file, offset, seq) and the restart point's (file, offset).
+    let engine = &commit[commit.len() - 28..];
+    let restart = u64::from_be_bytes(engine[20..28].try_into().expect("offset"));
+    // Stored as the reader ends, after the call.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stored: Option<(u64, u32)> = my
+            .exec_first(
+                format!("SELECT binlog_offset, event_seq FROM {db}.weir_change_positions WHERE subscription LIKE ?"),
+                (format!("%{sub}%"),),
+            )
+            .await
+            .expect("stored");
+        if stored == Some((restart, 0)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not stored at the XA transaction's prepare ({restart}): {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    mysql_run(&mut xa, &[format!("XA COMMIT '{xid}'")]).await;
+    let mut resumed = ctx.watch(start).await;
+    let ids: Vec<_> = changes(&read_changes(&mut resumed, 2).await)
+        .iter()
+        .map(|c| id_of(c))
+        .collect();
+    assert_eq!(
+        ids,
+        [2, 1],
+        "the change after the prepare again, then the XA transaction at its commit"
+    );
+    drop((resumed, xa, holder));
+    finish_on_second_database(ctx, &sub, &mut my, db).await;
 }
 
 /// A session that logs partial row images (`binlog_row_image = MINIMAL`,
@@ -2585,13 +2706,7 @@ async fn mysql_a_resume_past_an_xa_prepare_still_gets_its_commit() {
     ctx.sql(&format!("INSERT INTO {t} VALUES (2, 'plain', 1)")).await;
     let messages = read_changes(&mut watch, 1).await;
     assert_eq!(id_of(changes(&messages)[0]), 2);
-    let commit = loop {
-        if let Message::Transaction(b) = next_message(&mut watch).await {
-            if !b.begin {
-                break b.position;
-            }
-        }
-    };
+    let commit = next_commit(&mut watch).await;
     watch.ack(commit.clone()).await.expect("ack");
     watch.finish().await.expect("the acknowledgement reaches the server");
     // Its commit in a later binlog file than its prepare.

@@ -633,59 +633,57 @@ async fn restart_columns(conn: &mut Conn) -> Result<bool, BackendError> {
 /// `holder` (the stream's binlog connection) holds its lock: a reader
 /// replaced by a take-over, still waiting on its slow client, must not
 /// write its older acknowledgement over its successor's when it ends.
-async fn store(conn: &mut Conn, names: &Names, base: &str, p: BinlogPos, holder: u32) -> Result<(), BackendError> {
-    if !names.restart_columns {
+async fn store(
+    conn: &mut Conn,
+    names: &Names,
+    restart_columns: bool,
+    base: &str,
+    p: BinlogPos,
+    holder: u32,
+) -> Result<(), BackendError> {
+    let (p, restart) = match restart_columns {
+        true => (p, p.restart),
         // Resumed from there, the stream reads from the prepare on.
-        let p = p.restart.map_or(p, |(file, offset)| BinlogPos::at(file, offset, 0));
-        return conn
-            .exec_drop(
-                format!(
-                    "INSERT INTO {POSITIONS_TABLE} (subscription, binlog_file, binlog_offset, event_seq)
-                     SELECT ?, ?, ?, ? FROM DUAL WHERE IFNULL(IS_USED_LOCK(?), ?) = ?
-                     ON DUPLICATE KEY UPDATE binlog_file = VALUES(binlog_file),
-                     binlog_offset = VALUES(binlog_offset), event_seq = VALUES(event_seq)"
-                ),
-                (
-                    names.id.as_str(),
-                    file_name(base, p.file),
-                    p.offset,
-                    p.seq,
-                    names.lock.as_str(),
-                    holder,
-                    holder,
-                ),
-            )
-            .await
-            .map_err(map_error);
+        false => (
+            p.restart.map_or(p, |(file, offset)| BinlogPos::at(file, offset, 0)),
+            None,
+        ),
+    };
+    let (columns, values, updates) = match restart_columns {
+        true => (
+            ", restart_file, restart_offset",
+            ", ?, ?",
+            ", restart_file = VALUES(restart_file), restart_offset = VALUES(restart_offset)",
+        ),
+        false => ("", "", ""),
+    };
+    let mut params: Vec<MyValue> = vec![
+        names.id.as_str().into(),
+        file_name(base, p.file).into(),
+        p.offset.into(),
+        p.seq.into(),
+    ];
+    if restart_columns {
+        params.push(restart.map(|(file, _)| file_name(base, file)).into());
+        params.push(restart.map(|(_, offset)| offset).into());
     }
+    params.extend([names.lock.as_str().into(), holder.into(), holder.into()]);
     conn.exec_drop(
         format!(
-            "INSERT INTO {POSITIONS_TABLE}
-               (subscription, binlog_file, binlog_offset, event_seq, restart_file, restart_offset)
-             SELECT ?, ?, ?, ?, ?, ? FROM DUAL WHERE IFNULL(IS_USED_LOCK(?), ?) = ?
+            "INSERT INTO {POSITIONS_TABLE} (subscription, binlog_file, binlog_offset, event_seq{columns})
+             SELECT ?, ?, ?, ?{values} FROM DUAL WHERE IFNULL(IS_USED_LOCK(?), ?) = ?
              ON DUPLICATE KEY UPDATE binlog_file = VALUES(binlog_file), binlog_offset = VALUES(binlog_offset),
-             event_seq = VALUES(event_seq), restart_file = VALUES(restart_file),
-             restart_offset = VALUES(restart_offset)"
+             event_seq = VALUES(event_seq){updates}"
         ),
-        (
-            names.id.as_str(),
-            file_name(base, p.file),
-            p.offset,
-            p.seq,
-            p.restart.map(|(file, _)| file_name(base, file)),
-            p.restart.map(|(_, offset)| offset),
-            names.lock.as_str(),
-            holder,
-            holder,
-        ),
+        params,
     )
     .await
     .map_err(map_error)
 }
 
-async fn stored(conn: &mut Conn, names: &Names) -> Result<Option<BinlogPos>, BackendError> {
+async fn stored(conn: &mut Conn, names: &Names, restart_columns: bool) -> Result<Option<BinlogPos>, BackendError> {
     type Stored = (String, u64, u32, Option<String>, Option<u64>);
-    let restart = if names.restart_columns {
+    let restart = if restart_columns {
         "restart_file, restart_offset"
     } else {
         "NULL, NULL"
@@ -720,8 +718,6 @@ async fn stored(conn: &mut Conn, names: &Names) -> Result<Option<BinlogPos>, Bac
 struct Names {
     id: String,
     lock: String,
-    /// Whether the positions table has the restart point's columns.
-    restart_columns: bool,
 }
 
 impl Names {
@@ -747,7 +743,6 @@ impl Names {
         Ok(Names {
             id: id.to_string(),
             lock: lock_name(&database, id),
-            restart_columns: false,
         })
     }
 }
@@ -817,11 +812,28 @@ struct Txn {
     seq: u32,
     begun: bool,
     time: Option<DateTime<Utc>>,
-    /// `Some(true)` once it wrote subscription positions and nothing else
-    /// (see `run`), `Some(false)` once it wrote anything else.
-    bookkeeping: Option<bool>,
+    /// What tables it wrote (see `run`).
+    wrote: Wrote,
     /// An XA transaction's changes, held from its prepare to its commit.
     held: Option<Held>,
+}
+
+/// Which tables a transaction wrote: a transaction that wrote only
+/// subscription positions does not move heartbeats on (see `run`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wrote {
+    Nothing,
+    OnlyPositions,
+    Others,
+}
+
+impl Wrote {
+    fn with(self, table: Option<&str>) -> Wrote {
+        match (self, table == Some(POSITIONS_TABLE)) {
+            (Wrote::Others, _) | (_, false) => Wrote::Others,
+            (_, true) => Wrote::OnlyPositions,
+        }
+    }
 }
 
 /// Changes of an XA transaction; decoded when read, so that an error is
@@ -839,7 +851,8 @@ struct Prepared {
     file: u32,
     begin: u64,
     held: Held,
-    since: Instant,
+    /// When it was prepared, by the binlog (a resume reads it again later).
+    at: Option<DateTime<Utc>>,
     /// Whether a warning said it waits long.
     warned: bool,
 }
@@ -848,7 +861,7 @@ struct Prepared {
 const MAX_HELD_BYTES: usize = 64 << 20;
 /// A prepared XA transaction waiting longer is logged (once): it holds the
 /// stream's restart point, and so its binlog files, until it is decided.
-const LONG_PREPARED: Duration = Duration::from_secs(600);
+const LONG_PREPARED: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 
 impl Txn {
     /// A transaction whose event group starts with the event read (`log_pos`
@@ -860,7 +873,7 @@ impl Txn {
             seq: 0,
             begun: false,
             time: DateTime::from_timestamp(i64::from(timestamp), 0),
-            bookkeeping: None,
+            wrote: Wrote::Nothing,
             held: xa.then(Held::default),
         }
     }
@@ -925,6 +938,8 @@ struct Reader {
     writer: Conn,
     /// The binlog connection's id, which holds the subscription's lock.
     holder: u32,
+    /// Whether the positions table has the restart point's columns.
+    restart_columns: bool,
     base: String,
     watched: HashMap<(String, String), Watched>,
     out: Outbox,
@@ -950,7 +965,14 @@ impl Reader {
             // Bounded like the binlog connection's silence: a session to a
             // host gone dark would otherwise hold the stream for ever.
             let limit = silence_limit(self.spec.heartbeat_interval);
-            let storing = store(&mut self.writer, &self.names, &self.base, self.acked, self.holder);
+            let storing = store(
+                &mut self.writer,
+                &self.names,
+                self.restart_columns,
+                &self.base,
+                self.acked,
+                self.holder,
+            );
             tokio::time::timeout(limit, storing).await.map_err(|_| {
                 BackendError::Unavailable(format!(
                     "storing the acknowledged position took over {}s: the connection is taken as lost",
@@ -1175,14 +1197,17 @@ impl Reader {
             let (before, after) = r.map_err(|e| BackendError::Internal(format!("binlog rows: {e}")))?;
             if let Some(held) = t.held.as_mut() {
                 let change = change(before, after);
-                held.bytes += change.as_ref().map_or(0, RowChange::size);
+                // The change with its own copies of the table's names.
+                held.bytes += std::mem::size_of_val(&change)
+                    + change.as_ref().map_or(0, |c| c.size() + c.schema.len() + c.table.len());
                 held.changes.push(change);
                 let holding = held.bytes + self.prepared.values().map(|p| p.held.bytes).sum::<usize>();
                 if holding > MAX_HELD_BYTES {
                     return Err(BackendError::ChangesNotReady(format!(
                         "XA transactions hold more than {} MiB of changes to the watched tables, which wait \
-                         in the gateway's memory from XA START to XA COMMIT; commit XA transactions in \
-                         smaller parts",
+                         in the gateway's memory from XA START to XA COMMIT: every resume stops here again; \
+                         delete the subscription and watch again with a snapshot, and commit XA transactions \
+                         in smaller parts",
                         MAX_HELD_BYTES >> 20
                     )));
                 }
@@ -1238,25 +1263,25 @@ impl Reader {
         let Some((xid, one_phase)) = xa_prepared(data) else {
             return Err(BackendError::Internal("an XA_PREPARE event that does not parse".into()));
         };
-        let Some(mut t) = txn.take() else { return Ok(Ok(())) };
-        let held = t.held.take().unwrap_or_default();
         if one_phase {
-            if self.deliver_held(&mut t, held).await?.is_err() {
-                return Ok(Err(()));
-            }
-            return Ok(self.commit(&mut Some(t), end).await);
+            return self.end_group(txn, end).await;
         }
+        let Some(mut t) = txn.take() else { return Ok(Ok(())) };
+        let Some(held) = t.held.take() else {
+            // Its changes would be lost: they were read as a plain transaction's.
+            return Err(BackendError::Internal(format!(
+                "an XA prepare of {xid} ends an event group that did not start as an XA transaction's"
+            )));
+        };
         if !held.changes.is_empty() {
-            let (file, begin) = (t.file, t.begin);
-            let since = Instant::now();
-            let warned = false;
+            let (file, begin, at, warned) = (t.file, t.begin, t.time, false);
             self.prepared.insert(
                 xid,
                 Prepared {
                     file,
                     begin,
                     held,
-                    since,
+                    at,
                     warned,
                 },
             );
@@ -1293,8 +1318,9 @@ impl Reader {
     /// resume of this stream to its prepare, and its binlog file with it.
     fn warn_of_long_prepared(&mut self) {
         let (subscription, base) = (&self.spec.name, &self.base);
+        let now = Utc::now();
         for (xid, p) in self.prepared.iter_mut().filter(|(_, p)| !p.warned) {
-            if p.since.elapsed() > LONG_PREPARED {
+            if p.at.is_some_and(|at| now - at > LONG_PREPARED) {
                 p.warned = true;
                 tracing::warn!(
                     %subscription,
@@ -1302,10 +1328,23 @@ impl Reader {
                     prepared_at = %format!("{}:{}", file_name(base, p.file), p.begin),
                     "an XA transaction prepared {} minutes ago is not committed or rolled back yet: resuming \
                      this stream reads the binlog again from its prepare (XA RECOVER lists it)",
-                    LONG_PREPARED.as_secs() / 60
+                    LONG_PREPARED.num_minutes()
                 );
             }
         }
+    }
+
+    /// Ends the transaction being read at its commit event, which ends at
+    /// `end`; one of XA changes (MySQL's one-phase commit) delivers them first.
+    async fn end_group(&mut self, txn: &mut Option<Txn>, end: u64) -> Result<Sent, BackendError> {
+        if let Some(t) = txn.as_mut() {
+            if let Some(held) = t.held.take() {
+                if self.deliver_held(t, held).await?.is_err() {
+                    return Ok(Err(()));
+                }
+            }
+        }
+        Ok(self.commit(txn, end).await)
     }
 
     /// Numbers held changes as `t`'s and sends those not delivered before.
@@ -1433,43 +1472,39 @@ impl Reader {
                     txn = None;
                     continue;
                 }
-                Some(EventData::QueryEvent(q)) if q.query().eq_ignore_ascii_case("BEGIN") => {
-                    txn = Some(starting(false));
-                    false
-                }
-                // MySQL starts an XA transaction's group so.
-                Some(EventData::QueryEvent(q)) if xa_start(&q.query()) => {
-                    txn = Some(starting(true));
-                    false
-                }
                 Some(EventData::XaPrepareLogEvent(data)) => self.prepare(&mut txn, &data, log_pos).await?.is_err(),
-                Some(EventData::QueryEvent(q)) if xa_decision(&q.query()).is_some() => {
-                    // A group of its own: one left open is over.
-                    txn = None;
+                Some(EventData::QueryEvent(q)) => {
                     let query = q.query();
-                    let Some((commit, xid)) = xa_decision(&query) else {
-                        continue;
-                    };
-                    self.decide(commit, xid, (log_pos, size, header.timestamp()))
-                        .await?
-                        .is_err()
+                    if query.eq_ignore_ascii_case("BEGIN") {
+                        txn = Some(starting(false));
+                        false
+                    } else if xa_start(&query) {
+                        // MySQL starts an XA transaction's group so.
+                        txn = Some(starting(true));
+                        false
+                    } else if let Some((commit, xid)) = xa_decision(&query) {
+                        // A group of its own: one left open is over.
+                        txn = None;
+                        let header = (log_pos, size, header.timestamp());
+                        self.decide(commit, xid, header).await?.is_err()
+                    } else if query.eq_ignore_ascii_case("COMMIT") {
+                        // Non-transactional tables end their statement group so.
+                        bookkeeping = txn.as_ref().is_some_and(|t| t.wrote == Wrote::OnlyPositions);
+                        self.end_group(&mut txn, log_pos).await?.is_err()
+                    } else {
+                        false
+                    }
                 }
                 Some(EventData::RowsEvent(rows)) => {
                     if let Some(t) = txn.as_mut() {
                         let table = stream.get_tme(rows.table_id()).map(|tme| tme.table_name());
-                        let positions = table.is_some_and(|name| name == POSITIONS_TABLE);
-                        t.bookkeeping = Some(positions && t.bookkeeping != Some(false));
+                        t.wrote = t.wrote.with(table.as_deref());
                     }
                     self.rows(&mut txn, &stream, &rows).await?.is_err()
                 }
                 Some(EventData::XidEvent(_)) => {
-                    bookkeeping = txn.as_ref().is_some_and(|t| t.bookkeeping == Some(true));
-                    self.commit(&mut txn, log_pos).await.is_err()
-                }
-                // Non-transactional tables end their statement group with a COMMIT query.
-                Some(EventData::QueryEvent(q)) if q.query().eq_ignore_ascii_case("COMMIT") => {
-                    bookkeeping = txn.as_ref().is_some_and(|t| t.bookkeeping == Some(true));
-                    self.commit(&mut txn, log_pos).await.is_err()
+                    bookkeeping = txn.as_ref().is_some_and(|t| t.wrote == Wrote::OnlyPositions);
+                    self.end_group(&mut txn, log_pos).await?.is_err()
                 }
                 // Its position is the end of what was read, bookkeeping included.
                 Some(EventData::HeartbeatEvent) => continue,
@@ -1500,16 +1535,16 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
     ensure_positions_table(&mut setup).await?;
     // The binlog connection holds the lock for as long as it streams.
     let mut conn = connect(opts).await?;
-    let mut names = Names::of(&mut setup, opts, &spec.id).await?;
-    names.restart_columns = restart_columns(&mut setup).await?;
+    let names = Names::of(&mut setup, opts, &spec.id).await?;
+    let restart_columns = restart_columns(&mut setup).await?;
     lock(&mut conn, &names, &spec.name, spec.take_over).await?;
     let (current_file, current_offset) = current_position(&mut setup).await?;
     let (base, current_number) = split_file(&current_file)?;
     let current = BinlogPos::at(current_number, current_offset, 0);
-    let stored_position = match stored(&mut setup, &names).await? {
+    let stored_position = match stored(&mut setup, &names, restart_columns).await? {
         Some(p) => p,
         None => {
-            store(&mut setup, &names, &base, current, conn.id()).await?;
+            store(&mut setup, &names, restart_columns, &base, current, conn.id()).await?;
             current
         }
     };
@@ -1541,6 +1576,7 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
     let reader = Reader {
         writer: setup,
         holder: conn.id(),
+        restart_columns,
         base,
         watched,
         out,

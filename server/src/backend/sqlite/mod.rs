@@ -95,12 +95,12 @@ impl Drop for StatementHooks<'_> {
 /// PRAGMAs a tenant may read but not set: those that set state of the
 /// whole process, not of one connection (one tenant could take every other
 /// tenant's memory, as `hard_heap_limit` can only be lowered, or move
-/// everyone's temporary files), and those that would lift the source's
+/// everyone's temporary files), those that would lift the source's
 /// `max_file_bytes` (`max_page_count`, and `page_size`, which a VACUUM
-/// makes larger under the same page count).
+/// makes larger under the same page count), and `locking_mode`, whose
+/// exclusive lock (taken at the next write, kept to the connection's end)
+/// blocks the source's other connections.
 const UNSETTABLE_PRAGMAS: &[&str] = &[
-    // An exclusive lock, taken at the next write and kept: every other
-    // connection of the source waits on it until the process ends.
     "locking_mode",
     "hard_heap_limit",
     "soft_heap_limit",
@@ -110,8 +110,9 @@ const UNSETTABLE_PRAGMAS: &[&str] = &[
     "page_size",
 ];
 
-/// What a tenant's statement may not do to the process or its host: set
-/// process-wide PRAGMAs, or attach a database by file name (`ATTACH`,
+/// What a tenant's statement may not do to the process, its host or the
+/// source's other callers: set `UNSETTABLE_PRAGMAS`, or a journal mode other
+/// than WAL, or attach a database by file name (`ATTACH`,
 /// `VACUUM INTO`), which would reach any file the gateway can read or
 /// write. A private temporary database, named by the empty string, is
 /// what a plain `VACUUM` attaches for its copy; a name that is not a

@@ -1217,6 +1217,26 @@ async fn mysql_loads_outlast_a_client_that_pauses() {
         .query_drop("SET GLOBAL net_read_timeout = 4")
         .await
         .expect("lower the server's wait");
+    // Put back even if the test fails: the server outlives the run.
+    struct Restore(u64);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let old = self.0;
+            let restored = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                runtime.block_on(async {
+                    let mut direct = mysql_direct().await;
+                    direct.query_drop(format!("SET GLOBAL net_read_timeout = {old}")).await
+                })?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+            .join();
+            if !matches!(restored, Ok(Ok(()))) {
+                eprintln!("net_read_timeout was not restored to {old}");
+            }
+        }
+    }
+    let restore = Restore(old);
     // The gateway's sessions start after this, with the lowered wait.
     let ctx = Ctx::new(Engine::Mysql, "").await;
     ctx.table("weir_bulk_pause", 0).await;
@@ -1233,10 +1253,7 @@ async fn mysql_loads_outlast_a_client_that_pauses() {
             ReceiverStream::new(rx),
         )
         .await;
-    direct
-        .query_drop(format!("SET GLOBAL net_read_timeout = {old}"))
-        .await
-        .expect("restore the server's wait");
+    drop(restore);
     client.await.expect("the client task");
     let r = loaded.expect("a load with a pause");
     assert_eq!((r.rows_inserted, r.engine_path.as_str()), (10, "mysql-load-data-local"));

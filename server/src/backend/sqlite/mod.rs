@@ -273,10 +273,21 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            if conn.is_autocommit() && !self.discard {
-                self.pool.idle.lock().push(conn);
-            }
+        let Some(conn) = self.conn.take() else { return };
+        if conn.is_autocommit() && !self.discard {
+            self.pool.idle.lock().push(conn);
+            return;
+        }
+        // Closing rolls back a transaction left open, and the last
+        // connection checkpoints the WAL: blocking work, which a lease
+        // dropped on a runtime thread (a transaction given up on) would do
+        // there. The write turn goes with it, so that the next writer's turn
+        // begins once the lock is released.
+        let turn = self.turn.take();
+        let close = move || drop((conn, turn));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(close)),
+            Err(_) => close(),
         }
     }
 }

@@ -2689,6 +2689,48 @@ async fn mysql_xa_transactions_arrive_at_their_commit_and_not_after_a_rollback()
     ctx.finish(&[&sub], &[&t, &plain]).await;
 }
 
+/// An XA transaction's changes are decoded when its prepare is read, but a
+/// change that does not decode (logged after a column was added to the
+/// watched table) fails the stream only if it is delivered: rolled back, it
+/// stops nothing; committed, the stream ends at its commit with the
+/// column-change error, as a plain transaction's would.
+#[tokio::test]
+async fn mysql_an_xa_change_that_does_not_decode_fails_only_if_committed() {
+    let ctx = Ctx::new(Engine::Mysql).await;
+    let (t, other) = (ctx.table("xabad").await, ctx.table("xabad_other").await);
+    let sub = ctx.name("xabad");
+    let mut watch = ctx.watch(ctx.start(&[&t, &other], &sub)).await;
+    ctx.sql(&format!("ALTER TABLE {t} ADD COLUMN extra INT")).await;
+    let mut a = common::mysql_direct().await;
+    let insert = |id: i64| format!("INSERT INTO {t} VALUES ({id}, 'xa', 1, 7)");
+    let xa = |xid: &str, id: i64, decision: &str| {
+        vec![
+            format!("XA START '{xid}'"),
+            insert(id),
+            format!("XA END '{xid}'"),
+            format!("XA PREPARE '{xid}'"),
+            format!("XA {decision} '{xid}'"),
+        ]
+    };
+    mysql_run(&mut a, &xa(&format!("r{}", ctx.tag), 1, "ROLLBACK")).await;
+    ctx.sql(&format!("INSERT INTO {other} VALUES (2, 'after', 1)")).await;
+    let got = changes(&read_changes(&mut watch, 1).await)
+        .iter()
+        .map(|c| (c.table.clone(), id_of(c)))
+        .collect::<Vec<_>>();
+    assert_eq!(got, [(other.clone(), 2)], "the rolled-back change stopped nothing");
+    mysql_run(&mut a, &xa(&format!("c{}", ctx.tag), 3, "COMMIT")).await;
+    let e = stream_error(&mut watch).await;
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::FailedPrecondition, "CHANGE_STREAMS_NOT_READY"),
+        "{e:?}"
+    );
+    assert!(e.message().contains("restart the stream"), "{e:?}");
+    drop((watch, a));
+    ctx.finish(&[&sub], &[&t, &other]).await;
+}
+
 /// A position acknowledged while an XA transaction waits between its
 /// prepare and its commit still leads to that transaction's changes: a
 /// resume from it (given, or the stored one) reads again from the prepare,

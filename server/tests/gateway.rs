@@ -1379,6 +1379,57 @@ async fn sqlite_writers_waiting_for_the_lock_leave_connections_to_readers() {
 }
 
 #[tokio::test]
+async fn sqlite_writers_behind_one_waiting_for_a_connection_are_told_the_pool_is_full() {
+    let source = format!(
+        "{}[tenants.t.sources.db.pool]\nmax_size = 2\nacquire_timeout = \"8s\"\n",
+        sqlite_demo("t", "db")
+    );
+    let server = TestServer::start(&tenant("t", "", &source)).await;
+    let client = server.client("key-t").await;
+    client
+        .execute("db", "CREATE TABLE full_pool (x INTEGER)", vec![])
+        .await
+        .expect("table");
+    // Read-only transactions hold every connection, and no write turn.
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let tx = client
+            .begin("db", IsolationLevel::Unspecified, true)
+            .await
+            .expect("a read-only transaction");
+        readers.push(tx);
+    }
+    // One writer takes the turn and waits for a connection; the other
+    // waits for the turn, and gives up after 5 s.
+    let writers: Vec<_> = (0..2)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .execute("db", &format!("INSERT INTO full_pool VALUES ({i})"), vec![])
+                    .await
+            })
+        })
+        .collect();
+    let (first, _, waiting) = futures::future::select_all(writers).await;
+    let err = first.expect("task").expect_err("no connection came within 5 s");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::ResourceExhausted, "POOL_EXHAUSTED"),
+        "a full pool, not a write, held it: {err:?}"
+    );
+    for tx in &readers {
+        client.rollback(tx).await.expect("rollback");
+    }
+    for w in waiting {
+        w.await
+            .expect("task")
+            .expect("the writer holding the turn gets a connection once a reader ends");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_sqlite_writer_whose_turn_does_not_come_is_told_after_five_seconds() {
     let (server, client, tx) = sqlite_transaction_holding("held").await;
     let started = std::time::Instant::now();

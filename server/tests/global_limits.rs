@@ -222,6 +222,67 @@ async fn a_silent_redis_costs_one_timeout_not_one_per_call() {
     server.stop().await;
 }
 
+/// A first connection to Redis slower than `redis_timeout` (TLS, AUTH, a
+/// distant Redis) fails the calls that come before it and rests Redis; once
+/// the connection is made, the rest ends at once instead of refusing every
+/// call (`fail_closed`) for the rest of its second.
+#[tokio::test]
+async fn a_slow_first_connection_to_redis_rests_it_only_until_it_is_made() {
+    let upstream = redis_url()
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .expect("host:port")
+        .to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    // Takes connections, and forwards them to Redis once released.
+    let released = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gate = released.clone();
+    let proxy = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (gate, upstream) = (gate.clone(), upstream.clone());
+            tokio::spawn(async move {
+                gate.notified().await;
+                gate.notify_one();
+                if let Ok(mut redis) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut socket, &mut redis).await;
+                }
+            });
+        }
+    });
+    let id = tenant_id();
+    let redis = format!(
+        "redis_url = \"redis://127.0.0.1:{port}/0\"\nredis_timeout = \"50ms\"\non_redis_failure = \"fail_closed\""
+    );
+    let server = TestServer::start(&config(&id, "", &redis)).await;
+    let client = server.client(&format!("key-{id}")).await;
+    for _ in 0..3 {
+        let err = client
+            .execute("demo", "SELECT 1", vec![])
+            .await
+            .expect_err("no connection to Redis yet");
+        assert_eq!(reason(&err), "GLOBAL_LIMITS_UNAVAILABLE", "{err:?}");
+    }
+    // Three failures in a row: Redis is rested for a second from here.
+    let rested = Instant::now();
+    released.notify_one();
+    loop {
+        match client.execute("demo", "SELECT 1", vec![]).await {
+            Ok(_) => break,
+            Err(err) => assert_eq!(reason(&err), "GLOBAL_LIMITS_UNAVAILABLE", "{err:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let admitted_after = rested.elapsed();
+    assert!(
+        admitted_after < Duration::from_millis(800),
+        "calls were refused for {admitted_after:?} after the connection could be made"
+    );
+    proxy.abort();
+    server.stop().await;
+}
+
 /// Through a long outage, one call at a time tries Redis again after each
 /// rest, and the rests grow (1 s, 2 s, 4 s, ... up to 30 s): calls do not
 /// each pay `redis_timeout` every time a rest ends.

@@ -40,6 +40,7 @@ fn record(i: usize) -> pb::ProducerRecord {
         headers: vec![pb::RecordHeader {
             key: "n".into(),
             value: i.to_string().into_bytes(),
+            ..Default::default()
         }],
         ..Default::default()
     }
@@ -123,14 +124,29 @@ async fn produced_records_come_back_exactly() {
     let (server, client) = server("").await;
     let topic = unique("weir-a-exact-");
     create_topic(&topic, 1).await;
-    // Every other record with a time of its own, to the millisecond.
+    // Every other record with a time of its own, to the millisecond; an
+    // empty header value and a null one stay apart.
     let sent: Vec<_> = (0..25)
-        .map(|i| pb::ProducerRecord {
-            timestamp: (i % 2 == 0).then(|| prost_types::Timestamp {
-                seconds: 1_704_164_645 + i as i64,
-                nanos: 678_000_000,
-            }),
-            ..record(i)
+        .map(|i| {
+            let mut r = record(i);
+            r.headers.extend([
+                pb::RecordHeader {
+                    key: "empty".into(),
+                    ..Default::default()
+                },
+                pb::RecordHeader {
+                    key: "null".into(),
+                    null_value: true,
+                    ..Default::default()
+                },
+            ]);
+            pb::ProducerRecord {
+                timestamp: (i % 2 == 0).then(|| prost_types::Timestamp {
+                    seconds: 1_704_164_645 + i as i64,
+                    nanos: 678_000_000,
+                }),
+                ..r
+            }
         })
         .collect();
     let mut acks = produce(&client, &topic, sent[..24].to_vec())
@@ -153,11 +169,7 @@ async fn produced_records_come_back_exactly() {
     assert_eq!(got.len(), 25);
     for (i, (g, s)) in got.iter().zip(&sent).enumerate() {
         assert_eq!((g.offset, &g.key, &g.value), (i as i64, &s.key, &s.value));
-        assert_eq!(g.headers.len(), 1);
-        assert_eq!(
-            (g.headers[0].key.as_str(), &g.headers[0].value),
-            ("n", &s.headers[0].value)
-        );
+        assert_eq!(g.headers, s.headers, "record {i}'s headers");
         assert_eq!(g.topic, topic);
         assert!(g.timestamp.is_some());
         if s.timestamp.is_some() {
@@ -1496,6 +1508,32 @@ async fn a_producer_that_met_a_fatal_error_is_replaced() {
     produce(&client, "fatal", vec![record(1)])
         .await
         .expect("a new producer takes the next record");
+    server.stop().await;
+}
+
+/// Records for a topic that does not exist, on a cluster that does not
+/// create topics on use, fail within seconds as not found and not written,
+/// instead of timing out as possibly written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_for_a_topic_that_does_not_exist_are_not_found() {
+    let source = kafka("kn", "events", "weir-n-") + "\"allow.auto.create.topics\" = \"false\"\n";
+    let server = TestServer::start(&tenant("kn", "", &source)).await;
+    let client = server.client("key-kn").await;
+    let topic = unique("weir-n-missing-");
+    let started = std::time::Instant::now();
+    let err = produce(&client, &topic, (0..3).map(record).collect())
+        .await
+        .expect_err("no such topic");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert_eq!(
+        (
+            error_metadata(&err, "failed_records"),
+            error_metadata(&err, "unknown_records")
+        ),
+        ("0-2".to_string(), String::new()),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
     server.stop().await;
 }
 

@@ -1451,6 +1451,41 @@ async fn statements_that_set_the_time_zone_or_character_sets_are_refused() {
     server.stop().await;
 }
 
+/// `USE` is refused, pooled or in a transaction: the pool's reset of a
+/// returned connection keeps its default database, so later callers'
+/// unqualified names would reach the other database's tables.
+#[tokio::test]
+async fn use_is_refused_so_no_caller_moves_a_pooled_connection_to_another_database() {
+    let server = TestServer::start(&tenant(
+        "usedb",
+        "",
+        &mysql("usedb", "my", "[tenants.usedb.sources.my.pool]\nmax_size = 1\n"),
+    ))
+    .await;
+    let client = server.client("key-usedb").await;
+    for sql in ["USE mysql", "/* c */ use `mysql`"] {
+        let err = client.execute("my", sql, vec![]).await.expect_err(sql);
+        assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
+        assert!(err.message().contains("USE is refused"), "{err:?}");
+    }
+    let tx = client
+        .begin("my", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let err = client
+        .execute_in(&tx, "my", "USE mysql", vec![])
+        .await
+        .expect_err("in a transaction");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    client.commit(&tx).await.expect("commit");
+    let db = client
+        .execute("my", "SELECT DATABASE()", vec![])
+        .await
+        .expect("the one pooled connection");
+    assert_eq!(text(&db.rows[0].values[0]), env_or("WEIR_TEST_MYSQL_DATABASE", "test"));
+    server.stop().await;
+}
+
 /// Statements the server cannot prepare (error 1295: on MariaDB PREPARE,
 /// EXECUTE and DEALLOCATE; on Oracle MySQL also SAVEPOINT, LOCK TABLES,
 /// CREATE PROCEDURE) run as text when they have no parameters and return

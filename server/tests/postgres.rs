@@ -975,10 +975,21 @@ async fn read_only_sources_refuse_writes_in_the_engine() {
 }
 
 /// A caller's DISCARD ALL or DEALLOCATE ALL drops every statement the
-/// session had prepared: later calls on that session prepare theirs again
-/// instead of failing with 26000 (prepared statement does not exist).
+/// session had prepared, the driver's own lookups of user-defined types
+/// among them: later calls prepare theirs again instead of failing with
+/// 26000 (prepared statement does not exist), also for a type not met yet.
 #[tokio::test]
 async fn a_discard_all_does_not_break_the_sessions_statement_cache() {
+    pg_direct()
+        .await
+        .batch_execute(
+            "DO $$ BEGIN \
+               CREATE TYPE weir_dc_1 AS ENUM ('a'); CREATE TYPE weir_dc_2 AS ENUM ('b'); \
+               CREATE TYPE weir_dc_3 AS ENUM ('c'); CREATE TYPE weir_dc_4 AS ENUM ('d'); \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        )
+        .await
+        .expect("types");
     let toml = tenant(
         "dc",
         "",
@@ -986,9 +997,22 @@ async fn a_discard_all_does_not_break_the_sessions_statement_cache() {
     );
     let server = TestServer::start(&toml).await;
     let client = server.client("key-dc").await;
-    for discard in ["DISCARD ALL", "DEALLOCATE ALL"] {
+    for (discard, seen, unseen) in [
+        ("DISCARD ALL", "'a'::weir_dc_1", "'b'::weir_dc_2"),
+        ("DEALLOCATE ALL", "'c'::weir_dc_3", "'d'::weir_dc_4"),
+    ] {
         client.execute("pg", "SELECT 1 AS one", vec![]).await.expect("cached");
+        // The driver looks the type up with statements of its own.
+        client
+            .execute("pg", &format!("SELECT {seen}"), vec![])
+            .await
+            .expect("a user-defined type");
         client.execute("pg", discard, vec![]).await.expect(discard);
+        let unseen = client
+            .execute("pg", &format!("SELECT {unseen}"), vec![])
+            .await
+            .unwrap_or_else(|e| panic!("a type not looked up before {discard}: {e:?}"));
+        assert_eq!(unseen.rows.len(), 1);
         let again = client
             .execute("pg", "SELECT 1 AS one", vec![])
             .await
@@ -1130,6 +1154,11 @@ async fn a_callers_session_state_does_not_reach_the_next_caller() {
         ),
         (
             "SELECT pg_advisory_lock(4242)",
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())",
+        ),
+        // Called on a value in attribute notation, without a `(`.
+        (
+            "SELECT (4243::bigint).pg_advisory_lock",
             "SELECT NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())",
         ),
         (

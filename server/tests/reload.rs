@@ -509,8 +509,20 @@ async fn a_load_waiting_for_its_rate_ends_when_its_key_is_revoked() {
     // 20,000 rows at 1,000 a second: about 20 s of waiting for their turn.
     more_rows.send(ids(100..20_100)).await.expect("rows");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    file.write(&config(&["a2"]));
-    reloaded(&weir);
+    revoke_during(&weir, &file, &config(&["a2"]), load).await;
+    drop(more_rows);
+}
+
+/// Reloads `file` as `revoked` (key a1 gone) and expects `load` to end
+/// with CREDENTIAL_REVOKED within 5 s.
+async fn revoke_during(
+    weir: &WeirProcess,
+    file: &ConfigFile,
+    revoked: &str,
+    load: tokio::task::JoinHandle<Result<pb::LoadResponse, tonic::Status>>,
+) {
+    file.write(revoked);
+    reloaded(weir);
     let started = std::time::Instant::now();
     let err = tokio::time::timeout(Duration::from_secs(30), load)
         .await
@@ -523,7 +535,71 @@ async fn a_load_waiting_for_its_rate_ends_when_its_key_is_revoked() {
         "the load ended {:?} after the reload",
         started.elapsed()
     );
-    drop(more_rows);
+}
+
+/// A load whose engine is held up (its COPY waits for a key another
+/// transaction holds) ends at once when its key is revoked: its statement
+/// is cancelled, instead of the load keeping its slots and session until
+/// the engine moves on. Nothing of it is kept.
+#[tokio::test]
+async fn a_load_held_up_in_the_engine_ends_when_its_key_is_revoked() {
+    let file = ConfigFile::new(&pg_keys(&["a1", "a2"]));
+    let weir = start(&file);
+    let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
+    let table = "weir_reload_revoked_held";
+    for sql in [
+        format!("DROP TABLE IF EXISTS {table}"),
+        format!("CREATE TABLE {table} (id bigint PRIMARY KEY)"),
+    ] {
+        client.execute("pg", &sql, vec![]).await.expect(&sql);
+    }
+    let holder = common::pg_direct().await;
+    holder
+        .batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (5000)"))
+        .await
+        .expect("another transaction holds key 5000");
+    let (more_rows, load) = open_load(&client, table, ids(0..100)).await;
+    // Rows from 5000 on, more than the COPY's chunks, socket and feed hold:
+    // the COPY waits at row 5000, and the rest back up behind it.
+    let sending = tokio::spawn(async move {
+        for i in 0..40 {
+            let from = 5000 + i * 10_000;
+            if more_rows.send(ids(from..from + 10_000)).await.is_err() {
+                break;
+            }
+        }
+        more_rows
+    });
+    let pg = common::pg_direct().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weir' \
+                 AND wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'",
+                &[&table],
+            )
+            .await
+            .expect("activity")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the load never waited for key 5000"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    revoke_during(&weir, &file, &pg_keys(&["a2"]), load).await;
+    holder.batch_execute("ROLLBACK").await.expect("rollback");
+    sending.abort();
+    let kept: i64 = pg
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(kept, 0, "nothing of the revoked load is kept");
 }
 
 /// A transaction on a source that a reload takes away, or makes read-only,

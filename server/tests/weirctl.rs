@@ -258,13 +258,25 @@ async fn consumed_headers_print_in_order_with_repeated_keys() {
     let header = |key: &str, value: &str| pb::RecordHeader {
         key: key.into(),
         value: value.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    let null = pb::RecordHeader {
+        key: "n".into(),
+        null_value: true,
+        ..Default::default()
     };
     produce(
         &client,
         &topic,
         vec![pb::ProducerRecord {
             value: b"v".to_vec(),
-            headers: vec![header("h", "a"), header("b", "x"), header("h", "b")],
+            headers: vec![
+                header("h", "a"),
+                header("b", "x"),
+                header("h", "b"),
+                null,
+                header("e", ""),
+            ],
             ..Default::default()
         }],
     )
@@ -280,7 +292,10 @@ async fn consumed_headers_print_in_order_with_repeated_keys() {
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
     let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("a JSON line");
-    assert_eq!(line["headers"], serde_json::json!([["h", "a"], ["b", "x"], ["h", "b"]]));
+    assert_eq!(
+        line["headers"],
+        serde_json::json!([["h", "a"], ["b", "x"], ["h", "b"], ["n", null], ["e", ""]])
+    );
     server.stop().await;
 }
 

@@ -680,8 +680,11 @@ async fn consume(
         for r in batch.records {
             if format == Format::Json {
                 // Pairs in the record's order: a key may come more than once.
-                let headers: Vec<serde_json::Value> =
-                    r.headers.iter().map(|h| json!([h.key, bytes_json(&h.value)])).collect();
+                let headers: Vec<serde_json::Value> = r
+                    .headers
+                    .iter()
+                    .map(|h| json!([h.key, (!h.null_value).then(|| bytes_json(&h.value))]))
+                    .collect();
                 let line = json!({
                     "topic": r.topic,
                     "partition": r.partition,

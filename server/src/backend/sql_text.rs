@@ -191,16 +191,17 @@ pub fn sets_postgres_client_encoding(sql: &str) -> bool {
         || (may_commit_inside(sql) && has_word(sql, &["set", "set_config"]))
 }
 
-/// Whether `sql` calls `set_config` with the literal `'name'` first.
+/// Whether `sql` calls `set_config` with `name` in its first argument,
+/// however quoted (`'name'`, `E'name'`, `$$name$$`, after a comment): the
+/// text up to the first `,` or `)` after the `(`.
 fn set_config_of(sql: &str, name: &str) -> bool {
     let lower = sql.to_ascii_lowercase();
     lower.match_indices("set_config").any(|(at, call)| {
-        let args = lower[at + call.len()..].trim_start();
-        args.strip_prefix('(')
-            .map(str::trim_start)
-            .and_then(|a| a.strip_prefix('\''))
-            .and_then(|a| a.strip_prefix(name))
-            .is_some_and(|a| a.starts_with('\''))
+        lower[at + call.len()..]
+            .trim_start()
+            .strip_prefix('(')
+            .and_then(|args| args.split([',', ')']).next())
+            .is_some_and(|first| first.contains(name))
     })
 }
 
@@ -450,6 +451,9 @@ mod tests {
             "SET \"client_encoding\" = 'LATIN1'",
             "SET /* = */ client_encoding = 'LATIN1'",
             "SELECT set_config('client_encoding', 'LATIN1', false)",
+            "SELECT set_config($$client_encoding$$, 'LATIN1', false)",
+            "SELECT set_config(E'client_encoding', 'LATIN1', false)",
+            "SELECT set_config( /* x */ 'CLIENT_ENCODING', 'LATIN1', false)",
             "select SET_CONFIG ( 'CLIENT_ENCODING', 'LATIN1', true)",
             "UPDATE pg_settings SET setting = 'LATIN1' WHERE name = 'client_encoding'",
             "DO $$BEGIN SET client_encoding = 'LATIN1'; END$$",

@@ -8,12 +8,16 @@ use async_trait::async_trait;
 
 use super::{BackendError, Capabilities, ConnectionInfo};
 
+/// A record header: its key, and its value (`None`: a null value, which
+/// Kafka tells from an empty one).
+pub type Header = (String, Option<Vec<u8>>);
+
 /// A record to produce.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct OutRecord {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Vec<Header>,
     /// Explicit partition; `None` lets the partitioner choose by key.
     pub partition: Option<i32>,
     /// Milliseconds since the epoch; `None` for the broker's time.
@@ -44,7 +48,7 @@ pub struct InRecord {
     pub timestamp_ms: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Vec<Header>,
 }
 
 impl InRecord {
@@ -62,12 +66,12 @@ impl InRecord {
 /// rate, while holding tens of MB.
 pub const HEADER_BYTES: usize = 48;
 
-fn record_size(key: &Option<Vec<u8>>, value: &Option<Vec<u8>>, headers: &[(String, Vec<u8>)]) -> usize {
+fn record_size(key: &Option<Vec<u8>>, value: &Option<Vec<u8>>, headers: &[Header]) -> usize {
     key.as_ref().map_or(0, Vec::len)
         + value.as_ref().map_or(0, Vec::len)
         + headers
             .iter()
-            .map(|(k, v)| HEADER_BYTES + k.len() + v.len())
+            .map(|(k, v)| HEADER_BYTES + k.len() + v.as_ref().map_or(0, Vec::len))
             .sum::<usize>()
 }
 
@@ -193,7 +197,7 @@ mod tests {
 
     #[test]
     fn empty_headers_count_what_they_take_to_hold() {
-        let headers = vec![(String::new(), Vec::new()); 100_000];
+        let headers = vec![(String::new(), Some(Vec::new())); 100_000];
         let out = OutRecord {
             headers: headers.clone(),
             ..Default::default()

@@ -86,7 +86,7 @@ pub struct GlobalLimiter {
     /// Before every key: deployments sharing one Redis keep apart.
     key_prefix: String,
     script: redis::Script,
-    /// Connected on first use, in the background, so a replica starts while Redis is down.
+    /// Connected in the background from the start, so a replica starts while Redis is down.
     /// The connection once made, and how many attempts failed so far.
     conn: Arc<watch::Sender<(Option<ConnectionManager>, u64)>>,
     connecting: Arc<AtomicBool>,
@@ -96,6 +96,8 @@ pub struct GlobalLimiter {
     resting_until: AtomicU64,
     /// Length of the last rest (ms); 0 while Redis answers.
     rest_ms: AtomicU64,
+    /// The rest began before any connection was made: it ends when one is.
+    rested_unconnected: AtomicBool,
     /// A call is trying Redis again after a rest: the others do without it.
     probing: AtomicBool,
     /// Failures since the last answer.
@@ -108,7 +110,7 @@ impl GlobalLimiter {
     /// `None` when no Redis is configured (limits then count per replica).
     pub fn new(config: &GlobalLimitsConfig) -> Option<Self> {
         let url = config.redis_url.clone()?;
-        Some(Self {
+        let limiter = Self {
             url,
             timeout: config.redis_timeout,
             on_failure: config.on_redis_failure,
@@ -119,10 +121,17 @@ impl GlobalLimiter {
             started: Instant::now(),
             resting_until: AtomicU64::new(0),
             rest_ms: AtomicU64::new(0),
+            rested_unconnected: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             failures_in_a_row: AtomicU32::new(0),
             last_warned: AtomicU64::new(0),
-        })
+        };
+        // Made now, not at the first call: most of the time it is ready by
+        // the time calls come.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            limiter.start_connecting();
+        }
+        Some(limiter)
     }
 
     fn now_ms(&self) -> u64 {
@@ -148,6 +157,8 @@ impl GlobalLimiter {
             None
         };
         if let Some(rest) = rest {
+            let unconnected = self.conn.borrow().0.is_none();
+            self.rested_unconnected.store(unconnected, Ordering::Relaxed);
             self.failures_in_a_row.store(0, Ordering::Relaxed);
             self.rest_ms.store(rest, Ordering::Relaxed);
             self.resting_until.store(now.saturating_add(rest), Ordering::Relaxed);
@@ -171,17 +182,9 @@ impl GlobalLimiter {
         error
     }
 
-    /// The connection, once made. The first call starts making it in the
-    /// background (with the script loaded): a call waits for it within its
-    /// `redis_timeout`, and one that cannot does as when Redis does not
-    /// answer, while the connection goes on being made for later calls.
-    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        if let Some(conn) = self.conn.borrow().0.clone() {
-            return Ok(conn);
-        }
-        // Subscribed before any attempt starts: its outcome is not missed.
-        let mut made = self.conn.subscribe();
-        let failures_before = made.borrow_and_update().1;
+    /// Starts making the connection in the background (with the script
+    /// loaded), unless an attempt is under way.
+    fn start_connecting(&self) {
         if !self.connecting.swap(true, Ordering::AcqRel) {
             let (cell, connecting, url, script) = (
                 self.conn.clone(),
@@ -209,6 +212,19 @@ impl GlobalLimiter {
                 }
             });
         }
+    }
+
+    /// The connection, once made. A call waits for it within its
+    /// `redis_timeout`, and one that cannot does as when Redis does not
+    /// answer, while the connection goes on being made for later calls.
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        if let Some(conn) = self.conn.borrow().0.clone() {
+            return Ok(conn);
+        }
+        // Subscribed before any attempt starts: its outcome is not missed.
+        let mut made = self.conn.subscribe();
+        let failures_before = made.borrow_and_update().1;
+        self.start_connecting();
         loop {
             let (conn, failures) = made.borrow_and_update().clone();
             if let Some(conn) = conn {
@@ -265,7 +281,16 @@ impl GlobalLimiter {
         let key = format!("{}:gcra:{name}:{tenant}", self.key_prefix);
         let micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));
         if self.now_ms() < self.resting_until.load(Ordering::Relaxed) {
-            return Err("Redis failed to answer lately".into());
+            // A first connection slower than `redis_timeout` (TLS, AUTH, a
+            // distant Redis) fails the calls that came before it, as a
+            // silent Redis would; once it is made, the rest is over.
+            let connected = self.conn.borrow().0.is_some();
+            if !(connected && self.rested_unconnected.swap(false, Ordering::Relaxed)) {
+                return Err("Redis failed to answer lately".into());
+            }
+            self.failures_in_a_row.store(0, Ordering::Relaxed);
+            self.rest_ms.store(0, Ordering::Relaxed);
+            self.resting_until.store(0, Ordering::Relaxed);
         }
         // After a rest one call tries Redis again; the others do without it
         // until it has its answer, rather than each paying `redis_timeout`.

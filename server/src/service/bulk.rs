@@ -354,20 +354,21 @@ impl Incoming<'_> {
         }
     }
 
-    /// Waits out a turn at the tenant's load rate (how long it took), unless
-    /// the caller's credential is revoked or expires first: such a load does
-    /// not keep its transaction and slots for the seconds a large batch's
-    /// turn may take. The end of the grace period does not cut the wait: a
-    /// load whose client has sent everything still commits (`message` tells).
-    async fn wait_turn(&self, turn: impl std::future::Future<Output = Duration>) -> Result<Duration> {
-        tokio::pin!(turn);
+    /// Waits for `wait` (a turn at the tenant's load rate, room in the
+    /// engine's feed), unless the caller's credential is revoked or expires
+    /// first: such a load does not keep its transaction and slots for the
+    /// seconds a large batch's turn may take, or while the engine waits for
+    /// a lock. The end of the grace period does not cut the wait: a load
+    /// whose client has sent everything still commits (`message` tells).
+    async fn unless_stopped<T>(&self, wait: impl std::future::Future<Output = T>) -> Result<T> {
+        tokio::pin!(wait);
         tokio::select! {
             biased;
             e = super::stopped(&self.cut, &self.revoked, self.expires) => match e {
-                Error::ShuttingDown => Ok(turn.await),
+                Error::ShuttingDown => Ok(wait.await),
                 e => Err(e),
             },
-            waited = &mut turn => Ok(waited),
+            done = &mut wait => Ok(done),
         }
     }
 }
@@ -465,9 +466,9 @@ async fn feed_rows(
             }
         }
         *throttled += incoming
-            .wait_turn(caller.tenant.limiter.charge_load(batch.len() as u64, bytes))
+            .unless_stopped(caller.tenant.limiter.charge_load(batch.len() as u64, bytes))
             .await?;
-        if !sender.send(batch, bytes).await {
+        if !incoming.unless_stopped(sender.send(batch, bytes)).await? {
             // The engine stopped (an error, or a replayed load id): its result says why.
             return Ok(Fed::EngineStopped);
         }
@@ -528,7 +529,7 @@ impl BulkApi {
             }),
             batch_rows: header.batch_rows,
         };
-        let (sender, feed) = row_feed(FEED_DEPTH, verdict);
+        let (sender, feed) = row_feed(FEED_DEPTH, verdict.clone());
         // The engine side runs on its own task: if this call is dropped (client
         // gone, deadline), the feed closes and that task rolls back cleanly.
         let backend = source.backend.sql()?.clone();
@@ -589,6 +590,12 @@ impl BulkApi {
             Ok(Fed::EngineStopped) => drop(sender),
             Err(e) => {
                 drop(sender);
+                // A revoked or expired credential stops what the engine runs
+                // too (a statement waiting for a lock would hold the load's
+                // slots until it got it).
+                if matches!(e, Error::Revoked | Error::CredentialExpired) {
+                    verdict.abandon();
+                }
                 // Wait for the rollback, so the table is as it was when the
                 // caller hears of it. The engine may have met a bad row that
                 // came before this one: the first is the one to fix.

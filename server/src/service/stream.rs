@@ -96,6 +96,15 @@ fn out_record(index: usize, r: pb::ProducerRecord) -> Result<OutRecord> {
             ))
         }
     };
+    if let Some(h) = r.headers.iter().find(|h| h.null_value && !h.value.is_empty()) {
+        return Err(bad(
+            "records",
+            format!(
+                "record {index}'s header {:?} has null_value set and a value: send one or the other",
+                h.key
+            ),
+        ));
+    }
     // Kafka carries header keys as C strings on the way out: a NUL would cut one short.
     if let Some(h) = r.headers.iter().find(|h| h.key.contains('\0')) {
         return Err(bad(
@@ -120,7 +129,11 @@ fn out_record(index: usize, r: pb::ProducerRecord) -> Result<OutRecord> {
     Ok(OutRecord {
         key: (!r.key.is_empty()).then_some(r.key),
         value,
-        headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+        headers: r
+            .headers
+            .into_iter()
+            .map(|h| (h.key, (!h.null_value).then_some(h.value)))
+            .collect(),
         partition: r.partition,
         timestamp_ms,
     })
@@ -142,7 +155,11 @@ fn in_record(r: InRecord) -> pb::ConsumedRecord {
         headers: r
             .headers
             .into_iter()
-            .map(|(key, value)| pb::RecordHeader { key, value })
+            .map(|(key, value)| pb::RecordHeader {
+                key,
+                null_value: value.is_none(),
+                value: value.unwrap_or_default(),
+            })
             .collect(),
     }
 }
@@ -629,10 +646,16 @@ mod tests {
             timestamp_ms: Some(ms),
             key: None,
             value: Some(b"v".to_vec()),
-            headers: vec![("h".into(), b"1".to_vec())],
+            headers: vec![("h".into(), Some(b"1".to_vec())), ("n".into(), None)],
         });
         assert_eq!(back.timestamp, Some(t));
         assert!(back.key.is_empty() && back.null_key && !back.null_value);
+        let nulls: Vec<_> = back
+            .headers
+            .iter()
+            .map(|h| (h.value.as_slice(), h.null_value))
+            .collect();
+        assert_eq!(nulls, [(&b"1"[..], false), (&b""[..], true)]);
     }
 
     #[test]

@@ -110,6 +110,13 @@ impl KafkaSource {
         producer.set("enable.idempotence", "true").set("acks", "all");
         or_default(&mut producer, "message.timeout.ms", "10000");
         or_default(&mut producer, "linger.ms", "5");
+        // How long librdkafka waits for a topic it has not seen in metadata
+        // before failing its records as unknown (30 s by default): past
+        // `message.timeout.ms`, records for a topic that does not exist (on
+        // a cluster that does not create topics on use) timed out after
+        // 10 s as possibly written (`UNAVAILABLE`) instead of failing as
+        // not found. Topic creation reaches every broker well within it.
+        or_default(&mut producer, "topic.metadata.propagation.max.ms", "3000");
         // The Java client's hash of the key: records of one key land on the
         // partition Java producers, Kafka Streams and Kafka Connect choose
         // (librdkafka's own default, a CRC32, spreads keys elsewhere).
@@ -295,7 +302,7 @@ pub fn map_error(e: KafkaError) -> BackendError {
     }
 }
 
-fn owned_headers(headers: &[(String, Vec<u8>)]) -> Option<OwnedHeaders> {
+fn owned_headers(headers: &[crate::backend::topics::Header]) -> Option<OwnedHeaders> {
     if headers.is_empty() {
         return None;
     }
@@ -303,7 +310,7 @@ fn owned_headers(headers: &[(String, Vec<u8>)]) -> Option<OwnedHeaders> {
     for (key, value) in headers {
         owned = owned.insert(Header {
             key,
-            value: Some(value),
+            value: value.as_ref(),
         });
     }
     Some(owned)
@@ -314,7 +321,7 @@ fn owned_headers(headers: &[(String, Vec<u8>)]) -> Option<OwnedHeaders> {
 /// outside Weir can write one): the record could then never be delivered,
 /// and its group would stop at it for good. Such a key is kept lossily.
 #[allow(unsafe_code)] // The only unsafe code in Weir: rdkafka has no safe call that does not panic here.
-fn read_headers(m: &BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> {
+fn read_headers(m: &BorrowedMessage<'_>) -> Vec<crate::backend::topics::Header> {
     use rdkafka::bindings as rd;
     let ok = rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
     let mut headers: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
@@ -339,12 +346,10 @@ fn read_headers(m: &BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> {
             }
             // SAFETY: as above, valid while `m` is borrowed; copied out at once.
             let key = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned();
-            let value = if value.is_null() {
-                Vec::new()
-            } else {
+            let value = (!value.is_null()).then(|| {
                 // SAFETY: as above.
                 unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec()
-            };
+            });
             Some((key, value))
         })
         .collect()
@@ -430,6 +435,19 @@ impl RecordStream for KafkaRecords {
         let Some(consumer) = &self.consumer else {
             return Err(BackendError::Internal("the consumer was closed".into()));
         };
+        // Only for partitions this member still has: a batch read before a
+        // rebalance gave its partition to another member would commit an
+        // offset behind what that member committed since (the broker takes
+        // it from a member of the current generation), and the group would
+        // read those records again.
+        let assigned = consumer.assignment().map_err(map_error)?;
+        let next: Vec<_> = next
+            .into_iter()
+            .filter(|p| assigned.find_partition(&p.topic, p.partition).is_some())
+            .collect();
+        if next.is_empty() {
+            return Ok(());
+        }
         let tpl = partition_list(&next).map_err(map_error)?;
         consumer.commit(&tpl, CommitMode::Async).map_err(map_error)?;
         merge_offsets(&mut self.committed, next);

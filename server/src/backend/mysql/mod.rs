@@ -477,7 +477,7 @@ impl SqlSource for MysqlSource {
         if self.config.read_only {
             refuse_leaving_read_only(&statement.sql)?;
         }
-        refuse_session_encoding(&statement.sql)?;
+        refuse_session_changes(&statement.sql)?;
         start(Hold::Pooled(self.conn().await?), statement, self.killer.clone()).await
     }
 
@@ -616,10 +616,23 @@ fn refuse_leaving_read_only(sql: &str) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// Refuses a statement that sets the session's time zone or character sets
-/// (`sql_text::sets_mysql_time_zone_or_charset`): every TIMESTAMP after it
-/// would be read and bound hours off, and text mangled, without an error.
-fn refuse_session_encoding(sql: &str) -> Result<(), BackendError> {
+/// Refuses a statement that changes what every session is set up with: its
+/// time zone or character sets (`sql_text::sets_mysql_time_zone_or_charset`:
+/// every TIMESTAMP after it would be read and bound hours off, and text
+/// mangled, without an error), or its default database (`USE`, which the
+/// pool's reset of a returned connection keeps: later callers' unqualified
+/// names, a load's receipt among them, would reach the other database).
+fn refuse_session_changes(sql: &str) -> Result<(), BackendError> {
+    let uses = crate::backend::sql_text::leading_words(sql, 1)
+        .iter()
+        .any(|words| words.first().is_some_and(|w| w == "use"));
+    if uses {
+        return Err(BackendError::Invalid(
+            "USE is refused: it would change the database of a pooled connection for the callers after you; \
+             name the other database in the statement instead (other_db.table)"
+                .into(),
+        ));
+    }
     if crate::backend::sql_text::sets_mysql_time_zone_or_charset(sql) {
         return Err(BackendError::Invalid(
             "statements that set the session's time_zone or character sets (SET time_zone, SET NAMES, \
@@ -637,7 +650,7 @@ impl SqlTransaction for MysqlTransaction {
         if self.read_only_source {
             refuse_leaving_read_only(&statement.sql)?;
         }
-        refuse_session_encoding(&statement.sql)?;
+        refuse_session_changes(&statement.sql)?;
         let tx = self.conn.for_statement().await?;
         if let Some(cause) = tx.rolled_back {
             return Err(BackendError::TransactionRolledBack(cause));

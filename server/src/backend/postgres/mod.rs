@@ -56,6 +56,9 @@ struct Prepared {
     statement: tokio_postgres::Statement,
     /// It cannot change the session (see `session`): no reset is needed after it.
     leaves_session: bool,
+    /// A `DISCARD` or `DEALLOCATE`, which may drop the statements the
+    /// driver prepared for itself (see `PgConn::retire`).
+    drops_statements: bool,
 }
 
 pub struct PgConn {
@@ -87,6 +90,11 @@ pub struct PgConn {
     /// arrived yet (or a transaction could not be begun again). It is closed
     /// rather than given to the next caller.
     broken: Option<&'static str>,
+    /// The session lost statements the driver prepared for itself and keeps
+    /// for its life (its lookups of user-defined types: `DISCARD ALL`,
+    /// `DEALLOCATE ALL`): every later statement meeting a type not looked up
+    /// yet would fail. Closed rather than pooled, once its caller is done.
+    retire: bool,
     /// The BEGIN of a transaction none of whose statements has run yet. Its
     /// first statement, refused for a plan gone stale, begins it again and
     /// runs again: nothing in it has been seen or written.
@@ -101,6 +109,9 @@ impl PgConn {
         let prepared = Prepared {
             statement: self.client.prepare(sql).await?,
             leaves_session: session::leaves_session_unchanged(sql),
+            drops_statements: crate::backend::sql_text::leading_words(sql, 1)
+                .iter()
+                .any(|w| matches!(w.first().map(String::as_str), Some("discard" | "deallocate"))),
         };
         cache_statement(&mut self.statements, sql, prepared.clone());
         Ok(prepared)
@@ -298,6 +309,7 @@ impl bb8::ManageConnection for PgManager {
             needs_reset: false,
             needs_rollback: false,
             broken: None,
+            retire: false,
             fresh_begin: None,
         })
     }
@@ -307,7 +319,7 @@ impl bb8::ManageConnection for PgManager {
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
-        conn.client.is_closed() || conn.in_transaction || conn.broken.is_some()
+        conn.client.is_closed() || conn.in_transaction || conn.broken.is_some() || conn.retire
     }
 }
 
@@ -587,14 +599,19 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
         let Prepared {
             statement: prepared,
             leaves_session,
+            drops_statements,
         } = match lease.prepare(&statement.sql).await {
             Ok(p) => p,
             Err(e) => {
+                let e = map_error(e);
+                // The driver's lookup of a type failed for its own statement gone.
+                lease.retire |= drops_driver_statements(&e);
                 // An answer, not an abandonment: the session is settled.
                 guard.finish();
-                return Err(map_error(e));
+                return Err(e);
             }
         };
+        lease.retire |= drops_statements;
         // What the session needs once this statement has run.
         let dirty_after = pooled && (reset == SessionReset::Always || !leaves_session);
         lease.needs_reset |= dirty_after;
@@ -651,14 +668,11 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
                 // A caller's DISCARD ALL or DEALLOCATE ALL dropped every
                 // statement this session had prepared: the cache is
                 // emptied, and this one prepared again and run (Bind failed,
-                // so nothing ran).
-                // Only the driver's own statement (named `s<N>`): a procedure's
-                // EXECUTE of a missing statement raises 26000 too, after work
-                // it may have done.
-                let discarded = matches!(&e, BackendError::Engine { code, message, .. }
-                    if code == "26000" && names_a_driver_statement(message));
+                // so nothing ran); the session is retired once done.
+                let discarded = drops_driver_statements(&e);
                 if discarded {
                     l.statements.clear();
+                    l.retire = true;
                 }
                 if !replanned && (plan_went_stale(&e) || discarded) {
                     replanned = true;
@@ -1071,8 +1085,15 @@ const IN_FAILED_TRANSACTION: &str = "25P02";
 
 /// What the engine says when a prepared statement's result columns changed
 /// (ALTER TABLE under `SELECT *`). It checks this when binding, before the
-/// statement runs, so running it again after a new prepare is safe.
-const STALE_PLAN: (&str, &str) = ("0A000", "cached plan must not change result type");
+/// statement runs, so running it again after a new prepare is safe. Told
+/// by the function raising it, which the server names in every language
+/// (the message is translated by `lc_messages`); the English text for
+/// servers that name none.
+const STALE_PLAN: (&str, &str, &str) = (
+    "0A000",
+    "RevalidateCachedQuery",
+    "cached plan must not change result type",
+);
 
 /// Whether a 26000 message (`prepared statement "s12" does not exist`, or
 /// `»s12«` in German) names one of tokio-postgres's statements, which it
@@ -1084,9 +1105,16 @@ fn names_a_driver_statement(message: &str) -> bool {
     })
 }
 
+/// A 26000 for one of the driver's own statements, which a caller's
+/// `DISCARD ALL` or `DEALLOCATE ALL` dropped. (A procedure's `EXECUTE` of a
+/// missing statement raises 26000 too, naming one of its own.)
+fn drops_driver_statements(e: &BackendError) -> bool {
+    matches!(e, BackendError::Engine { code, message, .. } if code == "26000" && names_a_driver_statement(message))
+}
+
+/// (`engine_error` gives a stale plan's 0A000, and only it, `Aborted`.)
 fn plan_went_stale(e: &BackendError) -> bool {
-    matches!(e, BackendError::Engine { code, message, .. }
-        if code == STALE_PLAN.0 && message.starts_with(STALE_PLAN.1))
+    matches!(e, BackendError::Engine { kind: EngineErrorKind::Aborted, code, .. } if code == STALE_PLAN.0)
 }
 
 /// Classifies a tokio-postgres error. Connection errors never carry the
@@ -1097,7 +1125,9 @@ pub(crate) fn map_error(e: tokio_postgres::Error) -> BackendError {
             Some(tokio_postgres::error::ErrorPosition::Original(p)) => Some(*p),
             _ => None,
         };
-        return engine_error(db.code().code(), db.message(), db.detail(), position);
+        let stale =
+            db.code().code() == STALE_PLAN.0 && (db.routine() == Some(STALE_PLAN.1) || db.message() == STALE_PLAN.2);
+        return engine_error(db.code().code(), db.message(), db.detail(), position, stale);
     }
     if e.is_closed() {
         return BackendError::Unavailable("the connection to the database was lost".into());
@@ -1126,7 +1156,14 @@ pub(crate) fn refuses_login(code: &str) -> bool {
 }
 
 /// An error PostgreSQL reported, as callers see it (SQLSTATE attached).
-pub(crate) fn engine_error(code: &str, text: &str, detail: Option<&str>, position: Option<u32>) -> BackendError {
+/// `stale_plan`: the error says a prepared statement's plan went stale (see `STALE_PLAN`).
+pub(crate) fn engine_error(
+    code: &str,
+    text: &str,
+    detail: Option<&str>,
+    position: Option<u32>,
+    stale_plan: bool,
+) -> BackendError {
     let mut message = text.to_string();
     if let Some(detail) = detail {
         message.push_str(": ");
@@ -1136,7 +1173,7 @@ pub(crate) fn engine_error(code: &str, text: &str, detail: Option<&str>, positio
         message.push_str(&format!(" (at character {p})"));
     }
     let mut kind = classify_sqlstate(code);
-    if code == STALE_PLAN.0 && text == STALE_PLAN.1 {
+    if stale_plan {
         // Only inside a transaction does the caller see it (elsewhere the
         // statement is prepared again): the transaction is over, and
         // running it again works.
@@ -1153,6 +1190,27 @@ pub(crate) fn engine_error(code: &str, text: &str, detail: Option<&str>, positio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stale_plan_is_told_by_the_function_raising_it_not_its_text() {
+        let german = engine_error(
+            "0A000",
+            "gecachter Plan darf den Ergebnistyp nicht ändern",
+            None,
+            None,
+            true,
+        );
+        assert!(plan_went_stale(&german), "{german:?}");
+        assert!(matches!(
+            &german,
+            BackendError::Engine {
+                kind: EngineErrorKind::Aborted,
+                ..
+            }
+        ));
+        let other = engine_error("0A000", "cached plan must not change result type", None, None, false);
+        assert!(!plan_went_stale(&other), "{other:?}");
+    }
 
     #[test]
     fn a_missing_statement_is_the_drivers_in_any_language() {

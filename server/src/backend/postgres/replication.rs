@@ -282,7 +282,7 @@ fn server_error(body: &[u8]) -> BackendError {
     if super::refuses_login(&code) {
         return crate::backend::error::login_refused(&code, &message);
     }
-    engine_error(&code, &message, detail.as_deref(), None)
+    engine_error(&code, &message, detail.as_deref(), None, false)
 }
 
 /// The NUL-terminated strings of a message body, up to the first empty one.

@@ -11,7 +11,9 @@
 //! what it cannot read is reset.
 //!
 //! What no text can show: a view, rule or row-level-security policy that
-//! calls a session-changing function. `session_reset = "always"` on the
+//! calls a session-changing function, or a user function taking a table's
+//! row called in attribute notation (`t.f` for `f(t)`), which reads as a
+//! column. `session_reset = "always"` on the
 //! source resets after every statement for databases that have such objects.
 
 /// Read-only statement kinds.
@@ -140,10 +142,13 @@ pub fn leaves_session_unchanged(sql: &str) -> bool {
     // pg_catalog, and the token before it.
     let mut previous: Option<(String, bool, Before)> = None;
     let mut before = Before::Other;
+    // The token just read was a quoted name (a name, as a word is).
+    let mut quoted_name = false;
     loop {
         let Some(token) = lexer.next() else {
             return false;
         };
+        let after_quoted_name = std::mem::replace(&mut quoted_name, matches!(token, Token::QuotedName));
         match token {
             Token::End => return !first,
             Token::Word(w) => {
@@ -159,6 +164,13 @@ pub fn leaves_session_unchanged(sql: &str) -> bool {
                 continue;
             }
             Token::Dot => {
+                // Only a name (schema, table, alias) may stand before a dot:
+                // after a value (`(4242::bigint).pg_advisory_lock`, `$1.f`,
+                // `(SELECT 1).f`) the word after it calls a function of that
+                // name on the value (attribute notation), without a `(`.
+                if previous.is_none() && !after_quoted_name {
+                    return false;
+                }
                 // `schema.function(`: only pg_catalog's own functions are known.
                 if let Some(Token::Word(w)) = lexer.peek() {
                     lexer.next();
@@ -416,6 +428,7 @@ mod tests {
             "SELECT row_number() OVER (PARTITION BY a ORDER BY b) FROM t",
             "SELECT count(*) FILTER (WHERE x > 1) FROM t GROUP BY (a, b) ORDER BY (a)",
             "SELECT \"Name\" FROM \"Mixed\".\"Table\"",
+            "SELECT \"t\".id, u.name, s.t.x, t.* FROM \"t\", u",
             "SELECT 1.5 + .5",
             // Operators, after an operand.
             "SELECT name LIKE ('a%'), name ILIKE ('b%') FROM t",
@@ -437,6 +450,12 @@ mod tests {
             "SELECT * INTO TEMP t FROM u",
             "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
             "SELECT nextval('s')",
+            // A function called on a value in attribute notation.
+            "SELECT (4242::bigint).pg_advisory_lock",
+            "SELECT $1.pg_advisory_lock",
+            "SELECT (SELECT 0.5).setseed",
+            "SELECT ('s'::regclass).\"nextval\"",
+            "SELECT ids[1].f FROM t",
             // Unreserved keywords name user functions as well.
             "SELECT rows(1)",
             "SELECT range(1), within(2)",

@@ -312,11 +312,28 @@ impl Hold {
 pub struct SqliteSource {
     pool: Arc<Pool>,
     label: String,
-    /// One writer at a time, as SQLite allows: writers wait for their turn
-    /// here, where waiting is cancellable and holds no pooled connection,
-    /// instead of in SQLite's busy handler with one (which let waiting
-    /// writers take every connection from readers WAL could serve).
-    writer: Arc<tokio::sync::Mutex<()>>,
+    writer: Arc<Writer>,
+}
+
+/// One writer at a time, as SQLite allows: writers wait for their turn
+/// here, where waiting is cancellable and holds no pooled connection,
+/// instead of in SQLite's busy handler with one (which let waiting
+/// writers take every connection from readers WAL could serve).
+#[derive(Default)]
+struct Writer {
+    turn: Arc<tokio::sync::Mutex<()>>,
+    /// The turn's holder is still waiting for a pooled connection: writers
+    /// behind it that give up were held by a full pool, not by a write.
+    holder_needs_connection: AtomicBool,
+}
+
+/// Clears `holder_needs_connection` however the wait for a connection ends.
+struct NeedsConnection<'a>(&'a AtomicBool);
+
+impl Drop for NeedsConnection<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 /// Reads the file's header, as nothing else a probe runs does: opening a
@@ -333,7 +350,7 @@ fn read_header(conn: &Connection) -> Result<(), BackendError> {
 /// writers still take turns.
 struct Carried {
     temp: Option<Arc<tempfile::TempPath>>,
-    writer: Arc<tokio::sync::Mutex<()>>,
+    writer: Arc<Writer>,
 }
 
 impl SqliteSource {
@@ -406,23 +423,39 @@ impl SqliteSource {
         })
     }
 
-    /// The source's write turn, waited for as long as SQLite's busy handler
-    /// would wait for the lock; none on a read-only source, which cannot write.
-    async fn write_turn(&self) -> Result<Option<OwnedMutexGuard<()>>, BackendError> {
-        if self.pool.read_only {
-            return Ok(None);
+    /// A pooled connection, with the source's write turn when `writes`
+    /// (none on a read-only source, which cannot write). The turn is waited
+    /// for first, as long as SQLite's busy handler would wait for the lock,
+    /// so that waiting writers hold no connection.
+    async fn lease(&self, writes: bool) -> Result<Lease, BackendError> {
+        if !writes || self.pool.read_only {
+            return self.pool.lease().await;
         }
-        match tokio::time::timeout(BUSY_WAIT, self.writer.clone().lock_owned()).await {
-            Ok(turn) => Ok(Some(turn)),
-            Err(_) => Err(BackendError::Engine {
-                kind: EngineErrorKind::Aborted,
-                code: "5".into(),
-                message: format!(
-                    "database is locked: another write (a transaction or a load) held it for {} s",
-                    BUSY_WAIT.as_secs()
-                ),
-            }),
-        }
+        let turn = match tokio::time::timeout(BUSY_WAIT, self.writer.turn.clone().lock_owned()).await {
+            Ok(turn) => turn,
+            Err(_) if self.writer.holder_needs_connection.load(Ordering::Relaxed) => {
+                return Err(BackendError::PoolExhausted {
+                    max_size: self.pool.max_size,
+                    waited: BUSY_WAIT,
+                })
+            }
+            Err(_) => {
+                return Err(BackendError::Engine {
+                    kind: EngineErrorKind::Aborted,
+                    code: "5".into(),
+                    message: format!(
+                        "database is locked: another write (a transaction or a load) held it for {} s",
+                        BUSY_WAIT.as_secs()
+                    ),
+                })
+            }
+        };
+        self.writer.holder_needs_connection.store(true, Ordering::Relaxed);
+        let waiting = NeedsConnection(&self.writer.holder_needs_connection);
+        let mut lease = self.pool.lease().await?;
+        drop(waiting);
+        lease.turn = Some(turn);
+        Ok(lease)
     }
 
     /// Runs `f` on a pooled connection on the blocking pool.
@@ -456,24 +489,14 @@ impl SqlSource for SqliteSource {
     }
 
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        let turn = match may_write(&statement.sql) {
-            true => self.write_turn().await?,
-            false => None,
-        };
-        let mut lease = self.pool.lease().await?;
-        lease.turn = turn;
+        let lease = self.lease(may_write(&statement.sql)).await?;
         start(Hold::Pooled(lease), statement).await
     }
 
     async fn begin(&self, options: TxOptions) -> Result<Box<dyn SqlTransaction>, BackendError> {
         let read_only = options.read_only || self.pool.read_only;
         // BEGIN IMMEDIATE takes the write lock: the turn is held to the end.
-        let turn = match read_only {
-            true => None,
-            false => self.write_turn().await?,
-        };
-        let mut lease = self.pool.lease().await?;
-        lease.turn = turn;
+        let lease = self.lease(!read_only).await?;
         let lease = tokio::task::spawn_blocking(move || {
             let conn = lease.conn()?;
             // IMMEDIATE takes the write lock up front, so a read-write
@@ -536,12 +559,10 @@ impl SqlSource for SqliteSource {
     }
 
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
-        let turn = self.write_turn().await?;
-        self.with_conn(move |conn| {
-            let _turn = turn;
-            bulk::load(conn, &spec, rows)
-        })
-        .await
+        let lease = self.lease(true).await?;
+        tokio::task::spawn_blocking(move || bulk::load(lease.conn()?, &spec, rows))
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?
     }
 
     fn pool_status(&self) -> Option<PoolStatus> {

@@ -812,6 +812,16 @@ async fn caller_errors_get_the_codes_other_engines_give_them() {
         )
         .await
         .expect("create");
+    client
+        .execute(
+            "maria",
+            &format!(
+                "CREATE TABLE {table}_parts (id INT) PARTITION BY RANGE (id) (PARTITION p0 VALUES LESS THAN (10))"
+            ),
+            vec![],
+        )
+        .await
+        .expect("create partitioned");
     for (sql, code, errno) in [
         (
             format!("INSERT INTO {table} VALUES (1, 'z', 1)"),
@@ -828,12 +838,24 @@ async fn caller_errors_get_the_codes_other_engines_give_them() {
             Code::FailedPrecondition,
             "1644",
         ),
+        // They were INTERNAL (SQLSTATE HY000).
+        ("SELECT DATE'2024-13-01'".to_string(), Code::InvalidArgument, "1525"),
+        (
+            "SELECT CAST('::1' AS INET6) + 1".to_string(),
+            Code::InvalidArgument,
+            "4078",
+        ),
+        (
+            format!("INSERT INTO {table}_parts VALUES (20)"),
+            Code::FailedPrecondition,
+            "1526",
+        ),
     ] {
         let e = client.execute("maria", &sql, vec![]).await.expect_err(&sql);
         assert_eq!((e.code(), engine_code(&e).as_str()), (code, errno), "{sql}: {e:?}");
     }
     client
-        .execute("maria", &format!("DROP TABLE {table}"), vec![])
+        .execute("maria", &format!("DROP TABLE {table}, {table}_parts"), vec![])
         .await
         .expect("drop");
 }

@@ -734,15 +734,19 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
             let kind = match s.code {
                 1146 | 1305 | 1049 | 1051 => K::NotFound,
                 // Syntax, unknown column, bad or truncated values (1265: an ENUM
-                // value not in the list), misused SQL (1093, 1111, 1267).
-                1064 | 1054 | 1292 | 1366 | 1406 | 1264 | 1365 | 1110 | 1136 | 1265 | 1093 | 1111 | 1267 => {
-                    K::InvalidArgument
-                }
+                // value not in the list; 1525: a bad literal, `DATE'2024-13-01'`),
+                // misused SQL (1093, 1111), collations that do not mix (1267,
+                // 1270, 1271), operands of types an operation does not take
+                // (MariaDB 4078, 4079: `inet6_col = 1`).
+                1064 | 1054 | 1292 | 1366 | 1406 | 1264 | 1365 | 1110 | 1136 | 1265 | 1525 | 1093 | 1111 | 1267
+                | 1270 | 1271 | 4078 | 4079 => K::InvalidArgument,
                 1062 | 1586 | 1022 | 1169 => K::AlreadyExists,
                 // Constraints (1364: a NOT NULL column without a default left
                 // out), and SIGNAL's unhandled user exception (1644).
-                // 1369: a view's WITH CHECK OPTION.
-                1048 | 1451 | 1452 | 3819 | 4025 | 1364 | 1644 | 1369 => K::FailedPrecondition,
+                // 1369: a view's WITH CHECK OPTION. 1526: no partition for the
+                // value; 1356: a view whose tables or columns are gone; 1175:
+                // safe-update mode refusing an unkeyed UPDATE or DELETE.
+                1048 | 1451 | 1452 | 3819 | 4025 | 1364 | 1644 | 1369 | 1526 | 1356 | 1175 => K::FailedPrecondition,
                 // 1206 (the lock table full) and 1637 (too many active
                 // transactions) end the transaction, as a deadlock does.
                 // 3572: a NOWAIT lock not granted (PostgreSQL's 55P03). 1020:

@@ -458,12 +458,14 @@ impl SqliteSource {
         Ok(lease)
     }
 
-    /// Runs `f` on a pooled connection on the blocking pool.
+    /// Runs `f` on a pooled connection on the blocking pool, with the write
+    /// turn when it `writes`.
     async fn with_conn<T: Send + 'static>(
         &self,
+        writes: bool,
         f: impl FnOnce(&Connection) -> Result<T, BackendError> + Send + 'static,
     ) -> Result<T, BackendError> {
-        let lease = self.pool.lease().await?;
+        let lease = self.lease(writes).await?;
         tokio::task::spawn_blocking(move || f(lease.conn()?))
             .await
             .map_err(|e| BackendError::Internal(e.to_string()))?
@@ -518,7 +520,7 @@ impl SqlSource for SqliteSource {
 
     async fn connection_info(&self) -> Result<ConnectionInfo, BackendError> {
         let label = self.label.clone();
-        self.with_conn(move |conn| {
+        self.with_conn(false, move |conn| {
             let started = Instant::now();
             read_header(conn)?;
             let version: String = conn
@@ -536,18 +538,18 @@ impl SqlSource for SqliteSource {
     }
 
     async fn list_schemas(&self, _include_system: bool) -> Result<Vec<SchemaInfo>, BackendError> {
-        self.with_conn(schema::list_schemas).await
+        self.with_conn(false, schema::list_schemas).await
     }
 
     async fn list_tables(&self, schema: Option<&str>, page: TablePage) -> Result<Vec<TableInfo>, BackendError> {
         let schema = schema.map(str::to_string);
-        self.with_conn(move |c| schema::list_tables(c, schema.as_deref(), &page))
+        self.with_conn(false, move |c| schema::list_tables(c, schema.as_deref(), &page))
             .await
     }
 
     async fn describe_table(&self, schema: Option<&str>, table: &str) -> Result<TableDescription, BackendError> {
         let (schema, table) = (schema.map(str::to_string), table.to_string());
-        self.with_conn(move |c| schema::describe_table(c, schema.as_deref(), &table))
+        self.with_conn(false, move |c| schema::describe_table(c, schema.as_deref(), &table))
             .await
     }
 
@@ -559,10 +561,7 @@ impl SqlSource for SqliteSource {
     }
 
     async fn load(&self, spec: LoadSpec, rows: RowFeed) -> Result<LoadOutcome, BackendError> {
-        let lease = self.lease(true).await?;
-        tokio::task::spawn_blocking(move || bulk::load(lease.conn()?, &spec, rows))
-            .await
-            .map_err(|e| BackendError::Internal(e.to_string()))?
+        self.with_conn(true, move |conn| bulk::load(conn, &spec, rows)).await
     }
 
     fn pool_status(&self) -> Option<PoolStatus> {

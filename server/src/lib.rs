@@ -57,6 +57,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let hangup = reload::Hangup::listen();
     let tls = match &config.server.tls {
         Some(files) => Some(Arc::new(TlsReloader::new(files).map_err(anyhow::Error::msg)?)),
         None => None,
@@ -71,6 +72,7 @@ pub async fn run(
             path,
             config.server.reload_interval,
             seen,
+            hangup,
         ))
     });
     let transactions = Arc::new(Transactions::default());

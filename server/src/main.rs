@@ -156,8 +156,6 @@ fn run_command(command: Command) -> ExitCode {
 
 async fn serve(args: &Args, config: Config) -> ExitCode {
     let shutdown = shutdown_signal();
-    #[cfg(unix)]
-    weir_server::tenant::reload::listen_for_hangup();
     let format = if args.log_format == "json" {
         LogFormat::Json
     } else {

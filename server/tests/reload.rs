@@ -546,7 +546,7 @@ async fn a_load_held_up_in_the_engine_ends_when_its_key_is_revoked() {
     let file = ConfigFile::new(&pg_keys(&["a1", "a2"]));
     let weir = start(&file);
     let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
-    let table = "weir_reload_revoked_held";
+    let table = "weir_held_up_load";
     for sql in [
         format!("DROP TABLE IF EXISTS {table}"),
         format!("CREATE TABLE {table} (id bigint PRIMARY KEY)"),

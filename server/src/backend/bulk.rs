@@ -283,13 +283,17 @@ impl Verdict {
     ) -> T {
         tokio::pin!(load);
         tokio::select! {
-            done = &mut load => done,
+            // Given up first: a caller that gives up also closes the feed,
+            // which would let `load` end first and its ROLLBACK wait behind
+            // the statement it did not stop.
+            biased;
             () = self.given_up() => {
                 if let Err(e) = stop.await {
                     tracing::warn!(error = %e, "cannot stop the statement of a load given up on");
                 }
                 load.await
             }
+            done = &mut load => done,
         }
     }
 

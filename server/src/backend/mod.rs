@@ -151,6 +151,16 @@ pub trait RowStream: Stream<Item = Result<Row, BackendError>> + Send {
     }
 }
 
+/// Drops `value` on the blocking pool when there is a runtime: a drop that
+/// blocks (closing a Kafka consumer, or a SQLite connection that rolls back
+/// and checkpoints) would hold up every call a runtime worker serves.
+pub(crate) fn drop_off_runtime<T: Send + 'static>(value: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(value))),
+        Err(_) => drop(value),
+    }
+}
+
 /// `Stream::poll_next` of a row stream that overrides `poll_next_into`
 /// (else the two would call each other): the next row, collected as owned values.
 pub fn collect_row<S: RowStream + ?Sized>(

@@ -205,24 +205,31 @@ fn set_config_of(sql: &str, name: &str) -> bool {
     })
 }
 
+/// Whether the first word of `sql` is `word` (lowercase), read past
+/// comments under every engine's reading. Told from the first bytes where
+/// no comment comes first: every pooled statement is asked, and
+/// `leading_words` allocates.
+pub fn starts_with_word(sql: &str, word: &str) -> bool {
+    let head = sql.trim_start().as_bytes();
+    match head.first() {
+        Some(b'-' | b'/' | b'#') => leading_words(sql, 1)
+            .iter()
+            .any(|words| words.first().map(String::as_str) == Some(word)),
+        _ => {
+            head.len() >= word.len()
+                && head[..word.len()].eq_ignore_ascii_case(word.as_bytes())
+                && head
+                    .get(word.len())
+                    .is_none_or(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+        }
+    }
+}
+
 /// Whether `sql` is a `SET` of one of `names` (lowercase). Only what is set
 /// counts: the words before each top-level `=` or `TO`, outside strings and
 /// parentheses (`SET @tz = (SELECT time_zone ...)` sets none).
 fn sets_one_of(sql: &str, names: &[&str]) -> bool {
-    // Told from the first bytes where no comment comes first: every pooled
-    // statement is asked, and `leading_words` allocates.
-    let head = sql.trim_start().as_bytes();
-    let is_set = match head.first() {
-        Some(b'-' | b'/' | b'#') => leading_words(sql, 1)
-            .iter()
-            .any(|words| words.first().map(String::as_str) == Some("set")),
-        _ => {
-            head.len() >= 3
-                && head[..3].eq_ignore_ascii_case(b"set")
-                && head.get(3).is_none_or(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
-        }
-    };
-    if !is_set {
+    if !starts_with_word(sql, "set") {
         return false;
     }
     let bytes = sql.as_bytes();
@@ -414,6 +421,23 @@ pub fn writes_and_returns_rows(sql: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_words_are_read_past_comments_and_whole() {
+        for sql in [
+            "USE shop",
+            "  use`shop`",
+            "/* c */ use shop",
+            "-- c\nUSE shop",
+            "# c\nuse shop",
+            "use",
+        ] {
+            assert!(starts_with_word(sql, "use"), "{sql}");
+        }
+        for sql in ["used", "user_id = 1", "SELECT 1 -- use", "/* use */ SELECT 1", "us"] {
+            assert!(!starts_with_word(sql, "use"), "{sql}");
+        }
+    }
 
     #[test]
     fn a_with_that_only_reads_does_not_write_and_return_rows() {

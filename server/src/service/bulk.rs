@@ -589,13 +589,14 @@ impl BulkApi {
             }
             Ok(Fed::EngineStopped) => drop(sender),
             Err(e) => {
-                drop(sender);
                 // A revoked or expired credential stops what the engine runs
                 // too (a statement waiting for a lock would hold the load's
-                // slots until it got it).
+                // slots until it got it): given up before the feed closes,
+                // so that the engine hears of it first.
                 if matches!(e, Error::Revoked | Error::CredentialExpired) {
                     verdict.abandon();
                 }
+                drop(sender);
                 // Wait for the rollback, so the table is as it was when the
                 // caller hears of it. The engine may have met a bad row that
                 // came before this one: the first is the one to fix.

@@ -675,4 +675,21 @@ mod tests {
         let both = out_record(3, record(b"x", true)).expect_err("a value and null_value");
         assert!(both.to_string().contains("record 3"), "{both}");
     }
+
+    #[test]
+    fn null_header_values_are_asked_for_and_kept_apart_from_empty_ones() {
+        let header = |value: &[u8], null_value| pb::RecordHeader {
+            key: "h".into(),
+            value: value.to_vec(),
+            null_value,
+        };
+        let record = |headers| pb::ProducerRecord {
+            headers,
+            ..Default::default()
+        };
+        let r = out_record(0, record(vec![header(b"", false), header(b"", true)])).expect("a record");
+        assert_eq!(r.headers, [("h".to_string(), Some(vec![])), ("h".to_string(), None)]);
+        let both = out_record(2, record(vec![header(b"x", true)])).expect_err("a value and null_value");
+        assert!(both.to_string().contains("record 2's header"), "{both}");
+    }
 }

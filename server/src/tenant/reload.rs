@@ -290,34 +290,38 @@ fn named_files(config: &Config, files: &mut Vec<PathBuf>) {
     }
 }
 
-/// SIGHUP, listened for from `listen_for_hangup` until `watch` takes it.
-#[cfg(unix)]
-static HANGUP: std::sync::Mutex<Option<tokio::signal::unix::Signal>> = std::sync::Mutex::new(None);
+/// SIGHUP, listened for from when this is made. Its default action ends
+/// the process, and `watch` starts only once the sources are set up: a
+/// reload asked for while the server starts would kill it. One asked for in
+/// between is kept for `watch`, which then reloads.
+pub struct Hangup {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
 
-/// Listens for SIGHUP from now on. Its default action ends the process,
-/// and `watch` starts only once the sources are set up: a reload asked for
-/// while the server starts would kill it. One asked for in between is kept
-/// for `watch`, which then reloads.
-#[cfg(unix)]
-pub fn listen_for_hangup() {
-    if let (Ok(signal), Ok(mut slot)) = (
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()),
-        HANGUP.lock(),
-    ) {
-        *slot = Some(signal);
+impl Hangup {
+    pub fn listen() -> Self {
+        Self {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+        }
+    }
+
+    /// Completes at the next SIGHUP; never where there is none.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some(signal) = self.signal.as_mut() {
+            signal.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await;
     }
 }
 
 /// Reloads on SIGHUP and whenever the fingerprint of the configuration's files changes.
 /// `seen` is the fingerprint taken when the configuration in force was
 /// loaded, before the server listened: a change made after that is a change.
-pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration, mut seen: [u8; 32]) {
-    #[cfg(unix)]
-    let mut hangup = HANGUP
-        .lock()
-        .ok()
-        .and_then(|mut slot| slot.take())
-        .or_else(|| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok());
+pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration, mut seen: [u8; 32], mut hangup: Hangup) {
     // Reading the files blocks: it runs on the blocking pool, not a runtime worker.
     let fingerprint = |registry: Arc<Registry>, path: PathBuf| async move {
         tokio::task::spawn_blocking(move || registry.fingerprint(&path))
@@ -327,17 +331,8 @@ pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration, m
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        #[cfg(unix)]
-        let signalled = async {
-            match hangup.as_mut() {
-                Some(h) => h.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let signalled = std::future::pending::<Option<()>>();
         let forced = tokio::select! {
-            _ = signalled => true,
+            () = hangup.next() => true,
             _ = ticker.tick() => false,
         };
         let now = fingerprint(registry.clone(), path.clone()).await;

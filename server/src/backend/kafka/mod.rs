@@ -391,15 +391,9 @@ impl Drop for KafkaRecords {
 
 /// Lets go of a consumer on the blocking pool. The last holder's drop
 /// closes the consumer (it leaves the group and sends its last commits),
-/// which blocks until the broker answers, or gives up: on a runtime worker
-/// it would hold up every call that worker serves.
+/// which blocks until the broker answers, or gives up.
 fn release(consumer: Arc<StreamConsumer>) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            runtime.spawn_blocking(move || drop(consumer));
-        }
-        Err(_) => drop(consumer),
-    }
+    super::drop_off_runtime(consumer);
 }
 
 #[async_trait]

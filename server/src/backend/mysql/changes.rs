@@ -901,7 +901,15 @@ fn mariadb_group(data: &[u8]) -> Option<bool> {
 
 /// Whether a query event starts an XA transaction's group (MySQL's `XA START <xid>`).
 fn xa_start(query: &str) -> bool {
-    query.get(..9).is_some_and(|p| p.eq_ignore_ascii_case("XA START "))
+    after(query, "XA START ").is_some()
+}
+
+/// What follows `prefix` (any case) in `query`, trimmed.
+fn after<'a>(query: &'a str, prefix: &str) -> Option<&'a str> {
+    query
+        .get(..prefix.len())
+        .filter(|p| p.eq_ignore_ascii_case(prefix))
+        .map(|_| query[prefix.len()..].trim())
 }
 
 /// The XID of an XA_PREPARE event, as XA COMMIT and XA ROLLBACK name it
@@ -920,15 +928,9 @@ fn xa_prepared(data: &[u8]) -> Option<(String, bool)> {
 
 /// `XA COMMIT <xid>` or `XA ROLLBACK <xid>` as logged: whether it commits, and the XID.
 fn xa_decision(query: &str) -> Option<(bool, &str)> {
-    let words = |prefix: &str| {
-        query
-            .get(..prefix.len())
-            .filter(|p| p.eq_ignore_ascii_case(prefix))
-            .map(|_| query[prefix.len()..].trim())
-    };
-    words("XA COMMIT ")
+    after(query, "XA COMMIT ")
         .map(|xid| (true, xid))
-        .or_else(|| words("XA ROLLBACK ").map(|xid| (false, xid)))
+        .or_else(|| after(query, "XA ROLLBACK ").map(|xid| (false, xid)))
 }
 
 struct Reader {
@@ -1124,11 +1126,13 @@ impl Reader {
 
     /// A position of the stream, with the restart point that resuming there needs.
     fn position(&self, file: u32, offset: u64, seq: u32) -> BinlogPos {
-        let waiting = self.prepared.values().map(|p| (p.file, p.begin)).min();
-        BinlogPos {
-            restart: waiting.filter(|w| *w < (file, offset)),
-            ..BinlogPos::at(file, offset, seq)
-        }
+        with_restart(self.oldest_prepare(), file, offset, seq)
+    }
+
+    /// Where the changes of the oldest XA transaction still waiting for its
+    /// decision begin.
+    fn oldest_prepare(&self) -> Option<(u32, u64)> {
+        self.prepared.values().map(|p| (p.file, p.begin)).min()
     }
 
     /// Sends `t`'s Begin boundary unless sent, at the start of its changes
@@ -1161,7 +1165,11 @@ impl Reader {
         stream: &mysql_async::BinlogStream,
         rows: &RowsEventData<'_>,
     ) -> Result<Sent, BackendError> {
-        let Some(tme) = stream.get_tme(rows.table_id()) else {
+        let tme = stream.get_tme(rows.table_id());
+        if let Some(t) = txn.as_mut() {
+            t.wrote = t.wrote.with(tme.map(|m| m.table_name()).as_deref());
+        }
+        let Some(tme) = tme else {
             return Ok(Ok(()));
         };
         let key = (tme.database_name().into_owned(), tme.table_name().into_owned());
@@ -1192,6 +1200,11 @@ impl Reader {
                 position: Position(Vec::new()),
             })
         };
+        // Prepared XA transactions do not change within one event.
+        let (oldest_prepare, held_by_others) = (
+            self.oldest_prepare(),
+            self.prepared.values().map(|p| p.held.bytes).sum::<usize>(),
+        );
         let mut changes = Vec::new();
         for r in rows.rows(tme) {
             let (before, after) = r.map_err(|e| BackendError::Internal(format!("binlog rows: {e}")))?;
@@ -1201,8 +1214,7 @@ impl Reader {
                 held.bytes += std::mem::size_of_val(&change)
                     + change.as_ref().map_or(0, |c| c.size() + c.schema.len() + c.table.len());
                 held.changes.push(change);
-                let holding = held.bytes + self.prepared.values().map(|p| p.held.bytes).sum::<usize>();
-                if holding > MAX_HELD_BYTES {
+                if held.bytes + held_by_others > MAX_HELD_BYTES {
                     return Err(BackendError::ChangesNotReady(format!(
                         "XA transactions hold more than {} MiB of changes to the watched tables, which wait \
                          in the gateway's memory from XA START to XA COMMIT: every resume stops here again; \
@@ -1216,7 +1228,7 @@ impl Reader {
             // Rows delivered before (a resume) are numbered but not decoded:
             // one logged before a schema change must not stop the stream again.
             t.seq += 1;
-            let position = self.position(t.file, t.begin, t.seq);
+            let position = with_restart(oldest_prepare, t.file, t.begin, t.seq);
             if position > self.delivered {
                 changes.push((position, change(before, after)?));
             }
@@ -1495,13 +1507,7 @@ impl Reader {
                         false
                     }
                 }
-                Some(EventData::RowsEvent(rows)) => {
-                    if let Some(t) = txn.as_mut() {
-                        let table = stream.get_tme(rows.table_id()).map(|tme| tme.table_name());
-                        t.wrote = t.wrote.with(table.as_deref());
-                    }
-                    self.rows(&mut txn, &stream, &rows).await?.is_err()
-                }
+                Some(EventData::RowsEvent(rows)) => self.rows(&mut txn, &stream, &rows).await?.is_err(),
                 Some(EventData::XidEvent(_)) => {
                     bookkeeping = txn.as_ref().is_some_and(|t| t.wrote == Wrote::OnlyPositions);
                     self.end_group(&mut txn, log_pos).await?.is_err()
@@ -1526,9 +1532,25 @@ impl Reader {
     }
 }
 
+/// The position at `(file, offset, seq)`, with the restart point
+/// `oldest_prepare` when it lies before it.
+fn with_restart(oldest_prepare: Option<(u32, u64)>, file: u32, offset: u64, seq: u32) -> BinlogPos {
+    BinlogPos {
+        restart: oldest_prepare.filter(|w| *w < (file, offset)),
+        ..BinlogPos::at(file, offset, seq)
+    }
+}
+
 /// `opts` are the source's, without its read-only session setting: a
 /// read-only source still records its subscriptions' positions.
-pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
+/// `restart_columns_known` is the source's: whether its positions table has
+/// the restart columns is asked (and the ALTER tried, which may wait 5 s)
+/// once per source, not at every watch and reconnect.
+pub(super) async fn watch(
+    opts: &Opts,
+    restart_columns_known: &tokio::sync::OnceCell<bool>,
+    spec: WatchSpec,
+) -> Result<ChangeFeed, BackendError> {
     let mut setup = connect(opts).await?;
     check_binlog(&mut setup).await?;
     let watched = resolve(&mut setup, &spec.tables).await?;
@@ -1536,7 +1558,9 @@ pub(super) async fn watch(opts: &Opts, spec: WatchSpec) -> Result<ChangeFeed, Ba
     // The binlog connection holds the lock for as long as it streams.
     let mut conn = connect(opts).await?;
     let names = Names::of(&mut setup, opts, &spec.id).await?;
-    let restart_columns = restart_columns(&mut setup).await?;
+    let restart_columns = *restart_columns_known
+        .get_or_try_init(|| restart_columns(&mut setup))
+        .await?;
     lock(&mut conn, &names, &spec.name, spec.take_over).await?;
     let (current_file, current_offset) = current_position(&mut setup).await?;
     let (base, current_number) = split_file(&current_file)?;

@@ -52,6 +52,8 @@ pub struct MysqlSource {
     breaker: Breaker,
     /// The load id table's key columns were checked (and converted) once.
     receipts_checked: std::sync::atomic::AtomicBool,
+    /// Whether the change-positions table has the restart columns (see `changes::watch`).
+    restart_columns: tokio::sync::OnceCell<bool>,
 }
 
 impl MysqlSource {
@@ -96,6 +98,7 @@ impl MysqlSource {
             config: config.clone(),
             breaker: Breaker::default(),
             receipts_checked: std::sync::atomic::AtomicBool::new(false),
+            restart_columns: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -573,7 +576,7 @@ impl SqlSource for MysqlSource {
     }
 
     async fn watch(&self, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
-        changes::watch(&self.change_opts, spec).await
+        changes::watch(&self.change_opts, &self.restart_columns, spec).await
     }
 
     async fn delete_subscription(&self, id: &str, name: &str) -> Result<(), BackendError> {
@@ -623,10 +626,7 @@ fn refuse_leaving_read_only(sql: &str) -> Result<(), BackendError> {
 /// pool's reset of a returned connection keeps: later callers' unqualified
 /// names, a load's receipt among them, would reach the other database).
 fn refuse_session_changes(sql: &str) -> Result<(), BackendError> {
-    let uses = crate::backend::sql_text::leading_words(sql, 1)
-        .iter()
-        .any(|words| words.first().is_some_and(|w| w == "use"));
-    if uses {
+    if crate::backend::sql_text::starts_with_word(sql, "use") {
         return Err(BackendError::Invalid(
             "USE is refused: it would change the database of a pooled connection for the callers after you; \
              name the other database in the statement instead (other_db.table)"

@@ -109,9 +109,9 @@ impl PgConn {
         let prepared = Prepared {
             statement: self.client.prepare(sql).await?,
             leaves_session: session::leaves_session_unchanged(sql),
-            drops_statements: crate::backend::sql_text::leading_words(sql, 1)
+            drops_statements: ["discard", "deallocate"]
                 .iter()
-                .any(|w| matches!(w.first().map(String::as_str), Some("discard" | "deallocate"))),
+                .any(|w| crate::backend::sql_text::starts_with_word(sql, w)),
         };
         cache_statement(&mut self.statements, sql, prepared.clone());
         Ok(prepared)

@@ -283,12 +283,7 @@ impl Drop for Lease {
         // dropped on a runtime thread (a transaction given up on) would do
         // there. The write turn goes with it, so that the next writer's turn
         // begins once the lock is released.
-        let turn = self.turn.take();
-        let close = move || drop((conn, turn));
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(close)),
-            Err(_) => close(),
-        }
+        crate::backend::drop_off_runtime((conn, self.turn.take()));
     }
 }
 

@@ -405,12 +405,20 @@ pub async fn load(conn: &mut PgConn, spec: LoadSpec, mut feed: RowFeed) -> Resul
             super::cancel::cancel(&conn.cancel, conn.address, &conn.target),
         )
         .await;
-    let end = if bulk::commits(&mut result, &feed) {
-        "COMMIT"
+    let ended = if bulk::commits(&mut result, &feed) {
+        conn.client.batch_execute("COMMIT").await
     } else {
-        "ROLLBACK"
+        // A load that ended on its own (its feed closed) may have left its
+        // COPY waiting for a lock, with the ROLLBACK queued behind it: one
+        // given up on meanwhile, or already, stops that statement first.
+        verdict
+            .stopping_if_given_up(
+                conn.client.batch_execute("ROLLBACK"),
+                super::cancel::cancel(&conn.cancel, conn.address, &conn.target),
+            )
+            .await
     };
-    match conn.client.batch_execute(end).await {
+    match ended {
         Ok(()) => conn.in_transaction = false,
         // A COMMIT refused (a deferred constraint) loaded nothing: report it
         // rather than the outcome; one whose answer was lost may have committed.

@@ -2140,6 +2140,130 @@ async fn upserts_match_on_covering_unique_indexes_and_not_on_partial_ones() {
     ctx.server.stop().await;
 }
 
+/// A partitioned table's rows have no xmax, which the merge counted its
+/// inserted rows by: an upsert into one merged nothing and failed. Rows
+/// inserted and updated are counted, with update columns and with key
+/// columns only (DO NOTHING).
+#[tokio::test]
+async fn upserts_into_a_partitioned_table_count_what_they_did() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "weir_bulk_partitioned";
+    ctx.exec(&format!("DROP TABLE IF EXISTS {table}")).await;
+    ctx.exec(&format!(
+        "CREATE TABLE {table} (id INT PRIMARY KEY, name TEXT NOT NULL, score INT) PARTITION BY RANGE (id)"
+    ))
+    .await;
+    ctx.exec(&format!(
+        "CREATE TABLE {table}_low PARTITION OF {table} FOR VALUES FROM (0) TO (100)"
+    ))
+    .await;
+    ctx.exec(&format!(
+        "CREATE TABLE {table}_high PARTITION OF {table} FOR VALUES FROM (100) TO (200)"
+    ))
+    .await;
+    ctx.exec(&format!("INSERT INTO {table} VALUES (1, 'old', 1), (150, 'old', 150)"))
+        .await;
+    let mut h = header(table, pb::BulkLoadMode::Upsert);
+    h.conflict_columns = vec!["id".into()];
+    let r = ctx
+        .load(h, vec![vec![row(1, "new", 10), row(2, "new", 20), row(150, "new", 30)]])
+        .await
+        .expect("an upsert into a partitioned table");
+    assert_eq!((r.rows_inserted, r.rows_updated), (1, 2));
+    assert_eq!(ctx.contents(table).await, ["1:new:10", "2:new:20", "150:new:30"]);
+
+    let mut h = header(table, pb::BulkLoadMode::Upsert);
+    h.columns = vec!["id".into(), "name".into()];
+    h.conflict_columns = vec!["id".into()];
+    let key_only = |id: i64| pb::Row {
+        values: vec![v(Kind::Int64Value(id)), v(Kind::StringValue("keyed".into()))],
+    };
+    let mut h_keys = h.clone();
+    h_keys.columns = vec!["id".into()];
+    ctx.exec(&format!("ALTER TABLE {table} ALTER COLUMN name SET DEFAULT 'default'"))
+        .await;
+    let r = ctx
+        .load(
+            h_keys,
+            vec![vec![
+                pb::Row {
+                    values: vec![v(Kind::Int64Value(2))],
+                },
+                pb::Row {
+                    values: vec![v(Kind::Int64Value(3))],
+                },
+            ]],
+        )
+        .await
+        .expect("key columns only");
+    assert_eq!((r.rows_inserted, r.rows_updated), (1, 1));
+    let r = ctx
+        .load(h, vec![vec![key_only(3), key_only(4)]])
+        .await
+        .expect("two columns");
+    assert_eq!((r.rows_inserted, r.rows_updated), (1, 1));
+    assert_eq!(
+        ctx.contents(table).await,
+        ["1:new:10", "2:new:20", "3:keyed:null", "4:keyed:null", "150:new:30"]
+    );
+    ctx.exec(&format!("DROP TABLE {table}")).await;
+    ctx.server.stop().await;
+}
+
+/// A MySQL key over a column prefix is unique over the prefix only: an
+/// upsert matching on it would update the row that shares the prefix, so it
+/// is refused before any row is sent, for a unique index and a primary key
+/// alike. DescribeTable names the prefix as the engine prints it.
+#[tokio::test]
+async fn upserts_do_not_match_on_mysql_keys_over_a_column_prefix() {
+    let ctx = Ctx::new(Engine::Mysql, "").await;
+    let table = "weir_bulk_prefix_key";
+    ctx.table(table, 0).await;
+    ctx.exec(&format!("CREATE UNIQUE INDEX {table}_name ON {table} (name(3))"))
+        .await;
+    ctx.exec(&format!("INSERT INTO {table} VALUES (1, 'abcX', 1)")).await;
+    let described = ctx.client.describe_table("db", "", table).await.expect("describe");
+    let prefix = described
+        .indexes
+        .iter()
+        .find(|i| i.name == format!("{table}_name"))
+        .unwrap_or_else(|| panic!("{:?}", described.indexes));
+    assert_eq!(
+        (prefix.columns.as_slice(), prefix.unique),
+        (&["name(3)".to_string()][..], true)
+    );
+    let mut h = header(table, pb::BulkLoadMode::Upsert);
+    h.conflict_columns = vec!["name".into()];
+    let err = ctx
+        .load(h, vec![vec![row(2, "abcY", 2)]])
+        .await
+        .expect_err("a key over a prefix");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("prefix"), "{}", err.message());
+    assert_eq!(ctx.contents(table).await, ["1:abcX:1"]);
+
+    let keyed = "weir_bulk_prefix_primary";
+    ctx.exec(&format!("DROP TABLE IF EXISTS {keyed}")).await;
+    ctx.exec(&format!(
+        "CREATE TABLE {keyed} (id INT, name TEXT NOT NULL, score INT, PRIMARY KEY (name(3)))"
+    ))
+    .await;
+    ctx.exec(&format!("INSERT INTO {keyed} VALUES (1, 'abcX', 1)")).await;
+    let described = ctx.client.describe_table("db", "", keyed).await.expect("describe");
+    let primary = described.primary_key.as_ref().expect("a primary key");
+    assert_eq!(primary.columns, ["name"]);
+    let mut h = header(keyed, pb::BulkLoadMode::Upsert);
+    h.conflict_columns = vec!["name".into()];
+    let err = ctx
+        .load(h, vec![vec![row(2, "abcY", 2)]])
+        .await
+        .expect_err("a primary key over a prefix");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert_eq!(ctx.contents(keyed).await, ["1:abcX:1"]);
+    ctx.exec(&format!("DROP TABLE {table}, {keyed}")).await;
+    ctx.server.stop().await;
+}
+
 /// REPLACE on PostgreSQL empties the table with DELETE: readers go on
 /// seeing the old rows while the load runs (TRUNCATE's lock made them wait
 /// for the whole load), and a table that a foreign key references can be

@@ -788,7 +788,8 @@ async fn schema_calls_read_the_catalog() {
          CREATE TABLE weir_shop.visits (at date NOT NULL) PARTITION BY RANGE (at);
          CREATE TABLE weir_shop.visits_2024 PARTITION OF weir_shop.visits FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
          CREATE TABLE weir_shop.visits_2025 PARTITION OF weir_shop.visits FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
-         INSERT INTO weir_shop.visits SELECT DATE '2024-06-01' + (g % 400) FROM generate_series(1, 300) g; ANALYZE weir_shop.visits;",
+         INSERT INTO weir_shop.visits SELECT DATE '2024-06-01' + (g % 400) FROM generate_series(1, 300) g; ANALYZE weir_shop.visits;
+         CREATE TABLE weir_shop.visits_2027 PARTITION OF weir_shop.visits FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');",
     )
     .await;
     let server = TestServer::start(&config("")).await;
@@ -833,8 +834,22 @@ async fn schema_calls_read_the_catalog() {
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     let customers = &tables[1];
     assert_eq!(customers.row_estimate, Some(500));
-    assert_eq!(tables[3].row_estimate, Some(300), "its partitions' rows");
+    assert_eq!(
+        tables[3].row_estimate,
+        Some(300),
+        "its partitions' rows (an empty one never analyzed holds none)"
+    );
     assert_eq!(customers.comment, "people who buy");
+    // Rows in a partition not analyzed yet (a new one, just loaded): the
+    // partitions' sum is no estimate, so there is none, not a low one.
+    setup(
+        "CREATE TABLE weir_shop.visits_2026 PARTITION OF weir_shop.visits FOR VALUES FROM ('2026-01-01') TO ('2027-01-01') \
+         WITH (autovacuum_enabled = off);
+         INSERT INTO weir_shop.visits SELECT DATE '2026-01-01' + g FROM generate_series(1, 200) g;",
+    )
+    .await;
+    let tables = client.list_tables("pg", "weir_shop").await.expect("tables");
+    assert_eq!(tables[3].row_estimate, None, "{:?}", tables[3]);
 
     let d = client
         .describe_table("pg", "weir_shop", "orders")

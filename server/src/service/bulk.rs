@@ -189,9 +189,15 @@ fn resolve(header: &Header, table: &TableDescription) -> Result<(Vec<Column>, Ve
     }
     if !conflict.is_empty() {
         let same = |key: &[String]| key.len() == conflict.len() && key.iter().all(|k| conflict.contains(k));
-        // A primary key whose index conflicts cannot use (PostgreSQL's
-        // DEFERRABLE ones, listed as not unique) is no key to match on.
-        let usable_primary = !table.indexes.iter().any(|i| i.primary && !i.unique);
+        // The primary key counts as its index does where one is listed: a
+        // PostgreSQL DEFERRABLE one is listed as not unique, and a MySQL one
+        // over a prefix names it (`s(3)`): an UPSERT matching on either would
+        // fail, or update the row that shares the prefix.
+        let usable_primary = table
+            .indexes
+            .iter()
+            .find(|i| i.primary)
+            .is_none_or(|i| i.unique && same(&i.columns));
         let keyed = table
             .primary_key
             .as_ref()
@@ -201,8 +207,8 @@ fn resolve(header: &Header, table: &TableDescription) -> Result<(Vec<Column>, Ve
             return Err(bad(
                 "header.conflict_columns",
                 format!(
-                    "{name} has no primary key or unique index on ({}) (a partial or deferrable one does not count); \
-                     an UPSERT matches rows on one",
+                    "{name} has no primary key or unique index on ({}) (a partial, deferrable or column-prefix one \
+                     does not count); an UPSERT matches rows on one",
                     conflict.join(", ")
                 ),
             ));

@@ -3,6 +3,8 @@
 //! Row counts come from sys.partitions, which any user who can see a table
 //! may read (sys.dm_db_partition_stats needs VIEW DATABASE STATE).
 
+use std::sync::LazyLock;
+
 use tiberius::{ColumnData, Row};
 
 use super::MssqlConn;
@@ -47,19 +49,27 @@ macro_rules! table_select {
     };
 }
 
-const LIST_TABLES: &str = concat!(
-    table_select!(),
-    "AND o.is_ms_shipped = 0 AND (@P1 IS NULL OR s.name = @P1) \
-     AND (@P2 IS NULL OR s.name COLLATE Latin1_General_BIN2 > @P2 \
-          OR (s.name COLLATE Latin1_General_BIN2 = @P2 AND o.name COLLATE Latin1_General_BIN2 > @P3)) \
-     ORDER BY s.name COLLATE Latin1_General_BIN2, o.name COLLATE Latin1_General_BIN2 \
-     OFFSET 0 ROWS FETCH NEXT @P4 ROWS ONLY"
-);
+/// Without a schema, the tables of every schema but the built-in ones (a
+/// user's table in `guest` or `db_owner` is not the application's), as
+/// ListSchemas leaves them out.
+static LIST_TABLES: LazyLock<String> = LazyLock::new(|| {
+    let system: Vec<String> = SYSTEM_SCHEMAS.iter().map(|s| format!("N'{s}'")).collect();
+    format!(
+        "{}AND o.is_ms_shipped = 0 AND ((@P1 IS NULL AND s.name NOT IN ({})) OR s.name = @P1) \
+         AND (@P2 IS NULL OR s.name COLLATE Latin1_General_BIN2 > @P2 \
+              OR (s.name COLLATE Latin1_General_BIN2 = @P2 AND o.name COLLATE Latin1_General_BIN2 > @P3)) \
+         ORDER BY s.name COLLATE Latin1_General_BIN2, o.name COLLATE Latin1_General_BIN2 \
+         OFFSET 0 ROWS FETCH NEXT @P4 ROWS ONLY",
+        table_select!(),
+        system.join(", ")
+    )
+});
 
-/// Without a schema, the caller's default schema (as SQL Server resolves names).
+/// Without a schema, the table a query naming it alone would find: in the
+/// caller's default schema, else in `dbo` (`OBJECT_ID` resolves it so).
 const FIND_TABLE: &str = concat!(
     table_select!(),
-    "AND s.name = COALESCE(@P1, SCHEMA_NAME()) AND o.name = @P2"
+    "AND ((@P1 IS NULL AND o.object_id = OBJECT_ID(QUOTENAME(@P2))) OR (s.name = @P1 AND o.name = @P2))"
 );
 
 /// Columns with their declared type and, for alias types, the base type.
@@ -121,7 +131,7 @@ fn list_tables_query(schema: Option<&str>, page: &TablePage) -> (&'static str, V
     let (after_schema, after_name) = page.after.as_ref().map(|(s, n)| (s.as_str(), n.as_str())).unzip();
     let limit = page.limit.map_or(i64::MAX, i64::from);
     (
-        LIST_TABLES,
+        LIST_TABLES.as_str(),
         vec![
             optional_name(schema),
             optional_name(after_schema),
@@ -469,8 +479,15 @@ mod tests {
             [None, None, None],
             "NULL lists every schema, from the first"
         );
+        for system in SYSTEM_SCHEMAS {
+            assert!(sql.contains(&format!("N'{system}'")), "{system} left out: {sql}");
+        }
+        assert!(
+            sql.contains("(@P1 IS NULL AND s.name NOT IN (N'sys', N'cdc', "),
+            "{sql}"
+        );
         assert!(matches!(params[3], ColumnData::I64(Some(i64::MAX))), "no limit");
-        assert!(sql.contains("@P1 IS NULL OR s.name = @P1"));
+        assert!(sql.contains("OR s.name = @P1)"));
         // Ordered as the page's end is compared: by code point, whatever the database's collation.
         assert!(sql.contains("ORDER BY s.name COLLATE Latin1_General_BIN2, o.name COLLATE Latin1_General_BIN2"));
 
@@ -480,7 +497,7 @@ mod tests {
         assert_eq!(placeholder_count(sql), 2);
         let (sql, params) = find_table_query(None, "t");
         assert_eq!(texts(&params), [None, Some("t".to_string())]);
-        assert!(sql.contains("COALESCE(@P1, SCHEMA_NAME())"));
+        assert!(sql.contains("@P1 IS NULL AND o.object_id = OBJECT_ID(QUOTENAME(@P2))"));
     }
 
     #[test]

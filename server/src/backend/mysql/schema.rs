@@ -356,16 +356,18 @@ pub async fn describe_table(
         }
     }
 
-    let index_rows: Vec<(String, i64, Option<String>, String)> = catalog(
+    // Name, NON_UNIQUE, column (none for an expression), prefix length, type.
+    type IndexColumn = (String, i64, Option<String>, Option<i64>, String);
+    let index_rows: Vec<IndexColumn> = catalog(
         conn,
-        "SELECT INDEX_NAME, NON_UNIQUE, COLUMN_NAME, INDEX_TYPE FROM information_schema.STATISTICS \
+        "SELECT INDEX_NAME, NON_UNIQUE, COLUMN_NAME, SUB_PART, INDEX_TYPE FROM information_schema.STATISTICS \
              WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY INDEX_NAME, SEQ_IN_INDEX",
         key,
     )
     .await?;
     let mut indexes: Vec<Index> = Vec::new();
-    for (name, non_unique, column, method) in index_rows {
-        let column = column.unwrap_or_else(|| "<expression>".into());
+    for (name, non_unique, column, prefix, method) in index_rows {
+        let column = key_column(column, prefix);
         match indexes.last_mut() {
             Some(i) if i.name == name => i.columns.push(column),
             _ => indexes.push(Index {
@@ -417,6 +419,16 @@ pub async fn describe_table(
         change_stream_ready,
         change_stream_reason,
     })
+}
+
+/// An index's key column as the engine prints it: `s(3)` for a prefix of `s`
+/// (a unique index over it is unique over the prefix only).
+fn key_column(column: Option<String>, prefix: Option<i64>) -> String {
+    match (column, prefix) {
+        (Some(column), Some(length)) => format!("{column}({length})"),
+        (Some(column), None) => column,
+        (None, _) => "<expression>".into(),
+    }
 }
 
 #[cfg(test)]

@@ -185,26 +185,13 @@ async fn copy_rows(
 /// merge fails on one of them, the first row it fails on is found by a
 /// binary search over prefixes of the stage (in load order), each merge
 /// undone, so that the error names its row as a COPY's would.
-async fn merge(conn: &PgConn, target: &str, spec: &LoadSpec, staged: u64) -> Result<u64, BackendError> {
-    let columns = spec.column_list(quote);
-    let conflict = spec.conflict.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
-    let updates: Vec<String> = spec
-        .update_columns()
-        .map(|c| format!("{0} = EXCLUDED.{0}", quote(&c.name)))
-        .collect();
-    let action = if updates.is_empty() {
-        // Only key columns: nothing to update, and a DO UPDATE would have to set something.
-        "NOTHING".to_string()
-    } else {
-        format!("UPDATE SET {}", updates.join(", "))
-    };
-    // xmax is 0 for a freshly inserted row version and set for an updated one.
-    let sql = format!(
-        "WITH merged AS (INSERT INTO {target} ({columns}) SELECT {columns} FROM {STAGE} \
-         WHERE {STAGE_ROW} <= $1 \
-         ON CONFLICT ({conflict}) DO {action} RETURNING (xmax = 0) AS inserted) \
-         SELECT count(*) FILTER (WHERE inserted) FROM merged"
-    );
+async fn merge(
+    conn: &PgConn,
+    (target, partitioned): (&str, bool),
+    spec: &LoadSpec,
+    staged: u64,
+) -> Result<u64, BackendError> {
+    let sql = merge_sql(target, partitioned, spec);
     let (client, sql) = (&conn.client, &sql);
     let merge_upto = |rows: u64| async move {
         let rows = bulk::signed(rows);
@@ -236,6 +223,50 @@ async fn merge(conn: &PgConn, target: &str, spec: &LoadSpec, staged: u64) -> Res
     Err(bulk::on_row(fails - 1, column, map_error(failed)))
 }
 
+/// The merge of the stage's first `$1` rows, answering the rows inserted.
+fn merge_sql(target: &str, partitioned: bool, spec: &LoadSpec) -> String {
+    let columns = spec.column_list(quote);
+    let conflict = spec.conflict.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+    let updates: Vec<String> = spec
+        .update_columns()
+        .map(|c| format!("{0} = EXCLUDED.{0}", quote(&c.name)))
+        .collect();
+    let insert = format!(
+        "INSERT INTO {target} ({columns}) SELECT {columns} FROM {STAGE} WHERE {STAGE_ROW} <= $1 \
+         ON CONFLICT ({conflict}) DO"
+    );
+    if updates.is_empty() {
+        // Only key columns: nothing to update (a DO UPDATE would have to set
+        // something), and DO NOTHING returns the inserted rows alone.
+        return format!("WITH merged AS ({insert} NOTHING RETURNING 1) SELECT count(*) FROM merged");
+    }
+    let update = format!("UPDATE SET {}", updates.join(", "));
+    if !partitioned {
+        // xmax is 0 for a freshly inserted row version and set for an updated one.
+        return format!(
+            "WITH merged AS ({insert} {update} RETURNING (xmax = 0) AS inserted) \
+             SELECT count(*) FILTER (WHERE inserted) FROM merged"
+        );
+    }
+    // A partitioned table's rows have no xmax to return. Every staged row is
+    // inserted or updates one: the updated are those whose key the table
+    // held when the statement began (its parts share one snapshot; a row
+    // another transaction inserts meanwhile with the same key counts as
+    // inserted).
+    let same_key = spec
+        .conflict
+        .iter()
+        .map(|c| format!("t.{0} = s.{0}", quote(c)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    format!(
+        "WITH matched AS (SELECT count(*) AS n FROM {STAGE} s WHERE s.{STAGE_ROW} <= $1 \
+         AND EXISTS (SELECT 1 FROM {target} t WHERE {same_key})), \
+         merged AS ({insert} {update} RETURNING 1) \
+         SELECT count(*) - (SELECT n FROM matched) FROM merged"
+    )
+}
+
 /// Whether a merge's error is the fault of a row it wrote.
 /// Only data exceptions (22), integrity violations (23) and a key two rows
 /// of the load share (21000): errors no single row causes (a conflict
@@ -246,6 +277,18 @@ fn about_data(e: &tokio_postgres::Error) -> bool {
         let code = d.code().code();
         code.starts_with("22") || code.starts_with("23") || code == "21000"
     })
+}
+
+/// The target's `pg_class.relkind` (`r` a table, `p` a partitioned one, ...).
+async fn relkind(client: &tokio_postgres::Client, target: &str) -> Result<Option<String>, BackendError> {
+    Ok(client
+        .query_opt(
+            "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
+            &[&target],
+        )
+        .await
+        .map_err(map_error)?
+        .map(|r| r.get(0)))
 }
 
 /// Everything between BEGIN and COMMIT; the caller rolls back on error.
@@ -298,14 +341,7 @@ async fn load_in_transaction(
             // A table others inherit from: its own rows only (without ONLY,
             // theirs would go too, and the load refill only it). A
             // partitioned table's rows are its partitions', which it replaces.
-            let relkind: Option<String> = client
-                .query_opt(
-                    "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
-                    &[&target],
-                )
-                .await
-                .map_err(map_error)?
-                .map(|r| r.get(0));
+            let relkind = relkind(client, &target).await?;
             let only = if relkind.as_deref() == Some("p") { "" } else { "ONLY " };
             // Other writers wait until the load commits; readers go on
             // seeing the old rows. Without it, two REPLACE loads at once
@@ -339,7 +375,8 @@ async fn load_in_transaction(
                 .await
                 .map_err(map_error)?;
             let staged = copy_rows(conn, (STAGE, STAGE), spec, feed).await?;
-            let inserted = merge(conn, &target, spec, staged).await?;
+            let partitioned = relkind(client, &target).await?.as_deref() == Some("p");
+            let inserted = merge(conn, (&target, partitioned), spec, staged).await?;
             // Every other row matched a key, whether updated or, with only
             // key columns, left alone (DO NOTHING returns no row for it).
             (inserted, staged.saturating_sub(inserted), "postgres-copy-merge")

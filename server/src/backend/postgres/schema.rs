@@ -64,13 +64,16 @@ macro_rules! unknown_estimate {
 }
 
 // A partitioned table holds no rows itself: its estimate is its partitions'
-// (unknown while none of them was analyzed).
+// (unknown while none of them was analyzed, or while one not analyzed has
+// pages on disk: a partition just loaded would count as empty).
 const TABLE_COLUMNS: &str = concat!(
     "n.nspname::text, c.relname::text, c.relkind::text, ",
     "CASE WHEN c.relkind = 'p' THEN ",
     "(SELECT CASE WHEN bool_and(",
     unknown_estimate!("pc"),
-    ") THEN -1 ",
+    ") OR bool_or((",
+    unknown_estimate!("pc"),
+    ") AND pg_relation_size(pc.oid) > 0) THEN -1 ",
     "ELSE sum(CASE WHEN ",
     unknown_estimate!("pc"),
     " THEN 0 ELSE pc.reltuples END) END ",

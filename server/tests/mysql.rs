@@ -282,7 +282,11 @@ async fn a_second_result_set_is_refused_not_dropped() {
         .await
         .expect_err("two result sets");
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
-    assert!(err.message().contains("more than one result set"), "{}", err.message());
+    assert!(
+        err.message().contains("more than one result set") && err.message().contains("it ran"),
+        "{}",
+        err.message()
+    );
     assert_serves(&client, "maria", 3).await;
     server.stop().await;
 }
@@ -1510,31 +1514,66 @@ async fn use_is_refused_so_no_caller_moves_a_pooled_connection_to_another_databa
 
 /// Statements the server cannot prepare (error 1295: on MariaDB PREPARE,
 /// EXECUTE and DEALLOCATE; on Oracle MySQL also SAVEPOINT, LOCK TABLES,
-/// CREATE PROCEDURE) run as text when they have no parameters and return
-/// no rows; with parameters, or returning rows, they are INVALID_ARGUMENT
-/// (they were INTERNAL).
+/// CREATE PROCEDURE) run as text when they have no parameters, and their
+/// rows come typed as a prepared statement's would (they were refused after
+/// the statement had run: a write with RETURNING was done, and reported as
+/// not). With parameters they are INVALID_ARGUMENT (they were INTERNAL).
 #[tokio::test]
 async fn statements_the_server_cannot_prepare_run_as_text_without_parameters() {
     let server = TestServer::start(&config()).await;
     let client = server.client("key-shop").await;
+    client
+        .execute(
+            "maria",
+            "CREATE OR REPLACE TABLE weir_my_unprepared (id INT PRIMARY KEY)",
+            vec![],
+        )
+        .await
+        .expect("create");
+    client
+        .execute("maria", "INSERT INTO weir_my_unprepared VALUES (1), (2), (3)", vec![])
+        .await
+        .expect("insert");
     let tx = client
         .begin("maria", IsolationLevel::Unspecified, false)
         .await
         .expect("begin");
+    let select = "SELECT 7 AS i, CAST(18446744073709551615 AS UNSIGNED) AS u, 2.5e0 AS f, \
+                  CAST(-1.25 AS DECIMAL(5,2)) AS d, DATE '2024-02-29' AS day, \
+                  CAST('2024-02-29 13:14:15.25' AS DATETIME(2)) AS at, CAST('-838:59:59.5' AS TIME(1)) AS span, \
+                  CAST('12:00:01' AS TIME) AS tod, YEAR(NOW()) - YEAR(NOW()) + 2001 AS y, 'é' AS s, NULL AS n, \
+                  X'00ff' AS b, CAST(NULL AS DATE) AS no_day";
+    let prepared = client.execute_in(&tx, "maria", select, vec![]).await.expect("prepared");
     client
-        .execute_in(&tx, "maria", "PREPARE weir_p FROM 'SELECT 1'", vec![])
+        .execute_in(
+            &tx,
+            "maria",
+            &format!("PREPARE weir_p FROM '{}'", select.replace('\'', "''")),
+            vec![],
+        )
         .await
         .expect("PREPARE runs as text");
-    let err = client
+    let as_text = client
         .execute_in(&tx, "maria", "EXECUTE weir_p", vec![])
         .await
-        .expect_err("rows of an unprepared statement");
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("1295"), "{err:?}");
+        .expect("the rows of an unprepared statement");
+    assert_eq!(as_text.columns, prepared.columns);
+    assert_eq!(as_text.rows, prepared.rows, "typed as the binary protocol types them");
     client
         .execute_in(&tx, "maria", "DEALLOCATE PREPARE weir_p", vec![])
         .await
-        .expect("the transaction goes on, and DEALLOCATE runs as text");
+        .expect("DEALLOCATE runs as text");
+    let deleted = client
+        .execute_in(
+            &tx,
+            "maria",
+            "EXECUTE IMMEDIATE 'DELETE FROM weir_my_unprepared WHERE id = 2 RETURNING id'",
+            vec![],
+        )
+        .await
+        .expect("a write returning rows, run as text");
+    assert_eq!(deleted.rows.len(), 1);
+    assert_eq!(int(&deleted.rows[0].values[0]), 2);
     let err = client
         .execute_in(&tx, "maria", "PREPARE weir_q FROM ?", vec!["SELECT 1".into()])
         .await
@@ -1544,6 +1583,19 @@ async fn statements_the_server_cannot_prepare_run_as_text_without_parameters() {
         (Code::InvalidArgument, "1295"),
         "{err:?}"
     );
-    client.commit(&tx).await.expect("commit");
+    client.rollback(&tx).await.expect("rollback");
+    let left = client
+        .execute("maria", "SELECT COUNT(*) FROM weir_my_unprepared", vec![])
+        .await
+        .expect("count");
+    assert_eq!(
+        int(&left.rows[0].values[0]),
+        3,
+        "the delete was rolled back with its transaction"
+    );
+    client
+        .execute("maria", "DROP TABLE weir_my_unprepared", vec![])
+        .await
+        .expect("drop");
     server.stop().await;
 }

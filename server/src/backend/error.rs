@@ -179,6 +179,16 @@ impl BackendError {
     }
 }
 
+/// A statement's second result set, which Weir does not return. It is seen
+/// only once the statement has run, so the caller hears that it ran.
+pub fn second_result_set() -> BackendError {
+    BackendError::Invalid(
+        "the statement returned more than one result set, which Weir does not return (it ran: outside a \
+         transaction, what it wrote is committed); make it return one"
+            .into(),
+    )
+}
+
 /// An engine's refusal of Weir's own login (wrong password, locked or
 /// expired account, host not allowed, database gone): the operator's to fix.
 /// The engine's text names hosts and logins, so it is logged, not returned.

@@ -395,11 +395,7 @@ async fn execute(
         let row = match item {
             Ok(Some(QueryItem::Row(row))) => row,
             Ok(None) => break,
-            Ok(Some(QueryItem::Metadata(_))) => {
-                return Err(BackendError::Invalid(
-                    "the statement returned more than one result set; Weir returns one per statement".into(),
-                ))
-            }
+            Ok(Some(QueryItem::Metadata(_))) => return Err(crate::backend::error::second_result_set()),
             Err(e) => {
                 conn.broken = !reusable_after(&e);
                 return Err(map_error(e));

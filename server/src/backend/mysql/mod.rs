@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use mysql_async::prelude::Queryable;
+use mysql_async::prelude::{Protocol, Queryable};
 use mysql_async::{Conn, Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, SslOpts};
 use tokio::sync::OwnedMutexGuard;
 
@@ -226,10 +226,10 @@ async fn start(hold: Hold, statement: Statement, killer: Arc<Killer>) -> Result<
 /// connection's next command, and that command (a transaction's next
 /// statement, its COMMIT) would wait for it and fail with it. A kill that
 /// fails leaves the result unread: the transaction cannot go on behind it.
-async fn stop_reading(
+async fn stop_reading<P: Protocol>(
     killer: &Killer,
     connection_id: u32,
-    result: mysql_async::QueryResult<'_, '_, mysql_async::BinaryProtocol>,
+    result: mysql_async::QueryResult<'_, '_, P>,
 ) -> Result<(), BackendError> {
     killer.kill(connection_id).await?;
     let _ = result.drop_result().await;
@@ -254,7 +254,7 @@ async fn execute(
     };
     let prepared = match prepared {
         Err(mysql_async::Error::Server(e)) if e.code == NOT_PREPARABLE && statement.params.is_empty() => {
-            return execute_unprepared(conn, &statement.sql, worker, killer).await;
+            return execute_unprepared(conn, &statement.sql, worker, killer, in_transaction).await;
         }
         prepared => prepared.map_err(map_error)?,
     };
@@ -280,7 +280,23 @@ async fn execute(
     let Some(result) = unless_abandoned(exec, worker, killer, connection_id).await? else {
         return Ok(None);
     };
-    let mut result = result.map_err(map_error)?;
+    read_result(
+        result.map_err(map_error)?,
+        types::decode,
+        (worker, killer, connection_id),
+        in_transaction,
+    )
+    .await
+}
+
+/// Streams a result's rows to the caller, each value read by `decode`;
+/// returns the rows affected (`None`: the caller left).
+async fn read_result<P: Protocol>(
+    mut result: mysql_async::QueryResult<'_, '_, P>,
+    decode: fn(mysql_async::Value, types::Decode) -> Result<crate::backend::Value, String>,
+    (worker, killer, connection_id): (&mut Worker, &Killer, u32),
+    in_transaction: bool,
+) -> Result<Option<u64>, BackendError> {
     let described: Vec<_> = result.columns_ref().iter().map(types::column).collect();
     let decoders: Vec<_> = described.iter().map(|(_, d)| *d).collect();
     let names: Vec<_> = described.iter().map(|(c, _)| c.name.clone()).collect();
@@ -301,8 +317,8 @@ async fn execute(
         };
         let Some(row) = next else { break };
         for (i, raw) in row.unwrap_raw().into_iter().enumerate() {
-            let decode = decoders.get(i).copied().unwrap_or(types::Decode::Text);
-            match types::decode(raw.unwrap_or(mysql_async::Value::NULL), decode) {
+            let decoder = decoders.get(i).copied().unwrap_or(types::Decode::Text);
+            match decode(raw.unwrap_or(mysql_async::Value::NULL), decoder) {
                 Ok(value) => gather.value(value),
                 Err(m) => {
                     // Stopped, not read to its end: the rest of a long
@@ -333,9 +349,7 @@ async fn execute(
     // A procedure's second SELECT; its closing status is no result set.
     if !result.is_empty() {
         result.drop_result().await.map_err(map_error)?;
-        return Err(BackendError::Invalid(
-            "the statement returned more than one result set; Weir returns one per statement".into(),
-        ));
+        return Err(crate::backend::error::second_result_set());
     }
     drop(result);
     if let Some(rest) = gather.rest() {
@@ -373,33 +387,26 @@ async fn unless_abandoned<T>(
 const NOT_PREPARABLE: u16 = 1295;
 
 /// Runs a statement the server cannot prepare, which has no parameters, as
-/// text; returns rows affected. One that returns rows is refused (its rows
-/// read as text would not be typed as every other result's are).
+/// text (its rows, text too, read by their columns' types, as the binary
+/// protocol's would be); returns rows affected.
 async fn execute_unprepared(
     conn: &mut Conn,
     sql: &str,
     worker: &mut Worker,
     killer: &Killer,
+    in_transaction: bool,
 ) -> Result<Option<u64>, BackendError> {
     let connection_id = conn.id();
     let Some(result) = unless_abandoned(conn.query_iter(sql), worker, killer, connection_id).await? else {
         return Ok(None);
     };
-    let result = result.map_err(map_error)?;
-    let returns_rows = !result.columns_ref().is_empty();
-    let affected = result.affected_rows();
-    result.drop_result().await.map_err(map_error)?;
-    if returns_rows {
-        return Err(BackendError::Invalid(
-            "the server cannot prepare this statement (MySQL error 1295), and run as text its rows would \
-             not be typed: Weir runs such statements only when they return no rows"
-                .into(),
-        ));
-    }
-    if !worker.describe(Vec::new()) {
-        return Ok(None);
-    }
-    Ok(Some(affected))
+    read_result(
+        result.map_err(map_error)?,
+        types::decode_text,
+        (worker, killer, connection_id),
+        in_transaction,
+    )
+    .await
 }
 
 /// Stops statements callers abandoned, with `KILL QUERY` from a session of

@@ -167,6 +167,68 @@ pub fn decode(v: MyValue, as_: Decode) -> Result<Value, String> {
     })
 }
 
+/// Decodes a value of the text protocol, which carries every value as its
+/// text, as the same value read through the binary protocol would be.
+pub fn decode_text(v: MyValue, as_: Decode) -> Result<Value, String> {
+    let MyValue::Bytes(bytes) = v else {
+        return decode(v, as_);
+    };
+    let typed = {
+        let s = || std::str::from_utf8(&bytes).map_err(|_| "a value the server sent is not text".to_string());
+        let bad = |what: &str| {
+            format!(
+                "{what} {:?} sent by the server could not be read",
+                String::from_utf8_lossy(&bytes)
+            )
+        };
+        match as_ {
+            Decode::Int => MyValue::Int(s()?.parse().map_err(|_| bad("integer"))?),
+            Decode::UInt => MyValue::UInt(s()?.parse().map_err(|_| bad("integer"))?),
+            Decode::Float => MyValue::Double(s()?.parse().map_err(|_| bad("number"))?),
+            Decode::Date | Decode::DateTime | Decode::Timestamp => {
+                let (y, m, d, h, i, sec, us) = date_time_text(s()?).ok_or_else(|| bad("date"))?;
+                MyValue::Date(y, m, d, h, i, sec, us)
+            }
+            Decode::Time => {
+                let (negative, days, h, i, sec, us) = time_text(s()?).ok_or_else(|| bad("time"))?;
+                MyValue::Time(negative, days, h, i, sec, us)
+            }
+            Decode::Decimal | Decode::Text | Decode::Bytes | Decode::Bit | Decode::Json | Decode::Null => {
+                MyValue::Bytes(bytes)
+            }
+        }
+    };
+    decode(typed, as_)
+}
+
+/// `YYYY-MM-DD[ HH:MM:SS[.ffffff]]`, as the server prints DATE, DATETIME
+/// and TIMESTAMP values.
+fn date_time_text(s: &str) -> Option<(u16, u8, u8, u8, u8, u8, u32)> {
+    let (day, at) = s.split_once(' ').unwrap_or((s, "00:00:00"));
+    let mut parts = day.splitn(3, '-');
+    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+    let (negative, days, h, i, sec, us) = time_text(at)?;
+    if negative || days > 0 {
+        return None;
+    }
+    Some((y.parse().ok()?, m.parse().ok()?, d.parse().ok()?, h, i, sec, us))
+}
+
+/// `[-]H:MM:SS[.ffffff]`, as the server prints TIME values (the hours may
+/// run to 838), as the binary protocol's (negative, days, hours, ...).
+fn time_text(s: &str) -> Option<(bool, u32, u8, u8, u8, u32)> {
+    let (negative, s) = s.strip_prefix('-').map_or((false, s), |rest| (true, rest));
+    let (whole, fraction) = s.split_once('.').unwrap_or((s, ""));
+    let mut parts = whole.splitn(3, ':');
+    let hours: u32 = parts.next()?.parse().ok()?;
+    let (i, sec) = (parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);
+    if fraction.len() > 6 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let us = format!("{fraction:0<6}").parse().ok()?;
+    Some((negative, hours / 24, u8::try_from(hours % 24).ok()?, i, sec, us))
+}
+
 const NO_INTERVAL: &str = "MySQL has no interval type";
 const NO_ARRAY: &str = "MySQL has no array type";
 const NO_OFFSET: &str = "MySQL's TIME has no UTC offset; send the time without one";
@@ -345,6 +407,29 @@ pub fn write_load_text(v: &Value, as_: LoadAs, scratch: &mut String, out: &mut B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_protocol_values_read_as_binary_ones() {
+        let read = |s: &str, as_| decode_text(MyValue::Bytes(s.as_bytes().to_vec()), as_);
+        assert_eq!(
+            read("0000-00-00 00:00:00", Decode::DateTime),
+            Ok(Value::Null),
+            "a zero date"
+        );
+        assert_eq!(
+            read("2024-02-29", Decode::Date),
+            decode(MyValue::Date(2024, 2, 29, 0, 0, 0, 0), Decode::Date)
+        );
+        assert_eq!(time_text("838:59:59"), Some((false, 34, 22, 59, 59, 0)));
+        assert_eq!(time_text("-00:00:01.000005"), Some((true, 0, 0, 0, 1, 5)));
+        assert_eq!(time_text("1:2"), None);
+        assert_eq!(time_text("00:00:00.1234567"), None, "MySQL has microseconds");
+        assert_eq!(date_time_text("2024-01-02 -01:00:00"), None);
+        assert!(read("12x", Decode::Int).is_err());
+        assert_eq!(read("-12", Decode::Int), Ok(Value::Int(-12)));
+        assert_eq!(read("1.5", Decode::Decimal), Ok(Value::Decimal("1.5".into())));
+        assert_eq!(decode_text(MyValue::NULL, Decode::Int), Ok(Value::Null));
+    }
 
     #[test]
     fn decimals_that_are_no_number_are_refused_not_read_as_zero() {

@@ -529,7 +529,49 @@ async fn writes_refused_for_their_returned_rows_leave_nothing(engine: Engine) {
     assert_eq!(reason(&err), "RESULT_TOO_LARGE", "{engine:?}: {err:?}");
     let note = ctx.run("SELECT note FROM weir_conf_capped WHERE id = 1").await;
     assert_eq!(text(&note.rows[0].values[0]), "x", "{engine:?}: bytes over the cap");
+
+    // Streamed, such a write commits once its last row is sent, before
+    // `stats`; a stream left part way leaves nothing written.
+    ctx.run("DELETE FROM weir_conf_capped").await;
+    let mut whole = ctx
+        .client
+        .execute_stream("db", &insert(3, "id"), vec![])
+        .await
+        .expect("stream");
+    let mut streamed = 0;
+    while let Some(batch) = whole.next_batch().await.expect("rows") {
+        streamed += batch.len();
+    }
+    assert!(whole.stats().is_some() && streamed == 3, "{engine:?}");
+    assert_eq!(int(&ctx.run(count).await.rows[0].values[0]), 3, "{engine:?}: committed");
+    let request = pb::ExecuteStreamRequest {
+        source: "db".into(),
+        sql: insert(3000, "id").replace("SELECT g,", "SELECT g + 100,"),
+        max_batch_rows: 10,
+        ..Default::default()
+    };
+    let mut left = ctx
+        .client
+        .query()
+        .execute_stream(request)
+        .await
+        .expect("stream")
+        .into_inner();
+    for _ in 0..2 {
+        assert!(
+            left.message().await.expect("metadata, then rows").is_some(),
+            "{engine:?}"
+        );
+    }
+    drop(left);
+    // Given time to commit, had it been left to.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     ctx.assert_pool_serves().await;
+    assert_eq!(
+        int(&ctx.run(count).await.rows[0].values[0]),
+        3,
+        "{engine:?}: a stream left part way"
+    );
     ctx.server.stop().await;
 }
 

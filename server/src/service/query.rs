@@ -112,7 +112,9 @@ impl QueryApi {
                     .into(),
             });
         }
-        let own_transaction = whole_result && tx_id.is_empty() && sql_text::writes_and_returns_rows(&sql);
+        // Unary or streamed alike: a stream that fails part way (a value it
+        // cannot send, a row too large, a client gone) leaves nothing written.
+        let own_transaction = tx_id.is_empty() && sql_text::writes_and_returns_rows(&sql);
         let statement = Statement {
             sql,
             params: convert::params(params)?,
@@ -371,9 +373,16 @@ impl Batches for ArrowBatches {
     }
 }
 
-/// Streams a result in bounded batches. Returns early, dropping (and so
-/// cancelling) the statement, as soon as the client goes away or stops reading.
-async fn execute_stream(target: &mut Target, format: Format, tx: &StreamSender, timing: Timing) -> Result<()> {
+/// Streams a result in bounded batches, and answers the statistics to send
+/// last (once the statement's own transaction, if any, has committed).
+/// Returns early, with none, dropping (and so cancelling) the statement, as
+/// soon as the client goes away or stops reading.
+async fn execute_stream(
+    target: &mut Target,
+    format: Format,
+    tx: &StreamSender,
+    timing: Timing,
+) -> Result<Option<pb::QueryStats>> {
     use pb::execute_stream_response::Payload;
     let _active = target.caller.tenant.metrics.stream_started();
     let mut query = target.start().instrument(telemetry::engine_span()).await?;
@@ -387,7 +396,7 @@ async fn execute_stream(target: &mut Target, format: Format, tx: &StreamSender, 
         columns: columns.into_iter().map(convert::column).collect(),
     };
     if !tx.send(message(Payload::Metadata(metadata))).await? {
-        return Ok(());
+        return Ok(None);
     }
     match arrow {
         Some(batches) => send_rows(target, query, batches, format.batch_rows, tx, timing).await,
@@ -405,7 +414,7 @@ async fn execute_stream(target: &mut Target, format: Format, tx: &StreamSender, 
     }
 }
 
-/// The rows of a started statement, then its statistics.
+/// The rows of a started statement; answers its statistics.
 async fn send_rows(
     target: &Target,
     mut query: QueryStream,
@@ -413,8 +422,7 @@ async fn send_rows(
     batch_rows: usize,
     tx: &StreamSender,
     timing: Timing,
-) -> Result<()> {
-    use pb::execute_stream_response::Payload;
+) -> Result<Option<pb::QueryStats>> {
     let mut first_row = None;
     // Counted however the stream ends: cut, failed or complete.
     let mut sent = Returned {
@@ -428,7 +436,7 @@ async fn send_rows(
         let filled = tokio::select! {
             biased;
             filled = poll_fn(|cx| fill(cx, &mut query, &mut batches, batch_rows, &mut first_row, &timing)) => filled?,
-            () = tx.closed() => return Ok(()),
+            () = tx.closed() => return Ok(None),
         };
         if !filled {
             break;
@@ -438,7 +446,7 @@ async fn send_rows(
         let (batch, size) = batches.take()?;
         sent.bytes += size as u64;
         if !tx.send(batch).await? {
-            return Ok(());
+            return Ok(None);
         }
     }
     let (rows, _) = batches.pending();
@@ -451,15 +459,11 @@ async fn send_rows(
     for (message, size) in last {
         sent.bytes += size as u64;
         if !tx.send(message).await? {
-            return Ok(());
+            return Ok(None);
         }
     }
     let affected = query.rows.rows_affected();
-    tx.send(message(Payload::Stats(stats(
-        sent.rows, sent.bytes, affected, timing, first_row,
-    ))))
-    .await?;
-    Ok(())
+    Ok(Some(stats(sent.rows, sent.bytes, affected, timing, first_row)))
 }
 
 /// Rows and bytes a stream has sent, counted for its source when it ends.
@@ -588,6 +592,7 @@ impl QueryService for QueryApi {
         let (tx, rx) = StreamOut::channel(STREAM_BUFFER, self.stream_idle);
         let cut = self.cut.clone();
         let (revoked, expires) = (target.caller.revoked.clone(), target.caller.expires);
+        let ends_by = tokio::time::Instant::now() + timeout;
         tokio::spawn(
             async move {
                 // The slots are held until the stream ends.
@@ -600,11 +605,26 @@ impl QueryService for QueryApi {
                         r.map_err(|_| Error::Timeout(timeout)).and_then(|r| r)
                     }
                     // The client left before the first row: stop waiting for the engine too.
-                    () = tx.closed() => Ok(()),
+                    () = tx.closed() => Ok(None),
                 };
                 target.finished();
+                // A stream the client left ends without a word; its own
+                // transaction, if any, is rolled back as it is dropped.
+                let outcome = match outcome.map_err(|e| target.lost(e)) {
+                    Ok(None) => Ok(()),
+                    Ok(Some(stats)) => match target.settle(Ok(stats), ends_by, &cut).await {
+                        Ok(stats) => {
+                            // Committed: a client that left meanwhile is owed nothing more.
+                            tx.deliver(message(pb::execute_stream_response::Payload::Stats(stats)))
+                                .await;
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => target.settle(Err::<(), _>(e), ends_by, &cut).await,
+                };
                 if let Err(e) = outcome {
-                    let status = Status::from(target.lost(e));
+                    let status = Status::from(e);
                     // Not the message: an engine's may quote a parameter or a row's values.
                     tracing::info!(code = ?status.code(), "stream ended with an error");
                     tx.fail(status);

@@ -192,6 +192,26 @@ impl Ctx {
         }
     }
 
+    /// The generated client's stream, message by message.
+    async fn raw_stream(
+        &self,
+        sql: &str,
+        max_batch_rows: u32,
+        format: pb::ResultFormat,
+    ) -> tonic::Streaming<pb::ExecuteStreamResponse> {
+        let request = pb::ExecuteStreamRequest {
+            source: "db".into(),
+            sql: sql.into(),
+            max_batch_rows,
+            format: format.into(),
+            ..Default::default()
+        };
+        let stream = self.client.query().execute_stream(request).await;
+        stream
+            .unwrap_or_else(|e| panic!("{:?}: {sql}: {e}", self.engine))
+            .into_inner()
+    }
+
     async fn assert_pool_serves(&self) {
         assert_serves(&self.client, "db", 6).await;
     }
@@ -378,20 +398,7 @@ async fn statement_timeout_stops_the_statement(engine: Engine) {
 async fn dropped_streams_are_cancelled(engine: Engine) {
     let ctx = Ctx::new(engine, "").await;
     for format in [pb::ResultFormat::Rows, pb::ResultFormat::ArrowIpc] {
-        let request = pb::ExecuteStreamRequest {
-            source: "db".into(),
-            sql: engine.slow_rows("weir_drop_probe"),
-            max_batch_rows: 100,
-            format: format.into(),
-            ..Default::default()
-        };
-        let mut stream = ctx
-            .client
-            .query()
-            .execute_stream(request)
-            .await
-            .expect("stream")
-            .into_inner();
+        let mut stream = ctx.raw_stream(&engine.slow_rows("weir_drop_probe"), 100, format).await;
         use pb::execute_stream_response::Payload;
         let metadata = stream.message().await.expect("metadata").and_then(|m| m.payload);
         assert!(matches!(metadata, Some(Payload::Metadata(_))), "{engine:?} {format:?}");
@@ -544,19 +551,8 @@ async fn writes_refused_for_their_returned_rows_leave_nothing(engine: Engine) {
     }
     assert!(whole.stats().is_some() && streamed == 3, "{engine:?}");
     assert_eq!(int(&ctx.run(count).await.rows[0].values[0]), 3, "{engine:?}: committed");
-    let request = pb::ExecuteStreamRequest {
-        source: "db".into(),
-        sql: insert(3000, "id").replace("SELECT g,", "SELECT g + 100,"),
-        max_batch_rows: 10,
-        ..Default::default()
-    };
-    let mut left = ctx
-        .client
-        .query()
-        .execute_stream(request)
-        .await
-        .expect("stream")
-        .into_inner();
+    let sql = insert(3000, "id").replace("SELECT g,", "SELECT g + 100,");
+    let mut left = ctx.raw_stream(&sql, 10, pb::ResultFormat::Rows).await;
     for _ in 0..2 {
         assert!(
             left.message().await.expect("metadata, then rows").is_some(),

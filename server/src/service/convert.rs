@@ -378,6 +378,11 @@ pub struct RowEncoder {
     /// The `rows` fields of the finished rows, and their count.
     batch: BytesMut,
     rows: usize,
+    /// The most bytes one row may take. Past it, a row's values are no
+    /// longer copied (a huge value would otherwise be held twice more
+    /// before its row is refused), and `finish_row` refuses the row.
+    row_limit: usize,
+    over: bool,
 }
 
 impl domain::RowSink for RowEncoder {
@@ -389,7 +394,13 @@ impl domain::RowSink for RowEncoder {
             Value::Null => head.byte(2).and_key(1, WireType::Varint).byte(1),
             Value::Bool(b) => head.byte(2).and_key(2, WireType::Varint).byte(u8::from(b)),
             Value::Float(f) => head.byte(9).and_key(5, WireType::SixtyFourBit).fixed64(f.to_bits()),
-            other => return encoding::message::encode(1, &value(other), &mut self.row),
+            other => {
+                let v = value(other);
+                if self.fits(encoding::message::encoded_len(1, &v)) {
+                    encoding::message::encode(1, &v, &mut self.row);
+                }
+                return;
+            }
         }
         .put(&mut self.row);
     }
@@ -397,6 +408,9 @@ impl domain::RowSink for RowEncoder {
     fn text(&mut self, text: &str) {
         // Value { kind: string_value (field 6) }, as prost writes a oneof string.
         let kind_len = encoding::key_len(6) + encoding::encoded_len_varint(text.len() as u64) + text.len();
+        if !self.fits(encoding::key_len(1) + encoding::encoded_len_varint(kind_len as u64) + kind_len) {
+            return;
+        }
         Head::key(1, WireType::LengthDelimited)
             .varint(kind_len as u64)
             .put(&mut self.row);
@@ -419,17 +433,17 @@ impl domain::RowSink for RowEncoder {
 }
 
 impl RowEncoder {
-    /// Rows of a `RowBatch` (`rows = 1`).
-    pub fn batch() -> Self {
-        Self::of_field(1)
+    /// Rows of a `RowBatch` (`rows = 1`), each of at most `row_limit` bytes.
+    pub fn batch(row_limit: usize) -> Self {
+        Self::of_field(1, row_limit)
     }
 
-    /// Rows of an `ExecuteResponse` (`rows = 2`).
-    pub fn response() -> Self {
-        Self::of_field(weir_proto::execute_response::ROWS_FIELD as u8)
+    /// Rows of an `ExecuteResponse` (`rows = 2`), each of at most `row_limit` bytes.
+    pub fn response(row_limit: usize) -> Self {
+        Self::of_field(weir_proto::execute_response::ROWS_FIELD as u8, row_limit)
     }
 
-    fn of_field(field: u8) -> Self {
+    fn of_field(field: u8, row_limit: usize) -> Self {
         // Room for a small result from the start: growing from nothing
         // would reallocate a few times for every one-row lookup.
         Self {
@@ -437,21 +451,39 @@ impl RowEncoder {
             row: BytesMut::with_capacity(128),
             batch: BytesMut::with_capacity(256),
             rows: 0,
+            row_limit,
+            over: false,
         }
     }
 
-    /// Appends the row in progress to the batch as one `rows` field.
-    pub fn finish_row(&mut self) {
-        Head::key(self.field, WireType::LengthDelimited)
-            .varint(self.row.len() as u64)
-            .put(&mut self.batch);
-        self.batch.put_slice(&self.row);
+    /// Whether a value of `more` encoded bytes keeps the row in progress
+    /// within its limit; once one would not, nothing more of it is kept.
+    fn fits(&mut self, more: usize) -> bool {
+        self.over |= self.row.len().saturating_add(more) > self.row_limit;
+        if self.over {
+            self.row.clear();
+        }
+        !self.over
+    }
+
+    /// Appends the row in progress to the batch as one `rows` field; false,
+    /// with nothing appended, when the row went past its limit.
+    #[must_use]
+    pub fn finish_row(&mut self) -> bool {
+        let within = !std::mem::take(&mut self.over) && self.row.len() <= self.row_limit;
+        if within {
+            Head::key(self.field, WireType::LengthDelimited)
+                .varint(self.row.len() as u64)
+                .put(&mut self.batch);
+            self.batch.put_slice(&self.row);
+            self.rows += 1;
+        }
         self.row.clear();
         // One very large row is not a reason to keep its room for the rest.
         if self.row.capacity() > KEPT_ROOM {
             self.row = BytesMut::new();
         }
-        self.rows += 1;
+        within
     }
 
     /// Finished rows, and their encoded size.
@@ -775,15 +807,40 @@ mod tests {
     }
 
     #[test]
+    fn a_row_past_its_limit_is_refused_without_its_values_kept() {
+        let mut encoder = RowEncoder::batch(64);
+        encoder.text(&"x".repeat(50));
+        assert!(encoder.finish_row(), "within the limit");
+        let (_, kept) = encoder.pending();
+        encoder.int(1);
+        encoder.text(&"y".repeat(1000));
+        assert!(encoder.row.is_empty(), "the value and the row before it are let go");
+        encoder.value(Value::Bytes(vec![0; 10]));
+        encoder.text("z");
+        assert!(encoder.row.is_empty(), "nothing more of the row is kept");
+        assert!(!encoder.finish_row());
+        assert_eq!(encoder.pending(), (1, kept), "the row refused is not in the batch");
+        encoder.text("next");
+        assert!(encoder.finish_row(), "the next row starts afresh");
+        assert_eq!(encoder.pending().0, 2);
+        // Exactly at the limit: a text value of n bytes takes n + 4 here.
+        let mut exact = RowEncoder::batch(64);
+        exact.text(&"x".repeat(60));
+        assert!(exact.finish_row());
+        exact.text(&"x".repeat(61));
+        assert!(!exact.finish_row());
+    }
+
+    #[test]
     fn encoded_rows_are_the_rows_prost_would_write() {
         use prost::Message;
-        let mut encoder = RowEncoder::batch();
+        let mut encoder = RowEncoder::batch(usize::MAX);
         // One row with lent text, one with owned values only, one with empty text.
         encoder.value(Value::Int(7));
         encoder.text("héllo");
         encoder.value(Value::Null);
         encoder.value(Value::Text("owned".into()));
-        encoder.finish_row();
+        assert!(encoder.finish_row());
         encoder.value(Value::Float(1.5));
         for i in [0, 1, -1, i64::MAX, i64::MIN] {
             encoder.int(i);
@@ -796,15 +853,15 @@ mod tests {
         ] {
             encoder.value(v);
         }
-        encoder.finish_row();
+        assert!(encoder.finish_row());
         encoder.text("");
-        encoder.finish_row();
+        assert!(encoder.finish_row());
         // Lengths of two and three varint bytes, in the value and the row.
         let (long, longer) = ("x".repeat(200), "y".repeat(20_000));
         encoder.text(&long);
         encoder.text(&longer);
         encoder.int(300);
-        encoder.finish_row();
+        assert!(encoder.finish_row());
         let want = pb::RowBatch {
             rows: vec![
                 row(vec![
@@ -890,7 +947,7 @@ mod tests {
             proptest::collection::vec((arbitrary_result_value(), proptest::prelude::any::<bool>()), 0..6), 0..4)
         ) {
             use prost::Message;
-            let mut encoder = RowEncoder::batch();
+            let mut encoder = RowEncoder::batch(usize::MAX);
             for values in &rows {
                 for (value, lend) in values {
                     match (value, lend) {
@@ -899,7 +956,7 @@ mod tests {
                         (other, _) => encoder.value(other.clone()),
                     }
                 }
-                encoder.finish_row();
+                proptest::prop_assert!(encoder.finish_row());
             }
             let want = pb::RowBatch {
                 rows: rows.into_iter().map(|values| row(values.into_iter().map(|(v, _)| v).collect())).collect(),

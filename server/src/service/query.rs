@@ -270,12 +270,13 @@ async fn execute_unary(target: &mut Target, timing: Timing) -> Result<pb::Execut
     let mut query = target.start().instrument(telemetry::engine_span()).await?;
     let limits = &target.caller.tenant.limits;
     // Encoded as the engine hands the values over, as a stream's batches are.
-    let mut rows = convert::RowEncoder::response();
+    // A row alone past the byte cap is refused as its values arrive.
+    let mut rows = convert::RowEncoder::response(usize::try_from(limits.max_bytes_per_response).unwrap_or(usize::MAX));
     let mut first_row = None;
     while let Some(row) = poll_fn(|cx| query.rows.as_mut().poll_next_into(cx, &mut rows)).await {
         first_row.get_or_insert_with(|| started.elapsed());
         row?;
-        rows.finish_row();
+        let within = rows.finish_row();
         let (count, bytes) = rows.pending();
         if count as u64 > limits.max_rows_per_response {
             return Err(Error::ResultTooLarge {
@@ -283,7 +284,7 @@ async fn execute_unary(target: &mut Target, timing: Timing) -> Result<pb::Execut
                 limit: limits.max_rows_per_response,
             });
         }
-        if bytes as u64 > limits.max_bytes_per_response {
+        if !within || bytes as u64 > limits.max_bytes_per_response {
             return Err(Error::ResultTooLarge {
                 what: "bytes",
                 limit: limits.max_bytes_per_response,
@@ -331,7 +332,9 @@ trait Batches: RowSink + Send {
 /// `RowBatch` messages, each row encoded as it arrives.
 impl Batches for convert::RowEncoder {
     fn finish_row(&mut self) -> Result<()> {
-        convert::RowEncoder::finish_row(self);
+        if !convert::RowEncoder::finish_row(self) {
+            return Err(BackendError::RowTooLarge { limit: MAX_ROW_BYTES }.into());
+        }
         Ok(())
     }
 
@@ -404,7 +407,7 @@ async fn execute_stream(
             send_rows(
                 target,
                 query,
-                convert::RowEncoder::batch(),
+                convert::RowEncoder::batch(MAX_ROW_BYTES),
                 format.batch_rows,
                 tx,
                 timing,

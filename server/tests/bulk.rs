@@ -1121,6 +1121,45 @@ async fn mysql_bad_rows_in_later_chunks_are_named() {
     ctx.server.stop().await;
 }
 
+/// An error raised in a trigger (a SIGNAL, a bad value in the trigger's own
+/// INSERT) fails LOAD DATA LOCAL outright, where a bad value would only be
+/// warned about, and names a row and a column of the trigger's statement:
+/// the chunk is loaded again with INSERTs, and the row is found by trying
+/// the statement's rows one at a time.
+#[tokio::test]
+async fn mysql_rows_a_trigger_refuses_are_named() {
+    let ctx = Ctx::new(Engine::Mysql, "").await;
+    let table = "weir_bulk_trigger";
+    ctx.table(table, 0).await;
+    ctx.exec(&format!("DROP TABLE IF EXISTS {table}_audit")).await;
+    ctx.exec(&format!("CREATE TABLE {table}_audit (x VARCHAR(2))")).await;
+    ctx.exec(&format!(
+        "CREATE TRIGGER {table}_check BEFORE INSERT ON {table} FOR EACH ROW BEGIN \
+         IF NEW.score = 12345 THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'no 12345'; \
+         ELSEIF NEW.score = 2 THEN INSERT INTO {table}_audit VALUES ('too long'); END IF; END"
+    ))
+    .await;
+    let batches = |range| rows(range).chunks(1000).map(<[_]>::to_vec).collect::<Vec<_>>();
+    let err = ctx
+        .load(header(table, pb::BulkLoadMode::Append), batches(3..20_000))
+        .await
+        .expect_err("a SIGNAL in the second chunk");
+    assert_eq!(error_metadata(&err, "row_index"), "12342", "{}", err.message());
+    assert_eq!(engine_code(&err), "1644", "{err:?}");
+    let mut upsert = header(table, pb::BulkLoadMode::Upsert);
+    upsert.conflict_columns = vec!["id".into()];
+    let err = ctx
+        .load(upsert, batches(0..3))
+        .await
+        .expect_err("a bad value in the trigger's INSERT");
+    assert_eq!(error_metadata(&err, "row_index"), "2", "{}", err.message());
+    assert_eq!(engine_code(&err), "1406", "{err:?}");
+    assert_eq!(error_metadata(&err, "column"), "", "not a column of the load: {err:?}");
+    assert!(ctx.contents(table).await.is_empty());
+    ctx.exec(&format!("DROP TABLE {table}, {table}_audit")).await;
+    ctx.server.stop().await;
+}
+
 /// Savepoints undo nothing in a table without transactions (MyISAM), so
 /// loads into one go through the strict INSERTs, which stop at a bad row.
 #[tokio::test]

@@ -209,8 +209,7 @@ impl<'s> Writer<'s> {
                 self.pending.clear();
                 Ok(())
             }
-            Err(e) if self.undone => Err(locate(conn, self.spec, &rows, first, map_error(e)).await),
-            Err(e) => Err(map_error(e)),
+            Err(e) => Err(locate(conn, self.spec, (&rows, first), map_error(e), self.undone).await),
         }
     }
 
@@ -222,10 +221,33 @@ impl<'s> Writer<'s> {
     }
 }
 
+/// The row (1-based in its statement) and the column an engine's message
+/// names, when they are the load's: an error raised in a trigger names a row
+/// of the trigger's own statement and a column of its own table.
+fn named_position(spec: &LoadSpec, rows: usize, message: &str) -> Option<(u64, Option<String>)> {
+    let (row, column) = error_position(message);
+    let row = row.filter(|r| (1..=rows as u64).contains(r))?;
+    match column {
+        Some(c) if !loaded(spec, &c) => None,
+        column => Some((row, column)),
+    }
+}
+
+fn loaded(spec: &LoadSpec, column: &str) -> bool {
+    spec.columns.iter().any(|c| c.name == column)
+}
+
 /// Names the row a failed multi-row statement stumbled on: from the
-/// engine's message when it says, else by trying the rows one at a time
-/// (the failed statement has been undone; the transaction rolls back after).
-async fn locate(conn: &mut Conn, spec: &LoadSpec, rows: &[Row], first: u64, error: BackendError) -> BackendError {
+/// engine's message when it names one of the statement's rows, else, when
+/// the failed statement has been undone (`undone`; the transaction rolls
+/// back after), by trying the rows one at a time.
+async fn locate(
+    conn: &mut Conn,
+    spec: &LoadSpec,
+    (rows, first): (&[Row], u64),
+    error: BackendError,
+    undone: bool,
+) -> BackendError {
     let BackendError::Engine { code, message, kind } = error else {
         return error;
     };
@@ -234,13 +256,12 @@ async fn locate(conn: &mut Conn, spec: &LoadSpec, rows: &[Row], first: u64, erro
     if !kind.is_about_data() {
         return BackendError::Engine { kind, code, message };
     }
-    let (row, column) = error_position(&message);
-    if let Some(row) = row.filter(|r| *r >= 1) {
+    if let Some((row, column)) = named_position(spec, rows.len(), &message) {
         return bulk::row_error(first + row - 1, column, code, message);
     }
     // So may an error Weir does not know: its row is found only where the
     // message says.
-    if kind == EngineErrorKind::Internal {
+    if kind == EngineErrorKind::Internal || !undone {
         return BackendError::Engine { kind, code, message };
     }
     let single = insert_sql(spec, 1);
@@ -252,7 +273,7 @@ async fn locate(conn: &mut Conn, spec: &LoadSpec, rows: &[Row], first: u64, erro
         if let Err(e) = conn.exec_drop(single.as_str(), p).await {
             let e = map_error(e);
             let column = match &e {
-                BackendError::Engine { message, .. } => error_position(message).1,
+                BackendError::Engine { message, .. } => error_position(message).1.filter(|c| loaded(spec, c)),
                 _ => None,
             };
             return bulk::on_row(index, column, e);
@@ -276,9 +297,10 @@ fn refuse_without_transactions(spec: &LoadSpec) -> Result<(), BackendError> {
         kind: EngineErrorKind::FailedPrecondition,
         code: String::new(),
         message: format!(
-            "{} uses a storage engine without transactions (MyISAM, Aria or MEMORY), where a failed load \
-             cannot be undone, so {asked} is refused: convert the table (ALTER TABLE ... ENGINE = InnoDB), \
-             or load with APPEND or UPSERT and no load_id",
+            "{} uses a storage engine without transactions (MyISAM, Aria or MEMORY), or is a view (whose \
+             tables' engines Weir cannot tell), where a failed load may not be undone, so {asked} is refused: \
+             load into an InnoDB table itself (ALTER TABLE ... ENGINE = InnoDB converts one), or load with \
+             APPEND or UPSERT and no load_id",
             spec.qualified(quote)
         ),
     })

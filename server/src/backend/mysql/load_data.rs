@@ -24,7 +24,7 @@ use super::bulk::{quote, Writer};
 use super::map_error;
 use super::types::{write_load_text, LoadAs};
 use crate::backend::bulk::{self, Batch, LoadSpec, RowFeed};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, EngineErrorKind};
 
 /// Rows per `LOAD DATA` statement at most. The chunk's rows are kept until
 /// it is loaded, for the INSERTs that name a bad row.
@@ -275,6 +275,14 @@ pub(super) async fn load(
             }
             // The server does not take LOCAL files: the INSERTs take the rest.
             Err(e @ BackendError::Engine { .. }) if local_disabled(&e) => Some(e),
+            // A row's fault that is no warning under LOCAL (a trigger's
+            // SIGNAL, or its own statement's bad value): the INSERTs name
+            // the row, which LOAD DATA's message does not (or counts from
+            // the chunk's start).
+            Err(BackendError::Engine { kind, .. }) if kind.is_about_data() && kind != EngineErrorKind::Internal => {
+                tracing::debug!("a LOAD DATA chunk failed on a row; loading it again with INSERTs to name it");
+                None
+            }
             Err(e) => return Err(e),
         };
         if let Err(e) = conn.query_drop("ROLLBACK TO SAVEPOINT weir_chunk").await {

@@ -267,9 +267,11 @@ ensure_plain_servers() {
     as_root mariadb --socket="$mdir.sock" -uroot -e "CREATE DATABASE IF NOT EXISTS test;
       CREATE USER IF NOT EXISTS 'weir'@'%' IDENTIFIED BY 'weir'; GRANT ALL PRIVILEGES ON *.* TO 'weir'@'%';"
   fi
-  # It refuses LOAD DATA LOCAL too, for the tests of the loads' INSERT path
-  # (set here as well, for a server started by an older copy of this script).
-  as_root mariadb --socket="$mdir.sock" -uroot -e "SET GLOBAL local_infile = 0"
+  # It refuses LOAD DATA LOCAL too, for the tests of the loads' INSERT path,
+  # and takes packets of at most 4 MiB (MySQL 5.7's default), for the tests
+  # of statements cut to fit them (set here as well, for a server started
+  # by an older copy of this script).
+  as_root mariadb --socket="$mdir.sock" -uroot -e "SET GLOBAL local_infile = 0, GLOBAL max_allowed_packet = 4194304"
   export WEIR_TEST_PG_PLAIN_PORT="$plain_pg_port" WEIR_TEST_MYSQL_PLAIN_PORT="$plain_mysql_port"
 }
 

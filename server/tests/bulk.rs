@@ -56,6 +56,18 @@ impl Ctx {
         Ctx { engine, server, client }
     }
 
+    /// On the second MariaDB, which refuses LOAD DATA LOCAL and takes
+    /// packets of at most 4 MiB.
+    async fn plain_mysql() -> Ctx {
+        let server = TestServer::start(&tenant("bulk", "", &plain_mysql("bulk", "db", ""))).await;
+        let client = server.client("key-bulk").await;
+        Ctx {
+            engine: Engine::Mysql,
+            server,
+            client,
+        }
+    }
+
     async fn exec(&self, sql: &str) -> pb::ExecuteResponse {
         self.client
             .execute("db", sql, vec![])
@@ -1056,12 +1068,7 @@ macro_rules! suite {
 /// `local_infile` off) loads through INSERTs instead, and still names a bad row.
 #[tokio::test]
 async fn mysql_without_local_infile_loads_through_inserts() {
-    let server = TestServer::start(&tenant("bulk", "", &plain_mysql("bulk", "db", ""))).await;
-    let ctx = Ctx {
-        engine: Engine::Mysql,
-        client: server.client("key-bulk").await,
-        server,
-    };
+    let ctx = Ctx::plain_mysql().await;
     ctx.table("weir_bulk_no_local", 0).await;
     let r = ctx
         .load(
@@ -1079,6 +1086,58 @@ async fn mysql_without_local_infile_loads_through_inserts() {
         .expect_err("a CHECK violation fails the load");
     assert_eq!(error_metadata(&err, "row_index"), "4", "{}", err.message());
     assert_eq!(ctx.contents("weir_bulk_no_local").await.len(), 5);
+    ctx.server.stop().await;
+}
+
+/// Rows whose values together pass the server's `max_allowed_packet` (4 MiB
+/// on the second MariaDB) go in several statements, each fitting one
+/// packet: one statement of them closed the session, and the load failed
+/// as if the source were unreachable. A row too large alone is a bad row.
+#[tokio::test]
+async fn mysql_loads_cut_statements_to_the_servers_packet_limit() {
+    let ctx = Ctx::plain_mysql().await;
+    let table = "weir_bulk_wide_rows";
+    ctx.exec(&format!("DROP TABLE IF EXISTS {table}")).await;
+    ctx.exec(&format!("CREATE TABLE {table} (id INT PRIMARY KEY, b LONGBLOB)"))
+        .await;
+    let wide = |id: i64, size: usize| pb::Row {
+        values: vec![v(Kind::Int64Value(id)), v(Kind::BytesValue(vec![7; size]))],
+    };
+    let header = |mode: pb::BulkLoadMode| pb::LoadHeader {
+        source: "db".into(),
+        table: table.into(),
+        columns: vec!["id".into(), "b".into()],
+        mode: mode as i32,
+        conflict_columns: match mode {
+            pb::BulkLoadMode::Upsert => vec!["id".into()],
+            _ => Vec::new(),
+        },
+        ..Default::default()
+    };
+    let batch: Vec<_> = (0..10).map(|id| wide(id, 1_000_000)).collect();
+    let r = ctx
+        .load(header(pb::BulkLoadMode::Append), vec![batch.clone()])
+        .await
+        .expect("10 MB of rows into a server taking 4 MB packets");
+    assert_eq!((r.rows_inserted, r.engine_path.as_str()), (10, "mysql-multirow-insert"));
+    let r = ctx
+        .load(header(pb::BulkLoadMode::Upsert), vec![batch])
+        .await
+        .expect("and upserted");
+    assert_eq!((r.rows_inserted, r.rows_updated), (0, 10));
+    let err = ctx
+        .load(
+            header(pb::BulkLoadMode::Append),
+            vec![vec![wide(20, 10), wide(21, 5_000_000)]],
+        )
+        .await
+        .expect_err("a row larger than a packet");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(error_metadata(&err, "row_index"), "1", "{}", err.message());
+    assert!(err.message().contains("max_allowed_packet"), "{}", err.message());
+    let count = ctx.exec(&format!("SELECT COUNT(*), SUM(LENGTH(b)) FROM {table}")).await;
+    assert_eq!(int(&count.rows[0].values[0]), 10, "nothing of the failed load");
+    ctx.exec(&format!("DROP TABLE {table}")).await;
     ctx.server.stop().await;
 }
 

@@ -1599,3 +1599,38 @@ async fn statements_the_server_cannot_prepare_run_as_text_without_parameters() {
         .expect("drop");
     server.stop().await;
 }
+
+/// A statement, or values, past the server's `max_allowed_packet` (4 MiB on
+/// the second test server) are refused before they are sent: sent, the
+/// session was closed (a transaction's with it), and the caller was told
+/// the source was unreachable.
+#[tokio::test]
+async fn statements_past_the_servers_packet_limit_are_refused_before_they_are_sent() {
+    let server = TestServer::start(&tenant("shop", "", &plain_mysql("shop", "maria", ""))).await;
+    let client = server.client("key-shop").await;
+    let big = "x".repeat(5_000_000);
+    let err = client
+        .execute("maria", &format!("SELECT LENGTH('{big}')"), vec![])
+        .await
+        .expect_err("a 5 MB statement");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("max_allowed_packet"), "{}", err.message());
+    let tx = client
+        .begin("maria", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    let err = client
+        .execute_in(&tx, "maria", "SELECT LENGTH(?)", vec![big.clone().into()])
+        .await
+        .expect_err("a 5 MB value");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("max_allowed_packet"), "{}", err.message());
+    let fits = client
+        .execute_in(&tx, "maria", "SELECT LENGTH(?)", vec!["y".repeat(3_000_000).into()])
+        .await
+        .expect("the transaction goes on, and a 3 MB value fits");
+    assert_eq!(int(&fits.rows[0].values[0]), 3_000_000);
+    client.commit(&tx).await.expect("commit");
+    assert_serves(&client, "maria", 2).await;
+    server.stop().await;
+}

@@ -106,7 +106,7 @@ fn error_position(message: &str) -> (Option<u64>, Option<String>) {
     (row, column)
 }
 
-fn params(rows: &[Row], first_row: u64) -> Result<Params, BackendError> {
+fn params(rows: &[Row], first_row: u64) -> Result<Vec<mysql_async::Value>, BackendError> {
     let mut values = Vec::with_capacity(rows.len() * rows.first().map_or(0, Vec::len));
     for (i, row) in rows.iter().enumerate() {
         for v in row {
@@ -116,7 +116,7 @@ fn params(rows: &[Row], first_row: u64) -> Result<Params, BackendError> {
             );
         }
     }
-    Ok(Params::Positional(values))
+    Ok(values)
 }
 
 /// Closes a statement the load prepared. A multi-row INSERT has thousands of
@@ -145,10 +145,15 @@ pub(super) struct Writer<'s> {
     /// may be tried one by one to name the bad one. In a MyISAM table the
     /// rows before it stay, and trying them again would store them twice.
     undone: bool,
+    /// The server's `max_allowed_packet`: a statement's values are cut to
+    /// fit one packet (wide rows make statements of fewer rows).
+    packet_limit: usize,
+    /// About the bytes the pending rows' values take (their memory, a little more).
+    pending_bytes: usize,
 }
 
 impl<'s> Writer<'s> {
-    fn new(spec: &'s LoadSpec, undone: bool) -> Self {
+    fn new(spec: &'s LoadSpec, undone: bool, packet_limit: usize) -> Self {
         let per_statement = rows_per_statement(spec);
         Self {
             spec,
@@ -159,15 +164,24 @@ impl<'s> Writer<'s> {
             inserted: 0,
             updated: 0,
             undone,
+            packet_limit,
+            pending_bytes: 0,
         }
     }
 
     pub(super) async fn push(&mut self, conn: &mut Conn, first_row: u64, rows: Vec<Row>) -> Result<(), BackendError> {
+        // Room for the statement's own bytes (its header and NULL bitmap).
+        let room = self.packet_limit.min(super::MAX_PAYLOAD_LEN).saturating_sub(64 * 1024);
         for (i, row) in rows.into_iter().enumerate() {
+            let bytes: usize = row.iter().map(crate::backend::Value::size).sum();
+            if !self.pending.is_empty() && self.pending_bytes + bytes > room {
+                self.flush(conn).await?;
+            }
             if self.pending.is_empty() {
                 self.pending_first = first_row + i as u64;
             }
             self.pending.push(row);
+            self.pending_bytes += bytes;
             if self.pending.len() == self.per_statement {
                 self.flush(conn).await?;
             }
@@ -180,8 +194,14 @@ impl<'s> Writer<'s> {
             return Ok(());
         }
         let rows = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
         let first = self.pending_first;
         let values = params(&rows, first)?;
+        // Only a row too large alone reaches the server's limit (rows are
+        // cut to fit it): it is the load's bad row.
+        super::refuse_past_packet_limit("", &values, self.packet_limit)
+            .map_err(|e| bulk::row_error(first, None, String::new(), e.to_string()))?;
+        let values = Params::Positional(values);
         // A statement that cannot be prepared names no row: only what fails
         // when it runs is located.
         let full = rows.len() == self.per_statement;
@@ -311,7 +331,7 @@ async fn load_in_transaction(
     spec: &LoadSpec,
     feed: &mut RowFeed,
     receipts: Option<&ReceiptSql>,
-    transactional: Option<bool>,
+    (transactional, packet_limit): (Option<bool>, usize),
 ) -> Result<LoadOutcome, BackendError> {
     if let (Some(sql), Some(r)) = (receipts, &spec.receipt) {
         conn.exec_drop(sql.claim.as_str(), (&r.tenant, &r.load_id, &r.target))
@@ -348,7 +368,7 @@ async fn load_in_transaction(
             .map_err(map_error)?;
     }
     // Not asked for a plain upsert: trying its rows again only applies them again.
-    let mut writer = Writer::new(spec, transactional != Some(false));
+    let mut writer = Writer::new(spec, transactional != Some(false), packet_limit);
     let written = match spec.mode {
         LoadMode::Upsert => write_all(&mut writer, conn, feed).await.map(|()| (0, false)),
         LoadMode::Append | LoadMode::Replace => {
@@ -404,7 +424,7 @@ pub async fn load(
     spec: LoadSpec,
     mut feed: RowFeed,
     receipts_checked: &AtomicBool,
-    killer: &super::Killer,
+    (killer, packets): (&super::Killer, &super::PacketLimit),
 ) -> Result<LoadOutcome, BackendError> {
     // Whether the table has transactions, asked only where it matters: the
     // LOAD DATA path (APPEND, REPLACE) and the refusals below. A plain
@@ -416,6 +436,7 @@ pub async fn load(
     if transactional == Some(false) {
         refuse_without_transactions(&spec)?;
     }
+    let packet_limit = packets.of(conn).await?;
     let receipts = spec.receipt.as_ref().map(|r| ReceiptSql::new(&r.table, &DIALECT));
     if let (Some(sql), Some(r)) = (&receipts, &spec.receipt) {
         // CREATE TABLE IF NOT EXISTS needs the CREATE privilege even where
@@ -468,7 +489,7 @@ pub async fn load(
     let (verdict, connection_id) = (feed.verdict(), conn.id());
     let mut result = verdict
         .stopping_if_given_up(
-            load_in_transaction(conn, &spec, &mut feed, receipts.as_ref(), transactional),
+            load_in_transaction(conn, &spec, &mut feed, receipts.as_ref(), (transactional, packet_limit)),
             killer.kill(connection_id),
         )
         .await;

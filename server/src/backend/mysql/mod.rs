@@ -54,6 +54,70 @@ pub struct MysqlSource {
     receipts_checked: std::sync::atomic::AtomicBool,
     /// Whether the change-positions table has the restart columns (see `changes::watch`).
     restart_columns: tokio::sync::OnceCell<bool>,
+    packets: Arc<PacketLimit>,
+}
+
+/// The most bytes a packet may carry, the protocol's own limit: a longer
+/// one goes in pieces.
+const MAX_PAYLOAD_LEN: usize = 16 * 1024 * 1024 - 1;
+
+/// The server's `max_allowed_packet`, read once per source. A statement or
+/// value past it is refused before it is sent: sent, the driver (or the
+/// server) would close the session, a transaction's with it, and the caller
+/// would hear the source was unreachable.
+#[derive(Default)]
+pub(crate) struct PacketLimit(std::sync::OnceLock<usize>);
+
+impl PacketLimit {
+    pub(crate) async fn of(&self, conn: &mut Conn) -> Result<usize, BackendError> {
+        if let Some(limit) = self.0.get() {
+            return Ok(*limit);
+        }
+        let limit: Option<u64> = conn
+            .query_first("SELECT @@max_allowed_packet")
+            .await
+            .map_err(map_error)?;
+        let limit = limit.map_or(MAX_PAYLOAD_LEN, |l| usize::try_from(l).unwrap_or(usize::MAX));
+        // Another caller's read may have landed first: the same value.
+        let _ = self.0.set(limit);
+        Ok(limit)
+    }
+}
+
+/// Refuses a statement whose text, or whose values, the server would not
+/// take under `limit` (its `max_allowed_packet`). The values go in the
+/// execute packet, or, when that would pass the protocol's own packet
+/// length, text and bytes go ahead as long data, each counted alone.
+fn refuse_past_packet_limit(sql: &str, params: &[mysql_async::Value], limit: usize) -> Result<(), BackendError> {
+    let over = |what: String, bytes: usize| {
+        BackendError::Invalid(format!(
+            "{what} is {bytes} bytes, more than the server takes in one packet (max_allowed_packet, {limit} bytes): \
+             send large values as parameters, in parts, or raise max_allowed_packet on the server"
+        ))
+    };
+    // The command byte, and the statement id and flags of the execute.
+    if sql.len() + 1 > limit {
+        return Err(over("the statement".into(), sql.len()));
+    }
+    let body =
+        14 + params.len().div_ceil(8) + 2 * params.len() + params.iter().map(|v| v.bin_len() as usize).sum::<usize>();
+    if body <= MAX_PAYLOAD_LEN {
+        return match body > limit {
+            true => Err(over("the statement's values".into(), body)),
+            false => Ok(()),
+        };
+    }
+    match params.iter().position(|v| v.bin_len() as usize + 7 > limit) {
+        Some(i) => Err(BackendError::Parameter {
+            index: i + 1,
+            message: format!(
+                "{} bytes, more than the server takes in one packet (max_allowed_packet, {limit} bytes); \
+                 send it in parts, or raise max_allowed_packet on the server",
+                params[i].bin_len()
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 impl MysqlSource {
@@ -99,6 +163,7 @@ impl MysqlSource {
             breaker: Breaker::default(),
             receipts_checked: std::sync::atomic::AtomicBool::new(false),
             restart_columns: tokio::sync::OnceCell::new(),
+            packets: Arc::default(),
         })
     }
 
@@ -190,12 +255,22 @@ async fn rolled_back_by(conn: &mut Conn, error: &BackendError) -> Option<&'stati
 }
 
 /// Starts a statement in a task that owns the connection until it ends.
-async fn start(hold: Hold, statement: Statement, killer: Arc<Killer>) -> Result<QueryStream, BackendError> {
+async fn start(
+    hold: Hold,
+    statement: Statement,
+    (killer, packets): (Arc<Killer>, Arc<PacketLimit>),
+) -> Result<QueryStream, BackendError> {
     let (mut worker, pending) = channel::channel(None);
     tokio::spawn(async move {
         let mut hold = hold;
         let in_transaction = matches!(hold, Hold::Transaction(_));
-        let outcome = execute(hold.conn(), &statement, &mut worker, &killer, in_transaction).await;
+        let outcome = execute(
+            hold.conn(),
+            &statement,
+            (&mut worker, &killer, &packets),
+            in_transaction,
+        )
+        .await;
         if let (Hold::Transaction(tx), Err(e)) = (&mut hold, &outcome) {
             match e {
                 BackendError::TransactionBroken(cause) => tx.broken = Some(cause),
@@ -240,11 +315,18 @@ async fn stop_reading<P: Protocol>(
 async fn execute(
     conn: &mut Conn,
     statement: &Statement,
-    worker: &mut Worker,
-    killer: &Killer,
+    (worker, killer, packets): (&mut Worker, &Killer, &PacketLimit),
     in_transaction: bool,
 ) -> Result<Option<u64>, BackendError> {
     let connection_id = conn.id();
+    let limit = packets.of(conn).await?;
+    let params = statement
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| types::param(p).map_err(|message| BackendError::Parameter { index: i + 1, message }))
+        .collect::<Result<Vec<_>, _>>()?;
+    refuse_past_packet_limit(&statement.sql, &params, limit)?;
     // A prepare can wait for a metadata lock (behind an ALTER TABLE, say) for
     // lock_wait_timeout, a year by default: a caller that leaves meanwhile
     // gets it killed, as during execution.
@@ -265,12 +347,6 @@ async fn execute(
             statement.params.len()
         )));
     }
-    let params = statement
-        .params
-        .iter()
-        .enumerate()
-        .map(|(i, p)| types::param(p).map_err(|message| BackendError::Parameter { index: i + 1, message }))
-        .collect::<Result<Vec<_>, _>>()?;
     let params = if params.is_empty() {
         Params::Empty
     } else {
@@ -488,7 +564,8 @@ impl SqlSource for MysqlSource {
             refuse_leaving_read_only(&statement.sql)?;
         }
         refuse_session_changes(&statement.sql)?;
-        start(Hold::Pooled(self.conn().await?), statement, self.killer.clone()).await
+        let shared = (self.killer.clone(), self.packets.clone());
+        start(Hold::Pooled(self.conn().await?), statement, shared).await
     }
 
     async fn begin(&self, options: TxOptions) -> Result<Box<dyn SqlTransaction>, BackendError> {
@@ -518,6 +595,7 @@ impl SqlSource for MysqlSource {
                 broken: None,
             }),
             killer: self.killer.clone(),
+            packets: self.packets.clone(),
             read_only_source: self.config.read_only,
         }))
     }
@@ -577,7 +655,7 @@ impl SqlSource for MysqlSource {
             spec,
             rows,
             &self.receipts_checked,
-            &self.killer,
+            (&self.killer, &self.packets),
         )
         .await
     }
@@ -604,6 +682,7 @@ fn flavour(version: &str) -> String {
 struct MysqlTransaction {
     conn: super::TxSession<TxConn>,
     killer: Arc<Killer>,
+    packets: Arc<PacketLimit>,
     read_only_source: bool,
 }
 
@@ -665,7 +744,12 @@ impl SqlTransaction for MysqlTransaction {
         if let Some(cause) = tx.broken {
             return Err(BackendError::TransactionBroken(cause));
         }
-        start(Hold::Transaction(tx), statement, self.killer.clone()).await
+        start(
+            Hold::Transaction(tx),
+            statement,
+            (self.killer.clone(), self.packets.clone()),
+        )
+        .await
     }
 
     async fn commit(&self) -> Result<(), BackendError> {
@@ -836,6 +920,26 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_and_values_are_measured_against_the_servers_packet() {
+        use mysql_async::Value as V;
+        const MB: usize = 1024 * 1024;
+        let bytes = |n: usize| V::Bytes(vec![0; n]);
+        assert!(refuse_past_packet_limit("SELECT 1", &[bytes(3 * MB)], 4 * MB).is_ok());
+        let err = refuse_past_packet_limit("SELECT ?, ?", &[bytes(3 * MB), bytes(2 * MB)], 4 * MB);
+        assert!(
+            matches!(err, Err(BackendError::Invalid(m)) if m.contains("values")),
+            "one packet of 5 MB"
+        );
+        // Past the protocol's packet length, text and bytes go as long data, each alone.
+        assert!(refuse_past_packet_limit("SELECT ?, ?", &[bytes(9 * MB), bytes(9 * MB)], 16 * MB).is_ok());
+        let err = refuse_past_packet_limit("SELECT ?, ?", &[V::Int(1), bytes(17 * MB)], 16 * MB);
+        assert!(matches!(err, Err(BackendError::Parameter { index: 2, .. })), "{err:?}");
+        assert!(refuse_past_packet_limit("SELECT ?", &[bytes(17 * MB)], 64 * MB).is_ok());
+        let err = refuse_past_packet_limit(&"x".repeat(2048), &[], 2048);
+        assert!(matches!(err, Err(BackendError::Invalid(m)) if m.contains("the statement is 2048 bytes")));
+    }
     use crate::config::Config;
 
     fn source(keys: &str) -> Result<SourceConfig, String> {

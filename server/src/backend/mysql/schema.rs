@@ -58,6 +58,11 @@ type TableRow = (String, String, String, Option<u64>, String);
 /// like PostgreSQL's, they are not tables.
 const TABLE_COLUMNS: &str = "SELECT TABLE_SCHEMA, TABLE_NAME, TABLE_TYPE, TABLE_ROWS, TABLE_COMMENT \
      FROM information_schema.TABLES WHERE TABLE_TYPE <> 'SEQUENCE' AND";
+/// The same tables' names alone.
+const TABLE_NAMES: &str =
+    "SELECT TABLE_SCHEMA, TABLE_NAME FROM information_schema.TABLES WHERE TABLE_TYPE <> 'SEQUENCE' AND";
+/// Pages up to this size are listed names first (see `list_tables`).
+const NAMES_FIRST_UP_TO: u32 = 5000;
 
 fn table_info((schema, name, kind, rows, comment): TableRow) -> TableInfo {
     let kind = if kind.contains("VIEW") {
@@ -108,12 +113,46 @@ pub async fn list_tables(
         params.extend([after_schema.as_str().into(), after_name.as_str().into()]);
     }
     sql.push_str(" ORDER BY BINARY TABLE_SCHEMA, BINARY TABLE_NAME");
-    if let Some(limit) = page.limit {
-        sql.push_str(" LIMIT ?");
-        params.push(limit.into());
+    let Some(limit) = page.limit.filter(|l| *l <= NAMES_FIRST_UP_TO) else {
+        // Every table (or a page of most of them): each is opened anyway.
+        if let Some(limit) = page.limit {
+            sql.push_str(" LIMIT ?");
+            params.push(limit.into());
+        }
+        let rows: Vec<TableRow> = catalog(conn, sql, params).await?;
+        return Ok(rows.into_iter().map(table_info).collect());
+    };
+    // A page: its names first, which the catalog lists without opening a
+    // table; then the estimates and comments of its tables alone. In one
+    // query, MariaDB opened every table the listing covers to sort them,
+    // each page again.
+    sql.push_str(" LIMIT ?");
+    params.push(limit.into());
+    let sql = sql.replacen(TABLE_COLUMNS, TABLE_NAMES, 1);
+    let names: Vec<(String, String)> = catalog(conn, sql, params).await?;
+    if names.is_empty() {
+        return Ok(Vec::new());
     }
-    let rows: Vec<TableRow> = catalog(conn, sql, params).await?;
-    Ok(rows.into_iter().map(table_info).collect())
+    let mut details = String::from(TABLE_COLUMNS);
+    let mut params: Vec<mysql_async::Value> = Vec::new();
+    for (i, (schema, tables)) in names.chunk_by(|a, b| a.0 == b.0).map(|t| (&t[0].0, t)).enumerate() {
+        let marks = vec!["?"; tables.len()].join(", ");
+        details.push_str(if i == 0 { " (" } else { " OR " });
+        details.push_str(&format!("(TABLE_SCHEMA = ? AND TABLE_NAME IN ({marks}))"));
+        params.push(schema.as_str().into());
+        params.extend(tables.iter().map(|(_, name)| name.as_str().into()));
+    }
+    details.push(')');
+    let rows: Vec<TableRow> = catalog(conn, details, params).await?;
+    // Matched as the catalog compares, without case: kept by exact name, in
+    // the page's order (a table dropped since is left out).
+    let mut found: HashMap<(String, String), TableRow> =
+        rows.into_iter().map(|r| ((r.0.clone(), r.1.clone()), r)).collect();
+    Ok(names
+        .into_iter()
+        .filter_map(|key| found.remove(&key))
+        .map(table_info)
+        .collect())
 }
 
 /// Normalized type from information_schema's DATA_TYPE and COLUMN_TYPE.

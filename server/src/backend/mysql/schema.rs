@@ -266,6 +266,18 @@ pub async fn describe_table(
     let info = table_info(found);
     let key = (info.schema.clone(), info.name.clone());
 
+    let settings: Option<(i64, String, String, String)> = catalog(
+        conn,
+        "SELECT @@log_bin, @@binlog_format, @@binlog_row_image, VERSION()",
+        (),
+    )
+    .await?
+    .into_iter()
+    .next();
+    let mariadb = settings
+        .as_ref()
+        .is_some_and(|(.., version)| version.to_ascii_lowercase().contains("mariadb"));
+    let binlog = settings.map(|(log_bin, format, image, _)| (log_bin, format, image));
     let rows: Vec<ColumnRow> = catalog(
         conn,
         "SELECT COLUMN_NAME, COLUMN_TYPE, DATA_TYPE, IS_NULLABLE, COLUMN_DEFAULT, \
@@ -311,8 +323,7 @@ pub async fn describe_table(
                 column.precision = Some(if r.data_type == "float" { 24 } else { 53 });
             }
             column.max_length = r.length.and_then(|l| i64::try_from(l).ok());
-            // MariaDB reports "no default" as the text NULL.
-            let default_expression = r.default.filter(|d| d != "NULL").unwrap_or_default();
+            let default_expression = default_expression(r.default, &r.data_type, &r.extra, mariadb);
             let (generation, generation_expression) = generation(&r.extra, r.generation_expression);
             ColumnInfo {
                 column,
@@ -421,11 +432,6 @@ pub async fn describe_table(
         }
     }
 
-    let binlog: Option<(i64, String, String)> =
-        catalog(conn, "SELECT @@log_bin, @@binlog_format, @@binlog_row_image", ())
-            .await?
-            .into_iter()
-            .next();
     let (change_stream_ready, change_stream_reason) = match binlog {
         _ if info.kind != TableKind::Table => (false, "only base tables can be watched".to_string()),
         Some((1, format, image)) if format == "ROW" && image == "FULL" => match (&primary_key, not_utf8) {
@@ -460,6 +466,31 @@ pub async fn describe_table(
     })
 }
 
+/// A column's default as MariaDB prints it, on either server: a literal in
+/// quotes (`''`, `'NULL'`, `'2024-01-01'`), an expression or a number as
+/// it is, and no default (or `DEFAULT NULL`, which MariaDB prints as the
+/// word NULL) as nothing. MySQL 8 prints literals without their quotes, so
+/// that `DEFAULT ''` read as no default at all; it marks expressions
+/// (`DEFAULT_GENERATED` in EXTRA).
+fn default_expression(default: Option<String>, data_type: &str, extra: &str, mariadb: bool) -> String {
+    let Some(default) = default else {
+        return String::new();
+    };
+    if mariadb {
+        return if default == "NULL" { String::new() } else { default };
+    }
+    let number = matches!(
+        data_type,
+        "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint" | "decimal" | "numeric" | "float"
+            | "double" | "real" | "bit" | "year"
+    );
+    if number || extra.contains("DEFAULT_GENERATED") {
+        default
+    } else {
+        format!("'{}'", default.replace('\'', "''"))
+    }
+}
+
 /// An index's key column as the engine prints it: `s(3)` for a prefix of `s`
 /// (a unique index over it is unique over the prefix only).
 fn key_column(column: Option<String>, prefix: Option<i64>) -> String {
@@ -473,6 +504,28 @@ fn key_column(column: Option<String>, prefix: Option<i64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_read_alike_on_mysql_and_mariadb() {
+        let read = |d: Option<&str>, ty: &str, extra: &str, mariadb| {
+            default_expression(d.map(str::to_string), ty, extra, mariadb)
+        };
+        for mariadb in [true, false] {
+            assert_eq!(read(None, "varchar", "", mariadb), "", "no default");
+            assert_eq!(read(Some("0"), "int", "", mariadb), "0");
+        }
+        assert_eq!(read(Some("''"), "varchar", "", true), "''");
+        assert_eq!(read(Some(""), "varchar", "", false), "''", "MySQL's empty literal");
+        assert_eq!(read(Some("NULL"), "varchar", "", true), "", "MariaDB's DEFAULT NULL");
+        assert_eq!(read(Some("NULL"), "varchar", "", false), "'NULL'", "MySQL's literal 'NULL'");
+        assert_eq!(read(Some("it's"), "char", "", false), "'it''s'");
+        assert_eq!(read(Some("2024-01-01"), "date", "", false), "'2024-01-01'");
+        assert_eq!(
+            read(Some("CURRENT_TIMESTAMP"), "datetime", "DEFAULT_GENERATED", false),
+            "CURRENT_TIMESTAMP"
+        );
+        assert_eq!(read(Some("b'101'"), "bit", "", false), "b'101'");
+    }
 
     #[test]
     fn generation_follows_extra() {

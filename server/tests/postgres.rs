@@ -2598,6 +2598,36 @@ async fn values_at_postgresqls_edges() {
         .execute("pg", "SELECT $1::real", vec![(1_i64 << 24).into()])
         .await
         .expect("2^24 is exact in a real");
+    // Decimals and text are held to the same: what the float would round is
+    // refused with what it would keep; what it reads back the same is bound.
+    let decimal = |s: &str| pb::Value {
+        kind: Some(Kind::DecimalValue(s.into())),
+    };
+    for (sql, value, kept) in [
+        ("SELECT $1::float8", decimal("9007199254740993"), "9007199254740992"),
+        ("SELECT $1::real", "16777217".into(), "16777216"),
+        (
+            "SELECT $1::float8[]",
+            list(vec![decimal("0.1"), decimal("3.14159265358979323846")]),
+            "3.141592653589793",
+        ),
+    ] {
+        let e = client.execute("pg", sql, vec![value]).await.expect_err(sql);
+        assert_eq!(e.code(), Code::InvalidArgument, "{sql}: {e:?}");
+        assert!(e.message().contains(kept), "{sql}: {e:?}");
+    }
+    let exact = client
+        .execute(
+            "pg",
+            "SELECT $1::float8, $2::real",
+            vec![decimal("0.30000000000000004"), "0.1".into()],
+        )
+        .await
+        .expect("decimals the floats hold");
+    assert_eq!(
+        exact.rows[0].values[0].kind,
+        Some(Kind::DoubleValue(0.300_000_000_000_000_04))
+    );
 }
 
 /// A foreign key to a partitioned table is one key, not one more per

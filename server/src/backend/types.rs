@@ -50,6 +50,48 @@ pub fn special_decimal(s: &str) -> Option<f64> {
     }
 }
 
+/// What a float (`single`: 24 bits of mantissa, else 53) keeps of the
+/// decimal number `s`, when that is not `s` itself: the digits past what it
+/// holds are lost. None when it holds `s` (reads back as the same number),
+/// or when `s` is no finite decimal number (the engine judges those).
+pub fn decimal_rounded_in_float(s: &str, single: bool) -> Option<String> {
+    let kept = if single {
+        let f: f32 = s.trim().parse().ok()?;
+        f.is_finite().then(|| f.to_string())?
+    } else {
+        let f: f64 = s.trim().parse().ok()?;
+        f.is_finite().then(|| f.to_string())?
+    };
+    (normalized_decimal(s)? != normalized_decimal(&kept)?).then_some(kept)
+}
+
+/// A decimal number as (negative, its significant digits, the power of ten
+/// of the last): `1.10` and `11e-1` are both `(false, "11", -1)`; zero is
+/// `(false, "", 0)`, whatever its sign.
+fn normalized_decimal(s: &str) -> Option<(bool, String, i64)> {
+    let s = s.trim();
+    let (negative, s) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let (mantissa, exponent) = match s.find(['e', 'E']) {
+        Some(i) => (&s[..i], s[i + 1..].parse::<i64>().ok()?),
+        None => (s, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if (whole.is_empty() && fraction.is_empty()) || !whole.bytes().chain(fraction.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = format!("{whole}{fraction}");
+    let significant = digits.trim_start_matches('0').trim_end_matches('0');
+    if significant.is_empty() {
+        return Some((false, String::new(), 0));
+    }
+    let trailing_zeros = digits.len() - digits.trim_end_matches('0').len();
+    let exponent = exponent - fraction.len() as i64 + trailing_zeros as i64;
+    Some((negative, significant.to_string(), exponent))
+}
+
 impl Value {
     /// The magnitude of an integer a double would round, past 2^53.
     pub fn rounded_in_double(&self) -> Option<u64> {
@@ -355,4 +397,38 @@ pub struct TableDescription {
 pub struct PoolStatus {
     pub open: u32,
     pub idle: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_a_float_would_round_are_told_with_what_it_keeps() {
+        let kept = |s, single| decimal_rounded_in_float(s, single);
+        assert_eq!(kept("9007199254740993", false).as_deref(), Some("9007199254740992"));
+        assert_eq!(kept("16777217", true).as_deref(), Some("16777216"));
+        assert_eq!(
+            kept("3.14159265358979323846", false).as_deref(),
+            Some("3.141592653589793")
+        );
+        assert_eq!(kept("1e-400", false).as_deref(), Some("0"), "too small: zero");
+        for exact in [
+            "0.1",
+            "0.30000000000000004",
+            "1.10",
+            "1e3",
+            "-0",
+            " 2.5 ",
+            "+7",
+            "-1.5E-3",
+            "123456789012345",
+        ] {
+            assert_eq!(kept(exact, false), None, "{exact}");
+        }
+        assert_eq!(kept("0.1", true), None, "a float's 0.1 reads back as 0.1");
+        for judged_by_the_engine in ["NaN", "Infinity", "1e400", "abc", "", "."] {
+            assert_eq!(kept(judged_by_the_engine, false), None, "{judged_by_the_engine}");
+        }
+    }
 }

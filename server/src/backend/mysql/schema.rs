@@ -481,8 +481,19 @@ fn default_expression(default: Option<String>, data_type: &str, extra: &str, mar
     }
     let number = matches!(
         data_type,
-        "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint" | "decimal" | "numeric" | "float"
-            | "double" | "real" | "bit" | "year"
+        "tinyint"
+            | "smallint"
+            | "mediumint"
+            | "int"
+            | "integer"
+            | "bigint"
+            | "decimal"
+            | "numeric"
+            | "float"
+            | "double"
+            | "real"
+            | "bit"
+            | "year"
     );
     if number || extra.contains("DEFAULT_GENERATED") {
         default
@@ -517,7 +528,11 @@ mod tests {
         assert_eq!(read(Some("''"), "varchar", "", true), "''");
         assert_eq!(read(Some(""), "varchar", "", false), "''", "MySQL's empty literal");
         assert_eq!(read(Some("NULL"), "varchar", "", true), "", "MariaDB's DEFAULT NULL");
-        assert_eq!(read(Some("NULL"), "varchar", "", false), "'NULL'", "MySQL's literal 'NULL'");
+        assert_eq!(
+            read(Some("NULL"), "varchar", "", false),
+            "'NULL'",
+            "MySQL's literal 'NULL'"
+        );
         assert_eq!(read(Some("it's"), "char", "", false), "'it''s'");
         assert_eq!(read(Some("2024-01-01"), "date", "", false), "'2024-01-01'");
         assert_eq!(

@@ -148,11 +148,32 @@ pub fn check_param_type(index: usize, ty: &Type, value: &Value) -> Result<(), Ba
             ),
         });
     }
+    /// A decimal (or text) value, or a list's first, that the float would round.
+    fn rounded_decimal(value: &Value, single: bool) -> Option<(&str, String)> {
+        match value {
+            Value::List(items) => items.iter().find_map(|v| rounded_decimal(v, single)),
+            Value::Decimal(s) | Value::Text(s) => {
+                crate::backend::types::decimal_rounded_in_float(s, single).map(|kept| (s.as_str(), kept))
+            }
+            _ => None,
+        }
+    }
+    let Some(bits) = float_bits(ty) else {
+        return Ok(());
+    };
     // The largest whole number the float holds with every one below it.
-    match float_bits(ty).and_then(|bits| rounded(value, 1u64 << bits)) {
-        Some(magnitude) => Err(BackendError::Parameter {
+    if let Some(magnitude) = rounded(value, 1u64 << bits) {
+        return Err(BackendError::Parameter {
             index: index + 1,
             message: format!("{magnitude} cannot be stored exactly in {ty}; send it as a decimal or a double"),
+        });
+    }
+    match rounded_decimal(value, bits == 24) {
+        Some((sent, kept)) => Err(BackendError::Parameter {
+            index: index + 1,
+            message: format!(
+                "{sent} cannot be stored exactly in {ty}, which would keep {kept}; send a double if that rounding is meant"
+            ),
         }),
         None => Ok(()),
     }

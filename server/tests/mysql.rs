@@ -737,6 +737,56 @@ async fn read_only_sources_refuse_writes_in_the_engine() {
     server.stop().await;
 }
 
+/// A read-only transaction of a read-write source stays read-only: DDL's
+/// implicit commit ended `START TRANSACTION READ ONLY`, and the DDL and
+/// every write after it ran, autocommitted, so that Rollback undid nothing.
+/// The session's characteristic refuses them; it goes with the transaction.
+#[tokio::test]
+async fn a_read_only_transaction_stays_read_only_past_ddl() {
+    let mut direct = mysql_direct().await;
+    direct
+        .query_drop("DROP TABLE IF EXISTS weir_my_ro_tx_made; CREATE TABLE IF NOT EXISTS weir_my_ro_tx (id INT)")
+        .await
+        .expect("setup");
+    let server = TestServer::start(&config()).await;
+    let client = server.client("key-shop").await;
+    let tx = client
+        .begin("maria", IsolationLevel::Unspecified, true)
+        .await
+        .expect("begin read-only");
+    for sql in [
+        "CREATE TABLE weir_my_ro_tx_made (id INT)",
+        "INSERT INTO weir_my_ro_tx VALUES (1)",
+        "SET SESSION TRANSACTION READ WRITE",
+    ] {
+        let err = client.execute_in(&tx, "maria", sql, vec![]).await.expect_err(sql);
+        assert_eq!(err.code(), Code::PermissionDenied, "{sql}: {err:?}");
+    }
+    client.rollback(&tx).await.expect("rollback");
+    let made: Option<String> = direct
+        .query_first("SHOW TABLES LIKE 'weir_my_ro_tx_made'")
+        .await
+        .expect("tables");
+    assert_eq!(made, None, "DDL ran in a read-only transaction");
+    // The pool's sessions are read-write again, for a transaction and alone.
+    let tx = client
+        .begin("maria", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "maria", "INSERT INTO weir_my_ro_tx VALUES (2)", vec![])
+        .await
+        .expect("a read-write transaction writes");
+    client.rollback(&tx).await.expect("rollback");
+    assert_serves(&client, "maria", 2).await;
+    let count = client
+        .execute("maria", "SELECT COUNT(*) FROM weir_my_ro_tx", vec![])
+        .await
+        .expect("count");
+    assert_eq!(int(&count.rows[0].values[0]), 0);
+    server.stop().await;
+}
+
 /// A statement's own `LOAD DATA LOCAL` asks the gateway for a file of its
 /// choosing: it is refused as a bad request, reads nothing, and the source
 /// goes on serving.

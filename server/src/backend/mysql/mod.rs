@@ -582,10 +582,16 @@ impl SqlSource for MysqlSource {
                 .await
                 .map_err(map_error)?;
         }
-        let start = if options.read_only || self.config.read_only {
-            "START TRANSACTION READ ONLY"
-        } else {
-            "START TRANSACTION"
+        // A read-only transaction of a read-write source: START TRANSACTION
+        // READ ONLY alone ends at DDL's implicit commit, after which the
+        // session would run the DDL and autocommit writes. The session's own
+        // characteristic holds for every transaction of it, and refuses the
+        // DDL too, until the transaction ends.
+        let read_only_session = options.read_only && !self.config.read_only;
+        let start = match (read_only_session, self.config.read_only) {
+            (true, _) => "SET SESSION TRANSACTION READ ONLY; START TRANSACTION",
+            (false, true) => "START TRANSACTION READ ONLY",
+            (false, false) => "START TRANSACTION",
         };
         conn.query_drop(start).await.map_err(map_error)?;
         Ok(Box::new(MysqlTransaction {
@@ -597,6 +603,7 @@ impl SqlSource for MysqlSource {
             killer: self.killer.clone(),
             packets: self.packets.clone(),
             read_only_source: self.config.read_only,
+            read_only_session,
         }))
     }
 
@@ -684,6 +691,10 @@ struct MysqlTransaction {
     killer: Arc<Killer>,
     packets: Arc<PacketLimit>,
     read_only_source: bool,
+    /// The session was made read-only for this transaction alone: it is
+    /// made read-write again when the transaction ends (the pool's reset
+    /// does so too, on servers that have one).
+    read_only_session: bool,
 }
 
 /// A read-only source's sessions are read-only by a session setting any
@@ -730,10 +741,22 @@ fn refuse_session_changes(sql: &str) -> Result<(), BackendError> {
     Ok(())
 }
 
+impl MysqlTransaction {
+    /// Sets a session made read-only for the transaction back to read-write.
+    async fn read_write_again(&self, conn: &mut Conn) {
+        if self.read_only_session {
+            if let Err(e) = conn.query_drop("SET SESSION TRANSACTION READ WRITE").await {
+                // The session is broken: the pool drops it.
+                tracing::debug!(error = %e, "could not make a session read-write again");
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl SqlTransaction for MysqlTransaction {
     async fn query(&self, statement: Statement) -> Result<QueryStream, BackendError> {
-        if self.read_only_source {
+        if self.read_only_source || self.read_only_session {
             refuse_leaving_read_only(&statement.sql)?;
         }
         refuse_session_changes(&statement.sql)?;
@@ -758,7 +781,9 @@ impl SqlTransaction for MysqlTransaction {
         if let Some(cause) = tx.rolled_back.or(tx.broken) {
             return Err(BackendError::TransactionRolledBack(cause));
         }
-        tx.conn.query_drop("COMMIT").await.map_err(map_error)
+        tx.conn.query_drop("COMMIT").await.map_err(map_error)?;
+        self.read_write_again(&mut tx.conn).await;
+        Ok(())
     }
 
     async fn rollback(&self) -> Result<(), BackendError> {
@@ -769,7 +794,9 @@ impl SqlTransaction for MysqlTransaction {
         if tx.broken.is_some() {
             return Ok(());
         }
-        tx.conn.query_drop("ROLLBACK").await.map_err(map_error)
+        tx.conn.query_drop("ROLLBACK").await.map_err(map_error)?;
+        self.read_write_again(&mut tx.conn).await;
+        Ok(())
     }
 }
 

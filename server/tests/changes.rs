@@ -2342,6 +2342,66 @@ async fn postgres_a_partitioned_tables_changes_come_under_its_name() {
     ctx.finish(&[&sub], &[&t, &plain]).await;
 }
 
+/// A watch publishes the table it names, not those inheriting from it: they
+/// were published too, so that their own updates and deletes needed a
+/// replica identity and the application's failed without one, and the
+/// snapshot read their rows while the stream dropped their changes. A
+/// partitioned table with REPLICA IDENTITY FULL whose partitions lack it
+/// (they keep their own) is refused, as DescribeTable says, naming one.
+#[tokio::test]
+async fn postgres_a_watch_publishes_only_the_table_it_names() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let t = ctx.table("inherited").await;
+    let child = format!("{t}_child");
+    ctx.sql(&format!("CREATE TABLE {child} (extra INT) INHERITS ({t})"))
+        .await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'own', 1)")).await;
+    ctx.sql(&format!("INSERT INTO {child} VALUES (2, 'child''s', 2, 0)"))
+        .await;
+    let sub = ctx.name("inherited");
+    let mut start = ctx.start(&[&t], &sub);
+    start.snapshot = true;
+    let mut watch = ctx.watch(start).await;
+    let snapshot = changes(&read_changes(&mut watch, 1).await)
+        .into_iter()
+        .map(id_of)
+        .collect::<Vec<_>>();
+    assert_eq!(snapshot, [1], "the table's own rows");
+    ctx.sql(&format!("UPDATE {child} SET v = 'still writable' WHERE id = 2"))
+        .await;
+    ctx.sql(&format!("DELETE FROM {t} WHERE id = 2")).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (3, 'after', 3)")).await;
+    let next = changes(&read_changes(&mut watch, 1).await)
+        .into_iter()
+        .map(id_of)
+        .collect::<Vec<_>>();
+    assert_eq!(next, [3]);
+    drop(watch);
+
+    let parted = ctx.name("full_parted");
+    ctx.sql(&format!(
+        "CREATE TABLE {parted} (id INT, v TEXT) PARTITION BY RANGE (id)"
+    ))
+    .await;
+    ctx.sql(&format!(
+        "CREATE TABLE {parted}_p PARTITION OF {parted} FOR VALUES FROM (0) TO (10)"
+    ))
+    .await;
+    ctx.sql(&format!("ALTER TABLE {parted} REPLICA IDENTITY FULL")).await;
+    let described = ctx.client.describe_table("db", "", &parted).await.expect("describe");
+    let readiness = described.change_streams.expect("readiness");
+    assert!(
+        !readiness.ready && readiness.reason.contains(&format!("{parted}_p")),
+        "{readiness:?}"
+    );
+    let e = ctx.refused_as_not_ready(&parted, &ctx.name("full_parted")).await;
+    assert!(e.message().contains("REPLICA IDENTITY FULL"), "{e:?}");
+    ctx.sql(&format!("ALTER TABLE {parted}_p REPLICA IDENTITY FULL")).await;
+    let described = ctx.client.describe_table("db", "", &parted).await.expect("describe");
+    assert!(described.change_streams.expect("readiness").ready);
+    ctx.finish(&[&sub], &[&child, &t, &parted]).await;
+}
+
 #[tokio::test]
 async fn postgres_pushes_each_change_as_it_commits() {
     let ctx = Ctx::with_changes(

@@ -172,6 +172,11 @@ async fn resolve(client: &Client, tables: &[TableName]) -> Result<HashMap<u32, W
         if let Some(refused) = table_unwatchable(&qualified, &kind, &identity, !primary_key.is_empty()) {
             return Err(refused);
         }
+        if kind == "p" {
+            if let Some(refused) = partitions_unwatchable(client, (oid, &qualified), &identity).await? {
+                return Err(refused);
+            }
+        }
         // A column of a type change events cannot carry would stop the
         // stream at the table's first change, and at it again on every
         // resume: refused before a slot holds any WAL for it.
@@ -230,6 +235,43 @@ pub(super) fn table_unwatchable(
              ALTER TABLE {qualified} REPLICA IDENTITY FULL"
         ))
     })
+}
+
+/// Why a partitioned table cannot be watched for its partitions, if it
+/// cannot. Each partition's own replica identity is the one its updates and
+/// deletes need (the table's is not passed on to them), and the one its old
+/// rows are logged with: one without a key fails the application's updates
+/// once published, and one short of the table's FULL would give `before`
+/// rows with NULL for every column but its key, marked as full rows.
+pub(super) async fn partitions_unwatchable(
+    client: &Client,
+    (oid, qualified): (u32, &str),
+    identity: &str,
+) -> Result<Option<BackendError>, BackendError> {
+    let partitions = client
+        .query(
+            "SELECT c.oid::regclass::text, c.relreplident::text,
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+             FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid
+             WHERE t.isleaf ORDER BY 1",
+            &[&oid],
+        )
+        .await
+        .map_err(map_error)?;
+    for p in &partitions {
+        let (partition, own): (String, String) = (p.get(0), p.get(1));
+        if let Some(refused) = table_unwatchable(&partition, "r", &own, p.get(2)) {
+            return Ok(Some(refused));
+        }
+        if identity == "f" && own != "f" {
+            return Ok(Some(BackendError::ChangesNotReady(format!(
+                "{qualified} has REPLICA IDENTITY FULL but its partition {partition} does not (partitions keep \
+                 their own): the old rows of its updates and deletes would hold its key alone; run \
+                 ALTER TABLE {partition} REPLICA IDENTITY FULL"
+            ))));
+        }
+    }
+    Ok(None)
 }
 
 /// A published column of a type change events cannot carry: it would stop
@@ -378,7 +420,10 @@ async fn ensure_slot(
     existing: Option<u64>,
     watched: &HashMap<u32, Watched>,
 ) -> Result<u64, BackendError> {
-    let mut tables: Vec<&str> = watched.values().map(|w| w.qualified.as_str()).collect();
+    // ONLY: a table others inherit from would publish them too, and their
+    // updates and deletes would then need a replica identity of their own
+    // (failing the application's without one), for changes the stream drops.
+    let mut tables: Vec<String> = watched.values().map(|w| format!("ONLY {}", w.qualified)).collect();
     tables.sort_unstable();
     let list = tables.join(", ");
     let publication = quote_ansi(id);
@@ -601,12 +646,16 @@ impl Reader {
         }
         .encode();
         for (oid, qualified) in &tables {
-            let Some(published) = self.watched.get(oid).map(|w| w.published.clone()) else {
+            let Some((published, partitioned)) = self.watched.get(oid).map(|w| (w.published.clone(), w.partitioned))
+            else {
                 continue;
             };
+            // The table's own rows, as published: not those of tables that
+            // inherit from it (a partitioned table's are its partitions').
+            let only = if partitioned { "" } else { "ONLY " };
             let statement = self
                 .client
-                .prepare(&format!("SELECT {published} FROM {qualified}"))
+                .prepare(&format!("SELECT {published} FROM {only}{qualified}"))
                 .await
                 .map_err(map_error)?;
             let columns: Arc<[Column]> = statement

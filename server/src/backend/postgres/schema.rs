@@ -2,7 +2,7 @@
 
 use tokio_postgres::Client;
 
-use super::changes::{column_unwatchable, table_unwatchable};
+use super::changes::{column_unwatchable, partitions_unwatchable, table_unwatchable};
 use super::map_error;
 use super::types::{column_type, typmod_details};
 use crate::backend::bulk::quote_ansi;
@@ -314,8 +314,11 @@ pub async fn describe_table(
         .collect();
 
     // WatchChanges' own rule, so that "ready" means a watch would start.
-    let refused = table_unwatchable(&qualified, &relkind, &replica_identity, primary_key.is_some())
+    let mut refused = table_unwatchable(&qualified, &relkind, &replica_identity, primary_key.is_some())
         .or_else(|| unwatchable_column.map(|(column, type_name)| column_unwatchable(&qualified, &column, &type_name)));
+    if refused.is_none() && relkind == "p" {
+        refused = partitions_unwatchable(client, (oid, &qualified), &replica_identity).await?;
+    }
     let (change_stream_ready, change_stream_reason) = match refused {
         Some(BackendError::Invalid(why) | BackendError::ChangesNotReady(why)) => (false, why),
         Some(other) => (false, other.to_string()),

@@ -58,6 +58,11 @@ ensure_postgres() {
     if ! as_postgres psql -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'" 2>/dev/null | grep -q 1; then
       as_postgres createdb -O "$user" "$db" >/dev/null 2>&1 || true
     fi
+    # Replication slots an earlier run's failed change-stream tests left
+    # (their subscriptions were never deleted) hold WAL for good: the test
+    # database's idle Weir slots go before the tests make their own.
+    as_postgres psql -q -d "$db" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+      WHERE NOT active AND database = current_database() AND slot_name LIKE 'weir\_%'" >/dev/null 2>&1 || true
   fi
 }
 

@@ -967,6 +967,43 @@ async fn postgres_a_column_of_an_unsupported_type_added_midway_comes_as_bytes() 
     ctx.finish(&[&sub], &[&t]).await;
 }
 
+/// A change logged while a column had a type since dropped (an enum turned
+/// to text, then dropped) comes with the value's binary form, its type
+/// unspecified: the old type's lookup failed, and the stream stopped with
+/// INVALID_ARGUMENT at that change on every resume.
+#[tokio::test]
+async fn postgres_a_change_of_a_type_dropped_since_comes_as_bytes() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let t = ctx.name("dropped_type");
+    let mood = format!("{t}_mood");
+    ctx.sql(&format!("CREATE TYPE {mood} AS ENUM ('calm', 'glad')")).await;
+    ctx.sql(&format!("CREATE TABLE {t} (id INT PRIMARY KEY, m {mood})"))
+        .await;
+    let sub = ctx.name("dropped_type");
+    // The slot is made, and the stream left before any change.
+    drop(ctx.watch(ctx.start(&[&t], &sub)).await);
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'glad')")).await;
+    ctx.sql(&format!("ALTER TABLE {t} ALTER COLUMN m TYPE text")).await;
+    ctx.sql(&format!("DROP TYPE {mood}")).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (2, 'calm')")).await;
+    let mut start = ctx.start(&[&t], &sub);
+    start.take_over = true;
+    let mut watch = ctx.watch(start).await;
+    let messages = read_changes(&mut watch, 2).await;
+    let got = changes(&messages);
+    let m = got[0].columns.iter().find(|c| c.name == "m").expect("the column");
+    assert_eq!(m.r#type, pb::ColumnType::Unspecified as i32, "{m:?}");
+    let row = got[0].after.as_ref().expect("a row");
+    assert_eq!(
+        col(got[0], row, "m").kind,
+        Some(pb::value::Kind::BytesValue(b"glad".to_vec()))
+    );
+    let row = got[1].after.as_ref().expect("a row");
+    assert_eq!(text(col(got[1], row, "m")), "calm");
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
+}
+
 /// An infinite date or timestamp (a common "valid until" value) has no
 /// typed form: in a change event or a snapshot row it comes as the text
 /// `infinity`, so the subscription reads on instead of failing at that
@@ -2567,6 +2604,46 @@ async fn postgres_change_streams_log_in_with_scram_and_md5() {
         drop(watch);
         ctx.finish(&[&sub], &[&t]).await;
     }
+}
+
+/// A role's (or database's) `statement_timeout` does not cut a snapshot,
+/// which is one statement read at the consumer's pace: it failed on every
+/// retry once the snapshot took longer to read than the timeout.
+#[tokio::test]
+async fn postgres_a_snapshot_outlasts_the_roles_statement_timeout() {
+    let pg = pg_direct().await;
+    pg.batch_execute(
+        "DO $$ BEGIN CREATE ROLE weir_timeouts LOGIN SUPERUSER; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+         ALTER ROLE weir_timeouts PASSWORD 'weir-timeouts'; \
+         ALTER ROLE weir_timeouts SET statement_timeout = '1s'",
+    )
+    .await
+    .expect("a role with a statement timeout");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = dir.path().join("password");
+    std::fs::write(&file, "weir-timeouts").expect("password file");
+    let source = pg_source(
+        &env_or("WEIR_TEST_PG_PORT", "5432"),
+        "weir_timeouts",
+        &format!("password_file = \"{}\"", file.display()),
+    );
+    let ctx = Ctx::with_source(Engine::Postgres, CONFIG, &source).await;
+    let t = ctx.table("slow_snapshot").await;
+    // More than socket buffers hold, so that the statement waits for the reader.
+    ctx.sql(&format!(
+        "INSERT INTO {t} SELECT g, repeat('x', 2000), g FROM generate_series(1, 20000) g"
+    ))
+    .await;
+    let sub = ctx.name("slow_snapshot");
+    let mut start = ctx.start(&[&t], &sub);
+    start.snapshot = true;
+    let mut watch = ctx.watch(start).await;
+    let first = read_changes(&mut watch, 1).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let rest = read_changes(&mut watch, 19_999).await;
+    assert_eq!(changes(&first).len() + changes(&rest).len(), 20_000);
+    drop(watch);
+    ctx.finish(&[&sub], &[&t]).await;
 }
 
 macro_rules! suite {

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::{pin_mut, TryStreamExt};
 use sha2::{Digest, Sha256};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
@@ -108,8 +109,23 @@ struct Rel {
 }
 
 /// A session of its own, driven like the pool's.
+/// A session of a stream's own (its lock, its snapshot). Timeouts a role or
+/// database sets for applications do not apply: a snapshot read at the
+/// consumer's pace is one long statement, and the lock's session sits idle
+/// for the stream's whole life; cut, the snapshot failed on every retry,
+/// and the stream ended every few minutes. (`idle_session_timeout` is
+/// PostgreSQL 14's; older servers have none to lift.)
 async fn connect(target: &Target) -> Result<Client, BackendError> {
-    target.connect().await.map(|driven| driven.client)
+    let client = target.connect().await?.client;
+    client
+        .batch_execute(
+            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+             SELECT set_config('idle_session_timeout', '0', false) \
+             WHERE current_setting('server_version_num')::int >= 140000",
+        )
+        .await
+        .map_err(map_error)?;
+    Ok(client)
 }
 
 fn lsn_sql(expr: &str) -> String {
@@ -537,18 +553,33 @@ impl Reader {
         if let Some(t) = Type::from_oid(oid).or_else(|| self.types.get(&oid).cloned()) {
             return Ok(t);
         }
+        // A type dropped since the change was logged (a column's type
+        // changed, then the old enum dropped): a column of it is read as
+        // PostgreSQL's binary form (see `relation`). Refused, the stream
+        // would stop at that change on every resume.
+        let gone = || {
+            Type::new(
+                format!("type {oid}"),
+                oid,
+                tokio_postgres::types::Kind::Simple,
+                String::new(),
+            )
+        };
         // Enums, domains and extension types: let the driver resolve them.
-        let name: String = self
+        let name: Option<String> = self
             .client
             .query_one("SELECT format_type($1, NULL)", &[&oid])
             .await
             .map_err(map_error)?
             .get(0);
-        let statement = self
-            .client
-            .prepare(&format!("SELECT NULL::{name}"))
-            .await
-            .map_err(map_error)?;
+        let Some(name) = name.filter(|n| n != "???") else {
+            return Ok(gone());
+        };
+        let statement = match self.client.prepare(&format!("SELECT NULL::{name}")).await {
+            Ok(statement) => statement,
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => return Ok(gone()),
+            Err(e) => return Err(map_error(e)),
+        };
         let ty = statement
             .columns()
             .first()

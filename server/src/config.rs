@@ -28,8 +28,38 @@ demo_data = true
 pub enum ConfigError {
     #[error("cannot read configuration: {0}")]
     Load(#[from] Box<figment::Error>),
+    #[error("cannot read configuration: {path}: not valid TOML at line {line}, column {column}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("invalid configuration: {key}: {message}")]
     Invalid { key: String, message: String },
+}
+
+/// Refuses a file that is not TOML, saying where: figment's own error
+/// quotes the line the parser stopped at, which may hold a password (a
+/// `redis_url` whose password has a `\` in it), and would reach the log.
+/// A file that cannot be read is left to figment to report.
+fn check_syntax(path: &Path) -> Result<(), ConfigError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let Err(e) = text.parse::<toml::Table>() else {
+        return Ok(());
+    };
+    let at = e.span().map_or(0, |span| span.start).min(text.len());
+    let before = &text.as_bytes()[..at];
+    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+    let column = at - before.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1) + 1;
+    Err(ConfigError::Syntax {
+        path: path.display().to_string(),
+        line,
+        column,
+        message: e.message().trim().to_string(),
+    })
 }
 
 /// A variable that looks meant as an override but would not be read as
@@ -317,9 +347,13 @@ pub struct GlobalLimitsConfig {
 /// without it, so that no debug line of a configuration shows it.
 impl std::fmt::Debug for GlobalLimitsConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let url = self.redis_url.as_deref().map(|u| match (u.find("://"), u.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => format!("{}://<credentials>@{}", &u[..scheme], &u[at + 1..]),
-            _ => u.to_string(),
+        // A socket URL gives them as its query (`redis+unix:///s?user=u&pass=p`): it goes too.
+        let url = self.redis_url.as_deref().map(|u| {
+            let u = u.split_once('?').map_or(u, |(path, _)| path);
+            match (u.find("://"), u.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => format!("{}://<credentials>@{}", &u[..scheme], &u[at + 1..]),
+                _ => u.to_string(),
+            }
         });
         f.debug_struct("GlobalLimitsConfig")
             .field("redis_url", &url)
@@ -649,7 +683,10 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         misnamed_overrides(std::env::vars_os())?;
         let base = match path {
-            Some(p) => Figment::from(Toml::file_exact(p)),
+            Some(p) => {
+                check_syntax(p)?;
+                Figment::from(Toml::file_exact(p))
+            }
             None => Figment::from(Toml::string(DEMO_CONFIG)),
         };
         // An override changes a tenant the file defines; one that made a
@@ -1288,6 +1325,27 @@ mod tests {
             !printed.contains("hunter2") && printed.contains("redis.internal:6380/0"),
             "{printed}"
         );
+        let config = Config::from_toml("[limits]\nredis_url = \"redis+unix:///run/redis.sock?db=1&pass=hunter2\"\n")
+            .expect("config");
+        let printed = format!("{config:?}");
+        assert!(
+            !printed.contains("hunter2") && printed.contains("/run/redis.sock"),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_toml_is_refused_without_quoting_its_line() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("weir.toml");
+        std::fs::write(
+            &path,
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[limits]\nredis_url = \"redis://:pa\\ss@redis:6379/0\"\n",
+        )
+        .expect("file");
+        let err = Config::load(Some(&path)).expect_err("an invalid escape").to_string();
+        assert!(!err.contains("pa\\ss") && !err.contains("redis:6379"), "{err}");
+        assert!(err.contains("line 5, column"), "{err}");
     }
 
     #[test]

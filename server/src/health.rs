@@ -55,7 +55,16 @@ async fn probe(source: &Source) -> Probe {
     let limit = PROBE_TIMEOUT.max(source.config.pool.acquire_timeout + Duration::from_secs(1));
     match tokio::time::timeout(limit, source.backend.connection_info()).await {
         Ok(Ok(info)) => Probe::Up(info),
-        Ok(Err(BackendError::PoolExhausted { .. })) => Probe::Busy,
+        // The engine's own "too many connections" (53300, errno 1040) says it
+        // answers too, as the circuit breaker takes it: every replica probes
+        // the same database, and calling it down would take them all out.
+        Ok(Err(
+            BackendError::PoolExhausted { .. }
+            | BackendError::Engine {
+                kind: crate::backend::EngineErrorKind::Overloaded,
+                ..
+            },
+        )) => Probe::Busy,
         _ => Probe::Down,
     }
 }

@@ -112,6 +112,55 @@ async fn sources_that_never_answer_do_not_hold_up_readiness() {
     server.stop().await;
 }
 
+/// A required database that refuses new sessions for too many connections
+/// (53300) answers: the replica stays ready, as the circuit breaker takes
+/// it. Every replica probes the same database, and calling it down took
+/// them all out of service at once.
+#[tokio::test]
+async fn a_database_full_of_connections_is_busy_not_down() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let full = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = full.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = full.accept().await {
+            tokio::spawn(async move {
+                // The startup message, then PostgreSQL's refusal.
+                let mut startup = [0u8; 1024];
+                let _ = socket.read(&mut startup).await;
+                let mut fields = Vec::new();
+                for (code, text) in [
+                    (b'S', "FATAL"),
+                    (b'V', "FATAL"),
+                    (b'C', "53300"),
+                    (b'M', "sorry, too many clients already"),
+                ] {
+                    fields.push(code);
+                    fields.extend_from_slice(text.as_bytes());
+                    fields.push(0);
+                }
+                fields.push(0);
+                let mut message = vec![b'E'];
+                message.extend_from_slice(&(fields.len() as i32 + 4).to_be_bytes());
+                message.extend_from_slice(&fields);
+                let _ = socket.write_all(&message).await;
+            });
+        }
+    });
+    let source = common::postgres_at("full", "db", &port.to_string(), "required = true\n");
+    let server = TestServer::start(&format!("{FAST}{}", tenant("full", "", &source))).await;
+    readiness_becomes(&server, 200).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(ready(&server).await, 200, "still ready after more probes");
+    let err = server
+        .client("key-full")
+        .await
+        .execute("db", "SELECT 1", vec![])
+        .await
+        .expect_err("no session to be had");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    server.stop().await;
+}
+
 /// Reads a stream to its end, which must be an error, not a complete result.
 async fn stream_error(stream: &mut weir_client::ResultStream) -> tonic::Status {
     loop {

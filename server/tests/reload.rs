@@ -315,20 +315,31 @@ async fn sighup_reloads_at_once() {
 async fn audit_sql_is_switched_on_per_tenant_by_reload() {
     let file = ConfigFile::new(&format!("{FAST}{}", tenant("a", &["a1"], "")));
     let weir = start(&file);
-    let audit = |sql: &'static str| {
+    let audit = |sql: String| {
         let weir = &weir;
         async move {
             let client = WeirClient::connect(&weir.addr, "key-a1").await.expect("connect");
-            client.execute("demo", sql, vec![]).await.expect("execute");
+            client.execute("demo", &sql, vec![]).await.expect("execute");
             weir.next_log(|l| l["target"] == "weir::audit")
         }
     };
-    let line = audit("SELECT 1 AS quiet").await;
+    let line = audit("SELECT 1 AS quiet".into()).await;
     assert!(line["span"].get("sql").is_none(), "{line}");
     file.write(&format!("{FAST}{}", tenant("a", &["a1"], "audit_sql = true")));
     reloaded(&weir);
-    let line = audit("SELECT 2 AS loud").await;
+    let line = audit("SELECT 2 AS loud".into()).await;
     assert_eq!(line["span"]["sql"], "SELECT 2 AS loud", "{line}");
+    // Cut to 4 KiB, its length said; and left out where it names a password.
+    let line = audit(format!("SELECT '{}' AS long", "x".repeat(100_000))).await;
+    let sql = line["span"]["sql"].as_str().unwrap_or_default();
+    assert!(
+        sql.len() < 4200 && sql.ends_with("(100017 bytes in all)"),
+        "{}",
+        sql.len()
+    );
+    let line = audit("SELECT 'hunter2' AS password".into()).await;
+    let sql = line["span"]["sql"].as_str().unwrap_or_default();
+    assert!(!sql.contains("hunter2") && sql.contains("naming a password"), "{sql}");
 }
 
 fn pg_config(pool_size: u32) -> String {

@@ -102,7 +102,7 @@ impl QueryApi {
             });
         }
         if caller.tenant.audit_sql {
-            tracing::Span::current().record("sql", sql.as_str());
+            tracing::Span::current().record("sql", audited_sql(&sql).as_ref());
         }
         if !tx_id.is_empty() && sql_text::controls_transaction(&sql) {
             return Err(Error::InvalidArgument {
@@ -373,6 +373,24 @@ impl Batches for ArrowBatches {
 
     fn end(&mut self) -> Result<Option<(pb::ExecuteStreamResponse, usize)>> {
         Ok(Some(arrow_piece(ArrowBatches::end(self)?)))
+    }
+}
+
+/// The most of a statement an audit line carries: the text is the caller's,
+/// up to `max_request_bytes`, and would be repeated by every line of the
+/// call and exported on its span.
+const AUDITED_SQL_BYTES: usize = 4096;
+
+/// A statement as the audit line records it: cut to AUDITED_SQL_BYTES (its
+/// full length said), and left out when it names a password (`ALTER ROLE
+/// ... PASSWORD '...'`, `CREATE USER ... IDENTIFIED BY '...'`).
+fn audited_sql(sql: &str) -> std::borrow::Cow<'_, str> {
+    if sql_text::has_word(sql, &["password", "identified"]) {
+        return format!("(not recorded: a statement naming a password, {} bytes)", sql.len()).into();
+    }
+    match crate::telemetry::cut(sql, AUDITED_SQL_BYTES) {
+        whole if whole.len() == sql.len() => whole.into(),
+        head => format!("{head}… ({} bytes in all)", sql.len()).into(),
     }
 }
 

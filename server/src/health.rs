@@ -158,7 +158,15 @@ pub async fn monitor(tenants: Arc<Registry>, reporter: HealthReporter, readiness
             _ = ticker.tick() => {}
             () = tenants.reloaded() => ticker.reset(),
         }
-        let (ready, probed) = probe_all(&tenants.current()).await;
+        let current = tenants.current();
+        let (sources_ready, probed) = probe_all(&current).await;
+        // With `on_redis_failure = fail_closed`, a replica without Redis
+        // refuses every call: it is not ready either.
+        let refusing = match current.shared_limits() {
+            Some(limits) => limits.refusing_calls().await,
+            None => false,
+        };
+        let ready = sources_ready && !refusing;
         for gone in known.difference(&probed) {
             forget(gone);
         }

@@ -15,6 +15,20 @@ fn tenant_id() -> String {
     format!("g{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
+/// Health probes (and so readiness) five times a second.
+const FAST_HEALTH: &str = "[server]\nhealth_check_interval = \"200ms\"\n";
+
+/// Waits for `/readyz` to answer `status`.
+async fn readiness_becomes(server: &TestServer, status: u16) {
+    for _ in 0..100 {
+        if http_get(&server.metrics_url, "/readyz").await.0 == status {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("/readyz did not become {status}");
+}
+
 fn config(id: &str, limits: &str, redis: &str) -> String {
     format!("[limits]\n{redis}\n") + &tenant(id, limits, &sqlite_demo(id, "demo"))
 }
@@ -255,7 +269,11 @@ async fn a_slow_first_connection_to_redis_rests_it_only_until_it_is_made() {
     let redis = format!(
         "redis_url = \"redis://127.0.0.1:{port}/0\"\nredis_timeout = \"50ms\"\non_redis_failure = \"fail_closed\""
     );
-    let server = TestServer::start(&config(&id, "", &redis)).await;
+    let server = TestServer::start(&format!("{FAST_HEALTH}{}", config(&id, "", &redis))).await;
+    // Refusing every call for want of Redis, the replica is not ready
+    // (after health rounds, not only before the first).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(http_get(&server.metrics_url, "/readyz").await.0, 503);
     let client = server.client(&format!("key-{id}")).await;
     for _ in 0..3 {
         let err = client
@@ -279,6 +297,7 @@ async fn a_slow_first_connection_to_redis_rests_it_only_until_it_is_made() {
         admitted_after < Duration::from_millis(800),
         "calls were refused for {admitted_after:?} after the connection could be made"
     );
+    readiness_becomes(&server, 200).await;
     proxy.abort();
     server.stop().await;
 }

@@ -356,6 +356,47 @@ impl GlobalLimiter {
         }
     }
 
+    /// Whether calls are refused for want of Redis (`fail_closed`, and Redis
+    /// not answering): the replica is then not ready, so that traffic goes
+    /// to replicas that can serve it. Redis is asked (PING) while it is not
+    /// known to answer and no rest is under way: a replica that is not ready
+    /// gets no calls to learn from that Redis is back.
+    pub async fn refusing_calls(&self) -> bool {
+        if self.on_failure != RedisFailure::FailClosed {
+            return false;
+        }
+        let resting = self.now_ms() < self.resting_until.load(Ordering::Relaxed);
+        let answered = self.conn.borrow().0.is_some() && self.rest_ms.load(Ordering::Relaxed) == 0;
+        if answered {
+            return false;
+        }
+        // A call is trying Redis, or a rest is under way: as it stands.
+        let probe = self.rest_ms.load(Ordering::Relaxed) != 0;
+        if resting || self.probing.swap(true, Ordering::AcqRel) {
+            return true;
+        }
+        let _probing = Probing(&self.probing);
+        let ping = async {
+            let mut conn = self.connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        match tokio::time::timeout(self.timeout, ping).await {
+            Ok(Ok(_)) => {
+                self.failures_in_a_row.store(0, Ordering::Relaxed);
+                self.rest_ms.store(0, Ordering::Relaxed);
+                false
+            }
+            Ok(Err(e)) => {
+                self.failed(e.to_string(), probe);
+                true
+            }
+            Err(_) => {
+                self.failed(format!("no answer within {:?}", self.timeout), probe);
+                true
+            }
+        }
+    }
+
     /// Takes one token from the tenant's shared request bucket, at a turn
     /// within `max_wait`: returns how long to wait for it.
     pub async fn admit(&self, tenant: &str, rate: u32, burst: u32, max_wait: Duration) -> Result<Duration, Error> {

@@ -175,6 +175,11 @@ fn secret_hash(source: &SourceConfig) -> Result<[u8; 32], String> {
 }
 
 impl Tenants {
+    /// The shared (Redis) limits, when configured.
+    pub fn shared_limits(&self) -> Option<&Arc<GlobalLimiter>> {
+        self.shared.as_ref()
+    }
+
     /// Builds every tenant and its source pools (which connect lazily).
     pub fn build(config: &Config, stop: &CancellationToken) -> Result<Self, BackendError> {
         Self::rebuild(config, None, stop).map(|(t, _)| t)

@@ -141,11 +141,23 @@ async fn current_lsn(client: &Client) -> Result<u64, BackendError> {
 }
 
 async fn check_wal_level(client: &Client) -> Result<(), BackendError> {
-    let level: String = client
-        .query_one("SELECT current_setting('wal_level')", &[])
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'), current_setting('server_version_num')::int, \
+             current_setting('server_version')",
+            &[],
+        )
         .await
-        .map_err(map_error)?
-        .get(0);
+        .map_err(map_error)?;
+    let (level, version): (String, i32) = (row.get(0), row.get(1));
+    // The stream asks pgoutput for binary tuples, which PostgreSQL 14 added:
+    // refused before a slot is made, not at START_REPLICATION after it.
+    if version < 140_000 {
+        return Err(BackendError::ChangesNotReady(format!(
+            "change streams need PostgreSQL 14 or later; this server is {}",
+            row.get::<_, String>(2)
+        )));
+    }
     if level != "logical" {
         return Err(BackendError::ChangesNotReady(format!(
             "PostgreSQL has wal_level = {level}; change streams need wal_level = logical \
@@ -401,8 +413,8 @@ async fn slot_confirmed(client: &Client, id: &str, name: &str) -> Result<Option<
     let row = client
         .query_opt(
             &format!(
-                "SELECT database IS NOT DISTINCT FROM current_database(), {} FROM pg_replication_slots \
-                 WHERE slot_name = $1",
+                "SELECT database IS NOT DISTINCT FROM current_database(), {}, wal_status = 'lost' \
+                 FROM pg_replication_slots WHERE slot_name = $1",
                 lsn_sql("confirmed_flush_lsn")
             ),
             &[&id],
@@ -412,6 +424,15 @@ async fn slot_confirmed(client: &Client, id: &str, name: &str) -> Result<Option<
     let Some(row) = row else {
         return Ok(None);
     };
+    // The server removed WAL the slot still needed (`max_slot_wal_keep_size`):
+    // the changes since its position are gone, as a purged position's are.
+    if row.get::<_, Option<bool>>(2) == Some(true) {
+        return Err(BackendError::PositionNotRetained(format!(
+            "the replication slot of subscription \"{name}\" ({id}) lost WAL it needed (the server's \
+             max_slot_wal_keep_size): the changes since its position are gone; delete the subscription and \
+             watch it again with a snapshot"
+        )));
+    }
     match (row.get::<_, bool>(0), row.get::<_, Option<i64>>(1)) {
         (true, Some(lsn)) => Ok(Some(lsn as u64)),
         // Another database's slot, or a physical slot (no database).

@@ -1471,8 +1471,21 @@ async fn postgres_a_subscription_name_on_two_databases_of_one_server_stays_apart
     let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
     ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'one', 1)")).await;
     let position = changes(&read_changes(&mut watch, 1).await)[0].position.clone();
-    watch.ack(position).await.expect("ack");
+    watch.ack(position.clone()).await.expect("ack");
     drop(watch);
+    // A position of the first source's subscription is not one of the
+    // second's, whatever its log position would say there.
+    let mut elsewhere = ctx.start(&[&t], &sub);
+    elsewhere.source = "db2".into();
+    elsewhere.resume_position = position;
+    let e = ctx
+        .client
+        .watch(elsewhere)
+        .await
+        .err()
+        .expect("another source's position");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("of source \"db2\""), "{e:?}");
     // Until the first source's reader has let its slot go.
     let id = weir_server::service::changes::subscription_id("cs", &sub);
     let deadline = tokio::time::Instant::now() + WAIT;

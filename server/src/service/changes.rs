@@ -21,7 +21,9 @@ const MAX_SUBSCRIPTION: usize = 100;
 /// Most tables one subscription watches.
 const MAX_TABLES: usize = 100;
 /// First byte of every position Weir hands out; a new layout gets a new one.
-const POSITION_VERSION: u8 = 1;
+const POSITION_VERSION: u8 = 2;
+/// Positions handed out before they named their source: still taken.
+const POSITION_VERSION_WITHOUT_SOURCE: u8 = 1;
 /// How long a call may take to send its WatchStart: a caller that never does
 /// would otherwise hold a concurrency slot for good.
 const START_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -58,11 +60,27 @@ pub fn subscription_id(tenant: &str, name: &str) -> String {
     )
 }
 
-/// A position as the client sees it: version, tenant, subscription, then the engine's bytes.
-fn encode_position(tenant: &str, subscription: &str, p: &Position) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + tenant.len() + subscription.len() + p.0.len());
+/// Whose a position is: a tenant's subscription on one of its sources.
+/// Subscriptions of the same name on two sources (two servers) have
+/// positions alike, and one taken for the other would skip changes there.
+#[derive(Clone, Copy)]
+struct Owner<'a> {
+    tenant: &'a str,
+    source: &'a str,
+    subscription: &'a str,
+}
+
+/// A position as the client sees it: version, tenant, source, subscription,
+/// then the engine's bytes.
+fn encode_position(owner: Owner<'_>, p: &Position) -> Vec<u8> {
+    let Owner {
+        tenant,
+        source,
+        subscription,
+    } = owner;
+    let mut out = Vec::with_capacity(7 + tenant.len() + source.len() + subscription.len() + p.0.len());
     out.push(POSITION_VERSION);
-    for part in [tenant, subscription] {
+    for part in [tenant, source, subscription] {
         out.extend_from_slice(&(part.len() as u16).to_be_bytes());
         out.extend_from_slice(part.as_bytes());
     }
@@ -70,13 +88,25 @@ fn encode_position(tenant: &str, subscription: &str, p: &Position) -> Vec<u8> {
     out
 }
 
-fn decode_position(field: &'static str, tenant: &str, subscription: &str, bytes: &[u8]) -> Result<Position> {
-    let foreign = || bad(field, format!("not a position of subscription \"{subscription}\""));
+fn decode_position(field: &'static str, owner: Owner<'_>, bytes: &[u8]) -> Result<Position> {
+    let Owner {
+        tenant,
+        source,
+        subscription,
+    } = owner;
+    let foreign = || {
+        bad(
+            field,
+            format!("not a position of subscription \"{subscription}\" of source \"{source}\""),
+        )
+    };
     let (&version, mut rest) = bytes.split_first().ok_or_else(foreign)?;
-    if version != POSITION_VERSION {
-        return Err(foreign());
-    }
-    for expected in [tenant, subscription] {
+    let parts: &[&str] = match version {
+        POSITION_VERSION => &[tenant, source, subscription],
+        POSITION_VERSION_WITHOUT_SOURCE => &[tenant, subscription],
+        _ => return Err(foreign()),
+    };
+    for expected in parts {
         let (len, tail) = rest.split_at_checked(2).ok_or_else(foreign)?;
         let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
         let (part, tail) = tail.split_at_checked(len).ok_or_else(foreign)?;
@@ -106,13 +136,12 @@ fn tables(refs: Vec<pb::TableRef>) -> Result<Vec<TableName>> {
 }
 
 struct Stamp<'a> {
-    tenant: &'a str,
-    subscription: &'a str,
+    owner: Owner<'a>,
 }
 
 impl Stamp<'_> {
     fn position(&self, p: &Position) -> Vec<u8> {
-        encode_position(self.tenant, self.subscription, p)
+        encode_position(self.owner, p)
     }
 
     /// The message for `item`; boundaries and heartbeats carry the time the stream has been throttled so far.
@@ -207,7 +236,14 @@ pub async fn watch(
     check_subscription(&start.subscription)?;
     let tenant = caller.tenant.id.clone();
     let resume = (!start.resume_position.is_empty())
-        .then(|| decode_position("resume_position", &tenant, &start.subscription, &start.resume_position))
+        .then(|| {
+            let owner = Owner {
+                tenant: &tenant,
+                source: &start.source,
+                subscription: &start.subscription,
+            };
+            decode_position("resume_position", owner, &start.resume_position)
+        })
         .transpose()?;
     let tables = tables(start.tables)?;
     let names: Vec<String> = tables
@@ -261,8 +297,16 @@ struct Pump<'a> {
 }
 
 impl Pump<'_> {
+    fn owner(&self) -> Owner<'_> {
+        Owner {
+            tenant: &self.caller.tenant.id,
+            source: self.source,
+            subscription: self.subscription,
+        }
+    }
+
     fn ack(&self, bytes: &[u8]) -> Result<Position> {
-        let p = decode_position("ack.position", &self.caller.tenant.id, self.subscription, bytes)?;
+        let p = decode_position("ack.position", self.owner(), bytes)?;
         if self.delivered.as_ref().is_none_or(|d| &p > d) {
             return Err(bad(
                 "ack.position",
@@ -280,9 +324,13 @@ impl Pump<'_> {
         cut: CancellationToken,
     ) {
         use pb::watch_changes_request::Message;
+        // Field by field: the pump's own state changes while the stamp is held.
         let stamp = Stamp {
-            tenant: &self.caller.tenant.id,
-            subscription: self.subscription,
+            owner: Owner {
+                tenant: &self.caller.tenant.id,
+                source: self.source,
+                subscription: self.subscription,
+            },
         };
         let (revoked, expires) = (self.caller.revoked.clone(), self.caller.expires);
         let (cut, revoked, retired) = (&cut, &revoked, &self.retired.clone());
@@ -416,17 +464,28 @@ mod tests {
             bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
         ) {
             let p = Position(bytes);
-            let encoded = encode_position(&tenant, &sub, &p);
-            proptest::prop_assert_eq!(decode_position("p", &tenant, &sub, &encoded).ok(), Some(p));
+            let owner = |tenant, source| Owner { tenant, source, subscription: &sub };
+            let encoded = encode_position(owner(&tenant, "db"), &p);
+            proptest::prop_assert_eq!(decode_position("p", owner(&tenant, "db"), &encoded).ok(), Some(p.clone()));
             if other != tenant {
-                proptest::prop_assert!(decode_position("p", &other, &sub, &encoded).is_err());
+                proptest::prop_assert!(decode_position("p", owner(&other, "db"), &encoded).is_err());
             }
+            proptest::prop_assert!(decode_position("p", owner(&tenant, "db2"), &encoded).is_err(), "another source's");
+            // A position handed out before positions named their source.
+            let mut old = vec![POSITION_VERSION_WITHOUT_SOURCE];
+            for part in [tenant.as_str(), sub.as_str()] {
+                old.extend_from_slice(&(part.len() as u16).to_be_bytes());
+                old.extend_from_slice(part.as_bytes());
+            }
+            old.extend_from_slice(&p.0);
+            proptest::prop_assert_eq!(decode_position("p", owner(&tenant, "db2"), &old).ok(), Some(p));
         }
 
         /// Forged bytes are refused or read as some position of the caller's own; never a panic.
         #[test]
         fn forged_positions_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..128)) {
-            let _ = decode_position("p", "t", "s", &bytes);
+            let owner = Owner { tenant: "t", source: "db", subscription: "s" };
+            let _ = decode_position("p", owner, &bytes);
         }
 
         /// Subscription ids are plain identifiers of at most 63 bytes, whatever the names.
@@ -453,14 +512,24 @@ mod tests {
     }
 
     #[test]
-    fn positions_are_bound_to_tenant_and_subscription() {
+    fn positions_are_bound_to_tenant_source_and_subscription() {
         let p = Position(vec![0, 1, 2, 3]);
-        let bytes = encode_position("acme", "orders", &p);
-        assert_eq!(decode_position("f", "acme", "orders", &bytes).ok(), Some(p));
-        assert!(decode_position("f", "other", "orders", &bytes).is_err());
-        assert!(decode_position("f", "acme", "other", &bytes).is_err());
+        let owner = |tenant, source, subscription| Owner {
+            tenant,
+            source,
+            subscription,
+        };
+        let bytes = encode_position(owner("acme", "pg_eu", "orders"), &p);
+        assert_eq!(
+            decode_position("f", owner("acme", "pg_eu", "orders"), &bytes).ok(),
+            Some(p)
+        );
+        assert!(decode_position("f", owner("other", "pg_eu", "orders"), &bytes).is_err());
+        assert!(decode_position("f", owner("acme", "pg_eu", "other"), &bytes).is_err());
+        let err = decode_position("f", owner("acme", "pg_us", "orders"), &bytes).expect_err("another source's");
+        assert!(format!("{err}").contains("of source \"pg_us\""), "{err}");
         for cut in 0..bytes.len() - 4 {
-            assert!(decode_position("f", "acme", "orders", &bytes[..cut]).is_err());
+            assert!(decode_position("f", owner("acme", "pg_eu", "orders"), &bytes[..cut]).is_err());
         }
     }
 

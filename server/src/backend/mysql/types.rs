@@ -229,7 +229,31 @@ fn time_text(s: &str) -> Option<(bool, u32, u8, u8, u8, u32)> {
     Some((negative, hours / 24, u8::try_from(hours % 24).ok()?, i, sec, us))
 }
 
-const NO_INTERVAL: &str = "MySQL has no interval type";
+/// An interval as a MySQL TIME, which is also a duration (-838:59:59 to
+/// 838:59:59): what a TIME outside one day reads as (see `decode`) binds
+/// back. Months have no fixed length, and are refused.
+fn interval_as_time(months: i32, days: i32, microseconds: i64) -> Result<(bool, u32, u8, u8, u8, u32), String> {
+    const MAX: i128 = (838 * 3600 + 59 * 60 + 59) * 1_000_000 + 999_999;
+    if months != 0 {
+        return Err("MySQL's TIME holds no months (their length varies); send days and time only".into());
+    }
+    let total = i128::from(days) * 86_400_000_000 + i128::from(microseconds);
+    if total.abs() > MAX {
+        return Err("outside MySQL's TIME (-838:59:59 to 838:59:59)".into());
+    }
+    let (negative, total) = (total < 0, total.unsigned_abs());
+    let (seconds, micros) = (total / 1_000_000, (total % 1_000_000) as u32);
+    let (hours, minutes, seconds) = (seconds / 3600, (seconds / 60 % 60) as u8, (seconds % 60) as u8);
+    Ok((
+        negative,
+        (hours / 24) as u32,
+        (hours % 24) as u8,
+        minutes,
+        seconds,
+        micros,
+    ))
+}
+
 const NO_ARRAY: &str = "MySQL has no array type";
 const NO_OFFSET: &str = "MySQL's TIME has no UTC offset; send the time without one";
 /// MySQL reads `NaN` or `Infinity` as a decimal as 0, with only a warning.
@@ -275,7 +299,14 @@ pub fn param(v: &Value) -> Result<MyValue, String> {
             t.nanosecond() / 1000,
         ),
         Value::Uuid(u) => MyValue::Bytes(u.to_string().into_bytes()),
-        Value::Interval { .. } => return Err(NO_INTERVAL.into()),
+        Value::Interval {
+            months,
+            days,
+            microseconds,
+        } => {
+            let (negative, days, h, i, s, us) = interval_as_time(*months, *days, *microseconds)?;
+            MyValue::Time(negative, days, h, i, s, us)
+        }
         Value::List(_) => return Err(NO_ARRAY.into()),
     })
 }
@@ -390,7 +421,16 @@ pub fn write_load_text(v: &Value, as_: LoadAs, scratch: &mut String, out: &mut B
             let _ = write!(scratch, "{u}");
             scratch.as_bytes()
         }
-        Value::Interval { .. } => return Err(NO_INTERVAL.into()),
+        Value::Interval {
+            months,
+            days,
+            microseconds,
+        } => {
+            let (negative, days, h, i, s, us) = interval_as_time(*months, *days, *microseconds)?;
+            let sign = if negative { "-" } else { "" };
+            let _ = write!(scratch, "{sign}{}:{i:02}:{s:02}.{us:06}", days * 24 + u32::from(h));
+            scratch.as_bytes()
+        }
         Value::List(_) => return Err(NO_ARRAY.into()),
     };
     if as_ == LoadAs::Hex {
@@ -516,6 +556,58 @@ mod tests {
             decode(MyValue::UInt(u64::MAX), Decode::UInt).unwrap(),
             Value::UInt(u64::MAX)
         );
+    }
+
+    #[test]
+    fn intervals_bind_as_times_and_come_back_the_same() {
+        let hour = 3_600_000_000;
+        for microseconds in [
+            0,
+            1,
+            -1,
+            25 * hour + 7,
+            -(838 * hour + 3_599_999_999),
+            838 * hour + 3_599_999_999,
+        ] {
+            let v = Value::Interval {
+                months: 0,
+                days: 0,
+                microseconds,
+            };
+            let bound = param(&v).expect("binds");
+            let back = decode(bound, Decode::Time).expect("decodes");
+            let same = match back {
+                Value::Time(t, None) => {
+                    use chrono::Timelike;
+                    i64::from(t.num_seconds_from_midnight()) * 1_000_000 + i64::from(t.nanosecond() / 1000)
+                        == microseconds
+                }
+                other => other == v,
+            };
+            assert!(same, "{microseconds}");
+        }
+        let day = Value::Interval {
+            months: 0,
+            days: 2,
+            microseconds: -hour,
+        };
+        assert_eq!(param(&day).ok(), Some(MyValue::Time(false, 1, 23, 0, 0, 0)));
+        for refused in [(1, 0, 0), (0, 35, 0), (0, 0, 839 * hour)] {
+            let v = Value::Interval {
+                months: refused.0,
+                days: refused.1,
+                microseconds: refused.2,
+            };
+            assert!(param(&v).is_err() && refusal(&v).is_some(), "{v:?}");
+        }
+        let (mut scratch, mut out) = (String::new(), BytesMut::new());
+        let v = Value::Interval {
+            months: 0,
+            days: 0,
+            microseconds: -(25 * hour + 1),
+        };
+        write_load_text(&v, LoadAs::Text, &mut scratch, &mut out).expect("load text");
+        assert_eq!(&out[..], b"-25:00:00.000001");
     }
 
     #[test]

@@ -232,8 +232,16 @@ fn time_text(s: &str) -> Option<(bool, u32, u8, u8, u8, u32)> {
 /// An interval as a MySQL TIME, which is also a duration (-838:59:59 to
 /// 838:59:59): what a TIME outside one day reads as (see `decode`) binds
 /// back. Months have no fixed length, and are refused.
-fn interval_as_time(months: i32, days: i32, microseconds: i64) -> Result<(bool, u32, u8, u8, u8, u32), String> {
+fn interval_as_time(v: &Value) -> Result<(bool, u32, u8, u8, u8, u32), String> {
     const MAX: i128 = (838 * 3600 + 59 * 60 + 59) * 1_000_000 + 999_999;
+    let Value::Interval {
+        months,
+        days,
+        microseconds,
+    } = *v
+    else {
+        return Err(format!("a {} is not an interval", v.kind()));
+    };
     if months != 0 {
         return Err("MySQL's TIME holds no months (their length varies); send days and time only".into());
     }
@@ -299,12 +307,8 @@ pub fn param(v: &Value) -> Result<MyValue, String> {
             t.nanosecond() / 1000,
         ),
         Value::Uuid(u) => MyValue::Bytes(u.to_string().into_bytes()),
-        Value::Interval {
-            months,
-            days,
-            microseconds,
-        } => {
-            let (negative, days, h, i, s, us) = interval_as_time(*months, *days, *microseconds)?;
+        Value::Interval { .. } => {
+            let (negative, days, h, i, s, us) = interval_as_time(v)?;
             MyValue::Time(negative, days, h, i, s, us)
         }
         Value::List(_) => return Err(NO_ARRAY.into()),
@@ -421,12 +425,8 @@ pub fn write_load_text(v: &Value, as_: LoadAs, scratch: &mut String, out: &mut B
             let _ = write!(scratch, "{u}");
             scratch.as_bytes()
         }
-        Value::Interval {
-            months,
-            days,
-            microseconds,
-        } => {
-            let (negative, days, h, i, s, us) = interval_as_time(*months, *days, *microseconds)?;
+        Value::Interval { .. } => {
+            let (negative, days, h, i, s, us) = interval_as_time(v)?;
             let sign = if negative { "-" } else { "" };
             let _ = write!(scratch, "{sign}{}:{i:02}:{s:02}.{us:06}", days * 24 + u32::from(h));
             scratch.as_bytes()

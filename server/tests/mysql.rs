@@ -1658,7 +1658,7 @@ async fn statements_the_server_cannot_prepare_run_as_text_without_parameters() {
                   CAST(-1.25 AS DECIMAL(5,2)) AS d, DATE '2024-02-29' AS day, \
                   CAST('2024-02-29 13:14:15.25' AS DATETIME(2)) AS at, CAST('-838:59:59.5' AS TIME(1)) AS span, \
                   CAST('12:00:01' AS TIME) AS tod, YEAR(NOW()) - YEAR(NOW()) + 2001 AS y, 'é' AS s, NULL AS n, \
-                  X'00ff' AS b, CAST(NULL AS DATE) AS no_day";
+                  X'00ff' AS b, CAST(NULL AS DATE) AS no_day, CAST(0.1 AS FLOAT) AS single";
     let prepared = client.execute_in(&tx, "maria", select, vec![]).await.expect("prepared");
     client
         .execute_in(

@@ -55,14 +55,18 @@ pub fn special_decimal(s: &str) -> Option<f64> {
 /// holds are lost. None when it holds `s` (reads back as the same number),
 /// or when `s` is no finite decimal number (the engine judges those).
 pub fn decimal_rounded_in_float(s: &str, single: bool) -> Option<String> {
-    let kept = if single {
+    // The shortest text that reads back as the float, and its exact value
+    // (Rust prints as many digits as asked exactly; 1100 places reach the
+    // smallest double).
+    let (kept, exact) = if single {
         let f: f32 = s.trim().parse().ok()?;
-        f.is_finite().then(|| f.to_string())?
+        f.is_finite().then(|| (f.to_string(), format!("{f:.1100}")))?
     } else {
         let f: f64 = s.trim().parse().ok()?;
-        f.is_finite().then(|| f.to_string())?
+        f.is_finite().then(|| (f.to_string(), format!("{f:.1100}")))?
     };
-    (normalized_decimal(s)? != normalized_decimal(&kept)?).then_some(kept)
+    let sent = normalized_decimal(s)?;
+    (sent != normalized_decimal(&kept)? && sent != normalized_decimal(&exact)?).then_some(kept)
 }
 
 /// A decimal number as (negative, its significant digits, the power of ten
@@ -74,8 +78,15 @@ fn normalized_decimal(s: &str) -> Option<(bool, String, i64)> {
         Some(rest) => (true, rest),
         None => (false, s.strip_prefix('+').unwrap_or(s)),
     };
+    // Exponents past what any float reaches are left to the engine.
     let (mantissa, exponent) = match s.find(['e', 'E']) {
-        Some(i) => (&s[..i], s[i + 1..].parse::<i64>().ok()?),
+        Some(i) => (
+            &s[..i],
+            s[i + 1..]
+                .parse::<i64>()
+                .ok()
+                .filter(|e| (-100_000..100_000).contains(e))?,
+        ),
         None => (s, 0),
     };
     let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
@@ -413,6 +424,13 @@ mod tests {
             Some("3.141592653589793")
         );
         assert_eq!(kept("1e-400", false).as_deref(), Some("0"), "too small: zero");
+        // Held exactly, though its shortest text is shorter (2^-30).
+        assert_eq!(kept("0.000000000931322574615478515625", false), None);
+        assert_eq!(
+            kept("0.1e-9223372036854775808", false),
+            None,
+            "an exponent past any float's"
+        );
         for exact in [
             "0.1",
             "0.30000000000000004",

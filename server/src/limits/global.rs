@@ -300,10 +300,13 @@ impl GlobalLimiter {
         }
         // Released however the call ends, after `failed` has set the next rest.
         let _probing = probe.then_some(Probing(&self.probing));
-        let labels = crate::metrics::TenantLabels {
-            tenant: tenant.to_string(),
-        };
-        crate::metrics::METRICS.shared_limit_checks.get_or_create(&labels).inc();
+        // The health round's check is no tenant's.
+        if !tenant.is_empty() {
+            let labels = crate::metrics::TenantLabels {
+                tenant: tenant.to_string(),
+            };
+            crate::metrics::METRICS.shared_limit_checks.get_or_create(&labels).inc();
+        }
         let checked = async {
             let conn = self.connection().await?;
             self.check(conn, &key, rate, burst, cost, max_wait).await
@@ -357,44 +360,18 @@ impl GlobalLimiter {
     }
 
     /// Whether calls are refused for want of Redis (`fail_closed`, and Redis
-    /// not answering): the replica is then not ready, so that traffic goes
-    /// to replicas that can serve it. Redis is asked (PING) while it is not
-    /// known to answer and no rest is under way: a replica that is not ready
-    /// gets no calls to learn from that Redis is back.
+    /// not known to answer): the replica is then not ready, so that traffic
+    /// goes to replicas that can serve it. Redis is asked as a call asks it
+    /// (the check itself, at no cost, on a bucket of no tenant's; one prober
+    /// at a time, and not during a rest): a replica that is not ready gets no
+    /// calls to learn from that Redis is back, and a Redis that answers PING
+    /// but refuses the check (MISCONF, OOM, an ACL) still refuses calls.
     pub async fn refusing_calls(&self) -> bool {
         if self.on_failure != RedisFailure::FailClosed {
             return false;
         }
-        let resting = self.now_ms() < self.resting_until.load(Ordering::Relaxed);
         let answered = self.conn.borrow().0.is_some() && self.rest_ms.load(Ordering::Relaxed) == 0;
-        if answered {
-            return false;
-        }
-        // A call is trying Redis, or a rest is under way: as it stands.
-        let probe = self.rest_ms.load(Ordering::Relaxed) != 0;
-        if resting || self.probing.swap(true, Ordering::AcqRel) {
-            return true;
-        }
-        let _probing = Probing(&self.probing);
-        let ping = async {
-            let mut conn = self.connection().await?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await
-        };
-        match tokio::time::timeout(self.timeout, ping).await {
-            Ok(Ok(_)) => {
-                self.failures_in_a_row.store(0, Ordering::Relaxed);
-                self.rest_ms.store(0, Ordering::Relaxed);
-                false
-            }
-            Ok(Err(e)) => {
-                self.failed(e.to_string(), probe);
-                true
-            }
-            Err(_) => {
-                self.failed(format!("no answer within {:?}", self.timeout), probe);
-                true
-            }
-        }
+        !answered && self.take("health", "", (1, 1), 0, Duration::ZERO).await.is_err()
     }
 
     /// Takes one token from the tenant's shared request bucket, at a turn

@@ -173,7 +173,8 @@ impl<'s> Writer<'s> {
         // Room for the statement's own bytes (its header and NULL bitmap).
         let room = self.packet_limit.min(super::MAX_PAYLOAD_LEN).saturating_sub(64 * 1024);
         for (i, row) in rows.into_iter().enumerate() {
-            let bytes: usize = row.iter().map(crate::backend::Value::size).sum();
+            // A value's memory, and room for its type and length on the wire.
+            let bytes: usize = row.iter().map(|v| v.size() + 16).sum();
             if !self.pending.is_empty() && self.pending_bytes + bytes > room {
                 self.flush(conn).await?;
             }
@@ -436,7 +437,8 @@ pub async fn load(
     if transactional == Some(false) {
         refuse_without_transactions(&spec)?;
     }
-    let packet_limit = packets.of(conn).await?;
+    // Read anew for each load: one refused for it names the setting to raise.
+    let packet_limit = packets.read(conn).await?;
     let receipts = spec.receipt.as_ref().map(|r| ReceiptSql::new(&r.table, &DIALECT));
     if let (Some(sql), Some(r)) = (&receipts, &spec.receipt) {
         // CREATE TABLE IF NOT EXISTS needs the CREATE privilege even where

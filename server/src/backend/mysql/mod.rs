@@ -66,20 +66,26 @@ const MAX_PAYLOAD_LEN: usize = 16 * 1024 * 1024 - 1;
 /// server) would close the session, a transaction's with it, and the caller
 /// would hear the source was unreachable.
 #[derive(Default)]
-pub(crate) struct PacketLimit(std::sync::OnceLock<usize>);
+pub(crate) struct PacketLimit(parking_lot::Mutex<Option<usize>>);
 
 impl PacketLimit {
     pub(crate) async fn of(&self, conn: &mut Conn) -> Result<usize, BackendError> {
-        if let Some(limit) = self.0.get() {
-            return Ok(*limit);
+        let known = *self.0.lock();
+        match known {
+            Some(limit) => Ok(limit),
+            None => self.read(conn).await,
         }
+    }
+
+    /// Reads the server's value anew: before refusing what the last value
+    /// refuses, since the operator may have raised it as the refusal says.
+    pub(crate) async fn read(&self, conn: &mut Conn) -> Result<usize, BackendError> {
         let limit: Option<u64> = conn
             .query_first("SELECT @@max_allowed_packet")
             .await
             .map_err(map_error)?;
         let limit = limit.map_or(MAX_PAYLOAD_LEN, |l| usize::try_from(l).unwrap_or(usize::MAX));
-        // Another caller's read may have landed first: the same value.
-        let _ = self.0.set(limit);
+        *self.0.lock() = Some(limit);
         Ok(limit)
     }
 }
@@ -99,8 +105,9 @@ fn refuse_past_packet_limit(sql: &str, params: &[mysql_async::Value], limit: usi
     if sql.len() + 1 > limit {
         return Err(over("the statement".into(), sql.len()));
     }
-    let body =
-        14 + params.len().div_ceil(8) + 2 * params.len() + params.iter().map(|v| v.bin_len() as usize).sum::<usize>();
+    // As the driver measures it to choose between one packet and long data.
+    let values: usize = params.iter().map(|v| v.bin_len() as usize).sum();
+    let body = 10 + params.len().div_ceil(8) + 1 + 2 * params.len() + values;
     if body <= MAX_PAYLOAD_LEN {
         return match body > limit {
             true => Err(over("the statement's values".into(), body)),
@@ -319,14 +326,15 @@ async fn execute(
     in_transaction: bool,
 ) -> Result<Option<u64>, BackendError> {
     let connection_id = conn.id();
-    let limit = packets.of(conn).await?;
     let params = statement
         .params
         .iter()
         .enumerate()
         .map(|(i, p)| types::param(p).map_err(|message| BackendError::Parameter { index: i + 1, message }))
         .collect::<Result<Vec<_>, _>>()?;
-    refuse_past_packet_limit(&statement.sql, &params, limit)?;
+    if refuse_past_packet_limit(&statement.sql, &params, packets.of(conn).await?).is_err() {
+        refuse_past_packet_limit(&statement.sql, &params, packets.read(conn).await?)?;
+    }
     // A prepare can wait for a metadata lock (behind an ALTER TABLE, say) for
     // lock_wait_timeout, a year by default: a caller that leaves meanwhile
     // gets it killed, as during execution.
@@ -778,12 +786,16 @@ impl SqlTransaction for MysqlTransaction {
     async fn commit(&self) -> Result<(), BackendError> {
         let mut tx = self.conn.to_end().await?;
         // Refused, the handle goes, and the pool's reset rolls it back.
-        if let Some(cause) = tx.rolled_back.or(tx.broken) {
+        if let Some(cause) = tx.broken {
             return Err(BackendError::TransactionRolledBack(cause));
         }
-        tx.conn.query_drop("COMMIT").await.map_err(map_error)?;
+        if let Some(cause) = tx.rolled_back {
+            self.read_write_again(&mut tx.conn).await;
+            return Err(BackendError::TransactionRolledBack(cause));
+        }
+        let committed = tx.conn.query_drop("COMMIT").await.map_err(map_error);
         self.read_write_again(&mut tx.conn).await;
-        Ok(())
+        committed
     }
 
     async fn rollback(&self) -> Result<(), BackendError> {
@@ -794,9 +806,9 @@ impl SqlTransaction for MysqlTransaction {
         if tx.broken.is_some() {
             return Ok(());
         }
-        tx.conn.query_drop("ROLLBACK").await.map_err(map_error)?;
+        let rolled_back = tx.conn.query_drop("ROLLBACK").await.map_err(map_error);
         self.read_write_again(&mut tx.conn).await;
-        Ok(())
+        rolled_back
     }
 }
 

@@ -495,7 +495,16 @@ fn default_expression(default: Option<String>, data_type: &str, extra: &str, mar
             | "bit"
             | "year"
     );
-    if number || extra.contains("DEFAULT_GENERATED") {
+    // MySQL before 8.0.13 does not mark CURRENT_TIMESTAMP (a date-time's
+    // only expression default there); a binary column's literal is hex.
+    let upper = default.to_ascii_uppercase();
+    let expression = extra.contains("DEFAULT_GENERATED")
+        || (matches!(data_type, "datetime" | "timestamp") && upper.starts_with("CURRENT_TIMESTAMP"))
+        || (matches!(
+            data_type,
+            "binary" | "varbinary" | "blob" | "tinyblob" | "mediumblob" | "longblob"
+        ) && upper.starts_with("0X"));
+    if number || expression {
         default
     } else {
         format!("'{}'", default.replace('\'', "''"))
@@ -540,6 +549,21 @@ mod tests {
             "CURRENT_TIMESTAMP"
         );
         assert_eq!(read(Some("b'101'"), "bit", "", false), "b'101'");
+        // MySQL 5.7 marks no expression default.
+        assert_eq!(
+            read(
+                Some("CURRENT_TIMESTAMP"),
+                "timestamp",
+                "on update CURRENT_TIMESTAMP",
+                false
+            ),
+            "CURRENT_TIMESTAMP"
+        );
+        assert_eq!(
+            read(Some("CURRENT_TIMESTAMP(3)"), "datetime", "", false),
+            "CURRENT_TIMESTAMP(3)"
+        );
+        assert_eq!(read(Some("0x0102"), "varbinary", "", false), "0x0102");
     }
 
     #[test]

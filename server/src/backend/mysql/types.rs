@@ -18,6 +18,8 @@ pub enum Decode {
     Int,
     UInt,
     Float,
+    /// FLOAT: single precision (read from text as such, as the binary protocol sends it).
+    Single,
     Decimal,
     Text,
     Bytes,
@@ -43,7 +45,7 @@ pub fn column(c: &mysql_async::Column) -> (Column, Decode) {
         My::MYSQL_TYPE_LONGLONG if unsigned => ("BIGINT", ColumnType::UInt, Decode::UInt),
         My::MYSQL_TYPE_LONGLONG => ("BIGINT", ColumnType::Int, Decode::Int),
         My::MYSQL_TYPE_YEAR => ("YEAR", ColumnType::Int, Decode::Int),
-        My::MYSQL_TYPE_FLOAT => ("FLOAT", ColumnType::Float, Decode::Float),
+        My::MYSQL_TYPE_FLOAT => ("FLOAT", ColumnType::Float, Decode::Single),
         My::MYSQL_TYPE_DOUBLE => ("DOUBLE", ColumnType::Float, Decode::Float),
         My::MYSQL_TYPE_DECIMAL | My::MYSQL_TYPE_NEWDECIMAL => ("DECIMAL", ColumnType::Decimal, Decode::Decimal),
         My::MYSQL_TYPE_DATE | My::MYSQL_TYPE_NEWDATE => ("DATE", ColumnType::Date, Decode::Date),
@@ -185,6 +187,7 @@ pub fn decode_text(v: MyValue, as_: Decode) -> Result<Value, String> {
             Decode::Int => MyValue::Int(s()?.parse().map_err(|_| bad("integer"))?),
             Decode::UInt => MyValue::UInt(s()?.parse().map_err(|_| bad("integer"))?),
             Decode::Float => MyValue::Double(s()?.parse().map_err(|_| bad("number"))?),
+            Decode::Single => MyValue::Float(s()?.parse().map_err(|_| bad("number"))?),
             Decode::Date | Decode::DateTime | Decode::Timestamp => {
                 let (y, m, d, h, i, sec, us) = date_time_text(s()?).ok_or_else(|| bad("date"))?;
                 MyValue::Date(y, m, d, h, i, sec, us)
@@ -467,6 +470,9 @@ mod tests {
         assert_eq!(date_time_text("2024-01-02 -01:00:00"), None);
         assert!(read("12x", Decode::Int).is_err());
         assert_eq!(read("-12", Decode::Int), Ok(Value::Int(-12)));
+        // A FLOAT column's text is a single's: widened as the binary protocol's.
+        assert_eq!(read("0.1", Decode::Single), Ok(Value::Float(f64::from(0.1f32))));
+        assert_eq!(read("0.1", Decode::Float), Ok(Value::Float(0.1)));
         assert_eq!(read("1.5", Decode::Decimal), Ok(Value::Decimal("1.5".into())));
         assert_eq!(decode_text(MyValue::NULL, Decode::Int), Ok(Value::Null));
     }

@@ -64,8 +64,10 @@ macro_rules! unknown_estimate {
 }
 
 // A partitioned table holds no rows itself: its estimate is its partitions'
-// (unknown while none of them was analyzed, or while one not analyzed has
-// pages on disk: a partition just loaded would count as empty).
+// (unknown while none of them was analyzed, or while one not analyzed holds
+// rows by the statistics counters: a partition just loaded would count as
+// empty). The counters, not the partition's size: pg_relation_size would
+// lock the partition, and wait behind DDL on it.
 const TABLE_COLUMNS: &str = concat!(
     "n.nspname::text, c.relname::text, c.relkind::text, ",
     "CASE WHEN c.relkind = 'p' THEN ",
@@ -73,7 +75,7 @@ const TABLE_COLUMNS: &str = concat!(
     unknown_estimate!("pc"),
     ") OR bool_or((",
     unknown_estimate!("pc"),
-    ") AND pg_relation_size(pc.oid) > 0) THEN -1 ",
+    ") AND (pg_stat_get_live_tuples(pc.oid) > 0 OR pg_stat_get_tuples_inserted(pc.oid) > 0)) THEN -1 ",
     "ELSE sum(CASE WHEN ",
     unknown_estimate!("pc"),
     " THEN 0 ELSE pc.reltuples END) END ",
@@ -143,7 +145,8 @@ pub async fn describe_table(
     table: &str,
 ) -> Result<TableDescription, BackendError> {
     let sql = format!(
-        "SELECT {TABLE_COLUMNS}, c.oid, c.relreplident::text, current_setting('wal_level') \
+        "SELECT {TABLE_COLUMNS}, c.oid, c.relreplident::text, current_setting('wal_level'), \
+                current_setting('server_version_num')::int \
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relname = $2::text AND c.relkind IN ('r', 'v', 'm', 'f', 'p') AND {MAY_USE_TABLE} \
          AND CASE WHEN $1::text IS NULL THEN pg_table_is_visible(c.oid) ELSE n.nspname = $1::text END"
@@ -160,6 +163,7 @@ pub async fn describe_table(
     let oid: u32 = row.get(5);
     let replica_identity: String = row.get(6);
     let wal_level: String = row.get(7);
+    let version: i32 = row.get(8);
 
     // Types as results (and change events) carry them: through a prepared
     // `SELECT *`, whose column types tokio-postgres resolves (domains over
@@ -322,6 +326,7 @@ pub async fn describe_table(
     let (change_stream_ready, change_stream_reason) = match refused {
         Some(BackendError::Invalid(why) | BackendError::ChangesNotReady(why)) => (false, why),
         Some(other) => (false, other.to_string()),
+        None if version < 140_000 => (false, "change streams need PostgreSQL 14 or later".to_string()),
         None if wal_level != "logical" => (
             false,
             format!("wal_level is '{wal_level}'; change streams need wal_level = logical"),

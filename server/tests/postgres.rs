@@ -832,6 +832,15 @@ async fn schema_calls_read_the_catalog() {
         .await
         .expect_err("no schema WEIR_SHOP");
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Also where the schema of that name in another case is empty: an empty
+    // answer would pass the wrong name off as an empty schema.
+    setup("DROP SCHEMA IF EXISTS weir_empty; CREATE SCHEMA weir_empty").await;
+    assert!(client.list_tables("pg", "weir_empty").await.expect("empty").is_empty());
+    let err = client
+        .list_tables("pg", "WEIR_EMPTY")
+        .await
+        .expect_err("no schema WEIR_EMPTY");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
     let customers = &tables[1];
     assert_eq!(customers.row_estimate, Some(500));
     assert_eq!(

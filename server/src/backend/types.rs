@@ -275,6 +275,9 @@ pub struct Capabilities {
     pub change_streams: bool,
     pub parameter_style: &'static str,
     pub load_modes: Vec<super::LoadMode>,
+    /// Schema names compare exactly, whatever the server's settings
+    /// (PostgreSQL): one in another case is another schema.
+    pub schema_names_exact: bool,
 }
 
 impl Capabilities {
@@ -288,6 +291,7 @@ impl Capabilities {
             change_streams: false,
             parameter_style,
             load_modes: super::bulk::ALL_LOAD_MODES.to_vec(),
+            schema_names_exact: false,
         }
     }
 }

@@ -194,6 +194,8 @@ impl SchemaService for SchemaApi {
             let schemas = timed(&budget, sql.list_schemas(true)).await?;
             let exists = match schemas.iter().find(|s| s.name == schema) {
                 Some(_) => true,
+                // PostgreSQL: another case is another schema, empty or not.
+                None if sql.capabilities().schema_names_exact => false,
                 // Only in another case: whether the engine takes it for the
                 // same name (SQL Server's usual collations, SQLite, MySQL's
                 // lower_case_table_names) or not (PostgreSQL) is told by

@@ -900,6 +900,7 @@ impl TopicSource for KafkaSource {
             change_streams: false,
             parameter_style: "",
             load_modes: vec![],
+            schema_names_exact: false,
         }
     }
 

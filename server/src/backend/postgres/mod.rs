@@ -837,6 +837,7 @@ impl SqlSource for PostgresSource {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             change_streams: true,
+            schema_names_exact: true,
             ..Capabilities::sql("$1")
         }
     }

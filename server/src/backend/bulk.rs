@@ -49,6 +49,9 @@ pub struct LoadSpec {
     pub receipt: Option<Receipt>,
     /// Rows per engine statement or COPY chunk.
     pub batch_rows: usize,
+    /// The target's kind, as DescribeTable found it before the load (a
+    /// partitioned table's rows are its partitions').
+    pub kind: super::TableKind,
 }
 
 /// A load's COMMIT that failed: when the connection was lost on the way,
@@ -663,6 +666,7 @@ mod tests {
             conflict: vec!["id".into()],
             receipt: None,
             batch_rows: 10,
+            kind: crate::backend::TableKind::Table,
         };
         let q = |n: &str| quote_ident(n, '"', '"');
         assert_eq!(spec.qualified(q), "\"s\".\"t\"");

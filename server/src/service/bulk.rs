@@ -534,6 +534,7 @@ impl BulkApi {
                 target,
             }),
             batch_rows: header.batch_rows,
+            kind: table.table.kind,
         };
         let (sender, feed) = row_feed(FEED_DEPTH, verdict.clone());
         // The engine side runs on its own task: if this call is dropped (client

@@ -544,6 +544,7 @@ mod tests {
             },
             receipt: None,
             batch_rows: 1000,
+            kind: crate::backend::TableKind::Table,
         }
     }
 

@@ -577,6 +577,7 @@ mod tests {
             conflict: conflict.iter().map(|c| c.to_string()).collect(),
             receipt: None,
             batch_rows: 5000,
+            kind: crate::backend::TableKind::Table,
         }
     }
 

@@ -327,6 +327,7 @@ mod tests {
             conflict: vec![],
             receipt: None,
             batch_rows: 1000,
+            kind: crate::backend::TableKind::Table,
         };
         let load_as: Vec<LoadAs> = spec.columns.iter().map(LoadAs::of).collect();
         assert_eq!(

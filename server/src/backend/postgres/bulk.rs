@@ -15,7 +15,7 @@ use tokio_postgres::error::DbError;
 use super::types::write_text;
 use super::{map_error, PgConn};
 use crate::backend::bulk::{self, Dialect, LoadSpec, ReceiptSql, RowFeed};
-use crate::backend::{BackendError, Column, LoadMode, LoadOutcome, Value};
+use crate::backend::{BackendError, Column, LoadMode, LoadOutcome, TableKind, Value};
 
 /// COPY data is sent in chunks of at least this size (whole batches).
 const CHUNK_BYTES: usize = 256 * 1024;
@@ -279,18 +279,6 @@ fn about_data(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// The target's `pg_class.relkind` (`r` a table, `p` a partitioned one, ...).
-async fn relkind(client: &tokio_postgres::Client, target: &str) -> Result<Option<String>, BackendError> {
-    Ok(client
-        .query_opt(
-            "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
-            &[&target],
-        )
-        .await
-        .map_err(map_error)?
-        .map(|r| r.get(0)))
-}
-
 /// Everything between BEGIN and COMMIT; the caller rolls back on error.
 async fn load_in_transaction(
     conn: &PgConn,
@@ -341,16 +329,21 @@ async fn load_in_transaction(
             // A table others inherit from: its own rows only (without ONLY,
             // theirs would go too, and the load refill only it). A
             // partitioned table's rows are its partitions', which it replaces.
-            let relkind = relkind(client, &target).await?;
-            let only = if relkind.as_deref() == Some("p") { "" } else { "ONLY " };
+            let only = if spec.kind == TableKind::PartitionedTable {
+                ""
+            } else {
+                "ONLY "
+            };
             // Other writers wait until the load commits; readers go on
             // seeing the old rows. Without it, two REPLACE loads at once
             // each delete only what their snapshot sees, so both loads'
             // rows would stay (or the second fail on the first's keys).
             // Tables only: PostgreSQL locks no foreign table, and a view's
             // DELETE locks what it reaches.
-            let lock = match relkind.as_deref() {
-                Some("r" | "p") => format!("LOCK TABLE {only}{target} IN SHARE ROW EXCLUSIVE MODE; "),
+            let lock = match spec.kind {
+                TableKind::Table | TableKind::PartitionedTable => {
+                    format!("LOCK TABLE {only}{target} IN SHARE ROW EXCLUSIVE MODE; ")
+                }
                 _ => String::new(),
             };
             client
@@ -375,7 +368,7 @@ async fn load_in_transaction(
                 .await
                 .map_err(map_error)?;
             let staged = copy_rows(conn, (STAGE, STAGE), spec, feed).await?;
-            let partitioned = relkind(client, &target).await?.as_deref() == Some("p");
+            let partitioned = spec.kind == TableKind::PartitionedTable;
             let inserted = merge(conn, (&target, partitioned), spec, staged).await?;
             // Every other row matched a key, whether updated or, with only
             // key columns, left alone (DO NOTHING returns no row for it).

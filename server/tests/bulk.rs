@@ -2012,6 +2012,71 @@ async fn sqlite_decimals_loaded_into_untyped_columns_are_numbers() {
     ctx.server.stop().await;
 }
 
+/// SQLite stores a number in a column of numeric affinity (`DECIMAL`,
+/// `MONEY`, `INTEGER`) as a double when it is not a 64-bit integer: a
+/// decimal with more digits than that keeps is a bad row, not rounded,
+/// and a `TEXT` column keeps it exact.
+#[tokio::test]
+async fn sqlite_decimals_a_numeric_column_would_round_are_refused() {
+    let ctx = Ctx::new(Engine::Sqlite, "").await;
+    ctx.exec("CREATE TABLE weir_bulk_money (id INTEGER PRIMARY KEY, balance DECIMAL(38,2), m MONEY, t TEXT)")
+        .await;
+    let mut load = header("weir_bulk_money", pb::BulkLoadMode::Append);
+    load.columns = vec!["id".into(), "balance".into(), "m".into(), "t".into()];
+    let row = |id: i64, balance: &str, m: &str| pb::Row {
+        values: vec![
+            v(Kind::Int64Value(id)),
+            v(Kind::DecimalValue(balance.into())),
+            v(Kind::DecimalValue(m.into())),
+            v(Kind::DecimalValue("12345678901234567890.12".into())),
+        ],
+    };
+    let err = ctx
+        .load(
+            load.clone(),
+            vec![vec![row(1, "10.50", "1"), row(2, "12345678901234567890.12", "1")]],
+        )
+        .await
+        .expect_err("20 digits do not fit a double");
+    assert_eq!(
+        (
+            reason(&err).as_str(),
+            error_metadata(&err, "row_index").as_str(),
+            error_metadata(&err, "column").as_str()
+        ),
+        ("BAD_ROW", "1", "balance"),
+        "{err:?}"
+    );
+    assert!(ctx.exec("SELECT id FROM weir_bulk_money").await.rows.is_empty());
+    load.bad_rows = pb::BadRowPolicy::Skip as i32;
+    let batch = vec![
+        row(1, "10.50", "9223372036854775807"),
+        row(2, "1", "1e-400"),
+        row(3, "12345678901234.5", "2"),
+    ];
+    let r = ctx
+        .load(load, vec![batch])
+        .await
+        .expect("the row past a double is skipped");
+    assert_eq!((r.rows_inserted, r.rows_skipped), (2, 1), "{:?}", r.row_errors);
+    assert_eq!((r.row_errors[0].row_index, r.row_errors[0].column.as_str()), (1, "m"));
+    let stored: Vec<String> = ctx
+        .exec("SELECT balance || ':' || m || ':' || t FROM weir_bulk_money ORDER BY id")
+        .await
+        .rows
+        .iter()
+        .map(|r| text(&r.values[0]).to_string())
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            "10.5:9223372036854775807:12345678901234567890.12",
+            "12345678901234.5:2:12345678901234567890.12"
+        ]
+    );
+    ctx.server.stop().await;
+}
+
 /// A SQLite load its caller gave up on stops inside the statement it runs
 /// (here a REPLACE's DELETE, which checks an unindexed foreign key for each
 /// row, for minutes), so the source's write turn is free again at once.

@@ -503,6 +503,67 @@ async fn commits_resume_where_the_group_left_off() {
     server.stop().await;
 }
 
+/// A replay from explicit offsets or a time reads outside the group it
+/// names, and in the default commit mode leaves the group's offsets where
+/// its members left them: a group whose consumers are away for a deploy is
+/// not moved past records they never processed. Asked for
+/// (`COMMIT_MODE_AUTOMATIC`), the replay's offsets become the group's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_leaves_the_groups_offsets_unless_asked_to_commit() {
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-replay-");
+    create_topic(&topic, 1).await;
+    produce(&client, &topic, (0..30).map(record).collect())
+        .await
+        .expect("produce");
+    let group = unique("billing-");
+    let processed = consume(&client, consume_request(&topic, &group, 10, false)).await;
+    assert_eq!(processed.last().map(|r| r.offset), Some(9));
+
+    let replay = |start: pb::start_position::Position, mode: pb::CommitMode| {
+        let mut request = consume_request(&topic, &group, 5, false);
+        request.start = Some(pb::StartPosition { position: Some(start) });
+        request.commit_mode = mode as i32;
+        request
+    };
+    let from_20 = || {
+        pb::start_position::Position::Offsets(pb::PartitionOffsets {
+            offsets: vec![pb::PartitionOffset {
+                topic: topic.clone(),
+                partition: 0,
+                offset: 20,
+            }],
+        })
+    };
+    let replayed = consume(&client, replay(from_20(), pb::CommitMode::Unspecified)).await;
+    assert_eq!(
+        replayed.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        (20..25).collect::<Vec<_>>()
+    );
+    let since_1970 = pb::start_position::Position::Timestamp(prost_types::Timestamp { seconds: 0, nanos: 0 });
+    let timed = consume(&client, replay(since_1970, pb::CommitMode::Unspecified)).await;
+    assert_eq!(timed.first().map(|r| r.offset), Some(0));
+    let resumed = consume(&client, consume_request(&topic, &group, 1, false)).await;
+    assert_eq!(resumed[0].offset, 10, "the group resumes where its members left off");
+
+    // Asked for, a replay commits: the group (whose last member has just
+    // left) resumes after it.
+    consume(&client, replay(from_20(), pb::CommitMode::Automatic)).await;
+    let moved = consume(&client, consume_request(&topic, &group, 1, false)).await;
+    assert_eq!(moved[0].offset, 25, "the replay's offsets are the group's");
+
+    // Kafka reads negative times as "latest" or "earliest": refused.
+    let before_1970 = pb::start_position::Position::Timestamp(prost_types::Timestamp { seconds: -1, nanos: 0 });
+    let err = client
+        .stream()
+        .consume(replay(before_1970, pb::CommitMode::Unspecified))
+        .await
+        .expect_err("a time before 1970");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("1970"), "{}", err.message());
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_see_only_their_topics_and_groups() {
     let (server, a) = server("").await;

@@ -145,12 +145,14 @@ enum Command {
         /// Consumer group (namespaced for your tenant).
         #[arg(long)]
         group: String,
-        /// Where a group without committed offsets starts: earliest, latest,
-        /// or an RFC 3339 time (the first record at or after it).
+        /// Where to start: earliest or latest (where the group left off,
+        /// else the first or the next record), or an RFC 3339 time (every
+        /// partition from the first record at or after it, read outside the
+        /// group: nothing is committed, and the group's offsets stay).
         #[arg(long, default_value = "earliest")]
         from: String,
         /// Stop after this many records (default: run until interrupted).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         max: Option<u64>,
         /// Do not commit offsets (commit them with `weirctl commit` once
         /// processed). Without it, offsets are committed as records are
@@ -196,7 +198,7 @@ enum Command {
         #[arg(long)]
         take_over: bool,
         /// Stop after this many changes (default: run until interrupted).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         max: Option<u64>,
     },
     /// Delete a change-stream subscription so the database stops keeping changes for it.
@@ -283,12 +285,29 @@ impl fmt::Display for Failure {
     }
 }
 
+/// Writes to stderr: one closed early (`2>&1 | head`) is not worth a
+/// panic, whose exit status (101) scripts would take for another failure.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// As `say!`, without ending the line.
+macro_rules! say_on {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("error: cannot start: {e}");
+            say!("error: cannot start: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -301,7 +320,7 @@ fn main() -> ExitCode {
         // The reader went away (`weirctl query ... | head`): not an error.
         Err(Failure::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("error: {failure}");
+            say!("error: {failure}");
             ExitCode::FAILURE
         }
     }
@@ -558,7 +577,7 @@ async fn produce(
     let (mut produced, mut last) = (0u64, None);
     // What to send again after a failure: everything from the failed call's first record on.
     let report = |produced: u64| {
-        eprintln!(
+        say!(
             "{produced} {} produced before this failure; the failed call started at record {} of the input \
              (its failed_records and acknowledged_records count from there, from 0)",
             if produced == 1 { "record was" } else { "records were" },
@@ -1064,7 +1083,7 @@ async fn load(
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
                 let rows = rows_read.load(Ordering::Relaxed);
                 let rate = rows as f64 / started.elapsed().as_secs_f64().max(0.001);
-                eprint!(
+                say_on!(
                     "\r{rows} rows, {:.1} MB, {rate:.0} rows/s   ",
                     bytes_read.load(Ordering::Relaxed) as f64 / 1e6
                 );
@@ -1076,7 +1095,7 @@ async fn load(
         .await;
     if let Some(ticker) = ticker {
         ticker.abort();
-        eprintln!();
+        say!();
     }
     let line_of = |row: u64| lines.lock().ok().and_then(|l| l.line_of(row));
     let response = result.map_err(|status| {
@@ -1169,7 +1188,7 @@ async fn query(
             (true, Some(n)) => format!("{n} {} affected", plural(n, "row")),
             (true, None) => "OK".to_owned(),
         };
-        eprintln!("{summary}");
+        say!("{summary}");
     }
     Ok(())
 }

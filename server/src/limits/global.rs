@@ -342,15 +342,27 @@ impl GlobalLimiter {
             // whole piece free at once would be passed over, for as long as
             // they come, by smaller charges of the same tenant.
             let piece = u32::try_from(left.min(u64::from(rate.max(1)))).unwrap_or(u32::MAX);
+            // The script admits by when the piece's turn ends; a booking is
+            // allowed by where it starts (BOOKING_AHEAD from now at most),
+            // the same for every size: otherwise a full second's piece needs
+            // the bucket a second emptier than a small one, and smaller
+            // charges keeping it between the two pass it over for ever. (The
+            // burst, a second's worth, is the tolerance.)
+            let max_wait = BOOKING_AHEAD.saturating_sub(Duration::from_secs(1))
+                + Duration::from_secs_f64(f64::from(piece) / f64::from(rate.max(1)));
             loop {
-                match self.take(name, tenant, (rate, rate), piece, BOOKING_AHEAD).await {
+                match self.take(name, tenant, (rate, rate), piece, max_wait).await {
                     Ok(Ok(wait)) => {
                         if !wait.is_zero() {
                             tokio::time::sleep(wait).await;
                         }
                         break;
                     }
-                    Ok(Err(wait)) => tokio::time::sleep(wait).await,
+                    // The delay is until it would be admitted at once; it
+                    // may book as soon as its turn is within `max_wait`.
+                    Ok(Err(delay)) => {
+                        tokio::time::sleep(delay.saturating_sub(max_wait).max(Duration::from_millis(1))).await
+                    }
                     // Logged by `failed`: the local bucket has charged it.
                     Err(_) => return,
                 }

@@ -141,8 +141,10 @@ impl CostBucket {
 
     /// Takes `cost`, waiting for its turn rather than refusing: a load that
     /// sends faster than its tenant's rate is slowed down by backpressure.
-    /// Booked a second's worth at a time: a call given up on while it waits
-    /// (a deadline, a client gone) leaves at most that booked and unused.
+    /// Booked a second's worth at a time; a call given up on while it waits
+    /// (a deadline, a client gone) gives back the piece it waited for, so
+    /// that calls retried with short deadlines do not book turns without
+    /// end and starve every stream of the tenant.
     async fn take(&self, cost: u64) {
         let before = self.charged.fetch_add(cost, Ordering::Relaxed);
         let mut units = before.saturating_add(cost) / self.unit - before / self.unit;
@@ -151,8 +153,27 @@ impl CostBucket {
             units -= piece;
             let wait = self.rate.book(piece);
             if !wait.is_zero() {
+                let mut booking = Booking {
+                    rate: &self.rate,
+                    units: piece,
+                };
                 tokio::time::sleep(wait).await;
+                booking.units = 0;
             }
+        }
+    }
+}
+
+/// A booked piece of a cost charge, given back unless its turn came.
+struct Booking<'a> {
+    rate: &'a RequestRate,
+    units: u64,
+}
+
+impl Drop for Booking<'_> {
+    fn drop(&mut self) {
+        if self.units > 0 {
+            self.rate.give_back(self.units);
         }
     }
 }
@@ -349,7 +370,7 @@ impl TenantLimiter {
                 Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
                 Ok(_) => {}
                 Err(e) => {
-                    self.buckets.rate.give_back();
+                    self.buckets.rate.give_back(1);
                     return Err(e);
                 }
             }
@@ -497,6 +518,28 @@ mod tests {
         assert!(waited >= std::time::Duration::from_millis(400), "{waited:?}");
         limiter.charge_load(1500, 0).await;
         assert!(started.elapsed() >= std::time::Duration::from_millis(1900));
+    }
+
+    /// A charge given up on while it waits (a `Produce` past its deadline)
+    /// leaves nothing booked: retries with short deadlines do not push the
+    /// tenant's turns out without end.
+    #[tokio::test]
+    async fn charges_given_up_on_give_back_their_turn() {
+        let limits = LimitsConfig {
+            stream_records_per_second: 1000,
+            ..LimitsConfig::default()
+        };
+        let limiter = TenantLimiter::new("t", &limits, None, None);
+        limiter.charge_records(1000, 0).await;
+        for _ in 0..5 {
+            let given_up = tokio::time::timeout(Duration::from_millis(50), limiter.charge_records(500, 0)).await;
+            assert!(given_up.is_err(), "half a second's records wait past the burst");
+        }
+        let started = Instant::now();
+        limiter.charge_records(500, 0).await;
+        // Behind five abandoned bookings it would wait about 2.75 s.
+        let waited = started.elapsed();
+        assert!(waited < Duration::from_millis(900), "{waited:?}");
     }
 
     /// Charges smaller than a unit add up rather than costing a unit each.

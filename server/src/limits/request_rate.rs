@@ -75,11 +75,14 @@ impl RequestRate {
         Duration::from_nanos(self.interval)
     }
 
-    /// Returns a token `reserve` took, for a call refused after all (by the
-    /// bucket shared through Redis): refused calls consume no token.
-    pub fn give_back(&self) {
+    /// Returns `n` tokens taken and not used: one `reserve` took for a call
+    /// refused after all (by the bucket shared through Redis), or a booking
+    /// whose charge was given up on before its turn. Unused tokens would
+    /// otherwise push every later turn further out.
+    pub fn give_back(&self, n: u64) {
+        let cost = self.interval.saturating_mul(n);
         let _ = self.tat.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
-            Some(tat.saturating_sub(self.interval))
+            Some(tat.saturating_sub(cost))
         });
     }
 }
@@ -95,7 +98,7 @@ mod tests {
         let rate = RequestRate::new(1, 2);
         assert!(rate.reserve(Duration::ZERO).is_ok() && rate.reserve(Duration::ZERO).is_ok());
         assert!(rate.reserve(Duration::ZERO).is_err(), "the burst is spent");
-        rate.give_back();
+        rate.give_back(1);
         assert_eq!(rate.reserve(Duration::ZERO), Ok(Duration::ZERO));
         assert!(rate.reserve(Duration::ZERO).is_err());
     }
@@ -125,6 +128,19 @@ mod tests {
             panic!("a turn 400 ms away is beyond the wait allowed")
         };
         assert!(delay > 350 * MS && delay <= 400 * MS, "{delay:?}");
+    }
+
+    #[test]
+    fn bookings_given_back_leave_later_turns_where_they_were() {
+        // 10/s with a burst of 10: the burst, then two bookings of a second
+        // each, the first of which is given up on before its turn.
+        let rate = RequestRate::new(10, 10);
+        assert_eq!(rate.book(10), Duration::ZERO);
+        let first = rate.book(10);
+        assert!(first > 900 * MS, "{first:?}");
+        rate.give_back(10);
+        let second = rate.book(10);
+        assert!(second <= first, "the abandoned second is not waited for: {second:?}");
     }
 
     #[test]

@@ -206,7 +206,17 @@ fn start(topics: &dyn TopicSource, start: Option<pb::StartPosition>) -> Result<S
             return Err(bad("start.offsets", "name at least one partition offset"));
         }
         Some(Position::Offsets(o)) => Start::Offsets(partition_offsets(topics, o.offsets)?),
-        Some(Position::Timestamp(t)) => Start::Timestamp(timestamp_ms(&t)),
+        Some(Position::Timestamp(t)) => match timestamp_ms(&t) {
+            // Kafka reads -1, -2 and -3 as "latest", "earliest" and "the
+            // newest timestamp", not as times.
+            ms if ms < 0 => {
+                return Err(bad(
+                    "start.timestamp",
+                    format!("{ms} ms is before 1970-01-01T00:00:00Z, where Kafka's times start"),
+                ))
+            }
+            ms => Start::Timestamp(ms),
+        },
     })
 }
 
@@ -522,7 +532,11 @@ impl StreamService for StreamApi {
             start: start(topics.as_ref(), r.start)?,
         };
         let auto_commit = match pb::CommitMode::try_from(r.commit_mode) {
-            Ok(pb::CommitMode::Unspecified) => true,
+            // A replay from explicit offsets or a time reads outside the
+            // group: committing its offsets by default would move a group
+            // whose members are away past records they never processed.
+            Ok(pb::CommitMode::Unspecified) => matches!(spec.start, Start::Earliest | Start::Latest),
+            Ok(pb::CommitMode::Automatic) => true,
             Ok(pb::CommitMode::Manual) => false,
             Err(_) => return Err(bad("commit_mode", format!("unknown commit mode {}", r.commit_mode)).into()),
         };

@@ -7,7 +7,7 @@ mod producer;
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,10 @@ pub struct KafkaSource {
     /// Shared with the versions of this source before and after it that
     /// reach the same cluster as the same login (see [`TopicSource::carried`]).
     live: Arc<Live>,
+    /// Set by `retire`, under `live.streams`' lock: a stream that passed
+    /// its topic check on this version of the source but registers only
+    /// after a reload replaced it would escape that reload's `retire`.
+    superseded: AtomicBool,
 }
 
 /// What a source's running streams are known by. A reload that only
@@ -131,6 +135,7 @@ impl KafkaSource {
             topics: config.topics.clone(),
             prefix: config.topic_prefix.clone().filter(|p| !p.is_empty()),
             live: carried.and_then(|c| c.downcast::<Live>().ok()).unwrap_or_default(),
+            superseded: AtomicBool::new(false),
         })
     }
 
@@ -220,10 +225,16 @@ pub fn map_error(e: KafkaError) -> BackendError {
     };
     let kind = match code {
         C::UnknownTopicOrPartition | C::UnknownTopic => {
+            // The broker's one code for both: a commit to partition 7 of a
+            // topic with 3 is told so, not that its topic is missing.
+            let message = match code {
+                C::UnknownTopic => "topic not found",
+                _ => "topic or partition not found: the topic does not exist, or has no partition of that number",
+            };
             return BackendError::Engine {
                 kind: EngineErrorKind::NotFound,
                 code: format!("{code:?}"),
-                message: "topic not found".into(),
+                message: message.into(),
             };
         }
         C::UnknownPartition => {
@@ -299,6 +310,22 @@ pub fn map_error(e: KafkaError) -> BackendError {
         kind,
         code: format!("{code:?}"),
         message: e.to_string(),
+    }
+}
+
+/// A member's commit refused for its generation or id: a rebalance ended
+/// while it was on the way, and the member rejoins on its next poll, after
+/// which the same commit goes through. (A standalone client's refusal for
+/// the same codes is for good while the group has members.)
+fn member_commit_error(e: KafkaError) -> BackendError {
+    use RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(code @ (C::IllegalGeneration | C::UnknownMemberId)) => BackendError::Engine {
+            kind: EngineErrorKind::Unavailable,
+            code: format!("{code:?}"),
+            message: "the group was rebalanced while the commit was on the way; commit again shortly".into(),
+        },
+        _ => map_error(e),
     }
 }
 
@@ -389,6 +416,31 @@ impl Drop for KafkaRecords {
     }
 }
 
+/// How long the end of a stream waits for its consumer to leave its group.
+const LEAVE_WAIT: Duration = Duration::from_secs(5);
+
+/// Closes a stream's consumer once its reader has let go of it, and waits
+/// (within `LEAVE_WAIT`) until it has left its group: a client told that
+/// its stream ended may commit at once (`CommitOffsets` after a manual
+/// stream), and the broker refuses the commit of a client outside the group
+/// while it still counts a member that this replica no longer has.
+async fn leave(consumer: Arc<StreamConsumer>) {
+    let deadline = tokio::time::Instant::now() + LEAVE_WAIT;
+    let mut consumer = consumer;
+    let sole = loop {
+        match Arc::try_unwrap(consumer) {
+            Ok(sole) => break sole,
+            Err(shared) if tokio::time::Instant::now() < deadline => {
+                consumer = shared;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(shared) => return release(shared),
+        }
+    };
+    // Dropped on the blocking pool, also when the wait ends first.
+    let _ = tokio::time::timeout_at(deadline, tokio::task::spawn_blocking(move || drop(sole))).await;
+}
+
 /// Lets go of a consumer on the blocking pool. The last holder's drop
 /// closes the consumer (it leaves the group and sends its last commits),
 /// which blocks until the broker answers, or gives up.
@@ -453,15 +505,17 @@ impl RecordStream for KafkaRecords {
     /// too. A client told that its stream ended then resumes after what it
     /// was given, even on a replica of its own.
     async fn close(mut self: Box<Self>) {
+        // The reader lets go of its handle on the consumer once it sees this.
+        self.rx.close();
         let Some(consumer) = self.consumer.take() else {
             return;
         };
         if self.committed.is_empty() {
-            release(consumer);
+            leave(consumer).await;
             return;
         }
         let Ok(tpl) = partition_list(&self.committed) else {
-            release(consumer);
+            leave(consumer).await;
             return;
         };
         // Given up on, the task still ends, and drops the consumer there.
@@ -491,10 +545,10 @@ impl RecordStream for KafkaRecords {
         });
         match tokio::time::timeout(LAST_COMMIT_WAIT + LAST_COMMIT_RETRY, last).await {
             Ok(Ok((outcome, consumer))) => {
-                release(consumer);
                 if let Err(e) = outcome {
                     tracing::warn!(error = %e, "a consumer's last commit failed; its group may read some records again");
                 }
+                leave(consumer).await;
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "a consumer's last commit did not run"),
             Err(_) => tracing::warn!(
@@ -1065,6 +1119,15 @@ impl TopicSource for KafkaSource {
         let retired = CancellationToken::new();
         {
             let mut streams = self.live.streams.lock();
+            // Its topics were checked against an allow-list a reload has
+            // since replaced, whose `retire` this stream came too late for.
+            if self.superseded.load(Ordering::Relaxed) {
+                drop(streams);
+                release(consumer);
+                return Err(BackendError::Unavailable(
+                    "the source's configuration was reloaded while this stream started; consume again".into(),
+                ));
+            }
             streams.retain(|(_, token)| !token.is_cancelled());
             // Explicit start offsets may name topics beside `topics`: a
             // reload that disallows any topic read ends the stream.
@@ -1109,7 +1172,7 @@ impl TopicSource for KafkaSource {
             .ok_or_else(|| self.consumer_config(group));
         tokio::task::spawn_blocking(move || {
             let committed = match member {
-                Ok(consumer) => consumer.commit(&tpl, CommitMode::Sync).map_err(map_error),
+                Ok(consumer) => consumer.commit(&tpl, CommitMode::Sync).map_err(member_commit_error),
                 // No member here: commit as a standalone client of the group
                 // (the broker accepts that while the group has no live
                 // members), made on the blocking pool as `consume` makes its consumer.
@@ -1130,7 +1193,9 @@ impl TopicSource for KafkaSource {
     }
 
     fn retire(&self, still_allowed: &dyn Fn(&str) -> bool) {
-        for (topics, token) in self.live.streams.lock().iter() {
+        let streams = self.live.streams.lock();
+        self.superseded.store(true, Ordering::Relaxed);
+        for (topics, token) in streams.iter() {
             if !topics.iter().all(|t| still_allowed(t)) {
                 token.cancel();
             }

@@ -10,7 +10,7 @@ use rusqlite::{params_from_iter, Connection, Statement};
 
 use super::{decimal, map_error, special, to_sql};
 use crate::backend::bulk::{self, Dialect, LoadSpec, ReceiptSql, RowFeed};
-use crate::backend::{BackendError, ColumnType, LoadMode, LoadOutcome, Row, Value};
+use crate::backend::{BackendError, Column, ColumnType, LoadMode, LoadOutcome, Row, Value};
 
 use bulk::quote_ansi as quote;
 
@@ -29,24 +29,50 @@ fn placeholders(n: usize) -> String {
     (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
 }
 
-/// A decimal as a load binds it into a column of type `column`: as text,
-/// which the column's affinity converts (NUMERIC to a number, TEXT keeps it
-/// exact, as "10.50"), as a load of text would; but SQLite reads no text as
-/// an infinity, and a NaN would stay the text "NaN" in a number column:
-/// those bind as numbers (`special`), but into TEXT columns, which keep
-/// them as they came. A column of no declared type converts nothing (text
-/// stays text, and compares as text): there it binds as a parameter does.
-pub(super) fn load_decimal(d: &str, column: ColumnType) -> Result<SqlValue, String> {
-    match column {
-        ColumnType::String => Ok(SqlValue::Text(d.to_string())),
-        ColumnType::Dynamic => decimal(d),
-        _ => Ok(special(d)?.unwrap_or_else(|| SqlValue::Text(d.to_string()))),
+/// A decimal as a load binds it into `column`: as text, which the column's
+/// affinity converts (NUMERIC to a number, TEXT keeps it exact, as
+/// "10.50"), as a load of text would; but SQLite reads no text as an
+/// infinity, and a NaN would stay the text "NaN" in a number column: those
+/// bind as numbers (`special`), but into TEXT columns, which keep them as
+/// they came. A column of no declared type converts nothing (text stays
+/// text, and compares as text): there it binds as a parameter does.
+///
+/// A column whose affinity converts text to numbers (INTEGER, REAL,
+/// NUMERIC: `DECIMAL(38,2)`, `MONEY`) keeps 15 significant digits of a
+/// number that is not a 64-bit integer, and makes one too small or too
+/// large for a double 0 or infinite: such a decimal is refused, not rounded.
+pub(super) fn load_decimal(d: &str, column: &Column) -> Result<SqlValue, String> {
+    if column.column_type == ColumnType::String {
+        return Ok(SqlValue::Text(d.to_string()));
     }
+    let number = decimal(d)?;
+    if matches!(number, SqlValue::Text(_)) && converts_text(&column.native_type) {
+        return Err(format!(
+            "{d} has more digits than a SQLite {} column keeps (15 significant digits, or a double's range): \
+             store it in a TEXT column to keep it exact",
+            column.native_type
+        ));
+    }
+    Ok(match column.column_type {
+        ColumnType::Dynamic => number,
+        _ => special(d)?.unwrap_or_else(|| SqlValue::Text(d.to_string())),
+    })
+}
+
+/// Whether a column of declared type `declared` turns text that reads as a
+/// number into one: SQLite's affinity rules, in their order.
+fn converts_text(declared: &str) -> bool {
+    let upper = declared.to_ascii_uppercase();
+    if upper.contains("INT") {
+        return true;
+    }
+    let text = ["CHAR", "CLOB", "TEXT"].iter().any(|t| upper.contains(t));
+    !(text || upper.contains("BLOB") || upper.is_empty())
 }
 
 /// Binds `values` (each with its column's type) and runs the statement;
 /// errors name the row.
-fn run(statement: &mut Statement<'_>, values: &[(&Value, ColumnType)], index: u64) -> Result<usize, BackendError> {
+fn run(statement: &mut Statement<'_>, values: &[(&Value, &Column)], index: u64) -> Result<usize, BackendError> {
     let bound = values
         .iter()
         .map(|&(v, column)| match v {
@@ -67,8 +93,8 @@ struct Writer<'c> {
     /// positions of those columns in a row.
     update: Option<(Statement<'c>, Vec<usize>)>,
     upsert: bool,
-    /// Each column's type, in the row's order.
-    types: Vec<ColumnType>,
+    /// The columns, in the row's order.
+    columns: Vec<Column>,
 }
 
 impl<'c> Writer<'c> {
@@ -116,13 +142,13 @@ impl<'c> Writer<'c> {
             insert: conn.prepare(&insert).map_err(map_error)?,
             update,
             upsert: spec.mode == LoadMode::Upsert,
-            types: spec.columns.iter().map(|c| c.column_type).collect(),
+            columns: spec.columns.clone(),
         })
     }
 
     /// Writes one row; true when it was inserted rather than updated.
     fn write(&mut self, row: &Row, index: u64) -> Result<bool, BackendError> {
-        let all: Vec<_> = row.iter().zip(self.types.iter().copied()).collect();
+        let all: Vec<_> = row.iter().zip(&self.columns).collect();
         // Outside upserts the INSERT took the row, even where it reports no
         // change (an INSTEAD OF trigger of a view).
         if run(&mut self.insert, &all, index)? == 1 || !self.upsert {
@@ -131,7 +157,7 @@ impl<'c> Writer<'c> {
         if let Some((update, order)) = &mut self.update {
             let values: Vec<_> = order
                 .iter()
-                .filter_map(|&i| Some((row.get(i)?, *self.types.get(i)?)))
+                .filter_map(|&i| Some((row.get(i)?, self.columns.get(i)?)))
                 .collect();
             // The conflict was found by the index's own comparison (COLLATE
             // NOCASE, say), the UPDATE looks for equal keys: finding none, the

@@ -251,6 +251,19 @@ impl Pool {
     }
 }
 
+impl Drop for Pool {
+    /// The last holder of a replaced or removed source's pool may be a lease
+    /// dropped on a runtime thread (a transaction's end after a reload):
+    /// closing the last connection to a file checkpoints its WAL, with
+    /// fsync, so the connections close on the blocking pool.
+    fn drop(&mut self) {
+        let idle = std::mem::take(self.idle.get_mut());
+        if !idle.is_empty() || self.temp.is_some() {
+            crate::backend::drop_off_runtime((idle, self.temp.take()));
+        }
+    }
+}
+
 /// A pooled connection, returned to the pool on drop unless it was left
 /// inside a transaction or changed for the next caller (`discard`).
 struct Lease {
@@ -550,7 +563,7 @@ impl SqlSource for SqliteSource {
 
     fn refuses(&self, column: &crate::backend::Column, value: &Value) -> Option<String> {
         match value {
-            Value::Decimal(d) => bulk::load_decimal(d, column.column_type).err(),
+            Value::Decimal(d) => bulk::load_decimal(d, column).err(),
             value => refusal(value),
         }
     }
@@ -812,12 +825,14 @@ fn execute(
             }
         }
     }
-    unfinished.write = None;
-    drop(unfinished);
     drop(rows);
+    // Still armed: a caller gone before the last rows reached it leaves
+    // its transaction's writes rolled back whichever chunk it missed.
     if gather.rest().is_some_and(|rest| !worker.send_blocking(rest)) {
         return Ok(None);
     }
+    unfinished.write = None;
+    drop(unfinished);
     let changed = conn.total_changes() != changed_before;
     Ok((!returns_rows).then(|| if changed { conn.changes() } else { 0 }))
 }
@@ -1094,16 +1109,33 @@ mod tests {
 
     #[test]
     fn loaded_decimals_bind_by_their_columns_type() {
-        use crate::backend::ColumnType as T;
-        let load = |d: &str, t| bulk::load_decimal(d, t);
+        let load =
+            |d: &str, declared: &str| bulk::load_decimal(d, &column("c", Some(declared).filter(|t| !t.is_empty())));
         // No declared type converts no text: a number binds as a number.
-        assert_eq!(load("10.5", T::Dynamic), Ok(SqlValue::Real(10.5)));
-        assert_eq!(load("7", T::Dynamic), Ok(SqlValue::Integer(7)));
-        assert_eq!(load("10.50", T::String), Ok(SqlValue::Text("10.50".into())));
-        assert_eq!(load("10.50", T::Decimal), Ok(SqlValue::Text("10.50".into())));
-        assert_eq!(load("Infinity", T::Decimal), Ok(SqlValue::Real(f64::INFINITY)));
-        assert_eq!(load("NaN", T::String), Ok(SqlValue::Text("NaN".into())));
-        assert!(load("NaN", T::Decimal).is_err() && load("NaN", T::Dynamic).is_err());
+        assert_eq!(load("10.5", ""), Ok(SqlValue::Real(10.5)));
+        assert_eq!(load("7", ""), Ok(SqlValue::Integer(7)));
+        assert_eq!(load("10.50", "TEXT"), Ok(SqlValue::Text("10.50".into())));
+        assert_eq!(load("10.50", "DECIMAL(10,2)"), Ok(SqlValue::Text("10.50".into())));
+        assert_eq!(load("Infinity", "DECIMAL"), Ok(SqlValue::Real(f64::INFINITY)));
+        assert_eq!(load("NaN", "TEXT"), Ok(SqlValue::Text("NaN".into())));
+        assert!(load("NaN", "DECIMAL").is_err() && load("NaN", "").is_err());
+        // Past what SQLite keeps of a number: refused where the column's
+        // affinity would round it (or make it 0), kept where nothing converts.
+        let long = "12345678901234567890.12";
+        for declared in ["DECIMAL(38,2)", "NUMERIC", "MONEY", "REAL", "BIGINT"] {
+            assert!(
+                load(long, declared).is_err_and(|e| e.contains("TEXT column")),
+                "{declared}"
+            );
+            assert!(load("1e-400", declared).is_err(), "{declared}");
+        }
+        assert_eq!(load(long, "VARCHAR(40)"), Ok(SqlValue::Text(long.into())));
+        assert_eq!(load(long, ""), Ok(SqlValue::Text(long.into())));
+        assert_eq!(load(long, "BLOB"), Ok(SqlValue::Text(long.into())));
+        assert_eq!(
+            load("9223372036854775807", "DECIMAL"),
+            Ok(SqlValue::Text("9223372036854775807".into()))
+        );
     }
 
     #[test]

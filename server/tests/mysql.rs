@@ -970,6 +970,11 @@ async fn caller_errors_get_the_codes_other_engines_give_them() {
             Code::FailedPrecondition,
             "1526",
         ),
+        (
+            format!("INSERT INTO {table} VALUES (3, 'a', STR_TO_DATE('x', '%Y'))"),
+            Code::InvalidArgument,
+            "1411",
+        ),
     ] {
         let e = client.execute("maria", &sql, vec![]).await.expect_err(&sql);
         assert_eq!((e.code(), engine_code(&e).as_str()), (code, errno), "{sql}: {e:?}");
@@ -1620,11 +1625,50 @@ async fn use_is_refused_so_no_caller_moves_a_pooled_connection_to_another_databa
         .expect_err("in a transaction");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     client.commit(&tx).await.expect("commit");
+    // Run as dynamic SQL, which no check of the text sees, it moves only
+    // the statement's own session: the pool sets the source's database
+    // again before the next caller (the pool's reset keeps it).
+    client
+        .execute("my", "EXECUTE IMMEDIATE 'USE information_schema'", vec![])
+        .await
+        .expect("dynamic SQL");
     let db = client
         .execute("my", "SELECT DATABASE()", vec![])
         .await
         .expect("the one pooled connection");
     assert_eq!(text(&db.rows[0].values[0]), env_or("WEIR_TEST_MYSQL_DATABASE", "test"));
+    // Roles stay active through the pool's reset too.
+    let err = client
+        .execute("my", "SET ROLE NONE", vec![])
+        .await
+        .expect_err("SET ROLE");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("SET ROLE is refused"), "{err:?}");
+    server.stop().await;
+}
+
+/// A database the source's login cannot reach at connect (missing, or not
+/// its to use) is the operator's to fix: UNAVAILABLE, as a refused login,
+/// not the caller's NOT_FOUND, and the message names neither.
+#[tokio::test]
+async fn a_database_missing_at_login_is_unavailable_without_its_name() {
+    let source = mysql("nodb", "my", "").replace(
+        &format!("database = \"{}\"", env_or("WEIR_TEST_MYSQL_DATABASE", "test")),
+        "database = \"weir_no_such_database\"",
+    );
+    assert!(source.contains("weir_no_such_database"), "{source}");
+    let server = TestServer::start(&tenant("nodb", "", &source)).await;
+    let client = server.client("key-nodb").await;
+    let err = client
+        .execute("my", "SELECT 1", vec![])
+        .await
+        .expect_err("no such database");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::Unavailable, "SOURCE_UNAVAILABLE"),
+        "{err:?}"
+    );
+    assert!(!err.message().contains("weir_no_such_database"), "{err:?}");
     server.stop().await;
 }
 

@@ -1742,6 +1742,51 @@ async fn reads_go_to_the_shared_connection_that_a_read_left_before_its_first_row
     .await;
 }
 
+/// A transaction's own DDL, temporary tables and `search_path` change what
+/// its later statements name and return: statements the session prepared
+/// before are prepared again, not reused (a cached `SELECT *` failed with
+/// 0A000 at every retry; a temporary table was not read where it shadows
+/// the permanent one).
+#[tokio::test]
+async fn a_transactions_own_ddl_is_seen_by_its_later_statements() {
+    setup(
+        "DROP TABLE IF EXISTS weir_own_ddl, weir_staging; CREATE TABLE weir_own_ddl (a int4); \
+         INSERT INTO weir_own_ddl VALUES (1); CREATE TABLE weir_staging (n int4); INSERT INTO weir_staging VALUES (1), (2);",
+    )
+    .await;
+    let single = postgres("ddl", "single", "[tenants.ddl.sources.single.pool]\nmax_size = 1\n");
+    let server = TestServer::start(&tenant("ddl", "", &single)).await;
+    let client = server.client("key-ddl").await;
+    let count = "SELECT count(*)::text AS n FROM weir_staging";
+    for _ in 0..2 {
+        let tx = client
+            .begin("single", IsolationLevel::Unspecified, false)
+            .await
+            .expect("begin");
+        let run = |sql: &'static str| client.execute_in(&tx, "single", sql, vec![]);
+        assert_eq!(
+            run("SELECT * FROM weir_own_ddl").await.expect("before").columns.len(),
+            1
+        );
+        run("ALTER TABLE weir_own_ddl ADD COLUMN b int4").await.expect("alter");
+        let after = run("SELECT * FROM weir_own_ddl")
+            .await
+            .expect("the table's columns of now");
+        assert_eq!(after.columns.len(), 2);
+        assert_eq!(text(&run(count).await.expect("permanent").rows[0].values[0]), "2");
+        run("CREATE TEMP TABLE weir_staging (n int4) ON COMMIT DROP")
+            .await
+            .expect("temp");
+        run("INSERT INTO weir_staging VALUES (7)").await.expect("insert");
+        let shadowed = run(count).await.expect("the temporary table");
+        assert_eq!(text(&shadowed.rows[0].values[0]), "1", "read from the temporary table");
+        // Rolled back: the same transaction again, on the same session,
+        // with every statement's text cached from the first time.
+        client.rollback(&tx).await.expect("rollback");
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn statements_prepared_before_their_table_changed_are_prepared_again() {
     setup(

@@ -416,31 +416,6 @@ impl Drop for KafkaRecords {
     }
 }
 
-/// How long the end of a stream waits for its consumer to leave its group.
-const LEAVE_WAIT: Duration = Duration::from_secs(5);
-
-/// Closes a stream's consumer once its reader has let go of it, and waits
-/// (within `LEAVE_WAIT`) until it has left its group: a client told that
-/// its stream ended may commit at once (`CommitOffsets` after a manual
-/// stream), and the broker refuses the commit of a client outside the group
-/// while it still counts a member that this replica no longer has.
-async fn leave(consumer: Arc<StreamConsumer>) {
-    let deadline = tokio::time::Instant::now() + LEAVE_WAIT;
-    let mut consumer = consumer;
-    let sole = loop {
-        match Arc::try_unwrap(consumer) {
-            Ok(sole) => break sole,
-            Err(shared) if tokio::time::Instant::now() < deadline => {
-                consumer = shared;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(shared) => return release(shared),
-        }
-    };
-    // Dropped on the blocking pool, also when the wait ends first.
-    let _ = tokio::time::timeout_at(deadline, tokio::task::spawn_blocking(move || drop(sole))).await;
-}
-
 /// Lets go of a consumer on the blocking pool. The last holder's drop
 /// closes the consumer (it leaves the group and sends its last commits),
 /// which blocks until the broker answers, or gives up.
@@ -511,11 +486,11 @@ impl RecordStream for KafkaRecords {
             return;
         };
         if self.committed.is_empty() {
-            leave(consumer).await;
+            release(consumer);
             return;
         }
         let Ok(tpl) = partition_list(&self.committed) else {
-            leave(consumer).await;
+            release(consumer);
             return;
         };
         // Given up on, the task still ends, and drops the consumer there.
@@ -548,7 +523,7 @@ impl RecordStream for KafkaRecords {
                 if let Err(e) = outcome {
                     tracing::warn!(error = %e, "a consumer's last commit failed; its group may read some records again");
                 }
-                leave(consumer).await;
+                release(consumer);
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "a consumer's last commit did not run"),
             Err(_) => tracing::warn!(
@@ -611,8 +586,32 @@ fn partition_list(offsets: &[PartitionOffset]) -> KafkaResult<TopicPartitionList
 /// Batches the consumer's records for its caller until either side ends,
 /// then lets go of the consumer.
 async fn pump(consumer: Arc<StreamConsumer>, tx: mpsc::Sender<Result<Vec<InRecord>, BackendError>>) {
-    read_batches(&consumer, tx).await;
+    read_batches(&consumer, &tx).await;
+    answer_group_until_closed(&consumer, &tx).await;
     release(consumer);
+}
+
+/// After the reader's last word (an error), until the stream lets go of
+/// the consumer while its client still takes the batches before it: the
+/// partitions paused, the consumer is polled on, since librdkafka serves
+/// the group's rebalances only while polled, and a member left unpolled
+/// would hold the whole group still for up to `max.poll.interval.ms`.
+async fn answer_group_until_closed(consumer: &StreamConsumer, tx: &Batches) {
+    let pause = || consumer.assignment().and_then(|assigned| consumer.pause(&assigned));
+    let _ = pause();
+    loop {
+        tokio::select! {
+            biased;
+            () = tx.closed() => return,
+            m = consumer.recv() => match m {
+                // Of a partition assigned since: neither delivered nor committed.
+                Ok(_) => {
+                    let _ = pause();
+                }
+                Err(_) => tokio::time::sleep(OUTAGE_PAUSE).await,
+            },
+        }
+    }
 }
 
 /// How long a consumer reads on through connection errors (a broker that
@@ -736,7 +735,7 @@ impl Drop for CallerWaits {
 
 type Batches = mpsc::Sender<Result<Vec<InRecord>, BackendError>>;
 
-async fn read_batches(consumer: &StreamConsumer, tx: Batches) {
+async fn read_batches(consumer: &StreamConsumer, tx: &Batches) {
     // The connection errors without a record between them.
     let mut outage = None;
     // Records read while the consumer was paused, to start the next batch.
@@ -799,7 +798,7 @@ async fn read_batches(consumer: &StreamConsumer, tx: Batches) {
                 Ok(Ok(room)) => room,
                 Ok(Err(_)) => return,
                 Err(_) => {
-                    let (room, failed) = paused_until_room(consumer, &tx, &mut held).await;
+                    let (room, failed) = paused_until_room(consumer, tx, &mut held).await;
                     let Some(room) = room else {
                         return;
                     };

@@ -131,7 +131,16 @@ impl MysqlSource {
     pub fn new(config: &SourceConfig) -> Result<Self, BackendError> {
         let constraints = PoolConstraints::new(config.pool.min_idle as usize, config.pool.max_size as usize)
             .ok_or_else(|| BackendError::Invalid("pool.min_idle must not exceed pool.max_size".into()))?;
-        let base_setup = vec!["SET NAMES utf8mb4".to_string(), "SET time_zone = '+00:00'".to_string()];
+        // One statement: the setup runs again after every reset, so on
+        // every checkout; each statement is a round trip.
+        let mut base_setup = vec!["SET NAMES utf8mb4, time_zone = '+00:00'".to_string()];
+        // The pool's reset keeps a session's default database: a `USE` run
+        // as dynamic SQL (`EXECUTE IMMEDIATE 'USE other'`), which no text
+        // check sees, would otherwise move every later caller of the
+        // session to another database. The setup runs again after each reset.
+        if let Some(database) = config.database.as_deref().filter(|d| !d.is_empty()) {
+            base_setup.push(format!("USE `{}`", database.replace('`', "``")));
+        }
         let mut setup = base_setup.clone();
         if config.read_only {
             // Enforced by the engine for every statement, whatever its text.
@@ -179,7 +188,7 @@ impl MysqlSource {
         let started = Instant::now();
         let connect = tokio::time::timeout(self.config.pool.acquire_timeout, self.pool.get_conn()).await;
         let conn = match connect {
-            Ok(conn) => conn.map_err(map_error),
+            Ok(conn) => conn.map_err(map_connect_error),
             // mysql_async opens connections within get_conn, with no bound of
             // its own: with none in use, nothing was busy, and the host did
             // not answer in time.
@@ -295,8 +304,15 @@ async fn start(
             }
         }
         // Release the connection (and a transaction's lock) before the caller
-        // learns the statement is over, so its next call finds it free.
-        drop(hold);
+        // learns the statement is over, so its next call finds it free. A
+        // pooled session whose kill failed is closed instead: the kill may
+        // still reach the server later, and stop the next caller's statement.
+        match (hold, &outcome) {
+            (Hold::Pooled(conn), Err(BackendError::TransactionBroken(_))) => {
+                let _ = conn.disconnect().await;
+            }
+            (hold, _) => drop(hold),
+        }
         worker.finish(outcome).await;
     });
     pending.started().await
@@ -738,6 +754,19 @@ fn refuse_session_changes(sql: &str) -> Result<(), BackendError> {
                 .into(),
         ));
     }
+    // The pool's reset keeps a session's active roles (MariaDB): `SET ROLE
+    // NONE` would take rights from the callers after this one, another
+    // role widen theirs.
+    if crate::backend::sql_text::leading_words(sql, 2)
+        .iter()
+        .any(|words| words.len() == 2 && words[0] == "set" && words[1] == "role")
+    {
+        return Err(BackendError::Invalid(
+            "SET ROLE is refused: the role would stay active on a pooled connection for the callers after you; \
+             give the source's login the rights it needs, or a default role"
+                .into(),
+        ));
+    }
     if crate::backend::sql_text::sets_mysql_time_zone_or_charset(sql) {
         return Err(BackendError::Invalid(
             "statements that set the session's time_zone or character sets (SET time_zone, SET NAMES, \
@@ -857,26 +886,46 @@ fn binlog_position_gone(message: &str) -> bool {
 }
 
 /// Classifies a mysql_async error by errno first, then by SQLSTATE.
+/// Errors opening a session (its setup included): a database that is
+/// missing or that the login may not use (1049, 1044) is the operator's to
+/// fix, as a refused login is, not the caller's NOT_FOUND or
+/// PERMISSION_DENIED, whose message would name the login.
+fn map_connect_error(e: mysql_async::Error) -> BackendError {
+    match &e {
+        mysql_async::Error::Server(s) if matches!(s.code, 1049 | 1044) => {
+            crate::backend::error::login_refused(&s.code.to_string(), &s.message)
+        }
+        _ => map_error(e),
+    }
+}
+
 pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
     use EngineErrorKind as K;
     match e {
         mysql_async::Error::Server(s) => {
             let kind = match s.code {
-                1146 | 1305 | 1049 | 1051 => K::NotFound,
+                // 1008: DROP DATABASE of one that is not there.
+                1146 | 1305 | 1049 | 1051 | 1008 => K::NotFound,
                 // Syntax, unknown column, bad or truncated values (1265: an ENUM
                 // value not in the list; 1525: a bad literal, `DATE'2024-13-01'`),
                 // misused SQL (1093, 1111), collations that do not mix (1267,
                 // 1270, 1271), operands of types an operation does not take
                 // (MariaDB 4078, 4079: `inet6_col = 1`).
+                // 1411: a value a function cannot read (STR_TO_DATE in a strict INSERT).
                 1064 | 1054 | 1292 | 1366 | 1406 | 1264 | 1365 | 1110 | 1136 | 1265 | 1525 | 1093 | 1111 | 1267
-                | 1270 | 1271 | 4078 | 4079 => K::InvalidArgument,
+                | 1270 | 1271 | 4078 | 4079 | 1411 => K::InvalidArgument,
                 1062 | 1586 | 1022 | 1169 => K::AlreadyExists,
                 // Constraints (1364: a NOT NULL column without a default left
                 // out), and SIGNAL's unhandled user exception (1644).
                 // 1369: a view's WITH CHECK OPTION. 1526: no partition for the
                 // value; 1356: a view whose tables or columns are gone; 1175:
                 // safe-update mode refusing an unkeyed UPDATE or DELETE.
-                1048 | 1451 | 1452 | 3819 | 4025 | 1364 | 1644 | 1369 | 1526 | 1356 | 1175 => K::FailedPrecondition,
+                // 1100, 1099: a table not locked, or locked for reading, under
+                // LOCK TABLES; 1192: a statement not allowed while a
+                // transaction or lock is active; 1442: a table a trigger or
+                // function may not change, as the statement uses it.
+                1048 | 1451 | 1452 | 3819 | 4025 | 1364 | 1644 | 1369 | 1526 | 1356 | 1175 | 1100 | 1099 | 1192
+                | 1442 => K::FailedPrecondition,
                 // 1206 (the lock table full) and 1637 (too many active
                 // transactions) end the transaction, as a deadlock does.
                 // 3572: a NOWAIT lock not granted (PostgreSQL's 55P03). 1020:
@@ -892,7 +941,8 @@ pub(crate) fn map_error(e: mysql_async::Error) -> BackendError {
                 // Too many connections, to the server or for the user.
                 1040 | 1203 => K::Overloaded,
                 // 1226: a per-user quota (queries, updates or connections an hour).
-                1041 | 1114 | 1226 => K::ResourceExhausted,
+                // 1461: the server's max_prepared_stmt_count.
+                1041 | 1114 | 1226 | 1461 => K::ResourceExhausted,
                 // A packet over max_allowed_packet: the statement's size is
                 // the caller's to change (the server closes the session, which
                 // a transaction then finds lost).

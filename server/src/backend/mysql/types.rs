@@ -82,7 +82,12 @@ pub fn column(c: &mysql_async::Column) -> (Column, Decode) {
             }
         }
     };
-    let native = if unsigned {
+    // MariaDB flags TIMESTAMP, YEAR and BIT columns UNSIGNED too.
+    let numeric = matches!(
+        decode,
+        Decode::Int | Decode::UInt | Decode::Float | Decode::Single | Decode::Decimal
+    ) && native != "YEAR";
+    let native = if unsigned && numeric {
         format!("{native} UNSIGNED")
     } else {
         native.to_string()

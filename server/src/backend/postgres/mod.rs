@@ -59,10 +59,42 @@ struct Prepared {
     /// A `DISCARD` or `DEALLOCATE`, which may drop the statements the
     /// driver prepared for itself (see `PgConn::retire`).
     drops_statements: bool,
+    /// It may change what the session's other statements name or return
+    /// (see `changes_what_names_mean`): the cache is emptied before it runs.
+    empties_cache: bool,
+}
+
+/// Kinds of statements after which a statement prepared before may name
+/// another object or return other columns: DDL (`ALTER TABLE ... ADD
+/// COLUMN` in a transaction left a cached `SELECT *` to fail with 0A000 at
+/// every retry, as only a transaction's first statement is prepared
+/// again), a temporary table shadowing a table (a cached statement went on
+/// reading the permanent one, without an error), `SET search_path`,
+/// `DEALLOCATE`, and code that may do any of these (`DO`, `CALL`).
+/// PostgreSQL plans a prepared statement again after DDL, but refuses one
+/// whose columns changed, and never looks its names up again for a
+/// temporary table that shadows one.
+fn changes_what_names_mean(sql: &str) -> bool {
+    const KINDS: &[&str] = &[
+        "create",
+        "alter",
+        "drop",
+        "set",
+        "reset",
+        "discard",
+        "deallocate",
+        "do",
+        "call",
+        "import",
+        "comment",
+    ];
+    KINDS.iter().any(|w| crate::backend::sql_text::starts_with_word(sql, w))
 }
 
 pub struct PgConn {
     client: Client,
+    /// Ends the connection at once (see `Drop`).
+    driver: AbortHandle,
     cancel: CancelToken,
     /// Where `cancel` goes (TLS or not, as the session itself).
     target: Arc<Target>,
@@ -112,6 +144,7 @@ impl PgConn {
             drops_statements: ["discard", "deallocate"]
                 .iter()
                 .any(|w| crate::backend::sql_text::starts_with_word(sql, w)),
+            empties_cache: changes_what_names_mean(sql),
         };
         cache_statement(&mut self.statements, sql, prepared.clone());
         Ok(prepared)
@@ -286,21 +319,48 @@ pub struct PgManager {
     target: Arc<Target>,
 }
 
+/// A session the pool lets go of while its state is unknown (broken, or
+/// left in a transaction: a statement that would not stop, a protocol
+/// lost) is closed at once. Dropping the client alone would keep the
+/// server's session, its transaction and locks with it, until every
+/// statement sent had been answered, while the pool opened another.
+impl Drop for PgConn {
+    fn drop(&mut self) {
+        if self.broken.is_some() || self.in_transaction {
+            self.driver.abort();
+        }
+    }
+}
+
 impl bb8::ManageConnection for PgManager {
     type Connection = PgConn;
     type Error = BackendError;
 
     async fn connect(&self) -> Result<PgConn, BackendError> {
-        let Driven { client, address, .. } = self.target.connect().await?;
-        // Set here and again by every reset, not as a startup option, which
-        // poolers such as PgBouncer refuse unless told to ignore it.
-        client
-            .batch_execute(STRINGS_AS_WEIR_READS_THEM)
-            .await
-            .map_err(map_error)?;
+        let timeout = self.target.config.get_connect_timeout().copied();
+        let opened = async {
+            let Driven {
+                client,
+                address,
+                driver,
+            } = self.target.connect().await?;
+            // Set here and again by every reset, not as a startup option, which
+            // poolers such as PgBouncer refuse unless told to ignore it.
+            match client.batch_execute(STRINGS_AS_WEIR_READS_THEM).await {
+                Ok(()) => Ok((client, address, driver)),
+                Err(e) => {
+                    driver.abort();
+                    Err(map_error(e))
+                }
+            }
+        };
+        // Bounded as a whole: a server that takes the login and then never
+        // answers must not hold one of the pool's opening slots for ever.
+        let (client, address, driver) = bounded(timeout, opened).await?;
         let cancel = client.cancel_token();
         Ok(PgConn {
             client,
+            driver,
             cancel,
             target: self.target.clone(),
             address,
@@ -600,6 +660,7 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
             statement: prepared,
             leaves_session,
             drops_statements,
+            empties_cache,
         } = match lease.prepare(&statement.sql).await {
             Ok(p) => p,
             Err(e) => {
@@ -612,6 +673,9 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
             }
         };
         lease.retire |= drops_statements;
+        if empties_cache {
+            lease.statements.clear();
+        }
         // What the session needs once this statement has run.
         let dirty_after = pooled && (reset == SessionReset::Always || !leaves_session);
         lease.needs_reset |= dirty_after;

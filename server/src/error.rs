@@ -57,6 +57,11 @@ pub enum Error {
          produced: send fewer records per call, or give the call more time"
     )]
     ThrottledPastDeadline(Duration),
+    #[error(
+        "the call's deadline passed after {0:?} of waiting for a gateway slot (every slot was in use); nothing \
+         ran: give the call more time, or send it again later"
+    )]
+    QueuedPastDeadline(Duration),
     #[error("the client aborted the load ({0}); nothing was loaded")]
     LoadAborted(String),
     #[error("too many Kafka consumers open (limit {limit}); retry when one ends")]
@@ -267,6 +272,13 @@ impl From<Error> for Status {
                 info(
                     "THROTTLED_PAST_DEADLINE",
                     vec![("waited_ms", limit.as_millis().to_string())],
+                ),
+            ),
+            Error::QueuedPastDeadline(waited) => (
+                Code::DeadlineExceeded,
+                info(
+                    "QUEUED_PAST_DEADLINE",
+                    vec![("waited_ms", waited.as_millis().to_string())],
                 ),
             ),
             Error::Backend(b) => backend_parts(b),

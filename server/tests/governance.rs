@@ -259,7 +259,7 @@ async fn a_deadline_that_ends_a_wait_for_a_slot_is_answered_and_counted() {
     let err = a.query().execute(request).await.expect_err("no slot in time");
     assert_eq!(
         (err.code(), reason(&err).as_str()),
-        (Code::ResourceExhausted, "GATEWAY_SATURATED"),
+        (Code::DeadlineExceeded, "QUEUED_PAST_DEADLINE"),
         "{err:?}"
     );
     assert!(

@@ -1742,6 +1742,53 @@ async fn reads_go_to_the_shared_connection_that_a_read_left_before_its_first_row
     .await;
 }
 
+/// A write that returns rows, streamed, commits only once the transport
+/// has taken its last rows: here they fit the stream's buffer, so the
+/// statement is done while the client reads nothing, and the client that
+/// stopped reading gets `STREAM_STALLED` and nothing is written (it was
+/// committed before, and the client never had `stats`).
+#[tokio::test]
+async fn a_streamed_write_whose_client_stopped_reading_before_its_last_rows_is_rolled_back() {
+    setup("DROP TABLE IF EXISTS weir_stalled_write; CREATE TABLE weir_stalled_write (id int4 PRIMARY KEY, note text)")
+        .await;
+    let server = TestServer::start(&format!("[server]\nstream_idle_timeout = \"2s\"\n{}", config(""))).await;
+    let client = server.client("key-acme").await;
+    // About 5 MB: more than the client's HTTP/2 window (2 MiB) takes
+    // unread, less than that and the stream's buffer (4 batches of 1 MiB).
+    let sql =
+        "INSERT INTO weir_stalled_write SELECT g, repeat('x', 2000) FROM generate_series(1, 2500) g RETURNING note";
+    let mut stream = client
+        .query()
+        .execute_stream(pb::ExecuteStreamRequest {
+            source: "pg".into(),
+            sql: sql.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(m)) => {
+                let stats = matches!(m.payload, Some(pb::execute_stream_response::Payload::Stats(_)));
+                assert!(!stats, "stats for a client that stopped reading");
+            }
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(reason(&ended), "STREAM_STALLED", "{ended:?}");
+    let written = pg_direct()
+        .await
+        .query_one("SELECT count(*) FROM weir_stalled_write", &[])
+        .await
+        .expect("count")
+        .get::<_, i64>(0);
+    assert_eq!(written, 0, "rolled back");
+    server.stop().await;
+}
+
 /// A transaction's own DDL, temporary tables and `search_path` change what
 /// its later statements name and return: statements the session prepared
 /// before are prepared again, not reused (a cached `SELECT *` failed with
@@ -3135,6 +3182,18 @@ async fn a_transaction_busy_past_its_idle_timeout_stays_open_and_counted() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A request that could never succeed is told so, not sent to retry
+    // after a limit it would meet again.
+    let err = client
+        .query()
+        .begin_transaction(pb::BeginTransactionRequest {
+            source: "pg".into(),
+            isolation: 99,
+            ..Default::default()
+        })
+        .await
+        .expect_err("an unknown isolation level");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     sleeper.await.expect("task").expect("the long statement ran to its end");
     let r = client
         .execute_in(&tx, "pg", "SELECT 1 AS one", vec![])

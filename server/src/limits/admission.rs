@@ -32,7 +32,7 @@ pub fn count_refusal(tenant: &str, e: &Error) {
     let limit = match e {
         Error::RateLimited { .. } => "rate",
         Error::GlobalLimitsUnavailable => "global_unavailable",
-        Error::GatewayBusy { .. } => "gateway_queue",
+        Error::GatewayBusy { .. } | Error::QueuedPastDeadline(_) => "gateway_queue",
         Error::TooManyStreams { .. } => "streams",
         Error::TooManyTransactions { .. } => "transactions",
         Error::TooManyLoads { .. } => "loads",

@@ -505,6 +505,7 @@ impl BulkApi {
             Ok(_) => return Err(bad("header", "the first message of a load must be its header")),
             Err(status) => return Err(unreadable(status)),
         };
+        Gate::priority(options.as_ref())?;
         let source: Arc<Source> = source(&caller, &header.source)?;
         let slot = caller.tenant.limiter.admit_load()?;
         let admitted = self.gate.admit(&caller, options.as_ref()).await?;

@@ -67,20 +67,24 @@ impl Gate {
         Self { scheduler }
     }
 
+    /// The priority a call asks for. Calls that take a cap of their own
+    /// before their gateway slot check it first: a request that can never
+    /// succeed is INVALID_ARGUMENT, not a limit to retry after.
+    pub fn priority(options: Option<&pb::RequestOptions>) -> Result<Priority, Error> {
+        match options.map(|o| pb::Priority::try_from(o.priority)) {
+            Some(Ok(pb::Priority::Low)) => Ok(Priority::Low),
+            Some(Ok(pb::Priority::High)) => Ok(Priority::High),
+            None | Some(Ok(pb::Priority::Unspecified | pb::Priority::Medium)) => Ok(Priority::Medium),
+            Some(Err(_)) => Err(Error::InvalidArgument {
+                field: "options.priority",
+                message: "unknown priority; use LOW, MEDIUM or HIGH".into(),
+            }),
+        }
+    }
+
     /// Waits for a slot at the call's priority, lowered to the tenant's maximum.
     pub async fn admit(&self, caller: &Caller, options: Option<&pb::RequestOptions>) -> Result<Admitted, Error> {
-        let asked = match options.map(|o| pb::Priority::try_from(o.priority)) {
-            Some(Ok(pb::Priority::Low)) => Priority::Low,
-            Some(Ok(pb::Priority::High)) => Priority::High,
-            None | Some(Ok(pb::Priority::Unspecified | pb::Priority::Medium)) => Priority::Medium,
-            Some(Err(_)) => {
-                return Err(Error::InvalidArgument {
-                    field: "options.priority",
-                    message: "unknown priority; use LOW, MEDIUM or HIGH".into(),
-                })
-            }
-        };
-        let priority = asked.min(caller.tenant.limits.max_priority);
+        let priority = Self::priority(options)?.min(caller.tenant.limits.max_priority);
         let started = std::time::Instant::now();
         let wait = self
             .scheduler
@@ -91,7 +95,7 @@ impl Gate {
         let slot = match deadline_left(caller) {
             Some(left) => tokio::time::timeout(left, wait)
                 .await
-                .unwrap_or_else(|_| Err(self.scheduler.busy(started.elapsed()))),
+                .unwrap_or_else(|_| Err(Error::QueuedPastDeadline(started.elapsed()))),
             None => wait.await,
         };
         if let Err(e) = &slot {
@@ -333,6 +337,11 @@ impl<T> StreamOut<T> {
     /// Completes when the client has gone.
     pub async fn closed(&self) {
         self.tx.closed().await;
+    }
+
+    /// Whether the client has gone, or the stream stalled (its buffer dropped).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
     }
 }
 

@@ -381,12 +381,31 @@ impl Batches for ArrowBatches {
 /// call and exported on its span.
 const AUDITED_SQL_BYTES: usize = 4096;
 
+/// Text that a statement carrying a credential contains: `ALTER ROLE ...
+/// PASSWORD`, `IDENTIFIED BY`, MySQL's `SOURCE_PASSWORD`/`MASTER_PASSWORD`,
+/// SQL Server's `CREATE CREDENTIAL ... SECRET`, `@rmtpassword` and
+/// application roles' passwords. Matched anywhere in a word: a column named
+/// `password_hash` costs the line its statement, never a secret.
+const CREDENTIAL_MARKS: &[&str] = &[
+    "password",
+    "passwd",
+    "identified",
+    "secret",
+    "credential",
+    "sp_setapprole",
+];
+
 /// A statement as the audit line records it: cut to AUDITED_SQL_BYTES (its
-/// full length said), and left out when it names a password (`ALTER ROLE
-/// ... PASSWORD '...'`, `CREATE USER ... IDENTIFIED BY '...'`).
+/// full length said), and left out when it may carry a credential (see
+/// `CREDENTIAL_MARKS`).
 fn audited_sql(sql: &str) -> std::borrow::Cow<'_, str> {
-    if sql_text::has_word(sql, &["password", "identified"]) {
-        return format!("(not recorded: a statement naming a password, {} bytes)", sql.len()).into();
+    let lower = sql.to_ascii_lowercase();
+    if CREDENTIAL_MARKS.iter().any(|mark| lower.contains(mark)) {
+        return format!(
+            "(not recorded: a statement that may carry a credential, {} bytes)",
+            sql.len()
+        )
+        .into();
     }
     match crate::telemetry::cut(sql, AUDITED_SQL_BYTES) {
         whole if whole.len() == sql.len() => whole.into(),
@@ -436,6 +455,14 @@ async fn execute_stream(
 }
 
 /// The rows of a started statement; answers its statistics.
+/// Waits until the transport has taken every message buffered (within
+/// the stream's idle time): false when the client went away or stopped
+/// reading first.
+async fn all_taken<T>(tx: &StreamOut<T>) -> bool {
+    tx.drained().await;
+    !tx.is_closed()
+}
+
 async fn send_rows(
     target: &Target,
     mut query: QueryStream,
@@ -603,6 +630,7 @@ impl QueryService for QueryApi {
         let r = request.into_inner();
         let format = Format::of(&r)?;
         let mut target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, false)?;
+        Gate::priority(r.options.as_ref())?;
         let stream_slot = target.caller.tenant.limiter.admit_stream()?;
         let admitted = self.gate.admit(&target.caller, r.options.as_ref()).await?;
         let timeout = statement_timeout(&target.caller);
@@ -614,6 +642,8 @@ impl QueryService for QueryApi {
         let cut = self.cut.clone();
         let (revoked, expires) = (target.caller.revoked.clone(), target.caller.expires);
         let ends_by = tokio::time::Instant::now() + timeout;
+        let own_transaction = matches!(target.runs, Runs::OwnTransaction(..));
+        let stream_idle = self.stream_idle;
         tokio::spawn(
             async move {
                 // The slots are held until the stream ends.
@@ -633,6 +663,15 @@ impl QueryService for QueryApi {
                 // transaction, if any, is rolled back as it is dropped.
                 let outcome = match outcome.map_err(|e| target.lost(e)) {
                     Ok(None) => Ok(()),
+                    // A write's own transaction commits only once the
+                    // transport has taken its last rows: a client that left,
+                    // or stopped reading, before them was handed rows of a
+                    // write it must take as not done.
+                    Ok(Some(_)) if own_transaction && !all_taken(&tx).await => {
+                        target
+                            .settle(Err::<(), _>(Error::StreamStalled(stream_idle)), ends_by, &cut)
+                            .await
+                    }
                     Ok(Some(stats)) => match target.settle(Ok(stats), ends_by, &cut).await {
                         Ok(stats) => {
                             // Committed: a client that left meanwhile is owed nothing more.
@@ -666,14 +705,15 @@ impl QueryService for QueryApi {
     ) -> Result<Response<pb::BeginTransactionResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        let source = source(&caller, &r.source)?;
-        self.transactions.check_room(&caller)?;
-        let _admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
-        let timeout = statement_timeout(&caller);
         let options = TxOptions {
             isolation: convert::isolation(r.isolation)?,
             read_only: r.read_only,
         };
+        Gate::priority(r.options.as_ref())?;
+        let source = source(&caller, &r.source)?;
+        self.transactions.check_room(&caller)?;
+        let _admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
+        let timeout = statement_timeout(&caller);
         let tx = tokio::time::timeout(timeout, source.backend.sql()?.begin(options))
             .await
             .map_err(|_| Error::Timeout(timeout))?

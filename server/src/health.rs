@@ -55,18 +55,24 @@ async fn probe(source: &Source) -> Probe {
     let limit = PROBE_TIMEOUT.max(source.config.pool.acquire_timeout + Duration::from_secs(1));
     match tokio::time::timeout(limit, source.backend.connection_info()).await {
         Ok(Ok(info)) => Probe::Up(info),
-        // The engine's own "too many connections" (53300, errno 1040) says it
-        // answers too, as the circuit breaker takes it: every replica probes
-        // the same database, and calling it down would take them all out.
-        Ok(Err(
-            BackendError::PoolExhausted { .. }
+        Ok(Err(e)) if says_busy(&e) => Probe::Busy,
+        _ => Probe::Down,
+    }
+}
+
+/// An answer that says the source is busy, not down: its pool is full, or
+/// the engine's own "too many connections" (53300, errno 1040), which the
+/// circuit breaker takes so too: every replica probes the same database,
+/// and calling it down would take them all out.
+pub fn says_busy(e: &BackendError) -> bool {
+    matches!(
+        e,
+        BackendError::PoolExhausted { .. }
             | BackendError::Engine {
                 kind: crate::backend::EngineErrorKind::Overloaded,
                 ..
-            },
-        )) => Probe::Busy,
-        _ => Probe::Down,
-    }
+            }
+    )
 }
 
 /// Probes every source; returns whether every required one is up, and the

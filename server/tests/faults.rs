@@ -151,13 +151,17 @@ async fn a_database_full_of_connections_is_busy_not_down() {
     readiness_becomes(&server, 200).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(ready(&server).await, 200, "still ready after more probes");
-    let err = server
-        .client("key-full")
-        .await
+    let client = server.client("key-full").await;
+    let err = client
         .execute("db", "SELECT 1", vec![])
         .await
         .expect_err("no session to be had");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // TestConnection takes it as the probe does: busy, the source still healthy.
+    let err = client.test_connection("db").await.expect_err("no session to be had");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let sources = client.list_sources().await.expect("list sources");
+    assert!(sources.iter().all(|s| s.healthy), "{sources:?}");
     server.stop().await;
 }
 

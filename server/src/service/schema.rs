@@ -105,9 +105,10 @@ impl SchemaService for SchemaApi {
             // The caller's own deadline came first: that says nothing of the source.
             Err(_) if timeout < caller.tenant.limits.statement_timeout => return Err(Error::Timeout(timeout).into()),
             // A wait for a busy pool is no answer either (the health probe's rule).
-            Err(_) if crate::health::pool_is_full(&source) => {
-                return Err(Error::Timeout(timeout).into());
-            }
+            Err(_) if crate::health::pool_is_full(&source) => Err(crate::backend::BackendError::PoolExhausted {
+                max_size: source.config.pool.max_size,
+                waited: timeout,
+            }),
             Err(_) => Err(crate::backend::BackendError::Unavailable(format!(
                 "the source did not answer within {timeout:?}"
             ))),
@@ -119,8 +120,8 @@ impl SchemaService for SchemaApi {
                     server_version: info.server_version.clone(),
                 }
             }
-            // Busy, not down: every connection is in use.
-            Err(crate::backend::BackendError::PoolExhausted { .. }) => {}
+            // Busy, not down: every connection is in use, here or on the server.
+            Err(e) if crate::health::says_busy(e) => {}
             Err(_) => source.status.write().healthy = false,
         }
         let info = result?;

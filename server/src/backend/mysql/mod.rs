@@ -462,21 +462,29 @@ async fn read_result<P: Protocol>(
 
 /// Runs `work` on session `connection_id` unless the caller leaves first:
 /// then its statement is killed and `work` let finish, so the session
-/// stays usable, and the answer is `None`.
+/// stays usable, and the answer is `None`. Unless it failed on its own
+/// meanwhile: that error is the answer, so that one that ended the
+/// transaction (a deadlock) is seen to, not followed by statements that
+/// would each commit on their own.
 async fn unless_abandoned<T>(
-    work: impl std::future::Future<Output = T>,
+    work: impl std::future::Future<Output = Result<T, mysql_async::Error>>,
     worker: &Worker,
     killer: &Killer,
     connection_id: u32,
-) -> Result<Option<T>, BackendError> {
+) -> Result<Option<Result<T, mysql_async::Error>>, BackendError> {
     tokio::pin!(work);
     tokio::select! {
         biased;
         done = &mut work => Ok(Some(done)),
         () = worker.closed() => {
             let killed = killer.kill(connection_id).await;
-            let _ = work.await;
-            killed.map(|()| None)
+            match work.await {
+                // 1317: the kill's own "query execution was interrupted".
+                Err(mysql_async::Error::Server(e)) if e.code != 1317 => {
+                    Err(map_error(mysql_async::Error::Server(e)))
+                }
+                _ => killed.map(|()| None),
+            }
         }
     }
 }

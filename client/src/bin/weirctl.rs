@@ -155,8 +155,9 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         max: Option<u64>,
         /// Do not commit offsets (commit them with `weirctl commit` once
-        /// processed). Without it, offsets are committed as records are
-        /// handed over, before they are printed: at most once.
+        /// processed). Without it, a stream from earliest or latest commits
+        /// offsets as records are handed over, before they are printed: at
+        /// most once (a stream from a time commits nothing either way).
         #[arg(long)]
         manual: bool,
     },

@@ -339,9 +339,28 @@ impl<T> StreamOut<T> {
         self.tx.closed().await;
     }
 
-    /// Whether the client has gone, or the stream stalled (its buffer dropped).
-    pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+    /// Waits until the transport has taken every message buffered: true
+    /// then, false when the client went away or took nothing for the idle
+    /// time first (the stream then ends STREAM_STALLED, as `send`'s). A
+    /// slow client that keeps taking messages is waited for.
+    pub async fn taken_all(&self) -> bool {
+        let all = self.tx.max_capacity();
+        loop {
+            let free = self.tx.capacity();
+            if free >= all {
+                return true;
+            }
+            // One more free slot than now: one more message taken.
+            match tokio::time::timeout(self.idle, self.tx.reserve_many(free + 1)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return false,
+                Err(_) => {
+                    self.fail(Error::StreamStalled(self.idle));
+                    self.rx.lock().take();
+                    return false;
+                }
+            }
+        }
     }
 }
 

@@ -383,12 +383,14 @@ const AUDITED_SQL_BYTES: usize = 4096;
 
 /// Text that a statement carrying a credential contains: `ALTER ROLE ...
 /// PASSWORD`, `IDENTIFIED BY`, MySQL's `SOURCE_PASSWORD`/`MASTER_PASSWORD`,
-/// SQL Server's `CREATE CREDENTIAL ... SECRET`, `@rmtpassword` and
-/// application roles' passwords. Matched anywhere in a word: a column named
-/// `password_hash` costs the line its statement, never a secret.
+/// SQL Server's `CREATE CREDENTIAL ... SECRET`, `@rmtpassword`, application
+/// roles' passwords and connection strings' `PWD=`. Matched anywhere in a
+/// word, in any case: a column named `password_hash` costs the line its
+/// statement, never a secret.
 const CREDENTIAL_MARKS: &[&str] = &[
     "password",
     "passwd",
+    "pwd",
     "identified",
     "secret",
     "credential",
@@ -399,8 +401,12 @@ const CREDENTIAL_MARKS: &[&str] = &[
 /// full length said), and left out when it may carry a credential (see
 /// `CREDENTIAL_MARKS`).
 fn audited_sql(sql: &str) -> std::borrow::Cow<'_, str> {
-    let lower = sql.to_ascii_lowercase();
-    if CREDENTIAL_MARKS.iter().any(|mark| lower.contains(mark)) {
+    let marked = CREDENTIAL_MARKS.iter().any(|mark| {
+        sql.as_bytes()
+            .windows(mark.len())
+            .any(|w| w.eq_ignore_ascii_case(mark.as_bytes()))
+    });
+    if marked {
         return format!(
             "(not recorded: a statement that may carry a credential, {} bytes)",
             sql.len()
@@ -455,14 +461,6 @@ async fn execute_stream(
 }
 
 /// The rows of a started statement; answers its statistics.
-/// Waits until the transport has taken every message buffered (within
-/// the stream's idle time): false when the client went away or stopped
-/// reading first.
-async fn all_taken<T>(tx: &StreamOut<T>) -> bool {
-    tx.drained().await;
-    !tx.is_closed()
-}
-
 async fn send_rows(
     target: &Target,
     mut query: QueryStream,
@@ -667,20 +665,27 @@ impl QueryService for QueryApi {
                     // transport has taken its last rows: a client that left,
                     // or stopped reading, before them was handed rows of a
                     // write it must take as not done.
-                    Ok(Some(_)) if own_transaction && !all_taken(&tx).await => {
-                        target
-                            .settle(Err::<(), _>(Error::StreamStalled(stream_idle)), ends_by, &cut)
-                            .await
-                    }
-                    Ok(Some(stats)) => match target.settle(Ok(stats), ends_by, &cut).await {
-                        Ok(stats) => {
-                            // Committed: a client that left meanwhile is owed nothing more.
-                            tx.deliver(message(pb::execute_stream_response::Payload::Stats(stats)))
-                                .await;
-                            Ok(())
+                    Ok(Some(stats)) => {
+                        // A write's own transaction commits only once the
+                        // transport has taken its last rows: a client that
+                        // left, or stopped reading, before them was handed
+                        // rows of a write it must take as not done.
+                        let delivered = match own_transaction {
+                            true => super::until_stopped(&cut, &revoked, expires, tx.taken_all())
+                                .await
+                                .and_then(|taken| taken.then_some(stats).ok_or(Error::StreamStalled(stream_idle))),
+                            false => Ok(stats),
+                        };
+                        match target.settle(delivered, ends_by, &cut).await {
+                            Ok(stats) => {
+                                // Committed: a client that left meanwhile is owed nothing more.
+                                tx.deliver(message(pb::execute_stream_response::Payload::Stats(stats)))
+                                    .await;
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
                         }
-                        Err(e) => Err(e),
-                    },
+                    }
                     Err(e) => target.settle(Err::<(), _>(e), ends_by, &cut).await,
                 };
                 if let Err(e) = outcome {

@@ -248,8 +248,8 @@ async fn deliver(
     if let Err(e) = ended {
         tx.fail(e);
     }
-    // The consumer has left its group (`close`); the slots go once the
-    // last batches have left the buffer.
+    // The consumer is let go of (`close`: it leaves its group on the
+    // blocking pool); the slots go once the last batches have left the buffer.
     tx.drained().await;
 }
 

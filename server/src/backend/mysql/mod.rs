@@ -138,8 +138,10 @@ impl MysqlSource {
         // as dynamic SQL (`EXECUTE IMMEDIATE 'USE other'`), which no text
         // check sees, would otherwise move every later caller of the
         // session to another database. The setup runs again after each reset.
+        // First in the list, which mysql_async runs from its end: after the
+        // reset's character set is set again, so a name past ASCII reads right.
         if let Some(database) = config.database.as_deref().filter(|d| !d.is_empty()) {
-            base_setup.push(format!("USE `{}`", database.replace('`', "``")));
+            base_setup.insert(0, format!("USE `{}`", database.replace('`', "``")));
         }
         let mut setup = base_setup.clone();
         if config.read_only {
@@ -173,6 +175,7 @@ impl MysqlSource {
             killer: Arc::new(Killer {
                 opts,
                 conn: tokio::sync::Mutex::new(None),
+                failed: parking_lot::Mutex::default(),
             }),
             change_opts,
             config: config.clone(),
@@ -305,13 +308,14 @@ async fn start(
         }
         // Release the connection (and a transaction's lock) before the caller
         // learns the statement is over, so its next call finds it free. A
-        // pooled session whose kill failed is closed instead: the kill may
-        // still reach the server later, and stop the next caller's statement.
-        match (hold, &outcome) {
-            (Hold::Pooled(conn), Err(BackendError::TransactionBroken(_))) => {
-                let _ = conn.disconnect().await;
-            }
-            (hold, _) => drop(hold),
+        // pooled session whose kill failed is closed instead (once its
+        // statement ends, in the background): the kill may still reach the
+        // server later, and stop the next caller's statement.
+        // (A transaction's session stays listed, and is closed after the
+        // first pooled statement it serves once the transaction is over.)
+        match hold {
+            Hold::Pooled(conn) if killer.failed.lock().remove(&conn.id()) => drop(tokio::spawn(conn.disconnect())),
+            hold => drop(hold),
         }
         worker.finish(outcome).await;
     });
@@ -523,6 +527,9 @@ async fn execute_unprepared(
 struct Killer {
     opts: Opts,
     conn: tokio::sync::Mutex<Option<Conn>>,
+    /// Sessions whose kill failed: the kill may still reach the server
+    /// later, and stop whatever runs there then, so they are not pooled again.
+    failed: parking_lot::Mutex<std::collections::HashSet<u32>>,
 }
 
 impl Killer {
@@ -572,6 +579,7 @@ impl Killer {
         };
         // Tracked, so that shutdown waits for it.
         crate::backend::CANCELS.track_future(killed).await.map_err(|e| {
+            self.failed.lock().insert(connection_id);
             tracing::warn!(error = %e, "could not kill an abandoned mysql statement");
             BackendError::TransactionBroken("a statement in it could not be stopped")
         })

@@ -69,26 +69,30 @@ struct Prepared {
 /// COLUMN` in a transaction left a cached `SELECT *` to fail with 0A000 at
 /// every retry, as only a transaction's first statement is prepared
 /// again), a temporary table shadowing a table (a cached statement went on
-/// reading the permanent one, without an error), `SET search_path`,
-/// `DEALLOCATE`, and code that may do any of these (`DO`, `CALL`).
-/// PostgreSQL plans a prepared statement again after DDL, but refuses one
-/// whose columns changed, and never looks its names up again for a
-/// temporary table that shadows one.
+/// reading the permanent one, without an error), `DEALLOCATE`, code that
+/// may do any of these (`DO`, `CALL`), and the settings names resolve by
+/// (`search_path`, the role). PostgreSQL plans a prepared statement again
+/// after DDL, but refuses one whose columns changed, and never looks its
+/// names up again for a temporary table that shadows one. Other `SET`s
+/// (`SET LOCAL app.tenant_id`, at the start of every transaction of a
+/// row-level-security design) keep the cache.
 fn changes_what_names_mean(sql: &str) -> bool {
     const KINDS: &[&str] = &[
         "create",
         "alter",
         "drop",
-        "set",
-        "reset",
         "discard",
         "deallocate",
         "do",
         "call",
         "import",
-        "comment",
     ];
+    const NAMING: &[&str] = &["search_path", "role", "authorization", "all"];
     KINDS.iter().any(|w| crate::backend::sql_text::starts_with_word(sql, w))
+        || crate::backend::sql_text::leading_words(sql, 3).iter().any(|words| {
+            matches!(words.first().map(String::as_str), Some("set" | "reset"))
+                && words.iter().skip(1).any(|w| NAMING.contains(&w.as_str()))
+        })
 }
 
 pub struct PgConn {
@@ -337,26 +341,27 @@ impl bb8::ManageConnection for PgManager {
     type Error = BackendError;
 
     async fn connect(&self) -> Result<PgConn, BackendError> {
+        let Driven {
+            client,
+            address,
+            driver,
+        } = self.target.connect().await?;
+        // Set here and again by every reset, not as a startup option, which
+        // poolers such as PgBouncer refuse unless told to ignore it. Bounded
+        // as the login is (each address has its own `connect_timeout`): a
+        // server that takes the login and then never answers must not hold
+        // one of the pool's opening slots, nor its connection, for ever.
         let timeout = self.target.config.get_connect_timeout().copied();
-        let opened = async {
-            let Driven {
-                client,
-                address,
-                driver,
-            } = self.target.connect().await?;
-            // Set here and again by every reset, not as a startup option, which
-            // poolers such as PgBouncer refuse unless told to ignore it.
-            match client.batch_execute(STRINGS_AS_WEIR_READS_THEM).await {
-                Ok(()) => Ok((client, address, driver)),
-                Err(e) => {
-                    driver.abort();
-                    Err(map_error(e))
-                }
-            }
+        let setup = async {
+            client
+                .batch_execute(STRINGS_AS_WEIR_READS_THEM)
+                .await
+                .map_err(map_error)
         };
-        // Bounded as a whole: a server that takes the login and then never
-        // answers must not hold one of the pool's opening slots for ever.
-        let (client, address, driver) = bounded(timeout, opened).await?;
+        if let Err(e) = bounded(timeout, setup).await {
+            driver.abort();
+            return Err(e);
+        }
         let cancel = client.cancel_token();
         Ok(PgConn {
             client,
@@ -1255,6 +1260,32 @@ pub(crate) fn engine_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_that_change_what_names_mean_are_told_apart() {
+        for sql in [
+            "ALTER TABLE t ADD c int",
+            "create temp table s (n int)",
+            "SET search_path = a",
+            "SET LOCAL search_path TO b",
+            "RESET ALL",
+            "SET ROLE r",
+            "SET SESSION AUTHORIZATION u",
+            "DEALLOCATE ALL",
+            "DO $$ BEGIN END $$",
+        ] {
+            assert!(changes_what_names_mean(sql), "{sql}");
+        }
+        for sql in [
+            "SET LOCAL app.tenant_id = '7'",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET statement_timeout = 0",
+            "SELECT * FROM t",
+            "INSERT INTO t VALUES (1)",
+        ] {
+            assert!(!changes_what_names_mean(sql), "{sql}");
+        }
+    }
 
     #[test]
     fn a_stale_plan_is_told_by_the_function_raising_it_not_its_text() {

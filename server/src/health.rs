@@ -9,7 +9,7 @@ use std::time::Duration;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::backend::{BackendError, ConnectionInfo};
+use crate::backend::ConnectionInfo;
 use crate::metrics::{PoolLabels, Readiness, SourceLabels, METRICS};
 use crate::tenant::reload::Registry;
 use crate::tenant::{Source, SourceStatus, Tenants};
@@ -55,24 +55,9 @@ async fn probe(source: &Source) -> Probe {
     let limit = PROBE_TIMEOUT.max(source.config.pool.acquire_timeout + Duration::from_secs(1));
     match tokio::time::timeout(limit, source.backend.connection_info()).await {
         Ok(Ok(info)) => Probe::Up(info),
-        Ok(Err(e)) if says_busy(&e) => Probe::Busy,
+        Ok(Err(e)) if e.is_busy() => Probe::Busy,
         _ => Probe::Down,
     }
-}
-
-/// An answer that says the source is busy, not down: its pool is full, or
-/// the engine's own "too many connections" (53300, errno 1040), which the
-/// circuit breaker takes so too: every replica probes the same database,
-/// and calling it down would take them all out.
-pub fn says_busy(e: &BackendError) -> bool {
-    matches!(
-        e,
-        BackendError::PoolExhausted { .. }
-            | BackendError::Engine {
-                kind: crate::backend::EngineErrorKind::Overloaded,
-                ..
-            }
-    )
 }
 
 /// Probes every source; returns whether every required one is up, and the

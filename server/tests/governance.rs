@@ -405,6 +405,21 @@ async fn result_streams_and_transactions_are_capped_per_tenant() {
     };
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert_eq!(reason(&err), "STREAM_CONCURRENCY_LIMITED");
+    // One that could never run is told so, not sent to retry after the cap.
+    let err = a
+        .query()
+        .execute_stream(pb::ExecuteStreamRequest {
+            source: "pg".into(),
+            sql: "SELECT 1".into(),
+            options: Some(pb::RequestOptions {
+                priority: 77,
+                tag: String::new(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("an unknown priority");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     drop(open);
     // The slot comes back once the server notices the stream is gone.
     let mut again = None;

@@ -157,6 +157,21 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// The source answers but is busy, not down: its pool is full, or the
+    /// engine's own "too many connections" (53300, errno 1040), which the
+    /// circuit breaker takes so too. Every replica probes the same
+    /// database: calling it down would take them all out.
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            BackendError::PoolExhausted { .. }
+                | BackendError::Engine {
+                    kind: EngineErrorKind::Overloaded,
+                    ..
+                }
+        )
+    }
+
     /// The engine could not be reached or its session was lost.
     pub fn is_unavailable(&self) -> bool {
         matches!(

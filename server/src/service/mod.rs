@@ -310,25 +310,6 @@ impl<T> StreamOut<T> {
         }
     }
 
-    /// Waits until the transport has taken every message sent, or the
-    /// client has gone. A stream's task waits for this before it gives its
-    /// slots back: its last messages (up to a buffer's worth, megabytes)
-    /// stay in memory until then. A client that takes nothing for the idle
-    /// time has them dropped and the stream ended as stalled (unless it
-    /// already ends with an error of its own).
-    pub async fn drained(&self) {
-        let all = self.tx.max_capacity();
-        if tokio::time::timeout(self.idle, self.tx.reserve_many(all))
-            .await
-            .is_err()
-        {
-            self.last
-                .lock()
-                .get_or_insert_with(|| Error::StreamStalled(self.idle).into());
-            self.rx.lock().take();
-        }
-    }
-
     /// Ends the stream with `error`, after the messages already buffered.
     pub fn fail(&self, error: impl Into<Status>) {
         *self.last.lock() = Some(error.into());
@@ -341,9 +322,13 @@ impl<T> StreamOut<T> {
 
     /// Waits until the transport has taken every message buffered: true
     /// then, false when the client went away or took nothing for the idle
-    /// time first (the stream then ends STREAM_STALLED, as `send`'s). A
-    /// slow client that keeps taking messages is waited for.
-    pub async fn taken_all(&self) -> bool {
+    /// time first (its messages are then dropped and the stream ends
+    /// STREAM_STALLED, unless it already holds its error). A slow client
+    /// that keeps taking messages is waited for, as `send` waits for it. A
+    /// stream's task waits for this before it gives its slots back (its
+    /// last messages, up to a buffer's worth, megabytes, stay in memory
+    /// until then), and a write's own transaction before it commits.
+    pub async fn drained(&self) -> bool {
         let all = self.tx.max_capacity();
         loop {
             let free = self.tx.capacity();
@@ -355,7 +340,9 @@ impl<T> StreamOut<T> {
                 Ok(Ok(_)) => {}
                 Ok(Err(_)) => return false,
                 Err(_) => {
-                    self.fail(Error::StreamStalled(self.idle));
+                    self.last
+                        .lock()
+                        .get_or_insert_with(|| Error::StreamStalled(self.idle).into());
                     self.rx.lock().take();
                     return false;
                 }

@@ -671,7 +671,7 @@ impl QueryService for QueryApi {
                         // left, or stopped reading, before them was handed
                         // rows of a write it must take as not done.
                         let delivered = match own_transaction {
-                            true => super::until_stopped(&cut, &revoked, expires, tx.taken_all())
+                            true => super::until_stopped(&cut, &revoked, expires, tx.drained())
                                 .await
                                 .and_then(|taken| taken.then_some(stats).ok_or(Error::StreamStalled(stream_idle))),
                             false => Ok(stats),

@@ -121,7 +121,7 @@ impl SchemaService for SchemaApi {
                 }
             }
             // Busy, not down: every connection is in use, here or on the server.
-            Err(e) if crate::health::says_busy(e) => {}
+            Err(e) if e.is_busy() => {}
             Err(_) => source.status.write().healthy = false,
         }
         let info = result?;

@@ -597,8 +597,7 @@ async fn pump(consumer: Arc<StreamConsumer>, tx: mpsc::Sender<Result<Vec<InRecor
 /// the group's rebalances only while polled, and a member left unpolled
 /// would hold the whole group still for up to `max.poll.interval.ms`.
 async fn answer_group_until_closed(consumer: &StreamConsumer, tx: &Batches) {
-    let pause = || consumer.assignment().and_then(|assigned| consumer.pause(&assigned));
-    let _ = pause();
+    let _ = pause_all(consumer);
     loop {
         tokio::select! {
             biased;
@@ -606,7 +605,7 @@ async fn answer_group_until_closed(consumer: &StreamConsumer, tx: &Batches) {
             m = consumer.recv() => match m {
                 // Of a partition assigned since: neither delivered nor committed.
                 Ok(_) => {
-                    let _ = pause();
+                    let _ = pause_all(consumer);
                 }
                 Err(_) => tokio::time::sleep(OUTAGE_PAUSE).await,
             },
@@ -831,8 +830,7 @@ async fn paused_until_room<'a>(
     Option<mpsc::Permit<'a, Result<Vec<InRecord>, BackendError>>>,
     Option<BackendError>,
 ) {
-    let pause = || consumer.assignment().and_then(|assigned| consumer.pause(&assigned));
-    if let Err(e) = pause() {
+    if let Err(e) = pause_all(consumer) {
         tracing::debug!(error = %e, "a slow consumer's partitions could not be paused; it waits unpolled");
         return (tx.reserve().await.ok(), None);
     }
@@ -851,7 +849,7 @@ async fn paused_until_room<'a>(
                     let r = record(&m);
                     held_bytes += r.size();
                     held.push(r);
-                    let _ = pause();
+                    let _ = pause_all(consumer);
                 }
                 // librdkafka reconnects; the reads after the wait meet it if it lasts.
                 Err(e) if connection_error(&e) => {
@@ -866,6 +864,11 @@ async fn paused_until_room<'a>(
         failed.get_or_insert(map_error(e));
     }
     (room, failed)
+}
+
+/// Pauses every partition the consumer has now.
+fn pause_all(consumer: &StreamConsumer) -> KafkaResult<()> {
+    consumer.assignment().and_then(|assigned| consumer.pause(&assigned))
 }
 
 /// Subscribes `consumer` to the topics of `spec`, or assigns it the

@@ -202,8 +202,10 @@ impl WeirClient {
             source,
         };
         let uri: http::Uri = addr.parse().map_err(|e: http::uri::InvalidUri| invalid(e.into()))?;
-        if uri.scheme_str() != Some(scheme) {
-            return Err(invalid("TLS settings need an https:// address".into()));
+        match uri.scheme_str() {
+            Some(s) if s == scheme => {}
+            Some("http") => return Err(invalid("TLS settings need an https:// address".into())),
+            _ => return Err(invalid("use host:port, http://host:port or https://host:port".into())),
         }
         let authority = uri
             .authority()
@@ -1330,6 +1332,14 @@ mod tests {
             WeirClient::connect("http://[::1", "key").await,
             Err(ClientError::InvalidAddress { .. })
         ));
+        // Another scheme: say which addresses are taken.
+        match WeirClient::connect("grpc://weir.ns.svc:50051", "key").await {
+            Err(e @ ClientError::InvalidAddress { .. }) => {
+                let said = std::error::Error::source(&e).map_or(String::new(), |s| s.to_string());
+                assert!(said.contains("host:port"), "{said}");
+            }
+            other => panic!("{:?}", other.err()),
+        }
         // A port that was just free has nothing listening.
         let (listener, addr) = local_listener().await;
         drop(listener);

@@ -231,6 +231,10 @@ pub fn from_json(raw: &RawValue, column: &Column) -> Result<Value, String> {
             // Into a JSON column every value goes as the document it is: a
             // string stays a JSON string, `true` a JSON boolean.
             _ if ty == ColumnType::Json => value(Kind::JsonValue(text.to_string())),
+            // Into text as written (a boolean would be stored as the
+            // engine prints one: `t`, `1`); into bytes not at all.
+            J::Bool(_) if ty == ColumnType::String => value(Kind::StringValue(text.to_string())),
+            J::Bool(_) if ty == ColumnType::Bytes => return Err(misfit()),
             J::Bool(b) => value(Kind::BoolValue(b)),
             // A JSON string is text to a column of no one type: only CSV,
             // which has no strings apart from numbers, reads `42` as one.
@@ -801,6 +805,22 @@ mod tests {
         };
         assert_eq!(json("\"42\""), Some(Kind::StringValue("42".into())));
         assert_eq!(json("42"), Some(Kind::Int64Value(42)));
+    }
+
+    #[test]
+    fn json_booleans_go_into_text_as_written() {
+        let json = |text: &str, ty: ColumnType| {
+            let raw: Box<RawValue> = serde_json::from_str(text).expect("json");
+            from_json(&raw, &col("c", ty)).map(|v| v.kind)
+        };
+        assert_eq!(
+            json("true", ColumnType::String),
+            Ok(Some(Kind::StringValue("true".into())))
+        );
+        assert_eq!(json("false", ColumnType::Bool), Ok(Some(Kind::BoolValue(false))));
+        // MySQL's BOOLEAN is TINYINT(1).
+        assert_eq!(json("true", ColumnType::Int), Ok(Some(Kind::BoolValue(true))));
+        assert!(json("true", ColumnType::Bytes).is_err());
     }
 
     #[test]

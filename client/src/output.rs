@@ -286,17 +286,21 @@ fn csv_quote(text: &str) -> String {
 
 /// Duplicate column names (say `a.id, b.id`) would make keys collide and
 /// most JSON readers keep only the last one, so later duplicates get a
-/// `_2`, `_3`... suffix.
+/// `_2`, `_3`... suffix, skipping names other columns have (`id, id, id_2`
+/// gives `id, id_3, id_2`: every column that has a name of its own keeps it).
 fn json_keys(columns: &[Column]) -> Vec<String> {
-    let mut used = HashSet::new();
+    let mut used: HashSet<String> = columns.iter().map(|c| c.name.clone()).collect();
+    let mut first = HashSet::new();
     columns
         .iter()
         .map(|c| {
             let mut key = c.name.clone();
-            let mut n = 1;
-            while !used.insert(key.clone()) {
-                n += 1;
-                key = format!("{}_{n}", c.name);
+            if !first.insert(key.clone()) {
+                let mut n = 1;
+                while !used.insert(key.clone()) {
+                    n += 1;
+                    key = format!("{}_{n}", c.name);
+                }
             }
             serde_json::Value::String(key).to_string()
         })
@@ -706,7 +710,7 @@ null,bool,int,uint,float,text,bytes,decimal,date,time,timestamp,interval,uuid,js
         let rows = vec![row(vec![1i64.into(), 2i64.into(), 3i64.into(), 4i64.into()])];
         assert_eq!(
             render(Format::Json, &columns, &[rows]),
-            "{\"id\":1,\"id_2\":2,\"id_2_2\":3,\"say \\\"hi\\\"\":4}\n"
+            "{\"id\":1,\"id_3\":2,\"id_2\":3,\"say \\\"hi\\\"\":4}\n"
         );
     }
 

@@ -108,15 +108,20 @@ fn parse_bool(s: &str) -> Result<bool, String> {
 /// Checks the syntax only; the text is sent unchanged so no digit is lost.
 fn parse_decimal(s: &str) -> Result<Value, String> {
     let unsigned = s.strip_prefix(['-', '+']).unwrap_or(s);
-    let special = ["NaN", "Infinity"]
+    // In any case here, spelled as the server reads them.
+    if let Some(name) = ["NaN", "Infinity"]
         .iter()
-        .any(|name| unsigned.eq_ignore_ascii_case(name));
+        .find(|name| unsigned.eq_ignore_ascii_case(name))
+    {
+        let sign = &s[..s.len() - unsigned.len()];
+        return Ok(Kind::DecimalValue(format!("{sign}{name}")).into());
+    }
     let (mantissa, exponent) = unsigned.split_once(['e', 'E']).unwrap_or((unsigned, "0"));
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let is_digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
     let numeric =
         is_digits(int) && is_digits(frac) && !(int.is_empty() && frac.is_empty()) && exponent.parse::<i32>().is_ok();
-    if special || numeric {
+    if numeric {
         Ok(Kind::DecimalValue(s.to_owned()).into())
     } else {
         Err("expected digits with an optional sign, point and exponent, or NaN".into())
@@ -285,6 +290,9 @@ mod tests {
         ] {
             assert_eq!(kind(&format!("decimal:{s}")), Kind::DecimalValue(s.to_owned()));
         }
+        // The server reads these spellings only.
+        assert_eq!(kind("decimal:-infinity"), Kind::DecimalValue("-Infinity".into()));
+        assert_eq!(kind("decimal:nan"), Kind::DecimalValue("NaN".into()));
         for s in ["", ".", "-", "1,5", "1e", "1.2.3", "abc", "0x10"] {
             assert!(
                 error(&format!("decimal:{s}")).starts_with("invalid decimal parameter"),

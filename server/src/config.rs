@@ -749,8 +749,6 @@ impl Config {
             ("server.max_queue_wait", self.server.max_queue_wait),
             ("server.stream_idle_timeout", self.server.stream_idle_timeout),
             ("server.health_check_interval", self.server.health_check_interval),
-            ("server.keepalive_time", self.server.keepalive_time),
-            ("server.keepalive_interval", self.server.keepalive_interval),
         ] {
             if value.is_zero() {
                 return Err(invalid(name, "must be greater than 0"));
@@ -762,13 +760,14 @@ impl Config {
                 format!("at most {MAX_WORKER_THREADS} (0: one per CPU)"),
             ));
         }
-        // Linux refuses larger values (and the socket would keep its defaults).
+        // Set in whole seconds: Linux refuses 0 and values past 32767, and
+        // the socket would then keep its defaults (2 hours).
         for (name, value) in [
             ("server.keepalive_time", self.server.keepalive_time),
             ("server.keepalive_interval", self.server.keepalive_interval),
         ] {
-            if value.as_secs() > 32_767 {
-                return Err(invalid(name, "at most 32767s (about 9 hours)"));
+            if value < Duration::from_secs(1) || value.as_secs() > 32_767 {
+                return Err(invalid(name, "from 1s to 32767s (about 9 hours)"));
             }
         }
         if self
@@ -835,6 +834,9 @@ impl Config {
             for (i, identity) in tenant.client_identities.iter().enumerate() {
                 if identity.is_empty() {
                     return Err(invalid(format!("{t}.client_identities[{i}]"), "must not be empty"));
+                }
+                if tenant.client_identities[..i].contains(identity) {
+                    return Err(invalid(format!("{t}.client_identities[{i}]"), "listed twice"));
                 }
                 if !seen_identities.insert(identity.as_str()) {
                     return Err(invalid(
@@ -1036,6 +1038,17 @@ impl SourceConfig {
             ..c.clone()
         };
         target(self) == target(other)
+    }
+
+    /// Whether the two differ at most in where the password comes from.
+    pub fn same_but_password(&self, other: &SourceConfig) -> bool {
+        let rest = |c: &SourceConfig| SourceConfig {
+            password_env: None,
+            password_file: None,
+            password_sealed: None,
+            ..c.clone()
+        };
+        rest(self) == rest(other)
     }
 
     /// The pool's own connections: `pool.max_size` less those that
@@ -1251,13 +1264,14 @@ impl SourceConfig {
             }
         }
         let ways = [
-            self.password_env.is_some(),
-            self.password_file.is_some(),
-            self.password_sealed.is_some(),
+            ("password_env", self.password_env.is_some()),
+            ("password_file", self.password_file.is_some()),
+            ("password_sealed", self.password_sealed.is_some()),
         ];
-        if ways.iter().filter(|set| **set).count() > 1 {
+        // Named by the second one set.
+        if let Some((second, _)) = ways.iter().filter(|(_, set)| *set).nth(1) {
             return Err(invalid(
-                format!("{key}.password_env"),
+                format!("{key}.{second}"),
                 "set one of password_env, password_file and password_sealed",
             ));
         }
@@ -1513,6 +1527,7 @@ mod tests {
         for (setting, key) in [
             ("keepalive_time = \"12h\"", "server.keepalive_time"),
             ("keepalive_interval = \"10h\"", "server.keepalive_interval"),
+            ("keepalive_time = \"500ms\"", "server.keepalive_time"),
             ("keepalive_retries = 128", "server.keepalive_retries"),
         ] {
             let err = Config::from_toml(&format!("[server]\n{setting}\n"))

@@ -14,7 +14,10 @@ pub const ERROR_DOMAIN: &str = "weir.dev";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("missing or invalid API key: send metadata 'authorization: Bearer <key>'")]
+    #[error(
+        "missing or invalid credentials: send metadata 'authorization: Bearer <API key or token>', or connect \
+         with a client certificate the server knows (a renewed certificate needs a new connection)"
+    )]
     Unauthenticated,
     /// The same answer for unknown sources and other tenants' sources.
     #[error("source \"{0}\" not found")]
@@ -42,9 +45,13 @@ pub enum Error {
     /// made with (or changed the JWT settings), while the call was running.
     #[error("the credential this call was made with was revoked by a configuration change; the call was ended")]
     Revoked,
-    /// The bearer token's `exp` (plus the leeway) passed while the call was
-    /// running or waiting for its turn.
-    #[error("the bearer token expired while the call was running or waiting for its turn; the call was ended. Call again with a fresh token")]
+    /// The bearer token's `exp` (plus the leeway), or the client
+    /// certificate's end, passed while the call was running or waiting for
+    /// its turn.
+    #[error(
+        "the credential (bearer token or client certificate) expired while the call was running or waiting for \
+         its turn; the call was ended. Call again with a fresh token, or reconnect with a renewed certificate"
+    )]
     CredentialExpired,
     #[error("too many bulk loads in progress (limit {limit}); retry when one finishes")]
     TooManyLoads { limit: u32 },
@@ -424,6 +431,15 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
             d.set_retry_info(Some(Duration::from_secs(1)));
             (Code::Aborted, d)
         }
+        BackendError::RolledBackBy(cause) => {
+            let meta = match cause.as_ref() {
+                BackendError::Engine { code, .. } if !code.is_empty() => vec![("engine_code", code.clone())],
+                _ => vec![],
+            };
+            let mut d = info("TRANSACTION_LOST", meta);
+            d.set_retry_info(Some(Duration::from_secs(1)));
+            (Code::Aborted, d)
+        }
         BackendError::WrongKind(_) => (Code::FailedPrecondition, info("WRONG_SOURCE_KIND", vec![])),
         BackendError::LoadIdReused(_) => (Code::FailedPrecondition, info("LOAD_ID_REUSED", vec![])),
         BackendError::ChangesNotReady(_) => (Code::FailedPrecondition, info("CHANGE_STREAMS_NOT_READY", vec![])),
@@ -510,6 +526,22 @@ mod tests {
         let info = status.get_error_details().error_info().cloned().expect("error info");
         assert_eq!(info.reason, "TRANSACTION_LOST");
         assert_eq!(info.metadata.get("engine_code").map(String::as_str), Some("57P01"));
+    }
+
+    #[test]
+    fn a_statement_that_closed_its_transaction_says_so_with_its_cause() {
+        let status = Status::from(Error::Backend(BackendError::RolledBackBy(Box::new(
+            crate::backend::error::second_result_set(),
+        ))));
+        assert_eq!(status.code(), Code::Aborted);
+        assert!(
+            status.message().contains("more than one result set"),
+            "{}",
+            status.message()
+        );
+        assert!(status.message().contains("rolled back"), "{}", status.message());
+        let info = status.get_error_details().error_info().cloned().expect("error info");
+        assert_eq!(info.reason, "TRANSACTION_LOST");
     }
 
     #[test]

@@ -1064,6 +1064,72 @@ macro_rules! suite {
     };
 }
 
+/// MySQL's TIME is also a duration, read back as an interval when it is no
+/// time of day (`25:00:00`): such an interval loads into it again, through
+/// `LOAD DATA` and through INSERTs alike. A time-of-day column of another
+/// engine refuses one as a bad row.
+#[tokio::test]
+async fn mysql_times_past_a_day_load_as_they_are_read() {
+    let interval = |microseconds: i64| {
+        v(Kind::IntervalValue(pb::Interval {
+            months: 0,
+            days: 0,
+            microseconds,
+        }))
+    };
+    const HOUR: i64 = 3_600_000_000;
+    let values = [
+        interval(25 * HOUR),
+        interval(-(HOUR + HOUR / 2)),
+        interval(838 * HOUR + 3_599_999_999),
+    ];
+    for ctx in [Ctx::new(Engine::Mysql, "").await, Ctx::plain_mysql().await] {
+        let table = "weir_bulk_time_past_a_day";
+        ctx.exec(&format!("DROP TABLE IF EXISTS {table}")).await;
+        ctx.exec(&format!("CREATE TABLE {table} (id INT PRIMARY KEY, d TIME(6))"))
+            .await;
+        let rows: Vec<pb::Row> = values
+            .iter()
+            .enumerate()
+            .map(|(i, d)| pb::Row {
+                values: vec![v(Kind::Int64Value(i as i64)), d.clone()],
+            })
+            .collect();
+        let mut load = header(table, pb::BulkLoadMode::Append);
+        load.columns = vec!["id".into(), "d".into()];
+        let r = ctx.load(load, vec![rows]).await.expect("intervals into TIME");
+        assert_eq!(r.rows_inserted, 3, "{}", r.engine_path);
+        let back = ctx.exec(&format!("SELECT d FROM {table} ORDER BY id")).await;
+        let got: Vec<_> = back.rows.iter().map(|r| r.values[0].clone()).collect();
+        assert_eq!(got, values, "{}", r.engine_path);
+        ctx.exec(&format!("DROP TABLE {table}")).await;
+        ctx.server.stop().await;
+    }
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "weir_bulk_time_of_day";
+    ctx.exec(&format!("DROP TABLE IF EXISTS {table}")).await;
+    ctx.exec(&format!("CREATE TABLE {table} (id INT PRIMARY KEY, d TIME)"))
+        .await;
+    let mut load = header(table, pb::BulkLoadMode::Append);
+    load.columns = vec!["id".into(), "d".into()];
+    let err = ctx
+        .load(
+            load,
+            vec![vec![pb::Row {
+                values: vec![v(Kind::Int64Value(1)), interval(HOUR)],
+            }]],
+        )
+        .await
+        .expect_err("no interval into a time of day");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::InvalidArgument, "BAD_ROW"),
+        "{err:?}"
+    );
+    ctx.exec(&format!("DROP TABLE {table}")).await;
+    ctx.server.stop().await;
+}
+
 /// A server that refuses `LOAD DATA LOCAL` (the second MariaDB runs with
 /// `local_infile` off) loads through INSERTs instead, and still names a bad row.
 #[tokio::test]
@@ -2461,6 +2527,46 @@ async fn a_postgres_replace_leaves_readers_the_old_rows_and_allows_foreign_keys(
         (100, "postgres-delete-copy")
     );
     assert_eq!(ctx.contents(table).await.len(), 100);
+    ctx.server.stop().await;
+}
+
+/// A load the client aborts stops what the engine runs at once: here a
+/// REPLACE's DELETE waiting behind another session's lock, which would
+/// otherwise hold the load (and the answer) until that lock was let go.
+#[tokio::test]
+async fn postgres_an_aborted_load_stops_its_waiting_statement() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "weir_bulk_abort_waiting";
+    ctx.table(table, 2).await;
+    let before = ctx.contents(table).await;
+    let holder = common::pg_direct().await;
+    holder
+        .batch_execute(&format!("BEGIN; LOCK TABLE {table} IN SHARE MODE"))
+        .await
+        .expect("lock");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<pb::Row>, String>>(1);
+    let load = tokio::spawn({
+        let client = ctx.client.clone();
+        async move {
+            client
+                .load_or_abort(header(table, pb::BulkLoadMode::Replace), ReceiverStream::new(rx))
+                .await
+        }
+    });
+    // The REPLACE's DELETE is waiting for the lock now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    tx.send(Err("the input is bad".to_string())).await.expect("abort");
+    let err = tokio::time::timeout(Duration::from_secs(10), load)
+        .await
+        .expect("answered while the lock is still held")
+        .expect("task")
+        .expect_err("aborted");
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    holder.batch_execute("ROLLBACK").await.expect("unlock");
+    assert_eq!(ctx.contents(table).await, before);
+    ctx.exec(&format!("DROP TABLE {table}")).await;
     ctx.server.stop().await;
 }
 

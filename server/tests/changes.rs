@@ -398,6 +398,33 @@ async fn a_table_taken_out_of_a_subscription_is_not_streamed_again(engine: Engin
     ctx.finish(&[&sub], &[&kept, &dropped]).await;
 }
 
+/// A table taken out of a subscription and later put back: a resume from
+/// before its changes in between still gets them.
+async fn a_table_taken_out_and_put_back_misses_none_of_its_changes(engine: Engine) {
+    let ctx = Ctx::new(engine).await;
+    let (kept, back) = (ctx.table("keptback").await, ctx.table("back").await);
+    let sub = ctx.name("putback");
+    let mut watch = ctx.watch(ctx.start(&[&kept, &back], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {kept} VALUES (1, 'k', 1)")).await;
+    read_changes(&mut watch, 1).await;
+    let acked = next_commit(&mut watch).await;
+    watch.ack(acked.clone()).await.expect("ack");
+    watch.finish().await.expect("the acknowledgement reaches the server");
+    // A consumer of an older version watches without `back` for a moment.
+    drop(ctx.watch(ctx.start(&[&kept], &sub)).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ctx.sql(&format!("INSERT INTO {back} VALUES (1, 'b', 1)")).await;
+    ctx.sql(&format!("INSERT INTO {kept} VALUES (2, 'k', 1)")).await;
+    let mut start = ctx.start(&[&kept, &back], &sub);
+    start.resume_position = acked;
+    let mut resumed = ctx.watch(start).await;
+    let messages = read_changes(&mut resumed, 2).await;
+    let got: Vec<_> = changes(&messages).iter().map(|c| (c.table.clone(), id_of(c))).collect();
+    assert_eq!(got, [(back.clone(), 1), (kept.clone(), 2)]);
+    drop(resumed);
+    ctx.finish(&[&sub], &[&kept, &back]).await;
+}
+
 async fn a_consumer_resumed_from_its_last_ack_gets_every_later_change_once(engine: Engine) {
     let ctx = Ctx::new(engine).await;
     let t = ctx.table("resumed").await;
@@ -473,6 +500,23 @@ async fn a_consumer_resumed_inside_a_transaction_can_acknowledge_and_resume_from
         start.resume_position = position.to_vec();
         start
     };
+    // Restarted without a position, from the stored acknowledgement: its
+    // first position, the transaction's Begin, can be resumed from too
+    // (on PostgreSQL, whose slot keeps whole transactions, the transaction
+    // comes again from its start).
+    let mut restarted = ctx.watch(ctx.start(&[&t], &sub)).await;
+    let begin = match next_message(&mut restarted).await {
+        Message::Transaction(b) if b.begin => b,
+        other => panic!("{engine:?}: expected the transaction's Begin, got {other:?}"),
+    };
+    drop(restarted);
+    if engine != Engine::Postgres {
+        assert!(
+            begin.position >= first.position,
+            "{engine:?}: a Begin before the stored position"
+        );
+    }
+    drop(ctx.watch(resume_from(&begin.position)).await);
     let mut resumed = ctx.watch(resume_from(&first.position)).await;
     let begin = match next_message(&mut resumed).await {
         Message::Transaction(b) if b.begin => b,
@@ -2256,21 +2300,27 @@ fn interval(microseconds: i64) -> pb::Value {
 async fn mysql_times_outside_a_day_are_intervals_in_change_events_as_in_queries() {
     let ctx = Ctx::new(Engine::Mysql).await;
     let t = ctx.name("longtime");
-    ctx.sql(&format!("CREATE TABLE {t} (id INT PRIMARY KEY, t TIME, t6 TIME(6))"))
-        .await;
-    let row = |id: i64, a: &str, b: &str| format!("INSERT INTO {t} VALUES ({id}, {a}, {b})");
+    // TIME(1) and TIME(2) are logged in a form of their own (negative
+    // values with a fraction borrow from the whole seconds).
+    ctx.sql(&format!(
+        "CREATE TABLE {t} (id INT PRIMARY KEY, t TIME, t6 TIME(6), t2 TIME(2), t1 TIME(1))"
+    ))
+    .await;
+    let row = |id: i64, a: &str, b: &str, c: &str| format!("INSERT INTO {t} VALUES ({id}, {a}, {b}, {c}, {c})");
     let seed = [
-        row(1, "'25:00:00'", "'-01:30:00.5'"),
-        row(2, "'12:00:00'", "'-00:00:01'"),
+        row(1, "'25:00:00'", "'-01:30:00.5'", "'-00:00:01.5'"),
+        row(2, "'12:00:00'", "'-00:00:01'", "'-700:00:00.5'"),
     ];
     let writes = [
-        row(3, "'838:59:59'", "'-838:59:59.999999'"),
-        row(4, "'23:59:59'", "'24:00:00'"),
-        row(5, "'25:00:00'", "'-01:30:00'"),
-        format!("UPDATE {t} SET t = '-01:30:00', t6 = '100:00:00.000001' WHERE id = 1"),
+        row(3, "'838:59:59'", "'-838:59:59.999999'", "'-838:59:59.9'"),
+        row(4, "'23:59:59'", "'24:00:00'", "'-00:00:00.1'"),
+        row(5, "'25:00:00'", "'-01:30:00'", "'-12:34:56.7'"),
+        row(6, "'00:00:00'", "'00:00:00'", "'-05:00:00'"),
+        row(7, "'00:00:00'", "'00:00:00'", "'01:02:03.4'"),
+        format!("UPDATE {t} SET t = '-01:30:00', t6 = '100:00:00.000001', t2 = '-00:00:00.01' WHERE id = 1"),
         format!("DELETE FROM {t} WHERE id = 2"),
     ];
-    mysql_events_equal_execute(&ctx, &t, &seed, &writes, 5).await;
+    mysql_events_equal_execute(&ctx, &t, &seed, &writes, 7).await;
     let r = rows_by_id(&ctx, &format!("SELECT * FROM {t}")).await;
     const HOUR: i64 = 3_600_000_000;
     assert_eq!(r[&5]["t"], interval(25 * HOUR));
@@ -2279,6 +2329,13 @@ async fn mysql_times_outside_a_day_are_intervals_in_change_events_as_in_queries(
     assert_eq!(r[&3]["t"], interval(838 * HOUR + 3_599_000_000));
     assert_eq!(r[&3]["t6"], interval(-(838 * HOUR + 3_599_999_999)));
     assert_eq!(r[&4]["t6"], interval(24 * HOUR), "24:00:00 is past a time of day");
+    assert_eq!(r[&1]["t2"], interval(-10_000));
+    assert_eq!(r[&1]["t1"], interval(-1_500_000));
+    assert_eq!(r[&3]["t1"], interval(-(838 * HOUR + 3_599_900_000)));
+    assert_eq!(
+        r[&5]["t2"],
+        interval(-(12 * HOUR + (34 * 60 + 56) * 1_000_000 + 700_000))
+    );
     assert!(
         matches!(&r[&4]["t"].kind, Some(pb::value::Kind::TimeValue(t)) if t.hours == 23),
         "{:?}",
@@ -2677,6 +2734,11 @@ macro_rules! suite {
             $(#[$attr])?
             async fn a_table_taken_out_of_a_subscription_is_not_streamed_again() {
                 super::a_table_taken_out_of_a_subscription_is_not_streamed_again($engine).await
+            }
+            #[tokio::test]
+            $(#[$attr])?
+            async fn a_table_taken_out_and_put_back_misses_none_of_its_changes() {
+                super::a_table_taken_out_and_put_back_misses_none_of_its_changes($engine).await
             }
             #[tokio::test]
             $(#[$attr])?

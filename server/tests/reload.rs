@@ -67,6 +67,14 @@ fn reloaded(weir: &WeirProcess) -> serde_json::Value {
     weir.next_log(|l| l["message"] == "configuration reloaded")
 }
 
+fn refused(weir: &WeirProcess) -> serde_json::Value {
+    weir.next_log(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("configuration reload refused"))
+    })
+}
+
 async fn works(weir: &WeirProcess, key: &str) -> Result<(), tonic::Status> {
     let client = WeirClient::connect(&weir.addr, key).await.expect("connect");
     client.execute("demo", "SELECT 1", vec![]).await.map(|_| ())
@@ -178,11 +186,7 @@ async fn a_broken_file_is_refused_and_the_old_configuration_stays() {
         format!("{FAST}{}\n[tenants.a.limits]\nburst = 0\n", tenant("a", &[], "")),
     ] {
         file.write(&broken);
-        let refused = weir.next_log(|l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("configuration reload refused"))
-        });
+        let refused = refused(&weir);
         assert_eq!(refused["level"], "ERROR");
         let error = refused["error"].as_str().unwrap_or_default().to_string();
         assert!(!error.is_empty(), "the reason is logged: {refused}");
@@ -270,11 +274,7 @@ async fn a_reload_refused_for_a_missing_file_is_applied_once_the_file_appears() 
         secret.display()
     );
     file.write(&format!("{FAST}{}{b}", tenant("a", &["a1"], "")));
-    let refused = weir.next_log(|l| {
-        l["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("configuration reload refused"))
-    });
+    let refused = refused(&weir);
     assert!(
         refused["error"].as_str().is_some_and(|e| e.contains("password_file")),
         "{refused}"
@@ -899,6 +899,22 @@ async fn an_unreadable_password_file_does_not_hold_up_a_key_revocation() {
     kept.execute("pg", "SELECT 1", vec![])
         .await
         .expect("the source serves on as it was");
+    // An edit that changes more of such a source (here: read-only) cannot
+    // be left out silently: the reload is refused until the password can
+    // be read, and then applies.
+    file.write(&format!("{}read_only = true\n", config(&["a2"])));
+    let refused = refused(&weir);
+    assert!(
+        refused["error"].as_str().is_some_and(|e| e.contains("source pg")),
+        "{refused}"
+    );
+    std::fs::write(&password, env_or("WEIR_TEST_PG_PASSWORD", "postgres")).expect("password");
+    reloaded(&weir);
+    let err = kept
+        .execute("pg", "CREATE TEMP TABLE weir_reload_ro (id int)", vec![])
+        .await
+        .expect_err("read-only now");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 }
 
 /// A source a reload replaced closes its pool once no call uses it, even

@@ -42,9 +42,9 @@ fn weirctl_path() -> &'static Path {
     })
 }
 
-/// Runs weirctl with `args` against `server` (with key `key`), off the
-/// runtime's thread, which keeps serving meanwhile.
-async fn weirctl(server: &TestServer, key: &str, args: &[&str]) -> Output {
+/// weirctl with `args` against `server` (with key `key`), and nothing
+/// from the environment.
+fn weirctl_command(server: &TestServer, key: &str, args: &[&str]) -> std::process::Command {
     let mut command = std::process::Command::new(weirctl_path());
     command
         .args(["--addr", &server.addr, "--key", key])
@@ -52,6 +52,33 @@ async fn weirctl(server: &TestServer, key: &str, args: &[&str]) -> Output {
         .env_remove("WEIR_API_KEY")
         .env_remove("WEIR_API_KEY_FILE")
         .env_remove("WEIR_ADDR");
+    command
+}
+
+/// Starts weirctl and writes `first` to its input, which stays open.
+fn weirctl_fed(
+    server: &TestServer,
+    key: &str,
+    args: &[&str],
+    first: &[u8],
+) -> (std::process::Child, std::process::ChildStdin) {
+    use std::io::Write;
+    let mut child = weirctl_command(server, key, args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run weirctl");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(first).expect("write");
+    input.flush().expect("flush");
+    (child, input)
+}
+
+/// Runs weirctl with `args` against `server` (with key `key`), off the
+/// runtime's thread, which keeps serving meanwhile.
+async fn weirctl(server: &TestServer, key: &str, args: &[&str]) -> Output {
+    let mut command = weirctl_command(server, key, args);
     let output = tokio::task::spawn_blocking(move || command.output())
         .await
         .expect("the weirctl thread")
@@ -350,27 +377,41 @@ async fn produce_of_long_lines_stays_under_the_request_limit() {
     server.stop().await;
 }
 
+/// `tail -F log | weirctl produce ...`: a line is sent as it comes, not
+/// held until a batch of 1,000 is full or the input ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_from_a_slow_input_sends_each_line_as_it_comes() {
+    let (server, client) = kafka_server().await;
+    let topic = format!("weir-w-slow-{}", uuid::Uuid::new_v4().simple());
+    create_topic(&topic, 1).await;
+    let (child, input) = weirctl_fed(&server, "key-kw", &["produce", "events", &topic], b"first\n");
+    // `input` stays open while the line is looked for.
+    let request = consume_request(&topic, "slow", 1, false);
+    let mut stream = client.stream().consume(request).await.expect("consume").into_inner();
+    let batch = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("the line arrives while the input is still open")
+        .expect("stream")
+        .expect("a batch");
+    assert_eq!(batch.records[0].value, b"first");
+    drop(input);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("the weirctl thread")
+        .expect("weirctl's output");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("produced 1 record"), "{}", stdout(&out));
+    server.stop().await;
+}
+
 /// A load the server refuses ends weirctl with the server's answer at once,
 /// even while its input (stdin, still open) has more to come: it does not
 /// wait for the reader of that input.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_load_exits_while_its_input_is_still_open() {
-    use std::io::Write;
     let server = TestServer::start(&tenant("ri", "", &sqlite_demo("ri", "db"))).await;
-    let mut child = std::process::Command::new(weirctl_path())
-        .args(["--addr", &server.addr, "--key", "key-ri"])
-        .args(["load", "db", "customers", "-", "--mode", "upsert", "--input", "csv"])
-        .env_remove("WEIR_API_KEY")
-        .env_remove("WEIR_API_KEY_FILE")
-        .env_remove("WEIR_ADDR")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run weirctl");
-    let mut input = child.stdin.take().expect("stdin");
-    input.write_all(b"id,name\n1,a\n").expect("write");
-    input.flush().expect("flush");
+    let args = ["load", "db", "customers", "-", "--mode", "upsert", "--input", "csv"];
+    let (mut child, input) = weirctl_fed(&server, "key-ri", &args, b"id,name\n1,a\n");
     // `input` stays open: no end of input comes.
     let waited = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -391,5 +432,52 @@ async fn a_refused_load_exits_while_its_input_is_still_open() {
     let (status, out) = waited.expect("weirctl exited with its input still open");
     assert!(!status.success());
     assert!(stderr(&out).contains("INVALID_ARGUMENT"), "{}", stderr(&out));
+    server.stop().await;
+}
+
+/// Runs weirctl with its standard output closed from the start, as when
+/// the reader of a pipe (`| head`) has gone.
+async fn weirctl_unread(server: &TestServer, key: &str, args: &[&str]) -> Output {
+    let mut child = weirctl_command(server, key, args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run weirctl");
+    drop(child.stdout.take());
+    tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("the weirctl thread")
+        .expect("weirctl's output")
+}
+
+/// `weirctl query ... | head` stops the statement where the reader left:
+/// a write returning rows whose result was cut is rolled back, which
+/// weirctl says, exiting as SIGPIPE would (141). One whose result ended
+/// before that committed and exits 0.
+#[tokio::test]
+async fn a_result_cut_by_a_closed_output_says_its_write_was_rolled_back() {
+    let (server, client) = pg_server("wcut").await;
+    let table = unique("cut");
+    sql(&client, &format!("CREATE TABLE {table} (id INT, pad TEXT)")).await;
+    let count = || async {
+        let rows = client
+            .execute("db", &format!("SELECT count(*) FROM {table}"), vec![])
+            .await
+            .expect("count");
+        int(&rows.rows[0].values[0])
+    };
+    let big =
+        format!("INSERT INTO {table} SELECT g, repeat('x', 100) FROM generate_series(1, 200000) g RETURNING id, pad");
+    let out = weirctl_unread(&server, "key-wcut", &["query", "db", &big]).await;
+    assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
+    assert!(stderr(&out).contains("rolled back"), "{}", stderr(&out));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count().await, 0);
+
+    let small = format!("INSERT INTO {table} VALUES (1, 'a') RETURNING id");
+    let out = weirctl_unread(&server, "key-wcut", &["query", "db", &small]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(count().await, 1);
+    sql(&client, &format!("DROP TABLE {table}")).await;
     server.stop().await;
 }

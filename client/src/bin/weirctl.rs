@@ -5,10 +5,12 @@ use std::fmt;
 use std::io::{self, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use tonic::Status;
+use tokio::sync::mpsc::error::TryRecvError;
+use tonic::{Code, Status};
 use tonic_types::StatusExt;
 use weir_client::load_input::{match_columns, CsvReader, JsonLinesReader, RowLines, RowReader};
 use weir_client::output;
@@ -239,6 +241,9 @@ enum Failure {
     Rpc(Status),
     Output(io::Error),
     Input(String),
+    /// The output closed (`| head`) before the result's end: the statement
+    /// was stopped there.
+    CutShort,
 }
 
 impl From<ClientError> for Failure {
@@ -281,6 +286,10 @@ impl fmt::Display for Failure {
             }
             Failure::Rpc(status) => f.write_str(&describe_status(status)),
             Failure::Output(e) => write!(f, "cannot write output: {e}"),
+            Failure::CutShort => f.write_str(
+                "the output closed before the result ended, so the statement was stopped there: \
+                 a write that returns rows was rolled back (redirect to a file, or add LIMIT)",
+            ),
             Failure::Input(message) => f.write_str(message),
         }
     }
@@ -320,6 +329,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`weirctl query ... | head`): not an error.
         Err(Failure::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        // As a program killed by SIGPIPE, which `set -o pipefail` reports.
+        Err(Failure::CutShort) => {
+            say!("weirctl: {}", Failure::CutShort);
+            ExitCode::from(141)
+        }
         Err(failure) => {
             say!("error: {failure}");
             ExitCode::FAILURE
@@ -545,6 +559,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 /// one line is near it, which the server refuses with OUT_OF_RANGE.
 const PRODUCE_BATCH: usize = 1000;
 const PRODUCE_BATCH_BYTES: usize = 4 << 20;
+/// How long a batch of `produce` waits for more lines once its reader has
+/// none at hand.
+const PRODUCE_LINGER: Duration = Duration::from_millis(20);
 
 /// A timestamp as milliseconds since the epoch, saturating: the server's
 /// numbers, whatever they are, must not panic a debug build.
@@ -566,14 +583,26 @@ async fn produce(
     out: &mut impl Write,
 ) -> Result<(), Failure> {
     use weir_client::weir_proto::v1::{ProduceRequest, ProducerRecord};
-    // Lines as bytes: a Kafka value need not be UTF-8.
-    let lines: Box<dyn Iterator<Item = io::Result<Vec<u8>>>> = if !values.is_empty() {
-        Box::new(values.into_iter().map(|v| Ok(v.into_bytes())))
-    } else if let Some(path) = &file {
-        Box::new(byte_lines(io::BufReader::new(open_input(path)?)))
-    } else {
-        Box::new(byte_lines(io::stdin().lock()))
+    // Lines as bytes: a Kafka value need not be UTF-8. Read on a thread of
+    // their own, so that lines coming slowly (`tail -F log | weirctl produce`)
+    // are sent as they come, not held until a batch is full.
+    let input = match (&values[..], &file) {
+        ([], Some(path)) => Some(open_input(path)?),
+        ([], None) => Some(Box::new(io::stdin()) as Box<dyn io::Read + Send>),
+        _ => None,
     };
+    let (lines_tx, mut lines) = tokio::sync::mpsc::channel(PRODUCE_BATCH);
+    tokio::task::spawn_blocking(move || {
+        let read: Box<dyn Iterator<Item = io::Result<Vec<u8>>>> = match input {
+            Some(input) => Box::new(byte_lines(io::BufReader::new(input))),
+            None => Box::new(values.into_iter().map(|v| Ok(v.into_bytes()))),
+        };
+        for line in read {
+            if lines_tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
     let key = key.map(String::into_bytes).unwrap_or_default();
     let (mut produced, mut last) = (0u64, None);
     // What to send again after a failure: everything from the failed call's first record on.
@@ -586,12 +615,9 @@ async fn produce(
         )
     };
     let mut batch = Vec::with_capacity(PRODUCE_BATCH);
-    let mut lines = lines.peekable();
-    while lines.peek().is_some() {
-        batch.clear();
-        let mut bytes = 0;
-        while batch.len() < PRODUCE_BATCH && bytes < PRODUCE_BATCH_BYTES {
-            let Some(line) = lines.next() else { break };
+    while let Some(first) = lines.recv().await {
+        let (mut next, mut bytes) = (Some(first), 0);
+        while let Some(line) = next.take() {
             let line = line.map_err(|e| {
                 report(produced);
                 Failure::Input(format!("cannot read the records: {e}"))
@@ -602,6 +628,15 @@ async fn produce(
                 value: line,
                 ..Default::default()
             });
+            if batch.len() >= PRODUCE_BATCH || bytes >= PRODUCE_BATCH_BYTES {
+                break;
+            }
+            next = match lines.try_recv() {
+                Ok(line) => Some(line),
+                // Nothing more read yet: what is here goes after a moment.
+                Err(TryRecvError::Empty) => tokio::time::timeout(PRODUCE_LINGER, lines.recv()).await.ok().flatten(),
+                Err(TryRecvError::Disconnected) => None,
+            };
         }
         let request = ProduceRequest {
             source: source.to_string(),
@@ -786,7 +821,7 @@ fn change_json(c: &ChangeEvent) -> Result<String, Failure> {
 
 /// How long `watch --max` waits for the commit of the transaction its last
 /// change belongs to (it comes right after that change).
-const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const COMMIT_WAIT: Duration = Duration::from_secs(2);
 
 async fn watch(
     client: &WeirClient,
@@ -1024,7 +1059,7 @@ async fn load(
     batch_rows: usize,
     out: &mut impl Write,
 ) -> Result<(), Failure> {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     let description = client
         .describe_table(&header.source, &header.schema, &header.table)
@@ -1044,6 +1079,8 @@ async fn load(
     let lines = Arc::new(std::sync::Mutex::new(RowLines::default()));
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let progress = (rows_read.clone(), bytes_read.clone(), lines.clone());
+    let ended = Arc::new(AtomicBool::new(false));
+    let ended_at_reader = ended.clone();
     tokio::task::spawn_blocking(move || {
         let mut batch = Batch::new(batch_rows);
         let mut index = 0u64;
@@ -1072,16 +1109,17 @@ async fn load(
         let rest = batch.rows;
         progress.0.fetch_add(rest.len() as u64, Ordering::Relaxed);
         progress.1.store(rows.bytes_read(), Ordering::Relaxed);
-        if !rest.is_empty() {
-            let _ = tx.blocking_send(Ok(rest));
+        if !rest.is_empty() && tx.blocking_send(Ok(rest)).is_err() {
+            return;
         }
+        ended_at_reader.store(true, Ordering::Relaxed);
     });
     let started = std::time::Instant::now();
     let ticker = io::stderr().is_terminal().then(|| {
         let (rows_read, bytes_read) = (rows_read.clone(), bytes_read.clone());
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
                 let rows = rows_read.load(Ordering::Relaxed);
                 let rate = rows as f64 / started.elapsed().as_secs_f64().max(0.001);
                 say_on!(
@@ -1091,6 +1129,7 @@ async fn load(
             }
         })
     });
+    let load_id = header.load_id.clone();
     let result = client
         .load_or_abort(header, tokio_stream::wrappers::ReceiverStream::new(rx))
         .await;
@@ -1104,8 +1143,25 @@ async fn load(
             .get_error_details()
             .error_info()
             .and_then(|i| i.metadata.get("row_index").and_then(|r| r.parse().ok()));
+        // Lost with no answer from Weir once every row was sent: the load's
+        // COMMIT may have run.
+        let lost_at_end = ended.load(Ordering::Relaxed)
+            && status.get_error_details().error_info().is_none()
+            && matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+            );
         match row.and_then(line_of) {
             Some(line) => Failure::Input(format!("{} (input line {line})", describe_status(&status))),
+            None if lost_at_end => Failure::Input(format!(
+                "{}\nthe connection was lost after the last row was sent, so the load may have committed: {}",
+                describe_status(&status),
+                if load_id.is_empty() {
+                    "check the table before loading again (with --load-id, a load sent again loads once)"
+                } else {
+                    "send it again with the same --load-id, which loads it once"
+                }
+            )),
             None => status.into(),
         }
     })?;
@@ -1179,7 +1235,15 @@ async fn query(
     let mut rows = 0;
     while let Some(batch) = stream.next_batch().await? {
         rows += batch.len();
-        writer.write_rows(&batch)?;
+        if let Err(e) = writer.write_rows(&batch) {
+            // A write that returns rows in its own transaction commits only
+            // once its client has taken every row: leaving now rolls it back.
+            return Err(match stream.next_batch().await {
+                Ok(None) => Failure::Output(e),
+                _ if e.kind() == io::ErrorKind::BrokenPipe => Failure::CutShort,
+                _ => Failure::Output(e),
+            });
+        }
     }
     writer.finish()?;
     if format == Format::Table {

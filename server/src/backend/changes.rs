@@ -320,6 +320,10 @@ pub struct ChangeFeed {
     pub items: FeedItems,
     /// The furthest position the client acknowledged.
     pub acks: watch::Sender<Option<Position>>,
+    /// Where a stream without a resume position starts, when that may be
+    /// inside a transaction (a stored acknowledgement of one of its
+    /// changes): the transaction's Begin is raised to it, as for a resume.
+    pub start: Option<Position>,
 }
 
 /// The client's acknowledgements as the engine's reader takes them: only

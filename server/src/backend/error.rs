@@ -110,6 +110,10 @@ pub enum BackendError {
     /// interrupted write): its later statements would otherwise autocommit.
     #[error("the transaction was rolled back after {0}; run it again from BeginTransaction")]
     TransactionRolledBack(&'static str),
+    /// A statement's failure that closed its transaction's connection (a
+    /// result the driver could not read), and so rolled the transaction back.
+    #[error("{0}; the transaction was rolled back with its connection: run it again from BeginTransaction")]
+    RolledBackBy(Box<BackendError>),
     /// The transaction cannot go on (a statement of it could not be
     /// stopped and ran on to its end), but is still open, with its locks,
     /// until it is rolled back.

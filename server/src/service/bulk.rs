@@ -576,6 +576,7 @@ impl BulkApi {
             Ok(Fed::Ended { received })
                 if header.mode == LoadMode::Replace && received > 0 && skipped.count == received =>
             {
+                verdict.abandon();
                 drop(sender);
                 let _ = engine.await;
                 let first = skipped
@@ -597,11 +598,13 @@ impl BulkApi {
             }
             Ok(Fed::EngineStopped) => drop(sender),
             Err(e) => {
-                // A revoked or expired credential stops what the engine runs
-                // too (a statement waiting for a lock would hold the load's
-                // slots until it got it): given up before the feed closes,
-                // so that the engine hears of it first.
-                if matches!(e, Error::Revoked | Error::CredentialExpired) {
+                // The load cannot commit now: what the engine runs stops too
+                // (a REPLACE's DELETE, a COPY waiting for a lock, which would
+                // hold the load's slots and locks until done), given up before
+                // the feed closes so that the engine hears of it first. Not for
+                // a bad row the gateway found: the engine may still meet one
+                // before it in the rows it has, which is the one to report.
+                if !matches!(e, Error::Backend(BackendError::Row { .. })) {
                     verdict.abandon();
                 }
                 drop(sender);

@@ -263,6 +263,7 @@ pub async fn watch(
     };
     let permit = caller.tenant.limiter.admit_subscription()?;
     let feed = sql.watch(spec).await?;
+    let floor = resume.clone().or_else(|| feed.start.clone());
     let (tx, rx) = StreamOut::channel(WATCH_BUFFER, stream_idle);
     tokio::spawn(async move {
         let _slots = (permit, slot);
@@ -271,8 +272,8 @@ pub async fn watch(
             caller: &caller,
             source: &start.source,
             subscription: &start.subscription,
-            delivered: resume.clone(),
-            resumed_at: resume,
+            delivered: resume,
+            resumed_at: floor,
             retired,
         };
         pump.run(feed, inbound, &tx, cut).await;
@@ -287,7 +288,8 @@ struct Pump<'a> {
     subscription: &'a str,
     /// The latest position sent: an acknowledgement may not pass it.
     delivered: Option<Position>,
-    /// Where the stream resumed. Resumed inside a transaction, an engine
+    /// Where the stream resumed (or, without a resume position, where the
+    /// engine started: see `ChangeFeed::start`). Resumed inside a transaction, an engine
     /// sends that transaction's Begin first, from before this position: it
     /// is sent at this position instead, so that positions never go back and
     /// every one sent can be acknowledged and resumed from.

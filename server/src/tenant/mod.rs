@@ -229,13 +229,16 @@ impl Tenants {
                 let secret = match (secret_hash(source), &in_force) {
                     (Ok(secret), _) => secret,
                     // Its Secret unreadable for a while: the source serves on
-                    // as it was, rather than holding up the whole reload.
-                    (Err(e), Some(kept)) => {
+                    // as it was, rather than holding up the whole reload. Not
+                    // when the edit changes more of it (a narrower allow-list,
+                    // read_only): that edit would be silently left out, so
+                    // the reload is refused, as for any other bad setting.
+                    (Err(e), Some(kept)) if kept.config.same_but_password(source) => {
                         changes.sources_stale.push(format!("tenant {id}, source {name}: {e}"));
                         sources.insert(name.clone(), kept.clone());
                         continue;
                     }
-                    (Err(e), None) => return Err(context(e)),
+                    (Err(e), _) => return Err(context(e)),
                 };
                 let kept = in_force.as_ref().filter(|o| o.config == *source && o.secret == secret);
                 let source = match kept {

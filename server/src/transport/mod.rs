@@ -124,17 +124,28 @@ pub async fn serve(
         // Without TCP_NODELAY, Nagle's algorithm holds the last frames of a
         // response back until the peer's delayed ACK, about 40 ms.
         None => {
-            let server = config.server.clone();
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).map(move |conn| {
-                if let Ok(socket) = &conn {
-                    keep_alive(socket, &server);
+            let server = Arc::new(config.server.clone());
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).then(move |conn| {
+                let server = server.clone();
+                async move {
+                    match &conn {
+                        Ok(socket) => keep_alive(socket, &server),
+                        Err(e) => accept_failed(e).await,
+                    }
+                    conn
                 }
-                conn
             });
             router.serve_with_incoming_shutdown(incoming, shutdown).await?;
         }
     }
     Ok(())
+}
+
+/// A failed accept (out of file descriptors, say) fails again at once:
+/// waits a moment rather than spin on it.
+pub async fn accept_failed(e: &std::io::Error) {
+    tracing::warn!(error = %e, "cannot accept a connection");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 }
 
 /// TCP keepalives for a client connection, and a bound on unacknowledged

@@ -270,9 +270,7 @@ pub fn incoming(
             let (tcp, addr) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of file descriptors, for example: wait instead of spinning.
-                    tracing::warn!(error = %e, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    super::accept_failed(&e).await;
                     continue;
                 }
             };

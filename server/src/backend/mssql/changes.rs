@@ -20,7 +20,7 @@ use super::{schema, types, Manager, MssqlConn};
 use crate::backend::changes::{
     self, check_resume, Acks, ChangeFeed, ChangeItem, ChangeOp, Outbox, Position, RowChange, WatchSpec,
 };
-use crate::backend::{BackendError, Column, ColumnType, Row, Value};
+use crate::backend::{BackendError, Column, ColumnGeneration, ColumnType, Row, Value};
 
 const POSITIONS_TABLE: &str = "weir_change_positions";
 /// The longest pause between polls of a quiet subscription.
@@ -254,7 +254,21 @@ async fn resolve(conn: &mut MssqlConn, spec: &WatchSpec) -> Result<Vec<Watched>,
                 d.table.name.replace('\'', "''")
             )));
         };
-        let columns: Vec<Column> = d.columns.into_iter().map(|c| c.column).collect();
+        let missing = schema::uncaptured(conn, &instance, &d.columns).await?;
+        if !missing.is_empty() {
+            return Err(BackendError::ChangesNotReady(format!(
+                "table {qualified}: {}",
+                schema::uncaptured_reason(&instance, &missing)
+            )));
+        }
+        // CDC stores computed columns as NULL: left out, as PostgreSQL
+        // leaves out generated ones.
+        let columns: Vec<Column> = d
+            .columns
+            .into_iter()
+            .filter(|c| c.generation != ColumnGeneration::Computed)
+            .map(|c| c.column)
+            .collect();
         let decoders = columns
             .iter()
             .map(|c| {
@@ -554,6 +568,7 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
         }
         None => stored,
     };
+    let from_stored = spec.resume.is_none().then(|| stored.encode());
     let (out, end, items) = changes::feed();
     let (acks, ack_rx) = Acks::channel();
     let reader = Reader {
@@ -581,7 +596,11 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
             end.fail(e).await;
         }
     });
-    Ok(ChangeFeed { items, acks })
+    Ok(ChangeFeed {
+        items,
+        acks,
+        start: from_stored,
+    })
 }
 
 pub(super) async fn delete(manager: &Manager, id: &str, name: &str) -> Result<(), BackendError> {

@@ -233,6 +233,11 @@ impl Hold {
         }
     }
 
+    /// Whether `release` closes a transaction's connection.
+    fn closes_transaction(&self) -> bool {
+        matches!(self, Hold::Transaction(guard) if guard.as_ref().is_some_and(|c| c.broken))
+    }
+
     /// Gives the connection back. A transaction's broken connection is
     /// closed now, which ends its statement and rolls the transaction back.
     fn release(self) {
@@ -264,6 +269,20 @@ impl Hold {
             conn.broken |= !as_expected;
         }
     }
+}
+
+/// Errors that already tell the caller the transaction is over (or that
+/// its session was lost, which the service reports so).
+fn rolls_back_anyway(e: &BackendError) -> bool {
+    e.is_unavailable()
+        || matches!(
+            e,
+            BackendError::TransactionRolledBack(_)
+                | BackendError::Engine {
+                    kind: EngineErrorKind::Aborted,
+                    ..
+                }
+        )
 }
 
 fn transaction_closed() -> BackendError {
@@ -312,6 +331,14 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
                 }
             }
         }
+        // A transaction whose connection closes now is rolled back: its
+        // caller must hear that, not only why the statement failed.
+        let outcome = match outcome {
+            Err(e) if hold.closes_transaction() && !rolls_back_anyway(&e) => {
+                Err(BackendError::RolledBackBy(Box::new(e)))
+            }
+            other => other,
+        };
         hold.release();
         worker.finish(outcome).await;
     });
@@ -603,7 +630,7 @@ fn classify(number: u32, severity: u8) -> EngineErrorKind {
         | 2628 | 8178 | 4145 | 1038 => K::InvalidArgument,
         // Unknown object, procedure, function, database; dropping what does not exist.
         // 6401: a savepoint that is not there.
-        208 | 2812 | 4121 | 911 | 3701 | 15151 | 6401 => K::NotFound,
+        208 | 2812 | 4121 | 911 | 3701 | 15151 | 6401 | 4701 | 4902 | 1088 | 2760 => K::NotFound,
         // Duplicate key in a unique constraint or a unique index.
         2627 | 2601 => K::AlreadyExists,
         // Constraint conflicts (547: foreign key or check, 515: NOT NULL); transaction state.
@@ -716,6 +743,12 @@ mod tests {
             (1205, K::Aborted),
             (1222, K::Aborted),
             (6401, K::NotFound),
+            // "Cannot find the object ... because it does not exist": TRUNCATE,
+            // ALTER TABLE, CREATE INDEX; a schema that does not exist.
+            (4701, K::NotFound),
+            (4902, K::NotFound),
+            (1088, K::NotFound),
+            (2760, K::NotFound),
             (550, K::FailedPrecondition),
             (3960, K::Aborted),
             (41302, K::Aborted),

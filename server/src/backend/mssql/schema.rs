@@ -72,12 +72,13 @@ const FIND_TABLE: &str = concat!(
     "AND ((@P1 IS NULL AND o.object_id = OBJECT_ID(QUOTENAME(@P2))) OR (s.name = @P1 AND o.name = @P2))"
 );
 
-/// Columns with their declared type and, for alias types, the base type.
+/// Columns with their declared type and, for alias types, the base type
+/// (also for `sysname`, which is no user-defined type but has a base).
 /// `IsHidden` (SQL Server 2016 and later; NULL before) marks columns
 /// `SELECT *` leaves out: HIDDEN period columns of temporal tables.
 /// Identity and computed columns, with a computed column's definition.
 const COLUMNS: &str = "SELECT c.name, t.name, \
-        CASE WHEN t.is_user_defined = 1 AND t.is_assembly_type = 0 THEN TYPE_NAME(c.system_type_id) ELSE t.name END, \
+        CASE WHEN t.user_type_id <> t.system_type_id AND t.is_assembly_type = 0 THEN TYPE_NAME(c.system_type_id) ELSE t.name END, \
         CAST(c.max_length AS int), CAST(c.precision AS int), CAST(c.scale AS int), c.is_nullable, \
         d.definition, CAST(ep.value AS nvarchar(4000)), \
         CAST(ISNULL(COLUMNPROPERTY(c.object_id, c.name, 'IsHidden'), 0) AS bit), \
@@ -302,6 +303,56 @@ fn referential_action(desc: &str) -> String {
     desc.replace('_', " ")
 }
 
+/// The newest capture instance of a table (@P1: its object id), which is
+/// the one a change stream reads.
+const NEWEST_INSTANCE_SQL: &str = "SELECT TOP 1 capture_instance FROM cdc.change_tables \
+     WHERE source_object_id = @P1 ORDER BY create_date DESC";
+
+const CAPTURED_COLUMNS_SQL: &str = "SELECT cc.column_name FROM cdc.captured_columns cc \
+     JOIN cdc.change_tables ct ON ct.object_id = cc.object_id WHERE ct.capture_instance = @P1";
+
+/// The newest capture instance of the table `object_id`, if any.
+pub(super) async fn newest_instance(conn: &mut MssqlConn, object_id: i32) -> Result<Option<String>, BackendError> {
+    let rows = conn
+        .fetch(NEWEST_INSTANCE_SQL, vec![ColumnData::I32(Some(object_id))])
+        .await?;
+    Ok(rows.first().and_then(|r| r.get::<&str, _>(0)).map(str::to_string))
+}
+
+/// The columns of a table that its capture instance does not capture
+/// (added after the instance was made, or left out of its
+/// `@captured_column_list`): a change query naming them fails. Computed
+/// columns are not asked for: CDC stores them as NULL, so change events
+/// leave them out.
+pub(super) async fn uncaptured(
+    conn: &mut MssqlConn,
+    instance: &str,
+    columns: &[ColumnInfo],
+) -> Result<Vec<String>, BackendError> {
+    let rows = conn
+        .fetch(
+            CAPTURED_COLUMNS_SQL,
+            vec![ColumnData::String(Some(instance.to_string().into()))],
+        )
+        .await?;
+    let captured: Vec<&str> = rows.iter().filter_map(|r| r.get::<&str, _>(0)).collect();
+    Ok(columns
+        .iter()
+        .filter(|c| c.generation != ColumnGeneration::Computed && !captured.contains(&c.column.name.as_str()))
+        .map(|c| c.column.name.clone())
+        .collect())
+}
+
+/// Why a capture instance cannot serve a change stream: the columns it lacks.
+pub(super) fn uncaptured_reason(instance: &str, missing: &[String]) -> String {
+    format!(
+        "its capture instance {instance} does not capture column(s) {} (added after the instance was made, or \
+         left out of its @captured_column_list): make one that captures every column with \
+         sys.sp_cdc_enable_table and a new @capture_instance name",
+        missing.join(", ")
+    )
+}
+
 /// Whether CDC is on for the database and tracks the table (@P1: object id).
 const CDC_READINESS_SQL: &str = "SELECT CAST(d.is_cdc_enabled AS int), CAST(t.is_tracked_by_cdc AS int) \
      FROM sys.databases d CROSS JOIN sys.tables t WHERE d.database_id = DB_ID() AND t.object_id = @P1";
@@ -430,7 +481,20 @@ pub async fn describe_table(
             "the table is not tracked by CDC (sys.sp_cdc_enable_table)".to_string(),
         )
     } else {
-        (true, String::new())
+        // Unknown (a login that may not read the CDC catalog) counts as ready,
+        // as before this was asked: WatchChanges says what is missing.
+        let missing = match newest_instance(conn, object_id).await {
+            Ok(Some(instance)) => uncaptured(conn, &instance, &columns)
+                .await
+                .ok()
+                .filter(|m| !m.is_empty())
+                .map(|m| uncaptured_reason(&instance, &m)),
+            _ => None,
+        };
+        match missing {
+            Some(reason) => (false, reason),
+            None => (true, String::new()),
+        }
     };
 
     Ok(TableDescription {

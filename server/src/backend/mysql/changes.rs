@@ -217,6 +217,9 @@ enum Shape {
     Uuid,
     Inet6,
     Inet4,
+    /// `TIME(1)` and `TIME(2)`, whose negative values with a fraction the
+    /// binlog reader decodes wrongly (see `unwrapped_time`).
+    ShortFractionTime,
 }
 
 fn shape(c: &Column) -> Shape {
@@ -231,6 +234,7 @@ fn shape(c: &Column) -> Shape {
         "uuid" => return Shape::Uuid,
         "inet6" => return Shape::Inet6,
         "inet4" => return Shape::Inet4,
+        "time" if matches!(width(&native), Some(1 | 2)) => return Shape::ShortFractionTime,
         _ => {}
     }
     if unsigned {
@@ -407,8 +411,39 @@ fn convert(v: BinlogValue<'_>, shape: &Shape) -> Result<Value, String> {
             Value::TimestampTz(DateTime::from_timestamp(secs, 0).ok_or("TIMESTAMP out of range")?)
         }
         (v, &Shape::Plain(decode)) => types::decode(v, decode)?,
+        (v, Shape::ShortFractionTime) => types::decode(unwrapped_time(v), Decode::Time)?,
         (v, _) => types::decode(v, Decode::Text)?,
     })
+}
+
+/// A `TIME(1)` or `TIME(2)` value as logged. mysql_common reads the
+/// fraction of a negative one in unsigned arithmetic, where MySQL's own code
+/// borrows from it, so what it gives is the packed value plus 10000·2³²
+/// (a positive time whose microseconds pass a second, or a negative one with
+/// a fraction, which no negative value of these columns decodes to
+/// otherwise: they all take that path). Its own packing is undone here.
+fn unwrapped_time(v: MyValue) -> MyValue {
+    const WRAPPED: i64 = 10_000 << 32;
+    let MyValue::Time(negative, days, h, m, s, micros) = v else {
+        return v;
+    };
+    if !((negative && micros > 0) || (!negative && micros >= 1_000_000)) {
+        return v;
+    }
+    let hms = ((i64::from(days) * 24 + i64::from(h)) << 12) | (i64::from(m) << 6) | i64::from(s);
+    let logged = (hms << 24) + i64::from(micros);
+    let packed = if negative { -logged } else { logged } - WRAPPED;
+    let magnitude = packed.abs();
+    let (hms, micros) = (magnitude >> 24, magnitude & 0xff_ffff);
+    let hours = (hms >> 12) & 0x3ff;
+    MyValue::Time(
+        packed < 0,
+        (hours / 24) as u32,
+        (hours % 24) as u8,
+        ((hms >> 6) & 0x3f) as u8,
+        (hms & 0x3f) as u8,
+        micros as u32,
+    )
 }
 
 /// A fixed-size binary value whose trailing zero bytes the binary log dropped.
@@ -1062,6 +1097,7 @@ impl Reader {
 fn snapshot_value(raw: MyValue, shape: &Shape) -> Result<Value, String> {
     match shape {
         Shape::Plain(decode) => types::decode(raw, *decode),
+        Shape::ShortFractionTime => types::decode(raw, Decode::Time),
         Shape::Unsigned(64) => types::decode(raw, Decode::UInt),
         Shape::Unsigned(_) => types::decode(raw, Decode::Int),
         Shape::FixedBinary(_) => types::decode(raw, Decode::Bytes),
@@ -1581,6 +1617,7 @@ pub(super) async fn watch(
         }
         None => stored_position,
     };
+    let from_stored = spec.resume.is_none().then(|| stored_position.encode());
     let logs: Vec<mysql_async::Row> = setup.query("SHOW BINARY LOGS").await.map_err(map_error)?;
     let oldest = logs
         .into_iter()
@@ -1642,7 +1679,11 @@ pub(super) async fn watch(
             end.fail(e).await;
         }
     });
-    Ok(ChangeFeed { items, acks })
+    Ok(ChangeFeed {
+        items,
+        acks,
+        start: from_stored,
+    })
 }
 
 pub(super) async fn delete(opts: &Opts, id: &str, name: &str) -> Result<(), BackendError> {
@@ -1675,6 +1716,28 @@ fn follows_rotate(log_pos: u64, timestamp: u32, described: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What mysql_common gives for these TIME(2) values, worked out from
+    /// MySQL's packing (`my_time_packed_to_binary`) and its reading.
+    #[test]
+    fn short_fraction_times_read_with_a_wrapped_fraction_are_undone() {
+        let cases = [
+            ((false, 26, 0, 63, 62, 16_277_216), (true, 0, 0, 0, 1, 500_000)),
+            ((true, 3, 3, 0, 0, 500_000), (true, 29, 4, 0, 0, 500_000)),
+            ((true, 8, 21, 59, 59, 990_000), (true, 34, 22, 59, 59, 990_000)),
+            ((false, 26, 0, 63, 63, 16_767_216), (true, 0, 0, 0, 0, 10_000)),
+            ((false, 25, 12, 29, 7, 16_077_216), (true, 0, 12, 34, 56, 700_000)),
+            // Read right: negative without a fraction, and positive ones.
+            ((true, 0, 5, 0, 0, 0), (true, 0, 5, 0, 0, 0)),
+            ((false, 0, 1, 2, 3, 450_000), (false, 0, 1, 2, 3, 450_000)),
+        ];
+        for ((n, d, h, m, s, u), (en, ed, eh, em, es, eu)) in cases {
+            assert_eq!(
+                unwrapped_time(MyValue::Time(n, d, h, m, s, u)),
+                MyValue::Time(en, ed, eh, em, es, eu)
+            );
+        }
+    }
 
     #[test]
     fn json_decimals_are_numbers_as_a_query_returns_them() {

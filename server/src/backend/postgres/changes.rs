@@ -140,11 +140,11 @@ async fn current_lsn(client: &Client) -> Result<u64, BackendError> {
     Ok(row.get::<_, i64>(0) as u64)
 }
 
-async fn check_wal_level(client: &Client) -> Result<(), BackendError> {
+async fn check_wal_level(client: &Client, config: &Target) -> Result<(), BackendError> {
     let row = client
         .query_one(
             "SELECT current_setting('wal_level'), current_setting('server_version_num')::int, \
-             current_setting('server_version')",
+             current_setting('server_version'), current_setting('synchronous_standby_names')",
             &[],
         )
         .await
@@ -164,7 +164,25 @@ async fn check_wal_level(client: &Client) -> Result<(), BackendError> {
              (set it in postgresql.conf and restart the server)"
         )));
     }
+    let standbys: String = row.get(3);
+    let name = super::replication::application_name(config);
+    if would_be_synchronous(&standbys, name) {
+        return Err(BackendError::ChangesNotReady(format!(
+            "synchronous_standby_names = '{standbys}' takes this stream's replication connection \
+             (application_name {name}) as a synchronous standby: every commit on the server would then wait \
+             for the stream's consumer to acknowledge it. Name the standbys instead of '*'"
+        )));
+    }
     Ok(())
+}
+
+/// Whether `synchronous_standby_names` matches `application_name` (or is
+/// `*`, which matches every WAL sender, logical ones too).
+fn would_be_synchronous(setting: &str, application_name: &str) -> bool {
+    setting
+        .split(|c: char| c == ',' || c == '(' || c == ')' || c.is_whitespace())
+        .map(|t| t.trim_matches('"'))
+        .any(|t| t == "*" || t.eq_ignore_ascii_case(application_name))
 }
 
 /// Resolves each table and checks it can be published without breaking the
@@ -489,13 +507,23 @@ async fn ensure_slot(
             .batch_execute(&format!("CREATE PUBLICATION {publication} FOR TABLE {list}{option}"))
             .await
             .map_err(map_error)?,
-        Some((mut oids, has_option)) => {
-            let mut wanted: Vec<u32> = watched.keys().copied().collect();
-            wanted.sort_unstable();
-            oids.sort_unstable();
-            if oids != wanted {
+        Some((oids, has_option)) => {
+            // Tables are only ever added. pgoutput publishes a change by the
+            // publication as it was when the change was logged: a table taken
+            // out and later put back would lose its changes in between, on a
+            // resume from before them. The reader drops tables it does not watch.
+            let mut missing: Vec<String> = watched
+                .iter()
+                .filter(|(oid, _)| !oids.contains(oid))
+                .map(|(_, w)| format!("ONLY {}", w.qualified))
+                .collect();
+            if !missing.is_empty() {
+                missing.sort_unstable();
                 client
-                    .batch_execute(&format!("ALTER PUBLICATION {publication} SET TABLE {list}"))
+                    .batch_execute(&format!(
+                        "ALTER PUBLICATION {publication} ADD TABLE {}",
+                        missing.join(", ")
+                    ))
                     .await
                     .map_err(map_error)?;
             }
@@ -953,10 +981,9 @@ impl Reader {
             lsn: t.final_lsn,
             seq: t.seq,
         };
-        // pgoutput publishes a table by the publication as it was when the
-        // change was logged: a table this watch no longer names still comes
-        // until the point where it was taken out. Counted above all the same,
-        // so positions stay what they were.
+        // The publication keeps every table the subscription ever watched:
+        // those this watch does not name still come. Counted above all the
+        // same, so positions stay what they were.
         if position <= self.delivered || !self.watched.contains_key(&relation) {
             return Ok(false);
         }
@@ -1023,7 +1050,7 @@ impl Reader {
 
 pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed, BackendError> {
     let client = connect(config).await?;
-    check_wal_level(&client).await?;
+    check_wal_level(&client, config).await?;
     let watched = resolve(&client, &spec.tables).await?;
     lock(&client, &spec.id, &spec.name, spec.take_over).await?;
     // First: a name another database's source holds makes nothing here.
@@ -1038,14 +1065,18 @@ pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed
             spec.name
         )));
     }
+    // Checked before the publication changes: a refused resume changes nothing.
+    let resumed = match (&spec.resume, existing) {
+        (Some(resume), Some(confirmed)) => {
+            let pos = PgPos::decode(resume)?;
+            let head = current_lsn(&client).await?;
+            check_resume(&spec.name, &pos.lsn, &confirmed, &lsn_text(confirmed), Some(&head))?;
+            Some(pos)
+        }
+        _ => None,
+    };
     let confirmed = ensure_slot(&client, &spec.id, existing, &watched).await?;
-    let mut delivered = PgPos { lsn: confirmed, seq: 0 };
-    if let Some(resume) = &spec.resume {
-        let pos = PgPos::decode(resume)?;
-        let head = current_lsn(&client).await?;
-        check_resume(&spec.name, &pos.lsn, &confirmed, &lsn_text(confirmed), Some(&head))?;
-        delivered = pos;
-    }
+    let delivered = resumed.unwrap_or(PgPos { lsn: confirmed, seq: 0 });
     let (out, end, items) = changes::feed();
     let (acks, ack_rx) = Acks::channel();
     let reader = Reader {
@@ -1075,7 +1106,12 @@ pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed
             end.fail(e).await;
         }
     });
-    Ok(ChangeFeed { items, acks })
+    // The slot resumes whole transactions: nothing starts inside one.
+    Ok(ChangeFeed {
+        items,
+        acks,
+        start: None,
+    })
 }
 
 pub(super) async fn delete(config: &Target, id: &str, name: &str) -> Result<(), BackendError> {
@@ -1113,6 +1149,16 @@ pub(super) async fn delete(config: &Target, id: &str, name: &str) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streams_that_would_be_synchronous_standbys_are_seen() {
+        for setting in ["*", "FIRST 1 (*)", "ANY 2 (standby1, \"*\")", "weir", "2 (s1, Weir)"] {
+            assert!(would_be_synchronous(setting, "weir"), "{setting}");
+        }
+        for setting in ["", "standby1", "FIRST 1 (standby1, standby2)", "ANY 1 (weirdo)"] {
+            assert!(!would_be_synchronous(setting, "weir"), "{setting}");
+        }
+    }
 
     #[test]
     fn the_silence_limit_outlasts_the_servers_keepalives() {

@@ -36,9 +36,9 @@ use tokio_postgres::{CancelToken, Client, NoTls};
 use crate::backend::error::{classify_sqlstate, EngineErrorKind};
 use crate::backend::pool::FailFastPool;
 use crate::backend::{
-    BackendError, Capabilities, ChangeFeed, Column, ConnectionInfo, Engine, Isolation, LoadOutcome, LoadSpec,
-    PoolStatus, QueryStream, Row, RowFeed, RowSink, RowStream, SchemaInfo, SqlSource, SqlTransaction, Statement,
-    TableDescription, TableInfo, TablePage, TxOptions, Value, WatchSpec,
+    BackendError, Capabilities, ChangeFeed, Column, ColumnType, ConnectionInfo, Engine, Isolation, LoadOutcome,
+    LoadSpec, PoolStatus, QueryStream, Row, RowFeed, RowSink, RowStream, SchemaInfo, SqlSource, SqlTransaction,
+    Statement, TableDescription, TableInfo, TablePage, TxOptions, Value, WatchSpec,
 };
 use crate::config::{PoolConfig, SessionReset, SourceConfig};
 use multiplex::{InFlight, Multiplexer};
@@ -1013,7 +1013,13 @@ impl SqlSource for PostgresSource {
         tables.map_err(map_error)
     }
 
-    fn refuses(&self, _column: &Column, value: &Value) -> Option<String> {
+    fn refuses(&self, column: &Column, value: &Value) -> Option<String> {
+        if matches!(value, Value::Interval { .. }) && column.column_type == ColumnType::Time {
+            return Some(format!(
+                "an interval cannot go into a column of type {} (a time of day)",
+                column.native_type
+            ));
+        }
         types::has_nul(value).then(|| types::NO_NUL.to_string())
     }
 

@@ -297,6 +297,12 @@ struct Conn {
     buf: BytesMut,
 }
 
+/// The name the replication connection gives the server, which
+/// `synchronous_standby_names` matches standbys by.
+pub(super) fn application_name(target: &Target) -> &str {
+    target.config.get_application_name().unwrap_or("weir-changes")
+}
+
 impl Conn {
     async fn open(target: &Target) -> Result<Self, BackendError> {
         let io = connect(target).await?;
@@ -312,10 +318,7 @@ impl Conn {
         if let Some(db) = config.get_dbname() {
             params.push(("database", db));
         }
-        params.push((
-            "application_name",
-            config.get_application_name().unwrap_or("weir-changes"),
-        ));
+        params.push(("application_name", application_name(target)));
         let mut out = BytesMut::new();
         frontend::startup_message(params, &mut out).map_err(|e| BackendError::Internal(e.to_string()))?;
         conn.send(&out).await?;

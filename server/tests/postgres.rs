@@ -1798,7 +1798,9 @@ async fn a_streamed_write_whose_client_stopped_reading_before_its_last_rows_is_r
 async fn a_transactions_own_ddl_is_seen_by_its_later_statements() {
     setup(
         "DROP TABLE IF EXISTS weir_own_ddl, weir_staging; CREATE TABLE weir_own_ddl (a int4); \
-         INSERT INTO weir_own_ddl VALUES (1); CREATE TABLE weir_staging (n int4); INSERT INTO weir_staging VALUES (1), (2);",
+         INSERT INTO weir_own_ddl VALUES (1); CREATE TABLE weir_staging (n int4); INSERT INTO weir_staging VALUES (1), (2); \
+         CREATE SCHEMA IF NOT EXISTS weir_ddl_other; DROP TABLE IF EXISTS weir_ddl_other.weir_staging; \
+         CREATE TABLE weir_ddl_other.weir_staging (n int4, m text);",
     )
     .await;
     let single = postgres("ddl", "single", "[tenants.ddl.sources.single.pool]\nmax_size = 1\n");
@@ -1821,6 +1823,16 @@ async fn a_transactions_own_ddl_is_seen_by_its_later_statements() {
             .expect("the table's columns of now");
         assert_eq!(after.columns.len(), 2);
         assert_eq!(text(&run(count).await.expect("permanent").rows[0].values[0]), "2");
+        // The search path set by function: the same text names another table.
+        let all = "SELECT * FROM weir_staging";
+        assert_eq!(run(all).await.expect("public's").columns.len(), 1);
+        run("SELECT set_config('search_path', 'weir_ddl_other', true)")
+            .await
+            .expect("search path");
+        assert_eq!(run(all).await.expect("the other schema's").columns.len(), 2);
+        run("SELECT set_config('search_path', 'public', true)")
+            .await
+            .expect("back");
         run("CREATE TEMP TABLE weir_staging (n int4) ON COMMIT DROP")
             .await
             .expect("temp");

@@ -186,7 +186,20 @@ impl MysqlSource {
         })
     }
 
+    /// A pooled session. One whose kill failed (a transaction's, back in
+    /// the pool at its end) is closed instead, in the background: the kill
+    /// may still reach the server and stop this caller's statement.
     async fn conn(&self) -> Result<Conn, BackendError> {
+        loop {
+            let conn = self.checkout().await?;
+            if !self.killer.failed.lock().remove(&conn.id()) {
+                return Ok(conn);
+            }
+            drop(tokio::spawn(conn.disconnect()));
+        }
+    }
+
+    async fn checkout(&self) -> Result<Conn, BackendError> {
         self.breaker.admit()?;
         let started = Instant::now();
         let connect = tokio::time::timeout(self.config.pool.acquire_timeout, self.pool.get_conn()).await;
@@ -310,9 +323,9 @@ async fn start(
         // learns the statement is over, so its next call finds it free. A
         // pooled session whose kill failed is closed instead (once its
         // statement ends, in the background): the kill may still reach the
-        // server later, and stop the next caller's statement.
-        // (A transaction's session stays listed, and is closed after the
-        // first pooled statement it serves once the transaction is over.)
+        // server later, and stop the next caller's statement. (A
+        // transaction's session stays listed, and is closed when the pool
+        // hands it out next, see `conn`.)
         match hold {
             Hold::Pooled(conn) if killer.failed.lock().remove(&conn.id()) => drop(tokio::spawn(conn.disconnect())),
             hold => drop(hold),

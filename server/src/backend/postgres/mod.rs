@@ -93,6 +93,15 @@ fn changes_what_names_mean(sql: &str) -> bool {
             matches!(words.first().map(String::as_str), Some("set" | "reset"))
                 && words.iter().skip(1).any(|w| NAMING.contains(&w.as_str()))
         })
+        || sets_names_by_function(sql)
+}
+
+/// `SELECT set_config('search_path', ...)` (or the role) in the text: a
+/// `set_config` of another setting, as row-level-security designs run in
+/// every transaction, keeps the cache.
+fn sets_names_by_function(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    lower.contains("set_config") && (lower.contains("search_path") || lower.contains("role"))
 }
 
 pub struct PgConn {
@@ -1279,6 +1288,8 @@ mod tests {
             "SET SESSION AUTHORIZATION u",
             "DEALLOCATE ALL",
             "DO $$ BEGIN END $$",
+            "SELECT set_config('search_path', 'archive', false)",
+            "select pg_catalog.SET_CONFIG('role', 'auditor', true)",
         ] {
             assert!(changes_what_names_mean(sql), "{sql}");
         }
@@ -1286,6 +1297,7 @@ mod tests {
             "SET LOCAL app.tenant_id = '7'",
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
             "SET statement_timeout = 0",
+            "SELECT set_config('app.tenant_id', $1, true)",
             "SELECT * FROM t",
             "INSERT INTO t VALUES (1)",
         ] {

@@ -180,3 +180,13 @@ pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
         reporter.set_service_status(name, status).await;
     }
 }
+
+/// Ends the health `Watch` streams (after the status they have not seen
+/// yet, NOT_SERVING), which a graceful shutdown would otherwise wait for
+/// until its grace ran out: they never end by themselves. Checks are then
+/// NOT_FOUND, as no new call reaches the server any more.
+pub async fn end_watches(reporter: &mut HealthReporter) {
+    for name in SERVICES {
+        reporter.clear_service_status(name).await;
+    }
+}

@@ -77,7 +77,7 @@ pub async fn run(
     });
     let transactions = Arc::new(Transactions::default());
     let readiness = Readiness::default();
-    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let (mut reporter, health_service) = tonic_health::server::health_reporter();
     // Not SERVING until the first round of probes says so ("" starts SERVING in tonic-health).
     health::set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
     let monitor = tokio::spawn(health::monitor(
@@ -129,6 +129,7 @@ pub async fn run(
         }
         tracing::info!("shutting down: no new calls; draining calls in progress");
         let _ = stop_tx.send(true);
+        health::end_watches(&mut reporter).await;
     };
     let grace = config.server.shutdown_grace;
     let deadline = async move {

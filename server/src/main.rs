@@ -103,11 +103,17 @@ fn main() -> ExitCode {
     }
     match runtime.enable_all().build() {
         Ok(runtime) => {
-            let code = runtime.block_on(serve(&args, config));
+            let (code, telemetry) = runtime.block_on(serve(&args, config));
             // What is left on the blocking pool (a Kafka consumer closing
             // against a broker that is gone would wait for it for ever) gets
             // this long, then the process exits without it.
             runtime.shutdown_timeout(BLOCKING_WORK_AT_EXIT);
+            // Only now: what the runtime's last tasks logged (a consumer's
+            // last commit failing, the audit line of a call ended by the
+            // shutdown) is written, and its spans exported.
+            if let Some(telemetry) = telemetry {
+                telemetry.shutdown();
+            }
             code
         }
         Err(e) => {
@@ -154,7 +160,7 @@ fn run_command(command: Command) -> ExitCode {
     }
 }
 
-async fn serve(args: &Args, config: Config) -> ExitCode {
+async fn serve(args: &Args, config: Config) -> (ExitCode, Option<telemetry::Telemetry>) {
     let shutdown = shutdown_signal();
     let format = if args.log_format == "json" {
         LogFormat::Json
@@ -165,7 +171,7 @@ async fn serve(args: &Args, config: Config) -> ExitCode {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: cannot start logging or tracing: {e}");
-            return ExitCode::FAILURE;
+            return (ExitCode::FAILURE, None);
         }
     };
     if args.config.is_none() {
@@ -186,8 +192,7 @@ async fn serve(args: &Args, config: Config) -> ExitCode {
             ExitCode::FAILURE
         }
     };
-    telemetry.shutdown();
-    code
+    (code, Some(telemetry))
 }
 
 async fn bind(config: &Config) -> Result<Listeners, String> {

@@ -736,12 +736,7 @@ async fn a_server_that_never_answers_is_down_not_busy() {
         "required = true\n[tenants.s.sources.pg.pool]\nconnect_timeout = \"500ms\"\nacquire_timeout = \"3s\"\n",
     );
     let server = TestServer::start(&format!("{FAST}{}", tenant("s", "", &source))).await;
-    let channel = tonic::transport::Channel::from_shared(server.addr.clone())
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = common::health_client(&server).await;
     let status = health
         .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
         .await

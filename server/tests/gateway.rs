@@ -331,6 +331,38 @@ async fn tenants_are_isolated() {
     server.stop().await;
 }
 
+/// A client watching health (gRPC client-side health checking keeps a
+/// `Watch` open on each connection) hears NOT_SERVING at shutdown and then
+/// the end of its stream, which does not hold the shutdown for its grace.
+#[tokio::test]
+async fn a_health_watch_does_not_hold_up_shutdown() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let config = format!("[server]\nshutdown_grace = \"30s\"\n{}", two_tenants());
+    let server = TestServer::start(&config).await;
+    let mut health = health_client(&server).await;
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let started = std::time::Instant::now();
+    let stopped = tokio::spawn(server.stop());
+    let mut last = None;
+    while let Some(status) = tokio::time::timeout(Duration::from_secs(20), watch.message())
+        .await
+        .expect("the watch ends before the grace does")
+        .expect("a status")
+    {
+        last = Some(status.status);
+    }
+    assert_eq!(last, Some(ServingStatus::NotServing as i32));
+    tokio::time::timeout(Duration::from_secs(20), stopped)
+        .await
+        .expect("stopped before the grace ran out")
+        .expect("server task");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn bad_keys_are_unauthenticated_and_health_needs_none() {
     let server = TestServer::start(&two_tenants()).await;
@@ -340,12 +372,7 @@ async fn bad_keys_are_unauthenticated_and_health_needs_none() {
         assert_eq!(err.code(), Code::Unauthenticated, "{key}");
         assert!(!err.message().contains("alpha") && !err.message().contains("shop"));
     }
-    let channel = tonic::transport::Channel::from_shared(server.addr.clone())
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut health = health_client(&server).await;
     // SERVING once the first round of probes has answered.
     let mut status = 0;
     for _ in 0..50 {
@@ -385,6 +412,11 @@ async fn bad_keys_are_unauthenticated_and_health_needs_none() {
         );
     }
 
+    let channel = tonic::transport::Channel::from_shared(server.addr.clone())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
     let mut raw = weir_client::weir_proto::v1::schema_service_client::SchemaServiceClient::new(channel);
     let err = raw
         .list_sources(pb::ListSourcesRequest {})

@@ -487,26 +487,28 @@ async fn send_rows(
         if !filled {
             break;
         }
+        // Counted once the stream took them: a batch its client left
+        // before was not returned.
         let (rows, _) = batches.pending();
-        sent.rows += rows as u64;
         let (batch, size) = batches.take()?;
-        sent.bytes += size as u64;
         if !tx.send(batch).await? {
             return Ok(None);
         }
+        sent.rows += rows as u64;
+        sent.bytes += size as u64;
     }
     let (rows, _) = batches.pending();
     let mut last = Vec::with_capacity(2);
     if rows > 0 {
-        sent.rows += rows as u64;
-        last.push(batches.take()?);
+        last.push((batches.take()?, rows as u64));
     }
-    last.extend(batches.end()?);
-    for (message, size) in last {
-        sent.bytes += size as u64;
+    last.extend(batches.end()?.into_iter().map(|m| (m, 0)));
+    for ((message, size), rows) in last {
         if !tx.send(message).await? {
             return Ok(None);
         }
+        sent.rows += rows;
+        sent.bytes += size as u64;
     }
     let affected = query.rows.rows_affected();
     Ok(Some(stats(sent.rows, sent.bytes, affected, timing, first_row)))

@@ -10,6 +10,7 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
 use tonic::transport::{Certificate, ClientTlsConfig};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -192,32 +193,38 @@ pub const DEFAULT_LOG_FILTER: &str =
 /// otherwise log every statement's parameters).
 const DRIVERS: [&str; 3] = ["tiberius", "tokio_postgres", "mysql_async"];
 
-/// `asked` with the drivers it does not name turned off.
-fn drivers_silenced(asked: &str) -> String {
+/// A filter of its own that turns off the drivers `asked` (WEIR_LOG) does
+/// not name. Not directives in the EnvFilter: there a span-scoped directive
+/// (`[call{tenant=shop}]=debug`) enables every event inside its spans,
+/// drivers' too, whatever the others say.
+fn drivers_silenced(asked: Option<&str>) -> Targets {
     let named = |driver: &str| {
-        asked.split(',').any(|d| {
-            let target = d.trim().split(['=', '[']).next().unwrap_or_default();
-            target == driver || target.starts_with(&format!("{driver}::"))
+        asked.is_some_and(|asked| {
+            asked.split(',').any(|d| {
+                let target = d.trim().split(['=', '[']).next().unwrap_or_default();
+                target == driver || target.starts_with(&format!("{driver}::"))
+            })
         })
     };
-    let mut filter = asked.to_string();
-    for driver in DRIVERS.into_iter().filter(|d| !named(d)) {
-        filter.push_str(&format!(",{driver}=off"));
-    }
-    filter
+    DRIVERS
+        .into_iter()
+        .filter(|d| !named(d))
+        .fold(Targets::new().with_default(LevelFilter::TRACE), |t, d| {
+            t.with_target(d, LevelFilter::OFF)
+        })
 }
 
 /// Installs the global subscriber.
 pub fn init(format: LogFormat, config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
     // A WEIR_LOG that does not parse is said so once logging runs, not
     // passed over in silence (an `weir::audit=off` that did nothing).
-    let (filter, refused) = match std::env::var("WEIR_LOG") {
-        Ok(asked) => match EnvFilter::try_new(drivers_silenced(&asked)) {
-            Ok(filter) => (filter, None),
-            Err(e) => (EnvFilter::new(DEFAULT_LOG_FILTER), Some(e)),
-        },
-        Err(_) => (EnvFilter::new(DEFAULT_LOG_FILTER), None),
+    let asked = std::env::var("WEIR_LOG").ok();
+    let (filter, refused) = match asked.as_deref().map(EnvFilter::try_new) {
+        Some(Ok(filter)) => (filter, None),
+        Some(Err(e)) => (EnvFilter::new(DEFAULT_LOG_FILTER), Some(e)),
+        None => (EnvFilter::new(DEFAULT_LOG_FILTER), None),
     };
+    let drivers = drivers_silenced(asked.as_deref().filter(|_| refused.is_none()));
     let (writer, flusher) = BatchWriter::start(std::io::stderr(), LOG_INTERVAL, LOG_BATCH, LOG_LIMIT)?;
     // Colours only on a terminal: a log collector would keep the escape codes.
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -237,6 +244,7 @@ pub fn init(format: LogFormat, config: &TelemetryConfig) -> anyhow::Result<Telem
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("weir")));
     tracing_subscriber::registry()
         .with(filter)
+        .with(drivers)
         .with(fmt)
         .with(otel)
         .try_init()?;
@@ -260,19 +268,34 @@ pub(crate) mod tests {
 
     #[test]
     fn drivers_stay_silent_unless_weir_log_names_them() {
-        assert_eq!(
-            drivers_silenced("debug"),
-            "debug,tiberius=off,tokio_postgres=off,mysql_async=off"
-        );
-        assert_eq!(
-            drivers_silenced("info, tokio_postgres::query=debug"),
-            "info, tokio_postgres::query=debug,tiberius=off,mysql_async=off"
-        );
-        assert_eq!(
-            drivers_silenced("mysql_async[conn]=trace"),
-            "mysql_async[conn]=trace,tiberius=off,tokio_postgres=off"
-        );
-        assert!(EnvFilter::try_new(drivers_silenced("warn,weir=debug")).is_ok());
+        // Also under a directive scoped to a span, which EnvFilter lets
+        // every event inside it through.
+        for (asked, heard) in [
+            ("debug", ""),
+            ("info,[call]=debug", ""),
+            ("info,[call{tenant=shop}]=debug", ""),
+            ("info,tokio_postgres::query=debug", "4111"),
+            ("tokio_postgres[call]=trace,[call]=debug", "4111"),
+        ] {
+            let lines = Lines::default();
+            let sink = lines.clone();
+            let subscriber = tracing_subscriber::registry()
+                .with(EnvFilter::new(asked))
+                .with(drivers_silenced(Some(asked)))
+                .with(tracing_subscriber::fmt::layer().with_writer(move || sink.clone()));
+            tracing::subscriber::with_default(subscriber, || {
+                let _call = tracing::info_span!("call", tenant = "shop").entered();
+                tracing::error!(target: "tiberius::tds::stream::token", "Violation of PRIMARY KEY: (alice@example.com)");
+                tracing::debug!(target: "tokio_postgres::query", "preparing query s1: card 4111-1111");
+                tracing::error!(target: "mysql_async::tracing_utils", "Duplicate entry 'bob'");
+                tracing::error!(target: "weir_server::service", "kept");
+            });
+            let logged = String::from_utf8(lines.0.lock().expect("lock").clone()).expect("utf-8");
+            assert!(logged.contains("kept"), "{asked}: {logged}");
+            for secret in ["alice", "4111", "bob"] {
+                assert_eq!(logged.contains(secret), secret == heard, "{asked}: {logged}");
+            }
+        }
     }
 
     /// A log writer that keeps what it is given, for tests to read.
@@ -333,6 +356,7 @@ pub(crate) mod tests {
         let sink = lines.clone();
         let subscriber = tracing_subscriber::registry()
             .with(EnvFilter::new(DEFAULT_LOG_FILTER))
+            .with(drivers_silenced(None))
             .with(tracing_subscriber::fmt::layer().with_writer(move || sink.clone()));
         tracing::subscriber::with_default(subscriber, || {
             tracing::error!(target: "tiberius::tds::stream::token", "Violation of PRIMARY KEY: (alice@example.com)");

@@ -259,7 +259,15 @@ where
                 .authenticate(bearer(&req), &identities, not_after)
         });
         let caller = authenticated.as_ref().and_then(|a| a.as_ref().ok());
-        let span = tracing::info_span!(
+        // Anyone can send refused calls, and probes call health all the
+        // time: neither makes a span (exported traces) but for the refusals
+        // the audit log takes, at most `REFUSALS_LOGGED_PER_SECOND`.
+        let refusal = matches!(authenticated, Some(Err(_))).then(|| REFUSALS.take());
+        let traced = method.starts_with(API_PREFIX) && !matches!(refusal, Some(Logged::No));
+        let span = if !traced {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
             "call",
             otel.name = %span_name(&method),
             request_id = id.to_str().unwrap_or_default(),
@@ -274,7 +282,8 @@ where
             sql = tracing::field::Empty,
             code = tracing::field::Empty,
             limit = tracing::field::Empty,
-        );
+            )
+        };
         // Only exported traces have a parent to join; without an exporter the
         // propagator's global lock and the extraction would be per-call waste.
         if crate::telemetry::exporting_traces() {
@@ -287,8 +296,8 @@ where
             Some(Err(reason)) => {
                 let _enter = span.enter();
                 // The reason is for the operator; the caller gets one answer for every failure.
-                match REFUSALS.take() {
-                    Logged::Yes { unlogged_before } => {
+                match refusal {
+                    Some(Logged::Yes { unlogged_before }) => {
                         if unlogged_before > 0 {
                             tracing::warn!(
                                 target: AUDIT,
@@ -298,7 +307,7 @@ where
                         }
                         tracing::info!(target: AUDIT, method = shown_path(&method), code = ?tonic::Code::Unauthenticated, reason = %reason, duration_ms = 0.0, "call");
                     }
-                    Logged::No => {}
+                    Some(Logged::No) | None => {}
                 }
                 TenantMetrics::anonymous().record_call(
                     Method::of(&method),

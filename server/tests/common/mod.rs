@@ -79,6 +79,18 @@ impl TestServer {
     }
 }
 
+/// A gRPC health client of `server` (no key needed).
+pub async fn health_client(
+    server: &TestServer,
+) -> tonic_health::pb::health_client::HealthClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Channel::from_shared(server.addr.clone())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    tonic_health::pb::health_client::HealthClient::new(channel)
+}
+
 pub fn key_hash(key: &str) -> String {
     hex::encode(weir_server::tenant::hash_key(key))
 }

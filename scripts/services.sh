@@ -269,6 +269,8 @@ ensure_plain_servers() {
       mariadb-admin ping -h 127.0.0.1 -P "$plain_mysql_port" --silent >/dev/null 2>&1 && break
       sleep 0.2
     done
+    mariadb-admin ping -h 127.0.0.1 -P "$plain_mysql_port" --silent >/dev/null 2>&1 ||
+      { echo "the plain MariaDB on port $plain_mysql_port did not start (see $mdir/*.err)" >&2; return 1; }
     as_root mariadb --socket="$mdir.sock" -uroot -e "CREATE DATABASE IF NOT EXISTS test;
       CREATE USER IF NOT EXISTS 'weir'@'%' IDENTIFIED BY 'weir'; GRANT ALL PRIVILEGES ON *.* TO 'weir'@'%';"
   fi
@@ -291,9 +293,11 @@ stop_plain_server() {
     mysql)
       as_root mariadb-admin --socket=/tmp/weir-mariadb-plain.sock -uroot shutdown
       for _ in $(seq 1 100); do
-        mariadb-admin ping -h 127.0.0.1 -P "$plain_mysql_port" --silent >/dev/null 2>&1 || break
+        mariadb-admin ping -h 127.0.0.1 -P "$plain_mysql_port" --silent >/dev/null 2>&1 || return 0
         sleep 0.1
       done
+      echo "the plain MariaDB on port $plain_mysql_port did not stop" >&2
+      return 1
       ;;
     *) echo "stop_plain_server: pg or mysql" >&2; return 2 ;;
   esac

@@ -20,8 +20,9 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn services(command: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
+    // -e: a step that fails (a server that did not start) fails the call.
     let status = Command::new("bash")
-        .arg("-c")
+        .arg("-ec")
         .arg(format!(". {script}; {command}"))
         .status()
         .expect("run scripts/services.sh");

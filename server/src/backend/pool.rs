@@ -93,6 +93,23 @@ impl<E: Send + 'static> bb8::ErrorSink<E> for ConnectErrors<E> {
     }
 }
 
+/// Counts each connection opened as the source's success: the caller of a
+/// breaker's probe may give up before its connection comes (the connect runs
+/// on in the pool), and the breaker would then stay half-open, refusing
+/// calls, until its probe limit though the source is back.
+#[derive(Debug)]
+struct Opened(Arc<Breaker>);
+
+impl<C: Send + 'static, E: 'static> bb8::CustomizeConnection<C, E> for Opened {
+    fn on_acquire<'a>(
+        &'a self,
+        _connection: &'a mut C,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), E>> + Send + 'a>> {
+        self.0.success();
+        Box::pin(async { Ok(()) })
+    }
+}
+
 pub struct FailFastPool<M: ManageConnection> {
     pool: Pool<M>,
     failures: Arc<tokio::sync::watch::Sender<Failure>>,
@@ -116,6 +133,7 @@ impl<M: ManageConnection> FailFastPool<M> {
         };
         let pool = Pool::builder()
             .error_sink(Box::new(sink))
+            .connection_customizer(Box::new(Opened(breaker.clone())))
             .max_size(config.max_size)
             .min_idle(config.min_idle)
             .idle_timeout(config.idle_timeout)

@@ -431,14 +431,16 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
             d.set_retry_info(Some(Duration::from_secs(1)));
             (Code::Aborted, d)
         }
+        // The statement's own answer (a retry would fail the same way),
+        // marked: its transaction is gone too.
         BackendError::RolledBackBy(cause) => {
-            let meta = match cause.as_ref() {
-                BackendError::Engine { code, .. } if !code.is_empty() => vec![("engine_code", code.clone())],
-                _ => vec![],
-            };
-            let mut d = info("TRANSACTION_LOST", meta);
-            d.set_retry_info(Some(Duration::from_secs(1)));
-            (Code::Aborted, d)
+            let (code, mut d) = backend_parts(cause);
+            if let Some(info) = d.error_info().cloned() {
+                let mut metadata = info.metadata;
+                metadata.insert("transaction_lost".into(), "true".into());
+                d.set_error_info(info.reason, info.domain, metadata);
+            }
+            (code, d)
         }
         BackendError::WrongKind(_) => (Code::FailedPrecondition, info("WRONG_SOURCE_KIND", vec![])),
         BackendError::LoadIdReused(_) => (Code::FailedPrecondition, info("LOAD_ID_REUSED", vec![])),
@@ -533,7 +535,7 @@ mod tests {
         let status = Status::from(Error::Backend(BackendError::RolledBackBy(Box::new(
             crate::backend::error::second_result_set(),
         ))));
-        assert_eq!(status.code(), Code::Aborted);
+        assert_eq!(status.code(), Code::InvalidArgument);
         assert!(
             status.message().contains("more than one result set"),
             "{}",
@@ -541,7 +543,9 @@ mod tests {
         );
         assert!(status.message().contains("rolled back"), "{}", status.message());
         let info = status.get_error_details().error_info().cloned().expect("error info");
-        assert_eq!(info.reason, "TRANSACTION_LOST");
+        assert_eq!(info.reason, "INVALID_REQUEST");
+        assert_eq!(info.metadata.get("transaction_lost").map(String::as_str), Some("true"));
+        assert!(status.get_error_details().retry_info().is_none());
     }
 
     #[test]

@@ -484,7 +484,11 @@ async fn mock_a_failed_statement_leaves_no_transaction_open_on_the_pool() {
         .execute_in(&tx, "db", "INSERT INTO WEIR_FK; BEGIN TRAN", vec![])
         .await
         .expect_err("fk");
+    // Its own code (a retry would fail the same way), saying the
+    // transaction went with the connection.
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(error_metadata(&err, "transaction_lost"), "true", "{err:?}");
+    assert_eq!(engine_code(&err), "547");
     assert_transaction_lost(&client, &tx, "db", "SELECT 1").await;
     server.stop().await;
 }

@@ -287,8 +287,8 @@ impl fmt::Display for Failure {
             Failure::Rpc(status) => f.write_str(&describe_status(status)),
             Failure::Output(e) => write!(f, "cannot write output: {e}"),
             Failure::CutShort => f.write_str(
-                "the output closed before the result ended, so the statement was stopped there: \
-                 a write that returns rows was rolled back (redirect to a file, or add LIMIT)",
+                "the output closed before the result ended, so the statement was stopped there \
+                 (if it was a write that returns rows, it was rolled back: redirect to a file instead)",
             ),
             Failure::Input(message) => f.write_str(message),
         }
@@ -559,9 +559,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 /// one line is near it, which the server refuses with OUT_OF_RANGE.
 const PRODUCE_BATCH: usize = 1000;
 const PRODUCE_BATCH_BYTES: usize = 4 << 20;
-/// How long a batch of `produce` waits for more lines once its reader has
-/// none at hand.
+/// How long a batch of `produce` waits, from its first line, for more lines
+/// its reader does not have at hand yet.
 const PRODUCE_LINGER: Duration = Duration::from_millis(20);
+/// How long a query whose output closed waits to see whether its result
+/// had ended anyway.
+const END_WAIT: Duration = Duration::from_secs(1);
 
 /// A timestamp as milliseconds since the epoch, saturating: the server's
 /// numbers, whatever they are, must not panic a debug build.
@@ -617,6 +620,7 @@ async fn produce(
     let mut batch = Vec::with_capacity(PRODUCE_BATCH);
     while let Some(first) = lines.recv().await {
         let (mut next, mut bytes) = (Some(first), 0);
+        let send_by = tokio::time::Instant::now() + PRODUCE_LINGER;
         while let Some(line) = next.take() {
             let line = line.map_err(|e| {
                 report(produced);
@@ -634,7 +638,7 @@ async fn produce(
             next = match lines.try_recv() {
                 Ok(line) => Some(line),
                 // Nothing more read yet: what is here goes after a moment.
-                Err(TryRecvError::Empty) => tokio::time::timeout(PRODUCE_LINGER, lines.recv()).await.ok().flatten(),
+                Err(TryRecvError::Empty) => tokio::time::timeout_at(send_by, lines.recv()).await.ok().flatten(),
                 Err(TryRecvError::Disconnected) => None,
             };
         }
@@ -1238,8 +1242,10 @@ async fn query(
         if let Err(e) = writer.write_rows(&batch) {
             // A write that returns rows in its own transaction commits only
             // once its client has taken every row: leaving now rolls it back.
-            return Err(match stream.next_batch().await {
-                Ok(None) => Failure::Output(e),
+            // Unless the result had in fact ended (what a small one has).
+            let ended = tokio::time::timeout(END_WAIT, stream.next_batch()).await;
+            return Err(match ended {
+                Ok(Ok(None)) => Failure::Output(e),
                 _ if e.kind() == io::ErrorKind::BrokenPipe => Failure::CutShort,
                 _ => Failure::Output(e),
             });

@@ -197,7 +197,11 @@ const DRIVERS: [&str; 3] = ["tiberius", "tokio_postgres", "mysql_async"];
 /// not name. Not directives in the EnvFilter: there a span-scoped directive
 /// (`[call{tenant=shop}]=debug`) enables every event inside its spans,
 /// drivers' too, whatever the others say.
-fn drivers_silenced(asked: Option<&str>) -> Targets {
+/// `max`: the EnvFilter's most verbose level, which this one's default
+/// follows: a TRACE default would raise the process's level hint (and the
+/// `log` crate's) to TRACE, and every dependency's trace call would then
+/// reach the filters before being dropped.
+fn drivers_silenced(asked: Option<&str>, max: LevelFilter) -> Targets {
     let named = |driver: &str| {
         asked.is_some_and(|asked| {
             asked.split(',').any(|d| {
@@ -209,7 +213,7 @@ fn drivers_silenced(asked: Option<&str>) -> Targets {
     DRIVERS
         .into_iter()
         .filter(|d| !named(d))
-        .fold(Targets::new().with_default(LevelFilter::TRACE), |t, d| {
+        .fold(Targets::new().with_default(max), |t, d| {
             t.with_target(d, LevelFilter::OFF)
         })
 }
@@ -224,7 +228,10 @@ pub fn init(format: LogFormat, config: &TelemetryConfig) -> anyhow::Result<Telem
         Some(Err(e)) => (EnvFilter::new(DEFAULT_LOG_FILTER), Some(e)),
         None => (EnvFilter::new(DEFAULT_LOG_FILTER), None),
     };
-    let drivers = drivers_silenced(asked.as_deref().filter(|_| refused.is_none()));
+    let drivers = drivers_silenced(
+        asked.as_deref().filter(|_| refused.is_none()),
+        filter.max_level_hint().unwrap_or(LevelFilter::TRACE),
+    );
     let (writer, flusher) = BatchWriter::start(std::io::stderr(), LOG_INTERVAL, LOG_BATCH, LOG_LIMIT)?;
     // Colours only on a terminal: a log collector would keep the escape codes.
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -267,6 +274,17 @@ pub(crate) mod tests {
     use super::*;
 
     #[test]
+    fn the_driver_filter_raises_no_level() {
+        let filter = EnvFilter::new(DEFAULT_LOG_FILTER);
+        let max = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
+        let drivers = drivers_silenced(None, max);
+        assert_eq!(
+            Layer::<tracing_subscriber::Registry>::max_level_hint(&drivers),
+            Some(LevelFilter::INFO)
+        );
+    }
+
+    #[test]
     fn drivers_stay_silent_unless_weir_log_names_them() {
         // Also under a directive scoped to a span, which EnvFilter lets
         // every event inside it through.
@@ -281,7 +299,7 @@ pub(crate) mod tests {
             let sink = lines.clone();
             let subscriber = tracing_subscriber::registry()
                 .with(EnvFilter::new(asked))
-                .with(drivers_silenced(Some(asked)))
+                .with(drivers_silenced(Some(asked), LevelFilter::TRACE))
                 .with(tracing_subscriber::fmt::layer().with_writer(move || sink.clone()));
             tracing::subscriber::with_default(subscriber, || {
                 let _call = tracing::info_span!("call", tenant = "shop").entered();
@@ -356,7 +374,7 @@ pub(crate) mod tests {
         let sink = lines.clone();
         let subscriber = tracing_subscriber::registry()
             .with(EnvFilter::new(DEFAULT_LOG_FILTER))
-            .with(drivers_silenced(None))
+            .with(drivers_silenced(None, LevelFilter::INFO))
             .with(tracing_subscriber::fmt::layer().with_writer(move || sink.clone()));
         tracing::subscriber::with_default(subscriber, || {
             tracing::error!(target: "tiberius::tds::stream::token", "Violation of PRIMARY KEY: (alice@example.com)");

@@ -96,12 +96,21 @@ fn changes_what_names_mean(sql: &str) -> bool {
         || sets_names_by_function(sql)
 }
 
-/// `SELECT set_config('search_path', ...)` (or the role) in the text: a
-/// `set_config` of another setting, as row-level-security designs run in
-/// every transaction, keeps the cache.
+/// `SELECT set_config('search_path', ...)` (or `'role'`) in the text: a
+/// `set_config` of another setting (`'app.user_role'`), as row-level-security
+/// designs run in every transaction, keeps the cache.
 fn sets_names_by_function(sql: &str) -> bool {
     let lower = sql.to_ascii_lowercase();
-    lower.contains("set_config") && (lower.contains("search_path") || lower.contains("role"))
+    lower.split("set_config").skip(1).any(|call| {
+        let name = call
+            .trim_start()
+            .strip_prefix('(')
+            .map(str::trim_start)
+            .and_then(|args| args.strip_prefix('\''))
+            .and_then(|args| args.split_once('\''))
+            .map(|(name, _)| name);
+        matches!(name, Some("search_path" | "role"))
+    })
 }
 
 pub struct PgConn {
@@ -1027,7 +1036,16 @@ impl SqlSource for PostgresSource {
     }
 
     fn refuses(&self, column: &Column, value: &Value) -> Option<String> {
-        if matches!(value, Value::Interval { .. }) && column.column_type == ColumnType::Time {
+        // MySQL's TIME takes an interval; a PostgreSQL time (or time[]) does not.
+        fn holds_interval(v: &Value) -> bool {
+            match v {
+                Value::Interval { .. } => true,
+                Value::List(items) => items.iter().any(holds_interval),
+                _ => false,
+            }
+        }
+        let of_time = column.column_type == ColumnType::Time || column.element_type == Some(ColumnType::Time);
+        if of_time && holds_interval(value) {
             return Some(format!(
                 "an interval cannot go into a column of type {} (a time of day)",
                 column.native_type
@@ -1302,6 +1320,8 @@ mod tests {
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
             "SET statement_timeout = 0",
             "SELECT set_config('app.tenant_id', $1, true)",
+            "SELECT set_config('app.user_role', $1, true)",
+            "SELECT set_config('request.jwt.claim.role', $1, true), current_setting('search_path')",
             "SELECT * FROM t",
             "INSERT INTO t VALUES (1)",
         ] {

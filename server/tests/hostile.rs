@@ -158,10 +158,7 @@ async fn forged_handles_and_unknown_enums_are_refused() {
         .execute(pb::ExecuteRequest {
             source: "demo".into(),
             sql: "SELECT 1".into(),
-            options: Some(pb::RequestOptions {
-                priority: 77,
-                tag: String::new(),
-            }),
+            options: common::unknown_priority(),
             ..Default::default()
         })
         .await

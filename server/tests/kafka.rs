@@ -818,6 +818,21 @@ async fn a_throttled_stream_says_so() {
         .expect("within the burst");
     let first_took = started.elapsed();
     assert_eq!(as_duration(first.throttled), Duration::ZERO);
+    // A produce that could never run (an unknown priority) is told so at
+    // once, not after waiting out the emptied bucket, and costs nothing.
+    let asked = std::time::Instant::now();
+    let err = client
+        .stream()
+        .produce(pb::ProduceRequest {
+            source: "events".into(),
+            topic: topic.clone(),
+            records: (0..100).map(record).collect(),
+            options: common::unknown_priority(),
+        })
+        .await
+        .expect_err("an unknown priority");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(asked.elapsed() < Duration::from_millis(500), "{:?}", asked.elapsed());
     // 100 more wait for what is left of the second the bucket takes to
     // refill: all of it but the time the first produce took (a slow broker
     // on a loaded machine can take most of it).

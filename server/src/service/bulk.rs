@@ -505,10 +505,10 @@ impl BulkApi {
             Ok(_) => return Err(bad("header", "the first message of a load must be its header")),
             Err(status) => return Err(unreadable(status)),
         };
-        Gate::priority(options.as_ref())?;
+        let priority = Gate::priority(options.as_ref())?;
         let source: Arc<Source> = source(&caller, &header.source)?;
         let slot = caller.tenant.limiter.admit_load()?;
-        let admitted = self.gate.admit(&caller, options.as_ref()).await?;
+        let admitted = self.gate.admit(&caller, priority).await?;
         let table = tokio::time::timeout(
             caller.tenant.limits.statement_timeout,
             source

@@ -82,9 +82,11 @@ impl Gate {
         }
     }
 
-    /// Waits for a slot at the call's priority, lowered to the tenant's maximum.
-    pub async fn admit(&self, caller: &Caller, options: Option<&pb::RequestOptions>) -> Result<Admitted, Error> {
-        let priority = Self::priority(options)?.min(caller.tenant.limits.max_priority);
+    /// Waits for a slot at the call's priority (read by [`Self::priority`]
+    /// before any cap or throttle, so that a call that could never run is
+    /// told so first), lowered to the tenant's maximum.
+    pub async fn admit(&self, caller: &Caller, priority: Priority) -> Result<Admitted, Error> {
+        let priority = priority.min(caller.tenant.limits.max_priority);
         let started = std::time::Instant::now();
         let wait = self
             .scheduler

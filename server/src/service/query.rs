@@ -598,7 +598,10 @@ impl QueryService for QueryApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let mut target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, true)?;
-        let admitted = self.gate.admit(&target.caller, r.options.as_ref()).await?;
+        let admitted = self
+            .gate
+            .admit(&target.caller, Gate::priority(r.options.as_ref())?)
+            .await?;
         let timeout = statement_timeout(&target.caller);
         let ends_by = tokio::time::Instant::now() + timeout;
         let timing = Timing {
@@ -630,9 +633,9 @@ impl QueryService for QueryApi {
         let r = request.into_inner();
         let format = Format::of(&r)?;
         let mut target = self.target(caller, &r.source, &r.transaction_id, r.sql, r.params, false)?;
-        Gate::priority(r.options.as_ref())?;
+        let priority = Gate::priority(r.options.as_ref())?;
         let stream_slot = target.caller.tenant.limiter.admit_stream()?;
-        let admitted = self.gate.admit(&target.caller, r.options.as_ref()).await?;
+        let admitted = self.gate.admit(&target.caller, priority).await?;
         let timeout = statement_timeout(&target.caller);
         let timing = Timing {
             started,
@@ -668,25 +671,20 @@ impl QueryService for QueryApi {
                     // or stopped reading, before them was handed rows of a
                     // write it must take as not done.
                     Ok(Some(stats)) => {
-                        // A write's own transaction commits only once the
-                        // transport has taken its last rows: a client that
-                        // left, or stopped reading, before them was handed
-                        // rows of a write it must take as not done.
-                        let delivered = match own_transaction {
-                            true => super::until_stopped(&cut, &revoked, expires, tx.drained())
+                        let delivered = if own_transaction {
+                            super::until_stopped(&cut, &revoked, expires, tx.drained())
                                 .await
-                                .and_then(|taken| taken.then_some(stats).ok_or(Error::StreamStalled(stream_idle))),
-                            false => Ok(stats),
+                                .and_then(|taken| taken.then_some(stats).ok_or(Error::StreamStalled(stream_idle)))
+                        } else {
+                            Ok(stats)
                         };
-                        match target.settle(delivered, ends_by, &cut).await {
-                            Ok(stats) => {
-                                // Committed: a client that left meanwhile is owed nothing more.
-                                tx.deliver(message(pb::execute_stream_response::Payload::Stats(stats)))
-                                    .await;
-                                Ok(())
-                            }
-                            Err(e) => Err(e),
+                        let settled = target.settle(delivered, ends_by, &cut).await;
+                        // Committed: a client that left meanwhile is owed nothing more.
+                        if let Ok(stats) = settled {
+                            tx.deliver(message(pb::execute_stream_response::Payload::Stats(stats)))
+                                .await;
                         }
+                        settled.map(|_| ())
                     }
                     Err(e) => target.settle(Err::<(), _>(e), ends_by, &cut).await,
                 };
@@ -716,10 +714,10 @@ impl QueryService for QueryApi {
             isolation: convert::isolation(r.isolation)?,
             read_only: r.read_only,
         };
-        Gate::priority(r.options.as_ref())?;
+        let priority = Gate::priority(r.options.as_ref())?;
         let source = source(&caller, &r.source)?;
         self.transactions.check_room(&caller)?;
-        let _admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
+        let _admitted = self.gate.admit(&caller, priority).await?;
         let timeout = statement_timeout(&caller);
         let tx = tokio::time::timeout(timeout, source.backend.sql()?.begin(options))
             .await

@@ -8,6 +8,7 @@ use weir_proto::v1::schema_service_server::SchemaService;
 
 use super::{caller, convert, source, statement_timeout, Gate};
 use crate::backend::TablePage;
+use crate::config::Priority;
 use crate::error::Error;
 use crate::tenant::{Caller, Source, SourceStatus};
 
@@ -98,7 +99,7 @@ impl SchemaService for SchemaApi {
     ) -> Result<Response<pb::TestConnectionResponse>, Status> {
         let caller = caller(&request)?;
         let source = source(&caller, &request.get_ref().source)?;
-        let _admitted = self.gate.admit(&caller, None).await?;
+        let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
         let timeout = statement_timeout(&caller);
         let result = match tokio::time::timeout(timeout, source.backend.connection_info()).await {
             Ok(result) => result,
@@ -143,7 +144,7 @@ impl SchemaService for SchemaApi {
         let caller = caller(&request)?;
         let r = request.get_ref();
         let source = source(&caller, &r.source)?;
-        let _admitted = self.gate.admit(&caller, None).await?;
+        let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
         let budget = Budget::of(&caller);
         let schemas = timed(&budget, source.backend.sql()?.list_schemas(r.include_system)).await?;
         Ok(Response::new(pb::ListSchemasResponse {
@@ -170,7 +171,7 @@ impl SchemaService for SchemaApi {
         })?;
         let after = page_token::read(r)?;
         let source = source(&caller, &r.source)?;
-        let _admitted = self.gate.admit(&caller, None).await?;
+        let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
         let budget = Budget::of(&caller);
         let sql = source.backend.sql()?;
         let schema = non_empty(&r.schema);
@@ -244,7 +245,7 @@ impl SchemaService for SchemaApi {
         }
         let source = source(&caller, &r.source)?;
         super::record_object(&r.table);
-        let _admitted = self.gate.admit(&caller, None).await?;
+        let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
         let budget = Budget::of(&caller);
         let description = timed(
             &budget,

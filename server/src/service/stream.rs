@@ -15,6 +15,7 @@ use super::{bad, caller, changes, check_plain_name, convert, source, Gate, Strea
 use crate::backend::topics::{ConsumeSpec, InRecord, OutRecord, PartitionOffset, Start};
 use crate::backend::{BackendError, TopicSource};
 use crate::config::ChangesConfig;
+use crate::config::Priority;
 use crate::error::{Error, Result};
 use crate::tenant::Caller;
 
@@ -476,6 +477,8 @@ impl StreamService for StreamApi {
         // wait ends at the caller's deadline (answered before the client's
         // own timer with why) or its revocation; what it booked and did not
         // use is at most a second's worth (see `CostBucket::take`).
+        // An unknown priority is refused before the rate is charged.
+        let priority = Gate::priority(r.options.as_ref())?;
         let (started, left) = (tokio::time::Instant::now(), super::deadline_left(&caller));
         let throttled = tokio::select! {
             biased;
@@ -485,7 +488,7 @@ impl StreamService for StreamApi {
                 return Err(Error::ThrottledPastDeadline(started.elapsed()).into())
             }
         };
-        let _admitted = self.gate.admit(&caller, r.options.as_ref()).await?;
+        let _admitted = self.gate.admit(&caller, priority).await?;
         let acks = topics.produce(&r.topic, records, super::deadline_left(&caller)).await?;
         Ok(Response::new(pb::ProduceResponse {
             acks: acks
@@ -578,7 +581,7 @@ impl StreamService for StreamApi {
         // caller is answered within its time (librdkafka's synchronous
         // commit waits for a coordinator without end); the source bounds
         // how many commits may still wait after their callers were answered.
-        let _admitted = self.gate.admit(&caller, None).await?;
+        let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
         let limit = super::statement_timeout(&caller);
         match tokio::time::timeout(limit, topics.commit(&group, offsets)).await {
             Ok(committed) => committed?,
@@ -599,7 +602,7 @@ impl StreamService for StreamApi {
     ) -> std::result::Result<Response<pb::ListTopicsResponse>, Status> {
         let caller = caller(&request)?;
         let topics = topics_of(&caller, &request.get_ref().source)?;
-        let _admitted = self.gate.admit(&caller, None).await?;
+        let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
         let listed = topics.list_topics().await?;
         Ok(Response::new(pb::ListTopicsResponse {
             topics: listed

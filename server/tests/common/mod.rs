@@ -79,6 +79,14 @@ impl TestServer {
     }
 }
 
+/// Request options with a priority no version of the API has.
+pub fn unknown_priority() -> Option<pb::RequestOptions> {
+    Some(pb::RequestOptions {
+        priority: 77,
+        tag: String::new(),
+    })
+}
+
 /// A gRPC health client of `server` (no key needed).
 pub async fn health_client(
     server: &TestServer,

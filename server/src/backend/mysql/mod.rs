@@ -131,23 +131,23 @@ impl MysqlSource {
     pub fn new(config: &SourceConfig) -> Result<Self, BackendError> {
         let constraints = PoolConstraints::new(config.pool.min_idle as usize, config.pool.max_size as usize)
             .ok_or_else(|| BackendError::Invalid("pool.min_idle must not exceed pool.max_size".into()))?;
-        // One statement: the setup runs again after every reset, so on
-        // every checkout; each statement is a round trip.
+        // The setup runs again after every reset, so on every checkout: its
+        // statements go as one text (multi-statements are on), one round trip.
         let mut base_setup = vec!["SET NAMES utf8mb4, time_zone = '+00:00'".to_string()];
         // The pool's reset keeps a session's default database: a `USE` run
         // as dynamic SQL (`EXECUTE IMMEDIATE 'USE other'`), which no text
         // check sees, would otherwise move every later caller of the
-        // session to another database. The setup runs again after each reset.
-        // First in the list, which mysql_async runs from its end: after the
-        // reset's character set is set again, so a name past ASCII reads right.
+        // session to another database. After the character set is set
+        // again, so a name past ASCII reads right.
         if let Some(database) = config.database.as_deref().filter(|d| !d.is_empty()) {
-            base_setup.insert(0, format!("USE `{}`", database.replace('`', "``")));
+            base_setup.push(format!("USE `{}`", database.replace('`', "``")));
         }
         let mut setup = base_setup.clone();
         if config.read_only {
             // Enforced by the engine for every statement, whatever its text.
             setup.push("SET SESSION TRANSACTION READ ONLY".into());
         }
+        let (base_setup, setup) = (vec![base_setup.join("; ")], vec![setup.join("; ")]);
         let mut builder = OptsBuilder::default()
             .ip_or_hostname(config.host.clone().unwrap_or_else(|| "localhost".into()))
             .tcp_port(config.port.unwrap_or(3306))
@@ -321,15 +321,9 @@ async fn start(
         }
         // Release the connection (and a transaction's lock) before the caller
         // learns the statement is over, so its next call finds it free. A
-        // pooled session whose kill failed is closed instead (once its
-        // statement ends, in the background): the kill may still reach the
-        // server later, and stop the next caller's statement. (A
-        // transaction's session stays listed, and is closed when the pool
-        // hands it out next, see `conn`.)
-        match hold {
-            Hold::Pooled(conn) if killer.failed.lock().remove(&conn.id()) => drop(tokio::spawn(conn.disconnect())),
-            hold => drop(hold),
-        }
+        // session whose kill failed goes back too, still listed: the pool's
+        // next checkout closes it (see `MysqlSource::conn`).
+        drop(hold);
         worker.finish(outcome).await;
     });
     pending.started().await

@@ -59,9 +59,6 @@ struct Prepared {
     /// A `DISCARD` or `DEALLOCATE`, which may drop the statements the
     /// driver prepared for itself (see `PgConn::retire`).
     drops_statements: bool,
-    /// It may change what the session's other statements name or return
-    /// (see `changes_what_names_mean`): the cache is emptied before it runs.
-    empties_cache: bool,
 }
 
 /// Kinds of statements after which a statement prepared before may name
@@ -166,9 +163,15 @@ impl PgConn {
             drops_statements: ["discard", "deallocate"]
                 .iter()
                 .any(|w| crate::backend::sql_text::starts_with_word(sql, w)),
-            empties_cache: changes_what_names_mean(sql),
         };
-        cache_statement(&mut self.statements, sql, prepared.clone());
+        // One that may change what the others name or return (see
+        // `changes_what_names_mean`) empties the cache before it runs, and
+        // is not kept itself: every run of it empties it again.
+        if changes_what_names_mean(sql) {
+            self.statements.clear();
+        } else {
+            cache_statement(&mut self.statements, sql, prepared.clone());
+        }
         Ok(prepared)
     }
 }
@@ -687,7 +690,6 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
             statement: prepared,
             leaves_session,
             drops_statements,
-            empties_cache,
         } = match lease.prepare(&statement.sql).await {
             Ok(p) => p,
             Err(e) => {
@@ -700,9 +702,6 @@ async fn run(mut lease: Lease, statement: Statement, reset: SessionReset) -> Res
             }
         };
         lease.retire |= drops_statements;
-        if empties_cache {
-            lease.statements.clear();
-        }
         // What the session needs once this statement has run.
         let dirty_after = pooled && (reset == SessionReset::Always || !leaves_session);
         lease.needs_reset |= dirty_after;

@@ -391,7 +391,12 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
         }
         BackendError::UnsupportedType { .. } => (Code::InvalidArgument, info("UNSUPPORTED_TYPE", vec![])),
         BackendError::Parameter { .. } => (Code::InvalidArgument, info("INVALID_PARAMETER", vec![])),
-        BackendError::Busy => (Code::FailedPrecondition, info("TRANSACTION_BUSY", vec![])),
+        BackendError::Busy => {
+            // Passing: the statement before is being cancelled, or its stream read.
+            let mut d = info("TRANSACTION_BUSY", vec![]);
+            d.set_retry_info(Some(Duration::from_secs(1)));
+            (Code::FailedPrecondition, d)
+        }
         BackendError::Invalid(_) => (Code::InvalidArgument, info("INVALID_REQUEST", vec![])),
         BackendError::Row {
             index,

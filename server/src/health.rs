@@ -12,7 +12,7 @@ use tonic_health::ServingStatus;
 use crate::backend::ConnectionInfo;
 use crate::metrics::{PoolLabels, Readiness, SourceLabels, METRICS};
 use crate::tenant::reload::Registry;
-use crate::tenant::{Source, SourceStatus, Tenants};
+use crate::tenant::{Source, Tenants};
 
 /// gRPC health names that follow the gateway's overall state.
 const SERVICES: [&str; 5] = [
@@ -24,6 +24,9 @@ const SERVICES: [&str; 5] = [
 ];
 /// Longest a single probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How soon a source that failed a probe while up is probed again, to
+/// confirm it down (or not) well before the next round.
+const CONFIRM_AFTER: Duration = Duration::from_secs(1);
 /// Probes run at once: a source that does not answer waits out its timeout
 /// beside the others, not before them (30 unreachable ones in a row held a
 /// round, and so the readiness of every required source, for minutes).
@@ -60,11 +63,21 @@ async fn probe(source: &Source) -> Probe {
     }
 }
 
-/// Probes every source; returns whether every required one is up, and the
-/// sources probed (their metric series).
-pub async fn probe_all(tenants: &Tenants) -> (bool, HashSet<SourceLabels>) {
+/// What a round of probes found.
+struct Round {
+    /// Every required source is up.
+    required_ok: bool,
+    /// A source up before failed its probe, to be confirmed by another.
+    in_doubt: bool,
+    /// The sources probed (their metric series).
+    probed: HashSet<SourceLabels>,
+}
+
+/// Probes every source.
+async fn probe_all(tenants: &Tenants) -> Round {
     use futures::StreamExt;
     let mut required_ok = true;
+    let mut in_doubt = false;
     let mut probed = HashSet::new();
     // Owned: a future that borrows them is not known to be Send for every
     // lifetime, which the spawned monitor needs.
@@ -82,7 +95,20 @@ pub async fn probe_all(tenants: &Tenants) -> (bool, HashSet<SourceLabels>) {
         .collect()
         .await;
     for (tenant, source, result) in results {
-        let healthy = !matches!(result, Probe::Down);
+        let healthy = {
+            let mut status = source.status.write();
+            match result {
+                Probe::Up(info) => status.answered(Some(info.server_version)),
+                Probe::Busy => status.answered(None),
+                Probe::Down => {
+                    if status.failed() {
+                        tracing::warn!(tenant = tenant.id, source = source.name, "source became unreachable");
+                    }
+                }
+            }
+            in_doubt |= status.in_doubt();
+            status.healthy
+        };
         let labels = SourceLabels {
             tenant: tenant.id.clone(),
             source: source.name.clone(),
@@ -102,27 +128,15 @@ pub async fn probe_all(tenants: &Tenants) -> (bool, HashSet<SourceLabels>) {
                 METRICS.pool_connections.get_or_create(&labels).set(i64::from(n));
             }
         }
-        let mut status = source.status.write();
-        match result {
-            Probe::Up(info) => {
-                *status = SourceStatus {
-                    healthy: true,
-                    server_version: info.server_version,
-                }
-            }
-            Probe::Busy => status.healthy = true,
-            Probe::Down => {
-                if status.healthy {
-                    tracing::warn!(tenant = tenant.id, source = source.name, "source became unreachable");
-                }
-                status.healthy = false;
-            }
-        }
         if source.config.required && !healthy {
             required_ok = false;
         }
     }
-    (required_ok, probed)
+    Round {
+        required_ok,
+        in_doubt,
+        probed,
+    }
 }
 
 /// Drops the series of a source a reload removed: a `weir_source_up` of 0
@@ -150,7 +164,14 @@ pub async fn monitor(tenants: Arc<Registry>, reporter: HealthReporter, readiness
             () = tenants.reloaded() => ticker.reset(),
         }
         let current = tenants.current();
-        let (sources_ready, probed) = probe_all(&current).await;
+        let Round {
+            required_ok: sources_ready,
+            in_doubt,
+            probed,
+        } = probe_all(&current).await;
+        if in_doubt {
+            ticker.reset_after(CONFIRM_AFTER.min(interval));
+        }
         // With `on_redis_failure = fail_closed`, a replica without Redis
         // refuses every call: it is not ready either.
         let refusing = match current.shared_limits() {

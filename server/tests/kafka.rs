@@ -616,6 +616,46 @@ async fn tenants_see_only_their_topics_and_groups() {
     server.stop().await;
 }
 
+/// The producer's own limit (librdkafka's `message.max.bytes`, 1,000,000
+/// by default, less its framing) is checked with the tenant's larger
+/// `max_record_bytes` (1 MiB): a record between the two is refused whole
+/// before anything is sent, not failed by librdkafka with every record
+/// after it; the largest it takes goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_past_what_the_producer_sends_are_refused_before_any_is_sent() {
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-framed-");
+    create_topic(&topic, 1).await;
+    let sized = |bytes: usize| pb::ProducerRecord {
+        value: vec![b'x'; bytes],
+        ..Default::default()
+    };
+    let err = produce(&client, &topic, vec![record(0), sized(999_965)])
+        .await
+        .expect_err("past what the producer sends");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::InvalidArgument, "RECORD_TOO_LARGE"),
+        "{err:?}"
+    );
+    assert!(
+        err.message().contains("record 1") && err.message().contains("999964"),
+        "{err:?}"
+    );
+    let acks = produce(&client, &topic, vec![record(0), sized(999_964)])
+        .await
+        .expect("the largest record the producer sends");
+    assert_eq!(acks.acks.len(), 2);
+    let got = consume(&client, consume_request(&topic, &unique("framed-"), 2, false)).await;
+    assert_eq!(
+        got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        [0, 1],
+        "nothing of the refused call was sent"
+    );
+    assert_eq!(got[1].value.len(), 999_964);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_and_wrong_kinds_of_source_are_refused() {
     let (server, client) = server("max_record_bytes = 100\nmax_concurrent_consumers = 1").await;
@@ -1676,17 +1716,7 @@ async fn a_member_whose_client_reads_slowly_does_not_hold_its_group_still() {
     // A group of this run alone: members of a run cut short stay in a
     // group until the broker's rebalance timeout evicts them.
     let group = unique("slow-");
-    // Far more than the stream's buffers hold.
-    for _ in 0..6 {
-        let records = (0..500)
-            .map(|i| pb::ProducerRecord {
-                partition: Some(i % 2),
-                value: vec![b'v'; 10_000],
-                ..Default::default()
-            })
-            .collect();
-        produce(&client, &topic, records).await.expect("produce");
-    }
+    produce_ballast(&client, &topic, 3_000).await;
     let mut slow = open_consume(&client, consume_request(&topic, &group, 0, false)).await;
     read_offsets(&mut slow, 1).await;
     // Its client reads no more: the buffers fill and its reader waits.
@@ -1697,8 +1727,31 @@ async fn a_member_whose_client_reads_slowly_does_not_hold_its_group_still() {
         matches!(got, Ok(Ok(Some(_)))),
         "the joining member got nothing within 25 s: {got:?}"
     );
-    drop(slow);
+    // The slow client reads again (its partitions are resumed) while the
+    // joining member has one of them, then that member leaves: the
+    // partition it gave back was paused by the slow member before the
+    // rebalance took it away, and is read to its end all the same.
+    let reader = tokio::spawn(async move {
+        let mut last = std::collections::HashMap::new();
+        while let Ok(Ok(Some(batch))) = tokio::time::timeout(Duration::from_secs(40), slow.message()).await {
+            for r in batch.records {
+                let furthest = last.entry(r.partition).or_insert(r.offset);
+                *furthest = r.offset.max(*furthest);
+            }
+            if last.len() == 2 && last.values().all(|&o| o == 1_499) {
+                break;
+            }
+        }
+        last
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
     drop(joining);
+    let last = reader.await.expect("reader");
+    assert_eq!(
+        (last.get(&0), last.get(&1)),
+        (Some(&1_499), Some(&1_499)),
+        "the slow member reads both partitions to their end"
+    );
     server.stop().await;
 }
 

@@ -2384,12 +2384,7 @@ async fn a_commit_run_again_after_its_call_was_dropped_is_not_a_success() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let again = client.commit(&tx).await.expect_err("the transaction did not commit");
     assert_eq!(again.code(), Code::NotFound, "{again:?}");
-    let rows: i64 = pg
-        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(rows, 0);
+    assert_eq!(pg_count(&pg, &table).await, 0);
     pg.batch_execute(&format!("DROP TABLE {table}; DROP FUNCTION {table}_fails()"))
         .await
         .expect("cleanup");
@@ -2522,11 +2517,7 @@ async fn a_commit_whose_session_is_lost_midway_is_reported_as_unknown() {
     assert!(e.get_error_details().retry_info().is_none(), "no retry delay: {e:?}");
     let mut committed = 0i64;
     for _ in 0..50 {
-        committed = pg
-            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-            .await
-            .expect("count")
-            .get(0);
+        committed = pg_count(&pg, &table).await;
         if committed == 1 {
             break;
         }
@@ -2952,6 +2943,11 @@ async fn a_transactions_next_statement_waits_for_an_abandoned_one_not_a_running_
         .await
         .expect_err("the stream still runs");
     assert_eq!(reason(&e), "TRANSACTION_BUSY", "{e:?}");
+    // Passing by itself: retried after the delay given.
+    let retry = tonic_types::StatusExt::get_error_details(&e)
+        .retry_info()
+        .and_then(|r| r.retry_delay);
+    assert_eq!(retry, Some(Duration::from_secs(1)), "{e:?}");
     drop(stream);
 }
 
@@ -3162,6 +3158,17 @@ async fn a_catalog_call_given_up_on_leaves_no_query_on_its_session() {
     server.stop().await;
 }
 
+/// The transaction `tx` on source `pg` is still open: a statement runs in
+/// it, and it commits.
+async fn still_open_and_commits(client: &weir_client::WeirClient, tx: &[u8]) {
+    let r = client
+        .execute_in(tx, "pg", "SELECT 1 AS one", vec![])
+        .await
+        .expect("the transaction is still open");
+    assert_eq!(int(&r.rows[0].values[0]), 1);
+    client.commit(tx).await.expect("commit");
+}
+
 /// A transaction running a statement longer than its idle timeout is not
 /// reaped, and meanwhile it stays found and counted: the tenant cannot open
 /// one past `max_open_transactions`, and its handle is never NOT_FOUND
@@ -3207,12 +3214,127 @@ async fn a_transaction_busy_past_its_idle_timeout_stays_open_and_counted() {
         .expect_err("an unknown isolation level");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     sleeper.await.expect("task").expect("the long statement ran to its end");
-    let r = client
-        .execute_in(&tx, "pg", "SELECT 1 AS one", vec![])
+    still_open_and_commits(&client, &tx).await;
+    server.stop().await;
+}
+
+/// A streamed write that hands back rows commits once its client has taken
+/// them, and that wait is within the statement's time limit: a client slow
+/// to take the last rows does not hold the write's locks past it, and the
+/// write is rolled back.
+#[tokio::test]
+async fn a_streamed_write_whose_rows_are_taken_past_its_time_limit_is_rolled_back() {
+    setup("DROP TABLE IF EXISTS weir_slow_taker; CREATE TABLE weir_slow_taker (id int, filler text)").await;
+    let server = TestServer::start(&config("statement_timeout = \"2s\"")).await;
+    let client = server.client("key-acme").await;
+    // Five messages of 2.5 MB: the first fills the client's 2 MiB window,
+    // the others the stream's buffer (four messages), so the statement ends
+    // at once and its last rows wait for the client past the time limit.
+    let request = pb::ExecuteStreamRequest {
+        source: "pg".into(),
+        sql: "INSERT INTO weir_slow_taker SELECT g, repeat('x', 2500000) FROM generate_series(1, 5) g \
+              RETURNING id, filler"
+            .into(),
+        max_batch_rows: 1,
+        ..Default::default()
+    };
+    let mut stream = client
+        .query()
+        .execute_stream(request)
         .await
-        .expect("the transaction is still open");
-    assert_eq!(int(&r.rows[0].values[0]), 1);
-    client.commit(&tx).await.expect("commit");
+        .expect("stream")
+        .into_inner();
+    assert!(stream.message().await.expect("the metadata").is_some());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let outcome = async {
+        while stream.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    }
+    .await;
+    let e = outcome.expect_err("its rows were taken past the time limit");
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::DeadlineExceeded, "STATEMENT_TIMEOUT"),
+        "{e:?}"
+    );
+    assert_eq!(
+        pg_count(&pg_direct().await, "weir_slow_taker").await,
+        0,
+        "the write was rolled back"
+    );
+    server.stop().await;
+}
+
+/// A statement that outlasts its transaction's idle timeout and succeeds
+/// leaves the transaction open: the reaper, which decided before it had
+/// the session, used to wait for the statement and roll back right after
+/// its caller was told it succeeded.
+#[tokio::test]
+async fn a_statement_longer_than_the_idle_timeout_keeps_its_transaction() {
+    let toml = tenant(
+        "long",
+        "transaction_idle_timeout = \"2s\"\nstatement_timeout = \"10s\"",
+        &postgres("long", "pg", ""),
+    );
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-long").await;
+    let tx = client
+        .begin("pg", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    // Ends within the reaper's wait for the session (1 s after its first
+    // look past the idle timeout, which comes within 0.5 s of it).
+    client
+        .execute_in(&tx, "pg", "SELECT pg_sleep(2.5)", vec![])
+        .await
+        .expect("the long statement");
+    still_open_and_commits(&client, &tx).await;
+    server.stop().await;
+}
+
+/// A Commit whose call ends first (its deadline) still ends the
+/// transaction: its handle, connection and place in the tenant's limit are
+/// let go once the COMMIT is answered, not at the idle timeout.
+#[tokio::test]
+async fn a_commit_cut_by_its_deadline_frees_the_transactions_place() {
+    let pg = pg_direct().await;
+    let table = table_with_a_slow_commit(&pg, "cutcommit", 1.5).await;
+    let toml = tenant("cut", "max_open_transactions = 1", &postgres("cut", "db", ""));
+    let server = TestServer::start(&toml).await;
+    let client = server.client("key-cut").await;
+    let tx = client
+        .begin("db", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "db", &format!("INSERT INTO {table} VALUES (1)"), vec![])
+        .await
+        .expect("insert");
+    let mut request = tonic::Request::new(pb::CommitRequest {
+        transaction_id: tx.clone(),
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let e = client.query().commit(request).await.expect_err("cut by its deadline");
+    assert!(matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled), "{e:?}");
+    let started = std::time::Instant::now();
+    let second = loop {
+        match client.begin("db", IsolationLevel::Unspecified, false).await {
+            Ok(second) => break second,
+            Err(e) => {
+                assert_eq!(reason(&e), "TRANSACTION_LIMIT", "{e:?}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "the cut Commit still holds the tenant's only transaction"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    client.rollback(&second).await.expect("rollback");
+    assert_eq!(pg_count(&pg, &table).await, 1, "the COMMIT ran to its end");
+    pg.batch_execute(&format!("DROP TABLE {table}; DROP FUNCTION {table}_slow()"))
+        .await
+        .expect("cleanup");
     server.stop().await;
 }
 

@@ -1138,6 +1138,57 @@ fn threads_named(pid: u32, name: &str) -> usize {
         .count()
 }
 
+/// A consumer whose client stopped reading ends when its key is revoked,
+/// not at its idle timeout: it leaves its group, and a member with a key
+/// still valid gets every partition, where the revoked one used to keep
+/// its share (paused, still a member) until the stream's idle timeout.
+#[tokio::test]
+async fn a_revoked_consumer_whose_client_stopped_reading_leaves_its_group() {
+    let config = |keys: &[&str]| {
+        format!(
+            "{FAST}{}{}",
+            tenant("a", keys, ""),
+            kafka("a", "events", "weir-reload-")
+        )
+    };
+    let file = ConfigFile::new(&config(&["a1", "a2"]));
+    let weir = start(&file);
+    let kept = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
+    let gone = WeirClient::connect(&weir.addr, "key-a2").await.expect("a2");
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let topic = format!("weir-reload-unread-{tag}");
+    common::create_topic(&topic, 2).await;
+    common::produce_ballast(&kept, &topic, 2_000).await;
+    let group = format!("unread-{tag}");
+    let consume = |client: &WeirClient| {
+        let mut stream = client.stream();
+        let request = common::consume_request(&topic, &group, 0, false);
+        async move { stream.consume(request).await.expect("consume").into_inner() }
+    };
+    let mut unread = consume(&gone).await;
+    let first = tokio::time::timeout(Duration::from_secs(30), unread.message()).await;
+    assert!(matches!(first, Ok(Ok(Some(_)))), "{first:?}");
+    // Its buffers fill, and its stream waits for the client.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    file.write(&config(&["a1"]));
+    let line = reloaded(&weir);
+    assert_eq!(line["credentials_revoked"], 1, "{line}");
+    let mut reader = consume(&kept).await;
+    let mut partitions = std::collections::HashSet::new();
+    let within = tokio::time::timeout(Duration::from_secs(30), async {
+        while partitions.len() < 2 {
+            let batch = reader.message().await.expect("the kept key's stream").expect("open");
+            partitions.extend(batch.records.iter().map(|r| r.partition));
+        }
+    })
+    .await;
+    assert!(
+        within.is_ok(),
+        "the kept member got only partitions {partitions:?}: the revoked one still holds the rest"
+    );
+    drop(unread);
+}
+
 #[tokio::test]
 async fn a_removed_kafka_source_leaves_no_thread_behind() {
     let with = format!(

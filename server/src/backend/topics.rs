@@ -167,6 +167,8 @@ pub trait TopicSource: Send + Sync + 'static {
     /// Whether the tenant may use `topic` at all. Topics it may not use
     /// are answered exactly like topics that do not exist.
     fn allows(&self, topic: &str) -> bool;
+    /// The largest record (by [`OutRecord::size`]) the source can send.
+    fn max_record_bytes(&self) -> u64;
     /// Produces `records` to `topic`; answers once the broker acknowledged every one.
     /// `within`: how long the answers may take (what is left of the
     /// caller's deadline); records not answered by then are reported as unknown.

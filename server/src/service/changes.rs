@@ -390,8 +390,18 @@ impl Pump<'_> {
                         };
                         self.caller.tenant.count_returned(self.source, 1, bytes);
                     }
-                    // What was not acknowledged is sent again on resume.
-                    if !tx.deliver(response).await {
+                    // What was not acknowledged is sent again on resume. A
+                    // client that stopped reading holds this wait until its
+                    // idle timeout; a revocation or a shutdown ends it at once.
+                    let delivered = tokio::select! {
+                        biased;
+                        e = stopped() => {
+                            tx.fail(e);
+                            return;
+                        }
+                        sent = tx.deliver(response) => sent,
+                    };
+                    if !delivered {
                         return;
                     }
                 }

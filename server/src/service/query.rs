@@ -14,7 +14,7 @@ use weir_proto::v1::RowBatch;
 
 use super::arrow_ipc::ArrowBatches;
 use super::convert;
-use super::transactions::{OpenTransaction, Transactions};
+use super::transactions::{InUse, Transactions};
 use super::{caller, source, statement_timeout, Gate, StreamIn, StreamOut};
 use crate::backend::{
     sql_text, BackendError, QueryStream, RowSink, SqlTransaction, Statement, TxOptions, MAX_ROW_BYTES,
@@ -68,7 +68,7 @@ impl QueryApi {
 /// Where a statement runs.
 enum Runs {
     /// In the caller's open transaction.
-    InTransaction(Arc<OpenTransaction>),
+    InTransaction(InUse),
     /// On a pooled session of the source.
     Pooled(Arc<Source>),
     /// On a session of the source in a transaction of its own (set once
@@ -215,12 +215,6 @@ impl Target {
             });
         }
         outcome
-    }
-
-    fn finished(&self) {
-        if let Runs::InTransaction(tx) = &self.runs {
-            tx.touch();
-        }
     }
 
     /// The error as the caller should see it: in a transaction, a lost session is a lost transaction.
@@ -616,7 +610,6 @@ impl QueryService for QueryApi {
             tokio::time::timeout(timeout, execute_unary(&mut target, timing)),
         )
         .await;
-        target.finished();
         let response = result.and_then(|r| r.map_err(|_| Error::Timeout(timeout))?.map_err(|e| target.lost(e)));
         Ok(Response::new(target.settle(response, ends_by, &self.cut).await?))
     }
@@ -661,7 +654,6 @@ impl QueryService for QueryApi {
                     // The client left before the first row: stop waiting for the engine too.
                     () = tx.closed() => Ok(None),
                 };
-                target.finished();
                 // A stream the client left ends without a word; its own
                 // transaction, if any, is rolled back as it is dropped.
                 let outcome = match outcome.map_err(|e| target.lost(e)) {
@@ -670,11 +662,22 @@ impl QueryService for QueryApi {
                     // transport has taken its last rows: a client that left,
                     // or stopped reading, before them was handed rows of a
                     // write it must take as not done.
+                    // The wait is within the statement's time limit, as the
+                    // rows were: a client slow to take the last ones must not
+                    // hold the write's locks (SQLite's write turn) past it.
                     Ok(Some(stats)) => {
                         let delivered = if own_transaction {
-                            super::until_stopped(&cut, &revoked, expires, tx.drained())
-                                .await
-                                .and_then(|taken| taken.then_some(stats).ok_or(Error::StreamStalled(stream_idle)))
+                            let drained = tokio::time::timeout_at(ends_by, tx.drained());
+                            match super::until_stopped(&cut, &revoked, expires, drained).await {
+                                Ok(Ok(true)) => Ok(stats),
+                                Ok(Ok(false)) => Err(Error::StreamStalled(stream_idle)),
+                                Ok(Err(_)) => {
+                                    // Rows of a write rolled back: not handed over now.
+                                    tx.discard_buffered();
+                                    Err(Error::Timeout(timeout))
+                                }
+                                Err(e) => Err(e),
+                            }
                         } else {
                             Ok(stats)
                         };

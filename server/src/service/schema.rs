@@ -10,7 +10,7 @@ use super::{caller, convert, source, statement_timeout, Gate};
 use crate::backend::TablePage;
 use crate::config::Priority;
 use crate::error::Error;
-use crate::tenant::{Caller, Source, SourceStatus};
+use crate::tenant::{Caller, Source};
 
 pub struct SchemaApi {
     gate: Gate,
@@ -115,15 +115,12 @@ impl SchemaService for SchemaApi {
             ))),
         };
         match &result {
-            Ok(info) => {
-                *source.status.write() = SourceStatus {
-                    healthy: true,
-                    server_version: info.server_version.clone(),
-                }
-            }
+            Ok(info) => source.status.write().answered(Some(info.server_version.clone())),
             // Busy, not down: every connection is in use, here or on the server.
             Err(e) if e.is_busy() => {}
-            Err(_) => source.status.write().healthy = false,
+            Err(_) => {
+                source.status.write().failed();
+            }
         }
         let info = result?;
         Ok(Response::new(pb::TestConnectionResponse {

@@ -425,8 +425,15 @@ async fn pass_on_until_done(
             records: batch.into_iter().map(in_record).collect(),
             throttled: Some(convert::duration(throttled)),
         };
-        // Not delivered, not committed: a consumer that resumes gets these records again.
-        if !tx.deliver(response).await {
+        // Not delivered, not committed: a consumer that resumes gets these
+        // records again. A client that stopped reading holds this wait until
+        // its idle timeout; a revocation or a shutdown still ends it at once.
+        let delivered_now = tokio::select! {
+            biased;
+            e = ends.reached() => return Err(e),
+            sent = tx.deliver(response) => sent,
+        };
+        if !delivered_now {
             return Ok(Ended::Gone);
         }
         if let (Some(c), Some(delivered)) = (commits.as_mut(), delivered) {
@@ -457,7 +464,8 @@ impl StreamService for StreamApi {
         let topics = topics_of(&caller, &r.source)?;
         check_topic(topics.as_ref(), &r.topic)?;
         super::record_object(&r.topic);
-        let limit = caller.tenant.limits.max_record_bytes;
+        // The tenant's limit, or what the source's producer can send, if less.
+        let limit = caller.tenant.limits.max_record_bytes.min(topics.max_record_bytes());
         let records = r
             .records
             .into_iter()

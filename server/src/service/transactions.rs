@@ -4,7 +4,7 @@
 //! credential a reload revoked.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,11 +38,42 @@ pub struct OpenTransaction {
     /// against the tenant's limit) until the rollback is done, and no later
     /// reap starts another.
     reaping: AtomicBool,
+    /// Statements of its caller under way ([`InUse`]): a transaction is
+    /// not idle while one runs, however long it takes.
+    statements: AtomicUsize,
 }
 
 impl OpenTransaction {
-    pub fn touch(&self) {
+    fn touch(&self) {
         *self.last_used.lock() = Instant::now();
+    }
+}
+
+/// A transaction a statement is using. The idle reaper leaves it alone
+/// until the statement is done (decided before it had the session, a
+/// rollback would otherwise wait for a long statement and undo it right
+/// after its caller was told it succeeded), and its idle time starts then.
+pub struct InUse(Arc<OpenTransaction>);
+
+impl InUse {
+    fn new(entry: Arc<OpenTransaction>) -> Self {
+        entry.statements.fetch_add(1, Ordering::AcqRel);
+        entry.touch();
+        Self(entry)
+    }
+}
+
+impl std::ops::Deref for InUse {
+    type Target = OpenTransaction;
+    fn deref(&self) -> &OpenTransaction {
+        &self.0
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.statements.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -97,6 +128,7 @@ impl Transactions {
             revoked: caller.revoked.clone(),
             source_retired: source.retired.clone(),
             reaping: AtomicBool::new(false),
+            statements: AtomicUsize::new(0),
         };
         let refused = {
             let mut open = self.open.lock();
@@ -117,8 +149,9 @@ impl Transactions {
         Ok(handle.to_vec())
     }
 
-    /// The caller's transaction; another tenant's handle is simply not found.
-    pub fn get(&self, caller: &Caller, handle: &[u8]) -> Result<Arc<OpenTransaction>, Error> {
+    /// The caller's transaction, for a statement; another tenant's handle
+    /// is simply not found.
+    pub fn get(&self, caller: &Caller, handle: &[u8]) -> Result<InUse, Error> {
         let key = key(caller, handle)?;
         let entry = self
             .open
@@ -128,8 +161,7 @@ impl Transactions {
             .cloned()
             .ok_or(Error::TransactionNotFound)?;
         self.check_source(caller, &key, &entry)?;
-        entry.touch();
-        Ok(entry)
+        Ok(InUse::new(entry))
     }
 
     /// Ends a transaction whose source a reload took away from the tenant,
@@ -159,7 +191,7 @@ impl Transactions {
 
     /// Commits or rolls back. The handle stays valid only if the transaction
     /// was busy with a statement; after any other outcome it is gone.
-    pub async fn finish(&self, caller: &Caller, handle: &[u8], commit: bool) -> Result<(), Error> {
+    pub async fn finish(self: &Arc<Self>, caller: &Caller, handle: &[u8], commit: bool) -> Result<(), Error> {
         let key = key(caller, handle)?;
         let entry = self
             .open
@@ -185,6 +217,24 @@ impl Transactions {
             .limits
             .statement_timeout
             .max(2 * crate::backend::TURN_WAIT);
+        // Run to its end even when the call is dropped (its deadline, a
+        // client gone): cut half way, the transaction would keep its
+        // connection and its place in the tenant's limit until the idle
+        // reaper found it, and its handle would answer nothing but NOT_FOUND.
+        let registry = self.clone();
+        tokio::spawn(async move { registry.end(key, entry, commit, limit).await })
+            .await
+            .map_err(|e| Error::from(BackendError::Internal(format!("ending the transaction failed: {e}"))))?
+    }
+
+    /// [`Self::finish`]'s work on the session, bounded by `limit`.
+    async fn end(
+        &self,
+        key: (String, Handle),
+        entry: Arc<OpenTransaction>,
+        commit: bool,
+        limit: Duration,
+    ) -> Result<(), Error> {
         let finishing = async {
             if commit {
                 entry.tx.commit().await
@@ -233,8 +283,9 @@ impl Transactions {
             .lock()
             .iter()
             .filter(|(_, e)| {
-                (e.revoked.is_cancelled() || now.duration_since(*e.last_used.lock()) >= e.idle_timeout)
-                    && !e.reaping.swap(true, Ordering::AcqRel)
+                let idle = e.statements.load(Ordering::Acquire) == 0
+                    && now.duration_since(*e.last_used.lock()) >= e.idle_timeout;
+                (e.revoked.is_cancelled() || idle) && !e.reaping.swap(true, Ordering::AcqRel)
             })
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect();

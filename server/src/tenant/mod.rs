@@ -19,11 +19,47 @@ use crate::limits::TenantLimiter;
 use crate::metrics::{SourceMetrics, TenantMetrics};
 use crate::transport::jwt::{looks_like_jwt, JwtVerifier};
 
-/// Live state of a source, refreshed by the health checker.
+/// Live state of a source, refreshed by the health checker and by
+/// TestConnection.
 #[derive(Debug, Clone, Default)]
 pub struct SourceStatus {
     pub healthy: bool,
     pub server_version: String,
+    /// Probes failed in a row since the source last answered.
+    failures: u32,
+}
+
+/// Failed probes in a row that take a source that was up down. One slow
+/// answer (a checkpoint, the first second of a failover) would otherwise
+/// take every replica out of service at once, and clients that watch
+/// health would drop them all; a source never up is down at its first.
+const DOWN_AFTER: u32 = 2;
+
+impl SourceStatus {
+    /// The source answered (with its version, when the probe learned it),
+    /// or was too busy to: every connection in use is not a source down.
+    pub fn answered(&mut self, server_version: Option<String>) {
+        self.healthy = true;
+        self.failures = 0;
+        if let Some(version) = server_version {
+            self.server_version = version;
+        }
+    }
+
+    /// Records a failed probe; whether the source went down with it.
+    pub fn failed(&mut self) -> bool {
+        self.failures = self.failures.saturating_add(1);
+        let went_down = self.healthy && self.failures >= DOWN_AFTER;
+        if went_down {
+            self.healthy = false;
+        }
+        went_down
+    }
+
+    /// Up, with a failed probe still to be confirmed by the next.
+    pub fn in_doubt(&self) -> bool {
+        self.healthy && self.failures > 0
+    }
 }
 
 pub struct Source {
@@ -543,6 +579,27 @@ impl Tenants {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_that_was_up_goes_down_on_its_second_failed_probe_in_a_row() {
+        let mut status = SourceStatus::default();
+        // Never up: down at once.
+        assert!(!status.failed());
+        assert!(!status.healthy && !status.in_doubt());
+        status.answered(Some("15.4".into()));
+        assert!(status.healthy && !status.in_doubt());
+        // One failure puts it in doubt; an answer clears the doubt.
+        assert!(!status.failed());
+        assert!(status.healthy && status.in_doubt());
+        status.answered(None);
+        assert!(status.healthy && !status.in_doubt());
+        assert_eq!(status.server_version, "15.4", "a busy answer keeps the version");
+        // Two in a row take it down, once.
+        assert!(!status.failed());
+        assert!(status.failed(), "the second failure in a row takes it down");
+        assert!(!status.healthy && !status.in_doubt());
+        assert!(!status.failed(), "already down");
+    }
 
     fn keys(names: &[&str]) -> String {
         let keys: Vec<String> = names

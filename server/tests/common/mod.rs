@@ -289,6 +289,14 @@ pub async fn pg_direct() -> tokio_postgres::Client {
     pg_direct_to(&env_or("WEIR_TEST_PG_DATABASE", "test")).await
 }
 
+/// The rows of `table`, counted by `pg`.
+pub async fn pg_count(pg: &tokio_postgres::Client, table: &str) -> i64 {
+    pg.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
 /// The same, to another database of the test PostgreSQL server.
 pub async fn pg_direct_to(database: &str) -> tokio_postgres::Client {
     let mut config = tokio_postgres::Config::new();
@@ -864,6 +872,21 @@ pub async fn small_window_stream_client(addr: &str, key: &str) -> RawStreamClien
 }
 
 /// Produces `records` to `topic` of the source `events`.
+/// `records` records of 10 kB to `topic`, alternating between partitions
+/// 0 and 1: far more than a Consume stream's buffers hold.
+pub async fn produce_ballast(client: &WeirClient, topic: &str, records: usize) {
+    for call in 0..records.div_ceil(500) {
+        let records = (call * 500..records.min((call + 1) * 500))
+            .map(|i| pb::ProducerRecord {
+                partition: Some(i32::from(i % 2 == 1)),
+                value: vec![b'v'; 10_000],
+                ..Default::default()
+            })
+            .collect();
+        produce(client, topic, records).await.expect("produce");
+    }
+}
+
 pub async fn produce(
     client: &WeirClient,
     topic: &str,

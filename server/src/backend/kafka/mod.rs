@@ -55,6 +55,8 @@ pub struct KafkaSource {
     /// recovers from (every later record would be refused).
     producer: Mutex<Arc<Producer>>,
     producer_config: ClientConfig,
+    /// What the producer's `message.max.bytes` leaves for a record.
+    max_record_bytes: u64,
     topics: Vec<String>,
     prefix: Option<String>,
     /// Shared with the versions of this source before and after it that
@@ -128,8 +130,10 @@ impl KafkaSource {
         let producer_config = producer;
         let producer =
             Producer::new(&producer_config).map_err(|e| BackendError::Invalid(settings_error("producer", &e)))?;
+        let max_record_bytes = largest_record(&producer_config);
         Ok(Self {
             base,
+            max_record_bytes,
             producer: Mutex::new(Arc::new(producer)),
             producer_config,
             topics: config.topics.clone(),
@@ -200,6 +204,24 @@ fn settings_error(client: &str, e: &KafkaError) -> String {
 }
 
 /// Sets `key` unless the source's `kafka_options` did.
+/// librdkafka's framing of one record beyond its key, value and headers'
+/// bytes, at most (`RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`: length, attributes,
+/// timestamp and offset deltas, key and value lengths, header count), and
+/// of each header beyond its key and value (two lengths). [`OutRecord::size`]
+/// counts a header as `HEADER_BYTES` more, which covers the latter.
+const RECORD_FRAMING: u64 = 36;
+
+/// The largest record the producer takes: librdkafka refuses one whose
+/// framed size passes its `message.max.bytes` (1,000,000 by default)
+/// before sending it, and fails every later record of the call with it.
+fn largest_record(producer: &ClientConfig) -> u64 {
+    producer
+        .get("message.max.bytes")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1_000_000)
+        .saturating_sub(RECORD_FRAMING)
+}
+
 fn or_default(config: &mut ClientConfig, key: &str, value: &str) {
     if config.get(key).is_none() {
         config.set(key, value);
@@ -597,7 +619,9 @@ async fn pump(consumer: Arc<StreamConsumer>, tx: mpsc::Sender<Result<Vec<InRecor
 /// the group's rebalances only while polled, and a member left unpolled
 /// would hold the whole group still for up to `max.poll.interval.ms`.
 async fn answer_group_until_closed(consumer: &StreamConsumer, tx: &Batches) {
-    let _ = pause_all(consumer);
+    // Never resumed: the consumer is closed next.
+    let mut paused = TopicPartitionList::new();
+    let _ = pause_all(consumer, &mut paused);
     loop {
         tokio::select! {
             biased;
@@ -605,7 +629,7 @@ async fn answer_group_until_closed(consumer: &StreamConsumer, tx: &Batches) {
             m = consumer.recv() => match m {
                 // Of a partition assigned since: neither delivered nor committed.
                 Ok(_) => {
-                    let _ = pause_all(consumer);
+                    let _ = pause_all(consumer, &mut paused);
                 }
                 Err(_) => tokio::time::sleep(OUTAGE_PAUSE).await,
             },
@@ -821,7 +845,10 @@ async fn read_batches(consumer: &StreamConsumer, tx: &Batches) {
 /// `max.poll.interval.ms`. librdkafka drops what it had fetched for paused
 /// partitions and fetches again from the last record handed over. Records
 /// of partitions assigned during the wait, before they too are paused, are
-/// kept in `held`.
+/// kept in `held`. Every partition paused is resumed after, whether the
+/// consumer has it now or not: librdkafka keeps a partition's pause through
+/// a rebalance that takes it away, and one given back later would stay
+/// paused, never read again by this stream.
 async fn paused_until_room<'a>(
     consumer: &StreamConsumer,
     tx: &'a Batches,
@@ -830,7 +857,8 @@ async fn paused_until_room<'a>(
     Option<mpsc::Permit<'a, Result<Vec<InRecord>, BackendError>>>,
     Option<BackendError>,
 ) {
-    if let Err(e) = pause_all(consumer) {
+    let mut paused = TopicPartitionList::new();
+    if let Err(e) = pause_all(consumer, &mut paused) {
         tracing::debug!(error = %e, "a slow consumer's partitions could not be paused; it waits unpolled");
         return (tx.reserve().await.ok(), None);
     }
@@ -849,7 +877,7 @@ async fn paused_until_room<'a>(
                     let r = record(&m);
                     held_bytes += r.size();
                     held.push(r);
-                    let _ = pause_all(consumer);
+                    let _ = pause_all(consumer, &mut paused);
                 }
                 // librdkafka reconnects; the reads after the wait meet it if it lasts.
                 Err(e) if connection_error(&e) => {
@@ -860,15 +888,22 @@ async fn paused_until_room<'a>(
             },
         }
     };
-    if let Err(e) = consumer.assignment().and_then(|assigned| consumer.resume(&assigned)) {
+    if let Err(e) = consumer.resume(&paused) {
         failed.get_or_insert(map_error(e));
     }
     (room, failed)
 }
 
-/// Pauses every partition the consumer has now.
-fn pause_all(consumer: &StreamConsumer) -> KafkaResult<()> {
-    consumer.assignment().and_then(|assigned| consumer.pause(&assigned))
+/// Pauses every partition the consumer has now, and adds them to `paused`.
+fn pause_all(consumer: &StreamConsumer, paused: &mut TopicPartitionList) -> KafkaResult<()> {
+    let assigned = consumer.assignment()?;
+    consumer.pause(&assigned)?;
+    for p in assigned.elements() {
+        if paused.find_partition(p.topic(), p.partition()).is_none() {
+            paused.add_partition(p.topic(), p.partition());
+        }
+    }
+    Ok(())
 }
 
 /// Subscribes `consumer` to the topics of `spec`, or assigns it the
@@ -981,6 +1016,10 @@ impl TopicSource for KafkaSource {
             cluster_id,
             ..Default::default()
         })
+    }
+
+    fn max_record_bytes(&self) -> u64 {
+        self.max_record_bytes
     }
 
     fn allows(&self, topic: &str) -> bool {

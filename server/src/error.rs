@@ -75,7 +75,10 @@ pub enum Error {
     TooManyConsumers { limit: u32 },
     #[error("too many change streams open (limit {limit}); retry when one ends")]
     TooManySubscriptions { limit: u32 },
-    #[error("record {index} has {size} bytes, more than the limit of {limit}")]
+    #[error(
+        "record {index} has {size} bytes, more than the limit of {limit} (the tenant's max_record_bytes, or the \
+         source's producer's message.max.bytes less 36 bytes of framing, whichever is less); nothing was sent"
+    )]
     RecordTooLarge { index: usize, size: usize, limit: u64 },
     /// Topics outside the tenant's allow-list get the same answer as topics that do not exist.
     #[error("topic \"{0}\" not found")]
@@ -431,6 +434,10 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
         ),
         BackendError::CommitOutcomeUnknown(_) => (Code::Unknown, info("COMMIT_OUTCOME_UNKNOWN", vec![])),
         BackendError::TransactionEnded => (Code::NotFound, info("TRANSACTION_NOT_FOUND", vec![])),
+        BackendError::CommittedImplicitly => (
+            Code::FailedPrecondition,
+            info("TRANSACTION_COMMITTED_IMPLICITLY", vec![]),
+        ),
         BackendError::TransactionRolledBack(_) | BackendError::TransactionBroken(_) => {
             let mut d = info("TRANSACTION_LOST", vec![]);
             d.set_retry_info(Some(Duration::from_secs(1)));

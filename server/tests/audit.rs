@@ -23,6 +23,12 @@ async fn every_call_leaves_one_audit_line() {
     assert_eq!(audit["span"]["key_id"], "demo");
     assert_eq!(audit["span"]["source"], "demo");
     assert_eq!(audit["span"]["rows"], 1);
+    assert!(
+        audit["span"]["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "the client's address: {audit}"
+    );
     assert!(audit["duration_ms"].as_f64().is_some());
     assert!(
         audit["span"].get("sql").is_none(),

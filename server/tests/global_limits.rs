@@ -15,6 +15,16 @@ fn tenant_id() -> String {
     format!("g{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
+/// The test Redis's `host:port`.
+fn redis_address() -> String {
+    redis_url()
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .expect("host:port")
+        .to_string()
+}
+
 /// Health probes (and so readiness) five times a second.
 const FAST_HEALTH: &str = "[server]\nhealth_check_interval = \"200ms\"\n";
 
@@ -242,12 +252,7 @@ async fn a_silent_redis_costs_one_timeout_not_one_per_call() {
 /// call (`fail_closed`) for the rest of its second.
 #[tokio::test]
 async fn a_slow_first_connection_to_redis_rests_it_only_until_it_is_made() {
-    let upstream = redis_url()
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .expect("host:port")
-        .to_string();
+    let upstream = redis_address();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("address").port();
     // Takes connections, and forwards them to Redis once released.
@@ -299,6 +304,49 @@ async fn a_slow_first_connection_to_redis_rests_it_only_until_it_is_made() {
     );
     readiness_becomes(&server, 200).await;
     proxy.abort();
+    server.stop().await;
+}
+
+/// A connection to Redis that goes silent (a Redis gone without a reset,
+/// its address now another's) is given up when Redis is rested: the try
+/// after the rest goes through a new connection, and calls are admitted by
+/// the shared bucket again within seconds, not once the kernel gives up on
+/// the old connection (about a quarter of an hour).
+#[tokio::test]
+async fn a_redis_connection_gone_silent_is_replaced() {
+    let proxy = common::Proxy::start(redis_address()).await;
+    let id = tenant_id();
+    let redis = format!(
+        "redis_url = \"redis://127.0.0.1:{}/0\"\nredis_timeout = \"200ms\"\non_redis_failure = \"fail_closed\"",
+        proxy.port
+    );
+    let server = TestServer::start(&config(&id, "", &redis)).await;
+    let client = server.client(&format!("key-{id}")).await;
+    // With fail_closed, an admitted call is a check Redis answered.
+    let until = Instant::now() + Duration::from_secs(5);
+    while client.execute("demo", "SELECT 1", vec![]).await.is_err() {
+        assert!(Instant::now() < until, "never admitted through Redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.freeze_open();
+    let frozen = Instant::now();
+    let mut refused = 0;
+    loop {
+        match client.execute("demo", "SELECT 1", vec![]).await {
+            Ok(_) if refused > 0 => break,
+            Ok(_) => {}
+            Err(err) => {
+                assert_eq!(reason(&err), "GLOBAL_LIMITS_UNAVAILABLE", "{err:?}");
+                refused += 1;
+            }
+        }
+        assert!(
+            frozen.elapsed() < Duration::from_secs(10),
+            "still refused {:?} after the connection went silent",
+            frozen.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.stop().await;
 }
 

@@ -1007,11 +1007,12 @@ async fn a_full_producer_queue_delays_records_without_losing_or_reordering_them(
     server.stop().await;
 }
 
-/// A record librdkafka refuses before queueing it (over its
-/// message.max.bytes, which is below Weir's max_record_bytes here) stops the
-/// records after it from being queued: sent again, it would come after them.
+/// A source's own `message.max.bytes` (in `kafka_options`, below the
+/// tenant's max_record_bytes here) is the limit records are checked
+/// against: a larger one fails the call before any record is sent, where
+/// librdkafka would have refused it part way, after the records before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_refused_before_it_was_queued_holds_back_those_after_it() {
+async fn a_sources_message_max_bytes_limits_its_records() {
     let source = kafka("kt", "events", "weir-t-") + "\"message.max.bytes\" = \"100000\"\n";
     let server = TestServer::start(&tenant("kt", "", &source)).await;
     let client = server.client("key-kt").await;
@@ -1022,8 +1023,23 @@ async fn a_record_refused_before_it_was_queued_holds_back_those_after_it() {
     let err = produce(&client, &topic, records)
         .await
         .expect_err("the large record is refused");
-    assert_eq!(error_metadata(&err, "acknowledged_records"), "0", "{err:?}");
-    assert_eq!(error_metadata(&err, "failed_records"), "1,2", "{err:?}");
+    assert_eq!(
+        (
+            err.code(),
+            reason(&err).as_str(),
+            error_metadata(&err, "limit").as_str()
+        ),
+        (Code::InvalidArgument, "RECORD_TOO_LARGE", "99964"),
+        "{err:?}"
+    );
+    let acks = produce(&client, &topic, (0..3).map(record).collect())
+        .await
+        .expect("records within the limit");
+    assert_eq!(
+        acks.acks.iter().map(|a| a.offset).collect::<Vec<_>>(),
+        [0, 1, 2],
+        "nothing of the refused call was written"
+    );
     server.stop().await;
 }
 

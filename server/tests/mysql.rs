@@ -1131,15 +1131,7 @@ async fn a_transaction_whose_statement_could_not_be_killed_does_not_commit() {
         mysql_behind_proxy("unkilled", "my", "[tenants.unkilled.sources.my.pool]\nmax_size = 1\n").await;
     let server = TestServer::start(&tenant("unkilled", "", &source)).await;
     let client = server.client("key-unkilled").await;
-    let table = format!("unkilled_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    client
-        .execute("my", &format!("CREATE TABLE {table} (slept INT)"), vec![])
-        .await
-        .expect("create");
-    let tx = client
-        .begin("my", IsolationLevel::Unspecified, false)
-        .await
-        .expect("begin");
+    let (table, tx) = table_and_transaction(&client, "unkilled", "slept INT").await;
     // The transaction's session is open; a new one (the killer's) is not.
     proxy.refuse(true);
     let mut request = tonic::Request::new(pb::ExecuteRequest {
@@ -1169,6 +1161,68 @@ async fn a_transaction_whose_statement_could_not_be_killed_does_not_commit() {
         .execute("my", &format!("DROP TABLE {table}"), vec![])
         .await
         .expect("drop");
+    server.stop().await;
+}
+
+/// A new table `<prefix>_<random>` of `columns` on source `my`, and a
+/// transaction begun there.
+async fn table_and_transaction(client: &weir_client::WeirClient, prefix: &str, columns: &str) -> (String, Vec<u8>) {
+    let table = format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    client
+        .execute("my", &format!("CREATE TABLE {table} ({columns})"), vec![])
+        .await
+        .expect("create");
+    let tx = client
+        .begin("my", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    (table, tx)
+}
+
+/// DDL in a transaction commits it implicitly on MySQL/MariaDB: the
+/// statements after it are refused, not run on their own with autocommit,
+/// and Rollback says that what ran before was committed (the handle goes).
+/// Statements that leave the transaction open (reads, writes, savepoints)
+/// go on as before.
+#[tokio::test]
+async fn ddl_in_a_transaction_ends_it_and_says_so() {
+    let server = TestServer::start(&tenant("ddl", "", &mysql("ddl", "my", ""))).await;
+    let client = server.client("key-ddl").await;
+    let (table, tx) = table_and_transaction(&client, "weir_my_implicit", "id INT").await;
+    let made = format!("{table}_made");
+    for sql in [
+        format!("INSERT INTO {table} VALUES (1)"),
+        "SAVEPOINT s".to_string(),
+        format!("SELECT count(*) FROM {table}"),
+        format!("CREATE TABLE {made} (id INT)"),
+    ] {
+        client.execute_in(&tx, "my", &sql, vec![]).await.expect(&sql);
+    }
+    let committed =
+        |e: &tonic::Status| e.code() == Code::FailedPrecondition && reason(e) == "TRANSACTION_COMMITTED_IMPLICITLY";
+    let e = client
+        .execute_in(&tx, "my", &format!("INSERT INTO {table} VALUES (2)"), vec![])
+        .await
+        .expect_err("the transaction ended at the DDL");
+    assert!(committed(&e), "{e:?}");
+    let e = client.rollback(&tx).await.expect_err("nothing left to roll back");
+    assert!(committed(&e), "{e:?}");
+    let gone = client.rollback(&tx).await.expect_err("the handle is gone");
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    let rows = client
+        .execute("my", &format!("SELECT id FROM {table}"), vec![])
+        .await
+        .expect("rows");
+    let ids: Vec<_> = rows.rows.iter().map(|r| int(&r.values[0])).collect();
+    assert_eq!(
+        ids,
+        [1],
+        "the row before the DDL was committed, the one after never ran"
+    );
+    client
+        .execute("my", &format!("DROP TABLE {table}, {made}"), vec![])
+        .await
+        .expect("cleanup");
     server.stop().await;
 }
 

@@ -159,6 +159,14 @@ impl GlobalLimiter {
         if let Some(rest) = rest {
             let unconnected = self.conn.borrow().0.is_none();
             self.rested_unconnected.store(unconnected, Ordering::Relaxed);
+            // The try after the rest goes through a new connection, made
+            // meanwhile: redis-rs reconnects after errors, not after
+            // silence, so one to a Redis gone without a reset (its pod moved,
+            // its address black-holed) would fail every check until the
+            // kernel gave up on it, about a quarter of an hour; nor does it
+            // leave a primary since demoted (READONLY).
+            self.conn.send_modify(|(made, _)| *made = None);
+            self.start_connecting();
             self.failures_in_a_row.store(0, Ordering::Relaxed);
             self.rest_ms.store(rest, Ordering::Relaxed);
             self.resting_until.store(now.saturating_add(rest), Ordering::Relaxed);

@@ -20,7 +20,7 @@ use global::GlobalLimiter;
 use request_rate::RequestRate;
 
 pub struct TenantLimiter {
-    buckets: Arc<Buckets>,
+    buckets: Buckets,
     concurrency: Slots,
     loads: Slots,
     consumers: Slots,
@@ -43,16 +43,43 @@ enum Costs {
     Stream,
 }
 
-/// A tenant's rate buckets. Kept across a reload that leaves the tenant's
-/// limits as they were, whatever else changed.
+/// A tenant's rate buckets. Each is kept across a reload that leaves its
+/// own rate as it was, whatever else changed: a tenant whose statement
+/// timeout, weight or caps changed gets no fresh burst.
 struct Buckets {
-    rate: RequestRate,
+    rate: Arc<RequestRate>,
     /// Cost buckets of loads: rows and request bytes, one second of burst each.
-    load_rows: CostBucket,
-    load_bytes: CostBucket,
+    load_rows: Arc<CostBucket>,
+    load_bytes: Arc<CostBucket>,
     /// Cost buckets of Kafka records and change events, produced and consumed.
-    stream_records: CostBucket,
-    stream_bytes: CostBucket,
+    stream_records: Arc<CostBucket>,
+    stream_bytes: Arc<CostBucket>,
+}
+
+impl Buckets {
+    /// Buckets for `limits`, each the one of `previous` where its rate is the same.
+    fn new(limits: &LimitsConfig, previous: Option<&TenantLimiter>) -> Self {
+        // Each bucket of `previous` whose rate reads the same there and here.
+        let cost = |rate: fn(&LimitsConfig) -> u32, bucket: fn(&Buckets) -> &Arc<CostBucket>| {
+            let per_second = rate(limits);
+            previous
+                .filter(|p| rate(&p.limits) == per_second)
+                .map_or_else(|| Arc::new(CostBucket::new(per_second)), |p| bucket(&p.buckets).clone())
+        };
+        let same_rate = |p: &&TenantLimiter| {
+            (p.limits.requests_per_second, p.limits.burst) == (limits.requests_per_second, limits.burst)
+        };
+        Self {
+            rate: previous.filter(same_rate).map_or_else(
+                || Arc::new(RequestRate::new(limits.requests_per_second, limits.burst)),
+                |p| p.buckets.rate.clone(),
+            ),
+            load_rows: cost(|l| l.load_rows_per_second, |b| &b.load_rows),
+            load_bytes: cost(|l| l.load_bytes_per_second, |b| &b.load_bytes),
+            stream_records: cost(|l| l.stream_records_per_second, |b| &b.stream_records),
+            stream_bytes: cost(|l| l.stream_bytes_per_second, |b| &b.stream_bytes),
+        }
+    }
 }
 
 /// A cap on things in progress at once (calls, loads, consumers). The
@@ -188,26 +215,16 @@ fn cost_units(rate: u32) -> (u32, u64) {
 impl TenantLimiter {
     /// The tenant's limiter; `previous` is the one it replaces on a reload,
     /// whose slots in use count against the new limits. Its buckets carry
-    /// over when the tenant's limits are the same (the shared ones may have
-    /// changed); a changed tenant starts with full buckets.
+    /// over where their rates are the same (the shared limits may have
+    /// changed); one whose rate changed starts full.
     pub fn new(
         tenant: &str,
         limits: &LimitsConfig,
         shared: Option<Arc<GlobalLimiter>>,
         previous: Option<&TenantLimiter>,
     ) -> Self {
-        let buckets = match previous {
-            Some(p) if p.limits == *limits => p.buckets.clone(),
-            _ => Arc::new(Buckets {
-                rate: RequestRate::new(limits.requests_per_second, limits.burst),
-                load_rows: CostBucket::new(limits.load_rows_per_second),
-                load_bytes: CostBucket::new(limits.load_bytes_per_second),
-                stream_records: CostBucket::new(limits.stream_records_per_second),
-                stream_bytes: CostBucket::new(limits.stream_bytes_per_second),
-            }),
-        };
         Self {
-            buckets,
+            buckets: Buckets::new(limits, previous),
             concurrency: Slots::new(limits.max_concurrent_requests, previous.map(|p| &p.concurrency)),
             loads: Slots::new(limits.max_concurrent_loads, previous.map(|p| &p.loads)),
             consumers: Slots::new(limits.max_concurrent_consumers, previous.map(|p| &p.consumers)),
@@ -456,9 +473,19 @@ mod tests {
             matches!(same.admit(None), Err(Error::RateLimited { .. })),
             "no second burst"
         );
+        // Another limit changed: the request bucket is the same.
+        let other = LimitsConfig {
+            statement_timeout: Duration::from_secs(1),
+            ..limits.clone()
+        };
+        let same_rate = TenantLimiter::new("t", &other, None, Some(&before));
+        assert!(
+            matches!(same_rate.admit(None), Err(Error::RateLimited { .. })),
+            "no burst for a change of another limit"
+        );
         let raised = LimitsConfig { burst: 2, ..limits };
         let changed = TenantLimiter::new("t", &raised, None, Some(&before));
-        assert!(changed.admit(None).is_ok(), "changed limits start with full buckets");
+        assert!(changed.admit(None).is_ok(), "a changed rate starts with a full bucket");
     }
 
     #[tokio::test]

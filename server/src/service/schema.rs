@@ -119,7 +119,13 @@ impl SchemaService for SchemaApi {
             // Busy, not down: every connection is in use, here or on the server.
             Err(e) if e.is_busy() => {}
             Err(_) => {
-                source.status.write().failed();
+                if source.status.write().down() {
+                    tracing::warn!(
+                        tenant = caller.tenant.id,
+                        source = source.name,
+                        "source became unreachable"
+                    );
+                }
             }
         }
         let info = result?;

@@ -153,15 +153,27 @@ impl Transactions {
     /// is simply not found.
     pub fn get(&self, caller: &Caller, handle: &[u8]) -> Result<InUse, Error> {
         let key = key(caller, handle)?;
-        let entry = self
-            .open
-            .lock()
-            .get(&key)
+        // Being rolled back for its idle time: unless a statement of it
+        // still runs (the reaper then leaves it), it is gone in a moment.
+        let entry = self.take_up(&key, true)?;
+        self.check_source(caller, &key, &entry.0)?;
+        Ok(entry)
+    }
+
+    /// The transaction `key`, in use from now, counted under the registry's
+    /// lock, which the reaper decides under: it never takes a transaction a
+    /// statement or its end has just been given. `Busy` for one the reaper
+    /// is rolling back, if `not_while_reaped`.
+    fn take_up(&self, key: &(String, Handle), not_while_reaped: bool) -> Result<InUse, Error> {
+        let open = self.open.lock();
+        let entry = open
+            .get(key)
             .filter(|e| !e.revoked.is_cancelled())
-            .cloned()
             .ok_or(Error::TransactionNotFound)?;
-        self.check_source(caller, &key, &entry)?;
-        Ok(InUse::new(entry))
+        if not_while_reaped && entry.reaping.load(Ordering::Acquire) {
+            return Err(BackendError::Busy.into());
+        }
+        Ok(InUse::new(entry.clone()))
     }
 
     /// Ends a transaction whose source a reload took away from the tenant,
@@ -193,17 +205,10 @@ impl Transactions {
     /// was busy with a statement; after any other outcome it is gone.
     pub async fn finish(self: &Arc<Self>, caller: &Caller, handle: &[u8], commit: bool) -> Result<(), Error> {
         let key = key(caller, handle)?;
-        let entry = self
-            .open
-            .lock()
-            .get(&key)
-            .filter(|e| !e.revoked.is_cancelled())
-            .cloned()
-            .ok_or(Error::TransactionNotFound)?;
         // A commit or rollback uses the transaction: the reaper leaves it.
-        entry.touch();
+        let entry = self.take_up(&key, false)?;
         if commit {
-            self.check_source(caller, &key, &entry)?;
+            self.check_source(caller, &key, &entry.0)?;
         }
         // Bounded like a statement: a COMMIT the engine does not answer (a
         // synchronous standby gone, a deferred trigger) would hold the
@@ -222,19 +227,19 @@ impl Transactions {
         // connection and its place in the tenant's limit until the idle
         // reaper found it, and its handle would answer nothing but NOT_FOUND.
         let registry = self.clone();
-        tokio::spawn(async move { registry.end(key, entry, commit, limit).await })
-            .await
-            .map_err(|e| Error::from(BackendError::Internal(format!("ending the transaction failed: {e}"))))?
+        match tokio::spawn(async move { registry.end(key, entry, commit, limit).await }).await {
+            Ok(ended) => ended,
+            // Cut by the runtime's end, or failed: a COMMIT may have gone.
+            Err(e) if commit => {
+                Err(BackendError::CommitOutcomeUnknown(format!("ending the transaction failed: {e}")).into())
+            }
+            Err(e) => Err(BackendError::Internal(format!("ending the transaction failed: {e}")).into()),
+        }
     }
 
-    /// [`Self::finish`]'s work on the session, bounded by `limit`.
-    async fn end(
-        &self,
-        key: (String, Handle),
-        entry: Arc<OpenTransaction>,
-        commit: bool,
-        limit: Duration,
-    ) -> Result<(), Error> {
+    /// [`Self::finish`]'s work on the session, bounded by `limit`; in use
+    /// meanwhile, so that the reaper does not wait on a long COMMIT.
+    async fn end(&self, key: (String, Handle), entry: InUse, commit: bool, limit: Duration) -> Result<(), Error> {
         let finishing = async {
             if commit {
                 entry.tx.commit().await
@@ -270,9 +275,10 @@ impl Transactions {
 
     /// Rolls back transactions idle past their timeout, or opened with a
     /// credential since revoked. Each rollback runs on its own, bounded in
-    /// time, so one hung database cannot hold up the others; a transaction
-    /// still running a statement (a statement longer than the idle timeout)
-    /// stays, found and counted as before, until the next reap. Entries stay
+    /// time, so one hung database cannot hold up the others. A transaction
+    /// with a statement under way is not idle; a revoked one whose session
+    /// is still busy (a statement being cancelled) stays, found and counted
+    /// as before, until the next reap. Entries stay
     /// in the registry until their rollback is done: taken out first, such a
     /// transaction would not count against the tenant's limit, and its
     /// handle would be NOT_FOUND, while the reaper waits for its session.

@@ -56,6 +56,15 @@ impl SourceStatus {
         went_down
     }
 
+    /// Down at once, whatever came before (a TestConnection that waited its
+    /// whole time limit is no slow answer); whether it was up.
+    pub fn down(&mut self) -> bool {
+        let was_up = self.healthy;
+        self.healthy = false;
+        self.failures = self.failures.max(DOWN_AFTER);
+        was_up
+    }
+
     /// Up, with a failed probe still to be confirmed by the next.
     pub fn in_doubt(&self) -> bool {
         self.healthy && self.failures > 0
@@ -291,7 +300,12 @@ impl Tenants {
                             name: name.clone(),
                             config: source.clone(),
                             backend,
-                            status: RwLock::default(),
+                            // Where it reaches is unchanged (a password
+                            // rotated, pool settings): so is what the probes
+                            // found there, until the next probe says otherwise.
+                            status: RwLock::new(
+                                same_target.map_or_else(SourceStatus::default, |o| o.status.read().clone()),
+                            ),
                             secret,
                             returned: SourceMetrics::new(id, name),
                             deletes: tokio::sync::Semaphore::new(1),

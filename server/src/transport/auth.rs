@@ -224,6 +224,18 @@ fn shown_path(path: &str) -> &str {
     crate::telemetry::cut(path, SHOWN_PATH_BYTES)
 }
 
+/// The address the call's connection came from (behind a proxy or a
+/// Kubernetes Service, the proxy's or the node's).
+fn peer_address(req: &http::Request<Body>) -> Option<std::net::SocketAddr> {
+    match req.extensions().get::<PeerInfo>() {
+        Some(tls) => tls.addr,
+        None => req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(tonic::transport::server::TcpConnectInfo::remote_addr),
+    }
+}
+
 impl<S> Service<http::Request<Body>> for Auth<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
@@ -272,6 +284,7 @@ where
             otel.name = %span_name(&method),
             request_id = id.to_str().unwrap_or_default(),
             method = shown_path(&method),
+            peer = peer_address(&req).map(tracing::field::display),
             tenant = caller.map(|c| c.tenant.id.as_str()),
             key_id = caller.map(|c| &*c.key_id),
             source = tracing::field::Empty,

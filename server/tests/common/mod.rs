@@ -871,7 +871,6 @@ pub async fn small_window_stream_client(addr: &str, key: &str) -> RawStreamClien
     pb::stream_service_client::StreamServiceClient::with_interceptor(channel, Bearer(bearer))
 }
 
-/// Produces `records` to `topic` of the source `events`.
 /// `records` records of 10 kB to `topic`, alternating between partitions
 /// 0 and 1: far more than a Consume stream's buffers hold.
 pub async fn produce_ballast(client: &WeirClient, topic: &str, records: usize) {
@@ -887,6 +886,7 @@ pub async fn produce_ballast(client: &WeirClient, topic: &str, records: usize) {
     }
 }
 
+/// Produces `records` to `topic` of the source `events`.
 pub async fn produce(
     client: &WeirClient,
     topic: &str,

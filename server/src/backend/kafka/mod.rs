@@ -203,7 +203,6 @@ fn settings_error(client: &str, e: &KafkaError) -> String {
     }
 }
 
-/// Sets `key` unless the source's `kafka_options` did.
 /// librdkafka's framing of one record beyond its key, value and headers'
 /// bytes, at most (`RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`: length, attributes,
 /// timestamp and offset deltas, key and value lengths, header count), and
@@ -222,6 +221,7 @@ fn largest_record(producer: &ClientConfig) -> u64 {
         .saturating_sub(RECORD_FRAMING)
 }
 
+/// Sets `key` unless the source's `kafka_options` did.
 fn or_default(config: &mut ClientConfig, key: &str, value: &str) {
     if config.get(key).is_none() {
         config.set(key, value);
@@ -620,8 +620,7 @@ async fn pump(consumer: Arc<StreamConsumer>, tx: mpsc::Sender<Result<Vec<InRecor
 /// would hold the whole group still for up to `max.poll.interval.ms`.
 async fn answer_group_until_closed(consumer: &StreamConsumer, tx: &Batches) {
     // Never resumed: the consumer is closed next.
-    let mut paused = TopicPartitionList::new();
-    let _ = pause_all(consumer, &mut paused);
+    let _ = pause_all(consumer);
     loop {
         tokio::select! {
             biased;
@@ -629,7 +628,7 @@ async fn answer_group_until_closed(consumer: &StreamConsumer, tx: &Batches) {
             m = consumer.recv() => match m {
                 // Of a partition assigned since: neither delivered nor committed.
                 Ok(_) => {
-                    let _ = pause_all(consumer, &mut paused);
+                    let _ = pause_all(consumer);
                 }
                 Err(_) => tokio::time::sleep(OUTAGE_PAUSE).await,
             },
@@ -857,8 +856,8 @@ async fn paused_until_room<'a>(
     Option<mpsc::Permit<'a, Result<Vec<InRecord>, BackendError>>>,
     Option<BackendError>,
 ) {
-    let mut paused = TopicPartitionList::new();
-    if let Err(e) = pause_all(consumer, &mut paused) {
+    let mut paused = Paused::default();
+    if let Err(e) = pause_all(consumer).map(|now| paused.add(&now)) {
         tracing::debug!(error = %e, "a slow consumer's partitions could not be paused; it waits unpolled");
         return (tx.reserve().await.ok(), None);
     }
@@ -877,7 +876,9 @@ async fn paused_until_room<'a>(
                     let r = record(&m);
                     held_bytes += r.size();
                     held.push(r);
-                    let _ = pause_all(consumer, &mut paused);
+                    if let Ok(now) = pause_all(consumer) {
+                        paused.add(&now);
+                    }
                 }
                 // librdkafka reconnects; the reads after the wait meet it if it lasts.
                 Err(e) if connection_error(&e) => {
@@ -888,22 +889,40 @@ async fn paused_until_room<'a>(
             },
         }
     };
-    if let Err(e) = consumer.resume(&paused) {
+    if let Err(e) = consumer.resume(&paused.list()) {
         failed.get_or_insert(map_error(e));
     }
     (room, failed)
 }
 
-/// Pauses every partition the consumer has now, and adds them to `paused`.
-fn pause_all(consumer: &StreamConsumer, paused: &mut TopicPartitionList) -> KafkaResult<()> {
+/// Pauses every partition the consumer has now; returns them.
+fn pause_all(consumer: &StreamConsumer) -> KafkaResult<TopicPartitionList> {
     let assigned = consumer.assignment()?;
     consumer.pause(&assigned)?;
-    for p in assigned.elements() {
-        if paused.find_partition(p.topic(), p.partition()).is_none() {
-            paused.add_partition(p.topic(), p.partition());
-        }
+    Ok(assigned)
+}
+
+/// Every partition a wait paused, whether the consumer still has it or not.
+#[derive(Default)]
+struct Paused(std::collections::HashSet<(String, i32)>);
+
+impl Paused {
+    fn add(&mut self, partitions: &TopicPartitionList) {
+        self.0.extend(
+            partitions
+                .elements()
+                .iter()
+                .map(|p| (p.topic().to_string(), p.partition())),
+        );
     }
-    Ok(())
+
+    fn list(&self) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        for (topic, partition) in &self.0 {
+            list.add_partition(topic, *partition);
+        }
+        list
+    }
 }
 
 /// Subscribes `consumer` to the topics of `spec`, or assigns it the

@@ -244,6 +244,9 @@ impl Hold {
 struct TxConn {
     conn: Conn,
     rolled_back: Option<&'static str>,
+    /// A statement committed the transaction implicitly (DDL): the server
+    /// is out of it, and a later statement would autocommit.
+    committed: bool,
     /// Why the transaction cannot go on though it is still open (a
     /// statement of it could not be stopped and ran on with its writes).
     broken: Option<&'static str>,
@@ -286,6 +289,17 @@ async fn rolled_back_by(conn: &mut Conn, error: &BackendError) -> Option<&'stati
     })
 }
 
+/// Whether the server says the session is out of its transaction after a
+/// statement that succeeded in it: the statement committed it implicitly.
+/// Read from the statement's last OK packet (no round trip); without one,
+/// the transaction is taken as open, as before.
+fn left_transaction(conn: &Conn) -> bool {
+    conn.last_ok_packet().is_some_and(|ok| {
+        !ok.status_flags()
+            .contains(mysql_async::consts::StatusFlags::SERVER_STATUS_IN_TRANS)
+    })
+}
+
 /// Starts a statement in a task that owns the connection until it ends.
 async fn start(
     hold: Hold,
@@ -303,6 +317,9 @@ async fn start(
             in_transaction,
         )
         .await;
+        if let (Hold::Transaction(tx), Ok(_)) = (&mut hold, &outcome) {
+            tx.committed = left_transaction(&tx.conn);
+        }
         if let (Hold::Transaction(tx), Err(e)) = (&mut hold, &outcome) {
             match e {
                 BackendError::TransactionBroken(cause) => tx.broken = Some(cause),
@@ -645,6 +662,7 @@ impl SqlSource for MysqlSource {
             conn: super::TxSession::new(TxConn {
                 conn,
                 rolled_back: None,
+                committed: false,
                 broken: None,
             }),
             killer: self.killer.clone(),
@@ -827,6 +845,9 @@ impl SqlTransaction for MysqlTransaction {
         if let Some(cause) = tx.broken {
             return Err(BackendError::TransactionBroken(cause));
         }
+        if tx.committed {
+            return Err(BackendError::CommittedImplicitly);
+        }
         start(
             Hold::Transaction(tx),
             statement,
@@ -860,6 +881,10 @@ impl SqlTransaction for MysqlTransaction {
         }
         let rolled_back = tx.conn.query_drop("ROLLBACK").await.map_err(map_error);
         self.read_write_again(&mut tx.conn).await;
+        // What the implicit commit took in stays: the caller must know.
+        if tx.committed {
+            return Err(BackendError::CommittedImplicitly);
+        }
         rolled_back
     }
 }

@@ -1164,6 +1164,54 @@ async fn a_transaction_whose_statement_could_not_be_killed_does_not_commit() {
     server.stop().await;
 }
 
+/// A statement of a transaction abandoned by its deadline (killed in the
+/// engine) leaves the transaction open, and it is not taken as ended: the
+/// last packet the driver read may be the statement's prepare reply, which
+/// reads as an OK packet without the transaction's flag.
+#[tokio::test]
+async fn a_transaction_goes_on_after_an_abandoned_statement() {
+    let server = TestServer::start(&tenant("abandoned", "", &mysql("abandoned", "my", ""))).await;
+    let client = server.client("key-abandoned").await;
+    let (table, tx) = table_and_transaction(&client, "weir_my_abandoned", "id INT").await;
+    client
+        .execute_in(&tx, "my", &format!("INSERT INTO {table} VALUES (1)"), vec![])
+        .await
+        .expect("insert");
+    // A text of its own: prepared anew, so its prepare reply is read last.
+    let mut request = tonic::Request::new(pb::ExecuteRequest {
+        source: "my".into(),
+        sql: format!("SELECT SLEEP(5) AS abandoned_{}", &table[table.len() - 8..]),
+        transaction_id: tx.clone(),
+        ..Default::default()
+    });
+    request.set_timeout(std::time::Duration::from_millis(300));
+    client.query().execute(request).await.expect_err("the deadline passes");
+    let started = std::time::Instant::now();
+    let next = loop {
+        match client
+            .execute_in(&tx, "my", &format!("INSERT INTO {table} VALUES (2)"), vec![])
+            .await
+        {
+            Err(e) if reason(&e) == "TRANSACTION_BUSY" && started.elapsed() < std::time::Duration::from_secs(5) => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => break other,
+        }
+    };
+    next.expect("the transaction goes on");
+    client.commit(&tx).await.expect("commit");
+    let rows = client
+        .execute("my", &format!("SELECT COUNT(*) FROM {table}"), vec![])
+        .await
+        .expect("count");
+    assert_eq!(int(&rows.rows[0].values[0]), 2);
+    client
+        .execute("my", &format!("DROP TABLE {table}"), vec![])
+        .await
+        .expect("cleanup");
+    server.stop().await;
+}
+
 /// A new table `<prefix>_<random>` of `columns` on source `my`, and a
 /// transaction begun there.
 async fn table_and_transaction(client: &weir_client::WeirClient, prefix: &str, columns: &str) -> (String, Vec<u8>) {
@@ -1179,8 +1227,8 @@ async fn table_and_transaction(client: &weir_client::WeirClient, prefix: &str, c
     (table, tx)
 }
 
-/// DDL in a transaction commits it implicitly on MySQL/MariaDB: the
-/// statements after it are refused, not run on their own with autocommit,
+/// DDL in a transaction commits it implicitly on MySQL/MariaDB (DDL that
+/// fails too, since the commit comes first): the statements after it are refused, not run on their own with autocommit,
 /// and Rollback says that what ran before was committed (the handle goes).
 /// Statements that leave the transaction open (reads, writes, savepoints)
 /// go on as before.
@@ -1209,15 +1257,30 @@ async fn ddl_in_a_transaction_ends_it_and_says_so() {
     assert!(committed(&e), "{e:?}");
     let gone = client.rollback(&tx).await.expect_err("the handle is gone");
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    // DDL that fails has committed all the same: MySQL commits before it runs.
+    let tx = client
+        .begin("my", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "my", &format!("INSERT INTO {table} VALUES (3)"), vec![])
+        .await
+        .expect("insert");
+    client
+        .execute_in(&tx, "my", &format!("CREATE TABLE {table} (id INT)"), vec![])
+        .await
+        .expect_err("the table exists");
+    let e = client.rollback(&tx).await.expect_err("committed by the failed DDL");
+    assert!(committed(&e), "{e:?}");
     let rows = client
-        .execute("my", &format!("SELECT id FROM {table}"), vec![])
+        .execute("my", &format!("SELECT id FROM {table} ORDER BY id"), vec![])
         .await
         .expect("rows");
     let ids: Vec<_> = rows.rows.iter().map(|r| int(&r.values[0])).collect();
     assert_eq!(
         ids,
-        [1],
-        "the row before the DDL was committed, the one after never ran"
+        [1, 3],
+        "the rows before each DDL were committed, the one after never ran"
     );
     client
         .execute("my", &format!("DROP TABLE {table}, {made}"), vec![])

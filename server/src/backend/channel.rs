@@ -106,6 +106,11 @@ impl Worker {
         self.rows.send(Ok(Chunk::Rows(rows))).await.is_ok()
     }
 
+    /// Whether the caller has dropped the rows.
+    pub fn is_closed(&self) -> bool {
+        self.rows.is_closed()
+    }
+
     /// Resolves when the caller has dropped the rows.
     pub async fn closed(&self) {
         self.rows.closed().await

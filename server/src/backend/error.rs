@@ -119,13 +119,15 @@ pub enum BackendError {
     /// until it is rolled back.
     #[error("the transaction cannot go on: {0}; roll it back, then run it again from BeginTransaction")]
     TransactionBroken(&'static str),
-    /// A statement of the transaction committed it implicitly (MySQL's DDL,
-    /// `LOCK TABLES`, ...): what ran before is committed, and later
-    /// statements would run on their own, outside any transaction.
+    /// A statement ended its transaction inside the engine (MySQL's DDL
+    /// commits implicitly, as does `LOCK TABLES`; a procedure or a prepared
+    /// statement may commit or roll back): later statements would run on
+    /// their own, outside any transaction.
     #[error(
-        "a statement of this transaction committed it implicitly (MySQL commits before and after DDL such as \
-         CREATE, ALTER, DROP, TRUNCATE, and at LOCK TABLES): its work so far is committed and cannot be rolled \
-         back, and later statements would not run in it; begin a new transaction"
+        "a statement of this transaction ended it: MySQL commits before DDL such as CREATE, ALTER, DROP or \
+         TRUNCATE (even one that fails) and at LOCK TABLES, and a procedure or prepared statement may commit or \
+         roll back; its work so far cannot be rolled back here, and later statements would not run in it; \
+         begin a new transaction"
     )]
     CommittedImplicitly,
     /// One row of a result is larger than a message may be (see

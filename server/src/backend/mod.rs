@@ -87,10 +87,10 @@ impl<T> TxSession<T> {
     }
 
     /// The session, to end the transaction on: later statements are
-    /// refused, and so is a second Commit or Rollback. A Commit whose call
-    /// was dropped after COMMIT was sent leaves the handle behind; run
-    /// again, its `SELECT 1; COMMIT` would find no transaction and report
-    /// success whatever became of the first.
+    /// refused, and so is a second Commit or Rollback (one that raced the
+    /// first, or the reaper): run again, PostgreSQL's `SELECT 1; COMMIT`
+    /// would find no transaction and report success whatever became of the
+    /// first.
     pub async fn to_end(&self) -> Result<tokio::sync::OwnedMutexGuard<T>, BackendError> {
         let session = self.turn().await?;
         if self.ended.swap(true, std::sync::atomic::Ordering::Relaxed) {

@@ -101,25 +101,42 @@ impl SchemaService for SchemaApi {
         let source = source(&caller, &request.get_ref().source)?;
         let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
         let timeout = statement_timeout(&caller);
-        let result = match tokio::time::timeout(timeout, source.backend.connection_info()).await {
-            Ok(result) => result,
+        // Whether the source said nothing for the tenant's whole time limit.
+        let (result, silent) = match tokio::time::timeout(timeout, source.backend.connection_info()).await {
+            Ok(result) => (result, false),
             // The caller's own deadline came first: that says nothing of the source.
             Err(_) if timeout < caller.tenant.limits.statement_timeout => return Err(Error::Timeout(timeout).into()),
             // A wait for a busy pool is no answer either (the health probe's rule).
-            Err(_) if crate::health::pool_is_full(&source) => Err(crate::backend::BackendError::PoolExhausted {
-                max_size: source.config.pool.max_size,
-                waited: timeout,
-            }),
-            Err(_) => Err(crate::backend::BackendError::Unavailable(format!(
-                "the source did not answer within {timeout:?}"
-            ))),
+            Err(_) if crate::health::pool_is_full(&source) => (
+                Err(crate::backend::BackendError::PoolExhausted {
+                    max_size: source.config.pool.max_size,
+                    waited: timeout,
+                }),
+                false,
+            ),
+            Err(_) => (
+                Err(crate::backend::BackendError::Unavailable(format!(
+                    "the source did not answer within {timeout:?}"
+                ))),
+                true,
+            ),
         };
         match &result {
             Ok(info) => source.status.write().answered(Some(info.server_version.clone())),
             // Busy, not down: every connection is in use, here or on the server.
             Err(e) if e.is_busy() => {}
             Err(_) => {
-                if source.status.write().down() {
+                // Silent that long, it is down at once; another failure (a
+                // connection refused, the breaker open) counts as a probe's.
+                let went_down = {
+                    let mut status = source.status.write();
+                    if silent {
+                        status.down()
+                    } else {
+                        status.failed()
+                    }
+                };
+                if went_down {
                     tracing::warn!(
                         tenant = caller.tenant.id,
                         source = source.name,

@@ -153,8 +153,8 @@ impl Transactions {
     /// is simply not found.
     pub fn get(&self, caller: &Caller, handle: &[u8]) -> Result<InUse, Error> {
         let key = key(caller, handle)?;
-        // Being rolled back for its idle time: unless a statement of it
-        // still runs (the reaper then leaves it), it is gone in a moment.
+        // Being rolled back for its idle time (no statement of it runs, or
+        // the reaper would have left it): it expired, and is gone in a moment.
         let entry = self.take_up(&key, true)?;
         self.check_source(caller, &key, &entry.0)?;
         Ok(entry)
@@ -162,8 +162,8 @@ impl Transactions {
 
     /// The transaction `key`, in use from now, counted under the registry's
     /// lock, which the reaper decides under: it never takes a transaction a
-    /// statement or its end has just been given. `Busy` for one the reaper
-    /// is rolling back, if `not_while_reaped`.
+    /// statement or its end has just been given. Not found while the reaper
+    /// rolls it back, if `not_while_reaped`.
     fn take_up(&self, key: &(String, Handle), not_while_reaped: bool) -> Result<InUse, Error> {
         let open = self.open.lock();
         let entry = open
@@ -171,7 +171,7 @@ impl Transactions {
             .filter(|e| !e.revoked.is_cancelled())
             .ok_or(Error::TransactionNotFound)?;
         if not_while_reaped && entry.reaping.load(Ordering::Acquire) {
-            return Err(BackendError::Busy.into());
+            return Err(Error::TransactionNotFound);
         }
         Ok(InUse::new(entry.clone()))
     }

@@ -57,7 +57,7 @@ impl SourceStatus {
     }
 
     /// Down at once, whatever came before (a TestConnection that waited its
-    /// whole time limit is no slow answer); whether it was up.
+    /// whole time limit for an answer is no slow answer); whether it was up.
     pub fn down(&mut self) -> bool {
         let was_up = self.healthy;
         self.healthy = false;

@@ -289,6 +289,17 @@ async fn rolled_back_by(conn: &mut Conn, error: &BackendError) -> Option<&'stati
     })
 }
 
+/// Pings the session. A 1317 ("query execution was interrupted") is the
+/// kill of an abandoned statement answered to the ping (it landed after the
+/// statement ended, or the statement's error was still unread), not a
+/// session lost: it is asked again.
+async fn ping(conn: &mut Conn) -> Result<(), mysql_async::Error> {
+    match conn.ping().await {
+        Err(mysql_async::Error::Server(e)) if e.code == 1317 => conn.ping().await,
+        other => other,
+    }
+}
+
 /// Whether the server says the session is out of its transaction after a
 /// statement that succeeded in it: the statement committed it implicitly.
 /// Read from the statement's last OK packet (no round trip); without one,
@@ -317,22 +328,31 @@ async fn start(
             in_transaction,
         )
         .await;
-        if let (Hold::Transaction(tx), Ok(_)) = (&mut hold, &outcome) {
-            tx.committed = left_transaction(&tx.conn);
-        }
-        if let (Hold::Transaction(tx), Err(e)) = (&mut hold, &outcome) {
-            match e {
-                BackendError::TransactionBroken(cause) => tx.broken = Some(cause),
-                e => {
-                    tx.rolled_back = rolled_back_by(&mut tx.conn, e).await;
-                    // The session may be gone with the error (an I/O error,
-                    // the server going away, a `LOAD DATA LOCAL` the driver
-                    // refused), and the transaction with it: Commit must say
-                    // so, not send COMMIT into a closed connection and call
-                    // its outcome unknown. A round trip, on failures only.
-                    if tx.rolled_back.is_none() && tx.conn.ping().await.is_err() {
-                        tx.rolled_back = Some("its database session was lost");
-                    }
+        if let Hold::Transaction(tx) = &mut hold {
+            // Only a statement read to its end left its own last OK packet:
+            // an abandoned one may have left its prepare's reply there,
+            // which reads as an OK packet without the transaction's flag.
+            let read_to_end = outcome.is_ok() && !worker.is_closed();
+            match &outcome {
+                Err(BackendError::TransactionBroken(cause)) => tx.broken = Some(cause),
+                Err(e) => tx.rolled_back = rolled_back_by(&mut tx.conn, e).await,
+                Ok(_) => {}
+            }
+            if tx.broken.is_none() && tx.rolled_back.is_none() {
+                if read_to_end {
+                    tx.committed = left_transaction(&tx.conn);
+                // After a failure or an abandon, a round trip: the session
+                // may be gone with the error (an I/O error, the server going
+                // away, a `LOAD DATA LOCAL` the driver refused), and the
+                // transaction with it: Commit must say so, not send COMMIT
+                // into a closed connection and call its outcome unknown. And
+                // DDL commits before it runs, so one that fails (a table that
+                // exists) or is killed has still ended the transaction: the
+                // ping's answer carries the session's flags as they are now.
+                } else if ping(&mut tx.conn).await.is_err() {
+                    tx.rolled_back = Some("its database session was lost");
+                } else {
+                    tx.committed = left_transaction(&tx.conn);
                 }
             }
         }

@@ -875,6 +875,10 @@ async fn test_connection_tells_a_short_deadline_from_a_silent_source() {
     let err = client.test_connection("pg").await.expect_err("frozen");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("did not answer within"), "{err:?}");
+    // One failure, as one probe's: the source that was up is in doubt, not
+    // down (two in a row take it down).
+    assert!(client.list_sources().await.expect("sources")[0].healthy);
+    client.test_connection("pg").await.expect_err("frozen");
     assert!(!client.list_sources().await.expect("sources")[0].healthy);
     proxy.freeze(false);
     server.stop().await;

@@ -1165,9 +1165,9 @@ async fn a_transaction_whose_statement_could_not_be_killed_does_not_commit() {
 }
 
 /// A statement of a transaction abandoned by its deadline (killed in the
-/// engine) leaves the transaction open, and it is not taken as ended: the
-/// last packet the driver read may be the statement's prepare reply, which
-/// reads as an OK packet without the transaction's flag.
+/// engine) leaves the transaction open, and it is not taken as ended: what
+/// the driver last read as an OK packet is then not the statement's own
+/// answer (judged by it, the transaction was taken as committed).
 #[tokio::test]
 async fn a_transaction_goes_on_after_an_abandoned_statement() {
     let server = TestServer::start(&tenant("abandoned", "", &mysql("abandoned", "my", ""))).await;
@@ -1272,6 +1272,20 @@ async fn ddl_in_a_transaction_ends_it_and_says_so() {
         .expect_err("the table exists");
     let e = client.rollback(&tx).await.expect_err("committed by the failed DDL");
     assert!(committed(&e), "{e:?}");
+    // Commit says what happened: what ran is committed.
+    let tx = client
+        .begin("my", IsolationLevel::Unspecified, false)
+        .await
+        .expect("begin");
+    client
+        .execute_in(&tx, "my", &format!("INSERT INTO {table} VALUES (4)"), vec![])
+        .await
+        .expect("insert");
+    client
+        .execute_in(&tx, "my", &format!("DROP TABLE {made}"), vec![])
+        .await
+        .expect("ddl");
+    client.commit(&tx).await.expect("committed");
     let rows = client
         .execute("my", &format!("SELECT id FROM {table} ORDER BY id"), vec![])
         .await
@@ -1279,11 +1293,11 @@ async fn ddl_in_a_transaction_ends_it_and_says_so() {
     let ids: Vec<_> = rows.rows.iter().map(|r| int(&r.values[0])).collect();
     assert_eq!(
         ids,
-        [1, 3],
+        [1, 3, 4],
         "the rows before each DDL were committed, the one after never ran"
     );
     client
-        .execute("my", &format!("DROP TABLE {table}, {made}"), vec![])
+        .execute("my", &format!("DROP TABLE {table}"), vec![])
         .await
         .expect("cleanup");
     server.stop().await;

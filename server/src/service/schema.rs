@@ -101,41 +101,27 @@ impl SchemaService for SchemaApi {
         let source = source(&caller, &request.get_ref().source)?;
         let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
         let timeout = statement_timeout(&caller);
-        // Whether the source said nothing for the tenant's whole time limit.
-        let (result, silent) = match tokio::time::timeout(timeout, source.backend.connection_info()).await {
-            Ok(result) => (result, false),
+        let result = match tokio::time::timeout(timeout, source.backend.connection_info()).await {
+            Ok(result) => result,
             // The caller's own deadline came first: that says nothing of the source.
             Err(_) if timeout < caller.tenant.limits.statement_timeout => return Err(Error::Timeout(timeout).into()),
             // A wait for a busy pool is no answer either (the health probe's rule).
-            Err(_) if crate::health::pool_is_full(&source) => (
-                Err(crate::backend::BackendError::PoolExhausted {
-                    max_size: source.config.pool.max_size,
-                    waited: timeout,
-                }),
-                false,
-            ),
-            Err(_) => (
-                Err(crate::backend::BackendError::Unavailable(format!(
-                    "the source did not answer within {timeout:?}"
-                ))),
-                true,
-            ),
+            Err(_) if crate::health::pool_is_full(&source) => Err(crate::backend::BackendError::PoolExhausted {
+                max_size: source.config.pool.max_size,
+                waited: timeout,
+            }),
+            Err(_) => Err(crate::backend::BackendError::Unavailable(format!(
+                "the source did not answer within {timeout:?}"
+            ))),
         };
         match &result {
             Ok(info) => source.status.write().answered(Some(info.server_version.clone())),
             // Busy, not down: every connection is in use, here or on the server.
             Err(e) if e.is_busy() => {}
+            // As a probe's: one failure puts a source that was up in doubt,
+            // and its time limit may be far shorter than a probe's.
             Err(_) => {
-                // Silent that long, it is down at once; another failure (a
-                // connection refused, the breaker open) counts as a probe's.
-                let went_down = {
-                    let mut status = source.status.write();
-                    if silent {
-                        status.down()
-                    } else {
-                        status.failed()
-                    }
-                };
+                let went_down = source.status.write().failed();
                 if went_down {
                     tracing::warn!(
                         tenant = caller.tenant.id,

@@ -80,6 +80,9 @@ impl Drop for InUse {
 #[derive(Default)]
 pub struct Transactions {
     open: Mutex<HashMap<(String, Handle), Arc<OpenTransaction>>>,
+    /// Commits and rollbacks under way, which outlive their calls: the
+    /// shutdown waits for them (within its budget) rather than cut a COMMIT.
+    ending: tokio_util::task::TaskTracker,
 }
 
 fn key(caller: &Caller, handle: &[u8]) -> Result<(String, Handle), Error> {
@@ -227,7 +230,8 @@ impl Transactions {
         // connection and its place in the tenant's limit until the idle
         // reaper found it, and its handle would answer nothing but NOT_FOUND.
         let registry = self.clone();
-        match tokio::spawn(async move { registry.end(key, entry, commit, limit).await }).await {
+        let ending = async move { registry.end(key, entry, commit, limit).await };
+        match self.ending.spawn(tracing::Instrument::in_current_span(ending)).await {
             Ok(ended) => ended,
             // Cut by the runtime's end, or failed: a COMMIT may have gone.
             Err(e) if commit => {
@@ -307,7 +311,8 @@ impl Transactions {
                 registry.forget(&key, &entry);
                 match outcome {
                     // Committed or rolled back by its caller meanwhile.
-                    Ok(Err(BackendError::TransactionEnded)) => {}
+                    // A MySQL statement of it had already ended it (DDL).
+                    Ok(Err(BackendError::TransactionEnded | BackendError::CommittedImplicitly)) => {}
                     Ok(_) if entry.revoked.is_cancelled() => tracing::info!(
                         tenant = key.0,
                         source = entry.source,
@@ -339,10 +344,13 @@ impl Transactions {
     /// dropped, and the engine rolls it back.
     pub async fn rollback_all(&self) {
         let all: Vec<_> = self.open.lock().drain().map(|(_, e)| e).collect();
-        futures::future::join_all(
+        // Beside the rollbacks, the commits and rollbacks their callers
+        // began, to their end: cut, a COMMIT's outcome would be unknown.
+        self.ending.close();
+        let rollbacks = futures::future::join_all(
             all.iter()
                 .map(|entry| tokio::time::timeout(REAP_ROLLBACK_TIMEOUT, entry.tx.rollback())),
-        )
-        .await;
+        );
+        tokio::join!(rollbacks, self.ending.wait());
     }
 }

@@ -56,15 +56,6 @@ impl SourceStatus {
         went_down
     }
 
-    /// Down at once, whatever came before (a TestConnection that waited its
-    /// whole time limit for an answer is no slow answer); whether it was up.
-    pub fn down(&mut self) -> bool {
-        let was_up = self.healthy;
-        self.healthy = false;
-        self.failures = self.failures.max(DOWN_AFTER);
-        was_up
-    }
-
     /// Up, with a failed probe still to be confirmed by the next.
     pub fn in_doubt(&self) -> bool {
         self.healthy && self.failures > 0

@@ -499,10 +499,12 @@ pub enum Compression {
 }
 
 /// Scheduling priority of a call (`RequestOptions.priority`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     Low,
+    /// What a call that names none gets.
+    #[default]
     Medium,
     High,
 }

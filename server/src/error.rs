@@ -77,7 +77,7 @@ pub enum Error {
     TooManySubscriptions { limit: u32 },
     #[error(
         "record {index} has {size} bytes, more than the limit of {limit} (the tenant's max_record_bytes, or the \
-         source's producer's message.max.bytes less 36 bytes of framing, whichever is less); nothing was sent"
+         source's producer's message.max.bytes less librdkafka's framing of a record, whichever is less); nothing was sent"
     )]
     RecordTooLarge { index: usize, size: usize, limit: u64 },
     /// Topics outside the tenant's allow-list get the same answer as topics that do not exist.

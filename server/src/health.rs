@@ -95,17 +95,13 @@ async fn probe_all(tenants: &Tenants) -> Round {
         .collect()
         .await;
     for (tenant, source, result) in results {
+        match result {
+            Probe::Up(info) => source.status.write().answered(Some(info.server_version)),
+            Probe::Busy => source.status.write().answered(None),
+            Probe::Down => source.probe_failed(&tenant.id),
+        }
         let healthy = {
-            let mut status = source.status.write();
-            match result {
-                Probe::Up(info) => status.answered(Some(info.server_version)),
-                Probe::Busy => status.answered(None),
-                Probe::Down => {
-                    if status.failed() {
-                        tracing::warn!(tenant = tenant.id, source = source.name, "source became unreachable");
-                    }
-                }
-            }
+            let status = source.status.read();
             in_doubt |= status.in_doubt();
             status.healthy
         };

@@ -74,7 +74,8 @@ impl Gate {
         match options.map(|o| pb::Priority::try_from(o.priority)) {
             Some(Ok(pb::Priority::Low)) => Ok(Priority::Low),
             Some(Ok(pb::Priority::High)) => Ok(Priority::High),
-            None | Some(Ok(pb::Priority::Unspecified | pb::Priority::Medium)) => Ok(Priority::Medium),
+            Some(Ok(pb::Priority::Medium)) => Ok(Priority::Medium),
+            None | Some(Ok(pb::Priority::Unspecified)) => Ok(Priority::default()),
             Some(Err(_)) => Err(Error::InvalidArgument {
                 field: "options.priority",
                 message: "unknown priority; use LOW, MEDIUM or HIGH".into(),

@@ -99,7 +99,7 @@ impl SchemaService for SchemaApi {
     ) -> Result<Response<pb::TestConnectionResponse>, Status> {
         let caller = caller(&request)?;
         let source = source(&caller, &request.get_ref().source)?;
-        let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
+        let _admitted = self.gate.admit(&caller, Priority::default()).await?;
         let timeout = statement_timeout(&caller);
         let result = match tokio::time::timeout(timeout, source.backend.connection_info()).await {
             Ok(result) => result,
@@ -120,16 +120,7 @@ impl SchemaService for SchemaApi {
             Err(e) if e.is_busy() => {}
             // As a probe's: one failure puts a source that was up in doubt,
             // and its time limit may be far shorter than a probe's.
-            Err(_) => {
-                let went_down = source.status.write().failed();
-                if went_down {
-                    tracing::warn!(
-                        tenant = caller.tenant.id,
-                        source = source.name,
-                        "source became unreachable"
-                    );
-                }
-            }
+            Err(_) => source.probe_failed(&caller.tenant.id),
         }
         let info = result?;
         Ok(Response::new(pb::TestConnectionResponse {
@@ -150,7 +141,7 @@ impl SchemaService for SchemaApi {
         let caller = caller(&request)?;
         let r = request.get_ref();
         let source = source(&caller, &r.source)?;
-        let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
+        let _admitted = self.gate.admit(&caller, Priority::default()).await?;
         let budget = Budget::of(&caller);
         let schemas = timed(&budget, source.backend.sql()?.list_schemas(r.include_system)).await?;
         Ok(Response::new(pb::ListSchemasResponse {
@@ -177,7 +168,7 @@ impl SchemaService for SchemaApi {
         })?;
         let after = page_token::read(r)?;
         let source = source(&caller, &r.source)?;
-        let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
+        let _admitted = self.gate.admit(&caller, Priority::default()).await?;
         let budget = Budget::of(&caller);
         let sql = source.backend.sql()?;
         let schema = non_empty(&r.schema);
@@ -251,7 +242,7 @@ impl SchemaService for SchemaApi {
         }
         let source = source(&caller, &r.source)?;
         super::record_object(&r.table);
-        let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
+        let _admitted = self.gate.admit(&caller, Priority::default()).await?;
         let budget = Budget::of(&caller);
         let description = timed(
             &budget,

@@ -589,7 +589,7 @@ impl StreamService for StreamApi {
         // caller is answered within its time (librdkafka's synchronous
         // commit waits for a coordinator without end); the source bounds
         // how many commits may still wait after their callers were answered.
-        let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
+        let _admitted = self.gate.admit(&caller, Priority::default()).await?;
         let limit = super::statement_timeout(&caller);
         match tokio::time::timeout(limit, topics.commit(&group, offsets)).await {
             Ok(committed) => committed?,
@@ -610,7 +610,7 @@ impl StreamService for StreamApi {
     ) -> std::result::Result<Response<pb::ListTopicsResponse>, Status> {
         let caller = caller(&request)?;
         let topics = topics_of(&caller, &request.get_ref().source)?;
-        let _admitted = self.gate.admit(&caller, Priority::Medium).await?;
+        let _admitted = self.gate.admit(&caller, Priority::default()).await?;
         let listed = topics.list_topics().await?;
         Ok(Response::new(pb::ListTopicsResponse {
             topics: listed

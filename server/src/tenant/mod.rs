@@ -81,6 +81,14 @@ pub struct Source {
 }
 
 impl Source {
+    /// Records a failed probe (the health monitor's, or a TestConnection),
+    /// and says so when the source goes down with it.
+    pub fn probe_failed(&self, tenant: &str) {
+        if self.status.write().failed() {
+            tracing::warn!(tenant, source = self.name, "source became unreachable");
+        }
+    }
+
     /// Counts rows and bytes this source returned to a caller.
     pub fn count_returned(&self, rows: u64, bytes: u64) {
         self.returned.returned(rows, bytes);

@@ -256,6 +256,9 @@ fn default_leeway() -> Duration {
     Duration::from_secs(30)
 }
 
+/// The longest `auth.jwt.leeway` allowed.
+const MAX_JWT_LEEWAY: Duration = Duration::from_secs(300);
+
 /// More runtime threads than this is a typo, not a tuning.
 const MAX_WORKER_THREADS: usize = 1024;
 
@@ -794,6 +797,14 @@ impl Config {
             }
         }
         if let Some(jwt) = &self.auth.jwt {
+            // Clock skew is seconds: a day's leeway accepts expired tokens
+            // for a day, and one past the Unix time overflows the check.
+            if jwt.leeway > MAX_JWT_LEEWAY {
+                return Err(invalid(
+                    "auth.jwt.leeway",
+                    format!("at most {MAX_JWT_LEEWAY:?}: it is the clock skew allowed, not a token lifetime"),
+                ));
+            }
             crate::transport::jwt::JwtVerifier::new(jwt).map_err(|e| invalid("auth.jwt", e))?;
         }
         let table = &self.bulk.load_id_table;
@@ -1293,14 +1304,17 @@ impl SourceConfig {
 
     /// Reads the password from its environment variable or file, if one is configured.
     pub fn password(&self) -> Result<Option<String>, String> {
+        // Trailing line breaks go, from a variable as from a file: a Secret
+        // made from a file (`--from-file`, then `envFrom`) often ends in one.
+        let line = |s: String| Some(s.trim_end_matches(['\r', '\n']).to_string());
         if let Some(var) = &self.password_env {
             return std::env::var(var)
-                .map(Some)
+                .map(line)
                 .map_err(|_| format!("environment variable {var} (password_env) is not set"));
         }
         if let Some(path) = &self.password_file {
             return std::fs::read_to_string(path)
-                .map(|s| Some(s.trim_end_matches(['\r', '\n']).to_string()))
+                .map(line)
                 .map_err(|e| format!("cannot read password_file {}: {e}", path.display()));
         }
         if let Some(sealed) = &self.password_sealed {
@@ -1423,6 +1437,32 @@ mod tests {
         // Managed Redis with encryption in transit: needs redis' TLS feature built in.
         parse("rediss://cache.example:6380/0").expect("TLS");
         assert!(parse("http://cache.example").is_err());
+    }
+
+    #[test]
+    fn a_password_from_the_environment_loses_its_trailing_line_break() {
+        const VAR: &str = "WEIR_TEST_PASSWORD_WITH_LINE_BREAK";
+        std::env::set_var(VAR, "s3cret\r\n");
+        let config = Config::from_toml(&format!(
+            "[tenants.a.sources.pg]\nengine = \"postgres\"\nhost = \"h\"\ndatabase = \"d\"\nuser = \"u\"\npassword_env = \"{VAR}\"\n"
+        ))
+        .expect("config");
+        let password = config.tenants["a"].sources["pg"].password().expect("password");
+        assert_eq!(password.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn a_jwt_leeway_longer_than_clock_skew_is_refused() {
+        let parse = |v: &str| {
+            Config::from_toml(&format!(
+                "[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\nalgorithm = \"HS256\"\n\
+                 secret_env = \"WEIR_TEST_UNSET_SECRET\"\nleeway = \"{v}\"\n"
+            ))
+        };
+        let err = parse("100y").expect_err("a century").to_string();
+        assert!(err.contains("auth.jwt.leeway"), "{err}");
+        let err = parse("301s").expect_err("past five minutes").to_string();
+        assert!(err.contains("auth.jwt.leeway"), "{err}");
     }
 
     #[test]

@@ -34,11 +34,18 @@ enum Command {
     },
 }
 
-/// The first line of stdin, without its line ending.
-fn read_stdin_line() -> Result<String, std::io::Error> {
+/// The one line of stdin, without its line ending. More than one line is
+/// refused: hashing or sealing them joined would give a value that matches
+/// nothing the caller meant.
+fn read_stdin_line() -> Result<String, String> {
     let mut s = String::new();
-    std::io::stdin().read_to_string(&mut s)?;
-    Ok(s.trim_end_matches(['\r', '\n']).to_string())
+    std::io::stdin().read_to_string(&mut s).map_err(|e| e.to_string())?;
+    let line = s.strip_suffix('\n').unwrap_or(&s);
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    if line.contains(['\r', '\n']) {
+        return Err("stdin holds more than one line; give it exactly one".into());
+    }
+    Ok(line.to_string())
 }
 
 /// Listens for SIGTERM and SIGINT from now on, and resolves on the first.

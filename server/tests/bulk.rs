@@ -731,7 +731,7 @@ async fn a_load_cut_by_shutdown_changes_nothing(engine: Engine) {
 /// when its rows are still waiting behind the tenant's load rate as the
 /// grace period ends.
 async fn a_load_sent_in_full_commits_during_shutdown(engine: Engine) {
-    // 100 rows at 40 rows/s: the last of them wait about 1.5 s, past the 1 s grace.
+    // 120 rows at 40 rows/s: the last of them wait about 2 s, past the 1 s grace.
     let with_grace = format!(
         "{}[server]\nshutdown_grace = \"1s\"\n",
         engine.source("bulk", "load_rows_per_second = 40")
@@ -740,7 +740,16 @@ async fn a_load_sent_in_full_commits_during_shutdown(engine: Engine) {
     let client = server.client("key-bulk").await;
     let ctx = Ctx { engine, server, client };
     ctx.table("weir_bulk_sent", 2).await;
+    // Three messages of rows, then the end: the last two wait in the
+    // server's buffers when the grace period ends, and are still loaded.
     let (tx, requests) = open_load("weir_bulk_sent").await;
+    for more in [100..110, 110..120] {
+        tx.send(pb::LoadRequest {
+            message: Some(pb::load_request::Message::Rows(pb::LoadRows { rows: rows(more) })),
+        })
+        .await
+        .expect("rows");
+    }
     drop(tx);
     let mut bulk = ctx.client.bulk();
     let call = tokio::spawn(async move { bulk.load(requests).await });
@@ -751,7 +760,7 @@ async fn a_load_sent_in_full_commits_during_shutdown(engine: Engine) {
         .expect("the load ends")
         .expect("load task")
         .unwrap_or_else(|e| panic!("{engine:?}: a load sent in full commits: {e:?}"));
-    assert_eq!(loaded.into_inner().rows_inserted, 100, "{engine:?}");
+    assert_eq!(loaded.into_inner().rows_inserted, 120, "{engine:?}");
     tokio::time::timeout(Duration::from_secs(8), stopping)
         .await
         .expect("server stopped")
@@ -759,7 +768,7 @@ async fn a_load_sent_in_full_commits_during_shutdown(engine: Engine) {
     let server = TestServer::start(&engine.source("bulk", "")).await;
     let client = server.client("key-bulk").await;
     let ctx = Ctx { engine, server, client };
-    assert_eq!(ctx.contents("weir_bulk_sent").await.len(), 100, "{engine:?}");
+    assert_eq!(ctx.contents("weir_bulk_sent").await.len(), 120, "{engine:?}");
     ctx.server.stop().await;
 }
 
@@ -1569,39 +1578,48 @@ async fn a_postgres_load_given_up_on_stops_its_statement() {
 /// round is the row's error, as a `real` placeholder's is, not a silent
 /// rounding.
 async fn single_precision_columns_take_only_what_they_hold_exactly(engine: Engine) {
-    let ctx = Ctx::new(engine, "").await;
-    let table = "weir_bulk_single";
     let real = if engine == Engine::Postgres { "real" } else { "FLOAT" };
-    ctx.exec(&format!("DROP TABLE IF EXISTS {table}")).await;
-    ctx.exec(&format!("CREATE TABLE {table} (id INT PRIMARY KEY, f {real})"))
-        .await;
-    let rows = [
+    let values = [
         Kind::Int64Value(16_777_216),
         Kind::Int64Value(16_777_217),
         Kind::DecimalValue("2.5".into()),
         Kind::DecimalValue("1.23456789".into()),
-    ]
-    .into_iter()
-    .enumerate()
-    .map(|(i, f)| pb::Row {
-        values: vec![v(Kind::Int64Value(i as i64)), v(f)],
-    })
-    .collect();
+    ];
+    assert_eq!(
+        load_skipping(engine, "weir_bulk_single", real, values).await,
+        (2, vec![1, 3])
+    );
+}
+
+/// Loads `values` into a new table `table` (id, a column of `column_type`)
+/// with bad rows skipped: the rows inserted and the indexes of those skipped.
+async fn load_skipping(
+    engine: Engine,
+    table: &str,
+    column_type: &str,
+    values: impl IntoIterator<Item = Kind>,
+) -> (u64, Vec<u64>) {
+    let ctx = Ctx::new(engine, "").await;
+    ctx.exec(&format!("DROP TABLE IF EXISTS {table}")).await;
+    ctx.exec(&format!("CREATE TABLE {table} (id INT PRIMARY KEY, x {column_type})"))
+        .await;
+    let rows = values
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| pb::Row {
+            values: vec![v(Kind::Int64Value(i as i64)), v(x)],
+        })
+        .collect();
     let mut load = pb::LoadHeader {
-        columns: vec!["id".into(), "f".into()],
+        columns: vec!["id".into(), "x".into()],
         ..header(table, pb::BulkLoadMode::Append)
     };
     load.bad_rows = pb::BadRowPolicy::Skip as i32;
     let r = ctx.load(load, vec![rows]).await.expect("load");
-    let skipped: Vec<_> = r.row_errors.iter().map(|e| e.row_index).collect();
-    assert_eq!(
-        (r.rows_inserted, skipped),
-        (2, vec![1, 3]),
-        "{engine:?}: {:?}",
-        r.row_errors
-    );
+    eprintln!("{engine:?} row errors: {:?}", r.row_errors);
     ctx.exec(&format!("DROP TABLE {table}")).await;
     ctx.server.stop().await;
+    (r.rows_inserted, r.row_errors.iter().map(|e| e.row_index).collect())
 }
 
 #[tokio::test]
@@ -1612,6 +1630,41 @@ async fn single_precision_columns_take_only_what_they_hold_exactly_in_postgres()
 #[tokio::test]
 async fn single_precision_columns_take_only_what_they_hold_exactly_in_mysql() {
     single_precision_columns_take_only_what_they_hold_exactly(Engine::Mysql).await;
+}
+
+/// A decimal column of declared precision and scale takes a number only
+/// when it holds it without rounding: digits past its scale (which every
+/// engine would round without a word) and past its precision are the
+/// row's error.
+async fn decimal_columns_take_only_what_they_hold_exactly(engine: Engine) {
+    let values = [
+        Kind::DecimalValue("1.5".into()),
+        Kind::DecimalValue("1.005".into()),
+        Kind::DoubleValue(1.2345),
+        Kind::Int64Value(12_345),
+        Kind::DecimalValue("-9999.99".into()),
+        Kind::DoubleValue(0.25),
+    ];
+    assert_eq!(
+        load_skipping(engine, "weir_bulk_decimal", "DECIMAL(6,2)", values).await,
+        (3, vec![1, 2, 3])
+    );
+}
+
+#[tokio::test]
+async fn decimal_columns_take_only_what_they_hold_exactly_in_postgres() {
+    decimal_columns_take_only_what_they_hold_exactly(Engine::Postgres).await;
+}
+
+#[tokio::test]
+async fn decimal_columns_take_only_what_they_hold_exactly_in_mysql() {
+    decimal_columns_take_only_what_they_hold_exactly(Engine::Mysql).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a SQL Server: set WEIR_TEST_MSSQL_URL and run with --include-ignored"]
+async fn decimal_columns_take_only_what_they_hold_exactly_in_mssql() {
+    decimal_columns_take_only_what_they_hold_exactly(Engine::Mssql).await;
 }
 
 /// A PostgreSQL array's elements are checked as the scalar column's value
@@ -1690,6 +1743,62 @@ async fn array_elements_are_checked_like_values_in_postgres() {
             ("{{1.5,NULL}}".to_string(), "{b,NULL}".to_string()),
         ]
     );
+    ctx.exec(&format!("DROP TABLE {table}")).await;
+    ctx.server.stop().await;
+}
+
+/// PostgreSQL's `time` would drop a value's UTC offset and `timetz` give a
+/// value without one the session's: both are the row's error, and a time
+/// with its offset into `timetz` keeps it.
+#[tokio::test]
+async fn postgres_times_keep_their_offsets_or_are_refused() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "weir_bulk_times";
+    ctx.exec(&format!("DROP TABLE IF EXISTS {table}")).await;
+    ctx.exec(&format!(
+        "CREATE TABLE {table} (id INT PRIMARY KEY, a TIME, b TIMETZ[])"
+    ))
+    .await;
+    let time = |offset: Option<i32>| {
+        Kind::TimeValue(pb::TimeOfDay {
+            hours: 10,
+            utc_offset_seconds: offset,
+            ..Default::default()
+        })
+    };
+    let list = |values: Vec<Kind>| {
+        v(Kind::ListValue(pb::ListValue {
+            values: values.into_iter().map(v).collect(),
+        }))
+    };
+    let cases = vec![
+        (v(time(None)), list(vec![time(Some(7200))])),
+        (v(time(Some(7200))), list(vec![time(Some(0))])),
+        (v(time(None)), list(vec![time(Some(0)), time(None)])),
+    ];
+    let rows = cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, (a, b))| pb::Row {
+            values: vec![v(Kind::Int64Value(i as i64)), a, b],
+        })
+        .collect();
+    let mut load = pb::LoadHeader {
+        columns: vec!["id".into(), "a".into(), "b".into()],
+        ..header(table, pb::BulkLoadMode::Append)
+    };
+    load.bad_rows = pb::BadRowPolicy::Skip as i32;
+    let r = ctx.load(load, vec![rows]).await.expect("load");
+    let skipped: Vec<_> = r.row_errors.iter().map(|e| (e.row_index, e.column.as_str())).collect();
+    assert_eq!(
+        (r.rows_inserted, skipped),
+        (1, vec![(1, "a"), (2, "b")]),
+        "{:?}",
+        r.row_errors
+    );
+    let stored = ctx.exec(&format!("SELECT a::text, b::text FROM {table}")).await;
+    let row = &stored.rows[0].values;
+    assert_eq!((text(&row[0]), text(&row[1])), ("10:00:00", "{10:00:00+02}"));
     ctx.exec(&format!("DROP TABLE {table}")).await;
     ctx.server.stop().await;
 }
@@ -2576,8 +2685,87 @@ async fn postgres_an_aborted_load_stops_its_waiting_statement() {
 #[tokio::test]
 async fn postgres_replaces_at_once_leave_one_loads_rows() {
     let ctx = Ctx::new(Engine::Postgres, "").await;
-    let table = "weir_bulk_replace_twice";
+    replaces_at_once_leave_one_loads_rows(&ctx, "weir_bulk_replace_twice", 2, Duration::ZERO).await;
+    ctx.server.stop().await;
+}
+
+/// The same as a role whose defaults are REPEATABLE READ (whose snapshot,
+/// taken before the lock, would keep the first load's rows from the
+/// second's DELETE: both loads' rows stayed) and a one-second statement
+/// timeout (a load lasts as long as its client streams: the first is held
+/// open past it).
+#[tokio::test]
+async fn postgres_loads_ignore_the_roles_isolation_and_statement_timeout() {
+    let password = env_or("WEIR_TEST_PG_PASSWORD", "weir-strict-loads");
+    pg_direct()
+        .await
+        .batch_execute(&format!(
+            "DO $$ BEGIN CREATE ROLE weir_strict_loads LOGIN SUPERUSER; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+             ALTER ROLE weir_strict_loads PASSWORD '{password}'; \
+             ALTER ROLE weir_strict_loads SET default_transaction_isolation = 'repeatable read'; \
+             ALTER ROLE weir_strict_loads SET statement_timeout = '1s'"
+        ))
+        .await
+        .expect("a role with strict defaults");
+    let user = format!("user = \"{}\"", env_or("WEIR_TEST_PG_USER", "postgres"));
+    let source = postgres("strict", "db", "").replace(&user, "user = \"weir_strict_loads\"");
+    let server = TestServer::start(&tenant("strict", "", &source)).await;
+    let client = server.client("key-strict").await;
+    let ctx = Ctx {
+        engine: Engine::Postgres,
+        server,
+        client,
+    };
+    replaces_at_once_leave_one_loads_rows(&ctx, "weir_bulk_replace_strict", 0, Duration::from_millis(1500)).await;
+    ctx.server.stop().await;
+}
+
+/// A bad row the gateway finds is reported at once, even while the engine
+/// still waits for a lock (another load's REPLACE holds the table): the
+/// engine's statement is stopped, not waited for.
+#[tokio::test]
+async fn a_bad_row_is_reported_while_the_engine_waits_for_a_lock() {
+    let ctx = Ctx::new(Engine::Postgres, "").await;
+    let table = "weir_bulk_bad_while_locked";
     ctx.table(table, 2).await;
+    let (tx, requests) = open_load(table).await;
+    let mut bulk = ctx.client.bulk();
+    let first = tokio::spawn(async move { bulk.load(requests).await });
+    let pg = pg_direct().await;
+    assert!(
+        wait_until_running(&pg, table, Duration::from_secs(5)).await,
+        "the first load reached the engine"
+    );
+    let mut bad = rows(200..250);
+    bad[10].values[2] = v(Kind::StringValue("x".into()));
+    let started = Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        ctx.client
+            .load(header(table, pb::BulkLoadMode::Append), tokio_stream::iter(vec![bad])),
+    )
+    .await
+    .expect("answered while the first load still holds the table")
+    .expect_err("a bad row");
+    assert_eq!(
+        (err.code(), reason(&err)),
+        (Code::InvalidArgument, "BAD_ROW".to_string()),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(!first.is_finished(), "the first load was still open");
+    drop(tx);
+    let first = first.await.expect("task").expect("the first load commits").into_inner();
+    assert_eq!(first.rows_inserted, 100);
+    assert_eq!(ctx.contents(table).await.len(), 100, "the bad load left nothing");
+    ctx.server.stop().await;
+}
+
+/// A REPLACE of `table` (with `rows_before` rows) held open for `held`
+/// once a second REPLACE waits for it; then both commit.
+async fn replaces_at_once_leave_one_loads_rows(ctx: &Ctx, table: &str, rows_before: i64, held: Duration) {
+    ctx.table(table, rows_before).await;
     let (tx, requests) = open_load(table).await;
     let mut bulk = ctx.client.bulk();
     let first = tokio::spawn(async move { bulk.load(requests).await });
@@ -2604,6 +2792,7 @@ async fn postgres_replaces_at_once_leave_one_loads_rows() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!second.is_finished(), "the second load waits for the first");
+    tokio::time::sleep(held).await;
     drop(tx);
     let first = first.await.expect("task").expect("the first load commits").into_inner();
     assert_eq!(first.rows_inserted, 100);
@@ -2612,7 +2801,6 @@ async fn postgres_replaces_at_once_leave_one_loads_rows() {
     let after = ctx.contents(table).await;
     assert_eq!(after.len(), 50, "only the last load's rows: {after:?}");
     assert_eq!(after.first().map(String::as_str), Some("200:n200:200"));
-    ctx.server.stop().await;
 }
 
 /// A PostgreSQL REPLACE into a foreign table (postgres_fdw, back to this

@@ -1925,7 +1925,8 @@ async fn mysql_without_restart_columns_an_acknowledgement_is_stored_at_the_prepa
 
 /// A session that logs partial row images (`binlog_row_image = MINIMAL`,
 /// which any session may set) still has each value under its own column;
-/// a column not in the image is NULL.
+/// a column not in the image is NULL and named in `unchanged_columns`
+/// (without, a consumer would write NULL over its value).
 #[tokio::test]
 async fn mysql_minimal_row_images_keep_values_under_their_columns() {
     use mysql_async::prelude::Queryable;
@@ -1948,6 +1949,7 @@ async fn mysql_minimal_row_images_keep_values_under_their_columns() {
     let after = c.after.as_ref().expect("the changed column after");
     assert_eq!(decimal(col(c, after, "n")), "9.75");
     assert!(is_null(col(c, after, "v")), "{c:?}");
+    assert_eq!(c.unchanged_columns, ["id", "v"], "{c:?}");
     drop((watch, my));
     ctx.finish(&[&sub], &[&t]).await;
 }

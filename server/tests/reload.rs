@@ -1129,6 +1129,48 @@ async fn a_call_revoked_while_waiting_for_its_turn_never_runs() {
         .expect("drop");
 }
 
+/// A call that waited for a gateway slot while its key was revoked is
+/// refused at the revocation, and never reaches its source.
+#[tokio::test]
+async fn a_call_revoked_while_queued_for_a_gateway_slot_never_runs() {
+    let one_slot = |keys: &[&str]| {
+        format!(
+            "[server]\nreload_interval = \"100ms\"\nmax_concurrent_requests = 1\nmax_queue_wait = \"20s\"\n\
+             [tenants.a]\n{}{}",
+            api_keys(keys),
+            postgres("a", "pg", "")
+        )
+    };
+    let file = ConfigFile::new(&one_slot(&["a1", "a2"]));
+    let weir = start(&file);
+    let kept = WeirClient::connect(&weir.addr, "key-a1").await.expect("a1");
+    let gone = WeirClient::connect(&weir.addr, "key-a2").await.expect("a2");
+    // The gateway's one slot, held for 8 s.
+    let holder = tokio::spawn({
+        let kept = kept.clone();
+        async move { kept.execute("pg", "SELECT pg_sleep(8)", vec![]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let begin = tokio::spawn({
+        let gone = gone.clone();
+        async move { gone.begin("pg", pb::IsolationLevel::Unspecified, false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    file.write(&one_slot(&["a1"]));
+    reloaded(&weir);
+    let err = tokio::time::timeout(Duration::from_secs(4), begin)
+        .await
+        .expect("refused at the revocation, not when the slot frees")
+        .expect("task")
+        .expect_err("revoked while queued");
+    assert_eq!(reason(&err), "CREDENTIAL_REVOKED", "{err:?}");
+    assert!(
+        !holder.is_finished(),
+        "the slot was still held when the queued call was refused"
+    );
+    holder.await.expect("task").expect("the holder's statement");
+}
+
 /// Threads of the process named `name`.
 fn threads_named(pid: u32, name: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))

@@ -68,3 +68,42 @@ async fn a_value_sealed_with_a_retired_key_fails_without_showing_the_secret() {
     assert!(e.contains("v7"), "{e}");
     assert!(!e.contains("never-shown-secret"), "{e}");
 }
+
+/// Runs `weir <args>` with `input` on stdin: its exit success and stdout.
+fn weir_fed(args: &[&str], input: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .env(sealed::KEYS_ENV, format!("v1={}", keys().0))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start weir");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("weir exits");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
+/// `hash-key` and `seal` read one line: its line ending goes, and a second
+/// line is refused rather than hashed or sealed with the first.
+#[test]
+fn hash_key_and_seal_take_one_line_from_stdin() {
+    let (ok, hashed) = weir_fed(&["hash-key"], "key-one\r\n");
+    assert!(ok);
+    assert_eq!(hashed, key_hash("key-one"));
+    for args in [&["hash-key"][..], &["seal"]] {
+        let (ok, out) = weir_fed(args, "key-one\nkey-two\n");
+        assert!(!ok && out.is_empty(), "{args:?} printed {out:?} for two lines");
+    }
+    let (ok, out) = weir_fed(&["seal"], "pw\n");
+    assert!(ok && out.starts_with("weir-sealed:v1:"), "{out}");
+}

@@ -34,6 +34,10 @@ const FEED_DEPTH: usize = 4;
 const MAX_REPORTED_ROW_ERRORS: usize = 1000;
 /// Longest accepted `load_id`.
 const MAX_LOAD_ID: usize = 200;
+/// How long a load the gateway found a bad row in waits for the engine to
+/// report an earlier one from the rows it has, before stopping what it runs
+/// (a COPY waiting for a lock, a REPLACE's DELETE of a large table).
+const ENGINE_ROW_GRACE: Duration = Duration::from_secs(1);
 
 pub struct BulkApi {
     config: BulkConfig,
@@ -337,6 +341,8 @@ struct Incoming<'a> {
     /// a transaction, its locks and a connection (and, on SQLite, the
     /// source's one write turn) while it is silent.
     idle: Duration,
+    /// The grace period is over: only messages already received are taken.
+    draining: bool,
 }
 
 impl Incoming<'_> {
@@ -344,18 +350,27 @@ impl Incoming<'_> {
     /// still to come then is rolled back, and one whose client has sent its
     /// last message goes on to its commit.
     async fn message(&mut self) -> Result<std::result::Result<Option<pb::LoadRequest>, Status>> {
-        let stop = tokio::select! {
-            // The stop first: a client that always has rows ready must still see it.
-            biased;
-            e = super::stopped(&self.cut, &self.revoked, self.expires) => e,
-            message = tokio::time::timeout(self.idle, self.stream.message()) => {
-                return message.map_err(|_| Error::LoadIdle(self.idle));
+        let stop = if self.draining {
+            Error::ShuttingDown
+        } else {
+            tokio::select! {
+                // The stop first: a client that always has rows ready must still see it.
+                biased;
+                e = super::stopped(&self.cut, &self.revoked, self.expires) => e,
+                message = tokio::time::timeout(self.idle, self.stream.message()) => {
+                    return message.map_err(|_| Error::LoadIdle(self.idle));
+                }
             }
         };
-        // Stopped: what the client has sent already may be the stream's end
-        // (its last rows waited behind the tenant's load rate, say).
+        // Stopped: what the client has sent already may run to the stream's
+        // end (its last messages waited behind the tenant's load rate, say).
+        // At shutdown every message already received is taken, and the load
+        // commits if they end it; a revoked caller's load commits only if
+        // its end is the next.
+        self.draining = matches!(stop, Error::ShuttingDown);
         match self.stream.message().now_or_never() {
             Some(Ok(None)) => Ok(Ok(None)),
+            Some(next) if self.draining => Ok(next),
             _ => Err(stop),
         }
     }
@@ -555,6 +570,7 @@ impl BulkApi {
             revoked: caller.revoked.clone(),
             expires: caller.expires,
             idle: caller.tenant.limits.transaction_idle_timeout,
+            draining: false,
         };
         let fed = feed_rows(
             &mut incoming,
@@ -601,17 +617,27 @@ impl BulkApi {
                 // The load cannot commit now: what the engine runs stops too
                 // (a REPLACE's DELETE, a COPY waiting for a lock, which would
                 // hold the load's slots and locks until done), given up before
-                // the feed closes so that the engine hears of it first. Not for
-                // a bad row the gateway found: the engine may still meet one
-                // before it in the rows it has, which is the one to report.
-                if !matches!(e, Error::Backend(BackendError::Row { .. })) {
+                // the feed closes so that the engine hears of it first. For a
+                // bad row the gateway found, not at once: the engine may
+                // still meet one before it in the rows it has, which is the
+                // one to report; it has a moment to, and is then stopped.
+                let gateway_row = matches!(e, Error::Backend(BackendError::Row { .. }));
+                if !gateway_row {
                     verdict.abandon();
                 }
                 drop(sender);
-                // Wait for the rollback, so the table is as it was when the
+                let mut engine = engine;
+                let ended = match tokio::time::timeout(ENGINE_ROW_GRACE, &mut engine).await {
+                    Ok(ended) => ended,
+                    Err(_) => {
+                        verdict.abandon();
+                        engine.await
+                    }
+                };
+                // Waited for the rollback, so the table is as it was when the
                 // caller hears of it. The engine may have met a bad row that
                 // came before this one: the first is the one to fix.
-                let engine_failed = engine.await.ok().and_then(Result::err).map(|f| skipped.translate(f));
+                let engine_failed = ended.ok().and_then(Result::err).map(|f| skipped.translate(f));
                 let engines_first = match (&engine_failed, &e) {
                     (
                         Some(BackendError::Row { index: earlier, .. }),

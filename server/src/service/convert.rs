@@ -216,6 +216,18 @@ fn fit(value: Value, ty: ColumnType, column: &domain::Column) -> Result<Value, S
         (Value::Int(i), T::Float) if i.unsigned_abs() > float_exactness(column).whole => return Err(inexact(i)),
         (Value::UInt(u), T::Float) if *u > float_exactness(column).whole => return Err(inexact(u)),
         (Value::Decimal(d), T::Float) if !float_exactness(column).holds(d) => return Err(inexact(quote(d))),
+        // A decimal column with a declared precision and scale rounds digits
+        // past its scale and refuses (failing the whole load) a number
+        // past its precision: both are the row's error here.
+        (Value::Int(_) | Value::UInt(_) | Value::Float(_) | Value::Decimal(_), T::Decimal)
+            if !decimal_holds(&value, column) =>
+        {
+            return Err(format!(
+                "{} does not fit {} exactly (it would be rounded or refused)",
+                value_text(&value),
+                column.native_type
+            ))
+        }
         (Value::Bool(_), T::Bool)
         | (Value::Int(_) | Value::UInt(_), T::Int | T::UInt)
         | (Value::Int(_) | Value::UInt(_) | Value::Float(_) | Value::Decimal(_), T::Float | T::Decimal)
@@ -251,6 +263,58 @@ fn fit(value: Value, ty: ColumnType, column: &domain::Column) -> Result<Value, S
             column.native_type,
         ))
     }
+}
+
+/// A number as it would be written in SQL, for messages.
+fn value_text(value: &Value) -> String {
+    match value {
+        Value::Int(i) => i.to_string(),
+        Value::UInt(u) => u.to_string(),
+        Value::Float(f) => f.to_string(),
+        Value::Decimal(d) => quote(d),
+        other => other.kind().to_string(),
+    }
+}
+
+/// Whether a decimal column of `column`'s precision and scale (when it
+/// declares them) holds `value` without rounding: every significant digit
+/// at or above 10^-scale, and none at or above 10^(precision - scale).
+/// NaN and the infinities are left to the engine (PostgreSQL's numeric
+/// holds them; the others refuse them with their own message).
+fn decimal_holds(value: &Value, column: &domain::Column) -> bool {
+    let (Some(precision), Some(scale)) = (column.precision, column.scale) else {
+        return true;
+    };
+    let text = match value {
+        Value::Int(i) => i.to_string(),
+        Value::UInt(u) => u.to_string(),
+        // Rust writes a float's shortest round-trip digits, never with an exponent.
+        Value::Float(f) if f.is_finite() => f.to_string(),
+        Value::Decimal(d) if crate::backend::types::special_decimal(d).is_none() => d.clone(),
+        _ => return true,
+    };
+    match significant_span(&text) {
+        None => true,
+        Some((high, low)) => low >= -i64::from(scale) && high < i64::from(precision) - i64::from(scale),
+    }
+}
+
+/// The powers of ten of the highest and lowest non-zero digits of a decimal
+/// number (`-12.50e2`: 3 and 2), or None for zero (and for text that is not
+/// a number, which [`is_decimal`] refused before).
+fn significant_span(decimal: &str) -> Option<(i64, i64)> {
+    let body = decimal.strip_prefix(['-', '+']).unwrap_or(decimal);
+    let (mantissa, exponent) = match body.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i64>().ok()?),
+        None => (body, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits: Vec<u8> = int.bytes().chain(frac.bytes()).collect();
+    let first = digits.iter().position(|d| *d != b'0')?;
+    let last = digits.iter().rposition(|d| *d != b'0')?;
+    // The digit at index i stands for 10^(len(int) - 1 - i + exponent).
+    let power = |i: usize| (int.len() as i64 - 1 - i as i64).saturating_add(exponent);
+    Some((power(first), power(last)))
 }
 
 /// A list's elements checked as values of `element`; NULL elements stay, and
@@ -720,6 +784,39 @@ pub fn description(d: domain::TableDescription) -> pb::DescribeTableResponse {
 mod tests {
     use super::*;
     use crate::backend::RowSink;
+
+    #[test]
+    fn decimal_columns_take_only_what_they_hold_without_rounding() {
+        let decimal = |precision, scale| {
+            let mut column = domain::Column::new("d", "numeric(6,2)", ColumnType::Decimal);
+            (column.precision, column.scale) = (Some(precision), Some(scale));
+            column
+        };
+        let column = decimal(6, 2);
+        let holds = |v: Value| decimal_holds(&v, &column);
+        for ok in ["1.5", "1234.50", "-9999.99", "0", "0.000", "1.2e1", "12300e-4", "NaN"] {
+            assert!(holds(Value::Decimal(ok.into())), "{ok}");
+        }
+        for rounded in ["1.005", "0.001", "10000", "99999.9", "1e4", "-1.234"] {
+            assert!(!holds(Value::Decimal(rounded.into())), "{rounded}");
+        }
+        assert!(holds(Value::Float(0.25)) && holds(Value::Int(-9999)));
+        assert!(!holds(Value::Float(1.2345)) && !holds(Value::Int(10_000)) && !holds(Value::UInt(u64::MAX)));
+        // PostgreSQL's negative scale (hundreds) and scale past precision.
+        let hundreds = decimal(3, -2);
+        let holds = |v: Value| decimal_holds(&v, &hundreds);
+        assert!(holds(Value::Int(12_300)) && !holds(Value::Int(12_340)) && !holds(Value::Int(123_400)));
+        let small = decimal(2, 5);
+        let holds = |v: Value| decimal_holds(&v, &small);
+        assert!(holds(Value::Decimal("0.00012".into())) && !holds(Value::Decimal("0.0012".into())));
+        // Without a declared precision, any number.
+        assert!(decimal_holds(
+            &Value::Decimal("1.000001".into()),
+            &domain::Column::new("d", "numeric", ColumnType::Decimal)
+        ));
+        let err = fit(Value::Decimal("1.005".into()), ColumnType::Decimal, &column).expect_err("rounded");
+        assert!(err.contains("'1.005' does not fit numeric(6,2) exactly"), "{err}");
+    }
 
     #[test]
     fn text_goes_into_uuid_columns_only_as_a_uuid() {

@@ -54,6 +54,8 @@ fn bad(field: &'static str, message: impl Into<String>) -> Error {
 #[derive(Clone)]
 pub struct Gate {
     scheduler: Arc<Scheduler>,
+    /// The root of every credential's revocation token (see [`stopped`]).
+    cut: CancellationToken,
 }
 
 /// A call's gateway slot and how long it waited for it and for its turn at the tenant's rate.
@@ -63,8 +65,8 @@ pub struct Admitted {
 }
 
 impl Gate {
-    pub fn new(scheduler: Arc<Scheduler>) -> Self {
-        Self { scheduler }
+    pub fn new(scheduler: Arc<Scheduler>, cut: CancellationToken) -> Self {
+        Self { scheduler, cut }
     }
 
     /// The priority a call asks for. Calls that take a cap of their own
@@ -95,11 +97,21 @@ impl Gate {
         // A caller's deadline that comes before `max_queue_wait` ends the
         // wait, answered by the gateway (and counted), not cut by the
         // transport's timer with a bare CANCELLED.
-        let slot = match deadline_left(caller) {
-            Some(left) => tokio::time::timeout(left, wait)
-                .await
-                .unwrap_or_else(|_| Err(Error::QueuedPastDeadline(started.elapsed()))),
-            None => wait.await,
+        let slot = async {
+            match deadline_left(caller) {
+                Some(left) => tokio::time::timeout(left, wait)
+                    .await
+                    .unwrap_or_else(|_| Err(Error::QueuedPastDeadline(started.elapsed()))),
+                None => wait.await,
+            }
+        };
+        // A credential revoked (or expired) while its call queued is refused
+        // before the call reaches a source, as one waiting for its rate is:
+        // the stop first, so a slot that frees as the key goes is not taken.
+        let slot = tokio::select! {
+            biased;
+            e = stopped(&self.cut, &caller.revoked, caller.expires) => return Err(e),
+            slot = slot => slot,
         };
         if let Err(e) = &slot {
             crate::limits::admission::count_rejection(caller, e);

@@ -60,10 +60,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let max = config.server.max_request_bytes;
-    let gate = Gate::new(Scheduler::new(
-        config.server.max_concurrent_requests,
-        config.server.max_queue_wait,
-    ));
+    let gate = Gate::new(
+        Scheduler::new(config.server.max_concurrent_requests, config.server.max_queue_wait),
+        cut.clone(),
+    );
     let idle = config.server.stream_idle_timeout;
     let on = config.server.compression;
     let stream = compression!(

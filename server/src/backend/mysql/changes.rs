@@ -973,6 +973,8 @@ struct Reader {
     names: Names,
     /// Writes acknowledged positions (the binlog connection cannot run queries).
     writer: Conn,
+    /// How to open another writer, and the sessions that end the stream.
+    opts: Opts,
     /// The binlog connection's id, which holds the subscription's lock.
     holder: u32,
     /// Whether the positions table has the restart point's columns.
@@ -1002,20 +1004,37 @@ impl Reader {
             // Bounded like the binlog connection's silence: a session to a
             // host gone dark would otherwise hold the stream for ever.
             let limit = silence_limit(self.spec.heartbeat_interval);
-            let storing = store(
-                &mut self.writer,
-                &self.names,
-                self.restart_columns,
-                &self.base,
-                self.acked,
-                self.holder,
-            );
-            tokio::time::timeout(limit, storing).await.map_err(|_| {
-                BackendError::Unavailable(format!(
-                    "storing the acknowledged position took over {}s: the connection is taken as lost",
-                    limit.as_secs()
-                ))
-            })??;
+            let mut retried = false;
+            loop {
+                let storing = store(
+                    &mut self.writer,
+                    &self.names,
+                    self.restart_columns,
+                    &self.base,
+                    self.acked,
+                    self.holder,
+                );
+                let failed = match tokio::time::timeout(limit, storing).await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(e)) => e,
+                    Err(_) => {
+                        return Err(BackendError::Unavailable(format!(
+                            "storing the acknowledged position took over {}s: the connection is taken as lost",
+                            limit.as_secs()
+                        )))
+                    }
+                };
+                // The writer sits idle while no acknowledgement moves (a
+                // quiet source): the server's `wait_timeout`, or a proxy's
+                // idle limit, may have closed it. Storing is idempotent: once
+                // more, on a new session.
+                if retried {
+                    return Err(failed);
+                }
+                tracing::debug!(error = %failed, "storing an acknowledged position failed; on a new session");
+                retried = true;
+                self.writer = connect(&self.opts).await?;
+            }
             *stored = self.acked;
         }
         Ok(())
@@ -1110,11 +1129,15 @@ impl Reader {
     /// (`binlog_row_image` MINIMAL or NOBLOB, which any session may set): each
     /// value goes to its column by the column's place in the table, and a
     /// column missing from the image is NULL.
+    /// `row`'s values under the table's columns. `left_out` gets the
+    /// columns a partial image (`binlog_row_image` MINIMAL or NOBLOB) did not
+    /// carry: NULL in the row, which does not mean NULL.
     fn row(
         &self,
         w: &Watched,
         logged_columns: u64,
         row: Option<mysql_async::binlog::row::BinlogRow>,
+        left_out: &mut Vec<String>,
     ) -> Result<Option<Row>, BackendError> {
         let Some(mut row) = row else { return Ok(None) };
         let changed = || {
@@ -1137,6 +1160,7 @@ impl Reader {
         let full = row.len() == w.columns.len();
         let logged = row.columns();
         let mut values: Row = w.columns.iter().map(|_| Value::Null).collect();
+        let mut carried = vec![full; w.columns.len()];
         for (i, c) in logged.iter().enumerate() {
             let place = if full {
                 Some(i)
@@ -1148,15 +1172,26 @@ impl Reader {
                 }
             };
             let v = row.take(i).unwrap_or(BinlogValue::Value(MyValue::NULL));
-            let slot = place.map(|p| (w.columns.get(p), w.shapes.get(p), values.get_mut(p)));
-            let Some((Some(column), Some(shape), Some(value))) = slot else {
+            let slot = place.map(|p| (w.columns.get(p), w.shapes.get(p), values.get_mut(p), carried.get_mut(p)));
+            let Some((Some(column), Some(shape), Some(value), Some(carried))) = slot else {
                 return Err(changed());
             };
+            *carried = true;
             *value = convert(v, shape).map_err(|message| BackendError::UnsupportedType {
                 column: column.name.clone(),
                 type_name: format!("{} ({message})", column.native_type),
             })?;
         }
+        // Columns past those logged were added since: NULL is what they held.
+        let logged_columns = usize::try_from(logged_columns).unwrap_or(usize::MAX);
+        left_out.extend(
+            w.columns
+                .iter()
+                .zip(&carried)
+                .take(logged_columns)
+                .filter(|(_, carried)| !**carried)
+                .map(|(column, _)| column.name.clone()),
+        );
         Ok(Some(values))
     }
 
@@ -1222,14 +1257,18 @@ impl Reader {
         };
         let logged = tme.columns_count();
         let change = |before, after| -> Result<RowChange, BackendError> {
+            // A partial before image holds the key: the rest is not told.
+            let before = self.row(w, logged, before, &mut Vec::new())?;
+            let mut unchanged = Vec::new();
+            let after = self.row(w, logged, after, &mut unchanged)?;
             Ok(RowChange {
                 op,
                 schema: w.schema.clone(),
                 table: w.table.clone(),
                 columns: w.columns.clone(),
-                before: self.row(w, logged, before)?,
-                after: self.row(w, logged, after)?,
-                unchanged: Vec::new(),
+                before,
+                after,
+                unchanged,
                 primary_key: w.primary_key.clone(),
                 txid: String::new(),
                 commit_time: None,
@@ -1636,6 +1675,7 @@ pub(super) async fn watch(
     let (acks, ack_rx) = Acks::channel();
     let reader = Reader {
         writer: setup,
+        opts: opts.clone(),
         holder: conn.id(),
         restart_columns,
         base,
@@ -1649,7 +1689,6 @@ pub(super) async fn watch(
         spec,
         names,
     };
-    let opts = opts.clone();
     let own = conn.id();
     tokio::spawn(async move {
         let name = reader.spec.name.clone();
@@ -1661,14 +1700,14 @@ pub(super) async fn watch(
         }
         // A dump thread notices a closed socket only when it next writes, and
         // holds the subscription's lock until then: end it now.
-        if let Ok(mut c) = connect(&opts).await {
+        if let Ok(mut c) = connect(&reader.opts).await {
             let _ = tokio::time::timeout(CONNECT_TIMEOUT, c.query_drop(format!("KILL CONNECTION {own}"))).await;
         }
         if let Err(e) = outcome {
             tracing::debug!(subscription = %name, error = %e, "change stream ended");
             // A take-over ends this session from outside: say so rather than "connection lost".
             let e = if !end.is_closed()
-                && tokio::time::timeout(CONNECT_TIMEOUT, taken_over(&opts, &reader.names, own))
+                && tokio::time::timeout(CONNECT_TIMEOUT, taken_over(&reader.opts, &reader.names, own))
                     .await
                     .unwrap_or(false)
             {

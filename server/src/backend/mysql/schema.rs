@@ -129,7 +129,27 @@ pub async fn list_tables(
     sql.push_str(" LIMIT ?");
     params.push(limit.into());
     let sql = sql.replacen(TABLE_COLUMNS, TABLE_NAMES, 1);
-    let names: Vec<(String, String)> = catalog(conn, sql, params).await?;
+    // A table dropped between the two queries leaves the page short, which
+    // would read as the last page: the page is listed again (the dropped
+    // table is not in it then), a few times at most under constant churn.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let names: Vec<(String, String)> = catalog(conn, &sql, params.clone()).await?;
+        let listed = names.len();
+        let tables = page_details(conn, names).await?;
+        if tables.len() == listed || tries == PAGE_TRIES {
+            return Ok(tables);
+        }
+    }
+}
+
+/// Times a page is listed again for tables dropped while it was listed.
+const PAGE_TRIES: usize = 3;
+
+/// The estimates and comments of a page's tables (`names`, in order); a
+/// table dropped since its name was listed is left out.
+async fn page_details(conn: &mut Conn, names: Vec<(String, String)>) -> Result<Vec<TableInfo>, BackendError> {
     if names.is_empty() {
         return Ok(Vec::new());
     }

@@ -427,7 +427,18 @@ pub async fn load(conn: &mut PgConn, spec: LoadSpec, mut feed: RowFeed) -> Resul
     // From BEGIN until COMMIT or ROLLBACK succeeds, a dropped connection is discarded, never reused.
     conn.in_transaction = true;
     conn.needs_reset = true;
-    conn.client.batch_execute("BEGIN").await.map_err(map_error)?;
+    // READ COMMITTED whatever the role's default: under REPEATABLE READ a
+    // REPLACE's DELETE would see the table as it was before the lock it
+    // waited for, and keep the rows of a load committed meanwhile. No
+    // server-side statement or idle timeout: a load lasts as long as its
+    // client streams, bounded by Weir's own idle limit and deadline.
+    conn.client
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = 0; \
+             SET LOCAL idle_in_transaction_session_timeout = 0",
+        )
+        .await
+        .map_err(map_error)?;
     let verdict = feed.verdict();
     let mut result = verdict
         .stopping_if_given_up(

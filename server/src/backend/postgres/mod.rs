@@ -1035,20 +1035,41 @@ impl SqlSource for PostgresSource {
     }
 
     fn refuses(&self, column: &Column, value: &Value) -> Option<String> {
-        // MySQL's TIME takes an interval; a PostgreSQL time (or time[]) does not.
-        fn holds_interval(v: &Value) -> bool {
+        /// Whether `v`, or any element of it, is `wrong`.
+        fn holds(v: &Value, wrong: &dyn Fn(&Value) -> bool) -> bool {
             match v {
-                Value::Interval { .. } => true,
-                Value::List(items) => items.iter().any(holds_interval),
-                _ => false,
+                Value::List(items) => items.iter().any(|item| holds(item, wrong)),
+                v => wrong(v),
             }
         }
         let of_time = column.column_type == ColumnType::Time || column.element_type == Some(ColumnType::Time);
-        if of_time && holds_interval(value) {
-            return Some(format!(
-                "an interval cannot go into a column of type {} (a time of day)",
-                column.native_type
-            ));
+        if of_time {
+            // MySQL's TIME takes an interval; a PostgreSQL time (or time[]) does not.
+            if holds(value, &|v| matches!(v, Value::Interval { .. })) {
+                return Some(format!(
+                    "an interval cannot go into a column of type {} (a time of day)",
+                    column.native_type
+                ));
+            }
+            // `time` would drop an offset, and `timetz` give a time without
+            // one the session's: either changes the time without a word.
+            let zoned = column.native_type.contains("with time zone");
+            if holds(
+                value,
+                &|v| matches!(v, Value::Time(_, offset) if offset.is_some() != zoned),
+            ) {
+                return Some(if zoned {
+                    format!(
+                        "a time without utc_offset_seconds cannot go into a column of type {}",
+                        column.native_type
+                    )
+                } else {
+                    format!(
+                        "a time with utc_offset_seconds cannot go into a column of type {} (the offset would be dropped)",
+                        column.native_type
+                    )
+                });
+            }
         }
         types::has_nul(value).then(|| types::NO_NUL.to_string())
     }

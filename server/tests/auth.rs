@@ -435,6 +435,21 @@ async fn a_client_certificate_requirement_that_cannot_be_applied_refuses_the_rel
     server.stop().await;
 }
 
+/// Renews the server's certificate as cert-manager does (both files
+/// replaced, signed by `ca`); a connection that gets the new one, within 5 s.
+async fn renew(server: &TestServer, files: &Files, ca: &Ca) -> WeirClient {
+    let (cert, key) = leaf(ca, "weir", &[dns("localhost")], false);
+    files.write("server.key", &key);
+    files.write("server.crt", &cert);
+    for _ in 0..50 {
+        if let Ok(c) = connect(server, Some("key-a"), tls(ca, None)).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("new connections never got the renewed certificate");
+}
+
 #[tokio::test]
 async fn a_renewed_server_certificate_is_used_for_new_connections() {
     let (old_ca, new_ca, client_ca) = (ca("old ca"), ca("new ca"), ca("client ca"));
@@ -448,19 +463,7 @@ async fn a_renewed_server_certificate_is_used_for_new_connections() {
         connect(&server, Some("key-a"), tls(&new_ca, None)).await.is_err(),
         "not yet the new certificate"
     );
-    // cert-manager renews: both files are replaced.
-    let (cert, key) = leaf(&new_ca, "weir", &[dns("localhost")], false);
-    files.write("server.key", &key);
-    files.write("server.crt", &cert);
-    let mut renewed = None;
-    for _ in 0..50 {
-        if let Ok(c) = connect(&server, Some("key-a"), tls(&new_ca, None)).await {
-            renewed = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let renewed = renewed.expect("new connections get the renewed certificate");
+    let renewed = renew(&server, &files, &new_ca).await;
     sources(&renewed).await.expect("works");
     // An https:// address without a CA trusts the public authorities only,
     // which did not sign this certificate.
@@ -473,6 +476,32 @@ async fn a_renewed_server_certificate_is_used_for_new_connections() {
     );
     // The connection made before the renewal goes on.
     sources(&before).await.expect("an open connection keeps working");
+    server.stop().await;
+}
+
+/// TLS is turned off only by a restart: a reload of a file without
+/// `[server.tls]` keeps the TLS section in force and its files watched, so a
+/// certificate renewed afterwards is still put in place (it was served
+/// until it expired).
+#[tokio::test]
+async fn a_reload_without_tls_still_renews_the_certificate() {
+    let (old_ca, new_ca, client_ca) = (ca("old ca"), ca("new ca"), ca("client ca"));
+    let files = Files::new();
+    let (_, server) = tls_server(&files, &old_ca, &client_ca, false).await;
+    // Without client identities too, which need the TLS section to check.
+    let key_only = format!(
+        "[server]\nreload_interval = \"100ms\"\n[tenants.a]\napi_keys = [{{ id = \"k\", sha256 = \"{}\" }}]\n{}",
+        key_hash("key-a"),
+        sqlite_demo("a", "a_db"),
+    );
+    files.write("weir.toml", &key_only);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let before = connect(&server, Some("key-a"), tls(&old_ca, None))
+        .await
+        .expect("still TLS, with the old certificate");
+    sources(&before).await.expect("works");
+    let renewed = renew(&server, &files, &new_ca).await;
+    sources(&renewed).await.expect("works");
     server.stop().await;
 }
 

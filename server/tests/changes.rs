@@ -2678,6 +2678,61 @@ async fn postgres_change_streams_log_in_with_scram_and_md5() {
     }
 }
 
+/// A watched table swapped for another under its name (renamed away and a
+/// new one made, as online schema-change tools do) is not in the
+/// subscription's publication: the stream said nothing and went on without
+/// its changes. It now ends with FAILED_PRECONDITION, once the client has
+/// acknowledged every change of the old table (so that the watch again,
+/// which follows the new table, loses none), and a watch again with a
+/// snapshot has the new table's rows.
+#[tokio::test]
+async fn postgres_a_table_replaced_under_its_name_ends_the_stream() {
+    let ctx = Ctx::new(Engine::Postgres).await;
+    let t = ctx.table("replaced").await;
+    let old = format!("{t}_old");
+    let sub = ctx.name("replaced");
+    let mut watch = ctx.watch(ctx.start(&[&t], &sub)).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (1, 'one', 1)")).await;
+    let commit = next_commit(&mut watch).await;
+    ctx.sql(&format!("ALTER TABLE {t} RENAME TO {old}")).await;
+    ctx.sql(&format!("CREATE TABLE {t} (LIKE {old} INCLUDING ALL)")).await;
+    ctx.sql(&format!("INSERT INTO {t} VALUES (2, 'two', 2)")).await;
+    // Not before the change of the old table is acknowledged.
+    let early = tokio::time::timeout(Duration::from_millis(1500), stream_error(&mut watch)).await;
+    assert!(
+        early.is_err(),
+        "ended before its last change was acknowledged: {early:?}"
+    );
+    watch.ack(commit).await.expect("ack");
+    let err = stream_error(&mut watch).await;
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "CHANGE_STREAMS_NOT_READY"),
+        "{err:?}"
+    );
+    assert!(err.message().contains("names another table now"), "{}", err.message());
+    drop(watch);
+    let mut start = ctx.start(&[&t], &sub);
+    start.snapshot = true;
+    let mut watch = tokio::time::timeout(WAIT, async {
+        loop {
+            match ctx.client.watch(start.clone()).await {
+                Ok(watch) => return watch,
+                Err(e) if e.code() == Code::AlreadyExists => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("watch again: {e:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the old stream's lock is released");
+    let again = read_changes(&mut watch, 1).await;
+    let c = changes(&again)[0];
+    assert_eq!(c.op(), pb::ChangeOperation::SnapshotRead, "{c:?}");
+    assert_eq!(int(col(c, c.after.as_ref().expect("after"), "id")), 2);
+    drop(watch);
+    ctx.finish(&[&sub], &[&t, &old]).await;
+}
+
 /// A role's (or database's) `statement_timeout` does not cut a snapshot,
 /// which is one statement read at the consumer's pace: it failed on every
 /// retry once the snapshot took longer to read than the timeout.

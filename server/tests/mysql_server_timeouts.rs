@@ -15,6 +15,61 @@ use weir_client::ChangeWatch;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// One test at a time: each sets a global the other's sessions would take.
+static GLOBALS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Sets global `variable` to `value` around `opening` (which opens the
+/// sessions meant to take it), then back.
+async fn with_global<T>(variable: &str, value: u64, opening: impl std::future::Future<Output = T>) -> T {
+    let mut direct = mysql_direct().await;
+    let default: u64 = direct
+        .query_first(format!("SELECT @@GLOBAL.{variable}"))
+        .await
+        .expect("the global")
+        .expect("a value");
+    direct
+        .query_drop(format!("SET GLOBAL {variable} = {value}"))
+        .await
+        .expect("set the global");
+    let opened = opening.await;
+    direct
+        .query_drop(format!("SET GLOBAL {variable} = {default}"))
+        .await
+        .expect("the global restored");
+    opened
+}
+
+/// Deletes `subscription` once its stream has let it go.
+async fn delete_subscription(client: &weir_client::WeirClient, subscription: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let deleted = client
+            .stream()
+            .delete_subscription(pb::DeleteSubscriptionRequest {
+                source: "db".into(),
+                subscription: subscription.into(),
+            })
+            .await;
+        match deleted {
+            Ok(_) => return,
+            Err(e) if tokio::time::Instant::now() > deadline => panic!("never deleted: {e:?}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn watch_server() -> TestServer {
+    let config = format!(
+        "[changes]\npoll_interval = \"20ms\"\nheartbeat_interval = \"300ms\"\n{}",
+        tenant("w", "", &mysql("w", "db", ""))
+    );
+    TestServer::start(&config).await
+}
+
+fn unique(base: &str) -> String {
+    format!("{base}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
 /// The position of the change event for row `id`, reading past others.
 async fn change_of(watch: &mut ChangeWatch, id: i64) -> Vec<u8> {
     tokio::time::timeout(WAIT, async {
@@ -55,35 +110,19 @@ fn start(table: &str, subscription: &str) -> pb::WatchStart {
 /// next watch).
 #[tokio::test]
 async fn acknowledgements_are_stored_after_the_servers_wait_timeout() {
+    let _alone = GLOBALS.lock().await;
     let mut direct = mysql_direct().await;
     let table = "weir_idle_writer";
-    let subscription = format!("idle_writer_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let subscription = unique("idle_writer");
     direct
         .query_drop(format!(
             "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id INT PRIMARY KEY)"
         ))
         .await
         .expect("table");
-    let config = format!(
-        "[changes]\npoll_interval = \"20ms\"\nheartbeat_interval = \"300ms\"\n{}",
-        tenant("w", "", &mysql("w", "db", ""))
-    );
-    let server = TestServer::start(&config).await;
+    let server = watch_server().await;
     let client = server.client("key-w").await;
-    let default: u64 = direct
-        .query_first("SELECT @@GLOBAL.wait_timeout")
-        .await
-        .expect("wait_timeout")
-        .expect("a value");
-    direct
-        .query_drop("SET GLOBAL wait_timeout = 2")
-        .await
-        .expect("a short wait_timeout");
-    let watched = client.watch(start(table, &subscription)).await;
-    direct
-        .query_drop(format!("SET GLOBAL wait_timeout = {default}"))
-        .await
-        .expect("wait_timeout restored");
+    let watched = with_global("wait_timeout", 2, client.watch(start(table, &subscription))).await;
     let mut watch = watched.expect("WatchChanges starts");
     // Past the stream's sessions' wait_timeout, with nothing to store.
     tokio::time::sleep(Duration::from_millis(3500)).await;
@@ -111,21 +150,55 @@ async fn acknowledgements_are_stored_after_the_servers_wait_timeout() {
     .expect("a change");
     assert_eq!(first, Some(2), "the acknowledged change came again");
     drop(watch);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let deleted = client
-            .stream()
-            .delete_subscription(pb::DeleteSubscriptionRequest {
-                source: "db".into(),
-                subscription: subscription.clone(),
-            })
-            .await;
-        match deleted {
-            Ok(_) => break,
-            Err(e) if tokio::time::Instant::now() > deadline => panic!("never deleted: {e:?}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+    delete_subscription(&client, &subscription).await;
+    direct.query_drop(format!("DROP TABLE {table}")).await.expect("drop");
+    server.stop().await;
+}
+
+/// A client that reads slowly (its tenant's rate, a pause) behind a large
+/// transaction leaves the server's log writer waiting on a full socket:
+/// past the server's `net_write_timeout` the server closed the stream's
+/// session, and the stream ended with UNAVAILABLE.
+#[tokio::test]
+async fn a_slow_reader_outlasts_the_servers_net_write_timeout() {
+    let _alone = GLOBALS.lock().await;
+    let mut direct = mysql_direct().await;
+    let table = "weir_slow_reader";
+    let subscription = unique("slow_reader");
+    direct
+        .query_drop(format!(
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id INT PRIMARY KEY, v TEXT)"
+        ))
+        .await
+        .expect("table");
+    let server = watch_server().await;
+    let client = server.client("key-w").await;
+    let watched = with_global("net_write_timeout", 2, client.watch(start(table, &subscription))).await;
+    let mut watch = watched.expect("WatchChanges starts");
+    // More than the stream's buffers and the sockets' hold: 40 MB.
+    direct
+        .query_drop(format!(
+            "INSERT INTO {table} SELECT seq, REPEAT('x', 2000) FROM seq_1_to_20000"
+        ))
+        .await
+        .expect("a large transaction");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut changes = 0;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while changes < 20_000 {
+            let message = watch
+                .next()
+                .await
+                .expect("the stream stays healthy")
+                .expect("open")
+                .message;
+            changes += usize::from(matches!(message, Some(Message::Change(_))));
         }
-    }
+    })
+    .await
+    .expect("every change");
+    drop(watch);
+    delete_subscription(&client, &subscription).await;
     direct.query_drop(format!("DROP TABLE {table}")).await.expect("drop");
     server.stop().await;
 }

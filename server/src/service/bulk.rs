@@ -34,6 +34,10 @@ const FEED_DEPTH: usize = 4;
 const MAX_REPORTED_ROW_ERRORS: usize = 1000;
 /// Longest accepted `load_id`.
 const MAX_LOAD_ID: usize = 200;
+/// Most a load cut by the end of the grace period reads ahead of what it
+/// loaded, looking for its client's end (HTTP/2 flow control holds about
+/// a megabyte per call; a client that keeps sending is not waited for).
+const READ_AHEAD_BYTES: usize = 16 << 20;
 /// How long a load the gateway found a bad row in waits for the engine to
 /// report an earlier one from the rows it has, before stopping what it runs
 /// (a COPY waiting for a lock, a REPLACE's DELETE of a large table).
@@ -341,8 +345,9 @@ struct Incoming<'a> {
     /// a transaction, its locks and a connection (and, on SQLite, the
     /// source's one write turn) while it is silent.
     idle: Duration,
-    /// The grace period is over: only messages already received are taken.
-    draining: bool,
+    /// The grace period is over and the client's last messages, its end
+    /// among them, had been received: they are taken, then the end.
+    draining: Option<std::collections::VecDeque<pb::LoadRequest>>,
 }
 
 impl Incoming<'_> {
@@ -350,28 +355,38 @@ impl Incoming<'_> {
     /// still to come then is rolled back, and one whose client has sent its
     /// last message goes on to its commit.
     async fn message(&mut self) -> Result<std::result::Result<Option<pb::LoadRequest>, Status>> {
-        let stop = if self.draining {
-            Error::ShuttingDown
-        } else {
-            tokio::select! {
-                // The stop first: a client that always has rows ready must still see it.
-                biased;
-                e = super::stopped(&self.cut, &self.revoked, self.expires) => e,
-                message = tokio::time::timeout(self.idle, self.stream.message()) => {
-                    return message.map_err(|_| Error::LoadIdle(self.idle));
-                }
+        if let Some(received) = &mut self.draining {
+            return Ok(Ok(received.pop_front()));
+        }
+        let stop = tokio::select! {
+            // The stop first: a client that always has rows ready must still see it.
+            biased;
+            e = super::stopped(&self.cut, &self.revoked, self.expires) => e,
+            message = tokio::time::timeout(self.idle, self.stream.message()) => {
+                return message.map_err(|_| Error::LoadIdle(self.idle));
             }
         };
         // Stopped: what the client has sent already may run to the stream's
         // end (its last messages waited behind the tenant's load rate, say).
-        // At shutdown every message already received is taken, and the load
-        // commits if they end it; a revoked caller's load commits only if
-        // its end is the next.
-        self.draining = matches!(stop, Error::ShuttingDown);
-        match self.stream.message().now_or_never() {
-            Some(Ok(None)) => Ok(Ok(None)),
-            Some(next) if self.draining => Ok(next),
-            _ => Err(stop),
+        // At shutdown the messages already received are read ahead, and the
+        // load commits if its end is among them; a revoked caller's load
+        // commits only if its end is the next.
+        let reading_ahead = matches!(stop, Error::ShuttingDown);
+        let mut received = std::collections::VecDeque::new();
+        let mut bytes = 0;
+        loop {
+            match self.stream.message().now_or_never() {
+                Some(Ok(None)) => {
+                    let next = received.pop_front();
+                    self.draining = Some(received);
+                    return Ok(Ok(next));
+                }
+                Some(Ok(Some(message))) if reading_ahead && bytes < READ_AHEAD_BYTES => {
+                    bytes += message.encoded_len();
+                    received.push_back(message);
+                }
+                _ => return Err(stop),
+            }
         }
     }
 
@@ -570,7 +585,7 @@ impl BulkApi {
             revoked: caller.revoked.clone(),
             expires: caller.expires,
             idle: caller.tenant.limits.transaction_idle_timeout,
-            draining: false,
+            draining: None,
         };
         let fed = feed_rows(
             &mut incoming,

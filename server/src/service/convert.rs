@@ -300,12 +300,17 @@ fn decimal_holds(value: &Value, column: &domain::Column) -> bool {
 }
 
 /// The powers of ten of the highest and lowest non-zero digits of a decimal
-/// number (`-12.50e2`: 3 and 2), or None for zero (and for text that is not
-/// a number, which [`is_decimal`] refused before).
+/// number (`-12.50e2`, -1250: 3 and 1), or None for zero (and for text that
+/// is not a number, which [`is_decimal`] refused before).
 fn significant_span(decimal: &str) -> Option<(i64, i64)> {
     let body = decimal.strip_prefix(['-', '+']).unwrap_or(decimal);
     let (mantissa, exponent) = match body.split_once(['e', 'E']) {
-        Some((m, e)) => (m, e.parse::<i64>().ok()?),
+        // An exponent past i64 is as far out of any column as i64's end.
+        Some((m, e)) => (
+            m,
+            e.parse::<i64>()
+                .unwrap_or(if e.starts_with('-') { i64::MIN / 2 } else { i64::MAX / 2 }),
+        ),
         None => (body, 0),
     };
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
@@ -797,7 +802,16 @@ mod tests {
         for ok in ["1.5", "1234.50", "-9999.99", "0", "0.000", "1.2e1", "12300e-4", "NaN"] {
             assert!(holds(Value::Decimal(ok.into())), "{ok}");
         }
-        for rounded in ["1.005", "0.001", "10000", "99999.9", "1e4", "-1.234"] {
+        for rounded in [
+            "1.005",
+            "0.001",
+            "10000",
+            "99999.9",
+            "1e4",
+            "-1.234",
+            "1e99999999999999999999",
+            "1e-99999999999999999999",
+        ] {
             assert!(!holds(Value::Decimal(rounded.into())), "{rounded}");
         }
         assert!(holds(Value::Float(0.25)) && holds(Value::Int(-9999)));

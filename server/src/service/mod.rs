@@ -106,13 +106,17 @@ impl Gate {
             }
         };
         // A credential revoked (or expired) while its call queued is refused
-        // before the call reaches a source, as one waiting for its rate is:
-        // the stop first, so a slot that frees as the key goes is not taken.
+        // before the call reaches a source, as one waiting for its rate is.
+        // The slot first: a free one is taken without a waiter on the stop
+        // (this is every call's path), then the stop is checked once more.
         let slot = tokio::select! {
             biased;
-            e = stopped(&self.cut, &caller.revoked, caller.expires) => return Err(e),
             slot = slot => slot,
+            e = stopped(&self.cut, &caller.revoked, caller.expires) => return Err(e),
         };
+        if let Some(e) = stop_due(&self.cut, &caller.revoked, caller.expires) {
+            return Err(e);
+        }
         if let Err(e) = &slot {
             crate::limits::admission::count_rejection(caller, e);
         }

@@ -378,9 +378,11 @@ const AUDITED_SQL_BYTES: usize = 4096;
 /// Text that a statement carrying a credential contains: `ALTER ROLE ...
 /// PASSWORD`, `IDENTIFIED BY`, MySQL's `SOURCE_PASSWORD`/`MASTER_PASSWORD`,
 /// SQL Server's `CREATE CREDENTIAL ... SECRET`, `@rmtpassword`, application
-/// roles' passwords and connection strings' `PWD=`. Matched anywhere in a
-/// word, in any case: a column named `password_hash` costs the line its
-/// statement, never a secret.
+/// roles' passwords and connection strings' `PWD=`; and the keys and
+/// passphrases of encryption functions (`pgp_sym_encrypt`, `AES_ENCRYPT`,
+/// `ENCRYPTBYPASSPHRASE`, `crypt`, `hmac`). Matched anywhere in a word, in
+/// any case: a column named `password_hash` costs the line its statement,
+/// never a secret.
 const CREDENTIAL_MARKS: &[&str] = &[
     "password",
     "passwd",
@@ -389,6 +391,9 @@ const CREDENTIAL_MARKS: &[&str] = &[
     "secret",
     "credential",
     "sp_setapprole",
+    "passphrase",
+    "crypt",
+    "hmac",
 ];
 
 /// A statement as the audit line records it: cut to AUDITED_SQL_BYTES (its

@@ -145,11 +145,17 @@ impl Registry {
     }
 
     /// Puts `config` in force: tenants, keys, limits, sources, authentication and TLS files.
-    pub fn apply(&self, config: Config) -> Result<Changes, String> {
+    pub fn apply(&self, mut config: Config) -> Result<Changes, String> {
         let mut running = self.running.lock();
         let restart = needs_restart(&self.started, &config);
         if !restart.is_empty() {
             tracing::warn!(settings = ?restart, "these settings changed but take effect only after a restart");
+        }
+        // TLS goes off only with a restart: until then the TLS section in
+        // force stays, its files watched, so that a certificate renewed
+        // meanwhile is still put in place rather than served to its expiry.
+        if self.tls.is_some() && config.server.tls.is_none() {
+            config.server.tls.clone_from(&running.server.tls);
         }
         // Everything is built before anything is swapped: a refused reload
         // changes nothing. TLS files that cannot be used (a certificate

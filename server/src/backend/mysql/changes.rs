@@ -40,6 +40,8 @@ const TAKE_OVER_WAIT: u32 = 5;
 /// How long a new consumer waits for the subscription's lock: a consumer
 /// that reconnects at once finds its old session still ending.
 const LOCK_WAIT: u32 = 2;
+/// How long the server may wait to write the log to a stream's reader.
+const BINLOG_WRITE_TIMEOUT: Duration = Duration::from_secs(86_400);
 /// How long ending the dump and looking for a take-over may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -1470,9 +1472,17 @@ impl Reader {
         // each as BEGIN, and fails the whole stream at an XA transaction's
         // ("Failed to replace GTID event with backwards-compatible event").
         // MySQL ignores the variable.
-        conn.query_drop("SET @mariadb_slave_capability = 4")
-            .await
-            .map_err(map_error)?;
+        // The server gives up writing the log to a reader that has not read
+        // for `net_write_timeout` (60 s by default) and closes the session:
+        // a client slowed by its tenant's rate, behind a large transaction,
+        // would lose its stream every minute. Weir ends a client that stops
+        // reading itself (`stream_idle_timeout`).
+        conn.query_drop(format!(
+            "SET @mariadb_slave_capability = 4, SESSION net_write_timeout = {}",
+            BINLOG_WRITE_TIMEOUT.as_secs()
+        ))
+        .await
+        .map_err(map_error)?;
         let file = file_name(&self.base, start_file);
         let request = BinlogStreamRequest::new(server_id())
             .with_filename(file.as_bytes())

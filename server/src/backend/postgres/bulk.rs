@@ -430,13 +430,11 @@ pub async fn load(conn: &mut PgConn, spec: LoadSpec, mut feed: RowFeed) -> Resul
     // READ COMMITTED whatever the role's default: under REPEATABLE READ a
     // REPLACE's DELETE would see the table as it was before the lock it
     // waited for, and keep the rows of a load committed meanwhile. No
-    // server-side statement or idle timeout: a load lasts as long as its
-    // client streams, bounded by Weir's own idle limit and deadline.
+    // statement timeout: a COPY lasts as long as its client streams, bounded
+    // by the load's deadline and Weir's idle limit. (A role's
+    // `idle_in_transaction_session_timeout` still applies between statements.)
     conn.client
-        .batch_execute(
-            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = 0; \
-             SET LOCAL idle_in_transaction_session_timeout = 0",
-        )
+        .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = 0")
         .await
         .map_err(map_error)?;
     let verdict = feed.verdict();

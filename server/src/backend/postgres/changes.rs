@@ -96,6 +96,34 @@ struct Watched {
     published: String,
 }
 
+/// A watched table found replaced (see `Reader::replaced`).
+struct Replaced {
+    /// WAL position by which its name had moved.
+    by: u64,
+    table: String,
+    /// Its name names another table now (rather than none).
+    elsewhere: bool,
+    /// The last change sent once the stream is past `by`: every change of
+    /// the table has been sent by then.
+    delivered: Option<PgPos>,
+}
+
+impl Replaced {
+    fn error(&self) -> BackendError {
+        let now = if self.elsewhere {
+            "names another table now (dropped and made again, or swapped by a rename)"
+        } else {
+            "names no table now (dropped or renamed)"
+        };
+        BackendError::ChangesNotReady(format!(
+            "watched table {} {now}: its changes up to then were delivered and acknowledged. Watch again to \
+             follow the table under that name (with snapshot = true for the rows it holds: its changes before \
+             the new watch are not in the subscription), or name the table's new name",
+            self.table
+        ))
+    }
+}
+
 /// Longest wait of a snapshot for its share lock on the watched tables.
 const SNAPSHOT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -593,6 +621,8 @@ struct Reader {
     types: HashMap<u32, Type>,
     /// The last position delivered (or the resume point): later items only.
     delivered: PgPos,
+    /// The last change event's position sent (or the resume point).
+    last_change: PgPos,
     acked: PgPos,
     out: Outbox,
 }
@@ -836,6 +866,36 @@ impl Reader {
         Ok(())
     }
 
+    /// A watched table whose name no longer names it (dropped and made
+    /// again, or swapped by renames): its changes end at its drop or rename,
+    /// and the table under its name now is not in the subscription's
+    /// publication, so the stream would go on without it and without a
+    /// word. With the WAL position by which that had happened.
+    async fn replaced(&self) -> Result<Option<Replaced>, BackendError> {
+        let (ids, names): (Vec<u32>, Vec<&str>) =
+            self.watched.iter().map(|(id, w)| (*id, w.qualified.as_str())).unzip();
+        let row = self
+            .client
+            .query_one(
+                &format!(
+                    "SELECT ARRAY(SELECT COALESCE(to_regclass(n)::oid, 0) FROM unnest($1::text[]) \
+                     WITH ORDINALITY AS t(n, i) ORDER BY i), {}",
+                    lsn_sql("pg_current_wal_insert_lsn()")
+                ),
+                &[&names],
+            )
+            .await
+            .map_err(map_error)?;
+        let now: Vec<u32> = row.try_get(0).map_err(map_error)?;
+        let by: i64 = row.try_get(1).map_err(map_error)?;
+        Ok(ids.iter().zip(&now).position(|(id, now)| id != now).map(|i| Replaced {
+            by: by as u64,
+            table: names[i].to_string(),
+            elsewhere: now[i] != 0,
+            delivered: None,
+        }))
+    }
+
     /// Delivers what the slot's stream brings until the client goes (`Ok`)
     /// or the database fails.
     /// `silence`: after how long without a word from the server the
@@ -847,7 +907,14 @@ impl Reader {
         let mut txn: Option<Txn> = None;
         // When the reader last waited for the server and heard from it.
         let mut heard = Instant::now();
+        let mut names_checked = Instant::now();
+        let mut replaced: Option<Replaced> = None;
         loop {
+            if let Some(r) = &replaced {
+                if r.delivered.is_some_and(|d| self.acked >= d) {
+                    return Err(r.error());
+                }
+            }
             let event = tokio::select! {
                 // Both are ready once the stream is gone: the client's last
                 // ack may not have been taken yet.
@@ -881,6 +948,19 @@ impl Reader {
             let gone = match event {
                 // Every transaction committed before `wal_end` has been sent.
                 Event::Keepalive { wal_end } if txn.is_none() => {
+                    // A replaced table's changes are all delivered once the
+                    // stream is past where it was seen replaced; the stream
+                    // ends when the client has acknowledged them, so that a
+                    // resume (which no longer reads that table) loses none.
+                    match &mut replaced {
+                        Some(r) if r.delivered.is_none() && wal_end >= r.by => r.delivered = Some(self.last_change),
+                        Some(_) => {}
+                        None if names_checked.elapsed() >= every => {
+                            names_checked = Instant::now();
+                            replaced = self.replaced().await?;
+                        }
+                        None => {}
+                    }
                     let at = PgPos { lsn: wal_end, seq: 0 };
                     self.out
                         .heartbeat(&mut self.delivered, at, every, PgPos::encode)
@@ -1021,6 +1101,7 @@ impl Reader {
             }
         }
         self.delivered = position;
+        self.last_change = position;
         Ok(self.out.send(ChangeItem::Change(change)).await.is_err())
     }
 
@@ -1086,6 +1167,7 @@ pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed
         relations: HashMap::new(),
         types: HashMap::new(),
         delivered,
+        last_change: delivered,
         acked: delivered,
         out,
         spec,

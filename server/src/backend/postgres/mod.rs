@@ -1052,12 +1052,17 @@ impl SqlSource for PostgresSource {
                 ));
             }
             // `time` would drop an offset, and `timetz` give a time without
-            // one the session's: either changes the time without a word.
-            let zoned = column.native_type.contains("with time zone");
-            if holds(
-                value,
-                &|v| matches!(v, Value::Time(_, offset) if offset.is_some() != zoned),
-            ) {
+            // one the session's: either changes the time without a word. (A
+            // domain's native type is its own name: its values are not
+            // checked so.)
+            let native = &column.native_type;
+            let zoned = native.contains("with time zone");
+            if (zoned || native.contains("without time zone"))
+                && holds(
+                    value,
+                    &|v| matches!(v, Value::Time(_, offset) if offset.is_some() != zoned),
+                )
+            {
                 return Some(if zoned {
                     format!(
                         "a time without utc_offset_seconds cannot go into a column of type {}",

@@ -95,9 +95,13 @@ pub fn typmod_details(ty: &Type, typmod: i32) -> (Option<i32>, Option<i32>, Opti
         return (None, None, None);
     }
     let m = typmod - 4;
-    match *ty {
+    if *element_base(ty) == Type::NUMERIC {
         // The scale is 11 bits, signed since PostgreSQL 15 (numeric(5,-2)).
-        Type::NUMERIC => (Some((m >> 16) & 0xffff), Some(((m & 0x7ff) ^ 1024) - 1024), None),
+        // An array's type modifier is its elements' (numeric(6,2)[]): loads
+        // check each element against it.
+        return (Some((m >> 16) & 0xffff), Some(((m & 0x7ff) ^ 1024) - 1024), None);
+    }
+    match *ty {
         Type::VARCHAR | Type::BPCHAR => (None, None, Some(i64::from(m))),
         _ => (None, None, None),
     }
@@ -666,6 +670,15 @@ mod tests {
         }
         assert_eq!(typmod_details(&Type::FLOAT8_ARRAY, -1).0, Some(53));
         assert_eq!(typmod_details(&Type::INT4_ARRAY, -1).0, None);
+    }
+
+    #[test]
+    fn numeric_precision_and_scale_reach_array_elements() {
+        let six_two = ((6 << 16) | 2) + 4;
+        for ty in [Type::NUMERIC, Type::NUMERIC_ARRAY] {
+            assert_eq!(typmod_details(&ty, six_two), (Some(6), Some(2), None), "{ty}");
+        }
+        assert_eq!(typmod_details(&Type::NUMERIC_ARRAY, -1), (None, None, None));
     }
 
     #[test]

@@ -272,7 +272,7 @@ pub async fn watch(
             caller: &caller,
             source: &start.source,
             subscription: &start.subscription,
-            delivered: resume,
+            delivered: floor.clone(),
             resumed_at: floor,
             retired,
         };
@@ -286,7 +286,8 @@ struct Pump<'a> {
     caller: &'a Caller,
     source: &'a str,
     subscription: &'a str,
-    /// The latest position sent: an acknowledgement may not pass it.
+    /// The latest position sent (before any, where the stream started): an
+    /// acknowledgement may not pass it.
     delivered: Option<Position>,
     /// Where the stream resumed (or, without a resume position, where the
     /// engine started: see `ChangeFeed::start`). Resumed inside a transaction, an engine

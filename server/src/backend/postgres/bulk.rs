@@ -432,7 +432,9 @@ pub async fn load(conn: &mut PgConn, spec: LoadSpec, mut feed: RowFeed) -> Resul
     // waited for, and keep the rows of a load committed meanwhile. No
     // statement timeout: a COPY lasts as long as its client streams, bounded
     // by the load's deadline and Weir's idle limit. (A role's
-    // `idle_in_transaction_session_timeout` still applies between statements.)
+    // `idle_in_transaction_session_timeout` is kept: a load waits for its
+    // client inside a COPY, which does not count as idle, so it only ends a
+    // load whose gateway went between two statements.)
     conn.client
         .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = 0")
         .await

@@ -96,6 +96,22 @@ struct Watched {
     published: String,
 }
 
+/// The longest WAL page header (a segment's first page's).
+const LONG_PAGE_HEADER: u64 = 40;
+
+/// The WAL insert position `insert`, moved back to its page's start when it
+/// is just past the page's header (24 bytes, 40 at a segment's): there
+/// nothing was written yet, and the sender's position, on a quiet server,
+/// stops at the page boundary and would never reach it.
+fn before_page_header(insert: u64, page: u64) -> u64 {
+    let into_page = insert % page.max(1);
+    if into_page <= LONG_PAGE_HEADER {
+        insert - into_page
+    } else {
+        insert
+    }
+}
+
 /// A watched table found replaced (see `Reader::replaced`).
 struct Replaced {
     /// WAL position by which its name had moved.
@@ -879,7 +895,7 @@ impl Reader {
             .query_one(
                 &format!(
                     "SELECT ARRAY(SELECT COALESCE(to_regclass(n)::oid, 0) FROM unnest($1::text[]) \
-                     WITH ORDINALITY AS t(n, i) ORDER BY i), {}",
+                     WITH ORDINALITY AS t(n, i) ORDER BY i), {}, current_setting('wal_block_size')::int8",
                     lsn_sql("pg_current_wal_insert_lsn()")
                 ),
                 &[&names],
@@ -887,13 +903,24 @@ impl Reader {
             .await
             .map_err(map_error)?;
         let now: Vec<u32> = row.try_get(0).map_err(map_error)?;
-        let by: i64 = row.try_get(1).map_err(map_error)?;
+        let (insert, page): (i64, i64) = (row.try_get(1).map_err(map_error)?, row.try_get(2).map_err(map_error)?);
         Ok(ids.iter().zip(&now).position(|(id, now)| id != now).map(|i| Replaced {
-            by: by as u64,
+            by: before_page_header(insert as u64, page as u64),
             table: names[i].to_string(),
             elsewhere: now[i] != 0,
             delivered: None,
         }))
+    }
+
+    /// [`Self::replaced`], unless the session does not answer within
+    /// `silence`: the stream's loop serves nothing else meanwhile.
+    async fn replaced_within(&self, silence: Duration) -> Result<Option<Replaced>, BackendError> {
+        tokio::time::timeout(silence, self.replaced()).await.map_err(|_| {
+            BackendError::Unavailable(format!(
+                "the database did not answer a catalog query within {} s",
+                silence.as_secs()
+            ))
+        })?
     }
 
     /// Delivers what the slot's stream brings until the client goes (`Ok`)
@@ -910,9 +937,15 @@ impl Reader {
         let mut names_checked = Instant::now();
         let mut replaced: Option<Replaced> = None;
         loop {
-            if let Some(r) = &replaced {
-                if r.delivered.is_some_and(|d| self.acked >= d) {
-                    return Err(r.error());
+            if replaced
+                .as_ref()
+                .is_some_and(|r| r.delivered.is_some_and(|d| self.acked >= d))
+            {
+                // Once more: a name renamed away and back between two checks
+                // names its table again, and the stream goes on.
+                match self.replaced_within(silence).await? {
+                    Some(now) => return Err(now.error()),
+                    None => replaced = None,
                 }
             }
             let event = tokio::select! {
@@ -957,7 +990,7 @@ impl Reader {
                         Some(_) => {}
                         None if names_checked.elapsed() >= every => {
                             names_checked = Instant::now();
-                            replaced = self.replaced().await?;
+                            replaced = self.replaced_within(silence).await?;
                         }
                         None => {}
                     }
@@ -1188,11 +1221,12 @@ pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed
             end.fail(e).await;
         }
     });
-    // The slot resumes whole transactions: nothing starts inside one.
+    // The slot's position: it resumes whole transactions, so nothing starts
+    // inside one (a Begin is never before it).
     Ok(ChangeFeed {
         items,
         acks,
-        start: None,
+        start: resumed.is_none().then(|| delivered.encode()),
     })
 }
 
@@ -1231,6 +1265,14 @@ pub(super) async fn delete(config: &Target, id: &str, name: &str) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_insert_position_just_past_a_page_header_is_the_pages_start() {
+        assert_eq!(before_page_header(8192 * 3 + 24, 8192), 8192 * 3);
+        assert_eq!(before_page_header(16 << 20 | 40, 8192), 16 << 20);
+        assert_eq!(before_page_header(8192 * 3 + 41, 8192), 8192 * 3 + 41);
+        assert_eq!(before_page_header(8192 * 3, 8192), 8192 * 3);
+    }
 
     #[test]
     fn streams_that_would_be_synchronous_standbys_are_seen() {

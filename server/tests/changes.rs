@@ -438,6 +438,12 @@ async fn a_consumer_resumed_from_its_last_ack_gets_every_later_change_once(engin
     assert_eq!(id_of(&fifth), 5);
     watch.ack(fifth.position.clone()).await.expect("ack");
     watch.finish().await.expect("the acknowledgement reaches the server");
+    // A client that acknowledges its last change again as it reconnects
+    // without a position, before anything comes (on PostgreSQL the slot
+    // went back to that change's transaction's start).
+    let mut reconnected = ctx.watch(ctx.start(&[&t], &sub)).await;
+    reconnected.ack(fifth.position.clone()).await.expect("ack again");
+    reconnected.finish().await.expect("the acknowledgement again is taken");
 
     for i in 11..=15 {
         ctx.sql(&format!("INSERT INTO {t} VALUES ({i}, 'v{i}', {i})")).await;

@@ -320,12 +320,15 @@ pub struct ChangeFeed {
     pub items: FeedItems,
     /// The furthest position the client acknowledged.
     pub acks: watch::Sender<Option<Position>>,
-    /// Where a stream without a resume position starts (the stored
-    /// acknowledgement, the slot's position): acknowledgements up to it
-    /// count as delivered (a client acknowledging its last position again as
-    /// it reconnects), and when it is inside a transaction, the
-    /// transaction's Begin is raised to it, as for a resume.
+    /// Where a stream without a resume position starts, when that may be
+    /// inside a transaction (a stored acknowledgement of one of its
+    /// changes): the transaction's Begin is raised to it, as for a resume.
     pub start: Option<Position>,
+    /// For a stream without a resume position, the furthest position its
+    /// subscription had acknowledged: acknowledgements up to it count as
+    /// delivered (a client acknowledging its last position again as it
+    /// reconnects, before anything comes).
+    pub acknowledged: Option<Position>,
 }
 
 /// The client's acknowledgements as the engine's reader takes them: only

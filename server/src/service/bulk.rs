@@ -37,7 +37,9 @@ const MAX_LOAD_ID: usize = 200;
 /// Most a load cut by the end of the grace period reads ahead of what it
 /// loaded, looking for its client's end (HTTP/2 flow control holds about
 /// a megabyte per call; a client that keeps sending is not waited for).
-const READ_AHEAD_BYTES: usize = 16 << 20;
+/// Held decoded, outside the feed's budget: narrow rows take many times
+/// their wire size.
+const READ_AHEAD_BYTES: usize = 4 << 20;
 /// How long a load the gateway found a bad row in waits for the engine to
 /// report an earlier one from the rows it has, before stopping what it runs
 /// (a COPY waiting for a lock, a REPLACE's DELETE of a large table).

@@ -272,7 +272,7 @@ pub async fn watch(
             caller: &caller,
             source: &start.source,
             subscription: &start.subscription,
-            delivered: floor.clone(),
+            delivered: resume.clone().or(feed.acknowledged.clone()),
             resumed_at: floor,
             retired,
         };
@@ -373,7 +373,11 @@ impl Pump<'_> {
                             item
                         }
                     };
-                    self.delivered = Some(item.position().clone());
+                    // Never lowered: a stream started from its subscription's
+                    // acknowledgement may send part of that transaction again.
+                    if self.delivered.as_ref().is_none_or(|d| item.position() > d) {
+                        self.delivered = Some(item.position().clone());
+                    }
                     let is_change = matches!(item, ChangeItem::Change(_));
                     let response = stamp.response(item, throttled);
                     if is_change {

@@ -118,12 +118,7 @@ fn inexact(v: impl std::fmt::Display) -> String {
 
 /// Digits of a decimal's text from its first non-zero digit to its last one.
 fn significant_digits(decimal: &str) -> usize {
-    let digits: String = decimal
-        .chars()
-        .take_while(|c| *c != 'e' && *c != 'E')
-        .filter(char::is_ascii_digit)
-        .collect();
-    digits.trim_start_matches('0').trim_end_matches('0').len()
+    significant_span(decimal).map_or(0, |(high, low)| usize::try_from(high - low + 1).unwrap_or(usize::MAX))
 }
 
 /// What a float column holds exactly: every whole number up to `whole`,
@@ -224,7 +219,7 @@ fn fit(value: Value, ty: ColumnType, column: &domain::Column) -> Result<Value, S
         {
             return Err(format!(
                 "{} does not fit {} exactly (it would be rounded or refused)",
-                value_text(&value),
+                quote(&number_text(&value).unwrap_or_default()),
                 column.native_type
             ))
         }
@@ -265,14 +260,15 @@ fn fit(value: Value, ty: ColumnType, column: &domain::Column) -> Result<Value, S
     }
 }
 
-/// A number as it would be written in SQL, for messages.
-fn value_text(value: &Value) -> String {
+/// A number's decimal text (Rust writes a float's shortest round-trip
+/// digits, never with an exponent); None for other values.
+fn number_text(value: &Value) -> Option<String> {
     match value {
-        Value::Int(i) => i.to_string(),
-        Value::UInt(u) => u.to_string(),
-        Value::Float(f) => f.to_string(),
-        Value::Decimal(d) => quote(d),
-        other => other.kind().to_string(),
+        Value::Int(i) => Some(i.to_string()),
+        Value::UInt(u) => Some(u.to_string()),
+        Value::Float(f) => Some(f.to_string()),
+        Value::Decimal(d) => Some(d.clone()),
+        _ => None,
     }
 }
 
@@ -285,13 +281,13 @@ fn decimal_holds(value: &Value, column: &domain::Column) -> bool {
     let (Some(precision), Some(scale)) = (column.precision, column.scale) else {
         return true;
     };
-    let text = match value {
-        Value::Int(i) => i.to_string(),
-        Value::UInt(u) => u.to_string(),
-        // Rust writes a float's shortest round-trip digits, never with an exponent.
-        Value::Float(f) if f.is_finite() => f.to_string(),
-        Value::Decimal(d) if crate::backend::types::special_decimal(d).is_none() => d.clone(),
-        _ => return true,
+    let special = match value {
+        Value::Float(f) => !f.is_finite(),
+        Value::Decimal(d) => crate::backend::types::special_decimal(d).is_some(),
+        _ => false,
+    };
+    let Some(text) = number_text(value).filter(|_| !special) else {
+        return true;
     };
     match significant_span(&text) {
         None => true,
@@ -315,6 +311,9 @@ fn significant_span(decimal: &str) -> Option<(i64, i64)> {
     };
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let digits: Vec<u8> = int.bytes().chain(frac.bytes()).collect();
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
     let first = digits.iter().position(|d| *d != b'0')?;
     let last = digits.iter().rposition(|d| *d != b'0')?;
     // The digit at index i stands for 10^(len(int) - 1 - i + exponent).

@@ -599,6 +599,7 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
     Ok(ChangeFeed {
         items,
         acks,
+        acknowledged: from_stored.clone(),
         start: from_stored,
     })
 }

@@ -478,8 +478,8 @@ pub async fn load(
     }
     // Strict mode turns bad values into errors instead of warnings; the
     // session's own mode comes back afterwards (and the pool resets sessions).
-    // Notes (a decimal rounded to the column's scale, say) are not counted
-    // as warnings, which make `load_data` check a chunk with INSERTs.
+    // Notes are not counted as warnings, which make `load_data` check a
+    // chunk with INSERTs.
     conn.query_drop(
         "SET @weir_sql_mode = @@SESSION.sql_mode, @weir_sql_notes = @@SESSION.sql_notes, \
          SESSION sql_mode = CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'STRICT_ALL_TABLES'), \

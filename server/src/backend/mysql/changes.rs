@@ -40,8 +40,11 @@ const TAKE_OVER_WAIT: u32 = 5;
 /// How long a new consumer waits for the subscription's lock: a consumer
 /// that reconnects at once finds its old session still ending.
 const LOCK_WAIT: u32 = 2;
-/// How long the server may wait to write the log to a stream's reader.
-const BINLOG_WRITE_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// How long the server may wait to write the log to a stream's reader: far
+/// past the 60 s default, which a reader slowed by its tenant's rate meets,
+/// and short enough that a replica cut off lets go of the subscription's
+/// lock (its binlog session holds it) within minutes.
+const BINLOG_WRITE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long ending the dump and looking for a take-over may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -1130,10 +1133,8 @@ impl Reader {
     /// One row image as the table's row. An image need not hold every column
     /// (`binlog_row_image` MINIMAL or NOBLOB, which any session may set): each
     /// value goes to its column by the column's place in the table, and a
-    /// column missing from the image is NULL.
-    /// `row`'s values under the table's columns. `left_out` gets the
-    /// columns a partial image (`binlog_row_image` MINIMAL or NOBLOB) did not
-    /// carry: NULL in the row, which does not mean NULL.
+    /// column missing from the image is NULL, which does not mean NULL: it
+    /// is added to `left_out`.
     fn row(
         &self,
         w: &Watched,
@@ -1731,6 +1732,7 @@ pub(super) async fn watch(
     Ok(ChangeFeed {
         items,
         acks,
+        acknowledged: from_stored.clone(),
         start: from_stored,
     })
 }

@@ -944,6 +944,9 @@ impl Reader {
                 // Once more: a name renamed away and back between two checks
                 // names its table again, and the stream goes on.
                 match self.replaced_within(silence).await? {
+                    // Another table replaced since: its changes up to its
+                    // replacement are delivered and acknowledged first.
+                    Some(now) if replaced.as_ref().is_some_and(|r| r.table != now.table) => replaced = Some(now),
                     Some(now) => return Err(now.error()),
                     None => replaced = None,
                 }
@@ -1221,12 +1224,20 @@ pub(super) async fn watch(config: &Target, spec: WatchSpec) -> Result<ChangeFeed
             end.fail(e).await;
         }
     });
-    // The slot's position: it resumes whole transactions, so nothing starts
-    // inside one (a Begin is never before it).
+    // The slot resumes whole transactions: nothing starts inside one. Its
+    // position is a transaction's start (acknowledged inside it) or end,
+    // so any change of that transaction was acknowledged or is to come.
     Ok(ChangeFeed {
         items,
         acks,
-        start: resumed.is_none().then(|| delivered.encode()),
+        start: None,
+        acknowledged: resumed.is_none().then(|| {
+            PgPos {
+                lsn: delivered.lsn,
+                seq: u32::MAX,
+            }
+            .encode()
+        }),
     })
 }
 

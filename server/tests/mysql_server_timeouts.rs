@@ -103,6 +103,38 @@ fn start(table: &str, subscription: &str) -> pb::WatchStart {
     }
 }
 
+/// A stream of `table` (made again with `columns`) whose sessions opened
+/// while the server's global `variable` was 2, with what reaches it.
+struct Watching {
+    direct: mysql_async::Conn,
+    server: TestServer,
+    client: weir_client::WeirClient,
+    watch: ChangeWatch,
+    subscription: String,
+}
+
+async fn watching_with(table: &str, columns: &str, variable: &str) -> Watching {
+    let mut direct = mysql_direct().await;
+    let subscription = unique(table);
+    direct
+        .query_drop(format!(
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} ({columns})"
+        ))
+        .await
+        .expect("table");
+    let server = watch_server().await;
+    let client = server.client("key-w").await;
+    let watched = with_global(variable, 2, client.watch(start(table, &subscription))).await;
+    let watch = watched.expect("WatchChanges starts");
+    Watching {
+        direct,
+        server,
+        client,
+        watch,
+        subscription,
+    }
+}
+
 /// The session that stores a stream's acknowledgements sits idle while no
 /// acknowledgement moves (a quiet source), and the server closes it after
 /// its `wait_timeout`: the next acknowledgement is stored on a new session,
@@ -111,19 +143,14 @@ fn start(table: &str, subscription: &str) -> pb::WatchStart {
 #[tokio::test]
 async fn acknowledgements_are_stored_after_the_servers_wait_timeout() {
     let _alone = GLOBALS.lock().await;
-    let mut direct = mysql_direct().await;
     let table = "weir_idle_writer";
-    let subscription = unique("idle_writer");
-    direct
-        .query_drop(format!(
-            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id INT PRIMARY KEY)"
-        ))
-        .await
-        .expect("table");
-    let server = watch_server().await;
-    let client = server.client("key-w").await;
-    let watched = with_global("wait_timeout", 2, client.watch(start(table, &subscription))).await;
-    let mut watch = watched.expect("WatchChanges starts");
+    let Watching {
+        mut direct,
+        server,
+        client,
+        mut watch,
+        subscription,
+    } = watching_with(table, "id INT PRIMARY KEY", "wait_timeout").await;
     // Past the stream's sessions' wait_timeout, with nothing to store.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     direct
@@ -162,19 +189,14 @@ async fn acknowledgements_are_stored_after_the_servers_wait_timeout() {
 #[tokio::test]
 async fn a_slow_reader_outlasts_the_servers_net_write_timeout() {
     let _alone = GLOBALS.lock().await;
-    let mut direct = mysql_direct().await;
     let table = "weir_slow_reader";
-    let subscription = unique("slow_reader");
-    direct
-        .query_drop(format!(
-            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id INT PRIMARY KEY, v TEXT)"
-        ))
-        .await
-        .expect("table");
-    let server = watch_server().await;
-    let client = server.client("key-w").await;
-    let watched = with_global("net_write_timeout", 2, client.watch(start(table, &subscription))).await;
-    let mut watch = watched.expect("WatchChanges starts");
+    let Watching {
+        mut direct,
+        server,
+        client,
+        mut watch,
+        subscription,
+    } = watching_with(table, "id INT PRIMARY KEY, v TEXT", "net_write_timeout").await;
     // More than the stream's buffers and the sockets' hold: 40 MB.
     direct
         .query_drop(format!(

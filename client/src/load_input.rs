@@ -205,11 +205,14 @@ pub fn from_json(raw: &RawValue, column: &Column) -> Result<Value, String> {
             ColumnType::Uint => Kind::Uint64Value(text.parse().map_err(|_| number("an unsigned integer"))?),
             ColumnType::Decimal => Kind::DecimalValue(text.to_string()),
             ColumnType::Float => Kind::DoubleValue(double()?),
-            // A column of no one type (SQLite's): integers stay integers.
-            ColumnType::Dynamic => match (text.parse::<i64>(), text.parse::<u64>()) {
-                (Ok(i), _) => Kind::Int64Value(i),
-                (_, Ok(u)) => Kind::Uint64Value(u),
-                _ => Kind::DoubleValue(double()?),
+            // A column of no one type (SQLite's): integers stay integers, and
+            // a number a double would round goes as a decimal, which the
+            // server stores exactly (as text) when a double cannot hold it.
+            ColumnType::Dynamic => match (text.parse::<i64>(), text.parse::<u64>(), text.parse::<f64>()) {
+                (Ok(i), _, _) => Kind::Int64Value(i),
+                (_, Ok(u), _) => Kind::Uint64Value(u),
+                (_, _, Ok(f)) if f.is_finite() && crate::params::keeps_digits(text, f) => Kind::DoubleValue(f),
+                _ => Kind::DecimalValue(text.to_string()),
             },
             ColumnType::Json => Kind::JsonValue(text.to_string()),
             ColumnType::String => Kind::StringValue(text.to_string()),
@@ -805,6 +808,11 @@ mod tests {
         };
         assert_eq!(json("\"42\""), Some(Kind::StringValue("42".into())));
         assert_eq!(json("42"), Some(Kind::Int64Value(42)));
+        assert_eq!(json("-2.5e-3"), Some(Kind::DoubleValue(-2.5e-3)));
+        // Digits a double would lose are sent as they are written.
+        for text in ["123456789012345678901", "12345678901234567.89", "1e400"] {
+            assert_eq!(json(text), Some(Kind::DecimalValue(text.into())), "{text}");
+        }
     }
 
     #[test]

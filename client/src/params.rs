@@ -82,7 +82,7 @@ fn parse_untyped(s: &str) -> Result<Value, String> {
 
 /// Whether the double `f` read from `s` keeps every digit typed: its
 /// shortest decimal form has the same significant digits.
-fn keeps_digits(s: &str, f: f64) -> bool {
+pub(crate) fn keeps_digits(s: &str, f: f64) -> bool {
     fn digits(mantissa: &str) -> String {
         let all: String = mantissa.chars().filter(char::is_ascii_digit).collect();
         all.trim_start_matches('0').trim_end_matches('0').to_owned()

@@ -65,6 +65,11 @@ pub enum Error {
     )]
     ThrottledPastDeadline(Duration),
     #[error(
+        "the call's deadline is near, so the stream ends here, after the records sent (committed, with automatic \
+         commits); consume again to read on"
+    )]
+    ConsumeDeadline,
+    #[error(
         "the call's deadline passed after {0:?} of waiting for a gateway slot (every slot was in use); nothing \
          ran: give the call more time, or send it again later"
     )]
@@ -284,6 +289,7 @@ impl From<Error> for Status {
                     vec![("waited_ms", limit.as_millis().to_string())],
                 ),
             ),
+            Error::ConsumeDeadline => (Code::DeadlineExceeded, info("DEADLINE_REACHED", vec![])),
             Error::QueuedPastDeadline(waited) => (
                 Code::DeadlineExceeded,
                 info(

@@ -524,6 +524,18 @@ async fn writes_refused_for_their_returned_rows_leave_nothing(engine: Engine) {
         5,
         "{engine:?}: within the cap"
     );
+    // PostgreSQL's writing CTEs: the rows come from the outer SELECT,
+    // with or without RETURNING, and a comment may come before parentheses.
+    if engine == Engine::Postgres {
+        for sql in [
+            "WITH d AS (DELETE FROM weir_conf_capped) SELECT g FROM generate_series(1, 6) g",
+            "/* tag */ (WITH d AS (DELETE FROM weir_conf_capped RETURNING id) SELECT g FROM generate_series(1, 6) g)",
+        ] {
+            let err = ctx.fail(sql).await;
+            assert_eq!(reason(&err), "RESULT_TOO_LARGE", "{sql}: {err:?}");
+            assert_eq!(int(&ctx.run(count).await.rows[0].values[0]), 5, "{sql}");
+        }
+    }
 
     let wide = "y".repeat(1500);
     let update = match engine {

@@ -1605,6 +1605,29 @@ async fn a_produce_waiting_for_queue_room_answers_by_its_deadline() {
     server.stop().await;
 }
 
+/// A topic the source's login may not describe is refused as such when a
+/// stream starts at a time (it looks the topic's partitions up), not
+/// reported as missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timestamp_start_on_a_topic_not_authorized_is_permission_denied() {
+    use rdkafka::types::RDKafkaRespErr as E;
+    let (cluster, server, client) = mock_topic("guarded", 1, MOCK_MESSAGE_TIMEOUT_MS, "").await;
+    cluster
+        .topic_error("guarded", E::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED)
+        .expect("topic error");
+    let mut request = consume_request("guarded", "timed", 1, true);
+    request.start = Some(pb::StartPosition {
+        position: Some(pb::start_position::Position::Timestamp(prost_types::Timestamp {
+            seconds: 0,
+            nanos: 0,
+        })),
+    });
+    let err = client.stream().consume(request).await.expect_err("not authorized");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(engine_code(&err), "TopicAuthorizationFailed");
+    server.stop().await;
+}
+
 /// A record the broker refuses as such (a tombstone without a key on a
 /// compacted topic) is the caller's to fix: INVALID_ARGUMENT with the
 /// broker's code, not INTERNAL.
@@ -1768,6 +1791,158 @@ async fn a_member_whose_client_reads_slowly_does_not_hold_its_group_still() {
         (Some(&1_499), Some(&1_499)),
         "the slow member reads both partitions to their end"
     );
+    server.stop().await;
+}
+
+/// Batches a member read before a rebalance took their partition away are
+/// neither handed out nor committed once it has the partition back:
+/// committed then, their offsets sent the group back behind what the member
+/// that had the partition meanwhile read and committed, and the group read
+/// those records again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_given_back_keeps_the_offset_its_other_member_committed() {
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-given-back-");
+    create_topic(&topic, 2).await;
+    let group = unique("given-back-");
+    produce_ballast(&client, &topic, 3_000).await;
+    let mut first = open_consume(&client, consume_request(&topic, &group, 0, false)).await;
+    let read = tokio::time::timeout(Duration::from_secs(30), first.message())
+        .await
+        .expect("records within 30 s")
+        .expect("the first member")
+        .expect("open");
+    // Its client reads no more: the batches after its first, of the same
+    // partition (librdkafka hands a partition's fetch over in order), wait
+    // in its buffers.
+    let buffered = read.records[0].partition;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A second member that gets that partition (a member gets one of the
+    // two, by its random member id) reads it to its end.
+    let mut tries = 0;
+    let mut second = loop {
+        tries += 1;
+        let mut second = open_consume(&client, consume_request(&topic, &group, 0, false)).await;
+        let got = tokio::time::timeout(Duration::from_secs(30), second.message())
+            .await
+            .expect("the second member gets records within 30 s")
+            .expect("the second member")
+            .expect("open");
+        if got.records[0].partition == buffered {
+            break second;
+        }
+        assert!(tries < 8, "no new member got partition {buffered} in {tries} tries");
+    };
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !second
+            .message()
+            .await
+            .expect("the second member")
+            .expect("open")
+            .records
+            .iter()
+            .any(|r| r.offset == 1_499)
+        {}
+    })
+    .await
+    .expect("the second member reads its partition to its end");
+    // It leaves (its last commit made), and the first has both partitions again.
+    drop(second);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_secs(5), first.message())
+        .await
+        .map(|m| m.expect("the first member"))
+    {
+        assert!(!batch.records.is_empty());
+    }
+    drop(first);
+    // One more record on each partition: a member that starts now gets only those.
+    produce(
+        &client,
+        &topic,
+        (0..2)
+            .map(|p| pb::ProducerRecord {
+                partition: Some(p),
+                value: b"after".to_vec(),
+                ..Default::default()
+            })
+            .collect(),
+    )
+    .await
+    .expect("produce");
+    let mut third = open_consume(&client, consume_request(&topic, &group, 0, false)).await;
+    let mut fresh = std::collections::HashSet::new();
+    while fresh.len() < 2 {
+        let batch = tokio::time::timeout(Duration::from_secs(30), third.message())
+            .await
+            .expect("records within 30 s")
+            .expect("the third member")
+            .expect("open");
+        for r in batch.records {
+            assert!(
+                r.offset >= 1_500,
+                "partition {} (the second member's: {buffered}) was sent back to offset {}",
+                r.partition,
+                r.offset
+            );
+            fresh.insert(r.partition);
+        }
+    }
+    server.stop().await;
+}
+
+/// A Consume with a deadline ends itself just before it, with every record
+/// it committed on its way to the client ahead of the status: a client
+/// whose deadline cut the stream lost what its connection held, which the
+/// automatic commits had committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consume_ends_before_its_deadline_with_every_committed_record_delivered() {
+    let (server, client) = server("").await;
+    let topic = unique("weir-a-deadline-");
+    create_topic(&topic, 2).await;
+    let group = unique("deadline-");
+    produce_ballast(&client, &topic, 3_000).await;
+    let mut request = tonic::Request::new(consume_request(&topic, &group, 0, false));
+    request.set_timeout(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    let mut stream = client.stream().consume(request).await.expect("consume").into_inner();
+    // A slow reader: what it has not read waits in its connection's window.
+    let mut last = std::collections::HashMap::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(batch)) => {
+                    for r in batch.records {
+                        last.insert(r.partition, r.offset);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(None) => panic!("the stream ended with OK"),
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends at its deadline");
+    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    assert_eq!(reason(&ended), "DEADLINE_REACHED", "{ended:?}");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    // The group resumes right after the last record the client got.
+    let mut next = open_consume(&client, consume_request(&topic, &group, 0, false)).await;
+    let mut first = std::collections::HashMap::new();
+    while !last.keys().all(|p| first.contains_key(p)) {
+        let batch = tokio::time::timeout(Duration::from_secs(30), next.message())
+            .await
+            .expect("records within 30 s")
+            .expect("the next stream")
+            .expect("open");
+        for r in batch.records {
+            first.entry(r.partition).or_insert(r.offset);
+        }
+    }
+    for (partition, offset) in &last {
+        assert_eq!(first.get(partition), Some(&(offset + 1)), "partition {partition}");
+    }
     server.stop().await;
 }
 

@@ -1,4 +1,5 @@
-//! MySQL/MariaDB change streams against the server's own session timeouts.
+//! MySQL/MariaDB streams (of changes, of query results) against the
+//! server's own session timeouts.
 //! Alone in their binary: they change the server's global settings, which
 //! every session opened meanwhile takes (cargo runs test binaries one after
 //! another, so no other test's sessions are opened then).
@@ -222,5 +223,41 @@ async fn a_slow_reader_outlasts_the_servers_net_write_timeout() {
     drop(watch);
     delete_subscription(&client, &subscription).await;
     direct.query_drop(format!("DROP TABLE {table}")).await.expect("drop");
+    server.stop().await;
+}
+
+/// A query stream whose client pauses leaves the server waiting on a full
+/// socket too: past its `net_write_timeout` the server closed the pooled
+/// session, and the stream ended with UNAVAILABLE (inside a transaction,
+/// the transaction was lost), where Weir's own `stream_idle_timeout` is the
+/// limit on a client that stops reading.
+#[tokio::test]
+async fn a_paused_query_stream_outlasts_the_servers_net_write_timeout() {
+    let _alone = GLOBALS.lock().await;
+    let server = watch_server().await;
+    let client = server.client("key-w").await;
+    // More than the stream's buffers and the sockets' hold: 40 MB.
+    let sql = "SELECT seq, REPEAT('x', 2000) AS v FROM seq_1_to_20000";
+    let (mut stream, first) = with_global("net_write_timeout", 2, async {
+        let mut stream = client
+            .execute_stream("db", sql, vec![])
+            .await
+            .expect("the stream starts");
+        let first = stream.next_batch().await.expect("a first batch").expect("rows").len();
+        (stream, first)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rows = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut rows = first;
+        while let Some(batch) = stream.next_batch().await.expect("the stream stays healthy") {
+            rows += batch.len();
+        }
+        rows
+    })
+    .await
+    .expect("every row");
+    assert_eq!(rows, 20_000);
+    assert!(stream.stats().is_some());
     server.stop().await;
 }

@@ -1085,12 +1085,14 @@ async fn a_revoked_key_ends_its_streams_loads_and_transactions() {
 }
 
 /// A call that authenticated before the reload and waited for its turn at
-/// the tenant's rate meanwhile never reaches its source.
+/// the tenant's rate meanwhile never reaches its source. It is refused at
+/// the revocation, not at its turn: waiting, it held a slot of its tenant
+/// and a turn a valid key could have had, which it gives back.
 #[tokio::test]
 async fn a_call_revoked_while_waiting_for_its_turn_never_runs() {
     let paced = |keys: &[&str]| {
         format!(
-            "{}[tenants.a.limits]\nrequests_per_second = 1\nburst = 1\nmax_rate_wait = \"5s\"\n",
+            "{}[tenants.a.limits]\nrequests_per_second = 1\nburst = 1\nmax_rate_wait = \"9s\"\n",
             pg_keys(keys)
         )
     };
@@ -1102,31 +1104,51 @@ async fn a_call_revoked_while_waiting_for_its_turn_never_runs() {
     kept.execute("pg", &format!("CREATE TABLE IF NOT EXISTS {table} (id bigint)"), vec![])
         .await
         .expect("create");
-    // The bucket is empty now: the next call waits about a second for its turn.
-    let insert = tokio::spawn({
+    // The bucket is empty now: these wait about one, two, three and four
+    // seconds for their turns. The last is a transaction that would begin.
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
         let gone = gone.clone();
-        async move {
+        waiting.push(tokio::spawn(async move {
             gone.execute("pg", &format!("INSERT INTO {table} VALUES (1)"), vec![])
                 .await
-        }
-    });
-    // And one more, two seconds away: a transaction that would begin.
-    let begin = tokio::spawn({
+                .map(|_| ())
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    waiting.push(tokio::spawn({
         let gone = gone.clone();
-        async move { gone.begin("pg", pb::IsolationLevel::Unspecified, false).await }
-    });
+        async move {
+            gone.begin("pg", pb::IsolationLevel::Unspecified, false)
+                .await
+                .map(|_| ())
+        }
+    }));
     tokio::time::sleep(Duration::from_millis(200)).await;
     file.write(&paced(&["a1"]));
     reloaded(&weir);
-    let err = insert.await.expect("task").expect_err("revoked while waiting");
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert_eq!(reason(&err), "CREDENTIAL_REVOKED");
-    let err = begin.await.expect("task").expect_err("revoked while waiting");
-    assert_eq!(reason(&err), "CREDENTIAL_REVOKED", "{err:?}");
+    let revoked = std::time::Instant::now();
+    for call in waiting {
+        let err = call.await.expect("task").expect_err("revoked while waiting");
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        assert_eq!(reason(&err), "CREDENTIAL_REVOKED");
+    }
+    assert!(
+        revoked.elapsed() < Duration::from_millis(1500),
+        "refused at their turns, not at the revocation: {:?}",
+        revoked.elapsed()
+    );
+    // The revoked key's turns went back to the bucket: the kept key's call
+    // takes the first (within about a second), not the fifth.
     let count = kept
         .execute("pg", &format!("SELECT count(*) FROM {table}"), vec![])
         .await
         .expect("count");
+    assert!(
+        revoked.elapsed() < Duration::from_millis(2500),
+        "the revoked calls' turns were kept: {:?}",
+        revoked.elapsed()
+    );
     assert_eq!(common::int(&count.rows[0].values[0]), 0, "the statement never ran");
     kept.execute("pg", &format!("DROP TABLE {table}"), vec![])
         .await

@@ -57,8 +57,10 @@ fn words_as(sql: &str, n: usize, reading: Reading) -> Vec<String> {
     let mut rest = sql;
     while words.len() < n {
         rest = skip_space(rest, reading);
-        // Empty statements before the first word (T-SQL's `;WITH ...`).
-        while let (true, Some(after)) = (words.is_empty(), rest.strip_prefix(';')) {
+        // Empty statements before the first word (T-SQL's `;WITH ...`), and
+        // parentheses: PostgreSQL reads `(WITH d AS (DELETE ...) SELECT ...)`
+        // as the statement inside them.
+        while let (true, Some(after)) = (words.is_empty(), rest.strip_prefix([';', '('])) {
             rest = skip_space(after, reading);
         }
         let end = rest
@@ -379,10 +381,11 @@ fn controls(words: &[String]) -> bool {
 }
 
 /// Whether `sql` may write rows and hand them back in one statement
-/// (`RETURNING`, or T-SQL's `OUTPUT`). Run alone, such a statement commits
-/// before its caller has seen its rows; a unary call that refuses them for
-/// the response caps must not leave them written. A word in a string or a
-/// comment only costs a transaction that was not needed.
+/// (`RETURNING`, T-SQL's `OUTPUT`, or PostgreSQL's writing CTE under a
+/// SELECT). Run alone, such a statement commits before its caller has seen
+/// its rows; a unary call that refuses them for the response caps must not
+/// leave them written. A word in a string or a comment only costs a
+/// transaction that was not needed.
 pub fn writes_and_returns_rows(sql: &str) -> bool {
     // The commonest statement, a plain SELECT, in a few instructions: it
     // cannot write, whatever its text holds (a lookup scanned every word).
@@ -395,27 +398,23 @@ pub fn writes_and_returns_rows(sql: &str) -> bool {
     {
         return false;
     }
-    let returns = words_anywhere(sql).any(|w| w.eq_ignore_ascii_case("returning") || w.eq_ignore_ascii_case("output"));
-    // PostgreSQL reads `(WITH d AS (DELETE ... RETURNING *) SELECT ...)` as
-    // the statement inside the parentheses.
-    let unwrapped = sql
-        .trim_start()
-        .trim_start_matches(|c: char| c == '(' || c.is_whitespace());
-    let writes = |w: &str| {
-        ["insert", "update", "delete", "merge", "replace"]
-            .iter()
-            .any(|v| w.eq_ignore_ascii_case(v))
-    };
-    returns
-        && leading_words(unwrapped, 1)
-            .iter()
-            .any(|w| match w.first().map(String::as_str) {
-                Some("insert" | "update" | "delete" | "merge" | "replace") => true,
-                // A WITH writes only through a writing statement in it: a read
-                // that names a column `output` must not take SQLite's write lock.
-                Some("with") => words_anywhere(sql).any(writes),
-                _ => false,
-            })
+    let returns =
+        || words_anywhere(sql).any(|w| w.eq_ignore_ascii_case("returning") || w.eq_ignore_ascii_case("output"));
+    leading_words(sql, 1)
+        .iter()
+        .any(|w| match w.first().map(String::as_str) {
+            Some("insert" | "update" | "delete" | "merge" | "replace") => returns(),
+            // A WITH writes only through a writing statement in it: a read
+            // that names a column `output` must not take SQLite's write lock.
+            // A CTE that writes hands back the outer SELECT's rows, RETURNING
+            // or not; REPLACE is a statement only as MySQL's or SQLite's last
+            // one, which returns rows only by RETURNING (elsewhere it is a
+            // string function).
+            Some("with") => {
+                has_word(sql, &["insert", "update", "delete", "merge"]) || (returns() && has_word(sql, &["replace"]))
+            }
+            _ => false,
+        })
 }
 
 #[cfg(test)]
@@ -452,6 +451,15 @@ mod tests {
         ));
         assert!(writes_and_returns_rows(
             "WITH c AS (SELECT 1 AS id) REPLACE INTO t SELECT * FROM c RETURNING *"
+        ));
+        assert!(!writes_and_returns_rows(
+            "WITH r AS (SELECT replace(a, 'x', 'y') AS a FROM t) SELECT a FROM r"
+        ));
+        assert!(writes_and_returns_rows(
+            "WITH d AS (DELETE FROM jobs WHERE done) SELECT * FROM report"
+        ));
+        assert!(writes_and_returns_rows(
+            "/* tag */ (WITH d AS (DELETE FROM jobs RETURNING id) SELECT * FROM d)"
         ));
     }
 

@@ -45,6 +45,11 @@ pub struct InRecord {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// Which of its consumer's assignments of the partition the record was
+    /// read under (a count of the consumer's rebalances), for telling
+    /// whether the partition is still the consumer's when the record is
+    /// handed out or its offset committed; 0 outside a group.
+    pub assignment: u64,
     pub timestamp_ms: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
@@ -81,6 +86,8 @@ pub struct PartitionOffset {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// For one that follows records read: their [`InRecord::assignment`].
+    pub assignment: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,19 +133,26 @@ pub fn next_offsets(delivered: &[InRecord]) -> Vec<PartitionOffset> {
             topic: r.topic.clone(),
             partition: r.partition,
             offset: r.offset + 1,
+            assignment: r.assignment,
         }),
     );
     next
 }
 
-/// Adds `more` to `into`, keeping per partition the furthest offset.
+/// Adds `more` to `into`, keeping per partition the offset of the latest
+/// assignment, and of it the furthest (a partition given back may be read
+/// again from behind where an older assignment got to).
 pub fn merge_offsets(into: &mut Vec<PartitionOffset>, more: impl IntoIterator<Item = PartitionOffset>) {
     for o in more {
         match into
             .iter_mut()
             .find(|n| n.partition == o.partition && n.topic == o.topic)
         {
-            Some(n) => n.offset = n.offset.max(o.offset),
+            Some(n) => {
+                if (o.assignment, o.offset) > (n.assignment, n.offset) {
+                    *n = o;
+                }
+            }
             None => into.push(o),
         }
     }
@@ -208,6 +222,7 @@ mod tests {
             topic: "t".into(),
             partition: 0,
             offset: 0,
+            assignment: 0,
             timestamp_ms: None,
             key: Some(vec![1; 16]),
             value: None,

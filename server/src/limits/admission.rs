@@ -87,15 +87,28 @@ fn reject(caller: Option<&Caller>, e: Error) -> http::Response<Body> {
 /// Admits `caller`'s call, or answers its refusal: takes a concurrency
 /// slot, then waits for the call's turn at the tenant's request rate (and
 /// the shared bucket's, when there is one) within the call's deadline.
-pub async fn admit(caller: &mut Caller, headers: &http::HeaderMap) -> Result<SlotPermit, http::Response<Body>> {
-    let deadline = take_deadline(caller, headers);
+/// Returns the slot and how long the call waited. `stop` completes with
+/// why the call must not run (its credential revoked or expired, the
+/// shutdown's end): such a call waits no longer, and gives back its turn
+/// and its slot to the tenant's other callers.
+pub async fn admit(
+    caller: &Caller,
+    deadline: Option<Duration>,
+    stop: impl std::future::Future<Output = Error>,
+) -> Result<(SlotPermit, Duration), http::Response<Body>> {
     let limiter = &caller.tenant.limiter;
     let turn = limiter.admit(deadline).map_err(|e| reject(Some(caller), e))?;
-    match limiter.wait_turn(turn.wait, deadline).await {
-        Ok(waited) => caller.rate_wait = waited,
-        Err(e) => return Err(reject(Some(caller), e)),
-    }
-    Ok(turn.permit)
+    // The turn first: a call with a token free now is admitted without
+    // polling the stop (the auth layer checks it once more after).
+    let waited = tokio::select! {
+        biased;
+        waited = limiter.wait_turn(turn.wait, deadline) => waited.map_err(|e| reject(Some(caller), e))?,
+        e = stop => {
+            limiter.give_back_turn();
+            return Err(tonic::Status::from(e).into_http());
+        }
+    };
+    Ok((turn.permit, waited))
 }
 
 /// Records the call's deadline (its `grpc-timeout`) on the caller; returns it.

@@ -395,6 +395,13 @@ impl TenantLimiter {
         Ok(self.throttled("rate", started))
     }
 
+    /// Gives back the turn a call admitted by [`Self::admit`] will not use
+    /// (it was stopped while it waited for it); a turn taken from the
+    /// shared bucket stays taken.
+    pub fn give_back_turn(&self) {
+        self.buckets.rate.give_back(1);
+    }
+
     /// The longest a call that already waited `waited` may still wait for a
     /// turn: what is left of `max_rate_wait`, ending before its deadline.
     fn max_wait(&self, deadline: Option<Duration>, waited: Duration) -> Duration {

@@ -192,6 +192,7 @@ fn partition_offsets(topics: &dyn TopicSource, offsets: Vec<pb::PartitionOffset>
                 topic: o.topic,
                 partition: o.partition,
                 offset: o.offset,
+                assignment: 0,
             })
         })
         .collect()
@@ -243,6 +244,9 @@ async fn deliver(
         cut: &cut,
         retired: &retired,
         removed: &removed,
+        deadline: caller
+            .deadline
+            .map(|d| d.checked_sub(CONSUME_DEADLINE_MARGIN).unwrap_or(d)),
     };
     let ended = pass_on(&ends, records.as_mut(), auto_commit, max_records, &tx).await;
     records.close().await;
@@ -255,8 +259,8 @@ async fn deliver(
 }
 
 /// What ends a consumer's stream from outside: the caller's credential and
-/// the server's shutdown (see [`super::stopped`]), and a reload that points
-/// its source elsewhere or removes it.
+/// the server's shutdown (see [`super::stopped`]), the caller's deadline,
+/// and a reload that points its source elsewhere or removes it.
 struct Ends<'a> {
     caller: &'a Caller,
     source: &'a str,
@@ -264,12 +268,22 @@ struct Ends<'a> {
     /// The source's [`crate::tenant::Source::retired`] and `removed`.
     retired: &'a CancellationToken,
     removed: &'a std::sync::atomic::AtomicBool,
+    /// When the stream ends itself, ahead of the caller's deadline.
+    deadline: Option<tokio::time::Instant>,
 }
+
+/// How long before the caller's deadline a Consume ends itself. A client
+/// cut by its deadline loses what was on its way to it, which automatic
+/// commits have committed; ended by the server first, it gets every record
+/// sent, then the status. Time for the stream's last commit, which the
+/// status waits for.
+const CONSUME_DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Ends<'_> {
     async fn reached(&self) -> Error {
         tokio::select! {
             e = super::stopped(self.cut, &self.caller.revoked, self.caller.expires) => e,
+            () = super::until(self.deadline) => Error::ConsumeDeadline,
             () = self.retired.cancelled() => {
                 // A removed source is not found (as its topics are), one
                 // pointed elsewhere can be read again at once.
@@ -668,6 +682,7 @@ mod tests {
             topic: "t".into(),
             partition: 0,
             offset: 1,
+            assignment: 0,
             timestamp_ms: Some(ms),
             key: None,
             value: Some(b"v".to_vec()),

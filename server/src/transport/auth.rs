@@ -21,7 +21,7 @@ use super::tls::PeerInfo;
 use crate::error::Error;
 use crate::limits::{admission, SlotPermit};
 use crate::metrics::{code_label, Method, TenantMetrics};
-use crate::service::stop_due;
+use crate::service::{stop_due, stopped};
 use crate::tenant::reload::Registry;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -358,11 +358,15 @@ where
                         // (its locks, its session): refused for the tenant's
                         // rate or concurrency, it would keep them until the
                         // transaction's idle timeout.
+                        let deadline = admission::take_deadline(&mut caller, req.headers());
                         let admitted = if method == ROLLBACK {
-                            admission::take_deadline(&mut caller, req.headers());
                             Ok(None)
                         } else {
-                            admission::admit(&mut caller, req.headers()).await.map(Some)
+                            let stop = stopped(registry.stop_token(), &caller.revoked, caller.expires);
+                            admission::admit(&caller, deadline, stop).await.map(|(permit, waited)| {
+                                caller.rate_wait = waited;
+                                Some(permit)
+                            })
                         };
                         match admitted {
                             // Authenticated before it waited for its turn:

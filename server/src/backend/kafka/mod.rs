@@ -3,6 +3,7 @@
 //! group when the call ends. librdkafka's metadata and watermark calls
 //! block, so they run on the blocking pool.
 
+mod membership;
 mod producer;
 
 use std::any::Any;
@@ -14,13 +15,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use membership::{GroupConsumer, Membership};
 use producer::{Producer, Record};
 
 use super::topics::{
@@ -79,7 +81,7 @@ struct Live {
     /// Live consumers by group, so that CommitOffsets for a group being
     /// consumed on this replica commits through one of its members (the
     /// broker refuses a commit from outside a group that has members).
-    consumers: Mutex<HashMap<String, Vec<Weak<StreamConsumer>>>>,
+    consumers: Mutex<HashMap<String, Vec<Weak<GroupConsumer>>>>,
     /// CommitOffsets whose callers stopped waiting (a deadline, a cancel)
     /// while librdkafka's synchronous commit, which waits for a coordinator
     /// without end, goes on: each holds a blocking thread (and, alone, a
@@ -404,12 +406,14 @@ fn read_headers(m: &BorrowedMessage<'_>) -> Vec<crate::backend::topics::Header> 
         .collect()
 }
 
-fn record(m: &BorrowedMessage<'_>) -> InRecord {
+/// `m`, as read by `consumer` now.
+fn record(consumer: &GroupConsumer, m: &BorrowedMessage<'_>) -> InRecord {
     let headers = read_headers(m);
     InRecord {
         topic: m.topic().to_string(),
         partition: m.partition(),
         offset: m.offset(),
+        assignment: consumer.context().now(),
         timestamp_ms: m.timestamp().to_millis(),
         key: m.key().map(<[u8]>::to_vec),
         value: m.payload().map(<[u8]>::to_vec),
@@ -423,7 +427,7 @@ struct KafkaRecords {
     /// away (and when the stream is dropped, which ends its registration).
     retired: CancellationToken,
     /// Taken when the stream is dropped, to be let go of by [`release`].
-    consumer: Option<Arc<StreamConsumer>>,
+    consumer: Option<Arc<GroupConsumer>>,
     /// The offsets committed through this stream so far, to wait for at its end.
     committed: Vec<PartitionOffset>,
 }
@@ -441,7 +445,7 @@ impl Drop for KafkaRecords {
 /// Lets go of a consumer on the blocking pool. The last holder's drop
 /// closes the consumer (it leaves the group and sends its last commits),
 /// which blocks until the broker answers, or gives up.
-fn release(consumer: Arc<StreamConsumer>) {
+fn release(consumer: Arc<GroupConsumer>) {
     super::drop_off_runtime(consumer);
 }
 
@@ -451,43 +455,56 @@ impl RecordStream for KafkaRecords {
         // The reader ends only after sending why, or once this side is gone:
         // an end without a word is a reader that panicked, not the end of
         // the records, which would end the stream with OK every time.
-        let received = tokio::select! {
-            biased;
-            () = self.retired.cancelled() => {
-                return Some(Err(BackendError::not_found(
-                    "a topic of this stream is no longer among the source's topics (the configuration was reloaded)",
-                )));
+        loop {
+            let received = tokio::select! {
+                biased;
+                () = self.retired.cancelled() => {
+                    return Some(Err(BackendError::not_found(
+                        "a topic of this stream is no longer among the source's topics (the configuration was reloaded)",
+                    )));
+                }
+                received = self.rx.recv() => received,
+            };
+            let mut batch = match received {
+                Some(Ok(batch)) => batch,
+                Some(Err(e)) => return Some(Err(e)),
+                None => {
+                    return Some(Err(BackendError::Internal(
+                        "the consumer's reader stopped unexpectedly (see the server log); the stream ends here".into(),
+                    )))
+                }
+            };
+            // Records buffered while a rebalance took their partition away
+            // come again to whichever member has it now (this one too,
+            // fetched anew from the group's offset): handed out here, they
+            // would come twice.
+            if let Some(consumer) = &self.consumer {
+                consumer.context().drop_revoked(&mut batch);
             }
-            received = self.rx.recv() => received,
-        };
-        Some(received.unwrap_or_else(|| {
-            Err(BackendError::Internal(
-                "the consumer's reader stopped unexpectedly (see the server log); the stream ends here".into(),
-            ))
-        }))
+            if !batch.is_empty() {
+                return Some(Ok(batch));
+            }
+        }
     }
 
     /// Queued in librdkafka, which sends commits in order and retries them
     /// across a lost coordinator. It reports an asynchronous manual
     /// commit's outcome to no one (its event API carries only automatic
     /// commits'): a refused commit shows only as records read again.
-    fn commit(&mut self, next: Vec<PartitionOffset>) -> Result<(), BackendError> {
+    fn commit(&mut self, mut next: Vec<PartitionOffset>) -> Result<(), BackendError> {
         if next.is_empty() {
             return Ok(());
         }
         let Some(consumer) = &self.consumer else {
             return Err(BackendError::Internal("the consumer was closed".into()));
         };
-        // Only for partitions this member still has: a batch read before a
-        // rebalance gave its partition to another member would commit an
-        // offset behind what that member committed since (the broker takes
-        // it from a member of the current generation), and the group would
-        // read those records again.
-        let assigned = consumer.assignment().map_err(map_error)?;
-        let next: Vec<_> = next
-            .into_iter()
-            .filter(|p| assigned.find_partition(&p.topic, p.partition).is_some())
-            .collect();
+        // Only for partitions this member has had since it read the records:
+        // a batch read before a rebalance took its partition away would
+        // commit an offset behind what the member that had it since
+        // committed (the broker takes it from a member of the current
+        // generation, also once the partition is given back), and the
+        // group would read those records again.
+        consumer.context().still_ours(&mut next);
         if next.is_empty() {
             return Ok(());
         }
@@ -561,7 +578,7 @@ impl RecordStream for KafkaRecords {
 /// away and gave it back) and read further, which an old offset committed
 /// now would undo, and the group would read those records again.
 fn ahead_of_group(
-    consumer: &StreamConsumer,
+    consumer: &GroupConsumer,
     ours: &TopicPartitionList,
     timeout: Duration,
 ) -> KafkaResult<TopicPartitionList> {
@@ -607,7 +624,7 @@ fn partition_list(offsets: &[PartitionOffset]) -> KafkaResult<TopicPartitionList
 
 /// Batches the consumer's records for its caller until either side ends,
 /// then lets go of the consumer.
-async fn pump(consumer: Arc<StreamConsumer>, tx: mpsc::Sender<Result<Vec<InRecord>, BackendError>>) {
+async fn pump(consumer: Arc<GroupConsumer>, tx: mpsc::Sender<Result<Vec<InRecord>, BackendError>>) {
     read_batches(&consumer, &tx).await;
     answer_group_until_closed(&consumer, &tx).await;
     release(consumer);
@@ -618,7 +635,7 @@ async fn pump(consumer: Arc<StreamConsumer>, tx: mpsc::Sender<Result<Vec<InRecor
 /// partitions paused, the consumer is polled on, since librdkafka serves
 /// the group's rebalances only while polled, and a member left unpolled
 /// would hold the whole group still for up to `max.poll.interval.ms`.
-async fn answer_group_until_closed(consumer: &StreamConsumer, tx: &Batches) {
+async fn answer_group_until_closed(consumer: &GroupConsumer, tx: &Batches) {
     // Never resumed: the consumer is closed next.
     let _ = pause_all(consumer);
     loop {
@@ -757,7 +774,7 @@ impl Drop for CallerWaits {
 
 type Batches = mpsc::Sender<Result<Vec<InRecord>, BackendError>>;
 
-async fn read_batches(consumer: &StreamConsumer, tx: &Batches) {
+async fn read_batches(consumer: &GroupConsumer, tx: &Batches) {
     // The connection errors without a record between them.
     let mut outage = None;
     // Records read while the consumer was paused, to start the next batch.
@@ -775,7 +792,7 @@ async fn read_batches(consumer: &StreamConsumer, tx: &Batches) {
             None => std::mem::take(&mut held),
             Some(Ok(m)) => {
                 outage = None;
-                vec![record(&m)]
+                vec![record(consumer, &m)]
             }
             Some(Err(e)) if connection_error(&e) && ride_out(&mut outage) => {
                 tracing::debug!(error = %e, "a consumer's broker connection failed; librdkafka reconnects");
@@ -794,7 +811,7 @@ async fn read_batches(consumer: &StreamConsumer, tx: &Batches) {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, consumer.recv()).await {
                 Ok(Ok(m)) => {
-                    let r = record(&m);
+                    let r = record(consumer, &m);
                     bytes += r.size();
                     batch.push(r);
                 }
@@ -849,7 +866,7 @@ async fn read_batches(consumer: &StreamConsumer, tx: &Batches) {
 /// a rebalance that takes it away, and one given back later would stay
 /// paused, never read again by this stream.
 async fn paused_until_room<'a>(
-    consumer: &StreamConsumer,
+    consumer: &GroupConsumer,
     tx: &'a Batches,
     held: &mut Vec<InRecord>,
 ) -> (
@@ -873,7 +890,7 @@ async fn paused_until_room<'a>(
             room = tx.reserve() => break room.ok(),
             m = consumer.recv() => match m {
                 Ok(m) => {
-                    let r = record(&m);
+                    let r = record(consumer, &m);
                     held_bytes += r.size();
                     held.push(r);
                     if let Ok(now) = pause_all(consumer) {
@@ -896,7 +913,7 @@ async fn paused_until_room<'a>(
 }
 
 /// Pauses every partition the consumer has now; returns them.
-fn pause_all(consumer: &StreamConsumer) -> KafkaResult<TopicPartitionList> {
+fn pause_all(consumer: &GroupConsumer) -> KafkaResult<TopicPartitionList> {
     let assigned = consumer.assignment()?;
     consumer.pause(&assigned)?;
     Ok(assigned)
@@ -927,7 +944,7 @@ impl Paused {
 
 /// Subscribes `consumer` to the topics of `spec`, or assigns it the
 /// partitions and offsets its start names.
-async fn start(consumer: &Arc<StreamConsumer>, spec: &ConsumeSpec) -> Result<(), BackendError> {
+async fn start(consumer: &Arc<GroupConsumer>, spec: &ConsumeSpec) -> Result<(), BackendError> {
     match &spec.start {
         // librdkafka waits for its main thread to take the subscription.
         Start::Earliest | Start::Latest => {
@@ -961,12 +978,14 @@ async fn start(consumer: &Arc<StreamConsumer>, spec: &ConsumeSpec) -> Result<(),
                         return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut));
                     }
                     let metadata = c.fetch_metadata(Some(topic), left)?;
-                    let partitions: Vec<i32> = metadata
-                        .topics()
-                        .iter()
-                        .filter(|t| t.error().is_none())
-                        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                        .collect();
+                    let mut partitions = Vec::new();
+                    for t in metadata.topics() {
+                        // The broker's word for it: not authorized is not "not found".
+                        if let Some(e) = t.error() {
+                            return Err(KafkaError::MetadataFetch(e.into()));
+                        }
+                        partitions.extend(t.partitions().iter().map(|p| p.id()));
+                    }
                     // A topic without partitions would add nothing to read and
                     // the stream would wait for ever: it is not there.
                     if partitions.is_empty() {
@@ -1152,10 +1171,11 @@ impl TopicSource for KafkaSource {
         };
         config.set("auto.offset.reset", reset);
         // Creating a client reads its CA files and starts its threads.
-        let consumer: StreamConsumer = tokio::task::spawn_blocking(move || config.create())
-            .await
-            .map_err(|e| BackendError::Internal(e.to_string()))?
-            .map_err(|e| BackendError::Internal(settings_error("consumer", &e)))?;
+        let consumer: GroupConsumer =
+            tokio::task::spawn_blocking(move || config.create_with_context(Membership::default()))
+                .await
+                .map_err(|e| BackendError::Internal(e.to_string()))?
+                .map_err(|e| BackendError::Internal(settings_error("consumer", &e)))?;
         let consumer = Arc::new(consumer);
         // A consumer dropped here would close on this runtime thread (a
         // blocking wait): every failure to start lets go of it through `release`.

@@ -40,11 +40,6 @@ const TAKE_OVER_WAIT: u32 = 5;
 /// How long a new consumer waits for the subscription's lock: a consumer
 /// that reconnects at once finds its old session still ending.
 const LOCK_WAIT: u32 = 2;
-/// How long the server may wait to write the log to a stream's reader: far
-/// past the 60 s default, which a reader slowed by its tenant's rate meets,
-/// and short enough that a replica cut off lets go of the subscription's
-/// lock (its binlog session holds it) within minutes.
-const BINLOG_WRITE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long ending the dump and looking for a take-over may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -1472,18 +1467,11 @@ impl Reader {
         // reads them (4: MARIA_SLAVE_CAPABILITY_GTID); to others it rewrites
         // each as BEGIN, and fails the whole stream at an XA transaction's
         // ("Failed to replace GTID event with backwards-compatible event").
-        // MySQL ignores the variable.
-        // The server gives up writing the log to a reader that has not read
-        // for `net_write_timeout` (60 s by default) and closes the session:
-        // a client slowed by its tenant's rate, behind a large transaction,
-        // would lose its stream every minute. Weir ends a client that stops
-        // reading itself (`stream_idle_timeout`).
-        conn.query_drop(format!(
-            "SET @mariadb_slave_capability = 4, SESSION net_write_timeout = {}",
-            BINLOG_WRITE_TIMEOUT.as_secs()
-        ))
-        .await
-        .map_err(map_error)?;
+        // MySQL ignores the variable. (The session's `net_write_timeout` is
+        // the source's setup's, see `WRITE_TIMEOUT`.)
+        conn.query_drop("SET @mariadb_slave_capability = 4")
+            .await
+            .map_err(map_error)?;
         let file = file_name(&self.base, start_file);
         let request = BinlogStreamRequest::new(server_id())
             .with_filename(file.as_bytes())

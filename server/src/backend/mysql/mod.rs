@@ -127,13 +127,26 @@ fn refuse_past_packet_limit(sql: &str, params: &[mysql_async::Value], limit: usi
     }
 }
 
+/// How long the server may wait to write to a session that does not read.
+/// Far past the 60 s default, which a client pausing a query stream, or a
+/// change stream's reader slowed by its tenant's rate behind a large
+/// transaction, meets: the server then closes the session, and a
+/// transaction on it is lost. Weir ends a client that stops reading itself
+/// (`stream_idle_timeout`). Short enough that a gateway cut off from the
+/// server lets go of what its sessions hold (a transaction's locks, a
+/// subscription's) within minutes.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl MysqlSource {
     pub fn new(config: &SourceConfig) -> Result<Self, BackendError> {
         let constraints = PoolConstraints::new(config.pool.min_idle as usize, config.pool.max_size as usize)
             .ok_or_else(|| BackendError::Invalid("pool.min_idle must not exceed pool.max_size".into()))?;
         // The setup runs again after every reset, so on every checkout: its
         // statements go as one text (multi-statements are on), one round trip.
-        let mut base_setup = vec!["SET NAMES utf8mb4, time_zone = '+00:00'".to_string()];
+        let mut base_setup = vec![format!(
+            "SET NAMES utf8mb4, time_zone = '+00:00', net_write_timeout = {}",
+            WRITE_TIMEOUT.as_secs()
+        )];
         // The pool's reset keeps a session's default database: a `USE` run
         // as dynamic SQL (`EXECUTE IMMEDIATE 'USE other'`), which no text
         // check sees, would otherwise move every later caller of the

@@ -231,6 +231,9 @@ async fn silent_redis() -> (u16, tokio::task::JoinHandle<()>) {
 
 /// A Redis that takes connections and never answers costs one
 /// `redis_timeout`, not one per call: calls then do without it for a second.
+/// The time spent waiting for Redis is not a wait for a turn: it was
+/// counted as the tenant throttled by its rate (as every call's Redis round
+/// trip was).
 #[tokio::test]
 async fn a_silent_redis_costs_one_timeout_not_one_per_call() {
     let (port, hold) = silent_redis().await;
@@ -242,6 +245,17 @@ async fn a_silent_redis_costs_one_timeout_not_one_per_call() {
     assert_serves(&client, "demo", 10).await;
     let elapsed = started.elapsed();
     assert!(elapsed < Duration::from_millis(1500), "10 calls took {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(600),
+        "the first calls waited for Redis"
+    );
+    let (_, body) = http_get(&server.metrics_url, "/metrics").await;
+    let throttled = sample(
+        &body,
+        "weir_throttled_seconds_total",
+        &[("tenant", &id), ("limit", "rate")],
+    );
+    assert_eq!(throttled, 0.0, "waiting for Redis counted as throttling");
     hold.abort();
     server.stop().await;
 }
@@ -347,6 +361,45 @@ async fn a_redis_connection_gone_silent_is_replaced() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    server.stop().await;
+}
+
+/// With `fail_closed`, each health round asks Redis itself: a replica that
+/// has no calls goes out of service when Redis stops answering (it used to
+/// stay ready, and refuse the first calls that came), and one out of
+/// service, which gets no calls, is ready again at the first round after
+/// Redis answers, not once the calls' rest (grown to many seconds through
+/// the outage) is over.
+#[tokio::test]
+async fn readiness_follows_redis_without_calls_to_learn_from() {
+    let proxy = common::Proxy::start(redis_address()).await;
+    let id = tenant_id();
+    let redis = format!(
+        "redis_url = \"redis://127.0.0.1:{}/0\"\nredis_timeout = \"200ms\"\non_redis_failure = \"fail_closed\"",
+        proxy.port
+    );
+    let server = TestServer::start(&format!("{FAST_HEALTH}{}", config(&id, "", &redis))).await;
+    readiness_becomes(&server, 200).await;
+    proxy.freeze(true);
+    let frozen = Instant::now();
+    readiness_becomes(&server, 503).await;
+    assert!(frozen.elapsed() < Duration::from_secs(3), "{:?}", frozen.elapsed());
+    // Calls that still come fail, and rest Redis; the rests grow while the
+    // outage lasts (1 s, 2 s, 4 s, ...).
+    let client = server.client(&format!("key-{id}")).await;
+    while frozen.elapsed() < Duration::from_secs(10) {
+        let err = client.execute("demo", "SELECT 1", vec![]).await.expect_err("no Redis");
+        assert_eq!(reason(&err), "GLOBAL_LIMITS_UNAVAILABLE", "{err:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.freeze(false);
+    let back = Instant::now();
+    readiness_becomes(&server, 200).await;
+    assert!(back.elapsed() < Duration::from_millis(1500), "{:?}", back.elapsed());
+    client
+        .execute("demo", "SELECT 1", vec![])
+        .await
+        .expect("admitted once Redis answers");
     server.stop().await;
 }
 

@@ -47,8 +47,8 @@ pub struct InRecord {
     pub offset: i64,
     /// Which of its consumer's assignments of the partition the record was
     /// read under (a count of the consumer's rebalances), for telling
-    /// whether the partition is still the consumer's when the record is
-    /// handed out or its offset committed; 0 outside a group.
+    /// whether the partition is still the consumer's when its offset is
+    /// committed; 0 outside a group.
     pub assignment: u64,
     pub timestamp_ms: Option<i64>,
     pub key: Option<Vec<u8>>,

@@ -285,8 +285,7 @@ impl GlobalLimiter {
         cost: u32,
         max_wait: Duration,
     ) -> Result<Result<Duration, Duration>, String> {
-        // Not `weir:{name}:{tenant}`: those keys held µs since 1970.
-        let key = format!("{}:gcra:{name}:{tenant}", self.key_prefix);
+        let key = self.key(name, tenant);
         let micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));
         if self.now_ms() < self.resting_until.load(Ordering::Relaxed) {
             // A first connection slower than `redis_timeout` (TLS, AUTH, a
@@ -308,21 +307,17 @@ impl GlobalLimiter {
         }
         // Released however the call ends, after `failed` has set the next rest.
         let _probing = probe.then_some(Probing(&self.probing));
-        // The health round's check is no tenant's.
-        if !tenant.is_empty() {
-            let labels = crate::metrics::TenantLabels {
-                tenant: tenant.to_string(),
-            };
-            crate::metrics::METRICS.shared_limit_checks.get_or_create(&labels).inc();
-        }
+        let labels = crate::metrics::TenantLabels {
+            tenant: tenant.to_string(),
+        };
+        crate::metrics::METRICS.shared_limit_checks.get_or_create(&labels).inc();
         let checked = async {
             let conn = self.connection().await?;
             self.check(conn, &key, rate, burst, cost, max_wait).await
         };
         let answer = tokio::time::timeout(self.timeout, checked).await;
         if matches!(answer, Ok(Ok(_))) {
-            self.failures_in_a_row.store(0, Ordering::Relaxed);
-            self.rest_ms.store(0, Ordering::Relaxed);
+            self.answered();
         }
 
         match answer {
@@ -338,12 +333,27 @@ impl GlobalLimiter {
         }
     }
 
+    /// The key of bucket `name` of `tenant`.
+    fn key(&self, name: &str, tenant: &str) -> String {
+        // Not `weir:{name}:{tenant}`: those keys held µs since 1970.
+        format!("{}:gcra:{name}:{tenant}", self.key_prefix)
+    }
+
+    /// Redis answered a check: no rest, no failures counted.
+    fn answered(&self) {
+        self.failures_in_a_row.store(0, Ordering::Relaxed);
+        self.rest_ms.store(0, Ordering::Relaxed);
+        self.resting_until.store(0, Ordering::Relaxed);
+    }
+
     /// Takes `cost` units from a cost bucket (rows, bytes, records), waiting
     /// while the tenant is over its rate. Cost buckets slow, never refuse:
     /// without Redis they fall back to the local bucket, whatever
     /// `on_redis_failure` says.
-    pub async fn charge(&self, name: &str, tenant: &str, rate: u32, cost: u64) {
+    /// Returns how long it waited for its turns.
+    pub async fn charge(&self, name: &str, tenant: &str, rate: u32, cost: u64) -> Duration {
         let mut left = cost;
+        let mut waited = Duration::ZERO;
         while left > 0 {
             // Pieces no larger than the burst (one second's worth). Each books
             // its turn up to BOOKING_AHEAD away: one that had to find the
@@ -364,34 +374,52 @@ impl GlobalLimiter {
                         if !wait.is_zero() {
                             tokio::time::sleep(wait).await;
                         }
+                        waited += wait;
                         break;
                     }
                     // The delay is until it would be admitted at once; it
                     // may book as soon as its turn is within `max_wait`.
                     Ok(Err(delay)) => {
-                        tokio::time::sleep(delay.saturating_sub(max_wait).max(Duration::from_millis(1))).await
+                        let wait = delay.saturating_sub(max_wait).max(Duration::from_millis(1));
+                        tokio::time::sleep(wait).await;
+                        waited += wait;
                     }
                     // Logged by `failed`: the local bucket has charged it.
-                    Err(_) => return,
+                    Err(_) => return waited,
                 }
             }
             left -= u64::from(piece);
         }
+        waited
     }
 
     /// Whether calls are refused for want of Redis (`fail_closed`, and Redis
-    /// not known to answer): the replica is then not ready, so that traffic
-    /// goes to replicas that can serve it. Redis is asked as a call asks it
-    /// (the check itself, at no cost, on a bucket of no tenant's; one prober
-    /// at a time, and not during a rest): a replica that is not ready gets no
-    /// calls to learn from that Redis is back, and a Redis that answers PING
-    /// but refuses the check (MISCONF, OOM, an ACL) still refuses calls.
+    /// not answering): the replica is then not ready, so that traffic goes
+    /// to replicas that can serve it. Redis is asked at every health round
+    /// as a call asks it (the check itself, at no cost, on a bucket of no
+    /// tenant's), whatever the calls found and however long they rest it: a
+    /// replica without calls would not notice Redis gone, and one not ready
+    /// gets no calls to learn that it is back (waiting out the calls' rests,
+    /// up to 30 s, every replica stayed out of service that long after a
+    /// short outage). A Redis that answers PING but refuses the check
+    /// (MISCONF, OOM, an ACL) still refuses calls. An answer ends the calls'
+    /// rest; no answer leaves it as it is.
     pub async fn refusing_calls(&self) -> bool {
         if self.on_failure != RedisFailure::FailClosed {
             return false;
         }
-        let answered = self.conn.borrow().0.is_some() && self.rest_ms.load(Ordering::Relaxed) == 0;
-        !answered && self.take("health", "", (1, 1), 0, Duration::ZERO).await.is_err()
+        let key = self.key("health", "");
+        let checked = async {
+            let conn = self.connection().await?;
+            self.check(conn, &key, 1, 1, 0, Duration::ZERO).await
+        };
+        match tokio::time::timeout(self.timeout, checked).await {
+            Ok(Ok(_)) => {
+                self.answered();
+                false
+            }
+            _ => true,
+        }
     }
 
     /// Takes one token from the tenant's shared request bucket, at a turn

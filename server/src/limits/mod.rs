@@ -172,9 +172,11 @@ impl CostBucket {
     /// (a deadline, a client gone) gives back the piece it waited for, so
     /// that calls retried with short deadlines do not book turns without
     /// end and starve every stream of the tenant.
-    async fn take(&self, cost: u64) {
+    /// Returns how long it waited.
+    async fn take(&self, cost: u64) -> Duration {
         let before = self.charged.fetch_add(cost, Ordering::Relaxed);
         let mut units = before.saturating_add(cost) / self.unit - before / self.unit;
+        let mut waited = Duration::ZERO;
         while units > 0 {
             let piece = units.min(u64::from(self.per_second));
             units -= piece;
@@ -186,8 +188,10 @@ impl CostBucket {
                 };
                 tokio::time::sleep(wait).await;
                 booking.units = 0;
+                waited += wait;
             }
         }
+        waited
     }
 }
 
@@ -256,12 +260,12 @@ impl TenantLimiter {
         limiter
     }
 
-    /// Charges the shared bucket `name` after the local one `bucket`.
-    async fn charge_shared(&self, bucket: &CostBucket, name: &str, rate: u32, cost: u64) {
-        if let Some(g) = &self.shared {
-            if let Some(due) = bucket.gathered(cost) {
-                g.charge(name, &self.tenant, rate, due).await;
-            }
+    /// Charges the shared bucket `name` after the local one `bucket`;
+    /// returns how long it waited for its turn.
+    async fn charge_shared(&self, bucket: &CostBucket, name: &str, rate: u32, cost: u64) -> Duration {
+        match (&self.shared, bucket.gathered(cost)) {
+            (Some(g), Some(due)) => g.charge(name, &self.tenant, rate, due).await,
+            _ => Duration::ZERO,
         }
     }
 
@@ -297,7 +301,6 @@ impl TenantLimiter {
     /// force (a reload may have replaced this one since the call began).
     async fn charge(&self, costs: Costs, count: u64, bytes: u64) -> Duration {
         let this = self.in_force();
-        let started = Instant::now();
         let (b, l) = (&this.buckets, &this.limits);
         let (counted, sized, label) = match costs {
             Costs::Load => (
@@ -311,17 +314,18 @@ impl TenantLimiter {
                 "stream",
             ),
         };
-        counted.0.take(count).await;
-        sized.0.take(bytes).await;
-        this.charge_shared(counted.0, counted.1, counted.2, count).await;
-        this.charge_shared(sized.0, sized.1, sized.2, bytes).await;
-        this.throttled(label, started)
+        let waited = counted.0.take(count).await
+            + sized.0.take(bytes).await
+            + this.charge_shared(counted.0, counted.1, counted.2, count).await
+            + this.charge_shared(sized.0, sized.1, sized.2, bytes).await;
+        this.throttled(label, waited)
     }
 
-    /// The time since `started` if it is a wait worth reporting, counted in metrics.
-    fn throttled(&self, limit: &'static str, started: Instant) -> Duration {
-        let waited = started.elapsed();
-        // Below this it is the cost of the checks, not a wait.
+    /// `waited`, the time a call slept for its turns (not the time it took
+    /// to ask Redis for them, which is no throttling), if it is worth
+    /// reporting, counted in metrics.
+    fn throttled(&self, limit: &'static str, waited: Duration) -> Duration {
+        // Below the timer's granularity: not a wait anyone would see.
         if waited < Duration::from_micros(500) {
             return Duration::ZERO;
         }
@@ -373,6 +377,7 @@ impl TenantLimiter {
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+        let mut waited = wait;
         if let Some(g) = &self.shared {
             let max_wait = self.max_wait(deadline, started.elapsed());
             match g
@@ -384,15 +389,19 @@ impl TenantLimiter {
                 )
                 .await
             {
-                Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
-                Ok(_) => {}
+                Ok(wait) => {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    waited += wait;
+                }
                 Err(e) => {
                     self.buckets.rate.give_back(1);
                     return Err(e);
                 }
             }
         }
-        Ok(self.throttled("rate", started))
+        Ok(self.throttled("rate", waited))
     }
 
     /// Gives back the turn a call admitted by [`Self::admit`] will not use

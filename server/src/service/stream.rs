@@ -17,6 +17,7 @@ use crate::backend::{BackendError, TopicSource};
 use crate::config::ChangesConfig;
 use crate::config::Priority;
 use crate::error::{Error, Result};
+use crate::limits::DEADLINE_MARGIN;
 use crate::tenant::Caller;
 
 /// Longest accepted consumer group name, before namespacing.
@@ -244,12 +245,22 @@ async fn deliver(
         cut: &cut,
         retired: &retired,
         removed: &removed,
-        deadline: caller
-            .deadline
-            .map(|d| d.checked_sub(CONSUME_DEADLINE_MARGIN).unwrap_or(d)),
+        deadline: caller.deadline.map(|d| {
+            let left = d.saturating_duration_since(tokio::time::Instant::now());
+            d - CONSUME_DEADLINE_MARGIN.min(left / 4)
+        }),
     };
     let ended = pass_on(&ends, records.as_mut(), auto_commit, max_records, &tx).await;
-    records.close().await;
+    // The last commit waits for the broker (up to seconds, while the group
+    // rebalances): not past the caller's deadline, which would cut the call
+    // and what is on its way to the client.
+    match caller.deadline {
+        Some(d) => {
+            let by = d.checked_sub(DEADLINE_MARGIN).unwrap_or(d);
+            let _ = tokio::time::timeout_at(by, records.close()).await;
+        }
+        None => records.close().await,
+    }
     if let Err(e) = ended {
         tx.fail(e);
     }
@@ -272,11 +283,11 @@ struct Ends<'a> {
     deadline: Option<tokio::time::Instant>,
 }
 
-/// How long before the caller's deadline a Consume ends itself. A client
-/// cut by its deadline loses what was on its way to it, which automatic
-/// commits have committed; ended by the server first, it gets every record
-/// sent, then the status. Time for the stream's last commit, which the
-/// status waits for.
+/// How long before the caller's deadline a Consume ends itself (at most a
+/// quarter of the time it has). A client cut by its deadline loses what was
+/// on its way to it, which automatic commits have committed; ended by the
+/// server first, it gets every record sent, then the status. Time for the
+/// stream's last commit, which the status waits for.
 const CONSUME_DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Ends<'_> {

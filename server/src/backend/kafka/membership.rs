@@ -1,9 +1,11 @@
 //! A consumer's group membership as its stream sees it: which records it
-//! read before a rebalance took their partition away. Such a record may
-//! since have gone to another member (or come again to this one, fetched
-//! anew from the group's offset), so it is neither handed out nor
-//! committed: an old offset committed after another member read further
-//! would send the group back.
+//! read before a rebalance took their partition away. Their offsets are not
+//! committed: committed after another member read further, they would send
+//! the group back (the broker takes them from a member of the current
+//! generation, also once the partition is given back). The records
+//! themselves are still handed out: one that did not come again (from a
+//! partition the group has no offset for, read from its end by a `latest`
+//! start) would be lost.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +14,7 @@ use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::{ClientContext, TopicPartitionList};
 
-use crate::backend::topics::{InRecord, PartitionOffset};
+use crate::backend::topics::PartitionOffset;
 
 /// A consumer as the Kafka source makes them.
 pub type GroupConsumer = StreamConsumer<Membership>;
@@ -62,16 +64,6 @@ impl Membership {
                 .lock()
                 .get(&(topic.to_string(), partition))
                 .is_some_and(|&at| at > assignment)
-    }
-
-    /// Drops from `batch` the records of partitions taken away since they
-    /// were read: they come again to whichever member has the partition now.
-    pub fn drop_revoked(&self, batch: &mut Vec<InRecord>) {
-        let now = self.now();
-        if batch.iter().all(|r| r.assignment == now) {
-            return;
-        }
-        batch.retain(|r| !self.revoked_since(&r.topic, r.partition, r.assignment));
     }
 
     /// Keeps of `offsets` those of partitions this consumer has had since

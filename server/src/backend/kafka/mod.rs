@@ -455,36 +455,20 @@ impl RecordStream for KafkaRecords {
         // The reader ends only after sending why, or once this side is gone:
         // an end without a word is a reader that panicked, not the end of
         // the records, which would end the stream with OK every time.
-        loop {
-            let received = tokio::select! {
-                biased;
-                () = self.retired.cancelled() => {
-                    return Some(Err(BackendError::not_found(
-                        "a topic of this stream is no longer among the source's topics (the configuration was reloaded)",
-                    )));
-                }
-                received = self.rx.recv() => received,
-            };
-            let mut batch = match received {
-                Some(Ok(batch)) => batch,
-                Some(Err(e)) => return Some(Err(e)),
-                None => {
-                    return Some(Err(BackendError::Internal(
-                        "the consumer's reader stopped unexpectedly (see the server log); the stream ends here".into(),
-                    )))
-                }
-            };
-            // Records buffered while a rebalance took their partition away
-            // come again to whichever member has it now (this one too,
-            // fetched anew from the group's offset): handed out here, they
-            // would come twice.
-            if let Some(consumer) = &self.consumer {
-                consumer.context().drop_revoked(&mut batch);
+        let received = tokio::select! {
+            biased;
+            () = self.retired.cancelled() => {
+                return Some(Err(BackendError::not_found(
+                    "a topic of this stream is no longer among the source's topics (the configuration was reloaded)",
+                )));
             }
-            if !batch.is_empty() {
-                return Some(Ok(batch));
-            }
-        }
+            received = self.rx.recv() => received,
+        };
+        Some(received.unwrap_or_else(|| {
+            Err(BackendError::Internal(
+                "the consumer's reader stopped unexpectedly (see the server log); the stream ends here".into(),
+            ))
+        }))
     }
 
     /// Queued in librdkafka, which sends commits in order and retries them
@@ -524,6 +508,9 @@ impl RecordStream for KafkaRecords {
         let Some(consumer) = self.consumer.take() else {
             return;
         };
+        // Not for a partition taken away since: it may have gone further
+        // under another member, and the group's offsets may not be learnt.
+        consumer.context().still_ours(&mut self.committed);
         if self.committed.is_empty() {
             release(consumer);
             return;

@@ -9,7 +9,7 @@ use std::io::{self, BufRead, Read};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Timelike};
 use serde_json::value::RawValue;
 use weir_proto::v1::value::Kind;
-use weir_proto::v1::{Column, ColumnType, Date, ListValue, Row, TimeOfDay, Value};
+use weir_proto::v1::{Column, ColumnType, Date, Interval, ListValue, Row, TimeOfDay, Value};
 
 /// A value or line that cannot be loaded, located in the input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,13 +113,18 @@ pub fn from_text(text: &str, column: &Column) -> Result<Value, String> {
                 day: chrono::Datelike::day(&d) as i32,
             })
         }
-        ColumnType::Time => {
-            Kind::TimeValue(time_of_day(text.trim()).ok_or_else(|| bad("a time of day (HH:MM:SS[+HH:MM])"))?)
-        }
+        // A MySQL `TIME` outside one day is a duration, written as one.
+        ColumnType::Time => match (time_of_day(text.trim()), duration(text.trim())) {
+            (Some(t), _) => Kind::TimeValue(t),
+            (None, Some(d)) => Kind::IntervalValue(d),
+            (None, None) => return Err(bad("a time of day (HH:MM:SS[+HH:MM]) or a duration ([-]HHH:MM:SS)")),
+        },
         ColumnType::Timestamp | ColumnType::TimestampTz => Kind::TimestampValue(timestamp(text.trim())?),
         ColumnType::Uuid => Kind::UuidValue(text.trim().to_ascii_lowercase()),
+        // Checked as JSON text only (a number past a double's range, deep
+        // nesting: valid JSON, which a parse into values would refuse).
         ColumnType::Json => {
-            serde_json::from_str::<serde_json::Value>(text).map_err(|e| format!("invalid JSON: {e}"))?;
+            serde_json::from_str::<&RawValue>(text).map_err(|e| format!("invalid JSON: {e}"))?;
             Kind::JsonValue(text.to_string())
         }
         ColumnType::List => {
@@ -165,6 +170,39 @@ fn time_of_day(text: &str) -> Option<TimeOfDay> {
     })
 }
 
+/// A duration as weirctl writes a MySQL `TIME` outside one day
+/// (`25:00:00`, `-01:30:00.5`): hours, minutes, seconds and a fraction of
+/// up to six digits.
+fn duration(text: &str) -> Option<Interval> {
+    let (sign, rest) = match text.strip_prefix('-') {
+        Some(rest) => (-1, rest),
+        None => (1, text),
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let mut parts = rest.split(':');
+    let (hours, minutes, seconds) = (parts.next()?, parts.next()?, parts.next()?);
+    let (whole, fraction) = seconds.split_once('.').unwrap_or((seconds, ""));
+    let fits = parts.next().is_none()
+        && digits(hours)
+        && hours.len() <= 4
+        && [minutes, whole].iter().all(|p| p.len() == 2 && digits(p))
+        && (fraction.is_empty() || (fraction.len() <= 6 && digits(fraction)));
+    if !fits {
+        return None;
+    }
+    let (minutes, whole): (i64, i64) = (minutes.parse().ok()?, whole.parse().ok()?);
+    if minutes >= 60 || whole >= 60 {
+        return None;
+    }
+    let micros = format!("{fraction:0<6}").parse::<i64>().ok()?;
+    let seconds = hours.parse::<i64>().ok()? * 3600 + minutes * 60 + whole;
+    Some(Interval {
+        months: 0,
+        days: 0,
+        microseconds: sign * (seconds * 1_000_000 + micros),
+    })
+}
+
 /// `+HH`, `+HH:MM` or `+HH:MM:SS` (or `-`) in seconds east of UTC.
 fn offset_seconds(text: &str) -> Option<i32> {
     let (sign, rest) = match text.split_at_checked(1)? {
@@ -193,6 +231,15 @@ pub fn from_json(raw: &RawValue, column: &Column) -> Result<Value, String> {
     let ty = ColumnType::try_from(column.r#type).unwrap_or(ColumnType::String);
     let text = raw.get().trim();
     let misfit = || format!("{text} does not fit a column of type {}", column.native_type);
+    // Into a JSON column every value goes as the document it is (the line
+    // was read as JSON): a string stays a JSON string, `true` a JSON boolean.
+    if ty == ColumnType::Json {
+        return Ok(if text == "null" {
+            null()
+        } else {
+            value(Kind::JsonValue(text.to_string()))
+        });
+    }
     if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
         let number = |what: &str| format!("{text} is not {what}");
         // Past a double's range, `parse` gives infinity: refused, as text.
@@ -214,7 +261,6 @@ pub fn from_json(raw: &RawValue, column: &Column) -> Result<Value, String> {
                 (_, _, Ok(f)) if f.is_finite() && crate::params::keeps_digits(text, f) => Kind::DoubleValue(f),
                 _ => Kind::DecimalValue(text.to_string()),
             },
-            ColumnType::Json => Kind::JsonValue(text.to_string()),
             ColumnType::String => Kind::StringValue(text.to_string()),
             _ => return Err(misfit()),
         }));
@@ -231,9 +277,6 @@ pub fn from_json(raw: &RawValue, column: &Column) -> Result<Value, String> {
     Ok(
         match serde_json::from_str::<J>(text).map_err(|e| format!("invalid JSON: {e}"))? {
             J::Null => null(),
-            // Into a JSON column every value goes as the document it is: a
-            // string stays a JSON string, `true` a JSON boolean.
-            _ if ty == ColumnType::Json => value(Kind::JsonValue(text.to_string())),
             // Into text as written (a boolean would be stored as the
             // engine prints one: `t`, `1`); into bytes not at all.
             J::Bool(_) if ty == ColumnType::String => value(Kind::StringValue(text.to_string())),
@@ -813,6 +856,58 @@ mod tests {
         for text in ["123456789012345678901", "12345678901234567.89", "1e400"] {
             assert_eq!(json(text), Some(Kind::DecimalValue(text.into())), "{text}");
         }
+    }
+
+    #[test]
+    fn json_documents_past_what_serde_parses_load_as_they_are() {
+        let doc = col("doc", ColumnType::Json);
+        let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+        for text in [r#"{"a":1e400}"#, deep.as_str(), "1e400", r#""s""#] {
+            let raw: Box<RawValue> = serde_json::from_str(text).expect("json");
+            assert_eq!(
+                from_json(&raw, &doc).map(|v| v.kind),
+                Ok(Some(Kind::JsonValue(text.into())))
+            );
+            assert_eq!(
+                from_text(text, &doc).map(|v| v.kind),
+                Ok(Some(Kind::JsonValue(text.into())))
+            );
+        }
+        let raw: Box<RawValue> = serde_json::from_str("null").expect("json");
+        assert_eq!(from_json(&raw, &doc), Ok(null()));
+        assert!(from_text("{", &doc).is_err());
+    }
+
+    #[test]
+    fn mysql_times_outside_one_day_load_back_as_durations() {
+        let time = col("t", ColumnType::Time);
+        let kind = |text: &str| from_text(text, &time).map(|v| v.kind);
+        let span = |microseconds| {
+            Ok(Some(Kind::IntervalValue(Interval {
+                months: 0,
+                days: 0,
+                microseconds,
+            })))
+        };
+        assert_eq!(kind("25:00:00"), span(90_000_000_000));
+        assert_eq!(kind("-01:30:00"), span(-5_400_000_000));
+        assert_eq!(kind("-00:00:01.5"), span(-1_500_000));
+        assert_eq!(kind("838:59:59.000001"), span(3_020_399_000_001));
+        assert!(matches!(kind("12:34:56"), Ok(Some(Kind::TimeValue(_)))));
+        assert!(
+            matches!(kind("12:34:56-05:00"), Ok(Some(Kind::TimeValue(t))) if t.utc_offset_seconds == Some(-18_000))
+        );
+        for text in ["25:60:00", "25:00", "--01:00:00", "25:00:00.1234567", "x"] {
+            assert!(kind(text).is_err(), "{text}");
+        }
+        // What weirctl writes for such a value reads back as it was.
+        let written = Value::from(Kind::IntervalValue(Interval {
+            months: 0,
+            days: 0,
+            microseconds: -5_400_000_001,
+        }))
+        .to_string();
+        assert_eq!(kind(&written), span(-5_400_000_001));
     }
 
     #[test]

@@ -332,7 +332,11 @@ fn write_json_value(buf: &mut Vec<u8>, value: &Value) -> io::Result<()> {
         Kind::BytesValue(bytes) => write!(buf, "{{\"hex\":\"{}\"}}", hex::encode(bytes))?,
         Kind::StringValue(s) | Kind::DecimalValue(s) | Kind::UuidValue(s) => serde_json::to_writer(&mut *buf, s)?,
         Kind::JsonValue(text) => {
-            if serde_json::from_str::<serde_json::Value>(text).is_ok() {
+            // Checked as JSON text only: numbers past a double's range
+            // (`1e400`, which PostgreSQL keeps) and nesting of any depth are
+            // valid JSON, which a parse into values would refuse, and the
+            // document would come out (and load back) as a string.
+            if serde_json::from_str::<&serde_json::value::RawValue>(text).is_ok() {
                 // Copied rather than re-serialized, which would round large
                 // numbers to doubles.
                 buf.extend_from_slice(minify_json(text).as_bytes());
@@ -664,17 +668,23 @@ null,bool,int,uint,float,text,bytes,decimal,date,time,timestamp,interval,uuid,js
     }
 
     #[test]
-    fn json_keeps_embedded_json_exact_and_falls_back_to_a_string() {
+    fn json_keeps_embedded_json_exact_and_falls_back_to_a_string_for_other_text() {
         let columns = [column("doc", ColumnType::Json)];
         let rows = vec![
             row(vec![Kind::JsonValue("[12345678901234567890123, 1e400]".into()).into()]),
             row(vec![Kind::JsonValue("{\n  \"k\": \"a  b\"\n}".into()).into()]),
             row(vec![Kind::JsonValue("not json".into()).into()]),
         ];
-        // 1e400 does not fit a double, so that document is not checked as
-        // valid and is embedded as a string.
+        // Past a double's range, and deeper than serde_json parses values:
+        // still JSON documents, embedded as they are.
+        let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+        let deep_row = vec![row(vec![Kind::JsonValue(deep.clone()).into()])];
+        assert_eq!(
+            render(Format::Json, &columns, &[deep_row]),
+            format!("{{\"doc\":{deep}}}\n")
+        );
         let expected = concat!(
-            r#"{"doc":"[12345678901234567890123, 1e400]"}"#,
+            r#"{"doc":[12345678901234567890123,1e400]}"#,
             "\n",
             r#"{"doc":{"k":"a  b"}}"#,
             "\n",

@@ -268,6 +268,45 @@ async fn json_output_tells_bytes_from_text_and_loads_back() {
     server.stop().await;
 }
 
+/// MySQL's `TIME` is a duration too: what weirctl writes for one outside
+/// a day (`25:00:00`, `-01:30:00`) loads back, as CSV and as JSON Lines.
+#[tokio::test]
+async fn mysql_durations_export_and_load_back() {
+    let server = TestServer::start(&tenant("jt", "", &mysql("jt", "db", ""))).await;
+    let client = server.client("key-jt").await;
+    let (from, to) = (unique("times_from"), unique("times_to"));
+    for t in [&from, &to] {
+        sql(&client, &format!("CREATE TABLE {t} (id INT PRIMARY KEY, d TIME(6))")).await;
+    }
+    sql(
+        &client,
+        &format!("INSERT INTO {from} VALUES (1, '25:00:00'), (2, '-01:30:00.5'), (3, '12:34:56'), (4, NULL)"),
+    )
+    .await;
+    let query = format!("SELECT id, d FROM {from} ORDER BY id");
+    let original = client.execute("db", &query, vec![]).await.expect("read");
+    let dir = tempfile::tempdir().expect("dir");
+    for (format, name) in [("csv", "rows.csv"), ("json", "rows.jsonl")] {
+        let output = weirctl(&server, "key-jt", &["--format", format, "query", "db", &query]).await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        let file = dir.path().join(name);
+        std::fs::write(&file, stdout(&output)).expect("write");
+        let file = file.to_string_lossy().into_owned();
+        sql(&client, &format!("DELETE FROM {to}")).await;
+        let loaded = weirctl(&server, "key-jt", &["load", "db", &to, &file]).await;
+        assert!(loaded.status.success(), "{format}: {}", stderr(&loaded));
+        let back = client
+            .execute("db", &format!("SELECT id, d FROM {to} ORDER BY id"), vec![])
+            .await
+            .expect("read back");
+        assert_eq!(back.rows, original.rows, "{format}");
+    }
+    for t in [&from, &to] {
+        sql(&client, &format!("DROP TABLE {t}")).await;
+    }
+    server.stop().await;
+}
+
 /// A Kafka server for weirctl's topic commands (topics under `weir-w-`).
 async fn kafka_server() -> (TestServer, WeirClient) {
     let server = TestServer::start(&tenant("kw", "", &kafka("kw", "events", "weir-w-"))).await;

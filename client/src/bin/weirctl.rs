@@ -945,7 +945,10 @@ fn parse_partition_offset(s: &str) -> Result<weir_client::weir_proto::v1::Partit
 
 /// Keeps `position` in `path`: written beside it, synced and renamed over
 /// it, so that a stop at any moment (Ctrl-C is how `watch` ends) leaves the
-/// old position or the new one, never a truncated file.
+/// old position or the new one, never a truncated file. The directory is
+/// synced too, before the position is acknowledged: a rename lost to a
+/// power cut would leave the file behind the server's position, from
+/// which a resume is refused.
 fn keep_position(path: &std::path::Path, position: &[u8]) -> io::Result<()> {
     let mut next = path.as_os_str().to_owned();
     next.push(".next");
@@ -953,7 +956,9 @@ fn keep_position(path: &std::path::Path, position: &[u8]) -> io::Result<()> {
     let mut file = std::fs::File::create(&next)?;
     file.write_all(hex::encode(position).as_bytes())?;
     file.sync_all()?;
-    std::fs::rename(&next, path)
+    std::fs::rename(&next, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    std::fs::File::open(dir.unwrap_or(std::path::Path::new(".")))?.sync_all()
 }
 
 /// Where a restart may resume after `message`. Not after a snapshot row: a

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub source_up: Family<SourceLabels, Gauge>,
     /// Global-limit checks that could not reach Redis.
     pub global_limit_failures: Counter,
+    /// Log bytes the log writer could not write (stderr failed).
+    pub log_bytes_dropped: Counter,
     /// Round trips to Redis for a tenant's shared limits.
     pub shared_limit_checks: Family<TenantLabels, Counter>,
     /// Circuit breaker per source: 0 closed, 1 open (failing fast), 2 half-open (probing).
@@ -81,8 +83,11 @@ pub struct OutcomeLabels {
 }
 
 fn call_histogram() -> Histogram {
-    // 0.5 ms to about 4.7 hours: streams and loads last long.
-    Histogram::new(exponential_buckets(0.0005, 2.0, 26))
+    // 50 µs (a point lookup takes about a tenth of a millisecond in the
+    // gateway: buckets from 0.5 ms put nearly every call in the first, and
+    // a fourfold slowdown was invisible) to about 7.5 hours: streams and
+    // loads last long.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 30))
 }
 
 impl Metrics {
@@ -97,6 +102,7 @@ impl Metrics {
         let pool_connections = Family::<PoolLabels, Gauge>::default();
         let source_up = Family::<SourceLabels, Gauge>::default();
         let global_limit_failures = Counter::default();
+        let log_bytes_dropped = Counter::default();
         let shared_limit_checks = Family::<TenantLabels, Counter>::default();
         let config_reloads = Family::<OutcomeLabels, Counter>::default();
         let circuit_state = Family::<SourceLabels, Gauge>::default();
@@ -129,6 +135,11 @@ impl Metrics {
             "global_limit_failures",
             "Global-limit checks that could not reach Redis (admitted with fail_open, refused with fail_closed)",
             global_limit_failures.clone(),
+        );
+        registry.register(
+            "log_bytes_dropped",
+            "Log bytes that could not be written (stderr failed); a full stderr is waited for, not dropped",
+            log_bytes_dropped.clone(),
         );
         registry.register(
             "shared_limit_checks",
@@ -170,6 +181,7 @@ impl Metrics {
             pool_connections,
             source_up,
             global_limit_failures,
+            log_bytes_dropped,
             shared_limit_checks,
             config_reloads,
             circuit_state,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{sqlite_demo, tenant, WeirProcess};
+use common::{kafka, sqlite_demo, tenant, WeirProcess};
 use weir_client::WeirClient;
 
 #[tokio::test]
@@ -236,5 +236,48 @@ async fn a_burst_of_calls_leaves_every_line_and_exit_writes_the_last_ones() {
         lines.last().is_some_and(|l| l["message"] == "weir stopped"),
         "the last line, logged just before the process exits, is written: {:?}",
         lines.last()
+    );
+}
+
+/// A Kafka stream's audit line carries the records and bytes it returned,
+/// as a query's carries its rows: they are put on the call's span by the
+/// task that streams them, which runs inside that span.
+#[tokio::test]
+async fn a_consume_call_tells_what_it_returned_in_its_audit_line() {
+    let config = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("config file");
+    std::fs::write(config.path(), tenant("ka", "", &kafka("ka", "events", "weir-audit-"))).expect("write config");
+    let weir = WeirProcess::start(&["--config", config.path().to_str().expect("path")]);
+    let client = WeirClient::connect(&weir.addr, "key-ka").await.expect("connect");
+    let topic = format!("weir-audit-{}", uuid::Uuid::new_v4().simple());
+    common::create_topic(&topic, 1).await;
+    let records = (0..5)
+        .map(|i| weir_client::weir_proto::v1::ProducerRecord {
+            value: format!("record {i}").into_bytes(),
+            ..Default::default()
+        })
+        .collect();
+    common::produce(&client, &topic, records).await.expect("produce");
+    let produced = weir.next_log(|l| l["target"] == "weir::audit");
+    assert_eq!(produced["method"], "/weir.v1.StreamService/Produce");
+    let mut stream = client
+        .stream()
+        .consume(common::consume_request(&topic, "audited", 5, false))
+        .await
+        .expect("consume")
+        .into_inner();
+    let mut got = 0;
+    while let Some(batch) = stream.message().await.expect("records") {
+        got += batch.records.len();
+    }
+    assert_eq!(got, 5);
+    let consumed = weir.next_log(|l| l["target"] == "weir::audit");
+    assert_eq!(consumed["method"], "/weir.v1.StreamService/Consume", "{consumed}");
+    assert_eq!(consumed["span"]["rows"], 5, "{consumed}");
+    assert!(
+        consumed["span"]["bytes"].as_i64().is_some_and(|b| b >= 40),
+        "{consumed}"
     );
 }

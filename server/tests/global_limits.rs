@@ -400,6 +400,17 @@ async fn readiness_follows_redis_without_calls_to_learn_from() {
         .execute("demo", "SELECT 1", vec![])
         .await
         .expect("admitted once Redis answers");
+    // Its connection gone silent for good (a Redis moved, its old address
+    // black-holed), new ones carried: the health rounds, failing, make a
+    // new one, where only calls' failures did (and a replica out of service
+    // gets none).
+    proxy.freeze_open();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    readiness_becomes(&server, 200).await;
+    client
+        .execute("demo", "SELECT 1", vec![])
+        .await
+        .expect("admitted through a new connection");
     server.stop().await;
 }
 

@@ -160,13 +160,8 @@ impl GlobalLimiter {
             let unconnected = self.conn.borrow().0.is_none();
             self.rested_unconnected.store(unconnected, Ordering::Relaxed);
             // The try after the rest goes through a new connection, made
-            // meanwhile: redis-rs reconnects after errors, not after
-            // silence, so one to a Redis gone without a reset (its pod moved,
-            // its address black-holed) would fail every check until the
-            // kernel gave up on it, about a quarter of an hour; nor does it
-            // leave a primary since demoted (READONLY).
-            self.conn.send_modify(|(made, _)| *made = None);
-            self.start_connecting();
+            // meanwhile.
+            self.reconnect();
             self.failures_in_a_row.store(0, Ordering::Relaxed);
             self.rest_ms.store(rest, Ordering::Relaxed);
             self.resting_until.store(now.saturating_add(rest), Ordering::Relaxed);
@@ -188,6 +183,16 @@ impl GlobalLimiter {
             tracing::debug!(error = %error, "a shared-limit check failed");
         }
         error
+    }
+
+    /// Gives up the connection and starts making a new one: redis-rs
+    /// reconnects after errors, not after silence, so one to a Redis gone
+    /// without a reset (its pod moved, its address black-holed) would fail
+    /// every check until the kernel gave up on it, about a quarter of an
+    /// hour; nor does it leave a primary since demoted (READONLY).
+    fn reconnect(&self) {
+        self.conn.send_modify(|(made, _)| *made = None);
+        self.start_connecting();
     }
 
     /// Starts making the connection in the background (with the script
@@ -403,7 +408,8 @@ impl GlobalLimiter {
     /// up to 30 s, every replica stayed out of service that long after a
     /// short outage). A Redis that answers PING but refuses the check
     /// (MISCONF, OOM, an ACL) still refuses calls. An answer ends the calls'
-    /// rest; no answer leaves it as it is.
+    /// rest; no answer counts as a call's failure, and replaces the
+    /// connection.
     pub async fn refusing_calls(&self) -> bool {
         if self.on_failure != RedisFailure::FailClosed {
             return false;
@@ -413,13 +419,21 @@ impl GlobalLimiter {
             let conn = self.connection().await?;
             self.check(conn, &key, 1, 1, 0, Duration::ZERO).await
         };
-        match tokio::time::timeout(self.timeout, checked).await {
+        let error = match tokio::time::timeout(self.timeout, checked).await {
             Ok(Ok(_)) => {
                 self.answered();
-                false
+                return false;
             }
-            _ => true,
-        }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        // Counted and logged as a call's failure is; and the next round
+        // asks through a new connection: a replica out of service gets no
+        // calls whose failures would replace one gone silent or to a
+        // demoted primary, and would stay out of service for good.
+        self.failed(error, false);
+        self.reconnect();
+        true
     }
 
     /// Takes one token from the tenant's shared request bucket, at a turn

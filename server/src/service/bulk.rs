@@ -574,10 +574,10 @@ impl BulkApi {
         // gone, deadline), the feed closes and that task rolls back cleanly.
         let backend = source.backend.sql()?.clone();
         // The load's slot is held until its rollback or commit is over, even if this call is gone.
-        let engine = tokio::spawn(async move {
+        let engine = tokio::spawn(tracing::Instrument::in_current_span(async move {
             let _slots = (slot, admitted);
             backend.load(spec, feed).await
-        });
+        }));
         let mut skipped = Skipped::default();
         let mut throttled = Duration::ZERO;
         let backend_for_checks = source.backend.sql()?;

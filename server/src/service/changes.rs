@@ -265,7 +265,7 @@ pub async fn watch(
     let feed = sql.watch(spec).await?;
     let floor = resume.clone().or_else(|| feed.start.clone());
     let (tx, rx) = StreamOut::channel(WATCH_BUFFER, stream_idle);
-    tokio::spawn(async move {
+    let task = async move {
         let _slots = (permit, slot);
         let _active = caller.tenant.metrics.stream_started();
         let pump = Pump {
@@ -278,7 +278,9 @@ pub async fn watch(
         };
         pump.run(feed, inbound, &tx, cut).await;
         tx.drained().await;
-    });
+    };
+    // In the call's span: what it logs names the tenant and the call.
+    tokio::spawn(tracing::Instrument::in_current_span(task));
     Ok(rx)
 }
 
@@ -327,6 +329,7 @@ impl Pump<'_> {
         cut: CancellationToken,
     ) {
         use pb::watch_changes_request::Message;
+        let mut tally = super::Tally::default();
         // Field by field: the pump's own state changes while the stamp is held.
         let stamp = Stamp {
             owner: Owner {
@@ -394,6 +397,7 @@ impl Pump<'_> {
                             waited = self.caller.tenant.limiter.charge_records(1, bytes) => waited,
                         };
                         self.caller.tenant.count_returned(self.source, 1, bytes);
+                        tally.add(1, bytes);
                     }
                     // What was not acknowledged is sent again on resume. A
                     // client that stopped reading holds this wait until its

@@ -181,6 +181,32 @@ fn name_on_span(name: &str, source: &Source) {
     record_pair(("source", &name), ("engine", &source.backend.engine().name()));
 }
 
+/// Rows (records, change events) and bytes a stream returned, put on its
+/// call's span when the tally is dropped, at the stream's end (before the
+/// stream's sender, so before the status and the call's audit line): once,
+/// since a trace exporter keeps every value a field is given.
+#[derive(Default)]
+pub struct Tally {
+    rows: u64,
+    bytes: u64,
+}
+
+impl Tally {
+    pub fn add(&mut self, rows: u64, bytes: u64) {
+        self.rows += rows;
+        self.bytes += bytes;
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        record_pair(
+            ("rows", &i64::try_from(self.rows).unwrap_or(i64::MAX)),
+            ("bytes", &i64::try_from(self.bytes).unwrap_or(i64::MAX)),
+        );
+    }
+}
+
 /// Records two fields of the call's span in one pass through the
 /// subscriber's layers (each pass costs about as much as formatting them).
 /// The span is named by id: `Span::current()` would take a reference to it

@@ -250,7 +250,8 @@ async fn deliver(
             d - CONSUME_DEADLINE_MARGIN.min(left / 4)
         }),
     };
-    let ended = pass_on(&ends, records.as_mut(), auto_commit, max_records, &tx).await;
+    let mut tally = super::Tally::default();
+    let ended = pass_on(&ends, records.as_mut(), auto_commit, max_records, &tx, &mut tally).await;
     // The last commit waits for the broker (up to seconds, while the group
     // rebalances): not past the caller's deadline, which would cut the call
     // and what is on its way to the client.
@@ -316,9 +317,10 @@ async fn pass_on(
     auto_commit: bool,
     max_records: u64,
     tx: &ConsumeSender,
+    tally: &mut super::Tally,
 ) -> Result<(), Error> {
     let mut commits = auto_commit.then(|| tx.taken()).flatten().map(AutoCommit::new);
-    let ended = pass_on_until_done(ends, records, &mut commits, max_records, tx).await;
+    let ended = pass_on_until_done(ends, records, &mut commits, (max_records, tally), tx).await;
     if ended.is_err() {
         // Decided: batches still buffered stay with the broker, uncommitted.
         tx.discard_buffered();
@@ -406,7 +408,7 @@ async fn pass_on_until_done(
     ends: &Ends<'_>,
     records: &mut dyn crate::backend::topics::RecordStream,
     commits: &mut Option<AutoCommit>,
-    max_records: u64,
+    (max_records, tally): (u64, &mut super::Tally),
     tx: &ConsumeSender,
 ) -> Result<Ended, Error> {
     let (caller, source) = (ends.caller, ends.source);
@@ -445,6 +447,7 @@ async fn pass_on_until_done(
         };
         sent += batch.len() as u64;
         caller.tenant.count_returned(source, batch.len() as u64, bytes as u64);
+        tally.add(batch.len() as u64, bytes as u64);
         let delivered = commits.is_some().then(|| crate::backend::topics::next_offsets(&batch));
         let response = pb::ConsumeResponse {
             records: batch.into_iter().map(in_record).collect(),
@@ -580,7 +583,7 @@ impl StreamService for StreamApi {
         let records = topics.consume(spec).await?;
         let (tx, rx) = StreamOut::counted(CONSUME_BUFFER, self.stream_idle);
         let cut = self.cut.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let _slots = (permit, slot);
             let _active = caller.tenant.metrics.stream_started();
             deliver(
@@ -593,7 +596,9 @@ impl StreamService for StreamApi {
                 cut,
             )
             .await;
-        });
+        };
+        // In the call's span: what it logs names the tenant and the call.
+        tokio::spawn(tracing::Instrument::in_current_span(task));
         Ok(Response::new(rx))
     }
 

@@ -101,8 +101,7 @@ fn write_batches<W: Write>(shared: &Shared, mut sink: W, interval: Duration) {
         };
         shared.room.notify_all();
         if !batch.is_empty() {
-            // Where stderr is gone there is nobody left to tell.
-            let _ = sink.write_all(&batch).and_then(|()| sink.flush());
+            write_out(&mut sink, &batch);
             batch.clear();
         }
         if stop {
@@ -110,6 +109,38 @@ fn write_batches<W: Write>(shared: &Shared, mut sink: W, interval: Duration) {
         }
     }
 }
+
+/// Writes all of `batch`. A stderr that is a non-blocking pipe (one shared
+/// with a supervisor that set it so) answers `WouldBlock` while full: that
+/// is waited out, as a blocking pipe would make the write wait, not taken
+/// as the end (the rest of the batch was dropped, and half a line glued to
+/// the next batch's first). What another error leaves unwritten is counted
+/// in `weir_log_bytes_dropped_total`: where stderr is gone, there is nobody
+/// left to tell.
+fn write_out<W: Write>(sink: &mut W, batch: &[u8]) {
+    let mut rest = batch;
+    while !rest.is_empty() {
+        match sink.write(rest) {
+            Ok(0) => break,
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(FULL_PIPE_WAIT),
+            Err(_) => break,
+        }
+    }
+    while let Err(e) = sink.flush() {
+        if e.kind() != io::ErrorKind::WouldBlock {
+            break;
+        }
+        std::thread::sleep(FULL_PIPE_WAIT);
+    }
+    if !rest.is_empty() {
+        crate::metrics::METRICS.log_bytes_dropped.inc_by(rest.len() as u64);
+    }
+}
+
+/// Between tries of a write to a full non-blocking stderr.
+const FULL_PIPE_WAIT: Duration = Duration::from_millis(5);
 
 impl Drop for Flusher {
     fn drop(&mut self) {
@@ -242,6 +273,53 @@ mod tests {
         wait_for("info\nwarning\n");
         line(&writer, &"x".repeat(100));
         wait_for(&"x".repeat(100));
+    }
+
+    /// Takes at most 7 bytes a write, and is full (`WouldBlock`) every
+    /// other time, as a non-blocking pipe read slowly is; then fails.
+    struct Choppy {
+        written: Vec<u8>,
+        calls: usize,
+        fail_after: usize,
+    }
+
+    impl Write for Choppy {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.written.len() >= self.fail_after {
+                return Err(io::Error::other("stderr closed"));
+            }
+            if self.calls.is_multiple_of(2) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(7);
+            self.written.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_non_blocking_stderr_is_waited_for_and_a_failed_one_counted() {
+        let batch: Vec<u8> = (0..100).flat_map(|i| format!("line {i:03}\n").into_bytes()).collect();
+        let mut pipe = Choppy {
+            written: Vec::new(),
+            calls: 0,
+            fail_after: usize::MAX,
+        };
+        write_out(&mut pipe, &batch);
+        assert_eq!(pipe.written, batch);
+        let dropped = || crate::metrics::METRICS.log_bytes_dropped.get();
+        let before = dropped();
+        let mut gone = Choppy {
+            written: Vec::new(),
+            calls: 0,
+            fail_after: 70,
+        };
+        write_out(&mut gone, &batch);
+        assert_eq!(dropped() - before, (batch.len() - gone.written.len()) as u64);
     }
 
     #[test]

@@ -444,6 +444,7 @@ fn backend_parts(b: &BackendError) -> (Code, ErrorDetails) {
             Code::FailedPrecondition,
             info("TRANSACTION_COMMITTED_IMPLICITLY", vec![]),
         ),
+        BackendError::EndedByStatement => (Code::FailedPrecondition, info("TRANSACTION_ENDED_BY_STATEMENT", vec![])),
         BackendError::TransactionRolledBack(_) | BackendError::TransactionBroken(_) => {
             let mut d = info("TRANSACTION_LOST", vec![]);
             d.set_retry_info(Some(Duration::from_secs(1)));

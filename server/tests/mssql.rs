@@ -493,6 +493,70 @@ async fn mock_a_failed_statement_leaves_no_transaction_open_on_the_pool() {
     server.stop().await;
 }
 
+/// A statement that commits or rolls back its transaction itself (a
+/// procedure's COMMIT: error 266, and no transaction left) is not reported
+/// as rolled back, which a client would answer by running the work again:
+/// which of the two it did cannot be told, and the handle says so to every
+/// later call. The session, out of any transaction, is kept.
+#[tokio::test]
+async fn mock_a_statement_that_ends_its_transaction_is_not_reported_rolled_back() {
+    let mock = Mock::start().await;
+    mock.answer("SELECT 1", int_column("one", 1)).await;
+    let mismatch = TerminalError::new(
+        266,
+        16,
+        "Transaction count after EXECUTE indicates a mismatching number of BEGIN and COMMIT statements. \
+         Previous count = 1, current count = 0."
+            .to_string(),
+    );
+    mock.answer("EXEC DBO.WEIR_COMMITS", QueryResponse::error_only(mismatch))
+        .await;
+    mock.answer("SELECT @@TRANCOUNT", int_column("n", 0)).await;
+    let server = TestServer::start(&mock.config("", "", "")).await;
+    let client = server.client("key-mock").await;
+    client
+        .execute("db", "SELECT 1", vec![])
+        .await
+        .expect("a first connection");
+    let connections = mock.connections().await;
+    let ended = |err: &tonic::Status| {
+        assert_eq!(
+            (err.code(), reason(err).as_str()),
+            (Code::FailedPrecondition, "TRANSACTION_ENDED_BY_STATEMENT"),
+            "{}",
+            err.message()
+        );
+        assert!(!err.message().contains("was rolled back"), "{}", err.message());
+    };
+    for end_with_commit in [true, false] {
+        let tx = client
+            .begin("db", IsolationLevel::Unspecified, false)
+            .await
+            .expect("begin");
+        let err = client
+            .execute_in(&tx, "db", "EXEC DBO.WEIR_COMMITS", vec![])
+            .await
+            .expect_err("the transaction ended");
+        ended(&err);
+        assert_eq!(error_metadata(&err, "transaction_lost"), "", "{err:?}");
+        ended(
+            &client
+                .execute_in(&tx, "db", "SELECT 1", vec![])
+                .await
+                .expect_err("ended"),
+        );
+        let end = if end_with_commit {
+            client.commit(&tx).await
+        } else {
+            client.rollback(&tx).await
+        };
+        ended(&end.expect_err("ended"));
+    }
+    client.execute("db", "SELECT 1", vec![]).await.expect("the pool serves");
+    assert_eq!(mock.connections().await, connections, "the session was kept");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn mock_transactions_and_read_only_sources() {
     let mock = Mock::start().await;

@@ -130,6 +130,15 @@ pub enum BackendError {
          begin a new transaction"
     )]
     CommittedImplicitly,
+    /// A statement committed or rolled back the transaction it ran in, and
+    /// the engine cannot tell which (SQL Server's error 266: a procedure or
+    /// batch whose COMMIT or ROLLBACK left the count at zero).
+    #[error(
+        "a statement of this transaction committed or rolled it back itself (a COMMIT or ROLLBACK in a procedure \
+         or batch; SQL Server error 266), and which of the two cannot be told: look at the data before running \
+         the work again; later statements would not run in it: begin a new transaction"
+    )]
+    EndedByStatement,
     /// One row of a result is larger than a message may be (see
     /// [`crate::backend::MAX_ROW_BYTES`]).
     #[error(

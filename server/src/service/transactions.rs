@@ -311,8 +311,13 @@ impl Transactions {
                 registry.forget(&key, &entry);
                 match outcome {
                     // Committed or rolled back by its caller meanwhile.
-                    // A MySQL statement of it had already ended it (DDL).
-                    Ok(Err(BackendError::TransactionEnded | BackendError::CommittedImplicitly)) => {}
+                    // A statement of it had already ended it (MySQL's DDL,
+                    // a SQL Server procedure's COMMIT).
+                    Ok(Err(
+                        BackendError::TransactionEnded
+                        | BackendError::CommittedImplicitly
+                        | BackendError::EndedByStatement,
+                    )) => {}
                     Ok(_) if entry.revoked.is_cancelled() => tracing::info!(
                         tenant = key.0,
                         source = entry.source,

@@ -280,16 +280,19 @@ fn temporal_type(column: &Column) -> Option<&str> {
 }
 
 /// The type a key's staged value is cast to before it is compared:
-/// temporal keys at their column's precision (`temporal_type`), and
-/// decimal ones (staged as text) as numbers, so that `1.5` and `1.50` are
-/// one key when rows are told apart, as the comparison with the table
-/// tells them (also for an alias type, known by its precision and scale).
+/// temporal keys at their column's precision (`temporal_type`), decimal
+/// ones (staged as text) as numbers, so that `1.5` and `1.50` are one key
+/// when rows are told apart, as the comparison with the table tells them
+/// (also for an alias type, known by its precision and scale), and `real`
+/// ones (staged as `float`) as `real`: the stored 0.1 widened to `float`
+/// is not the staged 0.1, and an upsert of an existing key inserted it again.
 fn key_type(column: &Column) -> Option<String> {
     if let Some(ty) = temporal_type(column) {
         return Some(ty.to_string());
     }
     match (column.column_type, column.precision, column.scale) {
         (ColumnType::Decimal, Some(p @ 1..=38), Some(s)) if (0..=p).contains(&s) => Some(format!("decimal({p},{s})")),
+        (ColumnType::Float, Some(24), _) => Some("real".into()),
         _ => None,
     }
 }
@@ -622,6 +625,13 @@ mod tests {
                 && sql.contains("ON t.[id] = CAST(s.c1 AS decimal(10,2))"),
             "{sql}"
         );
+        // A `real` key (staged as `float`) is compared as `real`.
+        let mut single = spec(LoadMode::Upsert);
+        single.columns[0] = Column::new("id", "real", ColumnType::Float);
+        single.columns[0].precision = Some(24);
+        assert!(move_rows(&single, &[]).contains("ON t.[id] = CAST(s.c1 AS real) WHEN"));
+        single.columns[0].precision = Some(53);
+        assert!(move_rows(&single, &[]).contains("ON t.[id] = s.c1 WHEN"));
         // A key in a collation of its own is compared in it (error 468 otherwise).
         let bin = [("id".to_string(), "Latin1_General_100_BIN2".to_string())];
         assert!(

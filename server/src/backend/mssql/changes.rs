@@ -113,11 +113,15 @@ fn lock_sql() -> String {
     )
 }
 
+/// Two first streams at once may both find no table: the one that loses
+/// the race to create it goes on (error 2714: the name exists), as loads'
+/// receipts table does.
 fn positions_table_sql() -> String {
     format!(
-        "IF OBJECT_ID(N'{POSITIONS_TABLE}') IS NULL CREATE TABLE {POSITIONS_TABLE} (\
+        "BEGIN TRY IF OBJECT_ID(N'{POSITIONS_TABLE}') IS NULL CREATE TABLE {POSITIONS_TABLE} (\
          subscription nvarchar(64) NOT NULL PRIMARY KEY, position varbinary(64) NOT NULL, holder int NULL, \
-         updated_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME())"
+         updated_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()) END TRY \
+         BEGIN CATCH IF ERROR_NUMBER() <> 2714 THROW; END CATCH"
     )
 }
 
@@ -539,7 +543,7 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
                 .into(),
         ));
     }
-    let mut conn = manager.connect().await.map_err(super::map_error)?;
+    let mut conn = manager.connect().await.map_err(super::connect_error)?;
     let watched = resolve(&mut conn, &spec).await?;
     conn.batch(&positions_table_sql()).await?;
     let own = lock(&mut conn, &spec.id, &spec.name, spec.take_over).await?;
@@ -605,7 +609,7 @@ pub(super) async fn watch(manager: &Manager, spec: WatchSpec) -> Result<ChangeFe
 }
 
 pub(super) async fn delete(manager: &Manager, id: &str, name: &str) -> Result<(), BackendError> {
-    let mut conn = manager.connect().await.map_err(super::map_error)?;
+    let mut conn = manager.connect().await.map_err(super::connect_error)?;
     conn.batch(&positions_table_sql()).await?;
     lock(&mut conn, id, name, false).await?;
     let rows = conn
@@ -736,7 +740,10 @@ mod tests {
 
     #[test]
     fn state_sql_is_one_statement_each() {
-        assert!(positions_table_sql().starts_with("IF OBJECT_ID(N'weir_change_positions') IS NULL CREATE TABLE"));
+        assert!(
+            positions_table_sql().starts_with("BEGIN TRY IF OBJECT_ID(N'weir_change_positions') IS NULL CREATE TABLE")
+        );
+        assert!(positions_table_sql().ends_with("END TRY BEGIN CATCH IF ERROR_NUMBER() <> 2714 THROW; END CATCH"));
         assert!(store_sql().starts_with("MERGE weir_change_positions WITH (HOLDLOCK)"));
         let lock = lock_sql();
         assert!(lock.contains("@LockOwner = 'Session'"));

@@ -65,14 +65,20 @@ struct MssqlConn {
     /// session (see `sql_text::may_keep_mssql_session_state`): the driver
     /// cannot reset a session, so it is closed rather than pooled.
     keeps_session_state: bool,
+    /// A statement of the transaction this connection holds committed or
+    /// rolled it back itself: the session is out of it, and the handle
+    /// answers `EndedByStatement` until it is ended.
+    ended_by_statement: bool,
 }
 
 /// Whether a connection can serve another request after this error. Errors
-/// of severity 20 and above close the connection; 266 (a statement that
-/// began or ended a transaction it did not finish) leaves session state the
-/// next borrower must not inherit.
+/// of severity 20 and above close the connection. 266 (a statement that
+/// began or ended a transaction it did not finish) leaves the session in a
+/// transaction count the next borrower must not inherit: a failed
+/// statement's count is checked (`Hold::check_transaction`), and the
+/// connection closed unless it is the one expected.
 fn reusable_after(e: &tiberius::error::Error) -> bool {
-    matches!(e, tiberius::error::Error::Server(t) if t.class() < 20 && t.code() != 266)
+    matches!(e, tiberius::error::Error::Server(t) if t.class() < 20)
 }
 
 impl MssqlConn {
@@ -148,6 +154,7 @@ impl bb8::ManageConnection for Manager {
             broken: false,
             in_transaction: false,
             keeps_session_state: false,
+            ended_by_statement: false,
         })
     }
 
@@ -156,7 +163,7 @@ impl bb8::ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut MssqlConn) -> bool {
-        conn.broken || conn.in_transaction || conn.keeps_session_state
+        conn.broken || conn.in_transaction || conn.keeps_session_state || conn.ended_by_statement
     }
 }
 
@@ -206,7 +213,7 @@ impl MssqlSource {
             },
             &config.pool,
             "mssql",
-            map_error,
+            connect_error,
         );
         Ok(Self { pool, changes })
     }
@@ -257,17 +264,32 @@ impl Hold {
     /// deadlock victim, a snapshot conflict, any error under XACT_ABORT).
     /// If the count is wrong, or cannot be told, the connection is marked
     /// broken: it is closed, which rolls back, and a handle refuses later
-    /// statements, which would otherwise run on their own.
-    async fn check_transaction(&mut self) {
+    /// statements, which would otherwise run on their own. A transaction's
+    /// statement that failed with `mismatched` (error 266) and took the
+    /// count to zero committed or rolled back the transaction itself (where
+    /// a deadlock victim's count is zero, SQL Server rolled it back):
+    /// nothing is left to roll back, and whether its work was kept cannot
+    /// be told, so the session is kept and the handle says so (returns
+    /// true then).
+    async fn check_transaction(&mut self, mismatched: bool) -> bool {
         let expected = match self {
             Hold::Pooled(_) => 0,
             Hold::Transaction(_) => 1,
         };
-        if let Some(conn) = self.conn().filter(|c| !c.broken) {
-            let count = conn.fetch("SELECT @@TRANCOUNT", vec![]).await;
-            let as_expected = count.is_ok_and(|rows| rows.first().and_then(|r| r.get::<i32, _>(0)) == Some(expected));
-            conn.broken |= !as_expected;
+        let Some(conn) = self.conn().filter(|c| !c.broken) else {
+            return false;
+        };
+        let count = conn.fetch("SELECT @@TRANCOUNT", vec![]).await;
+        let count = count
+            .ok()
+            .and_then(|rows| rows.first().and_then(|r| r.get::<i32, _>(0)));
+        if mismatched && expected == 1 && count == Some(0) {
+            conn.in_transaction = false;
+            conn.ended_by_statement = true;
+            return true;
         }
+        conn.broken |= count != Some(expected);
+        false
     }
 }
 
@@ -305,6 +327,7 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
     tokio::spawn(async move {
         let mut hold = hold;
         let outcome = match hold.conn() {
+            Some(conn) if conn.ended_by_statement => Err(BackendError::EndedByStatement),
             Some(conn) => AssertUnwindSafe(execute(conn, &statement, &mut worker))
                 .catch_unwind()
                 .await
@@ -313,8 +336,11 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
         };
         // Release the connection (and a transaction's lock) before the caller
         // learns the statement is over, so its next call finds it free.
+        let mut ended_by_statement = false;
         if let Err(e) = &outcome {
-            hold.check_transaction().await;
+            let mismatched = matches!(e, BackendError::Engine { code, .. } if code == "266");
+            ended_by_statement =
+                !matches!(e, BackendError::EndedByStatement) && hold.check_transaction(mismatched).await;
             // ABORTED tells the caller to run the whole transaction again: one
             // SQL Server kept open (a lock timeout, 1222) is closed with its
             // connection, which rolls it back and frees its locks.
@@ -334,6 +360,7 @@ async fn start(hold: Hold, statement: Statement) -> Result<QueryStream, BackendE
         // A transaction whose connection closes now is rolled back: its
         // caller must hear that, not only why the statement failed.
         let outcome = match outcome {
+            Err(_) if ended_by_statement => Err(BackendError::EndedByStatement),
             Err(e) if hold.closes_transaction() && !rolls_back_anyway(&e) => {
                 Err(BackendError::RolledBackBy(Box::new(e)))
             }
@@ -598,6 +625,10 @@ impl MssqlTransaction {
         let Some(mut conn) = self.conn.to_end().await?.take() else {
             return closed();
         };
+        // Out of the transaction already, the session goes back to the pool.
+        if std::mem::take(&mut conn.ended_by_statement) {
+            return Err(BackendError::EndedByStatement);
+        }
         conn.batch(sql).await?;
         conn.in_transaction = false;
         Ok(())
@@ -639,15 +670,19 @@ fn classify(number: u32, severity: u8) -> EngineErrorKind {
         // Deadlock victim, lock timeout, snapshot update conflicts; In-Memory
         // OLTP's write, validation and dependency conflicts (retryable).
         1205 | 1222 | 3960 | 3961 | 41301 | 41302 | 41305 | 41325 => K::Aborted,
-        // Permission denied; a read-only database.
-        229 | 230 | 262 | 297 | 300 | 916 | 3906 => K::PermissionDenied,
+        // Permission denied; a read-only database. A login refused in a
+        // statement (a linked server's, OPENROWSET's): Weir's own, refused
+        // while it connects, is told apart (`connect_error`).
+        229 | 230 | 262 | 297 | 300 | 916 | 3906 | 18456 | 18452 | 18463..=18470 | 18486..=18488 | 4060 => {
+            K::PermissionDenied
+        }
         // Connections, and Azure SQL's "busy, retry later" limits.
         17809 | 10928 | 10929 | 40501 => K::Overloaded,
         // Memory, disk, log, locks, Azure SQL's size quota and long transactions.
         701 | 1105 | 9002 | 1204 | 8645 | 40544 | 40549 => K::ResourceExhausted,
-        // Login failed, database unavailable, shutting down, session killed.
-        // Azure SQL's transient 49918-49920 (too many operations in progress).
-        18456 | 18452 | 18486 | 18487 | 18488 | 4060 | 40613 | 40197 | 6005 | 596 | 49918..=49920 => K::Unavailable,
+        // Database unavailable, shutting down, session killed. Azure SQL's
+        // transient 49918-49920 (too many operations in progress).
+        40613 | 40197 | 6005 | 596 | 49918..=49920 => K::Unavailable,
         // RAISERROR / THROW by user code: a rule of the application.
         50000.. => K::FailedPrecondition,
         _ => match severity {
@@ -659,13 +694,29 @@ fn classify(number: u32, severity: u8) -> EngineErrorKind {
     }
 }
 
+/// Weir's own login refused while it connects (with its states), a
+/// password expired or to be changed, the login's database that cannot be
+/// opened: the operator's to fix, told as the source unavailable (the text
+/// names the login, and stays in the server's log).
+fn refused_login(code: u32, message: &str) -> Option<BackendError> {
+    matches!(code, 18456 | 18452 | 18463..=18470 | 18486..=18488 | 4060)
+        .then(|| crate::backend::error::login_refused(&code.to_string(), message))
+}
+
+/// Maps an error opening a connection: as `map_error`, Weir's own login
+/// refused aside (in a statement, such a code is a linked server's or
+/// OPENROWSET's login, the caller's to fix).
+pub(crate) fn connect_error(e: tiberius::error::Error) -> BackendError {
+    if let tiberius::error::Error::Server(t) = &e {
+        if let Some(refused) = refused_login(t.code(), t.message()) {
+            return refused;
+        }
+    }
+    map_error(e)
+}
+
 /// An error SQL Server reported, of number `code` and severity `class`.
 fn server_error(code: u32, class: u8, message: &str) -> BackendError {
-    // Login failed (with its states), password expired or must change, the
-    // login's database cannot be opened: the text names the login.
-    if matches!(code, 18456 | 18452 | 18463..=18470 | 18486..=18488 | 4060) {
-        return crate::backend::error::login_refused(&code.to_string(), message);
-    }
     BackendError::Engine {
         kind: classify(code, class),
         code: code.to_string(),
@@ -709,11 +760,22 @@ mod tests {
     #[test]
     fn refused_logins_name_no_login() {
         for code in [18456, 18487, 4060] {
-            match server_error(code, 14, "Login failed for user 'weir'.") {
-                BackendError::Unavailable(m) => assert!(m.contains(&code.to_string()) && !m.contains("weir'"), "{m}"),
+            match refused_login(code, "Login failed for user 'weir'.") {
+                Some(BackendError::Unavailable(m)) => {
+                    assert!(m.contains(&code.to_string()) && !m.contains("weir'"), "{m}");
+                }
                 other => panic!("{code}: {other:?}"),
             }
+            // In a statement, a linked server's login: the caller's to fix.
+            assert!(matches!(
+                server_error(code, 14, "Login failed for user 'remote'."),
+                BackendError::Engine {
+                    kind: EngineErrorKind::PermissionDenied,
+                    ..
+                }
+            ));
         }
+        assert!(refused_login(208, "Invalid object name 'x'.").is_none());
         assert!(matches!(
             server_error(208, 16, "Invalid object name 'x'."),
             BackendError::Engine {
@@ -757,8 +819,8 @@ mod tests {
             (229, K::PermissionDenied),
             (230, K::PermissionDenied),
             (3906, K::PermissionDenied),
-            (18456, K::Unavailable),
-            (4060, K::Unavailable),
+            (18456, K::PermissionDenied),
+            (4060, K::PermissionDenied),
             (9002, K::ResourceExhausted),
             (40501, K::Overloaded),
             (10928, K::Overloaded),

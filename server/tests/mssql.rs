@@ -113,6 +113,19 @@ impl Mock {
     }
 }
 
+/// A server on `mock` (which answers `SELECT 1`), its one pooled
+/// connection made; and how many connections the mock has taken so far.
+async fn serving(mock: &Mock) -> (TestServer, weir_client::WeirClient, usize) {
+    let server = TestServer::start(&mock.config("", "", "")).await;
+    let client = server.client("key-mock").await;
+    client
+        .execute("db", "SELECT 1", vec![])
+        .await
+        .expect("a first connection");
+    let connections = mock.connections().await;
+    (server, client, connections)
+}
+
 fn int_column(name: &str, value: i32) -> QueryResponse {
     QueryResponse::new(
         vec![ColumnDefinition::new(name, SqlDataType::Int)],
@@ -444,13 +457,7 @@ async fn mock_a_failed_statement_leaves_no_transaction_open_on_the_pool() {
     mock.answer("BEGIN TRAN; INSERT INTO WEIR_FK", fk.clone()).await;
     mock.answer("INSERT INTO WEIR_FK; BEGIN TRAN", fk).await;
     mock.answer("SELECT @@TRANCOUNT", int_column("n", 0)).await;
-    let server = TestServer::start(&mock.config("", "", "")).await;
-    let client = server.client("key-mock").await;
-    client
-        .execute("db", "SELECT 1", vec![])
-        .await
-        .expect("a first connection");
-    let before = mock.connections().await;
+    let (server, client, before) = serving(&mock).await;
     let err = client
         .execute("db", "BEGIN TRAN; INSERT INTO WEIR_FK", vec![])
         .await
@@ -512,13 +519,7 @@ async fn mock_a_statement_that_ends_its_transaction_is_not_reported_rolled_back(
     mock.answer("EXEC DBO.WEIR_COMMITS", QueryResponse::error_only(mismatch))
         .await;
     mock.answer("SELECT @@TRANCOUNT", int_column("n", 0)).await;
-    let server = TestServer::start(&mock.config("", "", "")).await;
-    let client = server.client("key-mock").await;
-    client
-        .execute("db", "SELECT 1", vec![])
-        .await
-        .expect("a first connection");
-    let connections = mock.connections().await;
+    let (server, client, connections) = serving(&mock).await;
     let ended = |err: &tonic::Status| {
         assert_eq!(
             (err.code(), reason(err).as_str()),

@@ -215,6 +215,8 @@ pub fn certificate_facts(der: &[u8]) -> (Vec<String>, Option<SystemTime>) {
 pub struct TlsConn {
     inner: TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// Its place under `server.max_connections`.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connected for TlsConn {
@@ -252,20 +254,28 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// Accepts TCP connections and hands the ones that complete a TLS handshake
-/// to the server. Handshakes run on tasks of their own, so a slow one does
-/// not hold up the others.
+/// Accepts TCP connections, as `server.max_connections` allows (`cap`: a
+/// handshake holds its place too), and hands the ones that complete a TLS
+/// handshake to the server. Handshakes run on tasks of their own, so a
+/// slow one does not hold up the others.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<TlsReloader>,
     server: crate::config::ServerConfig,
+    cap: Arc<tokio::sync::Semaphore>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 () = tx.closed() => return,
-                accepted = listener.accept() => accepted,
+                accepted = async {
+                    let permit = super::connections::permit(&cap).await?;
+                    Some((permit, listener.accept().await))
+                } => accepted,
+            };
+            let Some((permit, accepted)) = accepted else {
+                return;
             };
             let (tcp, addr) = match accepted {
                 Ok(a) => a,
@@ -301,7 +311,13 @@ pub fn incoming(
                             not_after,
                             certificate,
                         };
-                        let _ = tx.send(Ok(TlsConn { inner: stream, peer })).await;
+                        let _ = tx
+                            .send(Ok(TlsConn {
+                                inner: stream,
+                                peer,
+                                _permit: permit,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),

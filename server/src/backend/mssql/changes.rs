@@ -507,9 +507,18 @@ impl Reader {
     }
 
     async fn run(mut self, mut acks: Acks) -> Result<(), BackendError> {
+        let read = self.read_on(&mut acks).await;
+        // Whatever ended the reading (the client gone, or a failed read on
+        // a session that still answers, such as a capture instance dropped),
+        // what the client acknowledged last is kept for its return.
+        let stored = self.take_acks(&mut acks).await;
+        read.and(stored)
+    }
+
+    async fn read_on(&mut self, acks: &mut Acks) -> Result<(), BackendError> {
         let mut pause = self.spec.poll_interval;
         loop {
-            self.take_acks(&mut acks).await?;
+            self.take_acks(acks).await?;
             let to = max_lsn(&mut self.conn).await?;
             let rows = self.read(self.delivered.lsn, to).await?;
             let Ok(any) = self.deliver(rows).await? else {
@@ -528,8 +537,7 @@ impl Reader {
                 () = self.out.closed() => break,
             }
         }
-        // The client has gone: what it acknowledged last is kept for its return.
-        self.take_acks(&mut acks).await
+        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::backend::ConnectionInfo;
+use crate::limits::global::RedisReadiness;
 use crate::metrics::{PoolLabels, Readiness, SourceLabels, METRICS};
 use crate::tenant::reload::Registry;
 use crate::tenant::{Source, Tenants};
@@ -165,15 +166,16 @@ pub async fn monitor(tenants: Arc<Registry>, reporter: HealthReporter, readiness
             in_doubt,
             probed,
         } = probe_all(&current).await;
-        if in_doubt {
-            ticker.reset_after(CONFIRM_AFTER.min(interval));
-        }
         // With `on_redis_failure = fail_closed`, a replica without Redis
         // refuses every call: it is not ready either.
-        let refusing = match current.shared_limits() {
-            Some(limits) => limits.refusing_calls().await,
-            None => false,
+        let redis = match current.shared_limits() {
+            Some(limits) => limits.health_round().await,
+            None => RedisReadiness::Answers,
         };
+        let refusing = redis == RedisReadiness::Refusing;
+        if in_doubt || redis == RedisReadiness::InDoubt {
+            ticker.reset_after(CONFIRM_AFTER.min(interval));
+        }
         let ready = sources_ready && !refusing;
         for gone in known.difference(&probed) {
             forget(gone);

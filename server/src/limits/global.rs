@@ -102,8 +102,23 @@ pub struct GlobalLimiter {
     probing: AtomicBool,
     /// Failures since the last answer.
     failures_in_a_row: AtomicU32,
+    /// Health rounds in a row whose check failed.
+    rounds_failed: AtomicU32,
     /// Milliseconds since `started` of the last warning (0: none yet).
     last_warned: AtomicU64,
+}
+
+/// What a health round found of Redis, for a replica that refuses calls
+/// without it (`fail_closed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisReadiness {
+    Answers,
+    /// One round's check failed, where calls have not failed: asked again
+    /// soon, as a source's first failed probe is, so that one slow answer
+    /// (a Redis forking for a snapshot) takes no replica out of service.
+    InDoubt,
+    /// Calls are refused for want of Redis.
+    Refusing,
 }
 
 impl GlobalLimiter {
@@ -124,6 +139,7 @@ impl GlobalLimiter {
             rested_unconnected: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             failures_in_a_row: AtomicU32::new(0),
+            rounds_failed: AtomicU32::new(0),
             last_warned: AtomicU64::new(0),
         };
         // Made now, not at the first call: most of the time it is ready by
@@ -408,11 +424,14 @@ impl GlobalLimiter {
     /// up to 30 s, every replica stayed out of service that long after a
     /// short outage). A Redis that answers PING but refuses the check
     /// (MISCONF, OOM, an ACL) still refuses calls. An answer ends the calls'
-    /// rest; no answer counts as a call's failure, and replaces the
-    /// connection.
-    pub async fn refusing_calls(&self) -> bool {
+    /// rest. A failed round is in doubt unless calls already rest Redis;
+    /// the next failed one in a row counts as a call's failure, and
+    /// replaces the connection: a replica out of service gets no calls
+    /// whose failures would replace one gone silent or to a demoted
+    /// primary, and would stay out of service for good.
+    pub async fn health_round(&self) -> RedisReadiness {
         if self.on_failure != RedisFailure::FailClosed {
-            return false;
+            return RedisReadiness::Answers;
         }
         let key = self.key("health", "");
         let checked = async {
@@ -422,18 +441,19 @@ impl GlobalLimiter {
         let error = match tokio::time::timeout(self.timeout, checked).await {
             Ok(Ok(_)) => {
                 self.answered();
-                return false;
+                self.rounds_failed.store(0, Ordering::Relaxed);
+                return RedisReadiness::Answers;
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", self.timeout),
         };
-        // Counted and logged as a call's failure is; and the next round
-        // asks through a new connection: a replica out of service gets no
-        // calls whose failures would replace one gone silent or to a
-        // demoted primary, and would stay out of service for good.
+        let rounds = self.rounds_failed.fetch_add(1, Ordering::Relaxed) + 1;
+        if rounds == 1 && self.rest_ms.load(Ordering::Relaxed) == 0 {
+            return RedisReadiness::InDoubt;
+        }
         self.failed(error, false);
         self.reconnect();
-        true
+        RedisReadiness::Refusing
     }
 
     /// Takes one token from the tenant's shared request bucket, at a turn
@@ -448,5 +468,40 @@ impl GlobalLimiter {
                 RedisFailure::FailClosed => Err(Error::GlobalLimitsUnavailable),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Redis that refuses connections (nothing listens on port 1).
+    fn refused(on_failure: RedisFailure) -> GlobalLimiter {
+        let config = GlobalLimitsConfig {
+            redis_url: Some("redis://127.0.0.1:1/0".into()),
+            redis_timeout: Duration::from_millis(500),
+            on_redis_failure: on_failure,
+            ..GlobalLimitsConfig::default()
+        };
+        GlobalLimiter::new(&config).expect("a Redis is configured")
+    }
+
+    #[tokio::test]
+    async fn one_failed_health_round_is_in_doubt_and_the_next_refuses() {
+        let limiter = refused(RedisFailure::FailClosed);
+        assert_eq!(limiter.health_round().await, RedisReadiness::InDoubt);
+        assert_eq!(limiter.health_round().await, RedisReadiness::Refusing);
+        assert_eq!(limiter.health_round().await, RedisReadiness::Refusing);
+        // Calls that rest Redis already refuse: the first failed round says so.
+        let resting = refused(RedisFailure::FailClosed);
+        for _ in 0..FAILURES_BEFORE_REST {
+            assert!(resting.admit("t", 10, 10, Duration::ZERO).await.is_err());
+        }
+        assert_eq!(resting.health_round().await, RedisReadiness::Refusing);
+        assert_eq!(
+            refused(RedisFailure::FailOpen).health_round().await,
+            RedisReadiness::Answers,
+            "calls go on without Redis"
+        );
     }
 }

@@ -258,7 +258,12 @@ async fn deliver(
     match caller.deadline {
         Some(d) => {
             let by = d.checked_sub(DEADLINE_MARGIN).unwrap_or(d);
-            let _ = tokio::time::timeout_at(by, records.close()).await;
+            if tokio::time::timeout_at(by, records.close()).await.is_err() {
+                tracing::warn!(
+                    "a consumer's last commit did not finish before the call's deadline; \
+                     the stream ends without waiting for it, and its group may read some records again"
+                );
+            }
         }
         None => records.close().await,
     }

@@ -101,7 +101,8 @@ fn write_batches<W: Write>(shared: &Shared, mut sink: W, interval: Duration) {
         };
         shared.room.notify_all();
         if !batch.is_empty() {
-            write_out(&mut sink, &batch);
+            // At exit a stderr that never drains is not waited for without end.
+            write_out(&mut sink, &batch, stop.then_some(LAST_WRITE_WAIT));
             batch.clear();
         }
         if stop {
@@ -117,22 +118,26 @@ fn write_batches<W: Write>(shared: &Shared, mut sink: W, interval: Duration) {
 /// the next batch's first). What another error leaves unwritten is counted
 /// in `weir_log_bytes_dropped_total`: where stderr is gone, there is nobody
 /// left to tell.
-fn write_out<W: Write>(sink: &mut W, batch: &[u8]) {
+fn write_out<W: Write>(sink: &mut W, batch: &[u8], wait: Option<Duration>) {
+    let give_up = wait.map(|w| std::time::Instant::now() + w);
+    let full = || {
+        std::thread::sleep(FULL_PIPE_WAIT);
+        give_up.is_none_or(|at| std::time::Instant::now() < at)
+    };
     let mut rest = batch;
     while !rest.is_empty() {
         match sink.write(rest) {
             Ok(0) => break,
             Ok(n) => rest = &rest[n..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(FULL_PIPE_WAIT),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && full() => {}
             Err(_) => break,
         }
     }
     while let Err(e) = sink.flush() {
-        if e.kind() != io::ErrorKind::WouldBlock {
+        if e.kind() != io::ErrorKind::WouldBlock || !full() {
             break;
         }
-        std::thread::sleep(FULL_PIPE_WAIT);
     }
     if !rest.is_empty() {
         crate::metrics::METRICS.log_bytes_dropped.inc_by(rest.len() as u64);
@@ -141,6 +146,8 @@ fn write_out<W: Write>(sink: &mut W, batch: &[u8]) {
 
 /// Between tries of a write to a full non-blocking stderr.
 const FULL_PIPE_WAIT: Duration = Duration::from_millis(5);
+/// How long the last batch, at exit, waits for a full non-blocking stderr.
+const LAST_WRITE_WAIT: Duration = Duration::from_secs(5);
 
 impl Drop for Flusher {
     fn drop(&mut self) {
@@ -309,7 +316,7 @@ mod tests {
             calls: 0,
             fail_after: usize::MAX,
         };
-        write_out(&mut pipe, &batch);
+        write_out(&mut pipe, &batch, None);
         assert_eq!(pipe.written, batch);
         let dropped = || crate::metrics::METRICS.log_bytes_dropped.get();
         let before = dropped();
@@ -318,8 +325,18 @@ mod tests {
             calls: 0,
             fail_after: 70,
         };
-        write_out(&mut gone, &batch);
+        write_out(&mut gone, &batch, None);
         assert_eq!(dropped() - before, (batch.len() - gone.written.len()) as u64);
+        // At exit, one that stays full is given up on after the wait.
+        let mut stuck = Choppy {
+            written: Vec::new(),
+            calls: 1,
+            fail_after: usize::MAX,
+        };
+        let before = dropped();
+        write_out(&mut stuck, &batch, Some(Duration::from_millis(50)));
+        assert_eq!(dropped() - before, (batch.len() - stuck.written.len()) as u64);
+        assert!(stuck.written.len() < batch.len());
     }
 
     #[test]

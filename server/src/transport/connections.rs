@@ -11,7 +11,7 @@ use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::transport::server::Connected;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// The permits of `server.max_connections`.
 pub fn cap(max: u32) -> Arc<Semaphore> {
@@ -23,32 +23,38 @@ pub async fn permit(cap: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
     cap.clone().acquire_owned().await.ok()
 }
 
-/// A connection and the permit it holds until it is dropped.
-pub struct Counted<IO> {
+/// A connection, what its calls are told of its peer (in their request
+/// extensions), and the permit it holds until it is dropped.
+pub struct Counted<IO, Info> {
     io: IO,
+    info: Info,
     _permit: OwnedSemaphorePermit,
 }
 
-impl<IO> Counted<IO> {
-    pub fn new(io: IO, permit: OwnedSemaphorePermit) -> Self {
-        Self { io, _permit: permit }
+impl<IO, Info> Counted<IO, Info> {
+    pub fn new(io: IO, info: Info, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            io,
+            info,
+            _permit: permit,
+        }
     }
 }
 
-impl<IO: Connected> Connected for Counted<IO> {
-    type ConnectInfo = IO::ConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+impl<IO, Info: Clone + Send + Sync + 'static> Connected for Counted<IO, Info> {
+    type ConnectInfo = Info;
+    fn connect_info(&self) -> Info {
+        self.info.clone()
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
+impl<IO: AsyncRead + Unpin, Info: Unpin> AsyncRead for Counted<IO, Info> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
+impl<IO: AsyncWrite + Unpin, Info: Unpin> AsyncWrite for Counted<IO, Info> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
@@ -70,6 +76,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
     }
 }
 
+/// A plain TCP connection.
+pub type PlainConn = Counted<TcpStream, TcpConnectInfo>;
+
 /// Plain TCP connections, accepted as the cap allows, with TCP_NODELAY
 /// (without it, Nagle's algorithm holds the last frames of a response back
 /// until the peer's delayed ACK, about 40 ms) and keepalives.
@@ -77,14 +86,15 @@ pub fn plain(
     listener: TcpListener,
     cap: Arc<Semaphore>,
     server: crate::config::ServerConfig,
-) -> impl Stream<Item = std::io::Result<Counted<TcpStream>>> {
+) -> impl Stream<Item = std::io::Result<PlainConn>> {
     futures::stream::unfold((listener, cap, server), |(listener, cap, server)| async move {
         let permit = permit(&cap).await?;
         let accepted = match listener.accept().await {
             Ok((tcp, _)) => {
                 let _ = tcp.set_nodelay(true);
                 super::keep_alive(&tcp, &server);
-                Ok(Counted::new(tcp, permit))
+                let info = tcp.connect_info();
+                Ok(Counted::new(tcp, info, permit))
             }
             Err(e) => {
                 super::accept_failed(&e).await;

@@ -625,8 +625,13 @@ impl MssqlTransaction {
         let Some(mut conn) = self.conn.to_end().await?.take() else {
             return closed();
         };
-        // Out of the transaction already, the session goes back to the pool.
+        // Out of the transaction already, the session goes back to the pool,
+        // its isolation level set back as the rollback batch does (the
+        // driver cannot reset a session); closed if that fails.
         if std::mem::take(&mut conn.ended_by_statement) {
+            if conn.batch(&self.rollback).await.is_err() {
+                conn.broken = true;
+            }
             return Err(BackendError::EndedByStatement);
         }
         conn.batch(sql).await?;

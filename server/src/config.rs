@@ -145,11 +145,6 @@ pub struct ServerConfig {
     /// Data calls in progress at once across all tenants. Calls beyond it
     /// wait, by priority and fairly across tenants, for `max_queue_wait`.
     pub max_concurrent_requests: u32,
-    /// Client connections open at once, TLS handshakes in progress
-    /// included; further ones wait in the kernel's listen backlog until one
-    /// closes. Each holds memory before it has authenticated anything.
-    /// Read at start.
-    pub max_connections: u32,
     /// Longest a call waits for a free slot before RESOURCE_EXHAUSTED.
     #[serde(with = "humantime_serde")]
     pub max_queue_wait: Duration,
@@ -280,7 +275,6 @@ impl Default for ServerConfig {
             shutdown_delay: Duration::ZERO,
             reload_interval: Duration::from_secs(5),
             max_concurrent_requests: 1024,
-            max_connections: 10_000,
             max_queue_wait: Duration::from_secs(1),
             stream_idle_timeout: Duration::from_secs(60),
             keepalive_time: Duration::from_secs(30),
@@ -793,9 +787,6 @@ impl Config {
         }
         if self.server.max_concurrent_requests == 0 {
             return Err(invalid("server.max_concurrent_requests", "must be greater than 0"));
-        }
-        if self.server.max_connections == 0 {
-            return Err(invalid("server.max_connections", "must be greater than 0"));
         }
         if let Some(tls) = &self.server.tls {
             if tls.require_client_cert && tls.client_ca_file.is_none() {

@@ -394,38 +394,3 @@ async fn rows_too_large_for_a_message_are_refused_by_the_server() {
     assert_eq!(rows, 101);
     server.stop().await;
 }
-
-/// Connections past `server.max_connections` wait for one to close: clients
-/// that connect and send nothing cannot hold file descriptors and memory
-/// without end before any credential is checked.
-#[tokio::test]
-async fn connections_past_the_cap_wait_for_one_to_close() {
-    let config = format!(
-        "[server]\nmax_connections = 2\n{}",
-        tenant("c", "", &sqlite_demo("c", "demo"))
-    );
-    let server = TestServer::start(&config).await;
-    let host = server.addr.trim_start_matches("http://").to_string();
-    let mut idle = Vec::new();
-    for _ in 0..2 {
-        idle.push(tokio::net::TcpStream::connect(&host).await.expect("connect"));
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let call = || async {
-        let client = WeirClient::connect(&server.addr, "key-c").await?;
-        client
-            .execute("demo", "SELECT 1", vec![])
-            .await
-            .map_err(anyhow::Error::from)
-    };
-    let past_the_cap = tokio::time::timeout(std::time::Duration::from_secs(1), call()).await;
-    assert!(
-        !matches!(past_the_cap, Ok(Ok(_))),
-        "a third connection was served while two were open"
-    );
-    drop(idle.pop());
-    let served = tokio::time::timeout(std::time::Duration::from_secs(5), call()).await;
-    assert!(matches!(served, Ok(Ok(_))), "{served:?}");
-    drop(idle);
-    server.stop().await;
-}

@@ -1794,11 +1794,11 @@ async fn a_member_whose_client_reads_slowly_does_not_hold_its_group_still() {
     server.stop().await;
 }
 
-/// Batches a member read before a rebalance took their partition away are
-/// neither handed out nor committed once it has the partition back:
-/// committed then, their offsets sent the group back behind what the member
-/// that had the partition meanwhile read and committed, and the group read
-/// those records again.
+/// The offsets of batches a member read before a rebalance took their
+/// partition away are not committed once it has the partition back (the
+/// batches are still handed out): committed then, they sent the group back
+/// behind what the member that had the partition meanwhile read and
+/// committed, and the group read those records again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_given_back_keeps_the_offset_its_other_member_committed() {
     let (server, client) = server("").await;

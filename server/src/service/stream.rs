@@ -246,8 +246,11 @@ async fn deliver(
         retired: &retired,
         removed: &removed,
         deadline: caller.deadline.map(|d| {
-            let left = d.saturating_duration_since(tokio::time::Instant::now());
-            d - CONSUME_DEADLINE_MARGIN.min(left / 4)
+            let now = tokio::time::Instant::now();
+            let margin = CONSUME_DEADLINE_MARGIN
+                .min(d.saturating_duration_since(now) / 4)
+                .max(LEAST_CONSUME_MARGIN);
+            d.checked_sub(margin).unwrap_or(now).max(now)
         }),
     };
     let mut tally = super::Tally::default();
@@ -295,6 +298,9 @@ struct Ends<'a> {
 /// server first, it gets every record sent, then the status. Time for the
 /// stream's last commit, which the status waits for.
 const CONSUME_DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
+/// The least of it: the last commit gets until `DEADLINE_MARGIN` before the
+/// deadline, and some time for it must be left.
+const LEAST_CONSUME_MARGIN: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl Ends<'_> {
     async fn reached(&self) -> Error {

@@ -101,8 +101,8 @@ fn write_batches<W: Write>(shared: &Shared, mut sink: W, interval: Duration) {
         };
         shared.room.notify_all();
         if !batch.is_empty() {
-            // At exit a stderr that never drains is not waited for without end.
-            write_out(&mut sink, &batch, stop.then_some(LAST_WRITE_WAIT));
+            let stopping = || shared.lock().stop;
+            write_out(&mut sink, &batch, &stopping, EXIT_WRITE_WAIT);
             batch.clear();
         }
         if stop {
@@ -115,14 +115,20 @@ fn write_batches<W: Write>(shared: &Shared, mut sink: W, interval: Duration) {
 /// with a supervisor that set it so) answers `WouldBlock` while full: that
 /// is waited out, as a blocking pipe would make the write wait, not taken
 /// as the end (the rest of the batch was dropped, and half a line glued to
-/// the next batch's first). What another error leaves unwritten is counted
-/// in `weir_log_bytes_dropped_total`: where stderr is gone, there is nobody
+/// the next batch's first); once the process is `stopping`, for at most
+/// `exit_wait`, so that a pipe nobody reads any more does not hold the
+/// exit. What is left unwritten is counted in
+/// `weir_log_bytes_dropped_total`: where stderr is gone, there is nobody
 /// left to tell.
-fn write_out<W: Write>(sink: &mut W, batch: &[u8], wait: Option<Duration>) {
-    let give_up = wait.map(|w| std::time::Instant::now() + w);
-    let full = || {
+fn write_out<W: Write>(sink: &mut W, batch: &[u8], stopping: &dyn Fn() -> bool, exit_wait: Duration) {
+    let mut give_up = None;
+    let mut full = || {
         std::thread::sleep(FULL_PIPE_WAIT);
-        give_up.is_none_or(|at| std::time::Instant::now() < at)
+        if !stopping() {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        now < *give_up.get_or_insert(now + exit_wait)
     };
     let mut rest = batch;
     while !rest.is_empty() {
@@ -146,8 +152,9 @@ fn write_out<W: Write>(sink: &mut W, batch: &[u8], wait: Option<Duration>) {
 
 /// Between tries of a write to a full non-blocking stderr.
 const FULL_PIPE_WAIT: Duration = Duration::from_millis(5);
-/// How long the last batch, at exit, waits for a full non-blocking stderr.
-const LAST_WRITE_WAIT: Duration = Duration::from_secs(5);
+/// How long, once the process is stopping, a full non-blocking stderr is
+/// waited for.
+const EXIT_WRITE_WAIT: Duration = Duration::from_secs(1);
 
 impl Drop for Flusher {
     fn drop(&mut self) {
@@ -316,7 +323,7 @@ mod tests {
             calls: 0,
             fail_after: usize::MAX,
         };
-        write_out(&mut pipe, &batch, None);
+        write_out(&mut pipe, &batch, &|| false, EXIT_WRITE_WAIT);
         assert_eq!(pipe.written, batch);
         let dropped = || crate::metrics::METRICS.log_bytes_dropped.get();
         let before = dropped();
@@ -325,16 +332,16 @@ mod tests {
             calls: 0,
             fail_after: 70,
         };
-        write_out(&mut gone, &batch, None);
+        write_out(&mut gone, &batch, &|| false, EXIT_WRITE_WAIT);
         assert_eq!(dropped() - before, (batch.len() - gone.written.len()) as u64);
-        // At exit, one that stays full is given up on after the wait.
+        // Once stopping, one that stays full is given up on after the wait.
         let mut stuck = Choppy {
             written: Vec::new(),
             calls: 1,
             fail_after: usize::MAX,
         };
         let before = dropped();
-        write_out(&mut stuck, &batch, Some(Duration::from_millis(50)));
+        write_out(&mut stuck, &batch, &|| true, Duration::from_millis(50));
         assert_eq!(dropped() - before, (batch.len() - stuck.written.len()) as u64);
         assert!(stuck.written.len() < batch.len());
     }

@@ -64,7 +64,6 @@ fn needs_restart(started: &Config, config: &Config) -> Vec<&'static str> {
         shutdown_delay: _,
         reload_interval: _,
         max_concurrent_requests: _,
-        max_connections: _,
         max_queue_wait: _,
         stream_idle_timeout: _,
         keepalive_time: _,
@@ -76,7 +75,7 @@ fn needs_restart(started: &Config, config: &Config) -> Vec<&'static str> {
         tls: _,
     } = was;
     let server = differing!(was, now, "server.":
-        listen, max_request_bytes, max_concurrent_requests, max_connections, max_queue_wait, compression,
+        listen, max_request_bytes, max_concurrent_requests, max_queue_wait, compression,
         health_check_interval, reload_interval, shutdown_grace, shutdown_delay, stream_idle_timeout,
         keepalive_time, keepalive_interval, keepalive_retries, max_connection_age, worker_threads);
     let sections = differing!(started, config, "": metrics, telemetry, bulk, changes);

@@ -5,7 +5,9 @@
 //! SANs) travel with the connection for mutual TLS.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
@@ -14,10 +16,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
 
 use crate::config::TlsConfig;
 
@@ -208,30 +212,60 @@ pub fn certificate_facts(der: &[u8]) -> (Vec<String>, Option<SystemTime>) {
 }
 
 /// A TLS connection with its peer, for tonic.
-pub type TlsConn = super::connections::Counted<TlsStream<TcpStream>, PeerInfo>;
+pub struct TlsConn {
+    inner: TlsStream<TcpStream>,
+    peer: PeerInfo,
+}
 
-/// Accepts TCP connections, as `server.max_connections` allows (`cap`: a
-/// handshake holds its place too), and hands the ones that complete a TLS
-/// handshake to the server. Handshakes run on tasks of their own, so a
-/// slow one does not hold up the others.
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP connections and hands the ones that complete a TLS handshake
+/// to the server. Handshakes run on tasks of their own, so a slow one does
+/// not hold up the others.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<TlsReloader>,
     server: crate::config::ServerConfig,
-    cap: Arc<tokio::sync::Semaphore>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 () = tx.closed() => return,
-                accepted = async {
-                    let permit = super::connections::permit(&cap).await?;
-                    Some((permit, listener.accept().await))
-                } => accepted,
-            };
-            let Some((permit, accepted)) = accepted else {
-                return;
+                accepted = listener.accept() => accepted,
             };
             let (tcp, addr) = match accepted {
                 Ok(a) => a,
@@ -267,7 +301,7 @@ pub fn incoming(
                             not_after,
                             certificate,
                         };
-                        let _ = tx.send(Ok(TlsConn::new(stream, peer, permit))).await;
+                        let _ = tx.send(Ok(TlsConn { inner: stream, peer })).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),

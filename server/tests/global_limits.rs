@@ -39,6 +39,15 @@ async fn readiness_becomes(server: &TestServer, status: u16) {
     panic!("/readyz did not become {status}");
 }
 
+/// `[limits]` settings for a Redis reached through `proxy`, refusing calls
+/// without it, within 200 ms.
+fn fail_closed_through(proxy: &common::Proxy) -> String {
+    format!(
+        "redis_url = \"redis://127.0.0.1:{}/0\"\nredis_timeout = \"200ms\"\non_redis_failure = \"fail_closed\"",
+        proxy.port
+    )
+}
+
 fn config(id: &str, limits: &str, redis: &str) -> String {
     format!("[limits]\n{redis}\n") + &tenant(id, limits, &sqlite_demo(id, "demo"))
 }
@@ -330,10 +339,7 @@ async fn a_slow_first_connection_to_redis_rests_it_only_until_it_is_made() {
 async fn a_redis_connection_gone_silent_is_replaced() {
     let proxy = common::Proxy::start(redis_address()).await;
     let id = tenant_id();
-    let redis = format!(
-        "redis_url = \"redis://127.0.0.1:{}/0\"\nredis_timeout = \"200ms\"\non_redis_failure = \"fail_closed\"",
-        proxy.port
-    );
+    let redis = fail_closed_through(&proxy);
     let server = TestServer::start(&config(&id, "", &redis)).await;
     let client = server.client(&format!("key-{id}")).await;
     // With fail_closed, an admitted call is a check Redis answered.
@@ -374,10 +380,7 @@ async fn a_redis_connection_gone_silent_is_replaced() {
 async fn readiness_follows_redis_without_calls_to_learn_from() {
     let proxy = common::Proxy::start(redis_address()).await;
     let id = tenant_id();
-    let redis = format!(
-        "redis_url = \"redis://127.0.0.1:{}/0\"\nredis_timeout = \"200ms\"\non_redis_failure = \"fail_closed\"",
-        proxy.port
-    );
+    let redis = fail_closed_through(&proxy);
     let server = TestServer::start(&format!("{FAST_HEALTH}{}", config(&id, "", &redis))).await;
     readiness_becomes(&server, 200).await;
     proxy.freeze(true);

@@ -46,8 +46,29 @@ fn record(i: usize) -> pb::ProducerRecord {
     }
 }
 
+/// A server, a topic of this run with 1,500 records of 10 kB on each of its
+/// two partitions, and a group of this run alone (members of a run cut
+/// short stay in a group until the broker's rebalance timeout evicts them).
+async fn ballast(name: &str) -> (TestServer, WeirClient, String, String) {
+    let (server, client) = server("").await;
+    let topic = unique(&format!("weir-a-{name}-"));
+    create_topic(&topic, 2).await;
+    produce_ballast(&client, &topic, 3_000).await;
+    (server, client, topic, unique(&format!("{name}-")))
+}
+
 async fn open_consume(client: &WeirClient, request: pb::ConsumeRequest) -> tonic::Streaming<pb::ConsumeResponse> {
     client.stream().consume(request).await.expect("consume").into_inner()
+}
+
+/// The next batch of `stream`, which must come within 30 s (`who`: the
+/// stream, in the message of a failure).
+async fn next_batch(stream: &mut tonic::Streaming<pb::ConsumeResponse>, who: &str) -> pb::ConsumeResponse {
+    tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .unwrap_or_else(|_| panic!("{who}: no records within 30 s"))
+        .unwrap_or_else(|e| panic!("{who}: {e:?}"))
+        .unwrap_or_else(|| panic!("{who}: the stream ended"))
 }
 
 /// The offsets of the records of `stream` until there are at least `n`
@@ -55,11 +76,7 @@ async fn open_consume(client: &WeirClient, request: pb::ConsumeRequest) -> tonic
 async fn read_offsets(stream: &mut tonic::Streaming<pb::ConsumeResponse>, n: usize) -> Vec<i64> {
     let mut offsets = Vec::new();
     while offsets.len() < n {
-        let batch = tokio::time::timeout(Duration::from_secs(30), stream.message())
-            .await
-            .expect("records within 30 s")
-            .expect("stream")
-            .expect("open");
+        let batch = next_batch(stream, "stream").await;
         offsets.extend(batch.records.iter().map(|r| r.offset));
     }
     offsets
@@ -1749,13 +1766,7 @@ async fn a_leaving_member_does_not_rewind_what_another_member_committed() {
 async fn a_member_whose_client_reads_slowly_does_not_hold_its_group_still() {
     // librdkafka's mock cluster evicts a member that does not rejoin within
     // its session timeout; a broker waits for its rebalance timeout.
-    let (server, client) = server("").await;
-    let topic = unique("weir-a-slowpoke-");
-    create_topic(&topic, 2).await;
-    // A group of this run alone: members of a run cut short stay in a
-    // group until the broker's rebalance timeout evicts them.
-    let group = unique("slow-");
-    produce_ballast(&client, &topic, 3_000).await;
+    let (server, client, topic, group) = ballast("slow").await;
     let mut slow = open_consume(&client, consume_request(&topic, &group, 0, false)).await;
     read_offsets(&mut slow, 1).await;
     // Its client reads no more: the buffers fill and its reader waits.
@@ -1801,17 +1812,9 @@ async fn a_member_whose_client_reads_slowly_does_not_hold_its_group_still() {
 /// committed, and the group read those records again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_given_back_keeps_the_offset_its_other_member_committed() {
-    let (server, client) = server("").await;
-    let topic = unique("weir-a-given-back-");
-    create_topic(&topic, 2).await;
-    let group = unique("given-back-");
-    produce_ballast(&client, &topic, 3_000).await;
+    let (server, client, topic, group) = ballast("given-back").await;
     let mut first = open_consume(&client, consume_request(&topic, &group, 0, false)).await;
-    let read = tokio::time::timeout(Duration::from_secs(30), first.message())
-        .await
-        .expect("records within 30 s")
-        .expect("the first member")
-        .expect("open");
+    let read = next_batch(&mut first, "the first member").await;
     // Its client reads no more: the batches after its first, of the same
     // partition (librdkafka hands a partition's fetch over in order), wait
     // in its buffers.
@@ -1823,11 +1826,7 @@ async fn a_partition_given_back_keeps_the_offset_its_other_member_committed() {
     let mut second = loop {
         tries += 1;
         let mut second = open_consume(&client, consume_request(&topic, &group, 0, false)).await;
-        let got = tokio::time::timeout(Duration::from_secs(30), second.message())
-            .await
-            .expect("the second member gets records within 30 s")
-            .expect("the second member")
-            .expect("open");
+        let got = next_batch(&mut second, "the second member").await;
         if got.records[0].partition == buffered {
             break second;
         }
@@ -1873,11 +1872,7 @@ async fn a_partition_given_back_keeps_the_offset_its_other_member_committed() {
     let mut third = open_consume(&client, consume_request(&topic, &group, 0, false)).await;
     let mut fresh = std::collections::HashSet::new();
     while fresh.len() < 2 {
-        let batch = tokio::time::timeout(Duration::from_secs(30), third.message())
-            .await
-            .expect("records within 30 s")
-            .expect("the third member")
-            .expect("open");
+        let batch = next_batch(&mut third, "the third member").await;
         for r in batch.records {
             assert!(
                 r.offset >= 1_500,
@@ -1897,11 +1892,7 @@ async fn a_partition_given_back_keeps_the_offset_its_other_member_committed() {
 /// automatic commits had committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consume_ends_before_its_deadline_with_every_committed_record_delivered() {
-    let (server, client) = server("").await;
-    let topic = unique("weir-a-deadline-");
-    create_topic(&topic, 2).await;
-    let group = unique("deadline-");
-    produce_ballast(&client, &topic, 3_000).await;
+    let (server, client, topic, group) = ballast("deadline").await;
     let mut request = tonic::Request::new(consume_request(&topic, &group, 0, false));
     request.set_timeout(Duration::from_secs(5));
     let started = std::time::Instant::now();
@@ -1934,11 +1925,7 @@ async fn a_consume_ends_before_its_deadline_with_every_committed_record_delivere
     let mut next = open_consume(&client, consume_request(&topic, &group, 0, false)).await;
     let mut first = std::collections::HashMap::new();
     while !last.keys().all(|p| first.contains_key(p)) {
-        let batch = tokio::time::timeout(Duration::from_secs(30), next.message())
-            .await
-            .expect("records within 30 s")
-            .expect("the next stream")
-            .expect("open");
+        let batch = next_batch(&mut next, "the next stream").await;
         for r in batch.records {
             first.entry(r.partition).or_insert(r.offset);
         }

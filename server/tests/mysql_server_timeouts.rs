@@ -107,11 +107,25 @@ fn start(table: &str, subscription: &str) -> pb::WatchStart {
 /// A stream of `table` (made again with `columns`) whose sessions opened
 /// while the server's global `variable` was 2, with what reaches it.
 struct Watching {
+    table: String,
     direct: mysql_async::Conn,
     server: TestServer,
     client: weir_client::WeirClient,
     watch: ChangeWatch,
     subscription: String,
+}
+
+impl Watching {
+    /// Lets go of the stream, its subscription and its table; stops the server.
+    async fn end(mut self) {
+        drop(self.watch);
+        delete_subscription(&self.client, &self.subscription).await;
+        self.direct
+            .query_drop(format!("DROP TABLE {}", self.table))
+            .await
+            .expect("drop");
+        self.server.stop().await;
+    }
 }
 
 async fn watching_with(table: &str, columns: &str, variable: &str) -> Watching {
@@ -128,6 +142,7 @@ async fn watching_with(table: &str, columns: &str, variable: &str) -> Watching {
     let watched = with_global(variable, 2, client.watch(start(table, &subscription))).await;
     let watch = watched.expect("WatchChanges starts");
     Watching {
+        table: table.to_string(),
         direct,
         server,
         client,
@@ -145,31 +160,29 @@ async fn watching_with(table: &str, columns: &str, variable: &str) -> Watching {
 async fn acknowledgements_are_stored_after_the_servers_wait_timeout() {
     let _alone = GLOBALS.lock().await;
     let table = "weir_idle_writer";
-    let Watching {
-        mut direct,
-        server,
-        client,
-        mut watch,
-        subscription,
-    } = watching_with(table, "id INT PRIMARY KEY", "wait_timeout").await;
+    let mut w = watching_with(table, "id INT PRIMARY KEY", "wait_timeout").await;
     // Past the stream's sessions' wait_timeout, with nothing to store.
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    direct
+    w.direct
         .query_drop(format!("INSERT INTO {table} VALUES (1)"))
         .await
         .expect("insert");
-    let position = change_of(&mut watch, 1).await;
-    watch.ack(position).await.expect("ack");
-    watch.finish().await.expect("the acknowledgement is stored");
+    let position = change_of(&mut w.watch, 1).await;
+    w.watch.ack(position).await.expect("ack");
+    w.watch.finish().await.expect("the acknowledgement is stored");
     // Resumed from what was stored: the acknowledged change does not come again.
-    direct
+    w.direct
         .query_drop(format!("INSERT INTO {table} VALUES (2)"))
         .await
         .expect("insert");
-    let mut watch = client.watch(start(table, &subscription)).await.expect("watch again");
+    w.watch = w
+        .client
+        .watch(start(table, &w.subscription))
+        .await
+        .expect("watch again");
     let first = tokio::time::timeout(WAIT, async {
         loop {
-            if let Some(Message::Change(c)) = watch.next().await.expect("healthy").expect("open").message {
+            if let Some(Message::Change(c)) = w.watch.next().await.expect("healthy").expect("open").message {
                 return c.after.map(|r| int(&r.values[0]));
             }
         }
@@ -177,10 +190,7 @@ async fn acknowledgements_are_stored_after_the_servers_wait_timeout() {
     .await
     .expect("a change");
     assert_eq!(first, Some(2), "the acknowledged change came again");
-    drop(watch);
-    delete_subscription(&client, &subscription).await;
-    direct.query_drop(format!("DROP TABLE {table}")).await.expect("drop");
-    server.stop().await;
+    w.end().await;
 }
 
 /// A client that reads slowly (its tenant's rate, a pause) behind a large
@@ -191,15 +201,9 @@ async fn acknowledgements_are_stored_after_the_servers_wait_timeout() {
 async fn a_slow_reader_outlasts_the_servers_net_write_timeout() {
     let _alone = GLOBALS.lock().await;
     let table = "weir_slow_reader";
-    let Watching {
-        mut direct,
-        server,
-        client,
-        mut watch,
-        subscription,
-    } = watching_with(table, "id INT PRIMARY KEY, v TEXT", "net_write_timeout").await;
+    let mut w = watching_with(table, "id INT PRIMARY KEY, v TEXT", "net_write_timeout").await;
     // More than the stream's buffers and the sockets' hold: 40 MB.
-    direct
+    w.direct
         .query_drop(format!(
             "INSERT INTO {table} SELECT seq, REPEAT('x', 2000) FROM seq_1_to_20000"
         ))
@@ -209,7 +213,8 @@ async fn a_slow_reader_outlasts_the_servers_net_write_timeout() {
     let mut changes = 0;
     tokio::time::timeout(Duration::from_secs(60), async {
         while changes < 20_000 {
-            let message = watch
+            let message = w
+                .watch
                 .next()
                 .await
                 .expect("the stream stays healthy")
@@ -220,10 +225,7 @@ async fn a_slow_reader_outlasts_the_servers_net_write_timeout() {
     })
     .await
     .expect("every change");
-    drop(watch);
-    delete_subscription(&client, &subscription).await;
-    direct.query_drop(format!("DROP TABLE {table}")).await.expect("drop");
-    server.stop().await;
+    w.end().await;
 }
 
 /// A query stream whose client pauses leaves the server waiting on a full

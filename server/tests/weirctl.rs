@@ -224,6 +224,15 @@ async fn an_empty_key_file_is_refused() {
     server.stop().await;
 }
 
+/// Writes `text` to `file` and loads it into `table` of source `db` with
+/// `weirctl load`, which must succeed.
+async fn load_file(server: &TestServer, key: &str, table: &str, file: &Path, text: &str) {
+    std::fs::write(file, text).expect("write");
+    let file = file.to_string_lossy().into_owned();
+    let loaded = weirctl(server, key, &["load", "db", table, &file]).await;
+    assert!(loaded.status.success(), "{file}: {}", stderr(&loaded));
+}
+
 /// Bytes print as `{"hex": ...}` in JSON, apart from text that looks like
 /// hex, and `weirctl load` reads that form back.
 #[tokio::test]
@@ -251,11 +260,7 @@ async fn json_output_tells_bytes_from_text_and_loads_back() {
         "{\"id\":1,\"b\":{\"hex\":\"dead01\"},\"t\":\"dead01\"}\n{\"id\":2,\"b\":null,\"t\":null}\n"
     );
     let dir = tempfile::tempdir().expect("dir");
-    let file = dir.path().join("rows.jsonl");
-    std::fs::write(&file, &text).expect("write");
-    let file = file.to_string_lossy().into_owned();
-    let loaded = weirctl(&server, "key-jb", &["load", "db", &to, &file]).await;
-    assert!(loaded.status.success(), "{}", stderr(&loaded));
+    load_file(&server, "key-jb", &to, &dir.path().join("rows.jsonl"), &text).await;
     let back = client
         .execute("db", &format!("SELECT id, b, t FROM {to} ORDER BY id"), vec![])
         .await
@@ -289,12 +294,8 @@ async fn mysql_durations_export_and_load_back() {
     for (format, name) in [("csv", "rows.csv"), ("json", "rows.jsonl")] {
         let output = weirctl(&server, "key-jt", &["--format", format, "query", "db", &query]).await;
         assert!(output.status.success(), "{}", stderr(&output));
-        let file = dir.path().join(name);
-        std::fs::write(&file, stdout(&output)).expect("write");
-        let file = file.to_string_lossy().into_owned();
         sql(&client, &format!("DELETE FROM {to}")).await;
-        let loaded = weirctl(&server, "key-jt", &["load", "db", &to, &file]).await;
-        assert!(loaded.status.success(), "{format}: {}", stderr(&loaded));
+        load_file(&server, "key-jt", &to, &dir.path().join(name), &stdout(&output)).await;
         let back = client
             .execute("db", &format!("SELECT id, d FROM {to} ORDER BY id"), vec![])
             .await

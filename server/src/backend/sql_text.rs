@@ -208,13 +208,13 @@ fn set_config_of(sql: &str, name: &str) -> bool {
 }
 
 /// Whether the first word of `sql` is `word` (lowercase), read past
-/// comments under every engine's reading. Told from the first bytes where
-/// no comment comes first: every pooled statement is asked, and
+/// comments and opening parentheses under every engine's reading. Told from
+/// the first bytes where neither comes first: every pooled statement is asked, and
 /// `leading_words` allocates.
 pub fn starts_with_word(sql: &str, word: &str) -> bool {
     let head = sql.trim_start().as_bytes();
     match head.first() {
-        Some(b'-' | b'/' | b'#') => leading_words(sql, 1)
+        Some(b'-' | b'/' | b'#' | b'(') => leading_words(sql, 1)
             .iter()
             .any(|words| words.first().map(String::as_str) == Some(word)),
         _ => {
@@ -398,21 +398,22 @@ pub fn writes_and_returns_rows(sql: &str) -> bool {
     {
         return false;
     }
-    let returns =
-        || words_anywhere(sql).any(|w| w.eq_ignore_ascii_case("returning") || w.eq_ignore_ascii_case("output"));
+    let returns = words_anywhere(sql).any(|w| w.eq_ignore_ascii_case("returning") || w.eq_ignore_ascii_case("output"));
+    // Without RETURNING, only a CTE that writes hands back rows (the outer
+    // SELECT's): a WITH, read without building its words unless a comment
+    // or parentheses come first, as for every other statement.
+    if !returns {
+        return starts_with_word(sql, "with") && has_word(sql, &["insert", "update", "delete", "merge"]);
+    }
     leading_words(sql, 1)
         .iter()
         .any(|w| match w.first().map(String::as_str) {
-            Some("insert" | "update" | "delete" | "merge" | "replace") => returns(),
+            Some("insert" | "update" | "delete" | "merge" | "replace") => true,
             // A WITH writes only through a writing statement in it: a read
             // that names a column `output` must not take SQLite's write lock.
-            // A CTE that writes hands back the outer SELECT's rows, RETURNING
-            // or not; REPLACE is a statement only as MySQL's or SQLite's last
-            // one, which returns rows only by RETURNING (elsewhere it is a
-            // string function).
-            Some("with") => {
-                has_word(sql, &["insert", "update", "delete", "merge"]) || (returns() && has_word(sql, &["replace"]))
-            }
+            // REPLACE is a statement only as MySQL's or SQLite's last one
+            // (elsewhere it is a string function).
+            Some("with") => has_word(sql, &["insert", "update", "delete", "merge", "replace"]),
             _ => false,
         })
 }
